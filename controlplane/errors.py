@@ -1,0 +1,26 @@
+"""The control plane's error hierarchy. Driver errors (asyncpg, psycopg) are translated
+into these at the boundary where they happen, so callers handle one small set."""
+
+
+class GcsError(Exception):
+    """Base class of every error raised by the GCS client code."""
+
+
+class GcsUnavailableError(GcsError):
+    """The GCS (PostgreSQL) could not be reached within the allowed time.
+
+    The message names the URL with its password hidden."""
+
+
+class InvalidEventError(GcsError, ValueError):
+    """An event was refused before anything was written: unknown entity kind or event
+    type, a malformed payload, or an id that PostgreSQL cannot store."""
+
+
+class EmbeddedPostgresError(GcsError):
+    """The embedded PostgreSQL server could not be initialised, started or stopped."""
+
+
+class LogGapError(GcsError):
+    """A tailer found a hole in the positions that did not fill within its patience:
+    an invariant of the log is broken (never expected; raised rather than skipping)."""

@@ -1,0 +1,202 @@
+"""The batching appender: many callers, one connection, group commit.
+
+Callers ``await append(...)``; while one batch is being committed the next fills up, so
+under load every commit carries many events (group commit) without any added delay.
+One batch is in flight at a time and batches are taken in arrival order, so events
+from one appender are stored in the order they were appended (per entity and overall).
+
+A batch that fails because the connection was lost is sent again, with the same event
+ids, until it succeeds or the GCS stays unreachable for ``unavailable_timeout``
+seconds: the append function skips ids already stored, so an event whose first commit
+succeeded but whose acknowledgement was lost is stored once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+
+import asyncpg
+
+from controlplane.errors import GcsError, InvalidEventError
+from controlplane.eventlog.catalog import encode_payload
+from controlplane.eventlog.connection import (
+    DEFAULT_CONNECT_TIMEOUT_S,
+    DEFAULT_UNAVAILABLE_TIMEOUT_S,
+    connect,
+    is_connection_error,
+    retry_while_unavailable,
+)
+from controlplane.eventlog.events import Event
+from controlplane.sql import queries
+
+DEFAULT_MAX_BATCH = 1000
+
+
+@dataclass
+class _Request:
+    events: list[Event]
+    payloads: list[str]
+    done: asyncio.Future[list[int]] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+class EventAppender:
+    """Appends events to the log from one process (or one component of it)."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
+        unavailable_timeout: float = DEFAULT_UNAVAILABLE_TIMEOUT_S,
+    ) -> None:
+        self.url = url
+        self.max_batch = max_batch
+        self.connect_timeout = connect_timeout
+        self.unavailable_timeout = unavailable_timeout
+        self._conn: asyncpg.Connection | None = None
+        self._queue: deque[_Request] = deque()
+        self._wake = asyncio.Event()
+        self._flusher: asyncio.Task[None] | None = None
+        self._closed = False
+        self.batches_committed = 0
+
+    async def start(self) -> EventAppender:
+        self._conn = await connect(self.url, timeout=self.connect_timeout)
+        self._flusher = asyncio.create_task(self._flush_loop(), name="cairn-event-appender")
+        return self
+
+    async def close(self) -> None:
+        """Commits what is queued, then closes the connection."""
+        if self._closed:
+            return
+        self._closed = True
+        self._wake.set()
+        if self._flusher is not None:
+            await self._flusher
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                await self._conn.close(timeout=2)
+
+    async def __aenter__(self) -> EventAppender:
+        return await self.start()
+
+    async def __aexit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def append(self, event: Event) -> int:
+        """Appends one event; returns its position once it is durable."""
+        return (await self.append_many([event]))[0]
+
+    async def append_many(self, events: Iterable[Event]) -> list[int]:
+        """Appends events together, in order, in one transaction; returns their
+        positions once they are durable. Nothing is written if any event is invalid."""
+        batch = list(events)
+        if not batch:
+            return []
+        if self._closed or self._flusher is None:
+            raise GcsError("the event appender is not running (start() it, or it was closed)")
+        payloads = [encode_payload(event) for event in batch]
+        if len({event.event_id for event in batch}) != len(batch):
+            raise InvalidEventError("an event_id is repeated within one append_many call")
+        request = _Request(batch, payloads)
+        self._queue.append(request)
+        self._wake.set()
+        return await request.done
+
+    # -- the flusher ------------------------------------------------------------
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._queue:
+                await self._flush(self._take_batch())
+            if self._closed:
+                return
+
+    def _take_batch(self) -> list[_Request]:
+        taken = [self._queue.popleft()]
+        size = len(taken[0].events)
+        seen = {event.event_id for event in taken[0].events}
+        while self._queue and size + len(self._queue[0].events) <= self.max_batch:
+            ids = {event.event_id for event in self._queue[0].events}
+            if not seen.isdisjoint(ids):  # a retry of a queued event: next batch
+                break
+            seen |= ids
+            request = self._queue.popleft()
+            taken.append(request)
+            size += len(request.events)
+        return taken
+
+    async def _flush(self, requests: list[_Request]) -> None:
+        events = [event for request in requests for event in request.events]
+        payloads = [payload for request in requests for payload in request.payloads]
+        try:
+            positions = await retry_while_unavailable(
+                self.url, lambda: self._write(events, payloads), timeout=self.unavailable_timeout
+            )
+        except BaseException as exc:
+            error = exc if isinstance(exc, GcsError) else GcsError(f"append failed: {exc!r}")
+            for request in requests:
+                if not request.done.done():
+                    request.done.set_exception(error)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return
+        self.batches_committed += 1
+        offset = 0
+        for request in requests:
+            count = len(request.events)
+            if not request.done.done():
+                request.done.set_result(positions[offset : offset + count])
+            offset += count
+
+    async def _write(self, events: Sequence[Event], payloads: Sequence[str]) -> list[int]:
+        if self._conn is None or self._conn.is_closed():
+            self._conn = None
+            self._conn = await connect(self.url, timeout=self.connect_timeout)
+        try:
+            row = await self._conn.fetchrow(
+                queries["append_events"],
+                [e.event_id for e in events],
+                [e.job_id for e in events],
+                [str(e.entity_kind) for e in events],
+                [e.entity_id for e in events],
+                [e.event_type for e in events],
+                [e.node_id for e in events],
+                payloads,
+                [bytes(e.data) if e.data is not None else None for e in events],
+            )
+        except BaseException as exc:
+            if is_connection_error(exc) and self._conn is not None:
+                self._conn.terminate()
+                self._conn = None
+            raise
+        return _positions(events, row["base_position"], row["duplicate_ids"],
+                          row["duplicate_positions"])
+
+
+def _positions(
+    events: Sequence[Event], base: int, duplicate_ids: list, duplicate_positions: list[int]
+) -> list[int]:
+    """Stored events took base+1, base+2, ... in order; duplicates keep their old ones."""
+    existing = dict(zip(duplicate_ids, duplicate_positions, strict=True))
+    positions = []
+    next_position = base
+    for event in events:
+        if event.event_id in existing:
+            positions.append(existing[event.event_id])
+        else:
+            next_position += 1
+            positions.append(next_position)
+    return positions

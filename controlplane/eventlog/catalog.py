@@ -1,0 +1,161 @@
+"""The catalog of event types: which types each entity kind has and which payload
+fields they require. Every event is checked here before it is appended, so a bad event
+is refused with a clear error and never reaches the database half-written.
+
+Payloads may carry fields beyond those listed (later versions add fields); listed
+fields must have the listed JSON type.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from controlplane.errors import InvalidEventError
+from controlplane.eventlog.events import EntityKind, Event
+
+JsonType = type | tuple[type, ...]
+_NUMBER = (int, float)
+
+
+@dataclass(frozen=True)
+class EventType:
+    kind: EntityKind
+    name: str
+    required: Mapping[str, JsonType] = field(default_factory=dict)
+    optional: Mapping[str, JsonType] = field(default_factory=dict)
+
+
+def _types(kind: EntityKind, *specs: tuple[str, dict[str, JsonType], dict[str, JsonType]]) -> dict:
+    return {(kind, name): EventType(kind, name, req, opt) for name, req, opt in specs}
+
+
+_K = EntityKind
+CATALOG: dict[tuple[EntityKind, str], EventType] = {
+    **_types(
+        _K.JOB,
+        ("submitted", {"entrypoint": str}, {"namespace": str, "driver_node_id": str}),
+        ("started", {}, {}),
+        ("finished", {}, {}),
+        ("failed", {"error": str}, {}),
+    ),
+    **_types(
+        _K.TASK,
+        ("submitted", {"name": str}, {"function": str, "num_returns": int, "max_retries": int,
+                                      "resources": dict, "dependencies": list, "options": dict}),
+        ("waiting_for_dependencies", {"dependencies": list}, {}),
+        ("scheduled", {}, {"attempt": int}),
+        ("running", {"worker_id": str}, {"attempt": int}),
+        ("finished", {}, {"attempt": int, "output_digest": str}),
+        ("failed", {"error": str}, {"attempt": int}),
+        ("retried", {"attempt": int}, {"reason": str}),
+        ("cancelled", {}, {"force": bool}),
+    ),
+    **_types(
+        _K.OBJECT,
+        ("created", {"size_bytes": int}, {"task_id": str, "inline": bool}),
+        ("freed", {}, {}),
+        ("lost", {}, {"reason": str}),
+    ),
+    **_types(
+        _K.ACTOR,
+        ("creation_requested", {"class_name": str}, {"name": str, "namespace": str,
+                                                      "max_restarts": int}),
+        ("scheduled", {}, {}),
+        ("alive", {"worker_id": str}, {}),
+        ("restarting", {"attempt": int}, {}),
+        ("dead", {"cause": str}, {}),
+    ),
+    **_types(
+        _K.NODE,
+        ("registered", {"address": str, "resources": dict}, {}),
+        ("heartbeat", {}, {"available": dict, "load": dict}),
+        ("dead", {"cause": str}, {}),
+    ),
+    **_types(
+        _K.PLACEMENT_GROUP,
+        ("created", {"bundles": list, "strategy": str}, {"name": str}),
+        ("ready", {}, {}),
+        ("removed", {}, {}),
+    ),
+    **_types(
+        _K.WORKER,
+        ("started", {"pid": int}, {}),
+        ("died", {"cause": str}, {"exit_code": int}),
+    ),
+}
+
+
+def event_type_of(kind: Any, name: str) -> EventType:
+    """The catalog entry for (kind, name), or :class:`InvalidEventError` naming both."""
+    try:
+        entity_kind = EntityKind(kind)
+    except ValueError:
+        known = ", ".join(k.value for k in EntityKind)
+        raise InvalidEventError(f"unknown entity kind {kind!r} (known: {known})") from None
+    spec = CATALOG.get((entity_kind, name))
+    if spec is None:
+        known = ", ".join(sorted(n for k, n in CATALOG if k is entity_kind))
+        raise InvalidEventError(
+            f"unknown event type {name!r} for entity kind {entity_kind.value!r} (known: {known})"
+        )
+    return spec
+
+
+def encode_payload(event: Event) -> str:
+    """Validates ``event`` against the catalog and returns its payload as JSON text.
+
+    Raises :class:`InvalidEventError` naming the event and what is wrong with it."""
+    where = f"{event.entity_kind}.{event.event_type} event for {event.entity_id!r}"
+    spec = event_type_of(event.entity_kind, event.event_type)
+    _check_text("entity_id", event.entity_id, where, required=True)
+    _check_text("job_id", event.job_id, where)
+    _check_text("node_id", event.node_id, where)
+    if event.data is not None and not isinstance(event.data, bytes | bytearray | memoryview):
+        raise InvalidEventError(f"{where}: data must be bytes, not {type(event.data).__name__}")
+    payload = event.payload
+    if not isinstance(payload, Mapping):
+        raise InvalidEventError(
+            f"{where}: payload must be a JSON object (a mapping), not {type(payload).__name__}"
+        )
+    for name, expected in spec.required.items():
+        if name not in payload:
+            raise InvalidEventError(f"{where}: payload is missing required field {name!r}")
+    for name, expected in {**spec.required, **spec.optional}.items():
+        if name in payload and payload[name] is not None:
+            _check_type(name, payload[name], expected, where)
+    try:
+        text = json.dumps(payload, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError) as exc:
+        raise InvalidEventError(f"{where}: payload is not valid JSON: {exc}") from None
+    if "\\u0000" in text:
+        raise InvalidEventError(f"{where}: payload contains a NUL character, which "
+                                "PostgreSQL's jsonb cannot store")
+    return text
+
+
+def _check_text(name: str, value: Any, where: str, *, required: bool = False) -> None:
+    if value is None and not required:
+        return
+    if not isinstance(value, str) or not value:
+        raise InvalidEventError(f"{where}: {name} must be a non-empty string, got {value!r:.80}")
+    if "\x00" in value:
+        raise InvalidEventError(f"{where}: {name} contains a NUL character")
+
+
+def _check_type(name: str, value: Any, expected: JsonType, where: str) -> None:
+    allowed = expected if isinstance(expected, tuple) else (expected,)
+    if isinstance(value, bool) and bool not in allowed:
+        ok = False
+    elif isinstance(value, float) and not math.isfinite(value):
+        ok = False
+    else:
+        ok = isinstance(value, allowed) or (float in allowed and isinstance(value, int))
+    if not ok:
+        names = " or ".join(t.__name__ for t in allowed)
+        raise InvalidEventError(
+            f"{where}: payload field {name!r} must be {names}, got {type(value).__name__}"
+        )

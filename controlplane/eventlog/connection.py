@@ -1,0 +1,70 @@
+"""Connections to the GCS for the log's hot paths (asyncpg), with the one place where
+driver errors about reaching the server become :class:`GcsUnavailableError`."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import asyncpg
+
+from controlplane.errors import GcsUnavailableError
+from controlplane.gcs_url import normalize, redact
+
+T = TypeVar("T")
+
+DEFAULT_CONNECT_TIMEOUT_S = 5.0
+# How long appenders and tailers keep retrying while the GCS is unreachable before
+# they fail with GcsUnavailableError (a PostgreSQL restart fits well inside it).
+DEFAULT_UNAVAILABLE_TIMEOUT_S = 30.0
+
+_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+)
+
+
+def is_connection_error(exc: BaseException) -> bool:
+    """True for failures that say the server could not be reached or went away, after
+    which the same request may be retried (appends are idempotent)."""
+    return isinstance(exc, _CONNECTION_ERRORS)
+
+
+async def connect(url: str, *, timeout: float = DEFAULT_CONNECT_TIMEOUT_S) -> asyncpg.Connection:
+    """One asyncpg connection; an unreachable server raises GcsUnavailableError naming
+    the URL (password hidden) at once, or after ``timeout`` if it does not answer."""
+    url = normalize(url)
+    try:
+        return await asyncpg.connect(url, timeout=timeout)
+    except BaseException as exc:
+        if is_connection_error(exc):
+            raise GcsUnavailableError(f"cannot reach the GCS at {redact(url)}: {exc}") from exc
+        raise
+
+
+async def retry_while_unavailable(
+    url: str, attempt: Callable[[], Awaitable[T]], *, timeout: float
+) -> T:
+    """Runs ``attempt`` until it succeeds, retrying connection failures with backoff for
+    at most ``timeout`` seconds; then raises GcsUnavailableError naming the URL."""
+    deadline = time.monotonic() + timeout
+    delay = 0.02
+    while True:
+        try:
+            return await attempt()
+        except BaseException as exc:
+            if not is_connection_error(exc) and not isinstance(exc, GcsUnavailableError):
+                raise
+            if time.monotonic() + delay > deadline:
+                raise GcsUnavailableError(
+                    f"the GCS at {redact(url)} stayed unreachable for {timeout:.1f}s: {exc}"
+                ) from exc
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.5)

@@ -1,0 +1,86 @@
+"""Event shapes: what a writer hands to the log (:class:`Event`) and what a reader gets
+back (:class:`RecordedEvent`, with its position and time)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+
+class EntityKind(StrEnum):
+    JOB = "job"
+    TASK = "task"
+    OBJECT = "object"
+    ACTOR = "actor"
+    NODE = "node"
+    PLACEMENT_GROUP = "placement_group"
+    WORKER = "worker"
+
+
+def new_event_id() -> uuid.UUID:
+    """A UUIDv7-shaped id: time-ordered, so the event_id index grows at its right edge."""
+    ms = time.time_ns() // 1_000_000
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = (ms & (2**48 - 1)) << 80
+    value |= 0x7 << 76
+    value |= ((rand >> 62) & 0xFFF) << 64
+    value |= 0b10 << 62
+    value |= rand & (2**62 - 1)
+    return uuid.UUID(int=value)
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One state transition of one entity, as a writer submits it.
+
+    ``event_id`` is the idempotency key: appending the same id again stores nothing new
+    and returns the position the event already has. ``payload`` is a JSON object of
+    queryable fields; ``data`` is an optional opaque blob (pickled code or values)."""
+
+    entity_kind: EntityKind
+    entity_id: str
+    event_type: str
+    payload: Mapping[str, Any] = field(default_factory=dict)
+    job_id: str | None = None
+    node_id: str | None = None
+    data: bytes | None = None
+    event_id: uuid.UUID = field(default_factory=new_event_id)
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedEvent:
+    """An event as stored: its global, gap-free position and the time it was recorded."""
+
+    position: int
+    event_id: uuid.UUID
+    recorded_at: datetime
+    job_id: str | None
+    entity_kind: EntityKind
+    entity_id: str
+    event_type: str
+    node_id: str | None
+    payload: dict[str, Any]
+    data: bytes | None
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> RecordedEvent:
+        payload = row["payload"]
+        return cls(
+            position=row["position"],
+            event_id=row["event_id"],
+            recorded_at=row["recorded_at"],
+            job_id=row["job_id"],
+            entity_kind=EntityKind(row["entity_kind"]),
+            entity_id=row["entity_id"],
+            event_type=row["event_type"],
+            node_id=row["node_id"],
+            payload=json.loads(payload) if isinstance(payload, str) else dict(payload),
+            data=row["data"],
+        )

@@ -1,0 +1,148 @@
+"""The tailer: follows the log from a saved position, in position order, never skipping
+or repeating an event.
+
+Positions are commit-ordered (cairn_append_v1 holds the head row's lock until commit),
+so once position p is visible every position below it is too. The tailer does not rely
+on that alone: it only ever advances to ``position + 1``; if it sees a hole it waits
+for the hole to fill (``gap_patience`` seconds) and raises :class:`LogGapError` rather
+than skip past it.
+
+It is woken by ``NOTIFY cairn_events_v1`` (sent by every append at commit) and catches
+up by query; a periodic poll covers notifications lost while reconnecting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from types import TracebackType
+
+import asyncpg
+
+from controlplane.errors import LogGapError
+from controlplane.eventlog.connection import (
+    DEFAULT_CONNECT_TIMEOUT_S,
+    DEFAULT_UNAVAILABLE_TIMEOUT_S,
+    connect,
+    is_connection_error,
+    retry_while_unavailable,
+)
+from controlplane.eventlog.events import RecordedEvent
+from controlplane.sql import queries
+
+CHANNEL = "cairn_events_v1"
+
+
+class Tailer:
+    """Reads events with position > ``after``, batch by batch, waiting for new ones."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        after: int = 0,
+        batch_size: int = 1000,
+        poll_interval: float = 1.0,
+        gap_patience: float = 10.0,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
+        unavailable_timeout: float = DEFAULT_UNAVAILABLE_TIMEOUT_S,
+    ) -> None:
+        self.url = url
+        self.position = after
+        self.batch_size = batch_size
+        self.poll_interval = poll_interval
+        self.gap_patience = gap_patience
+        self.connect_timeout = connect_timeout
+        self.unavailable_timeout = unavailable_timeout
+        self._conn: asyncpg.Connection | None = None
+        self._wake = asyncio.Event()
+
+    async def __aenter__(self) -> Tailer:
+        await self._connect()
+        return self
+
+    async def __aexit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                await self._conn.close(timeout=2)
+            self._conn = None
+
+    async def read(self, wait: float | None = None) -> list[RecordedEvent]:
+        """The next events after ``position`` (at most ``batch_size``), in order.
+
+        Waits up to ``wait`` seconds (None: forever) for at least one; returns [] if
+        none came. ``position`` advances past what is returned."""
+        deadline = None if wait is None else time.monotonic() + wait
+        gap_since: float | None = None
+        while True:
+            self._wake.clear()
+            rows = await retry_while_unavailable(
+                self.url, self._query, timeout=self.unavailable_timeout
+            )
+            events = self._contiguous(rows)
+            if events:
+                self.position = events[-1].position
+                return events
+            if rows:  # a hole right after our position: wait for it to fill
+                gap_since = gap_since or time.monotonic()
+                if time.monotonic() - gap_since > self.gap_patience:
+                    raise LogGapError(
+                        f"position {self.position + 1} is missing while {rows[0]['position']} "
+                        f"is visible, for more than {self.gap_patience:.0f}s"
+                    )
+                await asyncio.sleep(0.001)
+                continue
+            timeout = self.poll_interval
+            if deadline is not None:
+                timeout = min(timeout, deadline - time.monotonic())
+                if timeout <= 0:
+                    return []
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+
+    async def __aiter__(self) -> AsyncIterator[RecordedEvent]:
+        while True:
+            for event in await self.read():
+                yield event
+
+    # -- internals ----------------------------------------------------------------
+
+    def _contiguous(self, rows: list[asyncpg.Record]) -> list[RecordedEvent]:
+        events = []
+        expected = self.position + 1
+        for row in rows:
+            if row["position"] != expected:
+                break
+            events.append(RecordedEvent.from_row(row))
+            expected += 1
+        return events
+
+    async def _connect(self) -> None:
+        self._conn = await connect(self.url, timeout=self.connect_timeout)
+        await self._conn.add_listener(CHANNEL, self._on_notify)
+
+    def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
+        self._wake.set()
+
+    async def _query(self) -> list[asyncpg.Record]:
+        if self._conn is None or self._conn.is_closed():
+            self._conn = None
+            await self._connect()
+            self._wake.set()  # notifications may have been missed while away
+        assert self._conn is not None
+        try:
+            return await self._conn.fetch(
+                queries["read_events_after"], self.position, self.batch_size
+            )
+        except BaseException as exc:
+            if is_connection_error(exc) and self._conn is not None:
+                self._conn.terminate()
+                self._conn = None
+            raise

@@ -1,0 +1,50 @@
+-- Named queries of the control plane: `-- name --` starts a query; loaded by
+-- controlplane.sql.queries[name]. Parameters use asyncpg's $n syntax.
+
+-- append_events --
+-- One batch, one round trip; see cairn_append_v1 in migrations/sql/0001_event_log.up.sql.
+SELECT base_position, duplicate_ids, duplicate_positions
+  FROM cairn_append_v1($1::uuid[], $2::text[], $3::text[]::entity_kind[], $4::text[],
+                       $5::text[], $6::text[], $7::text[]::jsonb[], $8::bytea[])
+
+-- read_events_after --
+SELECT position, event_id, recorded_at, job_id, entity_kind::text AS entity_kind, entity_id,
+       event_type, node_id, payload::text AS payload, data
+  FROM events
+ WHERE position > $1
+ ORDER BY position
+ LIMIT $2
+
+-- head_position --
+SELECT last_position FROM event_log_head WHERE id = 1
+
+-- subscription_position --
+SELECT position FROM subscriptions WHERE name = $1
+
+-- save_subscription_position --
+INSERT INTO subscriptions (name, position, updated_at)
+VALUES ($1, $2, clock_timestamp())
+ON CONFLICT (name) DO UPDATE SET position = EXCLUDED.position, updated_at = EXCLUDED.updated_at
+
+-- ensure_partitions --
+SELECT cairn_ensure_partitions_v1((SELECT last_position FROM event_log_head WHERE id = 1))
+
+-- set_partition_size --
+UPDATE event_log_head SET partition_size = $1, partitions_ahead = $2 WHERE id = 1
+
+-- list_partitions --
+SELECT table_name, lower_bound, upper_bound, state, created_at, detached_at, archived_to,
+       dropped_at
+  FROM event_partitions
+ ORDER BY lower_bound
+
+-- mark_partition_detached --
+UPDATE event_partitions SET state = 'detached', detached_at = clock_timestamp()
+ WHERE table_name = $1
+
+-- mark_partition_archived --
+UPDATE event_partitions SET state = 'archived', archived_to = $2 WHERE table_name = $1
+
+-- mark_partition_dropped --
+UPDATE event_partitions SET state = 'dropped', dropped_at = clock_timestamp()
+ WHERE table_name = $1

@@ -1,0 +1,6 @@
+DELETE FROM subscriptions WHERE name = 'projections';
+DROP TABLE IF EXISTS nodes;
+DROP TABLE IF EXISTS actors;
+DROP TABLE IF EXISTS objects;
+DROP TABLE IF EXISTS tasks;
+DROP TABLE IF EXISTS jobs;
