@@ -150,8 +150,16 @@ class EmbeddedPostgres:
             self._initdb()
         self._launch()
         if first_start:
-            self._run_tool("createdb", "-h", str(self.socket_dir), "-p", str(self.port),
-                           "-U", SUPERUSER, DATABASE)
+            self._run_tool(
+                "createdb",
+                "-h",
+                str(self.socket_dir),
+                "-p",
+                str(self.port),
+                "-U",
+                SUPERUSER,
+                DATABASE,
+            )
         return self.url
 
     def stop(self, keep_data: bool = False) -> None:
@@ -205,9 +213,19 @@ class EmbeddedPostgres:
         pwfile.chmod(0o600)
         try:
             self._run_tool(
-                "initdb", "-D", str(self.data_dir), "-U", SUPERUSER, "-E", "UTF8",
-                "--locale=C", "--auth-local=trust", "--auth-host=scram-sha-256",
-                f"--pwfile={pwfile}", "--no-sync", "--no-instructions",
+                "initdb",
+                "-D",
+                str(self.data_dir),
+                "-U",
+                SUPERUSER,
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "--auth-local=trust",
+                "--auth-host=scram-sha-256",
+                f"--pwfile={pwfile}",
+                "--no-sync",
+                "--no-instructions",
             )
         finally:
             pwfile.unlink(missing_ok=True)
@@ -233,8 +251,12 @@ class EmbeddedPostgres:
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         try:
             self._process = subprocess.Popen(
-                args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                preexec_fn=self._child_setup, start_new_session=True,
+                args,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                preexec_fn=self._child_setup,
+                start_new_session=True,
             )
         finally:
             log.close()
@@ -259,8 +281,14 @@ class EmbeddedPostgres:
                     f"log {self.log_path}:\n{self._log_tail()}"
                 )
             ready = subprocess.run(
-                [str(self._install / "bin" / "pg_isready"), "-q", "-h", str(self.socket_dir),
-                 "-p", str(self.port)],
+                [
+                    str(self._install / "bin" / "pg_isready"),
+                    "-q",
+                    "-h",
+                    str(self.socket_dir),
+                    "-p",
+                    str(self.port),
+                ],
                 check=False,
             )
             if ready.returncode == 0:
@@ -274,7 +302,9 @@ class EmbeddedPostgres:
 
     def _run_tool(self, tool: str, *args: str) -> None:
         result = subprocess.run(
-            [str(self._install / "bin" / tool), *args], capture_output=True, text=True,
+            [str(self._install / "bin" / tool), *args],
+            capture_output=True,
+            text=True,
             user=self._run_as.uid if self._run_as else None,
             group=self._run_as.gid if self._run_as else None,
             extra_groups=[] if self._run_as else None,

@@ -182,8 +182,9 @@ class EventAppender:
                 self._conn.terminate()
                 self._conn = None
             raise
-        return _positions(events, row["base_position"], row["duplicate_ids"],
-                          row["duplicate_positions"])
+        return _positions(
+            events, row["base_position"], row["duplicate_ids"], row["duplicate_positions"]
+        )
 
 
 def _positions(

@@ -44,8 +44,18 @@ CATALOG: dict[tuple[EntityKind, str], EventType] = {
     ),
     **_types(
         _K.TASK,
-        ("submitted", {"name": str}, {"function": str, "num_returns": int, "max_retries": int,
-                                      "resources": dict, "dependencies": list, "options": dict}),
+        (
+            "submitted",
+            {"name": str},
+            {
+                "function": str,
+                "num_returns": int,
+                "max_retries": int,
+                "resources": dict,
+                "dependencies": list,
+                "options": dict,
+            },
+        ),
         ("waiting_for_dependencies", {"dependencies": list}, {}),
         ("scheduled", {}, {"attempt": int}),
         ("running", {"worker_id": str}, {"attempt": int}),
@@ -62,8 +72,11 @@ CATALOG: dict[tuple[EntityKind, str], EventType] = {
     ),
     **_types(
         _K.ACTOR,
-        ("creation_requested", {"class_name": str}, {"name": str, "namespace": str,
-                                                      "max_restarts": int}),
+        (
+            "creation_requested",
+            {"class_name": str},
+            {"name": str, "namespace": str, "max_restarts": int},
+        ),
         ("scheduled", {}, {}),
         ("alive", {"worker_id": str}, {}),
         ("restarting", {"attempt": int}, {}),
@@ -132,8 +145,9 @@ def encode_payload(event: Event) -> str:
     except (TypeError, ValueError) as exc:
         raise InvalidEventError(f"{where}: payload is not valid JSON: {exc}") from None
     if "\\u0000" in text:
-        raise InvalidEventError(f"{where}: payload contains a NUL character, which "
-                                "PostgreSQL's jsonb cannot store")
+        raise InvalidEventError(
+            f"{where}: payload contains a NUL character, which PostgreSQL's jsonb cannot store"
+        )
     return text
 
 
@@ -148,9 +162,9 @@ def _check_text(name: str, value: Any, where: str, *, required: bool = False) ->
 
 def _check_type(name: str, value: Any, expected: JsonType, where: str) -> None:
     allowed = expected if isinstance(expected, tuple) else (expected,)
-    if isinstance(value, bool) and bool not in allowed:
-        ok = False
-    elif isinstance(value, float) and not math.isfinite(value):
+    if (isinstance(value, bool) and bool not in allowed) or (
+        isinstance(value, float) and not math.isfinite(value)
+    ):
         ok = False
     else:
         ok = isinstance(value, allowed) or (float in allowed and isinstance(value, int))

@@ -16,7 +16,8 @@ def _load(path: Path) -> dict[str, str]:
     for match, following in zip(matches, [*matches[1:], None], strict=True):
         end = following.start() if following else len(text)
         body = "\n".join(
-            line for line in text[match.end() : end].strip().splitlines()
+            line
+            for line in text[match.end() : end].strip().splitlines()
             if not line.lstrip().startswith("--")
         )
         found[match.group(1)] = body

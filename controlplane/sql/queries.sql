@@ -48,3 +48,9 @@ UPDATE event_partitions SET state = 'archived', archived_to = $2 WHERE table_nam
 -- mark_partition_dropped --
 UPDATE event_partitions SET state = 'dropped', dropped_at = clock_timestamp()
  WHERE table_name = $1
+
+-- ensure_subscription --
+INSERT INTO subscriptions (name) VALUES ($1) ON CONFLICT (name) DO NOTHING
+
+-- lock_subscription --
+SELECT position FROM subscriptions WHERE name = $1 FOR UPDATE

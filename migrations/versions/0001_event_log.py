@@ -10,8 +10,10 @@ down_revision = None
 branch_labels = None
 depends_on = None
 
+
 def upgrade() -> None:
     run_sql_file("0001_event_log.up")
+
 
 def downgrade() -> None:
     run_sql_file("0001_event_log.down")

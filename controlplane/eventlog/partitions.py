@@ -1,0 +1,181 @@
+"""Partition management: create partitions ahead of need, and retire old ones by
+detaching them (``DETACH PARTITION ... CONCURRENTLY``), exporting them to Parquet and
+dropping them, all without blocking appends or readers.
+
+Partitions are ranges of position (``[lower_bound, upper_bound)``), recorded with
+their fate in ``event_partitions``. Appends also create partitions when they would run
+past the last one, so running out is impossible; creating them here, ahead, keeps that
+DDL off the append path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import psycopg
+import pyarrow as pa
+import pyarrow.parquet as pq
+from psycopg import sql as pgsql
+from psycopg.rows import dict_row
+
+from controlplane.errors import GcsError, GcsUnavailableError
+from controlplane.gcs_url import normalize, redact
+from controlplane.sql import queries
+
+PARQUET_SCHEMA = pa.schema(
+    [
+        ("position", pa.int64()),
+        ("event_id", pa.string()),
+        ("recorded_at", pa.timestamp("us", tz="UTC")),
+        ("job_id", pa.string()),
+        ("entity_kind", pa.string()),
+        ("entity_id", pa.string()),
+        ("event_type", pa.string()),
+        ("node_id", pa.string()),
+        ("payload", pa.string()),  # the JSON object as text
+        ("data", pa.binary()),
+    ]
+)
+_EXPORT_CHUNK_ROWS = 50_000
+
+
+@dataclass(frozen=True)
+class PartitionInfo:
+    table_name: str
+    lower_bound: int
+    upper_bound: int
+    state: str
+    created_at: datetime
+    detached_at: datetime | None
+    archived_to: str | None
+    dropped_at: datetime | None
+
+
+def _pg(query: str) -> str:
+    """asyncpg's ``$n`` placeholders in psycopg's ``%s`` form (queries.sql is shared)."""
+    for n in range(9, 0, -1):
+        query = query.replace(f"${n}", "%s")
+    return query
+
+
+class PartitionManager:
+    def __init__(self, url: str) -> None:
+        self.url = normalize(url)
+
+    def _connect(self) -> psycopg.Connection:
+        try:
+            return psycopg.connect(self.url, autocommit=True, connect_timeout=5)
+        except psycopg.OperationalError as exc:
+            raise GcsUnavailableError(f"cannot reach the GCS at {redact(self.url)}: {exc}") from exc
+
+    def configure(self, *, partition_size: int, partitions_ahead: int = 2) -> None:
+        """Sets the size of partitions created from now on and how many to keep ahead."""
+        with self._connect() as conn:
+            conn.execute(_pg(queries["set_partition_size"]), (partition_size, partitions_ahead))
+
+    def ensure_ahead(self) -> int:
+        """Creates partitions so that ``partitions_ahead`` lie beyond the head; returns
+        how many were created."""
+        with self._connect() as conn:
+            row = conn.execute(queries["ensure_partitions"]).fetchone()
+        return int(row[0]) if row else 0
+
+    def partitions(self) -> list[PartitionInfo]:
+        """Every partition the log has had, in position order, with its state."""
+        with self._connect() as conn:
+            return self._all(conn)
+
+    def detach(self, table_name: str) -> None:
+        """Detaches a partition whose positions are all handed out already.
+
+        Uses DETACH ... CONCURRENTLY, which waits for queries that may be reading it
+        but never blocks appends; an interrupted detach is finished (FINALIZE)."""
+        with self._connect() as conn:
+            part = self._get(conn, table_name)
+            if part.state != "attached":
+                raise GcsError(f"partition {table_name} is {part.state}, not attached")
+            head = conn.execute(queries["head_position"]).fetchone()[0]
+            if part.upper_bound > head + 1:
+                raise GcsError(
+                    f"partition {table_name} [{part.lower_bound}, {part.upper_bound}) still "
+                    f"receives appends (head is at {head}); only full partitions can be detached"
+                )
+            ident = pgsql.Identifier(table_name)
+            try:
+                conn.execute(
+                    pgsql.SQL("ALTER TABLE events DETACH PARTITION {} CONCURRENTLY").format(ident)
+                )
+            except psycopg.errors.ObjectNotInPrerequisiteState:
+                conn.execute(
+                    pgsql.SQL("ALTER TABLE events DETACH PARTITION {} FINALIZE").format(ident)
+                )
+            conn.execute(_pg(queries["mark_partition_detached"]), (table_name,))
+
+    def export_parquet(self, table_name: str, directory: Path) -> Path:
+        """Writes a detached partition's rows, in position order, to a Parquet file."""
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / f"{table_name}.parquet"
+        with self._connect() as conn:
+            part = self._get(conn, table_name)
+            if part.state not in ("detached", "archived"):
+                raise GcsError(f"partition {table_name} is {part.state}; detach it before export")
+            query = pgsql.SQL(
+                "SELECT position, event_id::text, recorded_at, job_id, entity_kind::text, "
+                "entity_id, event_type, node_id, payload::text, data FROM {} ORDER BY position"
+            ).format(pgsql.Identifier(table_name))
+            tmp = path.with_suffix(".parquet.tmp")
+            with (
+                pq.ParquetWriter(tmp, PARQUET_SCHEMA) as writer,
+                conn.transaction(),
+                conn.cursor(name=f"export_{table_name}") as cur,
+            ):
+                cur.execute(query)
+                while rows := cur.fetchmany(_EXPORT_CHUNK_ROWS):
+                    columns = list(zip(*rows, strict=True))
+                    writer.write_batch(
+                        pa.RecordBatch.from_arrays(
+                            [
+                                pa.array(col, type=f.type)
+                                for col, f in zip(columns, PARQUET_SCHEMA, strict=True)
+                            ],
+                            schema=PARQUET_SCHEMA,
+                        )
+                    )
+            tmp.rename(path)
+            conn.execute(_pg(queries["mark_partition_archived"]), (table_name, str(path)))
+        return path
+
+    def drop(self, table_name: str) -> None:
+        """Drops a partition that was detached (and, usually, archived)."""
+        with self._connect() as conn:
+            part = self._get(conn, table_name)
+            if part.state not in ("detached", "archived"):
+                raise GcsError(f"partition {table_name} is {part.state}; detach it before dropping")
+            with conn.transaction():
+                conn.execute(pgsql.SQL("DROP TABLE {}").format(pgsql.Identifier(table_name)))
+                conn.execute(_pg(queries["mark_partition_dropped"]), (table_name,))
+
+    def retire(self, table_name: str, archive_dir: Path | None) -> Path | None:
+        """Detach, export (when ``archive_dir`` is given) and drop one partition."""
+        self.detach(table_name)
+        path = self.export_parquet(table_name, archive_dir) if archive_dir else None
+        self.drop(table_name)
+        return path
+
+    def _get(self, conn: psycopg.Connection, table_name: str) -> PartitionInfo:
+        for part in self._all(conn):
+            if part.table_name == table_name:
+                return part
+        raise GcsError(f"no partition named {table_name!r} in event_partitions")
+
+    @staticmethod
+    def _all(conn: psycopg.Connection) -> list[PartitionInfo]:
+        with conn.cursor(row_factory=dict_row) as cur:
+            return [PartitionInfo(**row) for row in cur.execute(queries["list_partitions"])]
+
+
+def read_parquet_archive(path: Path) -> pa.Table:
+    """An archived partition, back as an Arrow table (query it with pyarrow or DuckDB)."""
+    return pq.read_table(path, schema=PARQUET_SCHEMA)

@@ -1,0 +1,62 @@
+"""Opening the GCS for a session: the PostgreSQL named by URL (argument or
+``$CAIRN_GCS_URL``), or else a private embedded server; either way migrated to head."""
+
+from __future__ import annotations
+
+from types import TracebackType
+
+import psycopg
+
+from controlplane import schema
+from controlplane.embedded_postgres import EmbeddedPostgres
+from controlplane.errors import GcsUnavailableError
+from controlplane.gcs_url import redact, resolve_gcs_url
+
+DEFAULT_CONNECT_TIMEOUT_S = 5
+
+
+def check_reachable(url: str, timeout: int = DEFAULT_CONNECT_TIMEOUT_S) -> None:
+    """Fails fast, naming the URL (password hidden), if PostgreSQL does not answer."""
+    try:
+        with psycopg.connect(url, connect_timeout=timeout) as conn:
+            version = conn.info.server_version
+    except psycopg.OperationalError as exc:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise GcsUnavailableError(f"cannot reach the GCS at {redact(url)}: {reason}") from exc
+    if version < 150000:
+        raise GcsUnavailableError(
+            f"the GCS at {redact(url)} runs PostgreSQL {version // 10000}; Cairn needs 15 or newer"
+        )
+
+
+class Gcs:
+    """``with Gcs() as gcs: gcs.url`` -- a migrated log, embedded unless a URL is given."""
+
+    def __init__(self, url: str | None = None) -> None:
+        self._requested_url = resolve_gcs_url(url)
+        self.embedded: EmbeddedPostgres | None = None
+        self.url = ""
+
+    def start(self) -> str:
+        if self._requested_url is None:
+            self.embedded = EmbeddedPostgres()
+            self.url = self.embedded.start()
+        else:
+            self.url = self._requested_url
+            check_reachable(self.url)
+        schema.upgrade(self.url)
+        return self.url
+
+    def stop(self) -> None:
+        if self.embedded is not None:
+            self.embedded.stop()
+            self.embedded = None
+
+    def __enter__(self) -> Gcs:
+        self.start()
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()

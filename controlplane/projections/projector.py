@@ -1,0 +1,134 @@
+"""The projector: a follower of the log that keeps the projection tables (jobs, tasks,
+objects, actors, nodes) equal to the fold of the log.
+
+Each batch is applied in one transaction together with the projector's position in
+``subscriptions`` (exactly-once, as eventsourcing's tracking records). The position row
+is locked first, so two projectors running at once never apply an event twice: the
+second one finds the position moved and skips what was applied.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections import defaultdict
+from datetime import datetime
+from types import TracebackType
+from typing import Any
+
+import asyncpg
+
+from controlplane.eventlog.connection import connect
+from controlplane.eventlog.events import RecordedEvent
+from controlplane.eventlog.tailer import Tailer
+from controlplane.projections.spec import TABLES, Row, Table, fold
+from controlplane.sql import queries
+
+SUBSCRIPTION = "projections"
+
+
+def _select_sql(table: Table) -> str:
+    return f"SELECT * FROM {table.name} WHERE {table.key} = ANY($1::text[])"
+
+
+def _upsert_sql(table: Table) -> str:
+    updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in table.columns if c != table.key)
+    return (
+        f"INSERT INTO {table.name} SELECT * FROM jsonb_populate_recordset(NULL::{table.name}, "
+        f"$1::jsonb) ON CONFLICT ({table.key}) DO UPDATE SET {updates}"
+    )
+
+
+def _json_default(value: Any) -> str:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"cannot encode {type(value).__name__} in a projection row")
+
+
+def decode_row(table: Table, record: asyncpg.Record) -> Row:
+    """A projection row as the fold produces it (JSON columns decoded)."""
+    row = dict(record)
+    for column in table.json_columns:
+        if isinstance(row.get(column), str):
+            row[column] = json.loads(row[column])
+    return row
+
+
+class Projector:
+    def __init__(self, url: str, *, batch_size: int = 1000, name: str = SUBSCRIPTION) -> None:
+        self.url = url
+        self.batch_size = batch_size
+        self.name = name
+        self._conn: asyncpg.Connection | None = None
+        self._tailer: Tailer | None = None
+
+    @property
+    def position(self) -> int:
+        return self._tailer.position if self._tailer else 0
+
+    async def __aenter__(self) -> Projector:
+        self._conn = await connect(self.url)
+        await self._conn.execute(queries["ensure_subscription"], self.name)
+        saved = await self._conn.fetchval(queries["subscription_position"], self.name)
+        self._tailer = Tailer(self.url, after=saved or 0, batch_size=self.batch_size)
+        await self._tailer.__aenter__()
+        return self
+
+    async def __aexit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._tailer is not None:
+            await self._tailer.close()
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                await self._conn.close(timeout=2)
+
+    async def step(self, wait: float | None = None) -> int:
+        """Applies the next batch of events (waiting up to ``wait`` s for one)."""
+        assert self._tailer is not None
+        events = await self._tailer.read(wait)
+        if events:
+            await self._apply(events)
+        return len(events)
+
+    async def catch_up(self) -> int:
+        """Applies everything appended before this call; returns the position reached."""
+        assert self._conn is not None
+        head = await self._conn.fetchval(queries["head_position"])
+        while self.position < head:
+            await self.step(wait=1.0)
+        return self.position
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await self.step(wait=0.2)
+
+    async def _apply(self, events: list[RecordedEvent]) -> None:
+        assert self._conn is not None and self._tailer is not None
+        async with self._conn.transaction():
+            saved = await self._conn.fetchval(queries["lock_subscription"], self.name)
+            events = [e for e in events if e.position > saved]
+            if not events:
+                return
+            if events[0].position != saved + 1:  # another projector is behind us: re-read
+                self._tailer.position = saved
+                return
+            keys: dict[Table, set[str]] = defaultdict(set)
+            for event in events:
+                if event.entity_kind in TABLES:
+                    keys[TABLES[event.entity_kind]].add(event.entity_id)
+            before: dict[tuple[str, str], Row] = {}
+            for table, ids in keys.items():
+                for record in await self._conn.fetch(_select_sql(table), list(ids)):
+                    before[(table.name, record[table.key])] = decode_row(table, record)
+            after = fold(events, before)
+            for table in keys:
+                rows = [row for (name, _), row in after.items() if name == table.name]
+                if rows:
+                    await self._conn.execute(
+                        _upsert_sql(table), json.dumps(rows, default=_json_default)
+                    )
+            await self._conn.execute(
+                queries["save_subscription_position"], self.name, events[-1].position
+            )
