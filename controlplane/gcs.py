@@ -10,6 +10,7 @@ import psycopg
 from controlplane import schema
 from controlplane.embedded_postgres import EmbeddedPostgres
 from controlplane.errors import GcsUnavailableError
+from controlplane.eventlog.partitions import PartitionManager
 from controlplane.gcs_url import redact, resolve_gcs_url
 
 DEFAULT_CONNECT_TIMEOUT_S = 5
@@ -45,6 +46,7 @@ class Gcs:
             self.url = self._requested_url
             check_reachable(self.url)
         schema.upgrade(self.url)
+        PartitionManager(self.url).ensure_ahead()
         return self.url
 
     def stop(self) -> None:

@@ -28,8 +28,8 @@ from controlplane.eventlog.connection import (
     DEFAULT_CONNECT_TIMEOUT_S,
     DEFAULT_UNAVAILABLE_TIMEOUT_S,
     connect,
-    is_connection_error,
     retry_while_unavailable,
+    run_on,
 )
 from controlplane.eventlog.events import Event
 from controlplane.sql import queries
@@ -163,10 +163,10 @@ class EventAppender:
 
     async def _write(self, events: Sequence[Event], payloads: Sequence[str]) -> list[int]:
         if self._conn is None or self._conn.is_closed():
-            self._conn = None
             self._conn = await connect(self.url, timeout=self.connect_timeout)
-        try:
-            row = await self._conn.fetchrow(
+        row = await run_on(
+            self._conn,
+            lambda conn: conn.fetchrow(
                 queries["append_events"],
                 [e.event_id for e in events],
                 [e.job_id for e in events],
@@ -176,12 +176,8 @@ class EventAppender:
                 [e.node_id for e in events],
                 payloads,
                 [bytes(e.data) if e.data is not None else None for e in events],
-            )
-        except BaseException as exc:
-            if is_connection_error(exc) and self._conn is not None:
-                self._conn.terminate()
-                self._conn = None
-            raise
+            ),
+        )
         return _positions(
             events, row["base_position"], row["duplicate_ids"], row["duplicate_positions"]
         )

@@ -134,7 +134,7 @@ def encode_payload(event: Event) -> str:
         raise InvalidEventError(
             f"{where}: payload must be a JSON object (a mapping), not {type(payload).__name__}"
         )
-    for name, expected in spec.required.items():
+    for name in spec.required:
         if name not in payload:
             raise InvalidEventError(f"{where}: payload is missing required field {name!r}")
     for name, expected in {**spec.required, **spec.optional}.items():

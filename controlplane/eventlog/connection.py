@@ -20,7 +20,14 @@ DEFAULT_CONNECT_TIMEOUT_S = 5.0
 # they fail with GcsUnavailableError (a PostgreSQL restart fits well inside it).
 DEFAULT_UNAVAILABLE_TIMEOUT_S = 30.0
 
+
+class ConnectionLost(Exception):
+    """The connection closed under a request (asyncpg may report that as an internal
+    state error when the server dies mid-request)."""
+
+
 _CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    ConnectionLost,
     OSError,
     asyncio.TimeoutError,
     asyncpg.PostgresConnectionError,
@@ -35,6 +42,22 @@ def is_connection_error(exc: BaseException) -> bool:
     """True for failures that say the server could not be reached or went away, after
     which the same request may be retried (appends are idempotent)."""
     return isinstance(exc, _CONNECTION_ERRORS)
+
+
+async def run_on(
+    conn: asyncpg.Connection, request: Callable[[asyncpg.Connection], Awaitable[T]]
+) -> T:
+    """Runs ``request`` on ``conn``; any failure that leaves the connection unusable is
+    raised as a connection error (after closing it), so callers retry on a new one."""
+    try:
+        return await request(conn)
+    except BaseException as exc:
+        if is_connection_error(exc) or conn.is_closed():
+            conn.terminate()
+            if is_connection_error(exc):
+                raise
+            raise ConnectionLost(f"connection lost: {exc!r}") from exc
+        raise
 
 
 async def connect(url: str, *, timeout: float = DEFAULT_CONNECT_TIMEOUT_S) -> asyncpg.Connection:

@@ -26,8 +26,8 @@ from controlplane.eventlog.connection import (
     DEFAULT_CONNECT_TIMEOUT_S,
     DEFAULT_UNAVAILABLE_TIMEOUT_S,
     connect,
-    is_connection_error,
     retry_while_unavailable,
+    run_on,
 )
 from controlplane.eventlog.events import RecordedEvent
 from controlplane.sql import queries
@@ -133,16 +133,10 @@ class Tailer:
 
     async def _query(self) -> list[asyncpg.Record]:
         if self._conn is None or self._conn.is_closed():
-            self._conn = None
             await self._connect()
             self._wake.set()  # notifications may have been missed while away
         assert self._conn is not None
-        try:
-            return await self._conn.fetch(
-                queries["read_events_after"], self.position, self.batch_size
-            )
-        except BaseException as exc:
-            if is_connection_error(exc) and self._conn is not None:
-                self._conn.terminate()
-                self._conn = None
-            raise
+        return await run_on(
+            self._conn,
+            lambda conn: conn.fetch(queries["read_events_after"], self.position, self.batch_size),
+        )

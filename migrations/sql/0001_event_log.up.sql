@@ -38,7 +38,9 @@ CREATE TABLE event_log_head (
 );
 INSERT INTO event_log_head (id) VALUES (1);
 
--- Every partition the log has had, and what became of it.
+-- Every partition the log has had, and what became of it. The migration creates none:
+-- the first append (or PartitionManager.ensure_ahead) does, with the partition size
+-- configured by then.
 CREATE TABLE event_partitions (
     table_name   text PRIMARY KEY,
     lower_bound  bigint NOT NULL,          -- inclusive
@@ -163,5 +165,3 @@ BEGIN
     END IF;
 END;
 $$;
-
-SELECT cairn_ensure_partitions_v1(0);

@@ -1,0 +1,448 @@
+"""Append throughput and append-to-tail latency of the event log, beside the raw ceiling.
+
+    python bench/log_append.py [--gcs-url URL] [--seconds N]
+
+For each configuration (1 and 8 writer processes x batches of 1, 100 and 1000 events):
+
+* log: each writer process appends task events through its own ``EventAppender``
+  (``append_many``, batches back to back) for ``--seconds``; a ``Tailer`` in this process,
+  starting after the head position, receives them and records ``now - sent_at`` per event;
+* raw: the same rows, same writers and batch sizes, written with plain asyncpg
+  ``copy_records_to_table`` into ``bench_raw_copy`` -- a regular (logged), unpartitioned
+  table with no indexes and no constraints, one transaction per batch. This is the ceiling:
+  what the server and client can do without the log's head lock, checks and indexes.
+
+Without ``--gcs-url`` (or ``$CAIRN_GCS_URL``) an embedded PostgreSQL is started and
+removed afterwards. With a URL, the events appended stay in that server's log (the log is
+append-only): point it at a scratch database.
+
+See bench/README.md for what the columns mean and the figures measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import multiprocessing
+import os
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+import asyncpg
+
+from controlplane.eventlog import EntityKind, Event, EventAppender, Tailer, new_event_id
+from controlplane.gcs_url import normalize, redact
+
+WRITER_COUNTS = (1, 8)
+BATCH_SIZES = (1, 100, 1000)
+RAW_TABLE = "bench_raw_copy"
+RAW_COLUMNS = (
+    "position",
+    "event_id",
+    "recorded_at",
+    "job_id",
+    "entity_kind",
+    "entity_id",
+    "event_type",
+    "node_id",
+    "payload",
+    "data",
+)
+TARGET_RAW_FRACTION = 0.5  # log >= 50% of the raw ceiling at batch 1000
+TARGET_P99_MS = 20.0  # p99 append-to-tail latency at 1 writer
+START_DELAY_S = 0.3  # writers connect first, then all start at the same instant
+
+
+# -- writer processes ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Job:
+    mode: str  # "log" or "raw"
+    batch: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class WriterResult:
+    events: int
+    batches: int
+    started: float  # wall clock
+    finished: float
+
+
+def _writer_main(url: str, writer: int, pipe: Connection) -> None:
+    """A long-lived writer process: runs one Job per message until it gets None.
+
+    Protocol per job: parent sends Job; writer connects and answers "ready"; parent sends
+    the wall-clock start time; writer runs until start + seconds and answers a
+    WriterResult (or ("error", traceback))."""
+    while True:
+        job = pipe.recv()
+        if job is None:
+            return
+        try:
+            result = asyncio.run(_run_job(url, writer, job, pipe))
+        except BaseException:
+            pipe.send(("error", f"writer {writer}:\n{traceback.format_exc()}"))
+        else:
+            pipe.send(result)
+
+
+async def _run_job(url: str, writer: int, job: Job, pipe: Connection) -> WriterResult:
+    if job.mode == "log":
+        async with EventAppender(url) as appender:
+            pipe.send("ready")
+            start = pipe.recv()
+            return await _append_loop(appender, writer, job, start)
+    conn = await asyncpg.connect(url)
+    try:
+        pipe.send("ready")
+        start = pipe.recv()
+        return await _copy_loop(conn, writer, job, start)
+    finally:
+        await conn.close()
+
+
+async def _sleep_until(wall: float) -> None:
+    delay = wall - time.time()
+    if delay > 0:
+        await asyncio.sleep(delay)
+
+
+async def _append_loop(
+    appender: EventAppender, writer: int, job: Job, start: float
+) -> WriterResult:
+    await _sleep_until(start)
+    end = start + job.seconds
+    n = batches = 0
+    while time.time() < end:
+        events = [
+            Event(
+                EntityKind.TASK,
+                f"task-{writer}-{n + k}",
+                "submitted",
+                {"name": "bench.f", "sent_at": time.time()},
+                job_id="job-bench",
+            )
+            for k in range(job.batch)
+        ]
+        await appender.append_many(events)
+        n += job.batch
+        batches += 1
+    return WriterResult(n, batches, start, time.time())
+
+
+async def _copy_loop(conn: asyncpg.Connection, writer: int, job: Job, start: float) -> WriterResult:
+    await _sleep_until(start)
+    end = start + job.seconds
+    base = (writer + 1) * 10**12  # no shared position counter: that is the point of "raw"
+    n = batches = 0
+    while time.time() < end:
+        now = dt.datetime.now(dt.UTC)
+        rows = [
+            (
+                base + n + k,
+                new_event_id(),
+                now,
+                "job-bench",
+                "task",
+                f"task-{writer}-{n + k}",
+                "submitted",
+                None,
+                json.dumps({"name": "bench.f", "sent_at": time.time()}, separators=(",", ":")),
+                None,
+            )
+            for k in range(job.batch)
+        ]
+        await conn.copy_records_to_table(RAW_TABLE, records=rows, columns=RAW_COLUMNS)
+        n += job.batch
+        batches += 1
+    return WriterResult(n, batches, start, time.time())
+
+
+# -- the parent: pool, tailer, measurement ---------------------------------------------------
+
+
+class WriterPool:
+    """``size`` spawned writer processes, reused by every configuration."""
+
+    def __init__(self, url: str, size: int) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self.pipes: list[Connection] = []
+        self.procs: list[multiprocessing.process.BaseProcess] = []
+        for w in range(size):
+            parent_end, child_end = ctx.Pipe()
+            proc = ctx.Process(
+                target=_writer_main, args=(url, w, child_end), name=f"bench-writer-{w}"
+            )
+            proc.start()
+            child_end.close()
+            self.pipes.append(parent_end)
+            self.procs.append(proc)
+
+    async def _recv(self, pipe: Connection) -> object:
+        message = await asyncio.to_thread(pipe.recv)
+        if isinstance(message, tuple) and message and message[0] == "error":
+            raise RuntimeError(message[1])
+        return message
+
+    async def prepare(self, writers: int, job: Job) -> None:
+        for pipe in self.pipes[:writers]:
+            pipe.send(job)
+        for pipe in self.pipes[:writers]:
+            if await self._recv(pipe) != "ready":
+                raise RuntimeError("writer protocol error")
+
+    async def go(self, writers: int, start: float) -> list[WriterResult]:
+        for pipe in self.pipes[:writers]:
+            pipe.send(start)
+        results = [await self._recv(pipe) for pipe in self.pipes[:writers]]
+        assert all(isinstance(r, WriterResult) for r in results)
+        return results  # type: ignore[return-value]
+
+    def close(self) -> None:
+        for pipe in self.pipes:
+            with contextlib.suppress(OSError):
+                pipe.send(None)
+        for proc in self.procs:
+            proc.join(10)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(5)
+        for pipe in self.pipes:
+            pipe.close()
+
+
+@dataclass
+class TailStats:
+    latencies_ms: list[float] = field(default_factory=list)  # received during the run
+    drained: int = 0  # received after the writers stopped
+
+
+async def _tail(url: str, after: int, running: asyncio.Event, until: asyncio.Future) -> TailStats:
+    """Follows the log from ``after``; stops once it has reached the position ``until``
+    resolves to (set after the writers finish)."""
+    stats = TailStats()
+    async with Tailer(url, after=after, batch_size=10_000, poll_interval=0.1) as tailer:
+        while True:
+            if until.done() and tailer.position >= until.result():
+                return stats
+            events = await tailer.read(wait=0.05)
+            now = time.time()
+            if running.is_set():
+                stats.latencies_ms.extend((now - e.payload["sent_at"]) * 1000 for e in events)
+            else:
+                stats.drained += len(events)
+
+
+def _percentile(ordered: list[float], q: float) -> float:
+    if not ordered:
+        return float("nan")
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+@dataclass
+class Row:
+    writers: int
+    batch: int
+    log_rate: float = 0.0
+    raw_rate: float = 0.0
+    p50_ms: float = float("nan")
+    p99_ms: float = float("nan")
+    max_ms: float = float("nan")
+    tailed_in_run: float = 0.0  # fraction of the run's events the tailer got before it ended
+    log_events: int = 0
+    raw_events: int = 0
+
+    @property
+    def ratio(self) -> float:
+        return self.log_rate / self.raw_rate if self.raw_rate else float("nan")
+
+
+def _rate(results: list[WriterResult]) -> tuple[int, float]:
+    events = sum(r.events for r in results)
+    elapsed = max(r.finished for r in results) - min(r.started for r in results)
+    return events, events / elapsed
+
+
+async def _measure_log(
+    pool: WriterPool, conn: asyncpg.Connection, url: str, row: Row, seconds: float
+) -> None:
+    await pool.prepare(row.writers, Job("log", row.batch, seconds))
+    head = await conn.fetchval("SELECT last_position FROM event_log_head WHERE id = 1")
+    running = asyncio.Event()
+    running.set()
+    until: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    tail = asyncio.create_task(_tail(url, head, running, until))
+    try:
+        results = await pool.go(row.writers, time.time() + START_DELAY_S)
+        running.clear()
+        final = await conn.fetchval("SELECT last_position FROM event_log_head WHERE id = 1")
+        until.set_result(final)
+        stats = await asyncio.wait_for(tail, timeout=120)
+    finally:
+        tail.cancel()
+    row.log_events, row.log_rate = _rate(results)
+    if final - head != row.log_events:
+        raise RuntimeError(f"{row.log_events} events appended but the head moved {final - head}")
+    ordered = sorted(stats.latencies_ms)
+    row.p50_ms = _percentile(ordered, 0.50)
+    row.p99_ms = _percentile(ordered, 0.99)
+    row.max_ms = ordered[-1] if ordered else float("nan")
+    row.tailed_in_run = len(ordered) / row.log_events if row.log_events else 0.0
+    if len(ordered) + stats.drained != row.log_events:
+        raise RuntimeError(f"tailer got {len(ordered) + stats.drained} of {row.log_events}")
+
+
+async def _measure_raw(pool: WriterPool, row: Row, seconds: float) -> None:
+    await pool.prepare(row.writers, Job("raw", row.batch, seconds))
+    results = await pool.go(row.writers, time.time() + START_DELAY_S)
+    row.raw_events, row.raw_rate = _rate(results)
+
+
+# -- reporting ------------------------------------------------------------------------------
+
+
+def _cpu_model() -> str:
+    """The first CPU's model name, with family/model numbers (VMs often show a vague name)."""
+    info: dict[str, str] = {}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if not line.strip():
+                break
+            key, _, value = line.partition(":")
+            info[key.strip()] = value.strip()
+    name = info.get("model name", "unknown CPU")
+    if "cpu family" in info and "model" in info:
+        name += f" (family {info['cpu family']}, model {info['model']})"
+    if "hypervisor" in info.get("flags", "").split():
+        name += ", virtualized"
+    return name
+
+
+def _nproc() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 0
+
+
+async def _server_info(conn: asyncpg.Connection) -> str:
+    version = await conn.fetchval("SHOW server_version")
+    settings = []
+    for name in ("fsync", "synchronous_commit", "wal_sync_method", "shared_buffers"):
+        settings.append(f"{name}={await conn.fetchval(f'SHOW {name}')}")
+    return f"PostgreSQL {version} ({', '.join(settings)})"
+
+
+def _print_table(rows: list[Row]) -> None:
+    header = (
+        f"{'writers':>7} {'batch':>5} {'log ev/s':>10} {'raw ev/s':>10} {'log/raw':>7} "
+        f"{'p50 ms':>7} {'p99 ms':>7} {'max ms':>7} {'tailed':>6}"
+    )
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(
+            f"{r.writers:>7} {r.batch:>5} {r.log_rate:>10,.0f} {r.raw_rate:>10,.0f} "
+            f"{r.ratio:>7.0%} {r.p50_ms:>7.1f} {r.p99_ms:>7.1f} {r.max_ms:>7.1f} "
+            f"{r.tailed_in_run:>6.0%}"
+        )
+
+
+def _print_targets(rows: list[Row]) -> None:
+    print()
+    print("targets:")
+    for r in rows:
+        if r.batch == 1000:
+            met = r.ratio >= TARGET_RAW_FRACTION
+            print(
+                f"  log >= {TARGET_RAW_FRACTION:.0%} of raw at batch 1000, {r.writers} writer(s): "
+                f"{r.ratio:.0%} -> {'MET' if met else 'MISSED'}"
+            )
+    for r in rows:
+        if r.writers == 1:
+            met = r.p99_ms < TARGET_P99_MS
+            print(
+                f"  p99 append-to-tail < {TARGET_P99_MS:.0f} ms at 1 writer, batch {r.batch}: "
+                f"{r.p99_ms:.1f} ms -> {'MET' if met else 'MISSED'}"
+            )
+
+
+# -- main -----------------------------------------------------------------------------------
+
+
+async def _bench(url: str, seconds: float) -> list[Row]:
+    conn = await asyncpg.connect(normalize(url))
+    pool: WriterPool | None = None
+    try:
+        print(f"machine: {_nproc()} CPUs, {_cpu_model()}")
+        print(f"server:  {await _server_info(conn)}")
+        print(f"python:  {sys.version.split()[0]}, asyncpg {asyncpg.__version__}")
+        print(f"each configuration runs {seconds:g} s for the log, then {seconds:g} s for raw COPY")
+        print()
+        await conn.execute(f"DROP TABLE IF EXISTS {RAW_TABLE}")
+        await conn.execute(
+            f"""CREATE TABLE {RAW_TABLE} (
+                position bigint, event_id uuid, recorded_at timestamptz, job_id text,
+                entity_kind text, entity_id text, event_type text, node_id text,
+                payload jsonb, data bytea)"""
+        )
+        pool = WriterPool(normalize(url), max(WRITER_COUNTS))
+        rows = []
+        for writers in WRITER_COUNTS:
+            for batch in BATCH_SIZES:
+                row = Row(writers, batch)
+                await _measure_log(pool, conn, url, row, seconds)
+                await _measure_raw(pool, row, seconds)
+                rows.append(row)
+                print(
+                    f"  done: {writers} writer(s), batch {batch}: log {row.log_rate:,.0f} ev/s, "
+                    f"raw {row.raw_rate:,.0f} ev/s",
+                    flush=True,
+                )
+        return rows
+    finally:
+        if pool is not None:
+            pool.close()
+        with contextlib.suppress(Exception):
+            await conn.execute(f"DROP TABLE IF EXISTS {RAW_TABLE}")
+        await conn.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
+    parser.add_argument(
+        "--gcs-url",
+        default=None,
+        help="PostgreSQL to use (default: $CAIRN_GCS_URL, else an embedded server)",
+    )
+    parser.add_argument(
+        "--seconds", type=float, default=3.0, help="duration of each measurement (default 3)"
+    )
+    args = parser.parse_args(argv)
+
+    from controlplane.gcs import Gcs  # parent only: migrations pull in alembic/psycopg
+
+    began = time.monotonic()
+    with Gcs(args.gcs_url) as gcs:
+        where = "embedded PostgreSQL" if gcs.embedded else "PostgreSQL"
+        print(f"GCS:     {where} at {redact(gcs.url)}")
+        rows = asyncio.run(_bench(gcs.url, args.seconds))
+    print()
+    _print_table(rows)
+    _print_targets(rows)
+    print(f"\ntotal {time.monotonic() - began:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

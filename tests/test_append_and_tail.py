@@ -1,0 +1,250 @@
+"""Appending and tailing against a real PostgreSQL: order, positions, idempotence,
+restart from a saved position, and refusal of bad input with nothing written."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import asyncpg
+import pytest
+
+from controlplane.errors import GcsUnavailableError, InvalidEventError, LogGapError
+from controlplane.eventlog import EntityKind, Event, EventAppender, Tailer
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def task_event(task: str, event_type: str = "submitted", **payload: object) -> Event:
+    defaults: dict[str, dict[str, object]] = {
+        "submitted": {"name": "f"},
+        "running": {"worker_id": "w1"},
+        "failed": {"error": "boom"},
+    }
+    return Event(
+        EntityKind.TASK,
+        task,
+        event_type,
+        {**defaults.get(event_type, {}), **payload},
+        job_id="job-1",
+    )
+
+
+async def head(url: str) -> int:
+    conn = await asyncpg.connect(url)
+    try:
+        return await conn.fetchval("SELECT last_position FROM event_log_head")
+    finally:
+        await conn.close()
+
+
+async def count_events(url: str) -> int:
+    conn = await asyncpg.connect(url)
+    try:
+        return await conn.fetchval("SELECT count(*) FROM events")
+    finally:
+        await conn.close()
+
+
+async def test_append_returns_gap_free_positions_in_order(gcs_url: str) -> None:
+    async with EventAppender(gcs_url) as appender, Tailer(gcs_url) as tailer:
+        first = await appender.append(task_event("t1"))
+        rest = await appender.append_many(
+            [task_event("t1", "running"), task_event("t1", "finished")]
+        )
+        singles = await asyncio.gather(*(appender.append(task_event(f"t{i}")) for i in range(50)))
+        positions = [first, *rest, *singles]
+        assert sorted(positions) == list(range(1, 54))
+        assert rest == [first + 1, first + 2]
+
+        received = []
+        while len(received) < 53:
+            received += await tailer.read(wait=5)
+        assert [e.position for e in received] == list(range(1, 54))
+        assert [e.event_type for e in received[:3]] == ["submitted", "running", "finished"]
+        assert received[0].payload == {"name": "f"}
+        assert received[0].job_id == "job-1"
+        assert received[0].recorded_at <= received[-1].recorded_at
+        assert await tailer.read(wait=0.2) == []
+
+
+async def test_same_event_id_is_stored_once(gcs_url: str) -> None:
+    event = task_event("t1")
+    async with EventAppender(gcs_url) as appender:
+        first = await appender.append(event)
+        await appender.append(task_event("t2"))
+        again = await appender.append(event)
+        # a batch mixing a retried event with new ones stores only the new ones
+        mixed = await appender.append_many([task_event("t3"), event, task_event("t4")])
+    assert again == first == mixed[1]
+    assert mixed == [3, first, 4]
+    assert await count_events(gcs_url) == 4
+    assert await head(gcs_url) == 4
+
+
+async def test_retry_after_lost_acknowledgement_stores_once(gcs_url: str) -> None:
+    """The append function run twice with the same ids (as a retry after a lost
+    acknowledgement does) reports the duplicates and writes nothing the second time."""
+    ids = [uuid.uuid4() for _ in range(3)]
+    conn = await asyncpg.connect(gcs_url)
+    try:
+        args = (
+            ids,
+            ["j"] * 3,
+            ["task"] * 3,
+            ["a", "b", "c"],
+            ["submitted"] * 3,
+            [None] * 3,
+            ['{"name": "f"}'] * 3,
+            [None] * 3,
+        )
+        query = (
+            "SELECT * FROM cairn_append_v1($1::uuid[], $2::text[], $3::text[]::entity_kind[],"
+            " $4::text[], $5::text[], $6::text[], $7::text[]::jsonb[], $8::bytea[])"
+        )
+        first = await conn.fetchrow(query, *args)
+        second = await conn.fetchrow(query, *args)
+        assert first["base_position"] == 0 and first["duplicate_ids"] == []
+        assert second["duplicate_ids"] == ids
+        assert second["duplicate_positions"] == [1, 2, 3]
+        assert await conn.fetchval("SELECT count(*) FROM events") == 3
+    finally:
+        await conn.close()
+
+
+async def test_repeated_event_id_within_one_call_is_refused(gcs_url: str) -> None:
+    event = task_event("t1")
+    async with EventAppender(gcs_url) as appender:
+        with pytest.raises(InvalidEventError, match="repeated"):
+            await appender.append_many([event, event])
+    assert await count_events(gcs_url) == 0
+
+
+async def test_tailer_restarted_from_saved_position_has_no_gap_or_repeat(gcs_url: str) -> None:
+    async with EventAppender(gcs_url) as appender:
+        await appender.append_many([task_event(f"t{i}") for i in range(30)])
+        async with Tailer(gcs_url, batch_size=7) as tailer:
+            got = await tailer.read(wait=5)
+            got += await tailer.read(wait=5)
+            saved = tailer.position
+        assert saved == 14
+        await appender.append_many([task_event(f"u{i}") for i in range(10)])
+        async with Tailer(gcs_url, after=saved) as tailer:
+            while tailer.position < 40:
+                got += await tailer.read(wait=5)
+    assert [e.position for e in got] == list(range(1, 41))
+    assert len({e.event_id for e in got}) == 40
+
+
+async def test_tailer_is_woken_by_notify(gcs_url: str) -> None:
+    async with EventAppender(gcs_url) as appender, Tailer(gcs_url, poll_interval=30) as tailer:
+        reader = asyncio.create_task(tailer.read(wait=20))
+        await asyncio.sleep(0.2)
+        sent = time.monotonic()
+        await appender.append(task_event("t1"))
+        events = await reader
+        # with a 30 s poll interval, only the notification can have woken it
+        assert time.monotonic() - sent < 5
+        assert [e.entity_id for e in events] == ["t1"]
+
+
+async def test_tailer_never_reads_past_an_uncommitted_append(gcs_url: str) -> None:
+    """An append held open in a transaction blocks later appends, so nothing after it
+    becomes visible before it commits: the tailer sees positions in order, no gap."""
+    slow = await asyncpg.connect(gcs_url)
+    try:
+        async with EventAppender(gcs_url) as appender, Tailer(gcs_url) as tailer:
+            await appender.append(task_event("before"))
+            tx = slow.transaction()
+            await tx.start()
+            await slow.fetchrow(
+                "SELECT * FROM cairn_append_v1(ARRAY[$1::uuid], ARRAY['j'], "
+                "ARRAY['task'::entity_kind], ARRAY['slow'], ARRAY['submitted'], ARRAY[NULL], "
+                'ARRAY[\'{"name": "f"}\'::jsonb], ARRAY[NULL::bytea])',
+                uuid.uuid4(),
+            )
+            later = asyncio.create_task(appender.append(task_event("after")))
+            first = await tailer.read(wait=5)
+            assert [e.entity_id for e in first] == ["before"]
+            assert await tailer.read(wait=0.5) == []  # "after" must wait for "slow"
+            assert not later.done()
+            await tx.commit()
+            assert await later == 3
+            rest = []
+            while len(rest) < 2:
+                rest += await tailer.read(wait=5)
+            assert [(e.position, e.entity_id) for e in rest] == [(2, "slow"), (3, "after")]
+    finally:
+        await slow.close()
+
+
+async def test_tailer_refuses_to_skip_a_hole(gcs_url: str) -> None:
+    """Belt and braces: were a position ever missing, the tailer would wait and then
+    fail loudly instead of skipping it."""
+    conn = await asyncpg.connect(gcs_url)
+    try:
+        await conn.execute("SELECT cairn_ensure_partitions_v1(0)")
+        await conn.execute(
+            "INSERT INTO events (position, event_id, recorded_at, entity_kind, entity_id, "
+            "event_type) VALUES (2, gen_random_uuid(), now(), 'task', 'x', 'submitted')"
+        )
+        async with Tailer(gcs_url, gap_patience=0.3) as tailer:
+            with pytest.raises(LogGapError, match="position 1 is missing"):
+                await tailer.read(wait=5)
+            assert tailer.position == 0
+    finally:
+        await conn.close()
+
+
+@pytest.mark.parametrize(
+    ("event", "message"),
+    [
+        (Event("gizmo", "x", "submitted", {}), "unknown entity kind 'gizmo'"),  # type: ignore[arg-type]
+        (Event(EntityKind.TASK, "t", "exploded", {}), "unknown event type 'exploded'"),
+        (Event(EntityKind.TASK, "t", "submitted", {}), "missing required field 'name'"),
+        (Event(EntityKind.TASK, "t", "submitted", {"name": 3}), "'name' must be str"),
+        (Event(EntityKind.TASK, "t", "retried", {"attempt": True}), "'attempt' must be int"),
+        (Event(EntityKind.TASK, "t", "submitted", ["name"]), "must be a JSON object"),  # type: ignore[arg-type]
+        (Event(EntityKind.TASK, "t", "submitted", {"name": "f", "x": {1, 2}}), "not valid JSON"),
+        (
+            Event(EntityKind.TASK, "t", "submitted", {"name": "f", "x": float("nan")}),
+            "not valid JSON",
+        ),
+        (Event(EntityKind.TASK, "t", "submitted", {"name": "a\x00b"}), "NUL"),
+        (Event(EntityKind.TASK, "t\x00", "submitted", {"name": "f"}), "NUL"),
+        (Event(EntityKind.TASK, "", "submitted", {"name": "f"}), "entity_id must be"),
+        (
+            Event(EntityKind.TASK, "t", "submitted", {"name": "f"}, data="text"),  # type: ignore[arg-type]
+            "data must be bytes",
+        ),
+    ],
+)
+async def test_bad_event_is_refused_and_nothing_is_written(
+    gcs_url: str, event: Event, message: str
+) -> None:
+    async with EventAppender(gcs_url) as appender:
+        with pytest.raises(InvalidEventError, match=message):
+            await appender.append_many([task_event("good-1"), event, task_event("good-2")])
+        assert await appender.append(task_event("after")) == 1
+    assert await count_events(gcs_url) == 1
+
+
+async def test_unreachable_gcs_fails_fast_naming_the_url_without_password() -> None:
+    url = "postgresql://cairn:s3cret-pw@127.0.0.1:1/cairn"
+    started = time.monotonic()
+    with pytest.raises(GcsUnavailableError) as caught:
+        await EventAppender(url).start()
+    assert time.monotonic() - started < 5
+    assert "postgresql://cairn:***@127.0.0.1:1/cairn" in str(caught.value)
+    assert "s3cret-pw" not in str(caught.value)
+
+
+def test_unreachable_gcs_url_fails_fast_when_opening_the_gcs() -> None:
+    from controlplane.gcs import Gcs
+
+    started = time.monotonic()
+    with pytest.raises(GcsUnavailableError) as caught:
+        Gcs("postgresql://cairn:s3cret-pw@127.0.0.1:1/cairn").start()
+    assert time.monotonic() - started < 5
+    assert "127.0.0.1:1" in str(caught.value) and "s3cret-pw" not in str(caught.value)
