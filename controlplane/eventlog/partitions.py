@@ -10,6 +10,7 @@ DDL off the append path.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -53,11 +54,17 @@ class PartitionInfo:
     dropped_at: datetime | None
 
 
-def _pg(query: str) -> str:
-    """asyncpg's ``$n`` placeholders in psycopg's ``%s`` form (queries.sql is shared)."""
-    for n in range(9, 0, -1):
-        query = query.replace(f"${n}", "%s")
-    return query
+def _pg(name: str, *args: object) -> tuple[str, tuple[object, ...]]:
+    """A named query (asyncpg's ``$n`` placeholders, as queries.sql is shared) in
+    psycopg's ``%s`` form, with the arguments in the order the placeholders appear."""
+    order: list[int] = []
+
+    def placeholder(match: re.Match[str]) -> str:
+        order.append(int(match.group(1)) - 1)
+        return "%s"
+
+    query = re.sub(r"\$(\d+)", placeholder, queries[name])
+    return query, tuple(args[i] for i in order)
 
 
 class PartitionManager:
@@ -73,7 +80,7 @@ class PartitionManager:
     def configure(self, *, partition_size: int, partitions_ahead: int = 2) -> None:
         """Sets the size of partitions created from now on and how many to keep ahead."""
         with self._connect() as conn:
-            conn.execute(_pg(queries["set_partition_size"]), (partition_size, partitions_ahead))
+            conn.execute(*_pg("set_partition_size", partition_size, partitions_ahead))
 
     def ensure_ahead(self) -> int:
         """Creates partitions so that ``partitions_ahead`` lie beyond the head; returns
@@ -111,7 +118,7 @@ class PartitionManager:
                 conn.execute(
                     pgsql.SQL("ALTER TABLE events DETACH PARTITION {} FINALIZE").format(ident)
                 )
-            conn.execute(_pg(queries["mark_partition_detached"]), (table_name,))
+            conn.execute(*_pg("mark_partition_detached", table_name))
 
     def export_parquet(self, table_name: str, directory: Path) -> Path:
         """Writes a detached partition's rows, in position order, to a Parquet file."""
@@ -144,7 +151,7 @@ class PartitionManager:
                         )
                     )
             tmp.rename(path)
-            conn.execute(_pg(queries["mark_partition_archived"]), (table_name, str(path)))
+            conn.execute(*_pg("mark_partition_archived", table_name, str(path)))
         return path
 
     def drop(self, table_name: str) -> None:
@@ -155,7 +162,7 @@ class PartitionManager:
                 raise GcsError(f"partition {table_name} is {part.state}; detach it before dropping")
             with conn.transaction():
                 conn.execute(pgsql.SQL("DROP TABLE {}").format(pgsql.Identifier(table_name)))
-                conn.execute(_pg(queries["mark_partition_dropped"]), (table_name,))
+                conn.execute(*_pg("mark_partition_dropped", table_name))
 
     def retire(self, table_name: str, archive_dir: Path | None) -> Path | None:
         """Detach, export (when ``archive_dir`` is given) and drop one partition."""

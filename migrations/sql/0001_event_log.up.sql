@@ -87,7 +87,8 @@ BEGIN
 END;
 $$;
 
--- Makes sure partitions exist up to `p_position` plus `partitions_ahead` partitions.
+-- Makes sure partitions cover every position up to `p_position` plus `partitions_ahead`
+-- partitions' worth of positions.
 CREATE FUNCTION cairn_ensure_partitions_v1(p_position bigint) RETURNS integer
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -99,7 +100,7 @@ BEGIN
     LOOP
         SELECT partitioned_until, partition_size, partitions_ahead
           INTO v_until, v_size, v_ahead FROM event_log_head WHERE id = 1;
-        EXIT WHEN v_until > p_position + v_size * (v_ahead - 1);
+        EXIT WHEN v_until > p_position + v_size * v_ahead;
         PERFORM cairn_create_next_partition_v1();
         v_created := v_created + 1;
     END LOOP;

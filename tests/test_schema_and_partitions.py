@@ -1,0 +1,158 @@
+"""Migrations up and down on a real database, and the partition lifecycle: roll over,
+detach concurrently while appends run, export to Parquet, drop."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import multiprocessing
+import threading
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from controlplane import schema
+from controlplane.errors import GcsError
+from controlplane.eventlog import EntityKind, Event, EventAppender
+from controlplane.eventlog.partitions import PartitionManager, read_parquet_archive
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def public_tables(url: str) -> set[str]:
+    with psycopg.connect(url) as conn:
+        rows = conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+        return {r[0] for r in rows}
+
+
+def test_migrations_run_up_from_empty_and_down_again(empty_db_url: str) -> None:
+    assert public_tables(empty_db_url) == set()
+    schema.upgrade(empty_db_url)
+    assert {
+        "events",
+        "event_log_head",
+        "event_partitions",
+        "subscriptions",
+        "jobs",
+        "tasks",
+        "objects",
+        "actors",
+        "nodes",
+    } <= public_tables(empty_db_url)
+    PartitionManager(empty_db_url).ensure_ahead()
+    schema.downgrade(empty_db_url)
+    assert public_tables(empty_db_url) == {"alembic_version"}
+    with psycopg.connect(empty_db_url) as conn:
+        assert conn.execute(
+            "SELECT count(*) FROM pg_type WHERE typname = 'entity_kind'"
+        ).fetchone() == (0,)
+        assert conn.execute(
+            "SELECT count(*) FROM pg_proc WHERE proname LIKE 'cairn_%'"
+        ).fetchone() == (0,)
+    schema.upgrade(empty_db_url)  # and up again
+    assert "events" in public_tables(empty_db_url)
+
+
+def test_concurrent_migrators_do_not_collide(empty_db_url: str) -> None:
+    """Several processes (nodes starting at once) migrating one database."""
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=schema.upgrade, args=(empty_db_url,)) for _ in range(4)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(60)
+    assert [proc.exitcode for proc in procs] == [0, 0, 0, 0]
+    assert "events" in public_tables(empty_db_url)
+
+
+async def _append(url: str, count: int, prefix: str) -> list[int]:
+    async with EventAppender(url, max_batch=50) as appender:
+        return await asyncio.gather(
+            *(
+                appender.append(
+                    Event(
+                        EntityKind.OBJECT,
+                        f"{prefix}-{n}",
+                        "created",
+                        {"size_bytes": n, "note": "quote ' and ; ok"},
+                        job_id="job-1",
+                        data=bytes([n % 256]) * 3,
+                    )
+                )
+                for n in range(count)
+            )
+        )
+
+
+def test_partitions_are_created_ahead_and_on_demand(gcs_url: str) -> None:
+    manager = PartitionManager(gcs_url)
+    manager.configure(partition_size=100, partitions_ahead=2)
+    assert manager.ensure_ahead() == 2
+    assert manager.ensure_ahead() == 0
+    # appends run past the prepared partitions: the append makes what it needs
+    positions = asyncio.run(_append(gcs_url, 450, "o"))
+    assert sorted(positions) == list(range(1, 451))
+    bounds = [(p.lower_bound, p.upper_bound) for p in manager.partitions()]
+    assert bounds[:5] == [(1, 101), (101, 201), (201, 301), (301, 401), (401, 501)]
+    manager.ensure_ahead()
+    assert manager.partitions()[-1].upper_bound >= 450 + 200
+
+
+def test_detach_export_and_drop_while_appends_run(gcs_url: str, tmp_path: Path) -> None:
+    manager = PartitionManager(gcs_url)
+    manager.configure(partition_size=200, partitions_ahead=1)
+    asyncio.run(_append(gcs_url, 500, "first"))
+    oldest = manager.partitions()[0]
+    with psycopg.connect(gcs_url) as conn:
+        expected = conn.execute(
+            "SELECT position, event_id::text, recorded_at, job_id, entity_kind::text, entity_id,"
+            " event_type, node_id, payload::text, data FROM events WHERE position < 201"
+            " ORDER BY position"
+        ).fetchall()
+    assert len(expected) == 200
+
+    done = threading.Event()
+    appended: list[int] = []
+
+    def keep_appending() -> None:
+        while not done.is_set():
+            appended.extend(asyncio.run(_append(gcs_url, 20, f"during-{len(appended)}")))
+
+    writer = threading.Thread(target=keep_appending)
+    writer.start()
+    try:
+        path = manager.retire(oldest.table_name, tmp_path)
+    finally:
+        done.set()
+        writer.join()
+    assert appended, "appends kept going during the detach"
+
+    archived = read_parquet_archive(path)
+    assert archived.num_rows == 200
+    rows = list(zip(*[archived.column(n).to_pylist() for n in archived.column_names], strict=True))
+    assert [r[:8] for r in rows] == [r[:8] for r in expected]
+    assert [json.loads(r[8]) for r in rows] == [json.loads(r[8]) for r in expected]
+    assert [r[9] for r in rows] == [bytes(r[9]) for r in expected]
+
+    states = {p.table_name: p for p in manager.partitions()}
+    assert states[oldest.table_name].state == "dropped"
+    assert states[oldest.table_name].archived_to == str(path)
+    assert oldest.table_name not in public_tables(gcs_url)
+    with psycopg.connect(gcs_url) as conn:
+        assert conn.execute("SELECT min(position), count(*) FROM events").fetchone() == (
+            201,
+            300 + len(appended),
+        )
+
+
+def test_a_partition_still_receiving_appends_cannot_be_detached(gcs_url: str) -> None:
+    manager = PartitionManager(gcs_url)
+    manager.configure(partition_size=100, partitions_ahead=1)
+    asyncio.run(_append(gcs_url, 50, "x"))
+    current = manager.partitions()[0]
+    with pytest.raises(GcsError, match="still receives appends"):
+        manager.detach(current.table_name)
+    with pytest.raises(GcsError, match="detach it before"):
+        manager.drop(current.table_name)
+    assert manager.partitions()[0].state == "attached"

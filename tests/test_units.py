@@ -1,0 +1,100 @@
+"""Pure logic, no server: URLs, the catalog, position assignment, the fold."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+
+import pytest
+
+from controlplane.eventlog import EntityKind, Event, RecordedEvent, new_event_id
+from controlplane.eventlog.appender import _positions
+from controlplane.eventlog.catalog import CATALOG, encode_payload
+from controlplane.gcs_url import normalize, redact, resolve_gcs_url, sqlalchemy_url
+from controlplane.projections import TABLES, TRANSITIONS, fold
+
+
+def test_redact_hides_only_the_password() -> None:
+    assert redact("postgresql://u:pw@h:5/db?x=1") == "postgresql://u:***@h:5/db?x=1"
+    assert redact("postgresql://u@h/db") == "postgresql://u@h/db"
+
+
+def test_url_forms(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert normalize("postgres://u@h/db") == "postgresql://u@h/db"
+    assert sqlalchemy_url("postgresql://u@h/db") == "postgresql+psycopg://u@h/db"
+    with pytest.raises(ValueError, match=r"not a PostgreSQL URL: 'mysql://u:\*\*\*@h/db'"):
+        normalize("mysql://u:pw@h/db")
+    monkeypatch.setenv("CAIRN_GCS_URL", "postgres://env@h/db")
+    assert resolve_gcs_url() == "postgresql://env@h/db"
+    assert resolve_gcs_url("postgresql://arg@h/db") == "postgresql://arg@h/db"
+    monkeypatch.delenv("CAIRN_GCS_URL")
+    assert resolve_gcs_url() is None
+
+
+def test_event_ids_are_unique_and_time_ordered() -> None:
+    ids = [new_event_id() for _ in range(1000)]
+    assert len(set(ids)) == 1000
+    assert all(i.version == 7 for i in ids)
+    assert [i.int >> 80 for i in ids] == sorted(i.int >> 80 for i in ids)
+
+
+def test_positions_of_stored_and_duplicate_events() -> None:
+    events = [Event(EntityKind.TASK, f"t{i}", "submitted", {"name": "f"}) for i in range(4)]
+    dup = events[1].event_id
+    assert _positions(events, 10, [dup], [3]) == [11, 3, 12, 13]
+
+
+def test_every_catalog_entry_with_required_fields_accepts_a_full_payload() -> None:
+    samples = {str: "x", int: 1, dict: {}, list: [], bool: True}
+    for (kind, name), spec in CATALOG.items():
+        payload = {field: samples[t] for field, t in spec.required.items()}  # type: ignore[index]
+        assert encode_payload(Event(kind, "id", name, payload)).startswith("{")
+
+
+def test_every_transition_names_a_catalog_event_and_known_columns() -> None:
+    for (kind, name), transition in TRANSITIONS.items():
+        assert (kind, name) in CATALOG
+        spec = CATALOG[(kind, name)]
+        for source, column in transition.copy.items():
+            assert source in {**spec.required, **spec.optional}
+            assert column in TABLES[kind].columns
+        for column in transition.stamp:
+            assert column in TABLES[kind].columns
+
+
+def _recorded(
+    position: int, kind: EntityKind, entity: str, event_type: str, **payload: object
+) -> RecordedEvent:
+    return RecordedEvent(
+        position,
+        uuid.uuid4(),
+        datetime(2026, 1, 1, 0, 0, position, tzinfo=UTC),
+        "job",
+        kind,
+        entity,
+        event_type,
+        "node-1",
+        dict(payload),
+        None,
+    )
+
+
+def test_fold_walks_a_task_through_its_lifecycle() -> None:
+    rows = fold(
+        [
+            _recorded(1, EntityKind.TASK, "t", "submitted", name="f"),
+            _recorded(2, EntityKind.TASK, "t", "running", worker_id="w"),
+            _recorded(3, EntityKind.TASK, "t", "failed", error="boom"),
+            _recorded(4, EntityKind.WORKER, "w", "started", pid=1),  # not projected
+        ]
+    )
+    assert list(rows) == [("tasks", "t")]
+    row = rows[("tasks", "t")]
+    assert (row["state"], row["name"], row["worker_id"], row["error"]) == (
+        "FAILED",
+        "f",
+        "w",
+        "boom",
+    )
+    assert row["started_at"].second == 2 and row["ended_at"].second == 3
+    assert row["last_position"] == 3 and row["attempt"] == 0
