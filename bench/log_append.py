@@ -1,12 +1,14 @@
 """Append throughput and append-to-tail latency of the event log, beside the raw ceiling.
 
-    python bench/log_append.py [--gcs-url URL] [--seconds N]
+    python bench/log_append.py [--gcs-url URL] [--seconds N] [--warmup N]
 
 For each configuration (1 and 8 writer processes x batches of 1, 100 and 1000 events):
 
 * log: each writer process appends task events through its own ``EventAppender``
   (``append_many``, batches back to back) for ``--seconds``; a ``Tailer`` in this process,
   starting after the head position, receives them and records ``now - sent_at`` per event;
+* untailed: the log run again with no tailer (on a small machine the tailer's decoding
+  competes with the writers and the server for CPU; the raw runs have no reader);
 * raw: the same rows, same writers and batch sizes, written with plain asyncpg
   ``copy_records_to_table`` into ``bench_raw_copy`` -- a regular (logged), unpartitioned
   table with no indexes and no constraints, one transaction per batch. This is the ceiling:
@@ -254,6 +256,7 @@ class Row:
     writers: int
     batch: int
     log_rate: float = 0.0
+    untailed_rate: float = 0.0  # the log again, with no tailer running
     raw_rate: float = 0.0
     p50_ms: float = float("nan")
     p99_ms: float = float("nan")
@@ -265,6 +268,10 @@ class Row:
     @property
     def ratio(self) -> float:
         return self.log_rate / self.raw_rate if self.raw_rate else float("nan")
+
+    @property
+    def untailed_ratio(self) -> float:
+        return self.untailed_rate / self.raw_rate if self.raw_rate else float("nan")
 
 
 def _rate(results: list[WriterResult]) -> tuple[int, float]:
@@ -302,10 +309,28 @@ async def _measure_log(
         raise RuntimeError(f"tailer got {len(ordered) + stats.drained} of {row.log_events}")
 
 
+async def _measure_untailed(pool: WriterPool, row: Row, seconds: float) -> None:
+    """The log's throughput with nothing reading it: the tailer and its decoding share the
+    machine's CPUs with the writers and the server, which the raw runs do not have."""
+    await pool.prepare(row.writers, Job("log", row.batch, seconds))
+    results = await pool.go(row.writers, time.time() + START_DELAY_S)
+    _, row.untailed_rate = _rate(results)
+
+
 async def _measure_raw(pool: WriterPool, row: Row, seconds: float) -> None:
     await pool.prepare(row.writers, Job("raw", row.batch, seconds))
     results = await pool.go(row.writers, time.time() + START_DELAY_S)
     row.raw_events, row.raw_rate = _rate(results)
+
+
+async def _warm_up(pool: WriterPool, seconds: float) -> None:
+    """Every writer process appends and copies once before anything is measured (imports,
+    connections, prepared statements, the first pages of the tables)."""
+    if seconds <= 0:
+        return
+    for mode in ("log", "raw"):
+        await pool.prepare(len(pool.pipes), Job(mode, 100, seconds))
+        await pool.go(len(pool.pipes), time.time() + START_DELAY_S)
 
 
 # -- reporting ------------------------------------------------------------------------------
@@ -346,7 +371,8 @@ async def _server_info(conn: asyncpg.Connection) -> str:
 def _print_table(rows: list[Row]) -> None:
     header = (
         f"{'writers':>7} {'batch':>5} {'log ev/s':>10} {'raw ev/s':>10} {'log/raw':>7} "
-        f"{'p50 ms':>7} {'p99 ms':>7} {'max ms':>7} {'tailed':>6}"
+        f"{'p50 ms':>7} {'p99 ms':>7} {'max ms':>7} {'tailed':>6} "
+        f"{'untailed ev/s':>13} {'untailed/raw':>12}"
     )
     print(header)
     print("-" * len(header))
@@ -354,7 +380,7 @@ def _print_table(rows: list[Row]) -> None:
         print(
             f"{r.writers:>7} {r.batch:>5} {r.log_rate:>10,.0f} {r.raw_rate:>10,.0f} "
             f"{r.ratio:>7.0%} {r.p50_ms:>7.1f} {r.p99_ms:>7.1f} {r.max_ms:>7.1f} "
-            f"{r.tailed_in_run:>6.0%}"
+            f"{r.tailed_in_run:>6.0%} {r.untailed_rate:>13,.0f} {r.untailed_ratio:>12.0%}"
         )
 
 
@@ -366,7 +392,8 @@ def _print_targets(rows: list[Row]) -> None:
             met = r.ratio >= TARGET_RAW_FRACTION
             print(
                 f"  log >= {TARGET_RAW_FRACTION:.0%} of raw at batch 1000, {r.writers} writer(s): "
-                f"{r.ratio:.0%} -> {'MET' if met else 'MISSED'}"
+                f"{r.ratio:.0%} -> {'MET' if met else 'MISSED'} "
+                f"(untailed: {r.untailed_ratio:.0%})"
             )
     for r in rows:
         if r.writers == 1:
@@ -380,14 +407,19 @@ def _print_targets(rows: list[Row]) -> None:
 # -- main -----------------------------------------------------------------------------------
 
 
-async def _bench(url: str, seconds: float) -> list[Row]:
+async def _bench(url: str, seconds: float, warmup: float) -> list[Row]:
     conn = await asyncpg.connect(normalize(url))
     pool: WriterPool | None = None
     try:
         print(f"machine: {_nproc()} CPUs, {_cpu_model()}")
         print(f"server:  {await _server_info(conn)}")
         print(f"python:  {sys.version.split()[0]}, asyncpg {asyncpg.__version__}")
-        print(f"each configuration runs {seconds:g} s for the log, then {seconds:g} s for raw COPY")
+        load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+        print(f"load:    {load} (1/5/15 min averages before the run; other work skews results)")
+        print(
+            f"each configuration: {seconds:g} s log with tailer, {seconds:g} s log untailed, "
+            f"{seconds:g} s raw COPY"
+        )
         print()
         await conn.execute(f"DROP TABLE IF EXISTS {RAW_TABLE}")
         await conn.execute(
@@ -397,16 +429,18 @@ async def _bench(url: str, seconds: float) -> list[Row]:
                 payload jsonb, data bytea)"""
         )
         pool = WriterPool(normalize(url), max(WRITER_COUNTS))
+        await _warm_up(pool, warmup)
         rows = []
         for writers in WRITER_COUNTS:
             for batch in BATCH_SIZES:
                 row = Row(writers, batch)
                 await _measure_log(pool, conn, url, row, seconds)
+                await _measure_untailed(pool, row, seconds)
                 await _measure_raw(pool, row, seconds)
                 rows.append(row)
                 print(
-                    f"  done: {writers} writer(s), batch {batch}: log {row.log_rate:,.0f} ev/s, "
-                    f"raw {row.raw_rate:,.0f} ev/s",
+                    f"  done: {writers} writer(s), batch {batch}: log {row.log_rate:,.0f} ev/s "
+                    f"(untailed {row.untailed_rate:,.0f}), raw {row.raw_rate:,.0f} ev/s",
                     flush=True,
                 )
         return rows
@@ -428,6 +462,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--seconds", type=float, default=3.0, help="duration of each measurement (default 3)"
     )
+    parser.add_argument(
+        "--warmup", type=float, default=1.0, help="unreported warm-up, seconds (default 1)"
+    )
     args = parser.parse_args(argv)
 
     from controlplane.gcs import Gcs  # parent only: migrations pull in alembic/psycopg
@@ -436,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
     with Gcs(args.gcs_url) as gcs:
         where = "embedded PostgreSQL" if gcs.embedded else "PostgreSQL"
         print(f"GCS:     {where} at {redact(gcs.url)}")
-        rows = asyncio.run(_bench(gcs.url, args.seconds))
+        rows = asyncio.run(_bench(gcs.url, args.seconds, args.warmup))
     print()
     _print_table(rows)
     _print_targets(rows)
