@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import pickle
 import struct
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -78,6 +79,27 @@ class Serialized:
         out = bytearray(self.total_size)
         self.write_into(memoryview(out))
         return bytes(out)
+
+
+_contained = threading.local()
+
+
+def note_contained_ref(object_id: str) -> None:
+    """Called by ObjectRef's reducer: records a ref serialized inside a value."""
+    found = getattr(_contained, "refs", None)
+    if found is not None:
+        found.append(object_id)
+
+
+def serialize_with_refs(value: Any) -> tuple[Serialized, tuple[str, ...]]:
+    """Serializes ``value`` and returns the ids of the ObjectRefs found inside it."""
+    outer = getattr(_contained, "refs", None)
+    _contained.refs = []
+    try:
+        serialized = serialize(value)
+        return serialized, tuple(dict.fromkeys(_contained.refs))
+    finally:
+        _contained.refs = outer
 
 
 def serialize(value: Any, *, inband_limit: int = 4096) -> Serialized:

@@ -103,15 +103,22 @@ class EventAppender:
         batch = list(events)
         if not batch:
             return []
+        return await self.enqueue(batch)
+
+    def enqueue(self, events: Sequence[Event]) -> asyncio.Future[list[int]]:
+        """Queues events at once (keeping call order without awaiting); the future
+        gives their positions once they are durable. Raises InvalidEventError, with
+        nothing queued, if any event is invalid."""
         if self._closed or self._flusher is None:
             raise GcsError("the event appender is not running (start() it, or it was closed)")
+        batch = list(events)
         payloads = [encode_payload(event) for event in batch]
         if len({event.event_id for event in batch}) != len(batch):
             raise InvalidEventError("an event_id is repeated within one append_many call")
         request = _Request(batch, payloads)
         self._queue.append(request)
         self._wake.set()
-        return await request.done
+        return request.done
 
     # -- the flusher ------------------------------------------------------------
 

@@ -1,0 +1,40 @@
+"""``python -m controlplane.node``: run a node daemon (started by ``sdk.init`` or
+``cairn start``)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ctypes
+import json
+import logging
+import signal
+from pathlib import Path
+
+from controlplane.node.daemon import NodeDaemon
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m controlplane.node")
+    parser.add_argument("--session-dir", required=True, type=Path)
+    parser.add_argument("--gcs-url", required=True)
+    parser.add_argument("--node-id", required=True)
+    parser.add_argument("--resources", required=True, help="JSON object of resource amounts")
+    parser.add_argument("--object-store-memory", required=True, type=int)
+    parser.add_argument("--die-with-parent", action="store_true")
+    args = parser.parse_args()
+    if args.die_with_parent:
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    daemon = NodeDaemon(
+        session_dir=args.session_dir,
+        gcs_url=args.gcs_url,
+        node_id=args.node_id,
+        resources=json.loads(args.resources),
+        object_store_memory=args.object_store_memory,
+    )
+    asyncio.run(daemon.serve())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,704 @@
+"""The node daemon: one per node. It holds the local scheduler (tasks wait for their
+argument objects and for resources, then go to an idle worker), the worker pool, and
+the node's object table, and records every transition in the log.
+
+Durability before visibility: a task's results become visible (``get`` returns,
+``wait`` counts them) only after its ``finished`` event and its objects' ``created``
+events are durable. The earlier events of a task are appended without waiting (one
+appender keeps them in order, so once ``finished`` is durable so is everything before
+it); if the daemon dies before then, the task never appeared to finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from controlplane.eventlog import EntityKind, Event, EventAppender
+from controlplane.node.objects import ObjectTable
+from controlplane.node.resources import ResourcePool
+from dataplane import protocol as p
+from dataplane import shm
+
+log = logging.getLogger("cairn.node")
+K = EntityKind
+
+
+@dataclass
+class Connection:
+    """One client (driver or worker) connected to the daemon."""
+
+    writer: asyncio.StreamWriter
+    role: str = ""
+    pid: int = 0
+    worker_id: str | None = None
+    job_id: str | None = None
+    holding: set[str] = field(default_factory=set)
+
+    def send(self, message: object) -> None:
+        if not self.writer.is_closing():
+            self.writer.write(p.encode(message))
+
+
+@dataclass
+class WorkerHandle:
+    worker_id: str
+    process: subprocess.Popen[bytes]
+    conn: Connection | None = None
+    task: TaskRecord | None = None
+    functions: set[str] = field(default_factory=set)
+    blocked: bool = False
+
+
+@dataclass
+class TaskRecord:
+    spec: p.TaskSpec
+    submitter: Connection
+    attempt: int = 0
+    state: str = "SUBMITTED"
+    pending_deps: set[str] = field(default_factory=set)
+    worker: WorkerHandle | None = None
+    cancelled: bool = False
+    force_cancel: bool = False
+    retries_left: int = 0
+
+
+class NodeDaemon:
+    def __init__(
+        self,
+        *,
+        session_dir: Path,
+        gcs_url: str,
+        node_id: str,
+        resources: dict[str, float],
+        object_store_memory: int,
+    ) -> None:
+        self.session_dir = session_dir
+        self.socket_path = str(session_dir / "node.sock")
+        self.gcs_url = gcs_url
+        self.node_id = node_id
+        self.resources = ResourcePool(resources)
+        self.objects = ObjectTable(object_store_memory, on_free=self._object_freed)
+        self.appender = EventAppender(gcs_url)
+        self.functions: dict[str, tuple[bytes, str]] = {}
+        self.tasks: dict[str, TaskRecord] = {}
+        self.ready: deque[TaskRecord] = deque()
+        self.workers: dict[str, WorkerHandle] = {}
+        self.idle: deque[WorkerHandle] = deque()
+        self.max_workers = max(1, int(resources.get("CPU", 1)))
+        self._worker_ids = itertools.count(1)
+        self._job_ids = itertools.count(1)
+        self._server: asyncio.AbstractServer | None = None
+        self._stopping = asyncio.Event()
+        self._background: set[asyncio.Task[Any]] = set()
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    async def serve(self) -> None:
+        await self.appender.start()
+        self._log(
+            [
+                Event(
+                    K.NODE,
+                    self.node_id,
+                    "registered",
+                    {"address": self.socket_path, "resources": self.resources.total},
+                    node_id=self.node_id,
+                )
+            ]
+        )
+        self._server = await asyncio.start_unix_server(self._client, path=self.socket_path)
+        os.chmod(self.socket_path, 0o600)
+        for _ in range(self.max_workers):
+            self._start_worker()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stopping.set)
+        (self.session_dir / "node.ready").write_text(self.node_id)
+        await self._stopping.wait()
+        await self._shutdown()
+
+    async def _shutdown(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        workers = list(self.workers.values())
+        self.workers.clear()
+        for handle in workers:
+            with contextlib.suppress(ProcessLookupError):
+                handle.process.kill()
+        for handle in workers:
+            await asyncio.to_thread(handle.process.wait)
+        self._log(
+            [Event(K.NODE, self.node_id, "dead", {"cause": "shutdown"}, node_id=self.node_id)]
+        )
+        await self.appender.close()
+        shm.unlink_all(self.node_id)
+
+    def _log(self, events: list[Event]) -> asyncio.Future[list[int]]:
+        future = self.appender.enqueue(events)
+        future.add_done_callback(_report_log_failure)
+        return future
+
+    # -- connections ---------------------------------------------------------------
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = Connection(writer)
+        try:
+            hello = await p.read_message(reader)
+            if not isinstance(hello, p.Hello):
+                raise p.ProtocolError(f"expected Hello, got {type(hello).__name__}")
+            self._welcome(conn, hello)
+            while True:
+                message = await p.read_message(reader)
+                self._dispatch(conn, message)
+        except (EOFError, ConnectionError):
+            pass
+        except Exception:
+            log.exception("node daemon: error serving a %s", conn.role or "client")
+        finally:
+            await self._disconnected(conn)
+            writer.close()
+
+    def _welcome(self, conn: Connection, hello: p.Hello) -> None:
+        conn.role, conn.pid, conn.worker_id = hello.role, hello.pid, hello.worker_id
+        if hello.role == "worker":
+            handle = self.workers.get(hello.worker_id or "")
+            if handle is None:
+                raise p.ProtocolError(f"unknown worker {hello.worker_id}")
+            handle.conn = conn
+            conn.job_id = None
+            self.idle.append(handle)
+            self._log(
+                [
+                    Event(
+                        K.WORKER,
+                        handle.worker_id,
+                        "started",
+                        {"pid": hello.pid},
+                        node_id=self.node_id,
+                    )
+                ]
+            )
+        else:
+            conn.job_id = f"{next(self._job_ids):08x}"
+            self._log(
+                [
+                    Event(
+                        K.JOB,
+                        conn.job_id,
+                        "submitted",
+                        {"entrypoint": f"driver pid {hello.pid}", "driver_node_id": self.node_id},
+                    ),
+                    Event(K.JOB, conn.job_id, "started", {}),
+                ]
+            )
+        conn.send(
+            p.Welcome(
+                self.node_id,
+                conn.job_id or "",
+                str(self.session_dir),
+                self.gcs_url,
+                self.resources.total,
+            )
+        )
+        self._schedule()
+
+    async def _disconnected(self, conn: Connection) -> None:
+        for object_id in list(conn.holding):
+            self.objects.release(object_id)
+        conn.holding.clear()
+        if conn.role == "driver" and conn.job_id:
+            self._log([Event(K.JOB, conn.job_id, "finished", {})])
+        elif conn.role == "worker" and conn.worker_id in self.workers:
+            handle = self.workers.pop(conn.worker_id)
+            with contextlib.suppress(ValueError):
+                self.idle.remove(handle)
+            with contextlib.suppress(ProcessLookupError):
+                handle.process.kill()
+            exit_code = await asyncio.to_thread(handle.process.wait)
+            self._log(
+                [
+                    Event(
+                        K.WORKER,
+                        handle.worker_id,
+                        "died",
+                        {"cause": "exited", "exit_code": exit_code},
+                        node_id=self.node_id,
+                    )
+                ]
+            )
+            if handle.task is not None:
+                self._worker_lost(handle, exit_code)
+            if not self._stopping.is_set():
+                self._start_worker()
+                self._schedule()
+
+    def _dispatch(self, conn: Connection, message: object) -> None:
+        match message:
+            case p.RefCounts(deltas):
+                self._ref_counts(conn, deltas)
+            case p.RegisterFunction(function_id, blob, name):
+                self.functions.setdefault(function_id, (blob, name))
+            case p.SubmitTask(spec):
+                self._submit(conn, spec)
+            case p.PutObject(location, task_id):
+                self._put(conn, location, task_id)
+            case p.ReserveShm(request_id, size):
+                self._reserve(conn, request_id, size)
+            case p.GetObjects(request_id, object_ids, timeout):
+                self._get(conn, request_id, object_ids, timeout)
+            case p.WaitObjects(request_id, object_ids, num_returns, timeout, _fetch):
+                self._wait(conn, request_id, object_ids, num_returns, timeout)
+            case p.TaskDone():
+                self._task_done(conn, message)
+            case p.CancelTask(object_id, force, recursive):
+                self._cancel(object_id, force, recursive)
+            case p.ClusterInfoRequest(request_id):
+                conn.send(p.Reply(request_id, self._cluster_info()))
+            case _:
+                raise p.ProtocolError(f"unexpected message {type(message).__name__}")
+
+    # -- objects -------------------------------------------------------------------
+
+    def _ref_counts(self, conn: Connection, deltas: dict[str, int]) -> None:
+        for object_id, delta in deltas.items():
+            if delta > 0 and object_id not in conn.holding:
+                conn.holding.add(object_id)
+                self.objects.hold(object_id)
+            elif delta < 0 and object_id in conn.holding:
+                conn.holding.discard(object_id)
+                self.objects.release(object_id)
+
+    def _put(self, conn: Connection, location: p.ObjectLocation, task_id: str | None) -> None:
+        conn.holding.add(location.object_id)
+        self.objects.hold(location.object_id)
+        if location.shm_name is None:
+            self.objects.charge(location.size, force=True)  # small; segments were reserved
+        self._make_durable_then_ready(
+            [location], [self._created_event(location, task_id, conn.job_id)]
+        )
+
+    def _reserve(self, conn: Connection, request_id: int, size: int) -> None:
+        if size < 0:  # a reservation given back after a failed write
+            self.objects.uncharge(-size)
+            return
+        if self.objects.charge(size):
+            conn.send(p.Reply(request_id, True))
+        else:
+            conn.send(
+                p.Reply(
+                    request_id,
+                    error=(
+                        f"store_full: the object store cannot fit {size:,} bytes: "
+                        f"{self.objects.used:,} of {self.objects.capacity:,} bytes are in use "
+                        f"(object_store_memory)"
+                    ),
+                )
+            )
+
+    def _created_event(
+        self, location: p.ObjectLocation, task_id: str | None, job_id: str | None
+    ) -> Event:
+        payload: dict[str, Any] = {"size_bytes": location.size, "inline": location.shm_name is None}
+        if task_id:
+            payload["task_id"] = task_id
+        return Event(
+            K.OBJECT, location.object_id, "created", payload, job_id=job_id, node_id=self.node_id
+        )
+
+    def _make_durable_then_ready(
+        self, locations: list[p.ObjectLocation], events: list[Event]
+    ) -> None:
+        for location in locations:
+            self.objects.expect(location.object_id)
+        durable = self._log(events)
+
+        def publish(future: asyncio.Future[list[int]]) -> None:
+            error = future.exception()
+            for location in locations:
+                if error is not None:
+                    location = p.ObjectLocation(
+                        location.object_id,
+                        error=p.ErrorInfo(
+                            "system", f"the GCS could not record the object: {error}"
+                        ),
+                    )
+                self.objects.ready(location)
+            self._schedule()
+
+        durable.add_done_callback(publish)
+
+    def _object_freed(self, location: p.ObjectLocation) -> None:
+        if location.shm_name is not None:
+            shm.unlink_segment(location.shm_name)
+        self._log([Event(K.OBJECT, location.object_id, "freed", {}, node_id=self.node_id)])
+
+    def _get(
+        self, conn: Connection, request_id: int, object_ids: list[str], timeout: float | None
+    ) -> None:
+        handle = self._worker_of(conn)
+        waiting = [oid for oid in object_ids if not self.objects.is_ready(oid)]
+        if waiting and handle is not None and handle.task is not None and not handle.blocked:
+            self._block(handle)
+
+        def finish(timed_out: bool) -> None:
+            if handle is not None and handle.blocked:
+                self._unblock(handle)
+            if timed_out:
+                conn.send(p.Reply(request_id, error="timeout: get timed out"))
+            else:
+                conn.send(p.Reply(request_id, [self.objects.location(oid) for oid in object_ids]))
+
+        self.objects.when_ready(object_ids, len(object_ids), timeout, finish)
+
+    def _wait(
+        self,
+        conn: Connection,
+        request_id: int,
+        object_ids: list[str],
+        num_returns: int,
+        timeout: float | None,
+    ) -> None:
+        def finish(_timed_out: bool) -> None:
+            conn.send(p.Reply(request_id, self.objects.ready_in_order(object_ids, num_returns)))
+
+        self.objects.when_ready(object_ids, num_returns, timeout, finish)
+
+    # -- tasks ---------------------------------------------------------------------
+
+    def _submit(self, conn: Connection, spec: p.TaskSpec) -> None:
+        record = TaskRecord(spec, conn, retries_left=spec.max_retries)
+        self.tasks[spec.task_id] = record
+        for object_id in spec.return_ids():
+            conn.holding.add(object_id)
+            self.objects.hold(object_id)
+            self.objects.expect(object_id)
+        deps = spec.dependencies()
+        for object_id in (*deps, *spec.contained_refs):
+            self.objects.pin(object_id)
+        record.pending_deps = {d for d in deps if not self.objects.is_ready(d)}
+        blob, _ = self.functions.get(spec.function_id, (None, ""))
+        events = [
+            Event(
+                K.TASK,
+                spec.task_id,
+                "submitted",
+                {
+                    "name": spec.name,
+                    "function": spec.function_id,
+                    "num_returns": spec.num_returns,
+                    "max_retries": spec.max_retries,
+                    "resources": spec.resources,
+                    "dependencies": deps,
+                    "options": {"retry_exceptions": spec.retry_exceptions},
+                },
+                job_id=spec.job_id,
+                node_id=self.node_id,
+                data=p.encode(spec) if blob is None else p.encode((spec, blob)),
+            )
+        ]
+        if record.pending_deps:
+            record.state = "WAITING_FOR_DEPENDENCIES"
+            events.append(
+                Event(
+                    K.TASK,
+                    spec.task_id,
+                    "waiting_for_dependencies",
+                    {"dependencies": sorted(record.pending_deps)},
+                )
+            )
+            self._log(events)
+            for dep in list(record.pending_deps):
+                self.objects.on_ready(dep, lambda d=dep, r=record: self._dep_done(r, d))
+        else:
+            self._log(events)
+            self._enqueue(record)
+
+    def _dep_done(self, record: TaskRecord, object_id: str) -> None:
+        record.pending_deps.discard(object_id)
+        if not record.pending_deps and record.state == "WAITING_FOR_DEPENDENCIES":
+            self._enqueue(record)
+
+    def _enqueue(self, record: TaskRecord) -> None:
+        failed = next(
+            (
+                self.objects.location(d)
+                for d in record.spec.dependencies()
+                if self.objects.location(d).error is not None
+            ),
+            None,
+        )
+        if failed is not None:  # an upstream task failed: so does this one, with its error
+            self._finish_failed(record, failed.error, log_event=True)
+            return
+        record.state = "QUEUED"
+        self.ready.append(record)
+        self._schedule()
+
+    def _schedule(self) -> None:
+        deferred: deque[TaskRecord] = deque()
+        while self.ready:
+            record = self.ready.popleft()
+            if record.cancelled:
+                continue
+            if not self.resources.fits_total(record.spec.resources):
+                deferred.append(record)  # infeasible on this node (reported by issue 5)
+                continue
+            if not self.resources.available_for(record.spec.resources):
+                deferred.append(record)
+                continue
+            if not self.idle:
+                if len(self.workers) < self.max_workers + self._blocked_count():
+                    self._start_worker()
+                deferred.append(record)
+                break
+            handle = self.idle.popleft()
+            self.resources.acquire(record.spec.resources)
+            self._run_on(record, handle)
+        deferred.extend(self.ready)
+        self.ready = deferred
+
+    def _run_on(self, record: TaskRecord, handle: WorkerHandle) -> None:
+        spec = record.spec
+        record.state, record.worker, handle.task = "RUNNING", handle, record
+        blob = None
+        if spec.function_id not in handle.functions:
+            blob = self.functions[spec.function_id][0]
+            handle.functions.add(spec.function_id)
+        args = [self.objects.location(a.ref) if a.ref else None for a in spec.args]
+        kwargs = {k: self.objects.location(a.ref) for k, a in spec.kwargs.items() if a.ref}
+        self._log(
+            [
+                Event(
+                    K.TASK,
+                    spec.task_id,
+                    "scheduled",
+                    {"attempt": record.attempt},
+                    node_id=self.node_id,
+                ),
+                Event(
+                    K.TASK,
+                    spec.task_id,
+                    "running",
+                    {"worker_id": handle.worker_id, "attempt": record.attempt},
+                    node_id=self.node_id,
+                ),
+            ]
+        )
+        assert handle.conn is not None
+        handle.conn.send(p.ExecuteTask(spec, record.attempt, blob, args, kwargs))
+
+    def _task_done(self, conn: Connection, done: p.TaskDone) -> None:
+        handle = self._worker_of(conn)
+        record = self.tasks.get(done.task_id)
+        if handle is not None:
+            handle.task = None
+            if handle.blocked:
+                self._unblock(handle)
+            self.idle.append(handle)
+        if record is None or record.attempt != done.attempt:
+            self._schedule()
+            return
+        self.resources.release(record.spec.resources)
+        record.worker = None
+        if done.error is not None:
+            if record.force_cancel or record.cancelled:
+                done.error = p.ErrorInfo(
+                    "cancelled", f"task {record.spec.name} was cancelled", record.spec.name
+                )
+            elif (
+                done.error.kind == "task_error"
+                and record.spec.retry_exceptions
+                and record.retries_left != 0
+            ):
+                self._retry(record, done.error.message)
+                return
+            self._finish_failed(record, done.error, log_event=True)
+        else:
+            self._finish_ok(record, done.returns)
+        self._schedule()
+
+    def _finish_ok(self, record: TaskRecord, returns: list[p.ObjectLocation]) -> None:
+        spec = record.spec
+        for location in returns:
+            if location.shm_name is None:
+                self.objects.charge(location.size, force=True)
+        events = [
+            Event(
+                K.TASK,
+                spec.task_id,
+                "finished",
+                {"attempt": record.attempt},
+                job_id=spec.job_id,
+                node_id=self.node_id,
+            )
+        ]
+        events += [self._created_event(loc, spec.task_id, spec.job_id) for loc in returns]
+        record.state = "FINISHED"
+        self._make_durable_then_ready(returns, events)
+        self._task_over(record)
+
+    def _finish_failed(self, record: TaskRecord, error: p.ErrorInfo, *, log_event: bool) -> None:
+        spec = record.spec
+        kind = "cancelled" if error.kind == "cancelled" else "failed"
+        payload: dict[str, Any] = (
+            {}
+            if kind == "cancelled"
+            else {"error": f"{error.kind}: {error.message}"[:2000], "attempt": record.attempt}
+        )
+        events = (
+            [Event(K.TASK, spec.task_id, kind, payload, job_id=spec.job_id, node_id=self.node_id)]
+            if log_event
+            else []
+        )
+        record.state = kind.upper()
+        locations = [p.ObjectLocation(oid, error=error) for oid in spec.return_ids()]
+        self._make_durable_then_ready(locations, events)
+        self._task_over(record)
+
+    def _task_over(self, record: TaskRecord) -> None:
+        for object_id in (*record.spec.dependencies(), *record.spec.contained_refs):
+            self.objects.unpin(object_id)
+        self.tasks.pop(record.spec.task_id, None)
+
+    def _retry(self, record: TaskRecord, reason: str) -> None:
+        record.attempt += 1
+        if record.retries_left > 0:
+            record.retries_left -= 1
+        self._log(
+            [
+                Event(
+                    K.TASK,
+                    record.spec.task_id,
+                    "retried",
+                    {"attempt": record.attempt, "reason": reason[:2000]},
+                )
+            ]
+        )
+        self._enqueue(record)
+
+    def _worker_lost(self, handle: WorkerHandle, exit_code: int) -> None:
+        record, handle.task = handle.task, None
+        if record is None:
+            return
+        if handle.blocked:
+            handle.blocked = False
+        self.resources.release(record.spec.resources)
+        record.worker = None
+        if record.force_cancel:
+            self._finish_failed(
+                record,
+                p.ErrorInfo(
+                    "cancelled", f"task {record.spec.name} was cancelled", record.spec.name
+                ),
+                log_event=True,
+            )
+        elif record.retries_left != 0:
+            self._retry(record, f"worker {handle.worker_id} died (exit code {exit_code})")
+        else:
+            self._finish_failed(
+                record,
+                p.ErrorInfo(
+                    "worker_crashed",
+                    f"the worker running {record.spec.name} died unexpectedly (exit code "
+                    f"{exit_code}) and no retries were left",
+                    record.spec.name,
+                ),
+                log_event=True,
+            )
+
+    def _cancel(self, object_id: str, force: bool, recursive: bool) -> None:
+        record = next((r for r in self.tasks.values() if object_id in r.spec.return_ids()), None)
+        if record is None or record.state in ("FINISHED", "FAILED", "CANCELLED"):
+            return
+        record.cancelled = True
+        if recursive:
+            for child in [
+                r for r in self.tasks.values() if r.spec.parent_task_id == record.spec.task_id
+            ]:
+                self._cancel(
+                    child.spec.return_ids()[0] if child.spec.num_returns else "", force, recursive
+                )
+        if record.worker is None:
+            with contextlib.suppress(ValueError):
+                self.ready.remove(record)
+            self._finish_failed(
+                record,
+                p.ErrorInfo(
+                    "cancelled", f"task {record.spec.name} was cancelled", record.spec.name
+                ),
+                log_event=True,
+            )
+        elif force:
+            record.force_cancel = True
+            with contextlib.suppress(ProcessLookupError):
+                record.worker.process.kill()
+        else:
+            with contextlib.suppress(ProcessLookupError):
+                record.worker.process.send_signal(signal.SIGINT)
+
+    # -- workers -------------------------------------------------------------------
+
+    def _start_worker(self) -> None:
+        worker_id = f"{self.node_id[:8]}-w{next(self._worker_ids)}"
+        process = subprocess.Popen(
+            [sys.executable, "-m", "dataplane.worker", self.socket_path, worker_id],
+            stdin=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent,
+        )
+        self.workers[worker_id] = WorkerHandle(worker_id, process)
+
+    def _worker_of(self, conn: Connection) -> WorkerHandle | None:
+        return self.workers.get(conn.worker_id or "") if conn.role == "worker" else None
+
+    def _blocked_count(self) -> int:
+        return sum(1 for h in self.workers.values() if h.blocked)
+
+    def _block(self, handle: WorkerHandle) -> None:
+        """A worker waits in get(): lend its CPU out so nested tasks cannot deadlock."""
+        handle.blocked = True
+        assert handle.task is not None
+        self.resources.release(handle.task.spec.resources)
+        self._schedule()
+
+    def _unblock(self, handle: WorkerHandle) -> None:
+        handle.blocked = False
+        if handle.task is not None:
+            self.resources.acquire(handle.task.spec.resources, allow_overcommit=True)
+
+    def _cluster_info(self) -> dict[str, Any]:
+        return {
+            "node_id": self.node_id,
+            "address": self.socket_path,
+            "total": dict(self.resources.total),
+            "available": dict(self.resources.available),
+            "object_store_used": self.objects.used,
+            "object_store_capacity": self.objects.capacity,
+            "workers": len(self.workers),
+        }
+
+
+def _report_log_failure(future: asyncio.Future[list[int]]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.error("node daemon: events could not be recorded: %s", future.exception())
+
+
+def _die_with_parent() -> None:
+    import ctypes
+
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)
+
+
+def new_node_id() -> str:
+    return uuid.uuid4().hex

@@ -1,0 +1,167 @@
+"""The node's object table: for every object, where it is (once ready), who holds it,
+and who waits for it; and the store's capacity accounting.
+
+An object is freed when no process holds a ref to it (``holders``), no pending task
+uses it as an argument and no live object contains it (``pins``) -- Ray's distributed
+reference counting, with the daemon as the one place that counts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from dataplane import protocol as p
+
+
+@dataclass
+class _Entry:
+    location: p.ObjectLocation | None = None
+    holders: int = 0
+    pins: int = 0
+    ready_seq: int = 0
+    callbacks: list[Callable[[], None]] = field(default_factory=list)
+
+
+class ObjectTable:
+    def __init__(self, capacity: int, on_free: Callable[[p.ObjectLocation], None]) -> None:
+        self.capacity = capacity
+        self.used = 0
+        self._on_free = on_free
+        self._entries: dict[str, _Entry] = {}
+        self._freed: set[str] = set()
+        self._seq = itertools.count(1)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    # -- capacity ------------------------------------------------------------------
+
+    def charge(self, size: int, *, force: bool = False) -> bool:
+        if not force and self.used + size > self.capacity:
+            return False
+        self.used += size
+        return True
+
+    def uncharge(self, size: int) -> None:
+        self.used = max(0, self.used - size)
+
+    # -- references ----------------------------------------------------------------
+
+    def _entry(self, object_id: str) -> _Entry:
+        entry = self._entries.get(object_id)
+        if entry is None:
+            entry = self._entries[object_id] = _Entry()
+        return entry
+
+    def expect(self, object_id: str) -> None:
+        self._entry(object_id)
+
+    def hold(self, object_id: str) -> None:
+        if object_id not in self._freed:
+            self._entry(object_id).holders += 1
+
+    def release(self, object_id: str) -> None:
+        entry = self._entries.get(object_id)
+        if entry is not None:
+            entry.holders -= 1
+            self._maybe_free(object_id, entry)
+
+    def pin(self, object_id: str) -> None:
+        if object_id not in self._freed:
+            self._entry(object_id).pins += 1
+
+    def unpin(self, object_id: str) -> None:
+        entry = self._entries.get(object_id)
+        if entry is not None:
+            entry.pins -= 1
+            self._maybe_free(object_id, entry)
+
+    def _maybe_free(self, object_id: str, entry: _Entry) -> None:
+        if entry.holders > 0 or entry.pins > 0 or entry.location is None:
+            return
+        del self._entries[object_id]
+        self._freed.add(object_id)
+        if entry.location.error is None:
+            self.uncharge(entry.location.size)
+            self._on_free(entry.location)
+        for contained in entry.location.contained:
+            self.unpin(contained)
+
+    # -- readiness -----------------------------------------------------------------
+
+    def ready(self, location: p.ObjectLocation) -> None:
+        object_id = location.object_id
+        entry = self._entry(object_id)
+        entry.location = location
+        entry.ready_seq = next(self._seq)
+        for contained in location.contained:
+            self.pin(contained)
+        callbacks, entry.callbacks = entry.callbacks, []
+        for callback in callbacks:
+            callback()
+        self._maybe_free(object_id, entry)
+
+    def is_ready(self, object_id: str) -> bool:
+        entry = self._entries.get(object_id)
+        return object_id in self._freed or (entry is not None and entry.location is not None)
+
+    def location(self, object_id: str) -> p.ObjectLocation:
+        entry = self._entries.get(object_id)
+        if entry is None or entry.location is None:
+            return p.ObjectLocation(
+                object_id,
+                error=p.ErrorInfo(
+                    "object_lost", f"object {object_id} was freed or never existed on this node"
+                ),
+            )
+        return entry.location
+
+    def on_ready(self, object_id: str, callback: Callable[[], None]) -> None:
+        if self.is_ready(object_id):
+            callback()
+        else:
+            self._entry(object_id).callbacks.append(callback)
+
+    def when_ready(
+        self,
+        object_ids: list[str],
+        count: int,
+        timeout: float | None,
+        finish: Callable[[bool], None],
+    ) -> None:
+        """Calls ``finish(timed_out)`` once ``count`` of the objects are ready, or when
+        ``timeout`` seconds have passed (None: no limit)."""
+        pending = [oid for oid in dict.fromkeys(object_ids) if not self.is_ready(oid)]
+        have = len(set(object_ids)) - len(pending)
+        if have >= count:
+            finish(False)
+            return
+        state = {"have": have, "done": False}
+        timer: asyncio.TimerHandle | None = None
+
+        def one_ready() -> None:
+            state["have"] += 1
+            if not state["done"] and state["have"] >= count:
+                state["done"] = True
+                if timer is not None:
+                    timer.cancel()
+                finish(False)
+
+        def timed_out() -> None:
+            if not state["done"]:
+                state["done"] = True
+                finish(True)
+
+        if timeout is not None:
+            timer = asyncio.get_running_loop().call_later(max(0.0, timeout), timed_out)
+        for oid in pending:
+            self._entry(oid).callbacks.append(one_ready)
+
+    def ready_in_order(self, object_ids: list[str], limit: int) -> list[str]:
+        """The ready ones among ``object_ids``, in the order they became ready."""
+        ready = [oid for oid in object_ids if self.is_ready(oid)]
+        ready.sort(key=lambda oid: self._entries[oid].ready_seq if oid in self._entries else 0)
+        return ready[:limit]

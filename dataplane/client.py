@@ -1,0 +1,236 @@
+"""The core client: one process's connection to its node daemon, used by drivers and
+workers alike (the SDK is a thin layer over it).
+
+A reader thread receives replies and, in a worker, the tasks to execute. Reference
+counting: each ObjectRef made or dropped in this process appends to a lock-free queue
+(safe from ``__del__``); the queue is folded into per-object counts, and only the 0->1
+and 1->0 transitions are sent to the daemon, always before any later message, so a
+borrowed ref is registered before the task or object that lent it can be released.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import os
+import queue
+import threading
+from concurrent.futures import Future
+from typing import Any
+
+from dataplane import protocol as p
+from dataplane import shm
+from dataplane.serialization import Serialized, deserialize
+
+_OWN = 0  # a ref to an object this process created: held without telling the daemon
+_FLUSH_INTERVAL_S = 0.05
+
+
+class DaemonError(RuntimeError):
+    """The daemon refused a request; ``kind`` says why (e.g. "timeout", "store_full")."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+class CoreClient:
+    def __init__(self, socket_path: str, role: str, worker_id: str | None = None) -> None:
+        self.channel = p.SyncChannel(socket_path)
+        self.role = role
+        self.tasks: queue.Queue[p.ExecuteTask | None] = queue.Queue()
+        self._requests: dict[int, Future[Any]] = {}
+        self._request_ids = itertools.count(1)
+        self._ref_changes: collections.deque[tuple[str, int]] = collections.deque()
+        self._ref_counts: dict[str, int] = {}
+        self._flush_lock = threading.Lock()
+        self._registered_functions: set[str] = set()
+        self._closed = threading.Event()
+        self.channel.send(p.Hello(role, os.getpid(), worker_id))
+        welcome = self.channel.receive()
+        if not isinstance(welcome, p.Welcome):
+            raise p.ProtocolError(f"expected Welcome from the node daemon, got {welcome!r}")
+        self.welcome = welcome
+        self._reader = threading.Thread(target=self._read_loop, name="cairn-client", daemon=True)
+        self._reader.start()
+        self._flusher = threading.Thread(target=self._flush_loop, name="cairn-refs", daemon=True)
+        self._flusher.start()
+
+    # -- requests -------------------------------------------------------------------
+
+    def send(self, message: object) -> None:
+        """Sends a message after any pending reference-count changes."""
+        if self._closed.is_set():
+            raise ConnectionError("the connection to the node daemon is closed")
+        with self._flush_lock:
+            deltas = self._drain_ref_changes()
+            if deltas:
+                self.channel.send(p.RefCounts(deltas))
+            self.channel.send(message)
+
+    def request(self, make: Any) -> Any:
+        """Sends ``make(request_id)`` and blocks for the daemon's Reply."""
+        request_id = next(self._request_ids)
+        future: Future[Any] = Future()
+        self._requests[request_id] = future
+        try:
+            self.send(make(request_id))
+            reply: p.Reply = future.result()
+        finally:
+            self._requests.pop(request_id, None)
+        if reply.error is not None:
+            kind, _, message = reply.error.partition(":")
+            raise DaemonError(kind, message.strip())
+        return reply.value
+
+    def register_function(self, function_id: str, blob: bytes, name: str) -> None:
+        if function_id not in self._registered_functions:
+            self.send(p.RegisterFunction(function_id, blob, name))
+            self._registered_functions.add(function_id)
+
+    def submit(self, spec: p.TaskSpec) -> None:
+        for object_id in spec.return_ids():
+            self.own_ref(object_id)
+        self.send(p.SubmitTask(spec))
+
+    def store(
+        self, object_id: str, value: Serialized, contained: tuple[str, ...] = ()
+    ) -> p.ObjectLocation:
+        """Places a serialized value: inline if small, else in a segment of this node
+        (room reserved with the daemon first, so a full store refuses cleanly)."""
+        size = value.total_size
+        if size <= shm.INLINE_LIMIT:
+            return p.ObjectLocation(
+                object_id, inline=value.to_bytes(), size=size, contained=contained
+            )
+        self.request(lambda rid: p.ReserveShm(rid, size))
+        name = shm.segment_name(self.welcome.node_id, object_id)
+        try:
+            shm.write_segment(name, value, size)
+        except BaseException:
+            self.send(p.ReserveShm(0, -size))  # give the reservation back
+            raise
+        return p.ObjectLocation(object_id, shm_name=name, size=size, contained=contained)
+
+    def put(
+        self,
+        object_id: str,
+        value: Serialized,
+        task_id: str | None,
+        contained: tuple[str, ...] = (),
+    ) -> None:
+        """Stores a value under ``object_id``; this process holds it from now on."""
+        location = self.store(object_id, value, contained)
+        self.own_ref(object_id)
+        self.send(p.PutObject(location, task_id))
+
+    def get_locations(self, object_ids: list[str], timeout: float | None) -> list[p.ObjectLocation]:
+        return self.request(lambda rid: p.GetObjects(rid, object_ids, timeout))
+
+    def wait(
+        self,
+        object_ids: list[str],
+        num_returns: int,
+        timeout: float | None,
+        fetch_local: bool = True,
+    ) -> list[str]:
+        return self.request(
+            lambda rid: p.WaitObjects(rid, object_ids, num_returns, timeout, fetch_local)
+        )
+
+    def cluster_info(self) -> dict[str, Any]:
+        return self.request(lambda rid: p.ClusterInfoRequest(rid))
+
+    @staticmethod
+    def read_value(location: p.ObjectLocation) -> Any:
+        """The value at a location (errors are the caller's to interpret)."""
+        if location.inline is not None:
+            return deserialize(location.inline)
+        assert location.shm_name is not None
+        return deserialize(shm.map_segment(location.shm_name, location.size))
+
+    # -- reference counting -----------------------------------------------------------
+
+    def own_ref(self, object_id: str) -> None:
+        self._ref_changes.append((object_id, _OWN))
+
+    def add_ref(self, object_id: str) -> None:
+        self._ref_changes.append((object_id, 1))
+
+    def remove_ref(self, object_id: str) -> None:
+        if not self._closed.is_set():
+            self._ref_changes.append((object_id, -1))
+
+    def _drain_ref_changes(self) -> dict[str, int]:
+        """Folds queued changes into the counts; returns the holder changes to send
+        (+1: this process now holds the object, -1: it no longer does)."""
+        before: dict[str, int] = {}
+        owned: set[str] = set()
+        while self._ref_changes:
+            object_id, change = self._ref_changes.popleft()
+            count = self._ref_counts.get(object_id, 0)
+            before.setdefault(object_id, count)
+            if change == _OWN:
+                owned.add(object_id)
+                change = 1
+            self._ref_counts[object_id] = count + change
+        deltas = {}
+        for object_id, was in before.items():
+            now = self._ref_counts[object_id]
+            if now <= 0:
+                del self._ref_counts[object_id]
+            if was <= 0 < now and object_id not in owned:
+                deltas[object_id] = 1
+            elif was > 0 >= now or (object_id in owned and now <= 0 and was <= 0):
+                deltas[object_id] = -1
+        return deltas
+
+    def _flush_loop(self) -> None:
+        while not self._closed.wait(_FLUSH_INTERVAL_S):
+            if self._ref_changes:
+                try:
+                    with self._flush_lock:
+                        deltas = self._drain_ref_changes()
+                        if deltas:
+                            self.channel.send(p.RefCounts(deltas))
+                except OSError:
+                    return
+
+    # -- the reader -------------------------------------------------------------------
+
+    def _read_loop(self) -> None:
+        try:
+            while True:
+                message = self.channel.receive()
+                if isinstance(message, p.Reply):
+                    future = self._requests.get(message.request_id)
+                    if future is not None:
+                        future.set_result(message)
+                elif isinstance(message, p.ExecuteTask):
+                    self.tasks.put(message)
+                elif isinstance(message, p.Shutdown):
+                    break
+        except (EOFError, OSError, p.ProtocolError):
+            pass
+        finally:
+            self._closed.set()
+            for future in list(self._requests.values()):
+                if not future.done():
+                    future.set_result(p.Reply(0, error="disconnected: the node daemon went away"))
+            self.tasks.put(None)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    def close(self) -> None:
+        if not self._closed.is_set():
+            try:
+                with self._flush_lock:
+                    deltas = self._drain_ref_changes()
+                    if deltas:
+                        self.channel.send(p.RefCounts(deltas))
+            except OSError:
+                pass
+        self._closed.set()
+        self.channel.close()

@@ -1,0 +1,37 @@
+"""Who this process is in the cluster: its core client (driver or worker) and, in a
+worker, the task it is running. The SDK reads these; the worker sets them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dataplane.client import CoreClient
+
+
+@dataclass
+class TaskContext:
+    task_id: str
+    job_id: str
+    attempt: int
+
+
+_client: CoreClient | None = None
+_task: TaskContext | None = None
+
+
+def current_client() -> CoreClient | None:
+    return _client
+
+
+def set_client(client: CoreClient | None) -> None:
+    global _client
+    _client = client
+
+
+def current_task() -> TaskContext | None:
+    return _task
+
+
+def set_task(task: TaskContext | None) -> None:
+    global _task
+    _task = task

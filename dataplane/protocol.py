@@ -1,0 +1,271 @@
+"""The node-local wire protocol between the node daemon and its clients (drivers and
+workers): length-prefixed frames over a Unix socket, each frame one pickled message.
+
+Only processes of the same session on the same machine speak it (the socket lives in
+the session directory, mode 0700), so pickle is acceptable here; what crosses a node
+boundary uses gRPC (issue 5).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import pickle
+import socket
+import struct
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+_FRAME = struct.Struct("<I")
+MAX_FRAME = 1 << 31
+
+
+class ProtocolError(ConnectionError):
+    """A frame that cannot be a message: too large, truncated or not unpicklable."""
+
+
+# -- descriptors ---------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class ErrorInfo:
+    """Why an object has no value. ``kind``: task_error (the function raised; ``cause``
+    is the pickled exception when it could be pickled), worker_crashed, cancelled,
+    object_lost, system."""
+
+    kind: str
+    message: str
+    function_name: str = ""
+    traceback: str = ""
+    cause: bytes | None = None
+
+
+@dataclass(slots=True)
+class ObjectLocation:
+    """Where an object's bytes are: inline (small objects travel in messages) or in a
+    shared-memory segment of ``size`` bytes named ``shm_name``; or the error that the
+    object stands for. ``contained``: ids of refs serialized inside the value."""
+
+    object_id: str
+    inline: bytes | None = None
+    shm_name: str | None = None
+    size: int = 0
+    error: ErrorInfo | None = None
+    contained: tuple[str, ...] = ()
+
+
+@dataclass(slots=True)
+class Arg:
+    """A task argument: a value (serialized, inline) or a reference to an object whose
+    value the worker receives (top-level refs only, as in Ray)."""
+
+    inline: bytes | None = None
+    ref: str | None = None
+
+
+@dataclass(slots=True)
+class TaskSpec:
+    task_id: str
+    job_id: str
+    name: str
+    function_id: str
+    args: list[Arg]
+    kwargs: dict[str, Arg]
+    num_returns: int
+    resources: dict[str, float]
+    max_retries: int
+    retry_exceptions: bool
+    contained_refs: tuple[str, ...] = ()  # refs nested inside inline arguments
+    parent_task_id: str | None = None
+
+    def return_ids(self) -> list[str]:
+        return [return_object_id(self.task_id, i) for i in range(self.num_returns)]
+
+    def dependencies(self) -> list[str]:
+        return [a.ref for a in (*self.args, *self.kwargs.values()) if a.ref is not None]
+
+
+def return_object_id(task_id: str, index: int) -> str:
+    return f"{task_id}{index + 1:08x}"
+
+
+# -- messages: client -> daemon ---------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Hello:
+    role: str  # "driver" | "worker"
+    pid: int
+    worker_id: str | None = None
+
+
+@dataclass(slots=True)
+class RegisterFunction:
+    function_id: str
+    blob: bytes
+    name: str
+
+
+@dataclass(slots=True)
+class SubmitTask:
+    spec: TaskSpec
+
+
+@dataclass(slots=True)
+class PutObject:
+    """An object the client created (put, or a task's return): inline or in a segment
+    the client already wrote and sealed."""
+
+    location: ObjectLocation
+    task_id: str | None = None
+
+
+@dataclass(slots=True)
+class ReserveShm:
+    """Asks for room in the store for a segment of ``size`` bytes (reply: Reserved)."""
+
+    request_id: int
+    size: int
+
+
+@dataclass(slots=True)
+class GetObjects:
+    request_id: int
+    object_ids: list[str]
+    timeout: float | None
+
+
+@dataclass(slots=True)
+class WaitObjects:
+    request_id: int
+    object_ids: list[str]
+    num_returns: int
+    timeout: float | None
+    fetch_local: bool = True
+
+
+@dataclass(slots=True)
+class CancelTask:
+    object_id: str
+    force: bool
+    recursive: bool
+
+
+@dataclass(slots=True)
+class RefCounts:
+    """Changes of how many holders this process has for objects: +1 when it first
+    holds a ref to an object, -1 when its last one goes away."""
+
+    deltas: dict[str, int]
+
+
+@dataclass(slots=True)
+class TaskDone:
+    task_id: str
+    attempt: int
+    returns: list[ObjectLocation]
+    error: ErrorInfo | None = None  # set when the task raised: every return is this error
+
+
+@dataclass(slots=True)
+class ClusterInfoRequest:
+    request_id: int
+
+
+# -- messages: daemon -> client ---------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Welcome:
+    node_id: str
+    job_id: str
+    session_dir: str
+    gcs_url: str
+    resources: dict[str, float]
+
+
+@dataclass(slots=True)
+class ExecuteTask:
+    spec: TaskSpec
+    attempt: int
+    function_blob: bytes | None  # sent with the first task of a function to a worker
+    args: list[ObjectLocation | None] = field(default_factory=list)  # resolved ref args
+    kwargs: dict[str, ObjectLocation] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Reply:
+    request_id: int
+    value: Any = None
+    error: str | None = None
+
+
+@dataclass(slots=True)
+class Shutdown:
+    reason: str
+
+
+# -- framing -------------------------------------------------------------------------
+
+
+def encode(message: object) -> bytes:
+    body = pickle.dumps(message, protocol=5)
+    return _FRAME.pack(len(body)) + body
+
+
+def decode(body: bytes) -> object:
+    try:
+        return pickle.loads(body)
+    except Exception as exc:
+        raise ProtocolError(f"corrupt message ({len(body)} bytes): {exc!r}") from exc
+
+
+async def read_message(reader: asyncio.StreamReader) -> object:
+    """The next message; EOFError at a clean end of stream."""
+    try:
+        header = await reader.readexactly(_FRAME.size)
+    except asyncio.IncompleteReadError as exc:
+        if not exc.partial:
+            raise EOFError from exc
+        raise ProtocolError("truncated frame header") from exc
+    (length,) = _FRAME.unpack(header)
+    if length > MAX_FRAME:
+        raise ProtocolError(f"frame of {length} bytes exceeds the limit")
+    try:
+        body = await reader.readexactly(length)
+    except asyncio.IncompleteReadError as exc:
+        raise ProtocolError(f"truncated frame: {len(exc.partial)} of {length} bytes") from exc
+    return decode(body)
+
+
+class SyncChannel:
+    """A blocking, thread-safe sender plus a reader for one Unix socket connection."""
+
+    def __init__(self, path: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(path)
+        self._send_lock = threading.Lock()
+        self._file = self.sock.makefile("rb", buffering=1 << 16)
+
+    def send(self, message: object) -> None:
+        data = encode(message)
+        with self._send_lock:
+            self.sock.sendall(data)
+
+    def receive(self) -> object:
+        header = self._file.read(_FRAME.size)
+        if not header:
+            raise EOFError
+        if len(header) < _FRAME.size:
+            raise ProtocolError("truncated frame header")
+        (length,) = _FRAME.unpack(header)
+        body = self._file.read(length)
+        if len(body) < length:
+            raise ProtocolError(f"truncated frame: {len(body)} of {length} bytes")
+        return decode(body)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()

@@ -1,0 +1,66 @@
+"""Shared-memory segments that hold objects: one POSIX shared-memory file per object in
+/dev/shm, named after the session and the object, written once by its creator and then
+mapped read-only by every reader (the kernel shares the pages: no copy)."""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+from pathlib import Path
+
+from dataplane.serialization import Serialized
+
+SHM_DIR = Path("/dev/shm")
+# Objects at most this large travel inline in messages instead of in a segment (Ray's
+# max_direct_call_object_size is 100 KiB as well).
+INLINE_LIMIT = 100 * 1024
+
+
+def segment_name(prefix: str, object_id: str) -> str:
+    return f"{prefix}-{object_id}"
+
+
+def write_segment(name: str, value: Serialized, size: int) -> None:
+    """Creates the segment ``name`` of ``size`` bytes and writes the blob into it."""
+    fd = os.open(SHM_DIR / name, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+    try:
+        os.ftruncate(fd, size)
+        with mmap.mmap(fd, size) as target:
+            view = memoryview(target)
+            try:
+                value.write_into(view)
+            finally:
+                view.release()
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(SHM_DIR / name)
+        raise
+    finally:
+        os.close(fd)
+
+
+def map_segment(name: str, size: int) -> memoryview:
+    """The segment, mapped read-only; the mapping lives as long as views of it do."""
+    fd = os.open(SHM_DIR / name, os.O_RDONLY)
+    try:
+        mapping = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+    finally:
+        os.close(fd)
+    return memoryview(mapping)
+
+
+def unlink_segment(name: str) -> None:
+    """Removes the segment's name; readers that still map it keep their pages."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(SHM_DIR / name)
+
+
+def unlink_all(prefix: str) -> int:
+    """Removes every segment of a session (at shutdown, or after a crash)."""
+    removed = 0
+    for path in SHM_DIR.glob(f"{prefix}-*"):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed += 1
+    return removed

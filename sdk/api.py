@@ -1,0 +1,268 @@
+"""The module-level API (``ray.init``, ``ray.get``, ...). Each function delegates to the
+current process's core client: the driver's runtime after ``init``, or the worker's
+connection inside a task."""
+
+from __future__ import annotations
+
+import inspect
+import threading
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from dataplane import context
+from dataplane import protocol as p
+from dataplane.client import CoreClient, DaemonError
+from dataplane.serialization import Serialized, serialize_with_refs
+from sdk import exceptions as exc
+from sdk.object_ref import ObjectRef
+from sdk.remote_function import RemoteFunction
+from sdk.runtime import Runtime, node_config
+
+_runtime: Runtime | None = None
+_lock = threading.RLock()
+
+
+def init(
+    address: str | None = None,
+    *,
+    num_cpus: float | None = None,
+    num_gpus: float | None = None,
+    resources: dict[str, float] | None = None,
+    object_store_memory: int | None = None,
+    namespace: str | None = None,
+    ignore_reinit_error: bool = False,
+    gcs_url: str | None = None,
+    **unsupported: Any,
+) -> RuntimeContext:
+    """Starts a private head node (embedded PostgreSQL unless ``gcs_url`` or
+    ``$CAIRN_GCS_URL`` names one) and connects this driver to it."""
+    global _runtime
+    with _lock:
+        if _runtime is not None or context.current_client() is not None:
+            if ignore_reinit_error:
+                return get_runtime_context()
+            raise RuntimeError(
+                "Maybe you called ray.init twice by accident? This error can be "
+                "suppressed by passing in 'ignore_reinit_error=True'."
+            )
+        if unsupported:
+            raise TypeError(f"init() got unsupported arguments: {sorted(unsupported)}")
+        if address not in (None, "local"):
+            raise ValueError(
+                f"init(address={address!r}): connecting to a running cluster "
+                "is not available yet; call init() to start a local one"
+            )
+        config = node_config(num_cpus, num_gpus, resources, object_store_memory)
+        _runtime = Runtime.start(gcs_url=gcs_url, config=config, namespace=namespace)
+        return get_runtime_context()
+
+
+def shutdown() -> None:
+    """Stops everything ``init`` started (node daemon, workers, embedded PostgreSQL)."""
+    global _runtime
+    with _lock:
+        runtime, _runtime = _runtime, None
+        if runtime is not None:
+            runtime.shutdown()
+
+
+def is_initialized() -> bool:
+    return context.current_client() is not None
+
+
+def client_or_auto_init() -> CoreClient:
+    """The current client; like Ray, the first use of the API starts a local cluster."""
+    client = context.current_client()
+    if client is None:
+        init(ignore_reinit_error=True)
+        client = context.current_client()
+    assert client is not None
+    return client
+
+
+def remote(*args: Any, **options: Any) -> Any:
+    """``@remote`` or ``@remote(num_cpus=..., ...)`` on a function."""
+    if len(args) == 1 and not options and callable(args[0]):
+        return _make_remote(args[0], {})
+    if args:
+        raise TypeError("The @remote decorator takes either a function or only keyword options")
+    return lambda target: _make_remote(target, options)
+
+
+def _make_remote(target: Any, options: dict[str, Any]) -> RemoteFunction:
+    if inspect.isclass(target):
+        raise TypeError("@remote on a class (actors) is not available yet in Cairn")
+    if not callable(target):
+        raise TypeError(f"@remote applies to functions, not {type(target).__name__}")
+    return RemoteFunction(target, options)
+
+
+# -- objects ---------------------------------------------------------------------------
+
+
+def put(value: Any) -> ObjectRef:
+    """Stores ``value`` in the object store; returns its ref."""
+    if isinstance(value, ObjectRef):
+        raise TypeError(
+            "Calling 'put' on an ray.ObjectRef is not allowed. If you really want "
+            "to do this, you can wrap the ray.ObjectRef in a list and call 'put' "
+            "on it."
+        )
+    serialized, contained = serialize_with_refs(value)
+    return put_serialized(serialized, contained)
+
+
+def put_serialized(serialized: Serialized, contained: tuple[str, ...]) -> ObjectRef:
+    client = client_or_auto_init()
+    object_id = uuid.uuid4().hex + "00000000"
+    task = context.current_task()
+    try:
+        client.put(object_id, serialized, task.task_id if task else None, contained)
+    except DaemonError as error:
+        raise _daemon_error(error) from None
+    return ObjectRef._owned(object_id)
+
+
+def get(object_refs: ObjectRef | Sequence[ObjectRef], *, timeout: float | None = None) -> Any:
+    """The value(s) of ref(s), waiting for them; raises the task's error if it failed."""
+    single = isinstance(object_refs, ObjectRef)
+    refs = [object_refs] if single else object_refs
+    if not isinstance(refs, list | tuple) or not all(isinstance(r, ObjectRef) for r in refs):
+        raise ValueError("'object_refs' must either be an ObjectRef or a list of ObjectRefs.")
+    if timeout is not None and timeout < 0:
+        raise ValueError(f"'timeout' must be a non-negative number or None, got {timeout}")
+    if not refs:
+        return []
+    client = client_or_auto_init()
+    try:
+        locations = client.get_locations([r.hex() for r in refs], timeout)
+    except DaemonError as error:
+        if error.kind == "timeout":
+            raise exc.GetTimeoutError(
+                f"Get timed out: some object(s) not ready after {timeout} seconds."
+            ) from None
+        raise _daemon_error(error) from None
+    values = [_value(client, location) for location in locations]
+    return values[0] if single else values
+
+
+def _value(client: CoreClient, location: p.ObjectLocation) -> Any:
+    if location.error is not None:
+        raise error_of(location.error, location.object_id)
+    return client.read_value(location)
+
+
+def error_of(info: p.ErrorInfo, object_id: str) -> exc.RayError:
+    match info.kind:
+        case "task_error":
+            return exc.task_error_from(info.function_name, info.traceback, info.cause, info.message)
+        case "cancelled":
+            return exc.TaskCancelledError(object_id[:-8], info.message)
+        case "worker_crashed":
+            return exc.WorkerCrashedError(info.message)
+        case "object_lost":
+            return exc.ObjectLostError(object_id, info.message)
+        case _:
+            return exc.RaySystemError(info.message)
+
+
+def _daemon_error(error: DaemonError) -> exc.RayError:
+    if error.kind == "store_full":
+        return exc.ObjectStoreFullError(str(error))
+    return exc.RaySystemError(f"{error.kind}: {error}")
+
+
+def wait(
+    object_refs: Sequence[ObjectRef],
+    *,
+    num_returns: int = 1,
+    timeout: float | None = None,
+    fetch_local: bool = True,
+) -> tuple[list[ObjectRef], list[ObjectRef]]:
+    """Splits refs into (ready, not ready) once ``num_returns`` are ready or after
+    ``timeout`` seconds; ready ones come in the order they became ready."""
+    if isinstance(object_refs, ObjectRef) or not isinstance(object_refs, list | tuple):
+        raise TypeError(f"wait() expected a list of ray.ObjectRef, got {type(object_refs)}")
+    if not all(isinstance(r, ObjectRef) for r in object_refs):
+        raise TypeError("wait() expected a list of ray.ObjectRef")
+    if len(set(object_refs)) != len(object_refs):
+        raise ValueError("Wait requires a list of unique object refs.")
+    if num_returns <= 0 or num_returns > len(object_refs):
+        raise ValueError(
+            "Invalid number of objects to return "
+            f"{num_returns}: it must be between 1 and {len(object_refs)}"
+        )
+    if timeout is not None and timeout < 0:
+        raise ValueError(f"'timeout' must be a non-negative number or None, got {timeout}")
+    client = client_or_auto_init()
+    ready_ids = client.wait([r.hex() for r in object_refs], num_returns, timeout, fetch_local)
+    by_id = {r.hex(): r for r in object_refs}
+    ready = [by_id[i] for i in ready_ids]
+    chosen = set(ready_ids)
+    return ready, [r for r in object_refs if r.hex() not in chosen]
+
+
+def cancel(object_ref: ObjectRef, *, force: bool = False, recursive: bool = True) -> None:
+    """Cancels the task that makes ``object_ref``: a queued one never runs; a running
+    one gets KeyboardInterrupt (or, with ``force``, its worker is killed)."""
+    if not isinstance(object_ref, ObjectRef):
+        raise TypeError(f"cancel() expected a ray.ObjectRef, got {type(object_ref).__name__}")
+    client_or_auto_init().send(p.CancelTask(object_ref.hex(), force, recursive))
+
+
+# -- cluster ---------------------------------------------------------------------------
+
+
+@dataclass
+class RuntimeContext:
+    job_id: str
+    node_id: str
+    task_id: str | None
+    gcs_address: str
+    namespace: str | None
+
+    def get_job_id(self) -> str:
+        return self.job_id
+
+    def get_node_id(self) -> str:
+        return self.node_id
+
+    def get_task_id(self) -> str | None:
+        return self.task_id
+
+
+def get_runtime_context() -> RuntimeContext:
+    client = client_or_auto_init()
+    task = context.current_task()
+    return RuntimeContext(
+        job_id=task.job_id if task else client.welcome.job_id,
+        node_id=client.welcome.node_id,
+        task_id=task.task_id if task else None,
+        gcs_address=client.welcome.gcs_url,
+        namespace=_runtime.namespace if _runtime else None,
+    )
+
+
+def nodes() -> list[dict[str, Any]]:
+    info = client_or_auto_init().cluster_info()
+    return [
+        {
+            "NodeID": info["node_id"],
+            "Alive": True,
+            "alive": True,
+            "NodeManagerAddress": "127.0.0.1",
+            "NodeManagerHostname": "localhost",
+            "RayletSocketName": info["address"],
+            "Resources": info["total"],
+        }
+    ]
+
+
+def cluster_resources() -> dict[str, float]:
+    return dict(client_or_auto_init().cluster_info()["total"])
+
+
+def available_resources() -> dict[str, float]:
+    return dict(client_or_auto_init().cluster_info()["available"])

@@ -1,0 +1,89 @@
+"""The table of options for remote functions (``@remote(...)`` and ``.options(...)``),
+with their types, defaults and constraints, in Ray's shape (ray_option_utils)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Option:
+    types: tuple[type, ...]
+    default: Any
+    check: Callable[[Any], str | None] = lambda v: None
+
+
+def _non_negative(value: Any) -> str | None:
+    return None if value is None or value >= 0 else "must be >= 0"
+
+
+def _retries(value: Any) -> str | None:
+    return None if value >= -1 else "must be -1 (retry forever) or >= 0"
+
+
+def _resources(value: Any) -> str | None:
+    if value is None:
+        return None
+    for key, amount in value.items():
+        if not isinstance(key, str) or not key:
+            return f"has a resource name that is not a non-empty string: {key!r}"
+        if key in ("CPU", "GPU"):
+            return f"must not contain {key!r}: use num_cpus / num_gpus"
+        if not isinstance(amount, int | float) or isinstance(amount, bool) or amount < 0:
+            return f"has an invalid amount for {key!r}: {amount!r}"
+    return None
+
+
+TASK_OPTIONS: dict[str, Option] = {
+    "num_cpus": Option((int, float), 1, _non_negative),
+    "num_gpus": Option((int, float), 0, _non_negative),
+    "resources": Option((dict,), None, _resources),
+    "num_returns": Option((int,), 1, _non_negative),
+    "max_retries": Option((int,), 3, _retries),
+    "retry_exceptions": Option((bool, list, tuple), False),
+    "name": Option((str,), None),
+    "memory": Option((int, float), None, _non_negative),
+    "scheduling_strategy": Option((str, object), None),
+    "runtime_env": Option((dict,), None),
+}
+
+
+def validate(options: Mapping[str, Any], table: Mapping[str, Option] = TASK_OPTIONS) -> dict:
+    """Checked options; ValueError naming the option that is unknown or invalid."""
+    for key, value in options.items():
+        option = table.get(key)
+        if option is None:
+            raise ValueError(
+                f"Invalid option keyword {key} for remote functions. "
+                f"Valid ones are {sorted(table)}."
+            )
+        if value is None:
+            continue
+        if not isinstance(value, option.types) or (
+            isinstance(value, bool) and bool not in option.types
+        ):
+            names = " or ".join(t.__name__ for t in option.types)
+            raise ValueError(f"option {key!r} must be {names}, got {type(value).__name__}")
+        problem = option.check(value)
+        if problem:
+            raise ValueError(f"option {key!r} {problem}")
+    return dict(options)
+
+
+def resolve(options: Mapping[str, Any], table: Mapping[str, Option] = TASK_OPTIONS) -> dict:
+    """All options with defaults filled in."""
+    return {
+        key: options.get(key, option.default) if options.get(key) is not None else option.default
+        for key, option in table.items()
+    }
+
+
+def resource_request(options: Mapping[str, Any]) -> dict[str, float]:
+    request = {"CPU": float(options["num_cpus"]), "GPU": float(options["num_gpus"])}
+    if options.get("memory"):
+        request["memory"] = float(options["memory"])
+    for key, amount in (options.get("resources") or {}).items():
+        request[key] = float(amount)
+    return {k: v for k, v in request.items() if v > 0}

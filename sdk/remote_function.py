@@ -1,0 +1,105 @@
+"""Remote functions: ``@remote`` on a function, ``.remote(...)`` to submit it as a task,
+``.options(...)`` to override its options for one call site."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import cloudpickle
+
+from dataplane import context
+from dataplane import protocol as p
+from dataplane.serialization import SerializationError, serialize_with_refs
+from dataplane.shm import INLINE_LIMIT
+from sdk import options as opts
+from sdk.object_ref import ObjectRef
+
+
+class RemoteFunction:
+    def __init__(self, function: Callable[..., Any], options: dict[str, Any]) -> None:
+        self._function = function
+        self._options = opts.validate(options)
+        self._qualname = f"{function.__module__}.{function.__qualname__}"
+        self._pickled: tuple[str, bytes] | None = None
+        functools.update_wrapper(self, function)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError(
+            "Remote functions cannot be called directly. Instead of running "
+            f"'{self._qualname}()', try '{self._qualname}.remote()'."
+        )
+
+    def options(self, **options: Any) -> RemoteFunction:
+        merged = RemoteFunction.__new__(RemoteFunction)
+        merged.__dict__.update(self.__dict__)
+        merged._options = {**self._options, **opts.validate(options)}
+        return merged
+
+    def remote(self, *args: Any, **kwargs: Any) -> Any:
+        from sdk import api
+
+        client = api.client_or_auto_init()
+        resolved = opts.resolve(self._options)
+        function_id, blob = self._pickle()
+        client.register_function(function_id, blob, self._qualname)
+        task = context.current_task()
+        contained: list[str] = []
+        keep_alive: list[ObjectRef] = []
+        spec = p.TaskSpec(
+            task_id=uuid.uuid4().hex,
+            job_id=task.job_id if task else client.welcome.job_id,
+            name=resolved["name"] or self._qualname,
+            function_id=function_id,
+            args=[_arg(a, i, contained, keep_alive) for i, a in enumerate(args)],
+            kwargs={k: _arg(v, k, contained, keep_alive) for k, v in kwargs.items()},
+            num_returns=resolved["num_returns"],
+            resources=opts.resource_request(resolved),
+            max_retries=resolved["max_retries"],
+            retry_exceptions=bool(resolved["retry_exceptions"]),
+            contained_refs=tuple(dict.fromkeys(contained)),
+            parent_task_id=task.task_id if task else None,
+        )
+        client.submit(spec)
+        refs = [ObjectRef._owned(object_id) for object_id in spec.return_ids()]
+        if spec.num_returns == 1:
+            return refs[0]
+        return refs if spec.num_returns > 1 else None
+
+    def _pickle(self) -> tuple[str, bytes]:
+        if self._pickled is None:
+            try:
+                blob = cloudpickle.dumps(self._function)
+            except Exception as exc:
+                raise TypeError(
+                    f"could not serialize the remote function {self._qualname}: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
+            self._pickled = (hashlib.sha1(blob).hexdigest(), blob)
+        return self._pickled
+
+
+def _arg(
+    value: Any, position: int | str, contained: list[str], keep_alive: list[ObjectRef]
+) -> p.Arg:
+    """A top-level ref is passed by reference (the worker gets its value); anything else
+    is serialized inline, or put into the store first when large (as Ray does)."""
+    if isinstance(value, ObjectRef):
+        return p.Arg(ref=value.hex())
+    try:
+        serialized, refs = serialize_with_refs(value)
+    except SerializationError as exc:
+        raise SerializationError(
+            f"Could not serialize the argument {position!r} of a task: {exc}"
+        ) from exc
+    contained.extend(refs)
+    if serialized.total_size <= INLINE_LIMIT:
+        return p.Arg(inline=serialized.to_bytes())
+    from sdk import api
+
+    ref = api.put_serialized(serialized, refs)
+    keep_alive.append(ref)
+    return p.Arg(ref=ref.hex())
