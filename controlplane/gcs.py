@@ -46,7 +46,7 @@ class Gcs:
             self.url = self._requested_url
             check_reachable(self.url)
         schema.upgrade(self.url)
-        PartitionManager(self.url).ensure_ahead()
+        PartitionManager(self.url).maintain()
         return self.url
 
     def stop(self) -> None:

@@ -18,7 +18,8 @@ def test_ci_runs_exactly_the_readme_test_command() -> None:
     assert install_and_demo.count("\n") == 0 and "cairn demo" in install_and_demo
     assert tests.count("\n") == 0 and "pytest" in tests
     ci_commands = [
-        line for line in (ROOT / ".ci" / "run").read_text().splitlines()
+        line
+        for line in (ROOT / ".ci" / "run").read_text().splitlines()
         if line and not line.startswith(("#", "set ", "cd "))
     ]
     assert ci_commands == [tests]

@@ -156,3 +156,26 @@ def test_a_partition_still_receiving_appends_cannot_be_detached(gcs_url: str) ->
     with pytest.raises(GcsError, match="detach it before"):
         manager.drop(current.table_name)
     assert manager.partitions()[0].state == "attached"
+
+
+def test_full_partitions_get_the_entity_history_index(gcs_url: str) -> None:
+    manager = PartitionManager(gcs_url)
+    manager.configure(partition_size=100, partitions_ahead=1)
+    asyncio.run(_append(gcs_url, 250, "h"))
+    assert manager.index_full_partitions() == [
+        "events_p0000000000000000001",
+        "events_p0000000000000000101",
+    ]
+    assert manager.index_full_partitions() == []  # idempotent; the hot one stays bare
+    with psycopg.connect(gcs_url) as conn:
+        conn.execute("ANALYZE events")
+        conn.execute("SET enable_seqscan = off")
+        plan = "\n".join(
+            r[0]
+            for r in conn.execute(
+                "EXPLAIN SELECT * FROM events WHERE entity_id = 'h-7' ORDER BY position"
+            )
+        )
+        rows = conn.execute("SELECT entity_id FROM events WHERE entity_id = 'h-7'").fetchall()
+    assert "events_p0000000000000000001_entity_idx" in plan
+    assert rows == [("h-7",)]

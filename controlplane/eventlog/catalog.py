@@ -18,7 +18,7 @@ from controlplane.errors import InvalidEventError
 from controlplane.eventlog.events import EntityKind, Event
 
 JsonType = type | tuple[type, ...]
-_NUMBER = (int, float)
+_JSON = json.JSONEncoder(allow_nan=False, separators=(",", ":"))
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,14 @@ class EventType:
     name: str
     required: Mapping[str, JsonType] = field(default_factory=dict)
     optional: Mapping[str, JsonType] = field(default_factory=dict)
+
+    @property
+    def fields(self) -> dict[str, tuple[type, ...]]:
+        """Every listed field with its allowed types (a tuple), required ones first."""
+        return {
+            name: t if isinstance(t, tuple) else (t,)
+            for name, t in {**self.required, **self.optional}.items()
+        }
 
 
 def _types(kind: EntityKind, *specs: tuple[str, dict[str, JsonType], dict[str, JsonType]]) -> dict:
@@ -122,54 +130,72 @@ def encode_payload(event: Event) -> str:
     """Validates ``event`` against the catalog and returns its payload as JSON text.
 
     Raises :class:`InvalidEventError` naming the event and what is wrong with it."""
-    where = f"{event.entity_kind}.{event.event_type} event for {event.entity_id!r}"
-    spec = event_type_of(event.entity_kind, event.event_type)
-    _check_text("entity_id", event.entity_id, where, required=True)
-    _check_text("job_id", event.job_id, where)
-    _check_text("node_id", event.node_id, where)
+    checks = _FIELDS.get((event.entity_kind, event.event_type))
+    if checks is None:
+        event_type_of(event.entity_kind, event.event_type)  # raises, naming what is unknown
+        raise AssertionError("unreachable")
+    _check_text(event, "entity_id", event.entity_id, required=True)
+    _check_text(event, "job_id", event.job_id)
+    _check_text(event, "node_id", event.node_id)
     if event.data is not None and not isinstance(event.data, bytes | bytearray | memoryview):
-        raise InvalidEventError(f"{where}: data must be bytes, not {type(event.data).__name__}")
+        raise _invalid(event, f"data must be bytes, not {type(event.data).__name__}")
     payload = event.payload
-    if not isinstance(payload, Mapping):
-        raise InvalidEventError(
-            f"{where}: payload must be a JSON object (a mapping), not {type(payload).__name__}"
+    if not isinstance(payload, dict | Mapping):
+        raise _invalid(
+            event, f"payload must be a JSON object (a mapping), not {type(payload).__name__}"
         )
-    for name in spec.required:
+    required, fields = checks
+    for name in required:
         if name not in payload:
-            raise InvalidEventError(f"{where}: payload is missing required field {name!r}")
-    for name, expected in {**spec.required, **spec.optional}.items():
-        if name in payload and payload[name] is not None:
-            _check_type(name, payload[name], expected, where)
+            raise _invalid(event, f"payload is missing required field {name!r}")
+    for name, allowed in fields:
+        value = payload.get(name)
+        if value is not None and (type(value) not in allowed):
+            _check_type(event, name, value, allowed)
     try:
-        text = json.dumps(payload, allow_nan=False, separators=(",", ":"))
+        text = _JSON.encode(payload)
     except (TypeError, ValueError) as exc:
-        raise InvalidEventError(f"{where}: payload is not valid JSON: {exc}") from None
+        raise _invalid(event, f"payload is not valid JSON: {exc}") from None
     if "\\u0000" in text:
-        raise InvalidEventError(
-            f"{where}: payload contains a NUL character, which PostgreSQL's jsonb cannot store"
+        raise _invalid(
+            event, "payload contains a NUL character, which PostgreSQL's jsonb cannot store"
         )
     return text
 
 
-def _check_text(name: str, value: Any, where: str, *, required: bool = False) -> None:
+def _invalid(event: Event, problem: str) -> InvalidEventError:
+    return InvalidEventError(
+        f"{event.entity_kind}.{event.event_type} event for {event.entity_id!r}: {problem}"
+    )
+
+
+def _check_text(event: Event, name: str, value: Any, *, required: bool = False) -> None:
     if value is None and not required:
         return
-    if not isinstance(value, str) or not value:
-        raise InvalidEventError(f"{where}: {name} must be a non-empty string, got {value!r:.80}")
+    if type(value) is not str or not value:
+        if not isinstance(value, str) or not value:
+            raise _invalid(event, f"{name} must be a non-empty string, got {value!r:.80}")
     if "\x00" in value:
-        raise InvalidEventError(f"{where}: {name} contains a NUL character")
+        raise _invalid(event, f"{name} contains a NUL character")
 
 
-def _check_type(name: str, value: Any, expected: JsonType, where: str) -> None:
-    allowed = expected if isinstance(expected, tuple) else (expected,)
-    if (isinstance(value, bool) and bool not in allowed) or (
-        isinstance(value, float) and not math.isfinite(value)
-    ):
-        ok = False
+def _check_type(event: Event, name: str, value: Any, allowed: tuple[type, ...]) -> None:
+    """The slow path, for values whose exact type is not listed (subclasses, ints
+    where floats are allowed, non-finite floats)."""
+    if isinstance(value, bool):
+        ok = bool in allowed
+    elif isinstance(value, float):
+        ok = float in allowed and math.isfinite(value)
     else:
         ok = isinstance(value, allowed) or (float in allowed and isinstance(value, int))
     if not ok:
         names = " or ".join(t.__name__ for t in allowed)
-        raise InvalidEventError(
-            f"{where}: payload field {name!r} must be {names}, got {type(value).__name__}"
-        )
+        raise _invalid(event, f"payload field {name!r} must be {names}, got {type(value).__name__}")
+
+
+# (kind, type) -> (required field names, [(field, allowed types)]), for the fast path;
+# keyed by the plain strings too, as EntityKind is a StrEnum.
+_FIELDS: dict[tuple[str, str], tuple[tuple[str, ...], list[tuple[str, tuple[type, ...]]]]] = {
+    (kind, name): (tuple(spec.required), list(spec.fields.items()))
+    for (kind, name), spec in CATALOG.items()
+}

@@ -24,16 +24,17 @@ class EntityKind(StrEnum):
     WORKER = "worker"
 
 
+_KINDS = {kind.value: kind for kind in EntityKind}
+_VERSION_7 = 0x7 << 76
+_VARIANT = 0x2 << 62
+
+
 def new_event_id() -> uuid.UUID:
-    """A UUIDv7-shaped id: time-ordered, so the event_id index grows at its right edge."""
-    ms = time.time_ns() // 1_000_000
+    """A UUIDv7: 48 bits of Unix milliseconds, then 74 random bits, so ids are
+    time-ordered and the event_id index grows at its right edge."""
     rand = int.from_bytes(os.urandom(10), "big")
-    value = (ms & (2**48 - 1)) << 80
-    value |= 0x7 << 76
-    value |= ((rand >> 62) & 0xFFF) << 64
-    value |= 0b10 << 62
-    value |= rand & (2**62 - 1)
-    return uuid.UUID(int=value)
+    value = ((time.time_ns() // 1_000_000) << 80) | _VERSION_7 | ((rand >> 66) << 64)
+    return uuid.UUID(int=value | _VARIANT | (rand & (2**62 - 1)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +78,7 @@ class RecordedEvent:
             event_id=row["event_id"],
             recorded_at=row["recorded_at"],
             job_id=row["job_id"],
-            entity_kind=EntityKind(row["entity_kind"]),
+            entity_kind=_KINDS[row["entity_kind"]],
             entity_id=row["entity_id"],
             event_type=row["event_type"],
             node_id=row["node_id"],

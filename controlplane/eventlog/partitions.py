@@ -89,6 +89,34 @@ class PartitionManager:
             row = conn.execute(queries["ensure_partitions"]).fetchone()
         return int(row[0]) if row else 0
 
+    def index_full_partitions(self) -> list[str]:
+        """Builds the per-entity history index ``(entity_id, position)`` on every
+        attached partition that is full (all its positions handed out) and lacks it,
+        with CREATE INDEX CONCURRENTLY: the hot partition never carries it, so appends
+        do not pay for it, and building it blocks nothing. Returns the partitions done."""
+        done = []
+        with self._connect() as conn:
+            head = conn.execute(queries["head_position"]).fetchone()[0]
+            for part in self._all(conn):
+                if part.state != "attached" or part.upper_bound > head + 1:
+                    continue
+                index = f"{part.table_name}_entity_idx"
+                exists = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (index,)).fetchone()
+                if exists and exists[0]:
+                    continue
+                conn.execute(
+                    pgsql.SQL(
+                        "CREATE INDEX CONCURRENTLY IF NOT EXISTS {} ON {} (entity_id, position)"
+                    ).format(pgsql.Identifier(index), pgsql.Identifier(part.table_name))
+                )
+                done.append(part.table_name)
+        return done
+
+    def maintain(self) -> None:
+        """The periodic upkeep: partitions ahead of the head, history indexes behind it."""
+        self.ensure_ahead()
+        self.index_full_partitions()
+
     def partitions(self) -> list[PartitionInfo]:
         """Every partition the log has had, in position order, with its state."""
         with self._connect() as conn:

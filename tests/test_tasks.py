@@ -1,0 +1,295 @@
+"""Ray Core semantics of tasks and objects, on a real node daemon with real worker
+processes, shared memory and PostgreSQL (``import sdk as ray``)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import asyncpg
+import numpy as np
+import pytest
+
+import sdk as ray
+from controlplane.projections import Projector
+from dataplane import shm
+from sdk.exceptions import (
+    GetTimeoutError,
+    ObjectStoreFullError,
+    RayTaskError,
+    TaskCancelledError,
+    WorkerCrashedError,
+)
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cluster() -> Iterator[None]:
+    ray.init(num_cpus=2, object_store_memory=300 * 1024 * 1024)
+    try:
+        yield
+    finally:
+        node_id = ray.get_runtime_context().get_node_id()
+        ray.shutdown()
+        assert list(shm.SHM_DIR.glob(f"{node_id}-*")) == []
+
+
+@ray.remote
+def square(x: int) -> int:
+    return x * x
+
+
+@ray.remote
+def add(a: int, b: int) -> int:
+    return a + b
+
+
+@ray.remote
+def identity(x: object) -> object:
+    return x
+
+
+@ray.remote
+def fail(message: str) -> None:
+    raise ValueError(message)
+
+
+@ray.remote
+def sleep_then(seconds: float, value: object = None) -> object:
+    time.sleep(seconds)
+    return value
+
+
+def test_tasks_run_and_refs_become_values() -> None:
+    refs = [square.remote(i) for i in range(10)]
+    assert ray.get(refs) == [i * i for i in range(10)]
+    assert ray.get(add.remote(square.remote(3), square.remote(4))) == 25
+    assert ray.get(add.remote(ray.put(1), b=ray.put(2))) == 3
+
+
+def test_refs_nested_in_containers_stay_refs() -> None:
+    inner = ray.put(41)
+    result = ray.get(identity.remote([inner, {"k": inner}]))
+    assert isinstance(result[0], ray.ObjectRef) and result[0] == inner
+    assert ray.get(result[1]["k"]) == 41
+
+
+def test_object_refs_are_hashable_and_picklable() -> None:
+    import pickle
+
+    ref = ray.put("x")
+    assert {ref: 1}[ref] == 1
+    assert pickle.loads(pickle.dumps(ref)) == ref
+
+
+def test_num_returns_gives_that_many_refs() -> None:
+    @ray.remote(num_returns=3)
+    def three() -> tuple[int, int, int]:
+        return 1, 2, 3
+
+    refs = three.remote()
+    assert len(refs) == 3
+    assert ray.get(refs) == [1, 2, 3]
+    assert ray.get(three.options(num_returns=1).remote()) == (1, 2, 3)
+
+
+def test_exception_is_a_ray_task_error_and_the_original_class() -> None:
+    ref = fail.remote("bad input")
+    with pytest.raises(RayTaskError) as caught:
+        ray.get(ref)
+    assert isinstance(caught.value, ValueError)
+    assert "bad input" in str(caught.value)
+    assert "Traceback" in str(caught.value) and "in fail" in str(caught.value)
+    with pytest.raises(ValueError, match="bad input"):
+        ray.get(ref)
+
+
+def test_failing_upstream_fails_downstream_with_the_same_error() -> None:
+    with pytest.raises(ValueError, match="upstream broke"):
+        ray.get(add.remote(fail.remote("upstream broke"), 1))
+
+
+def test_wait_returns_in_ready_order_and_honours_timeout() -> None:
+    slow = sleep_then.remote(1.5, "slow")
+    fast = sleep_then.remote(0.1, "fast")
+    ready, not_ready = ray.wait([slow, fast], num_returns=1)
+    assert ready == [fast] and not_ready == [slow]
+    ready, not_ready = ray.wait([slow], num_returns=1, timeout=0.1)
+    assert ready == [] and not_ready == [slow]
+    ready, _ = ray.wait([slow, fast], num_returns=2)
+    assert set(ready) == {slow, fast}
+
+
+def test_get_timeout_raises_get_timeout_error() -> None:
+    ref = sleep_then.remote(2)
+    started = time.monotonic()
+    with pytest.raises(GetTimeoutError):
+        ray.get(ref, timeout=0.3)
+    assert time.monotonic() - started < 1.5
+    assert ray.get(ref) is None
+
+
+def test_cancel_queued_and_force_cancel_running() -> None:
+    blockers = [sleep_then.remote(2) for _ in range(2)]  # occupy both CPUs
+    time.sleep(0.3)
+    queued = square.remote(5)
+    ray.cancel(queued)
+    with pytest.raises(TaskCancelledError):
+        ray.get(queued)
+    running = sleep_then.remote(30)
+    ray.get(blockers)
+    time.sleep(0.5)
+    ray.cancel(running, force=True)
+    with pytest.raises(TaskCancelledError):
+        ray.get(running, timeout=10)
+    assert ray.get(square.remote(3)) == 9  # the pool recovered
+
+
+def test_nested_tasks_do_not_deadlock() -> None:
+    @ray.remote
+    def fan_out(n: int) -> int:
+        return sum(ray.get([square.remote(i) for i in range(n)]))
+
+    assert ray.get([fan_out.remote(5) for _ in range(4)]) == [30] * 4
+
+
+def test_killed_worker_is_replaced_and_the_task_retried(tmp_path: Path) -> None:
+    marker = tmp_path / "attempts"
+
+    @ray.remote(max_retries=2)
+    def die_once(path: str) -> int:
+        with open(path, "a") as f:
+            f.write("x")
+        if len(open(path).read()) == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return os.getpid()
+
+    assert ray.get(die_once.remote(str(marker))) > 0
+    assert marker.read_text() == "xx"
+
+    @ray.remote(max_retries=0)
+    def die(path: str) -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    with pytest.raises(WorkerCrashedError):
+        ray.get(die.remote(str(marker)))
+
+
+def test_application_errors_are_retried_only_with_retry_exceptions(tmp_path: Path) -> None:
+    @ray.remote(max_retries=3)
+    def flaky(path: str) -> str:
+        with open(path, "a") as f:
+            f.write("x")
+        if len(open(path).read()) < 3:
+            raise RuntimeError("not yet")
+        return "ok"
+
+    no_retry = tmp_path / "a"
+    with pytest.raises(RuntimeError):
+        ray.get(flaky.remote(str(no_retry)))
+    assert no_retry.read_text() == "x"
+    retry = tmp_path / "b"
+    assert ray.get(flaky.options(retry_exceptions=True).remote(str(retry))) == "ok"
+    assert retry.read_text() == "xxx"
+
+
+def _mapped_from_shm(address: int) -> bool:
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        span, *rest = line.split()
+        start, end = (int(x, 16) for x in span.split("-"))
+        if start <= address < end:
+            return bool(rest) and rest[-1].startswith("/dev/shm/")
+    return False
+
+
+def test_get_of_a_large_array_maps_shared_memory_without_copy() -> None:
+    @ray.remote
+    def make(n: int) -> np.ndarray:
+        return np.arange(n, dtype=np.int64)
+
+    array = ray.get(make.remote(8 * 1024 * 1024))  # 64 MiB, written by a worker
+    assert array[-1] == 8 * 1024 * 1024 - 1
+    assert not array.flags.writeable
+    assert _mapped_from_shm(array.__array_interface__["data"][0])
+    with pytest.raises(ValueError):
+        array[0] = 1
+
+
+def test_bad_input_gives_clear_errors() -> None:
+    import threading
+
+    with pytest.raises(TypeError, match="try '.*square.remote\\(\\)'"):
+        square(3)
+    with pytest.raises(TypeError, match="lock"):
+        square.remote(threading.Lock())
+    with pytest.raises(ValueError, match="ObjectRef or a list of ObjectRefs"):
+        ray.get(3)  # type: ignore[arg-type]
+
+    @ray.remote
+    def unpicklable_result() -> object:
+        return threading.Lock()
+
+    with pytest.raises(RayTaskError, match="lock"):
+        ray.get(unpicklable_result.remote())
+    with pytest.raises(ValueError, match="Invalid option keyword"):
+        square.options(num_gpu=1)
+
+
+def test_put_larger_than_the_store_raises_and_the_store_stays_usable() -> None:
+    with pytest.raises(ObjectStoreFullError, match="cannot fit"):
+        ray.put(np.zeros(400 * 1024 * 1024, dtype=np.uint8))
+    big = ray.put(np.ones(50 * 1024 * 1024, dtype=np.uint8))
+    assert int(ray.get(big).sum()) == 50 * 1024 * 1024
+
+
+def test_objects_are_freed_when_no_ref_remains() -> None:
+    node_id = ray.get_runtime_context().get_node_id()
+    before = set(shm.SHM_DIR.glob(f"{node_id}-*"))
+    ref = ray.put(np.ones(10 * 1024 * 1024, dtype=np.uint8))
+    name = shm.segment_name(node_id, ref.hex())
+    assert (shm.SHM_DIR / name).exists()
+    del ref
+    deadline = time.monotonic() + 5
+    while (shm.SHM_DIR / name).exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not (shm.SHM_DIR / name).exists()
+    assert set(shm.SHM_DIR.glob(f"{node_id}-*")) <= before
+
+
+async def test_the_log_holds_every_transition_and_folds_to_the_projection() -> None:
+    refs = [square.remote(i) for i in range(20)]
+    assert ray.get(refs) == [i * i for i in range(20)]
+    url = ray.get_runtime_context().gcs_address
+    task_ids = [r.task_id() for r in refs]
+    conn = await asyncpg.connect(url)
+    try:
+        rows = await conn.fetch(
+            "SELECT entity_id, event_type FROM events WHERE entity_id = ANY($1::text[]) "
+            "ORDER BY position",
+            task_ids,
+        )
+        for task_id in task_ids:
+            assert [r["event_type"] for r in rows if r["entity_id"] == task_id] == [
+                "submitted",
+                "scheduled",
+                "running",
+                "finished",
+            ]
+        created = await conn.fetchval(
+            "SELECT count(*) FROM events WHERE entity_kind = 'object' AND event_type = 'created'"
+            " AND payload->>'task_id' = ANY($1::text[])",
+            task_ids,
+        )
+        assert created == 20
+        async with Projector(url) as projector:
+            await projector.catch_up()
+        states = await conn.fetch(
+            "SELECT state, name FROM tasks WHERE task_id = ANY($1::text[])", task_ids
+        )
+        assert {(r["state"], r["name"]) for r in states} == {("FINISHED", square._qualname)}
+    finally:
+        await conn.close()
