@@ -164,7 +164,7 @@ def test_killed_worker_is_replaced_and_the_task_retried(tmp_path: Path) -> None:
     def die_once(path: str) -> int:
         with open(path, "a") as f:
             f.write("x")
-        if len(open(path).read()) == 1:
+        if len(Path(path).read_text()) == 1:
             os.kill(os.getpid(), signal.SIGKILL)
         return os.getpid()
 
@@ -184,7 +184,7 @@ def test_application_errors_are_retried_only_with_retry_exceptions(tmp_path: Pat
     def flaky(path: str) -> str:
         with open(path, "a") as f:
             f.write("x")
-        if len(open(path).read()) < 3:
+        if len(Path(path).read_text()) < 3:
             raise RuntimeError("not yet")
         return "ok"
 
@@ -222,7 +222,7 @@ def test_get_of_a_large_array_maps_shared_memory_without_copy() -> None:
 def test_bad_input_gives_clear_errors() -> None:
     import threading
 
-    with pytest.raises(TypeError, match="try '.*square.remote\\(\\)'"):
+    with pytest.raises(TypeError, match=r"try '.*square.remote\(\)'"):
         square(3)
     with pytest.raises(TypeError, match="lock"):
         square.remote(threading.Lock())

@@ -172,9 +172,8 @@ def _invalid(event: Event, problem: str) -> InvalidEventError:
 def _check_text(event: Event, name: str, value: Any, *, required: bool = False) -> None:
     if value is None and not required:
         return
-    if type(value) is not str or not value:
-        if not isinstance(value, str) or not value:
-            raise _invalid(event, f"{name} must be a non-empty string, got {value!r:.80}")
+    if not isinstance(value, str) or not value:
+        raise _invalid(event, f"{name} must be a non-empty string, got {value!r:.80}")
     if "\x00" in value:
         raise _invalid(event, f"{name} contains a NUL character")
 

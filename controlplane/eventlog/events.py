@@ -33,7 +33,7 @@ def new_event_id() -> uuid.UUID:
     """A UUIDv7: 48 bits of Unix milliseconds, then 74 random bits, so ids are
     time-ordered and the event_id index grows at its right edge."""
     rand = int.from_bytes(os.urandom(10), "big")
-    value = ((time.time_ns() // 1_000_000) << 80) | _VERSION_7 | ((rand >> 66) << 64)
+    value = ((time.time_ns() // 1_000_000) << 80) | _VERSION_7 | ((rand >> 68) << 64)
     return uuid.UUID(int=value | _VARIANT | (rand & (2**62 - 1)))
 
 
