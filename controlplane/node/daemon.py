@@ -93,7 +93,7 @@ class NodeDaemon:
         self.appender = EventAppender(gcs_url)
         self.functions: dict[str, tuple[bytes, str]] = {}
         self.tasks: dict[str, TaskRecord] = {}
-        self.ready: deque[TaskRecord] = deque()
+        self.ready: dict[tuple[tuple[str, float], ...], deque[TaskRecord]] = {}
         self.workers: dict[str, WorkerHandle] = {}
         self.idle: deque[WorkerHandle] = deque()
         self.max_workers = max(1, int(resources.get("CPU", 1)))
@@ -443,31 +443,31 @@ class NodeDaemon:
             self._finish_failed(record, failed.error, log_event=True)
             return
         record.state = "QUEUED"
-        self.ready.append(record)
+        self.ready.setdefault(_shape(record.spec.resources), deque()).append(record)
         self._schedule()
 
     def _schedule(self) -> None:
-        deferred: deque[TaskRecord] = deque()
-        while self.ready:
-            record = self.ready.popleft()
-            if record.cancelled:
-                continue
-            if not self.resources.fits_total(record.spec.resources):
-                deferred.append(record)  # infeasible on this node (reported by issue 5)
-                continue
-            if not self.resources.available_for(record.spec.resources):
-                deferred.append(record)
-                continue
-            if not self.idle:
-                if len(self.workers) < self.max_workers + self._blocked_count():
-                    self._start_worker()
-                deferred.append(record)
-                break
-            handle = self.idle.popleft()
-            self.resources.acquire(record.spec.resources)
-            self._run_on(record, handle)
-        deferred.extend(self.ready)
-        self.ready = deferred
+        """Dispatches queued tasks while resources and idle workers allow. Tasks wait
+        in one FIFO per resource shape, so a shape that does not fit is skipped whole
+        and the cost of a pass does not grow with the number of queued tasks."""
+        for shape, queue in list(self.ready.items()):
+            while queue:
+                record = queue[0]
+                if record.cancelled:
+                    queue.popleft()
+                    continue
+                request = record.spec.resources
+                if not self.resources.available_for(request):
+                    break  # or infeasible on this node (reported from issue 5 on)
+                if not self.idle:
+                    if len(self.workers) < self.max_workers + self._blocked_count():
+                        self._start_worker()
+                    return
+                queue.popleft()
+                self.resources.acquire(request)
+                self._run_on(record, self.idle.popleft())
+            if not queue:
+                del self.ready[shape]
 
     def _run_on(self, record: TaskRecord, handle: WorkerHandle) -> None:
         spec = record.spec
@@ -631,8 +631,8 @@ class NodeDaemon:
                     child.spec.return_ids()[0] if child.spec.num_returns else "", force, recursive
                 )
         if record.worker is None:
-            with contextlib.suppress(ValueError):
-                self.ready.remove(record)
+            with contextlib.suppress(KeyError, ValueError):
+                self.ready[_shape(record.spec.resources)].remove(record)
             self._finish_failed(
                 record,
                 p.ErrorInfo(
@@ -687,6 +687,10 @@ class NodeDaemon:
             "object_store_capacity": self.objects.capacity,
             "workers": len(self.workers),
         }
+
+
+def _shape(resources: dict[str, float]) -> tuple[tuple[str, float], ...]:
+    return tuple(sorted(resources.items()))
 
 
 def _report_log_failure(future: asyncio.Future[list[int]]) -> None:
