@@ -136,7 +136,9 @@ def run_backend(backend: str, seconds: float, only: str) -> None:
 def collect(python: str, backend: str, seconds: float, only: str) -> dict[str, dict]:
     result = subprocess.run(
         [python, __file__, "--run", backend, "--seconds", str(seconds), "--only", only],
-        capture_output=True, text=True, timeout=1800,
+        capture_output=True,
+        text=True,
+        timeout=1800,
     )
     rows = {}
     for line in result.stdout.splitlines():
@@ -144,8 +146,9 @@ def collect(python: str, backend: str, seconds: float, only: str) -> dict[str, d
             row = json.loads(line)
             rows[row["name"]] = row
     if result.returncode != 0:
-        print(f"{backend} exited with {result.returncode}:\n{result.stderr[-3000:]}",
-              file=sys.stderr)
+        print(
+            f"{backend} exited with {result.returncode}:\n{result.stderr[-3000:]}", file=sys.stderr
+        )
     return rows
 
 
@@ -159,8 +162,10 @@ def main() -> int:
     if args.run:
         run_backend(args.run, args.seconds, args.only)
         return 0
-    print(f"machine: {os.cpu_count()} CPUs; {args.seconds:g} s per row; "
-          f"{time.strftime('%Y-%m-%d %H:%M')}")
+    print(
+        f"machine: {os.cpu_count()} CPUs; {args.seconds:g} s per row; "
+        f"{time.strftime('%Y-%m-%d %H:%M')}"
+    )
     cairn = collect(sys.executable, "cairn", args.seconds, args.only)
     have_ray = Path(args.ray_python).exists()
     ray = collect(args.ray_python, "ray", args.seconds, args.only) if have_ray else {}

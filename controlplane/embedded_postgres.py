@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from controlplane.errors import EmbeddedPostgresError
+from controlplane.session_dirs import new_session_dir
 
 SUPERUSER = "cairn"
 DATABASE = "cairn"
@@ -116,7 +117,7 @@ class EmbeddedPostgres:
 
     def __init__(self, session_dir: Path | None = None, port: int | None = None) -> None:
         self._owns_session_dir = session_dir is None
-        self.session_dir = Path(session_dir or tempfile.mkdtemp(prefix="cairn-session-"))
+        self.session_dir = Path(session_dir) if session_dir else new_session_dir()
         self.data_dir = self.session_dir / "pgdata"
         self.socket_dir = self.data_dir
         self.log_path = self.session_dir / "postgres.log"

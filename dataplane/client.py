@@ -45,6 +45,11 @@ class CoreClient:
         self._ref_counts: dict[str, int] = {}
         self._flush_lock = threading.Lock()
         self._registered_functions: set[str] = set()
+        # The local object store: ready objects this process holds refs to (values
+        # inline when small), in the order they became ready here. Guarded by _ready.
+        self._local: dict[str, p.ObjectLocation] = {}
+        self._owned_pending: set[str] = set()
+        self._ready = threading.Condition()
         self._closed = threading.Event()
         self.channel.send(p.Hello(role, os.getpid(), worker_id))
         welcome = self.channel.receive()
@@ -89,8 +94,11 @@ class CoreClient:
             self._registered_functions.add(function_id)
 
     def submit(self, spec: p.TaskSpec) -> None:
-        for object_id in spec.return_ids():
+        returns = spec.return_ids()
+        for object_id in returns:
             self.own_ref(object_id)
+        with self._ready:
+            self._owned_pending.update(returns)
         self.send(p.SubmitTask(spec))
 
     def store(
@@ -123,9 +131,29 @@ class CoreClient:
         location = self.store(object_id, value, contained)
         self.own_ref(object_id)
         self.send(p.PutObject(location, task_id))
+        with self._ready:
+            self._local[object_id] = location
 
     def get_locations(self, object_ids: list[str], timeout: float | None) -> list[p.ObjectLocation]:
-        return self.request(lambda rid: p.GetObjects(rid, object_ids, timeout))
+        """Where the objects are, once all are ready. Answered here when they are in
+        the local store (or, in a driver, will be pushed to it); otherwise the daemon
+        is asked (a worker always asks when it must wait: the daemon then lends its
+        CPU out, so nested tasks cannot deadlock)."""
+        with self._ready:
+            missing = [oid for oid in object_ids if oid not in self._local]
+            if missing and self.role == "driver" and self._owned_pending.issuperset(missing):
+                if not self._ready.wait_for(
+                    lambda: all(oid in self._local for oid in missing), timeout
+                ):
+                    raise DaemonError("timeout", "get timed out")
+                missing = []
+            if not missing:
+                return [self._local[oid] for oid in object_ids]
+        fetched = self.request(lambda rid: p.GetObjects(rid, missing, timeout))
+        self._remember(fetched)
+        found = dict(zip(missing, fetched, strict=True))
+        with self._ready:
+            return [found.get(oid) or self._local[oid] for oid in object_ids]
 
     def wait(
         self,
@@ -134,9 +162,34 @@ class CoreClient:
         timeout: float | None,
         fetch_local: bool = True,
     ) -> list[str]:
+        """The first ``num_returns`` of the objects to be ready, in the order they
+        became ready (or those ready when ``timeout`` passed)."""
+        with self._ready:
+            pending = [oid for oid in object_ids if oid not in self._local]
+            if self.role == "driver" and self._owned_pending.issuperset(pending):
+                self._ready.wait_for(
+                    lambda: (
+                        len(object_ids) - sum(1 for o in pending if o not in self._local)
+                        >= num_returns
+                    ),
+                    timeout,
+                )
+                order = {oid: n for n, oid in enumerate(self._local)}
+                ready = sorted((oid for oid in object_ids if oid in order), key=order.__getitem__)
+                return ready[:num_returns]
         return self.request(
             lambda rid: p.WaitObjects(rid, object_ids, num_returns, timeout, fetch_local)
         )
+
+    def _remember(self, locations: list[p.ObjectLocation]) -> None:
+        """Adds ready objects to the local store, if this process still holds them."""
+        with self._ready:
+            for location in locations:
+                object_id = location.object_id
+                self._owned_pending.discard(object_id)
+                if self._ref_counts.get(object_id, 0) > 0 and object_id not in self._local:
+                    self._local[object_id] = location
+            self._ready.notify_all()
 
     def cluster_info(self) -> dict[str, Any]:
         return self.request(lambda rid: p.ClusterInfoRequest(rid))
@@ -179,6 +232,9 @@ class CoreClient:
             now = self._ref_counts[object_id]
             if now <= 0:
                 del self._ref_counts[object_id]
+                with self._ready:
+                    self._local.pop(object_id, None)
+                    self._owned_pending.discard(object_id)
             if was <= 0 < now and object_id not in owned:
                 deltas[object_id] = 1
             elif was > 0 >= now or (object_id in owned and now <= 0 and was <= 0):
@@ -206,6 +262,8 @@ class CoreClient:
                     future = self._requests.get(message.request_id)
                     if future is not None:
                         future.set_result(message)
+                elif isinstance(message, p.ObjectsReady):
+                    self._remember(message.locations)
                 elif isinstance(message, p.ExecuteTask):
                     self.tasks.put(message)
                 elif isinstance(message, p.Shutdown):

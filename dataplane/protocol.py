@@ -195,6 +195,14 @@ class ExecuteTask:
 
 
 @dataclass(slots=True)
+class ObjectsReady:
+    """Pushed to the client that submitted a task when its returns become ready (and
+    durable): the client answers get and wait for them without asking again."""
+
+    locations: list[ObjectLocation]
+
+
+@dataclass(slots=True)
 class Reply:
     request_id: int
     value: Any = None

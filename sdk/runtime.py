@@ -11,13 +11,13 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from controlplane.gcs import Gcs
 from controlplane.node.daemon import new_node_id
+from controlplane.session_dirs import new_session_dir
 from dataplane import context, shm
 from dataplane.client import CoreClient
 
@@ -86,9 +86,7 @@ class Runtime:
         gcs = Gcs(gcs_url)
         gcs.start()
         owns = gcs.embedded is None
-        session_dir = (
-            Path(tempfile.mkdtemp(prefix="cairn-session-")) if owns else gcs.embedded.session_dir
-        )  # type: ignore[union-attr]
+        session_dir = new_session_dir() if owns else gcs.embedded.session_dir  # type: ignore[union-attr]
         node_id = new_node_id()
         try:
             daemon = subprocess.Popen(

@@ -293,3 +293,93 @@ async def test_the_log_holds_every_transition_and_folds_to_the_projection() -> N
         assert {(r["state"], r["name"]) for r in states} == {("FINISHED", square._qualname)}
     finally:
         await conn.close()
+
+
+async def test_a_fresh_fold_of_the_log_reproduces_the_projections_exactly() -> None:
+    from test_projections import fold_of_whole_log, projection_tables
+
+    ray.get([add.remote(square.remote(i), 1) for i in range(10)])
+    with pytest.raises(ValueError):
+        ray.get(fail.remote("for the log"))
+    url = ray.get_runtime_context().gcs_address
+    async with Projector(url) as projector:
+        await projector.catch_up()
+    tables = await projection_tables(url)
+    folded = await fold_of_whole_log(url)
+    # events appended after catch_up (e.g. objects freed meanwhile) are not in the tables
+    async with Projector(url) as projector:
+        await projector.catch_up()
+    assert await projection_tables(url) == await fold_of_whole_log(url)
+    assert tables.keys() <= folded.keys()
+
+
+def test_object_refs_are_awaitable_and_have_futures() -> None:
+    import asyncio
+
+    ref = square.remote(6)
+    assert ref.future().result(timeout=10) == 36
+
+    async def main() -> list[int]:
+        return [await square.remote(2), await ref]
+
+    assert asyncio.run(main()) == [4, 36]
+    failing = fail.remote("in a future")
+    with pytest.raises(ValueError, match="in a future"):
+        failing.future().result(timeout=10)
+
+
+def test_runtime_context_and_cluster_resources() -> None:
+    context = ray.get_runtime_context()
+    assert context.get_task_id() is None
+    assert context.gcs_address.startswith("postgresql://")
+
+    @ray.remote
+    def where() -> tuple[str | None, str, str]:
+        c = ray.get_runtime_context()
+        return c.get_task_id(), c.get_node_id(), c.get_job_id()
+
+    ref = where.remote()
+    task_id, node_id, job_id = ray.get(ref)
+    assert task_id == ref.task_id()
+    assert (node_id, job_id) == (context.get_node_id(), context.get_job_id())
+    assert ray.cluster_resources()["CPU"] == 2
+    assert [n["NodeID"] for n in ray.nodes()] == [context.get_node_id()]
+    assert ray.is_initialized()
+    deadline = time.monotonic() + 5
+    while ray.available_resources().get("CPU") != 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert ray.available_resources()["CPU"] == 2
+
+
+def _worker_pids() -> set[int]:
+    pids = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmd = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"dataplane.worker" in cmd:
+                pids.add(int(entry.name))
+    return pids
+
+
+@pytest.mark.timeout(300)
+def test_hundred_thousand_tiny_tasks_leave_no_leak() -> None:
+    @ray.remote
+    def tiny(i: int) -> int:
+        return i
+
+    info = lambda: ray.api.client_or_auto_init().cluster_info()  # noqa: E731
+    before, workers_before = info(), _worker_pids()
+    total = 0
+    for start in range(0, 100_000, 10_000):
+        total += sum(ray.get([tiny.remote(i) for i in range(start, start + 10_000)]))
+    assert total == sum(range(100_000))
+    deadline = time.monotonic() + 10
+    while info()["objects"] > before["objects"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    after = info()
+    assert after["objects"] <= before["objects"]
+    assert after["object_store_used"] <= before["object_store_used"]
+    assert _worker_pids() == workers_before

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from controlplane.errors import GcsError
 from controlplane.eventlog import EntityKind, Event, EventAppender
 from controlplane.node.objects import ObjectTable
 from controlplane.node.resources import ResourcePool
@@ -33,6 +34,7 @@ from dataplane import shm
 
 log = logging.getLogger("cairn.node")
 K = EntityKind
+_FINAL_FLUSH_TIMEOUT_S = 5.0
 
 
 @dataclass
@@ -142,11 +144,21 @@ class NodeDaemon:
         self._log(
             [Event(K.NODE, self.node_id, "dead", {"cause": "shutdown"}, node_id=self.node_id)]
         )
-        await self.appender.close()
+        try:  # the GCS may be gone already (it dies with the driver that started it)
+            await asyncio.wait_for(self.appender.close(), _FINAL_FLUSH_TIMEOUT_S)
+        except TimeoutError:
+            log.warning(
+                "node daemon: the GCS did not take the last events within %ss",
+                _FINAL_FLUSH_TIMEOUT_S,
+            )
         shm.unlink_all(self.node_id)
 
     def _log(self, events: list[Event]) -> asyncio.Future[list[int]]:
-        future = self.appender.enqueue(events)
+        try:
+            future = self.appender.enqueue(events)
+        except GcsError as error:  # closed: we are shutting down
+            future = asyncio.get_running_loop().create_future()
+            future.set_exception(error)
         future.add_done_callback(_report_log_failure)
         return future
 
@@ -318,14 +330,20 @@ class NodeDaemon:
         )
 
     def _make_durable_then_ready(
-        self, locations: list[p.ObjectLocation], events: list[Event]
+        self,
+        locations: list[p.ObjectLocation],
+        events: list[Event],
+        owner: Connection | None = None,
     ) -> None:
+        """Once ``events`` are durable, the objects become ready; ``owner`` (the
+        submitter of the task that made them) is sent their locations."""
         for location in locations:
             self.objects.expect(location.object_id)
         durable = self._log(events)
 
         def publish(future: asyncio.Future[list[int]]) -> None:
             error = future.exception()
+            published = []
             for location in locations:
                 if error is not None:
                     location = p.ObjectLocation(
@@ -335,6 +353,9 @@ class NodeDaemon:
                         ),
                     )
                 self.objects.ready(location)
+                published.append(location)
+            if owner is not None:
+                owner.send(p.ObjectsReady(published))
             self._schedule()
 
         durable.add_done_callback(publish)
@@ -546,7 +567,7 @@ class NodeDaemon:
         ]
         events += [self._created_event(loc, spec.task_id, spec.job_id) for loc in returns]
         record.state = "FINISHED"
-        self._make_durable_then_ready(returns, events)
+        self._make_durable_then_ready(returns, events, record.submitter)
         self._task_over(record)
 
     def _finish_failed(self, record: TaskRecord, error: p.ErrorInfo, *, log_event: bool) -> None:
@@ -564,7 +585,7 @@ class NodeDaemon:
         )
         record.state = kind.upper()
         locations = [p.ObjectLocation(oid, error=error) for oid in spec.return_ids()]
-        self._make_durable_then_ready(locations, events)
+        self._make_durable_then_ready(locations, events, record.submitter)
         self._task_over(record)
 
     def _task_over(self, record: TaskRecord) -> None:
@@ -651,7 +672,7 @@ class NodeDaemon:
     # -- workers -------------------------------------------------------------------
 
     def _start_worker(self) -> None:
-        worker_id = f"{self.node_id[:8]}-w{next(self._worker_ids)}"
+        worker_id = f"{self.node_id}-w{next(self._worker_ids)}"
         process = subprocess.Popen(
             [sys.executable, "-m", "dataplane.worker", self.socket_path, worker_id],
             stdin=subprocess.DEVNULL,
@@ -685,6 +706,7 @@ class NodeDaemon:
             "available": dict(self.resources.available),
             "object_store_used": self.objects.used,
             "object_store_capacity": self.objects.capacity,
+            "objects": len(self.objects),
             "workers": len(self.workers),
         }
 

@@ -97,6 +97,9 @@ DECLARE
     v_size    bigint;
     v_ahead   integer;
 BEGIN
+    -- Appends lock the head row before they touch events; so does this, so that
+    -- creating partitions from maintenance and from an append cannot deadlock.
+    PERFORM 1 FROM event_log_head WHERE id = 1 FOR UPDATE;
     LOOP
         SELECT partitioned_until, partition_size, partitions_ahead
           INTO v_until, v_size, v_ahead FROM event_log_head WHERE id = 1;

@@ -1,0 +1,55 @@
+"""Session directories (``/tmp/cairn-session-*``): where a session keeps its embedded
+PostgreSQL data, sockets and logs. Each records the pid of the process that made it, so
+a later session can remove the directories of sessions whose owner died without
+cleaning up (SIGKILL, os._exit) once nothing of theirs runs any more."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+PREFIX = "cairn-session-"
+_OWNER_FILE = "owner.pid"
+
+
+def new_session_dir() -> Path:
+    sweep_stale()
+    path = Path(tempfile.mkdtemp(prefix=PREFIX))
+    (path / _OWNER_FILE).write_text(str(os.getpid()))
+    return path
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _pid_in(path: Path) -> int | None:
+    try:
+        return int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def sweep_stale() -> list[Path]:
+    """Removes session directories whose owner and PostgreSQL are both gone."""
+    removed = []
+    for path in Path(tempfile.gettempdir()).glob(f"{PREFIX}*"):
+        owner = _pid_in(path / _OWNER_FILE)
+        if owner is None or _alive(owner):
+            continue  # not ours to judge (no owner file), or still in use
+        postmaster = _pid_in(path / "pgdata" / "postmaster.pid")
+        if postmaster is not None and _alive(postmaster):
+            continue
+        with contextlib.suppress(OSError):
+            shutil.rmtree(path)
+            removed.append(path)
+    return removed
