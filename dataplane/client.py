@@ -15,6 +15,7 @@ import itertools
 import os
 import queue
 import threading
+import weakref
 from concurrent.futures import Future
 from typing import Any
 
@@ -111,10 +112,10 @@ class CoreClient:
             return p.ObjectLocation(
                 object_id, inline=value.to_bytes(), size=size, contained=contained
             )
-        self.request(lambda rid: p.ReserveShm(rid, size))
+        reuse = self.request(lambda rid: p.ReserveShm(rid, size))
         name = shm.segment_name(self.welcome.node_id, object_id)
         try:
-            shm.write_segment(name, value, size)
+            shm.write_segment(name, value, size, reuse=reuse)
         except BaseException:
             self.send(p.ReserveShm(0, -size))  # give the reservation back
             raise
@@ -194,13 +195,18 @@ class CoreClient:
     def cluster_info(self) -> dict[str, Any]:
         return self.request(lambda rid: p.ClusterInfoRequest(rid))
 
-    @staticmethod
-    def read_value(location: p.ObjectLocation) -> Any:
-        """The value at a location (errors are the caller's to interpret)."""
+    def read_value(self, location: p.ObjectLocation) -> Any:
+        """The value at a location (errors are the caller's to interpret). A value in
+        shared memory stays pinned (this process holds its object) for as long as the
+        mapping lives, i.e. as long as anything deserialized from it does, so its
+        segment is never recycled under a reader."""
         if location.inline is not None:
             return deserialize(location.inline)
         assert location.shm_name is not None
-        return deserialize(shm.map_segment(location.shm_name, location.size))
+        mapping = shm.map_segment(location.shm_name, location.size)
+        self.add_ref(location.object_id)
+        weakref.finalize(mapping, self.remove_ref, location.object_id)
+        return deserialize(memoryview(mapping))
 
     # -- reference counting -----------------------------------------------------------
 

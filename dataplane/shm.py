@@ -21,9 +21,20 @@ def segment_name(prefix: str, object_id: str) -> str:
     return f"{prefix}-{object_id}"
 
 
-def write_segment(name: str, value: Serialized, size: int) -> None:
-    """Creates the segment ``name`` of ``size`` bytes and writes the blob into it."""
-    fd = os.open(SHM_DIR / name, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+def write_segment(name: str, value: Serialized, size: int, reuse: str | None = None) -> None:
+    """Creates the segment ``name`` of ``size`` bytes and writes the blob into it.
+
+    ``reuse`` names a recycled segment (one of a freed object, handed out by the node
+    daemon): it is renamed and overwritten, so its pages, already allocated, need no
+    zeroing or faulting in."""
+    path = SHM_DIR / name
+    fd = -1
+    if reuse is not None:
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(SHM_DIR / reuse, path)
+            fd = os.open(path, os.O_RDWR)
+    if fd < 0:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
     try:
         os.ftruncate(fd, size)
         # Allocate every page at once and map them populated: much cheaper than
@@ -37,20 +48,28 @@ def write_segment(name: str, value: Serialized, size: int) -> None:
                 view.release()
     except BaseException:
         with contextlib.suppress(OSError):
-            os.unlink(SHM_DIR / name)
+            os.unlink(path)
         raise
     finally:
         os.close(fd)
 
 
-def map_segment(name: str, size: int) -> memoryview:
+def map_segment(name: str, size: int) -> mmap.mmap:
     """The segment, mapped read-only; the mapping lives as long as views of it do."""
     fd = os.open(SHM_DIR / name, os.O_RDONLY)
     try:
-        mapping = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+        return mmap.mmap(fd, size, prot=mmap.PROT_READ)
     finally:
         os.close(fd)
-    return memoryview(mapping)
+
+
+def recycle_segment(name: str, new_name: str) -> bool:
+    """Keeps a freed object's segment under a pool name for reuse; False if gone."""
+    try:
+        os.rename(SHM_DIR / name, SHM_DIR / new_name)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def unlink_segment(name: str) -> None:

@@ -20,7 +20,7 @@ import cloudpickle
 from dataplane import context
 from dataplane import protocol as p
 from dataplane.client import CoreClient
-from dataplane.serialization import SerializationError, serialize_with_refs
+from dataplane.serialization import SerializationError, deserialize, serialize_with_refs
 
 
 class Worker:
@@ -69,9 +69,9 @@ class Worker:
 
     def _value(self, arg: p.Arg, location: p.ObjectLocation | None) -> Any:
         if arg.inline is not None:
-            return CoreClient.read_value(p.ObjectLocation("", inline=arg.inline))
+            return deserialize(arg.inline)
         assert location is not None, "the daemon sends the location of every ref argument"
-        return CoreClient.read_value(location)
+        return self.client.read_value(location)
 
     def _store(self, object_id: str, value: Any) -> p.ObjectLocation:
         try:

@@ -56,14 +56,17 @@ class EventAppender:
         max_batch: int = DEFAULT_MAX_BATCH,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
         unavailable_timeout: float = DEFAULT_UNAVAILABLE_TIMEOUT_S,
+        linger: float = 0.0,
     ) -> None:
         self.url = url
         self.max_batch = max_batch
+        self.linger = linger
         self.connect_timeout = connect_timeout
         self.unavailable_timeout = unavailable_timeout
         self._conn: asyncpg.Connection | None = None
         self._queue: deque[_Request] = deque()
         self._wake = asyncio.Event()
+        self._urgent = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
         self._closed = False
         self.batches_committed = 0
@@ -78,6 +81,7 @@ class EventAppender:
         if self._closed:
             return
         self._closed = True
+        self._urgent.set()
         self._wake.set()
         if self._flusher is not None:
             await self._flusher
@@ -105,10 +109,15 @@ class EventAppender:
             return []
         return await self.enqueue(batch)
 
-    def enqueue(self, events: Sequence[Event]) -> asyncio.Future[list[int]]:
+    def enqueue(
+        self, events: Sequence[Event], *, urgent: bool = True
+    ) -> asyncio.Future[list[int]]:
         """Queues events at once (keeping call order without awaiting); the future
         gives their positions once they are durable. Raises InvalidEventError, with
-        nothing queued, if any event is invalid."""
+        nothing queued, if any event is invalid.
+
+        Events that are not ``urgent`` may wait up to ``linger`` seconds for more to
+        join their commit; an urgent request flushes everything queued before it."""
         if self._closed or self._flusher is None:
             raise GcsError("the event appender is not running (start() it, or it was closed)")
         batch = list(events)
@@ -117,6 +126,8 @@ class EventAppender:
             raise InvalidEventError("an event_id is repeated within one append_many call")
         request = _Request(batch, payloads)
         self._queue.append(request)
+        if urgent or not self.linger:
+            self._urgent.set()
         self._wake.set()
         return request.done
 
@@ -126,6 +137,11 @@ class EventAppender:
         while True:
             await self._wake.wait()
             self._wake.clear()
+            if self.linger and not self._urgent.is_set():
+                # only lingering events so far: give others a moment to join them
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._urgent.wait(), self.linger)
+            self._urgent.clear()
             while self._queue:
                 await self._flush(self._take_batch())
             if self._closed:

@@ -3,10 +3,15 @@ argument objects and for resources, then go to an idle worker), the worker pool,
 the node's object table, and records every transition in the log.
 
 Durability before visibility: a task's results become visible (``get`` returns,
-``wait`` counts them) only after its ``finished`` event and its objects' ``created``
-events are durable. The earlier events of a task are appended without waiting (one
-appender keeps them in order, so once ``finished`` is durable so is everything before
-it); if the daemon dies before then, the task never appeared to finish.
+``wait`` counts them, the submitter is sent them) only after its ``finished`` event and
+its objects' ``created`` events are durable. The events before those (``submitted``,
+``scheduled``, ``running``) and bookkeeping events (``freed``, ``retried``, worker
+events) are written behind, by at most 5 ms (the appender's linger), usually in the
+same commit as the ``finished`` that follows; one appender keeps all of them in order,
+so once ``finished`` is durable so is everything before it. A crash of the node can
+lose only written-behind events of tasks whose results nobody has seen. A ``put``
+value is visible in the process that put it at once (it holds the value); to every
+other process once its ``created`` event is durable.
 """
 
 from __future__ import annotations
@@ -29,12 +34,15 @@ from controlplane.errors import GcsError
 from controlplane.eventlog import EntityKind, Event, EventAppender
 from controlplane.node.objects import ObjectTable
 from controlplane.node.resources import ResourcePool
+from controlplane.node.segment_pool import SegmentPool
 from dataplane import protocol as p
 from dataplane import shm
 
 log = logging.getLogger("cairn.node")
 K = EntityKind
 _FINAL_FLUSH_TIMEOUT_S = 5.0
+_LINGER_S = 0.005
+_POOL_LIMIT = 2 * 1024**3
 
 
 @dataclass
@@ -92,7 +100,8 @@ class NodeDaemon:
         self.node_id = node_id
         self.resources = ResourcePool(resources)
         self.objects = ObjectTable(object_store_memory, on_free=self._object_freed)
-        self.appender = EventAppender(gcs_url)
+        self.pool = SegmentPool(node_id, limit=min(object_store_memory // 4, _POOL_LIMIT))
+        self.appender = EventAppender(gcs_url, linger=_LINGER_S)
         self.functions: dict[str, tuple[bytes, str]] = {}
         self.tasks: dict[str, TaskRecord] = {}
         self.ready: dict[tuple[tuple[str, float], ...], deque[TaskRecord]] = {}
@@ -153,9 +162,12 @@ class NodeDaemon:
             )
         shm.unlink_all(self.node_id)
 
-    def _log(self, events: list[Event]) -> asyncio.Future[list[int]]:
+    def _log(self, events: list[Event], *, urgent: bool = False) -> asyncio.Future[list[int]]:
+        """Appends events. Only those that gate visibility are ``urgent``; the rest
+        (submitted, scheduled, running, freed, ...) are written behind by at most
+        _LINGER_S, usually in the same commit as the urgent ones that follow them."""
         try:
-            future = self.appender.enqueue(events)
+            future = self.appender.enqueue(events, urgent=urgent)
         except GcsError as error:  # closed: we are shutting down
             future = asyncio.get_running_loop().create_future()
             future.set_exception(error)
@@ -302,11 +314,16 @@ class NodeDaemon:
         )
 
     def _reserve(self, conn: Connection, request_id: int, size: int) -> None:
+        """Admits a segment of ``size`` bytes; the reply names a recycled segment to
+        write into, or None for a new one."""
         if size < 0:  # a reservation given back after a failed write
             self.objects.uncharge(-size)
             return
+        overflow = self.objects.used + self.pool.bytes + size - self.objects.capacity
+        if overflow > 0:
+            self.pool.evict(overflow)
         if self.objects.charge(size):
-            conn.send(p.Reply(request_id, True))
+            conn.send(p.Reply(request_id, self.pool.take(size)))
         else:
             conn.send(
                 p.Reply(
@@ -339,7 +356,7 @@ class NodeDaemon:
         submitter of the task that made them) is sent their locations."""
         for location in locations:
             self.objects.expect(location.object_id)
-        durable = self._log(events)
+        durable = self._log(events, urgent=True)
 
         def publish(future: asyncio.Future[list[int]]) -> None:
             error = future.exception()
@@ -361,7 +378,7 @@ class NodeDaemon:
         durable.add_done_callback(publish)
 
     def _object_freed(self, location: p.ObjectLocation) -> None:
-        if location.shm_name is not None:
+        if location.shm_name is not None and not self.pool.keep(location.shm_name, location.size):
             shm.unlink_segment(location.shm_name)
         self._log([Event(K.OBJECT, location.object_id, "freed", {}, node_id=self.node_id)])
 
