@@ -6,9 +6,9 @@
 Each system runs in its own process (Cairn with this interpreter, Ray with the
 interpreter of a separate venv, made by ../shared/tools/ray-baseline.sh), on a fresh
 local cluster with the machine's CPUs, the same workloads and the same timing loop:
-about 0.5 s of warm-up, then as many calls as fit in ``--seconds``; the figure is calls
-per second times the row's multiplier (so "tasks async" counts tasks, "put gigabytes"
-counts GB). Cairn logs every transition durably while it runs.
+1 s of warm-up (as Ray's own harness), then as many calls as fit in ``--seconds``; the
+figure is calls per second times the row's multiplier (so "tasks async" counts tasks,
+"put gigabytes" counts GB). Cairn logs every transition durably while it runs.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Any
 DEFAULT_RAY_PYTHON = "/tmp/rayenv/bin/python"
 
 
-def measure(fn: Callable[[], Any], seconds: float, warmup: float = 0.5) -> float:
+def measure(fn: Callable[[], Any], seconds: float, warmup: float = 1.0) -> float:
     """Calls per second of ``fn``, after a warm-up."""
     end = time.perf_counter() + warmup
     while time.perf_counter() < end:

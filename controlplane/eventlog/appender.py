@@ -109,9 +109,7 @@ class EventAppender:
             return []
         return await self.enqueue(batch)
 
-    def enqueue(
-        self, events: Sequence[Event], *, urgent: bool = True
-    ) -> asyncio.Future[list[int]]:
+    def enqueue(self, events: Sequence[Event], *, urgent: bool = True) -> asyncio.Future[list[int]]:
         """Queues events at once (keeping call order without awaiting); the future
         gives their positions once they are durable. Raises InvalidEventError, with
         nothing queued, if any event is invalid.

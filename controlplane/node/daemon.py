@@ -355,7 +355,7 @@ class NodeDaemon:
         """Once ``events`` are durable, the objects become ready; ``owner`` (the
         submitter of the task that made them) is sent their locations."""
         for location in locations:
-            self.objects.expect(location.object_id)
+            self.objects.expect(location.object_id, location)
         durable = self._log(events, urgent=True)
 
         def publish(future: asyncio.Future[list[int]]) -> None:

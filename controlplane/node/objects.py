@@ -18,7 +18,8 @@ from dataplane import protocol as p
 
 @dataclass
 class _Entry:
-    location: p.ObjectLocation | None = None
+    location: p.ObjectLocation | None = None  # set once ready (its events durable)
+    pending: p.ObjectLocation | None = None  # known, waiting for its events
     holders: int = 0
     pins: int = 0
     ready_seq: int = 0
@@ -56,8 +57,12 @@ class ObjectTable:
             entry = self._entries[object_id] = _Entry()
         return entry
 
-    def expect(self, object_id: str) -> None:
-        self._entry(object_id)
+    def expect(self, object_id: str, location: p.ObjectLocation | None = None) -> None:
+        """An object that will become ready; ``location`` if already known (its bytes
+        exist, its events are on their way to the log)."""
+        entry = self._entry(object_id)
+        if location is not None:
+            entry.pending = location
 
     def hold(self, object_id: str) -> None:
         if object_id not in self._freed:
@@ -80,20 +85,27 @@ class ObjectTable:
             self._maybe_free(object_id, entry)
 
     def _maybe_free(self, object_id: str, entry: _Entry) -> None:
-        if entry.holders > 0 or entry.pins > 0 or entry.location is None:
+        """Frees an object nobody holds. One whose events are not durable yet may go
+        too: nobody else can have seen it, and its ``freed`` event follows its
+        ``created`` event through the same appender."""
+        location = entry.location or entry.pending
+        if entry.holders > 0 or entry.pins > 0 or location is None:
             return
         del self._entries[object_id]
         self._freed.add(object_id)
-        if entry.location.error is None:
-            self.uncharge(entry.location.size)
-            self._on_free(entry.location)
-        for contained in entry.location.contained:
-            self.unpin(contained)
+        if location.error is None:
+            self.uncharge(location.size)
+            self._on_free(location)
+        if entry.location is not None:  # contained refs are pinned once it is ready
+            for contained in location.contained:
+                self.unpin(contained)
 
     # -- readiness -----------------------------------------------------------------
 
     def ready(self, location: p.ObjectLocation) -> None:
         object_id = location.object_id
+        if object_id in self._freed:
+            return  # freed while its events were on their way
         entry = self._entry(object_id)
         entry.location = location
         entry.ready_seq = next(self._seq)
