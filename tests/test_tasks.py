@@ -29,7 +29,7 @@ pytestmark = pytest.mark.timeout(120)
 
 @pytest.fixture(scope="module", autouse=True)
 def cluster() -> Iterator[None]:
-    ray.init(num_cpus=2, object_store_memory=300 * 1024 * 1024)
+    ray.init(num_cpus=2, object_store_memory=1536 * 1024 * 1024)
     try:
         yield
     finally:
@@ -211,12 +211,29 @@ def test_get_of_a_large_array_maps_shared_memory_without_copy() -> None:
     def make(n: int) -> np.ndarray:
         return np.arange(n, dtype=np.int64)
 
-    array = ray.get(make.remote(8 * 1024 * 1024))  # 64 MiB, written by a worker
-    assert array[-1] == 8 * 1024 * 1024 - 1
+    n = 128 * 1024 * 1024  # 1 GiB, written by a worker process
+    ref = make.remote(n)
+    array = ray.get(ref)
+    assert array.nbytes == 1024**3 and array[-1] == n - 1
     assert not array.flags.writeable
     assert _mapped_from_shm(array.__array_interface__["data"][0])
     with pytest.raises(ValueError):
         array[0] = 1
+    again = ray.get(ref)  # a second get maps the same segment again, still no copy
+    assert _mapped_from_shm(again.__array_interface__["data"][0])
+
+
+def test_get_of_a_pyarrow_table_maps_shared_memory() -> None:
+    import pyarrow as pa
+
+    @ray.remote
+    def table() -> pa.Table:
+        return pa.table({"x": np.arange(4_000_000), "y": np.ones(4_000_000)})
+
+    result = ray.get(table.remote())
+    assert result.num_rows == 4_000_000 and result.column("x")[-1].as_py() == 3_999_999
+    buffer = result.column("x").chunk(0).buffers()[1]
+    assert _mapped_from_shm(buffer.address)
 
 
 def test_bad_input_gives_clear_errors() -> None:
@@ -241,7 +258,7 @@ def test_bad_input_gives_clear_errors() -> None:
 
 def test_put_larger_than_the_store_raises_and_the_store_stays_usable() -> None:
     with pytest.raises(ObjectStoreFullError, match="cannot fit"):
-        ray.put(np.zeros(400 * 1024 * 1024, dtype=np.uint8))
+        ray.put(np.zeros(1600 * 1024 * 1024, dtype=np.uint8))
     big = ray.put(np.ones(50 * 1024 * 1024, dtype=np.uint8))
     assert int(ray.get(big).sum()) == 50 * 1024 * 1024
 
