@@ -11,6 +11,7 @@ borrowed ref is registered before the task or object that lent it can be release
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import os
 import queue
@@ -69,9 +70,7 @@ class CoreClient:
         if self._closed.is_set():
             raise ConnectionError("the connection to the node daemon is closed")
         with self._flush_lock:
-            deltas = self._drain_ref_changes()
-            if deltas:
-                self.channel.send(p.RefCounts(deltas))
+            self._send_ref_changes()
             self.channel.send(message)
 
     def request(self, make: Any) -> Any:
@@ -247,14 +246,18 @@ class CoreClient:
                 deltas[object_id] = -1
         return deltas
 
+    def _send_ref_changes(self) -> None:
+        """Sends what the queued ref changes add up to (call with _flush_lock held)."""
+        deltas = self._drain_ref_changes()
+        if deltas:
+            self.channel.send(p.RefCounts(deltas))
+
     def _flush_loop(self) -> None:
         while not self._closed.wait(_FLUSH_INTERVAL_S):
             if self._ref_changes:
                 try:
                     with self._flush_lock:
-                        deltas = self._drain_ref_changes()
-                        if deltas:
-                            self.channel.send(p.RefCounts(deltas))
+                        self._send_ref_changes()
                 except OSError:
                     return
 
@@ -289,12 +292,7 @@ class CoreClient:
 
     def close(self) -> None:
         if not self._closed.is_set():
-            try:
-                with self._flush_lock:
-                    deltas = self._drain_ref_changes()
-                    if deltas:
-                        self.channel.send(p.RefCounts(deltas))
-            except OSError:
-                pass
+            with contextlib.suppress(OSError), self._flush_lock:
+                self._send_ref_changes()
         self._closed.set()
         self.channel.close()

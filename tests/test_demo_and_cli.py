@@ -46,3 +46,13 @@ def test_unreachable_gcs_is_a_clear_one_line_error() -> None:
     assert "cannot reach the GCS at postgresql://u:***@127.0.0.1:1/db" in result.stderr
     assert "topsecret" not in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_the_readme_demo_runs_a_ray_program_and_reports_its_log() -> None:
+    result = subprocess.run([sys.executable, "-m", "sdk.demo"], capture_output=True, text=True,
+                            timeout=150)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "pi ~ 3.14" in out
+    assert "wait: 4 ready, 4 pending" in out
+    assert "task.finished" in out and "sample FINISHED" in out

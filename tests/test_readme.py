@@ -15,7 +15,7 @@ def fenced_blocks(text: str) -> list[str]:
 
 def test_ci_runs_exactly_the_readme_test_command() -> None:
     install_and_demo, tests = fenced_blocks((ROOT / "README.md").read_text())[:2]
-    assert install_and_demo.count("\n") == 0 and "cairn demo" in install_and_demo
+    assert install_and_demo.count("\n") == 0 and "sdk.demo" in install_and_demo
     assert tests.count("\n") == 0 and "pytest" in tests
     ci_commands = [
         line
