@@ -28,6 +28,10 @@ _OWN = 0  # a ref to an object this process created: held without telling the da
 _FLUSH_INTERVAL_S = 0.05
 
 
+class ObjectMissingError(LookupError):
+    """An object's segment is gone; the daemon has been told (it records it lost)."""
+
+
 class DaemonError(RuntimeError):
     """The daemon refused a request; ``kind`` says why (e.g. "timeout", "store_full")."""
 
@@ -202,7 +206,14 @@ class CoreClient:
         if location.inline is not None:
             return deserialize(location.inline)
         assert location.shm_name is not None
-        mapping = shm.map_segment(location.shm_name, location.size)
+        try:
+            mapping = shm.map_segment(location.shm_name, location.size)
+        except FileNotFoundError:
+            with self._ready:
+                self._local.pop(location.object_id, None)
+            reason = f"its shared-memory segment {location.shm_name} is gone"
+            self.send(p.ReportLost(location.object_id, reason))
+            raise ObjectMissingError(f"object {location.object_id} is lost: {reason}") from None
         self.add_ref(location.object_id)
         weakref.finalize(mapping, self.remove_ref, location.object_id)
         return deserialize(memoryview(mapping))

@@ -39,6 +39,7 @@ class ErrorInfo:
     function_name: str = ""
     traceback: str = ""
     cause: bytes | None = None
+    retryable: bool = True  # False: retry_exceptions lists classes and this is none
 
 
 @dataclass(slots=True)
@@ -76,6 +77,7 @@ class TaskSpec:
     resources: dict[str, float]
     max_retries: int
     retry_exceptions: bool
+    retry_exception_types: bytes | None = None  # cloudpickled tuple; None: any exception
     contained_refs: tuple[str, ...] = ()  # refs nested inside inline arguments
     parent_task_id: str | None = None
 
@@ -166,6 +168,14 @@ class TaskDone:
     attempt: int
     returns: list[ObjectLocation]
     error: ErrorInfo | None = None  # set when the task raised: every return is this error
+
+
+@dataclass(slots=True)
+class ReportLost:
+    """A client found an object's segment gone (removed from /dev/shm behind our back)."""
+
+    object_id: str
+    reason: str
 
 
 @dataclass(slots=True)

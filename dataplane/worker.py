@@ -19,7 +19,7 @@ import cloudpickle
 
 from dataplane import context
 from dataplane import protocol as p
-from dataplane.client import CoreClient
+from dataplane.client import CoreClient, ObjectMissingError
 from dataplane.serialization import SerializationError, deserialize, serialize_with_refs
 
 
@@ -42,6 +42,8 @@ class Worker:
                 args = [self._value(a, loc) for a, loc in zip(spec.args, message.args, strict=True)]
                 kwargs = {k: self._value(a, message.kwargs.get(k)) for k, a in spec.kwargs.items()}
                 result = function(*args, **kwargs)
+            except ObjectMissingError as missing:  # an argument's bytes are gone
+                return self._failed(spec, message, p.ErrorInfo("object_lost", str(missing)))
             except KeyboardInterrupt:
                 return self._failed(
                     spec,
@@ -49,7 +51,10 @@ class Worker:
                     p.ErrorInfo("cancelled", f"task {spec.name} was cancelled", spec.name),
                 )
             except BaseException as exc:  # the user's exception, reported to the caller
-                return self._failed(spec, message, _task_error(spec.name, exc))
+                error = _task_error(spec.name, exc)
+                if spec.retry_exception_types is not None:
+                    error.retryable = isinstance(exc, cloudpickle.loads(spec.retry_exception_types))
+                return self._failed(spec, message, error)
             try:
                 values = _split_returns(result, spec.num_returns)
                 returns = [

@@ -13,7 +13,7 @@ from typing import Any
 
 from dataplane import context
 from dataplane import protocol as p
-from dataplane.client import CoreClient, DaemonError
+from dataplane.client import CoreClient, DaemonError, ObjectMissingError
 from dataplane.serialization import Serialized, serialize_with_refs
 from sdk import exceptions as exc
 from sdk.object_ref import ObjectRef
@@ -151,7 +151,10 @@ def get(object_refs: ObjectRef | Sequence[ObjectRef], *, timeout: float | None =
 def _value(client: CoreClient, location: p.ObjectLocation) -> Any:
     if location.error is not None:
         raise error_of(location.error, location.object_id)
-    return client.read_value(location)
+    try:
+        return client.read_value(location)
+    except ObjectMissingError as missing:
+        raise exc.ObjectLostError(location.object_id, str(missing)) from None
 
 
 def error_of(info: p.ErrorInfo, object_id: str) -> exc.RayError:

@@ -42,14 +42,22 @@ async def _log_report(url: str, job_id: str) -> list[str]:
         lines = []
         rows = await conn.fetch(
             "SELECT entity_kind::text AS kind, event_type, count(*) AS n FROM events "
-            "WHERE job_id = $1 OR job_id IS NULL GROUP BY 1, 2 ORDER BY 1, 3 DESC", job_id)
-        lines.append("events by kind and type: " + ", ".join(
-            f"{r['kind']}.{r['event_type']} {r['n']}" for r in rows))
+            "WHERE job_id = $1 OR job_id IS NULL GROUP BY 1, 2 ORDER BY 1, 3 DESC",
+            job_id,
+        )
+        lines.append(
+            "events by kind and type: "
+            + ", ".join(f"{r['kind']}.{r['event_type']} {r['n']}" for r in rows)
+        )
         rows = await conn.fetch(
             "SELECT name, state, count(*) AS n FROM tasks WHERE job_id = $1 "
-            "GROUP BY 1, 2 ORDER BY 1", job_id)
-        lines.append("SELECT name, state, count(*) FROM tasks GROUP BY 1, 2 -> " + ", ".join(
-            f"{r['name'].rsplit('.', 1)[-1]} {r['state']} {r['n']}" for r in rows))
+            "GROUP BY 1, 2 ORDER BY 1",
+            job_id,
+        )
+        lines.append(
+            "SELECT name, state, count(*) FROM tasks GROUP BY 1, 2 -> "
+            + ", ".join(f"{r['name'].rsplit('.', 1)[-1]} {r['state']} {r['n']}" for r in rows)
+        )
         return lines
     finally:
         await conn.close()
@@ -58,22 +66,28 @@ async def _log_report(url: str, job_id: str) -> list[str]:
 def main() -> None:
     started = time.perf_counter()
     context = ray.init()
-    print(f"cluster up in {time.perf_counter() - started:.1f} s: node {context.node_id[:8]}, "
-          f"{ray.cluster_resources()['CPU']:.0f} CPUs, log at "
-          f"{context.gcs_address.split('@')[-1]}")
+    print(
+        f"cluster up in {time.perf_counter() - started:.1f} s: node {context.node_id[:8]}, "
+        f"{ray.cluster_resources()['CPU']:.0f} CPUs, log at "
+        f"{context.gcs_address.split('@')[-1]}"
+    )
 
     started = time.perf_counter()
     samples, per_sample = 32, 500_000
     counts = [sample.remote(seed, per_sample) for seed in range(samples)]
     inside = ray.get(total.remote(*counts))
-    print(f"pi ~ {4 * inside / (samples * per_sample):.5f} from {samples} tasks and one "
-          f"reduce over their refs, in {time.perf_counter() - started:.2f} s")
+    print(
+        f"pi ~ {4 * inside / (samples * per_sample):.5f} from {samples} tasks and one "
+        f"reduce over their refs, in {time.perf_counter() - started:.2f} s"
+    )
 
     started = time.perf_counter()
     matrix = ray.put(np.arange(64 * 1024 * 1024, dtype=np.float64).reshape(-1, 1024))
     means = ray.get(column_means.remote(matrix))
-    print(f"512 MiB matrix put once, read by a worker in place (shared memory): column "
-          f"means {means[0]:.1f} .. {means[-1]:.1f}, in {time.perf_counter() - started:.2f} s")
+    print(
+        f"512 MiB matrix put once, read by a worker in place (shared memory): column "
+        f"means {means[0]:.1f} .. {means[-1]:.1f}, in {time.perf_counter() - started:.2f} s"
+    )
 
     ready, pending = ray.wait([sample.remote(s, 10_000) for s in range(8)], num_returns=4)
     print(f"wait: {len(ready)} ready, {len(pending)} pending")

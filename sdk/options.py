@@ -23,6 +23,14 @@ def _retries(value: Any) -> str | None:
     return None if value >= -1 else "must be -1 (retry forever) or >= 0"
 
 
+def _retry_exceptions(value: Any) -> str | None:
+    if isinstance(value, bool):
+        return None
+    if not all(isinstance(t, type) and issubclass(t, BaseException) for t in value):
+        return "must be a bool or a list of exception classes"
+    return None
+
+
 def _resources(value: Any) -> str | None:
     if value is None:
         return None
@@ -42,7 +50,7 @@ TASK_OPTIONS: dict[str, Option] = {
     "resources": Option((dict,), None, _resources),
     "num_returns": Option((int,), 1, _non_negative),
     "max_retries": Option((int,), 3, _retries),
-    "retry_exceptions": Option((bool, list, tuple), False),
+    "retry_exceptions": Option((bool, list, tuple), False, _retry_exceptions),
     "name": Option((str,), None),
     "memory": Option((int, float), None, _non_negative),
     "scheduling_strategy": Option((str, object), None),

@@ -60,6 +60,7 @@ class RemoteFunction:
             resources=opts.resource_request(resolved),
             max_retries=resolved["max_retries"],
             retry_exceptions=bool(resolved["retry_exceptions"]),
+            retry_exception_types=self._retry_types(resolved["retry_exceptions"]),
             contained_refs=tuple(dict.fromkeys(contained)),
             parent_task_id=task.task_id if task else None,
         )
@@ -68,6 +69,12 @@ class RemoteFunction:
         if spec.num_returns == 1:
             return refs[0]
         return refs if spec.num_returns > 1 else None
+
+    @staticmethod
+    def _retry_types(option: bool | list | tuple) -> bytes | None:
+        if isinstance(option, bool):
+            return None
+        return cloudpickle.dumps(tuple(option))
 
     def _pickle(self) -> tuple[str, bytes]:
         if self._pickled is None:

@@ -49,8 +49,9 @@ def test_unreachable_gcs_is_a_clear_one_line_error() -> None:
 
 
 def test_the_readme_demo_runs_a_ray_program_and_reports_its_log() -> None:
-    result = subprocess.run([sys.executable, "-m", "sdk.demo"], capture_output=True, text=True,
-                            timeout=150)
+    result = subprocess.run(
+        [sys.executable, "-m", "sdk.demo"], capture_output=True, text=True, timeout=150
+    )
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "pi ~ 3.14" in out

@@ -195,6 +195,14 @@ def test_application_errors_are_retried_only_with_retry_exceptions(tmp_path: Pat
     retry = tmp_path / "b"
     assert ray.get(flaky.options(retry_exceptions=True).remote(str(retry))) == "ok"
     assert retry.read_text() == "xxx"
+    listed = tmp_path / "c"  # only the listed exception classes are retried
+    assert ray.get(flaky.options(retry_exceptions=[RuntimeError]).remote(str(listed))) == "ok"
+    unlisted = tmp_path / "d"
+    with pytest.raises(RuntimeError):
+        ray.get(flaky.options(retry_exceptions=[KeyError]).remote(str(unlisted)))
+    assert unlisted.read_text() == "x"
+    with pytest.raises(ValueError, match="list of exception classes"):
+        flaky.options(retry_exceptions=["RuntimeError"])
 
 
 def _mapped_from_shm(address: int) -> bool:
@@ -419,3 +427,24 @@ def test_hundred_thousand_tiny_tasks_leave_no_leak() -> None:
     assert after["objects"] <= before["objects"]
     assert after["object_store_used"] <= before["object_store_used"]
     assert _worker_pids() == workers_before
+
+
+async def test_an_object_whose_segment_vanished_is_lost_and_logged() -> None:
+    from sdk.exceptions import ObjectLostError
+
+    ref = ray.put(np.ones(1024 * 1024, dtype=np.uint8))
+    node_id = ray.get_runtime_context().get_node_id()
+    (shm.SHM_DIR / shm.segment_name(node_id, ref.hex())).unlink()
+    with pytest.raises(ObjectLostError, match=r"segment .* is gone"):
+        ray.get(ref)
+    with pytest.raises(ObjectLostError):  # and stays lost, for everyone
+        ray.get(identity.remote(ref))
+    conn = await asyncpg.connect(ray.get_runtime_context().gcs_address)
+    try:
+        reason = await conn.fetchval(
+            "SELECT payload->>'reason' FROM events WHERE entity_id = $1 AND event_type = 'lost'",
+            ref.hex(),
+        )
+    finally:
+        await conn.close()
+    assert reason is not None and "is gone" in reason

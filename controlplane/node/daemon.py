@@ -288,6 +288,19 @@ class NodeDaemon:
                 self._task_done(conn, message)
             case p.CancelTask(object_id, force, recursive):
                 self._cancel(object_id, force, recursive)
+            case p.ReportLost(object_id, reason):
+                if self.objects.mark_lost(object_id, reason):
+                    self._log(
+                        [
+                            Event(
+                                K.OBJECT,
+                                object_id,
+                                "lost",
+                                {"reason": reason},
+                                node_id=self.node_id,
+                            )
+                        ]
+                    )
             case p.ClusterInfoRequest(request_id):
                 conn.send(p.Reply(request_id, self._cluster_info()))
             case _:
@@ -558,6 +571,7 @@ class NodeDaemon:
             elif (
                 done.error.kind == "task_error"
                 and record.spec.retry_exceptions
+                and done.error.retryable
                 and record.retries_left != 0
             ):
                 self._retry(record, done.error.message)

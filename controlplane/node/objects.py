@@ -107,6 +107,8 @@ class ObjectTable:
         if object_id in self._freed:
             return  # freed while its events were on their way
         entry = self._entry(object_id)
+        if entry.pending is not None and entry.pending.error is not None:
+            location = entry.pending  # lost while its events were on their way
         entry.location = location
         entry.ready_seq = next(self._seq)
         for contained in location.contained:
@@ -115,6 +117,23 @@ class ObjectTable:
         for callback in callbacks:
             callback()
         self._maybe_free(object_id, entry)
+
+    def mark_lost(self, object_id: str, reason: str) -> bool:
+        """The object's bytes are gone: from now on it stands for ObjectLostError
+        (also if its events are still on their way). False if it was not a stored
+        value (unknown, or an error already)."""
+        entry = self._entries.get(object_id)
+        stored = entry.location or entry.pending if entry is not None else None
+        if entry is None or stored is None or stored.error is not None:
+            return False
+        self.uncharge(stored.size)
+        lost = p.ObjectLocation(
+            object_id, error=p.ErrorInfo("object_lost", f"object {object_id} was lost: {reason}")
+        )
+        if entry.location is not None:
+            entry.location = lost
+        entry.pending = lost  # ready() will publish the loss, not the bytes
+        return True
 
     def is_ready(self, object_id: str) -> bool:
         entry = self._entries.get(object_id)
