@@ -7,6 +7,7 @@ from __future__ import annotations
 import inspect
 import threading
 import uuid
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +22,32 @@ from sdk.remote_function import RemoteFunction
 from sdk.runtime import Runtime, node_config
 
 _runtime: Runtime | None = None
+# Arguments of ray.init that change nothing here (logging, dashboard, ...): accepted so
+# that Ray programs run unchanged.
+_IGNORED_INIT_ARGS = frozenset(
+    {
+        "labels",
+        "local_mode",
+        "include_dashboard",
+        "dashboard_host",
+        "dashboard_port",
+        "job_config",
+        "configure_logging",
+        "logging_level",
+        "logging_format",
+        "logging_config",
+        "log_to_driver",
+        "runtime_env",
+        "storage",
+        "_system_config",
+        "_temp_dir",
+        "_node_ip_address",
+        "_metrics_export_port",
+        "_redis_password",
+        "_plasma_directory",
+        "_enable_object_reconstruction",
+    }
+)
 _lock = threading.RLock()
 
 
@@ -39,6 +66,14 @@ def init(
     """Starts a private head node (embedded PostgreSQL unless ``gcs_url`` or
     ``$CAIRN_GCS_URL`` names one) and connects this driver to it."""
     global _runtime
+    unknown = sorted(set(unsupported) - _IGNORED_INIT_ARGS)
+    if unknown:
+        raise TypeError(f"init() got unexpected keyword arguments: {unknown}")
+    if unsupported.get("local_mode") or unsupported.get("runtime_env"):
+        warnings.warn(
+            "init(): local_mode and runtime_env are not supported by Cairn yet and are ignored",
+            stacklevel=2,
+        )
     with _lock:
         if _runtime is not None or context.current_client() is not None:
             if ignore_reinit_error:
@@ -47,8 +82,6 @@ def init(
                 "Maybe you called ray.init twice by accident? This error can be "
                 "suppressed by passing in 'ignore_reinit_error=True'."
             )
-        if unsupported:
-            raise TypeError(f"init() got unsupported arguments: {sorted(unsupported)}")
         if address not in (None, "local"):
             raise ValueError(
                 f"init(address={address!r}): connecting to a running cluster "

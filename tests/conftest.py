@@ -4,6 +4,7 @@ test made from the template (CREATE DATABASE ... TEMPLATE, procrastinate's trick
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -45,27 +46,29 @@ def template_url(pg_server_url: str) -> str:
     return url
 
 
+@contextlib.contextmanager
+def _scratch_database(server_url: str, template: str | None = None) -> Iterator[str]:
+    """A database made for one test (empty, or a copy of ``template``), dropped after."""
+    name = f"cairn_test_{uuid.uuid4().hex[:12]}"
+    clause = f' TEMPLATE "{template}"' if template else ""
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"{clause}')
+    try:
+        yield with_database(server_url, name)
+    finally:
+        with psycopg.connect(server_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 @pytest.fixture
 def empty_db_url(pg_server_url: str) -> Iterator[str]:
     """A fresh database with no schema at all."""
-    name = f"cairn_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(pg_server_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield with_database(pg_server_url, name)
-    finally:
-        with psycopg.connect(pg_server_url, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with _scratch_database(pg_server_url) as url:
+        yield url
 
 
 @pytest.fixture
 def gcs_url(pg_server_url: str, template_url: str) -> Iterator[str]:
     """A fresh, migrated database for one test."""
-    name = f"cairn_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(pg_server_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{TEMPLATE_DB}"')
-    try:
-        yield with_database(pg_server_url, name)
-    finally:
-        with psycopg.connect(pg_server_url, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with _scratch_database(pg_server_url, TEMPLATE_DB) as url:
+        yield url
