@@ -15,6 +15,10 @@ class TaskContext:
     attempt: int
 
 
+class ActorExit(BaseException):
+    """Raised by ``exit_actor()`` inside an actor method: the actor ends after it."""
+
+
 _client: CoreClient | None = None
 _task: TaskContext | None = None
 

@@ -80,6 +80,11 @@ class TaskSpec:
     retry_exception_types: bytes | None = None  # cloudpickled tuple; None: any exception
     contained_refs: tuple[str, ...] = ()  # refs nested inside inline arguments
     parent_task_id: str | None = None
+    # Actors: the creation task has method "__init__" (its function is the class);
+    # a method call names its method and its caller's sequence number.
+    actor_id: str | None = None
+    method: str | None = None
+    sequence: int = 0
 
     def return_ids(self) -> list[str]:
         return [return_object_id(self.task_id, i) for i in range(self.num_returns)]
@@ -168,6 +173,12 @@ class TaskDone:
     attempt: int
     returns: list[ObjectLocation]
     error: ErrorInfo | None = None  # set when the task raised: every return is this error
+
+
+@dataclass(slots=True)
+class KillActor:
+    actor_id: str
+    no_restart: bool
 
 
 @dataclass(slots=True)

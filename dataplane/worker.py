@@ -27,21 +27,30 @@ class Worker:
     def __init__(self, client: CoreClient) -> None:
         self.client = client
         self.functions: dict[str, Callable[..., Any]] = {}
+        self.actor: Any = None  # the instance, in a worker dedicated to an actor
 
     def run(self) -> None:
         while (message := self.client.tasks.get()) is not None:
             done = self.execute(message)
             self.client.send(done)
+            if done.error is not None and done.error.kind == "actor_exit":
+                return
 
     def execute(self, message: p.ExecuteTask) -> p.TaskDone:
         spec = message.spec
         context.set_task(context.TaskContext(spec.task_id, spec.job_id, message.attempt))
         try:
             try:
-                function = self._function(spec, message.function_blob)
+                function = self._callable(spec, message.function_blob)
                 args = [self._value(a, loc) for a, loc in zip(spec.args, message.args, strict=True)]
                 kwargs = {k: self._value(a, message.kwargs.get(k)) for k, a in spec.kwargs.items()}
                 result = function(*args, **kwargs)
+                if spec.method == "__init__":
+                    self.actor, result = result, None
+            except context.ActorExit:
+                return self._failed(
+                    spec, message, p.ErrorInfo("actor_exit", "exit_actor() was called", spec.name)
+                )
             except ObjectMissingError as missing:  # an argument's bytes are gone
                 return self._failed(spec, message, p.ErrorInfo("object_lost", str(missing)))
             except KeyboardInterrupt:
@@ -67,7 +76,11 @@ class Worker:
         finally:
             context.set_task(None)
 
-    def _function(self, spec: p.TaskSpec, blob: bytes | None) -> Callable[..., Any]:
+    def _callable(self, spec: p.TaskSpec, blob: bytes | None) -> Callable[..., Any]:
+        """The task's function; for an actor's constructor, its class; for a method
+        call, the bound method of this worker's actor."""
+        if spec.actor_id is not None and spec.method != "__init__":
+            return getattr(self.actor, spec.method or "")
         if blob is not None:
             self.functions[spec.function_id] = cloudpickle.loads(blob)
         return self.functions[spec.function_id]

@@ -1,6 +1,7 @@
 """Cairn's user-facing API, compatible with Ray Core: ``import sdk as ray``."""
 
-from sdk import exceptions
+from sdk import actor, exceptions
+from sdk.actor import method
 from sdk.api import (
     available_resources,
     cancel,
@@ -9,6 +10,7 @@ from sdk.api import (
     get_runtime_context,
     init,
     is_initialized,
+    kill,
     nodes,
     put,
     remote,
@@ -19,6 +21,7 @@ from sdk.object_ref import ObjectRef
 
 __all__ = [
     "ObjectRef",
+    "actor",
     "available_resources",
     "cancel",
     "cluster_resources",
@@ -27,6 +30,8 @@ __all__ = [
     "get_runtime_context",
     "init",
     "is_initialized",
+    "kill",
+    "method",
     "nodes",
     "put",
     "remote",

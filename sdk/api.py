@@ -17,6 +17,7 @@ from dataplane import protocol as p
 from dataplane.client import CoreClient, DaemonError, ObjectMissingError
 from dataplane.serialization import Serialized, serialize_with_refs
 from sdk import exceptions as exc
+from sdk.actor import ActorClass, ActorHandle
 from sdk.object_ref import ObjectRef
 from sdk.remote_function import RemoteFunction
 from sdk.runtime import Runtime, node_config
@@ -124,9 +125,9 @@ def remote(*args: Any, **options: Any) -> Any:
     return lambda target: _make_remote(target, options)
 
 
-def _make_remote(target: Any, options: dict[str, Any]) -> RemoteFunction:
+def _make_remote(target: Any, options: dict[str, Any]) -> RemoteFunction | ActorClass:
     if inspect.isclass(target):
-        raise TypeError("@remote on a class (actors) is not available yet in Cairn")
+        return ActorClass(target, options)
     if not callable(target):
         raise TypeError(f"@remote applies to functions, not {type(target).__name__}")
     return RemoteFunction(target, options)
@@ -198,6 +199,8 @@ def error_of(info: p.ErrorInfo, object_id: str) -> exc.RayError:
             return exc.TaskCancelledError(object_id[:-8], info.message)
         case "worker_crashed":
             return exc.WorkerCrashedError(info.message)
+        case "actor_died":
+            return exc.ActorDiedError(info.function_name or None, info.message)
         case "object_lost":
             return exc.ObjectLostError(object_id, info.message)
         case _:
@@ -246,6 +249,16 @@ def cancel(object_ref: ObjectRef, *, force: bool = False, recursive: bool = True
     if not isinstance(object_ref, ObjectRef):
         raise TypeError(f"cancel() expected a ray.ObjectRef, got {type(object_ref).__name__}")
     client_or_auto_init().send(p.CancelTask(object_ref.hex(), force, recursive))
+
+
+def kill(actor: ActorHandle, *, no_restart: bool = True) -> None:
+    """Kills the actor's process at once; pending and later calls raise ActorDiedError."""
+    if not isinstance(actor, ActorHandle):
+        raise ValueError(
+            f"ray.kill() only supported for actors. For tasks, try ray.cancel(). "
+            f"Got: {type(actor).__name__}."
+        )
+    client_or_auto_init().send(p.KillActor(actor._actor_id, no_restart))
 
 
 # -- cluster ---------------------------------------------------------------------------

@@ -92,6 +92,19 @@ class ObjectLostError(RayError):
         super().__init__(message or f"object {object_ref_hex} was lost")
 
 
+class RayActorError(RayError):
+    """The actor is dead, or died before or while running the call (its message says
+    why: the constructor raised, it was killed, its process died, it exited)."""
+
+    def __init__(self, actor_id: str | None = None, message: str | None = None) -> None:
+        self.actor_id = actor_id
+        super().__init__(message or f"the actor {actor_id} died")
+
+
+class ActorDiedError(RayActorError):
+    """The actor died; every pending and later call raises this."""
+
+
 class ObjectStoreFullError(RayError):
     """The object store cannot hold the object (``object_store_memory``)."""
 

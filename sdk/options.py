@@ -58,6 +58,27 @@ TASK_OPTIONS: dict[str, Option] = {
 }
 
 
+def _not_yet(value: Any) -> str | None:
+    return "is not supported by Cairn yet" if value else None
+
+
+ACTOR_OPTIONS: dict[str, Option] = {
+    "num_cpus": Option((int, float), 0, _non_negative),  # actors default to 0, as Ray
+    "num_gpus": Option((int, float), 0, _non_negative),
+    "resources": Option((dict,), None, _resources),
+    "memory": Option((int, float), None, _non_negative),
+    "max_restarts": Option((int,), 0, _not_yet),
+    "max_task_retries": Option((int,), 0, _not_yet),
+    "max_concurrency": Option((int,), 1, lambda v: None if v == 1 else "must be 1 for now"),
+    "name": Option((str,), None, _not_yet),
+    "namespace": Option((str,), None, _not_yet),
+    "lifetime": Option((str,), None, _not_yet),
+    "get_if_exists": Option((bool,), False, _not_yet),
+    "scheduling_strategy": Option((str, object), None),
+    "runtime_env": Option((dict,), None),
+}
+
+
 def validate(options: Mapping[str, Any], table: Mapping[str, Option] = TASK_OPTIONS) -> dict:
     """Checked options; ValueError naming the option that is unknown or invalid."""
     for key, value in options.items():

@@ -47,24 +47,24 @@ class RemoteFunction:
         function_id, blob = self._pickle()
         client.register_function(function_id, blob, self._qualname)
         task = context.current_task()
-        contained: list[str] = []
-        keep_alive: list[ObjectRef] = []
+        args_list, kwargs_map, contained, keep_alive = build_args(args, kwargs)
         spec = p.TaskSpec(
             task_id=uuid.uuid4().hex,
             job_id=task.job_id if task else client.welcome.job_id,
             name=resolved["name"] or self._qualname,
             function_id=function_id,
-            args=[_arg(a, i, contained, keep_alive) for i, a in enumerate(args)],
-            kwargs={k: _arg(v, k, contained, keep_alive) for k, v in kwargs.items()},
+            args=args_list,
+            kwargs=kwargs_map,
             num_returns=resolved["num_returns"],
             resources=opts.resource_request(resolved),
             max_retries=resolved["max_retries"],
             retry_exceptions=bool(resolved["retry_exceptions"]),
             retry_exception_types=self._retry_types(resolved["retry_exceptions"]),
-            contained_refs=tuple(dict.fromkeys(contained)),
+            contained_refs=contained,
             parent_task_id=task.task_id if task else None,
         )
         client.submit(spec)
+        del keep_alive  # the daemon pins large arguments from submission on
         refs = [ObjectRef._owned(object_id) for object_id in spec.return_ids()]
         if spec.num_returns == 1:
             return refs[0]
@@ -87,6 +87,18 @@ class RemoteFunction:
                 ) from exc
             self._pickled = (hashlib.sha1(blob).hexdigest(), blob)
         return self._pickled
+
+
+def build_args(
+    args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[list[p.Arg], dict[str, p.Arg], tuple[str, ...], list[ObjectRef]]:
+    """Task arguments: the Args, the refs nested in them, and the refs of large
+    arguments put into the store (to keep alive until the task is submitted)."""
+    contained: list[str] = []
+    keep_alive: list[ObjectRef] = []
+    arg_list = [_arg(a, i, contained, keep_alive) for i, a in enumerate(args)]
+    kwarg_map = {k: _arg(v, k, contained, keep_alive) for k, v in kwargs.items()}
+    return arg_list, kwarg_map, tuple(dict.fromkeys(contained)), keep_alive
 
 
 def _arg(

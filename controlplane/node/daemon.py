@@ -32,6 +32,7 @@ from typing import Any
 
 from controlplane.errors import GcsError
 from controlplane.eventlog import EntityKind, Event, EventAppender
+from controlplane.node.actors import ActorRecord, ActorsMixin
 from controlplane.node.objects import ObjectTable
 from controlplane.node.resources import ResourcePool
 from controlplane.node.segment_pool import SegmentPool
@@ -69,6 +70,7 @@ class WorkerHandle:
     task: TaskRecord | None = None
     functions: set[str] = field(default_factory=set)
     blocked: bool = False
+    actor_id: str | None = None  # a dedicated actor worker, outside the pool
 
 
 @dataclass
@@ -84,7 +86,7 @@ class TaskRecord:
     retries_left: int = 0
 
 
-class NodeDaemon:
+class NodeDaemon(ActorsMixin):
     def __init__(
         self,
         *,
@@ -103,7 +105,10 @@ class NodeDaemon:
         self.pool = SegmentPool(node_id, limit=min(object_store_memory // 4, _POOL_LIMIT))
         self.appender = EventAppender(gcs_url, linger=_LINGER_S)
         self.functions: dict[str, tuple[bytes, str]] = {}
+        self._logged_functions: set[str] = set()
         self.tasks: dict[str, TaskRecord] = {}
+        self.actors: dict[str, ActorRecord] = {}
+        self.unscheduled_actors: set[str] = set()
         self.ready: dict[tuple[tuple[str, float], ...], deque[TaskRecord]] = {}
         self.workers: dict[str, WorkerHandle] = {}
         self.idle: deque[WorkerHandle] = deque()
@@ -202,7 +207,8 @@ class NodeDaemon:
                 raise p.ProtocolError(f"unknown worker {hello.worker_id}")
             handle.conn = conn
             conn.job_id = None
-            self.idle.append(handle)
+            if handle.actor_id is None:
+                self.idle.append(handle)
             self._log(
                 [
                     Event(
@@ -236,12 +242,16 @@ class NodeDaemon:
                 self.resources.total,
             )
         )
+        handle = self._worker_of(conn)
+        if handle is not None and handle.actor_id is not None:
+            self._actor_worker_connected(handle)
         self._schedule()
 
     async def _disconnected(self, conn: Connection) -> None:
         for object_id in list(conn.holding):
             self.objects.release(object_id)
         conn.holding.clear()
+        self._owner_gone(conn)
         if conn.role == "driver" and conn.job_id:
             self._log([Event(K.JOB, conn.job_id, "finished", {})])
         elif conn.role == "worker" and conn.worker_id in self.workers:
@@ -262,6 +272,9 @@ class NodeDaemon:
                     )
                 ]
             )
+            if handle.actor_id is not None:
+                self._actor_worker_lost(handle, exit_code)
+                return
             if handle.task is not None:
                 self._worker_lost(handle, exit_code)
             if not self._stopping.is_set():
@@ -288,6 +301,8 @@ class NodeDaemon:
                 self._task_done(conn, message)
             case p.CancelTask(object_id, force, recursive):
                 self._cancel(object_id, force, recursive)
+            case p.KillActor(actor_id, _no_restart):
+                self._kill_actor(actor_id)
             case p.ReportLost(object_id, reason):
                 if self.objects.mark_lost(object_id, reason):
                     self._log(
@@ -429,6 +444,33 @@ class NodeDaemon:
     # -- tasks ---------------------------------------------------------------------
 
     def _submit(self, conn: Connection, spec: p.TaskSpec) -> None:
+        record = self._register_task(conn, spec)
+        if spec.actor_id is not None:
+            if spec.method == "__init__":
+                self._create_actor(conn, record)
+            else:
+                self._actor_call(record)
+        elif record.pending_deps:
+            record.state = "WAITING_FOR_DEPENDENCIES"
+            self._log(
+                [
+                    Event(
+                        K.TASK,
+                        spec.task_id,
+                        "waiting_for_dependencies",
+                        {"dependencies": sorted(record.pending_deps)},
+                    )
+                ]
+            )
+            for dep in list(record.pending_deps):
+                self.objects.on_ready(dep, lambda d=dep, r=record: self._dep_done(r, d))
+        else:
+            self._enqueue(record)
+
+    def _register_task(self, conn: Connection, spec: p.TaskSpec) -> TaskRecord:
+        """Records a submitted task: its returns are held by the submitter, its
+        arguments pinned, and its ``submitted`` event (the lineage) is logged; the
+        function itself is logged with the first task that uses it."""
         record = TaskRecord(spec, conn, retries_left=spec.max_retries)
         self.tasks[spec.task_id] = record
         for object_id in spec.return_ids():
@@ -439,59 +481,53 @@ class NodeDaemon:
         for object_id in (*deps, *spec.contained_refs):
             self.objects.pin(object_id)
         record.pending_deps = {d for d in deps if not self.objects.is_ready(d)}
-        blob, _ = self.functions.get(spec.function_id, (None, ""))
-        events = [
-            Event(
-                K.TASK,
-                spec.task_id,
-                "submitted",
-                {
-                    "name": spec.name,
-                    "function": spec.function_id,
-                    "num_returns": spec.num_returns,
-                    "max_retries": spec.max_retries,
-                    "resources": spec.resources,
-                    "dependencies": deps,
-                    "options": {"retry_exceptions": spec.retry_exceptions},
-                },
-                job_id=spec.job_id,
-                node_id=self.node_id,
-                data=p.encode(spec) if blob is None else p.encode((spec, blob)),
-            )
-        ]
-        if record.pending_deps:
-            record.state = "WAITING_FOR_DEPENDENCIES"
-            events.append(
+        blob = None
+        if spec.function_id and spec.function_id not in self._logged_functions:
+            self._logged_functions.add(spec.function_id)
+            blob = self.functions.get(spec.function_id, (None, ""))[0]
+        payload: dict[str, Any] = {
+            "name": spec.name,
+            "function": spec.function_id,
+            "num_returns": spec.num_returns,
+            "max_retries": spec.max_retries,
+            "resources": spec.resources,
+            "dependencies": deps,
+            "options": {"retry_exceptions": spec.retry_exceptions},
+        }
+        if spec.actor_id is not None:
+            payload.update(actor_id=spec.actor_id, method=spec.method or "", sequence=spec.sequence)
+        self._log(
+            [
                 Event(
                     K.TASK,
                     spec.task_id,
-                    "waiting_for_dependencies",
-                    {"dependencies": sorted(record.pending_deps)},
+                    "submitted",
+                    payload,
+                    job_id=spec.job_id,
+                    node_id=self.node_id,
+                    data=p.encode(spec) if blob is None else p.encode((spec, blob)),
                 )
-            )
-            self._log(events)
-            for dep in list(record.pending_deps):
-                self.objects.on_ready(dep, lambda d=dep, r=record: self._dep_done(r, d))
-        else:
-            self._log(events)
-            self._enqueue(record)
+            ]
+        )
+        return record
 
     def _dep_done(self, record: TaskRecord, object_id: str) -> None:
         record.pending_deps.discard(object_id)
         if not record.pending_deps and record.state == "WAITING_FOR_DEPENDENCIES":
             self._enqueue(record)
 
+    def _failed_dependency(self, record: TaskRecord) -> p.ErrorInfo | None:
+        """The error of the first argument that stands for an error, if any."""
+        for object_id in record.spec.dependencies():
+            error = self.objects.location(object_id).error
+            if error is not None:
+                return error
+        return None
+
     def _enqueue(self, record: TaskRecord) -> None:
-        failed = next(
-            (
-                self.objects.location(d)
-                for d in record.spec.dependencies()
-                if self.objects.location(d).error is not None
-            ),
-            None,
-        )
+        failed = self._failed_dependency(record)
         if failed is not None:  # an upstream task failed: so does this one, with its error
-            self._finish_failed(record, failed.error, log_event=True)
+            self._finish_failed(record, failed, log_event=True)
             return
         record.state = "QUEUED"
         self.ready.setdefault(_shape(record.spec.resources), deque()).append(record)
@@ -501,6 +537,8 @@ class NodeDaemon:
         """Dispatches queued tasks while resources and idle workers allow. Tasks wait
         in one FIFO per resource shape, so a shape that does not fit is skipped whole
         and the cost of a pass does not grow with the number of queued tasks."""
+        for actor_id in list(self.unscheduled_actors):  # waiting for resources
+            self._actor_dispatch(self.actors[actor_id])
         for shape, queue in list(self.ready.items()):
             while queue:
                 record = queue[0]
@@ -511,7 +549,7 @@ class NodeDaemon:
                 if not self.resources.available_for(request):
                     break  # or infeasible on this node (reported from issue 5 on)
                 if not self.idle:
-                    if len(self.workers) < self.max_workers + self._blocked_count():
+                    if self._pool_size() < self.max_workers + self._blocked_count():
                         self._start_worker()
                     return
                 queue.popleft()
@@ -521,10 +559,14 @@ class NodeDaemon:
                 del self.ready[shape]
 
     def _run_on(self, record: TaskRecord, handle: WorkerHandle) -> None:
+        handle.task = record
+        self._send_to_worker(record, handle)
+
+    def _send_to_worker(self, record: TaskRecord, handle: WorkerHandle) -> None:
         spec = record.spec
-        record.state, record.worker, handle.task = "RUNNING", handle, record
+        record.state, record.worker = "RUNNING", handle
         blob = None
-        if spec.function_id not in handle.functions:
+        if spec.function_id and spec.function_id not in handle.functions:
             blob = self.functions[spec.function_id][0]
             handle.functions.add(spec.function_id)
         args = [self.objects.location(a.ref) if a.ref else None for a in spec.args]
@@ -552,6 +594,11 @@ class NodeDaemon:
 
     def _task_done(self, conn: Connection, done: p.TaskDone) -> None:
         handle = self._worker_of(conn)
+        if handle is not None and handle.actor_id is not None:
+            actor = self.actors.get(handle.actor_id)
+            if actor is not None:
+                self._actor_task_done(actor, done)
+            return
         record = self.tasks.get(done.task_id)
         if handle is not None:
             handle.task = None
@@ -702,17 +749,21 @@ class NodeDaemon:
 
     # -- workers -------------------------------------------------------------------
 
-    def _start_worker(self) -> None:
+    def _start_worker(self, actor_id: str | None = None) -> WorkerHandle:
         worker_id = f"{self.node_id}-w{next(self._worker_ids)}"
         process = subprocess.Popen(
             [sys.executable, "-m", "dataplane.worker", self.socket_path, worker_id],
             stdin=subprocess.DEVNULL,
             preexec_fn=_die_with_parent,
         )
-        self.workers[worker_id] = WorkerHandle(worker_id, process)
+        handle = self.workers[worker_id] = WorkerHandle(worker_id, process, actor_id=actor_id)
+        return handle
 
     def _worker_of(self, conn: Connection) -> WorkerHandle | None:
         return self.workers.get(conn.worker_id or "") if conn.role == "worker" else None
+
+    def _pool_size(self) -> int:
+        return sum(1 for h in self.workers.values() if h.actor_id is None)
 
     def _blocked_count(self) -> int:
         return sum(1 for h in self.workers.values() if h.blocked)

@@ -1,0 +1,199 @@
+"""Actors on a node: each lives in a dedicated worker process, started for it; its
+method calls run there one at a time, in the order the daemon received them (so each
+caller's calls run in its submission order). The life of every actor is in the log:
+``creation_requested``, ``scheduled``, ``alive`` (with its worker), ``dead`` (cause).
+
+A mixin of NodeDaemon: it uses the daemon's task, object and worker bookkeeping.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from controlplane.eventlog import EntityKind, Event
+from dataplane import protocol as p
+
+if TYPE_CHECKING:
+    from controlplane.node.daemon import Connection, TaskRecord, WorkerHandle
+
+K = EntityKind
+
+
+@dataclass
+class ActorRecord:
+    actor_id: str
+    creation: TaskRecord
+    owner: Connection
+    state: str = "PENDING_CREATION"
+    worker: WorkerHandle | None = None
+    creation_sent: bool = False
+    queue: deque[TaskRecord] = field(default_factory=deque)
+    running: TaskRecord | None = None
+    death: p.ErrorInfo | None = None
+
+
+class ActorsMixin:
+    actors: dict[str, ActorRecord]
+    unscheduled_actors: set[str]  # created, constructor not sent yet
+
+    # -- creation ------------------------------------------------------------------
+
+    def _create_actor(self: Any, conn: Connection, creation: TaskRecord) -> None:
+        spec = creation.spec
+        actor = ActorRecord(spec.actor_id, creation, conn)
+        self.actors[actor.actor_id] = actor
+        self.unscheduled_actors.add(actor.actor_id)
+        class_name = spec.name.removesuffix(".__init__")
+        self._log(
+            [
+                Event(
+                    K.ACTOR,
+                    actor.actor_id,
+                    "creation_requested",
+                    {"class_name": class_name},
+                    job_id=spec.job_id,
+                    node_id=self.node_id,
+                )
+            ]
+        )
+        actor.worker = self._start_worker(actor_id=actor.actor_id)
+        for dep in list(creation.pending_deps):
+            self.objects.on_ready(dep, lambda d=dep: self._actor_dep_ready(actor, creation, d))
+
+    def _actor_dep_ready(self: Any, actor: ActorRecord, record: TaskRecord, dep: str) -> None:
+        record.pending_deps.discard(dep)
+        self._actor_dispatch(actor)
+
+    def _actor_worker_connected(self: Any, handle: WorkerHandle) -> None:
+        actor = self.actors.get(handle.actor_id)
+        if actor is not None:
+            self._actor_dispatch(actor)
+
+    # -- calls ---------------------------------------------------------------------
+
+    def _actor_call(self: Any, record: TaskRecord) -> None:
+        actor = self.actors.get(record.spec.actor_id)
+        if actor is None:
+            self._finish_failed(
+                record,
+                p.ErrorInfo("actor_died", f"no actor {record.spec.actor_id} on this node"),
+                log_event=True,
+            )
+            return
+        if actor.death is not None:
+            self._finish_failed(record, actor.death, log_event=True)
+            return
+        actor.queue.append(record)
+        for dep in list(record.pending_deps):
+            self.objects.on_ready(dep, lambda d=dep: self._actor_dep_ready(actor, record, d))
+        self._actor_dispatch(actor)
+
+    def _actor_dispatch(self: Any, actor: ActorRecord) -> None:
+        """Sends the actor its next piece of work, if it can take it."""
+        handle = actor.worker
+        if actor.death is not None or handle is None or handle.conn is None:
+            return
+        if actor.state == "PENDING_CREATION":
+            creation = actor.creation
+            if actor.creation_sent or creation.pending_deps:
+                return
+            if not self.resources.available_for(creation.spec.resources):
+                return  # tried again whenever resources are released
+            self.resources.acquire(creation.spec.resources)
+            actor.creation_sent = True
+            self.unscheduled_actors.discard(actor.actor_id)
+            self._log([Event(K.ACTOR, actor.actor_id, "scheduled", {}, node_id=self.node_id)])
+            self._send_to_worker(creation, handle)
+            return
+        while actor.running is None and actor.queue and not actor.queue[0].pending_deps:
+            record = actor.queue.popleft()
+            failed = self._failed_dependency(record)
+            if failed is not None:
+                self._finish_failed(record, failed, log_event=True)
+                continue
+            actor.running = record
+            self._send_to_worker(record, handle)
+
+    def _actor_task_done(self: Any, actor: ActorRecord, done: p.TaskDone) -> None:
+        if done.task_id == actor.creation.spec.task_id:
+            creation = actor.creation
+            if done.error is not None:
+                trace = f"\n{done.error.traceback}" if done.error.traceback else ""
+                self._actor_died(
+                    actor, f"the actor's constructor raised {done.error.message}{trace}"
+                )
+                self._finish_failed(creation, actor.death, log_event=True)
+                return
+            actor.state = "ALIVE"
+            assert actor.worker is not None
+            self._log(
+                [
+                    Event(
+                        K.ACTOR,
+                        actor.actor_id,
+                        "alive",
+                        {"worker_id": actor.worker.worker_id},
+                        node_id=self.node_id,
+                    )
+                ]
+            )
+            self._finish_ok(creation, [])
+        else:
+            record, actor.running = actor.running, None
+            if record is None or record.spec.task_id != done.task_id:
+                return
+            if done.error is not None and done.error.kind == "actor_exit":
+                self._actor_died(actor, "the actor exited (exit_actor() was called)")
+                self._finish_failed(record, actor.death, log_event=True)
+                return
+            if done.error is not None:
+                self._finish_failed(record, done.error, log_event=True)
+            else:
+                self._finish_ok(record, done.returns)
+        self._actor_dispatch(actor)
+
+    # -- death ---------------------------------------------------------------------
+
+    def _actor_died(self: Any, actor: ActorRecord, cause: str) -> None:
+        """The actor is dead for good: its process goes, and every pending and later
+        call fails with ActorDiedError carrying ``cause``."""
+        if actor.death is not None:
+            return
+        self.unscheduled_actors.discard(actor.actor_id)
+        actor.death = p.ErrorInfo(
+            "actor_died", f"the actor {actor.actor_id} died: {cause}", function_name=actor.actor_id
+        )
+        if actor.creation_sent:
+            self.resources.release(actor.creation.spec.resources)
+        was_alive, actor.state = actor.state, "DEAD"
+        self._log(
+            [Event(K.ACTOR, actor.actor_id, "dead", {"cause": cause[:2000]}, node_id=self.node_id)]
+        )
+        pending = ([actor.running] if actor.running else []) + list(actor.queue)
+        actor.running, actor.queue = None, deque()
+        if was_alive == "PENDING_CREATION" and actor.creation.spec.task_id in self.tasks:
+            pending.append(actor.creation)
+        for record in pending:
+            self._finish_failed(record, actor.death, log_event=True)
+        if actor.worker is not None:
+            with contextlib.suppress(ProcessLookupError):
+                actor.worker.process.kill()
+
+    def _kill_actor(self: Any, actor_id: str) -> None:
+        actor = self.actors.get(actor_id)
+        if actor is not None:
+            self._actor_died(actor, "it was killed with kill()")
+
+    def _actor_worker_lost(self: Any, handle: WorkerHandle, exit_code: int) -> None:
+        actor = self.actors.get(handle.actor_id)
+        if actor is not None:
+            self._actor_died(actor, f"its worker process died (exit code {exit_code})")
+
+    def _owner_gone(self: Any, conn: Connection) -> None:
+        """Actors die with the process that created them (detached ones: issue 4)."""
+        for actor in list(self.actors.values()):
+            if actor.owner is conn:
+                self._actor_died(actor, "its owner exited")

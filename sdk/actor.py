@@ -1,0 +1,190 @@
+"""Actors: ``@remote`` on a class, ``Cls.remote(...)`` to create one in its own worker
+process, ``handle.method.remote(...)`` to call it. Calls from one caller run in the
+order they were submitted; a handle is picklable and may be passed to tasks and other
+actors, which then call the actor themselves."""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import itertools
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import cloudpickle
+
+from dataplane import context
+from dataplane import protocol as p
+from sdk import options as opts
+from sdk.object_ref import ObjectRef
+
+_NUM_RETURNS_ATTR = "__cairn_num_returns__"
+
+
+def method(*, num_returns: int = 1) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``@sdk.method(num_returns=k)`` on an actor method, as ``ray.method``."""
+    if not isinstance(num_returns, int) or num_returns < 0:
+        raise ValueError(f"num_returns must be a non-negative int, got {num_returns!r}")
+
+    def mark(function: Callable[..., Any]) -> Callable[..., Any]:
+        setattr(function, _NUM_RETURNS_ATTR, num_returns)
+        return function
+
+    return mark
+
+
+def exit_actor() -> None:
+    """Ends the actor from inside one of its methods; later calls raise ActorDiedError."""
+    task = context.current_task()
+    if task is None:
+        raise TypeError("exit_actor() called outside an actor")
+    raise context.ActorExit
+
+
+class ActorClass:
+    def __init__(self, cls: type, options: dict[str, Any]) -> None:
+        self._cls = cls
+        self._options = opts.validate(options, opts.ACTOR_OPTIONS)
+        self._qualname = f"{cls.__module__}.{cls.__qualname__}"
+        self._pickled: tuple[str, bytes] | None = None
+        self._methods = {
+            name: getattr(member, _NUM_RETURNS_ATTR, 1)
+            for name, member in inspect.getmembers(cls, callable)
+            if not name.startswith("__") or name == "__call__"
+        }
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError(
+            "Actors cannot be instantiated directly. Instead of "
+            f"'{self._qualname}()', use '{self._qualname}.remote()'."
+        )
+
+    def options(self, **options: Any) -> ActorClass:
+        merged = ActorClass.__new__(ActorClass)
+        merged.__dict__.update(self.__dict__)
+        merged._options = {**self._options, **opts.validate(options, opts.ACTOR_OPTIONS)}
+        return merged
+
+    def remote(self, *args: Any, **kwargs: Any) -> ActorHandle:
+        from sdk import api
+        from sdk.remote_function import build_args
+
+        client = api.client_or_auto_init()
+        resolved = opts.resolve(self._options, opts.ACTOR_OPTIONS)
+        function_id, blob = self._pickle()
+        client.register_function(function_id, blob, self._qualname)
+        task = context.current_task()
+        actor_id = uuid.uuid4().hex
+        arg_list, kwarg_map, contained, keep_alive = build_args(args, kwargs)
+        spec = p.TaskSpec(
+            task_id=uuid.uuid4().hex,
+            job_id=task.job_id if task else client.welcome.job_id,
+            name=f"{self._qualname}.__init__",
+            function_id=function_id,
+            args=arg_list,
+            kwargs=kwarg_map,
+            num_returns=0,
+            resources=opts.resource_request(resolved),
+            max_retries=0,
+            retry_exceptions=False,
+            contained_refs=contained,
+            parent_task_id=task.task_id if task else None,
+            actor_id=actor_id,
+            method="__init__",
+        )
+        client.submit(spec)
+        del keep_alive
+        return ActorHandle(actor_id, self._qualname, self._methods)
+
+    def _pickle(self) -> tuple[str, bytes]:
+        if self._pickled is None:
+            try:
+                blob = cloudpickle.dumps(self._cls)
+            except Exception as exc:
+                raise TypeError(
+                    f"could not serialize the actor class {self._qualname}: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
+            self._pickled = (hashlib.sha1(blob).hexdigest(), blob)
+        return self._pickled
+
+
+class ActorHandle:
+    """A reference to an actor; its attributes are the actor's methods."""
+
+    def __init__(self, actor_id: str, class_name: str, methods: dict[str, int]) -> None:
+        self._actor_id = actor_id
+        self._class_name = class_name
+        self._methods = methods
+        self._sequence = itertools.count()
+
+    def __getattr__(self, name: str) -> ActorMethod:
+        methods = self.__dict__.get("_methods", {})
+        if name not in methods:
+            raise AttributeError(
+                f"'{self.__dict__.get('_class_name')}' actor has no method {name!r}"
+            )
+        return ActorMethod(self, name, methods[name])
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (ActorHandle, (self._actor_id, self._class_name, self._methods))
+
+    def __repr__(self) -> str:
+        return f"Actor({self._class_name}, {self._actor_id})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ActorHandle) and other._actor_id == self._actor_id
+
+    def __hash__(self) -> int:
+        return hash(self._actor_id)
+
+
+class ActorMethod:
+    def __init__(self, handle: ActorHandle, name: str, num_returns: int) -> None:
+        self._handle = handle
+        self._name = name
+        self._num_returns = num_returns
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError(
+            f"Actor methods cannot be called directly. Instead of running "
+            f"'{self._name}()', try '{self._name}.remote()'."
+        )
+
+    def options(self, *, num_returns: int | None = None) -> ActorMethod:
+        return ActorMethod(
+            self._handle, self._name, self._num_returns if num_returns is None else num_returns
+        )
+
+    def remote(self, *args: Any, **kwargs: Any) -> Any:
+        from sdk import api
+        from sdk.remote_function import build_args
+
+        client = api.client_or_auto_init()
+        handle = self._handle
+        task = context.current_task()
+        arg_list, kwarg_map, contained, keep_alive = build_args(args, kwargs)
+        spec = p.TaskSpec(
+            task_id=uuid.uuid4().hex,
+            job_id=task.job_id if task else client.welcome.job_id,
+            name=f"{handle._class_name}.{self._name}",
+            function_id="",
+            args=arg_list,
+            kwargs=kwarg_map,
+            num_returns=self._num_returns,
+            resources={},
+            max_retries=0,
+            retry_exceptions=False,
+            contained_refs=contained,
+            parent_task_id=task.task_id if task else None,
+            actor_id=handle._actor_id,
+            method=self._name,
+            sequence=next(handle._sequence),
+        )
+        client.submit(spec)
+        del keep_alive
+        refs = [ObjectRef._owned(object_id) for object_id in spec.return_ids()]
+        if spec.num_returns == 1:
+            return refs[0]
+        return refs if spec.num_returns > 1 else None

@@ -1,0 +1,160 @@
+"""Actors (the first part of issue 4): a dedicated worker per actor, ordered calls,
+handles passed around, creation failure, kill and exit_actor, and their log."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import asyncpg
+import pytest
+
+import sdk as ray
+from controlplane.projections import Projector
+from sdk.exceptions import ActorDiedError, RayActorError
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cluster() -> Iterator[None]:
+    ray.init(num_cpus=2)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@ray.remote
+class Recorder:
+    def __init__(self, start: int = 0) -> None:
+        self.n = start
+        self.calls: list[tuple[str, int]] = []
+
+    def add(self, k: int = 1) -> int:
+        self.n += k
+        return self.n
+
+    def record(self, caller: str, seq: int) -> None:
+        self.calls.append((caller, seq))
+
+    def history(self) -> list[tuple[str, int]]:
+        return self.calls
+
+    @ray.method(num_returns=2)
+    def pair(self) -> tuple[int, int]:
+        return self.n, -self.n
+
+    def leave(self) -> None:
+        ray.actor.exit_actor()
+
+    def slow(self, seconds: float) -> int:
+        time.sleep(seconds)
+        return self.n
+
+
+def test_ten_thousand_calls_from_one_caller_run_in_order() -> None:
+    actor = Recorder.remote()
+    results = ray.get([actor.add.remote() for _ in range(10_000)])
+    assert results == list(range(1, 10_001))
+
+
+def test_two_callers_interleave_but_each_keeps_its_order() -> None:
+    actor = Recorder.remote()
+
+    @ray.remote
+    def caller(handle: object, name: str, n: int) -> None:
+        ray.get([handle.record.remote(name, i) for i in range(n)])  # type: ignore[attr-defined]
+
+    remote_caller = caller.remote(actor, "task", 300)
+    local = [actor.record.remote("driver", i) for i in range(300)]
+    ray.get([remote_caller, *local])
+    history = ray.get(actor.history.remote())
+    for name in ("driver", "task"):
+        assert [seq for who, seq in history if who == name] == list(range(300))
+
+
+def test_constructor_arguments_refs_and_num_returns() -> None:
+    actor = Recorder.remote(ray.put(40))
+    assert ray.get(actor.add.remote(ray.put(2))) == 42
+    first, second = actor.pair.remote()
+    assert ray.get([first, second]) == [42, -42]
+
+
+def test_a_failing_constructor_fails_every_call_with_the_cause() -> None:
+    @ray.remote
+    class Broken:
+        def __init__(self) -> None:
+            raise ValueError("no config file")
+
+        def f(self) -> int:
+            return 1
+
+    broken = Broken.remote()
+    for _ in range(2):
+        with pytest.raises(RayActorError, match="no config file"):
+            ray.get(broken.f.remote(), timeout=30)
+
+
+def test_kill_fails_pending_and_later_calls_without_hanging() -> None:
+    actor = Recorder.remote()
+    assert ray.get(actor.add.remote()) == 1
+    running = actor.slow.remote(30)
+    queued = actor.add.remote()
+    time.sleep(0.3)
+    ray.kill(actor)
+    for ref in (running, queued, actor.add.remote()):
+        with pytest.raises(ActorDiedError, match="killed"):
+            ray.get(ref, timeout=30)
+
+
+def test_exit_actor_ends_it() -> None:
+    actor = Recorder.remote()
+    assert ray.get(actor.add.remote()) == 1
+    with pytest.raises(ActorDiedError, match="exit_actor"):
+        ray.get(actor.leave.remote(), timeout=30)
+    with pytest.raises(ActorDiedError):
+        ray.get(actor.add.remote(), timeout=30)
+
+
+def test_misuse_gives_clear_errors() -> None:
+    with pytest.raises(TypeError, match=r"use '.*Recorder\.remote\(\)'"):
+        Recorder()
+    actor = Recorder.remote()
+    with pytest.raises(AttributeError, match="no method 'missing'"):
+        actor.missing.remote()
+    with pytest.raises(ValueError, match="not supported by Cairn yet"):
+        Recorder.options(name="x")
+    with pytest.raises(ValueError, match="only supported for actors"):
+        ray.kill(ray.put(1))  # type: ignore[arg-type]
+
+
+async def test_the_log_holds_the_actor_life_and_every_call() -> None:
+    actor = Recorder.remote()
+    refs = [actor.add.remote() for _ in range(5)]
+    ray.get(refs)
+    ray.kill(actor)
+    with pytest.raises(ActorDiedError):
+        ray.get(actor.add.remote(), timeout=30)
+    url = ray.get_runtime_context().gcs_address
+    conn = await asyncpg.connect(url)
+    try:
+        actor_id = (await conn.fetchval(
+            "SELECT payload->>'actor_id' FROM events WHERE entity_id = $1", refs[0].task_id()))
+        life = await conn.fetch(
+            "SELECT event_type, payload FROM events WHERE entity_kind = 'actor' "
+            "AND entity_id = $1 ORDER BY position", actor_id)
+        assert [r["event_type"] for r in life] == [
+            "creation_requested", "scheduled", "alive", "dead"]
+        calls = await conn.fetch(
+            "SELECT (payload->>'sequence')::int AS seq FROM events WHERE event_type = 'submitted'"
+            " AND payload->>'actor_id' = $1 AND payload->>'method' = 'add' ORDER BY position",
+            actor_id)
+        assert [r["seq"] for r in calls] == list(range(6))
+        async with Projector(url) as projector:
+            await projector.catch_up()
+        row = await conn.fetchrow("SELECT * FROM actors WHERE actor_id = $1", actor_id)
+        assert row["state"] == "DEAD" and "killed" in row["death_cause"]
+        assert row["class_name"].endswith("Recorder")
+    finally:
+        await conn.close()
