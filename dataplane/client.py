@@ -41,7 +41,10 @@ class DaemonError(RuntimeError):
 
 
 class CoreClient:
-    def __init__(self, socket_path: str, role: str, worker_id: str | None = None) -> None:
+    def __init__(
+        self, socket_path: str, role: str, worker_id: str | None = None,
+        namespace: str | None = None,
+    ) -> None:
         self.channel = p.SyncChannel(socket_path)
         self.role = role
         self.tasks: queue.Queue[p.ExecuteTask | None] = queue.Queue()
@@ -57,7 +60,7 @@ class CoreClient:
         self._owned_pending: set[str] = set()
         self._ready = threading.Condition()
         self._closed = threading.Event()
-        self.channel.send(p.Hello(role, os.getpid(), worker_id))
+        self.channel.send(p.Hello(role, os.getpid(), worker_id, namespace))
         welcome = self.channel.receive()
         if not isinstance(welcome, p.Welcome):
             raise p.ProtocolError(f"expected Welcome from the node daemon, got {welcome!r}")

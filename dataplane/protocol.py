@@ -85,6 +85,7 @@ class TaskSpec:
     actor_id: str | None = None
     method: str | None = None
     sequence: int = 0
+    actor_options: ActorOptions | None = None  # on the creation task
 
     def return_ids(self) -> list[str]:
         return [return_object_id(self.task_id, i) for i in range(self.num_returns)]
@@ -105,6 +106,7 @@ class Hello:
     role: str  # "driver" | "worker"
     pid: int
     worker_id: str | None = None
+    namespace: str | None = None  # a driver's, from init(namespace=...)
 
 
 @dataclass(slots=True)
@@ -176,6 +178,40 @@ class TaskDone:
 
 
 @dataclass(slots=True)
+class ActorOptions:
+    """What the daemon keeps about an actor beyond its creation task."""
+
+    class_name: str
+    methods: dict[str, int]
+    name: str | None = None
+    namespace: str | None = None
+    detached: bool = False
+
+
+@dataclass(slots=True)
+class ReserveActorName:
+    """Claims ``name`` in a namespace for a new actor before it is created. Reply: None
+    when claimed; (actor_id, ActorOptions) of the holder with ``get_if_exists``."""
+
+    request_id: int
+    actor_id: str
+    name: str
+    namespace: str | None
+    job_id: str
+    get_if_exists: bool
+
+
+@dataclass(slots=True)
+class GetActor:
+    """Reply: (actor_id, ActorOptions) of the live actor with that name, or an error."""
+
+    request_id: int
+    name: str
+    namespace: str | None
+    job_id: str
+
+
+@dataclass(slots=True)
 class KillActor:
     actor_id: str
     no_restart: bool
@@ -204,6 +240,7 @@ class Welcome:
     session_dir: str
     gcs_url: str
     resources: dict[str, float]
+    namespace: str = ""  # a driver's namespace (an anonymous one if it gave none)
 
 
 @dataclass(slots=True)

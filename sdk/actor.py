@@ -75,11 +75,25 @@ class ActorClass:
         function_id, blob = self._pickle()
         client.register_function(function_id, blob, self._qualname)
         task = context.current_task()
+        job_id = task.job_id if task else client.welcome.job_id
         actor_id = uuid.uuid4().hex
+        actor_options = p.ActorOptions(
+            class_name=self._qualname,
+            methods=self._methods,
+            name=resolved["name"],
+            namespace=resolved["namespace"],
+            detached=resolved["lifetime"] == "detached",
+        )
+        if actor_options.name is not None:
+            existing = _claim_name(
+                client, actor_id, actor_options, job_id, bool(resolved["get_if_exists"])
+            )
+            if existing is not None:
+                return existing
         arg_list, kwarg_map, contained, keep_alive = build_args(args, kwargs)
         spec = p.TaskSpec(
             task_id=uuid.uuid4().hex,
-            job_id=task.job_id if task else client.welcome.job_id,
+            job_id=job_id,
             name=f"{self._qualname}.__init__",
             function_id=function_id,
             args=arg_list,
@@ -92,6 +106,7 @@ class ActorClass:
             parent_task_id=task.task_id if task else None,
             actor_id=actor_id,
             method="__init__",
+            actor_options=actor_options,
         )
         client.submit(spec)
         del keep_alive
@@ -108,6 +123,32 @@ class ActorClass:
                 ) from exc
             self._pickled = (hashlib.sha1(blob).hexdigest(), blob)
         return self._pickled
+
+
+def _claim_name(
+    client: Any, actor_id: str, options: p.ActorOptions, job_id: str, get_if_exists: bool
+) -> ActorHandle | None:
+    """Claims the actor's name; the existing actor's handle with ``get_if_exists``."""
+    from dataplane.client import DaemonError
+
+    assert options.name is not None
+    try:
+        existing = client.request(
+            lambda rid: p.ReserveActorName(
+                rid, actor_id, options.name, options.namespace, job_id, get_if_exists
+            )
+        )
+    except DaemonError as error:
+        raise ValueError(str(error)) from None
+    if existing is None:
+        return None
+    return handle_of(*existing)
+
+
+def handle_of(actor_id: str, options: p.ActorOptions | None) -> ActorHandle:
+    if options is None:
+        raise ValueError(f"the actor {actor_id} is being created; try again")
+    return ActorHandle(actor_id, options.class_name, options.methods)
 
 
 class ActorHandle:

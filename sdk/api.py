@@ -17,7 +17,7 @@ from dataplane import protocol as p
 from dataplane.client import CoreClient, DaemonError, ObjectMissingError
 from dataplane.serialization import Serialized, serialize_with_refs
 from sdk import exceptions as exc
-from sdk.actor import ActorClass, ActorHandle
+from sdk.actor import ActorClass, ActorHandle, handle_of
 from sdk.object_ref import ObjectRef
 from sdk.remote_function import RemoteFunction
 from sdk.runtime import Runtime, node_config
@@ -251,6 +251,21 @@ def cancel(object_ref: ObjectRef, *, force: bool = False, recursive: bool = True
     client_or_auto_init().send(p.CancelTask(object_ref.hex(), force, recursive))
 
 
+def get_actor(name: str, namespace: str | None = None) -> ActorHandle:
+    """The handle of the live actor named ``name`` (in the caller's namespace unless
+    ``namespace`` is given); ValueError if there is none."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"get_actor() needs a non-empty name, got {name!r}")
+    client = client_or_auto_init()
+    task = context.current_task()
+    job_id = task.job_id if task else client.welcome.job_id
+    try:
+        found = client.request(lambda rid: p.GetActor(rid, name, namespace, job_id))
+    except DaemonError as error:
+        raise ValueError(str(error)) from None
+    return handle_of(*found)
+
+
 def kill(actor: ActorHandle, *, no_restart: bool = True) -> None:
     """Kills the actor's process at once; pending and later calls raise ActorDiedError."""
     if not isinstance(actor, ActorHandle):
@@ -290,7 +305,7 @@ def get_runtime_context() -> RuntimeContext:
         node_id=client.welcome.node_id,
         task_id=task.task_id if task else None,
         gcs_address=client.welcome.gcs_url,
-        namespace=_runtime.namespace if _runtime else None,
+        namespace=client.welcome.namespace or None,
     )
 
 

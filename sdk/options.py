@@ -70,10 +70,16 @@ ACTOR_OPTIONS: dict[str, Option] = {
     "max_restarts": Option((int,), 0, _not_yet),
     "max_task_retries": Option((int,), 0, _not_yet),
     "max_concurrency": Option((int,), 1, lambda v: None if v == 1 else "must be 1 for now"),
-    "name": Option((str,), None, _not_yet),
-    "namespace": Option((str,), None, _not_yet),
-    "lifetime": Option((str,), None, _not_yet),
-    "get_if_exists": Option((bool,), False, _not_yet),
+    "name": Option((str,), None, lambda v: None if v else "must not be empty"),
+    "namespace": Option((str,), None),
+    "lifetime": Option(
+        (str,),
+        None,
+        lambda v: (
+            None if v in ("detached", "non_detached") else "must be 'detached' or 'non_detached'"
+        ),
+    ),
+    "get_if_exists": Option((bool,), False),
     "scheduling_strategy": Option((str, object), None),
     "runtime_env": Option((dict,), None),
 }

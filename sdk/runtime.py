@@ -70,14 +70,12 @@ class Runtime:
         session_dir: Path,
         daemon: subprocess.Popen[bytes],
         client: CoreClient,
-        namespace: str | None,
         owns_session_dir: bool,
     ) -> None:
         self.gcs = gcs
         self.session_dir = session_dir
         self.daemon = daemon
         self.client = client
-        self.namespace = namespace
         self._owns_session_dir = owns_session_dir
         atexit.register(self.shutdown)
 
@@ -109,14 +107,14 @@ class Runtime:
                 stdin=subprocess.DEVNULL,
             )
             _wait_ready(daemon, session_dir)
-            client = CoreClient(str(session_dir / "node.sock"), "driver")
+            client = CoreClient(str(session_dir / "node.sock"), "driver", namespace=namespace)
         except BaseException:
             with contextlib.suppress(Exception):
                 daemon.kill()
             gcs.stop()
             raise
         context.set_client(client)
-        return cls(gcs, session_dir, daemon, client, namespace, owns)
+        return cls(gcs, session_dir, daemon, client, owns)
 
     def shutdown(self) -> None:
         atexit.unregister(self.shutdown)

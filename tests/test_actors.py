@@ -124,7 +124,9 @@ def test_misuse_gives_clear_errors() -> None:
     with pytest.raises(AttributeError, match="no method 'missing'"):
         actor.missing.remote()
     with pytest.raises(ValueError, match="not supported by Cairn yet"):
-        Recorder.options(name="x")
+        Recorder.options(max_restarts=1)
+    with pytest.raises(ValueError, match="'detached' or 'non_detached'"):
+        Recorder.options(lifetime="forever")
     with pytest.raises(ValueError, match="only supported for actors"):
         ray.kill(ray.put(1))  # type: ignore[arg-type]
 
@@ -139,17 +141,27 @@ async def test_the_log_holds_the_actor_life_and_every_call() -> None:
     url = ray.get_runtime_context().gcs_address
     conn = await asyncpg.connect(url)
     try:
-        actor_id = (await conn.fetchval(
-            "SELECT payload->>'actor_id' FROM events WHERE entity_id = $1", refs[0].task_id()))
+        actor_id = await conn.fetchval(
+            "SELECT payload->>'actor_id' FROM events WHERE entity_id = $1"
+            " AND event_type = 'submitted'",
+            refs[0].task_id(),
+        )
         life = await conn.fetch(
             "SELECT event_type, payload FROM events WHERE entity_kind = 'actor' "
-            "AND entity_id = $1 ORDER BY position", actor_id)
+            "AND entity_id = $1 ORDER BY position",
+            actor_id,
+        )
         assert [r["event_type"] for r in life] == [
-            "creation_requested", "scheduled", "alive", "dead"]
+            "creation_requested",
+            "scheduled",
+            "alive",
+            "dead",
+        ]
         calls = await conn.fetch(
             "SELECT (payload->>'sequence')::int AS seq FROM events WHERE event_type = 'submitted'"
             " AND payload->>'actor_id' = $1 AND payload->>'method' = 'add' ORDER BY position",
-            actor_id)
+            actor_id,
+        )
         assert [r["seq"] for r in calls] == list(range(6))
         async with Projector(url) as projector:
             await projector.catch_up()
@@ -158,3 +170,60 @@ async def test_the_log_holds_the_actor_life_and_every_call() -> None:
         assert row["class_name"].endswith("Recorder")
     finally:
         await conn.close()
+
+
+def test_named_actors_and_namespaces() -> None:
+    counter = Recorder.options(name="counter").remote()
+    assert ray.get(counter.add.remote()) == 1
+    assert ray.get(ray.get_actor("counter").add.remote()) == 2
+    with pytest.raises(ValueError, match="already taken"):
+        Recorder.options(name="counter").remote()
+    same = Recorder.options(name="counter", get_if_exists=True).remote()
+    assert ray.get(same.add.remote()) == 3
+    with pytest.raises(ValueError, match="Failed to look up actor with name 'nobody'"):
+        ray.get_actor("nobody")
+
+    @ray.remote
+    def lookup() -> int:
+        return ray.get(ray.get_actor("counter").add.remote())
+
+    assert ray.get(lookup.remote()) == 4  # tasks of the job see its namespace
+
+    other = Recorder.options(name="counter", namespace="elsewhere").remote(100)
+    assert ray.get(ray.get_actor("counter", namespace="elsewhere").add.remote()) == 101
+    assert ray.get(ray.get_actor("counter").add.remote()) == 5
+    ray.kill(counter)
+    with pytest.raises(ActorDiedError):
+        ray.get(counter.add.remote(), timeout=30)
+    with pytest.raises(ValueError, match="Failed to look up"):
+        ray.get_actor("counter")
+    assert ray.get(Recorder.options(name="counter").remote(7).add.remote()) == 8
+    ray.kill(other)
+
+
+def test_actors_die_with_their_owner_unless_detached() -> None:
+    import os
+    import signal
+
+    @ray.remote(max_retries=0)
+    def make_actors() -> int:
+        Recorder.options(name="owned").remote()
+        Recorder.options(name="kept", lifetime="detached").remote()
+        return os.getpid()
+
+    owner_pid = ray.get(make_actors.remote())
+    owned, kept = ray.get_actor("owned"), ray.get_actor("kept")
+    assert ray.get([owned.add.remote(), kept.add.remote()]) == [1, 1]
+    os.kill(owner_pid, signal.SIGKILL)  # the worker that created both
+    deadline = time.monotonic() + 10  # its death reaches the daemon asynchronously
+    while time.monotonic() < deadline:
+        try:
+            ray.get_actor("owned")
+        except ValueError:
+            break
+        time.sleep(0.05)
+    with pytest.raises(ActorDiedError, match="owner exited"):
+        ray.get(owned.add.remote(), timeout=30)
+    assert ray.get(kept.add.remote(), timeout=30) == 2
+    ray.kill(kept)
+    assert ray.get(make_actors.remote()) != owner_pid  # the pool replaced the killed worker

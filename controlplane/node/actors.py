@@ -46,14 +46,18 @@ class ActorsMixin:
         actor = ActorRecord(spec.actor_id, creation, conn)
         self.actors[actor.actor_id] = actor
         self.unscheduled_actors.add(actor.actor_id)
-        class_name = spec.name.removesuffix(".__init__")
+        options = spec.actor_options
+        payload: dict[str, Any] = {"class_name": spec.name.removesuffix(".__init__")}
+        if options is not None and options.name is not None:
+            payload["name"] = options.name
+            payload["namespace"] = self._namespace(options.namespace, spec.job_id)
         self._log(
             [
                 Event(
                     K.ACTOR,
                     actor.actor_id,
                     "creation_requested",
-                    {"class_name": class_name},
+                    payload,
                     job_id=spec.job_id,
                     node_id=self.node_id,
                 )
@@ -163,6 +167,9 @@ class ActorsMixin:
         if actor.death is not None:
             return
         self.unscheduled_actors.discard(actor.actor_id)
+        for key, holder in list(self.actor_names.items()):
+            if holder == actor.actor_id:
+                del self.actor_names[key]
         actor.death = p.ErrorInfo(
             "actor_died", f"the actor {actor.actor_id} died: {cause}", function_name=actor.actor_id
         )
@@ -187,13 +194,60 @@ class ActorsMixin:
         if actor is not None:
             self._actor_died(actor, "it was killed with kill()")
 
+    # -- names -----------------------------------------------------------------------
+
+    def _namespace(self: Any, namespace: str | None, job_id: str) -> str:
+        return namespace if namespace is not None else self.job_namespaces.get(job_id, "")
+
+    def _reserve_actor_name(self: Any, conn: Connection, request: p.ReserveActorName) -> None:
+        key = (self._namespace(request.namespace, request.job_id), request.name)
+        holder = self.actors.get(self.actor_names.get(key, ""))
+        if key in self.actor_names and (holder is None or holder.death is None):
+            if request.get_if_exists and holder is not None:
+                options = holder.creation.spec.actor_options
+                conn.send(p.Reply(request.request_id, (holder.actor_id, options)))
+            else:
+                conn.send(
+                    p.Reply(
+                        request.request_id,
+                        error=(
+                            f"name_taken: The name {request.name} (namespace={key[0]}) is already "
+                            "taken. Please use a different name or get the existing actor using "
+                            f"ray.get_actor('{request.name}', namespace='{key[0]}')"
+                        ),
+                    )
+                )
+            return
+        self.actor_names[key] = request.actor_id
+        conn.send(p.Reply(request.request_id, None))
+
+    def _get_actor(self: Any, conn: Connection, request: p.GetActor) -> None:
+        key = (self._namespace(request.namespace, request.job_id), request.name)
+        actor = self.actors.get(self.actor_names.get(key, ""))
+        if actor is None or actor.death is not None:
+            conn.send(
+                p.Reply(
+                    request.request_id,
+                    error=(
+                        f"not_found: Failed to look up actor with name '{request.name}'. "
+                        "This could because 1. You are trying to look up a named actor you "
+                        "didn't create. 2. The named actor died. 3. You did not use a "
+                        "namespace matching the namespace of "
+                        f"the actor (looked in namespace {key[0]!r})."
+                    ),
+                )
+            )
+            return
+        conn.send(p.Reply(request.request_id, (actor.actor_id, actor.creation.spec.actor_options)))
+
     def _actor_worker_lost(self: Any, handle: WorkerHandle, exit_code: int) -> None:
         actor = self.actors.get(handle.actor_id)
         if actor is not None:
             self._actor_died(actor, f"its worker process died (exit code {exit_code})")
 
     def _owner_gone(self: Any, conn: Connection) -> None:
-        """Actors die with the process that created them (detached ones: issue 4)."""
+        """Actors die with the process that created them, unless detached."""
         for actor in list(self.actors.values()):
-            if actor.owner is conn:
+            options = actor.creation.spec.actor_options
+            if actor.owner is conn and not (options and options.detached):
                 self._actor_died(actor, "its owner exited")

@@ -109,6 +109,8 @@ class NodeDaemon(ActorsMixin):
         self.tasks: dict[str, TaskRecord] = {}
         self.actors: dict[str, ActorRecord] = {}
         self.unscheduled_actors: set[str] = set()
+        self.actor_names: dict[tuple[str, str], str] = {}  # (namespace, name) -> actor id
+        self.job_namespaces: dict[str, str] = {}
         self.ready: dict[tuple[tuple[str, float], ...], deque[TaskRecord]] = {}
         self.workers: dict[str, WorkerHandle] = {}
         self.idle: deque[WorkerHandle] = deque()
@@ -222,6 +224,7 @@ class NodeDaemon(ActorsMixin):
             )
         else:
             conn.job_id = f"{next(self._job_ids):08x}"
+            self.job_namespaces[conn.job_id] = hello.namespace or uuid.uuid4().hex
             self._log(
                 [
                     Event(
@@ -240,6 +243,7 @@ class NodeDaemon(ActorsMixin):
                 str(self.session_dir),
                 self.gcs_url,
                 self.resources.total,
+                self.job_namespaces.get(conn.job_id or "", ""),
             )
         )
         handle = self._worker_of(conn)
@@ -301,6 +305,10 @@ class NodeDaemon(ActorsMixin):
                 self._task_done(conn, message)
             case p.CancelTask(object_id, force, recursive):
                 self._cancel(object_id, force, recursive)
+            case p.ReserveActorName():
+                self._reserve_actor_name(conn, message)
+            case p.GetActor():
+                self._get_actor(conn, message)
             case p.KillActor(actor_id, _no_restart):
                 self._kill_actor(actor_id)
             case p.ReportLost(object_id, reason):
