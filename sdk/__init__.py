@@ -1,6 +1,6 @@
 """Cairn's user-facing API, compatible with Ray Core: ``import sdk as ray``."""
 
-from sdk import actor, exceptions
+from sdk import actor, exceptions, util
 from sdk.actor import method
 from sdk.api import (
     available_resources,
@@ -38,5 +38,6 @@ __all__ = [
     "put",
     "remote",
     "shutdown",
+    "util",
     "wait",
 ]

@@ -227,3 +227,32 @@ def test_actors_die_with_their_owner_unless_detached() -> None:
     assert ray.get(kept.add.remote(), timeout=30) == 2
     ray.kill(kept)
     assert ray.get(make_actors.remote()) != owner_pid  # the pool replaced the killed worker
+
+
+def test_actor_pool_map_submit_and_get() -> None:
+    @ray.remote
+    class Doubler:
+        def double(self, x: int) -> int:
+            if x == 3:
+                time.sleep(0.5)  # finishes last
+            return 2 * x
+
+    pool = ray.util.ActorPool([Doubler.remote(), Doubler.remote()])
+    assert list(pool.map(lambda a, v: a.double.remote(v), range(6))) == [0, 2, 4, 6, 8, 10]
+    unordered = list(pool.map_unordered(lambda a, v: a.double.remote(v), range(6)))
+    assert sorted(unordered) == [0, 2, 4, 6, 8, 10] and unordered[-1] == 6
+    pool.submit(lambda a, v: a.double.remote(v), 1)
+    pool.submit(lambda a, v: a.double.remote(v), 2)
+    assert not pool.has_free()
+    pool.submit(lambda a, v: a.double.remote(v), 3)  # waits for a free actor
+    assert [pool.get_next(), pool.get_next()] == [2, 4]
+    with pytest.raises(TimeoutError):
+        pool.get_next(timeout=0.05)
+    assert pool.get_next() == 6 and not pool.has_next()
+    idle = pool.pop_idle()
+    assert idle is not None and pool.has_free()  # one of the two left
+    pool.push(idle)
+    with pytest.raises(ValueError, match="already belongs"):
+        pool.push(idle)
+    with pytest.raises(StopIteration):
+        pool.get_next()

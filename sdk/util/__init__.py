@@ -1,0 +1,5 @@
+"""Utilities with Ray's names (``ray.util``)."""
+
+from sdk.util.actor_pool import ActorPool
+
+__all__ = ["ActorPool"]
