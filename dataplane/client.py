@@ -42,7 +42,10 @@ class DaemonError(RuntimeError):
 
 class CoreClient:
     def __init__(
-        self, socket_path: str, role: str, worker_id: str | None = None,
+        self,
+        socket_path: str,
+        role: str,
+        worker_id: str | None = None,
         namespace: str | None = None,
     ) -> None:
         self.channel = p.SyncChannel(socket_path)

@@ -186,6 +186,8 @@ class ActorOptions:
     name: str | None = None
     namespace: str | None = None
     detached: bool = False
+    max_restarts: int = 0  # -1: restart forever
+    max_task_retries: int = 0  # -1: re-send an interrupted call forever
 
 
 @dataclass(slots=True)

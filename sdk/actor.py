@@ -83,6 +83,8 @@ class ActorClass:
             name=resolved["name"],
             namespace=resolved["namespace"],
             detached=resolved["lifetime"] == "detached",
+            max_restarts=resolved["max_restarts"],
+            max_task_retries=resolved["max_task_retries"],
         )
         if actor_options.name is not None:
             existing = _claim_name(

@@ -58,17 +58,13 @@ TASK_OPTIONS: dict[str, Option] = {
 }
 
 
-def _not_yet(value: Any) -> str | None:
-    return "is not supported by Cairn yet" if value else None
-
-
 ACTOR_OPTIONS: dict[str, Option] = {
     "num_cpus": Option((int, float), 0, _non_negative),  # actors default to 0, as Ray
     "num_gpus": Option((int, float), 0, _non_negative),
     "resources": Option((dict,), None, _resources),
     "memory": Option((int, float), None, _non_negative),
-    "max_restarts": Option((int,), 0, _not_yet),
-    "max_task_retries": Option((int,), 0, _not_yet),
+    "max_restarts": Option((int,), 0, _retries),
+    "max_task_retries": Option((int,), 0, _retries),
     "max_concurrency": Option((int,), 1, lambda v: None if v == 1 else "must be 1 for now"),
     "name": Option((str,), None, lambda v: None if v else "must not be empty"),
     "namespace": Option((str,), None),

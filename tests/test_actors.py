@@ -123,8 +123,8 @@ def test_misuse_gives_clear_errors() -> None:
     actor = Recorder.remote()
     with pytest.raises(AttributeError, match="no method 'missing'"):
         actor.missing.remote()
-    with pytest.raises(ValueError, match="not supported by Cairn yet"):
-        Recorder.options(max_restarts=1)
+    with pytest.raises(ValueError, match="must be 1 for now"):
+        Recorder.options(max_concurrency=4)
     with pytest.raises(ValueError, match="'detached' or 'non_detached'"):
         Recorder.options(lifetime="forever")
     with pytest.raises(ValueError, match="only supported for actors"):
@@ -256,3 +256,69 @@ def test_actor_pool_map_submit_and_get() -> None:
         pool.push(idle)
     with pytest.raises(StopIteration):
         pool.get_next()
+
+
+@ray.remote(max_restarts=1, max_task_retries=-1)
+class Resettable:
+    def __init__(self) -> None:
+        self.n = 0
+
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()
+
+    def add(self) -> int:
+        time.sleep(0.01)
+        self.n += 1
+        return self.n
+
+
+async def test_restart_loses_no_queued_call_and_resets_state_once() -> None:
+    import os
+    import signal
+
+    actor = Resettable.remote()
+    pid = ray.get(actor.pid.remote())
+    refs = [actor.add.remote() for _ in range(100)]
+    time.sleep(0.3)  # some calls have run on the first instance
+    os.kill(pid, signal.SIGKILL)
+    results = ray.get(refs, timeout=60)
+    assert len(results) == 100
+    resets = [i for i in range(1, 100) if results[i] != results[i - 1] + 1]
+    assert len(resets) == 1 and results[resets[0]] == 1  # one reset to the constructor state
+    assert results[-1] == 100 - resets[0]
+    assert ray.get(actor.pid.remote()) != pid
+    ray.kill(actor, no_restart=False)  # the second crash: max_restarts is spent
+    with pytest.raises(ActorDiedError, match="exit code"):
+        ray.get(actor.add.remote(), timeout=30)
+    conn = await asyncpg.connect(ray.get_runtime_context().gcs_address)
+    try:
+        life = await conn.fetch(
+            "SELECT event_type FROM events WHERE entity_kind = 'actor' AND entity_id = $1 "
+            "ORDER BY position",
+            actor._actor_id,
+        )
+    finally:
+        await conn.close()
+    assert [r["event_type"] for r in life] == [
+        "creation_requested",
+        "scheduled",
+        "alive",
+        "restarting",
+        "scheduled",
+        "alive",
+        "dead",
+    ]
+
+
+def test_a_call_interrupted_without_task_retries_fails() -> None:
+    actor = Recorder.options(max_restarts=1).remote()
+    assert ray.get(actor.add.remote()) == 1  # alive
+    running = actor.slow.remote(30)
+    queued = actor.add.remote()
+    time.sleep(0.3)
+    ray.kill(actor, no_restart=False)
+    with pytest.raises(ActorDiedError, match="max_task_retries=0"):
+        ray.get(running, timeout=30)
+    assert ray.get(queued, timeout=30) == 1  # queued calls run on the new instance

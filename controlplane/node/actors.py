@@ -33,6 +33,11 @@ class ActorRecord:
     queue: deque[TaskRecord] = field(default_factory=deque)
     running: TaskRecord | None = None
     death: p.ErrorInfo | None = None
+    restarts: int = 0
+
+    @property
+    def options(self) -> p.ActorOptions:
+        return self.creation.spec.actor_options or p.ActorOptions("", {})
 
 
 class ActorsMixin:
@@ -63,6 +68,10 @@ class ActorsMixin:
                 )
             ]
         )
+        # the constructor's arguments stay pinned while the actor lives: a restart
+        # runs the constructor again
+        for object_id in (*spec.dependencies(), *spec.contained_refs):
+            self.objects.pin(object_id)
         actor.worker = self._start_worker(actor_id=actor.actor_id)
         for dep in list(creation.pending_deps):
             self.objects.on_ready(dep, lambda d=dep: self._actor_dep_ready(actor, creation, d))
@@ -90,6 +99,7 @@ class ActorsMixin:
         if actor.death is not None:
             self._finish_failed(record, actor.death, log_event=True)
             return
+        record.retries_left = actor.options.max_task_retries
         actor.queue.append(record)
         for dep in list(record.pending_deps):
             self.objects.on_ready(dep, lambda d=dep: self._actor_dep_ready(actor, record, d))
@@ -100,7 +110,7 @@ class ActorsMixin:
         handle = actor.worker
         if actor.death is not None or handle is None or handle.conn is None:
             return
-        if actor.state == "PENDING_CREATION":
+        if actor.state in ("PENDING_CREATION", "RESTARTING"):
             creation = actor.creation
             if actor.creation_sent or creation.pending_deps:
                 return
@@ -129,9 +139,8 @@ class ActorsMixin:
                 self._actor_died(
                     actor, f"the actor's constructor raised {done.error.message}{trace}"
                 )
-                self._finish_failed(creation, actor.death, log_event=True)
                 return
-            actor.state = "ALIVE"
+            first_start, actor.state = actor.state == "PENDING_CREATION", "ALIVE"
             assert actor.worker is not None
             self._log(
                 [
@@ -144,7 +153,8 @@ class ActorsMixin:
                     )
                 ]
             )
-            self._finish_ok(creation, [])
+            if first_start:
+                self._finish_ok(creation, [])
         else:
             record, actor.running = actor.running, None
             if record is None or record.spec.task_id != done.task_id:
@@ -185,14 +195,78 @@ class ActorsMixin:
             pending.append(actor.creation)
         for record in pending:
             self._finish_failed(record, actor.death, log_event=True)
+        spec = actor.creation.spec
+        for object_id in (*spec.dependencies(), *spec.contained_refs):
+            self.objects.unpin(object_id)
         if actor.worker is not None:
             with contextlib.suppress(ProcessLookupError):
                 actor.worker.process.kill()
 
-    def _kill_actor(self: Any, actor_id: str) -> None:
+    def _kill_actor(self: Any, actor_id: str, no_restart: bool) -> None:
         actor = self.actors.get(actor_id)
-        if actor is not None:
+        if actor is None or actor.death is not None:
+            return
+        if no_restart:
             self._actor_died(actor, "it was killed with kill()")
+        elif actor.worker is not None:  # as a crash: restarted if max_restarts allows
+            with contextlib.suppress(ProcessLookupError):
+                actor.worker.process.kill()
+
+    def _restart_or_die(self: Any, actor: ActorRecord, cause: str) -> None:
+        """After its process died: the actor is re-created (constructor re-run) if
+        ``max_restarts`` allows, and the call it was running is sent again if
+        ``max_task_retries`` allows; queued calls wait for the new instance."""
+        limit = actor.options.max_restarts
+        if limit != -1 and actor.restarts >= limit:
+            self._actor_died(actor, cause)
+            return
+        actor.restarts += 1
+        if actor.creation_sent:
+            self.resources.release(actor.creation.spec.resources)
+        actor.creation_sent, actor.state = False, "RESTARTING"
+        self._log(
+            [
+                Event(
+                    K.ACTOR,
+                    actor.actor_id,
+                    "restarting",
+                    {"attempt": actor.restarts},
+                    node_id=self.node_id,
+                )
+            ]
+        )
+        interrupted, actor.running = actor.running, None
+        if interrupted is not None:
+            if interrupted.retries_left != 0:
+                interrupted.retries_left -= interrupted.retries_left > 0
+                interrupted.attempt += 1
+                self._log(
+                    [
+                        Event(
+                            K.TASK,
+                            interrupted.spec.task_id,
+                            "retried",
+                            {
+                                "attempt": interrupted.attempt,
+                                "reason": f"the actor restarted: {cause}",
+                            },
+                        )
+                    ]
+                )
+                actor.queue.appendleft(interrupted)
+            else:
+                self._finish_failed(
+                    interrupted,
+                    p.ErrorInfo(
+                        "actor_died",
+                        f"the actor {actor.actor_id} died while running the call "
+                        f"(max_task_retries=0): {cause}",
+                        function_name=actor.actor_id,
+                    ),
+                    log_event=True,
+                )
+        actor.worker = self._start_worker(actor_id=actor.actor_id)
+        self.unscheduled_actors.add(actor.actor_id)
 
     # -- names -----------------------------------------------------------------------
 
@@ -242,8 +316,8 @@ class ActorsMixin:
 
     def _actor_worker_lost(self: Any, handle: WorkerHandle, exit_code: int) -> None:
         actor = self.actors.get(handle.actor_id)
-        if actor is not None:
-            self._actor_died(actor, f"its worker process died (exit code {exit_code})")
+        if actor is not None and actor.death is None and actor.worker is handle:
+            self._restart_or_die(actor, f"its worker process died (exit code {exit_code})")
 
     def _owner_gone(self: Any, conn: Connection) -> None:
         """Actors die with the process that created them, unless detached."""

@@ -309,8 +309,8 @@ class NodeDaemon(ActorsMixin):
                 self._reserve_actor_name(conn, message)
             case p.GetActor():
                 self._get_actor(conn, message)
-            case p.KillActor(actor_id, _no_restart):
-                self._kill_actor(actor_id)
+            case p.KillActor(actor_id, no_restart):
+                self._kill_actor(actor_id, no_restart)
             case p.ReportLost(object_id, reason):
                 if self.objects.mark_lost(object_id, reason):
                     self._log(
