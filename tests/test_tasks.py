@@ -401,6 +401,8 @@ def test_runtime_context_and_cluster_resources() -> None:
 
 
 def _worker_pids() -> set[int]:
+    """This cluster's worker processes (other clusters may run on the machine)."""
+    node_id = ray.get_runtime_context().get_node_id().encode()
     pids = set()
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -408,7 +410,7 @@ def _worker_pids() -> set[int]:
                 cmd = (entry / "cmdline").read_bytes()
             except OSError:
                 continue
-            if b"dataplane.worker" in cmd:
+            if b"dataplane.worker" in cmd and node_id in cmd:
                 pids.add(int(entry.name))
     return pids
 
