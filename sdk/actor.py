@@ -5,14 +5,11 @@ actors, which then call the actor themselves."""
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import itertools
 import uuid
 from collections.abc import Callable
 from typing import Any
-
-import cloudpickle
 
 from dataplane import context
 from dataplane import protocol as p
@@ -115,15 +112,10 @@ class ActorClass:
         return ActorHandle(actor_id, self._qualname, self._methods)
 
     def _pickle(self) -> tuple[str, bytes]:
+        from sdk.remote_function import pickle_code
+
         if self._pickled is None:
-            try:
-                blob = cloudpickle.dumps(self._cls)
-            except Exception as exc:
-                raise TypeError(
-                    f"could not serialize the actor class {self._qualname}: "
-                    f"{type(exc).__name__}: {exc}"
-                ) from exc
-            self._pickled = (hashlib.sha1(blob).hexdigest(), blob)
+            self._pickled = pickle_code(self._cls, f"the actor class {self._qualname}")
         return self._pickled
 
 

@@ -78,15 +78,17 @@ class RemoteFunction:
 
     def _pickle(self) -> tuple[str, bytes]:
         if self._pickled is None:
-            try:
-                blob = cloudpickle.dumps(self._function)
-            except Exception as exc:
-                raise TypeError(
-                    f"could not serialize the remote function {self._qualname}: "
-                    f"{type(exc).__name__}: {exc}"
-                ) from exc
-            self._pickled = (hashlib.sha1(blob).hexdigest(), blob)
+            self._pickled = pickle_code(self._function, f"the remote function {self._qualname}")
         return self._pickled
+
+
+def pickle_code(code: Any, what: str) -> tuple[str, bytes]:
+    """A function or class pickled by value, with its id (a digest of the bytes)."""
+    try:
+        blob = cloudpickle.dumps(code)
+    except Exception as exc:
+        raise TypeError(f"could not serialize {what}: {type(exc).__name__}: {exc}") from exc
+    return hashlib.sha1(blob).hexdigest(), blob
 
 
 def build_args(
