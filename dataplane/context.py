@@ -3,6 +3,7 @@ worker, the task it is running. The SDK reads these; the worker sets them."""
 
 from __future__ import annotations
 
+import contextvars
 from dataclasses import dataclass
 
 from dataplane.client import CoreClient
@@ -20,7 +21,11 @@ class ActorExit(BaseException):
 
 
 _client: CoreClient | None = None
-_task: TaskContext | None = None
+# A ContextVar: calls running concurrently in one actor (threads or asyncio tasks) each
+# see their own task.
+_task: contextvars.ContextVar[TaskContext | None] = contextvars.ContextVar(
+    "cairn_task", default=None
+)
 
 
 def current_client() -> CoreClient | None:
@@ -33,9 +38,8 @@ def set_client(client: CoreClient | None) -> None:
 
 
 def current_task() -> TaskContext | None:
-    return _task
+    return _task.get()
 
 
 def set_task(task: TaskContext | None) -> None:
-    global _task
-    _task = task
+    _task.set(task)

@@ -188,6 +188,7 @@ class ActorOptions:
     detached: bool = False
     max_restarts: int = 0  # -1: restart forever
     max_task_retries: int = 0  # -1: re-send an interrupted call forever
+    max_concurrency: int = 1  # calls running at once (threads, or asyncio tasks)
 
 
 @dataclass(slots=True)

@@ -8,11 +8,15 @@ SIGINT), which is reported as cancellation.
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import os
 import signal
 import sys
+import threading
 import traceback
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import cloudpickle
@@ -28,53 +32,110 @@ class Worker:
         self.client = client
         self.functions: dict[str, Callable[..., Any]] = {}
         self.actor: Any = None  # the instance, in a worker dedicated to an actor
+        # For an actor with max_concurrency > 1 or async methods: how calls run
+        # concurrently (a thread pool, or an event loop); None: one at a time, here.
+        self._concurrently: Callable[[p.ExecuteTask], None] | None = None
 
     def run(self) -> None:
         while (message := self.client.tasks.get()) is not None:
+            if self._concurrently is not None:
+                self._concurrently(message)
+                continue
             done = self.execute(message)
-            self.client.send(done)
-            if done.error is not None and done.error.kind == "actor_exit":
-                return
+            self._reply(done)
+            if message.spec.method == "__init__" and done.error is None:
+                self._start_concurrency(message.spec)
+
+    def _reply(self, done: p.TaskDone) -> None:
+        self.client.send(done)
+        if done.error is not None and done.error.kind == "actor_exit":
+            self.client.tasks.put(None)  # ends run(): the actor is over
 
     def execute(self, message: p.ExecuteTask) -> p.TaskDone:
         spec = message.spec
         context.set_task(context.TaskContext(spec.task_id, spec.job_id, message.attempt))
         try:
             try:
-                function = self._callable(spec, message.function_blob)
-                args = [self._value(a, loc) for a, loc in zip(spec.args, message.args, strict=True)]
-                kwargs = {k: self._value(a, message.kwargs.get(k)) for k, a in spec.kwargs.items()}
+                function, args, kwargs = self._prepare(message)
                 result = function(*args, **kwargs)
                 if spec.method == "__init__":
                     self.actor, result = result, None
-            except context.ActorExit:
-                return self._failed(
-                    spec, message, p.ErrorInfo("actor_exit", "exit_actor() was called", spec.name)
-                )
-            except ObjectMissingError as missing:  # an argument's bytes are gone
-                return self._failed(spec, message, p.ErrorInfo("object_lost", str(missing)))
-            except KeyboardInterrupt:
-                return self._failed(
-                    spec,
-                    message,
-                    p.ErrorInfo("cancelled", f"task {spec.name} was cancelled", spec.name),
-                )
-            except BaseException as exc:  # the user's exception, reported to the caller
-                error = _task_error(spec.name, exc)
-                if spec.retry_exception_types is not None:
-                    error.retryable = isinstance(exc, cloudpickle.loads(spec.retry_exception_types))
-                return self._failed(spec, message, error)
-            try:
-                values = _split_returns(result, spec.num_returns)
-                returns = [
-                    self._store(object_id, value)
-                    for object_id, value in zip(spec.return_ids(), values, strict=True)
-                ]
-            except (SerializationError, ValueError) as exc:
-                return self._failed(spec, message, _task_error(spec.name, exc))
-            return p.TaskDone(spec.task_id, message.attempt, returns)
+            except BaseException as exc:
+                return self._failure(message, exc)
+            return self._finish(message, result)
         finally:
             context.set_task(None)
+
+    async def execute_async(self, message: p.ExecuteTask) -> p.TaskDone:
+        """A call of an async actor: coroutine methods are awaited on the actor's loop."""
+        spec = message.spec
+        context.set_task(context.TaskContext(spec.task_id, spec.job_id, message.attempt))
+        try:
+            function, args, kwargs = self._prepare(message)
+            result = function(*args, **kwargs)
+            if inspect.isawaitable(result):
+                result = await result
+        except BaseException as exc:
+            return self._failure(message, exc)
+        return self._finish(message, result)
+
+    def _start_concurrency(self, spec: p.TaskSpec) -> None:
+        options = spec.actor_options
+        limit = options.max_concurrency if options else 1
+        is_async = any(
+            inspect.iscoroutinefunction(member)
+            for _, member in inspect.getmembers(type(self.actor), inspect.isfunction)
+        )
+        if is_async:
+            loop = asyncio.new_event_loop()
+            threading.Thread(target=loop.run_forever, name="cairn-actor-loop", daemon=True).start()
+            slots = asyncio.Semaphore(limit)
+
+            async def bounded(message: p.ExecuteTask) -> None:
+                async with slots:
+                    self._reply(await self.execute_async(message))
+
+            self._concurrently = lambda m: asyncio.run_coroutine_threadsafe(
+                bounded(m), loop
+            ).add_done_callback(_raise_unexpected)
+        elif limit > 1:
+            pool = ThreadPoolExecutor(limit, thread_name_prefix="cairn-actor")
+            self._concurrently = lambda m: pool.submit(
+                lambda: self._reply(self.execute(m))
+            ).add_done_callback(_raise_unexpected)
+
+    def _prepare(self, message: p.ExecuteTask) -> tuple[Callable[..., Any], list, dict]:
+        spec = message.spec
+        function = self._callable(spec, message.function_blob)
+        args = [self._value(a, loc) for a, loc in zip(spec.args, message.args, strict=True)]
+        kwargs = {k: self._value(a, message.kwargs.get(k)) for k, a in spec.kwargs.items()}
+        return function, args, kwargs
+
+    def _failure(self, message: p.ExecuteTask, exc: BaseException) -> p.TaskDone:
+        spec = message.spec
+        if isinstance(exc, context.ActorExit):
+            error = p.ErrorInfo("actor_exit", "exit_actor() was called", spec.name)
+        elif isinstance(exc, ObjectMissingError):  # an argument's bytes are gone
+            error = p.ErrorInfo("object_lost", str(exc))
+        elif isinstance(exc, KeyboardInterrupt):
+            error = p.ErrorInfo("cancelled", f"task {spec.name} was cancelled", spec.name)
+        else:  # the user's exception, reported to the caller
+            error = _task_error(spec.name, exc)
+            if spec.retry_exception_types is not None:
+                error.retryable = isinstance(exc, cloudpickle.loads(spec.retry_exception_types))
+        return self._failed(spec, message, error)
+
+    def _finish(self, message: p.ExecuteTask, result: Any) -> p.TaskDone:
+        spec = message.spec
+        try:
+            values = _split_returns(result, spec.num_returns)
+            returns = [
+                self._store(object_id, value)
+                for object_id, value in zip(spec.return_ids(), values, strict=True)
+            ]
+        except (SerializationError, ValueError) as exc:
+            return self._failed(spec, message, _task_error(spec.name, exc))
+        return p.TaskDone(spec.task_id, message.attempt, returns)
 
     def _callable(self, spec: p.TaskSpec, blob: bytes | None) -> Callable[..., Any]:
         """The task's function; for an actor's constructor, its class; for a method
@@ -101,6 +162,12 @@ class Worker:
     @staticmethod
     def _failed(spec: p.TaskSpec, message: p.ExecuteTask, error: p.ErrorInfo) -> p.TaskDone:
         return p.TaskDone(spec.task_id, message.attempt, [], error=error)
+
+
+def _raise_unexpected(future: Any) -> None:
+    """Surfaces a bug in running a call concurrently (the call's own errors are replies)."""
+    if not future.cancelled() and future.exception() is not None:
+        traceback.print_exception(future.exception())
 
 
 def _split_returns(result: Any, num_returns: int) -> list[Any]:

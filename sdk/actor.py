@@ -82,6 +82,7 @@ class ActorClass:
             detached=resolved["lifetime"] == "detached",
             max_restarts=resolved["max_restarts"],
             max_task_retries=resolved["max_task_retries"],
+            max_concurrency=resolved["max_concurrency"] or self._default_concurrency(),
         )
         if actor_options.name is not None:
             existing = _claim_name(
@@ -110,6 +111,14 @@ class ActorClass:
         client.submit(spec)
         del keep_alive
         return ActorHandle(actor_id, self._qualname, self._methods)
+
+    def _default_concurrency(self) -> int:
+        """1, or 1000 for an async actor (one with an ``async def`` method), as Ray."""
+        is_async = any(
+            inspect.iscoroutinefunction(member)
+            for _, member in inspect.getmembers(self._cls, inspect.isfunction)
+        )
+        return 1000 if is_async else 1
 
     def _pickle(self) -> tuple[str, bytes]:
         from sdk.remote_function import pickle_code

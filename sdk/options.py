@@ -65,7 +65,7 @@ ACTOR_OPTIONS: dict[str, Option] = {
     "memory": Option((int, float), None, _non_negative),
     "max_restarts": Option((int,), 0, _retries),
     "max_task_retries": Option((int,), 0, _retries),
-    "max_concurrency": Option((int,), 1, lambda v: None if v == 1 else "must be 1 for now"),
+    "max_concurrency": Option((int,), None, lambda v: None if v >= 1 else "must be >= 1"),
     "name": Option((str,), None, lambda v: None if v else "must not be empty"),
     "namespace": Option((str,), None),
     "lifetime": Option(

@@ -123,8 +123,8 @@ def test_misuse_gives_clear_errors() -> None:
     actor = Recorder.remote()
     with pytest.raises(AttributeError, match="no method 'missing'"):
         actor.missing.remote()
-    with pytest.raises(ValueError, match="must be 1 for now"):
-        Recorder.options(max_concurrency=4)
+    with pytest.raises(ValueError, match="must be >= 1"):
+        Recorder.options(max_concurrency=0)
     with pytest.raises(ValueError, match="'detached' or 'non_detached'"):
         Recorder.options(lifetime="forever")
     with pytest.raises(ValueError, match="only supported for actors"):
@@ -322,3 +322,45 @@ def test_a_call_interrupted_without_task_retries_fails() -> None:
     with pytest.raises(ActorDiedError, match="max_task_retries=0"):
         ray.get(running, timeout=30)
     assert ray.get(queued, timeout=30) == 1  # queued calls run on the new instance
+
+
+def test_threaded_actor_runs_calls_concurrently() -> None:
+    @ray.remote(max_concurrency=4)
+    class Meeting:
+        def __init__(self) -> None:
+            import threading
+
+            self.barrier = threading.Barrier(4, timeout=20)
+
+        def meet(self) -> str | None:
+            self.barrier.wait()  # only passes if 4 calls run at once
+            return ray.get_runtime_context().get_task_id()
+
+    actor = Meeting.remote()
+    refs = [actor.meet.remote() for _ in range(4)]
+    assert ray.get(refs, timeout=60) == [ref.task_id() for ref in refs]
+
+
+def test_async_actor_interleaves_calls_and_awaits_refs() -> None:
+    @ray.remote
+    class Gathering:
+        def __init__(self) -> None:
+            self.arrived = 0
+
+        async def meet(self, n: int) -> int:
+            import asyncio
+
+            self.arrived += 1
+            deadline = asyncio.get_running_loop().time() + 20
+            while self.arrived < n:  # only ends if n calls are in flight together
+                assert asyncio.get_running_loop().time() < deadline
+                await asyncio.sleep(0.01)
+            return self.arrived
+
+        async def fetch(self, refs: list[object]) -> object:
+            return await refs[0]  # type: ignore[misc]
+
+    actor = Gathering.remote()
+    assert ray.get([actor.meet.remote(50) for _ in range(50)], timeout=60) == [50] * 50
+    value = ray.put(21)
+    assert ray.get(actor.fetch.remote([value]), timeout=30) == 21

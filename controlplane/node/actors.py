@@ -31,7 +31,7 @@ class ActorRecord:
     worker: WorkerHandle | None = None
     creation_sent: bool = False
     queue: deque[TaskRecord] = field(default_factory=deque)
-    running: TaskRecord | None = None
+    running: dict[str, TaskRecord] = field(default_factory=dict)  # task id -> call
     death: p.ErrorInfo | None = None
     restarts: int = 0
 
@@ -122,13 +122,14 @@ class ActorsMixin:
             self._log([Event(K.ACTOR, actor.actor_id, "scheduled", {}, node_id=self.node_id)])
             self._send_to_worker(creation, handle)
             return
-        while actor.running is None and actor.queue and not actor.queue[0].pending_deps:
+        limit = actor.options.max_concurrency
+        while len(actor.running) < limit and actor.queue and not actor.queue[0].pending_deps:
             record = actor.queue.popleft()
             failed = self._failed_dependency(record)
             if failed is not None:
                 self._finish_failed(record, failed, log_event=True)
                 continue
-            actor.running = record
+            actor.running[record.spec.task_id] = record
             self._send_to_worker(record, handle)
 
     def _actor_task_done(self: Any, actor: ActorRecord, done: p.TaskDone) -> None:
@@ -156,8 +157,8 @@ class ActorsMixin:
             if first_start:
                 self._finish_ok(creation, [])
         else:
-            record, actor.running = actor.running, None
-            if record is None or record.spec.task_id != done.task_id:
+            record = actor.running.pop(done.task_id, None)
+            if record is None:
                 return
             if done.error is not None and done.error.kind == "actor_exit":
                 self._actor_died(actor, "the actor exited (exit_actor() was called)")
@@ -189,8 +190,8 @@ class ActorsMixin:
         self._log(
             [Event(K.ACTOR, actor.actor_id, "dead", {"cause": cause[:2000]}, node_id=self.node_id)]
         )
-        pending = ([actor.running] if actor.running else []) + list(actor.queue)
-        actor.running, actor.queue = None, deque()
+        pending = [*actor.running.values(), *actor.queue]
+        actor.running, actor.queue = {}, deque()
         if was_alive == "PENDING_CREATION" and actor.creation.spec.task_id in self.tasks:
             pending.append(actor.creation)
         for record in pending:
@@ -235,28 +236,25 @@ class ActorsMixin:
                 )
             ]
         )
-        interrupted, actor.running = actor.running, None
-        if interrupted is not None:
-            if interrupted.retries_left != 0:
-                interrupted.retries_left -= interrupted.retries_left > 0
-                interrupted.attempt += 1
+        interrupted, actor.running = list(actor.running.values()), {}
+        for record in reversed(interrupted):  # back to the head of the queue, in order
+            if record.retries_left != 0:
+                record.retries_left -= record.retries_left > 0
+                record.attempt += 1
                 self._log(
                     [
                         Event(
                             K.TASK,
-                            interrupted.spec.task_id,
+                            record.spec.task_id,
                             "retried",
-                            {
-                                "attempt": interrupted.attempt,
-                                "reason": f"the actor restarted: {cause}",
-                            },
+                            {"attempt": record.attempt, "reason": f"the actor restarted: {cause}"},
                         )
                     ]
                 )
-                actor.queue.appendleft(interrupted)
+                actor.queue.appendleft(record)
             else:
                 self._finish_failed(
-                    interrupted,
+                    record,
                     p.ErrorInfo(
                         "actor_died",
                         f"the actor {actor.actor_id} died while running the call "
