@@ -364,3 +364,32 @@ def test_async_actor_interleaves_calls_and_awaits_refs() -> None:
     assert ray.get([actor.meet.remote(50) for _ in range(50)], timeout=60) == [50] * 50
     value = ray.put(21)
     assert ray.get(actor.fetch.remote([value]), timeout=30) == 21
+
+
+def test_queue_shared_by_tasks_with_empty_and_full() -> None:
+    from sdk.util.queue import Empty, Full, Queue
+
+    q = Queue(maxsize=3)
+    assert q.empty() and not q.full()
+
+    @ray.remote
+    def produce(queue: Queue, n: int) -> None:
+        for i in range(n):
+            queue.put(i)  # blocks while full
+
+    producer = produce.remote(q, 10)
+    got = [q.get(timeout=30) for _ in range(10)]
+    ray.get(producer)
+    assert got == list(range(10))
+    with pytest.raises(Empty):
+        q.get(timeout=0.1)
+    with pytest.raises(Empty):
+        q.get_nowait()
+    q.put_nowait_batch([1, 2, 3])
+    assert q.full() and q.qsize() == 3
+    with pytest.raises(Full):
+        q.put(4, timeout=0.1)
+    with pytest.raises(Full):
+        q.put_nowait(4)
+    assert q.get_nowait_batch(3) == [1, 2, 3]
+    q.shutdown()
