@@ -273,6 +273,9 @@ class Resettable:
         self.n += 1
         return self.n
 
+    def leave(self) -> None:
+        ray.actor.exit_actor()
+
 
 async def test_restart_loses_no_queued_call_and_resets_state_once() -> None:
     import os
@@ -393,3 +396,29 @@ def test_queue_shared_by_tasks_with_empty_and_full() -> None:
         q.put_nowait(4)
     assert q.get_nowait_batch(3) == [1, 2, 3]
     q.shutdown()
+
+
+def test_an_actor_that_calls_exit_actor_is_not_restarted() -> None:
+    actor = Resettable.options(max_restarts=5).remote()
+    assert ray.get(actor.add.remote()) == 1
+    with pytest.raises(ActorDiedError, match="exit_actor"):
+        ray.get(actor.leave.remote(), timeout=30)
+    with pytest.raises(ActorDiedError, match="exit_actor"):
+        ray.get(actor.add.remote(), timeout=30)
+
+
+def test_a_thousand_async_sleeps_overlap() -> None:
+    @ray.remote
+    class Napper:
+        async def nap(self) -> float:
+            import asyncio
+
+            await asyncio.sleep(0.1)
+            return 0.1
+
+    actor = Napper.remote()
+    ray.get(actor.nap.remote())
+    started = time.monotonic()
+    assert sum(ray.get([actor.nap.remote() for _ in range(1000)], timeout=60)) == pytest.approx(100)
+    # run one after another they would take 100 s; overlapping, a few seconds
+    assert time.monotonic() - started < 30
