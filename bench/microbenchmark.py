@@ -1,4 +1,5 @@
-"""The task and object rows of ``ray microbenchmark``, for Cairn and Ray side by side.
+"""The task, object and (1:1) actor rows of ``ray microbenchmark``, for Cairn and Ray
+side by side.
 
     .venv/bin/python bench/microbenchmark.py [--ray-python /tmp/rayenv/bin/python]
                                              [--seconds 2] [--only SUBSTRING]
@@ -96,7 +97,41 @@ def workloads(rt: Any, np: Any) -> list[tuple[str, Callable[[], Any], float, str
     def tasks_sync() -> None:
         rt.get(small_value.remote())
 
+    @rt.remote(num_cpus=0)
+    class Actor:
+        def small_value(self) -> bytes:
+            return b"ok"
+
+    @rt.remote(num_cpus=0)
+    class AsyncActor:
+        async def small_value(self) -> bytes:
+            return b"ok"
+
+    actor = Actor.remote()
+    concurrent_actor = Actor.options(max_concurrency=16).remote()
+    async_actor = AsyncActor.remote()
+
+    def actor_sync() -> None:
+        rt.get(actor.small_value.remote())
+
+    def actor_async() -> None:
+        rt.get([actor.small_value.remote() for _ in range(1000)])
+
+    def actor_concurrent() -> None:
+        rt.get([concurrent_actor.small_value.remote() for _ in range(1000)])
+
+    def async_actor_sync() -> None:
+        rt.get(async_actor.small_value.remote())
+
+    def async_actor_async() -> None:
+        rt.get([async_actor.small_value.remote() for _ in range(1000)])
+
     return [
+        ("1:1 actor calls sync", actor_sync, 1, "calls/s"),
+        ("1:1 actor calls async", actor_async, 1000, "calls/s"),
+        ("1:1 actor calls concurrent", actor_concurrent, 1000, "calls/s"),
+        ("1:1 async-actor calls sync", async_actor_sync, 1, "calls/s"),
+        ("1:1 async-actor calls async", async_actor_async, 1000, "calls/s"),
         ("single client get calls", get_small, 1, "calls/s"),
         ("single client put calls", put_small, 1, "calls/s"),
         ("multi client put calls", put_multi_small, 1000, "calls/s"),
