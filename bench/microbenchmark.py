@@ -1,4 +1,4 @@
-"""The task, object and (1:1) actor rows of ``ray microbenchmark``, for Cairn and Ray
+"""The task, object and actor rows of ``ray microbenchmark``, for Cairn and Ray
 side by side.
 
     .venv/bin/python bench/microbenchmark.py [--ray-python /tmp/rayenv/bin/python]
@@ -97,41 +97,9 @@ def workloads(rt: Any, np: Any) -> list[tuple[str, Callable[[], Any], float, str
     def tasks_sync() -> None:
         rt.get(small_value.remote())
 
-    @rt.remote(num_cpus=0)
-    class Actor:
-        def small_value(self) -> bytes:
-            return b"ok"
-
-    @rt.remote(num_cpus=0)
-    class AsyncActor:
-        async def small_value(self) -> bytes:
-            return b"ok"
-
-    actor = Actor.remote()
-    concurrent_actor = Actor.options(max_concurrency=16).remote()
-    async_actor = AsyncActor.remote()
-
-    def actor_sync() -> None:
-        rt.get(actor.small_value.remote())
-
-    def actor_async() -> None:
-        rt.get([actor.small_value.remote() for _ in range(1000)])
-
-    def actor_concurrent() -> None:
-        rt.get([concurrent_actor.small_value.remote() for _ in range(1000)])
-
-    def async_actor_sync() -> None:
-        rt.get(async_actor.small_value.remote())
-
-    def async_actor_async() -> None:
-        rt.get([async_actor.small_value.remote() for _ in range(1000)])
-
+    actor_rows = _actor_workloads(rt)
     return [
-        ("1:1 actor calls sync", actor_sync, 1, "calls/s"),
-        ("1:1 actor calls async", actor_async, 1000, "calls/s"),
-        ("1:1 actor calls concurrent", actor_concurrent, 1000, "calls/s"),
-        ("1:1 async-actor calls sync", async_actor_sync, 1, "calls/s"),
-        ("1:1 async-actor calls async", async_actor_async, 1000, "calls/s"),
+        *actor_rows,
         ("single client get calls", get_small, 1, "calls/s"),
         ("single client put calls", put_small, 1, "calls/s"),
         ("multi client put calls", put_multi_small, 1000, "calls/s"),
@@ -142,6 +110,120 @@ def workloads(rt: Any, np: Any) -> list[tuple[str, Callable[[], Any], float, str
         ("single client wait 1k refs", wait_multiple_refs, 1, "rounds/s"),
         ("single client tasks sync", tasks_sync, 1, "tasks/s"),
         ("single client tasks async", small_value_batch, 1000, "tasks/s"),
+    ]
+
+
+def _lazy(make: Callable[[], Callable[[], Any]]) -> Callable[[], Any]:
+    """A row's call that sets the row up on its first call (in the warm-up)."""
+    fn: list[Callable[[], Any]] = []
+
+    def call() -> Any:
+        if not fn:
+            fn.append(make())
+        return fn[0]()
+
+    return call
+
+
+def _actor_workloads(rt: Any) -> list[tuple[str, Callable[[], Any], float, str]]:
+    """Ray's actor rows (ray/_private/ray_perf.py), with its classes, call counts and
+    multipliers; n_cpu = cpu_count // 2 as there. Each row's actors are made when the
+    row first runs, so rows that are filtered out start no processes."""
+    n_cpu = max(1, (os.cpu_count() or 2) // 2)
+
+    @rt.remote(num_cpus=0)
+    class Actor:
+        def small_value(self) -> bytes:
+            return b"ok"
+
+        def small_value_arg(self, x: Any) -> bytes:
+            return b"ok"
+
+    @rt.remote(num_cpus=0)
+    class AsyncActor:
+        async def small_value(self) -> bytes:
+            return b"ok"
+
+        async def small_value_with_arg(self, x: Any) -> bytes:
+            return b"ok"
+
+    @rt.remote(num_cpus=0)
+    class Client:
+        def __init__(self, servers: Any) -> None:
+            self.servers = servers if isinstance(servers, list) else [servers]
+
+        def small_value_batch(self, n: int) -> None:
+            results = []
+            for s in self.servers:
+                results.extend([s.small_value.remote() for _ in range(n)])
+            rt.get(results)
+
+        def small_value_batch_arg(self, n: int) -> None:
+            x = rt.put(0)
+            results = []
+            for s in self.servers:
+                results.extend([s.small_value_arg.remote(x) for _ in range(n)])
+            rt.get(results)
+
+    @rt.remote
+    def work(actors: list[Any], n: int) -> None:
+        rt.get([actors[i % len(actors)].small_value.remote() for i in range(n)])
+
+    def one_to_one(cls: Any, batch: int, method: str = "small_value", **options: Any) -> Any:
+        def make() -> Callable[[], Any]:
+            a = cls.options(**options).remote() if options else cls.remote()
+            call = getattr(a, method)
+            if method != "small_value":
+                return lambda: rt.get([call.remote(i) for i in range(batch)])
+            if batch == 1:
+                return lambda: rt.get(call.remote())
+            return lambda: rt.get([call.remote() for _ in range(batch)])
+
+        return _lazy(make)
+
+    def one_to_n(cls: Any, n: int) -> Any:
+        def make() -> Callable[[], Any]:
+            client = Client.remote([cls.remote() for _ in range(n_cpu)])
+            return lambda: rt.get(client.small_value_batch.remote(n))
+
+        return _lazy(make)
+
+    def n_to_n(cls: Any, n: int, m: int) -> Any:
+        def make() -> Callable[[], Any]:
+            actors = [cls.remote() for _ in range(n_cpu)]
+            return lambda: rt.get([work.remote(actors, n) for _ in range(m)])
+
+        return _lazy(make)
+
+    def n_to_n_with_arg(n: int) -> Callable[[], Any]:
+        def make() -> Callable[[], Any]:
+            clients = [Client.remote(Actor.remote()) for _ in range(n_cpu)]
+            return lambda: rt.get([c.small_value_batch_arg.remote(n) for c in clients])
+
+        return _lazy(make)
+
+    return [
+        ("1:1 actor calls sync", one_to_one(Actor, 1), 1, "calls/s"),
+        ("1:1 actor calls async", one_to_one(Actor, 1000), 1000, "calls/s"),
+        (
+            "1:1 actor calls concurrent",
+            one_to_one(Actor, 1000, max_concurrency=16),
+            1000,
+            "calls/s",
+        ),
+        ("1:n actor calls async", one_to_n(Actor, 5000), 5000 * n_cpu, "calls/s"),
+        ("n:n actor calls async", n_to_n(Actor, 5000, 4), 5000 * 4, "calls/s"),
+        ("n:n actor calls with arg async", n_to_n_with_arg(1000), 1000 * n_cpu, "calls/s"),
+        ("1:1 async-actor calls sync", one_to_one(AsyncActor, 1), 1, "calls/s"),
+        ("1:1 async-actor calls async", one_to_one(AsyncActor, 1000), 1000, "calls/s"),
+        (
+            "1:1 async-actor calls with args async",
+            one_to_one(AsyncActor, 1000, "small_value_with_arg"),
+            1000,
+            "calls/s",
+        ),
+        ("1:n async-actor calls async", one_to_n(AsyncActor, 5000), 5000 * n_cpu, "calls/s"),
+        ("n:n async-actor calls async", n_to_n(AsyncActor, 5000, 4), 5000 * 4, "calls/s"),
     ]
 
 

@@ -20,6 +20,11 @@ if TYPE_CHECKING:
     from controlplane.node.daemon import Connection, TaskRecord, WorkerHandle
 
 K = EntityKind
+# Calls sent to an actor's worker ahead of those it is running, so that it never waits
+# for the daemon between calls; the worker still runs them in the order sent, at most
+# max_concurrency at a time. Calls sent but not started count as interrupted if the
+# actor's process dies (as in Ray, where they have been pushed to the actor).
+_PIPELINE_DEPTH = 64
 
 
 @dataclass
@@ -122,7 +127,7 @@ class ActorsMixin:
             self._log([Event(K.ACTOR, actor.actor_id, "scheduled", {}, node_id=self.node_id)])
             self._send_to_worker(creation, handle)
             return
-        limit = actor.options.max_concurrency
+        limit = actor.options.max_concurrency + _PIPELINE_DEPTH
         while len(actor.running) < limit and actor.queue and not actor.queue[0].pending_deps:
             record = actor.queue.popleft()
             failed = self._failed_dependency(record)
