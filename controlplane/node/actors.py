@@ -22,8 +22,8 @@ if TYPE_CHECKING:
 K = EntityKind
 # Calls sent to an actor's worker ahead of those it is running, so that it never waits
 # for the daemon between calls; the worker still runs them in the order sent, at most
-# max_concurrency at a time. Calls sent but not started count as interrupted if the
-# actor's process dies (as in Ray, where they have been pushed to the actor).
+# max_concurrency at a time. If the actor's process dies, calls sent but not begun are
+# sent again to the new instance without using up max_task_retries.
 _PIPELINE_DEPTH = 64
 
 
@@ -242,9 +242,17 @@ class ActorsMixin:
             ]
         )
         interrupted, actor.running = list(actor.running.values()), {}
-        for record in reversed(interrupted):  # back to the head of the queue, in order
-            if record.retries_left != 0:
-                record.retries_left -= record.retries_left > 0
+        # The worker runs calls in the order sent, at most max_concurrency at once: only
+        # the first ones can have started; the rest were sent ahead and never began.
+        started = actor.options.max_concurrency
+        for index in reversed(range(len(interrupted))):  # back to the queue's head, in order
+            record = interrupted[index]
+            if index >= started or record.retries_left != 0:
+                if index < started:
+                    record.retries_left -= record.retries_left > 0
+                    reason = f"the actor restarted: {cause}"
+                else:
+                    reason = f"the actor restarted before the call began: {cause}"
                 record.attempt += 1
                 self._log(
                     [
@@ -252,7 +260,7 @@ class ActorsMixin:
                             K.TASK,
                             record.spec.task_id,
                             "retried",
-                            {"attempt": record.attempt, "reason": f"the actor restarted: {cause}"},
+                            {"attempt": record.attempt, "reason": reason},
                         )
                     ]
                 )
