@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections import deque
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from types import TracebackType
 
 import asyncpg
@@ -35,15 +36,14 @@ from controlplane.eventlog.events import Event
 from controlplane.sql import queries
 
 DEFAULT_MAX_BATCH = 1000
+log = logging.getLogger("cairn.eventlog")
 
 
-@dataclass
+@dataclass(slots=True)
 class _Request:
     events: list[Event]
     payloads: list[str]
-    done: asyncio.Future[list[int]] = field(
-        default_factory=lambda: asyncio.get_running_loop().create_future()
-    )
+    done: asyncio.Future[list[int]] | None  # None: nobody waits (see write_behind)
 
 
 class EventAppender:
@@ -70,6 +70,7 @@ class EventAppender:
         self._flusher: asyncio.Task[None] | None = None
         self._closed = False
         self.batches_committed = 0
+        self.on_write_behind_failure: Callable[[GcsError], None] = _log_failure
 
     async def start(self) -> EventAppender:
         self._conn = await connect(self.url, timeout=self.connect_timeout)
@@ -116,18 +117,29 @@ class EventAppender:
 
         Events that are not ``urgent`` may wait up to ``linger`` seconds for more to
         join their commit; an urgent request flushes everything queued before it."""
+        done = asyncio.get_running_loop().create_future()
+        self._queue_request(events, done, urgent)
+        return done
+
+    def write_behind(self, events: Sequence[Event]) -> None:
+        """Queues events that nobody waits for (as ``enqueue(urgent=False)``, without
+        a future): they are committed in order with the rest, and a failure to commit
+        them is reported to ``on_write_behind_failure``."""
+        self._queue_request(events, None, False)
+
+    def _queue_request(
+        self, events: Sequence[Event], done: asyncio.Future[list[int]] | None, urgent: bool
+    ) -> None:
         if self._closed or self._flusher is None:
             raise GcsError("the event appender is not running (start() it, or it was closed)")
         batch = list(events)
         payloads = [encode_payload(event) for event in batch]
-        if len({event.event_id for event in batch}) != len(batch):
+        if len(batch) > 1 and len({event.event_id for event in batch}) != len(batch):
             raise InvalidEventError("an event_id is repeated within one append_many call")
-        request = _Request(batch, payloads)
-        self._queue.append(request)
+        self._queue.append(_Request(batch, payloads, done))
         if urgent or not self.linger:
             self._urgent.set()
         self._wake.set()
-        return request.done
 
     # -- the flusher ------------------------------------------------------------
 
@@ -169,7 +181,9 @@ class EventAppender:
         except BaseException as exc:
             error = exc if isinstance(exc, GcsError) else GcsError(f"append failed: {exc!r}")
             for request in requests:
-                if not request.done.done():
+                if request.done is None:
+                    self.on_write_behind_failure(error)
+                elif not request.done.done():
                     request.done.set_exception(error)
             if isinstance(exc, asyncio.CancelledError):
                 raise
@@ -178,7 +192,7 @@ class EventAppender:
         offset = 0
         for request in requests:
             count = len(request.events)
-            if not request.done.done():
+            if request.done is not None and not request.done.done():
                 request.done.set_result(positions[offset : offset + count])
             offset += count
 
@@ -202,6 +216,10 @@ class EventAppender:
         return _positions(
             events, row["base_position"], row["duplicate_ids"], row["duplicate_positions"]
         )
+
+
+def _log_failure(error: GcsError) -> None:
+    log.error("events written behind could not be recorded: %s", error)
 
 
 def _positions(

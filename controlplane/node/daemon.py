@@ -169,12 +169,17 @@ class NodeDaemon(ActorsMixin):
             )
         shm.unlink_all(self.node_id)
 
-    def _log(self, events: list[Event], *, urgent: bool = False) -> asyncio.Future[list[int]]:
-        """Appends events. Only those that gate visibility are ``urgent``; the rest
-        (submitted, scheduled, running, freed, ...) are written behind by at most
-        _LINGER_S, usually in the same commit as the urgent ones that follow them."""
+    def _log(self, events: list[Event]) -> None:
+        """Appends events written behind: they wait up to _LINGER_S for the commit of
+        the urgent events that follow them (see the module's docstring)."""
+        with contextlib.suppress(GcsError):  # closed: we are shutting down
+            self.appender.write_behind(events)
+
+    def _log_durable(self, events: list[Event]) -> asyncio.Future[list[int]]:
+        """Appends events that gate visibility: committed at once; the future is done
+        when they are durable."""
         try:
-            future = self.appender.enqueue(events, urgent=urgent)
+            future = self.appender.enqueue(events, urgent=True)
         except GcsError as error:  # closed: we are shutting down
             future = asyncio.get_running_loop().create_future()
             future.set_exception(error)
@@ -392,7 +397,7 @@ class NodeDaemon(ActorsMixin):
         submitter of the task that made them) is sent their locations."""
         for location in locations:
             self.objects.expect(location.object_id, location)
-        durable = self._log(events, urgent=True)
+        durable = self._log_durable(events)
 
         def publish(future: asyncio.Future[list[int]]) -> None:
             error = future.exception()
