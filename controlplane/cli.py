@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
 import click
 
 from controlplane.errors import GcsError
-from controlplane.gcs_url import ENV_VAR, resolve_gcs_url
+from controlplane.gcs_url import ENV_VAR, redact, resolve_gcs_url
 
 _gcs_url_option = click.option(
     "--gcs-url",
@@ -91,9 +92,114 @@ def partitions_retire(gcs_url: str | None, table_name: str, archive_dir: Path | 
     click.echo(f"retired {table_name}" + (f", archived to {path}" if path else ""))
 
 
+@main.command()
+@click.option("--head", is_flag=True, help="Start a head node (the GCS and a node daemon).")
+@click.option("--address", default=None, help="Join the cluster at HOST:PORT (not available yet).")
+@_gcs_url_option
+@click.option("--num-cpus", type=float, default=None, help="CPUs of this node (default: all).")
+@click.option("--num-gpus", type=float, default=None, help="GPUs of this node.")
+@click.option("--resources", default=None, help="Custom resources, as JSON: '{\"disk\": 2}'.")
+@click.option("--object-store-memory", type=int, default=None, help="Store size in bytes.")
+@click.option("--block", is_flag=True, help="Stay in the foreground until the node stops.")
+@click.option("--node-config", default=None, hidden=True)  # from start_head_in_background
+def start(
+    head: bool,
+    address: str | None,
+    gcs_url: str | None,
+    num_cpus: float | None,
+    num_gpus: float | None,
+    resources: str | None,
+    object_store_memory: int | None,
+    block: bool,
+    node_config: str | None,
+) -> None:
+    """Start a node of a cluster that outlives its drivers (init(address="auto"))."""
+    from controlplane import head as head_node
+
+    if address is not None:
+        raise click.UsageError(
+            "joining a cluster over the network (--address) is not available yet; "
+            "start a single-node cluster with --head"
+        )
+    if not head:
+        raise click.UsageError("pass --head (joining with --address is not available yet)")
+    try:
+        custom = json.loads(resources) if resources else None
+        if custom is not None and not isinstance(custom, dict):
+            raise ValueError(f"--resources must be a JSON object, got {resources!r}")
+        config = (
+            head_node.NodeConfig(**json.loads(node_config))
+            if node_config
+            else head_node.node_config(num_cpus, num_gpus, custom, object_store_memory)
+        )
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+    running = head_node.read_current()
+    if running is not None and head_node.is_running(*running):
+        raise click.ClickException(
+            f"a cluster is already running here (head pid {running[1]}, {running[0]}): "
+            "`cairn stop` it first"
+        )
+    if block:
+        head_node.run_head(gcs_url, config, announce=click.echo)
+        return
+    session_dir = head_node.start_head_in_background(gcs_url, config)
+    click.echo(
+        f"Started a Cairn head node (session {session_dir}).\n"
+        'Connect drivers with sdk.init(address="auto"); `cairn status` shows the cluster, '
+        "`cairn stop` stops it."
+    )
+
+
+@main.command()
+@click.option("--timeout", default=30.0, show_default=True, help="Seconds to wait per process.")
+def stop(timeout: float) -> None:
+    """Stop this machine's running cluster (its head process and everything it started)."""
+    from controlplane import head as head_node
+
+    click.echo(head_node.stop_current(timeout))
+
+
+@main.command()
+def status() -> None:
+    """Show the running cluster: nodes, their resources and use, pending work."""
+    from controlplane import head as head_node
+    from dataplane.client import CoreClient
+
+    try:
+        session_dir = head_node.find_running()
+        client = CoreClient(str(session_dir / head_node.NODE_SOCKET), "observer")
+    except ConnectionError as exc:
+        raise click.ClickException(str(exc)) from exc
+    try:
+        info = client.cluster_info()
+    finally:
+        client.close()
+    click.echo(f"session {session_dir}, GCS {redact(client.welcome.gcs_url)}")
+    click.echo(f"node {info['node_id']} (head)")
+    for name, total in sorted(info["total"].items()):
+        if name == "object_store_memory":
+            continue
+        used = total - info["available"].get(name, 0.0)
+        click.echo(f"  {name:<12} {used:g}/{total:g} used")
+    click.echo(
+        f"  object store {info['object_store_used']:,}/{info['object_store_capacity']:,} "
+        f"bytes used, {info['objects']} objects"
+    )
+    click.echo(
+        f"  workers {info['workers']}; tasks: {info['running_tasks']} running, "
+        f"{info['pending_tasks']} queued, {info['waiting_tasks']} waiting for arguments; "
+        f"actors: {info['actors']} alive or restarting, {info['pending_actors']} pending"
+    )
+
+
 def run() -> None:
     try:
         main(standalone_mode=True)
     except GcsError as exc:
         click.echo(f"cairn: {exc}", err=True)
         sys.exit(1)
+
+
+if __name__ == "__main__":
+    run()

@@ -5,6 +5,7 @@ connection inside a task."""
 from __future__ import annotations
 
 import inspect
+import os
 import threading
 import uuid
 import warnings
@@ -12,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from controlplane.head import node_config
 from dataplane import context
 from dataplane import protocol as p
 from dataplane.client import CoreClient, DaemonError, ObjectMissingError
@@ -20,9 +22,10 @@ from sdk import exceptions as exc
 from sdk.actor import ActorClass, ActorHandle, handle_of
 from sdk.object_ref import ObjectRef
 from sdk.remote_function import RemoteFunction
-from sdk.runtime import Runtime, node_config
+from sdk.runtime import Runtime
 
 _runtime: Runtime | None = None
+ADDRESS_ENV_VAR = "CAIRN_ADDRESS"  # as RAY_ADDRESS: the address init() uses when given none
 # Arguments of ray.init that change nothing here (logging, dashboard, ...): accepted so
 # that Ray programs run unchanged.
 _IGNORED_INIT_ARGS = frozenset(
@@ -64,8 +67,11 @@ def init(
     gcs_url: str | None = None,
     **unsupported: Any,
 ) -> RuntimeContext:
-    """Starts a private head node (embedded PostgreSQL unless ``gcs_url`` or
-    ``$CAIRN_GCS_URL`` names one) and connects this driver to it."""
+    """Connects this driver to a cluster. Without an address (and no
+    ``$CAIRN_ADDRESS``), or with "local": starts a private head node (embedded
+    PostgreSQL unless ``gcs_url`` or ``$CAIRN_GCS_URL`` names one) that ``shutdown``
+    stops. With "auto": connects to this machine's running cluster (``cairn start
+    --head``), which outlives this driver."""
     global _runtime
     unknown = sorted(set(unsupported) - _IGNORED_INIT_ARGS)
     if unknown:
@@ -83,13 +89,32 @@ def init(
                 "Maybe you called ray.init twice by accident? This error can be "
                 "suppressed by passing in 'ignore_reinit_error=True'."
             )
-        if address not in (None, "local"):
+        if address is None:
+            address = os.environ.get(ADDRESS_ENV_VAR) or None
+        if address is None or address == "local":
+            config = node_config(num_cpus, num_gpus, resources, object_store_memory)
+            _runtime = Runtime.start(gcs_url=gcs_url, config=config, namespace=namespace)
+        elif address == "auto":
+            given = {
+                "num_cpus": num_cpus,
+                "num_gpus": num_gpus,
+                "resources": resources,
+                "object_store_memory": object_store_memory,
+                "gcs_url": gcs_url,
+            }
+            if any(value is not None for value in given.values()):
+                named = sorted(k for k, v in given.items() if v is not None)
+                raise ValueError(
+                    f"When connecting to an existing cluster, {', '.join(named)} must not "
+                    "be provided: they are set by `cairn start`"
+                )
+            _runtime = Runtime.connect(namespace=namespace)
+        else:
             raise ValueError(
-                f"init(address={address!r}): connecting to a running cluster "
-                "is not available yet; call init() to start a local one"
+                f"init(address={address!r}): only address='auto' (this machine's cluster, "
+                "started with `cairn start --head`) and 'local' are supported so far; "
+                "HOST:PORT addresses of other machines are not"
             )
-        config = node_config(num_cpus, num_gpus, resources, object_store_memory)
-        _runtime = Runtime.start(gcs_url=gcs_url, config=config, namespace=namespace)
         return get_runtime_context()
 
 

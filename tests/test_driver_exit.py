@@ -23,7 +23,7 @@ def big():
 keep = big.remote()
 assert ray.get(keep).sum() == 20 * 1024 * 1024
 from sdk import api
-print(ray.get_runtime_context().get_node_id(), api._runtime.session_dir, flush=True)
+print(ray.get_runtime_context().get_node_id(), api._runtime.head.session_dir, flush=True)
 {ending}
 """
 

@@ -227,6 +227,8 @@ class NodeDaemon(ActorsMixin):
                     )
                 ]
             )
+        elif hello.role == "observer":  # `cairn status`: reads, runs nothing
+            conn.job_id = None
         else:
             conn.job_id = f"{next(self._job_ids):08x}"
             self.job_namespaces[conn.job_id] = hello.namespace or uuid.uuid4().hex
@@ -803,6 +805,13 @@ class NodeDaemon(ActorsMixin):
             "object_store_capacity": self.objects.capacity,
             "objects": len(self.objects),
             "workers": len(self.workers),
+            "pending_tasks": sum(len(queue) for queue in self.ready.values()),
+            "waiting_tasks": sum(
+                1 for r in self.tasks.values() if r.state == "WAITING_FOR_DEPENDENCIES"
+            ),
+            "running_tasks": sum(1 for h in self.workers.values() if h.task is not None),
+            "actors": sum(1 for a in self.actors.values() if a.death is None),
+            "pending_actors": len(self.unscheduled_actors),
         }
 
 
