@@ -18,6 +18,7 @@ import queue
 import threading
 import weakref
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any
 
 from dataplane import protocol as p
@@ -38,6 +39,12 @@ class DaemonError(RuntimeError):
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
         self.kind = kind
+
+
+@dataclass(slots=True)
+class _Waiter:
+    pending: set[str]  # objects not pushed here yet
+    needed: int  # how many more of them the waiting thread needs
 
 
 class CoreClient:
@@ -62,6 +69,7 @@ class CoreClient:
         self._local: dict[str, p.ObjectLocation] = {}
         self._owned_pending: set[str] = set()
         self._ready = threading.Condition()
+        self._waiters: list[_Waiter] = []  # threads waiting for pushed objects
         self._closed = threading.Event()
         self.channel.send(p.Hello(role, os.getpid(), worker_id, namespace))
         welcome = self.channel.receive()
@@ -152,11 +160,12 @@ class CoreClient:
         with self._ready:
             missing = [oid for oid in object_ids if oid not in self._local]
             if missing and self.role == "driver" and self._owned_pending.issuperset(missing):
-                if not self._ready.wait_for(
-                    lambda: all(oid in self._local for oid in missing), timeout
-                ):
+                self._await_pushed(set(missing), len(set(missing)), timeout)
+                missing = [oid for oid in object_ids if oid not in self._local]
+                if missing and self._closed.is_set():
+                    raise DaemonError("disconnected", "the node daemon went away")
+                if missing:
                     raise DaemonError("timeout", "get timed out")
-                missing = []
             if not missing:
                 return [self._local[oid] for oid in object_ids]
         fetched = self.request(lambda rid: p.GetObjects(rid, missing, timeout))
@@ -177,19 +186,26 @@ class CoreClient:
         with self._ready:
             pending = [oid for oid in object_ids if oid not in self._local]
             if self.role == "driver" and self._owned_pending.issuperset(pending):
-                self._ready.wait_for(
-                    lambda: (
-                        len(object_ids) - sum(1 for o in pending if o not in self._local)
-                        >= num_returns
-                    ),
-                    timeout,
-                )
+                needed = num_returns - (len(object_ids) - len(pending))
+                if needed > 0:
+                    self._await_pushed(set(pending), needed, timeout)
                 order = {oid: n for n, oid in enumerate(self._local)}
                 ready = sorted((oid for oid in object_ids if oid in order), key=order.__getitem__)
                 return ready[:num_returns]
         return self.request(
             lambda rid: p.WaitObjects(rid, object_ids, num_returns, timeout, fetch_local)
         )
+
+    def _await_pushed(self, pending: set[str], needed: int, timeout: float | None) -> None:
+        """Waits (with _ready held) until ``needed`` of ``pending`` objects have been
+        pushed here, the timeout passes, or the connection closes. The reader wakes
+        this thread only when that count is reached, not on every arrival."""
+        waiter = _Waiter(pending, needed)
+        self._waiters.append(waiter)
+        try:
+            self._ready.wait_for(lambda: waiter.needed <= 0 or self._closed.is_set(), timeout)
+        finally:
+            self._waiters.remove(waiter)
 
     def _remember(self, locations: list[p.ObjectLocation]) -> None:
         """Adds ready objects to the local store, if this process still holds them."""
@@ -199,7 +215,16 @@ class CoreClient:
                 self._owned_pending.discard(object_id)
                 if self._ref_counts.get(object_id, 0) > 0 and object_id not in self._local:
                     self._local[object_id] = location
-            self._ready.notify_all()
+            wake = False
+            for waiter in self._waiters:
+                if waiter.needed > 0:
+                    for location in locations:
+                        if location.object_id in waiter.pending:
+                            waiter.pending.discard(location.object_id)
+                            waiter.needed -= 1
+                    wake = wake or waiter.needed <= 0
+            if wake:
+                self._ready.notify_all()
 
     def cluster_info(self) -> dict[str, Any]:
         return self.request(lambda rid: p.ClusterInfoRequest(rid))
@@ -298,6 +323,8 @@ class CoreClient:
             pass
         finally:
             self._closed.set()
+            with self._ready:
+                self._ready.notify_all()  # waiters for pushed objects: none will come
             for future in list(self._requests.values()):
                 if not future.done():
                     future.set_result(p.Reply(0, error="disconnected: the node daemon went away"))
