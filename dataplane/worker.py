@@ -16,7 +16,6 @@ import sys
 import threading
 import traceback
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import cloudpickle
@@ -32,8 +31,9 @@ class Worker:
         self.client = client
         self.functions: dict[str, Callable[..., Any]] = {}
         self.actor: Any = None  # the instance, in a worker dedicated to an actor
-        # For an actor with max_concurrency > 1 or async methods: how calls run
-        # concurrently (a thread pool, or an event loop); None: one at a time, here.
+        # For an async actor: hands a call to its event loop. None: calls run in this
+        # thread (and, in a threaded actor, in max_concurrency - 1 more threads that
+        # take calls from the same queue).
         self._concurrently: Callable[[p.ExecuteTask], None] | None = None
 
     def run(self) -> None:
@@ -45,6 +45,13 @@ class Worker:
             self._reply(done)
             if message.spec.method == "__init__" and done.error is None:
                 self._start_concurrency(message.spec)
+        self.client.tasks.put(None)  # for the other threads taking calls, if any
+
+    def _take_calls(self) -> None:
+        """A thread of a threaded actor: runs calls as they come, like run()."""
+        while (message := self.client.tasks.get()) is not None:
+            self._reply(self.execute(message))
+        self.client.tasks.put(None)
 
     def _reply(self, done: p.TaskDone) -> None:
         self.client.send(done)
@@ -98,11 +105,10 @@ class Worker:
             self._concurrently = lambda m: asyncio.run_coroutine_threadsafe(
                 bounded(m), loop
             ).add_done_callback(_raise_unexpected)
-        elif limit > 1:
-            pool = ThreadPoolExecutor(limit, thread_name_prefix="cairn-actor")
-            self._concurrently = lambda m: pool.submit(
-                lambda: self._reply(self.execute(m))
-            ).add_done_callback(_raise_unexpected)
+        else:  # threaded: this thread and limit - 1 others take calls from the queue
+            for n in range(limit - 1):
+                name = f"cairn-actor-{n + 1}"
+                threading.Thread(target=self._take_calls, name=name, daemon=True).start()
 
     def _prepare(self, message: p.ExecuteTask) -> tuple[Callable[..., Any], list, dict]:
         spec = message.spec
