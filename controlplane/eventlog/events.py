@@ -43,16 +43,23 @@ class _EventIds:
 
     def reseed(self) -> None:
         seed = int.from_bytes(os.urandom(10), "big")
-        self.prefix = (seed >> _COUNTER_BITS) & (2**32 - 1)
+        prefix = (seed >> _COUNTER_BITS) & (2**32 - 1)
+        # the prefix's top 12 bits are rand_a (after the version), the other 20 the top
+        # of rand_b (after the variant); the counter is the low 42 bits of rand_b
+        self.fixed = (
+            _VERSION_7
+            | ((prefix >> 20) << 64)
+            | _VARIANT
+            | ((prefix & (2**20 - 1)) << _COUNTER_BITS)
+        )
         self.counter = seed & (2**_COUNTER_BITS - 1)
 
     def next(self) -> uuid.UUID:
         self.counter = (self.counter + 1) & (2**_COUNTER_BITS - 1)
-        rand = (self.prefix << _COUNTER_BITS) | self.counter  # 74 bits
-        value = ((time.time_ns() // 1_000_000) << 80) | _VERSION_7 | ((rand >> 62) << 64)
-        # what uuid.UUID(int=...) does, without re-checking a value built valid here
+        value = ((time.time_ns() // 1_000_000) << 80) | self.fixed | self.counter
+        # what uuid.UUID(int=value) does, without re-checking a value built valid here
         event_id = object.__new__(uuid.UUID)
-        object.__setattr__(event_id, "int", value | _VARIANT | (rand & (2**62 - 1)))
+        object.__setattr__(event_id, "int", value)
         object.__setattr__(event_id, "is_safe", uuid.SafeUUID.unknown)
         return event_id
 

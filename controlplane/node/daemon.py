@@ -56,10 +56,19 @@ class Connection:
     worker_id: str | None = None
     job_id: str | None = None
     holding: set[str] = field(default_factory=set)
+    _outgoing: list[bytes] = field(default_factory=list)
 
     def send(self, message: object) -> None:
+        """Queues a message; what one turn of the event loop sends to a client goes in
+        one write (one system call and one wake-up of the client, not one each)."""
+        if not self._outgoing:
+            asyncio.get_running_loop().call_soon(self._write)
+        self._outgoing.append(p.encode(message))
+
+    def _write(self) -> None:
+        data, self._outgoing = b"".join(self._outgoing), []
         if not self.writer.is_closing():
-            self.writer.write(p.encode(message))
+            self.writer.write(data)
 
 
 @dataclass
