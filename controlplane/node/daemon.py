@@ -595,24 +595,20 @@ class NodeDaemon(ActorsMixin):
             handle.functions.add(spec.function_id)
         args = [self.objects.location(a.ref) if a.ref else None for a in spec.args]
         kwargs = {k: self.objects.location(a.ref) for k, a in spec.kwargs.items() if a.ref}
-        self._log(
-            [
-                Event(
-                    K.TASK,
-                    spec.task_id,
-                    "scheduled",
-                    {"attempt": record.attempt},
-                    node_id=self.node_id,
-                ),
-                Event(
-                    K.TASK,
-                    spec.task_id,
-                    "running",
-                    {"worker_id": handle.worker_id, "attempt": record.attempt},
-                    node_id=self.node_id,
-                ),
-            ]
+        running = Event(
+            K.TASK,
+            spec.task_id,
+            "running",
+            {"worker_id": handle.worker_id, "attempt": record.attempt},
+            node_id=self.node_id,
         )
+        if spec.actor_id is not None and spec.method != "__init__":
+            self._log([running])  # a method call: not scheduled, sent to the actor
+        else:
+            scheduled = Event(
+                K.TASK, spec.task_id, "scheduled", {"attempt": record.attempt}, node_id=self.node_id
+            )
+            self._log([scheduled, running])
         assert handle.conn is not None
         handle.conn.send(p.ExecuteTask(spec, record.attempt, blob, args, kwargs))
 
