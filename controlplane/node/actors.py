@@ -1,6 +1,7 @@
 """Actors on a node: each lives in a dedicated worker process, started for it; its
-method calls run there one at a time, in the order the daemon received them (so each
-caller's calls run in its submission order). The life of every actor is in the log:
+method calls are sent there in the order the daemon received them (so each caller's
+calls run in its submission order), up to max_concurrency running at once and
+_PIPELINE_DEPTH more sent ahead. The life of every actor is in the log:
 ``creation_requested``, ``scheduled``, ``alive`` (with its worker), ``dead`` (cause).
 
 A mixin of NodeDaemon: it uses the daemon's task, object and worker bookkeeping.
