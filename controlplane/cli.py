@@ -10,6 +10,7 @@ import click
 
 from controlplane.errors import GcsError
 from controlplane.gcs_url import ENV_VAR, redact, resolve_gcs_url
+from controlplane.node import rpc
 
 _gcs_url_option = click.option(
     "--gcs-url",
@@ -94,17 +95,31 @@ def partitions_retire(gcs_url: str | None, table_name: str, archive_dir: Path | 
 
 @main.command()
 @click.option("--head", is_flag=True, help="Start a head node (the GCS and a node daemon).")
-@click.option("--address", default=None, help="Join the cluster at HOST:PORT (not available yet).")
+@click.option("--address", default=None, help="Join the cluster whose head is at HOST:PORT.")
+@click.option(
+    "--port",
+    type=int,
+    default=None,
+    help=f"Port of the node's gRPC service (head: {rpc.DEFAULT_HEAD_PORT}; node: any free).",
+)
+@click.option(
+    "--node-ip-address",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to listen on (loopback unless given).",
+)
 @_gcs_url_option
 @click.option("--num-cpus", type=float, default=None, help="CPUs of this node (default: all).")
 @click.option("--num-gpus", type=float, default=None, help="GPUs of this node.")
 @click.option("--resources", default=None, help="Custom resources, as JSON: '{\"disk\": 2}'.")
 @click.option("--object-store-memory", type=int, default=None, help="Store size in bytes.")
 @click.option("--block", is_flag=True, help="Stay in the foreground until the node stops.")
-@click.option("--node-config", default=None, hidden=True)  # from start_head_in_background
+@click.option("--node-config", default=None, hidden=True)  # from start_in_background
 def start(
     head: bool,
     address: str | None,
+    port: int | None,
+    node_ip_address: str,
     gcs_url: str | None,
     num_cpus: float | None,
     num_gpus: float | None,
@@ -113,84 +128,110 @@ def start(
     block: bool,
     node_config: str | None,
 ) -> None:
-    """Start a node of a cluster that outlives its drivers (init(address="auto"))."""
-    from controlplane import head as head_node
+    """Start a node: a head (--head) or one that joins a head (--address HOST:PORT)."""
+    from controlplane import local_node
 
-    if address is not None:
-        raise click.UsageError(
-            "joining a cluster over the network (--address) is not available yet; "
-            "start a single-node cluster with --head"
-        )
-    if not head:
-        raise click.UsageError("pass --head (joining with --address is not available yet)")
+    if head == (address is not None):
+        raise click.UsageError("pass either --head or --address HOST:PORT")
     try:
         custom = json.loads(resources) if resources else None
         if custom is not None and not isinstance(custom, dict):
             raise ValueError(f"--resources must be a JSON object, got {resources!r}")
         config = (
-            head_node.NodeConfig(**json.loads(node_config))
+            local_node.NodeConfig(**json.loads(node_config))
             if node_config
-            else head_node.node_config(num_cpus, num_gpus, custom, object_store_memory)
+            else local_node.node_config(num_cpus, num_gpus, custom, object_store_memory)
         )
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from exc
-    running = head_node.read_current()
-    if running is not None and head_node.is_running(*running):
-        raise click.ClickException(
-            f"a cluster is already running here (head pid {running[1]}, {running[0]}): "
-            "`cairn stop` it first"
-        )
+    if head:
+        running = local_node.running_head()
+        if running is not None:
+            raise click.ClickException(
+                f"a cluster is already running here (head pid {running.pid}, at "
+                f"{running.address}): `cairn stop` it first"
+            )
+        port = rpc.DEFAULT_HEAD_PORT if port is None else port
+    else:
+        assert address is not None
+        try:
+            joined = rpc.join(address)
+        except (ValueError, ConnectionError) as exc:
+            raise click.ClickException(str(exc)) from exc
+        gcs_url = joined["gcs_url"]
+        port = 0 if port is None else port
+    role = local_node.ClusterRole(head=head, rpc_port=port, rpc_host=node_ip_address)
     if block:
-        head_node.run_head(gcs_url, config, announce=click.echo)
+        local_node.run_node(gcs_url, config, role, announce=click.echo)
         return
-    session_dir = head_node.start_head_in_background(gcs_url, config)
-    click.echo(
-        f"Started a Cairn head node (session {session_dir}).\n"
-        'Connect drivers with sdk.init(address="auto"); `cairn status` shows the cluster, '
-        "`cairn stop` stops it."
-    )
+    try:
+        node = local_node.start_in_background(gcs_url, config, role, address)
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if head:
+        click.echo(
+            f"Started a Cairn head node at {node.address} (session {node.session_dir}).\n"
+            f"Join nodes with `cairn start --address {node.address}`; connect drivers "
+            'with sdk.init(address="auto"); `cairn status` shows the cluster, `cairn stop` '
+            "stops this machine's nodes."
+        )
+    else:
+        click.echo(f"Started a Cairn node at {node.address}, joined to {address}.")
 
 
 @main.command()
-@click.option("--timeout", default=30.0, show_default=True, help="Seconds to wait per process.")
+@click.option("--timeout", default=30.0, show_default=True, help="Seconds to wait per node.")
 def stop(timeout: float) -> None:
-    """Stop this machine's running cluster (its head process and everything it started)."""
-    from controlplane import head as head_node
+    """Stop every Cairn node this machine runs (worker nodes first, then the head)."""
+    from controlplane import local_node
 
-    click.echo(head_node.stop_current(timeout))
+    for line in local_node.stop_local_nodes(timeout):
+        click.echo(line)
 
 
 @main.command()
 def status() -> None:
-    """Show the running cluster: nodes, their resources and use, pending work."""
-    from controlplane import head as head_node
+    """Show the cluster: its nodes, their resources and use, pending work."""
+    import asyncio
+
+    from controlplane import local_node
+    from controlplane.membership import cluster_nodes
     from dataplane.client import CoreClient
 
     try:
-        session_dir = head_node.find_running()
-        client = CoreClient(str(session_dir / head_node.NODE_SOCKET), "observer")
+        session_dir = local_node.find_running()
+        client = CoreClient(str(session_dir / local_node.NODE_SOCKET), "observer")
     except ConnectionError as exc:
         raise click.ClickException(str(exc)) from exc
     try:
-        info = client.cluster_info()
+        url = client.welcome.gcs_url
     finally:
         client.close()
-    click.echo(f"session {session_dir}, GCS {redact(client.welcome.gcs_url)}")
-    click.echo(f"node {info['node_id']} (head)")
-    for name, total in sorted(info["total"].items()):
-        if name == "object_store_memory":
+    nodes = asyncio.run(cluster_nodes(url))
+    head_id = (session_dir / "node.ready").read_text()
+    alive = [n for n in nodes if n["state"] == "ALIVE"]
+    click.echo(f"GCS {redact(url)}; {len(alive)} nodes alive, {len(nodes) - len(alive)} dead")
+    for node in nodes:
+        total, available = node["resources"] or {}, node["available"] or {}
+        head = " (head)" if node["node_id"] == head_id else ""
+        click.echo(f"node {node['node_id']} {node['state']} at {node['address']}{head}")
+        if node["state"] != "ALIVE":
+            click.echo(f"  {node['death_cause']}")
             continue
-        used = total - info["available"].get(name, 0.0)
-        click.echo(f"  {name:<12} {used:g}/{total:g} used")
-    click.echo(
-        f"  object store {info['object_store_used']:,}/{info['object_store_capacity']:,} "
-        f"bytes used, {info['objects']} objects"
-    )
-    click.echo(
-        f"  workers {info['workers']}; tasks: {info['running_tasks']} running, "
-        f"{info['pending_tasks']} queued, {info['waiting_tasks']} waiting for arguments; "
-        f"actors: {info['actors']} alive or restarting, {info['pending_actors']} pending"
-    )
+        for name, amount in sorted(total.items()):
+            if name == "object_store_memory":
+                continue
+            used = amount - available.get(name, amount)
+            click.echo(f"  {name:<12} {used:g}/{amount:g} used")
+        load = node["load"] or {}
+        if load:
+            click.echo(
+                f"  object store {load['object_store_used']:,}/"
+                f"{int(total.get('object_store_memory', 0)):,} bytes used; workers "
+                f"{load['workers']}; tasks: {load['running_tasks']} running, "
+                f"{load['pending_tasks']} queued, {load['waiting_tasks']} waiting for "
+                f"arguments; actors: {load['actors']}"
+            )
 
 
 def run() -> None:

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from controlplane.head import node_config
+from controlplane.local_node import node_config
 from dataplane import context
 from dataplane import protocol as p
 from dataplane.client import CoreClient, DaemonError, ObjectMissingError

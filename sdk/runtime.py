@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import atexit
 
-from controlplane.head import HeadNode, NodeConfig, find_running
+from controlplane.local_node import LocalNode, NodeConfig, find_running
 from dataplane import context
 from dataplane.client import CoreClient
 
 
 class Runtime:
-    def __init__(self, client: CoreClient, head: HeadNode | None) -> None:
+    def __init__(self, client: CoreClient, head: LocalNode | None) -> None:
         self.client = client
         self.head = head
         atexit.register(self.shutdown)
@@ -20,7 +20,7 @@ class Runtime:
     @classmethod
     def start(cls, *, gcs_url: str | None, config: NodeConfig, namespace: str | None) -> Runtime:
         """Starts a private head node and connects to it."""
-        head = HeadNode.start(gcs_url=gcs_url, config=config)
+        head = LocalNode.start(gcs_url=gcs_url, config=config)
         try:
             client = CoreClient(head.socket_path, "driver", namespace=namespace)
         except BaseException:

@@ -1,20 +1,24 @@
-"""`cairn start --head` / `status` / `stop`, and drivers that connect to the running
-cluster with ``init(address="auto")``: a detached actor outlives the driver that made
-it and is found by name from a new driver; a non-detached one dies with its driver."""
+"""`cairn start --head` / `--address` / `status` / `stop`: nodes that join a head over
+gRPC, membership in the log (a killed node is declared dead), and drivers that connect
+with ``init(address="auto")``: a detached actor outlives the driver that made it and is
+found by name from a new driver; a non-detached one dies with its driver."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import asyncpg
 import pytest
 
-from controlplane import head as head_node
+from controlplane import local_node
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -88,20 +92,20 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.fixture
-def cluster() -> Iterator[tuple[Path, int]]:
-    if head_node.read_current() is not None and head_node.is_running(*head_node.read_current()):
-        pytest.fail("a Cairn cluster is already running on this machine; `cairn stop` it")
-    _cairn("start", "--head", "--num-cpus", "2", "--resources", '{"disk": 4}')
-    found = head_node.read_current()
-    assert found is not None
+def cluster() -> Iterator[local_node.NodeRecord]:
+    if local_node.local_nodes():
+        pytest.fail("Cairn nodes are already running on this machine; `cairn stop` them")
+    _cairn("start", "--head", "--port", "0", "--num-cpus", "2", "--resources", '{"disk": 4}')
+    head = local_node.running_head()
+    assert head is not None and head.address is not None
     try:
-        yield found
+        yield head
     finally:
         _cairn("stop")
 
 
 def test_detached_actor_outlives_its_driver_and_is_found_by_name(
-    cluster: tuple[Path, int],
+    cluster: local_node.NodeRecord,
 ) -> None:
     made = _driver(MAKER)
     assert made["kept"] == [1, 2, 3] and made["temp"] == 1
@@ -112,30 +116,111 @@ def test_detached_actor_outlives_its_driver_and_is_found_by_name(
     assert found["job"] != made["job"]  # each driver is a job of the one cluster
 
 
-def test_status_and_stop(cluster: tuple[Path, int]) -> None:
-    session_dir, pid = cluster
+def test_nodes_join_and_a_killed_node_is_declared_dead(
+    cluster: local_node.NodeRecord,
+) -> None:
+    assert cluster.address is not None
+    _cairn("start", "--address", cluster.address, "--num-cpus", "1", "--resources", '{"gpu_x": 2}')
+    _cairn("start", "--address", cluster.address, "--num-cpus", "1")
+    workers = [n for n in local_node.local_nodes() if not n.head]
+    assert len(workers) == 2
     status = _cairn("status").stdout
-    assert str(session_dir) in status and "(head)" in status
-    assert "CPU          0/2 used" in status and "disk         0/4 used" in status
-    assert "***" in status  # the GCS password is not shown
-    again = _cairn("start", "--head", check=False)
+    assert "3 nodes alive, 0 dead" in status
+    assert "(head)" in status and "disk         0/4 used" in status
+    assert "gpu_x        0/2 used" in status
+    assert "***" in status and "postgresql://cairn:***@" in status  # no password shown
+
+    for count, span in asyncio.run(_heartbeats_per_node(_gcs_url(cluster))):
+        assert count <= span + 1  # load heartbeats: at most one per node per second
+
+    victim = workers[0]
+    victim_id = (victim.session_dir / "node.ready").read_text()
+    os.killpg(os.getpgid(victim.pid), signal.SIGKILL)  # the whole node, at once
+    killed_at = time.monotonic()
+    cause = None
+    while cause is None and time.monotonic() - killed_at < 20:
+        cause = asyncio.run(_death_cause(_gcs_url(cluster), victim_id))
+        time.sleep(0.1)
+    detected_after = time.monotonic() - killed_at
+    assert cause is not None and "missed heartbeats" in cause
+    assert detected_after < 6  # pings every 0.25 s, dead after 1.5 s without one
+    status = _cairn("status").stdout
+    assert "2 nodes alive, 1 dead" in status and f"node {victim_id} DEAD" in status
+
+
+def test_status_and_stop(cluster: local_node.NodeRecord) -> None:
+    status = _cairn("status").stdout
+    assert "(head)" in status and "1 nodes alive" in status
+    assert "CPU          0/2 used" in status
+    again = _cairn("start", "--head", "--port", "0", check=False)
     assert again.returncode != 0 and "already running" in again.stderr
 
-    assert "stopped the cluster" in _cairn("stop").stdout
-    assert not _alive(pid)
-    assert head_node.read_current() is None
+    stopped = _cairn("stop").stdout
+    assert "stopped the head" in stopped
+    assert not _alive(cluster.pid)
+    assert local_node.local_nodes() == []
     deadline = time.monotonic() + 20
-    while session_dir.exists() and time.monotonic() < deadline:
+    while cluster.session_dir.exists() and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not session_dir.exists()
+    assert not cluster.session_dir.exists()
     gone = _cairn("status", check=False)
     assert gone.returncode != 0 and "no running Cairn cluster" in gone.stderr
-    assert "no Cairn cluster is running" in _cairn("stop").stdout
+    assert "no Cairn node is running" in _cairn("stop").stdout
+
+
+def test_joining_a_wrong_address_fails_fast() -> None:
+    started = time.monotonic()
+    refused = _cairn("start", "--address", "127.0.0.1:1", check=False)
+    assert refused.returncode != 0
+    assert "cannot reach a Cairn head at 127.0.0.1:1" in refused.stderr
+    assert time.monotonic() - started < 30
+    malformed = _cairn("start", "--address", "nowhere", check=False)
+    assert "the address must be HOST:PORT, got 'nowhere'" in malformed.stderr
+    neither = _cairn("start", check=False)
+    assert "pass either --head or --address" in neither.stderr
+    assert local_node.local_nodes() == []
+
+
+def _gcs_url(head: local_node.NodeRecord) -> str:
+    from dataplane.client import CoreClient
+
+    client = CoreClient(str(head.session_dir / "node.sock"), "observer")
+    try:
+        return client.welcome.gcs_url
+    finally:
+        client.close()
+
+
+async def _heartbeats_per_node(url: str) -> list[tuple[int, float]]:
+    """(heartbeat events, seconds from registration to now) of each node."""
+    conn = await asyncpg.connect(url)
+    try:
+        rows = await conn.fetch(
+            "SELECT count(*) FILTER (WHERE event_type = 'heartbeat') AS beats, "
+            "extract(epoch FROM clock_timestamp() - min(recorded_at))::float AS span "
+            "FROM events WHERE entity_kind = 'node' GROUP BY entity_id"
+        )
+    finally:
+        await conn.close()
+    assert len(rows) == 3
+    return [(r["beats"], r["span"]) for r in rows]
+
+
+async def _death_cause(url: str, node_id: str) -> str | None:
+    conn = await asyncpg.connect(url)
+    try:
+        return await conn.fetchval(
+            "SELECT payload->>'cause' FROM events WHERE entity_kind = 'node' "
+            "AND entity_id = $1 AND event_type = 'dead'",
+            node_id,
+        )
+    finally:
+        await conn.close()
 
 
 def test_connecting_without_a_cluster_fails_clearly() -> None:
-    if head_node.read_current() is not None:
-        pytest.fail("a Cairn cluster is recorded on this machine; `cairn stop` it")
+    if local_node.local_nodes():
+        pytest.fail("Cairn nodes are running on this machine; `cairn stop` them")
     script = (
         "import sdk as ray\n"
         "try:\n    ray.init(address='auto')\nexcept ConnectionError as exc:\n    print(exc)\n"

@@ -199,23 +199,30 @@ class EventAppender:
     async def _write(self, events: Sequence[Event], payloads: Sequence[str]) -> list[int]:
         if self._conn is None or self._conn.is_closed():
             self._conn = await connect(self.url, timeout=self.connect_timeout)
-        row = await run_on(
-            self._conn,
-            lambda conn: conn.fetchrow(
-                queries["append_events"],
-                [e.event_id for e in events],
-                [e.job_id for e in events],
-                [str(e.entity_kind) for e in events],
-                [e.entity_id for e in events],
-                [e.event_type for e in events],
-                [e.node_id for e in events],
-                payloads,
-                [bytes(e.data) if e.data is not None else None for e in events],
-            ),
-        )
-        return _positions(
-            events, row["base_position"], row["duplicate_ids"], row["duplicate_positions"]
-        )
+        return await run_on(self._conn, lambda conn: append_on(conn, events, payloads))
+
+
+async def append_on(
+    conn: asyncpg.Connection, events: Sequence[Event], payloads: Sequence[str] | None = None
+) -> list[int]:
+    """Appends events on ``conn`` (inside the caller's transaction, if any, so that an
+    event can commit together with other writes); returns their positions."""
+    if payloads is None:
+        payloads = [encode_payload(event) for event in events]
+    row = await conn.fetchrow(
+        queries["append_events"],
+        [e.event_id for e in events],
+        [e.job_id for e in events],
+        [str(e.entity_kind) for e in events],
+        [e.entity_id for e in events],
+        [e.event_type for e in events],
+        [e.node_id for e in events],
+        payloads,
+        [bytes(e.data) if e.data is not None else None for e in events],
+    )
+    return _positions(
+        events, row["base_position"], row["duplicate_ids"], row["duplicate_positions"]
+    )
 
 
 def _log_failure(error: GcsError) -> None:

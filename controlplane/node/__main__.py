@@ -22,6 +22,11 @@ def main() -> None:
     parser.add_argument("--resources", required=True, help="JSON object of resource amounts")
     parser.add_argument("--object-store-memory", required=True, type=int)
     parser.add_argument("--die-with-parent", action="store_true")
+    parser.add_argument(
+        "--rpc-port", type=int, default=None, help="serve cairn.Node here (0: any free port)"
+    )
+    parser.add_argument("--rpc-host", default="127.0.0.1")
+    parser.add_argument("--head", action="store_true", help="let nodes join; watch liveness")
     args = parser.parse_args()
     if args.die_with_parent:
         ctypes.CDLL(None).prctl(1, signal.SIGTERM)
@@ -32,6 +37,9 @@ def main() -> None:
         node_id=args.node_id,
         resources=json.loads(args.resources),
         object_store_memory=args.object_store_memory,
+        rpc_port=args.rpc_port,
+        rpc_host=args.rpc_host,
+        head=args.head,
     )
     asyncio.run(daemon.serve())
 

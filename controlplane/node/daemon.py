@@ -30,8 +30,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc
+
 from controlplane.errors import GcsError
 from controlplane.eventlog import EntityKind, Event, EventAppender
+from controlplane.membership import HEARTBEAT_MIN_INTERVAL_S, LivenessPinger, MembershipMonitor
+from controlplane.node import rpc
 from controlplane.node.actors import ActorRecord, ActorsMixin
 from controlplane.node.objects import ObjectTable
 from controlplane.node.resources import ResourcePool
@@ -104,8 +108,18 @@ class NodeDaemon(ActorsMixin):
         node_id: str,
         resources: dict[str, float],
         object_store_memory: int,
+        rpc_port: int | None = None,
+        rpc_host: str = "127.0.0.1",
+        head: bool = False,
     ) -> None:
         self.session_dir = session_dir
+        # In a cluster (rpc_port given; 0: any free port): the gRPC service, liveness
+        # pings and load heartbeats; the head also lets nodes join and declares silent
+        # ones dead. A private single-node cluster (sdk.init()) has none of these.
+        self.rpc_port = rpc_port
+        self.rpc_host = rpc_host
+        self.head = head
+        self.address = ""  # host:port of the gRPC service, once it listens
         self.socket_path = str(session_dir / "node.sock")
         self.gcs_url = gcs_url
         self.node_id = node_id
@@ -129,18 +143,28 @@ class NodeDaemon(ActorsMixin):
         self._server: asyncio.AbstractServer | None = None
         self._stopping = asyncio.Event()
         self._background: set[asyncio.Task[Any]] = set()
+        self._rpc: grpc.aio.Server | None = None
+        self._pinger: LivenessPinger | None = None
+        self._monitor: MembershipMonitor | None = None
 
     # -- lifecycle -----------------------------------------------------------------
 
     async def serve(self) -> None:
         await self.appender.start()
+        if self.rpc_port is not None:
+            await self._join_cluster()
         self._log(
             [
                 Event(
                     K.NODE,
                     self.node_id,
                     "registered",
-                    {"address": self.socket_path, "resources": self.resources.total},
+                    {
+                        "address": self.address or self.socket_path,
+                        "resources": self.resources.total,
+                        "socket": self.socket_path,
+                        "head": self.head,
+                    },
                     node_id=self.node_id,
                 )
             ]
@@ -156,7 +180,71 @@ class NodeDaemon(ActorsMixin):
         await self._stopping.wait()
         await self._shutdown()
 
+    async def _join_cluster(self) -> None:
+        """Starts the gRPC service, liveness pings, load heartbeats and, on the head,
+        the membership monitor (see controlplane/membership.py)."""
+        assert self.rpc_port is not None
+        handlers = {"Info": lambda _request: self._cluster_info()}
+        if self.head:
+            handlers["Join"] = lambda _request: {
+                "gcs_url": self.gcs_url,
+                "head_node_id": self.node_id,
+            }
+        self._rpc, port = await rpc.serve(self.rpc_host, self.rpc_port, handlers)
+        self.address = f"{self.rpc_host}:{port}"
+        (self.session_dir / "node.address").write_text(self.address)
+        self._pinger = LivenessPinger(self.gcs_url, self.node_id, self.address, self._stopping.set)
+        await self._pinger.register()
+        self._spawn(self._pinger.run())
+        self._spawn(self._heartbeats())
+        if self.head:
+            self._monitor = MembershipMonitor(self.gcs_url)
+            self._spawn(self._monitor.run())
+
+    def _spawn(self, coroutine: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Task[Any]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("node daemon: %s failed: %r", task.get_name(), task.exception())
+            self._stopping.set()
+
+    async def _heartbeats(self) -> None:
+        """Logs the node's load when it changed, at most once per interval."""
+        last: dict[str, Any] | None = None
+        while True:
+            await asyncio.sleep(HEARTBEAT_MIN_INTERVAL_S)
+            info = self._cluster_info()
+            now = {
+                "available": info["available"],
+                "load": {
+                    key: info[key]
+                    for key in (
+                        "running_tasks",
+                        "pending_tasks",
+                        "waiting_tasks",
+                        "actors",
+                        "workers",
+                        "object_store_used",
+                    )
+                },
+            }
+            if now != last:
+                self._log([Event(K.NODE, self.node_id, "heartbeat", now, node_id=self.node_id)])
+                last = now
+
     async def _shutdown(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+        if self._pinger is not None:
+            await self._pinger.leave()
+        if self._monitor is not None:
+            await self._monitor.close()
+        if self._rpc is not None:
+            await self._rpc.stop(grace=1)
         if self._server is not None:
             self._server.close()
         workers = list(self.workers.values())

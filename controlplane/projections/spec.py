@@ -113,13 +113,15 @@ TABLES: dict[EntityKind, Table] = {
             "state",
             "address",
             "resources",
+            "available",
+            "load",
             "registered_at",
             "last_heartbeat_at",
             "dead_at",
             "death_cause",
             *_COMMON,
         ),
-        json_columns=frozenset({"resources"}),
+        json_columns=frozenset({"resources", "available", "load"}),
     ),
 }
 
@@ -167,7 +169,9 @@ TRANSITIONS: dict[tuple[EntityKind, str], Transition] = {
         {"address": "address", "resources": "resources"},
         ("registered_at", "last_heartbeat_at"),
     ),
-    (EntityKind.NODE, "heartbeat"): Transition(stamp=("last_heartbeat_at",)),
+    (EntityKind.NODE, "heartbeat"): Transition(
+        copy={"available": "available", "load": "load"}, stamp=("last_heartbeat_at",)
+    ),
     (EntityKind.NODE, "dead"): Transition("DEAD", {"cause": "death_cause"}, ("dead_at",)),
 }
 

@@ -54,3 +54,32 @@ INSERT INTO subscriptions (name) VALUES ($1) ON CONFLICT (name) DO NOTHING
 
 -- lock_subscription --
 SELECT position FROM subscriptions WHERE name = $1 FOR UPDATE
+
+-- register_liveness --
+INSERT INTO node_liveness (node_id, address) VALUES ($1, $2)
+
+-- ping_liveness --
+-- No row back: the node was declared dead (its pings stopped for too long) and must go.
+UPDATE node_liveness SET last_ping = clock_timestamp()
+ WHERE node_id = $1 AND dead_at IS NULL
+RETURNING node_id
+
+-- declare_stale_nodes_dead --
+-- Nodes whose pings stopped more than $1 seconds ago; each is declared dead once
+-- (concurrent monitors skip rows another one is declaring).
+UPDATE node_liveness SET dead_at = clock_timestamp()
+ WHERE node_id IN (SELECT node_id FROM node_liveness
+                    WHERE dead_at IS NULL
+                      AND last_ping < clock_timestamp() - make_interval(secs => $1)
+                      FOR UPDATE SKIP LOCKED)
+RETURNING node_id, last_ping
+
+-- declare_node_gone --
+UPDATE node_liveness SET dead_at = clock_timestamp() WHERE node_id = $1 AND dead_at IS NULL
+
+-- node_events --
+SELECT position, event_id, recorded_at, job_id, entity_kind::text AS entity_kind, entity_id,
+       event_type, node_id, payload::text AS payload, data
+  FROM events
+ WHERE entity_kind = 'node'
+ ORDER BY position

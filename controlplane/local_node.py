@@ -1,0 +1,339 @@
+"""The nodes this machine runs: the GCS (embedded PostgreSQL, on a head, unless a URL
+is given) and a node daemon, started and stopped together.
+
+``sdk.init()`` runs a private single-node cluster. ``cairn start --head`` runs a head
+that outlives its drivers, and ``cairn start --address HOST:PORT`` a node that joins it.
+Each such node records itself in the temp directory (``cairn-nodes/<pid>.json``, as
+Ray's ``session_latest``): ``init(address="auto")`` connects to the recorded head,
+``cairn status`` reads it, and ``cairn stop`` stops every recorded node.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from controlplane.gcs import Gcs
+from controlplane.node.daemon import new_node_id
+from controlplane.session_dirs import new_session_dir
+from dataplane import shm
+
+_DAEMON_START_TIMEOUT_S = 60.0
+NODES_DIR = "cairn-nodes"
+NODE_SOCKET = "node.sock"
+NODE_ADDRESS = "node.address"
+
+
+def default_object_store_memory() -> int:
+    """30% of the machine's memory, as Ray, but no more than /dev/shm can hold."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    shm_free = shutil.disk_usage(shm.SHM_DIR).free
+    return int(min(total * 0.3, shm_free * 0.8))
+
+
+@dataclass
+class NodeConfig:
+    resources: dict[str, float]
+    object_store_memory: int
+
+
+def node_config(
+    num_cpus: float | None,
+    num_gpus: float | None,
+    resources: dict[str, float] | None,
+    object_store_memory: int | None,
+) -> NodeConfig:
+    for name, value in (
+        ("num_cpus", num_cpus),
+        ("num_gpus", num_gpus),
+        ("object_store_memory", object_store_memory),
+    ):
+        if value is not None and (not isinstance(value, int | float) or value < 0):
+            raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+    total: dict[str, float] = {
+        "CPU": float(num_cpus if num_cpus is not None else os.cpu_count() or 1),
+        "GPU": float(num_gpus or 0),
+    }
+    for key, amount in (resources or {}).items():
+        if key in ("CPU", "GPU"):
+            raise ValueError(f"use num_cpus / num_gpus instead of resources[{key!r}]")
+        total[key] = float(amount)
+    memory = object_store_memory or default_object_store_memory()
+    total["object_store_memory"] = float(memory)
+    return NodeConfig(total, int(memory))
+
+
+@dataclass
+class ClusterRole:
+    """How a node takes part in a cluster: None for a private one (sdk.init())."""
+
+    head: bool
+    rpc_port: int  # 0: any free port
+    rpc_host: str = "127.0.0.1"
+
+
+class LocalNode:
+    """The processes of one node on this machine; ``stop()`` ends them and removes what
+    they left."""
+
+    def __init__(
+        self,
+        gcs: Gcs,
+        session_dir: Path,
+        daemon: subprocess.Popen[bytes],
+        node_id: str,
+        owns_session_dir: bool,
+    ) -> None:
+        self.gcs = gcs
+        self.session_dir = session_dir
+        self.daemon = daemon
+        self.node_id = node_id
+        self._owns_session_dir = owns_session_dir
+
+    @property
+    def socket_path(self) -> str:
+        return str(self.session_dir / NODE_SOCKET)
+
+    @property
+    def address(self) -> str | None:
+        """HOST:PORT of the node's gRPC service (None in a private cluster)."""
+        path = self.session_dir / NODE_ADDRESS
+        return path.read_text() if path.exists() else None
+
+    @classmethod
+    def start(
+        cls, *, gcs_url: str | None, config: NodeConfig, role: ClusterRole | None = None
+    ) -> LocalNode:
+        gcs = Gcs(gcs_url)
+        gcs.start()
+        owns = gcs.embedded is None
+        session_dir = new_session_dir() if owns else gcs.embedded.session_dir  # type: ignore[union-attr]
+        node_id = new_node_id()
+        command = [
+            sys.executable,
+            "-m",
+            "controlplane.node",
+            "--session-dir",
+            str(session_dir),
+            "--gcs-url",
+            gcs.url,
+            "--node-id",
+            node_id,
+            "--resources",
+            json.dumps(config.resources),
+            "--object-store-memory",
+            str(config.object_store_memory),
+            "--die-with-parent",
+        ]
+        if role is not None:
+            command += ["--rpc-port", str(role.rpc_port), "--rpc-host", role.rpc_host]
+            command += ["--head"] if role.head else []
+        daemon: subprocess.Popen[bytes] | None = None
+        try:
+            daemon = subprocess.Popen(command, stdin=subprocess.DEVNULL)
+            _wait_ready(daemon, session_dir)
+        except BaseException:
+            if daemon is not None:
+                with contextlib.suppress(Exception):
+                    daemon.kill()
+            gcs.stop()
+            if owns:
+                shutil.rmtree(session_dir, ignore_errors=True)
+            raise
+        return cls(gcs, session_dir, daemon, node_id, owns)
+
+    def stop(self) -> None:
+        if self.daemon.poll() is None:
+            self.daemon.terminate()
+            try:
+                self.daemon.wait(15)
+            except subprocess.TimeoutExpired:
+                self.daemon.kill()
+                self.daemon.wait()
+        shm.unlink_all(self.node_id)
+        self.gcs.stop()
+        if self._owns_session_dir:
+            shutil.rmtree(self.session_dir, ignore_errors=True)
+
+
+# -- the nodes this machine runs ------------------------------------------------------
+
+
+@dataclass
+class NodeRecord:
+    pid: int  # the process running the node (`cairn start ... --block`)
+    session_dir: Path
+    head: bool
+    address: str | None
+
+    @property
+    def running(self) -> bool:
+        return _alive(self.pid) and (self.session_dir / NODE_SOCKET).exists()
+
+
+def _nodes_dir() -> Path:
+    return Path(tempfile.gettempdir()) / NODES_DIR
+
+
+def _record(node: LocalNode, head: bool) -> Path:
+    """Records ``node`` as run by this process (written atomically)."""
+    directory = _nodes_dir()
+    directory.mkdir(mode=0o700, exist_ok=True)
+    path = directory / f"{os.getpid()}.json"
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(
+        json.dumps({"session_dir": str(node.session_dir), "head": head, "address": node.address})
+    )
+    temporary.replace(path)
+    return path
+
+
+def local_nodes() -> list[NodeRecord]:
+    """The nodes recorded on this machine (records of processes that are gone are
+    removed)."""
+    found = []
+    for path in sorted(_nodes_dir().glob("*.json")):
+        try:
+            record = json.loads(path.read_text())
+            node = NodeRecord(
+                int(path.stem), Path(record["session_dir"]), bool(record["head"]), record["address"]
+            )
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if _alive(node.pid):
+            found.append(node)
+        else:
+            path.unlink(missing_ok=True)
+    return found
+
+
+def running_head() -> NodeRecord | None:
+    return next((n for n in local_nodes() if n.head and n.running), None)
+
+
+def find_running() -> Path:
+    """The session directory of this machine's running head; ConnectionError saying
+    what was looked for when there is none."""
+    head = running_head()
+    if head is None:
+        raise ConnectionError(
+            f"no running Cairn cluster was found (no head recorded in {_nodes_dir()}): "
+            "start one with `cairn start --head`"
+        )
+    return head.session_dir
+
+
+def run_node(
+    gcs_url: str | None,
+    config: NodeConfig,
+    role: ClusterRole,
+    announce: Callable[[str], None],
+) -> None:
+    """Runs a node in this process until SIGTERM/SIGINT (`cairn stop`, Ctrl-C) or until
+    its node daemon exits (e.g. the cluster declared it dead); then stops it."""
+    stopping = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopping.set())
+    node = LocalNode.start(gcs_url=gcs_url, config=config, role=role)
+    record = None
+    try:
+        record = _record(node, role.head)
+        kind = "head node" if role.head else "node"
+        announce(f"{kind} {node.node_id} is running at {node.address} ({node.session_dir})")
+        while not stopping.wait(0.2):
+            if node.daemon.poll() is not None:
+                announce(f"the node daemon exited with code {node.daemon.returncode}")
+                break
+    finally:
+        if record is not None:
+            record.unlink(missing_ok=True)
+        node.stop()
+
+
+def start_in_background(
+    gcs_url: str | None, config: NodeConfig, role: ClusterRole, join_address: str | None
+) -> NodeRecord:
+    """Starts ``cairn start --block`` (``run_node``) in a new session, so that it
+    outlives this process, and waits until its node is running; its output goes to a
+    log file in the temp directory, removed once the node runs."""
+    command = [sys.executable, "-m", "controlplane.cli", "start", "--block"]
+    command += ["--node-config", json.dumps(asdict(config)), "--port", str(role.rpc_port)]
+    command += ["--node-ip-address", role.rpc_host]
+    if join_address is not None:
+        command += ["--address", join_address]
+    else:
+        command += ["--head"]
+        if gcs_url is not None:
+            command += ["--gcs-url", gcs_url]
+    log_path = Path(tempfile.gettempdir()) / f"cairn-node-{time.time_ns()}.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
+        )
+    deadline = time.monotonic() + _DAEMON_START_TIMEOUT_S * 2
+    while True:
+        node = next((n for n in local_nodes() if n.pid == process.pid), None)
+        if node is not None and node.running:
+            log_path.unlink(missing_ok=True)
+            return node
+        if process.poll() is not None or time.monotonic() > deadline:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            tail = log_path.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"the node did not start; its output ({log_path}):\n{tail}")
+        time.sleep(0.05)
+
+
+def stop_local_nodes(timeout: float) -> list[str]:
+    """Stops every node this machine runs, worker nodes before the head (SIGTERM, then
+    SIGKILL of the node's process group after ``timeout`` seconds); says what it did."""
+    said = []
+    nodes = sorted(local_nodes(), key=lambda n: n.head)
+    for node in nodes:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(node.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for node in nodes:
+        while _alive(node.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        kind = "head" if node.head else "node"
+        if _alive(node.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(os.getpgid(node.pid), signal.SIGKILL)
+            said.append(f"the {kind} (pid {node.pid}) did not stop within {timeout:g}s: killed")
+        else:
+            said.append(f"stopped the {kind} (pid {node.pid}, {node.session_dir})")
+        (_nodes_dir() / f"{node.pid}.json").unlink(missing_ok=True)
+    return said or ["no Cairn node is running here"]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _wait_ready(daemon: subprocess.Popen[bytes], session_dir: Path) -> None:
+    deadline = time.monotonic() + _DAEMON_START_TIMEOUT_S
+    ready = session_dir / "node.ready"
+    while not ready.exists():
+        if daemon.poll() is not None:
+            raise RuntimeError(f"the node daemon exited with code {daemon.returncode} on start")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the node daemon did not start within {_DAEMON_START_TIMEOUT_S}s")
+        time.sleep(0.01)

@@ -1,0 +1,161 @@
+"""Node membership: who is in the cluster, how loaded, and who died.
+
+- A node is **registered** by its ``registered`` event (the node daemon appends it).
+- **Liveness**: every node daemon pings its row of ``node_liveness`` every
+  ``PING_INTERVAL_S``. Pings are not transitions, so they update one row in place and
+  never touch the log.
+- **Load**: a node appends a ``heartbeat`` event with its available resources and load
+  when they changed, at most once per ``HEARTBEAT_MIN_INTERVAL_S``: the log gets at most
+  one heartbeat per node per second, however busy the node.
+- **Death**: the monitor (run by the head) declares dead every node whose pings stopped
+  ``dead_after`` seconds ago (``$CAIRN_NODE_DEAD_AFTER_S``, default 1.5), appending its
+  ``dead`` event in the same transaction as the liveness row's ``dead_at``, so a death
+  is logged exactly once even with several monitors. A node declared dead is fenced: its
+  next ping finds no live row and its daemon stops; a restarted daemon registers under
+  a new id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+import asyncpg
+
+from controlplane.eventlog import EntityKind, Event, RecordedEvent
+from controlplane.eventlog.appender import append_on
+from controlplane.eventlog.connection import connect, is_connection_error
+from controlplane.projections.spec import fold
+from controlplane.sql import queries
+
+log = logging.getLogger("cairn.membership")
+
+PING_INTERVAL_S = 0.25
+HEARTBEAT_MIN_INTERVAL_S = 1.0
+DEAD_AFTER_ENV_VAR = "CAIRN_NODE_DEAD_AFTER_S"
+DEFAULT_DEAD_AFTER_S = 1.5
+
+
+def dead_after_s() -> float:
+    value = os.environ.get(DEAD_AFTER_ENV_VAR)
+    if value is None:
+        return DEFAULT_DEAD_AFTER_S
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise ValueError(
+            f"${DEAD_AFTER_ENV_VAR} must be a number of seconds, not {value!r}"
+        ) from None
+    if seconds < 2 * PING_INTERVAL_S:
+        raise ValueError(f"${DEAD_AFTER_ENV_VAR} must be at least {2 * PING_INTERVAL_S}s")
+    return seconds
+
+
+class LivenessPinger:
+    """A node daemon's pings; ``on_fenced`` is called if the node was declared dead."""
+
+    def __init__(self, url: str, node_id: str, address: str, on_fenced: Callable[[], None]):
+        self.url = url
+        self.node_id = node_id
+        self.address = address
+        self.on_fenced = on_fenced
+        self._conn: asyncpg.Connection | None = None
+
+    async def register(self) -> None:
+        self._conn = await connect(self.url)
+        await self._conn.execute(queries["register_liveness"], self.node_id, self.address)
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(PING_INTERVAL_S)
+            try:
+                if self._conn is None or self._conn.is_closed():
+                    self._conn = await connect(self.url)
+                alive = await self._conn.fetchval(queries["ping_liveness"], self.node_id)
+            except Exception as exc:  # the GCS is away: keep trying, the monitor decides
+                if not is_connection_error(exc) and "GCS" not in str(exc):
+                    raise
+                continue
+            if alive is None:
+                log.error("node %s was declared dead by the cluster; stopping", self.node_id)
+                self.on_fenced()
+                return
+
+    async def leave(self) -> None:
+        """A clean stop: the node is gone (its ``dead`` event is the daemon's to log)."""
+        if self._conn is None:
+            return
+        with contextlib.suppress(Exception):
+            await self._conn.execute(queries["declare_node_gone"], self.node_id)
+        with contextlib.suppress(Exception):
+            await self._conn.close(timeout=2)
+
+
+class MembershipMonitor:
+    """Declares silent nodes dead (any number may run: each death is logged once)."""
+
+    def __init__(self, url: str, dead_after: float | None = None) -> None:
+        self.url = url
+        self.dead_after = dead_after_s() if dead_after is None else dead_after
+        self._conn: asyncpg.Connection | None = None
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(PING_INTERVAL_S)
+            try:
+                await self.check_once()
+            except Exception as exc:
+                if not is_connection_error(exc) and "GCS" not in str(exc):
+                    raise
+                self._conn = None
+
+    async def check_once(self) -> list[str]:
+        """Declares the nodes silent for ``dead_after`` seconds dead; returns their ids."""
+        if self._conn is None or self._conn.is_closed():
+            self._conn = await connect(self.url)
+        conn = self._conn
+        async with conn.transaction():
+            stale = await conn.fetch(queries["declare_stale_nodes_dead"], self.dead_after)
+            if stale:
+                await append_on(
+                    conn,
+                    [
+                        Event(
+                            EntityKind.NODE,
+                            row["node_id"],
+                            "dead",
+                            {
+                                "cause": (
+                                    f"missed heartbeats: no liveness ping for more than "
+                                    f"{self.dead_after:g}s (last at {row['last_ping']})"
+                                )
+                            },
+                            node_id=row["node_id"],
+                        )
+                        for row in stale
+                    ],
+                )
+        for row in stale:
+            log.warning("node %s declared dead (missed heartbeats)", row["node_id"])
+        return [row["node_id"] for row in stale]
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                await self._conn.close(timeout=2)
+
+
+async def cluster_nodes(url: str) -> list[dict[str, Any]]:
+    """Every node of the cluster, as the ``nodes`` projection's rows, folded from the
+    log's node events (oldest registration first)."""
+    conn = await connect(url)
+    try:
+        rows = await conn.fetch(queries["node_events"])
+    finally:
+        await conn.close()
+    state = fold(RecordedEvent.from_row(row) for row in rows)
+    return [row for (table, _), row in state.items() if table == "nodes"]

@@ -1,0 +1,83 @@
+"""The node daemon's gRPC service (``cairn.Node``), for what crosses a node boundary.
+
+So far: ``Info`` (the node's id, resources and load) and, on the head, ``Join`` (what a
+node joining the cluster needs: the GCS URL). Messages are JSON objects; no generated
+code is needed (grpcio's generic handlers). Token authentication comes with issue 8;
+until then the server listens on loopback unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+
+SERVICE = "cairn.Node"
+DEFAULT_HEAD_PORT = 6380
+_JOIN_TIMEOUT_S = 5.0
+
+Handler = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+def _encode(message: dict[str, Any]) -> bytes:
+    return json.dumps(message).encode()
+
+
+def _decode(data: bytes) -> dict[str, Any]:
+    value = json.loads(data) if data else {}
+    if not isinstance(value, dict):
+        raise ValueError("a cairn.Node message must be a JSON object")
+    return value
+
+
+async def serve(host: str, port: int, handlers: dict[str, Handler]) -> tuple[grpc.aio.Server, int]:
+    """Starts the service on host:port (0: a free port); returns it and its port."""
+
+    def unary(handler: Handler) -> grpc.RpcMethodHandler:
+        async def call(request: dict[str, Any], context: grpc.aio.ServicerContext) -> dict:
+            return handler(request)
+
+        return grpc.unary_unary_rpc_method_handler(
+            call, request_deserializer=_decode, response_serializer=_encode
+        )
+
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers(
+        [
+            grpc.method_handlers_generic_handler(
+                SERVICE, {name: unary(h) for name, h in handlers.items()}
+            )
+        ]
+    )
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot listen on {host}:{port} (in use?)")
+    await server.start()
+    return server, bound
+
+
+def call(address: str, method: str, request: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """One call to a node's service; ConnectionError naming the address if it cannot be
+    reached within ``timeout`` seconds."""
+    with grpc.insecure_channel(address) as channel:
+        stub = channel.unary_unary(
+            f"/{SERVICE}/{method}", request_serializer=_encode, response_deserializer=_decode
+        )
+        try:
+            return stub(request, timeout=timeout)
+        except grpc.RpcError as exc:
+            code = exc.code() if isinstance(exc, grpc.Call) else None
+            detail = exc.details() if isinstance(exc, grpc.Call) else str(exc)
+            raise ConnectionError(
+                f"cannot reach a Cairn head at {address}: {code.name if code else ''} {detail}"
+            ) from None
+
+
+def join(address: str, timeout: float = _JOIN_TIMEOUT_S) -> dict[str, Any]:
+    """What a joining node needs from the head at ``address`` (HOST:PORT)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"the address must be HOST:PORT, got {address!r}")
+    return call(address, "Join", {}, timeout)

@@ -1,0 +1,102 @@
+"""Membership on a real PostgreSQL: a silent node is declared dead once, however many
+monitors run; a node declared dead is fenced (its next ping tells it to stop)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+import pytest
+
+from controlplane.eventlog import EntityKind, Event, EventAppender
+from controlplane.membership import LivenessPinger, MembershipMonitor, cluster_nodes
+from controlplane.sql import queries
+
+pytestmark = pytest.mark.timeout(60)
+
+
+async def _register(url: str, node_id: str) -> None:
+    async with EventAppender(url) as appender:
+        await appender.append(
+            Event(
+                EntityKind.NODE,
+                node_id,
+                "registered",
+                {"address": "127.0.0.1:1", "resources": {"CPU": 1.0}},
+                node_id=node_id,
+            )
+        )
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute(queries["register_liveness"], node_id, "127.0.0.1:1")
+    finally:
+        await conn.close()
+
+
+async def _silence(url: str, node_id: str, seconds: float) -> None:
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute(
+            "UPDATE node_liveness SET last_ping = clock_timestamp() - make_interval(secs => $2)"
+            " WHERE node_id = $1",
+            node_id,
+            seconds,
+        )
+    finally:
+        await conn.close()
+
+
+async def test_many_monitors_log_one_death(gcs_url: str) -> None:
+    await _register(gcs_url, "n-silent")
+    await _register(gcs_url, "n-alive")
+    await _silence(gcs_url, "n-silent", 10)
+    monitors = [MembershipMonitor(gcs_url, dead_after=1.5) for _ in range(4)]
+    try:
+        declared = await asyncio.gather(*(m.check_once() for m in monitors))
+        again = await asyncio.gather(*(m.check_once() for m in monitors))
+    finally:
+        for monitor in monitors:
+            await monitor.close()
+    assert sorted(n for found in declared for n in found) == ["n-silent"]
+    assert all(found == [] for found in again)
+    conn = await asyncpg.connect(gcs_url)
+    try:
+        deaths = await conn.fetch(
+            "SELECT entity_id, payload->>'cause' AS cause FROM events "
+            "WHERE entity_kind = 'node' AND event_type = 'dead'"
+        )
+    finally:
+        await conn.close()
+    assert [r["entity_id"] for r in deaths] == ["n-silent"]
+    assert "missed heartbeats" in deaths[0]["cause"]
+    nodes = {n["node_id"]: n for n in await cluster_nodes(gcs_url)}
+    assert nodes["n-silent"]["state"] == "DEAD" and nodes["n-alive"]["state"] == "ALIVE"
+
+
+async def test_a_node_declared_dead_is_fenced(gcs_url: str) -> None:
+    fenced = asyncio.Event()
+    pinger = LivenessPinger(gcs_url, "n-paused", "127.0.0.1:1", fenced.set)
+    await pinger.register()
+    run = asyncio.create_task(pinger.run())
+    try:
+        await asyncio.sleep(0.6)
+        assert not fenced.is_set()  # pinging: alive
+        await _silence(gcs_url, "n-paused", 10)  # as if it had been paused
+        assert await MembershipMonitor(gcs_url, dead_after=5).check_once() == ["n-paused"]
+        await asyncio.wait_for(fenced.wait(), 5)
+        await asyncio.wait_for(run, 5)  # and it stops pinging
+    finally:
+        run.cancel()
+        await pinger.leave()
+
+
+async def test_a_clean_leave_is_not_a_missed_heartbeat(gcs_url: str) -> None:
+    pinger = LivenessPinger(gcs_url, "n-leaving", "127.0.0.1:1", lambda: None)
+    await pinger.register()
+    await pinger.leave()
+    await _silence(gcs_url, "n-leaving", 10)
+    monitor = MembershipMonitor(gcs_url, dead_after=1.5)
+    try:
+        assert await monitor.check_once() == []
+    finally:
+        await monitor.close()
