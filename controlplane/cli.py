@@ -195,7 +195,7 @@ def status() -> None:
     import asyncio
 
     from controlplane import local_node
-    from controlplane.membership import cluster_nodes
+    from controlplane.membership import cluster_nodes, infeasible_tasks
     from dataplane.client import CoreClient
 
     try:
@@ -208,6 +208,7 @@ def status() -> None:
     finally:
         client.close()
     nodes = asyncio.run(cluster_nodes(url))
+    infeasible = asyncio.run(infeasible_tasks(url))
     head_id = (session_dir / "node.ready").read_text()
     alive = [n for n in nodes if n["state"] == "ALIVE"]
     click.echo(f"GCS {redact(url)}; {len(alive)} nodes alive, {len(nodes) - len(alive)} dead")
@@ -232,6 +233,10 @@ def status() -> None:
                 f"{load['pending_tasks']} queued, {load['waiting_tasks']} waiting for "
                 f"arguments; actors: {load['actors']}"
             )
+    if infeasible:
+        click.echo(f"{len(infeasible)} infeasible tasks (no node has their resources):")
+        for task_id, resources in infeasible[:20]:
+            click.echo(f"  task {task_id} needs {resources}")
 
 
 def run() -> None:

@@ -33,6 +33,7 @@ _DAEMON_START_TIMEOUT_S = 60.0
 NODES_DIR = "cairn-nodes"
 NODE_SOCKET = "node.sock"
 NODE_ADDRESS = "node.address"
+_SCHEDULER = [sys.executable, "-m", "controlplane.scheduler", "--die-with-parent"]
 
 
 def default_object_store_memory() -> int:
@@ -247,7 +248,12 @@ def run_node(
         signal.signal(sig, lambda *_: stopping.set())
     node = LocalNode.start(gcs_url=gcs_url, config=config, role=role)
     record = None
+    scheduler: subprocess.Popen[bytes] | None = None
     try:
+        if role.head:  # the head runs a global scheduler (any number may run)
+            scheduler = subprocess.Popen(
+                [*_SCHEDULER, "--gcs-url", node.gcs.url], stdin=subprocess.DEVNULL
+            )
         record = _record(node, role.head)
         kind = "head node" if role.head else "node"
         announce(f"{kind} {node.node_id} is running at {node.address} ({node.session_dir})")
@@ -255,9 +261,22 @@ def run_node(
             if node.daemon.poll() is not None:
                 announce(f"the node daemon exited with code {node.daemon.returncode}")
                 break
+            if scheduler is not None and scheduler.poll() is not None:
+                # it keeps no state: a new one resumes from the log
+                announce(f"the global scheduler exited ({scheduler.returncode}); restarting it")
+                scheduler = subprocess.Popen(
+                    [*_SCHEDULER, "--gcs-url", node.gcs.url], stdin=subprocess.DEVNULL
+                )
     finally:
         if record is not None:
             record.unlink(missing_ok=True)
+        if scheduler is not None:
+            scheduler.terminate()
+            try:
+                scheduler.wait(10)
+            except subprocess.TimeoutExpired:
+                scheduler.kill()
+                scheduler.wait()
         node.stop()
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 from collections.abc import Callable
@@ -147,6 +148,16 @@ class MembershipMonitor:
         if self._conn is not None:
             with contextlib.suppress(Exception):
                 await self._conn.close(timeout=2)
+
+
+async def infeasible_tasks(url: str) -> list[tuple[str, dict[str, float]]]:
+    """(task id, resources) of the tasks no node of the cluster can run."""
+    conn = await connect(url)
+    try:
+        rows = await conn.fetch(queries["infeasible_tasks"])
+    finally:
+        await conn.close()
+    return [(row["task_id"], json.loads(row["resources"])) for row in rows]
 
 
 async def cluster_nodes(url: str) -> list[dict[str, Any]]:

@@ -283,6 +283,13 @@ def encode(message: object) -> bytes:
     return _FRAME.pack(len(body)) + body
 
 
+def decode_frame(frame: bytes) -> object:
+    """A message from one whole frame, as ``encode`` made it (e.g. stored in the log)."""
+    if len(frame) < _FRAME.size or _FRAME.unpack_from(frame)[0] != len(frame) - _FRAME.size:
+        raise ProtocolError(f"not one whole frame ({len(frame)} bytes)")
+    return decode(frame[_FRAME.size :])
+
+
 def decode(body: bytes) -> object:
     try:
         return pickle.loads(body)

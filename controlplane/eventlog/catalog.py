@@ -74,10 +74,16 @@ CATALOG: dict[tuple[EntityKind, str], EventType] = {
         ("failed", {"error": str}, {"attempt": int}),
         ("retried", {"attempt": int}, {"reason": str}),
         ("cancelled", {}, {"force": bool}),
+        # spill-over (issue 5): a node hands a task it cannot run now to the global
+        # schedulers; one of them places it on a node (once per attempt)
+        ("spilled", {"attempt": int, "resources": dict}, {"args": dict, "from_node": str}),
+        ("placed", {"node_id": str, "attempt": int}, {}),
+        ("infeasible", {"resources": dict}, {"reason": str}),
     ),
     **_types(
         _K.OBJECT,
-        ("created", {"size_bytes": int}, {"task_id": str, "inline": bool}),
+        ("created", {"size_bytes": int}, {"task_id": str, "inline": bool, "address": str}),
+        ("transferred", {"size_bytes": int}, {"from_node": str}),
         ("freed", {}, {}),
         ("lost", {}, {"reason": str}),
     ),

@@ -34,12 +34,21 @@ import grpc
 
 from controlplane.errors import GcsError
 from controlplane.eventlog import EntityKind, Event, EventAppender
-from controlplane.membership import HEARTBEAT_MIN_INTERVAL_S, LivenessPinger, MembershipMonitor
+from controlplane.eventlog.connection import connect
+from controlplane.membership import (
+    HEARTBEAT_MIN_INTERVAL_S,
+    LivenessPinger,
+    MembershipMonitor,
+    cluster_nodes,
+)
 from controlplane.node import rpc
 from controlplane.node.actors import ActorRecord, ActorsMixin
+from controlplane.node.cluster import ClusterMixin
 from controlplane.node.objects import ObjectTable
 from controlplane.node.resources import ResourcePool
 from controlplane.node.segment_pool import SegmentPool
+from controlplane.node.transfer import Puller, serve_object
+from controlplane.sql import queries
 from dataplane import protocol as p
 from dataplane import shm
 
@@ -89,7 +98,7 @@ class WorkerHandle:
 @dataclass
 class TaskRecord:
     spec: p.TaskSpec
-    submitter: Connection
+    submitter: Connection | None  # None: placed here by another node, which owns it
     attempt: int = 0
     state: str = "SUBMITTED"
     pending_deps: set[str] = field(default_factory=set)
@@ -97,9 +106,12 @@ class TaskRecord:
     cancelled: bool = False
     force_cancel: bool = False
     retries_left: int = 0
+    placed_from: str | None = None  # placed here: the address of the node that spilled it
+    pulled: list[str] = field(default_factory=list)  # argument copies pulled for it
+    placed_back: bool = False  # spilled, then placed on this node: not spilled again
 
 
-class NodeDaemon(ActorsMixin):
+class NodeDaemon(ActorsMixin, ClusterMixin):
     def __init__(
         self,
         *,
@@ -146,6 +158,11 @@ class NodeDaemon(ActorsMixin):
         self._rpc: grpc.aio.Server | None = None
         self._pinger: LivenessPinger | None = None
         self._monitor: MembershipMonitor | None = None
+        self.peers: set[str] = set()
+        self.spilled: dict[str, TaskRecord] = {}
+        self.remote_returns: dict[str, dict[str, tuple[p.ObjectLocation | None, str]]] = {}
+        self.kept_for_owner: set[str] = set()
+        self.puller = Puller(node_id, self.objects)
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -184,33 +201,52 @@ class NodeDaemon(ActorsMixin):
         """Starts the gRPC service, liveness pings, load heartbeats and, on the head,
         the membership monitor (see controlplane/membership.py)."""
         assert self.rpc_port is not None
-        handlers = {"Info": lambda _request: self._cluster_info()}
+        handlers = {"Info": lambda _request: self._cluster_info(), "Release": self._owner_released}
         if self.head:
             handlers["Join"] = lambda _request: {
                 "gcs_url": self.gcs_url,
                 "head_node_id": self.node_id,
             }
-        self._rpc, port = await rpc.serve(self.rpc_host, self.rpc_port, handlers)
+        self._rpc, port = await rpc.serve(
+            self.rpc_host, self.rpc_port, handlers, {"PullObject": serve_object(self.objects)}
+        )
         self.address = f"{self.rpc_host}:{port}"
         (self.session_dir / "node.address").write_text(self.address)
         self._pinger = LivenessPinger(self.gcs_url, self.node_id, self.address, self._stopping.set)
         await self._pinger.register()
-        self._spawn(self._pinger.run())
-        self._spawn(self._heartbeats())
+        self._spawn(self._pinger.run(), vital=True)
+        self._spawn(self._heartbeats(), vital=True)
+        after = await self._log_head()
+        self.peers = {
+            n["node_id"]
+            for n in await cluster_nodes(self.gcs_url)
+            if n["state"] == "ALIVE" and n["node_id"] != self.node_id
+        }
+        self._spawn(self._follow_log(after), vital=True)
         if self.head:
             self._monitor = MembershipMonitor(self.gcs_url)
-            self._spawn(self._monitor.run())
+            self._spawn(self._monitor.run(), vital=True)
 
-    def _spawn(self, coroutine: Any) -> None:
+    async def _log_head(self) -> int:
+        conn = await connect(self.gcs_url)
+        try:
+            return int(await conn.fetchval(queries["head_position"]))
+        finally:
+            await conn.close()
+
+    def _spawn(self, coroutine: Any, *, vital: bool = False) -> None:
+        """Runs ``coroutine`` in the background; if a ``vital`` one fails (the log
+        follower, liveness pings...) the daemon stops rather than run half-blind."""
         task = asyncio.get_running_loop().create_task(coroutine)
         self._background.add(task)
-        task.add_done_callback(self._background_done)
+        task.add_done_callback(lambda t: self._background_done(t, vital))
 
-    def _background_done(self, task: asyncio.Task[Any]) -> None:
+    def _background_done(self, task: asyncio.Task[Any], vital: bool) -> None:
         self._background.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("node daemon: %s failed: %r", task.get_name(), task.exception())
-            self._stopping.set()
+            if vital:
+                self._stopping.set()
 
     async def _heartbeats(self) -> None:
         """Logs the node's load when it changed, at most once per interval."""
@@ -659,7 +695,11 @@ class NodeDaemon(ActorsMixin):
                     continue
                 request = record.spec.resources
                 if not self.resources.available_for(request):
-                    break  # or infeasible on this node (reported from issue 5 on)
+                    if self._can_spill(record):  # to the global scheduler
+                        queue.popleft()
+                        self._spill(record)
+                        continue
+                    break
                 if not self.idle:
                     if self._pool_size() < self.max_workers + self._blocked_count():
                         self._start_worker()
@@ -752,6 +792,8 @@ class NodeDaemon(ActorsMixin):
             )
         ]
         events += [self._created_event(loc, spec.task_id, spec.job_id) for loc in returns]
+        if record.placed_from is not None:
+            events = self._placed_finished_events(record, returns)
         record.state = "FINISHED"
         self._make_durable_then_ready(returns, events, record.submitter)
         self._task_over(record)
@@ -775,8 +817,12 @@ class NodeDaemon(ActorsMixin):
         self._task_over(record)
 
     def _task_over(self, record: TaskRecord) -> None:
-        for object_id in (*record.spec.dependencies(), *record.spec.contained_refs):
-            self.objects.unpin(object_id)
+        if record.placed_from is not None:  # placed here: only its argument copies
+            for object_id in record.pulled:
+                self.objects.release(object_id)
+        else:
+            for object_id in (*record.spec.dependencies(), *record.spec.contained_refs):
+                self.objects.unpin(object_id)
         self.tasks.pop(record.spec.task_id, None)
 
     def _retry(self, record: TaskRecord, reason: str) -> None:
@@ -840,6 +886,7 @@ class NodeDaemon(ActorsMixin):
         if record.worker is None:
             with contextlib.suppress(KeyError, ValueError):
                 self.ready[_shape(record.spec.resources)].remove(record)
+            self.spilled.pop(record.spec.task_id, None)  # its results no longer wanted
             self._finish_failed(
                 record,
                 p.ErrorInfo(

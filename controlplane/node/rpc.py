@@ -1,15 +1,17 @@
 """The node daemon's gRPC service (``cairn.Node``), for what crosses a node boundary.
 
-So far: ``Info`` (the node's id, resources and load) and, on the head, ``Join`` (what a
-node joining the cluster needs: the GCS URL). Messages are JSON objects; no generated
-code is needed (grpcio's generic handlers). Token authentication comes with issue 8;
-until then the server listens on loopback unless told otherwise.
+``Info`` (the node's id, resources and load); on the head, ``Join`` (what a node
+joining the cluster needs: the GCS URL); ``PullObject`` (an object's bytes, streamed in
+chunks) and ``Release`` (the puller has its copy: the node may free its own). Messages
+are JSON objects, so no generated code is needed (grpcio's generic handlers). Token
+authentication comes with issue 8; until then the server listens on loopback unless
+told otherwise.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -17,8 +19,14 @@ import grpc
 SERVICE = "cairn.Node"
 DEFAULT_HEAD_PORT = 6380
 _JOIN_TIMEOUT_S = 5.0
+CHUNK_SIZE = 1 << 20  # object transfer: the bytes in one stream message
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", 2 * CHUNK_SIZE),
+    ("grpc.max_receive_message_length", 2 * CHUNK_SIZE),
+]
 
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
+StreamHandler = Callable[[dict[str, Any], grpc.aio.ServicerContext], AsyncIterator[bytes]]
 
 
 def _encode(message: dict[str, Any]) -> bytes:
@@ -32,25 +40,30 @@ def _decode(data: bytes) -> dict[str, Any]:
     return value
 
 
-async def serve(host: str, port: int, handlers: dict[str, Handler]) -> tuple[grpc.aio.Server, int]:
-    """Starts the service on host:port (0: a free port); returns it and its port."""
+def _unary(handler: Handler) -> grpc.RpcMethodHandler:
+    async def answer(request: dict[str, Any], context: grpc.aio.ServicerContext) -> dict:
+        return handler(request)
 
-    def unary(handler: Handler) -> grpc.RpcMethodHandler:
-        async def call(request: dict[str, Any], context: grpc.aio.ServicerContext) -> dict:
-            return handler(request)
-
-        return grpc.unary_unary_rpc_method_handler(
-            call, request_deserializer=_decode, response_serializer=_encode
-        )
-
-    server = grpc.aio.server()
-    server.add_generic_rpc_handlers(
-        [
-            grpc.method_handlers_generic_handler(
-                SERVICE, {name: unary(h) for name, h in handlers.items()}
-            )
-        ]
+    return grpc.unary_unary_rpc_method_handler(
+        answer, request_deserializer=_decode, response_serializer=_encode
     )
+
+
+async def serve(
+    host: str,
+    port: int,
+    handlers: dict[str, Handler],
+    streams: dict[str, StreamHandler] | None = None,
+) -> tuple[grpc.aio.Server, int]:
+    """Starts the service on host:port (0: a free port); returns it and its port.
+    ``handlers`` answer one JSON object; ``streams`` answer a stream of raw bytes."""
+    methods = {name: _unary(handler) for name, handler in handlers.items()}
+    for name, stream in (streams or {}).items():
+        methods[name] = grpc.unary_stream_rpc_method_handler(
+            stream, request_deserializer=_decode, response_serializer=bytes
+        )
+    server = grpc.aio.server(options=CHANNEL_OPTIONS)
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, methods)])
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"cannot listen on {host}:{port} (in use?)")
@@ -58,9 +71,22 @@ async def serve(host: str, port: int, handlers: dict[str, Handler]) -> tuple[grp
     return server, bound
 
 
+def stream_stub(channel: grpc.aio.Channel, method: str) -> Any:
+    """A client of one of ``streams`` (request: a JSON object; responses: bytes)."""
+    return channel.unary_stream(
+        f"/{SERVICE}/{method}", request_serializer=_encode, response_deserializer=bytes
+    )
+
+
+def unary_stub(channel: grpc.aio.Channel, method: str) -> Any:
+    return channel.unary_unary(
+        f"/{SERVICE}/{method}", request_serializer=_encode, response_deserializer=_decode
+    )
+
+
 def call(address: str, method: str, request: dict[str, Any], timeout: float) -> dict[str, Any]:
-    """One call to a node's service; ConnectionError naming the address if it cannot be
-    reached within ``timeout`` seconds."""
+    """One blocking call to a node's service; ConnectionError naming the address if it
+    cannot be reached within ``timeout`` seconds."""
     with grpc.insecure_channel(address) as channel:
         stub = channel.unary_unary(
             f"/{SERVICE}/{method}", request_serializer=_encode, response_deserializer=_decode

@@ -150,6 +150,9 @@ TRANSITIONS: dict[tuple[EntityKind, str], Transition] = {
     ),
     (EntityKind.TASK, "retried"): Transition("RETRYING", {"attempt": "attempt"}),
     (EntityKind.TASK, "cancelled"): Transition("CANCELLED", stamp=("ended_at",)),
+    (EntityKind.TASK, "spilled"): Transition("PENDING_NODE_ASSIGNMENT", {"attempt": "attempt"}),
+    (EntityKind.TASK, "placed"): Transition("SCHEDULED", {"attempt": "attempt"}, ("scheduled_at",)),
+    (EntityKind.TASK, "infeasible"): Transition("INFEASIBLE"),
     (EntityKind.OBJECT, "created"): Transition(
         "CREATED", {"size_bytes": "size_bytes", "task_id": "task_id"}, ("created_at",)
     ),

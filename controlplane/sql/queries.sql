@@ -83,3 +83,13 @@ SELECT position, event_id, recorded_at, job_id, entity_kind::text AS entity_kind
   FROM events
  WHERE entity_kind = 'node'
  ORDER BY position
+
+-- infeasible_tasks --
+-- Tasks reported infeasible (no node has their resources) and not placed since.
+SELECT i.entity_id AS task_id, i.payload->'resources' AS resources
+  FROM events i
+ WHERE i.entity_kind = 'task' AND i.event_type = 'infeasible'
+   AND NOT EXISTS (SELECT 1 FROM events p
+                    WHERE p.entity_kind = 'task' AND p.entity_id = i.entity_id
+                      AND p.event_type = 'placed' AND p.position > i.position)
+ ORDER BY i.position

@@ -1,0 +1,254 @@
+"""A node daemon's part in a cluster: spilling tasks it cannot run now, running tasks
+placed on it, and taking back the results of the tasks it spilled -- all through the
+log, with object bytes moved over gRPC (transfer.py).
+
+- **Spill** (the local scheduler's hand-off): a task whose resources are not free here,
+  once its arguments are ready, gets a ``spilled`` event carrying its spec (and code)
+  and where its argument objects are; a global scheduler places it with a ``placed``
+  event (scheduler.py).
+- **Placed here**: the daemon follows the log; a task placed on this node has its
+  argument objects pulled from the node that spilled it, then runs like a local task.
+  Its return objects' ``created`` events carry small values inline (in the event's
+  data) and this node's address otherwise, and come before its ``finished``; this node
+  keeps them until the spilling node says it has its copy (``Release``).
+- **Back home**: the spilling node, following the log, takes the values from the
+  ``created`` events (pulling large ones), logs where its copy is (``transferred``),
+  and hands them to the submitter as if the task had run here.
+
+A mixin of NodeDaemon. Every cluster daemon reads the whole log: fine for a handful of
+nodes; a filtered feed per node is the way to many.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from controlplane.eventlog import EntityKind, Event, RecordedEvent, Tailer
+from controlplane.node import transfer
+from dataplane import protocol as p
+
+if TYPE_CHECKING:
+    from controlplane.node.daemon import TaskRecord
+
+log = logging.getLogger("cairn.node")
+K = EntityKind
+
+
+class ClusterMixin:
+    peers: set[str]  # other nodes alive, from the log
+    spilled: dict[str, TaskRecord]  # task id -> a task this node spilled
+    # task id -> object id -> (its value, when small enough to be in the log; the address
+    # of the node holding it)
+    remote_returns: dict[str, dict[str, tuple[p.ObjectLocation | None, str]]]
+    kept_for_owner: set[str]  # objects of placed tasks, until their owner has them
+
+    def _can_spill(self: Any, record: TaskRecord) -> bool:
+        return (
+            self.rpc_port is not None
+            and bool(self.peers)
+            and record.spec.actor_id is None
+            and record.placed_from is None
+            and not record.placed_back
+        )
+
+    def _spill(self: Any, record: TaskRecord) -> None:
+        spec = record.spec
+        record.state = "SPILLED"
+        self.spilled[spec.task_id] = record
+        args = {
+            object_id: {"address": self.address, "size": self.objects.location(object_id).size}
+            for object_id in spec.dependencies()
+        }
+        blob = self.functions.get(spec.function_id, (None, ""))[0] if spec.function_id else None
+        self._log(
+            [
+                Event(
+                    K.TASK,
+                    spec.task_id,
+                    "spilled",
+                    {
+                        "attempt": record.attempt,
+                        "resources": spec.resources,
+                        "args": args,
+                        "from_node": self.node_id,
+                    },
+                    job_id=spec.job_id,
+                    node_id=self.node_id,
+                    data=p.encode((spec, blob, self.address)),
+                )
+            ]
+        )
+
+    # -- following the log ---------------------------------------------------------
+
+    async def _follow_log(self: Any, after: int) -> None:
+        async with Tailer(self.gcs_url, after=after, poll_interval=0.5) as tailer:
+            while True:
+                for event in await tailer.read():
+                    self._on_log_event(event)
+
+    def _on_log_event(self: Any, event: RecordedEvent) -> None:
+        kind, kind_type = event.entity_kind, event.event_type
+        if kind is K.NODE and event.entity_id != self.node_id:
+            if kind_type == "registered":
+                self.peers.add(event.entity_id)
+            elif kind_type == "dead":
+                self.peers.discard(event.entity_id)
+        elif kind is K.TASK and kind_type == "placed":
+            if event.payload["node_id"] == self.node_id:
+                self._run_placed(event)
+        elif kind is K.OBJECT and kind_type == "created":
+            task_id = event.payload.get("task_id")
+            if task_id in self.spilled and event.node_id != self.node_id:
+                inline = (
+                    p.ObjectLocation(event.entity_id, inline=event.data, size=len(event.data))
+                    if event.data is not None
+                    else None
+                )
+                self.remote_returns.setdefault(task_id, {})[event.entity_id] = (
+                    inline,
+                    event.payload["address"],
+                )
+        elif kind is K.TASK and event.entity_id in self.spilled:
+            record = self.spilled[event.entity_id]
+            if event.node_id == self.node_id:
+                return  # this node's own events about it (e.g. spilled)
+            if kind_type == "finished":
+                del self.spilled[event.entity_id]
+                self._spawn(self._take_back(record))
+            elif kind_type in ("failed", "cancelled"):
+                del self.spilled[event.entity_id]
+                self.remote_returns.pop(event.entity_id, None)
+                error_kind, _, message = event.payload.get("error", "").partition(": ")
+                self._finish_failed(
+                    record,
+                    p.ErrorInfo(error_kind or "cancelled", message, record.spec.name),
+                    log_event=False,
+                )
+
+    # -- a task placed here --------------------------------------------------------
+
+    def _run_placed(self: Any, event: RecordedEvent) -> None:
+        from controlplane.node.daemon import TaskRecord
+
+        spec, blob, owner_address = p.decode_frame(event.data)
+        own = self.spilled.pop(spec.task_id, None)
+        if own is not None:  # placed back on this node: run it here after all
+            own.placed_back = True
+            self._enqueue(own)
+            return
+        if spec.task_id in self.tasks:
+            return
+        if blob is not None:
+            self.functions.setdefault(spec.function_id, (blob, spec.name))
+        record = TaskRecord(spec, None, attempt=int(event.payload["attempt"]))
+        record.retries_left = spec.max_retries
+        record.placed_from = owner_address
+        self.tasks[spec.task_id] = record
+        deps = spec.dependencies()
+        for object_id in spec.return_ids():
+            self.objects.hold(object_id)  # until the owner has its copy
+            self.kept_for_owner.add(object_id)
+            self.objects.expect(object_id)
+        record.pending_deps = set(deps)
+        if not deps:
+            self._enqueue(record)
+        for object_id in deps:
+            self._spawn(self._pull_argument(record, owner_address, object_id))
+
+    async def _pull_argument(self: Any, record: TaskRecord, address: str, object_id: str) -> None:
+        self.objects.hold(object_id)  # this node's copy, while the task needs it
+        record.pulled.append(object_id)
+        if not self.objects.is_ready(object_id):
+            try:
+                location = await self.puller.pull(address, object_id)
+                self._log([self._transferred_event(location, address)])
+            except transfer.TransferError as exc:
+                location = p.ObjectLocation(object_id, error=p.ErrorInfo("object_lost", str(exc)))
+            self.objects.ready(location)
+        record.pending_deps.discard(object_id)
+        if not record.pending_deps:
+            self._enqueue(record)
+
+    def _placed_finished_events(
+        self: Any, record: TaskRecord, returns: list[p.ObjectLocation]
+    ) -> list[Event]:
+        """The return objects' ``created`` events (values inline when small, else this
+        node's address), then ``finished``: the owner sees every value first."""
+        spec = record.spec
+        events = [
+            Event(
+                K.OBJECT,
+                location.object_id,
+                "created",
+                {
+                    "size_bytes": location.size,
+                    "inline": location.shm_name is None,
+                    "task_id": spec.task_id,
+                    "address": self.address,
+                },
+                job_id=spec.job_id,
+                node_id=self.node_id,
+                data=location.inline,
+            )
+            for location in returns
+        ]
+        events.append(
+            Event(
+                K.TASK,
+                spec.task_id,
+                "finished",
+                {"attempt": record.attempt},
+                job_id=spec.job_id,
+                node_id=self.node_id,
+            )
+        )
+        return events
+
+    def _owner_released(self: Any, request: dict[str, Any]) -> dict[str, Any]:
+        object_id = str(request.get("object_id", ""))
+        if object_id in self.kept_for_owner:
+            self.kept_for_owner.discard(object_id)
+            self.objects.release(object_id)
+        return {}
+
+    # -- back home -----------------------------------------------------------------
+
+    async def _take_back(self: Any, record: TaskRecord) -> None:
+        task_id = record.spec.task_id
+        values = self.remote_returns.pop(task_id, {})
+        locations = []
+        for object_id in record.spec.return_ids():
+            inline, address = values.get(object_id, (None, ""))
+            try:
+                if inline is not None:
+                    location = inline
+                    self.objects.charge(location.size, force=True)
+                elif address:
+                    location = await self.puller.pull(address, object_id)
+                else:
+                    raise transfer.TransferError(f"the log has no created event for {object_id}")
+            except transfer.TransferError as exc:
+                location = p.ObjectLocation(object_id, error=p.ErrorInfo("object_lost", str(exc)))
+            if location.error is None:
+                self._log([self._transferred_event(location, address)])
+            locations.append(location)
+        for location in locations:
+            self.objects.ready(location)
+        record.state = "FINISHED"
+        if record.submitter is not None:
+            record.submitter.send(p.ObjectsReady(locations))
+        self._task_over(record)
+        self._schedule()
+        for object_id, (_inline, address) in values.items():
+            await transfer.release(address, object_id)
+
+    def _transferred_event(self: Any, location: p.ObjectLocation, source: str) -> Event:
+        return Event(
+            K.OBJECT,
+            location.object_id,
+            "transferred",
+            {"size_bytes": location.size, "from_node": source},
+            node_id=self.node_id,
+        )

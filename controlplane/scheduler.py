@@ -1,0 +1,185 @@
+"""The global scheduler: places the tasks that nodes spill (the upper level of the
+bottom-up scheduler). Run as ``python -m controlplane.scheduler --gcs-url URL``; the
+head starts one, and any number may run.
+
+It keeps no state of its own: it folds the log from its start (nodes, their resources
+and load, spilled tasks not yet placed), so one killed and restarted resumes where the
+log is. A placement is a ``placed`` event whose id is derived from the task and its
+spill attempt, so when several schedulers place the same spill only the first append
+is stored (the log's idempotence by event id is the fencing): a task is never assigned
+twice. A spill that no node could ever satisfy gets one ``infeasible`` event (and a
+warning) and waits for a node that can.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ctypes
+import logging
+import signal
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from controlplane.eventlog import EntityKind, Event, EventAppender, RecordedEvent, Tailer
+
+log = logging.getLogger("cairn.scheduler")
+_PLACEMENT_IDS = uuid.UUID("6f0b3d62-3c1e-4b8e-9a55-0c4e1f1d2a70")
+
+
+def placement_event_id(task_id: str, attempt: int) -> uuid.UUID:
+    """The same for every scheduler placing this spill: the log stores one."""
+    return uuid.uuid5(_PLACEMENT_IDS, f"{task_id}:{attempt}")
+
+
+@dataclass
+class NodeView:
+    node_id: str
+    total: dict[str, float]
+    available: dict[str, float]
+    placed_since_heartbeat: dict[str, float] = field(default_factory=dict)
+
+    def free(self, name: str) -> float:
+        return self.available.get(name, 0.0) - self.placed_since_heartbeat.get(name, 0.0)
+
+    def feasible(self, request: dict[str, float]) -> bool:
+        return all(self.total.get(k, 0.0) >= v for k, v in request.items() if v > 0)
+
+    def fits_now(self, request: dict[str, float]) -> bool:
+        return all(self.free(k) >= v for k, v in request.items() if v > 0)
+
+
+@dataclass
+class Spill:
+    event: RecordedEvent
+    resources: dict[str, float]
+    attempt: int
+    from_node: str | None
+    reported_infeasible: bool = False
+
+
+class GlobalScheduler:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.nodes: dict[str, NodeView] = {}
+        self.pending: dict[str, Spill] = {}  # task id -> its latest unplaced spill
+        self.placed: set[tuple[str, int]] = set()
+        self.appender = EventAppender(url)
+
+    async def run(self) -> None:
+        await self.appender.start()
+        try:
+            async with Tailer(self.url, after=0) as tailer:
+                while True:
+                    for event in await tailer.read():
+                        self.apply(event)
+                    await self.place_pending()
+        finally:
+            await self.appender.close()
+
+    def apply(self, event: RecordedEvent) -> None:
+        """Folds one event into the view."""
+        kind, payload = event.entity_kind, event.payload
+        if kind is EntityKind.NODE:
+            if event.event_type == "registered":
+                total = {k: float(v) for k, v in payload["resources"].items()}
+                self.nodes[event.entity_id] = NodeView(event.entity_id, total, dict(total))
+            elif event.event_type == "heartbeat" and event.entity_id in self.nodes:
+                node = self.nodes[event.entity_id]
+                node.available = {k: float(v) for k, v in payload.get("available", {}).items()}
+                node.placed_since_heartbeat.clear()
+            elif event.event_type == "dead":
+                self.nodes.pop(event.entity_id, None)
+        elif kind is EntityKind.TASK:
+            if event.event_type == "spilled":
+                self.pending[event.entity_id] = Spill(
+                    event,
+                    {k: float(v) for k, v in payload["resources"].items()},
+                    int(payload["attempt"]),
+                    payload.get("from_node"),
+                )
+            elif event.event_type == "placed":
+                self.placed.add((event.entity_id, int(payload["attempt"])))
+                spill = self.pending.get(event.entity_id)
+                if spill is not None and spill.attempt == int(payload["attempt"]):
+                    del self.pending[event.entity_id]
+
+    def choose(self, spill: Spill) -> NodeView | None:
+        """The node for a spill: among nodes that could ever run it, one where it fits
+        now (most free CPU first, the spilling node last), else the least loaded."""
+        feasible = [n for n in self.nodes.values() if n.feasible(spill.resources)]
+        if not feasible:
+            return None
+        fitting = [n for n in feasible if n.fits_now(spill.resources)]
+        pool = fitting or feasible
+        return max(pool, key=lambda n: (n.node_id != spill.from_node, n.free("CPU")))
+
+    async def place_pending(self) -> None:
+        events = []
+        for task_id, spill in list(self.pending.items()):
+            if (task_id, spill.attempt) in self.placed:
+                del self.pending[task_id]
+                continue
+            node = self.choose(spill)
+            if node is None:
+                if not spill.reported_infeasible:
+                    spill.reported_infeasible = True
+                    reason = f"no node of the cluster has {spill.resources}"
+                    log.warning("task %s is infeasible: %s", task_id, reason)
+                    events.append(
+                        Event(
+                            EntityKind.TASK,
+                            task_id,
+                            "infeasible",
+                            {"resources": spill.resources, "reason": reason},
+                            job_id=spill.event.job_id,
+                            event_id=uuid.uuid5(_PLACEMENT_IDS, f"{task_id}:{spill.attempt}:x"),
+                        )
+                    )
+                continue
+            for name, amount in spill.resources.items():
+                node.placed_since_heartbeat[name] = (
+                    node.placed_since_heartbeat.get(name, 0.0) + amount
+                )
+            events.append(
+                Event(
+                    EntityKind.TASK,
+                    task_id,
+                    "placed",
+                    {"node_id": node.node_id, "attempt": spill.attempt},
+                    job_id=spill.event.job_id,
+                    node_id=node.node_id,
+                    data=spill.event.data,
+                    event_id=placement_event_id(task_id, spill.attempt),
+                )
+            )
+            self.placed.add((task_id, spill.attempt))
+            del self.pending[task_id]
+        if events:
+            await self.appender.append_many(events)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m controlplane.scheduler")
+    parser.add_argument("--gcs-url", required=True)
+    parser.add_argument("--die-with-parent", action="store_true")
+    args = parser.parse_args()
+    if args.die_with_parent:
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+
+    async def run() -> Any:
+        task = asyncio.ensure_future(GlobalScheduler(args.gcs_url).run())
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, task.cancel)
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    asyncio.run(run())
+
+
+if __name__ == "__main__":
+    main()

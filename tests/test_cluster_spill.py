@@ -1,0 +1,220 @@
+"""Bottom-up scheduling on a real three-node cluster on this machine (a head with 1 CPU
+and two nodes with 2, each its own process group and store): tasks the driver's node
+cannot run now spill to the global scheduler, which places each one once (even with
+two schedulers, or one killed mid-run); arguments and results move between nodes."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import asyncpg
+import numpy as np
+import pytest
+
+import sdk as ray
+from controlplane import local_node
+from sdk.exceptions import GetTimeoutError
+
+pytestmark = pytest.mark.timeout(300)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _cairn(*args: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "-m", "controlplane.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=150,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[dict[str, str]]:
+    if local_node.local_nodes():
+        pytest.fail("Cairn nodes are already running on this machine; `cairn stop` them")
+    _cairn("start", "--head", "--port", "0", "--num-cpus", "1")
+    try:
+        head = local_node.running_head()
+        assert head is not None and head.address is not None
+        _cairn("start", "--address", head.address, "--num-cpus", "2")
+        _cairn("start", "--address", head.address, "--num-cpus", "2", "--resources", '{"big": 1}')
+        ray.init(address="auto")
+        try:
+            nodes = {}
+            for record in local_node.local_nodes():
+                node_id = (record.session_dir / "node.ready").read_text()
+                nodes["head" if record.head else f"node{len(nodes)}"] = node_id
+            nodes["url"] = ray.get_runtime_context().gcs_address
+            yield nodes
+        finally:
+            ray.shutdown()
+    finally:
+        _cairn("stop")
+
+
+@ray.remote(num_cpus=1)
+def where(i: int) -> tuple[str, int]:
+    time.sleep(0.3)
+    return ray.get_runtime_context().get_node_id(), i * i
+
+
+@ray.remote(num_cpus=2)
+def on_two_cpus() -> str:
+    return ray.get_runtime_context().get_node_id()
+
+
+@ray.remote(num_cpus=2)
+def make_array(n: int) -> np.ndarray:
+    return np.arange(n, dtype=np.int64)
+
+
+@ray.remote(num_cpus=2)
+def digest(array: np.ndarray) -> tuple[str, str]:
+    return hashlib.sha256(array.tobytes()).hexdigest(), ray.get_runtime_context().get_node_id()
+
+
+@ray.remote(num_cpus=1)
+def total(array: np.ndarray) -> tuple[int, str]:
+    return int(array.sum()), ray.get_runtime_context().get_node_id()
+
+
+@ray.remote(num_cpus=1)
+def quick(i: int) -> int:
+    time.sleep(0.01)
+    return i + 1
+
+
+async def _fetch(url: str, sql: str, *args: object) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(url)
+    try:
+        return await conn.fetch(sql, *args)
+    finally:
+        await conn.close()
+
+
+def _placements(url: str) -> dict[tuple[str, int], int]:
+    rows = asyncio.run(
+        _fetch(
+            url,
+            "SELECT entity_id, (payload->>'attempt')::int AS attempt, count(*) AS n "
+            "FROM events WHERE event_type = 'placed' GROUP BY 1, 2",
+        )
+    )
+    return {(r["entity_id"], r["attempt"]): r["n"] for r in rows}
+
+
+def _spills(url: str) -> set[tuple[str, int]]:
+    rows = asyncio.run(
+        _fetch(
+            url,
+            "SELECT entity_id, (payload->>'attempt')::int AS attempt FROM events "
+            "WHERE event_type = 'spilled'",
+        )
+    )
+    return {(r["entity_id"], r["attempt"]) for r in rows}
+
+
+def test_tasks_that_do_not_fit_spill_to_other_nodes(cluster: dict[str, str]) -> None:
+    refs = [where.remote(i) for i in range(12)]
+    results = ray.get(refs, timeout=120)
+    assert [value for _, value in results] == [i * i for i in range(12)]
+    used = {node for node, _ in results}
+    assert len(used) >= 2 and used <= {cluster["head"], cluster["node1"], cluster["node2"]}
+    spilled = _spills(cluster["url"])
+    placements = _placements(cluster["url"])
+    assert {ref.task_id() for ref in refs} & {task for task, _ in spilled}
+    assert all(placements.get(spill) == 1 for spill in spilled)  # each placed exactly once
+    # a task needing 2 CPUs can only run on a 2-CPU node
+    assert ray.get(on_two_cpus.remote(), timeout=60) in (cluster["node1"], cluster["node2"])
+
+
+def test_objects_move_between_nodes_intact(cluster: dict[str, str]) -> None:
+    n = 25_000_000  # 200 MB of int64, made on a 2-CPU node, pulled back in 1 MiB chunks
+    array = ray.get(make_array.remote(n), timeout=120)
+    expected = hashlib.sha256(np.arange(n, dtype=np.int64).tobytes()).hexdigest()
+    assert hashlib.sha256(array.tobytes()).hexdigest() == expected
+    # and sent as an argument from the driver's node to a task that must run elsewhere
+    got, node = ray.get(digest.remote(ray.put(array)), timeout=120)
+    assert got == expected and node != cluster["head"]
+    moved = asyncio.run(
+        _fetch(
+            cluster["url"],
+            "SELECT count(*) AS n FROM events WHERE event_type = 'transferred' "
+            "AND (payload->>'size_bytes')::bigint > 200000000",
+        )
+    )
+    assert moved[0]["n"] >= 2  # the result back home, the argument out
+
+
+def test_a_task_runs_where_its_big_argument_is_when_it_fits(cluster: dict[str, str]) -> None:
+    big = ray.put(np.ones(25_000_000, dtype=np.int64))  # 200 MB on the driver's node
+    value, node = ray.get(total.remote(big), timeout=120)
+    assert value == 25_000_000 and node == cluster["head"]
+
+
+def test_an_infeasible_task_is_reported_not_silently_queued(cluster: dict[str, str]) -> None:
+    ref = where.options(resources={"unobtainium": 1}).remote(1)
+    with pytest.raises(GetTimeoutError):
+        ray.get(ref, timeout=3)
+    status = _cairn("status")
+    assert "infeasible tasks" in status and ref.task_id() in status
+    assert "unobtainium" in status
+    ray.cancel(ref)
+
+
+def _scheduler_pids(url: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if "controlplane.scheduler" in cmd and url in cmd:
+                pids.append(int(entry.name))
+    return pids
+
+
+def test_two_global_schedulers_never_place_a_task_twice(cluster: dict[str, str]) -> None:
+    url = cluster["url"]
+    second = subprocess.Popen(
+        [sys.executable, "-m", "controlplane.scheduler", "--gcs-url", url], cwd=ROOT
+    )
+    try:
+        time.sleep(1.0)
+        assert ray.get([quick.remote(i) for i in range(300)], timeout=180) == [
+            i + 1 for i in range(300)
+        ]
+    finally:
+        second.terminate()
+        second.wait(10)
+    placements = _placements(url)
+    assert placements and max(placements.values()) == 1
+    assert _spills(url) <= set(placements)
+
+
+def test_a_killed_global_scheduler_is_replaced_and_resumes(cluster: dict[str, str]) -> None:
+    url = cluster["url"]
+    (victim,) = _scheduler_pids(url)
+    refs = [quick.remote(i) for i in range(1000)]
+    time.sleep(0.5)
+    os.kill(victim, signal.SIGKILL)
+    assert ray.get(refs, timeout=240) == [i + 1 for i in range(1000)]
+    assert _scheduler_pids(url) and victim not in _scheduler_pids(url)  # restarted
+    placements = _placements(url)
+    assert max(placements.values()) == 1
+    retried = asyncio.run(
+        _fetch(url, "SELECT count(*) AS n FROM events WHERE event_type = 'retried'")
+    )
+    assert retried[0]["n"] == 0  # no task ran twice
