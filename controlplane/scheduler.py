@@ -100,6 +100,8 @@ class GlobalScheduler:
                     int(payload["attempt"]),
                     payload.get("from_node"),
                 )
+            elif event.event_type == "cancelled":
+                self.pending.pop(event.entity_id, None)
             elif event.event_type == "placed":
                 self.placed.add((event.entity_id, int(payload["attempt"])))
                 spill = self.pending.get(event.entity_id)
