@@ -15,17 +15,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import ctypes
 import logging
+import os
 import signal
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
 
 from controlplane.eventlog import EntityKind, Event, EventAppender, RecordedEvent, Tailer
 
 log = logging.getLogger("cairn.scheduler")
+_STOP_TIMEOUT_S = 3.0
 _PLACEMENT_IDS = uuid.UUID("6f0b3d62-3c1e-4b8e-9a55-0c4e1f1d2a70")
 
 
@@ -172,13 +172,22 @@ def main() -> None:
         ctypes.CDLL(None).prctl(1, signal.SIGTERM)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
 
-    async def run() -> Any:
-        task = asyncio.ensure_future(GlobalScheduler(args.gcs_url).run())
+    async def run() -> None:
+        scheduling = asyncio.ensure_future(GlobalScheduler(args.gcs_url).run())
+        stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, task.cancel)
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+            loop.add_signal_handler(sig, stop.set)
+        stopping = asyncio.ensure_future(stop.wait())
+        await asyncio.wait([scheduling, stopping], return_when=asyncio.FIRST_COMPLETED)
+        if scheduling.done():
+            scheduling.result()  # it failed: say why
+            return
+        scheduling.cancel()
+        _, unfinished = await asyncio.wait([scheduling], timeout=_STOP_TIMEOUT_S)
+        if unfinished:  # no state to save: what it appended is committed or not at all
+            log.warning("stopping without closing connections (they did not close in time)")
+            os._exit(0)
 
     asyncio.run(run())
 

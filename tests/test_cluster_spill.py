@@ -219,3 +219,46 @@ def test_a_killed_global_scheduler_is_replaced_and_resumes(cluster: dict[str, st
         _fetch(url, "SELECT count(*) AS n FROM events WHERE event_type = 'retried'")
     )
     assert retried[0]["n"] == 0  # no task ran twice
+
+
+@ray.remote(num_cpus=2, max_retries=2)
+def slow_on_two(seconds: float) -> str:
+    time.sleep(seconds)
+    return ray.get_runtime_context().get_node_id()
+
+
+def test_tasks_of_a_killed_node_run_again_elsewhere(cluster: dict[str, str]) -> None:
+    """(Last: it kills one of the cluster's nodes.)"""
+    url = cluster["url"]
+    ref = slow_on_two.remote(4.0)
+    placed_on = None
+    deadline = time.monotonic() + 60
+    while placed_on is None and time.monotonic() < deadline:
+        rows = asyncio.run(
+            _fetch(
+                url,
+                "SELECT node_id AS node FROM events "
+                "WHERE entity_id = $1 AND event_type = 'running'",
+                ref.task_id(),
+            )
+        )
+        placed_on = rows[0]["node"] if rows else None
+        time.sleep(0.05)
+    assert placed_on is not None
+    (victim,) = [
+        n
+        for n in local_node.local_nodes()
+        if (n.session_dir / "node.ready").read_text() == placed_on
+    ]
+    os.killpg(os.getpgid(victim.pid), signal.SIGKILL)
+    survivor = ray.get(ref, timeout=120)
+    assert survivor not in (placed_on, cluster["head"])
+    reasons = asyncio.run(
+        _fetch(
+            url,
+            "SELECT payload->>'reason' AS reason FROM events "
+            "WHERE entity_id = $1 AND event_type = 'retried'",
+            ref.task_id(),
+        )
+    )
+    assert [r["reason"] for r in reasons] == [f"node {placed_on}, where it ran, died"]

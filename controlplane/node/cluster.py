@@ -95,9 +95,12 @@ class ClusterMixin:
                 self.peers.add(event.entity_id)
             elif kind_type == "dead":
                 self.peers.discard(event.entity_id)
+                self._node_lost(event.entity_id)
         elif kind is K.TASK and kind_type == "placed":
             if event.payload["node_id"] == self.node_id:
                 self._run_placed(event)
+            elif event.entity_id in self.spilled:
+                self.spilled[event.entity_id].placed_on = event.payload["node_id"]
         elif kind is K.OBJECT and kind_type == "created":
             task_id = event.payload.get("task_id")
             if task_id in self.spilled and event.node_id != self.node_id:
@@ -125,6 +128,28 @@ class ClusterMixin:
                     record,
                     p.ErrorInfo(error_kind or "cancelled", message, record.spec.name),
                     log_event=False,
+                )
+
+    def _node_lost(self: Any, node_id: str) -> None:
+        """Tasks this node spilled that were placed on a node now dead run again
+        elsewhere while their retries last (a ``retried`` event, then a new spill);
+        the others fail with WorkerCrashedError, as a task whose worker died."""
+        for record in [r for r in self.spilled.values() if r.placed_on == node_id]:
+            del self.spilled[record.spec.task_id]
+            self.remote_returns.pop(record.spec.task_id, None)
+            record.placed_on = None
+            reason = f"node {node_id}, where it ran, died"
+            if record.retries_left != 0:
+                self._retry(record, reason)  # back to the local queue: runs or spills
+            else:
+                self._finish_failed(
+                    record,
+                    p.ErrorInfo(
+                        "worker_crashed",
+                        f"{reason} and no retries were left",
+                        record.spec.name,
+                    ),
+                    log_event=True,
                 )
 
     # -- a task placed here --------------------------------------------------------

@@ -109,6 +109,7 @@ class TaskRecord:
     placed_from: str | None = None  # placed here: the address of the node that spilled it
     pulled: list[str] = field(default_factory=list)  # argument copies pulled for it
     placed_back: bool = False  # spilled, then placed on this node: not spilled again
+    placed_on: str | None = None  # spilled and placed on that node
 
 
 class NodeDaemon(ActorsMixin, ClusterMixin):
