@@ -40,6 +40,7 @@ class NodeView:
     total: dict[str, float]
     available: dict[str, float]
     placed_since_heartbeat: dict[str, float] = field(default_factory=dict)
+    spread: int = 0  # SPREAD tasks placed here (by this scheduler)
 
     def free(self, name: str) -> float:
         return self.available.get(name, 0.0) - self.placed_since_heartbeat.get(name, 0.0)
@@ -57,6 +58,7 @@ class Spill:
     resources: dict[str, float]
     attempt: int
     from_node: str | None
+    strategy: tuple[str, ...] | None = None
     reported_infeasible: bool = False
 
 
@@ -99,6 +101,7 @@ class GlobalScheduler:
                     {k: float(v) for k, v in payload["resources"].items()},
                     int(payload["attempt"]),
                     payload.get("from_node"),
+                    tuple(payload["strategy"]) if payload.get("strategy") else None,
                 )
             elif event.event_type == "cancelled":
                 self.pending.pop(event.entity_id, None)
@@ -109,14 +112,35 @@ class GlobalScheduler:
                     del self.pending[event.entity_id]
 
     def choose(self, spill: Spill) -> NodeView | None:
-        """The node for a spill: among nodes that could ever run it, one where it fits
-        now (most free CPU first, the spilling node last), else the least loaded."""
+        """The node for a spill. Default: among nodes that could ever run it, one where
+        it fits now (most free CPU first, the spilling node last), else the least
+        loaded. SPREAD: the feasible node given fewest SPREAD tasks so far. Node
+        affinity: that node, if alive and feasible (else, if soft, the default)."""
         feasible = [n for n in self.nodes.values() if n.feasible(spill.resources)]
+        strategy = spill.strategy or ("DEFAULT",)
+        if strategy[0] == "NODE_AFFINITY":
+            target = self.nodes.get(strategy[1])
+            if target is not None and target in feasible:
+                return target
+            if strategy[2] == "hard":
+                return None
         if not feasible:
             return None
+        if strategy[0] == "SPREAD":
+            return min(feasible, key=lambda n: (n.spread, -n.free("CPU")))
         fitting = [n for n in feasible if n.fits_now(spill.resources)]
         pool = fitting or feasible
         return max(pool, key=lambda n: (n.node_id != spill.from_node, n.free("CPU")))
+
+    def _unplaceable(self, spill: Spill) -> tuple[str, bool]:
+        """Why a spill has no node, and whether that is final (a hard affinity to a
+        node that is gone or too small fails the task; resources may yet come)."""
+        strategy = spill.strategy
+        if strategy is not None and strategy[0] == "NODE_AFFINITY" and strategy[2] == "hard":
+            if strategy[1] not in self.nodes:
+                return f"its hard node affinity names node {strategy[1]}, which is not alive", True
+            return f"its hard node affinity names node {strategy[1]}, which is too small", True
+        return f"no node of the cluster has {spill.resources}", False
 
     async def place_pending(self) -> None:
         events = []
@@ -128,14 +152,21 @@ class GlobalScheduler:
             if node is None:
                 if not spill.reported_infeasible:
                     spill.reported_infeasible = True
-                    reason = f"no node of the cluster has {spill.resources}"
+                    reason, final = self._unplaceable(spill)
                     log.warning("task %s is infeasible: %s", task_id, reason)
+                    if final:
+                        del self.pending[task_id]
                     events.append(
                         Event(
                             EntityKind.TASK,
                             task_id,
                             "infeasible",
-                            {"resources": spill.resources, "reason": reason},
+                            {
+                                "resources": spill.resources,
+                                "reason": reason,
+                                "final": final,
+                                "attempt": spill.attempt,
+                            },
                             job_id=spill.event.job_id,
                             event_id=uuid.uuid5(_PLACEMENT_IDS, f"{task_id}:{spill.attempt}:x"),
                         )
@@ -145,6 +176,8 @@ class GlobalScheduler:
                 node.placed_since_heartbeat[name] = (
                     node.placed_since_heartbeat.get(name, 0.0) + amount
                 )
+            if spill.strategy and spill.strategy[0] == "SPREAD":
+                node.spread += 1
             events.append(
                 Event(
                     EntityKind.TASK,

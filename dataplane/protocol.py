@@ -86,6 +86,8 @@ class TaskSpec:
     method: str | None = None
     sequence: int = 0
     actor_options: ActorOptions | None = None  # on the creation task
+    # None: default (local first); ("SPREAD",); ("NODE_AFFINITY", node id, "soft"|"hard")
+    strategy: tuple[str, ...] | None = None
 
     def return_ids(self) -> list[str]:
         return [return_object_id(self.task_id, i) for i in range(self.num_returns)]

@@ -224,6 +224,8 @@ def error_of(info: p.ErrorInfo, object_id: str) -> exc.RayError:
             return exc.TaskCancelledError(object_id[:-8], info.message)
         case "worker_crashed":
             return exc.WorkerCrashedError(info.message)
+        case "unschedulable":
+            return exc.TaskUnschedulableError(info.message)
         case "actor_died":
             return exc.ActorDiedError(info.function_name or None, info.message)
         case "object_lost":

@@ -84,6 +84,10 @@ class WorkerCrashedError(RayError):
     """The worker running the task died unexpectedly, with no retries left."""
 
 
+class TaskUnschedulableError(RayError):
+    """The task can never be scheduled (e.g. a hard node affinity to a dead node)."""
+
+
 class ObjectLostError(RayError):
     """The object's value is gone (freed, or its node died) and cannot be rebuilt."""
 

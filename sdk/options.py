@@ -44,6 +44,16 @@ def _resources(value: Any) -> str | None:
     return None
 
 
+def _strategy(value: Any) -> str | None:
+    from sdk.util.scheduling_strategies import to_wire
+
+    try:
+        to_wire(value)
+    except ValueError as exc:
+        return str(exc).removeprefix("scheduling_strategy ")
+    return None
+
+
 TASK_OPTIONS: dict[str, Option] = {
     "num_cpus": Option((int, float), 1, _non_negative),
     "num_gpus": Option((int, float), 0, _non_negative),
@@ -53,7 +63,7 @@ TASK_OPTIONS: dict[str, Option] = {
     "retry_exceptions": Option((bool, list, tuple), False, _retry_exceptions),
     "name": Option((str,), None),
     "memory": Option((int, float), None, _non_negative),
-    "scheduling_strategy": Option((str, object), None),
+    "scheduling_strategy": Option((str, object), None, _strategy),
     "runtime_env": Option((dict,), None),
 }
 

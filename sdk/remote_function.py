@@ -17,6 +17,7 @@ from dataplane.serialization import SerializationError, serialize_with_refs
 from dataplane.shm import INLINE_LIMIT
 from sdk import options as opts
 from sdk.object_ref import ObjectRef
+from sdk.util.scheduling_strategies import to_wire
 
 
 class RemoteFunction:
@@ -62,6 +63,7 @@ class RemoteFunction:
             retry_exception_types=self._retry_types(resolved["retry_exceptions"]),
             contained_refs=contained,
             parent_task_id=task.task_id if task else None,
+            strategy=to_wire(resolved["scheduling_strategy"]),
         )
         client.submit(spec)
         del keep_alive  # the daemon pins large arguments from submission on

@@ -21,7 +21,8 @@ import pytest
 
 import sdk as ray
 from controlplane import local_node
-from sdk.exceptions import GetTimeoutError
+from sdk.exceptions import GetTimeoutError, TaskUnschedulableError
+from sdk.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 pytestmark = pytest.mark.timeout(300)
 ROOT = Path(__file__).resolve().parent.parent
@@ -219,6 +220,28 @@ def test_a_killed_global_scheduler_is_replaced_and_resumes(cluster: dict[str, st
         _fetch(url, "SELECT count(*) AS n FROM events WHERE event_type = 'retried'")
     )
     assert retried[0]["n"] == 0  # no task ran twice
+
+
+@ray.remote(num_cpus=0.5)
+def node_of() -> str:
+    time.sleep(0.05)
+    return ray.get_runtime_context().get_node_id()
+
+
+def test_spread_and_node_affinity(cluster: dict[str, str]) -> None:
+    spread = ray.get([node_of.options(scheduling_strategy="SPREAD").remote() for _ in range(6)])
+    assert set(spread) == {cluster["head"], cluster["node1"], cluster["node2"]}
+    for target in ("node1", "node2", "head"):
+        strategy = NodeAffinitySchedulingStrategy(cluster[target], soft=False)
+        assert ray.get(node_of.options(scheduling_strategy=strategy).remote()) == cluster[target]
+    gone = "f" * 32
+    soft = NodeAffinitySchedulingStrategy(gone, soft=True)
+    assert ray.get(node_of.options(scheduling_strategy=soft).remote(), timeout=60)
+    hard = NodeAffinitySchedulingStrategy(gone, soft=False)
+    with pytest.raises(TaskUnschedulableError, match="not alive"):
+        ray.get(node_of.options(scheduling_strategy=hard).remote(), timeout=60)
+    with pytest.raises(ValueError, match="scheduling_strategy"):
+        node_of.options(scheduling_strategy="EVERYWHERE")
 
 
 @ray.remote(num_cpus=2, max_retries=2)

@@ -455,3 +455,24 @@ async def test_an_object_whose_segment_vanished_is_lost_and_logged() -> None:
     finally:
         await conn.close()
     assert reason is not None and "is gone" in reason
+
+
+def test_scheduling_strategies_on_a_single_node() -> None:
+    from sdk.exceptions import TaskUnschedulableError
+    from sdk.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    @ray.remote
+    def node() -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    here = ray.get_runtime_context().get_node_id()
+    assert ray.get(node.options(scheduling_strategy="SPREAD").remote()) == here
+    mine = NodeAffinitySchedulingStrategy(here, soft=False)
+    assert ray.get(node.options(scheduling_strategy=mine).remote()) == here
+    elsewhere = NodeAffinitySchedulingStrategy("0" * 32, soft=True)
+    assert ray.get(node.options(scheduling_strategy=elsewhere).remote()) == here
+    with pytest.raises(TaskUnschedulableError, match="not in the cluster"):
+        hard = NodeAffinitySchedulingStrategy("0" * 32, soft=False)
+        ray.get(node.options(scheduling_strategy=hard).remote(), timeout=30)
+    with pytest.raises(ValueError, match="node_id must be"):
+        NodeAffinitySchedulingStrategy("", soft=True)

@@ -76,9 +76,13 @@ CATALOG: dict[tuple[EntityKind, str], EventType] = {
         ("cancelled", {}, {"force": bool}),
         # spill-over (issue 5): a node hands a task it cannot run now to the global
         # schedulers; one of them places it on a node (once per attempt)
-        ("spilled", {"attempt": int, "resources": dict}, {"args": dict, "from_node": str}),
+        (
+            "spilled",
+            {"attempt": int, "resources": dict},
+            {"args": dict, "from_node": str, "strategy": list},
+        ),
         ("placed", {"node_id": str, "attempt": int}, {}),
-        ("infeasible", {"resources": dict}, {"reason": str}),
+        ("infeasible", {"resources": dict}, {"reason": str, "final": bool, "attempt": int}),
     ),
     **_types(
         _K.OBJECT,

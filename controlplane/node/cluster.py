@@ -44,6 +44,23 @@ class ClusterMixin:
     kept_for_owner: set[str]  # objects of placed tasks, until their owner has them
 
     def _can_spill(self: Any, record: TaskRecord) -> bool:
+        """Whether a task that does not fit here now may go to another node."""
+        strategy = record.spec.strategy
+        if strategy is not None and strategy[0] == "NODE_AFFINITY" and strategy[1] == self.node_id:
+            return strategy[2] == "soft" and self._spillable(record) and not self._fits(record)
+        return self._spillable(record)
+
+    def _must_spill(self: Any, record: TaskRecord) -> bool:
+        """Whether a task goes to the global scheduler even if it fits here: SPREAD, or
+        an affinity to another node."""
+        strategy = record.spec.strategy
+        if strategy is None or not self._spillable(record):
+            return False
+        return strategy[0] == "SPREAD" or (
+            strategy[0] == "NODE_AFFINITY" and strategy[1] != self.node_id
+        )
+
+    def _spillable(self: Any, record: TaskRecord) -> bool:
         return (
             self.rpc_port is not None
             and bool(self.peers)
@@ -51,6 +68,20 @@ class ClusterMixin:
             and record.placed_from is None
             and not record.placed_back
         )
+
+    def _fits(self: Any, record: TaskRecord) -> bool:
+        """Whether this node could ever run the task (its total resources suffice)."""
+        total = self.resources.total
+        return all(total.get(k, 0.0) >= v for k, v in record.spec.resources.items() if v > 0)
+
+    def _unschedulable_here(self: Any, record: TaskRecord) -> str | None:
+        """Why a task cannot run in a cluster of this one node, if it cannot."""
+        strategy = record.spec.strategy
+        if strategy is None or strategy[0] != "NODE_AFFINITY" or strategy[2] == "soft":
+            return None
+        if strategy[1] != self.node_id and not self._spillable(record):
+            return f"its hard node affinity names node {strategy[1]}, which is not in the cluster"
+        return None
 
     def _spill(self: Any, record: TaskRecord) -> None:
         spec = record.spec
@@ -72,6 +103,7 @@ class ClusterMixin:
                         "resources": spec.resources,
                         "args": args,
                         "from_node": self.node_id,
+                        "strategy": list(spec.strategy) if spec.strategy else None,
                     },
                     job_id=spec.job_id,
                     node_id=self.node_id,
@@ -120,6 +152,13 @@ class ClusterMixin:
             if kind_type == "finished":
                 del self.spilled[event.entity_id]
                 self._spawn(self._take_back(record))
+            elif kind_type == "infeasible" and event.payload.get("final"):
+                del self.spilled[event.entity_id]
+                self._finish_failed(
+                    record,
+                    p.ErrorInfo("unschedulable", event.payload.get("reason", ""), record.spec.name),
+                    log_event=True,
+                )
             elif kind_type in ("failed", "cancelled"):
                 del self.spilled[event.entity_id]
                 self.remote_returns.pop(event.entity_id, None)

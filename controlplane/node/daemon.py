@@ -678,6 +678,11 @@ class NodeDaemon(ActorsMixin, ClusterMixin):
         if failed is not None:  # an upstream task failed: so does this one, with its error
             self._finish_failed(record, failed, log_event=True)
             return
+        unschedulable = self._unschedulable_here(record)
+        if unschedulable is not None:
+            error = p.ErrorInfo("unschedulable", unschedulable, record.spec.name)
+            self._finish_failed(record, error, log_event=True)
+            return
         record.state = "QUEUED"
         self.ready.setdefault(_shape(record.spec.resources), deque()).append(record)
         self._schedule()
@@ -695,6 +700,10 @@ class NodeDaemon(ActorsMixin, ClusterMixin):
                     queue.popleft()
                     continue
                 request = record.spec.resources
+                if self._must_spill(record):
+                    queue.popleft()
+                    self._spill(record)
+                    continue
                 if not self.resources.available_for(request):
                     if self._can_spill(record):  # to the global scheduler
                         queue.popleft()

@@ -89,7 +89,9 @@ SELECT position, event_id, recorded_at, job_id, entity_kind::text AS entity_kind
 SELECT i.entity_id AS task_id, i.payload->'resources' AS resources
   FROM events i
  WHERE i.entity_kind = 'task' AND i.event_type = 'infeasible'
+   AND NOT coalesce((i.payload->>'final')::boolean, false)
    AND NOT EXISTS (SELECT 1 FROM events p
                     WHERE p.entity_kind = 'task' AND p.entity_id = i.entity_id
-                      AND p.event_type = 'placed' AND p.position > i.position)
+                      AND p.event_type IN ('placed', 'cancelled', 'failed')
+                      AND p.position > i.position)
  ORDER BY i.position
