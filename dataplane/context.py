@@ -14,6 +14,7 @@ class TaskContext:
     task_id: str
     job_id: str
     attempt: int
+    gpu_ids: tuple[str, ...] = ()  # the GPUs of the task (or of its actor)
 
 
 class ActorExit(BaseException):

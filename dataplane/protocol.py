@@ -255,6 +255,7 @@ class ExecuteTask:
     function_blob: bytes | None  # sent with the first task of a function to a worker
     args: list[ObjectLocation | None] = field(default_factory=list)  # resolved ref args
     kwargs: dict[str, ObjectLocation] = field(default_factory=dict)
+    gpu_ids: list[str] = field(default_factory=list)  # the GPUs the task may use
 
 
 @dataclass(slots=True)

@@ -31,6 +31,7 @@ class Worker:
         self.client = client
         self.functions: dict[str, Callable[..., Any]] = {}
         self.actor: Any = None  # the instance, in a worker dedicated to an actor
+        self.actor_gpu_ids: tuple[str, ...] = ()  # the GPUs given to that actor
         # For an async actor: hands a call to its event loop. None: calls run in this
         # thread (and, in a threaded actor, in max_concurrency - 1 more threads that
         # take calls from the same queue).
@@ -60,7 +61,8 @@ class Worker:
 
     def execute(self, message: p.ExecuteTask) -> p.TaskDone:
         spec = message.spec
-        context.set_task(context.TaskContext(spec.task_id, spec.job_id, message.attempt))
+        context.set_task(self._context(message))
+        restore = self._use_gpus(message)
         try:
             try:
                 function, args, kwargs = self._prepare(message)
@@ -72,11 +74,36 @@ class Worker:
             return self._finish(message, result)
         finally:
             context.set_task(None)
+            restore()
+
+    def _context(self, message: p.ExecuteTask) -> context.TaskContext:
+        spec = message.spec
+        gpu_ids = self.actor_gpu_ids if spec.actor_id is not None else tuple(message.gpu_ids)
+        if spec.method == "__init__":
+            gpu_ids = self.actor_gpu_ids = tuple(message.gpu_ids)
+        return context.TaskContext(spec.task_id, spec.job_id, message.attempt, gpu_ids)
+
+    def _use_gpus(self, message: p.ExecuteTask) -> Callable[[], None]:
+        """Shows the task only its GPUs (``CUDA_VISIBLE_DEVICES``), as Ray does; an
+        actor's stay set for its life. Returns what undoes it after a task."""
+        if not message.gpu_ids:
+            return lambda: None
+        before = os.environ.get("CUDA_VISIBLE_DEVICES")
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(message.gpu_ids)
+        if message.spec.actor_id is not None:
+            return lambda: None
+
+        def restore() -> None:
+            if before is None:
+                os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+            else:
+                os.environ["CUDA_VISIBLE_DEVICES"] = before
+
+        return restore
 
     async def execute_async(self, message: p.ExecuteTask) -> p.TaskDone:
         """A call of an async actor: coroutine methods are awaited on the actor's loop."""
-        spec = message.spec
-        context.set_task(context.TaskContext(spec.task_id, spec.job_id, message.attempt))
+        context.set_task(self._context(message))
         try:
             function, args, kwargs = self._prepare(message)
             result = function(*args, **kwargs)

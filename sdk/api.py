@@ -320,6 +320,10 @@ class RuntimeContext:
     def get_node_id(self) -> str:
         return self.node_id
 
+    def get_accelerator_ids(self) -> dict[str, list[str]]:
+        task = context.current_task()
+        return {"GPU": list(task.gpu_ids) if task is not None else []}
+
     def get_task_id(self) -> str | None:
         return self.task_id
 
@@ -334,6 +338,15 @@ def get_runtime_context() -> RuntimeContext:
         gcs_address=client.welcome.gcs_url,
         namespace=client.welcome.namespace or None,
     )
+
+
+def get_gpu_ids() -> list[int | str]:
+    """The ids of the GPUs given to the current task or actor (as in its
+    ``CUDA_VISIBLE_DEVICES``; ints, as Ray, unless they are not numbers); [] in a
+    driver or a task without GPUs."""
+    task = context.current_task()
+    ids = task.gpu_ids if task is not None else ()
+    return [int(i) if i.isdigit() else i for i in ids]
 
 
 def nodes() -> list[dict[str, Any]]:

@@ -476,3 +476,47 @@ def test_scheduling_strategies_on_a_single_node() -> None:
         ray.get(node.options(scheduling_strategy=hard).remote(), timeout=30)
     with pytest.raises(ValueError, match="node_id must be"):
         NodeAffinitySchedulingStrategy("", soft=True)
+
+
+def test_gpus_are_given_out_one_by_one() -> None:
+    """On a node declared with 2 GPUs (none needed to test the bookkeeping): a task
+    sees only its GPUs in CUDA_VISIBLE_DEVICES; fractions share one GPU; an actor
+    keeps its GPU for its life."""
+    ray.shutdown()
+    ray.init(num_cpus=4, num_gpus=2)
+    try:
+
+        @ray.remote(num_gpus=1)
+        def one(pause_s: float) -> tuple[str, list]:
+            time.sleep(pause_s)
+            return os.environ["CUDA_VISIBLE_DEVICES"], ray.get_gpu_ids()
+
+        @ray.remote(num_gpus=0.5)
+        def half() -> str:
+            time.sleep(0.5)
+            return os.environ["CUDA_VISIBLE_DEVICES"]
+
+        @ray.remote
+        def none() -> str | None:
+            return os.environ.get("CUDA_VISIBLE_DEVICES")
+
+        @ray.remote(num_gpus=1)
+        class OnGpu:
+            def devices(self) -> tuple[str, list]:
+                return os.environ["CUDA_VISIBLE_DEVICES"], ray.get_gpu_ids()
+
+        both = ray.get([one.remote(0.5), one.remote(0.5)])
+        assert sorted(d for d, _ in both) == ["0", "1"]
+        assert sorted(ids[0] for _, ids in both) == [0, 1]
+        assert len(set(ray.get([half.remote() for _ in range(4)]))) == 2  # 2 per GPU
+        assert ray.get(none.remote()) == os.environ.get("CUDA_VISIBLE_DEVICES")
+        actor = OnGpu.remote()
+        mine = ray.get(actor.devices.remote())
+        assert mine == ray.get(actor.devices.remote()) and len(mine[1]) == 1
+        other, _ = ray.get(one.remote(0))  # the other GPU: the actor keeps its own
+        assert other != mine[0]
+        ray.kill(actor)
+        assert ray.get_gpu_ids() == []
+    finally:
+        ray.shutdown()
+        ray.init(num_cpus=2, object_store_memory=1536 * 1024 * 1024)

@@ -122,7 +122,7 @@ class ActorsMixin:
                 return
             if not self.resources.available_for(creation.spec.resources):
                 return  # tried again whenever resources are released
-            self.resources.acquire(creation.spec.resources)
+            creation.gpu_ids = self.resources.acquire(creation.spec.resources)
             actor.creation_sent = True
             self.unscheduled_actors.discard(actor.actor_id)
             self._log([Event(K.ACTOR, actor.actor_id, "scheduled", {}, node_id=self.node_id)])
@@ -191,7 +191,7 @@ class ActorsMixin:
             "actor_died", f"the actor {actor.actor_id} died: {cause}", function_name=actor.actor_id
         )
         if actor.creation_sent:
-            self.resources.release(actor.creation.spec.resources)
+            self.resources.release(actor.creation.spec.resources, actor.creation.gpu_ids)
         was_alive, actor.state = actor.state, "DEAD"
         self._log(
             [Event(K.ACTOR, actor.actor_id, "dead", {"cause": cause[:2000]}, node_id=self.node_id)]
@@ -229,7 +229,7 @@ class ActorsMixin:
             return
         actor.restarts += 1
         if actor.creation_sent:
-            self.resources.release(actor.creation.spec.resources)
+            self.resources.release(actor.creation.spec.resources, actor.creation.gpu_ids)
         actor.creation_sent, actor.state = False, "RESTARTING"
         self._log(
             [

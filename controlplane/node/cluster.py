@@ -47,7 +47,11 @@ class ClusterMixin:
         """Whether a task that does not fit here now may go to another node."""
         strategy = record.spec.strategy
         if strategy is not None and strategy[0] == "NODE_AFFINITY" and strategy[1] == self.node_id:
-            return strategy[2] == "soft" and self._spillable(record) and not self._fits(record)
+            return (
+                strategy[2] == "soft"
+                and self._spillable(record)
+                and not self.resources.fits_total(record.spec.resources)
+            )
         return self._spillable(record)
 
     def _must_spill(self: Any, record: TaskRecord) -> bool:
@@ -68,11 +72,6 @@ class ClusterMixin:
             and record.placed_from is None
             and not record.placed_back
         )
-
-    def _fits(self: Any, record: TaskRecord) -> bool:
-        """Whether this node could ever run the task (its total resources suffice)."""
-        total = self.resources.total
-        return all(total.get(k, 0.0) >= v for k, v in record.spec.resources.items() if v > 0)
 
     def _unschedulable_here(self: Any, record: TaskRecord) -> str | None:
         """Why a task cannot run in a cluster of this one node, if it cannot."""

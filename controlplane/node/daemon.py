@@ -110,6 +110,7 @@ class TaskRecord:
     pulled: list[str] = field(default_factory=list)  # argument copies pulled for it
     placed_back: bool = False  # spilled, then placed on this node: not spilled again
     placed_on: str | None = None  # spilled and placed on that node
+    gpu_ids: list[str] = field(default_factory=list)  # the GPUs it was given
 
 
 class NodeDaemon(ActorsMixin, ClusterMixin):
@@ -715,7 +716,7 @@ class NodeDaemon(ActorsMixin, ClusterMixin):
                         self._start_worker()
                     return
                 queue.popleft()
-                self.resources.acquire(request)
+                record.gpu_ids = self.resources.acquire(request)
                 self._run_on(record, self.idle.popleft())
             if not queue:
                 del self.ready[shape]
@@ -748,7 +749,7 @@ class NodeDaemon(ActorsMixin, ClusterMixin):
             )
             self._log([scheduled, running])
         assert handle.conn is not None
-        handle.conn.send(p.ExecuteTask(spec, record.attempt, blob, args, kwargs))
+        handle.conn.send(p.ExecuteTask(spec, record.attempt, blob, args, kwargs, record.gpu_ids))
 
     def _task_done(self, conn: Connection, done: p.TaskDone) -> None:
         handle = self._worker_of(conn)
@@ -766,7 +767,7 @@ class NodeDaemon(ActorsMixin, ClusterMixin):
         if record is None or record.attempt != done.attempt:
             self._schedule()
             return
-        self.resources.release(record.spec.resources)
+        self.resources.release(record.spec.resources, record.gpu_ids)
         record.worker = None
         if done.error is not None:
             if record.force_cancel or record.cancelled:
@@ -857,7 +858,7 @@ class NodeDaemon(ActorsMixin, ClusterMixin):
             return
         if handle.blocked:
             handle.blocked = False
-        self.resources.release(record.spec.resources)
+        self.resources.release(record.spec.resources, record.gpu_ids)
         record.worker = None
         if record.force_cancel:
             self._finish_failed(
@@ -937,13 +938,15 @@ class NodeDaemon(ActorsMixin, ClusterMixin):
         """A worker waits in get(): lend its CPU out so nested tasks cannot deadlock."""
         handle.blocked = True
         assert handle.task is not None
-        self.resources.release(handle.task.spec.resources)
+        self.resources.release(self.resources.without_gpus(handle.task.spec.resources))
         self._schedule()
 
     def _unblock(self, handle: WorkerHandle) -> None:
         handle.blocked = False
         if handle.task is not None:
-            self.resources.acquire(handle.task.spec.resources, allow_overcommit=True)
+            self.resources.acquire(
+                self.resources.without_gpus(handle.task.spec.resources), allow_overcommit=True
+            )
 
     def _cluster_info(self) -> dict[str, Any]:
         return {
