@@ -42,14 +42,16 @@ class NodeView:
     placed_since_heartbeat: dict[str, float] = field(default_factory=dict)
     spread: int = 0  # SPREAD tasks placed here (by this scheduler)
 
+    queued_cpus: float = 0.0  # CPUs wanted by tasks queued there, at the last heartbeat
+
     def free(self, name: str) -> float:
-        return self.available.get(name, 0.0) - self.placed_since_heartbeat.get(name, 0.0)
+        """What is free there as far as this scheduler knows: negative when more is
+        queued there than it has."""
+        queued = self.queued_cpus if name == "CPU" else 0.0
+        return self.available.get(name, 0.0) - self.placed_since_heartbeat.get(name, 0.0) - queued
 
     def feasible(self, request: dict[str, float]) -> bool:
         return all(self.total.get(k, 0.0) >= v for k, v in request.items() if v > 0)
-
-    def fits_now(self, request: dict[str, float]) -> bool:
-        return all(self.free(k) >= v for k, v in request.items() if v > 0)
 
 
 @dataclass
@@ -91,6 +93,7 @@ class GlobalScheduler:
             elif event.event_type == "heartbeat" and event.entity_id in self.nodes:
                 node = self.nodes[event.entity_id]
                 node.available = {k: float(v) for k, v in payload.get("available", {}).items()}
+                node.queued_cpus = float(payload.get("load", {}).get("pending_tasks", 0))
                 node.placed_since_heartbeat.clear()
             elif event.event_type == "dead":
                 self.nodes.pop(event.entity_id, None)
@@ -112,10 +115,12 @@ class GlobalScheduler:
                     del self.pending[event.entity_id]
 
     def choose(self, spill: Spill) -> NodeView | None:
-        """The node for a spill. Default: among nodes that could ever run it, one where
-        it fits now (most free CPU first, the spilling node last), else the least
-        loaded. SPREAD: the feasible node given fewest SPREAD tasks so far. Node
-        affinity: that node, if alive and feasible (else, if soft, the default)."""
+        """The node for a spill. Default: among nodes that could ever run it, the one
+        with the most free CPU as this scheduler sees it (free at the last heartbeat,
+        less what was queued there and what it placed there since), another node
+        than the spilling one on ties. SPREAD: the feasible node given fewest SPREAD
+        tasks so far. Node affinity: that node, if alive and feasible (else, if soft,
+        the default)."""
         feasible = [n for n in self.nodes.values() if n.feasible(spill.resources)]
         strategy = spill.strategy or ("DEFAULT",)
         if strategy[0] == "NODE_AFFINITY":
@@ -128,9 +133,7 @@ class GlobalScheduler:
             return None
         if strategy[0] == "SPREAD":
             return min(feasible, key=lambda n: (n.spread, -n.free("CPU")))
-        fitting = [n for n in feasible if n.fits_now(spill.resources)]
-        pool = fitting or feasible
-        return max(pool, key=lambda n: (n.node_id != spill.from_node, n.free("CPU")))
+        return max(feasible, key=lambda n: (n.free("CPU"), n.node_id != spill.from_node))
 
     def _unplaceable(self, spill: Spill) -> tuple[str, bool]:
         """Why a spill has no node, and whether that is final (a hard affinity to a

@@ -1,0 +1,168 @@
+"""Cluster figures on this machine: task throughput on 1, 2 and 4 nodes, spill-over
+latency, and cross-node object transfer beside a raw socket copy of the same bytes.
+
+    .venv/bin/python bench/cluster.py [--tasks 2000] [--transfer-mb 500]
+
+Each node is a real `cairn start` process group with its own store (2 CPUs each); the
+tasks sleep 10 ms, so the cores are not the limit: what is measured is how fast the
+local and global schedulers, through the log, keep the nodes busy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+import sdk as ray  # noqa: E402
+from controlplane import local_node  # noqa: E402
+from sdk.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # noqa: E402
+
+
+def cairn(*args: str) -> None:
+    subprocess.run(
+        [sys.executable, "-m", "controlplane.cli", *args],
+        check=True,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        timeout=300,
+    )
+
+
+def start_cluster(nodes: int) -> None:
+    cairn("start", "--head", "--port", "0", "--num-cpus", "2")
+    head = local_node.running_head()
+    assert head is not None and head.address is not None
+    for _ in range(nodes - 1):
+        cairn("start", "--address", head.address, "--num-cpus", "2")
+
+
+@ray.remote(num_cpus=1)
+def sleep_10ms() -> int:
+    time.sleep(0.01)
+    return 1
+
+
+@ray.remote(num_cpus=1)
+def noop_here() -> int:
+    return 1
+
+
+@ray.remote(num_cpus=1)
+def size_of(array: np.ndarray) -> int:
+    return int(array.nbytes)
+
+
+def throughput(tasks: int) -> float:
+    ray.get([sleep_10ms.remote() for _ in range(200)])  # warm the workers up
+    start = time.perf_counter()
+    assert sum(ray.get([sleep_10ms.remote() for _ in range(tasks)])) == tasks
+    return tasks / (time.perf_counter() - start)
+
+
+def latency_ms(fn: Any, rounds: int = 50) -> float:
+    """Median seconds from submitting a no-op task to having its result, in ms."""
+    ray.get(fn.remote())
+    samples = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        ray.get(fn.remote())
+        samples.append(time.perf_counter() - start)
+    samples.sort()
+    return samples[len(samples) // 2] * 1000
+
+
+def other_node() -> NodeAffinitySchedulingStrategy:
+    """A hard affinity to a node other than the driver's."""
+    here = ray.get_runtime_context().get_node_id()
+    for record in local_node.local_nodes():
+        node_id = (record.session_dir / "node.ready").read_text()
+        if node_id != here:
+            return NodeAffinitySchedulingStrategy(node_id, soft=False)
+    raise RuntimeError("no other node")
+
+
+def transfer_gbps(megabytes: int) -> float:
+    """A driver-made object sent to a task pinned to another node: the pull of its
+    bytes, in 1 MiB chunks, plus one spill round trip."""
+    elsewhere = size_of.options(scheduling_strategy=other_node())
+    ray.get(elsewhere.remote(ray.put(np.ones(1 << 20, dtype=np.uint8))))  # warm up
+    array = np.ones(megabytes * 1024 * 1024, dtype=np.uint8)
+    ref = ray.put(array)
+    start = time.perf_counter()
+    assert ray.get(elsewhere.remote(ref)) == array.nbytes
+    return array.nbytes / (time.perf_counter() - start) / 1e9
+
+
+def raw_socket_gbps(megabytes: int) -> float:
+    """The same bytes through one loopback TCP connection, in 1 MiB writes and reads."""
+    data = memoryview(np.ones(megabytes * 1024 * 1024, dtype=np.uint8).data)
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    received = bytearray(len(data))
+
+    def receive() -> None:
+        conn, _ = server.accept()
+        view, got = memoryview(received), 0
+        while got < len(received):
+            got += conn.recv_into(view[got:], min(1 << 20, len(received) - got))
+        conn.close()
+
+    reader = threading.Thread(target=receive)
+    reader.start()
+    start = time.perf_counter()
+    with socket.create_connection(("127.0.0.1", port)) as client:
+        for offset in range(0, len(data), 1 << 20):
+            client.sendall(data[offset : offset + (1 << 20)])
+    reader.join()
+    elapsed = time.perf_counter() - start
+    server.close()
+    return len(data) / elapsed / 1e9
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", type=int, default=2000)
+    parser.add_argument("--transfer-mb", type=int, default=500)
+    args = parser.parse_args()
+    if local_node.local_nodes():
+        print("Cairn nodes are running here already: `cairn stop` them first")
+        return 1
+    print(f"machine: {os.cpu_count()} CPUs; {time.strftime('%Y-%m-%d %H:%M')}")
+    rows: list[tuple[str, float, str]] = []
+    for nodes in (1, 2, 4):
+        start_cluster(nodes)
+        try:
+            ray.init(address="auto")
+            rate = throughput(args.tasks)
+            rows.append((f"tasks of 10 ms, {nodes} node(s) x 2 CPUs", rate, "tasks/s"))
+            if nodes == 2:
+                spilled = noop_here.options(scheduling_strategy=other_node())
+                mb = args.transfer_mb
+                rows += [
+                    ("latency, task on the driver's node", latency_ms(noop_here), "ms"),
+                    ("latency, task spilled to another node", latency_ms(spilled), "ms"),
+                    (f"object transfer between nodes ({mb} MB)", transfer_gbps(mb), "GB/s"),
+                    (f"raw loopback socket copy ({mb} MB)", raw_socket_gbps(mb), "GB/s"),
+                ]
+        finally:
+            ray.shutdown()
+            cairn("stop")
+    for name, value, unit in rows:
+        print(f"{name:52s} {value:10,.2f}  {unit}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
