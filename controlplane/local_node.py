@@ -26,7 +26,7 @@ from pathlib import Path
 
 from controlplane.gcs import Gcs
 from controlplane.node.daemon import new_node_id
-from controlplane.session_dirs import new_session_dir
+from controlplane.session_dirs import new_session_dir, sweep_stale
 from dataplane import shm
 
 _DAEMON_START_TIMEOUT_S = 60.0
@@ -215,8 +215,17 @@ def local_nodes() -> list[NodeRecord]:
         if _alive(node.pid):
             found.append(node)
         else:
+            _clean_up_after(node)
             path.unlink(missing_ok=True)
     return found
+
+
+def _clean_up_after(node: NodeRecord) -> None:
+    """What a node killed outright (SIGKILL of its process group) left behind: its
+    shared-memory segments and, once nothing of it runs, its session directory."""
+    with contextlib.suppress(OSError):
+        shm.unlink_all((node.session_dir / "node.ready").read_text().strip())
+    sweep_stale()
 
 
 def running_head() -> NodeRecord | None:
