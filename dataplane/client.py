@@ -112,12 +112,15 @@ class CoreClient:
             self._registered_functions.add(function_id)
 
     def submit(self, spec: p.TaskSpec) -> None:
-        returns = spec.return_ids()
-        for object_id in returns:
+        self.expect_owned(spec.return_ids())
+        self.send(p.SubmitTask(spec))
+
+    def expect_owned(self, object_ids: list[str]) -> None:
+        """Objects this process owns that the daemon will push here once ready."""
+        for object_id in object_ids:
             self.own_ref(object_id)
         with self._ready:
-            self._owned_pending.update(returns)
-        self.send(p.SubmitTask(spec))
+            self._owned_pending.update(object_ids)
 
     def store(
         self, object_id: str, value: Serialized, contained: tuple[str, ...] = ()

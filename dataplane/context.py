@@ -15,6 +15,8 @@ class TaskContext:
     job_id: str
     attempt: int
     gpu_ids: tuple[str, ...] = ()  # the GPUs of the task (or of its actor)
+    # the placement group its child tasks run in (a strategy tuple), if it captures them
+    captured_placement: tuple[str, ...] | None = None
 
 
 class ActorExit(BaseException):

@@ -86,7 +86,8 @@ class TaskSpec:
     method: str | None = None
     sequence: int = 0
     actor_options: ActorOptions | None = None  # on the creation task
-    # None: default (local first); ("SPREAD",); ("NODE_AFFINITY", node id, "soft"|"hard")
+    # None: default (local first); ("SPREAD",); ("NODE_AFFINITY", node id, "soft"|"hard");
+    # ("PLACEMENT_GROUP", pg id, bundle index (-1: any), "capture"|"")
     strategy: tuple[str, ...] | None = None
 
     def return_ids(self) -> list[str]:
@@ -191,6 +192,35 @@ class ActorOptions:
     max_restarts: int = 0  # -1: restart forever
     max_task_retries: int = 0  # -1: re-send an interrupted call forever
     max_concurrency: int = 1  # calls running at once (threads, or asyncio tasks)
+
+
+@dataclass(slots=True)
+class CreatePlacementGroup:
+    """Reserves ``bundles`` (resource amounts) together; ``ready_object_id`` becomes
+    ready (True) once they are reserved. Owned by the sending client's job."""
+
+    pg_id: str
+    bundles: list[dict[str, float]]
+    strategy: str
+    name: str
+    job_id: str
+    ready_object_id: str
+    detached: bool = False
+
+
+@dataclass(slots=True)
+class RemovePlacementGroup:
+    pg_id: str
+
+
+@dataclass(slots=True)
+class PlacementGroupTable:
+    """Reply: {pg id: entry} of every placement group, or the one named by ``pg_id``;
+    with ``name``, the entry of the live group of that name (None if none)."""
+
+    request_id: int
+    pg_id: str | None = None
+    name: str | None = None
 
 
 @dataclass(slots=True)

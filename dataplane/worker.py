@@ -81,7 +81,11 @@ class Worker:
         gpu_ids = self.actor_gpu_ids if spec.actor_id is not None else tuple(message.gpu_ids)
         if spec.method == "__init__":
             gpu_ids = self.actor_gpu_ids = tuple(message.gpu_ids)
-        return context.TaskContext(spec.task_id, spec.job_id, message.attempt, gpu_ids)
+        strategy = spec.strategy
+        captured = None
+        if strategy is not None and strategy[0] == "PLACEMENT_GROUP" and strategy[3]:
+            captured = ("PLACEMENT_GROUP", strategy[1], "-1", "capture")
+        return context.TaskContext(spec.task_id, spec.job_id, message.attempt, gpu_ids, captured)
 
     def _use_gpus(self, message: p.ExecuteTask) -> Callable[[], None]:
         """Shows the task only its GPUs (``CUDA_VISIBLE_DEVICES``), as Ray does; an

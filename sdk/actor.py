@@ -15,6 +15,7 @@ from dataplane import context
 from dataplane import protocol as p
 from sdk import options as opts
 from sdk.object_ref import ObjectRef
+from sdk.util.scheduling_strategies import to_wire
 
 _NUM_RETURNS_ATTR = "__cairn_num_returns__"
 
@@ -107,6 +108,7 @@ class ActorClass:
             actor_id=actor_id,
             method="__init__",
             actor_options=actor_options,
+            strategy=to_wire(resolved["scheduling_strategy"]),
         )
         client.submit(spec)
         del keep_alive

@@ -86,7 +86,7 @@ ACTOR_OPTIONS: dict[str, Option] = {
         ),
     ),
     "get_if_exists": Option((bool,), False),
-    "scheduling_strategy": Option((str, object), None),
+    "scheduling_strategy": Option((str, object), None, _strategy),
     "runtime_env": Option((dict,), None),
 }
 

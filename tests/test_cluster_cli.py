@@ -36,6 +36,9 @@ class Counter:
         return self.n
 kept = Counter.options(name="kept", lifetime="detached").remote()
 temp = Counter.options(name="temp").remote()
+from sdk.util import placement_group
+assert placement_group([{"CPU": 0.5}], name="kept-pg", lifetime="detached").wait(30)
+assert placement_group([{"CPU": 0.5}], name="temp-pg").wait(30)
 print(json.dumps({"kept": ray.get([kept.add.remote() for _ in range(3)]),
                   "temp": ray.get(temp.add.remote()),
                   "job": ray.get_runtime_context().get_job_id()}))
@@ -56,6 +59,13 @@ try:
     found["elsewhere"] = "found"
 except ValueError:
     found["elsewhere"] = "missing"
+from sdk.util import get_placement_group
+found["kept-pg"] = get_placement_group("kept-pg").wait(5)
+try:
+    get_placement_group("temp-pg")
+    found["temp-pg"] = "found"
+except ValueError:
+    found["temp-pg"] = "gone"
 found["job"] = ray.get_runtime_context().get_job_id()
 print(json.dumps(found))
 ray.shutdown()
@@ -113,6 +123,7 @@ def test_detached_actor_outlives_its_driver_and_is_found_by_name(
     assert found["kept"] == 4  # the same instance, its state kept
     assert "Failed to look up actor with name 'temp'" in found["temp"]
     assert found["elsewhere"] == "missing"
+    assert found["kept-pg"] is True and found["temp-pg"] == "gone"  # groups: the same
     assert found["job"] != made["job"]  # each driver is a job of the one cluster
 
 

@@ -242,6 +242,12 @@ def test_spread_and_node_affinity(cluster: dict[str, str]) -> None:
         ray.get(node_of.options(scheduling_strategy=hard).remote(), timeout=60)
     with pytest.raises(ValueError, match="scheduling_strategy"):
         node_of.options(scheduling_strategy="EVERYWHERE")
+    # more bundles than nodes: never ready
+    from sdk.util import placement_group, remove_placement_group
+
+    four = placement_group([{"CPU": 0.1}] * 4, strategy="STRICT_SPREAD")
+    assert not four.wait(2)
+    remove_placement_group(four)
 
 
 @ray.remote(num_cpus=2, max_retries=2)

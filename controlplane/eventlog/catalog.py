@@ -112,7 +112,8 @@ CATALOG: dict[tuple[EntityKind, str], EventType] = {
     **_types(
         _K.PLACEMENT_GROUP,
         ("created", {"bundles": list, "strategy": str}, {"name": str}),
-        ("ready", {}, {}),
+        ("ready", {}, {"bundle_nodes": list}),
+        ("infeasible", {"reason": str}, {}),
         ("removed", {}, {}),
     ),
     **_types(

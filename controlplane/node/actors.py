@@ -120,9 +120,17 @@ class ActorsMixin:
             creation = actor.creation
             if actor.creation_sent or creation.pending_deps:
                 return
-            if not self.resources.available_for(creation.spec.resources):
+            bundle = None
+            if creation.spec.strategy and creation.spec.strategy[0] == "PLACEMENT_GROUP":
+                bundle, never = self._bundle_for(creation)
+                if never is not None:
+                    self._actor_died(actor, f"it cannot be scheduled: {never}")
+                    return
+                if bundle is None:
+                    return  # tried again whenever the group is ready or frees resources
+            elif not self.resources.available_for(creation.spec.resources):
                 return  # tried again whenever resources are released
-            creation.gpu_ids = self.resources.acquire(creation.spec.resources)
+            self._take_resources(creation, bundle)
             actor.creation_sent = True
             self.unscheduled_actors.discard(actor.actor_id)
             self._log([Event(K.ACTOR, actor.actor_id, "scheduled", {}, node_id=self.node_id)])
@@ -191,7 +199,7 @@ class ActorsMixin:
             "actor_died", f"the actor {actor.actor_id} died: {cause}", function_name=actor.actor_id
         )
         if actor.creation_sent:
-            self.resources.release(actor.creation.spec.resources, actor.creation.gpu_ids)
+            self._give_back_resources(actor.creation)
         was_alive, actor.state = actor.state, "DEAD"
         self._log(
             [Event(K.ACTOR, actor.actor_id, "dead", {"cause": cause[:2000]}, node_id=self.node_id)]
@@ -229,7 +237,7 @@ class ActorsMixin:
             return
         actor.restarts += 1
         if actor.creation_sent:
-            self.resources.release(actor.creation.spec.resources, actor.creation.gpu_ids)
+            self._give_back_resources(actor.creation)
         actor.creation_sent, actor.state = False, "RESTARTING"
         self._log(
             [

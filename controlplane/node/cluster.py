@@ -69,6 +69,7 @@ class ClusterMixin:
             self.rpc_port is not None
             and bool(self.peers)
             and record.spec.actor_id is None
+            and not (record.spec.strategy and record.spec.strategy[0] == "PLACEMENT_GROUP")
             and record.placed_from is None
             and not record.placed_back
         )

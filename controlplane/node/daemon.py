@@ -45,6 +45,7 @@ from controlplane.node import rpc
 from controlplane.node.actors import ActorRecord, ActorsMixin
 from controlplane.node.cluster import ClusterMixin
 from controlplane.node.objects import ObjectTable
+from controlplane.node.placement_groups import Bundle, PlacementGroupRecord, PlacementGroupsMixin
 from controlplane.node.resources import ResourcePool
 from controlplane.node.segment_pool import SegmentPool
 from controlplane.node.transfer import Puller, serve_object
@@ -111,9 +112,10 @@ class TaskRecord:
     placed_back: bool = False  # spilled, then placed on this node: not spilled again
     placed_on: str | None = None  # spilled and placed on that node
     gpu_ids: list[str] = field(default_factory=list)  # the GPUs it was given
+    bundle: Bundle | None = None  # the placement group bundle it runs in
 
 
-class NodeDaemon(ActorsMixin, ClusterMixin):
+class NodeDaemon(ActorsMixin, ClusterMixin, PlacementGroupsMixin):
     def __init__(
         self,
         *,
@@ -160,6 +162,7 @@ class NodeDaemon(ActorsMixin, ClusterMixin):
         self._rpc: grpc.aio.Server | None = None
         self._pinger: LivenessPinger | None = None
         self._monitor: MembershipMonitor | None = None
+        self.placement_groups: dict[str, PlacementGroupRecord] = {}
         self.peers: set[str] = set()
         self.spilled: dict[str, TaskRecord] = {}
         self.remote_returns: dict[str, dict[str, tuple[p.ObjectLocation | None, str]]] = {}
@@ -398,6 +401,7 @@ class NodeDaemon(ActorsMixin, ClusterMixin):
             self.objects.release(object_id)
         conn.holding.clear()
         self._owner_gone(conn)
+        self._placement_groups_owner_gone(conn)
         if conn.role == "driver" and conn.job_id:
             self._log([Event(K.JOB, conn.job_id, "finished", {})])
         elif conn.role == "worker" and conn.worker_id in self.workers:
@@ -447,6 +451,12 @@ class NodeDaemon(ActorsMixin, ClusterMixin):
                 self._task_done(conn, message)
             case p.CancelTask(object_id, force, recursive):
                 self._cancel(object_id, force, recursive)
+            case p.CreatePlacementGroup():
+                self._create_placement_group(conn, message)
+            case p.RemovePlacementGroup(pg_id):
+                self._remove_placement_group(pg_id)
+            case p.PlacementGroupTable():
+                self._placement_group_table(conn, message)
             case p.ReserveActorName():
                 self._reserve_actor_name(conn, message)
             case p.GetActor():
@@ -685,13 +695,14 @@ class NodeDaemon(ActorsMixin, ClusterMixin):
             self._finish_failed(record, error, log_event=True)
             return
         record.state = "QUEUED"
-        self.ready.setdefault(_shape(record.spec.resources), deque()).append(record)
+        self.ready.setdefault(_queue_key(record.spec), deque()).append(record)
         self._schedule()
 
     def _schedule(self) -> None:
         """Dispatches queued tasks while resources and idle workers allow. Tasks wait
         in one FIFO per resource shape, so a shape that does not fit is skipped whole
         and the cost of a pass does not grow with the number of queued tasks."""
+        self._reserve_placement_groups()
         for actor_id in list(self.unscheduled_actors):  # waiting for resources
             self._actor_dispatch(self.actors[actor_id])
         for shape, queue in list(self.ready.items()):
@@ -701,6 +712,23 @@ class NodeDaemon(ActorsMixin, ClusterMixin):
                     queue.popleft()
                     continue
                 request = record.spec.resources
+                if record.spec.strategy and record.spec.strategy[0] == "PLACEMENT_GROUP":
+                    bundle, never = self._bundle_for(record)
+                    if never is not None:
+                        queue.popleft()
+                        error = p.ErrorInfo("unschedulable", never, record.spec.name)
+                        self._finish_failed(record, error, log_event=True)
+                        continue
+                    if bundle is None:
+                        break
+                    if not self.idle:
+                        if self._pool_size() < self.max_workers + self._blocked_count():
+                            self._start_worker()
+                        return
+                    queue.popleft()
+                    self._take_resources(record, bundle)
+                    self._run_on(record, self.idle.popleft())
+                    continue
                 if self._must_spill(record):
                     queue.popleft()
                     self._spill(record)
@@ -716,7 +744,7 @@ class NodeDaemon(ActorsMixin, ClusterMixin):
                         self._start_worker()
                     return
                 queue.popleft()
-                record.gpu_ids = self.resources.acquire(request)
+                self._take_resources(record, None)
                 self._run_on(record, self.idle.popleft())
             if not queue:
                 del self.ready[shape]
@@ -767,7 +795,7 @@ class NodeDaemon(ActorsMixin, ClusterMixin):
         if record is None or record.attempt != done.attempt:
             self._schedule()
             return
-        self.resources.release(record.spec.resources, record.gpu_ids)
+        self._give_back_resources(record)
         record.worker = None
         if done.error is not None:
             if record.force_cancel or record.cancelled:
@@ -858,7 +886,7 @@ class NodeDaemon(ActorsMixin, ClusterMixin):
             return
         if handle.blocked:
             handle.blocked = False
-        self.resources.release(record.spec.resources, record.gpu_ids)
+        self._give_back_resources(record)
         record.worker = None
         if record.force_cancel:
             self._finish_failed(
@@ -896,7 +924,7 @@ class NodeDaemon(ActorsMixin, ClusterMixin):
                 )
         if record.worker is None:
             with contextlib.suppress(KeyError, ValueError):
-                self.ready[_shape(record.spec.resources)].remove(record)
+                self.ready[_queue_key(record.spec)].remove(record)
             self.spilled.pop(record.spec.task_id, None)  # its results no longer wanted
             self._finish_failed(
                 record,
@@ -934,19 +962,40 @@ class NodeDaemon(ActorsMixin, ClusterMixin):
     def _blocked_count(self) -> int:
         return sum(1 for h in self.workers.values() if h.blocked)
 
+    def _take_resources(self, record: TaskRecord, bundle: Bundle | None) -> None:
+        """Takes a task's resources from the node, or from its placement group bundle."""
+        record.bundle = bundle
+        if bundle is None:
+            record.gpu_ids = self.resources.acquire(record.spec.resources)
+        else:
+            assert bundle.pool is not None
+            record.gpu_ids = bundle.pool.acquire(record.spec.resources)
+            bundle.in_use += 1
+
+    def _give_back_resources(self, record: TaskRecord) -> None:
+        bundle, record.bundle = record.bundle, None
+        if bundle is None:
+            self.resources.release(record.spec.resources, record.gpu_ids)
+        else:
+            self._bundle_given_back(bundle, record.spec.resources, record.gpu_ids)
+
+    def _pool_of(self, record: TaskRecord) -> ResourcePool:
+        pool = record.bundle.pool if record.bundle is not None else None
+        return pool if pool is not None else self.resources
+
     def _block(self, handle: WorkerHandle) -> None:
         """A worker waits in get(): lend its CPU out so nested tasks cannot deadlock."""
         handle.blocked = True
         assert handle.task is not None
-        self.resources.release(self.resources.without_gpus(handle.task.spec.resources))
+        pool = self._pool_of(handle.task)
+        pool.release(pool.without_gpus(handle.task.spec.resources))
         self._schedule()
 
     def _unblock(self, handle: WorkerHandle) -> None:
         handle.blocked = False
         if handle.task is not None:
-            self.resources.acquire(
-                self.resources.without_gpus(handle.task.spec.resources), allow_overcommit=True
-            )
+            pool = self._pool_of(handle.task)
+            pool.acquire(pool.without_gpus(handle.task.spec.resources), allow_overcommit=True)
 
     def _cluster_info(self) -> dict[str, Any]:
         return {
@@ -970,6 +1019,14 @@ class NodeDaemon(ActorsMixin, ClusterMixin):
 
 def _shape(resources: dict[str, float]) -> tuple[tuple[str, float], ...]:
     return tuple(sorted(resources.items()))
+
+
+def _queue_key(spec: p.TaskSpec) -> tuple[Any, ...]:
+    """The FIFO a ready task waits in: one per resource shape, and per placement group
+    bundle for tasks in a group (they draw from its reserved resources)."""
+    if spec.strategy is not None and spec.strategy[0] == "PLACEMENT_GROUP":
+        return (spec.strategy[:3], *_shape(spec.resources))
+    return _shape(spec.resources)
 
 
 def _report_log_failure(future: asyncio.Future[list[int]]) -> None:

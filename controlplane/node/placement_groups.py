@@ -1,0 +1,242 @@
+"""Placement groups on a node: bundles of resources reserved together, out of the
+node's pool, each then a pool of its own that the group's tasks and actors draw from.
+
+A group is reserved whole or not at all, as soon as the node has all its bundles free
+(it waits until then). On one node, PACK, SPREAD and STRICT_PACK put every bundle here;
+STRICT_SPREAD needs a node per bundle, so with more than one bundle it is never ready
+here (it is reported ``infeasible`` once). Placing bundles on several nodes is not done
+yet: a group lives on the node of the driver that made it, and so do its tasks.
+
+Its life is in the log: ``created`` (bundles, strategy, name), ``ready`` (the node of
+each bundle), ``infeasible``, ``removed``. Removing a group fails its queued tasks; its
+running ones finish, and its resources go back to the node when the last one does. A
+group dies with its job unless created with ``lifetime="detached"``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from controlplane.eventlog import EntityKind, Event
+from controlplane.node.resources import ResourcePool
+from dataplane import protocol as p
+from dataplane.serialization import serialize_with_refs
+
+if TYPE_CHECKING:
+    from controlplane.node.daemon import Connection, TaskRecord
+
+log = logging.getLogger("cairn.node")
+K = EntityKind
+
+
+@dataclass
+class Bundle:
+    request: dict[str, float]
+    pool: ResourcePool | None = None  # once reserved
+    gpu_ids: list[str] = field(default_factory=list)  # the node's GPUs given to it
+    in_use: int = 0  # tasks and actors running in it
+
+
+@dataclass
+class PlacementGroupRecord:
+    pg_id: str
+    bundles: list[Bundle]
+    strategy: str
+    name: str
+    job_id: str
+    ready_object_id: str
+    owner: Connection | None
+    detached: bool
+    state: str = "PENDING"  # PENDING, CREATED, REMOVED
+    reported_infeasible: bool = False
+
+    def entry(self, node_id: str) -> dict[str, Any]:
+        """The group as Ray's placement_group_table shows it."""
+        reserved = self.state == "CREATED"
+        return {
+            "placement_group_id": self.pg_id,
+            "name": self.name,
+            "bundles": {i: dict(b.request) for i, b in enumerate(self.bundles)},
+            "bundles_to_node_id": {i: node_id for i in range(len(self.bundles))}
+            if reserved
+            else {},
+            "strategy": self.strategy,
+            "state": self.state,
+            "ready_object_id": self.ready_object_id,
+        }
+
+
+class PlacementGroupsMixin:
+    placement_groups: dict[str, PlacementGroupRecord]
+
+    def _create_placement_group(self: Any, conn: Connection, msg: p.CreatePlacementGroup) -> None:
+        record = PlacementGroupRecord(
+            msg.pg_id,
+            [Bundle(dict(b)) for b in msg.bundles],
+            msg.strategy,
+            msg.name,
+            msg.job_id,
+            msg.ready_object_id,
+            conn,
+            msg.detached,
+        )
+        self.placement_groups[msg.pg_id] = record
+        conn.holding.add(msg.ready_object_id)
+        self.objects.hold(msg.ready_object_id)
+        self.objects.expect(msg.ready_object_id)
+        payload: dict[str, Any] = {"bundles": msg.bundles, "strategy": msg.strategy}
+        if msg.name:
+            payload["name"] = msg.name
+        self._log(
+            [
+                Event(
+                    K.PLACEMENT_GROUP,
+                    msg.pg_id,
+                    "created",
+                    payload,
+                    job_id=msg.job_id,
+                    node_id=self.node_id,
+                )
+            ]
+        )
+        self._schedule()
+
+    def _reserve_placement_groups(self: Any) -> None:
+        """Reserves every pending group that fits now (called by _schedule)."""
+        for record in self.placement_groups.values():
+            if record.state != "PENDING":
+                continue
+            why_not = self._never_fits(record)
+            if why_not is not None:
+                if not record.reported_infeasible:
+                    record.reported_infeasible = True
+                    log.warning("placement group %s cannot be placed: %s", record.pg_id, why_not)
+                    self._log(
+                        [Event(K.PLACEMENT_GROUP, record.pg_id, "infeasible", {"reason": why_not})]
+                    )
+                continue
+            total: dict[str, float] = {}
+            for bundle in record.bundles:
+                for key, amount in bundle.request.items():
+                    total[key] = total.get(key, 0.0) + amount
+            if not self.resources.available_for(total):
+                continue
+            for bundle in record.bundles:
+                bundle.gpu_ids = self.resources.acquire(bundle.request)
+                bundle.pool = ResourcePool(bundle.request)
+                bundle.pool.gpu_names = list(bundle.gpu_ids) or bundle.pool.gpu_names
+            record.state = "CREATED"
+            serialized, _ = serialize_with_refs(True)
+            location = p.ObjectLocation(
+                record.ready_object_id, inline=serialized.to_bytes(), size=serialized.total_size
+            )
+            self.objects.charge(location.size, force=True)
+            ready = Event(
+                K.PLACEMENT_GROUP,
+                record.pg_id,
+                "ready",
+                {"bundle_nodes": [self.node_id] * len(record.bundles)},
+                job_id=record.job_id,
+                node_id=self.node_id,
+            )
+            created = self._created_event(location, None, record.job_id)
+            self._make_durable_then_ready([location], [ready, created], record.owner)
+
+    def _never_fits(self: Any, record: PlacementGroupRecord) -> str | None:
+        if record.strategy == "STRICT_SPREAD" and len(record.bundles) > 1:
+            return (
+                f"STRICT_SPREAD needs {len(record.bundles)} nodes, one per bundle; groups "
+                "live on one node so far"
+            )
+        total: dict[str, float] = {}
+        for bundle in record.bundles:
+            for key, amount in bundle.request.items():
+                total[key] = total.get(key, 0.0) + amount
+        if not self.resources.fits_total(total):
+            return f"this node has {self.resources.total}, the group needs {total}"
+        return None
+
+    def _bundle_for(self: Any, record: TaskRecord) -> tuple[Bundle | None, str | None]:
+        """For a task in a placement group: the bundle to run it in now (None: wait),
+        or why it can never run."""
+        _, pg_id, index, _ = record.spec.strategy
+        group = self.placement_groups.get(pg_id)
+        if group is None or group.state == "REMOVED":
+            return None, f"its placement group {pg_id} was removed (or never existed here)"
+        if group.state != "CREATED":
+            return None, None
+        chosen = group.bundles if int(index) < 0 else [group.bundles[int(index)]]
+        request = record.spec.resources
+        if not any(b.pool.fits_total(request) for b in chosen):  # type: ignore[union-attr]
+            return None, (
+                f"it needs {request}, more than bundle(s) {index} of placement group "
+                f"{pg_id} reserve"
+            )
+        for bundle in chosen:
+            if bundle.pool is not None and bundle.pool.available_for(request):
+                return bundle, None
+        return None, None
+
+    def _bundle_taken(self: Any, bundle: Bundle) -> None:
+        bundle.in_use += 1
+
+    def _bundle_given_back(self: Any, bundle: Bundle, request: dict, gpu_ids: list) -> None:
+        assert bundle.pool is not None
+        bundle.pool.release(request, gpu_ids)
+        bundle.in_use -= 1
+        self._maybe_return_bundles()
+
+    def _remove_placement_group(self: Any, pg_id: str, reason: str = "removed") -> None:
+        group = self.placement_groups.get(pg_id)
+        if group is None or group.state == "REMOVED":
+            return
+        was_created, group.state = group.state == "CREATED", "REMOVED"
+        removed = Event(K.PLACEMENT_GROUP, pg_id, "removed", {}, node_id=self.node_id)
+        if was_created:
+            self._log([removed])
+        else:  # whoever waits for it to be ready learns it never will be
+            error = p.ErrorInfo("system", f"placement group {pg_id} was {reason} before ready")
+            self._make_durable_then_ready(
+                [p.ObjectLocation(group.ready_object_id, error=error)], [removed], group.owner
+            )
+        self._maybe_return_bundles()
+        self._schedule()  # its queued tasks fail there
+
+    def _maybe_return_bundles(self: Any) -> None:
+        """Gives the resources of removed groups back once nothing runs in them."""
+        for group in list(self.placement_groups.values()):
+            if group.state != "REMOVED" or any(b.in_use for b in group.bundles):
+                continue
+            for bundle in group.bundles:
+                if bundle.pool is not None:
+                    self.resources.release(bundle.request, bundle.gpu_ids)
+                    bundle.pool = None
+            del self.placement_groups[group.pg_id]
+
+    def _placement_group_table(self: Any, conn: Connection, msg: p.PlacementGroupTable) -> None:
+        if msg.name is not None:
+            found = next(
+                (
+                    g.entry(self.node_id)
+                    for g in self.placement_groups.values()
+                    if g.name == msg.name and g.state != "REMOVED"
+                ),
+                None,
+            )
+            conn.send(p.Reply(msg.request_id, found))
+            return
+        table = {
+            g.pg_id: g.entry(self.node_id)
+            for g in self.placement_groups.values()
+            if msg.pg_id is None or g.pg_id == msg.pg_id
+        }
+        conn.send(p.Reply(msg.request_id, table))
+
+    def _placement_groups_owner_gone(self: Any, conn: Connection) -> None:
+        for group in list(self.placement_groups.values()):
+            if group.owner is conn:
+                group.owner = None
+                if not group.detached:
+                    self._remove_placement_group(group.pg_id, "removed with its job")
