@@ -162,7 +162,7 @@ def start(
         port = 0 if port is None else port
     role = local_node.ClusterRole(head=head, rpc_port=port, rpc_host=node_ip_address)
     if block:
-        local_node.run_node(gcs_url, config, role, announce=click.echo)
+        local_node.run_node(gcs_url, config, role, announce=click.echo, cluster=address)
         return
     try:
         node = local_node.start_in_background(gcs_url, config, role, address)

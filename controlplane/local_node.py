@@ -177,6 +177,7 @@ class NodeRecord:
     session_dir: Path
     head: bool
     address: str | None
+    cluster: str | None = None  # the head's address (its own, for the head)
 
     @property
     def running(self) -> bool:
@@ -187,14 +188,21 @@ def _nodes_dir() -> Path:
     return Path(tempfile.gettempdir()) / NODES_DIR
 
 
-def _record(node: LocalNode, head: bool) -> Path:
+def _record(node: LocalNode, head: bool, cluster: str | None) -> Path:
     """Records ``node`` as run by this process (written atomically)."""
     directory = _nodes_dir()
     directory.mkdir(mode=0o700, exist_ok=True)
     path = directory / f"{os.getpid()}.json"
     temporary = path.with_suffix(".tmp")
     temporary.write_text(
-        json.dumps({"session_dir": str(node.session_dir), "head": head, "address": node.address})
+        json.dumps(
+            {
+                "session_dir": str(node.session_dir),
+                "head": head,
+                "address": node.address,
+                "cluster": cluster or node.address,
+            }
+        )
     )
     temporary.replace(path)
     return path
@@ -208,7 +216,11 @@ def local_nodes() -> list[NodeRecord]:
         try:
             record = json.loads(path.read_text())
             node = NodeRecord(
-                int(path.stem), Path(record["session_dir"]), bool(record["head"]), record["address"]
+                int(path.stem),
+                Path(record["session_dir"]),
+                bool(record["head"]),
+                record["address"],
+                record.get("cluster"),
             )
         except (OSError, ValueError, KeyError, TypeError):
             continue
@@ -232,9 +244,20 @@ def running_head() -> NodeRecord | None:
     return next((n for n in local_nodes() if n.head and n.running), None)
 
 
-def find_running() -> Path:
-    """The session directory of this machine's running head; ConnectionError saying
-    what was looked for when there is none."""
+def find_running(address: str | None = None) -> Path:
+    """The session directory of a node of the cluster whose head is at ``address``
+    running on this machine (the head's own if it runs here), or with no address, of
+    this machine's running head; ConnectionError saying what was looked for when there
+    is none."""
+    if address is not None:
+        members = [n for n in local_nodes() if n.running and n.cluster == address]
+        if not members:
+            raise ConnectionError(
+                f"no node of the cluster at {address} runs on this machine: a driver "
+                f"connects through a node of its own machine (start one with `cairn start "
+                f"--address {address}`)"
+            )
+        return sorted(members, key=lambda n: not n.head)[0].session_dir
     head = running_head()
     if head is None:
         raise ConnectionError(
@@ -249,6 +272,7 @@ def run_node(
     config: NodeConfig,
     role: ClusterRole,
     announce: Callable[[str], None],
+    cluster: str | None = None,
 ) -> None:
     """Runs a node in this process until SIGTERM/SIGINT (`cairn stop`, Ctrl-C) or until
     its node daemon exits (e.g. the cluster declared it dead); then stops it."""
@@ -263,7 +287,7 @@ def run_node(
             scheduler = subprocess.Popen(
                 [*_SCHEDULER, "--gcs-url", node.gcs.url], stdin=subprocess.DEVNULL
             )
-        record = _record(node, role.head)
+        record = _record(node, role.head, cluster)
         kind = "head node" if role.head else "node"
         announce(f"{kind} {node.node_id} is running at {node.address} ({node.session_dir})")
         while not stopping.wait(0.2):

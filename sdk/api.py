@@ -94,7 +94,7 @@ def init(
         if address is None or address == "local":
             config = node_config(num_cpus, num_gpus, resources, object_store_memory)
             _runtime = Runtime.start(gcs_url=gcs_url, config=config, namespace=namespace)
-        elif address == "auto":
+        elif address == "auto" or _is_host_port(address):
             given = {
                 "num_cpus": num_cpus,
                 "num_gpus": num_gpus,
@@ -108,14 +108,21 @@ def init(
                     f"When connecting to an existing cluster, {', '.join(named)} must not "
                     "be provided: they are set by `cairn start`"
                 )
-            _runtime = Runtime.connect(namespace=namespace)
+            _runtime = Runtime.connect(
+                address=None if address == "auto" else address, namespace=namespace
+            )
         else:
             raise ValueError(
-                f"init(address={address!r}): only address='auto' (this machine's cluster, "
-                "started with `cairn start --head`) and 'local' are supported so far; "
-                "HOST:PORT addresses of other machines are not"
+                f"init(address={address!r}): the address must be 'auto' (this machine's "
+                "cluster), 'local' (a new private one) or the HOST:PORT of a cluster's "
+                "head (Ray Client's ray:// is not supported)"
             )
         return get_runtime_context()
+
+
+def _is_host_port(address: str) -> bool:
+    host, sep, port = address.rpartition(":")
+    return bool(sep and host and port.isdigit())
 
 
 def shutdown() -> None:

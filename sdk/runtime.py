@@ -30,9 +30,10 @@ class Runtime:
         return cls(client, head)
 
     @classmethod
-    def connect(cls, *, namespace: str | None) -> Runtime:
-        """Connects to this machine's running cluster (``cairn start --head``)."""
-        session_dir = find_running()
+    def connect(cls, *, address: str | None, namespace: str | None) -> Runtime:
+        """Connects to a running cluster through its node on this machine: the one of
+        the cluster whose head is at ``address``, or this machine's head."""
+        session_dir = find_running(address)
         client = CoreClient(str(session_dir / "node.sock"), "driver", namespace=namespace)
         context.set_client(client)
         return cls(client, None)

@@ -141,6 +141,12 @@ def test_nodes_join_and_a_killed_node_is_declared_dead(
     assert "gpu_x        0/2 used" in status
     assert "***" in status and "postgresql://cairn:***@" in status  # no password shown
 
+    by_address = _driver(
+        "import json, sdk as ray\n"
+        f"ray.init(address={cluster.address!r})\n"
+        "print(json.dumps({'node': ray.get_runtime_context().get_node_id()}))\n"
+    )
+    assert by_address["node"] == (cluster.session_dir / "node.ready").read_text()
     for count, span in asyncio.run(_heartbeats_per_node(_gcs_url(cluster))):
         assert count <= span + 1  # load heartbeats: at most one per node per second
 
@@ -237,9 +243,12 @@ def test_connecting_without_a_cluster_fails_clearly() -> None:
         "try:\n    ray.init(address='auto')\nexcept ConnectionError as exc:\n    print(exc)\n"
         "try:\n    ray.init(address='auto', num_cpus=2)\nexcept ValueError as exc:\n"
         "    print(exc)\n"
+        "try:\n    ray.init(address='127.0.0.1:1')\nexcept ConnectionError as exc:\n"
+        "    print(exc)\n"
     )
     result = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=_root()
     )
     assert "no running Cairn cluster was found" in result.stdout
     assert "num_cpus must not be provided" in result.stdout
+    assert "no node of the cluster at 127.0.0.1:1 runs on this machine" in result.stdout
