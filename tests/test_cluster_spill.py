@@ -209,10 +209,10 @@ def test_two_global_schedulers_never_place_a_task_twice(cluster: dict[str, str])
 def test_a_killed_global_scheduler_is_replaced_and_resumes(cluster: dict[str, str]) -> None:
     url = cluster["url"]
     (victim,) = _scheduler_pids(url)
-    refs = [quick.remote(i) for i in range(1000)]
+    refs = [quick.remote(i) for i in range(10_000)]
     time.sleep(0.5)
     os.kill(victim, signal.SIGKILL)
-    assert ray.get(refs, timeout=240) == [i + 1 for i in range(1000)]
+    assert ray.get(refs, timeout=280) == [i + 1 for i in range(10_000)]
     assert _scheduler_pids(url) and victim not in _scheduler_pids(url)  # restarted
     placements = _placements(url)
     assert max(placements.values()) == 1
