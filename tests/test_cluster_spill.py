@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -82,7 +83,7 @@ def make_array(n: int) -> np.ndarray:
 
 @ray.remote(num_cpus=2)
 def digest(array: np.ndarray) -> tuple[str, str]:
-    return hashlib.sha256(array.tobytes()).hexdigest(), ray.get_runtime_context().get_node_id()
+    return hashlib.sha256(array).hexdigest(), ray.get_runtime_context().get_node_id()
 
 
 @ray.remote(num_cpus=1)
@@ -140,19 +141,65 @@ def test_tasks_that_do_not_fit_spill_to_other_nodes(cluster: dict[str, str]) -> 
     assert ray.get(on_two_cpus.remote(), timeout=60) in (cluster["node1"], cluster["node2"])
 
 
-def test_objects_move_between_nodes_intact(cluster: dict[str, str]) -> None:
-    n = 25_000_000  # 200 MB of int64, made on a 2-CPU node, pulled back in 1 MiB chunks
-    array = ray.get(make_array.remote(n), timeout=120)
-    expected = hashlib.sha256(np.arange(n, dtype=np.int64).tobytes()).hexdigest()
-    assert hashlib.sha256(array.tobytes()).hexdigest() == expected
-    # and sent as an argument from the driver's node to a task that must run elsewhere
-    got, node = ray.get(digest.remote(ray.put(array)), timeout=120)
+def _daemon_pids() -> list[int]:
+    pids = []
+    for record in local_node.local_nodes():
+        node_id = (record.session_dir / "node.ready").read_text()
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    cmd = (entry / "cmdline").read_bytes()
+                except OSError:
+                    continue
+                if b"controlplane.node" in cmd and node_id.encode() in cmd:
+                    pids.append(int(entry.name))
+    return pids
+
+
+def _private_memory(pid: int) -> int:
+    """Bytes of the process's own (anonymous) memory; mapped store segments excluded."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def test_objects_move_between_nodes_intact_in_bounded_memory(cluster: dict[str, str]) -> None:
+    n = 62_500_000  # 500 MB of int64, made on a 2-CPU node, pulled back in 1 MiB chunks
+    daemons = _daemon_pids()
+    assert len(daemons) == 3
+    warm = ray.get(make_array.remote(2_500_000), timeout=120)  # gRPC and buffers set up
+    ray.get(digest.remote(ray.put(warm)), timeout=120)
+    before = {pid: _private_memory(pid) for pid in daemons}
+    peak = dict(before)
+    sampling = True
+
+    def sample() -> None:
+        while sampling:
+            for pid in daemons:
+                peak[pid] = max(peak[pid], _private_memory(pid))
+            time.sleep(0.01)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        array = ray.get(make_array.remote(n), timeout=120)
+        # and sent as an argument from the driver's node to a task that must run elsewhere
+        got, node = ray.get(digest.remote(ray.put(array)), timeout=120)
+    finally:
+        sampling = False
+        sampler.join()
+    expected = hashlib.sha256(np.arange(n, dtype=np.int64)).hexdigest()
+    assert hashlib.sha256(array).hexdigest() == expected
     assert got == expected and node != cluster["head"]
+    growth = max(peak[pid] - before[pid] for pid in daemons)
+    # bounded by the chunks in flight, not the object: 500 MB moved twice
+    assert growth < 64 * 1024 * 1024, f"a node daemon grew by {growth:,} bytes"
     moved = asyncio.run(
         _fetch(
             cluster["url"],
             "SELECT count(*) AS n FROM events WHERE event_type = 'transferred' "
-            "AND (payload->>'size_bytes')::bigint > 200000000",
+            "AND (payload->>'size_bytes')::bigint >= 500000000",
         )
     )
     assert moved[0]["n"] >= 2  # the result back home, the argument out

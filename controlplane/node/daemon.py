@@ -48,7 +48,7 @@ from controlplane.node.objects import ObjectTable
 from controlplane.node.placement_groups import Bundle, PlacementGroupRecord, PlacementGroupsMixin
 from controlplane.node.resources import ResourcePool
 from controlplane.node.segment_pool import SegmentPool
-from controlplane.node.transfer import Puller, serve_object
+from controlplane.node.transfer import Puller, object_service
 from controlplane.sql import queries
 from dataplane import protocol as p
 from dataplane import shm
@@ -206,14 +206,19 @@ class NodeDaemon(ActorsMixin, ClusterMixin, PlacementGroupsMixin):
         """Starts the gRPC service, liveness pings, load heartbeats and, on the head,
         the membership monitor (see controlplane/membership.py)."""
         assert self.rpc_port is not None
-        handlers = {"Info": lambda _request: self._cluster_info(), "Release": self._owner_released}
+        object_info, read_object = object_service(self.objects)
+        handlers = {
+            "Info": lambda _request: self._cluster_info(),
+            "Release": self._owner_released,
+            "ObjectInfo": object_info,
+        }
         if self.head:
             handlers["Join"] = lambda _request: {
                 "gcs_url": self.gcs_url,
                 "head_node_id": self.node_id,
             }
         self._rpc, port = await rpc.serve(
-            self.rpc_host, self.rpc_port, handlers, {"PullObject": serve_object(self.objects)}
+            self.rpc_host, self.rpc_port, handlers, {"ReadObject": read_object}
         )
         self.address = f"{self.rpc_host}:{port}"
         (self.session_dir / "node.address").write_text(self.address)

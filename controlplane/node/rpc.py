@@ -1,8 +1,9 @@
 """The node daemon's gRPC service (``cairn.Node``), for what crosses a node boundary.
 
 ``Info`` (the node's id, resources and load); on the head, ``Join`` (what a node
-joining the cluster needs: the GCS URL); ``PullObject`` (an object's bytes, streamed in
-chunks) and ``Release`` (the puller has its copy: the node may free its own). Messages
+joining the cluster needs: the GCS URL); ``ObjectInfo`` and ``ReadObject`` (an
+object's size, then its bytes one chunk per call) and ``Release`` (the puller has its
+copy: the node may free its own). Messages
 are JSON objects, so no generated code is needed (grpcio's generic handlers). Token
 authentication comes with issue 8; until then the server listens on loopback unless
 told otherwise.
@@ -11,7 +12,7 @@ told otherwise.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -19,14 +20,14 @@ import grpc
 SERVICE = "cairn.Node"
 DEFAULT_HEAD_PORT = 6380
 _JOIN_TIMEOUT_S = 5.0
-CHUNK_SIZE = 1 << 20  # object transfer: the bytes in one stream message
+CHUNK_SIZE = 1 << 20  # object transfer: the bytes of one ReadObject call
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", 2 * CHUNK_SIZE),
     ("grpc.max_receive_message_length", 2 * CHUNK_SIZE),
 ]
 
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
-StreamHandler = Callable[[dict[str, Any], grpc.aio.ServicerContext], AsyncIterator[bytes]]
+RawHandler = Callable[[dict[str, Any], grpc.aio.ServicerContext], Awaitable[bytes]]
 
 
 def _encode(message: dict[str, Any]) -> bytes:
@@ -53,14 +54,14 @@ async def serve(
     host: str,
     port: int,
     handlers: dict[str, Handler],
-    streams: dict[str, StreamHandler] | None = None,
+    raw_handlers: dict[str, RawHandler] | None = None,
 ) -> tuple[grpc.aio.Server, int]:
     """Starts the service on host:port (0: a free port); returns it and its port.
-    ``handlers`` answer one JSON object; ``streams`` answer a stream of raw bytes."""
+    ``handlers`` answer a JSON object; ``raw_handlers`` answer raw bytes."""
     methods = {name: _unary(handler) for name, handler in handlers.items()}
-    for name, stream in (streams or {}).items():
-        methods[name] = grpc.unary_stream_rpc_method_handler(
-            stream, request_deserializer=_decode, response_serializer=bytes
+    for name, raw in (raw_handlers or {}).items():
+        methods[name] = grpc.unary_unary_rpc_method_handler(
+            raw, request_deserializer=_decode, response_serializer=bytes
         )
     server = grpc.aio.server(options=CHANNEL_OPTIONS)
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, methods)])
@@ -71,9 +72,9 @@ async def serve(
     return server, bound
 
 
-def stream_stub(channel: grpc.aio.Channel, method: str) -> Any:
-    """A client of one of ``streams`` (request: a JSON object; responses: bytes)."""
-    return channel.unary_stream(
+def raw_stub(channel: grpc.aio.Channel, method: str) -> Any:
+    """A client of one of ``raw_handlers`` (request: a JSON object; response: bytes)."""
+    return channel.unary_unary(
         f"/{SERVICE}/{method}", request_serializer=_encode, response_deserializer=bytes
     )
 

@@ -1,16 +1,18 @@
-"""Object transfer between nodes over gRPC: ``PullObject`` streams an object's bytes in
-chunks of ``rpc.CHUNK_SIZE``; the puller writes each chunk into a new segment of its own
-store as it arrives, so neither side holds more than a chunk or two in memory whatever
-the object's size. Concurrent pulls of one object share one transfer.
+"""Object transfer between nodes over gRPC. The puller asks for an object's size
+(``ObjectInfo``), then reads it in chunks of ``rpc.CHUNK_SIZE`` (``ReadObject``), at
+most ``CHUNKS_IN_FLIGHT`` at a time, writing each into a new segment of its own store as
+it arrives: memory on both sides is bounded by the chunks in flight, whatever the
+object's size (the puller asks, so neither side can run ahead of the other). Concurrent
+pulls of one object share one transfer. The object stays put on its node meanwhile: it
+is held there for the task that needs it (an argument) or until the puller releases it
+(a result).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
-from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -20,41 +22,47 @@ from controlplane.node.objects import ObjectTable
 from dataplane import protocol as p
 from dataplane import shm
 
+CHUNKS_IN_FLIGHT = 4
+
 
 class TransferError(ConnectionError):
     """The object could not be pulled (its node is gone, or no longer has it)."""
 
 
-def serve_object(objects: ObjectTable) -> rpc.StreamHandler:
-    """The ``PullObject`` handler over this node's object table."""
+def object_service(objects: ObjectTable) -> tuple[rpc.Handler, rpc.RawHandler]:
+    """The ``ObjectInfo`` and ``ReadObject`` handlers over this node's object table."""
 
-    async def pull(
-        request: dict[str, Any], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[bytes]:
-        object_id = str(request.get("object_id", ""))
+    def located(object_id: str) -> p.ObjectLocation | None:
         if not objects.is_ready(object_id):
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"no object {object_id} here")
+            return None
         location = objects.location(object_id)
-        if location.error is not None:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, location.error.message)
-        objects.pin(object_id)  # not freed while it streams
-        try:
-            header = {"size": location.size, "contained": list(location.contained)}
-            yield json.dumps(header).encode()
-            if location.inline is not None:
-                yield location.inline
-                return
-            assert location.shm_name is not None
-            mapping = shm.map_segment(location.shm_name, location.size)
-            try:
-                for offset in range(0, location.size, rpc.CHUNK_SIZE):
-                    yield mapping[offset : offset + rpc.CHUNK_SIZE]
-            finally:
-                mapping.close()
-        finally:
-            objects.unpin(object_id)
+        return location if location.error is None else None
 
-    return pull
+    def info(request: dict[str, Any]) -> dict[str, Any]:
+        location = located(str(request.get("object_id", "")))
+        if location is None:
+            return {"missing": True}
+        return {"size": location.size, "contained": list(location.contained)}
+
+    async def read(request: dict[str, Any], context: grpc.aio.ServicerContext) -> bytes:
+        object_id = str(request.get("object_id", ""))
+        offset, length = int(request.get("offset", 0)), int(request.get("length", 0))
+        location = located(object_id)
+        if location is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no object {object_id} here")
+        assert location is not None
+        if not 0 <= offset <= location.size or not 0 < length <= rpc.CHUNK_SIZE:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "bad chunk range")
+        if location.inline is not None:
+            return location.inline[offset : offset + length]
+        assert location.shm_name is not None
+        fd = os.open(shm.SHM_DIR / location.shm_name, os.O_RDONLY)
+        try:
+            return os.pread(fd, length, offset)
+        finally:
+            os.close(fd)
+
+    return info, read
 
 
 class Puller:
@@ -76,15 +84,17 @@ class Puller:
 
     async def _pull(self, address: str, object_id: str) -> p.ObjectLocation:
         async with grpc.aio.insecure_channel(address, options=rpc.CHANNEL_OPTIONS) as channel:
-            stream = rpc.stream_stub(channel, "PullObject")({"object_id": object_id})
             try:
-                header = json.loads(await stream.read())
-                size, contained = int(header["size"]), tuple(header["contained"])
+                info = await rpc.unary_stub(channel, "ObjectInfo")({"object_id": object_id})
+                if info.get("missing"):
+                    raise TransferError(f"node {address} no longer has object {object_id}")
+                size, contained = int(info["size"]), tuple(info["contained"])
+                read = rpc.raw_stub(channel, "ReadObject")
                 if size <= shm.INLINE_LIMIT:
-                    data = b"".join([chunk async for chunk in _chunks(stream)])
+                    data = await read({"object_id": object_id, "offset": 0, "length": size})
                     _check_size(object_id, address, len(data), size)
                     return p.ObjectLocation(object_id, inline=data, size=size, contained=contained)
-                return await self._into_segment(object_id, address, size, contained, stream)
+                return await self._into_segment(object_id, address, size, contained, read)
             except grpc.aio.AioRpcError as exc:
                 raise TransferError(
                     f"could not pull object {object_id} from {address}: "
@@ -92,12 +102,7 @@ class Puller:
                 ) from None
 
     async def _into_segment(
-        self,
-        object_id: str,
-        address: str,
-        size: int,
-        contained: tuple[str, ...],
-        stream: Any,
+        self, object_id: str, address: str, size: int, contained: tuple[str, ...], read: Any
     ) -> p.ObjectLocation:
         if not self.objects.charge(size):
             raise TransferError(
@@ -105,13 +110,18 @@ class Puller:
             )
         name = shm.segment_name(self.node_id, object_id)
         fd = os.open(shm.SHM_DIR / name, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
-        received = 0
+        slots = asyncio.Semaphore(CHUNKS_IN_FLIGHT)
+
+        async def chunk(offset: int) -> None:
+            async with slots:
+                length = min(rpc.CHUNK_SIZE, size - offset)
+                data = await read({"object_id": object_id, "offset": offset, "length": length})
+                _check_size(object_id, address, len(data), length)
+                os.pwrite(fd, data, offset)
+
         try:
             os.ftruncate(fd, size)
-            async for chunk in _chunks(stream):
-                os.pwrite(fd, chunk, received)
-                received += len(chunk)
-            _check_size(object_id, address, received, size)
+            await asyncio.gather(*(chunk(o) for o in range(0, size, rpc.CHUNK_SIZE)))
         except BaseException:
             self.objects.uncharge(size)
             shm.unlink_segment(name)
@@ -119,13 +129,6 @@ class Puller:
         finally:
             os.close(fd)
         return p.ObjectLocation(object_id, shm_name=name, size=size, contained=contained)
-
-
-async def _chunks(stream: Any) -> AsyncIterator[bytes]:
-    """The rest of a stream whose first message was taken with ``read()`` (gRPC does
-    not allow iterating a stream after reading from it)."""
-    while (chunk := await stream.read()) is not grpc.aio.EOF:
-        yield chunk
 
 
 def _check_size(object_id: str, address: str, got: int, size: int) -> None:
