@@ -234,9 +234,9 @@ def status() -> None:
                 f"arguments; actors: {load['actors']}"
             )
     if infeasible:
-        click.echo(f"{len(infeasible)} infeasible tasks (no node has their resources):")
-        for task_id, resources in infeasible[:20]:
-            click.echo(f"  task {task_id} needs {resources}")
+        click.echo(f"{len(infeasible)} infeasible tasks or actors (no node can run them):")
+        for kind, entity_id, resources in infeasible[:20]:
+            click.echo(f"  {kind} {entity_id} needs {resources}")
 
 
 def run() -> None:

@@ -150,14 +150,14 @@ class MembershipMonitor:
                 await self._conn.close(timeout=2)
 
 
-async def infeasible_tasks(url: str) -> list[tuple[str, dict[str, float]]]:
-    """(task id, resources) of the tasks no node of the cluster can run."""
+async def infeasible_tasks(url: str) -> list[tuple[str, str, dict[str, float]]]:
+    """(kind, id, resources) of the tasks and actors no node of the cluster can run."""
     conn = await connect(url)
     try:
         rows = await conn.fetch(queries["infeasible_tasks"])
     finally:
         await conn.close()
-    return [(row["task_id"], json.loads(row["resources"])) for row in rows]
+    return [(row["kind"], row["task_id"], json.loads(row["resources"])) for row in rows]
 
 
 async def cluster_nodes(url: str) -> list[dict[str, Any]]:

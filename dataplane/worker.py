@@ -1,7 +1,7 @@
 """A worker process: connects to its node daemon, then executes the tasks it is sent,
 one at a time, reading arguments from the store and writing results into it.
 
-Run as ``python -m dataplane.worker SOCKET WORKER_ID``; the daemon starts and replaces
+Run as ``python -m dataplane.worker SOCKET WORKER_ID [PARENT_PID]``; the daemon starts and replaces
 workers. A task cancelled without force gets KeyboardInterrupt (the daemon sends
 SIGINT), which is reported as cancellation.
 """
@@ -9,6 +9,7 @@ SIGINT), which is reported as cancellation.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import inspect
 import os
 import signal
@@ -228,8 +229,18 @@ def _task_error(function_name: str, exc: BaseException) -> p.ErrorInfo:
     return p.ErrorInfo("task_error", f"{type(exc).__name__}: {exc}", function_name, text, cause)
 
 
+def _die_with(parent_pid: int) -> None:
+    """Dies with the node daemon (set here rather than in a preexec_fn: forking a
+    process with gRPC's threads and running Python before exec can deadlock)."""
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent_pid:  # it died before we asked
+        os._exit(1)
+
+
 def main() -> None:
     socket_path, worker_id = sys.argv[1], sys.argv[2]
+    if len(sys.argv) > 3:
+        _die_with(int(sys.argv[3]))
     signal.signal(signal.SIGINT, signal.default_int_handler)
     client = CoreClient(socket_path, "worker", worker_id)
     context.set_client(client)

@@ -211,14 +211,21 @@ def test_a_task_runs_where_its_big_argument_is_when_it_fits(cluster: dict[str, s
     assert value == 25_000_000 and node == cluster["head"]
 
 
-def test_an_infeasible_task_is_reported_not_silently_queued(cluster: dict[str, str]) -> None:
+def test_infeasible_work_is_reported_not_silently_queued(cluster: dict[str, str]) -> None:
+    @ray.remote(resources={"unobtainium": 1})
+    class Unplaceable:
+        def ping(self) -> str:
+            return "pong"
+
     ref = where.options(resources={"unobtainium": 1}).remote(1)
+    actor = Unplaceable.remote()
     with pytest.raises(GetTimeoutError):
-        ray.get(ref, timeout=3)
+        ray.get([ref, actor.ping.remote()], timeout=3)
     status = _cairn("status")
-    assert "infeasible tasks" in status and ref.task_id() in status
-    assert "unobtainium" in status
+    assert "infeasible tasks or actors" in status and "unobtainium" in status
+    assert f"task {ref.task_id()}" in status and f"actor {actor._actor_id}" in status
     ray.cancel(ref)
+    ray.kill(actor)
 
 
 def _scheduler_pids(url: str) -> list[int]:

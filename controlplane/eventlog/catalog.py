@@ -101,6 +101,7 @@ CATALOG: dict[tuple[EntityKind, str], EventType] = {
         ("scheduled", {}, {}),
         ("alive", {"worker_id": str}, {}),
         ("restarting", {"attempt": int}, {}),
+        ("infeasible", {"reason": str}, {"resources": dict}),
         ("dead", {"cause": str}, {}),
     ),
     **_types(

@@ -10,6 +10,7 @@ A mixin of NodeDaemon: it uses the daemon's task, object and worker bookkeeping.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
     from controlplane.node.daemon import Connection, TaskRecord, WorkerHandle
 
 K = EntityKind
+log = logging.getLogger("cairn.node")
 # Calls sent to an actor's worker ahead of those it is running, so that it never waits
 # for the daemon between calls; the worker still runs them in the order sent, at most
 # max_concurrency at a time. If the actor's process dies, calls sent but not begun are
@@ -36,6 +38,7 @@ class ActorRecord:
     state: str = "PENDING_CREATION"
     worker: WorkerHandle | None = None
     creation_sent: bool = False
+    reported_infeasible: bool = False
     queue: deque[TaskRecord] = field(default_factory=deque)
     running: dict[str, TaskRecord] = field(default_factory=dict)  # task id -> call
     death: p.ErrorInfo | None = None
@@ -129,6 +132,8 @@ class ActorsMixin:
                 if bundle is None:
                     return  # tried again whenever the group is ready or frees resources
             elif not self.resources.available_for(creation.spec.resources):
+                if not self.resources.fits_total(creation.spec.resources):
+                    self._report_infeasible_actor(actor)
                 return  # tried again whenever resources are released
             self._take_resources(creation, bundle)
             actor.creation_sent = True
@@ -145,6 +150,30 @@ class ActorsMixin:
                 continue
             actor.running[record.spec.task_id] = record
             self._send_to_worker(record, handle)
+
+    def _report_infeasible_actor(self: Any, actor: ActorRecord) -> None:
+        """Once: the actor needs more than this node has, so it waits (actors are not
+        placed on other nodes yet); a warning and an ``infeasible`` event say so."""
+        if actor.reported_infeasible:
+            return
+        actor.reported_infeasible = True
+        request = actor.creation.spec.resources
+        reason = (
+            f"it needs {request} and this node has {self.resources.total}; actors run on "
+            "their creator's node so far"
+        )
+        log.warning("actor %s cannot be scheduled: %s", actor.actor_id, reason)
+        self._log(
+            [
+                Event(
+                    K.ACTOR,
+                    actor.actor_id,
+                    "infeasible",
+                    {"reason": reason, "resources": request},
+                    node_id=self.node_id,
+                )
+            ]
+        )
 
     def _actor_task_done(self: Any, actor: ActorRecord, done: p.TaskDone) -> None:
         if done.task_id == actor.creation.spec.task_id:

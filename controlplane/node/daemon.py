@@ -58,6 +58,7 @@ K = EntityKind
 _FINAL_FLUSH_TIMEOUT_S = 5.0
 _LINGER_S = 0.005
 _POOL_LIMIT = 2 * 1024**3
+_WORKER = [sys.executable, "-m", "dataplane.worker"]
 
 
 @dataclass
@@ -951,9 +952,9 @@ class NodeDaemon(ActorsMixin, ClusterMixin, PlacementGroupsMixin):
     def _start_worker(self, actor_id: str | None = None) -> WorkerHandle:
         worker_id = f"{self.node_id}-w{next(self._worker_ids)}"
         process = subprocess.Popen(
-            [sys.executable, "-m", "dataplane.worker", self.socket_path, worker_id],
+            # the last argument: the worker dies with this process
+            [*_WORKER, self.socket_path, worker_id, str(os.getpid())],
             stdin=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent,
         )
         handle = self.workers[worker_id] = WorkerHandle(worker_id, process, actor_id=actor_id)
         return handle
@@ -1037,12 +1038,6 @@ def _queue_key(spec: p.TaskSpec) -> tuple[Any, ...]:
 def _report_log_failure(future: asyncio.Future[list[int]]) -> None:
     if not future.cancelled() and future.exception() is not None:
         log.error("node daemon: events could not be recorded: %s", future.exception())
-
-
-def _die_with_parent() -> None:
-    import ctypes
-
-    ctypes.CDLL(None).prctl(1, signal.SIGKILL)
 
 
 def new_node_id() -> str:

@@ -85,13 +85,14 @@ SELECT position, event_id, recorded_at, job_id, entity_kind::text AS entity_kind
  ORDER BY position
 
 -- infeasible_tasks --
--- Tasks reported infeasible (no node has their resources) and not placed since.
-SELECT i.entity_id AS task_id, i.payload->'resources' AS resources
+-- Tasks and actors reported infeasible (no node has their resources) and not placed,
+-- ended or dead since.
+SELECT i.entity_kind::text AS kind, i.entity_id AS task_id, i.payload->'resources' AS resources
   FROM events i
- WHERE i.entity_kind = 'task' AND i.event_type = 'infeasible'
+ WHERE i.entity_kind IN ('task', 'actor') AND i.event_type = 'infeasible'
    AND NOT coalesce((i.payload->>'final')::boolean, false)
    AND NOT EXISTS (SELECT 1 FROM events p
-                    WHERE p.entity_kind = 'task' AND p.entity_id = i.entity_id
-                      AND p.event_type IN ('placed', 'cancelled', 'failed')
+                    WHERE p.entity_kind = i.entity_kind AND p.entity_id = i.entity_id
+                      AND p.event_type IN ('placed', 'cancelled', 'failed', 'alive', 'dead')
                       AND p.position > i.position)
  ORDER BY i.position
