@@ -70,6 +70,9 @@ class GlobalScheduler:
         self.nodes: dict[str, NodeView] = {}
         self.pending: dict[str, Spill] = {}  # task id -> its latest unplaced spill
         self.placed: set[tuple[str, int]] = set()
+        self.groups: dict[str, RecordedEvent] = {}  # placement groups to place
+        self.group_nodes: dict[str, list[str]] = {}  # placed groups: node of each bundle
+        self.infeasible_groups: set[str] = set()
         self.appender = EventAppender(url)
 
     async def run(self) -> None:
@@ -90,6 +93,7 @@ class GlobalScheduler:
             if event.event_type == "registered":
                 total = {k: float(v) for k, v in payload["resources"].items()}
                 self.nodes[event.entity_id] = NodeView(event.entity_id, total, dict(total))
+                self.infeasible_groups.clear()  # a new node may make them placeable
             elif event.event_type == "heartbeat" and event.entity_id in self.nodes:
                 node = self.nodes[event.entity_id]
                 node.available = {k: float(v) for k, v in payload.get("available", {}).items()}
@@ -97,6 +101,15 @@ class GlobalScheduler:
                 node.placed_since_heartbeat.clear()
             elif event.event_type == "dead":
                 self.nodes.pop(event.entity_id, None)
+        elif kind is EntityKind.PLACEMENT_GROUP:
+            if event.event_type == "created" and payload.get("cluster"):
+                self.groups[event.entity_id] = event
+            elif event.event_type == "placed":
+                self.groups.pop(event.entity_id, None)
+                self.group_nodes[event.entity_id] = list(payload["bundle_nodes"])
+            elif event.event_type == "removed":
+                self.groups.pop(event.entity_id, None)
+                self.group_nodes.pop(event.entity_id, None)
         elif kind is EntityKind.TASK:
             if event.event_type == "spilled":
                 self.pending[event.entity_id] = Spill(
@@ -123,6 +136,12 @@ class GlobalScheduler:
         the default)."""
         feasible = [n for n in self.nodes.values() if n.feasible(spill.resources)]
         strategy = spill.strategy or ("DEFAULT",)
+        if strategy[0] == "PLACEMENT_GROUP":  # the node of its bundle (any, for -1)
+            nodes = self.group_nodes.get(strategy[1], [])
+            index = int(strategy[2])
+            candidates = nodes if index < 0 else nodes[index : index + 1]
+            alive = [self.nodes[n] for n in candidates if n in self.nodes]
+            return max(alive, key=lambda n: n.free("CPU")) if alive else None
         if strategy[0] == "NODE_AFFINITY":
             target = self.nodes.get(strategy[1])
             if target is not None and target in feasible:
@@ -145,8 +164,86 @@ class GlobalScheduler:
             return f"its hard node affinity names node {strategy[1]}, which is too small", True
         return f"no node of the cluster has {spill.resources}", False
 
-    async def place_pending(self) -> None:
+    def place_group(self, bundles: list[dict[str, float]], strategy: str) -> list[str] | None:
+        """A node for each bundle, by the group's strategy; None if none fits."""
+        free = {n.node_id: {k: n.free(k) for k in n.total} for n in self.nodes.values()}
+        totals = {n.node_id: n.total for n in self.nodes.values()}
+
+        def fits(node_id: str, bundle: dict[str, float]) -> bool:
+            return all(totals[node_id].get(k, 0.0) >= v for k, v in bundle.items() if v > 0)
+
+        def take(node_id: str, bundle: dict[str, float]) -> None:
+            for k, v in bundle.items():
+                free[node_id][k] = free[node_id].get(k, 0.0) - v
+
+        if strategy == "STRICT_PACK":
+            total: dict[str, float] = {}
+            for bundle in bundles:
+                for k, v in bundle.items():
+                    total[k] = total.get(k, 0.0) + v
+            able = [n for n in totals if fits(n, total)]
+            if not able:
+                return None
+            best = max(able, key=lambda n: free[n].get("CPU", 0.0))
+            return [best] * len(bundles)
+        chosen: list[str] = []
+        for bundle in bundles:
+            able = [n for n in totals if fits(n, bundle)]
+            if strategy in ("STRICT_SPREAD", "SPREAD"):
+                unused = [n for n in able if n not in chosen]
+                if strategy == "STRICT_SPREAD" or unused:
+                    able = unused
+            elif (
+                strategy == "PACK"
+                and chosen
+                and chosen[-1] in able
+                and all(free[chosen[-1]].get(k, 0.0) >= v for k, v in bundle.items())
+            ):
+                able = [chosen[-1]]  # keep packing onto the same node while it fits
+            if not able:
+                return None
+            node = max(able, key=lambda n: free[n].get("CPU", 0.0))
+            take(node, bundle)
+            chosen.append(node)
+        return chosen
+
+    async def place_groups(self) -> list[Event]:
         events = []
+        for pg_id, created in list(self.groups.items()):
+            bundles = [{k: float(v) for k, v in b.items()} for b in created.payload["bundles"]]
+            strategy = created.payload["strategy"]
+            nodes = self.place_group(bundles, strategy)
+            if nodes is None:
+                if pg_id not in self.infeasible_groups:
+                    self.infeasible_groups.add(pg_id)
+                    reason = f"no {strategy} placement of {bundles} on the {len(self.nodes)} nodes"
+                    log.warning("placement group %s: %s", pg_id, reason)
+                    events.append(
+                        Event(
+                            EntityKind.PLACEMENT_GROUP,
+                            pg_id,
+                            "infeasible",
+                            {"reason": reason},
+                            event_id=uuid.uuid5(_PLACEMENT_IDS, f"{pg_id}:x"),
+                        )
+                    )
+                continue
+            del self.groups[pg_id]
+            self.group_nodes[pg_id] = nodes
+            events.append(
+                Event(
+                    EntityKind.PLACEMENT_GROUP,
+                    pg_id,
+                    "placed",
+                    {"bundle_nodes": nodes, "bundles": bundles, "strategy": strategy},
+                    job_id=created.job_id,
+                    event_id=uuid.uuid5(_PLACEMENT_IDS, f"{pg_id}:placed"),
+                )
+            )
+        return events
+
+    async def place_pending(self) -> None:
+        events = await self.place_groups()
         for task_id, spill in list(self.pending.items()):
             if (task_id, spill.attempt) in self.placed:
                 del self.pending[task_id]

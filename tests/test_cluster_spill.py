@@ -304,6 +304,28 @@ def test_spread_and_node_affinity(cluster: dict[str, str]) -> None:
     remove_placement_group(four)
 
 
+def test_placement_groups_across_nodes(cluster: dict[str, str]) -> None:
+    from sdk.util import placement_group, placement_group_table, remove_placement_group
+    from sdk.util.scheduling_strategies import PlacementGroupSchedulingStrategy as InGroup
+
+    nodes = {cluster["head"], cluster["node1"], cluster["node2"]}
+    for _ in range(2):  # the second time on resources the first gave back
+        spread = placement_group([{"CPU": 0.5}] * 3, strategy="STRICT_SPREAD")
+        assert spread.wait(60)
+        where_bundles = placement_group_table(spread)["bundles_to_node_id"]
+        assert set(where_bundles.values()) == nodes  # one bundle per node
+        for index, node in where_bundles.items():
+            task = node_of.options(scheduling_strategy=InGroup(spread, index))
+            assert ray.get(task.remote(), timeout=60) == node
+        remove_placement_group(spread)
+    packed = placement_group([{"CPU": 1}, {"CPU": 1}], strategy="STRICT_PACK")
+    assert packed.wait(60)
+    (node,) = set(placement_group_table(packed)["bundles_to_node_id"].values())
+    assert node in (cluster["node1"], cluster["node2"])  # the head has 1 CPU
+    assert ray.get(node_of.options(scheduling_strategy=InGroup(packed)).remote()) == node
+    remove_placement_group(packed)
+
+
 @ray.remote(num_cpus=2, max_retries=2)
 def slow_on_two(seconds: float) -> str:
     time.sleep(seconds)

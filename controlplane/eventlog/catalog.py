@@ -112,7 +112,9 @@ CATALOG: dict[tuple[EntityKind, str], EventType] = {
     ),
     **_types(
         _K.PLACEMENT_GROUP,
-        ("created", {"bundles": list, "strategy": str}, {"name": str}),
+        ("created", {"bundles": list, "strategy": str}, {"name": str, "cluster": bool}),
+        ("placed", {"bundle_nodes": list}, {"bundles": list, "strategy": str}),
+        ("bundle_reserved", {"index": int}, {}),
         ("ready", {}, {"bundle_nodes": list}),
         ("infeasible", {"reason": str}, {}),
         ("removed", {}, {}),

@@ -128,6 +128,8 @@ class ClusterMixin:
             elif kind_type == "dead":
                 self.peers.discard(event.entity_id)
                 self._node_lost(event.entity_id)
+        elif kind is K.PLACEMENT_GROUP and kind_type in ("placed", "bundle_reserved", "removed"):
+            self._on_group_event(event)
         elif kind is K.TASK and kind_type == "placed":
             if event.payload["node_id"] == self.node_id:
                 self._run_placed(event)

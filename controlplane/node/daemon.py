@@ -719,6 +719,10 @@ class NodeDaemon(ActorsMixin, ClusterMixin, PlacementGroupsMixin):
                     continue
                 request = record.spec.resources
                 if record.spec.strategy and record.spec.strategy[0] == "PLACEMENT_GROUP":
+                    if self._bundle_elsewhere(record):  # to the node of its bundle
+                        queue.popleft()
+                        self._spill(record)
+                        continue
                     bundle, never = self._bundle_for(record)
                     if never is not None:
                         queue.popleft()

@@ -34,7 +34,9 @@ K = EntityKind
 @dataclass
 class Bundle:
     request: dict[str, float]
-    pool: ResourcePool | None = None  # once reserved
+    node_id: str | None = None  # where it is (to be) reserved; None: not placed yet
+    reserved: bool = False  # (owner's view) reserved on its node
+    pool: ResourcePool | None = None  # once reserved, if on this node
     gpu_ids: list[str] = field(default_factory=list)  # the node's GPUs given to it
     in_use: int = 0  # tasks and actors running in it
 
@@ -51,6 +53,8 @@ class PlacementGroupRecord:
     detached: bool
     state: str = "PENDING"  # PENDING, CREATED, REMOVED
     reported_infeasible: bool = False
+    cluster: bool = False  # its bundles are placed by the global schedulers
+    owned: bool = True  # made by a driver of this node (else: some bundles are here)
 
     def entry(self, node_id: str) -> dict[str, Any]:
         """The group as Ray's placement_group_table shows it."""
@@ -59,7 +63,7 @@ class PlacementGroupRecord:
             "placement_group_id": self.pg_id,
             "name": self.name,
             "bundles": {i: dict(b.request) for i, b in enumerate(self.bundles)},
-            "bundles_to_node_id": {i: node_id for i in range(len(self.bundles))}
+            "bundles_to_node_id": {i: b.node_id or node_id for i, b in enumerate(self.bundles)}
             if reserved
             else {},
             "strategy": self.strategy,
@@ -82,11 +86,16 @@ class PlacementGroupsMixin:
             conn,
             msg.detached,
         )
+        record.cluster = self.rpc_port is not None and bool(self.peers)
         self.placement_groups[msg.pg_id] = record
         conn.holding.add(msg.ready_object_id)
         self.objects.hold(msg.ready_object_id)
         self.objects.expect(msg.ready_object_id)
-        payload: dict[str, Any] = {"bundles": msg.bundles, "strategy": msg.strategy}
+        payload: dict[str, Any] = {
+            "bundles": msg.bundles,
+            "strategy": msg.strategy,
+            "cluster": record.cluster,
+        }
         if msg.name:
             payload["name"] = msg.name
         self._log(
@@ -105,7 +114,10 @@ class PlacementGroupsMixin:
 
     def _reserve_placement_groups(self: Any) -> None:
         """Reserves every pending group that fits now (called by _schedule)."""
-        for record in self.placement_groups.values():
+        for record in list(self.placement_groups.values()):
+            if record.cluster:
+                self._reserve_bundles_placed_here(record)
+                continue
             if record.state != "PENDING":
                 continue
             why_not = self._never_fits(record)
@@ -127,28 +139,102 @@ class PlacementGroupsMixin:
                 bundle.gpu_ids = self.resources.acquire(bundle.request)
                 bundle.pool = ResourcePool(bundle.request)
                 bundle.pool.gpu_names = list(bundle.gpu_ids) or bundle.pool.gpu_names
-            record.state = "CREATED"
-            serialized, _ = serialize_with_refs(True)
-            location = p.ObjectLocation(
-                record.ready_object_id, inline=serialized.to_bytes(), size=serialized.total_size
+                bundle.node_id, bundle.reserved = self.node_id, True
+            self._group_ready(record)
+
+    def _group_ready(self: Any, record: PlacementGroupRecord) -> None:
+        """Every bundle is reserved: the group is ready (its ready object with it)."""
+        record.state = "CREATED"
+        serialized, _ = serialize_with_refs(True)
+        location = p.ObjectLocation(
+            record.ready_object_id, inline=serialized.to_bytes(), size=serialized.total_size
+        )
+        self.objects.charge(location.size, force=True)
+        ready = Event(
+            K.PLACEMENT_GROUP,
+            record.pg_id,
+            "ready",
+            {"bundle_nodes": [b.node_id for b in record.bundles]},
+            job_id=record.job_id,
+            node_id=self.node_id,
+        )
+        created = self._created_event(location, None, record.job_id)
+        self._make_durable_then_ready([location], [ready, created], record.owner)
+
+    # -- bundles on several nodes (placed by the global schedulers) -------------------
+
+    def _reserve_bundles_placed_here(self: Any, record: PlacementGroupRecord) -> None:
+        """Reserves this node's bundles of a group placed across the cluster, all
+        together once they fit, and says so in the log (``bundle_reserved``)."""
+        if record.state == "REMOVED":
+            return
+        here = [
+            (i, b) for i, b in enumerate(record.bundles) if b.node_id == self.node_id and not b.pool
+        ]
+        if not here:
+            return
+        total: dict[str, float] = {}
+        for _, bundle in here:
+            for key, amount in bundle.request.items():
+                total[key] = total.get(key, 0.0) + amount
+        if not self.resources.available_for(total):
+            return
+        for index, bundle in here:
+            bundle.gpu_ids = self.resources.acquire(bundle.request)
+            bundle.pool = ResourcePool(bundle.request)
+            bundle.pool.gpu_names = list(bundle.gpu_ids) or bundle.pool.gpu_names
+            self._log(
+                [
+                    Event(
+                        K.PLACEMENT_GROUP,
+                        record.pg_id,
+                        "bundle_reserved",
+                        {"index": index},
+                        node_id=self.node_id,
+                    )
+                ]
             )
-            self.objects.charge(location.size, force=True)
-            ready = Event(
-                K.PLACEMENT_GROUP,
-                record.pg_id,
-                "ready",
-                {"bundle_nodes": [self.node_id] * len(record.bundles)},
-                job_id=record.job_id,
-                node_id=self.node_id,
-            )
-            created = self._created_event(location, None, record.job_id)
-            self._make_durable_then_ready([location], [ready, created], record.owner)
+
+    def _on_group_event(self: Any, event: Any) -> None:
+        """Placement group events of other nodes and schedulers (from the log)."""
+        pg_id, kind = event.entity_id, event.event_type
+        group = self.placement_groups.get(pg_id)
+        if kind == "placed":
+            nodes = event.payload["bundle_nodes"]
+            if group is None:
+                if self.node_id not in nodes:
+                    return
+                bundles = [Bundle(dict(b)) for b in event.payload["bundles"]]
+                group = PlacementGroupRecord(
+                    pg_id,
+                    bundles,
+                    event.payload["strategy"],
+                    "",
+                    event.job_id or "",
+                    "",
+                    None,
+                    True,
+                    cluster=True,
+                    owned=False,
+                )
+                self.placement_groups[pg_id] = group
+            for bundle, node_id in zip(group.bundles, nodes, strict=True):
+                bundle.node_id = node_id
+            self._schedule()
+        elif group is None:
+            return
+        elif kind == "bundle_reserved" and group.owned and group.state == "PENDING":
+            group.bundles[int(event.payload["index"])].reserved = True
+            if all(b.reserved for b in group.bundles):
+                self._group_ready(group)
+        elif kind == "removed" and not group.owned:
+            self._remove_placement_group(pg_id, log_event=False)
 
     def _never_fits(self: Any, record: PlacementGroupRecord) -> str | None:
         if record.strategy == "STRICT_SPREAD" and len(record.bundles) > 1:
             return (
-                f"STRICT_SPREAD needs {len(record.bundles)} nodes, one per bundle; groups "
-                "live on one node so far"
+                f"STRICT_SPREAD needs {len(record.bundles)} nodes, one per bundle, and this "
+                "cluster has one"
             )
         total: dict[str, float] = {}
         for bundle in record.bundles:
@@ -159,17 +245,20 @@ class PlacementGroupsMixin:
         return None
 
     def _bundle_for(self: Any, record: TaskRecord) -> tuple[Bundle | None, str | None]:
-        """For a task in a placement group: the bundle to run it in now (None: wait),
-        or why it can never run."""
+        """For a task in a placement group: the bundle of this node to run it in now
+        (None: wait, or go to the bundle's node: see _bundle_elsewhere), or why it can
+        never run."""
         _, pg_id, index, _ = record.spec.strategy
         group = self.placement_groups.get(pg_id)
         if group is None or group.state == "REMOVED":
             return None, f"its placement group {pg_id} was removed (or never existed here)"
-        if group.state != "CREATED":
+        if group.owned and group.state != "CREATED":
             return None, None
         chosen = group.bundles if int(index) < 0 else [group.bundles[int(index)]]
         request = record.spec.resources
-        if not any(b.pool.fits_total(request) for b in chosen):  # type: ignore[union-attr]
+        if not any(
+            all(b.request.get(k, 0.0) >= v for k, v in request.items() if v > 0) for b in chosen
+        ):
             return None, (
                 f"it needs {request}, more than bundle(s) {index} of placement group "
                 f"{pg_id} reserve"
@@ -178,6 +267,16 @@ class PlacementGroupsMixin:
             if bundle.pool is not None and bundle.pool.available_for(request):
                 return bundle, None
         return None, None
+
+    def _bundle_elsewhere(self: Any, record: TaskRecord) -> bool:
+        """Whether a task of a group made here must run on another node (its bundle,
+        or every bundle for index -1, is there): it is spilled to it."""
+        _, pg_id, index, _ = record.spec.strategy
+        group = self.placement_groups.get(pg_id)
+        if group is None or not group.owned or not group.cluster or group.state != "CREATED":
+            return False
+        chosen = group.bundles if int(index) < 0 else [group.bundles[int(index)]]
+        return all(b.node_id != self.node_id for b in chosen)
 
     def _bundle_taken(self: Any, bundle: Bundle) -> None:
         bundle.in_use += 1
@@ -188,15 +287,17 @@ class PlacementGroupsMixin:
         bundle.in_use -= 1
         self._maybe_return_bundles()
 
-    def _remove_placement_group(self: Any, pg_id: str, reason: str = "removed") -> None:
+    def _remove_placement_group(
+        self: Any, pg_id: str, reason: str = "removed", *, log_event: bool = True
+    ) -> None:
         group = self.placement_groups.get(pg_id)
         if group is None or group.state == "REMOVED":
             return
         was_created, group.state = group.state == "CREATED", "REMOVED"
         removed = Event(K.PLACEMENT_GROUP, pg_id, "removed", {}, node_id=self.node_id)
-        if was_created:
+        if log_event and was_created:
             self._log([removed])
-        else:  # whoever waits for it to be ready learns it never will be
+        elif log_event:  # whoever waits for it to be ready learns it never will be
             error = p.ErrorInfo("system", f"placement group {pg_id} was {reason} before ready")
             self._make_durable_then_ready(
                 [p.ObjectLocation(group.ready_object_id, error=error)], [removed], group.owner
@@ -236,7 +337,7 @@ class PlacementGroupsMixin:
 
     def _placement_groups_owner_gone(self: Any, conn: Connection) -> None:
         for group in list(self.placement_groups.values()):
-            if group.owner is conn:
+            if group.owned and group.owner is conn:
                 group.owner = None
                 if not group.detached:
                     self._remove_placement_group(group.pg_id, "removed with its job")
