@@ -1,16 +1,17 @@
-"""Placement groups on a node: bundles of resources reserved together, out of the
-node's pool, each then a pool of its own that the group's tasks and actors draw from.
+"""Placement groups on a node: bundles of resources reserved out of the node's pool,
+each then a pool of its own that the group's tasks and actors draw from.
 
-A group is reserved whole or not at all, as soon as the node has all its bundles free
-(it waits until then). On one node, PACK, SPREAD and STRICT_PACK put every bundle here;
-STRICT_SPREAD needs a node per bundle, so with more than one bundle it is never ready
-here (it is reported ``infeasible`` once). Placing bundles on several nodes is not done
-yet: a group lives on the node of the driver that made it, and so do its tasks.
+In a private single-node cluster a group is reserved whole as soon as the node has all
+its bundles free; STRICT_SPREAD with more than one bundle is never ready there (it is
+reported ``infeasible`` once). In a cluster the global schedulers place the bundles
+(``placed``), each node reserves its own (``bundle_reserved``) and the node of the
+driver that made the group marks it ready once all are; a task in a bundle of another
+node is spilled to it (controlplane/README.md, "Placement groups").
 
-Its life is in the log: ``created`` (bundles, strategy, name), ``ready`` (the node of
-each bundle), ``infeasible``, ``removed``. Removing a group fails its queued tasks; its
-running ones finish, and its resources go back to the node when the last one does. A
-group dies with its job unless created with ``lifetime="detached"``.
+Its life is in the log: ``created`` (bundles, strategy, name, cluster), ``placed``,
+``bundle_reserved``, ``ready`` (the node of each bundle), ``infeasible``, ``removed``.
+Removing a group fails its queued tasks; its running ones finish, and its resources go
+back when the last one does. A group dies with its job unless ``lifetime="detached"``.
 """
 
 from __future__ import annotations
