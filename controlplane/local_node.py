@@ -26,7 +26,7 @@ from pathlib import Path
 
 from controlplane.gcs import Gcs
 from controlplane.node.daemon import new_node_id
-from controlplane.session_dirs import new_session_dir, sweep_stale
+from controlplane.session_dirs import alive, new_session_dir, sweep_stale
 from dataplane import shm
 
 _DAEMON_START_TIMEOUT_S = 60.0
@@ -181,7 +181,7 @@ class NodeRecord:
 
     @property
     def running(self) -> bool:
-        return _alive(self.pid) and (self.session_dir / NODE_SOCKET).exists()
+        return alive(self.pid) and (self.session_dir / NODE_SOCKET).exists()
 
 
 def _nodes_dir() -> Path:
@@ -224,7 +224,7 @@ def local_nodes() -> list[NodeRecord]:
             )
         except (OSError, ValueError, KeyError, TypeError):
             continue
-        if _alive(node.pid):
+        if alive(node.pid):
             found.append(node)
         else:
             _clean_up_after(node)
@@ -357,10 +357,10 @@ def stop_local_nodes(timeout: float) -> list[str]:
             os.kill(node.pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
     for node in nodes:
-        while _alive(node.pid) and time.monotonic() < deadline:
+        while alive(node.pid) and time.monotonic() < deadline:
             time.sleep(0.05)
         kind = "head" if node.head else "node"
-        if _alive(node.pid):
+        if alive(node.pid):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(os.getpgid(node.pid), signal.SIGKILL)
             said.append(f"the {kind} (pid {node.pid}) did not stop within {timeout:g}s: killed")
@@ -368,16 +368,6 @@ def stop_local_nodes(timeout: float) -> list[str]:
             said.append(f"stopped the {kind} (pid {node.pid}, {node.session_dir})")
         (_nodes_dir() / f"{node.pid}.json").unlink(missing_ok=True)
     return said or ["no Cairn node is running here"]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _wait_ready(daemon: subprocess.Popen[bytes], session_dir: Path) -> None:

@@ -22,7 +22,8 @@ def new_session_dir() -> Path:
     return path
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether a process with this pid exists (maybe not ours to signal)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -44,10 +45,10 @@ def sweep_stale() -> list[Path]:
     removed = []
     for path in Path(tempfile.gettempdir()).glob(f"{PREFIX}*"):
         owner = _pid_in(path / _OWNER_FILE)
-        if owner is None or _alive(owner):
+        if owner is None or alive(owner):
             continue  # not ours to judge (no owner file), or still in use
         postmaster = _pid_in(path / "pgdata" / "postmaster.pid")
-        if postmaster is not None and _alive(postmaster):
+        if postmaster is not None and alive(postmaster):
             continue
         with contextlib.suppress(OSError):
             shutil.rmtree(path)

@@ -19,6 +19,7 @@ from pathlib import Path
 import asyncpg
 import numpy as np
 import pytest
+from processes import pids_with
 
 import sdk as ray
 from controlplane import local_node
@@ -145,14 +146,7 @@ def _daemon_pids() -> list[int]:
     pids = []
     for record in local_node.local_nodes():
         node_id = (record.session_dir / "node.ready").read_text()
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                try:
-                    cmd = (entry / "cmdline").read_bytes()
-                except OSError:
-                    continue
-                if b"controlplane.node" in cmd and node_id.encode() in cmd:
-                    pids.append(int(entry.name))
+        pids += pids_with("controlplane.node", node_id)
     return pids
 
 
@@ -229,16 +223,7 @@ def test_infeasible_work_is_reported_not_silently_queued(cluster: dict[str, str]
 
 
 def _scheduler_pids(url: str) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except OSError:
-                continue
-            if "controlplane.scheduler" in cmd and url in cmd:
-                pids.append(int(entry.name))
-    return pids
+    return pids_with("controlplane.scheduler", url)
 
 
 def test_two_global_schedulers_never_place_a_task_twice(cluster: dict[str, str]) -> None:

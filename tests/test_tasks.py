@@ -12,6 +12,7 @@ from pathlib import Path
 import asyncpg
 import numpy as np
 import pytest
+from processes import pids_with
 
 import sdk as ray
 from controlplane.projections import Projector
@@ -402,17 +403,7 @@ def test_runtime_context_and_cluster_resources() -> None:
 
 def _worker_pids() -> set[int]:
     """This cluster's worker processes (other clusters may run on the machine)."""
-    node_id = ray.get_runtime_context().get_node_id().encode()
-    pids = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmd = (entry / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"dataplane.worker" in cmd and node_id in cmd:
-                pids.add(int(entry.name))
-    return pids
+    return set(pids_with("dataplane.worker", ray.get_runtime_context().get_node_id()))
 
 
 @pytest.mark.timeout(300)

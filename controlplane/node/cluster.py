@@ -260,16 +260,7 @@ class ClusterMixin:
             )
             for location in returns
         ]
-        events.append(
-            Event(
-                K.TASK,
-                spec.task_id,
-                "finished",
-                {"attempt": record.attempt},
-                job_id=spec.job_id,
-                node_id=self.node_id,
-            )
-        )
+        events.append(self._finished_event(record))
         return events
 
     def _owner_released(self: Any, request: dict[str, Any]) -> dict[str, Any]:

@@ -717,7 +717,7 @@ class NodeDaemon(ActorsMixin, ClusterMixin, PlacementGroupsMixin):
                 if record.cancelled:
                     queue.popleft()
                     continue
-                request = record.spec.resources
+                bundle = None
                 if record.spec.strategy and record.spec.strategy[0] == "PLACEMENT_GROUP":
                     if self._bundle_elsewhere(record):  # to the node of its bundle
                         queue.popleft()
@@ -731,30 +731,21 @@ class NodeDaemon(ActorsMixin, ClusterMixin, PlacementGroupsMixin):
                         continue
                     if bundle is None:
                         break
-                    if not self.idle:
-                        if self._pool_size() < self.max_workers + self._blocked_count():
-                            self._start_worker()
-                        return
-                    queue.popleft()
-                    self._take_resources(record, bundle)
-                    self._run_on(record, self.idle.popleft())
-                    continue
-                if self._must_spill(record):
+                elif self._must_spill(record) or (
+                    not self.resources.available_for(record.spec.resources)
+                    and self._can_spill(record)
+                ):  # to the global scheduler
                     queue.popleft()
                     self._spill(record)
                     continue
-                if not self.resources.available_for(request):
-                    if self._can_spill(record):  # to the global scheduler
-                        queue.popleft()
-                        self._spill(record)
-                        continue
+                elif not self.resources.available_for(record.spec.resources):
                     break
                 if not self.idle:
                     if self._pool_size() < self.max_workers + self._blocked_count():
                         self._start_worker()
                     return
                 queue.popleft()
-                self._take_resources(record, None)
+                self._take_resources(record, bundle)
                 self._run_on(record, self.idle.popleft())
             if not queue:
                 del self.ready[shape]
@@ -830,22 +821,24 @@ class NodeDaemon(ActorsMixin, ClusterMixin, PlacementGroupsMixin):
         for location in returns:
             if location.shm_name is None:
                 self.objects.charge(location.size, force=True)
-        events = [
-            Event(
-                K.TASK,
-                spec.task_id,
-                "finished",
-                {"attempt": record.attempt},
-                job_id=spec.job_id,
-                node_id=self.node_id,
-            )
-        ]
+        events = [self._finished_event(record)]
         events += [self._created_event(loc, spec.task_id, spec.job_id) for loc in returns]
         if record.placed_from is not None:
             events = self._placed_finished_events(record, returns)
         record.state = "FINISHED"
         self._make_durable_then_ready(returns, events, record.submitter)
         self._task_over(record)
+
+    def _finished_event(self, record: TaskRecord) -> Event:
+        spec = record.spec
+        return Event(
+            K.TASK,
+            spec.task_id,
+            "finished",
+            {"attempt": record.attempt},
+            job_id=spec.job_id,
+            node_id=self.node_id,
+        )
 
     def _finish_failed(self, record: TaskRecord, error: p.ErrorInfo, *, log_event: bool) -> None:
         spec = record.spec
