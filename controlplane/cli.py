@@ -170,13 +170,17 @@ def start(
         raise click.ClickException(str(exc)) from exc
     if head:
         click.echo(
-            f"Started a Cairn head node at {node.address} (session {node.session_dir}).\n"
+            f"Started a Cairn head node at {node.address} (session {node.session_dir}; "
+            f"output in {local_node.node_log(node.pid)}).\n"
             f"Join nodes with `cairn start --address {node.address}`; connect drivers "
             'with sdk.init(address="auto"); `cairn status` shows the cluster, `cairn stop` '
             "stops this machine's nodes."
         )
     else:
-        click.echo(f"Started a Cairn node at {node.address}, joined to {address}.")
+        click.echo(
+            f"Started a Cairn node at {node.address}, joined to {address} (output in "
+            f"{local_node.node_log(node.pid)})."
+        )
 
 
 @main.command()

@@ -232,11 +232,18 @@ def local_nodes() -> list[NodeRecord]:
     return found
 
 
+def node_log(pid: int) -> Path:
+    """Where a node started in the background writes its output (warnings included);
+    removed when the node is stopped."""
+    return Path(tempfile.gettempdir()) / f"cairn-node-{pid}.log"
+
+
 def _clean_up_after(node: NodeRecord) -> None:
     """What a node killed outright (SIGKILL of its process group) left behind: its
     shared-memory segments and, once nothing of it runs, its session directory."""
     with contextlib.suppress(OSError):
         shm.unlink_all((node.session_dir / "node.ready").read_text().strip())
+    node_log(node.pid).unlink(missing_ok=True)
     sweep_stale()
 
 
@@ -328,16 +335,17 @@ def start_in_background(
         command += ["--head"]
         if gcs_url is not None:
             command += ["--gcs-url", gcs_url]
-    log_path = Path(tempfile.gettempdir()) / f"cairn-node-{time.time_ns()}.log"
-    with open(log_path, "wb") as log:
+    starting = Path(tempfile.gettempdir()) / f"cairn-node-{time.time_ns()}.log"
+    with open(starting, "wb") as log:
         process = subprocess.Popen(
             command, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
         )
+    log_path = node_log(process.pid)
+    starting.replace(log_path)  # the node keeps writing to it under its new name
     deadline = time.monotonic() + _DAEMON_START_TIMEOUT_S * 2
     while True:
         node = next((n for n in local_nodes() if n.pid == process.pid), None)
         if node is not None and node.running:
-            log_path.unlink(missing_ok=True)
             return node
         if process.poll() is not None or time.monotonic() > deadline:
             with contextlib.suppress(ProcessLookupError):
@@ -367,6 +375,7 @@ def stop_local_nodes(timeout: float) -> list[str]:
         else:
             said.append(f"stopped the {kind} (pid {node.pid}, {node.session_dir})")
         (_nodes_dir() / f"{node.pid}.json").unlink(missing_ok=True)
+        node_log(node.pid).unlink(missing_ok=True)
     return said or ["no Cairn node is running here"]
 
 

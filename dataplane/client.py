@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import itertools
+import logging
 import os
 import queue
 import threading
@@ -25,6 +26,7 @@ from dataplane import protocol as p
 from dataplane import shm
 from dataplane.serialization import Serialized, deserialize
 
+log = logging.getLogger("cairn")
 _OWN = 0  # a ref to an object this process created: held without telling the daemon
 _FLUSH_INTERVAL_S = 0.05
 
@@ -318,6 +320,8 @@ class CoreClient:
                         future.set_result(message)
                 elif isinstance(message, p.ObjectsReady):
                     self._remember(message.locations)
+                elif isinstance(message, p.Notice):
+                    log.warning("%s", message.text)
                 elif isinstance(message, p.ExecuteTask):
                     self.tasks.put(message)
                 elif isinstance(message, p.Shutdown):

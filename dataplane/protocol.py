@@ -297,6 +297,14 @@ class ObjectsReady:
 
 
 @dataclass(slots=True)
+class Notice:
+    """Pushed to a client: something it should be told about its work (e.g. a task of
+    its that no node can run), shown as a warning."""
+
+    text: str
+
+
+@dataclass(slots=True)
 class Reply:
     request_id: int
     value: Any = None

@@ -172,7 +172,10 @@ def test_status_and_stop(cluster: local_node.NodeRecord) -> None:
     again = _cairn("start", "--head", "--port", "0", check=False)
     assert again.returncode != 0 and "already running" in again.stderr
 
+    log = local_node.node_log(cluster.pid)
+    assert "is running at" in log.read_text()  # the head's output, kept while it runs
     stopped = _cairn("stop").stdout
+    assert not log.exists()
     assert "stopped the head" in stopped
     assert not _alive(cluster.pid)
     assert local_node.local_nodes() == []

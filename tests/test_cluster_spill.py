@@ -205,7 +205,9 @@ def test_a_task_runs_where_its_big_argument_is_when_it_fits(cluster: dict[str, s
     assert value == 25_000_000 and node == cluster["head"]
 
 
-def test_infeasible_work_is_reported_not_silently_queued(cluster: dict[str, str]) -> None:
+def test_infeasible_work_is_reported_not_silently_queued(
+    cluster: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
     @ray.remote(resources={"unobtainium": 1})
     class Unplaceable:
         def ping(self) -> str:
@@ -218,6 +220,9 @@ def test_infeasible_work_is_reported_not_silently_queued(cluster: dict[str, str]
     status = _cairn("status")
     assert "infeasible tasks or actors" in status and "unobtainium" in status
     assert f"task {ref.task_id()}" in status and f"actor {actor._actor_id}" in status
+    warned = caplog.text  # the driver is warned, as Ray's is
+    assert f"({ref.task_id()}) cannot be scheduled now" in warned
+    assert f"actor {actor._actor_id} cannot be scheduled now" in warned
     ray.cancel(ref)
     ray.kill(actor)
 

@@ -163,6 +163,7 @@ class ActorsMixin:
             "their creator's node so far"
         )
         log.warning("actor %s cannot be scheduled: %s", actor.actor_id, reason)
+        actor.owner.send(p.Notice(f"actor {actor.actor_id} cannot be scheduled now: {reason}"))
         self._log(
             [
                 Event(

@@ -154,6 +154,15 @@ class ClusterMixin:
             if kind_type == "finished":
                 del self.spilled[event.entity_id]
                 self._spawn(self._take_back(record))
+            elif kind_type == "infeasible" and not event.payload.get("final"):
+                if record.submitter is not None:  # as Ray, the driver is warned
+                    record.submitter.send(
+                        p.Notice(
+                            f"task {record.spec.name} ({event.entity_id}) cannot be scheduled "
+                            f"now: {event.payload.get('reason', '')}; it waits for a node that "
+                            "can run it"
+                        )
+                    )
             elif kind_type == "infeasible" and event.payload.get("final"):
                 del self.spilled[event.entity_id]
                 self._finish_failed(
