@@ -83,6 +83,8 @@ CATALOG: dict[tuple[EntityKind, str], EventType] = {
         ),
         ("placed", {"node_id": str, "attempt": int}, {}),
         ("infeasible", {"resources": dict}, {"reason": str, "final": bool, "attempt": int}),
+        # a call of an actor that lives on another node, handed to it (spec in data)
+        ("forwarded", {"actor_id": str, "to_node": str}, {}),
     ),
     **_types(
         _K.OBJECT,
@@ -102,6 +104,7 @@ CATALOG: dict[tuple[EntityKind, str], EventType] = {
         ("alive", {"worker_id": str}, {}),
         ("restarting", {"attempt": int}, {}),
         ("infeasible", {"reason": str}, {"resources": dict}),
+        ("kill_requested", {"no_restart": bool}, {"cause": str}),
         ("dead", {"cause": str}, {}),
     ),
     **_types(

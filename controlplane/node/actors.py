@@ -34,8 +34,10 @@ _PIPELINE_DEPTH = 64
 class ActorRecord:
     actor_id: str
     creation: TaskRecord
-    owner: Connection
+    owner: Connection | None  # None: hosted here for a driver of another node
     state: str = "PENDING_CREATION"
+    elsewhere: bool = False  # made here, lives on another node (calls go through the log)
+    placed_on: str | None = None  # that node, once the global schedulers placed it
     worker: WorkerHandle | None = None
     creation_sent: bool = False
     reported_infeasible: bool = False
@@ -81,6 +83,11 @@ class ActorsMixin:
         # runs the constructor again
         for object_id in (*spec.dependencies(), *spec.contained_refs):
             self.objects.pin(object_id)
+        if self._actor_goes_elsewhere(creation):  # placed by the global schedulers
+            actor.elsewhere = True
+            self.unscheduled_actors.discard(actor.actor_id)
+            self._when_deps_ready(creation, lambda: self._spill(creation))
+            return
         actor.worker = self._start_worker(actor_id=actor.actor_id)
         for dep in list(creation.pending_deps):
             self.objects.on_ready(dep, lambda d=dep: self._actor_dep_ready(actor, creation, d))
@@ -96,8 +103,31 @@ class ActorsMixin:
 
     # -- calls ---------------------------------------------------------------------
 
+    def _when_deps_ready(self: Any, record: TaskRecord, then: Any) -> None:
+        if not record.pending_deps:
+            then()
+            return
+        for dep in list(record.pending_deps):
+
+            def ready(d: str = dep) -> None:
+                record.pending_deps.discard(d)
+                if not record.pending_deps:
+                    then()
+
+            self.objects.on_ready(dep, ready)
+
     def _actor_call(self: Any, record: TaskRecord) -> None:
         actor = self.actors.get(record.spec.actor_id)
+        if actor is not None and actor.elsewhere and actor.death is None:
+            # its node runs it, in the order of the log; the result comes back as a
+            # spilled task's does. Calls wait here until the actor is placed.
+            record.state = "SPILLED"
+            self.spilled[record.spec.task_id] = record
+            if actor.placed_on is None:
+                actor.queue.append(record)
+            else:
+                self._forward_call(actor, record)
+            return
         if actor is None:
             self._finish_failed(
                 record,
@@ -163,7 +193,8 @@ class ActorsMixin:
             "their creator's node so far"
         )
         log.warning("actor %s cannot be scheduled: %s", actor.actor_id, reason)
-        actor.owner.send(p.Notice(f"actor {actor.actor_id} cannot be scheduled now: {reason}"))
+        if actor.owner is not None:
+            actor.owner.send(p.Notice(f"actor {actor.actor_id} cannot be scheduled now: {reason}"))
         self._log(
             [
                 Event(
@@ -247,9 +278,18 @@ class ActorsMixin:
             with contextlib.suppress(ProcessLookupError):
                 actor.worker.process.kill()
 
-    def _kill_actor(self: Any, actor_id: str, no_restart: bool) -> None:
+    def _kill_actor(self: Any, actor_id: str, no_restart: bool, cause: str = "") -> None:
         actor = self.actors.get(actor_id)
         if actor is None or actor.death is not None:
+            return
+        if actor.elsewhere:  # its node does it
+            payload: dict[str, Any] = {"no_restart": no_restart}
+            if cause:
+                payload["cause"] = cause
+            self._log([Event(K.ACTOR, actor_id, "kill_requested", payload, node_id=self.node_id)])
+            return
+        if no_restart and cause:
+            self._actor_died(actor, cause)
             return
         if no_restart:
             self._actor_died(actor, "it was killed with kill()")
@@ -374,4 +414,7 @@ class ActorsMixin:
         for actor in list(self.actors.values()):
             options = actor.creation.spec.actor_options
             if actor.owner is conn and not (options and options.detached):
-                self._actor_died(actor, "its owner exited")
+                if actor.elsewhere:
+                    self._kill_actor(actor.actor_id, True, "its owner exited")
+                else:
+                    self._actor_died(actor, "its owner exited")

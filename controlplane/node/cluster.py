@@ -64,6 +64,16 @@ class ClusterMixin:
             strategy[0] == "NODE_AFFINITY" and strategy[1] != self.node_id
         )
 
+    def _actor_goes_elsewhere(self: Any, creation: TaskRecord) -> bool:
+        """An actor is made on another node when this one can never fit it, or a
+        node affinity names another node."""
+        if self.rpc_port is None or not self.peers:
+            return False
+        strategy = creation.spec.strategy
+        if strategy is not None and strategy[0] == "NODE_AFFINITY":
+            return strategy[1] != self.node_id
+        return not self.resources.fits_total(creation.spec.resources)
+
     def _spillable(self: Any, record: TaskRecord) -> bool:
         return (
             self.rpc_port is not None
@@ -125,16 +135,25 @@ class ClusterMixin:
         if kind is K.NODE and event.entity_id != self.node_id:
             if kind_type == "registered":
                 self.peers.add(event.entity_id)
+                self.peer_addresses[event.entity_id] = event.payload["address"]
             elif kind_type == "dead":
                 self.peers.discard(event.entity_id)
                 self._node_lost(event.entity_id)
+        elif kind is K.ACTOR and event.node_id != self.node_id:
+            self._on_remote_actor_event(event)
+        elif kind is K.TASK and kind_type == "forwarded":
+            if event.payload["to_node"] == self.node_id:
+                self._call_from_elsewhere(event)
         elif kind is K.PLACEMENT_GROUP and kind_type in ("placed", "bundle_reserved", "removed"):
             self._on_group_event(event)
         elif kind is K.TASK and kind_type == "placed":
             if event.payload["node_id"] == self.node_id:
                 self._run_placed(event)
             elif event.entity_id in self.spilled:
-                self.spilled[event.entity_id].placed_on = event.payload["node_id"]
+                record = self.spilled[event.entity_id]
+                record.placed_on = event.payload["node_id"]
+                if record.spec.method == "__init__":
+                    self._actor_placed(record, event.payload["node_id"])
         elif kind is K.OBJECT and kind_type == "created":
             task_id = event.payload.get("task_id")
             if task_id in self.spilled and event.node_id != self.node_id:
@@ -221,6 +240,9 @@ class ClusterMixin:
         record.retries_left = spec.max_retries
         record.placed_from = owner_address
         self.tasks[spec.task_id] = record
+        if spec.method == "__init__":  # an actor made on another node lives here
+            self._host_actor(record, owner_address)
+            return
         deps = spec.dependencies()
         for object_id in spec.return_ids():
             self.objects.hold(object_id)  # until the owner has its copy
@@ -245,6 +267,108 @@ class ClusterMixin:
         record.pending_deps.discard(object_id)
         if not record.pending_deps:
             self._enqueue(record)
+
+    # -- actors hosted here for another node, and made here but living elsewhere ---
+
+    def _actor_placed(self: Any, creation: TaskRecord, node_id: str) -> None:
+        """An actor made here was placed on ``node_id``: the calls that waited for it go
+        there, in order."""
+        actor = self.actors.get(creation.spec.actor_id)
+        if actor is None or not actor.elsewhere:
+            return
+        actor.placed_on = node_id
+        waiting, actor.queue = list(actor.queue), type(actor.queue)()
+        for record in waiting:
+            self._forward_call(actor, record)
+
+    def _forward_call(self: Any, actor: Any, record: TaskRecord) -> None:
+        """Hands a call to the actor's node through the log (``forwarded``, the spec in
+        its data); that node reads them in log order, so each caller's order holds."""
+        spec = record.spec
+        self._log(
+            [
+                Event(
+                    K.TASK,
+                    spec.task_id,
+                    "forwarded",
+                    {"actor_id": actor.actor_id, "to_node": actor.placed_on},
+                    job_id=spec.job_id,
+                    node_id=self.node_id,
+                    data=p.encode(spec),
+                )
+            ]
+        )
+
+    def _host_actor(self: Any, creation: TaskRecord, owner_address: str) -> None:
+        from controlplane.node.actors import ActorRecord
+
+        actor = ActorRecord(creation.spec.actor_id, creation, None)
+        self.actors[actor.actor_id] = actor
+        self.unscheduled_actors.add(actor.actor_id)
+        self._pull_then(creation, owner_address, lambda: self._actor_dispatch(actor))
+        actor.worker = self._start_worker(actor_id=actor.actor_id)
+
+    def _call_from_elsewhere(self: Any, event: RecordedEvent) -> None:
+        """A call of an actor hosted here, forwarded by its creator's node: it joins the
+        actor's queue in the order of the log, so each caller's order holds."""
+        from controlplane.node.daemon import TaskRecord
+
+        spec = p.decode_frame(event.data)
+        address = self.peer_addresses.get(event.node_id or "", "")
+        record = TaskRecord(spec, None)
+        record.placed_from = address
+        self.tasks[spec.task_id] = record
+        for object_id in spec.return_ids():
+            self.objects.hold(object_id)  # until the caller's node has its copy
+            self.kept_for_owner.add(object_id)
+            self.objects.expect(object_id)
+        self._pull_then(record, address, lambda: None)
+        self._actor_call(record)
+
+    def _pull_then(self: Any, record: TaskRecord, address: str, then: Any) -> None:
+        """Pulls the record's argument objects from ``address`` (those not here), then
+        calls ``then``; until then they are its pending dependencies."""
+        missing = [d for d in record.spec.dependencies() if not self.objects.is_ready(d)]
+        record.pending_deps = set(missing)
+        for object_id in record.spec.dependencies():
+            self.objects.hold(object_id)  # this node's copy, while the task needs it
+            record.pulled.append(object_id)
+
+        async def pull(object_id: str) -> None:
+            try:
+                location = await self.puller.pull(address, object_id)
+                self._log([self._transferred_event(location, address)])
+            except transfer.TransferError as exc:
+                location = p.ObjectLocation(object_id, error=p.ErrorInfo("object_lost", str(exc)))
+            self.objects.ready(location)
+            record.pending_deps.discard(object_id)
+            if not record.pending_deps:
+                then()
+
+        for object_id in missing:
+            self._spawn(pull(object_id))
+        if not missing:
+            then()
+
+    def _on_remote_actor_event(self: Any, event: RecordedEvent) -> None:
+        actor = self.actors.get(event.entity_id)
+        if actor is None:
+            return
+        if event.event_type == "kill_requested" and actor.owner is None:
+            cause = event.payload.get("cause") or ""
+            self._kill_actor(actor.actor_id, bool(event.payload["no_restart"]), cause)
+        elif actor.elsewhere and event.event_type in ("alive", "restarting"):
+            actor.state = "ALIVE" if event.event_type == "alive" else "RESTARTING"
+        elif actor.elsewhere and event.event_type == "dead":
+            actor.state = "DEAD"
+            actor.death = p.ErrorInfo(
+                "actor_died",
+                f"the actor {actor.actor_id} died: {event.payload.get('cause', '')}",
+                function_name=actor.actor_id,
+            )
+            for key, holder in list(self.actor_names.items()):
+                if holder == actor.actor_id:
+                    del self.actor_names[key]
 
     def _placed_finished_events(
         self: Any, record: TaskRecord, returns: list[p.ObjectLocation]

@@ -165,6 +165,7 @@ class NodeDaemon(ActorsMixin, ClusterMixin, PlacementGroupsMixin):
         self._monitor: MembershipMonitor | None = None
         self.placement_groups: dict[str, PlacementGroupRecord] = {}
         self.peers: set[str] = set()
+        self.peer_addresses: dict[str, str] = {}
         self.spilled: dict[str, TaskRecord] = {}
         self.remote_returns: dict[str, dict[str, tuple[p.ObjectLocation | None, str]]] = {}
         self.kept_for_owner: set[str] = set()
@@ -228,11 +229,13 @@ class NodeDaemon(ActorsMixin, ClusterMixin, PlacementGroupsMixin):
         self._spawn(self._pinger.run(), vital=True)
         self._spawn(self._heartbeats(), vital=True)
         after = await self._log_head()
-        self.peers = {
-            n["node_id"]
+        alive = [
+            n
             for n in await cluster_nodes(self.gcs_url)
             if n["state"] == "ALIVE" and n["node_id"] != self.node_id
-        }
+        ]
+        self.peers = {n["node_id"] for n in alive}
+        self.peer_addresses = {n["node_id"]: n["address"] for n in alive}
         self._spawn(self._follow_log(after), vital=True)
         if self.head:
             self._monitor = MembershipMonitor(self.gcs_url)
