@@ -313,6 +313,15 @@ def test_placement_groups_across_nodes(cluster: dict[str, str]) -> None:
     (node,) = set(placement_group_table(packed)["bundles_to_node_id"].values())
     assert node in (cluster["node1"], cluster["node2"])  # the head has 1 CPU
     assert ray.get(node_of.options(scheduling_strategy=InGroup(packed)).remote()) == node
+
+    @ray.remote(num_cpus=1)
+    class Where:
+        def node(self) -> str:
+            return ray.get_runtime_context().get_node_id()
+
+    actor = Where.options(scheduling_strategy=InGroup(packed, 0)).remote()
+    assert ray.get(actor.node.remote(), timeout=60) == node  # the bundle's node
+    ray.kill(actor)
     remove_placement_group(packed)
 
 

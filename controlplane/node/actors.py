@@ -103,6 +103,17 @@ class ActorsMixin:
 
     # -- calls ---------------------------------------------------------------------
 
+    def _move_actor_elsewhere(self: Any, actor: ActorRecord) -> None:
+        """The actor will live on another node: its worker here goes (not a crash), and
+        its creation is spilled to be placed there."""
+        actor.elsewhere = True
+        self.unscheduled_actors.discard(actor.actor_id)
+        handle, actor.worker = actor.worker, None
+        if handle is not None:
+            with contextlib.suppress(ProcessLookupError):
+                handle.process.kill()
+        self._when_deps_ready(actor.creation, lambda: self._spill(actor.creation))
+
     def _when_deps_ready(self: Any, record: TaskRecord, then: Any) -> None:
         if not record.pending_deps:
             then()
@@ -155,6 +166,9 @@ class ActorsMixin:
                 return
             bundle = None
             if creation.spec.strategy and creation.spec.strategy[0] == "PLACEMENT_GROUP":
+                if self._bundle_elsewhere(creation):  # its bundle is on another node
+                    self._move_actor_elsewhere(actor)
+                    return
                 bundle, never = self._bundle_for(creation)
                 if never is not None:
                     self._actor_died(actor, f"it cannot be scheduled: {never}")

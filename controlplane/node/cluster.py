@@ -278,7 +278,9 @@ class ClusterMixin:
             return
         actor.placed_on = node_id
         waiting, actor.queue = list(actor.queue), type(actor.queue)()
-        for record in waiting:
+        for record in waiting:  # (queued here before it was known to live elsewhere)
+            record.state = "SPILLED"
+            self.spilled[record.spec.task_id] = record
             self._forward_call(actor, record)
 
     def _forward_call(self: Any, actor: Any, record: TaskRecord) -> None:
