@@ -69,7 +69,9 @@ class GlobalScheduler:
         self.url = url
         self.nodes: dict[str, NodeView] = {}
         self.pending: dict[str, Spill] = {}  # task id -> its latest unplaced spill
-        self.placed: set[tuple[str, int]] = set()
+        # task id -> its latest placed attempt, while the task is not over (bounded by
+        # the tasks in flight)
+        self.placed: dict[str, int] = {}
         self.groups: dict[str, RecordedEvent] = {}  # placement groups to place
         self.group_nodes: dict[str, list[str]] = {}  # placed groups: node of each bundle
         self.infeasible_groups: set[str] = set()
@@ -119,10 +121,12 @@ class GlobalScheduler:
                     payload.get("from_node"),
                     tuple(payload["strategy"]) if payload.get("strategy") else None,
                 )
-            elif event.event_type == "cancelled":
+            elif event.event_type in ("cancelled", "finished", "failed"):
                 self.pending.pop(event.entity_id, None)
+                self.placed.pop(event.entity_id, None)
             elif event.event_type == "placed":
-                self.placed.add((event.entity_id, int(payload["attempt"])))
+                attempt = int(payload["attempt"])
+                self.placed[event.entity_id] = max(attempt, self.placed.get(event.entity_id, -1))
                 spill = self.pending.get(event.entity_id)
                 if spill is not None and spill.attempt == int(payload["attempt"]):
                     del self.pending[event.entity_id]
@@ -245,7 +249,7 @@ class GlobalScheduler:
     async def place_pending(self) -> None:
         events = await self.place_groups()
         for task_id, spill in list(self.pending.items()):
-            if (task_id, spill.attempt) in self.placed:
+            if self.placed.get(task_id, -1) >= spill.attempt:
                 del self.pending[task_id]
                 continue
             node = self.choose(spill)
@@ -290,7 +294,7 @@ class GlobalScheduler:
                     event_id=placement_event_id(task_id, spill.attempt),
                 )
             )
-            self.placed.add((task_id, spill.attempt))
+            self.placed[task_id] = spill.attempt
             del self.pending[task_id]
         if events:
             await self.appender.append_many(events)
