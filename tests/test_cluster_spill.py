@@ -327,8 +327,8 @@ def test_placement_groups_across_nodes(cluster: dict[str, str]) -> None:
 
 @ray.remote(resources={"big": 1})
 class OnBig:
-    def __init__(self, start: int) -> None:
-        self.n = start
+    def __init__(self, start: int, seed: np.ndarray | None = None) -> None:
+        self.n = start + (int(seed.sum()) if seed is not None else 0)
 
     def add(self, x: int) -> tuple[int, str]:
         self.n += x
@@ -357,6 +357,17 @@ def test_an_actor_lives_on_the_node_that_has_its_resources(cluster: dict[str, st
     ray.kill(actor)
     with pytest.raises(ActorDiedError, match="killed"):
         ray.get(actor.add.remote(1), timeout=60)
+
+
+def test_a_remote_actor_restarts_on_its_node_with_its_arguments(cluster: dict[str, str]) -> None:
+    seed = ray.put(np.ones(1_000_000, dtype=np.int64))  # 8 MB, a ref constructor argument
+    actor = OnBig.options(max_restarts=1, max_task_retries=-1).remote(0, seed)
+    del seed  # the actor's node keeps its copy for restarts
+    assert ray.get(actor.add.remote(1), timeout=60)[0] == 1_000_001
+    ray.kill(actor, no_restart=False)  # as a crash: restarted, constructor re-run
+    value, node = ray.get(actor.add.remote(1), timeout=60)
+    assert value == 1_000_001 and node == cluster["node2"]  # a fresh instance, same node
+    ray.kill(actor)
 
 
 @ray.remote(num_cpus=2, max_retries=2)

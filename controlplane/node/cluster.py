@@ -307,6 +307,10 @@ class ClusterMixin:
         actor = ActorRecord(creation.spec.actor_id, creation, None)
         self.actors[actor.actor_id] = actor
         self.unscheduled_actors.add(actor.actor_id)
+        # the constructor's arguments stay here while the actor lives (a restart runs
+        # the constructor again), as on a creator's node
+        for object_id in (*creation.spec.dependencies(), *creation.spec.contained_refs):
+            self.objects.pin(object_id)
         self._pull_then(creation, owner_address, lambda: self._actor_dispatch(actor))
         actor.worker = self._start_worker(actor_id=actor.actor_id)
 
