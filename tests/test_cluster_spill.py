@@ -255,6 +255,8 @@ def test_a_killed_global_scheduler_is_replaced_and_resumes(cluster: dict[str, st
     (victim,) = _scheduler_pids(url)
     refs = [quick.remote(i) for i in range(10_000)]
     time.sleep(0.5)
+    done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+    assert len(done) < len(refs)  # the kill lands mid-run
     os.kill(victim, signal.SIGKILL)
     assert ray.get(refs, timeout=280) == [i + 1 for i in range(10_000)]
     assert _scheduler_pids(url) and victim not in _scheduler_pids(url)  # restarted

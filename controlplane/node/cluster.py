@@ -243,30 +243,8 @@ class ClusterMixin:
         if spec.method == "__init__":  # an actor made on another node lives here
             self._host_actor(record, owner_address)
             return
-        deps = spec.dependencies()
-        for object_id in spec.return_ids():
-            self.objects.hold(object_id)  # until the owner has its copy
-            self.kept_for_owner.add(object_id)
-            self.objects.expect(object_id)
-        record.pending_deps = set(deps)
-        if not deps:
-            self._enqueue(record)
-        for object_id in deps:
-            self._spawn(self._pull_argument(record, owner_address, object_id))
-
-    async def _pull_argument(self: Any, record: TaskRecord, address: str, object_id: str) -> None:
-        self.objects.hold(object_id)  # this node's copy, while the task needs it
-        record.pulled.append(object_id)
-        if not self.objects.is_ready(object_id):
-            try:
-                location = await self.puller.pull(address, object_id)
-                self._log([self._transferred_event(location, address)])
-            except transfer.TransferError as exc:
-                location = p.ObjectLocation(object_id, error=p.ErrorInfo("object_lost", str(exc)))
-            self.objects.ready(location)
-        record.pending_deps.discard(object_id)
-        if not record.pending_deps:
-            self._enqueue(record)
+        self._keep_returns_for_owner(spec)
+        self._pull_then(record, owner_address, lambda: self._enqueue(record))
 
     # -- actors hosted here for another node, and made here but living elsewhere ---
 
@@ -324,12 +302,17 @@ class ClusterMixin:
         record = TaskRecord(spec, None)
         record.placed_from = address
         self.tasks[spec.task_id] = record
-        for object_id in spec.return_ids():
-            self.objects.hold(object_id)  # until the caller's node has its copy
-            self.kept_for_owner.add(object_id)
-            self.objects.expect(object_id)
+        self._keep_returns_for_owner(spec)
         self._pull_then(record, address, lambda: None)
         self._actor_call(record)
+
+    def _keep_returns_for_owner(self: Any, spec: p.TaskSpec) -> None:
+        """A task run here for another node: its results stay here until that node has
+        its copies (``Release``)."""
+        for object_id in spec.return_ids():
+            self.objects.hold(object_id)
+            self.kept_for_owner.add(object_id)
+            self.objects.expect(object_id)
 
     def _pull_then(self: Any, record: TaskRecord, address: str, then: Any) -> None:
         """Pulls the record's argument objects from ``address`` (those not here), then

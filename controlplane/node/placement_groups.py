@@ -279,9 +279,6 @@ class PlacementGroupsMixin:
         chosen = group.bundles if int(index) < 0 else [group.bundles[int(index)]]
         return all(b.node_id != self.node_id for b in chosen)
 
-    def _bundle_taken(self: Any, bundle: Bundle) -> None:
-        bundle.in_use += 1
-
     def _bundle_given_back(self: Any, bundle: Bundle, request: dict, gpu_ids: list) -> None:
         assert bundle.pool is not None
         bundle.pool.release(request, gpu_ids)
