@@ -21,6 +21,7 @@ import os
 import signal
 import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
 from controlplane.eventlog import EntityKind, Event, EventAppender, RecordedEvent, Tailer
 
@@ -37,6 +38,7 @@ def placement_event_id(task_id: str, attempt: int) -> uuid.UUID:
 @dataclass
 class NodeView:
     node_id: str
+    address: str
     total: dict[str, float]
     available: dict[str, float]
     placed_since_heartbeat: dict[str, float] = field(default_factory=dict)
@@ -53,6 +55,9 @@ class NodeView:
     def feasible(self, request: dict[str, float]) -> bool:
         return all(self.total.get(k, 0.0) >= v for k, v in request.items() if v > 0)
 
+    def fits_now(self, request: dict[str, float]) -> bool:
+        return all(self.free(k) >= v for k, v in request.items() if v > 0)
+
 
 @dataclass
 class Spill:
@@ -62,6 +67,16 @@ class Spill:
     from_node: str | None
     strategy: tuple[str, ...] | None = None
     reported_infeasible: bool = False
+    # node address -> bytes of the task's arguments held there
+    arg_bytes: dict[str, int] = field(default_factory=dict)
+
+
+def _bytes_by_address(args: dict[str, dict[str, Any]]) -> dict[str, int]:
+    """How many argument bytes each node holds, from a spill's ``args``."""
+    held: dict[str, int] = {}
+    for where in args.values():
+        held[where["address"]] = held.get(where["address"], 0) + int(where.get("size") or 0)
+    return held
 
 
 class GlobalScheduler:
@@ -76,6 +91,7 @@ class GlobalScheduler:
         self.group_nodes: dict[str, list[str]] = {}  # placed groups: node of each bundle
         self.infeasible_groups: set[str] = set()
         self.appender = EventAppender(url)
+        self.following = asyncio.Event()  # set once it has read the log and placed
 
     async def run(self) -> None:
         await self.appender.start()
@@ -85,6 +101,8 @@ class GlobalScheduler:
                     for event in await tailer.read():
                         self.apply(event)
                     await self.place_pending()
+                    if not self.following.is_set():
+                        self.following.set()
         finally:
             await self.appender.close()
 
@@ -94,7 +112,9 @@ class GlobalScheduler:
         if kind is EntityKind.NODE:
             if event.event_type == "registered":
                 total = {k: float(v) for k, v in payload["resources"].items()}
-                self.nodes[event.entity_id] = NodeView(event.entity_id, total, dict(total))
+                self.nodes[event.entity_id] = NodeView(
+                    event.entity_id, payload["address"], total, dict(total)
+                )
                 self.infeasible_groups.clear()  # a new node may make them placeable
             elif event.event_type == "heartbeat" and event.entity_id in self.nodes:
                 node = self.nodes[event.entity_id]
@@ -120,6 +140,7 @@ class GlobalScheduler:
                     int(payload["attempt"]),
                     payload.get("from_node"),
                     tuple(payload["strategy"]) if payload.get("strategy") else None,
+                    arg_bytes=_bytes_by_address(payload.get("args", {})),
                 )
             elif event.event_type in ("cancelled", "finished", "failed"):
                 self.pending.pop(event.entity_id, None)
@@ -135,9 +156,10 @@ class GlobalScheduler:
         """The node for a spill. Default: among nodes that could ever run it, the one
         with the most free CPU as this scheduler sees it (free at the last heartbeat,
         less what was queued there and what it placed there since), another node
-        than the spilling one on ties. SPREAD: the feasible node given fewest SPREAD
-        tasks so far. Node affinity: that node, if alive and feasible (else, if soft,
-        the default)."""
+        than the spilling one on ties; but a node where it fits now and that holds more
+        of its argument bytes comes first (data locality: bytes not moved). SPREAD:
+        the feasible node given fewest SPREAD tasks so far. Node affinity: that node,
+        if alive and feasible (else, if soft, the default)."""
         feasible = [n for n in self.nodes.values() if n.feasible(spill.resources)]
         strategy = spill.strategy or ("DEFAULT",)
         if strategy[0] == "PLACEMENT_GROUP":  # the node of its bundle (any, for -1)
@@ -156,7 +178,14 @@ class GlobalScheduler:
             return None
         if strategy[0] == "SPREAD":
             return min(feasible, key=lambda n: (n.spread, -n.free("CPU")))
-        return max(feasible, key=lambda n: (n.free("CPU"), n.node_id != spill.from_node))
+        return max(
+            feasible,
+            key=lambda n: (
+                spill.arg_bytes.get(n.address, 0) if n.fits_now(spill.resources) else 0,
+                n.free("CPU"),
+                n.node_id != spill.from_node,
+            ),
+        )
 
     def _unplaceable(self, spill: Spill) -> tuple[str, bool]:
         """Why a spill has no node, and whether that is final (a hard affinity to a
@@ -300,6 +329,12 @@ class GlobalScheduler:
             await self.appender.append_many(events)
 
 
+def _say_following(waiting: asyncio.Future[Any]) -> None:
+    """Tells whoever started it (a test, an operator) that it takes part now."""
+    if not waiting.cancelled():
+        print("following the log", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m controlplane.scheduler")
     parser.add_argument("--gcs-url", required=True)
@@ -310,7 +345,10 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
 
     async def run() -> None:
-        scheduling = asyncio.ensure_future(GlobalScheduler(args.gcs_url).run())
+        scheduler = GlobalScheduler(args.gcs_url)
+        scheduling = asyncio.ensure_future(scheduler.run())
+        following = asyncio.ensure_future(scheduler.following.wait())
+        following.add_done_callback(_say_following)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

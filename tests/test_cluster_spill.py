@@ -234,10 +234,13 @@ def _scheduler_pids(url: str) -> list[int]:
 def test_two_global_schedulers_never_place_a_task_twice(cluster: dict[str, str]) -> None:
     url = cluster["url"]
     second = subprocess.Popen(
-        [sys.executable, "-m", "controlplane.scheduler", "--gcs-url", url], cwd=ROOT
+        [sys.executable, "-m", "controlplane.scheduler", "--gcs-url", url],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
-        time.sleep(1.0)
+        assert second.stdout is not None and second.stdout.readline() == "following the log\n"
         refs = [quick.remote(i) for i in range(300)]
         assert ray.get(refs, timeout=180) == [i + 1 for i in range(300)]
     finally:

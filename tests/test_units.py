@@ -98,3 +98,44 @@ def test_fold_walks_a_task_through_its_lifecycle() -> None:
     )
     assert row["started_at"].second == 2 and row["ended_at"].second == 3
     assert row["last_position"] == 3 and row["attempt"] == 0
+
+
+def test_global_scheduler_sends_a_spill_to_the_node_holding_its_arguments() -> None:
+    from controlplane.scheduler import GlobalScheduler
+
+    scheduler = GlobalScheduler("postgresql://unused")  # folds events only: no connection
+    for position, (node, cpus) in enumerate([("a", 4), ("b", 4), ("c", 8)], 1):
+        scheduler.apply(
+            _recorded(
+                position,
+                EntityKind.NODE,
+                node,
+                "registered",
+                address=f"{node}:1",
+                resources={"CPU": cpus},
+            )
+        )
+    busy_b = {"available": {"CPU": 0}, "load": {"pending_tasks": 2}}
+
+    def spill(position: int, task: str, args: dict[str, dict[str, object]]) -> str | None:
+        scheduler.apply(
+            _recorded(
+                position,
+                EntityKind.TASK,
+                task,
+                "spilled",
+                attempt=0,
+                resources={"CPU": 1},
+                args=args,
+                from_node="a",
+                strategy=None,
+            )
+        )
+        node = scheduler.choose(scheduler.pending[task])
+        return node.node_id if node else None
+
+    big_on_b = {"o1": {"address": "b:1", "size": 200_000_000}, "o2": {"address": "c:1", "size": 10}}
+    assert spill(10, "t1", big_on_b) == "b"  # where the bytes are, not c with more CPUs
+    scheduler.apply(_recorded(11, EntityKind.NODE, "b", "heartbeat", **busy_b))
+    assert spill(12, "t2", big_on_b) == "c"  # b has no room now: c, holding the rest
+    assert spill(13, "t3", {}) == "c"  # no arguments: the most free CPU, off the spiller
