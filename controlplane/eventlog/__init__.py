@@ -1,8 +1,16 @@
 """The event log: event shapes, the catalog of event types, the batching appender, the
 tailer, and partition management."""
 
-from controlplane.eventlog.appender import EventAppender
+from controlplane.eventlog.appender import EventAppender, FailureLog
 from controlplane.eventlog.events import EntityKind, Event, RecordedEvent, new_event_id
 from controlplane.eventlog.tailer import Tailer
 
-__all__ = ["EntityKind", "Event", "EventAppender", "RecordedEvent", "Tailer", "new_event_id"]
+__all__ = [
+    "EntityKind",
+    "Event",
+    "EventAppender",
+    "FailureLog",
+    "RecordedEvent",
+    "Tailer",
+    "new_event_id",
+]

@@ -16,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -23,12 +25,12 @@ from types import TracebackType
 
 import asyncpg
 
-from controlplane.errors import GcsError, InvalidEventError
+from controlplane.errors import GcsError, GcsUnavailableError, InvalidEventError
 from controlplane.eventlog.catalog import encode_payload
 from controlplane.eventlog.connection import (
     DEFAULT_CONNECT_TIMEOUT_S,
-    DEFAULT_UNAVAILABLE_TIMEOUT_S,
     connect,
+    resolve_unavailable_timeout,
     retry_while_unavailable,
     run_on,
 )
@@ -55,19 +57,20 @@ class EventAppender:
         *,
         max_batch: int = DEFAULT_MAX_BATCH,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
-        unavailable_timeout: float = DEFAULT_UNAVAILABLE_TIMEOUT_S,
+        unavailable_timeout: float | None = None,
         linger: float = 0.0,
     ) -> None:
         self.url = url
         self.max_batch = max_batch
         self.linger = linger
         self.connect_timeout = connect_timeout
-        self.unavailable_timeout = unavailable_timeout
+        self.unavailable_timeout = resolve_unavailable_timeout(unavailable_timeout)
         self._conn: asyncpg.Connection | None = None
         self._queue: deque[_Request] = deque()
         self._wake = asyncio.Event()
         self._urgent = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
+        self._gave_up = False  # the GCS stayed unreachable for the whole timeout
         self._closed = False
         self.batches_committed = 0
         self.on_write_behind_failure: Callable[[GcsError], None] = _log_failure
@@ -174,12 +177,17 @@ class EventAppender:
     async def _flush(self, requests: list[_Request]) -> None:
         events = [event for request in requests for event in request.events]
         payloads = [payload for request in requests for payload in request.payloads]
+        # once it has waited out one outage, one try each until the GCS answers again:
+        # callers fail fast while it stays down, not one full timeout per batch
+        timeout = 0.0 if self._gave_up else self.unavailable_timeout
         try:
             positions = await retry_while_unavailable(
-                self.url, lambda: self._write(events, payloads), timeout=self.unavailable_timeout
+                self.url, lambda: self._write(events, payloads), timeout=timeout
             )
         except BaseException as exc:
             error = exc if isinstance(exc, GcsError) else GcsError(f"append failed: {exc!r}")
+            if isinstance(exc, GcsUnavailableError):
+                self._gave_up = True
             for request in requests:
                 if request.done is None:
                     self.on_write_behind_failure(error)
@@ -188,6 +196,7 @@ class EventAppender:
             if isinstance(exc, asyncio.CancelledError):
                 raise
             return
+        self._gave_up = False
         self.batches_committed += 1
         offset = 0
         for request in requests:
@@ -225,8 +234,27 @@ async def append_on(
     )
 
 
-def _log_failure(error: GcsError) -> None:
-    log.error("events written behind could not be recorded: %s", error)
+class FailureLog:
+    """Logs failures to record events at most once per ``every`` seconds, with how
+    many were left out: an outage of the GCS fails every batch, and one line a batch
+    would bury the cause."""
+
+    def __init__(self, logger: logging.Logger, what: str, every: float = 10.0) -> None:
+        self.logger, self.what, self.every = logger, what, every
+        self._last = -math.inf
+        self._left_out = 0
+
+    def __call__(self, error: BaseException) -> None:
+        now = time.monotonic()
+        if now - self._last < self.every:
+            self._left_out += 1
+            return
+        more = f" ({self._left_out} more such failures not logged)" if self._left_out else ""
+        self.logger.error("%s could not be recorded: %s%s", self.what, error, more)
+        self._last, self._left_out = now, 0
+
+
+_log_failure = FailureLog(log, "events written behind")
 
 
 def _positions(

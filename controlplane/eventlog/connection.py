@@ -4,6 +4,7 @@ driver errors about reaching the server become :class:`GcsUnavailableError`."""
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -17,8 +18,28 @@ T = TypeVar("T")
 
 DEFAULT_CONNECT_TIMEOUT_S = 5.0
 # How long appenders and tailers keep retrying while the GCS is unreachable before
-# they fail with GcsUnavailableError (a PostgreSQL restart fits well inside it).
+# they fail with GcsUnavailableError (a PostgreSQL restart fits well inside it);
+# $CAIRN_GCS_UNAVAILABLE_TIMEOUT_S sets it for every process of a cluster.
 DEFAULT_UNAVAILABLE_TIMEOUT_S = 30.0
+UNAVAILABLE_TIMEOUT_ENV = "CAIRN_GCS_UNAVAILABLE_TIMEOUT_S"
+
+
+def resolve_unavailable_timeout(given: float | None = None) -> float:
+    """The bound on riding out an unreachable GCS: given, else the environment's."""
+    if given is not None:
+        return given
+    raw = os.environ.get(UNAVAILABLE_TIMEOUT_ENV)
+    if raw is None:
+        return DEFAULT_UNAVAILABLE_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(
+            f"${UNAVAILABLE_TIMEOUT_ENV} must be a number of seconds, not {raw!r}"
+        ) from None
+    if not value > 0:
+        raise ValueError(f"${UNAVAILABLE_TIMEOUT_ENV} must be positive, not {raw!r}")
+    return value
 
 
 class ConnectionLost(Exception):
@@ -86,8 +107,7 @@ async def retry_while_unavailable(
             if not is_connection_error(exc) and not isinstance(exc, GcsUnavailableError):
                 raise
             if time.monotonic() + delay > deadline:
-                raise GcsUnavailableError(
-                    f"the GCS at {redact(url)} stayed unreachable for {timeout:.1f}s: {exc}"
-                ) from exc
+                how_long = f"stayed unreachable for {timeout:.1f}s" if timeout else "is still down"
+                raise GcsUnavailableError(f"the GCS at {redact(url)} {how_long}: {exc}") from exc
         await asyncio.sleep(delay)
         delay = min(delay * 2, 0.5)

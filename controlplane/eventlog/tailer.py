@@ -24,8 +24,8 @@ import asyncpg
 from controlplane.errors import LogGapError
 from controlplane.eventlog.connection import (
     DEFAULT_CONNECT_TIMEOUT_S,
-    DEFAULT_UNAVAILABLE_TIMEOUT_S,
     connect,
+    resolve_unavailable_timeout,
     retry_while_unavailable,
     run_on,
 )
@@ -47,7 +47,7 @@ class Tailer:
         poll_interval: float = 1.0,
         gap_patience: float = 10.0,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
-        unavailable_timeout: float = DEFAULT_UNAVAILABLE_TIMEOUT_S,
+        unavailable_timeout: float | None = None,
     ) -> None:
         self.url = url
         self.position = after
@@ -55,7 +55,7 @@ class Tailer:
         self.poll_interval = poll_interval
         self.gap_patience = gap_patience
         self.connect_timeout = connect_timeout
-        self.unavailable_timeout = unavailable_timeout
+        self.unavailable_timeout = resolve_unavailable_timeout(unavailable_timeout)
         self._conn: asyncpg.Connection | None = None
         self._wake = asyncio.Event()
 

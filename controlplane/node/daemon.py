@@ -33,7 +33,7 @@ from typing import Any
 import grpc
 
 from controlplane.errors import GcsError
-from controlplane.eventlog import EntityKind, Event, EventAppender
+from controlplane.eventlog import EntityKind, Event, EventAppender, FailureLog
 from controlplane.eventlog.connection import connect
 from controlplane.membership import (
     HEARTBEAT_MIN_INTERVAL_S,
@@ -1035,9 +1035,12 @@ def _queue_key(spec: p.TaskSpec) -> tuple[Any, ...]:
     return _shape(spec.resources)
 
 
+_log_failure = FailureLog(log, "node daemon: events")
+
+
 def _report_log_failure(future: asyncio.Future[list[int]]) -> None:
-    if not future.cancelled() and future.exception() is not None:
-        log.error("node daemon: events could not be recorded: %s", future.exception())
+    if not future.cancelled() and (error := future.exception()) is not None:
+        _log_failure(error)
 
 
 def new_node_id() -> str:
