@@ -100,3 +100,54 @@ async def test_a_clean_leave_is_not_a_missed_heartbeat(gcs_url: str) -> None:
         assert await monitor.check_once() == []
     finally:
         await monitor.close()
+
+
+async def test_a_zombie_schedulers_placements_are_refused(gcs_url: str) -> None:
+    """A scheduler paused (SIGSTOP) with a stale view, resumed after its replacement
+    placed the same spills, appends placements whose ids the log already holds: none is
+    stored, so each task keeps the replacement's node."""
+    from controlplane.eventlog import Tailer
+    from controlplane.scheduler import GlobalScheduler
+
+    for node in ("a", "b"):
+        await _register(gcs_url, node)
+    spills = [
+        Event(
+            EntityKind.TASK,
+            f"task-{n}",
+            "spilled",
+            {"attempt": 0, "resources": {"CPU": 1}, "args": {}, "from_node": "a"},
+            job_id="job",
+        )
+        for n in range(20)
+    ]
+    async with EventAppender(gcs_url) as appender:
+        await appender.append_many(spills)
+
+    async def folded() -> GlobalScheduler:
+        scheduler = GlobalScheduler(gcs_url)
+        async with Tailer(gcs_url) as tailer:
+            while events := await tailer.read(wait=0.1):
+                for event in events:
+                    scheduler.apply(event)
+        return scheduler
+
+    zombie, replacement = await folded(), await folded()  # the same view of the spills
+    replacement.nodes["b"].available = {"CPU": -100.0}  # it saw b swamped: all to a
+    zombie.nodes["a"].available = {"CPU": -100.0}  # the zombie's stale view: all to b
+    for scheduler in (replacement, zombie):  # the zombie resumes after the replacement
+        await scheduler.appender.start()
+        try:
+            await scheduler.place_pending()
+        finally:
+            await scheduler.appender.close()
+    conn = await asyncpg.connect(gcs_url)
+    try:
+        rows = await conn.fetch(
+            "SELECT entity_id, payload->>'node_id' AS node FROM events "
+            "WHERE event_type = 'placed' AND entity_kind = 'task'"
+        )
+    finally:
+        await conn.close()
+    assert sorted(row["entity_id"] for row in rows) == sorted(e.entity_id for e in spills)
+    assert {row["node"] for row in rows} == {"a"}  # the replacement's, every one
