@@ -205,22 +205,29 @@ def get(object_refs: ObjectRef | Sequence[ObjectRef], *, timeout: float | None =
     try:
         locations = client.get_locations([r.hex() for r in refs], timeout)
     except DaemonError as error:
-        if error.kind == "timeout":
-            raise exc.GetTimeoutError(
-                f"Get timed out: some object(s) not ready after {timeout} seconds."
-            ) from None
-        raise _daemon_error(error) from None
-    values = [_value(client, location) for location in locations]
+        raise _get_error(error, timeout) from None
+    values = [_value(client, location, timeout) for location in locations]
     return values[0] if single else values
 
 
-def _value(client: CoreClient, location: p.ObjectLocation) -> Any:
-    if location.error is not None:
-        raise error_of(location.error, location.object_id)
-    try:
-        return client.read_value(location)
-    except ObjectMissingError as missing:
-        raise exc.ObjectLostError(location.object_id, str(missing)) from None
+_READS_OF_A_LOST_OBJECT = 3
+
+
+def _value(client: CoreClient, location: p.ObjectLocation, timeout: float | None) -> Any:
+    """The value at a location. If its bytes are gone, the node was told (read_value
+    reports it) and rebuilds it from its lineage when it can: ask again."""
+    for _ in range(_READS_OF_A_LOST_OBJECT):
+        if location.error is not None:
+            raise error_of(location.error, location.object_id)
+        try:
+            return client.read_value(location)
+        except ObjectMissingError as missing:
+            lost = missing
+        try:
+            (location,) = client.get_locations([location.object_id], timeout)
+        except DaemonError as error:
+            raise _get_error(error, timeout) from None
+    raise exc.ObjectLostError(location.object_id, str(lost)) from None
 
 
 def error_of(info: p.ErrorInfo, object_id: str) -> exc.RayError:
@@ -237,8 +244,18 @@ def error_of(info: p.ErrorInfo, object_id: str) -> exc.RayError:
             return exc.ActorDiedError(info.function_name or None, info.message)
         case "object_lost":
             return exc.ObjectLostError(object_id, info.message)
+        case "reconstruction_failed":
+            return exc.ObjectReconstructionFailedMaxAttemptsExceededError(object_id, info.message)
         case _:
             return exc.RaySystemError(info.message)
+
+
+def _get_error(error: DaemonError, timeout: float | None) -> exc.RayError:
+    if error.kind == "timeout":
+        return exc.GetTimeoutError(
+            f"Get timed out: some object(s) not ready after {timeout} seconds."
+        )
+    return _daemon_error(error)
 
 
 def _daemon_error(error: DaemonError) -> exc.RayError:

@@ -96,6 +96,14 @@ class ObjectLostError(RayError):
         super().__init__(message or f"object {object_ref_hex} was lost")
 
 
+class ObjectReconstructionFailedError(ObjectLostError):
+    """The object was lost and rebuilding it from its lineage failed."""
+
+
+class ObjectReconstructionFailedMaxAttemptsExceededError(ObjectReconstructionFailedError):
+    """The object was lost and its task has run as often as ``max_retries`` allows."""
+
+
 class RayActorError(RayError):
     """The actor is dead, or died before or while running the call (its message says
     why: the constructor raised, it was killed, its process died, it exited)."""

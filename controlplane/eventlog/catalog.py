@@ -73,6 +73,8 @@ CATALOG: dict[tuple[EntityKind, str], EventType] = {
         ("finished", {}, {"attempt": int, "output_digest": str}),
         ("failed", {"error": str}, {"attempt": int}),
         ("retried", {"attempt": int}, {"reason": str}),
+        # lineage reconstruction: re-run (as that attempt) to rebuild a lost object
+        ("reconstructing", {"object_id": str, "attempt": int}, {"reason": str}),
         ("cancelled", {}, {"force": bool}),
         # spill-over (issue 5): a node hands a task it cannot run now to the global
         # schedulers; one of them places it on a node (once per attempt)

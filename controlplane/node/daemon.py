@@ -46,6 +46,7 @@ from controlplane.node.actors import ActorRecord, ActorsMixin
 from controlplane.node.cluster import ClusterMixin
 from controlplane.node.objects import ObjectTable
 from controlplane.node.placement_groups import Bundle, PlacementGroupRecord, PlacementGroupsMixin
+from controlplane.node.reconstruction import ReconstructionMixin
 from controlplane.node.resources import ResourcePool
 from controlplane.node.segment_pool import SegmentPool
 from controlplane.node.transfer import Puller, object_service
@@ -116,7 +117,7 @@ class TaskRecord:
     bundle: Bundle | None = None  # the placement group bundle it runs in
 
 
-class NodeDaemon(ActorsMixin, ClusterMixin, PlacementGroupsMixin):
+class NodeDaemon(ActorsMixin, ClusterMixin, PlacementGroupsMixin, ReconstructionMixin):
     def __init__(
         self,
         *,
@@ -166,6 +167,7 @@ class NodeDaemon(ActorsMixin, ClusterMixin, PlacementGroupsMixin):
         self.placement_groups: dict[str, PlacementGroupRecord] = {}
         self.peers: set[str] = set()
         self.peer_addresses: dict[str, str] = {}
+        self.rebuilding: set[str] = set()
         self.spilled: dict[str, TaskRecord] = {}
         self.remote_returns: dict[str, dict[str, tuple[p.ObjectLocation | None, str]]] = {}
         self.kept_for_owner: set[str] = set()
@@ -473,18 +475,7 @@ class NodeDaemon(ActorsMixin, ClusterMixin, PlacementGroupsMixin):
             case p.KillActor(actor_id, no_restart):
                 self._kill_actor(actor_id, no_restart)
             case p.ReportLost(object_id, reason):
-                if self.objects.mark_lost(object_id, reason):
-                    self._log(
-                        [
-                            Event(
-                                K.OBJECT,
-                                object_id,
-                                "lost",
-                                {"reason": reason},
-                                node_id=self.node_id,
-                            )
-                        ]
-                    )
+                self._object_lost(object_id, reason)
             case p.ClusterInfoRequest(request_id):
                 conn.send(p.Reply(request_id, self._cluster_info()))
             case _:
@@ -814,6 +805,11 @@ class NodeDaemon(ActorsMixin, ClusterMixin, PlacementGroupsMixin):
             ):
                 self._retry(record, done.error.message)
                 return
+            elif done.error.kind == "object_lost" and self._wait_for_lost_arguments(
+                record, done.error.message
+            ):
+                self._schedule()
+                return
             self._finish_failed(record, done.error, log_event=True)
         else:
             self._finish_ok(record, done.returns)
@@ -869,6 +865,7 @@ class NodeDaemon(ActorsMixin, ClusterMixin, PlacementGroupsMixin):
             for object_id in (*record.spec.dependencies(), *record.spec.contained_refs):
                 self.objects.unpin(object_id)
         self.tasks.pop(record.spec.task_id, None)
+        self.rebuilding.discard(record.spec.task_id)
 
     def _retry(self, record: TaskRecord, reason: str) -> None:
         record.attempt += 1

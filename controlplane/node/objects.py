@@ -135,6 +135,37 @@ class ObjectTable:
         entry.pending = lost  # ready() will publish the loss, not the bytes
         return True
 
+    def state(self, object_id: str) -> str:
+        """unknown, freed, pending (not ready yet), error, or stored (a value)."""
+        entry = self._entries.get(object_id)
+        if entry is None:
+            return "freed" if object_id in self._freed else "unknown"
+        if entry.location is None:
+            return "pending"
+        return "error" if entry.location.error is not None else "stored"
+
+    def stored(self, object_id: str) -> p.ObjectLocation | None:
+        """Where a ready object's value is; None if it is not ready, stands for an
+        error, or is unknown here."""
+        entry = self._entries.get(object_id)
+        if entry is None or entry.location is None or entry.location.error is not None:
+            return None
+        return entry.location
+
+    def unready(self, object_id: str) -> p.ObjectLocation | None:
+        """Makes an object wait again (its value is being rebuilt), keeping who holds
+        and waits for it; revives it if it was freed. The location it had, if any."""
+        self._freed.discard(object_id)
+        entry = self._entry(object_id)
+        old = entry.location or entry.pending
+        if old is not None and old.error is None:
+            self.uncharge(old.size)
+        was_ready, entry.location, entry.pending = entry.location, None, None
+        if was_ready is not None:  # the refs its old value contained were pinned by it
+            for contained in was_ready.contained:
+                self.unpin(contained)
+        return old
+
     def is_ready(self, object_id: str) -> bool:
         entry = self._entries.get(object_id)
         return object_id in self._freed or (entry is not None and entry.location is not None)

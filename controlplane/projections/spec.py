@@ -149,6 +149,7 @@ TRANSITIONS: dict[tuple[EntityKind, str], Transition] = {
         "FAILED", {"error": "error", "attempt": "attempt"}, ("ended_at",)
     ),
     (EntityKind.TASK, "retried"): Transition("RETRYING", {"attempt": "attempt"}),
+    (EntityKind.TASK, "reconstructing"): Transition("RECONSTRUCTING", {"attempt": "attempt"}),
     (EntityKind.TASK, "cancelled"): Transition("CANCELLED", stamp=("ended_at",)),
     (EntityKind.TASK, "spilled"): Transition("PENDING_NODE_ASSIGNMENT", {"attempt": "attempt"}),
     (EntityKind.TASK, "placed"): Transition("SCHEDULED", {"attempt": "attempt"}, ("scheduled_at",)),

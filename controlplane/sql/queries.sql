@@ -96,3 +96,13 @@ SELECT i.entity_kind::text AS kind, i.entity_id AS task_id, i.payload->'resource
                       AND p.event_type IN ('placed', 'cancelled', 'failed', 'alive', 'dead')
                       AND p.position > i.position)
  ORDER BY i.position
+
+-- task_lineage --
+-- What lineage reconstruction re-runs: a task's `submitted` event (its spec, and its
+-- code if it was the first task to use it) and the highest attempt logged for it.
+SELECT
+    (SELECT data FROM events
+      WHERE entity_id = $1 AND event_type = 'submitted' AND entity_kind = 'task'
+      ORDER BY position LIMIT 1) AS submitted,
+    (SELECT max((payload->>'attempt')::int) FROM events
+      WHERE entity_id = $1 AND entity_kind = 'task') AS attempt;

@@ -1,0 +1,194 @@
+"""Lineage reconstruction: an object whose bytes are lost while something still needs
+it is rebuilt by re-running the task that made it, read back from the log (its
+``submitted`` event holds the spec), recursively for lost arguments -- the Ray
+paper's lineage replay, with the log as the lineage store.
+
+- **When**: a client finds a segment gone (``ReportLost``), a task finds an argument
+  gone (it then waits for the argument's rebuild and runs again), or an argument of a
+  task being rebuilt is gone or was freed.
+- **What is logged**: ``lost`` for the object, then ``reconstructing`` for the task
+  {object_id, attempt, reason}; the re-run then logs ``scheduled``, ``running``,
+  ``finished`` and ``created`` with that attempt, like any run.
+- **Limits, as in Ray**: an object made by ``put`` has no lineage (ObjectLostError);
+  nor has one whose task has ``max_retries=0`` (reconstruction off for it); a task
+  rebuilt more often than ``max_retries`` allows (counting retries, from the log)
+  gives ObjectReconstructionFailedMaxAttemptsExceededError.
+
+A mixin of NodeDaemon.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from controlplane.eventlog import EntityKind, Event
+from controlplane.eventlog.connection import connect
+from controlplane.sql import queries
+from dataplane import protocol as p
+from dataplane import shm
+
+if TYPE_CHECKING:
+    from controlplane.node.daemon import TaskRecord
+
+log = logging.getLogger("cairn.node")
+K = EntityKind
+_PUT_SUFFIX = "0" * 8  # put objects' ids end so; return ids count from 1
+
+
+def creating_task(object_id: str) -> str | None:
+    """The task whose return an object is; None for ``put`` objects."""
+    if len(object_id) <= 8 or object_id.endswith(_PUT_SUFFIX):
+        return None
+    return object_id[:-8]
+
+
+class ReconstructionMixin:
+    rebuilding: set[str]  # tasks being re-run to rebuild their objects
+
+    def _object_lost(self: Any, object_id: str, reason: str, *, needed: bool = False) -> None:
+        """An object's bytes are gone: rebuild it if it has lineage, else it stands for
+        ObjectLostError from now on. ``needed``: also one already freed (an argument of
+        a task being rebuilt)."""
+        state = self.objects.state(object_id)
+        if state in ("pending", "error") or (state != "stored" and not needed):
+            return  # on its way (or back) already, or not a value
+        task_id = creating_task(object_id)
+        if task_id is None or task_id in self.tasks:
+            self._mark_lost(object_id, reason)
+            return
+        self.objects.unready(object_id)  # waiters wait for the rebuilt value
+        if task_id in self.rebuilding:
+            return
+        self.rebuilding.add(task_id)
+        self._log([Event(K.OBJECT, object_id, "lost", {"reason": reason}, node_id=self.node_id)])
+        self._spawn(self._rebuild(task_id, object_id, reason))
+
+    def _mark_lost(self: Any, object_id: str, reason: str) -> None:
+        if self.objects.mark_lost(object_id, reason):
+            self._log(
+                [Event(K.OBJECT, object_id, "lost", {"reason": reason}, node_id=self.node_id)]
+            )
+
+    def _present(self: Any, object_id: str) -> bool:
+        """Whether an object's value is here now (its segment too)."""
+        location = self.objects.stored(object_id)
+        if location is None:
+            return False
+        return location.shm_name is None or (shm.SHM_DIR / location.shm_name).exists()
+
+    async def _rebuild(self: Any, task_id: str, object_id: str, reason: str) -> None:
+        try:
+            spec, attempt = await self._lineage(task_id)
+        except Exception as exc:  # the GCS is unreachable, or the log lacks the task
+            why = f"its lineage could not be read from the log: {exc}"
+            self._give_up_rebuild(task_id, [object_id], _lost(object_id, why))
+            return
+        returns = spec.return_ids()
+        if spec.max_retries == 0:
+            error = _lost(
+                object_id,
+                f"{reason}; it is not reconstructed because its task {spec.name} has max_retries=0",
+            )
+            self._give_up_rebuild(task_id, returns, error)
+            return
+        if 0 <= spec.max_retries < attempt:
+            error = p.ErrorInfo(
+                "reconstruction_failed",
+                f"object {object_id} was lost ({reason}) and its task {spec.name} has been "
+                f"run {attempt} times, more than max_retries={spec.max_retries} allows",
+                spec.name,
+            )
+            self._give_up_rebuild(task_id, returns, error)
+            return
+        for other in returns:  # a re-run makes all of them again
+            old = self.objects.unready(other)
+            if old is not None and old.shm_name is not None:
+                shm.unlink_segment(old.shm_name)
+        self._log(
+            [
+                Event(
+                    K.TASK,
+                    task_id,
+                    "reconstructing",
+                    {"object_id": object_id, "attempt": attempt, "reason": reason[:2000]},
+                    job_id=spec.job_id,
+                    node_id=self.node_id,
+                )
+            ]
+        )
+        for dep in spec.dependencies():  # recursively, arguments gone or freed meanwhile
+            state = self.objects.state(dep)
+            if state == "stored" and not self._present(dep):
+                self._object_lost(dep, f"an argument of {spec.name}, being rebuilt, is gone")
+            elif state in ("freed", "unknown"):
+                why = f"an argument of {spec.name}, being rebuilt, was freed"
+                self._object_lost(dep, why, needed=True)
+        self._run_rebuild(self._rebuild_record(spec, attempt))
+
+    async def _lineage(self: Any, task_id: str) -> tuple[p.TaskSpec, int]:
+        """A task's spec from its ``submitted`` event, and the attempt its re-run is."""
+        conn = await connect(self.gcs_url)
+        try:
+            row = await conn.fetchrow(queries["task_lineage"], task_id)
+        finally:
+            await conn.close()
+        if row is None or row["submitted"] is None:
+            raise LookupError(f"the log has no submitted event for task {task_id}")
+        decoded = p.decode_frame(row["submitted"])
+        spec = decoded[0] if isinstance(decoded, tuple) else decoded
+        if spec.function_id and spec.function_id not in self.functions:
+            raise LookupError(f"the code of {spec.name} is not known on this node")
+        return spec, int(row["attempt"] or 0) + 1
+
+    def _rebuild_record(self: Any, spec: p.TaskSpec, attempt: int) -> TaskRecord:
+        from controlplane.node.daemon import TaskRecord
+
+        retries_left = -1 if spec.max_retries < 0 else max(0, spec.max_retries - attempt)
+        record = TaskRecord(spec, None, attempt=attempt, retries_left=retries_left)
+        self.tasks[spec.task_id] = record
+        for object_id in (*spec.dependencies(), *spec.contained_refs):
+            self.objects.pin(object_id)
+        record.pending_deps = {d for d in spec.dependencies() if not self.objects.is_ready(d)}
+        return record
+
+    def _run_rebuild(self: Any, record: TaskRecord) -> None:
+        if not record.pending_deps:
+            self._enqueue(record)
+            return
+        record.state = "WAITING_FOR_DEPENDENCIES"
+        for dep in list(record.pending_deps):
+            self.objects.on_ready(dep, lambda d=dep, r=record: self._dep_done(r, d))
+
+    def _give_up_rebuild(self: Any, task_id: str, returns: list[str], error: p.ErrorInfo) -> None:
+        self.rebuilding.discard(task_id)
+        log.warning("not rebuilding %s: %s", returns, error.message)
+        for object_id in returns:
+            self.objects.unready(object_id)
+            self.objects.ready(p.ObjectLocation(object_id, error=error))
+
+    def _wait_for_lost_arguments(self: Any, record: TaskRecord, reason: str) -> bool:
+        """A task that failed because an argument's bytes were gone runs again once
+        the argument is rebuilt (not counted as a retry); False if none is being
+        rebuilt (then the loss is the task's error)."""
+        waiting = {d for d in record.spec.dependencies() if not self.objects.is_ready(d)}
+        if not waiting:
+            return False
+        record.attempt += 1
+        self._log(
+            [
+                Event(
+                    K.TASK,
+                    record.spec.task_id,
+                    "retried",
+                    {"attempt": record.attempt, "reason": reason[:2000]},
+                )
+            ]
+        )
+        record.pending_deps = waiting
+        self._run_rebuild(record)
+        return True
+
+
+def _lost(object_id: str, message: str) -> p.ErrorInfo:
+    return p.ErrorInfo("object_lost", f"object {object_id} was lost: {message}")
