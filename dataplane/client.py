@@ -179,6 +179,16 @@ class CoreClient:
         with self._ready:
             return [found.get(oid) or self._local[oid] for oid in object_ids]
 
+    def fetch_location(self, object_id: str, timeout: float | None) -> p.ObjectLocation:
+        """Asks the node for an object that what this process knows of does not give
+        (it is on another node, or its bytes were found gone): the node fetches or
+        rebuilds it, and answers once it is in this node's store."""
+        with self._ready:
+            self._local.pop(object_id, None)
+        (location,) = self.request(lambda rid: p.GetObjects(rid, [object_id], timeout))
+        self._remember([location])
+        return location
+
     def wait(
         self,
         object_ids: list[str],

@@ -45,8 +45,10 @@ class ErrorInfo:
 @dataclass(slots=True)
 class ObjectLocation:
     """Where an object's bytes are: inline (small objects travel in messages) or in a
-    shared-memory segment of ``size`` bytes named ``shm_name``; or the error that the
-    object stands for. ``contained``: ids of refs serialized inside the value."""
+    shared-memory segment of ``size`` bytes named ``shm_name``; or on the node at
+    ``remote`` (made there; ask this node's daemon for it, which fetches it); or the
+    error that the object stands for. ``contained``: ids of refs serialized inside the
+    value."""
 
     object_id: str
     inline: bytes | None = None
@@ -54,6 +56,7 @@ class ObjectLocation:
     size: int = 0
     error: ErrorInfo | None = None
     contained: tuple[str, ...] = ()
+    remote: str | None = None
 
 
 @dataclass(slots=True)

@@ -214,20 +214,24 @@ _READS_OF_A_LOST_OBJECT = 3
 
 
 def _value(client: CoreClient, location: p.ObjectLocation, timeout: float | None) -> Any:
-    """The value at a location. If its bytes are gone, the node was told (read_value
-    reports it) and rebuilds it from its lineage when it can: ask again."""
-    for _ in range(_READS_OF_A_LOST_OBJECT):
+    """The value at a location. One on another node is fetched by this node first;
+    if its bytes are gone, the node was told (read_value reports it) and rebuilds it
+    from its lineage when it can: ask again."""
+    losses = 0
+    while True:
         if location.error is not None:
             raise error_of(location.error, location.object_id)
+        if location.remote is None:
+            try:
+                return client.read_value(location)
+            except ObjectMissingError as missing:
+                losses += 1
+                if losses >= _READS_OF_A_LOST_OBJECT:
+                    raise exc.ObjectLostError(location.object_id, str(missing)) from None
         try:
-            return client.read_value(location)
-        except ObjectMissingError as missing:
-            lost = missing
-        try:
-            (location,) = client.get_locations([location.object_id], timeout)
+            location = client.fetch_location(location.object_id, timeout)
         except DaemonError as error:
             raise _get_error(error, timeout) from None
-    raise exc.ObjectLostError(location.object_id, str(lost)) from None
 
 
 def error_of(info: p.ErrorInfo, object_id: str) -> exc.RayError:

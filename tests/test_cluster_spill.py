@@ -381,6 +381,61 @@ def slow_on_two(seconds: float) -> str:
     return ray.get_runtime_context().get_node_id()
 
 
+@ray.remote(num_cpus=1)
+def chain_start(n: int) -> np.ndarray:
+    return np.full(10 * 1024 * 1024 // 8, n, dtype=np.int64)
+
+
+@ray.remote(num_cpus=1)
+def chain_step(previous: np.ndarray, k: int) -> np.ndarray:
+    return previous + k
+
+
+def test_outputs_lost_with_their_node_are_rebuilt_from_the_log(cluster: dict[str, str]) -> None:
+    """A chain of 20 tasks with 10 MB outputs runs on a node of its own; its last output
+    stays there (Ray's model: not copied until wanted). The node is killed: ``get``
+    returns the right value, rebuilt by replaying the chain's lineage from the log.
+    (It adds the node it kills, so the cluster keeps its shape.)"""
+    url = cluster["url"]
+    head = local_node.running_head()
+    assert head is not None and head.address is not None
+    before = {n.pid for n in local_node.local_nodes()}
+    _cairn("start", "--address", head.address, "--num-cpus", "2")
+    (doomed,) = [n for n in local_node.local_nodes() if n.pid not in before]
+    doomed_id = (doomed.session_dir / "node.ready").read_text()
+    there = NodeAffinitySchedulingStrategy(doomed_id, soft=True)
+    ref = chain_start.options(scheduling_strategy=there).remote(0)
+    for k in range(1, 20):
+        ref = chain_step.options(scheduling_strategy=there).remote(ref, k)
+    assert ray.wait([ref], timeout=120)[0] == [ref]
+    made = asyncio.run(
+        _fetch(url, "SELECT node_id, event_type FROM events WHERE entity_id = $1", ref.hex())
+    )
+    assert [(r["node_id"], r["event_type"]) for r in made] == [(doomed_id, "created")]
+
+    os.killpg(os.getpgid(doomed.pid), signal.SIGKILL)
+    value = ray.get(ref, timeout=180)
+    assert value.shape == (10 * 1024 * 1024 // 8,) and int(value[0]) == int(value[-1]) == 190
+    rebuilt = asyncio.run(
+        _fetch(
+            url,
+            "SELECT entity_id, payload->>'object_id' AS object_id FROM events "
+            "WHERE event_type = 'reconstructing' ORDER BY position",
+        )
+    )
+    assert rebuilt[0]["entity_id"] == ref.task_id() and rebuilt[0]["object_id"] == ref.hex()
+    assert len({r["entity_id"] for r in rebuilt}) == 20  # the whole freed lineage
+    ran = asyncio.run(
+        _fetch(
+            url,
+            "SELECT node_id FROM events WHERE entity_id = $1 AND event_type = 'running' "
+            "ORDER BY position",
+            ref.task_id(),
+        )
+    )
+    assert ran[0]["node_id"] == doomed_id and ran[-1]["node_id"] != doomed_id
+
+
 def test_tasks_of_a_killed_node_run_again_elsewhere(cluster: dict[str, str]) -> None:
     """(Last: it kills one of the cluster's nodes.)"""
     url = cluster["url"]

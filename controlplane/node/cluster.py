@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from controlplane.eventlog import EntityKind, Event, RecordedEvent, Tailer
 from controlplane.node import transfer
 from dataplane import protocol as p
+from dataplane import shm
 
 if TYPE_CHECKING:
     from controlplane.node.daemon import TaskRecord
@@ -38,9 +39,10 @@ K = EntityKind
 class ClusterMixin:
     peers: set[str]  # other nodes alive, from the log
     spilled: dict[str, TaskRecord]  # task id -> a task this node spilled
-    # task id -> object id -> (its value, when small enough to be in the log; the address
-    # of the node holding it)
-    remote_returns: dict[str, dict[str, tuple[p.ObjectLocation | None, str]]]
+    # task id -> object id -> (its value when small enough to be in the log, else where
+    # it is (``remote``); the address of the node holding it)
+    remote_returns: dict[str, dict[str, tuple[p.ObjectLocation, str]]]
+    fetching: set[str]  # objects being pulled here because something here wants them
     kept_for_owner: set[str]  # objects of placed tasks, until their owner has them
 
     def _can_spill(self: Any, record: TaskRecord) -> bool:
@@ -157,15 +159,15 @@ class ClusterMixin:
         elif kind is K.OBJECT and kind_type == "created":
             task_id = event.payload.get("task_id")
             if task_id in self.spilled and event.node_id != self.node_id:
-                inline = (
+                address = event.payload["address"]
+                value = (
                     p.ObjectLocation(event.entity_id, inline=event.data, size=len(event.data))
                     if event.data is not None
-                    else None
+                    else p.ObjectLocation(
+                        event.entity_id, size=int(event.payload["size_bytes"]), remote=address
+                    )
                 )
-                self.remote_returns.setdefault(task_id, {})[event.entity_id] = (
-                    inline,
-                    event.payload["address"],
-                )
+                self.remote_returns.setdefault(task_id, {})[event.entity_id] = (value, address)
         elif kind is K.TASK and event.entity_id in self.spilled:
             record = self.spilled[event.entity_id]
             if event.node_id == self.node_id:
@@ -203,6 +205,9 @@ class ClusterMixin:
         """Tasks this node spilled that were placed on a node now dead run again
         elsewhere while their retries last (a ``retried`` event, then a new spill);
         the others fail with WorkerCrashedError, as a task whose worker died."""
+        address = self.peer_addresses.get(node_id)
+        for object_id in self.objects.remote_at(address) if address else []:
+            self._object_lost(object_id, f"node {node_id}, which held it, died")
         for record in [r for r in self.spilled.values() if r.placed_on == node_id]:
             del self.spilled[record.spec.task_id]
             self.remote_returns.pop(record.spec.task_id, None)
@@ -317,7 +322,16 @@ class ClusterMixin:
     def _pull_then(self: Any, record: TaskRecord, address: str, then: Any) -> None:
         """Pulls the record's argument objects from ``address`` (those not here), then
         calls ``then``; until then they are its pending dependencies."""
-        missing = [d for d in record.spec.dependencies() if not self.objects.is_ready(d)]
+        # not here: never was, or freed meanwhile (a copy made here for an earlier task
+        # and released by its owner), or left on another node
+        missing = [
+            d
+            for d in record.spec.dependencies()
+            if self.objects.state(d) not in ("stored", "error")
+        ]
+        for object_id in missing:
+            if self.objects.state(object_id) in ("unknown", "freed", "remote"):
+                self.objects.unready(object_id)  # a new entry, for the copy pulled now
         record.pending_deps = set(missing)
         for object_id in record.spec.dependencies():
             self.objects.hold(object_id)  # this node's copy, while the task needs it
@@ -395,33 +409,65 @@ class ClusterMixin:
     # -- back home -----------------------------------------------------------------
 
     async def _take_back(self: Any, record: TaskRecord) -> None:
+        """A task this node spilled is over: small values come in its events; large
+        ones stay on the node that made them (held there for this node) until
+        something here wants them (``_fetch_remote``), as in Ray."""
         task_id = record.spec.task_id
         values = self.remote_returns.pop(task_id, {})
         locations = []
         for object_id in record.spec.return_ids():
-            inline, address = values.get(object_id, (None, ""))
-            try:
-                if inline is not None:
-                    location = inline
-                    self.objects.charge(location.size, force=True)
-                elif address:
-                    location = await self.puller.pull(address, object_id)
-                else:
-                    raise transfer.TransferError(f"the log has no created event for {object_id}")
-            except transfer.TransferError as exc:
-                location = p.ObjectLocation(object_id, error=p.ErrorInfo("object_lost", str(exc)))
-            if location.error is None:
+            location, address = values.get(object_id, (None, ""))
+            if location is None:
+                why = f"the log has no created event for {object_id}"
+                location = p.ObjectLocation(object_id, error=p.ErrorInfo("object_lost", why))
+            elif location.inline is not None:
+                self.objects.charge(location.size, force=True)
                 self._log([self._transferred_event(location, address)])
             locations.append(location)
         for location in locations:
-            self.objects.ready(location)
+            if location.remote is not None:
+                self.objects.set_remote(location, location.remote)
+            else:
+                self.objects.ready(location)
         record.state = "FINISHED"
         if record.submitter is not None:
             record.submitter.send(p.ObjectsReady(locations))
         self._task_over(record)
         self._schedule()
-        for object_id, (_inline, address) in values.items():
+        for location, address in values.values():
+            if location.remote is None:  # this node has its copy
+                await transfer.release(address, location.object_id)
+
+    def _fetch_remote(self: Any, object_id: str, address: str) -> None:
+        """Something here waits for an object left on another node: pull it (once);
+        if it cannot be pulled (its node died, or lost it) it is lost here, and
+        rebuilt from its lineage when it can be."""
+        if object_id in self.fetching:
+            return
+        self.fetching.add(object_id)
+
+        async def fetch() -> None:
+            try:
+                location = await self.puller.pull(address, object_id)
+            except transfer.TransferError as exc:
+                self.fetching.discard(object_id)
+                self._object_lost(object_id, str(exc))
+                return
+            self.fetching.discard(object_id)
+            if self.objects.state(object_id) != "remote":  # freed or lost meanwhile
+                self.objects.uncharge(location.size)
+                if location.shm_name is not None:
+                    shm.unlink_segment(location.shm_name)
+                return
+            self._log([self._transferred_event(location, address)])
+            self.objects.ready(location)
+            self._schedule()
             await transfer.release(address, object_id)
+
+        self._spawn(fetch())
+
+    def _release_remote(self: Any, object_id: str, address: str) -> None:
+        self._spawn(transfer.release(address, object_id))
 
     def _transferred_event(self: Any, location: p.ObjectLocation, source: str) -> Event:
         return Event(

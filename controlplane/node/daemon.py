@@ -142,7 +142,12 @@ class NodeDaemon(ActorsMixin, ClusterMixin, PlacementGroupsMixin, Reconstruction
         self.gcs_url = gcs_url
         self.node_id = node_id
         self.resources = ResourcePool(resources)
-        self.objects = ObjectTable(object_store_memory, on_free=self._object_freed)
+        self.objects = ObjectTable(
+            object_store_memory,
+            on_free=self._object_freed,
+            on_wanted=self._fetch_remote,
+            on_free_remote=self._release_remote,
+        )
         self.pool = SegmentPool(node_id, limit=min(object_store_memory // 4, _POOL_LIMIT))
         self.appender = EventAppender(gcs_url, linger=_LINGER_S)
         self.functions: dict[str, tuple[bytes, str]] = {}
@@ -169,7 +174,8 @@ class NodeDaemon(ActorsMixin, ClusterMixin, PlacementGroupsMixin, Reconstruction
         self.peer_addresses: dict[str, str] = {}
         self.rebuilding: set[str] = set()
         self.spilled: dict[str, TaskRecord] = {}
-        self.remote_returns: dict[str, dict[str, tuple[p.ObjectLocation | None, str]]] = {}
+        self.remote_returns: dict[str, dict[str, tuple[p.ObjectLocation, str]]] = {}
+        self.fetching: set[str] = set()
         self.kept_for_owner: set[str] = set()
         self.puller = Puller(node_id, self.objects)
 

@@ -24,13 +24,24 @@ class _Entry:
     pins: int = 0
     ready_seq: int = 0
     callbacks: list[Callable[[], None]] = field(default_factory=list)
+    # made on another node and left there until wanted here: (its address, its size
+    # and contained refs as a location without bytes)
+    remote: tuple[str, p.ObjectLocation] | None = None
 
 
 class ObjectTable:
-    def __init__(self, capacity: int, on_free: Callable[[p.ObjectLocation], None]) -> None:
+    def __init__(
+        self,
+        capacity: int,
+        on_free: Callable[[p.ObjectLocation], None],
+        on_wanted: Callable[[str, str], None] = lambda _object_id, _address: None,
+        on_free_remote: Callable[[str, str], None] = lambda _object_id, _address: None,
+    ) -> None:
         self.capacity = capacity
         self.used = 0
         self._on_free = on_free
+        self._on_wanted = on_wanted  # (object id, address): fetch it, someone waits
+        self._on_free_remote = on_free_remote  # (object id, address): its node may drop it
         self._entries: dict[str, _Entry] = {}
         self._freed: set[str] = set()
         self._seq = itertools.count(1)
@@ -89,7 +100,14 @@ class ObjectTable:
         too: nobody else can have seen it, and its ``freed`` event follows its
         ``created`` event through the same appender."""
         location = entry.location or entry.pending
-        if entry.holders > 0 or entry.pins > 0 or location is None:
+        if entry.holders > 0 or entry.pins > 0:
+            return
+        if location is None and entry.remote is not None:  # never fetched here
+            del self._entries[object_id]
+            self._freed.add(object_id)
+            self._on_free_remote(object_id, entry.remote[0])
+            return
+        if location is None:
             return
         del self._entries[object_id]
         self._freed.add(object_id)
@@ -110,6 +128,7 @@ class ObjectTable:
         if entry.pending is not None and entry.pending.error is not None:
             location = entry.pending  # lost while its events were on their way
         entry.location = location
+        entry.remote = None
         entry.ready_seq = next(self._seq)
         for contained in location.contained:
             self.pin(contained)
@@ -141,7 +160,7 @@ class ObjectTable:
         if entry is None:
             return "freed" if object_id in self._freed else "unknown"
         if entry.location is None:
-            return "pending"
+            return "remote" if entry.remote is not None else "pending"
         return "error" if entry.location.error is not None else "stored"
 
     def stored(self, object_id: str) -> p.ObjectLocation | None:
@@ -160,11 +179,30 @@ class ObjectTable:
         old = entry.location or entry.pending
         if old is not None and old.error is None:
             self.uncharge(old.size)
-        was_ready, entry.location, entry.pending = entry.location, None, None
+        was_ready, entry.location, entry.pending, entry.remote = entry.location, None, None, None
         if was_ready is not None:  # the refs its old value contained were pinned by it
             for contained in was_ready.contained:
                 self.unpin(contained)
         return old
+
+    def set_remote(self, location: p.ObjectLocation, address: str) -> None:
+        """An object whose value stays on the node at ``address`` until someone here
+        waits for it (then ``on_wanted`` fetches it, and ``ready`` makes it local)."""
+        if location.object_id in self._freed:
+            self._on_free_remote(location.object_id, address)
+            return
+        entry = self._entry(location.object_id)
+        entry.remote = (address, location)
+        if entry.callbacks:
+            self._on_wanted(location.object_id, address)
+
+    def remote_at(self, address: str) -> list[str]:
+        """The objects held here whose only copy is on the node at ``address``."""
+        return [
+            oid
+            for oid, entry in self._entries.items()
+            if entry.remote is not None and entry.location is None and entry.remote[0] == address
+        ]
 
     def is_ready(self, object_id: str) -> bool:
         entry = self._entries.get(object_id)
@@ -185,7 +223,13 @@ class ObjectTable:
         if self.is_ready(object_id):
             callback()
         else:
-            self._entry(object_id).callbacks.append(callback)
+            self._wait_for(object_id, callback)
+
+    def _wait_for(self, object_id: str, callback: Callable[[], None]) -> None:
+        entry = self._entry(object_id)
+        entry.callbacks.append(callback)
+        if entry.remote is not None and entry.location is None:
+            self._on_wanted(object_id, entry.remote[0])
 
     def when_ready(
         self,
@@ -220,7 +264,7 @@ class ObjectTable:
         if timeout is not None:
             timer = asyncio.get_running_loop().call_later(max(0.0, timeout), timed_out)
         for oid in pending:
-            self._entry(oid).callbacks.append(one_ready)
+            self._wait_for(oid, one_ready)
 
     def ready_in_order(self, object_ids: list[str], limit: int) -> list[str]:
         """The ready ones among ``object_ids``, in the order they became ready."""
