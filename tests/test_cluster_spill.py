@@ -381,6 +381,66 @@ def slow_on_two(seconds: float) -> str:
     return ray.get_runtime_context().get_node_id()
 
 
+def _add_node() -> tuple[local_node.NodeRecord, str]:
+    """A node joined for a test that kills it (so the cluster keeps its shape)."""
+    head = local_node.running_head()
+    assert head is not None and head.address is not None
+    before = {n.pid for n in local_node.local_nodes()}
+    _cairn("start", "--address", head.address, "--num-cpus", "2")
+    (added,) = [n for n in local_node.local_nodes() if n.pid not in before]
+    return added, (added.session_dir / "node.ready").read_text()
+
+
+@ray.remote
+class Recorder:
+    def __init__(self) -> None:
+        self.instance = os.urandom(4).hex()
+        self.calls = 0  # in the order this instance ran them
+
+    def call(self, i: int) -> tuple[str, int, str, int]:
+        time.sleep(0.02)
+        self.calls += 1
+        return self.instance, i, ray.get_runtime_context().get_node_id(), self.calls
+
+
+def test_an_actor_whose_node_dies_is_made_again_elsewhere_with_its_calls(
+    cluster: dict[str, str],
+) -> None:
+    doomed, doomed_id = _add_node()
+    there = NodeAffinitySchedulingStrategy(doomed_id, soft=True)
+    actor = Recorder.options(
+        scheduling_strategy=there, max_restarts=1, max_task_retries=-1
+    ).remote()
+    first = ray.get(actor.call.remote(-1), timeout=60)
+    assert first[2] == doomed_id
+    refs = [actor.call.remote(i) for i in range(100)]
+    deadline = time.monotonic() + 60
+    while len(ray.wait(refs, num_returns=len(refs), timeout=0)[0]) < 10:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    os.killpg(os.getpgid(doomed.pid), signal.SIGKILL)
+    results = ray.get(refs, timeout=120)  # every call completes
+    instances = list(dict.fromkeys(result[0] for result in results))
+    assert len(instances) == 2 and instances[0] == first[0]  # one restart, in the middle
+    for instance in instances:  # each instance ran its calls in the caller's order
+        ran = [(seq, i) for who, i, _, seq in results if who == instance]
+        assert sorted(ran) == sorted(ran, key=lambda pair: pair[1])
+    assert {node for who, _, node, _ in results if who == instances[1]} & {doomed_id} == set()
+    assert first[3] == 1 and next(seq for who, *_, seq in results if who == instances[1]) == 1
+    events = asyncio.run(
+        _fetch(
+            cluster["url"],
+            "SELECT event_type, payload->>'cause' AS cause FROM events "
+            "WHERE entity_id = $1 ORDER BY position",
+            actor._actor_id,
+        )
+    )
+    assert ("restarting", f"its node {doomed_id} died") in [
+        (e["event_type"], e["cause"]) for e in events
+    ]
+    ray.kill(actor)
+
+
 @ray.remote(num_cpus=1)
 def chain_start(n: int) -> np.ndarray:
     return np.full(10 * 1024 * 1024 // 8, n, dtype=np.int64)
@@ -397,12 +457,7 @@ def test_outputs_lost_with_their_node_are_rebuilt_from_the_log(cluster: dict[str
     returns the right value, rebuilt by replaying the chain's lineage from the log.
     (It adds the node it kills, so the cluster keeps its shape.)"""
     url = cluster["url"]
-    head = local_node.running_head()
-    assert head is not None and head.address is not None
-    before = {n.pid for n in local_node.local_nodes()}
-    _cairn("start", "--address", head.address, "--num-cpus", "2")
-    (doomed,) = [n for n in local_node.local_nodes() if n.pid not in before]
-    doomed_id = (doomed.session_dir / "node.ready").read_text()
+    doomed, doomed_id = _add_node()
     there = NodeAffinitySchedulingStrategy(doomed_id, soft=True)
     ref = chain_start.options(scheduling_strategy=there).remote(0)
     for k in range(1, 20):

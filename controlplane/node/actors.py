@@ -133,6 +133,7 @@ class ActorsMixin:
             # its node runs it, in the order of the log; the result comes back as a
             # spilled task's does. Calls wait here until the actor is placed.
             record.state = "SPILLED"
+            record.retries_left = actor.options.max_task_retries
             self.spilled[record.spec.task_id] = record
             if actor.placed_on is None:
                 actor.queue.append(record)

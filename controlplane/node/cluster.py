@@ -208,6 +208,9 @@ class ClusterMixin:
         address = self.peer_addresses.get(node_id)
         for object_id in self.objects.remote_at(address) if address else []:
             self._object_lost(object_id, f"node {node_id}, which held it, died")
+        for actor in list(self.actors.values()):
+            if actor.elsewhere and actor.placed_on == node_id and actor.death is None:
+                self._actor_node_lost(actor, node_id)
         for record in [r for r in self.spilled.values() if r.placed_on == node_id]:
             del self.spilled[record.spec.task_id]
             self.remote_returns.pop(record.spec.task_id, None)
@@ -266,6 +269,89 @@ class ClusterMixin:
             self.spilled[record.spec.task_id] = record
             self._forward_call(actor, record)
 
+    def _actor_node_lost(self: Any, actor: Any, node_id: str) -> None:
+        """An actor made here lived on a node that died: it is made again on another
+        node if ``max_restarts`` allows (its constructor re-run; ``restarting`` says
+        so), and the calls forwarded to it and not finished are sent to the new
+        instance, in their order, as ``max_task_retries`` allows (each may have begun
+        there: it counts as a retry); otherwise it is dead and they fail."""
+        cause = f"its node {node_id} died"
+        calls = [
+            r
+            for r in self.spilled.values()
+            if r.spec.actor_id == actor.actor_id and r.spec.method != "__init__"
+        ]
+        for record in calls:
+            del self.spilled[record.spec.task_id]
+        creation = actor.creation
+        self.spilled.pop(creation.spec.task_id, None)
+        limit = actor.options.max_restarts
+        if limit != -1 and actor.restarts >= limit:
+            actor.queue.extendleft(reversed(calls))  # failed with the actor, in order
+            self._actor_died(actor, cause)
+            return
+        actor.restarts += 1
+        actor.state, actor.placed_on = "RESTARTING", None
+        self._log(
+            [
+                Event(
+                    K.ACTOR,
+                    actor.actor_id,
+                    "restarting",
+                    {"attempt": actor.restarts, "cause": cause},
+                    node_id=self.node_id,
+                )
+            ]
+        )
+        resent = []
+        for record in calls:
+            if record.retries_left == 0:
+                self._finish_failed(
+                    record,
+                    p.ErrorInfo(
+                        "actor_died",
+                        f"the actor {actor.actor_id} died while the call was on its node "
+                        f"(max_task_retries=0): {cause}",
+                        function_name=actor.actor_id,
+                    ),
+                    log_event=True,
+                )
+                continue
+            record.retries_left -= record.retries_left > 0
+            record.attempt += 1
+            self._log(
+                [
+                    Event(
+                        K.TASK,
+                        record.spec.task_id,
+                        "retried",
+                        {"attempt": record.attempt, "reason": f"the actor restarted: {cause}"},
+                    )
+                ]
+            )
+            resent.append(record)
+        actor.queue.extendleft(reversed(resent))  # before calls made since, in order
+        for record in resent:
+            self.spilled[record.spec.task_id] = record  # forwarded again once placed
+        # placed again (a new attempt: a new placement), its calls forwarded once it is
+        if creation.spec.task_id not in self.tasks:  # its constructor had finished
+            self.tasks[creation.spec.task_id] = creation
+            for object_id in (*creation.spec.dependencies(), *creation.spec.contained_refs):
+                self.objects.pin(object_id)  # as a submitted task's: unpinned when over
+        creation.attempt += 1
+        creation.placed_on = None
+        self._log(
+            [
+                Event(
+                    K.TASK,
+                    creation.spec.task_id,
+                    "retried",
+                    {"attempt": creation.attempt, "reason": f"the actor restarts: {cause}"},
+                )
+            ]
+        )
+        self._spill(creation)
+
     def _forward_call(self: Any, actor: Any, record: TaskRecord) -> None:
         """Hands a call to the actor's node through the log (``forwarded``, the spec in
         its data); that node reads them in log order, so each caller's order holds."""
@@ -276,7 +362,11 @@ class ClusterMixin:
                     K.TASK,
                     spec.task_id,
                     "forwarded",
-                    {"actor_id": actor.actor_id, "to_node": actor.placed_on},
+                    {
+                        "actor_id": actor.actor_id,
+                        "to_node": actor.placed_on,
+                        "attempt": record.attempt,
+                    },
                     job_id=spec.job_id,
                     node_id=self.node_id,
                     data=p.encode(spec),
@@ -304,7 +394,7 @@ class ClusterMixin:
 
         spec = p.decode_frame(event.data)
         address = self.peer_addresses.get(event.node_id or "", "")
-        record = TaskRecord(spec, None)
+        record = TaskRecord(spec, None, attempt=int(event.payload.get("attempt", 0)))
         record.placed_from = address
         self.tasks[spec.task_id] = record
         self._keep_returns_for_owner(spec)

@@ -9,7 +9,8 @@ paper's lineage replay, with the log as the lineage store.
 - **What is logged**: ``lost`` for the object, then ``reconstructing`` for the task
   {object_id, attempt, reason}; the re-run then logs ``scheduled``, ``running``,
   ``finished`` and ``created`` with that attempt, like any run.
-- **Limits, as in Ray**: an object made by ``put`` has no lineage (ObjectLostError);
+- **Limits, as in Ray**: an object made by ``put`` or by an actor's method has no
+  lineage to re-run (ObjectLostError);
   nor has one whose task has ``max_retries=0`` (reconstruction off for it); a task
   rebuilt more often than ``max_retries`` allows (counting retries, from the log)
   gives ObjectReconstructionFailedMaxAttemptsExceededError.
@@ -85,6 +86,10 @@ class ReconstructionMixin:
             self._give_up_rebuild(task_id, [object_id], _lost(object_id, why))
             return
         returns = spec.return_ids()
+        if spec.actor_id is not None:
+            why = f"{reason}; it was made by an actor's method ({spec.name}), which is not re-run"
+            self._give_up_rebuild(task_id, returns, _lost(object_id, why))
+            return
         if spec.max_retries == 0:
             error = _lost(
                 object_id,
