@@ -94,6 +94,9 @@ CATALOG: dict[tuple[EntityKind, str], EventType] = {
         ("transferred", {"size_bytes": int}, {"from_node": str}),
         ("freed", {}, {}),
         ("lost", {}, {"reason": str}),
+        # the store was full: its bytes went to the node's spill directory, and back
+        ("spilled", {"size_bytes": int}, {"path": str}),
+        ("restored", {"size_bytes": int}, {}),
     ),
     **_types(
         _K.ACTOR,

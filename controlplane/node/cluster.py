@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from controlplane.eventlog import EntityKind, Event, RecordedEvent, Tailer
 from controlplane.node import transfer
+from controlplane.node.objects import Elsewhere
 from dataplane import protocol as p
 from dataplane import shm
 
@@ -516,7 +517,8 @@ class ClusterMixin:
             locations.append(location)
         for location in locations:
             if location.remote is not None:
-                self.objects.set_remote(location, location.remote)
+                where = Elsewhere("remote", location.remote, location)
+                self.objects.set_elsewhere(location.object_id, where)
             else:
                 self.objects.ready(location)
         record.state = "FINISHED"
@@ -555,9 +557,6 @@ class ClusterMixin:
             await transfer.release(address, object_id)
 
         self._spawn(fetch())
-
-    def _release_remote(self: Any, object_id: str, address: str) -> None:
-        self._spawn(transfer.release(address, object_id))
 
     def _transferred_event(self: Any, location: p.ObjectLocation, source: str) -> Event:
         return Event(

@@ -49,6 +49,7 @@ from controlplane.node.placement_groups import Bundle, PlacementGroupRecord, Pla
 from controlplane.node.reconstruction import ReconstructionMixin
 from controlplane.node.resources import ResourcePool
 from controlplane.node.segment_pool import SegmentPool
+from controlplane.node.spilling import SpillingMixin
 from controlplane.node.transfer import Puller, object_service
 from controlplane.sql import queries
 from dataplane import protocol as p
@@ -117,7 +118,9 @@ class TaskRecord:
     bundle: Bundle | None = None  # the placement group bundle it runs in
 
 
-class NodeDaemon(ActorsMixin, ClusterMixin, PlacementGroupsMixin, ReconstructionMixin):
+class NodeDaemon(
+    ActorsMixin, ClusterMixin, PlacementGroupsMixin, ReconstructionMixin, SpillingMixin
+):
     def __init__(
         self,
         *,
@@ -145,8 +148,8 @@ class NodeDaemon(ActorsMixin, ClusterMixin, PlacementGroupsMixin, Reconstruction
         self.objects = ObjectTable(
             object_store_memory,
             on_free=self._object_freed,
-            on_wanted=self._fetch_remote,
-            on_free_remote=self._release_remote,
+            on_wanted=self._bring_back,
+            on_dropped=self._drop_elsewhere,
         )
         self.pool = SegmentPool(node_id, limit=min(object_store_memory // 4, _POOL_LIMIT))
         self.appender = EventAppender(gcs_url, linger=_LINGER_S)
@@ -176,6 +179,9 @@ class NodeDaemon(ActorsMixin, ClusterMixin, PlacementGroupsMixin, Reconstruction
         self.spilled: dict[str, TaskRecord] = {}
         self.remote_returns: dict[str, dict[str, tuple[p.ObjectLocation, str]]] = {}
         self.fetching: set[str] = set()
+        self.spill_dir = session_dir / "spill"
+        self.spilling_now: set[str] = set()
+        self.restoring: set[str] = set()
         self.kept_for_owner: set[str] = set()
         self.puller = Puller(node_id, self.objects)
 
@@ -518,17 +524,18 @@ class NodeDaemon(ActorsMixin, ClusterMixin, PlacementGroupsMixin, Reconstruction
             self.pool.evict(overflow)
         if self.objects.charge(size):
             conn.send(p.Reply(request_id, self.pool.take(size)))
-        else:
-            conn.send(
-                p.Reply(
-                    request_id,
-                    error=(
-                        f"store_full: the object store cannot fit {size:,} bytes: "
-                        f"{self.objects.used:,} of {self.objects.capacity:,} bytes are in use "
-                        f"(object_store_memory)"
-                    ),
-                )
-            )
+            return
+        if size > self.objects.capacity:
+            conn.send(p.Reply(request_id, error=self._store_full(size)))
+            return
+
+        async def spill_then_reserve() -> None:  # full: spill others to disk first
+            if await self._make_room(size):
+                conn.send(p.Reply(request_id, self.pool.take(size)))
+            else:
+                conn.send(p.Reply(request_id, error=self._store_full(size)))
+
+        self._spawn(spill_then_reserve())
 
     def _created_event(
         self, location: p.ObjectLocation, task_id: str | None, job_id: str | None

@@ -16,6 +16,17 @@ from dataclasses import dataclass, field
 from dataplane import protocol as p
 
 
+@dataclass(frozen=True)
+class Elsewhere:
+    """Where an object's bytes are when not in the store: ``remote`` (``where`` is the
+    address of the node that made it) or ``spilled`` (``where`` is the file);
+    ``location`` has its size and contained refs, no bytes."""
+
+    kind: str
+    where: str
+    location: p.ObjectLocation
+
+
 @dataclass
 class _Entry:
     location: p.ObjectLocation | None = None  # set once ready (its events durable)
@@ -24,9 +35,9 @@ class _Entry:
     pins: int = 0
     ready_seq: int = 0
     callbacks: list[Callable[[], None]] = field(default_factory=list)
-    # made on another node and left there until wanted here: (its address, its size
-    # and contained refs as a location without bytes)
-    remote: tuple[str, p.ObjectLocation] | None = None
+    # its bytes are not in the store but can be had when wanted: on another node (made
+    # there) or in this node's spill directory
+    elsewhere: Elsewhere | None = None
 
 
 class ObjectTable:
@@ -34,14 +45,14 @@ class ObjectTable:
         self,
         capacity: int,
         on_free: Callable[[p.ObjectLocation], None],
-        on_wanted: Callable[[str, str], None] = lambda _object_id, _address: None,
-        on_free_remote: Callable[[str, str], None] = lambda _object_id, _address: None,
+        on_wanted: Callable[[str, Elsewhere], None] = lambda _object_id, _where: None,
+        on_dropped: Callable[[str, Elsewhere], None] = lambda _object_id, _where: None,
     ) -> None:
         self.capacity = capacity
         self.used = 0
         self._on_free = on_free
-        self._on_wanted = on_wanted  # (object id, address): fetch it, someone waits
-        self._on_free_remote = on_free_remote  # (object id, address): its node may drop it
+        self._on_wanted = on_wanted  # someone here waits for it: fetch or restore it
+        self._on_dropped = on_dropped  # freed while elsewhere: that copy may go
         self._entries: dict[str, _Entry] = {}
         self._freed: set[str] = set()
         self._seq = itertools.count(1)
@@ -100,12 +111,12 @@ class ObjectTable:
         too: nobody else can have seen it, and its ``freed`` event follows its
         ``created`` event through the same appender."""
         location = entry.location or entry.pending
-        if entry.holders > 0 or entry.pins > 0:
-            return
-        if location is None and entry.remote is not None:  # never fetched here
+        if entry.holders > 0 or entry.pins > 0 or self._entries.get(object_id) is not entry:
+            return  # held, or freed already (by what its readiness set off)
+        if location is None and entry.elsewhere is not None:  # not brought back
             del self._entries[object_id]
             self._freed.add(object_id)
-            self._on_free_remote(object_id, entry.remote[0])
+            self._on_dropped(object_id, entry.elsewhere)
             return
         if location is None:
             return
@@ -128,7 +139,7 @@ class ObjectTable:
         if entry.pending is not None and entry.pending.error is not None:
             location = entry.pending  # lost while its events were on their way
         entry.location = location
-        entry.remote = None
+        entry.elsewhere = None
         entry.ready_seq = next(self._seq)
         for contained in location.contained:
             self.pin(contained)
@@ -160,7 +171,7 @@ class ObjectTable:
         if entry is None:
             return "freed" if object_id in self._freed else "unknown"
         if entry.location is None:
-            return "remote" if entry.remote is not None else "pending"
+            return entry.elsewhere.kind if entry.elsewhere is not None else "pending"
         return "error" if entry.location.error is not None else "stored"
 
     def stored(self, object_id: str) -> p.ObjectLocation | None:
@@ -179,30 +190,61 @@ class ObjectTable:
         old = entry.location or entry.pending
         if old is not None and old.error is None:
             self.uncharge(old.size)
-        was_ready, entry.location, entry.pending, entry.remote = entry.location, None, None, None
+        was_ready, entry.location, entry.pending = entry.location, None, None
+        entry.elsewhere = None
         if was_ready is not None:  # the refs its old value contained were pinned by it
             for contained in was_ready.contained:
                 self.unpin(contained)
         return old
 
-    def set_remote(self, location: p.ObjectLocation, address: str) -> None:
-        """An object whose value stays on the node at ``address`` until someone here
-        waits for it (then ``on_wanted`` fetches it, and ``ready`` makes it local)."""
-        if location.object_id in self._freed:
-            self._on_free_remote(location.object_id, address)
+    def set_elsewhere(self, object_id: str, where: Elsewhere) -> None:
+        """An object whose bytes are not in the store (left on the node that made it,
+        or spilled to disk) until someone here waits for it: then ``on_wanted``
+        fetches it, and ``ready`` makes it local again."""
+        if object_id in self._freed:
+            self._on_dropped(object_id, where)
             return
-        entry = self._entry(location.object_id)
-        entry.remote = (address, location)
+        entry = self._entry(object_id)
+        if entry.location is not None and entry.location.error is None:
+            self.uncharge(entry.location.size)  # its bytes leave the store
+        entry.location = entry.pending = None
+        entry.elsewhere = where
         if entry.callbacks:
-            self._on_wanted(location.object_id, address)
+            self._on_wanted(object_id, where)
 
     def remote_at(self, address: str) -> list[str]:
         """The objects held here whose only copy is on the node at ``address``."""
         return [
             oid
             for oid, entry in self._entries.items()
-            if entry.remote is not None and entry.location is None and entry.remote[0] == address
+            if entry.elsewhere is not None
+            and entry.elsewhere.kind == "remote"
+            and entry.elsewhere.where == address
         ]
+
+    def spill_candidates(self, needed: int, busy: set[str]) -> list[p.ObjectLocation]:
+        """Objects to spill to disk to free ``needed`` bytes: values in segments that
+        no pending task uses (not pinned), oldest first; empty if they cannot free
+        enough."""
+        chosen, freed = [], 0
+        ready = sorted(
+            (
+                (entry.ready_seq, oid, entry.location)
+                for oid, entry in self._entries.items()
+                if entry.location is not None
+                and entry.location.shm_name is not None
+                and entry.location.error is None
+                and entry.pins == 0
+                and oid not in busy
+            ),
+            key=lambda item: item[0],
+        )
+        for _seq, _oid, location in ready:
+            if freed >= needed:
+                break
+            chosen.append(location)
+            freed += location.size
+        return chosen if freed >= needed else []
 
     def is_ready(self, object_id: str) -> bool:
         entry = self._entries.get(object_id)
@@ -228,8 +270,8 @@ class ObjectTable:
     def _wait_for(self, object_id: str, callback: Callable[[], None]) -> None:
         entry = self._entry(object_id)
         entry.callbacks.append(callback)
-        if entry.remote is not None and entry.location is None:
-            self._on_wanted(object_id, entry.remote[0])
+        if entry.elsewhere is not None and entry.location is None:
+            self._on_wanted(object_id, entry.elsewhere)
 
     def when_ready(
         self,

@@ -52,6 +52,8 @@ class ReconstructionMixin:
         ObjectLostError from now on. ``needed``: also one already freed (an argument of
         a task being rebuilt)."""
         state = self.objects.state(object_id)
+        if state == "spilled":
+            return  # its bytes are on disk: restored when wanted
         if state in ("pending", "error") or (state not in ("stored", "remote") and not needed):
             return  # on its way (or back) already, or not a value
         task_id = creating_task(object_id)

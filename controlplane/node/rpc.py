@@ -11,6 +11,7 @@ told otherwise.
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -26,7 +27,7 @@ CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 2 * CHUNK_SIZE),
 ]
 
-Handler = Callable[[dict[str, Any]], dict[str, Any]]
+Handler = Callable[[dict[str, Any]], dict[str, Any] | Awaitable[dict[str, Any]]]
 RawHandler = Callable[[dict[str, Any], grpc.aio.ServicerContext], Awaitable[bytes]]
 
 
@@ -43,7 +44,8 @@ def _decode(data: bytes) -> dict[str, Any]:
 
 def _unary(handler: Handler) -> grpc.RpcMethodHandler:
     async def answer(request: dict[str, Any], context: grpc.aio.ServicerContext) -> dict:
-        return handler(request)
+        answered = handler(request)
+        return await answered if inspect.isawaitable(answered) else answered
 
     return grpc.unary_unary_rpc_method_handler(
         answer, request_deserializer=_decode, response_serializer=_encode

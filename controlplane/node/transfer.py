@@ -23,6 +23,7 @@ from dataplane import protocol as p
 from dataplane import shm
 
 CHUNKS_IN_FLIGHT = 4
+WAIT_FOR_PENDING_S = 30.0  # how long a pull waits for an object not ready there yet
 
 
 class TransferError(ConnectionError):
@@ -38,8 +39,16 @@ def object_service(objects: ObjectTable) -> tuple[rpc.Handler, rpc.RawHandler]:
         location = objects.location(object_id)
         return location if location.error is None else None
 
-    def info(request: dict[str, Any]) -> dict[str, Any]:
-        location = located(str(request.get("object_id", "")))
+    async def info(request: dict[str, Any]) -> dict[str, Any]:
+        object_id = str(request.get("object_id", ""))
+        if objects.state(object_id) in ("pending", "spilled", "remote"):
+            # on its way here (its events not yet durable: a puller reading the log can
+            # be quicker than this node), or to be restored from disk or fetched
+            ready = asyncio.get_running_loop().create_future()
+            objects.on_ready(object_id, lambda: ready.done() or ready.set_result(None))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ready, WAIT_FOR_PENDING_S)
+        location = located(object_id)
         if location is None:
             return {"missing": True}
         return {"size": location.size, "contained": list(location.contained)}

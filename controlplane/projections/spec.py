@@ -159,6 +159,8 @@ TRANSITIONS: dict[tuple[EntityKind, str], Transition] = {
     ),
     (EntityKind.OBJECT, "freed"): Transition("FREED", stamp=("freed_at",)),
     (EntityKind.OBJECT, "lost"): Transition("LOST"),
+    (EntityKind.OBJECT, "spilled"): Transition("SPILLED"),
+    (EntityKind.OBJECT, "restored"): Transition("CREATED"),
     (EntityKind.ACTOR, "creation_requested"): Transition(
         "PENDING_CREATION",
         {"class_name": "class_name", "name": "name", "namespace": "namespace"},

@@ -1,0 +1,144 @@
+"""Spilling: when the store is full, objects no pending task uses are copied to this
+node's spill directory (oldest first) and their segments freed, instead of refusing
+the new object; a spilled object is restored into the store when something here waits
+for it, as Ray does. The log records both (``spilled``, ``restored`` on the object).
+
+Objects whose bytes are not in the store -- spilled here, or left on the node that
+made them -- are brought back the same way (``_bring_back``) and let go the same way
+when freed (``_drop_elsewhere``). A mixin of NodeDaemon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from controlplane.eventlog import EntityKind, Event
+from controlplane.node import transfer
+from controlplane.node.objects import Elsewhere
+from dataplane import protocol as p
+from dataplane import shm
+
+log = logging.getLogger("cairn.node")
+K = EntityKind
+
+
+class SpillingMixin:
+    spill_dir: Path
+    spilling_now: set[str]  # objects being copied out (not chosen twice)
+    restoring: set[str]
+
+    def _store_full(self: Any, size: int) -> str:
+        return (
+            f"store_full: the object store cannot fit {size:,} bytes: "
+            f"{self.objects.used:,} of {self.objects.capacity:,} bytes are in use and "
+            "no more can be spilled (object_store_memory)"
+        )
+
+    async def _make_room(self: Any, size: int) -> bool:
+        """Charges ``size`` bytes to the store, spilling objects to disk while it is
+        full; False if even spilling everything spillable would not make room."""
+        while not self.objects.charge(size):
+            overflow = self.objects.used + self.pool.bytes + size - self.objects.capacity
+            if self.pool.bytes:
+                self.pool.evict(overflow)
+                continue
+            victims = self.objects.spill_candidates(overflow, self.spilling_now)
+            if not victims:
+                return False
+            await asyncio.gather(*(self._spill_object(v) for v in victims))
+        return True
+
+    async def _spill_object(self: Any, location: p.ObjectLocation) -> None:
+        object_id, name = location.object_id, location.shm_name
+        assert name is not None
+        self.spilling_now.add(object_id)
+        path = self.spill_dir / object_id
+        try:
+            self.spill_dir.mkdir(parents=True, exist_ok=True)
+            await asyncio.to_thread(shutil.copyfile, shm.SHM_DIR / name, path)
+        except OSError as exc:
+            log.warning("could not spill object %s: %s", object_id, exc)
+            path.unlink(missing_ok=True)
+            return
+        finally:
+            self.spilling_now.discard(object_id)
+        if self.objects.stored(object_id) != location:  # freed or changed meanwhile
+            path.unlink(missing_ok=True)
+            return
+        bare = p.ObjectLocation(object_id, size=location.size, contained=location.contained)
+        self.objects.set_elsewhere(object_id, Elsewhere("spilled", str(path), bare))
+        shm.unlink_segment(name)
+        self._log(
+            [
+                Event(
+                    K.OBJECT,
+                    object_id,
+                    "spilled",
+                    {"size_bytes": location.size, "path": str(path)},
+                    node_id=self.node_id,
+                )
+            ]
+        )
+
+    def _bring_back(self: Any, object_id: str, where: Elsewhere) -> None:
+        """Something here waits for an object whose bytes are not in the store."""
+        if where.kind == "remote":
+            self._fetch_remote(object_id, where.where)
+        elif object_id not in self.restoring:
+            self.restoring.add(object_id)
+            self._spawn(self._restore(object_id, where))
+
+    async def _restore(self: Any, object_id: str, where: Elsewhere) -> None:
+        size = where.location.size
+        try:
+            if not await self._make_room(size):
+                message = f"spilled object {object_id} cannot be restored: " + self._store_full(
+                    size
+                ).removeprefix("store_full: ")
+                self.objects.ready(
+                    p.ObjectLocation(object_id, error=p.ErrorInfo("system", message))
+                )
+                Path(where.where).unlink(missing_ok=True)
+                return
+            name = shm.segment_name(self.node_id, object_id)
+            try:
+                await asyncio.to_thread(_copy_into_segment, Path(where.where), name, size)
+            except OSError as exc:
+                self.objects.uncharge(size)
+                self._object_lost(object_id, f"its spilled copy could not be read back: {exc}")
+                return
+        finally:
+            self.restoring.discard(object_id)
+        if self.objects.state(object_id) != "spilled":  # freed meanwhile
+            self.objects.uncharge(size)
+            shm.unlink_segment(name)
+            return
+        self._log(
+            [Event(K.OBJECT, object_id, "restored", {"size_bytes": size}, node_id=self.node_id)]
+        )
+        self.objects.ready(dataclasses.replace(where.location, shm_name=name))
+        Path(where.where).unlink(missing_ok=True)
+        self._schedule()
+
+    def _drop_elsewhere(self: Any, object_id: str, where: Elsewhere) -> None:
+        """A freed object's copy outside the store goes too."""
+        if where.kind == "remote":
+            self._spawn(transfer.release(where.where, object_id))
+        else:
+            with contextlib.suppress(OSError):
+                os.unlink(where.where)
+            self._log([Event(K.OBJECT, object_id, "freed", {}, node_id=self.node_id)])
+
+
+def _copy_into_segment(source: Path, name: str, size: int) -> None:
+    with open(source, "rb") as src, open(shm.SHM_DIR / name, "xb") as dst:
+        shutil.copyfileobj(src, dst, length=1024 * 1024)
+        if dst.tell() != size:
+            raise OSError(f"{source} holds {dst.tell():,} bytes, not {size:,}")
