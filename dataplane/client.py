@@ -149,11 +149,12 @@ class CoreClient:
         value: Serialized,
         task_id: str | None,
         contained: tuple[str, ...] = (),
+        durable: bool = False,
     ) -> None:
         """Stores a value under ``object_id``; this process holds it from now on."""
         location = self.store(object_id, value, contained)
         self.own_ref(object_id)
-        self.send(p.PutObject(location, task_id))
+        self.send(p.PutObject(location, task_id, durable))
         with self._ready:
             self._local[object_id] = location
 

@@ -134,6 +134,7 @@ class PutObject:
 
     location: ObjectLocation
     task_id: str | None = None
+    durable: bool = False  # put(durable=True): kept on disk too, so it can be recovered
 
 
 @dataclass(slots=True)

@@ -168,24 +168,33 @@ def _make_remote(target: Any, options: dict[str, Any]) -> RemoteFunction | Actor
 # -- objects ---------------------------------------------------------------------------
 
 
-def put(value: Any) -> ObjectRef:
-    """Stores ``value`` in the object store; returns its ref."""
+def put(value: Any, *, _owner: Any = None, durable: bool | None = None) -> ObjectRef:
+    """Stores ``value`` in the object store; returns its ref. Small values are kept in
+    the log too; ``durable=True`` (default: ``$CAIRN_DURABLE_PUTS``) also keeps a large
+    one on disk, so that the object can be recovered if its bytes are lost (a put has
+    no task to re-run)."""
+    if _owner is not None:
+        raise ValueError("put(_owner=...) is not supported by Cairn: the caller owns it")
     if isinstance(value, ObjectRef):
         raise TypeError(
             "Calling 'put' on an ray.ObjectRef is not allowed. If you really want "
             "to do this, you can wrap the ray.ObjectRef in a list and call 'put' "
             "on it."
         )
+    if durable is None:
+        durable = os.environ.get("CAIRN_DURABLE_PUTS", "") not in ("", "0")
     serialized, contained = serialize_with_refs(value)
-    return put_serialized(serialized, contained)
+    return put_serialized(serialized, contained, durable=durable)
 
 
-def put_serialized(serialized: Serialized, contained: tuple[str, ...]) -> ObjectRef:
+def put_serialized(
+    serialized: Serialized, contained: tuple[str, ...], *, durable: bool = False
+) -> ObjectRef:
     client = client_or_auto_init()
     object_id = uuid.uuid4().hex + "00000000"
     task = context.current_task()
     try:
-        client.put(object_id, serialized, task.task_id if task else None, contained)
+        client.put(object_id, serialized, task.task_id if task else None, contained, durable)
     except DaemonError as error:
         raise _daemon_error(error) from None
     return ObjectRef._owned(object_id)

@@ -5,6 +5,7 @@ Ray's (no lineage for put objects, none with max_retries=0, at most max_retries 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 
 import asyncpg
@@ -104,6 +105,27 @@ def test_a_put_object_has_no_lineage_and_max_retries_zero_turns_reconstruction_o
     with pytest.raises(ObjectLostError, match="max_retries=0") as caught:
         ray.get(made, timeout=30)
     assert not isinstance(caught.value, ObjectReconstructionFailedMaxAttemptsExceededError)
+
+
+def test_a_durable_put_is_recovered_from_its_copy_on_disk() -> None:
+    value = np.arange(MB, dtype=np.int64)
+    durable = ray.put(value, durable=True)
+    deadline = time.monotonic() + 30
+    while not _events("SELECT 1 FROM events WHERE entity_id = $1", durable.hex()):
+        assert time.monotonic() < deadline  # its copy is made before its created event
+        time.sleep(0.02)
+    _lose(durable)
+    assert np.array_equal(ray.get(durable, timeout=30), value)
+    rows = _events(
+        "SELECT event_type, payload->>'durable_path' AS path FROM events "
+        "WHERE entity_id = $1 ORDER BY position",
+        durable.hex(),
+    )
+    assert [row["event_type"] for row in rows] == ["created", "lost", "restored"]
+    assert rows[0]["path"] and rows[0]["path"].endswith(durable.hex())
+    small = ray.put({"k": "v"})  # small values are in the log whatever the option
+    (data,) = _events("SELECT data FROM events WHERE entity_id = $1", small.hex())
+    assert data["data"] is not None and ray.get(small) == {"k": "v"}
 
 
 def test_reconstruction_stops_at_max_retries() -> None:

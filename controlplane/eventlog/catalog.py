@@ -90,7 +90,11 @@ CATALOG: dict[tuple[EntityKind, str], EventType] = {
     ),
     **_types(
         _K.OBJECT,
-        ("created", {"size_bytes": int}, {"task_id": str, "inline": bool, "address": str}),
+        (
+            "created",
+            {"size_bytes": int},
+            {"task_id": str, "inline": bool, "address": str, "durable_path": str},
+        ),
         ("transferred", {"size_bytes": int}, {"from_node": str}),
         ("freed", {}, {}),
         ("lost", {}, {"reason": str}),

@@ -21,6 +21,7 @@ import contextlib
 import itertools
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -180,6 +181,7 @@ class NodeDaemon(
         self.remote_returns: dict[str, dict[str, tuple[p.ObjectLocation, str]]] = {}
         self.fetching: set[str] = set()
         self.spill_dir = session_dir / "spill"
+        self.durable_dir = Path(os.environ.get("CAIRN_DURABLE_DIR") or session_dir / "durable")
         self.spilling_now: set[str] = set()
         self.restoring: set[str] = set()
         self.kept_for_owner: set[str] = set()
@@ -462,8 +464,8 @@ class NodeDaemon(
                 self.functions.setdefault(function_id, (blob, name))
             case p.SubmitTask(spec):
                 self._submit(conn, spec)
-            case p.PutObject(location, task_id):
-                self._put(conn, location, task_id)
+            case p.PutObject(location, task_id, durable):
+                self._put(conn, location, task_id, durable)
             case p.ReserveShm(request_id, size):
                 self._reserve(conn, request_id, size)
             case p.GetObjects(request_id, object_ids, timeout):
@@ -504,14 +506,38 @@ class NodeDaemon(
                 conn.holding.discard(object_id)
                 self.objects.release(object_id)
 
-    def _put(self, conn: Connection, location: p.ObjectLocation, task_id: str | None) -> None:
+    def _put(
+        self, conn: Connection, location: p.ObjectLocation, task_id: str | None, durable: bool
+    ) -> None:
+        """A put object: a small value goes into the log with its ``created`` event; a
+        large one asked to be durable is copied to the durable directory first (the
+        event names the copy). Either can be recovered if its bytes are lost."""
         conn.holding.add(location.object_id)
         self.objects.hold(location.object_id)
         if location.shm_name is None:
             self.objects.charge(location.size, force=True)  # small; segments were reserved
-        self._make_durable_then_ready(
-            [location], [self._created_event(location, task_id, conn.job_id)]
-        )
+            event = self._created_event(location, task_id, conn.job_id, data=location.inline)
+            self._make_durable_then_ready([location], [event])
+            return
+        if not durable:
+            event = self._created_event(location, task_id, conn.job_id)
+            self._make_durable_then_ready([location], [event])
+            return
+
+        async def keep_on_disk(name: str) -> None:
+            path: Path | None = self.durable_dir / location.object_id
+            try:
+                self.durable_dir.mkdir(parents=True, exist_ok=True)
+                await asyncio.to_thread(shutil.copyfile, shm.SHM_DIR / name, path)
+            except OSError as exc:
+                log.warning("put %s could not be made durable: %s", location.object_id, exc)
+                path = None
+            event = self._created_event(
+                location, task_id, conn.job_id, durable_path=str(path) if path else None
+            )
+            self._make_durable_then_ready([location], [event])
+
+        self._spawn(keep_on_disk(location.shm_name))
 
     def _reserve(self, conn: Connection, request_id: int, size: int) -> None:
         """Admits a segment of ``size`` bytes; the reply names a recycled segment to
@@ -538,13 +564,27 @@ class NodeDaemon(
         self._spawn(spill_then_reserve())
 
     def _created_event(
-        self, location: p.ObjectLocation, task_id: str | None, job_id: str | None
+        self,
+        location: p.ObjectLocation,
+        task_id: str | None,
+        job_id: str | None,
+        *,
+        data: bytes | None = None,
+        durable_path: str | None = None,
     ) -> Event:
         payload: dict[str, Any] = {"size_bytes": location.size, "inline": location.shm_name is None}
         if task_id:
             payload["task_id"] = task_id
+        if durable_path:
+            payload["durable_path"] = durable_path
         return Event(
-            K.OBJECT, location.object_id, "created", payload, job_id=job_id, node_id=self.node_id
+            K.OBJECT,
+            location.object_id,
+            "created",
+            payload,
+            job_id=job_id,
+            node_id=self.node_id,
+            data=data,
         )
 
     def _make_durable_then_ready(

@@ -20,11 +20,14 @@ A mixin of NodeDaemon.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from controlplane.eventlog import EntityKind, Event
 from controlplane.eventlog.connection import connect
+from controlplane.node.spilling import copy_into_segment
 from controlplane.sql import queries
 from dataplane import protocol as p
 from dataplane import shm
@@ -57,15 +60,65 @@ class ReconstructionMixin:
         if state in ("pending", "error") or (state not in ("stored", "remote") and not needed):
             return  # on its way (or back) already, or not a value
         task_id = creating_task(object_id)
-        if task_id is None or task_id in self.tasks:
+        if task_id is not None and task_id in self.tasks:
             self._mark_lost(object_id, reason)
             return
         self.objects.unready(object_id)  # waiters wait for the rebuilt value
-        if task_id in self.rebuilding:
+        if (task_id or object_id) in self.rebuilding:
             return
-        self.rebuilding.add(task_id)
+        self.rebuilding.add(task_id or object_id)
         self._log([Event(K.OBJECT, object_id, "lost", {"reason": reason}, node_id=self.node_id)])
-        self._spawn(self._rebuild(task_id, object_id, reason))
+        if task_id is None:
+            self._spawn(self._recover_put(object_id, reason))
+        else:
+            self._spawn(self._rebuild(task_id, object_id, reason))
+
+    async def _recover_put(self: Any, object_id: str, reason: str) -> None:
+        """A put has no task to re-run: its value comes back from the log (small ones)
+        or from its durable copy (put(durable=True)), else it is lost for good."""
+        try:
+            conn = await connect(self.gcs_url)
+            try:
+                row = await conn.fetchrow(queries["put_value"], object_id)
+            finally:
+                await conn.close()
+            if row is None:
+                raise LookupError("the log has no created event for it")
+            if row["data"] is not None:
+                location = p.ObjectLocation(object_id, inline=row["data"], size=len(row["data"]))
+                self.objects.charge(location.size, force=True)
+            elif row["durable_path"] and await self._make_room(int(row["size"])):
+                name = shm.segment_name(self.node_id, object_id)
+                try:
+                    await asyncio.to_thread(
+                        copy_into_segment, Path(row["durable_path"]), name, int(row["size"])
+                    )
+                except OSError:
+                    self.objects.uncharge(int(row["size"]))
+                    raise
+                location = p.ObjectLocation(object_id, shm_name=name, size=int(row["size"]))
+            else:
+                raise LookupError(
+                    "it was made by put, which has no task to re-run, and is not durable "
+                    "(put(durable=True) keeps a copy)"
+                )
+        except Exception as exc:
+            self._give_up_rebuild(object_id, [object_id], _lost(object_id, f"{reason}; {exc}"))
+            return
+        self.rebuilding.discard(object_id)
+        self._log(
+            [
+                Event(
+                    K.OBJECT,
+                    object_id,
+                    "restored",
+                    {"size_bytes": location.size},
+                    node_id=self.node_id,
+                )
+            ]
+        )
+        self.objects.ready(location)
+        self._schedule()
 
     def _mark_lost(self: Any, object_id: str, reason: str) -> None:
         if self.objects.mark_lost(object_id, reason):

@@ -109,7 +109,7 @@ class SpillingMixin:
                 return
             name = shm.segment_name(self.node_id, object_id)
             try:
-                await asyncio.to_thread(_copy_into_segment, Path(where.where), name, size)
+                await asyncio.to_thread(copy_into_segment, Path(where.where), name, size)
             except OSError as exc:
                 self.objects.uncharge(size)
                 self._object_lost(object_id, f"its spilled copy could not be read back: {exc}")
@@ -137,7 +137,7 @@ class SpillingMixin:
             self._log([Event(K.OBJECT, object_id, "freed", {}, node_id=self.node_id)])
 
 
-def _copy_into_segment(source: Path, name: str, size: int) -> None:
+def copy_into_segment(source: Path, name: str, size: int) -> None:
     with open(source, "rb") as src, open(shm.SHM_DIR / name, "xb") as dst:
         shutil.copyfileobj(src, dst, length=1024 * 1024)
         if dst.tell() != size:

@@ -106,3 +106,11 @@ SELECT
       ORDER BY position LIMIT 1) AS submitted,
     (SELECT max((payload->>'attempt')::int) FROM events
       WHERE entity_id = $1 AND entity_kind = 'task') AS attempt;
+
+-- put_value --
+-- How a put object can be recovered: its value (small ones are in their `created`
+-- event) or the path of its durable copy (put(durable=True)).
+SELECT data, payload->>'durable_path' AS durable_path, (payload->>'size_bytes')::bigint AS size
+  FROM events
+ WHERE entity_id = $1 AND event_type = 'created' AND entity_kind = 'object'
+ ORDER BY position LIMIT 1;
