@@ -2,11 +2,15 @@
 bottom-up scheduler). Run as ``python -m controlplane.scheduler --gcs-url URL``; the
 head starts one, and any number may run.
 
-It keeps no state of its own: it folds the log from its start (nodes, their resources
-and load, spilled tasks not yet placed), so one killed and restarted resumes where the
-log is. A placement is a ``placed`` event whose id is derived from the task and its
-spill attempt, so when several schedulers place the same spill only the first append
-is stored (the log's idempotence by event id is the fencing): a task is never assigned
+It keeps no state of its own: it folds the log (nodes, their resources and load,
+spilled tasks not yet placed), so one killed and restarted resumes where the log is.
+To restart in a time that does not grow with the history, it saves its folded state
+every ``CHECKPOINT_EVERY`` events (the ``checkpoints`` table) and, restarted, reads on
+from the last checkpoint; without one it folds the log from the start.
+
+A placement is a ``placed`` event whose id is derived from the task and its spill
+attempt, so when several schedulers place the same spill only the first append is
+stored (the log's idempotence by event id is the fencing): a task is never assigned
 twice. A spill that no node could ever satisfy gets one ``infeasible`` event (and a
 warning) and waits for a node that can.
 """
@@ -18,16 +22,23 @@ import asyncio
 import ctypes
 import logging
 import os
+import pickle
 import signal
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 from controlplane.eventlog import EntityKind, Event, EventAppender, RecordedEvent, Tailer
+from controlplane.eventlog.connection import connect
+from controlplane.sql import queries
 
 log = logging.getLogger("cairn.scheduler")
 _STOP_TIMEOUT_S = 3.0
 _PLACEMENT_IDS = uuid.UUID("6f0b3d62-3c1e-4b8e-9a55-0c4e1f1d2a70")
+
+
+CHECKPOINT_NAME = "global_scheduler"  # one for all: they fold the same events
+CHECKPOINT_EVERY = int(os.environ.get("CAIRN_SCHEDULER_CHECKPOINT_EVERY", "10000"))  # events
 
 
 def placement_event_id(task_id: str, attempt: int) -> uuid.UUID:
@@ -80,8 +91,9 @@ def _bytes_by_address(args: dict[str, dict[str, Any]]) -> dict[str, int]:
 
 
 class GlobalScheduler:
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, checkpoint_every: int = CHECKPOINT_EVERY) -> None:
         self.url = url
+        self.checkpoint_every = checkpoint_every
         self.nodes: dict[str, NodeView] = {}
         self.pending: dict[str, Spill] = {}  # task id -> its latest unplaced spill
         # task id -> its latest placed attempt, while the task is not over (bounded by
@@ -96,15 +108,53 @@ class GlobalScheduler:
     async def run(self) -> None:
         await self.appender.start()
         try:
-            async with Tailer(self.url, after=0) as tailer:
+            start, head = await self.load_checkpoint()
+            saved = start
+            async with Tailer(self.url, after=start) as tailer:
                 while True:
                     for event in await tailer.read():
                         self.apply(event)
                     await self.place_pending()
-                    if not self.following.is_set():
-                        self.following.set()
+                    if tailer.position - saved >= self.checkpoint_every:
+                        await self.save_checkpoint(tailer.position)
+                        saved = tailer.position
+                    if not self.following.is_set() and tailer.position >= head:
+                        self.following.set()  # caught up with the log as it was at start
         finally:
             await self.appender.close()
+
+    # -- checkpoints: the folded state, so a restart reads only what came after -----
+
+    _STATE = ("nodes", "pending", "placed", "groups", "group_nodes", "infeasible_groups")
+
+    async def load_checkpoint(self) -> tuple[int, int]:
+        """Loads the latest checkpoint, if any; returns its position (where to read on
+        from) and the log's head position now."""
+        conn = await connect(self.url)
+        try:
+            row = await conn.fetchrow(queries["load_checkpoint"], CHECKPOINT_NAME)
+            head = int(await conn.fetchval(queries["head_position"]))
+        finally:
+            await conn.close()
+        if row is None:
+            return 0, head
+        try:
+            state = pickle.loads(row["state"])
+            values = [state[name] for name in self._STATE]
+        except Exception as exc:  # an older shape: fold the log from the start instead
+            log.warning("ignoring the scheduler checkpoint (%r): folding the whole log", exc)
+            return 0, head
+        for name, value in zip(self._STATE, values, strict=True):
+            setattr(self, name, value)
+        return int(row["position"]), head
+
+    async def save_checkpoint(self, position: int) -> None:
+        state = pickle.dumps({name: getattr(self, name) for name in self._STATE})
+        conn = await connect(self.url)
+        try:
+            await conn.execute(queries["save_checkpoint"], CHECKPOINT_NAME, position, state)
+        finally:
+            await conn.close()
 
     def apply(self, event: RecordedEvent) -> None:
         """Folds one event into the view."""

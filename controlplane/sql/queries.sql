@@ -114,3 +114,13 @@ SELECT data, payload->>'durable_path' AS durable_path, (payload->>'size_bytes'):
   FROM events
  WHERE entity_id = $1 AND event_type = 'created' AND entity_kind = 'object'
  ORDER BY position LIMIT 1;
+
+-- load_checkpoint --
+SELECT position, state FROM checkpoints WHERE name = $1;
+
+-- save_checkpoint --
+-- Only ever moves forward: of several readers saving one name, the furthest wins.
+INSERT INTO checkpoints (name, position, state) VALUES ($1, $2, $3)
+ON CONFLICT (name) DO UPDATE
+   SET position = EXCLUDED.position, state = EXCLUDED.state, saved_at = clock_timestamp()
+ WHERE checkpoints.position < EXCLUDED.position;
