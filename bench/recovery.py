@@ -6,12 +6,13 @@
 * postgres: a driver runs small tasks back to back while PostgreSQL is SIGKILLed and
   restarted 1 s later on the same port; the longest pause any task saw, beside the 1 s
   the server was down.
+* failover: the same with a synchronous streaming replica promoted 0.5 s after the
+  primary is SIGKILLed (the cluster given both hosts in one URL).
 * scheduler: the time a global scheduler takes to restart and catch up with a log of
   10^4 to 10^6 events, from its checkpoint and (for comparison) folding the whole log.
 
-    .venv/bin/python bench/recovery.py [--parts node,postgres,scheduler] [--max-events 1000000]
-
-Replica failover is not built yet, so it is not measured.
+    .venv/bin/python bench/recovery.py [--parts node,postgres,failover,scheduler]
+                                       [--max-events 1000000]
 """
 
 from __future__ import annotations
@@ -131,11 +132,23 @@ def tiny(i: int) -> int:
     return i
 
 
-def postgres_restart(down_s: float = 1.0) -> None:
+def postgres_restart(down_s: float = 1.0, failover: bool = False) -> None:
+    """Tasks back to back while the server is SIGKILLed and, ``down_s`` later, restarted
+    on its port -- or, with ``failover``, its synchronous replica promoted."""
     server = EmbeddedPostgres()
     server.start()
+    replica = None
     try:
-        ray.init(num_cpus=2, gcs_url=server.url)
+        url = server.url
+        if failover:
+            schema.upgrade(url)
+            replica = server.start_replica()
+            password = url.split("@")[0].rsplit(":", 1)[1]
+            url = (
+                f"postgresql://cairn:{password}@127.0.0.1:{server.port},"
+                f"127.0.0.1:{replica.port}/cairn?target_session_attrs=read-write"
+            )
+        ray.init(num_cpus=2, gcs_url=url)
         done: list[float] = []
         stop = threading.Event()
 
@@ -152,21 +165,29 @@ def postgres_restart(down_s: float = 1.0) -> None:
         killed = time.perf_counter()
         server.kill()
         time.sleep(down_s)
-        server.start()
+        if replica is not None:
+            replica.promote()
+        else:
+            server.start()
         restarted = time.perf_counter()
         time.sleep(3.0)
         stop.set()
         driver.join(120)
         gaps = [b - a for a, b in itertools.pairwise(done)]
         normal = sorted(gaps)[len(gaps) // 2]
-        print("PostgreSQL SIGKILL + restart on the same port, tasks back to back")
-        print(f"  server down for:           {restarted - killed:7.2f} s")
+        if replica is None:
+            print("PostgreSQL SIGKILL + restart on the same port, tasks back to back")
+        else:
+            print("PostgreSQL SIGKILL of the primary + its synchronous replica promoted")
+        print(f"  no server for:             {restarted - killed:7.2f} s")
         print(
             f"  longest pause a task saw:  {max(gaps):7.2f} s (median gap {normal * 1000:.2f} ms)"
         )
         print(f"  tasks completed:           {len(done):7d}")
     finally:
         ray.shutdown()
+        if replica is not None:
+            replica.stop()
         server.stop()
 
 
@@ -244,7 +265,7 @@ async def scheduler_restart(max_events: int) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--parts", default="node,postgres,scheduler")
+    parser.add_argument("--parts", default="node,postgres,failover,scheduler")
     parser.add_argument("--max-events", type=int, default=1_000_000)
     args = parser.parse_args()
     parts = args.parts.split(",")
@@ -252,9 +273,10 @@ def main() -> int:
         node_loss()
     if "postgres" in parts:
         postgres_restart()
+    if "failover" in parts:
+        postgres_restart(down_s=0.5, failover=True)
     if "scheduler" in parts:
         asyncio.run(scheduler_restart(args.max_events))
-    print("replica failover: not measured (not built yet)")
     return 0
 
 

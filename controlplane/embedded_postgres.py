@@ -31,6 +31,7 @@ from controlplane.errors import EmbeddedPostgresError
 from controlplane.session_dirs import new_session_dir
 
 SUPERUSER = "cairn"
+REPLICA_NAME = "cairn_replica"  # the application_name a replica streams as
 DATABASE = "cairn"
 SYSTEM_USER = os.environ.get("CAIRN_PG_SYSTEM_USER", "cairn-postgres")
 _PR_SET_PDEATHSIG = 1
@@ -193,6 +194,45 @@ class EmbeddedPostgres:
         while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
             time.sleep(0.01)
 
+    def start_replica(self, *, synchronous: bool = True) -> EmbeddedPostgres:
+        """A streaming replica of this running server (``pg_basebackup``), started on a
+        port of its own. ``synchronous``: from now on a commit here returns only once
+        the replica has flushed it, so whatever the log acknowledged is on the replica
+        if this server dies (at the price of one more round trip per commit)."""
+        replica = EmbeddedPostgres()
+        replica.data_dir.mkdir(mode=0o700, parents=True)
+        if replica._run_as:
+            os.chown(replica.data_dir, replica._run_as.uid, replica._run_as.gid)
+        shutil.copyfile(self._password_file, replica._password_file)
+        replica._password_file.chmod(0o600)
+        replica._run_tool(
+            "pg_basebackup",
+            "-D",
+            str(replica.data_dir),
+            "-d",
+            f"host=127.0.0.1 port={self.port} user={SUPERUSER} application_name={REPLICA_NAME}",
+            "-R",  # writes standby.signal and primary_conninfo: it follows this server
+            "-X",
+            "stream",
+            "--checkpoint=fast",  # not a spread checkpoint: minutes on an idle server
+            env={"PGPASSWORD": self._password_file.read_text().strip()},
+        )
+        replica._launch()
+        if synchronous:
+            self.execute(f"ALTER SYSTEM SET synchronous_standby_names = '{REPLICA_NAME}'")
+            self.execute("SELECT pg_reload_conf()")
+        return replica
+
+    def promote(self) -> None:
+        """Makes this replica a primary (failover): it stops following and takes writes."""
+        self.execute("SELECT pg_promote(true, 60)")
+
+    def execute(self, statement: str) -> None:
+        import psycopg
+
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            conn.execute(statement)  # type: ignore[arg-type]
+
     def __enter__(self) -> EmbeddedPostgres:
         self.start()
         return self
@@ -301,11 +341,12 @@ class EmbeddedPostgres:
             f"log {self.log_path}:\n{self._log_tail()}"
         )
 
-    def _run_tool(self, tool: str, *args: str) -> None:
+    def _run_tool(self, tool: str, *args: str, env: dict[str, str] | None = None) -> None:
         result = subprocess.run(
             [str(self._install / "bin" / tool), *args],
             capture_output=True,
             text=True,
+            env={**os.environ, **env} if env else None,
             user=self._run_as.uid if self._run_as else None,
             group=self._run_as.gid if self._run_as else None,
             extra_groups=[] if self._run_as else None,

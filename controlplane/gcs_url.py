@@ -27,18 +27,20 @@ def normalize(url: str) -> str:
 
 
 def sqlalchemy_url(url: str) -> str:
-    """The form SQLAlchemy needs to use psycopg 3."""
-    return urlunsplit(urlsplit(normalize(url))._replace(scheme="postgresql+psycopg"))
+    """The form SQLAlchemy needs to use psycopg 3 (several hosts, for failover, go in
+    the query string as ``host=`` parameters, as SQLAlchemy wants them)."""
+    parts = urlsplit(normalize(url))._replace(scheme="postgresql+psycopg")
+    userinfo, at, hosts = parts.netloc.rpartition("@")
+    if "," in hosts:
+        query = "&".join([*(f"host={h}" for h in hosts.split(",")), *filter(None, [parts.query])])
+        parts = parts._replace(netloc=f"{userinfo}{at}", query=query)
+    return urlunsplit(parts)
 
 
 def redact(url: str) -> str:
     """The URL with its password replaced by ``***``, for error messages and logs."""
     parts: SplitResult = urlsplit(url)
-    if parts.password is None:
+    userinfo, at, hosts = parts.netloc.rpartition("@")  # hosts: one, or several (failover)
+    if not at or ":" not in userinfo:
         return url
-    userinfo = f"{parts.username or ''}:***"
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"{userinfo}@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    return urlunsplit(parts._replace(netloc=f"{userinfo.split(':', 1)[0]}:***@{hosts}"))
