@@ -21,6 +21,7 @@ nodes; a filtered feed per node is the way to many.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("cairn.node")
 K = EntityKind
+_PULL_ATTEMPTS = 3  # of an argument a task placed here needs, before it fails
 
 
 class ClusterMixin:
@@ -196,6 +198,14 @@ class ClusterMixin:
                 del self.spilled[event.entity_id]
                 self.remote_returns.pop(event.entity_id, None)
                 error_kind, _, message = event.payload.get("error", "").partition(": ")
+                if (
+                    error_kind == "object_lost"
+                    and record.spec.actor_id is None
+                    and record.retries_left != 0
+                ):  # its node could not get an argument: this node has (or rebuilds) it
+                    record.placed_on = None
+                    self._retry(record, f"on node {event.node_id}: {message}")
+                    return
                 self._finish_failed(
                     record,
                     p.ErrorInfo(error_kind or "cancelled", message, record.spec.name),
@@ -429,11 +439,15 @@ class ClusterMixin:
             record.pulled.append(object_id)
 
         async def pull(object_id: str) -> None:
-            try:
-                location = await self.puller.pull(address, object_id)
-                self._log([self._transferred_event(location, address)])
-            except transfer.TransferError as exc:
-                location = p.ObjectLocation(object_id, error=p.ErrorInfo("object_lost", str(exc)))
+            for attempt in range(_PULL_ATTEMPTS):  # a transfer cut short is tried again
+                try:
+                    location = await self.puller.pull(address, object_id)
+                    self._log([self._transferred_event(location, address)])
+                    break
+                except transfer.TransferError as exc:
+                    error = p.ErrorInfo("object_lost", str(exc))
+                    location = p.ObjectLocation(object_id, error=error)
+                    await asyncio.sleep(0.1 * (attempt + 1))
             self.objects.ready(location)
             record.pending_deps.discard(object_id)
             if not record.pending_deps:
