@@ -20,11 +20,11 @@ import threading
 import weakref
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 from dataplane import protocol as p
 from dataplane import shm
-from dataplane.serialization import Serialized, deserialize
+from dataplane.serialization import SerializationError, Serialized, deserialize
 
 log = logging.getLogger("cairn")
 _OWN = 0  # a ref to an object this process created: held without telling the daemon
@@ -256,14 +256,23 @@ class CoreClient:
         try:
             mapping = shm.map_segment(location.shm_name, location.size)
         except FileNotFoundError:
-            with self._ready:
-                self._local.pop(location.object_id, None)
-            reason = f"its shared-memory segment {location.shm_name} is gone"
-            self.send(p.ReportLost(location.object_id, reason))
-            raise ObjectMissingError(f"object {location.object_id} is lost: {reason}") from None
+            self._lost(location, f"its shared-memory segment {location.shm_name} is gone")
+        except shm.SegmentTruncatedError as exc:
+            self._lost(location, str(exc))
         self.add_ref(location.object_id)
         weakref.finalize(mapping, self.remove_ref, location.object_id)
-        return deserialize(memoryview(mapping))
+        try:
+            return deserialize(memoryview(mapping))
+        except SerializationError as exc:  # its framing is damaged: never a wrong value
+            self._lost(location, f"its bytes are corrupt ({exc})")
+
+    def _lost(self, location: p.ObjectLocation, reason: str) -> NoReturn:
+        """The bytes of an object are gone or damaged: the node is told (it rebuilds the
+        object when it can) and the caller may ask for it again."""
+        with self._ready:
+            self._local.pop(location.object_id, None)
+        self.send(p.ReportLost(location.object_id, reason))
+        raise ObjectMissingError(f"object {location.object_id} is lost: {reason}")
 
     # -- reference counting -----------------------------------------------------------
 

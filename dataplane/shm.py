@@ -58,9 +58,18 @@ def map_segment(name: str, size: int) -> mmap.mmap:
     """The segment, mapped read-only; the mapping lives as long as views of it do."""
     fd = os.open(SHM_DIR / name, os.O_RDONLY)
     try:
+        actual = os.fstat(fd).st_size
+        if actual < size:
+            raise SegmentTruncatedError(
+                f"segment {name} is truncated: {actual:,} of {size:,} bytes"
+            )
         return mmap.mmap(fd, size, prot=mmap.PROT_READ)
     finally:
         os.close(fd)
+
+
+class SegmentTruncatedError(OSError):
+    """A segment holds fewer bytes than its object (cut short behind the store's back)."""
 
 
 def recycle_segment(name: str, new_name: str) -> bool:

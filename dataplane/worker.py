@@ -23,7 +23,7 @@ import cloudpickle
 
 from dataplane import context
 from dataplane import protocol as p
-from dataplane.client import CoreClient, ObjectMissingError
+from dataplane.client import CoreClient, DaemonError, ObjectMissingError
 from dataplane.serialization import SerializationError, deserialize, serialize_with_refs
 
 
@@ -171,7 +171,9 @@ class Worker:
                 self._store(object_id, value)
                 for object_id, value in zip(spec.return_ids(), values, strict=True)
             ]
-        except (SerializationError, ValueError) as exc:
+        except (SerializationError, ValueError, OSError, DaemonError) as exc:
+            # the value cannot be stored (unpicklable, store full, /dev/shm failing):
+            # the task's error, and this worker stays up for the next one
             return self._failed(spec, message, _task_error(spec.name, exc))
         return p.TaskDone(spec.task_id, message.attempt, returns)
 

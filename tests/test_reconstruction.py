@@ -143,3 +143,35 @@ def test_a_task_whose_argument_vanished_waits_for_it_and_runs_again() -> None:
     ray.get(made)
     _lose(made)  # nobody has noticed yet: the task finds it gone
     assert int(ray.get(step.remote(made, 1), timeout=60)[0]) == 6
+
+
+def test_a_corrupt_or_truncated_object_is_detected_and_rebuilt_never_returned() -> None:
+    node_id = ray.get_runtime_context().get_node_id()
+    corrupt, truncated = start.remote(1), start.remote(2)
+    ray.wait([corrupt, truncated], num_returns=2)
+    path = shm.SHM_DIR / shm.segment_name(node_id, corrupt.hex())
+    with open(path, "r+b") as segment:  # damage its framing
+        segment.write(bytes(b ^ 0xFF for b in segment.read(16)))
+    with open(shm.SHM_DIR / shm.segment_name(node_id, truncated.hex()), "r+b") as segment:
+        segment.truncate(100)
+    assert int(ray.get(corrupt, timeout=60)[-1]) == 1  # rebuilt, not the damaged bytes
+    assert int(ray.get(step.remote(truncated, 1), timeout=60)[-1]) == 3  # a task saw it
+    reasons = [
+        row["reason"]
+        for row in _events(
+            "SELECT payload->>'reason' AS reason FROM events "
+            "WHERE event_type = 'lost' AND entity_id = ANY($1::text[]) ORDER BY position",
+            [corrupt.hex(), truncated.hex()],
+        )
+    ]
+    assert any("corrupt" in r for r in reasons) and any("truncated" in r for r in reasons)
+    put = ray.put(np.ones(MB, dtype=np.uint8))  # no lineage, not durable: a clear error
+    deadline = time.monotonic() + 30
+    while not _events("SELECT 1 FROM events WHERE entity_id = $1", put.hex()):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    with open(shm.SHM_DIR / shm.segment_name(node_id, put.hex()), "r+b") as segment:
+        segment.write(b"\xff" * 16)
+    with pytest.raises(ObjectLostError, match="corrupt"):
+        ray.get(put, timeout=30)
+    assert int(ray.get(start.remote(9))[0]) == 9  # the node and its workers carry on

@@ -63,7 +63,9 @@ class ReconstructionMixin:
         if task_id is not None and task_id in self.tasks:
             self._mark_lost(object_id, reason)
             return
-        self.objects.unready(object_id)  # waiters wait for the rebuilt value
+        old = self.objects.unready(object_id)  # waiters wait for the rebuilt value
+        if old is not None and old.shm_name is not None:
+            shm.unlink_segment(old.shm_name)  # what is left of it (damaged) goes
         if (task_id or object_id) in self.rebuilding:
             return
         self.rebuilding.add(task_id or object_id)
