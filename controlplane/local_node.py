@@ -32,6 +32,8 @@ from dataplane import shm
 _DAEMON_START_TIMEOUT_S = 60.0
 NODES_DIR = "cairn-nodes"
 NODE_SOCKET = "node.sock"
+# a node daemon that dies is started again, at most this often
+_MAX_RESTARTS, _RESTART_WINDOW_S = 3, 60.0
 NODE_ADDRESS = "node.address"
 _SCHEDULER = [sys.executable, "-m", "controlplane.scheduler", "--die-with-parent"]
 
@@ -92,15 +94,16 @@ class LocalNode:
         self,
         gcs: Gcs,
         session_dir: Path,
-        daemon: subprocess.Popen[bytes],
-        node_id: str,
         owns_session_dir: bool,
+        config: NodeConfig,
+        role: ClusterRole | None,
     ) -> None:
         self.gcs = gcs
         self.session_dir = session_dir
-        self.daemon = daemon
-        self.node_id = node_id
+        self.config = config
+        self.role = role
         self._owns_session_dir = owns_session_dir
+        self.daemon, self.node_id = self._launch_daemon()
 
     @property
     def socket_path(self) -> str:
@@ -120,39 +123,56 @@ class LocalNode:
         gcs.start()
         owns = gcs.embedded is None
         session_dir = new_session_dir() if owns else gcs.embedded.session_dir  # type: ignore[union-attr]
+        try:
+            return cls(gcs, session_dir, owns, config, role)
+        except BaseException:
+            gcs.stop()
+            if owns:
+                shutil.rmtree(session_dir, ignore_errors=True)
+            raise
+
+    def _launch_daemon(self) -> tuple[subprocess.Popen[bytes], str]:
         node_id = new_node_id()
         command = [
             sys.executable,
             "-m",
             "controlplane.node",
             "--session-dir",
-            str(session_dir),
+            str(self.session_dir),
             "--gcs-url",
-            gcs.url,
+            self.gcs.url,
             "--node-id",
             node_id,
             "--resources",
-            json.dumps(config.resources),
+            json.dumps(self.config.resources),
             "--object-store-memory",
-            str(config.object_store_memory),
+            str(self.config.object_store_memory),
             "--die-with-parent",
         ]
-        if role is not None:
-            command += ["--rpc-port", str(role.rpc_port), "--rpc-host", role.rpc_host]
-            command += ["--head"] if role.head else []
+        if self.role is not None:
+            command += ["--rpc-port", str(self.role.rpc_port), "--rpc-host", self.role.rpc_host]
+            command += ["--head"] if self.role.head else []
         daemon: subprocess.Popen[bytes] | None = None
         try:
             daemon = subprocess.Popen(command, stdin=subprocess.DEVNULL)
-            _wait_ready(daemon, session_dir)
+            _wait_ready(daemon, self.session_dir)
         except BaseException:
             if daemon is not None:
                 with contextlib.suppress(Exception):
                     daemon.kill()
-            gcs.stop()
-            if owns:
-                shutil.rmtree(session_dir, ignore_errors=True)
             raise
-        return cls(gcs, session_dir, daemon, node_id, owns)
+        return daemon, node_id
+
+    def restart_daemon(self) -> None:
+        """A new node daemon in place of one that died (its workers died with it): it
+        joins under a new id, as the cluster expects of a restarted node, and what the
+        old one was doing is retried or rebuilt from the log by the nodes that own it."""
+        self.daemon.wait()
+        shm.unlink_all(self.node_id)
+        for name in (NODE_SOCKET, NODE_ADDRESS, "node.ready"):
+            (self.session_dir / name).unlink(missing_ok=True)
+        shutil.rmtree(self.session_dir / "spill", ignore_errors=True)
+        self.daemon, self.node_id = self._launch_daemon()
 
     def stop(self) -> None:
         if self.daemon.poll() is None:
@@ -297,10 +317,16 @@ def run_node(
         record = _record(node, role.head, cluster)
         kind = "head node" if role.head else "node"
         announce(f"{kind} {node.node_id} is running at {node.address} ({node.session_dir})")
+        restarts: list[float] = []
         while not stopping.wait(0.2):
             if node.daemon.poll() is not None:
                 announce(f"the node daemon exited with code {node.daemon.returncode}")
-                break
+                recent = [t for t in restarts if time.monotonic() - t < _RESTART_WINDOW_S]
+                if len(recent) >= _MAX_RESTARTS or stopping.is_set():
+                    break  # it keeps dying: stop rather than loop
+                restarts = [*recent, time.monotonic()]
+                node.restart_daemon()
+                announce(f"a new node daemon {node.node_id} runs in its place")
             if scheduler is not None and scheduler.poll() is not None:
                 # it keeps no state: a new one resumes from the log
                 announce(f"the global scheduler exited ({scheduler.returncode}); restarting it")

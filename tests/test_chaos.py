@@ -1,9 +1,9 @@
 """Chaos: a seeded map-reduce job (thousands of tasks and an actor) runs on a
-three-node cluster while a killer SIGKILLs random workers, worker node daemons (each
-replaced by a fresh node, as an operator or a supervisor would) and the global
-scheduler every couple of seconds. The result equals the fault-free one, and afterwards
-every live node has all its resources back. The seed is printed; set
-``CAIRN_CHAOS_SEED`` to replay a run's choices."""
+three-node cluster while a killer SIGKILLs random workers, worker nodes (each
+replaced by a fresh node, as an operator would), worker node daemons alone (started
+again by their node) and the global scheduler every couple of seconds. The result
+equals the fault-free one, and afterwards every live node has all its resources back.
+The seed is printed; set ``CAIRN_CHAOS_SEED`` to replay a run's choices."""
 
 from __future__ import annotations
 
@@ -96,7 +96,7 @@ class Killer(threading.Thread):
 
     def run(self) -> None:
         while not self.stop.wait(self.rng.uniform(1.5, 3.0)):
-            kind = self.rng.choice(["worker", "worker", "node", "scheduler"])
+            kind = self.rng.choice(["worker", "worker", "node", "daemon", "scheduler"])
             self.kills.append(getattr(self, f"_kill_{kind}")())
             print(f"chaos: {self.kills[-1]}", flush=True)
 
@@ -118,6 +118,18 @@ class Killer(threading.Thread):
         os.killpg(os.getpgid(victim.pid), signal.SIGKILL)
         _cairn("start", "--address", self.head_address, "--num-cpus", "2")  # its replacement
         return f"node {victim.pid} (replaced)"
+
+    def _kill_daemon(self) -> str:
+        """A worker node's daemon alone: its node process starts a new one."""
+        nodes = sorted(
+            (n for n in local_node.local_nodes() if not n.head and n.running), key=lambda n: n.pid
+        )
+        daemons = [p for n in nodes for p in pids_with("controlplane.node", str(n.session_dir))]
+        if not daemons:
+            return "daemon: none running"
+        victim = self.rng.choice(sorted(daemons))
+        os.kill(victim, signal.SIGKILL)
+        return f"node daemon {victim} (restarted by its node)"
 
     def _kill_scheduler(self) -> str:
         pids = sorted(pids_with("controlplane.scheduler"))

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+from processes import pids_with
 
 from controlplane import local_node
 
@@ -163,6 +164,32 @@ def test_nodes_join_and_a_killed_node_is_declared_dead(
     assert detected_after < 6  # pings every 0.25 s, dead after 1.5 s without one
     status = _cairn("status").stdout
     assert "2 nodes alive, 1 dead" in status and f"node {victim_id} DEAD" in status
+
+    # a node daemon killed alone (its node's process lives) is started again, under a
+    # new id, and takes work; the old id is declared dead
+    survivor = workers[1]
+    old_id = (survivor.session_dir / "node.ready").read_text()
+    (daemon_pid,) = pids_with("controlplane.node", str(survivor.session_dir))
+    os.kill(daemon_pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    new_id = old_id
+    while new_id == old_id:
+        assert time.monotonic() < deadline, "the node daemon was not started again"
+        time.sleep(0.1)
+        ready = survivor.session_dir / "node.ready"
+        new_id = ready.read_text() if ready.exists() else old_id
+    while asyncio.run(_death_cause(_gcs_url(cluster), old_id)) is None:
+        assert time.monotonic() < deadline, "the killed daemon's id was not declared dead"
+        time.sleep(0.1)
+    ran_on = _driver(
+        "import json, sdk as ray\n"
+        "from sdk.util.scheduling_strategies import NodeAffinitySchedulingStrategy as A\n"
+        f"ray.init(address={cluster.address!r})\n"
+        "where = ray.remote(lambda: ray.get_runtime_context().get_node_id())\n"
+        f"there = where.options(scheduling_strategy=A({new_id!r}, soft=False))\n"
+        "print(json.dumps({'node': ray.get(there.remote(), timeout=60)}))\n"
+    )
+    assert ran_on["node"] == new_id
 
 
 def test_status_and_stop(cluster: local_node.NodeRecord) -> None:
