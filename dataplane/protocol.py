@@ -196,6 +196,8 @@ class ActorOptions:
     max_restarts: int = 0  # -1: restart forever
     max_task_retries: int = 0  # -1: re-send an interrupted call forever
     max_concurrency: int = 1  # calls running at once (threads, or asyncio tasks)
+    # after a restart, re-run the calls that ran before (from the log) to rebuild state
+    replay_calls_on_restart: bool = False
 
 
 @dataclass(slots=True)

@@ -84,7 +84,15 @@ class ActorClass:
             max_restarts=resolved["max_restarts"],
             max_task_retries=resolved["max_task_retries"],
             max_concurrency=resolved["max_concurrency"] or self._default_concurrency(),
+            replay_calls_on_restart=resolved["replay_calls_on_restart"],
         )
+        if actor_options.replay_calls_on_restart and actor_options.max_concurrency != 1:
+            raise ValueError(
+                "replay_calls_on_restart needs an actor that runs one call at a time "
+                f"(max_concurrency=1, not an async actor): {self._qualname} runs "
+                f"{actor_options.max_concurrency} at once, so its calls have no one order "
+                "to replay"
+            )
         if actor_options.name is not None:
             existing = _claim_name(
                 client, actor_id, actor_options, job_id, bool(resolved["get_if_exists"])

@@ -88,6 +88,8 @@ ACTOR_OPTIONS: dict[str, Option] = {
     "get_if_exists": Option((bool,), False),
     "scheduling_strategy": Option((str, object), None, _strategy),
     "runtime_env": Option((dict,), None),
+    # Cairn's own: after a restart the actor's earlier calls are re-run from the log
+    "replay_calls_on_restart": Option((bool,), False),
 }
 
 

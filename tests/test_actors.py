@@ -422,3 +422,63 @@ def test_a_thousand_async_sleeps_overlap() -> None:
     assert sum(ray.get([actor.nap.remote() for _ in range(1000)], timeout=60)) == pytest.approx(100)
     # run one after another they would take 100 s; overlapping, a few seconds
     assert time.monotonic() - started < 30
+
+
+@ray.remote
+class Ledger:
+    def __init__(self) -> None:
+        self.entries: list[object] = []
+
+    def record(self, entry: object) -> int:
+        self.entries.append(entry)
+        return len(self.entries)
+
+    def fail(self) -> None:
+        self.entries.append("before the error")
+        raise ValueError("recorded, then raised")
+
+    def all(self) -> list[object]:
+        return self.entries
+
+
+async def test_replay_calls_on_restart_rebuilds_the_state_from_the_log() -> None:
+    ledger = Ledger.options(
+        max_restarts=2, max_task_retries=-1, replay_calls_on_restart=True
+    ).remote()
+    big = ray.put(list(range(50_000)))  # a ref argument, still held: replayable
+    assert ray.get([ledger.record.remote(n) for n in range(5)]) == [1, 2, 3, 4, 5]
+    with pytest.raises(ValueError):
+        ray.get(ledger.fail.remote())
+    assert ray.get(ledger.record.remote(big)) == 7
+    before = ray.get(ledger.all.remote())
+    ray.kill(ledger, no_restart=False)  # as a crash: a new instance, calls replayed
+    after = ray.get(ledger.all.remote(), timeout=60)
+    assert after == before  # not the constructor's empty state
+    assert ray.get(ledger.record.remote("next"), timeout=30) == 8
+
+    conn = await asyncpg.connect(ray.get_runtime_context().gcs_address)
+    try:
+        row = await conn.fetchrow(
+            "SELECT payload FROM events WHERE entity_id = $1 AND event_type = 'replaying'",
+            ledger._actor_id,
+        )
+        calls = await conn.fetch(
+            "SELECT entity_id FROM events WHERE event_type = 'submitted' "
+            "AND payload->>'actor_id' = $1 AND payload->>'method' <> '__init__' "
+            "ORDER BY position",
+            ledger._actor_id,
+        )
+    finally:
+        await conn.close()
+    import json
+
+    replayed = json.loads(row["payload"])["calls"]
+    ran_before = [r["entity_id"] for r in calls][:8]  # 5 records, fail, record, all
+    assert replayed == ran_before  # exactly those, in order
+
+    plain = Resettable.options(max_restarts=1).remote()  # without the option: reset
+    assert ray.get(plain.add.remote()) == 1
+    ray.kill(plain, no_restart=False)
+    assert ray.get(plain.add.remote(), timeout=60) == 1
+    with pytest.raises(ValueError, match="max_concurrency=1"):
+        Ledger.options(replay_calls_on_restart=True, max_concurrency=4).remote()

@@ -441,6 +441,41 @@ def test_an_actor_whose_node_dies_is_made_again_elsewhere_with_its_calls(
     ray.kill(actor)
 
 
+@ray.remote
+class Tally:
+    def __init__(self) -> None:
+        self.seen: list[int] = []
+
+    def add(self, n: int) -> list[int]:
+        self.seen.append(n)
+        return self.seen
+
+
+def test_an_actor_moved_off_a_dead_node_replays_its_calls(cluster: dict[str, str]) -> None:
+    doomed, doomed_id = _add_node()
+    there = NodeAffinitySchedulingStrategy(doomed_id, soft=True)
+    tally = Tally.options(
+        scheduling_strategy=there,
+        max_restarts=1,
+        max_task_retries=-1,
+        replay_calls_on_restart=True,
+    ).remote()
+    assert ray.get([tally.add.remote(n) for n in range(20)], timeout=60)[-1] == list(range(20))
+    os.killpg(os.getpgid(doomed.pid), signal.SIGKILL)
+    assert ray.get(tally.add.remote(20), timeout=120) == list(range(21))  # state rebuilt
+    events = asyncio.run(
+        _fetch(
+            cluster["url"],
+            "SELECT event_type, node_id, payload FROM events WHERE entity_id = $1 "
+            "AND event_type IN ('replaying', 'restarting') ORDER BY position",
+            tally._actor_id,
+        )
+    )
+    assert [e["event_type"] for e in events] == ["restarting", "replaying"]
+    assert events[1]["node_id"] != doomed_id
+    ray.kill(tally)
+
+
 @ray.remote(num_cpus=1)
 def chain_start(n: int) -> np.ndarray:
     return np.full(10 * 1024 * 1024 // 8, n, dtype=np.int64)

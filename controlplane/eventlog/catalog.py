@@ -111,7 +111,9 @@ CATALOG: dict[tuple[EntityKind, str], EventType] = {
         ),
         ("scheduled", {}, {}),
         ("alive", {"worker_id": str}, {}),
-        ("restarting", {"attempt": int}, {}),
+        ("restarting", {"attempt": int}, {"cause": str}),
+        # replay_calls_on_restart: the earlier calls re-run on the new instance
+        ("replaying", {"calls": list}, {"attempt": int, "stopped_at": str, "reason": str}),
         ("infeasible", {"reason": str}, {"resources": dict}),
         ("kill_requested", {"no_restart": bool}, {"cause": str}),
         ("dead", {"cause": str}, {}),

@@ -16,7 +16,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from controlplane.eventlog import EntityKind, Event
+from controlplane.eventlog.connection import connect
+from controlplane.sql import queries
 from dataplane import protocol as p
+from dataplane import shm
 
 if TYPE_CHECKING:
     from controlplane.node.daemon import Connection, TaskRecord, WorkerHandle
@@ -45,6 +48,7 @@ class ActorRecord:
     running: dict[str, TaskRecord] = field(default_factory=dict)  # task id -> call
     death: p.ErrorInfo | None = None
     restarts: int = 0
+    replaying: bool = False  # its earlier calls are being read from the log
 
     @property
     def options(self) -> p.ActorOptions:
@@ -186,6 +190,8 @@ class ActorsMixin:
             self._log([Event(K.ACTOR, actor.actor_id, "scheduled", {}, node_id=self.node_id)])
             self._send_to_worker(creation, handle)
             return
+        if actor.replaying:
+            return  # its earlier calls go first, once read from the log
         limit = actor.options.max_concurrency + _PIPELINE_DEPTH
         while len(actor.running) < limit and actor.queue and not actor.queue[0].pending_deps:
             record = actor.queue.popleft()
@@ -246,9 +252,19 @@ class ActorsMixin:
             )
             if first_start:
                 self._finish_ok(creation, [])
+            if actor.options.replay_calls_on_restart and (not first_start or creation.attempt > 0):
+                actor.replaying = True
+                self._spawn(self._replay_calls(actor))
         else:
             record = actor.running.pop(done.task_id, None)
             if record is None:
+                return
+            if record.replay:  # its result was had the first time: dropped
+                for location in done.returns:
+                    if location.shm_name is not None:
+                        self.objects.uncharge(location.size)
+                        shm.unlink_segment(location.shm_name)
+                self._actor_dispatch(actor)
                 return
             if done.error is not None and done.error.kind == "actor_exit":
                 self._actor_died(actor, "the actor exited (exit_actor() was called)")
@@ -258,6 +274,43 @@ class ActorsMixin:
                 self._finish_failed(record, done.error, log_event=True)
             else:
                 self._finish_ok(record, done.returns)
+        self._actor_dispatch(actor)
+
+    # -- replay ----------------------------------------------------------------------
+
+    async def _replay_calls(self: Any, actor: ActorRecord) -> None:
+        """Re-runs, on the new instance and before any other call, every call of the
+        actor that ran to its end before (``actor_calls_to_replay``: finished, or raised
+        its own error), in that order, with its original arguments; results are
+        dropped. ``replaying`` {attempt, calls} lists them. A call whose argument
+        object is gone here ends the replay there (``stopped_at``, ``reason``)."""
+        from controlplane.node.daemon import TaskRecord
+
+        replayed: list[TaskRecord] = []
+        payload: dict[str, Any] = {"attempt": actor.restarts or actor.creation.attempt}
+        try:
+            conn = await connect(self.gcs_url)
+            try:
+                rows = await conn.fetch(queries["actor_calls_to_replay"], actor.actor_id)
+            finally:
+                await conn.close()
+            for row in rows:
+                decoded = p.decode_frame(row["data"])
+                spec = decoded[0] if isinstance(decoded, tuple) else decoded
+                gone = [d for d in spec.dependencies() if self.objects.stored(d) is None]
+                if gone:
+                    payload["stopped_at"] = spec.task_id
+                    payload["reason"] = f"its argument {gone[0]} is no longer here"
+                    break
+                replayed.append(TaskRecord(spec, None, attempt=-1, replay=True))
+        except Exception as exc:  # the GCS is unreachable: the state stays the constructor's
+            payload["reason"] = f"the calls could not be read from the log: {exc}"
+        payload["calls"] = [record.spec.task_id for record in replayed]
+        if "reason" in payload:
+            log.warning("actor %s: replay incomplete: %s", actor.actor_id, payload["reason"])
+        self._log([Event(K.ACTOR, actor.actor_id, "replaying", payload, node_id=self.node_id)])
+        actor.queue.extendleft(reversed(replayed))
+        actor.replaying = False
         self._actor_dispatch(actor)
 
     # -- death ---------------------------------------------------------------------

@@ -124,3 +124,19 @@ INSERT INTO checkpoints (name, position, state) VALUES ($1, $2, $3)
 ON CONFLICT (name) DO UPDATE
    SET position = EXCLUDED.position, state = EXCLUDED.state, saved_at = clock_timestamp()
  WHERE checkpoints.position < EXCLUDED.position;
+
+-- actor_calls_to_replay --
+-- What an actor restarted with replay_calls_on_restart re-runs: its method calls that
+-- ran to the end (finished, or raised an error of their own), each once, in the order
+-- they ended, which for an actor running one call at a time is the order they ran.
+SELECT s.entity_id AS task_id, s.data
+  FROM events s
+  JOIN LATERAL (
+        SELECT e.position FROM events e
+         WHERE e.entity_id = s.entity_id
+           AND (e.event_type = 'finished'
+                OR (e.event_type = 'failed' AND e.payload->>'error' LIKE 'task_error:%'))
+         ORDER BY e.position LIMIT 1) ended ON true
+ WHERE s.event_type = 'submitted' AND s.payload ? 'actor_id'
+   AND s.payload->>'actor_id' = $1 AND s.payload->>'method' <> '__init__'
+ ORDER BY ended.position;
