@@ -198,6 +198,9 @@ class ActorOptions:
     max_concurrency: int = 1  # calls running at once (threads, or asyncio tasks)
     # after a restart, re-run the calls that ran before (from the log) to rebuild state
     replay_calls_on_restart: bool = False
+    # with replay: every this many calls the actor's __cairn_save__() state is logged,
+    # and a restart loads it (__cairn_load__) and replays only the calls after it
+    checkpoint_interval: int = 0
 
 
 @dataclass(slots=True)

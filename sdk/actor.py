@@ -85,7 +85,18 @@ class ActorClass:
             max_task_retries=resolved["max_task_retries"],
             max_concurrency=resolved["max_concurrency"] or self._default_concurrency(),
             replay_calls_on_restart=resolved["replay_calls_on_restart"],
+            checkpoint_interval=resolved["checkpoint_interval"],
         )
+        if actor_options.checkpoint_interval and not (
+            actor_options.replay_calls_on_restart
+            and callable(getattr(self._cls, "__cairn_save__", None))
+            and callable(getattr(self._cls, "__cairn_load__", None))
+        ):
+            raise ValueError(
+                "checkpoint_interval needs replay_calls_on_restart=True and an actor class "
+                f"with __cairn_save__(self) and __cairn_load__(self, state); {self._qualname} "
+                "lacks them"
+            )
         if actor_options.replay_calls_on_restart and actor_options.max_concurrency != 1:
             raise ValueError(
                 "replay_calls_on_restart needs an actor that runs one call at a time "

@@ -90,6 +90,7 @@ ACTOR_OPTIONS: dict[str, Option] = {
     "runtime_env": Option((dict,), None),
     # Cairn's own: after a restart the actor's earlier calls are re-run from the log
     "replay_calls_on_restart": Option((bool,), False),
+    "checkpoint_interval": Option((int,), 0, _non_negative),
 }
 
 

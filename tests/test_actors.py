@@ -482,3 +482,50 @@ async def test_replay_calls_on_restart_rebuilds_the_state_from_the_log() -> None
     assert ray.get(plain.add.remote(), timeout=60) == 1
     with pytest.raises(ValueError, match="max_concurrency=1"):
         Ledger.options(replay_calls_on_restart=True, max_concurrency=4).remote()
+
+
+@ray.remote
+class Saving:
+    def __init__(self) -> None:
+        self.total = 0
+        self.loaded_from: int | None = None
+
+    def add(self, n: int) -> int:
+        self.total += n
+        return self.total
+
+    def state(self) -> tuple[int, int | None]:
+        return self.total, self.loaded_from
+
+    def __cairn_save__(self) -> int:
+        return self.total
+
+    def __cairn_load__(self, total: int) -> None:
+        self.total = self.loaded_from = total
+
+
+async def test_a_checkpoint_bounds_the_replay() -> None:
+    actor = Saving.options(
+        max_restarts=1, max_task_retries=-1, replay_calls_on_restart=True, checkpoint_interval=10
+    ).remote()
+    for n in range(25):  # one at a time: each checkpoint comes right after its 10th call
+        assert ray.get(actor.add.remote(1)) == n + 1
+    ray.kill(actor, no_restart=False)
+    total, loaded_from = ray.get(actor.state.remote(), timeout=60)
+    assert total == 25 and loaded_from == 20  # the checkpoint after 20 calls, then 5 replayed
+
+    import json
+
+    conn = await asyncpg.connect(ray.get_runtime_context().gcs_address)
+    try:
+        rows = await conn.fetch(
+            "SELECT event_type, payload FROM events WHERE entity_id = $1 "
+            "AND event_type IN ('checkpointed', 'replaying') ORDER BY position",
+            actor._actor_id,
+        )
+    finally:
+        await conn.close()
+    assert [r["event_type"] for r in rows] == ["checkpointed", "checkpointed", "replaying"]
+    assert len(json.loads(rows[-1]["payload"])["calls"]) == 5
+    with pytest.raises(ValueError, match="__cairn_save__"):
+        Ledger.options(replay_calls_on_restart=True, checkpoint_interval=5).remote()

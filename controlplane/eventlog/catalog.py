@@ -113,7 +113,12 @@ CATALOG: dict[tuple[EntityKind, str], EventType] = {
         ("alive", {"worker_id": str}, {}),
         ("restarting", {"attempt": int}, {"cause": str}),
         # replay_calls_on_restart: the earlier calls re-run on the new instance
-        ("replaying", {"calls": list}, {"attempt": int, "stopped_at": str, "reason": str}),
+        (
+            "replaying",
+            {"calls": list},
+            {"attempt": int, "stopped_at": str, "reason": str, "from_checkpoint": int},
+        ),
+        ("checkpointed", {"calls": int}, {}),  # data: its __cairn_save__() state
         ("infeasible", {"reason": str}, {"resources": dict}),
         ("kill_requested", {"no_restart": bool}, {"cause": str}),
         ("dead", {"cause": str}, {}),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -49,6 +50,7 @@ class ActorRecord:
     death: p.ErrorInfo | None = None
     restarts: int = 0
     replaying: bool = False  # its earlier calls are being read from the log
+    calls_since_checkpoint: int = 0
 
     @property
     def options(self) -> p.ActorOptions:
@@ -259,13 +261,18 @@ class ActorsMixin:
             record = actor.running.pop(done.task_id, None)
             if record is None:
                 return
-            if record.replay:  # its result was had the first time: dropped
-                for location in done.returns:
-                    if location.shm_name is not None:
-                        self.objects.uncharge(location.size)
-                        shm.unlink_segment(location.shm_name)
+            if record.internal is not None:
+                self._internal_call_done(actor, record, done)
                 self._actor_dispatch(actor)
                 return
+            interval = actor.options.checkpoint_interval
+            actor.calls_since_checkpoint += 1
+            if interval and actor.calls_since_checkpoint >= interval:
+                from controlplane.node.daemon import TaskRecord
+
+                actor.calls_since_checkpoint = 0
+                save = self._internal_call(actor, "__cairn_save__", [])
+                actor.queue.appendleft(TaskRecord(save, None, attempt=-1, internal="checkpoint"))
             if done.error is not None and done.error.kind == "actor_exit":
                 self._actor_died(actor, "the actor exited (exit_actor() was called)")
                 self._finish_failed(record, actor.death, log_event=True)
@@ -291,9 +298,17 @@ class ActorsMixin:
         try:
             conn = await connect(self.gcs_url)
             try:
-                rows = await conn.fetch(queries["actor_calls_to_replay"], actor.actor_id)
+                checkpoint = await conn.fetchrow(queries["actor_checkpoint"], actor.actor_id)
+                after = checkpoint["position"] if checkpoint is not None else 0
+                rows = await conn.fetch(queries["actor_calls_to_replay"], actor.actor_id, after)
             finally:
                 await conn.close()
+            if checkpoint is not None:  # its saved state first, then the calls after it
+                load = self._internal_call(
+                    actor, "__cairn_load__", [p.Arg(inline=bytes(checkpoint["data"]))]
+                )
+                replayed.append(TaskRecord(load, None, attempt=-1, internal="restore"))
+                payload["from_checkpoint"] = int(after)
             for row in rows:
                 decoded = p.decode_frame(row["data"])
                 spec = decoded[0] if isinstance(decoded, tuple) else decoded
@@ -302,16 +317,65 @@ class ActorsMixin:
                     payload["stopped_at"] = spec.task_id
                     payload["reason"] = f"its argument {gone[0]} is no longer here"
                     break
-                replayed.append(TaskRecord(spec, None, attempt=-1, replay=True))
+                replayed.append(TaskRecord(spec, None, attempt=-1, internal="replay"))
         except Exception as exc:  # the GCS is unreachable: the state stays the constructor's
             payload["reason"] = f"the calls could not be read from the log: {exc}"
-        payload["calls"] = [record.spec.task_id for record in replayed]
+        payload["calls"] = [r.spec.task_id for r in replayed if r.internal == "replay"]
         if "reason" in payload:
             log.warning("actor %s: replay incomplete: %s", actor.actor_id, payload["reason"])
         self._log([Event(K.ACTOR, actor.actor_id, "replaying", payload, node_id=self.node_id)])
         actor.queue.extendleft(reversed(replayed))
         actor.replaying = False
         self._actor_dispatch(actor)
+
+    def _internal_call(self: Any, actor: ActorRecord, method: str, args: list[p.Arg]) -> Any:
+        creation = actor.creation.spec
+        return p.TaskSpec(
+            task_id=uuid.uuid4().hex,
+            job_id=creation.job_id,
+            name=f"{actor.options.class_name}.{method}",
+            function_id=creation.function_id,
+            args=args,
+            kwargs={},
+            num_returns=1,
+            resources={},
+            max_retries=0,
+            retry_exceptions=False,
+            actor_id=actor.actor_id,
+            method=method,
+        )
+
+    def _internal_call_done(self: Any, actor: ActorRecord, record: Any, done: p.TaskDone) -> None:
+        """A replayed call's or a restore's result is dropped; a checkpoint's is logged
+        (``checkpointed``, the state in its data) and then dropped here."""
+        blob = None
+        for location in done.returns:
+            if location.shm_name is not None:
+                if record.internal == "checkpoint":
+                    with open(shm.SHM_DIR / location.shm_name, "rb") as segment:
+                        blob = segment.read(location.size)
+                self.objects.uncharge(location.size)
+                shm.unlink_segment(location.shm_name)
+            elif record.internal == "checkpoint":
+                blob = location.inline
+        if done.error is not None:
+            log.warning(
+                "actor %s: %s failed: %s", actor.actor_id, record.spec.name, done.error.message
+            )
+        elif record.internal == "checkpoint" and blob is not None:
+            interval = actor.options.checkpoint_interval
+            self._log(
+                [
+                    Event(
+                        K.ACTOR,
+                        actor.actor_id,
+                        "checkpointed",
+                        {"calls": interval},
+                        node_id=self.node_id,
+                        data=blob,
+                    )
+                ]
+            )
 
     # -- death ---------------------------------------------------------------------
 

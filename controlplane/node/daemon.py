@@ -114,7 +114,9 @@ class TaskRecord:
     placed_from: str | None = None  # placed here: the address of the node that spilled it
     pulled: list[str] = field(default_factory=list)  # argument copies pulled for it
     placed_back: bool = False  # spilled, then placed on this node: not spilled again
-    replay: bool = False  # an actor's earlier call, re-run to rebuild its state
+    # the daemon's own call to an actor: "replay" (an earlier call, re-run to rebuild its
+    # state), "checkpoint" (__cairn_save__) or "restore" (__cairn_load__)
+    internal: str | None = None
     placed_on: str | None = None  # spilled and placed on that node
     gpu_ids: list[str] = field(default_factory=list)  # the GPUs it was given
     bundle: Bundle | None = None  # the placement group bundle it runs in
@@ -818,8 +820,8 @@ class NodeDaemon(
             {"worker_id": handle.worker_id, "attempt": record.attempt},
             node_id=self.node_id,
         )
-        if record.replay:
-            pass  # its run was logged the first time; the replay is in `replaying`
+        if record.internal is not None:
+            pass  # logged as the actor's `replaying` / `checkpointed`, not as a call
         elif spec.actor_id is not None and spec.method != "__init__":
             self._log([running])  # a method call: not scheduled, sent to the actor
         else:

@@ -125,10 +125,17 @@ ON CONFLICT (name) DO UPDATE
    SET position = EXCLUDED.position, state = EXCLUDED.state, saved_at = clock_timestamp()
  WHERE checkpoints.position < EXCLUDED.position;
 
+-- actor_checkpoint --
+-- The actor's latest checkpoint (its __cairn_save__() state, in `data`), if any.
+SELECT position, data FROM events
+ WHERE entity_id = $1 AND event_type = 'checkpointed' AND entity_kind = 'actor'
+ ORDER BY position DESC LIMIT 1;
+
 -- actor_calls_to_replay --
 -- What an actor restarted with replay_calls_on_restart re-runs: its method calls that
--- ran to the end (finished, or raised an error of their own), each once, in the order
--- they ended, which for an actor running one call at a time is the order they ran.
+-- ran to the end (finished, or raised an error of their own) after position $2 (its
+-- checkpoint), each once, in the order they ended, which for an actor running one
+-- call at a time is the order they ran.
 SELECT s.entity_id AS task_id, s.data
   FROM events s
   JOIN LATERAL (
@@ -139,4 +146,5 @@ SELECT s.entity_id AS task_id, s.data
          ORDER BY e.position LIMIT 1) ended ON true
  WHERE s.event_type = 'submitted' AND s.payload ? 'actor_id'
    AND s.payload->>'actor_id' = $1 AND s.payload->>'method' <> '__init__'
+   AND ended.position > $2
  ORDER BY ended.position;
