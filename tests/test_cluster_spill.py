@@ -253,6 +253,36 @@ def test_two_global_schedulers_never_place_a_task_twice(cluster: dict[str, str])
     assert spilled and spilled <= set(placements)  # every spill placed, none twice
 
 
+def test_a_paused_scheduler_resumed_after_its_replacement_places_nothing_twice(
+    cluster: dict[str, str],
+) -> None:
+    url = cluster["url"]
+    (paused,) = _scheduler_pids(url)
+    os.kill(paused, signal.SIGSTOP)  # a zombie: alive, silent, its view going stale
+    replacement = subprocess.Popen(
+        [sys.executable, "-m", "controlplane.scheduler", "--gcs-url", url],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert replacement.stdout is not None
+        assert replacement.stdout.readline() == "following the log\n"
+        refs = [quick.remote(i) for i in range(200)]
+        assert ray.get(refs, timeout=180) == [i + 1 for i in range(200)]
+        os.kill(paused, signal.SIGCONT)  # it wakes up and catches up with the log
+        time.sleep(1.0)
+        assert ray.get([quick.remote(i) for i in range(50)], timeout=120) == list(range(1, 51))
+    finally:
+        os.kill(paused, signal.SIGCONT)
+        replacement.terminate()
+        replacement.wait(30)
+    placements = _placements(url)
+    assert placements and max(placements.values()) == 1  # nothing placed twice
+    ours = {ref.task_id() for ref in refs}
+    assert {spill for spill in _spills(url) if spill[0] in ours} <= set(placements)
+
+
 def test_a_killed_global_scheduler_is_replaced_and_resumes(cluster: dict[str, str]) -> None:
     url = cluster["url"]
     (victim,) = _scheduler_pids(url)
