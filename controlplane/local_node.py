@@ -11,6 +11,7 @@ Ray's ``session_latest``): ``init(address="auto")`` connects to the recorded hea
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -168,6 +169,9 @@ class LocalNode:
         joins under a new id, as the cluster expects of a restarted node, and what the
         old one was doing is retried or rebuilt from the log by the nodes that own it."""
         self.daemon.wait()
+        address = self.address
+        if self.role is not None and address is not None:  # same port: same address
+            self.role = dataclasses.replace(self.role, rpc_port=int(address.rsplit(":", 1)[1]))
         shm.unlink_all(self.node_id)
         for name in (NODE_SOCKET, NODE_ADDRESS, "node.ready"):
             (self.session_dir / name).unlink(missing_ok=True)
@@ -326,6 +330,7 @@ def run_node(
                     break  # it keeps dying: stop rather than loop
                 restarts = [*recent, time.monotonic()]
                 node.restart_daemon()
+                record = _record(node, role.head, cluster)
                 announce(f"a new node daemon {node.node_id} runs in its place")
             if scheduler is not None and scheduler.poll() is not None:
                 # it keeps no state: a new one resumes from the log

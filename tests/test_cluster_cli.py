@@ -178,6 +178,8 @@ def test_nodes_join_and_a_killed_node_is_declared_dead(
         time.sleep(0.1)
         ready = survivor.session_dir / "node.ready"
         new_id = ready.read_text() if ready.exists() else old_id
+    (again,) = [n for n in local_node.local_nodes() if n.pid == survivor.pid]
+    assert again.address == survivor.address  # on the same port: nothing to re-point
     while asyncio.run(_death_cause(_gcs_url(cluster), old_id)) is None:
         assert time.monotonic() < deadline, "the killed daemon's id was not declared dead"
         time.sleep(0.1)
