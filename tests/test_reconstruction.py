@@ -175,3 +175,24 @@ def test_a_corrupt_or_truncated_object_is_detected_and_rebuilt_never_returned() 
     with pytest.raises(ObjectLostError, match="corrupt"):
         ray.get(put, timeout=30)
     assert int(ray.get(start.remote(9))[0]) == 9  # the node and its workers carry on
+
+
+@ray.remote
+def raise_unrebuildable() -> None:
+    class NeedsTwoArguments(Exception):  # (pickled by value, with the function)
+        def __init__(self, message: str, code: int) -> None:
+            super().__init__(message)  # pickles as (message,): cannot be rebuilt
+            self.code = code
+
+    raise NeedsTwoArguments("the original error", 7)
+
+
+def test_an_exception_that_cannot_be_rebuilt_still_gives_a_clear_error() -> None:
+    from sdk.exceptions import RayTaskError
+
+    with pytest.raises(RayTaskError) as caught:
+        ray.get(raise_unrebuildable.remote(), timeout=30)
+    text = str(caught.value)
+    assert "NeedsTwoArguments: the original error" in text  # the remote traceback
+    assert "could not be rebuilt here" in text
+    assert int(ray.get(start.remote(3))[0]) == 3  # workers and node carry on
