@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -31,6 +30,7 @@ from controlplane.eventlog import EntityKind, Event, RecordedEvent
 from controlplane.eventlog.appender import append_on
 from controlplane.eventlog.connection import connect, is_connection_error
 from controlplane.projections.spec import fold
+from controlplane.settings import env_number
 from controlplane.sql import queries
 
 log = logging.getLogger("cairn.membership")
@@ -42,18 +42,7 @@ DEFAULT_DEAD_AFTER_S = 1.5
 
 
 def dead_after_s() -> float:
-    value = os.environ.get(DEAD_AFTER_ENV_VAR)
-    if value is None:
-        return DEFAULT_DEAD_AFTER_S
-    try:
-        seconds = float(value)
-    except ValueError:
-        raise ValueError(
-            f"${DEAD_AFTER_ENV_VAR} must be a number of seconds, not {value!r}"
-        ) from None
-    if seconds < 2 * PING_INTERVAL_S:
-        raise ValueError(f"${DEAD_AFTER_ENV_VAR} must be at least {2 * PING_INTERVAL_S}s")
-    return seconds
+    return env_number(DEAD_AFTER_ENV_VAR, DEFAULT_DEAD_AFTER_S, minimum=2 * PING_INTERVAL_S)
 
 
 class LivenessPinger:

@@ -30,6 +30,7 @@ from typing import Any
 
 from controlplane.eventlog import EntityKind, Event, EventAppender, RecordedEvent, Tailer
 from controlplane.eventlog.connection import connect
+from controlplane.settings import env_number
 from controlplane.sql import queries
 
 log = logging.getLogger("cairn.scheduler")
@@ -38,7 +39,9 @@ _PLACEMENT_IDS = uuid.UUID("6f0b3d62-3c1e-4b8e-9a55-0c4e1f1d2a70")
 
 
 CHECKPOINT_NAME = "global_scheduler"  # one for all: they fold the same events
-CHECKPOINT_EVERY = int(os.environ.get("CAIRN_SCHEDULER_CHECKPOINT_EVERY", "10000"))  # events
+CHECKPOINT_EVERY = int(
+    env_number("CAIRN_SCHEDULER_CHECKPOINT_EVERY", 10_000, minimum=1, unit="events")
+)
 
 
 def placement_event_id(task_id: str, attempt: int) -> uuid.UUID:

@@ -4,7 +4,6 @@ driver errors about reaching the server become :class:`GcsUnavailableError`."""
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -13,6 +12,7 @@ import asyncpg
 
 from controlplane.errors import GcsUnavailableError
 from controlplane.gcs_url import normalize, redact
+from controlplane.settings import env_number
 
 T = TypeVar("T")
 
@@ -28,18 +28,7 @@ def resolve_unavailable_timeout(given: float | None = None) -> float:
     """The bound on riding out an unreachable GCS: given, else the environment's."""
     if given is not None:
         return given
-    raw = os.environ.get(UNAVAILABLE_TIMEOUT_ENV)
-    if raw is None:
-        return DEFAULT_UNAVAILABLE_TIMEOUT_S
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(
-            f"${UNAVAILABLE_TIMEOUT_ENV} must be a number of seconds, not {raw!r}"
-        ) from None
-    if not value > 0:
-        raise ValueError(f"${UNAVAILABLE_TIMEOUT_ENV} must be positive, not {raw!r}")
-    return value
+    return env_number(UNAVAILABLE_TIMEOUT_ENV, DEFAULT_UNAVAILABLE_TIMEOUT_S, minimum=0.001)
 
 
 class ConnectionLost(Exception):

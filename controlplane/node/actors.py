@@ -464,17 +464,7 @@ class ActorsMixin:
                     reason = f"the actor restarted: {cause}"
                 else:
                     reason = f"the actor restarted before the call began: {cause}"
-                record.attempt += 1
-                self._log(
-                    [
-                        Event(
-                            K.TASK,
-                            record.spec.task_id,
-                            "retried",
-                            {"attempt": record.attempt, "reason": reason},
-                        )
-                    ]
-                )
+                self._next_attempt(record, reason)
                 actor.queue.appendleft(record)
             else:
                 self._finish_failed(

@@ -329,17 +329,7 @@ class ClusterMixin:
                 )
                 continue
             record.retries_left -= record.retries_left > 0
-            record.attempt += 1
-            self._log(
-                [
-                    Event(
-                        K.TASK,
-                        record.spec.task_id,
-                        "retried",
-                        {"attempt": record.attempt, "reason": f"the actor restarted: {cause}"},
-                    )
-                ]
-            )
+            self._next_attempt(record, f"the actor restarted: {cause}")
             resent.append(record)
         actor.queue.extendleft(reversed(resent))  # before calls made since, in order
         for record in resent:
@@ -349,18 +339,8 @@ class ClusterMixin:
             self.tasks[creation.spec.task_id] = creation
             for object_id in (*creation.spec.dependencies(), *creation.spec.contained_refs):
                 self.objects.pin(object_id)  # as a submitted task's: unpinned when over
-        creation.attempt += 1
         creation.placed_on = None
-        self._log(
-            [
-                Event(
-                    K.TASK,
-                    creation.spec.task_id,
-                    "retried",
-                    {"attempt": creation.attempt, "reason": f"the actor restarts: {cause}"},
-                )
-            ]
-        )
+        self._next_attempt(creation, f"the actor restarts: {cause}")
         self._spill(creation)
 
     def _forward_call(self: Any, actor: Any, record: TaskRecord) -> None:

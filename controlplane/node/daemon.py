@@ -926,9 +926,14 @@ class NodeDaemon(
         self.rebuilding.discard(record.spec.task_id)
 
     def _retry(self, record: TaskRecord, reason: str) -> None:
-        record.attempt += 1
         if record.retries_left > 0:
             record.retries_left -= 1
+        self._next_attempt(record, reason)
+        self._enqueue(record)
+
+    def _next_attempt(self, record: TaskRecord, reason: str) -> None:
+        """A task (or call) starts a new attempt: its ``retried`` event says why."""
+        record.attempt += 1
         self._log(
             [
                 Event(
@@ -939,7 +944,6 @@ class NodeDaemon(
                 )
             ]
         )
-        self._enqueue(record)
 
     def _worker_lost(self, handle: WorkerHandle, exit_code: int) -> None:
         record, handle.task = handle.task, None

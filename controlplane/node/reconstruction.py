@@ -236,17 +236,7 @@ class ReconstructionMixin:
         waiting = {d for d in record.spec.dependencies() if not self.objects.is_ready(d)}
         if not waiting:
             return False
-        record.attempt += 1
-        self._log(
-            [
-                Event(
-                    K.TASK,
-                    record.spec.task_id,
-                    "retried",
-                    {"attempt": record.attempt, "reason": reason[:2000]},
-                )
-            ]
-        )
+        self._next_attempt(record, reason)
         record.pending_deps = waiting
         self._run_rebuild(record)
         return True
