@@ -1,8 +1,10 @@
 """Finding this machine's processes by their command line (for tests that kill or
-watch a node's processes)."""
+watch a node's processes), and running the ``cairn`` command line."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 
@@ -20,3 +22,21 @@ def pids_with(*needles: str) -> list[int]:
         if all(needle in cmd for needle in wanted):
             found.append(int(entry.name))
     return found
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_cairn(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Runs the ``cairn`` command line (from this checkout); with ``check``, a failure
+    is an AssertionError showing what it printed."""
+    result = subprocess.run(
+        [sys.executable, "-m", "controlplane.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=150,
+        cwd=ROOT,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"cairn {' '.join(args)} failed:\n{result.stdout}{result.stderr}")
+    return result

@@ -10,35 +10,24 @@ from __future__ import annotations
 import os
 import random
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pytest
-from processes import pids_with
+from processes import pids_with, run_cairn
 
 import sdk as ray
 from controlplane import local_node
 from controlplane.node import rpc
 
 pytestmark = pytest.mark.timeout(420)
-ROOT = Path(__file__).resolve().parent.parent
 MAPS, PER_REDUCE, WIDTH = 3000, 20, 20_000  # 160 KB per map output: in segments
 
 
 def _cairn(*args: str) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "controlplane.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=150,
-        cwd=ROOT,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    run_cairn(*args)
 
 
 @pytest.fixture

@@ -17,13 +17,12 @@ from pathlib import Path
 
 import asyncpg
 import pytest
-from processes import pids_with
+from processes import pids_with, run_cairn
 
 from controlplane import local_node
 
 pytestmark = pytest.mark.timeout(180)
 
-CAIRN = [sys.executable, "-m", "controlplane.cli"]
 
 MAKER = """
 import json, sdk as ray
@@ -74,12 +73,7 @@ ray.shutdown()
 
 
 def _cairn(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(
-        [*CAIRN, *args], capture_output=True, text=True, timeout=150, cwd=_root()
-    )
-    if check and result.returncode != 0:
-        raise AssertionError(f"cairn {' '.join(args)} failed:\n{result.stdout}{result.stderr}")
-    return result
+    return run_cairn(*args, check=check)
 
 
 def _driver(script: str) -> dict:

@@ -19,7 +19,7 @@ from pathlib import Path
 import asyncpg
 import numpy as np
 import pytest
-from processes import pids_with
+from processes import pids_with, run_cairn
 
 import sdk as ray
 from controlplane import local_node
@@ -31,15 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _cairn(*args: str) -> str:
-    result = subprocess.run(
-        [sys.executable, "-m", "controlplane.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=150,
-        cwd=ROOT,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result.stdout
+    return run_cairn(*args).stdout
 
 
 @pytest.fixture(scope="module")
