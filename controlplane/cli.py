@@ -193,13 +193,9 @@ def stop(timeout: float) -> None:
         click.echo(line)
 
 
-@main.command()
-def status() -> None:
-    """Show the cluster: its nodes, their resources and use, pending work."""
-    import asyncio
-
+def _running_cluster_url() -> str:
+    """The GCS URL of this machine's running cluster (asked of its head's node)."""
     from controlplane import local_node
-    from controlplane.membership import cluster_nodes, infeasible_tasks
     from dataplane.client import CoreClient
 
     try:
@@ -208,9 +204,49 @@ def status() -> None:
     except ConnectionError as exc:
         raise click.ClickException(str(exc)) from exc
     try:
-        url = client.welcome.gcs_url
+        return client.welcome.gcs_url
     finally:
         client.close()
+
+
+@main.command()
+@click.argument("statement")
+@_gcs_url_option
+@click.option(
+    "--format",
+    "output",
+    type=click.Choice(["table", "csv", "json"]),
+    default="table",
+    show_default=True,
+)
+def sql(statement: str, gcs_url: str | None, output: str) -> None:
+    """Run one read-only SQL statement against the log (the running cluster's, or
+    --gcs-url) and print its rows. Writes are refused."""
+    import asyncio
+
+    import asyncpg
+
+    from controlplane.readonly_sql import run_readonly
+    from controlplane.sql_output import render
+
+    url = resolve_gcs_url(gcs_url) or _running_cluster_url()
+    try:
+        columns, rows = asyncio.run(run_readonly(url, statement))
+    except asyncpg.PostgresError as exc:
+        raise click.ClickException(f"the statement failed: {exc}") from None
+    click.echo(render(columns, rows, output), nl=False)
+
+
+@main.command()
+def status() -> None:
+    """Show the cluster: its nodes, their resources and use, pending work."""
+    import asyncio
+
+    from controlplane import local_node
+    from controlplane.membership import cluster_nodes, infeasible_tasks
+
+    url = _running_cluster_url()
+    session_dir = local_node.find_running()
     nodes = asyncio.run(cluster_nodes(url))
     infeasible = asyncio.run(infeasible_tasks(url))
     head_id = (session_dir / "node.ready").read_text()

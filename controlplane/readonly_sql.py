@@ -1,0 +1,70 @@
+"""One read-only SQL statement against the log (``cairn sql``).
+
+Three guards, so that neither a mistake nor a crafted statement can change the log:
+the statement must start as a read (SELECT, WITH, TABLE, VALUES, EXPLAIN, SHOW); it
+runs as a prepared statement, which PostgreSQL refuses to hold more than one command;
+and it runs in a READ ONLY transaction as the ``cairn_audit`` role (migration 0007:
+SELECT on the log's tables, nothing else), so a write hidden in a WITH clause or a
+function is refused by the server itself.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import asyncpg
+
+from controlplane.errors import GcsError
+from controlplane.eventlog.connection import connect
+
+AUDIT_ROLE = "cairn_audit"
+READS = ("select", "with", "table", "values", "explain", "show")
+_COMMENTS = re.compile(r"--[^\n]*|/\*.*?\*/", re.DOTALL)
+
+
+class WriteRefusedError(GcsError):
+    """The statement would write, or is not one statement: nothing was run."""
+
+
+def first_keyword(statement: str) -> str:
+    """The statement's first word, comments and parentheses aside."""
+    words = _COMMENTS.sub(" ", statement).lstrip(" \t\r\n(").split(None, 1)
+    return words[0].lower() if words else ""
+
+
+async def run_readonly(
+    url: str, statement: str, args: Sequence[Any] = ()
+) -> tuple[list[str], list[tuple[Any, ...]]]:
+    """The column names and rows of one read-only statement; WriteRefusedError if it
+    is not one (nothing is run), or if it tries to write (it is rolled back)."""
+    keyword = first_keyword(statement)
+    if keyword not in READS:
+        raise WriteRefusedError(
+            f"cairn sql runs one read-only statement ({', '.join(r.upper() for r in READS)});"
+            f" refusing {keyword.upper() or 'an empty statement'!s}"
+        )
+    conn = await connect(url)
+    try:
+        async with conn.transaction(readonly=True):
+            if await conn.fetchval(
+                "SELECT pg_has_role(current_user, oid, 'MEMBER') FROM pg_roles WHERE rolname = $1",
+                AUDIT_ROLE,
+            ):
+                await conn.execute(f"SET LOCAL ROLE {AUDIT_ROLE}")
+            prepared = await conn.prepare(statement)
+            rows = await prepared.fetch(*args)
+            columns = [attribute.name for attribute in prepared.get_attributes()]
+    except asyncpg.PostgresSyntaxError as exc:
+        if "multiple commands" in str(exc):
+            raise WriteRefusedError(
+                "cairn sql runs one statement at a time; the input holds several "
+                "(one of them could hide a write)"
+            ) from None
+        raise
+    except (asyncpg.ReadOnlySQLTransactionError, asyncpg.InsufficientPrivilegeError) as exc:
+        raise WriteRefusedError(f"refused, the statement writes: {exc}") from None
+    finally:
+        await conn.close()
+    return columns, [tuple(row.values()) for row in rows]

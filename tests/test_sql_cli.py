@@ -1,0 +1,90 @@
+"""`cairn sql`: one read-only statement against the log, printed as a table, CSV or
+JSON; writes -- plain, hidden in a WITH clause, or behind a second statement -- are
+refused and change nothing; the audit role cannot write even when used directly."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import json
+
+import asyncpg
+import pytest
+from processes import run_cairn
+
+from controlplane.eventlog import EntityKind, Event, EventAppender
+
+pytestmark = pytest.mark.timeout(120)
+
+
+async def _seed(url: str) -> None:
+    async with EventAppender(url) as appender:
+        await appender.append_many(
+            [
+                Event(EntityKind.TASK, f"task-{n}", "submitted", {"name": f"f{n % 2}"}, job_id="j")
+                for n in range(6)
+            ]
+        )
+
+
+async def _count(url: str) -> int:
+    conn = await asyncpg.connect(url)
+    try:
+        return int(await conn.fetchval("SELECT count(*) FROM events"))
+    finally:
+        await conn.close()
+
+
+def test_cairn_sql_prints_rows_in_three_formats(gcs_url: str) -> None:
+    asyncio.run(_seed(gcs_url))
+    query = (
+        "SELECT payload->>'name' AS function, count(*) AS n FROM events "
+        "WHERE event_type = 'submitted' GROUP BY 1 ORDER BY 1"
+    )
+    table = run_cairn("sql", "--gcs-url", gcs_url, query).stdout.splitlines()
+    assert table[0].split(" | ") == ["function", "n"]
+    assert [line.split(" | ") for line in table[2:4]] == [["f0      ", "3"], ["f1      ", "3"]]
+    assert table[-1] == "(2 rows)"
+    as_csv = run_cairn("sql", "--gcs-url", gcs_url, "--format", "csv", query).stdout
+    assert list(csv.reader(io.StringIO(as_csv))) == [["function", "n"], ["f0", "3"], ["f1", "3"]]
+    as_json = run_cairn("sql", "--gcs-url", gcs_url, "--format", "json", query).stdout
+    assert json.loads(as_json) == [{"function": "f0", "n": 3}, {"function": "f1", "n": 3}]
+
+
+@pytest.mark.parametrize(
+    ("statement", "says"),
+    [
+        ("DELETE FROM events", "refusing DELETE"),
+        ("UPDATE events SET payload = '{}'", "refusing UPDATE"),
+        ("DROP TABLE events", "refusing DROP"),
+        ("SELECT 1; DELETE FROM events", "one statement at a time"),
+        ("WITH gone AS (DELETE FROM events RETURNING 1) SELECT * FROM gone", "writes"),
+        ("SELECT lo_create(0)", "writes"),  # a write inside a function
+    ],
+)
+def test_cairn_sql_refuses_writes_and_changes_nothing(
+    gcs_url: str, statement: str, says: str
+) -> None:
+    asyncio.run(_seed(gcs_url))
+    before = asyncio.run(_count(gcs_url))
+    result = run_cairn("sql", "--gcs-url", gcs_url, statement, check=False)
+    assert result.returncode != 0 and says in result.stderr, result.stderr
+    assert asyncio.run(_count(gcs_url)) == before
+
+
+async def test_the_audit_role_cannot_write_even_directly(gcs_url: str) -> None:
+    conn = await asyncpg.connect(gcs_url)
+    try:
+        await conn.execute("SET ROLE cairn_audit")
+        assert await conn.fetchval("SELECT count(*) FROM events") == 0  # it may read
+        for statement in (
+            "DELETE FROM events",
+            "INSERT INTO checkpoints (name, position, state) VALUES ('x', 1, '')",
+            "DROP TABLE checkpoints",
+            "TRUNCATE events",
+        ):
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await conn.execute(statement)
+    finally:
+        await conn.close()
