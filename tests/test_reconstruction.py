@@ -196,3 +196,25 @@ def test_an_exception_that_cannot_be_rebuilt_still_gives_a_clear_error() -> None
     assert "NeedsTwoArguments: the original error" in text  # the remote traceback
     assert "could not be rebuilt here" in text
     assert int(ray.get(start.remote(3))[0]) == 3  # workers and node carry on
+
+
+def test_the_lineage_of_an_object_is_a_query_of_the_log() -> None:
+    seed = ray.put(np.arange(10))
+    left, right = step.remote(seed, 1), step.remote(seed, 2)
+    both = add_arrays.remote(left, right)
+    assert int(ray.get(both)[0]) == 3
+    rows = _events("SELECT * FROM lineage($1)", both.hex())
+    by_depth = {}
+    for row in rows:
+        by_depth.setdefault(row["depth"], []).append(row)
+    assert [(r["object_id"], r["task_id"]) for r in by_depth[0]] == [(both.hex(), both.task_id())]
+    assert by_depth[0][0]["function_name"].endswith("add_arrays")
+    assert {r["task_id"] for r in by_depth[1]} == {left.task_id(), right.task_id()}
+    assert {r["function_name"].rsplit(".", 1)[1] for r in by_depth[1]} == {"step"}
+    assert {(r["object_id"], r["task_id"]) for r in by_depth[2]} == {(seed.hex(), None)}  # a put
+    assert set(by_depth) == {0, 1, 2}
+
+
+@ray.remote
+def add_arrays(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return a + b

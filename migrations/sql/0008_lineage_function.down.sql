@@ -1,0 +1,2 @@
+DROP FUNCTION IF EXISTS lineage(text);
+DROP FUNCTION IF EXISTS cairn_creating_task(text);
