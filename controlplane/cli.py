@@ -238,6 +238,25 @@ def sql(statement: str, gcs_url: str | None, output: str) -> None:
 
 
 @main.command()
+@click.argument("object_id")
+@_gcs_url_option
+@click.option("--json", "as_json", is_flag=True, help="Print the tree as JSON.")
+def lineage(object_id: str, gcs_url: str | None, as_json: bool) -> None:
+    """Show the lineage of an object: the task that made it (function, node, time),
+    its argument objects, the tasks that made them, and so on, from the log."""
+    import asyncio
+    import json
+
+    from controlplane.lineage_tree import LINEAGE_QUERY, build, render_tree
+    from controlplane.readonly_sql import run_readonly
+
+    url = resolve_gcs_url(gcs_url) or _running_cluster_url()
+    columns, rows = asyncio.run(run_readonly(url, LINEAGE_QUERY, [object_id]))
+    tree = build([dict(zip(columns, row, strict=True)) for row in rows], object_id)
+    click.echo(json.dumps(tree, indent=2, default=str) if as_json else render_tree(tree))
+
+
+@main.command()
 def status() -> None:
     """Show the cluster: its nodes, their resources and use, pending work."""
     import asyncio

@@ -88,3 +88,40 @@ async def test_the_audit_role_cannot_write_even_directly(gcs_url: str) -> None:
                 await conn.execute(statement)
     finally:
         await conn.close()
+
+
+def test_cairn_lineage_prints_the_tree_of_an_object(gcs_url: str) -> None:
+    put, (a, b, c) = "p" * 32 + "00000000", ("a" * 32, "b" * 32, "c" * 32)
+
+    def made(task: str | None, object_id: str) -> Event:
+        payload = {"size_bytes": 8, **({"task_id": task} if task else {})}
+        return Event(EntityKind.OBJECT, object_id, "created", payload, job_id="j")
+
+    def submitted(task: str, name: str, args: list[str]) -> Event:
+        payload = {"name": name, "dependencies": args}
+        return Event(EntityKind.TASK, task, "submitted", payload, job_id="j", node_id="n1")
+
+    async def seed() -> None:
+        async with EventAppender(gcs_url) as appender:
+            await appender.append_many(
+                [
+                    made(None, put),
+                    submitted(a, "mod.step", [put]),
+                    made(a, a + "00000001"),
+                    submitted(b, "mod.step", [put]),
+                    made(b, b + "00000001"),
+                    submitted(c, "mod.add", [a + "00000001", b + "00000001"]),
+                    made(c, c + "00000001"),
+                ]
+            )
+
+    asyncio.run(seed())
+    tree = json.loads(run_cairn("lineage", "--gcs-url", gcs_url, "--json", c + "00000001").stdout)
+    assert (tree["task_id"], tree["function"], tree["node_id"]) == (c, "mod.add", "n1")
+    assert [arg["task_id"] for arg in tree["arguments"]] == [a, b]
+    for arg in tree["arguments"]:
+        assert arg["function"] == "mod.step"
+        assert [(p["object_id"], p["task_id"]) for p in arg["arguments"]] == [(put, None)]
+    text = run_cairn("lineage", "--gcs-url", gcs_url, c + "00000001").stdout
+    assert text.splitlines()[0].startswith(f"object {c}00000001 made by mod.add (task {c}")
+    assert text.count(f"object {put} (put)") == 2 and "├── " in text and "└── " in text
