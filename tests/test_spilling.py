@@ -77,3 +77,24 @@ def test_a_full_store_spills_to_disk_and_restores_on_demand() -> None:
     while any(path.exists() for path in paths):  # freed objects' files go too
         assert time.monotonic() < deadline, [p for p in paths if p.exists()]
         time.sleep(0.05)
+
+
+def test_a_spilled_copy_that_vanished_is_lost_not_waited_for() -> None:
+    from sdk.exceptions import ObjectLostError
+
+    refs = [ray.put(np.full(30 * MB // 8, n, dtype=np.int64)) for n in range(5)]
+    spilled = {
+        row["entity_id"]: Path(row["path"])
+        for row in _events(
+            "SELECT entity_id, payload->>'path' AS path FROM events "
+            "WHERE event_type = 'spilled' AND entity_kind = 'object'"
+        )
+    }
+    victim = next(r for r in refs if r.hex() in spilled and spilled[r.hex()].exists())
+    spilled[victim.hex()].unlink()  # its only copy, gone behind the store's back
+    with pytest.raises(ObjectLostError, match="spilled copy could not be read back"):
+        ray.get(victim, timeout=30)  # a put: no task to re-run
+    others = [r for r in refs if r != victim]
+    assert [int(ray.get(r, timeout=60)[0]) for r in others] == [
+        n for n in range(5) if refs[n] != victim
+    ]

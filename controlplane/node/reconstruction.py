@@ -20,14 +20,12 @@ A mixin of NodeDaemon.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from controlplane.eventlog import EntityKind, Event
 from controlplane.eventlog.connection import connect
-from controlplane.node.spilling import copy_into_segment
 from controlplane.sql import queries
 from dataplane import protocol as p
 from dataplane import shm
@@ -55,9 +53,11 @@ class ReconstructionMixin:
         ObjectLostError from now on. ``needed``: also one already freed (an argument of
         a task being rebuilt)."""
         state = self.objects.state(object_id)
-        if state == "spilled":
+        if state == "spilled" and not needed:
             return  # its bytes are on disk: restored when wanted
-        if state in ("pending", "error") or (state not in ("stored", "remote") and not needed):
+        if state in ("pending", "error") or (
+            state not in ("stored", "remote", "spilled") and not needed
+        ):
             return  # on its way (or back) already, or not a value
         task_id = creating_task(object_id)
         if task_id is not None and task_id in self.tasks:
@@ -69,7 +69,7 @@ class ReconstructionMixin:
         if (task_id or object_id) in self.rebuilding:
             return
         self.rebuilding.add(task_id or object_id)
-        self._log([Event(K.OBJECT, object_id, "lost", {"reason": reason}, node_id=self.node_id)])
+        self._log([self._lost_event(object_id, reason)])
         if task_id is None:
             self._spawn(self._recover_put(object_id, reason))
         else:
@@ -89,16 +89,12 @@ class ReconstructionMixin:
             if row["data"] is not None:
                 location = p.ObjectLocation(object_id, inline=row["data"], size=len(row["data"]))
                 self.objects.charge(location.size, force=True)
-            elif row["durable_path"] and await self._make_room(int(row["size"])):
-                name = shm.segment_name(self.node_id, object_id)
-                try:
-                    await asyncio.to_thread(
-                        copy_into_segment, Path(row["durable_path"]), name, int(row["size"])
-                    )
-                except OSError:
-                    self.objects.uncharge(int(row["size"]))
-                    raise
-                location = p.ObjectLocation(object_id, shm_name=name, size=int(row["size"]))
+            elif row["durable_path"] and (
+                loaded := await self._load_file(
+                    object_id, Path(row["durable_path"]), int(row["size"])
+                )
+            ):
+                location = loaded
             else:
                 raise LookupError(
                     "it was made by put, which has no task to re-run, and is not durable "
@@ -124,9 +120,10 @@ class ReconstructionMixin:
 
     def _mark_lost(self: Any, object_id: str, reason: str) -> None:
         if self.objects.mark_lost(object_id, reason):
-            self._log(
-                [Event(K.OBJECT, object_id, "lost", {"reason": reason}, node_id=self.node_id)]
-            )
+            self._log([self._lost_event(object_id, reason)])
+
+    def _lost_event(self: Any, object_id: str, reason: str) -> Event:
+        return Event(K.OBJECT, object_id, "lost", {"reason": reason}, node_id=self.node_id)
 
     def _present(self: Any, object_id: str) -> bool:
         """Whether an object's value is here now (its segment too)."""

@@ -98,34 +98,45 @@ class SpillingMixin:
     async def _restore(self: Any, object_id: str, where: Elsewhere) -> None:
         size = where.location.size
         try:
-            if not await self._make_room(size):
-                message = f"spilled object {object_id} cannot be restored: " + self._store_full(
-                    size
-                ).removeprefix("store_full: ")
-                self.objects.ready(
-                    p.ObjectLocation(object_id, error=p.ErrorInfo("system", message))
-                )
-                Path(where.where).unlink(missing_ok=True)
-                return
-            name = shm.segment_name(self.node_id, object_id)
-            try:
-                await asyncio.to_thread(copy_into_segment, Path(where.where), name, size)
-            except OSError as exc:
-                self.objects.uncharge(size)
-                self._object_lost(object_id, f"its spilled copy could not be read back: {exc}")
-                return
+            location = await self._load_file(object_id, Path(where.where), size)
+        except OSError as exc:  # the copy is gone or damaged: lost, rebuilt if it can be
+            why = f"its spilled copy could not be read back: {exc}"
+            self._object_lost(object_id, why, needed=True)
+            return
         finally:
             self.restoring.discard(object_id)
+        if location is None:
+            message = f"spilled object {object_id} cannot be restored: " + self._store_full(
+                size
+            ).removeprefix("store_full: ")
+            self.objects.ready(p.ObjectLocation(object_id, error=p.ErrorInfo("system", message)))
+            Path(where.where).unlink(missing_ok=True)
+            return
         if self.objects.state(object_id) != "spilled":  # freed meanwhile
             self.objects.uncharge(size)
-            shm.unlink_segment(name)
+            shm.unlink_segment(location.shm_name or "")
             return
         self._log(
             [Event(K.OBJECT, object_id, "restored", {"size_bytes": size}, node_id=self.node_id)]
         )
-        self.objects.ready(dataclasses.replace(where.location, shm_name=name))
+        self.objects.ready(dataclasses.replace(where.location, shm_name=location.shm_name))
         Path(where.where).unlink(missing_ok=True)
         self._schedule()
+
+    async def _load_file(self: Any, object_id: str, path: Path, size: int) -> Any:
+        """A copy of an object on disk (spilled, or a durable put) read into a new segment
+        of the store, room made first; None if no room can be made; OSError (nothing
+        left behind) if the file cannot be read whole."""
+        if not await self._make_room(size):
+            return None
+        name = shm.segment_name(self.node_id, object_id)
+        try:
+            await asyncio.to_thread(copy_into_segment, path, name, size)
+        except OSError:
+            self.objects.uncharge(size)
+            shm.unlink_segment(name)
+            raise
+        return p.ObjectLocation(object_id, shm_name=name, size=size)
 
     def _drop_elsewhere(self: Any, object_id: str, where: Elsewhere) -> None:
         """A freed object's copy outside the store goes too."""
