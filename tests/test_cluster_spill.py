@@ -16,9 +16,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import asyncpg
 import numpy as np
 import pytest
+from log_rows import fetch_rows
 from processes import pids_with, run_cairn
 
 import sdk as ray
@@ -90,17 +90,9 @@ def quick(i: int) -> int:
     return i + 1
 
 
-async def _fetch(url: str, sql: str, *args: object) -> list[asyncpg.Record]:
-    conn = await asyncpg.connect(url)
-    try:
-        return await conn.fetch(sql, *args)
-    finally:
-        await conn.close()
-
-
 def _placements(url: str) -> dict[tuple[str, int], int]:
     rows = asyncio.run(
-        _fetch(
+        fetch_rows(
             url,
             "SELECT entity_id, (payload->>'attempt')::int AS attempt, count(*) AS n "
             "FROM events WHERE event_type = 'placed' GROUP BY 1, 2",
@@ -111,7 +103,7 @@ def _placements(url: str) -> dict[tuple[str, int], int]:
 
 def _spills(url: str) -> set[tuple[str, int]]:
     rows = asyncio.run(
-        _fetch(
+        fetch_rows(
             url,
             "SELECT entity_id, (payload->>'attempt')::int AS attempt FROM events "
             "WHERE event_type = 'spilled'",
@@ -182,7 +174,7 @@ def test_objects_move_between_nodes_intact_in_bounded_memory(cluster: dict[str, 
     # bounded by the chunks in flight, not the object: 500 MB moved twice
     assert growth < 64 * 1024 * 1024, f"a node daemon grew by {growth:,} bytes"
     moved = asyncio.run(
-        _fetch(
+        fetch_rows(
             cluster["url"],
             "SELECT count(*) AS n FROM events WHERE event_type = 'transferred' "
             "AND (payload->>'size_bytes')::bigint >= 500000000",
@@ -288,7 +280,7 @@ def test_a_killed_global_scheduler_is_replaced_and_resumes(cluster: dict[str, st
     placements = _placements(url)
     assert max(placements.values()) == 1
     retried = asyncio.run(
-        _fetch(url, "SELECT count(*) AS n FROM events WHERE event_type = 'retried'")
+        fetch_rows(url, "SELECT count(*) AS n FROM events WHERE event_type = 'retried'")
     )
     assert retried[0]["n"] == 0  # no task ran twice
 
@@ -373,7 +365,7 @@ def test_an_actor_lives_on_the_node_that_has_its_resources(cluster: dict[str, st
     big = ray.put(np.ones(5_000_000, dtype=np.int64))  # 40 MB, pulled from the driver's node
     assert ray.get(actor.total.remote(big), timeout=60) == 5_000_000
     forwarded = asyncio.run(
-        _fetch(
+        fetch_rows(
             cluster["url"],
             "SELECT count(*) AS n FROM events WHERE event_type = 'forwarded' "
             "AND payload->>'actor_id' = $1",
@@ -450,7 +442,7 @@ def test_an_actor_whose_node_dies_is_made_again_elsewhere_with_its_calls(
     assert {node for who, _, node, _ in results if who == instances[1]} & {doomed_id} == set()
     assert first[3] == 1 and next(seq for who, *_, seq in results if who == instances[1]) == 1
     events = asyncio.run(
-        _fetch(
+        fetch_rows(
             cluster["url"],
             "SELECT event_type, payload->>'cause' AS cause FROM events "
             "WHERE entity_id = $1 ORDER BY position",
@@ -486,7 +478,7 @@ def test_an_actor_moved_off_a_dead_node_replays_its_calls(cluster: dict[str, str
     os.killpg(os.getpgid(doomed.pid), signal.SIGKILL)
     assert ray.get(tally.add.remote(20), timeout=120) == list(range(21))  # state rebuilt
     events = asyncio.run(
-        _fetch(
+        fetch_rows(
             cluster["url"],
             "SELECT event_type, node_id, payload FROM events WHERE entity_id = $1 "
             "AND event_type IN ('replaying', 'restarting') ORDER BY position",
@@ -521,7 +513,7 @@ def test_outputs_lost_with_their_node_are_rebuilt_from_the_log(cluster: dict[str
         ref = chain_step.options(scheduling_strategy=there).remote(ref, k)
     assert ray.wait([ref], timeout=120)[0] == [ref]
     made = asyncio.run(
-        _fetch(url, "SELECT node_id, event_type FROM events WHERE entity_id = $1", ref.hex())
+        fetch_rows(url, "SELECT node_id, event_type FROM events WHERE entity_id = $1", ref.hex())
     )
     assert [(r["node_id"], r["event_type"]) for r in made] == [(doomed_id, "created")]
 
@@ -529,7 +521,7 @@ def test_outputs_lost_with_their_node_are_rebuilt_from_the_log(cluster: dict[str
     value = ray.get(ref, timeout=180)
     assert value.shape == (10 * 1024 * 1024 // 8,) and int(value[0]) == int(value[-1]) == 190
     rebuilt = asyncio.run(
-        _fetch(
+        fetch_rows(
             url,
             "SELECT entity_id, payload->>'object_id' AS object_id FROM events "
             "WHERE event_type = 'reconstructing' ORDER BY position",
@@ -538,7 +530,7 @@ def test_outputs_lost_with_their_node_are_rebuilt_from_the_log(cluster: dict[str
     assert rebuilt[0]["entity_id"] == ref.task_id() and rebuilt[0]["object_id"] == ref.hex()
     assert len({r["entity_id"] for r in rebuilt}) == len(rebuilt) == 20  # all of it, once
     ran = asyncio.run(
-        _fetch(
+        fetch_rows(
             url,
             "SELECT node_id FROM events WHERE entity_id = $1 AND event_type = 'running' "
             "ORDER BY position",
@@ -556,7 +548,7 @@ def test_tasks_of_a_killed_node_run_again_elsewhere(cluster: dict[str, str]) -> 
     deadline = time.monotonic() + 60
     while placed_on is None and time.monotonic() < deadline:
         rows = asyncio.run(
-            _fetch(
+            fetch_rows(
                 url,
                 "SELECT node_id AS node FROM events "
                 "WHERE entity_id = $1 AND event_type = 'running'",
@@ -575,7 +567,7 @@ def test_tasks_of_a_killed_node_run_again_elsewhere(cluster: dict[str, str]) -> 
     survivor = ray.get(ref, timeout=120)
     assert survivor not in (placed_on, cluster["head"])
     reasons = asyncio.run(
-        _fetch(
+        fetch_rows(
             url,
             "SELECT payload->>'reason' AS reason FROM events "
             "WHERE entity_id = $1 AND event_type = 'retried'",

@@ -9,8 +9,8 @@ import asyncio
 import time
 from collections.abc import Iterator
 
-import asyncpg
 import pytest
+from log_rows import fetch_rows
 
 import sdk as ray
 from controlplane import schema
@@ -37,14 +37,6 @@ def servers() -> Iterator[tuple[EmbeddedPostgres, EmbeddedPostgres]]:
 @ray.remote
 def square(x: int) -> int:
     return x * x
-
-
-async def _fetch(url: str, query: str) -> list[asyncpg.Record]:
-    conn = await asyncpg.connect(url)
-    try:
-        return await conn.fetch(query)
-    finally:
-        await conn.close()
 
 
 def test_failover_to_a_promoted_replica_loses_no_acknowledged_event(
@@ -74,7 +66,7 @@ def test_failover_to_a_promoted_replica_loses_no_acknowledged_event(
     print(f"failover: the job went on {pause:.2f}s after the primary died")
 
     rows = asyncio.run(
-        _fetch(
+        fetch_rows(
             replica.url,
             "SELECT entity_id, array_agg(event_type ORDER BY position) AS history "
             "FROM events WHERE entity_kind = 'task' GROUP BY entity_id",

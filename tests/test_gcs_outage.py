@@ -8,8 +8,8 @@ import asyncio
 import time
 from collections.abc import Iterator
 
-import asyncpg
 import pytest
+from log_rows import fetch_rows
 
 import sdk as ray
 from controlplane.embedded_postgres import EmbeddedPostgres
@@ -47,14 +47,6 @@ class Tally:
         return self.seen
 
 
-async def _fetch(url: str, query: str) -> list[asyncpg.Record]:
-    conn = await asyncpg.connect(url)
-    try:
-        return await conn.fetch(query)
-    finally:
-        await conn.close()
-
-
 def test_a_job_survives_sigkill_of_postgres_with_every_event_once(
     server: EmbeddedPostgres,
 ) -> None:
@@ -78,7 +70,7 @@ def test_a_job_survives_sigkill_of_postgres_with_every_event_once(
 
     ids = [ref.task_id() for ref in refs]
     rows = asyncio.run(
-        _fetch(
+        fetch_rows(
             server.url,
             "SELECT entity_id, array_agg(event_type ORDER BY position) AS history "
             "FROM events WHERE entity_kind = 'task' GROUP BY entity_id",

@@ -4,13 +4,13 @@ Ray's (no lineage for put objects, none with max_retries=0, at most max_retries 
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Iterator
 
 import asyncpg
 import numpy as np
 import pytest
+from log_rows import rows
 
 import sdk as ray
 from dataplane import shm
@@ -57,14 +57,7 @@ def _lose(ref: ray.ObjectRef) -> None:
 
 
 def _events(query: str, *args: object) -> list[asyncpg.Record]:
-    async def fetch() -> list[asyncpg.Record]:
-        conn = await asyncpg.connect(ray.get_runtime_context().gcs_address)
-        try:
-            return await conn.fetch(query, *args)
-        finally:
-            await conn.close()
-
-    return asyncio.run(fetch())
+    return rows(ray.get_runtime_context().gcs_address, query, *args)
 
 
 def test_a_lost_object_is_rebuilt_through_its_freed_lineage() -> None:

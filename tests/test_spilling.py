@@ -4,7 +4,6 @@ leave no file behind."""
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import time
 from collections.abc import Iterator
@@ -13,6 +12,7 @@ from pathlib import Path
 import asyncpg
 import numpy as np
 import pytest
+from log_rows import rows
 
 import sdk as ray
 
@@ -40,14 +40,7 @@ def make(n: int) -> np.ndarray:
 
 
 def _events(query: str) -> list[asyncpg.Record]:
-    async def fetch() -> list[asyncpg.Record]:
-        conn = await asyncpg.connect(ray.get_runtime_context().gcs_address)
-        try:
-            return await conn.fetch(query)
-        finally:
-            await conn.close()
-
-    return asyncio.run(fetch())
+    return rows(ray.get_runtime_context().gcs_address, query)
 
 
 def test_a_full_store_spills_to_disk_and_restores_on_demand() -> None:
