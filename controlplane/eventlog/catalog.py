@@ -45,7 +45,12 @@ _K = EntityKind
 CATALOG: dict[tuple[EntityKind, str], EventType] = {
     **_types(
         _K.JOB,
-        ("submitted", {"entrypoint": str}, {"namespace": str, "driver_node_id": str}),
+        (
+            "submitted",
+            {"entrypoint": str},
+            # replay_of: the recorded job that `cairn replay` re-runs in this one
+            {"namespace": str, "driver_node_id": str, "replay_of": str},
+        ),
         ("started", {}, {}),
         ("finished", {}, {}),
         ("failed", {"error": str}, {}),
