@@ -148,3 +148,36 @@ SELECT s.entity_id AS task_id, s.data
    AND s.payload->>'actor_id' = $1 AND s.payload->>'method' <> '__init__'
    AND ended.position > $2
  ORDER BY ended.position;
+
+-- timeline_job_known --
+-- Whether the log has heard of job $1 (`cairn timeline`): its own events, or any event
+-- filed under it.
+SELECT EXISTS (SELECT 1 FROM events WHERE entity_id = $1 AND entity_kind = 'job')
+    OR EXISTS (SELECT 1 FROM events WHERE job_id = $1)
+
+-- timeline_task_events --
+-- The events that time job $1's task attempts (`cairn timeline`): its tasks are those
+-- whose `submitted` event carries the job id (later events of a task may not), then
+-- their events are found through events_entity_idx (entity_id, event_type).
+SELECT entity_id AS task_id, event_type, recorded_at, node_id, payload::text AS payload
+  FROM events
+ WHERE entity_kind = 'task'
+   AND entity_id = ANY (ARRAY (SELECT entity_id FROM events
+                                WHERE job_id = $1 AND entity_kind = 'task'
+                                  AND event_type = 'submitted'))
+   AND event_type = ANY ('{submitted,running,finished,failed,cancelled}'::text[])
+ ORDER BY position
+
+-- retention_full_partitions --
+-- Every attached partition whose positions are all handed out (never the one taking
+-- appends), with its event count and newest event, and the cutoff: the server's clock
+-- less $1 seconds (`cairn gc`). The lateral subquery is pruned to one partition.
+SELECT p.table_name, p.lower_bound, p.upper_bound, s.events, s.newest,
+       clock_timestamp() - make_interval(secs => $1::float8) AS cutoff
+  FROM event_partitions p
+  CROSS JOIN LATERAL (
+        SELECT count(*) AS events, max(e.recorded_at) AS newest FROM events e
+         WHERE e.position >= p.lower_bound AND e.position < p.upper_bound) s
+ WHERE p.state = 'attached'
+   AND p.upper_bound <= (SELECT last_position FROM event_log_head WHERE id = 1) + 1
+ ORDER BY p.lower_bound
