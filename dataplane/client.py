@@ -56,6 +56,7 @@ class CoreClient:
         role: str,
         worker_id: str | None = None,
         namespace: str | None = None,
+        replay_of: str | None = None,
     ) -> None:
         self.channel = p.SyncChannel(socket_path)
         self.role = role
@@ -73,7 +74,7 @@ class CoreClient:
         self._ready = threading.Condition()
         self._waiters: list[_Waiter] = []  # threads waiting for pushed objects
         self._closed = threading.Event()
-        self.channel.send(p.Hello(role, os.getpid(), worker_id, namespace))
+        self.channel.send(p.Hello(role, os.getpid(), worker_id, namespace, replay_of))
         welcome = self.channel.receive()
         if not isinstance(welcome, p.Welcome):
             raise p.ProtocolError(f"expected Welcome from the node daemon, got {welcome!r}")

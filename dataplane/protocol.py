@@ -113,6 +113,7 @@ class Hello:
     pid: int
     worker_id: str | None = None
     namespace: str | None = None  # a driver's, from init(namespace=...)
+    replay_of: str | None = None  # a driver of `cairn replay`: the job it re-runs
 
 
 @dataclass(slots=True)
@@ -182,6 +183,9 @@ class TaskDone:
     attempt: int
     returns: list[ObjectLocation]
     error: ErrorInfo | None = None  # set when the task raised: every return is this error
+    # "sha256:<hex>" of the serialized return values, in order: logged with `finished`
+    # so that `cairn replay` can tell whether a re-run produced the same output
+    output_digest: str | None = None
 
 
 @dataclass(slots=True)

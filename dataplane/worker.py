@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import hashlib
 import inspect
 import os
 import signal
@@ -165,17 +166,20 @@ class Worker:
 
     def _finish(self, message: p.ExecuteTask, result: Any) -> p.TaskDone:
         spec = message.spec
+        digest = hashlib.sha256()
         try:
             values = _split_returns(result, spec.num_returns)
             returns = [
-                self._store(object_id, value)
+                self._store(object_id, value, digest)
                 for object_id, value in zip(spec.return_ids(), values, strict=True)
             ]
         except (SerializationError, ValueError, OSError, DaemonError) as exc:
             # the value cannot be stored (unpicklable, store full, /dev/shm failing):
             # the task's error, and this worker stays up for the next one
             return self._failed(spec, message, _task_error(spec.name, exc))
-        return p.TaskDone(spec.task_id, message.attempt, returns)
+        return p.TaskDone(
+            spec.task_id, message.attempt, returns, None, f"sha256:{digest.hexdigest()}"
+        )
 
     def _callable(self, spec: p.TaskSpec, blob: bytes | None) -> Callable[..., Any]:
         """The task's function; for an actor's constructor, its class; for a method
@@ -192,11 +196,16 @@ class Worker:
         assert location is not None, "the daemon sends the location of every ref argument"
         return self.client.read_value(location)
 
-    def _store(self, object_id: str, value: Any) -> p.ObjectLocation:
+    def _store(self, object_id: str, value: Any, digest: Any) -> p.ObjectLocation:
+        """Stores one return value; ``digest`` is fed its serialized bytes (the pickle
+        stream, then each out-of-band buffer), so equal values give equal digests."""
         try:
             serialized, contained = serialize_with_refs(value)
         except SerializationError as exc:
             raise SerializationError(f"return value: {exc}") from exc
+        digest.update(serialized.pickled)
+        for buffer in serialized.buffers:
+            digest.update(buffer)
         return self.client.store(object_id, serialized, contained)
 
     @staticmethod

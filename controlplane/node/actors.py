@@ -280,6 +280,7 @@ class ActorsMixin:
             if done.error is not None:
                 self._finish_failed(record, done.error, log_event=True)
             else:
+                record.output_digest = done.output_digest
                 self._finish_ok(record, done.returns)
         self._actor_dispatch(actor)
 

@@ -21,6 +21,7 @@ import contextlib
 import itertools
 import logging
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -120,6 +121,7 @@ class TaskRecord:
     placed_on: str | None = None  # spilled and placed on that node
     gpu_ids: list[str] = field(default_factory=list)  # the GPUs it was given
     bundle: Bundle | None = None  # the placement group bundle it runs in
+    output_digest: str | None = None  # of the returns of its attempt that finished
 
 
 class NodeDaemon(
@@ -169,7 +171,10 @@ class NodeDaemon(
         self.idle: deque[WorkerHandle] = deque()
         self.max_workers = max(1, int(resources.get("CPU", 1)))
         self._worker_ids = itertools.count(1)
-        self._job_ids = itertools.count(1)
+        # job ids are unique in the log's whole history (which outlives daemons and
+        # holds every node's jobs): a random prefix drawn per daemon, then a counter
+        job_prefix = f"{secrets.randbits(32):08x}"
+        self._job_ids = (f"{job_prefix}{n:08x}" for n in itertools.count(1))
         self._server: asyncio.AbstractServer | None = None
         self._stopping = asyncio.Event()
         self._background: set[asyncio.Task[Any]] = set()
@@ -396,16 +401,14 @@ class NodeDaemon(
         elif hello.role == "observer":  # `cairn status`: reads, runs nothing
             conn.job_id = None
         else:
-            conn.job_id = f"{next(self._job_ids):08x}"
+            conn.job_id = next(self._job_ids)
             self.job_namespaces[conn.job_id] = hello.namespace or uuid.uuid4().hex
+            submitted = {"entrypoint": f"driver pid {hello.pid}", "driver_node_id": self.node_id}
+            if hello.replay_of:
+                submitted["replay_of"] = hello.replay_of
             self._log(
                 [
-                    Event(
-                        K.JOB,
-                        conn.job_id,
-                        "submitted",
-                        {"entrypoint": f"driver pid {hello.pid}", "driver_node_id": self.node_id},
-                    ),
+                    Event(K.JOB, conn.job_id, "submitted", submitted),
                     Event(K.JOB, conn.job_id, "started", {}),
                 ]
             )
@@ -870,6 +873,7 @@ class NodeDaemon(
                 return
             self._finish_failed(record, done.error, log_event=True)
         else:
+            record.output_digest = done.output_digest
             self._finish_ok(record, done.returns)
         self._schedule()
 
@@ -888,11 +892,14 @@ class NodeDaemon(
 
     def _finished_event(self, record: TaskRecord) -> Event:
         spec = record.spec
+        payload: dict[str, Any] = {"attempt": record.attempt}
+        if record.output_digest is not None:
+            payload["output_digest"] = record.output_digest
         return Event(
             K.TASK,
             spec.task_id,
             "finished",
-            {"attempt": record.attempt},
+            payload,
             job_id=spec.job_id,
             node_id=self.node_id,
         )
