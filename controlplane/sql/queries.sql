@@ -181,3 +181,43 @@ SELECT p.table_name, p.lower_bound, p.upper_bound, s.events, s.newest,
  WHERE p.state = 'attached'
    AND p.upper_bound <= (SELECT last_position FROM event_log_head WHERE id = 1) + 1
  ORDER BY p.lower_bound
+
+-- replay_job --
+-- `cairn replay`: the recorded job (its `submitted` event), or no row if it is unknown.
+SELECT payload FROM events
+ WHERE entity_id = $1 AND entity_kind = 'job' AND event_type = 'submitted'
+ ORDER BY position LIMIT 1;
+
+-- replay_job_tasks --
+-- Every task and actor call a job submitted (its spec, and its code when it was the
+-- first of its function on that node), in submission order.
+SELECT position, entity_id AS task_id, data FROM events
+ WHERE job_id = $1 AND entity_kind = 'task' AND event_type = 'submitted'
+ ORDER BY position;
+
+-- replay_task_outcomes --
+-- How each task ended last (finished, failed or cancelled), with its output digest.
+SELECT DISTINCT ON (entity_id)
+       entity_id AS task_id, event_type AS outcome,
+       payload->>'output_digest' AS digest, payload->>'error' AS error
+  FROM events
+ WHERE entity_id = ANY($1::text[]) AND entity_kind = 'task'
+   AND event_type IN ('finished', 'failed', 'cancelled')
+ ORDER BY entity_id, position DESC;
+
+-- replay_function_code --
+-- `submitted` events of a function up to a position, a page at a time: the code is
+-- in the first one each node logged.
+SELECT position, data FROM events
+ WHERE entity_kind = 'task' AND event_type = 'submitted' AND payload->>'function' = $1
+   AND position > $2 AND position <= $3
+ ORDER BY position LIMIT 20;
+
+-- replay_open_tasks --
+-- How many of a job's tasks have not ended yet.
+SELECT count(*) FROM events s
+ WHERE s.job_id = $1 AND s.entity_kind = 'task' AND s.event_type = 'submitted'
+   AND NOT EXISTS (
+       SELECT 1 FROM events e
+        WHERE e.entity_id = s.entity_id AND e.entity_kind = 'task'
+          AND e.event_type IN ('finished', 'failed', 'cancelled'));
