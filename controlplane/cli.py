@@ -257,6 +257,91 @@ def lineage(object_id: str, gcs_url: str | None, as_json: bool) -> None:
 
 
 @main.command()
+@click.argument("job_id")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="Where to write the trace (JSON).",
+)
+@_gcs_url_option
+def timeline(job_id: str, output: Path, gcs_url: str | None) -> None:
+    """Write a job's task execution as a Chrome trace (chrome://tracing, Perfetto): one
+    span per task attempt, per node and worker, from the log."""
+    import asyncio
+
+    from controlplane.timeline import UnknownJobError, job_trace
+
+    url = resolve_gcs_url(gcs_url) or _running_cluster_url()
+    try:
+        trace = asyncio.run(job_trace(url, job_id))
+    except UnknownJobError as exc:
+        raise click.BadParameter(str(exc), param_hint="JOB_ID") from None
+    output.write_text(json.dumps(trace, default=str))
+    spans = trace["otherData"]["task_attempts"]
+    click.echo(f"wrote {spans} task attempts of job {job_id} to {output}")
+
+
+def _duration(text: str) -> float:
+    from controlplane.retention import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+@main.command()
+@click.option(
+    "--older-than",
+    required=True,
+    help="Retire partitions whose newest event is older than this (30s, 15m, 12h, 7d).",
+)
+@click.option(
+    "--archive",
+    "archive_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Export each partition to Parquet in this directory before dropping it.",
+)
+@click.option("--dry-run", is_flag=True, help="Only say which partitions would go.")
+@_gcs_url_option
+def gc(older_than: str, archive_dir: Path | None, dry_run: bool, gcs_url: str | None) -> None:
+    """Retire whole partitions of the log older than --older-than: detach (without
+    blocking appends), archive to Parquet with --archive, drop. The partition taking
+    appends is never touched."""
+    import asyncio
+
+    from controlplane import retention
+
+    seconds = _duration(older_than)
+    url = resolve_gcs_url(gcs_url) or _running_cluster_url()
+    full = asyncio.run(retention.full_partitions(url, seconds))
+    expired = [p for p in full if p.expired]
+    if not expired:
+        click.echo(
+            f"nothing to retire: no full partition's newest event is older than {older_than}"
+        )
+        return
+    if dry_run:
+        for part in expired:
+            click.echo(f"would retire {part.table_name} [{part.lower_bound}, {part.upper_bound})")
+        return
+    retired = retention.collect(
+        url, expired, archive_dir, lambda r: click.echo(retention.describe(r))
+    )
+    events = sum(r.partition.events for r in retired)
+    if archive_dir is None:
+        click.echo(
+            f"{len(retired)} partitions, {events} events dropped without an archive "
+            "(pass --archive DIR to keep them as Parquet)"
+        )
+    else:
+        click.echo(f"{len(retired)} partitions, {events} events archived in {archive_dir}")
+
+
+@main.command()
 def status() -> None:
     """Show the cluster: its nodes, their resources and use, pending work."""
     import asyncio
