@@ -91,8 +91,10 @@ def collect(
     archive_dir: Path | None,
     report: Callable[[Retired], None] = lambda _: None,
 ) -> list[Retired]:
-    """Retires the expired partitions oldest first, reporting each as it goes (a
-    failure part way leaves the ones done retired and the rest attached)."""
+    """Retires the expired partitions oldest first, reporting each as it goes. A
+    failure part way leaves the ones done retired, the one at hand detached (its
+    events out of ``events`` but kept, see ``cairn partitions list``), the rest
+    attached."""
     manager = PartitionManager(url)
     done = []
     for part in expired:
