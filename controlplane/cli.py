@@ -342,6 +342,63 @@ def gc(older_than: str, archive_dir: Path | None, dry_run: bool, gcs_url: str | 
 
 
 @main.command()
+@click.argument("job_id")
+@click.option("--task", "task_id", default=None, help="Replay only this task and its upstream.")
+@click.option("--address", default=None, help="The cluster to run on (default: this machine's).")
+@click.option("--timeout", default=600.0, show_default=True, help="Seconds to wait for the run.")
+@_gcs_url_option
+def replay(
+    job_id: str, task_id: str | None, address: str | None, timeout: float, gcs_url: str | None
+) -> None:
+    """Re-run a recorded job (or one task and its upstream) from the log on the running
+    cluster, and report the first task whose output differs from the recorded one.
+    Exits 0 when every task matched, 1 at a divergence."""
+    from controlplane import local_node
+    from controlplane.replay import ReplayError, UnknownIdError, replay
+
+    url = resolve_gcs_url(gcs_url) or _running_cluster_url()
+
+    def socket_path() -> str:
+        try:
+            return str(local_node.find_running(address) / local_node.NODE_SOCKET)
+        except ConnectionError as exc:
+            raise click.ClickException(str(exc)) from exc
+
+    with click.progressbar(length=1, label="replaying", file=sys.stderr) as bar:
+
+        def progress(done: int, total: int) -> None:
+            bar.length = total
+            bar.update(done - bar.pos)
+
+        try:
+            report = replay(
+                url, socket_path, job_id, task_id=task_id, timeout=timeout, progress=progress
+            )
+        except UnknownIdError as exc:
+            raise click.BadParameter(str(exc), param_hint="JOB_ID or --task") from None
+        except ReplayError as exc:
+            raise click.ClickException(str(exc)) from None
+    for note in dict.fromkeys(report.notes):
+        click.echo(f"note: {note}", err=True)
+    compared = len(report.comparisons)
+    click.echo(f"replayed job {job_id} as job {report.replay_job_id}: {compared} tasks compared")
+    divergence = report.first_divergence
+    if divergence is None:
+        click.echo(f"every task gave the recorded output ({compared} identical)")
+        return
+    old, new = divergence.original, divergence.replayed
+    click.echo(f"first divergence: task {old.spec.task_id} ({old.spec.name})")
+    click.echo(f"  recorded: {old.outcome} {old.digest or old.error or ''}".rstrip())
+    if new is None:
+        click.echo("  replayed: not run again (its parent did not submit it)")
+    else:
+        click.echo(
+            f"  replayed: {new.outcome} {new.digest or new.error or ''} (task {new.spec.task_id})"
+        )
+    sys.exit(1)
+
+
+@main.command()
 def status() -> None:
     """Show the cluster: its nodes, their resources and use, pending work."""
     import asyncio
