@@ -125,3 +125,5 @@ def test_cairn_lineage_prints_the_tree_of_an_object(gcs_url: str) -> None:
     text = run_cairn("lineage", "--gcs-url", gcs_url, c + "00000001").stdout
     assert text.splitlines()[0].startswith(f"object {c}00000001 made by mod.add (task {c}")
     assert text.count(f"object {put} (put)") == 2 and "├── " in text and "└── " in text
+    unknown = run_cairn("lineage", "--gcs-url", gcs_url, "f" * 40, check=False)
+    assert unknown.returncode == 2 and f"no object '{'f' * 40}' in the log" in unknown.stderr

@@ -221,3 +221,10 @@ SELECT count(*) FROM events s
        SELECT 1 FROM events e
         WHERE e.entity_id = s.entity_id AND e.entity_kind = 'task'
           AND e.event_type IN ('finished', 'failed', 'cancelled'));
+
+-- object_known --
+-- Whether the log knows an object: an event of its own, or its task's submission.
+SELECT EXISTS (SELECT 1 FROM events WHERE entity_id = $1 AND entity_kind = 'object')
+    OR EXISTS (SELECT 1 FROM events
+                WHERE entity_id = cairn_creating_task($1) AND entity_kind = 'task'
+                  AND event_type = 'submitted') AS known;
