@@ -228,3 +228,72 @@ SELECT EXISTS (SELECT 1 FROM events WHERE entity_id = $1 AND entity_kind = 'obje
     OR EXISTS (SELECT 1 FROM events
                 WHERE entity_id = cairn_creating_task($1) AND entity_kind = 'task'
                   AND event_type = 'submitted') AS known;
+
+-- state_at_summary --
+-- `cairn state --at` (controlplane/state_at.py), pass 1: every entity's state at
+-- position $1 from its last state-setting event, by one scan of the log up to $1.
+-- $2/$3/$4: (kind, event type, state index) of every transition, from
+-- projections/spec.py TRANSITIONS (state index NULL: the event sets no state);
+-- the index rides in the low 6 bits of max(position * 64 + index), so one integer max
+-- finds the last one. Returns counts per (kind, job, state) and, listed one by one,
+-- every entity that is not a task plus the first $6 tasks whose state is not among
+-- $5 (the states a task ends in), oldest first.
+WITH t AS (
+    SELECT * FROM unnest($2::entity_kind[], $3::text[], $4::int[]) AS t(kind, event_type, state)
+), s AS MATERIALIZED (
+    SELECT e.entity_kind AS kind, e.entity_id, max(e.job_id) AS job_id,
+           max(e.position * 64 + t.state) FILTER (WHERE t.state IS NOT NULL) % 64 AS state,
+           max(e.position) AS last_position
+      FROM events e JOIN t ON t.kind = e.entity_kind AND t.event_type = e.event_type
+     WHERE e.position <= $1
+     GROUP BY e.entity_kind, e.entity_id
+)
+SELECT kind, job_id, state, count(*) AS n, NULL::text AS entity_id FROM s
+ GROUP BY kind, job_id, state
+UNION ALL
+SELECT kind, job_id, state, 1, entity_id FROM s WHERE kind <> 'task'
+UNION ALL
+(SELECT kind, job_id, state, 1, entity_id FROM s
+  WHERE kind = 'task' AND (state IS NULL OR state <> ALL ($5::int[]))
+  ORDER BY last_position LIMIT $6);
+
+-- state_at_entities --
+-- `cairn state --at`, the fields of entities at position $1: each field from the last
+-- event (position <= $1) that sets it, as the projector's fold does: max((position,
+-- value)) over the events that carry it. $2..$9 say, per (kind, event type) from
+-- TRANSITIONS, the state index it sets and which payload keys feed the kind's two text
+-- fields and its counter, and whether it stamps its start or end time. $10: the
+-- entities wanted (found by their index), or NULL for all (one scan of the log).
+WITH t AS (
+    SELECT * FROM unnest($2::entity_kind[], $3::text[], $4::int[], $5::text[], $6::text[],
+                         $7::text[], $8::bool[], $9::bool[])
+               AS t(kind, event_type, state, text1, text2, int1, stamp1, stamp2)
+)
+SELECT e.entity_kind AS kind, e.entity_id,
+       max(e.position * 64 + t.state) FILTER (WHERE t.state IS NOT NULL) % 64 AS state,
+       max((e.position, e.job_id)) FILTER (WHERE e.job_id IS NOT NULL) AS job_id,
+       max((e.position, e.node_id)) FILTER (WHERE e.node_id IS NOT NULL) AS node_id,
+       max((e.position, e.payload ->> t.text1))
+           FILTER (WHERE e.payload ->> t.text1 IS NOT NULL) AS text1,
+       max((e.position, e.payload ->> t.text2))
+           FILTER (WHERE e.payload ->> t.text2 IS NOT NULL) AS text2,
+       max((e.position, e.payload ->> t.int1))
+           FILTER (WHERE e.payload ->> t.int1 IS NOT NULL) AS int1,
+       max((e.position, e.recorded_at)) FILTER (WHERE t.stamp1) AS stamp1,
+       max((e.position, e.recorded_at)) FILTER (WHERE t.stamp2) AS stamp2
+  FROM events e JOIN t ON t.kind = e.entity_kind AND t.event_type = e.event_type
+ WHERE e.position <= $1
+   AND ($10::text[] IS NULL OR (e.entity_id = ANY ($10::text[]) AND e.event_type = ANY ($3::text[])))
+ GROUP BY e.entity_kind, e.entity_id;
+
+-- retained_range --
+-- The positions still in the log (old partitions may have been dropped) and their times.
+SELECT lo.position AS first_position, lo.recorded_at AS first_recorded_at,
+       hi.position AS last_position, hi.recorded_at AS last_recorded_at,
+       clock_timestamp() AS now
+  FROM (SELECT position, recorded_at FROM events ORDER BY position LIMIT 1) lo,
+       (SELECT position, recorded_at FROM events ORDER BY position DESC LIMIT 1) hi;
+
+-- recorded_at_or_after --
+-- The first retained event at or after position $1 (binary search of a time).
+SELECT position, recorded_at FROM events WHERE position >= $1 ORDER BY position LIMIT 1;
