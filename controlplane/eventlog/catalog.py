@@ -132,6 +132,9 @@ CATALOG: dict[tuple[EntityKind, str], EventType] = {
         _K.NODE,
         ("registered", {"address": str, "resources": dict}, {}),
         ("heartbeat", {}, {"available": dict, "load": dict}),
+        # a gRPC call without the cluster token was refused (at most one per peer per
+        # few seconds); the only trace such a call leaves
+        ("auth_refused", {"method": str, "peer": str}, {}),
         ("dead", {"cause": str}, {}),
     ),
     **_types(
