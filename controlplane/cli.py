@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
 import click
 
+from controlplane import auth
 from controlplane.errors import GcsError
 from controlplane.gcs_url import ENV_VAR, redact, resolve_gcs_url
 from controlplane.node import rpc
@@ -114,6 +116,11 @@ def partitions_retire(gcs_url: str | None, table_name: str, archive_dir: Path | 
 @click.option("--resources", default=None, help="Custom resources, as JSON: '{\"disk\": 2}'.")
 @click.option("--object-store-memory", type=int, default=None, help="Store size in bytes.")
 @click.option("--block", is_flag=True, help="Stay in the foreground until the node stops.")
+@click.option(
+    "--disable-auth",
+    is_flag=True,
+    help="Serve gRPC without the cluster token: loopback-only development, never more.",
+)
 @click.option("--node-config", default=None, hidden=True)  # from start_in_background
 def start(
     head: bool,
@@ -126,13 +133,32 @@ def start(
     resources: str | None,
     object_store_memory: int | None,
     block: bool,
+    disable_auth: bool,
     node_config: str | None,
 ) -> None:
-    """Start a node: a head (--head) or one that joins a head (--address HOST:PORT)."""
+    """Start a node: a head (--head) or one that joins a head (--address HOST:PORT).
+    Every gRPC call between nodes carries the cluster token: the head draws it (or takes
+    $CAIRN_AUTH_TOKEN), a joining node reads $CAIRN_AUTH_TOKEN or, on the head's
+    machine, the head's session directory."""
     from controlplane import local_node
 
     if head == (address is not None):
         raise click.UsageError("pass either --head or --address HOST:PORT")
+    if disable_auth:
+        if not auth.is_loopback(node_ip_address):
+            raise click.UsageError(
+                f"--disable-auth is for loopback-only development: it cannot be combined "
+                f"with --node-ip-address {node_ip_address}"
+            )
+        click.echo(
+            "WARNING: authentication is DISABLED (--disable-auth): any process on this "
+            "machine can call this node and run code on the cluster. Development only.",
+            err=True,
+        )
+    drawn = head and not disable_auth and not os.environ.get(auth.TOKEN_ENV)
+    token = None if disable_auth else os.environ.get(auth.TOKEN_ENV) or None
+    if drawn:  # a background start hands it to its --block process in the environment
+        token = auth.new_token()
     try:
         custom = json.loads(resources) if resources else None
         if custom is not None and not isinstance(custom, dict):
@@ -154,13 +180,18 @@ def start(
         port = rpc.DEFAULT_HEAD_PORT if port is None else port
     else:
         assert address is not None
+        token = None if disable_auth else auth.find_token(address)
         try:
-            joined = rpc.join(address)
-        except (ValueError, ConnectionError) as exc:
+            joined = rpc.join(address, token)
+        except (ValueError, ConnectionError, rpc.AuthError) as exc:
             raise click.ClickException(str(exc)) from exc
         gcs_url = joined["gcs_url"]
         port = 0 if port is None else port
-    role = local_node.ClusterRole(head=head, rpc_port=port, rpc_host=node_ip_address)
+    role = local_node.ClusterRole(
+        head=head, rpc_port=port, rpc_host=node_ip_address, auth_token=token
+    )
+    if drawn and block:
+        click.echo(_token_notice(token))
     if block:
         local_node.run_node(gcs_url, config, role, announce=click.echo, cluster=address)
         return
@@ -169,6 +200,8 @@ def start(
     except RuntimeError as exc:
         raise click.ClickException(str(exc)) from exc
     if head:
+        if drawn:
+            click.echo(_token_notice(token))
         click.echo(
             f"Started a Cairn head node at {node.address} (session {node.session_dir}; "
             f"output in {local_node.node_log(node.pid)}).\n"
@@ -181,6 +214,14 @@ def start(
             f"Started a Cairn node at {node.address}, joined to {address} (output in "
             f"{local_node.node_log(node.pid)})."
         )
+
+
+def _token_notice(token: str | None) -> str:
+    return (
+        f"Cluster token (shown once; stored owner-only in the session directory as "
+        f"{auth.TOKEN_FILE}): {token}\nOn other machines, set {auth.TOKEN_ENV} to it before "
+        "`cairn start --address`."
+    )
 
 
 @main.command()

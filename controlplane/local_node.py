@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from controlplane import auth
 from controlplane.gcs import Gcs
 from controlplane.node.daemon import new_node_id
 from controlplane.session_dirs import alive, new_session_dir, sweep_stale
@@ -85,6 +86,9 @@ class ClusterRole:
     head: bool
     rpc_port: int  # 0: any free port
     rpc_host: str = "127.0.0.1"
+    # the cluster token its gRPC service requires and its calls carry; None: auth
+    # disabled (loopback only)
+    auth_token: str | None = dataclasses.field(default=None, repr=False)
 
 
 class LocalNode:
@@ -150,12 +154,18 @@ class LocalNode:
             str(self.config.object_store_memory),
             "--die-with-parent",
         ]
+        env = {k: v for k, v in os.environ.items() if k != auth.TOKEN_ENV}
         if self.role is not None:
             command += ["--rpc-port", str(self.role.rpc_port), "--rpc-host", self.role.rpc_host]
             command += ["--head"] if self.role.head else []
+            if self.role.auth_token is None:
+                command += ["--disable-auth"]
+            else:  # in the environment: argv is readable by every user
+                env[auth.TOKEN_ENV] = self.role.auth_token
+                auth.write_token(self.session_dir, self.role.auth_token)
         daemon: subprocess.Popen[bytes] | None = None
         try:
-            daemon = subprocess.Popen(command, stdin=subprocess.DEVNULL)
+            daemon = subprocess.Popen(command, stdin=subprocess.DEVNULL, env=env)
             _wait_ready(daemon, self.session_dir)
         except BaseException:
             if daemon is not None:
@@ -360,6 +370,11 @@ def start_in_background(
     command = [sys.executable, "-m", "controlplane.cli", "start", "--block"]
     command += ["--node-config", json.dumps(asdict(config)), "--port", str(role.rpc_port)]
     command += ["--node-ip-address", role.rpc_host]
+    env = {k: v for k, v in os.environ.items() if k != auth.TOKEN_ENV}
+    if role.auth_token is None:
+        command += ["--disable-auth"]
+    else:
+        env[auth.TOKEN_ENV] = role.auth_token
     if join_address is not None:
         command += ["--address", join_address]
     else:
@@ -369,7 +384,12 @@ def start_in_background(
     starting = Path(tempfile.gettempdir()) / f"cairn-node-{time.time_ns()}.log"
     with open(starting, "wb") as log:
         process = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+            env=env,
         )
     log_path = node_log(process.pid)
     starting.replace(log_path)  # the node keeps writing to it under its new name

@@ -8,9 +8,11 @@ import asyncio
 import ctypes
 import json
 import logging
+import os
 import signal
 from pathlib import Path
 
+from controlplane import auth
 from controlplane.node.daemon import NodeDaemon
 
 
@@ -27,7 +29,15 @@ def main() -> None:
     )
     parser.add_argument("--rpc-host", default="127.0.0.1")
     parser.add_argument("--head", action="store_true", help="let nodes join; watch liveness")
+    parser.add_argument(
+        "--disable-auth", action="store_true", help="serve cairn.Node without a token"
+    )
     args = parser.parse_args()
+    # the token comes in the environment (not argv, which any user can read); taken out
+    # of it so that the workers this daemon starts do not inherit it
+    token = os.environ.pop(auth.TOKEN_ENV, None) or None
+    if args.rpc_port is not None and token is None and not args.disable_auth:
+        parser.error(f"a cluster node needs ${auth.TOKEN_ENV} (or --disable-auth)")
     if args.die_with_parent:
         ctypes.CDLL(None).prctl(1, signal.SIGTERM)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
@@ -40,6 +50,7 @@ def main() -> None:
         rpc_port=args.rpc_port,
         rpc_host=args.rpc_host,
         head=args.head,
+        auth_token=None if args.disable_auth else token,
     )
     asyncio.run(daemon.serve())
 

@@ -24,8 +24,10 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
@@ -138,6 +140,7 @@ class NodeDaemon(
         rpc_port: int | None = None,
         rpc_host: str = "127.0.0.1",
         head: bool = False,
+        auth_token: str | None = None,
     ) -> None:
         self.session_dir = session_dir
         # In a cluster (rpc_port given; 0: any free port): the gRPC service, liveness
@@ -146,6 +149,7 @@ class NodeDaemon(
         self.rpc_port = rpc_port
         self.rpc_host = rpc_host
         self.head = head
+        self.auth_token = auth_token  # None: calls are not checked (--disable-auth)
         self.address = ""  # host:port of the gRPC service, once it listens
         self.socket_path = str(session_dir / "node.sock")
         self.gcs_url = gcs_url
@@ -217,8 +221,7 @@ class NodeDaemon(
                 )
             ]
         )
-        self._server = await asyncio.start_unix_server(self._client, path=self.socket_path)
-        os.chmod(self.socket_path, 0o600)
+        self._server = await asyncio.start_unix_server(self._client, sock=self._private_socket())
         for _ in range(self.max_workers):
             self._start_worker()
         loop = asyncio.get_running_loop()
@@ -227,6 +230,23 @@ class NodeDaemon(
         (self.session_dir / "node.ready").write_text(self.node_id)
         await self._stopping.wait()
         await self._shutdown()
+
+    def _private_socket(self) -> socket.socket:
+        """The driver socket, owner-only (0600) before anyone can reach it: bound in a
+        fresh 0700 directory, made 0600, then moved into the session directory (which
+        may be traversable by others: 0711 when PostgreSQL runs as another user)."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        private = Path(tempfile.mkdtemp(dir=self.session_dir))
+        try:
+            sock.bind(str(private / "node.sock"))
+            os.chmod(private / "node.sock", 0o600)
+            os.replace(private / "node.sock", self.socket_path)
+        except BaseException:
+            sock.close()
+            raise
+        finally:
+            shutil.rmtree(private, ignore_errors=True)
+        return sock
 
     async def _join_cluster(self) -> None:
         """Starts the gRPC service, liveness pings, load heartbeats and, on the head,
@@ -243,8 +263,14 @@ class NodeDaemon(
                 "gcs_url": self.gcs_url,
                 "head_node_id": self.node_id,
             }
+        rpc.use_token(self.auth_token)
         self._rpc, port = await rpc.serve(
-            self.rpc_host, self.rpc_port, handlers, {"ReadObject": read_object}
+            self.rpc_host,
+            self.rpc_port,
+            handlers,
+            {"ReadObject": read_object},
+            token=self.auth_token,
+            on_refused=self._auth_refused,
         )
         self.address = f"{self.rpc_host}:{port}"
         (self.session_dir / "node.address").write_text(self.address)
@@ -264,6 +290,11 @@ class NodeDaemon(
         if self.head:
             self._monitor = MembershipMonitor(self.gcs_url)
             self._spawn(self._monitor.run(), vital=True)
+
+    def _auth_refused(self, method: str, peer: str) -> None:
+        """A call without the cluster token leaves this event and nothing else."""
+        payload = {"method": method, "peer": peer}
+        self._log([Event(K.NODE, self.node_id, "auth_refused", payload, node_id=self.node_id)])
 
     async def _log_head(self) -> int:
         conn = await connect(self.gcs_url)

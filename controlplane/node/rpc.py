@@ -4,19 +4,24 @@
 joining the cluster needs: the GCS URL); ``ObjectInfo`` and ``ReadObject`` (an
 object's size, then its bytes one chunk per call) and ``Release`` (the puller has its
 copy: the node may free its own). Messages
-are JSON objects, so no generated code is needed (grpcio's generic handlers). Token
-authentication comes with issue 8; until then the server listens on loopback unless
+are JSON objects, so no generated code is needed (grpcio's generic handlers). Every
+call carries the cluster token, and the server refuses calls without it before any
+handler runs (one interceptor, controlplane/auth.py); every client made here
+(``unary_stub``, ``raw_stub``, ``call``) adds it. The server listens on loopback unless
 told otherwise.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
+
+from controlplane import auth
 
 SERVICE = "cairn.Node"
 DEFAULT_HEAD_PORT = 6380
@@ -29,6 +34,18 @@ CHANNEL_OPTIONS = [
 
 Handler = Callable[[dict[str, Any]], dict[str, Any] | Awaitable[dict[str, Any]]]
 RawHandler = Callable[[dict[str, Any], grpc.aio.ServicerContext], Awaitable[bytes]]
+
+_token: str | None = None  # this process's cluster token, added to every call it makes
+
+
+def use_token(token: str | None) -> None:
+    """Sets the token this process's calls carry (a node daemon's, once, at start)."""
+    global _token
+    _token = token
+
+
+def _with_token(stub: Any, token: str | None) -> Any:
+    return functools.partial(stub, metadata=auth.metadata(token)) if token else stub
 
 
 def _encode(message: dict[str, Any]) -> bytes:
@@ -57,15 +74,21 @@ async def serve(
     port: int,
     handlers: dict[str, Handler],
     raw_handlers: dict[str, RawHandler] | None = None,
+    *,
+    token: str | None,
+    on_refused: auth.OnRefused | None = None,
 ) -> tuple[grpc.aio.Server, int]:
     """Starts the service on host:port (0: a free port); returns it and its port.
-    ``handlers`` answer a JSON object; ``raw_handlers`` answer raw bytes."""
+    ``handlers`` answer a JSON object; ``raw_handlers`` answer raw bytes. With a
+    ``token``, calls without it are refused (``on_refused`` hears of them); None (auth
+    disabled) serves anyone who can connect."""
     methods = {name: _unary(handler) for name, handler in handlers.items()}
     for name, raw in (raw_handlers or {}).items():
         methods[name] = grpc.unary_unary_rpc_method_handler(
             raw, request_deserializer=_decode, response_serializer=bytes
         )
-    server = grpc.aio.server(options=CHANNEL_OPTIONS)
+    interceptors = [auth.TokenCheck(token, on_refused)] if token is not None else []
+    server = grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=interceptors)
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, methods)])
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
@@ -76,37 +99,56 @@ async def serve(
 
 def raw_stub(channel: grpc.aio.Channel, method: str) -> Any:
     """A client of one of ``raw_handlers`` (request: a JSON object; response: bytes)."""
-    return channel.unary_unary(
+    stub = channel.unary_unary(
         f"/{SERVICE}/{method}", request_serializer=_encode, response_deserializer=bytes
     )
+    return _with_token(stub, _token)
 
 
 def unary_stub(channel: grpc.aio.Channel, method: str) -> Any:
-    return channel.unary_unary(
+    stub = channel.unary_unary(
         f"/{SERVICE}/{method}", request_serializer=_encode, response_deserializer=_decode
     )
+    return _with_token(stub, _token)
 
 
-def call(address: str, method: str, request: dict[str, Any], timeout: float) -> dict[str, Any]:
-    """One blocking call to a node's service; ConnectionError naming the address if it
-    cannot be reached within ``timeout`` seconds."""
+class AuthError(PermissionError):
+    """The node refused the call: no token, or the wrong one."""
+
+
+def call(
+    address: str,
+    method: str,
+    request: dict[str, Any],
+    timeout: float,
+    token: str | None = None,
+) -> dict[str, Any]:
+    """One blocking call to a node's service, with ``token`` (by default this process's,
+    else ``$CAIRN_AUTH_TOKEN`` or that of a node of this machine in the same cluster);
+    AuthError if the node refuses it, ConnectionError naming the address if it cannot be
+    reached within ``timeout`` seconds."""
+    token = token or _token or auth.find_token(address)
     with grpc.insecure_channel(address) as channel:
         stub = channel.unary_unary(
             f"/{SERVICE}/{method}", request_serializer=_encode, response_deserializer=_decode
         )
         try:
-            return stub(request, timeout=timeout)
+            return _with_token(stub, token)(request, timeout=timeout)
         except grpc.RpcError as exc:
             code = exc.code() if isinstance(exc, grpc.Call) else None
             detail = exc.details() if isinstance(exc, grpc.Call) else str(exc)
+            if code == grpc.StatusCode.UNAUTHENTICATED:
+                raise AuthError(f"the Cairn node at {address} refused the call: {detail}") from None
             raise ConnectionError(
                 f"cannot reach a Cairn head at {address}: {code.name if code else ''} {detail}"
             ) from None
 
 
-def join(address: str, timeout: float = _JOIN_TIMEOUT_S) -> dict[str, Any]:
+def join(
+    address: str, token: str | None = None, timeout: float = _JOIN_TIMEOUT_S
+) -> dict[str, Any]:
     """What a joining node needs from the head at ``address`` (HOST:PORT)."""
     host, sep, port = address.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"the address must be HOST:PORT, got {address!r}")
-    return call(address, "Join", {}, timeout)
+    return call(address, "Join", {}, timeout, token)
