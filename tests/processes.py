@@ -3,6 +3,7 @@ watch a node's processes), and running the ``cairn`` command line."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -27,15 +28,20 @@ def pids_with(*needles: str) -> list[int]:
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_cairn(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """Runs the ``cairn`` command line (from this checkout); with ``check``, a failure
-    is an AssertionError showing what it printed."""
+def run_cairn(
+    *args: str, check: bool = True, env: dict[str, str | None] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Runs the ``cairn`` command line (from this checkout), with ``env`` added to the
+    environment (a value of None removes that variable); with ``check``, a failure is an
+    AssertionError showing what it printed."""
+    environment = {**os.environ, **(env or {})}
     result = subprocess.run(
         [sys.executable, "-m", "controlplane.cli", *args],
         capture_output=True,
         text=True,
         timeout=150,
         cwd=ROOT,
+        env={k: v for k, v in environment.items() if v is not None},
     )
     if check and result.returncode != 0:
         raise AssertionError(f"cairn {' '.join(args)} failed:\n{result.stdout}{result.stderr}")
