@@ -32,6 +32,13 @@ SELECT cairn_ensure_partitions_v1((SELECT last_position FROM event_log_head WHER
 -- set_partition_size --
 UPDATE event_log_head SET partition_size = $1, partitions_ahead = $2 WHERE id = 1
 
+-- partition_index_missing --
+-- Whether partition $2 lacks its history index $1, and whether this user may build it:
+-- only the partition's owner (or a member of its role) may, not cairn_runtime.
+SELECT to_regclass($1) IS NULL AS missing,
+       pg_has_role(current_user, (SELECT relowner FROM pg_class WHERE oid = to_regclass($2)),
+                   'USAGE') AS may_build
+
 -- list_partitions --
 SELECT table_name, lower_bound, upper_bound, state, created_at, detached_at, archived_to,
        dropped_at
