@@ -234,9 +234,13 @@ def stop(timeout: float) -> None:
         click.echo(line)
 
 
-def _running_cluster_url() -> str:
-    """The GCS URL of this machine's running cluster (asked of its head's node)."""
+def _running_cluster_url(*, owner: bool = False) -> str:
+    """The GCS URL of this machine's running cluster (asked of its head's node): the
+    runtime's, or with ``owner`` the schema owner's where the head runs an embedded
+    server whose session directory this user may read (maintenance, such as dropping
+    partitions, is DDL, which the runtime role may not do)."""
     from controlplane import local_node
+    from controlplane.embedded_postgres import owner_url
     from dataplane.client import CoreClient
 
     try:
@@ -245,9 +249,10 @@ def _running_cluster_url() -> str:
     except ConnectionError as exc:
         raise click.ClickException(str(exc)) from exc
     try:
-        return client.welcome.gcs_url
+        url = client.welcome.gcs_url
     finally:
         client.close()
+    return (owner_url(url, session_dir) if owner else None) or url
 
 
 @main.command()
@@ -299,6 +304,30 @@ def lineage(object_id: str, gcs_url: str | None, as_json: bool) -> None:
     columns, rows = asyncio.run(run_readonly(url, LINEAGE_QUERY, [object_id]))
     tree = build([dict(zip(columns, row, strict=True)) for row in rows], object_id)
     click.echo(json.dumps(tree, indent=2, default=str) if as_json else render_tree(tree))
+
+
+@main.command()
+@click.option("--at", "at", required=True, help="A log position (integer) or an ISO 8601 time.")
+@_gcs_url_option
+@click.option("--json", "as_json", is_flag=True, help="Print every entity, all tasks too, as JSON.")
+def state(at: str, gcs_url: str | None, as_json: bool) -> None:
+    """Show jobs, tasks, actors and nodes as they were at a point of the log (a position,
+    or the last position recorded by a time), from the log alone."""
+    import json
+
+    from controlplane.state_at import OutOfRangeError, parse_point, render, state_at
+
+    try:
+        point = parse_point(at)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--at") from None
+    url = resolve_gcs_url(gcs_url) or _running_cluster_url()
+    position, timestamp = (point, None) if isinstance(point, int) else (None, point)
+    try:
+        result = state_at(url, position=position, timestamp=timestamp, all_tasks=as_json)
+    except OutOfRangeError as exc:
+        raise click.BadParameter(str(exc), param_hint="--at") from None
+    click.echo(json.dumps(result, indent=2, default=str) if as_json else render(result))
 
 
 @main.command()
@@ -361,7 +390,7 @@ def gc(older_than: str, archive_dir: Path | None, dry_run: bool, gcs_url: str | 
     from controlplane import retention
 
     seconds = _duration(older_than)
-    url = resolve_gcs_url(gcs_url) or _running_cluster_url()
+    url = resolve_gcs_url(gcs_url) or _running_cluster_url(owner=True)
     full = asyncio.run(retention.full_partitions(url, seconds))
     expired = [p for p in full if p.expired]
     if not expired:

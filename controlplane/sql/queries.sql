@@ -243,8 +243,8 @@ SELECT EXISTS (SELECT 1 FROM events WHERE entity_id = $1 AND entity_kind = 'obje
 -- projections/spec.py TRANSITIONS (state index NULL: the event sets no state);
 -- the index rides in the low 6 bits of max(position * 64 + index), so one integer max
 -- finds the last one. Returns counts per (kind, job, state) and, listed one by one,
--- every entity that is not a task plus the first $6 tasks whose state is not among
--- $5 (the states a task ends in), oldest first.
+-- every entity that is not a task plus the $6 tasks least recently changed whose
+-- state is not among $5 (the states a task ends in).
 WITH t AS (
     SELECT * FROM unnest($2::entity_kind[], $3::text[], $4::int[]) AS t(kind, event_type, state)
 ), s AS MATERIALIZED (
@@ -255,12 +255,13 @@ WITH t AS (
      WHERE e.position <= $1
      GROUP BY e.entity_kind, e.entity_id
 )
-SELECT kind, job_id, state, count(*) AS n, NULL::text AS entity_id FROM s
- GROUP BY kind, job_id, state
+SELECT kind, job_id, state, count(*) AS n, NULL::text AS entity_id,
+       max(last_position) AS last_position
+  FROM s GROUP BY kind, job_id, state
 UNION ALL
-SELECT kind, job_id, state, 1, entity_id FROM s WHERE kind <> 'task'
+SELECT kind, job_id, state, 1, entity_id, last_position FROM s WHERE kind <> 'task'
 UNION ALL
-(SELECT kind, job_id, state, 1, entity_id FROM s
+(SELECT kind, job_id, state, 1, entity_id, last_position FROM s
   WHERE kind = 'task' AND (state IS NULL OR state <> ALL ($5::int[]))
   ORDER BY last_position LIMIT $6);
 
