@@ -10,7 +10,7 @@ import pytest
 
 from controlplane.eventlog import EntityKind, Event, EventAppender, Tailer
 from controlplane.projections import TABLES, Projector, fold
-from controlplane.projections.projector import decode_row
+from controlplane.projections.projector import decode_row, qualified
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -78,7 +78,7 @@ async def projection_tables(url: str) -> dict:
     try:
         rows = {}
         for table in TABLES.values():
-            for record in await conn.fetch(f"SELECT * FROM {table.name}"):
+            for record in await conn.fetch(f"SELECT * FROM {qualified(table)}"):
                 rows[(table.name, record[table.key])] = decode_row(table, record)
         return rows
     finally:
@@ -96,28 +96,34 @@ async def test_projection_equals_fold_of_the_log(gcs_url: str) -> None:
 
     conn = await asyncpg.connect(gcs_url)
     try:
-        failed = await conn.fetch("SELECT task_id, error FROM tasks WHERE state = 'FAILED'")
+        failed = await conn.fetch(
+            "SELECT task_id, error FROM projection.tasks WHERE state = 'FAILED'"
+        )
         assert {r["task_id"] for r in failed} == {
             f"task-{r}-{t}" for r in range(3) for t in (3, 10, 17)
         }
-        retried = await conn.fetchrow("SELECT * FROM tasks WHERE task_id = 'task-0-5'")
+        retried = await conn.fetchrow("SELECT * FROM projection.tasks WHERE task_id = 'task-0-5'")
         assert (retried["state"], retried["attempt"]) == ("FINISHED", 1)
-        node = await conn.fetchrow("SELECT * FROM nodes WHERE node_id = 'node-1'")
+        node = await conn.fetchrow("SELECT * FROM projection.nodes WHERE node_id = 'node-1'")
         heartbeat_at = await conn.fetchval(
             "SELECT max(position) FROM events WHERE entity_id = 'node-1'"
             " AND event_type = 'heartbeat'"
         )
         assert node["state"] == "ALIVE" and node["last_position"] == heartbeat_at
-        actor = await conn.fetchrow("SELECT * FROM actors WHERE actor_id = 'actor-2'")
+        actor = await conn.fetchrow("SELECT * FROM projection.actors WHERE actor_id = 'actor-2'")
         assert (actor["state"], actor["num_restarts"], actor["death_cause"]) == (
             "DEAD",
             1,
             "killed",
         )
         assert (
-            await conn.fetchval("SELECT state FROM objects WHERE object_id = 'obj-0-1'") == "FREED"
+            await conn.fetchval("SELECT state FROM projection.objects WHERE object_id = 'obj-0-1'")
+            == "FREED"
         )
-        assert await conn.fetchval("SELECT state FROM jobs WHERE job_id = 'job-2'") == "SUCCEEDED"
+        assert (
+            await conn.fetchval("SELECT state FROM projection.jobs WHERE job_id = 'job-2'")
+            == "SUCCEEDED"
+        )
         assert (
             await conn.fetchval("SELECT position FROM subscriptions WHERE name = 'projections'")
             == head

@@ -26,16 +26,23 @@ from controlplane.projections.spec import TABLES, Row, Table, fold
 from controlplane.sql import queries
 
 SUBSCRIPTION = "projections"
+SCHEMA = "projection"  # the plain names (jobs, tasks, ...) are the views of migration 0009
+
+
+def qualified(table: Table) -> str:
+    """The projection table's name in its schema."""
+    return f"{SCHEMA}.{table.name}"
 
 
 def _select_sql(table: Table) -> str:
-    return f"SELECT * FROM {table.name} WHERE {table.key} = ANY($1::text[])"
+    return f"SELECT * FROM {qualified(table)} WHERE {table.key} = ANY($1::text[])"
 
 
 def _upsert_sql(table: Table) -> str:
     updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in table.columns if c != table.key)
     return (
-        f"INSERT INTO {table.name} SELECT * FROM jsonb_populate_recordset(NULL::{table.name}, "
+        f"INSERT INTO {qualified(table)} SELECT * FROM jsonb_populate_recordset("
+        f"NULL::{qualified(table)}, "
         f"$1::jsonb) ON CONFLICT ({table.key}) DO UPDATE SET {updates}"
     )
 
