@@ -265,9 +265,16 @@ def _running_cluster_url(*, owner: bool = False) -> str:
     default="table",
     show_default=True,
 )
-def sql(statement: str, gcs_url: str | None, output: str) -> None:
+@click.option(
+    "--param",
+    "params",
+    multiple=True,
+    help="A value for $1, $2, ... in order (text); repeat for each.",
+)
+def sql(statement: str, gcs_url: str | None, output: str, params: tuple[str, ...]) -> None:
     """Run one read-only SQL statement against the log (the running cluster's, or
-    --gcs-url) and print its rows. Writes are refused."""
+    --gcs-url) and print its rows. Writes are refused. docs/sql.md documents the
+    views and has worked examples."""
     import asyncio
 
     import asyncpg
@@ -277,7 +284,7 @@ def sql(statement: str, gcs_url: str | None, output: str) -> None:
 
     url = resolve_gcs_url(gcs_url) or _running_cluster_url()
     try:
-        columns, rows = asyncio.run(run_readonly(url, statement))
+        columns, rows = asyncio.run(run_readonly(url, statement, params))
     except asyncpg.PostgresError as exc:
         raise click.ClickException(f"the statement failed: {exc}") from None
     click.echo(render(columns, rows, output), nl=False)
