@@ -372,7 +372,7 @@ def render(state: Mapping[str, Any]) -> str:
         where = f" on {actor['node_id']}" if actor["node_id"] else ""
         lines.append(
             f"  {actor['actor_id']} {actor['state']} {actor['class_name'] or '?'}{name}{where}, "
-            f"{actor['num_restarts']} restarts"
+            f"restarts: {actor['num_restarts']}"
         )
     total = sum(sum(by_state.values()) for by_state in state["task_counts"].values())
     lines.append(f"{total} tasks")
