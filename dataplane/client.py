@@ -24,11 +24,30 @@ from typing import Any, NoReturn
 
 from dataplane import protocol as p
 from dataplane import shm
-from dataplane.serialization import SerializationError, Serialized, deserialize
+from dataplane.serialization import ChecksumError, SerializationError, Serialized, deserialize
 
 log = logging.getLogger("cairn")
 _OWN = 0  # a ref to an object this process created: held without telling the daemon
 _FLUSH_INTERVAL_S = 0.05
+# Objects in this node's shared memory up to this size are checked against their
+# checksum on every read; larger ones are not (a check is a pass over the object, which
+# a zero-copy read otherwise never makes): their bytes are checked where they cross a
+# boundary instead (pulled from another node, restored from spill or a durable copy).
+# $CAIRN_VERIFY_READ_MAX_BYTES changes it ("inf": every read; 0: only inline values).
+_VERIFY_READ_MAX_BYTES = 16 * 1024 * 1024
+
+
+def verify_read_max_bytes() -> float:
+    """The size up to which local reads verify checksums (see above)."""
+    raw = os.environ.get("CAIRN_VERIFY_READ_MAX_BYTES")
+    if raw is None:
+        return _VERIFY_READ_MAX_BYTES
+    try:
+        return float(raw)
+    except ValueError:
+        raise ValueError(
+            f"$CAIRN_VERIFY_READ_MAX_BYTES must be a number of bytes, not {raw!r}"
+        ) from None
 
 
 class ObjectMissingError(LookupError):
@@ -74,6 +93,8 @@ class CoreClient:
         self._ready = threading.Condition()
         self._waiters: list[_Waiter] = []  # threads waiting for pushed objects
         self._closed = threading.Event()
+        self._verify_up_to = verify_read_max_bytes()
+        self._gone_why = "the node daemon went away"
         self.channel.send(p.Hello(role, os.getpid(), worker_id, namespace, replay_of))
         welcome = self.channel.receive()
         if not isinstance(welcome, p.Welcome):
@@ -250,9 +271,14 @@ class CoreClient:
         """The value at a location (errors are the caller's to interpret). A value in
         shared memory stays pinned (this process holds its object) for as long as the
         mapping lives, i.e. as long as anything deserialized from it does, so its
-        segment is never recycled under a reader."""
+        segment is never recycled under a reader. Bytes that do not match their
+        checksum are never deserialized: the object is reported lost (the node rebuilds
+        it when it can) and ObjectMissingError raised."""
         if location.inline is not None:
-            return deserialize(location.inline)
+            try:
+                return deserialize(location.inline)
+            except ChecksumError as exc:
+                self._lost(location, _mismatch(location.object_id, exc))
         assert location.shm_name is not None
         try:
             mapping = shm.map_segment(location.shm_name, location.size)
@@ -262,8 +288,11 @@ class CoreClient:
             self._lost(location, str(exc))
         self.add_ref(location.object_id)
         weakref.finalize(mapping, self.remove_ref, location.object_id)
+        check = location.size <= self._verify_up_to
         try:
-            return deserialize(memoryview(mapping))
+            return deserialize(memoryview(mapping), check=check)
+        except ChecksumError as exc:
+            self._lost(location, _mismatch(location.object_id, exc))
         except SerializationError as exc:  # its framing is damaged: never a wrong value
             self._lost(location, f"its bytes are corrupt ({exc})")
 
@@ -273,6 +302,8 @@ class CoreClient:
         with self._ready:
             self._local.pop(location.object_id, None)
         self.send(p.ReportLost(location.object_id, reason))
+        if reason.startswith(f"object {location.object_id}"):
+            raise ObjectMissingError(reason)
         raise ObjectMissingError(f"object {location.object_id} is lost: {reason}")
 
     # -- reference counting -----------------------------------------------------------
@@ -346,6 +377,7 @@ class CoreClient:
                 elif isinstance(message, p.ExecuteTask):
                     self.tasks.put(message)
                 elif isinstance(message, p.Shutdown):
+                    self._gone_why = message.reason
                     break
         except (EOFError, OSError, p.ProtocolError):
             pass
@@ -355,7 +387,7 @@ class CoreClient:
                 self._ready.notify_all()  # waiters for pushed objects: none will come
             for future in list(self._requests.values()):
                 if not future.done():
-                    future.set_result(p.Reply(0, error="disconnected: the node daemon went away"))
+                    future.set_result(p.Reply(0, error=f"disconnected: {self._gone_why}"))
             self.tasks.put(None)
 
     @property
@@ -368,3 +400,7 @@ class CoreClient:
                 self._send_ref_changes()
         self._closed.set()
         self.channel.close()
+
+
+def _mismatch(object_id: str, exc: ChecksumError) -> str:
+    return f"object {object_id}'s bytes do not match their checksum: {exc}"

@@ -4,6 +4,11 @@ workers): length-prefixed frames over a Unix socket, each frame one pickled mess
 Only processes of the same session on the same machine speak it (the socket lives in
 the session directory, mode 0700), so pickle is acceptable here; what crosses a node
 boundary uses gRPC (issue 5).
+
+A frame is a u32 body length, a u64 xxh3-64 checksum of the body, then the body: a
+damaged message is a ProtocolError (the daemon closes that one connection), never a
+different message. Frames stored in the log before checksums (a u32 length only) are
+still read by ``decode_frame``.
 """
 
 from __future__ import annotations
@@ -17,12 +22,16 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-_FRAME = struct.Struct("<I")
+import xxhash
+
+_FRAME = struct.Struct("<IQ")  # body length, xxh3-64 of the body
+_LEGACY_FRAME = struct.Struct("<I")  # body length: frames in logs written before checksums
 MAX_FRAME = 1 << 31
 
 
 class ProtocolError(ConnectionError):
-    """A frame that cannot be a message: too large, truncated or not unpicklable."""
+    """A frame that cannot be a message: too large, truncated, damaged (its checksum
+    does not match) or not unpicklable."""
 
 
 # -- descriptors ---------------------------------------------------------------------
@@ -334,17 +343,29 @@ class Shutdown:
 
 def encode(message: object) -> bytes:
     body = pickle.dumps(message, protocol=5)
-    return _FRAME.pack(len(body)) + body
+    return _FRAME.pack(len(body), xxhash.xxh3_64_intdigest(body)) + body
 
 
 def decode_frame(frame: bytes) -> object:
     """A message from one whole frame, as ``encode`` made it (e.g. stored in the log)."""
-    if len(frame) < _FRAME.size or _FRAME.unpack_from(frame)[0] != len(frame) - _FRAME.size:
-        raise ProtocolError(f"not one whole frame ({len(frame)} bytes)")
-    return decode(frame[_FRAME.size :])
+    size = len(frame)
+    if size >= _FRAME.size:
+        length, checksum = _FRAME.unpack_from(frame)
+        if length == size - _FRAME.size:
+            return decode(frame[_FRAME.size :], checksum)
+    if size >= _LEGACY_FRAME.size and _LEGACY_FRAME.unpack_from(frame)[0] == size - 4:
+        return decode(frame[_LEGACY_FRAME.size :])
+    raise ProtocolError(f"not one whole frame ({size} bytes)")
 
 
-def decode(body: bytes) -> object:
+def decode(body: bytes, checksum: int | None = None) -> object:
+    """The message in a frame's body, checked against the frame's ``checksum`` (None:
+    a frame from before checksums)."""
+    if checksum is not None and (actual := xxhash.xxh3_64_intdigest(body)) != checksum:
+        raise ProtocolError(
+            f"damaged message: its {len(body):,} bytes do not match their checksum "
+            f"(xxh3-64 {actual:016x}, sent as {checksum:016x})"
+        )
     try:
         return pickle.loads(body)
     except Exception as exc:
@@ -359,14 +380,14 @@ async def read_message(reader: asyncio.StreamReader) -> object:
         if not exc.partial:
             raise EOFError from exc
         raise ProtocolError("truncated frame header") from exc
-    (length,) = _FRAME.unpack(header)
+    length, checksum = _FRAME.unpack(header)
     if length > MAX_FRAME:
         raise ProtocolError(f"frame of {length} bytes exceeds the limit")
     try:
         body = await reader.readexactly(length)
     except asyncio.IncompleteReadError as exc:
         raise ProtocolError(f"truncated frame: {len(exc.partial)} of {length} bytes") from exc
-    return decode(body)
+    return decode(body, checksum)
 
 
 class SyncChannel:
@@ -389,11 +410,13 @@ class SyncChannel:
             raise EOFError
         if len(header) < _FRAME.size:
             raise ProtocolError("truncated frame header")
-        (length,) = _FRAME.unpack(header)
+        length, checksum = _FRAME.unpack(header)
+        if length > MAX_FRAME:
+            raise ProtocolError(f"frame of {length} bytes exceeds the limit")
         body = self._file.read(length)
         if len(body) < length:
             raise ProtocolError(f"truncated frame: {len(body)} of {length} bytes")
-        return decode(body)
+        return decode(body, checksum)
 
     def close(self) -> None:
         with contextlib.suppress(OSError):

@@ -9,31 +9,57 @@ back backed by the shared memory, read-only, with no copy.
 
 Layout (little-endian):
 
-    magic "CRN1" | u32 buffer count n | u64 pickle length
+    magic "crn2" | u32 buffer count n | u64 pickle length | u64 checksum
     n x (u64 offset, u64 length)       -- offsets from the start of the blob
     pickle bytes | padding | buffer 0 | padding | buffer 1 ...
+
+The checksum (xxh3-64) covers every byte written but the padding and itself: the
+header's first 16 bytes, the entries, the pickle and the buffers, in that order. It is
+computed while the blob is written, chunk by chunk on bytes still in the cache (crc32
+would cost 3x a put of large arrays here; xxh3 about 8% of the copy), and checked by
+``verify`` (see ``deserialize``). ``$CAIRN_OBJECT_CHECKSUMS=0`` writes the old layout,
+"CRN1" (no checksum field), which readers still accept: put values in older logs have
+it. The two magics differ in every byte, so no single damaged byte turns a checked blob
+into an unchecked one.
 """
 
 from __future__ import annotations
 
+import os
 import pickle
 import struct
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import cloudpickle
+import xxhash
 
-MAGIC = b"CRN1"
+MAGIC = b"crn2"  # with a checksum
+MAGIC_UNCHECKED = b"CRN1"  # without: $CAIRN_OBJECT_CHECKSUMS=0, or blobs of older logs
 _HEADER = struct.Struct("<4sIQ")
+_CHECKSUM = struct.Struct("<Q")  # after _HEADER, in blobs with MAGIC
 _ENTRY = struct.Struct("<QQ")
 ALIGNMENT = 64
+# Blobs are copied (and hashed) in pieces of this size: each piece is hashed while it
+# is still in the CPU's cache, so the checksum adds no second pass over memory.
+_CHUNK = 1 << 20
+
+
+def checksums_enabled() -> bool:
+    """Whether new blobs carry a checksum ($CAIRN_OBJECT_CHECKSUMS, on unless "0")."""
+    return os.environ.get("CAIRN_OBJECT_CHECKSUMS", "1") != "0"
 
 
 class SerializationError(TypeError):
     """A value could not be pickled (the message names its type), or a blob is not one
     this module wrote (truncated or corrupted)."""
+
+
+class ChecksumError(SerializationError):
+    """A blob's bytes differ from those it was written with (damaged in the store, on
+    disk or on the way): never deserialized, so never a wrong value."""
 
 
 def _align(n: int) -> int:
@@ -46,10 +72,14 @@ class Serialized:
 
     pickled: bytes
     buffers: list[memoryview]
+    checksum: bool = field(default_factory=checksums_enabled)
+
+    def _header_size(self) -> int:
+        return _HEADER.size + (_CHECKSUM.size if self.checksum else 0)
 
     def layout(self) -> tuple[int, list[tuple[int, int]]]:
         """Total size and (offset, length) of every buffer."""
-        offset = _HEADER.size + _ENTRY.size * len(self.buffers) + len(self.pickled)
+        offset = self._header_size() + _ENTRY.size * len(self.buffers) + len(self.pickled)
         entries = []
         for buf in self.buffers:
             offset = _align(offset)
@@ -62,18 +92,26 @@ class Serialized:
         return self.layout()[0]
 
     def write_into(self, target: memoryview) -> None:
-        """Writes the blob into ``target`` (at least ``total_size`` bytes)."""
+        """Writes the blob into ``target`` (at least ``total_size`` bytes), hashing
+        what it writes as it goes (see the module's docstring)."""
         size, entries = self.layout()
         if target.nbytes < size:
             raise ValueError(f"target has {target.nbytes} bytes, blob needs {size}")
-        _HEADER.pack_into(target, 0, MAGIC, len(self.buffers), len(self.pickled))
-        pos = _HEADER.size
+        magic = MAGIC if self.checksum else MAGIC_UNCHECKED
+        _HEADER.pack_into(target, 0, magic, len(self.buffers), len(self.pickled))
+        pos = self._header_size()
         for entry in entries:
             _ENTRY.pack_into(target, pos, *entry)
             pos += _ENTRY.size
-        target[pos : pos + len(self.pickled)] = self.pickled
-        for (offset, length), buf in zip(entries, self.buffers, strict=True):
-            target[offset : offset + length] = buf.cast("B") if buf.format != "B" else buf
+        digest = xxhash.xxh3_64() if self.checksum else None
+        if digest is not None:
+            digest.update(target[: _HEADER.size])
+            digest.update(target[_HEADER.size + _CHECKSUM.size : pos])
+        _copy(target, pos, memoryview(self.pickled), digest)
+        for (offset, _length), buf in zip(entries, self.buffers, strict=True):
+            _copy(target, offset, buf.cast("B") if buf.format != "B" else buf, digest)
+        if digest is not None:
+            _CHECKSUM.pack_into(target, _HEADER.size, digest.intdigest())
 
     def to_bytes(self) -> bytes:
         out = bytearray(self.total_size)
@@ -125,15 +163,42 @@ def serialize(value: Any, *, inband_limit: int = 4096) -> Serialized:
     return Serialized(pickled, buffers)
 
 
-def deserialize(blob: memoryview | bytes, *, loads: Callable[..., Any] = pickle.loads) -> Any:
-    """Rebuilds a value from a blob; out-of-band buffers are views of ``blob``."""
-    view = memoryview(blob)
+def _copy(target: memoryview, offset: int, source: memoryview, digest: Any) -> None:
+    """Copies ``source`` into ``target`` at ``offset``, feeding ``digest`` (if any) each
+    piece just written, while it is in the cache."""
+    if digest is None:
+        target[offset : offset + source.nbytes] = source
+        return
+    for start in range(0, source.nbytes, _CHUNK):
+        piece = source[start : start + _CHUNK]
+        written = target[offset + start : offset + start + piece.nbytes]
+        written[:] = piece
+        digest.update(written)
+
+
+@dataclass(frozen=True, slots=True)
+class _Parsed:
+    checksum: int | None  # None: a blob without one
+    entries: list[tuple[int, int]]
+    pickle_start: int
+    pickle_end: int
+
+
+def _parse(view: memoryview) -> _Parsed:
     if view.nbytes < _HEADER.size:
         raise SerializationError(f"object blob truncated: {view.nbytes} bytes")
     magic, count, pickle_len = _HEADER.unpack_from(view, 0)
-    if magic != MAGIC:
+    if magic == MAGIC:
+        if view.nbytes < _HEADER.size + _CHECKSUM.size:
+            raise SerializationError(f"object blob truncated: {view.nbytes} bytes")
+        (checksum,) = _CHECKSUM.unpack_from(view, _HEADER.size)
+        pos = _HEADER.size + _CHECKSUM.size
+    elif magic == MAGIC_UNCHECKED:
+        checksum, pos = None, _HEADER.size
+    else:
         raise SerializationError(f"not a serialized object (magic {bytes(magic)!r})")
-    pos = _HEADER.size
+    if pos + count * _ENTRY.size > view.nbytes:
+        raise SerializationError("object blob truncated: its header points past its end")
     entries = []
     for _ in range(count):
         entries.append(_ENTRY.unpack_from(view, pos))
@@ -141,5 +206,46 @@ def deserialize(blob: memoryview | bytes, *, loads: Callable[..., Any] = pickle.
     end = pos + pickle_len
     if end > view.nbytes or any(off + n > view.nbytes for off, n in entries):
         raise SerializationError("object blob truncated: its header points past its end")
-    buffers = [view[off : off + n] for off, n in entries]
-    return loads(view[pos:end], buffers=buffers)
+    return _Parsed(checksum, entries, pos, end)
+
+
+def verify(blob: memoryview | bytes) -> bool:
+    """Checks a blob's bytes against its checksum: ChecksumError if they differ, False
+    for a blob without a checksum, True for one that matches. One pass over the blob
+    (~30 GB/s here)."""
+    view = memoryview(blob)
+    parsed = _parse(view)
+    if parsed.checksum is None:
+        return False
+    digest = xxhash.xxh3_64(view[: _HEADER.size])
+    start = _HEADER.size + _CHECKSUM.size
+    digest.update(view[start : parsed.pickle_end])
+    for offset, length in parsed.entries:
+        for piece in range(offset, offset + length, _CHUNK):
+            digest.update(view[piece : min(piece + _CHUNK, offset + length)])
+    actual = digest.intdigest()
+    if actual != parsed.checksum:
+        raise ChecksumError(
+            f"xxh3-64 of its {view.nbytes:,} bytes is {actual:016x}, "
+            f"written as {parsed.checksum:016x}"
+        )
+    return True
+
+
+def deserialize(
+    blob: memoryview | bytes,
+    *,
+    loads: Callable[..., Any] = pickle.loads,
+    check: bool = True,
+) -> Any:
+    """Rebuilds a value from a blob; out-of-band buffers are views of ``blob``.
+
+    ``check``: its bytes are verified against its checksum first (ChecksumError if
+    they differ); a reader of a large object in this node's memory may skip that (it
+    costs a pass over the object, which a zero-copy read otherwise never makes)."""
+    view = memoryview(blob)
+    if check:
+        verify(view)
+    parsed = _parse(view)
+    buffers = [view[off : off + n] for off, n in parsed.entries]
+    return loads(view[parsed.pickle_start : parsed.pickle_end], buffers=buffers)

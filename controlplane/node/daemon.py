@@ -400,6 +400,11 @@ class NodeDaemon(
             while True:
                 message = await p.read_message(reader)
                 self._dispatch(conn, message)
+        except p.ProtocolError as exc:  # a damaged or truncated message: this one goes
+            who = f"{conn.role or 'client'} (pid {conn.pid or '?'})"
+            log.warning("node daemon: closing the connection of a %s: %s", who, exc)
+            with contextlib.suppress(Exception):
+                writer.write(p.encode(p.Shutdown(f"the node daemon closed this connection: {exc}")))
         except (EOFError, ConnectionError):
             pass
         except Exception:

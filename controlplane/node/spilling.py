@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import mmap
 import os
 import shutil
 from pathlib import Path
@@ -24,6 +25,7 @@ from controlplane.node import transfer
 from controlplane.node.objects import Elsewhere
 from dataplane import protocol as p
 from dataplane import shm
+from dataplane.serialization import SerializationError, verify
 
 log = logging.getLogger("cairn.node")
 K = EntityKind
@@ -148,8 +150,27 @@ class SpillingMixin:
             self._log([Event(K.OBJECT, object_id, "freed", {}, node_id=self.node_id)])
 
 
+class DamagedCopyError(OSError):
+    """A copy on disk whose bytes do not match the object's checksum."""
+
+
 def copy_into_segment(source: Path, name: str, size: int) -> None:
-    with open(source, "rb") as src, open(shm.SHM_DIR / name, "xb") as dst:
+    """Copies a file into a new segment and checks it against the object's checksum
+    (DamagedCopyError: the disk gave back other bytes than were spilled)."""
+    with open(source, "rb") as src, open(shm.SHM_DIR / name, "xb+") as dst:
         shutil.copyfileobj(src, dst, length=1024 * 1024)
         if dst.tell() != size:
             raise OSError(f"{source} holds {dst.tell():,} bytes, not {size:,}")
+        dst.flush()
+        with mmap.mmap(dst.fileno(), size, prot=mmap.PROT_READ) as mapping:
+            view = memoryview(mapping)
+            try:
+                verify(view)
+            except SerializationError as exc:
+                object_id = source.name
+                raise DamagedCopyError(
+                    f"object {object_id}'s bytes do not match their checksum: "
+                    f"its copy {source} is damaged: {exc}"
+                ) from None
+            finally:
+                view.release()

@@ -6,12 +6,17 @@ object's size (the puller asks, so neither side can run ahead of the other). Con
 pulls of one object share one transfer. The object stays put on its node meanwhile: it
 is held there for the task that needs it (an argument) or until the puller releases it
 (a result).
+
+What arrives is checked against the object's checksum (in its blob's header, see
+dataplane/serialization.py) before it is used: damaged bytes are a TransferError
+(the object is then lost here and rebuilt), never a wrong value.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import mmap
 import os
 from typing import Any
 
@@ -21,6 +26,7 @@ from controlplane.node import rpc
 from controlplane.node.objects import ObjectTable
 from dataplane import protocol as p
 from dataplane import shm
+from dataplane.serialization import SerializationError, verify
 
 CHUNKS_IN_FLIGHT = 4
 WAIT_FOR_PENDING_S = 30.0  # how long a pull waits for an object not ready there yet
@@ -102,6 +108,7 @@ class Puller:
                 if size <= shm.INLINE_LIMIT:
                     data = await read({"object_id": object_id, "offset": 0, "length": size})
                     _check_size(object_id, address, len(data), size)
+                    _check_bytes(object_id, address, data)
                     return p.ObjectLocation(object_id, inline=data, size=size, contained=contained)
                 return await self._into_segment(object_id, address, size, contained, read)
             except grpc.aio.AioRpcError as exc:
@@ -131,6 +138,7 @@ class Puller:
         try:
             os.ftruncate(fd, size)
             await asyncio.gather(*(chunk(o) for o in range(0, size, rpc.CHUNK_SIZE)))
+            await asyncio.to_thread(_check_segment, object_id, address, fd, size)
         except BaseException:
             self.objects.uncharge(size)
             shm.unlink_segment(name)
@@ -145,6 +153,25 @@ def _check_size(object_id: str, address: str, got: int, size: int) -> None:
         raise TransferError(
             f"object {object_id} from {address} arrived truncated: {got:,} of {size:,} bytes"
         )
+
+
+def _check_bytes(object_id: str, address: str, data: bytes | memoryview) -> None:
+    """TransferError if the bytes pulled are not the object's (checksum mismatch)."""
+    try:
+        verify(data)
+    except SerializationError as exc:
+        raise TransferError(
+            f"object {object_id}'s bytes do not match their checksum: pulled from {address}: {exc}"
+        ) from None
+
+
+def _check_segment(object_id: str, address: str, fd: int, size: int) -> None:
+    with mmap.mmap(fd, size, prot=mmap.PROT_READ) as mapping:
+        view = memoryview(mapping)
+        try:
+            _check_bytes(object_id, address, view)
+        finally:
+            view.release()
 
 
 async def release(address: str, object_id: str) -> None:
