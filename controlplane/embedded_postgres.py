@@ -6,9 +6,10 @@ socket in that directory and on a free loopback TCP port (password authenticatio
 SCRAM, on both: never ``trust``), and dies with the process that started it
 (PR_SET_PDEATHSIG), so a crashed driver leaves no server behind. Two logins: the
 superuser, which migrates (the owner of the schema), and ``cairn_runtime`` (migration
-0010), whose password ``runtime_url()`` sets and which the node daemons use. PostgreSQL refuses to run as root; when we
-are root the server runs as a dedicated system user, from a world-readable copy of the
-binaries (the venv may sit under a directory that user cannot enter).
+0010), whose password ``runtime_url()`` sets and which the node daemons use.
+PostgreSQL refuses to run as root; when we are root the server runs as a dedicated
+system user, from a world-readable copy of the binaries (the venv may sit under a
+directory that user cannot enter).
 """
 
 from __future__ import annotations

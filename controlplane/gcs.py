@@ -1,5 +1,12 @@
 """Opening the GCS for a session: the PostgreSQL named by URL (argument or
-``$CAIRN_GCS_URL``), or else a private embedded server; either way migrated to head."""
+``$CAIRN_GCS_URL``), or else a private embedded server; either way migrated to head.
+
+Two URLs come out (see SECURITY.md, "Database roles"): ``owner_url`` migrates and
+maintains the schema, ``url`` is what the runtime (node daemons, schedulers, drivers)
+connects with. On the embedded server they differ: the superuser owns the schema, the
+runtime logs in as ``cairn_runtime`` (appends and reads, no DDL). A URL given is used
+for both, with its own user, as given: give the runtime a ``cairn_runtime`` login and
+run ``cairn migrate`` with an owner's URL first."""
 
 from __future__ import annotations
 
@@ -36,17 +43,19 @@ class Gcs:
     def __init__(self, url: str | None = None) -> None:
         self._requested_url = resolve_gcs_url(url)
         self.embedded: EmbeddedPostgres | None = None
-        self.url = ""
+        self.url = ""  # the runtime's
+        self.owner_url = ""
 
     def start(self) -> str:
         if self._requested_url is None:
             self.embedded = EmbeddedPostgres()
-            self.url = self.embedded.start()
+            self.owner_url = self.embedded.start()
         else:
-            self.url = self._requested_url
-            check_reachable(self.url)
-        schema.upgrade(self.url)
-        PartitionManager(self.url).maintain()
+            self.owner_url = self._requested_url
+            check_reachable(self.owner_url)
+        schema.upgrade(self.owner_url)
+        PartitionManager(self.owner_url).maintain()
+        self.url = self.embedded.runtime_url() if self.embedded else self.owner_url
         return self.url
 
     def stop(self) -> None:

@@ -93,7 +93,10 @@ class PartitionManager:
         """Builds the per-entity history index ``(entity_id, position)`` on every
         attached partition that is full (all its positions handed out) and lacks it,
         with CREATE INDEX CONCURRENTLY: the hot partition never carries it, so appends
-        do not pay for it, and building it blocks nothing. Returns the partitions done."""
+        do not pay for it, and building it blocks nothing. Returns the partitions done.
+
+        Building an index is DDL, which only the schema's owner may do: as the runtime
+        role (``cairn_runtime``) this skips every partition and returns nothing."""
         done = []
         with self._connect() as conn:
             head = conn.execute(queries["head_position"]).fetchone()[0]
@@ -101,8 +104,10 @@ class PartitionManager:
                 if part.state != "attached" or part.upper_bound > head + 1:
                     continue
                 index = f"{part.table_name}_entity_idx"
-                exists = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (index,)).fetchone()
-                if exists and exists[0]:
+                missing, may_build = conn.execute(
+                    *_pg("partition_index_missing", index, part.table_name)
+                ).fetchone()
+                if not missing or not may_build:
                     continue
                 conn.execute(
                     pgsql.SQL(
