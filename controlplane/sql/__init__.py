@@ -9,7 +9,8 @@ from pathlib import Path
 _HEADER = re.compile(r"^-- ([a-z_]+) --$", re.MULTILINE)
 
 
-def _load(path: Path) -> dict[str, str]:
+def load_queries(path: Path) -> dict[str, str]:
+    """The ``-- name --`` blocks of a .sql file, by name."""
     text = path.read_text()
     found: dict[str, str] = {}
     matches = list(_HEADER.finditer(text))
@@ -24,4 +25,4 @@ def _load(path: Path) -> dict[str, str]:
     return found
 
 
-queries: dict[str, str] = _load(Path(__file__).with_name("queries.sql"))
+queries: dict[str, str] = load_queries(Path(__file__).with_name("queries.sql"))
