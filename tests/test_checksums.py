@@ -17,9 +17,8 @@ from hypothesis import strategies as st
 from log_rows import rows
 
 import sdk as ray
-from dataplane import context
+from dataplane import context, shm
 from dataplane import protocol as p
-from dataplane import shm
 from dataplane.serialization import (
     ChecksumError,
     SerializationError,
