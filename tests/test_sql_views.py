@@ -17,9 +17,11 @@ import asyncpg
 import pytest
 
 import sdk as ray
+from controlplane.embedded_postgres import owner_url
 from controlplane.eventlog import EntityKind, Event, EventAppender, Tailer
 from controlplane.projections import TABLES, fold
 from controlplane.readonly_sql import WriteRefusedError, run_readonly
+from sdk.api import client_or_auto_init
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -131,11 +133,17 @@ def _node_death(node: str, job: str) -> tuple[list[Event], list[Event], dict[str
     return earlier, later, ids
 
 
+def _owner_url(runtime_url: str) -> str:
+    """The log's owner (the runtime's login may not rewrite events): crafting history."""
+    session_dir = Path(client_or_auto_init().welcome.session_dir)
+    return owner_url(runtime_url, session_dir) or runtime_url
+
+
 async def _append_node_death(url: str, run: Run) -> None:
     earlier, later, ids = _node_death(run.dead_node, run.job_id)
     async with EventAppender(url) as appender:
         await appender.append_many(earlier)
-        conn = await asyncpg.connect(url)
+        conn = await asyncpg.connect(_owner_url(url))
         try:  # history crafted for the test: these happened 3 minutes ago
             await conn.execute(
                 "UPDATE events SET recorded_at = recorded_at - interval '3 minutes'"
