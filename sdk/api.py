@@ -19,6 +19,7 @@ from dataplane import protocol as p
 from dataplane.client import CoreClient, DaemonError, ObjectMissingError
 from dataplane.serialization import Serialized, serialize_with_refs
 from sdk import exceptions as exc
+from sdk import options as opts
 from sdk.actor import ActorClass, ActorHandle, handle_of
 from sdk.object_ref import ObjectRef
 from sdk.remote_function import RemoteFunction
@@ -81,6 +82,10 @@ def init(
             "init(): local_mode and runtime_env are not supported by Cairn yet and are ignored",
             stacklevel=2,
         )
+    if namespace is not None:
+        opts.check_text("init(): namespace", namespace)
+    for key in resources or {}:
+        opts.check_text(f"init(): the resource name {key!r:.80}", key, allow_empty=False)
     with _lock:
         if _runtime is not None or context.current_client() is not None:
             if ignore_reinit_error:
@@ -319,7 +324,10 @@ def get_actor(name: str, namespace: str | None = None) -> ActorHandle:
     """The handle of the live actor named ``name`` (in the caller's namespace unless
     ``namespace`` is given); ValueError if there is none."""
     if not isinstance(name, str) or not name:
-        raise ValueError(f"get_actor() needs a non-empty name, got {name!r}")
+        raise ValueError(f"get_actor() needs a non-empty name, got {name!r:.80}")
+    opts.check_text("get_actor(): name", name)
+    if namespace is not None:
+        opts.check_text("get_actor(): namespace", namespace)
     client = client_or_auto_init()
     task = context.current_task()
     job_id = task.job_id if task else client.welcome.job_id

@@ -15,6 +15,38 @@ class Option:
     check: Callable[[Any], str | None] = lambda v: None
 
 
+def storable(value: str) -> str | None:
+    """Why the log cannot hold ``value`` exactly, or None. PostgreSQL's text and jsonb
+    refuse NUL characters and text that is not valid Unicode (lone surrogates, as
+    ``os.fsdecode`` makes of undecodable bytes): such a name is refused here, at the
+    call, rather than by the node daemon when it logs it."""
+    if "\x00" in value:
+        return "contains a NUL character, which the log (PostgreSQL) cannot store"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return (
+            f"is not valid Unicode text ({value[exc.start]!r} at index {exc.start} is a lone "
+            "surrogate, e.g. from undecodable bytes), which the log (PostgreSQL) cannot store"
+        )
+    return None
+
+
+def check_text(argument: str, value: Any, *, allow_empty: bool = True) -> None:
+    """ValueError naming ``argument`` unless ``value`` is a string the log can store."""
+    if not isinstance(value, str):
+        raise ValueError(f"{argument} must be a str, got {type(value).__name__}")
+    if not value and not allow_empty:
+        raise ValueError(f"{argument} must not be empty")
+    problem = storable(value)
+    if problem:
+        raise ValueError(f"{argument} {problem}")
+
+
+def _name(value: Any) -> str | None:
+    return "must not be empty" if not value else storable(value)
+
+
 def _non_negative(value: Any) -> str | None:
     return None if value is None or value >= 0 else "must be >= 0"
 
@@ -37,6 +69,9 @@ def _resources(value: Any) -> str | None:
     for key, amount in value.items():
         if not isinstance(key, str) or not key:
             return f"has a resource name that is not a non-empty string: {key!r}"
+        problem = storable(key)
+        if problem:
+            return f"has a resource name that {problem}: {key[:80]!r}"
         if key in ("CPU", "GPU"):
             return f"must not contain {key!r}: use num_cpus / num_gpus"
         if not isinstance(amount, int | float) or isinstance(amount, bool) or amount < 0:
@@ -61,7 +96,7 @@ TASK_OPTIONS: dict[str, Option] = {
     "num_returns": Option((int,), 1, _non_negative),
     "max_retries": Option((int,), 3, _retries),
     "retry_exceptions": Option((bool, list, tuple), False, _retry_exceptions),
-    "name": Option((str,), None),
+    "name": Option((str,), None, storable),
     "memory": Option((int, float), None, _non_negative),
     "scheduling_strategy": Option((str, object), None, _strategy),
     "runtime_env": Option((dict,), None),
@@ -76,8 +111,8 @@ ACTOR_OPTIONS: dict[str, Option] = {
     "max_restarts": Option((int,), 0, _retries),
     "max_task_retries": Option((int,), 0, _retries),
     "max_concurrency": Option((int,), None, lambda v: None if v >= 1 else "must be >= 1"),
-    "name": Option((str,), None, lambda v: None if v else "must not be empty"),
-    "namespace": Option((str,), None),
+    "name": Option((str,), None, _name),
+    "namespace": Option((str,), None, storable),
     "lifetime": Option(
         (str,),
         None,
