@@ -21,6 +21,7 @@ from log_rows import rows
 from processes import ROOT, run_cairn
 
 from controlplane import auth, local_node
+from controlplane.node import rpc
 from dataplane.client import CoreClient
 
 pytestmark = pytest.mark.timeout(240)
@@ -159,6 +160,10 @@ def test_a_raw_grpc_call_without_the_token_is_refused(head: Head) -> None:
     assert exc.value.code() == grpc.StatusCode.UNAUTHENTICATED
     info = _raw_info(head.address, auth.metadata(head.token))
     assert info["node_id"] == (head.record.session_dir / "node.ready").read_text()
+    # Cairn's own client finds the token of this machine's node of the cluster
+    assert rpc.call(head.address, "Info", {}, timeout=10)["node_id"] == info["node_id"]
+    with pytest.raises(rpc.AuthError, match="refused the call: missing or wrong"):
+        rpc.call(head.address, "Info", {}, timeout=10, token="wrong")
 
 
 def _log_after(url: str, position: int) -> list[tuple[str, str, str, dict]]:
