@@ -1,11 +1,14 @@
 """Cluster figures on this machine: task throughput on 1, 2 and 4 nodes, spill-over
 latency, and cross-node object transfer beside a raw socket copy of the same bytes.
 
-    .venv/bin/python bench/cluster.py [--tasks 2000] [--transfer-mb 500]
+    .venv/bin/python bench/cluster.py [--tasks 2000] [--transfer-mb 500] [--compare-auth]
 
 Each node is a real `cairn start` process group with its own store (2 CPUs each); the
 tasks sleep 10 ms, so the cores are not the limit: what is measured is how fast the
-local and global schedulers, through the log, keep the nodes busy.
+local and global schedulers, through the log, keep the nodes busy. With
+``--compare-auth`` the two-node rows run again on a cluster started with
+``--disable-auth``: what the cluster token costs the calls between nodes (the only calls
+it guards; a private ``sdk.init()`` cluster has no gRPC service at all).
 """
 
 from __future__ import annotations
@@ -40,12 +43,26 @@ def cairn(*args: str) -> None:
     )
 
 
-def start_cluster(nodes: int) -> None:
-    cairn("start", "--head", "--port", "0", "--num-cpus", "2")
+def start_cluster(nodes: int, auth: bool = True) -> None:
+    without = [] if auth else ["--disable-auth"]
+    cairn("start", "--head", "--port", "0", "--num-cpus", "2", *without)
     head = local_node.running_head()
     assert head is not None and head.address is not None
     for _ in range(nodes - 1):
-        cairn("start", "--address", head.address, "--num-cpus", "2")
+        cairn("start", "--address", head.address, "--num-cpus", "2", *without)
+
+
+def two_node_rows(transfer_mb: int, label: str = "") -> list[tuple[str, float, str]]:
+    spilled = noop_here.options(scheduling_strategy=other_node())
+    return [
+        (f"latency, task on the driver's node{label}", latency_ms(noop_here), "ms"),
+        (f"latency, task spilled to another node{label}", latency_ms(spilled), "ms"),
+        (
+            f"object transfer between nodes ({transfer_mb} MB){label}",
+            transfer_gbps(transfer_mb),
+            "GB/s",
+        ),
+    ]
 
 
 @ray.remote(num_cpus=1)
@@ -135,27 +152,32 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", type=int, default=2000)
     parser.add_argument("--transfer-mb", type=int, default=500)
+    parser.add_argument(
+        "--compare-auth",
+        action="store_true",
+        help="run the two-node rows again with --disable-auth",
+    )
     args = parser.parse_args()
     if local_node.local_nodes():
         print("Cairn nodes are running here already: `cairn stop` them first")
         return 1
     print(f"machine: {os.cpu_count()} CPUs; {time.strftime('%Y-%m-%d %H:%M')}")
     rows: list[tuple[str, float, str]] = []
-    for nodes in (1, 2, 4):
-        start_cluster(nodes)
+    runs = [(1, True), (2, True), (4, True)] + ([(2, False)] if args.compare_auth else [])
+    for nodes, auth in runs:
+        start_cluster(nodes, auth)
         try:
             ray.init(address="auto")
+            label = "" if auth else ", auth disabled"
             rate = throughput(args.tasks)
-            rows.append((f"tasks of 10 ms, {nodes} node(s) x 2 CPUs", rate, "tasks/s"))
+            rows.append((f"tasks of 10 ms, {nodes} node(s) x 2 CPUs{label}", rate, "tasks/s"))
             if nodes == 2:
-                spilled = noop_here.options(scheduling_strategy=other_node())
                 mb = args.transfer_mb
-                rows += [
-                    ("latency, task on the driver's node", latency_ms(noop_here), "ms"),
-                    ("latency, task spilled to another node", latency_ms(spilled), "ms"),
-                    (f"object transfer between nodes ({mb} MB)", transfer_gbps(mb), "GB/s"),
-                    (f"raw loopback socket copy ({mb} MB)", raw_socket_gbps(mb), "GB/s"),
-                ]
+                rows += two_node_rows(mb, label)
+                if auth:
+                    rows.append(
+                        (f"raw loopback socket copy ({mb} MB)", raw_socket_gbps(mb), "GB/s")
+                    )
         finally:
             ray.shutdown()
             cairn("stop")
