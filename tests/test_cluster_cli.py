@@ -134,7 +134,8 @@ def test_nodes_join_and_a_killed_node_is_declared_dead(
     assert "3 nodes alive, 0 dead" in status
     assert "(head)" in status and "disk         0/4 used" in status
     assert "gpu_x        0/2 used" in status
-    assert "***" in status and "postgresql://cairn:***@" in status  # no password shown
+    # the runtime role's login (migration 0010), no password shown
+    assert "***" in status and "postgresql://cairn_runtime:***@" in status
 
     by_address = _driver(
         "import json, sdk as ray\n"
