@@ -250,12 +250,15 @@ def run_backend(backend: str, seconds: float, only: str) -> None:
         rt.shutdown()
 
 
-def collect(python: str, backend: str, seconds: float, only: str) -> dict[str, dict]:
+def collect(
+    python: str, backend: str, seconds: float, only: str, env: dict[str, str] | None = None
+) -> dict[str, dict]:
     result = subprocess.run(
         [python, __file__, "--run", backend, "--seconds", str(seconds), "--only", only],
         capture_output=True,
         text=True,
         timeout=1800,
+        env={**os.environ, **(env or {})},
     )
     rows = {}
     for line in result.stdout.splitlines():
@@ -269,16 +272,53 @@ def collect(python: str, backend: str, seconds: float, only: str) -> dict[str, d
     return rows
 
 
+def versus_env(args: argparse.Namespace) -> int:
+    """Cairn beside itself with some settings changed (what a feature costs), in one run:
+    the two alternate ``--rounds`` times and each row keeps its best figure, so that a
+    disturbance of the machine does not land on one side only."""
+    env = dict(item.split("=", 1) for item in args.versus_env)
+    label = " ".join(args.versus_env)
+    best: dict[str, dict[str, float]] = {"with": {}, "without": {}}
+    units: dict[str, str] = {}
+    for _ in range(args.rounds):
+        for side, extra in (("with", None), ("without", env)):
+            for name, row in collect(
+                sys.executable, "cairn", args.seconds, args.only, extra
+            ).items():
+                best[side][name] = max(best[side].get(name, 0.0), row["value"])
+                units[name] = row["unit"]
+    print(f"Cairn as is vs Cairn with {label}; best of {args.rounds} round(s)")
+    print(f"{'row':48s} {'as is':>12s} {'with env':>12s} {'ratio':>9s}  unit")
+    for name, unit in units.items():
+        a, b = best["with"].get(name), best["without"].get(name)
+        ratio = f"{a / b:9.3f}" if a and b else f"{'-':>9s}"
+        print(f"{name:48s} {a or 0:12,.2f} {b or 0:12,.2f} {ratio}  {unit}")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ray-python", default=DEFAULT_RAY_PYTHON)
     parser.add_argument("--seconds", type=float, default=2.0)
     parser.add_argument("--only", default="", help="run only rows whose name contains this")
+    parser.add_argument(
+        "--versus-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="compare Cairn with Cairn run with this set (e.g. CAIRN_OBJECT_CHECKSUMS=0), "
+        "instead of with Ray",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="with --versus-env: alternate runs, keep the best"
+    )
     parser.add_argument("--run", choices=["cairn", "ray"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.run:
         run_backend(args.run, args.seconds, args.only)
         return 0
+    if args.versus_env:
+        return versus_env(args)
     print(
         f"machine: {os.cpu_count()} CPUs; {args.seconds:g} s per row; "
         f"{time.strftime('%Y-%m-%d %H:%M')}"
