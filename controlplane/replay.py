@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from controlplane.errors import GcsError
+from controlplane.gcs_url import redact
 from controlplane.readonly_sql import run_readonly
 from controlplane.sql import queries
 from dataplane import protocol as p
@@ -299,6 +300,12 @@ def replay(
     client = CoreClient(socket_path, "driver", replay_of=job_id)
     report = ReplayReport(job_id, client.welcome.job_id)
     try:
+        if _query(client.welcome.gcs_url, "log_identity") != _query(url, "log_identity"):
+            raise ReplayError(
+                f"the running cluster keeps another log ({redact(client.welcome.gcs_url)}) "
+                f"than the one holding job {job_id} ({redact(url)}): a job is replayed on "
+                "the cluster of its own log"
+            )
         resubmitter = _Resubmitter(job, client, report.notes)
         submitted = [(recorded, resubmitter.submit(recorded)) for recorded in chosen]
         deadline = time.monotonic() + timeout

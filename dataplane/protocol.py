@@ -192,7 +192,7 @@ class TaskDone:
     attempt: int
     returns: list[ObjectLocation]
     error: ErrorInfo | None = None  # set when the task raised: every return is this error
-    # "sha256:<hex>" of the serialized return values, in order: logged with `finished`
+    # "xxh3-128:<hex>" of the serialized return values, in order: logged with `finished`
     # so that `cairn replay` can tell whether a re-run produced the same output
     output_digest: str | None = None
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import hashlib
 import inspect
 import os
 import signal
@@ -21,6 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 import cloudpickle
+import xxhash
 
 from dataplane import context
 from dataplane import protocol as p
@@ -166,7 +166,7 @@ class Worker:
 
     def _finish(self, message: p.ExecuteTask, result: Any) -> p.TaskDone:
         spec = message.spec
-        digest = hashlib.sha256()
+        digest = xxhash.xxh3_128()  # ~15x sha256's speed: large returns barely notice
         try:
             values = _split_returns(result, spec.num_returns)
             returns = [
@@ -178,7 +178,7 @@ class Worker:
             # the task's error, and this worker stays up for the next one
             return self._failed(spec, message, _task_error(spec.name, exc))
         return p.TaskDone(
-            spec.task_id, message.attempt, returns, None, f"sha256:{digest.hexdigest()}"
+            spec.task_id, message.attempt, returns, None, f"xxh3-128:{digest.hexdigest()}"
         )
 
     def _callable(self, spec: p.TaskSpec, blob: bytes | None) -> Callable[..., Any]:

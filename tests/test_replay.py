@@ -102,7 +102,7 @@ def test_a_deterministic_job_replays_identically(gcs_url: str, driver: str, tmp_
     assert names.count("test_replay.square") == 4 and len(names) == 11, names
     assert report.first_divergence is None, report.first_divergence
     digests = [c.original.digest or "" for c in report.comparisons if c.original.spec.num_returns]
-    assert len(digests) == 10 and all(d.startswith("sha256:") for d in digests), digests
+    assert len(digests) == 10 and all(d.startswith("xxh3-128:") for d in digests), digests
     linked = rows(
         gcs_url,
         "SELECT payload->>'replay_of' AS replay_of FROM events "
@@ -119,7 +119,9 @@ def test_a_deterministic_job_replays_identically(gcs_url: str, driver: str, tmp_
     assert only.first_divergence is None
 
 
-def test_unseeded_randomness_is_the_first_divergence(gcs_url: str, driver: str) -> None:
+def test_unseeded_randomness_is_the_first_divergence(
+    gcs_url: str, driver: str, tmp_path: Path
+) -> None:
     job_id = ray.get_runtime_context().get_job_id()
     first = square.remote(3)
     random_one = noisy.remote(first)
@@ -135,8 +137,11 @@ def test_unseeded_randomness_is_the_first_divergence(gcs_url: str, driver: str) 
     same = {c.original.spec.task_id for c in report.comparisons if c.same}
     assert first.task_id() in same and random_one.task_id() not in same
 
-    result = run_cairn("replay", "--gcs-url", gcs_url, job_id, check=False)
-    # no cluster of this machine runs for the CLI here: it says so, after checking the id
+    # no cluster of this machine runs for the CLI here (an empty $TMPDIR hides any other):
+    # it says so, after checking the id
+    result = run_cairn(
+        "replay", "--gcs-url", gcs_url, job_id, check=False, env={"TMPDIR": str(tmp_path)}
+    )
     assert result.returncode == 1 and "no running Cairn cluster" in result.stderr, result.stderr
 
 

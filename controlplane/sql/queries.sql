@@ -305,3 +305,8 @@ SELECT lo.position AS first_position, lo.recorded_at AS first_recorded_at,
 -- recorded_at_or_after --
 -- The first retained event at or after position $1 (binary search of a time).
 SELECT position, recorded_at FROM events WHERE position >= $1 ORDER BY position LIMIT 1;
+
+-- log_identity --
+-- A log's identity: the id of its first retained event (two URLs name the same log
+-- when they give the same one).
+SELECT event_id::text AS first_event FROM events ORDER BY position LIMIT 1;
