@@ -34,12 +34,17 @@ def test_migrations_run_up_from_empty_and_down_again(empty_db_url: str) -> None:
         "event_log_head",
         "event_partitions",
         "subscriptions",
-        "jobs",
-        "tasks",
-        "objects",
-        "actors",
-        "nodes",
     } <= public_tables(empty_db_url)
+    with psycopg.connect(empty_db_url) as conn:
+        views = {
+            r[0] for r in conn.execute("SELECT viewname FROM pg_views WHERE schemaname = 'public'")
+        }
+        projections = {
+            r[0]
+            for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'projection'")
+        }
+    assert {"jobs", "tasks", "task_attempts", "objects", "actors", "actor_calls", "nodes"} <= views
+    assert projections == {"jobs", "tasks", "objects", "actors", "nodes"}
     PartitionManager(empty_db_url).ensure_ahead()
     schema.downgrade(empty_db_url)
     assert public_tables(empty_db_url) == {"alembic_version"}
