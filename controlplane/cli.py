@@ -185,6 +185,12 @@ def start(
             joined = rpc.join(address, token)
         except (ValueError, ConnectionError, rpc.AuthError) as exc:
             raise click.ClickException(str(exc)) from exc
+        if joined.get("auth", True) != (not disable_auth):
+            raise click.ClickException(
+                f"the head at {address} runs with authentication "
+                f"{'on' if joined.get('auth', True) else 'off (--disable-auth)'}: join it "
+                f"{'without' if disable_auth else 'with'} --disable-auth, as the head"
+            )
         gcs_url = joined["gcs_url"]
         port = 0 if port is None else port
     role = local_node.ClusterRole(

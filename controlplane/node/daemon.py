@@ -262,6 +262,7 @@ class NodeDaemon(
             handlers["Join"] = lambda _request: {
                 "gcs_url": self.gcs_url,
                 "head_node_id": self.node_id,
+                "auth": self.auth_token is not None,  # the joiner must do as the head
             }
         rpc.use_token(self.auth_token)
         self._rpc, port = await rpc.serve(
