@@ -230,8 +230,7 @@ def verify(blob: memoryview | bytes) -> bool:
         view.release()
     if actual != parsed.checksum:
         raise ChecksumError(
-            f"xxh3-64 of its {size:,} bytes is {actual:016x}, "
-            f"written as {parsed.checksum:016x}"
+            f"xxh3-64 of its {size:,} bytes is {actual:016x}, written as {parsed.checksum:016x}"
         )
     return True
 
