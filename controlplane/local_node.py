@@ -27,6 +27,7 @@ from pathlib import Path
 
 from controlplane import auth
 from controlplane.gcs import Gcs
+from controlplane.gcs_url import ENV_VAR as GCS_URL_ENV
 from controlplane.node.daemon import new_node_id
 from controlplane.session_dirs import alive, new_session_dir, sweep_stale
 from dataplane import shm
@@ -144,8 +145,6 @@ class LocalNode:
             "controlplane.node",
             "--session-dir",
             str(self.session_dir),
-            "--gcs-url",
-            self.gcs.url,
             "--node-id",
             node_id,
             "--resources",
@@ -154,7 +153,9 @@ class LocalNode:
             str(self.config.object_store_memory),
             "--die-with-parent",
         ]
+        # secrets go in the environment: argv is readable by every user of the machine
         env = {k: v for k, v in os.environ.items() if k != auth.TOKEN_ENV}
+        env[GCS_URL_ENV] = self.gcs.url
         if self.role is not None:
             command += ["--rpc-port", str(self.role.rpc_port), "--rpc-host", self.role.rpc_host]
             command += ["--head"] if self.role.head else []
@@ -308,6 +309,13 @@ def find_running(address: str | None = None) -> Path:
     return head.session_dir
 
 
+def _start_scheduler(gcs_url: str) -> subprocess.Popen[bytes]:
+    """A global scheduler for the log at ``gcs_url`` (given in its environment)."""
+    return subprocess.Popen(
+        _SCHEDULER, stdin=subprocess.DEVNULL, env={**os.environ, GCS_URL_ENV: gcs_url}
+    )
+
+
 def run_node(
     gcs_url: str | None,
     config: NodeConfig,
@@ -325,9 +333,7 @@ def run_node(
     scheduler: subprocess.Popen[bytes] | None = None
     try:
         if role.head:  # the head runs a global scheduler (any number may run)
-            scheduler = subprocess.Popen(
-                [*_SCHEDULER, "--gcs-url", node.gcs.url], stdin=subprocess.DEVNULL
-            )
+            scheduler = _start_scheduler(node.gcs.url)
         record = _record(node, role.head, cluster)
         kind = "head node" if role.head else "node"
         announce(f"{kind} {node.node_id} is running at {node.address} ({node.session_dir})")
@@ -345,9 +351,7 @@ def run_node(
             if scheduler is not None and scheduler.poll() is not None:
                 # it keeps no state: a new one resumes from the log
                 announce(f"the global scheduler exited ({scheduler.returncode}); restarting it")
-                scheduler = subprocess.Popen(
-                    [*_SCHEDULER, "--gcs-url", node.gcs.url], stdin=subprocess.DEVNULL
-                )
+                scheduler = _start_scheduler(node.gcs.url)
     finally:
         if record is not None:
             record.unlink(missing_ok=True)
@@ -380,7 +384,7 @@ def start_in_background(
     else:
         command += ["--head"]
         if gcs_url is not None:
-            command += ["--gcs-url", gcs_url]
+            env[GCS_URL_ENV] = gcs_url
     starting = Path(tempfile.gettempdir()) / f"cairn-node-{time.time_ns()}.log"
     with open(starting, "wb") as log:
         process = subprocess.Popen(

@@ -1,6 +1,6 @@
 """The global scheduler: places the tasks that nodes spill (the upper level of the
-bottom-up scheduler). Run as ``python -m controlplane.scheduler --gcs-url URL``; the
-head starts one, and any number may run.
+bottom-up scheduler). Run as ``python -m controlplane.scheduler`` with ``$CAIRN_GCS_URL``
+set; the head starts one, and any number may run.
 
 It keeps no state of its own: it folds the log (nodes, their resources and load,
 spilled tasks not yet placed), so one killed and restarted resumes where the log is.
@@ -30,6 +30,7 @@ from typing import Any
 
 from controlplane.eventlog import EntityKind, Event, EventAppender, RecordedEvent, Tailer
 from controlplane.eventlog.connection import connect
+from controlplane.gcs_url import ENV_VAR as GCS_URL_ENV
 from controlplane.settings import env_number
 from controlplane.sql import queries
 
@@ -390,9 +391,12 @@ def _say_following(waiting: asyncio.Future[Any]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m controlplane.scheduler")
-    parser.add_argument("--gcs-url", required=True)
+    # the URL holds a password: given in $CAIRN_GCS_URL, not argv (readable by all)
+    parser.add_argument("--gcs-url", default=os.environ.get(GCS_URL_ENV))
     parser.add_argument("--die-with-parent", action="store_true")
     args = parser.parse_args()
+    if not args.gcs_url:
+        parser.error(f"the GCS URL is needed (${GCS_URL_ENV} or --gcs-url)")
     if args.die_with_parent:
         ctypes.CDLL(None).prctl(1, signal.SIGTERM)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")

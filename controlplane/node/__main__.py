@@ -13,13 +13,15 @@ import signal
 from pathlib import Path
 
 from controlplane import auth
+from controlplane.gcs_url import ENV_VAR as GCS_URL_ENV
 from controlplane.node.daemon import NodeDaemon
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m controlplane.node")
     parser.add_argument("--session-dir", required=True, type=Path)
-    parser.add_argument("--gcs-url", required=True)
+    # the URL holds the runtime's password: given in $CAIRN_GCS_URL, not argv
+    parser.add_argument("--gcs-url", default=os.environ.pop(GCS_URL_ENV, None))
     parser.add_argument("--node-id", required=True)
     parser.add_argument("--resources", required=True, help="JSON object of resource amounts")
     parser.add_argument("--object-store-memory", required=True, type=int)
@@ -33,6 +35,8 @@ def main() -> None:
         "--disable-auth", action="store_true", help="serve cairn.Node without a token"
     )
     args = parser.parse_args()
+    if not args.gcs_url:
+        parser.error(f"the GCS URL is needed (${GCS_URL_ENV} or --gcs-url)")
     # the token comes in the environment (not argv, which any user can read); taken out
     # of it so that the workers this daemon starts do not inherit it
     token = os.environ.pop(auth.TOKEN_ENV, None) or None
