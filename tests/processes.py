@@ -9,8 +9,9 @@ import sys
 from pathlib import Path
 
 
-def pids_with(*needles: str) -> list[int]:
-    """The pids of the processes whose command line contains every one of ``needles``."""
+def pids_with(*needles: str, environ: bool = False) -> list[int]:
+    """The pids of the processes whose command line (and, with ``environ``, environment:
+    secrets such as the GCS URL travel there) contains every one of ``needles``."""
     wanted = [needle.encode() for needle in needles]
     found = []
     for entry in Path("/proc").iterdir():
@@ -18,6 +19,8 @@ def pids_with(*needles: str) -> list[int]:
             continue
         try:
             cmd = (entry / "cmdline").read_bytes()
+            if environ:
+                cmd += (entry / "environ").read_bytes()
         except OSError:
             continue
         if all(needle in cmd for needle in wanted):

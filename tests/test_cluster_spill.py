@@ -212,7 +212,7 @@ def test_infeasible_work_is_reported_not_silently_queued(
 
 
 def _scheduler_pids(url: str) -> list[int]:
-    return pids_with("controlplane.scheduler", url)
+    return pids_with("controlplane.scheduler", url, environ=True)
 
 
 def test_two_global_schedulers_never_place_a_task_twice(cluster: dict[str, str]) -> None:

@@ -18,6 +18,7 @@ import psycopg
 import pytest
 from log_rows import rows
 from psycopg import sql
+from workloads import Counter, square
 
 import sdk as ray
 from controlplane import schema
@@ -249,21 +250,6 @@ def test_the_migration_takes_its_grants_back_on_the_way_down(empty_db_url: str) 
     assert privileges() == (False, False, False, True)
     schema.upgrade(empty_db_url)
     assert privileges() == (True, True, True, False)
-
-
-@ray.remote
-def square(x: int) -> int:
-    return x * x
-
-
-@ray.remote
-class Counter:
-    def __init__(self) -> None:
-        self.n = 0
-
-    def add(self, k: int) -> int:
-        self.n += k
-        return self.n
 
 
 def test_a_private_cluster_runs_as_the_runtime_role() -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from log_rows import rows
 from processes import run_cairn
+from workloads import Counter, add, flaky, square
 
 import sdk as ray
 from controlplane.replay import ReplayReport, replay
@@ -21,44 +22,14 @@ pytestmark = pytest.mark.timeout(180)
 
 
 @ray.remote
-def square(x: int) -> int:
-    return x * x
-
-
-@ray.remote
-def add(a: int, b: int) -> int:
-    return a + b
-
-
-@ray.remote
 def fan_out(n: int) -> list[int]:
     """Submits tasks of its own: the replay re-runs them through this one."""
     return ray.get([square.remote(k) for k in range(n)])
 
 
-@ray.remote(max_retries=2, retry_exceptions=True)
-def flaky(marker: str) -> str:
-    """Fails its first attempt (the marker file does not exist yet)."""
-    path = Path(marker)
-    if not path.exists():
-        path.write_text("failed once")
-        raise RuntimeError("first attempt fails")
-    return "ok"
-
-
 @ray.remote
 def noisy(x: int) -> float:
     return x + random.random()  # unseeded: another value on every run
-
-
-@ray.remote
-class Counter:
-    def __init__(self) -> None:
-        self.n = 0
-
-    def add(self, k: int) -> int:
-        self.n += k
-        return self.n
 
 
 @pytest.fixture
@@ -89,7 +60,7 @@ def test_a_deterministic_job_replays_identically(gcs_url: str, driver: str, tmp_
     assert ray.get([b, fan_out.remote(3), flaky.remote(str(tmp_path / "m")), *calls]) == [
         52,
         [0, 1, 4],
-        "ok",
+        "second attempt",
         0,
         1,
         3,
@@ -99,7 +70,7 @@ def test_a_deterministic_job_replays_identically(gcs_url: str, driver: str, tmp_
 
     # every task of the job (the 3 nested squares too) was compared, and matched
     names = sorted(c.original.spec.name for c in report.comparisons)
-    assert names.count("test_replay.square") == 4 and len(names) == 11, names
+    assert names.count("workloads.square") == 4 and len(names) == 11, names
     assert report.first_divergence is None, report.first_divergence
     digests = [c.original.digest or "" for c in report.comparisons if c.original.spec.num_returns]
     assert len(digests) == 10 and all(d.startswith("xxh3-128:") for d in digests), digests

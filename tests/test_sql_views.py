@@ -15,6 +15,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+from workloads import Counter, add, flaky
 
 import sdk as ray
 from controlplane.embedded_postgres import owner_url
@@ -45,15 +46,6 @@ def doc_queries() -> dict[str, str]:
     return dict(_QUERY.findall(DOC.read_text()))
 
 
-@ray.remote(max_retries=2, retry_exceptions=True)
-def flaky(marker: str) -> str:
-    path = Path(marker)
-    if not path.exists():
-        path.write_text("first attempt")
-        raise ValueError("flaky: first attempt fails")
-    return "second attempt"
-
-
 @ray.remote(max_retries=0)
 def broken() -> None:
     raise RuntimeError("broken for the audit")
@@ -62,21 +54,6 @@ def broken() -> None:
 @ray.remote
 def double(x: int) -> int:
     return 2 * x
-
-
-@ray.remote
-def add(a: int, b: int) -> int:
-    return a + b
-
-
-@ray.remote
-class Counter:
-    def __init__(self) -> None:
-        self.n = 0
-
-    def add(self, k: int) -> int:
-        self.n += k
-        return self.n
 
 
 class Run:
