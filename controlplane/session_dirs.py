@@ -11,6 +11,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from dataplane import shm
+
 PREFIX = "cairn-session-"
 _OWNER_FILE = "owner.pid"
 
@@ -41,7 +43,10 @@ def _pid_in(path: Path) -> int | None:
 
 
 def sweep_stale() -> list[Path]:
-    """Removes session directories whose owner and PostgreSQL are both gone."""
+    """Removes session directories whose owner and PostgreSQL are both gone, and the
+    shared-memory segments of the node that ran there (a node killed outright leaves
+    them; whoever sweeps first must remove them, as no one can tell whose they are
+    once the directory is gone)."""
     removed = []
     for path in Path(tempfile.gettempdir()).glob(f"{PREFIX}*"):
         owner = _pid_in(path / _OWNER_FILE)
@@ -50,6 +55,8 @@ def sweep_stale() -> list[Path]:
         postmaster = _pid_in(path / "pgdata" / "postmaster.pid")
         if postmaster is not None and alive(postmaster):
             continue
+        with contextlib.suppress(OSError):  # its node's segments first: they name it
+            shm.unlink_all((path / "node.ready").read_text().strip())
         with contextlib.suppress(OSError):
             shutil.rmtree(path)
             removed.append(path)

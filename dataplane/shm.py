@@ -90,6 +90,8 @@ def unlink_segment(name: str) -> None:
 def unlink_all(prefix: str) -> int:
     """Removes every segment of a session (at shutdown, or after a crash)."""
     removed = 0
+    if not prefix:
+        return 0
     for path in SHM_DIR.glob(f"{prefix}-*"):
         with contextlib.suppress(FileNotFoundError):
             path.unlink()

@@ -139,3 +139,34 @@ def test_global_scheduler_sends_a_spill_to_the_node_holding_its_arguments() -> N
     scheduler.apply(_recorded(11, EntityKind.NODE, "b", "heartbeat", **busy_b))
     assert spill(12, "t2", big_on_b) == "c"  # b has no room now: c, holding the rest
     assert spill(13, "t3", {}) == "c"  # no arguments: the most free CPU, off the spiller
+
+
+def test_sweeping_a_dead_session_removes_its_nodes_segments() -> None:
+    """A node killed outright leaves its segments; whoever sweeps its directory first
+    removes them too (after that, nothing names their node any more)."""
+    import subprocess
+    import sys
+    import tempfile
+    import uuid
+    from pathlib import Path
+
+    from controlplane.session_dirs import PREFIX, sweep_stale
+    from dataplane import shm
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    session = Path(tempfile.mkdtemp(prefix=PREFIX))
+    node_id = uuid.uuid4().hex
+    (session / "owner.pid").write_text(str(dead.pid))
+    (session / "node.ready").write_text(node_id)
+    segment = shm.SHM_DIR / f"{node_id}-{uuid.uuid4().hex}00000001"
+    other = shm.SHM_DIR / f"{uuid.uuid4().hex}-{uuid.uuid4().hex}00000001"
+    segment.write_bytes(b"x")
+    other.write_bytes(b"y")
+    try:
+        assert session in sweep_stale()
+        assert not session.exists() and not segment.exists()
+        assert other.exists()  # another node's: not touched
+    finally:
+        segment.unlink(missing_ok=True)
+        other.unlink(missing_ok=True)
