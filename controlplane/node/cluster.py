@@ -143,6 +143,7 @@ class ClusterMixin:
                 self.peer_addresses[event.entity_id] = event.payload["address"]
             elif kind_type == "dead":
                 self.peers.discard(event.entity_id)
+                self.dead_peers.add(event.entity_id)
                 self._node_lost(event.entity_id)
         elif kind is K.ACTOR and event.node_id != self.node_id:
             self._on_remote_actor_event(event)
@@ -159,6 +160,11 @@ class ClusterMixin:
                 record.placed_on = event.payload["node_id"]
                 if record.spec.method == "__init__":
                     self._actor_placed(record, event.payload["node_id"])
+                if record.placed_on in self.dead_peers:
+                    # placed by a scheduler that had not read the node's death yet: the
+                    # node will never run it, so it is lost with the node, as if placed
+                    # just before it died
+                    self._node_lost(record.placed_on)
         elif kind is K.OBJECT and kind_type == "created":
             task_id = event.payload.get("task_id")
             if task_id in self.spilled and event.node_id != self.node_id:
