@@ -24,30 +24,17 @@ from typing import Any, NoReturn
 
 from dataplane import protocol as p
 from dataplane import shm
-from dataplane.serialization import ChecksumError, SerializationError, Serialized, deserialize
+from dataplane.serialization import (
+    ChecksumError,
+    SerializationError,
+    Serialized,
+    deserialize,
+    verify_read_max_bytes,
+)
 
 log = logging.getLogger("cairn")
 _OWN = 0  # a ref to an object this process created: held without telling the daemon
 _FLUSH_INTERVAL_S = 0.05
-# Objects in this node's shared memory up to this size are checked against their
-# checksum on every read; larger ones are not (a check is a pass over the object, which
-# a zero-copy read otherwise never makes): their bytes are checked where they cross a
-# boundary instead (pulled from another node, restored from spill or a durable copy).
-# $CAIRN_VERIFY_READ_MAX_BYTES changes it ("inf": every read; 0: only inline values).
-_VERIFY_READ_MAX_BYTES = 16 * 1024 * 1024
-
-
-def verify_read_max_bytes() -> float:
-    """The size up to which local reads verify checksums (see above)."""
-    raw = os.environ.get("CAIRN_VERIFY_READ_MAX_BYTES")
-    if raw is None:
-        return _VERIFY_READ_MAX_BYTES
-    try:
-        return float(raw)
-    except ValueError:
-        raise ValueError(
-            f"$CAIRN_VERIFY_READ_MAX_BYTES must be a number of bytes, not {raw!r}"
-        ) from None
 
 
 class ObjectMissingError(LookupError):

@@ -38,6 +38,9 @@ import xxhash
 
 MAGIC = b"crn2"  # with a checksum
 MAGIC_UNCHECKED = b"CRN1"  # without: $CAIRN_OBJECT_CHECKSUMS=0, or blobs of older logs
+# with a checksum field not computed yet: a large blob, whose checksum its node computes
+# (``seal``) before its bytes first leave the node's memory (see verify_read_max_bytes)
+MAGIC_DEFERRED = b"crn3"
 _HEADER = struct.Struct("<4sIQ")
 _CHECKSUM = struct.Struct("<Q")  # after _HEADER, in blobs with MAGIC
 _ENTRY = struct.Struct("<QQ")
@@ -45,6 +48,30 @@ ALIGNMENT = 64
 # Blobs are copied (and hashed) in pieces of this size: each piece is hashed while it
 # is still in the CPU's cache, so the checksum adds no second pass over memory.
 _CHUNK = 1 << 20
+
+
+# Objects in a node's shared memory up to this size are checked against their checksum
+# on every read; larger ones are not (a check is a pass over the object, which a
+# zero-copy read otherwise never makes): their bytes are checked where they cross a
+# boundary instead (pulled from another node, restored from spill or a durable copy).
+# So a blob larger than this is written without hashing it (MAGIC_DEFERRED), which
+# keeps a put of large arrays at the speed of the copy; its node seals it (computes the
+# checksum into its header) before it is sent, spilled or copied to disk.
+# $CAIRN_VERIFY_READ_MAX_BYTES changes it ("inf": every read; 0: only inline values).
+_VERIFY_READ_MAX_BYTES = 16 * 1024 * 1024
+
+
+def verify_read_max_bytes() -> float:
+    """The size up to which local reads verify checksums (see above)."""
+    raw = os.environ.get("CAIRN_VERIFY_READ_MAX_BYTES")
+    if raw is None:
+        return _VERIFY_READ_MAX_BYTES
+    try:
+        return float(raw)
+    except ValueError:
+        raise ValueError(
+            f"$CAIRN_VERIFY_READ_MAX_BYTES must be a number of bytes, not {raw!r}"
+        ) from None
 
 
 def checksums_enabled() -> bool:
@@ -97,13 +124,16 @@ class Serialized:
         size, entries = self.layout()
         if target.nbytes < size:
             raise ValueError(f"target has {target.nbytes} bytes, blob needs {size}")
-        magic = MAGIC if self.checksum else MAGIC_UNCHECKED
+        deferred = self.checksum and size > verify_read_max_bytes()
+        magic = MAGIC_DEFERRED if deferred else MAGIC if self.checksum else MAGIC_UNCHECKED
         _HEADER.pack_into(target, 0, magic, len(self.buffers), len(self.pickled))
         pos = self._header_size()
         for entry in entries:
             _ENTRY.pack_into(target, pos, *entry)
             pos += _ENTRY.size
-        digest = xxhash.xxh3_64() if self.checksum else None
+        if deferred:
+            _CHECKSUM.pack_into(target, _HEADER.size, 0)
+        digest = xxhash.xxh3_64() if self.checksum and not deferred else None
         if digest is not None:
             digest.update(target[: _HEADER.size])
             digest.update(target[_HEADER.size + _CHECKSUM.size : pos])
@@ -188,10 +218,12 @@ def _parse(view: memoryview) -> _Parsed:
     if view.nbytes < _HEADER.size:
         raise SerializationError(f"object blob truncated: {view.nbytes} bytes")
     magic, count, pickle_len = _HEADER.unpack_from(view, 0)
-    if magic == MAGIC:
+    if magic in (MAGIC, MAGIC_DEFERRED):
         if view.nbytes < _HEADER.size + _CHECKSUM.size:
             raise SerializationError(f"object blob truncated: {view.nbytes} bytes")
         (checksum,) = _CHECKSUM.unpack_from(view, _HEADER.size)
+        if magic == MAGIC_DEFERRED:
+            checksum = None  # not computed yet: nothing to check against
         pos = _HEADER.size + _CHECKSUM.size
     elif magic == MAGIC_UNCHECKED:
         checksum, pos = None, _HEADER.size
@@ -209,6 +241,35 @@ def _parse(view: memoryview) -> _Parsed:
     return _Parsed(checksum, entries, pos, end)
 
 
+def _digest(view: memoryview, parsed: _Parsed, header: bytes) -> int:
+    """The xxh3-64 of a blob: ``header`` (its first bytes, as they read once sealed),
+    then everything after the checksum field but the padding."""
+    digest = xxhash.xxh3_64(header)
+    start = _HEADER.size + _CHECKSUM.size
+    digest.update(view[start : parsed.pickle_end])
+    for offset, length in parsed.entries:
+        for piece in range(offset, offset + length, _CHUNK):
+            digest.update(view[piece : min(piece + _CHUNK, offset + length)])
+    return digest.intdigest()
+
+
+def seal(blob: memoryview) -> bool:
+    """Computes a deferred checksum (MAGIC_DEFERRED) into the blob's header, which then
+    reads as any checked blob; True if it did. The checksum is written before the magic
+    that says it is there, so a reader never sees a blob claiming a checksum it lacks."""
+    view = memoryview(blob)
+    try:
+        if view.nbytes < _HEADER.size or bytes(view[:4]) != MAGIC_DEFERRED:
+            return False
+        parsed = _parse(view)
+        header = MAGIC + bytes(view[4 : _HEADER.size])
+        _CHECKSUM.pack_into(view, _HEADER.size, _digest(view, parsed, header))
+        view[:4] = MAGIC
+        return True
+    finally:
+        view.release()
+
+
 def verify(blob: memoryview | bytes) -> bool:
     """Checks a blob's bytes against its checksum: ChecksumError if they differ, False
     for a blob without a checksum, True for one that matches. One pass over the blob
@@ -219,13 +280,7 @@ def verify(blob: memoryview | bytes) -> bool:
         parsed = _parse(view)
         if parsed.checksum is None:
             return False
-        digest = xxhash.xxh3_64(view[: _HEADER.size])
-        start = _HEADER.size + _CHECKSUM.size
-        digest.update(view[start : parsed.pickle_end])
-        for offset, length in parsed.entries:
-            for piece in range(offset, offset + length, _CHUNK):
-                digest.update(view[piece : min(piece + _CHUNK, offset + length)])
-        actual = digest.intdigest()
+        actual = _digest(view, parsed, bytes(view[: _HEADER.size]))
     finally:
         view.release()
     if actual != parsed.checksum:

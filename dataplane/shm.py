@@ -9,7 +9,7 @@ import mmap
 import os
 from pathlib import Path
 
-from dataplane.serialization import Serialized
+from dataplane.serialization import Serialized, seal
 
 SHM_DIR = Path("/dev/shm")
 # Objects at most this large travel inline in messages instead of in a segment (Ray's
@@ -97,3 +97,25 @@ def unlink_all(prefix: str) -> int:
             path.unlink()
             removed += 1
     return removed
+
+
+def seal_segment(name: str) -> bool:
+    """Computes the deferred checksum of a segment's blob (see serialization.seal)
+    before its bytes leave this node's memory (sent, spilled, copied to disk); True if
+    it was deferred. A segment that is gone is left to the caller's own read to report."""
+    try:
+        fd = os.open(SHM_DIR / name, os.O_RDWR)
+    except FileNotFoundError:
+        return False
+    try:
+        size = os.fstat(fd).st_size
+        if size == 0:
+            return False
+        with mmap.mmap(fd, size) as mapping:
+            view = memoryview(mapping)
+            try:
+                return seal(view)
+            finally:
+                view.release()
+    finally:
+        os.close(fd)

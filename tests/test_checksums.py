@@ -23,6 +23,7 @@ from dataplane.serialization import (
     ChecksumError,
     SerializationError,
     deserialize,
+    seal,
     serialize,
     verify,
 )
@@ -54,6 +55,23 @@ def test_blobs_without_checksums_are_still_read(monkeypatch: pytest.MonkeyPatch)
     assert blob[:4] == b"CRN1" and verify(blob) is False
     assert deserialize(blob)["text"] == _VALUE["text"]
     assert verify(_BLOB) is True
+
+
+def test_a_large_blob_is_sealed_before_it_leaves_and_then_checked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A blob above the local-read check size is written without hashing (a put runs at
+    the copy's speed); sealing computes the same checksum a hashed write would have."""
+    monkeypatch.setenv("CAIRN_VERIFY_READ_MAX_BYTES", "1000")
+    deferred = bytearray(serialize(_VALUE, inband_limit=1024).to_bytes())
+    assert deferred[:4] == b"crn3" and verify(bytes(deferred)) is False
+    assert deserialize(bytes(deferred))["text"] == _VALUE["text"]
+    assert seal(memoryview(deferred)) is True
+    assert bytes(deferred) == _BLOB  # as if hashed while written
+    assert seal(memoryview(deferred)) is False  # once
+    deferred[len(deferred) // 2] ^= 1
+    with pytest.raises(ChecksumError):
+        verify(bytes(deferred))
 
 
 _FRAME = p.encode(p.GetObjects(7, ["a" * 40, "b" * 40], 1.5))

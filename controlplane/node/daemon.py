@@ -572,6 +572,7 @@ class NodeDaemon(
             path: Path | None = self.durable_dir / location.object_id
             try:
                 self.durable_dir.mkdir(parents=True, exist_ok=True)
+                await asyncio.to_thread(shm.seal_segment, name)  # recovery checks the copy
                 await asyncio.to_thread(shutil.copyfile, shm.SHM_DIR / name, path)
             except OSError as exc:
                 log.warning("put %s could not be made durable: %s", location.object_id, exc)

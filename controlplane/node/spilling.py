@@ -64,6 +64,7 @@ class SpillingMixin:
         path = self.spill_dir / object_id
         try:
             self.spill_dir.mkdir(parents=True, exist_ok=True)
+            await asyncio.to_thread(shm.seal_segment, name)  # restore checks the copy
             await asyncio.to_thread(shutil.copyfile, shm.SHM_DIR / name, path)
         except OSError as exc:
             log.warning("could not spill object %s: %s", object_id, exc)

@@ -57,6 +57,8 @@ def object_service(objects: ObjectTable) -> tuple[rpc.Handler, rpc.RawHandler]:
         location = located(object_id)
         if location is None:
             return {"missing": True}
+        if location.shm_name is not None:  # a large blob's checksum, before it leaves
+            await asyncio.to_thread(shm.seal_segment, location.shm_name)
         return {"size": location.size, "contained": list(location.contained)}
 
     async def read(request: dict[str, Any], context: grpc.aio.ServicerContext) -> bytes:
