@@ -405,7 +405,7 @@ def gc(older_than: str, archive_dir: Path | None, dry_run: bool, gcs_url: str | 
     seconds = _duration(older_than)
     url = resolve_gcs_url(gcs_url) or _running_cluster_url(owner=True)
     full = asyncio.run(retention.full_partitions(url, seconds))
-    expired = [p for p in full if p.expired]
+    expired = retention.unfinished(url) + [p for p in full if p.expired]
     if not expired:
         click.echo(
             f"nothing to retire: no full partition's newest event is older than {older_than}"

@@ -46,11 +46,13 @@ class FullPartition:
     upper_bound: int
     events: int
     newest: datetime | None
-    cutoff: datetime
+    cutoff: datetime | None
+    state: str = "attached"  # or "detached"/"archived": left so by a gc that stopped
+    archived_to: str | None = None
 
     @property
     def expired(self) -> bool:
-        return self.newest is not None and self.newest < self.cutoff
+        return self.newest is not None and self.cutoff is not None and self.newest < self.cutoff
 
 
 @dataclass(frozen=True)
@@ -69,11 +71,33 @@ async def full_partitions(url: str, older_than_s: float) -> list[FullPartition]:
     return [FullPartition(**dict(row)) for row in rows]
 
 
+def unfinished(url: str) -> list[FullPartition]:
+    """Partitions an earlier gc left detached or archived (it stopped part way): out of
+    ``events`` already, still on disk; gc finishes them first."""
+    manager = PartitionManager(url)
+    return [
+        FullPartition(
+            info.table_name,
+            info.lower_bound,
+            info.upper_bound,
+            manager.row_count(info.table_name),
+            None,
+            None,
+            info.state,
+            info.archived_to,
+        )
+        for info in manager.partitions()
+        if info.state in ("detached", "archived")
+    ]
+
+
 def retire(manager: PartitionManager, part: FullPartition, archive_dir: Path | None) -> Retired:
-    """Detaches one expired partition, archives it (checking the row count), drops it."""
-    manager.detach(part.table_name)
-    path = None
-    if archive_dir is not None:
+    """Detaches one expired partition, archives it (checking the row count), drops it;
+    a partition left detached or archived by an earlier gc goes on from there."""
+    if part.state == "attached":
+        manager.detach(part.table_name)
+    path = Path(part.archived_to) if part.state == "archived" and part.archived_to else None
+    if archive_dir is not None and part.state != "archived":
         path = manager.export_parquet(part.table_name, archive_dir)
         rows = pq.ParquetFile(path).metadata.num_rows
         if rows != part.events:
@@ -92,9 +116,9 @@ def collect(
     report: Callable[[Retired], None] = lambda _: None,
 ) -> list[Retired]:
     """Retires the expired partitions oldest first, reporting each as it goes. A
-    failure part way leaves the ones done retired, the one at hand detached (its
-    events out of ``events`` but kept, see ``cairn partitions list``), the rest
-    attached."""
+    failure part way leaves the ones done retired, the one at hand detached or archived
+    (its events out of ``events`` but kept, see ``cairn partitions list``) and the rest
+    attached; the next gc finishes the one at hand first (``unfinished``)."""
     manager = PartitionManager(url)
     done = []
     for part in expired:
@@ -105,10 +129,13 @@ def collect(
 
 def describe(retired: Retired) -> str:
     part = retired.partition
-    what = (
-        f"{part.table_name} [{part.lower_bound}, {part.upper_bound}): {part.events} events, "
+    newest = (
         f"newest {part.newest:%Y-%m-%d %H:%M:%S%z}"
+        if part.newest is not None
+        else f"left {part.state} by an earlier gc"
     )
+    span = f"[{part.lower_bound}, {part.upper_bound})"
+    what = f"{part.table_name} {span}: {part.events} events, {newest}"
     if retired.archived_to is None:
         return f"dropped {what}; not archived, these events are gone"
     return f"retired {what}; archived to {retired.archived_to}"

@@ -321,3 +321,33 @@ def test_gc_archives_and_drops_old_full_partitions_only(gcs_url: str, tmp_path: 
     positions = asyncio.run(_append_objects(gcs_url, "after", 40))
     assert positions == list(range(121, 161))
     assert rows(gcs_url, "SELECT count(*) FROM events")[0][0] == 60
+
+
+def test_gc_finishes_what_an_interrupted_gc_left(gcs_url: str, tmp_path: Path) -> None:
+    """A gc that stopped part way left one partition detached and one archived: the
+    next gc archives and drops the first and drops the second, before anything new."""
+    manager = PartitionManager(gcs_url)
+    manager.configure(partition_size=50, partitions_ahead=1)
+    asyncio.run(_append_objects(gcs_url, "old", 120))  # fills [1, 51) and [51, 101)
+    first = rows(gcs_url, _ALL, 1, 51)
+    manager.detach(_P1)  # stopped after detaching the first
+    manager.detach(_P2)
+    kept = manager.export_parquet(_P2, tmp_path / "earlier")  # and after archiving this one
+    assert (_states(gcs_url)[(1, 51)], _states(gcs_url)[(51, 101)]) == ("detached", "archived")
+
+    archive = tmp_path / "archive"
+    result = run_cairn("gc", "--older-than", "7d", "--gcs-url", gcs_url, "--archive", str(archive))
+    assert f"retired {_P1} [1, 51): 50 events, left detached by an earlier gc" in result.stdout
+    assert (
+        f"retired {_P2} [51, 101): 50 events, left archived by an earlier gc; archived to {kept}"
+        in result.stdout
+    )
+    states = _states(gcs_url)
+    assert (states[(1, 51)], states[(51, 101)], states[(101, 151)]) == (
+        "dropped",
+        "dropped",
+        "attached",
+    )
+    table = read_parquet_archive(archive / f"{_P1}.parquet")
+    assert table.column("position").to_pylist() == [r["position"] for r in first]
+    assert kept.exists()

@@ -187,6 +187,13 @@ class PartitionManager:
             conn.execute(*_pg("mark_partition_archived", table_name, str(path)))
         return path
 
+    def row_count(self, table_name: str) -> int:
+        """How many events a partition holds (attached or not: it is a table of its own)."""
+        with self._connect() as conn:
+            self._get(conn, table_name)  # a partition of the log, not any table
+            query = pgsql.SQL("SELECT count(*) FROM {}").format(pgsql.Identifier(table_name))
+            return int(conn.execute(query).fetchone()[0])
+
     def drop(self, table_name: str) -> None:
         """Drops a partition that was detached (and, usually, archived)."""
         with self._connect() as conn:
