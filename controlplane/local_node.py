@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import signal
@@ -26,14 +27,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from controlplane import auth
+from controlplane.eventlog.partitions import PartitionManager
 from controlplane.gcs import Gcs
 from controlplane.gcs_url import ENV_VAR as GCS_URL_ENV
 from controlplane.node.daemon import new_node_id
 from controlplane.session_dirs import alive, new_session_dir, sweep_stale
+from controlplane.settings import env_number
 from dataplane import shm
 
 _DAEMON_START_TIMEOUT_S = 60.0
 NODES_DIR = "cairn-nodes"
+log = logging.getLogger("cairn")
 NODE_SOCKET = "node.sock"
 # a node daemon that dies is started again, at most this often
 _MAX_RESTARTS, _RESTART_WINDOW_S = 3, 60.0
@@ -110,6 +114,20 @@ class LocalNode:
         self.role = role
         self._owns_session_dir = owns_session_dir
         self.daemon, self.node_id = self._launch_daemon()
+        self._stopping = threading.Event()
+        if role is None or role.head:  # one node keeps the log's partitions in shape
+            threading.Thread(target=self._partition_upkeep, daemon=True).start()
+
+    def _partition_upkeep(self) -> None:
+        """Now and then, with the owner's URL: partitions created ahead of the head (so
+        appends do not create them) and the history index built on full ones (so a
+        long-running cluster's audits stay fast). A failure is logged and tried again."""
+        interval = env_number("CAIRN_PARTITION_UPKEEP_S", 60.0, minimum=0.1)
+        while not self._stopping.wait(interval):
+            try:
+                PartitionManager(self.gcs.owner_url).maintain()
+            except Exception as exc:  # the GCS may be down a while: next round
+                log.warning("partition upkeep failed: %s", exc)
 
     @property
     def socket_path(self) -> str:
@@ -190,6 +208,7 @@ class LocalNode:
         self.daemon, self.node_id = self._launch_daemon()
 
     def stop(self) -> None:
+        self._stopping.set()
         if self.daemon.poll() is None:
             self.daemon.terminate()
             try:

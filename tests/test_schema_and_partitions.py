@@ -7,6 +7,7 @@ import asyncio
 import json
 import multiprocessing
 import threading
+import time
 from pathlib import Path
 
 import psycopg
@@ -184,3 +185,39 @@ def test_full_partitions_get_the_entity_history_index(gcs_url: str) -> None:
         rows = conn.execute("SELECT entity_id FROM events WHERE entity_id = 'h-7'").fetchall()
     assert "events_p0000000000000000001_entity_idx" in plan
     assert rows == [("h-7",)]
+
+
+@pytest.mark.timeout(120)
+def test_a_running_head_keeps_partitions_ahead_and_indexes_full_ones(
+    gcs_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Upkeep is not only at start: a long-running head creates partitions ahead of the
+    appends and builds the history index of each partition that fills."""
+    from workloads import square
+
+    import sdk as ray
+
+    monkeypatch.setenv("CAIRN_PARTITION_UPKEEP_S", "0.3")
+    PartitionManager(gcs_url).configure(partition_size=200, partitions_ahead=2)
+    ray.init(num_cpus=1, gcs_url=gcs_url)
+    try:
+        assert ray.get([square.remote(i) for i in range(150)]) == [i * i for i in range(150)]
+        deadline = time.monotonic() + 30
+        while True:
+            with psycopg.connect(gcs_url) as conn:
+                head = conn.execute("SELECT last_position FROM event_log_head").fetchone()[0]
+                parts = PartitionManager(gcs_url).partitions()
+                full = [p.table_name for p in parts if p.upper_bound <= head + 1]
+                indexed = [
+                    name
+                    for name in full
+                    if conn.execute("SELECT to_regclass(%s)", (f"{name}_entity_idx",)).fetchone()[0]
+                ]
+            ahead = max(p.upper_bound for p in parts) - (head + 1)
+            if full and indexed == full and ahead >= 2 * 200:
+                break
+            assert time.monotonic() < deadline, (head, full, indexed, ahead)
+            time.sleep(0.2)
+        assert head > 600  # several partitions filled while it ran
+    finally:
+        ray.shutdown()
