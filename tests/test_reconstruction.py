@@ -109,11 +109,15 @@ def test_a_durable_put_is_recovered_from_its_copy_on_disk() -> None:
         time.sleep(0.02)
     _lose(durable)
     assert np.array_equal(ray.get(durable, timeout=30), value)
-    rows = _events(
+    query = (
         "SELECT event_type, payload->>'durable_path' AS path FROM events "
-        "WHERE entity_id = $1 ORDER BY position",
-        durable.hex(),
+        "WHERE entity_id = $1 ORDER BY position"
     )
+    deadline = time.monotonic() + 10
+    # `lost` and `restored` are written behind (the value was durable all along): the
+    # get may come back before they commit
+    while len(rows := _events(query, durable.hex())) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert [row["event_type"] for row in rows] == ["created", "lost", "restored"]
     assert rows[0]["path"] and rows[0]["path"].endswith(durable.hex())
     small = ray.put({"k": "v"})  # small values are in the log whatever the option
