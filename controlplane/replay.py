@@ -102,7 +102,7 @@ class RecordedJob:
     def __init__(self, url: str, job_id: str) -> None:
         self.url = url
         self.job_id = job_id
-        if not _query(url, "replay_job", job_id):
+        if not _query(url, "job_known", job_id)[0]["known"]:
             raise UnknownIdError(f"no job {job_id!r} in the log")
         self.tasks: dict[str, RecordedTask] = {}
         self.code: dict[str, bytes] = {}

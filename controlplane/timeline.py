@@ -147,7 +147,7 @@ def chrome_trace(rows: list[LogRow], job_id: str) -> dict[str, Any]:
 async def job_rows(url: str, job_id: str) -> list[LogRow]:
     """The job's task events (submitted, running and ends), read-only, in log order;
     UnknownJobError when the log has never heard of the job."""
-    _, known = await run_readonly(url, queries["timeline_job_known"], [job_id])
+    _, known = await run_readonly(url, queries["job_known"], [job_id])
     if not known or not known[0][0]:
         raise UnknownJobError(f"no job {job_id!r} in the log")
     columns, found = await run_readonly(url, queries["timeline_task_events"], [job_id])

@@ -192,7 +192,8 @@ class TaskDone:
     attempt: int
     returns: list[ObjectLocation]
     error: ErrorInfo | None = None  # set when the task raised: every return is this error
-    # "xxh3-128:<hex>" of the serialized return values, in order: logged with `finished`
+    # "xxh3:<hex>": an xxh3-128 of the return values' blob checksums (xxh3-64 of their
+    # serialized bytes), in order: logged with `finished`
     # so that `cairn replay` can tell whether a re-run produced the same output
     output_digest: str | None = None
 

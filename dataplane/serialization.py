@@ -100,6 +100,8 @@ class Serialized:
     pickled: bytes
     buffers: list[memoryview]
     checksum: bool = field(default_factory=checksums_enabled)
+    # the checksum write_into computed while writing (None: it wrote none, or deferred it)
+    written_checksum: int | None = field(default=None, compare=False, repr=False)
 
     def _header_size(self) -> int:
         return _HEADER.size + (_CHECKSUM.size if self.checksum else 0)
@@ -141,7 +143,26 @@ class Serialized:
         for (offset, _length), buf in zip(entries, self.buffers, strict=True):
             _copy(target, offset, buf.cast("B") if buf.format != "B" else buf, digest)
         if digest is not None:
-            _CHECKSUM.pack_into(target, _HEADER.size, digest.intdigest())
+            self.written_checksum = digest.intdigest()
+            _CHECKSUM.pack_into(target, _HEADER.size, self.written_checksum)
+
+    def value_checksum(self) -> int:
+        """The checksum a checked blob of this value carries: the one ``write_into``
+        computed if it did, else computed now from the value (one pass over it), as a
+        deferred or unchecked blob's would be once sealed. Equal values, equal checksums."""
+        if self.written_checksum is not None:
+            return self.written_checksum
+        checked = Serialized(self.pickled, self.buffers, checksum=True)
+        _, entries = checked.layout()
+        digest = xxhash.xxh3_64(_HEADER.pack(MAGIC, len(self.buffers), len(self.pickled)))
+        for entry in entries:
+            digest.update(_ENTRY.pack(*entry))
+        digest.update(self.pickled)
+        for buf in self.buffers:
+            view = buf.cast("B") if buf.format != "B" else buf
+            for piece in range(0, view.nbytes, _CHUNK):
+                digest.update(view[piece : piece + _CHUNK])
+        return digest.intdigest()
 
     def to_bytes(self) -> bytes:
         out = bytearray(self.total_size)

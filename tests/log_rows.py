@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import asyncpg
 
@@ -18,3 +19,15 @@ async def fetch_rows(url: str, sql: str, *args: object) -> list[asyncpg.Record]:
 def rows(url: str, sql: str, *args: object) -> list[asyncpg.Record]:
     """``fetch_rows`` for code outside an event loop."""
     return asyncio.run(fetch_rows(url, sql, *args))
+
+
+def wait_for_rows(
+    url: str, sql: str, *args: object, count: int = 1, timeout: float = 30.0
+) -> list[asyncpg.Record]:
+    """The query's rows once there are at least ``count`` (events written behind commit
+    a little after what they describe is visible); AssertionError after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while len(found := rows(url, sql, *args)) < count:
+        assert time.monotonic() < deadline, f"fewer than {count} rows after {timeout}s: {sql}"
+        time.sleep(0.02)
+    return found

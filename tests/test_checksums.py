@@ -6,7 +6,6 @@ never come back as a wrong value; the node daemon stays up through all of it."""
 from __future__ import annotations
 
 import socket
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from log_rows import rows
+from log_rows import rows, wait_for_rows
 
 import sdk as ray
 from dataplane import context, shm
@@ -31,6 +30,7 @@ from sdk.exceptions import ObjectLostError
 
 MB = 1024 * 1024
 MISMATCH = "do not match their checksum"
+_EVENTS_OF = "SELECT 1 FROM events WHERE entity_id = $1"
 
 
 # -- the formats, without a cluster ---------------------------------------------------
@@ -72,6 +72,26 @@ def test_a_large_blob_is_sealed_before_it_leaves_and_then_checked(
     deferred[len(deferred) // 2] ^= 1
     with pytest.raises(ChecksumError):
         verify(bytes(deferred))
+
+
+def test_a_values_checksum_is_the_same_however_its_blob_was_written(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What output digests are made of: hashed while written, or computed from the
+    value when the write deferred it or wrote no checksum, it is the sealed blob's."""
+    sealed = int.from_bytes(_BLOB[16:24], "little")  # after magic, count, pickle length
+    written = serialize(_VALUE, inband_limit=1024)
+    written.to_bytes()
+    assert written.written_checksum == sealed == written.value_checksum()
+    monkeypatch.setenv("CAIRN_VERIFY_READ_MAX_BYTES", "1000")  # deferred
+    deferred = serialize(_VALUE, inband_limit=1024)
+    deferred.to_bytes()
+    assert deferred.written_checksum is None and deferred.value_checksum() == sealed
+    monkeypatch.setenv("CAIRN_OBJECT_CHECKSUMS", "0")  # none written
+    unchecked = serialize(_VALUE, inband_limit=1024)
+    assert unchecked.to_bytes()[:4] == b"CRN1" and unchecked.value_checksum() == sealed
+    other = serialize({**_VALUE, "n": 8}, inband_limit=1024)
+    assert other.value_checksum() != sealed
 
 
 _FRAME = p.encode(p.GetObjects(7, ["a" * 40, "b" * 40], 1.5))
@@ -167,7 +187,8 @@ def test_a_damaged_durable_put_comes_back_from_its_copy_unless_that_is_damaged_t
     node: None,
 ) -> None:
     ref = ray.put(np.full(MB // 8, 9, dtype=np.int64), durable=True)
-    time.sleep(0.5)  # its durable copy is written before its created event
+    # its copy is made before its created event
+    wait_for_rows(ray.get_runtime_context().gcs_address, _EVENTS_OF, ref.hex())
     _flip(_segment(ref), MB // 3)
     assert bool((ray.get(ref, timeout=60) == 9).all())  # recovered from its copy
 

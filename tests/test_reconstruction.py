@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import asyncpg
 import numpy as np
 import pytest
-from log_rows import rows
+from log_rows import rows, wait_for_rows
 
 import sdk as ray
 from dataplane import shm
@@ -103,23 +103,19 @@ def test_a_put_object_has_no_lineage_and_max_retries_zero_turns_reconstruction_o
 def test_a_durable_put_is_recovered_from_its_copy_on_disk() -> None:
     value = np.arange(MB, dtype=np.int64)
     durable = ray.put(value, durable=True)
-    deadline = time.monotonic() + 30
-    while not _events("SELECT 1 FROM events WHERE entity_id = $1", durable.hex()):
-        assert time.monotonic() < deadline  # its copy is made before its created event
-        time.sleep(0.02)
-    _lose(durable)
-    assert np.array_equal(ray.get(durable, timeout=30), value)
+    url = ray.get_runtime_context().gcs_address
     query = (
         "SELECT event_type, payload->>'durable_path' AS path FROM events "
         "WHERE entity_id = $1 ORDER BY position"
     )
-    deadline = time.monotonic() + 10
+    wait_for_rows(url, query, durable.hex())  # its copy is made before its created event
+    _lose(durable)
+    assert np.array_equal(ray.get(durable, timeout=30), value)
     # `lost` and `restored` are written behind (the value was durable all along): the
     # get may come back before they commit
-    while len(rows := _events(query, durable.hex())) < 3 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert [row["event_type"] for row in rows] == ["created", "lost", "restored"]
-    assert rows[0]["path"] and rows[0]["path"].endswith(durable.hex())
+    history = wait_for_rows(url, query, durable.hex(), count=3, timeout=10)
+    assert [row["event_type"] for row in history] == ["created", "lost", "restored"]
+    assert history[0]["path"] and history[0]["path"].endswith(durable.hex())
     small = ray.put({"k": "v"})  # small values are in the log whatever the option
     (data,) = _events("SELECT data FROM events WHERE entity_id = $1", small.hex())
     assert data["data"] is not None and ray.get(small) == {"k": "v"}

@@ -169,14 +169,7 @@ def test_timeline_of_a_real_job(tmp_path: Path) -> None:
     def boom() -> None:
         raise ValueError("boom")
 
-    @ray.remote
-    class Counter:
-        def __init__(self) -> None:
-            self.n = 0
-
-        def add(self, k: int) -> int:
-            self.n += k
-            return self.n
+    from workloads import Counter
 
     ray.init(num_cpus=2)
     try:

@@ -143,7 +143,6 @@ class ClusterMixin:
                 self.peer_addresses[event.entity_id] = event.payload["address"]
             elif kind_type == "dead":
                 self.peers.discard(event.entity_id)
-                self.dead_peers.add(event.entity_id)
                 self._node_lost(event.entity_id)
         elif kind is K.ACTOR and event.node_id != self.node_id:
             self._on_remote_actor_event(event)
@@ -160,11 +159,12 @@ class ClusterMixin:
                 record.placed_on = event.payload["node_id"]
                 if record.spec.method == "__init__":
                     self._actor_placed(record, event.payload["node_id"])
-                if record.placed_on in self.dead_peers:
+                node = record.placed_on
+                if node in self.peer_addresses and node not in self.peers:  # known, now dead
                     # placed by a scheduler that had not read the node's death yet: the
                     # node will never run it, so it is lost with the node, as if placed
                     # just before it died
-                    self._node_lost(record.placed_on)
+                    self._placed_on_dead_node(record, node)
         elif kind is K.OBJECT and kind_type == "created":
             task_id = event.payload.get("task_id")
             if task_id in self.spilled and event.node_id != self.node_id:
@@ -229,22 +229,33 @@ class ClusterMixin:
             if actor.elsewhere and actor.placed_on == node_id and actor.death is None:
                 self._actor_node_lost(actor, node_id)
         for record in [r for r in self.spilled.values() if r.placed_on == node_id]:
-            del self.spilled[record.spec.task_id]
-            self.remote_returns.pop(record.spec.task_id, None)
-            record.placed_on = None
-            reason = f"node {node_id}, where it ran, died"
-            if record.retries_left != 0:
-                self._retry(record, reason)  # back to the local queue: runs or spills
-            else:
-                self._finish_failed(
-                    record,
-                    p.ErrorInfo(
-                        "worker_crashed",
-                        f"{reason} and no retries were left",
-                        record.spec.name,
-                    ),
-                    log_event=True,
-                )
+            self._placed_task_lost(record, node_id)
+
+    def _placed_on_dead_node(self: Any, record: TaskRecord, node_id: str) -> None:
+        """One spilled task (or actor) whose placement names a node already dead."""
+        if record.spec.method == "__init__":
+            actor = self.actors.get(record.spec.actor_id)
+            if actor is not None and actor.elsewhere and actor.death is None:
+                self._actor_node_lost(actor, node_id)
+            return
+        self._placed_task_lost(record, node_id)
+
+    def _placed_task_lost(self: Any, record: TaskRecord, node_id: str) -> None:
+        """A task this node spilled, placed on ``node_id``, which died."""
+        del self.spilled[record.spec.task_id]
+        self.remote_returns.pop(record.spec.task_id, None)
+        record.placed_on = None
+        reason = f"node {node_id}, where it ran, died"
+        if record.retries_left != 0:
+            self._retry(record, reason)  # back to the local queue: runs or spills
+        else:
+            self._finish_failed(
+                record,
+                p.ErrorInfo(
+                    "worker_crashed", f"{reason} and no retries were left", record.spec.name
+                ),
+                log_event=True,
+            )
 
     # -- a task placed here --------------------------------------------------------
 

@@ -187,7 +187,6 @@ class NodeDaemon(
         self._monitor: MembershipMonitor | None = None
         self.placement_groups: dict[str, PlacementGroupRecord] = {}
         self.peers: set[str] = set()
-        self.dead_peers: set[str] = set()  # declared dead in the log (ids are never reused)
         self.peer_addresses: dict[str, str] = {}
         self.rebuilding: set[str] = set()
         self.spilled: dict[str, TaskRecord] = {}

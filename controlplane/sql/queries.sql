@@ -156,11 +156,11 @@ SELECT s.entity_id AS task_id, s.data
    AND ended.position > $2
  ORDER BY ended.position;
 
--- timeline_job_known --
--- Whether the log has heard of job $1 (`cairn timeline`): its own events, or any event
--- filed under it.
+-- job_known --
+-- Whether the log has heard of job $1 (`cairn timeline`, `cairn replay`): its own
+-- events, or any event filed under it.
 SELECT EXISTS (SELECT 1 FROM events WHERE entity_id = $1 AND entity_kind = 'job')
-    OR EXISTS (SELECT 1 FROM events WHERE job_id = $1)
+    OR EXISTS (SELECT 1 FROM events WHERE job_id = $1) AS known
 
 -- timeline_task_events --
 -- The events that time job $1's task attempts (`cairn timeline`): its tasks are those
@@ -188,12 +188,6 @@ SELECT p.table_name, p.lower_bound, p.upper_bound, s.events, s.newest,
  WHERE p.state = 'attached'
    AND p.upper_bound <= (SELECT last_position FROM event_log_head WHERE id = 1) + 1
  ORDER BY p.lower_bound
-
--- replay_job --
--- `cairn replay`: the recorded job (its `submitted` event), or no row if it is unknown.
-SELECT payload FROM events
- WHERE entity_id = $1 AND entity_kind = 'job' AND event_type = 'submitted'
- ORDER BY position LIMIT 1;
 
 -- replay_job_tasks --
 -- Every task and actor call a job submitted (its spec, and its code when it was the
