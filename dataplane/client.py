@@ -17,9 +17,10 @@ import logging
 import os
 import queue
 import threading
+import time
 import weakref
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 from dataplane import protocol as p
@@ -55,6 +56,22 @@ class _Waiter:
     needed: int  # how many more of them the waiting thread needs
 
 
+@dataclass(slots=True)
+class _Route:
+    """How this process sends its calls to one actor (see submit_actor_call)."""
+
+    actor_id: str
+    worker_id: str | None = None
+    channel: p.SyncChannel | None = None  # straight to the actor's worker
+    watching: bool = False  # asked the daemon for the route, no answer yet
+    never: bool = False  # always through the daemon (another node, replaying, dead)
+    via_daemon: set[str] = field(default_factory=set)  # returns of such calls not in yet
+    # a call without returns went through the daemon: its end cannot be seen here, so
+    # later calls keep going that way (to keep this caller's order)
+    blind: bool = False
+    direct: dict[str, list[str]] = field(default_factory=dict)  # task id -> returns
+
+
 class CoreClient:
     def __init__(
         self,
@@ -66,7 +83,15 @@ class CoreClient:
     ) -> None:
         self.channel = p.SyncChannel(socket_path)
         self.role = role
-        self.tasks: queue.Queue[p.ExecuteTask | None] = queue.Queue()
+        self.worker_id = worker_id
+        # calls for this worker to run, with the direct caller to answer (None: the
+        # daemon sent it); None ends the worker
+        self.tasks: queue.Queue[tuple[p.ExecuteTask, p.SyncChannel | None] | None] = queue.Queue()
+        self._routes: dict[str, _Route] = {}  # actor id -> how calls go there
+        self._routes_lock = threading.Lock()
+        self._call_route: dict[str, _Route] = {}  # return id of a call not in yet -> route
+        self._direct_ids: set[str] = set()  # those whose call went straight to the worker
+        self._route_breaks = 0  # direct routes lost so far (wakes waiters to re-decide)
         self._requests: dict[int, Future[Any]] = {}
         self._request_ids = itertools.count(1)
         self._ref_changes: collections.deque[tuple[str, int]] = collections.deque()
@@ -126,6 +151,116 @@ class CoreClient:
         self.expect_owned(spec.return_ids())
         self.send(p.SubmitTask(spec))
 
+    def submit_actor_call(self, spec: p.TaskSpec) -> None:
+        """Sends an actor call straight to the actor's worker when this process has its
+        route (same node, actor alive), else through the daemon. Straight calls also go
+        to the daemon (the same frame, pickled once), which records them; the worker
+        answers here directly. A caller's calls keep their order across the two ways:
+        it switches to the direct way only once every call it sent through the daemon
+        has its results here, and back only when the worker died, whose unanswered
+        calls the daemon then holds ahead of anything sent after."""
+        return_ids = spec.return_ids()
+        self.expect_owned(return_ids)
+        assert spec.actor_id is not None
+        with self._routes_lock:
+            route = self._routes.get(spec.actor_id)
+            if route is None:
+                route = self._routes[spec.actor_id] = _Route(spec.actor_id)
+            if not route.never:
+                for object_id in return_ids:
+                    self._call_route[object_id] = route
+            channel = route.channel
+            if channel is None or route.via_daemon or route.blind:
+                if not route.never:
+                    route.via_daemon.update(return_ids)
+                    route.blind = route.blind or not return_ids
+                    if channel is None and not route.watching:
+                        route.watching = True
+                        self.send(p.WatchActor(spec.actor_id))
+                self.send(p.SubmitTask(spec))
+                return
+            assert route.worker_id is not None
+            route.direct[spec.task_id] = return_ids
+            self._direct_ids.update(return_ids)
+            data = p.encode(p.SubmitDirectCall(spec, route.worker_id))
+            with self._flush_lock:  # the daemon first: it pins what the call uses
+                self._send_ref_changes()
+                self.channel.send_encoded(data)
+        try:
+            channel.send_encoded(data)
+        except OSError:  # the worker is gone: the daemon settles the call
+            self._route_broken(route, channel)
+
+    def kill_actor(self, actor_id: str, no_restart: bool) -> None:
+        """Asks the daemon to kill the actor. This process's calls stop going straight
+        to it first, so a call made after kill() reaches the daemon after the kill."""
+        with self._routes_lock:
+            route = self._routes.get(actor_id)
+            channel = route.channel if route is not None else None
+        if route is not None and channel is not None:
+            self._route_broken(route, channel)
+        self.send(p.KillActor(actor_id, no_restart))
+
+    def _route_given(self, message: p.ActorRoute) -> None:
+        """The daemon's answer to WatchActor: connect to the actor's worker."""
+        with self._routes_lock:
+            route = self._routes.get(message.actor_id)
+            if route is None:
+                return
+            route.watching = False
+            if message.socket_path is None:
+                route.never = True
+                return
+            try:
+                channel = p.SyncChannel(message.socket_path)
+            except OSError:  # it died meanwhile: asked again at the next call
+                return
+            route.channel, route.worker_id = channel, message.worker_id
+        threading.Thread(
+            target=self._read_direct, args=(route, channel), name="cairn-direct", daemon=True
+        ).start()
+
+    def _read_direct(self, route: _Route, channel: p.SyncChannel) -> None:
+        """Answers from an actor's worker to this process's direct calls."""
+        try:
+            while True:
+                done = channel.receive()
+                if not isinstance(done, p.TaskDone):
+                    raise p.ProtocolError(f"unexpected message {type(done).__name__}")
+                with self._routes_lock:
+                    return_ids = route.direct.pop(done.task_id, None)
+                if return_ids is None:
+                    continue
+                if done.error is None:
+                    self._remember(done.returns)
+                else:
+                    self._remember([p.ObjectLocation(oid, error=done.error) for oid in return_ids])
+        except (EOFError, OSError):
+            pass
+        except p.ProtocolError as exc:
+            log.warning("closing a direct route to actor %s: %s", route.actor_id, exc)
+        self._route_broken(route, channel)
+
+    def _route_broken(self, route: _Route, channel: p.SyncChannel) -> None:
+        """The actor's worker went away: its unanswered calls are the daemon's now (it
+        re-sends or fails them and pushes their results here), and so are later calls
+        until those are in and the daemon gives the new worker's route."""
+        channel.close()
+        with self._routes_lock:
+            if route.channel is not channel:
+                return
+            route.channel = route.worker_id = None
+            for return_ids in route.direct.values():
+                route.blind = route.blind or not return_ids
+                for object_id in return_ids:
+                    self._direct_ids.discard(object_id)
+                    if object_id in self._call_route:
+                        route.via_daemon.add(object_id)
+            route.direct.clear()
+        with self._ready:
+            self._route_breaks += 1
+            self._ready.notify_all()
+
     def expect_owned(self, object_ids: list[str]) -> None:
         """Objects this process owns that the daemon will push here once ready."""
         for object_id in object_ids:
@@ -169,25 +304,42 @@ class CoreClient:
 
     def get_locations(self, object_ids: list[str], timeout: float | None) -> list[p.ObjectLocation]:
         """Where the objects are, once all are ready. Answered here when they are in
-        the local store (or, in a driver, will be pushed to it); otherwise the daemon
-        is asked (a worker always asks when it must wait: the daemon then lends its
-        CPU out, so nested tasks cannot deadlock)."""
+        the local store or will be pushed to it (a driver's own results; any process's
+        direct actor calls); otherwise the daemon is asked (a worker always asks when
+        it must wait for others: the daemon then lends its CPU out, so nested tasks
+        cannot deadlock)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         with self._ready:
-            missing = [oid for oid in object_ids if oid not in self._local]
-            if missing and self.role == "driver" and self._owned_pending.issuperset(missing):
-                self._await_pushed(set(missing), len(set(missing)), timeout)
+            while True:
                 missing = [oid for oid in object_ids if oid not in self._local]
-                if missing and self._closed.is_set():
-                    raise DaemonError("disconnected", "the node daemon went away")
-                if missing:
+                if not missing:
+                    return [self._local[oid] for oid in object_ids]
+                if not self._pushed_here(missing):
+                    break
+                breaks = self._route_breaks
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                self._await_pushed(set(missing), len(set(missing)), left, breaks)
+                if self._closed.is_set():
+                    missing = [oid for oid in object_ids if oid not in self._local]
+                    if missing:
+                        raise DaemonError("disconnected", "the node daemon went away")
+                elif self._route_breaks == breaks and not all(
+                    oid in self._local for oid in object_ids
+                ):
                     raise DaemonError("timeout", "get timed out")
-            if not missing:
-                return [self._local[oid] for oid in object_ids]
-        fetched = self.request(lambda rid: p.GetObjects(rid, missing, timeout))
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        fetched = self.request(lambda rid: p.GetObjects(rid, missing, left))
         self._remember(fetched)
         found = dict(zip(missing, fetched, strict=True))
         with self._ready:
             return [found.get(oid) or self._local[oid] for oid in object_ids]
+
+    def _pushed_here(self, missing: list[str]) -> bool:
+        """Whether all of ``missing`` will be pushed to this process (call with _ready
+        held): a driver's own results, or results of calls sent straight to an actor."""
+        if self.role == "driver" and self._owned_pending.issuperset(missing):
+            return True
+        return self._direct_ids.issuperset(missing)
 
     def fetch_location(self, object_id: str, timeout: float | None) -> p.ObjectLocation:
         """Asks the node for an object that what this process knows of does not give
@@ -221,22 +373,39 @@ class CoreClient:
             lambda rid: p.WaitObjects(rid, object_ids, num_returns, timeout, fetch_local)
         )
 
-    def _await_pushed(self, pending: set[str], needed: int, timeout: float | None) -> None:
+    def _await_pushed(
+        self, pending: set[str], needed: int, timeout: float | None, breaks: int = -1
+    ) -> None:
         """Waits (with _ready held) until ``needed`` of ``pending`` objects have been
-        pushed here, the timeout passes, or the connection closes. The reader wakes
-        this thread only when that count is reached, not on every arrival."""
+        pushed here, the timeout passes, the connection closes, or (``breaks`` given) a
+        direct route breaks. The reader wakes this thread only when that count is
+        reached, not on every arrival."""
         waiter = _Waiter(pending, needed)
         self._waiters.append(waiter)
         try:
-            self._ready.wait_for(lambda: waiter.needed <= 0 or self._closed.is_set(), timeout)
+            self._ready.wait_for(
+                lambda: (
+                    waiter.needed <= 0
+                    or self._closed.is_set()
+                    or (breaks >= 0 and self._route_breaks != breaks)
+                ),
+                timeout,
+            )
         finally:
             self._waiters.remove(waiter)
 
     def _remember(self, locations: list[p.ObjectLocation]) -> None:
         """Adds ready objects to the local store, if this process still holds them."""
+        if self._call_route:  # results of actor calls: their route may switch now
+            with self._routes_lock:
+                for location in locations:
+                    route = self._call_route.pop(location.object_id, None)
+                    if route is not None:
+                        route.via_daemon.discard(location.object_id)
         with self._ready:
             for location in locations:
                 object_id = location.object_id
+                self._direct_ids.discard(object_id)
                 self._owned_pending.discard(object_id)
                 if self._ref_counts.get(object_id, 0) > 0 and object_id not in self._local:
                     self._local[object_id] = location
@@ -362,7 +531,9 @@ class CoreClient:
                 elif isinstance(message, p.Notice):
                     log.warning("%s", message.text)
                 elif isinstance(message, p.ExecuteTask):
-                    self.tasks.put(message)
+                    self.tasks.put((message, None))
+                elif isinstance(message, p.ActorRoute):
+                    self._route_given(message)
                 elif isinstance(message, p.Shutdown):
                     self._gone_why = message.reason
                     break
@@ -387,6 +558,10 @@ class CoreClient:
                 self._send_ref_changes()
         self._closed.set()
         self.channel.close()
+        with self._routes_lock:
+            channels = [r.channel for r in self._routes.values() if r.channel is not None]
+        for channel in channels:
+            channel.close()
 
 
 def _mismatch(object_id: str, exc: ChecksumError) -> str:

@@ -138,6 +138,30 @@ class SubmitTask:
 
 
 @dataclass(slots=True)
+class SubmitDirectCall:
+    """An actor call sent straight to the actor's worker (``worker_id``) by a caller on
+    its node, and the same message to the daemon, which records it (the daemon does
+    not send it on; see controlplane/node/actors.py, "Direct calls")."""
+
+    spec: TaskSpec
+    worker_id: str
+
+
+def direct_socket_path(session_dir: str, worker_id: str) -> str:
+    """Where an actor's worker listens for direct calls: in the session directory (mode
+    0700, like the daemon's socket), named short for the 107-byte limit."""
+    return f"{session_dir}/actor-{worker_id.rsplit('-', 1)[-1]}.sock"
+
+
+@dataclass(slots=True)
+class WatchActor:
+    """Asks once for the actor's direct route (reply: ActorRoute, when it is alive or
+    will never have one)."""
+
+    actor_id: str
+
+
+@dataclass(slots=True)
 class PutObject:
     """An object the client created (put, or a task's return): inline or in a segment
     the client already wrote and sealed."""
@@ -196,6 +220,7 @@ class TaskDone:
     # serialized bytes), in order: logged with `finished`
     # so that `cairn replay` can tell whether a re-run produced the same output
     output_digest: str | None = None
+    direct: bool = False  # the call came straight from its caller (SubmitDirectCall)
 
 
 @dataclass(slots=True)
@@ -320,6 +345,17 @@ class ObjectsReady:
 
 
 @dataclass(slots=True)
+class ActorRoute:
+    """Where to send an actor's calls directly: its worker and that worker's socket;
+    None for both: through the daemon (the actor is on another node, replays its calls
+    on restart, or is dead)."""
+
+    actor_id: str
+    worker_id: str | None
+    socket_path: str | None
+
+
+@dataclass(slots=True)
 class Notice:
     """Pushed to a client: something it should be told about its work (e.g. a task of
     its that no node can run), shown as a warning."""
@@ -394,14 +430,20 @@ async def read_message(reader: asyncio.StreamReader) -> object:
 class SyncChannel:
     """A blocking, thread-safe sender plus a reader for one Unix socket connection."""
 
-    def __init__(self, path: str) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.connect(path)
+    def __init__(self, path: str | None = None, *, sock: socket.socket | None = None) -> None:
+        """Connects to ``path``, or wraps ``sock`` (a connection already accepted)."""
+        if sock is None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(path)
+        self.sock = sock
         self._send_lock = threading.Lock()
         self._file = self.sock.makefile("rb", buffering=1 << 16)
 
     def send(self, message: object) -> None:
-        data = encode(message)
+        self.send_encoded(encode(message))
+
+    def send_encoded(self, data: bytes) -> None:
+        """Sends a frame ``encode`` made (one message sent to two peers is pickled once)."""
         with self._send_lock:
             self.sock.sendall(data)
 

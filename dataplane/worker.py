@@ -9,10 +9,12 @@ SIGINT), which is reported as cancellation.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import inspect
 import os
 import signal
+import socket
 import sys
 import threading
 import traceback
@@ -24,6 +26,7 @@ import xxhash
 
 from dataplane import context
 from dataplane import protocol as p
+from dataplane.begun_calls import BegunCalls, begun_calls_path
 from dataplane.client import CoreClient, DaemonError, ObjectMissingError
 from dataplane.serialization import SerializationError, deserialize, serialize_with_refs
 
@@ -37,29 +40,100 @@ class Worker:
         # For an async actor: hands a call to its event loop. None: calls run in this
         # thread (and, in a threaded actor, in max_concurrency - 1 more threads that
         # take calls from the same queue).
-        self._concurrently: Callable[[p.ExecuteTask], None] | None = None
+        self._concurrently: Callable[[tuple[p.ExecuteTask, Any]], None] | None = None
+        self.direct_socket_path: str | None = None  # an actor's, once it is alive
+        self._begun: BegunCalls | None = None  # an actor's calls begun, not answered
 
     def run(self) -> None:
-        while (message := self.client.tasks.get()) is not None:
+        while (item := self.client.tasks.get()) is not None:
             if self._concurrently is not None:
-                self._concurrently(message)
+                self._concurrently(item)
+                continue
+            message, caller = item
+            if message.spec.method != "__init__":
+                self._run_call(message, caller)
                 continue
             done = self.execute(message)
-            self._reply(done)
-            if message.spec.method == "__init__" and done.error is None:
+            started = done.error is None
+            if started:  # listening before the daemon hears that the actor is alive
+                self._open_direct_route(message.spec)
+            self._reply(done, caller)
+            if started:
                 self._start_concurrency(message.spec)
         self.client.tasks.put(None)  # for the other threads taking calls, if any
 
     def _take_calls(self) -> None:
         """A thread of a threaded actor: runs calls as they come, like run()."""
-        while (message := self.client.tasks.get()) is not None:
-            self._reply(self.execute(message))
+        while (item := self.client.tasks.get()) is not None:
+            self._run_call(*item)
         self.client.tasks.put(None)
 
-    def _reply(self, done: p.TaskDone) -> None:
+    def _run_call(self, message: p.ExecuteTask, caller: p.SyncChannel | None) -> None:
+        """Runs a task, or an actor's call marked begun until it is answered."""
+        if self._begun is None:
+            self._reply(self.execute(message), caller)
+            return
+        slot = self._begun.begin(message.spec.task_id)
+        try:
+            self._reply(self.execute(message), caller)
+        finally:
+            self._begun.end(slot)
+
+    def _reply(self, done: p.TaskDone, caller: p.SyncChannel | None) -> None:
+        """Tells the daemon first, then a direct caller: so a result the caller has seen
+        is always one the daemon records, even if this process dies in between. An
+        exit_actor() is answered by the daemon alone (as the actor's death)."""
+        exiting = done.error is not None and done.error.kind == "actor_exit"
+        done.direct = caller is not None
         self.client.send(done)
-        if done.error is not None and done.error.kind == "actor_exit":
+        if caller is not None and not exiting:
+            with contextlib.suppress(OSError):  # the caller is gone: the daemon has it
+                caller.send(done)
+        if exiting:
             self.client.tasks.put(None)  # ends run(): the actor is over
+
+    # -- direct calls ------------------------------------------------------------------
+
+    def _open_direct_route(self, creation: p.TaskSpec) -> None:
+        """Listens for calls sent straight from callers on this node (SubmitDirectCall):
+        they join the same queue as the daemon's, so the actor runs them alike. Calls
+        are marked begun from now on (dataplane/begun_calls.py)."""
+        session_dir, worker_id = self.client.welcome.session_dir, self.client.worker_id
+        assert worker_id is not None
+        limit = creation.actor_options.max_concurrency if creation.actor_options else 1
+        self._begun = BegunCalls(begun_calls_path(session_dir, worker_id), limit)
+        path = p.direct_socket_path(session_dir, worker_id)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        server.bind(path)
+        server.listen(64)
+        self.direct_socket_path = path
+        threading.Thread(target=self._accept_direct, args=(server,), daemon=True).start()
+
+    def _accept_direct(self, server: socket.socket) -> None:
+        while True:
+            try:
+                sock, _ = server.accept()
+            except OSError:
+                return
+            channel = p.SyncChannel(sock=sock)
+            threading.Thread(target=self._read_direct, args=(channel,), daemon=True).start()
+
+    def _read_direct(self, channel: p.SyncChannel) -> None:
+        try:
+            while True:
+                message = channel.receive()
+                if not isinstance(message, p.SubmitDirectCall):
+                    raise p.ProtocolError(f"unexpected message {type(message).__name__}")
+                spec = message.spec
+                call = p.ExecuteTask(spec, 0, None, [None] * len(spec.args))
+                self.client.tasks.put((call, channel))
+        except (EOFError, OSError):
+            pass
+        except p.ProtocolError as exc:  # this caller's calls go through the daemon now
+            print(f"cairn worker: closing a direct caller: {exc}", file=sys.stderr)
+        channel.close()
 
     def execute(self, message: p.ExecuteTask) -> p.TaskDone:
         spec = message.spec
@@ -131,9 +205,16 @@ class Worker:
             threading.Thread(target=loop.run_forever, name="cairn-actor-loop", daemon=True).start()
             slots = asyncio.Semaphore(limit)
 
-            async def bounded(message: p.ExecuteTask) -> None:
+            async def bounded(item: tuple[p.ExecuteTask, p.SyncChannel | None]) -> None:
                 async with slots:
-                    self._reply(await self.execute_async(message))
+                    slot = begun.begin(item[0].spec.task_id)
+                    try:
+                        self._reply(await self.execute_async(item[0]), item[1])
+                    finally:
+                        begun.end(slot)
+
+            begun = self._begun
+            assert begun is not None
 
             self._concurrently = lambda m: asyncio.run_coroutine_threadsafe(
                 bounded(m), loop
@@ -152,7 +233,9 @@ class Worker:
 
     def _failure(self, message: p.ExecuteTask, exc: BaseException) -> p.TaskDone:
         spec = message.spec
-        if isinstance(exc, context.ActorExit):
+        if isinstance(exc, _ArgumentFailed):  # the call fails with its argument's error
+            error = exc.error
+        elif isinstance(exc, context.ActorExit):
             error = p.ErrorInfo("actor_exit", "exit_actor() was called", spec.name)
         elif isinstance(exc, ObjectMissingError):  # an argument's bytes are gone
             error = p.ErrorInfo("object_lost", str(exc))
@@ -193,7 +276,11 @@ class Worker:
     def _value(self, arg: p.Arg, location: p.ObjectLocation | None) -> Any:
         if arg.inline is not None:
             return deserialize(arg.inline)
-        assert location is not None, "the daemon sends the location of every ref argument"
+        if location is None:  # a direct call's ref argument: asked for here, in order
+            assert arg.ref is not None
+            (location,) = self.client.get_locations([arg.ref], None)
+            if location.error is not None:
+                raise _ArgumentFailed(location.error)
         return self.client.read_value(location)
 
     def _store(self, object_id: str, value: Any, digest: Any) -> p.ObjectLocation:
@@ -211,6 +298,14 @@ class Worker:
     @staticmethod
     def _failed(spec: p.TaskSpec, message: p.ExecuteTask, error: p.ErrorInfo) -> p.TaskDone:
         return p.TaskDone(spec.task_id, message.attempt, [], error=error)
+
+
+class _ArgumentFailed(Exception):
+    """A direct call's argument stands for an error (its task failed)."""
+
+    def __init__(self, error: p.ErrorInfo) -> None:
+        super().__init__(error.message)
+        self.error = error
 
 
 def _raise_unexpected(future: Any) -> None:
@@ -255,10 +350,16 @@ def main() -> None:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     client = CoreClient(socket_path, "worker", worker_id)
     context.set_client(client)
+    worker = Worker(client)
     try:
-        Worker(client).run()
+        worker.run()
     finally:
         client.close()
+        if worker.direct_socket_path is not None:  # an actor ending on its own
+            with contextlib.suppress(OSError):
+                os.unlink(worker.direct_socket_path)
+            with contextlib.suppress(OSError):
+                os.unlink(begun_calls_path(client.welcome.session_dir, worker_id))
         os._exit(0)
 
 

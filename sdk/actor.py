@@ -247,7 +247,7 @@ class ActorMethod:
             method=self._name,
             sequence=next(handle._sequence),
         )
-        client.submit(spec)
+        client.submit_actor_call(spec)
         del keep_alive
         refs = [ObjectRef._owned(object_id) for object_id in spec.return_ids()]
         if spec.num_returns == 1:

@@ -345,7 +345,7 @@ def kill(actor: ActorHandle, *, no_restart: bool = True) -> None:
             f"ray.kill() only supported for actors. For tasks, try ray.cancel(). "
             f"Got: {type(actor).__name__}."
         )
-    client_or_auto_init().send(p.KillActor(actor._actor_id, no_restart))
+    client_or_auto_init().kill_actor(actor._actor_id, no_restart)
 
 
 # -- cluster ---------------------------------------------------------------------------

@@ -5,12 +5,28 @@ _PIPELINE_DEPTH more sent ahead. The life of every actor is in the log:
 ``creation_requested``, ``scheduled``, ``alive`` (with its worker), ``dead`` (cause).
 
 A mixin of NodeDaemon: it uses the daemon's task, object and worker bookkeeping.
+
+Direct calls. A caller on this node that has an alive actor's route (WatchActor ->
+ActorRoute) sends each call straight to the actor's worker and the same message to the
+daemon (SubmitDirectCall), which records it as sent (``submitted`` and ``running``,
+the call in ``running``) without sending it on. The worker tells the daemon the outcome
+(TaskDone), then answers the caller directly, so the caller sees the result before its
+``finished`` and ``created`` events are durable: they are written behind, committed
+within the appender's linger (5 ms) with the other events queued by then. What a crash
+can lose: if the node daemon or PostgreSQL crashes in that window, the log lacks the
+last direct calls' ``finished`` (and perhaps ``submitted`` / ``running``) events, and a
+fold shows those calls as submitted or running on an actor that died with the node,
+although their callers saw results. Nothing else is written behind for them: a call
+the worker did not answer (its process died, exit_actor()) is settled here, durably,
+before its caller hears. Actors that replay their calls on restart never take direct
+calls (their replay reads finished calls from the log, so those must be durable).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
@@ -21,6 +37,7 @@ from controlplane.eventlog.connection import connect
 from controlplane.sql import queries
 from dataplane import protocol as p
 from dataplane import shm
+from dataplane.begun_calls import begun_calls_path, read_begun
 
 if TYPE_CHECKING:
     from controlplane.node.daemon import Connection, TaskRecord, WorkerHandle
@@ -51,6 +68,10 @@ class ActorRecord:
     restarts: int = 0
     replaying: bool = False  # its earlier calls are being read from the log
     calls_since_checkpoint: int = 0
+    watchers: list[Connection] = field(default_factory=list)  # waiting for its route
+    # the last dead worker's id and the calls it had begun and not answered (None: not
+    # known), for direct calls whose copies come after its death
+    last_begun: tuple[str, set[str] | None] = ("", None)
 
     @property
     def options(self) -> p.ActorOptions:
@@ -60,6 +81,8 @@ class ActorRecord:
 class ActorsMixin:
     actors: dict[str, ActorRecord]
     unscheduled_actors: set[str]  # created, constructor not sent yet
+    # a direct call's TaskDone that came before the caller's copy of the call
+    early_direct_done: dict[str, p.TaskDone]
 
     # -- creation ------------------------------------------------------------------
 
@@ -114,6 +137,7 @@ class ActorsMixin:
         its creation is spilled to be placed there."""
         actor.elsewhere = True
         self.unscheduled_actors.discard(actor.actor_id)
+        self._tell_watchers(actor)
         handle, actor.worker = actor.worker, None
         if handle is not None:
             with contextlib.suppress(ProcessLookupError):
@@ -257,10 +281,15 @@ class ActorsMixin:
             if actor.options.replay_calls_on_restart and (not first_start or creation.attempt > 0):
                 actor.replaying = True
                 self._spawn(self._replay_calls(actor))
+            self._tell_watchers(actor)
         else:
             record = actor.running.pop(done.task_id, None)
             if record is None:
+                if done.direct:  # its caller's copy of the call is still on its way
+                    self.early_direct_done[done.task_id] = done
                 return
+            exiting = done.error is not None and done.error.kind == "actor_exit"
+            record.answered = done.direct and not exiting
             if record.internal is not None:
                 self._internal_call_done(actor, record, done)
                 self._actor_dispatch(actor)
@@ -282,6 +311,80 @@ class ActorsMixin:
             else:
                 record.output_digest = done.output_digest
                 self._finish_ok(record, done.returns)
+        self._actor_dispatch(actor)
+
+    # -- direct calls (see the module's docstring) ------------------------------------
+
+    def _watch_actor(self: Any, conn: Connection, actor_id: str) -> None:
+        actor = self.actors.get(actor_id)
+        if actor is not None and self._may_call_directly(actor) and actor.state != "ALIVE":
+            actor.watchers.append(conn)  # answered once it is alive (or never will be)
+        else:
+            conn.send(self._route_of(actor, actor_id))
+
+    def _may_call_directly(self: Any, actor: ActorRecord) -> bool:
+        return not (
+            actor.elsewhere or actor.death is not None or actor.options.replay_calls_on_restart
+        )
+
+    def _route_of(self: Any, actor: ActorRecord | None, actor_id: str) -> p.ActorRoute:
+        handle = actor.worker if actor is not None else None
+        if (
+            actor is None
+            or handle is None
+            or handle.conn is None
+            or actor.state != "ALIVE"
+            or not self._may_call_directly(actor)
+        ):
+            return p.ActorRoute(actor_id, None, None)
+        path = p.direct_socket_path(str(self.session_dir), handle.worker_id)
+        return p.ActorRoute(actor_id, handle.worker_id, path)
+
+    def _tell_watchers(self: Any, actor: ActorRecord) -> None:
+        """Callers waiting for the actor's route get it, now that it is alive, moved to
+        another node or dead."""
+        watchers, actor.watchers = actor.watchers, []
+        route = self._route_of(actor, actor.actor_id)
+        for conn in watchers:
+            conn.send(route)
+
+    def _submit_direct(self: Any, conn: Connection, spec: p.TaskSpec, worker_id: str) -> None:
+        """The daemon's copy of a call sent straight to the worker ``worker_id``: from
+        here on it is in the actor's ``running`` calls as if the daemon had sent it, so
+        the worker's answer, its death or the actor's settles it like any other."""
+        record = self._register_task(conn, spec)
+        record.direct = True
+        actor = self.actors.get(spec.actor_id or "")
+        record.retries_left = actor.options.max_task_retries if actor is not None else 0
+        handle = actor.worker if actor is not None else None
+        early = self.early_direct_done.pop(spec.task_id, None)
+        if actor is None or (early is None and (handle is None or handle.worker_id != worker_id)):
+            self._direct_call_unanswered(actor, record, worker_id)
+            return
+        assert handle is not None
+        record.state, record.worker = "RUNNING", handle
+        self._log([self._running_event(record, worker_id)])
+        actor.running[spec.task_id] = record
+        if early is not None:
+            self._actor_task_done(actor, early)
+
+    def _direct_call_unanswered(
+        self: Any, actor: ActorRecord | None, record: TaskRecord, worker_id: str
+    ) -> None:
+        """The worker the call was sent to died without answering it: the call fails
+        with the actor's death, or goes to the new instance as interrupted calls do."""
+        record.direct = False
+        if actor is None or actor.death is not None:
+            error = actor.death if actor is not None else None
+            self._finish_failed(
+                record,
+                error or p.ErrorInfo("actor_died", f"no actor {record.spec.actor_id} on this node"),
+                log_event=True,
+            )
+            return
+        dead_worker, begun = actor.last_begun
+        may_have_begun = dead_worker != worker_id or begun is None or record.spec.task_id in begun
+        self._interrupted(actor, record, f"its worker {worker_id} died", begun=may_have_begun)
         self._actor_dispatch(actor)
 
     # -- replay ----------------------------------------------------------------------
@@ -398,12 +501,18 @@ class ActorsMixin:
         self._log(
             [Event(K.ACTOR, actor.actor_id, "dead", {"cause": cause[:2000]}, node_id=self.node_id)]
         )
-        pending = [*actor.running.values(), *actor.queue]
-        actor.running, actor.queue = {}, deque()
+        # direct calls wait for the worker's connection to end: an answer the caller may
+        # have seen is recorded as it was, not as a failure
+        connected = actor.worker is not None and actor.worker.worker_id in self.workers
+        still = {t: r for t, r in actor.running.items() if r.direct and connected}
+        pending = [r for t, r in actor.running.items() if t not in still]
+        pending += actor.queue
+        actor.running, actor.queue = still, deque()
         if was_alive == "PENDING_CREATION" and actor.creation.spec.task_id in self.tasks:
             pending.append(actor.creation)
         for record in pending:
             self._finish_failed(record, actor.death, log_event=True)
+        self._tell_watchers(actor)
         spec = actor.creation.spec
         for object_id in (*spec.dependencies(), *spec.contained_refs):
             self.objects.unpin(object_id)
@@ -430,7 +539,9 @@ class ActorsMixin:
             with contextlib.suppress(ProcessLookupError):
                 actor.worker.process.kill()
 
-    def _restart_or_die(self: Any, actor: ActorRecord, cause: str) -> None:
+    def _restart_or_die(
+        self: Any, actor: ActorRecord, cause: str, begun: set[str] | None = None
+    ) -> None:
         """After its process died: the actor is re-created (constructor re-run) if
         ``max_restarts`` allows, and the call it was running is sent again if
         ``max_task_retries`` allows; queued calls wait for the new instance."""
@@ -454,32 +565,59 @@ class ActorsMixin:
             ]
         )
         interrupted, actor.running = list(actor.running.values()), {}
-        # The worker runs calls in the order sent, at most max_concurrency at once: only
-        # the first ones can have started; the rest were sent ahead and never began.
+        # Which calls had begun: as the process marked them (``begun``). Without that
+        # mark: only the first max_concurrency calls the daemon sent can have (the
+        # worker runs calls in the order it gets them), and any sent straight to it.
         started = actor.options.max_concurrency
-        for index in reversed(range(len(interrupted))):  # back to the queue's head, in order
-            record = interrupted[index]
-            if index >= started or record.retries_left != 0:
-                if index < started:
-                    record.retries_left -= record.retries_left > 0
-                    reason = f"the actor restarted: {cause}"
-                else:
-                    reason = f"the actor restarted before the call began: {cause}"
-                self._next_attempt(record, reason)
-                actor.queue.appendleft(record)
+        sent_here = 0
+        requeued = []
+        for record in interrupted:
+            if begun is not None:
+                may_have_begun = record.spec.task_id in begun
             else:
-                self._finish_failed(
-                    record,
-                    p.ErrorInfo(
-                        "actor_died",
-                        f"the actor {actor.actor_id} died while running the call "
-                        f"(max_task_retries=0): {cause}",
-                        function_name=actor.actor_id,
-                    ),
-                    log_event=True,
-                )
+                may_have_begun = record.direct or sent_here < started
+            sent_here += not record.direct
+            requeued.append((record, may_have_begun))
+        for record, may_have_begun in reversed(requeued):  # to the queue's head, in order
+            self._interrupted(actor, record, cause, begun=may_have_begun, at_head=True)
         actor.worker = self._start_worker(actor_id=actor.actor_id)
         self.unscheduled_actors.add(actor.actor_id)
+
+    def _interrupted(
+        self: Any,
+        actor: ActorRecord,
+        record: TaskRecord,
+        cause: str,
+        *,
+        begun: bool,
+        at_head: bool = False,
+    ) -> None:
+        """A call the actor's dead process did not answer goes to the new instance
+        (a new attempt; using up one of ``max_task_retries`` if it may have begun), or
+        fails when it may have begun and no retries are left."""
+        record.direct = record.answered = False
+        if begun and record.retries_left == 0:
+            self._finish_failed(
+                record,
+                p.ErrorInfo(
+                    "actor_died",
+                    f"the actor {actor.actor_id} died while running the call "
+                    f"(max_task_retries=0): {cause}",
+                    function_name=actor.actor_id,
+                ),
+                log_event=True,
+            )
+            return
+        if begun:
+            record.retries_left -= record.retries_left > 0
+            reason = f"the actor restarted: {cause}"
+        else:
+            reason = f"the actor restarted before the call began: {cause}"
+        self._next_attempt(record, reason)
+        if at_head:
+            actor.queue.appendleft(record)
+        else:
+            actor.queue.append(record)
 
     # -- names -----------------------------------------------------------------------
 
@@ -528,9 +666,25 @@ class ActorsMixin:
         conn.send(p.Reply(request.request_id, (actor.actor_id, actor.creation.spec.actor_options)))
 
     def _actor_worker_lost(self: Any, handle: WorkerHandle, exit_code: int) -> None:
+        session_dir = str(self.session_dir)
+        begun_path = begun_calls_path(session_dir, handle.worker_id)
+        begun = read_begun(begun_path)
+        for path in (begun_path, p.direct_socket_path(session_dir, handle.worker_id)):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
         actor = self.actors.get(handle.actor_id)
-        if actor is not None and actor.death is None and actor.worker is handle:
-            self._restart_or_die(actor, f"its worker process died (exit code {exit_code})")
+        if actor is None or actor.worker is not handle:
+            return
+        actor.last_begun = (handle.worker_id, begun)
+        if actor.death is None:
+            cause = f"its worker process died (exit code {exit_code})"
+            self._restart_or_die(actor, cause, begun)
+            return
+        # dead already: the direct calls it left unanswered fail now
+        leftover, actor.running = list(actor.running.values()), {}
+        for record in leftover:
+            record.direct = record.answered = False
+            self._finish_failed(record, actor.death, log_event=True)
 
     def _owner_gone(self: Any, conn: Connection) -> None:
         """Actors die with the process that created them, unless detached."""

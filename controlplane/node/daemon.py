@@ -124,6 +124,8 @@ class TaskRecord:
     gpu_ids: list[str] = field(default_factory=list)  # the GPUs it was given
     bundle: Bundle | None = None  # the placement group bundle it runs in
     output_digest: str | None = None  # of the returns of its attempt that finished
+    direct: bool = False  # an actor call its caller sent straight to the actor's worker
+    answered: bool = False  # ... which the worker answered to the caller itself
 
 
 class NodeDaemon(
@@ -168,6 +170,7 @@ class NodeDaemon(
         self.tasks: dict[str, TaskRecord] = {}
         self.actors: dict[str, ActorRecord] = {}
         self.unscheduled_actors: set[str] = set()
+        self.early_direct_done: dict[str, p.TaskDone] = {}
         self.actor_names: dict[tuple[str, str], str] = {}  # (namespace, name) -> actor id
         self.job_namespaces: dict[str, str] = {}
         self.ready: dict[tuple[tuple[str, float], ...], deque[TaskRecord]] = {}
@@ -378,11 +381,13 @@ class NodeDaemon(
         with contextlib.suppress(GcsError):  # closed: we are shutting down
             self.appender.write_behind(events)
 
-    def _log_durable(self, events: list[Event]) -> asyncio.Future[list[int]]:
-        """Appends events that gate visibility: committed at once; the future is done
-        when they are durable."""
+    def _log_durable(
+        self, events: list[Event], *, urgent: bool = True
+    ) -> asyncio.Future[list[int]]:
+        """Appends events that gate visibility: committed at once (or, not ``urgent``,
+        within the linger); the future is done when they are durable."""
         try:
-            future = self.appender.enqueue(events, urgent=True)
+            future = self.appender.enqueue(events, urgent=urgent)
         except GcsError as error:  # closed: we are shutting down
             future = asyncio.get_running_loop().create_future()
             future.set_exception(error)
@@ -507,6 +512,10 @@ class NodeDaemon(
                 self.functions.setdefault(function_id, (blob, name))
             case p.SubmitTask(spec):
                 self._submit(conn, spec)
+            case p.SubmitDirectCall(spec, worker_id):
+                self._submit_direct(conn, spec, worker_id)
+            case p.WatchActor(actor_id):
+                self._watch_actor(conn, actor_id)
             case p.PutObject(location, task_id, durable):
                 self._put(conn, location, task_id, durable)
             case p.ReserveShm(request_id, size):
@@ -636,12 +645,16 @@ class NodeDaemon(
         locations: list[p.ObjectLocation],
         events: list[Event],
         owner: Connection | None = None,
+        *,
+        urgent: bool = True,
     ) -> None:
         """Once ``events`` are durable, the objects become ready; ``owner`` (the
-        submitter of the task that made them) is sent their locations."""
+        submitter of the task that made them) is sent their locations. Not ``urgent``:
+        the owner has them already (a direct actor call's answer), so the commit may
+        wait for others (see controlplane/node/actors.py, "Direct calls")."""
         for location in locations:
             self.objects.expect(location.object_id, location)
-        durable = self._log_durable(events)
+        durable = self._log_durable(events, urgent=urgent)
 
         def publish(future: asyncio.Future[list[int]]) -> None:
             error = future.exception()
@@ -854,13 +867,7 @@ class NodeDaemon(
             handle.functions.add(spec.function_id)
         args = [self.objects.location(a.ref) if a.ref else None for a in spec.args]
         kwargs = {k: self.objects.location(a.ref) for k, a in spec.kwargs.items() if a.ref}
-        running = Event(
-            K.TASK,
-            spec.task_id,
-            "running",
-            {"worker_id": handle.worker_id, "attempt": record.attempt},
-            node_id=self.node_id,
-        )
+        running = self._running_event(record, handle.worker_id)
         if record.internal is not None:
             pass  # logged as the actor's `replaying` / `checkpointed`, not as a call
         elif spec.actor_id is not None and spec.method != "__init__":
@@ -872,6 +879,15 @@ class NodeDaemon(
             self._log([scheduled, running])
         assert handle.conn is not None
         handle.conn.send(p.ExecuteTask(spec, record.attempt, blob, args, kwargs, record.gpu_ids))
+
+    def _running_event(self, record: TaskRecord, worker_id: str) -> Event:
+        return Event(
+            K.TASK,
+            record.spec.task_id,
+            "running",
+            {"worker_id": worker_id, "attempt": record.attempt},
+            node_id=self.node_id,
+        )
 
     def _task_done(self, conn: Connection, done: p.TaskDone) -> None:
         handle = self._worker_of(conn)
@@ -925,7 +941,7 @@ class NodeDaemon(
         if record.placed_from is not None:
             events = self._placed_finished_events(record, returns)
         record.state = "FINISHED"
-        self._make_durable_then_ready(returns, events, record.submitter)
+        self._make_durable_then_ready(returns, events, record.submitter, urgent=not record.answered)
         self._task_over(record)
 
     def _finished_event(self, record: TaskRecord) -> Event:
@@ -957,7 +973,9 @@ class NodeDaemon(
         )
         record.state = kind.upper()
         locations = [p.ObjectLocation(oid, error=error) for oid in spec.return_ids()]
-        self._make_durable_then_ready(locations, events, record.submitter)
+        self._make_durable_then_ready(
+            locations, events, record.submitter, urgent=not record.answered
+        )
         self._task_over(record)
 
     def _task_over(self, record: TaskRecord) -> None:
