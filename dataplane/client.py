@@ -92,6 +92,9 @@ class CoreClient:
         self._call_route: dict[str, _Route] = {}  # return id of a call not in yet -> route
         self._direct_ids: set[str] = set()  # those whose call went straight to the worker
         self._route_breaks = 0  # direct routes lost so far (wakes waiters to re-decide)
+        # $CAIRN_DIRECT_ACTOR_CALLS=0: every call goes through the daemon, and its result
+        # is visible only once its events are durable (see submit_actor_call)
+        self._direct_calls = os.environ.get("CAIRN_DIRECT_ACTOR_CALLS", "1") != "0"
         self._requests: dict[int, Future[Any]] = {}
         self._request_ids = itertools.count(1)
         self._ref_changes: collections.deque[tuple[str, int]] = collections.deque()
@@ -121,11 +124,15 @@ class CoreClient:
 
     def send(self, message: object) -> None:
         """Sends a message after any pending reference-count changes."""
+        self.send_encoded(p.encode(message))
+
+    def send_encoded(self, data: bytes) -> None:
+        """``send`` of a frame ``p.encode`` made."""
         if self._closed.is_set():
             raise ConnectionError("the connection to the node daemon is closed")
         with self._flush_lock:
             self._send_ref_changes()
-            self.channel.send(message)
+            self.channel.send_encoded(data)
 
     def request(self, make: Any) -> Any:
         """Sends ``make(request_id)`` and blocks for the daemon's Reply."""
@@ -166,6 +173,7 @@ class CoreClient:
             route = self._routes.get(spec.actor_id)
             if route is None:
                 route = self._routes[spec.actor_id] = _Route(spec.actor_id)
+                route.never = not self._direct_calls
             if not route.never:
                 for object_id in return_ids:
                     self._call_route[object_id] = route
@@ -183,9 +191,7 @@ class CoreClient:
             route.direct[spec.task_id] = return_ids
             self._direct_ids.update(return_ids)
             data = p.encode(p.SubmitDirectCall(spec, route.worker_id))
-            with self._flush_lock:  # the daemon first: it pins what the call uses
-                self._send_ref_changes()
-                self.channel.send_encoded(data)
+            self.send_encoded(data)  # the daemon first: it pins what the call uses
         try:
             channel.send_encoded(data)
         except OSError:  # the worker is gone: the daemon settles the call
@@ -243,20 +249,26 @@ class CoreClient:
 
     def _route_broken(self, route: _Route, channel: p.SyncChannel) -> None:
         """The actor's worker went away: its unanswered calls are the daemon's now (it
-        re-sends or fails them and pushes their results here), and so are later calls
-        until those are in and the daemon gives the new worker's route."""
+        re-sends or fails them, and is asked to push the results of those the worker
+        answered to it but not here), and so are later calls until those are in and the
+        daemon gives the new worker's route."""
         channel.close()
         with self._routes_lock:
             if route.channel is not channel:
                 return
             route.channel = route.worker_id = None
+            unanswered = []
             for return_ids in route.direct.values():
                 route.blind = route.blind or not return_ids
                 for object_id in return_ids:
                     self._direct_ids.discard(object_id)
                     if object_id in self._call_route:
                         route.via_daemon.add(object_id)
+                        unanswered.append(object_id)
             route.direct.clear()
+        if unanswered and not self._closed.is_set():
+            with contextlib.suppress(OSError):
+                self.send(p.PushObjects(unanswered))
         with self._ready:
             self._route_breaks += 1
             self._ready.notify_all()

@@ -154,6 +154,14 @@ def direct_socket_path(session_dir: str, worker_id: str) -> str:
 
 
 @dataclass(slots=True)
+class PushObjects:
+    """Asks for ObjectsReady of these objects once each is ready: results of direct
+    calls whose worker died before answering here (the daemon may have their answer)."""
+
+    object_ids: list[str]
+
+
+@dataclass(slots=True)
 class WatchActor:
     """Asks once for the actor's direct route (reply: ActorRoute, when it is alive or
     will never have one)."""

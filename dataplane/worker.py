@@ -85,10 +85,11 @@ class Worker:
         exit_actor() is answered by the daemon alone (as the actor's death)."""
         exiting = done.error is not None and done.error.kind == "actor_exit"
         done.direct = caller is not None
-        self.client.send(done)
+        data = p.encode(done)
+        self.client.send_encoded(data)
         if caller is not None and not exiting:
             with contextlib.suppress(OSError):  # the caller is gone: the daemon has it
-                caller.send(done)
+                caller.send_encoded(data)
         if exiting:
             self.client.tasks.put(None)  # ends run(): the actor is over
 

@@ -352,8 +352,7 @@ class ActorsMixin:
         """The daemon's copy of a call sent straight to the worker ``worker_id``: from
         here on it is in the actor's ``running`` calls as if the daemon had sent it, so
         the worker's answer, its death or the actor's settles it like any other."""
-        record = self._register_task(conn, spec)
-        record.direct = True
+        record = self._register_task(conn, spec, direct=True)
         actor = self.actors.get(spec.actor_id or "")
         record.retries_left = actor.options.max_task_retries if actor is not None else 0
         handle = actor.worker if actor is not None else None

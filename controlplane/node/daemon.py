@@ -516,6 +516,8 @@ class NodeDaemon(
                 self._submit_direct(conn, spec, worker_id)
             case p.WatchActor(actor_id):
                 self._watch_actor(conn, actor_id)
+            case p.PushObjects(object_ids):
+                self._push_objects(conn, object_ids)
             case p.PutObject(location, task_id, durable):
                 self._put(conn, location, task_id, durable)
             case p.ReserveShm(request_id, size):
@@ -675,6 +677,13 @@ class NodeDaemon(
 
         durable.add_done_callback(publish)
 
+    def _push_objects(self, conn: Connection, object_ids: list[str]) -> None:
+        for object_id in object_ids:
+            self.objects.on_ready(
+                object_id,
+                lambda oid=object_id: conn.send(p.ObjectsReady([self.objects.location(oid)])),
+            )
+
     def _object_freed(self, location: p.ObjectLocation) -> None:
         if location.shm_name is not None and not self.pool.keep(location.shm_name, location.size):
             shm.unlink_segment(location.shm_name)
@@ -737,11 +746,13 @@ class NodeDaemon(
         else:
             self._enqueue(record)
 
-    def _register_task(self, conn: Connection, spec: p.TaskSpec) -> TaskRecord:
+    def _register_task(
+        self, conn: Connection, spec: p.TaskSpec, *, direct: bool = False
+    ) -> TaskRecord:
         """Records a submitted task: its returns are held by the submitter, its
         arguments pinned, and its ``submitted`` event (the lineage) is logged; the
         function itself is logged with the first task that uses it."""
-        record = TaskRecord(spec, conn, retries_left=spec.max_retries)
+        record = TaskRecord(spec, conn, retries_left=spec.max_retries, direct=direct)
         self.tasks[spec.task_id] = record
         for object_id in spec.return_ids():
             conn.holding.add(object_id)
@@ -766,6 +777,8 @@ class NodeDaemon(
         }
         if spec.actor_id is not None:
             payload.update(actor_id=spec.actor_id, method=spec.method or "", sequence=spec.sequence)
+        if direct:  # sent straight to the actor's worker (controlplane/node/actors.py)
+            payload["direct"] = True
         self._log(
             [
                 Event(
@@ -973,9 +986,8 @@ class NodeDaemon(
         )
         record.state = kind.upper()
         locations = [p.ObjectLocation(oid, error=error) for oid in spec.return_ids()]
-        self._make_durable_then_ready(
-            locations, events, record.submitter, urgent=not record.answered
-        )
+        owner = None if record.answered else record.submitter  # (it has them already)
+        self._make_durable_then_ready(locations, events, owner, urgent=not record.answered)
         self._task_over(record)
 
     def _task_over(self, record: TaskRecord) -> None:

@@ -1,0 +1,202 @@
+"""Direct actor calls (issue 4's benchmark rows): a caller on the actor's node sends its
+calls straight to the actor's worker, which answers it directly; the daemon records
+every call from its copy. These tests check that calls take that way, keep their
+order across the switch to it, resolve ref arguments, survive the actor's death as
+daemon-sent calls do, and all reach the log."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from log_rows import rows, wait_for_rows
+
+import sdk as ray
+from dataplane.begun_calls import begun_calls_path
+from dataplane.protocol import direct_socket_path
+from sdk.api import client_or_auto_init
+from sdk.exceptions import ActorDiedError, RayTaskError
+
+pytestmark = pytest.mark.timeout(120)
+
+_CALL_EVENTS = """
+SELECT entity_id, event_type, payload FROM events
+WHERE entity_kind = 'task' AND entity_id IN (
+    SELECT entity_id FROM events
+    WHERE event_type = 'submitted' AND payload->>'actor_id' = $1 AND payload->>'method' = $2
+)
+ORDER BY position
+"""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cluster() -> Iterator[None]:
+    ray.init(num_cpus=2)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@ray.remote
+class Log:
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, int]] = []
+        self.n = 0
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def add(self, k: int = 1) -> int:
+        self.n += k
+        return self.n
+
+    def record(self, caller: str, seq: int) -> None:
+        self.seen.append((caller, seq))
+
+    def history(self) -> list[tuple[str, int]]:
+        return self.seen
+
+    def slow(self, seconds: float) -> int:
+        time.sleep(seconds)
+        return self.n
+
+
+@ray.remote
+def make_calls(actor: ray.actor.ActorHandle, caller: str, n: int) -> int:
+    ray.get([actor.record.remote(caller, i) for i in range(n)])
+    return n
+
+
+@ray.remote
+def later(value: int, seconds: float) -> int:
+    time.sleep(seconds)
+    return value
+
+
+@ray.remote
+def broken() -> int:
+    raise KeyError("no such key")
+
+
+def _gcs() -> str:
+    return ray.get_runtime_context().gcs_address
+
+
+def _files_of(worker_id: str) -> list[Path]:
+    """The direct-call socket and begun-calls file of an actor's worker, if still there."""
+    session = client_or_auto_init().welcome.session_dir
+    paths = [direct_socket_path(session, worker_id), begun_calls_path(session, worker_id)]
+    return [Path(path) for path in paths if Path(path).exists()]
+
+
+def test_calls_after_the_first_go_straight_to_the_actor_and_all_reach_the_log() -> None:
+    actor = Log.remote()
+    assert ray.get(actor.add.remote()) == 1  # through the daemon: no route yet
+    assert [ray.get(actor.add.remote()) for _ in range(200)] == list(range(2, 202))
+    events = wait_for_rows(
+        _gcs(),
+        _CALL_EVENTS + "",
+        actor._actor_id,
+        "add",
+        count=201 * 3,
+    )
+    by_call: dict[str, list[str]] = {}
+    direct: dict[str, bool] = {}
+    for row in events:
+        by_call.setdefault(row["entity_id"], []).append(row["event_type"])
+        if row["event_type"] == "submitted":
+            direct[row["entity_id"]] = '"direct": true' in row["payload"]
+    assert len(by_call) == 201
+    assert all(types == ["submitted", "running", "finished"] for types in by_call.values())
+    in_order = list(direct.values())  # submitted events in the order of the calls
+    assert in_order == [False] + [True] * 200
+
+
+def test_each_callers_order_holds_across_the_switch_and_with_a_second_caller() -> None:
+    actor = Log.remote()
+    first = [actor.record.remote("driver", i) for i in range(300)]  # through the daemon
+    ray.get(first[:1])
+    rest = []
+    for i in range(300, 3000):  # switches to the direct route once the first are in
+        rest.append(actor.record.remote("driver", i))
+        if i % 500 == 0:
+            time.sleep(0.05)
+    other = make_calls.remote(actor, "task", 1000)  # a worker calling it as well
+    assert ray.get(other, timeout=60) == 1000
+    ray.get(first + rest)
+    seen = ray.get(actor.history.remote())
+    assert [s for c, s in seen if c == "driver"] == list(range(3000))
+    assert [s for c, s in seen if c == "task"] == list(range(1000))
+    submitted = rows(
+        _gcs(),
+        "SELECT count(*) AS n FROM events WHERE event_type = 'submitted' "
+        "AND payload->>'actor_id' = $1 AND (payload->>'direct')::boolean",
+        actor._actor_id,
+    )
+    assert submitted[0]["n"] > 1000  # most calls did go straight to the actor
+
+
+def test_ref_arguments_of_direct_calls_are_resolved_in_order() -> None:
+    actor = Log.remote()
+    assert ray.get(actor.add.remote(0)) == 0  # the route is there from now on
+    put = ray.put(5)
+    pending = later.remote(100, 0.5)
+    refs = [actor.add.remote(put), actor.add.remote(pending), actor.add.remote(1)]
+    assert ray.get(refs, timeout=60) == [5, 105, 106]  # the third waited for the second
+    with pytest.raises(RayTaskError, match="no such key"):
+        ray.get(actor.add.remote(broken.remote()), timeout=60)
+    assert ray.get(actor.add.remote(1)) == 107  # the failed call did not run
+
+
+def test_a_crash_resends_direct_calls_that_never_began_and_fails_the_one_running() -> None:
+    actor = Log.options(max_restarts=1).remote()
+    pid = ray.get(actor.pid.remote())
+    assert ray.get(actor.add.remote()) == 1  # direct from here on
+    running = actor.slow.remote(30)
+    queued = [actor.add.remote() for _ in range(20)]
+    time.sleep(0.5)  # the slow call has begun; the rest wait in the worker
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(ActorDiedError, match="max_task_retries=0"):
+        ray.get(running, timeout=60)
+    assert ray.get(queued, timeout=60) == list(range(1, 21))  # on the new instance
+    assert ray.get(actor.pid.remote()) != pid
+    reasons = rows(
+        _gcs(),
+        "SELECT payload->>'reason' AS reason FROM events WHERE event_type = 'retried' "
+        "AND entity_id = ANY($1::text[])",
+        [ref.task_id() for ref in queued],
+    )
+    assert len(reasons) == 20
+    assert all("before the call began" in r["reason"] for r in reasons)
+    ray.kill(actor)
+    with pytest.raises(ActorDiedError):
+        ray.get(actor.add.remote(), timeout=30)
+    workers = rows(
+        _gcs(),
+        "SELECT payload->>'worker_id' AS worker FROM events WHERE entity_kind = 'actor' "
+        "AND entity_id = $1 AND event_type = 'alive'",
+        actor._actor_id,
+    )
+    assert len(workers) == 2
+    deadline = time.monotonic() + 30
+    while left := [f for r in workers for f in _files_of(r["worker"])]:
+        assert time.monotonic() < deadline, f"an actor's worker left {left}"
+        time.sleep(0.1)
+
+
+def test_actors_that_replay_their_calls_take_no_direct_calls() -> None:
+    actor = Log.options(max_restarts=1, replay_calls_on_restart=True).remote()
+    assert [ray.get(actor.add.remote()) for _ in range(20)] == list(range(1, 21))
+    submitted = wait_for_rows(
+        _gcs(),
+        "SELECT payload FROM events WHERE event_type = 'submitted' "
+        "AND payload->>'actor_id' = $1 AND payload->>'method' = 'add'",
+        actor._actor_id,
+        count=20,
+    )
+    assert not any('"direct": true' in row["payload"] for row in submitted)
