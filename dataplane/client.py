@@ -190,12 +190,29 @@ class CoreClient:
             assert route.worker_id is not None
             route.direct[spec.task_id] = return_ids
             self._direct_ids.update(return_ids)
-            data = p.encode(p.SubmitDirectCall(spec, route.worker_id))
+            args, kwargs = self._known_locations(spec)
+            data = p.encode(p.SubmitDirectCall(spec, route.worker_id, args, kwargs))
             self.send_encoded(data)  # the daemon first: it pins what the call uses
         try:
             channel.send_encoded(data)
         except OSError:  # the worker is gone: the daemon settles the call
             self._route_broken(route, channel)
+
+    def _known_locations(
+        self, spec: p.TaskSpec
+    ) -> tuple[list[p.ObjectLocation | None], dict[str, p.ObjectLocation]]:
+        """Where a call's ref arguments are, for those in this process's store and on
+        this node (so the worker need not ask the daemon)."""
+        if not spec.dependencies():
+            return [], {}
+        with self._ready:
+            args = [self._readable_here(a.ref) for a in spec.args]
+            kwargs = {k: self._readable_here(a.ref) for k, a in spec.kwargs.items()}
+        return args, {k: loc for k, loc in kwargs.items() if loc is not None}
+
+    def _readable_here(self, object_id: str | None) -> p.ObjectLocation | None:
+        location = self._local.get(object_id) if object_id is not None else None
+        return location if location is not None and location.remote is None else None
 
     def kill_actor(self, actor_id: str, no_restart: bool) -> None:
         """Asks the daemon to kill the actor. This process's calls stop going straight

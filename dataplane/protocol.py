@@ -145,6 +145,9 @@ class SubmitDirectCall:
 
     spec: TaskSpec
     worker_id: str
+    # where ref arguments are, when the caller knows (else the worker asks the daemon)
+    args: list[ObjectLocation | None] = field(default_factory=list)
+    kwargs: dict[str, ObjectLocation] = field(default_factory=dict)
 
 
 def direct_socket_path(session_dir: str, worker_id: str) -> str:

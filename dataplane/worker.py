@@ -128,7 +128,8 @@ class Worker:
                 if not isinstance(message, p.SubmitDirectCall):
                     raise p.ProtocolError(f"unexpected message {type(message).__name__}")
                 spec = message.spec
-                call = p.ExecuteTask(spec, 0, None, [None] * len(spec.args))
+                args = message.args or [None] * len(spec.args)
+                call = p.ExecuteTask(spec, 0, None, args, message.kwargs)
                 self.client.tasks.put((call, channel))
         except (EOFError, OSError):
             pass
@@ -280,8 +281,8 @@ class Worker:
         if location is None:  # a direct call's ref argument: asked for here, in order
             assert arg.ref is not None
             (location,) = self.client.get_locations([arg.ref], None)
-            if location.error is not None:
-                raise _ArgumentFailed(location.error)
+        if location.error is not None:  # (a direct call's: the daemon checks its own)
+            raise _ArgumentFailed(location.error)
         return self.client.read_value(location)
 
     def _store(self, object_id: str, value: Any, digest: Any) -> p.ObjectLocation:

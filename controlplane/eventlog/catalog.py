@@ -21,6 +21,28 @@ JsonType = type | tuple[type, ...]
 _JSON = json.JSONEncoder(allow_nan=False, separators=(",", ":"))
 
 
+def _not_json(value: object) -> object:
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+# _JSON.encode builds a new C encoder for every call; every event's payload is encoded
+# on the appending path, so one is built once (no cycle check: a cyclic payload is a
+# RecursionError, refused like any other invalid payload)
+_C_ENCODER = (
+    None
+    if json.encoder.c_make_encoder is None
+    else json.encoder.c_make_encoder(
+        None, _not_json, json.encoder.encode_basestring_ascii, None, ":", ",", False, False, False
+    )
+)
+
+
+def _encode_json(payload: object) -> str:
+    if _C_ENCODER is None:
+        return _JSON.encode(payload)
+    return "".join(_C_ENCODER(payload, 0))
+
+
 @dataclass(frozen=True)
 class EventType:
     kind: EntityKind
@@ -197,8 +219,8 @@ def encode_payload(event: Event) -> str:
         if value is not None and (type(value) not in allowed):
             _check_type(event, name, value, allowed)
     try:
-        text = _JSON.encode(payload)
-    except (TypeError, ValueError) as exc:
+        text = _encode_json(payload)
+    except (TypeError, ValueError, RecursionError) as exc:
         raise _invalid(event, f"payload is not valid JSON: {exc}") from None
     if "\\u0000" in text:
         raise _invalid(
