@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ctypes
+import gc
 import json
 import logging
 import os
@@ -56,6 +57,11 @@ def main() -> None:
         head=args.head,
         auth_token=None if args.disable_auth else token,
     )
+    # The daemon makes and drops many small objects per task and call, almost none in
+    # cycles: collecting the young generation every 700 allocations cost ~10% of its
+    # CPU under load. What exists at start is never collected again.
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)
     asyncio.run(daemon.serve())
 
 
