@@ -87,14 +87,6 @@ def _query(url: str, name: str, *args: Any) -> list[dict[str, Any]]:
     return [dict(zip(columns, row, strict=True)) for row in rows]
 
 
-def _spec_of(data: bytes) -> tuple[p.TaskSpec, bytes | None]:
-    decoded = p.decode_frame(data)
-    if isinstance(decoded, tuple):
-        return decoded[0], decoded[1]
-    assert isinstance(decoded, p.TaskSpec)
-    return decoded, None
-
-
 class RecordedJob:
     """A job as the log recorded it: its tasks in submission order, how each ended, the
     code of their functions and the values of its puts."""
@@ -107,7 +99,7 @@ class RecordedJob:
         self.tasks: dict[str, RecordedTask] = {}
         self.code: dict[str, bytes] = {}
         for row in _query(url, "replay_job_tasks", job_id):
-            spec, blob = _spec_of(row["data"])
+            spec, blob = p.submitted_spec(row["data"])
             self.tasks[spec.task_id] = RecordedTask(row["position"], spec)
             if blob is not None:
                 self.code.setdefault(spec.function_id, blob)
@@ -154,7 +146,7 @@ class RecordedJob:
             self.url, "replay_function_code", function_id, after, self.last_position
         ):
             for row in rows:
-                _, blob = _spec_of(row["data"])
+                _, blob = p.submitted_spec(row["data"])
                 if blob is not None:
                     self.code[function_id] = blob
                     return blob

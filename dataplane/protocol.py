@@ -148,6 +148,20 @@ class SubmitDirectCall:
     # where ref arguments are, when the caller knows (else the worker asks the daemon)
     args: list[ObjectLocation | None] = field(default_factory=list)
     kwargs: dict[str, ObjectLocation] = field(default_factory=dict)
+    frame: bytes | None = None  # as received (read_message sets it): logged as it came
+
+
+def submitted_spec(data: bytes) -> tuple[TaskSpec, bytes | None]:
+    """The spec and, with the first task of a function, its code, from a ``submitted``
+    event's data: a spec, a (spec, code) pair, or a direct call's frame as received."""
+    decoded = decode_frame(data)
+    if isinstance(decoded, tuple):
+        return decoded[0], decoded[1]
+    if isinstance(decoded, SubmitDirectCall):
+        return decoded.spec, None
+    if not isinstance(decoded, TaskSpec):
+        raise ProtocolError(f"not a submitted task: {type(decoded).__name__}")
+    return decoded, None
 
 
 def direct_socket_path(session_dir: str, worker_id: str) -> str:
@@ -435,7 +449,10 @@ async def read_message(reader: asyncio.StreamReader) -> object:
         body = await reader.readexactly(length)
     except asyncio.IncompleteReadError as exc:
         raise ProtocolError(f"truncated frame: {len(exc.partial)} of {length} bytes") from exc
-    return decode(body, checksum)
+    message = decode(body, checksum)
+    if isinstance(message, SubmitDirectCall) and not message.args and not message.kwargs:
+        message.frame = header + body  # (with argument values, the log gets the spec alone)
+    return message
 
 
 class SyncChannel:

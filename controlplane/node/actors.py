@@ -348,11 +348,12 @@ class ActorsMixin:
         for conn in watchers:
             conn.send(route)
 
-    def _submit_direct(self: Any, conn: Connection, spec: p.TaskSpec, worker_id: str) -> None:
+    def _submit_direct(self: Any, conn: Connection, call: p.SubmitDirectCall) -> None:
         """The daemon's copy of a call sent straight to the worker ``worker_id``: from
         here on it is in the actor's ``running`` calls as if the daemon had sent it, so
         the worker's answer, its death or the actor's settles it like any other."""
-        record = self._register_task(conn, spec, direct=True)
+        spec, worker_id = call.spec, call.worker_id
+        record = self._register_task(conn, spec, direct=True, data=call.frame)
         actor = self.actors.get(spec.actor_id or "")
         record.retries_left = actor.options.max_task_retries if actor is not None else 0
         handle = actor.worker if actor is not None else None
@@ -413,8 +414,7 @@ class ActorsMixin:
                 replayed.append(TaskRecord(load, None, attempt=-1, internal="restore"))
                 payload["from_checkpoint"] = int(after)
             for row in rows:
-                decoded = p.decode_frame(row["data"])
-                spec = decoded[0] if isinstance(decoded, tuple) else decoded
+                spec, _ = p.submitted_spec(row["data"])
                 gone = [d for d in spec.dependencies() if self.objects.stored(d) is None]
                 if gone:
                     payload["stopped_at"] = spec.task_id

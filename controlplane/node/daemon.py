@@ -512,8 +512,8 @@ class NodeDaemon(
                 self.functions.setdefault(function_id, (blob, name))
             case p.SubmitTask(spec):
                 self._submit(conn, spec)
-            case p.SubmitDirectCall(spec, worker_id):
-                self._submit_direct(conn, spec, worker_id)
+            case p.SubmitDirectCall():
+                self._submit_direct(conn, message)
             case p.WatchActor(actor_id):
                 self._watch_actor(conn, actor_id)
             case p.PushObjects(object_ids):
@@ -747,7 +747,12 @@ class NodeDaemon(
             self._enqueue(record)
 
     def _register_task(
-        self, conn: Connection, spec: p.TaskSpec, *, direct: bool = False
+        self,
+        conn: Connection,
+        spec: p.TaskSpec,
+        *,
+        direct: bool = False,
+        data: bytes | None = None,
     ) -> TaskRecord:
         """Records a submitted task: its returns are held by the submitter, its
         arguments pinned, and its ``submitted`` event (the lineage) is logged; the
@@ -788,7 +793,7 @@ class NodeDaemon(
                     payload,
                     job_id=spec.job_id,
                     node_id=self.node_id,
-                    data=p.encode(spec) if blob is None else p.encode((spec, blob)),
+                    data=(data or p.encode(spec)) if blob is None else p.encode((spec, blob)),
                 )
             ]
         )

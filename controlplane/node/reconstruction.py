@@ -194,8 +194,7 @@ class ReconstructionMixin:
             await conn.close()
         if row is None or row["submitted"] is None:
             raise LookupError(f"the log has no submitted event for task {task_id}")
-        decoded = p.decode_frame(row["submitted"])
-        spec = decoded[0] if isinstance(decoded, tuple) else decoded
+        spec, _ = p.submitted_spec(row["submitted"])
         if spec.function_id and spec.function_id not in self.functions:
             raise LookupError(f"the code of {spec.name} is not known on this node")
         return spec, int(row["attempt"] or 0) + 1
