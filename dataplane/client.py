@@ -92,9 +92,6 @@ class CoreClient:
         self._call_route: dict[str, _Route] = {}  # return id of a call not in yet -> route
         self._direct_ids: set[str] = set()  # those whose call went straight to the worker
         self._route_breaks = 0  # direct routes lost so far (wakes waiters to re-decide)
-        # $CAIRN_DIRECT_ACTOR_CALLS=0: every call goes through the daemon, and its result
-        # is visible only once its events are durable (see submit_actor_call)
-        self._direct_calls = os.environ.get("CAIRN_DIRECT_ACTOR_CALLS", "1") != "0"
         self._requests: dict[int, Future[Any]] = {}
         self._request_ids = itertools.count(1)
         self._ref_changes: collections.deque[tuple[str, int]] = collections.deque()
@@ -173,7 +170,10 @@ class CoreClient:
             route = self._routes.get(spec.actor_id)
             if route is None:
                 route = self._routes[spec.actor_id] = _Route(spec.actor_id)
-                route.never = not self._direct_calls
+                # $CAIRN_DIRECT_ACTOR_CALLS=0 (read at a process's first call to each
+                # actor): its calls go through the daemon, and their results are
+                # visible only once their events are durable
+                route.never = os.environ.get("CAIRN_DIRECT_ACTOR_CALLS", "1") == "0"
             if not route.never:
                 for object_id in return_ids:
                     self._call_route[object_id] = route

@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import pickle
+import shutil
 import socket
 import struct
+import tempfile
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -162,6 +165,25 @@ def submitted_spec(data: bytes) -> tuple[TaskSpec, bytes | None]:
     if not isinstance(decoded, TaskSpec):
         raise ProtocolError(f"not a submitted task: {type(decoded).__name__}")
     return decoded, None
+
+
+def bind_private_socket(path: str) -> socket.socket:
+    """A Unix socket bound at ``path``, owner-only (0600) before anyone can reach it:
+    bound in a fresh 0700 directory beside it, made 0600, then moved into place (the
+    session directory may be traversable by others: 0711 when PostgreSQL runs as
+    another user)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    private = tempfile.mkdtemp(dir=os.path.dirname(path))
+    try:
+        sock.bind(f"{private}/s")
+        os.chmod(f"{private}/s", 0o600)
+        os.replace(f"{private}/s", path)
+    except BaseException:
+        sock.close()
+        raise
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
+    return sock
 
 
 def direct_socket_path(session_dir: str, worker_id: str) -> str:

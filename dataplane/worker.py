@@ -104,10 +104,7 @@ class Worker:
         limit = creation.actor_options.max_concurrency if creation.actor_options else 1
         self._begun = BegunCalls(begun_calls_path(session_dir, worker_id), limit)
         path = p.direct_socket_path(session_dir, worker_id)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        server.bind(path)
+        server = p.bind_private_socket(path)
         server.listen(64)
         self.direct_socket_path = path
         threading.Thread(target=self._accept_direct, args=(server,), daemon=True).start()

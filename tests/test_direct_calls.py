@@ -200,3 +200,68 @@ def test_actors_that_replay_their_calls_take_no_direct_calls() -> None:
         count=20,
     )
     assert not any('"direct": true' in row["payload"] for row in submitted)
+
+
+def test_a_threaded_actor_runs_direct_calls_concurrently() -> None:
+    @ray.remote(max_concurrency=4)
+    class Meeting:
+        def __init__(self) -> None:
+            import threading
+
+            self.barrier = threading.Barrier(4, timeout=20)
+
+        def ping(self) -> int:
+            return 1
+
+        def meet(self) -> int:
+            self.barrier.wait()  # only passes if 4 calls run at once
+            return 1
+
+    actor = Meeting.remote()
+    assert ray.get(actor.ping.remote()) == 1  # direct from here on
+    assert ray.get([actor.meet.remote() for _ in range(4)], timeout=60) == [1] * 4
+    assert ray.get([actor.meet.remote() for _ in range(8)], timeout=60) == [1] * 8
+
+
+def test_an_async_actor_overlaps_direct_calls() -> None:
+    @ray.remote
+    class Sleeper:
+        async def nap(self, seconds: float) -> float:
+            import asyncio
+
+            await asyncio.sleep(seconds)
+            return seconds
+
+    actor = Sleeper.remote()
+    assert ray.get(actor.nap.remote(0)) == 0
+    start = time.monotonic()
+    assert ray.get([actor.nap.remote(0.5) for _ in range(200)], timeout=60) == [0.5] * 200
+    assert time.monotonic() - start < 20  # 200 x 0.5 s one after another would be 100 s
+
+
+def test_the_actor_socket_is_owner_only() -> None:
+    actor = Log.remote()
+    ray.get(actor.add.remote())
+    (worker,) = wait_for_rows(
+        _gcs(),
+        "SELECT payload->>'worker_id' AS worker FROM events WHERE entity_kind = 'actor' "
+        "AND entity_id = $1 AND event_type = 'alive'",
+        actor._actor_id,
+    )
+    sock, begun = _files_of(worker["worker"])
+    assert sock.stat().st_mode & 0o777 == 0o600
+    assert begun.stat().st_mode & 0o777 == 0o600
+
+
+def test_direct_calls_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CAIRN_DIRECT_ACTOR_CALLS", "0")
+    actor = Log.remote()  # the first call to it from this process reads the setting
+    assert [ray.get(actor.add.remote()) for _ in range(50)] == list(range(1, 51))
+    submitted = wait_for_rows(
+        _gcs(),
+        "SELECT payload FROM events WHERE event_type = 'submitted' "
+        "AND payload->>'actor_id' = $1 AND payload->>'method' = 'add'",
+        actor._actor_id,
+        count=50,
+    )
+    assert not any('"direct": true' in row["payload"] for row in submitted)

@@ -24,10 +24,8 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
@@ -224,7 +222,8 @@ class NodeDaemon(
                 )
             ]
         )
-        self._server = await asyncio.start_unix_server(self._client, sock=self._private_socket())
+        listening = p.bind_private_socket(self.socket_path)  # the driver socket, 0600
+        self._server = await asyncio.start_unix_server(self._client, sock=listening)
         for _ in range(self.max_workers):
             self._start_worker()
         loop = asyncio.get_running_loop()
@@ -233,23 +232,6 @@ class NodeDaemon(
         (self.session_dir / "node.ready").write_text(self.node_id)
         await self._stopping.wait()
         await self._shutdown()
-
-    def _private_socket(self) -> socket.socket:
-        """The driver socket, owner-only (0600) before anyone can reach it: bound in a
-        fresh 0700 directory, made 0600, then moved into the session directory (which
-        may be traversable by others: 0711 when PostgreSQL runs as another user)."""
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        private = Path(tempfile.mkdtemp(dir=self.session_dir))
-        try:
-            sock.bind(str(private / "node.sock"))
-            os.chmod(private / "node.sock", 0o600)
-            os.replace(private / "node.sock", self.socket_path)
-        except BaseException:
-            sock.close()
-            raise
-        finally:
-            shutil.rmtree(private, ignore_errors=True)
-        return sock
 
     async def _join_cluster(self) -> None:
         """Starts the gRPC service, liveness pings, load heartbeats and, on the head,
