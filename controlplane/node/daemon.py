@@ -9,7 +9,9 @@ its objects' ``created`` events are durable. The events before those (``submitte
 events) are written behind, by at most 5 ms (the appender's linger), usually in the
 same commit as the ``finished`` that follows; one appender keeps all of them in order,
 so once ``finished`` is durable so is everything before it. A crash of the node can
-lose only written-behind events of tasks whose results nobody has seen. A ``put``
+lose only written-behind events of tasks whose results nobody has seen, with one
+exception: an actor call sent straight to its actor's worker is answered by the worker
+before its ``finished`` is durable (controlplane/node/actors.py, "Direct calls"). A ``put``
 value is visible in the process that put it at once (it holds the value); to every
 other process once its ``created`` event is durable.
 """
