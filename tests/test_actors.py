@@ -4,7 +4,6 @@ handles passed around, creation failure, kill and exit_actor, and their log."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import asyncpg
 import pytest
@@ -13,16 +12,7 @@ import sdk as ray
 from controlplane.projections import Projector
 from sdk.exceptions import ActorDiedError, RayActorError
 
-pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def cluster() -> Iterator[None]:
-    ray.init(num_cpus=2)
-    try:
-        yield
-    finally:
-        ray.shutdown()
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("private_cluster")]
 
 
 @ray.remote

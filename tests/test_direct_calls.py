@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,25 +20,16 @@ from dataplane.protocol import direct_socket_path
 from sdk.api import client_or_auto_init
 from sdk.exceptions import ActorDiedError, RayTaskError
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("private_cluster")]
 
 _CALL_EVENTS = """
-SELECT entity_id, event_type, payload FROM events
+SELECT entity_id, event_type FROM events
 WHERE entity_kind = 'task' AND entity_id IN (
     SELECT entity_id FROM events
     WHERE event_type = 'submitted' AND payload->>'actor_id' = $1 AND payload->>'method' = $2
 )
 ORDER BY position
 """
-
-
-@pytest.fixture(scope="module", autouse=True)
-def cluster() -> Iterator[None]:
-    ray.init(num_cpus=2)
-    try:
-        yield
-    finally:
-        ray.shutdown()
 
 
 @ray.remote
@@ -87,6 +77,31 @@ def _gcs() -> str:
     return ray.get_runtime_context().gcs_address
 
 
+def _went_direct(actor: ray.actor.ActorHandle, method: str, count: int) -> list[bool]:
+    """For each call of ``method`` to the actor, in order: whether it went straight to
+    the actor (its ``submitted`` event says so), once all ``count`` are in the log."""
+    submitted = wait_for_rows(
+        _gcs(),
+        "SELECT payload FROM events WHERE event_type = 'submitted' "
+        "AND payload->>'actor_id' = $1 AND payload->>'method' = $2 ORDER BY position",
+        actor._actor_id,
+        method,
+        count=count,
+    )
+    return ['"direct": true' in row["payload"] for row in submitted]
+
+
+def _workers_of(actor: ray.actor.ActorHandle) -> list[str]:
+    """The workers the actor has lived in, from its ``alive`` events."""
+    found = rows(
+        _gcs(),
+        "SELECT payload->>'worker_id' AS worker FROM events WHERE entity_kind = 'actor' "
+        "AND entity_id = $1 AND event_type = 'alive' ORDER BY position",
+        actor._actor_id,
+    )
+    return [row["worker"] for row in found]
+
+
 def _files_of(worker_id: str) -> list[Path]:
     """The direct-call socket and begun-calls file of an actor's worker, if still there."""
     session = client_or_auto_init().welcome.session_dir
@@ -98,23 +113,13 @@ def test_calls_after_the_first_go_straight_to_the_actor_and_all_reach_the_log() 
     actor = Log.remote()
     assert ray.get(actor.add.remote()) == 1  # through the daemon: no route yet
     assert [ray.get(actor.add.remote()) for _ in range(200)] == list(range(2, 202))
-    events = wait_for_rows(
-        _gcs(),
-        _CALL_EVENTS + "",
-        actor._actor_id,
-        "add",
-        count=201 * 3,
-    )
+    events = wait_for_rows(_gcs(), _CALL_EVENTS, actor._actor_id, "add", count=201 * 3)
     by_call: dict[str, list[str]] = {}
-    direct: dict[str, bool] = {}
     for row in events:
         by_call.setdefault(row["entity_id"], []).append(row["event_type"])
-        if row["event_type"] == "submitted":
-            direct[row["entity_id"]] = '"direct": true' in row["payload"]
     assert len(by_call) == 201
     assert all(types == ["submitted", "running", "finished"] for types in by_call.values())
-    in_order = list(direct.values())  # submitted events in the order of the calls
-    assert in_order == [False] + [True] * 200
+    assert _went_direct(actor, "add", 201) == [False] + [True] * 200
 
 
 def test_each_callers_order_holds_across_the_switch_and_with_a_second_caller() -> None:
@@ -132,13 +137,7 @@ def test_each_callers_order_holds_across_the_switch_and_with_a_second_caller() -
     seen = ray.get(actor.history.remote())
     assert [s for c, s in seen if c == "driver"] == list(range(3000))
     assert [s for c, s in seen if c == "task"] == list(range(1000))
-    submitted = rows(
-        _gcs(),
-        "SELECT count(*) AS n FROM events WHERE event_type = 'submitted' "
-        "AND payload->>'actor_id' = $1 AND (payload->>'direct')::boolean",
-        actor._actor_id,
-    )
-    assert submitted[0]["n"] > 1000  # most calls did go straight to the actor
+    assert sum(_went_direct(actor, "record", 4000)) > 1000  # most went straight to it
 
 
 def test_ref_arguments_of_direct_calls_are_resolved_in_order() -> None:
@@ -176,15 +175,10 @@ def test_a_crash_resends_direct_calls_that_never_began_and_fails_the_one_running
     ray.kill(actor)
     with pytest.raises(ActorDiedError):
         ray.get(actor.add.remote(), timeout=30)
-    workers = rows(
-        _gcs(),
-        "SELECT payload->>'worker_id' AS worker FROM events WHERE entity_kind = 'actor' "
-        "AND entity_id = $1 AND event_type = 'alive'",
-        actor._actor_id,
-    )
+    workers = _workers_of(actor)
     assert len(workers) == 2
     deadline = time.monotonic() + 30
-    while left := [f for r in workers for f in _files_of(r["worker"])]:
+    while left := [f for worker in workers for f in _files_of(worker)]:
         assert time.monotonic() < deadline, f"an actor's worker left {left}"
         time.sleep(0.1)
 
@@ -192,14 +186,7 @@ def test_a_crash_resends_direct_calls_that_never_began_and_fails_the_one_running
 def test_actors_that_replay_their_calls_take_no_direct_calls() -> None:
     actor = Log.options(max_restarts=1, replay_calls_on_restart=True).remote()
     assert [ray.get(actor.add.remote()) for _ in range(20)] == list(range(1, 21))
-    submitted = wait_for_rows(
-        _gcs(),
-        "SELECT payload FROM events WHERE event_type = 'submitted' "
-        "AND payload->>'actor_id' = $1 AND payload->>'method' = 'add'",
-        actor._actor_id,
-        count=20,
-    )
-    assert not any('"direct": true' in row["payload"] for row in submitted)
+    assert not any(_went_direct(actor, "add", 20))
 
 
 def test_a_threaded_actor_runs_direct_calls_concurrently() -> None:
@@ -242,13 +229,8 @@ def test_an_async_actor_overlaps_direct_calls() -> None:
 def test_the_actor_socket_is_owner_only() -> None:
     actor = Log.remote()
     ray.get(actor.add.remote())
-    (worker,) = wait_for_rows(
-        _gcs(),
-        "SELECT payload->>'worker_id' AS worker FROM events WHERE entity_kind = 'actor' "
-        "AND entity_id = $1 AND event_type = 'alive'",
-        actor._actor_id,
-    )
-    sock, begun = _files_of(worker["worker"])
+    (worker,) = _workers_of(actor)
+    sock, begun = _files_of(worker)
     assert sock.stat().st_mode & 0o777 == 0o600
     assert begun.stat().st_mode & 0o777 == 0o600
 
@@ -257,11 +239,4 @@ def test_direct_calls_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setenv("CAIRN_DIRECT_ACTOR_CALLS", "0")
     actor = Log.remote()  # the first call to it from this process reads the setting
     assert [ray.get(actor.add.remote()) for _ in range(50)] == list(range(1, 51))
-    submitted = wait_for_rows(
-        _gcs(),
-        "SELECT payload FROM events WHERE event_type = 'submitted' "
-        "AND payload->>'actor_id' = $1 AND payload->>'method' = 'add'",
-        actor._actor_id,
-        count=50,
-    )
-    assert not any('"direct": true' in row["payload"] for row in submitted)
+    assert not any(_went_direct(actor, "add", 50))

@@ -5,7 +5,6 @@ Ray's (no lineage for put objects, none with max_retries=0, at most max_retries 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import asyncpg
 import numpy as np
@@ -16,17 +15,8 @@ import sdk as ray
 from dataplane import shm
 from sdk.exceptions import ObjectLostError, ObjectReconstructionFailedMaxAttemptsExceededError
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("private_cluster")]
 MB = 1024 * 1024
-
-
-@pytest.fixture(scope="module", autouse=True)
-def node() -> Iterator[None]:
-    ray.init(num_cpus=2)
-    try:
-        yield
-    finally:
-        ray.shutdown()
 
 
 @ray.remote

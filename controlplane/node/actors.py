@@ -361,7 +361,6 @@ class ActorsMixin:
         if actor is None or (early is None and (handle is None or handle.worker_id != worker_id)):
             self._direct_call_unanswered(actor, record, worker_id)
             return
-        assert handle is not None
         record.state, record.worker = "RUNNING", handle
         self._log([self._running_event(record, worker_id)])
         actor.running[spec.task_id] = record
