@@ -113,6 +113,23 @@ async def test_retry_after_lost_acknowledgement_stores_once(gcs_url: str) -> Non
         await conn.close()
 
 
+async def test_written_behind_events_hold_writers_back_until_they_commit(gcs_url: str) -> None:
+    """The daemon stops reading its clients while its backlog of written-behind events
+    is over max_backlog: below_backlog returns only once half of it has committed."""
+    async with EventAppender(gcs_url, linger=0.05, max_backlog=100) as appender:
+        before = await head(gcs_url)
+        await asyncio.wait_for(appender.below_backlog(), 1)  # nothing queued: at once
+        appender.write_behind([task_event(f"t{i}") for i in range(300)])
+        assert appender.backlog == 300
+        waiting = asyncio.ensure_future(appender.below_backlog())
+        await asyncio.sleep(0)
+        assert not waiting.done()
+        await asyncio.wait_for(waiting, 30)
+        assert appender.backlog <= 50
+        assert await head(gcs_url) - before >= 250  # what left the backlog is committed
+    assert appender.backlog == 0
+
+
 async def test_repeated_event_id_within_one_call_is_refused(gcs_url: str) -> None:
     event = task_event("t1")
     async with EventAppender(gcs_url) as appender:

@@ -38,6 +38,9 @@ from controlplane.eventlog.events import Event
 from controlplane.sql import queries
 
 DEFAULT_MAX_BATCH = 1000
+# events queued and not yet committed above which writers are asked to wait (see
+# ``below_backlog``): written-behind events must not pile up faster than they commit
+DEFAULT_MAX_BACKLOG = 4000
 log = logging.getLogger("cairn.eventlog")
 
 
@@ -59,9 +62,14 @@ class EventAppender:
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
         unavailable_timeout: float | None = None,
         linger: float = 0.0,
+        max_backlog: int = DEFAULT_MAX_BACKLOG,
     ) -> None:
         self.url = url
         self.max_batch = max_batch
+        self.max_backlog = max_backlog
+        self.backlog = 0  # events queued or being committed
+        self._below = asyncio.Event()  # set while backlog <= max_backlog // 2
+        self._below.set()
         self.linger = linger
         self.connect_timeout = connect_timeout
         self.unavailable_timeout = resolve_unavailable_timeout(unavailable_timeout)
@@ -140,6 +148,9 @@ class EventAppender:
         if len(batch) > 1 and len({event.event_id for event in batch}) != len(batch):
             raise InvalidEventError("an event_id is repeated within one append_many call")
         self._queue.append(_Request(batch, payloads, done))
+        self.backlog += len(batch)
+        if self.backlog > self.max_backlog:
+            self._below.clear()
         if urgent or not self.linger:
             self._urgent.set()
         self._wake.set()
@@ -174,7 +185,21 @@ class EventAppender:
             size += len(request.events)
         return taken
 
+    async def below_backlog(self) -> None:
+        """Returns once the backlog is at most half of ``max_backlog`` (at once if it
+        has not passed ``max_backlog``): a writer whose events are written behind waits
+        here, so that they never pile up faster than they commit."""
+        await self._below.wait()
+
     async def _flush(self, requests: list[_Request]) -> None:
+        try:
+            await self._commit(requests)
+        finally:
+            self.backlog -= sum(len(request.events) for request in requests)
+            if self.backlog <= self.max_backlog // 2:
+                self._below.set()
+
+    async def _commit(self, requests: list[_Request]) -> None:
         events = [event for request in requests for event in request.events]
         payloads = [payload for request in requests for payload in request.payloads]
         # once it has waited out one outage, one try each until the GCS answers again:

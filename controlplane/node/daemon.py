@@ -390,6 +390,11 @@ class NodeDaemon(
             while True:
                 message = await p.read_message(reader)
                 self._dispatch(conn, message)
+                if self.appender.backlog > self.appender.max_backlog:
+                    # the log is behind (results of direct calls are visible before
+                    # their events commit): stop reading until it catches up, so that
+                    # clients wait on their sockets instead of events piling up here
+                    await self.appender.below_backlog()
         except p.ProtocolError as exc:  # a damaged or truncated message: this one goes
             who = f"{conn.role or 'client'} (pid {conn.pid or '?'})"
             log.warning("node daemon: closing the connection of a %s: %s", who, exc)
