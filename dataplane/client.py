@@ -4,8 +4,10 @@ workers alike (the SDK is a thin layer over it).
 A reader thread receives replies and, in a worker, the tasks to execute. Reference
 counting: each ObjectRef made or dropped in this process appends to a lock-free queue
 (safe from ``__del__``); the queue is folded into per-object counts, and only the 0->1
-and 1->0 transitions are sent to the daemon, always before any later message, so a
-borrowed ref is registered before the task or object that lent it can be released.
+and 1->0 transitions are sent to the daemon: new holds before any later message, so a
+borrowed ref is registered before the task or object that lent it can be released;
+releases just after it, so that a ref a task drops as it returns it inside its result
+is pinned by that result before this process lets it go.
 """
 
 from __future__ import annotations
@@ -128,7 +130,13 @@ class CoreClient:
         if self._closed.is_set():
             raise ConnectionError("the connection to the node daemon is closed")
         with self._flush_lock:
-            self._send_ref_changes()
+            deltas = self._drain_ref_changes()
+            if deltas:  # holds before the message, releases after it (one write)
+                holds = {oid: d for oid, d in deltas.items() if d > 0}
+                releases = {oid: d for oid, d in deltas.items() if d < 0}
+                before = p.encode(p.RefCounts(holds)) if holds else b""
+                after = p.encode(p.RefCounts(releases)) if releases else b""
+                data = before + data + after
             self.channel.send_encoded(data)
 
     def request(self, make: Any) -> Any:
@@ -528,7 +536,9 @@ class CoreClient:
                 deltas[object_id] = 1
             elif was > 0 >= now or (object_id in owned and now <= 0 and was <= 0):
                 deltas[object_id] = -1
-        return deltas
+        # holds before releases: a ref found inside an object (a task's list of refs) is
+        # held here before that object's release can free what it contains
+        return dict(sorted(deltas.items(), key=lambda item: item[1] < 0))
 
     def _send_ref_changes(self) -> None:
         """Sends what the queued ref changes add up to (call with _flush_lock held)."""

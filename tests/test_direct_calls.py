@@ -9,12 +9,14 @@ from __future__ import annotations
 import os
 import signal
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 from log_rows import rows, wait_for_rows
 
 import sdk as ray
+from dataplane import protocol as p
 from dataplane.begun_calls import begun_calls_path
 from dataplane.protocol import direct_socket_path
 from sdk.api import client_or_auto_init
@@ -240,3 +242,68 @@ def test_direct_calls_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None
     actor = Log.remote()  # the first call to it from this process reads the setting
     assert [ray.get(actor.add.remote()) for _ in range(50)] == list(range(1, 51))
     assert not any(_went_direct(actor, "add", 50))
+
+
+def test_an_answer_that_reaches_the_daemon_before_the_callers_copy_is_recorded() -> None:
+    """The worker's TaskDone can reach the daemon before the caller's copy of the call
+    (two sockets): the daemon keeps it until the copy comes, then records the call."""
+    client = client_or_auto_init()
+    actor = Log.remote()
+    assert ray.get(actor.add.remote()) == 1  # the route is there from now on
+    (worker_id,) = _workers_of(actor)
+    spec = p.TaskSpec(
+        task_id=uuid.uuid4().hex,
+        job_id=client.welcome.job_id,
+        name="Log.add",
+        function_id="",
+        args=[],
+        kwargs={},
+        num_returns=1,
+        resources={},
+        max_retries=0,
+        retry_exceptions=False,
+        actor_id=actor._actor_id,
+        method="add",
+    )
+    client.expect_owned(spec.return_ids())
+    call = p.SubmitDirectCall(spec, worker_id)
+    to_worker = p.SyncChannel(direct_socket_path(client.welcome.session_dir, worker_id))
+    try:
+        to_worker.send(call)
+        done = to_worker.receive()  # answered: the daemon has its TaskDone, no copy yet
+    finally:
+        to_worker.close()
+    assert isinstance(done, p.TaskDone) and done.error is None
+    time.sleep(0.2)
+    assert not rows(_gcs(), "SELECT 1 FROM events WHERE entity_id = $1", spec.task_id)
+    client.send(call)  # the copy, late
+    types = wait_for_rows(
+        _gcs(),
+        "SELECT event_type FROM events WHERE entity_id = $1 ORDER BY position",
+        spec.task_id,
+        count=3,
+    )
+    assert [r["event_type"] for r in types] == ["submitted", "running", "finished"]
+    client._remember(done.returns)  # what the caller's reader does with an answer
+    assert ray.get(ray.ObjectRef(spec.return_ids()[0])) == 2
+    assert ray.get(actor.add.remote()) == 3  # the actor goes on as before
+
+
+@ray.remote
+def made_inside() -> list[ray.ObjectRef]:
+    return [ray.put("inner")]
+
+
+def test_push_objects_sends_a_result_the_daemon_would_not_push() -> None:
+    """A caller whose direct route broke asks for the results it has not seen
+    (PushObjects); the daemon pushes each once it is ready."""
+    client = client_or_auto_init()
+    (inner,) = ray.get(made_inside.remote())  # borrowed: never pushed to this process
+    object_id = inner.hex()
+    assert object_id not in client._local
+    client.send(p.PushObjects([object_id]))
+    deadline = time.monotonic() + 30
+    while object_id not in client._local:
+        assert time.monotonic() < deadline, "the daemon did not push the object"
+        time.sleep(0.02)
+    assert ray.get(inner) == "inner"

@@ -511,3 +511,20 @@ def test_gpus_are_given_out_one_by_one() -> None:
     finally:
         ray.shutdown()
         ray.init(num_cpus=2, object_store_memory=1536 * 1024 * 1024)
+
+
+@ray.remote
+def refs_made_inside(n: int) -> list[ray.ObjectRef]:
+    return [ray.put(f"inner {i}") for i in range(n)]
+
+
+def test_refs_returned_inside_a_result_outlive_the_task_that_made_them() -> None:
+    """The task drops its refs as it returns them, and the caller drops the outer
+    object at once: the refs inside stay readable (before, they were freed in between:
+    ObjectLostError)."""
+    (first,) = ray.get(refs_made_inside.remote(1))
+    time.sleep(0.3)
+    assert ray.get(first) == "inner 0"
+    many = ray.get(refs_made_inside.remote(20))
+    time.sleep(0.3)
+    assert ray.get(many) == [f"inner {i}" for i in range(20)]

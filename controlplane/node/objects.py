@@ -34,6 +34,9 @@ class _Entry:
     holders: int = 0
     pins: int = 0
     ready_seq: int = 0
+    # the refs its value contains, pinned by it from the moment its location is known
+    # (before its events are durable: whoever made it may let them go meanwhile)
+    pinned: tuple[str, ...] = ()
     callbacks: list[Callable[[], None]] = field(default_factory=list)
     # its bytes are not in the store but can be had when wanted: on another node (made
     # there) or in this node's spill directory
@@ -85,6 +88,7 @@ class ObjectTable:
         entry = self._entry(object_id)
         if location is not None:
             entry.pending = location
+            self._pin_contained(entry, location)
 
     def hold(self, object_id: str) -> None:
         if object_id not in self._freed:
@@ -117,6 +121,7 @@ class ObjectTable:
             del self._entries[object_id]
             self._freed.add(object_id)
             self._on_dropped(object_id, entry.elsewhere)
+            self._unpin_contained(entry)
             return
         if location is None:
             return
@@ -125,9 +130,18 @@ class ObjectTable:
         if location.error is None:
             self.uncharge(location.size)
             self._on_free(location)
-        if entry.location is not None:  # contained refs are pinned once it is ready
-            for contained in location.contained:
-                self.unpin(contained)
+        self._unpin_contained(entry)
+
+    def _pin_contained(self, entry: _Entry, location: p.ObjectLocation) -> None:
+        if not entry.pinned and location.contained:
+            entry.pinned = location.contained
+            for contained in entry.pinned:
+                self.pin(contained)
+
+    def _unpin_contained(self, entry: _Entry) -> None:
+        pinned, entry.pinned = entry.pinned, ()
+        for contained in pinned:
+            self.unpin(contained)
 
     # -- readiness -----------------------------------------------------------------
 
@@ -141,8 +155,7 @@ class ObjectTable:
         entry.location = location
         entry.elsewhere = None
         entry.ready_seq = next(self._seq)
-        for contained in location.contained:
-            self.pin(contained)
+        self._pin_contained(entry, location)
         callbacks, entry.callbacks = entry.callbacks, []
         for callback in callbacks:
             callback()
@@ -190,11 +203,9 @@ class ObjectTable:
         old = entry.location or entry.pending
         if old is not None and old.error is None:
             self.uncharge(old.size)
-        was_ready, entry.location, entry.pending = entry.location, None, None
+        entry.location, entry.pending = None, None
         entry.elsewhere = None
-        if was_ready is not None:  # the refs its old value contained were pinned by it
-            for contained in was_ready.contained:
-                self.unpin(contained)
+        self._unpin_contained(entry)  # the refs its old value contained
         return old
 
     def set_elsewhere(self, object_id: str, where: Elsewhere) -> None:
