@@ -14,9 +14,11 @@ call whose slot is clear either never began or has its answer at the daemon.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import threading
+from collections.abc import Iterator
 
 _SLOT = 32
 
@@ -26,7 +28,7 @@ def begun_calls_path(session_dir: str, worker_id: str) -> str:
 
 
 class BegunCalls:
-    """The actor process's side: ``begin`` before a call runs, ``end`` once answered."""
+    """The actor process's side: a call runs inside ``running(task_id)``."""
 
     def __init__(self, path: str, slots: int) -> None:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -38,16 +40,19 @@ class BegunCalls:
         self._free = list(range(slots - 1, -1, -1))
         self._lock = threading.Lock()
 
-    def begin(self, task_id: str) -> int:
+    @contextlib.contextmanager
+    def running(self, task_id: str) -> Iterator[None]:
+        """Marks the call begun for the ``with`` block, which ends once it is answered."""
         with self._lock:
             slot = self._free.pop()
-        self._map[slot * _SLOT : (slot + 1) * _SLOT] = task_id.encode().ljust(_SLOT, b"\0")[:_SLOT]
-        return slot
-
-    def end(self, slot: int) -> None:
-        self._map[slot * _SLOT : (slot + 1) * _SLOT] = bytes(_SLOT)
-        with self._lock:
-            self._free.append(slot)
+        span = slice(slot * _SLOT, (slot + 1) * _SLOT)
+        self._map[span] = task_id.encode().ljust(_SLOT, b"\0")[:_SLOT]
+        try:
+            yield
+        finally:
+            self._map[span] = bytes(_SLOT)
+            with self._lock:
+                self._free.append(slot)
 
 
 def read_begun(path: str) -> set[str] | None:

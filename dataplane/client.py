@@ -130,14 +130,8 @@ class CoreClient:
         if self._closed.is_set():
             raise ConnectionError("the connection to the node daemon is closed")
         with self._flush_lock:
-            deltas = self._drain_ref_changes()
-            if deltas:  # holds before the message, releases after it (one write)
-                holds = {oid: d for oid, d in deltas.items() if d > 0}
-                releases = {oid: d for oid, d in deltas.items() if d < 0}
-                before = p.encode(p.RefCounts(holds)) if holds else b""
-                after = p.encode(p.RefCounts(releases)) if releases else b""
-                data = before + data + after
-            self.channel.send_encoded(data)
+            holds, releases = self._ref_change_frames()
+            self.channel.send_encoded(holds + data + releases)  # one write
 
     def request(self, make: Any) -> Any:
         """Sends ``make(request_id)`` and blocks for the daemon's Reply."""
@@ -536,15 +530,25 @@ class CoreClient:
                 deltas[object_id] = 1
             elif was > 0 >= now or (object_id in owned and now <= 0 and was <= 0):
                 deltas[object_id] = -1
-        # holds before releases: a ref found inside an object (a task's list of refs) is
-        # held here before that object's release can free what it contains
-        return dict(sorted(deltas.items(), key=lambda item: item[1] < 0))
+        return deltas
+
+    def _ref_change_frames(self) -> tuple[bytes, bytes]:
+        """What the queued ref changes add up to, as two frames (empty when none): the
+        holds, sent before anything else, and the releases, sent after (call with
+        _flush_lock held)."""
+        deltas = self._drain_ref_changes()
+        holds = {oid: d for oid, d in deltas.items() if d > 0}
+        releases = {oid: d for oid, d in deltas.items() if d < 0}
+        return (
+            p.encode(p.RefCounts(holds)) if holds else b"",
+            p.encode(p.RefCounts(releases)) if releases else b"",
+        )
 
     def _send_ref_changes(self) -> None:
         """Sends what the queued ref changes add up to (call with _flush_lock held)."""
-        deltas = self._drain_ref_changes()
-        if deltas:
-            self.channel.send(p.RefCounts(deltas))
+        holds, releases = self._ref_change_frames()
+        if holds or releases:
+            self.channel.send_encoded(holds + releases)
 
     def _flush_loop(self) -> None:
         while not self._closed.wait(_FLUSH_INTERVAL_S):

@@ -70,14 +70,13 @@ class Worker:
 
     def _run_call(self, message: p.ExecuteTask, caller: p.SyncChannel | None) -> None:
         """Runs a task, or an actor's call marked begun until it is answered."""
-        if self._begun is None:
+        with self._marked_begun(message):
             self._reply(self.execute(message), caller)
-            return
-        slot = self._begun.begin(message.spec.task_id)
-        try:
-            self._reply(self.execute(message), caller)
-        finally:
-            self._begun.end(slot)
+
+    def _marked_begun(self, message: p.ExecuteTask) -> contextlib.AbstractContextManager[None]:
+        if self._begun is None:  # a task, or an actor's constructor
+            return contextlib.nullcontext()
+        return self._begun.running(message.spec.task_id)
 
     def _reply(self, done: p.TaskDone, caller: p.SyncChannel | None) -> None:
         """Tells the daemon first, then a direct caller: so a result the caller has seen
@@ -205,15 +204,10 @@ class Worker:
             slots = asyncio.Semaphore(limit)
 
             async def bounded(item: tuple[p.ExecuteTask, p.SyncChannel | None]) -> None:
+                message, caller = item
                 async with slots:
-                    slot = begun.begin(item[0].spec.task_id)
-                    try:
-                        self._reply(await self.execute_async(item[0]), item[1])
-                    finally:
-                        begun.end(slot)
-
-            begun = self._begun
-            assert begun is not None
+                    with self._marked_begun(message):
+                        self._reply(await self.execute_async(message), caller)
 
             self._concurrently = lambda m: asyncio.run_coroutine_threadsafe(
                 bounded(m), loop

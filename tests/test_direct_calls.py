@@ -53,7 +53,9 @@ class Log:
     def history(self) -> list[tuple[str, int]]:
         return self.seen
 
-    def slow(self, seconds: float) -> int:
+    def slow(self, seconds: float, started: str = "") -> int:
+        if started:  # tells the test it has begun
+            Path(started).touch()
         time.sleep(seconds)
         return self.n
 
@@ -79,18 +81,19 @@ def _gcs() -> str:
     return ray.get_runtime_context().gcs_address
 
 
-def _went_direct(actor: ray.actor.ActorHandle, method: str, count: int) -> list[bool]:
-    """For each call of ``method`` to the actor, in order: whether it went straight to
-    the actor (its ``submitted`` event says so), once all ``count`` are in the log."""
+def _went_direct(actor: ray.actor.ActorHandle, method: str, count: int) -> dict[str, bool]:
+    """For each call of ``method`` to the actor (task id), in order: whether it went
+    straight to the actor (its ``submitted`` event says so), once all ``count`` are in
+    the log."""
     submitted = wait_for_rows(
         _gcs(),
-        "SELECT payload FROM events WHERE event_type = 'submitted' "
+        "SELECT entity_id, payload FROM events WHERE event_type = 'submitted' "
         "AND payload->>'actor_id' = $1 AND payload->>'method' = $2 ORDER BY position",
         actor._actor_id,
         method,
         count=count,
     )
-    return ['"direct": true' in row["payload"] for row in submitted]
+    return {row["entity_id"]: '"direct": true' in row["payload"] for row in submitted}
 
 
 def _workers_of(actor: ray.actor.ActorHandle) -> list[str]:
@@ -121,25 +124,26 @@ def test_calls_after_the_first_go_straight_to_the_actor_and_all_reach_the_log() 
         by_call.setdefault(row["entity_id"], []).append(row["event_type"])
     assert len(by_call) == 201
     assert all(types == ["submitted", "running", "finished"] for types in by_call.values())
-    assert _went_direct(actor, "add", 201) == [False] + [True] * 200
+    assert list(_went_direct(actor, "add", 201).values()) == [False] + [True] * 200
 
 
 def test_each_callers_order_holds_across_the_switch_and_with_a_second_caller() -> None:
     actor = Log.remote()
-    first = [actor.record.remote("driver", i) for i in range(300)]  # through the daemon
+    first = [actor.record.remote("driver", i) for i in range(300)]  # no route yet
     ray.get(first[:1])
-    rest = []
-    for i in range(300, 3000):  # switches to the direct route once the first are in
-        rest.append(actor.record.remote("driver", i))
-        if i % 500 == 0:
-            time.sleep(0.05)
+    # while the first are not all in these go through the daemon too, then switch
+    more = [actor.record.remote("driver", i) for i in range(300, 600)]
+    ray.get(first + more)
+    rest = [actor.record.remote("driver", i) for i in range(600, 3000)]  # straight to it
     other = make_calls.remote(actor, "task", 1000)  # a worker calling it as well
     assert ray.get(other, timeout=60) == 1000
-    ray.get(first + rest)
+    ray.get(rest)
     seen = ray.get(actor.history.remote())
     assert [s for c, s in seen if c == "driver"] == list(range(3000))
     assert [s for c, s in seen if c == "task"] == list(range(1000))
-    assert sum(_went_direct(actor, "record", 4000)) > 1000  # most went straight to it
+    direct = _went_direct(actor, "record", 4000)
+    assert not any(direct[ref.task_id()] for ref in first)
+    assert all(direct[ref.task_id()] for ref in rest)
 
 
 def test_ref_arguments_of_direct_calls_are_resolved_in_order() -> None:
@@ -154,13 +158,19 @@ def test_ref_arguments_of_direct_calls_are_resolved_in_order() -> None:
     assert ray.get(actor.add.remote(1)) == 107  # the failed call did not run
 
 
-def test_a_crash_resends_direct_calls_that_never_began_and_fails_the_one_running() -> None:
+def test_a_crash_resends_direct_calls_that_never_began_and_fails_the_one_running(
+    tmp_path: Path,
+) -> None:
     actor = Log.options(max_restarts=1).remote()
     pid = ray.get(actor.pid.remote())
     assert ray.get(actor.add.remote()) == 1  # direct from here on
-    running = actor.slow.remote(30)
+    started = tmp_path / "started"
+    running = actor.slow.remote(30, str(started))
     queued = [actor.add.remote() for _ in range(20)]
-    time.sleep(0.5)  # the slow call has begun; the rest wait in the worker
+    deadline = time.monotonic() + 30
+    while not started.exists():  # the slow call has begun; the rest wait behind it
+        assert time.monotonic() < deadline, "the slow call never began"
+        time.sleep(0.02)
     os.kill(pid, signal.SIGKILL)
     with pytest.raises(ActorDiedError, match="max_task_retries=0"):
         ray.get(running, timeout=60)
@@ -188,7 +198,7 @@ def test_a_crash_resends_direct_calls_that_never_began_and_fails_the_one_running
 def test_actors_that_replay_their_calls_take_no_direct_calls() -> None:
     actor = Log.options(max_restarts=1, replay_calls_on_restart=True).remote()
     assert [ray.get(actor.add.remote()) for _ in range(20)] == list(range(1, 21))
-    assert not any(_went_direct(actor, "add", 20))
+    assert not any(_went_direct(actor, "add", 20).values())
 
 
 def test_a_threaded_actor_runs_direct_calls_concurrently() -> None:
@@ -241,7 +251,7 @@ def test_direct_calls_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setenv("CAIRN_DIRECT_ACTOR_CALLS", "0")
     actor = Log.remote()  # the first call to it from this process reads the setting
     assert [ray.get(actor.add.remote()) for _ in range(50)] == list(range(1, 51))
-    assert not any(_went_direct(actor, "add", 50))
+    assert not any(_went_direct(actor, "add", 50).values())
 
 
 def test_an_answer_that_reaches_the_daemon_before_the_callers_copy_is_recorded() -> None:

@@ -13,6 +13,7 @@ import asyncpg
 import numpy as np
 import pytest
 from processes import pids_with
+from workloads import add, square
 
 import sdk as ray
 from controlplane.projections import Projector
@@ -37,16 +38,6 @@ def cluster() -> Iterator[None]:
         node_id = ray.get_runtime_context().get_node_id()
         ray.shutdown()
         assert list(shm.SHM_DIR.glob(f"{node_id}-*")) == []
-
-
-@ray.remote
-def square(x: int) -> int:
-    return x * x
-
-
-@ray.remote
-def add(a: int, b: int) -> int:
-    return a + b
 
 
 @ray.remote
