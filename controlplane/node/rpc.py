@@ -8,7 +8,9 @@ are JSON objects, so no generated code is needed (grpcio's generic handlers). Ev
 call carries the cluster token, and the server refuses calls without it before any
 handler runs (one interceptor, controlplane/auth.py); every client made here
 (``unary_stub``, ``raw_stub``, ``call``) adds it. The server listens on loopback unless
-told otherwise.
+told otherwise. With TLS (controlplane/tls.py) every link is mutual TLS under the
+cluster CA, and each peer's certificate is checked on each call; channels to other
+nodes are kept, one per address, so a handshake is paid once per peer, not per call.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 
 import grpc
 
-from controlplane import auth
+from controlplane import auth, tls
 
 SERVICE = "cairn.Node"
 DEFAULT_HEAD_PORT = 6380
@@ -36,12 +38,42 @@ Handler = Callable[[dict[str, Any]], dict[str, Any] | Awaitable[dict[str, Any]]]
 RawHandler = Callable[[dict[str, Any], grpc.aio.ServicerContext], Awaitable[bytes]]
 
 _token: str | None = None  # this process's cluster token, added to every call it makes
+_tls: tls.NodeTls | None = None  # this process's certificate, for every channel it opens
+_channels: dict[str, grpc.aio.Channel] = {}
 
 
 def use_token(token: str | None) -> None:
     """Sets the token this process's calls carry (a node daemon's, once, at start)."""
     global _token
     _token = token
+
+
+def use_tls(node_tls: tls.NodeTls | None) -> None:
+    """Sets the certificate this process's channels present (None: plain text)."""
+    global _tls
+    _tls = node_tls
+    _channels.clear()
+
+
+def channel(address: str) -> grpc.aio.Channel:
+    """This process's channel to the node at ``address`` (TLS when it has a
+    certificate), opened once and kept: gRPC reconnects it as needed."""
+    found = _channels.get(address)
+    if found is None:
+        if _tls is None:
+            found = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        else:
+            credentials = _tls.channel_credentials()
+            found = grpc.aio.secure_channel(address, credentials, options=CHANNEL_OPTIONS)
+        _channels[address] = found
+    return found
+
+
+async def close_channels() -> None:
+    channels = list(_channels.values())
+    _channels.clear()
+    for open_channel in channels:
+        await open_channel.close()
 
 
 def _with_token(stub: Any, token: str | None) -> Any:
@@ -77,20 +109,32 @@ async def serve(
     *,
     token: str | None,
     on_refused: auth.OnRefused | None = None,
+    node_tls: tls.NodeTls | None = None,
 ) -> tuple[grpc.aio.Server, int]:
     """Starts the service on host:port (0: a free port); returns it and its port.
     ``handlers`` answer a JSON object; ``raw_handlers`` answer raw bytes. With a
     ``token``, calls without it are refused (``on_refused`` hears of them); None (auth
-    disabled) serves anyone who can connect."""
+    disabled) serves anyone who can connect. With ``node_tls``, mutual TLS under the
+    cluster CA; a head (``Join`` among the handlers) also lets joiners in with a
+    bootstrap certificate derived from the token, for ``Join`` alone."""
     methods = {name: _unary(handler) for name, handler in handlers.items()}
     for name, raw in (raw_handlers or {}).items():
         methods[name] = grpc.unary_unary_rpc_method_handler(
             raw, request_deserializer=_decode, response_serializer=bytes
         )
-    interceptors = [auth.TokenCheck(token, on_refused)] if token is not None else []
+    interceptors: list[grpc.aio.ServerInterceptor] = []
+    if token is not None:
+        interceptors.append(auth.TokenCheck(token, on_refused))
+    joins = "Join" in handlers and token is not None
+    if node_tls is not None:
+        interceptors.append(tls.PeerCheck(node_tls.ca(), [f"/{SERVICE}/Join"] if joins else []))
     server = grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=interceptors)
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, methods)])
-    bound = server.add_insecure_port(f"{host}:{port}")
+    if node_tls is None:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    else:
+        credentials = node_tls.server_credentials(token if joins else None)
+        bound = server.add_secure_port(f"{host}:{port}", credentials)
     if bound == 0:
         raise OSError(f"cannot listen on {host}:{port} (in use?)")
     await server.start()
@@ -122,13 +166,22 @@ def call(
     request: dict[str, Any],
     timeout: float,
     token: str | None = None,
+    *,
+    secure: tls.NodeTls | tls.Bootstrap | None = None,
 ) -> dict[str, Any]:
     """One blocking call to a node's service, with ``token`` (by default this process's,
-    else ``$CAIRN_AUTH_TOKEN`` or that of a node of this machine in the same cluster);
+    else ``$CAIRN_AUTH_TOKEN`` or that of a node of this machine in the same cluster),
+    over TLS with ``secure`` (a node's certificate, or a joiner's bootstrap one);
     AuthError if the node refuses it, ConnectionError naming the address if it cannot be
     reached within ``timeout`` seconds."""
     token = token or _token or auth.find_token(address)
-    with grpc.insecure_channel(address) as channel:
+    if secure is None:
+        opened = grpc.insecure_channel(address)
+    elif isinstance(secure, tls.Bootstrap):
+        opened = grpc.secure_channel(address, secure.credentials, options=secure.options)
+    else:
+        opened = grpc.secure_channel(address, secure.channel_credentials())
+    with opened as channel:
         stub = channel.unary_unary(
             f"/{SERVICE}/{method}", request_serializer=_encode, response_deserializer=_decode
         )
@@ -137,18 +190,40 @@ def call(
         except grpc.RpcError as exc:
             code = exc.code() if isinstance(exc, grpc.Call) else None
             detail = exc.details() if isinstance(exc, grpc.Call) else str(exc)
-            if code == grpc.StatusCode.UNAUTHENTICATED:
+            if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
                 raise AuthError(f"the Cairn node at {address} refused the call: {detail}") from None
+            if secure is not None and code == grpc.StatusCode.UNAVAILABLE:
+                raise ConnectionError(
+                    f"cannot reach a Cairn head at {address} over TLS ({detail}): it is down, "
+                    "it runs without TLS (join it with --tls off), or the cluster token is "
+                    "not the head's (the TLS handshake proves both sides hold the same token)"
+                ) from None
             raise ConnectionError(
                 f"cannot reach a Cairn head at {address}: {code.name if code else ''} {detail}"
             ) from None
 
 
-def join(
-    address: str, token: str | None = None, timeout: float = _JOIN_TIMEOUT_S
-) -> dict[str, Any]:
-    """What a joining node needs from the head at ``address`` (HOST:PORT)."""
+def split_address(address: str) -> tuple[str, int]:
     host, sep, port = address.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"the address must be HOST:PORT, got {address!r}")
-    return call(address, "Join", {}, timeout, token)
+    return host, int(port)
+
+
+def join(
+    address: str,
+    token: str | None = None,
+    timeout: float = _JOIN_TIMEOUT_S,
+    *,
+    request: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """What a joining node needs from the head at ``address`` (HOST:PORT). With a
+    ``request`` holding a certificate signing request (``csr``), over TLS: the answer
+    holds the node's certificate and the cluster CA's."""
+    split_address(address)
+    secure = None
+    if request is not None and request.get("csr"):
+        if token is None:
+            raise AuthError(f"joining {address} over TLS needs the cluster token")
+        secure = tls.Bootstrap.from_token(token)
+    return call(address, "Join", request or {}, timeout, token, secure=secure)

@@ -100,24 +100,24 @@ class Puller:
         return pending
 
     async def _pull(self, address: str, object_id: str) -> p.ObjectLocation:
-        async with grpc.aio.insecure_channel(address, options=rpc.CHANNEL_OPTIONS) as channel:
-            try:
-                info = await rpc.unary_stub(channel, "ObjectInfo")({"object_id": object_id})
-                if info.get("missing"):
-                    raise TransferError(f"node {address} no longer has object {object_id}")
-                size, contained = int(info["size"]), tuple(info["contained"])
-                read = rpc.raw_stub(channel, "ReadObject")
-                if size <= shm.INLINE_LIMIT:
-                    data = await read({"object_id": object_id, "offset": 0, "length": size})
-                    _check_size(object_id, address, len(data), size)
-                    _check_bytes(object_id, address, data)
-                    return p.ObjectLocation(object_id, inline=data, size=size, contained=contained)
-                return await self._into_segment(object_id, address, size, contained, read)
-            except grpc.aio.AioRpcError as exc:
-                raise TransferError(
-                    f"could not pull object {object_id} from {address}: "
-                    f"{exc.code().name} {exc.details()}"
-                ) from None
+        channel = rpc.channel(address)
+        try:
+            info = await rpc.unary_stub(channel, "ObjectInfo")({"object_id": object_id})
+            if info.get("missing"):
+                raise TransferError(f"node {address} no longer has object {object_id}")
+            size, contained = int(info["size"]), tuple(info["contained"])
+            read = rpc.raw_stub(channel, "ReadObject")
+            if size <= shm.INLINE_LIMIT:
+                data = await read({"object_id": object_id, "offset": 0, "length": size})
+                _check_size(object_id, address, len(data), size)
+                _check_bytes(object_id, address, data)
+                return p.ObjectLocation(object_id, inline=data, size=size, contained=contained)
+            return await self._into_segment(object_id, address, size, contained, read)
+        except grpc.aio.AioRpcError as exc:
+            raise TransferError(
+                f"could not pull object {object_id} from {address}: "
+                f"{exc.code().name} {exc.details()}"
+            ) from None
 
     async def _into_segment(
         self, object_id: str, address: str, size: int, contained: tuple[str, ...], read: Any
@@ -179,5 +179,4 @@ def _check_segment(object_id: str, address: str, fd: int, size: int) -> None:
 async def release(address: str, object_id: str) -> None:
     """Tells the node at ``address`` that its copy of the object is no longer needed."""
     with contextlib.suppress(grpc.aio.AioRpcError):
-        async with grpc.aio.insecure_channel(address) as channel:
-            await rpc.unary_stub(channel, "Release")({"object_id": object_id}, timeout=5)
+        await rpc.unary_stub(rpc.channel(address), "Release")({"object_id": object_id}, timeout=5)

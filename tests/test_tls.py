@@ -1,0 +1,228 @@
+"""TLS between nodes, on loopback (`--tls on`; the hosts tests prove it across
+machines): a node joins over the token-derived bootstrap handshake and gets a
+certificate of the cluster CA; tasks and objects move over mutual TLS; a plain-text
+client, a certificate of another CA, a wrong token and a bootstrap certificate used for
+anything but ``Join`` are all refused. The cluster runs with its own temp directory, so
+it is invisible to (and unbothered by) other tests' clusters."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from processes import ROOT
+
+from controlplane import auth, tls
+from controlplane.embedded_postgres import hba_rules
+from controlplane.node import rpc
+
+pytestmark = pytest.mark.timeout(240)
+TOKEN = "tls-test-" + auth.new_token()
+
+
+@dataclass
+class Cluster:
+    tmp: Path
+    head: Path  # session directories
+    node: Path
+    head_address: str
+    node_address: str
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return _env(self.tmp, **extra)
+
+
+def _env(tmp: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CAIRN_")}
+    return {**env, "TMPDIR": str(tmp), auth.TOKEN_ENV: TOKEN, **extra}
+
+
+def _cairn(tmp: Path, *args: str, check: bool = True, **env: str) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, "-m", "controlplane.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=150,
+        cwd=ROOT,
+        env=_env(tmp, **env),
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"cairn {' '.join(args)} failed:\n{result.stdout}{result.stderr}")
+    return result
+
+
+def _records(tmp: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((tmp / "cairn-nodes").glob("*.json"))]
+
+
+def _temp_dir() -> Path:
+    """A temp directory for a cluster of its own (PostgreSQL's system user must be able
+    to pass through it, which pytest's 0700 tmp_path forbids)."""
+    path = Path(tempfile.mkdtemp(prefix="cairn-tls-test-"))
+    path.chmod(0o755)
+    return path
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    tmp = _temp_dir()
+    try:
+        _cairn(tmp, "start", "--head", "--port", "0", "--num-cpus", "1", "--tls", "on")
+        (head,) = _records(tmp)
+        _cairn(tmp, "start", "--address", head["address"], "--num-cpus", "2", "--tls", "on")
+        (node,) = [r for r in _records(tmp) if not r["head"]]
+        yield Cluster(
+            tmp,
+            Path(head["session_dir"]),
+            Path(node["session_dir"]),
+            head["address"],
+            node["address"],
+        )
+    finally:
+        _cairn(tmp, "stop", check=False)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+DRIVER = """
+import json, os, numpy as np
+import sdk as ray
+ray.init(address="auto")
+
+@ray.remote(scheduling_strategy="SPREAD")
+def where():
+    return ray.get_runtime_context().get_node_id()
+
+@ray.remote(num_cpus=2)  # only the joined node has 2 CPUs
+def big(n):
+    return np.arange(n, dtype=np.int64)
+
+nodes = set(ray.get([where.remote() for _ in range(12)]))
+array = ray.get(big.remote(3_000_000))  # 24 MB: pulled in chunks over TLS
+back = ray.get(big.remote(10))
+print(json.dumps({"nodes": sorted(nodes), "sum": int(array.sum()), "len": len(array)}))
+ray.shutdown()
+"""
+
+
+def test_a_node_joins_and_work_and_objects_cross_over_tls(cluster: Cluster) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", DRIVER],
+        capture_output=True,
+        text=True,
+        timeout=150,
+        cwd=ROOT,
+        env=cluster.env(),
+    )
+    assert result.returncode == 0, result.stderr
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    head_id = (cluster.head / "node.ready").read_text()
+    node_id = (cluster.node / "node.ready").read_text()
+    assert seen["nodes"] == sorted([head_id, node_id])
+    n = 3_000_000
+    assert seen["len"] == n and seen["sum"] == n * (n - 1) // 2
+
+
+def test_the_joined_node_holds_a_certificate_of_the_cluster_ca(cluster: Cluster) -> None:
+    head_tls, node_tls = tls.NodeTls.find(cluster.head), tls.NodeTls.find(cluster.node)
+    assert head_tls is not None and node_tls is not None
+    authority = head_tls.authority()
+    assert authority is not None and node_tls.authority() is None  # the CA key stays home
+    assert node_tls.ca() == authority.certificate
+    assert authority.issued(node_tls.cert_path.read_bytes())
+    cert = x509.load_pem_x509_certificate(node_tls.cert_path.read_bytes())
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert ipaddress.ip_address("127.0.0.1") in names.get_values_for_type(x509.IPAddress)
+    for path in (node_tls.key_path, head_tls.directory / tls.CA_KEY):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(node_tls.directory.stat().st_mode) == 0o700
+
+
+def _info(address: str, secure: tls.NodeTls | tls.Bootstrap | None) -> dict:
+    return rpc.call(address, "Info", {}, timeout=10, token=TOKEN, secure=secure)
+
+
+def test_only_the_clusters_certificates_get_in(cluster: Cluster, tmp_path: Path) -> None:
+    node_tls = tls.NodeTls.find(cluster.node)
+    assert node_tls is not None
+    head_id = (cluster.head / "node.ready").read_text()
+    assert _info(cluster.head_address, node_tls)["node_id"] == head_id
+
+    # plain text: no TLS handshake, no answer (the token alone is not enough)
+    with pytest.raises(ConnectionError):
+        _info(cluster.head_address, None)
+    # a certificate of another CA, for the same names: refused in the handshake
+    other = tls.Authority.create("Cairn cluster CA")
+    key = tls.new_key()
+    forged = other.issue(key.public_key(), "cairn node", ["127.0.0.1"])
+    stranger = tls.NodeTls.write(tmp_path, node_tls.ca(), forged, tls.key_pem(key))
+    with pytest.raises(ConnectionError, match="handshake"):
+        _info(cluster.head_address, stranger)
+    # the joiner's bootstrap certificate: good for Join, not for anything else
+    bootstrap = tls.Bootstrap.from_token(TOKEN)
+    assert rpc.call(cluster.head_address, "Join", {}, 10, TOKEN, secure=bootstrap)["tls"]
+    with pytest.raises(rpc.AuthError, match="node certificate of the cluster CA"):
+        _info(cluster.head_address, bootstrap)
+    # a wrong token derives another join CA: the head's handshake refuses it
+    with pytest.raises(ConnectionError, match="cluster token is not the head's"):
+        rpc.join(cluster.head_address, "wrong", request={"csr": "x", "hosts": []})
+
+
+def test_a_plain_text_joiner_is_told_what_is_wrong(cluster: Cluster) -> None:
+    refused = _cairn(
+        cluster.tmp, "start", "--address", cluster.head_address, "--tls", "off", check=False
+    )
+    assert refused.returncode != 0
+    assert f"cannot reach a Cairn head at {cluster.head_address}" in refused.stderr
+    assert len(_records(cluster.tmp)) == 2  # nothing half-started
+
+
+def test_tls_needs_the_token() -> None:
+    tmp_path = _temp_dir()
+    refused = _cairn(
+        tmp_path, "start", "--head", "--port", "0", "--tls", "on", "--disable-auth", check=False
+    )
+    assert refused.returncode != 0 and "TLS needs the cluster token" in refused.stderr
+    assert not (tmp_path / "cairn-nodes").exists() or _records(tmp_path) == []
+    shutil.rmtree(tmp_path)
+
+
+def test_tls_is_on_by_default_off_loopback() -> None:
+    assert not tls.wanted("auto", "127.0.0.1")
+    assert tls.wanted("auto", "127.0.0.1", "192.0.2.10")
+    assert tls.wanted("on", "127.0.0.1") and not tls.wanted("off", "192.0.2.10")
+    with pytest.raises(ValueError, match="--tls must be one of"):
+        tls.wanted("maybe", "127.0.0.1")
+
+
+def test_postgres_lets_in_only_the_runtime_from_other_machines() -> None:
+    loopback_only = hba_rules(None, tls=True)
+    assert "0.0.0.0/0" not in loopback_only and "::/0" not in loopback_only
+    served = [line.split() for line in hba_rules("192.0.2.10", tls=True).splitlines()]
+    remote = [line for line in served if line and line[0] in ("host", "hostssl", "hostnossl")]
+    remote = [line for line in remote if line[3] in ("0.0.0.0/0", "::/0")]
+    assert remote and all(
+        line[:3] == ["hostssl", "cairn", "cairn_runtime"]
+        and line[4:] == ["scram-sha-256", "clientcert=verify-ca"]
+        for line in remote
+    )
+    assert "trust" not in hba_rules("192.0.2.10", tls=False)
+    plain = [line.split() for line in hba_rules("192.0.2.10", tls=False).splitlines()]
+    assert ["host", "cairn", "cairn_runtime", "0.0.0.0/0", "scram-sha-256"] in plain
+
+
+def test_a_bad_signing_request_is_refused() -> None:
+    authority = tls.Authority.create("Cairn cluster CA")
+    with pytest.raises(tls.TlsError, match="not a certificate signing request"):
+        authority.issue_for_request(b"garbage", "cairn node", ["127.0.0.1"])
+    assert not authority.issued(b"garbage")
