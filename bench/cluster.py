@@ -2,6 +2,7 @@
 latency, and cross-node object transfer beside a raw socket copy of the same bytes.
 
     .venv/bin/python bench/cluster.py [--tasks 2000] [--transfer-mb 500] [--compare-auth]
+    .venv/bin/python bench/cluster.py --compare-tls [--rounds 3] [--transfer-mb 500]
 
 Each node is a real `cairn start` process group with its own store (2 CPUs each); the
 tasks sleep 10 ms, so the cores are not the limit: what is measured is how fast the
@@ -9,6 +10,11 @@ local and global schedulers, through the log, keep the nodes busy. With
 ``--compare-auth`` the two-node rows run again on a cluster started with
 ``--disable-auth``: what the cluster token costs the calls between nodes (the only calls
 it guards; a private ``sdk.init()`` cluster has no gRPC service at all).
+
+``--compare-tls`` runs only the two-node rows (spill-over latency, object transfer),
+on a cluster started with ``--tls on`` and one with ``--tls off``, alternating for
+``--rounds`` rounds, and prints each side's best and their ratio: what TLS costs the
+links between nodes (on loopback: the cryptography, not the network).
 """
 
 from __future__ import annotations
@@ -43,8 +49,8 @@ def cairn(*args: str) -> None:
     )
 
 
-def start_cluster(nodes: int, auth: bool = True) -> None:
-    without = [] if auth else ["--disable-auth"]
+def start_cluster(nodes: int, auth: bool = True, tls: str = "auto") -> None:
+    without = ([] if auth else ["--disable-auth"]) + ["--tls", tls]
     cairn("start", "--head", "--port", "0", "--num-cpus", "2", *without)
     head = local_node.running_head()
     assert head is not None and head.address is not None
@@ -148,6 +154,28 @@ def raw_socket_gbps(megabytes: int) -> float:
     return len(data) / elapsed / 1e9
 
 
+def compare_tls(rounds: int, transfer_mb: int) -> None:
+    """The two-node rows with TLS on and off, alternating; best of each, and on/off."""
+    best: dict[tuple[str, str], float] = {}
+    units: dict[str, str] = {}
+    for _ in range(rounds):
+        for mode in ("on", "off"):
+            start_cluster(2, tls=mode)
+            try:
+                ray.init(address="auto")
+                for name, value, unit in two_node_rows(transfer_mb):
+                    units[name] = unit
+                    better = min if unit == "ms" else max
+                    best[(name, mode)] = better(best.get((name, mode), value), value)
+            finally:
+                ray.shutdown()
+                cairn("stop")
+    print(f"{'row (best of ' + str(rounds) + ')':52s} {'TLS on':>10s} {'TLS off':>10s}  ratio")
+    for name, unit in units.items():
+        on, off = best[(name, "on")], best[(name, "off")]
+        print(f"{name:52s} {on:10,.2f} {off:10,.2f}  {on / off:5.2f}  {unit}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", type=int, default=2000)
@@ -157,11 +185,20 @@ def main() -> int:
         action="store_true",
         help="run the two-node rows again with --disable-auth",
     )
+    parser.add_argument(
+        "--compare-tls",
+        action="store_true",
+        help="only the two-node rows, with --tls on against --tls off",
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of --compare-tls")
     args = parser.parse_args()
     if local_node.local_nodes():
         print("Cairn nodes are running here already: `cairn stop` them first")
         return 1
     print(f"machine: {os.cpu_count()} CPUs; {time.strftime('%Y-%m-%d %H:%M')}")
+    if args.compare_tls:
+        compare_tls(args.rounds, args.transfer_mb)
+        return 0
     rows: list[tuple[str, float, str]] = []
     runs = [(1, True), (2, True), (4, True)] + ([(2, False)] if args.compare_auth else [])
     for nodes, auth in runs:
