@@ -151,11 +151,24 @@ async def infeasible_tasks(url: str) -> list[tuple[str, str, dict[str, float]]]:
 
 async def cluster_nodes(url: str) -> list[dict[str, Any]]:
     """Every node of the cluster, as the ``nodes`` projection's rows, folded from the
-    log's node events (oldest registration first)."""
+    log's node events (oldest registration first), each with what its registration
+    says beyond the projection's columns: ``head``, ``hostname`` and ``socket`` (its
+    daemon's socket path; these two None if it registered without them)."""
     conn = await connect(url)
     try:
         rows = await conn.fetch(queries["node_events"])
     finally:
         await conn.close()
-    state = fold(RecordedEvent.from_row(row) for row in rows)
-    return [row for (table, _), row in state.items() if table == "nodes"]
+    events = [RecordedEvent.from_row(row) for row in rows]
+    registered = {e.entity_id: e.payload for e in events if e.event_type == "registered"}
+    state = fold(events)
+    return [
+        {
+            **row,
+            "head": bool(registered.get(row["node_id"], {}).get("head")),
+            "hostname": registered.get(row["node_id"], {}).get("hostname"),
+            "socket": registered.get(row["node_id"], {}).get("socket"),
+        }
+        for (table, _), row in state.items()
+        if table == "nodes"
+    ]

@@ -454,6 +454,11 @@ class CoreClient:
     def cluster_info(self) -> dict[str, Any]:
         return self.request(lambda rid: p.ClusterInfoRequest(rid))
 
+    def cluster_nodes(self) -> list[p.NodeSummary]:
+        """Every node of the cluster, alive or dead (see ClusterNodesRequest)."""
+        nodes: list[p.NodeSummary] = self.request(lambda rid: p.ClusterNodesRequest(rid))
+        return nodes
+
     def read_value(self, location: p.ObjectLocation) -> Any:
         """The value at a location (errors are the caller's to interpret). A value in
         shared memory stays pinned (this process holds its object) for as long as the

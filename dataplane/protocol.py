@@ -360,6 +360,32 @@ class ClusterInfoRequest:
     request_id: int
 
 
+@dataclass(slots=True)
+class ClusterNodesRequest:
+    """Reply: a NodeSummary of every node of the cluster, alive or dead, oldest
+    registration first (``ray.nodes()``, ``cluster_resources()`` read it)."""
+
+    request_id: int
+
+
+@dataclass(slots=True)
+class NodeSummary:
+    """One node as the cluster knows it: from the log's node events, or from the daemon
+    itself for its own node (its resources as they are now, not as last logged)."""
+
+    node_id: str
+    alive: bool
+    ip: str  # the address its gRPC service listens on; 127.0.0.1 in a private cluster
+    port: int  # of that service (tasks, calls and objects between nodes); 0: none
+    hostname: str
+    socket: str  # its daemon's socket for drivers and workers, on its own machine
+    head: bool
+    resources: dict[str, float]  # totals
+    available: dict[str, float]  # free now (another node: at its latest heartbeat)
+    death_cause: str = ""
+    death_expected: bool = False  # it stopped on purpose (shutdown), not lost
+
+
 # -- messages: daemon -> client ---------------------------------------------------------
 
 

@@ -394,24 +394,58 @@ def get_gpu_ids() -> list[int | str]:
     return [int(i) if i.isdigit() else i for i in ids]
 
 
+# Ray's NodeDeathInfo.Reason, as ray.nodes() gives it
+_ALIVE, _EXPECTED_TERMINATION, _UNEXPECTED_TERMINATION = 0, 1, 2
+
+
 def nodes() -> list[dict[str, Any]]:
-    info = client_or_auto_init().cluster_info()
-    return [
-        {
-            "NodeID": info["node_id"],
-            "Alive": True,
-            "alive": True,
-            "NodeManagerAddress": "127.0.0.1",
-            "NodeManagerHostname": "localhost",
-            "RayletSocketName": info["address"],
-            "Resources": info["total"],
-        }
-    ]
+    """Every node of the cluster, alive or dead, in Ray's shape (its node daemon reads
+    them from the log; in a private cluster, the one node). As in Ray, a dead node's
+    ``Resources`` is empty."""
+    return [_ray_node(node) for node in client_or_auto_init().cluster_nodes()]
+
+
+def _ray_node(node: p.NodeSummary) -> dict[str, Any]:
+    if node.alive:
+        reason = _ALIVE
+    else:
+        reason = _EXPECTED_TERMINATION if node.death_expected else _UNEXPECTED_TERMINATION
+    return {
+        "NodeID": node.node_id,
+        "Alive": node.alive,
+        "NodeManagerAddress": node.ip,
+        "NodeManagerHostname": node.hostname,
+        "NodeManagerPort": node.port,
+        "ObjectManagerPort": node.port,  # objects move between nodes over that service
+        "ObjectStoreSocketName": node.socket,  # the store is reached through the daemon
+        "RayletSocketName": node.socket,
+        "MetricsExportPort": 0,  # Cairn exports no metrics endpoint
+        "NodeName": node.ip,
+        "DeathReason": reason,
+        "DeathReasonMessage": node.death_cause,
+        "alive": node.alive,
+        "Resources": dict(node.resources) if node.alive else {},
+        "Labels": {"ray.io/node_id": node.node_id},
+    }
 
 
 def cluster_resources() -> dict[str, float]:
-    return dict(client_or_auto_init().cluster_info()["total"])
+    """The total resources of the alive nodes, summed."""
+    alive = [node.resources for node in client_or_auto_init().cluster_nodes() if node.alive]
+    return _summed(alive)
 
 
 def available_resources() -> dict[str, float]:
-    return dict(client_or_auto_init().cluster_info()["available"])
+    """What the alive nodes have free now, summed; as Ray, without the resources of
+    which none is free. Another node's share is as of its latest heartbeat (at most
+    about a second old)."""
+    alive = [node.available for node in client_or_auto_init().cluster_nodes() if node.alive]
+    return {name: amount for name, amount in _summed(alive).items() if amount > 0}
+
+
+def _summed(amounts: list[dict[str, float]]) -> dict[str, float]:
+    total: dict[str, float] = {}
+    for resources in amounts:
+        for name, amount in resources.items():
+            total[name] = total.get(name, 0.0) + amount
+    return {name: round(amount, 4) for name, amount in total.items()}

@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from typing import TYPE_CHECKING, Any
 
 from controlplane.eventlog import EntityKind, Event, RecordedEvent, Tailer
+from controlplane.membership import cluster_nodes
 from controlplane.node import transfer
 from controlplane.node.objects import Elsewhere
 from dataplane import protocol as p
@@ -508,6 +510,50 @@ class ClusterMixin:
             self.objects.release(object_id)
         return {}
 
+    # -- the cluster's nodes (ray.nodes()) ------------------------------------------
+
+    def _cluster_nodes(self: Any, conn: Any, request_id: int) -> None:
+        """Answers ClusterNodesRequest. A private cluster is this node alone: answered
+        at once, with no query. A cluster's nodes are in the log (membership's
+        ``cluster_nodes``), read afresh for each request so that a node that joined or
+        died a moment ago is there; this node's own entry has its resources as they
+        are now rather than as last logged."""
+        own = self._own_summary()
+        if self.rpc_port is None:
+            conn.send(p.Reply(request_id, [own]))
+            return
+
+        async def answer() -> None:
+            try:
+                rows = await cluster_nodes(self.gcs_url)
+            except Exception as exc:  # the caller gets why (RaySystemError), we go on
+                conn.send(p.Reply(request_id, error=f"gcs: cannot read the nodes: {exc!r}"))
+                return
+            nodes = [
+                own if row["node_id"] == self.node_id else _summary(row)
+                for row in rows
+                if row["address"] is not None  # registered (not only heartbeats)
+            ]
+            if not any(node.node_id == self.node_id for node in nodes):
+                nodes.append(own)  # its registration is not committed yet
+            conn.send(p.Reply(request_id, nodes))
+
+        self._spawn(answer())
+
+    def _own_summary(self: Any) -> p.NodeSummary:
+        _, _, port = self.address.rpartition(":")
+        return p.NodeSummary(
+            node_id=self.node_id,
+            alive=True,
+            ip=self.rpc_host,
+            port=int(port) if port.isdigit() else 0,
+            hostname=os.uname().nodename,
+            socket=self.socket_path,
+            head=self.head,
+            resources=dict(self.resources.total),
+            available=dict(self.resources.available),
+        )
+
     # -- back home -----------------------------------------------------------------
 
     async def _take_back(self: Any, record: TaskRecord) -> None:
@@ -577,3 +623,31 @@ class ClusterMixin:
             {"size_bytes": location.size, "from_node": source},
             node_id=self.node_id,
         )
+
+
+def _summary(row: dict[str, Any]) -> p.NodeSummary:
+    """Another node's entry, from its ``cluster_nodes`` row. Its address is the
+    "host:port" of its gRPC service (a socket path for a node of a private cluster,
+    which has none: then 127.0.0.1 and port 0)."""
+    host, _, port = str(row["address"]).rpartition(":")
+    if not port.isdigit():
+        host, port = "127.0.0.1", "0"
+    alive = row["state"] == "ALIVE"
+    resources = {k: float(v) for k, v in (row["resources"] or {}).items()}
+    # None until its first heartbeat: all of it free
+    logged = row["available"]
+    available = resources if logged is None else {k: float(v) for k, v in logged.items()}
+    cause = row["death_cause"] or ""
+    return p.NodeSummary(
+        node_id=row["node_id"],
+        alive=alive,
+        ip=host.strip("[]"),
+        port=int(port),
+        hostname=row.get("hostname") or host.strip("[]"),
+        socket=row.get("socket") or "",
+        head=bool(row.get("head")),
+        resources=resources,
+        available=dict(available),
+        death_cause=cause,
+        death_expected=not alive and cause == "shutdown",
+    )

@@ -51,7 +51,7 @@ from controlplane.node.cluster import ClusterMixin
 from controlplane.node.objects import ObjectTable
 from controlplane.node.placement_groups import Bundle, PlacementGroupRecord, PlacementGroupsMixin
 from controlplane.node.reconstruction import ReconstructionMixin
-from controlplane.node.resources import ResourcePool
+from controlplane.node.resources import ResourcePool, node_resources
 from controlplane.node.segment_pool import SegmentPool
 from controlplane.node.spilling import SpillingMixin
 from controlplane.node.transfer import Puller, object_service
@@ -162,7 +162,10 @@ class NodeDaemon(
         self.socket_path = str(session_dir / "node.sock")
         self.gcs_url = gcs_url
         self.node_id = node_id
-        self.resources = ResourcePool(resources)
+        # with Ray's node:<ip> (and, on the head or a private cluster's one node,
+        # node:__internal_head__), which tasks ask for to run on that node
+        own = node_resources(rpc_host, head=head or rpc_port is None)
+        self.resources = ResourcePool({**resources, **own})
         self.objects = ObjectTable(
             object_store_memory,
             on_free=self._object_freed,
@@ -225,6 +228,7 @@ class NodeDaemon(
                         "resources": self.resources.total,
                         "socket": self.socket_path,
                         "head": self.head,
+                        "hostname": os.uname().nodename,
                     },
                     node_id=self.node_id,
                 )
@@ -558,6 +562,8 @@ class NodeDaemon(
                 self._object_lost(object_id, reason)
             case p.ClusterInfoRequest(request_id):
                 conn.send(p.Reply(request_id, self._cluster_info()))
+            case p.ClusterNodesRequest(request_id):
+                self._cluster_nodes(conn, request_id)
             case _:
                 raise p.ProtocolError(f"unexpected message {type(message).__name__}")
 

@@ -12,9 +12,21 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
+HEAD_RESOURCE = "node:__internal_head__"
+
 
 def _round(value: float) -> float:
     return round(value, 4)
+
+
+def node_resources(ip: str, *, head: bool) -> dict[str, float]:
+    """Ray's implicit resources of a node: ``node:<ip>`` (1; a task asks a fraction of
+    it, ``resources={"node:10.0.0.5": 0.01}``, to run on a node at that address) and,
+    on the head, ``node:__internal_head__`` (likewise, to run on the head)."""
+    implicit = {f"node:{ip}": 1.0}
+    if head:
+        implicit[HEAD_RESOURCE] = 1.0
+    return implicit
 
 
 def visible_gpu_ids(count: int) -> list[str]:
