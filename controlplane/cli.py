@@ -158,6 +158,17 @@ def start(
 
     if head == (address is not None):
         raise click.UsageError("pass either --head or --address HOST:PORT")
+    if disable_auth:
+        if not auth.is_loopback(node_ip_address):
+            raise click.UsageError(
+                f"--disable-auth is for loopback-only development: it cannot be combined "
+                f"with --node-ip-address {node_ip_address}"
+            )
+        click.echo(
+            "WARNING: authentication is DISABLED (--disable-auth): any process on this "
+            "machine can call this node and run code on the cluster. Development only.",
+            err=True,
+        )
     try:
         cluster_hosts = [node_ip_address, *([rpc.split_address(address)[0]] if address else [])]
     except ValueError as exc:
@@ -171,17 +182,6 @@ def start(
         click.echo(
             "WARNING: TLS is OFF (--tls off): the cluster token, the GCS password, task code, "
             "arguments and objects cross the network in clear text.",
-            err=True,
-        )
-    if disable_auth:
-        if not auth.is_loopback(node_ip_address):
-            raise click.UsageError(
-                f"--disable-auth is for loopback-only development: it cannot be combined "
-                f"with --node-ip-address {node_ip_address}"
-            )
-        click.echo(
-            "WARNING: authentication is DISABLED (--disable-auth): any process on this "
-            "machine can call this node and run code on the cluster. Development only.",
             err=True,
         )
     drawn = head and not disable_auth and not os.environ.get(auth.TOKEN_ENV)
