@@ -35,6 +35,7 @@ from pathlib import Path
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from controlplane.errors import EmbeddedPostgresError
+from controlplane.postgres_front import PostgresTlsFront
 from controlplane.session_dirs import new_session_dir
 
 SUPERUSER = "cairn"
@@ -56,7 +57,7 @@ class _RunAs:
 @dataclass(frozen=True)
 class ServerTls:
     """The server's certificate and key, and the CA whose certificates clients from
-    other machines must show (PEM)."""
+    other machines must show (PEM): what its TLS front serves with."""
 
     cert: bytes
     key: bytes = dataclasses.field(repr=False)
@@ -66,8 +67,9 @@ class ServerTls:
 def hba_rules(listen_host: str | None, tls: bool) -> str:
     """pg_hba.conf: any login by password on the Unix socket and loopback (this
     machine's processes, replicas included); from other machines, only the runtime's
-    login, only to the log's database, and with TLS only its TLS form, with a client
-    certificate the cluster CA issued. Anything else matches no line and is refused."""
+    login, only to the log's database. With TLS the server listens on loopback only and
+    other machines come through the TLS front (controlplane/postgres_front.py), which
+    admits the same login alone. Anything else matches no line and is refused."""
     lines = [
         "# written by Cairn at each start of the server (controlplane/embedded_postgres.py)",
         "local all all scram-sha-256",
@@ -77,10 +79,9 @@ def hba_rules(listen_host: str | None, tls: bool) -> str:
         "host replication all 127.0.0.1/32 scram-sha-256",
         "host replication all ::1/128 scram-sha-256",
     ]
-    if listen_host is not None:
-        kind, options = ("hostssl", " clientcert=verify-ca") if tls else ("host", "")
+    if listen_host is not None and not tls:
         for network in ("0.0.0.0/0", "::/0"):
-            lines.append(f"{kind} {DATABASE} {RUNTIME_ROLE} {network} scram-sha-256{options}")
+            lines.append(f"host {DATABASE} {RUNTIME_ROLE} {network} scram-sha-256")
     return "\n".join(lines) + "\n"
 
 
@@ -168,6 +169,7 @@ class EmbeddedPostgres:
         self._owns_session_dir = session_dir is None
         self.listen_host = listen_host
         self.tls = tls
+        self._front: PostgresTlsFront | None = None
         self.session_dir = Path(session_dir) if session_dir else new_session_dir()
         self.data_dir = self.session_dir / "pgdata"
         self.socket_dir = self.data_dir
@@ -245,6 +247,9 @@ class EmbeddedPostgres:
     def stop(self, keep_data: bool = False) -> None:
         """Fast shutdown; escalates to SIGQUIT and SIGKILL if the server lingers."""
         process, self._process = self._process, None
+        front, self._front = self._front, None
+        if front is not None:
+            front.stop()
         if process is not None and process.poll() is None:
             for sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGKILL):
                 process.send_signal(sig)
@@ -354,7 +359,8 @@ class EmbeddedPostgres:
             pwfile.unlink(missing_ok=True)
 
     def _launch(self) -> None:
-        listen = ",".join(["127.0.0.1", *([self.listen_host] if self.listen_host else [])])
+        served = [self.listen_host] if self.listen_host and self.tls is None else []
+        listen = ",".join(["127.0.0.1", *served])
         settings = {
             "port": str(self.port),
             "listen_addresses": listen,
@@ -386,33 +392,26 @@ class EmbeddedPostgres:
         finally:
             log.close()
         self._wait_ready()
+        if self.tls is not None and self.listen_host and self._front is None:
+            self._front = PostgresTlsFront(
+                self.listen_host,
+                self.port,
+                self.port,
+                cert=self.tls.cert,
+                key=self.tls.key,
+                ca=self.tls.ca,
+                user=RUNTIME_ROLE,
+                database=DATABASE,
+            )
+            self._front.start()
 
     def _write_access_files(self) -> dict[str, str]:
-        """pg_hba.conf and, with TLS, the server's certificate files (in the data
-        directory: the server's user may read them there and no one else); the
-        settings that name them."""
-        (self.data_dir / "pg_hba.conf").write_text(
-            hba_rules(self.listen_host, self.tls is not None)
-        )
-        if self.tls is None:
-            return {"ssl": "off"}
-        files = {"server.crt": self.tls.cert, "server.key": self.tls.key, "root.crt": self.tls.ca}
-        for name, data in files.items():
-            path = self.data_dir / name
-            path.unlink(missing_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-        for name in ("pg_hba.conf", *files):
-            if self._run_as:
-                os.chown(self.data_dir / name, self._run_as.uid, self._run_as.gid)
-        return {
-            "ssl": "on",
-            "ssl_cert_file": str(self.data_dir / "server.crt"),
-            "ssl_key_file": str(self.data_dir / "server.key"),
-            "ssl_ca_file": str(self.data_dir / "root.crt"),
-            "ssl_min_protocol_version": "TLSv1.2",
-        }
+        """pg_hba.conf (see ``hba_rules``); the settings it needs (none)."""
+        hba = self.data_dir / "pg_hba.conf"
+        hba.write_text(hba_rules(self.listen_host, self.tls is not None))
+        if self._run_as:
+            os.chown(hba, self._run_as.uid, self._run_as.gid)
+        return {}
 
     def _child_setup(self) -> None:
         """Runs in the forked child: drop root, then ask to die with our parent."""

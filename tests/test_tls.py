@@ -7,6 +7,7 @@ it is invisible to (and unbothered by) other tests' clusters."""
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 import os
@@ -19,12 +20,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import asyncpg
+import psycopg
 import pytest
 from cryptography import x509
 from processes import ROOT
 
-from controlplane import auth, tls
-from controlplane.embedded_postgres import hba_rules
+from controlplane import auth, schema, tls
+from controlplane.embedded_postgres import EmbeddedPostgres, ServerTls, hba_rules
+from controlplane.gcs_url import with_query
 from controlplane.node import rpc
 
 pytestmark = pytest.mark.timeout(240)
@@ -206,19 +210,91 @@ def test_tls_is_on_by_default_off_loopback() -> None:
 
 
 def test_postgres_lets_in_only_the_runtime_from_other_machines() -> None:
-    loopback_only = hba_rules(None, tls=True)
-    assert "0.0.0.0/0" not in loopback_only and "::/0" not in loopback_only
-    served = [line.split() for line in hba_rules("192.0.2.10", tls=True).splitlines()]
-    remote = [line for line in served if line and line[0] in ("host", "hostssl", "hostnossl")]
-    remote = [line for line in remote if line[3] in ("0.0.0.0/0", "::/0")]
-    assert remote and all(
-        line[:3] == ["hostssl", "cairn", "cairn_runtime"]
-        and line[4:] == ["scram-sha-256", "clientcert=verify-ca"]
-        for line in remote
-    )
-    assert "trust" not in hba_rules("192.0.2.10", tls=False)
+    for rules in (hba_rules(None, tls=True), hba_rules("192.0.2.10", tls=True)):
+        # loopback only: with TLS, other machines come through the TLS front
+        assert "0.0.0.0/0" not in rules and "::/0" not in rules and "trust" not in rules
     plain = [line.split() for line in hba_rules("192.0.2.10", tls=False).splitlines()]
-    assert ["host", "cairn", "cairn_runtime", "0.0.0.0/0", "scram-sha-256"] in plain
+    remote = [line for line in plain if line and line[3:4] in (["0.0.0.0/0"], ["::/0"])]
+    assert remote == [
+        ["host", "cairn", "cairn_runtime", "0.0.0.0/0", "scram-sha-256"],
+        ["host", "cairn", "cairn_runtime", "::/0", "scram-sha-256"],
+    ]
+
+
+@pytest.fixture(scope="module")
+def fronted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[EmbeddedPostgres, Path]]:
+    """An embedded server served on 127.0.0.2 (another loopback address: "another
+    machine" as far as its TLS front is concerned) with a cluster CA of its own; the
+    path holds a client certificate of that CA."""
+    authority = tls.Authority.create("Cairn cluster CA")
+    key = tls.new_key()
+    cert = authority.issue(key.public_key(), "cairn gcs", ["127.0.0.2"], client=False)
+    server = EmbeddedPostgres(
+        listen_host="127.0.0.2",
+        tls=ServerTls(cert, tls.key_pem(key), authority.certificate),
+    )
+    try:
+        schema.upgrade(server.start())
+        server.runtime_url()  # the runtime's login
+        client_key = tls.new_key()
+        client = authority.issue(client_key.public_key(), "cairn node", ["127.0.0.1"])
+        directory = tmp_path_factory.mktemp("client")
+        tls.NodeTls.write(directory, authority.certificate, client, tls.key_pem(client_key))
+        yield server, directory / tls.TLS_DIR
+    finally:
+        server.stop()
+
+
+def _front_url(server: EmbeddedPostgres, **params: str) -> str:
+    return with_query(server.cluster_url(), params)
+
+
+def test_the_tls_front_admits_the_runtime_with_a_cluster_certificate(
+    fronted: tuple[EmbeddedPostgres, Path],
+) -> None:
+    server, client = fronted
+    node_tls = tls.NodeTls(client)
+    url = _front_url(server, **node_tls.postgres_params())
+    assert "@127.0.0.2:" in url
+    with psycopg.connect(url) as conn:
+        assert conn.info.pgconn.ssl_in_use
+        assert conn.execute("SELECT current_user").fetchone() == ("cairn_runtime",)
+        assert conn.execute("SELECT count(*) FROM events").fetchone() is not None
+
+    async def through_asyncpg() -> str:
+        connection = await asyncpg.connect(url)
+        try:
+            return str(await connection.fetchval("SELECT current_user"))
+        finally:
+            await connection.close()
+
+    assert asyncio.run(through_asyncpg()) == "cairn_runtime"
+
+
+def test_the_tls_front_refuses_everything_else(
+    fronted: tuple[EmbeddedPostgres, Path], tmp_path: Path
+) -> None:
+    server, client = fronted
+    node_tls = tls.NodeTls(client)
+    with pytest.raises(psycopg.OperationalError, match="must use TLS"):
+        psycopg.connect(_front_url(server, sslmode="disable"), connect_timeout=10)
+    # the superuser, with its password and a good certificate: not from another machine
+    owner = server.url.replace("@127.0.0.1:", "@127.0.0.2:")
+    with pytest.raises(psycopg.OperationalError, match="only the login 'cairn_runtime'"):
+        psycopg.connect(with_query(owner, node_tls.postgres_params()), connect_timeout=10)
+    # no client certificate, or one of another CA: the handshake fails
+    no_cert = {"sslmode": "verify-full", "sslrootcert": str(node_tls.ca_path)}
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(_front_url(server, **no_cert), connect_timeout=10)
+    other = tls.Authority.create("Cairn cluster CA")
+    key = tls.new_key()
+    forged = other.issue(key.public_key(), "cairn node", ["127.0.0.1"])
+    stranger = tls.NodeTls.write(tmp_path, node_tls.ca(), forged, tls.key_pem(key))
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(_front_url(server, **stranger.postgres_params()), connect_timeout=10)
+    # the server itself listens on loopback only: every outside byte passes the front
+    with psycopg.connect(server.url) as conn:
+        assert conn.execute("SHOW listen_addresses").fetchone() == ("127.0.0.1",)
 
 
 def test_a_bad_signing_request_is_refused() -> None:
