@@ -4,6 +4,7 @@ handles passed around, creation failure, kill and exit_actor, and their log."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import asyncpg
 import pytest
@@ -38,9 +39,20 @@ class Recorder:
     def leave(self) -> None:
         ray.actor.exit_actor()
 
-    def slow(self, seconds: float) -> int:
+    def slow(self, seconds: float, started: str = "") -> int:
+        if started:  # tells the test it has begun
+            Path(started).touch()
         time.sleep(seconds)
         return self.n
+
+
+def _until_begun(started: Path) -> None:
+    """Until the slow call has begun in the actor (marked begun before it runs: see
+    dataplane/begun_calls.py); the calls after it wait behind it."""
+    deadline = time.monotonic() + 30
+    while not started.exists():
+        assert time.monotonic() < deadline, "the slow call never began"
+        time.sleep(0.02)
 
 
 def test_ten_thousand_calls_from_one_caller_run_in_order() -> None:
@@ -86,12 +98,13 @@ def test_a_failing_constructor_fails_every_call_with_the_cause() -> None:
             ray.get(broken.f.remote(), timeout=30)
 
 
-def test_kill_fails_pending_and_later_calls_without_hanging() -> None:
+def test_kill_fails_pending_and_later_calls_without_hanging(tmp_path: Path) -> None:
     actor = Recorder.remote()
     assert ray.get(actor.add.remote()) == 1
-    running = actor.slow.remote(30)
+    started = tmp_path / "started"
+    running = actor.slow.remote(30, str(started))
     queued = actor.add.remote()
-    time.sleep(0.3)
+    _until_begun(started)
     ray.kill(actor)
     for ref in (running, queued, actor.add.remote()):
         with pytest.raises(ActorDiedError, match="killed"):
@@ -274,12 +287,13 @@ async def test_restart_loses_no_queued_call_and_resets_state_once() -> None:
     actor = Resettable.remote()
     pid = ray.get(actor.pid.remote())
     refs = [actor.add.remote() for _ in range(100)]
-    time.sleep(0.3)  # some calls have run on the first instance
+    assert ray.get(refs[:10], timeout=60) == list(range(1, 11))  # run on the first instance
     os.kill(pid, signal.SIGKILL)
     results = ray.get(refs, timeout=60)
     assert len(results) == 100
     resets = [i for i in range(1, 100) if results[i] != results[i - 1] + 1]
     assert len(resets) == 1 and results[resets[0]] == 1  # one reset to the constructor state
+    assert resets[0] >= 10  # after the calls that had run before the kill
     assert results[-1] == 100 - resets[0]
     assert ray.get(actor.pid.remote()) != pid
     ray.kill(actor, no_restart=False)  # the second crash: max_restarts is spent
@@ -305,12 +319,13 @@ async def test_restart_loses_no_queued_call_and_resets_state_once() -> None:
     ]
 
 
-def test_a_call_interrupted_without_task_retries_fails() -> None:
+def test_a_call_interrupted_without_task_retries_fails(tmp_path: Path) -> None:
     actor = Recorder.options(max_restarts=1).remote()
     assert ray.get(actor.add.remote()) == 1  # alive
-    running = actor.slow.remote(30)
+    started = tmp_path / "started"
+    running = actor.slow.remote(30, str(started))
     queued = actor.add.remote()
-    time.sleep(0.3)
+    _until_begun(started)
     ray.kill(actor, no_restart=False)
     with pytest.raises(ActorDiedError, match="max_task_retries=0"):
         ray.get(running, timeout=30)

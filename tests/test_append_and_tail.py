@@ -12,6 +12,7 @@ import pytest
 
 from controlplane.errors import GcsUnavailableError, InvalidEventError, LogGapError
 from controlplane.eventlog import EntityKind, Event, EventAppender, Tailer
+from controlplane.sql import queries
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -154,10 +155,27 @@ async def test_tailer_restarted_from_saved_position_has_no_gap_or_repeat(gcs_url
     assert len({e.event_id for e in got}) == 40
 
 
+async def _until_read_finds_nothing(url: str) -> None:
+    """Until a tailer's query for new events has run (and found none) on this database:
+    its connection has sent that query and is idle again."""
+    conn = await asyncpg.connect(url)
+    try:
+        deadline = time.monotonic() + 10
+        while not await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND state = 'idle' AND query = $1",
+            queries["read_events_after"],
+        ):
+            assert time.monotonic() < deadline, "the tailer never read"
+            await asyncio.sleep(0.01)
+    finally:
+        await conn.close()
+
+
 async def test_tailer_is_woken_by_notify(gcs_url: str) -> None:
     async with EventAppender(gcs_url) as appender, Tailer(gcs_url, poll_interval=30) as tailer:
         reader = asyncio.create_task(tailer.read(wait=20))
-        await asyncio.sleep(0.2)
+        await _until_read_finds_nothing(gcs_url)  # from now on it waits to be woken
         sent = time.monotonic()
         await appender.append(task_event("t1"))
         events = await reader

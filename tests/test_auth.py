@@ -17,7 +17,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from log_rows import rows
+from log_rows import rows, wait_for_rows
 from processes import ROOT, run_cairn
 
 from controlplane import auth, local_node
@@ -191,8 +191,16 @@ def test_a_node_without_the_right_token_is_refused_and_leaves_only_a_refusal(
     head: Head, tmp_path: Path
 ) -> None:
     head_id = (head.record.session_dir / "node.ready").read_text()
+    # earlier tests' refusals are out of the window: none was logged within the interval
+    # (it is stamped after the head counted it), so the next refused call is logged
+    wait_for_rows(
+        head.gcs_url,
+        "SELECT 1 WHERE NOT EXISTS (SELECT 1 FROM events WHERE event_type = 'auth_refused' "
+        "AND recorded_at > clock_timestamp() - make_interval(secs => $1))",
+        auth.REFUSAL_LOG_INTERVAL_S,
+        timeout=2 * auth.REFUSAL_LOG_INTERVAL_S + 10,
+    )
     before = int(rows(head.gcs_url, "SELECT coalesce(max(position), 0) FROM events")[0][0])
-    time.sleep(auth.REFUSAL_LOG_INTERVAL_S)  # earlier tests' refusals are out of the window
     # no token: a machine that runs no node of this cluster (its own temp directory)
     elsewhere = {**NO_TOKEN, "TMPDIR": str(tmp_path)}
     started = time.monotonic()

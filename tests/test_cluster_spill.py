@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from log_rows import fetch_rows
+from log_rows import fetch_rows, wait_for_rows
 from processes import pids_with, run_cairn
 
 import sdk as ray
@@ -237,12 +237,31 @@ def test_two_global_schedulers_never_place_a_task_twice(cluster: dict[str, str])
     assert spilled and spilled <= set(placements)  # every spill placed, none twice
 
 
+def _stopped(pid: int) -> bool:
+    """Whether the process is stopped (by SIGSTOP): its state in /proc is T."""
+    state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    return state in ("T", "t")
+
+
+def _spilled_and_placed(url: str, refs: list[ray.ObjectRef]) -> set[tuple[str, int]]:
+    """The spills of these tasks (task, attempt); each placed exactly once."""
+    ours = {ref.task_id() for ref in refs}
+    spilled = {spill for spill in _spills(url) if spill[0] in ours}
+    placements = _placements(url)
+    assert all(placements.get(spill) == 1 for spill in spilled)
+    return spilled
+
+
 def test_a_paused_scheduler_resumed_after_its_replacement_places_nothing_twice(
     cluster: dict[str, str],
 ) -> None:
     url = cluster["url"]
     (paused,) = _scheduler_pids(url)
     os.kill(paused, signal.SIGSTOP)  # a zombie: alive, silent, its view going stale
+    deadline = time.monotonic() + 10
+    while not _stopped(paused):
+        assert time.monotonic() < deadline, "the scheduler did not stop"
+        time.sleep(0.01)
     replacement = subprocess.Popen(
         [sys.executable, "-m", "controlplane.scheduler", "--gcs-url", url],
         cwd=ROOT,
@@ -254,29 +273,54 @@ def test_a_paused_scheduler_resumed_after_its_replacement_places_nothing_twice(
         assert replacement.stdout.readline() == "following the log\n"
         refs = [quick.remote(i) for i in range(200)]
         assert ray.get(refs, timeout=180) == [i + 1 for i in range(200)]
+        # spilled while the paused one stood still: the replacement placed them, and the
+        # paused one has them in the log ahead of it, unread
+        assert _stopped(paused) and _spilled_and_placed(url, refs)
         os.kill(paused, signal.SIGCONT)  # it wakes up and catches up with the log
-        time.sleep(1.0)
-        assert ray.get([quick.remote(i) for i in range(50)], timeout=120) == list(range(1, 51))
+        replacement.terminate()
+        replacement.wait(30)
+        # the woken one is the only scheduler now: it places these once it has read past
+        # the spills it slept through
+        later = [quick.remote(i) for i in range(50)]
+        assert ray.get(later, timeout=120) == list(range(1, 51))
+        assert _spilled_and_placed(url, later)
     finally:
         os.kill(paused, signal.SIGCONT)
         replacement.terminate()
         replacement.wait(30)
     placements = _placements(url)
     assert placements and max(placements.values()) == 1  # nothing placed twice
-    ours = {ref.task_id() for ref in refs}
-    assert {spill for spill in _spills(url) if spill[0] in ours} <= set(placements)
+    assert _scheduler_pids(url) == [paused]
 
 
 def test_a_killed_global_scheduler_is_replaced_and_resumes(cluster: dict[str, str]) -> None:
     url = cluster["url"]
     (victim,) = _scheduler_pids(url)
     refs = [quick.remote(i) for i in range(10_000)]
-    time.sleep(0.5)
+    ours = [ref.task_id() for ref in refs]
+    placed_by_victim = wait_for_rows(  # it is placing our spills
+        url, "SELECT 1 FROM events WHERE event_type = 'placed' AND entity_id = ANY($1)", ours
+    )
     done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
-    assert len(done) < len(refs)  # the kill lands mid-run
+    assert placed_by_victim and len(done) < len(refs)  # the kill lands mid-run
     os.kill(victim, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while not [pid for pid in _scheduler_pids(url) if pid != victim]:
+        assert time.monotonic() < deadline, "the global scheduler was not started again"
+        time.sleep(0.05)
+    (restarted_at,) = asyncio.run(fetch_rows(url, "SELECT max(position) AS p FROM events"))
     assert ray.get(refs, timeout=280) == [i + 1 for i in range(10_000)]
     assert _scheduler_pids(url) and victim not in _scheduler_pids(url)  # restarted
+    placed_after = asyncio.run(
+        fetch_rows(
+            url,
+            "SELECT count(*) AS n FROM events WHERE event_type = 'placed' "
+            "AND entity_id = ANY($1) AND position > $2",
+            ours,
+            restarted_at["p"],
+        )
+    )
+    assert placed_after[0]["n"] > 0  # the new one placed what was left
     placements = _placements(url)
     assert max(placements.values()) == 1
     retried = asyncio.run(

@@ -284,7 +284,15 @@ def test_an_answer_that_reaches_the_daemon_before_the_callers_copy_is_recorded()
     finally:
         to_worker.close()
     assert isinstance(done, p.TaskDone) and done.error is None
-    time.sleep(0.2)
+    # the worker tells the daemon of its calls in order, on one connection: once a later
+    # call is recorded, the daemon has had this answer too, and kept it unrecorded
+    later = actor.pid.remote()
+    ray.get(later)
+    wait_for_rows(
+        _gcs(),
+        "SELECT 1 FROM events WHERE entity_id = $1 AND event_type = 'finished'",
+        later.task_id(),
+    )
     assert not rows(_gcs(), "SELECT 1 FROM events WHERE entity_id = $1", spec.task_id)
     client.send(call)  # the copy, late
     types = wait_for_rows(

@@ -4,6 +4,7 @@ the server, and an appender rides out the restart without losing or doubling eve
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 
 import asyncpg
@@ -51,15 +52,37 @@ async def test_acknowledged_events_survive_sigkill_of_postgres(server: EmbeddedP
     assert await stored(url) == [(p, f"task-{n}") for n, p in enumerate(positions)]
 
 
+def _failed_reconnects(monkeypatch: pytest.MonkeyPatch) -> list[BaseException]:
+    """The appenders' attempts to connect again that failed, as they happen."""
+    from controlplane.eventlog import appender
+
+    failed: list[BaseException] = []
+    real = appender.connect
+
+    async def counted(*args: object, **kwargs: object) -> asyncpg.Connection:
+        try:
+            return await real(*args, **kwargs)
+        except GcsUnavailableError as exc:
+            failed.append(exc)
+            raise
+
+    monkeypatch.setattr(appender, "connect", counted)
+    return failed
+
+
 async def test_appender_retries_across_a_restart_and_stores_each_event_once(
-    server: EmbeddedPostgres,
+    server: EmbeddedPostgres, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     url = server.url
+    failed = _failed_reconnects(monkeypatch)
     async with EventAppender(url, unavailable_timeout=60) as appender:
         await appender.append_many([event(n) for n in range(10)])
         server.kill()
         pending = asyncio.create_task(appender.append_many([event(n) for n in range(10, 20)]))
-        await asyncio.sleep(0.5)
+        deadline = time.monotonic() + 30
+        while len(failed) < 2:  # it tried to connect again, and again, in vain
+            assert time.monotonic() < deadline and not pending.done(), failed
+            await asyncio.sleep(0.01)
         assert not pending.done()  # buffered and being retried while the server is down
         await asyncio.to_thread(server.start)
         positions = await asyncio.wait_for(pending, 30)

@@ -46,6 +46,22 @@ async def _silence(url: str, node_id: str, seconds: float) -> None:
         await conn.close()
 
 
+async def _pings(url: str, node_id: str, count: int) -> None:
+    """Until the node's row shows ``count`` pings after the one read first."""
+    conn = await asyncpg.connect(url)
+    try:
+        query = "SELECT last_ping FROM node_liveness WHERE node_id = $1"
+        seen = [await conn.fetchval(query, node_id)]
+        deadline = asyncio.get_running_loop().time() + 10
+        while len(seen) <= count:
+            assert asyncio.get_running_loop().time() < deadline, f"pings: {seen}"
+            if (last := await conn.fetchval(query, node_id)) != seen[-1]:
+                seen.append(last)
+            await asyncio.sleep(0.01)
+    finally:
+        await conn.close()
+
+
 async def test_many_monitors_log_one_death(gcs_url: str) -> None:
     await _register(gcs_url, "n-silent")
     await _register(gcs_url, "n-alive")
@@ -79,8 +95,8 @@ async def test_a_node_declared_dead_is_fenced(gcs_url: str) -> None:
     await pinger.register()
     run = asyncio.create_task(pinger.run())
     try:
-        await asyncio.sleep(0.6)
-        assert not fenced.is_set()  # pinging: alive
+        await _pings(gcs_url, "n-paused", 2)  # the first one answered: it goes on
+        assert not fenced.is_set() and not run.done()  # pinging: alive
         await _silence(gcs_url, "n-paused", 10)  # as if it had been paused
         assert await MembershipMonitor(gcs_url, dead_after=5).check_once() == ["n-paused"]
         await asyncio.wait_for(fenced.wait(), 5)

@@ -12,6 +12,7 @@ from pathlib import Path
 import asyncpg
 import numpy as np
 import pytest
+from log_rows import rows, wait_for_rows
 from processes import pids_with
 from workloads import add, square
 
@@ -125,19 +126,42 @@ def test_get_timeout_raises_get_timeout_error() -> None:
     assert ray.get(ref) is None
 
 
+def _history(task_id: str, count: int) -> list[str]:
+    """The task's event types in log order, once it has at least ``count`` events."""
+    found = wait_for_rows(
+        ray.get_runtime_context().gcs_address,
+        "SELECT event_type FROM events WHERE entity_id = $1 ORDER BY position",
+        task_id,
+        count=count,
+    )
+    return [row["event_type"] for row in found]
+
+
+def _wait_until_running(*refs: ray.ObjectRef) -> None:
+    """Until each task's ``running`` event is in the log (the task was sent to a worker)."""
+    wait_for_rows(
+        ray.get_runtime_context().gcs_address,
+        "SELECT entity_id FROM events WHERE event_type = 'running' AND entity_id = ANY($1)",
+        [ref.task_id() for ref in refs],
+        count=len(refs),
+    )
+
+
 def test_cancel_queued_and_force_cancel_running() -> None:
     blockers = [sleep_then.remote(2) for _ in range(2)]  # occupy both CPUs
-    time.sleep(0.3)
+    _wait_until_running(*blockers)
     queued = square.remote(5)
     ray.cancel(queued)
     with pytest.raises(TaskCancelledError):
         ray.get(queued)
+    assert _history(queued.task_id(), 2) == ["submitted", "cancelled"]  # it never ran
     running = sleep_then.remote(30)
     ray.get(blockers)
-    time.sleep(0.5)
+    _wait_until_running(running)
     ray.cancel(running, force=True)
     with pytest.raises(TaskCancelledError):
         ray.get(running, timeout=10)
+    assert _history(running.task_id(), 4)[-2:] == ["running", "cancelled"]
     assert ray.get(square.remote(3)) == 9  # the pool recovered
 
 
@@ -513,9 +537,22 @@ def test_refs_returned_inside_a_result_outlive_the_task_that_made_them() -> None
     """The task drops its refs as it returns them, and the caller drops the outer
     object at once: the refs inside stay readable (before, they were freed in between:
     ObjectLostError)."""
-    (first,) = ray.get(refs_made_inside.remote(1))
-    time.sleep(0.3)
-    assert ray.get(first) == "inner 0"
-    many = ray.get(refs_made_inside.remote(20))
-    time.sleep(0.3)
-    assert ray.get(many) == [f"inner {i}" for i in range(20)]
+    url = ray.get_runtime_context().gcs_address
+    for n in (1, 20):
+        outer = refs_made_inside.remote(n)
+        outer_id = outer.hex()
+        inner = ray.get(outer)
+        del outer
+        # the outer object is freed: nothing pins the refs inside it any more but this
+        # process's holds (the task let its own go as it returned)
+        wait_for_rows(
+            url, "SELECT 1 FROM events WHERE entity_id = $1 AND event_type = 'freed'", outer_id
+        )
+        assert ray.get(inner) == [f"inner {i}" for i in range(n)]
+        gone = rows(
+            url,
+            "SELECT entity_id FROM events WHERE entity_id = ANY($1) "
+            "AND event_type IN ('freed', 'lost')",
+            [ref.hex() for ref in inner],
+        )
+        assert gone == []

@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pytest
 from click.testing import CliRunner
-from log_rows import rows
+from log_rows import rows, wait_for_rows
 from processes import run_cairn
 
 from controlplane.cli import main
@@ -261,6 +261,19 @@ _ALL = (
 )
 
 
+def _until_older_than(url: str, seconds: float, below: int) -> None:
+    """Until the newest event before position ``below`` is older than ``seconds`` by the
+    server's clock (the one that stamped it, and that gc goes by)."""
+    wait_for_rows(
+        url,
+        "SELECT 1 FROM events WHERE position < $2 "
+        "HAVING clock_timestamp() - max(recorded_at) > make_interval(secs => $1)",
+        seconds,
+        below,
+        timeout=30,
+    )
+
+
 def _states(url: str) -> dict[tuple[int, int], str]:
     return {(p.lower_bound, p.upper_bound): p.state for p in PartitionManager(url).partitions()}
 
@@ -268,7 +281,7 @@ def _states(url: str) -> dict[tuple[int, int], str]:
 def test_gc_archives_and_drops_old_full_partitions_only(gcs_url: str, tmp_path: Path) -> None:
     PartitionManager(gcs_url).configure(partition_size=50, partitions_ahead=1)
     asyncio.run(_append_objects(gcs_url, "old", 50))  # fills [1, 51)
-    time.sleep(1.5)
+    _until_older_than(gcs_url, 1.0, 51)
     asyncio.run(_append_objects(gcs_url, "young", 70))  # fills [51, 101); 20 in the hot one
     old_rows = rows(gcs_url, _ALL, 1, 51)
     assert len(old_rows) == 50
@@ -301,7 +314,7 @@ def test_gc_archives_and_drops_old_full_partitions_only(gcs_url: str, tmp_path: 
 
     # a second run, later, without an archive: the rest of the full partitions go, the
     # hot one stays although every event in it is old by now
-    time.sleep(1.5)
+    _until_older_than(gcs_url, 1.0, 121)
     result = run_cairn(*gc)
     assert f"dropped {_P2} [51, 101): 50 events" in result.stdout
     assert "not archived, these events are gone" in result.stdout
