@@ -6,8 +6,11 @@
 * postgres: a driver runs small tasks back to back while PostgreSQL is SIGKILLed and
   restarted 1 s later on the same port; the longest pause any task saw, beside the 1 s
   the server was down.
-* failover: the same with a synchronous streaming replica promoted 0.5 s after the
-  primary is SIGKILLed (the cluster given both hosts in one URL).
+* failover: the same with a synchronous streaming replica, the primary SIGKILLed (with
+  its backends, as a machine crash) and the replica promoted: by hand 0.5 s later (the
+  cluster given both hosts in one URL), and, beside it, by the watchdog of a
+  ``Gcs(replicas=1)`` (``cairn start --head --gcs-replicas 1``) with no command typed;
+  each with the count of acknowledged tasks whose events the new primary lacks (0).
 * scheduler: the time a global scheduler takes to restart and catch up with a log of
   10^4 to 10^6 events, from its checkpoint and (for comparison) folding the whole log.
 
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import os
 import signal
@@ -36,8 +40,9 @@ import numpy as np  # noqa: E402
 
 import sdk as ray  # noqa: E402
 from controlplane import local_node, schema  # noqa: E402
-from controlplane.embedded_postgres import EmbeddedPostgres  # noqa: E402
+from controlplane.embedded_postgres import EmbeddedPostgres, server_processes  # noqa: E402
 from controlplane.eventlog import EntityKind, Event, EventAppender  # noqa: E402
+from controlplane.gcs import Gcs  # noqa: E402
 from controlplane.scheduler import GlobalScheduler  # noqa: E402
 from sdk.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # noqa: E402
 
@@ -132,63 +137,167 @@ def tiny(i: int) -> int:
     return i
 
 
-def postgres_restart(down_s: float = 1.0, failover: bool = False) -> None:
-    """Tasks back to back while the server is SIGKILLed and, ``down_s`` later, restarted
-    on its port -- or, with ``failover``, its synchronous replica promoted."""
-    server = EmbeddedPostgres()
-    server.start()
-    replica = None
+class _BackToBack:
+    """A driver thread running tiny tasks back to back; each completion's time and task
+    id (a result is seen only once its ``finished`` event is durable: acknowledged)."""
+
+    def __init__(self) -> None:
+        self.done: list[tuple[float, str]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._drive)
+
+    def _drive(self) -> None:
+        i = 0
+        while not self._stop.is_set():
+            ref = tiny.remote(i)
+            assert ray.get(ref, timeout=120) == i
+            self.done.append((time.perf_counter(), ref.task_id()))
+            i += 1
+
+    def start(self) -> _BackToBack:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(120)
+
+    def figures(self, url: str) -> dict[str, float]:
+        """The longest pause, the median gap, the count, and how many acknowledged tasks
+        lack their ``finished`` event in the log at ``url`` (must be 0)."""
+        gaps = [b - a for (a, _), (b, _) in itertools.pairwise(self.done)]
+        acked = [task_id for _, task_id in self.done]
+        finished = asyncio.run(_finished(url, acked))
+        return {
+            "pause": max(gaps),
+            "median_ms": sorted(gaps)[len(gaps) // 2] * 1000,
+            "tasks": len(self.done),
+            "lost": len(set(acked) - finished),
+        }
+
+
+async def _finished(url: str, task_ids: list[str]) -> set[str]:
+    conn = await asyncpg.connect(url)
     try:
-        url = server.url
-        if failover:
-            schema.upgrade(url)
-            replica = server.start_replica()
-            password = url.split("@")[0].rsplit(":", 1)[1]
-            url = (
-                f"postgresql://cairn:{password}@127.0.0.1:{server.port},"
-                f"127.0.0.1:{replica.port}/cairn?target_session_attrs=read-write"
-            )
+        rows = await conn.fetch(
+            "SELECT DISTINCT entity_id FROM events WHERE entity_kind = 'task' "
+            "AND event_type = 'finished' AND entity_id = ANY($1::text[])",
+            task_ids,
+        )
+    finally:
+        await conn.close()
+    return {row["entity_id"] for row in rows}
+
+
+def _crash(pid: int) -> None:
+    """SIGKILL of a PostgreSQL server and its backends at once, as a machine crash."""
+    for each in server_processes(pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(each, signal.SIGKILL)
+
+
+def postgres_restart(down_s: float = 1.0) -> None:
+    """Tasks back to back while the server is SIGKILLed and, ``down_s`` later, restarted
+    on its port."""
+    server = EmbeddedPostgres()
+    url = server.start()
+    try:
         ray.init(num_cpus=2, gcs_url=url)
-        done: list[float] = []
-        stop = threading.Event()
-
-        def drive() -> None:
-            i = 0
-            while not stop.is_set():
-                assert ray.get(tiny.remote(i), timeout=120) == i
-                done.append(time.perf_counter())
-                i += 1
-
-        driver = threading.Thread(target=drive)
-        driver.start()
+        driver = _BackToBack().start()
         time.sleep(2.0)
         killed = time.perf_counter()
         server.kill()
         time.sleep(down_s)
-        if replica is not None:
-            replica.promote()
-        else:
-            server.start()
+        server.start()
         restarted = time.perf_counter()
         time.sleep(3.0)
-        stop.set()
-        driver.join(120)
-        gaps = [b - a for a, b in itertools.pairwise(done)]
-        normal = sorted(gaps)[len(gaps) // 2]
-        if replica is None:
-            print("PostgreSQL SIGKILL + restart on the same port, tasks back to back")
-        else:
-            print("PostgreSQL SIGKILL of the primary + its synchronous replica promoted")
+        driver.stop()
+        figures = driver.figures(url)
+        print("PostgreSQL SIGKILL + restart on the same port, tasks back to back")
         print(f"  no server for:             {restarted - killed:7.2f} s")
         print(
-            f"  longest pause a task saw:  {max(gaps):7.2f} s (median gap {normal * 1000:.2f} ms)"
+            f"  longest pause a task saw:  {figures['pause']:7.2f} s "
+            f"(median gap {figures['median_ms']:.2f} ms)"
         )
-        print(f"  tasks completed:           {len(done):7d}")
+        print(f"  tasks completed:           {figures['tasks']:7d}")
+        print(f"  acknowledged tasks lost:   {figures['lost']:7d}")
+    finally:
+        ray.shutdown()
+        server.stop()
+
+
+def _failover_by_hand(promote_after_s: float) -> dict[str, float]:
+    """The primary SIGKILLed, its synchronous replica promoted ``promote_after_s`` later
+    by hand (``EmbeddedPostgres.promote()``), the cluster given both in one URL."""
+    server = EmbeddedPostgres()
+    server.start()
+    replica = None
+    try:
+        schema.upgrade(server.url)
+        replica = server.start_replica()
+        password = server.url.split("@")[0].rsplit(":", 1)[1]
+        url = (
+            f"postgresql://cairn:{password}@127.0.0.1:{server.port},"
+            f"127.0.0.1:{replica.port}/cairn?target_session_attrs=read-write"
+        )
+        ray.init(num_cpus=2, gcs_url=url)
+        driver = _BackToBack().start()
+        time.sleep(2.0)
+        killed = time.perf_counter()
+        _crash(server.pid or 0)
+        time.sleep(promote_after_s)
+        replica.promote()
+        promoted = time.perf_counter()
+        time.sleep(3.0)
+        driver.stop()
+        return {"primary_gone": promoted - killed, **driver.figures(url)}
     finally:
         ray.shutdown()
         if replica is not None:
             replica.stop()
         server.stop()
+
+
+def _failover_by_watchdog() -> dict[str, float]:
+    """The primary of a ``Gcs(replicas=1)`` (what ``cairn start --head --gcs-replicas 1``
+    runs) SIGKILLed; its watchdog promotes the replica, no command typed."""
+    gcs = Gcs(replicas=1, on_event=lambda _: None)
+    gcs.start()
+    try:
+        ray.init(num_cpus=2, gcs_url=gcs.url)
+        driver = _BackToBack().start()
+        time.sleep(2.0)
+        watchdog = gcs.watchdog
+        assert watchdog is not None
+        killed = time.monotonic()  # the watchdog's clock
+        _crash(gcs.servers[0].pid or 0)
+        assert watchdog.promoted.wait(60), "the watchdog did not promote the replica"
+        assert watchdog.promoted_at is not None  # when pg_promote returned
+        time.sleep(3.0)
+        driver.stop()
+        return {"primary_gone": watchdog.promoted_at - killed, **driver.figures(gcs.url)}
+    finally:
+        ray.shutdown()
+        gcs.stop()
+
+
+def failover(promote_after_s: float = 0.5) -> None:
+    """Both failovers in one run, side by side."""
+    by_hand = _failover_by_hand(promote_after_s)
+    watchdog = _failover_by_watchdog()
+    print(
+        "PostgreSQL SIGKILL of the primary + its synchronous replica promoted, tasks back to back"
+    )
+    print(f"  {'':30}{f'by hand ({promote_after_s:g} s)':>16}{'watchdog':>12}")
+    rows = [
+        ("no primary for:", "primary_gone", "{:.2f} s"),
+        ("longest pause a task saw:", "pause", "{:.2f} s"),
+        ("median gap between tasks:", "median_ms", "{:.2f} ms"),
+        ("tasks completed:", "tasks", "{:d}"),
+        ("acknowledged tasks lost:", "lost", "{:d}"),
+    ]
+    for label, key, form in rows:
+        print(f"  {label:30}{form.format(by_hand[key]):>16}{form.format(watchdog[key]):>12}")
 
 
 async def _fill(url: str, events: int, have: int) -> None:
@@ -274,7 +383,7 @@ def main() -> int:
     if "postgres" in parts:
         postgres_restart()
     if "failover" in parts:
-        postgres_restart(down_s=0.5, failover=True)
+        failover()
     if "scheduler" in parts:
         asyncio.run(scheduler_restart(args.max_events))
     return 0

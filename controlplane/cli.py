@@ -134,6 +134,14 @@ def partitions_retire(gcs_url: str | None, table_name: str, archive_dir: Path | 
     help="TLS on every link between machines (gRPC and PostgreSQL); auto: on when the "
     "cluster has an address that is not loopback. 'off' sends everything in clear text.",
 )
+@click.option(
+    "--gcs-replicas",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Head only: synchronous replicas of the embedded GCS (0 or 1), on this machine; "
+    "a watchdog promotes the replica when the primary is gone, and every process follows.",
+)
 @click.option("--node-config", default=None, hidden=True)  # from start_in_background
 def start(
     head: bool,
@@ -148,6 +156,7 @@ def start(
     block: bool,
     disable_auth: bool,
     tls_mode: str,
+    gcs_replicas: int,
     node_config: str | None,
 ) -> None:
     """Start a node: a head (--head) or one that joins a head (--address HOST:PORT).
@@ -158,6 +167,14 @@ def start(
 
     if head == (address is not None):
         raise click.UsageError("pass either --head or --address HOST:PORT")
+    if gcs_replicas and not head:
+        raise click.UsageError("--gcs-replicas is for the head (it runs the GCS)")
+    try:
+        from controlplane.gcs import check_replicas
+
+        check_replicas(gcs_replicas, external=head and resolve_gcs_url(gcs_url) is not None)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--gcs-replicas") from None
     if disable_auth:
         if not auth.is_loopback(node_ip_address):
             raise click.UsageError(
@@ -230,10 +247,12 @@ def start(
     if drawn and block:
         click.echo(_token_notice(token))
     if block:
-        local_node.run_node(gcs_url, config, role, announce=click.echo, cluster=address)
+        local_node.run_node(
+            gcs_url, config, role, announce=click.echo, cluster=address, gcs_replicas=gcs_replicas
+        )
         return
     try:
-        node = local_node.start_in_background(gcs_url, config, role, address)
+        node = local_node.start_in_background(gcs_url, config, role, address, gcs_replicas)
     except RuntimeError as exc:
         raise click.ClickException(str(exc)) from exc
     if head:
@@ -245,6 +264,12 @@ def start(
             f"Join nodes with `cairn start --address {node.address}`; connect drivers "
             'with sdk.init(address="auto"); `cairn status` shows the cluster, `cairn stop` '
             "stops this machine's nodes."
+            + (
+                "\nThe GCS has a synchronous replica; a watchdog promotes it if the primary "
+                "is lost (once)."
+                if gcs_replicas
+                else ""
+            )
         )
     else:
         click.echo(

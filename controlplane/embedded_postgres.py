@@ -32,9 +32,10 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from controlplane.errors import EmbeddedPostgresError
+from controlplane.gcs_url import with_login
 from controlplane.postgres_front import PostgresTlsFront
 from controlplane.session_dirs import new_session_dir
 
@@ -264,7 +265,11 @@ class EmbeddedPostgres:
             atexit.unregister(self.stop)
 
     def kill(self) -> None:
-        """SIGKILL the server and all its backends at once, as a machine crash would."""
+        """SIGKILL the server and all its backends at once, as a machine crash would
+        (its TLS front goes too, as with its machine; ``start()`` brings both back)."""
+        front, self._front = self._front, None
+        if front is not None:
+            front.stop()
         process, self._process = self._process, None
         if process is None or process.poll() is not None:
             return
@@ -277,12 +282,18 @@ class EmbeddedPostgres:
         while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
             time.sleep(0.01)
 
-    def start_replica(self, *, synchronous: bool = True) -> EmbeddedPostgres:
+    def start_replica(
+        self, *, synchronous: bool = True, session_dir: Path | None = None
+    ) -> EmbeddedPostgres:
         """A streaming replica of this running server (``pg_basebackup``), started on a
-        port of its own. ``synchronous``: from now on a commit here returns only once
-        the replica has flushed it, so whatever the log acknowledged is on the replica
-        if this server dies (at the price of one more round trip per commit)."""
-        replica = EmbeddedPostgres()
+        port of its own and served as this one is (``listen_host``, TLS with the same
+        certificate), its data in ``session_dir`` (a new session directory if None).
+        ``synchronous``: from now on a commit here returns only once the replica has
+        flushed it, so whatever the log acknowledged is on the replica if this server
+        dies (at the price of one more round trip per commit); returns once it is so."""
+        if session_dir is not None:
+            Path(session_dir).mkdir(mode=0o700, exist_ok=True)
+        replica = EmbeddedPostgres(session_dir, listen_host=self.listen_host, tls=self.tls)
         replica.data_dir.mkdir(mode=0o700, parents=True)
         if replica._run_as:
             os.chown(replica.data_dir, replica._run_as.uid, replica._run_as.gid)
@@ -303,20 +314,74 @@ class EmbeddedPostgres:
             "--checkpoint=fast",  # not a spread checkpoint: minutes on an idle server
             env={"PGPASSWORD": self._password_file.read_text().strip()},
         )
+        # the copy has this server's settings: a replica promoted later must not wait
+        # for a standby of its own
+        (replica.data_dir / "postgresql.auto.conf").write_text(
+            "".join(
+                line
+                for line in (replica.data_dir / "postgresql.auto.conf")
+                .read_text()
+                .splitlines(keepends=True)
+                if not line.startswith("synchronous_standby_names")
+            )
+        )
         replica._launch()
         if synchronous:
             self.execute(f"ALTER SYSTEM SET synchronous_standby_names = '{REPLICA_NAME}'")
             self.execute("SELECT pg_reload_conf()")
+            self._wait_synchronous()
         return replica
 
+    def _wait_synchronous(self) -> None:
+        """Waits until the replica streams as this server's synchronous standby."""
+        import psycopg
+
+        deadline = time.monotonic() + _START_TIMEOUT_S
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            while True:
+                row = conn.execute(
+                    "SELECT count(*) FROM pg_stat_replication "
+                    "WHERE application_name = %s AND state = 'streaming' "
+                    "AND sync_state = 'sync'",
+                    (REPLICA_NAME,),
+                ).fetchone()
+                if row and row[0]:
+                    return
+                if time.monotonic() > deadline:
+                    raise EmbeddedPostgresError(
+                        f"the replica did not become synchronous within {_START_TIMEOUT_S:.0f}s"
+                    )
+                time.sleep(0.02)
+
     def promote(self) -> None:
-        """Makes this replica a primary (failover): it stops following and takes writes."""
-        self.execute("SELECT pg_promote(true, 60)")
+        """Makes this replica a primary (failover): it stops following and takes writes,
+        waiting for no standby of its own."""
+        import psycopg
+
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            row = conn.execute("SELECT pg_promote(true, 60)").fetchone()
+            if not (row and row[0]):
+                raise EmbeddedPostgresError(f"the replica on port {self.port} was not promoted")
+        self.drop_synchronous_standby()
+
+    def drop_synchronous_standby(self) -> None:
+        """Commits here stop waiting for a synchronous standby (those waiting now are
+        released): what a primary must do once its replica is gone, or every commit
+        waits for ever."""
+        self.execute("ALTER SYSTEM RESET synchronous_standby_names")
+        self.execute("SELECT pg_reload_conf()")
+
+    @property
+    def running(self) -> bool:
+        """Whether the server this object started runs (False once it exited or was
+        killed; it is waited for, so this is also how its exit is noticed)."""
+        process = self._process
+        return process is not None and process.poll() is None
 
     def execute(self, statement: str) -> None:
         import psycopg
 
-        with psycopg.connect(self.url, autocommit=True) as conn:
+        with psycopg.connect(self.url, autocommit=True, connect_timeout=10) as conn:
             conn.execute(statement)  # type: ignore[arg-type]
 
     def __enter__(self) -> EmbeddedPostgres:
@@ -484,18 +549,23 @@ def _write_secret(path: Path, value: str) -> None:
 
 def owner_url(runtime_url: str, session_dir: Path) -> str | None:
     """The superuser (owner) URL of the embedded server whose runtime URL is
-    ``runtime_url``, if its session directory is ``session_dir`` and this process may
-    read the owner's password there (its owner may); None otherwise. For maintenance
-    that needs the owner: ``cairn gc`` on a running cluster."""
+    ``runtime_url`` (every host of it: a head with a replica names both), if its session
+    directory is ``session_dir`` and this process may read the owner's password there
+    (its owner may); None otherwise. For maintenance that needs the owner: ``cairn gc``
+    on a running cluster."""
     try:
         password = (Path(session_dir) / "gcs_password").read_text().strip()
     except OSError:
         return None
-    parts = urlsplit(runtime_url)
-    if parts.username != RUNTIME_ROLE or parts.hostname is None:
+    if urlsplit(runtime_url).username != RUNTIME_ROLE:
         return None
-    netloc = f"{SUPERUSER}:{quote(password, safe='')}@{parts.hostname}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=netloc))
+    return with_login(runtime_url, SUPERUSER, password)
+
+
+def server_processes(pid: int) -> list[int]:
+    """A postmaster's pid and its backends' (to signal them all at once, as a crash of
+    its machine would: tests and benchmarks of failover)."""
+    return [pid, *_children_of(pid)]
 
 
 def _children_of(pid: int) -> list[int]:

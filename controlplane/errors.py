@@ -24,3 +24,11 @@ class EmbeddedPostgresError(GcsError):
 class LogGapError(GcsError):
     """A tailer found a hole in the positions that did not fill within its patience:
     an invariant of the log is broken (never expected; raised rather than skipping)."""
+
+
+class GcsFencedError(GcsUnavailableError):
+    """The server reached is behind the log's failover: its epoch is lower than one this
+    process has already seen for the same log (an old primary back after its replica
+    was promoted), or equal with another promotion's id (a second server promoted from
+    the same past). Nothing is written to it; the message names both epochs. Retried as
+    an unreachable GCS is (another server of a multi-host URL may be the current one)."""

@@ -6,10 +6,18 @@ maintains the schema, ``url`` is what the runtime (node daemons, schedulers, dri
 connects with. On the embedded server they differ: the superuser owns the schema, the
 runtime logs in as ``cairn_runtime`` (appends and reads, no DDL). A URL given is used
 for both, with its own user, as given: give the runtime a ``cairn_runtime`` login and
-run ``cairn migrate`` with an owner's URL first."""
+run ``cairn migrate`` with an owner's URL first.
+
+With ``replicas=1`` (``cairn start --head --gcs-replicas 1``) the embedded server gets a
+synchronous streaming replica and a watchdog that promotes it when the primary is gone
+(``failover.py``); both URLs then name both servers, with
+``target_session_attrs=read-write``, so every process follows the primary."""
 
 from __future__ import annotations
 
+import logging
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
@@ -19,9 +27,13 @@ from controlplane import schema
 from controlplane.embedded_postgres import EmbeddedPostgres, ServerTls
 from controlplane.errors import GcsUnavailableError
 from controlplane.eventlog.partitions import PartitionManager
-from controlplane.gcs_url import redact, resolve_gcs_url
+from controlplane.failover import Watchdog
+from controlplane.gcs_url import redact, resolve_gcs_url, with_hosts, with_query
 
 DEFAULT_CONNECT_TIMEOUT_S = 5
+MAX_REPLICAS = 1
+REPLICA_DIR = "replica"  # in the session directory: the replica's data and log
+log = logging.getLogger("cairn.gcs")
 
 
 def check_reachable(url: str, timeout: int = DEFAULT_CONNECT_TIMEOUT_S) -> None:
@@ -38,6 +50,21 @@ def check_reachable(url: str, timeout: int = DEFAULT_CONNECT_TIMEOUT_S) -> None:
         )
 
 
+def check_replicas(replicas: int, *, external: bool) -> None:
+    """Refuses a number of replicas this GCS cannot run, saying why."""
+    if replicas < 0 or replicas > MAX_REPLICAS:
+        raise ValueError(
+            f"--gcs-replicas must be 0 or {MAX_REPLICAS}, got {replicas}: one synchronous "
+            "replica is what the watchdog can fail over to for now"
+        )
+    if replicas and external:
+        raise ValueError(
+            "--gcs-replicas runs replicas of the embedded GCS; a PostgreSQL given by URL "
+            "(--gcs-url) keeps its own replicas and failover (give its hosts in one URL "
+            "with target_session_attrs=read-write)"
+        )
+
+
 class Gcs:
     """``with Gcs() as gcs: gcs.url`` -- a migrated log, embedded unless a URL is given."""
 
@@ -48,20 +75,36 @@ class Gcs:
         session_dir: Path | None = None,
         listen_host: str | None = None,
         server_tls: ServerTls | None = None,
+        replicas: int = 0,
+        on_event: Callable[[str], None] = log.warning,
     ) -> None:
         """An embedded server keeps its data in ``session_dir`` (a new one if None) and
-        serves other machines at ``listen_host`` (with ``server_tls``) if given."""
+        serves other machines at ``listen_host`` (with ``server_tls``) if given;
+        ``replicas``: 0, or 1 for a synchronous replica with automatic failover (the
+        embedded server only); ``on_event`` hears the watchdog's failovers."""
         self._requested_url = resolve_gcs_url(url)
+        check_replicas(replicas, external=self._requested_url is not None)
+        self.replicas = replicas
         self._embedded_options = (session_dir, listen_host, server_tls)
-        self.embedded: EmbeddedPostgres | None = None
+        self.embedded: EmbeddedPostgres | None = None  # the primary (the promoted one after)
+        self.replica: EmbeddedPostgres | None = None  # until it is promoted or dropped
+        self.servers: list[EmbeddedPostgres] = []  # every server the URLs name, in order
+        self.watchdog: Watchdog | None = None
+        self._on_event = on_event
+        self._lock = threading.Lock()
         self.url = ""  # the runtime's
         self.owner_url = ""
 
     @property
     def cluster_url(self) -> str:
         """The runtime's URL for nodes on other machines (the URL given, for a server
-        that is not embedded: it is as reachable as its operator made it)."""
-        return self.embedded.cluster_url() if self.embedded else self.url
+        that is not embedded: it is as reachable as its operator made it); every server
+        of the embedded GCS, primary and replica, at the address they serve it on."""
+        if self.embedded is None:
+            return self.url
+        host = self.embedded.listen_host or "127.0.0.1"
+        host = f"[{host}]" if ":" in host else host
+        return with_hosts(self.url, [f"{host}:{server.port}" for server in self.servers])
 
     @property
     def cluster_tls(self) -> bool:
@@ -72,6 +115,7 @@ class Gcs:
         if self._requested_url is None:
             session_dir, listen_host, server_tls = self._embedded_options
             self.embedded = EmbeddedPostgres(session_dir, listen_host=listen_host, tls=server_tls)
+            self.servers = [self.embedded]
             self.owner_url = self.embedded.start()
         else:
             self.owner_url = self._requested_url
@@ -79,12 +123,36 @@ class Gcs:
         schema.upgrade(self.owner_url)
         PartitionManager(self.owner_url).maintain()
         self.url = self.embedded.runtime_url() if self.embedded else self.owner_url
+        if self.replicas:
+            self._start_replica()
         return self.url
 
+    def _start_replica(self) -> None:
+        """The replica, the URLs naming both servers, and the watchdog."""
+        primary = self.embedded
+        assert primary is not None
+        self.replica = primary.start_replica(session_dir=primary.session_dir / REPLICA_DIR)
+        self.servers = [primary, self.replica]
+        hosts = [f"127.0.0.1:{server.port}" for server in self.servers]
+        read_write = {"target_session_attrs": "read-write"}
+        self.url = with_query(with_hosts(self.url, hosts), read_write)
+        self.owner_url = with_query(with_hosts(self.owner_url, hosts), read_write)
+        self.watchdog = Watchdog(
+            primary, self.replica, on_event=self._on_event, on_promoted=self._promoted
+        ).start()
+
+    def _promoted(self, replica: EmbeddedPostgres) -> None:
+        with self._lock:
+            self.embedded, self.replica = replica, None
+
     def stop(self) -> None:
-        if self.embedded is not None:
-            self.embedded.stop()
-            self.embedded = None
+        if self.watchdog is not None:
+            self.watchdog.stop()
+            self.watchdog = None
+        # the replica first: its data may lie in the primary's session directory
+        for server in reversed(self.servers):
+            server.stop()
+        self.servers, self.embedded, self.replica = [], None, None
 
     def __enter__(self) -> Gcs:
         self.start()

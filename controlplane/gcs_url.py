@@ -4,7 +4,7 @@ driver-specific forms derived from it, plus redaction for messages."""
 from __future__ import annotations
 
 import os
-from urllib.parse import SplitResult, parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import SplitResult, parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 ENV_VAR = "CAIRN_GCS_URL"
 # the URL a head hands the nodes that join it (for their machines), in its daemon's
@@ -46,6 +46,33 @@ def with_query(url: str, params: dict[str, str]) -> str:
     parts = urlsplit(url)
     query = {k: v for k, v in parse_qsl(parts.query) if k not in params}
     return urlunsplit(parts._replace(query=urlencode({**query, **params})))
+
+
+def hosts(url: str) -> list[str]:
+    """The ``host:port`` entries of a URL, in order (several for failover)."""
+    netloc = urlsplit(url).netloc
+    return netloc.rpartition("@")[2].split(",")
+
+
+def with_hosts(url: str, entries: list[str]) -> str:
+    """The URL naming ``entries`` (``host:port``, IPv6 hosts in brackets) instead of its
+    own hosts; user, password, database and query kept."""
+    parts = urlsplit(url)
+    userinfo, at, _ = parts.netloc.rpartition("@")
+    return urlunsplit(parts._replace(netloc=f"{userinfo}{at}{','.join(entries)}"))
+
+
+def with_login(url: str, user: str, password: str) -> str:
+    """The URL with another login (hosts, database and query kept)."""
+    parts = urlsplit(url)
+    hostlist = parts.netloc.rpartition("@")[2]
+    login = f"{quote(user, safe='')}:{quote(password, safe='')}"
+    return urlunsplit(parts._replace(netloc=f"{login}@{hostlist}"))
+
+
+def single_host_urls(url: str) -> list[str]:
+    """One URL per host of a (multi-host) URL, in order."""
+    return [with_hosts(url, [entry]) for entry in hosts(url)]
 
 
 def redact(url: str) -> str:

@@ -158,14 +158,27 @@ class LocalNode:
 
     @classmethod
     def start(
-        cls, *, gcs_url: str | None, config: NodeConfig, role: ClusterRole | None = None
+        cls,
+        *,
+        gcs_url: str | None,
+        config: NodeConfig,
+        role: ClusterRole | None = None,
+        gcs_replicas: int = 0,
+        on_gcs_event: Callable[[str], None] = log.warning,
     ) -> LocalNode:
+        """``gcs_replicas``: 1 for a synchronous replica of the embedded GCS that a
+        watchdog promotes when the primary is gone (``on_gcs_event`` hears of it)."""
         session_dir = new_session_dir()
         gcs: Gcs | None = None
         try:
             gcs_url, listen_host, server_tls = _tls_for(role, session_dir, gcs_url)
             gcs = Gcs(
-                gcs_url, session_dir=session_dir, listen_host=listen_host, server_tls=server_tls
+                gcs_url,
+                session_dir=session_dir,
+                listen_host=listen_host,
+                server_tls=server_tls,
+                replicas=gcs_replicas,
+                on_event=on_gcs_event,
             )
             gcs.start()
             return cls(gcs, session_dir, True, config, role)
@@ -373,13 +386,21 @@ def run_node(
     role: ClusterRole,
     announce: Callable[[str], None],
     cluster: str | None = None,
+    gcs_replicas: int = 0,
 ) -> None:
     """Runs a node in this process until SIGTERM/SIGINT (`cairn stop`, Ctrl-C) or until
-    its node daemon exits (e.g. the cluster declared it dead); then stops it."""
+    its node daemon exits (e.g. the cluster declared it dead); then stops it. A head
+    with ``gcs_replicas`` runs the GCS's replica and its watchdog here too."""
     stopping = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stopping.set())
-    node = LocalNode.start(gcs_url=gcs_url, config=config, role=role)
+    node = LocalNode.start(
+        gcs_url=gcs_url,
+        config=config,
+        role=role,
+        gcs_replicas=gcs_replicas,
+        on_gcs_event=announce,
+    )
     record = None
     scheduler: subprocess.Popen[bytes] | None = None
     try:
@@ -417,7 +438,11 @@ def run_node(
 
 
 def start_in_background(
-    gcs_url: str | None, config: NodeConfig, role: ClusterRole, join_address: str | None
+    gcs_url: str | None,
+    config: NodeConfig,
+    role: ClusterRole,
+    join_address: str | None,
+    gcs_replicas: int = 0,
 ) -> NodeRecord:
     """Starts ``cairn start --block`` (``run_node``) in a new session, so that it
     outlives this process, and waits until its node is running; its output goes to a
@@ -433,7 +458,7 @@ def start_in_background(
     if join_address is not None:
         command += ["--address", join_address]
     else:
-        command += ["--head"]
+        command += ["--head", "--gcs-replicas", str(gcs_replicas)]
         if gcs_url is not None:
             env[GCS_URL_ENV] = gcs_url
     starting = Path(tempfile.gettempdir()) / f"cairn-node-{time.time_ns()}.log"

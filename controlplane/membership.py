@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -45,6 +46,25 @@ def dead_after_s() -> float:
     return env_number(DEAD_AFTER_ENV_VAR, DEFAULT_DEAD_AFTER_S, minimum=2 * PING_INTERVAL_S)
 
 
+def _connection_lost(exc: BaseException, conn: asyncpg.Connection | None) -> bool:
+    """Whether ``exc`` says the GCS is away or the connection unusable: then the loop
+    goes on with a new one. A server dying mid-request can also leave asyncpg's
+    protocol in a state it reports as an internal error ("another operation is in
+    progress"), which would otherwise stop the daemon over a failover."""
+    return (
+        is_connection_error(exc)
+        or "GCS" in str(exc)
+        or isinstance(exc, asyncpg.InternalClientError)
+        or (conn is not None and conn.is_closed())
+    )
+
+
+def _dropped(conn: asyncpg.Connection | None) -> None:
+    """Closes a connection found unusable (at once: it may hang on a dead server)."""
+    if conn is not None:
+        conn.terminate()
+
+
 class LivenessPinger:
     """A node daemon's pings; ``on_fenced`` is called if the node was declared dead."""
 
@@ -67,8 +87,9 @@ class LivenessPinger:
                     self._conn = await connect(self.url)
                 alive = await self._conn.fetchval(queries["ping_liveness"], self.node_id)
             except Exception as exc:  # the GCS is away: keep trying, the monitor decides
-                if not is_connection_error(exc) and "GCS" not in str(exc):
+                if not _connection_lost(exc, self._conn):
                     raise
+                self._conn = _dropped(self._conn)
                 continue
             if alive is None:
                 log.error("node %s was declared dead by the cluster; stopping", self.node_id)
@@ -94,14 +115,24 @@ class MembershipMonitor:
         self._conn: asyncpg.Connection | None = None
 
     async def run(self) -> None:
+        """Checks every ``PING_INTERVAL_S``. After the GCS was unreachable (a restart, a
+        failover), no node could ping meanwhile: nobody is declared dead until
+        ``dead_after`` has passed since it answers again, so that the nodes' pings, which
+        resume by themselves, are judged and not the outage."""
+        outage = False
+        resume_at = 0.0
         while True:
             await asyncio.sleep(PING_INTERVAL_S)
             try:
-                await self.check_once()
+                if outage:
+                    self._conn = await connect(self.url)
+                    outage, resume_at = False, time.monotonic() + self.dead_after
+                if time.monotonic() >= resume_at:
+                    await self.check_once()
             except Exception as exc:
-                if not is_connection_error(exc) and "GCS" not in str(exc):
+                if not _connection_lost(exc, self._conn):
                     raise
-                self._conn = None
+                self._conn, outage = _dropped(self._conn), True
 
     async def check_once(self) -> list[str]:
         """Declares the nodes silent for ``dead_after`` seconds dead; returns their ids."""

@@ -52,9 +52,9 @@ def sweep_stale() -> list[Path]:
         owner = _pid_in(path / _OWNER_FILE)
         if owner is None or alive(owner):
             continue  # not ours to judge (no owner file), or still in use
-        postmaster = _pid_in(path / "pgdata" / "postmaster.pid")
-        if postmaster is not None and alive(postmaster):
-            continue
+        postmasters = [_pid_in(path / d / "postmaster.pid") for d in ("pgdata", "replica/pgdata")]
+        if any(pid is not None and alive(pid) for pid in postmasters):
+            continue  # its GCS (or the GCS's replica) still runs
         with contextlib.suppress(OSError):  # its node's segments first: they name it
             shm.unlink_all((path / "node.ready").read_text().strip())
         with contextlib.suppress(OSError):

@@ -118,6 +118,11 @@ def test_the_runtime_role_cannot_change_the_log(gcs_url: str) -> None:
         "CREATE FUNCTION public.mine() RETURNS int LANGUAGE sql AS 'SELECT 1'",
         "CREATE SCHEMA mine",
         "SELECT cairn_create_next_partition_v1()",
+        # the failover epochs: recorded only by cairn_epoch_v1(), for a promotion
+        "INSERT INTO gcs_epochs (epoch, timeline) VALUES (99, 99)",
+        "UPDATE gcs_epochs SET epoch = 99",
+        "DELETE FROM gcs_epochs",
+        "SELECT cairn_live_timeline_v1()",
     ]:
         assert_refused(runtime, statement)
     assert count_events(gcs_url) == 10
@@ -149,6 +154,7 @@ def test_the_audit_role_cannot_write_at_all(gcs_url: str) -> None:
         "INSERT INTO subscriptions (name) VALUES ('forged')",
         "INSERT INTO node_liveness (node_id, address) VALUES ('n', 'a')",
         "INSERT INTO checkpoints (name, position, state) VALUES ('c', 1, '')",
+        "SELECT * FROM cairn_epoch_v1()",
         "UPDATE event_log_head SET last_position = 0",
         "UPDATE events SET event_type = 'forged'",
         "DELETE FROM events",

@@ -1,20 +1,45 @@
 """Failover to a streaming replica during a job: the primary is SIGKILLed, the replica
 promoted, and the cluster -- given both in one multi-host URL -- carries on there.
 Every event acknowledged before the primary died is on the new primary (the replica is
-synchronous); the job completes; the pause clients saw is measured."""
+synchronous); the job completes; the pause clients saw is measured.
+
+Then failover without an operator (``--gcs-replicas 1``): the watchdog promotes the
+replica of a killed or frozen primary by itself, over TLS for other machines too, drops
+a lost replica so that the primary goes on, and a job on such a head rides out the loss
+of its primary. And fencing: a process that saw the promoted server's epoch refuses the
+old primary when it comes back."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
+import psycopg
 import pytest
-from log_rows import fetch_rows
+from hosts import PYTHON, Hosts, hosts_fixture
+from log_rows import fetch_rows, rows
+from processes import ROOT
 
 import sdk as ray
-from controlplane import schema
-from controlplane.embedded_postgres import EmbeddedPostgres
+from controlplane import schema, tls
+from controlplane.embedded_postgres import EmbeddedPostgres, ServerTls, server_processes
+from controlplane.errors import GcsFencedError
+from controlplane.eventlog import EntityKind, Event, EventAppender, fencing
+from controlplane.gcs import Gcs
+from controlplane.gcs_url import with_query
+from controlplane.session_dirs import alive
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -77,3 +102,417 @@ def test_failover_to_a_promoted_replica_loses_no_acknowledged_event(
         assert "finished" in history[task_id], task_id
     for ref in refs:  # and the whole job, each transition once
         assert history[ref.task_id()] == ["submitted", "scheduled", "running", "finished"]
+
+
+# -- fencing ---------------------------------------------------------------------------
+
+
+def _job(name: str) -> Event:
+    return Event(EntityKind.JOB, name, "submitted", {"entrypoint": name})
+
+
+def _count(url: str, sql: str) -> int:
+    with psycopg.connect(url) as conn:
+        row = conn.execute(sql).fetchone()  # type: ignore[arg-type]
+    assert row is not None
+    return int(row[0])
+
+
+def test_a_process_that_saw_the_new_epoch_refuses_the_old_primary(
+    servers: tuple[EmbeddedPostgres, EmbeddedPostgres],
+) -> None:
+    primary, replica = servers
+    password = primary.url.split("@")[0].rsplit(":", 1)[1]
+    both = (
+        f"postgresql://cairn:{password}@127.0.0.1:{primary.port},127.0.0.1:{replica.port}"
+        "/cairn?target_session_attrs=read-write"
+    )
+
+    system_id = rows(primary.url, "SELECT system_identifier AS s FROM pg_control_system()")[0]["s"]
+
+    async def run() -> None:
+        async with EventAppender(both) as appender:
+            await appender.append(_job("before"))
+            primary.kill()
+            replica.promote()
+            await appender.append(_job("after"))  # on the promoted replica: epoch 2
+            seen = fencing.highest_seen((system_id, "cairn"))
+            assert seen is not None and (seen.epoch, seen.timeline) == (2, 2)
+            # the old primary comes back (restarted on its data, as a restored copy would)
+            primary.start()
+            # the appender's next connection: the URL names the old primary first, and
+            # it takes writes; it is refused and the current one used
+            await appender._conn.close()  # type: ignore[union-attr]
+            await appender.append(_job("after the old primary came back"))
+        # pointed at the old primary alone: refused, naming both epochs
+        with pytest.raises(GcsFencedError) as refused:
+            await EventAppender(primary.url, unavailable_timeout=0.5).start()
+        message = str(refused.value)
+        assert "epoch 1 (timeline 1" in message and "behind epoch 2 (timeline 2" in message
+        assert "127.0.0.1" in message and password not in message
+
+    asyncio.run(run())
+    jobs = "SELECT count(*) FROM events WHERE entity_kind = 'job'"
+    assert _count(replica.url, jobs) == 3
+    assert _count(primary.url, jobs) == 1  # nothing reached the old primary after it
+    epochs = rows(replica.url, "SELECT epoch, timeline FROM gcs_epochs ORDER BY epoch")
+    assert [(r["epoch"], r["timeline"]) for r in epochs] == [(1, 1), (2, 2)]
+
+
+def test_an_epoch_behind_or_beside_the_highest_seen_is_refused() -> None:
+    def epoch(n: int, epoch_id: str) -> fencing.Epoch:
+        return fencing.Epoch(-1, "fencing-unit-test", n, epoch_id, n)
+
+    url = "postgresql://u:secret@h1:1,h2:2/db"
+    try:
+        fencing.accept(epoch(1, "a"), url)
+        fencing.accept(epoch(2, "b"), url)  # moves on
+        fencing.accept(epoch(2, "b"), url)  # the same server again
+        with pytest.raises(GcsFencedError, match="behind epoch 2"):
+            fencing.accept(epoch(1, "a"), url)
+        with pytest.raises(GcsFencedError, match="a fork"):
+            fencing.accept(epoch(2, "c"), url)
+        assert fencing.highest_seen((-1, "fencing-unit-test")) == epoch(2, "b")
+    finally:
+        fencing._highest.pop((-1, "fencing-unit-test"), None)
+
+
+# -- the watchdog ----------------------------------------------------------------------
+
+
+def _signal_server(pid: int, sig: signal.Signals) -> list[int]:
+    """Sends ``sig`` to a postmaster and its backends at once (SIGKILL: as the loss of
+    its machine would); returns their pids."""
+    pids = server_processes(pid)
+    for each in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(each, sig)
+    return pids
+
+
+def _wait(condition: object, what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, f"not within {timeout}s: {what}"
+        time.sleep(0.02)
+
+
+def _private_dir() -> Path:
+    path = Path(tempfile.mkdtemp(prefix="cairn-failover-test-"))
+    path.chmod(0o755)  # PostgreSQL's system user must pass through it
+    return path
+
+
+def _tls_for_gcs(directory: Path, host: str) -> tuple[ServerTls, dict[str, str]]:
+    """A cluster CA's server certificate for ``host`` and a client's TLS parameters."""
+    client, authority = tls.NodeTls.make_head(directory, [host, "127.0.0.1"])
+    key = tls.new_key()
+    cert = authority.issue(key.public_key(), "cairn gcs", [host, "127.0.0.1"], client=False)
+    return ServerTls(cert, tls.key_pem(key), authority.certificate), client.postgres_params()
+
+
+def test_the_watchdog_promotes_the_replica_of_a_killed_primary_over_tls() -> None:
+    """Both servers serve other machines (here at 127.0.0.2) over TLS with the cluster's
+    certificate, and the cluster URL names both: a client of another machine carries on
+    through the primary's SIGKILL with no command typed."""
+    work = _private_dir()
+    server_tls, client_params = _tls_for_gcs(work, "127.0.0.2")
+    events: list[str] = []
+    gcs = Gcs(
+        session_dir=work,
+        listen_host="127.0.0.2",
+        server_tls=server_tls,
+        replicas=1,
+        on_event=events.append,
+    )
+    try:
+        gcs.start()
+        primary, replica = gcs.servers
+        assert (primary.tls, replica.tls) == (server_tls, server_tls)
+        assert f"@127.0.0.2:{primary.port},127.0.0.2:{replica.port}/" in gcs.cluster_url
+        assert "target_session_attrs=read-write" in gcs.cluster_url
+        remote = with_query(gcs.cluster_url, client_params)
+        with pytest.raises(psycopg.OperationalError):  # no TLS, no way in
+            psycopg.connect(gcs.cluster_url, connect_timeout=5).close()
+
+        async def run() -> list[int]:
+            async with EventAppender(remote) as appender:
+                positions = [await appender.append(_job(f"before-{i}")) for i in range(50)]
+                killed = _signal_server(primary.pid or 0, signal.SIGKILL)
+                positions += [await appender.append(_job(f"after-{i}")) for i in range(50)]
+                conn = appender._conn
+                assert conn is not None
+                assert await conn.fetchval("SELECT inet_server_port()") == replica.port
+                _wait(lambda: not any(alive(pid) for pid in killed), "the primary is gone")
+                return positions
+
+        assert asyncio.run(run()) == list(range(1, 101))
+        _wait(gcs.watchdog.done.is_set, "the watchdog acted")  # type: ignore[union-attr]
+        assert gcs.embedded is replica and gcs.replica is None
+        assert any("the GCS failed over" in e and "epoch 2" in e for e in events), events
+        assert _count(replica.url, "SELECT count(*) FROM events") == 100
+    finally:
+        gcs.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def test_a_frozen_primary_is_killed_before_its_replica_is_promoted() -> None:
+    gcs = Gcs(replicas=1, on_event=lambda _: None)
+    frozen: list[int] = []
+    try:
+        gcs.start()
+        primary, replica = gcs.servers
+
+        async def run() -> float:
+            async with EventAppender(gcs.url) as appender:
+                await appender.append(_job("before"))
+                frozen.extend(_signal_server(primary.pid or 0, signal.SIGSTOP))
+                stopped = time.monotonic()
+                await appender.append(_job("after"))  # waits for the promotion
+                return time.monotonic() - stopped
+
+        pause = asyncio.run(run())
+        watchdog = gcs.watchdog
+        assert watchdog is not None
+        _wait(watchdog.done.is_set, "the watchdog acted")
+        assert watchdog.promoted.is_set()
+        assert 0.5 <= pause < 30, pause  # not before the bound: it might only be slow
+        # never two primaries: the frozen one was killed before the promotion
+        _wait(lambda: not any(alive(pid) for pid in frozen), "the frozen primary is gone")
+        assert _count(replica.url, "SELECT count(*) FROM events") == 2
+    finally:
+        for pid in frozen:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        gcs.stop()
+
+
+def test_a_lost_replica_is_dropped_and_the_primary_goes_on() -> None:
+    """Without the watchdog, every commit would wait for ever for the dead replica."""
+    events: list[str] = []
+    gcs = Gcs(replicas=1, on_event=events.append)
+    try:
+        gcs.start()
+        primary, replica = gcs.servers
+        killed = _signal_server(replica.pid or 0, signal.SIGKILL)
+
+        async def run() -> None:
+            async with EventAppender(gcs.url) as appender:
+                await asyncio.wait_for(appender.append(_job("alone")), 30)
+
+        asyncio.run(run())
+        assert gcs.embedded is primary and gcs.watchdog is not None
+        assert not gcs.watchdog.promoted.is_set()
+        assert any("the GCS replica" in e and "is lost" in e for e in events), events
+        _wait(lambda: not any(alive(pid) for pid in killed), "the replica is gone")
+        assert _count(primary.url, "SELECT count(*) FROM events") == 1
+    finally:
+        gcs.stop()
+
+
+# -- a job on a `cairn start --head --gcs-replicas 1` head -------------------------------
+
+# A driver: runs a job; once 200 of its tasks are done, prints their ids (acknowledged:
+# a result is visible only once its finished event is durable) and waits for a line on
+# stdin (the test kills the GCS's primary meanwhile); then more tasks, the whole job's
+# results, and what the log it reaches says, as JSON.
+JOB = """
+import asyncio, json, sys, time
+import asyncpg
+import sdk as ray
+
+ray.init(address="auto")
+
+@ray.remote
+def square(x):
+    return x * x
+
+refs = [square.remote(i) for i in range(2000)]
+while len(ray.wait(refs, num_returns=len(refs), timeout=0)[0]) < 200:
+    time.sleep(0.01)
+acked = [r.task_id() for r in ray.wait(refs, num_returns=len(refs), timeout=0)[0]]
+print(json.dumps(acked), flush=True)
+sys.stdin.readline()
+more = [square.remote(i) for i in range(2000, 2500)]
+assert ray.get(refs + more, timeout=120) == [i * i for i in range(2500)]
+
+async def log(url):
+    conn = await asyncpg.connect(url)
+    try:
+        return {
+            "history": {r["entity_id"]: r["history"] for r in await conn.fetch(
+                "SELECT entity_id, array_agg(event_type ORDER BY position) AS history "
+                "FROM events WHERE entity_kind = 'task' GROUP BY entity_id")},
+            "deaths": [[r["entity_id"], r["payload"]] for r in await conn.fetch(
+                "SELECT entity_id, payload::text AS payload FROM events "
+                "WHERE entity_kind = 'node' AND event_type = 'dead'")],
+            "epochs": [[r["epoch"], r["timeline"]] for r in await conn.fetch(
+                "SELECT epoch, timeline FROM gcs_epochs ORDER BY epoch")],
+            "port": await conn.fetchval("SELECT inet_server_port()"),
+        }
+    finally:
+        await conn.close()
+
+found = asyncio.run(log(ray.get_runtime_context().gcs_address))
+print(json.dumps({"acked": acked, "tasks": [r.task_id() for r in refs + more], **found}))
+ray.shutdown()
+"""
+
+
+def _ride_out(driver: subprocess.Popen[str], kill_primary: Callable[[], None]) -> dict:
+    """Drives ``JOB``: kills the primary once tasks were acknowledged, and returns what
+    the driver reported at the end."""
+    assert driver.stdin is not None and driver.stdout is not None
+    line = driver.stdout.readline()
+    assert line, driver.communicate()
+    acked = json.loads(line)
+    kill_primary()
+    driver.stdin.write("killed\n")
+    driver.stdin.flush()
+    out, err = driver.communicate(timeout=150)
+    assert driver.returncode == 0, err
+    job = json.loads(out.strip().splitlines()[-1])
+    assert job["acked"] == acked and len(acked) >= 200 and len(job["tasks"]) == 2500
+    return job
+
+
+def _check_log(job: dict, replica_port: int) -> None:
+    """The log is on the promoted replica: every acknowledged event, the whole job, each
+    transition once, the promotion's epoch; and the pause declared no node dead."""
+    assert job["port"] == replica_port
+    history = job["history"]
+    for task_id in job["acked"]:
+        assert "finished" in history[task_id], task_id
+    for task_id in job["tasks"]:  # (spilled and placed too, for a task run elsewhere)
+        events = history[task_id]
+        assert events[0] == "submitted" and events[-1] == "finished", events
+        assert len(events) == len(set(events)) and "scheduled" in events, events
+    assert job["deaths"] == []
+    assert job["epochs"] == [[1, 1], [2, 2]]
+
+
+def _env(tmp: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CAIRN_")}
+    return {**env, "TMPDIR": str(tmp)}
+
+
+def _cairn(tmp: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, "-m", "controlplane.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=150,
+        cwd=ROOT,
+        env=_env(tmp),
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"cairn {' '.join(args)} failed:\n{result.stdout}{result.stderr}")
+    return result
+
+
+def _postmaster(pid_file: str) -> tuple[int, int]:
+    """(pid, port) of a server from its ``postmaster.pid`` file's text."""
+    lines = pid_file.splitlines()
+    return int(lines[0]), int(lines[3])
+
+
+def test_a_job_rides_out_the_loss_of_the_gcs_primary_with_no_command_typed() -> None:
+    tmp = _private_dir()
+    driver: subprocess.Popen[str] | None = None
+    try:
+        _cairn(tmp, "start", "--head", "--port", "0", "--num-cpus", "2", "--gcs-replicas", "1")
+        (record,) = (tmp / "cairn-nodes").glob("*.json")
+        session = Path(json.loads(record.read_text())["session_dir"])
+        primary_pid, _ = _postmaster((session / "pgdata" / "postmaster.pid").read_text())
+        replica_pid, replica_port = _postmaster(
+            (session / "replica" / "pgdata" / "postmaster.pid").read_text()
+        )
+        driver = subprocess.Popen(
+            [sys.executable, "-c", JOB],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            env=_env(tmp),
+        )
+        job = _ride_out(driver, lambda: _signal_server(primary_pid, signal.SIGKILL))
+        _check_log(job, replica_port)
+        log = (tmp / f"cairn-node-{record.stem}.log").read_text()
+        assert "the GCS failed over" in log, log
+    finally:
+        if driver is not None and driver.poll() is None:
+            driver.kill()
+        _cairn(tmp, "stop", check=False)
+        leftovers = [p for p in tmp.iterdir() if p.name.startswith("cairn-session-")]
+        shutil.rmtree(tmp, ignore_errors=True)
+    assert not alive(replica_pid) and not alive(primary_pid)
+    assert leftovers == []
+
+
+two_hosts = hosts_fixture(2)
+
+
+@pytest.mark.timeout(300)
+def test_a_node_on_another_machine_follows_the_failover(two_hosts: Hosts) -> None:
+    """The head (host a) hands joining nodes a URL naming both its servers, each served
+    over TLS on the head's address: a job driven on host b rides out the loss of the
+    head's primary."""
+    a, b = two_hosts
+    token = {"CAIRN_AUTH_TOKEN": "failover-test-" + secrets.token_urlsafe(16)}
+    started = a.cairn(
+        "start",
+        "--head",
+        "--node-ip-address",
+        a.ip,
+        "--gcs-replicas",
+        "1",
+        env=token,
+    )
+    try:
+        session = re.search(r"\(session (\S+);", started.stdout)
+        assert session is not None, started.stdout
+        primary_pid, _ = _postmaster(a.run(["cat", f"{session[1]}/pgdata/postmaster.pid"]).stdout)
+        replica = a.run(["cat", f"{session[1]}/replica/pgdata/postmaster.pid"]).stdout
+        _, replica_port = _postmaster(replica)
+        b.cairn(
+            "start",
+            "--address",
+            f"{a.ip}:6380",
+            "--node-ip-address",
+            b.ip,
+            "--num-cpus",
+            "2",
+            env=token,
+        )
+        driver = b.popen(
+            [PYTHON, "-c", JOB],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        job = _ride_out(driver, lambda: _signal_server(primary_pid, signal.SIGKILL))
+        _check_log(job, replica_port)
+    finally:
+        b.cairn("stop", check=False)
+        a.cairn("stop", check=False)
+    _wait(lambda: a.pids() == [] and b.pids() == [], "every process of the cluster gone")
+
+
+def test_gcs_replicas_is_refused_where_it_cannot_work() -> None:
+    tmp = _private_dir()
+    try:
+        for args, expected in [
+            (["--head", "--gcs-replicas", "2"], "must be 0 or 1"),
+            (["--address", "127.0.0.1:1", "--gcs-replicas", "1"], "is for the head"),
+            (
+                ["--head", "--gcs-url", "postgresql://u:p@127.0.0.1:1/db", "--gcs-replicas", "1"],
+                "keeps its own replicas",
+            ),
+        ]:
+            refused = _cairn(tmp, "start", "--port", "0", *args, check=False)
+            assert refused.returncode != 0 and expected in refused.stderr, refused.stderr
+        assert not (tmp / "cairn-nodes").exists() or not list((tmp / "cairn-nodes").iterdir())
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

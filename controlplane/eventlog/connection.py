@@ -10,8 +10,9 @@ from typing import TypeVar
 
 import asyncpg
 
-from controlplane.errors import GcsUnavailableError
-from controlplane.gcs_url import normalize, redact
+from controlplane.errors import GcsFencedError, GcsUnavailableError
+from controlplane.eventlog import fencing
+from controlplane.gcs_url import normalize, redact, single_host_urls
 from controlplane.settings import env_number
 
 T = TypeVar("T")
@@ -45,6 +46,8 @@ _CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.CannotConnectNowError,
     asyncpg.AdminShutdownError,
     asyncpg.CrashShutdownError,
+    # every host answered and none takes writes: a failover under way
+    asyncpg.TargetServerAttributeNotMatched,
 )
 
 
@@ -70,15 +73,55 @@ async def run_on(
         raise
 
 
-async def connect(url: str, *, timeout: float = DEFAULT_CONNECT_TIMEOUT_S) -> asyncpg.Connection:
+async def connect(
+    url: str, *, timeout: float = DEFAULT_CONNECT_TIMEOUT_S, fence: bool = True
+) -> asyncpg.Connection:
     """One asyncpg connection; an unreachable server raises GcsUnavailableError naming
-    the URL (password hidden) at once, or after ``timeout`` if it does not answer."""
+    the URL (password hidden) at once, or after ``timeout`` if it does not answer.
+
+    With ``fence`` (always, but for tools that only look), the server's failover epoch
+    is checked first (``fencing.py``): one behind what this process has seen raises
+    GcsFencedError, unless another host of a multi-host URL is current, which is then
+    used instead (the old primary may come back first in the URL)."""
     url = normalize(url)
+    conn = await _open(url, timeout)
+    if not fence:
+        return conn
+    try:
+        await _fenced(conn, url)
+        return conn
+    except GcsFencedError as refused:
+        hosts = single_host_urls(url)
+        for host_url in hosts if len(hosts) > 1 else []:  # each, in order: which is current?
+            try:
+                other = await _open(host_url, timeout)
+            except Exception:  # down, a standby, ...: the next one
+                continue
+            try:
+                await _fenced(other, host_url)
+                return other
+            except GcsFencedError:
+                continue
+        raise refused from None
+
+
+async def _open(url: str, timeout: float) -> asyncpg.Connection:
     try:
         return await asyncpg.connect(url, timeout=timeout)
     except BaseException as exc:
         if is_connection_error(exc):
             raise GcsUnavailableError(f"cannot reach the GCS at {redact(url)}: {exc}") from exc
+        raise
+
+
+async def _fenced(conn: asyncpg.Connection, url: str) -> None:
+    """Checks the epoch of the server behind ``conn``; closes it if refused."""
+    try:
+        await fencing.check(conn, url)
+    except BaseException as exc:
+        conn.terminate()
+        if is_connection_error(exc):
+            raise GcsUnavailableError(f"lost the GCS at {redact(url)}: {exc}") from exc
         raise
 
 

@@ -304,3 +304,13 @@ SELECT position, recorded_at FROM events WHERE position >= $1 ORDER BY position 
 -- A log's identity: the id of its first retained event (two URLs name the same log
 -- when they give the same one).
 SELECT event_id::text AS first_event FROM events ORDER BY position LIMIT 1;
+
+-- gcs_epoch --
+-- The server's fencing epoch (migration 0011), recording a new one first if the server
+-- was promoted since: which log it is (system_id, database), its epoch and timeline.
+SELECT system_id, current_database() AS database, epoch, epoch_id::text AS epoch_id, timeline
+  FROM cairn_epoch_v1()
+
+-- gcs_epochs --
+-- Every epoch of the log: its first, and one per promotion of a replica.
+SELECT epoch, epoch_id::text AS epoch_id, timeline, recorded_at FROM gcs_epochs ORDER BY epoch

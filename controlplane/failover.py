@@ -1,0 +1,192 @@
+"""Failover without an operator: the watchdog of a head's GCS replica.
+
+``cairn start --head --gcs-replicas 1`` runs the embedded PostgreSQL (the primary) and a
+synchronous streaming replica of it, and hands every process a URL naming both, with
+``target_session_attrs=read-write``: whichever takes writes is the one used. The
+watchdog, a thread of the head's process (``Gcs``), watches both, every 50 ms:
+
+* **The primary's process exited** (SIGKILL, a crash, the OOM killer): the replica is
+  promoted at once.
+* **The primary does not answer** (``SELECT 1`` on a connection of the watchdog's own)
+  for ``$CAIRN_GCS_FAILOVER_AFTER_S`` (1 s): it is SIGKILLed first, with its backends,
+  and then the replica promoted. The primary runs on this machine and this process
+  started it, so it can be made sure dead: fencing by killing, never two primaries.
+* **Promotion**: ``pg_promote``; the promoted server waits for no standby of its own;
+  ``cairn_epoch_v1()`` records the new epoch (its timeline) in the log's database, so
+  that every process that reaches it from then on refuses the old primary should it
+  ever come back (``eventlog/fencing.py``). Clients were retrying meanwhile (appenders
+  hold their batches, with the same event ids); they find the new primary by the URL.
+* **The replica's process exited, or it does not answer** for the same bound: it is
+  killed (so it can never be promoted without what it missed), and the primary stops
+  waiting for it (``synchronous_standby_names`` reset, which releases the commits
+  waiting on it): the cluster goes on without a replica, and without failover.
+
+One failover per head: after it the cluster runs on the promoted server alone (a new
+replica is not made; restart the head for one). The replica runs on the head's machine:
+it survives the loss of the primary's process, not of the machine.
+
+**A primary that is only cut off, or frozen, but still running.** On this machine the
+watchdog kills it before promoting, so that case does not arise. Were the primary on
+another machine, cut off from the watchdog but not from some clients, it could not be
+killed; what keeps it from taking writes then is synchronous replication: a commit is
+acknowledged only once the replica has it, and the promoted replica follows it no more,
+so every commit on the old primary waits for ever, never acknowledged (it would become
+visible there only if the old primary restarted, and then it is behind the new epoch).
+A process that has seen the new primary refuses the old one outright (fencing); one
+that never saw it could still open a session there and hang in its first commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+import asyncpg
+
+from controlplane.embedded_postgres import EmbeddedPostgres
+from controlplane.eventlog import fencing
+from controlplane.settings import env_number
+
+log = logging.getLogger("cairn.failover")
+FAILOVER_AFTER_ENV = "CAIRN_GCS_FAILOVER_AFTER_S"
+DEFAULT_FAILOVER_AFTER_S = 1.0
+_INTERVAL_S = 0.05
+_JOIN_TIMEOUT_S = 90.0  # a promotion under way may take a while (pg_promote waits 60 s)
+
+
+def failover_after_s() -> float:
+    return env_number(FAILOVER_AFTER_ENV, DEFAULT_FAILOVER_AFTER_S, minimum=0.1)
+
+
+class _Probe:
+    """One server's liveness, on a connection of its own (the owner's, on loopback)."""
+
+    def __init__(self, server: EmbeddedPostgres) -> None:
+        self.server = server
+        self._conn: asyncpg.Connection | None = None
+
+    async def answers(self, timeout: float) -> bool:
+        try:
+            async with asyncio.timeout(timeout):
+                if self._conn is None or self._conn.is_closed():
+                    self._conn = await asyncpg.connect(self.server.url)
+                await self._conn.fetchval("SELECT 1")
+            return True
+        except Exception:
+            self.close()
+            return False
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.terminate()
+            self._conn = None
+
+
+class Watchdog:
+    """Promotes ``replica`` when ``primary`` is gone, or drops ``replica`` when it is
+    (see the module's docstring). ``on_event`` hears what it does, in words;
+    ``on_promoted`` is called with the replica once it is the primary."""
+
+    def __init__(
+        self,
+        primary: EmbeddedPostgres,
+        replica: EmbeddedPostgres,
+        *,
+        failover_after: float | None = None,
+        on_event: Callable[[str], None] = log.warning,
+        on_promoted: Callable[[EmbeddedPostgres], None] = lambda _: None,
+    ) -> None:
+        self.primary = primary
+        self.replica = replica
+        self.failover_after = failover_after_s() if failover_after is None else failover_after
+        self.on_event = on_event
+        self.on_promoted = on_promoted
+        self.promoted = threading.Event()  # set once the replica is the primary
+        self.done = threading.Event()  # set once it acted (or gave up): it watches no more
+        self.lost_at: float | None = None  # monotonic: when it found the primary gone
+        self.promoted_at: float | None = None  # monotonic: when the replica took writes
+        self.epoch: fencing.Epoch | None = None  # the promoted server's
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cairn-gcs-watchdog", daemon=True)
+
+    def start(self) -> Watchdog:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(_JOIN_TIMEOUT_S)
+
+    # -- the thread ---------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._watch())
+        except Exception as exc:  # never silently: the cluster relies on it
+            log.exception("the GCS watchdog failed")
+            self.on_event(f"the GCS watchdog failed and watches no more: {exc!r}")
+        finally:
+            self.done.set()
+
+    async def _watch(self) -> None:
+        probes = _Probe(self.primary), _Probe(self.replica)
+        primary_seen = replica_seen = time.monotonic()
+        try:
+            while not self._stop.is_set():
+                if not self.primary.running:
+                    return self._failover("its process exited")
+                if not self.replica.running:
+                    return self._drop_replica("its process exited")
+                primary_ok, replica_ok = await asyncio.gather(
+                    *(probe.answers(self.failover_after / 2) for probe in probes)
+                )
+                now = time.monotonic()
+                if primary_ok:
+                    primary_seen = now
+                elif now - primary_seen >= self.failover_after and not self._stop.is_set():
+                    return self._failover(f"it did not answer for {now - primary_seen:.1f}s")
+                if replica_ok:
+                    replica_seen = now
+                elif now - replica_seen >= self.failover_after and not self._stop.is_set():
+                    return self._drop_replica(f"it did not answer for {now - replica_seen:.1f}s")
+                await asyncio.sleep(_INTERVAL_S)
+        finally:
+            for probe in probes:
+                probe.close()
+
+    def _failover(self, why: str) -> None:
+        self.lost_at = time.monotonic()
+        primary, replica = self.primary, self.replica
+        self.on_event(
+            f"the GCS primary (port {primary.port}) is gone: {why}; promoting its replica "
+            f"(port {replica.port})"
+        )
+        primary.kill()  # if it still runs (frozen, cut off): dead before anything else
+        if not replica.running:
+            self.on_event("the GCS replica is gone too: nothing to promote, the GCS is down")
+            return
+        replica.promote()
+        self.promoted_at = time.monotonic()
+        with contextlib.suppress(Exception):  # appenders record it anyway as they connect
+            self.epoch = fencing.record_promotion(replica.url)
+        self.promoted.set()
+        self.on_promoted(replica)
+        self.on_event(
+            f"the GCS failed over: the replica (port {replica.port}) is the primary"
+            f"{f' at {self.epoch}' if self.epoch else ''}, "
+            f"{self.promoted_at - self.lost_at:.2f}s after the primary was found gone; "
+            "the cluster has no replica from now on"
+        )
+
+    def _drop_replica(self, why: str) -> None:
+        self.on_event(
+            f"the GCS replica (port {self.replica.port}) is lost: {why}; the primary goes "
+            "on without one (no failover from now on)"
+        )
+        self.replica.kill()
+        self.primary.drop_synchronous_standby()
