@@ -32,3 +32,9 @@ class GcsFencedError(GcsUnavailableError):
     was promoted), or equal with another promotion's id (a second server promoted from
     the same past). Nothing is written to it; the message names both epochs. Retried as
     an unreachable GCS is (another server of a multi-host URL may be the current one)."""
+
+
+class NodeFencedError(GcsError):
+    """The log refused the appends of a node that was declared dead (its old
+    incarnation, back from a partition): they are not stored, a ``stale_refused`` event
+    says so, and the node must stop and rejoin under a new id."""

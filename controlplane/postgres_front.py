@@ -120,9 +120,10 @@ class PostgresTlsFront:
 
         async def close() -> None:
             server.close()
-            for task in asyncio.all_tasks():
-                if task is not asyncio.current_task():
-                    task.cancel()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)  # each ends quietly
 
         asyncio.run_coroutine_threadsafe(close(), loop).result(timeout=10)
         loop.call_soon_threadsafe(loop.stop)
@@ -192,9 +193,7 @@ class PostgresTlsFront:
     async def _relay(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, startup: bytes
     ) -> None:
-        server_reader, server_writer = await asyncio.open_connection(
-            "127.0.0.1", self.target_port
-        )
+        server_reader, server_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
         server_writer.write(startup)
 
         async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:

@@ -219,7 +219,10 @@ def test_a_node_without_the_right_token_is_refused_and_leaves_only_a_refusal(
     while not _refusals(head.gcs_url, before):
         assert time.monotonic() < deadline, "no auth_refused event was logged"
         time.sleep(0.1)
-    time.sleep(0.5)  # anything else they caused would be durable by now
+    # anything else they caused is durable once the head has no event left to commit
+    while rpc.call(head.address, "Info", {}, timeout=10, token=head.token)["events_pending"]:
+        assert time.monotonic() < deadline, "the head's events did not commit"
+        time.sleep(0.05)
 
     after = _log_after(head.gcs_url, before)
     # the head's own life goes on (load heartbeats; on a busy machine its pool's worker

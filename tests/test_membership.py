@@ -4,10 +4,12 @@ monitors run; a node declared dead is fenced (its next ping tells it to stop).""
 from __future__ import annotations
 
 import asyncio
+import json
 
 import asyncpg
 import pytest
 
+from controlplane.errors import NodeFencedError
 from controlplane.eventlog import EntityKind, Event, EventAppender, Tailer
 from controlplane.membership import LivenessPinger, MembershipMonitor, cluster_nodes
 from controlplane.sql import queries
@@ -217,3 +219,60 @@ async def test_a_restarted_scheduler_reads_on_from_its_checkpoint(gcs_url: str) 
         sorted(restarted.pending) == sorted(whole.pending) == [f"task-{n}" for n in range(30, 35)]
     )
     assert restarted.placed == whole.placed and set(restarted.nodes) == set(whole.nodes)
+
+
+async def test_the_log_refuses_the_appends_of_a_node_declared_dead(gcs_url: str) -> None:
+    """A node cut off for longer than the death timeout is declared dead; what its old
+    incarnation appends afterwards (a late result) is not stored, a stale_refused event
+    records it, and no event of the node follows its dead event in the log."""
+    await _register(gcs_url, "n-cut")
+    await _register(gcs_url, "n-left")
+    fenced_errors: list[NodeFencedError] = []
+    async with (
+        EventAppender(gcs_url, writer_node="n-cut") as cut,
+        EventAppender(gcs_url, writer_node="n-left") as left,
+    ):
+        cut.on_fenced = fenced_errors.append
+        before = await cut.append(_task_event("t-before", "n-cut"))
+        await _silence(gcs_url, "n-cut", 60)
+        assert await MembershipMonitor(gcs_url, dead_after=1.0).check_once() == ["n-cut"]
+        with pytest.raises(NodeFencedError, match="declared dead"):
+            await cut.append(_task_event("t-late", "n-cut"))
+        assert len(fenced_errors) == 1
+        with pytest.raises(NodeFencedError):  # and from now on at once
+            await cut.append(_task_event("t-later", "n-cut"))
+        # a node that left cleanly is not fenced: its last events land
+        conn = await asyncpg.connect(gcs_url)
+        try:
+            await conn.execute(queries["declare_node_gone"], "n-left")
+        finally:
+            await conn.close()
+        assert await left.append(_task_event("t-last", "n-left")) > before
+    conn = await asyncpg.connect(gcs_url)
+    try:
+        rows = await conn.fetch(
+            "SELECT position, entity_id, event_type, node_id, payload::text AS payload "
+            "FROM events ORDER BY position"
+        )
+    finally:
+        await conn.close()
+    tasks = {r["entity_id"] for r in rows if r["event_type"] == "submitted"}
+    assert tasks == {"t-before", "t-last"}  # t-late was never stored
+    (refusal,) = [r for r in rows if r["event_type"] == "stale_refused"]
+    assert refusal["entity_id"] == "n-cut" and refusal["node_id"] is None
+    payload = json.loads(refusal["payload"])
+    assert payload["events"] == 1 and payload["event_types"] == ["submitted"]
+    assert payload["entity_ids"] == ["t-late"] and "declared dead" in payload["reason"]
+    dead_at = next(r["position"] for r in rows if r["event_type"] == "dead")
+    assert all(r["position"] <= dead_at for r in rows if r["node_id"] == "n-cut")
+
+
+def _task_event(task_id: str, node_id: str) -> Event:
+    return Event(
+        EntityKind.TASK,
+        task_id,
+        "submitted",
+        {"name": "f", "function_id": "f", "num_returns": 1},
+        job_id="j",
+        node_id=node_id,
+    )

@@ -12,74 +12,24 @@ import json
 import re
 import subprocess
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import pytest
-from hosts import PYTHON, Host, Hosts, require_root
+from host_cluster import HostCluster, running
+from hosts import PYTHON, Hosts, require_root
 
 from controlplane import auth
 
 pytestmark = pytest.mark.timeout(300)
-TOKEN = "multihost-" + auth.new_token()
-WITH_TOKEN = {auth.TOKEN_ENV: TOKEN}
-
-
-@dataclass
-class Cluster:
-    hosts: Hosts
-    node_ids: dict[str, str]  # host name -> node id
-
-    @property
-    def head(self) -> Host:
-        return self.hosts[0]
-
-    def driver(self, host: Host, body: str, timeout: float = 120) -> dict:
-        """Runs a driver on ``host`` (``import sdk as ray``, connected to its node) and
-        returns the JSON object its last line prints."""
-        code = (
-            "import json, numpy as np, sdk as ray\n"
-            "from sdk.util.scheduling_strategies import NodeAffinitySchedulingStrategy\n"
-            f"NODES = {json.dumps(self.node_ids)}\n"
-            'ray.init(address="auto")\n' + body + "\nray.shutdown()\n"
-        )
-        result = host.python(code, timeout=timeout, check=False)
-        assert result.returncode == 0, f"driver on {host.name} failed:\n{result.stderr[-4000:]}"
-        return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[Cluster]:
+def cluster() -> Iterator[HostCluster]:
     require_root()
-    with Hosts(3) as hosts:
-        head = hosts[0]
-        started = head.cairn(
-            "start", "--head", "--node-ip-address", head.ip, "--num-cpus", "1", env=WITH_TOKEN
-        )
-        assert "Started a Cairn head node" in started.stdout, started.stdout
-        address = f"{head.ip}:6380"
-        for host in hosts.hosts[1:]:
-            host.cairn(
-                "start",
-                "--address",
-                address,
-                "--node-ip-address",
-                host.ip,
-                "--num-cpus",
-                "2",
-                env=WITH_TOKEN,
-            )
-        node_ids = {
-            host.name: host.run(["sh", "-c", "cat /tmp/cairn-session-*/node.ready"]).stdout
-            for host in hosts
-        }
-        try:
-            yield Cluster(hosts, node_ids)
-        finally:
-            for host in reversed(hosts.hosts):
-                host.cairn("stop", check=False)
+    with Hosts(3) as hosts, running(hosts) as cluster:
+        yield cluster
 
 
-def test_nodes_join_the_embedded_default_over_tls(cluster: Cluster) -> None:
+def test_nodes_join_the_embedded_default_over_tls(cluster: HostCluster) -> None:
     status = cluster.head.cairn("status").stdout
     assert "3 nodes alive, 0 dead" in status, status
     seen = cluster.driver(
@@ -104,7 +54,7 @@ def auth_free(url: str) -> str:
     return re.sub(r":[^:@/]+@", ":***@", url)
 
 
-def test_spread_tasks_reach_every_host(cluster: Cluster) -> None:
+def test_spread_tasks_reach_every_host(cluster: HostCluster) -> None:
     seen = cluster.driver(
         cluster.hosts[2],
         """
@@ -119,7 +69,7 @@ print(json.dumps(sorted(set(map(tuple, ray.get([where.remote() for _ in range(24
     assert {tuple(x) for x in seen} == {(cluster.node_ids[h.name], h.name) for h in cluster.hosts}
 
 
-def test_objects_move_both_ways_intact(cluster: Cluster) -> None:
+def test_objects_move_both_ways_intact(cluster: HostCluster) -> None:
     """A 40 MB array put on host1 goes to a task on host2, which returns a 40 MB array
     made there; each side checks the other's bytes (pulled in chunks over TLS, each
     object's checksum verified on arrival), and the log shows both transfers."""
@@ -149,12 +99,11 @@ print(json.dumps({"host": host, "sent": digest(sent) == got_digest,
     assert int(moved) >= 2, moved  # host1 -> host2 (the argument), host2 -> host1 (result)
 
 
-def _sql(cluster: Cluster, statement: str) -> str:
-    out = cluster.head.cairn("sql", "--format", "csv", statement).stdout.splitlines()
-    return out[1]
+def _sql(cluster: HostCluster, statement: str) -> str:
+    return cluster.sql(statement)[0][0]
 
 
-def test_a_driver_gets_a_large_result_made_on_another_host(cluster: Cluster) -> None:
+def test_a_driver_gets_a_large_result_made_on_another_host(cluster: HostCluster) -> None:
     seen = cluster.driver(
         cluster.head,
         """
@@ -169,7 +118,7 @@ print(json.dumps({"host": host, "ok": bool((array == 7).all()), "n": int(array.s
     assert seen["host"] in ("host1", "host2") and seen["ok"] and seen["n"] == 8 * 1024 * 1024
 
 
-def test_strict_spread_places_one_bundle_per_host(cluster: Cluster) -> None:
+def test_strict_spread_places_one_bundle_per_host(cluster: HostCluster) -> None:
     seen = cluster.driver(
         cluster.hosts[1],
         """
@@ -195,7 +144,7 @@ remove_placement_group(impossible)
     assert seen["fourth"] == []  # three hosts: a fourth strict-spread bundle waits
 
 
-def test_an_actor_lives_on_a_remote_host(cluster: Cluster) -> None:
+def test_an_actor_lives_on_a_remote_host(cluster: HostCluster) -> None:
     seen = cluster.driver(
         cluster.head,
         """
@@ -214,7 +163,7 @@ print(json.dumps({"values": [r[0] for r in results], "hosts": sorted({r[1] for r
     assert seen == {"values": list(range(1, 21)), "hosts": ["host2"]}
 
 
-def test_a_wrong_token_from_another_host_is_refused(cluster: Cluster) -> None:
+def test_a_wrong_token_from_another_host_is_refused(cluster: HostCluster) -> None:
     stranger = cluster.hosts[2]
     refused = stranger.cairn(
         "start",
@@ -265,14 +214,14 @@ print(json.dumps(out))
 """
 
 
-def test_tls_is_in_force_between_hosts(cluster: Cluster) -> None:
+def test_tls_is_in_force_between_hosts(cluster: HostCluster) -> None:
     """Every service a host offers on its network address is TLS with client
     certificates of the cluster CA: a plain-text client, and a client with a certificate
     of another CA, are refused by the head's gRPC service and its PostgreSQL."""
     gcs_port = int(re.findall(r"127\.0\.0\.1:(\d+)", cluster.head.cairn("status").stdout)[0])
     stranger = cluster.hosts[1]
     result = stranger.run(
-        [PYTHON, "-c", STRANGER, f"{cluster.head.ip}:6380", str(gcs_port), TOKEN, stranger.ip],
+        [PYTHON, "-c", STRANGER, cluster.address, str(gcs_port), cluster.token, stranger.ip],
         timeout=60,
     )
     outcomes = json.loads(result.stdout.strip().splitlines()[-1])
@@ -329,7 +278,7 @@ ray.shutdown()
 """
 
 
-def test_a_lost_node_is_declared_dead_and_its_objects_rebuilt(cluster: Cluster) -> None:
+def test_a_lost_node_is_declared_dead_and_its_objects_rebuilt(cluster: HostCluster) -> None:
     """A chain of tasks made its result on host2, where it stays (it is large), for a
     driver on host1; host2 is then killed outright. The head declares it dead, and the
     driver, asking for the result, gets it rebuilt by re-running its lineage on the

@@ -25,7 +25,7 @@ from types import TracebackType
 
 import asyncpg
 
-from controlplane.errors import GcsError, GcsUnavailableError, InvalidEventError
+from controlplane.errors import GcsError, GcsUnavailableError, InvalidEventError, NodeFencedError
 from controlplane.eventlog.catalog import encode_payload
 from controlplane.eventlog.connection import (
     DEFAULT_CONNECT_TIMEOUT_S,
@@ -63,8 +63,15 @@ class EventAppender:
         unavailable_timeout: float | None = None,
         linger: float = 0.0,
         max_backlog: int = DEFAULT_MAX_BACKLOG,
+        writer_node: str | None = None,
     ) -> None:
+        """``writer_node``: the node this process appends for, once it is a cluster
+        member: the log refuses its appends once it was declared dead (NodeFencedError;
+        ``on_fenced`` hears of it, and every append after fails at once)."""
         self.url = url
+        self.writer_node = writer_node
+        self.fenced: NodeFencedError | None = None
+        self.on_fenced: Callable[[NodeFencedError], None] = lambda _error: None
         self.max_batch = max_batch
         self.max_backlog = max_backlog
         self.backlog = 0  # events queued or being committed
@@ -206,6 +213,8 @@ class EventAppender:
         # callers fail fast while it stays down, not one full timeout per batch
         timeout = 0.0 if self._gave_up else self.unavailable_timeout
         try:
+            if self.fenced is not None:
+                raise self.fenced
             positions = await retry_while_unavailable(
                 self.url, lambda: self._write(events, payloads), timeout=timeout
             )
@@ -213,6 +222,9 @@ class EventAppender:
             error = exc if isinstance(exc, GcsError) else GcsError(f"append failed: {exc!r}")
             if isinstance(exc, GcsUnavailableError):
                 self._gave_up = True
+            if isinstance(exc, NodeFencedError) and self.fenced is None:
+                self.fenced = exc
+                self.on_fenced(exc)
             for request in requests:
                 if request.done is None:
                     self.on_write_behind_failure(error)
@@ -233,18 +245,28 @@ class EventAppender:
     async def _write(self, events: Sequence[Event], payloads: Sequence[str]) -> list[int]:
         if self._conn is None or self._conn.is_closed():
             self._conn = await connect(self.url, timeout=self.connect_timeout)
-        return await run_on(self._conn, lambda conn: append_on(conn, events, payloads))
+        writer = self.writer_node
+        return await run_on(
+            self._conn, lambda conn: append_on(conn, events, payloads, writer=writer)
+        )
 
 
 async def append_on(
-    conn: asyncpg.Connection, events: Sequence[Event], payloads: Sequence[str] | None = None
+    conn: asyncpg.Connection,
+    events: Sequence[Event],
+    payloads: Sequence[str] | None = None,
+    *,
+    writer: str | None = None,
 ) -> list[int]:
     """Appends events on ``conn`` (inside the caller's transaction, if any, so that an
-    event can commit together with other writes); returns their positions."""
+    event can commit together with other writes); returns their positions. On behalf
+    of node ``writer``, fenced: NodeFencedError if the node was declared dead."""
     if payloads is None:
         payloads = [encode_payload(event) for event in events]
+    fenced = () if writer is None else (writer,)
     row = await conn.fetchrow(
-        queries["append_events"],
+        queries["append_events_fenced" if writer is not None else "append_events"],
+        *fenced,
         [e.event_id for e in events],
         [e.job_id for e in events],
         [str(e.entity_kind) for e in events],
@@ -254,6 +276,11 @@ async def append_on(
         payloads,
         [bytes(e.data) if e.data is not None else None for e in events],
     )
+    if writer is not None and row["refused"]:
+        raise NodeFencedError(
+            f"the log refused {len(events)} events of node {writer}: it was declared dead "
+            "(a stale_refused event records them); it must rejoin under a new id"
+        )
     return _positions(
         events, row["base_position"], row["duplicate_ids"], row["duplicate_positions"]
     )

@@ -157,6 +157,21 @@ CATALOG: dict[tuple[EntityKind, str], EventType] = {
         # a gRPC call without the cluster token was refused (at most one per peer per
         # few seconds); the only trace such a call leaves
         ("auth_refused", {"method": str, "peer": str}, {}),
+        # something of a node declared dead (its old incarnation, back from a partition)
+        # was refused: appends (written by the log itself, node_id NULL) or a gRPC call
+        # to a peer; the only trace it leaves
+        (
+            "stale_refused",
+            {"reason": str},
+            {
+                "events": int,
+                "event_types": list,
+                "entity_ids": list,
+                "method": str,
+                "peer": str,
+                "from_node": str,
+            },
+        ),
         ("dead", {"cause": str}, {}),
     ),
     **_types(

@@ -43,6 +43,7 @@ _PULL_ATTEMPTS = 3  # of an argument a task placed here needs, before it fails
 
 class ClusterMixin:
     peers: set[str]  # other nodes alive, from the log
+    dead_nodes: set[str]  # nodes declared dead, from the log
     spilled: dict[str, TaskRecord]  # task id -> a task this node spilled
     # task id -> object id -> (its value when small enough to be in the log, else where
     # it is (``remote``); the address of the node holding it)
@@ -145,6 +146,7 @@ class ClusterMixin:
                 self.peer_addresses[event.entity_id] = event.payload["address"]
             elif kind_type == "dead":
                 self.peers.discard(event.entity_id)
+                self.dead_nodes.add(event.entity_id)
                 self._node_lost(event.entity_id)
         elif kind is K.ACTOR and event.node_id != self.node_id:
             self._on_remote_actor_event(event)
@@ -600,7 +602,8 @@ class ClusterMixin:
                 location = await self.puller.pull(address, object_id)
             except transfer.TransferError as exc:
                 self.fetching.discard(object_id)
-                self._object_lost(object_id, str(exc))
+                if self.objects.state(object_id) == "remote":  # not rebuilt here meanwhile
+                    self._object_lost(object_id, str(exc))
                 return
             self.fetching.discard(object_id)
             if self.objects.state(object_id) != "remote":  # freed or lost meanwhile

@@ -28,6 +28,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ from typing import Any
 
 import grpc
 
+from controlplane import auth
 from controlplane.errors import GcsError
 from controlplane.eventlog import EntityKind, Event, EventAppender, FailureLog
 from controlplane.eventlog.connection import connect
@@ -173,7 +175,10 @@ class NodeDaemon(
             on_dropped=self._drop_elsewhere,
         )
         self.pool = SegmentPool(node_id, limit=min(object_store_memory // 4, _POOL_LIMIT))
-        self.appender = EventAppender(gcs_url, linger=_LINGER_S)
+        # a cluster member appends fenced: once declared dead, its appends are refused
+        self.appender = EventAppender(
+            gcs_url, linger=_LINGER_S, writer_node=node_id if rpc_port is not None else None
+        )
         self.functions: dict[str, tuple[bytes, str]] = {}
         self._logged_functions: set[str] = set()
         self.tasks: dict[str, TaskRecord] = {}
@@ -199,6 +204,8 @@ class NodeDaemon(
         self._monitor: MembershipMonitor | None = None
         self.placement_groups: dict[str, PlacementGroupRecord] = {}
         self.peers: set[str] = set()
+        self.dead_nodes: set[str] = set()  # declared dead: their calls are refused
+        self._stale_logged: dict[str, float] = {}
         self.peer_addresses: dict[str, str] = {}
         self.rebuilding: set[str] = set()
         self.spilled: dict[str, TaskRecord] = {}
@@ -259,6 +266,8 @@ class NodeDaemon(
             handlers["Join"] = self._join_answer
         rpc.use_token(self.auth_token)
         rpc.use_tls(self.tls)
+        rpc.use_node_id(self.node_id)
+        self.appender.on_fenced = self._fenced
         self._rpc, port = await rpc.serve(
             self.rpc_host,
             self.rpc_port,
@@ -267,6 +276,7 @@ class NodeDaemon(
             token=self.auth_token,
             on_refused=self._auth_refused,
             node_tls=self.tls,
+            stale_check=rpc.StaleCheck(self.dead_nodes.__contains__, self._stale_refused),
         )
         self.address = f"{self.rpc_host}:{port}"
         (self.session_dir / "node.address").write_text(self.address)
@@ -275,11 +285,9 @@ class NodeDaemon(
         self._spawn(self._pinger.run(), vital=True)
         self._spawn(self._heartbeats(), vital=True)
         after = await self._log_head()
-        alive = [
-            n
-            for n in await cluster_nodes(self.gcs_url)
-            if n["state"] == "ALIVE" and n["node_id"] != self.node_id
-        ]
+        members = await cluster_nodes(self.gcs_url)
+        alive = [n for n in members if n["state"] == "ALIVE" and n["node_id"] != self.node_id]
+        self.dead_nodes.update(n["node_id"] for n in members if n["state"] != "ALIVE")
         self.peers = {n["node_id"] for n in alive}
         self.peer_addresses = {n["node_id"]: n["address"] for n in alive}
         self._spawn(self._follow_log(after), vital=True)
@@ -304,6 +312,28 @@ class NodeDaemon(
             cert = authority.issue_for_request(str(request["csr"]).encode(), "cairn node", hosts)
             answer |= {"ca": authority.certificate.decode(), "cert": cert.decode()}
         return answer
+
+    def _fenced(self, error: GcsError) -> None:
+        """The log refused this node's appends: the cluster declared it dead (it was cut
+        off for longer than the death timeout). It stops; its node starts a new daemon,
+        which joins under a new id."""
+        log.error("node daemon %s: %s; stopping", self.node_id, error)
+        self._stopping.set()
+
+    def _stale_refused(self, node_id: str, method: str, peer: str) -> None:
+        """A call from a node declared dead was refused: logged, at most once per node
+        per refusal interval (a stale node retrying must not flood the log)."""
+        now = time.monotonic()
+        if now - self._stale_logged.get(node_id, float("-inf")) < auth.REFUSAL_LOG_INTERVAL_S:
+            return
+        self._stale_logged[node_id] = now
+        payload = {
+            "reason": f"a call from node {node_id}, which was declared dead",
+            "method": method,
+            "peer": peer,
+            "from_node": node_id,
+        }
+        self._log([Event(K.NODE, node_id, "stale_refused", payload, node_id=self.node_id)])
 
     def _auth_refused(self, method: str, peer: str) -> None:
         """A call without the cluster token leaves this event and nothing else."""
@@ -1177,6 +1207,7 @@ class NodeDaemon(
             "running_tasks": sum(1 for h in self.workers.values() if h.task is not None),
             "actors": sum(1 for a in self.actors.values() if a.death is None),
             "pending_actors": len(self.unscheduled_actors),
+            "events_pending": self.appender.backlog,  # queued, not yet committed
         }
 
 

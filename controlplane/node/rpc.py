@@ -38,6 +38,9 @@ Handler = Callable[[dict[str, Any]], dict[str, Any] | Awaitable[dict[str, Any]]]
 RawHandler = Callable[[dict[str, Any], grpc.aio.ServicerContext], Awaitable[bytes]]
 
 _token: str | None = None  # this process's cluster token, added to every call it makes
+_node_id: str | None = None  # the node this process is, named in every call it makes
+NODE_METADATA_KEY = "cairn-node"
+STALE_REFUSED = "was declared dead"
 _tls: tls.NodeTls | None = None  # this process's certificate, for every channel it opens
 _channels: dict[str, grpc.aio.Channel] = {}
 
@@ -46,6 +49,13 @@ def use_token(token: str | None) -> None:
     """Sets the token this process's calls carry (a node daemon's, once, at start)."""
     global _token
     _token = token
+
+
+def use_node_id(node_id: str | None) -> None:
+    """Sets the node this process's calls say they come from: a node that was declared
+    dead and comes back (an old incarnation) is refused by its peers (``StaleCheck``)."""
+    global _node_id
+    _node_id = node_id
 
 
 def use_tls(node_tls: tls.NodeTls | None) -> None:
@@ -77,7 +87,44 @@ async def close_channels() -> None:
 
 
 def _with_token(stub: Any, token: str | None) -> Any:
-    return functools.partial(stub, metadata=auth.metadata(token)) if token else stub
+    metadata = (*(auth.metadata(token) if token else ()), *_identity())
+    return functools.partial(stub, metadata=metadata) if metadata else stub
+
+
+def _identity() -> tuple[tuple[str, str], ...]:
+    return ((NODE_METADATA_KEY, _node_id),) if _node_id else ()
+
+
+OnStale = Callable[[str, str, str], None]  # (node id, method, peer)
+
+
+class StaleCheck(grpc.aio.ServerInterceptor):
+    """Refuses (FAILED_PRECONDITION) calls from a node the cluster declared dead: its
+    old incarnation, back from a partition, must not hand out late results or take late
+    work; ``on_stale`` hears of each refusal."""
+
+    def __init__(self, is_dead: Callable[[str], bool], on_stale: OnStale) -> None:
+        self._is_dead, self._on_stale = is_dead, on_stale
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        caller = dict(handler_call_details.invocation_metadata or ()).get(NODE_METADATA_KEY)
+        if not caller or not self._is_dead(str(caller)):
+            return await continuation(handler_call_details)
+        method = handler_call_details.method
+
+        async def refuse(_request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            self._on_stale(str(caller), method, context.peer())
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"node {caller} {STALE_REFUSED}: it must rejoin the cluster under a new id",
+            )
+            raise AssertionError("unreachable: abort raises")
+
+        return grpc.unary_unary_rpc_method_handler(refuse)
 
 
 def _encode(message: dict[str, Any]) -> bytes:
@@ -110,6 +157,7 @@ async def serve(
     token: str | None,
     on_refused: auth.OnRefused | None = None,
     node_tls: tls.NodeTls | None = None,
+    stale_check: StaleCheck | None = None,
 ) -> tuple[grpc.aio.Server, int]:
     """Starts the service on host:port (0: a free port); returns it and its port.
     ``handlers`` answer a JSON object; ``raw_handlers`` answer raw bytes. With a
@@ -128,6 +176,8 @@ async def serve(
     joins = "Join" in handlers and token is not None
     if node_tls is not None:
         interceptors.append(tls.PeerCheck(node_tls.ca(), [f"/{SERVICE}/Join"] if joins else []))
+    if stale_check is not None:
+        interceptors.append(stale_check)
     server = grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=interceptors)
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, methods)])
     if node_tls is None:
@@ -175,6 +225,7 @@ def call(
     AuthError if the node refuses it, ConnectionError naming the address if it cannot be
     reached within ``timeout`` seconds."""
     token = token or _token or auth.find_token(address)
+    metadata = (*(auth.metadata(token) if token else ()), *_identity())
     if secure is None:
         opened = grpc.insecure_channel(address)
     elif isinstance(secure, tls.Bootstrap):
@@ -186,11 +237,15 @@ def call(
             f"/{SERVICE}/{method}", request_serializer=_encode, response_deserializer=_decode
         )
         try:
-            return _with_token(stub, token)(request, timeout=timeout)
+            return stub(request, timeout=timeout, metadata=metadata)
         except grpc.RpcError as exc:
             code = exc.code() if isinstance(exc, grpc.Call) else None
             detail = exc.details() if isinstance(exc, grpc.Call) else str(exc)
-            if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+            if code in (
+                grpc.StatusCode.UNAUTHENTICATED,
+                grpc.StatusCode.PERMISSION_DENIED,
+                grpc.StatusCode.FAILED_PRECONDITION,
+            ):
                 raise AuthError(f"the Cairn node at {address} refused the call: {detail}") from None
             if secure is not None and code == grpc.StatusCode.UNAVAILABLE:
                 raise ConnectionError(

@@ -7,6 +7,14 @@ SELECT base_position, duplicate_ids, duplicate_positions
   FROM cairn_append_v1($1::uuid[], $2::text[], $3::text[]::entity_kind[], $4::text[],
                        $5::text[], $6::text[], $7::text[]::jsonb[], $8::bytea[])
 
+-- append_events_fenced --
+-- The same on behalf of node $1: refused (not stored, a stale_refused event instead) once
+-- the node was declared dead; see migrations/sql/0012_node_fence.up.sql.
+SELECT base_position, duplicate_ids, duplicate_positions, refused
+  FROM cairn_append_fenced_v1($1::text, $2::uuid[], $3::text[], $4::text[]::entity_kind[],
+                              $5::text[], $6::text[], $7::text[], $8::text[]::jsonb[],
+                              $9::bytea[])
+
 -- read_events_after --
 SELECT position, event_id, recorded_at, job_id, entity_kind::text AS entity_kind, entity_id,
        event_type, node_id, payload::text AS payload, data
@@ -73,8 +81,9 @@ RETURNING node_id
 
 -- declare_stale_nodes_dead --
 -- Nodes whose pings stopped more than $1 seconds ago; each is declared dead once
--- (concurrent monitors skip rows another one is declaring).
-UPDATE node_liveness SET dead_at = clock_timestamp()
+-- (concurrent monitors skip rows another one is declaring), and fenced: the log refuses
+-- what its old incarnation appends from now on (cairn_append_fenced_v1).
+UPDATE node_liveness SET dead_at = clock_timestamp(), fenced_at = clock_timestamp()
  WHERE node_id IN (SELECT node_id FROM node_liveness
                     WHERE dead_at IS NULL
                       AND last_ping < clock_timestamp() - make_interval(secs => $1)

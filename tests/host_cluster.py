@@ -1,0 +1,125 @@
+"""A Cairn cluster on test hosts (tests/hosts.py): the head on the first host, on the
+embedded default, the other hosts joined to it with the cluster token; drivers run on
+any host. Shared by the tests of a cluster across machines."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from hosts import PYTHON, Host, Hosts
+
+from controlplane import auth
+
+HEAD_PORT = 6380
+
+
+@dataclass
+class HostCluster:
+    hosts: Hosts
+    token: str
+    node_ids: dict[str, str]  # host name -> its node's id (as last read)
+
+    @property
+    def head(self) -> Host:
+        return self.hosts[0]
+
+    @property
+    def address(self) -> str:
+        return f"{self.head.ip}:{HEAD_PORT}"
+
+    def node_id(self, host: Host) -> str:
+        """The id of the node running on ``host`` now (a restarted daemon has a new one)."""
+        found = host.run(["sh", "-c", "cat /tmp/cairn-session-*/node.ready"], check=False)
+        self.node_ids[host.name] = found.stdout.strip()
+        return self.node_ids[host.name]
+
+    def driver(self, host: Host, body: str, timeout: float = 120) -> dict:
+        """Runs a driver on ``host`` (``import sdk as ray``, connected to its node, with
+        ``NODES``: host name -> node id) and returns the JSON object it prints last."""
+        result = host.python(self.driver_code(body), timeout=timeout, check=False)
+        assert result.returncode == 0, f"driver on {host.name} failed:\n{result.stderr[-4000:]}"
+        return json.loads(result.stdout.strip().splitlines()[-1])
+
+    def driver_code(self, body: str) -> str:
+        return (
+            "import json, sys, time, numpy as np, sdk as ray\n"
+            "from sdk.util.scheduling_strategies import NodeAffinitySchedulingStrategy\n"
+            f"NODES = {json.dumps(self.node_ids)}\n"
+            'ray.init(address="auto")\n' + body + "\nray.shutdown()\n"
+        )
+
+    def sql(self, statement: str, *params: str) -> list[list[str]]:
+        """Rows of a read-only statement against the log (``cairn sql`` on the head),
+        as text, without the header."""
+        args = [a for p in params for a in ("--param", p)]
+        out = self.head.cairn("sql", "--format", "json", *args, statement).stdout
+        return [list(map(_text, row.values())) for row in json.loads(out)]
+
+    def wait_for_sql(
+        self, statement: str, *params: str, timeout: float = 60, what: str = ""
+    ) -> list[list[str]]:
+        """Polls ``statement`` until it returns a row."""
+        deadline = time.monotonic() + timeout
+        while not (rows := self.sql(statement, *params)):
+            assert time.monotonic() < deadline, f"timed out waiting for {what or statement}"
+            time.sleep(0.2)
+        return rows
+
+
+def _text(value: object) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def start(
+    hosts: Hosts,
+    *,
+    cpus: tuple[float, ...] = (1, 2, 2),
+    head_env: dict[str, str] | None = None,
+    extra: Callable[[Host], list[str]] | None = None,
+) -> HostCluster:
+    """Starts a head on ``hosts[0]`` and joins a node on every other host."""
+    token = "hosts-" + auth.new_token()
+    env = {auth.TOKEN_ENV: token}
+    head = hosts[0]
+    head.cairn(
+        "start",
+        "--head",
+        "--node-ip-address",
+        head.ip,
+        "--num-cpus",
+        str(cpus[0]),
+        env={**env, **(head_env or {})},
+    )
+    for host, count in zip(hosts.hosts[1:], cpus[1:], strict=False):
+        host.cairn(
+            "start",
+            "--address",
+            f"{head.ip}:{HEAD_PORT}",
+            "--node-ip-address",
+            host.ip,
+            "--num-cpus",
+            str(count),
+            *(extra(host) if extra else []),
+            env=env,
+        )
+    cluster = HostCluster(hosts, token, {})
+    for host in hosts:
+        cluster.node_id(host)
+    return cluster
+
+
+@contextlib.contextmanager
+def running(hosts: Hosts, **options: object) -> Iterator[HostCluster]:
+    cluster = start(hosts, **options)  # type: ignore[arg-type]
+    try:
+        yield cluster
+    finally:
+        for host in reversed(hosts.hosts):
+            host.cairn("stop", check=False)
+
+
+__all__ = ["PYTHON", "HostCluster", "running", "start"]
