@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 
@@ -31,13 +32,34 @@ def pids_with(*needles: str, environ: bool = False) -> list[int]:
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def private_temp_dir() -> Path:
+    """A temp directory for a cluster of its own (``isolated_env``): its nodes are
+    recorded there, so other tests' ``cairn`` commands do not see them, nor they others'.
+    Mode 0755: PostgreSQL's system user must pass through it (pytest's tmp_path is
+    0700)."""
+    path = Path(tempfile.mkdtemp(prefix="cairn-test-"))
+    path.chmod(0o755)
+    return path
+
+
+def isolated_env(tmp: Path, **extra: str) -> dict[str, str]:
+    """This environment without Cairn's variables, with its temp directory ``tmp``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CAIRN_")}
+    return {**env, "TMPDIR": str(tmp), **extra}
+
+
 def run_cairn(
-    *args: str, check: bool = True, env: dict[str, str | None] | None = None
+    *args: str,
+    check: bool = True,
+    env: dict[str, str | None] | None = None,
+    tmp: Path | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Runs the ``cairn`` command line (from this checkout), with ``env`` added to the
-    environment (a value of None removes that variable); with ``check``, a failure is an
+    environment (a value of None removes that variable) -- with ``tmp``, to the
+    ``isolated_env`` of that temp directory; with ``check``, a failure is an
     AssertionError showing what it printed."""
-    environment = {**os.environ, **(env or {})}
+    base = isolated_env(tmp) if tmp is not None else os.environ
+    environment = {**base, **(env or {})}
     result = subprocess.run(
         [sys.executable, "-m", "controlplane.cli", *args],
         capture_output=True,

@@ -21,7 +21,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -30,7 +29,7 @@ import psycopg
 import pytest
 from hosts import PYTHON, Hosts, hosts_fixture
 from log_rows import fetch_rows, rows
-from processes import ROOT
+from processes import ROOT, isolated_env, private_temp_dir, run_cairn
 
 import sdk as ray
 from controlplane import schema, tls
@@ -197,12 +196,6 @@ def _wait(condition: object, what: str, timeout: float = 60.0) -> None:
         time.sleep(0.02)
 
 
-def _private_dir() -> Path:
-    path = Path(tempfile.mkdtemp(prefix="cairn-failover-test-"))
-    path.chmod(0o755)  # PostgreSQL's system user must pass through it
-    return path
-
-
 def _tls_for_gcs(directory: Path, host: str) -> tuple[ServerTls, dict[str, str]]:
     """A cluster CA's server certificate for ``host`` and a client's TLS parameters."""
     client, authority = tls.NodeTls.make_head(directory, [host, "127.0.0.1"])
@@ -215,7 +208,7 @@ def test_the_watchdog_promotes_the_replica_of_a_killed_primary_over_tls() -> Non
     """Both servers serve other machines (here at 127.0.0.2) over TLS with the cluster's
     certificate, and the cluster URL names both: a client of another machine carries on
     through the primary's SIGKILL with no command typed."""
-    work = _private_dir()
+    work = private_temp_dir()
     server_tls, client_params = _tls_for_gcs(work, "127.0.0.2")
     events: list[str] = []
     gcs = Gcs(
@@ -391,23 +384,8 @@ def _check_log(job: dict, replica_port: int) -> None:
     assert job["epochs"] == [[1, 1], [2, 2]]
 
 
-def _env(tmp: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CAIRN_")}
-    return {**env, "TMPDIR": str(tmp)}
-
-
 def _cairn(tmp: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        [sys.executable, "-m", "controlplane.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=150,
-        cwd=ROOT,
-        env=_env(tmp),
-    )
-    if check and result.returncode != 0:
-        raise AssertionError(f"cairn {' '.join(args)} failed:\n{result.stdout}{result.stderr}")
-    return result
+    return run_cairn(*args, check=check, tmp=tmp)
 
 
 def _postmaster(pid_file: str) -> tuple[int, int]:
@@ -417,7 +395,7 @@ def _postmaster(pid_file: str) -> tuple[int, int]:
 
 
 def test_a_job_rides_out_the_loss_of_the_gcs_primary_with_no_command_typed() -> None:
-    tmp = _private_dir()
+    tmp = private_temp_dir()
     driver: subprocess.Popen[str] | None = None
     try:
         _cairn(tmp, "start", "--head", "--port", "0", "--num-cpus", "2", "--gcs-replicas", "1")
@@ -434,7 +412,7 @@ def test_a_job_rides_out_the_loss_of_the_gcs_primary_with_no_command_typed() -> 
             stderr=subprocess.PIPE,
             text=True,
             cwd=ROOT,
-            env=_env(tmp),
+            env=isolated_env(tmp),
         )
         job = _ride_out(driver, lambda: _signal_server(primary_pid, signal.SIGKILL))
         _check_log(job, replica_port)
@@ -501,7 +479,7 @@ def test_a_node_on_another_machine_follows_the_failover(two_hosts: Hosts) -> Non
 
 
 def test_gcs_replicas_is_refused_where_it_cannot_work() -> None:
-    tmp = _private_dir()
+    tmp = private_temp_dir()
     try:
         for args, expected in [
             (["--head", "--gcs-replicas", "2"], "must be 0 or 1"),

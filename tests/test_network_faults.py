@@ -248,25 +248,27 @@ def test_a_long_cut_declares_the_node_dead_and_refuses_its_old_incarnation(
         old,
     )
     assert late == [], late  # nothing of the dead incarnation follows its death
-    rejoined = cluster.wait_for_sql(
+    _rejoined(cluster, victim, old)
+
+
+def _rejoined(cluster: HostCluster, host: Host, old: str) -> str:
+    """Waits until ``host``'s node registered again after the death of ``old`` (its
+    node restarts the daemon, which joins under a new id) and runs there; its id."""
+    (new,) = cluster.wait_for_sql(
         "SELECT entity_id FROM events WHERE event_type = 'registered' "
         "AND payload->>'address' LIKE $1 AND position > (SELECT position FROM events "
         "WHERE entity_kind = 'node' AND entity_id = $2 AND event_type = 'dead')",
-        f"{victim.ip}:%",
+        f"{host.ip}:%",
         old,
         timeout=60,
-        what="host2 rejoined under a new id",
-    )
-    new = rejoined[0][0]
-    assert new != old and _wait_for_node_file(cluster, victim, new)
-
-
-def _wait_for_node_file(cluster: HostCluster, host: Host, node_id: str) -> bool:
+        what=f"{host.name} rejoined under a new id",
+    )[0]
     deadline = time.monotonic() + 30
-    while cluster.node_id(host) != node_id:
+    while cluster.node_id(host) != new:
         assert time.monotonic() < deadline, f"{host.name} runs {cluster.node_ids[host.name]}"
         time.sleep(0.2)
-    return True
+    assert new != old
+    return new
 
 
 # Run on host2 while it is cut from PostgreSQL: calls host1 as host2's node (its id and
@@ -333,15 +335,6 @@ def test_a_node_cut_from_postgres_only_is_declared_dead_and_its_calls_refused(
         what="host1's refusal in the log",
     )
     assert refusal[0][0] == "/cairn.Node/Release"
-    rejoined = cluster.wait_for_sql(
-        "SELECT entity_id FROM events WHERE event_type = 'registered' "
-        "AND payload->>'address' LIKE $1 AND position > (SELECT position FROM events "
-        "WHERE entity_kind = 'node' AND entity_id = $2 AND event_type = 'dead')",
-        f"{victim.ip}:%",
-        old,
-        timeout=60,
-        what="host2 rejoined under a new id",
-    )
-    assert _wait_for_node_file(cluster, victim, rejoined[0][0])
+    _rejoined(cluster, victim, old)
     seen = cluster.driver(cluster.hosts[1], JOB.replace('print("STARTED", flush=True)', ""))
     assert seen["sum"] == sum(i * i for i in range(120)) and "host2" in seen["hosts"]

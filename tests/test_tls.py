@@ -10,12 +10,10 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
-import os
 import shutil
 import stat
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +22,7 @@ import asyncpg
 import psycopg
 import pytest
 from cryptography import x509
-from processes import ROOT
+from processes import ROOT, isolated_env, private_temp_dir, run_cairn
 
 from controlplane import auth, schema, tls
 from controlplane.embedded_postgres import EmbeddedPostgres, ServerTls, hba_rules
@@ -44,43 +42,20 @@ class Cluster:
     node_address: str
 
     def env(self, **extra: str) -> dict[str, str]:
-        return _env(self.tmp, **extra)
-
-
-def _env(tmp: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CAIRN_")}
-    return {**env, "TMPDIR": str(tmp), auth.TOKEN_ENV: TOKEN, **extra}
+        return isolated_env(self.tmp, **{auth.TOKEN_ENV: TOKEN, **extra})
 
 
 def _cairn(tmp: Path, *args: str, check: bool = True, **env: str) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        [sys.executable, "-m", "controlplane.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=150,
-        cwd=ROOT,
-        env=_env(tmp, **env),
-    )
-    if check and result.returncode != 0:
-        raise AssertionError(f"cairn {' '.join(args)} failed:\n{result.stdout}{result.stderr}")
-    return result
+    return run_cairn(*args, check=check, tmp=tmp, env={auth.TOKEN_ENV: TOKEN, **env})
 
 
 def _records(tmp: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((tmp / "cairn-nodes").glob("*.json"))]
 
 
-def _temp_dir() -> Path:
-    """A temp directory for a cluster of its own (PostgreSQL's system user must be able
-    to pass through it, which pytest's 0700 tmp_path forbids)."""
-    path = Path(tempfile.mkdtemp(prefix="cairn-tls-test-"))
-    path.chmod(0o755)
-    return path
-
-
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
-    tmp = _temp_dir()
+    tmp = private_temp_dir()
     try:
         _cairn(tmp, "start", "--head", "--port", "0", "--num-cpus", "1", "--tls", "on")
         (head,) = _records(tmp)
@@ -192,7 +167,7 @@ def test_a_plain_text_joiner_is_told_what_is_wrong(cluster: Cluster) -> None:
 
 
 def test_tls_needs_the_token() -> None:
-    tmp_path = _temp_dir()
+    tmp_path = private_temp_dir()
     refused = _cairn(
         tmp_path, "start", "--head", "--port", "0", "--tls", "on", "--disable-auth", check=False
     )
