@@ -252,7 +252,7 @@ class Worker:
         except (SerializationError, ValueError, OSError, DaemonError) as exc:
             # the value cannot be stored (unpicklable, store full, /dev/shm failing):
             # the task's error, and this worker stays up for the next one
-            return self._failed(spec, message, _task_error(spec.name, exc))
+            return self._failed(spec, message, _task_error(spec.name, _as_ray_error(exc)))
         return p.TaskDone(
             spec.task_id, message.attempt, returns, None, f"xxh3:{digest.hexdigest()}"
         )
@@ -317,6 +317,16 @@ def _split_returns(result: Any, num_returns: int) -> list[Any]:
         got = f"{len(values)} values" if values is not None else type(result).__name__
         raise ValueError(f"the task declared num_returns={num_returns} but returned {got}")
     return values
+
+
+def _as_ray_error(exc: BaseException) -> BaseException:
+    """A full store refusing a return value is Ray's ObjectStoreFullError, so that the
+    caller's ``except ObjectStoreFullError`` catches it (as the RayTaskError's cause)."""
+    if isinstance(exc, DaemonError) and exc.kind == "store_full":
+        from sdk.exceptions import ObjectStoreFullError
+
+        return ObjectStoreFullError(str(exc))
+    return exc
 
 
 def _task_error(function_name: str, exc: BaseException) -> p.ErrorInfo:

@@ -632,8 +632,16 @@ class NodeDaemon(
                 self.durable_dir.mkdir(parents=True, exist_ok=True)
                 await asyncio.to_thread(shm.seal_segment, name)  # recovery checks the copy
                 await asyncio.to_thread(shutil.copyfile, shm.SHM_DIR / name, path)
-            except OSError as exc:
-                log.warning("put %s could not be made durable: %s", location.object_id, exc)
+            except OSError as exc:  # the put stands, without a copy on disk
+                log.warning(
+                    "put %s could not be made durable in %s: %s",
+                    location.object_id,
+                    self.durable_dir,
+                    exc,
+                )
+                if path is not None:  # a half-written copy must not stay
+                    with contextlib.suppress(OSError):
+                        path.unlink(missing_ok=True)
                 path = None
             event = self._created_event(
                 location, task_id, conn.job_id, durable_path=str(path) if path else None

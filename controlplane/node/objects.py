@@ -257,6 +257,11 @@ class ObjectTable:
             freed += location.size
         return chosen if freed >= needed else []
 
+    def is_wanted(self, object_id: str) -> bool:
+        """Whether something here waits for the object."""
+        entry = self._entries.get(object_id)
+        return entry is not None and bool(entry.callbacks)
+
     def is_ready(self, object_id: str) -> bool:
         entry = self._entries.get(object_id)
         return object_id in self._freed or (entry is not None and entry.location is not None)

@@ -29,23 +29,32 @@ from dataplane.serialization import SerializationError, verify
 
 log = logging.getLogger("cairn.node")
 K = EntityKind
+# how often a spilled object that could not be restored for a failed spill is tried again
+RESTORE_RETRY_S = 1.0
 
 
 class SpillingMixin:
     spill_dir: Path
     spilling_now: set[str]  # objects being copied out (not chosen twice)
     restoring: set[str]
+    # why the last _make_room that returned False could not spill (the disk under the
+    # spill directory is full, ...); None when there was simply nothing left to spill
+    spill_failure: str | None = None
 
     def _store_full(self: Any, size: int) -> str:
+        why = self.spill_failure or "no more can be spilled"
         return (
             f"store_full: the object store cannot fit {size:,} bytes: "
-            f"{self.objects.used:,} of {self.objects.capacity:,} bytes are in use and "
-            "no more can be spilled (object_store_memory)"
+            f"{self.objects.used:,} of {self.objects.capacity:,} bytes are in use "
+            f"(object_store_memory) and {why}"
         )
 
     async def _make_room(self: Any, size: int) -> bool:
         """Charges ``size`` bytes to the store, spilling objects to disk while it is
-        full; False if even spilling everything spillable would not make room."""
+        full; False if even spilling everything spillable would not make room, or if a
+        spill failed (``spill_failure`` says why). A failed spill ends the attempt:
+        retrying it at once would spin on a full disk; the next request tries again,
+        so work spills again as soon as space is freed."""
         while not self.objects.charge(size):
             overflow = self.objects.used + self.pool.bytes + size - self.objects.capacity
             if self.pool.bytes:
@@ -53,11 +62,19 @@ class SpillingMixin:
                 continue
             victims = self.objects.spill_candidates(overflow, self.spilling_now)
             if not victims:
+                self.spill_failure = None
                 return False
-            await asyncio.gather(*(self._spill_object(v) for v in victims))
+            failures = await asyncio.gather(*(self._spill_object(v) for v in victims))
+            failed = [why for why in failures if why is not None]
+            if failed:
+                self.spill_failure = failed[0]
+                return False
         return True
 
-    async def _spill_object(self: Any, location: p.ObjectLocation) -> None:
+    async def _spill_object(self: Any, location: p.ObjectLocation) -> str | None:
+        """Copies an object to the spill directory and frees its segment; on failure
+        (ENOSPC, EIO...) the object stays in the store, the partial copy is removed,
+        and the returned text names the directory and the cause."""
         object_id, name = location.object_id, location.shm_name
         assert name is not None
         self.spilling_now.add(object_id)
@@ -67,14 +84,16 @@ class SpillingMixin:
             await asyncio.to_thread(shm.seal_segment, name)  # restore checks the copy
             await asyncio.to_thread(shutil.copyfile, shm.SHM_DIR / name, path)
         except OSError as exc:
-            log.warning("could not spill object %s: %s", object_id, exc)
-            path.unlink(missing_ok=True)
-            return
+            with contextlib.suppress(OSError):  # a half-written copy must not stay
+                path.unlink(missing_ok=True)
+            cause = os.strerror(exc.errno) if exc.errno else str(exc)
+            log.warning("could not spill object %s to %s: %s", object_id, self.spill_dir, exc)
+            return f"spilling to {self.spill_dir} failed: {cause}"
         finally:
             self.spilling_now.discard(object_id)
         if self.objects.stored(object_id) != location:  # freed or changed meanwhile
             path.unlink(missing_ok=True)
-            return
+            return None
         bare = p.ObjectLocation(object_id, size=location.size, contained=location.contained)
         self.objects.set_elsewhere(object_id, Elsewhere("spilled", str(path), bare))
         shm.unlink_segment(name)
@@ -89,6 +108,7 @@ class SpillingMixin:
                 )
             ]
         )
+        return None
 
     def _bring_back(self: Any, object_id: str, where: Elsewhere) -> None:
         """Something here waits for an object whose bytes are not in the store."""
@@ -108,6 +128,19 @@ class SpillingMixin:
             return
         finally:
             self.restoring.discard(object_id)
+        if location is None and self.spill_failure is not None:
+            # room would be made by spilling others, and that failed (a full disk):
+            # this object's copy is intact, so it stays spilled and its readers wait
+            # (up to their get timeout) for a retry, rather than losing it
+            log.warning(
+                "spilled object %s waits to be restored (retried every %gs): %s",
+                object_id,
+                RESTORE_RETRY_S,
+                self._store_full(size).removeprefix("store_full: "),
+            )
+            self.restoring.add(object_id)
+            self._spawn(self._restore_later(object_id, where))
+            return
         if location is None:
             message = f"spilled object {object_id} cannot be restored: " + self._store_full(
                 size
@@ -125,6 +158,16 @@ class SpillingMixin:
         self.objects.ready(dataclasses.replace(where.location, shm_name=location.shm_name))
         Path(where.where).unlink(missing_ok=True)
         self._schedule()
+
+    async def _restore_later(self: Any, object_id: str, where: Elsewhere) -> None:
+        """Tries a restore again after a pause, if the object is still spilled and
+        still wanted (space may have been freed on disk or in the store meanwhile)."""
+        try:
+            await asyncio.sleep(RESTORE_RETRY_S)
+        finally:
+            self.restoring.discard(object_id)
+        if self.objects.state(object_id) == "spilled" and self.objects.is_wanted(object_id):
+            self._bring_back(object_id, where)
 
     async def _load_file(self: Any, object_id: str, path: Path, size: int) -> Any:
         """A copy of an object on disk (spilled, or a durable put) read into a new segment
