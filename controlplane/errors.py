@@ -38,3 +38,12 @@ class NodeFencedError(GcsError):
     """The log refused the appends of a node that was declared dead (its old
     incarnation, back from a partition): they are not stored, a ``stale_refused`` event
     says so, and the node must stop and rejoin under a new id."""
+
+
+class GcsIdentityError(GcsError):
+    """The GCS reached is not the log this node was using: another log (it was wiped,
+    or another server answers at its address: another cluster id or server identifier),
+    no log at all, or the same log ending below a position this node has already seen
+    (put back from an older copy, a restored backup). Going on would hand out positions
+    and ids the cluster already used, so it is not retried: the node stops. The message
+    names both logs (or both positions)."""

@@ -28,6 +28,8 @@ from pathlib import Path
 
 from controlplane import auth, tls
 from controlplane.embedded_postgres import ServerTls
+from controlplane.errors import GcsIdentityError
+from controlplane.eventlog import fencing
 from controlplane.eventlog.partitions import PartitionManager
 from controlplane.gcs import Gcs
 from controlplane.gcs_url import ENV_VAR as GCS_URL_ENV
@@ -373,11 +375,15 @@ def find_running(address: str | None = None) -> Path:
     return next(iter(clusters.values())).session_dir
 
 
-def _start_scheduler(gcs_url: str) -> subprocess.Popen[bytes]:
-    """A global scheduler for the log at ``gcs_url`` (given in its environment)."""
-    return subprocess.Popen(
-        _SCHEDULER, stdin=subprocess.DEVNULL, env={**os.environ, GCS_URL_ENV: gcs_url}
-    )
+def _start_scheduler(gcs_url: str, session_dir: Path) -> subprocess.Popen[bytes]:
+    """A global scheduler for the log at ``gcs_url`` (given in its environment), which
+    holds it to the log the head's daemon saw (its session's ``gcs_identity.json``)."""
+    env = {
+        **os.environ,
+        GCS_URL_ENV: gcs_url,
+        fencing.IDENTITY_FILE_ENV: str(session_dir / fencing.IDENTITY_FILE),
+    }
+    return subprocess.Popen(_SCHEDULER, stdin=subprocess.DEVNULL, env=env)
 
 
 def run_node(
@@ -390,7 +396,9 @@ def run_node(
 ) -> None:
     """Runs a node in this process until SIGTERM/SIGINT (`cairn stop`, Ctrl-C) or until
     its node daemon exits (e.g. the cluster declared it dead); then stops it. A head
-    with ``gcs_replicas`` runs the GCS's replica and its watchdog here too."""
+    with ``gcs_replicas`` runs the GCS's replica and its watchdog here too. A daemon
+    that refused the GCS (wiped, replaced, put back from an older copy) is not started
+    again: the node stops and GcsIdentityError says why."""
     stopping = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stopping.set())
@@ -403,9 +411,10 @@ def run_node(
     )
     record = None
     scheduler: subprocess.Popen[bytes] | None = None
+    refused: str | None = None
     try:
         if role.head:  # the head runs a global scheduler (any number may run)
-            scheduler = _start_scheduler(node.gcs.url)
+            scheduler = _start_scheduler(node.gcs.url, node.session_dir)
         record = _record(node, role.head, cluster)
         kind = "head node" if role.head else "node"
         announce(f"{kind} {node.node_id} is running at {node.address} ({node.session_dir})")
@@ -413,17 +422,31 @@ def run_node(
         while not stopping.wait(0.2):
             if node.daemon.poll() is not None:
                 announce(f"the node daemon exited with code {node.daemon.returncode}")
+                if node.daemon.returncode == fencing.GCS_REFUSED_EXIT:
+                    refused = fencing.refusal(node.session_dir) or "(no reason left)"
+                    announce("it refused the GCS; this node stops (another daemon would too)")
+                    break
                 recent = [t for t in restarts if time.monotonic() - t < _RESTART_WINDOW_S]
                 if len(recent) >= _MAX_RESTARTS or stopping.is_set():
                     break  # it keeps dying: stop rather than loop
                 restarts = [*recent, time.monotonic()]
-                node.restart_daemon()
+                try:
+                    node.restart_daemon()
+                except GcsIdentityError as error:  # what the old one saw: not this log
+                    refused = str(error)
+                    announce("the new daemon refused the GCS; this node stops")
+                    break
                 record = _record(node, role.head, cluster)
                 announce(f"a new node daemon {node.node_id} runs in its place")
             if scheduler is not None and scheduler.poll() is not None:
+                if scheduler.returncode == fencing.GCS_REFUSED_EXIT:
+                    # not the log it followed: the daemon will refuse it too, and stop
+                    announce("the global scheduler refused the GCS; not restarting it")
+                    scheduler = None
+                    continue
                 # it keeps no state: a new one resumes from the log
                 announce(f"the global scheduler exited ({scheduler.returncode}); restarting it")
-                scheduler = _start_scheduler(node.gcs.url)
+                scheduler = _start_scheduler(node.gcs.url, node.session_dir)
     finally:
         if record is not None:
             record.unlink(missing_ok=True)
@@ -435,6 +458,8 @@ def run_node(
                 scheduler.kill()
                 scheduler.wait()
         node.stop()
+    if refused is not None:
+        raise GcsIdentityError(refused)
 
 
 def start_in_background(
@@ -542,6 +567,8 @@ def _wait_ready(daemon: subprocess.Popen[bytes], session_dir: Path) -> None:
     ready = session_dir / "node.ready"
     while not ready.exists():
         if daemon.poll() is not None:
+            if daemon.returncode == fencing.GCS_REFUSED_EXIT:  # (a daemon started anew)
+                raise GcsIdentityError(fencing.refusal(session_dir) or "it refused the GCS")
             raise RuntimeError(f"the node daemon exited with code {daemon.returncode} on start")
         if time.monotonic() > deadline:
             raise RuntimeError(f"the node daemon did not start within {_DAEMON_START_TIMEOUT_S}s")

@@ -27,6 +27,7 @@ from typing import Any
 
 import asyncpg
 
+from controlplane.errors import GcsIdentityError
 from controlplane.eventlog import EntityKind, Event, RecordedEvent
 from controlplane.eventlog.appender import append_on
 from controlplane.eventlog.connection import connect, is_connection_error
@@ -51,6 +52,8 @@ def _connection_lost(exc: BaseException, conn: asyncpg.Connection | None) -> boo
     goes on with a new one. A server dying mid-request can also leave asyncpg's
     protocol in a state it reports as an internal error ("another operation is in
     progress"), which would otherwise stop the daemon over a failover."""
+    if isinstance(exc, GcsIdentityError):  # not this node's log: it must stop
+        return False
     return (
         is_connection_error(exc)
         or "GCS" in str(exc)

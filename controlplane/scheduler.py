@@ -24,11 +24,21 @@ import logging
 import os
 import pickle
 import signal
+import sys
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from controlplane.eventlog import EntityKind, Event, EventAppender, RecordedEvent, Tailer
+from controlplane.errors import GcsIdentityError
+from controlplane.eventlog import (
+    EntityKind,
+    Event,
+    EventAppender,
+    RecordedEvent,
+    Tailer,
+    fencing,
+)
 from controlplane.eventlog.connection import connect
 from controlplane.gcs_url import ENV_VAR as GCS_URL_ENV
 from controlplane.settings import env_number
@@ -401,6 +411,11 @@ def main() -> None:
         ctypes.CDLL(None).prctl(1, signal.SIGTERM)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
 
+    # this process serves one log: the first it reaches, or the one its head's daemon
+    # saw ($CAIRN_GCS_IDENTITY_FILE); a GCS wiped, replaced or put back is refused
+    known = os.environ.get(fencing.IDENTITY_FILE_ENV)
+    fencing.remember(Path(known) if known else None, save=False)
+
     async def run() -> None:
         scheduler = GlobalScheduler(args.gcs_url)
         scheduling = asyncio.ensure_future(scheduler.run())
@@ -421,7 +436,11 @@ def main() -> None:
             log.warning("stopping without closing connections (they did not close in time)")
             os._exit(0)
 
-    asyncio.run(run())
+    try:
+        asyncio.run(run())
+    except GcsIdentityError as error:  # not the log it was following: it must not place
+        log.error("global scheduler: %s", error)
+        sys.exit(fencing.GCS_REFUSED_EXIT)
 
 
 if __name__ == "__main__":

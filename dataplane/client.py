@@ -128,7 +128,7 @@ class CoreClient:
     def send_encoded(self, data: bytes) -> None:
         """``send`` of a frame ``p.encode`` made."""
         if self._closed.is_set():
-            raise ConnectionError("the connection to the node daemon is closed")
+            raise ConnectionError(f"the connection to the node daemon is closed: {self._gone_why}")
         with self._flush_lock:
             holds, releases = self._ref_change_frames()
             self.channel.send_encoded(holds + data + releases)  # one write
@@ -353,7 +353,7 @@ class CoreClient:
                 if self._closed.is_set():
                     missing = [oid for oid in object_ids if oid not in self._local]
                     if missing:
-                        raise DaemonError("disconnected", "the node daemon went away")
+                        raise DaemonError("disconnected", self._gone_why)
                 elif self._route_breaks == breaks and not all(
                     oid in self._local for oid in object_ids
                 ):

@@ -123,6 +123,10 @@ def test_the_runtime_role_cannot_change_the_log(gcs_url: str) -> None:
         "UPDATE gcs_epochs SET epoch = 99",
         "DELETE FROM gcs_epochs",
         "SELECT cairn_live_timeline_v1()",
+        # the log's identity (0013): drawn once by the migration, never rewritten
+        "UPDATE gcs_identity SET cluster_id = gen_random_uuid()",
+        "DELETE FROM gcs_identity",
+        "INSERT INTO gcs_identity DEFAULT VALUES",
     ]:
         assert_refused(runtime, statement)
     assert count_events(gcs_url) == 10
@@ -155,6 +159,7 @@ def test_the_audit_role_cannot_write_at_all(gcs_url: str) -> None:
         "INSERT INTO node_liveness (node_id, address) VALUES ('n', 'a')",
         "INSERT INTO checkpoints (name, position, state) VALUES ('c', 1, '')",
         "SELECT * FROM cairn_epoch_v1()",
+        "SELECT * FROM cairn_identity_v1()",
         "UPDATE event_log_head SET last_position = 0",
         "UPDATE events SET event_type = 'forged'",
         "DELETE FROM events",

@@ -7,11 +7,30 @@ Each test says what the cluster must do and what the user sees."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import shutil
+import subprocess
+import sys
 import textwrap
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
 
+import psycopg
 import pytest
 from hosts import Host, Hosts, hosts_fixture
+from processes import ROOT, isolated_env, private_temp_dir, run_cairn
+
+from controlplane import auth, schema
+from controlplane.embedded_postgres import EmbeddedPostgres
+from controlplane.errors import GcsFencedError, GcsIdentityError
+from controlplane.eventlog import EntityKind, Event, EventAppender, fencing
+from controlplane.eventlog.connection import connect
+from controlplane.session_dirs import alive
 
 pytestmark = pytest.mark.timeout(300)
 one_host = hosts_fixture(1)
@@ -117,3 +136,352 @@ def test_a_full_spill_disk_fails_the_put_clearly_and_spilling_resumes_once_freed
     assert seen["acked_after"] == [0, 1, 2, 3]
     # the first spill, then those that made room once space was freed
     assert seen["spilled_events"][0] == first and len(seen["spilled_events"]) >= 2
+
+
+# -- a GCS wiped, replaced or put back: the checks, in this process ---------------------
+
+
+@pytest.fixture
+def remembering() -> Iterator[None]:
+    """This process remembers its log while the test runs, as a node daemon does."""
+    fencing.remember()
+    try:
+        yield
+    finally:
+        fencing.forget()
+
+
+async def _append(url: str, count: int) -> list[int]:
+    async with EventAppender(url) as appender:
+        return await appender.append_many(
+            [
+                Event(EntityKind.JOB, f"j{i}", "submitted", {"entrypoint": "test"})
+                for i in range(count)
+            ]
+        )
+
+
+async def _connects(url: str) -> None:
+    conn = await connect(url)
+    await conn.close()
+
+
+def _identity(url: str) -> tuple[str, int]:
+    with psycopg.connect(url) as conn:
+        row = conn.execute("SELECT cluster_id::text, system_id FROM cairn_identity_v1()").fetchone()
+    assert row is not None
+    return row[0], int(row[1])
+
+
+def _recreate(url: str) -> None:
+    """Drops the database of ``url`` (its connections with it) and makes it anew."""
+    name = urlsplit(url).path.lstrip("/")
+    with psycopg.connect(
+        urlsplit(url)._replace(path="/postgres").geturl(), autocommit=True
+    ) as conn:
+        conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{name}"')
+
+
+@pytest.mark.usefixtures("remembering")
+def test_a_process_that_remembers_its_log_refuses_it_wiped(
+    pg_server_url: str, gcs_url: str
+) -> None:
+    """Its log gone (the database dropped), empty (made anew), or migrated anew (a new
+    cluster id): each is refused with GcsIdentityError naming the log it was using; the
+    log it had passes, before and after a restart of its connections."""
+    asyncio.run(_append(gcs_url, 3))
+    known = fencing.remembered()
+    assert known is not None and known[0] is not None and known[2] >= 3
+    cluster_id, system_id = _identity(gcs_url)
+    assert (known[0].cluster_id, known[0].system_id) == (cluster_id, system_id)
+    asyncio.run(_connects(gcs_url))  # the same log: fine
+
+    _recreate(gcs_url)
+    with pytest.raises(GcsIdentityError, match="no Cairn log with an identity") as empty:
+        asyncio.run(_connects(gcs_url))
+    assert f"was using cluster id {cluster_id}" in str(empty.value)
+    schema.upgrade(gcs_url)  # a new log at the same place
+    with pytest.raises(GcsIdentityError, match="another log") as other:
+        asyncio.run(_append(gcs_url, 1))
+    assert cluster_id in str(other.value) and _identity(gcs_url)[0] in str(other.value)
+    assert "wiped" in str(other.value) and "postgresql://" in str(other.value)
+    with psycopg.connect(pg_server_url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE "{urlsplit(gcs_url).path[1:]}" WITH (FORCE)')
+    with pytest.raises(GcsIdentityError, match="its database is gone"):
+        asyncio.run(_connects(gcs_url))
+
+
+@pytest.mark.usefixtures("remembering")
+def test_a_process_refuses_its_log_put_back_from_an_older_copy(
+    pg_server_url: str, gcs_url: str
+) -> None:
+    """A copy of the log taken earlier (here a database made from it as a template:
+    the same cluster id, fewer events) is refused once the process has seen positions
+    past its head, naming both; a copy that is not behind passes."""
+    asyncio.run(_append(gcs_url, 5))
+    name = urlsplit(gcs_url).path.lstrip("/")
+    copy = f"{name}_copy"
+    copy_url = gcs_url.replace(f"/{name}", f"/{copy}")
+    with psycopg.connect(pg_server_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{copy}" TEMPLATE "{name}"')
+    try:
+        asyncio.run(_connects(copy_url))  # level with what was seen: the same log
+        positions = asyncio.run(_append(gcs_url, 4))
+        with pytest.raises(GcsIdentityError, match="put back from an older copy") as older:
+            asyncio.run(_append(copy_url, 1))
+        message = str(older.value)
+        assert "ends at position 5," in message and f"position {positions[-1]:,}" in message
+        assert f"positions 6 to {positions[-1]:,}" in message
+        with psycopg.connect(copy_url) as conn:  # nothing was appended to the copy
+            assert conn.execute("SELECT count(*) FROM events").fetchone() == (5,)
+        asyncio.run(_connects(gcs_url))
+    finally:
+        with psycopg.connect(pg_server_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{copy}" WITH (FORCE)')
+
+
+def test_a_daemon_started_anew_remembers_what_its_node_saw(gcs_url: str, tmp_path: Path) -> None:
+    """What a node saw is kept in its session directory, and a daemon started in its
+    place (after a crash) holds the GCS to it: another log is refused, and so is one at
+    an epoch behind (an old primary, a copy from before a failover), as fencing."""
+    path = tmp_path / fencing.IDENTITY_FILE
+    fencing.remember(path)
+    try:
+        asyncio.run(_append(gcs_url, 3))
+        fencing.flush()
+        seen = fencing.remembered()
+        fencing.forget()
+        fencing.remember(path)  # the next daemon of the node
+        assert fencing.remembered() == seen
+        asyncio.run(_connects(gcs_url))
+        saved = json.loads(path.read_text())
+        for change, error, match in [
+            ({"cluster_id": "00000000-0000-0000-0000-000000000001"}, GcsIdentityError, "another"),
+            ({"epoch": saved["epoch"] + 1}, GcsFencedError, "behind epoch"),
+        ]:
+            path.write_text(json.dumps({**saved, **change}))
+            fencing.remember(path)
+            with pytest.raises(error, match=match):
+                asyncio.run(_connects(gcs_url))
+    finally:
+        fencing.forget()
+
+
+def test_a_process_that_does_not_remember_checks_no_identity(gcs_url: str) -> None:
+    """Tools and tests (cairn sql, a driver's reads) are not pinned to one log."""
+    assert fencing.remembered() is None
+    asyncio.run(_connects(gcs_url))
+
+
+# -- a GCS wiped, replaced or put back: a cluster of real processes ---------------------
+
+TOKEN = "storage-faults-" + auth.new_token()
+
+# A driver: runs tasks on both nodes and prints their results and the log's head.
+JOB = """
+import json, sdk as ray
+ray.init(address="auto")
+
+@ray.remote(scheduling_strategy="SPREAD")
+def square(x):
+    import os
+    return x * x, os.environ.get("CAIRN_NODE_TAG", "")
+
+results = ray.get([square.remote(i) for i in range(40)], timeout=120)
+print(json.dumps({"sum": sum(r[0] for r in results)}))
+ray.shutdown()
+"""
+
+# A driver connected before the fault: says READY, waits for a line, then tries a task
+# and prints what it got.
+WAITING_DRIVER = """
+import json, sys, sdk as ray
+ray.init(address="auto")
+
+@ray.remote
+def one():
+    return 1
+
+assert ray.get(one.remote(), timeout=60) == 1
+print("READY", flush=True)
+sys.stdin.readline()
+try:
+    ray.get(one.remote(), timeout=60)
+    print(json.dumps({"error": None}))
+except BaseException as exc:
+    print(json.dumps({"error": f"{type(exc).__name__}: {exc}"}))
+"""
+
+
+@dataclass
+class OwnGcsCluster:
+    """A head and a joined node (``cairn start``) in a temp directory of their own, on
+    an embedded PostgreSQL this test runs (``--gcs-url``): the test can wipe it, stop
+    it and put an older copy of its data directory back."""
+
+    tmp: Path
+    server: EmbeddedPostgres
+    pids: list[int]  # the node processes, head first
+
+    def env(self) -> dict[str, str]:
+        return isolated_env(self.tmp, **{auth.TOKEN_ENV: TOKEN})
+
+    def driver(self, code: str) -> dict:
+        done = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            timeout=180,
+            cwd=ROOT,
+            env=self.env(),
+        )
+        assert done.returncode == 0, done.stderr[-4000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    def head_position(self) -> int:
+        with psycopg.connect(self.server.url) as conn:
+            row = conn.execute("SELECT last_position FROM event_log_head").fetchone()
+        assert row is not None
+        return int(row[0])
+
+    def wait_stopped(self, timeout: float = 60.0) -> list[str]:
+        """Waits until every node process has exited; returns each one's output."""
+        deadline = time.monotonic() + timeout
+        while any(alive(pid) for pid in self.pids):
+            assert time.monotonic() < deadline, "the nodes did not stop"
+            time.sleep(0.05)
+        return [(self.tmp / f"cairn-node-{pid}.log").read_text() for pid in self.pids]
+
+
+@contextlib.contextmanager
+def own_gcs_cluster() -> Iterator[OwnGcsCluster]:
+    tmp = private_temp_dir()
+    (tmp / "gcs").mkdir(mode=0o711)
+    server = EmbeddedPostgres(tmp / "gcs")
+    try:
+        server.start()
+        cairn = {auth.TOKEN_ENV: TOKEN, "CAIRN_GCS_URL": server.url}
+        run_cairn("start", "--head", "--port", "0", "--num-cpus", "1", tmp=tmp, env=cairn)
+        (head,) = _records(tmp)
+        run_cairn(
+            "start",
+            "--address",
+            head["address"],
+            "--port",
+            "0",
+            "--num-cpus",
+            "1",
+            tmp=tmp,
+            env={auth.TOKEN_ENV: TOKEN},
+        )
+        pids = sorted(int(p.stem) for p in (tmp / "cairn-nodes").glob("*.json"))
+        head_pid = next(
+            int(p.stem)
+            for p in (tmp / "cairn-nodes").glob("*.json")
+            if json.loads(p.read_text())["head"]
+        )
+        yield OwnGcsCluster(tmp, server, [head_pid, *(p for p in pids if p != head_pid)])
+    finally:
+        run_cairn("stop", tmp=tmp, check=False)
+        server.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _records(tmp: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((tmp / "cairn-nodes").glob("*.json"))]
+
+
+def _refusals(outputs: list[str], why: str) -> None:
+    """Each node's output says its daemon refused the GCS, why, and that it stopped."""
+    for output in outputs:
+        assert "refusing the GCS at postgresql://cairn:***@127.0.0.1:" in output, output
+        assert why in output, output
+        assert "it refused the GCS; this node stops" in output, output
+
+
+def test_nodes_refuse_a_wiped_gcs_and_stop_saying_why() -> None:
+    """The GCS's database is dropped and made anew under a running cluster: each node
+    (the head's and the joined one's daemons) refuses the new log instead of going on
+    in it, and stops, saying why; a connected driver's next call says why too; and
+    nothing of the old cluster reaches the new log."""
+    with own_gcs_cluster() as cluster:
+        assert cluster.driver(JOB)["sum"] == sum(i * i for i in range(40))
+        driver = subprocess.Popen(
+            [sys.executable, "-c", WAITING_DRIVER],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            env=cluster.env(),
+        )
+        try:
+            assert driver.stdout is not None and driver.stdin is not None
+            assert driver.stdout.readline().strip() == "READY", driver.stderr
+            _recreate(cluster.server.url)
+            schema.upgrade(cluster.server.url)
+            outputs = cluster.wait_stopped()
+            driver.stdin.write("go\n")
+            driver.stdin.flush()
+            out, err = driver.communicate(timeout=60)
+        finally:
+            if driver.poll() is None:
+                driver.kill()
+                driver.wait()
+        _refusals(outputs, "wiped")
+        error = json.loads(out.strip().splitlines()[-1])["error"]
+        assert error is not None and "refusing the GCS" in error and "wiped" in error, err
+        with psycopg.connect(cluster.server.url) as conn:
+            assert conn.execute("SELECT count(*) FROM events").fetchone() == (0,)
+
+
+def test_nodes_refuse_their_gcs_put_back_from_an_older_copy() -> None:
+    """A cold copy of the GCS's data directory is taken (the server stopped and started
+    again: the cluster rides that out), the cluster appends more, then the server is
+    stopped and the copy put back in its place, as a restored backup would be: each
+    node refuses it (its log ends below positions the node has seen) and stops, saying
+    why; the copy gets no event, so no position or id is handed out twice."""
+    with own_gcs_cluster() as cluster:
+        assert cluster.driver(JOB)["sum"] == sum(i * i for i in range(40))
+        server, data = cluster.server, cluster.server.data_dir
+        backup = data.with_name("pgdata.backup")
+        server.stop(keep_data=True)
+        subprocess.run(["cp", "-a", str(data), str(backup)], check=True)
+        server.start()
+        copied_at = cluster.head_position()
+        assert cluster.driver(JOB)["sum"] == sum(i * i for i in range(40))  # more events
+        assert cluster.head_position() > copied_at
+        server.stop(keep_data=True)
+        data.rename(data.with_name("pgdata.newer"))
+        backup.rename(data)
+        server.start()
+        outputs = cluster.wait_stopped()
+        _refusals(outputs, "put back from an older copy")
+        assert f"ends at position {copied_at:,}, below position" in outputs[0]
+        assert cluster.head_position() == copied_at
+
+
+def test_nodes_refuse_another_server_at_their_gcs_address() -> None:
+    """The GCS is replaced by a fresh server on the same port, with the same login (a
+    new data directory, migrated anew): the nodes ride out the restart, then find
+    another log (another cluster id and server identifier) and refuse it."""
+    with own_gcs_cluster() as cluster:
+        assert cluster.driver(JOB)["sum"] == sum(i * i for i in range(40))
+        old = cluster.server
+        (cluster.tmp / "gcs2").mkdir(mode=0o711)
+        fresh = EmbeddedPostgres(cluster.tmp / "gcs2")  # made ready on a port of its own
+        try:
+            fresh.start()
+            fresh.execute(f"ALTER ROLE cairn PASSWORD '{urlsplit(old.url).password}'")
+            schema.upgrade(old.url.replace(f":{old.port}/", f":{fresh.port}/"))
+            fresh.stop(keep_data=True)
+            old.stop(keep_data=True)
+            fresh.port = old.port  # then in the old one's place: old.url reaches it
+            fresh.start()
+            outputs = cluster.wait_stopped()
+            with psycopg.connect(old.url) as conn:
+                assert conn.execute("SELECT count(*) FROM events").fetchone() == (0,)
+        finally:
+            fresh.stop()
+        _refusals(outputs, "holds another log")

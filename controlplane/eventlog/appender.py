@@ -25,7 +25,14 @@ from types import TracebackType
 
 import asyncpg
 
-from controlplane.errors import GcsError, GcsUnavailableError, InvalidEventError, NodeFencedError
+from controlplane.errors import (
+    GcsError,
+    GcsIdentityError,
+    GcsUnavailableError,
+    InvalidEventError,
+    NodeFencedError,
+)
+from controlplane.eventlog import fencing
 from controlplane.eventlog.catalog import encode_payload
 from controlplane.eventlog.connection import (
     DEFAULT_CONNECT_TIMEOUT_S,
@@ -67,11 +74,15 @@ class EventAppender:
     ) -> None:
         """``writer_node``: the node this process appends for, once it is a cluster
         member: the log refuses its appends once it was declared dead (NodeFencedError;
-        ``on_fenced`` hears of it, and every append after fails at once)."""
+        ``on_fenced`` hears of it, and every append after fails at once). A GCS that is
+        not this process's log (GcsIdentityError, see ``fencing.py``) is refused the
+        same way: ``on_refused`` hears of it, and every append after fails at once."""
         self.url = url
         self.writer_node = writer_node
         self.fenced: NodeFencedError | None = None
         self.on_fenced: Callable[[NodeFencedError], None] = lambda _error: None
+        self.refused: GcsIdentityError | None = None
+        self.on_refused: Callable[[GcsIdentityError], None] = lambda _error: None
         self.max_batch = max_batch
         self.max_backlog = max_backlog
         self.backlog = 0  # events queued or being committed
@@ -215,6 +226,8 @@ class EventAppender:
         try:
             if self.fenced is not None:
                 raise self.fenced
+            if self.refused is not None:
+                raise self.refused
             positions = await retry_while_unavailable(
                 self.url, lambda: self._write(events, payloads), timeout=timeout
             )
@@ -225,6 +238,9 @@ class EventAppender:
             if isinstance(exc, NodeFencedError) and self.fenced is None:
                 self.fenced = exc
                 self.on_fenced(exc)
+            if isinstance(exc, GcsIdentityError) and self.refused is None:
+                self.refused = exc
+                self.on_refused(exc)
             for request in requests:
                 if request.done is None:
                     self.on_write_behind_failure(error)
@@ -235,6 +251,8 @@ class EventAppender:
             return
         self._gave_up = False
         self.batches_committed += 1
+        if positions:
+            fencing.saw(max(positions), self._conn)
         offset = 0
         for request in requests:
             count = len(request.events)

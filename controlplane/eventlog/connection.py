@@ -1,5 +1,6 @@
 """Connections to the GCS for the log's hot paths (asyncpg), with the one place where
-driver errors about reaching the server become :class:`GcsUnavailableError`."""
+driver errors about reaching the server become :class:`GcsUnavailableError`, and where
+every new connection is checked (failover epoch, the log's identity: ``fencing.py``)."""
 
 from __future__ import annotations
 
@@ -82,7 +83,10 @@ async def connect(
     With ``fence`` (always, but for tools that only look), the server's failover epoch
     is checked first (``fencing.py``): one behind what this process has seen raises
     GcsFencedError, unless another host of a multi-host URL is current, which is then
-    used instead (the old primary may come back first in the URL)."""
+    used instead (the old primary may come back first in the URL). In a process that
+    remembers its log (node daemons, the scheduler), the same query checks that the
+    server still holds that log, not behind what was seen: GcsIdentityError if not
+    (wiped, replaced, put back from an older copy)."""
     url = normalize(url)
     conn = await _open(url, timeout)
     if not fence:
@@ -111,6 +115,10 @@ async def _open(url: str, timeout: float) -> asyncpg.Connection:
     except BaseException as exc:
         if is_connection_error(exc):
             raise GcsUnavailableError(f"cannot reach the GCS at {redact(url)}: {exc}") from exc
+        if isinstance(exc, asyncpg.InvalidCatalogNameError):  # no such database
+            refused = fencing.gone(url, exc)  # the log a node was using: wiped
+            if refused is not None:
+                raise refused from exc
         raise
 
 

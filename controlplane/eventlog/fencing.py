@@ -19,18 +19,45 @@ the old one again, whichever of its connections reconnects. A process that never
 the new epoch (started after the failover, and sent to the old primary) cannot tell;
 what protects it is synchronous replication: the old primary cannot acknowledge a
 commit without its replica, which follows it no more (see ``failover.py``).
+
+**Identity** (migration 0013). The same first query also answers which log the server
+holds: its cluster id (drawn once per log) and the server's system identifier, and the
+log's head position. A process that serves one cluster (a node daemon, the global
+scheduler) calls :func:`remember` at start; from then on the first log it reaches is
+*its* log, and every later connection must reach that log again, at a head no lower than
+the highest position the process has seen (its tailers and appenders report them,
+:func:`saw`). Otherwise it raises :class:`GcsIdentityError`, naming both, and is not
+retried:
+
+* another cluster id or server identifier, or no log (a database that is gone or
+  empty): the GCS was wiped, or another server answers at its address;
+* the same log ending below a position seen: it was put back from an older copy (a
+  restored backup) and misses what came after; going on would hand out those positions,
+  and the ids made since, a second time.
+
+A node's daemon keeps what it saw in its session directory (``gcs_identity.json``,
+written at most once a second), so the daemon that replaces it after a crash (and the
+head's scheduler) remembers too. A standby's head may lag behind by design, so it is not
+held to the position.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import math
+import os
 import threading
+import time
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 
-from controlplane.errors import GcsError, GcsFencedError
+from controlplane.errors import GcsError, GcsFencedError, GcsIdentityError
 from controlplane.gcs_url import redact
 from controlplane.sql import queries
 
@@ -87,20 +114,35 @@ def accept(epoch: Epoch, url: str) -> Epoch:
 
 
 async def check(conn: asyncpg.Connection, url: str) -> Epoch | None:
-    """The epoch of the server behind ``conn``, accepted (see :func:`accept`); None
-    where the log has no epochs (a schema before migration 0011), or this login may not
-    ask (it may not append either) or record a promotion (a read-only session)."""
+    """The epoch of the server behind ``conn``, accepted (see :func:`accept`), and, in a
+    process that remembers its log (:func:`remember`), the log's identity and head
+    checked (:func:`check_identity`); None where the log has no epochs (a schema before
+    migration 0011), or this login may not ask (it may not append either) or record a
+    promotion (a read-only session)."""
+    # what was seen before the query is sent: the server's answer must cover it (a
+    # position another connection reports while the query runs may be newer than it)
+    before = remembered()
     try:
-        row = await conn.fetchrow(queries["gcs_epoch"])
-    except (
-        asyncpg.UndefinedFunctionError,
-        asyncpg.InsufficientPrivilegeError,
-        asyncpg.ReadOnlySQLTransactionError,  # a read-only session of a just promoted server
-    ):
+        row = await conn.fetchrow(queries["gcs_identity"])
+        identified = True
+    except (asyncpg.UndefinedFunctionError, asyncpg.InsufficientPrivilegeError):
+        identified = False  # a schema before 0013: the epoch alone
+        try:
+            row = await conn.fetchrow(queries["gcs_epoch"])
+        except (asyncpg.UndefinedFunctionError, asyncpg.InsufficientPrivilegeError):
+            row = None
+        except asyncpg.ReadOnlySQLTransactionError:
+            return None
+    except asyncpg.ReadOnlySQLTransactionError:  # a read-only session of a just promoted server
         return None
     if row is None or row["epoch"] is None:
+        check_identity(None, url)
         return None
-    return accept(_epoch(row), url)
+    epoch = accept(_epoch(row), url)  # first: an old primary is fenced, not refused
+    seen = (before[1], before[2]) if before is not None else None
+    check_identity(row if identified else None, url, seen=seen)
+    _epoch_of[conn] = epoch.epoch
+    return epoch
 
 
 def record_promotion(url: str) -> Epoch:
@@ -125,3 +167,210 @@ def _epoch(row: Mapping[str, Any]) -> Epoch:
         row["epoch_id"],
         int(row["timeline"]),
     )
+
+
+# -- identity: the one log a node serves ----------------------------------------------
+
+IDENTITY_FILE = "gcs_identity.json"  # in a node's session directory
+REFUSED_FILE = "gcs_refused"  # there too: why its daemon refused the GCS
+IDENTITY_FILE_ENV = "CAIRN_GCS_IDENTITY_FILE"  # the head's file, for its scheduler
+GCS_REFUSED_EXIT = 78  # a daemon's (or scheduler's) exit code after refusing the GCS
+SAVE_EVERY_S = 1.0
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Which log a server holds: the cluster id its first migration drew and the
+    server's system identifier."""
+
+    cluster_id: str
+    system_id: int
+
+    def __str__(self) -> str:
+        return f"cluster id {self.cluster_id} on server {self.system_id}"
+
+
+@dataclass
+class _Memory:
+    path: Path | None
+    save: bool
+    identity: Identity | None = None
+    # the highest position seen at the highest epoch seen: a failover may lose events a
+    # tailer read on the old primary and that were never acknowledged (their writers
+    # append them again), so positions are compared within one epoch only
+    epoch: int = 0
+    position: int = 0
+    saved: tuple[int, int] = (-1, -1)  # (epoch, position) last written to ``path``
+    saved_at: float = -math.inf
+
+
+_memory: _Memory | None = None
+# the epoch each checked connection was accepted at, for ``saw``
+_epoch_of: weakref.WeakKeyDictionary[asyncpg.Connection, int] = weakref.WeakKeyDictionary()
+
+
+def remember(path: Path | None = None, *, save: bool = True) -> None:
+    """Pins this process to the one log it serves (node daemons, the global scheduler):
+    the first log it reaches, or the one an earlier process of its node saw (read from
+    ``path``, if there). From now on every connection must reach that log at a head no
+    lower than what was seen (:func:`check_identity`). With ``save``, what is seen is
+    kept in ``path`` for the process that replaces this one (at most once a second, and
+    at :func:`flush`)."""
+    global _memory
+    memory = _Memory(path, save and path is not None)
+    if path is not None:
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            known = json.loads(Path(path).read_text())
+            memory.identity = Identity(str(known["cluster_id"]), int(known["system_id"]))
+            memory.epoch, memory.position = int(known["epoch"]), int(known["position"])
+            memory.saved = (memory.epoch, memory.position)
+    with _lock:
+        _memory = memory
+
+
+def forget() -> None:
+    """Unpins this process (a test that plays several nodes in turn)."""
+    global _memory
+    with _lock:
+        _memory = None
+
+
+def remembered() -> tuple[Identity | None, int, int] | None:
+    """The log this process serves, the epoch and the highest position seen at it;
+    None if this process is not pinned."""
+    memory = _memory
+    return None if memory is None else (memory.identity, memory.epoch, memory.position)
+
+
+def saw(position: int, conn: asyncpg.Connection | None) -> None:
+    """The log holds ``position`` (appended or read on ``conn``): a log of the same
+    identity and epoch found later below it was put back from an older copy."""
+    memory = _memory
+    epoch = _epoch_of.get(conn) if memory is not None and conn is not None else None
+    if memory is None or epoch is None:
+        return
+    with _lock:
+        if epoch < memory.epoch or (epoch == memory.epoch and position <= memory.position):
+            return  # (a connection to an old primary that is still open: not the log now)
+        memory.epoch, memory.position = epoch, position
+    if memory.save and time.monotonic() - memory.saved_at >= SAVE_EVERY_S:
+        _save(memory)
+
+
+def flush() -> None:
+    """Writes what this process saw now (a daemon stopping)."""
+    memory = _memory
+    if memory is not None and memory.save and memory.saved != (memory.epoch, memory.position):
+        _save(memory)
+
+
+def _save(memory: _Memory) -> None:
+    memory.saved_at = time.monotonic()
+    if memory.path is None or memory.identity is None:
+        return
+    data = {
+        "cluster_id": memory.identity.cluster_id,
+        "system_id": memory.identity.system_id,
+        "epoch": memory.epoch,
+        "position": memory.position,
+    }
+    temporary = memory.path.with_name(f".{memory.path.name}.{os.getpid()}")
+    try:
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f)
+        os.replace(temporary, memory.path)
+        memory.saved = (int(data["epoch"]), int(data["position"]))
+    except OSError:  # the session directory is going away: nothing left to protect
+        with contextlib.suppress(OSError):
+            temporary.unlink()
+
+
+def check_identity(
+    row: Mapping[str, Any] | None, url: str, *, seen: tuple[int, int] | None = None
+) -> None:
+    """In a process that remembers its log: adopts the log of ``row`` (the answer of
+    ``gcs_identity``; None: the server has no log with an identity) if it has none yet,
+    else raises GcsIdentityError unless it is the same log, at a head no lower than the
+    highest position seen at its epoch (``seen``: (epoch, position) as they were when
+    the query was sent; by default as they are now). A later epoch, a failover since,
+    starts afresh from its head; a standby is not held to it: its head may lag."""
+    memory = _memory
+    if memory is None:
+        return
+    found = None if row is None else Identity(str(row["cluster_id"]), int(row["system_id"]))
+    where = f"refusing the GCS at {redact(url)}"
+    with _lock:
+        known = memory.identity
+        seen_epoch, seen = seen if seen is not None else (memory.epoch, memory.position)
+        if known is not None and found is None:
+            raise GcsIdentityError(
+                f"{where}: it holds no Cairn log with an identity (an empty database, or "
+                f"one migrated before 0013), while this node was using {known}: the GCS "
+                "was wiped or replaced. Going on would hand out positions and ids the "
+                "cluster already used; this node stops"
+            )
+        if row is None or found is None:
+            return  # nothing to pin to yet (a schema before 0013)
+        if known is not None and found != known:
+            raise GcsIdentityError(
+                f"{where}: it holds another log ({found}) than the one this node was "
+                f"using ({known}): the GCS was wiped and made anew, or another server "
+                "answers at its address. Going on would hand out positions and ids the "
+                "cluster already used; this node stops"
+            )
+        epoch, head = int(row["epoch"]), int(row["head_position"])
+        if epoch < memory.epoch and not row["standby"]:  # (seen by an earlier daemon)
+            raise GcsFencedError(
+                f"refusing the GCS at {redact(url)}: it is at epoch {epoch}, behind epoch "
+                f"{memory.epoch} that this node has already seen (an old primary, or a copy "
+                "from before the failover)"
+            )
+        if row["standby"]:
+            return
+        if known is not None and epoch == seen_epoch and head < seen:
+            raise GcsIdentityError(
+                f"{where}: its log ({found}) ends at position {head:,}, below position "
+                f"{seen:,} that this node has already seen (both at epoch {epoch}: no "
+                "failover between): it was put back from an older "
+                f"copy (a restored backup), and what came after position {head:,} is "
+                f"missing from it. Going on would hand out positions {head + 1:,} to "
+                f"{seen:,} (and the ids made since) a second time; this node stops"
+            )
+        changed = known is None or epoch > memory.epoch or head > memory.position
+        memory.identity = found
+        if epoch > memory.epoch:  # (a failover since, or the first log reached)
+            memory.epoch, memory.position = epoch, head
+        elif head > memory.position:  # the log holds them: a copy without them is behind
+            memory.position = head
+    if changed and memory.save:
+        _save(memory)
+
+
+def gone(url: str, exc: BaseException) -> GcsIdentityError | None:
+    """For a process that remembers its log: the refusal of a GCS whose database is
+    gone (``exc``: the server says it does not exist), else None."""
+    memory = _memory
+    if memory is None or memory.identity is None:
+        return None
+    said = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return GcsIdentityError(
+        f"refusing the GCS at {redact(url)}: its database is gone ({said}), while this node "
+        f"was using {memory.identity} there: the GCS was wiped. Going on would hand out "
+        "positions and ids the cluster already used; this node stops"
+    )
+
+
+def record_refusal(session_dir: Path, error: GcsIdentityError) -> None:
+    """Leaves why a node's daemon refused the GCS in its session directory, for the node
+    process that started it (which stops rather than start another)."""
+    with contextlib.suppress(OSError):
+        (Path(session_dir) / REFUSED_FILE).write_text(str(error))
+
+
+def refusal(session_dir: Path) -> str | None:
+    """Why a node's daemon refused the GCS (see :func:`record_refusal`), if it did."""
+    try:
+        return (Path(session_dir) / REFUSED_FILE).read_text()
+    except OSError:
+        return None

@@ -22,6 +22,7 @@ from types import TracebackType
 import asyncpg
 
 from controlplane.errors import LogGapError
+from controlplane.eventlog import fencing
 from controlplane.eventlog.connection import (
     DEFAULT_CONNECT_TIMEOUT_S,
     connect,
@@ -89,6 +90,7 @@ class Tailer:
             events = self._contiguous(rows)
             if events:
                 self.position = events[-1].position
+                fencing.saw(self.position, self._conn)  # a log found later below it was put back
                 return events
             if rows:  # a hole right after our position: wait for it to fill
                 gap_since = gap_since or time.monotonic()

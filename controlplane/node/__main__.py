@@ -11,9 +11,12 @@ import json
 import logging
 import os
 import signal
+import sys
 from pathlib import Path
 
 from controlplane import auth
+from controlplane.errors import GcsIdentityError
+from controlplane.eventlog import fencing
 from controlplane.gcs_url import ENV_VAR as GCS_URL_ENV
 from controlplane.gcs_url import JOIN_ENV_VAR
 from controlplane.node.daemon import NodeDaemon
@@ -68,7 +71,19 @@ def main() -> None:
     # CPU under load. What exists at start is never collected again.
     gc.freeze()
     gc.set_threshold(50_000, 20, 20)
-    asyncio.run(daemon.serve())
+    # this process serves one log: the first it reaches, or the one an earlier daemon of
+    # this node saw; a GCS wiped, replaced or put back from an older copy is refused
+    fencing.remember(args.session_dir / fencing.IDENTITY_FILE)
+    try:
+        asyncio.run(daemon.serve())
+    except GcsIdentityError as error:  # refused before it served (a daemon started anew)
+        logging.getLogger("cairn.node").error("node daemon %s: %s", args.node_id, error)
+        daemon.refused = error
+    finally:
+        fencing.flush()
+    if daemon.refused is not None:
+        fencing.record_refusal(args.session_dir, daemon.refused)
+        sys.exit(fencing.GCS_REFUSED_EXIT)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ from typing import Any
 import grpc
 
 from controlplane import auth
-from controlplane.errors import GcsError
+from controlplane.errors import GcsError, GcsIdentityError
 from controlplane.eventlog import EntityKind, Event, EventAppender, FailureLog
 from controlplane.eventlog.connection import connect
 from controlplane.membership import (
@@ -179,6 +179,11 @@ class NodeDaemon(
         self.appender = EventAppender(
             gcs_url, linger=_LINGER_S, writer_node=node_id if rpc_port is not None else None
         )
+        # the GCS is not this node's log any more (wiped, replaced, put back from an
+        # older copy): the daemon stops, saying why (see eventlog/fencing.py)
+        self.refused: GcsIdentityError | None = None
+        self.appender.on_refused = self._gcs_refused
+        self._clients: dict[int, Connection] = {}  # by id(): connected drivers, workers
         self.functions: dict[str, tuple[bytes, str]] = {}
         self._logged_functions: set[str] = set()
         self.tasks: dict[str, TaskRecord] = {}
@@ -320,6 +325,19 @@ class NodeDaemon(
         log.error("node daemon %s: %s; stopping", self.node_id, error)
         self._stopping.set()
 
+    def _gcs_refused(self, error: GcsIdentityError) -> None:
+        """The GCS is not the log this node was using: wiped, replaced, or put back from
+        an older copy. Going on would re-use positions and ids, so the daemon stops,
+        telling its clients why; its node process does not start another daemon (it
+        would refuse the same GCS) and stops too."""
+        if self.refused is not None:
+            return
+        self.refused = error
+        log.error("node daemon %s: %s", self.node_id, error)
+        for conn in list(self._clients.values()):
+            conn.send(p.Shutdown(f"the node daemon stopped: {error}"))
+        self._stopping.set()
+
     def _stale_refused(self, node_id: str, method: str, peer: str) -> None:
         """A call from a node declared dead was refused: logged, at most once per node
         per refusal interval (a stale node retrying must not flood the log)."""
@@ -356,7 +374,9 @@ class NodeDaemon(
 
     def _background_done(self, task: asyncio.Task[Any], vital: bool) -> None:
         self._background.discard(task)
-        if not task.cancelled() and task.exception() is not None:
+        if not task.cancelled() and isinstance(task.exception(), GcsIdentityError):
+            self._gcs_refused(task.exception())  # type: ignore[arg-type]
+        elif not task.cancelled() and task.exception() is not None:
             log.error("node daemon: %s failed: %r", task.get_name(), task.exception())
             if vital:
                 self._stopping.set()
@@ -444,6 +464,7 @@ class NodeDaemon(
             if not isinstance(hello, p.Hello):
                 raise p.ProtocolError(f"expected Hello, got {type(hello).__name__}")
             self._welcome(conn, hello)
+            self._clients[id(conn)] = conn
             while True:
                 message = await p.read_message(reader)
                 self._dispatch(conn, message)
@@ -462,6 +483,7 @@ class NodeDaemon(
         except Exception:
             log.exception("node daemon: error serving a %s", conn.role or "client")
         finally:
+            self._clients.pop(id(conn), None)
             await self._disconnected(conn)
             writer.close()
 

@@ -320,6 +320,15 @@ SELECT event_id::text AS first_event FROM events ORDER BY position LIMIT 1;
 SELECT system_id, current_database() AS database, epoch, epoch_id::text AS epoch_id, timeline
   FROM cairn_epoch_v1()
 
+-- gcs_identity --
+-- What every runtime connection checks first (migration 0013, eventlog/fencing.py): the
+-- server's epoch (recording a promotion first, as gcs_epoch), which log it is (its
+-- cluster_id and the server's system_id), the log's head position, and whether the
+-- server is a standby.
+SELECT system_id, current_database() AS database, cluster_id::text AS cluster_id, epoch,
+       epoch_id::text AS epoch_id, timeline, head_position, standby
+  FROM cairn_identity_v1()
+
 -- gcs_epochs --
 -- Every epoch of the log: its first, and one per promotion of a replica.
 SELECT epoch, epoch_id::text AS epoch_id, timeline, recorded_at FROM gcs_epochs ORDER BY epoch

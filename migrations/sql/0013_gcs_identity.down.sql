@@ -1,0 +1,2 @@
+DROP FUNCTION IF EXISTS cairn_identity_v1();
+DROP TABLE IF EXISTS gcs_identity;
