@@ -372,6 +372,30 @@ class EmbeddedPostgres:
         self.execute("SELECT pg_reload_conf()")
 
     @property
+    def exit_code(self) -> int | None:
+        """The server's exit code, once it exited (None while it runs)."""
+        return self._process.poll() if self._process is not None else None
+
+    def last_words(self, lines: int = 5) -> str:
+        """Why the server stopped or does not start, from the end of its log: its last
+        PANIC and the last FATAL and ERROR lines (each message once), else the tail."""
+        tail = self._log_tail(400).splitlines()
+        levels = ("PANIC:", "FATAL:", "ERROR:")
+        said: dict[str, str] = {}  # message -> its last line, in the order last seen
+        for line in tail:
+            for level in levels:
+                if level in line:
+                    message = line[line.index(level) :]
+                    said.pop(message, None)
+                    said[message] = line
+        panics = [line for message, line in said.items() if message.startswith("PANIC:")]
+        chosen = set(
+            panics[-1:] + [line for line in said.values() if "PANIC:" not in line][-lines:]
+        )
+        picked = [line for line in said.values() if line in chosen]
+        return "\n".join(picked or tail[-lines:])
+
+    @property
     def running(self) -> bool:
         """Whether the server this object started runs (False once it exited or was
         killed; it is waited for, so this is also how its exit is noticed)."""

@@ -26,6 +26,16 @@ class LogGapError(GcsError):
     an invariant of the log is broken (never expected; raised rather than skipping)."""
 
 
+class GcsDiskFullError(GcsUnavailableError):
+    """The GCS's PostgreSQL could not write: the disk under its data directory is full
+    (SQLSTATE 53100, "could not extend file ...: No space left on device"). Held and
+    retried as an unreachable GCS is, for the same bound, so that appends go through as
+    soon as space is freed; then raised with a message naming the GCS (password
+    hidden), saying the disk is full and quoting PostgreSQL (which names the file). A
+    full disk under the write-ahead log is worse: PostgreSQL stops (a PANIC, and its
+    restart fails while the disk stays full), which callers see as an unreachable GCS."""
+
+
 class GcsFencedError(GcsUnavailableError):
     """The server reached is behind the log's failover: its epoch is lower than one this
     process has already seen for the same log (an old primary back after its replica

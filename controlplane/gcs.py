@@ -16,7 +16,9 @@ synchronous streaming replica and a watchdog that promotes it when the primary i
 from __future__ import annotations
 
 import logging
+import math
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
@@ -25,13 +27,14 @@ import psycopg
 
 from controlplane import schema
 from controlplane.embedded_postgres import EmbeddedPostgres, ServerTls
-from controlplane.errors import GcsUnavailableError
+from controlplane.errors import EmbeddedPostgresError, GcsUnavailableError
 from controlplane.eventlog.partitions import PartitionManager
 from controlplane.failover import Watchdog
 from controlplane.gcs_url import redact, resolve_gcs_url, with_hosts, with_query
 
 DEFAULT_CONNECT_TIMEOUT_S = 5
 MAX_REPLICAS = 1
+RESTART_EVERY_S = 2.0  # how often a stopped embedded server is tried again
 REPLICA_DIR = "replica"  # in the session directory: the replica's data and log
 log = logging.getLogger("cairn.gcs")
 
@@ -92,6 +95,10 @@ class Gcs:
         self.watchdog: Watchdog | None = None
         self._on_event = on_event
         self._lock = threading.Lock()
+        self._restarting = threading.Lock()  # a restart (keep_running) or stop at a time
+        self._down_since: float | None = None
+        self._next_try = 0.0
+        self._stopped = False
         self.url = ""  # the runtime's
         self.owner_url = ""
 
@@ -145,7 +152,62 @@ class Gcs:
         with self._lock:
             self.embedded, self.replica = replica, None
 
+    def keep_running(self) -> str | None:
+        """Starts the embedded server again if it stopped by itself (without replicas;
+        with them the watchdog fails over instead): PostgreSQL stops after a PANIC (a
+        full disk under its write-ahead log: "could not write to file pg_wal/...: No
+        space left on device"), its own crash recovery failing while the disk stays
+        full. Tried every RESTART_EVERY_S until it starts. A server killed by a signal
+        (an operator, a test, the OOM killer) is said once and left to whoever killed
+        it. Returns what to tell the operator (the exit and the server log's last words,
+        why a start failed, its return), else None. Meanwhile callers see an unreachable
+        GCS and ride it out as a restart, for ``$CAIRN_GCS_UNAVAILABLE_TIMEOUT_S``."""
+        with self._restarting:
+            server = self.embedded
+            if self._stopped or server is None or self.watchdog is not None:
+                return None
+            if server.running:
+                if self._down_since is None:
+                    return None
+                down, self._down_since = time.monotonic() - self._down_since, None
+                return f"the GCS's PostgreSQL runs again (it was down {down:.1f}s)"
+            code = server.exit_code
+            if code is None:  # not started, or stopped on purpose
+                return None
+            now = time.monotonic()
+            said = None
+            if self._down_since is None:
+                self._down_since, self._next_try = now, now
+                if code < 0:
+                    self._next_try = math.inf
+                    return (
+                        f"the GCS's PostgreSQL was killed (signal {-code}); it is not started "
+                        "again here"
+                    )
+                said = (
+                    f"the GCS's PostgreSQL stopped by itself (exit code {code}); its log "
+                    f"{server.log_path} says:\n{server.last_words()}\n"
+                    f"starting it again every {RESTART_EVERY_S:g}s until it starts"
+                )
+            if now < self._next_try:
+                return said
+            first_try = self._next_try == self._down_since
+            self._next_try = now + RESTART_EVERY_S
+            try:
+                server.start()
+            except EmbeddedPostgresError:
+                if said is None and not first_try:
+                    return None
+                why = f"it could not start yet:\n{server.last_words()}"
+                return f"{said}\n{why}" if said else why
+            down, self._down_since = time.monotonic() - self._down_since, None
+            return (said + "\n" if said else "") + (
+                f"the GCS's PostgreSQL runs again (it was down {down:.1f}s)"
+            )
+
     def stop(self) -> None:
+        with self._restarting:
+            self._stopped = True
         if self.watchdog is not None:
             self.watchdog.stop()
             self.watchdog = None

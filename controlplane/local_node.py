@@ -126,6 +126,7 @@ class LocalNode:
         owns_session_dir: bool,
         config: NodeConfig,
         role: ClusterRole | None,
+        on_gcs_event: Callable[[str], None] = log.warning,
     ) -> None:
         self.gcs = gcs
         self.session_dir = session_dir
@@ -136,6 +137,22 @@ class LocalNode:
         self._stopping = threading.Event()
         if role is None or role.head:  # one node keeps the log's partitions in shape
             threading.Thread(target=self._partition_upkeep, daemon=True).start()
+        if gcs.embedded is not None and gcs.watchdog is None:
+            threading.Thread(
+                target=self._keep_gcs_running, args=(on_gcs_event,), daemon=True
+            ).start()
+
+    def _keep_gcs_running(self, say: Callable[[str], None]) -> None:
+        """The embedded server, started again if it stops by itself (see
+        ``Gcs.keep_running``: a PANIC on a full disk)."""
+        while not self._stopping.wait(0.2):
+            try:
+                said = self.gcs.keep_running()
+            except Exception as exc:  # (never expected) said, and tried again
+                said = f"restarting the GCS's PostgreSQL failed: {exc!r}"
+            if said:
+                with contextlib.suppress(OSError):  # (its disk may be full: said later)
+                    say(said)
 
     def _partition_upkeep(self) -> None:
         """Now and then, with the owner's URL: partitions created ahead of the head (so
@@ -183,7 +200,7 @@ class LocalNode:
                 on_event=on_gcs_event,
             )
             gcs.start()
-            return cls(gcs, session_dir, True, config, role)
+            return cls(gcs, session_dir, True, config, role, on_gcs_event)
         except BaseException:
             if gcs is not None:
                 gcs.stop()
@@ -258,6 +275,18 @@ class LocalNode:
         self.gcs.stop()
         if self._owns_session_dir:
             shutil.rmtree(self.session_dir, ignore_errors=True)
+
+
+def _spoken(announce: Callable[[str], None]) -> Callable[[str], None]:
+    """``announce`` that survives a full disk under the node's output (the session's
+    disk may be the GCS's): the text stays buffered and is written once there is room,
+    and the node goes on rather than die of what it tells."""
+
+    def say(text: str) -> None:
+        with contextlib.suppress(OSError):
+            announce(text)
+
+    return say
 
 
 # -- the nodes this machine runs ------------------------------------------------------
@@ -402,6 +431,7 @@ def run_node(
     stopping = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stopping.set())
+    announce = _spoken(announce)
     node = LocalNode.start(
         gcs_url=gcs_url,
         config=config,

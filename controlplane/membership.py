@@ -30,7 +30,7 @@ import asyncpg
 from controlplane.errors import GcsIdentityError
 from controlplane.eventlog import EntityKind, Event, RecordedEvent
 from controlplane.eventlog.appender import append_on
-from controlplane.eventlog.connection import connect, is_connection_error
+from controlplane.eventlog.connection import connect, is_connection_error, is_disk_full
 from controlplane.projections.spec import fold
 from controlplane.settings import env_number
 from controlplane.sql import queries
@@ -56,6 +56,7 @@ def _connection_lost(exc: BaseException, conn: asyncpg.Connection | None) -> boo
         return False
     return (
         is_connection_error(exc)
+        or is_disk_full(exc)  # the GCS cannot write for now: as if away, until it can
         or "GCS" in str(exc)
         or isinstance(exc, asyncpg.InternalClientError)
         or (conn is not None and conn.is_closed())

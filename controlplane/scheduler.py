@@ -39,7 +39,7 @@ from controlplane.eventlog import (
     Tailer,
     fencing,
 )
-from controlplane.eventlog.connection import connect
+from controlplane.eventlog.connection import connect, is_disk_full
 from controlplane.gcs_url import ENV_VAR as GCS_URL_ENV
 from controlplane.settings import env_number
 from controlplane.sql import queries
@@ -130,8 +130,13 @@ class GlobalScheduler:
                         self.apply(event)
                     await self.place_pending()
                     if tailer.position - saved >= self.checkpoint_every:
-                        await self.save_checkpoint(tailer.position)
-                        saved = tailer.position
+                        try:
+                            await self.save_checkpoint(tailer.position)
+                        except Exception as exc:  # a cache: without it, a longer fold
+                            if not is_disk_full(exc):
+                                raise
+                            log.warning("the scheduler checkpoint was not saved: %s", exc)
+                        saved = tailer.position  # (else: the next one, as many events on)
                     if not self.following.is_set() and tailer.position >= head:
                         self.following.set()  # caught up with the log as it was at start
         finally:

@@ -15,14 +15,14 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import psycopg
 import pytest
-from hosts import Host, Hosts, hosts_fixture
+from hosts import PYTHON, Host, Hosts, hosts_fixture
 from processes import ROOT, isolated_env, private_temp_dir, run_cairn
 
 from controlplane import auth, schema
@@ -136,6 +136,236 @@ def test_a_full_spill_disk_fails_the_put_clearly_and_spilling_resumes_once_freed
     assert seen["acked_after"] == [0, 1, 2, 3]
     # the first spill, then those that made room once space was freed
     assert seen["spilled_events"][0] == first and len(seen["spilled_events"]) >= 2
+
+
+# -- a full disk under the GCS's data directory -------------------------------------
+
+UNAVAILABLE_ENV = "CAIRN_GCS_UNAVAILABLE_TIMEOUT_S"
+
+# Run in a host: runs argv[1] tasks and prints their ids, values and errors as JSON.
+TASKS = """
+import json, sys, sdk as ray
+ray.init(address="auto")
+if len(sys.argv) > 2:  # connected first (a full /tmp would hide the cluster's records)
+    print("READY", flush=True)
+    sys.stdin.readline()
+
+@ray.remote
+def square(x):
+    return x * x
+
+refs = [square.remote(i) for i in range(int(sys.argv[1]))]
+out = {"ids": [r.task_id() for r in refs], "values": [], "errors": []}
+for ref in refs:
+    try:
+        out["values"].append(ray.get(ref, timeout=120))
+    except Exception as exc:
+        out["errors"].append(f"{type(exc).__name__}: {exc}")
+print(json.dumps(out))
+ray.shutdown()
+"""
+
+# Run in a host: each task's event types in log order, for the ids on stdin.
+HISTORIES = """
+import asyncio, json, sys, asyncpg, sdk as ray
+ray.init(address="auto")
+url = ray.get_runtime_context().gcs_address
+ids = json.loads(sys.stdin.read())
+
+async def main():
+    conn = await asyncpg.connect(url)
+    try:
+        rows = await conn.fetch(
+            "SELECT entity_id, array_agg(event_type ORDER BY position) AS history "
+            "FROM events WHERE entity_id = ANY($1::text[]) GROUP BY 1", ids)
+    finally:
+        await conn.close()
+    return {row["entity_id"]: row["history"] for row in rows}
+
+print(json.dumps(asyncio.run(main())))
+ray.shutdown()
+"""
+
+# Run in a host: argv[1:] as the head's PostgreSQL superuser (its password and port
+# from the session directory), one statement after the other, until one fails; prints
+# how many ran and the error, as JSON.
+AS_SUPERUSER = """
+import glob, json, os, sys, psycopg
+(session,) = glob.glob("/tmp/cairn-session-*")
+password = open(os.path.join(session, "gcs_password")).read().strip()
+port = open(os.path.join(session, "pgdata", "postmaster.pid")).read().splitlines()[3]
+done, error = 0, None
+try:
+    with psycopg.connect(f"postgresql://cairn:{password}@127.0.0.1:{port}/cairn",
+                         autocommit=True) as conn:
+        for statement in sys.argv[1:]:
+            conn.execute(statement)
+            done += 1
+except psycopg.Error as exc:
+    error = f"{type(exc).__name__}: {exc}"
+print(json.dumps({"done": done, "error": error}))
+"""
+
+
+def _tasks(host: Host, count: int) -> dict:
+    result = host.run([PYTHON, "-c", TASKS, str(count)], timeout=240, check=False)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _tasks_once(host: Host, count: int, meanwhile: Callable[[], None]) -> dict:
+    """``_tasks`` from a driver connected before ``meanwhile`` runs."""
+    driver = host.popen(
+        [PYTHON, "-c", TASKS, str(count), "wait"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert driver.stdout is not None and driver.stdin is not None
+        assert driver.stdout.readline().strip() == "READY"
+        meanwhile()
+        out, err = driver.communicate("go\n", timeout=240)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+    assert driver.returncode == 0, err[-4000:]
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _histories(host: Host, task_ids: list[str]) -> dict[str, list[str]]:
+    result = host.python(HISTORIES, input=json.dumps(task_ids), check=False, timeout=120)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _as_superuser(host: Host, *statements: str) -> dict:
+    result = host.run([PYTHON, "-c", AS_SUPERUSER, *statements], check=False)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _fill_tmp(host: Host, leave_mib: int) -> None:
+    """Makes the host's /tmp (a tmpfs: the head's session directory, PostgreSQL's data
+    directory with it) a small disk, then fills it but for ``leave_mib`` MiB with
+    /tmp/filler; removing the filler frees the space."""
+    used = int(host.run(["df", "-B1", "--output=used", "/tmp"]).stdout.split()[-1])
+    host.run(["mount", "-o", f"remount,size={used + 128 * 1024 * 1024}", "/tmp"])
+    host.run(["dd", "if=/dev/zero", "of=/tmp/filler", "bs=1M"], check=False)
+    if leave_mib:
+        host.run(["truncate", "-s", f"-{leave_mib}M", "/tmp/filler"])
+
+
+def _postmasters(host: Host) -> set[int]:
+    """The PostgreSQL servers (postmasters) running in ``host``."""
+    found = set()
+    for pid in host.pids():
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv[0].endswith(b"/bin/postgres") and b"-D" in argv:
+            found.add(pid)
+    return found
+
+
+def _wait_for(
+    condition: Callable[[], bool], what: str, timeout: float = 60.0, poll: float = 0.05
+) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {timeout:g}s: {what}"
+        time.sleep(poll)
+
+
+def _all_finished(histories: dict[str, list[str]], task_ids: list[str]) -> None:
+    for task_id in task_ids:
+        history = histories.get(task_id, [])
+        assert history[-1:] == ["finished"] and history.count("finished") == 1, history
+
+
+def test_a_full_gcs_disk_fails_appends_clearly_and_the_cluster_resumes_once_freed(
+    one_host: Hosts,
+) -> None:
+    """The disk under the head's PostgreSQL data directory fills up while its
+    write-ahead log still has room (segments made ahead): PostgreSQL answers "could not
+    extend file ...: No space left on device"; appends are held and retried for the
+    unavailability bound (3 s here), then the work that needed them fails with a
+    GcsDiskFullError's message naming the GCS and saying its disk is full. Nothing
+    acknowledged is lost, the node stays up, and once the space is freed new work is
+    recorded again."""
+    host = one_host[0]
+    host.cairn("start", "--head", "--num-cpus", "2", env={UNAVAILABLE_ENV: "3"})
+    try:
+        before = _tasks(host, 40)
+        assert before["errors"] == [] and before["values"] == [i * i for i in range(40)]
+        # write-ahead log segments made ahead (kept, not removed, below min_wal_size), so
+        # that the data files fill up first: the case PostgreSQL answers with an error
+        switches = ["SELECT pg_logical_emit_message(false, 'wal', 'x')", "SELECT pg_switch_wal()"]
+        ran = _as_superuser(
+            host,
+            "ALTER SYSTEM SET min_wal_size = '1GB'",
+            "SELECT pg_reload_conf()",
+            *switches * 8,
+            "CHECKPOINT",
+        )
+        assert ran["error"] is None, ran
+        full = _tasks_once(host, 40, lambda: _fill_tmp(host, leave_mib=0))
+        assert full["errors"], "the disk filled up and every task still recorded"
+        for error in full["errors"]:
+            assert "the GCS at postgresql://cairn_runtime:***@127.0.0.1:" in error, error
+            assert "is out of disk space" in error and "No space left on device" in error
+        host.run(["rm", "/tmp/filler"])  # space is freed
+        after = _tasks(host, 40)
+        assert after["errors"] == [] and after["values"] == [i * i for i in range(40)]
+        _all_finished(_histories(host, before["ids"] + after["ids"]), before["ids"] + after["ids"])
+    finally:
+        host.run(["rm", "-f", "/tmp/filler"])
+        host.cairn("stop", check=False)
+
+
+def test_a_full_disk_under_the_write_ahead_log_stops_postgresql_and_the_head_restarts_it(
+    one_host: Hosts,
+) -> None:
+    """The disk fills up when PostgreSQL needs a new write-ahead log segment: it PANICs,
+    its crash recovery fails for the same reason and the postmaster exits (it does not
+    come back by itself). Callers see an unreachable GCS and hold their appends; the
+    head says what happened (the server log's last words) and starts PostgreSQL again
+    every 2 s; once space is freed it starts, and the cluster goes on with nothing
+    acknowledged lost."""
+    host = one_host[0]
+    host.cairn("start", "--head", "--num-cpus", "2", env={UNAVAILABLE_ENV: "60"})
+    try:
+        before = _tasks(host, 40)
+        assert before["errors"] == []
+        pid_file = host.run(["sh", "-c", "cat /tmp/cairn-session-*/pgdata/postmaster.pid"])
+        postmaster = int(pid_file.stdout.splitlines()[0])
+        _fill_tmp(host, leave_mib=0)
+        switches = ["SELECT pg_logical_emit_message(false, 'wal', 'x')", "SELECT pg_switch_wal()"]
+        crashed = _as_superuser(host, *switches * 64)  # until a new segment is needed
+        assert crashed["error"] is not None, crashed
+        _wait_for(lambda: postmaster not in host.pids(), "PostgreSQL stops")  # (by itself)
+        # the head starts it again, which fails while the disk stays full
+        retries: set[int] = set()
+        _wait_for(
+            lambda: bool(retries.update(_postmasters(host) - {postmaster}) or retries),
+            "the head to start PostgreSQL again",
+            poll=0.005,
+        )
+        _wait_for(lambda: not retries & set(host.pids()), "the new start to fail")
+        host.run(["rm", "/tmp/filler"])  # space is freed
+        after = _tasks(host, 40)  # the head started PostgreSQL again
+        assert after["errors"] == [] and after["values"] == [i * i for i in range(40)]
+        _all_finished(_histories(host, before["ids"] + after["ids"]), before["ids"] + after["ids"])
+        said = host.run(["sh", "-c", "cat /tmp/cairn-node-*.log"]).stdout
+        assert "the GCS's PostgreSQL stopped by itself" in said, said
+        assert "PANIC:  could not write to file" in said, said
+        assert "it could not start yet" in said and "runs again" in said, said
+    finally:
+        host.run(["rm", "-f", "/tmp/filler"])
+        host.cairn("stop", check=False)
 
 
 # -- a GCS wiped, replaced or put back: the checks, in this process ---------------------

@@ -11,7 +11,7 @@ from typing import TypeVar
 
 import asyncpg
 
-from controlplane.errors import GcsFencedError, GcsUnavailableError
+from controlplane.errors import GcsDiskFullError, GcsFencedError, GcsUnavailableError
 from controlplane.eventlog import fencing
 from controlplane.gcs_url import normalize, redact, single_host_urls
 from controlplane.settings import env_number
@@ -56,6 +56,29 @@ def is_connection_error(exc: BaseException) -> bool:
     """True for failures that say the server could not be reached or went away, after
     which the same request may be retried (appends are idempotent)."""
     return isinstance(exc, _CONNECTION_ERRORS)
+
+
+DISK_FULL_SQLSTATE = "53100"
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """True when PostgreSQL could not write for want of disk space under its data
+    directory ("could not extend file ...: No space left on device"): nothing of the
+    statement was written, and the same request may be retried once there is room."""
+    return isinstance(exc, asyncpg.DiskFullError) or (
+        getattr(exc, "sqlstate", None) == DISK_FULL_SQLSTATE
+    )
+
+
+def disk_full_error(url: str, exc: BaseException, how_long: str = "") -> GcsDiskFullError:
+    """The GCS's full disk, said plainly: which GCS, that its disk is full, and
+    PostgreSQL's own words (the file it could not extend)."""
+    said = " ".join(str(exc).split())
+    return GcsDiskFullError(
+        f"the GCS at {redact(url)} is out of disk space{how_long}: the disk under its "
+        f"PostgreSQL data directory is full (PostgreSQL: {said}). Free space there: "
+        "appends go through again once there is room"
+    )
 
 
 async def run_on(
@@ -136,17 +159,22 @@ async def _fenced(conn: asyncpg.Connection, url: str) -> None:
 async def retry_while_unavailable(
     url: str, attempt: Callable[[], Awaitable[T]], *, timeout: float
 ) -> T:
-    """Runs ``attempt`` until it succeeds, retrying connection failures with backoff for
-    at most ``timeout`` seconds; then raises GcsUnavailableError naming the URL."""
+    """Runs ``attempt`` until it succeeds, retrying connection failures (and a full
+    disk under the server's data directory) with backoff for at most ``timeout``
+    seconds; then raises GcsUnavailableError (GcsDiskFullError) naming the URL."""
     deadline = time.monotonic() + timeout
     delay = 0.02
     while True:
         try:
             return await attempt()
         except BaseException as exc:
-            if not is_connection_error(exc) and not isinstance(exc, GcsUnavailableError):
+            full = is_disk_full(exc)
+            if not (full or is_connection_error(exc) or isinstance(exc, GcsUnavailableError)):
                 raise
             if time.monotonic() + delay > deadline:
+                if full:  # the server answers, but cannot write: say so
+                    how_long = f" (for {timeout:.1f}s)" if timeout else " (still)"
+                    raise disk_full_error(url, exc, how_long) from exc
                 how_long = f"stayed unreachable for {timeout:.1f}s" if timeout else "is still down"
                 raise GcsUnavailableError(f"the GCS at {redact(url)} {how_long}: {exc}") from exc
         await asyncio.sleep(delay)
