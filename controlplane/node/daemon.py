@@ -374,10 +374,11 @@ class NodeDaemon(
 
     def _background_done(self, task: asyncio.Task[Any], vital: bool) -> None:
         self._background.discard(task)
-        if not task.cancelled() and isinstance(task.exception(), GcsIdentityError):
-            self._gcs_refused(task.exception())  # type: ignore[arg-type]
-        elif not task.cancelled() and task.exception() is not None:
-            log.error("node daemon: %s failed: %r", task.get_name(), task.exception())
+        error = None if task.cancelled() else task.exception()
+        if isinstance(error, GcsIdentityError):  # not this node's log: it stops, saying so
+            self._gcs_refused(error)
+        elif error is not None:
+            log.error("node daemon: %s failed: %r", task.get_name(), error)
             if vital:
                 self._stopping.set()
 
