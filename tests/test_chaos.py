@@ -15,9 +15,9 @@ host1 and host2. The kinds:
   joins under a new id and declares the old one dead;
 * ``postgres``: a crash of the embedded PostgreSQL (SIGKILL of the postmaster and every
   backend at once), then, after 0.5 to 2 s, the same server started again (binary,
-  user, data, port and settings). Nothing in the head restarts its server (nor reaps
-  it: the zombie's pid makes PostgreSQL's lock files look live, so the test removes
-  them): the test does what an operator, or a service manager, would;
+  user, data, port and settings). The head notices, and leaves a killed server to
+  whoever killed it (it restarts one that stopped by itself): the test does what an
+  operator, or a service manager, would;
 * ``partition``: a random host cut from the network (``link_down``) for 1 to 2 s, well
   under the head's death timeout (``$CAIRN_NODE_DEAD_AFTER_S``, 6 s here, with TCP's
   retransmission back-off), then plugged back in: nobody may die of it;
@@ -483,14 +483,15 @@ class Killer(threading.Thread):
         _wait_gone([postmaster, *backends])
         down = self.schedule.uniform(0.5, 2.0)
         time.sleep(down)  # the outage's length: the scenario
+        # the head reaps its server (else PostgreSQL would take the zombie's pid in its
+        # lock files for a live server), says so, and leaves a killed one to its killer
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{postmaster}").exists():
+            assert time.monotonic() < deadline, "the head did not notice its PostgreSQL died"
+            time.sleep(0.05)
         data_dir = Path(argv[argv.index("-D") + 1])
         settings = dict(a.split("=", 1) for a in argv if "=" in a and not a.startswith("/"))
         port, sockets = settings["port"], Path(settings["unix_socket_directories"])
-        # the dead postmaster is a zombie of the head's process, which never reaps it: by
-        # its pid, PostgreSQL would take these (stale: it and its backends are gone, as
-        # checked above) for the locks of a live server
-        for lock in (data_dir / "postmaster.pid", sockets / f".s.PGSQL.{port}.lock"):
-            _in_host(head, lock).unlink(missing_ok=True)
         with open(_in_host(head, data_dir.parent / "postgres.log"), "ab") as log:
             server = head.popen(
                 ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", *argv],
