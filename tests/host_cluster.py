@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -70,6 +71,42 @@ class HostCluster:
         return rows
 
 
+def start_driver(
+    host: Host, code: str, *args: str, stdin: bool = False
+) -> tuple[subprocess.Popen[str], str]:
+    """A driver script on ``host``, in the background while a test injects a fault; it
+    and the first line it printed (its sign that it reached the point the test waits
+    for). With ``stdin``, it reads its go-ahead there (``finish_driver(input=...)``)."""
+    driver = host.popen(
+        [PYTHON, "-c", code, *args],
+        stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert driver.stdout is not None and driver.stderr is not None
+    first = driver.stdout.readline()
+    if not first:
+        driver.wait()
+        raise AssertionError(f"the driver on {host.name} stopped:\n{driver.stderr.read()[-4000:]}")
+    return driver, first
+
+
+def finish_driver(
+    driver: subprocess.Popen[str], *, input: str | None = None, timeout: float = 180
+) -> dict:
+    """Waits for a driver of ``start_driver`` (killed if it overruns) and returns the
+    JSON object it printed last."""
+    try:
+        out, err = driver.communicate(input, timeout=timeout)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+    assert driver.returncode == 0, err[-4000:]
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def _text(value: object) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
@@ -122,4 +159,4 @@ def running(hosts: Hosts, **options: object) -> Iterator[HostCluster]:
             host.cairn("stop", check=False)
 
 
-__all__ = ["PYTHON", "HostCluster", "running", "start"]
+__all__ = ["PYTHON", "HostCluster", "finish_driver", "running", "start", "start_driver"]

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 from collections.abc import Iterator
 
 import pytest
-from host_cluster import HostCluster, running
+from host_cluster import HostCluster, finish_driver, running, start_driver
 from hosts import PYTHON, Hosts, require_root
 
 from controlplane import auth
@@ -284,28 +283,13 @@ def test_a_lost_node_is_declared_dead_and_its_objects_rebuilt(cluster: HostClust
     driver, asking for the result, gets it rebuilt by re-running its lineage on the
     hosts left."""
     victim, survivor = cluster.hosts[2], cluster.hosts[1]
-    driver = survivor.popen(
-        [PYTHON, "-c", CHAIN, cluster.node_ids["host2"]],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    driver, ready = start_driver(survivor, CHAIN, cluster.node_ids["host2"], stdin=True)
     try:
-        assert driver.stdout is not None and driver.stdin is not None
-        ready = driver.stdout.readline()
-        assert ready.startswith("READY"), ready + driver.stderr.read() if driver.stderr else ""
+        assert ready.startswith("READY"), ready
         assert json.loads(ready.split(" ", 1)[1]) == ["host2"] * 5
         victim.kill_processes()
-        driver.stdin.write("go\n")
-        driver.stdin.flush()
-        out, err = driver.communicate(timeout=180)
     finally:
-        if driver.poll() is None:
-            driver.kill()
-            driver.wait()
-    assert driver.returncode == 0, err[-4000:]
-    seen = json.loads(out.strip().splitlines()[-1])
+        seen = finish_driver(driver, input="go\n")
     assert seen["value"] == 15 and seen["where"] in ("host0", "host1")
     status = cluster.head.cairn("status").stdout
     assert "2 nodes alive, 1 dead" in status, status

@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from host_cluster import HostCluster, running
+from host_cluster import HostCluster, finish_driver, running, start_driver
 from hosts import PYTHON, Host, Hosts, require_root
 
 pytestmark = pytest.mark.timeout(300)
@@ -78,27 +78,9 @@ print(json.dumps({"sum": sum(r[0] for r in results), "hosts": sorted({r[1] for r
 
 
 def _start_driver(cluster: HostCluster, host: Host, body: str) -> subprocess.Popen[str]:
-    driver = host.popen(
-        [PYTHON, "-c", cluster.driver_code(body)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert driver.stdout is not None
-    line = driver.stdout.readline()
-    assert line.startswith("STARTED"), line + (driver.stderr.read() if driver.stderr else "")
+    driver, line = start_driver(host, cluster.driver_code(body))
+    assert line.startswith("STARTED"), line
     return driver
-
-
-def _finish(driver: subprocess.Popen[str], timeout: float = 180) -> dict:
-    try:
-        out, err = driver.communicate(timeout=timeout)
-    finally:
-        if driver.poll() is None:
-            driver.kill()
-            driver.wait()
-    assert driver.returncode == 0, err[-4000:]
-    return json.loads(out.strip().splitlines()[-1])
 
 
 def _deaths(cluster: HostCluster) -> list[str]:
@@ -114,7 +96,7 @@ def test_a_cut_shorter_than_the_death_timeout_kills_nobody(cluster: HostCluster)
     victim.link_down()
     time.sleep(SHORT_CUT_S)  # the length of the cut: the scenario, not an ordering
     victim.link_up()
-    seen = _finish(driver)
+    seen = finish_driver(driver)
     assert seen["sum"] == sum(i * i for i in range(120))
     assert _deaths(cluster) == []
     assert cluster.node_id(victim) == before  # the same incarnation throughout
@@ -154,7 +136,7 @@ print(json.dumps({"sums": ray.get(refs, timeout=120)}))
         time.sleep(3.0)  # the length of the cut
     finally:
         _unblock(victim)
-    seen = _finish(driver)
+    seen = finish_driver(driver)
     assert seen["sums"] == [i * 1_000_000 for i in range(8)]
     assert _deaths(cluster) == []
 
@@ -172,7 +154,7 @@ def test_a_partition_of_the_heads_host_pauses_the_cluster(cluster: HostCluster) 
     cluster.head.link_down()
     time.sleep(SHORT_CUT_S)
     cluster.head.link_up()
-    seen = _finish(driver)
+    seen = finish_driver(driver)
     assert seen["sum"] == sum(i * i for i in range(120))
     assert _deaths(cluster) == []
 
@@ -203,14 +185,7 @@ def test_a_long_cut_declares_the_node_dead_and_refuses_its_old_incarnation(
     follows its death in the log; the daemon stops, and host2 rejoins under a new id."""
     victim = cluster.hosts[2]
     old = cluster.node_id(victim)
-    driver = cluster.hosts[1].popen(
-        [PYTHON, "-c", cluster.driver_code(SLOW_ON_2)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert driver.stdout is not None
-    started = driver.stdout.readline()
+    driver, started = start_driver(cluster.hosts[1], cluster.driver_code(SLOW_ON_2))
     assert started.startswith("STARTED"), started
     task_id = started.split()[1]
     cluster.wait_for_sql(
@@ -227,7 +202,7 @@ def test_a_long_cut_declares_the_node_dead_and_refuses_its_old_incarnation(
             timeout=30,
             what="host2 declared dead",
         )
-        seen = _finish(driver)  # run again elsewhere while host2 is still cut off
+        seen = finish_driver(driver)  # run again elsewhere while host2 is still cut off
         assert seen["ran_on"] in ("host0", "host1")
         time.sleep(max(0.0, LONG_CUT_S - 3.0))  # the rest of the cut: host2's task is over
     finally:

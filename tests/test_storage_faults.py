@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 
 import psycopg
 import pytest
+from host_cluster import finish_driver, start_driver
 from hosts import PYTHON, Host, Hosts, hosts_fixture
 from processes import ROOT, isolated_env, private_temp_dir, run_cairn
 
@@ -215,24 +216,13 @@ def _tasks(host: Host, count: int) -> dict:
 
 def _tasks_once(host: Host, count: int, meanwhile: Callable[[], None]) -> dict:
     """``_tasks`` from a driver connected before ``meanwhile`` runs."""
-    driver = host.popen(
-        [PYTHON, "-c", TASKS, str(count), "wait"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    driver, ready = start_driver(host, TASKS, str(count), "wait", stdin=True)
     try:
-        assert driver.stdout is not None and driver.stdin is not None
-        assert driver.stdout.readline().strip() == "READY"
+        assert ready.strip() == "READY", ready
         meanwhile()
-        out, err = driver.communicate("go\n", timeout=240)
     finally:
-        if driver.poll() is None:
-            driver.kill()
-            driver.wait()
-    assert driver.returncode == 0, err[-4000:]
-    return json.loads(out.strip().splitlines()[-1])
+        seen = finish_driver(driver, input="go\n", timeout=240)
+    return seen
 
 
 def _histories(host: Host, task_ids: list[str]) -> dict[str, list[str]]:
