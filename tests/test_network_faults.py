@@ -110,21 +110,24 @@ def test_a_node_cut_from_its_peers_only_stays_and_its_transfers_resume(
     transfers stall and resume, and the user gets the full result."""
     victim, peer = cluster.hosts[2], cluster.hosts[1]
     gcs_port = _gcs_port(cluster)
-    driver = _start_driver(
-        cluster,
+    driver, started = start_driver(
         peer,
-        """
+        cluster.driver_code(
+            """
 on2 = NodeAffinitySchedulingStrategy(NODES["host2"], soft=False)
 @ray.remote(scheduling_strategy=on2)
 def total(array):
     return int(array.sum())
 ray.get(total.remote(np.ones(10, dtype=np.int64)))
 print("STARTED", flush=True)
-time.sleep(0.5)  # inside the cut: these transfers start while host2 is unreachable
+sys.stdin.readline()  # the cut is in place: these transfers start while it lasts
 refs = [total.remote(ray.put(np.full(1_000_000, i, dtype=np.int64))) for i in range(8)]
 print(json.dumps({"sums": ray.get(refs, timeout=120)}))
-""",
+"""
+        ),
+        stdin=True,
     )
+    assert started.startswith("STARTED"), started
     others = ", ".join(h.ip for h in cluster.hosts if h is not victim)
     # everything between host2 and the others but PostgreSQL's connections
     _block(
@@ -133,6 +136,9 @@ print(json.dumps({"sums": ray.get(refs, timeout=120)}))
         f"ip daddr {{ {others} }} tcp dport != {gcs_port}",
     )
     try:
+        assert driver.stdin is not None
+        driver.stdin.write("go\n")
+        driver.stdin.flush()
         time.sleep(3.0)  # the length of the cut
     finally:
         _unblock(victim)
