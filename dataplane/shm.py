@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
+import secrets
 from pathlib import Path
 
 from dataplane.serialization import Serialized, seal
@@ -24,17 +25,19 @@ def segment_name(prefix: str, object_id: str) -> str:
 def write_segment(name: str, value: Serialized, size: int, reuse: str | None = None) -> None:
     """Creates the segment ``name`` of ``size`` bytes and writes the blob into it.
 
+    The blob is written under a staging name and then renamed to ``name``: a reader
+    never opens a half-written segment, and a segment left under ``name`` by an attempt
+    killed while writing (the task is retried on this node) is replaced, not refused.
     ``reuse`` names a recycled segment (one of a freed object, handed out by the node
-    daemon): it is renamed and overwritten, so its pages, already allocated, need no
-    zeroing or faulting in."""
-    path = SHM_DIR / name
-    fd = -1
+    daemon, so no other process writes it): it is the staging file, and its pages,
+    already allocated, need no zeroing or faulting in."""
+    staging = fd = None
     if reuse is not None:
         with contextlib.suppress(FileNotFoundError):
-            os.rename(SHM_DIR / reuse, path)
-            fd = os.open(path, os.O_RDWR)
-    if fd < 0:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+            fd = os.open(SHM_DIR / reuse, os.O_RDWR)
+            staging = SHM_DIR / reuse
+    if fd is None or staging is None:
+        fd, staging = create_staging(name)
     try:
         os.ftruncate(fd, size)
         # Allocate every page at once and map them populated: much cheaper than
@@ -46,12 +49,27 @@ def write_segment(name: str, value: Serialized, size: int, reuse: str | None = N
                 value.write_into(view)
             finally:
                 view.release()
+        publish(staging, name)
     except BaseException:
         with contextlib.suppress(OSError):
-            os.unlink(path)
+            os.unlink(staging)
         raise
     finally:
         os.close(fd)
+
+
+def create_staging(name: str) -> tuple[int, Path]:
+    """A new file, private to its writer, to write segment ``name`` into before
+    ``publish`` gives it that name. It is under the session's prefix, so one left by a
+    writer killed midway goes with the session (unlink_all)."""
+    staging = SHM_DIR / f"{name}-staging-{os.getpid()}-{secrets.token_hex(4)}"
+    return os.open(staging, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600), staging
+
+
+def publish(staging: Path, name: str) -> None:
+    """Gives a written segment its name, atomically: readers see all of it or nothing,
+    and it replaces a segment an attempt killed while writing left under that name."""
+    os.rename(staging, SHM_DIR / name)
 
 
 def map_segment(name: str, size: int) -> mmap.mmap:

@@ -195,6 +195,34 @@ def test_killed_worker_is_replaced_and_the_task_retried(tmp_path: Path) -> None:
         ray.get(die.remote(str(marker)))
 
 
+def test_a_retry_replaces_the_segment_its_killed_attempt_left_half_written(
+    tmp_path: Path,
+) -> None:
+    """A worker killed while writing a large result leaves its segment behind; the
+    retry on the same node writes the same object id and must not be refused
+    (a chaos run saw FileExistsError fail the job)."""
+    marker = tmp_path / "attempts"
+
+    @ray.remote(max_retries=1)
+    def killed_while_writing(path: str) -> np.ndarray:
+        from dataplane.protocol import return_object_id
+
+        with open(path, "a") as f:
+            f.write("x")
+        context = ray.get_runtime_context()
+        if len(Path(path).read_text()) == 1:
+            name = shm.segment_name(
+                context.get_node_id(), return_object_id(context.get_task_id(), 0)
+            )
+            (shm.SHM_DIR / name).write_bytes(b"half a result")
+            os.kill(os.getpid(), signal.SIGKILL)
+        return np.arange(1_000_000)
+
+    result = ray.get(killed_while_writing.remote(str(marker)))
+    assert marker.read_text() == "xx"
+    assert result.sum() == np.arange(1_000_000).sum()
+
+
 def test_application_errors_are_retried_only_with_retry_exceptions(tmp_path: Path) -> None:
     @ray.remote(max_retries=3)
     def flaky(path: str) -> str:

@@ -18,7 +18,7 @@ import mmap
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from controlplane.eventlog import EntityKind, Event
 from controlplane.node import transfer
@@ -180,7 +180,6 @@ class SpillingMixin:
             await asyncio.to_thread(copy_into_segment, path, name, size)
         except OSError:
             self.objects.uncharge(size)
-            shm.unlink_segment(name)
             raise
         return p.ObjectLocation(object_id, shm_name=name, size=size)
 
@@ -200,21 +199,34 @@ class DamagedCopyError(OSError):
 
 def copy_into_segment(source: Path, name: str, size: int) -> None:
     """Copies a file into a new segment and checks it against the object's checksum
-    (DamagedCopyError: the disk gave back other bytes than were spilled)."""
-    with open(source, "rb") as src, open(shm.SHM_DIR / name, "xb+") as dst:
-        shutil.copyfileobj(src, dst, length=1024 * 1024)
-        if dst.tell() != size:
-            raise OSError(f"{source} holds {dst.tell():,} bytes, not {size:,}")
-        dst.flush()
-        with mmap.mmap(dst.fileno(), size, prot=mmap.PROT_READ) as mapping:
-            view = memoryview(mapping)
-            try:
-                verify(view)
-            except SerializationError as exc:
-                object_id = source.name
-                raise DamagedCopyError(
-                    f"object {object_id}'s bytes do not match their checksum: "
-                    f"its copy {source} is damaged: {exc}"
-                ) from None
-            finally:
-                view.release()
+    (DamagedCopyError: the disk gave back other bytes than were spilled); nothing is
+    left behind when it fails."""
+    fd, staging = shm.create_staging(name)
+    try:
+        with open(source, "rb") as src, os.fdopen(fd, "wb+") as dst:
+            _copy_checked(source, src, dst, size)
+        shm.publish(staging, name)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(staging)
+        raise
+
+
+def _copy_checked(source: Path, src: BinaryIO, dst: BinaryIO, size: int) -> None:
+    """Copies and verifies (DamagedCopyError when the bytes do not match)."""
+    shutil.copyfileobj(src, dst, length=1024 * 1024)
+    if dst.tell() != size:
+        raise OSError(f"{source} holds {dst.tell():,} bytes, not {size:,}")
+    dst.flush()
+    with mmap.mmap(dst.fileno(), size, prot=mmap.PROT_READ) as mapping:
+        view = memoryview(mapping)
+        try:
+            verify(view)
+        except SerializationError as exc:
+            object_id = source.name
+            raise DamagedCopyError(
+                f"object {object_id}'s bytes do not match their checksum: "
+                f"its copy {source} is damaged: {exc}"
+            ) from None
+        finally:
+            view.release()

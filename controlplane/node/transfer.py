@@ -127,7 +127,7 @@ class Puller:
                 f"no room for object {object_id} ({size:,} bytes) in this node's store"
             )
         name = shm.segment_name(self.node_id, object_id)
-        fd = os.open(shm.SHM_DIR / name, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        fd, staging = shm.create_staging(name)
         slots = asyncio.Semaphore(CHUNKS_IN_FLIGHT)
 
         async def chunk(offset: int) -> None:
@@ -141,9 +141,11 @@ class Puller:
             os.ftruncate(fd, size)
             await asyncio.gather(*(chunk(o) for o in range(0, size, rpc.CHUNK_SIZE)))
             await asyncio.to_thread(_check_segment, object_id, address, fd, size)
+            shm.publish(staging, name)
         except BaseException:
             self.objects.uncharge(size)
-            shm.unlink_segment(name)
+            with contextlib.suppress(OSError):
+                os.unlink(staging)
             raise
         finally:
             os.close(fd)
