@@ -5,15 +5,18 @@ every new connection is checked (failover epoch, the log's identity: ``fencing.p
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
+from urllib.parse import parse_qsl, urlsplit
 
 import asyncpg
 
 from controlplane.errors import GcsDiskFullError, GcsFencedError, GcsUnavailableError
 from controlplane.eventlog import fencing
-from controlplane.gcs_url import normalize, redact, single_host_urls
+from controlplane.gcs_url import hosts, normalize, redact, single_host_urls
 from controlplane.settings import env_number
 
 T = TypeVar("T")
@@ -24,6 +27,14 @@ DEFAULT_CONNECT_TIMEOUT_S = 5.0
 # $CAIRN_GCS_UNAVAILABLE_TIMEOUT_S sets it for every process of a cluster.
 DEFAULT_UNAVAILABLE_TIMEOUT_S = 30.0
 UNAVAILABLE_TIMEOUT_ENV = "CAIRN_GCS_UNAVAILABLE_TIMEOUT_S"
+
+
+# How long a connection's server may leave sent data unacknowledged, or keepalive
+# probes unanswered, before the connection fails: a GCS machine that vanished (no RST,
+# packets dropped) is noticed in seconds, not after the kernel's ~15 minutes of
+# retransmissions; $CAIRN_GCS_TCP_TIMEOUT_S sets it.
+DEFAULT_TCP_TIMEOUT_S = 10.0
+TCP_TIMEOUT_ENV = "CAIRN_GCS_TCP_TIMEOUT_S"
 
 
 def resolve_unavailable_timeout(given: float | None = None) -> float:
@@ -133,8 +144,50 @@ async def connect(
 
 
 async def _open(url: str, timeout: float) -> asyncpg.Connection:
+    """A connection to the first host of ``url`` that answers as asked, each host given
+    ``timeout`` of its own: asyncpg's timeout covers all hosts together, so a lost
+    machine first in the list (a handshake that hangs, a server that never answers)
+    would use it all up and the next host (the replica) would never be tried."""
+    host_urls = single_host_urls(url)
+    if len(host_urls) == 1:
+        return await _open_host(url, timeout)
+    prefer_standby = _target_session_attrs(url) == "prefer-standby"
+    fallback: asyncpg.Connection | None = None  # prefer-standby: the first other host
+    failures: list[str] = []
+    cause: BaseException | None = None
     try:
-        return await asyncpg.connect(url, timeout=timeout)
+        for entry, host_url in zip(hosts(url), host_urls, strict=True):
+            try:
+                conn = await _open_host(host_url, timeout)
+                if prefer_standby and not await _in_hot_standby(conn, host_url, timeout):
+                    if fallback is None:
+                        fallback = conn
+                    else:
+                        conn.terminate()
+                    continue
+            except GcsUnavailableError as exc:  # lost, refused, not as asked: the next one
+                cause = exc.__cause__ or exc
+                failures.append(f"{entry}: {_why(cause, timeout, url)}")
+                continue
+            if fallback is not None:
+                fallback.terminate()
+            return conn
+    except BaseException:
+        if fallback is not None:
+            fallback.terminate()
+        raise
+    if fallback is not None:
+        return fallback
+    raise GcsUnavailableError(
+        f"cannot reach the GCS at {redact(url)}: {'; '.join(failures)}"
+    ) from cause
+
+
+async def _open_host(url: str, timeout: float) -> asyncpg.Connection:
+    """One connection to a URL of one host (asyncpg checks ``target_session_attrs``),
+    with dead-peer detection set on its socket."""
+    try:
+        conn = await asyncpg.connect(url, timeout=timeout)
     except BaseException as exc:
         if is_connection_error(exc):
             raise GcsUnavailableError(f"cannot reach the GCS at {redact(url)}: {exc}") from exc
@@ -143,6 +196,68 @@ async def _open(url: str, timeout: float) -> asyncpg.Connection:
             if refused is not None:
                 raise refused from exc
         raise
+    set_tcp_timeouts(conn)
+    return conn
+
+
+def _target_session_attrs(url: str) -> str:
+    """``target_session_attrs`` as asyncpg takes it: the URL's, else the environment's."""
+    given = dict(parse_qsl(urlsplit(url).query)).get("target_session_attrs")
+    return given or os.environ.get("PGTARGETSESSIONATTRS") or "any"
+
+
+async def _in_hot_standby(conn: asyncpg.Connection, url: str, timeout: float) -> bool:
+    """Whether the server is a standby (as asyncpg tells, for prefer-standby); closes
+    the connection if it cannot say."""
+    reported = getattr(conn.get_settings(), "in_hot_standby", None)  # PostgreSQL 14+
+    if reported is not None:
+        return reported == "on"
+    try:
+        return bool(await conn.fetchval("SELECT pg_catalog.pg_is_in_recovery()", timeout=timeout))
+    except BaseException as exc:
+        conn.terminate()
+        if is_connection_error(exc):
+            raise GcsUnavailableError(f"lost the GCS at {redact(url)}: {exc}") from exc
+        raise
+
+
+def _why(exc: BaseException, timeout: float, url: str) -> str:
+    """One host's failure, in a few words (a timeout says nothing by itself)."""
+    if isinstance(exc, asyncpg.TargetServerAttributeNotMatched):
+        return f"does not match target_session_attrs={_target_session_attrs(url)}"
+    if isinstance(exc, asyncio.TimeoutError):
+        return f"no answer within {timeout:g}s"
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def set_tcp_timeouts(conn: asyncpg.Connection) -> None:
+    """Keepalive probes and TCP_USER_TIMEOUT on a connection's TCP socket, so that a
+    request to a server whose machine vanished (no RST: its packets are dropped) fails
+    within ``$CAIRN_GCS_TCP_TIMEOUT_S`` (default 10 s) rather than hanging for the
+    kernel's retransmission timeout (~15 minutes). The user timeout bounds data left
+    unacknowledged; keepalive finds the loss while a request waits on its answer.
+    Unix sockets are left alone; options this platform lacks are skipped."""
+    transport = getattr(conn, "_transport", None)  # asyncpg has no public way to it
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    limit = env_number(TCP_TIMEOUT_ENV, DEFAULT_TCP_TIMEOUT_S, minimum=1)
+    idle = max(1, int(limit / 2))  # quiet this long: probe, then every interval
+    interval = max(1, int((limit - idle) / 3))
+    options = [
+        (socket.IPPROTO_TCP, "TCP_KEEPIDLE", idle),
+        (socket.IPPROTO_TCP, "TCP_KEEPINTVL", interval),
+        (socket.IPPROTO_TCP, "TCP_KEEPCNT", 3),
+        # also decides when unanswered keepalive probes end the connection (Linux)
+        (socket.IPPROTO_TCP, "TCP_USER_TIMEOUT", int(limit * 1000)),
+    ]
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for level, name, value in options:
+            if hasattr(socket, name):
+                sock.setsockopt(level, getattr(socket, name), value)
+    except OSError:  # a socket already closed under us: the next request says so
+        pass
 
 
 async def _fenced(conn: asyncpg.Connection, url: str) -> None:
