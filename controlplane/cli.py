@@ -139,8 +139,23 @@ def partitions_retire(gcs_url: str | None, table_name: str, archive_dir: Path | 
     type=int,
     default=0,
     show_default=True,
-    help="Head only: synchronous replicas of the embedded GCS (0 or 1), on this machine; "
-    "a watchdog promotes the replica when the primary is gone, and every process follows.",
+    help="Head only: synchronous replicas of the embedded GCS (0 or 1), on this machine "
+    "unless --gcs-replica-host names another; a watchdog promotes the replica when the "
+    "primary is gone, and every process follows.",
+)
+@click.option(
+    "--gcs-replica-host",
+    default=None,
+    help="Head only, with --gcs-replicas 1: run the replica on that machine instead of "
+    "this one (start a node there with --gcs-replica), so that the cluster outlives "
+    "this machine.",
+)
+@click.option(
+    "--gcs-replica",
+    "run_gcs_replica",
+    is_flag=True,
+    help="Joining node only: run the head's GCS replica on this machine (the head was "
+    "started with --gcs-replica-host and this machine's address).",
 )
 @click.option("--node-config", default=None, hidden=True)  # from start_in_background
 def start(
@@ -157,6 +172,8 @@ def start(
     disable_auth: bool,
     tls_mode: str,
     gcs_replicas: int,
+    gcs_replica_host: str | None,
+    run_gcs_replica: bool,
     node_config: str | None,
 ) -> None:
     """Start a node: a head (--head) or one that joins a head (--address HOST:PORT).
@@ -169,6 +186,12 @@ def start(
         raise click.UsageError("pass either --head or --address HOST:PORT")
     if gcs_replicas and not head:
         raise click.UsageError("--gcs-replicas is for the head (it runs the GCS)")
+    if gcs_replica_host is not None and not (head and gcs_replicas):
+        raise click.UsageError("--gcs-replica-host is for a head with --gcs-replicas 1")
+    if run_gcs_replica and head:
+        raise click.UsageError(
+            "--gcs-replica is for a node that joins (--address): the head runs the primary"
+        )
     try:
         from controlplane.gcs import check_replicas
 
@@ -191,6 +214,11 @@ def start(
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--address") from None
     use_tls = tls.wanted(tls_mode, *cluster_hosts)
+    if (gcs_replica_host or run_gcs_replica) and not use_tls:
+        raise click.UsageError(
+            "a GCS replica on another machine needs TLS between machines: give addresses "
+            "that are not loopback, and not --tls off"
+        )
     if use_tls and disable_auth:
         raise click.UsageError(
             "TLS needs the cluster token (it is derived from it to join): drop --disable-auth"
@@ -216,6 +244,7 @@ def start(
         )
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from exc
+    replica_plan = None
     if head:
         running = local_node.running_head()
         if running is not None:
@@ -227,7 +256,7 @@ def start(
     else:
         assert address is not None
         token = None if disable_auth else auth.find_token(address)
-        joined, joined_tls = _join(address, token, node_ip_address, use_tls)
+        joined, joined_tls = _join(address, token, node_ip_address, use_tls, run_gcs_replica)
         if joined.get("auth", True) != (not disable_auth):
             raise click.ClickException(
                 f"the head at {address} runs with authentication "
@@ -236,6 +265,13 @@ def start(
             )
         gcs_url = joined["gcs_url"]
         port = 0 if port is None else port
+        if run_gcs_replica:
+            from controlplane.gcs_replica import ReplicaPlan
+
+            if "gcs_replica" not in joined:
+                why = joined.get("gcs_replica_refused", "it does not know of GCS replicas")
+                raise click.ClickException(f"the head at {address} refused: {why}")
+            replica_plan = ReplicaPlan.from_dict(joined["gcs_replica"])
     role = local_node.ClusterRole(
         head=head,
         rpc_port=port,
@@ -243,6 +279,8 @@ def start(
         auth_token=token,
         tls=use_tls,
         joined_tls=None if head else joined_tls,
+        gcs_replica_host=gcs_replica_host,
+        gcs_replica=replica_plan,
     )
     if drawn and block:
         click.echo(_token_notice(token))
@@ -279,15 +317,17 @@ def start(
 
 
 def _join(
-    address: str, token: str | None, node_ip_address: str, use_tls: bool
+    address: str, token: str | None, node_ip_address: str, use_tls: bool, gcs_replica: bool
 ) -> tuple[dict[str, Any], JoinedTls | None]:
     """Asks the head at ``address`` for what joining needs; with TLS, a certificate for
-    a key made here (which never leaves this machine)."""
+    a key made here (which never leaves this machine); with ``gcs_replica``, the plan
+    of the GCS replica this machine is to run."""
     request = None
     key = tls.new_key()
     if use_tls:
         hosts = [node_ip_address, "127.0.0.1", "localhost"]
         request = {"csr": tls.signing_request(key, "cairn node").decode(), "hosts": hosts}
+        request |= {"gcs_replica": True} if gcs_replica else {}
     try:
         joined = rpc.join(address, token, request=request)
     except (ValueError, ConnectionError, rpc.AuthError) as exc:

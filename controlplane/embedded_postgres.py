@@ -42,6 +42,8 @@ from controlplane.session_dirs import new_session_dir
 SUPERUSER = "cairn"
 RUNTIME_ROLE = "cairn_runtime"  # created by migration 0010
 REPLICA_NAME = "cairn_replica"  # the application_name a replica streams as
+# the login a replica on another machine streams with (REPLICATION, no database rights)
+REPLICATION_ROLE = "cairn_replicator"
 DATABASE = "cairn"
 SYSTEM_USER = os.environ.get("CAIRN_PG_SYSTEM_USER", "cairn-postgres")
 _PR_SET_PDEATHSIG = 1
@@ -171,6 +173,7 @@ class EmbeddedPostgres:
         self.listen_host = listen_host
         self.tls = tls
         self._front: PostgresTlsFront | None = None
+        self.replication_user: str | None = None  # the front admits it once it has a login
         self.session_dir = Path(session_dir) if session_dir else new_session_dir()
         self.data_dir = self.session_dir / "pgdata"
         self.socket_dir = self.data_dir
@@ -294,43 +297,106 @@ class EmbeddedPostgres:
         if session_dir is not None:
             Path(session_dir).mkdir(mode=0o700, exist_ok=True)
         replica = EmbeddedPostgres(session_dir, listen_host=self.listen_host, tls=self.tls)
-        replica.data_dir.mkdir(mode=0o700, parents=True)
-        if replica._run_as:
-            os.chown(replica.data_dir, replica._run_as.uid, replica._run_as.gid)
-        shutil.copyfile(self._password_file, replica._password_file)
-        replica._password_file.chmod(0o600)
-        if self._runtime_password_file.exists():  # the role's password is replicated too
-            shutil.copyfile(self._runtime_password_file, replica._runtime_password_file)
-            replica._runtime_password_file.chmod(0o600)
-        replica._run_tool(
-            "pg_basebackup",
-            "-D",
-            str(replica.data_dir),
-            "-d",
-            f"host=127.0.0.1 port={self.port} user={SUPERUSER} application_name={REPLICA_NAME}",
-            "-R",  # writes standby.signal and primary_conninfo: it follows this server
-            "-X",
-            "stream",
-            "--checkpoint=fast",  # not a spread checkpoint: minutes on an idle server
-            env={"PGPASSWORD": self._password_file.read_text().strip()},
+        runtime = (
+            self._runtime_password_file.read_text().strip()
+            if self._runtime_password_file.exists()
+            else None
         )
-        # the copy has this server's settings: a replica promoted later must not wait
-        # for a standby of its own
-        (replica.data_dir / "postgresql.auto.conf").write_text(
-            "".join(
-                line
-                for line in (replica.data_dir / "postgresql.auto.conf")
-                .read_text()
-                .splitlines(keepends=True)
-                if not line.startswith("synchronous_standby_names")
-            )
+        replica.copy_of(
+            f"host=127.0.0.1 port={self.port} user={SUPERUSER}",
+            self._password_file.read_text().strip(),
+            superuser_password=self._password_file.read_text().strip(),
+            runtime_password=runtime,
         )
         replica._launch()
         if synchronous:
-            self.execute(f"ALTER SYSTEM SET synchronous_standby_names = '{REPLICA_NAME}'")
-            self.execute("SELECT pg_reload_conf()")
-            self._wait_synchronous()
+            self.make_synchronous()
         return replica
+
+    def copy_of(
+        self,
+        conninfo: str,
+        password: str,
+        *,
+        superuser_password: str,
+        runtime_password: str | None,
+    ) -> None:
+        """Makes this (not yet started) server a standby of the primary ``conninfo``
+        reaches: a base backup that follows it (``standby.signal``, ``primary_conninfo``
+        with ``password``), which will not wait for a standby of its own once promoted.
+        The logins' passwords are the primary's (its roles are copied): kept here too."""
+        self.data_dir.mkdir(mode=0o700, parents=True)
+        if self._run_as:
+            os.chown(self.data_dir, self._run_as.uid, self._run_as.gid)
+        _write_secret(self._password_file, superuser_password)
+        if runtime_password is not None:
+            _write_secret(self._runtime_password_file, runtime_password)
+        self._run_tool(
+            "pg_basebackup",
+            "-D",
+            str(self.data_dir),
+            "-d",
+            f"{conninfo} application_name={REPLICA_NAME}",
+            "-R",  # writes standby.signal and primary_conninfo: it follows that server
+            "-X",
+            "stream",
+            "--checkpoint=fast",  # not a spread checkpoint: minutes on an idle server
+            env={"PGPASSWORD": password},
+        )
+        # the primary's Unix socket lives in its data directory: its lock file came with
+        # the copy, and would refuse this server on the same port (another machine's)
+        for stale in self.data_dir.glob(".s.PGSQL.*"):
+            stale.unlink(missing_ok=True)
+        # the copy has the primary's settings: promoted later, it must not wait for a
+        # standby of its own
+        auto_conf = self.data_dir / "postgresql.auto.conf"
+        auto_conf.write_text(
+            "".join(
+                line
+                for line in auto_conf.read_text().splitlines(keepends=True)
+                if not line.startswith("synchronous_standby_names")
+            )
+        )
+
+    def make_synchronous(self) -> None:
+        """From now on a commit here waits for the replica (``REPLICA_NAME``) to flush
+        it; returns once the replica streams as the synchronous standby."""
+        self.execute(f"ALTER SYSTEM SET synchronous_standby_names = '{REPLICA_NAME}'")
+        self.execute("SELECT pg_reload_conf()")
+        self._wait_synchronous()
+
+    def replication_login(self) -> str:
+        """A login that may only stream the write-ahead log, for a replica on another
+        machine (it comes through the TLS front, which admits this login for
+        replication alone); its password, drawn once per session."""
+        import psycopg
+        from psycopg import sql
+
+        path = self.session_dir / "gcs_replication_password"
+        if not path.exists():
+            _write_secret(path, secrets.token_urlsafe(24))
+        password = path.read_text().strip()
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            exists = conn.execute(
+                "SELECT 1 FROM pg_roles WHERE rolname = %s", (REPLICATION_ROLE,)
+            ).fetchone()
+            verb = "ALTER" if exists else "CREATE"
+            conn.execute(
+                sql.SQL(verb + " ROLE {} REPLICATION LOGIN PASSWORD {}").format(
+                    sql.Identifier(REPLICATION_ROLE), sql.Literal(password)
+                )
+            )
+        self.replication_user = REPLICATION_ROLE
+        if self._front is not None:
+            self._front.replication_user = REPLICATION_ROLE
+        return password
+
+    def runtime_password(self) -> str | None:
+        path = self._runtime_password_file
+        return path.read_text().strip() if path.exists() else None
+
+    def superuser_password(self) -> str:
+        return self._password_file.read_text().strip()
 
     def _wait_synchronous(self) -> None:
         """Waits until the replica streams as this server's synchronous standby."""
@@ -491,6 +557,7 @@ class EmbeddedPostgres:
                 ca=self.tls.ca,
                 user=RUNTIME_ROLE,
                 database=DATABASE,
+                replication_user=self.replication_user,
             )
             self._front.start()
 

@@ -22,8 +22,10 @@ watchdog, a thread of the head's process (``Gcs``), watches both, every 50 ms:
   waiting on it): the cluster goes on without a replica, and without failover.
 
 One failover per head: after it the cluster runs on the promoted server alone (a new
-replica is not made; restart the head for one). The replica runs on the head's machine:
-it survives the loss of the primary's process, not of the machine.
+replica is not made; restart the head for one). This replica runs on the head's
+machine: it survives the loss of the primary's process, not of the machine. A replica on
+another machine (``gcs_replica.py``) is watched from both ends instead:
+``RemoteStandbyWatch`` on the primary's machine, ``PrimaryWatch`` on the replica's.
 
 **A primary that is only cut off, or frozen, but still running.** On this machine the
 watchdog kills it before promoting, so that case does not arise. Were the primary on
@@ -38,6 +40,7 @@ that never saw it could still open a session there and hang in its first commit.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import logging
@@ -47,7 +50,7 @@ from collections.abc import Callable
 
 import asyncpg
 
-from controlplane.embedded_postgres import EmbeddedPostgres
+from controlplane.embedded_postgres import REPLICA_NAME, EmbeddedPostgres
 from controlplane.eventlog import fencing
 from controlplane.settings import env_number
 
@@ -58,27 +61,34 @@ _INTERVAL_S = 0.05
 _JOIN_TIMEOUT_S = 90.0  # a promotion under way may take a while (pg_promote waits 60 s)
 
 
-def failover_after_s() -> float:
-    return env_number(FAILOVER_AFTER_ENV, DEFAULT_FAILOVER_AFTER_S, minimum=0.1)
+# a primary on another machine is judged over a network: a longer silence, so that a
+# short stall of the link does not move the cluster's log to the other machine
+DEFAULT_REMOTE_FAILOVER_AFTER_S = 3.0
+
+
+def failover_after_s(default: float = DEFAULT_FAILOVER_AFTER_S) -> float:
+    return env_number(FAILOVER_AFTER_ENV, default, minimum=0.1)
 
 
 class _Probe:
-    """One server's liveness, on a connection of its own (the owner's, on loopback)."""
+    """One server's liveness, on a connection of its own (a plain one: on loopback, to
+    the server or to a tunnel to it)."""
 
-    def __init__(self, server: EmbeddedPostgres) -> None:
-        self.server = server
+    def __init__(self, url: str) -> None:
+        self.url = url
         self._conn: asyncpg.Connection | None = None
 
-    async def answers(self, timeout: float) -> bool:
+    async def answers(self, timeout: float, query: str = "SELECT 1") -> object:
+        """The query's answer (SELECT 1: 1), or None if the server did not give one
+        within ``timeout``."""
         try:
             async with asyncio.timeout(timeout):
                 if self._conn is None or self._conn.is_closed():
-                    self._conn = await asyncpg.connect(self.server.url)
-                await self._conn.fetchval("SELECT 1")
-            return True
+                    self._conn = await asyncpg.connect(self.url, ssl=False)
+                return await self._conn.fetchval(query)
         except Exception:
             self.close()
-            return False
+            return None
 
     def close(self) -> None:
         if self._conn is not None:
@@ -134,7 +144,7 @@ class Watchdog:
             self.done.set()
 
     async def _watch(self) -> None:
-        probes = _Probe(self.primary), _Probe(self.replica)
+        probes = _Probe(self.primary.url), _Probe(self.replica.url)
         primary_seen = replica_seen = time.monotonic()
         try:
             while not self._stop.is_set():
@@ -190,3 +200,173 @@ class Watchdog:
         )
         self.replica.kill()
         self.primary.drop_synchronous_standby()
+
+
+class _Loop(abc.ABC):
+    """A watch that runs ``_watch`` in a thread of its own, until stopped or done."""
+
+    name = "cairn-gcs-watch"
+
+    def __init__(self, on_event: Callable[[str], None]) -> None:
+        self.on_event = on_event
+        self.done = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+
+    def start(self) -> _Loop:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(_JOIN_TIMEOUT_S)
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._watch())
+        except Exception as exc:  # never silently: the cluster relies on it
+            log.exception("%s failed", self.name)
+            self.on_event(f"{self.name} failed and watches no more: {exc!r}")
+        finally:
+            self.done.set()
+
+    @abc.abstractmethod
+    async def _watch(self) -> None:
+        """The watch itself: returns once it acted, or when ``_stop`` is set."""
+
+
+class RemoteStandbyWatch(_Loop):
+    """The primary's side of a replica on another machine (``--gcs-replica-host``).
+
+    Commits wait for the replica from the moment it streams (``make_synchronous``): only
+    then is failover armed. The replica is never dropped from here: from this side a
+    lost replica and a cut link look alike, and a primary that went on alone while
+    the replica, cut off from it, promoted itself would be a second primary taking
+    writes. So a lost replica stalls commits until it is back (liveness, not safety).
+    And once the replica answers as a primary (it promoted itself: this server was
+    unreachable from it), this server is killed: its waiting commits are never
+    acknowledged, and every process moves to the promoted one."""
+
+    name = "cairn-gcs-standby-watch"
+
+    def __init__(
+        self,
+        primary: EmbeddedPostgres,
+        replica_url: str,
+        *,
+        on_event: Callable[[str], None] = log.warning,
+    ) -> None:
+        super().__init__(on_event)
+        self.primary = primary
+        self.replica_url = replica_url  # plain, to a tunnel to the replica's TLS front
+        self.synchronous = threading.Event()
+        self.fenced = threading.Event()  # this server was killed: the replica took over
+
+    async def _watch(self) -> None:
+        replica = _Probe(self.replica_url)
+        try:
+            while not self._stop.is_set():
+                if not self.synchronous.is_set() and await asyncio.to_thread(self._streams):
+                    await asyncio.to_thread(self.primary.make_synchronous)
+                    self.synchronous.set()
+                    self.on_event(
+                        "the GCS replica on the other machine streams: commits wait for it "
+                        "from now on, and it takes over if this server is lost"
+                    )
+                if self.synchronous.is_set():
+                    answer = await replica.answers(1.0, "SELECT NOT pg_is_in_recovery()")
+                    if answer is True:
+                        self.primary.kill()
+                        self.fenced.set()
+                        self.on_event(
+                            "the GCS replica on the other machine was promoted (it lost "
+                            "this server): this server is stopped, and the cluster goes on "
+                            "with the promoted one"
+                        )
+                        return
+                await asyncio.sleep(0.2)
+        finally:
+            replica.close()
+
+    def _streams(self) -> bool:
+        import psycopg
+
+        if not self.primary.running:
+            return False
+        try:
+            with psycopg.connect(self.primary.url, autocommit=True, connect_timeout=5) as conn:
+                row = conn.execute(
+                    "SELECT count(*) FROM pg_stat_replication "
+                    "WHERE application_name = %s AND state = 'streaming'",
+                    (REPLICA_NAME,),
+                ).fetchone()
+        except psycopg.Error:
+            return False
+        return bool(row and row[0])
+
+
+class PrimaryWatch(_Loop):
+    """The replica's side, on its own machine: promotes it when the primary (reached
+    through ``primary_url``, a plain URL to a tunnel to the primary's TLS front) has
+    not answered for ``failover_after`` seconds, and starts the replica again if it
+    stopped by itself (the primary's commits wait for it)."""
+
+    name = "cairn-gcs-primary-watch"
+
+    def __init__(
+        self,
+        replica: EmbeddedPostgres,
+        primary_url: str,
+        *,
+        failover_after: float | None = None,
+        on_event: Callable[[str], None] = log.warning,
+        on_promoted: Callable[[], None] = lambda: None,
+    ) -> None:
+        super().__init__(on_event)
+        self.replica = replica
+        self.primary_url = primary_url
+        self.failover_after = (
+            failover_after_s(DEFAULT_REMOTE_FAILOVER_AFTER_S)
+            if failover_after is None
+            else failover_after
+        )
+        self.on_promoted = on_promoted
+        self.promoted = threading.Event()
+        self.lost_at: float | None = None
+        self.promoted_at: float | None = None
+
+    async def _watch(self) -> None:
+        primary = _Probe(self.primary_url)
+        seen = time.monotonic()
+        try:
+            while not self._stop.is_set():
+                if not self.replica.running and not self._stop.is_set():
+                    self.on_event("the GCS replica stopped by itself; starting it again")
+                    await asyncio.to_thread(self.replica.start)
+                if await primary.answers(self.failover_after / 2):
+                    seen = time.monotonic()
+                elif time.monotonic() - seen >= self.failover_after and not self._stop.is_set():
+                    await asyncio.to_thread(self._failover, time.monotonic() - seen)
+                    return
+                await asyncio.sleep(_INTERVAL_S)
+        finally:
+            primary.close()
+
+    def _failover(self, silent_for: float) -> None:
+        self.lost_at = time.monotonic()
+        self.on_event(
+            f"the GCS primary on the head's machine did not answer for {silent_for:.1f}s: "
+            "promoting the replica on this machine"
+        )
+        self.replica.promote()
+        self.promoted_at = time.monotonic()
+        epoch = None
+        with contextlib.suppress(Exception):  # appenders record it anyway as they connect
+            epoch = fencing.record_promotion(self.replica.url)
+        self.promoted.set()
+        self.on_promoted()
+        self.on_event(
+            f"the GCS failed over to this machine{f' at {epoch}' if epoch else ''}, "
+            f"{self.promoted_at - self.lost_at:.2f}s after the primary was found gone"
+        )

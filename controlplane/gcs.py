@@ -29,8 +29,11 @@ from controlplane import schema
 from controlplane.embedded_postgres import EmbeddedPostgres, ServerTls
 from controlplane.errors import EmbeddedPostgresError, GcsUnavailableError
 from controlplane.eventlog.partitions import PartitionManager
-from controlplane.failover import Watchdog
+from controlplane.failover import RemoteStandbyWatch, Watchdog
+from controlplane.gcs_replica import ReplicaPlan
 from controlplane.gcs_url import redact, resolve_gcs_url, with_hosts, with_query
+from controlplane.postgres_tunnel import PostgresTlsTunnel
+from controlplane.tls import NodeTls
 
 DEFAULT_CONNECT_TIMEOUT_S = 5
 MAX_REPLICAS = 1
@@ -68,6 +71,10 @@ def check_replicas(replicas: int, *, external: bool) -> None:
         )
 
 
+def _bracketed(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
 class Gcs:
     """``with Gcs() as gcs: gcs.url`` -- a migrated log, embedded unless a URL is given."""
 
@@ -79,20 +86,33 @@ class Gcs:
         listen_host: str | None = None,
         server_tls: ServerTls | None = None,
         replicas: int = 0,
+        replica_host: str | None = None,
+        node_tls: NodeTls | None = None,
         on_event: Callable[[str], None] = log.warning,
     ) -> None:
         """An embedded server keeps its data in ``session_dir`` (a new one if None) and
         serves other machines at ``listen_host`` (with ``server_tls``) if given;
         ``replicas``: 0, or 1 for a synchronous replica with automatic failover (the
-        embedded server only); ``on_event`` hears the watchdog's failovers."""
+        embedded server only), on this machine, or with ``replica_host`` on that one
+        (``gcs_replica.py``; reached with the head's ``node_tls``); ``on_event`` hears
+        the watchdogs' failovers."""
         self._requested_url = resolve_gcs_url(url)
         check_replicas(replicas, external=self._requested_url is not None)
+        if replica_host is not None and not (replicas and server_tls and node_tls):
+            raise ValueError(
+                "a GCS replica on another machine (--gcs-replica-host) needs --gcs-replicas 1 "
+                "and TLS between machines (a head address that is not loopback, TLS not off)"
+            )
         self.replicas = replicas
+        self.replica_host = replica_host
+        self._node_tls = node_tls
+        self.replica_plan: ReplicaPlan | None = None  # for the replica's machine, at join
+        self._tunnel: PostgresTlsTunnel | None = None  # to the replica's TLS front
         self._embedded_options = (session_dir, listen_host, server_tls)
         self.embedded: EmbeddedPostgres | None = None  # the primary (the promoted one after)
         self.replica: EmbeddedPostgres | None = None  # until it is promoted or dropped
         self.servers: list[EmbeddedPostgres] = []  # every server the URLs name, in order
-        self.watchdog: Watchdog | None = None
+        self.watchdog: Watchdog | RemoteStandbyWatch | None = None
         self._on_event = on_event
         self._lock = threading.Lock()
         self._restarting = threading.Lock()  # a restart (keep_running) or stop at a time
@@ -110,8 +130,10 @@ class Gcs:
         if self.embedded is None:
             return self.url
         host = self.embedded.listen_host or "127.0.0.1"
-        host = f"[{host}]" if ":" in host else host
-        return with_hosts(self.url, [f"{host}:{server.port}" for server in self.servers])
+        entries = [f"{_bracketed(host)}:{server.port}" for server in self.servers]
+        if self.replica_plan is not None:
+            entries.append(f"{_bracketed(self.replica_plan.host)}:{self.replica_plan.port}")
+        return with_hosts(self.url, entries)
 
     @property
     def cluster_tls(self) -> bool:
@@ -130,9 +152,46 @@ class Gcs:
         schema.upgrade(self.owner_url)
         PartitionManager(self.owner_url).maintain()
         self.url = self.embedded.runtime_url() if self.embedded else self.owner_url
-        if self.replicas:
+        if self.replicas and self.replica_host:
+            self._plan_remote_replica()
+        elif self.replicas:
             self._start_replica()
         return self.url
+
+    def _plan_remote_replica(self) -> None:
+        """The replica on ``replica_host`` (made there when its node joins): its login,
+        a tunnel to where it will serve, this machine's URLs naming it too (through the
+        tunnel: this machine's processes follow it if the primary is lost while they
+        live), and the watch that arms failover once it streams."""
+        primary, node_tls, host = self.embedded, self._node_tls, self.replica_host
+        assert primary is not None and node_tls is not None and host is not None
+        assert primary.listen_host is not None
+        replication_password = primary.replication_login()
+        runtime_password = primary.runtime_password()
+        assert runtime_password is not None  # (the runtime's URL was made first)
+        self.replica_plan = ReplicaPlan(
+            host=host,
+            port=primary.port,
+            primary_host=primary.listen_host,
+            superuser_password=primary.superuser_password(),
+            runtime_password=runtime_password,
+            replication_password=replication_password,
+        )
+        self._tunnel = PostgresTlsTunnel(
+            host,
+            primary.port,
+            ca=node_tls.ca(),
+            cert=node_tls.cert_path.read_bytes(),
+            key=node_tls.key_path.read_bytes(),
+        )
+        tunnel_port = self._tunnel.start()
+        hosts = [f"127.0.0.1:{primary.port}", f"127.0.0.1:{tunnel_port}"]
+        self.url = with_query(with_hosts(self.url, hosts), {"target_session_attrs": "read-write"})
+        self.watchdog = RemoteStandbyWatch(
+            primary,
+            with_hosts(primary.runtime_url(), [f"127.0.0.1:{tunnel_port}"]),
+            on_event=self._on_event,
+        ).start()
 
     def _start_replica(self) -> None:
         """The replica, the URLs naming both servers, and the watchdog."""
@@ -211,6 +270,9 @@ class Gcs:
         if self.watchdog is not None:
             self.watchdog.stop()
             self.watchdog = None
+        if self._tunnel is not None:
+            self._tunnel.stop()
+            self._tunnel = None
         # the replica first: its data may lie in the primary's session directory
         for server in reversed(self.servers):
             server.stop()

@@ -32,8 +32,9 @@ from controlplane.errors import GcsIdentityError
 from controlplane.eventlog import fencing
 from controlplane.eventlog.partitions import PartitionManager
 from controlplane.gcs import Gcs
+from controlplane.gcs_replica import RemoteReplica, ReplicaPlan
 from controlplane.gcs_url import ENV_VAR as GCS_URL_ENV
-from controlplane.gcs_url import JOIN_ENV_VAR, with_query
+from controlplane.gcs_url import JOIN_ENV_VAR, JOIN_REPLICA_ENV_VAR, with_query
 from controlplane.node.daemon import new_node_id
 from controlplane.session_dirs import alive, new_session_dir, sweep_stale
 from controlplane.settings import env_number
@@ -102,6 +103,10 @@ class ClusterRole:
     # that joined brings what the head issued it (see JoinedTls)
     tls: bool = False
     joined_tls: JoinedTls | None = dataclasses.field(default=None, repr=False)
+    # the GCS's replica on another machine (gcs_replica.py): on a head, that machine's
+    # address; on the node that joins there, the plan the head answered with
+    gcs_replica_host: str | None = None
+    gcs_replica: ReplicaPlan | None = dataclasses.field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -127,11 +132,13 @@ class LocalNode:
         config: NodeConfig,
         role: ClusterRole | None,
         on_gcs_event: Callable[[str], None] = log.warning,
+        gcs_replica: RemoteReplica | None = None,
     ) -> None:
         self.gcs = gcs
         self.session_dir = session_dir
         self.config = config
         self.role = role
+        self.gcs_replica = gcs_replica  # the head's GCS's replica, run on this machine
         self._owns_session_dir = owns_session_dir
         self.daemon, self.node_id = self._launch_daemon()
         self._stopping = threading.Event()
@@ -189,19 +196,31 @@ class LocalNode:
         watchdog promotes when the primary is gone (``on_gcs_event`` hears of it)."""
         session_dir = new_session_dir()
         gcs: Gcs | None = None
+        replica: RemoteReplica | None = None
         try:
             gcs_url, listen_host, server_tls = _tls_for(role, session_dir, gcs_url)
+            node_tls = tls.NodeTls.find(session_dir)
             gcs = Gcs(
                 gcs_url,
                 session_dir=session_dir,
                 listen_host=listen_host,
                 server_tls=server_tls,
                 replicas=gcs_replicas,
+                replica_host=role.gcs_replica_host if role else None,
+                node_tls=node_tls,
                 on_event=on_gcs_event,
             )
             gcs.start()
-            return cls(gcs, session_dir, True, config, role, on_gcs_event)
+            if role is not None and role.gcs_replica is not None:
+                if node_tls is None:
+                    raise ValueError("a GCS replica on this machine needs TLS (as its head)")
+                replica = RemoteReplica(
+                    role.gcs_replica, session_dir, node_tls, on_event=on_gcs_event
+                ).start()
+            return cls(gcs, session_dir, True, config, role, on_gcs_event, replica)
         except BaseException:
+            if replica is not None:
+                replica.stop()
             if gcs is not None:
                 gcs.stop()
             shutil.rmtree(session_dir, ignore_errors=True)
@@ -237,6 +256,10 @@ class LocalNode:
             if self.role.head:  # what the head hands a node that joins
                 env[JOIN_ENV_VAR] = self.gcs.cluster_url
                 command += ["--join-gcs-tls"] if self.gcs.cluster_tls else []
+                if self.gcs.replica_plan is not None:
+                    env[JOIN_REPLICA_ENV_VAR] = self.gcs.replica_plan.to_json()
+            if self.gcs_replica is not None:  # it outlives the head's machine: so must this
+                command += ["--membership-monitor"]
         daemon: subprocess.Popen[bytes] | None = None
         try:
             daemon = subprocess.Popen(command, stdin=subprocess.DEVNULL, env=env)
@@ -245,6 +268,8 @@ class LocalNode:
             if daemon is not None:
                 with contextlib.suppress(Exception):
                     daemon.kill()
+                    daemon.wait()
+            shm.unlink_all(node_id)
             raise
         return daemon, node_id
 
@@ -272,6 +297,8 @@ class LocalNode:
                 self.daemon.kill()
                 self.daemon.wait()
         shm.unlink_all(self.node_id)
+        if self.gcs_replica is not None:
+            self.gcs_replica.stop()
         self.gcs.stop()
         if self._owns_session_dir:
             shutil.rmtree(self.session_dir, ignore_errors=True)
@@ -466,8 +493,15 @@ def run_node(
                     refused = str(error)
                     announce("the new daemon refused the GCS; this node stops")
                     break
+                except RuntimeError as error:  # it died starting: one more death
+                    announce(f"the new node daemon failed to start: {error}")
+                    continue
                 record = _record(node, role.head, cluster)
                 announce(f"a new node daemon {node.node_id} runs in its place")
+            if scheduler is None and node.gcs_replica is not None and node.gcs_replica.promoted:
+                # the head's machine is gone: its global scheduler with it
+                announce("the GCS failed over to this machine: running a global scheduler")
+                scheduler = _start_scheduler(node.gcs.url, node.session_dir)
             if scheduler is not None and scheduler.poll() is not None:
                 if scheduler.returncode == fencing.GCS_REFUSED_EXIT:
                     # not the log it followed: the daemon will refuse it too, and stop
@@ -512,8 +546,11 @@ def start_in_background(
         env[auth.TOKEN_ENV] = role.auth_token
     if join_address is not None:
         command += ["--address", join_address]
+        command += ["--gcs-replica"] if role.gcs_replica is not None else []
     else:
         command += ["--head", "--gcs-replicas", str(gcs_replicas)]
+        if role.gcs_replica_host is not None:
+            command += ["--gcs-replica-host", role.gcs_replica_host]
         if gcs_url is not None:
             env[GCS_URL_ENV] = gcs_url
     starting = Path(tempfile.gettempdir()) / f"cairn-node-{time.time_ns()}.log"

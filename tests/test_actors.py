@@ -8,6 +8,7 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+from log_rows import wait_for_rows
 
 import sdk as ray
 from controlplane.projections import Projector
@@ -276,6 +277,10 @@ class Resettable:
         self.n += 1
         return self.n
 
+    def add_to(self, value: int) -> int:
+        self.n += 1
+        return value + self.n
+
     def leave(self) -> None:
         ray.actor.exit_actor()
 
@@ -317,6 +322,36 @@ async def test_restart_loses_no_queued_call_and_resets_state_once() -> None:
         "alive",
         "dead",
     ]
+
+
+@ray.remote
+def _later(seconds: float, value: int) -> int:
+    time.sleep(seconds)
+    return value
+
+
+def test_calls_waiting_for_arguments_run_after_a_restart() -> None:
+    """Calls sent straight to the actor's worker whose argument was not ready yet when
+    the daemon recorded them, interrupted by the worker's death: the new instance runs
+    them once the argument is ready (a chaos run saw them wait for ever, the daemon
+    holding them behind an argument it had never been asked to watch)."""
+    import os
+    import signal
+
+    actor = Resettable.remote()
+    pid = ray.get(actor.pid.remote())
+    argument = _later.remote(3.0, 7)
+    refs = [actor.add_to.remote(argument) for _ in range(5)]
+    wait_for_rows(  # the daemon recorded the calls (their argument is still pending)
+        ray.get_runtime_context().gcs_address,
+        "SELECT 1 FROM events WHERE entity_id = ANY($1::text[]) AND event_type = 'submitted'",
+        [r.task_id() for r in refs],
+        count=5,
+    )
+    assert ray.wait([argument], timeout=0)[1] == [argument]
+    os.kill(pid, signal.SIGKILL)
+    assert ray.get(refs, timeout=60) == [8, 9, 10, 11, 12]
+    assert ray.get(actor.pid.remote()) != pid
 
 
 def test_a_call_interrupted_without_task_retries_fails(tmp_path: Path) -> None:

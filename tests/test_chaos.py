@@ -32,19 +32,16 @@ attempt that found nothing to hit is logged as such and does not count); then th
 driver finishes the wave it is in. What must hold: every kind was injected; the driver
 saw no error and every wave's result equals the fault-free one (computed here with
 numpy); afterwards each host runs exactly one live node, every live node has all its
-resources back, and the dead nodes are what the faults killed (one head per head-daemon
-fault, none on host1, whose only faults are short partitions); and nothing is left of
-the hosts (the fixture removes them).
+resources back, and the dead nodes are what the faults killed (at most one head per
+head-daemon fault, at least one if there was one; none on host1, whose only faults
+are short partitions); and nothing is left of the hosts (the fixture removes them).
 
-What is not injected, because the product does not survive it yet:
-
-* a daemon killed while it starts (only ready ones are killed), and a PostgreSQL crash
-  within ``QUIET_S`` (20 s) of a fault that cost a node its daemon: a daemon that dies
-  or cannot reach the GCS while it starts takes its whole node down (run_node does not
-  catch the start's failure), and a lost object whose lineage is read during the GCS's
-  restart is given up (ObjectLostError) instead of waiting for it;
-* more than 2 daemon deaths of one node in 70 s: a node starts at most 3 new daemons a
-  minute and stops at the 4th death, by design.
+Daemons are killed whatever they are doing, while they start included, and PostgreSQL
+crashes whenever its turn comes, while a node recovers included: a daemon that dies
+while it starts is one more death of its node, which starts another, and a daemon that
+starts, or a lost object whose lineage is read, while PostgreSQL is down waits for it.
+What is not injected: more than 2 daemon deaths of one node in 70 s (a node starts at
+most 3 new daemons a minute and stops at the 4th death, by design).
 
 CI runs the seeds of ``$CAIRN_CHAOS_SEEDS`` (default ``1,2``), one test each; the seed
 and the log of what was injected are printed, and ``CAIRN_CHAOS_SEEDS=<seed>`` replays
@@ -93,7 +90,6 @@ KINDS = tuple(os.environ.get("CAIRN_CHAOS_KINDS", ",".join(ALL_KINDS)).split(","
 assert set(KINDS) <= set(ALL_KINDS), f"unknown fault kinds: {set(KINDS) - set(ALL_KINDS)}"
 SEEDS = [int(s) for s in os.environ.get("CAIRN_CHAOS_SEEDS", "1,2").split(",") if s.strip()]
 MAX_ROUNDS = 3
-QUIET_S = 20.0  # no PostgreSQL crash sooner after a node lost its daemon (see above)
 DEAD_AFTER_S = 6.0
 MAPS, PER_REDUCE, WIDTH, FACTOR = 1000, 20, 20_000, 3  # 160 KB per map output
 
@@ -370,7 +366,6 @@ class Killer(threading.Thread):
         self._start = time.monotonic()
         self._deaths: dict[int, list[float]] = {}  # node process -> its daemons' deaths
         self.failed_starts = 0  # of replacement nodes (each may leave a dead node)
-        self._node_lost_at = -QUIET_S  # when a fault last cost a node its daemon
 
     @property
     def missing(self) -> list[str]:
@@ -385,14 +380,10 @@ class Killer(threading.Thread):
             for _round in range(MAX_ROUNDS):
                 for kind in self.schedule.sample(KINDS, len(KINDS)):
                     gap = self.schedule.uniform(1.0, 2.5)
-                    if kind == "postgres":  # not while a node recovers (see the docstring)
-                        gap = max(gap, QUIET_S - (time.monotonic() - self._node_lost_at))
                     if not self.missing or self.stop.wait(gap):
                         return
                     at = time.monotonic() - self._start
                     target, injected = getattr(self, "_" + kind.replace("-", "_"))()
-                    if injected and kind in ("node", "daemon", "head-daemon", "partition-dead"):
-                        self._node_lost_at = time.monotonic()
                     self.log.append(Injection(kind, target, injected, round(at, 1)))
                     print(f"chaos {at:6.1f}s {kind}: {target}", flush=True)
         except BaseException as exc:  # the test reports it
@@ -424,12 +415,13 @@ class Killer(threading.Thread):
 
     def _kill_daemon(self, host: Host) -> tuple[str, bool]:
         what = f"{'head' if host is self.hosts[0] else 'node'} daemon on {host.name}"
-        ready = [pid for pid in _daemons(host) if _daemon_ready(host, pid)]
-        if not ready:
-            return f"nothing to kill: no {what} ready", False
-        if self._spared(_parent(ready[0])):
+        daemons = _daemons(host)
+        if not daemons:
+            return f"nothing to kill: no {what} running", False
+        if self._spared(_parent(daemons[0])):
             return f"spared: the {what}'s node lost 2 daemons in the last 70 s", False
-        return self._kill(ready, what)
+        starting = "" if _daemon_ready(host, daemons[0]) else " (starting)"
+        return self._kill(daemons, what + starting)
 
     def _worker(self) -> tuple[str, bool]:
         workers = [(h, pid) for h in self.hosts for pid in _processes(h, "dataplane.worker")]
@@ -621,7 +613,9 @@ def test_a_map_reduce_job_survives_every_kind_of_fault(
         f"after the job: {seen}"
     )
     deaths = Counter(host for host, _cause in dead)
-    assert deaths["host0"] == killer.count("head-daemon"), failed(f"dead nodes {dead}")
+    # a head daemon killed while it started may die before it registered: no dead node
+    head_kills = killer.count("head-daemon")
+    assert min(head_kills, 1) <= deaths["host0"] <= head_kills, failed(f"dead nodes {dead}")
     assert deaths["host1"] == 0, failed(f"a short partition killed a node: {dead}")
     killed = killer.count("node", "daemon", "partition-dead")  # some while starting, maybe
     killed += killer.failed_starts

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from hosts import PYTHON, Hosts, hosts_fixture
+from hosts import PYTHON, Host, Hosts, hosts_fixture
 from log_rows import fetch_rows, rows
 from processes import ROOT, isolated_env, private_temp_dir, run_cairn
 
@@ -311,7 +311,6 @@ def test_a_lost_replica_is_dropped_and_the_primary_goes_on() -> None:
 # results, and what the log it reaches says, as JSON.
 JOB = """
 import asyncio, json, sys, time
-import asyncpg
 import sdk as ray
 
 ray.init(address="auto")
@@ -330,7 +329,8 @@ more = [square.remote(i) for i in range(2000, 2500)]
 assert ray.get(refs + more, timeout=120) == [i * i for i in range(2500)]
 
 async def log(url):
-    conn = await asyncpg.connect(url)
+    from controlplane.eventlog.connection import connect  # each host its own timeout
+    conn = await connect(url)
     try:
         return {
             "history": {r["entity_id"]: r["history"] for r in await conn.fetch(
@@ -342,6 +342,7 @@ async def log(url):
             "epochs": [[r["epoch"], r["timeline"]] for r in await conn.fetch(
                 "SELECT epoch, timeline FROM gcs_epochs ORDER BY epoch")],
             "port": await conn.fetchval("SELECT inet_server_port()"),
+            "recovery": await conn.fetchval("SELECT pg_is_in_recovery()"),
         }
     finally:
         await conn.close()
@@ -494,3 +495,90 @@ def test_gcs_replicas_is_refused_where_it_cannot_work() -> None:
         assert not (tmp / "cairn-nodes").exists() or not list((tmp / "cairn-nodes").iterdir())
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+three_hosts = hosts_fixture(3)
+
+
+@pytest.mark.timeout(360)
+def test_a_job_rides_out_the_loss_of_the_heads_machine(three_hosts: Hosts) -> None:
+    """The head (host a) runs the GCS's primary; host b a node and the GCS's replica
+    (``--gcs-replica-host b`` on the head, ``--gcs-replica`` on b); host c a node and
+    the driver. Host a is lost as a machine: cut off (packets dropped, as a pulled
+    cable), then every process on it killed. With no command typed, b promotes its
+    replica, b's node declares the head's node dead and runs a global scheduler, and
+    the job on c finishes; the log on b holds every acknowledged event and the
+    promotion's epoch. What the user sees: a pause, then the job goes on."""
+    a, b, c = three_hosts
+    env = {
+        "CAIRN_AUTH_TOKEN": "failover-test-" + secrets.token_urlsafe(16),
+        "CAIRN_NODE_DEAD_AFTER_S": "6",  # (TCP gives up on the lost machine in 10 s)
+    }
+    head = ["--address", f"{a.ip}:6380"]
+    try:
+        a.cairn(
+            "start",
+            "--head",
+            "--node-ip-address",
+            a.ip,
+            "--num-cpus",
+            "1",
+            "--gcs-replicas",
+            "1",
+            "--gcs-replica-host",
+            b.ip,
+            env=env,
+        )
+        refused = c.cairn(  # the replica is planned on b, not c
+            "start", *head, "--node-ip-address", c.ip, "--gcs-replica", env=env, check=False
+        )
+        assert refused.returncode != 0 and f"plans its GCS replica on {b.ip}" in refused.stderr
+        b.cairn(
+            "start", *head, "--node-ip-address", b.ip, "--num-cpus", "2", "--gcs-replica", env=env
+        )
+        c.cairn("start", *head, "--node-ip-address", c.ip, "--num-cpus", "2", env=env)
+        _wait(
+            lambda: "commits wait for it" in _node_logs(a),
+            "the head's primary waits for the replica on b",
+        )
+        head_node = a.run(["sh", "-c", "cat /tmp/cairn-session-*/node.ready"]).stdout.strip()
+        driver = c.popen(
+            [PYTHON, "-c", JOB],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+        def lose_host_a() -> None:
+            a.link_down()
+            a.kill_processes()
+
+        assert driver.stdin is not None and driver.stdout is not None
+        line = driver.stdout.readline()
+        assert line, driver.communicate()
+        acked = json.loads(line)
+        lose_host_a()
+        driver.stdin.write("lost\n")
+        driver.stdin.flush()
+        out, err = driver.communicate(timeout=240)
+        assert driver.returncode == 0, err[-4000:]
+        job = json.loads(out.strip().splitlines()[-1])
+        assert job["acked"] == acked and len(acked) >= 200 and len(job["tasks"]) == 2500
+        assert job["recovery"] is False and job["epochs"] == [[1, 1], [2, 2]]
+        history = job["history"]
+        for task_id in job["tasks"]:
+            assert history[task_id][-1] == "finished", history[task_id]
+        assert [node for node, _cause in job["deaths"]] == [head_node]
+        said = _node_logs(b)
+        assert "the GCS failed over to this machine" in said, said
+        assert "running a global scheduler" in said, said
+    finally:
+        for host in (c, b, a):
+            host.cairn("stop", check=False)
+    _wait(lambda: b.pids() == [] and c.pids() == [], "every process of the cluster gone")
+
+
+def _node_logs(host: Host) -> str:
+    """What the nodes of a test host said (their output files in its /tmp)."""
+    return host.run(["sh", "-c", "cat /tmp/cairn-node-*.log"], check=False).stdout

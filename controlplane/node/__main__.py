@@ -18,7 +18,7 @@ from controlplane import auth
 from controlplane.errors import GcsIdentityError
 from controlplane.eventlog import fencing
 from controlplane.gcs_url import ENV_VAR as GCS_URL_ENV
-from controlplane.gcs_url import JOIN_ENV_VAR
+from controlplane.gcs_url import JOIN_ENV_VAR, JOIN_REPLICA_ENV_VAR
 from controlplane.node.daemon import NodeDaemon
 
 
@@ -42,8 +42,15 @@ def main() -> None:
     parser.add_argument(
         "--join-gcs-tls", action="store_true", help="joining nodes reach the GCS over TLS"
     )
+    parser.add_argument(
+        "--membership-monitor",
+        action="store_true",
+        help="declare silent nodes dead, as the head does (the GCS replica's node)",
+    )
     args = parser.parse_args()
     join_gcs_url = os.environ.pop(JOIN_ENV_VAR, None)
+    # the GCS replica's plan, secrets included: for the node that joins to run it
+    replica_plan = os.environ.pop(JOIN_REPLICA_ENV_VAR, None)
     if not args.gcs_url:
         parser.error(f"the GCS URL is needed (${GCS_URL_ENV} or --gcs-url)")
     # the token comes in the environment (not argv, which any user can read); taken out
@@ -65,6 +72,8 @@ def main() -> None:
         head=args.head,
         auth_token=None if args.disable_auth else token,
         join_gcs=(join_gcs_url or args.gcs_url, args.join_gcs_tls),
+        join_gcs_replica=json.loads(replica_plan) if replica_plan else None,
+        membership_monitor=args.membership_monitor,
     )
     # The daemon makes and drops many small objects per task and call, almost none in
     # cycles: collecting the young generation every 700 allocations cost ~10% of its

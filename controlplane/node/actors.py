@@ -616,6 +616,13 @@ class ActorsMixin:
             actor.queue.appendleft(record)
         else:
             actor.queue.append(record)
+        # A call sent straight to the worker never waited here for its arguments (its
+        # caller resolved them): now it does, or the queue behind it would wait for ever
+        # for arguments this node was never asked to bring (made on other nodes).
+        deps = record.spec.dependencies()
+        record.pending_deps = {d for d in deps if not self.objects.is_ready(d)}
+        for dep in list(record.pending_deps):
+            self.objects.on_ready(dep, lambda d=dep, r=record: self._actor_dep_ready(actor, r, d))
 
     # -- names -----------------------------------------------------------------------
 

@@ -31,16 +31,17 @@ import sys
 import time
 import uuid
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
 from controlplane import auth
 from controlplane.errors import GcsError, GcsIdentityError
 from controlplane.eventlog import EntityKind, Event, EventAppender, FailureLog
-from controlplane.eventlog.connection import connect
+from controlplane.eventlog.connection import connect, retry_while_unavailable
 from controlplane.membership import (
     HEARTBEAT_MIN_INTERVAL_S,
     LivenessPinger,
@@ -62,6 +63,7 @@ from controlplane.tls import NodeTls
 from dataplane import protocol as p
 from dataplane import shm
 
+T = TypeVar("T")
 log = logging.getLogger("cairn.node")
 K = EntityKind
 _FINAL_FLUSH_TIMEOUT_S = 5.0
@@ -147,6 +149,8 @@ class NodeDaemon(
         head: bool = False,
         auth_token: str | None = None,
         join_gcs: tuple[str, bool] | None = None,
+        join_gcs_replica: dict[str, Any] | None = None,
+        membership_monitor: bool = False,
     ) -> None:
         self.session_dir = session_dir
         # In a cluster (rpc_port given; 0: any free port): the gRPC service, liveness
@@ -159,6 +163,8 @@ class NodeDaemon(
         # the head's answer to a node that joins: the GCS URL it reaches (and whether
         # with TLS); the node's certificate, where the cluster runs TLS
         self.join_gcs = join_gcs or (gcs_url, False)
+        self.join_gcs_replica = join_gcs_replica  # for the node on its host that asks
+        self.membership_monitor = head or membership_monitor
         self.tls = NodeTls.find(session_dir) if rpc_port is not None else None
         self.address = ""  # host:port of the gRPC service, once it listens
         self.socket_path = str(session_dir / "node.sock")
@@ -226,7 +232,8 @@ class NodeDaemon(
     # -- lifecycle -----------------------------------------------------------------
 
     async def serve(self) -> None:
-        await self.appender.start()
+        # a daemon started while PostgreSQL restarts (after a crash of both) waits for it
+        await self._while_unavailable(self.appender.start)
         if self.rpc_port is not None:
             await self._join_cluster()
         self._log(
@@ -286,17 +293,18 @@ class NodeDaemon(
         self.address = f"{self.rpc_host}:{port}"
         (self.session_dir / "node.address").write_text(self.address)
         self._pinger = LivenessPinger(self.gcs_url, self.node_id, self.address, self._stopping.set)
-        await self._pinger.register()
+        # each read or write of the join rides out a GCS that restarts meanwhile
+        await self._while_unavailable(self._pinger.register)
         self._spawn(self._pinger.run(), vital=True)
         self._spawn(self._heartbeats(), vital=True)
-        after = await self._log_head()
-        members = await cluster_nodes(self.gcs_url)
+        after = await self._while_unavailable(self._log_head)
+        members = await self._while_unavailable(lambda: cluster_nodes(self.gcs_url))
         alive = [n for n in members if n["state"] == "ALIVE" and n["node_id"] != self.node_id]
         self.dead_nodes.update(n["node_id"] for n in members if n["state"] != "ALIVE")
         self.peers = {n["node_id"] for n in alive}
         self.peer_addresses = {n["node_id"]: n["address"] for n in alive}
         self._spawn(self._follow_log(after), vital=True)
-        if self.head:
+        if self.membership_monitor:
             self._monitor = MembershipMonitor(self.gcs_url)
             self._spawn(self._monitor.run(), vital=True)
 
@@ -312,10 +320,23 @@ class NodeDaemon(
             "gcs_tls": gcs_tls,
         }
         authority = self.tls.authority() if self.tls is not None else None
+        hosts = [str(h) for h in request.get("hosts", [])][:8]
         if authority is not None and request.get("csr"):
-            hosts = [str(h) for h in request.get("hosts", [])][:8]
             cert = authority.issue_for_request(str(request["csr"]).encode(), "cairn node", hosts)
             answer |= {"ca": authority.certificate.decode(), "cert": cert.decode()}
+        if request.get("gcs_replica"):
+            plan = self.join_gcs_replica
+            if plan is None:
+                answer["gcs_replica_refused"] = (
+                    "this head plans no GCS replica on another machine: start it with "
+                    "--gcs-replicas 1 --gcs-replica-host HOST"
+                )
+            elif plan["host"] not in hosts:
+                answer["gcs_replica_refused"] = (
+                    f"this head plans its GCS replica on {plan['host']}, not on {', '.join(hosts)}"
+                )
+            else:
+                answer["gcs_replica"] = plan
         return answer
 
     def _fenced(self, error: GcsError) -> None:
@@ -357,6 +378,11 @@ class NodeDaemon(
         """A call without the cluster token leaves this event and nothing else."""
         payload = {"method": method, "peer": peer}
         self._log([Event(K.NODE, self.node_id, "auth_refused", payload, node_id=self.node_id)])
+
+    async def _while_unavailable(self, attempt: Callable[[], Awaitable[T]]) -> T:
+        return await retry_while_unavailable(
+            self.gcs_url, attempt, timeout=self.appender.unavailable_timeout
+        )
 
     async def _log_head(self) -> int:
         conn = await connect(self.gcs_url)

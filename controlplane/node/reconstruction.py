@@ -79,11 +79,7 @@ class ReconstructionMixin:
         """A put has no task to re-run: its value comes back from the log (small ones)
         or from its durable copy (put(durable=True)), else it is lost for good."""
         try:
-            conn = await connect(self.gcs_url)
-            try:
-                row = await conn.fetchrow(queries["put_value"], object_id)
-            finally:
-                await conn.close()
+            row = await self._read_row("put_value", object_id)
             if row is None:
                 raise LookupError("the log has no created event for it")
             if row["data"] is not None:
@@ -187,17 +183,26 @@ class ReconstructionMixin:
 
     async def _lineage(self: Any, task_id: str) -> tuple[p.TaskSpec, int]:
         """A task's spec from its ``submitted`` event, and the attempt its re-run is."""
-        conn = await connect(self.gcs_url)
-        try:
-            row = await conn.fetchrow(queries["task_lineage"], task_id)
-        finally:
-            await conn.close()
+        row = await self._read_row("task_lineage", task_id)
         if row is None or row["submitted"] is None:
             raise LookupError(f"the log has no submitted event for task {task_id}")
         spec, _ = p.submitted_spec(row["submitted"])
         if spec.function_id and spec.function_id not in self.functions:
             raise LookupError(f"the code of {spec.name} is not known on this node")
         return spec, int(row["attempt"] or 0) + 1
+
+    async def _read_row(self: Any, query: str, key: str) -> Any:
+        """One row of the log, read through a GCS restart (a rebuild started while
+        PostgreSQL is down waits for it, as appends do, rather than give the object up)."""
+
+        async def read() -> Any:
+            conn = await connect(self.gcs_url)
+            try:
+                return await conn.fetchrow(queries[query], key)
+            finally:
+                await conn.close()
+
+        return await self._while_unavailable(read)
 
     def _rebuild_record(self: Any, spec: p.TaskSpec, attempt: int) -> TaskRecord:
         from controlplane.node.daemon import TaskRecord
