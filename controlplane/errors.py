@@ -26,6 +26,13 @@ class LogGapError(GcsError):
     an invariant of the log is broken (never expected; raised rather than skipping)."""
 
 
+class LogDivergedError(GcsError):
+    """After a failover, the log no longer holds events a tailer had read on the old
+    primary (commits that became visible there without reaching the replica, never
+    acknowledged to their writers): whatever was built on them may not stand. The
+    process stops, and one started anew reads the log as it is."""
+
+
 class GcsDiskFullError(GcsUnavailableError):
     """The GCS's PostgreSQL could not write: the disk under its data directory is full
     (SQLSTATE 53100, "could not extend file ...: No space left on device"). Held and

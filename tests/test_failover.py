@@ -34,8 +34,8 @@ from processes import ROOT, isolated_env, private_temp_dir, run_cairn
 import sdk as ray
 from controlplane import schema, tls
 from controlplane.embedded_postgres import EmbeddedPostgres, ServerTls, server_processes
-from controlplane.errors import GcsFencedError
-from controlplane.eventlog import EntityKind, Event, EventAppender, fencing
+from controlplane.errors import GcsFencedError, LogDivergedError
+from controlplane.eventlog import EntityKind, Event, EventAppender, Tailer, fencing
 from controlplane.gcs import Gcs
 from controlplane.gcs_url import with_query
 from controlplane.session_dirs import alive
@@ -101,6 +101,58 @@ def test_failover_to_a_promoted_replica_loses_no_acknowledged_event(
         assert "finished" in history[task_id], task_id
     for ref in refs:  # and the whole job, each transition once
         assert history[ref.task_id()] == ["submitted", "scheduled", "running", "finished"]
+
+
+def test_a_tailer_that_read_events_the_promoted_replica_lacks_stops(
+    servers: tuple[EmbeddedPostgres, EmbeddedPostgres],
+) -> None:
+    """Events visible on the old primary that never reached the replica (here: the
+    replica stopped streaming and the primary stopped waiting for it) were read by one
+    tailer; after the failover the log holds other events at those positions. That
+    tailer refuses to go on (LogDivergedError); one that read only what the replica had
+    goes on with the new primary's events."""
+    primary, replica = servers
+    password = primary.url.split("@")[0].rsplit(":", 1)[1]
+    both = (
+        f"postgresql://cairn:{password}@127.0.0.1:{primary.port},127.0.0.1:{replica.port}"
+        "/cairn?target_session_attrs=read-write"
+    )
+
+    async def run() -> None:
+        async with (
+            EventAppender(primary.url) as appender,
+            Tailer(both) as diverged,
+            Tailer(both) as faithful,
+        ):
+            replicated = await appender.append_many([_job(f"both {i}") for i in range(3)])
+            _wait(lambda: _replica_has(replica, replicated[-1]), "the replica has them")
+            assert len(await faithful.read(wait=5)) == 3
+            replica.execute("ALTER SYSTEM SET primary_conninfo = ''")  # it stops following
+            replica.execute("SELECT pg_reload_conf()")
+            primary.drop_synchronous_standby()
+            await appender.append_many([_job(f"old primary only {i}") for i in range(2)])
+            assert len(await diverged.read(wait=5)) == 5  # 3 replicated, 2 not
+        primary.kill()
+        replica.promote()
+        fencing.record_promotion(replica.url)
+        async with EventAppender(replica.url) as appender:
+            await appender.append_many([_job(f"new primary {i}") for i in range(4)])
+        async with Tailer(both, unavailable_timeout=10) as check:
+            assert [e.entity_id for e in await check.read(wait=5)][3:] == [
+                f"new primary {i}" for i in range(4)
+            ]
+        with pytest.raises(LogDivergedError, match=r"no longer holds 2 event\(s\)"):
+            await diverged.read(wait=10)
+        after = await faithful.read(wait=10)  # (positions 4 to 7: the new primary's)
+        assert [e.entity_id for e in after] == [f"new primary {i}" for i in range(4)]
+        await diverged.close()
+        await faithful.close()
+
+    asyncio.run(run())
+
+
+def _replica_has(replica: EmbeddedPostgres, position: int) -> bool:
+    return _count(replica.url, f"SELECT count(*) FROM events WHERE position = {position}") == 1
 
 
 # -- fencing ---------------------------------------------------------------------------

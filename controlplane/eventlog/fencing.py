@@ -242,6 +242,11 @@ def remembered() -> tuple[Identity | None, int, int] | None:
     return None if memory is None else (memory.identity, memory.epoch, memory.position)
 
 
+def epoch_of(conn: asyncpg.Connection) -> int | None:
+    """The epoch of the server behind ``conn``, as checked when it was opened."""
+    return _epoch_of.get(conn)
+
+
 def saw(position: int, conn: asyncpg.Connection | None) -> None:
     """The log holds ``position`` (appended or read on ``conn``): a log of the same
     identity and epoch found later below it was put back from an older copy."""

@@ -9,6 +9,15 @@ than skip past it.
 
 It is woken by ``NOTIFY cairn_events_v1`` (sent by every append at commit) and catches
 up by query; a periodic poll covers notifications lost while reconnecting.
+
+**After a failover.** A primary that dies while commits wait for its synchronous
+replica can show them to readers although they never reached the replica (PostgreSQL:
+"the transaction has already committed locally, but might not have been replicated"),
+and their writers, never answered, append them again on the promoted server, maybe at
+other positions. So the tailer keeps the ids of the last ``RECENT`` events it returned,
+and when it reconnects to a server of another epoch it checks that the log there holds
+them at the same positions; if not, LogDivergedError: what its process built on them may
+not stand, and it stops rather than go on from a history the log does not have.
 """
 
 from __future__ import annotations
@@ -16,12 +25,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import uuid
+from collections import deque
 from collections.abc import AsyncIterator
 from types import TracebackType
 
 import asyncpg
 
-from controlplane.errors import LogGapError
+from controlplane.errors import LogDivergedError, LogGapError
 from controlplane.eventlog import fencing
 from controlplane.eventlog.connection import (
     DEFAULT_CONNECT_TIMEOUT_S,
@@ -34,6 +45,7 @@ from controlplane.eventlog.events import RecordedEvent
 from controlplane.sql import queries
 
 CHANNEL = "cairn_events_v1"
+RECENT = 10_000  # events whose ids are kept, to check after a failover
 
 
 class Tailer:
@@ -59,6 +71,8 @@ class Tailer:
         self.unavailable_timeout = resolve_unavailable_timeout(unavailable_timeout)
         self._conn: asyncpg.Connection | None = None
         self._wake = asyncio.Event()
+        self._recent: deque[tuple[int, uuid.UUID]] = deque(maxlen=RECENT)
+        self._epoch: int | None = None  # of the server the recent events were read on
 
     async def __aenter__(self) -> Tailer:
         await self._connect()
@@ -90,6 +104,7 @@ class Tailer:
             events = self._contiguous(rows)
             if events:
                 self.position = events[-1].position
+                self._recent.extend((e.position, e.event_id) for e in events)
                 fencing.saw(self.position, self._conn)  # a log found later below it was put back
                 return events
             if rows:  # a hole right after our position: wait for it to fill
@@ -128,7 +143,26 @@ class Tailer:
 
     async def _connect(self) -> None:
         self._conn = await connect(self.url, timeout=self.connect_timeout)
+        epoch = fencing.epoch_of(self._conn)
+        if self._epoch is not None and epoch is not None and epoch != self._epoch:
+            await self._check_recent(self._conn)
+        self._epoch = epoch if epoch is not None else self._epoch
         await self._conn.add_listener(CHANNEL, self._on_notify)
+
+    async def _check_recent(self, conn: asyncpg.Connection) -> None:
+        """The events this tailer returned last are where it read them (see the
+        module's docstring), or LogDivergedError."""
+        read = dict(self._recent)
+        rows = await conn.fetch(queries["event_ids_at"], list(read))
+        held = {row["position"]: row["event_id"] for row in rows}
+        lost = sorted(pos for pos, event_id in read.items() if held.get(pos) != event_id)
+        if lost:
+            raise LogDivergedError(
+                f"after a failover the log no longer holds {len(lost)} event(s) this process "
+                f"read on the old primary (positions {lost[0]} to {lost[-1]}): commits that "
+                "never reached the replica. What was built on them may not stand: this "
+                "process stops, and one started anew reads the log as it is"
+            )
 
     def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
         self._wake.set()

@@ -23,6 +23,10 @@ SELECT position, event_id, recorded_at, job_id, entity_kind::text AS entity_kind
  ORDER BY position
  LIMIT $2
 
+-- event_ids_at --
+-- What the log holds at positions a tailer read before a failover (see tailer.py).
+SELECT position, event_id FROM events WHERE position = ANY($1::bigint[])
+
 -- head_position --
 SELECT last_position FROM event_log_head WHERE id = 1
 
