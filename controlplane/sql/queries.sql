@@ -98,10 +98,22 @@ RETURNING node_id, last_ping
 UPDATE node_liveness SET dead_at = clock_timestamp() WHERE node_id = $1 AND dead_at IS NULL
 
 -- node_events --
-SELECT position, event_id, recorded_at, job_id, entity_kind::text AS entity_kind, entity_id,
-       event_type, node_id, payload::text AS payload, data
-  FROM events
- WHERE entity_kind = 'node'
+-- What the membership folds from: every node event but heartbeats, and each node's
+-- latest heartbeat (a heartbeat replaces the one before: the others change nothing),
+-- through the partial index events_node_idx (migration 0014).
+SELECT * FROM (
+    SELECT position, event_id, recorded_at, job_id, entity_kind::text AS entity_kind,
+           entity_id, event_type, node_id, payload::text AS payload, data
+      FROM events
+     WHERE entity_kind = 'node' AND event_type <> 'heartbeat'
+    UNION ALL
+    (SELECT DISTINCT ON (entity_id) position, event_id, recorded_at, job_id,
+            entity_kind::text AS entity_kind, entity_id, event_type, node_id,
+            payload::text AS payload, data
+       FROM events
+      WHERE entity_kind = 'node' AND event_type = 'heartbeat'
+      ORDER BY entity_id, position DESC)
+) membership
  ORDER BY position
 
 -- infeasible_tasks --
