@@ -88,6 +88,7 @@ class ActorsMixin:
 
     def _create_actor(self: Any, conn: Connection, creation: TaskRecord) -> None:
         spec = creation.spec
+        assert spec.actor_id is not None  # an actor's creation task
         actor = ActorRecord(spec.actor_id, creation, conn)
         self.actors[actor.actor_id] = actor
         self.unscheduled_actors.add(actor.actor_id)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from controlplane.eventlog import EntityKind, Event, RecordedEvent, Tailer
 from controlplane.membership import cluster_nodes
@@ -266,7 +266,10 @@ class ClusterMixin:
     def _run_placed(self: Any, event: RecordedEvent) -> None:
         from controlplane.node.daemon import TaskRecord
 
-        spec, blob, owner_address = p.decode_frame(event.data)
+        assert event.data is not None  # a placed event carries (spec, blob, owner address)
+        spec, blob, owner_address = cast(
+            "tuple[p.TaskSpec, bytes | None, str]", p.decode_frame(event.data)
+        )
         own = self.spilled.pop(spec.task_id, None)
         if own is not None:  # placed back on this node: run it here after all
             own.placed_back = True
@@ -389,6 +392,7 @@ class ClusterMixin:
     def _host_actor(self: Any, creation: TaskRecord, owner_address: str) -> None:
         from controlplane.node.actors import ActorRecord
 
+        assert creation.spec.actor_id is not None  # an actor's creation task
         actor = ActorRecord(creation.spec.actor_id, creation, None)
         self.actors[actor.actor_id] = actor
         self.unscheduled_actors.add(actor.actor_id)
@@ -404,7 +408,8 @@ class ClusterMixin:
         actor's queue in the order of the log, so each caller's order holds."""
         from controlplane.node.daemon import TaskRecord
 
-        spec = p.decode_frame(event.data)
+        assert event.data is not None  # a forwarded call carries its spec
+        spec = cast(p.TaskSpec, p.decode_frame(event.data))
         address = self.peer_addresses.get(event.node_id or "", "")
         record = TaskRecord(spec, None, attempt=int(event.payload.get("attempt", 0)))
         record.placed_from = address

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import os
@@ -676,11 +677,12 @@ class NodeDaemon(
             return
 
         async def keep_on_disk(name: str) -> None:
-            path: Path | None = self.durable_dir / location.object_id
+            copy = self.durable_dir / location.object_id
+            path: Path | None = copy
             try:
                 self.durable_dir.mkdir(parents=True, exist_ok=True)
                 await asyncio.to_thread(shm.seal_segment, name)  # recovery checks the copy
-                await asyncio.to_thread(shutil.copyfile, shm.SHM_DIR / name, path)
+                await asyncio.to_thread(shutil.copyfile, shm.SHM_DIR / name, copy)
             except OSError as exc:  # the put stands, without a copy on disk
                 log.warning(
                     "put %s could not be made durable in %s: %s",
@@ -784,10 +786,11 @@ class NodeDaemon(
 
     def _push_objects(self, conn: Connection, object_ids: list[str]) -> None:
         for object_id in object_ids:
-            self.objects.on_ready(
-                object_id,
-                lambda oid=object_id: conn.send(p.ObjectsReady([self.objects.location(oid)])),
-            )
+
+            def push(oid: str = object_id) -> None:
+                conn.send(p.ObjectsReady([self.objects.location(oid)]))
+
+            self.objects.on_ready(object_id, push)
 
     def _object_freed(self, location: p.ObjectLocation) -> None:
         if location.shm_name is not None and not self.pool.keep(location.shm_name, location.size):
@@ -847,7 +850,7 @@ class NodeDaemon(
                 ]
             )
             for dep in list(record.pending_deps):
-                self.objects.on_ready(dep, lambda d=dep, r=record: self._dep_done(r, d))
+                self.objects.on_ready(dep, functools.partial(self._dep_done, record, dep))
         else:
             self._enqueue(record)
 

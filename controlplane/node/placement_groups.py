@@ -249,6 +249,7 @@ class PlacementGroupsMixin:
         """For a task in a placement group: the bundle of this node to run it in now
         (None: wait, or go to the bundle's node: see _bundle_elsewhere), or why it can
         never run."""
+        assert record.spec.strategy is not None  # a placement group's task
         _, pg_id, index, _ = record.spec.strategy
         group = self.placement_groups.get(pg_id)
         if group is None or group.state == "REMOVED":
@@ -272,6 +273,7 @@ class PlacementGroupsMixin:
     def _bundle_elsewhere(self: Any, record: TaskRecord) -> bool:
         """Whether a task of a group made here must run on another node (its bundle,
         or every bundle for index -1, is there): it is spilled to it."""
+        assert record.spec.strategy is not None  # a placement group's task
         _, pg_id, index, _ = record.spec.strategy
         group = self.placement_groups.get(pg_id)
         if group is None or not group.owned or not group.cluster or group.state != "CREATED":

@@ -50,8 +50,13 @@ def object_service(objects: ObjectTable) -> tuple[rpc.Handler, rpc.RawHandler]:
         if objects.state(object_id) in ("pending", "spilled", "remote"):
             # on its way here (its events not yet durable: a puller reading the log can
             # be quicker than this node), or to be restored from disk or fetched
-            ready = asyncio.get_running_loop().create_future()
-            objects.on_ready(object_id, lambda: ready.done() or ready.set_result(None))
+            ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+            def wake() -> None:
+                if not ready.done():
+                    ready.set_result(None)
+
+            objects.on_ready(object_id, wake)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(ready, WAIT_FOR_PENDING_S)
         location = located(object_id)
