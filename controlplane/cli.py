@@ -322,7 +322,7 @@ def _join(
     """Asks the head at ``address`` for what joining needs; with TLS, a certificate for
     a key made here (which never leaves this machine); with ``gcs_replica``, the plan
     of the GCS replica this machine is to run."""
-    request = None
+    request: dict[str, Any] | None = None
     key = tls.new_key()
     if use_tls:
         hosts = [node_ip_address, "127.0.0.1", "localhost"]

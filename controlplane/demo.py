@@ -12,6 +12,7 @@ import asyncio
 import multiprocessing
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import asyncpg
 
@@ -20,7 +21,7 @@ from controlplane.gcs import Gcs
 from controlplane.gcs_url import redact
 from controlplane.projections import Projector
 
-LIFECYCLE = (
+LIFECYCLE: tuple[tuple[str, dict[str, Any]], ...] = (
     ("submitted", {"name": "demo.square"}),
     ("scheduled", {}),
     ("running", {"worker_id": "worker-0"}),

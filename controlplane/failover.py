@@ -47,6 +47,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import Self
 
 import asyncpg
 
@@ -213,7 +214,7 @@ class _Loop(abc.ABC):
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
 
-    def start(self) -> _Loop:
+    def start(self) -> Self:
         self._thread.start()
         return self
 

@@ -93,7 +93,8 @@ class LivenessPinger:
             except Exception as exc:  # the GCS is away: keep trying, the monitor decides
                 if not _connection_lost(exc, self._conn):
                     raise
-                self._conn = _dropped(self._conn)
+                _dropped(self._conn)
+                self._conn = None
                 continue
             if alive is None:
                 log.error("node %s was declared dead by the cluster; stopping", self.node_id)
@@ -136,7 +137,8 @@ class MembershipMonitor:
             except Exception as exc:
                 if not _connection_lost(exc, self._conn):
                     raise
-                self._conn, outage = _dropped(self._conn), True
+                _dropped(self._conn)
+                self._conn, outage = None, True
 
     async def check_once(self) -> list[str]:
         """Declares the nodes silent for ``dead_after`` seconds dead; returns their ids."""

@@ -15,6 +15,7 @@ reads only those entities' events through the per-entity index for their fields.
 from __future__ import annotations
 
 import asyncio
+import operator
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -236,7 +237,7 @@ def _by_kind(entities: list[tuple[str, dict[str, Any]]]) -> dict[str, list[dict[
     for kind, entity in entities:
         grouped[PLURAL[EntityKind(kind)]].append(entity)
     for kind, items in zip(FIELDS, grouped.values(), strict=True):
-        items.sort(key=lambda e, key=f"{kind.value}_id": e[key])
+        items.sort(key=operator.itemgetter(f"{kind.value}_id"))
     return grouped
 
 

@@ -509,6 +509,8 @@ class SyncChannel:
     def __init__(self, path: str | None = None, *, sock: socket.socket | None = None) -> None:
         """Connects to ``path``, or wraps ``sock`` (a connection already accepted)."""
         if sock is None:
+            if path is None:
+                raise TypeError("SyncChannel needs a socket path or a connected sock")
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.connect(path)
         self.sock = sock

@@ -17,7 +17,9 @@ def run_sql_file(name: str) -> None:
     from alembic import op
 
     script = (SQL_DIR / f"{name}.sql").read_text()
-    cursor = op.get_bind().connection.dbapi_connection.cursor()
+    dbapi_connection = op.get_bind().connection.dbapi_connection
+    assert dbapi_connection is not None  # (None only once the connection is closed)
+    cursor = dbapi_connection.cursor()
     try:
         cursor.execute(script)
     finally:

@@ -208,8 +208,14 @@ def put_serialized(
 def get(object_refs: ObjectRef | Sequence[ObjectRef], *, timeout: float | None = None) -> Any:
     """The value(s) of ref(s), waiting for them; raises the task's error if it failed."""
     single = isinstance(object_refs, ObjectRef)
-    refs = [object_refs] if single else object_refs
-    if not isinstance(refs, list | tuple) or not all(isinstance(r, ObjectRef) for r in refs):
+    refs: list[ObjectRef] = []
+    if isinstance(object_refs, ObjectRef):
+        refs = [object_refs]
+    elif isinstance(object_refs, list | tuple) and all(
+        isinstance(r, ObjectRef) for r in object_refs
+    ):
+        refs = list(object_refs)
+    else:
         raise ValueError("'object_refs' must either be an ObjectRef or a list of ObjectRefs.")
     if timeout is not None and timeout < 0:
         raise ValueError(f"'timeout' must be a non-negative number or None, got {timeout}")

@@ -28,10 +28,11 @@ def _not_json(value: object) -> object:
 # _JSON.encode builds a new C encoder for every call; every event's payload is encoded
 # on the appending path, so one is built once (no cycle check: a cyclic payload is a
 # RecursionError, refused like any other invalid payload)
+_c_make_encoder = getattr(json.encoder, "c_make_encoder", None)  # (not in typeshed)
 _C_ENCODER = (
     None
-    if json.encoder.c_make_encoder is None
-    else json.encoder.c_make_encoder(
+    if _c_make_encoder is None
+    else _c_make_encoder(
         None, _not_json, json.encoder.encode_basestring_ascii, None, ":", ",", False, False, False
     )
 )

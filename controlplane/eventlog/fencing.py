@@ -273,7 +273,7 @@ def _save(memory: _Memory) -> None:
     memory.saved_at = time.monotonic()
     if memory.path is None or memory.identity is None:
         return
-    data = {
+    data: dict[str, Any] = {
         "cluster_id": memory.identity.cluster_id,
         "system_id": memory.identity.system_id,
         "epoch": memory.epoch,
@@ -307,7 +307,7 @@ def check_identity(
     where = f"refusing the GCS at {redact(url)}"
     with _lock:
         known = memory.identity
-        seen_epoch, seen = seen if seen is not None else (memory.epoch, memory.position)
+        seen_epoch, seen_position = seen if seen is not None else (memory.epoch, memory.position)
         if known is not None and found is None:
             raise GcsIdentityError(
                 f"{where}: it holds no Cairn log with an identity (an empty database, or "
@@ -333,14 +333,14 @@ def check_identity(
             )
         if row["standby"]:
             return
-        if known is not None and epoch == seen_epoch and head < seen:
+        if known is not None and epoch == seen_epoch and head < seen_position:
             raise GcsIdentityError(
                 f"{where}: its log ({found}) ends at position {head:,}, below position "
-                f"{seen:,} that this node has already seen (both at epoch {epoch}: no "
+                f"{seen_position:,} that this node has already seen (both at epoch {epoch}: no "
                 "failover between): it was put back from an older "
                 f"copy (a restored backup), and what came after position {head:,} is "
                 f"missing from it. Going on would hand out positions {head + 1:,} to "
-                f"{seen:,} (and the ids made since) a second time; this node stops"
+                f"{seen_position:,} (and the ids made since) a second time; this node stops"
             )
         changed = known is None or epoch > memory.epoch or head > memory.position
         memory.identity = found

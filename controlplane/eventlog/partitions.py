@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pyarrow as pa
@@ -24,6 +25,15 @@ from psycopg.rows import dict_row
 from controlplane.errors import GcsError, GcsUnavailableError
 from controlplane.gcs_url import normalize, redact
 from controlplane.sql import queries
+
+
+def _one(cursor: psycopg.Cursor[tuple[Any, ...]], what: str) -> tuple[Any, ...]:
+    """The row of a query that always returns one (none: the schema is not migrated)."""
+    row = cursor.fetchone()
+    if row is None:
+        raise GcsError(f"the GCS returned no {what}: is its schema migrated?")
+    return row
+
 
 PARQUET_SCHEMA = pa.schema(
     [
@@ -99,14 +109,15 @@ class PartitionManager:
         role (``cairn_runtime``) this skips every partition and returns nothing."""
         done = []
         with self._connect() as conn:
-            head = conn.execute(queries["head_position"]).fetchone()[0]
+            head = _one(conn.execute(queries["head_position"]), "log head")[0]
             for part in self._all(conn):
                 if part.state != "attached" or part.upper_bound > head + 1:
                     continue
                 index = f"{part.table_name}_entity_idx"
-                missing, may_build = conn.execute(
-                    *_pg("partition_index_missing", index, part.table_name)
-                ).fetchone()
+                missing, may_build = _one(
+                    conn.execute(*_pg("partition_index_missing", index, part.table_name)),
+                    "answer about an index",
+                )
                 if not missing or not may_build:
                     continue
                 conn.execute(
@@ -136,7 +147,7 @@ class PartitionManager:
             part = self._get(conn, table_name)
             if part.state != "attached":
                 raise GcsError(f"partition {table_name} is {part.state}, not attached")
-            head = conn.execute(queries["head_position"]).fetchone()[0]
+            head = _one(conn.execute(queries["head_position"]), "log head")[0]
             if part.upper_bound > head + 1:
                 raise GcsError(
                     f"partition {table_name} [{part.lower_bound}, {part.upper_bound}) still "
@@ -192,7 +203,7 @@ class PartitionManager:
         with self._connect() as conn:
             self._get(conn, table_name)  # a partition of the log, not any table
             query = pgsql.SQL("SELECT count(*) FROM {}").format(pgsql.Identifier(table_name))
-            return int(conn.execute(query).fetchone()[0])
+            return int(_one(conn.execute(query), "count")[0])
 
     def drop(self, table_name: str) -> None:
         """Drops a partition that was detached (and, usually, archived)."""
