@@ -20,6 +20,8 @@ from pathlib import Path
 
 import grpc
 
+from controlplane.node_records import local_nodes
+
 TOKEN_ENV = "CAIRN_AUTH_TOKEN"
 TOKEN_FILE = "auth_token"
 METADATA_KEY = "authorization"
@@ -64,11 +66,9 @@ def read_token(session_dir: Path) -> str | None:
 def find_token(address: str) -> str | None:
     """The token to call the cluster at ``address`` (HOST:PORT of any of its nodes)
     with: ``$CAIRN_AUTH_TOKEN``, else that of a node of this machine in that cluster."""
-    from controlplane import local_node
-
     if os.environ.get(TOKEN_ENV):
         return os.environ[TOKEN_ENV]
-    for node in local_node.local_nodes():
+    for node in local_nodes():
         if address in (node.address, node.cluster):
             token = read_token(node.session_dir)
             if token is not None:

@@ -369,13 +369,13 @@ def _running_cluster_url(*, owner: bool = False) -> str:
     runtime's, or with ``owner`` the schema owner's where the head runs an embedded
     server whose session directory this user may read (maintenance, such as dropping
     partitions, is DDL, which the runtime role may not do)."""
-    from controlplane import local_node
+    from controlplane import node_records
     from controlplane.embedded_postgres import owner_url
     from dataplane.client import CoreClient
 
     try:
-        session_dir = local_node.find_running()
-        client = CoreClient(str(session_dir / local_node.NODE_SOCKET), "observer")
+        session_dir = node_records.find_running()
+        client = CoreClient(str(session_dir / node_records.NODE_SOCKET), "observer")
     except ConnectionError as exc:
         raise click.ClickException(str(exc)) from exc
     try:
@@ -564,14 +564,14 @@ def replay(
     """Re-run a recorded job (or one task and its upstream) from the log on the running
     cluster, and report the first task whose output differs from the recorded one.
     Exits 0 when every task matched, 1 at a divergence."""
-    from controlplane import local_node
+    from controlplane import node_records
     from controlplane.replay import ReplayError, UnknownIdError, replay
 
     url = resolve_gcs_url(gcs_url) or _running_cluster_url()
 
     def socket_path() -> str:
         try:
-            return str(local_node.find_running(address) / local_node.NODE_SOCKET)
+            return str(node_records.find_running(address) / node_records.NODE_SOCKET)
         except ConnectionError as exc:
             raise click.ClickException(str(exc)) from exc
 

@@ -36,14 +36,20 @@ from controlplane.gcs_replica import RemoteReplica, ReplicaPlan
 from controlplane.gcs_url import ENV_VAR as GCS_URL_ENV
 from controlplane.gcs_url import JOIN_ENV_VAR, JOIN_REPLICA_ENV_VAR, with_query
 from controlplane.node.daemon import new_node_id
-from controlplane.session_dirs import alive, new_session_dir, sweep_stale
+from controlplane.node_records import NODE_SOCKET as NODE_SOCKET
+from controlplane.node_records import NODES_DIR as NODES_DIR
+from controlplane.node_records import NodeRecord as NodeRecord
+from controlplane.node_records import find_running as find_running
+from controlplane.node_records import local_nodes as local_nodes
+from controlplane.node_records import node_log as node_log
+from controlplane.node_records import nodes_dir, record_node
+from controlplane.node_records import running_head as running_head
+from controlplane.session_dirs import alive, new_session_dir
 from controlplane.settings import env_number
 from dataplane import shm
 
 _DAEMON_START_TIMEOUT_S = 60.0
-NODES_DIR = "cairn-nodes"
 log = logging.getLogger("cairn")
-NODE_SOCKET = "node.sock"
 # a node daemon that dies is started again, at most this often
 _MAX_RESTARTS, _RESTART_WINDOW_S = 3, 60.0
 NODE_ADDRESS = "node.address"
@@ -316,121 +322,6 @@ def _spoken(announce: Callable[[str], None]) -> Callable[[str], None]:
     return say
 
 
-# -- the nodes this machine runs ------------------------------------------------------
-
-
-@dataclass
-class NodeRecord:
-    pid: int  # the process running the node (`cairn start ... --block`)
-    session_dir: Path
-    head: bool
-    address: str | None
-    cluster: str | None = None  # the head's address (its own, for the head)
-
-    @property
-    def running(self) -> bool:
-        return alive(self.pid) and (self.session_dir / NODE_SOCKET).exists()
-
-
-def _nodes_dir() -> Path:
-    return Path(tempfile.gettempdir()) / NODES_DIR
-
-
-def _record(node: LocalNode, head: bool, cluster: str | None) -> Path:
-    """Records ``node`` as run by this process (written atomically)."""
-    directory = _nodes_dir()
-    directory.mkdir(mode=0o700, exist_ok=True)
-    path = directory / f"{os.getpid()}.json"
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(
-        json.dumps(
-            {
-                "session_dir": str(node.session_dir),
-                "head": head,
-                "address": node.address,
-                "cluster": cluster or node.address,
-            }
-        )
-    )
-    temporary.replace(path)
-    return path
-
-
-def local_nodes() -> list[NodeRecord]:
-    """The nodes recorded on this machine (records of processes that are gone are
-    removed)."""
-    found = []
-    for path in sorted(_nodes_dir().glob("*.json")):
-        try:
-            record = json.loads(path.read_text())
-            node = NodeRecord(
-                int(path.stem),
-                Path(record["session_dir"]),
-                bool(record["head"]),
-                record["address"],
-                record.get("cluster"),
-            )
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-        if alive(node.pid):
-            found.append(node)
-        else:
-            _clean_up_after(node)
-            path.unlink(missing_ok=True)
-    return found
-
-
-def node_log(pid: int) -> Path:
-    """Where a node started in the background writes its output (warnings included);
-    removed when the node is stopped."""
-    return Path(tempfile.gettempdir()) / f"cairn-node-{pid}.log"
-
-
-def _clean_up_after(node: NodeRecord) -> None:
-    """What a node killed outright (SIGKILL of its process group) left behind: its
-    shared-memory segments and, once nothing of it runs, its session directory."""
-    with contextlib.suppress(OSError):
-        shm.unlink_all((node.session_dir / "node.ready").read_text().strip())
-    node_log(node.pid).unlink(missing_ok=True)
-    sweep_stale()
-
-
-def running_head() -> NodeRecord | None:
-    return next((n for n in local_nodes() if n.head and n.running), None)
-
-
-def find_running(address: str | None = None) -> Path:
-    """The session directory of a node of the cluster whose head is at ``address``
-    running on this machine (the head's own if it runs here), or with no address, of
-    this machine's running head, else of its node (as Ray's ``address="auto"`` on a
-    machine that runs a node of a cluster); ConnectionError saying what was looked for
-    when there is none, or when nodes of several clusters run here."""
-    if address is not None:
-        members = [n for n in local_nodes() if n.running and n.cluster == address]
-        if not members:
-            raise ConnectionError(
-                f"no node of the cluster at {address} runs on this machine: a driver "
-                f"connects through a node of its own machine (start one with `cairn start "
-                f"--address {address}`)"
-            )
-        return sorted(members, key=lambda n: not n.head)[0].session_dir
-    head = running_head()
-    if head is not None:
-        return head.session_dir
-    clusters = {n.cluster: n for n in local_nodes() if n.running}
-    if len(clusters) > 1:
-        raise ConnectionError(
-            f"nodes of several clusters run on this machine ({', '.join(map(str, clusters))}):"
-            " say which, with address=HEAD:PORT"
-        )
-    if not clusters:
-        raise ConnectionError(
-            f"no running Cairn cluster was found (no node recorded in {_nodes_dir()}): "
-            "start one with `cairn start --head`, or join one with `cairn start --address`"
-        )
-    return next(iter(clusters.values())).session_dir
-
-
 def _start_scheduler(gcs_url: str, session_dir: Path) -> subprocess.Popen[bytes]:
     """A global scheduler for the log at ``gcs_url`` (given in its environment), which
     holds it to the log the head's daemon saw (its session's ``gcs_identity.json``)."""
@@ -472,7 +363,7 @@ def run_node(
     try:
         if role.head:  # the head runs a global scheduler (any number may run)
             scheduler = _start_scheduler(node.gcs.url, node.session_dir)
-        record = _record(node, role.head, cluster)
+        record = record_node(node.session_dir, node.address, role.head, cluster)
         kind = "head node" if role.head else "node"
         announce(f"{kind} {node.node_id} is running at {node.address} ({node.session_dir})")
         restarts: list[float] = []
@@ -496,7 +387,7 @@ def run_node(
                 except RuntimeError as error:  # it died starting: one more death
                     announce(f"the new node daemon failed to start: {error}")
                     continue
-                record = _record(node, role.head, cluster)
+                record = record_node(node.session_dir, node.address, role.head, cluster)
                 announce(f"a new node daemon {node.node_id} runs in its place")
             if scheduler is None and node.gcs_replica is not None and node.gcs_replica.promoted:
                 # the head's machine is gone: its global scheduler with it
@@ -597,7 +488,7 @@ def stop_local_nodes(timeout: float) -> list[str]:
             said.append(f"the {kind} (pid {node.pid}) did not stop within {timeout:g}s: killed")
         else:
             said.append(f"stopped the {kind} (pid {node.pid}, {node.session_dir})")
-        (_nodes_dir() / f"{node.pid}.json").unlink(missing_ok=True)
+        (nodes_dir() / f"{node.pid}.json").unlink(missing_ok=True)
         node_log(node.pid).unlink(missing_ok=True)
     return said or ["no Cairn node is running here"]
 

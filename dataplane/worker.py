@@ -28,6 +28,7 @@ from dataplane import context
 from dataplane import protocol as p
 from dataplane.begun_calls import BegunCalls, begun_calls_path
 from dataplane.client import CoreClient, DaemonError, ObjectMissingError
+from dataplane.exceptions import ObjectStoreFullError
 from dataplane.serialization import SerializationError, deserialize, serialize_with_refs
 
 
@@ -323,8 +324,6 @@ def _as_ray_error(exc: BaseException) -> BaseException:
     """A full store refusing a return value is Ray's ObjectStoreFullError, so that the
     caller's ``except ObjectStoreFullError`` catches it (as the RayTaskError's cause)."""
     if isinstance(exc, DaemonError) and exc.kind == "store_full":
-        from sdk.exceptions import ObjectStoreFullError
-
         return ObjectStoreFullError(str(exc))
     return exc
 

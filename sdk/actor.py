@@ -15,6 +15,8 @@ from dataplane import context
 from dataplane import protocol as p
 from sdk import options as opts
 from sdk.object_ref import ObjectRef
+from sdk.remote_function import build_args, pickle_code
+from sdk.runtime import client_or_auto_init
 from sdk.util.scheduling_strategies import to_wire
 
 _NUM_RETURNS_ATTR = "__cairn_num_returns__"
@@ -65,10 +67,7 @@ class ActorClass:
         return merged
 
     def remote(self, *args: Any, **kwargs: Any) -> ActorHandle:
-        from sdk import api
-        from sdk.remote_function import build_args
-
-        client = api.client_or_auto_init()
+        client = client_or_auto_init()
         resolved = opts.resolve(self._options, opts.ACTOR_OPTIONS)
         function_id, blob = self._pickle()
         client.register_function(function_id, blob, self._qualname)
@@ -142,8 +141,6 @@ class ActorClass:
         return 1000 if is_async else 1
 
     def _pickle(self) -> tuple[str, bytes]:
-        from sdk.remote_function import pickle_code
-
         if self._pickled is None:
             self._pickled = pickle_code(self._cls, f"the actor class {self._qualname}")
         return self._pickled
@@ -223,10 +220,7 @@ class ActorMethod:
         )
 
     def remote(self, *args: Any, **kwargs: Any) -> Any:
-        from sdk import api
-        from sdk.remote_function import build_args
-
-        client = api.client_or_auto_init()
+        client = client_or_auto_init()
         handle = self._handle
         task = context.current_task()
         arg_list, kwarg_map, contained, keep_alive = build_args(args, kwargs)

@@ -6,27 +6,23 @@ from __future__ import annotations
 
 import inspect
 import os
-import threading
-import uuid
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from controlplane.local_node import node_config
 from dataplane import context
 from dataplane import protocol as p
-from dataplane.client import CoreClient, DaemonError, ObjectMissingError
+from dataplane.client import DaemonError
 from dataplane.serialization import Serialized, serialize_with_refs
-from sdk import exceptions as exc
 from sdk import options as opts
 from sdk.actor import ActorClass, ActorHandle, handle_of
 from sdk.object_ref import ObjectRef
 from sdk.remote_function import RemoteFunction
-from sdk.runtime import Runtime
+from sdk.runtime import client_or_auto_init, get_values, put_object, start
+from sdk.runtime import is_initialized as is_initialized
+from sdk.runtime import shutdown as shutdown
 
-_runtime: Runtime | None = None
-ADDRESS_ENV_VAR = "CAIRN_ADDRESS"  # as RAY_ADDRESS: the address init() uses when given none
 # Arguments of ray.init that change nothing here (logging, dashboard, ...): accepted so
 # that Ray programs run unchanged.
 _IGNORED_INIT_ARGS = frozenset(
@@ -53,7 +49,6 @@ _IGNORED_INIT_ARGS = frozenset(
         "_enable_object_reconstruction",
     }
 )
-_lock = threading.RLock()
 
 
 def init(
@@ -73,7 +68,6 @@ def init(
     PostgreSQL unless ``gcs_url`` or ``$CAIRN_GCS_URL`` names one) that ``shutdown``
     stops. With "auto": connects to this machine's running cluster (``cairn start
     --head``), which outlives this driver."""
-    global _runtime
     unknown = sorted(set(unsupported) - _IGNORED_INIT_ARGS)
     if unknown:
         raise TypeError(f"init() got unexpected keyword arguments: {unknown}")
@@ -86,71 +80,17 @@ def init(
         opts.check_text("init(): namespace", namespace)
     for key in resources or {}:
         opts.check_text(f"init(): the resource name {key!r:.80}", key, allow_empty=False)
-    with _lock:
-        if _runtime is not None or context.current_client() is not None:
-            if ignore_reinit_error:
-                return get_runtime_context()
-            raise RuntimeError(
-                "Maybe you called ray.init twice by accident? This error can be "
-                "suppressed by passing in 'ignore_reinit_error=True'."
-            )
-        if address is None:
-            address = os.environ.get(ADDRESS_ENV_VAR) or None
-        if address is None or address == "local":
-            config = node_config(num_cpus, num_gpus, resources, object_store_memory)
-            _runtime = Runtime.start(gcs_url=gcs_url, config=config, namespace=namespace)
-        elif address == "auto" or _is_host_port(address):
-            given = {
-                "num_cpus": num_cpus,
-                "num_gpus": num_gpus,
-                "resources": resources,
-                "object_store_memory": object_store_memory,
-                "gcs_url": gcs_url,
-            }
-            if any(value is not None for value in given.values()):
-                named = sorted(k for k, v in given.items() if v is not None)
-                raise ValueError(
-                    f"When connecting to an existing cluster, {', '.join(named)} must not "
-                    "be provided: they are set by `cairn start`"
-                )
-            _runtime = Runtime.connect(
-                address=None if address == "auto" else address, namespace=namespace
-            )
-        else:
-            raise ValueError(
-                f"init(address={address!r}): the address must be 'auto' (this machine's "
-                "cluster), 'local' (a new private one) or the HOST:PORT of a cluster's "
-                "head (Ray Client's ray:// is not supported)"
-            )
-        return get_runtime_context()
-
-
-def _is_host_port(address: str) -> bool:
-    host, sep, port = address.rpartition(":")
-    return bool(sep and host and port.isdigit())
-
-
-def shutdown() -> None:
-    """Stops everything ``init`` started (node daemon, workers, embedded PostgreSQL)."""
-    global _runtime
-    with _lock:
-        runtime, _runtime = _runtime, None
-        if runtime is not None:
-            runtime.shutdown()
-
-
-def is_initialized() -> bool:
-    return context.current_client() is not None
-
-
-def client_or_auto_init() -> CoreClient:
-    """The current client; like Ray, the first use of the API starts a local cluster."""
-    client = context.current_client()
-    if client is None:
-        init(ignore_reinit_error=True)
-        client = context.current_client()
-    assert client is not None
-    return client
+    start(
+        address,
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+        resources=resources,
+        object_store_memory=object_store_memory,
+        namespace=namespace,
+        ignore_reinit_error=ignore_reinit_error,
+        gcs_url=gcs_url,
+    )
+    return get_runtime_context()
 
 
 def remote(*args: Any, **options: Any) -> Any:
@@ -195,14 +135,7 @@ def put(value: Any, *, _owner: Any = None, durable: bool | None = None) -> Objec
 def put_serialized(
     serialized: Serialized, contained: tuple[str, ...], *, durable: bool = False
 ) -> ObjectRef:
-    client = client_or_auto_init()
-    object_id = uuid.uuid4().hex + "00000000"
-    task = context.current_task()
-    try:
-        client.put(object_id, serialized, task.task_id if task else None, contained, durable)
-    except DaemonError as error:
-        raise _daemon_error(error) from None
-    return ObjectRef._owned(object_id)
+    return ObjectRef._owned(put_object(serialized, contained, durable=durable))
 
 
 def get(object_refs: ObjectRef | Sequence[ObjectRef], *, timeout: float | None = None) -> Any:
@@ -221,71 +154,8 @@ def get(object_refs: ObjectRef | Sequence[ObjectRef], *, timeout: float | None =
         raise ValueError(f"'timeout' must be a non-negative number or None, got {timeout}")
     if not refs:
         return []
-    client = client_or_auto_init()
-    try:
-        locations = client.get_locations([r.hex() for r in refs], timeout)
-    except DaemonError as error:
-        raise _get_error(error, timeout) from None
-    values = [_value(client, location, timeout) for location in locations]
+    values = get_values([r.hex() for r in refs], timeout)
     return values[0] if single else values
-
-
-_READS_OF_A_LOST_OBJECT = 3
-
-
-def _value(client: CoreClient, location: p.ObjectLocation, timeout: float | None) -> Any:
-    """The value at a location. One on another node is fetched by this node first;
-    if its bytes are gone, the node was told (read_value reports it) and rebuilds it
-    from its lineage when it can: ask again."""
-    losses = 0
-    while True:
-        if location.error is not None:
-            raise error_of(location.error, location.object_id)
-        if location.remote is None:
-            try:
-                return client.read_value(location)
-            except ObjectMissingError as missing:
-                losses += 1
-                if losses >= _READS_OF_A_LOST_OBJECT:
-                    raise exc.ObjectLostError(location.object_id, str(missing)) from None
-        try:
-            location = client.fetch_location(location.object_id, timeout)
-        except DaemonError as error:
-            raise _get_error(error, timeout) from None
-
-
-def error_of(info: p.ErrorInfo, object_id: str) -> exc.RayError:
-    match info.kind:
-        case "task_error":
-            return exc.task_error_from(info.function_name, info.traceback, info.cause, info.message)
-        case "cancelled":
-            return exc.TaskCancelledError(object_id[:-8], info.message)
-        case "worker_crashed":
-            return exc.WorkerCrashedError(info.message)
-        case "unschedulable":
-            return exc.TaskUnschedulableError(info.message)
-        case "actor_died":
-            return exc.ActorDiedError(info.function_name or None, info.message)
-        case "object_lost":
-            return exc.ObjectLostError(object_id, info.message)
-        case "reconstruction_failed":
-            return exc.ObjectReconstructionFailedMaxAttemptsExceededError(object_id, info.message)
-        case _:
-            return exc.RaySystemError(info.message)
-
-
-def _get_error(error: DaemonError, timeout: float | None) -> exc.RayError:
-    if error.kind == "timeout":
-        return exc.GetTimeoutError(
-            f"Get timed out: some object(s) not ready after {timeout} seconds."
-        )
-    return _daemon_error(error)
-
-
-def _daemon_error(error: DaemonError) -> exc.RayError:
-    if error.kind == "store_full":
-        return exc.ObjectStoreFullError(str(error))
-    return exc.RaySystemError(f"{error.kind}: {error}")
 
 
 def wait(

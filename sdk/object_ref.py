@@ -16,6 +16,7 @@ from typing import Any
 
 from dataplane import context
 from dataplane.serialization import note_contained_ref
+from sdk.runtime import get_values
 
 
 class ObjectRef:
@@ -62,13 +63,11 @@ class ObjectRef:
 
     def future(self) -> concurrent.futures.Future[Any]:
         """A Future that resolves to the object's value (or its error)."""
-        from sdk import api
-
         future: concurrent.futures.Future[Any] = concurrent.futures.Future()
 
         def resolve() -> None:
             try:
-                future.set_result(api.get(self))
+                future.set_result(get_values([self._id], None)[0])
             except BaseException as exc:
                 future.set_exception(exc)
 

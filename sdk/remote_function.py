@@ -17,6 +17,7 @@ from dataplane.serialization import SerializationError, serialize_with_refs
 from dataplane.shm import INLINE_LIMIT
 from sdk import options as opts
 from sdk.object_ref import ObjectRef
+from sdk.runtime import client_or_auto_init, put_object
 from sdk.util.scheduling_strategies import to_wire
 
 
@@ -41,9 +42,7 @@ class RemoteFunction:
         return merged
 
     def remote(self, *args: Any, **kwargs: Any) -> Any:
-        from sdk import api
-
-        client = api.client_or_auto_init()
+        client = client_or_auto_init()
         resolved = opts.resolve(self._options)
         function_id, blob = self._pickle()
         client.register_function(function_id, blob, self._qualname)
@@ -121,8 +120,6 @@ def _arg(
     contained.extend(refs)
     if serialized.total_size <= INLINE_LIMIT:
         return p.Arg(inline=serialized.to_bytes())
-    from sdk import api
-
-    ref = api.put_serialized(serialized, refs)
+    ref = ObjectRef._owned(put_object(serialized, refs))
     keep_alive.append(ref)
     return p.Arg(ref=ref.hex())

@@ -22,8 +22,8 @@ def big():
     return np.ones(20 * 1024 * 1024, dtype=np.uint8)
 keep = big.remote()
 assert ray.get(keep).sum() == 20 * 1024 * 1024
-from sdk import api
-print(ray.get_runtime_context().get_node_id(), api._runtime.head.session_dir, flush=True)
+from sdk import runtime
+print(ray.get_runtime_context().get_node_id(), runtime._runtime.head.session_dir, flush=True)
 {ending}
 """
 

@@ -16,7 +16,7 @@ from workloads import Counter, add, flaky, square
 
 import sdk as ray
 from controlplane.replay import ReplayReport, replay
-from sdk import api
+from sdk import runtime
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -37,8 +37,8 @@ def driver(gcs_url: str) -> Iterator[str]:
     """A private cluster on the test's database; yields the node's socket."""
     ray.init(num_cpus=2, gcs_url=gcs_url)
     try:
-        assert api._runtime is not None and api._runtime.head is not None
-        yield api._runtime.head.socket_path
+        assert runtime._runtime is not None and runtime._runtime.head is not None
+        yield runtime._runtime.head.socket_path
     finally:
         ray.shutdown()
 
