@@ -216,6 +216,18 @@ def test_the_data_plane_never_imports_the_sdk() -> None:
     assert not wrong, "\n".join(f"{e.where()}: imports {e.imported}" for e in wrong)
 
 
+def test_the_data_plane_never_imports_the_control_plane() -> None:
+    """The per-node store (segments, the object table, spilling, transfer) does not
+    know the log, the schedulers or membership: what it does is reported to its caller."""
+    wrong = [
+        e
+        for e in _graph()
+        if e.importer.startswith("dataplane")
+        and (e.imported == "controlplane" or e.imported.startswith("controlplane."))
+    ]
+    assert not wrong, "\n".join(f"{e.where()}: imports {e.imported}" for e in wrong)
+
+
 def _is_sdk(edge: Import) -> bool:
     return edge.imported == "sdk" or edge.imported.startswith("sdk.")
 

@@ -40,7 +40,8 @@ from dataplane import shm
 from dataplane.begun_calls import begun_calls_path, read_begun
 
 if TYPE_CHECKING:
-    from controlplane.node.daemon import Connection, TaskRecord, WorkerHandle
+    from controlplane.node.daemon import Connection, TaskRecord
+    from controlplane.node.workers import WorkerHandle
 
 K = EntityKind
 log = logging.getLogger("cairn.node")
@@ -97,7 +98,7 @@ class ActorsMixin:
         if options is not None and options.name is not None:
             payload["name"] = options.name
             payload["namespace"] = self._namespace(options.namespace, spec.job_id)
-        self._log(
+        self.recorder.log(
             [
                 Event(
                     K.ACTOR,
@@ -118,7 +119,7 @@ class ActorsMixin:
             self.unscheduled_actors.discard(actor.actor_id)
             self._when_deps_ready(creation, lambda: self._spill(creation))
             return
-        actor.worker = self._start_worker(actor_id=actor.actor_id)
+        actor.worker = self.worker_pool.start(actor_id=actor.actor_id)
         for dep in list(creation.pending_deps):
             self.objects.on_ready(dep, lambda d=dep: self._actor_dep_ready(actor, creation, d))
 
@@ -214,7 +215,9 @@ class ActorsMixin:
             self._take_resources(creation, bundle)
             actor.creation_sent = True
             self.unscheduled_actors.discard(actor.actor_id)
-            self._log([Event(K.ACTOR, actor.actor_id, "scheduled", {}, node_id=self.node_id)])
+            self.recorder.log(
+                [Event(K.ACTOR, actor.actor_id, "scheduled", {}, node_id=self.node_id)]
+            )
             self._send_to_worker(creation, handle)
             return
         if actor.replaying:
@@ -243,7 +246,7 @@ class ActorsMixin:
         log.warning("actor %s cannot be scheduled: %s", actor.actor_id, reason)
         if actor.owner is not None:
             actor.owner.send(p.Notice(f"actor {actor.actor_id} cannot be scheduled now: {reason}"))
-        self._log(
+        self.recorder.log(
             [
                 Event(
                     K.ACTOR,
@@ -266,7 +269,7 @@ class ActorsMixin:
                 return
             first_start, actor.state = actor.state == "PENDING_CREATION", "ALIVE"
             assert actor.worker is not None
-            self._log(
+            self.recorder.log(
                 [
                     Event(
                         K.ACTOR,
@@ -363,7 +366,7 @@ class ActorsMixin:
             self._direct_call_unanswered(actor, record, worker_id)
             return
         record.state, record.worker = "RUNNING", handle
-        self._log([self._running_event(record, worker_id)])
+        self.recorder.log([self._running_event(record, worker_id)])
         actor.running[spec.task_id] = record
         if early is not None:
             self._actor_task_done(actor, early)
@@ -426,7 +429,9 @@ class ActorsMixin:
         payload["calls"] = [r.spec.task_id for r in replayed if r.internal == "replay"]
         if "reason" in payload:
             log.warning("actor %s: replay incomplete: %s", actor.actor_id, payload["reason"])
-        self._log([Event(K.ACTOR, actor.actor_id, "replaying", payload, node_id=self.node_id)])
+        self.recorder.log(
+            [Event(K.ACTOR, actor.actor_id, "replaying", payload, node_id=self.node_id)]
+        )
         actor.queue.extendleft(reversed(replayed))
         actor.replaying = False
         self._actor_dispatch(actor)
@@ -467,7 +472,7 @@ class ActorsMixin:
             )
         elif record.internal == "checkpoint" and blob is not None:
             interval = actor.options.checkpoint_interval
-            self._log(
+            self.recorder.log(
                 [
                     Event(
                         K.ACTOR,
@@ -497,12 +502,12 @@ class ActorsMixin:
         if actor.creation_sent:
             self._give_back_resources(actor.creation)
         was_alive, actor.state = actor.state, "DEAD"
-        self._log(
+        self.recorder.log(
             [Event(K.ACTOR, actor.actor_id, "dead", {"cause": cause[:2000]}, node_id=self.node_id)]
         )
         # direct calls wait for the worker's connection to end: an answer the caller may
         # have seen is recorded as it was, not as a failure
-        connected = actor.worker is not None and actor.worker.worker_id in self.workers
+        connected = actor.worker is not None and self.worker_pool.alive(actor.worker.worker_id)
         still = {t: r for t, r in actor.running.items() if r.direct and connected}
         pending = [r for t, r in actor.running.items() if t not in still]
         pending += actor.queue
@@ -527,7 +532,9 @@ class ActorsMixin:
             payload: dict[str, Any] = {"no_restart": no_restart}
             if cause:
                 payload["cause"] = cause
-            self._log([Event(K.ACTOR, actor_id, "kill_requested", payload, node_id=self.node_id)])
+            self.recorder.log(
+                [Event(K.ACTOR, actor_id, "kill_requested", payload, node_id=self.node_id)]
+            )
             return
         if no_restart and cause:
             self._actor_died(actor, cause)
@@ -552,7 +559,7 @@ class ActorsMixin:
         if actor.creation_sent:
             self._give_back_resources(actor.creation)
         actor.creation_sent, actor.state = False, "RESTARTING"
-        self._log(
+        self.recorder.log(
             [
                 Event(
                     K.ACTOR,
@@ -579,7 +586,7 @@ class ActorsMixin:
             requeued.append((record, may_have_begun))
         for record, may_have_begun in reversed(requeued):  # to the queue's head, in order
             self._interrupted(actor, record, cause, begun=may_have_begun, at_head=True)
-        actor.worker = self._start_worker(actor_id=actor.actor_id)
+        actor.worker = self.worker_pool.start(actor_id=actor.actor_id)
         self.unscheduled_actors.add(actor.actor_id)
 
     def _interrupted(

@@ -29,9 +29,9 @@ from typing import TYPE_CHECKING, Any, cast
 from controlplane.eventlog import EntityKind, Event, RecordedEvent, Tailer
 from controlplane.membership import cluster_nodes
 from controlplane.node import transfer
-from controlplane.node.objects import Elsewhere
 from dataplane import protocol as p
 from dataplane import shm
+from dataplane.object_table import Elsewhere
 
 if TYPE_CHECKING:
     from controlplane.node.daemon import TaskRecord
@@ -110,7 +110,7 @@ class ClusterMixin:
             for object_id in spec.dependencies()
         }
         blob = self.functions.get(spec.function_id, (None, ""))[0] if spec.function_id else None
-        self._log(
+        self.recorder.log(
             [
                 Event(
                     K.TASK,
@@ -327,7 +327,7 @@ class ClusterMixin:
             return
         actor.restarts += 1
         actor.state, actor.placed_on = "RESTARTING", None
-        self._log(
+        self.recorder.log(
             [
                 Event(
                     K.ACTOR,
@@ -371,7 +371,7 @@ class ClusterMixin:
         """Hands a call to the actor's node through the log (``forwarded``, the spec in
         its data); that node reads them in log order, so each caller's order holds."""
         spec = record.spec
-        self._log(
+        self.recorder.log(
             [
                 Event(
                     K.TASK,
@@ -401,7 +401,7 @@ class ClusterMixin:
         for object_id in (*creation.spec.dependencies(), *creation.spec.contained_refs):
             self.objects.pin(object_id)
         self._pull_then(creation, owner_address, lambda: self._actor_dispatch(actor))
-        actor.worker = self._start_worker(actor_id=actor.actor_id)
+        actor.worker = self.worker_pool.start(actor_id=actor.actor_id)
 
     def _call_from_elsewhere(self: Any, event: RecordedEvent) -> None:
         """A call of an actor hosted here, forwarded by its creator's node: it joins the
@@ -448,7 +448,7 @@ class ClusterMixin:
             for attempt in range(_PULL_ATTEMPTS):  # a transfer cut short is tried again
                 try:
                     location = await self.puller.pull(address, object_id)
-                    self._log([self._transferred_event(location, address)])
+                    self.recorder.log([self._transferred_event(location, address)])
                     break
                 except transfer.TransferError as exc:
                     error = p.ErrorInfo("object_lost", str(exc))
@@ -577,7 +577,7 @@ class ClusterMixin:
                 location = p.ObjectLocation(object_id, error=p.ErrorInfo("object_lost", why))
             elif location.inline is not None:
                 self.objects.charge(location.size, force=True)
-                self._log([self._transferred_event(location, address)])
+                self.recorder.log([self._transferred_event(location, address)])
             locations.append(location)
         for location in locations:
             if location.remote is not None:
@@ -616,7 +616,7 @@ class ClusterMixin:
                 if location.shm_name is not None:
                     shm.unlink_segment(location.shm_name)
                 return
-            self._log([self._transferred_event(location, address)])
+            self.recorder.log([self._transferred_event(location, address)])
             self.objects.ready(location)
             self._schedule()
             await transfer.release(address, object_id)

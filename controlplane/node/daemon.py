@@ -27,8 +27,6 @@ import os
 import secrets
 import shutil
 import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections import deque
@@ -41,7 +39,7 @@ import grpc
 
 from controlplane import auth
 from controlplane.errors import GcsError, GcsIdentityError
-from controlplane.eventlog import EntityKind, Event, EventAppender, FailureLog
+from controlplane.eventlog import EntityKind, Event
 from controlplane.eventlog.connection import connect, retry_while_unavailable
 from controlplane.membership import (
     HEARTBEAT_MIN_INTERVAL_S,
@@ -49,28 +47,27 @@ from controlplane.membership import (
     MembershipMonitor,
     cluster_nodes,
 )
-from controlplane.node import rpc
+from controlplane.node import rpc, transfer
 from controlplane.node.actors import ActorRecord, ActorsMixin
 from controlplane.node.cluster import ClusterMixin
-from controlplane.node.objects import ObjectTable
 from controlplane.node.placement_groups import Bundle, PlacementGroupRecord, PlacementGroupsMixin
 from controlplane.node.reconstruction import ReconstructionMixin
+from controlplane.node.recorder import EventRecorder
 from controlplane.node.resources import ResourcePool, node_resources
-from controlplane.node.segment_pool import SegmentPool
-from controlplane.node.spilling import SpillingMixin
 from controlplane.node.transfer import Puller, object_service
+from controlplane.node.workers import WorkerHandle, WorkerPool
 from controlplane.sql import queries
 from controlplane.tls import NodeTls
 from dataplane import protocol as p
 from dataplane import shm
+from dataplane.object_table import Elsewhere, ObjectTable
+from dataplane.segment_pool import SegmentPool
+from dataplane.spilling import Spiller
 
 T = TypeVar("T")
 log = logging.getLogger("cairn.node")
 K = EntityKind
-_FINAL_FLUSH_TIMEOUT_S = 5.0
-_LINGER_S = 0.005
 _POOL_LIMIT = 2 * 1024**3
-_WORKER = [sys.executable, "-m", "dataplane.worker"]
 
 
 @dataclass
@@ -99,17 +96,6 @@ class Connection:
 
 
 @dataclass
-class WorkerHandle:
-    worker_id: str
-    process: subprocess.Popen[bytes]
-    conn: Connection | None = None
-    task: TaskRecord | None = None
-    functions: set[str] = field(default_factory=set)
-    blocked: bool = False
-    actor_id: str | None = None  # a dedicated actor worker, outside the pool
-
-
-@dataclass
 class TaskRecord:
     spec: p.TaskSpec
     submitter: Connection | None  # None: placed here by another node, which owns it
@@ -134,9 +120,7 @@ class TaskRecord:
     answered: bool = False  # ... which the worker answered to the caller itself
 
 
-class NodeDaemon(
-    ActorsMixin, ClusterMixin, PlacementGroupsMixin, ReconstructionMixin, SpillingMixin
-):
+class NodeDaemon(ActorsMixin, ClusterMixin, PlacementGroupsMixin, ReconstructionMixin):
     def __init__(
         self,
         *,
@@ -183,13 +167,13 @@ class NodeDaemon(
         )
         self.pool = SegmentPool(node_id, limit=min(object_store_memory // 4, _POOL_LIMIT))
         # a cluster member appends fenced: once declared dead, its appends are refused
-        self.appender = EventAppender(
-            gcs_url, linger=_LINGER_S, writer_node=node_id if rpc_port is not None else None
+        self.recorder = EventRecorder(
+            gcs_url, writer_node=node_id if rpc_port is not None else None
         )
         # the GCS is not this node's log any more (wiped, replaced, put back from an
         # older copy): the daemon stops, saying why (see eventlog/fencing.py)
         self.refused: GcsIdentityError | None = None
-        self.appender.on_refused = self._gcs_refused
+        self.recorder.on_refused(self._gcs_refused)
         self._clients: dict[int, Connection] = {}  # by id(): connected drivers, workers
         self.functions: dict[str, tuple[bytes, str]] = {}
         self._logged_functions: set[str] = set()
@@ -200,10 +184,9 @@ class NodeDaemon(
         self.actor_names: dict[tuple[str, str], str] = {}  # (namespace, name) -> actor id
         self.job_namespaces: dict[str, str] = {}
         self.ready: dict[tuple[tuple[str, float], ...], deque[TaskRecord]] = {}
-        self.workers: dict[str, WorkerHandle] = {}
-        self.idle: deque[WorkerHandle] = deque()
-        self.max_workers = max(1, int(resources.get("CPU", 1)))
-        self._worker_ids = itertools.count(1)
+        self.worker_pool = WorkerPool(
+            node_id, self.socket_path, size=max(1, int(resources.get("CPU", 1)))
+        )
         # job ids are unique in the log's whole history (which outlives daemons and
         # holds every node's jobs): a random prefix drawn per daemon, then a counter
         job_prefix = f"{secrets.randbits(32):08x}"
@@ -223,10 +206,17 @@ class NodeDaemon(
         self.spilled: dict[str, TaskRecord] = {}
         self.remote_returns: dict[str, dict[str, tuple[p.ObjectLocation, str]]] = {}
         self.fetching: set[str] = set()
-        self.spill_dir = session_dir / "spill"
         self.durable_dir = Path(os.environ.get("CAIRN_DURABLE_DIR") or session_dir / "durable")
-        self.spilling_now: set[str] = set()
-        self.restoring: set[str] = set()
+        self.spiller = Spiller(
+            node_id,
+            session_dir / "spill",
+            self.objects,
+            self.pool,
+            spawn=self._spawn,
+            record=self._object_event,
+            on_lost=functools.partial(self._object_lost, needed=True),
+            on_restored=self._schedule,
+        )
         self.kept_for_owner: set[str] = set()
         self.puller = Puller(node_id, self.objects)
 
@@ -234,10 +224,10 @@ class NodeDaemon(
 
     async def serve(self) -> None:
         # a daemon started while PostgreSQL restarts (after a crash of both) waits for it
-        await self._while_unavailable(self.appender.start)
+        await self._while_unavailable(self.recorder.start)
         if self.rpc_port is not None:
             await self._join_cluster()
-        self._log(
+        self.recorder.log(
             [
                 Event(
                     K.NODE,
@@ -256,8 +246,7 @@ class NodeDaemon(
         )
         listening = p.bind_private_socket(self.socket_path)  # the driver socket, 0600
         self._server = await asyncio.start_unix_server(self._client, sock=listening)
-        for _ in range(self.max_workers):
-            self._start_worker()
+        self.worker_pool.fill()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
@@ -280,7 +269,7 @@ class NodeDaemon(
         rpc.use_token(self.auth_token)
         rpc.use_tls(self.tls)
         rpc.use_node_id(self.node_id)
-        self.appender.on_fenced = self._fenced
+        self.recorder.on_fenced(self._fenced)
         self._rpc, port = await rpc.serve(
             self.rpc_host,
             self.rpc_port,
@@ -373,16 +362,18 @@ class NodeDaemon(
             "peer": peer,
             "from_node": node_id,
         }
-        self._log([Event(K.NODE, node_id, "stale_refused", payload, node_id=self.node_id)])
+        self.recorder.log([Event(K.NODE, node_id, "stale_refused", payload, node_id=self.node_id)])
 
     def _auth_refused(self, method: str, peer: str) -> None:
         """A call without the cluster token leaves this event and nothing else."""
         payload = {"method": method, "peer": peer}
-        self._log([Event(K.NODE, self.node_id, "auth_refused", payload, node_id=self.node_id)])
+        self.recorder.log(
+            [Event(K.NODE, self.node_id, "auth_refused", payload, node_id=self.node_id)]
+        )
 
     async def _while_unavailable(self, attempt: Callable[[], Awaitable[T]]) -> T:
         return await retry_while_unavailable(
-            self.gcs_url, attempt, timeout=self.appender.unavailable_timeout
+            self.gcs_url, attempt, timeout=self.recorder.unavailable_timeout
         )
 
     async def _log_head(self) -> int:
@@ -430,7 +421,9 @@ class NodeDaemon(
                 },
             }
             if now != last:
-                self._log([Event(K.NODE, self.node_id, "heartbeat", now, node_id=self.node_id)])
+                self.recorder.log(
+                    [Event(K.NODE, self.node_id, "heartbeat", now, node_id=self.node_id)]
+                )
                 last = now
 
     async def _shutdown(self) -> None:
@@ -445,43 +438,12 @@ class NodeDaemon(
             await rpc.close_channels()
         if self._server is not None:
             self._server.close()
-        workers = list(self.workers.values())
-        self.workers.clear()
-        for handle in workers:
-            with contextlib.suppress(ProcessLookupError):
-                handle.process.kill()
-        for handle in workers:
-            await asyncio.to_thread(handle.process.wait)
-        self._log(
+        await self.worker_pool.stop()
+        self.recorder.log(
             [Event(K.NODE, self.node_id, "dead", {"cause": "shutdown"}, node_id=self.node_id)]
         )
-        try:  # the GCS may be gone already (it dies with the driver that started it)
-            await asyncio.wait_for(self.appender.close(), _FINAL_FLUSH_TIMEOUT_S)
-        except TimeoutError:
-            log.warning(
-                "node daemon: the GCS did not take the last events within %ss",
-                _FINAL_FLUSH_TIMEOUT_S,
-            )
+        await self.recorder.close()
         shm.unlink_all(self.node_id)
-
-    def _log(self, events: list[Event]) -> None:
-        """Appends events written behind: they wait up to _LINGER_S for the commit of
-        the urgent events that follow them (see the module's docstring)."""
-        with contextlib.suppress(GcsError):  # closed: we are shutting down
-            self.appender.write_behind(events)
-
-    def _log_durable(
-        self, events: list[Event], *, urgent: bool = True
-    ) -> asyncio.Future[list[int]]:
-        """Appends events that gate visibility: committed at once (or, not ``urgent``,
-        within the linger); the future is done when they are durable."""
-        try:
-            future = self.appender.enqueue(events, urgent=urgent)
-        except GcsError as error:  # closed: we are shutting down
-            future = asyncio.get_running_loop().create_future()
-            future.set_exception(error)
-        future.add_done_callback(_report_log_failure)
-        return future
 
     # -- connections ---------------------------------------------------------------
 
@@ -496,11 +458,9 @@ class NodeDaemon(
             while True:
                 message = await p.read_message(reader)
                 self._dispatch(conn, message)
-                if self.appender.backlog > self.appender.max_backlog:
-                    # the log is behind (results of direct calls are visible before
-                    # their events commit): stop reading until it catches up, so that
-                    # clients wait on their sockets instead of events piling up here
-                    await self.appender.below_backlog()
+                # the log may be behind (results of direct calls are visible before
+                # their events commit): reading stops until it catches up
+                await self.recorder.caught_up()
         except p.ProtocolError as exc:  # a damaged or truncated message: this one goes
             who = f"{conn.role or 'client'} (pid {conn.pid or '?'})"
             log.warning("node daemon: closing the connection of a %s: %s", who, exc)
@@ -518,14 +478,9 @@ class NodeDaemon(
     def _welcome(self, conn: Connection, hello: p.Hello) -> None:
         conn.role, conn.pid, conn.worker_id = hello.role, hello.pid, hello.worker_id
         if hello.role == "worker":
-            handle = self.workers.get(hello.worker_id or "")
-            if handle is None:
-                raise p.ProtocolError(f"unknown worker {hello.worker_id}")
-            handle.conn = conn
+            handle = self.worker_pool.connected(hello.worker_id, conn)
             conn.job_id = None
-            if handle.actor_id is None:
-                self.idle.append(handle)
-            self._log(
+            self.recorder.log(
                 [
                     Event(
                         K.WORKER,
@@ -544,7 +499,7 @@ class NodeDaemon(
             submitted = {"entrypoint": f"driver pid {hello.pid}", "driver_node_id": self.node_id}
             if hello.replay_of:
                 submitted["replay_of"] = hello.replay_of
-            self._log(
+            self.recorder.log(
                 [
                     Event(K.JOB, conn.job_id, "submitted", submitted),
                     Event(K.JOB, conn.job_id, "started", {}),
@@ -560,9 +515,9 @@ class NodeDaemon(
                 self.job_namespaces.get(conn.job_id or "", ""),
             )
         )
-        handle = self._worker_of(conn)
-        if handle is not None and handle.actor_id is not None:
-            self._actor_worker_connected(handle)
+        worker = self.worker_pool.of(conn)
+        if worker is not None and worker.actor_id is not None:
+            self._actor_worker_connected(worker)
         self._schedule()
 
     async def _disconnected(self, conn: Connection) -> None:
@@ -572,15 +527,10 @@ class NodeDaemon(
         self._owner_gone(conn)
         self._placement_groups_owner_gone(conn)
         if conn.role == "driver" and conn.job_id:
-            self._log([Event(K.JOB, conn.job_id, "finished", {})])
-        elif conn.role == "worker" and conn.worker_id in self.workers:
-            handle = self.workers.pop(conn.worker_id)
-            with contextlib.suppress(ValueError):
-                self.idle.remove(handle)
-            with contextlib.suppress(ProcessLookupError):
-                handle.process.kill()
-            exit_code = await asyncio.to_thread(handle.process.wait)
-            self._log(
+            self.recorder.log([Event(K.JOB, conn.job_id, "finished", {})])
+        elif conn.role == "worker" and (gone := await self.worker_pool.gone(conn.worker_id or "")):
+            handle, exit_code = gone
+            self.recorder.log(
                 [
                     Event(
                         K.WORKER,
@@ -597,7 +547,7 @@ class NodeDaemon(
             if handle.task is not None:
                 self._worker_lost(handle, exit_code)
             if not self._stopping.is_set():
-                self._start_worker()
+                self.worker_pool.start()
                 self._schedule()
 
     def _dispatch(self, conn: Connection, message: object) -> None:
@@ -714,14 +664,14 @@ class NodeDaemon(
             conn.send(p.Reply(request_id, self.pool.take(size)))
             return
         if size > self.objects.capacity:
-            conn.send(p.Reply(request_id, error=self._store_full(size)))
+            conn.send(p.Reply(request_id, error=self.spiller.store_full(size)))
             return
 
         async def spill_then_reserve() -> None:  # full: spill others to disk first
-            if await self._make_room(size):
+            if await self.spiller.make_room(size):
                 conn.send(p.Reply(request_id, self.pool.take(size)))
             else:
-                conn.send(p.Reply(request_id, error=self._store_full(size)))
+                conn.send(p.Reply(request_id, error=self.spiller.store_full(size)))
 
         self._spawn(spill_then_reserve())
 
@@ -763,7 +713,7 @@ class NodeDaemon(
         wait for others (see controlplane/node/actors.py, "Direct calls")."""
         for location in locations:
             self.objects.expect(location.object_id, location)
-        durable = self._log_durable(events, urgent=urgent)
+        durable = self.recorder.log_durable(events, urgent=urgent)
 
         def publish(future: asyncio.Future[list[int]]) -> None:
             error = future.exception()
@@ -795,12 +745,31 @@ class NodeDaemon(
     def _object_freed(self, location: p.ObjectLocation) -> None:
         if location.shm_name is not None and not self.pool.keep(location.shm_name, location.size):
             shm.unlink_segment(location.shm_name)
-        self._log([Event(K.OBJECT, location.object_id, "freed", {}, node_id=self.node_id)])
+        self.recorder.log([Event(K.OBJECT, location.object_id, "freed", {}, node_id=self.node_id)])
+
+    def _bring_back(self, object_id: str, where: Elsewhere) -> None:
+        """Something here waits for an object whose bytes are not in the store."""
+        if where.kind == "remote":
+            self._fetch_remote(object_id, where.where)
+        else:
+            self.spiller.restore(object_id, where)
+
+    def _drop_elsewhere(self, object_id: str, where: Elsewhere) -> None:
+        """A freed object's copy outside the store goes too."""
+        if where.kind == "remote":
+            self._spawn(transfer.release(where.where, object_id))
+        else:
+            with contextlib.suppress(OSError):
+                os.unlink(where.where)
+            self._object_event(object_id, "freed", {})
+
+    def _object_event(self, object_id: str, event_type: str, payload: dict[str, Any]) -> None:
+        self.recorder.log([Event(K.OBJECT, object_id, event_type, payload, node_id=self.node_id)])
 
     def _get(
         self, conn: Connection, request_id: int, object_ids: list[str], timeout: float | None
     ) -> None:
-        handle = self._worker_of(conn)
+        handle = self.worker_pool.of(conn)
         waiting = [oid for oid in object_ids if not self.objects.is_ready(oid)]
         if waiting and handle is not None and handle.task is not None and not handle.blocked:
             self._block(handle)
@@ -839,7 +808,7 @@ class NodeDaemon(
                 self._actor_call(record)
         elif record.pending_deps:
             record.state = "WAITING_FOR_DEPENDENCIES"
-            self._log(
+            self.recorder.log(
                 [
                     Event(
                         K.TASK,
@@ -892,7 +861,7 @@ class NodeDaemon(
             payload.update(actor_id=spec.actor_id, method=spec.method or "", sequence=spec.sequence)
         if direct:  # sent straight to the actor's worker (controlplane/node/actors.py)
             payload["direct"] = True
-        self._log(
+        self.recorder.log(
             [
                 Event(
                     K.TASK,
@@ -970,39 +939,33 @@ class NodeDaemon(
                     continue
                 elif not self.resources.available_for(record.spec.resources):
                     break
-                if not self.idle:
-                    if self._pool_size() < self.max_workers + self._blocked_count():
-                        self._start_worker()
+                if not self.worker_pool.has_idle():
+                    self.worker_pool.grow()
                     return
                 queue.popleft()
                 self._take_resources(record, bundle)
-                self._run_on(record, self.idle.popleft())
+                self._send_to_worker(record, self.worker_pool.run(record))
             if not queue:
                 del self.ready[shape]
-
-    def _run_on(self, record: TaskRecord, handle: WorkerHandle) -> None:
-        handle.task = record
-        self._send_to_worker(record, handle)
 
     def _send_to_worker(self, record: TaskRecord, handle: WorkerHandle) -> None:
         spec = record.spec
         record.state, record.worker = "RUNNING", handle
         blob = None
-        if spec.function_id and spec.function_id not in handle.functions:
+        if spec.function_id and self.worker_pool.first_use(handle, spec.function_id):
             blob = self.functions[spec.function_id][0]
-            handle.functions.add(spec.function_id)
         args = [self.objects.location(a.ref) if a.ref else None for a in spec.args]
         kwargs = {k: self.objects.location(a.ref) for k, a in spec.kwargs.items() if a.ref}
         running = self._running_event(record, handle.worker_id)
         if record.internal is not None:
             pass  # logged as the actor's `replaying` / `checkpointed`, not as a call
         elif spec.actor_id is not None and spec.method != "__init__":
-            self._log([running])  # a method call: not scheduled, sent to the actor
+            self.recorder.log([running])  # a method call: not scheduled, sent to the actor
         else:
             scheduled = Event(
                 K.TASK, spec.task_id, "scheduled", {"attempt": record.attempt}, node_id=self.node_id
             )
-            self._log([scheduled, running])
+            self.recorder.log([scheduled, running])
         assert handle.conn is not None
         handle.conn.send(p.ExecuteTask(spec, record.attempt, blob, args, kwargs, record.gpu_ids))
 
@@ -1016,7 +979,7 @@ class NodeDaemon(
         )
 
     def _task_done(self, conn: Connection, done: p.TaskDone) -> None:
-        handle = self._worker_of(conn)
+        handle = self.worker_pool.of(conn)
         if handle is not None and handle.actor_id is not None:
             actor = self.actors.get(handle.actor_id)
             if actor is not None:
@@ -1024,10 +987,10 @@ class NodeDaemon(
             return
         record = self.tasks.get(done.task_id)
         if handle is not None:
-            handle.task = None
+            self.worker_pool.task_over(handle)
             if handle.blocked:
                 self._unblock(handle)
-            self.idle.append(handle)
+            self.worker_pool.idle_again(handle)
         if record is None or record.attempt != done.attempt:
             self._schedule()
             return
@@ -1122,7 +1085,7 @@ class NodeDaemon(
     def _next_attempt(self, record: TaskRecord, reason: str) -> None:
         """A task (or call) starts a new attempt: its ``retried`` event says why."""
         record.attempt += 1
-        self._log(
+        self.recorder.log(
             [
                 Event(
                     K.TASK,
@@ -1134,11 +1097,10 @@ class NodeDaemon(
         )
 
     def _worker_lost(self, handle: WorkerHandle, exit_code: int) -> None:
-        record, handle.task = handle.task, None
+        record = self.worker_pool.task_over(handle)
         if record is None:
             return
-        if handle.blocked:
-            handle.blocked = False
+        self.worker_pool.set_blocked(handle, False)
         self._give_back_resources(record)
         record.worker = None
         if record.force_cancel:
@@ -1196,25 +1158,6 @@ class NodeDaemon(
 
     # -- workers -------------------------------------------------------------------
 
-    def _start_worker(self, actor_id: str | None = None) -> WorkerHandle:
-        worker_id = f"{self.node_id}-w{next(self._worker_ids)}"
-        process = subprocess.Popen(
-            # the last argument: the worker dies with this process
-            [*_WORKER, self.socket_path, worker_id, str(os.getpid())],
-            stdin=subprocess.DEVNULL,
-        )
-        handle = self.workers[worker_id] = WorkerHandle(worker_id, process, actor_id=actor_id)
-        return handle
-
-    def _worker_of(self, conn: Connection) -> WorkerHandle | None:
-        return self.workers.get(conn.worker_id or "") if conn.role == "worker" else None
-
-    def _pool_size(self) -> int:
-        return sum(1 for h in self.workers.values() if h.actor_id is None)
-
-    def _blocked_count(self) -> int:
-        return sum(1 for h in self.workers.values() if h.blocked)
-
     def _take_resources(self, record: TaskRecord, bundle: Bundle | None) -> None:
         """Takes a task's resources from the node, or from its placement group bundle."""
         record.bundle = bundle
@@ -1238,14 +1181,14 @@ class NodeDaemon(
 
     def _block(self, handle: WorkerHandle) -> None:
         """A worker waits in get(): lend its CPU out so nested tasks cannot deadlock."""
-        handle.blocked = True
+        self.worker_pool.set_blocked(handle, True)
         assert handle.task is not None
         pool = self._pool_of(handle.task)
         pool.release(pool.without_gpus(handle.task.spec.resources))
         self._schedule()
 
     def _unblock(self, handle: WorkerHandle) -> None:
-        handle.blocked = False
+        self.worker_pool.set_blocked(handle, False)
         if handle.task is not None:
             pool = self._pool_of(handle.task)
             pool.acquire(pool.without_gpus(handle.task.spec.resources), allow_overcommit=True)
@@ -1259,15 +1202,15 @@ class NodeDaemon(
             "object_store_used": self.objects.used,
             "object_store_capacity": self.objects.capacity,
             "objects": len(self.objects),
-            "workers": len(self.workers),
+            "workers": len(self.worker_pool),
             "pending_tasks": sum(len(queue) for queue in self.ready.values()),
             "waiting_tasks": sum(
                 1 for r in self.tasks.values() if r.state == "WAITING_FOR_DEPENDENCIES"
             ),
-            "running_tasks": sum(1 for h in self.workers.values() if h.task is not None),
+            "running_tasks": self.worker_pool.running_tasks(),
             "actors": sum(1 for a in self.actors.values() if a.death is None),
             "pending_actors": len(self.unscheduled_actors),
-            "events_pending": self.appender.backlog,  # queued, not yet committed
+            "events_pending": self.recorder.backlog,  # queued, not yet committed
         }
 
 
@@ -1281,14 +1224,6 @@ def _queue_key(spec: p.TaskSpec) -> tuple[Any, ...]:
     if spec.strategy is not None and spec.strategy[0] == "PLACEMENT_GROUP":
         return (spec.strategy[:3], *_shape(spec.resources))
     return _shape(spec.resources)
-
-
-_log_failure = FailureLog(log, "node daemon: events")
-
-
-def _report_log_failure(future: asyncio.Future[list[int]]) -> None:
-    if not future.cancelled() and (error := future.exception()) is not None:
-        _log_failure(error)
 
 
 def new_node_id() -> str:

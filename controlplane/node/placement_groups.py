@@ -99,7 +99,7 @@ class PlacementGroupsMixin:
         }
         if msg.name:
             payload["name"] = msg.name
-        self._log(
+        self.recorder.log(
             [
                 Event(
                     K.PLACEMENT_GROUP,
@@ -126,7 +126,7 @@ class PlacementGroupsMixin:
                 if not record.reported_infeasible:
                     record.reported_infeasible = True
                     log.warning("placement group %s cannot be placed: %s", record.pg_id, why_not)
-                    self._log(
+                    self.recorder.log(
                         [Event(K.PLACEMENT_GROUP, record.pg_id, "infeasible", {"reason": why_not})]
                     )
                 continue
@@ -184,7 +184,7 @@ class PlacementGroupsMixin:
             bundle.gpu_ids = self.resources.acquire(bundle.request)
             bundle.pool = ResourcePool(bundle.request)
             bundle.pool.gpu_names = list(bundle.gpu_ids) or bundle.pool.gpu_names
-            self._log(
+            self.recorder.log(
                 [
                     Event(
                         K.PLACEMENT_GROUP,
@@ -296,7 +296,7 @@ class PlacementGroupsMixin:
         was_created, group.state = group.state == "CREATED", "REMOVED"
         removed = Event(K.PLACEMENT_GROUP, pg_id, "removed", {}, node_id=self.node_id)
         if log_event and was_created:
-            self._log([removed])
+            self.recorder.log([removed])
         elif log_event:  # whoever waits for it to be ready learns it never will be
             error = p.ErrorInfo("system", f"placement group {pg_id} was {reason} before ready")
             self._make_durable_then_ready(

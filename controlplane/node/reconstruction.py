@@ -69,7 +69,7 @@ class ReconstructionMixin:
         if (task_id or object_id) in self.rebuilding:
             return
         self.rebuilding.add(task_id or object_id)
-        self._log([self._lost_event(object_id, reason)])
+        self.recorder.log([self._lost_event(object_id, reason)])
         if task_id is None:
             self._spawn(self._recover_put(object_id, reason))
         else:
@@ -86,7 +86,7 @@ class ReconstructionMixin:
                 location = p.ObjectLocation(object_id, inline=row["data"], size=len(row["data"]))
                 self.objects.charge(location.size, force=True)
             elif row["durable_path"] and (
-                loaded := await self._load_file(
+                loaded := await self.spiller.load_file(
                     object_id, Path(row["durable_path"]), int(row["size"])
                 )
             ):
@@ -100,7 +100,7 @@ class ReconstructionMixin:
             self._give_up_rebuild(object_id, [object_id], _lost(object_id, f"{reason}; {exc}"))
             return
         self.rebuilding.discard(object_id)
-        self._log(
+        self.recorder.log(
             [
                 Event(
                     K.OBJECT,
@@ -116,7 +116,7 @@ class ReconstructionMixin:
 
     def _mark_lost(self: Any, object_id: str, reason: str) -> None:
         if self.objects.mark_lost(object_id, reason):
-            self._log([self._lost_event(object_id, reason)])
+            self.recorder.log([self._lost_event(object_id, reason)])
 
     def _lost_event(self: Any, object_id: str, reason: str) -> Event:
         return Event(K.OBJECT, object_id, "lost", {"reason": reason}, node_id=self.node_id)
@@ -160,7 +160,7 @@ class ReconstructionMixin:
             old = self.objects.unready(other)
             if old is not None and old.shm_name is not None:
                 shm.unlink_segment(old.shm_name)
-        self._log(
+        self.recorder.log(
             [
                 Event(
                     K.TASK,

@@ -23,9 +23,9 @@ from typing import Any
 import grpc
 
 from controlplane.node import rpc
-from controlplane.node.objects import ObjectTable
 from dataplane import protocol as p
 from dataplane import shm
+from dataplane.object_table import ObjectTable
 from dataplane.serialization import SerializationError, verify
 
 CHUNKS_IN_FLIGHT = 4

@@ -1,11 +1,11 @@
 """Spilling: when the store is full, objects no pending task uses are copied to this
 node's spill directory (oldest first) and their segments freed, instead of refusing
 the new object; a spilled object is restored into the store when something here waits
-for it, as Ray does. The log records both (``spilled``, ``restored`` on the object).
+for it, as Ray does. What it does is reported (``record``: ``spilled``, ``restored``),
+and the node daemon writes it in the log; this module does not know the log.
 
-Objects whose bytes are not in the store -- spilled here, or left on the node that
-made them -- are brought back the same way (``_bring_back``) and let go the same way
-when freed (``_drop_elsewhere``). A mixin of NodeDaemon.
+The same path brings back the copy of a durable put (``load_file``). Objects left on
+another node are not this module's: the cluster link fetches them.
 """
 
 from __future__ import annotations
@@ -17,67 +17,91 @@ import logging
 import mmap
 import os
 import shutil
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from controlplane.eventlog import EntityKind, Event
-from controlplane.node import transfer
-from controlplane.node.objects import Elsewhere
 from dataplane import protocol as p
 from dataplane import shm
+from dataplane.object_table import Elsewhere, ObjectTable
+from dataplane.segment_pool import SegmentPool
 from dataplane.serialization import SerializationError, verify
 
 log = logging.getLogger("cairn.node")
-K = EntityKind
 # how often a spilled object that could not be restored for a failed spill is tried again
 RESTORE_RETRY_S = 1.0
 
 
-class SpillingMixin:
-    spill_dir: Path
-    spilling_now: set[str]  # objects being copied out (not chosen twice)
-    restoring: set[str]
-    # why the last _make_room that returned False could not spill (the disk under the
-    # spill directory is full, ...); None when there was simply nothing left to spill
-    spill_failure: str | None = None
+class Spiller:
+    """Moves objects between the store and the spill directory. Owns which objects are
+    being copied out or read back, and why the last attempt to make room failed."""
 
-    def _store_full(self: Any, size: int) -> str:
-        why = self.spill_failure or "no more can be spilled"
+    def __init__(
+        self,
+        node_id: str,
+        spill_dir: Path,
+        objects: ObjectTable,
+        pool: SegmentPool,
+        *,
+        spawn: Callable[[Coroutine[Any, Any, None]], None],
+        record: Callable[[str, str, dict[str, Any]], None],
+        on_lost: Callable[[str, str], None],
+        on_restored: Callable[[], None],
+    ) -> None:
+        """``record(object_id, event_type, payload)``: what to write in the log;
+        ``on_lost(object_id, why)``: a spilled copy could not be read back;
+        ``on_restored()``: an object is in the store again (tasks may wait for it)."""
+        self._node_id = node_id
+        self.spill_dir = spill_dir
+        self._objects = objects
+        self._pool = pool
+        self._spawn = spawn
+        self._record = record
+        self._on_lost = on_lost
+        self._on_restored = on_restored
+        self._spilling: set[str] = set()  # objects being copied out (not chosen twice)
+        self._restoring: set[str] = set()
+        # why the last make_room that returned False could not spill (the disk under the
+        # spill directory is full, ...); None when there was simply nothing to spill
+        self._failure: str | None = None
+
+    def store_full(self, size: int) -> str:
+        why = self._failure or "no more can be spilled"
         return (
             f"store_full: the object store cannot fit {size:,} bytes: "
-            f"{self.objects.used:,} of {self.objects.capacity:,} bytes are in use "
+            f"{self._objects.used:,} of {self._objects.capacity:,} bytes are in use "
             f"(object_store_memory) and {why}"
         )
 
-    async def _make_room(self: Any, size: int) -> bool:
+    async def make_room(self, size: int) -> bool:
         """Charges ``size`` bytes to the store, spilling objects to disk while it is
         full; False if even spilling everything spillable would not make room, or if a
-        spill failed (``spill_failure`` says why). A failed spill ends the attempt:
+        spill failed (``store_full`` says why). A failed spill ends the attempt:
         retrying it at once would spin on a full disk; the next request tries again,
         so work spills again as soon as space is freed."""
-        while not self.objects.charge(size):
-            overflow = self.objects.used + self.pool.bytes + size - self.objects.capacity
-            if self.pool.bytes:
-                self.pool.evict(overflow)
+        while not self._objects.charge(size):
+            overflow = self._objects.used + self._pool.bytes + size - self._objects.capacity
+            if self._pool.bytes:
+                self._pool.evict(overflow)
                 continue
-            victims = self.objects.spill_candidates(overflow, self.spilling_now)
+            victims = self._objects.spill_candidates(overflow, self._spilling)
             if not victims:
-                self.spill_failure = None
+                self._failure = None
                 return False
-            failures = await asyncio.gather(*(self._spill_object(v) for v in victims))
+            failures = await asyncio.gather(*(self._spill(v) for v in victims))
             failed = [why for why in failures if why is not None]
             if failed:
-                self.spill_failure = failed[0]
+                self._failure = failed[0]
                 return False
         return True
 
-    async def _spill_object(self: Any, location: p.ObjectLocation) -> str | None:
+    async def _spill(self, location: p.ObjectLocation) -> str | None:
         """Copies an object to the spill directory and frees its segment; on failure
         (ENOSPC, EIO...) the object stays in the store, the partial copy is removed,
         and the returned text names the directory and the cause."""
         object_id, name = location.object_id, location.shm_name
         assert name is not None
-        self.spilling_now.add(object_id)
+        self._spilling.add(object_id)
         path = self.spill_dir / object_id
         try:
             self.spill_dir.mkdir(parents=True, exist_ok=True)
@@ -90,45 +114,32 @@ class SpillingMixin:
             log.warning("could not spill object %s to %s: %s", object_id, self.spill_dir, exc)
             return f"spilling to {self.spill_dir} failed: {cause}"
         finally:
-            self.spilling_now.discard(object_id)
-        if self.objects.stored(object_id) != location:  # freed or changed meanwhile
+            self._spilling.discard(object_id)
+        if self._objects.stored(object_id) != location:  # freed or changed meanwhile
             path.unlink(missing_ok=True)
             return None
         bare = p.ObjectLocation(object_id, size=location.size, contained=location.contained)
-        self.objects.set_elsewhere(object_id, Elsewhere("spilled", str(path), bare))
+        self._objects.set_elsewhere(object_id, Elsewhere("spilled", str(path), bare))
         shm.unlink_segment(name)
-        self._log(
-            [
-                Event(
-                    K.OBJECT,
-                    object_id,
-                    "spilled",
-                    {"size_bytes": location.size, "path": str(path)},
-                    node_id=self.node_id,
-                )
-            ]
-        )
+        self._record(object_id, "spilled", {"size_bytes": location.size, "path": str(path)})
         return None
 
-    def _bring_back(self: Any, object_id: str, where: Elsewhere) -> None:
-        """Something here waits for an object whose bytes are not in the store."""
-        if where.kind == "remote":
-            self._fetch_remote(object_id, where.where)
-        elif object_id not in self.restoring:
-            self.restoring.add(object_id)
+    def restore(self, object_id: str, where: Elsewhere) -> None:
+        """Something here waits for a spilled object: it is read back (once)."""
+        if object_id not in self._restoring:
+            self._restoring.add(object_id)
             self._spawn(self._restore(object_id, where))
 
-    async def _restore(self: Any, object_id: str, where: Elsewhere) -> None:
+    async def _restore(self, object_id: str, where: Elsewhere) -> None:
         size = where.location.size
         try:
-            location = await self._load_file(object_id, Path(where.where), size)
+            location = await self.load_file(object_id, Path(where.where), size)
         except OSError as exc:  # the copy is gone or damaged: lost, rebuilt if it can be
-            why = f"its spilled copy could not be read back: {exc}"
-            self._object_lost(object_id, why, needed=True)
+            self._on_lost(object_id, f"its spilled copy could not be read back: {exc}")
             return
         finally:
-            self.restoring.discard(object_id)
-        if location is None and self.spill_failure is not None:
+            self._restoring.discard(object_id)
+        if location is None and self._failure is not None:
             # room would be made by spilling others, and that failed (a full disk):
             # this object's copy is intact, so it stays spilled and its readers wait
             # (up to their get timeout) for a retry, rather than losing it
@@ -136,61 +147,50 @@ class SpillingMixin:
                 "spilled object %s waits to be restored (retried every %gs): %s",
                 object_id,
                 RESTORE_RETRY_S,
-                self._store_full(size).removeprefix("store_full: "),
+                self.store_full(size).removeprefix("store_full: "),
             )
-            self.restoring.add(object_id)
+            self._restoring.add(object_id)
             self._spawn(self._restore_later(object_id, where))
             return
         if location is None:
-            message = f"spilled object {object_id} cannot be restored: " + self._store_full(
+            message = f"spilled object {object_id} cannot be restored: " + self.store_full(
                 size
             ).removeprefix("store_full: ")
-            self.objects.ready(p.ObjectLocation(object_id, error=p.ErrorInfo("system", message)))
+            self._objects.ready(p.ObjectLocation(object_id, error=p.ErrorInfo("system", message)))
             Path(where.where).unlink(missing_ok=True)
             return
-        if self.objects.state(object_id) != "spilled":  # freed meanwhile
-            self.objects.uncharge(size)
+        if self._objects.state(object_id) != "spilled":  # freed meanwhile
+            self._objects.uncharge(size)
             shm.unlink_segment(location.shm_name or "")
             return
-        self._log(
-            [Event(K.OBJECT, object_id, "restored", {"size_bytes": size}, node_id=self.node_id)]
-        )
-        self.objects.ready(dataclasses.replace(where.location, shm_name=location.shm_name))
+        self._record(object_id, "restored", {"size_bytes": size})
+        self._objects.ready(dataclasses.replace(where.location, shm_name=location.shm_name))
         Path(where.where).unlink(missing_ok=True)
-        self._schedule()
+        self._on_restored()
 
-    async def _restore_later(self: Any, object_id: str, where: Elsewhere) -> None:
+    async def _restore_later(self, object_id: str, where: Elsewhere) -> None:
         """Tries a restore again after a pause, if the object is still spilled and
         still wanted (space may have been freed on disk or in the store meanwhile)."""
         try:
             await asyncio.sleep(RESTORE_RETRY_S)
         finally:
-            self.restoring.discard(object_id)
-        if self.objects.state(object_id) == "spilled" and self.objects.is_wanted(object_id):
-            self._bring_back(object_id, where)
+            self._restoring.discard(object_id)
+        if self._objects.state(object_id) == "spilled" and self._objects.is_wanted(object_id):
+            self.restore(object_id, where)
 
-    async def _load_file(self: Any, object_id: str, path: Path, size: int) -> Any:
+    async def load_file(self, object_id: str, path: Path, size: int) -> p.ObjectLocation | None:
         """A copy of an object on disk (spilled, or a durable put) read into a new segment
         of the store, room made first; None if no room can be made; OSError (nothing
         left behind) if the file cannot be read whole."""
-        if not await self._make_room(size):
+        if not await self.make_room(size):
             return None
-        name = shm.segment_name(self.node_id, object_id)
+        name = shm.segment_name(self._node_id, object_id)
         try:
             await asyncio.to_thread(copy_into_segment, path, name, size)
         except OSError:
-            self.objects.uncharge(size)
+            self._objects.uncharge(size)
             raise
         return p.ObjectLocation(object_id, shm_name=name, size=size)
-
-    def _drop_elsewhere(self: Any, object_id: str, where: Elsewhere) -> None:
-        """A freed object's copy outside the store goes too."""
-        if where.kind == "remote":
-            self._spawn(transfer.release(where.where, object_id))
-        else:
-            with contextlib.suppress(OSError):
-                os.unlink(where.where)
-            self._log([Event(K.OBJECT, object_id, "freed", {}, node_id=self.node_id)])
 
 
 class DamagedCopyError(OSError):

@@ -1,0 +1,162 @@
+"""The node daemon's parts on their own, without a daemon: each with the real things it
+drives (PostgreSQL for the event recorder, processes for the worker pool)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import uuid
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import pytest
+from log_rows import fetch_rows
+
+from controlplane.eventlog import EntityKind, Event
+from controlplane.node.recorder import EventRecorder
+from controlplane.node.workers import WorkerPool
+from dataplane import protocol as p
+from dataplane import shm
+from dataplane.object_table import ObjectTable
+from dataplane.segment_pool import SegmentPool
+from dataplane.serialization import serialize
+from dataplane.spilling import Spiller
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _job(name: str) -> Event:
+    return Event(EntityKind.JOB, name, "submitted", {"entrypoint": name})
+
+
+async def test_the_recorder_commits_written_behind_events_before_a_durable_one(
+    gcs_url: str,
+) -> None:
+    recorder = EventRecorder(gcs_url, writer_node=None)
+    await recorder.start()
+    try:
+        recorder.log([_job("behind 1"), _job("behind 2")])
+        positions = await recorder.log_durable([_job("durable")])
+        # what was written behind is in the log once the durable event is, and before it
+        rows = await fetch_rows(gcs_url, "SELECT position, entity_id FROM events ORDER BY 1")
+        assert [r["entity_id"] for r in rows] == ["behind 1", "behind 2", "durable"]
+        assert positions == [rows[-1]["position"]]
+        recorder.log([_job("last")])
+    finally:
+        await recorder.close()  # commits what is queued
+    rows = await fetch_rows(gcs_url, "SELECT entity_id FROM events ORDER BY position")
+    assert [r["entity_id"] for r in rows][-1] == "last"
+    recorder.log([_job("after close")])  # dropped quietly: the daemon is shutting down
+    with pytest.raises(Exception, match="closed"):
+        await recorder.log_durable([_job("after close")])
+
+
+class _Conn:
+    """What the pool keeps of a worker's connection (the daemon's Connection)."""
+
+    def __init__(self, worker_id: str | None, role: str = "worker") -> None:
+        self.worker_id, self.role = worker_id, role
+
+
+async def test_the_worker_pool_hands_out_idle_workers_and_reaps_dead_ones() -> None:
+    # no daemon listens there: the workers cannot connect, and the pool does not care
+    pool = WorkerPool("node", "/nonexistent/node.sock", size=2)
+    try:
+        pool.fill()
+        first, second = list(pool)
+        assert len(pool) == 2 and not pool.has_idle()
+        with pytest.raises(p.ProtocolError, match="unknown worker"):
+            pool.connected("someone-else", cast(Any, _Conn("someone-else")))
+        pool.connected(first.worker_id, cast(Any, _Conn(first.worker_id)))
+        assert pool.of(cast(Any, _Conn(first.worker_id))) is first
+        assert pool.of(cast(Any, _Conn(first.worker_id, role="driver"))) is None
+        task = cast(Any, object())
+        assert pool.run(task) is first and first.task is task and not pool.has_idle()
+        assert pool.running_tasks() == 1
+        assert pool.first_use(first, "f") and not pool.first_use(first, "f")
+        pool.grow()  # full: 2 pool workers, none blocked
+        assert len(pool) == 2
+        pool.set_blocked(first, True)  # its task waits in get(): one more may start
+        pool.grow()
+        assert len(pool) == 3
+        assert pool.task_over(first) is task and pool.running_tasks() == 0
+        pool.idle_again(first)
+        assert pool.has_idle()
+        actor = pool.start(actor_id="actor")
+        pool.connected(actor.worker_id, cast(Any, _Conn(actor.worker_id)))
+        assert pool.run(task) is first  # an actor's worker is never idle in the pool
+        second.process.send_signal(signal.SIGKILL)
+        gone = await pool.gone(second.worker_id)
+        assert gone is not None and gone[0] is second and gone[1] != 0
+        assert not pool.alive(second.worker_id) and await pool.gone(second.worker_id) is None
+    finally:
+        await pool.stop()
+    assert len(pool) == 0
+    for handle in (first, second, actor):
+        assert handle.process.poll() is not None  # every process killed and reaped
+
+
+async def test_the_spiller_spills_the_oldest_objects_and_restores_them_checked(
+    tmp_path: Path,
+) -> None:
+    """A full store spills its oldest unpinned objects to disk and says so; an object
+    waited for comes back, checked against its checksum; a damaged copy is reported
+    lost; a spill directory that cannot be written is named in the store-full error."""
+    prefix = f"parts-{uuid.uuid4().hex}"
+    records: list[tuple[str, str]] = []
+    lost: list[str] = []
+    tasks: set[asyncio.Task[None]] = set()
+    objects = ObjectTable(3 * MB, on_free=lambda _location: None)
+    spiller = Spiller(
+        prefix,
+        tmp_path / "spill",
+        objects,
+        SegmentPool(prefix, limit=0),
+        spawn=lambda coroutine: tasks.add(asyncio.get_running_loop().create_task(coroutine)),
+        record=lambda object_id, event, _payload: records.append((event, object_id)),
+        on_lost=lambda object_id, _why: lost.append(object_id),
+        on_restored=lambda: None,
+    )
+    objects._on_wanted = lambda object_id, where: spiller.restore(object_id, where)
+    try:
+        sizes = [_store(objects, prefix, name) for name in ("a", "b", "c")]  # ~1 MB each
+        # more than the room left and one object make: the two oldest go to disk
+        needed = objects.capacity - objects.used + sizes[0] + 1
+        assert await spiller.make_room(needed)
+        objects.uncharge(needed)  # (charged for a new object: given back here)
+        assert sorted(records) == [("spilled", "a"), ("spilled", "b")]  # (copied at once)
+        assert objects.state("a") == objects.state("b") == "spilled"
+        assert objects.state("c") == "stored"
+        ready = asyncio.Event()
+        objects.on_ready("a", ready.set)  # waited for: restored
+        await asyncio.wait_for(ready.wait(), 10)
+        assert records[-1] == ("restored", "a") and objects.state("a") == "stored"
+        assert not (tmp_path / "spill" / "a").exists()  # the copy is gone once restored
+        (tmp_path / "spill" / "b").write_bytes(b"x" * MB)  # damaged on disk
+        objects.on_ready("b", lambda: None)
+        await asyncio.gather(*tasks)
+        assert lost == ["b"]
+        spiller.spill_dir = tmp_path / "a-file"
+        spiller.spill_dir.write_text("not a directory")
+        _store(objects, prefix, "d")
+        needed = objects.capacity - objects.used + 1  # an object must go: d cannot
+        assert not await spiller.make_room(needed)
+        assert f"spilling to {spiller.spill_dir} failed" in spiller.store_full(needed)
+    finally:
+        await asyncio.gather(*tasks, return_exceptions=True)
+        shm.unlink_all(prefix)
+
+
+MB = 1024 * 1024
+
+
+def _store(objects: ObjectTable, prefix: str, object_id: str) -> int:
+    value = serialize(np.full(MB // 8 - 64, ord(object_id), dtype=np.int64))
+    name = shm.segment_name(prefix, object_id)
+    shm.write_segment(name, value, value.total_size)
+    assert objects.charge(value.total_size)
+    objects.expect(object_id)
+    objects.hold(object_id)
+    objects.ready(p.ObjectLocation(object_id, shm_name=name, size=value.total_size))
+    return value.total_size
