@@ -22,6 +22,14 @@ from dataplane.object_table import ObjectTable
 from dataplane.segment_pool import SegmentPool
 from dataplane.serialization import serialize
 from dataplane.spilling import Spiller
+from dataplane.transfer import (
+    CHUNK_SIZE,
+    LinkError,
+    Puller,
+    Refused,
+    TransferError,
+    object_service,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -160,3 +168,66 @@ def _store(objects: ObjectTable, prefix: str, object_id: str) -> int:
     objects.hold(object_id)
     objects.ready(p.ObjectLocation(object_id, shm_name=name, size=value.total_size))
     return value.total_size
+
+
+class _InProcessLink:
+    """A NodeLink whose calls reach another node's object service in this process (the
+    network is gRPC's, tested end to end elsewhere); a refusal is a LinkError."""
+
+    def __init__(self, services: dict[str, Any]) -> None:
+        self._services = services
+
+    def unary(self, address: str, method: str) -> Any:
+        return self._call(address, method)
+
+    def raw(self, address: str, method: str) -> Any:
+        return self._call(address, method)
+
+    def _call(self, address: str, method: str) -> Any:
+        async def call(request: dict[str, Any], *, timeout: float | None = None) -> Any:
+            try:
+                return await self._services[address][method](request)
+            except Refused as refused:
+                raise LinkError(refused.code, refused.details) from None
+
+        return call
+
+
+async def test_a_pull_copies_an_object_chunk_by_chunk_and_checks_it() -> None:
+    prefix_a, prefix_b = f"parts-{uuid.uuid4().hex}", f"parts-{uuid.uuid4().hex}"
+    here = ObjectTable(64 * MB, on_free=lambda _location: None)
+    there = ObjectTable(64 * MB, on_free=lambda _location: None)
+    info, read = object_service(there)
+    released: list[str] = []
+
+    async def release(request: dict[str, Any]) -> dict[str, Any]:
+        released.append(request["object_id"])
+        return {}
+
+    link = _InProcessLink({"b": {"ObjectInfo": info, "ReadObject": read, "Release": release}})
+    puller = Puller(prefix_a, here, link)
+    try:
+        value = serialize(np.arange(3 * CHUNK_SIZE // 8 + 5, dtype=np.int64))  # 4 chunks
+        name = shm.segment_name(prefix_b, "big")
+        shm.write_segment(name, value, value.total_size)
+        there.expect("big")
+        there.hold("big")
+        there.ready(p.ObjectLocation("big", shm_name=name, size=value.total_size))
+        pulled = await puller.pull("b", "big")
+        assert pulled.shm_name == shm.segment_name(prefix_a, "big")
+        assert (shm.SHM_DIR / pulled.shm_name).read_bytes() == (shm.SHM_DIR / name).read_bytes()
+        assert here.used == value.total_size  # charged to this node's store
+        with pytest.raises(TransferError, match="no longer has object gone"):
+            await puller.pull("b", "gone")
+        with open(shm.SHM_DIR / name, "r+b") as segment:  # damaged where it lies
+            segment.seek(value.total_size - 10)
+            segment.write(b"\xff" * 10)
+        with pytest.raises(TransferError, match="do not match their checksum"):
+            await Puller(f"parts-{uuid.uuid4().hex}", here, link).pull("b", "big")
+        with pytest.raises(Refused, match="bad chunk range"):
+            await read({"object_id": "big", "offset": 0, "length": CHUNK_SIZE + 1})
+        await puller.release("b", "big")
+        assert released == ["big"]
+    finally:
+        for prefix in (prefix_a, prefix_b):
+            shm.unlink_all(prefix)

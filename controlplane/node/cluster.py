@@ -28,10 +28,10 @@ from typing import TYPE_CHECKING, Any, cast
 
 from controlplane.eventlog import EntityKind, Event, RecordedEvent, Tailer
 from controlplane.membership import cluster_nodes
-from controlplane.node import transfer
 from dataplane import protocol as p
 from dataplane import shm
 from dataplane.object_table import Elsewhere
+from dataplane.transfer import TransferError
 
 if TYPE_CHECKING:
     from controlplane.node.daemon import TaskRecord
@@ -450,7 +450,7 @@ class ClusterMixin:
                     location = await self.puller.pull(address, object_id)
                     self.recorder.log([self._transferred_event(location, address)])
                     break
-                except transfer.TransferError as exc:
+                except TransferError as exc:
                     error = p.ErrorInfo("object_lost", str(exc))
                     location = p.ObjectLocation(object_id, error=error)
                     await asyncio.sleep(0.1 * (attempt + 1))
@@ -592,7 +592,7 @@ class ClusterMixin:
         self._schedule()
         for location, address in values.values():
             if location.remote is None:  # this node has its copy
-                await transfer.release(address, location.object_id)
+                await self.puller.release(address, location.object_id)
 
     def _fetch_remote(self: Any, object_id: str, address: str) -> None:
         """Something here waits for an object left on another node: pull it (once);
@@ -605,7 +605,7 @@ class ClusterMixin:
         async def fetch() -> None:
             try:
                 location = await self.puller.pull(address, object_id)
-            except transfer.TransferError as exc:
+            except TransferError as exc:
                 self.fetching.discard(object_id)
                 if self.objects.state(object_id) == "remote":  # not rebuilt here meanwhile
                     self._object_lost(object_id, str(exc))
@@ -619,7 +619,7 @@ class ClusterMixin:
             self.recorder.log([self._transferred_event(location, address)])
             self.objects.ready(location)
             self._schedule()
-            await transfer.release(address, object_id)
+            await self.puller.release(address, object_id)
 
         self._spawn(fetch())
 

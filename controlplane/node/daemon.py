@@ -47,14 +47,13 @@ from controlplane.membership import (
     MembershipMonitor,
     cluster_nodes,
 )
-from controlplane.node import rpc, transfer
+from controlplane.node import rpc
 from controlplane.node.actors import ActorRecord, ActorsMixin
 from controlplane.node.cluster import ClusterMixin
 from controlplane.node.placement_groups import Bundle, PlacementGroupRecord, PlacementGroupsMixin
 from controlplane.node.reconstruction import ReconstructionMixin
 from controlplane.node.recorder import EventRecorder
 from controlplane.node.resources import ResourcePool, node_resources
-from controlplane.node.transfer import Puller, object_service
 from controlplane.node.workers import WorkerHandle, WorkerPool
 from controlplane.sql import queries
 from controlplane.tls import NodeTls
@@ -63,6 +62,7 @@ from dataplane import shm
 from dataplane.object_table import Elsewhere, ObjectTable
 from dataplane.segment_pool import SegmentPool
 from dataplane.spilling import Spiller
+from dataplane.transfer import Puller, object_service
 
 T = TypeVar("T")
 log = logging.getLogger("cairn.node")
@@ -218,7 +218,7 @@ class NodeDaemon(ActorsMixin, ClusterMixin, PlacementGroupsMixin, Reconstruction
             on_restored=self._schedule,
         )
         self.kept_for_owner: set[str] = set()
-        self.puller = Puller(node_id, self.objects)
+        self.puller = Puller(node_id, self.objects, rpc.Link())
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -259,7 +259,7 @@ class NodeDaemon(ActorsMixin, ClusterMixin, PlacementGroupsMixin, Reconstruction
         the membership monitor (see controlplane/membership.py)."""
         assert self.rpc_port is not None
         object_info, read_object = object_service(self.objects)
-        handlers = {
+        handlers: dict[str, rpc.Handler] = {
             "Info": lambda _request: self._cluster_info(),
             "Release": self._owner_released,
             "ObjectInfo": object_info,
@@ -757,7 +757,7 @@ class NodeDaemon(ActorsMixin, ClusterMixin, PlacementGroupsMixin, Reconstruction
     def _drop_elsewhere(self, object_id: str, where: Elsewhere) -> None:
         """A freed object's copy outside the store goes too."""
         if where.kind == "remote":
-            self._spawn(transfer.release(where.where, object_id))
+            self._spawn(self.puller.release(where.where, object_id))
         else:
             with contextlib.suppress(OSError):
                 os.unlink(where.where)

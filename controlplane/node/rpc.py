@@ -24,18 +24,18 @@ from typing import Any
 import grpc
 
 from controlplane import auth, tls
+from dataplane.transfer import CHUNK_SIZE, Call, LinkError, Refused
 
 SERVICE = "cairn.Node"
 DEFAULT_HEAD_PORT = 6380
 _JOIN_TIMEOUT_S = 5.0
-CHUNK_SIZE = 1 << 20  # object transfer: the bytes of one ReadObject call
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", 2 * CHUNK_SIZE),
     ("grpc.max_receive_message_length", 2 * CHUNK_SIZE),
 ]
 
 Handler = Callable[[dict[str, Any]], dict[str, Any] | Awaitable[dict[str, Any]]]
-RawHandler = Callable[[dict[str, Any], grpc.aio.ServicerContext], Awaitable[bytes]]
+RawHandler = Callable[[dict[str, Any]], Awaitable[bytes]]  # may raise Refused
 
 _token: str | None = None  # this process's cluster token, added to every call it makes
 _node_id: str | None = None  # the node this process is, named in every call it makes
@@ -138,6 +138,19 @@ def _decode(data: bytes) -> dict[str, Any]:
     return value
 
 
+def _raw(
+    handler: RawHandler,
+) -> Callable[[dict[str, Any], grpc.aio.ServicerContext], Awaitable[bytes]]:
+    async def answer(request: dict[str, Any], context: grpc.aio.ServicerContext) -> bytes:
+        try:
+            return await handler(request)
+        except Refused as refused:
+            await context.abort(grpc.StatusCode[refused.code], refused.details)
+            raise AssertionError("unreachable: abort raises") from None
+
+    return answer
+
+
 def _unary(handler: Handler) -> grpc.RpcMethodHandler:
     async def answer(request: dict[str, Any], context: grpc.aio.ServicerContext) -> dict:
         answered = handler(request)
@@ -168,7 +181,7 @@ async def serve(
     methods = {name: _unary(handler) for name, handler in handlers.items()}
     for name, raw in (raw_handlers or {}).items():
         methods[name] = grpc.unary_unary_rpc_method_handler(
-            raw, request_deserializer=_decode, response_serializer=bytes
+            _raw(raw), request_deserializer=_decode, response_serializer=bytes
         )
     interceptors: list[grpc.aio.ServerInterceptor] = []
     if token is not None:
@@ -204,6 +217,27 @@ def unary_stub(channel: grpc.aio.Channel, method: str) -> Any:
         f"/{SERVICE}/{method}", request_serializer=_encode, response_deserializer=_decode
     )
     return _with_token(stub, _token)
+
+
+class Link:
+    """Calls to other nodes over this process's channels (token, TLS, identity), as
+    dataplane/transfer.py's NodeLink: a failed call is a LinkError."""
+
+    def unary(self, address: str, method: str) -> Call:
+        return _link_errors(unary_stub(channel(address), method))
+
+    def raw(self, address: str, method: str) -> Call:
+        return _link_errors(raw_stub(channel(address), method))
+
+
+def _link_errors(stub: Any) -> Call:
+    async def call(request: dict[str, Any], *, timeout: float | None = None) -> Any:
+        try:
+            return await stub(request, timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise LinkError(exc.code().name, exc.details() or "") from None
+
+    return call
 
 
 class AuthError(PermissionError):

@@ -1,5 +1,5 @@
-"""Object transfer between nodes over gRPC. The puller asks for an object's size
-(``ObjectInfo``), then reads it in chunks of ``rpc.CHUNK_SIZE`` (``ReadObject``), at
+"""Object transfer between nodes. The puller asks for an object's size
+(``ObjectInfo``), then reads it in chunks of ``CHUNK_SIZE`` (``ReadObject``), at
 most ``CHUNKS_IN_FLIGHT`` at a time, writing each into a new segment of its own store as
 it arrives: memory on both sides is bounded by the chunks in flight, whatever the
 object's size (the puller asks, so neither side can run ahead of the other). Concurrent
@@ -10,6 +10,10 @@ is held there for the task that needs it (an argument) or until the puller relea
 What arrives is checked against the object's checksum (in its blob's header, see
 dataplane/serialization.py) before it is used: damaged bytes are a TransferError
 (the object is then lost here and rebuilt), never a wrong value.
+
+The calls travel over a ``NodeLink`` the caller gives (the cluster's gRPC service,
+controlplane/node/rpc.py, with its token and TLS): this module knows the requests and
+their answers, not how they cross the network.
 """
 
 from __future__ import annotations
@@ -18,26 +22,62 @@ import asyncio
 import contextlib
 import mmap
 import os
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
 
-import grpc
-
-from controlplane.node import rpc
 from dataplane import protocol as p
 from dataplane import shm
 from dataplane.object_table import ObjectTable
 from dataplane.serialization import SerializationError, verify
 
+CHUNK_SIZE = 1 << 20  # the bytes of one ReadObject call
 CHUNKS_IN_FLIGHT = 4
 WAIT_FOR_PENDING_S = 30.0  # how long a pull waits for an object not ready there yet
+RELEASE_TIMEOUT_S = 5.0
 
 
 class TransferError(ConnectionError):
     """The object could not be pulled (its node is gone, or no longer has it)."""
 
 
-def object_service(objects: ObjectTable) -> tuple[rpc.Handler, rpc.RawHandler]:
-    """The ``ObjectInfo`` and ``ReadObject`` handlers over this node's object table."""
+class LinkError(ConnectionError):
+    """A call to another node failed; ``code`` names why (gRPC's status names)."""
+
+    def __init__(self, code: str, details: str) -> None:
+        super().__init__(f"{code} {details}")
+        self.code, self.details = code, details
+
+
+class Refused(Exception):
+    """A request a handler turns down; the link answers the caller with ``code``."""
+
+    def __init__(self, code: str, details: str) -> None:
+        super().__init__(details)
+        self.code, self.details = code, details
+
+
+Call = Callable[..., Awaitable[Any]]  # (request: dict, *, timeout=None) -> answer
+
+
+class NodeLink(Protocol):
+    """Calls to other nodes' services; failures are LinkError."""
+
+    def unary(self, address: str, method: str) -> Call:
+        """A call answered with a JSON object."""
+        ...
+
+    def raw(self, address: str, method: str) -> Call:
+        """A call answered with bytes."""
+        ...
+
+
+InfoHandler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+ReadHandler = Callable[[dict[str, Any]], Awaitable[bytes]]
+
+
+def object_service(objects: ObjectTable) -> tuple[InfoHandler, ReadHandler]:
+    """The ``ObjectInfo`` and ``ReadObject`` handlers over this node's object table
+    (``ReadObject`` raises Refused for a request it cannot answer)."""
 
     def located(object_id: str) -> p.ObjectLocation | None:
         if not objects.is_ready(object_id):
@@ -66,15 +106,14 @@ def object_service(objects: ObjectTable) -> tuple[rpc.Handler, rpc.RawHandler]:
             await asyncio.to_thread(shm.seal_segment, location.shm_name)
         return {"size": location.size, "contained": list(location.contained)}
 
-    async def read(request: dict[str, Any], context: grpc.aio.ServicerContext) -> bytes:
+    async def read(request: dict[str, Any]) -> bytes:
         object_id = str(request.get("object_id", ""))
         offset, length = int(request.get("offset", 0)), int(request.get("length", 0))
         location = located(object_id)
         if location is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"no object {object_id} here")
-        assert location is not None
-        if not 0 <= offset <= location.size or not 0 < length <= rpc.CHUNK_SIZE:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "bad chunk range")
+            raise Refused("NOT_FOUND", f"no object {object_id} here")
+        if not 0 <= offset <= location.size or not 0 < length <= CHUNK_SIZE:
+            raise Refused("INVALID_ARGUMENT", "bad chunk range")
         if location.inline is not None:
             return location.inline[offset : offset + length]
         assert location.shm_name is not None
@@ -90,9 +129,10 @@ def object_service(objects: ObjectTable) -> tuple[rpc.Handler, rpc.RawHandler]:
 class Puller:
     """Pulls objects from other nodes into this node's store."""
 
-    def __init__(self, node_id: str, objects: ObjectTable) -> None:
+    def __init__(self, node_id: str, objects: ObjectTable, link: NodeLink) -> None:
         self.node_id = node_id
         self.objects = objects
+        self._link = link
         self._pulls: dict[str, asyncio.Future[p.ObjectLocation]] = {}
 
     def pull(self, address: str, object_id: str) -> asyncio.Future[p.ObjectLocation]:
@@ -105,24 +145,29 @@ class Puller:
         return pending
 
     async def _pull(self, address: str, object_id: str) -> p.ObjectLocation:
-        channel = rpc.channel(address)
         try:
-            info = await rpc.unary_stub(channel, "ObjectInfo")({"object_id": object_id})
+            info = await self._link.unary(address, "ObjectInfo")({"object_id": object_id})
             if info.get("missing"):
                 raise TransferError(f"node {address} no longer has object {object_id}")
             size, contained = int(info["size"]), tuple(info["contained"])
-            read = rpc.raw_stub(channel, "ReadObject")
+            read = self._link.raw(address, "ReadObject")
             if size <= shm.INLINE_LIMIT:
                 data = await read({"object_id": object_id, "offset": 0, "length": size})
                 _check_size(object_id, address, len(data), size)
                 _check_bytes(object_id, address, data)
                 return p.ObjectLocation(object_id, inline=data, size=size, contained=contained)
             return await self._into_segment(object_id, address, size, contained, read)
-        except grpc.aio.AioRpcError as exc:
+        except LinkError as exc:
             raise TransferError(
-                f"could not pull object {object_id} from {address}: "
-                f"{exc.code().name} {exc.details()}"
+                f"could not pull object {object_id} from {address}: {exc.code} {exc.details}"
             ) from None
+
+    async def release(self, address: str, object_id: str) -> None:
+        """Tells the node at ``address`` that its copy of the object is no longer
+        needed (a failure is ignored: that node frees it when its owner goes)."""
+        with contextlib.suppress(LinkError):
+            call = self._link.unary(address, "Release")
+            await call({"object_id": object_id}, timeout=RELEASE_TIMEOUT_S)
 
     async def _into_segment(
         self, object_id: str, address: str, size: int, contained: tuple[str, ...], read: Any
@@ -137,14 +182,14 @@ class Puller:
 
         async def chunk(offset: int) -> None:
             async with slots:
-                length = min(rpc.CHUNK_SIZE, size - offset)
+                length = min(CHUNK_SIZE, size - offset)
                 data = await read({"object_id": object_id, "offset": offset, "length": length})
                 _check_size(object_id, address, len(data), length)
                 os.pwrite(fd, data, offset)
 
         try:
             os.ftruncate(fd, size)
-            await asyncio.gather(*(chunk(o) for o in range(0, size, rpc.CHUNK_SIZE)))
+            await asyncio.gather(*(chunk(o) for o in range(0, size, CHUNK_SIZE)))
             await asyncio.to_thread(_check_segment, object_id, address, fd, size)
             shm.publish(staging, name)
         except BaseException:
@@ -181,9 +226,3 @@ def _check_segment(object_id: str, address: str, fd: int, size: int) -> None:
             _check_bytes(object_id, address, view)
         finally:
             view.release()
-
-
-async def release(address: str, object_id: str) -> None:
-    """Tells the node at ``address`` that its copy of the object is no longer needed."""
-    with contextlib.suppress(grpc.aio.AioRpcError):
-        await rpc.unary_stub(rpc.channel(address), "Release")({"object_id": object_id}, timeout=5)
