@@ -4,6 +4,7 @@ drives (PostgreSQL for the event recorder, processes for the worker pool)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import signal
 import uuid
 from pathlib import Path
@@ -14,7 +15,10 @@ import pytest
 from log_rows import fetch_rows
 
 from controlplane.eventlog import EntityKind, Event
+from controlplane.node.daemon import TaskRecord
+from controlplane.node.placement_groups import PlacementGroups
 from controlplane.node.recorder import EventRecorder
+from controlplane.node.resources import ResourcePool
 from controlplane.node.workers import WorkerPool
 from dataplane import protocol as p
 from dataplane import shm
@@ -231,3 +235,96 @@ async def test_a_pull_copies_an_object_chunk_by_chunk_and_checks_it() -> None:
     finally:
         for prefix in (prefix_a, prefix_b):
             shm.unlink_all(prefix)
+
+
+class _Owner:
+    """A driver's connection as the placement groups see it: answers are collected."""
+
+    def __init__(self) -> None:
+        self.sent: list[object] = []
+
+    def send(self, message: object) -> None:
+        self.sent.append(message)
+
+
+async def test_placement_groups_reserve_lend_and_give_back_their_bundles(gcs_url: str) -> None:
+    recorder = EventRecorder(gcs_url, writer_node=None)
+    await recorder.start()
+    resources = ResourcePool({"CPU": 4.0})
+    objects = ObjectTable(MB, on_free=lambda _location: None)
+    published: list[tuple[list[p.ObjectLocation], list[str]]] = []
+    schedules: list[None] = []
+
+    def publish(locations: list[p.ObjectLocation], events: list[Event], _owner: Any) -> None:
+        published.append((locations, [e.event_type for e in events]))
+
+    groups = PlacementGroups(
+        "node",
+        resources,
+        objects,
+        recorder,
+        in_cluster=lambda: False,
+        publish=publish,
+        created_event=lambda loc, _task, job: Event(
+            EntityKind.OBJECT, loc.object_id, "created", {}, job_id=job
+        ),
+        schedule=lambda: schedules.append(None),
+    )
+    owner = cast(Any, _Owner())
+    try:
+        msg = p.CreatePlacementGroup("pg", [{"CPU": 1.0}, {"CPU": 2.0}], "PACK", "g", "job", "r")
+        groups.create(owner, msg)
+        assert schedules  # a pending group: the scheduler reserves it on its next pass
+        groups.reserve()
+        assert resources.available["CPU"] == 1.0  # both bundles taken out of the node
+        ((ready,), events) = published[0]  # the ready object: True, inline
+        assert ready.object_id == "r" and ready.inline is not None and ready.error is None
+        assert events == ["ready", "created"] and objects.used == ready.size
+        spec = p.TaskSpec(
+            "t",
+            "job",
+            "f",
+            "",
+            [],
+            {},
+            1,
+            {"CPU": 2.0},
+            0,
+            False,
+            strategy=("PLACEMENT_GROUP", "pg", -1, ""),
+        )
+        record = cast(Any, TaskRecord(spec, None))
+        bundle, never = groups.bundle_for(record)
+        assert never is None and bundle is not None and bundle.request == {"CPU": 2.0}
+        assert not groups.bundle_elsewhere(record)
+        gpu_ids = groups.take(bundle, spec.resources)
+        too_big = TaskRecord(dataclasses.replace(spec, resources={"CPU": 3.0}), None)
+        assert groups.bundle_for(cast(Any, too_big))[1] is not None  # never fits a bundle
+        table = _answer(groups, owner, p.PlacementGroupTable(1))
+        assert table["pg"]["state"] == "CREATED" and table["pg"]["strategy"] == "PACK"
+        groups.remove("pg")  # a task still runs in it: its resources stay taken
+        assert resources.available["CPU"] == 1.0
+        assert (
+            groups.bundle_for(record)[1]
+            == "its placement group pg was removed (or never existed here)"
+        )
+        groups.give_back(bundle, spec.resources, gpu_ids)  # the last one: all back
+        assert resources.available["CPU"] == 4.0
+        groups.create(owner, dataclasses.replace(msg, pg_id="pg2", ready_object_id="r2"))
+        groups.owner_gone(owner)  # not detached: removed with its job, never ready
+        assert published[-1][1] == ["removed"] and published[-1][0][0].error is not None
+    finally:
+        await recorder.close()
+    rows = await fetch_rows(gcs_url, "SELECT entity_id, event_type FROM events ORDER BY position")
+    assert [(r["entity_id"], r["event_type"]) for r in rows] == [
+        ("pg", "created"),
+        ("pg", "removed"),
+        ("pg2", "created"),
+    ]
+
+
+def _answer(groups: PlacementGroups, owner: Any, msg: p.PlacementGroupTable) -> Any:
+    groups.table(owner, msg)
+    reply = owner.sent.pop()
+    assert isinstance(reply, p.Reply)
+    return reply.value

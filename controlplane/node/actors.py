@@ -199,10 +199,12 @@ class ActorsMixin:
                 return
             bundle = None
             if creation.spec.strategy and creation.spec.strategy[0] == "PLACEMENT_GROUP":
-                if self._bundle_elsewhere(creation):  # its bundle is on another node
+                if self.placement_groups.bundle_elsewhere(
+                    creation
+                ):  # its bundle is on another node
                     self._move_actor_elsewhere(actor)
                     return
-                bundle, never = self._bundle_for(creation)
+                bundle, never = self.placement_groups.bundle_for(creation)
                 if never is not None:
                     self._actor_died(actor, f"it cannot be scheduled: {never}")
                     return

@@ -154,7 +154,7 @@ class ClusterMixin:
             if event.payload["to_node"] == self.node_id:
                 self._call_from_elsewhere(event)
         elif kind is K.PLACEMENT_GROUP and kind_type in ("placed", "bundle_reserved", "removed"):
-            self._on_group_event(event)
+            self.placement_groups.on_log_event(event)
         elif kind is K.TASK and kind_type == "placed":
             if event.payload["node_id"] == self.node_id:
                 self._run_placed(event)

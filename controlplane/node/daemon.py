@@ -50,7 +50,7 @@ from controlplane.membership import (
 from controlplane.node import rpc
 from controlplane.node.actors import ActorRecord, ActorsMixin
 from controlplane.node.cluster import ClusterMixin
-from controlplane.node.placement_groups import Bundle, PlacementGroupRecord, PlacementGroupsMixin
+from controlplane.node.placement_groups import Bundle, PlacementGroups
 from controlplane.node.reconstruction import ReconstructionMixin
 from controlplane.node.recorder import EventRecorder
 from controlplane.node.resources import ResourcePool, node_resources
@@ -120,7 +120,7 @@ class TaskRecord:
     answered: bool = False  # ... which the worker answered to the caller itself
 
 
-class NodeDaemon(ActorsMixin, ClusterMixin, PlacementGroupsMixin, ReconstructionMixin):
+class NodeDaemon(ActorsMixin, ClusterMixin, ReconstructionMixin):
     def __init__(
         self,
         *,
@@ -197,7 +197,16 @@ class NodeDaemon(ActorsMixin, ClusterMixin, PlacementGroupsMixin, Reconstruction
         self._rpc: grpc.aio.Server | None = None
         self._pinger: LivenessPinger | None = None
         self._monitor: MembershipMonitor | None = None
-        self.placement_groups: dict[str, PlacementGroupRecord] = {}
+        self.placement_groups = PlacementGroups(
+            node_id,
+            self.resources,
+            self.objects,
+            self.recorder,
+            in_cluster=lambda: self.rpc_port is not None and bool(self.peers),
+            publish=self._make_durable_then_ready,
+            created_event=self._created_event,
+            schedule=self._schedule,
+        )
         self.peers: set[str] = set()
         self.dead_nodes: set[str] = set()  # declared dead: their calls are refused
         self._stale_logged: dict[str, float] = {}
@@ -525,7 +534,7 @@ class NodeDaemon(ActorsMixin, ClusterMixin, PlacementGroupsMixin, Reconstruction
             self.objects.release(object_id)
         conn.holding.clear()
         self._owner_gone(conn)
-        self._placement_groups_owner_gone(conn)
+        self.placement_groups.owner_gone(conn)
         if conn.role == "driver" and conn.job_id:
             self.recorder.log([Event(K.JOB, conn.job_id, "finished", {})])
         elif conn.role == "worker" and (gone := await self.worker_pool.gone(conn.worker_id or "")):
@@ -577,11 +586,12 @@ class NodeDaemon(ActorsMixin, ClusterMixin, PlacementGroupsMixin, Reconstruction
             case p.CancelTask(object_id, force, recursive):
                 self._cancel(object_id, force, recursive)
             case p.CreatePlacementGroup():
-                self._create_placement_group(conn, message)
+                self._hold(conn, message.ready_object_id)
+                self.placement_groups.create(conn, message)
             case p.RemovePlacementGroup(pg_id):
-                self._remove_placement_group(pg_id)
+                self.placement_groups.remove(pg_id)
             case p.PlacementGroupTable():
-                self._placement_group_table(conn, message)
+                self.placement_groups.table(conn, message)
             case p.ReserveActorName():
                 self._reserve_actor_name(conn, message)
             case p.GetActor():
@@ -598,6 +608,11 @@ class NodeDaemon(ActorsMixin, ClusterMixin, PlacementGroupsMixin, Reconstruction
                 raise p.ProtocolError(f"unexpected message {type(message).__name__}")
 
     # -- objects -------------------------------------------------------------------
+
+    def _hold(self, conn: Connection, object_id: str) -> None:
+        """``conn``'s process holds a ref to the object (it goes once none does)."""
+        conn.holding.add(object_id)
+        self.objects.hold(object_id)
 
     def _ref_counts(self, conn: Connection, deltas: dict[str, int]) -> None:
         for object_id, delta in deltas.items():
@@ -907,7 +922,7 @@ class NodeDaemon(ActorsMixin, ClusterMixin, PlacementGroupsMixin, Reconstruction
         """Dispatches queued tasks while resources and idle workers allow. Tasks wait
         in one FIFO per resource shape, so a shape that does not fit is skipped whole
         and the cost of a pass does not grow with the number of queued tasks."""
-        self._reserve_placement_groups()
+        self.placement_groups.reserve()
         for actor_id in list(self.unscheduled_actors):  # waiting for resources
             self._actor_dispatch(self.actors[actor_id])
         for shape, queue in list(self.ready.items()):
@@ -918,11 +933,11 @@ class NodeDaemon(ActorsMixin, ClusterMixin, PlacementGroupsMixin, Reconstruction
                     continue
                 bundle = None
                 if record.spec.strategy and record.spec.strategy[0] == "PLACEMENT_GROUP":
-                    if self._bundle_elsewhere(record):  # to the node of its bundle
+                    if self.placement_groups.bundle_elsewhere(record):  # to its bundle's node
                         queue.popleft()
                         self._spill(record)
                         continue
-                    bundle, never = self._bundle_for(record)
+                    bundle, never = self.placement_groups.bundle_for(record)
                     if never is not None:
                         queue.popleft()
                         error = p.ErrorInfo("unschedulable", never, record.spec.name)
@@ -1164,16 +1179,14 @@ class NodeDaemon(ActorsMixin, ClusterMixin, PlacementGroupsMixin, Reconstruction
         if bundle is None:
             record.gpu_ids = self.resources.acquire(record.spec.resources)
         else:
-            assert bundle.pool is not None
-            record.gpu_ids = bundle.pool.acquire(record.spec.resources)
-            bundle.in_use += 1
+            record.gpu_ids = self.placement_groups.take(bundle, record.spec.resources)
 
     def _give_back_resources(self, record: TaskRecord) -> None:
         bundle, record.bundle = record.bundle, None
         if bundle is None:
             self.resources.release(record.spec.resources, record.gpu_ids)
         else:
-            self._bundle_given_back(bundle, record.spec.resources, record.gpu_ids)
+            self.placement_groups.give_back(bundle, record.spec.resources, record.gpu_ids)
 
     def _pool_of(self, record: TaskRecord) -> ResourcePool:
         pool = record.bundle.pool if record.bundle is not None else None

@@ -17,16 +17,22 @@ back when the last one does. A group dies with its job unless ``lifetime="detach
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from controlplane.eventlog import EntityKind, Event
+from controlplane.eventlog import EntityKind, Event, RecordedEvent
+from controlplane.node.recorder import EventRecorder
 from controlplane.node.resources import ResourcePool
 from dataplane import protocol as p
+from dataplane.object_table import ObjectTable
 from dataplane.serialization import serialize_with_refs
 
 if TYPE_CHECKING:
     from controlplane.node.daemon import Connection, TaskRecord
+
+# (locations, the events that make them ready once durable, who is sent them)
+Publish = Callable[[list[p.ObjectLocation], list[Event], "Connection | None"], None]
 
 log = logging.getLogger("cairn.node")
 K = EntityKind
@@ -73,10 +79,36 @@ class PlacementGroupRecord:
         }
 
 
-class PlacementGroupsMixin:
-    placement_groups: dict[str, PlacementGroupRecord]
+class PlacementGroups:
+    """The node's placement groups and their bundles: reserved out of the node's pool
+    (``resources``), drawn from by the group's tasks (``take``, ``give_back``)."""
 
-    def _create_placement_group(self: Any, conn: Connection, msg: p.CreatePlacementGroup) -> None:
+    def __init__(
+        self,
+        node_id: str,
+        resources: ResourcePool,
+        objects: ObjectTable,
+        recorder: EventRecorder,
+        *,
+        in_cluster: Callable[[], bool],
+        publish: Publish,
+        created_event: Callable[[p.ObjectLocation, str | None, str | None], Event],
+        schedule: Callable[[], None],
+    ) -> None:
+        """``in_cluster()``: whether the global schedulers place bundles (other nodes
+        are there); ``publish``: makes objects ready once their events are durable;
+        ``schedule``: tasks may run now (resources came back, a group is ready)."""
+        self.node_id = node_id
+        self.resources = resources
+        self.objects = objects
+        self.recorder = recorder
+        self._in_cluster = in_cluster
+        self._publish = publish
+        self._created_event = created_event
+        self._schedule = schedule
+        self.placement_groups: dict[str, PlacementGroupRecord] = {}
+
+    def create(self, conn: Connection, msg: p.CreatePlacementGroup) -> None:
         record = PlacementGroupRecord(
             msg.pg_id,
             [Bundle(dict(b)) for b in msg.bundles],
@@ -87,10 +119,8 @@ class PlacementGroupsMixin:
             conn,
             msg.detached,
         )
-        record.cluster = self.rpc_port is not None and bool(self.peers)
+        record.cluster = self._in_cluster()
         self.placement_groups[msg.pg_id] = record
-        conn.holding.add(msg.ready_object_id)
-        self.objects.hold(msg.ready_object_id)
         self.objects.expect(msg.ready_object_id)
         payload: dict[str, Any] = {
             "bundles": msg.bundles,
@@ -113,8 +143,9 @@ class PlacementGroupsMixin:
         )
         self._schedule()
 
-    def _reserve_placement_groups(self: Any) -> None:
-        """Reserves every pending group that fits now (called by _schedule)."""
+    def reserve(self) -> None:
+        """Reserves every pending group that fits now (the local scheduler's first
+        step)."""
         for record in list(self.placement_groups.values()):
             if record.cluster:
                 self._reserve_bundles_placed_here(record)
@@ -143,7 +174,7 @@ class PlacementGroupsMixin:
                 bundle.node_id, bundle.reserved = self.node_id, True
             self._group_ready(record)
 
-    def _group_ready(self: Any, record: PlacementGroupRecord) -> None:
+    def _group_ready(self, record: PlacementGroupRecord) -> None:
         """Every bundle is reserved: the group is ready (its ready object with it)."""
         record.state = "CREATED"
         serialized, _ = serialize_with_refs(True)
@@ -160,11 +191,11 @@ class PlacementGroupsMixin:
             node_id=self.node_id,
         )
         created = self._created_event(location, None, record.job_id)
-        self._make_durable_then_ready([location], [ready, created], record.owner)
+        self._publish([location], [ready, created], record.owner)
 
     # -- bundles on several nodes (placed by the global schedulers) -------------------
 
-    def _reserve_bundles_placed_here(self: Any, record: PlacementGroupRecord) -> None:
+    def _reserve_bundles_placed_here(self, record: PlacementGroupRecord) -> None:
         """Reserves this node's bundles of a group placed across the cluster, all
         together once they fit, and says so in the log (``bundle_reserved``)."""
         if record.state == "REMOVED":
@@ -196,7 +227,7 @@ class PlacementGroupsMixin:
                 ]
             )
 
-    def _on_group_event(self: Any, event: Any) -> None:
+    def on_log_event(self, event: RecordedEvent) -> None:
         """Placement group events of other nodes and schedulers (from the log)."""
         pg_id, kind = event.entity_id, event.event_type
         group = self.placement_groups.get(pg_id)
@@ -229,9 +260,9 @@ class PlacementGroupsMixin:
             if all(b.reserved for b in group.bundles):
                 self._group_ready(group)
         elif kind == "removed" and not group.owned:
-            self._remove_placement_group(pg_id, log_event=False)
+            self.remove(pg_id, log_event=False)
 
-    def _never_fits(self: Any, record: PlacementGroupRecord) -> str | None:
+    def _never_fits(self, record: PlacementGroupRecord) -> str | None:
         if record.strategy == "STRICT_SPREAD" and len(record.bundles) > 1:
             return (
                 f"STRICT_SPREAD needs {len(record.bundles)} nodes, one per bundle, and this "
@@ -245,9 +276,9 @@ class PlacementGroupsMixin:
             return f"this node has {self.resources.total}, the group needs {total}"
         return None
 
-    def _bundle_for(self: Any, record: TaskRecord) -> tuple[Bundle | None, str | None]:
+    def bundle_for(self, record: TaskRecord) -> tuple[Bundle | None, str | None]:
         """For a task in a placement group: the bundle of this node to run it in now
-        (None: wait, or go to the bundle's node: see _bundle_elsewhere), or why it can
+        (None: wait, or go to the bundle's node: see bundle_elsewhere), or why it can
         never run."""
         assert record.spec.strategy is not None  # a placement group's task
         _, pg_id, index, _ = record.spec.strategy
@@ -270,7 +301,7 @@ class PlacementGroupsMixin:
                 return bundle, None
         return None, None
 
-    def _bundle_elsewhere(self: Any, record: TaskRecord) -> bool:
+    def bundle_elsewhere(self, record: TaskRecord) -> bool:
         """Whether a task of a group made here must run on another node (its bundle,
         or every bundle for index -1, is there): it is spilled to it."""
         assert record.spec.strategy is not None  # a placement group's task
@@ -281,15 +312,19 @@ class PlacementGroupsMixin:
         chosen = group.bundles if int(index) < 0 else [group.bundles[int(index)]]
         return all(b.node_id != self.node_id for b in chosen)
 
-    def _bundle_given_back(self: Any, bundle: Bundle, request: dict, gpu_ids: list) -> None:
+    def take(self, bundle: Bundle, request: dict[str, float]) -> list[str]:
+        """A task or actor of the group starts in ``bundle``: its resources (GPU ids)."""
+        assert bundle.pool is not None
+        bundle.in_use += 1
+        return bundle.pool.acquire(request)
+
+    def give_back(self, bundle: Bundle, request: dict[str, float], gpu_ids: list[str]) -> None:
         assert bundle.pool is not None
         bundle.pool.release(request, gpu_ids)
         bundle.in_use -= 1
         self._maybe_return_bundles()
 
-    def _remove_placement_group(
-        self: Any, pg_id: str, reason: str = "removed", *, log_event: bool = True
-    ) -> None:
+    def remove(self, pg_id: str, reason: str = "removed", *, log_event: bool = True) -> None:
         group = self.placement_groups.get(pg_id)
         if group is None or group.state == "REMOVED":
             return
@@ -299,13 +334,13 @@ class PlacementGroupsMixin:
             self.recorder.log([removed])
         elif log_event:  # whoever waits for it to be ready learns it never will be
             error = p.ErrorInfo("system", f"placement group {pg_id} was {reason} before ready")
-            self._make_durable_then_ready(
+            self._publish(
                 [p.ObjectLocation(group.ready_object_id, error=error)], [removed], group.owner
             )
         self._maybe_return_bundles()
         self._schedule()  # its queued tasks fail there
 
-    def _maybe_return_bundles(self: Any) -> None:
+    def _maybe_return_bundles(self) -> None:
         """Gives the resources of removed groups back once nothing runs in them."""
         for group in list(self.placement_groups.values()):
             if group.state != "REMOVED" or any(b.in_use for b in group.bundles):
@@ -316,7 +351,7 @@ class PlacementGroupsMixin:
                     bundle.pool = None
             del self.placement_groups[group.pg_id]
 
-    def _placement_group_table(self: Any, conn: Connection, msg: p.PlacementGroupTable) -> None:
+    def table(self, conn: Connection, msg: p.PlacementGroupTable) -> None:
         if msg.name is not None:
             found = next(
                 (
@@ -335,9 +370,9 @@ class PlacementGroupsMixin:
         }
         conn.send(p.Reply(msg.request_id, table))
 
-    def _placement_groups_owner_gone(self: Any, conn: Connection) -> None:
+    def owner_gone(self, conn: Connection) -> None:
         for group in list(self.placement_groups.values()):
             if group.owned and group.owner is conn:
                 group.owner = None
                 if not group.detached:
-                    self._remove_placement_group(group.pg_id, "removed with its job")
+                    self.remove(group.pg_id, "removed with its job")
