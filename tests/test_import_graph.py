@@ -25,7 +25,6 @@ PACKAGES = ("controlplane", "dataplane", "sdk")
 KNOWN_NODE_CYCLES: list[tuple[str, str]] = [
     ("controlplane.node.actors", "controlplane.node.daemon"),
     ("controlplane.node.cluster", "controlplane.node.daemon"),
-    ("controlplane.node.reconstruction", "controlplane.node.daemon"),
 ]
 
 

@@ -17,6 +17,7 @@ from log_rows import fetch_rows
 from controlplane.eventlog import EntityKind, Event
 from controlplane.node.daemon import TaskRecord
 from controlplane.node.placement_groups import PlacementGroups
+from controlplane.node.reconstruction import Reconstructor
 from controlplane.node.recorder import EventRecorder
 from controlplane.node.resources import ResourcePool
 from controlplane.node.workers import WorkerPool
@@ -328,3 +329,105 @@ def _answer(groups: PlacementGroups, owner: Any, msg: p.PlacementGroupTable) -> 
     reply = owner.sent.pop()
     assert isinstance(reply, p.Reply)
     return reply.value
+
+
+class _Tasks:
+    """The node's tasks as the reconstructor sees them (reconstruction.TaskRunner):
+    records what it is asked to run."""
+
+    def __init__(self) -> None:
+        self.rebuilt: list[tuple[str, int]] = []
+        self.run: list[str] = []
+
+    def has_task(self, task_id: str) -> bool:
+        return False
+
+    def knows_function(self, function_id: str) -> bool:
+        return True
+
+    def add_rebuild(self, spec: p.TaskSpec, attempt: int) -> Any:
+        self.rebuilt.append((spec.task_id, attempt))
+        return TaskRecord(spec, None, attempt=attempt)
+
+    def run_when_ready(self, record: Any) -> None:
+        self.run.append(record.spec.task_id)
+
+    def next_attempt(self, record: Any, reason: str) -> None:
+        record.attempt += 1
+
+    def schedule(self) -> None:
+        pass
+
+
+async def test_the_reconstructor_reruns_lineage_from_the_log_and_recovers_puts(
+    gcs_url: str, tmp_path: Path
+) -> None:
+    """A lost return is rebuilt by re-running its task, read back from its ``submitted``
+    event (attempt counted from the log); a lost small put comes back from its
+    ``created`` event; a task with max_retries=0 is not re-run: its object is lost."""
+    recorder = EventRecorder(gcs_url, writer_node=None)
+    await recorder.start()
+    objects = ObjectTable(MB, on_free=lambda _location: None)
+    tasks = _Tasks()
+    spawned: set[asyncio.Task[None]] = set()
+    spiller = Spiller(
+        "node",
+        tmp_path,
+        objects,
+        SegmentPool("node", limit=0),
+        spawn=lambda c: spawned.add(asyncio.get_running_loop().create_task(c)),
+        record=lambda *_: None,
+        on_lost=lambda *_: None,
+        on_restored=lambda: None,
+    )
+    rebuilder = Reconstructor(
+        "node",
+        gcs_url,
+        objects,
+        recorder,
+        spiller,
+        tasks,
+        spawn=lambda c: spawned.add(asyncio.get_running_loop().create_task(c)),
+    )
+    spec = p.TaskSpec("t1", "job", "square", "f", [], {}, 1, {"CPU": 1.0}, 3, False)
+    once = dataclasses.replace(spec, task_id="t2", max_retries=0)
+    put_id, put_value = "p" * 24 + "00000000", b"a small put"
+    for each in (spec, once):
+        submitted = Event(
+            EntityKind.TASK, each.task_id, "submitted", {"name": each.name}, data=p.encode(each)
+        )
+        recorder.log([submitted])
+    await recorder.log_durable(  # (and what was written behind before)
+        [
+            Event(EntityKind.TASK, "t1", "finished", {"attempt": 0}),
+            Event(EntityKind.OBJECT, put_id, "created", {"size_bytes": 11}, data=put_value),
+        ]
+    )
+    try:
+        for object_id in (spec.return_ids()[0], once.return_ids()[0], put_id):
+            objects.expect(object_id)
+            objects.hold(object_id)
+            objects.ready(p.ObjectLocation(object_id, inline=b"x", size=1))
+            rebuilder.object_lost(object_id, "its node died")
+        await asyncio.gather(*spawned)
+        assert tasks.rebuilt == [("t1", 1)] and tasks.run == ["t1"]
+        assert objects.state(spec.return_ids()[0]) == "pending"  # waits for the re-run
+        assert objects.location(once.return_ids()[0]).error is not None
+        assert "max_retries=0" in str(objects.location(once.return_ids()[0]).error)
+        assert objects.location(put_id).inline == put_value
+    finally:
+        await recorder.close()
+    rows = await fetch_rows(
+        gcs_url,
+        "SELECT entity_id, event_type FROM events WHERE event_type IN "
+        "('lost', 'reconstructing', 'restored') ORDER BY position",
+    )
+    assert sorted((r["entity_id"], r["event_type"]) for r in rows) == sorted(
+        [
+            (spec.return_ids()[0], "lost"),
+            (once.return_ids()[0], "lost"),
+            (put_id, "lost"),
+            ("t1", "reconstructing"),
+            (put_id, "restored"),
+        ]
+    )

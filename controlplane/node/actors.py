@@ -621,7 +621,7 @@ class ActorsMixin:
             reason = f"the actor restarted: {cause}"
         else:
             reason = f"the actor restarted before the call began: {cause}"
-        self._next_attempt(record, reason)
+        self.next_attempt(record, reason)
         if at_head:
             actor.queue.appendleft(record)
         else:

@@ -228,7 +228,7 @@ class ClusterMixin:
         the others fail with WorkerCrashedError, as a task whose worker died."""
         address = self.peer_addresses.get(node_id)
         for object_id in self.objects.remote_at(address) if address else []:
-            self._object_lost(object_id, f"node {node_id}, which held it, died")
+            self.reconstructor.object_lost(object_id, f"node {node_id}, which held it, died")
         for actor in list(self.actors.values()):
             if actor.elsewhere and actor.placed_on == node_id and actor.death is None:
                 self._actor_node_lost(actor, node_id)
@@ -353,7 +353,7 @@ class ClusterMixin:
                 )
                 continue
             record.retries_left -= record.retries_left > 0
-            self._next_attempt(record, f"the actor restarted: {cause}")
+            self.next_attempt(record, f"the actor restarted: {cause}")
             resent.append(record)
         actor.queue.extendleft(reversed(resent))  # before calls made since, in order
         for record in resent:
@@ -364,7 +364,7 @@ class ClusterMixin:
             for object_id in (*creation.spec.dependencies(), *creation.spec.contained_refs):
                 self.objects.pin(object_id)  # as a submitted task's: unpinned when over
         creation.placed_on = None
-        self._next_attempt(creation, f"the actor restarts: {cause}")
+        self.next_attempt(creation, f"the actor restarts: {cause}")
         self._spill(creation)
 
     def _forward_call(self: Any, actor: Any, record: TaskRecord) -> None:
@@ -589,7 +589,7 @@ class ClusterMixin:
         if record.submitter is not None:
             record.submitter.send(p.ObjectsReady(locations))
         self._task_over(record)
-        self._schedule()
+        self.schedule()
         for location, address in values.values():
             if location.remote is None:  # this node has its copy
                 await self.puller.release(address, location.object_id)
@@ -608,7 +608,7 @@ class ClusterMixin:
             except TransferError as exc:
                 self.fetching.discard(object_id)
                 if self.objects.state(object_id) == "remote":  # not rebuilt here meanwhile
-                    self._object_lost(object_id, str(exc))
+                    self.reconstructor.object_lost(object_id, str(exc))
                 return
             self.fetching.discard(object_id)
             if self.objects.state(object_id) != "remote":  # freed or lost meanwhile
@@ -618,7 +618,7 @@ class ClusterMixin:
                 return
             self.recorder.log([self._transferred_event(location, address)])
             self.objects.ready(location)
-            self._schedule()
+            self.schedule()
             await self.puller.release(address, object_id)
 
         self._spawn(fetch())

@@ -51,7 +51,7 @@ from controlplane.node import rpc
 from controlplane.node.actors import ActorRecord, ActorsMixin
 from controlplane.node.cluster import ClusterMixin
 from controlplane.node.placement_groups import Bundle, PlacementGroups
-from controlplane.node.reconstruction import ReconstructionMixin
+from controlplane.node.reconstruction import Reconstructor
 from controlplane.node.recorder import EventRecorder
 from controlplane.node.resources import ResourcePool, node_resources
 from controlplane.node.workers import WorkerHandle, WorkerPool
@@ -120,7 +120,7 @@ class TaskRecord:
     answered: bool = False  # ... which the worker answered to the caller itself
 
 
-class NodeDaemon(ActorsMixin, ClusterMixin, ReconstructionMixin):
+class NodeDaemon(ActorsMixin, ClusterMixin):
     def __init__(
         self,
         *,
@@ -205,13 +205,12 @@ class NodeDaemon(ActorsMixin, ClusterMixin, ReconstructionMixin):
             in_cluster=lambda: self.rpc_port is not None and bool(self.peers),
             publish=self._make_durable_then_ready,
             created_event=self._created_event,
-            schedule=self._schedule,
+            schedule=self.schedule,
         )
         self.peers: set[str] = set()
         self.dead_nodes: set[str] = set()  # declared dead: their calls are refused
         self._stale_logged: dict[str, float] = {}
         self.peer_addresses: dict[str, str] = {}
-        self.rebuilding: set[str] = set()
         self.spilled: dict[str, TaskRecord] = {}
         self.remote_returns: dict[str, dict[str, tuple[p.ObjectLocation, str]]] = {}
         self.fetching: set[str] = set()
@@ -223,8 +222,13 @@ class NodeDaemon(ActorsMixin, ClusterMixin, ReconstructionMixin):
             self.pool,
             spawn=self._spawn,
             record=self._object_event,
-            on_lost=functools.partial(self._object_lost, needed=True),
-            on_restored=self._schedule,
+            on_lost=lambda object_id, why: self.reconstructor.object_lost(
+                object_id, why, needed=True
+            ),
+            on_restored=self.schedule,
+        )
+        self.reconstructor = Reconstructor(
+            node_id, gcs_url, self.objects, self.recorder, self.spiller, self, spawn=self._spawn
         )
         self.kept_for_owner: set[str] = set()
         self.puller = Puller(node_id, self.objects, rpc.Link())
@@ -527,7 +531,7 @@ class NodeDaemon(ActorsMixin, ClusterMixin, ReconstructionMixin):
         worker = self.worker_pool.of(conn)
         if worker is not None and worker.actor_id is not None:
             self._actor_worker_connected(worker)
-        self._schedule()
+        self.schedule()
 
     async def _disconnected(self, conn: Connection) -> None:
         for object_id in list(conn.holding):
@@ -557,7 +561,7 @@ class NodeDaemon(ActorsMixin, ClusterMixin, ReconstructionMixin):
                 self._worker_lost(handle, exit_code)
             if not self._stopping.is_set():
                 self.worker_pool.start()
-                self._schedule()
+                self.schedule()
 
     def _dispatch(self, conn: Connection, message: object) -> None:
         match message:
@@ -599,7 +603,7 @@ class NodeDaemon(ActorsMixin, ClusterMixin, ReconstructionMixin):
             case p.KillActor(actor_id, no_restart):
                 self._kill_actor(actor_id, no_restart)
             case p.ReportLost(object_id, reason):
-                self._object_lost(object_id, reason)
+                self.reconstructor.object_lost(object_id, reason)
             case p.ClusterInfoRequest(request_id):
                 conn.send(p.Reply(request_id, self._cluster_info()))
             case p.ClusterNodesRequest(request_id):
@@ -745,7 +749,7 @@ class NodeDaemon(ActorsMixin, ClusterMixin, ReconstructionMixin):
                 published.append(location)
             if owner is not None:
                 owner.send(p.ObjectsReady(published))
-            self._schedule()
+            self.schedule()
 
         durable.add_done_callback(publish)
 
@@ -891,6 +895,31 @@ class NodeDaemon(ActorsMixin, ClusterMixin, ReconstructionMixin):
         )
         return record
 
+    # (what the reconstructor asks of the node's tasks: reconstruction.TaskRunner)
+
+    def has_task(self, task_id: str) -> bool:
+        return task_id in self.tasks
+
+    def knows_function(self, function_id: str) -> bool:
+        return function_id in self.functions
+
+    def add_rebuild(self, spec: p.TaskSpec, attempt: int) -> TaskRecord:
+        retries_left = -1 if spec.max_retries < 0 else max(0, spec.max_retries - attempt)
+        record = TaskRecord(spec, None, attempt=attempt, retries_left=retries_left)
+        self.tasks[spec.task_id] = record
+        for object_id in (*spec.dependencies(), *spec.contained_refs):
+            self.objects.pin(object_id)
+        record.pending_deps = {d for d in spec.dependencies() if not self.objects.is_ready(d)}
+        return record
+
+    def run_when_ready(self, record: TaskRecord) -> None:
+        if not record.pending_deps:
+            self._enqueue(record)
+            return
+        record.state = "WAITING_FOR_DEPENDENCIES"
+        for dep in list(record.pending_deps):
+            self.objects.on_ready(dep, functools.partial(self._dep_done, record, dep))
+
     def _dep_done(self, record: TaskRecord, object_id: str) -> None:
         record.pending_deps.discard(object_id)
         if not record.pending_deps and record.state == "WAITING_FOR_DEPENDENCIES":
@@ -916,9 +945,9 @@ class NodeDaemon(ActorsMixin, ClusterMixin, ReconstructionMixin):
             return
         record.state = "QUEUED"
         self.ready.setdefault(_queue_key(record.spec), deque()).append(record)
-        self._schedule()
+        self.schedule()
 
-    def _schedule(self) -> None:
+    def schedule(self) -> None:
         """Dispatches queued tasks while resources and idle workers allow. Tasks wait
         in one FIFO per resource shape, so a shape that does not fit is skipped whole
         and the cost of a pass does not grow with the number of queued tasks."""
@@ -1007,7 +1036,7 @@ class NodeDaemon(ActorsMixin, ClusterMixin, ReconstructionMixin):
                 self._unblock(handle)
             self.worker_pool.idle_again(handle)
         if record is None or record.attempt != done.attempt:
-            self._schedule()
+            self.schedule()
             return
         self._give_back_resources(record)
         record.worker = None
@@ -1024,16 +1053,16 @@ class NodeDaemon(ActorsMixin, ClusterMixin, ReconstructionMixin):
             ):
                 self._retry(record, done.error.message)
                 return
-            elif done.error.kind == "object_lost" and self._wait_for_lost_arguments(
+            elif done.error.kind == "object_lost" and self.reconstructor.wait_for_lost_arguments(
                 record, done.error.message
             ):
-                self._schedule()
+                self.schedule()
                 return
             self._finish_failed(record, done.error, log_event=True)
         else:
             record.output_digest = done.output_digest
             self._finish_ok(record, done.returns)
-        self._schedule()
+        self.schedule()
 
     def _finish_ok(self, record: TaskRecord, returns: list[p.ObjectLocation]) -> None:
         spec = record.spec
@@ -1089,15 +1118,15 @@ class NodeDaemon(ActorsMixin, ClusterMixin, ReconstructionMixin):
             for object_id in (*record.spec.dependencies(), *record.spec.contained_refs):
                 self.objects.unpin(object_id)
         self.tasks.pop(record.spec.task_id, None)
-        self.rebuilding.discard(record.spec.task_id)
+        self.reconstructor.done(record.spec.task_id)
 
     def _retry(self, record: TaskRecord, reason: str) -> None:
         if record.retries_left > 0:
             record.retries_left -= 1
-        self._next_attempt(record, reason)
+        self.next_attempt(record, reason)
         self._enqueue(record)
 
-    def _next_attempt(self, record: TaskRecord, reason: str) -> None:
+    def next_attempt(self, record: TaskRecord, reason: str) -> None:
         """A task (or call) starts a new attempt: its ``retried`` event says why."""
         record.attempt += 1
         self.recorder.log(
@@ -1198,7 +1227,7 @@ class NodeDaemon(ActorsMixin, ClusterMixin, ReconstructionMixin):
         assert handle.task is not None
         pool = self._pool_of(handle.task)
         pool.release(pool.without_gpus(handle.task.spec.resources))
-        self._schedule()
+        self.schedule()
 
     def _unblock(self, handle: WorkerHandle) -> None:
         self.worker_pool.set_blocked(handle, False)

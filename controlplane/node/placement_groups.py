@@ -105,7 +105,7 @@ class PlacementGroups:
         self._in_cluster = in_cluster
         self._publish = publish
         self._created_event = created_event
-        self._schedule = schedule
+        self.schedule = schedule
         self.placement_groups: dict[str, PlacementGroupRecord] = {}
 
     def create(self, conn: Connection, msg: p.CreatePlacementGroup) -> None:
@@ -141,7 +141,7 @@ class PlacementGroups:
                 )
             ]
         )
-        self._schedule()
+        self.schedule()
 
     def reserve(self) -> None:
         """Reserves every pending group that fits now (the local scheduler's first
@@ -252,7 +252,7 @@ class PlacementGroups:
                 self.placement_groups[pg_id] = group
             for bundle, node_id in zip(group.bundles, nodes, strict=True):
                 bundle.node_id = node_id
-            self._schedule()
+            self.schedule()
         elif group is None:
             return
         elif kind == "bundle_reserved" and group.owned and group.state == "PENDING":
@@ -338,7 +338,7 @@ class PlacementGroups:
                 [p.ObjectLocation(group.ready_object_id, error=error)], [removed], group.owner
             )
         self._maybe_return_bundles()
-        self._schedule()  # its queued tasks fail there
+        self.schedule()  # its queued tasks fail there
 
     def _maybe_return_bundles(self) -> None:
         """Gives the resources of removed groups back once nothing runs in them."""

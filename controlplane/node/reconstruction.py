@@ -15,23 +15,29 @@ paper's lineage replay, with the log as the lineage store.
   rebuilt more often than ``max_retries`` allows (counting retries, from the log)
   gives ObjectReconstructionFailedMaxAttemptsExceededError.
 
-A mixin of NodeDaemon.
+The reconstructor owns which tasks are being re-run for this (``rebuilding``); the tasks
+themselves are the node's (``TaskRunner``: it records, queues and runs them).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from controlplane.eventlog import EntityKind, Event
-from controlplane.eventlog.connection import connect
+from controlplane.eventlog.connection import connect, retry_while_unavailable
+from controlplane.node.recorder import EventRecorder
 from controlplane.sql import queries
 from dataplane import protocol as p
 from dataplane import shm
+from dataplane.object_table import ObjectTable
+from dataplane.spilling import Spiller
 
 if TYPE_CHECKING:
     from controlplane.node.daemon import TaskRecord
+
 
 log = logging.getLogger("cairn.node")
 K = EntityKind
@@ -45,10 +51,54 @@ def creating_task(object_id: str) -> str | None:
     return object_id[:-8]
 
 
-class ReconstructionMixin:
-    rebuilding: set[str]  # tasks being re-run to rebuild their objects
+class TaskRunner(Protocol):
+    """What the reconstructor asks of the node's tasks."""
 
-    def _object_lost(self: Any, object_id: str, reason: str, *, needed: bool = False) -> None:
+    def has_task(self, task_id: str) -> bool:
+        """Whether the task is the node's now (queued, waiting or running)."""
+        ...
+
+    def knows_function(self, function_id: str) -> bool: ...
+
+    def add_rebuild(self, spec: p.TaskSpec, attempt: int) -> TaskRecord:
+        """The node's task again, for its ``attempt``-th run (its arguments pinned)."""
+        ...
+
+    def run_when_ready(self, record: TaskRecord) -> None:
+        """Queues the task once its arguments are all here."""
+        ...
+
+    def next_attempt(self, record: TaskRecord, reason: str) -> None: ...
+
+    def schedule(self) -> None: ...
+
+
+class Reconstructor:
+    def __init__(
+        self,
+        node_id: str,
+        gcs_url: str,
+        objects: ObjectTable,
+        recorder: EventRecorder,
+        spiller: Spiller,
+        tasks: TaskRunner,
+        *,
+        spawn: Callable[[Coroutine[Any, Any, None]], None],
+    ) -> None:
+        self.node_id = node_id
+        self.gcs_url = gcs_url
+        self.objects = objects
+        self.recorder = recorder
+        self.spiller = spiller
+        self.tasks = tasks
+        self._spawn = spawn
+        self._rebuilding: set[str] = set()  # tasks (or puts) being rebuilt
+
+    def done(self, task_id: str) -> None:
+        """The task is over: a rebuild of it is no longer under way."""
+        self._rebuilding.discard(task_id)
+
+    def object_lost(self, object_id: str, reason: str, *, needed: bool = False) -> None:
         """An object's bytes are gone: rebuild it if it has lineage, else it stands for
         ObjectLostError from now on. ``needed``: also one already freed (an argument of
         a task being rebuilt)."""
@@ -60,22 +110,22 @@ class ReconstructionMixin:
         ):
             return  # on its way (or back) already, or not a value
         task_id = creating_task(object_id)
-        if task_id is not None and task_id in self.tasks:
+        if task_id is not None and self.tasks.has_task(task_id):
             self._mark_lost(object_id, reason)
             return
         old = self.objects.unready(object_id)  # waiters wait for the rebuilt value
         if old is not None and old.shm_name is not None:
             shm.unlink_segment(old.shm_name)  # what is left of it (damaged) goes
-        if (task_id or object_id) in self.rebuilding:
+        if (task_id or object_id) in self._rebuilding:
             return
-        self.rebuilding.add(task_id or object_id)
+        self._rebuilding.add(task_id or object_id)
         self.recorder.log([self._lost_event(object_id, reason)])
         if task_id is None:
             self._spawn(self._recover_put(object_id, reason))
         else:
             self._spawn(self._rebuild(task_id, object_id, reason))
 
-    async def _recover_put(self: Any, object_id: str, reason: str) -> None:
+    async def _recover_put(self, object_id: str, reason: str) -> None:
         """A put has no task to re-run: its value comes back from the log (small ones)
         or from its durable copy (put(durable=True)), else it is lost for good."""
         try:
@@ -99,7 +149,7 @@ class ReconstructionMixin:
         except Exception as exc:
             self._give_up_rebuild(object_id, [object_id], _lost(object_id, f"{reason}; {exc}"))
             return
-        self.rebuilding.discard(object_id)
+        self._rebuilding.discard(object_id)
         self.recorder.log(
             [
                 Event(
@@ -112,23 +162,23 @@ class ReconstructionMixin:
             ]
         )
         self.objects.ready(location)
-        self._schedule()
+        self.tasks.schedule()
 
-    def _mark_lost(self: Any, object_id: str, reason: str) -> None:
+    def _mark_lost(self, object_id: str, reason: str) -> None:
         if self.objects.mark_lost(object_id, reason):
             self.recorder.log([self._lost_event(object_id, reason)])
 
-    def _lost_event(self: Any, object_id: str, reason: str) -> Event:
+    def _lost_event(self, object_id: str, reason: str) -> Event:
         return Event(K.OBJECT, object_id, "lost", {"reason": reason}, node_id=self.node_id)
 
-    def _present(self: Any, object_id: str) -> bool:
+    def _present(self, object_id: str) -> bool:
         """Whether an object's value is here now (its segment too)."""
         location = self.objects.stored(object_id)
         if location is None:
             return False
         return location.shm_name is None or (shm.SHM_DIR / location.shm_name).exists()
 
-    async def _rebuild(self: Any, task_id: str, object_id: str, reason: str) -> None:
+    async def _rebuild(self, task_id: str, object_id: str, reason: str) -> None:
         try:
             spec, attempt = await self._lineage(task_id)
         except Exception as exc:  # the GCS is unreachable, or the log lacks the task
@@ -175,23 +225,23 @@ class ReconstructionMixin:
         for dep in spec.dependencies():  # recursively, arguments gone or freed meanwhile
             state = self.objects.state(dep)
             if state == "stored" and not self._present(dep):
-                self._object_lost(dep, f"an argument of {spec.name}, being rebuilt, is gone")
+                self.object_lost(dep, f"an argument of {spec.name}, being rebuilt, is gone")
             elif state in ("freed", "unknown"):
                 why = f"an argument of {spec.name}, being rebuilt, was freed"
-                self._object_lost(dep, why, needed=True)
-        self._run_rebuild(self._rebuild_record(spec, attempt))
+                self.object_lost(dep, why, needed=True)
+        self.tasks.run_when_ready(self.tasks.add_rebuild(spec, attempt))
 
-    async def _lineage(self: Any, task_id: str) -> tuple[p.TaskSpec, int]:
+    async def _lineage(self, task_id: str) -> tuple[p.TaskSpec, int]:
         """A task's spec from its ``submitted`` event, and the attempt its re-run is."""
         row = await self._read_row("task_lineage", task_id)
         if row is None or row["submitted"] is None:
             raise LookupError(f"the log has no submitted event for task {task_id}")
         spec, _ = p.submitted_spec(row["submitted"])
-        if spec.function_id and spec.function_id not in self.functions:
+        if spec.function_id and not self.tasks.knows_function(spec.function_id):
             raise LookupError(f"the code of {spec.name} is not known on this node")
         return spec, int(row["attempt"] or 0) + 1
 
-    async def _read_row(self: Any, query: str, key: str) -> Any:
+    async def _read_row(self, query: str, key: str) -> Any:
         """One row of the log, read through a GCS restart (a rebuild started while
         PostgreSQL is down waits for it, as appends do, rather than give the object up)."""
 
@@ -202,44 +252,27 @@ class ReconstructionMixin:
             finally:
                 await conn.close()
 
-        return await self._while_unavailable(read)
+        return await retry_while_unavailable(
+            self.gcs_url, read, timeout=self.recorder.unavailable_timeout
+        )
 
-    def _rebuild_record(self: Any, spec: p.TaskSpec, attempt: int) -> TaskRecord:
-        from controlplane.node.daemon import TaskRecord
-
-        retries_left = -1 if spec.max_retries < 0 else max(0, spec.max_retries - attempt)
-        record = TaskRecord(spec, None, attempt=attempt, retries_left=retries_left)
-        self.tasks[spec.task_id] = record
-        for object_id in (*spec.dependencies(), *spec.contained_refs):
-            self.objects.pin(object_id)
-        record.pending_deps = {d for d in spec.dependencies() if not self.objects.is_ready(d)}
-        return record
-
-    def _run_rebuild(self: Any, record: TaskRecord) -> None:
-        if not record.pending_deps:
-            self._enqueue(record)
-            return
-        record.state = "WAITING_FOR_DEPENDENCIES"
-        for dep in list(record.pending_deps):
-            self.objects.on_ready(dep, lambda d=dep, r=record: self._dep_done(r, d))
-
-    def _give_up_rebuild(self: Any, task_id: str, returns: list[str], error: p.ErrorInfo) -> None:
-        self.rebuilding.discard(task_id)
+    def _give_up_rebuild(self, task_id: str, returns: list[str], error: p.ErrorInfo) -> None:
+        self._rebuilding.discard(task_id)
         log.warning("not rebuilding %s: %s", returns, error.message)
         for object_id in returns:
             self.objects.unready(object_id)
             self.objects.ready(p.ObjectLocation(object_id, error=error))
 
-    def _wait_for_lost_arguments(self: Any, record: TaskRecord, reason: str) -> bool:
+    def wait_for_lost_arguments(self, record: TaskRecord, reason: str) -> bool:
         """A task that failed because an argument's bytes were gone runs again once
         the argument is rebuilt (not counted as a retry); False if none is being
         rebuilt (then the loss is the task's error)."""
         waiting = {d for d in record.spec.dependencies() if not self.objects.is_ready(d)}
         if not waiting:
             return False
-        self._next_attempt(record, reason)
+        self.tasks.next_attempt(record, reason)
         record.pending_deps = waiting
-        self._run_rebuild(record)
+        self.tasks.run_when_ready(record)
         return True
 
 
