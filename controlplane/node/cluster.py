@@ -1,6 +1,6 @@
 """A node daemon's part in a cluster: spilling tasks it cannot run now, running tasks
 placed on it, and taking back the results of the tasks it spilled -- all through the
-log, with object bytes moved over gRPC (transfer.py).
+log, with object bytes moved over gRPC (dataplane/transfer.py).
 
 - **Spill** (the local scheduler's hand-off): a task whose resources are not free here,
   once its arguments are ready, gets a ``spilled`` event carrying its spec (and code)
