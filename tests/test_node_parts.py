@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import signal
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
@@ -14,7 +15,9 @@ import numpy as np
 import pytest
 from log_rows import fetch_rows
 
-from controlplane.eventlog import EntityKind, Event
+from controlplane.eventlog import EntityKind, Event, RecordedEvent
+from controlplane.node import rpc
+from controlplane.node.cluster_link import _LOAD_KEYS, ClusterLink, JoinOffer
 from controlplane.node.daemon import TaskRecord
 from controlplane.node.placement_groups import PlacementGroups
 from controlplane.node.reconstruction import Reconstructor
@@ -430,4 +433,80 @@ async def test_the_reconstructor_reruns_lineage_from_the_log_and_recovers_puts(
             ("t1", "reconstructing"),
             (put_id, "restored"),
         ]
+    )
+
+
+async def test_the_cluster_link_serves_joins_and_keeps_the_membership(gcs_url: str) -> None:
+    """A head's link answers Join over its gRPC service (the token checked), hands the
+    GCS replica's plan only to the planned host, and keeps who is alive and dead from
+    the nodes' events."""
+    recorder = EventRecorder(gcs_url, writer_node=None)
+    await recorder.start()
+    token = "parts-" + uuid.uuid4().hex
+    background: set[asyncio.Task[None]] = set()
+
+    def spawn(coroutine: Any, *, vital: bool = False) -> None:
+        background.add(asyncio.get_running_loop().create_task(coroutine))
+
+    plan = {"host": "192.0.2.11", "port": 5432}
+    link = ClusterLink(
+        "head",
+        gcs_url,
+        "127.0.0.1",
+        0,
+        recorder,
+        auth_token=token,
+        tls=None,
+        join_offer=JoinOffer("postgresql://cairn_runtime@head/cairn", False, plan),
+        membership_monitor=False,
+        spawn=spawn,
+        on_fenced=lambda: None,
+    )
+    load = {"available": {"CPU": 1.0}, **{key: 0 for key in _LOAD_KEYS}}
+    try:
+        assert await link.join({}, {}, lambda: load) >= 0
+        address = link.address
+
+        def join(request: dict[str, Any], with_token: str | None = token) -> dict[str, Any]:
+            return rpc.call(address, "Join", request, 5, with_token)
+
+        answer = await asyncio.to_thread(join, {"hosts": ["192.0.2.11"], "gcs_replica": True})
+        assert answer["gcs_url"].startswith("postgresql://") and answer["gcs_replica"] == plan
+        elsewhere = await asyncio.to_thread(join, {"hosts": ["192.0.2.12"], "gcs_replica": True})
+        assert "gcs_replica" not in elsewhere
+        assert "plans its GCS replica on 192.0.2.11" in elsewhere["gcs_replica_refused"]
+        with pytest.raises(rpc.AuthError):
+            await asyncio.to_thread(join, {}, "wrong-token")
+        assert not link.has_peers()
+        registered = _node_event("b", "registered", {"address": "192.0.2.12:1"})
+        assert not link.node_event(registered)
+        assert link.has_peers() and link.address_of("b") == "192.0.2.12:1"
+        assert link.node_event(_node_event("b", "dead", {"cause": "test"}))
+        assert not link.has_peers() and link.is_dead_peer("b")
+    finally:
+        await link.leave()
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
+        await recorder.close()
+        rpc.use_token(None)
+        rpc.use_node_id(None)
+    refused = await fetch_rows(
+        gcs_url, "SELECT payload->>'method' AS m FROM events WHERE event_type = 'auth_refused'"
+    )
+    assert [r["m"] for r in refused] == ["/cairn.Node/Join"]
+
+
+def _node_event(node_id: str, event_type: str, payload: dict[str, Any]) -> RecordedEvent:
+    return RecordedEvent(
+        position=1,
+        event_id=uuid.uuid4(),
+        recorded_at=datetime.now(UTC),
+        job_id=None,
+        entity_kind=EntityKind.NODE,
+        entity_id=node_id,
+        event_type=event_type,
+        node_id=node_id,
+        payload=payload,
+        data=None,
     )

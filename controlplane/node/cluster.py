@@ -75,7 +75,7 @@ class ClusterMixin:
     def _actor_goes_elsewhere(self: Any, creation: TaskRecord) -> bool:
         """An actor is made on another node when this one can never fit it, or a
         node affinity names another node."""
-        if self.rpc_port is None or not self.peers:
+        if self.link is None or not self.link.has_peers():
             return False
         strategy = creation.spec.strategy
         if strategy is not None and strategy[0] == "NODE_AFFINITY":
@@ -85,7 +85,8 @@ class ClusterMixin:
     def _spillable(self: Any, record: TaskRecord) -> bool:
         return (
             self.rpc_port is not None
-            and bool(self.peers)
+            and self.link is not None
+            and self.link.has_peers()
             and record.spec.actor_id is None
             and not (record.spec.strategy and record.spec.strategy[0] == "PLACEMENT_GROUP")
             and record.placed_from is None
@@ -141,12 +142,7 @@ class ClusterMixin:
     def _on_log_event(self: Any, event: RecordedEvent) -> None:
         kind, kind_type = event.entity_kind, event.event_type
         if kind is K.NODE and event.entity_id != self.node_id:
-            if kind_type == "registered":
-                self.peers.add(event.entity_id)
-                self.peer_addresses[event.entity_id] = event.payload["address"]
-            elif kind_type == "dead":
-                self.peers.discard(event.entity_id)
-                self.dead_nodes.add(event.entity_id)
+            if self.link is not None and self.link.node_event(event):  # a node died
                 self._node_lost(event.entity_id)
         elif kind is K.ACTOR and event.node_id != self.node_id:
             self._on_remote_actor_event(event)
@@ -164,7 +160,7 @@ class ClusterMixin:
                 if record.spec.method == "__init__":
                     self._actor_placed(record, event.payload["node_id"])
                 node = record.placed_on
-                if node in self.peer_addresses and node not in self.peers:  # known, now dead
+                if self.link is not None and self.link.is_dead_peer(node):  # known, now dead
                     # placed by a scheduler that had not read the node's death yet: the
                     # node will never run it, so it is lost with the node, as if placed
                     # just before it died
@@ -226,7 +222,7 @@ class ClusterMixin:
         """Tasks this node spilled that were placed on a node now dead run again
         elsewhere while their retries last (a ``retried`` event, then a new spill);
         the others fail with WorkerCrashedError, as a task whose worker died."""
-        address = self.peer_addresses.get(node_id)
+        address = self.link.address_of(node_id) if self.link is not None else None
         for object_id in self.objects.remote_at(address) if address else []:
             self.reconstructor.object_lost(object_id, f"node {node_id}, which held it, died")
         for actor in list(self.actors.values()):
@@ -410,7 +406,7 @@ class ClusterMixin:
 
         assert event.data is not None  # a forwarded call carries its spec
         spec = cast(p.TaskSpec, p.decode_frame(event.data))
-        address = self.peer_addresses.get(event.node_id or "", "")
+        address = (self.link.address_of(event.node_id or "") if self.link else None) or ""
         record = TaskRecord(spec, None, attempt=int(event.payload.get("attempt", 0)))
         record.placed_from = address
         self.tasks[spec.task_id] = record

@@ -27,7 +27,6 @@ import os
 import secrets
 import shutil
 import signal
-import time
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -35,27 +34,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-import grpc
-
-from controlplane import auth
 from controlplane.errors import GcsError, GcsIdentityError
 from controlplane.eventlog import EntityKind, Event
-from controlplane.eventlog.connection import connect, retry_while_unavailable
-from controlplane.membership import (
-    HEARTBEAT_MIN_INTERVAL_S,
-    LivenessPinger,
-    MembershipMonitor,
-    cluster_nodes,
-)
+from controlplane.eventlog.connection import retry_while_unavailable
 from controlplane.node import rpc
 from controlplane.node.actors import ActorRecord, ActorsMixin
 from controlplane.node.cluster import ClusterMixin
+from controlplane.node.cluster_link import ClusterLink, JoinOffer
 from controlplane.node.placement_groups import Bundle, PlacementGroups
 from controlplane.node.reconstruction import Reconstructor
 from controlplane.node.recorder import EventRecorder
 from controlplane.node.resources import ResourcePool, node_resources
 from controlplane.node.workers import WorkerHandle, WorkerPool
-from controlplane.sql import queries
 from controlplane.tls import NodeTls
 from dataplane import protocol as p
 from dataplane import shm
@@ -144,14 +134,6 @@ class NodeDaemon(ActorsMixin, ClusterMixin):
         self.rpc_port = rpc_port
         self.rpc_host = rpc_host
         self.head = head
-        self.auth_token = auth_token  # None: calls are not checked (--disable-auth)
-        # the head's answer to a node that joins: the GCS URL it reaches (and whether
-        # with TLS); the node's certificate, where the cluster runs TLS
-        self.join_gcs = join_gcs or (gcs_url, False)
-        self.join_gcs_replica = join_gcs_replica  # for the node on its host that asks
-        self.membership_monitor = head or membership_monitor
-        self.tls = NodeTls.find(session_dir) if rpc_port is not None else None
-        self.address = ""  # host:port of the gRPC service, once it listens
         self.socket_path = str(session_dir / "node.sock")
         self.gcs_url = gcs_url
         self.node_id = node_id
@@ -194,23 +176,16 @@ class NodeDaemon(ActorsMixin, ClusterMixin):
         self._server: asyncio.AbstractServer | None = None
         self._stopping = asyncio.Event()
         self._background: set[asyncio.Task[Any]] = set()
-        self._rpc: grpc.aio.Server | None = None
-        self._pinger: LivenessPinger | None = None
-        self._monitor: MembershipMonitor | None = None
         self.placement_groups = PlacementGroups(
             node_id,
             self.resources,
             self.objects,
             self.recorder,
-            in_cluster=lambda: self.rpc_port is not None and bool(self.peers),
+            in_cluster=lambda: self.link is not None and self.link.has_peers(),
             publish=self._make_durable_then_ready,
             created_event=self._created_event,
             schedule=self.schedule,
         )
-        self.peers: set[str] = set()
-        self.dead_nodes: set[str] = set()  # declared dead: their calls are refused
-        self._stale_logged: dict[str, float] = {}
-        self.peer_addresses: dict[str, str] = {}
         self.spilled: dict[str, TaskRecord] = {}
         self.remote_returns: dict[str, dict[str, tuple[p.ObjectLocation, str]]] = {}
         self.fetching: set[str] = set()
@@ -232,6 +207,24 @@ class NodeDaemon(ActorsMixin, ClusterMixin):
         )
         self.kept_for_owner: set[str] = set()
         self.puller = Puller(node_id, self.objects, rpc.Link())
+        # in a cluster: the gRPC service, liveness, heartbeats, membership
+        self.link: ClusterLink | None = None
+        if rpc_port is not None:
+            self.link = ClusterLink(
+                node_id,
+                gcs_url,
+                rpc_host,
+                rpc_port,
+                self.recorder,
+                auth_token=auth_token,
+                tls=NodeTls.find(session_dir),
+                join_offer=JoinOffer(*(join_gcs or (gcs_url, False)), join_gcs_replica)
+                if head
+                else None,
+                membership_monitor=head or membership_monitor,
+                spawn=self._spawn,
+                on_fenced=self._stopping.set,
+            )
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -268,79 +261,27 @@ class NodeDaemon(ActorsMixin, ClusterMixin):
         await self._shutdown()
 
     async def _join_cluster(self) -> None:
-        """Starts the gRPC service, liveness pings, load heartbeats and, on the head,
-        the membership monitor (see controlplane/membership.py)."""
-        assert self.rpc_port is not None
+        """Joins the cluster (controlplane/node/cluster_link.py), then follows the log
+        from where it stood then."""
+        assert self.link is not None
         object_info, read_object = object_service(self.objects)
-        handlers: dict[str, rpc.Handler] = {
-            "Info": lambda _request: self._cluster_info(),
-            "Release": self._owner_released,
-            "ObjectInfo": object_info,
-        }
-        if self.head:
-            handlers["Join"] = self._join_answer
-        rpc.use_token(self.auth_token)
-        rpc.use_tls(self.tls)
-        rpc.use_node_id(self.node_id)
         self.recorder.on_fenced(self._fenced)
-        self._rpc, port = await rpc.serve(
-            self.rpc_host,
-            self.rpc_port,
-            handlers,
+        after = await self.link.join(
+            {
+                "Info": lambda _request: self._cluster_info(),
+                "Release": self._owner_released,
+                "ObjectInfo": object_info,
+            },
             {"ReadObject": read_object},
-            token=self.auth_token,
-            on_refused=self._auth_refused,
-            node_tls=self.tls,
-            stale_check=rpc.StaleCheck(self.dead_nodes.__contains__, self._stale_refused),
+            self._cluster_info,
         )
-        self.address = f"{self.rpc_host}:{port}"
-        (self.session_dir / "node.address").write_text(self.address)
-        self._pinger = LivenessPinger(self.gcs_url, self.node_id, self.address, self._stopping.set)
-        # each read or write of the join rides out a GCS that restarts meanwhile
-        await self._while_unavailable(self._pinger.register)
-        self._spawn(self._pinger.run(), vital=True)
-        self._spawn(self._heartbeats(), vital=True)
-        after = await self._while_unavailable(self._log_head)
-        members = await self._while_unavailable(lambda: cluster_nodes(self.gcs_url))
-        alive = [n for n in members if n["state"] == "ALIVE" and n["node_id"] != self.node_id]
-        self.dead_nodes.update(n["node_id"] for n in members if n["state"] != "ALIVE")
-        self.peers = {n["node_id"] for n in alive}
-        self.peer_addresses = {n["node_id"]: n["address"] for n in alive}
+        (self.session_dir / "node.address").write_text(self.link.address)
         self._spawn(self._follow_log(after), vital=True)
-        if self.membership_monitor:
-            self._monitor = MembershipMonitor(self.gcs_url)
-            self._spawn(self._monitor.run(), vital=True)
 
-    def _join_answer(self, request: dict[str, Any]) -> dict[str, Any]:
-        """What a node joining needs (the caller holds the token: it got this far): the
-        GCS URL and, with TLS, a certificate for its key, signed by the cluster CA."""
-        gcs_url, gcs_tls = self.join_gcs
-        answer: dict[str, Any] = {
-            "gcs_url": gcs_url,
-            "head_node_id": self.node_id,
-            "auth": self.auth_token is not None,  # the joiner must do as the head
-            "tls": self.tls is not None,
-            "gcs_tls": gcs_tls,
-        }
-        authority = self.tls.authority() if self.tls is not None else None
-        hosts = [str(h) for h in request.get("hosts", [])][:8]
-        if authority is not None and request.get("csr"):
-            cert = authority.issue_for_request(str(request["csr"]).encode(), "cairn node", hosts)
-            answer |= {"ca": authority.certificate.decode(), "cert": cert.decode()}
-        if request.get("gcs_replica"):
-            plan = self.join_gcs_replica
-            if plan is None:
-                answer["gcs_replica_refused"] = (
-                    "this head plans no GCS replica on another machine: start it with "
-                    "--gcs-replicas 1 --gcs-replica-host HOST"
-                )
-            elif plan["host"] not in hosts:
-                answer["gcs_replica_refused"] = (
-                    f"this head plans its GCS replica on {plan['host']}, not on {', '.join(hosts)}"
-                )
-            else:
-                answer["gcs_replica"] = plan
-        return answer
+    @property
+    def address(self) -> str:
+        """host:port of the node's gRPC service ("" outside a cluster, or before)."""
+        return self.link.address if self.link is not None else ""
 
     def _fenced(self, error: GcsError) -> None:
         """The log refused this node's appends: the cluster declared it dead (it was cut
@@ -362,39 +303,10 @@ class NodeDaemon(ActorsMixin, ClusterMixin):
             conn.send(p.Shutdown(f"the node daemon stopped: {error}"))
         self._stopping.set()
 
-    def _stale_refused(self, node_id: str, method: str, peer: str) -> None:
-        """A call from a node declared dead was refused: logged, at most once per node
-        per refusal interval (a stale node retrying must not flood the log)."""
-        now = time.monotonic()
-        if now - self._stale_logged.get(node_id, float("-inf")) < auth.REFUSAL_LOG_INTERVAL_S:
-            return
-        self._stale_logged[node_id] = now
-        payload = {
-            "reason": f"a call from node {node_id}, which was declared dead",
-            "method": method,
-            "peer": peer,
-            "from_node": node_id,
-        }
-        self.recorder.log([Event(K.NODE, node_id, "stale_refused", payload, node_id=self.node_id)])
-
-    def _auth_refused(self, method: str, peer: str) -> None:
-        """A call without the cluster token leaves this event and nothing else."""
-        payload = {"method": method, "peer": peer}
-        self.recorder.log(
-            [Event(K.NODE, self.node_id, "auth_refused", payload, node_id=self.node_id)]
-        )
-
     async def _while_unavailable(self, attempt: Callable[[], Awaitable[T]]) -> T:
         return await retry_while_unavailable(
             self.gcs_url, attempt, timeout=self.recorder.unavailable_timeout
         )
-
-    async def _log_head(self) -> int:
-        conn = await connect(self.gcs_url)
-        try:
-            return int(await conn.fetchval(queries["head_position"]))
-        finally:
-            await conn.close()
 
     def _spawn(self, coroutine: Any, *, vital: bool = False) -> None:
         """Runs ``coroutine`` in the background; if a ``vital`` one fails (the log
@@ -413,42 +325,11 @@ class NodeDaemon(ActorsMixin, ClusterMixin):
             if vital:
                 self._stopping.set()
 
-    async def _heartbeats(self) -> None:
-        """Logs the node's load when it changed, at most once per interval."""
-        last: dict[str, Any] | None = None
-        while True:
-            await asyncio.sleep(HEARTBEAT_MIN_INTERVAL_S)
-            info = self._cluster_info()
-            now = {
-                "available": info["available"],
-                "load": {
-                    key: info[key]
-                    for key in (
-                        "running_tasks",
-                        "pending_tasks",
-                        "waiting_tasks",
-                        "actors",
-                        "workers",
-                        "object_store_used",
-                    )
-                },
-            }
-            if now != last:
-                self.recorder.log(
-                    [Event(K.NODE, self.node_id, "heartbeat", now, node_id=self.node_id)]
-                )
-                last = now
-
     async def _shutdown(self) -> None:
         for task in list(self._background):
             task.cancel()
-        if self._pinger is not None:
-            await self._pinger.leave()
-        if self._monitor is not None:
-            await self._monitor.close()
-        if self._rpc is not None:
-            await self._rpc.stop(grace=1)
-            await rpc.close_channels()
+        if self.link is not None:
+            await self.link.leave()
         if self._server is not None:
             self._server.close()
         await self.worker_pool.stop()
