@@ -19,7 +19,6 @@ from controlplane.eventlog import EntityKind, Event, RecordedEvent
 from controlplane.node import rpc
 from controlplane.node.cluster_link import _LOAD_KEYS, ClusterLink, JoinOffer
 from controlplane.node.daemon import TaskRecord
-from controlplane.node.object_store import ObjectStore
 from controlplane.node.placement_groups import PlacementGroups
 from controlplane.node.reconstruction import Reconstructor
 from controlplane.node.recorder import EventRecorder
@@ -511,70 +510,3 @@ def _node_event(node_id: str, event_type: str, payload: dict[str, Any]) -> Recor
         payload=payload,
         data=None,
     )
-
-
-async def test_the_object_store_makes_objects_ready_only_once_their_events_are_durable(
-    gcs_url: str, tmp_path: Path
-) -> None:
-    """A small put is in the log with its value; a durable one is copied to disk and
-    its event names the copy; either is ready only once its ``created`` event commits.
-    A reservation that does not fit spills an older object first."""
-    recorder = EventRecorder(gcs_url, writer_node=None)
-    await recorder.start()
-    prefix = f"parts-{uuid.uuid4().hex}"
-    spawned: set[asyncio.Task[None]] = set()
-    schedules: list[None] = []
-    store = ObjectStore(
-        prefix,
-        3 * MB,
-        tmp_path / "spill",
-        tmp_path / "durable",
-        recorder,
-        spawn=lambda c: spawned.add(asyncio.get_running_loop().create_task(c)),
-        schedule=lambda: schedules.append(None),
-        fetch_remote=lambda *_: None,
-        release_remote=lambda *_: None,
-        on_lost=lambda *_: None,
-    )
-    owner = cast(Any, _Owner())
-    try:
-        small = p.ObjectLocation("small" + "0" * 27, inline=b"value", size=5)
-        store.objects.expect(small.object_id)
-        store.objects.hold(small.object_id)
-        store.put(small, None, "job", durable=False)
-        assert store.objects.state(small.object_id) == "pending"  # its event is on its way
-        ready = asyncio.Event()
-        store.objects.on_ready(small.object_id, ready.set)
-        await asyncio.wait_for(ready.wait(), 10)
-        big = _store(store.objects, prefix, "b")  # (~1 MB, written to a segment)
-        location = store.objects.location("b")
-        store.objects.unready("b")  # as if just put: not ready until its event commits
-        store.objects.charge(big)
-        store.put(location, None, "job", durable=True)
-        durable = asyncio.Event()
-        store.objects.on_ready("b", durable.set)
-        await asyncio.wait_for(durable.wait(), 10)
-        assert (tmp_path / "durable" / "b").read_bytes() == (
-            shm.SHM_DIR / str(location.shm_name)
-        ).read_bytes()
-        store.reserve(owner, 7, 3 * MB - 1000)  # only fits once "b" is spilled
-        await asyncio.gather(*spawned)
-        reply = owner.sent.pop()
-        assert isinstance(reply, p.Reply) and reply.request_id == 7 and reply.error is None
-        assert store.objects.state("b") == "spilled"
-        store.reserve(owner, 8, 4 * MB)  # more than the store: refused, saying why
-        reply = owner.sent.pop()
-        assert reply.error is not None and "store_full" in reply.error
-        assert schedules  # objects became ready: the scheduler was told
-    finally:
-        await asyncio.gather(*spawned, return_exceptions=True)
-        await recorder.close()
-        shm.unlink_all(prefix)
-    rows = await fetch_rows(
-        gcs_url,
-        "SELECT entity_id, event_type, data, payload->>'durable_path' AS durable "
-        "FROM events ORDER BY position",
-    )
-    events = [(r["entity_id"], r["event_type"]) for r in rows]
-    assert events == [(small.object_id, "created"), ("b", "created"), ("b", "spilled")]
-    assert rows[0]["data"] == b"value" and rows[1]["durable"] == str(tmp_path / "durable" / "b")

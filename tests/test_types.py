@@ -28,7 +28,6 @@ def test_mypy_is_clean() -> None:
 # under the default settings above).
 STRICT = [
     "controlplane/node/cluster_link.py",
-    "controlplane/node/object_store.py",
     "controlplane/node/recorder.py",
     "controlplane/node/workers.py",
     "controlplane/node/placement_groups.py",

@@ -25,6 +25,7 @@ import itertools
 import logging
 import os
 import secrets
+import shutil
 import signal
 import uuid
 from collections import deque
@@ -40,7 +41,6 @@ from controlplane.node import rpc
 from controlplane.node.actors import ActorRecord, ActorsMixin
 from controlplane.node.cluster import ClusterMixin
 from controlplane.node.cluster_link import ClusterLink, JoinOffer
-from controlplane.node.object_store import ObjectStore
 from controlplane.node.placement_groups import Bundle, PlacementGroups
 from controlplane.node.reconstruction import Reconstructor
 from controlplane.node.recorder import EventRecorder
@@ -49,11 +49,15 @@ from controlplane.node.workers import WorkerHandle, WorkerPool
 from controlplane.tls import NodeTls
 from dataplane import protocol as p
 from dataplane import shm
+from dataplane.object_table import Elsewhere, ObjectTable
+from dataplane.segment_pool import SegmentPool
+from dataplane.spilling import Spiller
 from dataplane.transfer import Puller, object_service
 
 T = TypeVar("T")
 log = logging.getLogger("cairn.node")
 K = EntityKind
+_POOL_LIMIT = 2 * 1024**3
 
 
 @dataclass
@@ -137,28 +141,17 @@ class NodeDaemon(ActorsMixin, ClusterMixin):
         # node:__internal_head__), which tasks ask for to run on that node
         own = node_resources(rpc_host, head=head or rpc_port is None)
         self.resources = ResourcePool({**resources, **own})
+        self.objects = ObjectTable(
+            object_store_memory,
+            on_free=self._object_freed,
+            on_wanted=self._bring_back,
+            on_dropped=self._drop_elsewhere,
+        )
+        self.pool = SegmentPool(node_id, limit=min(object_store_memory // 4, _POOL_LIMIT))
         # a cluster member appends fenced: once declared dead, its appends are refused
         self.recorder = EventRecorder(
             gcs_url, writer_node=node_id if rpc_port is not None else None
         )
-        self.store = ObjectStore(
-            node_id,
-            object_store_memory,
-            session_dir / "spill",
-            Path(os.environ.get("CAIRN_DURABLE_DIR") or session_dir / "durable"),
-            self.recorder,
-            spawn=self._spawn,
-            schedule=self.schedule,
-            fetch_remote=lambda object_id, address: self._fetch_remote(object_id, address),
-            release_remote=lambda address, object_id: self._spawn(
-                self.puller.release(address, object_id)
-            ),
-            on_lost=lambda object_id, why: self.reconstructor.object_lost(
-                object_id, why, needed=True
-            ),
-        )
-        self.objects = self.store.objects  # (the table every part reads; the store owns it)
-        self.spiller = self.store.spiller
         # the GCS is not this node's log any more (wiped, replaced, put back from an
         # older copy): the daemon stops, saying why (see eventlog/fencing.py)
         self.refused: GcsIdentityError | None = None
@@ -189,13 +182,26 @@ class NodeDaemon(ActorsMixin, ClusterMixin):
             self.objects,
             self.recorder,
             in_cluster=lambda: self.link is not None and self.link.has_peers(),
-            publish=self.store.make_durable_then_ready,
-            created_event=self.store.created_event,
+            publish=self._make_durable_then_ready,
+            created_event=self._created_event,
             schedule=self.schedule,
         )
         self.spilled: dict[str, TaskRecord] = {}
         self.remote_returns: dict[str, dict[str, tuple[p.ObjectLocation, str]]] = {}
         self.fetching: set[str] = set()
+        self.durable_dir = Path(os.environ.get("CAIRN_DURABLE_DIR") or session_dir / "durable")
+        self.spiller = Spiller(
+            node_id,
+            session_dir / "spill",
+            self.objects,
+            self.pool,
+            spawn=self._spawn,
+            record=self._object_event,
+            on_lost=lambda object_id, why: self.reconstructor.object_lost(
+                object_id, why, needed=True
+            ),
+            on_restored=self.schedule,
+        )
         self.reconstructor = Reconstructor(
             node_id, gcs_url, self.objects, self.recorder, self.spiller, self, spawn=self._spawn
         )
@@ -451,12 +457,11 @@ class NodeDaemon(ActorsMixin, ClusterMixin):
             case p.WatchActor(actor_id):
                 self._watch_actor(conn, actor_id)
             case p.PushObjects(object_ids):
-                self.store.push(conn, object_ids)
+                self._push_objects(conn, object_ids)
             case p.PutObject(location, task_id, durable):
-                self._hold(conn, location.object_id)
-                self.store.put(location, task_id, conn.job_id, durable)
+                self._put(conn, location, task_id, durable)
             case p.ReserveShm(request_id, size):
-                self.store.reserve(conn, request_id, size)
+                self._reserve(conn, request_id, size)
             case p.GetObjects(request_id, object_ids, timeout):
                 self._get(conn, request_id, object_ids, timeout)
             case p.WaitObjects(request_id, object_ids, num_returns, timeout, _fetch):
@@ -502,6 +507,164 @@ class NodeDaemon(ActorsMixin, ClusterMixin):
             elif delta < 0 and object_id in conn.holding:
                 conn.holding.discard(object_id)
                 self.objects.release(object_id)
+
+    def _put(
+        self, conn: Connection, location: p.ObjectLocation, task_id: str | None, durable: bool
+    ) -> None:
+        """A put object: a small value goes into the log with its ``created`` event; a
+        large one asked to be durable is copied to the durable directory first (the
+        event names the copy). Either can be recovered if its bytes are lost."""
+        conn.holding.add(location.object_id)
+        self.objects.hold(location.object_id)
+        if location.shm_name is None:
+            self.objects.charge(location.size, force=True)  # small; segments were reserved
+            event = self._created_event(location, task_id, conn.job_id, data=location.inline)
+            self._make_durable_then_ready([location], [event])
+            return
+        if not durable:
+            event = self._created_event(location, task_id, conn.job_id)
+            self._make_durable_then_ready([location], [event])
+            return
+
+        async def keep_on_disk(name: str) -> None:
+            copy = self.durable_dir / location.object_id
+            path: Path | None = copy
+            try:
+                self.durable_dir.mkdir(parents=True, exist_ok=True)
+                await asyncio.to_thread(shm.seal_segment, name)  # recovery checks the copy
+                await asyncio.to_thread(shutil.copyfile, shm.SHM_DIR / name, copy)
+            except OSError as exc:  # the put stands, without a copy on disk
+                log.warning(
+                    "put %s could not be made durable in %s: %s",
+                    location.object_id,
+                    self.durable_dir,
+                    exc,
+                )
+                if path is not None:  # a half-written copy must not stay
+                    with contextlib.suppress(OSError):
+                        path.unlink(missing_ok=True)
+                path = None
+            event = self._created_event(
+                location, task_id, conn.job_id, durable_path=str(path) if path else None
+            )
+            self._make_durable_then_ready([location], [event])
+
+        self._spawn(keep_on_disk(location.shm_name))
+
+    def _reserve(self, conn: Connection, request_id: int, size: int) -> None:
+        """Admits a segment of ``size`` bytes; the reply names a recycled segment to
+        write into, or None for a new one."""
+        if size < 0:  # a reservation given back after a failed write
+            self.objects.uncharge(-size)
+            return
+        overflow = self.objects.used + self.pool.bytes + size - self.objects.capacity
+        if overflow > 0:
+            self.pool.evict(overflow)
+        if self.objects.charge(size):
+            conn.send(p.Reply(request_id, self.pool.take(size)))
+            return
+        if size > self.objects.capacity:
+            conn.send(p.Reply(request_id, error=self.spiller.store_full(size)))
+            return
+
+        async def spill_then_reserve() -> None:  # full: spill others to disk first
+            if await self.spiller.make_room(size):
+                conn.send(p.Reply(request_id, self.pool.take(size)))
+            else:
+                conn.send(p.Reply(request_id, error=self.spiller.store_full(size)))
+
+        self._spawn(spill_then_reserve())
+
+    def _created_event(
+        self,
+        location: p.ObjectLocation,
+        task_id: str | None,
+        job_id: str | None,
+        *,
+        data: bytes | None = None,
+        durable_path: str | None = None,
+    ) -> Event:
+        payload: dict[str, Any] = {"size_bytes": location.size, "inline": location.shm_name is None}
+        if task_id:
+            payload["task_id"] = task_id
+        if durable_path:
+            payload["durable_path"] = durable_path
+        return Event(
+            K.OBJECT,
+            location.object_id,
+            "created",
+            payload,
+            job_id=job_id,
+            node_id=self.node_id,
+            data=data,
+        )
+
+    def _make_durable_then_ready(
+        self,
+        locations: list[p.ObjectLocation],
+        events: list[Event],
+        owner: Connection | None = None,
+        *,
+        urgent: bool = True,
+    ) -> None:
+        """Once ``events`` are durable, the objects become ready; ``owner`` (the
+        submitter of the task that made them) is sent their locations. Not ``urgent``:
+        the owner has them already (a direct actor call's answer), so the commit may
+        wait for others (see controlplane/node/actors.py, "Direct calls")."""
+        for location in locations:
+            self.objects.expect(location.object_id, location)
+        durable = self.recorder.log_durable(events, urgent=urgent)
+
+        def publish(future: asyncio.Future[list[int]]) -> None:
+            error = future.exception()
+            published = []
+            for location in locations:
+                if error is not None:
+                    location = p.ObjectLocation(
+                        location.object_id,
+                        error=p.ErrorInfo(
+                            "system", f"the GCS could not record the object: {error}"
+                        ),
+                    )
+                self.objects.ready(location)
+                published.append(location)
+            if owner is not None:
+                owner.send(p.ObjectsReady(published))
+            self.schedule()
+
+        durable.add_done_callback(publish)
+
+    def _push_objects(self, conn: Connection, object_ids: list[str]) -> None:
+        for object_id in object_ids:
+
+            def push(oid: str = object_id) -> None:
+                conn.send(p.ObjectsReady([self.objects.location(oid)]))
+
+            self.objects.on_ready(object_id, push)
+
+    def _object_freed(self, location: p.ObjectLocation) -> None:
+        if location.shm_name is not None and not self.pool.keep(location.shm_name, location.size):
+            shm.unlink_segment(location.shm_name)
+        self.recorder.log([Event(K.OBJECT, location.object_id, "freed", {}, node_id=self.node_id)])
+
+    def _bring_back(self, object_id: str, where: Elsewhere) -> None:
+        """Something here waits for an object whose bytes are not in the store."""
+        if where.kind == "remote":
+            self._fetch_remote(object_id, where.where)
+        else:
+            self.spiller.restore(object_id, where)
+
+    def _drop_elsewhere(self, object_id: str, where: Elsewhere) -> None:
+        """A freed object's copy outside the store goes too."""
+        if where.kind == "remote":
+            self._spawn(self.puller.release(where.where, object_id))
+        else:
+            with contextlib.suppress(OSError):
+                os.unlink(where.where)
+            self._object_event(object_id, "freed", {})
+
+    def _object_event(self, object_id: str, event_type: str, payload: dict[str, Any]) -> None:
+        self.recorder.log([Event(K.OBJECT, object_id, event_type, payload, node_id=self.node_id)])
 
     def _get(
         self, conn: Connection, request_id: int, object_ids: list[str], timeout: float | None
@@ -788,13 +951,11 @@ class NodeDaemon(ActorsMixin, ClusterMixin):
             if location.shm_name is None:
                 self.objects.charge(location.size, force=True)
         events = [self._finished_event(record)]
-        events += [self.store.created_event(loc, spec.task_id, spec.job_id) for loc in returns]
+        events += [self._created_event(loc, spec.task_id, spec.job_id) for loc in returns]
         if record.placed_from is not None:
             events = self._placed_finished_events(record, returns)
         record.state = "FINISHED"
-        self.store.make_durable_then_ready(
-            returns, events, record.submitter, urgent=not record.answered
-        )
+        self._make_durable_then_ready(returns, events, record.submitter, urgent=not record.answered)
         self._task_over(record)
 
     def _finished_event(self, record: TaskRecord) -> Event:
@@ -827,7 +988,7 @@ class NodeDaemon(ActorsMixin, ClusterMixin):
         record.state = kind.upper()
         locations = [p.ObjectLocation(oid, error=error) for oid in spec.return_ids()]
         owner = None if record.answered else record.submitter  # (it has them already)
-        self.store.make_durable_then_ready(locations, events, owner, urgent=not record.answered)
+        self._make_durable_then_ready(locations, events, owner, urgent=not record.answered)
         self._task_over(record)
 
     def _task_over(self, record: TaskRecord) -> None:
