@@ -97,10 +97,46 @@ class _Probe:
             self._conn = None
 
 
-class Watchdog:
+class _Loop(abc.ABC):
+    """A watch that runs ``_watch`` in a thread of its own, until stopped or done."""
+
+    name = "cairn-gcs-watch"
+
+    def __init__(self, on_event: Callable[[str], None]) -> None:
+        self.on_event = on_event
+        self.done = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+
+    def start(self) -> Self:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(_JOIN_TIMEOUT_S)
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._watch())
+        except Exception as exc:  # never silently: the cluster relies on it
+            log.exception("%s failed", self.name)
+            self.on_event(f"{self.name} failed and watches no more: {exc!r}")
+        finally:
+            self.done.set()
+
+    @abc.abstractmethod
+    async def _watch(self) -> None:
+        """The watch itself: returns once it acted, or when ``_stop`` is set."""
+
+
+class Watchdog(_Loop):
     """Promotes ``replica`` when ``primary`` is gone, or drops ``replica`` when it is
     (see the module's docstring). ``on_event`` hears what it does, in words;
     ``on_promoted`` is called with the replica once it is the primary."""
+
+    name = "the GCS watchdog"
 
     def __init__(
         self,
@@ -111,38 +147,15 @@ class Watchdog:
         on_event: Callable[[str], None] = log.warning,
         on_promoted: Callable[[EmbeddedPostgres], None] = lambda _: None,
     ) -> None:
+        super().__init__(on_event)  # (``done``: set once it acted, or gave up)
         self.primary = primary
         self.replica = replica
         self.failover_after = failover_after_s() if failover_after is None else failover_after
-        self.on_event = on_event
         self.on_promoted = on_promoted
         self.promoted = threading.Event()  # set once the replica is the primary
-        self.done = threading.Event()  # set once it acted (or gave up): it watches no more
         self.lost_at: float | None = None  # monotonic: when it found the primary gone
         self.promoted_at: float | None = None  # monotonic: when the replica took writes
         self.epoch: fencing.Epoch | None = None  # the promoted server's
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="cairn-gcs-watchdog", daemon=True)
-
-    def start(self) -> Watchdog:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join(_JOIN_TIMEOUT_S)
-
-    # -- the thread ---------------------------------------------------------------
-
-    def _run(self) -> None:
-        try:
-            asyncio.run(self._watch())
-        except Exception as exc:  # never silently: the cluster relies on it
-            log.exception("the GCS watchdog failed")
-            self.on_event(f"the GCS watchdog failed and watches no more: {exc!r}")
-        finally:
-            self.done.set()
 
     async def _watch(self) -> None:
         probes = _Probe(self.primary.url), _Probe(self.replica.url)
@@ -201,40 +214,6 @@ class Watchdog:
         )
         self.replica.kill()
         self.primary.drop_synchronous_standby()
-
-
-class _Loop(abc.ABC):
-    """A watch that runs ``_watch`` in a thread of its own, until stopped or done."""
-
-    name = "cairn-gcs-watch"
-
-    def __init__(self, on_event: Callable[[str], None]) -> None:
-        self.on_event = on_event
-        self.done = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
-
-    def start(self) -> Self:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join(_JOIN_TIMEOUT_S)
-
-    def _run(self) -> None:
-        try:
-            asyncio.run(self._watch())
-        except Exception as exc:  # never silently: the cluster relies on it
-            log.exception("%s failed", self.name)
-            self.on_event(f"{self.name} failed and watches no more: {exc!r}")
-        finally:
-            self.done.set()
-
-    @abc.abstractmethod
-    async def _watch(self) -> None:
-        """The watch itself: returns once it acted, or when ``_stop`` is set."""
 
 
 class RemoteStandbyWatch(_Loop):
