@@ -405,7 +405,9 @@ ray.shutdown()
 """
 
 
-def _ride_out(driver: subprocess.Popen[str], kill_primary: Callable[[], None]) -> dict:
+def _ride_out(
+    driver: subprocess.Popen[str], kill_primary: Callable[[], None], timeout: float = 150
+) -> dict:
     """Drives ``JOB``: kills the primary once tasks were acknowledged, and returns what
     the driver reported at the end."""
     assert driver.stdin is not None and driver.stdout is not None
@@ -415,8 +417,8 @@ def _ride_out(driver: subprocess.Popen[str], kill_primary: Callable[[], None]) -
     kill_primary()
     driver.stdin.write("killed\n")
     driver.stdin.flush()
-    out, err = driver.communicate(timeout=150)
-    assert driver.returncode == 0, err
+    out, err = driver.communicate(timeout=timeout)
+    assert driver.returncode == 0, err[-4000:]
     job = json.loads(out.strip().splitlines()[-1])
     assert job["acked"] == acked and len(acked) >= 200 and len(job["tasks"]) == 2500
     return job
@@ -606,17 +608,7 @@ def test_a_job_rides_out_the_loss_of_the_heads_machine(three_hosts: Hosts) -> No
             a.link_down()
             a.kill_processes()
 
-        assert driver.stdin is not None and driver.stdout is not None
-        line = driver.stdout.readline()
-        assert line, driver.communicate()
-        acked = json.loads(line)
-        lose_host_a()
-        driver.stdin.write("lost\n")
-        driver.stdin.flush()
-        out, err = driver.communicate(timeout=240)
-        assert driver.returncode == 0, err[-4000:]
-        job = json.loads(out.strip().splitlines()[-1])
-        assert job["acked"] == acked and len(acked) >= 200 and len(job["tasks"]) == 2500
+        job = _ride_out(driver, lose_host_a, timeout=240)
         assert job["recovery"] is False and job["epochs"] == [[1, 1], [2, 2]]
         history = job["history"]
         for task_id in job["tasks"]:
