@@ -10,7 +10,8 @@
 - **Death**: the monitor (run by the head) declares dead every node whose pings stopped
   ``dead_after`` seconds ago (``$CAIRN_NODE_DEAD_AFTER_S``, default 1.5), appending its
   ``dead`` event in the same transaction as the liveness row's ``dead_at``, so a death
-  is logged exactly once even with several monitors. A node declared dead is fenced: its
+  is logged exactly once even with several monitors. A node that stops cleanly does
+  the same for itself (``LivenessPinger.leave``). A node declared dead is fenced: its
   next ping finds no live row and its daemon stops; a restarted daemon registers under
   a new id.
 """
@@ -41,6 +42,7 @@ PING_INTERVAL_S = 0.25
 HEARTBEAT_MIN_INTERVAL_S = 1.0
 DEAD_AFTER_ENV_VAR = "CAIRN_NODE_DEAD_AFTER_S"
 DEFAULT_DEAD_AFTER_S = 1.5
+LEAVE_TIMEOUT_S = 5.0
 
 
 def dead_after_s() -> float:
@@ -101,14 +103,29 @@ class LivenessPinger:
                 self.on_fenced()
                 return
 
-    async def leave(self) -> None:
-        """A clean stop: the node is gone (its ``dead`` event is the daemon's to log)."""
-        if self._conn is None:
-            return
-        with contextlib.suppress(Exception):
-            await self._conn.execute(queries["declare_node_gone"], self.node_id)
-        with contextlib.suppress(Exception):
-            await self._conn.close(timeout=2)
+    async def leave(self, dead: Event) -> bool:
+        """A clean stop (pings stopped): ends the node's liveness and appends its
+        ``dead`` event in one transaction, so neither is without the other. False if
+        that could not be done (the GCS is away, or the node was declared dead
+        meanwhile): then the monitor declares it dead, as a node that stopped pinging."""
+        try:
+            return await asyncio.wait_for(self._leave(dead), LEAVE_TIMEOUT_S)
+        except Exception as exc:
+            log.warning("node %s could not log its own death (%s)", self.node_id, exc)
+            return False
+        finally:
+            if self._conn is not None:
+                self._conn.terminate()
+                self._conn = None
+
+    async def _leave(self, dead: Event) -> bool:
+        if self._conn is None or self._conn.is_closed():
+            self._conn = await connect(self.url)
+        async with self._conn.transaction():
+            if await self._conn.fetchval(queries["declare_node_gone"], self.node_id) is None:
+                return False  # declared dead by a monitor already, with its event
+            await append_on(self._conn, [dead])
+        return True
 
 
 class MembershipMonitor:

@@ -43,7 +43,7 @@ class Spiller:
         objects: ObjectTable,
         pool: SegmentPool,
         *,
-        spawn: Callable[[Coroutine[Any, Any, None]], None],
+        spawn: Callable[[Coroutine[Any, Any, None]], object],
         record: Callable[[str, str, dict[str, Any]], None],
         on_lost: Callable[[str, str], None],
         on_restored: Callable[[], None],

@@ -103,21 +103,44 @@ async def test_a_node_declared_dead_is_fenced(gcs_url: str) -> None:
         assert await MembershipMonitor(gcs_url, dead_after=5).check_once() == ["n-paused"]
         await asyncio.wait_for(fenced.wait(), 5)
         await asyncio.wait_for(run, 5)  # and it stops pinging
+        # declared dead already: leaving logs no second death
+        assert not await pinger.leave(_dead("n-paused"))
     finally:
         run.cancel()
-        await pinger.leave()
+    assert await _deaths(gcs_url, "n-paused") == ["missed heartbeats"]
 
 
-async def test_a_clean_leave_is_not_a_missed_heartbeat(gcs_url: str) -> None:
+def _dead(node_id: str) -> Event:
+    return Event(EntityKind.NODE, node_id, "dead", {"cause": "shutdown"}, node_id=node_id)
+
+
+async def _deaths(url: str, node_id: str) -> list[str]:
+    """The causes of the node's ``dead`` events (first words), in log order."""
+    conn = await asyncpg.connect(url)
+    try:
+        rows = await conn.fetch(
+            "SELECT payload->>'cause' AS cause FROM events WHERE entity_id = $1"
+            " AND event_type = 'dead' ORDER BY position",
+            node_id,
+        )
+    finally:
+        await conn.close()
+    return [row["cause"].split(":")[0] for row in rows]
+
+
+async def test_a_clean_leave_logs_its_death_with_the_end_of_its_liveness(gcs_url: str) -> None:
+    """The ``dead`` event commits with the liveness row's end: a daemon killed before
+    it leaves is still declared dead by the monitor, and one that left is not again."""
     pinger = LivenessPinger(gcs_url, "n-leaving", "127.0.0.1:1", lambda: None)
     await pinger.register()
-    await pinger.leave()
+    assert await pinger.leave(_dead("n-leaving"))
     await _silence(gcs_url, "n-leaving", 10)
     monitor = MembershipMonitor(gcs_url, dead_after=1.5)
     try:
         assert await monitor.check_once() == []
     finally:
         await monitor.close()
+    assert await _deaths(gcs_url, "n-leaving") == ["shutdown"]
 
 
 async def test_a_zombie_schedulers_placements_are_refused(gcs_url: str) -> None:

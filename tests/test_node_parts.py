@@ -445,8 +445,10 @@ async def test_the_cluster_link_serves_joins_and_keeps_the_membership(gcs_url: s
     token = "parts-" + uuid.uuid4().hex
     background: set[asyncio.Task[None]] = set()
 
-    def spawn(coroutine: Any, *, vital: bool = False) -> None:
-        background.add(asyncio.get_running_loop().create_task(coroutine))
+    def spawn(coroutine: Any, *, vital: bool = False) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        background.add(task)
+        return task
 
     plan = {"host": "192.0.2.11", "port": 5432}
     link = ClusterLink(
@@ -484,7 +486,7 @@ async def test_the_cluster_link_serves_joins_and_keeps_the_membership(gcs_url: s
         assert link.node_event(_node_event("b", "dead", {"cause": "test"}))
         assert not link.has_peers() and link.is_dead_peer("b")
     finally:
-        await link.leave()
+        await link.leave(Event(EntityKind.NODE, "head", "dead", {"cause": "shutdown"}))
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)

@@ -63,7 +63,7 @@ class ClusterLink:
         tls: NodeTls | None,
         join_offer: JoinOffer | None,
         membership_monitor: bool,
-        spawn: Callable[..., None],
+        spawn: Callable[..., asyncio.Task[Any]],
         on_fenced: Callable[[], None],
     ) -> None:
         """``join_offer``: on the head (it answers ``Join``); ``membership_monitor``:
@@ -82,6 +82,7 @@ class ClusterLink:
         self.address = ""  # host:port of the gRPC service, once it listens
         self._server: grpc.aio.Server | None = None
         self._pinger: LivenessPinger | None = None
+        self.ping_task: asyncio.Task[None] | None = None  # runs until the node leaves
         self._monitor: MembershipMonitor | None = None
         self._peers: set[str] = set()  # other nodes alive, from the log
         self._dead: set[str] = set()  # declared dead: their calls are refused
@@ -144,7 +145,7 @@ class ClusterLink:
         self._pinger = LivenessPinger(self.gcs_url, self.node_id, self.address, self._on_fenced)
         # each read or write of the join rides out a GCS that restarts meanwhile
         await self._while_unavailable(self._pinger.register)
-        self._spawn(self._pinger.run(), vital=True)
+        self.ping_task = self._spawn(self._pinger.run(), vital=True)
         self._spawn(self._heartbeats(load), vital=True)
         after = await self._while_unavailable(self._log_head)
         members = await self._while_unavailable(lambda: cluster_nodes(self.gcs_url))
@@ -236,11 +237,14 @@ class ClusterLink:
         finally:
             await conn.close()
 
-    async def leave(self) -> None:
-        """Stops pinging (the node is gone: its ``dead`` event is the daemon's), the
-        monitor and the service."""
+    async def leave(self, dead: Event) -> None:
+        """Stops pinging and ends the node's liveness together with its ``dead`` event,
+        then stops the monitor and the service."""
+        if self.ping_task is not None:
+            self.ping_task.cancel()
+            await asyncio.wait([self.ping_task])
         if self._pinger is not None:
-            await self._pinger.leave()
+            await self._pinger.leave(dead)
         if self._monitor is not None:
             await self._monitor.close()
         if self._server is not None:

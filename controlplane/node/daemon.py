@@ -308,12 +308,13 @@ class NodeDaemon(ActorsMixin, ClusterMixin):
             self.gcs_url, attempt, timeout=self.recorder.unavailable_timeout
         )
 
-    def _spawn(self, coroutine: Any, *, vital: bool = False) -> None:
+    def _spawn(self, coroutine: Any, *, vital: bool = False) -> asyncio.Task[Any]:
         """Runs ``coroutine`` in the background; if a ``vital`` one fails (the log
         follower, liveness pings...) the daemon stops rather than run half-blind."""
         task = asyncio.get_running_loop().create_task(coroutine)
         self._background.add(task)
         task.add_done_callback(lambda t: self._background_done(t, vital))
+        return task
 
     def _background_done(self, task: asyncio.Task[Any], vital: bool) -> None:
         self._background.discard(task)
@@ -326,17 +327,22 @@ class NodeDaemon(ActorsMixin, ClusterMixin):
                 self._stopping.set()
 
     async def _shutdown(self) -> None:
+        """Stops everything but the liveness pings, commits the node's last events,
+        then leaves: its ``dead`` event commits with the end of its liveness, so a
+        daemon killed anywhere in here is still declared dead by the monitor."""
+        pinging = self.link.ping_task if self.link is not None else None
         for task in list(self._background):
-            task.cancel()
-        if self.link is not None:
-            await self.link.leave()
+            if task is not pinging:
+                task.cancel()
         if self._server is not None:
             self._server.close()
         await self.worker_pool.stop()
-        self.recorder.log(
-            [Event(K.NODE, self.node_id, "dead", {"cause": "shutdown"}, node_id=self.node_id)]
-        )
+        dead = Event(K.NODE, self.node_id, "dead", {"cause": "shutdown"}, node_id=self.node_id)
+        if self.link is None:
+            self.recorder.log([dead])
         await self.recorder.close()
+        if self.link is not None:
+            await self.link.leave(dead)
         shm.unlink_all(self.node_id)
 
     # -- connections ---------------------------------------------------------------

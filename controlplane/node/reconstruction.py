@@ -83,7 +83,7 @@ class Reconstructor:
         spiller: Spiller,
         tasks: TaskRunner,
         *,
-        spawn: Callable[[Coroutine[Any, Any, None]], None],
+        spawn: Callable[[Coroutine[Any, Any, None]], object],
     ) -> None:
         self.node_id = node_id
         self.gcs_url = gcs_url

@@ -96,6 +96,7 @@ RETURNING node_id, last_ping
 
 -- declare_node_gone --
 UPDATE node_liveness SET dead_at = clock_timestamp() WHERE node_id = $1 AND dead_at IS NULL
+RETURNING node_id
 
 -- node_events --
 -- What the membership folds from: every node event but heartbeats, and each node's
