@@ -31,7 +31,12 @@ import asyncpg
 from controlplane.errors import GcsIdentityError
 from controlplane.eventlog import EntityKind, Event, RecordedEvent
 from controlplane.eventlog.appender import append_on
-from controlplane.eventlog.connection import connect, is_connection_error, is_disk_full
+from controlplane.eventlog.connection import (
+    DEFAULT_CONNECT_TIMEOUT_S,
+    connect,
+    is_connection_error,
+    is_disk_full,
+)
 from controlplane.projections.spec import fold
 from controlplane.settings import env_number
 from controlplane.sql import queries
@@ -139,8 +144,11 @@ class MembershipMonitor:
     async def run(self) -> None:
         """Checks every ``PING_INTERVAL_S``. After the GCS was unreachable (a restart, a
         failover), no node could ping meanwhile: nobody is declared dead until
-        ``dead_after`` has passed since it answers again, so that the nodes' pings, which
-        resume by themselves, are judged and not the outage."""
+        ``dead_after`` has passed since it answers again, plus the time a node's pinger
+        may spend in one attempt to reconnect (``DEFAULT_CONNECT_TIMEOUT_S``: it may be
+        waiting on the server that died, or be slower than this monitor to reach the
+        new one, from another machine through the TLS front), so that the nodes' pings,
+        which resume by themselves, are judged and not the outage."""
         outage = False
         resume_at = 0.0
         while True:
@@ -148,7 +156,8 @@ class MembershipMonitor:
             try:
                 if outage:
                     self._conn = await connect(self.url)
-                    outage, resume_at = False, time.monotonic() + self.dead_after
+                    outage = False
+                    resume_at = time.monotonic() + self.dead_after + DEFAULT_CONNECT_TIMEOUT_S
                 if time.monotonic() >= resume_at:
                     await self.check_once()
             except Exception as exc:

@@ -8,7 +8,7 @@ import contextlib
 import json
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from hosts import PYTHON, Host, Hosts
@@ -93,17 +93,21 @@ def start_driver(
 
 
 def finish_driver(
-    driver: subprocess.Popen[str], *, input: str | None = None, timeout: float = 180
+    driver: subprocess.Popen[str],
+    *,
+    input: str | None = None,
+    timeout: float = 180,
+    hosts: Sequence[Host] = (),
 ) -> dict:
     """Waits for a driver of ``start_driver`` (killed if it overruns) and returns the
-    JSON object it printed last."""
+    JSON object it printed last (or fails with the node logs of ``hosts``)."""
     try:
         out, err = driver.communicate(input, timeout=timeout)
     finally:
         if driver.poll() is None:
             driver.kill()
             driver.wait()
-    assert driver.returncode == 0, err[-4000:]
+    assert driver.returncode == 0, err[-4000:] + "".join(h.node_logs(60) for h in hosts)
     return json.loads(out.strip().splitlines()[-1])
 
 

@@ -384,6 +384,13 @@ class Host:
             [PYTHON, "-m", "controlplane.cli", *args], env=env, timeout=timeout, check=check
         )
 
+    def node_logs(self, lines: int = 10_000) -> str:
+        """What the running nodes of this host said (the last ``lines`` of each one's
+        output file in its /tmp: the daemons' warnings and errors), under a header."""
+        each = f'for f in /tmp/cairn-node-*.log; do echo "== $f"; tail -n {lines} "$f"; done'
+        found = self.run(["sh", "-c", each], check=False)
+        return f"\n--- node logs on {self.name}:\n{found.stdout}"
+
     def link_down(self) -> None:
         """Cuts this host from the network, as a pulled cable: its port on the switch
         goes down, so packets to or from its peers are dropped (not refused); its

@@ -22,7 +22,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import psycopg
@@ -406,10 +406,13 @@ ray.shutdown()
 
 
 def _ride_out(
-    driver: subprocess.Popen[str], kill_primary: Callable[[], None], timeout: float = 150
+    driver: subprocess.Popen[str],
+    kill_primary: Callable[[], None],
+    timeout: float = 150,
+    hosts: Sequence[Host] = (),
 ) -> dict:
     """Drives ``JOB``: kills the primary once tasks were acknowledged, and returns what
-    the driver reported at the end."""
+    the driver reported at the end (or fails with the node logs of ``hosts``)."""
     assert driver.stdin is not None and driver.stdout is not None
     line = driver.stdout.readline()
     assert line, driver.communicate()
@@ -418,7 +421,7 @@ def _ride_out(
     driver.stdin.write("killed\n")
     driver.stdin.flush()
     out, err = driver.communicate(timeout=timeout)
-    assert driver.returncode == 0, err[-4000:]
+    assert driver.returncode == 0, err[-4000:] + "".join(h.node_logs(60) for h in hosts)
     job = json.loads(out.strip().splitlines()[-1])
     assert job["acked"] == acked and len(acked) >= 200 and len(job["tasks"]) == 2500
     return job
@@ -525,7 +528,7 @@ def test_a_node_on_another_machine_follows_the_failover(two_hosts: Hosts) -> Non
             stderr=subprocess.PIPE,
             text=True,
         )
-        job = _ride_out(driver, lambda: _signal_server(primary_pid, signal.SIGKILL))
+        job = _ride_out(driver, lambda: _signal_server(primary_pid, signal.SIGKILL), hosts=[a, b])
         _check_log(job, replica_port)
     finally:
         b.cairn("stop", check=False)
@@ -592,7 +595,7 @@ def test_a_job_rides_out_the_loss_of_the_heads_machine(three_hosts: Hosts) -> No
         )
         c.cairn("start", *head, "--node-ip-address", c.ip, "--num-cpus", "2", env=env)
         _wait(
-            lambda: "commits wait for it" in _node_logs(a),
+            lambda: "commits wait for it" in a.node_logs(),
             "the head's primary waits for the replica on b",
         )
         head_node = a.run(["sh", "-c", "cat /tmp/cairn-session-*/node.ready"]).stdout.strip()
@@ -608,21 +611,16 @@ def test_a_job_rides_out_the_loss_of_the_heads_machine(three_hosts: Hosts) -> No
             a.link_down()
             a.kill_processes()
 
-        job = _ride_out(driver, lose_host_a, timeout=240)
+        job = _ride_out(driver, lose_host_a, timeout=240, hosts=three_hosts.hosts[1:])
         assert job["recovery"] is False and job["epochs"] == [[1, 1], [2, 2]]
         history = job["history"]
         for task_id in job["tasks"]:
             assert history[task_id][-1] == "finished", history[task_id]
         assert [node for node, _cause in job["deaths"]] == [head_node]
-        said = _node_logs(b)
+        said = b.node_logs()
         assert "the GCS failed over to this machine" in said, said
         assert "running a global scheduler" in said, said
     finally:
         for host in (c, b, a):
             host.cairn("stop", check=False)
     _wait(lambda: b.pids() == [] and c.pids() == [], "every process of the cluster gone")
-
-
-def _node_logs(host: Host) -> str:
-    """What the nodes of a test host said (their output files in its /tmp)."""
-    return host.run(["sh", "-c", "cat /tmp/cairn-node-*.log"], check=False).stdout

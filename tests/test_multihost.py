@@ -289,7 +289,7 @@ def test_a_lost_node_is_declared_dead_and_its_objects_rebuilt(cluster: HostClust
         assert json.loads(ready.split(" ", 1)[1]) == ["host2"] * 5
         victim.kill_processes()
     finally:
-        seen = finish_driver(driver, input="go\n")
+        seen = finish_driver(driver, input="go\n", hosts=cluster.hosts.hosts)
     assert seen["value"] == 15 and seen["where"] in ("host0", "host1")
     status = cluster.head.cairn("status").stdout
     assert "2 nodes alive, 1 dead" in status, status

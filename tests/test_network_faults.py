@@ -96,7 +96,7 @@ def test_a_cut_shorter_than_the_death_timeout_kills_nobody(cluster: HostCluster)
     victim.link_down()
     time.sleep(SHORT_CUT_S)  # the length of the cut: the scenario, not an ordering
     victim.link_up()
-    seen = finish_driver(driver)
+    seen = finish_driver(driver, hosts=cluster.hosts.hosts)
     assert seen["sum"] == sum(i * i for i in range(120))
     assert _deaths(cluster) == []
     assert cluster.node_id(victim) == before  # the same incarnation throughout
@@ -142,7 +142,7 @@ print(json.dumps({"sums": ray.get(refs, timeout=120)}))
         time.sleep(3.0)  # the length of the cut
     finally:
         _unblock(victim)
-    seen = finish_driver(driver)
+    seen = finish_driver(driver, hosts=cluster.hosts.hosts)
     assert seen["sums"] == [i * 1_000_000 for i in range(8)]
     assert _deaths(cluster) == []
 
@@ -160,7 +160,7 @@ def test_a_partition_of_the_heads_host_pauses_the_cluster(cluster: HostCluster) 
     cluster.head.link_down()
     time.sleep(SHORT_CUT_S)
     cluster.head.link_up()
-    seen = finish_driver(driver)
+    seen = finish_driver(driver, hosts=cluster.hosts.hosts)
     assert seen["sum"] == sum(i * i for i in range(120))
     assert _deaths(cluster) == []
 

@@ -350,7 +350,7 @@ def test_a_full_disk_under_the_write_ahead_log_stops_postgresql_and_the_head_res
         after = _tasks(host, 40)  # the head started PostgreSQL again
         assert after["errors"] == [] and after["values"] == [i * i for i in range(40)]
         _all_finished(_histories(host, before["ids"] + after["ids"]), before["ids"] + after["ids"])
-        said = host.run(["sh", "-c", "cat /tmp/cairn-node-*.log"]).stdout
+        said = host.node_logs()
         assert "the GCS's PostgreSQL stopped by itself" in said, said
         assert "PANIC:  could not write to file" in said, said
         assert "it could not start yet" in said and "runs again" in said, said

@@ -223,7 +223,9 @@ class NodeDaemon(ActorsMixin, ClusterMixin):
                 else None,
                 membership_monitor=head or membership_monitor,
                 spawn=self._spawn,
-                on_fenced=self._stopping.set,
+                on_fenced=lambda: self._stop_because(
+                    "the cluster declared this node dead (its liveness pings stopped for too long)"
+                ),
             )
 
     # -- lifecycle -----------------------------------------------------------------
@@ -287,8 +289,7 @@ class NodeDaemon(ActorsMixin, ClusterMixin):
         """The log refused this node's appends: the cluster declared it dead (it was cut
         off for longer than the death timeout). It stops; its node starts a new daemon,
         which joins under a new id."""
-        log.error("node daemon %s: %s; stopping", self.node_id, error)
-        self._stopping.set()
+        self._stop_because(f"the cluster declared this node dead ({error})")
 
     def _gcs_refused(self, error: GcsIdentityError) -> None:
         """The GCS is not the log this node was using: wiped, replaced, or put back from
@@ -298,9 +299,16 @@ class NodeDaemon(ActorsMixin, ClusterMixin):
         if self.refused is not None:
             return
         self.refused = error
-        log.error("node daemon %s: %s", self.node_id, error)
+        self._stop_because(str(error))
+
+    def _stop_because(self, reason: str) -> None:
+        """Stops the daemon for ``reason``, which its clients hear (their calls fail
+        with it, instead of a bare "went away")."""
+        if self._stopping.is_set():
+            return
+        log.error("node daemon %s stops: %s", self.node_id, reason)
         for conn in list(self._clients.values()):
-            conn.send(p.Shutdown(f"the node daemon stopped: {error}"))
+            conn.send(p.Shutdown(f"the node daemon stopped: {reason}"))
         self._stopping.set()
 
     async def _while_unavailable(self, attempt: Callable[[], Awaitable[T]]) -> T:
@@ -322,9 +330,11 @@ class NodeDaemon(ActorsMixin, ClusterMixin):
         if isinstance(error, GcsIdentityError):  # not this node's log: it stops, saying so
             self._gcs_refused(error)
         elif error is not None:
-            log.error("node daemon: %s failed: %r", task.get_name(), error)
             if vital:
-                self._stopping.set()
+                what = getattr(task.get_coro(), "__qualname__", task.get_name())
+                self._stop_because(f"{what} failed: {error!r}")
+            else:
+                log.error("node daemon: %s failed: %r", task.get_name(), error)
 
     async def _shutdown(self) -> None:
         """Stops everything but the liveness pings, commits the node's last events,
