@@ -18,15 +18,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("controlplane", "dataplane", "sdk")
 
-# Cycles inside controlplane/node that remain, each named by the import that closes it
-# (importer, imported); the test fails once one of these imports is gone, so that the
-# list only shrinks. Removed by the daemon rebuild (issue 16): each mixin imports
-# TaskRecord from the daemon module that is built of the mixins.
-KNOWN_NODE_CYCLES: list[tuple[str, str]] = [
-    ("controlplane.node.actors", "controlplane.node.daemon"),
-    ("controlplane.node.cluster", "controlplane.node.daemon"),
-]
-
 
 @dataclass(frozen=True)
 class Import:
@@ -171,38 +162,8 @@ def _describe(cycle: list[Import]) -> str:
 
 
 def test_no_import_cycles() -> None:
-    edges = [e for e in _graph() if not e.type_only]
-    present = {(e.importer, e.imported) for e in edges}
-    for importer, imported in KNOWN_NODE_CYCLES:
-        assert importer.startswith("controlplane.node.") and imported.startswith(
-            "controlplane.node."
-        ), f"KNOWN_NODE_CYCLES is for controlplane/node only: {importer} -> {imported}"
-        assert (importer, imported) in present, (
-            f"{importer} no longer imports {imported}: remove it from KNOWN_NODE_CYCLES"
-        )
-    allowed = set(KNOWN_NODE_CYCLES)
-    cycles = _cycles([e for e in edges if (e.importer, e.imported) not in allowed])
+    cycles = _cycles([e for e in _graph() if not e.type_only])
     assert not cycles, "import cycles:\n" + "\n".join(_describe(c) for c in cycles)
-
-
-def test_the_known_node_cycles_are_cycles() -> None:
-    """Each allowed import closes a cycle indeed (else it needs no allowance)."""
-    edges = [e for e in _graph() if not e.type_only]
-    for allowed in KNOWN_NODE_CYCLES:
-        assert _closes_a_cycle(allowed, edges), f"{allowed} closes no cycle: remove it"
-
-
-def _closes_a_cycle(allowed: tuple[str, str], edges: list[Import]) -> bool:
-    """Whether ``imported`` reaches ``importer`` again."""
-    importer, imported = allowed
-    reached, queue = {imported}, [imported]
-    while queue:
-        v = queue.pop()
-        for edge in edges:
-            if edge.importer == v and edge.imported not in reached:
-                reached.add(edge.imported)
-                queue.append(edge.imported)
-    return importer in reached
 
 
 def test_the_control_plane_never_imports_the_sdk() -> None:

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import signal
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
@@ -18,11 +20,13 @@ from log_rows import fetch_rows
 from controlplane.eventlog import EntityKind, Event, RecordedEvent
 from controlplane.node import rpc
 from controlplane.node.cluster_link import _LOAD_KEYS, ClusterLink, JoinOffer
-from controlplane.node.daemon import TaskRecord
+from controlplane.node.local_scheduler import LocalScheduler
+from controlplane.node.object_store import ObjectStore
 from controlplane.node.placement_groups import PlacementGroups
 from controlplane.node.reconstruction import Reconstructor
 from controlplane.node.recorder import EventRecorder
 from controlplane.node.resources import ResourcePool
+from controlplane.node.task_table import TaskRecord, TaskTable
 from controlplane.node.workers import WorkerPool
 from dataplane import protocol as p
 from dataplane import shm
@@ -262,17 +266,8 @@ async def test_placement_groups_reserve_lend_and_give_back_their_bundles(gcs_url
     def publish(locations: list[p.ObjectLocation], events: list[Event], _owner: Any) -> None:
         published.append((locations, [e.event_type for e in events]))
 
-    groups = PlacementGroups(
-        "node",
-        resources,
-        objects,
-        recorder,
-        in_cluster=lambda: False,
-        publish=publish,
-        created_event=lambda loc, _task, job: Event(
-            EntityKind.OBJECT, loc.object_id, "created", {}, job_id=job
-        ),
-        schedule=lambda: schedules.append(None),
+    groups = _placement_groups(
+        resources, objects, recorder, publish, schedule=lambda: schedules.append(None)
     )
     owner = cast(Any, _Owner())
     try:
@@ -325,6 +320,28 @@ async def test_placement_groups_reserve_lend_and_give_back_their_bundles(gcs_url
         ("pg", "removed"),
         ("pg2", "created"),
     ]
+
+
+def _placement_groups(
+    resources: ResourcePool,
+    objects: ObjectTable,
+    recorder: EventRecorder,
+    publish: Callable[[list[p.ObjectLocation], list[Event], Any], None],
+    schedule: Callable[[], None],
+) -> PlacementGroups:
+    """The placement groups of a node alone (not in a cluster)."""
+    return PlacementGroups(
+        "node",
+        resources,
+        objects,
+        recorder,
+        in_cluster=lambda: False,
+        publish=publish,
+        created_event=lambda loc, _task, job: Event(
+            EntityKind.OBJECT, loc.object_id, "created", {}, job_id=job
+        ),
+        schedule=schedule,
+    )
 
 
 def _answer(groups: PlacementGroups, owner: Any, msg: p.PlacementGroupTable) -> Any:
@@ -512,3 +529,210 @@ def _node_event(node_id: str, event_type: str, payload: dict[str, Any]) -> Recor
         payload=payload,
         data=None,
     )
+
+
+async def test_the_object_store_makes_objects_ready_only_once_their_events_are_durable(
+    gcs_url: str, tmp_path: Path
+) -> None:
+    """A small put is in the log with its value; a durable one is copied to disk and
+    its event names the copy; either is ready only once its ``created`` event commits.
+    A reservation that does not fit spills an older object first."""
+    recorder = EventRecorder(gcs_url, writer_node=None)
+    await recorder.start()
+    prefix = f"parts-{uuid.uuid4().hex}"
+    spawned: set[asyncio.Task[None]] = set()
+    schedules: list[None] = []
+    store = ObjectStore(
+        prefix,
+        3 * MB,
+        tmp_path / "spill",
+        tmp_path / "durable",
+        recorder,
+        spawn=lambda c: spawned.add(asyncio.get_running_loop().create_task(c)),
+        schedule=lambda: schedules.append(None),
+        fetch_remote=lambda *_: None,
+        release_remote=lambda *_: None,
+        on_lost=lambda *_: None,
+    )
+    owner = cast(Any, _Owner())
+    try:
+        small = p.ObjectLocation("small" + "0" * 27, inline=b"value", size=5)
+        store.objects.expect(small.object_id)
+        store.objects.hold(small.object_id)
+        store.put(small, None, "job", durable=False)
+        assert store.objects.state(small.object_id) == "pending"  # its event is on its way
+        ready = asyncio.Event()
+        store.objects.on_ready(small.object_id, ready.set)
+        await asyncio.wait_for(ready.wait(), 10)
+        big = _store(store.objects, prefix, "b")  # (~1 MB, written to a segment)
+        location = store.objects.location("b")
+        store.objects.unready("b")  # as if just put: not ready until its event commits
+        store.objects.charge(big)
+        store.put(location, None, "job", durable=True)
+        durable = asyncio.Event()
+        store.objects.on_ready("b", durable.set)
+        await asyncio.wait_for(durable.wait(), 10)
+        assert (tmp_path / "durable" / "b").read_bytes() == (
+            shm.SHM_DIR / str(location.shm_name)
+        ).read_bytes()
+        store.reserve(owner, 7, 3 * MB - 1000)  # only fits once "b" is spilled
+        await asyncio.gather(*spawned)
+        reply = owner.sent.pop()
+        assert isinstance(reply, p.Reply) and reply.request_id == 7 and reply.error is None
+        assert store.objects.state("b") == "spilled"
+        store.reserve(owner, 8, 4 * MB)  # more than the store: refused, saying why
+        reply = owner.sent.pop()
+        assert reply.error is not None and "store_full" in reply.error
+        assert schedules  # objects became ready: the scheduler was told
+    finally:
+        await asyncio.gather(*spawned, return_exceptions=True)
+        await recorder.close()
+        shm.unlink_all(prefix)
+    rows = await fetch_rows(
+        gcs_url,
+        "SELECT entity_id, event_type, data, payload->>'durable_path' AS durable "
+        "FROM events ORDER BY position",
+    )
+    events = [(r["entity_id"], r["event_type"]) for r in rows]
+    assert events == [(small.object_id, "created"), ("b", "created"), ("b", "spilled")]
+    assert rows[0]["data"] == b"value" and rows[1]["durable"] == str(tmp_path / "durable" / "b")
+
+
+class _Submitter:
+    """A driver's connection as the task table sees it: the objects it holds."""
+
+    def __init__(self) -> None:
+        self.holding: set[str] = set()
+
+
+async def test_the_task_table_logs_lineage_once_per_function_and_lets_arguments_go(
+    gcs_url: str,
+) -> None:
+    """A submitted task holds its returns for its submitter and pins its arguments (it
+    waits for those not ready); its ``submitted`` event carries the function's code the
+    first time only; a retry is logged; once over, its arguments may be freed."""
+    recorder = EventRecorder(gcs_url, writer_node=None)
+    await recorder.start()
+    freed: list[str] = []
+    objects = ObjectTable(MB, on_free=lambda location: freed.append(location.object_id))
+    table = TaskTable("n1", objects, recorder)
+    driver = _Submitter()
+    try:
+        objects.hold("a")
+        objects.ready(p.ObjectLocation("a", inline=b"1", size=1))
+        objects.expect("b")
+        table.add_function("f", b"code", "square")
+
+        def spec(task_id: str, parent: str | None = None) -> p.TaskSpec:
+            args = [p.Arg(ref="a"), p.Arg(ref="b")]
+            return p.TaskSpec(
+                task_id, "job", "square", "f", args, {}, 1, {"CPU": 1.0}, 2, False,
+                parent_task_id=parent,
+            )  # fmt: skip
+
+        first = table.submit(cast(Any, driver), spec("t1"))
+        second = table.submit(cast(Any, driver), spec("t2", parent="t1"))
+        assert first.pending_deps == {"b"} and "t1" in table and table.waiting() == 0
+        assert driver.holding == {*first.spec.return_ids(), *second.spec.return_ids()}
+        assert table.making(second.spec.return_ids()[0]) is second
+        assert table.children_of("t1") == [second]
+        table.next_attempt(first, "worker died")
+        assert first.attempt == 1
+        objects.release("a")  # the driver lets go: the tasks still pin it
+        table.over(first)
+        assert freed == [] and "t1" not in table
+        table.over(second)
+        assert freed == ["a"] and list(table) == []
+    finally:
+        await recorder.close()
+    rows = await fetch_rows(
+        gcs_url, "SELECT entity_id, event_type, data, payload FROM events ORDER BY position"
+    )
+    assert [(r["entity_id"], r["event_type"]) for r in rows] == [
+        ("t1", "submitted"),
+        ("t2", "submitted"),
+        ("t1", "retried"),
+    ]
+    with_code = p.decode_frame(rows[0]["data"])
+    assert isinstance(with_code, tuple) and with_code[1] == b"code"  # the first: its code
+    assert isinstance(p.decode_frame(rows[1]["data"]), p.TaskSpec)  # then: the spec alone
+    assert json.loads(rows[2]["payload"]) == {"attempt": 1, "reason": "worker died"}
+
+
+class _Node:
+    """The node as a pass of the local scheduler sees it: what it was asked, in order."""
+
+    def __init__(self, spill_names: set[str]) -> None:
+        self.spill_names = spill_names
+        self.asked: list[tuple[str, str]] = []
+
+    def before_pass(self) -> None:
+        pass
+
+    def must_spill(self, record: TaskRecord) -> bool:
+        return record.spec.strategy == ("SPREAD",)
+
+    def can_spill(self, record: TaskRecord) -> bool:
+        return record.spec.name in self.spill_names
+
+    def spill(self, record: TaskRecord) -> None:
+        self.asked.append(("spill", record.spec.task_id))
+
+    def fail(self, record: TaskRecord, error: p.ErrorInfo) -> None:
+        self.asked.append(("fail", record.spec.task_id))
+
+    def run(self, record: TaskRecord, handle: Any) -> None:
+        record.worker = handle
+        self.asked.append(("run", record.spec.task_id))
+
+
+async def test_the_local_scheduler_runs_spills_and_lends_out_resources(gcs_url: str) -> None:
+    """Ready tasks run while CPUs and idle workers last, one FIFO per resource shape (a
+    shape that does not fit does not hold up another); what cannot run here goes to
+    the global scheduler where allowed; a worker blocked in get() lends its CPU out."""
+    recorder = EventRecorder(gcs_url, writer_node=None)
+    await recorder.start()
+    resources = ResourcePool({"CPU": 2.0})
+    objects = ObjectTable(MB, on_free=lambda _location: None)
+    workers = WorkerPool("node", "/nonexistent/node.sock", size=2)
+    node = _Node(spill_names={"wide"})
+    groups = _placement_groups(resources, objects, recorder, lambda *_: None, lambda: None)
+    scheduler = LocalScheduler(resources, groups, workers, node)
+
+    def task(task_id: str, name: str, resources: dict[str, float], **more: Any) -> TaskRecord:
+        spec = p.TaskSpec(task_id, "job", name, "f", [], {}, 1, resources, 0, False, **more)
+        return TaskRecord(spec, None)
+
+    try:
+        workers.fill()
+        for handle in list(workers):
+            workers.connected(handle.worker_id, cast(Any, _Conn(handle.worker_id)))
+        t1, t2, t3 = (task(f"t{i}", "narrow", {"CPU": 1.0}) for i in (1, 2, 3))
+        for record in (t1, t2, t3):
+            scheduler.enqueue(record)
+        assert node.asked == [("run", "t1"), ("run", "t2")] and resources.available["CPU"] == 0
+        assert t3.state == "QUEUED" and scheduler.pending() == 1
+        scheduler.enqueue(task("t4", "wide", {"CPU": 1.0, "memory": 1.0}))  # another shape
+        scheduler.enqueue(task("t5", "narrow", {"CPU": 0.5}, strategy=("SPREAD",)))
+        assert node.asked[2:] == [("spill", "t4"), ("spill", "t5")]
+        assert t1.worker is not None
+        scheduler.block(t1.worker)  # t1 waits in get(): its CPU is lent out
+        assert resources.available["CPU"] == 1.0 and len(workers) == 3  # a worker more
+        assert scheduler.pending() == 1  # ... which t3 waits for until it connects
+        grown = next(h for h in workers if h.conn is None)
+        workers.connected(grown.worker_id, cast(Any, _Conn(grown.worker_id)))
+        scheduler.schedule()
+        assert node.asked[-1] == ("run", "t3") and scheduler.pending() == 0
+        scheduler.unblock(t1.worker)  # taken back, even if the node is short meanwhile
+        assert resources.available["CPU"] == -1.0
+        for record in (t1, t2, t3):
+            scheduler.give_back(record)
+        assert resources.available["CPU"] == 2.0
+        t6 = task("t6", "narrow", {"CPU": 4.0})  # more than the node has, and not spillable
+        scheduler.enqueue(t6)
+        assert scheduler.pending() == 1
+        scheduler.withdraw(t6)
+        assert scheduler.pending() == 0
+    finally:
+        await workers.stop()
+        await recorder.close()

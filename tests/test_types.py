@@ -32,10 +32,13 @@ def test_mypy_is_clean() -> None:
 # under the default settings above).
 STRICT = [
     "controlplane/node/cluster_link.py",
+    "controlplane/node/local_scheduler.py",
+    "controlplane/node/object_store.py",
     "controlplane/node/recorder.py",
     "controlplane/node/workers.py",
     "controlplane/node/placement_groups.py",
     "controlplane/node/reconstruction.py",
+    "controlplane/node/task_table.py",
     "dataplane/object_table.py",
     "dataplane/segment_pool.py",
     "dataplane/spilling.py",

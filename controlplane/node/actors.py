@@ -34,13 +34,13 @@ from typing import TYPE_CHECKING, Any
 
 from controlplane.eventlog import EntityKind, Event
 from controlplane.eventlog.connection import connect
+from controlplane.node.task_table import Connection, TaskRecord
 from controlplane.sql import queries
 from dataplane import protocol as p
 from dataplane import shm
 from dataplane.begun_calls import begun_calls_path, read_begun
 
 if TYPE_CHECKING:
-    from controlplane.node.daemon import Connection, TaskRecord
     from controlplane.node.workers import WorkerHandle
 
 K = EntityKind
@@ -117,7 +117,7 @@ class ActorsMixin:
         if self._actor_goes_elsewhere(creation):  # placed by the global schedulers
             actor.elsewhere = True
             self.unscheduled_actors.discard(actor.actor_id)
-            self._when_deps_ready(creation, lambda: self._spill(creation))
+            self._when_deps_ready(creation, lambda: self.spill(creation))
             return
         actor.worker = self.worker_pool.start(actor_id=actor.actor_id)
         for dep in list(creation.pending_deps):
@@ -144,7 +144,7 @@ class ActorsMixin:
         if handle is not None:
             with contextlib.suppress(ProcessLookupError):
                 handle.process.kill()
-        self._when_deps_ready(actor.creation, lambda: self._spill(actor.creation))
+        self._when_deps_ready(actor.creation, lambda: self.spill(actor.creation))
 
     def _when_deps_ready(self: Any, record: TaskRecord, then: Any) -> None:
         if not record.pending_deps:
@@ -214,13 +214,13 @@ class ActorsMixin:
                 if not self.resources.fits_total(creation.spec.resources):
                     self._report_infeasible_actor(actor)
                 return  # tried again whenever resources are released
-            self._take_resources(creation, bundle)
+            self.scheduler.take(creation, bundle)
             actor.creation_sent = True
             self.unscheduled_actors.discard(actor.actor_id)
             self.recorder.log(
                 [Event(K.ACTOR, actor.actor_id, "scheduled", {}, node_id=self.node_id)]
             )
-            self._send_to_worker(creation, handle)
+            self.run(creation, handle)
             return
         if actor.replaying:
             return  # its earlier calls go first, once read from the log
@@ -232,7 +232,7 @@ class ActorsMixin:
                 self._finish_failed(record, failed, log_event=True)
                 continue
             actor.running[record.spec.task_id] = record
-            self._send_to_worker(record, handle)
+            self.run(record, handle)
 
     def _report_infeasible_actor(self: Any, actor: ActorRecord) -> None:
         """Once: the actor needs more than this node has, so it waits (actors are not
@@ -303,8 +303,6 @@ class ActorsMixin:
             interval = actor.options.checkpoint_interval
             actor.calls_since_checkpoint += 1
             if interval and actor.calls_since_checkpoint >= interval:
-                from controlplane.node.daemon import TaskRecord
-
                 actor.calls_since_checkpoint = 0
                 save = self._internal_call(actor, "__cairn_save__", [])
                 actor.queue.appendleft(TaskRecord(save, None, attempt=-1, internal="checkpoint"))
@@ -359,7 +357,7 @@ class ActorsMixin:
         here on it is in the actor's ``running`` calls as if the daemon had sent it, so
         the worker's answer, its death or the actor's settles it like any other."""
         spec, worker_id = call.spec, call.worker_id
-        record = self._register_task(conn, spec, direct=True, data=call.frame)
+        record = self.tasks.submit(conn, spec, direct=True, data=call.frame)
         actor = self.actors.get(spec.actor_id or "")
         record.retries_left = actor.options.max_task_retries if actor is not None else 0
         handle = actor.worker if actor is not None else None
@@ -400,8 +398,6 @@ class ActorsMixin:
         its own error), in that order, with its original arguments; results are
         dropped. ``replaying`` {attempt, calls} lists them. A call whose argument
         object is gone here ends the replay there (``stopped_at``, ``reason``)."""
-        from controlplane.node.daemon import TaskRecord
-
         replayed: list[TaskRecord] = []
         payload: dict[str, Any] = {"attempt": actor.restarts or actor.creation.attempt}
         try:
@@ -502,7 +498,7 @@ class ActorsMixin:
             "actor_died", f"the actor {actor.actor_id} died: {cause}", function_name=actor.actor_id
         )
         if actor.creation_sent:
-            self._give_back_resources(actor.creation)
+            self.scheduler.give_back(actor.creation)
         was_alive, actor.state = actor.state, "DEAD"
         self.recorder.log(
             [Event(K.ACTOR, actor.actor_id, "dead", {"cause": cause[:2000]}, node_id=self.node_id)]
@@ -559,7 +555,7 @@ class ActorsMixin:
             return
         actor.restarts += 1
         if actor.creation_sent:
-            self._give_back_resources(actor.creation)
+            self.scheduler.give_back(actor.creation)
         actor.creation_sent, actor.state = False, "RESTARTING"
         self.recorder.log(
             [

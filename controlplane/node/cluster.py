@@ -34,7 +34,7 @@ from dataplane.object_table import Elsewhere
 from dataplane.transfer import TransferError
 
 if TYPE_CHECKING:
-    from controlplane.node.daemon import TaskRecord
+    from controlplane.node.task_table import TaskRecord
 
 log = logging.getLogger("cairn.node")
 K = EntityKind
@@ -51,7 +51,7 @@ class ClusterMixin:
     fetching: set[str]  # objects being pulled here because something here wants them
     kept_for_owner: set[str]  # objects of placed tasks, until their owner has them
 
-    def _can_spill(self: Any, record: TaskRecord) -> bool:
+    def can_spill(self: Any, record: TaskRecord) -> bool:
         """Whether a task that does not fit here now may go to another node."""
         strategy = record.spec.strategy
         if strategy is not None and strategy[0] == "NODE_AFFINITY" and strategy[1] == self.node_id:
@@ -62,7 +62,7 @@ class ClusterMixin:
             )
         return self._spillable(record)
 
-    def _must_spill(self: Any, record: TaskRecord) -> bool:
+    def must_spill(self: Any, record: TaskRecord) -> bool:
         """Whether a task goes to the global scheduler even if it fits here: SPREAD, or
         an affinity to another node."""
         strategy = record.spec.strategy
@@ -102,7 +102,7 @@ class ClusterMixin:
             return f"its hard node affinity names node {strategy[1]}, which is not in the cluster"
         return None
 
-    def _spill(self: Any, record: TaskRecord) -> None:
+    def spill(self: Any, record: TaskRecord) -> None:
         spec = record.spec
         record.state = "SPILLED"
         self.spilled[spec.task_id] = record
@@ -110,7 +110,7 @@ class ClusterMixin:
             object_id: {"address": self.address, "size": self.objects.location(object_id).size}
             for object_id in spec.dependencies()
         }
-        blob = self.functions.get(spec.function_id, (None, ""))[0] if spec.function_id else None
+        blob = self.tasks.code_of(spec.function_id)
         self.recorder.log(
             [
                 Event(
@@ -260,8 +260,6 @@ class ClusterMixin:
     # -- a task placed here --------------------------------------------------------
 
     def _run_placed(self: Any, event: RecordedEvent) -> None:
-        from controlplane.node.daemon import TaskRecord
-
         assert event.data is not None  # a placed event carries (spec, blob, owner address)
         spec, blob, owner_address = cast(
             "tuple[p.TaskSpec, bytes | None, str]", p.decode_frame(event.data)
@@ -273,12 +271,7 @@ class ClusterMixin:
             return
         if spec.task_id in self.tasks:
             return
-        if blob is not None:
-            self.functions.setdefault(spec.function_id, (blob, spec.name))
-        record = TaskRecord(spec, None, attempt=int(event.payload["attempt"]))
-        record.retries_left = spec.max_retries
-        record.placed_from = owner_address
-        self.tasks[spec.task_id] = record
+        record = self.tasks.add_placed(spec, int(event.payload["attempt"]), owner_address, blob)
         if spec.method == "__init__":  # an actor made on another node lives here
             self._host_actor(record, owner_address)
             return
@@ -355,13 +348,10 @@ class ClusterMixin:
         for record in resent:
             self.spilled[record.spec.task_id] = record  # forwarded again once placed
         # placed again (a new attempt: a new placement), its calls forwarded once it is
-        if creation.spec.task_id not in self.tasks:  # its constructor had finished
-            self.tasks[creation.spec.task_id] = creation
-            for object_id in (*creation.spec.dependencies(), *creation.spec.contained_refs):
-                self.objects.pin(object_id)  # as a submitted task's: unpinned when over
+        self.tasks.keep(creation)  # its constructor may have finished: in hand again
         creation.placed_on = None
         self.next_attempt(creation, f"the actor restarts: {cause}")
-        self._spill(creation)
+        self.spill(creation)
 
     def _forward_call(self: Any, actor: Any, record: TaskRecord) -> None:
         """Hands a call to the actor's node through the log (``forwarded``, the spec in
@@ -402,14 +392,11 @@ class ClusterMixin:
     def _call_from_elsewhere(self: Any, event: RecordedEvent) -> None:
         """A call of an actor hosted here, forwarded by its creator's node: it joins the
         actor's queue in the order of the log, so each caller's order holds."""
-        from controlplane.node.daemon import TaskRecord
-
         assert event.data is not None  # a forwarded call carries its spec
         spec = cast(p.TaskSpec, p.decode_frame(event.data))
         address = (self.link.address_of(event.node_id or "") if self.link else None) or ""
-        record = TaskRecord(spec, None, attempt=int(event.payload.get("attempt", 0)))
-        record.placed_from = address
-        self.tasks[spec.task_id] = record
+        record = self.tasks.add_placed(spec, int(event.payload.get("attempt", 0)), address)
+        record.retries_left = 0
         self._keep_returns_for_owner(spec)
         self._pull_then(record, address, lambda: None)
         self._actor_call(record)

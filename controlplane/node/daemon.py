@@ -1,6 +1,7 @@
-"""The node daemon: one per node. It holds the local scheduler (tasks wait for their
-argument objects and for resources, then go to an idle worker), the worker pool, and
-the node's object table, and records every transition in the log.
+"""The node daemon: one per node. It wires the node's parts (controlplane/README.md,
+"The node daemon's parts": the task table, the local scheduler, the worker pool, the
+object store...) and routes its clients' messages to them; every transition is
+recorded in the log through the one event recorder.
 
 Durability before visibility: a task's results become visible (``get`` returns,
 ``wait`` counts them, the submitter is sent them) only after its ``finished`` event and
@@ -25,12 +26,9 @@ import itertools
 import logging
 import os
 import secrets
-import shutil
 import signal
 import uuid
-from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -41,73 +39,22 @@ from controlplane.node import rpc
 from controlplane.node.actors import ActorRecord, ActorsMixin
 from controlplane.node.cluster import ClusterMixin
 from controlplane.node.cluster_link import ClusterLink, JoinOffer
-from controlplane.node.placement_groups import Bundle, PlacementGroups
+from controlplane.node.local_scheduler import LocalScheduler
+from controlplane.node.object_store import ObjectStore
+from controlplane.node.placement_groups import PlacementGroups
 from controlplane.node.reconstruction import Reconstructor
 from controlplane.node.recorder import EventRecorder
 from controlplane.node.resources import ResourcePool, node_resources
+from controlplane.node.task_table import Connection, TaskRecord, TaskTable
 from controlplane.node.workers import WorkerHandle, WorkerPool
 from controlplane.tls import NodeTls
 from dataplane import protocol as p
 from dataplane import shm
-from dataplane.object_table import Elsewhere, ObjectTable
-from dataplane.segment_pool import SegmentPool
-from dataplane.spilling import Spiller
 from dataplane.transfer import Puller, object_service
 
 T = TypeVar("T")
 log = logging.getLogger("cairn.node")
 K = EntityKind
-_POOL_LIMIT = 2 * 1024**3
-
-
-@dataclass
-class Connection:
-    """One client (driver or worker) connected to the daemon."""
-
-    writer: asyncio.StreamWriter
-    role: str = ""
-    pid: int = 0
-    worker_id: str | None = None
-    job_id: str | None = None
-    holding: set[str] = field(default_factory=set)
-    _outgoing: list[bytes] = field(default_factory=list)
-
-    def send(self, message: object) -> None:
-        """Queues a message; what one turn of the event loop sends to a client goes in
-        one write (one system call and one wake-up of the client, not one each)."""
-        if not self._outgoing:
-            asyncio.get_running_loop().call_soon(self._write)
-        self._outgoing.append(p.encode(message))
-
-    def _write(self) -> None:
-        data, self._outgoing = b"".join(self._outgoing), []
-        if not self.writer.is_closing():
-            self.writer.write(data)
-
-
-@dataclass
-class TaskRecord:
-    spec: p.TaskSpec
-    submitter: Connection | None  # None: placed here by another node, which owns it
-    attempt: int = 0
-    state: str = "SUBMITTED"
-    pending_deps: set[str] = field(default_factory=set)
-    worker: WorkerHandle | None = None
-    cancelled: bool = False
-    force_cancel: bool = False
-    retries_left: int = 0
-    placed_from: str | None = None  # placed here: the address of the node that spilled it
-    pulled: list[str] = field(default_factory=list)  # argument copies pulled for it
-    placed_back: bool = False  # spilled, then placed on this node: not spilled again
-    # the daemon's own call to an actor: "replay" (an earlier call, re-run to rebuild its
-    # state), "checkpoint" (__cairn_save__) or "restore" (__cairn_load__)
-    internal: str | None = None
-    placed_on: str | None = None  # spilled and placed on that node
-    gpu_ids: list[str] = field(default_factory=list)  # the GPUs it was given
-    bundle: Bundle | None = None  # the placement group bundle it runs in
-    output_digest: str | None = None  # of the returns of its attempt that finished
-    direct: bool = False  # an actor call its caller sent straight to the actor's worker
-    answered: bool = False  # ... which the worker answered to the caller itself
 
 
 class NodeDaemon(ActorsMixin, ClusterMixin):
@@ -141,31 +88,39 @@ class NodeDaemon(ActorsMixin, ClusterMixin):
         # node:__internal_head__), which tasks ask for to run on that node
         own = node_resources(rpc_host, head=head or rpc_port is None)
         self.resources = ResourcePool({**resources, **own})
-        self.objects = ObjectTable(
-            object_store_memory,
-            on_free=self._object_freed,
-            on_wanted=self._bring_back,
-            on_dropped=self._drop_elsewhere,
-        )
-        self.pool = SegmentPool(node_id, limit=min(object_store_memory // 4, _POOL_LIMIT))
         # a cluster member appends fenced: once declared dead, its appends are refused
         self.recorder = EventRecorder(
             gcs_url, writer_node=node_id if rpc_port is not None else None
         )
+        self.store = ObjectStore(
+            node_id,
+            object_store_memory,
+            session_dir / "spill",
+            Path(os.environ.get("CAIRN_DURABLE_DIR") or session_dir / "durable"),
+            self.recorder,
+            spawn=self._spawn,
+            schedule=self.schedule,
+            fetch_remote=lambda object_id, address: self._fetch_remote(object_id, address),
+            release_remote=lambda address, object_id: self._spawn(
+                self.puller.release(address, object_id)
+            ),
+            on_lost=lambda object_id, why: self.reconstructor.object_lost(
+                object_id, why, needed=True
+            ),
+        )
+        self.objects = self.store.objects  # (the table every part reads; the store owns it)
+        self.spiller = self.store.spiller
         # the GCS is not this node's log any more (wiped, replaced, put back from an
         # older copy): the daemon stops, saying why (see eventlog/fencing.py)
         self.refused: GcsIdentityError | None = None
         self.recorder.on_refused(self._gcs_refused)
         self._clients: dict[int, Connection] = {}  # by id(): connected drivers, workers
-        self.functions: dict[str, tuple[bytes, str]] = {}
-        self._logged_functions: set[str] = set()
-        self.tasks: dict[str, TaskRecord] = {}
+        self.tasks = TaskTable(node_id, self.objects, self.recorder)
         self.actors: dict[str, ActorRecord] = {}
         self.unscheduled_actors: set[str] = set()
         self.early_direct_done: dict[str, p.TaskDone] = {}
         self.actor_names: dict[tuple[str, str], str] = {}  # (namespace, name) -> actor id
         self.job_namespaces: dict[str, str] = {}
-        self.ready: dict[tuple[tuple[str, float], ...], deque[TaskRecord]] = {}
         self.worker_pool = WorkerPool(
             node_id, self.socket_path, size=max(1, int(resources.get("CPU", 1)))
         )
@@ -182,26 +137,16 @@ class NodeDaemon(ActorsMixin, ClusterMixin):
             self.objects,
             self.recorder,
             in_cluster=lambda: self.link is not None and self.link.has_peers(),
-            publish=self._make_durable_then_ready,
-            created_event=self._created_event,
+            publish=self.store.make_durable_then_ready,
+            created_event=self.store.created_event,
             schedule=self.schedule,
+        )
+        self.scheduler = LocalScheduler(
+            self.resources, self.placement_groups, self.worker_pool, self
         )
         self.spilled: dict[str, TaskRecord] = {}
         self.remote_returns: dict[str, dict[str, tuple[p.ObjectLocation, str]]] = {}
         self.fetching: set[str] = set()
-        self.durable_dir = Path(os.environ.get("CAIRN_DURABLE_DIR") or session_dir / "durable")
-        self.spiller = Spiller(
-            node_id,
-            session_dir / "spill",
-            self.objects,
-            self.pool,
-            spawn=self._spawn,
-            record=self._object_event,
-            on_lost=lambda object_id, why: self.reconstructor.object_lost(
-                object_id, why, needed=True
-            ),
-            on_restored=self.schedule,
-        )
         self.reconstructor = Reconstructor(
             node_id, gcs_url, self.objects, self.recorder, self.spiller, self, spawn=self._spawn
         )
@@ -465,7 +410,7 @@ class NodeDaemon(ActorsMixin, ClusterMixin):
             case p.RefCounts(deltas):
                 self._ref_counts(conn, deltas)
             case p.RegisterFunction(function_id, blob, name):
-                self.functions.setdefault(function_id, (blob, name))
+                self.tasks.add_function(function_id, blob, name)
             case p.SubmitTask(spec):
                 self._submit(conn, spec)
             case p.SubmitDirectCall():
@@ -473,11 +418,12 @@ class NodeDaemon(ActorsMixin, ClusterMixin):
             case p.WatchActor(actor_id):
                 self._watch_actor(conn, actor_id)
             case p.PushObjects(object_ids):
-                self._push_objects(conn, object_ids)
+                self.store.push(conn, object_ids)
             case p.PutObject(location, task_id, durable):
-                self._put(conn, location, task_id, durable)
+                self._hold(conn, location.object_id)
+                self.store.put(location, task_id, conn.job_id, durable)
             case p.ReserveShm(request_id, size):
-                self._reserve(conn, request_id, size)
+                self.store.reserve(conn, request_id, size)
             case p.GetObjects(request_id, object_ids, timeout):
                 self._get(conn, request_id, object_ids, timeout)
             case p.WaitObjects(request_id, object_ids, num_returns, timeout, _fetch):
@@ -524,175 +470,17 @@ class NodeDaemon(ActorsMixin, ClusterMixin):
                 conn.holding.discard(object_id)
                 self.objects.release(object_id)
 
-    def _put(
-        self, conn: Connection, location: p.ObjectLocation, task_id: str | None, durable: bool
-    ) -> None:
-        """A put object: a small value goes into the log with its ``created`` event; a
-        large one asked to be durable is copied to the durable directory first (the
-        event names the copy). Either can be recovered if its bytes are lost."""
-        conn.holding.add(location.object_id)
-        self.objects.hold(location.object_id)
-        if location.shm_name is None:
-            self.objects.charge(location.size, force=True)  # small; segments were reserved
-            event = self._created_event(location, task_id, conn.job_id, data=location.inline)
-            self._make_durable_then_ready([location], [event])
-            return
-        if not durable:
-            event = self._created_event(location, task_id, conn.job_id)
-            self._make_durable_then_ready([location], [event])
-            return
-
-        async def keep_on_disk(name: str) -> None:
-            copy = self.durable_dir / location.object_id
-            path: Path | None = copy
-            try:
-                self.durable_dir.mkdir(parents=True, exist_ok=True)
-                await asyncio.to_thread(shm.seal_segment, name)  # recovery checks the copy
-                await asyncio.to_thread(shutil.copyfile, shm.SHM_DIR / name, copy)
-            except OSError as exc:  # the put stands, without a copy on disk
-                log.warning(
-                    "put %s could not be made durable in %s: %s",
-                    location.object_id,
-                    self.durable_dir,
-                    exc,
-                )
-                if path is not None:  # a half-written copy must not stay
-                    with contextlib.suppress(OSError):
-                        path.unlink(missing_ok=True)
-                path = None
-            event = self._created_event(
-                location, task_id, conn.job_id, durable_path=str(path) if path else None
-            )
-            self._make_durable_then_ready([location], [event])
-
-        self._spawn(keep_on_disk(location.shm_name))
-
-    def _reserve(self, conn: Connection, request_id: int, size: int) -> None:
-        """Admits a segment of ``size`` bytes; the reply names a recycled segment to
-        write into, or None for a new one."""
-        if size < 0:  # a reservation given back after a failed write
-            self.objects.uncharge(-size)
-            return
-        overflow = self.objects.used + self.pool.bytes + size - self.objects.capacity
-        if overflow > 0:
-            self.pool.evict(overflow)
-        if self.objects.charge(size):
-            conn.send(p.Reply(request_id, self.pool.take(size)))
-            return
-        if size > self.objects.capacity:
-            conn.send(p.Reply(request_id, error=self.spiller.store_full(size)))
-            return
-
-        async def spill_then_reserve() -> None:  # full: spill others to disk first
-            if await self.spiller.make_room(size):
-                conn.send(p.Reply(request_id, self.pool.take(size)))
-            else:
-                conn.send(p.Reply(request_id, error=self.spiller.store_full(size)))
-
-        self._spawn(spill_then_reserve())
-
-    def _created_event(
-        self,
-        location: p.ObjectLocation,
-        task_id: str | None,
-        job_id: str | None,
-        *,
-        data: bytes | None = None,
-        durable_path: str | None = None,
-    ) -> Event:
-        payload: dict[str, Any] = {"size_bytes": location.size, "inline": location.shm_name is None}
-        if task_id:
-            payload["task_id"] = task_id
-        if durable_path:
-            payload["durable_path"] = durable_path
-        return Event(
-            K.OBJECT,
-            location.object_id,
-            "created",
-            payload,
-            job_id=job_id,
-            node_id=self.node_id,
-            data=data,
-        )
-
-    def _make_durable_then_ready(
-        self,
-        locations: list[p.ObjectLocation],
-        events: list[Event],
-        owner: Connection | None = None,
-        *,
-        urgent: bool = True,
-    ) -> None:
-        """Once ``events`` are durable, the objects become ready; ``owner`` (the
-        submitter of the task that made them) is sent their locations. Not ``urgent``:
-        the owner has them already (a direct actor call's answer), so the commit may
-        wait for others (see controlplane/node/actors.py, "Direct calls")."""
-        for location in locations:
-            self.objects.expect(location.object_id, location)
-        durable = self.recorder.log_durable(events, urgent=urgent)
-
-        def publish(future: asyncio.Future[list[int]]) -> None:
-            error = future.exception()
-            published = []
-            for location in locations:
-                if error is not None:
-                    location = p.ObjectLocation(
-                        location.object_id,
-                        error=p.ErrorInfo(
-                            "system", f"the GCS could not record the object: {error}"
-                        ),
-                    )
-                self.objects.ready(location)
-                published.append(location)
-            if owner is not None:
-                owner.send(p.ObjectsReady(published))
-            self.schedule()
-
-        durable.add_done_callback(publish)
-
-    def _push_objects(self, conn: Connection, object_ids: list[str]) -> None:
-        for object_id in object_ids:
-
-            def push(oid: str = object_id) -> None:
-                conn.send(p.ObjectsReady([self.objects.location(oid)]))
-
-            self.objects.on_ready(object_id, push)
-
-    def _object_freed(self, location: p.ObjectLocation) -> None:
-        if location.shm_name is not None and not self.pool.keep(location.shm_name, location.size):
-            shm.unlink_segment(location.shm_name)
-        self.recorder.log([Event(K.OBJECT, location.object_id, "freed", {}, node_id=self.node_id)])
-
-    def _bring_back(self, object_id: str, where: Elsewhere) -> None:
-        """Something here waits for an object whose bytes are not in the store."""
-        if where.kind == "remote":
-            self._fetch_remote(object_id, where.where)
-        else:
-            self.spiller.restore(object_id, where)
-
-    def _drop_elsewhere(self, object_id: str, where: Elsewhere) -> None:
-        """A freed object's copy outside the store goes too."""
-        if where.kind == "remote":
-            self._spawn(self.puller.release(where.where, object_id))
-        else:
-            with contextlib.suppress(OSError):
-                os.unlink(where.where)
-            self._object_event(object_id, "freed", {})
-
-    def _object_event(self, object_id: str, event_type: str, payload: dict[str, Any]) -> None:
-        self.recorder.log([Event(K.OBJECT, object_id, event_type, payload, node_id=self.node_id)])
-
     def _get(
         self, conn: Connection, request_id: int, object_ids: list[str], timeout: float | None
     ) -> None:
         handle = self.worker_pool.of(conn)
         waiting = [oid for oid in object_ids if not self.objects.is_ready(oid)]
         if waiting and handle is not None and handle.task is not None and not handle.blocked:
-            self._block(handle)
+            self.scheduler.block(handle)
 
         def finish(timed_out: bool) -> None:
             if handle is not None and handle.blocked:
-                self._unblock(handle)
+                self.scheduler.unblock(handle)
             if timed_out:
                 conn.send(p.Reply(request_id, error="timeout: get timed out"))
             else:
@@ -716,7 +504,7 @@ class NodeDaemon(ActorsMixin, ClusterMixin):
     # -- tasks ---------------------------------------------------------------------
 
     def _submit(self, conn: Connection, spec: p.TaskSpec) -> None:
-        record = self._register_task(conn, spec)
+        record = self.tasks.submit(conn, spec)
         if spec.actor_id is not None:
             if spec.method == "__init__":
                 self._create_actor(conn, record)
@@ -739,75 +527,16 @@ class NodeDaemon(ActorsMixin, ClusterMixin):
         else:
             self._enqueue(record)
 
-    def _register_task(
-        self,
-        conn: Connection,
-        spec: p.TaskSpec,
-        *,
-        direct: bool = False,
-        data: bytes | None = None,
-    ) -> TaskRecord:
-        """Records a submitted task: its returns are held by the submitter, its
-        arguments pinned, and its ``submitted`` event (the lineage) is logged; the
-        function itself is logged with the first task that uses it."""
-        record = TaskRecord(spec, conn, retries_left=spec.max_retries, direct=direct)
-        self.tasks[spec.task_id] = record
-        for object_id in spec.return_ids():
-            conn.holding.add(object_id)
-            self.objects.hold(object_id)
-            self.objects.expect(object_id)
-        deps = spec.dependencies()
-        for object_id in (*deps, *spec.contained_refs):
-            self.objects.pin(object_id)
-        record.pending_deps = {d for d in deps if not self.objects.is_ready(d)}
-        blob = None
-        if spec.function_id and spec.function_id not in self._logged_functions:
-            self._logged_functions.add(spec.function_id)
-            blob = self.functions.get(spec.function_id, (None, ""))[0]
-        payload: dict[str, Any] = {
-            "name": spec.name,
-            "function": spec.function_id,
-            "num_returns": spec.num_returns,
-            "max_retries": spec.max_retries,
-            "resources": spec.resources,
-            "dependencies": deps,
-            "options": {"retry_exceptions": spec.retry_exceptions},
-        }
-        if spec.actor_id is not None:
-            payload.update(actor_id=spec.actor_id, method=spec.method or "", sequence=spec.sequence)
-        if direct:  # sent straight to the actor's worker (controlplane/node/actors.py)
-            payload["direct"] = True
-        self.recorder.log(
-            [
-                Event(
-                    K.TASK,
-                    spec.task_id,
-                    "submitted",
-                    payload,
-                    job_id=spec.job_id,
-                    node_id=self.node_id,
-                    data=(data or p.encode(spec)) if blob is None else p.encode((spec, blob)),
-                )
-            ]
-        )
-        return record
-
     # (what the reconstructor asks of the node's tasks: reconstruction.TaskRunner)
 
     def has_task(self, task_id: str) -> bool:
         return task_id in self.tasks
 
     def knows_function(self, function_id: str) -> bool:
-        return function_id in self.functions
+        return self.tasks.knows_function(function_id)
 
     def add_rebuild(self, spec: p.TaskSpec, attempt: int) -> TaskRecord:
-        retries_left = -1 if spec.max_retries < 0 else max(0, spec.max_retries - attempt)
-        record = TaskRecord(spec, None, attempt=attempt, retries_left=retries_left)
-        self.tasks[spec.task_id] = record
-        for object_id in (*spec.dependencies(), *spec.contained_refs):
-            self.objects.pin(object_id)
-        record.pending_deps = {d for d in spec.dependencies() if not self.objects.is_ready(d)}
-        return record
+        return self.tasks.add_rebuild(spec, attempt)
 
     def run_when_ready(self, record: TaskRecord) -> None:
         if not record.pending_deps:
@@ -840,61 +569,27 @@ class NodeDaemon(ActorsMixin, ClusterMixin):
             error = p.ErrorInfo("unschedulable", unschedulable, record.spec.name)
             self._finish_failed(record, error, log_event=True)
             return
-        record.state = "QUEUED"
-        self.ready.setdefault(_queue_key(record.spec), deque()).append(record)
-        self.schedule()
+        self.scheduler.enqueue(record)
 
     def schedule(self) -> None:
-        """Dispatches queued tasks while resources and idle workers allow. Tasks wait
-        in one FIFO per resource shape, so a shape that does not fit is skipped whole
-        and the cost of a pass does not grow with the number of queued tasks."""
+        self.scheduler.schedule()
+
+    # (what a pass of the scheduler asks of the node: local_scheduler.Dispatcher)
+
+    def before_pass(self) -> None:
         self.placement_groups.reserve()
         for actor_id in list(self.unscheduled_actors):  # waiting for resources
             self._actor_dispatch(self.actors[actor_id])
-        for shape, queue in list(self.ready.items()):
-            while queue:
-                record = queue[0]
-                if record.cancelled:
-                    queue.popleft()
-                    continue
-                bundle = None
-                if record.spec.strategy and record.spec.strategy[0] == "PLACEMENT_GROUP":
-                    if self.placement_groups.bundle_elsewhere(record):  # to its bundle's node
-                        queue.popleft()
-                        self._spill(record)
-                        continue
-                    bundle, never = self.placement_groups.bundle_for(record)
-                    if never is not None:
-                        queue.popleft()
-                        error = p.ErrorInfo("unschedulable", never, record.spec.name)
-                        self._finish_failed(record, error, log_event=True)
-                        continue
-                    if bundle is None:
-                        break
-                elif self._must_spill(record) or (
-                    not self.resources.available_for(record.spec.resources)
-                    and self._can_spill(record)
-                ):  # to the global scheduler
-                    queue.popleft()
-                    self._spill(record)
-                    continue
-                elif not self.resources.available_for(record.spec.resources):
-                    break
-                if not self.worker_pool.has_idle():
-                    self.worker_pool.grow()
-                    return
-                queue.popleft()
-                self._take_resources(record, bundle)
-                self._send_to_worker(record, self.worker_pool.run(record))
-            if not queue:
-                del self.ready[shape]
 
-    def _send_to_worker(self, record: TaskRecord, handle: WorkerHandle) -> None:
+    def fail(self, record: TaskRecord, error: p.ErrorInfo) -> None:
+        self._finish_failed(record, error, log_event=True)
+
+    def run(self, record: TaskRecord, handle: WorkerHandle) -> None:
         spec = record.spec
         record.state, record.worker = "RUNNING", handle
         blob = None
         if spec.function_id and self.worker_pool.first_use(handle, spec.function_id):
-            blob = self.functions[spec.function_id][0]
+            blob = self.tasks.code_of(spec.function_id)
         args = [self.objects.location(a.ref) if a.ref else None for a in spec.args]
         kwargs = {k: self.objects.location(a.ref) for k, a in spec.kwargs.items() if a.ref}
         running = self._running_event(record, handle.worker_id)
@@ -930,12 +625,12 @@ class NodeDaemon(ActorsMixin, ClusterMixin):
         if handle is not None:
             self.worker_pool.task_over(handle)
             if handle.blocked:
-                self._unblock(handle)
+                self.scheduler.unblock(handle)
             self.worker_pool.idle_again(handle)
         if record is None or record.attempt != done.attempt:
             self.schedule()
             return
-        self._give_back_resources(record)
+        self.scheduler.give_back(record)
         record.worker = None
         if done.error is not None:
             if record.force_cancel or record.cancelled:
@@ -967,11 +662,13 @@ class NodeDaemon(ActorsMixin, ClusterMixin):
             if location.shm_name is None:
                 self.objects.charge(location.size, force=True)
         events = [self._finished_event(record)]
-        events += [self._created_event(loc, spec.task_id, spec.job_id) for loc in returns]
+        events += [self.store.created_event(loc, spec.task_id, spec.job_id) for loc in returns]
         if record.placed_from is not None:
             events = self._placed_finished_events(record, returns)
         record.state = "FINISHED"
-        self._make_durable_then_ready(returns, events, record.submitter, urgent=not record.answered)
+        self.store.make_durable_then_ready(
+            returns, events, record.submitter, urgent=not record.answered
+        )
         self._task_over(record)
 
     def _finished_event(self, record: TaskRecord) -> Event:
@@ -1004,17 +701,11 @@ class NodeDaemon(ActorsMixin, ClusterMixin):
         record.state = kind.upper()
         locations = [p.ObjectLocation(oid, error=error) for oid in spec.return_ids()]
         owner = None if record.answered else record.submitter  # (it has them already)
-        self._make_durable_then_ready(locations, events, owner, urgent=not record.answered)
+        self.store.make_durable_then_ready(locations, events, owner, urgent=not record.answered)
         self._task_over(record)
 
     def _task_over(self, record: TaskRecord) -> None:
-        if record.placed_from is not None:  # placed here: only its argument copies
-            for object_id in record.pulled:
-                self.objects.release(object_id)
-        else:
-            for object_id in (*record.spec.dependencies(), *record.spec.contained_refs):
-                self.objects.unpin(object_id)
-        self.tasks.pop(record.spec.task_id, None)
+        self.tasks.over(record)
         self.reconstructor.done(record.spec.task_id)
 
     def _retry(self, record: TaskRecord, reason: str) -> None:
@@ -1024,25 +715,14 @@ class NodeDaemon(ActorsMixin, ClusterMixin):
         self._enqueue(record)
 
     def next_attempt(self, record: TaskRecord, reason: str) -> None:
-        """A task (or call) starts a new attempt: its ``retried`` event says why."""
-        record.attempt += 1
-        self.recorder.log(
-            [
-                Event(
-                    K.TASK,
-                    record.spec.task_id,
-                    "retried",
-                    {"attempt": record.attempt, "reason": reason[:2000]},
-                )
-            ]
-        )
+        self.tasks.next_attempt(record, reason)
 
     def _worker_lost(self, handle: WorkerHandle, exit_code: int) -> None:
         record = self.worker_pool.task_over(handle)
         if record is None:
             return
         self.worker_pool.set_blocked(handle, False)
-        self._give_back_resources(record)
+        self.scheduler.give_back(record)
         record.worker = None
         if record.force_cancel:
             self._finish_failed(
@@ -1067,20 +747,17 @@ class NodeDaemon(ActorsMixin, ClusterMixin):
             )
 
     def _cancel(self, object_id: str, force: bool, recursive: bool) -> None:
-        record = next((r for r in self.tasks.values() if object_id in r.spec.return_ids()), None)
+        record = self.tasks.making(object_id)
         if record is None or record.state in ("FINISHED", "FAILED", "CANCELLED"):
             return
         record.cancelled = True
         if recursive:
-            for child in [
-                r for r in self.tasks.values() if r.spec.parent_task_id == record.spec.task_id
-            ]:
+            for child in self.tasks.children_of(record.spec.task_id):
                 self._cancel(
                     child.spec.return_ids()[0] if child.spec.num_returns else "", force, recursive
                 )
         if record.worker is None:
-            with contextlib.suppress(KeyError, ValueError):
-                self.ready[_queue_key(record.spec)].remove(record)
+            self.scheduler.withdraw(record)
             self.spilled.pop(record.spec.task_id, None)  # its results no longer wanted
             self._finish_failed(
                 record,
@@ -1099,39 +776,6 @@ class NodeDaemon(ActorsMixin, ClusterMixin):
 
     # -- workers -------------------------------------------------------------------
 
-    def _take_resources(self, record: TaskRecord, bundle: Bundle | None) -> None:
-        """Takes a task's resources from the node, or from its placement group bundle."""
-        record.bundle = bundle
-        if bundle is None:
-            record.gpu_ids = self.resources.acquire(record.spec.resources)
-        else:
-            record.gpu_ids = self.placement_groups.take(bundle, record.spec.resources)
-
-    def _give_back_resources(self, record: TaskRecord) -> None:
-        bundle, record.bundle = record.bundle, None
-        if bundle is None:
-            self.resources.release(record.spec.resources, record.gpu_ids)
-        else:
-            self.placement_groups.give_back(bundle, record.spec.resources, record.gpu_ids)
-
-    def _pool_of(self, record: TaskRecord) -> ResourcePool:
-        pool = record.bundle.pool if record.bundle is not None else None
-        return pool if pool is not None else self.resources
-
-    def _block(self, handle: WorkerHandle) -> None:
-        """A worker waits in get(): lend its CPU out so nested tasks cannot deadlock."""
-        self.worker_pool.set_blocked(handle, True)
-        assert handle.task is not None
-        pool = self._pool_of(handle.task)
-        pool.release(pool.without_gpus(handle.task.spec.resources))
-        self.schedule()
-
-    def _unblock(self, handle: WorkerHandle) -> None:
-        self.worker_pool.set_blocked(handle, False)
-        if handle.task is not None:
-            pool = self._pool_of(handle.task)
-            pool.acquire(pool.without_gpus(handle.task.spec.resources), allow_overcommit=True)
-
     def _cluster_info(self) -> dict[str, Any]:
         return {
             "node_id": self.node_id,
@@ -1142,27 +786,13 @@ class NodeDaemon(ActorsMixin, ClusterMixin):
             "object_store_capacity": self.objects.capacity,
             "objects": len(self.objects),
             "workers": len(self.worker_pool),
-            "pending_tasks": sum(len(queue) for queue in self.ready.values()),
-            "waiting_tasks": sum(
-                1 for r in self.tasks.values() if r.state == "WAITING_FOR_DEPENDENCIES"
-            ),
+            "pending_tasks": self.scheduler.pending(),
+            "waiting_tasks": self.tasks.waiting(),
             "running_tasks": self.worker_pool.running_tasks(),
             "actors": sum(1 for a in self.actors.values() if a.death is None),
             "pending_actors": len(self.unscheduled_actors),
             "events_pending": self.recorder.backlog,  # queued, not yet committed
         }
-
-
-def _shape(resources: dict[str, float]) -> tuple[tuple[str, float], ...]:
-    return tuple(sorted(resources.items()))
-
-
-def _queue_key(spec: p.TaskSpec) -> tuple[Any, ...]:
-    """The FIFO a ready task waits in: one per resource shape, and per placement group
-    bundle for tasks in a group (they draw from its reserved resources)."""
-    if spec.strategy is not None and spec.strategy[0] == "PLACEMENT_GROUP":
-        return (spec.strategy[:3], *_shape(spec.resources))
-    return _shape(spec.resources)
 
 
 def new_node_id() -> str:

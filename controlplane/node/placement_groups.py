@@ -29,7 +29,7 @@ from dataplane.object_table import ObjectTable
 from dataplane.serialization import serialize_with_refs
 
 if TYPE_CHECKING:
-    from controlplane.node.daemon import Connection, TaskRecord
+    from controlplane.node.task_table import Connection, TaskRecord
 
 # (locations, the events that make them ready once durable, who is sent them)
 Publish = Callable[[list[p.ObjectLocation], list[Event], "Connection | None"], None]

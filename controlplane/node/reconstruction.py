@@ -36,7 +36,7 @@ from dataplane.object_table import ObjectTable
 from dataplane.spilling import Spiller
 
 if TYPE_CHECKING:
-    from controlplane.node.daemon import TaskRecord
+    from controlplane.node.task_table import TaskRecord
 
 
 log = logging.getLogger("cairn.node")

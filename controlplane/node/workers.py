@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from dataplane import protocol as p
 
 if TYPE_CHECKING:
-    from controlplane.node.daemon import Connection, TaskRecord
+    from controlplane.node.task_table import Connection, TaskRecord
 
 _WORKER = [sys.executable, "-m", "dataplane.worker"]
 
