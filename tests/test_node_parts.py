@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, cast
 
 import numpy as np
@@ -19,6 +20,7 @@ from log_rows import fetch_rows
 
 from controlplane.eventlog import EntityKind, Event, RecordedEvent
 from controlplane.node import rpc
+from controlplane.node.actor_names import ActorNames
 from controlplane.node.cluster_link import _LOAD_KEYS, ClusterLink, JoinOffer
 from controlplane.node.local_scheduler import LocalScheduler
 from controlplane.node.object_store import ObjectStore
@@ -736,3 +738,39 @@ async def test_the_local_scheduler_runs_spills_and_lends_out_resources(gcs_url: 
     finally:
         await workers.stop()
         await recorder.close()
+
+
+def test_actor_names_are_taken_once_per_namespace_until_their_actor_dies() -> None:
+    """A name is reserved before its actor exists, so a second claim is refused (or,
+    with get_if_exists, answered with the live holder); each job looks names up in its
+    own namespace unless it names one; a dead actor's names are free again."""
+    actors: dict[str, Any] = {}
+    names = ActorNames(actors.get)
+    names.job_started("job1", "ns1")
+    names.job_started("job2", "ns2")
+    driver = _Owner()
+
+    def answer() -> p.Reply:
+        reply = driver.sent.pop()
+        assert isinstance(reply, p.Reply)
+        return reply
+
+    names.reserve(cast(Any, driver), p.ReserveActorName(1, "a1", "counter", None, "job1", False))
+    assert answer().error is None
+    names.reserve(cast(Any, driver), p.ReserveActorName(2, "a2", "counter", None, "job1", True))
+    assert "name_taken" in str(answer().error)  # reserved, not created yet: nobody to hand out
+    options = p.ActorOptions("Counter", {})
+    spec = p.TaskSpec("t", "job1", "Counter", "f", [], {}, 0, {}, 0, False, actor_options=options)
+    actors["a1"] = SimpleNamespace(actor_id="a1", death=None, creation=TaskRecord(spec, None))
+    names.reserve(cast(Any, driver), p.ReserveActorName(3, "a3", "counter", None, "job1", True))
+    assert answer().value == ("a1", options)  # get_if_exists: the live holder
+    names.get(cast(Any, driver), p.GetActor(4, "counter", None, "job2"))
+    missing = str(answer().error)
+    assert "not_found" in missing and "namespace 'ns2'" in missing  # job2's own namespace
+    names.get(cast(Any, driver), p.GetActor(5, "counter", "ns1", "job2"))
+    assert answer().value == ("a1", options)  # another job, naming the namespace
+    names.reserve(cast(Any, driver), p.ReserveActorName(6, "a6", "counter", None, "job2", False))
+    assert answer().error is None  # the same name in another namespace
+    names.forget("a1")
+    names.reserve(cast(Any, driver), p.ReserveActorName(7, "a7", "counter", None, "job1", False))
+    assert answer().error is None  # free again once its actor died

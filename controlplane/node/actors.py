@@ -27,17 +27,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from controlplane.eventlog import EntityKind, Event
-from controlplane.eventlog.connection import connect
+from controlplane.node.actor_replay import calls_to_replay, drop_returns, internal_call
 from controlplane.node.task_table import Connection, TaskRecord
-from controlplane.sql import queries
 from dataplane import protocol as p
-from dataplane import shm
 from dataplane.begun_calls import begun_calls_path, read_begun
 
 if TYPE_CHECKING:
@@ -97,7 +94,7 @@ class ActorsMixin:
         payload: dict[str, Any] = {"class_name": spec.name.removesuffix(".__init__")}
         if options is not None and options.name is not None:
             payload["name"] = options.name
-            payload["namespace"] = self._namespace(options.namespace, spec.job_id)
+            payload["namespace"] = self.actor_names.namespace(options.namespace, spec.job_id)
         self.recorder.log(
             [
                 Event(
@@ -304,7 +301,7 @@ class ActorsMixin:
             actor.calls_since_checkpoint += 1
             if interval and actor.calls_since_checkpoint >= interval:
                 actor.calls_since_checkpoint = 0
-                save = self._internal_call(actor, "__cairn_save__", [])
+                save = internal_call(actor, "__cairn_save__", [])
                 actor.queue.appendleft(TaskRecord(save, None, attempt=-1, internal="checkpoint"))
             if done.error is not None and done.error.kind == "actor_exit":
                 self._actor_died(actor, "the actor exited (exit_actor() was called)")
@@ -393,38 +390,9 @@ class ActorsMixin:
     # -- replay ----------------------------------------------------------------------
 
     async def _replay_calls(self: Any, actor: ActorRecord) -> None:
-        """Re-runs, on the new instance and before any other call, every call of the
-        actor that ran to its end before (``actor_calls_to_replay``: finished, or raised
-        its own error), in that order, with its original arguments; results are
-        dropped. ``replaying`` {attempt, calls} lists them. A call whose argument
-        object is gone here ends the replay there (``stopped_at``, ``reason``)."""
-        replayed: list[TaskRecord] = []
-        payload: dict[str, Any] = {"attempt": actor.restarts or actor.creation.attempt}
-        try:
-            conn = await connect(self.gcs_url)
-            try:
-                checkpoint = await conn.fetchrow(queries["actor_checkpoint"], actor.actor_id)
-                after = checkpoint["position"] if checkpoint is not None else 0
-                rows = await conn.fetch(queries["actor_calls_to_replay"], actor.actor_id, after)
-            finally:
-                await conn.close()
-            if checkpoint is not None:  # its saved state first, then the calls after it
-                load = self._internal_call(
-                    actor, "__cairn_load__", [p.Arg(inline=bytes(checkpoint["data"]))]
-                )
-                replayed.append(TaskRecord(load, None, attempt=-1, internal="restore"))
-                payload["from_checkpoint"] = int(after)
-            for row in rows:
-                spec, _ = p.submitted_spec(row["data"])
-                gone = [d for d in spec.dependencies() if self.objects.stored(d) is None]
-                if gone:
-                    payload["stopped_at"] = spec.task_id
-                    payload["reason"] = f"its argument {gone[0]} is no longer here"
-                    break
-                replayed.append(TaskRecord(spec, None, attempt=-1, internal="replay"))
-        except Exception as exc:  # the GCS is unreachable: the state stays the constructor's
-            payload["reason"] = f"the calls could not be read from the log: {exc}"
-        payload["calls"] = [r.spec.task_id for r in replayed if r.internal == "replay"]
+        """Re-runs, on the new instance and before any other call, what rebuilds its
+        state (node/actor_replay.py); ``replaying`` lists the calls."""
+        replayed, payload = await calls_to_replay(self.gcs_url, actor, self.objects)
         if "reason" in payload:
             log.warning("actor %s: replay incomplete: %s", actor.actor_id, payload["reason"])
         self.recorder.log(
@@ -434,36 +402,10 @@ class ActorsMixin:
         actor.replaying = False
         self._actor_dispatch(actor)
 
-    def _internal_call(self: Any, actor: ActorRecord, method: str, args: list[p.Arg]) -> Any:
-        creation = actor.creation.spec
-        return p.TaskSpec(
-            task_id=uuid.uuid4().hex,
-            job_id=creation.job_id,
-            name=f"{actor.options.class_name}.{method}",
-            function_id=creation.function_id,
-            args=args,
-            kwargs={},
-            num_returns=1,
-            resources={},
-            max_retries=0,
-            retry_exceptions=False,
-            actor_id=actor.actor_id,
-            method=method,
-        )
-
     def _internal_call_done(self: Any, actor: ActorRecord, record: Any, done: p.TaskDone) -> None:
         """A replayed call's or a restore's result is dropped; a checkpoint's is logged
         (``checkpointed``, the state in its data) and then dropped here."""
-        blob = None
-        for location in done.returns:
-            if location.shm_name is not None:
-                if record.internal == "checkpoint":
-                    with open(shm.SHM_DIR / location.shm_name, "rb") as segment:
-                        blob = segment.read(location.size)
-                self.objects.uncharge(location.size)
-                shm.unlink_segment(location.shm_name)
-            elif record.internal == "checkpoint":
-                blob = location.inline
+        blob = drop_returns(record, done, self.objects)
         if done.error is not None:
             log.warning(
                 "actor %s: %s failed: %s", actor.actor_id, record.spec.name, done.error.message
@@ -491,9 +433,7 @@ class ActorsMixin:
         if actor.death is not None:
             return
         self.unscheduled_actors.discard(actor.actor_id)
-        for key, holder in list(self.actor_names.items()):
-            if holder == actor.actor_id:
-                del self.actor_names[key]
+        self.actor_names.forget(actor.actor_id)
         actor.death = p.ErrorInfo(
             "actor_died", f"the actor {actor.actor_id} died: {cause}", function_name=actor.actor_id
         )
@@ -629,52 +569,6 @@ class ActorsMixin:
         record.pending_deps = {d for d in deps if not self.objects.is_ready(d)}
         for dep in list(record.pending_deps):
             self.objects.on_ready(dep, lambda d=dep, r=record: self._actor_dep_ready(actor, r, d))
-
-    # -- names -----------------------------------------------------------------------
-
-    def _namespace(self: Any, namespace: str | None, job_id: str) -> str:
-        return namespace if namespace is not None else self.job_namespaces.get(job_id, "")
-
-    def _reserve_actor_name(self: Any, conn: Connection, request: p.ReserveActorName) -> None:
-        key = (self._namespace(request.namespace, request.job_id), request.name)
-        holder = self.actors.get(self.actor_names.get(key, ""))
-        if key in self.actor_names and (holder is None or holder.death is None):
-            if request.get_if_exists and holder is not None:
-                options = holder.creation.spec.actor_options
-                conn.send(p.Reply(request.request_id, (holder.actor_id, options)))
-            else:
-                conn.send(
-                    p.Reply(
-                        request.request_id,
-                        error=(
-                            f"name_taken: The name {request.name} (namespace={key[0]}) is already "
-                            "taken. Please use a different name or get the existing actor using "
-                            f"ray.get_actor('{request.name}', namespace='{key[0]}')"
-                        ),
-                    )
-                )
-            return
-        self.actor_names[key] = request.actor_id
-        conn.send(p.Reply(request.request_id, None))
-
-    def _get_actor(self: Any, conn: Connection, request: p.GetActor) -> None:
-        key = (self._namespace(request.namespace, request.job_id), request.name)
-        actor = self.actors.get(self.actor_names.get(key, ""))
-        if actor is None or actor.death is not None:
-            conn.send(
-                p.Reply(
-                    request.request_id,
-                    error=(
-                        f"not_found: Failed to look up actor with name '{request.name}'. "
-                        "This could because 1. You are trying to look up a named actor you "
-                        "didn't create. 2. The named actor died. 3. You did not use a "
-                        "namespace matching the namespace of "
-                        f"the actor (looked in namespace {key[0]!r})."
-                    ),
-                )
-            )
-            return
-        conn.send(p.Reply(request.request_id, (actor.actor_id, actor.creation.spec.actor_options)))
 
     def _actor_worker_lost(self: Any, handle: WorkerHandle, exit_code: int) -> None:
         session_dir = str(self.session_dir)

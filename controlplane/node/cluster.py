@@ -463,9 +463,7 @@ class ClusterMixin:
                 f"the actor {actor.actor_id} died: {event.payload.get('cause', '')}",
                 function_name=actor.actor_id,
             )
-            for key, holder in list(self.actor_names.items()):
-                if holder == actor.actor_id:
-                    del self.actor_names[key]
+            self.actor_names.forget(actor.actor_id)
 
     def _placed_finished_events(
         self: Any, record: TaskRecord, returns: list[p.ObjectLocation]

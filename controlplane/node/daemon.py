@@ -36,6 +36,7 @@ from controlplane.errors import GcsError, GcsIdentityError
 from controlplane.eventlog import EntityKind, Event
 from controlplane.eventlog.connection import retry_while_unavailable
 from controlplane.node import rpc
+from controlplane.node.actor_names import ActorNames
 from controlplane.node.actors import ActorRecord, ActorsMixin
 from controlplane.node.cluster import ClusterMixin
 from controlplane.node.cluster_link import ClusterLink, JoinOffer
@@ -119,8 +120,7 @@ class NodeDaemon(ActorsMixin, ClusterMixin):
         self.actors: dict[str, ActorRecord] = {}
         self.unscheduled_actors: set[str] = set()
         self.early_direct_done: dict[str, p.TaskDone] = {}
-        self.actor_names: dict[tuple[str, str], str] = {}  # (namespace, name) -> actor id
-        self.job_namespaces: dict[str, str] = {}
+        self.actor_names = ActorNames(self.actors.get)
         self.worker_pool = WorkerPool(
             node_id, self.socket_path, size=max(1, int(resources.get("CPU", 1)))
         )
@@ -350,7 +350,7 @@ class NodeDaemon(ActorsMixin, ClusterMixin):
             conn.job_id = None
         else:
             conn.job_id = next(self._job_ids)
-            self.job_namespaces[conn.job_id] = hello.namespace or uuid.uuid4().hex
+            self.actor_names.job_started(conn.job_id, hello.namespace or uuid.uuid4().hex)
             submitted = {"entrypoint": f"driver pid {hello.pid}", "driver_node_id": self.node_id}
             if hello.replay_of:
                 submitted["replay_of"] = hello.replay_of
@@ -367,7 +367,7 @@ class NodeDaemon(ActorsMixin, ClusterMixin):
                 str(self.session_dir),
                 self.gcs_url,
                 self.resources.total,
-                self.job_namespaces.get(conn.job_id or "", ""),
+                self.actor_names.namespace(None, conn.job_id or ""),
             )
         )
         worker = self.worker_pool.of(conn)
@@ -440,9 +440,9 @@ class NodeDaemon(ActorsMixin, ClusterMixin):
             case p.PlacementGroupTable():
                 self.placement_groups.table(conn, message)
             case p.ReserveActorName():
-                self._reserve_actor_name(conn, message)
+                self.actor_names.reserve(conn, message)
             case p.GetActor():
-                self._get_actor(conn, message)
+                self.actor_names.get(conn, message)
             case p.KillActor(actor_id, no_restart):
                 self._kill_actor(actor_id, no_restart)
             case p.ReportLost(object_id, reason):
