@@ -21,6 +21,7 @@ from log_rows import fetch_rows
 from controlplane.eventlog import EntityKind, Event, RecordedEvent
 from controlplane.node import rpc
 from controlplane.node.actor_names import ActorNames
+from controlplane.node.actors import ActorDirector
 from controlplane.node.cluster_link import _LOAD_KEYS, ClusterLink, JoinOffer
 from controlplane.node.local_scheduler import LocalScheduler
 from controlplane.node.object_store import ObjectStore
@@ -774,3 +775,121 @@ def test_actor_names_are_taken_once_per_namespace_until_their_actor_dies() -> No
     names.forget("a1")
     names.reserve(cast(Any, driver), p.ReserveActorName(7, "a7", "counter", None, "job1", False))
     assert answer().error is None  # free again once its actor died
+
+
+class _ActorHost:
+    """The node as its actors see it: what they asked of it, in order."""
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[str, ...]] = []
+
+    def finish_ok(self, record: TaskRecord, returns: list[p.ObjectLocation]) -> None:
+        self.asked.append(("ok", record.spec.task_id))
+
+    def finish_failed(self, record: TaskRecord, error: p.ErrorInfo, *, log_event: bool) -> None:
+        self.asked.append(("failed", record.spec.task_id, error.kind))
+
+    def failed_dependency(self, record: TaskRecord) -> p.ErrorInfo | None:
+        return None
+
+    def run(self, record: TaskRecord, handle: Any) -> None:
+        record.worker = handle
+        self.asked.append(("run", record.spec.task_id))
+
+    def running_event(self, record: TaskRecord, worker_id: str) -> Event:
+        return Event(EntityKind.TASK, record.spec.task_id, "running", {"worker_id": worker_id})
+
+    def actor_goes_elsewhere(self, creation: TaskRecord) -> bool:
+        return False
+
+    def spill(self, record: TaskRecord) -> None:
+        self.asked.append(("spill", record.spec.task_id))
+
+    def remember_spilled(self, record: TaskRecord) -> None:
+        pass
+
+    def forget_spilled(self, task_id: str) -> TaskRecord | None:
+        return None
+
+    def spilled_calls_of(self, actor_id: str) -> list[TaskRecord]:
+        return []
+
+    def pull_then(self, record: TaskRecord, address: str, then: Callable[[], None]) -> None:
+        then()
+
+
+async def test_the_actor_director_creates_restarts_and_buries_an_actor(
+    gcs_url: str, tmp_path: Path
+) -> None:
+    """An actor gets a worker of its own; its constructor runs once that worker is
+    connected and the node's resources allow; its calls go to that worker; when the
+    worker dies mid-call the actor restarts (max_restarts) and the call, which may
+    have begun, fails (max_task_retries=0); kill() ends it for good, and the log has
+    its whole life."""
+    recorder = EventRecorder(gcs_url, writer_node=None)
+    await recorder.start()
+    objects = ObjectTable(MB, on_free=lambda _location: None)
+    tasks = TaskTable("node", objects, recorder)
+    resources = ResourcePool({"CPU": 1.0})
+    workers = WorkerPool("node", "/nonexistent/node.sock", size=1)
+    groups = _placement_groups(resources, objects, recorder, lambda *_: None, lambda: None)
+    scheduler = LocalScheduler(resources, groups, workers, cast(Any, None))
+    host = _ActorHost()
+    spawned: set[asyncio.Task[None]] = set()
+    director = ActorDirector(
+        "node",
+        gcs_url,
+        tmp_path,
+        recorder,
+        objects,
+        tasks,
+        scheduler,
+        workers,
+        groups,
+        host,
+        spawn=lambda c: spawned.add(asyncio.get_running_loop().create_task(c)),
+    )
+    owner = cast(Any, _Submitter())
+    options = p.ActorOptions("Counter", {"incr": 1}, max_restarts=1)
+
+    def spec(task_id: str, method: str, resources: dict[str, float]) -> p.TaskSpec:
+        return p.TaskSpec(
+            task_id, "job", f"Counter.{method}", "f", [], {}, int(method != "__init__"),
+            resources, 0, False, actor_id="a1", method=method, actor_options=options,
+        )  # fmt: skip
+
+    try:
+        director.create(owner, tasks.submit(owner, spec("c1", "__init__", {"CPU": 1.0})))
+        first = director.actors["a1"].worker
+        assert first is not None and host.asked == []  # its worker is not connected yet
+        workers.connected(first.worker_id, cast(Any, _Conn(first.worker_id)))
+        director.worker_connected(first)
+        assert host.asked == [("run", "c1")] and resources.available["CPU"] == 0
+        director.task_done(first, p.TaskDone("c1", 0, []))
+        assert host.asked[-1] == ("ok", "c1") and director.alive() == 1
+        director.call(tasks.submit(owner, spec("k1", "incr", {})))
+        assert host.asked[-1] == ("run", "k1")
+        first.process.kill()
+        assert await workers.gone(first.worker_id) is not None
+        director.worker_lost(first, -9)
+        assert host.asked[-1] == ("failed", "k1", "actor_died")  # it may have begun
+        second = director.actors["a1"].worker
+        assert second is not None and second is not first  # restarted, in a new process
+        assert resources.available["CPU"] == 1.0  # until its constructor runs again
+        director.kill("a1", no_restart=True)
+        assert director.alive() == 0 and director.waiting_for_resources() == 0
+    finally:
+        await workers.stop()
+        await asyncio.gather(*spawned, return_exceptions=True)
+        await recorder.close()
+    rows = await fetch_rows(
+        gcs_url,
+        "SELECT event_type FROM events WHERE entity_kind = 'actor' ORDER BY position",
+    )
+    assert [r["event_type"] for r in rows] == [
+        "creation_requested",
+        "scheduled",
+        "alive",
+        "restarting",
+        "dead",
+    ]

@@ -4,7 +4,8 @@ calls run in its submission order), up to max_concurrency running at once and
 _PIPELINE_DEPTH more sent ahead. The life of every actor is in the log:
 ``creation_requested``, ``scheduled``, ``alive`` (with its worker), ``dead`` (cause).
 
-A mixin of NodeDaemon: it uses the daemon's task, object and worker bookkeeping.
+``ActorDirector`` owns every actor of the node; what it asks of the node (a call's
+end, a worker to run on, a spill) goes through ``ActorHost``.
 
 Direct calls. A caller on this node that has an alive actor's route (WatchActor ->
 ActorRoute) sends each call straight to the actor's worker and the same message to the
@@ -25,20 +26,26 @@ calls (their replay reads finished calls from the log, so those must be durable)
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 from collections import deque
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any, Protocol
 
-from controlplane.eventlog import EntityKind, Event
+from controlplane.eventlog import EntityKind, Event, RecordedEvent
+from controlplane.node.actor_names import ActorNames
 from controlplane.node.actor_replay import calls_to_replay, drop_returns, internal_call
-from controlplane.node.task_table import Connection, TaskRecord
+from controlplane.node.local_scheduler import LocalScheduler
+from controlplane.node.placement_groups import PlacementGroups
+from controlplane.node.recorder import EventRecorder
+from controlplane.node.task_table import Connection, TaskRecord, TaskTable
+from controlplane.node.workers import WorkerHandle, WorkerPool
 from dataplane import protocol as p
 from dataplane.begun_calls import begun_calls_path, read_begun
-
-if TYPE_CHECKING:
-    from controlplane.node.workers import WorkerHandle
+from dataplane.object_table import ObjectTable
 
 K = EntityKind
 log = logging.getLogger("cairn.node")
@@ -76,25 +83,102 @@ class ActorRecord:
         return self.creation.spec.actor_options or p.ActorOptions("", {})
 
 
-class ActorsMixin:
-    actors: dict[str, ActorRecord]
-    unscheduled_actors: set[str]  # created, constructor not sent yet
-    # a direct call's TaskDone that came before the caller's copy of the call
-    early_direct_done: dict[str, p.TaskDone]
+class ActorHost(Protocol):
+    """What the actors ask of the node: a call's end (``finish_ok``/``finish_failed``,
+    which publish its results), sending work to a worker, and what crosses to other
+    nodes (spills, and the calls of actors living elsewhere, followed as spills are)."""
+
+    def finish_ok(self, record: TaskRecord, returns: list[p.ObjectLocation]) -> None: ...
+
+    def finish_failed(self, record: TaskRecord, error: p.ErrorInfo, *, log_event: bool) -> None: ...
+
+    def failed_dependency(self, record: TaskRecord) -> p.ErrorInfo | None: ...
+
+    def run(self, record: TaskRecord, handle: WorkerHandle) -> None: ...
+
+    def running_event(self, record: TaskRecord, worker_id: str) -> Event: ...
+
+    def actor_goes_elsewhere(self, creation: TaskRecord) -> bool: ...
+
+    def spill(self, record: TaskRecord) -> None: ...
+
+    def remember_spilled(self, record: TaskRecord) -> None:
+        """Follows ``record`` (a call forwarded to another node) as a spilled task."""
+
+    def forget_spilled(self, task_id: str) -> TaskRecord | None: ...
+
+    def spilled_calls_of(self, actor_id: str) -> list[TaskRecord]: ...
+
+    def pull_then(self, record: TaskRecord, address: str, then: Callable[[], None]) -> None:
+        """Brings the record's arguments from the node at ``address``, then ``then()``."""
+
+
+class ActorDirector:
+    """Owns the node's actors (``ActorRecord``: state, worker, queued and running
+    calls, restarts), made here or hosted here for another node, and their names."""
+
+    def __init__(
+        self,
+        node_id: str,
+        gcs_url: str,
+        session_dir: Path,
+        recorder: EventRecorder,
+        objects: ObjectTable,
+        tasks: TaskTable,
+        scheduler: LocalScheduler,
+        worker_pool: WorkerPool,
+        placement_groups: PlacementGroups,
+        node: ActorHost,
+        *,
+        spawn: Callable[[Coroutine[Any, Any, None]], object],
+    ) -> None:
+        self.node_id = node_id
+        self.gcs_url = gcs_url
+        self.session_dir = session_dir
+        self.recorder = recorder
+        self.objects = objects
+        self.tasks = tasks
+        self.scheduler = scheduler
+        self.worker_pool = worker_pool
+        self.placement_groups = placement_groups
+        self.node = node
+        self._spawn = spawn
+        self.actors: dict[str, ActorRecord] = {}
+        self.names = ActorNames(self.actors.get)
+        self._unscheduled: set[str] = set()  # created, constructor not sent yet
+        # a direct call's TaskDone that came before the caller's copy of the call
+        self._early_direct_done: dict[str, p.TaskDone] = {}
+
+    def alive(self) -> int:
+        return sum(1 for a in self.actors.values() if a.death is None)
+
+    def waiting_for_resources(self) -> int:
+        return len(self._unscheduled)
+
+    def dispatch_waiting(self) -> None:
+        """Actors whose constructor waits for resources try again (a scheduler pass)."""
+        for actor_id in list(self._unscheduled):
+            self._dispatch(self.actors[actor_id])
+
+    def task_done(self, handle: WorkerHandle, done: p.TaskDone) -> None:
+        """The actor's worker ``handle`` finished a call (or its constructor)."""
+        actor = self.actors.get(handle.actor_id or "")
+        if actor is not None:
+            self._task_done(actor, done)
 
     # -- creation ------------------------------------------------------------------
 
-    def _create_actor(self: Any, conn: Connection, creation: TaskRecord) -> None:
+    def create(self, conn: Connection, creation: TaskRecord) -> None:
         spec = creation.spec
         assert spec.actor_id is not None  # an actor's creation task
         actor = ActorRecord(spec.actor_id, creation, conn)
         self.actors[actor.actor_id] = actor
-        self.unscheduled_actors.add(actor.actor_id)
+        self._unscheduled.add(actor.actor_id)
         options = spec.actor_options
         payload: dict[str, Any] = {"class_name": spec.name.removesuffix(".__init__")}
         if options is not None and options.name is not None:
             payload["name"] = options.name
-            payload["namespace"] = self.actor_names.namespace(options.namespace, spec.job_id)
+            payload["namespace"] = self.names.namespace(options.namespace, spec.job_id)
         self.recorder.log(
             [
                 Event(
@@ -111,39 +195,39 @@ class ActorsMixin:
         # runs the constructor again
         for object_id in (*spec.dependencies(), *spec.contained_refs):
             self.objects.pin(object_id)
-        if self._actor_goes_elsewhere(creation):  # placed by the global schedulers
+        if self.node.actor_goes_elsewhere(creation):  # placed by the global schedulers
             actor.elsewhere = True
-            self.unscheduled_actors.discard(actor.actor_id)
-            self._when_deps_ready(creation, lambda: self.spill(creation))
+            self._unscheduled.discard(actor.actor_id)
+            self._when_deps_ready(creation, lambda: self.node.spill(creation))
             return
         actor.worker = self.worker_pool.start(actor_id=actor.actor_id)
         for dep in list(creation.pending_deps):
-            self.objects.on_ready(dep, lambda d=dep: self._actor_dep_ready(actor, creation, d))
+            self.objects.on_ready(dep, functools.partial(self._dep_ready, actor, creation, dep))
 
-    def _actor_dep_ready(self: Any, actor: ActorRecord, record: TaskRecord, dep: str) -> None:
+    def _dep_ready(self, actor: ActorRecord, record: TaskRecord, dep: str) -> None:
         record.pending_deps.discard(dep)
-        self._actor_dispatch(actor)
+        self._dispatch(actor)
 
-    def _actor_worker_connected(self: Any, handle: WorkerHandle) -> None:
-        actor = self.actors.get(handle.actor_id)
+    def worker_connected(self, handle: WorkerHandle) -> None:
+        actor = self.actors.get(handle.actor_id or "")
         if actor is not None:
-            self._actor_dispatch(actor)
+            self._dispatch(actor)
 
     # -- calls ---------------------------------------------------------------------
 
-    def _move_actor_elsewhere(self: Any, actor: ActorRecord) -> None:
+    def _move_elsewhere(self, actor: ActorRecord) -> None:
         """The actor will live on another node: its worker here goes (not a crash), and
         its creation is spilled to be placed there."""
         actor.elsewhere = True
-        self.unscheduled_actors.discard(actor.actor_id)
+        self._unscheduled.discard(actor.actor_id)
         self._tell_watchers(actor)
         handle, actor.worker = actor.worker, None
         if handle is not None:
             with contextlib.suppress(ProcessLookupError):
                 handle.process.kill()
-        self._when_deps_ready(actor.creation, lambda: self.spill(actor.creation))
+        self._when_deps_ready(actor.creation, lambda: self.node.spill(actor.creation))
 
-    def _when_deps_ready(self: Any, record: TaskRecord, then: Any) -> None:
+    def _when_deps_ready(self, record: TaskRecord, then: Any) -> None:
         if not record.pending_deps:
             then()
             return
@@ -156,36 +240,36 @@ class ActorsMixin:
 
             self.objects.on_ready(dep, ready)
 
-    def _actor_call(self: Any, record: TaskRecord) -> None:
-        actor = self.actors.get(record.spec.actor_id)
+    def call(self, record: TaskRecord) -> None:
+        actor = self.actors.get(record.spec.actor_id or "")
         if actor is not None and actor.elsewhere and actor.death is None:
             # its node runs it, in the order of the log; the result comes back as a
             # spilled task's does. Calls wait here until the actor is placed.
             record.state = "SPILLED"
             record.retries_left = actor.options.max_task_retries
-            self.spilled[record.spec.task_id] = record
+            self.node.remember_spilled(record)
             if actor.placed_on is None:
                 actor.queue.append(record)
             else:
-                self._forward_call(actor, record)
+                self._forward(actor, record)
             return
         if actor is None:
-            self._finish_failed(
+            self.node.finish_failed(
                 record,
                 p.ErrorInfo("actor_died", f"no actor {record.spec.actor_id} on this node"),
                 log_event=True,
             )
             return
         if actor.death is not None:
-            self._finish_failed(record, actor.death, log_event=True)
+            self.node.finish_failed(record, actor.death, log_event=True)
             return
         record.retries_left = actor.options.max_task_retries
         actor.queue.append(record)
         for dep in list(record.pending_deps):
-            self.objects.on_ready(dep, lambda d=dep: self._actor_dep_ready(actor, record, d))
-        self._actor_dispatch(actor)
+            self.objects.on_ready(dep, functools.partial(self._dep_ready, actor, record, dep))
+        self._dispatch(actor)
 
-    def _actor_dispatch(self: Any, actor: ActorRecord) -> None:
+    def _dispatch(self, actor: ActorRecord) -> None:
         """Sends the actor its next piece of work, if it can take it."""
         handle = actor.worker
         if actor.death is not None or handle is None or handle.conn is None:
@@ -199,39 +283,39 @@ class ActorsMixin:
                 if self.placement_groups.bundle_elsewhere(
                     creation
                 ):  # its bundle is on another node
-                    self._move_actor_elsewhere(actor)
+                    self._move_elsewhere(actor)
                     return
                 bundle, never = self.placement_groups.bundle_for(creation)
                 if never is not None:
-                    self._actor_died(actor, f"it cannot be scheduled: {never}")
+                    self._died(actor, f"it cannot be scheduled: {never}")
                     return
                 if bundle is None:
                     return  # tried again whenever the group is ready or frees resources
-            elif not self.resources.available_for(creation.spec.resources):
-                if not self.resources.fits_total(creation.spec.resources):
-                    self._report_infeasible_actor(actor)
+            elif not self.scheduler.resources.available_for(creation.spec.resources):
+                if not self.scheduler.resources.fits_total(creation.spec.resources):
+                    self._report_infeasible(actor)
                 return  # tried again whenever resources are released
             self.scheduler.take(creation, bundle)
             actor.creation_sent = True
-            self.unscheduled_actors.discard(actor.actor_id)
+            self._unscheduled.discard(actor.actor_id)
             self.recorder.log(
                 [Event(K.ACTOR, actor.actor_id, "scheduled", {}, node_id=self.node_id)]
             )
-            self.run(creation, handle)
+            self.node.run(creation, handle)
             return
         if actor.replaying:
             return  # its earlier calls go first, once read from the log
         limit = actor.options.max_concurrency + _PIPELINE_DEPTH
         while len(actor.running) < limit and actor.queue and not actor.queue[0].pending_deps:
             record = actor.queue.popleft()
-            failed = self._failed_dependency(record)
+            failed = self.node.failed_dependency(record)
             if failed is not None:
-                self._finish_failed(record, failed, log_event=True)
+                self.node.finish_failed(record, failed, log_event=True)
                 continue
             actor.running[record.spec.task_id] = record
-            self.run(record, handle)
+            self.node.run(record, handle)
 
-    def _report_infeasible_actor(self: Any, actor: ActorRecord) -> None:
+    def _report_infeasible(self, actor: ActorRecord) -> None:
         """Once: the actor needs more than this node has, so it waits (actors are not
         placed on other nodes yet); a warning and an ``infeasible`` event say so."""
         if actor.reported_infeasible:
@@ -239,7 +323,7 @@ class ActorsMixin:
         actor.reported_infeasible = True
         request = actor.creation.spec.resources
         reason = (
-            f"it needs {request} and this node has {self.resources.total}; actors run on "
+            f"it needs {request} and this node has {self.scheduler.resources.total}; actors run on "
             "their creator's node so far"
         )
         log.warning("actor %s cannot be scheduled: %s", actor.actor_id, reason)
@@ -257,14 +341,12 @@ class ActorsMixin:
             ]
         )
 
-    def _actor_task_done(self: Any, actor: ActorRecord, done: p.TaskDone) -> None:
+    def _task_done(self, actor: ActorRecord, done: p.TaskDone) -> None:
         if done.task_id == actor.creation.spec.task_id:
             creation = actor.creation
             if done.error is not None:
                 trace = f"\n{done.error.traceback}" if done.error.traceback else ""
-                self._actor_died(
-                    actor, f"the actor's constructor raised {done.error.message}{trace}"
-                )
+                self._died(actor, f"the actor's constructor raised {done.error.message}{trace}")
                 return
             first_start, actor.state = actor.state == "PENDING_CREATION", "ALIVE"
             assert actor.worker is not None
@@ -280,7 +362,7 @@ class ActorsMixin:
                 ]
             )
             if first_start:
-                self._finish_ok(creation, [])
+                self.node.finish_ok(creation, [])
             if actor.options.replay_calls_on_restart and (not first_start or creation.attempt > 0):
                 actor.replaying = True
                 self._spawn(self._replay_calls(actor))
@@ -289,13 +371,13 @@ class ActorsMixin:
             record = actor.running.pop(done.task_id, None)
             if record is None:
                 if done.direct:  # its caller's copy of the call is still on its way
-                    self.early_direct_done[done.task_id] = done
+                    self._early_direct_done[done.task_id] = done
                 return
             exiting = done.error is not None and done.error.kind == "actor_exit"
             record.answered = done.direct and not exiting
             if record.internal is not None:
                 self._internal_call_done(actor, record, done)
-                self._actor_dispatch(actor)
+                self._dispatch(actor)
                 return
             interval = actor.options.checkpoint_interval
             actor.calls_since_checkpoint += 1
@@ -304,31 +386,32 @@ class ActorsMixin:
                 save = internal_call(actor, "__cairn_save__", [])
                 actor.queue.appendleft(TaskRecord(save, None, attempt=-1, internal="checkpoint"))
             if done.error is not None and done.error.kind == "actor_exit":
-                self._actor_died(actor, "the actor exited (exit_actor() was called)")
-                self._finish_failed(record, actor.death, log_event=True)
+                self._died(actor, "the actor exited (exit_actor() was called)")
+                assert actor.death is not None  # (dead now)
+                self.node.finish_failed(record, actor.death, log_event=True)
                 return
             if done.error is not None:
-                self._finish_failed(record, done.error, log_event=True)
+                self.node.finish_failed(record, done.error, log_event=True)
             else:
                 record.output_digest = done.output_digest
-                self._finish_ok(record, done.returns)
-        self._actor_dispatch(actor)
+                self.node.finish_ok(record, done.returns)
+        self._dispatch(actor)
 
     # -- direct calls (see the module's docstring) ------------------------------------
 
-    def _watch_actor(self: Any, conn: Connection, actor_id: str) -> None:
+    def watch(self, conn: Connection, actor_id: str) -> None:
         actor = self.actors.get(actor_id)
         if actor is not None and self._may_call_directly(actor) and actor.state != "ALIVE":
             actor.watchers.append(conn)  # answered once it is alive (or never will be)
         else:
             conn.send(self._route_of(actor, actor_id))
 
-    def _may_call_directly(self: Any, actor: ActorRecord) -> bool:
+    def _may_call_directly(self, actor: ActorRecord) -> bool:
         return not (
             actor.elsewhere or actor.death is not None or actor.options.replay_calls_on_restart
         )
 
-    def _route_of(self: Any, actor: ActorRecord | None, actor_id: str) -> p.ActorRoute:
+    def _route_of(self, actor: ActorRecord | None, actor_id: str) -> p.ActorRoute:
         handle = actor.worker if actor is not None else None
         if (
             actor is None
@@ -341,7 +424,7 @@ class ActorsMixin:
         path = p.direct_socket_path(str(self.session_dir), handle.worker_id)
         return p.ActorRoute(actor_id, handle.worker_id, path)
 
-    def _tell_watchers(self: Any, actor: ActorRecord) -> None:
+    def _tell_watchers(self, actor: ActorRecord) -> None:
         """Callers waiting for the actor's route get it, now that it is alive, moved to
         another node or dead."""
         watchers, actor.watchers = actor.watchers, []
@@ -349,7 +432,7 @@ class ActorsMixin:
         for conn in watchers:
             conn.send(route)
 
-    def _submit_direct(self: Any, conn: Connection, call: p.SubmitDirectCall) -> None:
+    def submit_direct(self, conn: Connection, call: p.SubmitDirectCall) -> None:
         """The daemon's copy of a call sent straight to the worker ``worker_id``: from
         here on it is in the actor's ``running`` calls as if the daemon had sent it, so
         the worker's answer, its death or the actor's settles it like any other."""
@@ -358,15 +441,15 @@ class ActorsMixin:
         actor = self.actors.get(spec.actor_id or "")
         record.retries_left = actor.options.max_task_retries if actor is not None else 0
         handle = actor.worker if actor is not None else None
-        early = self.early_direct_done.pop(spec.task_id, None)
+        early = self._early_direct_done.pop(spec.task_id, None)
         if actor is None or (early is None and (handle is None or handle.worker_id != worker_id)):
             self._direct_call_unanswered(actor, record, worker_id)
             return
         record.state, record.worker = "RUNNING", handle
-        self.recorder.log([self._running_event(record, worker_id)])
+        self.recorder.log([self.node.running_event(record, worker_id)])
         actor.running[spec.task_id] = record
         if early is not None:
-            self._actor_task_done(actor, early)
+            self._task_done(actor, early)
 
     def _direct_call_unanswered(
         self: Any, actor: ActorRecord | None, record: TaskRecord, worker_id: str
@@ -376,7 +459,7 @@ class ActorsMixin:
         record.direct = False
         if actor is None or actor.death is not None:
             error = actor.death if actor is not None else None
-            self._finish_failed(
+            self.node.finish_failed(
                 record,
                 error or p.ErrorInfo("actor_died", f"no actor {record.spec.actor_id} on this node"),
                 log_event=True,
@@ -385,11 +468,11 @@ class ActorsMixin:
         dead_worker, begun = actor.last_begun
         may_have_begun = dead_worker != worker_id or begun is None or record.spec.task_id in begun
         self._interrupted(actor, record, f"its worker {worker_id} died", begun=may_have_begun)
-        self._actor_dispatch(actor)
+        self._dispatch(actor)
 
     # -- replay ----------------------------------------------------------------------
 
-    async def _replay_calls(self: Any, actor: ActorRecord) -> None:
+    async def _replay_calls(self, actor: ActorRecord) -> None:
         """Re-runs, on the new instance and before any other call, what rebuilds its
         state (node/actor_replay.py); ``replaying`` lists the calls."""
         replayed, payload = await calls_to_replay(self.gcs_url, actor, self.objects)
@@ -400,9 +483,9 @@ class ActorsMixin:
         )
         actor.queue.extendleft(reversed(replayed))
         actor.replaying = False
-        self._actor_dispatch(actor)
+        self._dispatch(actor)
 
-    def _internal_call_done(self: Any, actor: ActorRecord, record: Any, done: p.TaskDone) -> None:
+    def _internal_call_done(self, actor: ActorRecord, record: Any, done: p.TaskDone) -> None:
         """A replayed call's or a restore's result is dropped; a checkpoint's is logged
         (``checkpointed``, the state in its data) and then dropped here."""
         blob = drop_returns(record, done, self.objects)
@@ -427,13 +510,13 @@ class ActorsMixin:
 
     # -- death ---------------------------------------------------------------------
 
-    def _actor_died(self: Any, actor: ActorRecord, cause: str) -> None:
+    def _died(self, actor: ActorRecord, cause: str) -> None:
         """The actor is dead for good: its process goes, and every pending and later
         call fails with ActorDiedError carrying ``cause``."""
         if actor.death is not None:
             return
-        self.unscheduled_actors.discard(actor.actor_id)
-        self.actor_names.forget(actor.actor_id)
+        self._unscheduled.discard(actor.actor_id)
+        self.names.forget(actor.actor_id)
         actor.death = p.ErrorInfo(
             "actor_died", f"the actor {actor.actor_id} died: {cause}", function_name=actor.actor_id
         )
@@ -453,7 +536,7 @@ class ActorsMixin:
         if was_alive == "PENDING_CREATION" and actor.creation.spec.task_id in self.tasks:
             pending.append(actor.creation)
         for record in pending:
-            self._finish_failed(record, actor.death, log_event=True)
+            self.node.finish_failed(record, actor.death, log_event=True)
         self._tell_watchers(actor)
         spec = actor.creation.spec
         for object_id in (*spec.dependencies(), *spec.contained_refs):
@@ -462,7 +545,7 @@ class ActorsMixin:
             with contextlib.suppress(ProcessLookupError):
                 actor.worker.process.kill()
 
-    def _kill_actor(self: Any, actor_id: str, no_restart: bool, cause: str = "") -> None:
+    def kill(self, actor_id: str, no_restart: bool, cause: str = "") -> None:
         actor = self.actors.get(actor_id)
         if actor is None or actor.death is not None:
             return
@@ -475,10 +558,10 @@ class ActorsMixin:
             )
             return
         if no_restart and cause:
-            self._actor_died(actor, cause)
+            self._died(actor, cause)
             return
         if no_restart:
-            self._actor_died(actor, "it was killed with kill()")
+            self._died(actor, "it was killed with kill()")
         elif actor.worker is not None:  # as a crash: restarted if max_restarts allows
             with contextlib.suppress(ProcessLookupError):
                 actor.worker.process.kill()
@@ -491,7 +574,7 @@ class ActorsMixin:
         ``max_task_retries`` allows; queued calls wait for the new instance."""
         limit = actor.options.max_restarts
         if limit != -1 and actor.restarts >= limit:
-            self._actor_died(actor, cause)
+            self._died(actor, cause)
             return
         actor.restarts += 1
         if actor.creation_sent:
@@ -525,10 +608,10 @@ class ActorsMixin:
         for record, may_have_begun in reversed(requeued):  # to the queue's head, in order
             self._interrupted(actor, record, cause, begun=may_have_begun, at_head=True)
         actor.worker = self.worker_pool.start(actor_id=actor.actor_id)
-        self.unscheduled_actors.add(actor.actor_id)
+        self._unscheduled.add(actor.actor_id)
 
     def _interrupted(
-        self: Any,
+        self,
         actor: ActorRecord,
         record: TaskRecord,
         cause: str,
@@ -541,7 +624,7 @@ class ActorsMixin:
         fails when it may have begun and no retries are left."""
         record.direct = record.answered = False
         if begun and record.retries_left == 0:
-            self._finish_failed(
+            self.node.finish_failed(
                 record,
                 p.ErrorInfo(
                     "actor_died",
@@ -557,7 +640,7 @@ class ActorsMixin:
             reason = f"the actor restarted: {cause}"
         else:
             reason = f"the actor restarted before the call began: {cause}"
-        self.next_attempt(record, reason)
+        self.tasks.next_attempt(record, reason)
         if at_head:
             actor.queue.appendleft(record)
         else:
@@ -568,16 +651,16 @@ class ActorsMixin:
         deps = record.spec.dependencies()
         record.pending_deps = {d for d in deps if not self.objects.is_ready(d)}
         for dep in list(record.pending_deps):
-            self.objects.on_ready(dep, lambda d=dep, r=record: self._actor_dep_ready(actor, r, d))
+            self.objects.on_ready(dep, functools.partial(self._dep_ready, actor, record, dep))
 
-    def _actor_worker_lost(self: Any, handle: WorkerHandle, exit_code: int) -> None:
+    def worker_lost(self, handle: WorkerHandle, exit_code: int) -> None:
         session_dir = str(self.session_dir)
         begun_path = begun_calls_path(session_dir, handle.worker_id)
         begun = read_begun(begun_path)
         for path in (begun_path, p.direct_socket_path(session_dir, handle.worker_id)):
             with contextlib.suppress(OSError):
                 os.unlink(path)
-        actor = self.actors.get(handle.actor_id)
+        actor = self.actors.get(handle.actor_id or "")
         if actor is None or actor.worker is not handle:
             return
         actor.last_begun = (handle.worker_id, begun)
@@ -589,14 +672,151 @@ class ActorsMixin:
         leftover, actor.running = list(actor.running.values()), {}
         for record in leftover:
             record.direct = record.answered = False
-            self._finish_failed(record, actor.death, log_event=True)
+            self.node.finish_failed(record, actor.death, log_event=True)
 
-    def _owner_gone(self: Any, conn: Connection) -> None:
+    def owner_gone(self, conn: Connection) -> None:
         """Actors die with the process that created them, unless detached."""
         for actor in list(self.actors.values()):
             options = actor.creation.spec.actor_options
             if actor.owner is conn and not (options and options.detached):
                 if actor.elsewhere:
-                    self._kill_actor(actor.actor_id, True, "its owner exited")
+                    self.kill(actor.actor_id, True, "its owner exited")
                 else:
-                    self._actor_died(actor, "its owner exited")
+                    self._died(actor, "its owner exited")
+
+    # -- actors made here that live on another node, and actors hosted here ----------
+
+    def placed(self, creation: TaskRecord, node_id: str) -> None:
+        """An actor made here was placed on ``node_id``: the calls that waited for it go
+        there, in order."""
+        actor = self.actors.get(creation.spec.actor_id or "")
+        if actor is None or not actor.elsewhere:
+            return
+        actor.placed_on = node_id
+        waiting, actor.queue = list(actor.queue), deque()
+        for record in waiting:  # (queued here before it was known to live elsewhere)
+            record.state = "SPILLED"
+            self.node.remember_spilled(record)
+            self._forward(actor, record)
+
+    def node_lost(self, node_id: str) -> None:
+        """The actors made here that lived on ``node_id`` are made again elsewhere, or die."""
+        for actor in list(self.actors.values()):
+            if actor.elsewhere and actor.placed_on == node_id and actor.death is None:
+                self._lost_with_node(actor, node_id)
+
+    def creation_placed_on_dead_node(self, creation: TaskRecord, node_id: str) -> None:
+        actor = self.actors.get(creation.spec.actor_id or "")
+        if actor is not None and actor.elsewhere and actor.death is None:
+            self._lost_with_node(actor, node_id)
+
+    def _lost_with_node(self, actor: ActorRecord, node_id: str) -> None:
+        """An actor made here lived on a node that died: it is made again on another
+        node if ``max_restarts`` allows (its constructor re-run; ``restarting`` says
+        so), and the calls forwarded to it and not finished are sent to the new
+        instance, in their order, as ``max_task_retries`` allows (each may have begun
+        there: it counts as a retry); otherwise it is dead and they fail."""
+        cause = f"its node {node_id} died"
+        calls = self.node.spilled_calls_of(actor.actor_id)
+        for record in calls:
+            self.node.forget_spilled(record.spec.task_id)
+        creation = actor.creation
+        self.node.forget_spilled(creation.spec.task_id)
+        limit = actor.options.max_restarts
+        if limit != -1 and actor.restarts >= limit:
+            actor.queue.extendleft(reversed(calls))  # failed with the actor, in order
+            self._died(actor, cause)
+            return
+        actor.restarts += 1
+        actor.state, actor.placed_on = "RESTARTING", None
+        self.recorder.log(
+            [
+                Event(
+                    K.ACTOR,
+                    actor.actor_id,
+                    "restarting",
+                    {"attempt": actor.restarts, "cause": cause},
+                    node_id=self.node_id,
+                )
+            ]
+        )
+        resent = []
+        for record in calls:
+            if record.retries_left == 0:
+                self.node.finish_failed(
+                    record,
+                    p.ErrorInfo(
+                        "actor_died",
+                        f"the actor {actor.actor_id} died while the call was on its node "
+                        f"(max_task_retries=0): {cause}",
+                        function_name=actor.actor_id,
+                    ),
+                    log_event=True,
+                )
+                continue
+            record.retries_left -= record.retries_left > 0
+            self.tasks.next_attempt(record, f"the actor restarted: {cause}")
+            resent.append(record)
+        actor.queue.extendleft(reversed(resent))  # before calls made since, in order
+        for record in resent:
+            self.node.remember_spilled(record)  # forwarded again once placed
+        # placed again (a new attempt: a new placement), its calls forwarded once it is
+        self.tasks.keep(creation)  # its constructor may have finished: in hand again
+        creation.placed_on = None
+        self.tasks.next_attempt(creation, f"the actor restarts: {cause}")
+        self.node.spill(creation)
+
+    def _forward(self, actor: ActorRecord, record: TaskRecord) -> None:
+        """Hands a call to the actor's node through the log (``forwarded``, the spec in
+        its data); that node reads them in log order, so each caller's order holds."""
+        spec = record.spec
+        self.recorder.log(
+            [
+                Event(
+                    K.TASK,
+                    spec.task_id,
+                    "forwarded",
+                    {
+                        "actor_id": actor.actor_id,
+                        "to_node": actor.placed_on,
+                        "attempt": record.attempt,
+                    },
+                    job_id=spec.job_id,
+                    node_id=self.node_id,
+                    data=p.encode(spec),
+                )
+            ]
+        )
+
+    def host(self, creation: TaskRecord, owner_address: str) -> None:
+        """An actor made on another node (at ``owner_address``) lives here."""
+        assert creation.spec.actor_id is not None  # an actor's creation task
+        actor = ActorRecord(creation.spec.actor_id, creation, None)
+        self.actors[actor.actor_id] = actor
+        self._unscheduled.add(actor.actor_id)
+        # the constructor's arguments stay here while the actor lives (a restart runs
+        # the constructor again), as on a creator's node
+        for object_id in (*creation.spec.dependencies(), *creation.spec.contained_refs):
+            self.objects.pin(object_id)
+        self.node.pull_then(creation, owner_address, lambda: self._dispatch(actor))
+        actor.worker = self.worker_pool.start(actor_id=actor.actor_id)
+
+    def remote_event(self, event: RecordedEvent) -> None:
+        """Another node's event of an actor known here: a kill asked of an actor
+        hosted here, or the state of an actor made here that lives there."""
+        actor = self.actors.get(event.entity_id)
+        if actor is None:
+            return
+        if event.event_type == "kill_requested" and actor.owner is None:
+            cause = event.payload.get("cause") or ""
+            self.kill(actor.actor_id, bool(event.payload["no_restart"]), cause)
+        elif actor.elsewhere and event.event_type in ("alive", "restarting"):
+            actor.state = "ALIVE" if event.event_type == "alive" else "RESTARTING"
+        elif actor.elsewhere and event.event_type == "dead":
+            actor.state = "DEAD"
+            actor.death = p.ErrorInfo(
+                "actor_died",
+                f"the actor {actor.actor_id} died: {event.payload.get('cause', '')}",
+                function_name=actor.actor_id,
+            )
+            self.names.forget(actor.actor_id)

@@ -36,15 +36,14 @@ from controlplane.errors import GcsError, GcsIdentityError
 from controlplane.eventlog import EntityKind, Event
 from controlplane.eventlog.connection import retry_while_unavailable
 from controlplane.node import rpc
-from controlplane.node.actor_names import ActorNames
-from controlplane.node.actors import ActorRecord, ActorsMixin
-from controlplane.node.cluster import ClusterMixin
+from controlplane.node.actors import ActorDirector
 from controlplane.node.cluster_link import ClusterLink, JoinOffer
 from controlplane.node.local_scheduler import LocalScheduler
 from controlplane.node.object_store import ObjectStore
 from controlplane.node.placement_groups import PlacementGroups
 from controlplane.node.reconstruction import Reconstructor
 from controlplane.node.recorder import EventRecorder
+from controlplane.node.remote_tasks import RemoteTasks
 from controlplane.node.resources import ResourcePool, node_resources
 from controlplane.node.task_table import Connection, TaskRecord, TaskTable
 from controlplane.node.workers import WorkerHandle, WorkerPool
@@ -58,7 +57,7 @@ log = logging.getLogger("cairn.node")
 K = EntityKind
 
 
-class NodeDaemon(ActorsMixin, ClusterMixin):
+class NodeDaemon:
     def __init__(
         self,
         *,
@@ -101,7 +100,7 @@ class NodeDaemon(ActorsMixin, ClusterMixin):
             self.recorder,
             spawn=self._spawn,
             schedule=self.schedule,
-            fetch_remote=lambda object_id, address: self._fetch_remote(object_id, address),
+            fetch_remote=lambda object_id, address: self.remote_tasks.fetch(object_id, address),
             release_remote=lambda address, object_id: self._spawn(
                 self.puller.release(address, object_id)
             ),
@@ -117,10 +116,6 @@ class NodeDaemon(ActorsMixin, ClusterMixin):
         self.recorder.on_refused(self._gcs_refused)
         self._clients: dict[int, Connection] = {}  # by id(): connected drivers, workers
         self.tasks = TaskTable(node_id, self.objects, self.recorder)
-        self.actors: dict[str, ActorRecord] = {}
-        self.unscheduled_actors: set[str] = set()
-        self.early_direct_done: dict[str, p.TaskDone] = {}
-        self.actor_names = ActorNames(self.actors.get)
         self.worker_pool = WorkerPool(
             node_id, self.socket_path, size=max(1, int(resources.get("CPU", 1)))
         )
@@ -144,13 +139,22 @@ class NodeDaemon(ActorsMixin, ClusterMixin):
         self.scheduler = LocalScheduler(
             self.resources, self.placement_groups, self.worker_pool, self
         )
-        self.spilled: dict[str, TaskRecord] = {}
-        self.remote_returns: dict[str, dict[str, tuple[p.ObjectLocation, str]]] = {}
-        self.fetching: set[str] = set()
+        self.actor_director = ActorDirector(
+            node_id,
+            gcs_url,
+            session_dir,
+            self.recorder,
+            self.objects,
+            self.tasks,
+            self.scheduler,
+            self.worker_pool,
+            self.placement_groups,
+            self,
+            spawn=self._spawn,
+        )
         self.reconstructor = Reconstructor(
             node_id, gcs_url, self.objects, self.recorder, self.spiller, self, spawn=self._spawn
         )
-        self.kept_for_owner: set[str] = set()
         self.puller = Puller(node_id, self.objects, rpc.Link())
         # in a cluster: the gRPC service, liveness, heartbeats, membership
         self.link: ClusterLink | None = None
@@ -172,6 +176,23 @@ class NodeDaemon(ActorsMixin, ClusterMixin):
                     "the cluster declared this node dead (its liveness pings stopped for too long)"
                 ),
             )
+        self.remote_tasks = RemoteTasks(
+            node_id,
+            gcs_url,
+            self.recorder,
+            self.objects,
+            self.tasks,
+            self.scheduler,
+            self.placement_groups,
+            self.actor_director,
+            self.reconstructor,
+            self.puller,
+            self.link,
+            self,
+            socket_path=self.socket_path,
+            head=head,
+            spawn=self._spawn,
+        )
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -216,14 +237,14 @@ class NodeDaemon(ActorsMixin, ClusterMixin):
         after = await self.link.join(
             {
                 "Info": lambda _request: self._cluster_info(),
-                "Release": self._owner_released,
+                "Release": self.remote_tasks.owner_released,
                 "ObjectInfo": object_info,
             },
             {"ReadObject": read_object},
             self._cluster_info,
         )
         (self.session_dir / "node.address").write_text(self.link.address)
-        self._spawn(self._follow_log(after), vital=True)
+        self._spawn(self.remote_tasks.follow_log(after), vital=True)
 
     @property
     def address(self) -> str:
@@ -350,7 +371,7 @@ class NodeDaemon(ActorsMixin, ClusterMixin):
             conn.job_id = None
         else:
             conn.job_id = next(self._job_ids)
-            self.actor_names.job_started(conn.job_id, hello.namespace or uuid.uuid4().hex)
+            self.actor_director.names.job_started(conn.job_id, hello.namespace or uuid.uuid4().hex)
             submitted = {"entrypoint": f"driver pid {hello.pid}", "driver_node_id": self.node_id}
             if hello.replay_of:
                 submitted["replay_of"] = hello.replay_of
@@ -367,19 +388,19 @@ class NodeDaemon(ActorsMixin, ClusterMixin):
                 str(self.session_dir),
                 self.gcs_url,
                 self.resources.total,
-                self.actor_names.namespace(None, conn.job_id or ""),
+                self.actor_director.names.namespace(None, conn.job_id or ""),
             )
         )
         worker = self.worker_pool.of(conn)
         if worker is not None and worker.actor_id is not None:
-            self._actor_worker_connected(worker)
+            self.actor_director.worker_connected(worker)
         self.schedule()
 
     async def _disconnected(self, conn: Connection) -> None:
         for object_id in list(conn.holding):
             self.objects.release(object_id)
         conn.holding.clear()
-        self._owner_gone(conn)
+        self.actor_director.owner_gone(conn)
         self.placement_groups.owner_gone(conn)
         if conn.role == "driver" and conn.job_id:
             self.recorder.log([Event(K.JOB, conn.job_id, "finished", {})])
@@ -397,7 +418,7 @@ class NodeDaemon(ActorsMixin, ClusterMixin):
                 ]
             )
             if handle.actor_id is not None:
-                self._actor_worker_lost(handle, exit_code)
+                self.actor_director.worker_lost(handle, exit_code)
                 return
             if handle.task is not None:
                 self._worker_lost(handle, exit_code)
@@ -414,9 +435,9 @@ class NodeDaemon(ActorsMixin, ClusterMixin):
             case p.SubmitTask(spec):
                 self._submit(conn, spec)
             case p.SubmitDirectCall():
-                self._submit_direct(conn, message)
+                self.actor_director.submit_direct(conn, message)
             case p.WatchActor(actor_id):
-                self._watch_actor(conn, actor_id)
+                self.actor_director.watch(conn, actor_id)
             case p.PushObjects(object_ids):
                 self.store.push(conn, object_ids)
             case p.PutObject(location, task_id, durable):
@@ -440,17 +461,17 @@ class NodeDaemon(ActorsMixin, ClusterMixin):
             case p.PlacementGroupTable():
                 self.placement_groups.table(conn, message)
             case p.ReserveActorName():
-                self.actor_names.reserve(conn, message)
+                self.actor_director.names.reserve(conn, message)
             case p.GetActor():
-                self.actor_names.get(conn, message)
+                self.actor_director.names.get(conn, message)
             case p.KillActor(actor_id, no_restart):
-                self._kill_actor(actor_id, no_restart)
+                self.actor_director.kill(actor_id, no_restart)
             case p.ReportLost(object_id, reason):
                 self.reconstructor.object_lost(object_id, reason)
             case p.ClusterInfoRequest(request_id):
                 conn.send(p.Reply(request_id, self._cluster_info()))
             case p.ClusterNodesRequest(request_id):
-                self._cluster_nodes(conn, request_id)
+                self.remote_tasks.answer_nodes(conn, request_id)
             case _:
                 raise p.ProtocolError(f"unexpected message {type(message).__name__}")
 
@@ -507,9 +528,9 @@ class NodeDaemon(ActorsMixin, ClusterMixin):
         record = self.tasks.submit(conn, spec)
         if spec.actor_id is not None:
             if spec.method == "__init__":
-                self._create_actor(conn, record)
+                self.actor_director.create(conn, record)
             else:
-                self._actor_call(record)
+                self.actor_director.call(record)
         elif record.pending_deps:
             record.state = "WAITING_FOR_DEPENDENCIES"
             self.recorder.log(
@@ -525,7 +546,7 @@ class NodeDaemon(ActorsMixin, ClusterMixin):
             for dep in list(record.pending_deps):
                 self.objects.on_ready(dep, functools.partial(self._dep_done, record, dep))
         else:
-            self._enqueue(record)
+            self.enqueue(record)
 
     # (what the reconstructor asks of the node's tasks: reconstruction.TaskRunner)
 
@@ -540,7 +561,7 @@ class NodeDaemon(ActorsMixin, ClusterMixin):
 
     def run_when_ready(self, record: TaskRecord) -> None:
         if not record.pending_deps:
-            self._enqueue(record)
+            self.enqueue(record)
             return
         record.state = "WAITING_FOR_DEPENDENCIES"
         for dep in list(record.pending_deps):
@@ -549,9 +570,9 @@ class NodeDaemon(ActorsMixin, ClusterMixin):
     def _dep_done(self, record: TaskRecord, object_id: str) -> None:
         record.pending_deps.discard(object_id)
         if not record.pending_deps and record.state == "WAITING_FOR_DEPENDENCIES":
-            self._enqueue(record)
+            self.enqueue(record)
 
-    def _failed_dependency(self, record: TaskRecord) -> p.ErrorInfo | None:
+    def failed_dependency(self, record: TaskRecord) -> p.ErrorInfo | None:
         """The error of the first argument that stands for an error, if any."""
         for object_id in record.spec.dependencies():
             error = self.objects.location(object_id).error
@@ -559,15 +580,15 @@ class NodeDaemon(ActorsMixin, ClusterMixin):
                 return error
         return None
 
-    def _enqueue(self, record: TaskRecord) -> None:
-        failed = self._failed_dependency(record)
+    def enqueue(self, record: TaskRecord) -> None:
+        failed = self.failed_dependency(record)
         if failed is not None:  # an upstream task failed: so does this one, with its error
-            self._finish_failed(record, failed, log_event=True)
+            self.finish_failed(record, failed, log_event=True)
             return
-        unschedulable = self._unschedulable_here(record)
+        unschedulable = self.remote_tasks.unschedulable_here(record)
         if unschedulable is not None:
             error = p.ErrorInfo("unschedulable", unschedulable, record.spec.name)
-            self._finish_failed(record, error, log_event=True)
+            self.finish_failed(record, error, log_event=True)
             return
         self.scheduler.enqueue(record)
 
@@ -578,11 +599,36 @@ class NodeDaemon(ActorsMixin, ClusterMixin):
 
     def before_pass(self) -> None:
         self.placement_groups.reserve()
-        for actor_id in list(self.unscheduled_actors):  # waiting for resources
-            self._actor_dispatch(self.actors[actor_id])
+        self.actor_director.dispatch_waiting()
+
+    def must_spill(self, record: TaskRecord) -> bool:
+        return self.remote_tasks.must_spill(record)
+
+    def can_spill(self, record: TaskRecord) -> bool:
+        return self.remote_tasks.can_spill(record)
+
+    def spill(self, record: TaskRecord) -> None:
+        self.remote_tasks.spill(record)
+
+    # (what the actors ask of the node beyond it: actors.ActorHost)
+
+    def actor_goes_elsewhere(self, creation: TaskRecord) -> bool:
+        return self.remote_tasks.actor_goes_elsewhere(creation)
+
+    def remember_spilled(self, record: TaskRecord) -> None:
+        self.remote_tasks.remember_spilled(record)
+
+    def forget_spilled(self, task_id: str) -> TaskRecord | None:
+        return self.remote_tasks.forget_spilled(task_id)
+
+    def spilled_calls_of(self, actor_id: str) -> list[TaskRecord]:
+        return self.remote_tasks.spilled_calls_of(actor_id)
+
+    def pull_then(self, record: TaskRecord, address: str, then: Callable[[], None]) -> None:
+        self.remote_tasks.pull_then(record, address, then)
 
     def fail(self, record: TaskRecord, error: p.ErrorInfo) -> None:
-        self._finish_failed(record, error, log_event=True)
+        self.finish_failed(record, error, log_event=True)
 
     def run(self, record: TaskRecord, handle: WorkerHandle) -> None:
         spec = record.spec
@@ -592,7 +638,7 @@ class NodeDaemon(ActorsMixin, ClusterMixin):
             blob = self.tasks.code_of(spec.function_id)
         args = [self.objects.location(a.ref) if a.ref else None for a in spec.args]
         kwargs = {k: self.objects.location(a.ref) for k, a in spec.kwargs.items() if a.ref}
-        running = self._running_event(record, handle.worker_id)
+        running = self.running_event(record, handle.worker_id)
         if record.internal is not None:
             pass  # logged as the actor's `replaying` / `checkpointed`, not as a call
         elif spec.actor_id is not None and spec.method != "__init__":
@@ -605,7 +651,7 @@ class NodeDaemon(ActorsMixin, ClusterMixin):
         assert handle.conn is not None
         handle.conn.send(p.ExecuteTask(spec, record.attempt, blob, args, kwargs, record.gpu_ids))
 
-    def _running_event(self, record: TaskRecord, worker_id: str) -> Event:
+    def running_event(self, record: TaskRecord, worker_id: str) -> Event:
         return Event(
             K.TASK,
             record.spec.task_id,
@@ -617,9 +663,7 @@ class NodeDaemon(ActorsMixin, ClusterMixin):
     def _task_done(self, conn: Connection, done: p.TaskDone) -> None:
         handle = self.worker_pool.of(conn)
         if handle is not None and handle.actor_id is not None:
-            actor = self.actors.get(handle.actor_id)
-            if actor is not None:
-                self._actor_task_done(actor, done)
+            self.actor_director.task_done(handle, done)
             return
         record = self.tasks.get(done.task_id)
         if handle is not None:
@@ -643,35 +687,35 @@ class NodeDaemon(ActorsMixin, ClusterMixin):
                 and done.error.retryable
                 and record.retries_left != 0
             ):
-                self._retry(record, done.error.message)
+                self.retry(record, done.error.message)
                 return
             elif done.error.kind == "object_lost" and self.reconstructor.wait_for_lost_arguments(
                 record, done.error.message
             ):
                 self.schedule()
                 return
-            self._finish_failed(record, done.error, log_event=True)
+            self.finish_failed(record, done.error, log_event=True)
         else:
             record.output_digest = done.output_digest
-            self._finish_ok(record, done.returns)
+            self.finish_ok(record, done.returns)
         self.schedule()
 
-    def _finish_ok(self, record: TaskRecord, returns: list[p.ObjectLocation]) -> None:
+    def finish_ok(self, record: TaskRecord, returns: list[p.ObjectLocation]) -> None:
         spec = record.spec
         for location in returns:
             if location.shm_name is None:
                 self.objects.charge(location.size, force=True)
-        events = [self._finished_event(record)]
+        events = [self.finished_event(record)]
         events += [self.store.created_event(loc, spec.task_id, spec.job_id) for loc in returns]
         if record.placed_from is not None:
-            events = self._placed_finished_events(record, returns)
+            events = self.remote_tasks.placed_finished_events(record, returns)
         record.state = "FINISHED"
         self.store.make_durable_then_ready(
             returns, events, record.submitter, urgent=not record.answered
         )
-        self._task_over(record)
+        self.task_over(record)
 
-    def _finished_event(self, record: TaskRecord) -> Event:
+    def finished_event(self, record: TaskRecord) -> Event:
         spec = record.spec
         payload: dict[str, Any] = {"attempt": record.attempt}
         if record.output_digest is not None:
@@ -685,7 +729,7 @@ class NodeDaemon(ActorsMixin, ClusterMixin):
             node_id=self.node_id,
         )
 
-    def _finish_failed(self, record: TaskRecord, error: p.ErrorInfo, *, log_event: bool) -> None:
+    def finish_failed(self, record: TaskRecord, error: p.ErrorInfo, *, log_event: bool) -> None:
         spec = record.spec
         kind = "cancelled" if error.kind == "cancelled" else "failed"
         payload: dict[str, Any] = (
@@ -702,17 +746,17 @@ class NodeDaemon(ActorsMixin, ClusterMixin):
         locations = [p.ObjectLocation(oid, error=error) for oid in spec.return_ids()]
         owner = None if record.answered else record.submitter  # (it has them already)
         self.store.make_durable_then_ready(locations, events, owner, urgent=not record.answered)
-        self._task_over(record)
+        self.task_over(record)
 
-    def _task_over(self, record: TaskRecord) -> None:
+    def task_over(self, record: TaskRecord) -> None:
         self.tasks.over(record)
         self.reconstructor.done(record.spec.task_id)
 
-    def _retry(self, record: TaskRecord, reason: str) -> None:
+    def retry(self, record: TaskRecord, reason: str) -> None:
         if record.retries_left > 0:
             record.retries_left -= 1
         self.next_attempt(record, reason)
-        self._enqueue(record)
+        self.enqueue(record)
 
     def next_attempt(self, record: TaskRecord, reason: str) -> None:
         self.tasks.next_attempt(record, reason)
@@ -725,7 +769,7 @@ class NodeDaemon(ActorsMixin, ClusterMixin):
         self.scheduler.give_back(record)
         record.worker = None
         if record.force_cancel:
-            self._finish_failed(
+            self.finish_failed(
                 record,
                 p.ErrorInfo(
                     "cancelled", f"task {record.spec.name} was cancelled", record.spec.name
@@ -733,9 +777,9 @@ class NodeDaemon(ActorsMixin, ClusterMixin):
                 log_event=True,
             )
         elif record.retries_left != 0:
-            self._retry(record, f"worker {handle.worker_id} died (exit code {exit_code})")
+            self.retry(record, f"worker {handle.worker_id} died (exit code {exit_code})")
         else:
-            self._finish_failed(
+            self.finish_failed(
                 record,
                 p.ErrorInfo(
                     "worker_crashed",
@@ -758,8 +802,8 @@ class NodeDaemon(ActorsMixin, ClusterMixin):
                 )
         if record.worker is None:
             self.scheduler.withdraw(record)
-            self.spilled.pop(record.spec.task_id, None)  # its results no longer wanted
-            self._finish_failed(
+            self.remote_tasks.forget_spilled(record.spec.task_id)  # its results no longer wanted
+            self.finish_failed(
                 record,
                 p.ErrorInfo(
                     "cancelled", f"task {record.spec.name} was cancelled", record.spec.name
@@ -789,8 +833,8 @@ class NodeDaemon(ActorsMixin, ClusterMixin):
             "pending_tasks": self.scheduler.pending(),
             "waiting_tasks": self.tasks.waiting(),
             "running_tasks": self.worker_pool.running_tasks(),
-            "actors": sum(1 for a in self.actors.values() if a.death is None),
-            "pending_actors": len(self.unscheduled_actors),
+            "actors": self.actor_director.alive(),
+            "pending_actors": self.actor_director.waiting_for_resources(),
             "events_pending": self.recorder.backlog,  # queued, not yet committed
         }
 

@@ -1,4 +1,4 @@
-"""A node daemon's part in a cluster: spilling tasks it cannot run now, running tasks
+"""The node's tasks across the cluster: spilling tasks it cannot run now, running tasks
 placed on it, and taking back the results of the tasks it spilled -- all through the
 log, with object bytes moved over gRPC (dataplane/transfer.py).
 
@@ -15,8 +15,11 @@ log, with object bytes moved over gRPC (dataplane/transfer.py).
   ``created`` events (pulling large ones), logs where its copy is (``transferred``),
   and hands them to the submitter as if the task had run here.
 
-A mixin of NodeDaemon. Every cluster daemon reads the whole log: fine for a handful of
-nodes; a filtered feed per node is the way to many.
+``RemoteTasks`` owns the tasks this node spilled (until their results are back), the
+values of their returns seen in the log, the objects being fetched from other nodes
+and those kept here for their owner; it follows the log for them. Every cluster daemon
+reads the whole log: fine for a handful of nodes; a filtered feed per node is the way
+to many.
 """
 
 from __future__ import annotations
@@ -24,45 +27,102 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from typing import TYPE_CHECKING, Any, cast
+from collections.abc import Callable, Coroutine
+from typing import Any, Protocol, cast
 
 from controlplane.eventlog import EntityKind, Event, RecordedEvent, Tailer
 from controlplane.membership import cluster_nodes
+from controlplane.node.actors import ActorDirector
+from controlplane.node.cluster_link import ClusterLink
+from controlplane.node.local_scheduler import LocalScheduler
+from controlplane.node.placement_groups import PlacementGroups
+from controlplane.node.reconstruction import Reconstructor
+from controlplane.node.recorder import EventRecorder
+from controlplane.node.task_table import TaskRecord, TaskTable
 from dataplane import protocol as p
 from dataplane import shm
-from dataplane.object_table import Elsewhere
-from dataplane.transfer import TransferError
-
-if TYPE_CHECKING:
-    from controlplane.node.task_table import TaskRecord
+from dataplane.object_table import Elsewhere, ObjectTable
+from dataplane.transfer import Puller, TransferError
 
 log = logging.getLogger("cairn.node")
 K = EntityKind
 _PULL_ATTEMPTS = 3  # of an argument a task placed here needs, before it fails
 
 
-class ClusterMixin:
-    peers: set[str]  # other nodes alive, from the log
-    dead_nodes: set[str]  # nodes declared dead, from the log
-    spilled: dict[str, TaskRecord]  # task id -> a task this node spilled
-    # task id -> object id -> (its value when small enough to be in the log, else where
-    # it is (``remote``); the address of the node holding it)
-    remote_returns: dict[str, dict[str, tuple[p.ObjectLocation, str]]]
-    fetching: set[str]  # objects being pulled here because something here wants them
-    kept_for_owner: set[str]  # objects of placed tasks, until their owner has them
+class TaskHost(Protocol):
+    """What the node's tasks across the cluster ask of the node."""
 
-    def can_spill(self: Any, record: TaskRecord) -> bool:
+    def enqueue(self, record: TaskRecord) -> None: ...
+
+    def retry(self, record: TaskRecord, reason: str) -> None: ...
+
+    def finish_failed(self, record: TaskRecord, error: p.ErrorInfo, *, log_event: bool) -> None: ...
+
+    def finished_event(self, record: TaskRecord) -> Event: ...
+
+    def task_over(self, record: TaskRecord) -> None: ...
+
+
+class RemoteTasks:
+    def __init__(
+        self,
+        node_id: str,
+        gcs_url: str,
+        recorder: EventRecorder,
+        objects: ObjectTable,
+        tasks: TaskTable,
+        scheduler: LocalScheduler,
+        placement_groups: PlacementGroups,
+        actors: ActorDirector,
+        reconstructor: Reconstructor,
+        puller: Puller,
+        link: ClusterLink | None,
+        node: TaskHost,
+        *,
+        socket_path: str,
+        head: bool,
+        spawn: Callable[[Coroutine[Any, Any, None]], object],
+    ) -> None:
+        """``link``: None for a private cluster (``sdk.init()``), which is this node alone."""
+        self.node_id = node_id
+        self.gcs_url = gcs_url
+        self.recorder = recorder
+        self.objects = objects
+        self.tasks = tasks
+        self.scheduler = scheduler
+        self.placement_groups = placement_groups
+        self.actor_director = actors
+        self.reconstructor = reconstructor
+        self.puller = puller
+        self.link = link
+        self.node = node
+        self.socket_path = socket_path
+        self.head = head
+        self._spawn = spawn
+        self.spilled: dict[str, TaskRecord] = {}  # task id -> a task this node spilled
+        # task id -> object id -> (its value when small enough to be in the log, else
+        # where it is (``remote``); the address of the node holding it)
+        self.remote_returns: dict[str, dict[str, tuple[p.ObjectLocation, str]]] = {}
+        self.fetching: set[str] = set()  # objects pulled here because something wants them
+        self.kept_for_owner: set[str] = set()  # objects of placed tasks, until their owner has them
+
+    @property
+    def address(self) -> str:
+        """host:port of the node's gRPC service ("" outside a cluster, or before)."""
+        return self.link.address if self.link is not None else ""
+
+    def can_spill(self, record: TaskRecord) -> bool:
         """Whether a task that does not fit here now may go to another node."""
         strategy = record.spec.strategy
         if strategy is not None and strategy[0] == "NODE_AFFINITY" and strategy[1] == self.node_id:
             return (
                 strategy[2] == "soft"
                 and self._spillable(record)
-                and not self.resources.fits_total(record.spec.resources)
+                and not self.scheduler.resources.fits_total(record.spec.resources)
             )
         return self._spillable(record)
 
-    def must_spill(self: Any, record: TaskRecord) -> bool:
+    def must_spill(self, record: TaskRecord) -> bool:
         """Whether a task goes to the global scheduler even if it fits here: SPREAD, or
         an affinity to another node."""
         strategy = record.spec.strategy
@@ -72,7 +132,7 @@ class ClusterMixin:
             strategy[0] == "NODE_AFFINITY" and strategy[1] != self.node_id
         )
 
-    def _actor_goes_elsewhere(self: Any, creation: TaskRecord) -> bool:
+    def actor_goes_elsewhere(self, creation: TaskRecord) -> bool:
         """An actor is made on another node when this one can never fit it, or a
         node affinity names another node."""
         if self.link is None or not self.link.has_peers():
@@ -80,11 +140,11 @@ class ClusterMixin:
         strategy = creation.spec.strategy
         if strategy is not None and strategy[0] == "NODE_AFFINITY":
             return strategy[1] != self.node_id
-        return not self.resources.fits_total(creation.spec.resources)
+        return not self.scheduler.resources.fits_total(creation.spec.resources)
 
-    def _spillable(self: Any, record: TaskRecord) -> bool:
+    def _spillable(self, record: TaskRecord) -> bool:
         return (
-            self.rpc_port is not None
+            self.link is not None
             and self.link is not None
             and self.link.has_peers()
             and record.spec.actor_id is None
@@ -93,7 +153,7 @@ class ClusterMixin:
             and not record.placed_back
         )
 
-    def _unschedulable_here(self: Any, record: TaskRecord) -> str | None:
+    def unschedulable_here(self, record: TaskRecord) -> str | None:
         """Why a task cannot run in a cluster of this one node, if it cannot."""
         strategy = record.spec.strategy
         if strategy is None or strategy[0] != "NODE_AFFINITY" or strategy[2] == "soft":
@@ -102,7 +162,21 @@ class ClusterMixin:
             return f"its hard node affinity names node {strategy[1]}, which is not in the cluster"
         return None
 
-    def spill(self: Any, record: TaskRecord) -> None:
+    def remember_spilled(self, record: TaskRecord) -> None:
+        self.spilled[record.spec.task_id] = record
+
+    def forget_spilled(self, task_id: str) -> TaskRecord | None:
+        return self.spilled.pop(task_id, None)
+
+    def spilled_calls_of(self, actor_id: str) -> list[TaskRecord]:
+        """The calls of an actor living elsewhere that were forwarded and not done."""
+        return [
+            r
+            for r in self.spilled.values()
+            if r.spec.actor_id == actor_id and r.spec.method != "__init__"
+        ]
+
+    def spill(self, record: TaskRecord) -> None:
         spec = record.spec
         record.state = "SPILLED"
         self.spilled[spec.task_id] = record
@@ -133,19 +207,19 @@ class ClusterMixin:
 
     # -- following the log ---------------------------------------------------------
 
-    async def _follow_log(self: Any, after: int) -> None:
+    async def follow_log(self, after: int) -> None:
         async with Tailer(self.gcs_url, after=after, poll_interval=0.5) as tailer:
             while True:
                 for event in await tailer.read():
                     self._on_log_event(event)
 
-    def _on_log_event(self: Any, event: RecordedEvent) -> None:
+    def _on_log_event(self, event: RecordedEvent) -> None:
         kind, kind_type = event.entity_kind, event.event_type
         if kind is K.NODE and event.entity_id != self.node_id:
             if self.link is not None and self.link.node_event(event):  # a node died
                 self._node_lost(event.entity_id)
         elif kind is K.ACTOR and event.node_id != self.node_id:
-            self._on_remote_actor_event(event)
+            self.actor_director.remote_event(event)
         elif kind is K.TASK and kind_type == "forwarded":
             if event.payload["to_node"] == self.node_id:
                 self._call_from_elsewhere(event)
@@ -158,7 +232,7 @@ class ClusterMixin:
                 record = self.spilled[event.entity_id]
                 record.placed_on = event.payload["node_id"]
                 if record.spec.method == "__init__":
-                    self._actor_placed(record, event.payload["node_id"])
+                    self.actor_director.placed(record, event.payload["node_id"])
                 node = record.placed_on
                 if self.link is not None and self.link.is_dead_peer(node):  # known, now dead
                     # placed by a scheduler that had not read the node's death yet: the
@@ -195,7 +269,7 @@ class ClusterMixin:
                     )
             elif kind_type == "infeasible" and event.payload.get("final"):
                 del self.spilled[event.entity_id]
-                self._finish_failed(
+                self.node.finish_failed(
                     record,
                     p.ErrorInfo("unschedulable", event.payload.get("reason", ""), record.spec.name),
                     log_event=True,
@@ -210,46 +284,42 @@ class ClusterMixin:
                     and record.retries_left != 0
                 ):  # its node could not get an argument: this node has (or rebuilds) it
                     record.placed_on = None
-                    self._retry(record, f"on node {event.node_id}: {message}")
+                    self.node.retry(record, f"on node {event.node_id}: {message}")
                     return
-                self._finish_failed(
+                self.node.finish_failed(
                     record,
                     p.ErrorInfo(error_kind or "cancelled", message, record.spec.name),
                     log_event=False,
                 )
 
-    def _node_lost(self: Any, node_id: str) -> None:
+    def _node_lost(self, node_id: str) -> None:
         """Tasks this node spilled that were placed on a node now dead run again
         elsewhere while their retries last (a ``retried`` event, then a new spill);
         the others fail with WorkerCrashedError, as a task whose worker died."""
         address = self.link.address_of(node_id) if self.link is not None else None
         for object_id in self.objects.remote_at(address) if address else []:
             self.reconstructor.object_lost(object_id, f"node {node_id}, which held it, died")
-        for actor in list(self.actors.values()):
-            if actor.elsewhere and actor.placed_on == node_id and actor.death is None:
-                self._actor_node_lost(actor, node_id)
+        self.actor_director.node_lost(node_id)
         for record in [r for r in self.spilled.values() if r.placed_on == node_id]:
             self._placed_task_lost(record, node_id)
 
-    def _placed_on_dead_node(self: Any, record: TaskRecord, node_id: str) -> None:
+    def _placed_on_dead_node(self, record: TaskRecord, node_id: str) -> None:
         """One spilled task (or actor) whose placement names a node already dead."""
         if record.spec.method == "__init__":
-            actor = self.actors.get(record.spec.actor_id)
-            if actor is not None and actor.elsewhere and actor.death is None:
-                self._actor_node_lost(actor, node_id)
+            self.actor_director.creation_placed_on_dead_node(record, node_id)
             return
         self._placed_task_lost(record, node_id)
 
-    def _placed_task_lost(self: Any, record: TaskRecord, node_id: str) -> None:
+    def _placed_task_lost(self, record: TaskRecord, node_id: str) -> None:
         """A task this node spilled, placed on ``node_id``, which died."""
         del self.spilled[record.spec.task_id]
         self.remote_returns.pop(record.spec.task_id, None)
         record.placed_on = None
         reason = f"node {node_id}, where it ran, died"
         if record.retries_left != 0:
-            self._retry(record, reason)  # back to the local queue: runs or spills
+            self.node.retry(record, reason)  # back to the local queue: runs or spills
         else:
-            self._finish_failed(
+            self.node.finish_failed(
                 record,
                 p.ErrorInfo(
                     "worker_crashed", f"{reason} and no retries were left", record.spec.name
@@ -259,7 +329,7 @@ class ClusterMixin:
 
     # -- a task placed here --------------------------------------------------------
 
-    def _run_placed(self: Any, event: RecordedEvent) -> None:
+    def _run_placed(self, event: RecordedEvent) -> None:
         assert event.data is not None  # a placed event carries (spec, blob, owner address)
         spec, blob, owner_address = cast(
             "tuple[p.TaskSpec, bytes | None, str]", p.decode_frame(event.data)
@@ -267,129 +337,20 @@ class ClusterMixin:
         own = self.spilled.pop(spec.task_id, None)
         if own is not None:  # placed back on this node: run it here after all
             own.placed_back = True
-            self._enqueue(own)
+            self.node.enqueue(own)
             return
         if spec.task_id in self.tasks:
             return
         record = self.tasks.add_placed(spec, int(event.payload["attempt"]), owner_address, blob)
         if spec.method == "__init__":  # an actor made on another node lives here
-            self._host_actor(record, owner_address)
+            self.actor_director.host(record, owner_address)
             return
         self._keep_returns_for_owner(spec)
-        self._pull_then(record, owner_address, lambda: self._enqueue(record))
+        self.pull_then(record, owner_address, lambda: self.node.enqueue(record))
 
-    # -- actors hosted here for another node, and made here but living elsewhere ---
+    # -- calls of actors hosted here for another node ---------------------------------
 
-    def _actor_placed(self: Any, creation: TaskRecord, node_id: str) -> None:
-        """An actor made here was placed on ``node_id``: the calls that waited for it go
-        there, in order."""
-        actor = self.actors.get(creation.spec.actor_id)
-        if actor is None or not actor.elsewhere:
-            return
-        actor.placed_on = node_id
-        waiting, actor.queue = list(actor.queue), type(actor.queue)()
-        for record in waiting:  # (queued here before it was known to live elsewhere)
-            record.state = "SPILLED"
-            self.spilled[record.spec.task_id] = record
-            self._forward_call(actor, record)
-
-    def _actor_node_lost(self: Any, actor: Any, node_id: str) -> None:
-        """An actor made here lived on a node that died: it is made again on another
-        node if ``max_restarts`` allows (its constructor re-run; ``restarting`` says
-        so), and the calls forwarded to it and not finished are sent to the new
-        instance, in their order, as ``max_task_retries`` allows (each may have begun
-        there: it counts as a retry); otherwise it is dead and they fail."""
-        cause = f"its node {node_id} died"
-        calls = [
-            r
-            for r in self.spilled.values()
-            if r.spec.actor_id == actor.actor_id and r.spec.method != "__init__"
-        ]
-        for record in calls:
-            del self.spilled[record.spec.task_id]
-        creation = actor.creation
-        self.spilled.pop(creation.spec.task_id, None)
-        limit = actor.options.max_restarts
-        if limit != -1 and actor.restarts >= limit:
-            actor.queue.extendleft(reversed(calls))  # failed with the actor, in order
-            self._actor_died(actor, cause)
-            return
-        actor.restarts += 1
-        actor.state, actor.placed_on = "RESTARTING", None
-        self.recorder.log(
-            [
-                Event(
-                    K.ACTOR,
-                    actor.actor_id,
-                    "restarting",
-                    {"attempt": actor.restarts, "cause": cause},
-                    node_id=self.node_id,
-                )
-            ]
-        )
-        resent = []
-        for record in calls:
-            if record.retries_left == 0:
-                self._finish_failed(
-                    record,
-                    p.ErrorInfo(
-                        "actor_died",
-                        f"the actor {actor.actor_id} died while the call was on its node "
-                        f"(max_task_retries=0): {cause}",
-                        function_name=actor.actor_id,
-                    ),
-                    log_event=True,
-                )
-                continue
-            record.retries_left -= record.retries_left > 0
-            self.next_attempt(record, f"the actor restarted: {cause}")
-            resent.append(record)
-        actor.queue.extendleft(reversed(resent))  # before calls made since, in order
-        for record in resent:
-            self.spilled[record.spec.task_id] = record  # forwarded again once placed
-        # placed again (a new attempt: a new placement), its calls forwarded once it is
-        self.tasks.keep(creation)  # its constructor may have finished: in hand again
-        creation.placed_on = None
-        self.next_attempt(creation, f"the actor restarts: {cause}")
-        self.spill(creation)
-
-    def _forward_call(self: Any, actor: Any, record: TaskRecord) -> None:
-        """Hands a call to the actor's node through the log (``forwarded``, the spec in
-        its data); that node reads them in log order, so each caller's order holds."""
-        spec = record.spec
-        self.recorder.log(
-            [
-                Event(
-                    K.TASK,
-                    spec.task_id,
-                    "forwarded",
-                    {
-                        "actor_id": actor.actor_id,
-                        "to_node": actor.placed_on,
-                        "attempt": record.attempt,
-                    },
-                    job_id=spec.job_id,
-                    node_id=self.node_id,
-                    data=p.encode(spec),
-                )
-            ]
-        )
-
-    def _host_actor(self: Any, creation: TaskRecord, owner_address: str) -> None:
-        from controlplane.node.actors import ActorRecord
-
-        assert creation.spec.actor_id is not None  # an actor's creation task
-        actor = ActorRecord(creation.spec.actor_id, creation, None)
-        self.actors[actor.actor_id] = actor
-        self.unscheduled_actors.add(actor.actor_id)
-        # the constructor's arguments stay here while the actor lives (a restart runs
-        # the constructor again), as on a creator's node
-        for object_id in (*creation.spec.dependencies(), *creation.spec.contained_refs):
-            self.objects.pin(object_id)
-        self._pull_then(creation, owner_address, lambda: self._actor_dispatch(actor))
-        actor.worker = self.worker_pool.start(actor_id=actor.actor_id)
-
-    def _call_from_elsewhere(self: Any, event: RecordedEvent) -> None:
+    def _call_from_elsewhere(self, event: RecordedEvent) -> None:
         """A call of an actor hosted here, forwarded by its creator's node: it joins the
         actor's queue in the order of the log, so each caller's order holds."""
         assert event.data is not None  # a forwarded call carries its spec
@@ -398,10 +359,10 @@ class ClusterMixin:
         record = self.tasks.add_placed(spec, int(event.payload.get("attempt", 0)), address)
         record.retries_left = 0
         self._keep_returns_for_owner(spec)
-        self._pull_then(record, address, lambda: None)
-        self._actor_call(record)
+        self.pull_then(record, address, lambda: None)
+        self.actor_director.call(record)
 
-    def _keep_returns_for_owner(self: Any, spec: p.TaskSpec) -> None:
+    def _keep_returns_for_owner(self, spec: p.TaskSpec) -> None:
         """A task run here for another node: its results stay here until that node has
         its copies (``Release``)."""
         for object_id in spec.return_ids():
@@ -409,7 +370,7 @@ class ClusterMixin:
             self.kept_for_owner.add(object_id)
             self.objects.expect(object_id)
 
-    def _pull_then(self: Any, record: TaskRecord, address: str, then: Any) -> None:
+    def pull_then(self, record: TaskRecord, address: str, then: Any) -> None:
         """Pulls the record's argument objects from ``address`` (those not here), then
         calls ``then``; until then they are its pending dependencies."""
         # not here: never was, or freed meanwhile (a copy made here for an earlier task
@@ -447,25 +408,7 @@ class ClusterMixin:
         if not missing:
             then()
 
-    def _on_remote_actor_event(self: Any, event: RecordedEvent) -> None:
-        actor = self.actors.get(event.entity_id)
-        if actor is None:
-            return
-        if event.event_type == "kill_requested" and actor.owner is None:
-            cause = event.payload.get("cause") or ""
-            self._kill_actor(actor.actor_id, bool(event.payload["no_restart"]), cause)
-        elif actor.elsewhere and event.event_type in ("alive", "restarting"):
-            actor.state = "ALIVE" if event.event_type == "alive" else "RESTARTING"
-        elif actor.elsewhere and event.event_type == "dead":
-            actor.state = "DEAD"
-            actor.death = p.ErrorInfo(
-                "actor_died",
-                f"the actor {actor.actor_id} died: {event.payload.get('cause', '')}",
-                function_name=actor.actor_id,
-            )
-            self.actor_names.forget(actor.actor_id)
-
-    def _placed_finished_events(
+    def placed_finished_events(
         self: Any, record: TaskRecord, returns: list[p.ObjectLocation]
     ) -> list[Event]:
         """The return objects' ``created`` events (values inline when small, else this
@@ -488,10 +431,10 @@ class ClusterMixin:
             )
             for location in returns
         ]
-        events.append(self._finished_event(record))
+        events.append(self.node.finished_event(record))
         return events
 
-    def _owner_released(self: Any, request: dict[str, Any]) -> dict[str, Any]:
+    def owner_released(self, request: dict[str, Any]) -> dict[str, Any]:
         object_id = str(request.get("object_id", ""))
         if object_id in self.kept_for_owner:
             self.kept_for_owner.discard(object_id)
@@ -500,14 +443,14 @@ class ClusterMixin:
 
     # -- the cluster's nodes (ray.nodes()) ------------------------------------------
 
-    def _cluster_nodes(self: Any, conn: Any, request_id: int) -> None:
+    def answer_nodes(self, conn: Any, request_id: int) -> None:
         """Answers ClusterNodesRequest. A private cluster is this node alone: answered
         at once, with no query. A cluster's nodes are in the log (membership's
         ``cluster_nodes``), read afresh for each request so that a node that joined or
         died a moment ago is there; this node's own entry has its resources as they
         are now rather than as last logged."""
         own = self._own_summary()
-        if self.rpc_port is None:
+        if self.link is None:
             conn.send(p.Reply(request_id, [own]))
             return
 
@@ -528,26 +471,26 @@ class ClusterMixin:
 
         self._spawn(answer())
 
-    def _own_summary(self: Any) -> p.NodeSummary:
+    def _own_summary(self) -> p.NodeSummary:
         _, _, port = self.address.rpartition(":")
         return p.NodeSummary(
             node_id=self.node_id,
             alive=True,
-            ip=self.rpc_host,
+            ip=self.link.host if self.link is not None else "127.0.0.1",
             port=int(port) if port.isdigit() else 0,
             hostname=os.uname().nodename,
             socket=self.socket_path,
             head=self.head,
-            resources=dict(self.resources.total),
-            available=dict(self.resources.available),
+            resources=dict(self.scheduler.resources.total),
+            available=dict(self.scheduler.resources.available),
         )
 
     # -- back home -----------------------------------------------------------------
 
-    async def _take_back(self: Any, record: TaskRecord) -> None:
+    async def _take_back(self, record: TaskRecord) -> None:
         """A task this node spilled is over: small values come in its events; large
         ones stay on the node that made them (held there for this node) until
-        something here wants them (``_fetch_remote``), as in Ray."""
+        something here wants them (``fetch``), as in Ray."""
         task_id = record.spec.task_id
         values = self.remote_returns.pop(task_id, {})
         locations = []
@@ -569,13 +512,13 @@ class ClusterMixin:
         record.state = "FINISHED"
         if record.submitter is not None:
             record.submitter.send(p.ObjectsReady(locations))
-        self._task_over(record)
-        self.schedule()
+        self.node.task_over(record)
+        self.scheduler.schedule()
         for location, address in values.values():
             if location.remote is None:  # this node has its copy
                 await self.puller.release(address, location.object_id)
 
-    def _fetch_remote(self: Any, object_id: str, address: str) -> None:
+    def fetch(self, object_id: str, address: str) -> None:
         """Something here waits for an object left on another node: pull it (once);
         if it cannot be pulled (its node died, or lost it) it is lost here, and
         rebuilt from its lineage when it can be."""
@@ -599,12 +542,12 @@ class ClusterMixin:
                 return
             self.recorder.log([self._transferred_event(location, address)])
             self.objects.ready(location)
-            self.schedule()
+            self.scheduler.schedule()
             await self.puller.release(address, object_id)
 
         self._spawn(fetch())
 
-    def _transferred_event(self: Any, location: p.ObjectLocation, source: str) -> Event:
+    def _transferred_event(self, location: p.ObjectLocation, source: str) -> Event:
         return Event(
             K.OBJECT,
             location.object_id,
