@@ -172,6 +172,19 @@ def _flip(path: Path, offset: int) -> None:
         f.write(bytes([byte[0] ^ 0x5A]))
 
 
+def _history(object_id: str) -> list[str]:
+    """The object's events, as "type payload", in log order."""
+    return [
+        f"{r['event_type']} {r['payload']}"
+        for r in rows(
+            ray.get_runtime_context().gcs_address,
+            "SELECT event_type, payload::text AS payload FROM events "
+            "WHERE entity_id = $1 ORDER BY position",
+            object_id,
+        )
+    ]
+
+
 def _lost_reasons(object_id: str) -> list[str]:
     return [
         r["reason"]
@@ -237,7 +250,9 @@ def test_a_damaged_spilled_copy_is_rebuilt_not_restored(node: None) -> None:
         first.hex(),
     )
     assert spilled, "the first result was not spilled"
-    _flip(Path(spilled[0]["path"]), 20 * MB)
+    path = Path(spilled[0]["path"])
+    assert path.exists(), f"its spilled copy is gone; its events: {_history(first.hex())}"
+    _flip(path, 20 * MB)
     value = ray.get(first, timeout=60)
     assert value.shape == (30 * MB // 8,) and bool((value == 1).all())
     assert any(MISMATCH in reason for reason in _lost_reasons(first.hex()))

@@ -29,6 +29,7 @@ from controlplane.node.placement_groups import PlacementGroups
 from controlplane.node.reconstruction import Reconstructor
 from controlplane.node.recorder import EventRecorder
 from controlplane.node.resources import ResourcePool
+from controlplane.node.task_runs import TaskRuns
 from controlplane.node.task_table import TaskRecord, TaskTable
 from controlplane.node.workers import WorkerPool
 from dataplane import protocol as p
@@ -893,3 +894,131 @@ async def test_the_actor_director_creates_restarts_and_buries_an_actor(
         "restarting",
         "dead",
     ]
+
+
+class _Client:
+    """A driver's or a worker's connection as the node's parts see it."""
+
+    def __init__(self, worker_id: str | None = None) -> None:
+        self.worker_id, self.role = worker_id, "worker"
+        self.holding: set[str] = set()
+        self.sent: list[object] = []
+
+    def send(self, message: object) -> None:
+        self.sent.append(message)
+
+
+class _NoCluster:
+    """The remote tasks, the actors and the reconstructor of a node alone that runs
+    plain tasks: nothing crosses to another node, no actor, nothing lost."""
+
+    def unschedulable_here(self, record: TaskRecord) -> str | None:
+        return None
+
+    def must_spill(self, record: TaskRecord) -> bool:
+        return False
+
+    def can_spill(self, record: TaskRecord) -> bool:
+        return False
+
+    def forget_spilled(self, task_id: str) -> None:
+        return None
+
+    def dispatch_waiting(self) -> None:
+        pass
+
+    def done(self, task_id: str) -> None:
+        pass
+
+
+async def test_task_runs_take_tasks_from_submission_to_published_results(
+    gcs_url: str, tmp_path: Path
+) -> None:
+    """A task runs on an idle worker and its result reaches its submitter once its
+    events are durable; one whose worker dies is retried (max_retries) and then fails
+    with its own error; one cancelled while queued ends cancelled. The log has each
+    one's life."""
+    recorder = EventRecorder(gcs_url, writer_node=None)
+    await recorder.start()
+    prefix = f"parts-{uuid.uuid4().hex}"
+    spawned: set[asyncio.Task[None]] = set()
+    store = ObjectStore(
+        prefix,
+        8 * MB,
+        tmp_path / "spill",
+        tmp_path / "durable",
+        recorder,
+        spawn=lambda c: spawned.add(asyncio.get_running_loop().create_task(c)),
+        schedule=lambda: None,
+        fetch_remote=lambda *_: None,
+        release_remote=lambda *_: None,
+        on_lost=lambda *_: None,
+    )
+    tasks = TaskTable(prefix, store.objects, recorder)
+    workers = WorkerPool(prefix, "/nonexistent/node.sock", size=1)
+    resources = ResourcePool({"CPU": 1.0})
+    groups = _placement_groups(resources, store.objects, recorder, lambda *_: None, lambda: None)
+    runs = TaskRuns(prefix, recorder, store, tasks, workers, groups)
+    nothing = cast(Any, _NoCluster())
+    runs.wire(LocalScheduler(resources, groups, workers, runs), nothing, nothing, nothing)
+    driver = _Client()
+
+    def spec(task_id: str, max_retries: int = 0) -> p.TaskSpec:
+        return p.TaskSpec(task_id, "job", "f", "", [], {}, 1, {"CPU": 1.0}, max_retries, False)
+
+    async def published(object_id: str) -> p.ObjectLocation:
+        for _ in range(200):
+            for message in driver.sent:
+                if isinstance(message, p.ObjectsReady):
+                    found = [loc for loc in message.locations if loc.object_id == object_id]
+                    if found:
+                        return found[0]
+            await asyncio.sleep(0.025)
+        raise AssertionError(f"{object_id} was never published to its submitter")
+
+    try:
+        workers.fill()
+        (first,) = list(workers)
+        worker = _Client(first.worker_id)
+        workers.connected(first.worker_id, cast(Any, worker))
+        runs.submit(cast(Any, driver), spec("t1"))
+        (execute,) = worker.sent
+        assert isinstance(execute, p.ExecuteTask) and execute.spec.task_id == "t1"
+        result = p.ObjectLocation(spec("t1").return_ids()[0], inline=b"42", size=2)
+        runs.task_done(first, p.TaskDone("t1", 0, [result]))
+        assert (await published(result.object_id)).inline == b"42"
+
+        runs.submit(cast(Any, driver), spec("t2", max_retries=1))
+        runs.submit(cast(Any, driver), spec("t3"))  # queued behind t2: one CPU
+        runs.cancel(spec("t3").return_ids()[0], force=False, recursive=False)
+        assert (await published(spec("t3").return_ids()[0])).error.kind == "cancelled"
+        first.process.kill()  # t2's worker dies: t2 is retried once
+        assert await workers.gone(first.worker_id) is not None
+        runs.worker_lost(first, -9)  # (the retry finds no idle worker: one is started)
+        (second,) = list(workers)
+        worker = _Client(second.worker_id)
+        workers.connected(second.worker_id, cast(Any, worker))
+        runs.scheduler.schedule()
+        (execute,) = worker.sent
+        assert execute.spec.task_id == "t2" and execute.attempt == 1
+        error = p.ErrorInfo("task_error", "ValueError: no", "f")
+        runs.task_done(second, p.TaskDone("t2", 1, [], error=error))
+        assert (await published(spec("t2").return_ids()[0])).error.message == "ValueError: no"
+        assert list(tasks) == [] and resources.available["CPU"] == 1.0
+    finally:
+        await workers.stop()
+        await asyncio.gather(*spawned, return_exceptions=True)
+        await recorder.close()
+        shm.unlink_all(prefix)
+    rows = await fetch_rows(
+        gcs_url,
+        "SELECT entity_id, event_type FROM events WHERE entity_kind = 'task' ORDER BY position",
+    )
+    lives: dict[str, list[str]] = {}
+    for row in rows:
+        lives.setdefault(row["entity_id"], []).append(row["event_type"])
+    assert lives == {
+        "t1": ["submitted", "scheduled", "running", "finished"],
+        "t2": ["submitted", "scheduled", "running", "retried", "scheduled", "running", "failed"],
+        "t3": ["submitted", "cancelled"],
+    }

@@ -33,6 +33,7 @@ def test_mypy_is_clean() -> None:
 STRICT = [
     "controlplane/node/actor_names.py",
     "controlplane/node/actor_replay.py",
+    "controlplane/node/actors.py",
     "controlplane/node/cluster_link.py",
     "controlplane/node/local_scheduler.py",
     "controlplane/node/object_store.py",
@@ -40,6 +41,8 @@ STRICT = [
     "controlplane/node/workers.py",
     "controlplane/node/placement_groups.py",
     "controlplane/node/reconstruction.py",
+    "controlplane/node/remote_tasks.py",
+    "controlplane/node/task_runs.py",
     "controlplane/node/task_table.py",
     "dataplane/object_table.py",
     "dataplane/segment_pool.py",

@@ -1,0 +1,361 @@
+"""A task's run on this node, from its submission to its end: it waits for its
+arguments, is queued, sent to a worker (or spilled to another node), retried, and ends
+finished, failed or cancelled, its results published through the object store once
+its events are durable (see controlplane/node/daemon.py, "Durability before
+visibility"). It keeps no state of its own -- the records are the task table's, the
+queues and resources the local scheduler's -- and is what the other parts ask of the
+node: the scheduler's ``Dispatcher``, the actors' ``ActorHost``, the remote tasks'
+``TaskHost`` and the reconstructor's ``TaskRunner``."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import signal
+from collections.abc import Callable
+from typing import Any
+
+from controlplane.eventlog import EntityKind, Event
+from controlplane.node.actors import ActorDirector
+from controlplane.node.local_scheduler import LocalScheduler
+from controlplane.node.object_store import ObjectStore
+from controlplane.node.placement_groups import PlacementGroups
+from controlplane.node.reconstruction import Reconstructor
+from controlplane.node.recorder import EventRecorder
+from controlplane.node.remote_tasks import RemoteTasks
+from controlplane.node.task_table import Connection, TaskRecord, TaskTable
+from controlplane.node.workers import WorkerHandle, WorkerPool
+from dataplane import protocol as p
+
+K = EntityKind
+
+
+class TaskRuns:
+    # the parts that ask this one back, given once they are made (``wire``)
+    scheduler: LocalScheduler
+    actor_director: ActorDirector
+    remote_tasks: RemoteTasks
+    reconstructor: Reconstructor
+
+    def __init__(
+        self,
+        node_id: str,
+        recorder: EventRecorder,
+        store: ObjectStore,
+        tasks: TaskTable,
+        worker_pool: WorkerPool,
+        placement_groups: PlacementGroups,
+    ) -> None:
+        self.node_id = node_id
+        self.recorder = recorder
+        self.store = store
+        self.objects = store.objects
+        self.tasks = tasks
+        self.worker_pool = worker_pool
+        self.placement_groups = placement_groups
+
+    def wire(
+        self,
+        scheduler: LocalScheduler,
+        actor_director: ActorDirector,
+        remote_tasks: RemoteTasks,
+        reconstructor: Reconstructor,
+    ) -> None:
+        self.scheduler = scheduler
+        self.actor_director = actor_director
+        self.remote_tasks = remote_tasks
+        self.reconstructor = reconstructor
+
+    def submit(self, conn: Connection, spec: p.TaskSpec) -> None:
+        record = self.tasks.submit(conn, spec)
+        if spec.actor_id is not None:
+            if spec.method == "__init__":
+                self.actor_director.create(conn, record)
+            else:
+                self.actor_director.call(record)
+        elif record.pending_deps:
+            record.state = "WAITING_FOR_DEPENDENCIES"
+            self.recorder.log(
+                [
+                    Event(
+                        K.TASK,
+                        spec.task_id,
+                        "waiting_for_dependencies",
+                        {"dependencies": sorted(record.pending_deps)},
+                    )
+                ]
+            )
+            for dep in list(record.pending_deps):
+                self.objects.on_ready(dep, functools.partial(self._dep_done, record, dep))
+        else:
+            self.enqueue(record)
+
+    # (what the reconstructor asks of the node's tasks: reconstruction.TaskRunner)
+
+    def has_task(self, task_id: str) -> bool:
+        return task_id in self.tasks
+
+    def knows_function(self, function_id: str) -> bool:
+        return self.tasks.knows_function(function_id)
+
+    def add_rebuild(self, spec: p.TaskSpec, attempt: int) -> TaskRecord:
+        return self.tasks.add_rebuild(spec, attempt)
+
+    def run_when_ready(self, record: TaskRecord) -> None:
+        if not record.pending_deps:
+            self.enqueue(record)
+            return
+        record.state = "WAITING_FOR_DEPENDENCIES"
+        for dep in list(record.pending_deps):
+            self.objects.on_ready(dep, functools.partial(self._dep_done, record, dep))
+
+    def _dep_done(self, record: TaskRecord, object_id: str) -> None:
+        record.pending_deps.discard(object_id)
+        if not record.pending_deps and record.state == "WAITING_FOR_DEPENDENCIES":
+            self.enqueue(record)
+
+    def failed_dependency(self, record: TaskRecord) -> p.ErrorInfo | None:
+        """The error of the first argument that stands for an error, if any."""
+        for object_id in record.spec.dependencies():
+            error = self.objects.location(object_id).error
+            if error is not None:
+                return error
+        return None
+
+    def enqueue(self, record: TaskRecord) -> None:
+        failed = self.failed_dependency(record)
+        if failed is not None:  # an upstream task failed: so does this one, with its error
+            self.finish_failed(record, failed, log_event=True)
+            return
+        unschedulable = self.remote_tasks.unschedulable_here(record)
+        if unschedulable is not None:
+            error = p.ErrorInfo("unschedulable", unschedulable, record.spec.name)
+            self.finish_failed(record, error, log_event=True)
+            return
+        self.scheduler.enqueue(record)
+
+    def schedule(self) -> None:
+        self.scheduler.schedule()
+
+    # (what a pass of the scheduler asks of the node: local_scheduler.Dispatcher)
+
+    def before_pass(self) -> None:
+        self.placement_groups.reserve()
+        self.actor_director.dispatch_waiting()
+
+    def must_spill(self, record: TaskRecord) -> bool:
+        return self.remote_tasks.must_spill(record)
+
+    def can_spill(self, record: TaskRecord) -> bool:
+        return self.remote_tasks.can_spill(record)
+
+    def spill(self, record: TaskRecord) -> None:
+        self.remote_tasks.spill(record)
+
+    # (what the actors ask of the node beyond it: actors.ActorHost)
+
+    def actor_goes_elsewhere(self, creation: TaskRecord) -> bool:
+        return self.remote_tasks.actor_goes_elsewhere(creation)
+
+    def remember_spilled(self, record: TaskRecord) -> None:
+        self.remote_tasks.remember_spilled(record)
+
+    def forget_spilled(self, task_id: str) -> TaskRecord | None:
+        return self.remote_tasks.forget_spilled(task_id)
+
+    def spilled_calls_of(self, actor_id: str) -> list[TaskRecord]:
+        return self.remote_tasks.spilled_calls_of(actor_id)
+
+    def pull_then(self, record: TaskRecord, address: str, then: Callable[[], None]) -> None:
+        self.remote_tasks.pull_then(record, address, then)
+
+    def fail(self, record: TaskRecord, error: p.ErrorInfo) -> None:
+        self.finish_failed(record, error, log_event=True)
+
+    def run(self, record: TaskRecord, handle: WorkerHandle) -> None:
+        spec = record.spec
+        record.state, record.worker = "RUNNING", handle
+        blob = None
+        if spec.function_id and self.worker_pool.first_use(handle, spec.function_id):
+            blob = self.tasks.code_of(spec.function_id)
+        args = [self.objects.location(a.ref) if a.ref else None for a in spec.args]
+        kwargs = {k: self.objects.location(a.ref) for k, a in spec.kwargs.items() if a.ref}
+        running = self.running_event(record, handle.worker_id)
+        if record.internal is not None:
+            pass  # logged as the actor's `replaying` / `checkpointed`, not as a call
+        elif spec.actor_id is not None and spec.method != "__init__":
+            self.recorder.log([running])  # a method call: not scheduled, sent to the actor
+        else:
+            scheduled = Event(
+                K.TASK, spec.task_id, "scheduled", {"attempt": record.attempt}, node_id=self.node_id
+            )
+            self.recorder.log([scheduled, running])
+        assert handle.conn is not None
+        handle.conn.send(p.ExecuteTask(spec, record.attempt, blob, args, kwargs, record.gpu_ids))
+
+    def running_event(self, record: TaskRecord, worker_id: str) -> Event:
+        return Event(
+            K.TASK,
+            record.spec.task_id,
+            "running",
+            {"worker_id": worker_id, "attempt": record.attempt},
+            node_id=self.node_id,
+        )
+
+    def task_done(self, handle: WorkerHandle | None, done: p.TaskDone) -> None:
+        """A worker (``handle``; None: one this node no longer knows) finished a task."""
+        if handle is not None and handle.actor_id is not None:
+            self.actor_director.task_done(handle, done)
+            return
+        record = self.tasks.get(done.task_id)
+        if handle is not None:
+            self.worker_pool.task_over(handle)
+            if handle.blocked:
+                self.scheduler.unblock(handle)
+            self.worker_pool.idle_again(handle)
+        if record is None or record.attempt != done.attempt:
+            self.schedule()
+            return
+        self.scheduler.give_back(record)
+        record.worker = None
+        if done.error is not None:
+            if record.force_cancel or record.cancelled:
+                done.error = p.ErrorInfo(
+                    "cancelled", f"task {record.spec.name} was cancelled", record.spec.name
+                )
+            elif (
+                done.error.kind == "task_error"
+                and record.spec.retry_exceptions
+                and done.error.retryable
+                and record.retries_left != 0
+            ):
+                self.retry(record, done.error.message)
+                return
+            elif done.error.kind == "object_lost" and self.reconstructor.wait_for_lost_arguments(
+                record, done.error.message
+            ):
+                self.schedule()
+                return
+            self.finish_failed(record, done.error, log_event=True)
+        else:
+            record.output_digest = done.output_digest
+            self.finish_ok(record, done.returns)
+        self.schedule()
+
+    def finish_ok(self, record: TaskRecord, returns: list[p.ObjectLocation]) -> None:
+        spec = record.spec
+        for location in returns:
+            if location.shm_name is None:
+                self.objects.charge(location.size, force=True)
+        events = [self.finished_event(record)]
+        events += [self.store.created_event(loc, spec.task_id, spec.job_id) for loc in returns]
+        if record.placed_from is not None:
+            events = self.remote_tasks.placed_finished_events(record, returns)
+        record.state = "FINISHED"
+        self.store.make_durable_then_ready(
+            returns, events, record.submitter, urgent=not record.answered
+        )
+        self.task_over(record)
+
+    def finished_event(self, record: TaskRecord) -> Event:
+        spec = record.spec
+        payload: dict[str, Any] = {"attempt": record.attempt}
+        if record.output_digest is not None:
+            payload["output_digest"] = record.output_digest
+        return Event(
+            K.TASK,
+            spec.task_id,
+            "finished",
+            payload,
+            job_id=spec.job_id,
+            node_id=self.node_id,
+        )
+
+    def finish_failed(self, record: TaskRecord, error: p.ErrorInfo, *, log_event: bool) -> None:
+        spec = record.spec
+        kind = "cancelled" if error.kind == "cancelled" else "failed"
+        payload: dict[str, Any] = (
+            {}
+            if kind == "cancelled"
+            else {"error": f"{error.kind}: {error.message}"[:2000], "attempt": record.attempt}
+        )
+        events = (
+            [Event(K.TASK, spec.task_id, kind, payload, job_id=spec.job_id, node_id=self.node_id)]
+            if log_event
+            else []
+        )
+        record.state = kind.upper()
+        locations = [p.ObjectLocation(oid, error=error) for oid in spec.return_ids()]
+        owner = None if record.answered else record.submitter  # (it has them already)
+        self.store.make_durable_then_ready(locations, events, owner, urgent=not record.answered)
+        self.task_over(record)
+
+    def task_over(self, record: TaskRecord) -> None:
+        self.tasks.over(record)
+        self.reconstructor.done(record.spec.task_id)
+
+    def retry(self, record: TaskRecord, reason: str) -> None:
+        if record.retries_left > 0:
+            record.retries_left -= 1
+        self.next_attempt(record, reason)
+        self.enqueue(record)
+
+    def next_attempt(self, record: TaskRecord, reason: str) -> None:
+        self.tasks.next_attempt(record, reason)
+
+    def worker_lost(self, handle: WorkerHandle, exit_code: int) -> None:
+        record = self.worker_pool.task_over(handle)
+        if record is None:
+            return
+        self.worker_pool.set_blocked(handle, False)
+        self.scheduler.give_back(record)
+        record.worker = None
+        if record.force_cancel:
+            self.finish_failed(
+                record,
+                p.ErrorInfo(
+                    "cancelled", f"task {record.spec.name} was cancelled", record.spec.name
+                ),
+                log_event=True,
+            )
+        elif record.retries_left != 0:
+            self.retry(record, f"worker {handle.worker_id} died (exit code {exit_code})")
+        else:
+            self.finish_failed(
+                record,
+                p.ErrorInfo(
+                    "worker_crashed",
+                    f"the worker running {record.spec.name} died unexpectedly (exit code "
+                    f"{exit_code}) and no retries were left",
+                    record.spec.name,
+                ),
+                log_event=True,
+            )
+
+    def cancel(self, object_id: str, force: bool, recursive: bool) -> None:
+        record = self.tasks.making(object_id)
+        if record is None or record.state in ("FINISHED", "FAILED", "CANCELLED"):
+            return
+        record.cancelled = True
+        if recursive:
+            for child in self.tasks.children_of(record.spec.task_id):
+                self.cancel(
+                    child.spec.return_ids()[0] if child.spec.num_returns else "", force, recursive
+                )
+        if record.worker is None:
+            self.scheduler.withdraw(record)
+            self.remote_tasks.forget_spilled(record.spec.task_id)  # its results no longer wanted
+            self.finish_failed(
+                record,
+                p.ErrorInfo(
+                    "cancelled", f"task {record.spec.name} was cancelled", record.spec.name
+                ),
+                log_event=True,
+            )
+        elif force:
+            record.force_cancel = True
+            with contextlib.suppress(ProcessLookupError):
+                record.worker.process.kill()
+        else:
+            with contextlib.suppress(ProcessLookupError):
+                record.worker.process.send_signal(signal.SIGINT)
