@@ -88,6 +88,10 @@ class Spiller:
             if not victims:
                 self._failure = None
                 return False
+            # taken now, before the copies start: another make_room running meanwhile
+            # must not pick them too (its copy, finding the object spilled already,
+            # would delete the file this one made)
+            self._spilling.update(v.object_id for v in victims)
             failures = await asyncio.gather(*(self._spill(v) for v in victims))
             failed = [why for why in failures if why is not None]
             if failed:
@@ -101,7 +105,7 @@ class Spiller:
         and the returned text names the directory and the cause."""
         object_id, name = location.object_id, location.shm_name
         assert name is not None
-        self._spilling.add(object_id)
+        self._spilling.add(object_id)  # (by make_room already, which chose it)
         path = self.spill_dir / object_id
         try:
             self.spill_dir.mkdir(parents=True, exist_ok=True)

@@ -172,6 +172,39 @@ async def test_the_spiller_spills_the_oldest_objects_and_restores_them_checked(
         shm.unlink_all(prefix)
 
 
+async def test_two_reservations_at_once_never_spill_the_same_object_twice(
+    tmp_path: Path,
+) -> None:
+    """Two writers that need room at the same moment: each spill picks objects the
+    other did not, so no object is copied twice -- the second copy, finding the object
+    spilled already, would delete the file the first one made, its only copy."""
+    prefix = f"parts-{uuid.uuid4().hex}"
+    records: list[tuple[str, str]] = []
+    tasks: set[asyncio.Task[None]] = set()
+    objects = ObjectTable(3 * MB, on_free=lambda _location: None)
+    spiller = Spiller(
+        prefix,
+        tmp_path / "spill",
+        objects,
+        SegmentPool(prefix, limit=0),
+        spawn=lambda coroutine: tasks.add(asyncio.get_running_loop().create_task(coroutine)),
+        record=lambda object_id, event, _payload: records.append((event, object_id)),
+        on_lost=lambda _object_id, _why: None,
+        on_restored=lambda: None,
+    )
+    try:
+        sizes = {name: _store(objects, prefix, name) for name in ("a", "b", "c")}
+        size = max(sizes.values())
+        room = await asyncio.gather(spiller.make_room(size), spiller.make_room(size))
+        assert room == [True, True]
+        assert sorted(records) == [("spilled", "a"), ("spilled", "b")]  # each once
+        for name in ("a", "b"):  # and each copy is there, whole
+            assert (tmp_path / "spill" / name).stat().st_size == sizes[name]
+    finally:
+        await asyncio.gather(*tasks, return_exceptions=True)
+        shm.unlink_all(prefix)
+
+
 MB = 1024 * 1024
 
 
