@@ -98,7 +98,7 @@ def _identity() -> tuple[tuple[str, str], ...]:
 OnStale = Callable[[str, str, str], None]  # (node id, method, peer)
 
 
-class StaleCheck(grpc.aio.ServerInterceptor):
+class StaleCheck(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # (grpc is untyped)
     """Refuses (FAILED_PRECONDITION) calls from a node the cluster declared dead: its
     old incarnation, back from a partition, must not hand out late results or take late
     work; ``on_stale`` hears of each refusal."""
@@ -152,7 +152,7 @@ def _raw(
 
 
 def _unary(handler: Handler) -> grpc.RpcMethodHandler:
-    async def answer(request: dict[str, Any], context: grpc.aio.ServicerContext) -> dict:
+    async def answer(request: dict[str, Any], context: grpc.aio.ServicerContext) -> dict[str, Any]:
         answered = handler(request)
         return await answered if inspect.isawaitable(answered) else answered
 
@@ -271,7 +271,8 @@ def call(
             f"/{SERVICE}/{method}", request_serializer=_encode, response_deserializer=_decode
         )
         try:
-            return stub(request, timeout=timeout, metadata=metadata)
+            answer: dict[str, Any] = stub(request, timeout=timeout, metadata=metadata)
+            return answer
         except grpc.RpcError as exc:
             code = exc.code() if isinstance(exc, grpc.Call) else None
             detail = exc.details() if isinstance(exc, grpc.Call) else str(exc)
