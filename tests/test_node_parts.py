@@ -132,16 +132,7 @@ async def test_the_spiller_spills_the_oldest_objects_and_restores_them_checked(
     lost: list[str] = []
     tasks: set[asyncio.Task[None]] = set()
     objects = ObjectTable(3 * MB, on_free=lambda _location: None)
-    spiller = Spiller(
-        prefix,
-        tmp_path / "spill",
-        objects,
-        SegmentPool(prefix, limit=0),
-        spawn=lambda coroutine: tasks.add(asyncio.get_running_loop().create_task(coroutine)),
-        record=lambda object_id, event, _payload: records.append((event, object_id)),
-        on_lost=lambda object_id, _why: lost.append(object_id),
-        on_restored=lambda: None,
-    )
+    spiller = _spiller(tmp_path, prefix, objects, records, tasks, lost)
     objects._on_wanted = lambda object_id, where: spiller.restore(object_id, where)
     try:
         sizes = [_store(objects, prefix, name) for name in ("a", "b", "c")]  # ~1 MB each
@@ -182,16 +173,7 @@ async def test_two_reservations_at_once_never_spill_the_same_object_twice(
     records: list[tuple[str, str]] = []
     tasks: set[asyncio.Task[None]] = set()
     objects = ObjectTable(3 * MB, on_free=lambda _location: None)
-    spiller = Spiller(
-        prefix,
-        tmp_path / "spill",
-        objects,
-        SegmentPool(prefix, limit=0),
-        spawn=lambda coroutine: tasks.add(asyncio.get_running_loop().create_task(coroutine)),
-        record=lambda object_id, event, _payload: records.append((event, object_id)),
-        on_lost=lambda _object_id, _why: None,
-        on_restored=lambda: None,
-    )
+    spiller = _spiller(tmp_path, prefix, objects, records, tasks, [])
     try:
         sizes = {name: _store(objects, prefix, name) for name in ("a", "b", "c")}
         size = max(sizes.values())
@@ -203,6 +185,28 @@ async def test_two_reservations_at_once_never_spill_the_same_object_twice(
     finally:
         await asyncio.gather(*tasks, return_exceptions=True)
         shm.unlink_all(prefix)
+
+
+def _spiller(
+    tmp_path: Path,
+    prefix: str,
+    objects: ObjectTable,
+    records: list[tuple[str, str]],
+    tasks: set[asyncio.Task[None]],
+    lost: list[str],
+) -> Spiller:
+    """A spiller into ``tmp_path/spill`` that notes its events (``records``: (event,
+    object id)), the tasks it spawns and the objects it reports lost."""
+    return Spiller(
+        prefix,
+        tmp_path / "spill",
+        objects,
+        SegmentPool(prefix, limit=0),
+        spawn=lambda coroutine: tasks.add(asyncio.get_running_loop().create_task(coroutine)),
+        record=lambda object_id, event, _payload: records.append((event, object_id)),
+        on_lost=lambda object_id, _why: lost.append(object_id),
+        on_restored=lambda: None,
+    )
 
 
 MB = 1024 * 1024

@@ -264,7 +264,7 @@ class NodeDaemon:
     @property
     def address(self) -> str:
         """host:port of the node's gRPC service ("" outside a cluster, or before)."""
-        return self.link.address if self.link is not None else ""
+        return self.remote_tasks.address
 
     def _fenced(self, error: GcsError) -> None:
         """The log refused this node's appends: the cluster declared it dead (it was cut
