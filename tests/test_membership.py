@@ -4,13 +4,17 @@ monitors run; a node declared dead is fenced (its next ping tells it to stop).""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import time
+from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
 
 from controlplane.errors import NodeFencedError
 from controlplane.eventlog import EntityKind, Event, EventAppender, Tailer
+from controlplane.eventlog.connection import DEFAULT_CONNECT_TIMEOUT_S
 from controlplane.membership import LivenessPinger, MembershipMonitor, cluster_nodes
 from controlplane.sql import queries
 
@@ -299,3 +303,88 @@ def _task_event(task_id: str, node_id: str) -> Event:
         job_id="j",
         node_id=node_id,
     )
+
+
+class _Gate:
+    """A TCP relay to the GCS that a test can shut -- every connection through it cut,
+    new ones refused, as in an outage -- and open again on the same port."""
+
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        self._target = (parts.hostname or "127.0.0.1", parts.port or 5432)
+        self._url = parts
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self.port = 0
+        self.accepted = 0
+
+    @property
+    def url(self) -> str:
+        netloc = self._url.netloc.rsplit("@", 1)
+        host = f"127.0.0.1:{self.port}"
+        return self._url._replace(
+            netloc=f"{netloc[0]}@{host}" if len(netloc) == 2 else host
+        ).geturl()
+
+    async def open(self) -> None:
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def shut(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in list(self._writers):
+            writer.close()
+        await self._server.wait_closed()
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted += 1
+        up_reader, up_writer = await asyncio.open_connection(*self._target)
+        self._writers |= {writer, up_writer}
+
+        async def pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(ConnectionError, OSError):
+                while data := await source.read(65536):
+                    sink.write(data)
+                    await sink.drain()
+            sink.close()
+
+        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+        self._writers -= {writer, up_writer}
+
+
+async def test_after_an_outage_the_monitor_gives_pingers_a_connect_timeout_more(
+    gcs_url: str,
+) -> None:
+    """While the GCS was away, no node could ping: once it answers again the monitor
+    declares nobody dead before ``dead_after`` has passed, plus the time a node's pinger
+    may spend in one attempt to reconnect (DEFAULT_CONNECT_TIMEOUT_S); a node still
+    silent after that is declared dead."""
+    await _register(gcs_url, "n-slow")
+    pinger = LivenessPinger(gcs_url, "n-slow", "127.0.0.1:1", lambda: None)
+    pinging = asyncio.create_task(pinger.run())
+    gate = _Gate(gcs_url)
+    await gate.open()
+    monitor = MembershipMonitor(gate.url, dead_after=1.0)
+    watching = asyncio.create_task(monitor.run())
+    try:
+        await asyncio.sleep(0.75)  # checks: the node pings, it is alive
+        assert gate.accepted == 1 and await _deaths(gcs_url, "n-slow") == []
+        await gate.shut()  # the outage: the monitor cannot reach the GCS...
+        pinging.cancel()  # ... nor the node, whose pings stop
+        await asyncio.sleep(1.5)
+        await gate.open()
+        back = time.monotonic()
+        await asyncio.sleep(2.5)  # past dead_after since it is back: not yet
+        assert gate.accepted == 2 and await _deaths(gcs_url, "n-slow") == []
+        while not await _deaths(gcs_url, "n-slow"):
+            assert time.monotonic() < back + 20, "the silent node was never declared dead"
+            await asyncio.sleep(0.1)
+        assert time.monotonic() - back >= 1.0 + DEFAULT_CONNECT_TIMEOUT_S - 0.25
+    finally:
+        for task in (pinging, watching):
+            task.cancel()
+        await asyncio.gather(pinging, watching, return_exceptions=True)
+        await monitor.close()
+        await gate.shut()
+    assert await _deaths(gcs_url, "n-slow") == ["missed heartbeats"]

@@ -11,7 +11,6 @@ import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, cast
 
 import numpy as np
@@ -22,6 +21,7 @@ from controlplane.eventlog import EntityKind, Event, RecordedEvent
 from controlplane.node import rpc
 from controlplane.node.actor_names import ActorNames
 from controlplane.node.actors import ActorDirector
+from controlplane.node.actors_elsewhere import ActorsElsewhere
 from controlplane.node.cluster_link import _LOAD_KEYS, ClusterLink, JoinOffer
 from controlplane.node.local_scheduler import LocalScheduler
 from controlplane.node.object_store import ObjectStore
@@ -29,6 +29,7 @@ from controlplane.node.placement_groups import PlacementGroups
 from controlplane.node.reconstruction import Reconstructor
 from controlplane.node.recorder import EventRecorder
 from controlplane.node.resources import ResourcePool
+from controlplane.node.spilled_tasks import SpilledTasks
 from controlplane.node.task_runs import TaskRuns
 from controlplane.node.task_table import TaskRecord, TaskTable
 from controlplane.node.workers import WorkerPool
@@ -701,7 +702,8 @@ async def test_the_task_table_logs_lineage_once_per_function_and_lets_arguments_
 
 
 class _Node:
-    """The node as a pass of the local scheduler sees it: what it was asked, in order."""
+    """The node (and the cluster, ``Spills``) as a pass of the local scheduler sees them:
+    what it was asked, in order."""
 
     def __init__(self, spill_names: set[str]) -> None:
         self.spill_names = spill_names
@@ -738,7 +740,7 @@ async def test_the_local_scheduler_runs_spills_and_lends_out_resources(gcs_url: 
     workers = WorkerPool("node", "/nonexistent/node.sock", size=2)
     node = _Node(spill_names={"wide"})
     groups = _placement_groups(resources, objects, recorder, lambda *_: None, lambda: None)
-    scheduler = LocalScheduler(resources, groups, workers, node)
+    scheduler = LocalScheduler(resources, groups, workers, node, node)
 
     def task(task_id: str, name: str, resources: dict[str, float], **more: Any) -> TaskRecord:
         spec = p.TaskSpec(task_id, "job", name, "f", [], {}, 1, resources, 0, False, **more)
@@ -783,8 +785,7 @@ def test_actor_names_are_taken_once_per_namespace_until_their_actor_dies() -> No
     """A name is reserved before its actor exists, so a second claim is refused (or,
     with get_if_exists, answered with the live holder); each job looks names up in its
     own namespace unless it names one; a dead actor's names are free again."""
-    actors: dict[str, Any] = {}
-    names = ActorNames(actors.get)
+    names = ActorNames()
     names.job_started("job1", "ns1")
     names.job_started("job2", "ns2")
     driver = _Owner()
@@ -798,9 +799,8 @@ def test_actor_names_are_taken_once_per_namespace_until_their_actor_dies() -> No
     assert answer().error is None
     names.reserve(cast(Any, driver), p.ReserveActorName(2, "a2", "counter", None, "job1", True))
     assert "name_taken" in str(answer().error)  # reserved, not created yet: nobody to hand out
-    options = p.ActorOptions("Counter", {})
-    spec = p.TaskSpec("t", "job1", "Counter", "f", [], {}, 0, {}, 0, False, actor_options=options)
-    actors["a1"] = SimpleNamespace(actor_id="a1", death=None, creation=TaskRecord(spec, None))
+    options = p.ActorOptions("Counter", {}, name="counter")
+    names.created("a1", options)
     names.reserve(cast(Any, driver), p.ReserveActorName(3, "a3", "counter", None, "job1", True))
     assert answer().value == ("a1", options)  # get_if_exists: the live holder
     names.get(cast(Any, driver), p.GetActor(4, "counter", None, "job2"))
@@ -837,24 +837,6 @@ class _ActorHost:
     def running_event(self, record: TaskRecord, worker_id: str) -> Event:
         return Event(EntityKind.TASK, record.spec.task_id, "running", {"worker_id": worker_id})
 
-    def actor_goes_elsewhere(self, creation: TaskRecord) -> bool:
-        return False
-
-    def spill(self, record: TaskRecord) -> None:
-        self.asked.append(("spill", record.spec.task_id))
-
-    def remember_spilled(self, record: TaskRecord) -> None:
-        pass
-
-    def forget_spilled(self, task_id: str) -> TaskRecord | None:
-        return None
-
-    def spilled_calls_of(self, actor_id: str) -> list[TaskRecord]:
-        return []
-
-    def pull_then(self, record: TaskRecord, address: str, then: Callable[[], None]) -> None:
-        then()
-
 
 async def test_the_actor_director_creates_restarts_and_buries_an_actor(
     gcs_url: str, tmp_path: Path
@@ -871,8 +853,11 @@ async def test_the_actor_director_creates_restarts_and_buries_an_actor(
     resources = ResourcePool({"CPU": 1.0})
     workers = WorkerPool("node", "/nonexistent/node.sock", size=1)
     groups = _placement_groups(resources, objects, recorder, lambda *_: None, lambda: None)
-    scheduler = LocalScheduler(resources, groups, workers, cast(Any, None))
+    spills = SpilledTasks("node", recorder, objects, tasks, resources, link=None)
+    scheduler = LocalScheduler(resources, groups, workers, spills, cast(Any, None))
     host = _ActorHost()
+    names = ActorNames()
+    elsewhere = ActorsElsewhere("node", recorder, objects, tasks, spills, names, host)
     spawned: set[asyncio.Task[None]] = set()
     director = ActorDirector(
         "node",
@@ -884,6 +869,9 @@ async def test_the_actor_director_creates_restarts_and_buries_an_actor(
         scheduler,
         workers,
         groups,
+        spills,
+        elsewhere,
+        names,
         host,
         spawn=lambda c: spawned.add(asyncio.get_running_loop().create_task(c)),
     )
@@ -933,6 +921,136 @@ async def test_the_actor_director_creates_restarts_and_buries_an_actor(
     ]
 
 
+async def test_spilled_tasks_follow_the_spill_policy_and_hand_tasks_to_the_cluster(
+    gcs_url: str,
+) -> None:
+    """Nothing spills from a node alone; with a peer, a task that does not fit may go
+    (SPREAD and an affinity to another node must), never an actor call or a placement
+    group's task; a spill is a ``spilled`` event with the task's spec, and the task is
+    followed until it is forgotten."""
+    recorder = EventRecorder(gcs_url, writer_node=None)
+    await recorder.start()
+    objects = ObjectTable(MB, on_free=lambda _location: None)
+    tasks = TaskTable("node", objects, recorder)
+    resources = ResourcePool({"CPU": 1.0})
+    link = ClusterLink(
+        "node", gcs_url, "127.0.0.1", 0, recorder, auth_token=None, tls=None,
+        join_offer=None, membership_monitor=False, spawn=lambda *_a, **_k: None,
+        on_fenced=lambda: None,
+    )  # fmt: skip
+    spills = SpilledTasks("node", recorder, objects, tasks, resources, link)
+
+    def task(task_id: str, cpus: float, **more: Any) -> TaskRecord:
+        spec = p.TaskSpec(task_id, "job", "f", "fn", [], {}, 1, {"CPU": cpus}, 0, False, **more)
+        return tasks.submit(cast(Any, _Submitter()), spec)
+
+    try:
+        wide, spread = task("wide", 2.0), task("spread", 1.0, strategy=("SPREAD",))
+        affinity = task("aff", 1.0, strategy=("NODE_AFFINITY", "other", False))
+        assert not spills.can_spill(wide) and not spills.must_spill(spread)  # alone
+        assert "not in the cluster" in str(spills.unschedulable_here(affinity))
+        link.node_event(_node_event("peer", "registered", {"address": "192.0.2.1:1"}))
+        assert spills.can_spill(wide) and spills.must_spill(spread)
+        assert spills.must_spill(affinity) and spills.unschedulable_here(affinity) is None
+        call = task("call", 1.0, actor_id="a1", method="m")
+        grouped = task("pg", 1.0, strategy=("PLACEMENT_GROUP", "pg1", 0, False))
+        assert not spills.can_spill(call) and not spills.can_spill(grouped)
+        creation = task("ctor", 4.0, actor_id="a2", method="__init__")
+        assert spills.actor_goes_elsewhere(creation)  # this node can never fit it
+        spills.spill(wide)
+        assert wide.state == "SPILLED" and spills.get("wide") is wide and "wide" in spills
+        wide.placed_on = "peer"
+        assert spills.placed_on("peer") == [wide] and spills.forget("wide") is wide
+        assert "wide" not in spills and spills.placed_on("peer") == []
+    finally:
+        await recorder.close()
+    rows = await fetch_rows(
+        gcs_url, "SELECT entity_id, payload FROM events WHERE event_type = 'spilled'"
+    )
+    assert [r["entity_id"] for r in rows] == ["wide"]
+    payload = json.loads(rows[0]["payload"])
+    assert payload["from_node"] == "node" and payload["resources"] == {"CPU": 2.0}
+
+
+async def test_actors_elsewhere_forward_calls_in_order_and_outlive_a_lost_node(
+    gcs_url: str,
+) -> None:
+    """An actor made here that lives on another node: its creation is spilled, its
+    calls wait for its placement and are then forwarded in order; when its node dies it
+    is made again (max_restarts) and the calls not finished are sent again (each a
+    retry); when it cannot restart it dies, its waiting calls fail, its constructor's
+    arguments are let go, and its name is free."""
+    recorder = EventRecorder(gcs_url, writer_node=None)
+    await recorder.start()
+    objects = ObjectTable(MB, on_free=lambda _location: None)
+    tasks = TaskTable("node", objects, recorder)
+    spills = SpilledTasks("node", recorder, objects, tasks, ResourcePool({"CPU": 1.0}), None)
+    names, host = ActorNames(), _ActorHost()
+    elsewhere = ActorsElsewhere("node", recorder, objects, tasks, spills, names, host)
+    owner = cast(Any, _Submitter())
+    options = p.ActorOptions("A", {"m": 1}, name="a", max_restarts=1, max_task_retries=1)
+    objects.ready(p.ObjectLocation("arg", inline=b"1", size=1))
+    objects.hold("arg")
+
+    def spec(task_id: str, method: str, *args: p.Arg) -> p.TaskSpec:
+        return p.TaskSpec(
+            task_id, "job", f"A.{method}", "fn", list(args), {}, int(method != "__init__"),
+            {"CPU": 8.0}, 0, False, actor_id="a1", method=method, actor_options=options,
+        )  # fmt: skip
+
+    try:
+        creation = tasks.submit(owner, spec("ctor", "__init__", p.Arg(ref="arg")))
+        names.created("a1", options)
+        objects.pin("arg")  # (pinned by the actor director, which hands the actor over)
+        elsewhere.take(creation, owner)
+        assert "a1" in elsewhere and spills.get("ctor") is creation  # its creation spilled
+        first, second = (tasks.submit(owner, spec(f"c{i}", "m")) for i in (1, 2))
+        elsewhere.call(first)
+        elsewhere.call(second)
+        creation.placed_on = "n1"
+        elsewhere.placed(creation, "n1")
+        assert spills.calls_of("a1") == [first, second]
+        elsewhere.node_lost("n1")  # restarted elsewhere: its calls are sent again
+        assert first.attempt == second.attempt == 1 and spills.get("ctor") is creation
+        third = tasks.submit(owner, spec("c3", "m"))
+        elsewhere.call(third)  # waits for the new placement
+        creation.placed_on = "n2"
+        elsewhere.placed(creation, "n2")
+        assert spills.calls_of("a1") == [first, second, third]
+        elsewhere.creation_placed_on_dead_node(creation, "n2")  # no restarts left
+        assert elsewhere.alive() == 0 and host.asked == [
+            ("failed", "c1", "actor_died"),
+            ("failed", "c2", "actor_died"),
+            ("failed", "c3", "actor_died"),
+        ]
+        elsewhere.call(tasks.submit(owner, spec("c4", "m")))  # a call after its death
+        assert host.asked[-1] == ("failed", "c4", "actor_died")
+        objects.release("arg")
+        assert objects.state("arg") == "freed"  # no longer pinned for it
+        driver = _Owner()
+        names.get(cast(Any, driver), p.GetActor(1, "a", None, "job"))
+        assert "not_found" in str(driver.sent[-1].error)
+    finally:
+        await recorder.close()
+    rows = await fetch_rows(
+        gcs_url,
+        "SELECT entity_id, event_type, payload FROM events"
+        " WHERE event_type IN ('spilled', 'forwarded', 'restarting', 'dead') ORDER BY position",
+    )
+    assert [(r["entity_id"], r["event_type"]) for r in rows] == [
+        ("ctor", "spilled"),
+        ("c1", "forwarded"),
+        ("c2", "forwarded"),
+        ("a1", "restarting"),
+        ("ctor", "spilled"),
+        ("c1", "forwarded"),
+        ("c2", "forwarded"),
+        ("c3", "forwarded"),
+        ("a1", "dead"),
+    ]
+    assert json.loads(rows[-1]["payload"])["cause"] == "its node n2 died"
+
+
 class _Client:
     """A driver's or a worker's connection as the node's parts see it."""
 
@@ -948,18 +1066,6 @@ class _Client:
 class _NoCluster:
     """The remote tasks, the actors and the reconstructor of a node alone that runs
     plain tasks: nothing crosses to another node, no actor, nothing lost."""
-
-    def unschedulable_here(self, record: TaskRecord) -> str | None:
-        return None
-
-    def must_spill(self, record: TaskRecord) -> bool:
-        return False
-
-    def can_spill(self, record: TaskRecord) -> bool:
-        return False
-
-    def forget_spilled(self, task_id: str) -> None:
-        return None
 
     def dispatch_waiting(self) -> None:
         pass
@@ -995,9 +1101,11 @@ async def test_task_runs_take_tasks_from_submission_to_published_results(
     workers = WorkerPool(prefix, "/nonexistent/node.sock", size=1)
     resources = ResourcePool({"CPU": 1.0})
     groups = _placement_groups(resources, store.objects, recorder, lambda *_: None, lambda: None)
-    runs = TaskRuns(prefix, recorder, store, tasks, workers, groups)
+    spills = SpilledTasks(prefix, recorder, store.objects, tasks, resources, link=None)
+    runs = TaskRuns(prefix, recorder, store, tasks, workers, groups, spills)
     nothing = cast(Any, _NoCluster())
-    runs.wire(LocalScheduler(resources, groups, workers, runs), nothing, nothing, nothing)
+    scheduler = LocalScheduler(resources, groups, workers, spills, runs)
+    runs.wire(scheduler, nothing, nothing, nothing)
     driver = _Client()
 
     def spec(task_id: str, max_retries: int = 0) -> p.TaskSpec:

@@ -1,25 +1,24 @@
 """Named actors on a node: each job's namespace (``ray.init(namespace=...)``, else a
 fresh one) and which actor holds a name in a namespace. A name is reserved before its
 actor's creation is submitted, so two drivers asking for the same name get one actor
-and one ``name_taken`` error; it is free again once its actor is dead."""
+and one ``name_taken`` error; it is free again once its actor is dead (``forget``,
+which the actor's owner calls: actors.py, actors_elsewhere.py)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from dataplane import protocol as p
 
 if TYPE_CHECKING:
-    from controlplane.node.actors import ActorRecord
     from controlplane.node.task_table import Connection
 
 
 class ActorNames:
-    def __init__(self, actor_of: Callable[[str], ActorRecord | None]) -> None:
-        """``actor_of(actor_id)``: the record of an actor of this node, if any."""
-        self._actor_of = actor_of
+    def __init__(self) -> None:
         self._holders: dict[tuple[str, str], str] = {}  # (namespace, name) -> actor id
+        # the named actors created (not only reserved) and not dead: their options
+        self._created: dict[str, p.ActorOptions | None] = {}
         self._job_namespaces: dict[str, str] = {}
 
     def job_started(self, job_id: str, namespace: str) -> None:
@@ -29,16 +28,20 @@ class ActorNames:
         """The namespace a name given by job ``job_id`` is looked up in."""
         return namespace if namespace is not None else self._job_namespaces.get(job_id, "")
 
+    def created(self, actor_id: str, options: p.ActorOptions | None) -> None:
+        """The actor's creation was submitted (its name, if any, reserved before)."""
+        if options is not None and options.name is not None:
+            self._created[actor_id] = options
+
     def reserve(self, conn: Connection, request: p.ReserveActorName) -> None:
         """Reserves the name for ``request.actor_id``, unless it is taken: by a live
         actor, or by one reserved and not created yet (then ``get_if_exists`` is
         answered with the live one, if any)."""
         key = (self.namespace(request.namespace, request.job_id), request.name)
-        holder = self._actor_of(self._holders.get(key, ""))
-        if key in self._holders and (holder is None or holder.death is None):
-            if request.get_if_exists and holder is not None:
-                options = holder.creation.spec.actor_options
-                conn.send(p.Reply(request.request_id, (holder.actor_id, options)))
+        holder = self._holders.get(key)
+        if holder is not None:
+            if request.get_if_exists and holder in self._created:
+                conn.send(p.Reply(request.request_id, (holder, self._created[holder])))
             else:
                 conn.send(
                     p.Reply(
@@ -56,8 +59,8 @@ class ActorNames:
 
     def get(self, conn: Connection, request: p.GetActor) -> None:
         key = (self.namespace(request.namespace, request.job_id), request.name)
-        actor = self._actor_of(self._holders.get(key, ""))
-        if actor is None or actor.death is not None:
+        actor_id = self._holders.get(key, "")
+        if actor_id not in self._created:
             conn.send(
                 p.Reply(
                     request.request_id,
@@ -71,10 +74,11 @@ class ActorNames:
                 )
             )
             return
-        conn.send(p.Reply(request.request_id, (actor.actor_id, actor.creation.spec.actor_options)))
+        conn.send(p.Reply(request.request_id, (actor_id, self._created[actor_id])))
 
     def forget(self, actor_id: str) -> None:
         """The actor died: its names are free."""
+        self._created.pop(actor_id, None)
         for key, holder in list(self._holders.items()):
             if holder == actor_id:
                 del self._holders[key]

@@ -6,6 +6,7 @@ nobody holds."""
 
 from __future__ import annotations
 
+import logging
 import uuid
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +19,8 @@ from dataplane.object_table import ObjectTable
 
 if TYPE_CHECKING:
     from controlplane.node.actors import ActorRecord
+
+log = logging.getLogger("cairn.node")
 
 
 async def calls_to_replay(
@@ -87,3 +90,17 @@ def drop_returns(record: TaskRecord, done: p.TaskDone, objects: ObjectTable) -> 
         elif record.internal == "checkpoint":
             blob = location.inline
     return blob
+
+
+def internal_call_done(
+    actor: ActorRecord, record: TaskRecord, done: p.TaskDone, objects: ObjectTable
+) -> tuple[dict[str, Any], bytes] | None:
+    """A replayed call's or a restore's result is dropped; a checkpoint's is returned
+    (its ``checkpointed`` event's payload, and the state for its data), then dropped."""
+    blob = drop_returns(record, done, objects)
+    if done.error is not None:
+        log.warning("actor %s: %s failed: %s", actor.actor_id, record.spec.name, done.error.message)
+        return None
+    if record.internal != "checkpoint" or blob is None:
+        return None
+    return {"calls": actor.options.checkpoint_interval}, blob

@@ -4,23 +4,18 @@ calls run in its submission order), up to max_concurrency running at once and
 _PIPELINE_DEPTH more sent ahead. The life of every actor is in the log:
 ``creation_requested``, ``scheduled``, ``alive`` (with its worker), ``dead`` (cause).
 
-``ActorDirector`` owns every actor of the node; what it asks of the node (a call's
-end, a worker to run on, a spill) goes through ``ActorHost``.
+``ActorDirector`` owns the actors that live on this node, made here or hosted here for
+another node; what it asks of the node (a call's end, a worker to run on) goes through
+``ActorHost``. An actor made here that will live on another node is handed to
+``ActorsElsewhere`` (actors_elsewhere.py), which owns it from then on.
 
-Direct calls. A caller on this node that has an alive actor's route (WatchActor ->
-ActorRoute) sends each call straight to the actor's worker and the same message to the
-daemon (SubmitDirectCall), which records it as sent (``submitted`` and ``running``,
-the call in ``running``) without sending it on. The worker tells the daemon the outcome
-(TaskDone), then answers the caller directly, so the caller sees the result before its
-``finished`` and ``created`` events are durable: they are written behind, committed
-within the appender's linger (5 ms) with the other events queued by then. What a crash
-can lose: if the node daemon or PostgreSQL crashes in that window, the log lacks the
-last direct calls' ``finished`` (and perhaps ``submitted`` / ``running``) events, and a
-fold shows those calls as submitted or running on an actor that died with the node,
-although their callers saw results. Nothing else is written behind for them: a call
+Direct calls (controlplane/README.md, "Direct actor calls"; actor_routes.py). A caller
+on this node that has an alive actor's route sends each call straight to the actor's
+worker, and the same message to the daemon (SubmitDirectCall), which records it as
+sent (``submitted``, ``running``) without sending it on; the worker tells the daemon
+the outcome before it answers the caller, whose ``finished`` is written behind. A call
 the worker did not answer (its process died, exit_actor()) is settled here, durably,
-before its caller hears. Actors that replay their calls on restart never take direct
-calls (their replay reads finished calls from the log, so those must be durable).
+before its caller hears.
 """
 
 from __future__ import annotations
@@ -37,10 +32,13 @@ from typing import Any, Protocol
 
 from controlplane.eventlog import EntityKind, Event, RecordedEvent
 from controlplane.node.actor_names import ActorNames
-from controlplane.node.actor_replay import calls_to_replay, drop_returns, internal_call
+from controlplane.node.actor_replay import calls_to_replay, internal_call, internal_call_done
+from controlplane.node.actor_routes import ActorRoutes
+from controlplane.node.actors_elsewhere import ActorsElsewhere
 from controlplane.node.local_scheduler import LocalScheduler
 from controlplane.node.placement_groups import PlacementGroups
 from controlplane.node.recorder import EventRecorder
+from controlplane.node.spilled_tasks import SpilledTasks
 from controlplane.node.task_table import Connection, TaskRecord, TaskTable
 from controlplane.node.workers import WorkerHandle, WorkerPool
 from dataplane import protocol as p
@@ -62,8 +60,6 @@ class ActorRecord:
     creation: TaskRecord
     owner: Connection | None  # None: hosted here for a driver of another node
     state: str = "PENDING_CREATION"
-    elsewhere: bool = False  # made here, lives on another node (calls go through the log)
-    placed_on: str | None = None  # that node, once the global schedulers placed it
     worker: WorkerHandle | None = None
     creation_sent: bool = False
     reported_infeasible: bool = False
@@ -73,7 +69,6 @@ class ActorRecord:
     restarts: int = 0
     replaying: bool = False  # its earlier calls are being read from the log
     calls_since_checkpoint: int = 0
-    watchers: list[Connection] = field(default_factory=list)  # waiting for its route
     # the last dead worker's id and the calls it had begun and not answered (None: not
     # known), for direct calls whose copies come after its death
     last_begun: tuple[str, set[str] | None] = ("", None)
@@ -85,8 +80,7 @@ class ActorRecord:
 
 class ActorHost(Protocol):
     """What the actors ask of the node: a call's end (``finish_ok``/``finish_failed``,
-    which publish its results), sending work to a worker, and what crosses to other
-    nodes (spills, and the calls of actors living elsewhere, followed as spills are)."""
+    which publish its results) and sending work to a worker."""
 
     def finish_ok(self, record: TaskRecord, returns: list[p.ObjectLocation]) -> None: ...
 
@@ -98,24 +92,10 @@ class ActorHost(Protocol):
 
     def running_event(self, record: TaskRecord, worker_id: str) -> Event: ...
 
-    def actor_goes_elsewhere(self, creation: TaskRecord) -> bool: ...
-
-    def spill(self, record: TaskRecord) -> None: ...
-
-    def remember_spilled(self, record: TaskRecord) -> None:
-        """Follows ``record`` (a call forwarded to another node) as a spilled task."""
-
-    def forget_spilled(self, task_id: str) -> TaskRecord | None: ...
-
-    def spilled_calls_of(self, actor_id: str) -> list[TaskRecord]: ...
-
-    def pull_then(self, record: TaskRecord, address: str, then: Callable[[], None]) -> None:
-        """Brings the record's arguments from the node at ``address``, then ``then()``."""
-
 
 class ActorDirector:
-    """Owns the node's actors (``ActorRecord``: state, worker, queued and running
-    calls, restarts), made here or hosted here for another node, and their names."""
+    """Owns the actors living on this node (``ActorRecord``: state, worker, queued
+    and running calls, restarts), made here or hosted here for another node."""
 
     def __init__(
         self,
@@ -128,6 +108,9 @@ class ActorDirector:
         scheduler: LocalScheduler,
         worker_pool: WorkerPool,
         placement_groups: PlacementGroups,
+        spills: SpilledTasks,
+        elsewhere: ActorsElsewhere,
+        names: ActorNames,
         node: ActorHost,
         *,
         spawn: Callable[[Coroutine[Any, Any, None]], object],
@@ -141,16 +124,23 @@ class ActorDirector:
         self.scheduler = scheduler
         self.worker_pool = worker_pool
         self.placement_groups = placement_groups
+        self.spills = spills
+        self.elsewhere = elsewhere
+        self.names = names
         self.node = node
         self._spawn = spawn
         self.actors: dict[str, ActorRecord] = {}
-        self.names = ActorNames(self.actors.get)
         self._unscheduled: set[str] = set()  # created, constructor not sent yet
-        # a direct call's TaskDone that came before the caller's copy of the call
-        self._early_direct_done: dict[str, p.TaskDone] = {}
+        self.routes = ActorRoutes(session_dir)
+
+    def _log(self, actor_id: str, event_type: str, payload: dict[str, Any], **more: Any) -> None:
+        """Logs an event of the actor (written behind)."""
+        event = Event(K.ACTOR, actor_id, event_type, payload, node_id=self.node_id, **more)
+        self.recorder.log([event])
 
     def alive(self) -> int:
-        return sum(1 for a in self.actors.values() if a.death is None)
+        """The node's actors alive, those living elsewhere included."""
+        return sum(1 for a in self.actors.values() if a.death is None) + self.elsewhere.alive()
 
     def waiting_for_resources(self) -> int:
         return len(self._unscheduled)
@@ -171,35 +161,23 @@ class ActorDirector:
     def create(self, conn: Connection, creation: TaskRecord) -> None:
         spec = creation.spec
         assert spec.actor_id is not None  # an actor's creation task
-        actor = ActorRecord(spec.actor_id, creation, conn)
-        self.actors[actor.actor_id] = actor
-        self._unscheduled.add(actor.actor_id)
         options = spec.actor_options
+        self.names.created(spec.actor_id, options)
         payload: dict[str, Any] = {"class_name": spec.name.removesuffix(".__init__")}
         if options is not None and options.name is not None:
             payload["name"] = options.name
             payload["namespace"] = self.names.namespace(options.namespace, spec.job_id)
-        self.recorder.log(
-            [
-                Event(
-                    K.ACTOR,
-                    actor.actor_id,
-                    "creation_requested",
-                    payload,
-                    job_id=spec.job_id,
-                    node_id=self.node_id,
-                )
-            ]
-        )
+        self._log(spec.actor_id, "creation_requested", payload, job_id=spec.job_id)
         # the constructor's arguments stay pinned while the actor lives: a restart
         # runs the constructor again
         for object_id in (*spec.dependencies(), *spec.contained_refs):
             self.objects.pin(object_id)
-        if self.node.actor_goes_elsewhere(creation):  # placed by the global schedulers
-            actor.elsewhere = True
-            self._unscheduled.discard(actor.actor_id)
-            self._when_deps_ready(creation, lambda: self.node.spill(creation))
+        if self.spills.actor_goes_elsewhere(creation):  # placed by the global schedulers
+            self.elsewhere.take(creation, conn)
             return
+        actor = ActorRecord(spec.actor_id, creation, conn)
+        self.actors[actor.actor_id] = actor
+        self._unscheduled.add(actor.actor_id)
         actor.worker = self.worker_pool.start(actor_id=actor.actor_id)
         for dep in list(creation.pending_deps):
             self.objects.on_ready(dep, functools.partial(self._dep_ready, actor, creation, dep))
@@ -217,42 +195,22 @@ class ActorDirector:
 
     def _move_elsewhere(self, actor: ActorRecord) -> None:
         """The actor will live on another node: its worker here goes (not a crash), and
-        its creation is spilled to be placed there."""
-        actor.elsewhere = True
+        it is handed, with its calls so far, to the actors living elsewhere."""
+        del self.actors[actor.actor_id]
         self._unscheduled.discard(actor.actor_id)
-        self._tell_watchers(actor)
+        self.routes.tell(None, actor.actor_id)
         handle, actor.worker = actor.worker, None
         if handle is not None:
             with contextlib.suppress(ProcessLookupError):
                 handle.process.kill()
-        self._when_deps_ready(actor.creation, lambda: self.node.spill(actor.creation))
-
-    def _when_deps_ready(self, record: TaskRecord, then: Any) -> None:
-        if not record.pending_deps:
-            then()
-            return
-        for dep in list(record.pending_deps):
-
-            def ready(d: str = dep) -> None:
-                record.pending_deps.discard(d)
-                if not record.pending_deps:
-                    then()
-
-            self.objects.on_ready(dep, ready)
+        calls, actor.queue = actor.queue, deque()
+        self.elsewhere.take(actor.creation, actor.owner, restarts=actor.restarts, calls=calls)
 
     def call(self, record: TaskRecord) -> None:
-        actor = self.actors.get(record.spec.actor_id or "")
-        if actor is not None and actor.elsewhere and actor.death is None:
-            # its node runs it, in the order of the log; the result comes back as a
-            # spilled task's does. Calls wait here until the actor is placed.
-            record.state = "SPILLED"
-            record.retries_left = actor.options.max_task_retries
-            self.node.remember_spilled(record)
-            if actor.placed_on is None:
-                actor.queue.append(record)
-            else:
-                self._forward(actor, record)
+        if record.spec.actor_id in self.elsewhere:
+            self.elsewhere.call(record)
             return
+        actor = self.actors.get(record.spec.actor_id or "")
         if actor is None:
             self.node.finish_failed(
                 record,
@@ -298,9 +256,7 @@ class ActorDirector:
             self.scheduler.take(creation, bundle)
             actor.creation_sent = True
             self._unscheduled.discard(actor.actor_id)
-            self.recorder.log(
-                [Event(K.ACTOR, actor.actor_id, "scheduled", {}, node_id=self.node_id)]
-            )
+            self._log(actor.actor_id, "scheduled", {})
             self.node.run(creation, handle)
             return
         if actor.replaying:
@@ -329,17 +285,7 @@ class ActorDirector:
         log.warning("actor %s cannot be scheduled: %s", actor.actor_id, reason)
         if actor.owner is not None:
             actor.owner.send(p.Notice(f"actor {actor.actor_id} cannot be scheduled now: {reason}"))
-        self.recorder.log(
-            [
-                Event(
-                    K.ACTOR,
-                    actor.actor_id,
-                    "infeasible",
-                    {"reason": reason, "resources": request},
-                    node_id=self.node_id,
-                )
-            ]
-        )
+        self._log(actor.actor_id, "infeasible", {"reason": reason, "resources": request})
 
     def _task_done(self, actor: ActorRecord, done: p.TaskDone) -> None:
         if done.task_id == actor.creation.spec.task_id:
@@ -350,33 +296,24 @@ class ActorDirector:
                 return
             first_start, actor.state = actor.state == "PENDING_CREATION", "ALIVE"
             assert actor.worker is not None
-            self.recorder.log(
-                [
-                    Event(
-                        K.ACTOR,
-                        actor.actor_id,
-                        "alive",
-                        {"worker_id": actor.worker.worker_id},
-                        node_id=self.node_id,
-                    )
-                ]
-            )
+            self._log(actor.actor_id, "alive", {"worker_id": actor.worker.worker_id})
             if first_start:
                 self.node.finish_ok(creation, [])
             if actor.options.replay_calls_on_restart and (not first_start or creation.attempt > 0):
                 actor.replaying = True
                 self._spawn(self._replay_calls(actor))
-            self._tell_watchers(actor)
+            self.routes.tell(actor, actor.actor_id)
         else:
             record = actor.running.pop(done.task_id, None)
             if record is None:
                 if done.direct:  # its caller's copy of the call is still on its way
-                    self._early_direct_done[done.task_id] = done
+                    self.routes.answered_early(done)
                 return
             exiting = done.error is not None and done.error.kind == "actor_exit"
             record.answered = done.direct and not exiting
             if record.internal is not None:
-                self._internal_call_done(actor, record, done)
+                if checkpoint := internal_call_done(actor, record, done, self.objects):
+                    self._log(actor.actor_id, "checkpointed", checkpoint[0], data=checkpoint[1])
                 self._dispatch(actor)
                 return
             interval = actor.options.checkpoint_interval
@@ -397,40 +334,10 @@ class ActorDirector:
                 self.node.finish_ok(record, done.returns)
         self._dispatch(actor)
 
-    # -- direct calls (see the module's docstring) ------------------------------------
+    # -- direct calls (controlplane/README.md, "Direct actor calls") -----------------
 
     def watch(self, conn: Connection, actor_id: str) -> None:
-        actor = self.actors.get(actor_id)
-        if actor is not None and self._may_call_directly(actor) and actor.state != "ALIVE":
-            actor.watchers.append(conn)  # answered once it is alive (or never will be)
-        else:
-            conn.send(self._route_of(actor, actor_id))
-
-    def _may_call_directly(self, actor: ActorRecord) -> bool:
-        return not (
-            actor.elsewhere or actor.death is not None or actor.options.replay_calls_on_restart
-        )
-
-    def _route_of(self, actor: ActorRecord | None, actor_id: str) -> p.ActorRoute:
-        handle = actor.worker if actor is not None else None
-        if (
-            actor is None
-            or handle is None
-            or handle.conn is None
-            or actor.state != "ALIVE"
-            or not self._may_call_directly(actor)
-        ):
-            return p.ActorRoute(actor_id, None, None)
-        path = p.direct_socket_path(str(self.session_dir), handle.worker_id)
-        return p.ActorRoute(actor_id, handle.worker_id, path)
-
-    def _tell_watchers(self, actor: ActorRecord) -> None:
-        """Callers waiting for the actor's route get it, now that it is alive, moved to
-        another node or dead."""
-        watchers, actor.watchers = actor.watchers, []
-        route = self._route_of(actor, actor.actor_id)
-        for conn in watchers:
-            conn.send(route)
+        self.routes.watch(conn, self.actors.get(actor_id), actor_id)
 
     def submit_direct(self, conn: Connection, call: p.SubmitDirectCall) -> None:
         """The daemon's copy of a call sent straight to the worker ``worker_id``: from
@@ -441,7 +348,7 @@ class ActorDirector:
         actor = self.actors.get(spec.actor_id or "")
         record.retries_left = actor.options.max_task_retries if actor is not None else 0
         handle = actor.worker if actor is not None else None
-        early = self._early_direct_done.pop(spec.task_id, None)
+        early = self.routes.take_early(spec.task_id)
         if actor is None or (early is None and (handle is None or handle.worker_id != worker_id)):
             self._direct_call_unanswered(actor, record, worker_id)
             return
@@ -478,35 +385,10 @@ class ActorDirector:
         replayed, payload = await calls_to_replay(self.gcs_url, actor, self.objects)
         if "reason" in payload:
             log.warning("actor %s: replay incomplete: %s", actor.actor_id, payload["reason"])
-        self.recorder.log(
-            [Event(K.ACTOR, actor.actor_id, "replaying", payload, node_id=self.node_id)]
-        )
+        self._log(actor.actor_id, "replaying", payload)
         actor.queue.extendleft(reversed(replayed))
         actor.replaying = False
         self._dispatch(actor)
-
-    def _internal_call_done(self, actor: ActorRecord, record: Any, done: p.TaskDone) -> None:
-        """A replayed call's or a restore's result is dropped; a checkpoint's is logged
-        (``checkpointed``, the state in its data) and then dropped here."""
-        blob = drop_returns(record, done, self.objects)
-        if done.error is not None:
-            log.warning(
-                "actor %s: %s failed: %s", actor.actor_id, record.spec.name, done.error.message
-            )
-        elif record.internal == "checkpoint" and blob is not None:
-            interval = actor.options.checkpoint_interval
-            self.recorder.log(
-                [
-                    Event(
-                        K.ACTOR,
-                        actor.actor_id,
-                        "checkpointed",
-                        {"calls": interval},
-                        node_id=self.node_id,
-                        data=blob,
-                    )
-                ]
-            )
 
     # -- death ---------------------------------------------------------------------
 
@@ -523,9 +405,7 @@ class ActorDirector:
         if actor.creation_sent:
             self.scheduler.give_back(actor.creation)
         was_alive, actor.state = actor.state, "DEAD"
-        self.recorder.log(
-            [Event(K.ACTOR, actor.actor_id, "dead", {"cause": cause[:2000]}, node_id=self.node_id)]
-        )
+        self._log(actor.actor_id, "dead", {"cause": cause[:2000]})
         # direct calls wait for the worker's connection to end: an answer the caller may
         # have seen is recorded as it was, not as a failure
         connected = actor.worker is not None and self.worker_pool.alive(actor.worker.worker_id)
@@ -537,7 +417,7 @@ class ActorDirector:
             pending.append(actor.creation)
         for record in pending:
             self.node.finish_failed(record, actor.death, log_event=True)
-        self._tell_watchers(actor)
+        self.routes.tell(actor, actor.actor_id)
         spec = actor.creation.spec
         for object_id in (*spec.dependencies(), *spec.contained_refs):
             self.objects.unpin(object_id)
@@ -546,16 +426,11 @@ class ActorDirector:
                 actor.worker.process.kill()
 
     def kill(self, actor_id: str, no_restart: bool, cause: str = "") -> None:
+        if actor_id in self.elsewhere:  # its node does it
+            self.elsewhere.kill(actor_id, no_restart, cause)
+            return
         actor = self.actors.get(actor_id)
         if actor is None or actor.death is not None:
-            return
-        if actor.elsewhere:  # its node does it
-            payload: dict[str, Any] = {"no_restart": no_restart}
-            if cause:
-                payload["cause"] = cause
-            self.recorder.log(
-                [Event(K.ACTOR, actor_id, "kill_requested", payload, node_id=self.node_id)]
-            )
             return
         if no_restart and cause:
             self._died(actor, cause)
@@ -580,17 +455,7 @@ class ActorDirector:
         if actor.creation_sent:
             self.scheduler.give_back(actor.creation)
         actor.creation_sent, actor.state = False, "RESTARTING"
-        self.recorder.log(
-            [
-                Event(
-                    K.ACTOR,
-                    actor.actor_id,
-                    "restarting",
-                    {"attempt": actor.restarts},
-                    node_id=self.node_id,
-                )
-            ]
-        )
+        self._log(actor.actor_id, "restarting", {"attempt": actor.restarts})
         interrupted, actor.running = list(actor.running.values()), {}
         # Which calls had begun: as the process marked them (``begun``). Without that
         # mark: only the first max_concurrency calls the daemon sent can have (the
@@ -676,120 +541,17 @@ class ActorDirector:
 
     def owner_gone(self, conn: Connection) -> None:
         """Actors die with the process that created them, unless detached."""
+        self.elsewhere.owner_gone(conn)
         for actor in list(self.actors.values()):
             options = actor.creation.spec.actor_options
             if actor.owner is conn and not (options and options.detached):
-                if actor.elsewhere:
-                    self.kill(actor.actor_id, True, "its owner exited")
-                else:
-                    self._died(actor, "its owner exited")
+                self._died(actor, "its owner exited")
 
-    # -- actors made here that live on another node, and actors hosted here ----------
+    # -- actors hosted here for another node ----------------------------------------
 
-    def placed(self, creation: TaskRecord, node_id: str) -> None:
-        """An actor made here was placed on ``node_id``: the calls that waited for it go
-        there, in order."""
-        actor = self.actors.get(creation.spec.actor_id or "")
-        if actor is None or not actor.elsewhere:
-            return
-        actor.placed_on = node_id
-        waiting, actor.queue = list(actor.queue), deque()
-        for record in waiting:  # (queued here before it was known to live elsewhere)
-            record.state = "SPILLED"
-            self.node.remember_spilled(record)
-            self._forward(actor, record)
-
-    def node_lost(self, node_id: str) -> None:
-        """The actors made here that lived on ``node_id`` are made again elsewhere, or die."""
-        for actor in list(self.actors.values()):
-            if actor.elsewhere and actor.placed_on == node_id and actor.death is None:
-                self._lost_with_node(actor, node_id)
-
-    def creation_placed_on_dead_node(self, creation: TaskRecord, node_id: str) -> None:
-        actor = self.actors.get(creation.spec.actor_id or "")
-        if actor is not None and actor.elsewhere and actor.death is None:
-            self._lost_with_node(actor, node_id)
-
-    def _lost_with_node(self, actor: ActorRecord, node_id: str) -> None:
-        """An actor made here lived on a node that died: it is made again on another
-        node if ``max_restarts`` allows (its constructor re-run; ``restarting`` says
-        so), and the calls forwarded to it and not finished are sent to the new
-        instance, in their order, as ``max_task_retries`` allows (each may have begun
-        there: it counts as a retry); otherwise it is dead and they fail."""
-        cause = f"its node {node_id} died"
-        calls = self.node.spilled_calls_of(actor.actor_id)
-        for record in calls:
-            self.node.forget_spilled(record.spec.task_id)
-        creation = actor.creation
-        self.node.forget_spilled(creation.spec.task_id)
-        limit = actor.options.max_restarts
-        if limit != -1 and actor.restarts >= limit:
-            actor.queue.extendleft(reversed(calls))  # failed with the actor, in order
-            self._died(actor, cause)
-            return
-        actor.restarts += 1
-        actor.state, actor.placed_on = "RESTARTING", None
-        self.recorder.log(
-            [
-                Event(
-                    K.ACTOR,
-                    actor.actor_id,
-                    "restarting",
-                    {"attempt": actor.restarts, "cause": cause},
-                    node_id=self.node_id,
-                )
-            ]
-        )
-        resent = []
-        for record in calls:
-            if record.retries_left == 0:
-                self.node.finish_failed(
-                    record,
-                    p.ErrorInfo(
-                        "actor_died",
-                        f"the actor {actor.actor_id} died while the call was on its node "
-                        f"(max_task_retries=0): {cause}",
-                        function_name=actor.actor_id,
-                    ),
-                    log_event=True,
-                )
-                continue
-            record.retries_left -= record.retries_left > 0
-            self.tasks.next_attempt(record, f"the actor restarted: {cause}")
-            resent.append(record)
-        actor.queue.extendleft(reversed(resent))  # before calls made since, in order
-        for record in resent:
-            self.node.remember_spilled(record)  # forwarded again once placed
-        # placed again (a new attempt: a new placement), its calls forwarded once it is
-        self.tasks.keep(creation)  # its constructor may have finished: in hand again
-        creation.placed_on = None
-        self.tasks.next_attempt(creation, f"the actor restarts: {cause}")
-        self.node.spill(creation)
-
-    def _forward(self, actor: ActorRecord, record: TaskRecord) -> None:
-        """Hands a call to the actor's node through the log (``forwarded``, the spec in
-        its data); that node reads them in log order, so each caller's order holds."""
-        spec = record.spec
-        self.recorder.log(
-            [
-                Event(
-                    K.TASK,
-                    spec.task_id,
-                    "forwarded",
-                    {
-                        "actor_id": actor.actor_id,
-                        "to_node": actor.placed_on,
-                        "attempt": record.attempt,
-                    },
-                    job_id=spec.job_id,
-                    node_id=self.node_id,
-                    data=p.encode(spec),
-                )
-            ]
-        )
-
-    def host(self, creation: TaskRecord, owner_address: str) -> None:
-        """An actor made on another node (at ``owner_address``) lives here."""
+    def host(self, creation: TaskRecord) -> None:
+        """An actor made on another node lives here; its constructor is sent once its
+        arguments are here (``arguments_here``)."""
         assert creation.spec.actor_id is not None  # an actor's creation task
         actor = ActorRecord(creation.spec.actor_id, creation, None)
         self.actors[actor.actor_id] = actor
@@ -798,25 +560,18 @@ class ActorDirector:
         # the constructor again), as on a creator's node
         for object_id in (*creation.spec.dependencies(), *creation.spec.contained_refs):
             self.objects.pin(object_id)
-        self.node.pull_then(creation, owner_address, lambda: self._dispatch(actor))
         actor.worker = self.worker_pool.start(actor_id=actor.actor_id)
 
+    def arguments_here(self, actor_id: str) -> None:
+        """A hosted actor's constructor arguments were brought here from its creator's node."""
+        actor = self.actors.get(actor_id)
+        if actor is not None:
+            self._dispatch(actor)
+
     def remote_event(self, event: RecordedEvent) -> None:
-        """Another node's event of an actor known here: a kill asked of an actor
-        hosted here, or the state of an actor made here that lives there."""
+        """Another node's event of an actor hosted here: its creator's node asks for a
+        kill."""
         actor = self.actors.get(event.entity_id)
-        if actor is None:
-            return
-        if event.event_type == "kill_requested" and actor.owner is None:
+        if actor is not None and event.event_type == "kill_requested" and actor.owner is None:
             cause = event.payload.get("cause") or ""
             self.kill(actor.actor_id, bool(event.payload["no_restart"]), cause)
-        elif actor.elsewhere and event.event_type in ("alive", "restarting"):
-            actor.state = "ALIVE" if event.event_type == "alive" else "RESTARTING"
-        elif actor.elsewhere and event.event_type == "dead":
-            actor.state = "DEAD"
-            actor.death = p.ErrorInfo(
-                "actor_died",
-                f"the actor {actor.actor_id} died: {event.payload.get('cause', '')}",
-                function_name=actor.actor_id,
-            )
-            self.names.forget(actor.actor_id)

@@ -1,7 +1,8 @@
-"""The node daemon: one per node. It wires the node's parts (controlplane/README.md,
-"The node daemon's parts": the task table, the local scheduler, the worker pool, the
-object store...) and routes its clients' messages to them; every transition is
-recorded in the log through the one event recorder.
+"""The node daemon: one per node. It makes the node's parts (parts.py;
+controlplane/README.md, "The node daemon's parts"), serves its clients (clients.py,
+which routes their messages to the parts), joins the cluster, and stops -- cleanly, or
+for a reason its clients are told. Every transition is recorded in the log through the
+one event recorder.
 
 Durability before visibility: a task's results become visible (``get`` returns,
 ``wait`` counts them, the submitter is sent them) only after its ``finished`` event and
@@ -20,11 +21,8 @@ other process once its ``created`` event is durable.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import itertools
 import logging
 import os
-import secrets
 import signal
 import uuid
 from collections.abc import Awaitable, Callable
@@ -34,23 +32,13 @@ from typing import Any, TypeVar
 from controlplane.errors import GcsError, GcsIdentityError
 from controlplane.eventlog import EntityKind, Event
 from controlplane.eventlog.connection import retry_while_unavailable
-from controlplane.node import rpc
-from controlplane.node.actors import ActorDirector
-from controlplane.node.cluster_link import ClusterLink, JoinOffer
-from controlplane.node.local_scheduler import LocalScheduler
-from controlplane.node.object_store import ObjectStore
-from controlplane.node.placement_groups import PlacementGroups
-from controlplane.node.reconstruction import Reconstructor
-from controlplane.node.recorder import EventRecorder
-from controlplane.node.remote_tasks import RemoteTasks
+from controlplane.node.clients import Clients
+from controlplane.node.cluster_link import JoinOffer
+from controlplane.node.parts import ClusterOptions, build_parts
 from controlplane.node.resources import ResourcePool, node_resources
-from controlplane.node.task_runs import TaskRuns
-from controlplane.node.task_table import Connection, TaskTable
-from controlplane.node.workers import WorkerPool
-from controlplane.tls import NodeTls
 from dataplane import protocol as p
 from dataplane import shm
-from dataplane.transfer import Puller, object_service
+from dataplane.transfer import object_service
 
 T = TypeVar("T")
 log = logging.getLogger("cairn.node")
@@ -79,135 +67,47 @@ class NodeDaemon:
         # pings and load heartbeats; the head also lets nodes join and declares silent
         # ones dead. A private single-node cluster (sdk.init()) has none of these.
         self.rpc_port = rpc_port
-        self.rpc_host = rpc_host
         self.head = head
         self.socket_path = str(session_dir / "node.sock")
         self.gcs_url = gcs_url
         self.node_id = node_id
+        cluster = None
+        if rpc_port is not None:
+            join_offer = JoinOffer(*(join_gcs or (gcs_url, False)), join_gcs_replica)
+            cluster = ClusterOptions(
+                rpc_host,
+                rpc_port,
+                auth_token,
+                join_offer if head else None,
+                head or membership_monitor,
+            )
         # with Ray's node:<ip> (and, on the head or a private cluster's one node,
         # node:__internal_head__), which tasks ask for to run on that node
         own = node_resources(rpc_host, head=head or rpc_port is None)
-        self.resources = ResourcePool({**resources, **own})
-        # a cluster member appends fenced: once declared dead, its appends are refused
-        self.recorder = EventRecorder(
-            gcs_url, writer_node=node_id if rpc_port is not None else None
-        )
-        self.store = ObjectStore(
-            node_id,
-            object_store_memory,
-            session_dir / "spill",
-            Path(os.environ.get("CAIRN_DURABLE_DIR") or session_dir / "durable"),
-            self.recorder,
+        self.parts = build_parts(
+            node_id=node_id,
+            gcs_url=gcs_url,
+            session_dir=session_dir,
+            socket_path=self.socket_path,
+            resources=ResourcePool({**resources, **own}),
+            workers=max(1, int(resources.get("CPU", 1))),
+            object_store_memory=object_store_memory,
+            durable_dir=Path(os.environ.get("CAIRN_DURABLE_DIR") or session_dir / "durable"),
+            head=head,
+            cluster=cluster,
             spawn=self._spawn,
-            schedule=lambda: self.scheduler.schedule(),
-            fetch_remote=lambda object_id, address: self.remote_tasks.fetch(object_id, address),
-            release_remote=lambda address, object_id: self._spawn(
-                self.puller.release(address, object_id)
-            ),
-            on_lost=lambda object_id, why: self.reconstructor.object_lost(
-                object_id, why, needed=True
-            ),
+            stop_because=self._stop_because,
         )
-        self.objects = self.store.objects  # (the table every part reads; the store owns it)
-        self.spiller = self.store.spiller
+        self.recorder = self.parts.recorder
+        self.link = self.parts.link
         # the GCS is not this node's log any more (wiped, replaced, put back from an
         # older copy): the daemon stops, saying why (see eventlog/fencing.py)
         self.refused: GcsIdentityError | None = None
         self.recorder.on_refused(self._gcs_refused)
-        self._clients: dict[int, Connection] = {}  # by id(): connected drivers, workers
-        self.tasks = TaskTable(node_id, self.objects, self.recorder)
-        self.worker_pool = WorkerPool(
-            node_id, self.socket_path, size=max(1, int(resources.get("CPU", 1)))
-        )
-        # job ids are unique in the log's whole history (which outlives daemons and
-        # holds every node's jobs): a random prefix drawn per daemon, then a counter
-        job_prefix = f"{secrets.randbits(32):08x}"
-        self._job_ids = (f"{job_prefix}{n:08x}" for n in itertools.count(1))
-        self._server: asyncio.AbstractServer | None = None
         self._stopping = asyncio.Event()
+        self.clients = Clients(self.parts, session_dir, gcs_url, self._stopping)
+        self._server: asyncio.AbstractServer | None = None
         self._background: set[asyncio.Task[Any]] = set()
-        self.placement_groups = PlacementGroups(
-            node_id,
-            self.resources,
-            self.objects,
-            self.recorder,
-            in_cluster=lambda: self.link is not None and self.link.has_peers(),
-            publish=self.store.make_durable_then_ready,
-            created_event=self.store.created_event,
-            schedule=lambda: self.scheduler.schedule(),
-        )
-        self.runs = TaskRuns(
-            node_id,
-            self.recorder,
-            self.store,
-            self.tasks,
-            self.worker_pool,
-            self.placement_groups,
-        )
-        self.scheduler = LocalScheduler(
-            self.resources, self.placement_groups, self.worker_pool, self.runs
-        )
-        self.actor_director = ActorDirector(
-            node_id,
-            gcs_url,
-            session_dir,
-            self.recorder,
-            self.objects,
-            self.tasks,
-            self.scheduler,
-            self.worker_pool,
-            self.placement_groups,
-            self.runs,
-            spawn=self._spawn,
-        )
-        self.reconstructor = Reconstructor(
-            node_id,
-            gcs_url,
-            self.objects,
-            self.recorder,
-            self.spiller,
-            self.runs,
-            spawn=self._spawn,
-        )
-        self.puller = Puller(node_id, self.objects, rpc.Link())
-        # in a cluster: the gRPC service, liveness, heartbeats, membership
-        self.link: ClusterLink | None = None
-        if rpc_port is not None:
-            self.link = ClusterLink(
-                node_id,
-                gcs_url,
-                rpc_host,
-                rpc_port,
-                self.recorder,
-                auth_token=auth_token,
-                tls=NodeTls.find(session_dir),
-                join_offer=JoinOffer(*(join_gcs or (gcs_url, False)), join_gcs_replica)
-                if head
-                else None,
-                membership_monitor=head or membership_monitor,
-                spawn=self._spawn,
-                on_fenced=lambda: self._stop_because(
-                    "the cluster declared this node dead (its liveness pings stopped for too long)"
-                ),
-            )
-        self.remote_tasks = RemoteTasks(
-            node_id,
-            gcs_url,
-            self.recorder,
-            self.objects,
-            self.tasks,
-            self.scheduler,
-            self.placement_groups,
-            self.actor_director,
-            self.reconstructor,
-            self.puller,
-            self.link,
-            self.runs,
-            socket_path=self.socket_path,
-            head=head,
-            spawn=self._spawn,
-        )
-        self.runs.wire(self.scheduler, self.actor_director, self.remote_tasks, self.reconstructor)
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -224,7 +124,7 @@ class NodeDaemon:
                     "registered",
                     {
                         "address": self.address or self.socket_path,
-                        "resources": self.resources.total,
+                        "resources": self.parts.resources.total,
                         "socket": self.socket_path,
                         "head": self.head,
                         "hostname": os.uname().nodename,
@@ -234,8 +134,8 @@ class NodeDaemon:
             ]
         )
         listening = p.bind_private_socket(self.socket_path)  # the driver socket, 0600
-        self._server = await asyncio.start_unix_server(self._client, sock=listening)
-        self.worker_pool.fill()
+        self._server = await asyncio.start_unix_server(self.clients.serve, sock=listening)
+        self.parts.worker_pool.fill()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
@@ -247,24 +147,24 @@ class NodeDaemon:
         """Joins the cluster (controlplane/node/cluster_link.py), then follows the log
         from where it stood then."""
         assert self.link is not None
-        object_info, read_object = object_service(self.objects)
+        object_info, read_object = object_service(self.parts.store.objects)
         self.recorder.on_fenced(self._fenced)
         after = await self.link.join(
             {
-                "Info": lambda _request: self._cluster_info(),
-                "Release": self.remote_tasks.owner_released,
+                "Info": lambda _request: self.parts.info(),
+                "Release": self.parts.remote_tasks.owner_released,
                 "ObjectInfo": object_info,
             },
             {"ReadObject": read_object},
-            self._cluster_info,
+            self.parts.info,
         )
         (self.session_dir / "node.address").write_text(self.link.address)
-        self._spawn(self.remote_tasks.follow_log(after), vital=True)
+        self._spawn(self.parts.remote_tasks.follow_log(after), vital=True)
 
     @property
     def address(self) -> str:
         """host:port of the node's gRPC service ("" outside a cluster, or before)."""
-        return self.remote_tasks.address
+        return self.parts.remote_tasks.address
 
     def _fenced(self, error: GcsError) -> None:
         """The log refused this node's appends: the cluster declared it dead (it was cut
@@ -288,8 +188,7 @@ class NodeDaemon:
         if self._stopping.is_set():
             return
         log.error("node daemon %s stops: %s", self.node_id, reason)
-        for conn in list(self._clients.values()):
-            conn.send(p.Shutdown(f"the node daemon stopped: {reason}"))
+        self.clients.tell_all(p.Shutdown(f"the node daemon stopped: {reason}"))
         self._stopping.set()
 
     async def _while_unavailable(self, attempt: Callable[[], Awaitable[T]]) -> T:
@@ -327,7 +226,7 @@ class NodeDaemon:
                 task.cancel()
         if self._server is not None:
             self._server.close()
-        await self.worker_pool.stop()
+        await self.parts.worker_pool.stop()
         dead = Event(K.NODE, self.node_id, "dead", {"cause": "shutdown"}, node_id=self.node_id)
         if self.link is None:
             self.recorder.log([dead])
@@ -335,229 +234,6 @@ class NodeDaemon:
         if self.link is not None:
             await self.link.leave(dead)
         shm.unlink_all(self.node_id)
-
-    # -- connections ---------------------------------------------------------------
-
-    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        conn = Connection(writer)
-        try:
-            hello = await p.read_message(reader)
-            if not isinstance(hello, p.Hello):
-                raise p.ProtocolError(f"expected Hello, got {type(hello).__name__}")
-            self._welcome(conn, hello)
-            self._clients[id(conn)] = conn
-            while True:
-                message = await p.read_message(reader)
-                self._dispatch(conn, message)
-                # the log may be behind (results of direct calls are visible before
-                # their events commit): reading stops until it catches up
-                await self.recorder.caught_up()
-        except p.ProtocolError as exc:  # a damaged or truncated message: this one goes
-            who = f"{conn.role or 'client'} (pid {conn.pid or '?'})"
-            log.warning("node daemon: closing the connection of a %s: %s", who, exc)
-            with contextlib.suppress(Exception):
-                writer.write(p.encode(p.Shutdown(f"the node daemon closed this connection: {exc}")))
-        except (EOFError, ConnectionError):
-            pass
-        except Exception:
-            log.exception("node daemon: error serving a %s", conn.role or "client")
-        finally:
-            self._clients.pop(id(conn), None)
-            await self._disconnected(conn)
-            writer.close()
-
-    def _welcome(self, conn: Connection, hello: p.Hello) -> None:
-        conn.role, conn.pid, conn.worker_id = hello.role, hello.pid, hello.worker_id
-        if hello.role == "worker":
-            handle = self.worker_pool.connected(hello.worker_id, conn)
-            conn.job_id = None
-            self.recorder.log(
-                [
-                    Event(
-                        K.WORKER,
-                        handle.worker_id,
-                        "started",
-                        {"pid": hello.pid},
-                        node_id=self.node_id,
-                    )
-                ]
-            )
-        elif hello.role == "observer":  # `cairn status`: reads, runs nothing
-            conn.job_id = None
-        else:
-            conn.job_id = next(self._job_ids)
-            self.actor_director.names.job_started(conn.job_id, hello.namespace or uuid.uuid4().hex)
-            submitted = {"entrypoint": f"driver pid {hello.pid}", "driver_node_id": self.node_id}
-            if hello.replay_of:
-                submitted["replay_of"] = hello.replay_of
-            self.recorder.log(
-                [
-                    Event(K.JOB, conn.job_id, "submitted", submitted),
-                    Event(K.JOB, conn.job_id, "started", {}),
-                ]
-            )
-        conn.send(
-            p.Welcome(
-                self.node_id,
-                conn.job_id or "",
-                str(self.session_dir),
-                self.gcs_url,
-                self.resources.total,
-                self.actor_director.names.namespace(None, conn.job_id or ""),
-            )
-        )
-        worker = self.worker_pool.of(conn)
-        if worker is not None and worker.actor_id is not None:
-            self.actor_director.worker_connected(worker)
-        self.scheduler.schedule()
-
-    async def _disconnected(self, conn: Connection) -> None:
-        for object_id in list(conn.holding):
-            self.objects.release(object_id)
-        conn.holding.clear()
-        self.actor_director.owner_gone(conn)
-        self.placement_groups.owner_gone(conn)
-        if conn.role == "driver" and conn.job_id:
-            self.recorder.log([Event(K.JOB, conn.job_id, "finished", {})])
-        elif conn.role == "worker" and (gone := await self.worker_pool.gone(conn.worker_id or "")):
-            handle, exit_code = gone
-            self.recorder.log(
-                [
-                    Event(
-                        K.WORKER,
-                        handle.worker_id,
-                        "died",
-                        {"cause": "exited", "exit_code": exit_code},
-                        node_id=self.node_id,
-                    )
-                ]
-            )
-            if handle.actor_id is not None:
-                self.actor_director.worker_lost(handle, exit_code)
-                return
-            if handle.task is not None:
-                self.runs.worker_lost(handle, exit_code)
-            if not self._stopping.is_set():
-                self.worker_pool.start()
-                self.scheduler.schedule()
-
-    def _dispatch(self, conn: Connection, message: object) -> None:
-        match message:
-            case p.RefCounts(deltas):
-                self._ref_counts(conn, deltas)
-            case p.RegisterFunction(function_id, blob, name):
-                self.tasks.add_function(function_id, blob, name)
-            case p.SubmitTask(spec):
-                self.runs.submit(conn, spec)
-            case p.SubmitDirectCall():
-                self.actor_director.submit_direct(conn, message)
-            case p.WatchActor(actor_id):
-                self.actor_director.watch(conn, actor_id)
-            case p.PushObjects(object_ids):
-                self.store.push(conn, object_ids)
-            case p.PutObject(location, task_id, durable):
-                self._hold(conn, location.object_id)
-                self.store.put(location, task_id, conn.job_id, durable)
-            case p.ReserveShm(request_id, size):
-                self.store.reserve(conn, request_id, size)
-            case p.GetObjects(request_id, object_ids, timeout):
-                self._get(conn, request_id, object_ids, timeout)
-            case p.WaitObjects(request_id, object_ids, num_returns, timeout, _fetch):
-                self._wait(conn, request_id, object_ids, num_returns, timeout)
-            case p.TaskDone():
-                self.runs.task_done(self.worker_pool.of(conn), message)
-            case p.CancelTask(object_id, force, recursive):
-                self.runs.cancel(object_id, force, recursive)
-            case p.CreatePlacementGroup():
-                self._hold(conn, message.ready_object_id)
-                self.placement_groups.create(conn, message)
-            case p.RemovePlacementGroup(pg_id):
-                self.placement_groups.remove(pg_id)
-            case p.PlacementGroupTable():
-                self.placement_groups.table(conn, message)
-            case p.ReserveActorName():
-                self.actor_director.names.reserve(conn, message)
-            case p.GetActor():
-                self.actor_director.names.get(conn, message)
-            case p.KillActor(actor_id, no_restart):
-                self.actor_director.kill(actor_id, no_restart)
-            case p.ReportLost(object_id, reason):
-                self.reconstructor.object_lost(object_id, reason)
-            case p.ClusterInfoRequest(request_id):
-                conn.send(p.Reply(request_id, self._cluster_info()))
-            case p.ClusterNodesRequest(request_id):
-                self.remote_tasks.answer_nodes(conn, request_id)
-            case _:
-                raise p.ProtocolError(f"unexpected message {type(message).__name__}")
-
-    # -- objects -------------------------------------------------------------------
-
-    def _hold(self, conn: Connection, object_id: str) -> None:
-        """``conn``'s process holds a ref to the object (it goes once none does)."""
-        conn.holding.add(object_id)
-        self.objects.hold(object_id)
-
-    def _ref_counts(self, conn: Connection, deltas: dict[str, int]) -> None:
-        for object_id, delta in deltas.items():
-            if delta > 0 and object_id not in conn.holding:
-                conn.holding.add(object_id)
-                self.objects.hold(object_id)
-            elif delta < 0 and object_id in conn.holding:
-                conn.holding.discard(object_id)
-                self.objects.release(object_id)
-
-    def _get(
-        self, conn: Connection, request_id: int, object_ids: list[str], timeout: float | None
-    ) -> None:
-        handle = self.worker_pool.of(conn)
-        waiting = [oid for oid in object_ids if not self.objects.is_ready(oid)]
-        if waiting and handle is not None and handle.task is not None and not handle.blocked:
-            self.scheduler.block(handle)
-
-        def finish(timed_out: bool) -> None:
-            if handle is not None and handle.blocked:
-                self.scheduler.unblock(handle)
-            if timed_out:
-                conn.send(p.Reply(request_id, error="timeout: get timed out"))
-            else:
-                conn.send(p.Reply(request_id, [self.objects.location(oid) for oid in object_ids]))
-
-        self.objects.when_ready(object_ids, len(object_ids), timeout, finish)
-
-    def _wait(
-        self,
-        conn: Connection,
-        request_id: int,
-        object_ids: list[str],
-        num_returns: int,
-        timeout: float | None,
-    ) -> None:
-        def finish(_timed_out: bool) -> None:
-            conn.send(p.Reply(request_id, self.objects.ready_in_order(object_ids, num_returns)))
-
-        self.objects.when_ready(object_ids, num_returns, timeout, finish)
-
-    # -- tasks ---------------------------------------------------------------------
-
-    # -- workers -------------------------------------------------------------------
-
-    def _cluster_info(self) -> dict[str, Any]:
-        return {
-            "node_id": self.node_id,
-            "address": self.socket_path,
-            "total": dict(self.resources.total),
-            "available": dict(self.resources.available),
-            "object_store_used": self.objects.used,
-            "object_store_capacity": self.objects.capacity,
-            "objects": len(self.objects),
-            "workers": len(self.worker_pool),
-            "pending_tasks": self.scheduler.pending(),
-            "waiting_tasks": self.tasks.waiting(),
-            "running_tasks": self.worker_pool.running_tasks(),
-            "actors": self.actor_director.alive(),
-            "pending_actors": self.actor_director.waiting_for_resources(),
-            "events_pending": self.recorder.backlog,  # queued, not yet committed
-        }
 
 
 def new_node_id() -> str:

@@ -3,7 +3,7 @@ here) and the node's resources they run on. Tasks wait in one FIFO per resource
 shape (and per placement group bundle), so a shape that does not fit is skipped whole
 and the cost of a pass does not grow with the number of queued tasks. A pass hands a
 task to an idle worker once its resources are taken, or to the global scheduler (a
-spill) where the node cannot run it; what happens then is the node's
+spill, ``Spills``) where the node cannot run it; what happens then is the node's
 (``Dispatcher``)."""
 
 from __future__ import annotations
@@ -19,11 +19,8 @@ from controlplane.node.workers import WorkerHandle, WorkerPool
 from dataplane import protocol as p
 
 
-class Dispatcher(Protocol):
-    """What a pass of the scheduler asks of the node."""
-
-    def before_pass(self) -> None:
-        """Whatever waits for resources ahead of the queues (bundles, actors)."""
+class Spills(Protocol):
+    """What a pass of the scheduler asks of the cluster (spilled_tasks.py)."""
 
     def must_spill(self, record: TaskRecord) -> bool:
         """Whether the task must go to another node (its strategy says so)."""
@@ -33,6 +30,13 @@ class Dispatcher(Protocol):
 
     def spill(self, record: TaskRecord) -> None:
         """Hands the task to the global scheduler."""
+
+
+class Dispatcher(Protocol):
+    """What a pass of the scheduler asks of the node."""
+
+    def before_pass(self) -> None:
+        """Whatever waits for resources ahead of the queues (bundles, actors)."""
 
     def fail(self, record: TaskRecord, error: p.ErrorInfo) -> None:
         """The task can never run: it fails with ``error``."""
@@ -47,11 +51,13 @@ class LocalScheduler:
         resources: ResourcePool,
         placement_groups: PlacementGroups,
         worker_pool: WorkerPool,
+        spills: Spills,
         node: Dispatcher,
     ) -> None:
         self.resources = resources  # the node's, outside its placement group bundles
         self.placement_groups = placement_groups
         self.worker_pool = worker_pool
+        self.spills = spills
         self.node = node
         self._queues: dict[tuple[Any, ...], deque[TaskRecord]] = {}
 
@@ -82,7 +88,7 @@ class LocalScheduler:
                 if record.spec.strategy and record.spec.strategy[0] == "PLACEMENT_GROUP":
                     if self.placement_groups.bundle_elsewhere(record):  # to its bundle's node
                         queue.popleft()
-                        self.node.spill(record)
+                        self.spills.spill(record)
                         continue
                     bundle, never = self.placement_groups.bundle_for(record)
                     if never is not None:
@@ -93,12 +99,12 @@ class LocalScheduler:
                         continue
                     if bundle is None:
                         break
-                elif self.node.must_spill(record) or (
+                elif self.spills.must_spill(record) or (
                     not self.resources.available_for(record.spec.resources)
-                    and self.node.can_spill(record)
+                    and self.spills.can_spill(record)
                 ):  # to the global scheduler
                     queue.popleft()
-                    self.node.spill(record)
+                    self.spills.spill(record)
                     continue
                 elif not self.resources.available_for(record.spec.resources):
                     break

@@ -2,10 +2,10 @@
 placed on it, and taking back the results of the tasks it spilled -- all through the
 log, with object bytes moved over gRPC (dataplane/transfer.py).
 
-- **Spill** (the local scheduler's hand-off): a task whose resources are not free here,
-  once its arguments are ready, gets a ``spilled`` event carrying its spec (and code)
-  and where its argument objects are; a global scheduler places it with a ``placed``
-  event (scheduler.py).
+- **Spill** (the local scheduler's hand-off, spilled_tasks.py): a task whose resources
+  are not free here, once its arguments are ready, gets a ``spilled`` event carrying
+  its spec (and code) and where its argument objects are; a global scheduler places it
+  with a ``placed`` event (scheduler.py).
 - **Placed here**: the daemon follows the log; a task placed on this node has its
   argument objects pulled from the node that spilled it, then runs like a local task.
   Its return objects' ``created`` events carry small values inline (in the event's
@@ -15,16 +15,17 @@ log, with object bytes moved over gRPC (dataplane/transfer.py).
   ``created`` events (pulling large ones), logs where its copy is (``transferred``),
   and hands them to the submitter as if the task had run here.
 
-``RemoteTasks`` owns the tasks this node spilled (until their results are back), the
-values of their returns seen in the log, the objects being fetched from other nodes
-and those kept here for their owner; it follows the log for them. Every cluster daemon
-reads the whole log: fine for a handful of nodes; a filtered feed per node is the way
-to many.
+``RemoteTasks`` follows the log for the tasks this node spilled (``SpilledTasks`` holds
+them until their results are back); it owns the values of their returns seen in the
+log, the objects being fetched from other nodes and those kept here for their owner.
+Every cluster daemon reads the whole log: fine for a handful of nodes; a filtered feed
+per node is the way to many.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 from collections.abc import Callable, Coroutine
@@ -33,11 +34,13 @@ from typing import Any, Protocol, cast
 from controlplane.eventlog import EntityKind, Event, RecordedEvent, Tailer
 from controlplane.membership import cluster_nodes
 from controlplane.node.actors import ActorDirector
+from controlplane.node.actors_elsewhere import ActorsElsewhere
 from controlplane.node.cluster_link import ClusterLink
 from controlplane.node.local_scheduler import LocalScheduler
 from controlplane.node.placement_groups import PlacementGroups
 from controlplane.node.reconstruction import Reconstructor
 from controlplane.node.recorder import EventRecorder
+from controlplane.node.spilled_tasks import SpilledTasks
 from controlplane.node.task_table import TaskRecord, TaskTable
 from dataplane import protocol as p
 from dataplane import shm
@@ -73,7 +76,9 @@ class RemoteTasks:
         tasks: TaskTable,
         scheduler: LocalScheduler,
         placement_groups: PlacementGroups,
+        spills: SpilledTasks,
         actors: ActorDirector,
+        elsewhere: ActorsElsewhere,
         reconstructor: Reconstructor,
         puller: Puller,
         link: ClusterLink | None,
@@ -91,7 +96,9 @@ class RemoteTasks:
         self.tasks = tasks
         self.scheduler = scheduler
         self.placement_groups = placement_groups
+        self.spills = spills
         self.actor_director = actors
+        self.elsewhere = elsewhere
         self.reconstructor = reconstructor
         self.puller = puller
         self.link = link
@@ -99,7 +106,6 @@ class RemoteTasks:
         self.socket_path = socket_path
         self.head = head
         self._spawn = spawn
-        self.spilled: dict[str, TaskRecord] = {}  # task id -> a task this node spilled
         # task id -> object id -> (its value when small enough to be in the log, else
         # where it is (``remote``); the address of the node holding it)
         self.remote_returns: dict[str, dict[str, tuple[p.ObjectLocation, str]]] = {}
@@ -109,101 +115,7 @@ class RemoteTasks:
     @property
     def address(self) -> str:
         """host:port of the node's gRPC service ("" outside a cluster, or before)."""
-        return self.link.address if self.link is not None else ""
-
-    def can_spill(self, record: TaskRecord) -> bool:
-        """Whether a task that does not fit here now may go to another node."""
-        strategy = record.spec.strategy
-        if strategy is not None and strategy[0] == "NODE_AFFINITY" and strategy[1] == self.node_id:
-            return (
-                strategy[2] == "soft"
-                and self._spillable(record)
-                and not self.scheduler.resources.fits_total(record.spec.resources)
-            )
-        return self._spillable(record)
-
-    def must_spill(self, record: TaskRecord) -> bool:
-        """Whether a task goes to the global scheduler even if it fits here: SPREAD, or
-        an affinity to another node."""
-        strategy = record.spec.strategy
-        if strategy is None or not self._spillable(record):
-            return False
-        return strategy[0] == "SPREAD" or (
-            strategy[0] == "NODE_AFFINITY" and strategy[1] != self.node_id
-        )
-
-    def actor_goes_elsewhere(self, creation: TaskRecord) -> bool:
-        """An actor is made on another node when this one can never fit it, or a
-        node affinity names another node."""
-        if self.link is None or not self.link.has_peers():
-            return False
-        strategy = creation.spec.strategy
-        if strategy is not None and strategy[0] == "NODE_AFFINITY":
-            return strategy[1] != self.node_id
-        return not self.scheduler.resources.fits_total(creation.spec.resources)
-
-    def _spillable(self, record: TaskRecord) -> bool:
-        return (
-            self.link is not None
-            and self.link is not None
-            and self.link.has_peers()
-            and record.spec.actor_id is None
-            and not (record.spec.strategy and record.spec.strategy[0] == "PLACEMENT_GROUP")
-            and record.placed_from is None
-            and not record.placed_back
-        )
-
-    def unschedulable_here(self, record: TaskRecord) -> str | None:
-        """Why a task cannot run in a cluster of this one node, if it cannot."""
-        strategy = record.spec.strategy
-        if strategy is None or strategy[0] != "NODE_AFFINITY" or strategy[2] == "soft":
-            return None
-        if strategy[1] != self.node_id and not self._spillable(record):
-            return f"its hard node affinity names node {strategy[1]}, which is not in the cluster"
-        return None
-
-    def remember_spilled(self, record: TaskRecord) -> None:
-        self.spilled[record.spec.task_id] = record
-
-    def forget_spilled(self, task_id: str) -> TaskRecord | None:
-        return self.spilled.pop(task_id, None)
-
-    def spilled_calls_of(self, actor_id: str) -> list[TaskRecord]:
-        """The calls of an actor living elsewhere that were forwarded and not done."""
-        return [
-            r
-            for r in self.spilled.values()
-            if r.spec.actor_id == actor_id and r.spec.method != "__init__"
-        ]
-
-    def spill(self, record: TaskRecord) -> None:
-        spec = record.spec
-        record.state = "SPILLED"
-        self.spilled[spec.task_id] = record
-        args = {
-            object_id: {"address": self.address, "size": self.objects.location(object_id).size}
-            for object_id in spec.dependencies()
-        }
-        blob = self.tasks.code_of(spec.function_id)
-        self.recorder.log(
-            [
-                Event(
-                    K.TASK,
-                    spec.task_id,
-                    "spilled",
-                    {
-                        "attempt": record.attempt,
-                        "resources": spec.resources,
-                        "args": args,
-                        "from_node": self.node_id,
-                        "strategy": list(spec.strategy) if spec.strategy else None,
-                    },
-                    job_id=spec.job_id,
-                    node_id=self.node_id,
-                    data=p.encode((spec, blob, self.address)),
-                )
-            ]
-        )
+        return self.spills.address
 
     # -- following the log ---------------------------------------------------------
 
@@ -219,7 +131,10 @@ class RemoteTasks:
             if self.link is not None and self.link.node_event(event):  # a node died
                 self._node_lost(event.entity_id)
         elif kind is K.ACTOR and event.node_id != self.node_id:
-            self.actor_director.remote_event(event)
+            if event.entity_id in self.elsewhere:
+                self.elsewhere.remote_event(event)
+            else:
+                self.actor_director.remote_event(event)
         elif kind is K.TASK and kind_type == "forwarded":
             if event.payload["to_node"] == self.node_id:
                 self._call_from_elsewhere(event)
@@ -228,11 +143,10 @@ class RemoteTasks:
         elif kind is K.TASK and kind_type == "placed":
             if event.payload["node_id"] == self.node_id:
                 self._run_placed(event)
-            elif event.entity_id in self.spilled:
-                record = self.spilled[event.entity_id]
+            elif (record := self.spills.get(event.entity_id)) is not None:
                 record.placed_on = event.payload["node_id"]
                 if record.spec.method == "__init__":
-                    self.actor_director.placed(record, event.payload["node_id"])
+                    self.elsewhere.placed(record, event.payload["node_id"])
                 node = record.placed_on
                 if self.link is not None and self.link.is_dead_peer(node):  # known, now dead
                     # placed by a scheduler that had not read the node's death yet: the
@@ -240,8 +154,8 @@ class RemoteTasks:
                     # just before it died
                     self._placed_on_dead_node(record, node)
         elif kind is K.OBJECT and kind_type == "created":
-            task_id = event.payload.get("task_id")
-            if task_id in self.spilled and event.node_id != self.node_id:
+            task_id = str(event.payload.get("task_id") or "")
+            if task_id in self.spills and event.node_id != self.node_id:
                 address = event.payload["address"]
                 value = (
                     p.ObjectLocation(event.entity_id, inline=event.data, size=len(event.data))
@@ -251,12 +165,11 @@ class RemoteTasks:
                     )
                 )
                 self.remote_returns.setdefault(task_id, {})[event.entity_id] = (value, address)
-        elif kind is K.TASK and event.entity_id in self.spilled:
-            record = self.spilled[event.entity_id]
+        elif kind is K.TASK and (record := self.spills.get(event.entity_id)) is not None:
             if event.node_id == self.node_id:
                 return  # this node's own events about it (e.g. spilled)
             if kind_type == "finished":
-                del self.spilled[event.entity_id]
+                self.spills.forget(event.entity_id)
                 self._spawn(self._take_back(record))
             elif kind_type == "infeasible" and not event.payload.get("final"):
                 if record.submitter is not None:  # as Ray, the driver is warned
@@ -268,14 +181,14 @@ class RemoteTasks:
                         )
                     )
             elif kind_type == "infeasible" and event.payload.get("final"):
-                del self.spilled[event.entity_id]
+                self.spills.forget(event.entity_id)
                 self.node.finish_failed(
                     record,
                     p.ErrorInfo("unschedulable", event.payload.get("reason", ""), record.spec.name),
                     log_event=True,
                 )
             elif kind_type in ("failed", "cancelled"):
-                del self.spilled[event.entity_id]
+                self.spills.forget(event.entity_id)
                 self.remote_returns.pop(event.entity_id, None)
                 error_kind, _, message = event.payload.get("error", "").partition(": ")
                 if (
@@ -299,20 +212,20 @@ class RemoteTasks:
         address = self.link.address_of(node_id) if self.link is not None else None
         for object_id in self.objects.remote_at(address) if address else []:
             self.reconstructor.object_lost(object_id, f"node {node_id}, which held it, died")
-        self.actor_director.node_lost(node_id)
-        for record in [r for r in self.spilled.values() if r.placed_on == node_id]:
+        self.elsewhere.node_lost(node_id)
+        for record in self.spills.placed_on(node_id):
             self._placed_task_lost(record, node_id)
 
     def _placed_on_dead_node(self, record: TaskRecord, node_id: str) -> None:
         """One spilled task (or actor) whose placement names a node already dead."""
         if record.spec.method == "__init__":
-            self.actor_director.creation_placed_on_dead_node(record, node_id)
+            self.elsewhere.creation_placed_on_dead_node(record, node_id)
             return
         self._placed_task_lost(record, node_id)
 
     def _placed_task_lost(self, record: TaskRecord, node_id: str) -> None:
         """A task this node spilled, placed on ``node_id``, which died."""
-        del self.spilled[record.spec.task_id]
+        self.spills.forget(record.spec.task_id)
         self.remote_returns.pop(record.spec.task_id, None)
         record.placed_on = None
         reason = f"node {node_id}, where it ran, died"
@@ -334,7 +247,7 @@ class RemoteTasks:
         spec, blob, owner_address = cast(
             "tuple[p.TaskSpec, bytes | None, str]", p.decode_frame(event.data)
         )
-        own = self.spilled.pop(spec.task_id, None)
+        own = self.spills.forget(spec.task_id)
         if own is not None:  # placed back on this node: run it here after all
             own.placed_back = True
             self.node.enqueue(own)
@@ -343,7 +256,9 @@ class RemoteTasks:
             return
         record = self.tasks.add_placed(spec, int(event.payload["attempt"]), owner_address, blob)
         if spec.method == "__init__":  # an actor made on another node lives here
-            self.actor_director.host(record, owner_address)
+            self.actor_director.host(record)
+            here = functools.partial(self.actor_director.arguments_here, spec.actor_id or "")
+            self.pull_then(record, owner_address, here)
             return
         self._keep_returns_for_owner(spec)
         self.pull_then(record, owner_address, lambda: self.node.enqueue(record))

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import signal
-from collections.abc import Callable
 from typing import Any
 
 from controlplane.eventlog import EntityKind, Event
@@ -23,6 +22,7 @@ from controlplane.node.placement_groups import PlacementGroups
 from controlplane.node.reconstruction import Reconstructor
 from controlplane.node.recorder import EventRecorder
 from controlplane.node.remote_tasks import RemoteTasks
+from controlplane.node.spilled_tasks import SpilledTasks
 from controlplane.node.task_table import Connection, TaskRecord, TaskTable
 from controlplane.node.workers import WorkerHandle, WorkerPool
 from dataplane import protocol as p
@@ -45,6 +45,7 @@ class TaskRuns:
         tasks: TaskTable,
         worker_pool: WorkerPool,
         placement_groups: PlacementGroups,
+        spills: SpilledTasks,
     ) -> None:
         self.node_id = node_id
         self.recorder = recorder
@@ -53,6 +54,7 @@ class TaskRuns:
         self.tasks = tasks
         self.worker_pool = worker_pool
         self.placement_groups = placement_groups
+        self.spills = spills
 
     def wire(
         self,
@@ -127,7 +129,7 @@ class TaskRuns:
         if failed is not None:  # an upstream task failed: so does this one, with its error
             self.finish_failed(record, failed, log_event=True)
             return
-        unschedulable = self.remote_tasks.unschedulable_here(record)
+        unschedulable = self.spills.unschedulable_here(record)
         if unschedulable is not None:
             error = p.ErrorInfo("unschedulable", unschedulable, record.spec.name)
             self.finish_failed(record, error, log_event=True)
@@ -142,32 +144,6 @@ class TaskRuns:
     def before_pass(self) -> None:
         self.placement_groups.reserve()
         self.actor_director.dispatch_waiting()
-
-    def must_spill(self, record: TaskRecord) -> bool:
-        return self.remote_tasks.must_spill(record)
-
-    def can_spill(self, record: TaskRecord) -> bool:
-        return self.remote_tasks.can_spill(record)
-
-    def spill(self, record: TaskRecord) -> None:
-        self.remote_tasks.spill(record)
-
-    # (what the actors ask of the node beyond it: actors.ActorHost)
-
-    def actor_goes_elsewhere(self, creation: TaskRecord) -> bool:
-        return self.remote_tasks.actor_goes_elsewhere(creation)
-
-    def remember_spilled(self, record: TaskRecord) -> None:
-        self.remote_tasks.remember_spilled(record)
-
-    def forget_spilled(self, task_id: str) -> TaskRecord | None:
-        return self.remote_tasks.forget_spilled(task_id)
-
-    def spilled_calls_of(self, actor_id: str) -> list[TaskRecord]:
-        return self.remote_tasks.spilled_calls_of(actor_id)
-
-    def pull_then(self, record: TaskRecord, address: str, then: Callable[[], None]) -> None:
-        self.remote_tasks.pull_then(record, address, then)
 
     def fail(self, record: TaskRecord, error: p.ErrorInfo) -> None:
         self.finish_failed(record, error, log_event=True)
@@ -344,7 +320,7 @@ class TaskRuns:
                 )
         if record.worker is None:
             self.scheduler.withdraw(record)
-            self.remote_tasks.forget_spilled(record.spec.task_id)  # its results no longer wanted
+            self.spills.forget(record.spec.task_id)  # its results no longer wanted
             self.finish_failed(
                 record,
                 p.ErrorInfo(

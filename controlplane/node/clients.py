@@ -1,0 +1,246 @@
+"""The node daemon's clients -- drivers, workers, `cairn status` -- each on a connection
+to the node's socket: its hello, the messages it sends (each routed to the part that
+owns what it is about), its references to objects, and what its end lets go.
+
+``Clients`` owns the open connections and the jobs' ids."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import secrets
+import uuid
+from pathlib import Path
+
+from controlplane.eventlog import EntityKind, Event
+from controlplane.node.parts import NodeParts
+from controlplane.node.task_table import Connection
+from dataplane import protocol as p
+
+log = logging.getLogger("cairn.node")
+K = EntityKind
+
+
+class Clients:
+    def __init__(
+        self, parts: NodeParts, session_dir: Path, gcs_url: str, stopping: asyncio.Event
+    ) -> None:
+        """``stopping``: set once the daemon stops (workers that go are not replaced)."""
+        self.parts = parts
+        self.objects = parts.store.objects
+        self.node_id = parts.node_id
+        self.session_dir = session_dir
+        self.gcs_url = gcs_url
+        self._stopping = stopping
+        self._open: dict[int, Connection] = {}  # by id(): connected drivers, workers
+        # job ids are unique in the log's whole history (which outlives daemons and
+        # holds every node's jobs): a random prefix drawn per daemon, then a counter
+        job_prefix = f"{secrets.randbits(32):08x}"
+        self._job_ids = (f"{job_prefix}{n:08x}" for n in itertools.count(1))
+
+    def tell_all(self, message: p.Shutdown) -> None:
+        for conn in list(self._open.values()):
+            conn.send(message)
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = Connection(writer)
+        try:
+            hello = await p.read_message(reader)
+            if not isinstance(hello, p.Hello):
+                raise p.ProtocolError(f"expected Hello, got {type(hello).__name__}")
+            self._welcome(conn, hello)
+            self._open[id(conn)] = conn
+            while True:
+                message = await p.read_message(reader)
+                self._dispatch(conn, message)
+                # the log may be behind (results of direct calls are visible before
+                # their events commit): reading stops until it catches up
+                await self.parts.recorder.caught_up()
+        except p.ProtocolError as exc:  # a damaged or truncated message: this one goes
+            who = f"{conn.role or 'client'} (pid {conn.pid or '?'})"
+            log.warning("node daemon: closing the connection of a %s: %s", who, exc)
+            with contextlib.suppress(Exception):
+                writer.write(p.encode(p.Shutdown(f"the node daemon closed this connection: {exc}")))
+        except (EOFError, ConnectionError):
+            pass
+        except Exception:
+            log.exception("node daemon: error serving a %s", conn.role or "client")
+        finally:
+            self._open.pop(id(conn), None)
+            await self._disconnected(conn)
+            writer.close()
+
+    def _welcome(self, conn: Connection, hello: p.Hello) -> None:
+        conn.role, conn.pid, conn.worker_id = hello.role, hello.pid, hello.worker_id
+        if hello.role == "worker":
+            handle = self.parts.worker_pool.connected(hello.worker_id, conn)
+            conn.job_id = None
+            self.parts.recorder.log(
+                [
+                    Event(
+                        K.WORKER,
+                        handle.worker_id,
+                        "started",
+                        {"pid": hello.pid},
+                        node_id=self.node_id,
+                    )
+                ]
+            )
+        elif hello.role == "observer":  # `cairn status`: reads, runs nothing
+            conn.job_id = None
+        else:
+            conn.job_id = next(self._job_ids)
+            self.parts.names.job_started(conn.job_id, hello.namespace or uuid.uuid4().hex)
+            submitted = {"entrypoint": f"driver pid {hello.pid}", "driver_node_id": self.node_id}
+            if hello.replay_of:
+                submitted["replay_of"] = hello.replay_of
+            self.parts.recorder.log(
+                [
+                    Event(K.JOB, conn.job_id, "submitted", submitted),
+                    Event(K.JOB, conn.job_id, "started", {}),
+                ]
+            )
+        conn.send(
+            p.Welcome(
+                self.node_id,
+                conn.job_id or "",
+                str(self.session_dir),
+                self.gcs_url,
+                self.parts.resources.total,
+                self.parts.names.namespace(None, conn.job_id or ""),
+            )
+        )
+        worker = self.parts.worker_pool.of(conn)
+        if worker is not None and worker.actor_id is not None:
+            self.parts.actor_director.worker_connected(worker)
+        self.parts.scheduler.schedule()
+
+    async def _disconnected(self, conn: Connection) -> None:
+        for object_id in list(conn.holding):
+            self.objects.release(object_id)
+        conn.holding.clear()
+        self.parts.actor_director.owner_gone(conn)
+        self.parts.placement_groups.owner_gone(conn)
+        if conn.role == "driver" and conn.job_id:
+            self.parts.recorder.log([Event(K.JOB, conn.job_id, "finished", {})])
+        elif conn.role == "worker" and (
+            gone := await self.parts.worker_pool.gone(conn.worker_id or "")
+        ):
+            handle, exit_code = gone
+            self.parts.recorder.log(
+                [
+                    Event(
+                        K.WORKER,
+                        handle.worker_id,
+                        "died",
+                        {"cause": "exited", "exit_code": exit_code},
+                        node_id=self.node_id,
+                    )
+                ]
+            )
+            if handle.actor_id is not None:
+                self.parts.actor_director.worker_lost(handle, exit_code)
+                return
+            if handle.task is not None:
+                self.parts.runs.worker_lost(handle, exit_code)
+            if not self._stopping.is_set():
+                self.parts.worker_pool.start()
+                self.parts.scheduler.schedule()
+
+    def _dispatch(self, conn: Connection, message: object) -> None:
+        match message:
+            case p.RefCounts(deltas):
+                self._ref_counts(conn, deltas)
+            case p.RegisterFunction(function_id, blob, name):
+                self.parts.tasks.add_function(function_id, blob, name)
+            case p.SubmitTask(spec):
+                self.parts.runs.submit(conn, spec)
+            case p.SubmitDirectCall():
+                self.parts.actor_director.submit_direct(conn, message)
+            case p.WatchActor(actor_id):
+                self.parts.actor_director.watch(conn, actor_id)
+            case p.PushObjects(object_ids):
+                self.parts.store.push(conn, object_ids)
+            case p.PutObject(location, task_id, durable):
+                self._hold(conn, location.object_id)
+                self.parts.store.put(location, task_id, conn.job_id, durable)
+            case p.ReserveShm(request_id, size):
+                self.parts.store.reserve(conn, request_id, size)
+            case p.GetObjects(request_id, object_ids, timeout):
+                self._get(conn, request_id, object_ids, timeout)
+            case p.WaitObjects(request_id, object_ids, num_returns, timeout, _fetch):
+                self._wait(conn, request_id, object_ids, num_returns, timeout)
+            case p.TaskDone():
+                self.parts.runs.task_done(self.parts.worker_pool.of(conn), message)
+            case p.CancelTask(object_id, force, recursive):
+                self.parts.runs.cancel(object_id, force, recursive)
+            case p.CreatePlacementGroup():
+                self._hold(conn, message.ready_object_id)
+                self.parts.placement_groups.create(conn, message)
+            case p.RemovePlacementGroup(pg_id):
+                self.parts.placement_groups.remove(pg_id)
+            case p.PlacementGroupTable():
+                self.parts.placement_groups.table(conn, message)
+            case p.ReserveActorName():
+                self.parts.names.reserve(conn, message)
+            case p.GetActor():
+                self.parts.names.get(conn, message)
+            case p.KillActor(actor_id, no_restart):
+                self.parts.actor_director.kill(actor_id, no_restart)
+            case p.ReportLost(object_id, reason):
+                self.parts.reconstructor.object_lost(object_id, reason)
+            case p.ClusterInfoRequest(request_id):
+                conn.send(p.Reply(request_id, self.parts.info()))
+            case p.ClusterNodesRequest(request_id):
+                self.parts.remote_tasks.answer_nodes(conn, request_id)
+            case _:
+                raise p.ProtocolError(f"unexpected message {type(message).__name__}")
+
+    # -- objects -------------------------------------------------------------------
+
+    def _hold(self, conn: Connection, object_id: str) -> None:
+        """``conn``'s process holds a ref to the object (it goes once none does)."""
+        conn.holding.add(object_id)
+        self.objects.hold(object_id)
+
+    def _ref_counts(self, conn: Connection, deltas: dict[str, int]) -> None:
+        for object_id, delta in deltas.items():
+            if delta > 0 and object_id not in conn.holding:
+                conn.holding.add(object_id)
+                self.objects.hold(object_id)
+            elif delta < 0 and object_id in conn.holding:
+                conn.holding.discard(object_id)
+                self.objects.release(object_id)
+
+    def _get(
+        self, conn: Connection, request_id: int, object_ids: list[str], timeout: float | None
+    ) -> None:
+        handle = self.parts.worker_pool.of(conn)
+        waiting = [oid for oid in object_ids if not self.objects.is_ready(oid)]
+        if waiting and handle is not None and handle.task is not None and not handle.blocked:
+            self.parts.scheduler.block(handle)
+
+        def finish(timed_out: bool) -> None:
+            if handle is not None and handle.blocked:
+                self.parts.scheduler.unblock(handle)
+            if timed_out:
+                conn.send(p.Reply(request_id, error="timeout: get timed out"))
+            else:
+                conn.send(p.Reply(request_id, [self.objects.location(oid) for oid in object_ids]))
+
+        self.objects.when_ready(object_ids, len(object_ids), timeout, finish)
+
+    def _wait(
+        self,
+        conn: Connection,
+        request_id: int,
+        object_ids: list[str],
+        num_returns: int,
+        timeout: float | None,
+    ) -> None:
+        def finish(_timed_out: bool) -> None:
+            conn.send(p.Reply(request_id, self.objects.ready_in_order(object_ids, num_returns)))
+
+        self.objects.when_ready(object_ids, num_returns, timeout, finish)

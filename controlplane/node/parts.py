@@ -1,0 +1,212 @@
+"""The node daemon's parts, made and wired together (controlplane/README.md, "The node
+daemon's parts"). Each part owns its state; the wiring below is the one place that
+says which part asks which. Parts that ask each other back (the task runs and the
+parts that call them) are given their counterparts once all are made (``wire``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from controlplane.node import rpc
+from controlplane.node.actor_names import ActorNames
+from controlplane.node.actors import ActorDirector
+from controlplane.node.actors_elsewhere import ActorsElsewhere
+from controlplane.node.cluster_link import ClusterLink, JoinOffer
+from controlplane.node.local_scheduler import LocalScheduler
+from controlplane.node.object_store import ObjectStore
+from controlplane.node.placement_groups import PlacementGroups
+from controlplane.node.reconstruction import Reconstructor
+from controlplane.node.recorder import EventRecorder
+from controlplane.node.remote_tasks import RemoteTasks
+from controlplane.node.resources import ResourcePool
+from controlplane.node.spilled_tasks import SpilledTasks
+from controlplane.node.task_runs import TaskRuns
+from controlplane.node.task_table import TaskTable
+from controlplane.node.workers import WorkerPool
+from controlplane.tls import NodeTls
+from dataplane.transfer import Puller
+
+
+@dataclass(frozen=True)
+class ClusterOptions:
+    """How a cluster member listens and joins (None for a private cluster)."""
+
+    rpc_host: str
+    rpc_port: int  # 0: any free port
+    auth_token: str | None
+    join_offer: JoinOffer | None  # the head's: what joining nodes are told
+    membership_monitor: bool
+
+
+@dataclass
+class NodeParts:
+    node_id: str
+    socket_path: str
+    resources: ResourcePool
+    recorder: EventRecorder
+    store: ObjectStore
+    tasks: TaskTable
+    worker_pool: WorkerPool
+    placement_groups: PlacementGroups
+    link: ClusterLink | None
+    spills: SpilledTasks
+    runs: TaskRuns
+    scheduler: LocalScheduler
+    names: ActorNames
+    elsewhere: ActorsElsewhere
+    actor_director: ActorDirector
+    reconstructor: Reconstructor
+    puller: Puller
+    remote_tasks: RemoteTasks
+
+    def info(self) -> dict[str, Any]:
+        """What `cairn status` and the cluster's ``Info`` call show of this node."""
+        objects = self.store.objects
+        return {
+            "node_id": self.node_id,
+            "address": self.socket_path,
+            "total": dict(self.resources.total),
+            "available": dict(self.resources.available),
+            "object_store_used": objects.used,
+            "object_store_capacity": objects.capacity,
+            "objects": len(objects),
+            "workers": len(self.worker_pool),
+            "pending_tasks": self.scheduler.pending(),
+            "waiting_tasks": self.tasks.waiting(),
+            "running_tasks": self.worker_pool.running_tasks(),
+            "actors": self.actor_director.alive(),
+            "pending_actors": self.actor_director.waiting_for_resources(),
+            "events_pending": self.recorder.backlog,  # queued, not yet committed
+        }
+
+
+def build_parts(
+    *,
+    node_id: str,
+    gcs_url: str,
+    session_dir: Path,
+    socket_path: str,
+    resources: ResourcePool,
+    workers: int,
+    object_store_memory: int,
+    durable_dir: Path,
+    head: bool,
+    cluster: ClusterOptions | None,
+    spawn: Callable[..., Any],
+    stop_because: Callable[[str], None],
+) -> NodeParts:
+    """``spawn(coroutine, vital=False)`` runs background work; ``stop_because(reason)``
+    stops the daemon (the cluster declared this node dead)."""
+    # a cluster member appends fenced: once declared dead, its appends are refused
+    recorder = EventRecorder(gcs_url, writer_node=node_id if cluster is not None else None)
+    # (the lambdas name parts made further down: they are called once all are made)
+    store = ObjectStore(
+        node_id,
+        object_store_memory,
+        session_dir / "spill",
+        durable_dir,
+        recorder,
+        spawn=spawn,
+        schedule=lambda: scheduler.schedule(),
+        fetch_remote=lambda object_id, address: remote_tasks.fetch(object_id, address),
+        release_remote=lambda address, object_id: spawn(puller.release(address, object_id)),
+        on_lost=lambda object_id, why: reconstructor.object_lost(object_id, why, needed=True),
+    )
+    objects = store.objects
+    tasks = TaskTable(node_id, objects, recorder)
+    worker_pool = WorkerPool(node_id, socket_path, size=workers)
+    link = None
+    if cluster is not None:  # the gRPC service, liveness, heartbeats, membership
+        link = ClusterLink(
+            node_id,
+            gcs_url,
+            cluster.rpc_host,
+            cluster.rpc_port,
+            recorder,
+            auth_token=cluster.auth_token,
+            tls=NodeTls.find(session_dir),
+            join_offer=cluster.join_offer,
+            membership_monitor=cluster.membership_monitor,
+            spawn=spawn,
+            on_fenced=lambda: stop_because(
+                "the cluster declared this node dead (its liveness pings stopped for too long)"
+            ),
+        )
+    placement_groups = PlacementGroups(
+        node_id,
+        resources,
+        objects,
+        recorder,
+        in_cluster=lambda: link is not None and link.has_peers(),
+        publish=store.make_durable_then_ready,
+        created_event=store.created_event,
+        schedule=lambda: scheduler.schedule(),
+    )
+    spills = SpilledTasks(node_id, recorder, objects, tasks, resources, link)
+    runs = TaskRuns(node_id, recorder, store, tasks, worker_pool, placement_groups, spills)
+    scheduler = LocalScheduler(resources, placement_groups, worker_pool, spills, runs)
+    names = ActorNames()
+    elsewhere = ActorsElsewhere(node_id, recorder, objects, tasks, spills, names, runs)
+    actor_director = ActorDirector(
+        node_id,
+        gcs_url,
+        session_dir,
+        recorder,
+        objects,
+        tasks,
+        scheduler,
+        worker_pool,
+        placement_groups,
+        spills,
+        elsewhere,
+        names,
+        runs,
+        spawn=spawn,
+    )
+    reconstructor = Reconstructor(
+        node_id, gcs_url, objects, recorder, store.spiller, runs, spawn=spawn
+    )
+    puller = Puller(node_id, objects, rpc.Link())
+    remote_tasks = RemoteTasks(
+        node_id,
+        gcs_url,
+        recorder,
+        objects,
+        tasks,
+        scheduler,
+        placement_groups,
+        spills,
+        actor_director,
+        elsewhere,
+        reconstructor,
+        puller,
+        link,
+        runs,
+        socket_path=socket_path,
+        head=head,
+        spawn=spawn,
+    )
+    runs.wire(scheduler, actor_director, remote_tasks, reconstructor)
+    return NodeParts(
+        node_id,
+        socket_path,
+        resources,
+        recorder,
+        store,
+        tasks,
+        worker_pool,
+        placement_groups,
+        link,
+        spills,
+        runs,
+        scheduler,
+        names,
+        elsewhere,
+        actor_director,
+        reconstructor,
+        puller,
+        remote_tasks,
+    )
