@@ -63,10 +63,20 @@ def workloads(rt: Any, np: Any) -> list[tuple[str, Callable[[], Any], float, str
     def create_object_containing_ref() -> list[Any]:
         return [rt.put(i) for i in range(10000)]
 
+    @rt.remote
+    def read_slice(array: Any) -> int:
+        return int(array[::4096].sum())
+
     value = rt.put(0)
     large = np.zeros(100 * 1024 * 1024, dtype=np.int64)
     containing = rt.get(create_object_containing_ref.remote())
     holder = rt.put(containing)
+    large_ref: list[Any] = []  # (put on the first call of a row that reads it)
+
+    def stored_large() -> Any:
+        if not large_ref:
+            large_ref.append(rt.put(large))
+        return large_ref[0]
 
     def get_small() -> None:
         rt.get(value)
@@ -89,6 +99,12 @@ def workloads(rt: Any, np: Any) -> list[tuple[str, Callable[[], Any], float, str
     def get_containing() -> None:
         rt.get(holder)
 
+    def get_large() -> None:
+        rt.get(stored_large())
+
+    def task_reading_large() -> None:
+        rt.get(read_slice.remote(stored_large()))
+
     def wait_multiple_refs() -> None:
         not_ready = [small_value.remote() for _ in range(1000)]
         while not_ready:
@@ -107,6 +123,8 @@ def workloads(rt: Any, np: Any) -> list[tuple[str, Callable[[], Any], float, str
         ("single client tasks and get batch", small_value_batch, 1, "batches/s"),
         ("multi client put gigabytes", put_multi_large, 10 * 0.8, "GB/s"),
         ("single client get object containing 10k refs", get_containing, 1, "calls/s"),
+        ("single client get of an 800 MB array", get_large, 1, "calls/s"),
+        ("task reading a large argument (800 MB, by ref)", task_reading_large, 1, "tasks/s"),
         ("single client wait 1k refs", wait_multiple_refs, 1, "rounds/s"),
         ("single client tasks sync", tasks_sync, 1, "tasks/s"),
         ("single client tasks async", small_value_batch, 1000, "tasks/s"),
@@ -227,6 +245,33 @@ def _actor_workloads(rt: Any) -> list[tuple[str, Callable[[], Any], float, str]]
     ]
 
 
+def memcpy_ceiling(size: int = 800 * 1000 * 1000) -> float:
+    """GB/s of this machine's copy of a large buffer into a kept mapping of populated
+    /dev/shm pages (what a put into an arena store can reach at best); best of 3."""
+    import mmap
+
+    import numpy as np
+
+    source = np.ones(size, dtype=np.uint8)
+    path = Path("/dev/shm") / f"cairn-bench-memcpy-{os.getpid()}"
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, size)
+        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+        with mmap.mmap(fd, size, flags=flags) as mapping:
+            target = np.frombuffer(mapping, dtype=np.uint8)
+            best = float("inf")
+            for _ in range(3):
+                start = time.perf_counter()
+                target[:] = source
+                best = min(best, time.perf_counter() - start)
+            del target
+    finally:
+        os.close(fd)
+        path.unlink()
+    return size / best / 1e9
+
+
 def run_backend(backend: str, seconds: float, only: str) -> None:
     """In a child process: run every row on one system, print one JSON line per row."""
     import numpy as np
@@ -323,6 +368,8 @@ def main() -> int:
         f"machine: {os.cpu_count()} CPUs; {args.seconds:g} s per row; "
         f"{time.strftime('%Y-%m-%d %H:%M')}"
     )
+    if not args.only or "gigabytes" in args.only or "800 MB" in args.only:
+        print(f"memcpy ceiling: {memcpy_ceiling():.2f} GB/s (800 MB into kept, populated pages)")
     cairn = collect(sys.executable, "cairn", args.seconds, args.only)
     have_ray = Path(args.ray_python).exists()
     ray = collect(args.ray_python, "ray", args.seconds, args.only) if have_ray else {}

@@ -31,14 +31,16 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import ctypes
 import mmap
 import os
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 
-from dataplane.shm import SHM_DIR
+SHM_DIR = Path("/dev/shm")
 
 ALIGNMENT = 64
 PAGE = mmap.PAGESIZE
@@ -363,6 +365,18 @@ class ArenaRegion:
             raise ValueError(f"region {self.region} is mapped read-only")
         part = self._base[offset : offset + size]
         return part if writable else part.toreadonly()
+
+    def tracked(self, offset: int, size: int) -> ctypes.Array[ctypes.c_char]:
+        """Bytes ``[offset, offset + size)`` as an object whose life a caller can follow
+        (``weakref.finalize``): every buffer made from it keeps it alive (a memoryview
+        of a memoryview would not say when the last one goes)."""
+        if self._map is None or not self.writable:
+            raise ValueError(f"region {self.region} is closed or mapped read-only")
+        if offset < 0 or size < 0 or offset + size > self.size:
+            raise ValueError(
+                f"range {offset}+{size} is outside region {self.region} of {self.size} bytes"
+            )
+        return (ctypes.c_char * size).from_buffer(self._map, offset)
 
     def close(self) -> None:
         """Releases the mapping, or, while views of it are still alive (an array built

@@ -37,6 +37,7 @@ from dataplane.serialization import (
 
 log = logging.getLogger("cairn")
 _OWN = 0  # a ref to an object this process created: held without telling the daemon
+_VIEW, _UNVIEW = 2, 3  # a view of an object in the store begins / ends
 _FLUSH_INTERVAL_S = 0.05
 
 
@@ -302,21 +303,23 @@ class CoreClient:
     def store(
         self, object_id: str, value: Serialized, contained: tuple[str, ...] = ()
     ) -> p.ObjectLocation:
-        """Places a serialized value: inline if small, else in a segment of this node
-        (room reserved with the daemon first, so a full store refuses cleanly)."""
+        """Places a serialized value: inline if small, else in this node's store (room
+        reserved with the daemon first, so a full store refuses cleanly)."""
         size = value.total_size
         if size <= shm.INLINE_LIMIT:
             return p.ObjectLocation(
                 object_id, inline=value.to_bytes(), size=size, contained=contained
             )
-        reuse = self.request(lambda rid: p.ReserveShm(rid, size))
-        name = shm.segment_name(self.welcome.node_id, object_id)
+        region, offset = self.request(lambda rid: p.ReserveShm(rid, size))
+        location = p.ObjectLocation(
+            object_id, region=region, offset=offset, size=size, contained=contained
+        )
         try:
-            shm.write_segment(name, value, size, reuse=reuse)
+            shm.write_object(self.welcome.node_id, location, value)
         except BaseException:
-            self.send(p.ReserveShm(0, -size))  # give the reservation back
+            self.send(p.ReleaseShm(region, offset))  # give the room back
             raise
-        return p.ObjectLocation(object_id, shm_name=name, size=size, contained=contained)
+        return location
 
     def put(
         self,
@@ -459,11 +462,12 @@ class CoreClient:
         nodes: list[p.NodeSummary] = self.request(lambda rid: p.ClusterNodesRequest(rid))
         return nodes
 
-    def read_value(self, location: p.ObjectLocation) -> Any:
+    def read_value(self, location: p.ObjectLocation, *, task_argument: bool = False) -> Any:
         """The value at a location (errors are the caller's to interpret). A value in
-        shared memory stays pinned (this process holds its object) for as long as the
-        mapping lives, i.e. as long as anything deserialized from it does, so its
-        segment is never recycled under a reader. Bytes that do not match their
+        the store is read where the daemon says it is now (``ViewObject``; a
+        ``task_argument``'s location came with its task and is current) and stays there
+        -- viewed, so neither spilled nor freed, its range never reused under a reader
+        -- for as long as anything deserialized from its bytes lives. Bytes that do not match their
         checksum are never deserialized: the object is reported lost (the node rebuilds
         it when it can) and ObjectMissingError raised."""
         if location.inline is not None:
@@ -471,18 +475,24 @@ class CoreClient:
                 return deserialize(location.inline)
             except ChecksumError as exc:
                 self._lost(location, _mismatch(location.object_id, exc))
-        assert location.shm_name is not None
+        object_id = location.object_id
+        if task_argument:  # held for the task meanwhile: the view is registered behind
+            self._ref_changes.append((object_id, _VIEW))
+        else:  # where it is now, held there while viewed (a known location may be stale)
+            location = self.request(lambda rid: p.ViewObject(rid, object_id))
+            if location.error is not None:
+                raise ObjectMissingError(location.error.message)
+            if location.inline is not None:  # (rebuilt small, from the log)
+                return self.read_value(location)
         try:
-            mapping = shm.map_segment(location.shm_name, location.size)
-        except FileNotFoundError:
-            self._lost(location, f"its shared-memory segment {location.shm_name} is gone")
-        except shm.SegmentTruncatedError as exc:
+            tracked = shm.tracked_bytes(self.welcome.node_id, location)
+        except shm.ObjectBytesGoneError as exc:
+            self._unview(object_id)
             self._lost(location, str(exc))
-        self.add_ref(location.object_id)
-        weakref.finalize(mapping, self.remove_ref, location.object_id)
+        weakref.finalize(tracked, self._unview, object_id)
         check = location.size <= self._verify_up_to
         try:
-            return deserialize(memoryview(mapping), check=check)
+            return deserialize(memoryview(tracked).cast("B").toreadonly(), check=check)
         except ChecksumError as exc:
             self._lost(location, _mismatch(location.object_id, exc))
         except SerializationError as exc:  # its framing is damaged: never a wrong value
@@ -510,13 +520,22 @@ class CoreClient:
         if not self._closed.is_set():
             self._ref_changes.append((object_id, -1))
 
-    def _drain_ref_changes(self) -> dict[str, int]:
+    def _unview(self, object_id: str) -> None:
+        if not self._closed.is_set():
+            self._ref_changes.append((object_id, _UNVIEW))
+
+    def _drain_ref_changes(self) -> tuple[dict[str, int], dict[str, int]]:
         """Folds queued changes into the counts; returns the holder changes to send
-        (+1: this process now holds the object, -1: it no longer does)."""
+        (+1: this process now holds the object, -1: it no longer does) and the views
+        begun and ended."""
         before: dict[str, int] = {}
         owned: set[str] = set()
+        views: dict[str, int] = {}
         while self._ref_changes:
             object_id, change = self._ref_changes.popleft()
+            if change in (_VIEW, _UNVIEW):
+                views[object_id] = views.get(object_id, 0) + (1 if change == _VIEW else -1)
+                continue
             count = self._ref_counts.get(object_id, 0)
             before.setdefault(object_id, count)
             if change == _OWN:
@@ -535,18 +554,22 @@ class CoreClient:
                 deltas[object_id] = 1
             elif was > 0 >= now or (object_id in owned and now <= 0 and was <= 0):
                 deltas[object_id] = -1
-        return deltas
+        return deltas, views
 
     def _ref_change_frames(self) -> tuple[bytes, bytes]:
         """What the queued ref changes add up to, as two frames (empty when none): the
         holds, sent before anything else, and the releases, sent after (call with
         _flush_lock held)."""
-        deltas = self._drain_ref_changes()
+        deltas, views = self._drain_ref_changes()
         holds = {oid: d for oid, d in deltas.items() if d > 0}
         releases = {oid: d for oid, d in deltas.items() if d < 0}
+        begun = {oid: d for oid, d in views.items() if d > 0}
+        ended = {oid: d for oid, d in views.items() if d < 0}
         return (
-            p.encode(p.RefCounts(holds)) if holds else b"",
-            p.encode(p.RefCounts(releases)) if releases else b"",
+            (p.encode(p.RefCounts(holds)) if holds else b"")
+            + (p.encode(p.ViewCounts(begun)) if begun else b""),
+            (p.encode(p.ViewCounts(ended)) if ended else b"")
+            + (p.encode(p.RefCounts(releases)) if releases else b""),
         )
 
     def _send_ref_changes(self) -> None:
@@ -606,6 +629,8 @@ class CoreClient:
                 self._send_ref_changes()
         self._closed.set()
         self.channel.close()
+        if (welcome := getattr(self, "welcome", None)) is not None:
+            shm.forget(welcome.node_id)  # the node's regions, unmapped once unused
         with self._routes_lock:
             channels = [r.channel for r in self._routes.values() if r.channel is not None]
         for channel in channels:

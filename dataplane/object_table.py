@@ -41,6 +41,9 @@ class _Entry:
     # its bytes are not in the store but can be had when wanted: on another node (made
     # there) or in this node's spill directory
     elsewhere: Elsewhere | None = None
+    # bytes in the store it had before it was lost or rebuilt, which a reader may still
+    # be using: their ranges go back (``on_release``) only once the object is freed
+    retired: list[p.ObjectLocation] = field(default_factory=list)
 
 
 class ObjectTable:
@@ -50,10 +53,12 @@ class ObjectTable:
         on_free: Callable[[p.ObjectLocation], None],
         on_wanted: Callable[[str, Elsewhere], None] = lambda _object_id, _where: None,
         on_dropped: Callable[[str, Elsewhere], None] = lambda _object_id, _where: None,
+        on_release: Callable[[p.ObjectLocation], None] = lambda _location: None,
     ) -> None:
         self.capacity = capacity
         self.used = 0
         self._on_free = on_free
+        self._on_release = on_release  # a freed object's retired bytes may be reused
         self._on_wanted = on_wanted  # someone here waits for it: fetch or restore it
         self._on_dropped = on_dropped  # freed while elsewhere: that copy may go
         self._entries: dict[str, _Entry] = {}
@@ -88,6 +93,7 @@ class ObjectTable:
         entry = self._entry(object_id)
         if location is not None:
             entry.pending = location
+            self._unretire(entry, location)
             self._pin_contained(entry, location)
 
     def hold(self, object_id: str) -> None:
@@ -120,6 +126,7 @@ class ObjectTable:
         if location is None and entry.elsewhere is not None:  # not brought back
             del self._entries[object_id]
             self._freed.add(object_id)
+            self._release_retired(entry)
             self._on_dropped(object_id, entry.elsewhere)
             self._unpin_contained(entry)
             return
@@ -127,10 +134,23 @@ class ObjectTable:
             return
         del self._entries[object_id]
         self._freed.add(object_id)
+        self._release_retired(entry)
         if location.error is None:
             self.uncharge(location.size)
             self._on_free(location)
         self._unpin_contained(entry)
+
+    def _release_retired(self, entry: _Entry) -> None:
+        retired, entry.retired = entry.retired, []
+        for location in retired:
+            self._on_release(location)
+
+    @staticmethod
+    def _unretire(entry: _Entry, location: p.ObjectLocation) -> None:
+        """The object's value is back where it was (the same range): not retired."""
+        if entry.retired and location.region is not None:
+            where = (location.region, location.offset)
+            entry.retired = [old for old in entry.retired if (old.region, old.offset) != where]
 
     def _pin_contained(self, entry: _Entry, location: p.ObjectLocation) -> None:
         if not entry.pinned and location.contained:
@@ -155,6 +175,7 @@ class ObjectTable:
         entry.location = location
         entry.elsewhere = None
         entry.ready_seq = next(self._seq)
+        self._unretire(entry, location)
         self._pin_contained(entry, location)
         callbacks, entry.callbacks = entry.callbacks, []
         for callback in callbacks:
@@ -170,6 +191,8 @@ class ObjectTable:
         if entry is None or stored is None or stored.error is not None:
             return False
         self.uncharge(stored.size)
+        if stored.region is not None:
+            entry.retired.append(stored)
         lost = p.ObjectLocation(
             object_id, error=p.ErrorInfo("object_lost", f"object {object_id} was lost: {reason}")
         )
@@ -203,6 +226,8 @@ class ObjectTable:
         old = entry.location or entry.pending
         if old is not None and old.error is None:
             self.uncharge(old.size)
+            if old.region is not None:
+                entry.retired.append(old)
         entry.location, entry.pending = None, None
         entry.elsewhere = None
         self._unpin_contained(entry)  # the refs its old value contained
@@ -233,17 +258,19 @@ class ObjectTable:
             and entry.elsewhere.where == address
         ]
 
-    def spill_candidates(self, needed: int, busy: set[str]) -> list[p.ObjectLocation]:
-        """Objects to spill to disk to free ``needed`` bytes: values in segments that
+    def spill_candidates(
+        self, needed: int, busy: set[str], *, partial: bool = False
+    ) -> list[p.ObjectLocation]:
+        """Objects to spill to disk to free ``needed`` bytes: values in the store that
         no pending task uses (not pinned), oldest first; empty if they cannot free
-        enough."""
+        enough, unless ``partial`` (then as many as there are, up to ``needed``)."""
         chosen, freed = [], 0
         ready = sorted(
             (
                 (entry.ready_seq, oid, entry.location)
                 for oid, entry in self._entries.items()
                 if entry.location is not None
-                and entry.location.shm_name is not None
+                and entry.location.region is not None
                 and entry.location.error is None
                 and entry.pins == 0
                 and oid not in busy
@@ -255,7 +282,7 @@ class ObjectTable:
                 break
             chosen.append(location)
             freed += location.size
-        return chosen if freed >= needed else []
+        return chosen if freed >= needed or partial else []
 
     def is_wanted(self, object_id: str) -> bool:
         """Whether something here waits for the object."""

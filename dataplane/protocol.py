@@ -56,19 +56,20 @@ class ErrorInfo:
 
 @dataclass(slots=True)
 class ObjectLocation:
-    """Where an object's bytes are: inline (small objects travel in messages) or in a
-    shared-memory segment of ``size`` bytes named ``shm_name``; or on the node at
-    ``remote`` (made there; ask this node's daemon for it, which fetches it); or the
-    error that the object stands for. ``contained``: ids of refs serialized inside the
-    value."""
+    """Where an object's bytes are: inline (small objects travel in messages) or in
+    this node's store, ``size`` bytes at ``offset`` in its arena region number
+    ``region`` (dataplane/arena.py); or on the node at ``remote`` (made there; ask this
+    node's daemon for it, which fetches it); or the error that the object stands for.
+    ``contained``: ids of refs serialized inside the value."""
 
     object_id: str
     inline: bytes | None = None
-    shm_name: str | None = None
+    region: int | None = None
     size: int = 0
     error: ErrorInfo | None = None
     contained: tuple[str, ...] = ()
     remote: str | None = None
+    offset: int = 0
 
 
 @dataclass(slots=True)
@@ -220,10 +221,42 @@ class PutObject:
 
 @dataclass(slots=True)
 class ReserveShm:
-    """Asks for room in the store for a segment of ``size`` bytes (reply: Reserved)."""
+    """Asks for room in the store for an object of ``size`` bytes; the reply is where
+    to write it, ``(region, offset)``. The range is the asker's until it sends the
+    object (PutObject, or a task's returns in TaskDone), gives it back (ReleaseShm), or
+    its connection ends (then the node takes it back: a writer that died)."""
 
     request_id: int
     size: int
+
+
+@dataclass(slots=True)
+class ViewObject:
+    """Asks where to read an object in the store: the reply is its location once it is
+    there (restored or fetched first if it is not), and it stays there -- not spilled,
+    not freed, its range not reused -- until the asker's view of it ends (ViewCounts).
+    A location a process learned earlier may be stale: its object spilled since, its
+    range given to another object."""
+
+    request_id: int
+    object_id: str
+
+
+@dataclass(slots=True)
+class ViewCounts:
+    """Views of objects in the store that began without a ViewObject (+1: a task's
+    argument, whose location came with the task and is held for it meanwhile) or
+    ended (-1: nothing built on the view's bytes lives any more)."""
+
+    deltas: dict[str, int]
+
+
+@dataclass(slots=True)
+class ReleaseShm:
+    """Gives back a range ReserveShm handed out and not used (the write failed)."""
+
+    region: int
+    offset: int
 
 
 @dataclass(slots=True)

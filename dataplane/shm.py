@@ -1,112 +1,105 @@
-"""Shared-memory segments that hold objects: one POSIX shared-memory file per object in
-/dev/shm, named after the session and the object, written once by its creator and then
-mapped read-only by every reader (the kernel shares the pages: no copy)."""
+"""The node's store as one process sees it: objects larger than ``INLINE_LIMIT`` live
+at ranges of a few large shared-memory regions in /dev/shm (dataplane/arena.py), which
+each process of the node maps once, the first time it meets an object there, and
+keeps. Writing an object is a copy into pages already mapped; reading one is a view of
+them (the kernel shares the pages: no copy).
+
+Which ranges are free is the node daemon's to say (dataplane/store_memory.py): a
+writer writes only into a range the daemon handed it, and a range is handed out again
+only after the daemon freed its object, which it does only once no process holds it
+(a reader holds an object as long as anything built on its bytes lives)."""
 
 from __future__ import annotations
 
 import contextlib
-import mmap
-import os
-import secrets
-from pathlib import Path
+import ctypes
+import threading
 
+from dataplane import protocol as p
+from dataplane.arena import SHM_DIR, ArenaMappings
 from dataplane.serialization import Serialized, seal
 
-SHM_DIR = Path("/dev/shm")
-# Objects at most this large travel inline in messages instead of in a segment (Ray's
+__all__ = ["INLINE_LIMIT", "SHM_DIR", "ObjectBytesGoneError"]
+
+# Objects at most this large travel inline in messages instead of in the store (Ray's
 # max_direct_call_object_size is 100 KiB as well).
 INLINE_LIMIT = 100 * 1024
 
+_mappings: dict[str, ArenaMappings] = {}
+_mappings_lock = threading.Lock()
 
-def segment_name(prefix: str, object_id: str) -> str:
-    return f"{prefix}-{object_id}"
+
+class ObjectBytesGoneError(OSError):
+    """An object's region cannot be mapped (removed behind the store's back, or too
+    short for the object)."""
 
 
-def write_segment(name: str, value: Serialized, size: int, reuse: str | None = None) -> None:
-    """Creates the segment ``name`` of ``size`` bytes and writes the blob into it.
+def mappings(prefix: str) -> ArenaMappings:
+    """This process's mappings of the regions of the node whose prefix is ``prefix``."""
+    found = _mappings.get(prefix)
+    if found is None:
+        with _mappings_lock:
+            found = _mappings.setdefault(prefix, ArenaMappings(prefix))
+    return found
 
-    The blob is written under a staging name and then renamed to ``name``: a reader
-    never opens a half-written segment, and a segment left under ``name`` by an attempt
-    killed while writing (the task is retried on this node) is replaced, not refused.
-    ``reuse`` names a recycled segment (one of a freed object, handed out by the node
-    daemon, so no other process writes it): it is the staging file, and its pages,
-    already allocated, need no zeroing or faulting in."""
-    staging = fd = None
-    if reuse is not None:
-        with contextlib.suppress(FileNotFoundError):
-            fd = os.open(SHM_DIR / reuse, os.O_RDWR)
-            staging = SHM_DIR / reuse
-    if fd is None or staging is None:
-        fd, staging = create_staging(name)
+
+def forget(prefix: str) -> None:
+    """This process is done with that node (its client shut down): the mappings go,
+    once nothing built on them lives, so its regions' memory is given back."""
+    with _mappings_lock:
+        found = _mappings.pop(prefix, None)
+    if found is not None:
+        found.close()
+
+
+def object_view(prefix: str, location: p.ObjectLocation, *, writable: bool = False) -> memoryview:
+    """The object's bytes, as a view of this process's mapping of its region."""
+    assert location.region is not None  # an object in the store
     try:
-        os.ftruncate(fd, size)
-        # Allocate every page at once and map them populated: much cheaper than
-        # faulting fresh tmpfs pages in one by one while copying (1.5 vs 1.0 GB/s here).
-        os.posix_fallocate(fd, 0, size)
-        with mmap.mmap(fd, size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE) as target:
-            view = memoryview(target)
-            try:
-                value.write_into(view)
-            finally:
-                view.release()
-        publish(staging, name)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(staging)
-        raise
+        return mappings(prefix).view(
+            location.region, location.offset, location.size, writable=writable
+        )
+    except (OSError, ValueError) as exc:
+        raise ObjectBytesGoneError(
+            f"the store region {location.region} holding it cannot be read: {exc}"
+        ) from None
+
+
+def tracked_bytes(prefix: str, location: p.ObjectLocation) -> ctypes.Array[ctypes.c_char]:
+    """The object's bytes as an object that lives as long as anything built on them
+    (see ArenaRegion.tracked): its reader holds the object until it goes."""
+    assert location.region is not None  # an object in the store
+    try:
+        region = mappings(prefix).region(location.region)
+        return region.tracked(location.offset, location.size)
+    except (OSError, ValueError) as exc:
+        raise ObjectBytesGoneError(
+            f"the store region {location.region} holding it cannot be read: {exc}"
+        ) from None
+
+
+def write_object(prefix: str, location: p.ObjectLocation, value: Serialized) -> None:
+    """Writes a serialized value into the range the daemon reserved for it."""
+    view = object_view(prefix, location, writable=True)
+    try:
+        value.write_into(view)
     finally:
-        os.close(fd)
+        view.release()
 
 
-def create_staging(name: str) -> tuple[int, Path]:
-    """A new file, private to its writer, to write segment ``name`` into before
-    ``publish`` gives it that name. It is under the session's prefix, so one left by a
-    writer killed midway goes with the session (unlink_all)."""
-    staging = SHM_DIR / f"{name}-staging-{os.getpid()}-{secrets.token_hex(4)}"
-    return os.open(staging, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600), staging
-
-
-def publish(staging: Path, name: str) -> None:
-    """Gives a written segment its name, atomically: readers see all of it or nothing,
-    and it replaces a segment an attempt killed while writing left under that name."""
-    os.rename(staging, SHM_DIR / name)
-
-
-def map_segment(name: str, size: int) -> mmap.mmap:
-    """The segment, mapped read-only; the mapping lives as long as views of it do."""
-    fd = os.open(SHM_DIR / name, os.O_RDONLY)
+def seal_object(prefix: str, location: p.ObjectLocation) -> bool:
+    """Computes the deferred checksum of an object's blob (see serialization.seal)
+    before its bytes leave this node's memory (sent, spilled, copied to disk); True if
+    it was deferred."""
+    view = object_view(prefix, location, writable=True)
     try:
-        actual = os.fstat(fd).st_size
-        if actual < size:
-            raise SegmentTruncatedError(
-                f"segment {name} is truncated: {actual:,} of {size:,} bytes"
-            )
-        return mmap.mmap(fd, size, prot=mmap.PROT_READ)
+        return seal(view)
     finally:
-        os.close(fd)
-
-
-class SegmentTruncatedError(OSError):
-    """A segment holds fewer bytes than its object (cut short behind the store's back)."""
-
-
-def recycle_segment(name: str, new_name: str) -> bool:
-    """Keeps a freed object's segment under a pool name for reuse; False if gone."""
-    try:
-        os.rename(SHM_DIR / name, SHM_DIR / new_name)
-    except FileNotFoundError:
-        return False
-    return True
-
-
-def unlink_segment(name: str) -> None:
-    """Removes the segment's name; readers that still map it keep their pages."""
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(SHM_DIR / name)
+        view.release()
 
 
 def unlink_all(prefix: str) -> int:
-    """Removes every segment of a session (at shutdown, or after a crash)."""
+    """Removes every region of a node (at shutdown, or after a crash)."""
     removed = 0
     if not prefix:
         return 0
@@ -115,25 +108,3 @@ def unlink_all(prefix: str) -> int:
             path.unlink()
             removed += 1
     return removed
-
-
-def seal_segment(name: str) -> bool:
-    """Computes the deferred checksum of a segment's blob (see serialization.seal)
-    before its bytes leave this node's memory (sent, spilled, copied to disk); True if
-    it was deferred. A segment that is gone is left to the caller's own read to report."""
-    try:
-        fd = os.open(SHM_DIR / name, os.O_RDWR)
-    except FileNotFoundError:
-        return False
-    try:
-        size = os.fstat(fd).st_size
-        if size == 0:
-            return False
-        with mmap.mmap(fd, size) as mapping:
-            view = memoryview(mapping)
-            try:
-                return seal(view)
-            finally:
-                view.release()
-    finally:
-        os.close(fd)

@@ -14,18 +14,16 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import mmap
 import os
-import shutil
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from dataplane import protocol as p
 from dataplane import shm
 from dataplane.object_table import Elsewhere, ObjectTable
-from dataplane.segment_pool import SegmentPool
 from dataplane.serialization import SerializationError, verify
+from dataplane.store_memory import StoreMemory
 
 log = logging.getLogger("cairn.node")
 # how often a spilled object that could not be restored for a failed spill is tried again
@@ -41,7 +39,7 @@ class Spiller:
         node_id: str,
         spill_dir: Path,
         objects: ObjectTable,
-        pool: SegmentPool,
+        memory: StoreMemory,
         *,
         spawn: Callable[[Coroutine[Any, Any, None]], object],
         record: Callable[[str, str, dict[str, Any]], None],
@@ -54,7 +52,7 @@ class Spiller:
         self._node_id = node_id
         self.spill_dir = spill_dir
         self._objects = objects
-        self._pool = pool
+        self._memory = memory
         self._spawn = spawn
         self._record = record
         self._on_lost = on_lost
@@ -66,28 +64,31 @@ class Spiller:
         self._failure: str | None = None
 
     def store_full(self, size: int) -> str:
-        why = self._failure or "no more can be spilled"
+        why = self._failure or self._memory.failure or "no more can be spilled"
         return (
             f"store_full: the object store cannot fit {size:,} bytes: "
             f"{self._objects.used:,} of {self._objects.capacity:,} bytes are in use "
             f"(object_store_memory) and {why}"
         )
 
-    async def make_room(self, size: int) -> bool:
-        """Charges ``size`` bytes to the store, spilling objects to disk while it is
-        full; False if even spilling everything spillable would not make room, or if a
-        spill failed (``store_full`` says why). A failed spill ends the attempt:
-        retrying it at once would spin on a full disk; the next request tries again,
-        so work spills again as soon as space is freed."""
-        while not self._objects.charge(size):
-            overflow = self._objects.used + self._pool.bytes + size - self._objects.capacity
-            if self._pool.bytes:
-                self._pool.evict(overflow)
-                continue
-            victims = self._objects.spill_candidates(overflow, self._spilling)
+    async def make_room(self, size: int) -> tuple[int, int] | None:
+        """Room for ``size`` bytes in the store (``StoreMemory.take``), spilling
+        objects to disk while it is full (or too fragmented for one range that large);
+        None if even spilling everything spillable would not make room, or if a spill
+        failed (``store_full`` says why). A failed spill ends the attempt: retrying it
+        at once would spin on a full disk; the next request tries again, so work
+        spills again as soon as space is freed."""
+        while (where := self._memory.take(size)) is None:
+            # full: the overflow goes; not full, but no free range is that large
+            # (fragmented): the oldest objects go, one by one, until one is
+            overflow = self._objects.used + size - self._objects.capacity
+            if overflow > 0:
+                victims = self._objects.spill_candidates(overflow, self._spilling)
+            else:  # the oldest goes, one at a time, until a range is large enough
+                victims = self._objects.spill_candidates(size, self._spilling, partial=True)[:1]
             if not victims:
                 self._failure = None
-                return False
+                return None
             # taken now, before the copies start: another make_room running meanwhile
             # must not pick them too (its copy, finding the object spilled already,
             # would delete the file this one made)
@@ -96,21 +97,20 @@ class Spiller:
             failed = [why for why in failures if why is not None]
             if failed:
                 self._failure = failed[0]
-                return False
-        return True
+                return None
+        return where
 
     async def _spill(self, location: p.ObjectLocation) -> str | None:
-        """Copies an object to the spill directory and frees its segment; on failure
+        """Copies an object to the spill directory and frees its range; on failure
         (ENOSPC, EIO...) the object stays in the store, the partial copy is removed,
         and the returned text names the directory and the cause."""
-        object_id, name = location.object_id, location.shm_name
-        assert name is not None
+        object_id = location.object_id
         self._spilling.add(object_id)  # (by make_room already, which chose it)
         path = self.spill_dir / object_id
         try:
             self.spill_dir.mkdir(parents=True, exist_ok=True)
-            await asyncio.to_thread(shm.seal_segment, name)  # restore checks the copy
-            await asyncio.to_thread(shutil.copyfile, shm.SHM_DIR / name, path)
+            # (freed meanwhile, its range reused: the copy differs, and is dropped below)
+            await asyncio.to_thread(copy_out, self._node_id, location, path)
         except OSError as exc:
             with contextlib.suppress(OSError):  # a half-written copy must not stay
                 path.unlink(missing_ok=True)
@@ -124,7 +124,7 @@ class Spiller:
             return None
         bare = p.ObjectLocation(object_id, size=location.size, contained=location.contained)
         self._objects.set_elsewhere(object_id, Elsewhere("spilled", str(path), bare))
-        shm.unlink_segment(name)
+        self._memory.free_location(location)
         self._record(object_id, "spilled", {"size_bytes": location.size, "path": str(path)})
         return None
 
@@ -164,11 +164,13 @@ class Spiller:
             Path(where.where).unlink(missing_ok=True)
             return
         if self._objects.state(object_id) != "spilled":  # freed meanwhile
-            self._objects.uncharge(size)
-            shm.unlink_segment(location.shm_name or "")
+            self._memory.give_back(location.region or 0, location.offset, size)
             return
         self._record(object_id, "restored", {"size_bytes": size})
-        self._objects.ready(dataclasses.replace(where.location, shm_name=location.shm_name))
+        restored = dataclasses.replace(
+            where.location, region=location.region, offset=location.offset
+        )
+        self._objects.ready(restored)
         Path(where.where).unlink(missing_ok=True)
         self._on_restored()
 
@@ -183,54 +185,55 @@ class Spiller:
             self.restore(object_id, where)
 
     async def load_file(self, object_id: str, path: Path, size: int) -> p.ObjectLocation | None:
-        """A copy of an object on disk (spilled, or a durable put) read into a new segment
-        of the store, room made first; None if no room can be made; OSError (nothing
-        left behind) if the file cannot be read whole."""
-        if not await self.make_room(size):
+        """A copy of an object on disk (spilled, or a durable put) read into the store,
+        room made first; None if no room can be made; OSError (nothing left behind) if
+        the file cannot be read whole, or its bytes do not match their checksum."""
+        where = await self.make_room(size)
+        if where is None:
             return None
-        name = shm.segment_name(self._node_id, object_id)
+        location = p.ObjectLocation(object_id, region=where[0], offset=where[1], size=size)
         try:
-            await asyncio.to_thread(copy_into_segment, path, name, size)
+            await asyncio.to_thread(copy_in, self._node_id, path, location)
         except OSError:
-            self._objects.uncharge(size)
+            self._memory.give_back(*where, size)
             raise
-        return p.ObjectLocation(object_id, shm_name=name, size=size)
+        return location
 
 
 class DamagedCopyError(OSError):
     """A copy on disk whose bytes do not match the object's checksum."""
 
 
-def copy_into_segment(source: Path, name: str, size: int) -> None:
-    """Copies a file into a new segment and checks it against the object's checksum
-    (DamagedCopyError: the disk gave back other bytes than were spilled); nothing is
-    left behind when it fails."""
-    fd, staging = shm.create_staging(name)
+def copy_out(prefix: str, location: p.ObjectLocation, path: Path) -> None:
+    """Writes an object's bytes to a file (a spill, a durable put's copy), its deferred
+    checksum computed first so that whoever reads the file back can check it."""
+    shm.seal_object(prefix, location)
+    view = shm.object_view(prefix, location)
     try:
-        with open(source, "rb") as src, os.fdopen(fd, "wb+") as dst:
-            _copy_checked(source, src, dst, size)
-        shm.publish(staging, name)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(staging)
-        raise
+        with open(path, "wb") as out:
+            out.write(view)
+    finally:
+        view.release()
 
 
-def _copy_checked(source: Path, src: BinaryIO, dst: BinaryIO, size: int) -> None:
-    """Copies and verifies (DamagedCopyError when the bytes do not match)."""
-    shutil.copyfileobj(src, dst, length=1024 * 1024)
-    if dst.tell() != size:
-        raise OSError(f"{source} holds {dst.tell():,} bytes, not {size:,}")
-    dst.flush()
-    with mmap.mmap(dst.fileno(), size, prot=mmap.PROT_READ) as mapping:
-        view = memoryview(mapping)
+def copy_in(prefix: str, source: Path, location: p.ObjectLocation) -> None:
+    """Reads a file into an object's range of the store and checks it against the
+    object's checksum (DamagedCopyError: the disk gave back other bytes than were
+    written); OSError if the file does not hold the object whole."""
+    size = location.size
+    view = shm.object_view(prefix, location, writable=True)
+    try:
+        with open(source, "rb") as src:
+            got = src.readinto(view)
+            if got != size or src.read(1):
+                held = f"{got:,}" if got != size else f"more than {size:,}"
+                raise OSError(f"{source} holds {held} bytes, not {size:,}")
         try:
             verify(view)
         except SerializationError as exc:
-            object_id = source.name
             raise DamagedCopyError(
-                f"object {object_id}'s bytes do not match their checksum: "
+                f"object {location.object_id}'s bytes do not match their checksum: "
                 f"its copy {source} is damaged: {exc}"
             ) from None
-        finally:
-            view.release()
+    finally:
+        view.release()

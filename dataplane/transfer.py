@@ -1,6 +1,6 @@
 """Object transfer between nodes. The puller asks for an object's size
 (``ObjectInfo``), then reads it in chunks of ``CHUNK_SIZE`` (``ReadObject``), at
-most ``CHUNKS_IN_FLIGHT`` at a time, writing each into a new segment of its own store as
+most ``CHUNKS_IN_FLIGHT`` at a time, writing each into room taken in its own store as
 it arrives: memory on both sides is bounded by the chunks in flight, whatever the
 object's size (the puller asks, so neither side can run ahead of the other). Concurrent
 pulls of one object share one transfer. The object stays put on its node meanwhile: it
@@ -20,15 +20,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import mmap
-import os
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from dataplane import protocol as p
 from dataplane import shm
-from dataplane.object_table import ObjectTable
 from dataplane.serialization import SerializationError, verify
+from dataplane.store_memory import StoreMemory
 
 CHUNK_SIZE = 1 << 20  # the bytes of one ReadObject call
 CHUNKS_IN_FLIGHT = 4
@@ -75,9 +73,10 @@ InfoHandler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 ReadHandler = Callable[[dict[str, Any]], Awaitable[bytes]]
 
 
-def object_service(objects: ObjectTable) -> tuple[InfoHandler, ReadHandler]:
-    """The ``ObjectInfo`` and ``ReadObject`` handlers over this node's object table
+def object_service(memory: StoreMemory) -> tuple[InfoHandler, ReadHandler]:
+    """The ``ObjectInfo`` and ``ReadObject`` handlers over this node's store
     (``ReadObject`` raises Refused for a request it cannot answer)."""
+    objects = memory.objects
 
     def located(object_id: str) -> p.ObjectLocation | None:
         if not objects.is_ready(object_id):
@@ -102,8 +101,8 @@ def object_service(objects: ObjectTable) -> tuple[InfoHandler, ReadHandler]:
         location = located(object_id)
         if location is None:
             return {"missing": True}
-        if location.shm_name is not None:  # a large blob's checksum, before it leaves
-            await asyncio.to_thread(shm.seal_segment, location.shm_name)
+        if location.region is not None:  # a large blob's checksum, before it leaves
+            await asyncio.to_thread(shm.seal_object, memory.prefix, location)
         return {"size": location.size, "contained": list(location.contained)}
 
     async def read(request: dict[str, Any]) -> bytes:
@@ -116,12 +115,11 @@ def object_service(objects: ObjectTable) -> tuple[InfoHandler, ReadHandler]:
             raise Refused("INVALID_ARGUMENT", "bad chunk range")
         if location.inline is not None:
             return location.inline[offset : offset + length]
-        assert location.shm_name is not None
-        fd = os.open(shm.SHM_DIR / location.shm_name, os.O_RDONLY)
+        view = shm.object_view(memory.prefix, location)
         try:
-            return os.pread(fd, length, offset)
+            return bytes(view[offset : offset + length])
         finally:
-            os.close(fd)
+            view.release()
 
     return info, read
 
@@ -129,9 +127,9 @@ def object_service(objects: ObjectTable) -> tuple[InfoHandler, ReadHandler]:
 class Puller:
     """Pulls objects from other nodes into this node's store."""
 
-    def __init__(self, node_id: str, objects: ObjectTable, link: NodeLink) -> None:
+    def __init__(self, node_id: str, memory: StoreMemory, link: NodeLink) -> None:
         self.node_id = node_id
-        self.objects = objects
+        self.memory = memory
         self._link = link
         self._pulls: dict[str, asyncio.Future[p.ObjectLocation]] = {}
 
@@ -156,7 +154,7 @@ class Puller:
                 _check_size(object_id, address, len(data), size)
                 _check_bytes(object_id, address, data)
                 return p.ObjectLocation(object_id, inline=data, size=size, contained=contained)
-            return await self._into_segment(object_id, address, size, contained, read)
+            return await self._into_store(object_id, address, size, contained, read)
         except LinkError as exc:
             raise TransferError(
                 f"could not pull object {object_id} from {address}: {exc.code} {exc.details}"
@@ -169,15 +167,25 @@ class Puller:
             call = self._link.unary(address, "Release")
             await call({"object_id": object_id}, timeout=RELEASE_TIMEOUT_S)
 
-    async def _into_segment(
+    def discard(self, location: p.ObjectLocation) -> None:
+        """A pulled copy nobody wants any more (freed or lost meanwhile): its room goes."""
+        if location.region is not None:
+            self.memory.give_back(location.region, location.offset, location.size)
+        else:
+            self.memory.objects.uncharge(location.size)
+
+    async def _into_store(
         self, object_id: str, address: str, size: int, contained: tuple[str, ...], read: Any
     ) -> p.ObjectLocation:
-        if not self.objects.charge(size):
+        where = self.memory.take(size)
+        if where is None:
             raise TransferError(
                 f"no room for object {object_id} ({size:,} bytes) in this node's store"
             )
-        name = shm.segment_name(self.node_id, object_id)
-        fd, staging = shm.create_staging(name)
+        location = p.ObjectLocation(
+            object_id, region=where[0], offset=where[1], size=size, contained=contained
+        )
+        view = shm.object_view(self.memory.prefix, location, writable=True)
         slots = asyncio.Semaphore(CHUNKS_IN_FLIGHT)
 
         async def chunk(offset: int) -> None:
@@ -185,21 +193,17 @@ class Puller:
                 length = min(CHUNK_SIZE, size - offset)
                 data = await read({"object_id": object_id, "offset": offset, "length": length})
                 _check_size(object_id, address, len(data), length)
-                os.pwrite(fd, data, offset)
+                view[offset : offset + length] = data
 
         try:
-            os.ftruncate(fd, size)
             await asyncio.gather(*(chunk(o) for o in range(0, size, CHUNK_SIZE)))
-            await asyncio.to_thread(_check_segment, object_id, address, fd, size)
-            shm.publish(staging, name)
+            await asyncio.to_thread(_check_bytes, object_id, address, view)
         except BaseException:
-            self.objects.uncharge(size)
-            with contextlib.suppress(OSError):
-                os.unlink(staging)
+            self.memory.give_back(*where, size)
             raise
         finally:
-            os.close(fd)
-        return p.ObjectLocation(object_id, shm_name=name, size=size, contained=contained)
+            view.release()
+        return location
 
 
 def _check_size(object_id: str, address: str, got: int, size: int) -> None:
@@ -217,12 +221,3 @@ def _check_bytes(object_id: str, address: str, data: bytes | memoryview) -> None
         raise TransferError(
             f"object {object_id}'s bytes do not match their checksum: pulled from {address}: {exc}"
         ) from None
-
-
-def _check_segment(object_id: str, address: str, fd: int, size: int) -> None:
-    with mmap.mmap(fd, size, prot=mmap.PROT_READ) as mapping:
-        view = memoryview(mapping)
-        try:
-            _check_bytes(object_id, address, view)
-        finally:
-            view.release()

@@ -273,9 +273,12 @@ class Worker:
         if location is None:  # a direct call's ref argument: asked for here, in order
             assert arg.ref is not None
             (location,) = self.client.get_locations([arg.ref], None)
-        if location.error is not None:  # (a direct call's: the daemon checks its own)
+            if location.error is not None:  # (a direct call's: the daemon checks its own)
+                raise _ArgumentFailed(location.error)
+            return self.client.read_value(location)
+        if location.error is not None:
             raise _ArgumentFailed(location.error)
-        return self.client.read_value(location)
+        return self.client.read_value(location, task_argument=True)
 
     def _store(self, object_id: str, value: Any, digest: Any) -> p.ObjectLocation:
         """Stores one return value and feeds ``digest`` its checksum: the one computed

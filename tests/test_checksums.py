@@ -14,9 +14,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from log_rows import rows, wait_for_rows
+from store_objects import flip
 
 import sdk as ray
-from dataplane import context, shm
+from dataplane import context
 from dataplane import protocol as p
 from dataplane.serialization import (
     ChecksumError,
@@ -158,11 +159,6 @@ def one() -> int:
     return 1
 
 
-def _segment(ref: ray.ObjectRef) -> Path:
-    node_id = ray.get_runtime_context().get_node_id()
-    return shm.SHM_DIR / shm.segment_name(node_id, ref.hex())
-
-
 def _flip(path: Path, offset: int) -> None:
     """Flips one byte of a file behind the node's back (as bad memory or disk would)."""
     with open(path, "r+b") as f:
@@ -201,7 +197,7 @@ def _lost_reasons(object_id: str) -> list[str]:
 def test_a_damaged_task_result_is_rebuilt_not_returned(node: None) -> None:
     ref = filled.remote(3, MB)
     assert int(ray.get(ref, timeout=60)[-1]) == 3
-    _flip(_segment(ref), MB // 2)  # in the middle of the array's bytes
+    flip(ref, MB // 2)  # in the middle of the array's bytes
     value = ray.get(ref, timeout=60)
     assert value.shape == (MB // 8,) and bool((value == 3).all())
     assert any(MISMATCH in reason for reason in _lost_reasons(ref.hex()))
@@ -210,7 +206,7 @@ def test_a_damaged_task_result_is_rebuilt_not_returned(node: None) -> None:
 @pytest.mark.timeout(120)
 def test_a_damaged_put_without_a_copy_is_lost_with_a_clear_error(node: None) -> None:
     ref = ray.put(np.full(MB // 8, 5, dtype=np.int64))
-    _flip(_segment(ref), 200)
+    flip(ref, 200)
     with pytest.raises(ObjectLostError, match=MISMATCH):
         ray.get(ref, timeout=60)
 
@@ -222,7 +218,7 @@ def test_a_damaged_durable_put_comes_back_from_its_copy_unless_that_is_damaged_t
     ref = ray.put(np.full(MB // 8, 9, dtype=np.int64), durable=True)
     # its copy is made before its created event
     wait_for_rows(ray.get_runtime_context().gcs_address, _EVENTS_OF, ref.hex())
-    _flip(_segment(ref), MB // 3)
+    flip(ref, MB // 3)
     assert bool((ray.get(ref, timeout=60) == 9).all())  # recovered from its copy
 
     (row,) = rows(
@@ -232,7 +228,7 @@ def test_a_damaged_durable_put_comes_back_from_its_copy_unless_that_is_damaged_t
         ref.hex(),
     )
     _flip(Path(row["path"]), MB // 3)
-    _flip(_segment(ref), MB // 3)
+    flip(ref, MB // 3)
     with pytest.raises(ObjectLostError, match=MISMATCH):
         ray.get(ref, timeout=60)
 

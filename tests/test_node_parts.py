@@ -35,10 +35,11 @@ from controlplane.node.task_table import TaskRecord, TaskTable
 from controlplane.node.workers import WorkerPool
 from dataplane import protocol as p
 from dataplane import shm
+from dataplane.arena import region_name
 from dataplane.object_table import ObjectTable
-from dataplane.segment_pool import SegmentPool
 from dataplane.serialization import serialize
 from dataplane.spilling import Spiller
+from dataplane.store_memory import StoreMemory
 from dataplane.transfer import (
     CHUNK_SIZE,
     LinkError,
@@ -111,7 +112,13 @@ async def test_the_worker_pool_hands_out_idle_workers_and_reaps_dead_ones() -> N
         actor = pool.start(actor_id="actor")
         pool.connected(actor.worker_id, cast(Any, _Conn(actor.worker_id)))
         assert pool.run(task) is first  # an actor's worker is never idle in the pool
-        second.process.send_signal(signal.SIGKILL)
+        second.process.send_signal(signal.SIGKILL)  # before it said hello
+        for _ in range(500):
+            if second in pool.exited_unconnected():
+                break
+            await asyncio.sleep(0.01)
+        ended = pool.exited_unconnected()
+        assert second in ended and first not in ended and actor not in ended
         gone = await pool.gone(second.worker_id)
         assert gone is not None and gone[0] is second and gone[1] != 0
         assert not pool.alive(second.worker_id) and await pool.gone(second.worker_id) is None
@@ -133,14 +140,16 @@ async def test_the_spiller_spills_the_oldest_objects_and_restores_them_checked(
     lost: list[str] = []
     tasks: set[asyncio.Task[None]] = set()
     objects = ObjectTable(3 * MB, on_free=lambda _location: None)
-    spiller = _spiller(tmp_path, prefix, objects, records, tasks, lost)
+    memory = StoreMemory(prefix, objects)
+    spiller = _spiller(tmp_path, memory, records, tasks, lost)
     objects._on_wanted = lambda object_id, where: spiller.restore(object_id, where)
     try:
-        sizes = [_store(objects, prefix, name) for name in ("a", "b", "c")]  # ~1 MB each
+        sizes = [_store(memory, name) for name in ("a", "b", "c")]  # ~1 MB each
         # more than the room left and one object make: the two oldest go to disk
         needed = objects.capacity - objects.used + sizes[0] + 1
-        assert await spiller.make_room(needed)
-        objects.uncharge(needed)  # (charged for a new object: given back here)
+        room = await spiller.make_room(needed)
+        assert room is not None
+        memory.give_back(*room, needed)  # (room for a new object: given back here)
         assert sorted(records) == [("spilled", "a"), ("spilled", "b")]  # (copied at once)
         assert objects.state("a") == objects.state("b") == "spilled"
         assert objects.state("c") == "stored"
@@ -155,13 +164,13 @@ async def test_the_spiller_spills_the_oldest_objects_and_restores_them_checked(
         assert lost == ["b"]
         spiller.spill_dir = tmp_path / "a-file"
         spiller.spill_dir.write_text("not a directory")
-        _store(objects, prefix, "d")
+        _store(memory, "d")
         needed = objects.capacity - objects.used + 1  # an object must go: d cannot
-        assert not await spiller.make_room(needed)
+        assert await spiller.make_room(needed) is None
         assert f"spilling to {spiller.spill_dir} failed" in spiller.store_full(needed)
     finally:
         await asyncio.gather(*tasks, return_exceptions=True)
-        shm.unlink_all(prefix)
+        _forget(prefix)
 
 
 async def test_two_reservations_at_once_never_spill_the_same_object_twice(
@@ -174,24 +183,72 @@ async def test_two_reservations_at_once_never_spill_the_same_object_twice(
     records: list[tuple[str, str]] = []
     tasks: set[asyncio.Task[None]] = set()
     objects = ObjectTable(3 * MB, on_free=lambda _location: None)
-    spiller = _spiller(tmp_path, prefix, objects, records, tasks, [])
+    memory = StoreMemory(prefix, objects)
+    spiller = _spiller(tmp_path, memory, records, tasks, [])
     try:
-        sizes = {name: _store(objects, prefix, name) for name in ("a", "b", "c")}
+        sizes = {name: _store(memory, name) for name in ("a", "b", "c")}
         size = max(sizes.values())
         room = await asyncio.gather(spiller.make_room(size), spiller.make_room(size))
-        assert room == [True, True]
+        assert None not in room and room[0] != room[1]
         assert sorted(records) == [("spilled", "a"), ("spilled", "b")]  # each once
         for name in ("a", "b"):  # and each copy is there, whole
             assert (tmp_path / "spill" / name).stat().st_size == sizes[name]
     finally:
         await asyncio.gather(*tasks, return_exceptions=True)
-        shm.unlink_all(prefix)
+        _forget(prefix)
+
+
+def test_store_memory_takes_room_in_regions_it_makes_and_gives_it_back() -> None:
+    """Room is charged to the store and placed in a region made when the ones there
+    are full; a request that the store's accounting admits but no one range can hold
+    (fragmented) is refused with nothing charged; room given back is whole again."""
+    prefix = f"parts-{uuid.uuid4().hex}"
+    objects = ObjectTable(4 * MB, on_free=lambda _location: None)
+    memory = StoreMemory(prefix, objects, chunk=2 * MB)
+    try:
+        a, b = memory.take(MB), memory.take(MB)
+        assert a is not None and b is not None and a[0] == b[0] == 0
+        assert (shm.SHM_DIR / region_name(prefix, 0)).stat().st_size == 2 * MB
+        c = memory.take(MB)
+        assert c is not None and c[0] == 1  # region 0 is full: a second one
+        assert (shm.SHM_DIR / region_name(prefix, 1)).exists()
+        assert objects.used == 3 * MB and memory.take(2 * MB) is None  # over capacity
+        memory.give_back(*a, MB)
+        assert objects.used == 2 * MB
+        # 2 MB are free, in two pieces: admitted by the accounting, placed nowhere
+        assert memory.take(2 * MB) is None and objects.used == 2 * MB
+        memory.give_back(*b, MB)
+        whole = memory.take(2 * MB)
+        assert whole == (0, 0) and objects.used == 3 * MB
+    finally:
+        _forget(prefix)
+
+
+async def test_a_fragmented_store_spills_until_one_range_holds_the_object(
+    tmp_path: Path,
+) -> None:
+    """Not full but fragmented: the oldest objects are spilled until a free range is
+    large enough, and no more."""
+    prefix = f"parts-{uuid.uuid4().hex}"
+    records: list[tuple[str, str]] = []
+    tasks: set[asyncio.Task[None]] = set()
+    objects = ObjectTable(4 * MB, on_free=lambda _location: None)
+    memory = StoreMemory(prefix, objects, chunk=2 * MB)
+    spiller = _spiller(tmp_path, memory, records, tasks, [])
+    try:
+        sizes = [_store(memory, name) for name in ("x", "y", "z")]  # x, y in region 0
+        room = await spiller.make_room(2 * MB - 4096)  # fits in the store, in no range
+        assert room is not None and room[0] == 0  # where x and y were
+        assert sorted(records) == [("spilled", "x"), ("spilled", "y")]
+        assert objects.state("z") == "stored" and objects.used == sizes[2] + 2 * MB - 4096
+    finally:
+        await asyncio.gather(*tasks, return_exceptions=True)
+        _forget(prefix)
 
 
 def _spiller(
     tmp_path: Path,
-    prefix: str,
-    objects: ObjectTable,
+    memory: StoreMemory,
     records: list[tuple[str, str]],
     tasks: set[asyncio.Task[None]],
     lost: list[str],
@@ -199,10 +256,10 @@ def _spiller(
     """A spiller into ``tmp_path/spill`` that notes its events (``records``: (event,
     object id)), the tasks it spawns and the objects it reports lost."""
     return Spiller(
-        prefix,
+        memory.prefix,
         tmp_path / "spill",
-        objects,
-        SegmentPool(prefix, limit=0),
+        memory.objects,
+        memory,
         spawn=lambda coroutine: tasks.add(asyncio.get_running_loop().create_task(coroutine)),
         record=lambda object_id, event, _payload: records.append((event, object_id)),
         on_lost=lambda object_id, _why: lost.append(object_id),
@@ -213,15 +270,34 @@ def _spiller(
 MB = 1024 * 1024
 
 
-def _store(objects: ObjectTable, prefix: str, object_id: str) -> int:
-    value = serialize(np.full(MB // 8 - 64, ord(object_id), dtype=np.int64))
-    name = shm.segment_name(prefix, object_id)
-    shm.write_segment(name, value, value.total_size)
-    assert objects.charge(value.total_size)
-    objects.expect(object_id)
-    objects.hold(object_id)
-    objects.ready(p.ObjectLocation(object_id, shm_name=name, size=value.total_size))
-    return value.total_size
+def _write(
+    memory: StoreMemory, object_id: str, array: np.ndarray | None = None
+) -> p.ObjectLocation:
+    """An object's bytes written into room taken in the store (~1 MB by default)."""
+    value = serialize(
+        np.full(MB // 8 - 64, ord(object_id), dtype=np.int64) if array is None else array
+    )
+    room = memory.take(value.total_size)
+    assert room is not None
+    location = p.ObjectLocation(object_id, region=room[0], offset=room[1], size=value.total_size)
+    shm.write_object(memory.prefix, location, value)
+    return location
+
+
+def _store(memory: StoreMemory, object_id: str) -> int:
+    """An object in the store, held and ready; its size."""
+    location = _write(memory, object_id)
+    memory.objects.expect(object_id)
+    memory.objects.hold(object_id)
+    memory.objects.ready(location)
+    return location.size
+
+
+def _forget(*prefixes: str) -> None:
+    """The test's stores go: their regions, and this process's mappings of them."""
+    for prefix in prefixes:
+        shm.unlink_all(prefix)
+        shm.forget(prefix)
 
 
 class _InProcessLink:
@@ -248,9 +324,9 @@ class _InProcessLink:
 
 
 async def test_a_pull_copies_an_object_chunk_by_chunk_and_checks_it() -> None:
-    prefix_a, prefix_b = f"parts-{uuid.uuid4().hex}", f"parts-{uuid.uuid4().hex}"
-    here = ObjectTable(64 * MB, on_free=lambda _location: None)
-    there = ObjectTable(64 * MB, on_free=lambda _location: None)
+    prefix_a, prefix_b, prefix_c = (f"parts-{uuid.uuid4().hex}" for _ in range(3))
+    here = StoreMemory(prefix_a, ObjectTable(64 * MB, on_free=lambda _location: None))
+    there = StoreMemory(prefix_b, ObjectTable(64 * MB, on_free=lambda _location: None))
     info, read = object_service(there)
     released: list[str] = []
 
@@ -261,37 +337,38 @@ async def test_a_pull_copies_an_object_chunk_by_chunk_and_checks_it() -> None:
     link = _InProcessLink({"b": {"ObjectInfo": info, "ReadObject": read, "Release": release}})
     puller = Puller(prefix_a, here, link)
     try:
-        value = serialize(np.arange(3 * CHUNK_SIZE // 8 + 5, dtype=np.int64))  # 4 chunks
-        name = shm.segment_name(prefix_b, "big")
-        shm.write_segment(name, value, value.total_size)
-        there.expect("big")
-        there.hold("big")
-        there.ready(p.ObjectLocation("big", shm_name=name, size=value.total_size))
+        big = _write(there, "big", np.arange(3 * CHUNK_SIZE // 8 + 5, dtype=np.int64))
+        there.objects.expect("big")
+        there.objects.hold("big")
+        there.objects.ready(big)  # 4 chunks
         pulled = await puller.pull("b", "big")
-        assert pulled.shm_name == shm.segment_name(prefix_a, "big")
-        assert (shm.SHM_DIR / pulled.shm_name).read_bytes() == (shm.SHM_DIR / name).read_bytes()
-        assert here.used == value.total_size  # charged to this node's store
+        assert pulled.region is not None and pulled.size == big.size
+        assert bytes(shm.object_view(prefix_a, pulled)) == bytes(shm.object_view(prefix_b, big))
+        assert here.objects.used == big.size  # charged to this node's store
         with pytest.raises(TransferError, match="no longer has object gone"):
             await puller.pull("b", "gone")
-        with open(shm.SHM_DIR / name, "r+b") as segment:  # damaged where it lies
-            segment.seek(value.total_size - 10)
-            segment.write(b"\xff" * 10)
+        damaged = shm.object_view(prefix_b, big, writable=True)
+        damaged[big.size - 10 :] = b"\xff" * 10  # damaged where it lies
+        damaged.release()
         with pytest.raises(TransferError, match="do not match their checksum"):
-            await Puller(f"parts-{uuid.uuid4().hex}", here, link).pull("b", "big")
+            await Puller(prefix_c, StoreMemory(prefix_c, here.objects), link).pull("b", "big")
+        assert here.objects.used == big.size  # the failed pull's room was given back
         with pytest.raises(Refused, match="bad chunk range"):
             await read({"object_id": "big", "offset": 0, "length": CHUNK_SIZE + 1})
         await puller.release("b", "big")
         assert released == ["big"]
     finally:
-        for prefix in (prefix_a, prefix_b):
-            shm.unlink_all(prefix)
+        _forget(prefix_a, prefix_b, prefix_c)
 
 
 class _Owner:
-    """A driver's connection as the placement groups see it: answers are collected."""
+    """A driver's connection as the placement groups and the store see it: answers
+    are collected."""
 
     def __init__(self) -> None:
         self.sent: list[object] = []
+        self.reserved: dict[tuple[int, int], int] = {}
+        self.closed = False
 
     def send(self, message: object) -> None:
         self.sent.append(message)
@@ -436,7 +513,7 @@ async def test_the_reconstructor_reruns_lineage_from_the_log_and_recovers_puts(
         "node",
         tmp_path,
         objects,
-        SegmentPool("node", limit=0),
+        StoreMemory("node", objects),
         spawn=lambda c: spawned.add(asyncio.get_running_loop().create_task(c)),
         record=lambda *_: None,
         on_lost=lambda *_: None,
@@ -606,17 +683,13 @@ async def test_the_object_store_makes_objects_ready_only_once_their_events_are_d
         ready = asyncio.Event()
         store.objects.on_ready(small.object_id, ready.set)
         await asyncio.wait_for(ready.wait(), 10)
-        big = _store(store.objects, prefix, "b")  # (~1 MB, written to a segment)
-        location = store.objects.location("b")
-        store.objects.unready("b")  # as if just put: not ready until its event commits
-        store.objects.charge(big)
+        location = _write(store.memory, "b")  # (~1 MB, as its writer wrote it)
+        store.objects.hold("b")
         store.put(location, None, "job", durable=True)
         durable = asyncio.Event()
         store.objects.on_ready("b", durable.set)
         await asyncio.wait_for(durable.wait(), 10)
-        assert (tmp_path / "durable" / "b").read_bytes() == (
-            shm.SHM_DIR / str(location.shm_name)
-        ).read_bytes()
+        assert (tmp_path / "durable" / "b").read_bytes() == bytes(shm.object_view(prefix, location))
         store.reserve(owner, 7, 3 * MB - 1000)  # only fits once "b" is spilled
         await asyncio.gather(*spawned)
         reply = owner.sent.pop()
@@ -629,7 +702,7 @@ async def test_the_object_store_makes_objects_ready_only_once_their_events_are_d
     finally:
         await asyncio.gather(*spawned, return_exceptions=True)
         await recorder.close()
-        shm.unlink_all(prefix)
+        _forget(prefix)
     rows = await fetch_rows(
         gcs_url,
         "SELECT entity_id, event_type, data, payload->>'durable_path' AS durable "
@@ -865,6 +938,7 @@ async def test_the_actor_director_creates_restarts_and_buries_an_actor(
         tmp_path,
         recorder,
         objects,
+        StoreMemory("node", objects),
         tasks,
         scheduler,
         workers,
@@ -1154,7 +1228,7 @@ async def test_task_runs_take_tasks_from_submission_to_published_results(
         await workers.stop()
         await asyncio.gather(*spawned, return_exceptions=True)
         await recorder.close()
-        shm.unlink_all(prefix)
+        _forget(prefix)
     rows = await fetch_rows(
         gcs_url,
         "SELECT entity_id, event_type FROM events WHERE entity_kind = 'task' ORDER BY position",

@@ -10,9 +10,9 @@ import asyncpg
 import numpy as np
 import pytest
 from log_rows import rows, wait_for_rows
+from store_objects import flip, object_bytes
 
 import sdk as ray
-from dataplane import shm
 from sdk.exceptions import ObjectLostError, ObjectReconstructionFailedMaxAttemptsExceededError
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("private_cluster")]
@@ -40,10 +40,9 @@ def once_more(n: int) -> np.ndarray:
 
 
 def _lose(ref: ray.ObjectRef) -> None:
-    """Removes an object's bytes behind the node's back, as an eviction or a crash of
-    its store would."""
-    node_id = ray.get_runtime_context().get_node_id()
-    (shm.SHM_DIR / shm.segment_name(node_id, ref.hex())).unlink()
+    """Damages an object's bytes behind the node's back (its framing), as bad memory
+    or a stray write would: whoever reads it next finds it lost."""
+    flip(ref, 0, 16, mask=0xFF)
 
 
 def _events(query: str, *args: object) -> list[asyncpg.Record]:
@@ -128,33 +127,28 @@ def test_a_task_whose_argument_vanished_waits_for_it_and_runs_again() -> None:
     assert int(ray.get(step.remote(made, 1), timeout=60)[0]) == 6
 
 
-def test_a_corrupt_or_truncated_object_is_detected_and_rebuilt_never_returned() -> None:
-    node_id = ray.get_runtime_context().get_node_id()
-    corrupt, truncated = start.remote(1), start.remote(2)
-    ray.wait([corrupt, truncated], num_returns=2)
-    path = shm.SHM_DIR / shm.segment_name(node_id, corrupt.hex())
-    with open(path, "r+b") as segment:  # damage its framing
-        segment.write(bytes(b ^ 0xFF for b in segment.read(16)))
-    with open(shm.SHM_DIR / shm.segment_name(node_id, truncated.hex()), "r+b") as segment:
-        segment.truncate(100)
+def test_a_corrupt_or_damaged_object_is_detected_and_rebuilt_never_returned() -> None:
+    corrupt, damaged = start.remote(1), start.remote(2)
+    ray.wait([corrupt, damaged], num_returns=2)
+    flip(corrupt, 0, 16, mask=0xFF)  # its framing
+    flip(damaged, object_bytes(damaged)[2] // 2, 8)  # its value: the checksum says so
     assert int(ray.get(corrupt, timeout=60)[-1]) == 1  # rebuilt, not the damaged bytes
-    assert int(ray.get(step.remote(truncated, 1), timeout=60)[-1]) == 3  # a task saw it
+    assert int(ray.get(step.remote(damaged, 1), timeout=60)[-1]) == 3  # a task saw it
     reasons = [
         row["reason"]
         for row in _events(
             "SELECT payload->>'reason' AS reason FROM events "
             "WHERE event_type = 'lost' AND entity_id = ANY($1::text[]) ORDER BY position",
-            [corrupt.hex(), truncated.hex()],
+            [corrupt.hex(), damaged.hex()],
         )
     ]
-    assert any("corrupt" in r for r in reasons) and any("truncated" in r for r in reasons)
+    assert any("corrupt" in r for r in reasons) and any("checksum" in r for r in reasons)
     put = ray.put(np.ones(MB, dtype=np.uint8))  # no lineage, not durable: a clear error
     deadline = time.monotonic() + 30
     while not _events("SELECT 1 FROM events WHERE entity_id = $1", put.hex()):
         assert time.monotonic() < deadline
         time.sleep(0.02)
-    with open(shm.SHM_DIR / shm.segment_name(node_id, put.hex()), "r+b") as segment:
-        segment.write(b"\xff" * 16)
+    flip(put, 0, 16, mask=0xFF)
     with pytest.raises(ObjectLostError, match="corrupt"):
         ray.get(put, timeout=30)
     assert int(ray.get(start.remote(9))[0]) == 9  # the node and its workers carry on

@@ -91,3 +91,22 @@ def test_a_spilled_copy_that_vanished_is_lost_not_waited_for() -> None:
     assert [int(ray.get(r, timeout=60)[0]) for r in others] == [
         n for n in range(5) if refs[n] != victim
     ]
+
+
+def test_an_object_being_read_is_never_spilled_under_its_reader() -> None:
+    """A value read from the store keeps its bytes where they are while anything built
+    on them lives: a full store spills other objects, and puts that reuse the room
+    others had never change what the reader sees."""
+    kept_ref = ray.put(np.full(30 * MB // 8, 7, dtype=np.int64))
+    kept = ray.get(kept_ref, timeout=60)
+    others = [ray.put(np.full(30 * MB // 8, n, dtype=np.int64)) for n in range(6)]  # spill
+    for n, ref in enumerate(others):  # each back in turn, reusing the room others had
+        assert int(ray.get(ref, timeout=60)[-1]) == n
+    assert int(kept.min()) == int(kept.max()) == 7
+    spilled = {
+        r["entity_id"]
+        for r in _events("SELECT entity_id FROM events WHERE event_type = 'spilled'")
+    }
+    assert kept_ref.hex() not in spilled and set(r.hex() for r in others) & spilled
+    del kept, others
+    gc.collect()

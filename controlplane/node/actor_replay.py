@@ -16,6 +16,7 @@ from controlplane.sql import queries
 from dataplane import protocol as p
 from dataplane import shm
 from dataplane.object_table import ObjectTable
+from dataplane.store_memory import StoreMemory
 
 if TYPE_CHECKING:
     from controlplane.node.actors import ActorRecord
@@ -76,28 +77,26 @@ def internal_call(actor: ActorRecord, method: str, args: list[p.Arg]) -> p.TaskS
     )
 
 
-def drop_returns(record: TaskRecord, done: p.TaskDone, objects: ObjectTable) -> bytes | None:
+def drop_returns(record: TaskRecord, done: p.TaskDone, memory: StoreMemory) -> bytes | None:
     """Drops the results of a daemon's own call; a checkpoint's (the actor's state,
     pickled) is returned first."""
     blob = None
     for location in done.returns:
-        if location.shm_name is not None:
+        if location.region is not None:
             if record.internal == "checkpoint":
-                with open(shm.SHM_DIR / location.shm_name, "rb") as segment:
-                    blob = segment.read(location.size)
-            objects.uncharge(location.size)
-            shm.unlink_segment(location.shm_name)
+                blob = bytes(shm.object_view(memory.prefix, location))
+            memory.give_back(location.region, location.offset, location.size)
         elif record.internal == "checkpoint":
             blob = location.inline
     return blob
 
 
 def internal_call_done(
-    actor: ActorRecord, record: TaskRecord, done: p.TaskDone, objects: ObjectTable
+    actor: ActorRecord, record: TaskRecord, done: p.TaskDone, memory: StoreMemory
 ) -> tuple[dict[str, Any], bytes] | None:
     """A replayed call's or a restore's result is dropped; a checkpoint's is returned
     (its ``checkpointed`` event's payload, and the state for its data), then dropped."""
-    blob = drop_returns(record, done, objects)
+    blob = drop_returns(record, done, memory)
     if done.error is not None:
         log.warning("actor %s: %s failed: %s", actor.actor_id, record.spec.name, done.error.message)
         return None

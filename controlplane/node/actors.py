@@ -44,6 +44,7 @@ from controlplane.node.workers import WorkerHandle, WorkerPool
 from dataplane import protocol as p
 from dataplane.begun_calls import begun_calls_path, read_begun
 from dataplane.object_table import ObjectTable
+from dataplane.store_memory import StoreMemory
 
 K = EntityKind
 log = logging.getLogger("cairn.node")
@@ -104,6 +105,7 @@ class ActorDirector:
         session_dir: Path,
         recorder: EventRecorder,
         objects: ObjectTable,
+        memory: StoreMemory,
         tasks: TaskTable,
         scheduler: LocalScheduler,
         worker_pool: WorkerPool,
@@ -120,6 +122,7 @@ class ActorDirector:
         self.session_dir = session_dir
         self.recorder = recorder
         self.objects = objects
+        self.memory = memory
         self.tasks = tasks
         self.scheduler = scheduler
         self.worker_pool = worker_pool
@@ -312,7 +315,7 @@ class ActorDirector:
             exiting = done.error is not None and done.error.kind == "actor_exit"
             record.answered = done.direct and not exiting
             if record.internal is not None:
-                if checkpoint := internal_call_done(actor, record, done, self.objects):
+                if checkpoint := internal_call_done(actor, record, done, self.memory):
                     self._log(actor.actor_id, "checkpointed", checkpoint[0], data=checkpoint[1])
                 self._dispatch(actor)
                 return

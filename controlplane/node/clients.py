@@ -17,6 +17,7 @@ from pathlib import Path
 from controlplane.eventlog import EntityKind, Event
 from controlplane.node.parts import NodeParts
 from controlplane.node.task_table import Connection
+from controlplane.node.workers import WorkerHandle
 from dataplane import protocol as p
 
 log = logging.getLogger("cairn.node")
@@ -118,6 +119,10 @@ class Clients:
         self.parts.scheduler.schedule()
 
     async def _disconnected(self, conn: Connection) -> None:
+        conn.closed = True
+        self.parts.store.writer_gone(conn)  # room it took and never filled
+        for object_id, views in list(conn.viewing.items()):
+            self._viewing(conn, object_id, -views)
         for object_id in list(conn.holding):
             self.objects.release(object_id)
         conn.holding.clear()
@@ -128,26 +133,39 @@ class Clients:
         elif conn.role == "worker" and (
             gone := await self.parts.worker_pool.gone(conn.worker_id or "")
         ):
-            handle, exit_code = gone
-            self.parts.recorder.log(
-                [
-                    Event(
-                        K.WORKER,
-                        handle.worker_id,
-                        "died",
-                        {"cause": "exited", "exit_code": exit_code},
-                        node_id=self.node_id,
-                    )
-                ]
-            )
-            if handle.actor_id is not None:
-                self.parts.actor_director.worker_lost(handle, exit_code)
-                return
-            if handle.task is not None:
-                self.parts.runs.worker_lost(handle, exit_code)
-            if not self._stopping.is_set():
-                self.parts.worker_pool.start()
-                self.parts.scheduler.schedule()
+            self._worker_gone(*gone)
+
+    async def reap_unconnected_workers(self, every: float = 0.5) -> None:
+        """A worker process that died before it said hello has no connection whose end
+        would tell: found here, and handled as a worker whose connection ended (its
+        place taken by a new one, its actor restarted), or the node would wait for it
+        for ever."""
+        while True:
+            await asyncio.sleep(every)
+            for handle in self.parts.worker_pool.exited_unconnected():
+                if gone := await self.parts.worker_pool.gone(handle.worker_id):
+                    self._worker_gone(*gone)
+
+    def _worker_gone(self, handle: WorkerHandle, exit_code: int) -> None:
+        self.parts.recorder.log(
+            [
+                Event(
+                    K.WORKER,
+                    handle.worker_id,
+                    "died",
+                    {"cause": "exited", "exit_code": exit_code},
+                    node_id=self.node_id,
+                )
+            ]
+        )
+        if handle.actor_id is not None:
+            self.parts.actor_director.worker_lost(handle, exit_code)
+            return
+        if handle.task is not None:
+            self.parts.runs.worker_lost(handle, exit_code)
+        if not self._stopping.is_set():
+            self.parts.worker_pool.start()
+            self.parts.scheduler.schedule()
 
     def _dispatch(self, conn: Connection, message: object) -> None:
         match message:
@@ -165,14 +183,23 @@ class Clients:
                 self.parts.store.push(conn, object_ids)
             case p.PutObject(location, task_id, durable):
                 self._hold(conn, location.object_id)
+                self.parts.store.taken(conn, [location])
                 self.parts.store.put(location, task_id, conn.job_id, durable)
             case p.ReserveShm(request_id, size):
                 self.parts.store.reserve(conn, request_id, size)
+            case p.ReleaseShm(region, offset):
+                self.parts.store.give_back(conn, region, offset)
+            case p.ViewObject(request_id, object_id):
+                self._view(conn, request_id, object_id)
+            case p.ViewCounts(deltas):
+                for object_id, delta in deltas.items():
+                    self._viewing(conn, object_id, delta)
             case p.GetObjects(request_id, object_ids, timeout):
                 self._get(conn, request_id, object_ids, timeout)
             case p.WaitObjects(request_id, object_ids, num_returns, timeout, _fetch):
                 self._wait(conn, request_id, object_ids, num_returns, timeout)
             case p.TaskDone():
+                self.parts.store.taken(conn, message.returns)
                 self.parts.runs.task_done(self.parts.worker_pool.of(conn), message)
             case p.CancelTask(object_id, force, recursive):
                 self.parts.runs.cancel(object_id, force, recursive)
@@ -213,6 +240,34 @@ class Clients:
             elif delta < 0 and object_id in conn.holding:
                 conn.holding.discard(object_id)
                 self.objects.release(object_id)
+
+    def _view(self, conn: Connection, request_id: int, object_id: str) -> None:
+        """Where ``conn``'s process may read the object: answered once it is in the
+        store, and viewed from then on (pinned until the view ends)."""
+        if self.objects.state(object_id) in ("unknown", "freed"):
+            conn.send(p.Reply(request_id, self.objects.location(object_id)))
+            return
+
+        def ready(_timed_out: bool) -> None:
+            location = self.objects.location(object_id)
+            if location.region is not None and location.error is None:
+                self._viewing(conn, object_id, 1)
+            conn.send(p.Reply(request_id, location))
+
+        self.objects.when_ready([object_id], 1, None, ready)
+
+    def _viewing(self, conn: Connection, object_id: str, delta: int) -> None:
+        """Views of an object by ``conn``'s process begin (+) or end (-); each pins it."""
+        views = conn.viewing.get(object_id, 0)
+        delta = max(delta, -views)
+        if views + delta:
+            conn.viewing[object_id] = views + delta
+        else:
+            conn.viewing.pop(object_id, None)
+        for _ in range(delta):
+            self.objects.pin(object_id)
+        for _ in range(-delta):
+            self.objects.unpin(object_id)
 
     def _get(
         self, conn: Connection, request_id: int, object_ids: list[str], timeout: float | None

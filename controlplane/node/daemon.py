@@ -136,6 +136,7 @@ class NodeDaemon:
         listening = p.bind_private_socket(self.socket_path)  # the driver socket, 0600
         self._server = await asyncio.start_unix_server(self.clients.serve, sock=listening)
         self.parts.worker_pool.fill()
+        self._spawn(self.clients.reap_unconnected_workers())
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
@@ -147,7 +148,7 @@ class NodeDaemon:
         """Joins the cluster (controlplane/node/cluster_link.py), then follows the log
         from where it stood then."""
         assert self.link is not None
-        object_info, read_object = object_service(self.parts.store.objects)
+        object_info, read_object = object_service(self.parts.store.memory)
         self.recorder.on_fenced(self._fenced)
         after = await self.link.join(
             {

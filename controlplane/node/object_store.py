@@ -1,8 +1,10 @@
 """The node's objects as the log sees them: puts (small ones into the log, durable ones
-copied to disk first), room reserved for new segments (spilling others when full), and
-the rule that an object becomes ready -- visible to ``get``, ``wait`` and its owner --
-only once its ``created`` event is durable. It owns the object table, the pool of
-recycled segments and the spiller (dataplane/), and logs what they report."""
+copied to disk first), room reserved in the store for writers (spilling others when
+full; a writer's room it never used goes back when it gives it back or its
+connection ends), and the rule that an object becomes ready -- visible to ``get``,
+``wait`` and its owner -- only once its ``created`` event is durable. It owns the
+object table, the store's memory and the spiller (dataplane/), and logs what they
+report."""
 
 from __future__ import annotations
 
@@ -10,7 +12,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import shutil
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,17 +19,15 @@ from typing import TYPE_CHECKING, Any
 from controlplane.eventlog import EntityKind, Event
 from controlplane.node.recorder import EventRecorder
 from dataplane import protocol as p
-from dataplane import shm
 from dataplane.object_table import Elsewhere, ObjectTable
-from dataplane.segment_pool import SegmentPool
-from dataplane.spilling import Spiller
+from dataplane.spilling import Spiller, copy_out
+from dataplane.store_memory import StoreMemory
 
 if TYPE_CHECKING:
     from controlplane.node.task_table import Connection
 
 log = logging.getLogger("cairn.node")
 K = EntityKind
-_POOL_LIMIT = 2 * 1024**3
 
 
 class ObjectStore:
@@ -62,13 +61,14 @@ class ObjectStore:
             on_free=self._freed,
             on_wanted=self._bring_back,
             on_dropped=self._drop_elsewhere,
+            on_release=lambda location: self.memory.free_location(location),
         )
-        self.pool = SegmentPool(node_id, limit=min(capacity // 4, _POOL_LIMIT))
+        self.memory = StoreMemory(node_id, self.objects)
         self.spiller = Spiller(
             node_id,
             spill_dir,
             self.objects,
-            self.pool,
+            self.memory,
             spawn=spawn,
             record=self.object_event,
             on_lost=on_lost,
@@ -81,8 +81,8 @@ class ObjectStore:
         """A put object: a small value goes into the log with its ``created`` event; a
         large one asked to be durable is copied to the durable directory first (the
         event names the copy). Either can be recovered if its bytes are lost."""
-        if location.shm_name is None:
-            self.objects.charge(location.size, force=True)  # small; segments were reserved
+        if location.region is None:
+            self.objects.charge(location.size, force=True)  # small; others were reserved
             event = self.created_event(location, task_id, job_id, data=location.inline)
             self.make_durable_then_ready([location], [event])
             return
@@ -91,13 +91,13 @@ class ObjectStore:
             self.make_durable_then_ready([location], [event])
             return
 
-        async def keep_on_disk(name: str) -> None:
+        async def keep_on_disk() -> None:
             copy = self.durable_dir / location.object_id
             path: Path | None = copy
             try:
                 self.durable_dir.mkdir(parents=True, exist_ok=True)
-                await asyncio.to_thread(shm.seal_segment, name)  # recovery checks the copy
-                await asyncio.to_thread(shutil.copyfile, shm.SHM_DIR / name, copy)
+                # (the put's writer holds it until its created event: its bytes stay)
+                await asyncio.to_thread(copy_out, self.node_id, location, copy)
             except OSError as exc:  # the put stands, without a copy on disk
                 log.warning(
                     "put %s could not be made durable in %s: %s",
@@ -114,31 +114,58 @@ class ObjectStore:
             )
             self.make_durable_then_ready([location], [event])
 
-        self._spawn(keep_on_disk(location.shm_name))
+        self._spawn(keep_on_disk())
 
     def reserve(self, conn: Connection, request_id: int, size: int) -> None:
-        """Admits a segment of ``size`` bytes; the reply names a recycled segment to
-        write into, or None for a new one."""
-        if size < 0:  # a reservation given back after a failed write
-            self.objects.uncharge(-size)
-            return
-        overflow = self.objects.used + self.pool.bytes + size - self.objects.capacity
-        if overflow > 0:
-            self.pool.evict(overflow)
-        if self.objects.charge(size):
-            conn.send(p.Reply(request_id, self.pool.take(size)))
-            return
+        """Room for an object of ``size`` bytes, which ``conn``'s process will write:
+        the reply is ``(region, offset)``. The range is the writer's until it sends the
+        object (``taken``) or gives it back; when its connection ends (it died while
+        writing), the node takes back what it did not send."""
         if size > self.objects.capacity:
             conn.send(p.Reply(request_id, error=self.spiller.store_full(size)))
             return
+        where = self.memory.take(size)
+        if where is not None:
+            conn.reserved[where] = size
+            conn.send(p.Reply(request_id, where))
+            return
 
         async def spill_then_reserve() -> None:  # full: spill others to disk first
-            if await self.spiller.make_room(size):
-                conn.send(p.Reply(request_id, self.pool.take(size)))
-            else:
+            where = await self.spiller.make_room(size)
+            if where is None:
                 conn.send(p.Reply(request_id, error=self.spiller.store_full(size)))
+            elif conn.closed:  # the writer went meanwhile
+                self.memory.give_back(*where, size)
+            else:
+                conn.reserved[where] = size
+                conn.send(p.Reply(request_id, where))
 
         self._spawn(spill_then_reserve())
+
+    def give_back(self, conn: Connection, region: int, offset: int) -> None:
+        """A reserved range its writer did not use (the write failed)."""
+        size = conn.reserved.pop((region, offset), None)
+        if size is not None:
+            self.memory.give_back(region, offset, size)
+
+    def taken(self, conn: Connection, locations: list[p.ObjectLocation]) -> None:
+        """Objects ``conn``'s process wrote into ranges it reserved: they are objects'
+        ranges now, freed with their objects."""
+        for location in locations:
+            if location.region is not None:
+                conn.reserved.pop((location.region, location.offset), None)
+
+    def writer_gone(self, conn: Connection) -> None:
+        """``conn``'s process is gone: what it reserved and never sent is free again."""
+        reserved, conn.reserved = conn.reserved, {}
+        for (region, offset), size in reserved.items():
+            self.memory.give_back(region, offset, size)
+
+    def discard(self, locations: list[p.ObjectLocation]) -> None:
+        """Results nobody will have (a task's stale attempt): their room goes back."""
+        for location in locations:
+            if location.region is not None:
+                self.memory.give_back(location.region, location.offset, location.size)
 
     def created_event(
         self,
@@ -149,7 +176,7 @@ class ObjectStore:
         data: bytes | None = None,
         durable_path: str | None = None,
     ) -> Event:
-        payload: dict[str, Any] = {"size_bytes": location.size, "inline": location.shm_name is None}
+        payload: dict[str, Any] = {"size_bytes": location.size, "inline": location.region is None}
         if task_id:
             payload["task_id"] = task_id
         if durable_path:
@@ -208,8 +235,7 @@ class ObjectStore:
             self.objects.on_ready(object_id, push)
 
     def _freed(self, location: p.ObjectLocation) -> None:
-        if location.shm_name is not None and not self.pool.keep(location.shm_name, location.size):
-            shm.unlink_segment(location.shm_name)
+        self.memory.free_location(location)
         self.recorder.log([Event(K.OBJECT, location.object_id, "freed", {}, node_id=self.node_id)])
 
     def _bring_back(self, object_id: str, where: Elsewhere) -> None:

@@ -156,6 +156,7 @@ def build_parts(
         session_dir,
         recorder,
         objects,
+        store.memory,
         tasks,
         scheduler,
         worker_pool,
@@ -169,7 +170,7 @@ def build_parts(
     reconstructor = Reconstructor(
         node_id, gcs_url, objects, recorder, store.spiller, runs, spawn=spawn
     )
-    puller = Puller(node_id, objects, rpc.Link())
+    puller = Puller(node_id, store.memory, rpc.Link())
     remote_tasks = RemoteTasks(
         node_id,
         gcs_url,

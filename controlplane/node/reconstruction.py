@@ -32,6 +32,7 @@ from controlplane.node.recorder import EventRecorder
 from controlplane.sql import queries
 from dataplane import protocol as p
 from dataplane import shm
+from dataplane.arena import region_name
 from dataplane.object_table import ObjectTable
 from dataplane.spilling import Spiller
 
@@ -113,9 +114,9 @@ class Reconstructor:
         if task_id is not None and self.tasks.has_task(task_id):
             self._mark_lost(object_id, reason)
             return
-        old = self.objects.unready(object_id)  # waiters wait for the rebuilt value
-        if old is not None and old.shm_name is not None:
-            shm.unlink_segment(old.shm_name)  # what is left of it (damaged) goes
+        # waiters wait for the rebuilt value; what is left of the old one (damaged) is
+        # given back once the object is freed (a reader may still map it)
+        self.objects.unready(object_id)
         if (task_id or object_id) in self._rebuilding:
             return
         self._rebuilding.add(task_id or object_id)
@@ -172,11 +173,13 @@ class Reconstructor:
         return Event(K.OBJECT, object_id, "lost", {"reason": reason}, node_id=self.node_id)
 
     def _present(self, object_id: str) -> bool:
-        """Whether an object's value is here now (its segment too)."""
+        """Whether an object's value is here now (its store region too)."""
         location = self.objects.stored(object_id)
         if location is None:
             return False
-        return location.shm_name is None or (shm.SHM_DIR / location.shm_name).exists()
+        if location.region is None:
+            return True
+        return (shm.SHM_DIR / region_name(self.node_id, location.region)).exists()
 
     async def _rebuild(self, task_id: str, object_id: str, reason: str) -> None:
         try:
@@ -207,9 +210,7 @@ class Reconstructor:
             self._give_up_rebuild(task_id, returns, error)
             return
         for other in returns:  # a re-run makes all of them again
-            old = self.objects.unready(other)
-            if old is not None and old.shm_name is not None:
-                shm.unlink_segment(old.shm_name)
+            self.objects.unready(other)
         self.recorder.log(
             [
                 Event(

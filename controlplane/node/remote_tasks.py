@@ -43,7 +43,6 @@ from controlplane.node.recorder import EventRecorder
 from controlplane.node.spilled_tasks import SpilledTasks
 from controlplane.node.task_table import TaskRecord, TaskTable
 from dataplane import protocol as p
-from dataplane import shm
 from dataplane.object_table import Elsewhere, ObjectTable
 from dataplane.transfer import Puller, TransferError
 
@@ -336,7 +335,7 @@ class RemoteTasks:
                 "created",
                 {
                     "size_bytes": location.size,
-                    "inline": location.shm_name is None,
+                    "inline": location.region is None,
                     "task_id": spec.task_id,
                     "address": self.address,
                 },
@@ -451,9 +450,7 @@ class RemoteTasks:
                 return
             self.fetching.discard(object_id)
             if self.objects.state(object_id) != "remote":  # freed or lost meanwhile
-                self.objects.uncharge(location.size)
-                if location.shm_name is not None:
-                    shm.unlink_segment(location.shm_name)
+                self.puller.discard(location)
                 return
             self.recorder.log([self._transferred_event(location, address)])
             self.objects.ready(location)

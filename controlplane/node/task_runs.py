@@ -190,6 +190,7 @@ class TaskRuns:
                 self.scheduler.unblock(handle)
             self.worker_pool.idle_again(handle)
         if record is None or record.attempt != done.attempt:
+            self.store.discard(done.returns)  # a stale attempt's: nobody will have them
             self.schedule()
             return
         self.scheduler.give_back(record)
@@ -221,7 +222,7 @@ class TaskRuns:
     def finish_ok(self, record: TaskRecord, returns: list[p.ObjectLocation]) -> None:
         spec = record.spec
         for location in returns:
-            if location.shm_name is None:
+            if location.region is None:
                 self.objects.charge(location.size, force=True)
         events = [self.finished_event(record)]
         events += [self.store.created_event(loc, spec.task_id, spec.job_id) for loc in returns]

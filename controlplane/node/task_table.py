@@ -32,6 +32,13 @@ class Connection:
     worker_id: str | None = None
     job_id: str | None = None
     holding: set[str] = field(default_factory=set)
+    # ranges of the store reserved by its process and not yet sent as objects:
+    # (region, offset) -> size (controlplane/node/object_store.py, ``reserve``)
+    reserved: dict[tuple[int, int], int] = field(default_factory=dict)
+    # objects in the store its process reads: views begun and not ended, per object
+    # (each pins its object, controlplane/node/clients.py)
+    viewing: dict[str, int] = field(default_factory=dict)
+    closed: bool = False
     _outgoing: list[bytes] = field(default_factory=list)
 
     def send(self, message: object) -> None:

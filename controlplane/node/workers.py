@@ -126,6 +126,13 @@ class WorkerPool:
     def idle_again(self, handle: WorkerHandle) -> None:
         self._idle.append(handle)
 
+    def exited_unconnected(self) -> list[WorkerHandle]:
+        """Workers whose process ended before it said hello: no connection of theirs
+        will ever end, so nothing else would notice (killed while starting, say)."""
+        return [
+            h for h in self._workers.values() if h.conn is None and h.process.poll() is not None
+        ]
+
     def running_tasks(self) -> int:
         return sum(1 for h in self._workers.values() if h.task is not None)
 
