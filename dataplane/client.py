@@ -462,14 +462,21 @@ class CoreClient:
         nodes: list[p.NodeSummary] = self.request(lambda rid: p.ClusterNodesRequest(rid))
         return nodes
 
-    def read_value(self, location: p.ObjectLocation, *, task_argument: bool = False) -> Any:
+    def read_value(
+        self,
+        location: p.ObjectLocation,
+        *,
+        task_argument: bool = False,
+        timeout: float | None = None,
+    ) -> Any:
         """The value at a location (errors are the caller's to interpret). A value in
         the store is read where the daemon says it is now (``ViewObject``; a
         ``task_argument``'s location came with its task and is current) and stays there
         -- viewed, so neither spilled nor freed, its range never reused under a reader
-        -- for as long as anything deserialized from its bytes lives. Bytes that do not match their
-        checksum are never deserialized: the object is reported lost (the node rebuilds
-        it when it can) and ObjectMissingError raised."""
+        -- for as long as anything deserialized from its bytes lives; DaemonError
+        "timeout" if it is not in the store (being restored) within ``timeout``. Bytes
+        that do not match their checksum are never deserialized: the object is reported
+        lost (the node rebuilds it when it can) and ObjectMissingError raised."""
         if location.inline is not None:
             try:
                 return deserialize(location.inline)
@@ -479,7 +486,7 @@ class CoreClient:
         if task_argument:  # held for the task meanwhile: the view is registered behind
             self._ref_changes.append((object_id, _VIEW))
         else:  # where it is now, held there while viewed (a known location may be stale)
-            location = self.request(lambda rid: p.ViewObject(rid, object_id))
+            location = self.request(lambda rid: p.ViewObject(rid, object_id, timeout))
             if location.error is not None:
                 raise ObjectMissingError(location.error.message)
             if location.inline is not None:  # (rebuilt small, from the log)

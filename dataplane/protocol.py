@@ -240,6 +240,7 @@ class ViewObject:
 
     request_id: int
     object_id: str
+    timeout: float | None = None  # then the reply is a "timeout" error
 
 
 @dataclass(slots=True)

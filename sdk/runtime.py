@@ -12,6 +12,7 @@ from __future__ import annotations
 import atexit
 import os
 import threading
+import time
 import uuid
 from typing import Any
 
@@ -166,27 +167,33 @@ def put_object(serialized: Serialized, contained: tuple[str, ...], *, durable: b
 def get_values(object_ids: list[str], timeout: float | None) -> list[Any]:
     """The values of objects, waiting for them; raises a task's error if it failed."""
     client = client_or_auto_init()
+    deadline = None if timeout is None else time.monotonic() + timeout
     try:
         locations = client.get_locations(object_ids, timeout)
     except DaemonError as error:
         raise get_error(error, timeout) from None
-    return [_value(client, location, timeout) for location in locations]
+    return [_value(client, location, timeout, deadline) for location in locations]
 
 
 _READS_OF_A_LOST_OBJECT = 3
 
 
-def _value(client: CoreClient, location: p.ObjectLocation, timeout: float | None) -> Any:
+def _value(
+    client: CoreClient, location: p.ObjectLocation, timeout: float | None, deadline: float | None
+) -> Any:
     """The value at a location. One on another node is fetched by this node first;
     if its bytes are gone, the node was told (read_value reports it) and rebuilds it
-    from its lineage when it can: ask again."""
+    from its lineage when it can: ask again. ``deadline`` (monotonic): the get's."""
     losses = 0
     while True:
         if location.error is not None:
             raise error_of(location.error, location.object_id)
         if location.remote is None:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
-                return client.read_value(location)
+                return client.read_value(location, timeout=left)
+            except DaemonError as error:
+                raise get_error(error, timeout) from None
             except ObjectMissingError as missing:
                 losses += 1
                 if losses >= _READS_OF_A_LOST_OBJECT:

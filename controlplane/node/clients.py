@@ -189,8 +189,8 @@ class Clients:
                 self.parts.store.reserve(conn, request_id, size)
             case p.ReleaseShm(region, offset):
                 self.parts.store.give_back(conn, region, offset)
-            case p.ViewObject(request_id, object_id):
-                self._view(conn, request_id, object_id)
+            case p.ViewObject(request_id, object_id, timeout):
+                self._view(conn, request_id, object_id, timeout)
             case p.ViewCounts(deltas):
                 for object_id, delta in deltas.items():
                     self._viewing(conn, object_id, delta)
@@ -241,20 +241,26 @@ class Clients:
                 conn.holding.discard(object_id)
                 self.objects.release(object_id)
 
-    def _view(self, conn: Connection, request_id: int, object_id: str) -> None:
+    def _view(
+        self, conn: Connection, request_id: int, object_id: str, timeout: float | None
+    ) -> None:
         """Where ``conn``'s process may read the object: answered once it is in the
-        store, and viewed from then on (pinned until the view ends)."""
+        store (or when ``timeout`` passed), and viewed from then on (pinned until the
+        view ends)."""
         if self.objects.state(object_id) in ("unknown", "freed"):
             conn.send(p.Reply(request_id, self.objects.location(object_id)))
             return
 
-        def ready(_timed_out: bool) -> None:
+        def ready(timed_out: bool) -> None:
+            if timed_out:
+                conn.send(p.Reply(request_id, error="timeout: get timed out"))
+                return
             location = self.objects.location(object_id)
             if location.region is not None and location.error is None:
                 self._viewing(conn, object_id, 1)
             conn.send(p.Reply(request_id, location))
 
-        self.objects.when_ready([object_id], 1, None, ready)
+        self.objects.when_ready([object_id], 1, timeout, ready)
 
     def _viewing(self, conn: Connection, object_id: str, delta: int) -> None:
         """Views of an object by ``conn``'s process begin (+) or end (-); each pins it."""
