@@ -124,15 +124,22 @@ class CoreClient:
 
     def send(self, message: object) -> None:
         """Sends a message after any pending reference-count changes."""
-        self.send_encoded(p.encode(message))
+        # A request for room names no object: what this process let go of goes first,
+        # so a put that follows the release of one as large reuses its room.
+        self.send_encoded(p.encode(message), releases_first=isinstance(message, p.ReserveShm))
 
-    def send_encoded(self, data: bytes) -> None:
-        """``send`` of a frame ``p.encode`` made."""
+    def send_encoded(self, data: bytes, *, releases_first: bool = False) -> None:
+        """``send`` of a frame ``p.encode`` made: after the pending holds, and before
+        the pending releases (a message may lend what they release) unless
+        ``releases_first``."""
         if self._closed.is_set():
             raise ConnectionError(f"the connection to the node daemon is closed: {self._gone_why}")
         with self._flush_lock:
             holds, releases = self._ref_change_frames()
-            self.channel.send_encoded(holds + data + releases)  # one write
+            if releases_first:
+                self.channel.send_encoded(holds + releases + data)  # one write
+            else:
+                self.channel.send_encoded(holds + data + releases)
 
     def request(self, make: Any) -> Any:
         """Sends ``make(request_id)`` and blocks for the daemon's Reply."""
