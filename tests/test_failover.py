@@ -33,11 +33,12 @@ from processes import ROOT, isolated_env, private_temp_dir, run_cairn
 
 import sdk as ray
 from controlplane import schema, tls
-from controlplane.embedded_postgres import EmbeddedPostgres, ServerTls, server_processes
+from controlplane.embedded_postgres import EmbeddedPostgres, ServerTls
 from controlplane.errors import GcsFencedError, LogDivergedError
 from controlplane.eventlog import EntityKind, Event, EventAppender, Tailer, fencing
 from controlplane.gcs import Gcs
 from controlplane.gcs_url import with_query
+from controlplane.postgres_processes import server_processes
 from controlplane.session_dirs import alive
 
 pytestmark = pytest.mark.timeout(240)

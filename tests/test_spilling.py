@@ -104,8 +104,7 @@ def test_an_object_being_read_is_never_spilled_under_its_reader() -> None:
         assert int(ray.get(ref, timeout=60)[-1]) == n
     assert int(kept.min()) == int(kept.max()) == 7
     spilled = {
-        r["entity_id"]
-        for r in _events("SELECT entity_id FROM events WHERE event_type = 'spilled'")
+        r["entity_id"] for r in _events("SELECT entity_id FROM events WHERE event_type = 'spilled'")
     }
     assert kept_ref.hex() not in spilled and set(r.hex() for r in others) & spilled
     del kept, others
