@@ -386,8 +386,13 @@ class Host:
 
     def node_logs(self, lines: int = 10_000) -> str:
         """What the running nodes of this host said (the last ``lines`` of each one's
-        output file in its /tmp: the daemons' warnings and errors), under a header."""
-        each = f'for f in /tmp/cairn-node-*.log; do echo "== $f"; tail -n {lines} "$f"; done'
+        output file in its /tmp: the daemons' warnings and errors), under a header; first
+        what the GCS's watchdog said, wherever it is in the file (a failover's timing)."""
+        watchdog = '"watchdog|promot|GCS primary|GCS replica"'
+        each = (
+            f'for f in /tmp/cairn-node-*.log; do echo "== $f"; '
+            f'grep -n -E {watchdog} "$f" | head -n 40; tail -n {lines} "$f"; done'
+        )
         found = self.run(["sh", "-c", each], check=False)
         return f"\n--- node logs on {self.name}:\n{found.stdout}"
 
