@@ -337,7 +337,12 @@ def remove_region(prefix: str, region: int) -> None:
 class ArenaRegion:
     """One region's file, mapped once (populated) and kept."""
 
-    def __init__(self, prefix: str, region: int, *, writable: bool = True) -> None:
+    def __init__(
+        self, prefix: str, region: int, *, writable: bool = True, populate: bool = True
+    ) -> None:
+        """``populate``: map every page now (a process that copies whole objects in or
+        out); else each page is mapped when first touched (the node daemon, which reads
+        little of a region and must not stall its event loop mapping a large one)."""
         self.region = region
         self.writable = writable
         fd = os.open(SHM_DIR / region_name(prefix, region), os.O_RDWR if writable else os.O_RDONLY)
@@ -345,7 +350,10 @@ class ArenaRegion:
             self.size = os.fstat(fd).st_size
             prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
             self._map: mmap.mmap | None = mmap.mmap(
-                fd, self.size, flags=mmap.MAP_SHARED | _MAP_POPULATE, prot=prot
+                fd,
+                self.size,
+                flags=mmap.MAP_SHARED | (_MAP_POPULATE if populate else 0),
+                prot=prot,
             )
         finally:
             os.close(fd)
@@ -397,9 +405,10 @@ class ArenaMappings:
     """A process's mappings of a node's regions: each mapped at most once, the first
     time a range in it is referenced, and kept until ``forget`` or ``close``."""
 
-    def __init__(self, prefix: str, *, writable: bool = True) -> None:
+    def __init__(self, prefix: str, *, writable: bool = True, populate: bool = True) -> None:
         self.prefix = prefix
         self.writable = writable
+        self.populate = populate
         self._regions: dict[int, ArenaRegion] = {}
         self._lock = threading.Lock()
 
@@ -409,7 +418,9 @@ class ArenaMappings:
             with self._lock:
                 mapped = self._regions.get(region)
                 if mapped is None:
-                    mapped = ArenaRegion(self.prefix, region, writable=self.writable)
+                    mapped = ArenaRegion(
+                        self.prefix, region, writable=self.writable, populate=self.populate
+                    )
                     self._regions[region] = mapped
         return mapped
 

@@ -27,6 +27,7 @@ INLINE_LIMIT = 100 * 1024
 
 _mappings: dict[str, ArenaMappings] = {}
 _mappings_lock = threading.Lock()
+_populate = True  # (the node daemon maps lazily: see map_lazily)
 
 
 class ObjectBytesGoneError(OSError):
@@ -34,12 +35,20 @@ class ObjectBytesGoneError(OSError):
     short for the object)."""
 
 
+def map_lazily() -> None:
+    """This process maps regions without populating them: the node daemon, which touches
+    little of a region (a checksum, a spill, a transfer's chunks) and whose event loop
+    must not stall while a large region's pages are mapped."""
+    global _populate
+    _populate = False
+
+
 def mappings(prefix: str) -> ArenaMappings:
     """This process's mappings of the regions of the node whose prefix is ``prefix``."""
     found = _mappings.get(prefix)
     if found is None:
         with _mappings_lock:
-            found = _mappings.setdefault(prefix, ArenaMappings(prefix))
+            found = _mappings.setdefault(prefix, ArenaMappings(prefix, populate=_populate))
     return found
 
 

@@ -63,6 +63,7 @@ class NodeDaemon:
         membership_monitor: bool = False,
     ) -> None:
         self.session_dir = session_dir
+        shm.map_lazily()  # (its event loop must not stall mapping a large region)
         # In a cluster (rpc_port given; 0: any free port): the gRPC service, liveness
         # pings and load heartbeats; the head also lets nodes join and declares silent
         # ones dead. A private single-node cluster (sdk.init()) has none of these.
