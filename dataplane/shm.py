@@ -16,7 +16,7 @@ import ctypes
 import threading
 
 from dataplane import protocol as p
-from dataplane.arena import SHM_DIR, ArenaMappings
+from dataplane.arena import SHM_DIR, ArenaMappings, ArenaRegion
 from dataplane.serialization import Serialized, seal
 
 __all__ = ["INLINE_LIMIT", "SHM_DIR", "ObjectBytesGoneError"]
@@ -63,28 +63,36 @@ def forget(prefix: str) -> None:
 
 def object_view(prefix: str, location: p.ObjectLocation, *, writable: bool = False) -> memoryview:
     """The object's bytes, as a view of this process's mapping of its region."""
-    assert location.region is not None  # an object in the store
+    region = _region_of(prefix, location)
     try:
-        return mappings(prefix).view(
-            location.region, location.offset, location.size, writable=writable
-        )
-    except (OSError, ValueError) as exc:
-        raise ObjectBytesGoneError(
-            f"the store region {location.region} holding it cannot be read: {exc}"
-        ) from None
+        return region.view(location.offset, location.size, writable=writable)
+    except ValueError as exc:
+        raise _gone(location, exc) from None
 
 
 def tracked_bytes(prefix: str, location: p.ObjectLocation) -> ctypes.Array[ctypes.c_char]:
     """The object's bytes as an object that lives as long as anything built on them
     (see ArenaRegion.tracked): its reader holds the object until it goes."""
+    region = _region_of(prefix, location)
+    try:
+        return region.tracked(location.offset, location.size)
+    except ValueError as exc:
+        raise _gone(location, exc) from None
+
+
+def _region_of(prefix: str, location: p.ObjectLocation) -> ArenaRegion:
+    """This process's mapping of the region holding an object in the store."""
     assert location.region is not None  # an object in the store
     try:
-        region = mappings(prefix).region(location.region)
-        return region.tracked(location.offset, location.size)
+        return mappings(prefix).region(location.region)
     except (OSError, ValueError) as exc:
-        raise ObjectBytesGoneError(
-            f"the store region {location.region} holding it cannot be read: {exc}"
-        ) from None
+        raise _gone(location, exc) from None
+
+
+def _gone(location: p.ObjectLocation, exc: Exception) -> ObjectBytesGoneError:
+    return ObjectBytesGoneError(
+        f"the store region {location.region} holding it cannot be read: {exc}"
+    )
 
 
 def write_object(prefix: str, location: p.ObjectLocation, value: Serialized) -> None:

@@ -51,6 +51,12 @@ class StoreMemory:
         self.free(region, offset)
         self.objects.uncharge(size)
 
+    def give_back_location(self, location: p.ObjectLocation) -> None:
+        """``give_back`` of an object's room that no object keeps (a stale attempt's
+        return, a pull nobody wants any more, a daemon's own call's result)."""
+        if location.region is not None:
+            self.give_back(location.region, location.offset, location.size)
+
     def free(self, region: int, offset: int) -> None:
         """An object's range, once its object is freed (the table uncharged it)."""
         taken = self._ranges.pop((region, offset), None)

@@ -169,10 +169,9 @@ class Puller:
 
     def discard(self, location: p.ObjectLocation) -> None:
         """A pulled copy nobody wants any more (freed or lost meanwhile): its room goes."""
-        if location.region is not None:
-            self.memory.give_back(location.region, location.offset, location.size)
-        else:
+        if location.region is None:
             self.memory.objects.uncharge(location.size)
+        self.memory.give_back_location(location)
 
     async def _into_store(
         self, object_id: str, address: str, size: int, contained: tuple[str, ...], read: Any

@@ -85,7 +85,7 @@ def drop_returns(record: TaskRecord, done: p.TaskDone, memory: StoreMemory) -> b
         if location.region is not None:
             if record.internal == "checkpoint":
                 blob = bytes(shm.object_view(memory.prefix, location))
-            memory.give_back(location.region, location.offset, location.size)
+            memory.give_back_location(location)
         elif record.internal == "checkpoint":
             blob = location.inline
     return blob

@@ -164,8 +164,7 @@ class ObjectStore:
     def discard(self, locations: list[p.ObjectLocation]) -> None:
         """Results nobody will have (a task's stale attempt): their room goes back."""
         for location in locations:
-            if location.region is not None:
-                self.memory.give_back(location.region, location.offset, location.size)
+            self.memory.give_back_location(location)
 
     def created_event(
         self,
