@@ -208,20 +208,19 @@ class EmbeddedPostgres:
     def kill(self) -> None:
         """SIGKILL the server and all its backends at once, as a machine crash would
         (its TLS front goes too, as with its machine; ``start()`` brings both back)."""
-        front, self._front = self._front, None
-        if front is not None:
-            front.stop()
         process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
-        children = children_of(process.pid)
-        for pid in [process.pid, *children]:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        process.wait()
-        deadline = time.monotonic() + _STOP_TIMEOUT_S
-        while any(alive(pid) for pid in children) and time.monotonic() < deadline:
-            time.sleep(0.01)
+        if process is not None and process.poll() is None:
+            children = children_of(process.pid)
+            for pid in [process.pid, *children]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            process.wait()
+            deadline = time.monotonic() + _STOP_TIMEOUT_S
+            while any(alive(pid) for pid in children) and time.monotonic() < deadline:
+                time.sleep(0.01)
+        front, self._front = self._front, None
+        if front is not None:  # after the server: what the front holds up cannot keep it
+            front.stop()
 
     def start_replica(
         self, *, synchronous: bool = True, session_dir: Path | None = None

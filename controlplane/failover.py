@@ -190,7 +190,10 @@ class Watchdog(_Loop):
             f"the GCS primary (port {primary.port}) is gone: {why}; promoting its replica "
             f"(port {replica.port})"
         )
-        primary.kill()  # if it still runs (frozen, cut off): dead before anything else
+        try:
+            primary.kill()  # if it still runs (frozen, cut off): dead before anything else
+        except Exception as exc:  # the replica is promoted all the same
+            self.on_event(f"the GCS primary could not be stopped cleanly: {exc!r}")
         if not replica.running:
             self.on_event("the GCS replica is gone too: nothing to promote, the GCS is down")
             return

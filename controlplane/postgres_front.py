@@ -47,6 +47,7 @@ _PROTOCOL_MAJOR = 3
 _MAX_STARTUP_BYTES = 10_000  # PostgreSQL's own limit on a startup packet
 _HANDSHAKE_TIMEOUT_S = 10.0
 _RELAY_CHUNK = 256 * 1024
+_STOP_TIMEOUT_S = 5.0
 _PHYSICAL_REPLICATION = ("true", "on", "yes", "1")  # what the server reads as a walsender
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -121,6 +122,7 @@ class ThreadedServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.base_events.Server | None = None
         self._thread: threading.Thread | None = None
+        self._writers: set[asyncio.StreamWriter] = set()  # the connections it serves
 
     def start(self, host: str, port: int) -> int:
         """Listens (raising OSError here if it cannot), then serves in the background;
@@ -139,11 +141,17 @@ class ThreadedServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         # a handler that stop() cancels ends quietly: Python 3.11's streams log a
         # cancelled handler task as an error
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._handler(reader, writer)
+        self._writers.add(writer)
+        try:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._handler(reader, writer)
+        finally:
+            self._writers.discard(writer)
 
     def stop(self) -> None:
-        """Stops listening and ends every connection it serves."""
+        """Stops listening and drops every connection it serves at once, as a crash of
+        its machine would: no TLS goodbye, whose wait for a peer's answer could hold a
+        failover up for as long as 30 s."""
         loop, server, thread = self._loop, self._server, self._thread
         if loop is None or server is None or thread is None:
             return
@@ -151,15 +159,22 @@ class ThreadedServer:
 
         async def close() -> None:
             server.close()
+            for writer in list(self._writers):
+                writer.transport.abort()
             tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
             for task in tasks:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)  # each ends quietly
+            if tasks:
+                await asyncio.wait(tasks, timeout=_STOP_TIMEOUT_S)
 
-        asyncio.run_coroutine_threadsafe(close(), loop).result(timeout=10)
+        try:
+            asyncio.run_coroutine_threadsafe(close(), loop).result(timeout=_STOP_TIMEOUT_S + 1)
+        except TimeoutError:  # its thread is a daemon: it goes with the process
+            log.warning("%s: connections still closing after %ss", self._name, _STOP_TIMEOUT_S)
         loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=10)
-        loop.close()
+        thread.join(timeout=_STOP_TIMEOUT_S)
+        if not thread.is_alive():
+            loop.close()
 
 
 class PostgresTlsFront:

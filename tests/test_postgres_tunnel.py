@@ -30,7 +30,7 @@ from controlplane.embedded_postgres import (
     free_port,
 )
 from controlplane.errors import EmbeddedPostgresError
-from controlplane.postgres_front import _SSL_REQUEST, PostgresTlsFront, framed
+from controlplane.postgres_front import _SSL_REQUEST, PostgresTlsFront, client_context, framed
 from controlplane.postgres_tunnel import PostgresTlsTunnel
 
 pytestmark = pytest.mark.timeout(120)
@@ -353,3 +353,31 @@ def test_pg_basebackup_says_why_it_cannot_reach_the_remote(setup: Setup) -> None
             f"host=127.0.0.1 port={tunnel.local_port} user={REPLICATOR}",
             env={"PGPASSWORD": setup.replicator_password},
         )
+
+
+def test_a_stopped_front_drops_a_silent_tls_client_at_once(setup: Setup) -> None:
+    """A front that stops (its server killed in a failover) drops its connections
+    without a TLS goodbye: a peer that never answers one held the stop up until it
+    raised, and the failover with it."""
+    front = PostgresTlsFront(
+        FRONT_HOST,
+        0,
+        setup.server.port,
+        cert=setup.front_cert,
+        key=setup.front_key,
+        ca=setup.authority.certificate,
+        user=RUNTIME_ROLE,
+        database=DATABASE,
+    )
+    front.start()
+    context = client_context(setup.authority.certificate, setup.node_cert, setup.node_key)
+    with socket.create_connection((FRONT_HOST, front.port), timeout=10) as raw:
+        raw.sendall(framed(struct.pack("!I", _SSL_REQUEST)))
+        assert raw.recv(1) == b"S"
+        with context.wrap_socket(raw, server_hostname=FRONT_HOST) as secure:
+            secure.do_handshake()  # then silent: it reads nothing, answers nothing
+            _eventually(lambda: len(front._serving._writers) == 1)
+            front.stop()
+            secure.settimeout(10)
+            with contextlib.suppress(ConnectionResetError):
+                assert secure.recv(1) == b""  # dropped: no data, the connection ended
