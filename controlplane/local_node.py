@@ -10,6 +10,7 @@ Ray's ``session_latest``): ``init(address="auto")`` connects to the recorded hea
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import json
@@ -26,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from controlplane import auth, tls
+from controlplane import auth, membership, tls
 from controlplane.embedded_postgres import ServerTls
 from controlplane.errors import GcsIdentityError
 from controlplane.eventlog import fencing
@@ -232,7 +233,9 @@ class LocalNode:
             shutil.rmtree(session_dir, ignore_errors=True)
             raise
 
-    def _launch_daemon(self) -> tuple[subprocess.Popen[bytes], str]:
+    def _launch_daemon(
+        self, adopt_store_of: str | None = None
+    ) -> tuple[subprocess.Popen[bytes], str]:
         node_id = new_node_id()
         command = [
             sys.executable,
@@ -248,6 +251,7 @@ class LocalNode:
             str(self.config.object_store_memory),
             "--die-with-parent",
         ]
+        command += ["--adopt-store-of", adopt_store_of] if adopt_store_of else []
         # secrets go in the environment: argv is readable by every user of the machine
         env = {k: v for k, v in os.environ.items() if k != auth.TOKEN_ENV}
         env[GCS_URL_ENV] = self.gcs.url
@@ -277,21 +281,38 @@ class LocalNode:
                     daemon.wait()
             shm.unlink_all(node_id)
             raise
+        finally:
+            if adopt_store_of:  # what it did not take over (or all, if it failed)
+                shm.unlink_all(adopt_store_of)
         return daemon, node_id
 
     def restart_daemon(self) -> None:
         """A new node daemon in place of one that died (its workers died with it): it
         joins under a new id, as the cluster expects of a restarted node, and what the
-        old one was doing is retried or rebuilt from the log by the nodes that own it."""
+        old one was doing is retried or rebuilt from the log by the nodes that own it
+        -- but for the objects it kept for them, which the new daemon adopts, at the
+        same address (controlplane/node/store_adoption.py), if this process declares
+        the old id dead before the monitor does."""
         self.daemon.wait()
         address = self.address
+        adopt_store_of = None
         if self.role is not None and address is not None:  # same port: same address
             self.role = dataclasses.replace(self.role, rpc_port=int(address.rsplit(":", 1)[1]))
-        shm.unlink_all(self.node_id)
+            if self._declare_restarted():
+                adopt_store_of = self.node_id
+        if adopt_store_of is None:
+            shm.unlink_all(self.node_id)
         for name in (NODE_SOCKET, NODE_ADDRESS, "node.ready"):
             (self.session_dir / name).unlink(missing_ok=True)
         shutil.rmtree(self.session_dir / "spill", ignore_errors=True)
-        self.daemon, self.node_id = self._launch_daemon()
+        self.daemon, self.node_id = self._launch_daemon(adopt_store_of)
+
+    def _declare_restarted(self) -> bool:
+        try:
+            return asyncio.run(membership.declare_restarted(self.gcs.url, self.node_id))
+        except Exception as exc:  # the GCS is away: the monitor will declare it
+            log.warning("node %s: could not declare its daemon restarted: %r", self.node_id, exc)
+            return False
 
     def stop(self) -> None:
         self._stopping.set()

@@ -235,3 +235,25 @@ async def cluster_nodes(url: str) -> list[dict[str, Any]]:
         for (table, _), row in state.items()
         if table == "nodes"
     ]
+
+
+RESTARTED_CAUSE = "its node daemon died and a new one took its place (with its store)"
+
+
+async def declare_restarted(url: str, node_id: str) -> bool:
+    """A node's process found its daemon dead and starts another: declares the old id
+    dead at once (the monitor would, ``dead_after`` later) with a cause that tells the
+    other nodes that the objects it held for them are still there, with the daemon
+    that adopts them at the same address. False if the monitor was first: then the
+    other nodes rebuild those objects, and the new daemon must not adopt them."""
+    conn = await connect(url)
+    try:
+        async with conn.transaction():
+            if await conn.fetchval(queries["declare_node_restarted"], node_id) is None:
+                return False
+            await append_on(
+                conn, [Event(EntityKind.NODE, node_id, "dead", {"cause": RESTARTED_CAUSE})]
+            )
+        return True
+    finally:
+        await conn.close()

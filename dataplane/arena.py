@@ -56,6 +56,11 @@ def _floor(value: int, unit: int) -> int:
     return value // unit * unit
 
 
+def aligned_size(size: int) -> int:
+    """The size of the range an object of ``size`` bytes takes."""
+    return _ceil(max(size, 1), ALIGNMENT)
+
+
 @dataclass(frozen=True, slots=True, order=True)
 class Range:
     """Bytes ``[offset, offset + size)`` of region ``region``; ``size`` is the aligned
@@ -146,7 +151,7 @@ class ArenaAllocator:
     def allocate(self, size: int) -> Range | None:
         if size < 0:
             raise ValueError(f"negative size {size}")
-        need = _ceil(max(size, 1), ALIGNMENT)
+        need = aligned_size(size)
         i = bisect.bisect_left(self._by_size, (need, -1, -1))
         if i == len(self._by_size):
             if not self._grow(need):
@@ -326,6 +331,23 @@ def create_region(prefix: str, region: int, size: int) -> None:
         raise
     finally:
         os.close(fd)
+
+
+def take_over_regions(old_prefix: str, prefix: str) -> dict[int, int]:
+    """Renames the regions a dead daemon left (``old_prefix``) to ``prefix``, the
+    daemon that adopts them, keeping their indices: ``{region: size}``. (A rename keeps
+    the pages: what the objects in them hold is untouched.)"""
+    regions: dict[int, int] = {}
+    marker = f"{old_prefix}-arena-"
+    for path in SHM_DIR.glob(f"{marker}*"):
+        index = path.name[len(marker) :]
+        if not index.isdigit():
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            size = path.stat().st_size
+            path.rename(SHM_DIR / region_name(prefix, int(index)))
+            regions[int(index)] = size
+    return regions
 
 
 def remove_region(prefix: str, region: int) -> None:

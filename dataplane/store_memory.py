@@ -12,10 +12,19 @@ rebuilt -- once the object's id is freed (dataplane/object_table.py, ``retired``
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 from dataplane import protocol as p
 from dataplane import shm
-from dataplane.arena import DEFAULT_CHUNK, PAGE, ArenaAllocator, Range, create_region, remove_region
+from dataplane.arena import (
+    DEFAULT_CHUNK,
+    PAGE,
+    ArenaAllocator,
+    Range,
+    aligned_size,
+    create_region,
+    remove_region,
+)
 from dataplane.object_table import ObjectTable
 
 log = logging.getLogger("cairn.node")
@@ -44,6 +53,22 @@ class StoreMemory:
         if where is None:
             self.objects.uncharge(size)
         return where
+
+    def adopt(self, regions: Mapping[int, int], locations: list[p.ObjectLocation]) -> None:
+        """A restarted daemon's memory (before it hands out any range): the regions the
+        dead one left, already under this prefix (``{region: size}``), the ranges of the
+        objects it adopts of them taken and charged, the rest free. ValueError (nothing
+        changed) if the ranges do not fit the regions or overlap."""
+        ranges = [
+            Range(at.region, at.offset, aligned_size(at.size))
+            for at in locations
+            if at.region is not None
+        ]
+        arena = self._arena
+        self._arena = ArenaAllocator.rebuild(arena.capacity, arena.chunk, regions, ranges)
+        self._ranges = {(taken.region, taken.offset): taken for taken in ranges}
+        for location in locations:
+            self.objects.charge(location.size, force=True)
 
     def give_back(self, region: int, offset: int, size: int) -> None:
         """A range ``take`` handed out that never held an object (a failed write, a

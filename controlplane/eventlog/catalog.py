@@ -121,9 +121,24 @@ CATALOG: dict[tuple[EntityKind, str], EventType] = {
         (
             "created",
             {"size_bytes": int},
-            {"task_id": str, "inline": bool, "address": str, "durable_path": str},
+            # region, offset: where in its node's store (kept for another node's task:
+            # what a restarted daemon of that node adopts, controlplane/node/store_adoption.py)
+            {
+                "task_id": str,
+                "inline": bool,
+                "address": str,
+                "durable_path": str,
+                "region": int,
+                "offset": int,
+            },
         ),
-        ("transferred", {"size_bytes": int}, {"from_node": str}),
+        # a copy on this node: pulled from the node at from_node's address, or (reason
+        # "adopted") left in the store by this node's previous daemon, from_node's id
+        (
+            "transferred",
+            {"size_bytes": int},
+            {"from_node": str, "reason": str, "region": int, "offset": int},
+        ),
         ("freed", {}, {}),
         ("lost", {}, {"reason": str}),
         # the store was full: its bytes went to the node's spill directory, and back

@@ -47,6 +47,11 @@ def main() -> None:
         action="store_true",
         help="declare silent nodes dead, as the head does (the GCS replica's node)",
     )
+    parser.add_argument(
+        "--adopt-store-of",
+        default=None,
+        help="the id of this node's previous daemon, whose store this one adopts",
+    )
     args = parser.parse_args()
     join_gcs_url = os.environ.pop(JOIN_ENV_VAR, None)
     # the GCS replica's plan, secrets included: for the node that joins to run it
@@ -74,6 +79,7 @@ def main() -> None:
         join_gcs=(join_gcs_url or args.gcs_url, args.join_gcs_tls),
         join_gcs_replica=json.loads(replica_plan) if replica_plan else None,
         membership_monitor=args.membership_monitor,
+        adopt_store_of=args.adopt_store_of,
     )
     # The daemon makes and drops many small objects per task and call, almost none in
     # cycles: collecting the young generation every 700 allocations cost ~10% of its

@@ -36,6 +36,7 @@ from controlplane.node.clients import Clients
 from controlplane.node.cluster_link import JoinOffer
 from controlplane.node.parts import ClusterOptions, build_parts
 from controlplane.node.resources import ResourcePool, node_resources
+from controlplane.node.store_adoption import Adopted, adopt, objects_left
 from dataplane import protocol as p
 from dataplane import shm
 from dataplane.transfer import object_service
@@ -61,8 +62,11 @@ class NodeDaemon:
         join_gcs: tuple[str, bool] | None = None,
         join_gcs_replica: dict[str, Any] | None = None,
         membership_monitor: bool = False,
+        adopt_store_of: str | None = None,
     ) -> None:
         self.session_dir = session_dir
+        # the id of this node's previous daemon, whose store this one adopts
+        self.adopt_store_of = adopt_store_of
         shm.map_lazily()  # (its event loop must not stall mapping a large region)
         # In a cluster (rpc_port given; 0: any free port): the gRPC service, liveness
         # pings and load heartbeats; the head also lets nodes join and declares silent
@@ -115,6 +119,7 @@ class NodeDaemon:
     async def serve(self) -> None:
         # a daemon started while PostgreSQL restarts (after a crash of both) waits for it
         await self._while_unavailable(self.recorder.start)
+        adopted = await self._adopt_store() if self.adopt_store_of else None
         if self.rpc_port is not None:
             await self._join_cluster()
         self.recorder.log(
@@ -134,6 +139,8 @@ class NodeDaemon:
                 )
             ]
         )
+        if adopted is not None:
+            self.recorder.log(adopted.events)
         listening = p.bind_private_socket(self.socket_path)  # the driver socket, 0600
         self._server = await asyncio.start_unix_server(self.clients.serve, sock=listening)
         self.parts.worker_pool.fill()
@@ -144,6 +151,23 @@ class NodeDaemon:
         (self.session_dir / "node.ready").write_text(self.node_id)
         await self._stopping.wait()
         await self._shutdown()
+
+    async def _adopt_store(self) -> Adopted:
+        """The objects the previous daemon kept for other nodes, taken over before any
+        of them can ask (controlplane/node/store_adoption.py)."""
+        old = self.adopt_store_of or ""
+        left = await self._while_unavailable(lambda: objects_left(self.gcs_url, old))
+        store = self.parts.store
+        kept = self.parts.remote_tasks.kept_for_owner
+        adopted = adopt(self.node_id, old, left, store.memory, store.objects, kept)
+        log.warning(
+            "node daemon %s adopted %d objects (%d bytes) of %s's store",
+            self.node_id,
+            len(adopted.locations),
+            sum(at.size for at in adopted.locations),
+            old,
+        )
+        return adopted
 
     async def _join_cluster(self) -> None:
         """Joins the cluster (controlplane/node/cluster_link.py), then follows the log

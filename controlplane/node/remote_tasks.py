@@ -32,7 +32,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any, Protocol, cast
 
 from controlplane.eventlog import EntityKind, Event, RecordedEvent, Tailer
-from controlplane.membership import cluster_nodes
+from controlplane.membership import RESTARTED_CAUSE, cluster_nodes
 from controlplane.node.actors import ActorDirector
 from controlplane.node.actors_elsewhere import ActorsElsewhere
 from controlplane.node.cluster_link import ClusterLink
@@ -128,7 +128,7 @@ class RemoteTasks:
         kind, kind_type = event.entity_kind, event.event_type
         if kind is K.NODE and event.entity_id != self.node_id:
             if self.link is not None and self.link.node_event(event):  # a node died
-                self._node_lost(event.entity_id)
+                self._node_lost(event.entity_id, str(event.payload.get("cause", "")))
         elif kind is K.ACTOR and event.node_id != self.node_id:
             if event.entity_id in self.elsewhere:
                 self.elsewhere.remote_event(event)
@@ -204,12 +204,16 @@ class RemoteTasks:
                     log_event=False,
                 )
 
-    def _node_lost(self, node_id: str) -> None:
+    def _node_lost(self, node_id: str, cause: str) -> None:
         """Tasks this node spilled that were placed on a node now dead run again
         elsewhere while their retries last (a ``retried`` event, then a new spill);
-        the others fail with WorkerCrashedError, as a task whose worker died."""
+        the others fail with WorkerCrashedError, as a task whose worker died. Its
+        objects are lost -- unless only its daemon died and the next one adopts them
+        at the same address: then they stay where they are, and a pull that finds one
+        missing there has it rebuilt."""
         address = self.link.address_of(node_id) if self.link is not None else None
-        for object_id in self.objects.remote_at(address) if address else []:
+        adopted = cause == RESTARTED_CAUSE
+        for object_id in self.objects.remote_at(address) if address and not adopted else []:
             self.reconstructor.object_lost(object_id, f"node {node_id}, which held it, died")
         self.elsewhere.node_lost(node_id)
         for record in self.spills.placed_on(node_id):
@@ -326,25 +330,30 @@ class RemoteTasks:
         self: Any, record: TaskRecord, returns: list[p.ObjectLocation]
     ) -> list[Event]:
         """The return objects' ``created`` events (values inline when small, else this
-        node's address), then ``finished``: the owner sees every value first."""
+        node's address, and where in its store: what a daemon that restarts here
+        adopts), then ``finished``: the owner sees every value first."""
         spec = record.spec
-        events = [
-            Event(
-                K.OBJECT,
-                location.object_id,
-                "created",
-                {
-                    "size_bytes": location.size,
-                    "inline": location.region is None,
-                    "task_id": spec.task_id,
-                    "address": self.address,
-                },
-                job_id=spec.job_id,
-                node_id=self.node_id,
-                data=location.inline,
+        events = []
+        for location in returns:
+            payload: dict[str, Any] = {
+                "size_bytes": location.size,
+                "inline": location.region is None,
+                "task_id": spec.task_id,
+                "address": self.address,
+            }
+            if location.region is not None:
+                payload.update(region=location.region, offset=location.offset)
+            events.append(
+                Event(
+                    K.OBJECT,
+                    location.object_id,
+                    "created",
+                    payload,
+                    job_id=spec.job_id,
+                    node_id=self.node_id,
+                    data=location.inline,
+                )
             )
-            for location in returns
-        ]
         events.append(self.node.finished_event(record))
         return events
 

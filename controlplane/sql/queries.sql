@@ -94,6 +94,22 @@ UPDATE node_liveness SET dead_at = clock_timestamp(), fenced_at = clock_timestam
                       FOR UPDATE SKIP LOCKED)
 RETURNING node_id, last_ping
 
+-- declare_node_restarted --
+-- Its daemon died and its node starts another in its place, which adopts what the old
+-- one kept in its store; fenced as a node declared dead by the monitor is.
+UPDATE node_liveness SET dead_at = clock_timestamp(), fenced_at = clock_timestamp()
+ WHERE node_id = $1 AND dead_at IS NULL
+RETURNING node_id
+
+-- store_objects_left --
+-- Each object's last event by a node whose daemon died: what its store held when it
+-- died is what was created (or adopted) there and not freed, lost or spilled since.
+-- A scan of the events (no index by node): once per daemon restart.
+SELECT DISTINCT ON (entity_id) entity_id AS object_id, event_type, payload
+  FROM events
+ WHERE entity_kind = 'object' AND node_id = $1
+ ORDER BY entity_id, position DESC
+
 -- declare_node_gone --
 UPDATE node_liveness SET dead_at = clock_timestamp() WHERE node_id = $1 AND dead_at IS NULL
 RETURNING node_id
