@@ -38,6 +38,13 @@ from controlplane.node import rpc
 @click.option("--num-gpus", type=float, default=None, help="GPUs of this node.")
 @click.option("--resources", default=None, help="Custom resources, as JSON: '{\"disk\": 2}'.")
 @click.option("--object-store-memory", type=int, default=None, help="Store size in bytes.")
+@click.option(
+    "--memory",
+    type=int,
+    default=None,
+    help="Memory for tasks and actors, in bytes: Ray's `memory` resource (default: what "
+    "the machine has available less the object store).",
+)
 @click.option("--block", is_flag=True, help="Stay in the foreground until the node stops.")
 @click.option(
     "--disable-auth",
@@ -87,6 +94,7 @@ def start(
     num_gpus: float | None,
     resources: str | None,
     object_store_memory: int | None,
+    memory: int | None,
     block: bool,
     disable_auth: bool,
     tls_mode: str,
@@ -159,7 +167,7 @@ def start(
         config = (
             local_node.NodeConfig(**json.loads(node_config))
             if node_config
-            else local_node.node_config(num_cpus, num_gpus, custom, object_store_memory)
+            else local_node.node_config(num_cpus, num_gpus, custom, object_store_memory, memory)
         )
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from exc

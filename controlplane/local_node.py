@@ -70,16 +70,29 @@ class NodeConfig:
     object_store_memory: int
 
 
+def default_memory(object_store_memory: int) -> int:
+    """Ray's ``memory`` resource of a node, unless given: the memory available to
+    tasks, which is what the machine has available now less the object store's."""
+    available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024
+    return max(available - object_store_memory, 0)
+
+
 def node_config(
     num_cpus: float | None,
     num_gpus: float | None,
     resources: dict[str, float] | None,
     object_store_memory: int | None,
+    memory: int | None = None,
 ) -> NodeConfig:
     for name, value in (
         ("num_cpus", num_cpus),
         ("num_gpus", num_gpus),
         ("object_store_memory", object_store_memory),
+        ("memory", memory),
     ):
         if value is not None and (not isinstance(value, int | float) or value < 0):
             raise ValueError(f"{name} must be a non-negative number, got {value!r}")
@@ -88,12 +101,16 @@ def node_config(
         "GPU": float(num_gpus or 0),
     }
     for key, amount in (resources or {}).items():
-        if key in ("CPU", "GPU"):
-            raise ValueError(f"use num_cpus / num_gpus instead of resources[{key!r}]")
+        if key in ("CPU", "GPU", "memory", "object_store_memory"):
+            raise ValueError(
+                f"resources[{key!r}]: give it as num_cpus / num_gpus / memory / "
+                "object_store_memory instead"
+            )
         total[key] = float(amount)
-    memory = object_store_memory or default_object_store_memory()
-    total["object_store_memory"] = float(memory)
-    return NodeConfig(total, int(memory))
+    store = object_store_memory or default_object_store_memory()
+    total["object_store_memory"] = float(store)
+    total["memory"] = float(int(memory) if memory is not None else default_memory(store))
+    return NodeConfig(total, int(store))
 
 
 @dataclass

@@ -20,6 +20,7 @@ import queue
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
@@ -88,6 +89,8 @@ class CoreClient:
         # calls for this worker to run, with the direct caller to answer (None: the
         # daemon sent it); None ends the worker
         self.tasks: queue.Queue[tuple[p.ExecuteTask, p.SyncChannel | None] | None] = queue.Queue()
+        # a worker's: ray.cancel of an actor call it was sent (dataplane/worker.py)
+        self.on_cancel_call: Callable[[str], None] = lambda _task_id: None
         self._routes: dict[str, _Route] = {}  # actor id -> how calls go there
         self._routes_lock = threading.Lock()
         self._call_route: dict[str, _Route] = {}  # return id of a call not in yet -> route
@@ -571,6 +574,8 @@ class CoreClient:
                     log.warning("%s", message.text)
                 elif isinstance(message, p.ExecuteTask):
                     self.tasks.put((message, None))
+                elif isinstance(message, p.CancelCall):
+                    self.on_cancel_call(message.task_id)
                 elif isinstance(message, p.ActorRoute):
                     self._route_given(message)
                 elif isinstance(message, p.Shutdown):

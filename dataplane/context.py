@@ -17,6 +17,8 @@ class TaskContext:
     gpu_ids: tuple[str, ...] = ()  # the GPUs of the task (or of its actor)
     # the placement group its child tasks run in (a strategy tuple), if it captures them
     captured_placement: tuple[str, ...] | None = None
+    cancelled: bool = False  # ray.cancel reached it while it ran (is_canceled())
+    in_async_actor: bool = False  # (where is_canceled() is refused, as in Ray)
 
 
 class ActorExit(BaseException):

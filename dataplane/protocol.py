@@ -278,9 +278,21 @@ class WaitObjects:
 
 @dataclass(slots=True)
 class CancelTask:
+    """ray.cancel; the reply is None, or the error of a cancel refused (force=True of
+    an actor's call)."""
+
+    request_id: int
     object_id: str
     force: bool
     recursive: bool
+
+
+@dataclass(slots=True)
+class CancelCall:
+    """To an actor's worker: cancel this call of it (dropped if it has not begun, a
+    running coroutine cancelled; a running sync call only marked, see is_canceled)."""
+
+    task_id: str
 
 
 @dataclass(slots=True)

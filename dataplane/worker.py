@@ -44,6 +44,13 @@ class Worker:
         self._concurrently: Callable[[tuple[p.ExecuteTask, Any]], None] | None = None
         self.direct_socket_path: str | None = None  # an actor's, once it is alive
         self._begun: BegunCalls | None = None  # an actor's calls begun, not answered
+        # ray.cancel of actor calls (CancelCall, from the reader thread): those running,
+        # those cancelled before they began, and an async actor's asyncio tasks
+        self._calls_lock = threading.Lock()
+        self._running: dict[str, context.TaskContext] = {}
+        self._cancel_before_start: set[str] = set()
+        self._async_calls: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Task[Any]]] = {}
+        client.on_cancel_call = self.cancel_call
 
     def run(self) -> None:
         while (item := self.client.tasks.get()) is not None:
@@ -134,9 +141,64 @@ class Worker:
             print(f"cairn worker: closing a direct caller: {exc}", file=sys.stderr)
         channel.close()
 
+    def cancel_call(self, task_id: str) -> None:
+        """ray.cancel of an actor's call (Ray's way): one still queued here is answered
+        as cancelled at once and never runs (one not here yet, when it comes); an
+        async actor's is cancelled as a coroutine (asyncio.CancelledError in it, or
+        while it waits for a slot); a running sync call is only marked, for
+        ``is_canceled()`` to tell."""
+        queued = None
+        with self._calls_lock:
+            running = self._running.get(task_id)
+            if running is not None:
+                running.cancelled = True
+            found = self._async_calls.get(task_id)
+            if running is None and found is None:
+                queued = self._take_queued(task_id)
+                if queued is None:
+                    self._cancel_before_start.add(task_id)
+                    return
+        if found is not None:
+            loop, task = found
+            loop.call_soon_threadsafe(task.cancel)
+        elif queued is not None:
+            message, caller = queued
+            self._reply(self._failure(message, KeyboardInterrupt()), caller)
+
+    def _take_queued(self, task_id: str) -> tuple[p.ExecuteTask, p.SyncChannel | None] | None:
+        """Takes the call out of this worker's queue, if it waits there."""
+        calls = self.client.tasks
+        with calls.mutex:
+            for item in calls.queue:
+                if item is not None and item[0].spec.task_id == task_id:
+                    calls.queue.remove(item)
+                    return item
+        return None
+
+    def _begin(
+        self, message: p.ExecuteTask, *, in_async: bool = False
+    ) -> context.TaskContext | None:
+        """The call's context, now running; None if it was cancelled before it began."""
+        task = self._context(message)
+        task.in_async_actor = in_async
+        task_id = message.spec.task_id
+        with self._calls_lock:
+            if task_id in self._cancel_before_start:
+                self._cancel_before_start.discard(task_id)
+                return None
+            self._running[task_id] = task
+        return task
+
+    def _end(self, message: p.ExecuteTask) -> None:
+        with self._calls_lock:
+            self._running.pop(message.spec.task_id, None)
+
     def execute(self, message: p.ExecuteTask) -> p.TaskDone:
         spec = message.spec
-        context.set_task(self._context(message))
+        task = self._begin(message)
+        if task is None:
+            return self._failure(message, KeyboardInterrupt())
+        context.set_task(task)
         restore = self._use_gpus(message)
         try:
             try:
@@ -150,6 +212,7 @@ class Worker:
         finally:
             context.set_task(None)
             restore()
+            self._end(message)
 
     def _context(self, message: p.ExecuteTask) -> context.TaskContext:
         spec = message.spec
@@ -182,7 +245,10 @@ class Worker:
 
     async def execute_async(self, message: p.ExecuteTask) -> p.TaskDone:
         """A call of an async actor: coroutine methods are awaited on the actor's loop."""
-        context.set_task(self._context(message))
+        task = self._begin(message, in_async=True)
+        if task is None:
+            return self._failure(message, asyncio.CancelledError())
+        context.set_task(task)
         try:
             function, args, kwargs = self._prepare(message)
             result = function(*args, **kwargs)
@@ -190,6 +256,8 @@ class Worker:
                 result = await result
         except BaseException as exc:
             return self._failure(message, exc)
+        finally:
+            self._end(message)
         return self._finish(message, result)
 
     def _start_concurrency(self, spec: p.TaskSpec) -> None:
@@ -206,9 +274,21 @@ class Worker:
 
             async def bounded(item: tuple[p.ExecuteTask, p.SyncChannel | None]) -> None:
                 message, caller = item
-                async with slots:
-                    with self._marked_begun(message):
-                        self._reply(await self.execute_async(message), caller)
+                task_id = message.spec.task_id
+                current = asyncio.current_task()
+                assert current is not None
+                with self._calls_lock:  # cancel_call cancels it, waiting or running
+                    self._async_calls[task_id] = (loop, current)
+                try:
+                    async with slots:
+                        with self._marked_begun(message):
+                            done = await self.execute_async(message)
+                except asyncio.CancelledError as cancelled:  # while it waited for a slot
+                    done = self._failure(message, cancelled)
+                finally:
+                    with self._calls_lock:
+                        self._async_calls.pop(task_id, None)
+                self._reply(done, caller)
 
             self._concurrently = lambda m: asyncio.run_coroutine_threadsafe(
                 bounded(m), loop
@@ -233,7 +313,7 @@ class Worker:
             error = p.ErrorInfo("actor_exit", "exit_actor() was called", spec.name)
         elif isinstance(exc, ObjectMissingError):  # an argument's bytes are gone
             error = p.ErrorInfo("object_lost", str(exc))
-        elif isinstance(exc, KeyboardInterrupt):
+        elif isinstance(exc, KeyboardInterrupt | asyncio.CancelledError):
             error = p.ErrorInfo("cancelled", f"task {spec.name} was cancelled", spec.name)
         else:  # the user's exception, reported to the caller
             error = _task_error(spec.name, exc)
@@ -340,6 +420,17 @@ def _task_error(function_name: str, exc: BaseException) -> p.ErrorInfo:
     return p.ErrorInfo("task_error", f"{type(exc).__name__}: {exc}", function_name, text, cause)
 
 
+def _interrupted(_signum: int, _frame: Any) -> None:
+    """SIGINT, the daemon's ray.cancel of the task running in this thread: it gets
+    KeyboardInterrupt, and ``is_canceled()`` is True from now on (as in Ray). One
+    that comes after the task ended is ignored: it was meant for that task."""
+    task = context.current_task()
+    if task is None:
+        return
+    task.cancelled = True
+    raise KeyboardInterrupt
+
+
 def _die_with(parent_pid: int) -> None:
     """Dies with the node daemon (set here rather than in a preexec_fn: forking a
     process with gRPC's threads and running Python before exec can deadlock)."""
@@ -352,7 +443,7 @@ def main() -> None:
     socket_path, worker_id = sys.argv[1], sys.argv[2]
     if len(sys.argv) > 3:
         _die_with(int(sys.argv[3]))
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGINT, _interrupted)
     client = CoreClient(socket_path, "worker", worker_id)
     context.set_client(client)
     worker = Worker(client)

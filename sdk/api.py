@@ -61,6 +61,7 @@ def init(
     namespace: str | None = None,
     ignore_reinit_error: bool = False,
     gcs_url: str | None = None,
+    _memory: int | None = None,
     **unsupported: Any,
 ) -> RuntimeContext:
     """Connects this driver to a cluster. Without an address (and no
@@ -86,6 +87,7 @@ def init(
         num_gpus=num_gpus,
         resources=resources,
         object_store_memory=object_store_memory,
+        memory=_memory,
         namespace=namespace,
         ignore_reinit_error=ignore_reinit_error,
         gcs_url=gcs_url,
@@ -189,11 +191,18 @@ def wait(
 
 
 def cancel(object_ref: ObjectRef, *, force: bool = False, recursive: bool = True) -> None:
-    """Cancels the task that makes ``object_ref``: a queued one never runs; a running
-    one gets KeyboardInterrupt (or, with ``force``, its worker is killed)."""
+    """Cancels the task that makes ``object_ref``, as Ray does: a queued one never
+    runs; a running one gets KeyboardInterrupt (with ``force``, its worker is killed);
+    ``recursive``: the tasks it submitted too. An actor's call: dropped if it has not
+    begun; a running coroutine of an async actor is cancelled (the actor lives on); a
+    running sync call runs on, ``is_canceled()`` telling it; ``force`` is refused."""
     if not isinstance(object_ref, ObjectRef):
         raise TypeError(f"cancel() expected a ray.ObjectRef, got {type(object_ref).__name__}")
-    client_or_auto_init().send(p.CancelTask(object_ref.hex(), force, recursive))
+    client = client_or_auto_init()
+    try:
+        client.request(lambda rid: p.CancelTask(rid, object_ref.hex(), force, recursive))
+    except DaemonError as error:
+        raise ValueError(str(error)) from None
 
 
 def get_actor(name: str, namespace: str | None = None) -> ActorHandle:
@@ -247,6 +256,20 @@ class RuntimeContext:
 
     def get_task_id(self) -> str | None:
         return self.task_id
+
+    def is_canceled(self) -> bool:
+        """Whether ray.cancel reached the running task or actor call (a sync actor's
+        call runs on after it: it may poll this). RuntimeError in an async actor, whose
+        calls are cancelled as coroutines, as in Ray; RuntimeError outside a task."""
+        task = context.current_task()
+        if task is None:
+            raise RuntimeError("is_canceled() is only available inside a task or actor call")
+        if task.in_async_actor:
+            raise RuntimeError(
+                "is_canceled() is not supported in async actors: their calls are cancelled "
+                "as coroutines (asyncio.CancelledError)"
+            )
+        return task.cancelled
 
 
 def get_runtime_context() -> RuntimeContext:

@@ -75,6 +75,7 @@ def start(
     num_gpus: float | None = None,
     resources: dict[str, float] | None = None,
     object_store_memory: int | None = None,
+    memory: int | None = None,
     namespace: str | None = None,
     ignore_reinit_error: bool = False,
     gcs_url: str | None = None,
@@ -93,7 +94,7 @@ def start(
         if address is None:
             address = os.environ.get(ADDRESS_ENV_VAR) or None
         if address is None or address == "local":
-            config = node_config(num_cpus, num_gpus, resources, object_store_memory)
+            config = node_config(num_cpus, num_gpus, resources, object_store_memory, memory)
             _runtime = Runtime.start(gcs_url=gcs_url, config=config, namespace=namespace)
         elif address == "auto" or _is_host_port(address):
             given = {
@@ -101,6 +102,7 @@ def start(
                 "num_gpus": num_gpus,
                 "resources": resources,
                 "object_store_memory": object_store_memory,
+                "_memory": memory,
                 "gcs_url": gcs_url,
             }
             if any(value is not None for value in given.values()):

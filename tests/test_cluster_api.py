@@ -50,8 +50,9 @@ def _until(condition: Callable[[], Any], what: str, timeout: float = 30.0) -> An
 
 
 def _without_store(resources: dict[str, float]) -> dict[str, float]:
-    """Resources less object_store_memory (its size depends on the machine)."""
-    return {k: v for k, v in resources.items() if k != "object_store_memory"}
+    """Resources less object_store_memory and memory (their sizes depend on the
+    machine)."""
+    return {k: v for k, v in resources.items() if k not in ("object_store_memory", "memory")}
 
 
 def test_a_private_cluster_is_its_one_node() -> None:
@@ -162,6 +163,7 @@ def test_every_node_with_its_resources_and_a_dead_one(
         "node:127.0.0.1": 1.0,
     }
     store = sum(n["Resources"]["object_store_memory"] for n in listed.values())
+    memory = sum(n["Resources"]["memory"] for n in listed.values())
     totals = ray.cluster_resources()
     assert totals == {
         "CPU": 3.0,
@@ -169,6 +171,7 @@ def test_every_node_with_its_resources_and_a_dead_one(
         "node:127.0.0.1": 2.0,
         "node:__internal_head__": 1.0,
         "object_store_memory": store,
+        "memory": memory,
     }
     _until(lambda: ray.available_resources() == totals, "everything free")
 

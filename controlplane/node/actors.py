@@ -428,6 +428,22 @@ class ActorDirector:
             with contextlib.suppress(ProcessLookupError):
                 actor.worker.process.kill()
 
+    def cancel_call(self, record: TaskRecord) -> bool:
+        """Cancels a call of an actor of this node, Ray's way: one still queued here is
+        dropped (``cancelled``); one sent to the worker is the worker's to cancel
+        (``CancelCall``: dropped if it has not begun, cancelled as a coroutine in an
+        async actor, left to run in a sync or threaded one). False if the call is not
+        one of this node's actors'."""
+        actor = self.actors.get(record.spec.actor_id or "")
+        if actor is None or actor.death is not None:
+            return False
+        if record in actor.queue:
+            actor.queue.remove(record)
+            self.node.finish_failed(record, _cancelled(record), log_event=True)
+        elif record.spec.task_id in actor.running and actor.worker and actor.worker.conn:
+            actor.worker.conn.send(p.CancelCall(record.spec.task_id))
+        return True
+
     def kill(self, actor_id: str, no_restart: bool, cause: str = "") -> None:
         if actor_id in self.elsewhere:  # its node does it
             self.elsewhere.kill(actor_id, no_restart, cause)
@@ -578,3 +594,8 @@ class ActorDirector:
         if actor is not None and event.event_type == "kill_requested" and actor.owner is None:
             cause = event.payload.get("cause") or ""
             self.kill(actor.actor_id, bool(event.payload["no_restart"]), cause)
+
+
+def _cancelled(record: TaskRecord) -> p.ErrorInfo:
+    name = record.spec.name
+    return p.ErrorInfo("cancelled", f"task {name} was cancelled", name)

@@ -201,8 +201,9 @@ class Clients:
             case p.TaskDone():
                 self.parts.store.taken(conn, message.returns)
                 self.parts.runs.task_done(self.parts.worker_pool.of(conn), message)
-            case p.CancelTask(object_id, force, recursive):
-                self.parts.runs.cancel(object_id, force, recursive)
+            case p.CancelTask(request_id, object_id, force, recursive):
+                refused = self.parts.runs.cancel(object_id, force, recursive)
+                conn.send(p.Reply(request_id, error=refused))
             case p.CreatePlacementGroup():
                 self._hold(conn, message.ready_object_id)
                 self.parts.placement_groups.create(conn, message)

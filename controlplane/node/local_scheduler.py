@@ -44,6 +44,9 @@ class Dispatcher(Protocol):
     def run(self, record: TaskRecord, handle: WorkerHandle) -> None:
         """Sends the task, its resources taken, to the worker ``handle``."""
 
+    def infeasible(self, record: TaskRecord, reason: str) -> None:
+        """The task needs more than this node has and cannot go elsewhere: it waits."""
+
 
 class LocalScheduler:
     def __init__(
@@ -107,6 +110,15 @@ class LocalScheduler:
                     self.spills.spill(record)
                     continue
                 elif not self.resources.available_for(record.spec.resources):
+                    if not record.reported_infeasible and not self.resources.fits_total(
+                        record.spec.resources
+                    ):
+                        record.reported_infeasible = True
+                        self.node.infeasible(
+                            record,
+                            f"it needs {record.spec.resources} and this node has "
+                            f"{self.resources.total}",
+                        )
                     break
                 if not self.worker_pool.has_idle():
                     self.worker_pool.grow()

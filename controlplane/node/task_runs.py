@@ -148,6 +148,29 @@ class TaskRuns:
     def fail(self, record: TaskRecord, error: p.ErrorInfo) -> None:
         self.finish_failed(record, error, log_event=True)
 
+    def infeasible(self, record: TaskRecord, reason: str) -> None:
+        """The task waits, as in Ray (until cancelled, or until its node could ever
+        run it): its ``infeasible`` event says why, and its submitter is told, once."""
+        spec = record.spec
+        self.recorder.log(
+            [
+                Event(
+                    K.TASK,
+                    spec.task_id,
+                    "infeasible",
+                    {
+                        "resources": dict(spec.resources),
+                        "reason": reason,
+                        "attempt": record.attempt,
+                    },
+                    job_id=spec.job_id,
+                    node_id=self.node_id,
+                )
+            ]
+        )
+        if record.submitter is not None:
+            record.submitter.send(p.Notice(f"task {spec.name} cannot be scheduled now: {reason}"))
+
     def run(self, record: TaskRecord, handle: WorkerHandle) -> None:
         spec = record.spec
         record.state, record.worker = "RUNNING", handle
@@ -309,16 +332,33 @@ class TaskRuns:
                 log_event=True,
             )
 
-    def cancel(self, object_id: str, force: bool, recursive: bool) -> None:
+    def cancel(self, object_id: str, force: bool, recursive: bool) -> str | None:
+        """``ray.cancel`` of the task (or actor call) that makes ``object_id``: see
+        ``_cancel``; nothing if it is over or not this node's. Why it is refused, if
+        it is (force=True of an actor's call, as in Ray)."""
         record = self.tasks.making(object_id)
-        if record is None or record.state in ("FINISHED", "FAILED", "CANCELLED"):
+        if record is None:
+            return None
+        if force and record.spec.actor_id is not None:
+            return "refused: force=True is not supported for actor tasks"
+        self._cancel(record, force, recursive)
+        return None
+
+    def _cancel(self, record: TaskRecord, force: bool, recursive: bool) -> None:
+        """A queued task never runs; a running one gets KeyboardInterrupt (SIGINT), or
+        with ``force`` its worker is killed; an actor's call is the actor director's to
+        cancel. ``recursive``: the tasks it submitted too (force is not passed on to
+        actor calls, as in Ray)."""
+        if record.state in ("FINISHED", "FAILED", "CANCELLED"):
             return
-        record.cancelled = True
         if recursive:
             for child in self.tasks.children_of(record.spec.task_id):
-                self.cancel(
-                    child.spec.return_ids()[0] if child.spec.num_returns else "", force, recursive
-                )
+                self._cancel(child, force and child.spec.actor_id is None, recursive)
+        if record.spec.actor_id is not None:
+            if record.spec.method != "__init__":
+                self.actor_director.cancel_call(record)
+            return
+        record.cancelled = True
         if record.worker is None:
             self.scheduler.withdraw(record)
             self.spills.forget(record.spec.task_id)  # its results no longer wanted

@@ -77,6 +77,7 @@ class TaskRecord:
     output_digest: str | None = None  # of the returns of its attempt that finished
     direct: bool = False  # an actor call its caller sent straight to the actor's worker
     answered: bool = False  # ... which the worker answered to the caller itself
+    reported_infeasible: bool = False  # its submitter was told it cannot run here
 
 
 class TaskTable:
