@@ -188,7 +188,8 @@ class CoreClient:
                 for object_id in return_ids:
                     self._call_route[object_id] = route
             channel = route.channel
-            if channel is None or route.via_daemon or route.blind:
+            # (a generator's values come through the daemon: so does the call)
+            if channel is None or route.via_daemon or route.blind or spec.streaming:
                 if not route.never:
                     route.via_daemon.update(return_ids)
                     route.blind = route.blind or not return_ids

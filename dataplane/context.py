@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextvars
 from dataclasses import dataclass
 
+from dataplane import protocol as p
 from dataplane.client import CoreClient
 
 
@@ -19,6 +20,14 @@ class TaskContext:
     captured_placement: tuple[str, ...] | None = None
     cancelled: bool = False  # ray.cancel reached it while it ran (is_canceled())
     in_async_actor: bool = False  # (where is_canceled() is refused, as in Ray)
+    # what RuntimeContext tells a task about itself
+    name: str = ""
+    function_name: str = ""  # module.qualname of the function or method
+    resources: dict[str, float] | None = None  # what it was given
+    actor_id: str | None = None
+    actor_options: p.ActorOptions | None = None  # its actor's (name, class, methods)
+    actor_restarted: bool = False  # the actor's constructor ran again after a death
+    placement_group_id: str | None = None  # the group it (or its actor) runs in
 
 
 class ActorExit(BaseException):

@@ -126,6 +126,134 @@ class ObjectStoreFullError(RayError):
     """The object store cannot hold the object (``object_store_memory``)."""
 
 
+# -- the rest of ray.exceptions --------------------------------------------------------
+# Ray programs name these in ``except`` clauses; those Cairn raises say so.
+
+
+class ActorAlreadyExistsError(ValueError, RayError):
+    """An actor of that name already exists in the namespace."""
+
+
+class ActorHandleNotFoundError(ValueError, RayError):
+    """An actor handle that cannot be found (a handle of a gone actor)."""
+
+
+class ActorPlacementGroupRemoved(RayError):
+    """The placement group of an actor was removed."""
+
+
+class ActorUnavailableError(RayActorError):
+    """The actor cannot take calls for now (it is restarting)."""
+
+
+class ActorUnschedulableError(RayError):
+    """The actor can never be scheduled."""
+
+
+class AsyncioActorExit(RayError):
+    """Raised inside an async actor to end it (exit_actor)."""
+
+
+class AuthenticationError(RayError):
+    """A call was refused for want of the cluster's token."""
+
+
+class CrossLanguageError(RayError):
+    """An error of another language's worker (Cairn runs Python only)."""
+
+
+class LocalRayletDiedError(RayError):
+    """The node daemon of the task's node died."""
+
+
+class NodeDiedError(RayError):
+    """The node the task ran on died."""
+
+
+class ObjectFetchTimedOutError(ObjectLostError):
+    """Fetching the object from another node took too long."""
+
+
+class ObjectFreedError(ObjectLostError):
+    """The object was freed (``internal.free``) while still referenced."""
+
+
+class OwnerDiedError(ObjectLostError):
+    """The process that owned the object died, so its value cannot be had."""
+
+
+class ReferenceCountingAssertionError(ObjectLostError, AssertionError):
+    """The object was deleted while a reference to it was still held."""
+
+
+class ObjectRefStreamEndOfStreamError(RayError):
+    """A streaming generator has no more values."""
+
+
+class OufOfBandObjectRefSerializationException(RayError):
+    """An ObjectRef was serialized out of band (Ray's spelling, kept)."""
+
+
+class OutOfDiskError(RayError):
+    """The node's disk is full (spilling, the GCS)."""
+
+
+class OutOfMemoryError(RayError):
+    """The node ran out of memory and the task's worker was killed."""
+
+
+class PendingCallsLimitExceeded(RayError):
+    """An actor's ``max_pending_calls`` was reached."""
+
+
+class PlasmaObjectNotAvailable(RayError):
+    """The object is not in the store (yet)."""
+
+
+class RayCgraphCapacityExceeded(RaySystemError):
+    """A compiled graph's capacity was exceeded."""
+
+
+class RayChannelError(RaySystemError):
+    """A compiled graph's channel failed."""
+
+
+class RayChannelTimeoutError(RayChannelError, TimeoutError):
+    """A compiled graph's channel timed out."""
+
+
+class RayDirectTransportError(RaySystemError):
+    """A direct transport of tensors failed."""
+
+
+class RpcError(RayError):
+    """A call between processes failed."""
+
+    def __init__(self, message: str = "", rpc_code: int | None = None) -> None:
+        self.rpc_code = rpc_code
+        super().__init__(message)
+
+
+class RuntimeEnvSetupError(RayError):
+    """The task's or actor's runtime environment could not be set up."""
+
+
+class StreamingGeneratorReplayInconsistentError(RaySystemError):
+    """A streaming generator re-run for a lost value yielded other values."""
+
+
+class TaskPlacementGroupRemoved(RayError):
+    """The placement group of a task was removed."""
+
+
+class UnserializableException(RayError):
+    """A task's exception that could not be serialized."""
+
+
+class UserCodeException(RayError):
+    """An error in user code (raised inside Ray's own libraries)."""
+
+
 def task_error_from(
     function_name: str, traceback_str: str, cause_blob: bytes | None, message: str
 ) -> RayTaskError:

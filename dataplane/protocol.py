@@ -107,7 +107,13 @@ class TaskSpec:
     strategy: tuple[str, ...] | None = None
 
     def return_ids(self) -> list[str]:
-        return [return_object_id(self.task_id, i) for i in range(self.num_returns)]
+        """Its fixed returns (none for a streaming generator: its values are made as it
+        yields them, ``return_object_id(task_id, i)`` for the i-th)."""
+        return [return_object_id(self.task_id, i) for i in range(max(self.num_returns, 0))]
+
+    @property
+    def streaming(self) -> bool:
+        return self.num_returns == STREAMING
 
     def dependencies(self) -> list[str]:
         return [a.ref for a in (*self.args, *self.kwargs.values()) if a.ref is not None]
@@ -115,6 +121,17 @@ class TaskSpec:
 
 def return_object_id(task_id: str, index: int) -> str:
     return f"{task_id}{index + 1:08x}"
+
+
+def return_index(object_id: str) -> int:
+    """The index of a task's return (or yielded value) in its id."""
+    return int(object_id[-8:], 16) - 1
+
+
+# TaskSpec.num_returns of a generator task or call (num_returns="streaming"): its values
+# are objects made as it yields them; after the last, an end-of-stream marker
+STREAMING = -1
+END_OF_STREAM = "end_of_stream"  # the ErrorInfo kind of the marker
 
 
 # -- messages: client -> daemon ---------------------------------------------------------
@@ -314,6 +331,27 @@ class TaskDone:
     # so that `cairn replay` can tell whether a re-run produced the same output
     output_digest: str | None = None
     direct: bool = False  # the call came straight from its caller (SubmitDirectCall)
+    streamed: int = 0  # a generator's: how many values it yielded (StreamItem each)
+
+
+@dataclass(slots=True)
+class StreamItem:
+    """Worker -> daemon: a generator task yielded its ``index``-th value (or raised
+    there: ``location.error``), stored; the daemon makes it visible to the caller."""
+
+    task_id: str
+    attempt: int
+    index: int
+    location: ObjectLocation
+
+
+@dataclass(slots=True)
+class ReleaseStream:
+    """Client -> daemon: the caller dropped its generator; the values from ``index`` on
+    (those it never took, made or to come) are not its to hold."""
+
+    task_id: str
+    index: int
 
 
 @dataclass(slots=True)
@@ -388,6 +426,16 @@ class GetActor:
 
 
 @dataclass(slots=True)
+class ListNamedActors:
+    """Reply: [(namespace, name)] of the live named actors, in the job's namespace or
+    (``all_namespaces``) in every one."""
+
+    request_id: int
+    job_id: str
+    all_namespaces: bool
+
+
+@dataclass(slots=True)
 class KillActor:
     actor_id: str
     no_restart: bool
@@ -453,6 +501,7 @@ class ExecuteTask:
     args: list[ObjectLocation | None] = field(default_factory=list)  # resolved ref args
     kwargs: dict[str, ObjectLocation] = field(default_factory=dict)
     gpu_ids: list[str] = field(default_factory=list)  # the GPUs the task may use
+    restarts: int = 0  # an actor's constructor: how often the actor restarted before
 
 
 @dataclass(slots=True)

@@ -25,13 +25,15 @@ into an unchecked one.
 
 from __future__ import annotations
 
+import collections
+import io
 import os
 import pickle
 import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import cloudpickle
 import xxhash
@@ -191,6 +193,32 @@ def serialize_with_refs(value: Any) -> tuple[Serialized, tuple[str, ...]]:
         _contained.refs = outer
 
 
+# Serializers registered in this process (ray.util.register_serializer): type -> reducer.
+# The deserializer travels with each value (pickled by value), so a reader needs none.
+_custom_reducers: dict[type, Callable[[Any], tuple[Any, ...]]] = {}
+
+
+class _CustomPickler(cloudpickle.Pickler):
+    """cloudpickle with the registered serializers first (the table is read when a
+    pickler is made, so it is the class's)."""
+
+    dispatch_table: ClassVar[collections.ChainMap[Any, Any]] = collections.ChainMap(
+        _custom_reducers, cloudpickle.Pickler.dispatch_table
+    )
+
+
+def register_reducer(
+    cls: type, serializer: Callable[[Any], Any], deserializer: Callable[[Any], Any]
+) -> None:
+    """Values of ``cls`` are written as ``serializer(value)`` and read back with
+    ``deserializer`` from now on, in this process's writes."""
+    _custom_reducers[cls] = lambda value: (deserializer, (serializer(value),))
+
+
+def unregister_reducer(cls: type) -> None:
+    _custom_reducers.pop(cls, None)
+
+
 def serialize(value: Any, *, inband_limit: int = 4096) -> Serialized:
     """Pickles ``value``; buffers larger than ``inband_limit`` go out of band.
 
@@ -205,7 +233,12 @@ def serialize(value: Any, *, inband_limit: int = 4096) -> Serialized:
         return False
 
     try:
-        pickled = cloudpickle.dumps(value, protocol=5, buffer_callback=keep_out_of_band)
+        if _custom_reducers:
+            stream = io.BytesIO()
+            _CustomPickler(stream, protocol=5, buffer_callback=keep_out_of_band).dump(value)
+            pickled = stream.getvalue()
+        else:
+            pickled = cloudpickle.dumps(value, protocol=5, buffer_callback=keep_out_of_band)
     except Exception as exc:
         raise SerializationError(
             f"could not serialize a value of type {type(value).__module__}."

@@ -38,6 +38,7 @@ class Worker:
         self.functions: dict[str, Callable[..., Any]] = {}
         self.actor: Any = None  # the instance, in a worker dedicated to an actor
         self.actor_gpu_ids: tuple[str, ...] = ()  # the GPUs given to that actor
+        self.actor_creation: p.ExecuteTask | None = None  # how that actor was made
         # For an async actor: hands a call to its event loop. None: calls run in this
         # thread (and, in a threaded actor, in max_concurrency - 1 more threads that
         # take calls from the same queue).
@@ -203,9 +204,12 @@ class Worker:
         try:
             try:
                 function, args, kwargs = self._prepare(message)
+                _name_function(task, function)
                 result = function(*args, **kwargs)
                 if spec.method == "__init__":
                     self.actor, result = result, None
+                if spec.streaming:
+                    return self._stream(message, result)
             except BaseException as exc:
                 return self._failure(message, exc)
             return self._finish(message, result)
@@ -219,11 +223,29 @@ class Worker:
         gpu_ids = self.actor_gpu_ids if spec.actor_id is not None else tuple(message.gpu_ids)
         if spec.method == "__init__":
             gpu_ids = self.actor_gpu_ids = tuple(message.gpu_ids)
-        strategy = spec.strategy
+            self.actor_creation = message
+        creation = self.actor_creation if spec.actor_id is not None else None
+        made = creation.spec if creation is not None else spec
+        strategy = made.strategy
         captured = None
         if strategy is not None and strategy[0] == "PLACEMENT_GROUP" and strategy[3]:
             captured = ("PLACEMENT_GROUP", strategy[1], "-1", "capture")
-        return context.TaskContext(spec.task_id, spec.job_id, message.attempt, gpu_ids, captured)
+        return context.TaskContext(
+            spec.task_id,
+            spec.job_id,
+            message.attempt,
+            gpu_ids,
+            captured,
+            name=spec.name,
+            function_name=spec.name,
+            resources=dict(made.resources),
+            actor_id=spec.actor_id,
+            actor_options=made.actor_options,
+            actor_restarted=creation is not None and creation.restarts > 0,
+            placement_group_id=(
+                strategy[1] if strategy is not None and strategy[0] == "PLACEMENT_GROUP" else None
+            ),
+        )
 
     def _use_gpus(self, message: p.ExecuteTask) -> Callable[[], None]:
         """Shows the task only its GPUs (``CUDA_VISIBLE_DEVICES``), as Ray does; an
@@ -251,7 +273,10 @@ class Worker:
         context.set_task(task)
         try:
             function, args, kwargs = self._prepare(message)
+            _name_function(task, function)
             result = function(*args, **kwargs)
+            if message.spec.streaming:
+                return await self._stream_async(message, result)
             if inspect.isawaitable(result):
                 result = await result
         except BaseException as exc:
@@ -263,8 +288,8 @@ class Worker:
     def _start_concurrency(self, spec: p.TaskSpec) -> None:
         options = spec.actor_options
         limit = options.max_concurrency if options else 1
-        is_async = any(
-            inspect.iscoroutinefunction(member)
+        is_async = any(  # (async generator methods too, as in Ray)
+            inspect.iscoroutinefunction(member) or inspect.isasyncgenfunction(member)
             for _, member in inspect.getmembers(type(self.actor), inspect.isfunction)
         )
         if is_async:
@@ -320,6 +345,34 @@ class Worker:
             if spec.retry_exception_types is not None:
                 error.retryable = isinstance(exc, cloudpickle.loads(spec.retry_exception_types))
         return self._failed(spec, message, error)
+
+    # -- generators (num_returns="streaming"): controlplane/node/streams.py ------------
+
+    def _stream(self, message: p.ExecuteTask, values: Any) -> p.TaskDone:
+        """Stores and sends each value as it is yielded; an exception raised at a yield
+        is the generator's next value, and its error."""
+        stream = _Stream(self, message)
+        try:
+            for value in _iterate(values, message.spec.name):
+                stream.send(value)
+        except BaseException as exc:
+            return stream.failed(exc)
+        return stream.done()
+
+    async def _stream_async(self, message: p.ExecuteTask, values: Any) -> p.TaskDone:
+        """``_stream`` of an async actor's generator (an async one is iterated here, on
+        the actor's loop; a sync one too)."""
+        stream = _Stream(self, message)
+        try:
+            if inspect.isasyncgen(values):
+                async for value in values:
+                    stream.send(value)
+            else:
+                for value in _iterate(values, message.spec.name):
+                    stream.send(value)
+        except BaseException as exc:
+            return stream.failed(exc)
+        return stream.done()
 
     def _finish(self, message: p.ExecuteTask, result: Any) -> p.TaskDone:
         spec = message.spec
@@ -377,6 +430,72 @@ class Worker:
         return p.TaskDone(spec.task_id, message.attempt, [], error=error)
 
 
+class _Stream:
+    """One run of a generator: its values sent as they come, counted and digested."""
+
+    def __init__(self, worker: Worker, message: p.ExecuteTask) -> None:
+        self.worker, self.message = worker, message
+        self.index = 0
+        self.digest = xxhash.xxh3_128()
+
+    def send(self, value: Any) -> None:
+        spec = self.message.spec
+        object_id = p.return_object_id(spec.task_id, self.index)
+        try:
+            location = self.worker._store(object_id, value, self.digest)
+        except (SerializationError, ValueError, OSError, DaemonError) as exc:
+            raise _YieldNotStored(exc) from exc
+        self._item(location)
+
+    def failed(self, exc: BaseException) -> p.TaskDone:
+        if isinstance(exc, _YieldNotStored):  # its error, as a value that cannot be stored
+            spec = self.message.spec
+            done = self.worker._failed(
+                spec, self.message, _task_error(spec.name, _as_ray_error(exc.cause))
+            )
+        else:
+            done = self.worker._failure(self.message, exc)
+        assert done.error is not None
+        object_id = p.return_object_id(self.message.spec.task_id, self.index)
+        self._item(p.ObjectLocation(object_id, error=done.error))
+        done.streamed = self.index
+        return done
+
+    def done(self) -> p.TaskDone:
+        spec = self.message.spec
+        return p.TaskDone(
+            spec.task_id,
+            self.message.attempt,
+            [],
+            None,
+            f"xxh3:{self.digest.hexdigest()}",
+            streamed=self.index,
+        )
+
+    def _item(self, location: p.ObjectLocation) -> None:
+        spec = self.message.spec
+        self.worker.client.send(
+            p.StreamItem(spec.task_id, self.message.attempt, self.index, location)
+        )
+        self.index += 1
+
+
+class _YieldNotStored(Exception):
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+def _iterate(values: Any, name: str) -> Any:
+    """The values of a generator task's result (TypeError if it yields none)."""
+    if isinstance(values, str | bytes) or not hasattr(values, "__iter__"):
+        raise TypeError(
+            f"{name} has num_returns='streaming' but returned a {type(values).__name__}, "
+            "not a generator"
+        )
+    return iter(values)
+
+
 class _ArgumentFailed(Exception):
     """A direct call's argument stands for an error (its task failed)."""
 
@@ -418,6 +537,22 @@ def _task_error(function_name: str, exc: BaseException) -> p.ErrorInfo:
     except Exception:
         cause = None  # the SDK raises a RayTaskError that carries the traceback text
     return p.ErrorInfo("task_error", f"{type(exc).__name__}: {exc}", function_name, text, cause)
+
+
+def _name_function(task: context.TaskContext, function: Any) -> None:
+    """get_task_function_name's module.qualname; a task's default name is Ray's, the
+    function's own name, and an actor call's "Class.method" (the specs' carry the
+    module)."""
+    task.function_name = _qualified(function)
+    if task.name == task.function_name or task.actor_id is not None:
+        task.name = getattr(getattr(function, "__func__", function), "__qualname__", task.name)
+
+
+def _qualified(function: Any) -> str:
+    """module.qualname of a function, a bound method or a class (get_task_function_name)."""
+    target = getattr(function, "__func__", function)
+    module = getattr(target, "__module__", None) or "?"
+    return f"{module}.{getattr(target, '__qualname__', type(target).__qualname__)}"
 
 
 def _interrupted(_signum: int, _frame: Any) -> None:

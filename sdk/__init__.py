@@ -1,6 +1,6 @@
 """Cairn's user-facing API, compatible with Ray Core: ``import sdk as ray``."""
 
-from sdk import actor, exceptions, util
+from sdk import actor, cloudpickle, exceptions, util
 from sdk.actor import method
 from sdk.api import (
     available_resources,
@@ -19,13 +19,32 @@ from sdk.api import (
     shutdown,
     wait,
 )
+from sdk.ids import (
+    ActorClassID,
+    ActorID,
+    FunctionID,
+    JobID,
+    NodeID,
+    TaskID,
+    UniqueID,
+    WorkerID,
+)
 from sdk.object_ref import ObjectRef
 
 __all__ = [
+    "ActorClassID",
+    "ActorID",
+    "FunctionID",
+    "JobID",
+    "NodeID",
     "ObjectRef",
+    "TaskID",
+    "UniqueID",
+    "WorkerID",
     "actor",
     "available_resources",
     "cancel",
+    "cloudpickle",
     "cluster_resources",
     "exceptions",
     "get",

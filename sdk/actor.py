@@ -14,6 +14,7 @@ from typing import Any
 from dataplane import context
 from dataplane import protocol as p
 from sdk import options as opts
+from sdk.generator import ObjectRefGenerator
 from sdk.object_ref import ObjectRef
 from sdk.remote_function import build_args, pickle_code
 from sdk.runtime import client_or_auto_init
@@ -22,16 +23,24 @@ from sdk.util.scheduling_strategies import to_wire
 _NUM_RETURNS_ATTR = "__cairn_num_returns__"
 
 
-def method(*, num_returns: int = 1) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """``@sdk.method(num_returns=k)`` on an actor method, as ``ray.method``."""
-    if not isinstance(num_returns, int) or num_returns < 0:
-        raise ValueError(f"num_returns must be a non-negative int, got {num_returns!r}")
+def method(*, num_returns: int | str = 1) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``@sdk.method(num_returns=k)`` on an actor method, as ``ray.method`` (k: a
+    count, or "streaming" for a generator method)."""
+    wire = _num_returns(num_returns)
 
     def mark(function: Callable[..., Any]) -> Callable[..., Any]:
-        setattr(function, _NUM_RETURNS_ATTR, num_returns)
+        setattr(function, _NUM_RETURNS_ATTR, wire)
         return function
 
     return mark
+
+
+def _num_returns(value: int | str) -> int:
+    """TaskSpec.num_returns of a method's num_returns (ValueError if it is not one)."""
+    problem = opts.TASK_OPTIONS["num_returns"].check(value)
+    if problem or isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError(f"num_returns {problem or 'must be an int >= 0 or streaming'}: {value!r}")
+    return opts.num_returns_on_wire(value)
 
 
 def exit_actor() -> None:
@@ -214,10 +223,9 @@ class ActorMethod:
             f"'{self._name}()', try '{self._name}.remote()'."
         )
 
-    def options(self, *, num_returns: int | None = None) -> ActorMethod:
-        return ActorMethod(
-            self._handle, self._name, self._num_returns if num_returns is None else num_returns
-        )
+    def options(self, *, num_returns: int | str | None = None) -> ActorMethod:
+        chosen = self._num_returns if num_returns is None else _num_returns(num_returns)
+        return ActorMethod(self._handle, self._name, chosen)
 
     def remote(self, *args: Any, **kwargs: Any) -> Any:
         client = client_or_auto_init()
@@ -243,6 +251,8 @@ class ActorMethod:
         )
         client.submit_actor_call(spec)
         del keep_alive
+        if spec.streaming:
+            return ObjectRefGenerator(spec.task_id)
         refs = [ObjectRef._owned(object_id) for object_id in spec.return_ids()]
         if spec.num_returns == 1:
             return refs[0]

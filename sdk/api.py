@@ -8,7 +8,6 @@ import inspect
 import os
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from dataplane import context
@@ -22,6 +21,7 @@ from sdk.remote_function import RemoteFunction
 from sdk.runtime import client_or_auto_init, get_values, put_object, start
 from sdk.runtime import is_initialized as is_initialized
 from sdk.runtime import shutdown as shutdown
+from sdk.runtime_context import RuntimeContext, get_runtime_context
 
 # Arguments of ray.init that change nothing here (logging, dashboard, ...): accepted so
 # that Ray programs run unchanged.
@@ -234,54 +234,6 @@ def kill(actor: ActorHandle, *, no_restart: bool = True) -> None:
 
 
 # -- cluster ---------------------------------------------------------------------------
-
-
-@dataclass
-class RuntimeContext:
-    job_id: str
-    node_id: str
-    task_id: str | None
-    gcs_address: str
-    namespace: str | None
-
-    def get_job_id(self) -> str:
-        return self.job_id
-
-    def get_node_id(self) -> str:
-        return self.node_id
-
-    def get_accelerator_ids(self) -> dict[str, list[str]]:
-        task = context.current_task()
-        return {"GPU": list(task.gpu_ids) if task is not None else []}
-
-    def get_task_id(self) -> str | None:
-        return self.task_id
-
-    def is_canceled(self) -> bool:
-        """Whether ray.cancel reached the running task or actor call (a sync actor's
-        call runs on after it: it may poll this). RuntimeError in an async actor, whose
-        calls are cancelled as coroutines, as in Ray; RuntimeError outside a task."""
-        task = context.current_task()
-        if task is None:
-            raise RuntimeError("is_canceled() is only available inside a task or actor call")
-        if task.in_async_actor:
-            raise RuntimeError(
-                "is_canceled() is not supported in async actors: their calls are cancelled "
-                "as coroutines (asyncio.CancelledError)"
-            )
-        return task.cancelled
-
-
-def get_runtime_context() -> RuntimeContext:
-    client = client_or_auto_init()
-    task = context.current_task()
-    return RuntimeContext(
-        job_id=task.job_id if task else client.welcome.job_id,
-        node_id=client.welcome.node_id,
-        task_id=task.task_id if task else None,
-        gcs_address=client.welcome.gcs_url,
-        namespace=client.welcome.namespace or None,
-    )
 
 
 def get_gpu_ids() -> list[int | str]:

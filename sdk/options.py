@@ -51,6 +51,21 @@ def _non_negative(value: Any) -> str | None:
     return None if value is None or value >= 0 else "must be >= 0"
 
 
+def _num_returns(value: Any) -> str | None:
+    if value == "streaming" or (isinstance(value, int) and value >= 0):
+        return None
+    if value == "dynamic":
+        return "'dynamic' is not supported yet: use 'streaming' (an ObjectRefGenerator)"
+    return "must be an int >= 0 or 'streaming'"
+
+
+def num_returns_on_wire(value: int | str) -> int:
+    """TaskSpec.num_returns: a count, or STREAMING for a generator."""
+    from dataplane.protocol import STREAMING
+
+    return STREAMING if value == "streaming" else int(value)
+
+
 def _retries(value: Any) -> str | None:
     return None if value >= -1 else "must be -1 (retry forever) or >= 0"
 
@@ -93,7 +108,7 @@ TASK_OPTIONS: dict[str, Option] = {
     "num_cpus": Option((int, float), 1, _non_negative),
     "num_gpus": Option((int, float), 0, _non_negative),
     "resources": Option((dict,), None, _resources),
-    "num_returns": Option((int,), 1, _non_negative),
+    "num_returns": Option((int, str), 1, _num_returns),
     "max_retries": Option((int,), 3, _retries),
     "retry_exceptions": Option((bool, list, tuple), False, _retry_exceptions),
     "name": Option((str,), None, storable),

@@ -16,6 +16,7 @@ from dataplane import protocol as p
 from dataplane.serialization import SerializationError, serialize_with_refs
 from dataplane.shm import INLINE_LIMIT
 from sdk import options as opts
+from sdk.generator import ObjectRefGenerator
 from sdk.object_ref import ObjectRef
 from sdk.runtime import client_or_auto_init, put_object
 from sdk.util.scheduling_strategies import to_wire
@@ -55,7 +56,7 @@ class RemoteFunction:
             function_id=function_id,
             args=args_list,
             kwargs=kwargs_map,
-            num_returns=resolved["num_returns"],
+            num_returns=opts.num_returns_on_wire(resolved["num_returns"]),
             resources=opts.resource_request(resolved),
             max_retries=resolved["max_retries"],
             retry_exceptions=bool(resolved["retry_exceptions"]),
@@ -66,6 +67,8 @@ class RemoteFunction:
         )
         client.submit(spec)
         del keep_alive  # the daemon pins large arguments from submission on
+        if spec.streaming:
+            return ObjectRefGenerator(spec.task_id)
         refs = [ObjectRef._owned(object_id) for object_id in spec.return_ids()]
         if spec.num_returns == 1:
             return refs[0]

@@ -93,6 +93,13 @@ def start(
             )
         if address is None:
             address = os.environ.get(ADDRESS_ENV_VAR) or None
+        if address is not None and "://" in address:
+            raise ValueError(
+                f"init(address={address!r}): Ray Client addresses ({address.split('://')[0]}://) "
+                "are not supported; Cairn takes 'auto' (this machine's cluster), 'local' (a "
+                "new private one) or the HOST:PORT of a cluster's head (`cairn start --head` "
+                "prints it), and a driver runs on a machine of the cluster"
+            )
         if address is None or address == "local":
             config = node_config(num_cpus, num_gpus, resources, object_store_memory, memory)
             _runtime = Runtime.start(gcs_url=gcs_url, config=config, namespace=namespace)

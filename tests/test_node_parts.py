@@ -801,6 +801,9 @@ class _Node:
         record.worker = handle
         self.asked.append(("run", record.spec.task_id))
 
+    def infeasible(self, record: TaskRecord, reason: str) -> None:
+        self.asked.append(("infeasible", record.spec.task_id))
+
 
 async def test_the_local_scheduler_runs_spills_and_lends_out_resources(gcs_url: str) -> None:
     """Ready tasks run while CPUs and idle workers last, one FIFO per resource shape (a
@@ -846,7 +849,9 @@ async def test_the_local_scheduler_runs_spills_and_lends_out_resources(gcs_url: 
         assert resources.available["CPU"] == 2.0
         t6 = task("t6", "narrow", {"CPU": 4.0})  # more than the node has, and not spillable
         scheduler.enqueue(t6)
-        assert scheduler.pending() == 1
+        scheduler.schedule()
+        assert scheduler.pending() == 1  # it waits, reported once
+        assert [a for a in node.asked if a[0] == "infeasible"] == [("infeasible", "t6")]
         scheduler.withdraw(t6)
         assert scheduler.pending() == 0
     finally:
@@ -906,6 +911,9 @@ class _ActorHost:
     def run(self, record: TaskRecord, handle: Any) -> None:
         record.worker = handle
         self.asked.append(("run", record.spec.task_id))
+
+    def infeasible(self, record: TaskRecord, reason: str) -> None:
+        self.asked.append(("infeasible", record.spec.task_id))
 
     def running_event(self, record: TaskRecord, worker_id: str) -> Event:
         return Event(EntityKind.TASK, record.spec.task_id, "running", {"worker_id": worker_id})

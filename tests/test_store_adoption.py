@@ -126,7 +126,7 @@ def test_a_store_the_log_does_not_match_is_not_adopted(prefixes: tuple[str, str]
 # -- a real cluster ---------------------------------------------------------------------
 
 DRIVER = """
-import json, sys
+import json, sys, time
 import numpy as np
 import sdk as ray
 from sdk.util.scheduling_strategies import NodeAffinitySchedulingStrategy as Affinity
@@ -142,6 +142,8 @@ refs = [make.remote(i) for i in range(3)]
 ready, _ = ray.wait(refs, num_returns=3, fetch_local=False, timeout=60)
 print(json.dumps({"ready": len(ready), "ids": [r.hex() for r in refs]}), flush=True)
 new_node = sys.stdin.readline().strip()  # its daemon is killed and started again
+while new_node not in [n["NodeID"] for n in ray.nodes() if n["Alive"]]:
+    time.sleep(0.05)  # (until the cluster has read its registration)
 again = Affinity(new_node, soft=False)
 fresh = [make.options(scheduling_strategy=again).remote(10 + i) for i in range(3)]
 ray.wait(fresh, num_returns=3, fetch_local=False, timeout=60)  # made in its new store

@@ -76,6 +76,16 @@ class ActorNames:
             return
         conn.send(p.Reply(request.request_id, (actor_id, self._created[actor_id])))
 
+    def list(self, conn: Connection, request: p.ListNamedActors) -> None:
+        """The live named actors (created, not dead), as (namespace, name)."""
+        mine = self.namespace(None, request.job_id)
+        named = sorted(
+            key
+            for key, actor_id in self._holders.items()
+            if actor_id in self._created and (request.all_namespaces or key[0] == mine)
+        )
+        conn.send(p.Reply(request.request_id, named))
+
     def forget(self, actor_id: str) -> None:
         """The actor died: its names are free."""
         self._created.pop(actor_id, None)

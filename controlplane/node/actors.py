@@ -428,6 +428,11 @@ class ActorDirector:
             with contextlib.suppress(ProcessLookupError):
                 actor.worker.process.kill()
 
+    def restarts(self, actor_id: str | None) -> int:
+        """How often the actor restarted (0 for one not of this node)."""
+        actor = self.actors.get(actor_id or "")
+        return actor.restarts if actor is not None else 0
+
     def cancel_call(self, record: TaskRecord) -> bool:
         """Cancels a call of an actor of this node, Ray's way: one still queued here is
         dropped (``cancelled``); one sent to the worker is the worker's to cancel

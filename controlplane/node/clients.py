@@ -198,6 +198,21 @@ class Clients:
                 self._get(conn, request_id, object_ids, timeout)
             case p.WaitObjects(request_id, object_ids, num_returns, timeout, _fetch):
                 self._wait(conn, request_id, object_ids, num_returns, timeout)
+            case p.StreamItem():
+                self.parts.store.taken(conn, [message.location])
+                self.parts.runs.stream_item(message)
+            case p.ReleaseStream(task_id, index):
+                self.parts.runs.release_stream(task_id, index)
+                self._ref_counts(
+                    conn,
+                    {
+                        oid: -1
+                        for oid in conn.holding
+                        if len(oid) == len(task_id) + 8
+                        and oid.startswith(task_id)
+                        and p.return_index(oid) >= index
+                    },
+                )
             case p.TaskDone():
                 self.parts.store.taken(conn, message.returns)
                 self.parts.runs.task_done(self.parts.worker_pool.of(conn), message)
@@ -215,6 +230,8 @@ class Clients:
                 self.parts.names.reserve(conn, message)
             case p.GetActor():
                 self.parts.names.get(conn, message)
+            case p.ListNamedActors():
+                self.parts.names.list(conn, message)
             case p.KillActor(actor_id, no_restart):
                 self.parts.actor_director.kill(actor_id, no_restart)
             case p.ReportLost(object_id, reason):

@@ -23,6 +23,7 @@ from controlplane.node.reconstruction import Reconstructor
 from controlplane.node.recorder import EventRecorder
 from controlplane.node.remote_tasks import RemoteTasks
 from controlplane.node.spilled_tasks import SpilledTasks
+from controlplane.node.streams import Streams
 from controlplane.node.task_table import Connection, TaskRecord, TaskTable
 from controlplane.node.workers import WorkerHandle, WorkerPool
 from dataplane import protocol as p
@@ -50,6 +51,7 @@ class TaskRuns:
         self.node_id = node_id
         self.recorder = recorder
         self.store = store
+        self.streams = Streams(store)
         self.objects = store.objects
         self.tasks = tasks
         self.worker_pool = worker_pool
@@ -190,7 +192,10 @@ class TaskRuns:
             )
             self.recorder.log([scheduled, running])
         assert handle.conn is not None
-        handle.conn.send(p.ExecuteTask(spec, record.attempt, blob, args, kwargs, record.gpu_ids))
+        restarts = self.actor_director.restarts(spec.actor_id) if spec.method == "__init__" else 0
+        handle.conn.send(
+            p.ExecuteTask(spec, record.attempt, blob, args, kwargs, record.gpu_ids, restarts)
+        )
 
     def running_event(self, record: TaskRecord, worker_id: str) -> Event:
         return Event(
@@ -242,8 +247,24 @@ class TaskRuns:
             self.finish_ok(record, done.returns)
         self.schedule()
 
+    def stream_item(self, item: p.StreamItem) -> None:
+        """A value a generator yielded (controlplane/node/streams.py)."""
+        record = self.tasks.get(item.task_id)
+        if record is None:  # over (a stale attempt's value): nobody will have it
+            self.store.discard([item.location])
+            return
+        self.streams.item(record, item)
+
+    def release_stream(self, task_id: str, index: int) -> None:
+        self.streams.release(self.tasks.get(task_id), index)
+
     def finish_ok(self, record: TaskRecord, returns: list[p.ObjectLocation]) -> None:
         spec = record.spec
+        if spec.streaming:
+            record.state = "FINISHED"
+            self.streams.end(record, [self.finished_event(record)], None)
+            self.task_over(record)
+            return
         for location in returns:
             if location.region is None:
                 self.objects.charge(location.size, force=True)
@@ -285,6 +306,10 @@ class TaskRuns:
             else []
         )
         record.state = kind.upper()
+        if spec.streaming:
+            self.streams.end(record, events, error)
+            self.task_over(record)
+            return
         locations = [p.ObjectLocation(oid, error=error) for oid in spec.return_ids()]
         owner = None if record.answered else record.submitter  # (it has them already)
         self.store.make_durable_then_ready(locations, events, owner, urgent=not record.answered)

@@ -78,6 +78,11 @@ class TaskRecord:
     direct: bool = False  # an actor call its caller sent straight to the actor's worker
     answered: bool = False  # ... which the worker answered to the caller itself
     reported_infeasible: bool = False  # its submitter was told it cannot run here
+    # a generator's (controlplane/node/streams.py): values made so far, whether the
+    # last was its error, and from which index on its caller no longer holds them
+    streamed: int = 0
+    stream_errored: bool = False
+    stream_held_below: int = 1 << 62
 
 
 class TaskTable:
@@ -101,8 +106,11 @@ class TaskTable:
         return self._tasks.get(task_id)
 
     def making(self, object_id: str) -> TaskRecord | None:
-        """The task in hand that returns ``object_id``, if any."""
-        return next((r for r in self._tasks.values() if object_id in r.spec.return_ids()), None)
+        """The task in hand that returns (or yields) ``object_id``, if any."""
+        record = self._tasks.get(object_id[:-8])
+        if record is None or not (record.spec.streaming or object_id in record.spec.return_ids()):
+            return None
+        return record
 
     def children_of(self, task_id: str) -> list[TaskRecord]:
         return [r for r in self._tasks.values() if r.spec.parent_task_id == task_id]

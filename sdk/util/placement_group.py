@@ -139,6 +139,25 @@ def get_placement_group(placement_group_name: str) -> PlacementGroup:
     entry = client.request(lambda rid: p.PlacementGroupTable(rid, name=placement_group_name))
     if entry is None:
         raise ValueError(f"Failed to look up placement group with name: {placement_group_name}")
+    return _of_entry(entry)
+
+
+def get_current_placement_group() -> PlacementGroup | None:
+    """The placement group the running task or actor is in; None in a driver, or in a
+    task or actor not in one (as Ray)."""
+    from dataplane import context
+    from sdk import api
+
+    task = context.current_task()
+    pg_id = task.placement_group_id if task is not None else None
+    if pg_id is None:
+        return None
+    table = api.client_or_auto_init().request(lambda rid: p.PlacementGroupTable(rid, pg_id))
+    entry = table.get(pg_id)
+    return _of_entry(entry) if entry else None
+
+
+def _of_entry(entry: dict[str, Any]) -> PlacementGroup:
     return PlacementGroup(
         PlacementGroupID(bytes.fromhex(entry["placement_group_id"])),
         [entry["bundles"][i] for i in sorted(entry["bundles"])],

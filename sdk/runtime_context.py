@@ -1,0 +1,151 @@
+"""``get_runtime_context()``: what a driver, task or actor call is, as Ray's
+``ray.runtime_context.RuntimeContext`` tells it (its methods and properties, by Ray's
+names). A task's facts come from the worker that runs it (dataplane/context.py)."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dataplane import context
+from sdk.runtime import client_or_auto_init
+
+if TYPE_CHECKING:
+    from sdk.actor import ActorHandle
+
+_DRIVER_WORKER_ID = uuid.uuid4().hex  # a driver's worker id (workers have the daemon's)
+
+
+class RuntimeContext:
+    def __init__(self) -> None:
+        self._client = client_or_auto_init()
+        self._task = context.current_task()
+
+    # -- the process and its cluster -----------------------------------------------
+
+    @property
+    def job_id(self) -> str:
+        return self._task.job_id if self._task else self._client.welcome.job_id
+
+    def get_job_id(self) -> str:
+        return self.job_id
+
+    @property
+    def node_id(self) -> str:
+        return self._client.welcome.node_id
+
+    def get_node_id(self) -> str:
+        return self.node_id
+
+    def get_worker_id(self) -> str:
+        return self._client.worker_id or _DRIVER_WORKER_ID
+
+    @property
+    def namespace(self) -> str | None:
+        return self._client.welcome.namespace or None
+
+    @property
+    def gcs_address(self) -> str:
+        return self._client.welcome.gcs_url
+
+    def get_session_name(self) -> str:
+        return Path(self._client.welcome.session_dir).name
+
+    def get_temp_dir(self) -> str:
+        return self._client.welcome.session_dir
+
+    def get_node_labels(self) -> dict[str, str]:
+        return {}  # (Cairn's nodes have no labels yet)
+
+    def get(self) -> dict[str, Any]:
+        """Ray's deprecated dict of the context."""
+        found: dict[str, Any] = {"job_id": self.job_id, "node_id": self.node_id}
+        if self.task_id is not None:
+            found["task_id"] = self.task_id
+        if self.actor_id is not None:
+            found["actor_id"] = self.actor_id
+        found["namespace"] = self.namespace
+        return found
+
+    # -- the running task ------------------------------------------------------------
+
+    @property
+    def task_id(self) -> str | None:
+        return self._task.task_id if self._task else None
+
+    def get_task_id(self) -> str | None:
+        return self.task_id
+
+    def get_task_name(self) -> str | None:
+        return self._task.name if self._task else None
+
+    def get_task_function_name(self) -> str | None:
+        return self._task.function_name if self._task else None
+
+    def get_assigned_resources(self) -> dict[str, float]:
+        """What the running task (or its actor) was given; {} in a driver."""
+        if self._task is None or not self._task.resources:
+            return {}
+        return {k: v for k, v in self._task.resources.items() if v > 0}
+
+    def get_accelerator_ids(self) -> dict[str, list[str]]:
+        return {"GPU": list(self._task.gpu_ids) if self._task is not None else []}
+
+    def get_placement_group_id(self) -> str | None:
+        return self._task.placement_group_id if self._task else None
+
+    @property
+    def current_placement_group_id(self) -> str | None:
+        return self.get_placement_group_id()
+
+    @property
+    def should_capture_child_tasks_in_placement_group(self) -> bool:
+        return self._task is not None and self._task.captured_placement is not None
+
+    def is_canceled(self) -> bool:
+        """Whether ray.cancel reached the running task or actor call (a sync actor's
+        call runs on after it: it may poll this). RuntimeError in an async actor, whose
+        calls are cancelled as coroutines, as in Ray; RuntimeError outside a task."""
+        if self._task is None:
+            raise RuntimeError("is_canceled() is only available inside a task or actor call")
+        if self._task.in_async_actor:
+            raise RuntimeError(
+                "is_canceled() is not supported in async actors: their calls are cancelled "
+                "as coroutines (asyncio.CancelledError)"
+            )
+        return self._task.cancelled
+
+    # -- the running actor -----------------------------------------------------------
+
+    @property
+    def actor_id(self) -> str | None:
+        return self._task.actor_id if self._task else None
+
+    def get_actor_id(self) -> str | None:
+        return self.actor_id
+
+    def get_actor_name(self) -> str | None:
+        """The actor's name: "" for an actor without one, None outside an actor."""
+        if self._task is None or self._task.actor_id is None:
+            return None
+        options = self._task.actor_options
+        return (options.name or "") if options is not None else ""
+
+    @property
+    def current_actor(self) -> ActorHandle:
+        """A handle of the actor running this call (RuntimeError outside an actor)."""
+        from sdk.actor import handle_of
+
+        if self._task is None or self._task.actor_id is None:
+            raise RuntimeError("current_actor is only available inside an actor")
+        return handle_of(self._task.actor_id, self._task.actor_options)
+
+    @property
+    def was_current_actor_reconstructed(self) -> bool:
+        """Whether this actor's constructor ran again after its process died."""
+        return self._task is not None and self._task.actor_restarted
+
+
+def get_runtime_context() -> RuntimeContext:
+    return RuntimeContext()

@@ -1,0 +1,100 @@
+"""The rest of Ray Core's public surface (issue 18): names a Ray program imports exist
+in ``sdk`` with Ray's shape. Ray 2.60's own lists are written out here (read from
+``ray`` 2.60.0), so this test needs no Ray installed."""
+
+from __future__ import annotations
+
+import pytest
+
+import sdk
+import sdk.exceptions
+
+# ray.exceptions in Ray 2.60: every exception class and the names of its bases
+RAY_EXCEPTIONS = {
+    "ActorAlreadyExistsError": ("ValueError", "RayError"),
+    "ActorDiedError": ("RayActorError",),
+    "ActorHandleNotFoundError": ("ValueError", "RayError"),
+    "ActorPlacementGroupRemoved": ("RayError",),
+    "ActorUnavailableError": ("RayActorError",),
+    "ActorUnschedulableError": ("RayError",),
+    "AsyncioActorExit": ("RayError",),
+    "AuthenticationError": ("RayError",),
+    "CrossLanguageError": ("RayError",),
+    "GetTimeoutError": ("RayError", "TimeoutError"),
+    "LocalRayletDiedError": ("RayError",),
+    "NodeDiedError": ("RayError",),
+    "ObjectFetchTimedOutError": ("ObjectLostError",),
+    "ObjectFreedError": ("ObjectLostError",),
+    "ObjectLostError": ("RayError",),
+    "ObjectReconstructionFailedError": ("ObjectLostError",),
+    "ObjectRefStreamEndOfStreamError": ("RayError",),
+    "ObjectStoreFullError": ("RayError",),
+    "OufOfBandObjectRefSerializationException": ("RayError",),
+    "OutOfDiskError": ("RayError",),
+    "OutOfMemoryError": ("RayError",),
+    "OwnerDiedError": ("ObjectLostError",),
+    "PendingCallsLimitExceeded": ("RayError",),
+    "PlasmaObjectNotAvailable": ("RayError",),
+    "RayActorError": ("RayError",),
+    "RayCgraphCapacityExceeded": ("RaySystemError",),
+    "RayChannelError": ("RaySystemError",),
+    "RayChannelTimeoutError": ("RayChannelError", "TimeoutError"),
+    "RayDirectTransportError": ("RaySystemError",),
+    "RayError": ("Exception",),
+    "RaySystemError": ("RayError",),
+    "RayTaskError": ("RayError",),
+    "ReferenceCountingAssertionError": ("ObjectLostError", "AssertionError"),
+    "RpcError": ("RayError",),
+    "RuntimeEnvSetupError": ("RayError",),
+    "StreamingGeneratorReplayInconsistentError": ("RaySystemError",),
+    "TaskCancelledError": ("RayError",),
+    "TaskPlacementGroupRemoved": ("RayError",),
+    "TaskUnschedulableError": ("RayError",),
+    "UnserializableException": ("RayError",),
+    "UserCodeException": ("RayError",),
+    "WorkerCrashedError": ("RayError",),
+}
+
+
+def test_every_exception_of_ray_is_in_sdk_exceptions_with_its_bases() -> None:
+    for name, bases in RAY_EXCEPTIONS.items():
+        ours = getattr(sdk.exceptions, name, None)
+        assert ours is not None, f"sdk.exceptions has no {name}"
+        assert tuple(base.__name__ for base in ours.__bases__) == bases, name
+        assert name in sdk.exceptions.__all__
+
+
+def test_errors_are_caught_as_ray_programs_catch_them() -> None:
+    from sdk.exceptions import (
+        ActorUnavailableError,
+        GetTimeoutError,
+        ObjectFreedError,
+        RayActorError,
+        RayChannelTimeoutError,
+        RayError,
+        ReferenceCountingAssertionError,
+    )
+
+    assert issubclass(ActorUnavailableError, RayActorError)
+    assert issubclass(GetTimeoutError, TimeoutError) and issubclass(GetTimeoutError, RayError)
+    assert issubclass(ObjectFreedError, sdk.exceptions.ObjectLostError)
+    assert issubclass(ReferenceCountingAssertionError, AssertionError)
+    assert issubclass(RayChannelTimeoutError, TimeoutError)
+
+
+def test_a_ray_client_address_is_refused_naming_the_address_cairn_takes() -> None:
+    with pytest.raises(ValueError, match="HOST:PORT of a cluster's head") as refused:
+        sdk.init(address="ray://10.0.0.5:10001")
+    assert "ray://" in str(refused.value)
+    assert not sdk.is_initialized()
+
+
+def test_id_classes_wrap_hex_ids_as_rays_do() -> None:
+    actor = sdk.ActorID.from_hex("ab" * 16)
+    assert actor.hex() == "ab" * 16 and actor.binary() == bytes.fromhex("ab" * 16)
+    assert actor == sdk.ActorID(bytes.fromhex("ab" * 16)) and actor != sdk.TaskID("ab" * 16)
+    assert len({actor, sdk.ActorID("AB" * 16)}) == 1
+    assert sdk.NodeID.nil().is_nil() and not actor.is_nil()
+    with pytest.raises(ValueError, match="not a hex id"):
+        sdk.JobID("not hex")
+    assert sdk.cloudpickle.loads(sdk.cloudpickle.dumps(actor)) == actor

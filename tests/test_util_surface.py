@@ -1,0 +1,158 @@
+"""``sdk.util`` beyond actors and placement groups (issue 18), as Ray's documentation
+shows it: ``as_completed``, ``map_unordered`` (with backpressure), ``get_node_ip_address``,
+``register_serializer`` / ``deregister_serializer`` and ``inspect_serializability``.
+Real node daemon, workers and PostgreSQL."""
+
+from __future__ import annotations
+
+import io
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import cloudpickle
+import pytest
+
+import sdk as ray
+from sdk.util import (
+    as_completed,
+    deregister_serializer,
+    get_node_ip_address,
+    inspect_serializability,
+    map_unordered,
+    register_serializer,
+)
+
+pytestmark = pytest.mark.timeout(120)
+# its plain helpers (functions, classes) travel by value: workers cannot import tests/
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cluster() -> Iterator[None]:
+    ray.init(num_cpus=2)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@ray.remote
+def after(seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds
+
+
+def test_as_completed_yields_each_chunk_as_it_is_ready() -> None:
+    refs = [after.remote(s) for s in (1.5, 0.0, 0.1)]
+    got = list(as_completed(refs, chunk_size=1))
+    assert sorted(got) == [0.0, 0.1, 1.5] and got[-1] == 1.5  # the slow one last
+    assert set(as_completed(refs, chunk_size=2, yield_obj_refs=True)) == set(refs)
+
+
+@ray.remote
+def note(path: str, item: int) -> int:
+    with open(path, "a") as out:
+        out.write(f"{item}\n")
+    time.sleep(0.05)
+    return item * item
+
+
+def test_map_unordered_keeps_at_most_backpressure_size_tasks_in_flight(tmp_path: Path) -> None:
+    started = tmp_path / "started"
+    seen = []
+    for value in map_unordered(
+        _Noting(str(started)),
+        range(10),
+        backpressure_size=3,
+        chunk_size=1,
+    ):
+        seen.append(value)
+        # when the k-th result arrives, at most k + 3 tasks have been submitted
+        assert len(started.read_text().split()) <= len(seen) + 3
+    assert sorted(seen) == [i * i for i in range(10)]
+    with pytest.raises(ValueError, match="chunk_size"):
+        next(map_unordered(after, [1], chunk_size=0))
+
+
+class _Noting:
+    """``note`` with its path bound (map_unordered passes one item per call)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def remote(self, item: int) -> ray.ObjectRef:
+        return note.remote(self.path, item)
+
+
+def test_the_node_ip_address() -> None:
+    assert get_node_ip_address() == "127.0.0.1"
+
+
+class Guarded:
+    """A value pickle refuses (it holds a lock)."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+        self.lock = threading.Lock()
+
+
+@ray.remote
+def unwrap(guarded: Guarded) -> int:
+    return guarded.value + 1
+
+
+def test_a_registered_serializer_is_used_and_travels_with_the_value() -> None:
+    with pytest.raises(Exception, match="lock"):
+        ray.put(Guarded(1))
+    register_serializer(Guarded, serializer=lambda g: g.value, deserializer=Guarded)
+    try:
+        ref = ray.put(Guarded(41))
+        assert ray.get(ref).value == 41
+        assert ray.get(unwrap.remote(ref)) == 42  # the worker registered nothing
+        assert ray.get(unwrap.remote(Guarded(1))) == 2
+    finally:
+        deregister_serializer(Guarded)
+    with pytest.raises(Exception, match="lock"):
+        ray.put(Guarded(1))
+
+
+def test_inspect_serializability_names_what_cannot_be_serialized() -> None:
+    lock = threading.Lock()
+
+    def uses_the_lock() -> None:
+        with lock:
+            pass
+
+    report = io.StringIO()
+    ok, failures = inspect_serializability(uses_the_lock, name="uses_the_lock", print_file=report)
+    assert not ok
+    assert [(f.name, type(f.obj).__name__) for f in failures] == [("lock", "lock")]
+    assert "lock of uses_the_lock cannot be serialized" in report.getvalue()
+    assert inspect_serializability(lambda: 1, print_file=io.StringIO()) == (True, set())
+
+
+@ray.remote
+class Named:
+    def ping(self) -> str:
+        return "pong"
+
+
+def test_list_named_actors_in_this_namespace_or_all() -> None:
+    from sdk.util import list_named_actors
+
+    here = Named.options(name="here").remote()
+    there = Named.options(name="there", namespace="elsewhere").remote()
+    Named.remote()  # anonymous: never listed
+    ray.get([here.ping.remote(), there.ping.remote()])
+    assert list_named_actors() == ["here"]
+    listed = list_named_actors(all_namespaces=True)
+    assert {"name": "there", "namespace": "elsewhere"} in listed
+    assert {"name": "here", "namespace": ray.get_runtime_context().namespace} in listed
+    ray.kill(here)
+    deadline = time.monotonic() + 30
+    while "here" in list_named_actors():  # gone once dead
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
