@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextvars
 from dataclasses import dataclass
+from typing import Any
 
 from dataplane import protocol as p
 from dataplane.client import CoreClient
@@ -28,6 +29,7 @@ class TaskContext:
     actor_options: p.ActorOptions | None = None  # its actor's (name, class, methods)
     actor_restarted: bool = False  # the actor's constructor ran again after a death
     placement_group_id: str | None = None  # the group it (or its actor) runs in
+    runtime_env: dict[str, Any] | None = None  # its own (an actor call: its actor's)
 
 
 class ActorExit(BaseException):

@@ -105,6 +105,12 @@ class TaskSpec:
     # None: default (local first); ("SPREAD",); ("NODE_AFFINITY", node id, "soft"|"hard");
     # ("PLACEMENT_GROUP", pg id, bundle index (-1: any), "capture"|"")
     strategy: tuple[str, ...] | None = None
+    # how many of its tasks one worker runs before it exits (0: no limit); a spec
+    # logged before it existed has none: read it with getattr(spec, "max_calls", 0)
+    max_calls: int = 0
+    # its runtime_env as Cairn honours it (sdk/runtime_env.py); None: none. Likewise
+    # absent from specs logged before it existed: getattr(spec, "runtime_env", None)
+    runtime_env: dict[str, Any] | None = None
 
     def return_ids(self) -> list[str]:
         """Its fixed returns (none for a streaming generator: its values are made as it

@@ -201,6 +201,7 @@ class Worker:
             return self._failure(message, KeyboardInterrupt())
         context.set_task(task)
         restore = self._use_gpus(message)
+        restore_env = _use_env_vars(task, for_good=spec.method == "__init__")
         try:
             try:
                 function, args, kwargs = self._prepare(message)
@@ -216,6 +217,7 @@ class Worker:
         finally:
             context.set_task(None)
             restore()
+            restore_env()
             self._end(message)
 
     def _context(self, message: p.ExecuteTask) -> context.TaskContext:
@@ -245,6 +247,7 @@ class Worker:
             placement_group_id=(
                 strategy[1] if strategy is not None and strategy[0] == "PLACEMENT_GROUP" else None
             ),
+            runtime_env=getattr(made, "runtime_env", None),
         )
 
     def _use_gpus(self, message: p.ExecuteTask) -> Callable[[], None]:
@@ -515,7 +518,10 @@ def _split_returns(result: Any, num_returns: int) -> list[Any]:
         return [result]
     if num_returns == 0:
         return []
-    values = list(result) if isinstance(result, list | tuple) else None
+    # a list or tuple, or a generator yielding that many values (as Ray)
+    values = (
+        list(result) if isinstance(result, list | tuple) or inspect.isgenerator(result) else None
+    )
     if values is None or len(values) != num_returns:
         got = f"{len(values)} values" if values is not None else type(result).__name__
         raise ValueError(f"the task declared num_returns={num_returns} but returned {got}")
@@ -537,6 +543,28 @@ def _task_error(function_name: str, exc: BaseException) -> p.ErrorInfo:
     except Exception:
         cause = None  # the SDK raises a RayTaskError that carries the traceback text
     return p.ErrorInfo("task_error", f"{type(exc).__name__}: {exc}", function_name, text, cause)
+
+
+def _use_env_vars(task: context.TaskContext, *, for_good: bool) -> Callable[[], None]:
+    """Sets the task's runtime_env env_vars in this process; what undoes it after the
+    task (nothing ``for_good``: an actor's constructor, whose worker is the actor's; an
+    actor's calls already have them)."""
+    wanted = (task.runtime_env or {}).get("env_vars") or {}
+    if not wanted or (task.actor_id is not None and not for_good):
+        return lambda: None
+    before = {name: os.environ.get(name) for name in wanted}
+    os.environ.update(wanted)
+    if for_good:
+        return lambda: None
+
+    def restore() -> None:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+    return restore
 
 
 def _name_function(task: context.TaskContext, function: Any) -> None:

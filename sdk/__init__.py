@@ -19,6 +19,7 @@ from sdk.api import (
     shutdown,
     wait,
 )
+from sdk.generator import ObjectRefGenerator
 from sdk.ids import (
     ActorClassID,
     ActorID,
@@ -38,6 +39,7 @@ __all__ = [
     "JobID",
     "NodeID",
     "ObjectRef",
+    "ObjectRefGenerator",
     "TaskID",
     "UniqueID",
     "WorkerID",

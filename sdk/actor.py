@@ -14,6 +14,7 @@ from typing import Any
 from dataplane import context
 from dataplane import protocol as p
 from sdk import options as opts
+from sdk import runtime_env
 from sdk.generator import ObjectRefGenerator
 from sdk.object_ref import ObjectRef
 from sdk.remote_function import build_args, pickle_code
@@ -136,6 +137,7 @@ class ActorClass:
             method="__init__",
             actor_options=actor_options,
             strategy=to_wire(resolved["scheduling_strategy"]),
+            runtime_env=runtime_env.for_submission(resolved["runtime_env"]),
         )
         client.submit(spec)
         del keep_alive
@@ -144,7 +146,7 @@ class ActorClass:
     def _default_concurrency(self) -> int:
         """1, or 1000 for an async actor (one with an ``async def`` method), as Ray."""
         is_async = any(
-            inspect.iscoroutinefunction(member)
+            inspect.iscoroutinefunction(member) or inspect.isasyncgenfunction(member)
             for _, member in inspect.getmembers(self._cls, inspect.isfunction)
         )
         return 1000 if is_async else 1

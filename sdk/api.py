@@ -15,7 +15,9 @@ from dataplane import protocol as p
 from dataplane.client import DaemonError
 from dataplane.serialization import Serialized, serialize_with_refs
 from sdk import options as opts
+from sdk import runtime_env as runtime_env_of_job
 from sdk.actor import ActorClass, ActorHandle, handle_of
+from sdk.generator import ObjectRefGenerator
 from sdk.object_ref import ObjectRef
 from sdk.remote_function import RemoteFunction
 from sdk.runtime import client_or_auto_init, get_values, put_object, start
@@ -38,7 +40,6 @@ _IGNORED_INIT_ARGS = frozenset(
         "logging_format",
         "logging_config",
         "log_to_driver",
-        "runtime_env",
         "storage",
         "_system_config",
         "_temp_dir",
@@ -62,6 +63,7 @@ def init(
     ignore_reinit_error: bool = False,
     gcs_url: str | None = None,
     _memory: int | None = None,
+    runtime_env: dict[str, Any] | None = None,
     **unsupported: Any,
 ) -> RuntimeContext:
     """Connects this driver to a cluster. Without an address (and no
@@ -72,11 +74,10 @@ def init(
     unknown = sorted(set(unsupported) - _IGNORED_INIT_ARGS)
     if unknown:
         raise TypeError(f"init() got unexpected keyword arguments: {unknown}")
-    if unsupported.get("local_mode") or unsupported.get("runtime_env"):
-        warnings.warn(
-            "init(): local_mode and runtime_env are not supported by Cairn yet and are ignored",
-            stacklevel=2,
-        )
+    if unsupported.get("local_mode"):
+        warnings.warn("init(): local_mode is not supported by Cairn and is ignored", stacklevel=2)
+    if runtime_env is not None:
+        runtime_env_of_job.check(runtime_env, "init()")
     if namespace is not None:
         opts.check_text("init(): namespace", namespace)
     for key in resources or {}:
@@ -92,6 +93,7 @@ def init(
         ignore_reinit_error=ignore_reinit_error,
         gcs_url=gcs_url,
     )
+    runtime_env_of_job.set_job_env(runtime_env)
     return get_runtime_context()
 
 
@@ -161,18 +163,19 @@ def get(object_refs: ObjectRef | Sequence[ObjectRef], *, timeout: float | None =
 
 
 def wait(
-    object_refs: Sequence[ObjectRef],
+    object_refs: Sequence[ObjectRef | ObjectRefGenerator],
     *,
     num_returns: int = 1,
     timeout: float | None = None,
     fetch_local: bool = True,
-) -> tuple[list[ObjectRef], list[ObjectRef]]:
+) -> tuple[list[Any], list[Any]]:
     """Splits refs into (ready, not ready) once ``num_returns`` are ready or after
-    ``timeout`` seconds; ready ones come in the order they became ready."""
+    ``timeout`` seconds; ready ones come in the order they became ready. A generator
+    (ObjectRefGenerator) is ready when its next ref is (or it has no more), as in Ray."""
     if isinstance(object_refs, ObjectRef) or not isinstance(object_refs, list | tuple):
         raise TypeError(f"wait() expected a list of ray.ObjectRef, got {type(object_refs)}")
-    if not all(isinstance(r, ObjectRef) for r in object_refs):
-        raise TypeError("wait() expected a list of ray.ObjectRef")
+    if not all(isinstance(r, ObjectRef | ObjectRefGenerator) for r in object_refs):
+        raise TypeError("wait() expected a list of ray.ObjectRef or ray.ObjectRefGenerator")
     if len(set(object_refs)) != len(object_refs):
         raise ValueError("Wait requires a list of unique object refs.")
     if num_returns <= 0 or num_returns > len(object_refs):
@@ -183,24 +186,34 @@ def wait(
     if timeout is not None and timeout < 0:
         raise ValueError(f"'timeout' must be a non-negative number or None, got {timeout}")
     client = client_or_auto_init()
-    ready_ids = client.wait([r.hex() for r in object_refs], num_returns, timeout, fetch_local)
-    by_id = {r.hex(): r for r in object_refs}
+    ids = [_waited_id(r) for r in object_refs]
+    ready_ids = client.wait(ids, num_returns, timeout, fetch_local)
+    by_id = dict(zip(ids, object_refs, strict=True))
     ready = [by_id[i] for i in ready_ids]
     chosen = set(ready_ids)
-    return ready, [r for r in object_refs if r.hex() not in chosen]
+    return ready, [r for i, r in zip(ids, object_refs, strict=True) if i not in chosen]
 
 
-def cancel(object_ref: ObjectRef, *, force: bool = False, recursive: bool = True) -> None:
+def _waited_id(waitable: ObjectRef | ObjectRefGenerator) -> str:
+    if isinstance(waitable, ObjectRefGenerator):
+        return waitable.next_object_id()
+    return waitable.hex()
+
+
+def cancel(
+    object_ref: ObjectRef | ObjectRefGenerator, *, force: bool = False, recursive: bool = True
+) -> None:
     """Cancels the task that makes ``object_ref``, as Ray does: a queued one never
     runs; a running one gets KeyboardInterrupt (with ``force``, its worker is killed);
     ``recursive``: the tasks it submitted too. An actor's call: dropped if it has not
     begun; a running coroutine of an async actor is cancelled (the actor lives on); a
     running sync call runs on, ``is_canceled()`` telling it; ``force`` is refused."""
-    if not isinstance(object_ref, ObjectRef):
+    if not isinstance(object_ref, ObjectRef | ObjectRefGenerator):
         raise TypeError(f"cancel() expected a ray.ObjectRef, got {type(object_ref).__name__}")
     client = client_or_auto_init()
+    object_id = _waited_id(object_ref)  # (a generator: any of its values names its task)
     try:
-        client.request(lambda rid: p.CancelTask(rid, object_ref.hex(), force, recursive))
+        client.request(lambda rid: p.CancelTask(rid, object_id, force, recursive))
     except DaemonError as error:
         raise ValueError(str(error)) from None
 

@@ -66,6 +66,16 @@ def num_returns_on_wire(value: int | str) -> int:
     return STREAMING if value == "streaming" else int(value)
 
 
+def _runtime_env(value: Any) -> str | None:
+    from sdk.runtime_env import check
+
+    try:
+        check(value, "the option")
+    except (TypeError, ValueError) as exc:
+        return str(exc).removeprefix("the option: ")
+    return None
+
+
 def _retries(value: Any) -> str | None:
     return None if value >= -1 else "must be -1 (retry forever) or >= 0"
 
@@ -110,11 +120,14 @@ TASK_OPTIONS: dict[str, Option] = {
     "resources": Option((dict,), None, _resources),
     "num_returns": Option((int, str), 1, _num_returns),
     "max_retries": Option((int,), 3, _retries),
+    # tasks of the function one worker runs before it exits; None: Ray's default (no
+    # limit, or 1 for a task that uses GPUs, to let go of GPU memory)
+    "max_calls": Option((int,), None, _non_negative),
     "retry_exceptions": Option((bool, list, tuple), False, _retry_exceptions),
     "name": Option((str,), None, storable),
     "memory": Option((int, float), None, _non_negative),
     "scheduling_strategy": Option((str, object), None, _strategy),
-    "runtime_env": Option((dict,), None),
+    "runtime_env": Option((dict,), None, _runtime_env),
 }
 
 
@@ -137,7 +150,7 @@ ACTOR_OPTIONS: dict[str, Option] = {
     ),
     "get_if_exists": Option((bool,), False),
     "scheduling_strategy": Option((str, object), None, _strategy),
-    "runtime_env": Option((dict,), None),
+    "runtime_env": Option((dict,), None, _runtime_env),
     # Cairn's own: after a restart the actor's earlier calls are re-run from the log
     "replay_calls_on_restart": Option((bool,), False),
     "checkpoint_interval": Option((int,), 0, _non_negative),

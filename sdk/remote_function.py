@@ -16,6 +16,7 @@ from dataplane import protocol as p
 from dataplane.serialization import SerializationError, serialize_with_refs
 from dataplane.shm import INLINE_LIMIT
 from sdk import options as opts
+from sdk import runtime_env
 from sdk.generator import ObjectRefGenerator
 from sdk.object_ref import ObjectRef
 from sdk.runtime import client_or_auto_init, put_object
@@ -64,6 +65,8 @@ class RemoteFunction:
             contained_refs=contained,
             parent_task_id=task.task_id if task else None,
             strategy=to_wire(resolved["scheduling_strategy"]),
+            max_calls=_max_calls(resolved),
+            runtime_env=runtime_env.for_submission(resolved["runtime_env"]),
         )
         client.submit(spec)
         del keep_alive  # the daemon pins large arguments from submission on
@@ -84,6 +87,12 @@ class RemoteFunction:
         if self._pickled is None:
             self._pickled = pickle_code(self._function, f"the remote function {self._qualname}")
         return self._pickled
+
+
+def _max_calls(resolved: dict[str, Any]) -> int:
+    if resolved["max_calls"] is not None:
+        return int(resolved["max_calls"])
+    return 1 if resolved["num_gpus"] else 0
 
 
 def pickle_code(code: Any, what: str) -> tuple[str, bytes]:

@@ -137,8 +137,11 @@ def _is_host_port(address: str) -> bool:
 def shutdown() -> None:
     """Stops everything ``init`` started (node daemon, workers, embedded PostgreSQL)."""
     global _runtime
+    from sdk.runtime_env import set_job_env
+
     with _lock:
         runtime, _runtime = _runtime, None
+        set_job_env(None)
         if runtime is not None:
             runtime.shutdown()
 

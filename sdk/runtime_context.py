@@ -4,6 +4,7 @@ names). A task's facts come from the worker that runs it (dataplane/context.py).
 
 from __future__ import annotations
 
+import json
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -54,6 +55,18 @@ class RuntimeContext:
 
     def get_temp_dir(self) -> str:
         return self._client.welcome.session_dir
+
+    @property
+    def runtime_env(self) -> dict[str, Any]:
+        """The runtime_env of the running task or actor (the job's in a driver)."""
+        from sdk import runtime_env
+
+        if self._task is not None:
+            return dict(self._task.runtime_env or {})
+        return runtime_env.for_submission(None) or {}
+
+    def get_runtime_env_string(self) -> str:
+        return json.dumps(self.runtime_env)
 
     def get_node_labels(self) -> dict[str, str]:
         return {}  # (Cairn's nodes have no labels yet)

@@ -18,7 +18,7 @@ from log_rows import wait_for_rows
 
 import sdk as ray
 from dataplane import protocol as p
-from sdk.exceptions import RayTaskError
+from sdk.exceptions import RayTaskError, TaskCancelledError
 
 pytestmark = pytest.mark.timeout(120)
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -154,6 +154,37 @@ def test_a_dropped_generator_lets_its_values_go() -> None:
         count=2,
     )
     assert ray.get(first)[:1] == b"\x00"  # the one taken stays
+
+
+def test_wait_over_generators_and_refs(tmp_path: Path) -> None:
+    release = tmp_path / "release"
+    waiting = slowly.remote(str(release))
+    assert ray.get(next(waiting), timeout=30) == "first"
+    done = count_to.remote(1)
+    ready, not_ready = ray.wait([waiting, done], num_returns=1, timeout=30)
+    assert ready == [done] and not_ready == [waiting]  # its next value is not made yet
+    release.write_text("go")
+    ready, _ = ray.wait([waiting], timeout=30)
+    assert ready == [waiting] and ray.get(next(waiting)) == "second"
+
+
+def test_cancel_of_a_running_generator(tmp_path: Path) -> None:
+    gen = slowly.remote(str(tmp_path / "never"))
+    assert ray.get(next(gen), timeout=30) == "first"
+    ray.cancel(gen)
+    rest = list(gen)
+    assert len(rest) == 1  # the cancellation, as its next value
+    with pytest.raises(TaskCancelledError):
+        ray.get(rest[0], timeout=30)
+
+
+@ray.remote(num_returns=3)
+def three() -> Iterator[int]:
+    yield from (1, 2, 3)
+
+
+def test_a_generator_with_an_int_num_returns_fills_that_many_refs() -> None:
+    assert ray.get(three.remote()) == [1, 2, 3]
 
 
 def test_dynamic_is_refused_clearly_for_now() -> None:

@@ -213,10 +213,13 @@ class TaskRuns:
             return
         record = self.tasks.get(done.task_id)
         if handle is not None:
-            self.worker_pool.task_over(handle)
+            ran = self.worker_pool.task_over(handle)
             if handle.blocked:
                 self.scheduler.unblock(handle)
-            self.worker_pool.idle_again(handle)
+            if ran is not None:
+                self.worker_pool.after_task(handle, ran.spec)
+            else:
+                self.worker_pool.idle_again(handle)
         if record is None or record.attempt != done.attempt:
             self.store.discard(done.returns)  # a stale attempt's: nobody will have them
             self.schedule()

@@ -164,6 +164,8 @@ class TaskTable:
             "dependencies": spec.dependencies(),
             "options": {"retry_exceptions": spec.retry_exceptions},
         }
+        if getattr(spec, "runtime_env", None):  # (a spec from before the field: none)
+            payload["runtime_env"] = spec.runtime_env
         if spec.actor_id is not None:
             payload.update(actor_id=spec.actor_id, method=spec.method or "", sequence=spec.sequence)
         if direct:  # sent straight to the actor's worker (controlplane/node/actors.py)

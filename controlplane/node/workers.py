@@ -35,6 +35,7 @@ class WorkerHandle:
     functions: set[str] = field(default_factory=set)  # code it was sent already
     blocked: bool = False  # its task waits in get(): its CPU is lent out
     actor_id: str | None = None  # a dedicated actor worker, outside the pool
+    runs: dict[str, int] = field(default_factory=dict)  # tasks run, per function (max_calls)
 
 
 class WorkerPool:
@@ -124,6 +125,19 @@ class WorkerPool:
         return record
 
     def idle_again(self, handle: WorkerHandle) -> None:
+        self._idle.append(handle)
+
+    def after_task(self, handle: WorkerHandle, spec: p.TaskSpec) -> None:
+        """The worker ran ``spec`` to its end: idle again, or, once it ran as many of
+        its function's tasks as ``max_calls`` allows, it exits (its connection's end
+        starts another in its place)."""
+        limit = getattr(spec, "max_calls", 0)
+        if limit:
+            done = handle.runs[spec.function_id] = handle.runs.get(spec.function_id, 0) + 1
+            if done >= limit:
+                with contextlib.suppress(ProcessLookupError):
+                    handle.process.terminate()
+                return
         self._idle.append(handle)
 
     def exited_unconnected(self) -> list[WorkerHandle]:
