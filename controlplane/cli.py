@@ -330,6 +330,33 @@ def replay(
 
 
 @main.command()
+@click.option("--units", type=click.Choice(["B", "KB", "MB", "GB"]), default="B")
+@click.option("--stats-only", is_flag=True, help="Only the totals.")
+@click.option("--num-entries", type=int, default=None, help="At most this many objects.")
+def memory(units: str, stats_only: bool, num_entries: int | None) -> None:
+    """Show the object store of this machine's head node: each object (state, size,
+    holders, pins) and the totals, as Ray's `ray memory`."""
+    from controlplane import node_records
+    from dataplane import memory_summary
+    from dataplane.client import CoreClient
+
+    try:
+        session_dir = node_records.find_running()
+        client = CoreClient(str(session_dir / node_records.NODE_SOCKET), "observer")
+    except ConnectionError as exc:
+        raise click.ClickException(str(exc)) from exc
+    try:
+        answer = memory_summary.ask(client)
+    finally:
+        client.close()
+    click.echo(
+        memory_summary.format_summary(
+            answer, units=units, stats_only=stats_only, num_entries=num_entries
+        )
+    )
+
+
+@main.command()
 def status() -> None:
     """Show the cluster: its nodes, their resources and use, pending work."""
     import asyncio

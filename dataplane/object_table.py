@@ -12,6 +12,7 @@ import asyncio
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from dataplane import protocol as p
 
@@ -209,6 +210,24 @@ class ObjectTable:
         if entry.location is None:
             return entry.elsewhere.kind if entry.elsewhere is not None else "pending"
         return "error" if entry.location.error is not None else "stored"
+
+    def describe(self) -> list[dict[str, Any]]:
+        """Every object the node knows: its state, size, holders and pins (``cairn
+        memory``, ``memory_summary``)."""
+        found = []
+        for object_id, entry in self._entries.items():
+            location = entry.location or entry.pending
+            found.append(
+                {
+                    "object_id": object_id,
+                    "state": self.state(object_id),
+                    "size": location.size if location is not None else 0,
+                    "in_store": location is not None and location.region is not None,
+                    "holders": entry.holders,
+                    "pins": entry.pins,
+                }
+            )
+        return found
 
     def stored(self, object_id: str) -> p.ObjectLocation | None:
         """Where a ready object's value is; None if it is not ready, stands for an

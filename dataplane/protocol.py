@@ -111,6 +111,7 @@ class TaskSpec:
     # its runtime_env as Cairn honours it (sdk/runtime_env.py); None: none. Likewise
     # absent from specs logged before it existed: getattr(spec, "runtime_env", None)
     runtime_env: dict[str, Any] | None = None
+    dag_id: str | None = None  # the DAG execution it is part of (sdk/dag.py); likewise
 
     def return_ids(self) -> list[str]:
         """Its fixed returns (none for a streaming generator: its values are made as it
@@ -457,6 +458,13 @@ class ReportLost:
 
 @dataclass(slots=True)
 class ClusterInfoRequest:
+    request_id: int
+
+
+@dataclass(slots=True)
+class MemorySummaryRequest:
+    """Reply: this node's object store, object by object (dataplane/memory_summary.py)."""
+
     request_id: int
 
 

@@ -365,14 +365,12 @@ class Worker:
     async def _stream_async(self, message: p.ExecuteTask, values: Any) -> p.TaskDone:
         """``_stream`` of an async actor's generator (an async one is iterated here, on
         the actor's loop; a sync one too)."""
+        if not inspect.isasyncgen(values):
+            return self._stream(message, values)
         stream = _Stream(self, message)
         try:
-            if inspect.isasyncgen(values):
-                async for value in values:
-                    stream.send(value)
-            else:
-                for value in _iterate(values, message.spec.name):
-                    stream.send(value)
+            async for value in values:
+                stream.send(value)
         except BaseException as exc:
             return stream.failed(exc)
         return stream.done()

@@ -17,6 +17,7 @@ from sdk.api import (
     put,
     remote,
     shutdown,
+    timeline,
     wait,
 )
 from sdk.generator import ObjectRefGenerator
@@ -61,6 +62,7 @@ __all__ = [
     "put",
     "remote",
     "shutdown",
+    "timeline",
     "util",
     "wait",
 ]

@@ -15,6 +15,7 @@ from dataplane import context
 from dataplane import protocol as p
 from sdk import options as opts
 from sdk import runtime_env
+from sdk.dag import ClassMethodNode, ClassNode, current_dag_id
 from sdk.generator import ObjectRefGenerator
 from sdk.object_ref import ObjectRef
 from sdk.remote_function import build_args, pickle_code
@@ -75,6 +76,10 @@ class ActorClass:
         merged.__dict__.update(self.__dict__)
         merged._options = {**self._options, **opts.validate(options, opts.ACTOR_OPTIONS)}
         return merged
+
+    def bind(self, *args: Any, **kwargs: Any) -> ClassNode:
+        """A node of a DAG (sdk/dag.py): this actor, made by ``execute``."""
+        return ClassNode(self, args, kwargs)
 
     def remote(self, *args: Any, **kwargs: Any) -> ActorHandle:
         client = client_or_auto_init()
@@ -138,6 +143,7 @@ class ActorClass:
             actor_options=actor_options,
             strategy=to_wire(resolved["scheduling_strategy"]),
             runtime_env=runtime_env.for_submission(resolved["runtime_env"]),
+            dag_id=current_dag_id(),
         )
         client.submit(spec)
         del keep_alive
@@ -229,6 +235,10 @@ class ActorMethod:
         chosen = self._num_returns if num_returns is None else _num_returns(num_returns)
         return ActorMethod(self._handle, self._name, chosen)
 
+    def bind(self, *args: Any, **kwargs: Any) -> ClassMethodNode:
+        """A node of a DAG (sdk/dag.py): this call of the actor, made by ``execute``."""
+        return ClassMethodNode(self._handle, self._name, args, kwargs)
+
     def remote(self, *args: Any, **kwargs: Any) -> Any:
         client = client_or_auto_init()
         handle = self._handle
@@ -250,6 +260,7 @@ class ActorMethod:
             actor_id=handle._actor_id,
             method=self._name,
             sequence=next(handle._sequence),
+            dag_id=current_dag_id(),
         )
         client.submit_actor_call(spec)
         del keep_alive

@@ -249,6 +249,28 @@ def kill(actor: ActorHandle, *, no_restart: bool = True) -> None:
 # -- cluster ---------------------------------------------------------------------------
 
 
+def timeline(filename: str | None = None) -> list[dict[str, Any]] | None:
+    """This job's tasks as Chrome trace events (chrome://tracing, Perfetto), read from
+    the log, as ``ray.timeline``: written to ``filename`` as JSON if given, else
+    returned. (Events written behind, a few ms old, may not be in it yet.)"""
+    import asyncio
+    import json
+
+    from controlplane.timeline import job_trace
+
+    client = client_or_auto_init()
+    task = context.current_task()
+    job_id = task.job_id if task else client.welcome.job_id
+    events: list[dict[str, Any]] = asyncio.run(job_trace(client.welcome.gcs_url, job_id))[
+        "traceEvents"
+    ]
+    if filename is None:
+        return events
+    with open(filename, "w") as out:
+        json.dump(events, out, default=str)
+    return None
+
+
 def get_gpu_ids() -> list[int | str]:
     """The ids of the GPUs given to the current task or actor (as in its
     ``CUDA_VISIBLE_DEVICES``; ints, as Ray, unless they are not numbers); [] in a

@@ -17,6 +17,7 @@ from dataplane.serialization import SerializationError, serialize_with_refs
 from dataplane.shm import INLINE_LIMIT
 from sdk import options as opts
 from sdk import runtime_env
+from sdk.dag import FunctionNode, current_dag_id
 from sdk.generator import ObjectRefGenerator
 from sdk.object_ref import ObjectRef
 from sdk.runtime import client_or_auto_init, put_object
@@ -43,6 +44,10 @@ class RemoteFunction:
         merged._options = {**self._options, **opts.validate(options)}
         return merged
 
+    def bind(self, *args: Any, **kwargs: Any) -> FunctionNode:
+        """A node of a DAG (sdk/dag.py): this function's task, run by ``execute``."""
+        return FunctionNode(self, args, kwargs)
+
     def remote(self, *args: Any, **kwargs: Any) -> Any:
         client = client_or_auto_init()
         resolved = opts.resolve(self._options)
@@ -67,6 +72,7 @@ class RemoteFunction:
             strategy=to_wire(resolved["scheduling_strategy"]),
             max_calls=_max_calls(resolved),
             runtime_env=runtime_env.for_submission(resolved["runtime_env"]),
+            dag_id=current_dag_id(),
         )
         client.submit(spec)
         del keep_alive  # the daemon pins large arguments from submission on

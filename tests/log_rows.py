@@ -31,3 +31,14 @@ def wait_for_rows(
         assert time.monotonic() < deadline, f"fewer than {count} rows after {timeout}s: {sql}"
         time.sleep(0.02)
     return found
+
+
+def history(url: str, entity_id: str, count: int) -> list[str]:
+    """An entity's event types in log order, once it has at least ``count`` events."""
+    found = wait_for_rows(
+        url,
+        "SELECT event_type FROM events WHERE entity_id = $1 ORDER BY position",
+        entity_id,
+        count=count,
+    )
+    return [row["event_type"] for row in found]

@@ -71,3 +71,14 @@ def run_cairn(
     if check and result.returncode != 0:
         raise AssertionError(f"cairn {' '.join(args)} failed:\n{result.stdout}{result.stderr}")
     return result
+
+
+def gcs_url_of(session_dir: Path) -> str:
+    """The GCS URL a node's daemon (of that session directory) hands its clients."""
+    from dataplane.client import CoreClient
+
+    client = CoreClient(str(session_dir / "node.sock"), "observer")
+    try:
+        return client.welcome.gcs_url
+    finally:
+        client.close()

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from log_rows import wait_for_rows
+from log_rows import history
 
 import sdk as ray
 from sdk.exceptions import TaskCancelledError
@@ -32,14 +32,7 @@ def cluster() -> Iterator[None]:
 
 
 def _history(task_id: str, count: int) -> list[str]:
-    """The task's event types in log order, once it has at least ``count`` events."""
-    found = wait_for_rows(
-        ray.get_runtime_context().gcs_address,
-        "SELECT event_type FROM events WHERE entity_id = $1 ORDER BY position",
-        task_id,
-        count=count,
-    )
-    return [row["event_type"] for row in found]
+    return history(ray.get_runtime_context().gcs_address, task_id, count)
 
 
 def _until(path: Path, text: str, timeout: float = 30.0) -> None:

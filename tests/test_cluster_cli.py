@@ -17,7 +17,7 @@ from pathlib import Path
 
 import asyncpg
 import pytest
-from processes import pids_with, run_cairn
+from processes import gcs_url_of, pids_with, run_cairn
 
 from controlplane import local_node
 
@@ -195,6 +195,9 @@ def test_status_and_stop(cluster: local_node.NodeRecord) -> None:
     assert "CPU          0/2 used" in status
     again = _cairn("start", "--head", "--port", "0", check=False)
     assert again.returncode != 0 and "already running" in again.stderr
+    node_id = (cluster.session_dir / "node.ready").read_text()
+    memory = _cairn("memory", "--units", "MB").stdout  # the head's object store
+    assert f"Object store of node {node_id}" in memory and "objects;" in memory
 
     log = local_node.node_log(cluster.pid)
     assert "is running at" in log.read_text()  # the head's output, kept while it runs
@@ -226,13 +229,7 @@ def test_joining_a_wrong_address_fails_fast() -> None:
 
 
 def _gcs_url(head: local_node.NodeRecord) -> str:
-    from dataplane.client import CoreClient
-
-    client = CoreClient(str(head.session_dir / "node.sock"), "observer")
-    try:
-        return client.welcome.gcs_url
-    finally:
-        client.close()
+    return gcs_url_of(head.session_dir)
 
 
 async def _heartbeats_per_node(url: str) -> list[tuple[int, float]]:

@@ -20,7 +20,7 @@ from pathlib import Path
 import asyncpg
 import numpy as np
 import pytest
-from processes import pids_with, run_cairn
+from processes import gcs_url_of, pids_with, run_cairn
 
 from controlplane import local_node
 from controlplane.node.store_adoption import ADOPTED, adopt
@@ -220,13 +220,7 @@ def _next_daemon(session_dir: Path, old_id: str) -> str:
 
 
 def _gcs_url(head: local_node.NodeRecord) -> str:
-    from dataplane.client import CoreClient
-
-    client = CoreClient(str(head.session_dir / "node.sock"), "observer")
-    try:
-        return client.welcome.gcs_url
-    finally:
-        client.close()
+    return gcs_url_of(head.session_dir)
 
 
 async def _object_events(url: str, ids: list[str]) -> list[dict]:

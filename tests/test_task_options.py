@@ -4,8 +4,11 @@ to 1) and the ones actors refuse. Real node daemon, workers and PostgreSQL."""
 
 from __future__ import annotations
 
+import json
 import os
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -47,3 +50,18 @@ def test_max_calls_is_checked_and_refused_for_actors() -> None:
         @ray.remote(max_calls=1)
         class Actor:
             pass
+
+
+def test_timeline_gives_this_jobs_tasks_as_trace_events(tmp_path: Path) -> None:
+    refs = [pid.remote() for _ in range(3)]
+    ray.get(refs)
+    wanted = {r.task_id() for r in refs}
+    deadline = time.monotonic() + 30
+    while not wanted <= {e["args"]["task_id"] for e in ray.timeline() if e["ph"] == "X"}:
+        assert time.monotonic() < deadline, "the tasks never reached the timeline"
+        time.sleep(0.05)
+    spans = [e for e in ray.timeline() if e["ph"] == "X" and e["args"]["task_id"] in wanted]
+    assert {e["name"] for e in spans} == {f"{__name__}.pid"} and all(e["dur"] >= 0 for e in spans)
+    out = tmp_path / "trace.json"
+    assert ray.timeline(filename=str(out)) is None
+    assert {e["args"]["task_id"] for e in json.loads(out.read_text()) if e["ph"] == "X"} >= wanted

@@ -12,7 +12,7 @@ from pathlib import Path
 import asyncpg
 import numpy as np
 import pytest
-from log_rows import rows, wait_for_rows
+from log_rows import history, rows, wait_for_rows
 from processes import pids_with
 from store_objects import flip
 from workloads import add, square
@@ -128,14 +128,7 @@ def test_get_timeout_raises_get_timeout_error() -> None:
 
 
 def _history(task_id: str, count: int) -> list[str]:
-    """The task's event types in log order, once it has at least ``count`` events."""
-    found = wait_for_rows(
-        ray.get_runtime_context().gcs_address,
-        "SELECT event_type FROM events WHERE entity_id = $1 ORDER BY position",
-        task_id,
-        count=count,
-    )
-    return [row["event_type"] for row in found]
+    return history(ray.get_runtime_context().gcs_address, task_id, count)
 
 
 def _wait_until_running(*refs: ray.ObjectRef) -> None:

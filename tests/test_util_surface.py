@@ -6,6 +6,7 @@ Real node daemon, workers and PostgreSQL."""
 from __future__ import annotations
 
 import io
+import os
 import sys
 import threading
 import time
@@ -156,3 +157,62 @@ def test_list_named_actors_in_this_namespace_or_all() -> None:
     while "here" in list_named_actors():  # gone once dead
         assert time.monotonic() < deadline
         time.sleep(0.05)
+
+
+def test_memory_summary_lists_the_nodes_objects() -> None:
+    from sdk._private.internal_api import memory_summary
+
+    big, small = ray.put(b"x" * 2_000_000), ray.put("small")
+    deadline = time.monotonic() + 30
+    while True:  # (a put is "pending" until its created event is durable)
+        text = memory_summary()
+        lines = {line.split()[0]: line for line in text.splitlines() if line[:1].isalnum()}
+        assert big.hex() in lines and small.hex() in lines
+        if "stored" in lines[big.hex()] or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    assert "stored" in lines[big.hex()] and "2,000," in lines[big.hex()]
+    assert text.index(big.hex()) < text.index(small.hex())  # largest first
+    totals = memory_summary(stats_only=True, units="MB")
+    assert big.hex() not in totals and "objects;" in totals and " MB " in totals
+    with pytest.raises(ValueError, match="units"):
+        memory_summary(units="parsecs")
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def divide(a: int, b: int) -> float:
+    return a / b
+
+
+def set_greeting(text: str) -> None:
+    os.environ["CAIRN_POOL_GREETING"] = text  # (in the pool's process)
+
+
+def greeting(_: object = None) -> str:
+    return os.environ.get("CAIRN_POOL_GREETING", "unset")
+
+
+def test_a_pool_of_actors_works_as_multiprocessing_pool() -> None:
+    from sdk.util.multiprocessing import Pool
+
+    with Pool(processes=2, initializer=set_greeting, initargs=("hello",)) as pool:
+        assert pool.map(square, range(10)) == [x * x for x in range(10)]
+        assert pool.map(square, range(7), chunksize=3) == [x * x for x in range(7)]
+        assert list(pool.imap(square, range(5))) == [0, 1, 4, 9, 16]
+        assert sorted(pool.imap_unordered(square, range(5))) == [0, 1, 4, 9, 16]
+        assert pool.starmap(divide, [(1, 2), (3, 4)]) == [0.5, 0.75]
+        assert pool.apply(greeting) == "hello"  # the initializer ran in each process
+        result = pool.apply_async(square, (7,))
+        assert result.get(timeout=30) == 49 and result.successful()
+        failed: list[BaseException] = []
+        bad = pool.apply_async(divide, (1, 0), error_callback=failed.append)
+        with pytest.raises(ZeroDivisionError):
+            bad.get(timeout=30)
+        assert not bad.successful() and isinstance(failed[0], ZeroDivisionError)
+        pool.close()
+        with pytest.raises(ValueError, match="Pool not running"):
+            pool.map(square, [1])
+        pool.join()

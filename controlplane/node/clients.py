@@ -238,6 +238,15 @@ class Clients:
                 self.parts.reconstructor.object_lost(object_id, reason)
             case p.ClusterInfoRequest(request_id):
                 conn.send(p.Reply(request_id, self.parts.info()))
+            case p.MemorySummaryRequest(request_id):
+                objects = self.parts.store.objects
+                summary = {
+                    "node_id": self.node_id,
+                    "used": objects.used,
+                    "capacity": objects.capacity,
+                    "objects": objects.describe(),
+                }
+                conn.send(p.Reply(request_id, summary))
             case p.ClusterNodesRequest(request_id):
                 self.parts.remote_tasks.answer_nodes(conn, request_id)
             case _:

@@ -166,6 +166,8 @@ class TaskTable:
         }
         if getattr(spec, "runtime_env", None):  # (a spec from before the field: none)
             payload["runtime_env"] = spec.runtime_env
+        if getattr(spec, "dag_id", None):
+            payload["dag_id"] = spec.dag_id
         if spec.actor_id is not None:
             payload.update(actor_id=spec.actor_id, method=spec.method or "", sequence=spec.sequence)
         if direct:  # sent straight to the actor's worker (controlplane/node/actors.py)

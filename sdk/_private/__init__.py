@@ -1,0 +1,1 @@
+"""Ray's private module paths that Ray programs import (``ray._private``)."""
