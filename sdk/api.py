@@ -26,7 +26,7 @@ from sdk.runtime import shutdown as shutdown
 from sdk.runtime_context import RuntimeContext, get_runtime_context
 
 # Arguments of ray.init that change nothing here (logging, dashboard, ...): accepted so
-# that Ray programs run unchanged.
+# that Ray programs run unchanged, with a warning naming them (never silently).
 _IGNORED_INIT_ARGS = frozenset(
     {
         "labels",
@@ -74,8 +74,13 @@ def init(
     unknown = sorted(set(unsupported) - _IGNORED_INIT_ARGS)
     if unknown:
         raise TypeError(f"init() got unexpected keyword arguments: {unknown}")
-    if unsupported.get("local_mode"):
-        warnings.warn("init(): local_mode is not supported by Cairn and is ignored", stacklevel=2)
+    given = sorted(name for name, value in unsupported.items() if value is not None)
+    if given:
+        warnings.warn(
+            f"init(): {', '.join(given)} have no effect in Cairn (accepted so that Ray "
+            "programs run unchanged; see docs/compatibility.md)",
+            stacklevel=2,
+        )
     if runtime_env is not None:
         runtime_env_of_job.check(runtime_env, "init()")
     if namespace is not None:
