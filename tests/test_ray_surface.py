@@ -101,6 +101,8 @@ def test_id_classes_wrap_hex_ids_as_rays_do() -> None:
 
 
 def test_init_arguments_without_effect_are_named_in_a_warning() -> None:
-    with pytest.warns(UserWarning, match="include_dashboard, log_to_driver have no effect"):
-        with pytest.raises(ValueError, match="ray://"):  # (refused after the warning)
-            sdk.init(address="ray://x:1", include_dashboard=False, log_to_driver=False)
+    with (
+        pytest.warns(UserWarning, match="include_dashboard, log_to_driver have no effect"),
+        pytest.raises(ValueError, match="ray://"),  # (refused after the warning)
+    ):
+        sdk.init(address="ray://x:1", include_dashboard=False, log_to_driver=False)
