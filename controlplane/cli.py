@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -12,6 +15,9 @@ from controlplane.cli_options import gcs_url_option, require_url
 from controlplane.cli_start import start, stop
 from controlplane.errors import GcsError
 from controlplane.gcs_url import redact, resolve_gcs_url
+
+if TYPE_CHECKING:
+    from dataplane.client import CoreClient
 
 
 @click.group()
@@ -89,8 +95,18 @@ def _running_cluster_url(*, owner: bool = False) -> str:
     runtime's, or with ``owner`` the schema owner's where the head runs an embedded
     server whose session directory this user may read (maintenance, such as dropping
     partitions, is DDL, which the runtime role may not do)."""
-    from controlplane import node_records
     from controlplane.embedded_postgres import owner_url
+
+    with _head_client() as (client, session_dir):
+        url = client.welcome.gcs_url
+    return (owner_url(url, session_dir) if owner else None) or url
+
+
+@contextlib.contextmanager
+def _head_client() -> Iterator[tuple[CoreClient, Path]]:
+    """A connection to this machine's running head node (as an observer), and its
+    session directory; a clear error if none runs."""
+    from controlplane import node_records
     from dataplane.client import CoreClient
 
     try:
@@ -99,10 +115,9 @@ def _running_cluster_url(*, owner: bool = False) -> str:
     except ConnectionError as exc:
         raise click.ClickException(str(exc)) from exc
     try:
-        url = client.welcome.gcs_url
+        yield client, session_dir
     finally:
         client.close()
-    return (owner_url(url, session_dir) if owner else None) or url
 
 
 @main.command()
@@ -336,19 +351,10 @@ def replay(
 def memory(units: str, stats_only: bool, num_entries: int | None) -> None:
     """Show the object store of this machine's head node: each object (state, size,
     holders, pins) and the totals, as Ray's `ray memory`."""
-    from controlplane import node_records
     from dataplane import memory_summary
-    from dataplane.client import CoreClient
 
-    try:
-        session_dir = node_records.find_running()
-        client = CoreClient(str(session_dir / node_records.NODE_SOCKET), "observer")
-    except ConnectionError as exc:
-        raise click.ClickException(str(exc)) from exc
-    try:
+    with _head_client() as (client, _session_dir):
         answer = memory_summary.ask(client)
-    finally:
-        client.close()
     click.echo(
         memory_summary.format_summary(
             answer, units=units, stats_only=stats_only, num_entries=num_entries
