@@ -378,6 +378,16 @@ class ActorOptions:
     # with replay: every this many calls the actor's __cairn_save__() state is logged,
     # and a restart loads it (__cairn_load__) and replays only the calls after it
     checkpoint_interval: int = 0
+    # concurrency_groups: name -> how many calls of the group run at once (beside the
+    # default group's max_concurrency); read with getattr (options logged before it)
+    concurrency_groups: dict[str, int] | None = None
+    method_groups: dict[str, str] | None = None  # method -> its group (@method's)
+
+
+def calls_at_once(options: ActorOptions) -> int:
+    """How many calls of an actor can run at once, over all its concurrency groups."""
+    groups = getattr(options, "concurrency_groups", None) or {}
+    return options.max_concurrency + sum(groups.values())
 
 
 @dataclass(slots=True)

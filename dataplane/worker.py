@@ -13,6 +13,7 @@ import contextlib
 import ctypes
 import inspect
 import os
+import queue
 import signal
 import socket
 import sys
@@ -51,6 +52,8 @@ class Worker:
         self._running: dict[str, context.TaskContext] = {}
         self._cancel_before_start: set[str] = set()
         self._async_calls: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Task[Any]]] = {}
+        # the queues calls wait in: the worker's, and its concurrency groups' if any
+        self._queues: list[queue.Queue[Any]] = [client.tasks]
         client.on_cancel_call = self.cancel_call
 
     def run(self) -> None:
@@ -69,13 +72,16 @@ class Worker:
             self._reply(done, caller)
             if started:
                 self._start_concurrency(message.spec)
-        self.client.tasks.put(None)  # for the other threads taking calls, if any
+        for calls in self._queues:  # for the other threads taking calls, if any
+            calls.put(None)
 
-    def _take_calls(self) -> None:
-        """A thread of a threaded actor: runs calls as they come, like run()."""
-        while (item := self.client.tasks.get()) is not None:
+    def _take_calls(self, calls: queue.Queue[Any] | None = None) -> None:
+        """A thread of a threaded actor: runs calls as they come, like run(), from the
+        worker's queue or its concurrency group's."""
+        calls = calls if calls is not None else self.client.tasks
+        while (item := calls.get()) is not None:
             self._run_call(*item)
-        self.client.tasks.put(None)
+        calls.put(None)
 
     def _run_call(self, message: p.ExecuteTask, caller: p.SyncChannel | None) -> None:
         """Runs a task, or an actor's call marked begun until it is answered."""
@@ -109,7 +115,8 @@ class Worker:
         are marked begun from now on (dataplane/begun_calls.py)."""
         session_dir, worker_id = self.client.welcome.session_dir, self.client.worker_id
         assert worker_id is not None
-        limit = creation.actor_options.max_concurrency if creation.actor_options else 1
+        options = creation.actor_options
+        limit = p.calls_at_once(options) if options else 1  # (every group's at once)
         self._begun = BegunCalls(begun_calls_path(session_dir, worker_id), limit)
         path = p.direct_socket_path(session_dir, worker_id)
         server = p.bind_private_socket(path)
@@ -167,13 +174,13 @@ class Worker:
             self._reply(self._failure(message, KeyboardInterrupt()), caller)
 
     def _take_queued(self, task_id: str) -> tuple[p.ExecuteTask, p.SyncChannel | None] | None:
-        """Takes the call out of this worker's queue, if it waits there."""
-        calls = self.client.tasks
-        with calls.mutex:
-            for item in calls.queue:
-                if item is not None and item[0].spec.task_id == task_id:
-                    calls.queue.remove(item)
-                    return item
+        """Takes the call out of this worker's queues, if it waits there."""
+        for calls in self._queues:
+            with calls.mutex:
+                for item in calls.queue:
+                    if item is not None and item[0].spec.task_id == task_id:
+                        calls.queue.remove(item)
+                        return item  # type: ignore[no-any-return]
         return None
 
     def _begin(
@@ -289,8 +296,21 @@ class Worker:
         return self._finish(message, result)
 
     def _start_concurrency(self, spec: p.TaskSpec) -> None:
+        """How the actor runs calls at once: an async actor's on its event loop, up to
+        each concurrency group's limit; a threaded one's in ``max_concurrency``
+        threads, or with concurrency groups in threads of each group (the default
+        group's ``max_concurrency``), each group taking its own calls."""
         options = spec.actor_options
         limit = options.max_concurrency if options else 1
+        sizes = {
+            "": limit,
+            **((getattr(options, "concurrency_groups", None) or {}) if options else {}),
+        }
+        method_groups = (getattr(options, "method_groups", None) or {}) if options else {}
+
+        def group_of(message: p.ExecuteTask) -> str:
+            return method_groups.get(message.spec.method or "", "")
+
         is_async = any(  # (async generator methods too, as in Ray)
             inspect.iscoroutinefunction(member) or inspect.isasyncgenfunction(member)
             for _, member in inspect.getmembers(type(self.actor), inspect.isfunction)
@@ -298,7 +318,7 @@ class Worker:
         if is_async:
             loop = asyncio.new_event_loop()
             threading.Thread(target=loop.run_forever, name="cairn-actor-loop", daemon=True).start()
-            slots = asyncio.Semaphore(limit)
+            groups = {name: asyncio.Semaphore(size) for name, size in sizes.items()}
 
             async def bounded(item: tuple[p.ExecuteTask, p.SyncChannel | None]) -> None:
                 message, caller = item
@@ -308,7 +328,7 @@ class Worker:
                 with self._calls_lock:  # cancel_call cancels it, waiting or running
                     self._async_calls[task_id] = (loop, current)
                 try:
-                    async with slots:
+                    async with groups[group_of(message)]:
                         with self._marked_begun(message):
                             done = await self.execute_async(message)
                 except asyncio.CancelledError as cancelled:  # while it waited for a slot
@@ -321,6 +341,16 @@ class Worker:
             self._concurrently = lambda m: asyncio.run_coroutine_threadsafe(
                 bounded(m), loop
             ).add_done_callback(_raise_unexpected)
+        elif len(sizes) > 1:  # concurrency groups: run() hands each call to its group
+            queues = {name: queue.Queue[Any]() for name in sizes}
+            self._queues.extend(queues.values())
+            for name, size in sizes.items():
+                for n in range(size):
+                    thread = f"cairn-actor-{name or 'default'}-{n + 1}"
+                    threading.Thread(
+                        target=self._take_calls, args=(queues[name],), name=thread, daemon=True
+                    ).start()
+            self._concurrently = lambda item: queues[group_of(item[0])].put(item)
         else:  # threaded: this thread and limit - 1 others take calls from the queue
             for n in range(limit - 1):
                 name = f"cairn-actor-{n + 1}"

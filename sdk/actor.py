@@ -23,15 +23,23 @@ from sdk.runtime import client_or_auto_init
 from sdk.util.scheduling_strategies import to_wire
 
 _NUM_RETURNS_ATTR = "__cairn_num_returns__"
+_GROUP_ATTR = "__cairn_concurrency_group__"
 
 
-def method(*, num_returns: int | str = 1) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """``@sdk.method(num_returns=k)`` on an actor method, as ``ray.method`` (k: a
-    count, or "streaming" for a generator method)."""
+def method(
+    *, num_returns: int | str = 1, concurrency_group: str | None = None
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``@sdk.method(...)`` on an actor method, as ``ray.method``: ``num_returns`` (a
+    count, or "streaming" for a generator method) and the ``concurrency_group`` it runs
+    in (one of the actor's ``concurrency_groups``)."""
     wire = _num_returns(num_returns)
+    if concurrency_group is not None:
+        opts.check_text("method(): concurrency_group", concurrency_group, allow_empty=False)
 
     def mark(function: Callable[..., Any]) -> Callable[..., Any]:
         setattr(function, _NUM_RETURNS_ATTR, wire)
+        if concurrency_group is not None:
+            setattr(function, _GROUP_ATTR, concurrency_group)
         return function
 
     return mark
@@ -63,6 +71,11 @@ class ActorClass:
             name: getattr(member, _NUM_RETURNS_ATTR, 1)
             for name, member in inspect.getmembers(cls, callable)
             if not name.startswith("__") or name == "__call__"
+        }
+        self._method_groups = {
+            name: getattr(member, _GROUP_ATTR)
+            for name, member in inspect.getmembers(cls, callable)
+            if hasattr(member, _GROUP_ATTR)
         }
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -98,6 +111,8 @@ class ActorClass:
             max_restarts=resolved["max_restarts"],
             max_task_retries=resolved["max_task_retries"],
             max_concurrency=resolved["max_concurrency"] or self._default_concurrency(),
+            concurrency_groups=self._groups(resolved["concurrency_groups"]),
+            method_groups=dict(self._method_groups) or None,
             replay_calls_on_restart=resolved["replay_calls_on_restart"],
             checkpoint_interval=resolved["checkpoint_interval"],
         )
@@ -111,7 +126,7 @@ class ActorClass:
                 f"with __cairn_save__(self) and __cairn_load__(self, state); {self._qualname} "
                 "lacks them"
             )
-        if actor_options.replay_calls_on_restart and actor_options.max_concurrency != 1:
+        if actor_options.replay_calls_on_restart and p.calls_at_once(actor_options) != 1:
             raise ValueError(
                 "replay_calls_on_restart needs an actor that runs one call at a time "
                 f"(max_concurrency=1, not an async actor): {self._qualname} runs "
@@ -148,6 +163,17 @@ class ActorClass:
         client.submit(spec)
         del keep_alive
         return ActorHandle(actor_id, self._qualname, self._methods)
+
+    def _groups(self, groups: dict[str, int] | None) -> dict[str, int] | None:
+        """The actor's concurrency groups; ValueError if a method names one it lacks."""
+        declared = dict(groups or {})
+        for name, group in sorted(self._method_groups.items()):
+            if group not in declared:
+                raise ValueError(
+                    f"{self._qualname}.{name} runs in concurrency group {group!r}, which the "
+                    f"actor does not declare (concurrency_groups={declared})"
+                )
+        return declared or None
 
     def _default_concurrency(self) -> int:
         """1, or 1000 for an async actor (one with an ``async def`` method), as Ray."""

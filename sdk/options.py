@@ -76,6 +76,15 @@ def _runtime_env(value: Any) -> str | None:
     return None
 
 
+def _concurrency_groups(value: Any) -> str | None:
+    for name, size in value.items():
+        if not isinstance(name, str) or not name or storable(name):
+            return f"must name each group with a non-empty str, got {name!r:.80}"
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            return f"must give each group an int >= 1 calls at once, got {name}={size!r}"
+    return None
+
+
 def _retries(value: Any) -> str | None:
     return None if value >= -1 else "must be -1 (retry forever) or >= 0"
 
@@ -149,6 +158,7 @@ ACTOR_OPTIONS: dict[str, Option] = {
         ),
     ),
     "get_if_exists": Option((bool,), False),
+    "concurrency_groups": Option((dict,), None, _concurrency_groups),
     "scheduling_strategy": Option((str, object), None, _strategy),
     "runtime_env": Option((dict,), None, _runtime_env),
     # Cairn's own: after a restart the actor's earlier calls are re-run from the log

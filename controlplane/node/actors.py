@@ -264,7 +264,7 @@ class ActorDirector:
             return
         if actor.replaying:
             return  # its earlier calls go first, once read from the log
-        limit = actor.options.max_concurrency + _PIPELINE_DEPTH
+        limit = p.calls_at_once(actor.options) + _PIPELINE_DEPTH
         while len(actor.running) < limit and actor.queue and not actor.queue[0].pending_deps:
             record = actor.queue.popleft()
             failed = self.node.failed_dependency(record)
@@ -484,7 +484,7 @@ class ActorDirector:
         # Which calls had begun: as the process marked them (``begun``). Without that
         # mark: only the first max_concurrency calls the daemon sent can have (the
         # worker runs calls in the order it gets them), and any sent straight to it.
-        started = actor.options.max_concurrency
+        started = p.calls_at_once(actor.options)
         sent_here = 0
         requeued = []
         for record in interrupted:

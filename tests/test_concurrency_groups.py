@@ -1,0 +1,134 @@
+"""Actors' ``concurrency_groups`` with ``@method(concurrency_group=...)`` (issue 18), as
+Ray documents them: each group runs its own calls, as many at once as its size, beside
+the default group (``max_concurrency``), in threaded and in async actors. Real node
+daemon, workers and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+import sdk as ray
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cluster() -> Iterator[None]:
+    ray.init(num_cpus=2)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _until(condition: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + 30
+    while not condition():
+        assert time.monotonic() < deadline, "never happened"
+        time.sleep(0.05)
+
+
+@ray.remote(concurrency_groups={"io": 2, "probe": 1})
+class Threaded:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.running = {"io": 0, "default": 0}
+        self.most = {"io": 0, "default": 0}
+        self.release = threading.Event()
+
+    def _hold(self, group: str) -> str:
+        with self.lock:
+            self.running[group] += 1
+            self.most[group] = max(self.most[group], self.running[group])
+        self.release.wait(60)
+        with self.lock:
+            self.running[group] -= 1
+        return group
+
+    @ray.method(concurrency_group="io")
+    def io(self) -> str:
+        return self._hold("io")
+
+    def default(self) -> str:  # the default group: max_concurrency (1)
+        return self._hold("default")
+
+    @ray.method(concurrency_group="probe")
+    def state(self) -> tuple[dict[str, int], dict[str, int]]:
+        with self.lock:
+            return dict(self.running), dict(self.most)
+
+    @ray.method(concurrency_group="probe")
+    def go(self) -> None:
+        self.release.set()
+
+
+def test_a_threaded_actors_groups_run_beside_each_other_each_to_its_size() -> None:
+    actor = Threaded.remote()
+    calls = [actor.io.remote() for _ in range(3)] + [actor.default.remote() for _ in range(2)]
+    # the probe group answers while the others are full: io runs 2, default 1
+    _until(lambda: ray.get(actor.state.remote())[0] == {"io": 2, "default": 1})
+    time.sleep(0.3)
+    assert ray.get(actor.state.remote())[1] == {"io": 2, "default": 1}  # never more
+    ray.get(actor.go.remote())
+    assert ray.get(calls, timeout=60) == ["io"] * 3 + ["default"] * 2
+    assert ray.get(actor.state.remote()) == ({"io": 0, "default": 0}, {"io": 2, "default": 1})
+
+
+@ray.remote(concurrency_groups={"io": 2, "probe": 1})
+class Async:
+    def __init__(self) -> None:
+        self.running = self.most = 0
+        self.release: asyncio.Event | None = None
+
+    def _event(self) -> asyncio.Event:
+        if self.release is None:
+            self.release = asyncio.Event()
+        return self.release
+
+    @ray.method(concurrency_group="io")
+    async def io(self) -> int:
+        self.running += 1
+        self.most = max(self.most, self.running)
+        await self._event().wait()
+        self.running -= 1
+        return 1
+
+    @ray.method(concurrency_group="probe")
+    async def state(self) -> tuple[int, int]:
+        return self.running, self.most
+
+    @ray.method(concurrency_group="probe")
+    async def go(self) -> None:
+        self._event().set()
+
+
+def test_an_async_actors_group_runs_as_many_calls_as_its_size() -> None:
+    actor = Async.remote()
+    calls = [actor.io.remote() for _ in range(4)]
+    _until(lambda: ray.get(actor.state.remote())[0] == 2)
+    time.sleep(0.3)
+    assert ray.get(actor.state.remote()) == (2, 2)  # the others wait for a slot
+    ray.get(actor.go.remote())
+    assert ray.get(calls, timeout=60) == [1, 1, 1, 1]
+    assert ray.get(actor.state.remote()) == (0, 2)
+
+
+def test_a_method_in_an_undeclared_group_is_refused() -> None:
+    @ray.remote(concurrency_groups={"io": 1})
+    class Wrong:
+        @ray.method(concurrency_group="disk")
+        def write(self) -> None:
+            pass
+
+    with pytest.raises(ValueError, match="concurrency group 'disk'"):
+        Wrong.remote()
+    with pytest.raises(ValueError, match="concurrency_groups"):
+
+        @ray.remote(concurrency_groups={"io": 0})
+        class Empty:
+            pass
