@@ -22,9 +22,9 @@ class TaskContext:
     cancelled: bool = False  # ray.cancel reached it while it ran (is_canceled())
     in_async_actor: bool = False  # (where is_canceled() is refused, as in Ray)
     # what RuntimeContext tells a task about itself
-    name: str = ""
-    function_name: str = ""  # module.qualname of the function or method
-    resources: dict[str, float] | None = None  # what it was given
+    name: str = ""  # its spec's (the function's module.qualname unless named)
+    function: Any = None  # what it runs (a function, a bound method, a class)
+    resources: dict[str, float] | None = None  # what it was given (its spec's: read only)
     actor_id: str | None = None
     actor_options: p.ActorOptions | None = None  # its actor's (name, class, methods)
     actor_restarted: bool = False  # the actor's constructor ran again after a death

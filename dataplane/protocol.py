@@ -53,6 +53,11 @@ class ErrorInfo:
     cause: bytes | None = None
     retryable: bool = True  # False: retry_exceptions lists classes and this is none
 
+    @classmethod
+    def cancelled(cls, name: str) -> ErrorInfo:
+        """What a cancelled task (or actor call) named ``name`` stands for."""
+        return cls("cancelled", f"task {name} was cancelled", name)
+
 
 @dataclass(slots=True)
 class ObjectLocation:
@@ -338,7 +343,6 @@ class TaskDone:
     # so that `cairn replay` can tell whether a re-run produced the same output
     output_digest: str | None = None
     direct: bool = False  # the call came straight from its caller (SubmitDirectCall)
-    streamed: int = 0  # a generator's: how many values it yielded (StreamItem each)
 
 
 @dataclass(slots=True)

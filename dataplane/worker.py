@@ -186,10 +186,15 @@ class Worker:
     def _begin(
         self, message: p.ExecuteTask, *, in_async: bool = False
     ) -> context.TaskContext | None:
-        """The call's context, now running; None if it was cancelled before it began."""
+        """The call's context, now running; None if it was cancelled before it began.
+        Only an actor's calls are registered (``cancel_call``): a task is cancelled by
+        SIGINT."""
         task = self._context(message)
         task.in_async_actor = in_async
-        task_id = message.spec.task_id
+        spec = message.spec
+        if spec.actor_id is None or spec.method == "__init__":
+            return task
+        task_id = spec.task_id
         with self._calls_lock:
             if task_id in self._cancel_before_start:
                 self._cancel_before_start.discard(task_id)
@@ -198,8 +203,9 @@ class Worker:
         return task
 
     def _end(self, message: p.ExecuteTask) -> None:
-        with self._calls_lock:
-            self._running.pop(message.spec.task_id, None)
+        if message.spec.actor_id is not None:
+            with self._calls_lock:
+                self._running.pop(message.spec.task_id, None)
 
     def execute(self, message: p.ExecuteTask) -> p.TaskDone:
         spec = message.spec
@@ -212,7 +218,7 @@ class Worker:
         try:
             try:
                 function, args, kwargs = self._prepare(message)
-                _name_function(task, function)
+                task.function = function
                 result = function(*args, **kwargs)
                 if spec.method == "__init__":
                     self.actor, result = result, None
@@ -246,8 +252,7 @@ class Worker:
             gpu_ids,
             captured,
             name=spec.name,
-            function_name=spec.name,
-            resources=dict(made.resources),
+            resources=made.resources,
             actor_id=spec.actor_id,
             actor_options=made.actor_options,
             actor_restarted=creation is not None and creation.restarts > 0,
@@ -283,7 +288,7 @@ class Worker:
         context.set_task(task)
         try:
             function, args, kwargs = self._prepare(message)
-            _name_function(task, function)
+            task.function = function
             result = function(*args, **kwargs)
             if message.spec.streaming:
                 return await self._stream_async(message, result)
@@ -372,7 +377,7 @@ class Worker:
         elif isinstance(exc, ObjectMissingError):  # an argument's bytes are gone
             error = p.ErrorInfo("object_lost", str(exc))
         elif isinstance(exc, KeyboardInterrupt | asyncio.CancelledError):
-            error = p.ErrorInfo("cancelled", f"task {spec.name} was cancelled", spec.name)
+            error = p.ErrorInfo.cancelled(spec.name)
         else:  # the user's exception, reported to the caller
             error = _task_error(spec.name, exc)
             if spec.retry_exception_types is not None:
@@ -489,7 +494,6 @@ class _Stream:
         assert done.error is not None
         object_id = p.return_object_id(self.message.spec.task_id, self.index)
         self._item(p.ObjectLocation(object_id, error=done.error))
-        done.streamed = self.index
         return done
 
     def done(self) -> p.TaskDone:
@@ -500,7 +504,6 @@ class _Stream:
             [],
             None,
             f"xxh3:{self.digest.hexdigest()}",
-            streamed=self.index,
         )
 
     def _item(self, location: p.ObjectLocation) -> None:
@@ -593,22 +596,6 @@ def _use_env_vars(task: context.TaskContext, *, for_good: bool) -> Callable[[], 
                 os.environ[name] = value
 
     return restore
-
-
-def _name_function(task: context.TaskContext, function: Any) -> None:
-    """get_task_function_name's module.qualname; a task's default name is Ray's, the
-    function's own name, and an actor call's "Class.method" (the specs' carry the
-    module)."""
-    task.function_name = _qualified(function)
-    if task.name == task.function_name or task.actor_id is not None:
-        task.name = getattr(getattr(function, "__func__", function), "__qualname__", task.name)
-
-
-def _qualified(function: Any) -> str:
-    """module.qualname of a function, a bound method or a class (get_task_function_name)."""
-    target = getattr(function, "__func__", function)
-    module = getattr(target, "__module__", None) or "?"
-    return f"{module}.{getattr(target, '__qualname__', type(target).__qualname__)}"
 
 
 def _interrupted(_signum: int, _frame: Any) -> None:

@@ -16,9 +16,7 @@ from dataplane import protocol as p
 from sdk import options as opts
 from sdk import runtime_env
 from sdk.dag import ClassMethodNode, ClassNode, current_dag_id
-from sdk.generator import ObjectRefGenerator
-from sdk.object_ref import ObjectRef
-from sdk.remote_function import build_args, pickle_code
+from sdk.remote_function import build_args, pickle_code, results_of
 from sdk.runtime import client_or_auto_init
 from sdk.util.scheduling_strategies import to_wire
 
@@ -290,9 +288,4 @@ class ActorMethod:
         )
         client.submit_actor_call(spec)
         del keep_alive
-        if spec.streaming:
-            return ObjectRefGenerator(spec.task_id)
-        refs = [ObjectRef._owned(object_id) for object_id in spec.return_ids()]
-        if spec.num_returns == 1:
-            return refs[0]
-        return refs if spec.num_returns > 1 else None
+        return results_of(spec)

@@ -76,12 +76,7 @@ class RemoteFunction:
         )
         client.submit(spec)
         del keep_alive  # the daemon pins large arguments from submission on
-        if spec.streaming:
-            return ObjectRefGenerator(spec.task_id)
-        refs = [ObjectRef._owned(object_id) for object_id in spec.return_ids()]
-        if spec.num_returns == 1:
-            return refs[0]
-        return refs if spec.num_returns > 1 else None
+        return results_of(spec)
 
     @staticmethod
     def _retry_types(option: bool | list | tuple) -> bytes | None:
@@ -93,6 +88,17 @@ class RemoteFunction:
         if self._pickled is None:
             self._pickled = pickle_code(self._function, f"the remote function {self._qualname}")
         return self._pickled
+
+
+def results_of(spec: p.TaskSpec) -> Any:
+    """What ``.remote()`` gives for a submitted task or call: its ref, its refs
+    (num_returns > 1), None (0), or a generator (``"streaming"``)."""
+    if spec.streaming:
+        return ObjectRefGenerator(spec.task_id)
+    refs = [ObjectRef._owned(object_id) for object_id in spec.return_ids()]
+    if spec.num_returns == 1:
+        return refs[0]
+    return refs if spec.num_returns > 1 else None
 
 
 def _max_calls(resolved: dict[str, Any]) -> int:

@@ -91,10 +91,23 @@ class RuntimeContext:
         return self.task_id
 
     def get_task_name(self) -> str | None:
-        return self._task.name if self._task else None
+        """Ray's: the name given in options, else the function's own name (an actor
+        call's "Class.method")."""
+        if self._task is None:
+            return None
+        function = getattr(self._task.function, "__func__", self._task.function)
+        qualname = getattr(function, "__qualname__", None)
+        if qualname is None:
+            return self._task.name
+        if self._task.actor_id is not None or self._task.name == _qualified(function):
+            return str(qualname)
+        return self._task.name
 
     def get_task_function_name(self) -> str | None:
-        return self._task.function_name if self._task else None
+        """The module.qualname of what the task runs."""
+        if self._task is None or self._task.function is None:
+            return None
+        return _qualified(getattr(self._task.function, "__func__", self._task.function))
 
     def get_assigned_resources(self) -> dict[str, float]:
         """What the running task (or its actor) was given; {} in a driver."""
@@ -158,6 +171,11 @@ class RuntimeContext:
     def was_current_actor_reconstructed(self) -> bool:
         """Whether this actor's constructor ran again after its process died."""
         return self._task is not None and self._task.actor_restarted
+
+
+def _qualified(function: Any) -> str:
+    module = getattr(function, "__module__", None) or "?"
+    return f"{module}.{getattr(function, '__qualname__', type(function).__qualname__)}"
 
 
 def get_runtime_context() -> RuntimeContext:

@@ -444,7 +444,7 @@ class ActorDirector:
             return False
         if record in actor.queue:
             actor.queue.remove(record)
-            self.node.finish_failed(record, _cancelled(record), log_event=True)
+            self.node.finish_failed(record, p.ErrorInfo.cancelled(record.spec.name), log_event=True)
         elif record.spec.task_id in actor.running and actor.worker and actor.worker.conn:
             actor.worker.conn.send(p.CancelCall(record.spec.task_id))
         return True
@@ -599,8 +599,3 @@ class ActorDirector:
         if actor is not None and event.event_type == "kill_requested" and actor.owner is None:
             cause = event.payload.get("cause") or ""
             self.kill(actor.actor_id, bool(event.payload["no_restart"]), cause)
-
-
-def _cancelled(record: TaskRecord) -> p.ErrorInfo:
-    name = record.spec.name
-    return p.ErrorInfo("cancelled", f"task {name} was cancelled", name)

@@ -326,37 +326,6 @@ class RemoteTasks:
         if not missing:
             then()
 
-    def placed_finished_events(
-        self: Any, record: TaskRecord, returns: list[p.ObjectLocation]
-    ) -> list[Event]:
-        """The return objects' ``created`` events (values inline when small, else this
-        node's address, and where in its store: what a daemon that restarts here
-        adopts), then ``finished``: the owner sees every value first."""
-        spec = record.spec
-        events = []
-        for location in returns:
-            payload: dict[str, Any] = {
-                "size_bytes": location.size,
-                "inline": location.region is None,
-                "task_id": spec.task_id,
-                "address": self.address,
-            }
-            if location.region is not None:
-                payload.update(region=location.region, offset=location.offset)
-            events.append(
-                Event(
-                    K.OBJECT,
-                    location.object_id,
-                    "created",
-                    payload,
-                    job_id=spec.job_id,
-                    node_id=self.node_id,
-                    data=location.inline,
-                )
-            )
-        events.append(self.node.finished_event(record))
-        return events
-
     def owner_released(self, request: dict[str, Any]) -> dict[str, Any]:
         object_id = str(request.get("object_id", ""))
         if object_id in self.kept_for_owner:

@@ -228,9 +228,7 @@ class TaskRuns:
         record.worker = None
         if done.error is not None:
             if record.force_cancel or record.cancelled:
-                done.error = p.ErrorInfo(
-                    "cancelled", f"task {record.spec.name} was cancelled", record.spec.name
-                )
+                done.error = p.ErrorInfo.cancelled(record.spec.name)
             elif (
                 done.error.kind == "task_error"
                 and record.spec.retry_exceptions
@@ -271,10 +269,18 @@ class TaskRuns:
         for location in returns:
             if location.region is None:
                 self.objects.charge(location.size, force=True)
-        events = [self.finished_event(record)]
-        events += [self.store.created_event(loc, spec.task_id, spec.job_id) for loc in returns]
-        if record.placed_from is not None:
-            events = self.remote_tasks.placed_finished_events(record, returns)
+        if record.placed_from is None:
+            events = [self.finished_event(record)]
+            events += [self.store.created_event(loc, spec.task_id, spec.job_id) for loc in returns]
+        else:  # run for another node: the values (inline) or where they are, then finished
+            address = self.remote_tasks.address
+            events = [
+                self.store.created_event(
+                    loc, spec.task_id, spec.job_id, data=loc.inline, kept_at=address
+                )
+                for loc in returns
+            ]
+            events.append(self.finished_event(record))
         record.state = "FINISHED"
         self.store.make_durable_then_ready(
             returns, events, record.submitter, urgent=not record.answered
@@ -341,9 +347,7 @@ class TaskRuns:
         if record.force_cancel:
             self.finish_failed(
                 record,
-                p.ErrorInfo(
-                    "cancelled", f"task {record.spec.name} was cancelled", record.spec.name
-                ),
+                p.ErrorInfo.cancelled(record.spec.name),
                 log_event=True,
             )
         elif record.retries_left != 0:
@@ -392,9 +396,7 @@ class TaskRuns:
             self.spills.forget(record.spec.task_id)  # its results no longer wanted
             self.finish_failed(
                 record,
-                p.ErrorInfo(
-                    "cancelled", f"task {record.spec.name} was cancelled", record.spec.name
-                ),
+                p.ErrorInfo.cancelled(record.spec.name),
                 log_event=True,
             )
         elif force:
