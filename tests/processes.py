@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 
@@ -82,3 +83,16 @@ def gcs_url_of(session_dir: Path) -> str:
         return client.welcome.gcs_url
     finally:
         client.close()
+
+
+def next_daemon_id(session_dir: Path, old_id: str, timeout: float = 30.0) -> str:
+    """The id of the daemon a node started in place of ``old_id`` (its node.ready),
+    once it is ready; AssertionError after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    ready = session_dir / "node.ready"
+    while time.monotonic() < deadline:
+        new_id = ready.read_text() if ready.exists() else old_id
+        if new_id != old_id:
+            return new_id
+        time.sleep(0.1)
+    raise AssertionError("the node daemon was not started again")

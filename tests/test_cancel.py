@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from log_rows import history
+from ray_session import private_cluster
 
 import sdk as ray
 from sdk.exceptions import TaskCancelledError
@@ -24,11 +25,7 @@ pytestmark = pytest.mark.timeout(120)
 
 @pytest.fixture(scope="module", autouse=True)
 def cluster() -> Iterator[None]:
-    ray.init(num_cpus=2)
-    try:
-        yield
-    finally:
-        ray.shutdown()
+    yield from private_cluster(num_cpus=2)
 
 
 def _history(task_id: str, count: int) -> list[str]:

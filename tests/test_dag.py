@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 from log_rows import wait_for_rows
+from ray_session import private_cluster
 
 import sdk as ray
 from sdk.dag import InputNode, MultiOutputNode
@@ -18,11 +19,7 @@ pytestmark = pytest.mark.timeout(120)
 
 @pytest.fixture(scope="module", autouse=True)
 def cluster() -> Iterator[None]:
-    ray.init(num_cpus=2)
-    try:
-        yield
-    finally:
-        ray.shutdown()
+    yield from private_cluster(num_cpus=2)
 
 
 @ray.remote
@@ -48,8 +45,10 @@ class Counter:
 def test_a_function_dag_runs_each_node_once_per_execute() -> None:
     with InputNode() as inp:
         shared = inc.bind(inp)
-        dag = mul.bind(shared, shared)  # one task for the shared node
-    assert ray.get(dag.execute(2)) == 9
+        dag = mul.bind(shared, shared)
+    ref = dag.execute(2)
+    assert ray.get(ref) == 9
+    assert len(_tasks_of(_dag_id(ref), 2)) == 2  # one task for the shared node
     assert ray.get(dag.execute(4)) == 25  # a graph runs again with new input
 
 
@@ -91,24 +90,28 @@ def test_the_tasks_of_one_execution_share_its_dag_id_in_the_log() -> None:
     assert ray.get(ref) == 6
     other = dag.execute(2)
     ray.get(other)
-    url = ray.get_runtime_context().gcs_address
+    dag_id = _dag_id(ref)
+    assert dag_id and len(_tasks_of(dag_id, 3)) == 3
+    assert _dag_id(other) != dag_id
+
+
+def _dag_id(ref: ray.ObjectRef) -> str:
+    """The DAG id in the submitted event of the task that makes ``ref``."""
     (row,) = wait_for_rows(
-        url,
+        ray.get_runtime_context().gcs_address,
         "SELECT payload->>'dag_id' AS dag_id FROM events "
         "WHERE entity_id = $1 AND event_type = 'submitted'",
         ref.task_id(),
     )
-    tasks = wait_for_rows(
-        url,
+    return str(row["dag_id"])
+
+
+def _tasks_of(dag_id: str, at_least: int) -> list[str]:
+    """The tasks submitted with ``dag_id``, once there are ``at_least``."""
+    rows = wait_for_rows(
+        ray.get_runtime_context().gcs_address,
         "SELECT entity_id FROM events WHERE event_type = 'submitted' AND payload->>'dag_id' = $1",
-        row["dag_id"],
-        count=3,
+        dag_id,
+        count=at_least,
     )
-    assert len(tasks) == 3 and row["dag_id"]
-    (again,) = wait_for_rows(
-        url,
-        "SELECT payload->>'dag_id' AS dag_id FROM events "
-        "WHERE entity_id = $1 AND event_type = 'submitted'",
-        other.task_id(),
-    )
-    assert again["dag_id"] != row["dag_id"]
+    return [row["entity_id"] for row in rows]

@@ -15,6 +15,7 @@ from pathlib import Path
 import cloudpickle
 import pytest
 from log_rows import wait_for_rows
+from ray_session import private_cluster
 
 import sdk as ray
 from dataplane import protocol as p
@@ -26,11 +27,7 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 @pytest.fixture(scope="module", autouse=True)
 def cluster() -> Iterator[None]:
-    ray.init(num_cpus=2)
-    try:
-        yield
-    finally:
-        ray.shutdown()
+    yield from private_cluster(num_cpus=2)
 
 
 @ray.remote(num_returns="streaming")

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 from log_rows import wait_for_rows
+from ray_session import private_cluster
 
 import sdk as ray
 from controlplane.local_node import node_config
@@ -21,11 +22,7 @@ GiB = 1024**3
 
 @pytest.fixture(scope="module", autouse=True)
 def cluster() -> Iterator[None]:
-    ray.init(num_cpus=2, _memory=4 * GiB)
-    try:
-        yield
-    finally:
-        ray.shutdown()
+    yield from private_cluster(num_cpus=2, _memory=4 * GiB)
 
 
 @ray.remote(memory=3 * GiB)

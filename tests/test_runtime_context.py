@@ -12,6 +12,7 @@ from typing import Any
 
 import cloudpickle
 import pytest
+from ray_session import private_cluster
 
 import sdk as ray
 from sdk.util.placement_group import placement_group, remove_placement_group
@@ -24,11 +25,7 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 @pytest.fixture(scope="module", autouse=True)
 def cluster() -> Iterator[None]:
-    ray.init(num_cpus=2, resources={"gadget": 2})
-    try:
-        yield
-    finally:
-        ray.shutdown()
+    yield from private_cluster(num_cpus=2, resources={"gadget": 2})
 
 
 def _describe() -> dict[str, Any]:

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 from log_rows import wait_for_rows
+from ray_session import private_cluster
 
 import sdk as ray
 
@@ -19,11 +20,9 @@ pytestmark = pytest.mark.timeout(120)
 
 @pytest.fixture(scope="module", autouse=True)
 def cluster() -> Iterator[None]:
-    ray.init(num_cpus=1, runtime_env={"env_vars": {"CAIRN_T_JOB": "job", "CAIRN_T_A": "a"}})
-    try:
-        yield
-    finally:
-        ray.shutdown()
+    yield from private_cluster(
+        num_cpus=1, runtime_env={"env_vars": {"CAIRN_T_JOB": "job", "CAIRN_T_A": "a"}}
+    )
 
 
 @ray.remote

@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 import asyncpg
 import numpy as np
 import pytest
-from processes import gcs_url_of, pids_with, run_cairn
+from processes import gcs_url_of, next_daemon_id, pids_with, run_cairn
 
 from controlplane import local_node
 from controlplane.node.store_adoption import ADOPTED, adopt
@@ -190,7 +189,7 @@ def test_the_objects_a_killed_daemon_kept_for_a_driver_are_there_after_its_resta
         assert made.get("ready") == 3, driver.stderr.read() if driver.stderr else ""
         (daemon_pid,) = pids_with("controlplane.node", str(node.session_dir))
         os.kill(daemon_pid, signal.SIGKILL)
-        new_id = _next_daemon(node.session_dir, old_id)
+        new_id = next_daemon_id(node.session_dir, old_id)
         driver.stdin.write(new_id + "\n")
         driver.stdin.flush()
         out, err = driver.communicate(timeout=120)
@@ -206,17 +205,6 @@ def test_the_objects_a_killed_daemon_kept_for_a_driver_are_there_after_its_resta
     assert sorted(r["entity_id"] for r in adopted) == sorted(made["ids"])
     assert all(r["from_node"] == old_id for r in adopted)
     assert not [r for r in rows if r["event_type"] in ("lost", "reconstructing")]
-
-
-def _next_daemon(session_dir: Path, old_id: str) -> str:
-    deadline = time.monotonic() + 30
-    ready = session_dir / "node.ready"
-    while time.monotonic() < deadline:
-        new_id = ready.read_text() if ready.exists() else old_id
-        if new_id != old_id:
-            return new_id
-        time.sleep(0.1)
-    raise AssertionError("the node daemon was not started again")
 
 
 def _gcs_url(head: local_node.NodeRecord) -> str:

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from ray_session import private_cluster
 
 import sdk as ray
 
@@ -19,11 +20,7 @@ pytestmark = pytest.mark.timeout(120)
 
 @pytest.fixture(scope="module", autouse=True)
 def cluster() -> Iterator[None]:
-    ray.init(num_cpus=1)  # one worker at a time: who ran what is plain
-    try:
-        yield
-    finally:
-        ray.shutdown()
+    yield from private_cluster(num_cpus=1)  # one worker at a time: who ran what is plain
 
 
 @ray.remote

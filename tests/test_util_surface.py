@@ -15,6 +15,7 @@ from pathlib import Path
 
 import cloudpickle
 import pytest
+from ray_session import private_cluster
 
 import sdk as ray
 from sdk.util import (
@@ -33,59 +34,53 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 @pytest.fixture(scope="module", autouse=True)
 def cluster() -> Iterator[None]:
-    ray.init(num_cpus=2)
-    try:
-        yield
-    finally:
-        ray.shutdown()
+    yield from private_cluster(num_cpus=2)
 
 
 @ray.remote
-def after(seconds: float) -> float:
-    time.sleep(seconds)
-    return seconds
+def after(release: str, value: int) -> int:
+    """``value``, once ``release`` exists ("" : at once)."""
+    while release and not Path(release).exists():
+        time.sleep(0.02)
+    return value
 
 
-def test_as_completed_yields_each_chunk_as_it_is_ready() -> None:
-    refs = [after.remote(s) for s in (1.5, 0.0, 0.1)]
-    got = list(as_completed(refs, chunk_size=1))
-    assert sorted(got) == [0.0, 0.1, 1.5] and got[-1] == 1.5  # the slow one last
+def test_as_completed_yields_each_chunk_as_it_is_ready(tmp_path: Path) -> None:
+    release = tmp_path / "release"
+    refs = [after.remote(str(release), 1), after.remote("", 2), after.remote("", 3)]
+    completed = as_completed(refs, chunk_size=1)
+    first_two = {next(completed), next(completed)}  # while the first still waits
+    assert first_two == {2, 3}
+    release.write_text("go")
+    assert list(completed) == [1]
     assert set(as_completed(refs, chunk_size=2, yield_obj_refs=True)) == set(refs)
 
 
 @ray.remote
-def note(path: str, item: int) -> int:
-    with open(path, "a") as out:
-        out.write(f"{item}\n")
-    time.sleep(0.05)
+def square_it(item: int) -> int:
     return item * item
 
 
-def test_map_unordered_keeps_at_most_backpressure_size_tasks_in_flight(tmp_path: Path) -> None:
-    started = tmp_path / "started"
-    seen = []
-    for value in map_unordered(
-        _Noting(str(started)),
-        range(10),
-        backpressure_size=3,
-        chunk_size=1,
-    ):
-        seen.append(value)
-        # when the k-th result arrives, at most k + 3 tasks have been submitted
-        assert len(started.read_text().split()) <= len(seen) + 3
-    assert sorted(seen) == [i * i for i in range(10)]
-    with pytest.raises(ValueError, match="chunk_size"):
-        next(map_unordered(after, [1], chunk_size=0))
+class _Counting:
+    """``square_it``, counting the tasks map_unordered submits (here, in the driver)."""
 
-
-class _Noting:
-    """``note`` with its path bound (map_unordered passes one item per call)."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
+    def __init__(self) -> None:
+        self.submitted = 0
 
     def remote(self, item: int) -> ray.ObjectRef:
-        return note.remote(self.path, item)
+        self.submitted += 1
+        return square_it.remote(item)
+
+
+def test_map_unordered_keeps_at_most_backpressure_size_tasks_in_flight() -> None:
+    counting, seen = _Counting(), []
+    for value in map_unordered(counting, range(10), backpressure_size=3, chunk_size=1):
+        seen.append(value)
+        # when the k-th result arrives, at most k + 3 tasks have been submitted
+        assert counting.submitted <= len(seen) + 3
+    assert sorted(seen) == [i * i for i in range(10)] and counting.submitted == 10
+    with pytest.raises(ValueError, match="chunk_size"):
+        next(map_unordered(square_it, [1], chunk_size=0))
 
 
 def test_the_node_ip_address() -> None:
