@@ -155,7 +155,7 @@ class ActorClass:
             method="__init__",
             actor_options=actor_options,
             strategy=to_wire(resolved["scheduling_strategy"]),
-            runtime_env=runtime_env.for_submission(resolved["runtime_env"]),
+            runtime_env=runtime_env.for_submission(resolved["runtime_env"], client.welcome.gcs_url),
             dag_id=current_dag_id(),
         )
         client.submit(spec)

@@ -98,7 +98,7 @@ def init(
         ignore_reinit_error=ignore_reinit_error,
         gcs_url=gcs_url,
     )
-    runtime_env_of_job.set_job_env(runtime_env)
+    runtime_env_of_job.set_job_env(runtime_env, get_runtime_context().gcs_address)
     return get_runtime_context()
 
 

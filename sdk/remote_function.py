@@ -71,7 +71,7 @@ class RemoteFunction:
             parent_task_id=task.task_id if task else None,
             strategy=to_wire(resolved["scheduling_strategy"]),
             max_calls=_max_calls(resolved),
-            runtime_env=runtime_env.for_submission(resolved["runtime_env"]),
+            runtime_env=runtime_env.for_submission(resolved["runtime_env"], client.welcome.gcs_url),
             dag_id=current_dag_id(),
         )
         client.submit(spec)

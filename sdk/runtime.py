@@ -230,6 +230,8 @@ def error_of(info: p.ErrorInfo, object_id: str) -> exc.RayError:
             return exc.ActorDiedError(info.function_name or None, info.message)
         case "object_lost":
             return exc.ObjectLostError(object_id, info.message)
+        case "runtime_env_setup":
+            return exc.RuntimeEnvSetupError(info.message)
         case "reconstruction_failed":
             return exc.ObjectReconstructionFailedMaxAttemptsExceededError(object_id, info.message)
         case _:

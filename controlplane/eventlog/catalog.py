@@ -188,6 +188,10 @@ CATALOG: dict[tuple[EntityKind, str], EventType] = {
                 "from_node": str,
             },
         ),
+        # a runtime_env (working_dir, py_modules, pip) set up on the node for its
+        # workers, once (controlplane/node/runtime_envs.py): pip's output, or the error
+        ("runtime_env_ready", {"env_key": str}, {"took_s": float, "output": str}),
+        ("runtime_env_failed", {"env_key": str, "error": str}, {}),
         ("dead", {"cause": str}, {}),
     ),
     **_types(

@@ -38,6 +38,7 @@ from controlplane.node.actors_elsewhere import ActorsElsewhere
 from controlplane.node.local_scheduler import LocalScheduler
 from controlplane.node.placement_groups import PlacementGroups
 from controlplane.node.recorder import EventRecorder
+from controlplane.node.runtime_envs import RuntimeEnvs, env_key
 from controlplane.node.spilled_tasks import SpilledTasks
 from controlplane.node.task_table import Connection, TaskRecord, TaskTable
 from controlplane.node.workers import WorkerHandle, WorkerPool
@@ -114,6 +115,7 @@ class ActorDirector:
         elsewhere: ActorsElsewhere,
         names: ActorNames,
         node: ActorHost,
+        envs: RuntimeEnvs,
         *,
         spawn: Callable[[Coroutine[Any, Any, None]], object],
     ) -> None:
@@ -135,6 +137,8 @@ class ActorDirector:
         self.actors: dict[str, ActorRecord] = {}
         self._unscheduled: set[str] = set()  # created, constructor not sent yet
         self.routes = ActorRoutes(session_dir)
+        self.envs = envs
+        self._env_waiting: set[str] = set()  # actors whose runtime_env is being set up
 
     def _log(self, actor_id: str, event_type: str, payload: dict[str, Any], **more: Any) -> None:
         """Logs an event of the actor (written behind)."""
@@ -181,9 +185,34 @@ class ActorDirector:
         actor = ActorRecord(spec.actor_id, creation, conn)
         self.actors[actor.actor_id] = actor
         self._unscheduled.add(actor.actor_id)
-        actor.worker = self.worker_pool.start(actor_id=actor.actor_id)
+        self._start_worker(actor)
         for dep in list(creation.pending_deps):
             self.objects.on_ready(dep, functools.partial(self._dep_ready, actor, creation, dep))
+
+    def _start_worker(self, actor: ActorRecord) -> None:
+        """Starts the actor's process, in its runtime_env once that is set up here
+        (``envs_changed``); an env that cannot be set up is the actor's death."""
+        actor.worker = None
+        runtime_env = getattr(actor.creation.spec, "runtime_env", None)  # (older specs)
+        launch = None
+        if runtime_env and env_key(runtime_env) is not None:
+            ready = self.envs.launch_for(runtime_env, actor.owner)
+            if ready is None:
+                self._env_waiting.add(actor.actor_id)
+                return
+            if isinstance(ready, str):
+                self._died(actor, f"RuntimeEnvSetupError: {ready}")
+                return
+            launch = ready
+        actor.worker = self.worker_pool.start(actor_id=actor.actor_id, launch=launch)
+
+    def envs_changed(self) -> None:
+        """A runtime_env's setup ended: the actors that waited for it start (or die)."""
+        waiting, self._env_waiting = self._env_waiting, set()
+        for actor_id in waiting:
+            actor = self.actors.get(actor_id)
+            if actor is not None and actor.death is None and actor.worker is None:
+                self._start_worker(actor)
 
     def _dep_ready(self, actor: ActorRecord, record: TaskRecord, dep: str) -> None:
         record.pending_deps.discard(dep)
@@ -496,7 +525,7 @@ class ActorDirector:
             requeued.append((record, may_have_begun))
         for record, may_have_begun in reversed(requeued):  # to the queue's head, in order
             self._interrupted(actor, record, cause, begun=may_have_begun, at_head=True)
-        actor.worker = self.worker_pool.start(actor_id=actor.actor_id)
+        self._start_worker(actor)
         self._unscheduled.add(actor.actor_id)
 
     def _interrupted(
@@ -584,7 +613,7 @@ class ActorDirector:
         # the constructor again), as on a creator's node
         for object_id in (*creation.spec.dependencies(), *creation.spec.contained_refs):
             self.objects.pin(object_id)
-        actor.worker = self.worker_pool.start(actor_id=actor.actor_id)
+        self._start_worker(actor)
 
     def arguments_here(self, actor_id: str) -> None:
         """A hosted actor's constructor arguments were brought here from its creator's node."""

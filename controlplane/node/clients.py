@@ -164,7 +164,7 @@ class Clients:
         if handle.task is not None:
             self.parts.runs.worker_lost(handle, exit_code)
         if not self._stopping.is_set():
-            self.parts.worker_pool.start()
+            self.parts.worker_pool.replace(handle)
             self.parts.scheduler.schedule()
 
     def _dispatch(self, conn: Connection, message: object) -> None:

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 from controlplane.node.placement_groups import Bundle, PlacementGroups
 from controlplane.node.resources import ResourcePool
+from controlplane.node.runtime_envs import Launch, RuntimeEnvs, env_key
 from controlplane.node.task_table import TaskRecord
 from controlplane.node.workers import WorkerHandle, WorkerPool
 from dataplane import protocol as p
@@ -56,12 +57,14 @@ class LocalScheduler:
         worker_pool: WorkerPool,
         spills: Spills,
         node: Dispatcher,
+        envs: RuntimeEnvs,
     ) -> None:
         self.resources = resources  # the node's, outside its placement group bundles
         self.placement_groups = placement_groups
         self.worker_pool = worker_pool
         self.spills = spills
         self.node = node
+        self.envs = envs
         self._queues: dict[tuple[Any, ...], deque[TaskRecord]] = {}
 
     def pending(self) -> int:
@@ -120,14 +123,33 @@ class LocalScheduler:
                             f"{self.resources.total}",
                         )
                     break
-                if not self.worker_pool.has_idle():
-                    self.worker_pool.grow()
+                launch = self._launch(record)
+                if isinstance(launch, str):
+                    queue.popleft()
+                    self.node.fail(
+                        record, p.ErrorInfo("runtime_env_setup", launch, record.spec.name)
+                    )
+                    continue
+                if launch is False:
+                    break  # its runtime_env is being set up: schedule() runs again then
+                key = launch.key if launch is not None else None
+                if not self.worker_pool.has_idle(key):
+                    self.worker_pool.grow(launch)
                     return
                 queue.popleft()
                 self.take(record, bundle)
-                self.node.run(record, self.worker_pool.run(record))
+                self.node.run(record, self.worker_pool.run(record, key))
             if not queue:
                 del self._queues[shape]
+
+    def _launch(self, record: TaskRecord) -> Launch | str | bool | None:
+        """How the task's worker starts: None (a plain worker), its runtime_env's
+        ``Launch``, False while that is set up, or why it cannot be (a str)."""
+        runtime_env = getattr(record.spec, "runtime_env", None)  # (older specs: none)
+        if not runtime_env or env_key(runtime_env) is None:
+            return None
+        launch = self.envs.launch_for(runtime_env, record.submitter)
+        return False if launch is None else launch
 
     # -- resources -------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ from controlplane.node.reconstruction import Reconstructor
 from controlplane.node.recorder import EventRecorder
 from controlplane.node.remote_tasks import RemoteTasks
 from controlplane.node.resources import ResourcePool
+from controlplane.node.runtime_envs import RuntimeEnvs
 from controlplane.node.spilled_tasks import SpilledTasks
 from controlplane.node.task_runs import TaskRuns
 from controlplane.node.task_table import TaskTable
@@ -147,7 +148,15 @@ def build_parts(
     )
     spills = SpilledTasks(node_id, recorder, objects, tasks, resources, link)
     runs = TaskRuns(node_id, recorder, store, tasks, worker_pool, placement_groups, spills)
-    scheduler = LocalScheduler(resources, placement_groups, worker_pool, spills, runs)
+    envs = RuntimeEnvs(
+        node_id,
+        gcs_url,
+        session_dir / "runtime_resources",
+        recorder,
+        spawn=spawn,
+        on_change=lambda: (scheduler.schedule(), actor_director.envs_changed()),
+    )
+    scheduler = LocalScheduler(resources, placement_groups, worker_pool, spills, runs, envs)
     names = ActorNames()
     elsewhere = ActorsElsewhere(node_id, recorder, objects, tasks, spills, names, runs)
     actor_director = ActorDirector(
@@ -165,6 +174,7 @@ def build_parts(
         elsewhere,
         names,
         runs,
+        envs,
         spawn=spawn,
     )
     reconstructor = Reconstructor(

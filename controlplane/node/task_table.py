@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from controlplane.eventlog import EntityKind, Event
 from controlplane.node.recorder import EventRecorder
+from controlplane.node.runtime_envs import env_hash
 from dataplane import protocol as p
 from dataplane.object_table import ObjectTable
 
@@ -166,6 +167,7 @@ class TaskTable:
         }
         if getattr(spec, "runtime_env", None):  # (a spec from before the field: none)
             payload["runtime_env"] = spec.runtime_env
+            payload["runtime_env_hash"] = env_hash(spec.runtime_env)
         if getattr(spec, "dag_id", None):
             payload["dag_id"] = spec.dag_id
         if spec.actor_id is not None:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from dataplane import protocol as p
 
 if TYPE_CHECKING:
+    from controlplane.node.runtime_envs import Launch
     from controlplane.node.task_table import Connection, TaskRecord
 
 _WORKER = [sys.executable, "-m", "dataplane.worker"]
@@ -36,17 +37,21 @@ class WorkerHandle:
     blocked: bool = False  # its task waits in get(): its CPU is lent out
     actor_id: str | None = None  # a dedicated actor worker, outside the pool
     runs: dict[str, int] = field(default_factory=dict)  # tasks run, per function (max_calls)
+    env_key: str | None = None  # the runtime_env it started in (runtime_envs.py); None: none
+    retiring: bool = False  # made way for a worker of another env: it exits
 
 
 class WorkerPool:
-    """``size`` pool workers (more while some are blocked), and actors' workers."""
+    """``size`` pool workers (more while some are blocked), and actors' workers. A pool
+    worker runs the tasks of the runtime_env it started in (``env_key``, None for plain
+    ones); an idle one of another env makes way when the pool is full."""
 
     def __init__(self, node_id: str, socket_path: str, size: int) -> None:
         self._node_id = node_id
         self._socket_path = socket_path
         self.size = size
         self._workers: dict[str, WorkerHandle] = {}
-        self._idle: deque[WorkerHandle] = deque()
+        self._idle: dict[str | None, deque[WorkerHandle]] = {None: deque()}
         self._ids = itertools.count(1)
 
     def __len__(self) -> int:
@@ -55,16 +60,28 @@ class WorkerPool:
     def __iter__(self) -> Iterator[WorkerHandle]:
         return iter(list(self._workers.values()))
 
-    def start(self, actor_id: str | None = None) -> WorkerHandle:
-        """A new worker process (for the pool, or for the actor ``actor_id``); it is
-        usable once it connected (``connected``)."""
+    def start(self, actor_id: str | None = None, launch: Launch | None = None) -> WorkerHandle:
+        """A new worker process (for the pool, or for the actor ``actor_id``), in the
+        runtime_env ``launch`` sets up; it is usable once it connected (``connected``)."""
         worker_id = f"{self._node_id}-w{next(self._ids)}"
-        process = subprocess.Popen(
-            # the last argument: the worker dies with this process
-            [*_WORKER, self._socket_path, worker_id, str(os.getpid())],
-            stdin=subprocess.DEVNULL,
+        # the last argument: the worker dies with this process
+        argv = [self._socket_path, worker_id, str(os.getpid())]
+        if launch is None:
+            process = subprocess.Popen([*_WORKER, *argv], stdin=subprocess.DEVNULL)
+        else:
+            env = dict(os.environ)
+            env["PYTHONPATH"] = os.pathsep.join(
+                [*launch.path, *filter(None, [env.get("PYTHONPATH")])]
+            )
+            process = subprocess.Popen(
+                [launch.python, *_WORKER[1:], *argv],
+                stdin=subprocess.DEVNULL,
+                cwd=launch.cwd,
+                env=env,
+            )
+        handle = self._workers[worker_id] = WorkerHandle(
+            worker_id, process, actor_id=actor_id, env_key=launch.key if launch else None
         )
-        handle = self._workers[worker_id] = WorkerHandle(worker_id, process, actor_id=actor_id)
         return handle
 
     def fill(self) -> None:
@@ -72,13 +89,22 @@ class WorkerPool:
         for _ in range(self.size):
             self.start()
 
-    def grow(self) -> None:
-        """One more pool worker, if the pool is not full: it counts its blocked workers
-        out, so that tasks waiting on nested ones cannot deadlock the node."""
-        pool = sum(1 for h in self._workers.values() if h.actor_id is None)
+    def grow(self, launch: Launch | None = None) -> None:
+        """One more pool worker (in ``launch``'s runtime_env), if the pool is not full:
+        it counts its blocked workers out, so that tasks waiting on nested ones cannot
+        deadlock the node. A full pool retires an idle worker of another env for it."""
+        pool = sum(1 for h in self._workers.values() if h.actor_id is None and not h.retiring)
         blocked = sum(1 for h in self._workers.values() if h.blocked)
-        if pool < self.size + blocked:
-            self.start()
+        if pool >= self.size + blocked:
+            key = launch.key if launch else None
+            other = next((q for k, q in self._idle.items() if k != key and q), None)
+            if other is None:
+                return
+            retired = other.popleft()
+            retired.retiring = True
+            with contextlib.suppress(ProcessLookupError):
+                retired.process.terminate()  # its connection's end forgets it
+        self.start(launch=launch)
 
     def connected(self, worker_id: str | None, conn: Connection) -> WorkerHandle:
         """The worker ``worker_id`` said hello on ``conn``: a pool worker is idle now."""
@@ -87,7 +113,7 @@ class WorkerPool:
             raise p.ProtocolError(f"unknown worker {worker_id}")
         handle.conn = conn
         if handle.actor_id is None:
-            self._idle.append(handle)
+            self.idle_again(handle)
         return handle
 
     def of(self, conn: Connection) -> WorkerHandle | None:
@@ -98,12 +124,12 @@ class WorkerPool:
         """Whether the worker's connection has not ended yet."""
         return worker_id in self._workers
 
-    def has_idle(self) -> bool:
-        return bool(self._idle)
+    def has_idle(self, env_key: str | None = None) -> bool:
+        return bool(self._idle.get(env_key))
 
-    def run(self, record: TaskRecord) -> WorkerHandle:
-        """The next idle worker, now running ``record``."""
-        handle = self._idle.popleft()
+    def run(self, record: TaskRecord, env_key: str | None = None) -> WorkerHandle:
+        """The next idle worker of the runtime_env ``env_key``, now running ``record``."""
+        handle = self._idle[env_key].popleft()
         handle.task = record
         return handle
 
@@ -125,7 +151,7 @@ class WorkerPool:
         return record
 
     def idle_again(self, handle: WorkerHandle) -> None:
-        self._idle.append(handle)
+        self._idle.setdefault(handle.env_key, deque()).append(handle)
 
     def after_task(self, handle: WorkerHandle, spec: p.TaskSpec) -> None:
         """The worker ran ``spec`` to its end: idle again, or, once it ran as many of
@@ -138,7 +164,13 @@ class WorkerPool:
                 with contextlib.suppress(ProcessLookupError):
                     handle.process.terminate()
                 return
-        self._idle.append(handle)
+        self.idle_again(handle)
+
+    def replace(self, gone: WorkerHandle) -> None:
+        """A plain worker in place of a pool worker that ended, unless it was retired
+        for a worker of another env (started already)."""
+        if not gone.retiring:
+            self.start()
 
     def exited_unconnected(self) -> list[WorkerHandle]:
         """Workers whose process ended before it said hello: no connection of theirs
@@ -156,8 +188,8 @@ class WorkerPool:
         handle = self._workers.pop(worker_id, None)
         if handle is None:
             return None
-        with contextlib.suppress(ValueError):
-            self._idle.remove(handle)
+        with contextlib.suppress(ValueError, KeyError):
+            self._idle[handle.env_key].remove(handle)
         with contextlib.suppress(ProcessLookupError):
             handle.process.kill()
         return handle, await asyncio.to_thread(handle.process.wait)
@@ -166,7 +198,7 @@ class WorkerPool:
         """Kills every worker and waits for them (the daemon's shutdown)."""
         workers = list(self._workers.values())
         self._workers.clear()
-        self._idle.clear()
+        self._idle = {None: deque()}
         for handle in workers:
             with contextlib.suppress(ProcessLookupError):
                 handle.process.kill()

@@ -365,3 +365,14 @@ SELECT system_id, current_database() AS database, cluster_id::text AS cluster_id
 -- gcs_epochs --
 -- Every epoch of the log: its first, and one per promotion of a replica.
 SELECT epoch, epoch_id::text AS epoch_id, timeline, recorded_at FROM gcs_epochs ORDER BY epoch
+
+-- runtime_env_package_exists --
+SELECT 1 FROM runtime_env_packages WHERE digest = $1
+
+-- runtime_env_package_store --
+-- Content-addressed: a second upload of the same bytes changes nothing.
+INSERT INTO runtime_env_packages (digest, size_bytes, data) VALUES ($1, $2, $3)
+    ON CONFLICT (digest) DO NOTHING
+
+-- runtime_env_package_fetch --
+SELECT data FROM runtime_env_packages WHERE digest = $1
