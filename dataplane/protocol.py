@@ -156,6 +156,7 @@ class Hello:
     worker_id: str | None = None
     namespace: str | None = None  # a driver's, from init(namespace=...)
     replay_of: str | None = None  # a driver of `cairn replay`: the job it re-runs
+    log_to_driver: bool = True  # a driver: whether its workers' output is sent to it
 
 
 @dataclass(slots=True)
@@ -557,6 +558,26 @@ class Notice:
     its that no node can run), shown as a warning."""
 
     text: str
+
+
+@dataclass(slots=True)
+class OutputLines:
+    """Lines one worker printed for a job, as the node's output monitor read them
+    (controlplane/node/worker_output.py); pushed to the job's driver in ``Output``."""
+
+    ip: str  # the worker's node
+    pid: int
+    name: str  # what ran: the task's name, or the actor's
+    stream: str  # "stdout" or "stderr"
+    lines: list[str]
+
+
+@dataclass(slots=True)
+class Output:
+    """Pushed to a driver: what its job's workers printed (dataplane/output_lines.py
+    shows it)."""
+
+    batches: list[OutputLines]
 
 
 @dataclass(slots=True)
