@@ -18,7 +18,7 @@ from sdk import runtime_env
 from sdk.dag import ClassMethodNode, ClassNode, current_dag_id
 from sdk.remote_function import build_args, pickle_code, results_of
 from sdk.runtime import client_or_auto_init
-from sdk.util.scheduling_strategies import to_wire
+from sdk.util.scheduling_strategies import placement
 
 _NUM_RETURNS_ATTR = "__cairn_num_returns__"
 _GROUP_ATTR = "__cairn_concurrency_group__"
@@ -95,6 +95,7 @@ class ActorClass:
     def remote(self, *args: Any, **kwargs: Any) -> ActorHandle:
         client = client_or_auto_init()
         resolved = opts.resolve(self._options, opts.ACTOR_OPTIONS)
+        strategy, selector = placement(resolved["scheduling_strategy"], resolved["label_selector"])
         function_id, blob = self._pickle()
         client.register_function(function_id, blob, self._qualname)
         task = context.current_task()
@@ -154,9 +155,11 @@ class ActorClass:
             actor_id=actor_id,
             method="__init__",
             actor_options=actor_options,
-            strategy=to_wire(resolved["scheduling_strategy"]),
+            strategy=strategy,
             runtime_env=runtime_env.for_submission(resolved["runtime_env"]),
             dag_id=current_dag_id(),
+            label_selector=selector,
+            labels=resolved["_labels"],
         )
         client.submit(spec)
         del keep_alive

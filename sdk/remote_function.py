@@ -21,7 +21,7 @@ from sdk.dag import FunctionNode, current_dag_id
 from sdk.generator import ObjectRefGenerator
 from sdk.object_ref import ObjectRef
 from sdk.runtime import client_or_auto_init, put_object
-from sdk.util.scheduling_strategies import to_wire
+from sdk.util.scheduling_strategies import placement
 
 
 class RemoteFunction:
@@ -54,6 +54,7 @@ class RemoteFunction:
         function_id, blob = self._pickle()
         client.register_function(function_id, blob, self._qualname)
         task = context.current_task()
+        strategy, selector = placement(resolved["scheduling_strategy"], resolved["label_selector"])
         args_list, kwargs_map, contained, keep_alive = build_args(args, kwargs)
         spec = p.TaskSpec(
             task_id=uuid.uuid4().hex,
@@ -69,10 +70,12 @@ class RemoteFunction:
             retry_exception_types=self._retry_types(resolved["retry_exceptions"]),
             contained_refs=contained,
             parent_task_id=task.task_id if task else None,
-            strategy=to_wire(resolved["scheduling_strategy"]),
+            strategy=strategy,
             max_calls=_max_calls(resolved),
             runtime_env=runtime_env.for_submission(resolved["runtime_env"]),
             dag_id=current_dag_id(),
+            label_selector=selector,
+            labels=resolved["_labels"],
         )
         client.submit(spec)
         del keep_alive  # the daemon pins large arguments from submission on

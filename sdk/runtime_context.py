@@ -69,7 +69,8 @@ class RuntimeContext:
         return json.dumps(self.runtime_env)
 
     def get_node_labels(self) -> dict[str, str]:
-        return {}  # (Cairn's nodes have no labels yet)
+        """The labels of this process's node (``ray.io/node-id`` among them)."""
+        return dict(self._client.welcome.labels)
 
     def get(self) -> dict[str, Any]:
         """Ray's deprecated dict of the context."""

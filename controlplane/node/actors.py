@@ -252,6 +252,9 @@ class ActorDirector:
                     return
                 if bundle is None:
                     return  # tried again whenever the group is ready or frees resources
+            elif missing := self.spills.labels_missing(creation.spec):
+                self._report_infeasible(actor, missing)
+                return  # (no other node to go to: it waits, as Ray's)
             elif not self.scheduler.resources.available_for(creation.spec.resources):
                 if not self.scheduler.resources.fits_total(creation.spec.resources):
                     self._report_infeasible(actor)
@@ -274,17 +277,15 @@ class ActorDirector:
             actor.running[record.spec.task_id] = record
             self.node.run(record, handle)
 
-    def _report_infeasible(self, actor: ActorRecord) -> None:
-        """Once: the actor needs more than this node has, so it waits (actors are not
-        placed on other nodes yet); a warning and an ``infeasible`` event say so."""
+    def _report_infeasible(self, actor: ActorRecord, reason: str | None = None) -> None:
+        """Once: the actor needs more than this node has (``reason``: something else it
+        lacks) and no other node can be asked, so it waits; a warning and an
+        ``infeasible`` event say so."""
         if actor.reported_infeasible:
             return
         actor.reported_infeasible = True
         request = actor.creation.spec.resources
-        reason = (
-            f"it needs {request} and this node has {self.scheduler.resources.total}; actors run on "
-            "their creator's node so far"
-        )
+        reason = reason or f"it needs {request} and this node has {self.scheduler.resources.total}"
         log.warning("actor %s cannot be scheduled: %s", actor.actor_id, reason)
         if actor.owner is not None:
             actor.owner.send(p.Notice(f"actor {actor.actor_id} cannot be scheduled now: {reason}"))

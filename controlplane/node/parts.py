@@ -46,6 +46,7 @@ class NodeParts:
     node_id: str
     socket_path: str
     resources: ResourcePool
+    labels: dict[str, str]  # with ray.io/node-id
     recorder: EventRecorder
     store: ObjectStore
     tasks: TaskTable
@@ -90,6 +91,7 @@ def build_parts(
     session_dir: Path,
     socket_path: str,
     resources: ResourcePool,
+    labels: dict[str, str],
     workers: int,
     object_store_memory: int,
     durable_dir: Path,
@@ -145,7 +147,7 @@ def build_parts(
         created_event=store.created_event,
         schedule=lambda: scheduler.schedule(),
     )
-    spills = SpilledTasks(node_id, recorder, objects, tasks, resources, link)
+    spills = SpilledTasks(node_id, recorder, objects, tasks, resources, labels, link)
     runs = TaskRuns(node_id, recorder, store, tasks, worker_pool, placement_groups, spills)
     scheduler = LocalScheduler(resources, placement_groups, worker_pool, spills, runs)
     names = ActorNames()
@@ -195,6 +197,7 @@ def build_parts(
         node_id,
         socket_path,
         resources,
+        labels,
         recorder,
         store,
         tasks,
