@@ -393,6 +393,9 @@ class ActorOptions:
     # default group's max_concurrency); read with getattr (options logged before it)
     concurrency_groups: dict[str, int] | None = None
     method_groups: dict[str, str] | None = None  # method -> its group (@method's)
+    # method -> its @method's max_task_retries, retry_exceptions (and the classes,
+    # cloudpickled: retry_exception_types); read with getattr (options logged before it)
+    method_options: dict[str, dict[str, Any]] | None = None
 
 
 def calls_at_once(options: ActorOptions) -> int:

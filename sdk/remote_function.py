@@ -67,7 +67,7 @@ class RemoteFunction:
             resources=opts.resource_request(resolved),
             max_retries=resolved["max_retries"],
             retry_exceptions=bool(resolved["retry_exceptions"]),
-            retry_exception_types=self._retry_types(resolved["retry_exceptions"]),
+            retry_exception_types=retry_types(resolved["retry_exceptions"]),
             contained_refs=contained,
             parent_task_id=task.task_id if task else None,
             strategy=strategy,
@@ -80,12 +80,6 @@ class RemoteFunction:
         client.submit(spec)
         del keep_alive  # the daemon pins large arguments from submission on
         return results_of(spec)
-
-    @staticmethod
-    def _retry_types(option: bool | list | tuple) -> bytes | None:
-        if isinstance(option, bool):
-            return None
-        return cloudpickle.dumps(tuple(option))
 
     def _pickle(self) -> tuple[str, bytes]:
         if self._pickled is None:
@@ -102,6 +96,13 @@ def results_of(spec: p.TaskSpec) -> Any:
     if spec.num_returns == 1:
         return refs[0]
     return refs if spec.num_returns > 1 else None
+
+
+def retry_types(option: bool | list | tuple) -> bytes | None:
+    """TaskSpec.retry_exception_types of a retry_exceptions option."""
+    if isinstance(option, bool):
+        return None
+    return cloudpickle.dumps(tuple(option))
 
 
 def _max_calls(resolved: dict[str, Any]) -> int:

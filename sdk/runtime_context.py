@@ -100,6 +100,10 @@ class RuntimeContext:
         qualname = getattr(function, "__qualname__", None)
         if qualname is None:
             return self._task.name
+        if self._task.actor_id is not None and not isinstance(function, type):
+            options = self._task.actor_options  # a call: named in .options(), or not
+            default = f"{options.class_name if options else ''}.{function.__name__}"
+            return str(qualname) if self._task.name == default else self._task.name
         if self._task.actor_id is not None or self._task.name == _qualified(function):
             return str(qualname)
         return self._task.name
