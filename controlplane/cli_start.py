@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 from controlplane import auth, tls
 from controlplane.cli_options import gcs_url_option
 from controlplane.gcs_url import resolve_gcs_url
+from controlplane.labels import parse_labels_option
 from controlplane.node import rpc
 
 
@@ -37,6 +38,12 @@ from controlplane.node import rpc
 @click.option("--num-cpus", type=float, default=None, help="CPUs of this node (default: all).")
 @click.option("--num-gpus", type=float, default=None, help="GPUs of this node.")
 @click.option("--resources", default=None, help="Custom resources, as JSON: '{\"disk\": 2}'.")
+@click.option(
+    "--labels",
+    default=None,
+    help='Labels of this node, for label_selector: JSON (\'{"zone": "us-a"}\') or '
+    '"zone=us-a,gpu=a100".',
+)
 @click.option("--object-store-memory", type=int, default=None, help="Store size in bytes.")
 @click.option(
     "--memory",
@@ -93,6 +100,7 @@ def start(
     num_cpus: float | None,
     num_gpus: float | None,
     resources: str | None,
+    labels: str | None,
     object_store_memory: int | None,
     memory: int | None,
     block: bool,
@@ -167,7 +175,14 @@ def start(
         config = (
             local_node.NodeConfig(**json.loads(node_config))
             if node_config
-            else local_node.node_config(num_cpus, num_gpus, custom, object_store_memory, memory)
+            else local_node.node_config(
+                num_cpus,
+                num_gpus,
+                custom,
+                object_store_memory,
+                memory,
+                parse_labels_option(labels) if labels is not None else None,
+            )
         )
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from exc

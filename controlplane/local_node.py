@@ -36,6 +36,7 @@ from controlplane.gcs import Gcs
 from controlplane.gcs_replica import RemoteReplica, ReplicaPlan
 from controlplane.gcs_url import ENV_VAR as GCS_URL_ENV
 from controlplane.gcs_url import JOIN_ENV_VAR, JOIN_REPLICA_ENV_VAR, with_query
+from controlplane.labels import check_node_labels
 from controlplane.node.daemon import new_node_id
 from controlplane.node_records import NODE_SOCKET as NODE_SOCKET
 from controlplane.node_records import NODES_DIR as NODES_DIR
@@ -68,6 +69,7 @@ def default_object_store_memory() -> int:
 class NodeConfig:
     resources: dict[str, float]
     object_store_memory: int
+    labels: dict[str, str] = dataclasses.field(default_factory=dict)  # beside ray.io/node-id
 
 
 def default_memory(object_store_memory: int) -> int:
@@ -87,6 +89,7 @@ def node_config(
     resources: dict[str, float] | None,
     object_store_memory: int | None,
     memory: int | None = None,
+    labels: dict[str, str] | None = None,
 ) -> NodeConfig:
     for name, value in (
         ("num_cpus", num_cpus),
@@ -110,7 +113,7 @@ def node_config(
     store = object_store_memory or default_object_store_memory()
     total["object_store_memory"] = float(store)
     total["memory"] = float(int(memory) if memory is not None else default_memory(store))
-    return NodeConfig(total, int(store))
+    return NodeConfig(total, int(store), check_node_labels(labels or {}, "labels"))
 
 
 @dataclass
@@ -266,6 +269,8 @@ class LocalNode:
             json.dumps(self.config.resources),
             "--object-store-memory",
             str(self.config.object_store_memory),
+            "--labels",
+            json.dumps(self.config.labels),
             "--die-with-parent",
         ]
         command += ["--adopt-store-of", adopt_store_of] if adopt_store_of else []

@@ -215,8 +215,9 @@ async def infeasible_tasks(url: str) -> list[tuple[str, str, dict[str, float]]]:
 async def cluster_nodes(url: str) -> list[dict[str, Any]]:
     """Every node of the cluster, as the ``nodes`` projection's rows, folded from the
     log's node events (oldest registration first), each with what its registration
-    says beyond the projection's columns: ``head``, ``hostname`` and ``socket`` (its
-    daemon's socket path; these two None if it registered without them)."""
+    says beyond the projection's columns: ``head``, ``hostname``, ``socket`` (its
+    daemon's socket path; these two None if it registered without them) and
+    ``labels`` (None if it registered without them)."""
     conn = await connect(url)
     try:
         rows = await conn.fetch(queries["node_events"])
@@ -231,6 +232,7 @@ async def cluster_nodes(url: str) -> list[dict[str, Any]]:
             "head": bool(registered.get(row["node_id"], {}).get("head")),
             "hostname": registered.get(row["node_id"], {}).get("hostname"),
             "socket": registered.get(row["node_id"], {}).get("socket"),
+            "labels": registered.get(row["node_id"], {}).get("labels"),
         }
         for (table, _), row in state.items()
         if table == "nodes"

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from controlplane import labels
 from controlplane.errors import GcsIdentityError
 from controlplane.eventlog import (
     EntityKind,
@@ -70,6 +71,7 @@ class NodeView:
     spread: int = 0  # SPREAD tasks placed here (by this scheduler)
 
     queued_cpus: float = 0.0  # CPUs wanted by tasks queued there, at the last heartbeat
+    labels: dict[str, str] | None = None  # its labels (None in checkpoints from before)
 
     def free(self, name: str) -> float:
         """What is free there as far as this scheduler knows: negative when more is
@@ -83,6 +85,9 @@ class NodeView:
     def fits_now(self, request: dict[str, float]) -> bool:
         return all(self.free(k) >= v for k, v in request.items() if v > 0)
 
+    def has_labels(self, selector: dict[str, Any] | None) -> bool:
+        return labels.hard_match(self.labels or {}, selector)
+
 
 @dataclass
 class Spill:
@@ -92,6 +97,7 @@ class Spill:
     from_node: str | None
     strategy: tuple[str, ...] | None = None
     reported_infeasible: bool = False
+    label_selector: dict[str, Any] | None = None  # (controlplane/labels.py)
     # node address -> bytes of the task's arguments held there
     arg_bytes: dict[str, int] = field(default_factory=dict)
 
@@ -182,7 +188,11 @@ class GlobalScheduler:
             if event.event_type == "registered":
                 total = {k: float(v) for k, v in payload["resources"].items()}
                 self.nodes[event.entity_id] = NodeView(
-                    event.entity_id, payload["address"], total, dict(total)
+                    event.entity_id,
+                    payload["address"],
+                    total,
+                    dict(total),
+                    labels=labels.node_labels(event.entity_id, payload.get("labels")),
                 )
                 self.infeasible_groups.clear()  # a new node may make them placeable
             elif event.event_type == "heartbeat" and event.entity_id in self.nodes:
@@ -210,6 +220,7 @@ class GlobalScheduler:
                     payload.get("from_node"),
                     tuple(payload["strategy"]) if payload.get("strategy") else None,
                     arg_bytes=_bytes_by_address(payload.get("args", {})),
+                    label_selector=payload.get("label_selector"),
                 )
             elif event.event_type in ("cancelled", "finished", "failed"):
                 self.pending.pop(event.entity_id, None)
@@ -228,8 +239,15 @@ class GlobalScheduler:
         than the spilling one on ties; but a node where it fits now and that holds more
         of its argument bytes comes first (data locality: bytes not moved). SPREAD:
         the feasible node given fewest SPREAD tasks so far. Node affinity: that node,
-        if alive and feasible (else, if soft, the default)."""
-        feasible = [n for n in self.nodes.values() if n.feasible(spill.resources)]
+        if alive and feasible (else, if soft, the default). A label selector: only
+        nodes with the labels it needs are feasible, and among them those with the
+        labels it prefers come first."""
+        selector = spill.label_selector
+        feasible = [
+            n
+            for n in self.nodes.values()
+            if n.feasible(spill.resources) and (selector is None or n.has_labels(selector))
+        ]
         strategy = spill.strategy or ("DEFAULT",)
         if strategy[0] == "PLACEMENT_GROUP":  # the node of its bundle (any, for -1)
             nodes = self.group_nodes.get(strategy[1], [])
@@ -245,6 +263,9 @@ class GlobalScheduler:
                 return None
         if not feasible:
             return None
+        if selector is not None and selector.get("soft"):
+            preferred = [n for n in feasible if labels.soft_match(n.labels or {}, selector)]
+            feasible = preferred or feasible
         if strategy[0] == "SPREAD":
             return min(feasible, key=lambda n: (n.spread, -n.free("CPU")))
         return max(
@@ -264,6 +285,13 @@ class GlobalScheduler:
             if strategy[1] not in self.nodes:
                 return f"its hard node affinity names node {strategy[1]}, which is not alive", True
             return f"its hard node affinity names node {strategy[1]}, which is too small", True
+        selector = spill.label_selector
+        if selector is not None and not any(n.has_labels(selector) for n in self.nodes.values()):
+            return (
+                f"no node of the cluster has the labels its label_selector needs "
+                f"({labels.describe(selector)})",
+                False,
+            )
         return f"no node of the cluster has {spill.resources}", False
 
     def place_group(self, bundles: list[dict[str, float]], strategy: str) -> list[str] | None:

@@ -188,8 +188,15 @@ class CoreClient:
                 for object_id in return_ids:
                     self._call_route[object_id] = route
             channel = route.channel
-            # (a generator's values come through the daemon: so does the call)
-            if channel is None or route.via_daemon or route.blind or spec.streaming:
+            # (a generator's values come through the daemon: so does the call; and one
+            # that may be retried when it raises: the daemon decides that)
+            if (
+                channel is None
+                or route.via_daemon
+                or route.blind
+                or spec.streaming
+                or spec.retry_exceptions
+            ):
                 if not route.never:
                     route.via_daemon.update(return_ids)
                     route.blind = route.blind or not return_ids

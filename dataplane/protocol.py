@@ -117,6 +117,13 @@ class TaskSpec:
     # absent from specs logged before it existed: getattr(spec, "runtime_env", None)
     runtime_env: dict[str, Any] | None = None
     dag_id: str | None = None  # the DAG execution it is part of (sdk/dag.py); likewise
+    # the labels its node must have (controlplane/labels.py's selector); likewise
+    label_selector: dict[str, dict[str, list[Any]]] | None = None
+    labels: dict[str, str] | None = None  # its own (Ray's _labels option); likewise
+    # an actor call's own max_task_retries (a method option; None: its actor's) and the
+    # concurrency group it runs in (None: its method's); likewise
+    max_task_retries: int | None = None
+    concurrency_group: str | None = None
 
     def return_ids(self) -> list[str]:
         """Its fixed returns (none for a streaming generator: its values are made as it
@@ -387,6 +394,9 @@ class ActorOptions:
     # default group's max_concurrency); read with getattr (options logged before it)
     concurrency_groups: dict[str, int] | None = None
     method_groups: dict[str, str] | None = None  # method -> its group (@method's)
+    # method -> its @method's max_task_retries, retry_exceptions (and the classes,
+    # cloudpickled: retry_exception_types); read with getattr (options logged before it)
+    method_options: dict[str, dict[str, Any]] | None = None
 
 
 def calls_at_once(options: ActorOptions) -> int:
@@ -507,6 +517,7 @@ class NodeSummary:
     available: dict[str, float]  # free now (another node: at its latest heartbeat)
     death_cause: str = ""
     death_expected: bool = False  # it stopped on purpose (shutdown), not lost
+    labels: dict[str, str] = field(default_factory=dict)  # with ray.io/node-id
 
 
 # -- messages: daemon -> client ---------------------------------------------------------
@@ -520,6 +531,7 @@ class Welcome:
     gcs_url: str
     resources: dict[str, float]
     namespace: str = ""  # a driver's namespace (an anonymous one if it gave none)
+    labels: dict[str, str] = field(default_factory=dict)  # its node's (with its id)
 
 
 @dataclass(slots=True)

@@ -313,8 +313,9 @@ class Worker:
         }
         method_groups = (getattr(options, "method_groups", None) or {}) if options else {}
 
-        def group_of(message: p.ExecuteTask) -> str:
-            return method_groups.get(message.spec.method or "", "")
+        def group_of(message: p.ExecuteTask) -> str:  # the call's own, else its method's
+            own = getattr(message.spec, "concurrency_group", None)
+            return own or method_groups.get(message.spec.method or "", "")
 
         is_async = any(  # (async generator methods too, as in Ray)
             inspect.iscoroutinefunction(member) or inspect.isasyncgenfunction(member)

@@ -16,31 +16,94 @@ from dataplane import protocol as p
 from sdk import options as opts
 from sdk import runtime_env
 from sdk.dag import ClassMethodNode, ClassNode, current_dag_id
-from sdk.remote_function import build_args, pickle_code, results_of
+from sdk.remote_function import build_args, pickle_code, results_of, retry_types
 from sdk.runtime import client_or_auto_init
-from sdk.util.scheduling_strategies import to_wire
+from sdk.util.scheduling_strategies import placement
 
 _NUM_RETURNS_ATTR = "__cairn_num_returns__"
 _GROUP_ATTR = "__cairn_concurrency_group__"
+_RETRIES_ATTR = "__cairn_method_retries__"  # its max_task_retries / retry_exceptions
+
+# Ray's options of @ray.method, and of an actor method's .options() (which adds name)
+METHOD_OPTIONS = (
+    "num_returns",
+    "concurrency_group",
+    "max_task_retries",
+    "retry_exceptions",
+    "_generator_backpressure_num_objects",
+    "enable_task_events",
+    "tensor_transport",
+)
+CALL_OPTIONS = (*METHOD_OPTIONS, "name")
 
 
-def method(
-    *, num_returns: int | str = 1, concurrency_group: str | None = None
-) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def method(*args: Any, **options: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """``@sdk.method(...)`` on an actor method, as ``ray.method``: ``num_returns`` (a
-    count, or "streaming" for a generator method) and the ``concurrency_group`` it runs
-    in (one of the actor's ``concurrency_groups``)."""
-    wire = _num_returns(num_returns)
-    if concurrency_group is not None:
-        opts.check_text("method(): concurrency_group", concurrency_group, allow_empty=False)
+    count, or "streaming" for a generator method), the ``concurrency_group`` it runs
+    in (one of the actor's ``concurrency_groups``), and ``max_task_retries`` /
+    ``retry_exceptions`` for its calls (instead of the actor's max_task_retries; with
+    retry_exceptions, a call that raises is run again while retries last)."""
+    if args or not options:
+        raise TypeError(
+            "The @method decorator must be applied using at least one of the arguments in "
+            f"the list {list(METHOD_OPTIONS)}, for example '@method(num_returns=2)'."
+        )
+    checked = _method_options(options, "@method", METHOD_OPTIONS)
 
     def mark(function: Callable[..., Any]) -> Callable[..., Any]:
-        setattr(function, _NUM_RETURNS_ATTR, wire)
-        if concurrency_group is not None:
-            setattr(function, _GROUP_ATTR, concurrency_group)
+        if "num_returns" in checked:
+            setattr(function, _NUM_RETURNS_ATTR, checked["num_returns"])
+        if "concurrency_group" in checked:
+            setattr(function, _GROUP_ATTR, checked["concurrency_group"])
+        retries = {k: checked[k] for k in ("max_task_retries", "retry_exceptions") if k in checked}
+        if retries:
+            setattr(function, _RETRIES_ATTR, retries)
         return function
 
     return mark
+
+
+def _method_options(options: dict[str, Any], where: str, allowed: tuple[str, ...]) -> dict:
+    """The options of a method (or of one call of it) as its calls use them: those
+    given, checked (num_returns as TaskSpec.num_returns); ValueError naming one that is
+    invalid, or one of Ray's that Cairn cannot honour."""
+    checked: dict[str, Any] = {}
+    for key, value in options.items():
+        if key not in allowed:
+            raise TypeError(
+                f"Unexpected keyword argument to {where}: '{key}'. The supported keyword "
+                f"arguments are {list(allowed)}"
+            )
+        if value is None:
+            continue
+        if key == "num_returns":
+            checked[key] = _num_returns(value)
+        elif key in ("concurrency_group", "name"):
+            opts.check_text(f"{where}: {key}", value, allow_empty=False)
+            checked[key] = value
+        elif key == "max_task_retries":
+            if not isinstance(value, int) or isinstance(value, bool) or value < -1:
+                raise ValueError(f"{where}: max_task_retries must be an int >= -1, got {value!r}")
+            checked[key] = value
+        elif key == "retry_exceptions":
+            if not isinstance(value, bool | list | tuple) or opts.TASK_OPTIONS[key].check(value):
+                raise ValueError(
+                    f"{where}: retry_exceptions must be a bool or a list of exception "
+                    f"classes, got {value!r:.80}"
+                )
+            checked[key] = value
+        elif key == "enable_task_events" and value is True:
+            continue  # (every call's transitions are events in the log, always)
+        else:
+            raise ValueError(f"{where}: {key}={value!r:.80} is not supported by Cairn: {_WHY[key]}")
+    return checked
+
+
+_WHY = {
+    "_generator_backpressure_num_objects": "generators have no backpressure yet",
+    "enable_task_events": "every transition is an event in the log; it cannot be switched off",
+    "tensor_transport": "objects move through the object store only",
+}
 
 
 def _num_returns(value: int | str) -> int:
@@ -49,6 +112,17 @@ def _num_returns(value: int | str) -> int:
     if problem or isinstance(value, bool) or not isinstance(value, int | str):
         raise ValueError(f"num_returns {problem or 'must be an int >= 0 or streaming'}: {value!r}")
     return opts.num_returns_on_wire(value)
+
+
+def _retries_on_wire(retries: dict[str, Any]) -> dict[str, Any]:
+    """A method's max_task_retries / retry_exceptions as ActorOptions.method_options
+    keeps them (exception classes cloudpickled, as TaskSpec.retry_exception_types)."""
+    wire = dict(retries)
+    if "retry_exceptions" in wire:
+        option = wire.pop("retry_exceptions")
+        wire["retry_exceptions"] = bool(option)
+        wire["retry_exception_types"] = retry_types(option)
+    return wire
 
 
 def exit_actor() -> None:
@@ -75,6 +149,11 @@ class ActorClass:
             for name, member in inspect.getmembers(cls, callable)
             if hasattr(member, _GROUP_ATTR)
         }
+        self._method_retries = {
+            name: _retries_on_wire(getattr(member, _RETRIES_ATTR))
+            for name, member in inspect.getmembers(cls, callable)
+            if hasattr(member, _RETRIES_ATTR)
+        }
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         raise TypeError(
@@ -95,6 +174,7 @@ class ActorClass:
     def remote(self, *args: Any, **kwargs: Any) -> ActorHandle:
         client = client_or_auto_init()
         resolved = opts.resolve(self._options, opts.ACTOR_OPTIONS)
+        strategy, selector = placement(resolved["scheduling_strategy"], resolved["label_selector"])
         function_id, blob = self._pickle()
         client.register_function(function_id, blob, self._qualname)
         task = context.current_task()
@@ -111,6 +191,7 @@ class ActorClass:
             max_concurrency=resolved["max_concurrency"] or self._default_concurrency(),
             concurrency_groups=self._groups(resolved["concurrency_groups"]),
             method_groups=dict(self._method_groups) or None,
+            method_options=dict(self._method_retries) or None,
             replay_calls_on_restart=resolved["replay_calls_on_restart"],
             checkpoint_interval=resolved["checkpoint_interval"],
         )
@@ -154,13 +235,15 @@ class ActorClass:
             actor_id=actor_id,
             method="__init__",
             actor_options=actor_options,
-            strategy=to_wire(resolved["scheduling_strategy"]),
+            strategy=strategy,
             runtime_env=runtime_env.for_submission(resolved["runtime_env"], client.welcome.gcs_url),
             dag_id=current_dag_id(),
+            label_selector=selector,
+            labels=resolved["_labels"],
         )
         client.submit(spec)
         del keep_alive
-        return ActorHandle(actor_id, self._qualname, self._methods)
+        return ActorHandle(actor_id, self._qualname, self._methods, actor_options)
 
     def _groups(self, groups: dict[str, int] | None) -> dict[str, int] | None:
         """The actor's concurrency groups; ValueError if a method names one it lacks."""
@@ -210,16 +293,24 @@ def _claim_name(
 def handle_of(actor_id: str, options: p.ActorOptions | None) -> ActorHandle:
     if options is None:
         raise ValueError(f"the actor {actor_id} is being created; try again")
-    return ActorHandle(actor_id, options.class_name, options.methods)
+    return ActorHandle(actor_id, options.class_name, options.methods, options)
 
 
 class ActorHandle:
-    """A reference to an actor; its attributes are the actor's methods."""
+    """A reference to an actor; its attributes are the actor's methods. ``options``:
+    its actor's (what its calls need of them: each method's options, the groups)."""
 
-    def __init__(self, actor_id: str, class_name: str, methods: dict[str, int]) -> None:
+    def __init__(
+        self,
+        actor_id: str,
+        class_name: str,
+        methods: dict[str, int],
+        options: p.ActorOptions | None = None,
+    ) -> None:
         self._actor_id = actor_id
         self._class_name = class_name
         self._methods = methods
+        self._options = options
         self._sequence = itertools.count()
 
     def __getattr__(self, name: str) -> ActorMethod:
@@ -231,7 +322,7 @@ class ActorHandle:
         return ActorMethod(self, name, methods[name])
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (ActorHandle, (self._actor_id, self._class_name, self._methods))
+        return (ActorHandle, (self._actor_id, self._class_name, self._methods, self._options))
 
     def __repr__(self) -> str:
         return f"Actor({self._class_name}, {self._actor_id})"
@@ -244,10 +335,17 @@ class ActorHandle:
 
 
 class ActorMethod:
-    def __init__(self, handle: ActorHandle, name: str, num_returns: int) -> None:
+    def __init__(
+        self,
+        handle: ActorHandle,
+        name: str,
+        num_returns: int,
+        call_options: dict[str, Any] | None = None,
+    ) -> None:
         self._handle = handle
         self._name = name
         self._num_returns = num_returns
+        self._call_options = call_options or {}  # .options(): name, retries, group
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         raise TypeError(
@@ -255,36 +353,63 @@ class ActorMethod:
             f"'{self._name}()', try '{self._name}.remote()'."
         )
 
-    def options(self, *, num_returns: int | str | None = None) -> ActorMethod:
-        chosen = self._num_returns if num_returns is None else _num_returns(num_returns)
-        return ActorMethod(self._handle, self._name, chosen)
+    def options(self, **options: Any) -> ActorMethod:
+        """This method's calls with Ray's call options (``name``, ``num_returns``,
+        ``max_task_retries``, ``retry_exceptions``, ``concurrency_group``)."""
+        checked = _method_options(options, f"{self._name}.options()", CALL_OPTIONS)
+        group = checked.get("concurrency_group")
+        declared = getattr(self._handle._options, "concurrency_groups", None) or {}
+        if group is not None and group not in declared:
+            raise ValueError(
+                f"{self._name}.options(): concurrency group {group!r} is not one of the "
+                f"actor's (concurrency_groups={declared})"
+            )
+        num_returns = checked.pop("num_returns", self._num_returns)
+        return ActorMethod(self._handle, self._name, num_returns, self._call_options | checked)
 
     def bind(self, *args: Any, **kwargs: Any) -> ClassMethodNode:
         """A node of a DAG (sdk/dag.py): this call of the actor, made by ``execute``."""
         return ClassMethodNode(self._handle, self._name, args, kwargs)
 
+    def _retries(self) -> dict[str, Any]:
+        """max_task_retries / retry_exceptions of this call: its own (.options()), else
+        its method's (@method), else none (its actor's max_task_retries then)."""
+        options = self._handle._options
+        method = (getattr(options, "method_options", None) or {}).get(self._name, {})
+        own = self._call_options
+        if "retry_exceptions" in own:
+            method = {**method, **_retries_on_wire({"retry_exceptions": own["retry_exceptions"]})}
+        if "max_task_retries" in own:
+            method = {**method, "max_task_retries": own["max_task_retries"]}
+        return method
+
     def remote(self, *args: Any, **kwargs: Any) -> Any:
         client = client_or_auto_init()
         handle = self._handle
         task = context.current_task()
+        own_retries = self._call_options or getattr(handle._options, "method_options", None)
+        retries = self._retries() if own_retries else {}
         arg_list, kwarg_map, contained, keep_alive = build_args(args, kwargs)
         spec = p.TaskSpec(
             task_id=uuid.uuid4().hex,
             job_id=task.job_id if task else client.welcome.job_id,
-            name=f"{handle._class_name}.{self._name}",
+            name=self._call_options.get("name") or f"{handle._class_name}.{self._name}",
             function_id="",
             args=arg_list,
             kwargs=kwarg_map,
             num_returns=self._num_returns,
             resources={},
             max_retries=0,
-            retry_exceptions=False,
+            retry_exceptions=retries.get("retry_exceptions", False),
+            retry_exception_types=retries.get("retry_exception_types"),
             contained_refs=contained,
             parent_task_id=task.task_id if task else None,
             actor_id=handle._actor_id,
             method=self._name,
             sequence=next(handle._sequence),
             dag_id=current_dag_id(),
+            max_task_retries=retries.get("max_task_retries"),
+            concurrency_group=self._call_options.get("concurrency_group"),
         )
         client.submit_actor_call(spec)
         del keep_alive

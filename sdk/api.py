@@ -10,6 +10,7 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
+from controlplane.labels import node_labels
 from dataplane import context
 from dataplane import protocol as p
 from dataplane.client import DaemonError
@@ -29,7 +30,6 @@ from sdk.runtime_context import RuntimeContext, get_runtime_context
 # that Ray programs run unchanged, with a warning naming them (never silently).
 _IGNORED_INIT_ARGS = frozenset(
     {
-        "labels",
         "local_mode",
         "include_dashboard",
         "dashboard_host",
@@ -58,6 +58,7 @@ def init(
     num_cpus: float | None = None,
     num_gpus: float | None = None,
     resources: dict[str, float] | None = None,
+    labels: dict[str, str] | None = None,
     object_store_memory: int | None = None,
     namespace: str | None = None,
     ignore_reinit_error: bool = False,
@@ -70,7 +71,8 @@ def init(
     ``$CAIRN_ADDRESS``), or with "local": starts a private head node (embedded
     PostgreSQL unless ``gcs_url`` or ``$CAIRN_GCS_URL`` names one) that ``shutdown``
     stops. With "auto": connects to this machine's running cluster (``cairn start
-    --head``), which outlives this driver."""
+    --head``), which outlives this driver. ``labels``: the private head node's, as
+    Ray's (a cluster's nodes have those given to ``cairn start --labels``)."""
     unknown = sorted(set(unsupported) - _IGNORED_INIT_ARGS)
     if unknown:
         raise TypeError(f"init() got unexpected keyword arguments: {unknown}")
@@ -92,6 +94,7 @@ def init(
         num_cpus=num_cpus,
         num_gpus=num_gpus,
         resources=resources,
+        labels=labels,
         object_store_memory=object_store_memory,
         memory=_memory,
         namespace=namespace,
@@ -316,7 +319,7 @@ def _ray_node(node: p.NodeSummary) -> dict[str, Any]:
         "DeathReasonMessage": node.death_cause,
         "alive": node.alive,
         "Resources": dict(node.resources) if node.alive else {},
-        "Labels": {"ray.io/node_id": node.node_id},
+        "Labels": node_labels(node.node_id, node.labels),
     }
 
 

@@ -123,6 +123,26 @@ def _strategy(value: Any) -> str | None:
     return None
 
 
+def _label_selector(value: Any) -> str | None:
+    from controlplane.labels import from_ray_selector
+
+    try:
+        from_ray_selector(value, "is invalid")
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def _labels(value: Any) -> str | None:
+    from controlplane.labels import key_problem, value_problem
+
+    for key, label in value.items():
+        problem = key_problem(key) or value_problem(key, label) or storable(key + label)
+        if problem:
+            return f"has an invalid label: {problem}"
+    return None
+
+
 TASK_OPTIONS: dict[str, Option] = {
     "num_cpus": Option((int, float), 1, _non_negative),
     "num_gpus": Option((int, float), 0, _non_negative),
@@ -136,6 +156,8 @@ TASK_OPTIONS: dict[str, Option] = {
     "name": Option((str,), None, storable),
     "memory": Option((int, float), None, _non_negative),
     "scheduling_strategy": Option((str, object), None, _strategy),
+    "label_selector": Option((dict,), None, _label_selector),
+    "_labels": Option((dict,), None, _labels),  # the task's own, logged with it
     "runtime_env": Option((dict,), None, _runtime_env),
 }
 
@@ -160,6 +182,8 @@ ACTOR_OPTIONS: dict[str, Option] = {
     "get_if_exists": Option((bool,), False),
     "concurrency_groups": Option((dict,), None, _concurrency_groups),
     "scheduling_strategy": Option((str, object), None, _strategy),
+    "label_selector": Option((dict,), None, _label_selector),
+    "_labels": Option((dict,), None, _labels),  # the actor's own, logged with it
     "runtime_env": Option((dict,), None, _runtime_env),
     # Cairn's own: after a restart the actor's earlier calls are re-run from the log
     "replay_calls_on_restart": Option((bool,), False),

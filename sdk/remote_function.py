@@ -21,7 +21,7 @@ from sdk.dag import FunctionNode, current_dag_id
 from sdk.generator import ObjectRefGenerator
 from sdk.object_ref import ObjectRef
 from sdk.runtime import client_or_auto_init, put_object
-from sdk.util.scheduling_strategies import to_wire
+from sdk.util.scheduling_strategies import placement
 
 
 class RemoteFunction:
@@ -54,6 +54,7 @@ class RemoteFunction:
         function_id, blob = self._pickle()
         client.register_function(function_id, blob, self._qualname)
         task = context.current_task()
+        strategy, selector = placement(resolved["scheduling_strategy"], resolved["label_selector"])
         args_list, kwargs_map, contained, keep_alive = build_args(args, kwargs)
         spec = p.TaskSpec(
             task_id=uuid.uuid4().hex,
@@ -66,23 +67,19 @@ class RemoteFunction:
             resources=opts.resource_request(resolved),
             max_retries=resolved["max_retries"],
             retry_exceptions=bool(resolved["retry_exceptions"]),
-            retry_exception_types=self._retry_types(resolved["retry_exceptions"]),
+            retry_exception_types=retry_types(resolved["retry_exceptions"]),
             contained_refs=contained,
             parent_task_id=task.task_id if task else None,
-            strategy=to_wire(resolved["scheduling_strategy"]),
+            strategy=strategy,
             max_calls=_max_calls(resolved),
             runtime_env=runtime_env.for_submission(resolved["runtime_env"], client.welcome.gcs_url),
             dag_id=current_dag_id(),
+            label_selector=selector,
+            labels=resolved["_labels"],
         )
         client.submit(spec)
         del keep_alive  # the daemon pins large arguments from submission on
         return results_of(spec)
-
-    @staticmethod
-    def _retry_types(option: bool | list | tuple) -> bytes | None:
-        if isinstance(option, bool):
-            return None
-        return cloudpickle.dumps(tuple(option))
 
     def _pickle(self) -> tuple[str, bytes]:
         if self._pickled is None:
@@ -99,6 +96,13 @@ def results_of(spec: p.TaskSpec) -> Any:
     if spec.num_returns == 1:
         return refs[0]
     return refs if spec.num_returns > 1 else None
+
+
+def retry_types(option: bool | list | tuple) -> bytes | None:
+    """TaskSpec.retry_exception_types of a retry_exceptions option."""
+    if isinstance(option, bool):
+        return None
+    return cloudpickle.dumps(tuple(option))
 
 
 def _max_calls(resolved: dict[str, Any]) -> int:

@@ -74,6 +74,7 @@ def start(
     num_cpus: float | None = None,
     num_gpus: float | None = None,
     resources: dict[str, float] | None = None,
+    labels: dict[str, str] | None = None,
     object_store_memory: int | None = None,
     memory: int | None = None,
     namespace: str | None = None,
@@ -101,13 +102,14 @@ def start(
                 "prints it), and a driver runs on a machine of the cluster"
             )
         if address is None or address == "local":
-            config = node_config(num_cpus, num_gpus, resources, object_store_memory, memory)
+            config = node_config(num_cpus, num_gpus, resources, object_store_memory, memory, labels)
             _runtime = Runtime.start(gcs_url=gcs_url, config=config, namespace=namespace)
         elif address == "auto" or _is_host_port(address):
             given = {
                 "num_cpus": num_cpus,
                 "num_gpus": num_gpus,
                 "resources": resources,
+                "labels": labels,
                 "object_store_memory": object_store_memory,
                 "_memory": memory,
                 "gcs_url": gcs_url,

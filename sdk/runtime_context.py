@@ -69,7 +69,8 @@ class RuntimeContext:
         return json.dumps(self.runtime_env)
 
     def get_node_labels(self) -> dict[str, str]:
-        return {}  # (Cairn's nodes have no labels yet)
+        """The labels of this process's node (``ray.io/node-id`` among them)."""
+        return dict(self._client.welcome.labels)
 
     def get(self) -> dict[str, Any]:
         """Ray's deprecated dict of the context."""
@@ -99,6 +100,10 @@ class RuntimeContext:
         qualname = getattr(function, "__qualname__", None)
         if qualname is None:
             return self._task.name
+        if self._task.actor_id is not None and not isinstance(function, type):
+            options = self._task.actor_options  # a call: named in .options(), or not
+            default = f"{options.class_name if options else ''}.{function.__name__}"
+            return str(qualname) if self._task.name == default else self._task.name
         if self._task.actor_id is not None or self._task.name == _qualified(function):
             return str(qualname)
         return self._task.name

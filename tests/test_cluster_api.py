@@ -67,7 +67,7 @@ def test_a_private_cluster_is_its_one_node() -> None:
         assert node["NodeManagerAddress"] == "127.0.0.1" and node["NodeName"] == "127.0.0.1"
         assert node["NodeManagerHostname"] == os.uname().nodename
         assert node["RayletSocketName"].endswith("node.sock")
-        assert node["Labels"] == {"ray.io/node_id": node["NodeID"]}
+        assert node["Labels"] == {"ray.io/node-id": node["NodeID"]}
         assert _without_store(node["Resources"]) == {
             "CPU": 2.0,
             "gadget": 1.0,

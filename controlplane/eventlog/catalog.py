@@ -93,6 +93,8 @@ CATALOG: dict[tuple[EntityKind, str], EventType] = {
                 "actor_id": str,
                 "method": str,
                 "sequence": int,
+                "label_selector": dict,  # the labels its node must have (or prefers)
+                "labels": dict,  # its own (Ray's _labels)
             },
         ),
         ("waiting_for_dependencies", {"dependencies": list}, {}),
@@ -109,7 +111,7 @@ CATALOG: dict[tuple[EntityKind, str], EventType] = {
         (
             "spilled",
             {"attempt": int, "resources": dict},
-            {"args": dict, "from_node": str, "strategy": list},
+            {"args": dict, "from_node": str, "strategy": list, "label_selector": dict},
         ),
         ("placed", {"node_id": str, "attempt": int}, {}),
         ("infeasible", {"resources": dict}, {"reason": str, "final": bool, "attempt": int}),
@@ -168,7 +170,7 @@ CATALOG: dict[tuple[EntityKind, str], EventType] = {
     ),
     **_types(
         _K.NODE,
-        ("registered", {"address": str, "resources": dict}, {}),
+        ("registered", {"address": str, "resources": dict}, {"labels": dict}),
         ("heartbeat", {}, {"available": dict, "load": dict}),
         # a gRPC call without the cluster token was refused (at most one per peer per
         # few seconds); the only trace such a call leaves

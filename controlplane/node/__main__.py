@@ -30,6 +30,7 @@ def main() -> None:
     parser.add_argument("--node-id", required=True)
     parser.add_argument("--resources", required=True, help="JSON object of resource amounts")
     parser.add_argument("--object-store-memory", required=True, type=int)
+    parser.add_argument("--labels", default="{}", help="JSON object of the node's labels")
     parser.add_argument("--die-with-parent", action="store_true")
     parser.add_argument(
         "--rpc-port", type=int, default=None, help="serve cairn.Node here (0: any free port)"
@@ -72,6 +73,7 @@ def main() -> None:
         node_id=args.node_id,
         resources=json.loads(args.resources),
         object_store_memory=args.object_store_memory,
+        labels=json.loads(args.labels),
         rpc_port=args.rpc_port,
         rpc_host=args.rpc_host,
         head=args.head,

@@ -34,7 +34,7 @@ from controlplane.eventlog import EntityKind, Event, RecordedEvent
 from controlplane.node.actor_names import ActorNames
 from controlplane.node.actor_replay import calls_to_replay, internal_call, internal_call_done
 from controlplane.node.actor_routes import ActorRoutes
-from controlplane.node.actors_elsewhere import ActorsElsewhere
+from controlplane.node.actors_elsewhere import ActorsElsewhere, call_retries
 from controlplane.node.local_scheduler import LocalScheduler
 from controlplane.node.placement_groups import PlacementGroups
 from controlplane.node.recorder import EventRecorder
@@ -78,6 +78,23 @@ class ActorRecord:
     @property
     def options(self) -> p.ActorOptions:
         return self.creation.spec.actor_options or p.ActorOptions("", {})
+
+
+def _retried_on_error(record: TaskRecord, done: p.TaskDone) -> bool:
+    """Whether a call that raised runs again (retry_exceptions, while retries last);
+    one retry used up if so."""
+    error = done.error
+    if not (
+        error is not None
+        and error.kind == "task_error"
+        and record.spec.retry_exceptions
+        and error.retryable
+        and record.retries_left != 0
+        and not done.direct  # (its caller has the answer: such calls go via the daemon)
+    ):
+        return False
+    record.retries_left -= record.retries_left > 0
+    return True
 
 
 class ActorHost(Protocol):
@@ -253,7 +270,7 @@ class ActorDirector:
         if actor.death is not None:
             self.node.finish_failed(record, actor.death, log_event=True)
             return
-        record.retries_left = actor.options.max_task_retries
+        record.retries_left = call_retries(record.spec, actor.options)
         actor.queue.append(record)
         for dep in list(record.pending_deps):
             self.objects.on_ready(dep, functools.partial(self._dep_ready, actor, record, dep))
@@ -281,6 +298,9 @@ class ActorDirector:
                     return
                 if bundle is None:
                     return  # tried again whenever the group is ready or frees resources
+            elif missing := self.spills.labels_missing(creation.spec):
+                self._report_infeasible(actor, missing)
+                return  # (no other node to go to: it waits, as Ray's)
             elif not self.scheduler.resources.available_for(creation.spec.resources):
                 if not self.scheduler.resources.fits_total(creation.spec.resources):
                     self._report_infeasible(actor)
@@ -303,17 +323,15 @@ class ActorDirector:
             actor.running[record.spec.task_id] = record
             self.node.run(record, handle)
 
-    def _report_infeasible(self, actor: ActorRecord) -> None:
-        """Once: the actor needs more than this node has, so it waits (actors are not
-        placed on other nodes yet); a warning and an ``infeasible`` event say so."""
+    def _report_infeasible(self, actor: ActorRecord, reason: str | None = None) -> None:
+        """Once: the actor needs more than this node has (``reason``: something else it
+        lacks) and no other node can be asked, so it waits; a warning and an
+        ``infeasible`` event say so."""
         if actor.reported_infeasible:
             return
         actor.reported_infeasible = True
         request = actor.creation.spec.resources
-        reason = (
-            f"it needs {request} and this node has {self.scheduler.resources.total}; actors run on "
-            "their creator's node so far"
-        )
+        reason = reason or f"it needs {request} and this node has {self.scheduler.resources.total}"
         log.warning("actor %s cannot be scheduled: %s", actor.actor_id, reason)
         if actor.owner is not None:
             actor.owner.send(p.Notice(f"actor {actor.actor_id} cannot be scheduled now: {reason}"))
@@ -359,7 +377,10 @@ class ActorDirector:
                 assert actor.death is not None  # (dead now)
                 self.node.finish_failed(record, actor.death, log_event=True)
                 return
-            if done.error is not None:
+            if done.error is not None and _retried_on_error(record, done):
+                self.tasks.next_attempt(record, f"the call raised {done.error.message}")
+                actor.queue.appendleft(record)  # (ahead of the calls sent after it)
+            elif done.error is not None:
                 self.node.finish_failed(record, done.error, log_event=True)
             else:
                 record.output_digest = done.output_digest
@@ -378,7 +399,7 @@ class ActorDirector:
         spec, worker_id = call.spec, call.worker_id
         record = self.tasks.submit(conn, spec, direct=True, data=call.frame)
         actor = self.actors.get(spec.actor_id or "")
-        record.retries_left = actor.options.max_task_retries if actor is not None else 0
+        record.retries_left = call_retries(spec, actor.options) if actor is not None else 0
         handle = actor.worker if actor is not None else None
         early = self.routes.take_early(spec.task_id)
         if actor is None or (early is None and (handle is None or handle.worker_id != worker_id)):

@@ -44,6 +44,13 @@ class ActorElsewhere:
         return self.creation.spec.actor_options or p.ActorOptions("", {})
 
 
+def call_retries(spec: p.TaskSpec, options: p.ActorOptions) -> int:
+    """How often a call may be sent again: its own max_task_retries (a method option),
+    else its actor's (-1: forever)."""
+    own = getattr(spec, "max_task_retries", None)
+    return options.max_task_retries if own is None else own
+
+
 class CallEnds(Protocol):
     """What these actors ask of the node: a call that fails here."""
 
@@ -111,7 +118,7 @@ class ActorsElsewhere:
             self.node.finish_failed(record, actor.death, log_event=True)
             return
         record.state = "SPILLED"
-        record.retries_left = actor.options.max_task_retries
+        record.retries_left = call_retries(record.spec, actor.options)
         self.spills.remember(record)
         if actor.placed_on is None:
             actor.queue.append(record)

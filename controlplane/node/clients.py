@@ -111,6 +111,7 @@ class Clients:
                 self.gcs_url,
                 self.parts.resources.total,
                 self.parts.names.namespace(None, conn.job_id or ""),
+                self.parts.labels,
             )
         )
         worker = self.parts.worker_pool.of(conn)

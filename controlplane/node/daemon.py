@@ -32,6 +32,7 @@ from typing import Any, TypeVar
 from controlplane.errors import GcsError, GcsIdentityError
 from controlplane.eventlog import EntityKind, Event
 from controlplane.eventlog.connection import retry_while_unavailable
+from controlplane.labels import node_labels
 from controlplane.node.clients import Clients
 from controlplane.node.cluster_link import JoinOffer
 from controlplane.node.parts import ClusterOptions, build_parts
@@ -55,6 +56,7 @@ class NodeDaemon:
         node_id: str,
         resources: dict[str, float],
         object_store_memory: int,
+        labels: dict[str, str] | None = None,
         rpc_port: int | None = None,
         rpc_host: str = "127.0.0.1",
         head: bool = False,
@@ -95,6 +97,7 @@ class NodeDaemon:
             session_dir=session_dir,
             socket_path=self.socket_path,
             resources=ResourcePool({**resources, **own}),
+            labels=node_labels(node_id, labels),
             workers=max(1, int(resources.get("CPU", 1))),
             object_store_memory=object_store_memory,
             durable_dir=Path(os.environ.get("CAIRN_DURABLE_DIR") or session_dir / "durable"),
@@ -131,6 +134,7 @@ class NodeDaemon:
                     {
                         "address": self.address or self.socket_path,
                         "resources": self.parts.resources.total,
+                        "labels": self.parts.labels,
                         "socket": self.socket_path,
                         "head": self.head,
                         "hostname": os.uname().nodename,

@@ -9,6 +9,7 @@ spill, ``Spills``) where the node cannot run it; what happens then is the node's
 from __future__ import annotations
 
 import contextlib
+import json
 from collections import deque
 from typing import Any, Protocol
 
@@ -24,7 +25,10 @@ class Spills(Protocol):
     """What a pass of the scheduler asks of the cluster (spilled_tasks.py)."""
 
     def must_spill(self, record: TaskRecord) -> bool:
-        """Whether the task must go to another node (its strategy says so)."""
+        """Whether the task must go to another node (its strategy or labels say so)."""
+
+    def labels_missing(self, spec: p.TaskSpec) -> str | None:
+        """Why this node cannot run the task for its labels, or None if it can."""
 
     def can_spill(self, record: TaskRecord) -> bool:
         """Whether another node may run the task that cannot run here now."""
@@ -112,6 +116,13 @@ class LocalScheduler:
                     queue.popleft()
                     self.spills.spill(record)
                     continue
+                elif getattr(record.spec, "label_selector", None) is not None and (
+                    missing := self.spills.labels_missing(record.spec)
+                ):  # no other node to go to: it waits, as one asking for what none has
+                    if not record.reported_infeasible:
+                        record.reported_infeasible = True
+                        self.node.infeasible(record, missing)
+                    break
                 elif not self.resources.available_for(record.spec.resources):
                     if not record.reported_infeasible and not self.resources.fits_total(
                         record.spec.resources
@@ -193,7 +204,11 @@ def _shape(resources: dict[str, float]) -> tuple[tuple[str, float], ...]:
 
 def _queue_key(spec: p.TaskSpec) -> tuple[Any, ...]:
     """The FIFO a ready task waits in: one per resource shape, and per placement group
-    bundle for tasks in a group (they draw from its reserved resources)."""
+    bundle for tasks in a group (they draw from its reserved resources), and per label
+    selector (a task no node has the labels for waits without holding up others)."""
     if spec.strategy is not None and spec.strategy[0] == "PLACEMENT_GROUP":
         return (spec.strategy[:3], *_shape(spec.resources))
+    selector = getattr(spec, "label_selector", None)
+    if selector is not None:
+        return (json.dumps(selector, sort_keys=True), *_shape(spec.resources))
     return _shape(spec.resources)

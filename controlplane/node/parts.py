@@ -47,6 +47,7 @@ class NodeParts:
     node_id: str
     socket_path: str
     resources: ResourcePool
+    labels: dict[str, str]  # with ray.io/node-id
     recorder: EventRecorder
     store: ObjectStore
     tasks: TaskTable
@@ -91,6 +92,7 @@ def build_parts(
     session_dir: Path,
     socket_path: str,
     resources: ResourcePool,
+    labels: dict[str, str],
     workers: int,
     object_store_memory: int,
     durable_dir: Path,
@@ -146,7 +148,7 @@ def build_parts(
         created_event=store.created_event,
         schedule=lambda: scheduler.schedule(),
     )
-    spills = SpilledTasks(node_id, recorder, objects, tasks, resources, link)
+    spills = SpilledTasks(node_id, recorder, objects, tasks, resources, labels, link)
     runs = TaskRuns(node_id, recorder, store, tasks, worker_pool, placement_groups, spills)
     envs = RuntimeEnvs(
         node_id,
@@ -205,6 +207,7 @@ def build_parts(
         node_id,
         socket_path,
         resources,
+        labels,
         recorder,
         store,
         tasks,

@@ -32,6 +32,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any, Protocol, cast
 
 from controlplane.eventlog import EntityKind, Event, RecordedEvent, Tailer
+from controlplane.labels import node_labels
 from controlplane.membership import RESTARTED_CAUSE, cluster_nodes
 from controlplane.node.actors import ActorDirector
 from controlplane.node.actors_elsewhere import ActorsElsewhere
@@ -375,6 +376,7 @@ class RemoteTasks:
             head=self.head,
             resources=dict(self.scheduler.resources.total),
             available=dict(self.scheduler.resources.available),
+            labels=dict(self.spills.labels),
         )
 
     # -- back home -----------------------------------------------------------------
@@ -472,4 +474,5 @@ def _summary(row: dict[str, Any]) -> p.NodeSummary:
         available=dict(available),
         death_cause=cause,
         death_expected=not alive and cause == "shutdown",
+        labels=node_labels(row["node_id"], row.get("labels")),
     )

@@ -10,6 +10,9 @@ elsewhere (actors_elsewhere.py) follow their forwarded calls here as spilled tas
 
 from __future__ import annotations
 
+from typing import Any
+
+from controlplane import labels
 from controlplane.eventlog import EntityKind, Event
 from controlplane.node.cluster_link import ClusterLink
 from controlplane.node.recorder import EventRecorder
@@ -29,6 +32,7 @@ class SpilledTasks:
         objects: ObjectTable,
         tasks: TaskTable,
         resources: ResourcePool,
+        labels: dict[str, str],
         link: ClusterLink | None,
     ) -> None:
         """``link``: None for a private cluster (``sdk.init()``), where nothing spills."""
@@ -37,6 +41,7 @@ class SpilledTasks:
         self.objects = objects
         self.tasks = tasks
         self.resources = resources
+        self.labels = labels  # the node's (controlplane/labels.py)
         self.link = link
         self._spilled: dict[str, TaskRecord] = {}  # task id -> a task this node spilled
 
@@ -59,23 +64,47 @@ class SpilledTasks:
         return self._spillable(record)
 
     def must_spill(self, record: TaskRecord) -> bool:
-        """Whether a task goes to the global scheduler even if it fits here: SPREAD, or
-        an affinity to another node."""
+        """Whether a task goes to the global scheduler even if it fits here: SPREAD, an
+        affinity to another node, or labels this node lacks (those it must have, or
+        those it prefers: another node may have them)."""
         strategy = record.spec.strategy
-        if strategy is None or not self._spillable(record):
+        selector = getattr(record.spec, "label_selector", None)
+        if (strategy is None and selector is None) or not self._spillable(record):
             return False
-        return strategy[0] == "SPREAD" or (
-            strategy[0] == "NODE_AFFINITY" and strategy[1] != self.node_id
+        if selector is not None and not self.labels_preferred(selector):
+            return True
+        return strategy is not None and (
+            strategy[0] == "SPREAD"
+            or (strategy[0] == "NODE_AFFINITY" and strategy[1] != self.node_id)
         )
 
+    def labels_preferred(self, selector: dict[str, Any]) -> bool:
+        """Whether this node has the labels ``selector`` needs and those it prefers."""
+        return labels.hard_match(self.labels, selector) and labels.soft_match(self.labels, selector)
+
+    def labels_missing(self, spec: p.TaskSpec) -> str | None:
+        """Why this node cannot run ``spec`` for its labels, or None if it can."""
+        selector = getattr(spec, "label_selector", None)
+        if labels.hard_match(self.labels, selector):
+            return None
+        assert selector is not None  # (no selector matches every node)
+        why = f"its label_selector ({labels.describe(selector)}) matches no node"
+        if self.link is not None and self.link.has_peers() and spec.streaming:
+            why += " it can run on: a streaming generator runs on its caller's node"
+        return why + f" (this node's labels: {self.labels})"
+
     def actor_goes_elsewhere(self, creation: TaskRecord) -> bool:
-        """An actor is made on another node when this one can never fit it, or a
-        node affinity names another node."""
+        """An actor is made on another node when this one can never fit it, a node
+        affinity names another node, or it lacks the labels the actor needs or
+        prefers."""
         if self.link is None or not self.link.has_peers():
             return False
         strategy = creation.spec.strategy
         if strategy is not None and strategy[0] == "NODE_AFFINITY":
             return strategy[1] != self.node_id
+        selector = getattr(creation.spec, "label_selector", None)
+        if selector is not None and not self.labels_preferred(selector):
+            return True
         return not self.resources.fits_total(creation.spec.resources)
 
     def _spillable(self, record: TaskRecord) -> bool:
@@ -128,6 +157,7 @@ class SpilledTasks:
                         "args": args,
                         "from_node": self.node_id,
                         "strategy": list(spec.strategy) if spec.strategy else None,
+                        "label_selector": getattr(spec, "label_selector", None),
                     },
                     job_id=spec.job_id,
                     node_id=self.node_id,

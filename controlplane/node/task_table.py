@@ -170,6 +170,12 @@ class TaskTable:
             payload["runtime_env_hash"] = env_hash(spec.runtime_env)
         if getattr(spec, "dag_id", None):
             payload["dag_id"] = spec.dag_id
+        if getattr(spec, "label_selector", None):
+            payload["label_selector"] = spec.label_selector
+        if getattr(spec, "labels", None):
+            payload["labels"] = spec.labels
+        if getattr(spec, "max_task_retries", None) is not None:  # an actor call's own
+            payload["options"]["max_task_retries"] = spec.max_task_retries
         if spec.actor_id is not None:
             payload.update(actor_id=spec.actor_id, method=spec.method or "", sequence=spec.sequence)
         if direct:  # sent straight to the actor's worker (controlplane/node/actors.py)
