@@ -27,6 +27,7 @@ from typing import Any, NoReturn
 
 from dataplane import protocol as p
 from dataplane import shm
+from dataplane.output_lines import OutputPrinter
 from dataplane.ref_counts import RefCounts
 from dataplane.serialization import (
     ChecksumError,
@@ -82,6 +83,8 @@ class CoreClient:
         worker_id: str | None = None,
         namespace: str | None = None,
         replay_of: str | None = None,
+        *,
+        log_to_driver: bool = True,
     ) -> None:
         self.channel = p.SyncChannel(socket_path)
         self.role = role
@@ -110,7 +113,10 @@ class CoreClient:
         self._closed = threading.Event()
         self._verify_up_to = verify_read_max_bytes()
         self._gone_why = "the node daemon went away"
-        self.channel.send(p.Hello(role, os.getpid(), worker_id, namespace, replay_of))
+        self.output = OutputPrinter()  # (a driver's: what its workers print)
+        self.channel.send(
+            p.Hello(role, os.getpid(), worker_id, namespace, replay_of, log_to_driver)
+        )
         welcome = self.channel.receive()
         if not isinstance(welcome, p.Welcome):
             raise p.ProtocolError(f"expected Welcome from the node daemon, got {welcome!r}")
@@ -141,14 +147,15 @@ class CoreClient:
             else:
                 self.channel.send_encoded(holds + data + releases)
 
-    def request(self, make: Any) -> Any:
-        """Sends ``make(request_id)`` and blocks for the daemon's Reply."""
+    def request(self, make: Any, timeout: float | None = None) -> Any:
+        """Sends ``make(request_id)`` and blocks for the daemon's Reply (TimeoutError
+        after ``timeout``)."""
         request_id = next(self._request_ids)
         future: Future[Any] = Future()
         self._requests[request_id] = future
         try:
             self.send(make(request_id))
-            reply: p.Reply = future.result()
+            reply: p.Reply = future.result(timeout)
         finally:
             self._requests.pop(request_id, None)
         if reply.error is not None:
@@ -578,6 +585,8 @@ class CoreClient:
                         future.set_result(message)
                 elif isinstance(message, p.ObjectsReady):
                     self._remember(message.locations)
+                elif isinstance(message, p.Output):
+                    self.output.show(message)
                 elif isinstance(message, p.Notice):
                     log.warning("%s", message.text)
                 elif isinstance(message, p.ExecuteTask):
@@ -603,6 +612,14 @@ class CoreClient:
     @property
     def closed(self) -> bool:
         return self._closed.is_set()
+
+    def flush_output(self, timeout: float = 2.0) -> None:
+        """A driver's last lines of its workers' output, shown before it leaves."""
+        if self.role != "driver" or self._closed.is_set():
+            return
+        with contextlib.suppress(Exception):  # (the daemon may be gone: nothing to show)
+            self.request(p.FlushOutput, timeout)
+        self.output.flush(everything=True)
 
     def close(self) -> None:
         if not self._closed.is_set():

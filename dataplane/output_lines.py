@@ -1,10 +1,13 @@
 """What workers print, from their files to the driver's terminal.
 
 A worker's stdout and stderr are files on its node (controlplane/node/worker_output.py
-reads them). Before the first line of each task whose job or name differs from the
-last one's, the worker writes a marker line (``mark``) to both, so the reader knows
-whose lines follow without asking anyone: lines go to the driver of the job they were
-printed for, prefixed with what printed them, as Ray does: ``(name pid=N, ip=HOST)``.
+reads them), rotated by the worker itself (``rotate_when_full``): past
+``CAIRN_LOG_MAX_BYTES`` a file becomes ``.1`` (older copies shift up to
+``CAIRN_LOG_BACKUPS``) and the worker writes on in a new one, so no line is lost.
+Before the first line of each task whose job or name differs from the last one's, the
+worker writes a marker line (``mark``) to both, so the reader knows whose lines follow
+without asking anyone: lines go to the driver of the job they were printed for,
+prefixed with what printed them, as Ray does: ``(name pid=N, ip=HOST)``.
 
 At the driver (``OutputPrinter``) lines repeated by several processes within a few
 seconds are shown once, then counted (``[repeated 3x across cluster]``), as Ray's
@@ -24,7 +27,11 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from dataplane import protocol as p
+from dataplane.progress_bars import bars
 
+MAX_BYTES = int(os.environ.get("CAIRN_LOG_MAX_BYTES", str(64 * 1024**2)))
+BACKUPS = int(os.environ.get("CAIRN_LOG_BACKUPS", "3"))
+_ROTATION_CHECK_S = 1.0
 MARKER = "\x1e:cairn-output:"  # (a record separator first: not something users print)
 _DIGITS = re.compile(r"\S*\d\S*")
 _DEDUP_WINDOW_S = float(os.environ.get("RAY_DEDUP_LOGS_AGG_WINDOW_S", "5"))
@@ -68,6 +75,36 @@ class OutputMarks:
                     pass
 
 
+def rotate_when_full() -> None:
+    """A worker's thread: rotates its stdout and stderr files once past ``MAX_BYTES``
+    (the new file takes the old one's descriptor: writers never notice)."""
+
+    def watch() -> None:
+        while True:
+            time.sleep(_ROTATION_CHECK_S)
+            for fd in (1, 2):
+                with contextlib.suppress(OSError):
+                    if os.fstat(fd).st_size > MAX_BYTES:
+                        rotate(fd, os.readlink(f"/proc/self/fd/{fd}"))
+
+    threading.Thread(target=watch, name="cairn-output-rotation", daemon=True).start()
+
+
+def rotate(fd: int, path: str) -> None:
+    for n in range(BACKUPS - 1, 0, -1):
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(f"{path}.{n}", f"{path}.{n + 1}")
+    if BACKUPS > 0:
+        os.replace(path, f"{path}.1")
+    else:
+        os.unlink(path)
+    fresh = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.dup2(fresh, fd)
+    finally:
+        os.close(fresh)
+
+
 # -- the driver's side -----------------------------------------------------------------
 
 
@@ -86,7 +123,7 @@ class OutputPrinter:
 
     dedup: bool = field(default_factory=lambda: os.environ.get("RAY_DEDUP_LOGS", "1") != "0")
     window_s: float = _DEDUP_WINDOW_S
-    progress: Callable[[str, p.OutputLines], bool] | None = None
+    progress: Callable[[str, p.OutputLines], bool] | None = bars.line
     _recent: dict[str, _Seen] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _timer: threading.Timer | None = None

@@ -494,6 +494,14 @@ class MemorySummaryRequest:
 
 
 @dataclass(slots=True)
+class FlushOutput:
+    """A driver about to leave: the node reads what its workers printed so far and
+    sends it on before the Reply (so the last lines of a job are not lost)."""
+
+    request_id: int
+
+
+@dataclass(slots=True)
 class ClusterNodesRequest:
     """Reply: a NodeSummary of every node of the cluster, alive or dead, oldest
     registration first (``ray.nodes()``, ``cluster_resources()`` read it)."""

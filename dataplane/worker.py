@@ -30,6 +30,7 @@ from dataplane import protocol as p
 from dataplane.begun_calls import BegunCalls, begun_calls_path
 from dataplane.client import CoreClient, DaemonError, ObjectMissingError
 from dataplane.exceptions import ObjectStoreFullError
+from dataplane.output_lines import OutputMarks, rotate_when_full
 from dataplane.serialization import SerializationError, deserialize, serialize_with_refs
 
 
@@ -54,6 +55,7 @@ class Worker:
         self._async_calls: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Task[Any]]] = {}
         # the queues calls wait in: the worker's, and its concurrency groups' if any
         self._queues: list[queue.Queue[Any]] = [client.tasks]
+        self._marks = OutputMarks()  # whose lines this process prints next
         client.on_cancel_call = self.cancel_call
 
     def run(self) -> None:
@@ -365,9 +367,23 @@ class Worker:
     def _prepare(self, message: p.ExecuteTask) -> tuple[Callable[..., Any], list, dict]:
         spec = message.spec
         function = self._callable(spec, message.function_blob)
+        self._marks.mark(spec.job_id, self._shown_name(spec, function))
         args = [self._value(a, loc) for a, loc in zip(spec.args, message.args, strict=True)]
         kwargs = {k: self._value(a, message.kwargs.get(k)) for k, a in spec.kwargs.items()}
         return function, args, kwargs
+
+    def _shown_name(self, spec: p.TaskSpec, function: Any) -> str:
+        """What the driver's prefix of this task's output names, as Ray's: the actor's
+        class (its repr if it has its own), else the task's name without the module."""
+        if spec.actor_id is not None and self.actor_creation is not None:
+            if self.actor is not None and type(self.actor).__repr__ is not object.__repr__:
+                with contextlib.suppress(Exception):
+                    return repr(self.actor)
+            return self.actor_creation.spec.name.removesuffix(".__init__").rsplit(".", 1)[-1]
+        qualname = getattr(function, "__qualname__", None)
+        if qualname and spec.name == f"{getattr(function, '__module__', '')}.{qualname}":
+            return qualname
+        return spec.name
 
     def _failure(self, message: p.ExecuteTask, exc: BaseException) -> p.TaskDone:
         spec = message.spec
@@ -623,6 +639,10 @@ def main() -> None:
     if len(sys.argv) > 3:
         _die_with(int(sys.argv[3]))
     signal.signal(signal.SIGINT, _interrupted)
+    for stream in (sys.stdout, sys.stderr):  # files: each line reaches them as printed
+        stream.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    if not os.isatty(1):
+        rotate_when_full()
     client = CoreClient(socket_path, "worker", worker_id)
     context.set_client(client)
     worker = Worker(client)

@@ -39,7 +39,6 @@ _IGNORED_INIT_ARGS = frozenset(
         "logging_level",
         "logging_format",
         "logging_config",
-        "log_to_driver",
         "storage",
         "_system_config",
         "_temp_dir",
@@ -65,6 +64,7 @@ def init(
     gcs_url: str | None = None,
     _memory: int | None = None,
     runtime_env: dict[str, Any] | None = None,
+    log_to_driver: bool = True,
     **unsupported: Any,
 ) -> RuntimeContext:
     """Connects this driver to a cluster. Without an address (and no
@@ -100,6 +100,7 @@ def init(
         namespace=namespace,
         ignore_reinit_error=ignore_reinit_error,
         gcs_url=gcs_url,
+        log_to_driver=log_to_driver,
     )
     runtime_env_of_job.set_job_env(runtime_env, get_runtime_context().gcs_address)
     return get_runtime_context()

@@ -32,11 +32,20 @@ class Runtime:
         atexit.register(self.shutdown)
 
     @classmethod
-    def start(cls, *, gcs_url: str | None, config: NodeConfig, namespace: str | None) -> Runtime:
+    def start(
+        cls,
+        *,
+        gcs_url: str | None,
+        config: NodeConfig,
+        namespace: str | None,
+        log_to_driver: bool = True,
+    ) -> Runtime:
         """Starts a private head node and connects to it."""
         head = LocalNode.start(gcs_url=gcs_url, config=config)
         try:
-            client = CoreClient(head.socket_path, "driver", namespace=namespace)
+            client = CoreClient(
+                head.socket_path, "driver", namespace=namespace, log_to_driver=log_to_driver
+            )
         except BaseException:
             head.stop()
             raise
@@ -44,11 +53,18 @@ class Runtime:
         return cls(client, head)
 
     @classmethod
-    def connect(cls, *, address: str | None, namespace: str | None) -> Runtime:
+    def connect(
+        cls, *, address: str | None, namespace: str | None, log_to_driver: bool = True
+    ) -> Runtime:
         """Connects to a running cluster through its node on this machine: the one of
         the cluster whose head is at ``address``, or this machine's head."""
         session_dir = find_running(address)
-        client = CoreClient(str(session_dir / "node.sock"), "driver", namespace=namespace)
+        client = CoreClient(
+            str(session_dir / "node.sock"),
+            "driver",
+            namespace=namespace,
+            log_to_driver=log_to_driver,
+        )
         context.set_client(client)
         return cls(client, None)
 
@@ -56,6 +72,7 @@ class Runtime:
         atexit.unregister(self.shutdown)
         if context.current_client() is self.client:
             context.set_client(None)
+        self.client.flush_output()
         self.client.close()
         if self.head is not None:
             self.head.stop()
@@ -80,6 +97,7 @@ def start(
     namespace: str | None = None,
     ignore_reinit_error: bool = False,
     gcs_url: str | None = None,
+    log_to_driver: bool = True,
 ) -> None:
     """What ``sdk.init`` does once its arguments are checked: starts a private head
     node, or connects to a running cluster (see ``sdk.api.init``)."""
@@ -103,7 +121,9 @@ def start(
             )
         if address is None or address == "local":
             config = node_config(num_cpus, num_gpus, resources, object_store_memory, memory, labels)
-            _runtime = Runtime.start(gcs_url=gcs_url, config=config, namespace=namespace)
+            _runtime = Runtime.start(
+                gcs_url=gcs_url, config=config, namespace=namespace, log_to_driver=log_to_driver
+            )
         elif address == "auto" or _is_host_port(address):
             given = {
                 "num_cpus": num_cpus,
@@ -121,7 +141,9 @@ def start(
                     "be provided: they are set by `cairn start`"
                 )
             _runtime = Runtime.connect(
-                address=None if address == "auto" else address, namespace=namespace
+                address=None if address == "auto" else address,
+                namespace=namespace,
+                log_to_driver=log_to_driver,
             )
         else:
             raise ValueError(

@@ -99,7 +99,12 @@ CATALOG: dict[tuple[EntityKind, str], EventType] = {
         ),
         ("waiting_for_dependencies", {"dependencies": list}, {}),
         ("scheduled", {}, {"attempt": int}),
-        ("running", {"worker_id": str}, {"attempt": int}),
+        # *_offset: where the worker's output files stood (controlplane/node/worker_output.py)
+        (
+            "running",
+            {"worker_id": str},
+            {"attempt": int, "stdout_offset": int, "stderr_offset": int},
+        ),
         ("finished", {}, {"attempt": int, "output_digest": str}),
         ("failed", {"error": str}, {"attempt": int}),
         ("retried", {"attempt": int}, {"reason": str}),

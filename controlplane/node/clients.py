@@ -36,6 +36,7 @@ class Clients:
         self.gcs_url = gcs_url
         self._stopping = stopping
         self._open: dict[int, Connection] = {}  # by id(): connected drivers, workers
+        self._flushes: set[asyncio.Task[None]] = set()  # drivers' FlushOutput, under way
         # job ids are unique in the log's whole history (which outlives daemons and
         # holds every node's jobs): a random prefix drawn per daemon, then a counter
         job_prefix = f"{secrets.randbits(32):08x}"
@@ -94,6 +95,8 @@ class Clients:
         else:
             conn.job_id = next(self._job_ids)
             self.parts.names.job_started(conn.job_id, hello.namespace or uuid.uuid4().hex)
+            if getattr(hello, "log_to_driver", True):  # its workers' output is sent to it
+                self.parts.worker_pool.output.drivers[conn.job_id] = conn
             submitted = {"entrypoint": f"driver pid {hello.pid}", "driver_node_id": self.node_id}
             if hello.replay_of:
                 submitted["replay_of"] = hello.replay_of
@@ -130,6 +133,7 @@ class Clients:
         self.parts.actor_director.owner_gone(conn)
         self.parts.placement_groups.owner_gone(conn)
         if conn.role == "driver" and conn.job_id:
+            self.parts.worker_pool.output.drivers.pop(conn.job_id, None)
             self.parts.recorder.log([Event(K.JOB, conn.job_id, "finished", {})])
         elif conn.role == "worker" and (
             gone := await self.parts.worker_pool.gone(conn.worker_id or "")
@@ -167,6 +171,16 @@ class Clients:
         if not self._stopping.is_set():
             self.parts.worker_pool.replace(handle)
             self.parts.scheduler.schedule()
+
+    def _flush_output(self, conn: Connection, request_id: int) -> None:
+        async def flush() -> None:
+            with contextlib.suppress(Exception):  # (nothing more to show, then)
+                await self.parts.worker_pool.output.read_all()
+            conn.send(p.Reply(request_id))
+
+        task = asyncio.get_running_loop().create_task(flush())
+        self._flushes.add(task)
+        task.add_done_callback(self._flushes.discard)
 
     def _dispatch(self, conn: Connection, message: object) -> None:
         match message:
@@ -248,6 +262,8 @@ class Clients:
                     "objects": objects.describe(),
                 }
                 conn.send(p.Reply(request_id, summary))
+            case p.FlushOutput(request_id):
+                self._flush_output(conn, request_id)
             case p.ClusterNodesRequest(request_id):
                 self.parts.remote_tasks.answer_nodes(conn, request_id)
             case _:

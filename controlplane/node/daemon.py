@@ -149,6 +149,7 @@ class NodeDaemon:
         self._server = await asyncio.start_unix_server(self.clients.serve, sock=listening)
         self.parts.worker_pool.fill()
         self._spawn(self.clients.reap_unconnected_workers())
+        self._spawn(self.parts.worker_pool.output.run())
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
@@ -184,6 +185,7 @@ class NodeDaemon:
                 "Info": lambda _request: self.parts.info(),
                 "Release": self.parts.remote_tasks.owner_released,
                 "ObjectInfo": object_info,
+                "Output": self.parts.worker_pool.output.received,
             },
             {"ReadObject": read_object},
             self.parts.info,

@@ -26,6 +26,7 @@ from controlplane.node.runtime_envs import RuntimeEnvs
 from controlplane.node.spilled_tasks import SpilledTasks
 from controlplane.node.task_runs import TaskRuns
 from controlplane.node.task_table import TaskTable
+from controlplane.node.worker_output import WorkerOutput
 from controlplane.node.workers import WorkerPool
 from controlplane.tls import NodeTls
 from dataplane.transfer import Puller
@@ -120,7 +121,15 @@ def build_parts(
     )
     objects = store.objects
     tasks = TaskTable(node_id, objects, recorder)
-    worker_pool = WorkerPool(node_id, socket_path, size=workers)
+    output = WorkerOutput(
+        node_id,
+        gcs_url,
+        session_dir / "logs",
+        ip=lambda: link.host if link is not None else "127.0.0.1",
+        address_of=lambda node: link.address_of(node) if link is not None else None,
+        send_remote=lambda address, request: rpc.Link().unary(address, "Output")(request),
+    )
+    worker_pool = WorkerPool(node_id, socket_path, size=workers, output=output)
     link = None
     if cluster is not None:  # the gRPC service, liveness, heartbeats, membership
         link = ClusterLink(

@@ -202,7 +202,12 @@ class TaskRuns:
             K.TASK,
             record.spec.task_id,
             "running",
-            {"worker_id": worker_id, "attempt": record.attempt},
+            # where the worker's output files stood: this attempt's lines start there
+            {
+                "worker_id": worker_id,
+                "attempt": record.attempt,
+                **self.worker_pool.output.offsets(worker_id),
+            },
             node_id=self.node_id,
         )
 

@@ -21,6 +21,7 @@ from dataplane import protocol as p
 if TYPE_CHECKING:
     from controlplane.node.runtime_envs import Launch
     from controlplane.node.task_table import Connection, TaskRecord
+    from controlplane.node.worker_output import WorkerOutput
 
 _WORKER = [sys.executable, "-m", "dataplane.worker"]
 
@@ -46,9 +47,10 @@ class WorkerPool:
     worker runs the tasks of the runtime_env it started in (``env_key``, None for plain
     ones); an idle one of another env makes way when the pool is full."""
 
-    def __init__(self, node_id: str, socket_path: str, size: int) -> None:
+    def __init__(self, node_id: str, socket_path: str, size: int, output: WorkerOutput) -> None:
         self._node_id = node_id
         self._socket_path = socket_path
+        self.output = output  # where its workers' stdout and stderr go
         self.size = size
         self._workers: dict[str, WorkerHandle] = {}
         self._idle: dict[str | None, deque[WorkerHandle]] = {None: deque()}
@@ -66,19 +68,26 @@ class WorkerPool:
         worker_id = f"{self._node_id}-w{next(self._ids)}"
         # the last argument: the worker dies with this process
         argv = [self._socket_path, worker_id, str(os.getpid())]
-        if launch is None:
-            process = subprocess.Popen([*_WORKER, *argv], stdin=subprocess.DEVNULL)
-        else:
-            env = dict(os.environ)
-            env["PYTHONPATH"] = os.pathsep.join(
-                [*launch.path, *filter(None, [env.get("PYTHONPATH")])]
-            )
-            process = subprocess.Popen(
-                [launch.python, *_WORKER[1:], *argv],
-                stdin=subprocess.DEVNULL,
-                cwd=launch.cwd,
-                env=env,
-            )
+        out, err = self.output.files(worker_id)
+        with out, err:
+            if launch is None:
+                process = subprocess.Popen(
+                    [*_WORKER, *argv], stdin=subprocess.DEVNULL, stdout=out, stderr=err
+                )
+            else:
+                env = dict(os.environ)
+                env["PYTHONPATH"] = os.pathsep.join(
+                    [*launch.path, *filter(None, [env.get("PYTHONPATH")])]
+                )
+                process = subprocess.Popen(
+                    [launch.python, *_WORKER[1:], *argv],
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=err,
+                    cwd=launch.cwd,
+                    env=env,
+                )
+        self.output.watch(worker_id, process.pid)
         handle = self._workers[worker_id] = WorkerHandle(
             worker_id, process, actor_id=actor_id, env_key=launch.key if launch else None
         )
@@ -192,7 +201,9 @@ class WorkerPool:
             self._idle[handle.env_key].remove(handle)
         with contextlib.suppress(ProcessLookupError):
             handle.process.kill()
-        return handle, await asyncio.to_thread(handle.process.wait)
+        exit_code = await asyncio.to_thread(handle.process.wait)
+        self.output.ended(handle.process.pid)
+        return handle, exit_code
 
     async def stop(self) -> None:
         """Kills every worker and waits for them (the daemon's shutdown)."""

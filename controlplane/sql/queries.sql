@@ -376,3 +376,9 @@ INSERT INTO runtime_env_packages (digest, size_bytes, data) VALUES ($1, $2, $3)
 
 -- runtime_env_package_fetch --
 SELECT data FROM runtime_env_packages WHERE digest = $1
+
+-- job_driver_node --
+-- The node of a job's driver, where its workers' output is sent.
+SELECT payload->>'driver_node_id' FROM events
+ WHERE entity_kind = 'job' AND entity_id = $1 AND event_type = 'submitted'
+ LIMIT 1

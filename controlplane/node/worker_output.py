@@ -1,0 +1,213 @@
+"""What the node's workers print: kept in files, one pair per worker
+(``logs/worker-<id>.out`` / ``.err`` in the session), and sent on to the drivers of the
+jobs they printed for -- a driver on this node directly, one on another node through
+that node (its ``Output`` call), found by the job's ``submitted`` event.
+
+A reader pass (every ``_POLL_S``) reads what each file gained, whole lines only; the
+workers' marker lines (dataplane/output_lines.py) say whose lines follow. A worker
+rotates its own files (``.1``, ``.2``, ...): a file found with another inode than the
+one being read was rotated, and the rest of the old one is read from ``.1`` first.
+Files stay after their worker ended, for ``cairn logs``, until the session's directory
+goes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+from controlplane.eventlog.connection import connect
+from controlplane.sql import queries
+from dataplane import protocol as p
+from dataplane.output_lines import parse_marker
+from dataplane.transfer import LinkError
+
+if TYPE_CHECKING:
+    from controlplane.node.task_table import Connection
+
+log = logging.getLogger(__name__)
+
+_POLL_S = 0.1
+_READ_AT_ONCE = 1 << 20  # bytes of one file per pass: a chatty worker cannot stall others
+_SEND_TIMEOUT_S = 5.0
+STREAMS = (("stdout", ".out"), ("stderr", ".err"))
+
+
+def log_paths(logs_dir: Path, worker_id: str) -> tuple[Path, Path]:
+    """A worker's stdout and stderr files."""
+    return tuple(logs_dir / f"worker-{worker_id}{suffix}" for _, suffix in STREAMS)  # type: ignore[return-value]
+
+
+@dataclass
+class _Watched:
+    path: Path
+    stream: str
+    pid: int
+    offset: int = 0
+    inode: int | None = None  # of the file being read
+    partial: bytes = b""
+    job_id: str | None = None  # whose lines these are, as the last marker said
+    name: str = ""
+    ended: bool = False  # its worker is gone: read once more, then dropped
+
+
+@dataclass
+class WorkerOutput:
+    node_id: str
+    gcs_url: str
+    logs_dir: Path
+    ip: Callable[[], str]  # this node's address, as drivers see it in the prefix
+    address_of: Callable[[str], str | None]  # a node's gRPC address (None: unknown)
+    send_remote: Callable[[str, dict[str, Any]], Coroutine[Any, Any, Any]]
+    drivers: dict[str, Connection] = field(default_factory=dict)  # job -> its driver here
+    _watched: list[_Watched] = field(default_factory=list)
+    _driver_nodes: dict[str, str | None] = field(default_factory=dict)  # job -> node
+
+    def files(self, worker_id: str) -> tuple[IO[bytes], IO[bytes]]:
+        """The worker's stdout and stderr, opened to append (the caller closes them
+        once the process has them)."""
+        self.logs_dir.mkdir(parents=True, exist_ok=True)
+        out, err = log_paths(self.logs_dir, worker_id)
+        return open(out, "ab"), open(err, "ab")
+
+    def watch(self, worker_id: str, pid: int) -> None:
+        for (stream, _), path in zip(STREAMS, log_paths(self.logs_dir, worker_id), strict=True):
+            self._watched.append(_Watched(path, stream, pid))
+
+    def ended(self, pid: int) -> None:
+        """The worker is gone: what it wrote last is read, then its files are left."""
+        for watched in self._watched:
+            if watched.pid == pid:
+                watched.ended = True
+
+    def offsets(self, worker_id: str) -> dict[str, int]:
+        """Where the worker's output stands now: what it prints next starts there (in
+        the current files), as a task's ``running`` event records."""
+        found = {}
+        for (stream, _), path in zip(STREAMS, log_paths(self.logs_dir, worker_id), strict=True):
+            with contextlib.suppress(OSError):
+                found[f"{stream}_offset"] = path.stat().st_size
+        return found
+
+    async def run(self) -> None:
+        """Reads and sends, for the daemon's life."""
+        while True:
+            await asyncio.sleep(_POLL_S)
+            try:
+                await self.read_all()
+            except Exception:  # (a lost line is better than a node without output)
+                log.exception("reading the workers' output")
+
+    async def read_all(self) -> None:
+        batches: dict[str, list[p.OutputLines]] = {}
+        for watched in list(self._watched):
+            for job_id, lines in self._read(watched):
+                batches.setdefault(job_id, []).append(
+                    p.OutputLines(self.ip(), watched.pid, watched.name, watched.stream, lines)
+                )
+            if watched.ended:
+                self._watched.remove(watched)
+        for job_id, found in batches.items():
+            await self._deliver(job_id, found)
+
+    def _read(self, watched: _Watched) -> list[tuple[str, list[str]]]:
+        """The file's new whole lines, by job (lines before any marker: kept in the file
+        only)."""
+        data = b""
+        try:
+            with open(watched.path, "rb") as file:
+                stat = os.fstat(file.fileno())
+                if watched.inode is not None and stat.st_ino != watched.inode:
+                    data = self._rest_of_rotated(watched)  # then the new file, from 0
+                    watched.offset = 0
+                watched.inode = stat.st_ino
+                size = stat.st_size
+                if size > watched.offset:
+                    file.seek(watched.offset)
+                    data += file.read(_READ_AT_ONCE)
+                    watched.offset += len(data)
+        except FileNotFoundError:
+            watched.ended = True
+            return []
+        if not data:
+            return []
+        data = watched.partial + data
+        cut = data.rfind(b"\n") + 1
+        if watched.ended and watched.offset >= size:
+            cut = len(data)  # its last line, even without a newline
+        watched.partial = data[cut:]
+        found: list[tuple[str, list[str]]] = []
+        for raw in data[:cut].splitlines():
+            line = raw.decode(errors="replace")
+            marked = parse_marker(line)
+            if marked is not None:
+                watched.job_id, watched.name = marked
+                continue
+            if watched.job_id is None:
+                continue
+            if found and found[-1][0] == watched.job_id:
+                found[-1][1].append(line)
+            else:
+                found.append((watched.job_id, [line]))
+        return found
+
+    @staticmethod
+    def _rest_of_rotated(watched: _Watched) -> bytes:
+        """What the worker wrote to the file being read before it rotated it (now
+        ``.1``; nothing if it rotated twice since: those lines stay in the files)."""
+        rotated = watched.path.with_name(f"{watched.path.name}.1")
+        with contextlib.suppress(FileNotFoundError), open(rotated, "rb") as old:
+            if os.fstat(old.fileno()).st_ino == watched.inode:
+                old.seek(watched.offset)
+                return old.read()
+        return b""
+
+    async def _deliver(self, job_id: str, batches: list[p.OutputLines]) -> None:
+        driver = self.drivers.get(job_id)
+        if driver is not None:
+            if not driver.closed:
+                driver.send(p.Output(batches))
+            return
+        node_id = await self._driver_node(job_id)
+        if node_id is None or node_id == self.node_id:
+            return  # its driver is gone (or never asked for output)
+        address = self.address_of(node_id)
+        if address is None:
+            return
+        request = {"job_id": job_id, "batches": [_as_json(b) for b in batches]}
+        try:
+            await asyncio.wait_for(self.send_remote(address, request), _SEND_TIMEOUT_S)
+        except (LinkError, TimeoutError) as exc:
+            log.info("output of job %s not sent to node %s: %s", job_id, node_id, exc)
+
+    def received(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Another node's ``Output`` call: lines for a driver of this node."""
+        driver = self.drivers.get(str(request.get("job_id")))
+        if driver is not None and not driver.closed:
+            driver.send(p.Output([p.OutputLines(**b) for b in request.get("batches", [])]))
+        return {}
+
+    async def _driver_node(self, job_id: str) -> str | None:
+        if job_id not in self._driver_nodes:
+            conn = await connect(self.gcs_url)
+            try:
+                found = await conn.fetchval(queries["job_driver_node"], job_id)
+            finally:
+                await conn.close()
+            self._driver_nodes[job_id] = found
+        return self._driver_nodes[job_id]
+
+
+def _as_json(batch: p.OutputLines) -> dict[str, Any]:
+    return {
+        "ip": batch.ip,
+        "pid": batch.pid,
+        "name": batch.name,
+        "stream": batch.stream,
+        "lines": batch.lines,
+    }

@@ -1,0 +1,1 @@
+"""Ray's ``ray.experimental`` names that Cairn has: ``tqdm_ray``."""
