@@ -268,7 +268,7 @@ class CoreClient:
                 if done.error is None:
                     self._remember(done.returns)
                 else:
-                    self._remember([p.ObjectLocation(oid, error=done.error) for oid in return_ids])
+                    self._remember(p.outcome(return_ids, done.returns, done.error))
         except (EOFError, OSError):
             pass
         except p.ProtocolError as exc:

@@ -28,7 +28,7 @@ def method(
     *, num_returns: int | str = 1, concurrency_group: str | None = None
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """``@sdk.method(...)`` on an actor method, as ``ray.method``: ``num_returns`` (a
-    count, or "streaming" for a generator method) and the ``concurrency_group`` it runs
+    count, or "streaming" / "dynamic" for a generator method) and the ``concurrency_group`` it runs
     in (one of the actor's ``concurrency_groups``)."""
     wire = _num_returns(num_returns)
     if concurrency_group is not None:
@@ -47,7 +47,9 @@ def _num_returns(value: int | str) -> int:
     """TaskSpec.num_returns of a method's num_returns (ValueError if it is not one)."""
     problem = opts.TASK_OPTIONS["num_returns"].check(value)
     if problem or isinstance(value, bool) or not isinstance(value, int | str):
-        raise ValueError(f"num_returns {problem or 'must be an int >= 0 or streaming'}: {value!r}")
+        raise ValueError(
+            f"num_returns {problem or 'must be an int >= 0, streaming or dynamic'}: {value!r}"
+        )
     return opts.num_returns_on_wire(value)
 
 

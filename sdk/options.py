@@ -52,18 +52,18 @@ def _non_negative(value: Any) -> str | None:
 
 
 def _num_returns(value: Any) -> str | None:
-    if value == "streaming" or (isinstance(value, int) and value >= 0):
+    if value in ("streaming", "dynamic") or (isinstance(value, int) and value >= 0):
         return None
-    if value == "dynamic":
-        return "'dynamic' is not supported yet: use 'streaming' (an ObjectRefGenerator)"
-    return "must be an int >= 0 or 'streaming'"
+    return "must be an int >= 0, 'streaming' or 'dynamic'"
 
 
 def num_returns_on_wire(value: int | str) -> int:
-    """TaskSpec.num_returns: a count, or STREAMING for a generator."""
-    from dataplane.protocol import STREAMING
+    """TaskSpec.num_returns: a count, or STREAMING / DYNAMIC for a generator."""
+    from dataplane.protocol import DYNAMIC, STREAMING
 
-    return STREAMING if value == "streaming" else int(value)
+    if value == "streaming":
+        return STREAMING
+    return DYNAMIC if value == "dynamic" else int(value)
 
 
 def _runtime_env(value: Any) -> str | None:

@@ -92,11 +92,12 @@ class RemoteFunction:
 
 def results_of(spec: p.TaskSpec) -> Any:
     """What ``.remote()`` gives for a submitted task or call: its ref, its refs
-    (num_returns > 1), None (0), or a generator (``"streaming"``)."""
+    (num_returns > 1), None (0), or a generator (``"streaming"``); ``"dynamic"``: the
+    ref of its DynamicObjectRefGenerator."""
     if spec.streaming:
         return ObjectRefGenerator(spec.task_id)
     refs = [ObjectRef._owned(object_id) for object_id in spec.return_ids()]
-    if spec.num_returns == 1:
+    if spec.num_returns == 1 or spec.dynamic:
         return refs[0]
     return refs if spec.num_returns > 1 else None
 

@@ -180,10 +180,117 @@ def three() -> Iterator[int]:
     yield from (1, 2, 3)
 
 
+@ray.remote
+def yields_then_raises(n: int) -> Iterator[int]:
+    yield from range(n)
+    raise ValueError("error after the values")
+
+
 def test_a_generator_with_an_int_num_returns_fills_that_many_refs() -> None:
     assert ray.get(three.remote()) == [1, 2, 3]
+    assert ray.get(yields_then_raises.options(num_returns=1).remote(1)) == 0
 
 
-def test_dynamic_is_refused_clearly_for_now() -> None:
-    with pytest.raises(ValueError, match="'dynamic' is not supported yet"):
-        ray.remote(num_returns="dynamic")(lambda: (yield 1))
+def test_int_num_returns_keeps_the_values_yielded_before_an_error() -> None:
+    """Ray's example: the refs of the values made keep them, the others raise."""
+    ref1, ref2, ref3, ref4 = yields_then_raises.options(num_returns=4).remote(2)
+    assert ray.get([ref1, ref2]) == [0, 1]
+    for ref in (ref3, ref4):
+        with pytest.raises(RayTaskError, match="error after the values"):
+            ray.get(ref)
+
+
+@ray.remote
+def yields(n: int) -> Iterator[int]:
+    yield from range(n)
+
+
+def test_int_num_returns_with_a_different_count_of_values_is_an_error() -> None:
+    first, second, third = yields.options(num_returns=3).remote(2)  # too few
+    assert ray.get([first, second]) == [0, 1]
+    with pytest.raises(RayTaskError, match=r"declared num_returns=3 but its generator yielded 2"):
+        ray.get(third)
+    refs = yields.options(num_returns=2).remote(3)  # too many: none is kept
+    for ref in refs:
+        with pytest.raises(RayTaskError, match=r"yielded more than 2 values"):
+            ray.get(ref)
+
+
+@ray.remote(num_returns="dynamic")
+def split(values: list[int], chunk: int) -> Iterator[list[int]]:
+    while values:
+        yield values[:chunk]
+        values = values[chunk:]
+
+
+@ray.remote
+def total(generator: ray.DynamicObjectRefGenerator) -> int:
+    assert isinstance(generator, ray.DynamicObjectRefGenerator)
+    return sum(sum(ray.get(ref)) for ref in generator)
+
+
+def test_a_dynamic_generator_gives_one_ref_to_its_refs() -> None:
+    """Ray's example: one ref, whose value iterates over the refs of the values."""
+    dynamic_ref = split.remote(list(range(10)), 3)
+    assert isinstance(dynamic_ref, ray.ObjectRef)
+    generator = ray.get(dynamic_ref)
+    assert isinstance(generator, ray.DynamicObjectRefGenerator)
+    refs = list(generator)
+    assert len(refs) == len(generator) == 4
+    assert ray.get(refs) == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]
+    # as a task argument: its ref, or the generator itself
+    assert ray.get(total.remote(dynamic_ref)) == 45
+    assert ray.get(total.remote(generator)) == 45
+
+
+def test_a_dynamic_generator_stores_its_error_as_its_last_ref() -> None:
+    generator = ray.get(yields_then_raises.options(num_returns="dynamic").remote(2))
+    ref1, ref2, ref3 = generator
+    assert ray.get([ref1, ref2]) == [0, 1]
+    with pytest.raises(RayTaskError, match="error after the values"):
+        ray.get(ref3)
+
+
+def test_a_dynamic_generators_values_live_as_long_as_it() -> None:
+    """Its values are refs inside its value: held while it (or its ref) is, freed with
+    it; each is a created event of its task (its lineage)."""
+    dynamic_ref = split.remote(list(range(4)), 2)
+    generator = ray.get(dynamic_ref)
+    ids = [ref.hex() for ref in generator]
+    gcs = ray.get_runtime_context().gcs_address
+    rows = wait_for_rows(
+        gcs,
+        "SELECT entity_id, payload->>'task_id' AS task_id FROM events "
+        "WHERE event_type = 'created' AND entity_id = ANY($1)",
+        ids,
+        count=2,
+    )
+    assert {row["task_id"] for row in rows} == {dynamic_ref.task_id()}
+    del dynamic_ref  # the generator (a value here) still holds its refs
+    assert [ray.get(ref) for ref in generator] == [[0, 1], [2, 3]]
+    del generator
+    wait_for_rows(
+        gcs,
+        "SELECT entity_id FROM events WHERE event_type = 'freed' AND entity_id = ANY($1)",
+        ids,
+        count=2,
+    )
+
+
+@ray.remote
+class Splitter:
+    @ray.method(num_returns="dynamic")
+    def parts(self, n: int) -> Iterator[int]:
+        yield from range(n)
+
+
+def test_an_actor_method_may_be_a_dynamic_generator() -> None:
+    splitter = Splitter.remote()
+    assert ray.get(list(ray.get(splitter.parts.remote(3)))) == [0, 1, 2]
+    dynamic = splitter.parts.options(num_returns="dynamic").remote(2)
+    assert ray.get(list(ray.get(dynamic))) == [0, 1]
+
+
+def test_num_returns_refuses_other_strings() -> None:
+    with pytest.raises(ValueError, match="'streaming' or 'dynamic'"):
+        ray.remote(num_returns="lazy")(lambda: (yield 1))

@@ -85,7 +85,14 @@ class ActorHost(Protocol):
 
     def finish_ok(self, record: TaskRecord, returns: list[p.ObjectLocation]) -> None: ...
 
-    def finish_failed(self, record: TaskRecord, error: p.ErrorInfo, *, log_event: bool) -> None: ...
+    def finish_failed(
+        self,
+        record: TaskRecord,
+        error: p.ErrorInfo,
+        *,
+        log_event: bool,
+        made: list[p.ObjectLocation] | None = None,
+    ) -> None: ...
 
     def failed_dependency(self, record: TaskRecord) -> p.ErrorInfo | None: ...
 
@@ -331,7 +338,7 @@ class ActorDirector:
                 self.node.finish_failed(record, actor.death, log_event=True)
                 return
             if done.error is not None:
-                self.node.finish_failed(record, done.error, log_event=True)
+                self.node.finish_failed(record, done.error, log_event=True, made=done.returns)
             else:
                 record.output_digest = done.output_digest
                 self.node.finish_ok(record, done.returns)

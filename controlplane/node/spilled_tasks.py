@@ -83,7 +83,7 @@ class SpilledTasks:
             self.link is not None
             and self.link.has_peers()
             and record.spec.actor_id is None
-            and not record.spec.streaming  # (its values are made visible where it runs)
+            and record.spec.num_returns >= 0  # (a generator's values: where it runs)
             and not (record.spec.strategy and record.spec.strategy[0] == "PLACEMENT_GROUP")
             and record.placed_from is None
             and not record.placed_back
@@ -94,10 +94,11 @@ class SpilledTasks:
         strategy = record.spec.strategy
         if strategy is None or strategy[0] != "NODE_AFFINITY" or strategy[2] == "soft":
             return None
-        if strategy[1] != self.node_id and record.spec.streaming:
+        if strategy[1] != self.node_id and record.spec.num_returns < 0:
             return (
-                f"its hard node affinity names node {strategy[1]}, but a streaming generator "
-                "runs on its caller's node (Cairn does not move generators between nodes yet)"
+                f"its hard node affinity names node {strategy[1]}, but a streaming or dynamic "
+                "generator runs on its caller's node (Cairn does not move generators between "
+                "nodes yet)"
             )
         if strategy[1] != self.node_id and not self._spillable(record):
             return f"its hard node affinity names node {strategy[1]}, which is not in the cluster"
