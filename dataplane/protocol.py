@@ -117,6 +117,9 @@ class TaskSpec:
     # absent from specs logged before it existed: getattr(spec, "runtime_env", None)
     runtime_env: dict[str, Any] | None = None
     dag_id: str | None = None  # the DAG execution it is part of (sdk/dag.py); likewise
+    # a streaming generator's _generator_backpressure_num_objects: it pauses while this
+    # many of its values are not taken by its caller (-1: never); likewise
+    generator_backpressure: int = -1
 
     def return_ids(self) -> list[str]:
         """Its fixed returns (none for a streaming generator: its values are made as it
@@ -388,6 +391,15 @@ class ReleaseStream:
 
 
 @dataclass(slots=True)
+class StreamConsumed:
+    """Client -> daemon -> the generator's worker: the caller took ``count`` values of
+    a streaming generator with backpressure (TaskSpec.generator_backpressure)."""
+
+    task_id: str
+    count: int
+
+
+@dataclass(slots=True)
 class ActorOptions:
     """What the daemon keeps about an actor beyond its creation task."""
 
@@ -408,6 +420,8 @@ class ActorOptions:
     # default group's max_concurrency); read with getattr (options logged before it)
     concurrency_groups: dict[str, int] | None = None
     method_groups: dict[str, str] | None = None  # method -> its group (@method's)
+    # method -> its @method(_generator_backpressure_num_objects=...); likewise
+    method_backpressure: dict[str, int] | None = None
 
 
 def calls_at_once(options: ActorOptions) -> int:

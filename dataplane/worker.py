@@ -60,6 +60,12 @@ class Worker:
         # the queues calls wait in: the worker's, and its concurrency groups' if any
         self._queues: list[queue.Queue[Any]] = [client.tasks]
         client.on_cancel_call = self.cancel_call
+        # streaming generators with backpressure: how many values their callers took,
+        # and how an async one waiting for that is woken
+        self._consumed: dict[str, int] = {}
+        self._consumed_changed = threading.Condition()
+        self._consumed_wakers: dict[str, Callable[[], None]] = {}
+        client.on_stream_consumed = self.stream_consumed
 
     def run(self) -> None:
         while (item := self.client.tasks.get()) is not None:
@@ -177,6 +183,45 @@ class Worker:
         elif queued is not None:
             message, caller = queued
             self._reply(self._failure(message, KeyboardInterrupt()), caller)
+
+    def stream_consumed(self, task_id: str, count: int) -> None:
+        """The caller of a streaming generator took ``count`` of its values (from the
+        reader thread): a generator paused for it may go on."""
+        with self._consumed_changed:
+            self._consumed[task_id] = max(count, self._consumed.get(task_id, 0))
+            self._consumed_changed.notify_all()
+            wake = self._consumed_wakers.get(task_id)
+        if wake is not None:
+            wake()
+
+    def consumed(self, task_id: str) -> int:
+        with self._consumed_changed:
+            return self._consumed.get(task_id, 0)
+
+    def wait_consumed(self, task_id: str, count: int) -> None:
+        """Until the caller took ``count`` values (a timed wait, so that SIGINT --
+        ray.cancel -- is not held off)."""
+        with self._consumed_changed:
+            while self._consumed.get(task_id, 0) < count:
+                self._consumed_changed.wait(0.5)
+
+    async def wait_consumed_async(self, task_id: str, count: int) -> None:
+        """``wait_consumed`` on an async actor's loop, which goes on meanwhile."""
+        loop = asyncio.get_running_loop()
+        woken = asyncio.Event()
+        with self._consumed_changed:
+            self._consumed_wakers[task_id] = lambda: loop.call_soon_threadsafe(woken.set)
+        try:
+            while self.consumed(task_id) < count:
+                await woken.wait()
+                woken.clear()
+        finally:
+            with self._consumed_changed:
+                self._consumed_wakers.pop(task_id, None)
+
+    def forget_consumed(self, task_id: str) -> None:
+        with self._consumed_changed:
+            self._consumed.pop(task_id, None)
 
     def _take_queued(self, task_id: str) -> tuple[p.ExecuteTask, p.SyncChannel | None] | None:
         """Takes the call out of this worker's queues, if it waits there."""
@@ -398,8 +443,12 @@ class Worker:
         try:
             for value in _iterate(values, message.spec):
                 yields.add(value)
+                if (until := yields.pause_until()) is not None:
+                    self.wait_consumed(message.spec.task_id, until)
         except BaseException as exc:
             return yields.failed(exc)
+        finally:
+            self.forget_consumed(message.spec.task_id)
         return yields.done()
 
     async def _generate_async(self, message: p.ExecuteTask, values: Any) -> p.TaskDone:
@@ -411,8 +460,12 @@ class Worker:
         try:
             async for value in values:
                 yields.add(value)
+                if (until := yields.pause_until()) is not None:
+                    await self.wait_consumed_async(message.spec.task_id, until)
         except BaseException as exc:
             return yields.failed(exc)
+        finally:
+            self.forget_consumed(message.spec.task_id)
         return yields.done()
 
     def _finish(self, message: p.ExecuteTask, result: Any) -> p.TaskDone:
@@ -507,6 +560,14 @@ class _Yields:
             self._send(location)
         else:
             self.made.append(location)
+
+    def pause_until(self) -> int | None:
+        """With backpressure, how many values the caller must have taken before the
+        generator goes on (None: it goes on now)."""
+        limit = getattr(self.message.spec, "generator_backpressure", -1)
+        if limit <= 0 or self.sent - self.worker.consumed(self.message.spec.task_id) < limit:
+            return None
+        return self.sent - limit + 1
 
     def failed(self, exc: BaseException) -> p.TaskDone:
         spec = self.message.spec

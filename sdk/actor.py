@@ -22,15 +22,21 @@ from sdk.util.scheduling_strategies import to_wire
 
 _NUM_RETURNS_ATTR = "__cairn_num_returns__"
 _GROUP_ATTR = "__cairn_concurrency_group__"
+_BACKPRESSURE_ATTR = "__cairn_generator_backpressure__"
 
 
 def method(
-    *, num_returns: int | str = 1, concurrency_group: str | None = None
+    *,
+    num_returns: int | str = 1,
+    concurrency_group: str | None = None,
+    _generator_backpressure_num_objects: int | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """``@sdk.method(...)`` on an actor method, as ``ray.method``: ``num_returns`` (a
-    count, or "streaming" / "dynamic" for a generator method) and the ``concurrency_group`` it runs
-    in (one of the actor's ``concurrency_groups``)."""
+    count, or "streaming" / "dynamic" for a generator method), the
+    ``concurrency_group`` it runs in (one of the actor's ``concurrency_groups``) and a
+    streaming method's ``_generator_backpressure_num_objects``."""
     wire = _num_returns(num_returns)
+    backpressure = _backpressure(_generator_backpressure_num_objects, wire)
     if concurrency_group is not None:
         opts.check_text("method(): concurrency_group", concurrency_group, allow_empty=False)
 
@@ -38,6 +44,8 @@ def method(
         setattr(function, _NUM_RETURNS_ATTR, wire)
         if concurrency_group is not None:
             setattr(function, _GROUP_ATTR, concurrency_group)
+        if backpressure != -1:
+            setattr(function, _BACKPRESSURE_ATTR, backpressure)
         return function
 
     return mark
@@ -51,6 +59,13 @@ def _num_returns(value: int | str) -> int:
             f"num_returns {problem or 'must be an int >= 0, streaming or dynamic'}: {value!r}"
         )
     return opts.num_returns_on_wire(value)
+
+
+def _backpressure(value: int | None, num_returns: int) -> int:
+    """TaskSpec.generator_backpressure of a method's option (ValueError if invalid)."""
+    if value is not None:
+        opts.validate({"_generator_backpressure_num_objects": value})
+    return opts.backpressure_on_wire(value, num_returns)
 
 
 def exit_actor() -> None:
@@ -76,6 +91,11 @@ class ActorClass:
             name: getattr(member, _GROUP_ATTR)
             for name, member in inspect.getmembers(cls, callable)
             if hasattr(member, _GROUP_ATTR)
+        }
+        self._method_backpressure = {
+            name: getattr(member, _BACKPRESSURE_ATTR)
+            for name, member in inspect.getmembers(cls, callable)
+            if hasattr(member, _BACKPRESSURE_ATTR)
         }
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -113,6 +133,7 @@ class ActorClass:
             max_concurrency=resolved["max_concurrency"] or self._default_concurrency(),
             concurrency_groups=self._groups(resolved["concurrency_groups"]),
             method_groups=dict(self._method_groups) or None,
+            method_backpressure=dict(self._method_backpressure) or None,
             replay_calls_on_restart=resolved["replay_calls_on_restart"],
             checkpoint_interval=resolved["checkpoint_interval"],
         )
@@ -162,7 +183,7 @@ class ActorClass:
         )
         client.submit(spec)
         del keep_alive
-        return ActorHandle(actor_id, self._qualname, self._methods)
+        return ActorHandle(actor_id, self._qualname, self._methods, self._method_backpressure)
 
     def _groups(self, groups: dict[str, int] | None) -> dict[str, int] | None:
         """The actor's concurrency groups; ValueError if a method names one it lacks."""
@@ -212,16 +233,24 @@ def _claim_name(
 def handle_of(actor_id: str, options: p.ActorOptions | None) -> ActorHandle:
     if options is None:
         raise ValueError(f"the actor {actor_id} is being created; try again")
-    return ActorHandle(actor_id, options.class_name, options.methods)
+    backpressure = getattr(options, "method_backpressure", None)
+    return ActorHandle(actor_id, options.class_name, options.methods, backpressure)
 
 
 class ActorHandle:
     """A reference to an actor; its attributes are the actor's methods."""
 
-    def __init__(self, actor_id: str, class_name: str, methods: dict[str, int]) -> None:
+    def __init__(
+        self,
+        actor_id: str,
+        class_name: str,
+        methods: dict[str, int],
+        backpressure: dict[str, int] | None = None,
+    ) -> None:
         self._actor_id = actor_id
         self._class_name = class_name
         self._methods = methods
+        self._backpressure = backpressure or {}  # streaming methods' (@method's)
         self._sequence = itertools.count()
 
     def __getattr__(self, name: str) -> ActorMethod:
@@ -230,10 +259,14 @@ class ActorHandle:
             raise AttributeError(
                 f"'{self.__dict__.get('_class_name')}' actor has no method {name!r}"
             )
-        return ActorMethod(self, name, methods[name])
+        backpressure = self.__dict__.get("_backpressure", {}).get(name, -1)
+        return ActorMethod(self, name, methods[name], backpressure)
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (ActorHandle, (self._actor_id, self._class_name, self._methods))
+        return (
+            ActorHandle,
+            (self._actor_id, self._class_name, self._methods, self._backpressure),
+        )
 
     def __repr__(self) -> str:
         return f"Actor({self._class_name}, {self._actor_id})"
@@ -246,10 +279,13 @@ class ActorHandle:
 
 
 class ActorMethod:
-    def __init__(self, handle: ActorHandle, name: str, num_returns: int) -> None:
+    def __init__(
+        self, handle: ActorHandle, name: str, num_returns: int, backpressure: int = -1
+    ) -> None:
         self._handle = handle
         self._name = name
         self._num_returns = num_returns
+        self._backpressure = backpressure  # a streaming method's (TaskSpec's)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         raise TypeError(
@@ -257,9 +293,20 @@ class ActorMethod:
             f"'{self._name}()', try '{self._name}.remote()'."
         )
 
-    def options(self, *, num_returns: int | str | None = None) -> ActorMethod:
+    def options(
+        self,
+        *,
+        num_returns: int | str | None = None,
+        _generator_backpressure_num_objects: int | None = None,
+    ) -> ActorMethod:
+        """This call's ``num_returns`` and (a streaming one's) backpressure; a method
+        made to return otherwise than by streaming has none."""
         chosen = self._num_returns if num_returns is None else _num_returns(num_returns)
-        return ActorMethod(self._handle, self._name, chosen)
+        if _generator_backpressure_num_objects is not None:
+            backpressure = _backpressure(_generator_backpressure_num_objects, chosen)
+        else:
+            backpressure = self._backpressure if chosen == p.STREAMING else -1
+        return ActorMethod(self._handle, self._name, chosen, backpressure)
 
     def bind(self, *args: Any, **kwargs: Any) -> ClassMethodNode:
         """A node of a DAG (sdk/dag.py): this call of the actor, made by ``execute``."""
@@ -287,6 +334,7 @@ class ActorMethod:
             method=self._name,
             sequence=next(handle._sequence),
             dag_id=current_dag_id(),
+            generator_backpressure=self._backpressure,
         )
         client.submit_actor_call(spec)
         del keep_alive

@@ -20,8 +20,11 @@ from sdk.runtime import client_or_auto_init, get_error
 
 
 class ObjectRefGenerator:
-    def __init__(self, task_id: str) -> None:
+    def __init__(self, task_id: str, backpressure: int = -1) -> None:
         self._task_id = task_id
+        # > 0: the generator pauses while that many of its values are not taken here
+        # (_generator_backpressure_num_objects), so each one taken is told
+        self._backpressure = backpressure
         self._next = 0  # the index of the next value to hand out
         self._finished = False
         self._client = context.current_client()
@@ -74,6 +77,8 @@ class ObjectRefGenerator:
             raise get_error(error, timeout) from None
         self._next += 1
         client.own_ref(object_id)  # the node holds it for this process: now a ref does
+        if self._backpressure > 0:
+            client.send(p.StreamConsumed(self._task_id, self._next))
         ref = ObjectRef._owned(object_id)
         if location.error is not None and location.error.kind == p.END_OF_STREAM:
             self._finished = True

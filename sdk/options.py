@@ -66,6 +66,30 @@ def num_returns_on_wire(value: int | str) -> int:
     return DYNAMIC if value == "dynamic" else int(value)
 
 
+def _backpressure(value: Any) -> str | None:
+    """Ray's rule: a count > 0 (1: a value made only when the last one is taken, as a
+    Python generator), or -1 for none."""
+    if value > 0 or value == -1:
+        return None
+    return "must be > 0 (how many values may wait for the caller) or -1 (no backpressure)"
+
+
+def backpressure_on_wire(value: int | None, num_returns: int) -> int:
+    """TaskSpec.generator_backpressure of a task (or call) whose TaskSpec.num_returns is
+    ``num_returns``; ValueError where it is set on one that is not a streaming
+    generator (it would have no effect)."""
+    from dataplane.protocol import STREAMING
+
+    if value is None or value == -1:
+        return -1
+    if num_returns != STREAMING:
+        raise ValueError(
+            "_generator_backpressure_num_objects applies to streaming generators only "
+            "(num_returns='streaming')"
+        )
+    return int(value)
+
+
 def _runtime_env(value: Any) -> str | None:
     from sdk.runtime_env import check
 
@@ -137,6 +161,7 @@ TASK_OPTIONS: dict[str, Option] = {
     "memory": Option((int, float), None, _non_negative),
     "scheduling_strategy": Option((str, object), None, _strategy),
     "runtime_env": Option((dict,), None, _runtime_env),
+    "_generator_backpressure_num_objects": Option((int,), None, _backpressure),
 }
 
 

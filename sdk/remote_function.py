@@ -55,6 +55,7 @@ class RemoteFunction:
         client.register_function(function_id, blob, self._qualname)
         task = context.current_task()
         args_list, kwargs_map, contained, keep_alive = build_args(args, kwargs)
+        num_returns = opts.num_returns_on_wire(resolved["num_returns"])
         spec = p.TaskSpec(
             task_id=uuid.uuid4().hex,
             job_id=task.job_id if task else client.welcome.job_id,
@@ -62,7 +63,7 @@ class RemoteFunction:
             function_id=function_id,
             args=args_list,
             kwargs=kwargs_map,
-            num_returns=opts.num_returns_on_wire(resolved["num_returns"]),
+            num_returns=num_returns,
             resources=opts.resource_request(resolved),
             max_retries=resolved["max_retries"],
             retry_exceptions=bool(resolved["retry_exceptions"]),
@@ -73,6 +74,9 @@ class RemoteFunction:
             max_calls=_max_calls(resolved),
             runtime_env=runtime_env.for_submission(resolved["runtime_env"]),
             dag_id=current_dag_id(),
+            generator_backpressure=opts.backpressure_on_wire(
+                resolved["_generator_backpressure_num_objects"], num_returns
+            ),
         )
         client.submit(spec)
         del keep_alive  # the daemon pins large arguments from submission on
@@ -95,7 +99,7 @@ def results_of(spec: p.TaskSpec) -> Any:
     (num_returns > 1), None (0), or a generator (``"streaming"``); ``"dynamic"``: the
     ref of its DynamicObjectRefGenerator."""
     if spec.streaming:
-        return ObjectRefGenerator(spec.task_id)
+        return ObjectRefGenerator(spec.task_id, spec.generator_backpressure)
     refs = [ObjectRef._owned(object_id) for object_id in spec.return_ids()]
     if spec.num_returns == 1 or spec.dynamic:
         return refs[0]

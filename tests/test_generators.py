@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import cloudpickle
@@ -294,3 +294,83 @@ def test_an_actor_method_may_be_a_dynamic_generator() -> None:
 def test_num_returns_refuses_other_strings() -> None:
     with pytest.raises(ValueError, match="'streaming' or 'dynamic'"):
         ray.remote(num_returns="lazy")(lambda: (yield 1))
+
+
+def _until(predicate: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + 30
+    while not predicate():
+        assert time.monotonic() < deadline, "not reached in 30 s"
+        time.sleep(0.02)
+
+
+def _held_back_at(marker: Path, made: int) -> None:
+    """The generator made ``made`` values (its marker names the last) and, while the
+    caller holds back for a while, makes no more."""
+    _until(lambda: marker.exists() and marker.read_text() == str(made - 1))
+    time.sleep(1.0)
+    assert marker.read_text() == str(made - 1)
+
+
+def test_backpressure_pauses_a_generator_until_its_values_are_taken(tmp_path: Path) -> None:
+    marker = tmp_path / "made"
+    gen = count_to.options(_generator_backpressure_num_objects=2).remote(6, str(marker))
+    _held_back_at(marker, 2)  # two values wait for the caller: it pauses
+    assert ray.get(next(gen)) == 0
+    _held_back_at(marker, 3)  # one taken, one more made
+    assert [ray.get(ref) for ref in gen] == [1, 2, 3, 4, 5]
+
+
+@ray.remote
+class Producer:
+    @ray.method(num_returns="streaming", _generator_backpressure_num_objects=1)
+    def one_at_a_time(self, n: int, marker: str) -> Iterator[int]:
+        for i in range(n):
+            Path(marker).write_text(str(i))
+            yield i
+
+    @ray.method(num_returns="streaming")
+    def unbounded(self, n: int, marker: str) -> Iterator[int]:
+        yield from self.one_at_a_time(n, marker)
+
+
+@ray.remote
+class AsyncProducer:
+    @ray.method(num_returns="streaming", _generator_backpressure_num_objects=1)
+    async def one_at_a_time(self, n: int, marker: str):
+        for i in range(n):
+            Path(marker).write_text(str(i))
+            yield i
+
+    async def ping(self) -> str:
+        return "pong"
+
+
+def test_backpressure_of_actor_methods_sync_and_async(tmp_path: Path) -> None:
+    producer = Producer.remote()
+    first, second = tmp_path / "first", tmp_path / "second"
+    gen = producer.one_at_a_time.remote(3, str(first))
+    _held_back_at(first, 1)
+    assert [ray.get(ref) for ref in gen] == [0, 1, 2]
+    method = producer.unbounded.options(_generator_backpressure_num_objects=2)
+    gen = method.remote(4, str(second))
+    _held_back_at(second, 2)
+    assert [ray.get(ref) for ref in gen] == [0, 1, 2, 3]
+
+    actor = AsyncProducer.remote()
+    marker = tmp_path / "async"
+    gen = actor.one_at_a_time.remote(3, str(marker))
+    _held_back_at(marker, 1)
+    assert ray.get(actor.ping.remote()) == "pong"  # its loop goes on while it waits
+    assert [ray.get(ref) for ref in gen] == [0, 1, 2]
+
+
+def test_backpressure_option_is_checked() -> None:
+    with pytest.raises(ValueError, match="must be > 0"):
+        count_to.options(_generator_backpressure_num_objects=0)
+    with pytest.raises(ValueError, match="streaming generators only"):
+        three.options(_generator_backpressure_num_objects=2).remote()
+    with pytest.raises(ValueError, match="streaming generators only"):
+        ray.method(num_returns=2, _generator_backpressure_num_objects=2)
+    assert [
+        ray.get(r) for r in count_to.options(_generator_backpressure_num_objects=-1).remote(2)
+    ] == [0, 1]

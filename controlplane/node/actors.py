@@ -435,6 +435,11 @@ class ActorDirector:
             with contextlib.suppress(ProcessLookupError):
                 actor.worker.process.kill()
 
+    def worker_of(self, actor_id: str) -> WorkerHandle | None:
+        """The worker of an actor of this node (None: not of this node, or none now)."""
+        actor = self.actors.get(actor_id)
+        return actor.worker if actor is not None else None
+
     def restarts(self, actor_id: str | None) -> int:
         """How often the actor restarted (0 for one not of this node)."""
         actor = self.actors.get(actor_id or "")

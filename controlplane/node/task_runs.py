@@ -196,6 +196,8 @@ class TaskRuns:
         handle.conn.send(
             p.ExecuteTask(spec, record.attempt, blob, args, kwargs, record.gpu_ids, restarts)
         )
+        if spec.streaming:  # a retry: what its caller took already
+            self._tell_consumed(record)
 
     def running_event(self, record: TaskRecord, worker_id: str) -> Event:
         return Event(
@@ -261,7 +263,29 @@ class TaskRuns:
         self.streams.item(record, item)
 
     def release_stream(self, task_id: str, index: int) -> None:
-        self.streams.release(self.tasks.get(task_id), index)
+        record = self.tasks.get(task_id)
+        self.streams.release(record, index)
+        if record is not None and getattr(record.spec, "generator_backpressure", -1) > 0:
+            self.stream_consumed(task_id, 1 << 62)  # nobody takes the rest: no pause
+
+    def stream_consumed(self, task_id: str, count: int) -> None:
+        """The caller of a streaming generator with backpressure took ``count`` of its
+        values: its worker is told (it pauses while too many are not taken)."""
+        record = self.tasks.get(task_id)
+        if record is None or count <= record.stream_consumed:
+            return
+        record.stream_consumed = count
+        self._tell_consumed(record)
+
+    def _tell_consumed(self, record: TaskRecord) -> None:
+        spec = record.spec
+        worker = (
+            self.actor_director.worker_of(spec.actor_id)
+            if spec.actor_id is not None
+            else record.worker
+        )
+        if worker is not None and worker.conn is not None and record.stream_consumed:
+            worker.conn.send(p.StreamConsumed(spec.task_id, record.stream_consumed))
 
     def finish_ok(self, record: TaskRecord, returns: list[p.ObjectLocation]) -> None:
         spec = record.spec

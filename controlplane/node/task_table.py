@@ -83,6 +83,7 @@ class TaskRecord:
     streamed: int = 0
     stream_errored: bool = False
     stream_held_below: int = 1 << 62
+    stream_consumed: int = 0  # ... how many its caller took (with backpressure only)
 
 
 class TaskTable:
