@@ -68,6 +68,7 @@ class TaskRuns:
         self.scheduler = scheduler
         self.actor_director = actor_director
         self.remote_tasks = remote_tasks
+        self.streams.remote = remote_tasks
         self.reconstructor = reconstructor
 
     def submit(self, conn: Connection, spec: p.TaskSpec) -> None:
@@ -261,6 +262,15 @@ class TaskRuns:
             self.store.discard([item.location])
             return
         self.streams.item(record, item)
+
+    def relay_stream_item(self, record: TaskRecord, location: p.ObjectLocation) -> bool:
+        return self.streams.relayed(record, location)
+
+    def end_relayed_stream(self, record: TaskRecord) -> None:
+        """A generator this node spilled finished on another node (its values came)."""
+        record.state = "FINISHED"
+        self.streams.end(record, [], None)
+        self.task_over(record)
 
     def release_stream(self, task_id: str, index: int) -> None:
         record = self.tasks.get(task_id)
