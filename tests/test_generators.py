@@ -16,10 +16,15 @@ import cloudpickle
 import pytest
 from log_rows import wait_for_rows
 from ray_session import private_cluster
+from store_objects import flip
 
 import sdk as ray
 from dataplane import protocol as p
-from sdk.exceptions import RayTaskError, TaskCancelledError
+from sdk.exceptions import (
+    RayTaskError,
+    StreamingGeneratorReplayInconsistentError,
+    TaskCancelledError,
+)
 
 pytestmark = pytest.mark.timeout(120)
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -374,3 +379,51 @@ def test_backpressure_option_is_checked() -> None:
     assert [
         ray.get(r) for r in count_to.options(_generator_backpressure_num_objects=-1).remote(2)
     ] == [0, 1]
+
+
+@ray.remote(num_returns="streaming")
+def counted_runs(n: int, runs: str, fewer_next_time: bool = False) -> Iterator[bytes]:
+    with open(runs, "a") as log:
+        log.write("run\n")
+    if fewer_next_time and Path(runs).read_text().count("run") > 1:
+        n = 1
+    for i in range(n):
+        yield bytes([i]) * 1_000_000  # in the store
+
+
+def test_a_lost_streamed_value_is_rebuilt_by_running_its_generator_again(
+    tmp_path: Path,
+) -> None:
+    runs = tmp_path / "runs"
+    refs = list(counted_runs.remote(3, str(runs)))
+    assert ray.get(refs[1])[:1] == b"\x01"
+    flip(refs[1], 0, 16, mask=0xFF)  # its bytes damaged: lost
+    assert ray.get(refs[1], timeout=60) == b"\x01" * 1_000_000
+    assert runs.read_text().count("run") == 2  # the generator ran again
+    assert [ray.get(r)[:1] for r in (refs[0], refs[2])] == [b"\x00", b"\x02"]
+    gcs = ray.get_runtime_context().gcs_address
+    task_id = refs[1].task_id()
+    rebuilt = wait_for_rows(
+        gcs,
+        "SELECT payload->>'object_id' AS object_id FROM events "
+        "WHERE event_type = 'reconstructing' AND entity_id = $1",
+        task_id,
+        count=1,
+    )
+    assert rebuilt[0]["object_id"] == refs[1].hex()
+    created = wait_for_rows(
+        gcs,
+        "SELECT entity_id FROM events WHERE event_type = 'created' AND payload->>'task_id' = $1",
+        task_id,
+        count=4,
+    )  # matched by index: only the lost value is made again
+    assert sorted(row["entity_id"] for row in created) == sorted(
+        [refs[0].hex(), refs[1].hex(), refs[1].hex(), refs[2].hex()]
+    )
+
+
+def test_a_rebuild_that_yields_fewer_values_is_inconsistent(tmp_path: Path) -> None:
+    refs = list(counted_runs.remote(3, str(tmp_path / "runs"), fewer_next_time=True))
+    flip(refs[2], 0, 16, mask=0xFF)
+    with pytest.raises(StreamingGeneratorReplayInconsistentError, match="only 1 values"):
+        ray.get(refs[2], timeout=60)

@@ -46,6 +46,10 @@ class Streams:
             self.store.discard([location])  # a stale attempt's, or one made already
             return
         record.streamed = item.index + 1
+        rebuilding = record.stream_rebuilding
+        if rebuilding is not None and location.object_id not in rebuilding:
+            self.store.discard([location])  # a rebuild: one that was not lost
+            return
         record.stream_errored = location.error is not None
         events: list[Event] = []
         if location.error is None:
@@ -90,6 +94,9 @@ class Streams:
         task that failed before it could say so itself (its worker died, it was
         cancelled queued) gets ``error`` as its next value; then the marker."""
         task_id = record.spec.task_id
+        if record.stream_rebuilding is not None:
+            self._rebuilt(record, events, error)
+            return
         if error is not None and not record.stream_errored:
             failed = p.ObjectLocation(p.return_object_id(task_id, record.streamed), error=error)
             record.streamed += 1
@@ -101,6 +108,24 @@ class Streams:
             ),
         )
         self._publish(record, marker, events)
+
+    def _rebuilt(self, record: TaskRecord, events: list[Event], error: p.ErrorInfo | None) -> None:
+        """A re-run for lost values is over: those it did not yield again (it failed
+        first, or yields otherwise than it did) stand for why, as in Ray."""
+        assert record.stream_rebuilding is not None
+        if error is None:
+            error = p.ErrorInfo(
+                "generator_replay_inconsistent",
+                f"the generator {record.spec.name}, re-run to rebuild a lost value, yielded "
+                f"only {record.streamed} values this time",
+                record.spec.name,
+            )
+        missing = [
+            p.ObjectLocation(object_id, error=error)
+            for object_id in sorted(record.stream_rebuilding)
+            if p.return_index(object_id) >= record.streamed
+        ]
+        self.store.make_durable_then_ready(missing, events, None)
 
     def release(self, record: TaskRecord | None, index: int) -> None:
         """The caller dropped its generator at ``index``: values from there on that are
