@@ -200,7 +200,7 @@ class _Resubmitter:
     def submit(self, recorded: RecordedTask) -> p.TaskSpec:
         spec = recorded.spec
         for object_id in spec.dependencies():
-            if object_id not in self.renamed:
+            if self._renamed(object_id) is None:
                 self._provide(object_id, spec)
         if spec.contained_refs:
             self.notes.append(
@@ -247,7 +247,20 @@ class _Resubmitter:
         return new
 
     def _arg(self, arg: p.Arg) -> p.Arg:
-        return arg if arg.ref is None else p.Arg(ref=self.renamed[arg.ref])
+        if arg.ref is None:
+            return arg
+        renamed = self._renamed(arg.ref)
+        assert renamed is not None  # (provided by submit)
+        return p.Arg(ref=renamed)
+
+    def _renamed(self, object_id: str) -> str | None:
+        """The replay's id of an object: a put or return named again, or a value a
+        generator yielded (made by the re-run generator at the same index)."""
+        if object_id in self.renamed:
+            return self.renamed[object_id]
+        task_id = _creating_task(object_id)
+        new_task = self.renamed.get(task_id) if task_id is not None else None
+        return new_task + object_id[-8:] if new_task is not None else None
 
     def _provide(self, object_id: str, spec: p.TaskSpec) -> None:
         """A put the task reads, put again (from its recorded value)."""

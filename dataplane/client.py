@@ -94,6 +94,8 @@ class CoreClient:
         self.tasks: queue.Queue[tuple[p.ExecuteTask, p.SyncChannel | None] | None] = queue.Queue()
         # a worker's: ray.cancel of an actor call it was sent (dataplane/worker.py)
         self.on_cancel_call: Callable[[str], None] = lambda _task_id: None
+        # ... and how many values of a streaming generator it runs its caller took
+        self.on_stream_consumed: Callable[[str, int], None] = lambda _task_id, _count: None
         self._routes: dict[str, _Route] = {}  # actor id -> how calls go there
         self._routes_lock = threading.Lock()
         self._call_route: dict[str, _Route] = {}  # return id of a call not in yet -> route
@@ -282,7 +284,7 @@ class CoreClient:
                 if done.error is None:
                     self._remember(done.returns)
                 else:
-                    self._remember([p.ObjectLocation(oid, error=done.error) for oid in return_ids])
+                    self._remember(p.outcome(return_ids, done.returns, done.error))
         except (EOFError, OSError):
             pass
         except p.ProtocolError as exc:
@@ -593,6 +595,8 @@ class CoreClient:
                     self.tasks.put((message, None))
                 elif isinstance(message, p.CancelCall):
                     self.on_cancel_call(message.task_id)
+                elif isinstance(message, p.StreamConsumed):
+                    self.on_stream_consumed(message.task_id, message.count)
                 elif isinstance(message, p.ActorRoute):
                     self._route_given(message)
                 elif isinstance(message, p.Shutdown):

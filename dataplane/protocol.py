@@ -124,15 +124,24 @@ class TaskSpec:
     # concurrency group it runs in (None: its method's); likewise
     max_task_retries: int | None = None
     concurrency_group: str | None = None
+    # a streaming generator's _generator_backpressure_num_objects: it pauses while this
+    # many of its values are not taken by its caller (-1: never); likewise
+    generator_backpressure: int = -1
 
     def return_ids(self) -> list[str]:
         """Its fixed returns (none for a streaming generator: its values are made as it
-        yields them, ``return_object_id(task_id, i)`` for the i-th)."""
-        return [return_object_id(self.task_id, i) for i in range(max(self.num_returns, 0))]
+        yields them, ``return_object_id(task_id, i)`` for the i-th; one for a dynamic
+        generator, whose values follow it)."""
+        count = 1 if self.num_returns == DYNAMIC else max(self.num_returns, 0)
+        return [return_object_id(self.task_id, i) for i in range(count)]
 
     @property
     def streaming(self) -> bool:
         return self.num_returns == STREAMING
+
+    @property
+    def dynamic(self) -> bool:
+        return self.num_returns == DYNAMIC
 
     def dependencies(self) -> list[str]:
         return [a.ref for a in (*self.args, *self.kwargs.values()) if a.ref is not None]
@@ -151,6 +160,20 @@ def return_index(object_id: str) -> int:
 # are objects made as it yields them; after the last, an end-of-stream marker
 STREAMING = -1
 END_OF_STREAM = "end_of_stream"  # the ErrorInfo kind of the marker
+# ... of a dynamic generator (num_returns="dynamic"): one return (index 0), a
+# DynamicObjectRefGenerator over the values it yielded, made once it is over: the
+# i-th value is ``return_object_id(task_id, i + 1)`` (then its error, if it raised)
+DYNAMIC = -2
+
+
+def outcome(
+    return_ids: list[str], made: list[ObjectLocation], error: ErrorInfo
+) -> list[ObjectLocation]:
+    """Every return of a task that failed with ``error`` after it made ``made`` (a
+    generator with an int num_returns that raised, or yielded too few): those keep
+    their values, the others stand for the error, as in Ray."""
+    kept = {location.object_id: location for location in made}
+    return [kept.get(oid) or ObjectLocation(oid, error=error) for oid in return_ids]
 
 
 # -- messages: client -> daemon ---------------------------------------------------------
@@ -345,7 +368,9 @@ class TaskDone:
     task_id: str
     attempt: int
     returns: list[ObjectLocation]
-    error: ErrorInfo | None = None  # set when the task raised: every return is this error
+    # set when the task raised: every return is this error, but those in ``returns``
+    # (made before it raised, by a generator with an int num_returns: ``outcome``)
+    error: ErrorInfo | None = None
     # "xxh3:<hex>": an xxh3-128 of the return values' blob checksums (xxh3-64 of their
     # serialized bytes), in order: logged with `finished`
     # so that `cairn replay` can tell whether a re-run produced the same output
@@ -374,6 +399,15 @@ class ReleaseStream:
 
 
 @dataclass(slots=True)
+class StreamConsumed:
+    """Client -> daemon -> the generator's worker: the caller took ``count`` values of
+    a streaming generator with backpressure (TaskSpec.generator_backpressure)."""
+
+    task_id: str
+    count: int
+
+
+@dataclass(slots=True)
 class ActorOptions:
     """What the daemon keeps about an actor beyond its creation task."""
 
@@ -397,6 +431,8 @@ class ActorOptions:
     # method -> its @method's max_task_retries, retry_exceptions (and the classes,
     # cloudpickled: retry_exception_types); read with getattr (options logged before it)
     method_options: dict[str, dict[str, Any]] | None = None
+    # method -> its @method(_generator_backpressure_num_objects=...); likewise
+    method_backpressure: dict[str, int] | None = None
 
 
 def calls_at_once(options: ActorOptions) -> int:

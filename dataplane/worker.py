@@ -31,7 +31,12 @@ from dataplane.begun_calls import BegunCalls, begun_calls_path
 from dataplane.client import CoreClient, DaemonError, ObjectMissingError
 from dataplane.exceptions import ObjectStoreFullError
 from dataplane.output_lines import OutputMarks, rotate_when_full
-from dataplane.serialization import SerializationError, deserialize, serialize_with_refs
+from dataplane.serialization import (
+    SerializationError,
+    Serialized,
+    deserialize,
+    serialize_with_refs,
+)
 
 
 class Worker:
@@ -57,6 +62,12 @@ class Worker:
         self._queues: list[queue.Queue[Any]] = [client.tasks]
         self._marks = OutputMarks()  # whose lines this process prints next
         client.on_cancel_call = self.cancel_call
+        # streaming generators with backpressure: how many values their callers took,
+        # and how an async one waiting for that is woken
+        self._consumed: dict[str, int] = {}
+        self._consumed_changed = threading.Condition()
+        self._consumed_wakers: dict[str, Callable[[], None]] = {}
+        client.on_stream_consumed = self.stream_consumed
 
     def run(self) -> None:
         while (item := self.client.tasks.get()) is not None:
@@ -175,6 +186,45 @@ class Worker:
             message, caller = queued
             self._reply(self._failure(message, KeyboardInterrupt()), caller)
 
+    def stream_consumed(self, task_id: str, count: int) -> None:
+        """The caller of a streaming generator took ``count`` of its values (from the
+        reader thread): a generator paused for it may go on."""
+        with self._consumed_changed:
+            self._consumed[task_id] = max(count, self._consumed.get(task_id, 0))
+            self._consumed_changed.notify_all()
+            wake = self._consumed_wakers.get(task_id)
+        if wake is not None:
+            wake()
+
+    def consumed(self, task_id: str) -> int:
+        with self._consumed_changed:
+            return self._consumed.get(task_id, 0)
+
+    def wait_consumed(self, task_id: str, count: int) -> None:
+        """Until the caller took ``count`` values (a timed wait, so that SIGINT --
+        ray.cancel -- is not held off)."""
+        with self._consumed_changed:
+            while self._consumed.get(task_id, 0) < count:
+                self._consumed_changed.wait(0.5)
+
+    async def wait_consumed_async(self, task_id: str, count: int) -> None:
+        """``wait_consumed`` on an async actor's loop, which goes on meanwhile."""
+        loop = asyncio.get_running_loop()
+        woken = asyncio.Event()
+        with self._consumed_changed:
+            self._consumed_wakers[task_id] = lambda: loop.call_soon_threadsafe(woken.set)
+        try:
+            while self.consumed(task_id) < count:
+                await woken.wait()
+                woken.clear()
+        finally:
+            with self._consumed_changed:
+                self._consumed_wakers.pop(task_id, None)
+
+    def forget_consumed(self, task_id: str) -> None:
+        with self._consumed_changed:
+            self._consumed.pop(task_id, None)
+
     def _take_queued(self, task_id: str) -> tuple[p.ExecuteTask, p.SyncChannel | None] | None:
         """Takes the call out of this worker's queues, if it waits there."""
         for calls in self._queues:
@@ -224,8 +274,8 @@ class Worker:
                 result = function(*args, **kwargs)
                 if spec.method == "__init__":
                     self.actor, result = result, None
-                if spec.streaming:
-                    return self._stream(message, result)
+                if _yields_returns(spec, result):
+                    return self._generate(message, result)
             except BaseException as exc:
                 return self._failure(message, exc)
             return self._finish(message, result)
@@ -292,8 +342,8 @@ class Worker:
             function, args, kwargs = self._prepare(message)
             task.function = function
             result = function(*args, **kwargs)
-            if message.spec.streaming:
-                return await self._stream_async(message, result)
+            if _yields_returns(message.spec, result):
+                return await self._generate_async(message, result)
             if inspect.isawaitable(result):
                 result = await result
         except BaseException as exc:
@@ -401,31 +451,39 @@ class Worker:
                 error.retryable = isinstance(exc, cloudpickle.loads(spec.retry_exception_types))
         return self._failed(spec, message, error)
 
-    # -- generators (num_returns="streaming"): controlplane/node/streams.py ------------
+    # -- generators: their values stored as they are yielded (``_Yields``) -------------
 
-    def _stream(self, message: p.ExecuteTask, values: Any) -> p.TaskDone:
-        """Stores and sends each value as it is yielded; an exception raised at a yield
-        is the generator's next value, and its error."""
-        stream = _Stream(self, message)
+    def _generate(self, message: p.ExecuteTask, values: Any) -> p.TaskDone:
+        """Runs a generator task to its end, each value stored as it is yielded; an
+        exception raised at a yield is its error there (``_Yields.failed``)."""
+        yields = _Yields(self, message)
         try:
-            for value in _iterate(values, message.spec.name):
-                stream.send(value)
+            for value in _iterate(values, message.spec):
+                yields.add(value)
+                if (until := yields.pause_until()) is not None:
+                    self.wait_consumed(message.spec.task_id, until)
         except BaseException as exc:
-            return stream.failed(exc)
-        return stream.done()
+            return yields.failed(exc)
+        finally:
+            self.forget_consumed(message.spec.task_id)
+        return yields.done()
 
-    async def _stream_async(self, message: p.ExecuteTask, values: Any) -> p.TaskDone:
-        """``_stream`` of an async actor's generator (an async one is iterated here, on
-        the actor's loop; a sync one too)."""
+    async def _generate_async(self, message: p.ExecuteTask, values: Any) -> p.TaskDone:
+        """``_generate`` of an async actor's generator (an async one is iterated here,
+        on the actor's loop; a sync one too)."""
         if not inspect.isasyncgen(values):
-            return self._stream(message, values)
-        stream = _Stream(self, message)
+            return self._generate(message, values)
+        yields = _Yields(self, message)
         try:
             async for value in values:
-                stream.send(value)
+                yields.add(value)
+                if (until := yields.pause_until()) is not None:
+                    await self.wait_consumed_async(message.spec.task_id, until)
         except BaseException as exc:
-            return stream.failed(exc)
-        return stream.done()
+            return yields.failed(exc)
+        finally:
+            self.forget_consumed(message.spec.task_id)
+        return yields.done()
 
     def _finish(self, message: p.ExecuteTask, result: Any) -> p.TaskDone:
         spec = message.spec
@@ -483,52 +541,112 @@ class Worker:
         return p.TaskDone(spec.task_id, message.attempt, [], error=error)
 
 
-class _Stream:
-    """One run of a generator: its values sent as they come, counted and digested."""
+class _Yields:
+    """One run of a generator task, its values stored as they are yielded (digested in
+    order) and then, by its num_returns:
+
+    - ``"streaming"``: each sent at once (StreamItem), for the node to make visible
+      (controlplane/node/streams.py); an error, as the next value;
+    - ``"dynamic"``: kept until the generator is over, then its one return (index 0) is
+      a DynamicObjectRefGenerator over them, the i-th value being return i + 1 (then
+      the error it raised, if it did, as Ray stores it);
+    - an int: exactly that many returns; one that raised (or yielded too few) keeps
+      the values it made, and the others are its error (``p.outcome``)."""
 
     def __init__(self, worker: Worker, message: p.ExecuteTask) -> None:
         self.worker, self.message = worker, message
-        self.index = 0
+        spec = message.spec
+        self.first = 1 if spec.dynamic else 0  # the index of the first value's id
+        self.made: list[p.ObjectLocation] = []
+        self.sent = 0  # a streaming generator's values sent so far
         self.digest = xxhash.xxh3_128()
 
-    def send(self, value: Any) -> None:
+    def _next_id(self) -> str:
+        index = self.first + self.sent + len(self.made)
+        return p.return_object_id(self.message.spec.task_id, index)
+
+    def add(self, value: Any) -> None:
         spec = self.message.spec
-        object_id = p.return_object_id(spec.task_id, self.index)
+        if spec.num_returns >= 0 and len(self.made) == spec.num_returns:
+            raise _WrongCount(spec, len(self.made) + 1)
         try:
-            location = self.worker._store(object_id, value, self.digest)
+            location = self.worker._store(self._next_id(), value, self.digest)
         except (SerializationError, ValueError, OSError, DaemonError) as exc:
             raise _YieldNotStored(exc) from exc
-        self._item(location)
+        if spec.streaming:
+            self._send(location)
+        else:
+            self.made.append(location)
+
+    def pause_until(self) -> int | None:
+        """With backpressure, how many values the caller must have taken before the
+        generator goes on (None: it goes on now)."""
+        limit = getattr(self.message.spec, "generator_backpressure", -1)
+        if limit <= 0 or self.sent - self.worker.consumed(self.message.spec.task_id) < limit:
+            return None
+        return self.sent - limit + 1
 
     def failed(self, exc: BaseException) -> p.TaskDone:
-        if isinstance(exc, _YieldNotStored):  # its error, as a value that cannot be stored
-            spec = self.message.spec
-            done = self.worker._failed(
-                spec, self.message, _task_error(spec.name, _as_ray_error(exc.cause))
-            )
+        spec = self.message.spec
+        if isinstance(exc, _YieldNotStored | _WrongCount):  # an error of the task itself
+            cause = _as_ray_error(exc.cause) if isinstance(exc, _YieldNotStored) else exc
+            done = self.worker._failed(spec, self.message, _task_error(spec.name, cause))
         else:
             done = self.worker._failure(self.message, exc)
         assert done.error is not None
-        object_id = p.return_object_id(self.message.spec.task_id, self.index)
-        self._item(p.ObjectLocation(object_id, error=done.error))
+        error = done.error
+        if spec.streaming:
+            self._send(p.ObjectLocation(self._next_id(), error=error))
+        elif spec.dynamic and error.kind == "task_error":  # its last value, and it is over
+            self.made.append(p.ObjectLocation(self._next_id(), error=error))
+            return self.done()
+        elif (isinstance(exc, _WrongCount) and exc.too_many) or error.kind != "task_error":
+            self._give_back()  # (too many, or cancelled: none of its values is kept)
+        else:
+            done.returns = self.made
         return done
 
     def done(self) -> p.TaskDone:
         spec = self.message.spec
+        if spec.num_returns > len(self.made):
+            return self.failed(_WrongCount(spec, len(self.made)))
+        returns = self.made
+        if spec.dynamic:
+            ids = [location.object_id for location in self.made]
+            value = Serialized(_dynamic_generator_pickle(ids), [])
+            outer = p.return_object_id(spec.task_id, 0)
+            returns = [self.worker.client.store(outer, value, tuple(ids)), *self.made]
         return p.TaskDone(
-            spec.task_id,
-            self.message.attempt,
-            [],
-            None,
-            f"xxh3:{self.digest.hexdigest()}",
+            spec.task_id, self.message.attempt, returns, None, f"xxh3:{self.digest.hexdigest()}"
         )
 
-    def _item(self, location: p.ObjectLocation) -> None:
+    def _send(self, location: p.ObjectLocation) -> None:
         spec = self.message.spec
         self.worker.client.send(
-            p.StreamItem(spec.task_id, self.message.attempt, self.index, location)
+            p.StreamItem(spec.task_id, self.message.attempt, self.sent, location)
         )
-        self.index += 1
+        self.sent += 1
+
+    def _give_back(self) -> None:
+        """The values made are nobody's: their room in the store goes back."""
+        for location in self.made:
+            if location.region is not None:
+                self.worker.client.send(p.ReleaseShm(location.region, location.offset))
+        self.made = []
+
+
+class _WrongCount(ValueError):
+    """A generator with an int num_returns yielded another number of values: too few
+    (those it yielded are kept, as in Ray) or too many (none is: Ray keeps them and
+    only logs the error, a known bug of Ray's)."""
+
+    def __init__(self, spec: p.TaskSpec, got: int) -> None:
+        self.too_many = got > spec.num_returns
+        count = f"more than {spec.num_returns}" if self.too_many else str(got)
+        super().__init__(
+            f"{spec.name} declared num_returns={spec.num_returns} but its generator yielded "
+            f"{count} values"
+        )
 
 
 class _YieldNotStored(Exception):
@@ -537,14 +655,45 @@ class _YieldNotStored(Exception):
         self.cause = cause
 
 
-def _iterate(values: Any, name: str) -> Any:
+def _yields_returns(spec: p.TaskSpec, result: Any) -> bool:
+    """Whether the task's values are a generator's, stored as they are yielded: a
+    streaming or dynamic one, or a generator with an int num_returns (as in Ray)."""
+    if spec.num_returns < 0:
+        return True
+    return spec.num_returns > 0 and (inspect.isgenerator(result) or inspect.isasyncgen(result))
+
+
+def _iterate(values: Any, spec: p.TaskSpec) -> Any:
     """The values of a generator task's result (TypeError if it yields none)."""
     if isinstance(values, str | bytes) or not hasattr(values, "__iter__"):
+        kind = "streaming" if spec.streaming else "dynamic"
         raise TypeError(
-            f"{name} has num_returns='streaming' but returned a {type(values).__name__}, "
+            f"{spec.name} has num_returns={kind!r} but returned a {type(values).__name__}, "
             "not a generator"
         )
     return iter(values)
+
+
+def _dynamic_generator_pickle(object_ids: list[str]) -> bytes:
+    """The pickle of ``sdk.generator._dynamic_generator(object_ids)``: a dynamic
+    generator's value, a DynamicObjectRefGenerator over its values' refs. Written by
+    hand because the data plane does not import the SDK; whoever reads it does (as
+    for any ref in a value): protocol 5 opcodes, no memo, each string under 256 bytes."""
+
+    def text(value: str) -> bytes:
+        data = value.encode()
+        return b"\x8c" + bytes([len(data)]) + data  # SHORT_BINUNICODE
+
+    body = b"".join(text(object_id) for object_id in object_ids)
+    # PROTO 5, module, name, STACK_GLOBAL, EMPTY_LIST, MARK, ids, APPENDS, TUPLE1, REDUCE, STOP
+    return (
+        b"\x80\x05"
+        + text("sdk.generator")
+        + text("_dynamic_generator")
+        + b"\x93]("
+        + body
+        + b"e\x85R."
+    )
 
 
 class _ArgumentFailed(Exception):
@@ -566,10 +715,8 @@ def _split_returns(result: Any, num_returns: int) -> list[Any]:
         return [result]
     if num_returns == 0:
         return []
-    # a list or tuple, or a generator yielding that many values (as Ray)
-    values = (
-        list(result) if isinstance(result, list | tuple) or inspect.isgenerator(result) else None
-    )
+    # a list or tuple (a generator's values were stored as it yielded them: _Yields)
+    values = list(result) if isinstance(result, list | tuple) else None
     if values is None or len(values) != num_returns:
         got = f"{len(values)} values" if values is not None else type(result).__name__
         raise ValueError(f"the task declared num_returns={num_returns} but returned {got}")

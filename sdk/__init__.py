@@ -20,7 +20,7 @@ from sdk.api import (
     timeline,
     wait,
 )
-from sdk.generator import ObjectRefGenerator
+from sdk.generator import DynamicObjectRefGenerator, ObjectRefGenerator
 from sdk.ids import (
     ActorClassID,
     ActorID,
@@ -36,6 +36,7 @@ from sdk.object_ref import ObjectRef
 __all__ = [
     "ActorClassID",
     "ActorID",
+    "DynamicObjectRefGenerator",
     "FunctionID",
     "JobID",
     "NodeID",

@@ -23,6 +23,7 @@ from sdk.util.scheduling_strategies import placement
 _NUM_RETURNS_ATTR = "__cairn_num_returns__"
 _GROUP_ATTR = "__cairn_concurrency_group__"
 _RETRIES_ATTR = "__cairn_method_retries__"  # its max_task_retries / retry_exceptions
+_BACKPRESSURE_ATTR = "__cairn_generator_backpressure__"
 
 # Ray's options of @ray.method, and of an actor method's .options() (which adds name)
 METHOD_OPTIONS = (
@@ -39,16 +40,20 @@ CALL_OPTIONS = (*METHOD_OPTIONS, "name")
 
 def method(*args: Any, **options: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """``@sdk.method(...)`` on an actor method, as ``ray.method``: ``num_returns`` (a
-    count, or "streaming" for a generator method), the ``concurrency_group`` it runs
-    in (one of the actor's ``concurrency_groups``), and ``max_task_retries`` /
-    ``retry_exceptions`` for its calls (instead of the actor's max_task_retries; with
-    retry_exceptions, a call that raises is run again while retries last)."""
+    count, or "streaming" / "dynamic" for a generator method), the
+    ``concurrency_group`` it runs in (one of the actor's ``concurrency_groups``),
+    ``max_task_retries`` / ``retry_exceptions`` for its calls (instead of the actor's
+    max_task_retries; with retry_exceptions, a call that raises is run again while
+    retries last) and a streaming method's ``_generator_backpressure_num_objects``."""
     if args or not options:
         raise TypeError(
             "The @method decorator must be applied using at least one of the arguments in "
             f"the list {list(METHOD_OPTIONS)}, for example '@method(num_returns=2)'."
         )
     checked = _method_options(options, "@method", METHOD_OPTIONS)
+    backpressure = _backpressure(
+        checked.get("_generator_backpressure_num_objects"), checked.get("num_returns", 1)
+    )
 
     def mark(function: Callable[..., Any]) -> Callable[..., Any]:
         if "num_returns" in checked:
@@ -58,6 +63,8 @@ def method(*args: Any, **options: Any) -> Callable[[Callable[..., Any]], Callabl
         retries = {k: checked[k] for k in ("max_task_retries", "retry_exceptions") if k in checked}
         if retries:
             setattr(function, _RETRIES_ATTR, retries)
+        if backpressure != -1:
+            setattr(function, _BACKPRESSURE_ATTR, backpressure)
         return function
 
     return mark
@@ -92,6 +99,8 @@ def _method_options(options: dict[str, Any], where: str, allowed: tuple[str, ...
                     f"classes, got {value!r:.80}"
                 )
             checked[key] = value
+        elif key == "_generator_backpressure_num_objects":
+            checked[key] = value  # (checked against num_returns by _backpressure)
         elif key == "enable_task_events" and value is True:
             continue  # (every call's transitions are events in the log, always)
         else:
@@ -100,7 +109,6 @@ def _method_options(options: dict[str, Any], where: str, allowed: tuple[str, ...
 
 
 _WHY = {
-    "_generator_backpressure_num_objects": "generators have no backpressure yet",
     "enable_task_events": "every transition is an event in the log; it cannot be switched off",
     "tensor_transport": "objects move through the object store only",
 }
@@ -112,6 +120,13 @@ def _num_returns(value: int | str) -> int:
     if problem or isinstance(value, bool) or not isinstance(value, int | str):
         raise ValueError(f"num_returns {problem or 'must be an int >= 0 or streaming'}: {value!r}")
     return opts.num_returns_on_wire(value)
+
+
+def _backpressure(value: int | None, num_returns: int) -> int:
+    """TaskSpec.generator_backpressure of a method's option (ValueError if invalid)."""
+    if value is not None:
+        opts.validate({"_generator_backpressure_num_objects": value})
+    return opts.backpressure_on_wire(value, num_returns)
 
 
 def _retries_on_wire(retries: dict[str, Any]) -> dict[str, Any]:
@@ -154,6 +169,11 @@ class ActorClass:
             for name, member in inspect.getmembers(cls, callable)
             if hasattr(member, _RETRIES_ATTR)
         }
+        self._method_backpressure = {
+            name: getattr(member, _BACKPRESSURE_ATTR)
+            for name, member in inspect.getmembers(cls, callable)
+            if hasattr(member, _BACKPRESSURE_ATTR)
+        }
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         raise TypeError(
@@ -192,6 +212,7 @@ class ActorClass:
             concurrency_groups=self._groups(resolved["concurrency_groups"]),
             method_groups=dict(self._method_groups) or None,
             method_options=dict(self._method_retries) or None,
+            method_backpressure=dict(self._method_backpressure) or None,
             replay_calls_on_restart=resolved["replay_calls_on_restart"],
             checkpoint_interval=resolved["checkpoint_interval"],
         )
@@ -319,7 +340,9 @@ class ActorHandle:
             raise AttributeError(
                 f"'{self.__dict__.get('_class_name')}' actor has no method {name!r}"
             )
-        return ActorMethod(self, name, methods[name])
+        options = self.__dict__.get("_options")
+        backpressure = (getattr(options, "method_backpressure", None) or {}).get(name, -1)
+        return ActorMethod(self, name, methods[name], backpressure=backpressure)
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (ActorHandle, (self._actor_id, self._class_name, self._methods, self._options))
@@ -341,11 +364,13 @@ class ActorMethod:
         name: str,
         num_returns: int,
         call_options: dict[str, Any] | None = None,
+        backpressure: int = -1,
     ) -> None:
         self._handle = handle
         self._name = name
         self._num_returns = num_returns
         self._call_options = call_options or {}  # .options(): name, retries, group
+        self._backpressure = backpressure  # a streaming method's (TaskSpec's)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         raise TypeError(
@@ -365,7 +390,14 @@ class ActorMethod:
                 f"actor's (concurrency_groups={declared})"
             )
         num_returns = checked.pop("num_returns", self._num_returns)
-        return ActorMethod(self._handle, self._name, num_returns, self._call_options | checked)
+        given = checked.pop("_generator_backpressure_num_objects", None)
+        if given is not None:
+            backpressure = _backpressure(given, num_returns)
+        else:
+            backpressure = self._backpressure if num_returns == p.STREAMING else -1
+        return ActorMethod(
+            self._handle, self._name, num_returns, self._call_options | checked, backpressure
+        )
 
     def bind(self, *args: Any, **kwargs: Any) -> ClassMethodNode:
         """A node of a DAG (sdk/dag.py): this call of the actor, made by ``execute``."""
@@ -410,6 +442,7 @@ class ActorMethod:
             dag_id=current_dag_id(),
             max_task_retries=retries.get("max_task_retries"),
             concurrency_group=self._call_options.get("concurrency_group"),
+            generator_backpressure=self._backpressure,
         )
         client.submit_actor_call(spec)
         del keep_alive

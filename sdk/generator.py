@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 from dataplane import context
@@ -19,8 +20,11 @@ from sdk.runtime import client_or_auto_init, get_error
 
 
 class ObjectRefGenerator:
-    def __init__(self, task_id: str) -> None:
+    def __init__(self, task_id: str, backpressure: int = -1) -> None:
         self._task_id = task_id
+        # > 0: the generator pauses while that many of its values are not taken here
+        # (_generator_backpressure_num_objects), so each one taken is told
+        self._backpressure = backpressure
         self._next = 0  # the index of the next value to hand out
         self._finished = False
         self._client = context.current_client()
@@ -73,6 +77,8 @@ class ObjectRefGenerator:
             raise get_error(error, timeout) from None
         self._next += 1
         client.own_ref(object_id)  # the node holds it for this process: now a ref does
+        if self._backpressure > 0:
+            client.send(p.StreamConsumed(self._task_id, self._next))
         ref = ObjectRef._owned(object_id)
         if location.error is not None and location.error.kind == p.END_OF_STREAM:
             self._finished = True
@@ -94,3 +100,31 @@ class ObjectRefGenerator:
             "an ObjectRefGenerator cannot be passed to another task or actor: iterate it "
             "here and pass the refs it gives"
         )
+
+
+class DynamicObjectRefGenerator:
+    """The value of a ``num_returns="dynamic"`` task's one ref, as in Ray: iterating it
+    gives the refs of the values the generator yielded, in order (then, if it raised,
+    a ref whose ``get`` raises its error). It may be passed to tasks, like its ref;
+    its values live as long as it (or its ref) does: they are the refs inside it."""
+
+    def __init__(self, refs: list[ObjectRef]) -> None:
+        self._refs = list(refs)
+
+    def __iter__(self) -> Iterator[ObjectRef]:
+        return iter(self._refs)
+
+    def __len__(self) -> int:
+        return len(self._refs)
+
+    def __repr__(self) -> str:
+        return f"DynamicObjectRefGenerator({len(self._refs)} refs)"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (DynamicObjectRefGenerator, (self._refs,))
+
+
+def _dynamic_generator(object_ids: list[str]) -> DynamicObjectRefGenerator:
+    """What a worker's value for a dynamic generator unpickles to (the data plane names
+    this function, without importing the SDK: dataplane/worker.py)."""
+    return DynamicObjectRefGenerator([ObjectRef(object_id) for object_id in object_ids])

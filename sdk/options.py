@@ -52,18 +52,42 @@ def _non_negative(value: Any) -> str | None:
 
 
 def _num_returns(value: Any) -> str | None:
-    if value == "streaming" or (isinstance(value, int) and value >= 0):
+    if value in ("streaming", "dynamic") or (isinstance(value, int) and value >= 0):
         return None
-    if value == "dynamic":
-        return "'dynamic' is not supported yet: use 'streaming' (an ObjectRefGenerator)"
-    return "must be an int >= 0 or 'streaming'"
+    return "must be an int >= 0, 'streaming' or 'dynamic'"
 
 
 def num_returns_on_wire(value: int | str) -> int:
-    """TaskSpec.num_returns: a count, or STREAMING for a generator."""
+    """TaskSpec.num_returns: a count, or STREAMING / DYNAMIC for a generator."""
+    from dataplane.protocol import DYNAMIC, STREAMING
+
+    if value == "streaming":
+        return STREAMING
+    return DYNAMIC if value == "dynamic" else int(value)
+
+
+def _backpressure(value: Any) -> str | None:
+    """Ray's rule: a count > 0 (1: a value made only when the last one is taken, as a
+    Python generator), or -1 for none."""
+    if value > 0 or value == -1:
+        return None
+    return "must be > 0 (how many values may wait for the caller) or -1 (no backpressure)"
+
+
+def backpressure_on_wire(value: int | None, num_returns: int) -> int:
+    """TaskSpec.generator_backpressure of a task (or call) whose TaskSpec.num_returns is
+    ``num_returns``; ValueError where it is set on one that is not a streaming
+    generator (it would have no effect)."""
     from dataplane.protocol import STREAMING
 
-    return STREAMING if value == "streaming" else int(value)
+    if value is None or value == -1:
+        return -1
+    if num_returns != STREAMING:
+        raise ValueError(
+            "_generator_backpressure_num_objects applies to streaming generators only "
+            "(num_returns='streaming')"
+        )
+    return int(value)
 
 
 def _runtime_env(value: Any) -> str | None:
@@ -159,6 +183,7 @@ TASK_OPTIONS: dict[str, Option] = {
     "label_selector": Option((dict,), None, _label_selector),
     "_labels": Option((dict,), None, _labels),  # the task's own, logged with it
     "runtime_env": Option((dict,), None, _runtime_env),
+    "_generator_backpressure_num_objects": Option((int,), None, _backpressure),
 }
 
 

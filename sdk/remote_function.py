@@ -56,6 +56,7 @@ class RemoteFunction:
         task = context.current_task()
         strategy, selector = placement(resolved["scheduling_strategy"], resolved["label_selector"])
         args_list, kwargs_map, contained, keep_alive = build_args(args, kwargs)
+        num_returns = opts.num_returns_on_wire(resolved["num_returns"])
         spec = p.TaskSpec(
             task_id=uuid.uuid4().hex,
             job_id=task.job_id if task else client.welcome.job_id,
@@ -63,7 +64,7 @@ class RemoteFunction:
             function_id=function_id,
             args=args_list,
             kwargs=kwargs_map,
-            num_returns=opts.num_returns_on_wire(resolved["num_returns"]),
+            num_returns=num_returns,
             resources=opts.resource_request(resolved),
             max_retries=resolved["max_retries"],
             retry_exceptions=bool(resolved["retry_exceptions"]),
@@ -76,6 +77,9 @@ class RemoteFunction:
             dag_id=current_dag_id(),
             label_selector=selector,
             labels=resolved["_labels"],
+            generator_backpressure=opts.backpressure_on_wire(
+                resolved["_generator_backpressure_num_objects"], num_returns
+            ),
         )
         client.submit(spec)
         del keep_alive  # the daemon pins large arguments from submission on
@@ -89,11 +93,12 @@ class RemoteFunction:
 
 def results_of(spec: p.TaskSpec) -> Any:
     """What ``.remote()`` gives for a submitted task or call: its ref, its refs
-    (num_returns > 1), None (0), or a generator (``"streaming"``)."""
+    (num_returns > 1), None (0), or a generator (``"streaming"``); ``"dynamic"``: the
+    ref of its DynamicObjectRefGenerator."""
     if spec.streaming:
-        return ObjectRefGenerator(spec.task_id)
+        return ObjectRefGenerator(spec.task_id, spec.generator_backpressure)
     refs = [ObjectRef._owned(object_id) for object_id in spec.return_ids()]
-    if spec.num_returns == 1:
+    if spec.num_returns == 1 or spec.dynamic:
         return refs[0]
     return refs if spec.num_returns > 1 else None
 

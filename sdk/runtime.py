@@ -258,6 +258,8 @@ def error_of(info: p.ErrorInfo, object_id: str) -> exc.RayError:
             return exc.RuntimeEnvSetupError(info.message)
         case "reconstruction_failed":
             return exc.ObjectReconstructionFailedMaxAttemptsExceededError(object_id, info.message)
+        case "generator_replay_inconsistent":
+            return exc.StreamingGeneratorReplayInconsistentError(info.message)
         case _:
             return exc.RaySystemError(info.message)
 

@@ -125,3 +125,31 @@ def test_unknown_ids_are_refused_with_exit_code_2(gcs_url: str, driver: str) -> 
         "replay", "--gcs-url", gcs_url, job_id, "--task", "no-such-task", check=False
     )
     assert unknown_task.returncode == 2 and "no task 'no-such-task'" in unknown_task.stderr
+
+
+@ray.remote(num_returns="streaming")
+def stream_of(n: int, noise: bool = False) -> Iterator[float]:
+    for i in range(n):
+        yield i + (random.random() if noise and i == 2 else 0)
+
+
+def test_a_generators_streamed_values_are_compared(gcs_url: str, driver: str) -> None:
+    """A replayed generator's values are compared with the recorded ones (its finished
+    event's digest is over every value it yielded); a task reading one of its values
+    reads the re-run's value at the same index."""
+    job_id = ray.get_runtime_context().get_job_id()
+    steady = list(stream_of.remote(3))
+    noisy_values = list(stream_of.remote(4, True))
+    after = add.remote(steady[1], 1)
+    assert ray.get(after) == 2 and ray.get(steady) == [0, 1, 2] and len(noisy_values) == 4
+
+    report = _replay(gcs_url, driver, job_id)
+
+    same = {c.original.spec.task_id: c.same for c in report.comparisons}
+    assert same == {
+        steady[0].task_id(): True,
+        noisy_values[0].task_id(): False,
+        after.task_id(): True,
+    }
+    divergence = report.first_divergence
+    assert divergence is not None and divergence.original.spec.task_id == noisy_values[0].task_id()

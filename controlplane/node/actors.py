@@ -103,7 +103,14 @@ class ActorHost(Protocol):
 
     def finish_ok(self, record: TaskRecord, returns: list[p.ObjectLocation]) -> None: ...
 
-    def finish_failed(self, record: TaskRecord, error: p.ErrorInfo, *, log_event: bool) -> None: ...
+    def finish_failed(
+        self,
+        record: TaskRecord,
+        error: p.ErrorInfo,
+        *,
+        log_event: bool,
+        made: list[p.ObjectLocation] | None = None,
+    ) -> None: ...
 
     def failed_dependency(self, record: TaskRecord) -> p.ErrorInfo | None: ...
 
@@ -381,7 +388,7 @@ class ActorDirector:
                 self.tasks.next_attempt(record, f"the call raised {done.error.message}")
                 actor.queue.appendleft(record)  # (ahead of the calls sent after it)
             elif done.error is not None:
-                self.node.finish_failed(record, done.error, log_event=True)
+                self.node.finish_failed(record, done.error, log_event=True, made=done.returns)
             else:
                 record.output_digest = done.output_digest
                 self.node.finish_ok(record, done.returns)
@@ -477,6 +484,11 @@ class ActorDirector:
         if actor.worker is not None:
             with contextlib.suppress(ProcessLookupError):
                 actor.worker.process.kill()
+
+    def worker_of(self, actor_id: str) -> WorkerHandle | None:
+        """The worker of an actor of this node (None: not of this node, or none now)."""
+        actor = self.actors.get(actor_id)
+        return actor.worker if actor is not None else None
 
     def restarts(self, actor_id: str | None) -> int:
         """How often the actor restarted (0 for one not of this node)."""

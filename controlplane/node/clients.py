@@ -216,6 +216,8 @@ class Clients:
             case p.StreamItem():
                 self.parts.store.taken(conn, [message.location])
                 self.parts.runs.stream_item(message)
+            case p.StreamConsumed(task_id, count):
+                self.parts.runs.stream_consumed(task_id, count)
             case p.ReleaseStream(task_id, index):
                 self.parts.runs.release_stream(task_id, index)
                 self._ref_counts(

@@ -188,7 +188,8 @@ class Reconstructor:
             why = f"its lineage could not be read from the log: {exc}"
             self._give_up_rebuild(task_id, [object_id], _lost(object_id, why))
             return
-        returns = spec.return_ids()
+        # (a streaming generator's values are rebuilt one by one, matched by index)
+        returns = [object_id] if spec.streaming else spec.return_ids()
         if spec.actor_id is not None:
             why = f"{reason}; it was made by an actor's method ({spec.name}), which is not re-run"
             self._give_up_rebuild(task_id, returns, _lost(object_id, why))
@@ -230,7 +231,10 @@ class Reconstructor:
             elif state in ("freed", "unknown"):
                 why = f"an argument of {spec.name}, being rebuilt, was freed"
                 self.object_lost(dep, why, needed=True)
-        self.tasks.run_when_ready(self.tasks.add_rebuild(spec, attempt))
+        record = self.tasks.add_rebuild(spec, attempt)
+        if spec.streaming:
+            record.stream_rebuilding = {object_id}
+        self.tasks.run_when_ready(record)
 
     async def _lineage(self, task_id: str) -> tuple[p.TaskSpec, int]:
         """A task's spec from its ``submitted`` event, and the attempt its re-run is."""

@@ -61,6 +61,10 @@ class TaskHost(Protocol):
 
     def finish_failed(self, record: TaskRecord, error: p.ErrorInfo, *, log_event: bool) -> None: ...
 
+    def relay_stream_item(self, record: TaskRecord, location: p.ObjectLocation) -> bool: ...
+
+    def end_relayed_stream(self, record: TaskRecord) -> None: ...
+
     def finished_event(self, record: TaskRecord) -> Event: ...
 
     def task_over(self, record: TaskRecord) -> None: ...
@@ -164,13 +168,20 @@ class RemoteTasks:
                         event.entity_id, size=int(event.payload["size_bytes"]), remote=address
                     )
                 )
-                self.remote_returns.setdefault(task_id, {})[event.entity_id] = (value, address)
+                record = self.spills.get(task_id)
+                if record is not None and record.spec.streaming:
+                    self._relay(record, value, address)
+                else:
+                    self.remote_returns.setdefault(task_id, {})[event.entity_id] = (value, address)
         elif kind is K.TASK and (record := self.spills.get(event.entity_id)) is not None:
             if event.node_id == self.node_id:
                 return  # this node's own events about it (e.g. spilled)
             if kind_type == "finished":
                 self.spills.forget(event.entity_id)
-                self._spawn(self._take_back(record))
+                if record.spec.streaming:
+                    self.node.end_relayed_stream(record)
+                else:
+                    self._spawn(self._take_back(record))
             elif kind_type == "infeasible" and not event.payload.get("final"):
                 if record.submitter is not None:  # as Ray, the driver is warned
                     record.submitter.send(
@@ -285,9 +296,22 @@ class RemoteTasks:
         """A task run here for another node: its results stay here until that node has
         its copies (``Release``)."""
         for object_id in spec.return_ids():
-            self.objects.hold(object_id)
-            self.kept_for_owner.add(object_id)
+            self.keep_for_owner(object_id)
             self.objects.expect(object_id)
+
+    def keep_for_owner(self, object_id: str) -> None:
+        """A result (or a generator's value) of a task run here for another node."""
+        self.objects.hold(object_id)
+        self.kept_for_owner.add(object_id)
+
+    def _relay(self, record: TaskRecord, value: p.ObjectLocation, address: str) -> None:
+        """A value a generator this node spilled yielded on the node at ``address``: the
+        caller has it as it comes (streams.py); a copy here lets that node's go."""
+        if not self.node.relay_stream_item(record, value):
+            self._spawn(self.puller.release(address, value.object_id))
+        elif value.inline is not None:
+            self.recorder.log([self._transferred_event(value, address)])
+            self._spawn(self.puller.release(address, value.object_id))
 
     def pull_then(self, record: TaskRecord, address: str, then: Any) -> None:
         """Pulls the record's argument objects from ``address`` (those not here), then

@@ -112,7 +112,7 @@ class SpilledTasks:
             self.link is not None
             and self.link.has_peers()
             and record.spec.actor_id is None
-            and not record.spec.streaming  # (its values are made visible where it runs)
+            and _placeable_anywhere(record.spec)
             and not (record.spec.strategy and record.spec.strategy[0] == "PLACEMENT_GROUP")
             and record.placed_from is None
             and not record.placed_back
@@ -123,10 +123,11 @@ class SpilledTasks:
         strategy = record.spec.strategy
         if strategy is None or strategy[0] != "NODE_AFFINITY" or strategy[2] == "soft":
             return None
-        if strategy[1] != self.node_id and record.spec.streaming:
+        if strategy[1] != self.node_id and not _placeable_anywhere(record.spec):
             return (
-                f"its hard node affinity names node {strategy[1]}, but a streaming generator "
-                "runs on its caller's node (Cairn does not move generators between nodes yet)"
+                f"its hard node affinity names node {strategy[1]}, but a dynamic generator, "
+                "or a streaming one with _generator_backpressure_num_objects, runs on its "
+                "caller's node (Cairn does not move those between nodes yet)"
             )
         if strategy[1] != self.node_id and not self._spillable(record):
             return f"its hard node affinity names node {strategy[1]}, which is not in the cluster"
@@ -191,3 +192,10 @@ class SpilledTasks:
             for r in self._spilled.values()
             if r.spec.actor_id == actor_id and r.spec.method != "__init__"
         ]
+
+
+def _placeable_anywhere(spec: p.TaskSpec) -> bool:
+    """Whether a task may run on another node than its caller's: not a dynamic
+    generator, nor a streaming one with backpressure (their values, and what the
+    caller took, are followed where the caller is)."""
+    return not spec.dynamic and getattr(spec, "generator_backpressure", -1) <= 0

@@ -68,6 +68,7 @@ class TaskRuns:
         self.scheduler = scheduler
         self.actor_director = actor_director
         self.remote_tasks = remote_tasks
+        self.streams.remote = remote_tasks
         self.reconstructor = reconstructor
 
     def submit(self, conn: Connection, spec: p.TaskSpec) -> None:
@@ -196,6 +197,8 @@ class TaskRuns:
         handle.conn.send(
             p.ExecuteTask(spec, record.attempt, blob, args, kwargs, record.gpu_ids, restarts)
         )
+        if spec.streaming:  # a retry: what its caller took already
+            self._tell_consumed(record)
 
     def running_event(self, record: TaskRecord, worker_id: str) -> Event:
         return Event(
@@ -232,14 +235,17 @@ class TaskRuns:
         self.scheduler.give_back(record)
         record.worker = None
         if done.error is not None:
+            made = done.returns  # values a generator made before it failed, if any
             if record.force_cancel or record.cancelled:
-                done.error = p.ErrorInfo.cancelled(record.spec.name)
+                self.store.discard(made)
+                self.finish_failed(record, p.ErrorInfo.cancelled(record.spec.name), log_event=True)
             elif (
                 done.error.kind == "task_error"
                 and record.spec.retry_exceptions
                 and done.error.retryable
                 and record.retries_left != 0
             ):
+                self.store.discard(made)
                 self.retry(record, done.error.message)
                 return
             elif done.error.kind == "object_lost" and self.reconstructor.wait_for_lost_arguments(
@@ -247,7 +253,8 @@ class TaskRuns:
             ):
                 self.schedule()
                 return
-            self.finish_failed(record, done.error, log_event=True)
+            else:
+                self.finish_failed(record, done.error, log_event=True, made=made)
         else:
             record.output_digest = done.output_digest
             self.finish_ok(record, done.returns)
@@ -261,8 +268,39 @@ class TaskRuns:
             return
         self.streams.item(record, item)
 
+    def relay_stream_item(self, record: TaskRecord, location: p.ObjectLocation) -> bool:
+        return self.streams.relayed(record, location)
+
+    def end_relayed_stream(self, record: TaskRecord) -> None:
+        """A generator this node spilled finished on another node (its values came)."""
+        record.state = "FINISHED"
+        self.streams.end(record, [], None)
+        self.task_over(record)
+
     def release_stream(self, task_id: str, index: int) -> None:
-        self.streams.release(self.tasks.get(task_id), index)
+        record = self.tasks.get(task_id)
+        self.streams.release(record, index)
+        if record is not None and getattr(record.spec, "generator_backpressure", -1) > 0:
+            self.stream_consumed(task_id, 1 << 62)  # nobody takes the rest: no pause
+
+    def stream_consumed(self, task_id: str, count: int) -> None:
+        """The caller of a streaming generator with backpressure took ``count`` of its
+        values: its worker is told (it pauses while too many are not taken)."""
+        record = self.tasks.get(task_id)
+        if record is None or count <= record.stream_consumed:
+            return
+        record.stream_consumed = count
+        self._tell_consumed(record)
+
+    def _tell_consumed(self, record: TaskRecord) -> None:
+        spec = record.spec
+        worker = (
+            self.actor_director.worker_of(spec.actor_id)
+            if spec.actor_id is not None
+            else record.worker
+        )
+        if worker is not None and worker.conn is not None and record.stream_consumed:
+            worker.conn.send(p.StreamConsumed(spec.task_id, record.stream_consumed))
 
     def finish_ok(self, record: TaskRecord, returns: list[p.ObjectLocation]) -> None:
         spec = record.spec
@@ -271,26 +309,35 @@ class TaskRuns:
             self.streams.end(record, [self.finished_event(record)], None)
             self.task_over(record)
             return
-        for location in returns:
-            if location.region is None:
-                self.objects.charge(location.size, force=True)
         if record.placed_from is None:
-            events = [self.finished_event(record)]
-            events += [self.store.created_event(loc, spec.task_id, spec.job_id) for loc in returns]
+            events = [self.finished_event(record), *self._created_events(record, returns)]
         else:  # run for another node: the values (inline) or where they are, then finished
-            address = self.remote_tasks.address
-            events = [
-                self.store.created_event(
-                    loc, spec.task_id, spec.job_id, data=loc.inline, kept_at=address
-                )
-                for loc in returns
-            ]
-            events.append(self.finished_event(record))
+            events = [*self._created_events(record, returns), self.finished_event(record)]
         record.state = "FINISHED"
         self.store.make_durable_then_ready(
             returns, events, record.submitter, urgent=not record.answered
         )
         self.task_over(record)
+
+    def _created_events(self, record: TaskRecord, made: list[p.ObjectLocation]) -> list[Event]:
+        """The ``created`` events of values a task made (charged to the store here);
+        a task run for another node's says where they are, or has them inline. An
+        error among them (the last value of a dynamic generator that raised) is none."""
+        spec = record.spec
+        address = self.remote_tasks.address if record.placed_from is not None else None
+        events = []
+        for location in made:
+            if location.error is not None:
+                continue
+            if location.region is None:
+                self.objects.charge(location.size, force=True)
+            data = location.inline if address is not None else None
+            events.append(
+                self.store.created_event(
+                    location, spec.task_id, spec.job_id, data=data, kept_at=address
+                )
+            )
+        return events
 
     def finished_event(self, record: TaskRecord) -> Event:
         spec = record.spec
@@ -306,7 +353,17 @@ class TaskRuns:
             node_id=self.node_id,
         )
 
-    def finish_failed(self, record: TaskRecord, error: p.ErrorInfo, *, log_event: bool) -> None:
+    def finish_failed(
+        self,
+        record: TaskRecord,
+        error: p.ErrorInfo,
+        *,
+        log_event: bool,
+        made: list[p.ObjectLocation] | None = None,
+    ) -> None:
+        """The task failed with ``error``; ``made``: values it made before (a generator
+        with an int num_returns), which keep them (``p.outcome``), as in Ray -- but
+        not those of a task run for another node, whose owner takes only its error."""
         spec = record.spec
         kind = "cancelled" if error.kind == "cancelled" else "failed"
         payload: dict[str, Any] = (
@@ -324,7 +381,12 @@ class TaskRuns:
             self.streams.end(record, events, error)
             self.task_over(record)
             return
-        locations = [p.ObjectLocation(oid, error=error) for oid in spec.return_ids()]
+        made = made or []
+        if record.placed_from is not None:
+            self.store.discard(made)
+            made = []
+        events += self._created_events(record, made)
+        locations = p.outcome(spec.return_ids(), made, error)
         owner = None if record.answered else record.submitter  # (it has them already)
         self.store.make_durable_then_ready(locations, events, owner, urgent=not record.answered)
         self.task_over(record)

@@ -84,6 +84,10 @@ class TaskRecord:
     streamed: int = 0
     stream_errored: bool = False
     stream_held_below: int = 1 << 62
+    stream_consumed: int = 0  # ... how many its caller took (with backpressure only)
+    # ... re-run to rebuild these lost values of it (reconstruction.py): only they are
+    # made again, matched by index
+    stream_rebuilding: set[str] | None = None
 
 
 class TaskTable:

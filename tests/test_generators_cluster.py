@@ -1,0 +1,114 @@
+"""Streaming generators on another node than their caller's (issue 18), on a real
+two-node cluster on this machine (a head with 1 CPU, a node with an "other" resource):
+a generator placed there by the global scheduler (its resources, or a node affinity)
+streams its values to the driver on the head as they are yielded, small ones in their
+``created`` events, large ones pulled when wanted; its error comes at the failing
+yield. Real node daemons, workers and PostgreSQL."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import cloudpickle
+import pytest
+from log_rows import wait_for_rows
+from processes import run_cairn
+
+import sdk as ray
+from controlplane import local_node
+from sdk.exceptions import RayTaskError
+from sdk.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+pytestmark = pytest.mark.timeout(240)
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[dict[str, str]]:
+    if local_node.local_nodes():
+        pytest.fail("Cairn nodes are already running on this machine; `cairn stop` them")
+    run_cairn("start", "--head", "--port", "0", "--num-cpus", "1")
+    try:
+        head = local_node.running_head()
+        assert head is not None and head.address is not None
+        run_cairn(
+            "start", "--address", head.address, "--num-cpus", "1", "--resources", '{"other": 1}'
+        )
+        ray.init(address="auto")
+        try:
+            nodes = {}
+            for record in local_node.local_nodes():
+                node_id = (record.session_dir / "node.ready").read_text()
+                nodes["head" if record.head else "other"] = node_id
+            nodes["url"] = ray.get_runtime_context().gcs_address
+            yield nodes
+        finally:
+            ray.shutdown()
+    finally:
+        run_cairn("stop")
+
+
+@ray.remote(num_returns="streaming", resources={"other": 1})
+def values_from_elsewhere(sizes: list[int]) -> Iterator[tuple[str, bytes]]:
+    for i, size in enumerate(sizes):
+        yield ray.get_runtime_context().get_node_id(), bytes([i]) * size
+
+
+@ray.remote(num_returns="streaming", resources={"other": 1})
+def slowly(release: str) -> Iterator[str]:
+    yield "first"
+    while not Path(release).exists():
+        time.sleep(0.02)
+    yield "second"
+
+
+@ray.remote(num_returns="streaming", resources={"other": 1})
+def fails_at(k: int) -> Iterator[int]:
+    yield from range(k)
+    raise ValueError(f"no value {k}")
+
+
+def test_a_generator_placed_on_another_node_streams_to_its_caller(
+    cluster: dict[str, str],
+) -> None:
+    sizes = [10, 2_000_000, 20, 3_000_000]  # inline in the log, and left on that node
+    gen = values_from_elsewhere.remote(sizes)
+    got = [ray.get(ref, timeout=60) for ref in gen]
+    assert [node for node, _ in got] == [cluster["other"]] * 4
+    assert [value for _, value in got] == [bytes([i]) * size for i, size in enumerate(sizes)]
+    rows = wait_for_rows(
+        cluster["url"],
+        "SELECT entity_id, node_id FROM events WHERE event_type = 'created' "
+        "AND payload->>'task_id' = $1 ORDER BY position",
+        gen.task_id(),
+        count=4,
+    )
+    assert {row["node_id"] for row in rows} == {cluster["other"]}
+
+
+def test_each_value_reaches_the_caller_as_it_is_yielded(
+    cluster: dict[str, str], tmp_path: Path
+) -> None:
+    release = tmp_path / "release"
+    gen = slowly.remote(str(release))
+    assert ray.get(next(gen), timeout=60) == "first"  # while the generator still waits
+    release.write_text("go")
+    assert ray.get(next(gen), timeout=60) == "second"
+    assert list(gen) == []
+
+
+def test_the_error_comes_at_the_failing_yield(cluster: dict[str, str]) -> None:
+    refs = list(fails_at.remote(2))
+    assert len(refs) == 3
+    assert ray.get(refs[:2], timeout=60) == [0, 1]
+    with pytest.raises(RayTaskError, match="no value 2"):
+        ray.get(refs[2], timeout=60)
+
+
+def test_a_hard_node_affinity_places_a_generator_there(cluster: dict[str, str]) -> None:
+    strategy = NodeAffinitySchedulingStrategy(cluster["other"], soft=False)
+    gen = values_from_elsewhere.options(resources={}, scheduling_strategy=strategy).remote([5, 6])
+    assert [node for node, _ in (ray.get(ref, timeout=60) for ref in gen)] == [cluster["other"]] * 2
