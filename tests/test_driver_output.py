@@ -2,9 +2,10 @@
 point 1): stdout, stderr and ``logging`` lines, prefixed ``(name pid=N, ip=HOST)`` with
 the actor's class (or its repr), lines repeated across processes shown once and
 counted, nothing with ``log_to_driver=False``, from other nodes too; the last lines
-before the driver leaves are not lost. Each worker's output is kept in files on its
-node (rotated, bounded), and each attempt's ``running`` event says where its lines
-start. ``tqdm_ray`` bars of remote tasks are drawn by the driver (issue 18).
+before the driver leaves are not lost (its node asks the others for theirs). Each
+worker's output is kept in files on its node (rotated, bounded), and each attempt's
+``running`` event says where its lines start. ``tqdm_ray`` bars of remote tasks are
+drawn by the driver (issue 18).
 
 Drivers run as their own processes (their terminal is what is checked), each with a
 private cluster, or joined to a two-node cluster started with ``cairn start``."""
@@ -21,8 +22,10 @@ from pathlib import Path
 
 import pytest
 from log_rows import wait_for_rows
+from processes import run_cairn
 
 import sdk as ray
+from controlplane import local_node
 
 pytestmark = pytest.mark.timeout(240)
 ROOT = Path(__file__).resolve().parent.parent
@@ -224,3 +227,38 @@ def test_each_workers_output_is_kept_in_rotated_files_and_each_attempt_says_wher
     assert text.splitlines()[0].startswith("second 0000 ")  # its own lines start there
     assert "first" not in text
     assert pid > 0
+
+
+def test_what_tasks_print_on_another_node_reaches_the_driver(tmp_path: Path) -> None:
+    if local_node.local_nodes():
+        pytest.fail("Cairn nodes are already running on this machine; `cairn stop` them")
+    run_cairn("start", "--head", "--port", "0", "--num-cpus", "1")
+    try:
+        head = local_node.running_head()
+        assert head is not None and head.address is not None
+        run_cairn(
+            "start", "--address", head.address, "--num-cpus", "1", "--resources", '{"far": 1}'
+        )
+        done = run_driver(
+            tmp_path,
+            """
+            import sdk as ray
+
+            ray.init(address="auto")
+
+            @ray.remote(resources={"far": 1})
+            def far(i):
+                print("printed far away", i)
+                return ray.get_runtime_context().get_node_id()
+
+            nodes = set(ray.get([far.remote(i) for i in range(3)]))
+            print("RAN ON", *nodes, "DRIVER ON", ray.get_runtime_context().get_node_id())
+            """,
+        )
+    finally:
+        run_cairn("stop")
+    ran_on, driver_on = re.search(r"RAN ON (\w+) DRIVER ON (\w+)", done.stdout).groups()
+    assert ran_on != driver_on
+    # the last lines too: the driver's node asked the other node for them as it left
+    for i in range(3):
+        assert re.search(rf"\(far pid=\d+, ip=[\d.]+\) printed far away {i}$", done.stdout, re.M)

@@ -175,7 +175,7 @@ class Clients:
     def _flush_output(self, conn: Connection, request_id: int) -> None:
         async def flush() -> None:
             with contextlib.suppress(Exception):  # (nothing more to show, then)
-                await self.parts.worker_pool.output.read_all()
+                await self.parts.worker_pool.output.flush(everywhere=True)
             conn.send(p.Reply(request_id))
 
         task = asyncio.get_running_loop().create_task(flush())

@@ -94,6 +94,10 @@ class ClusterLink:
     def has_peers(self) -> bool:
         return bool(self._peers)
 
+    def peer_addresses(self) -> list[str]:
+        """The addresses of the other nodes alive."""
+        return [self._addresses[n] for n in self._peers if n in self._addresses]
+
     def address_of(self, node_id: str) -> str | None:
         """The address of a node seen alive (now or before it died)."""
         return self._addresses.get(node_id)

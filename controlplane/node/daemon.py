@@ -186,6 +186,7 @@ class NodeDaemon:
                 "Release": self.parts.remote_tasks.owner_released,
                 "ObjectInfo": object_info,
                 "Output": self.parts.worker_pool.output.received,
+                "FlushOutput": self.parts.worker_pool.output.flush_requested,
             },
             {"ReadObject": read_object},
             self.parts.info,

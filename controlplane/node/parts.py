@@ -127,7 +127,8 @@ def build_parts(
         session_dir / "logs",
         ip=lambda: link.host if link is not None else "127.0.0.1",
         address_of=lambda node: link.address_of(node) if link is not None else None,
-        send_remote=lambda address, request: rpc.Link().unary(address, "Output")(request),
+        peers=lambda: link.peer_addresses() if link is not None else [],
+        call=lambda address, method, request: rpc.Link().unary(address, method)(request),
     )
     worker_pool = WorkerPool(node_id, socket_path, size=workers, output=output)
     link = None

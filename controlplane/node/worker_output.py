@@ -63,7 +63,10 @@ class WorkerOutput:
     logs_dir: Path
     ip: Callable[[], str]  # this node's address, as drivers see it in the prefix
     address_of: Callable[[str], str | None]  # a node's gRPC address (None: unknown)
-    send_remote: Callable[[str, dict[str, Any]], Coroutine[Any, Any, Any]]
+    peers: Callable[[], list[str]]  # the other live nodes' addresses
+    call: Callable[
+        [str, str, dict[str, Any]], Coroutine[Any, Any, Any]
+    ]  # (address, method, request)
     drivers: dict[str, Connection] = field(default_factory=dict)  # job -> its driver here
     _watched: list[_Watched] = field(default_factory=list)
     _driver_nodes: dict[str, str | None] = field(default_factory=dict)  # job -> node
@@ -181,9 +184,26 @@ class WorkerOutput:
             return
         request = {"job_id": job_id, "batches": [_as_json(b) for b in batches]}
         try:
-            await asyncio.wait_for(self.send_remote(address, request), _SEND_TIMEOUT_S)
+            await asyncio.wait_for(self.call(address, "Output", request), _SEND_TIMEOUT_S)
         except (LinkError, TimeoutError) as exc:
             log.info("output of job %s not sent to node %s: %s", job_id, node_id, exc)
+
+    async def flush(self, *, everywhere: bool) -> None:
+        """Reads and sends what the workers printed so far: here, and with
+        ``everywhere`` on every other node too (each sends its lines on before it
+        answers), so a driver about to leave sees its job's last lines."""
+        await self.read_all()
+        if everywhere:
+            calls = [
+                asyncio.wait_for(self.call(address, "FlushOutput", {}), _SEND_TIMEOUT_S)
+                for address in self.peers()
+            ]
+            await asyncio.gather(*calls, return_exceptions=True)
+
+    async def flush_requested(self, _request: dict[str, Any]) -> dict[str, Any]:
+        """Another node's ``FlushOutput`` call (its driver is leaving)."""
+        await self.read_all()
+        return {}
 
     def received(self, request: dict[str, Any]) -> dict[str, Any]:
         """Another node's ``Output`` call: lines for a driver of this node."""
