@@ -349,8 +349,8 @@ def replay(
 @click.option("--stats-only", is_flag=True, help="Only the totals.")
 @click.option("--num-entries", type=int, default=None, help="At most this many objects.")
 def memory(units: str, stats_only: bool, num_entries: int | None) -> None:
-    """Show the object store of this machine's head node: each object (state, size,
-    holders, pins) and the totals, as Ray's `ray memory`."""
+    """Show the object stores of the cluster of this machine's head: each node's
+    objects (state, size, holders, pins) and totals, as Ray's `ray memory`."""
     from dataplane import memory_summary
 
     with _head_client() as (client, _session_dir):

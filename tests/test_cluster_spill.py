@@ -189,6 +189,27 @@ def test_a_task_runs_where_its_big_argument_is_when_it_fits(cluster: dict[str, s
     assert value == 25_000_000 and node == cluster["head"]
 
 
+@ray.remote(resources={"big": 1})
+def kept_there(n: int) -> np.ndarray:
+    return np.ones(n, dtype=np.uint8)
+
+
+def test_memory_summary_shows_every_nodes_store(cluster: dict[str, str]) -> None:
+    from sdk._private.internal_api import memory_summary
+
+    there = kept_there.remote(3_000_000)  # stays on the "big" node until fetched
+    ray.wait([there], fetch_local=False, timeout=60)
+    text = memory_summary()
+    sections = text.split("======== Object store of node ")[1:]
+    by_node = {section.split()[0]: section for section in sections}
+    assert set(by_node) == {cluster["head"], cluster["node1"], cluster["node2"]}
+    assert there.hex() in by_node[cluster["node2"]]
+    assert "--- Cluster: 3 nodes" in text
+    printed = _cairn("memory", "--stats-only")
+    assert printed.count("Object store of node") == 3 and there.hex() not in printed
+    del there
+
+
 def test_infeasible_work_is_reported_not_silently_queued(
     cluster: dict[str, str], caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -12,15 +12,20 @@ import itertools
 import logging
 import secrets
 import uuid
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 from controlplane.eventlog import EntityKind, Event
+from controlplane.node import rpc
 from controlplane.node.parts import NodeParts
 from controlplane.node.task_table import Connection
 from controlplane.node.workers import WorkerHandle
 from dataplane import protocol as p
+from dataplane.transfer import LinkError
 
 log = logging.getLogger("cairn.node")
+_PEER_TIMEOUT_S = 5.0
 K = EntityKind
 
 
@@ -36,7 +41,7 @@ class Clients:
         self.gcs_url = gcs_url
         self._stopping = stopping
         self._open: dict[int, Connection] = {}  # by id(): connected drivers, workers
-        self._flushes: set[asyncio.Task[None]] = set()  # drivers' FlushOutput, under way
+        self._answering: set[asyncio.Task[None]] = set()  # requests answered later
         # job ids are unique in the log's whole history (which outlives daemons and
         # holds every node's jobs): a random prefix drawn per daemon, then a counter
         job_prefix = f"{secrets.randbits(32):08x}"
@@ -172,15 +177,29 @@ class Clients:
             self.parts.worker_pool.replace(handle)
             self.parts.scheduler.schedule()
 
-    def _flush_output(self, conn: Connection, request_id: int) -> None:
-        async def flush() -> None:
-            with contextlib.suppress(Exception):  # (nothing more to show, then)
-                await self.parts.worker_pool.output.flush(everywhere=True)
-            conn.send(p.Reply(request_id))
+    def _later(self, work: Coroutine[Any, Any, None]) -> None:
+        """Answers a request whose answer waits on other nodes, off the reading loop."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._answering.add(task)
+        task.add_done_callback(self._answering.discard)
 
-        task = asyncio.get_running_loop().create_task(flush())
-        self._flushes.add(task)
-        task.add_done_callback(self._flushes.discard)
+    async def _flush_output(self, conn: Connection, request_id: int) -> None:
+        with contextlib.suppress(Exception):  # (nothing more to show, then)
+            await self.parts.worker_pool.output.flush(everywhere=True)
+        conn.send(p.Reply(request_id))
+
+    async def _memory_summary(self, conn: Connection, request_id: int) -> None:
+        """Every live node's object store: this one's, and each other's (its
+        ``MemorySummary`` call; one that does not answer is named, with why)."""
+        nodes = [self.parts.memory_summary()]
+        link = self.parts.link
+        for address in link.peer_addresses() if link is not None else []:
+            try:
+                call = rpc.Link().unary(address, "MemorySummary")
+                nodes.append(await call({}, timeout=_PEER_TIMEOUT_S))
+            except LinkError as exc:
+                nodes.append({"address": address, "error": str(exc)})
+        conn.send(p.Reply(request_id, {"nodes": nodes}))
 
     def _dispatch(self, conn: Connection, message: object) -> None:
         match message:
@@ -256,16 +275,9 @@ class Clients:
             case p.ClusterInfoRequest(request_id):
                 conn.send(p.Reply(request_id, self.parts.info()))
             case p.MemorySummaryRequest(request_id):
-                objects = self.parts.store.objects
-                summary = {
-                    "node_id": self.node_id,
-                    "used": objects.used,
-                    "capacity": objects.capacity,
-                    "objects": objects.describe(),
-                }
-                conn.send(p.Reply(request_id, summary))
+                self._later(self._memory_summary(conn, request_id))
             case p.FlushOutput(request_id):
-                self._flush_output(conn, request_id)
+                self._later(self._flush_output(conn, request_id))
             case p.ClusterNodesRequest(request_id):
                 self.parts.remote_tasks.answer_nodes(conn, request_id)
             case _:

@@ -187,6 +187,7 @@ class NodeDaemon:
                 "ObjectInfo": object_info,
                 "Output": self.parts.worker_pool.output.received,
                 "FlushOutput": self.parts.worker_pool.output.flush_requested,
+                "MemorySummary": lambda _request: self.parts.memory_summary(),
             },
             {"ReadObject": read_object},
             self.parts.info,

@@ -65,6 +65,17 @@ class NodeParts:
     puller: Puller
     remote_tasks: RemoteTasks
 
+    def memory_summary(self) -> dict[str, Any]:
+        """This node's object store, object by object (``cairn memory``)."""
+        objects = self.store.objects
+        return {
+            "node_id": self.node_id,
+            "address": self.link.address if self.link is not None else self.socket_path,
+            "used": objects.used,
+            "capacity": objects.capacity,
+            "objects": objects.describe(),
+        }
+
     def info(self) -> dict[str, Any]:
         """What `cairn status` and the cluster's ``Info`` call show of this node."""
         objects = self.store.objects

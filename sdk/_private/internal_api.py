@@ -1,5 +1,5 @@
 """``ray._private.internal_api``, as far as Ray programs use it: ``memory_summary``
-(the object store of this process's node, dataplane/memory_summary.py)."""
+(the object stores of the cluster's live nodes, dataplane/memory_summary.py)."""
 
 from __future__ import annotations
 
@@ -18,8 +18,9 @@ def memory_summary(
     stats_only: bool = False,
     num_entries: int | None = None,
 ) -> str:
-    """The node's objects and store totals as text (``address``, ``group_by`` and
-    ``line_wrap`` are Ray's; the summary is of this process's node)."""
+    """Each live node's objects and store totals, then the cluster's, as text
+    (``address`` and ``line_wrap`` are Ray's and change nothing: the summary is of the
+    cluster this process is connected to)."""
     if group_by not in ("NODE_ADDRESS", "STACK_TRACE"):
         raise ValueError(f"group_by must be NODE_ADDRESS or STACK_TRACE, got {group_by!r}")
     answer = summary.ask(client_or_auto_init())
