@@ -112,3 +112,25 @@ def test_a_hard_node_affinity_places_a_generator_there(cluster: dict[str, str]) 
     strategy = NodeAffinitySchedulingStrategy(cluster["other"], soft=False)
     gen = values_from_elsewhere.options(resources={}, scheduling_strategy=strategy).remote([5, 6])
     assert [node for node, _ in (ray.get(ref, timeout=60) for ref in gen)] == [cluster["other"]] * 2
+
+
+@ray.remote(resources={"other": 1})
+class FarAway:
+    def node(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    @ray.method(num_returns="streaming")
+    def count(self, n: int) -> Iterator[tuple[int, str]]:
+        for i in range(n):
+            yield i, ray.get_runtime_context().get_node_id()
+
+
+def test_a_streaming_method_of_an_actor_on_another_node_streams_to_its_caller(
+    cluster: dict[str, str],
+) -> None:
+    actor = FarAway.remote()
+    there = ray.get(actor.node.remote(), timeout=60)
+    assert there != ray.get_runtime_context().get_node_id()
+    values = [ray.get(ref, timeout=60) for ref in actor.count.remote(4)]
+    assert values == [(i, there) for i in range(4)]
+    ray.kill(actor)
