@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from processes import run_cairn
+from machine_cluster import machine_cluster
 
 import sdk as ray
 from controlplane import local_node
@@ -92,23 +92,13 @@ def test_a_private_cluster_is_its_one_node() -> None:
 def cluster() -> Iterator[tuple[local_node.NodeRecord, local_node.NodeRecord]]:
     """A head with 1 CPU and a joined node with 2 CPUs and 3 "gadget"; this process is a
     driver connected to the head."""
-    if local_node.local_nodes():
-        pytest.fail("Cairn nodes are already running on this machine; `cairn stop` them")
-    run_cairn("start", "--head", "--port", "0", "--num-cpus", "1")
-    try:
-        head = local_node.running_head()
-        assert head is not None and head.address is not None
-        run_cairn(
-            "start", "--address", head.address, "--num-cpus", "2", "--resources", '{"gadget": 3}'
-        )
-        (joined,) = [n for n in local_node.local_nodes() if not n.head]
+    gadgets = ["--num-cpus", "2", "--resources", '{"gadget": 3}']
+    with machine_cluster(["--num-cpus", "1"], gadgets) as cluster:
         ray.init(address="auto")
         try:
-            yield head, joined
+            yield cluster.head, cluster.joined[0]
         finally:
             ray.shutdown()
-    finally:
-        run_cairn("stop")
 
 
 def _node_id(record: local_node.NodeRecord) -> str:

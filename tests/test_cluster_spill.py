@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from log_rows import fetch_rows, wait_for_rows
+from machine_cluster import machine_cluster, node_id
 from processes import pids_with, run_cairn
 
 import sdk as ray
@@ -36,26 +37,18 @@ def _cairn(*args: str) -> str:
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[dict[str, str]]:
-    if local_node.local_nodes():
-        pytest.fail("Cairn nodes are already running on this machine; `cairn stop` them")
-    _cairn("start", "--head", "--port", "0", "--num-cpus", "1")
-    try:
-        head = local_node.running_head()
-        assert head is not None and head.address is not None
-        _cairn("start", "--address", head.address, "--num-cpus", "2")
-        _cairn("start", "--address", head.address, "--num-cpus", "2", "--resources", '{"big": 1}')
+    big = ["--num-cpus", "2", "--resources", '{"big": 1}']
+    with machine_cluster(["--num-cpus", "1"], ["--num-cpus", "2"], big) as cluster:
         ray.init(address="auto")
         try:
-            nodes = {}
-            for record in local_node.local_nodes():
-                node_id = (record.session_dir / "node.ready").read_text()
-                nodes["head" if record.head else f"node{len(nodes)}"] = node_id
-            nodes["url"] = ray.get_runtime_context().gcs_address
-            yield nodes
+            yield {
+                "head": node_id(cluster.head),
+                "node1": node_id(cluster.joined[0]),
+                "node2": node_id(cluster.joined[1]),
+                "url": ray.get_runtime_context().gcs_address,
+            }
         finally:
             ray.shutdown()
-    finally:
-        _cairn("stop")
 
 
 @ray.remote(num_cpus=1)

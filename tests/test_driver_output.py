@@ -22,10 +22,9 @@ from pathlib import Path
 
 import pytest
 from log_rows import wait_for_rows
-from processes import run_cairn
+from machine_cluster import machine_cluster
 
 import sdk as ray
-from controlplane import local_node
 
 pytestmark = pytest.mark.timeout(240)
 ROOT = Path(__file__).resolve().parent.parent
@@ -230,15 +229,7 @@ def test_each_workers_output_is_kept_in_rotated_files_and_each_attempt_says_wher
 
 
 def test_what_tasks_print_on_another_node_reaches_the_driver(tmp_path: Path) -> None:
-    if local_node.local_nodes():
-        pytest.fail("Cairn nodes are already running on this machine; `cairn stop` them")
-    run_cairn("start", "--head", "--port", "0", "--num-cpus", "1")
-    try:
-        head = local_node.running_head()
-        assert head is not None and head.address is not None
-        run_cairn(
-            "start", "--address", head.address, "--num-cpus", "1", "--resources", '{"far": 1}'
-        )
+    with machine_cluster(["--num-cpus", "1"], ["--num-cpus", "1", "--resources", '{"far": 1}']):
         done = run_driver(
             tmp_path,
             """
@@ -255,8 +246,6 @@ def test_what_tasks_print_on_another_node_reaches_the_driver(tmp_path: Path) -> 
             print("RAN ON", *nodes, "DRIVER ON", ray.get_runtime_context().get_node_id())
             """,
         )
-    finally:
-        run_cairn("stop")
     ran_on, driver_on = re.search(r"RAN ON (\w+) DRIVER ON (\w+)", done.stdout).groups()
     assert ran_on != driver_on
     # the last lines too: the driver's node asked the other node for them as it left

@@ -15,10 +15,9 @@ from pathlib import Path
 import cloudpickle
 import pytest
 from log_rows import wait_for_rows
-from processes import run_cairn
+from machine_cluster import machine_cluster, node_id
 
 import sdk as ray
-from controlplane import local_node
 from sdk.exceptions import RayTaskError
 from sdk.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -28,27 +27,17 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[dict[str, str]]:
-    if local_node.local_nodes():
-        pytest.fail("Cairn nodes are already running on this machine; `cairn stop` them")
-    run_cairn("start", "--head", "--port", "0", "--num-cpus", "1")
-    try:
-        head = local_node.running_head()
-        assert head is not None and head.address is not None
-        run_cairn(
-            "start", "--address", head.address, "--num-cpus", "1", "--resources", '{"other": 1}'
-        )
+    other = ["--num-cpus", "1", "--resources", '{"other": 1}']
+    with machine_cluster(["--num-cpus", "1"], other) as cluster:
         ray.init(address="auto")
         try:
-            nodes = {}
-            for record in local_node.local_nodes():
-                node_id = (record.session_dir / "node.ready").read_text()
-                nodes["head" if record.head else "other"] = node_id
-            nodes["url"] = ray.get_runtime_context().gcs_address
-            yield nodes
+            yield {
+                "head": node_id(cluster.head),
+                "other": node_id(cluster.joined[0]),
+                "url": ray.get_runtime_context().gcs_address,
+            }
         finally:
             ray.shutdown()
-    finally:
-        run_cairn("stop")
 
 
 @ray.remote(num_returns="streaming", resources={"other": 1})

@@ -18,10 +18,10 @@ from pathlib import Path
 import cloudpickle
 import pytest
 from log_rows import rows, wait_for_rows
+from machine_cluster import machine_cluster
 from processes import run_cairn
 
 import sdk as ray
-from controlplane import local_node
 from sdk.util.scheduling_strategies import (
     DoesNotExist,
     Exists,
@@ -40,19 +40,11 @@ B_LABELS = {"zone": "us-b", "gpu": "h100"}
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[dict[str, str]]:
-    if local_node.local_nodes():
-        pytest.fail("Cairn nodes are already running on this machine; `cairn stop` them")
-    run_cairn("start", "--head", "--port", "0", "--num-cpus", "1")
-    try:
-        head = local_node.running_head()
-        assert head is not None and head.address is not None
-        address = head.address
-        run_cairn(
-            "start", "--address", address, "--num-cpus", "2", "--labels", json.dumps(A_LABELS)
-        )
-        run_cairn(
-            "start", "--address", address, "--num-cpus", "2", "--labels", "zone=us-b,gpu=h100"
-        )
+    with machine_cluster(
+        ["--num-cpus", "1"],
+        ["--num-cpus", "2", "--labels", json.dumps(A_LABELS)],
+        ["--num-cpus", "2", "--labels", "zone=us-b,gpu=h100"],
+    ):
         ray.init(address="auto")
         try:
             nodes = {"url": ray.get_runtime_context().gcs_address}
@@ -64,8 +56,6 @@ def cluster() -> Iterator[dict[str, str]]:
             yield nodes
         finally:
             ray.shutdown()
-    finally:
-        run_cairn("stop")
 
 
 @ray.remote(num_cpus=1)

@@ -19,7 +19,8 @@ from pathlib import Path
 import asyncpg
 import numpy as np
 import pytest
-from processes import gcs_url_of, next_daemon_id, pids_with, run_cairn
+from machine_cluster import machine_cluster
+from processes import gcs_url_of, next_daemon_id, pids_with
 
 from controlplane import local_node
 from controlplane.node.store_adoption import ADOPTED, adopt
@@ -156,17 +157,8 @@ print(json.dumps({
 
 @pytest.fixture
 def cluster() -> Iterator[tuple[local_node.NodeRecord, local_node.NodeRecord]]:
-    if local_node.local_nodes():
-        pytest.fail("Cairn nodes are already running on this machine; `cairn stop` them")
-    run_cairn("start", "--head", "--port", "0", "--num-cpus", "1")
-    try:
-        head = local_node.running_head()
-        assert head is not None and head.address is not None
-        run_cairn("start", "--address", head.address, "--num-cpus", "1")
-        (node,) = [n for n in local_node.local_nodes() if not n.head]
-        yield head, node
-    finally:
-        run_cairn("stop")
+    with machine_cluster(["--num-cpus", "1"], ["--num-cpus", "1"]) as cluster:
+        yield cluster.head, cluster.joined[0]
 
 
 def test_the_objects_a_killed_daemon_kept_for_a_driver_are_there_after_its_restart(
