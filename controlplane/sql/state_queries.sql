@@ -42,16 +42,16 @@ SELECT x.task_id,
        s.payload ->> 'placement_group_id' AS placement_group_id,
        (SELECT jsonb_agg(jsonb_build_object(
                    'state', $1::jsonb ->> cairn_state_name(cairn_state_code('task', e.event_type)),
-                   'created_ms', (extract(epoch FROM e.recorded_at) * 1000)::bigint)
+                   'created_ms', floor(extract(epoch FROM e.recorded_at) * 1000)::bigint)
                 ORDER BY e.position)
           FROM events e
          WHERE e.entity_id = x.task_id AND e.entity_kind = 'task'
            AND cairn_state_code('task', e.event_type) IS NOT NULL
            AND cairn_attempt_of(e.event_type, e.payload) = x.attempt) AS events,
        NULL::jsonb AS profiling_data,
-       (extract(epoch FROM x.submitted_at) * 1000)::bigint AS creation_time_ms,
-       (extract(epoch FROM x.started_at) * 1000)::bigint AS start_time_ms,
-       (extract(epoch FROM x.ended_at) * 1000)::bigint AS end_time_ms,
+       floor(extract(epoch FROM x.submitted_at) * 1000)::bigint AS creation_time_ms,
+       floor(extract(epoch FROM x.started_at) * 1000)::bigint AS start_time_ms,
+       floor(extract(epoch FROM x.ended_at) * 1000)::bigint AS end_time_ms,
        NULL::jsonb AS task_log_info,
        CASE WHEN x.state = 'CANCELLED' THEN 'the task was cancelled'
             WHEN x.state = 'FAILED' AND strpos(x.error, ': ') > 0
@@ -67,7 +67,7 @@ SELECT x.task_id,
                     THEN t.started_at END AS started_at,
                CASE WHEN t.state IN ('FINISHED', 'FAILED', 'CANCELLED')
                     THEN t.ended_at END AS ended_at,
-               (extract(epoch FROM t.submitted_at) * 1000000)::bigint * 1000 + t.attempt
+               floor(extract(epoch FROM t.submitted_at) * 1000000)::bigint * 1000 + t.attempt
                    AS sort_key
           FROM tasks t
         UNION ALL
@@ -76,7 +76,7 @@ SELECT x.task_id,
                               ELSE 'FAILED' END,
                t.job_id, t.actor_id, t.method, r.node_id, r.worker_id,
                coalesce(r.error, r.retry_reason), t.submitted_at, r.started_at, r.ended_at,
-               (extract(epoch FROM t.submitted_at) * 1000000)::bigint * 1000 + r.attempt
+               floor(extract(epoch FROM t.submitted_at) * 1000000)::bigint * 1000 + r.attempt
           FROM task_attempts r
           JOIN tasks t ON t.task_id = r.task_id AND r.attempt < t.attempt) x
   LEFT JOIN LATERAL (SELECT payload FROM events
@@ -111,7 +111,7 @@ SELECT a.actor_id,
        '' AS repr_name,
        a.num_restarts,
        0 AS num_restarts_due_to_lineage_reconstruction,
-       (extract(epoch FROM a.created_at) * 1000)::bigint AS sort_key
+       floor(extract(epoch FROM a.created_at) * 1000)::bigint AS sort_key
   FROM actors a
   LEFT JOIN LATERAL (SELECT payload FROM events
                       WHERE payload ->> 'actor_id' = a.actor_id AND entity_kind = 'task'
@@ -138,7 +138,7 @@ SELECT o.object_id,
        o.task_id,
        o.node_id,
        to_jsonb(o.locations) AS locations,
-       (extract(epoch FROM o.created_at) * 1000)::bigint AS created_time_ms,
+       floor(extract(epoch FROM o.created_at) * 1000)::bigint AS created_time_ms,
        o.last_position AS sort_key
   FROM objects o
   LEFT JOIN LATERAL (SELECT state FROM tasks WHERE tasks.task_id = o.task_id) t ON true
@@ -157,9 +157,9 @@ SELECT n.node_id,
        coalesce(n.resources, '{}'::jsonb) AS resources_total,
        coalesce(r.payload -> 'labels', '{}'::jsonb)
            || jsonb_build_object('ray.io/node-id', n.node_id) AS labels,
-       (extract(epoch FROM n.registered_at) * 1000)::bigint AS start_time_ms,
-       (extract(epoch FROM n.dead_at) * 1000)::bigint AS end_time_ms,
-       (extract(epoch FROM n.registered_at) * 1000)::bigint AS sort_key
+       floor(extract(epoch FROM n.registered_at) * 1000)::bigint AS start_time_ms,
+       floor(extract(epoch FROM n.dead_at) * 1000)::bigint AS end_time_ms,
+       floor(extract(epoch FROM n.registered_at) * 1000)::bigint AS sort_key
   FROM nodes n
   LEFT JOIN LATERAL (SELECT payload FROM events
                       WHERE entity_id = n.node_id AND entity_kind = 'node'
@@ -180,14 +180,14 @@ SELECT j.job_id,
            'node_ip_address',
            CASE WHEN n.address ~ ':[0-9]+$' THEN btrim(regexp_replace(n.address, ':[0-9]+$', ''), '[]')
                 WHEN n.address IS NOT NULL THEN '127.0.0.1' END) AS driver_info,
-       (extract(epoch FROM coalesce(j.started_at, j.submitted_at)) * 1000)::bigint AS start_time,
-       (extract(epoch FROM j.ended_at) * 1000)::bigint AS end_time,
+       floor(extract(epoch FROM coalesce(j.started_at, j.submitted_at)) * 1000)::bigint AS start_time,
+       floor(extract(epoch FROM j.ended_at) * 1000)::bigint AS end_time,
        '{}'::jsonb AS metadata,
        NULL::jsonb AS runtime_env,
        NULL::text AS driver_agent_http_address,
        j.driver_node_id,
        NULL::int AS driver_exit_code,
-       (extract(epoch FROM j.submitted_at) * 1000)::bigint AS sort_key
+       floor(extract(epoch FROM j.submitted_at) * 1000)::bigint AS sort_key
   FROM jobs j
   LEFT JOIN LATERAL (SELECT address FROM nodes WHERE nodes.node_id = j.driver_node_id) n ON true
 
@@ -209,9 +209,9 @@ SELECT g.placement_group_id,
                         WHEN 'INFEASIBLE' THEN 'INFEASIBLE' ELSE 'QUEUED' END,
            'infeasible_reason', g.infeasible_reason,
            'end_to_end_creation_latency_ms',
-           (extract(epoch FROM g.ready_at - g.created_at) * 1000)::bigint) AS stats,
+           floor(extract(epoch FROM g.ready_at - g.created_at) * 1000)::bigint) AS stats,
        g.strategy,
-       (extract(epoch FROM g.created_at) * 1000)::bigint AS sort_key
+       floor(extract(epoch FROM g.created_at) * 1000)::bigint AS sort_key
   FROM placement_groups g
 
 -- state_workers --
@@ -236,9 +236,9 @@ SELECT w.entity_id AS worker_id,
             WHEN n.state IS DISTINCT FROM 'ALIVE'
             THEN 'its node is dead: ' || coalesce(n.death_cause, 'unknown') END AS exit_detail,
        NULL::bigint AS worker_launch_time_ms,
-       (extract(epoch FROM w.recorded_at) * 1000)::bigint AS worker_launched_time_ms,
-       (extract(epoch FROM w.recorded_at) * 1000)::bigint AS start_time_ms,
-       (extract(epoch FROM coalesce(d.recorded_at, n.dead_at)) * 1000)::bigint AS end_time_ms,
+       floor(extract(epoch FROM w.recorded_at) * 1000)::bigint AS worker_launched_time_ms,
+       floor(extract(epoch FROM w.recorded_at) * 1000)::bigint AS start_time_ms,
+       floor(extract(epoch FROM coalesce(d.recorded_at, n.dead_at)) * 1000)::bigint AS end_time_ms,
        NULL::int AS debugger_port,
        NULL::int AS num_paused_threads,
        w.position AS sort_key
