@@ -44,8 +44,8 @@ async def audit_transaction(
 ) -> AsyncIterator[asyncpg.Connection]:
     """A connection in a READ ONLY transaction as ``cairn_audit`` (where this login may
     take that role), for queries written here rather than given by a user; with
-    ``timeout``, connecting and each statement get that many seconds."""
-    conn = await (connect(url) if timeout is None else connect(url, timeout=timeout))
+    ``timeout``, each statement gets that many seconds (and connecting, at least one)."""
+    conn = await (connect(url) if timeout is None else connect(url, timeout=max(timeout, 1.0)))
     try:
         async with conn.transaction(readonly=True):
             if await conn.fetchval(
