@@ -13,6 +13,7 @@ import click
 
 from controlplane.cli_options import gcs_url_option, require_url
 from controlplane.cli_start import start, stop
+from controlplane.cli_state import get_command, list_command, summary_command
 from controlplane.errors import GcsError
 from controlplane.gcs_url import redact, resolve_gcs_url
 
@@ -27,6 +28,9 @@ def main() -> None:
 
 main.add_command(start)
 main.add_command(stop)
+main.add_command(list_command)
+main.add_command(get_command)
+main.add_command(summary_command)
 
 
 @main.command()

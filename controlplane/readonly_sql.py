@@ -10,8 +10,9 @@ function is refused by the server itself.
 
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import asyncpg
@@ -37,6 +38,29 @@ def first_keyword(statement: str) -> str:
     return words[0].lower() if words else ""
 
 
+@contextlib.asynccontextmanager
+async def audit_transaction(
+    url: str, *, timeout: float | None = None
+) -> AsyncIterator[asyncpg.Connection]:
+    """A connection in a READ ONLY transaction as ``cairn_audit`` (where this login may
+    take that role), for queries written here rather than given by a user; with
+    ``timeout``, each statement gets that many seconds (and connecting, at least one)."""
+    conn = await (connect(url) if timeout is None else connect(url, timeout=max(timeout, 1.0)))
+    try:
+        async with conn.transaction(readonly=True):
+            if await conn.fetchval(
+                "SELECT pg_has_role(current_user, oid, 'MEMBER') FROM pg_roles WHERE rolname = $1",
+                AUDIT_ROLE,
+            ):
+                await conn.execute(f"SET LOCAL ROLE {AUDIT_ROLE}")
+            await conn.execute(AUDIT_SETTINGS)
+            if timeout is not None:
+                await conn.execute(f"SET LOCAL statement_timeout = {max(1, int(timeout * 1000))}")
+            yield conn
+    finally:
+        await conn.close()
+
+
 async def run_readonly(
     url: str, statement: str, args: Sequence[Any] = ()
 ) -> tuple[list[str], list[tuple[Any, ...]]]:
@@ -48,15 +72,8 @@ async def run_readonly(
             f"cairn sql runs one read-only statement ({', '.join(r.upper() for r in READS)});"
             f" refusing {keyword.upper() or 'an empty statement'!s}"
         )
-    conn = await connect(url)
     try:
-        async with conn.transaction(readonly=True):
-            if await conn.fetchval(
-                "SELECT pg_has_role(current_user, oid, 'MEMBER') FROM pg_roles WHERE rolname = $1",
-                AUDIT_ROLE,
-            ):
-                await conn.execute(f"SET LOCAL ROLE {AUDIT_ROLE}")
-            await conn.execute(AUDIT_SETTINGS)
+        async with audit_transaction(url) as conn:
             prepared = await conn.prepare(statement)
             rows = await prepared.fetch(*args)
             columns = [attribute.name for attribute in prepared.get_attributes()]
@@ -69,6 +86,4 @@ async def run_readonly(
         raise
     except (asyncpg.ReadOnlySQLTransactionError, asyncpg.InsufficientPrivilegeError) as exc:
         raise WriteRefusedError(f"refused, the statement writes: {exc}") from None
-    finally:
-        await conn.close()
     return columns, [tuple(row.values()) for row in rows]

@@ -75,6 +75,14 @@ def gcs_url(pg_server_url: str, template_url: str) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
+def module_gcs_url(pg_server_url: str, template_url: str) -> Iterator[str]:
+    """A fresh, migrated database for the tests of one module (a cluster they share,
+    whose log outlives it)."""
+    with _scratch_database(pg_server_url, TEMPLATE_DB) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
 def private_cluster() -> Iterator[None]:
     """One private cluster (``sdk.init``, 2 CPUs, its own embedded PostgreSQL) for the
     tests of a module that marks ``pytest.mark.usefixtures("private_cluster")``."""

@@ -128,6 +128,7 @@ RAY_UTIL = [
     "multiprocessing",
     "queue",
     "scheduling_strategies",
+    "state",
 ]
 RUNTIME_CONTEXT = [
     "actor_id",

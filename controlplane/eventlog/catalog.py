@@ -95,6 +95,9 @@ CATALOG: dict[tuple[EntityKind, str], EventType] = {
                 "sequence": int,
                 "label_selector": dict,  # the labels its node must have (or prefers)
                 "labels": dict,  # its own (Ray's _labels)
+                "function_name": str,  # its function's, where the name option replaced it
+                "parent_task_id": str,
+                "placement_group_id": str,
             },
         ),
         ("waiting_for_dependencies", {"dependencies": list}, {}),

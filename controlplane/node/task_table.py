@@ -182,6 +182,16 @@ class TaskTable:
             payload["options"]["max_task_retries"] = spec.max_task_retries
         if spec.actor_id is not None:
             payload.update(actor_id=spec.actor_id, method=spec.method or "", sequence=spec.sequence)
+        # what the state API (controlplane/state_api.py) shows of it, as Ray's TaskState:
+        # its function's own name where a name option replaced it, its parent, its group
+        if spec.actor_id is None:
+            function_name = self._functions.get(spec.function_id or "", (b"", ""))[1]
+            if function_name and function_name != spec.name:
+                payload["function_name"] = function_name
+        if spec.parent_task_id:
+            payload["parent_task_id"] = spec.parent_task_id
+        if spec.strategy and spec.strategy[0] == "PLACEMENT_GROUP":
+            payload["placement_group_id"] = spec.strategy[1]
         if direct:  # sent straight to the actor's worker (controlplane/node/actors.py)
             payload["direct"] = True
         self.recorder.log(
