@@ -160,6 +160,31 @@ def sql(statement: str, gcs_url: str | None, output: str, params: tuple[str, ...
 
 
 @main.command()
+@gcs_url_option
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=8265, show_default=True, help="0: any free port.")
+def dashboard(gcs_url: str | None, host: str, port: int) -> None:
+    """Serve the dashboard (and the jobs' and metrics' HTTP API) for the log at
+    --gcs-url (or the running cluster's), reading nothing but the log: it works after
+    the cluster is gone. From other machines, calls carry $CAIRN_AUTH_TOKEN."""
+    import asyncio
+    import os
+
+    from controlplane import auth
+    from controlplane.web.__main__ import serve
+    from controlplane.web.app import WebContext
+
+    url = resolve_gcs_url(gcs_url) or _running_cluster_url()
+    token = os.environ.get(auth.TOKEN_ENV) or None
+    if token is None and not auth.is_loopback(host):
+        raise click.UsageError(
+            f"--host {host} is reachable from other machines: set {auth.TOKEN_ENV} to the "
+            "token its callers must give"
+        )
+    asyncio.run(serve(WebContext(url, token, None), host, port))
+
+
+@main.command()
 @click.argument("object_id")
 @gcs_url_option
 @click.option("--json", "as_json", is_flag=True, help="Print the tree as JSON.")

@@ -90,6 +90,25 @@ from controlplane.node import rpc
     help="Joining node only: run the head's GCS replica on this machine (the head was "
     "started with --gcs-replica-host and this machine's address).",
 )
+@click.option(
+    "--include-dashboard/--no-include-dashboard",
+    default=True,
+    show_default=True,
+    help="Head only: serve the dashboard, the jobs' REST API and the metrics over HTTP.",
+)
+@click.option(
+    "--dashboard-port",
+    type=int,
+    default=8265,
+    show_default=True,
+    help="Head only: the HTTP service's port (0: any free one).",
+)
+@click.option(
+    "--dashboard-host",
+    default=None,
+    help="Head only: the address the HTTP service listens at (default: --node-ip-address); "
+    "calls from other machines must carry the cluster token.",
+)
 @click.option("--node-config", default=None, hidden=True)  # from start_in_background
 def start(
     head: bool,
@@ -109,6 +128,9 @@ def start(
     gcs_replicas: int,
     gcs_replica_host: str | None,
     run_gcs_replica: bool,
+    include_dashboard: bool,
+    dashboard_port: int,
+    dashboard_host: str | None,
     node_config: str | None,
 ) -> None:
     """Start a node: a head (--head) or one that joins a head (--address HOST:PORT).
@@ -223,6 +245,8 @@ def start(
         joined_tls=None if head else joined_tls,
         gcs_replica_host=gcs_replica_host,
         gcs_replica=replica_plan,
+        dashboard_port=dashboard_port if head and include_dashboard else None,
+        dashboard_host=dashboard_host,
     )
     if drawn and block:
         click.echo(_token_notice(token))

@@ -56,6 +56,7 @@ log = logging.getLogger("cairn")
 _MAX_RESTARTS, _RESTART_WINDOW_S = 3, 60.0
 NODE_ADDRESS = "node.address"
 _SCHEDULER = [sys.executable, "-m", "controlplane.scheduler", "--die-with-parent"]
+_WEB = [sys.executable, "-m", "controlplane.web", "--die-with-parent"]
 
 
 def default_object_store_memory() -> int:
@@ -134,6 +135,10 @@ class ClusterRole:
     # address; on the node that joins there, the plan the head answered with
     gcs_replica_host: str | None = None
     gcs_replica: ReplicaPlan | None = dataclasses.field(default=None, repr=False)
+    # a head's HTTP service (controlplane/web): its port (0: any free one; None: none)
+    # and host (None: rpc_host)
+    dashboard_port: int | None = None
+    dashboard_host: str | None = None
 
 
 @dataclass(frozen=True)
@@ -376,6 +381,27 @@ def _start_scheduler(gcs_url: str, session_dir: Path) -> subprocess.Popen[bytes]
     return subprocess.Popen(_SCHEDULER, stdin=subprocess.DEVNULL, env=env)
 
 
+def _start_web(gcs_url: str, session_dir: Path, role: ClusterRole) -> subprocess.Popen[bytes]:
+    """The head's HTTP service (controlplane/web): dashboard, jobs, metrics."""
+    env = {k: v for k, v in os.environ.items() if k != auth.TOKEN_ENV}
+    env[GCS_URL_ENV] = gcs_url
+    if role.auth_token is not None:
+        env[auth.TOKEN_ENV] = role.auth_token
+    host = role.dashboard_host or role.rpc_host
+    command = [*_WEB, "--host", host, "--port", str(role.dashboard_port)]
+    command += ["--session-dir", str(session_dir)]
+    return subprocess.Popen(command, stdin=subprocess.DEVNULL, env=env)
+
+
+def _stop_child(child: subprocess.Popen[bytes]) -> None:
+    child.terminate()
+    try:
+        child.wait(10)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait()
+
+
 def run_node(
     gcs_url: str | None,
     config: NodeConfig,
@@ -402,10 +428,13 @@ def run_node(
     )
     record = None
     scheduler: subprocess.Popen[bytes] | None = None
+    web: subprocess.Popen[bytes] | None = None
     refused: str | None = None
     try:
         if role.head:  # the head runs a global scheduler (any number may run)
             scheduler = _start_scheduler(node.gcs.url, node.session_dir)
+            if role.dashboard_port is not None:
+                web = _start_web(node.gcs.url, node.session_dir, role)
         record = record_node(node.session_dir, node.address, role.head, cluster)
         kind = "head node" if role.head else "node"
         announce(f"{kind} {node.node_id} is running at {node.address} ({node.session_dir})")
@@ -445,16 +474,15 @@ def run_node(
                 # it keeps no state: a new one resumes from the log
                 announce(f"the global scheduler exited ({scheduler.returncode}); restarting it")
                 scheduler = _start_scheduler(node.gcs.url, node.session_dir)
+            if web is not None and web.poll() is not None:  # (its output says why)
+                announce(f"the HTTP service (dashboard) exited ({web.returncode})")
+                web = None
     finally:
         if record is not None:
             record.unlink(missing_ok=True)
-        if scheduler is not None:
-            scheduler.terminate()
-            try:
-                scheduler.wait(10)
-            except subprocess.TimeoutExpired:
-                scheduler.kill()
-                scheduler.wait()
+        for child in (scheduler, web):
+            if child is not None:
+                _stop_child(child)
         node.stop()
     if refused is not None:
         raise GcsIdentityError(refused)
@@ -485,6 +513,11 @@ def start_in_background(
         command += ["--head", "--gcs-replicas", str(gcs_replicas)]
         if role.gcs_replica_host is not None:
             command += ["--gcs-replica-host", role.gcs_replica_host]
+        if role.dashboard_port is None:
+            command += ["--no-include-dashboard"]
+        else:
+            command += ["--dashboard-port", str(role.dashboard_port)]
+            command += ["--dashboard-host", role.dashboard_host or role.rpc_host]
         if gcs_url is not None:
             env[GCS_URL_ENV] = gcs_url
     starting = Path(tempfile.gettempdir()) / f"cairn-node-{time.time_ns()}.log"

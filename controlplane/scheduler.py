@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ctypes
 import logging
 import os
 import pickle
@@ -42,6 +41,7 @@ from controlplane.eventlog import (
 )
 from controlplane.eventlog.connection import connect, is_disk_full
 from controlplane.gcs_url import ENV_VAR as GCS_URL_ENV
+from controlplane.parent_death import die_with_parent
 from controlplane.settings import env_number
 from controlplane.sql import queries
 
@@ -441,7 +441,7 @@ def main() -> None:
     if not args.gcs_url:
         parser.error(f"the GCS URL is needed (${GCS_URL_ENV} or --gcs-url)")
     if args.die_with_parent:
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)
+        die_with_parent()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
 
     # this process serves one log: the first it reaches, or the one its head's daemon

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ctypes
 import gc
 import json
 import logging
 import os
-import signal
 import sys
 from pathlib import Path
 
@@ -20,6 +18,7 @@ from controlplane.eventlog import fencing
 from controlplane.gcs_url import ENV_VAR as GCS_URL_ENV
 from controlplane.gcs_url import JOIN_ENV_VAR, JOIN_REPLICA_ENV_VAR
 from controlplane.node.daemon import NodeDaemon
+from controlplane.parent_death import die_with_parent
 
 
 def main() -> None:
@@ -65,7 +64,7 @@ def main() -> None:
     if args.rpc_port is not None and token is None and not args.disable_auth:
         parser.error(f"a cluster node needs ${auth.TOKEN_ENV} (or --disable-auth)")
     if args.die_with_parent:
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)
+        die_with_parent()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     daemon = NodeDaemon(
         session_dir=args.session_dir,

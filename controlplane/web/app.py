@@ -1,0 +1,70 @@
+"""The application: its context (what every route may use), the token check, and the
+routes of each part."""
+
+from __future__ import annotations
+
+import hmac
+import importlib
+import ipaddress
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiohttp import web
+
+# Each module has ``add_routes(app: web.Application) -> None``; the order is the
+# order their routes are matched in.
+ROUTE_MODULES = ("controlplane.web.health",)
+TOKEN_COOKIE = "cairn_token"
+
+
+@dataclass(frozen=True)
+class WebContext:
+    gcs_url: str
+    auth_token: str | None  # None: none asked (a loopback-only service)
+    session_dir: Path | None  # the head's session (None: standalone, the log only)
+
+
+CONTEXT = web.AppKey("context", WebContext)
+
+
+def make_app(context: WebContext) -> web.Application:
+    app = web.Application(middlewares=[_token_check], client_max_size=512 * 1024**2)
+    app[CONTEXT] = context
+    for name in ROUTE_MODULES:
+        importlib.import_module(name).add_routes(app)
+    return app
+
+
+def context_of(request: web.Request) -> WebContext:
+    return request.app[CONTEXT]
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def _token_check(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A request from another machine carries the cluster token (``Authorization:
+    Bearer TOKEN``, or the cookie the dashboard's login sets); one from this machine's
+    loopback needs none, as the node's own socket."""
+    token = context_of(request).auth_token
+    if token is None or _is_loopback(request.remote) or _given_token(request, token):
+        return await handler(request)
+    raise web.HTTPUnauthorized(
+        text='{"error": "this service needs the cluster token (Authorization: Bearer TOKEN)"}',
+        content_type="application/json",
+    )
+
+
+def _given_token(request: web.Request, token: str) -> bool:
+    given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+    given = given or request.cookies.get(TOKEN_COOKIE, "")
+    return bool(given) and hmac.compare_digest(given.encode(), token.encode())
+
+
+def _is_loopback(remote: str | None) -> bool:
+    try:
+        return remote is not None and ipaddress.ip_address(remote).is_loopback
+    except ValueError:
+        return False
