@@ -212,7 +212,11 @@ class Worker:
         loop = asyncio.get_running_loop()
         woken = asyncio.Event()
         with self._consumed_changed:
-            self._consumed_wakers[task_id] = lambda: loop.call_soon_threadsafe(woken.set)
+
+            def wake() -> None:
+                loop.call_soon_threadsafe(woken.set)
+
+            self._consumed_wakers[task_id] = wake
         try:
             while self.consumed(task_id) < count:
                 await woken.wait()

@@ -29,9 +29,11 @@ from controlplane.node.placement_groups import PlacementGroups
 from controlplane.node.reconstruction import Reconstructor
 from controlplane.node.recorder import EventRecorder
 from controlplane.node.resources import ResourcePool
+from controlplane.node.runtime_envs import RuntimeEnvs
 from controlplane.node.spilled_tasks import SpilledTasks
 from controlplane.node.task_runs import TaskRuns
 from controlplane.node.task_table import TaskRecord, TaskTable
+from controlplane.node.worker_output import WorkerOutput
 from controlplane.node.workers import WorkerPool
 from dataplane import protocol as p
 from dataplane import shm
@@ -85,9 +87,30 @@ class _Conn:
         self.worker_id, self.role = worker_id, role
 
 
-async def test_the_worker_pool_hands_out_idle_workers_and_reaps_dead_ones() -> None:
+def _pool(node_id: str, size: int, logs: Path) -> WorkerPool:
+    """A pool whose workers' output goes to files under ``logs`` (read by nobody)."""
+    output = WorkerOutput(
+        node_id,
+        "",
+        logs,
+        ip=lambda: "127.0.0.1",
+        address_of=lambda _node: None,
+        peers=list,
+        call=cast(Any, None),
+    )
+    return WorkerPool(node_id, "/nonexistent/node.sock", size=size, output=output)
+
+
+def _envs(recorder: EventRecorder, cache: Path) -> RuntimeEnvs:
+    """Runtime envs that nothing here asks for."""
+    return RuntimeEnvs("node", "", cache, recorder, spawn=lambda _c: None, on_change=lambda: None)
+
+
+async def test_the_worker_pool_hands_out_idle_workers_and_reaps_dead_ones(
+    tmp_path: Path,
+) -> None:
     # no daemon listens there: the workers cannot connect, and the pool does not care
-    pool = WorkerPool("node", "/nonexistent/node.sock", size=2)
+    pool = _pool("node", 2, tmp_path)
     try:
         pool.fill()
         first, second = list(pool)
@@ -805,7 +828,9 @@ class _Node:
         self.asked.append(("infeasible", record.spec.task_id))
 
 
-async def test_the_local_scheduler_runs_spills_and_lends_out_resources(gcs_url: str) -> None:
+async def test_the_local_scheduler_runs_spills_and_lends_out_resources(
+    gcs_url: str, tmp_path: Path
+) -> None:
     """Ready tasks run while CPUs and idle workers last, one FIFO per resource shape (a
     shape that does not fit does not hold up another); what cannot run here goes to
     the global scheduler where allowed; a worker blocked in get() lends its CPU out."""
@@ -813,10 +838,10 @@ async def test_the_local_scheduler_runs_spills_and_lends_out_resources(gcs_url: 
     await recorder.start()
     resources = ResourcePool({"CPU": 2.0})
     objects = ObjectTable(MB, on_free=lambda _location: None)
-    workers = WorkerPool("node", "/nonexistent/node.sock", size=2)
+    workers = _pool("node", 2, tmp_path)
     node = _Node(spill_names={"wide"})
     groups = _placement_groups(resources, objects, recorder, lambda *_: None, lambda: None)
-    scheduler = LocalScheduler(resources, groups, workers, node, node)
+    scheduler = LocalScheduler(resources, groups, workers, node, node, _envs(recorder, tmp_path))
 
     def task(task_id: str, name: str, resources: dict[str, float], **more: Any) -> TaskRecord:
         spec = p.TaskSpec(task_id, "job", name, "f", [], {}, 1, resources, 0, False, **more)
@@ -932,10 +957,11 @@ async def test_the_actor_director_creates_restarts_and_buries_an_actor(
     objects = ObjectTable(MB, on_free=lambda _location: None)
     tasks = TaskTable("node", objects, recorder)
     resources = ResourcePool({"CPU": 1.0})
-    workers = WorkerPool("node", "/nonexistent/node.sock", size=1)
+    workers = _pool("node", 1, tmp_path)
     groups = _placement_groups(resources, objects, recorder, lambda *_: None, lambda: None)
-    spills = SpilledTasks("node", recorder, objects, tasks, resources, link=None)
-    scheduler = LocalScheduler(resources, groups, workers, spills, cast(Any, None))
+    spills = SpilledTasks("node", recorder, objects, tasks, resources, {}, link=None)
+    envs = _envs(recorder, tmp_path)
+    scheduler = LocalScheduler(resources, groups, workers, spills, cast(Any, None), envs)
     host = _ActorHost()
     names = ActorNames()
     elsewhere = ActorsElsewhere("node", recorder, objects, tasks, spills, names, host)
@@ -955,6 +981,7 @@ async def test_the_actor_director_creates_restarts_and_buries_an_actor(
         elsewhere,
         names,
         host,
+        envs,
         spawn=lambda c: spawned.add(asyncio.get_running_loop().create_task(c)),
     )
     owner = cast(Any, _Submitter())
@@ -1020,7 +1047,7 @@ async def test_spilled_tasks_follow_the_spill_policy_and_hand_tasks_to_the_clust
         join_offer=None, membership_monitor=False, spawn=lambda *_a, **_k: None,
         on_fenced=lambda: None,
     )  # fmt: skip
-    spills = SpilledTasks("node", recorder, objects, tasks, resources, link)
+    spills = SpilledTasks("node", recorder, objects, tasks, resources, {}, link)
 
     def task(task_id: str, cpus: float, **more: Any) -> TaskRecord:
         spec = p.TaskSpec(task_id, "job", "f", "fn", [], {}, 1, {"CPU": cpus}, 0, False, **more)
@@ -1066,7 +1093,7 @@ async def test_actors_elsewhere_forward_calls_in_order_and_outlive_a_lost_node(
     await recorder.start()
     objects = ObjectTable(MB, on_free=lambda _location: None)
     tasks = TaskTable("node", objects, recorder)
-    spills = SpilledTasks("node", recorder, objects, tasks, ResourcePool({"CPU": 1.0}), None)
+    spills = SpilledTasks("node", recorder, objects, tasks, ResourcePool({"CPU": 1.0}), {}, None)
     names, host = ActorNames(), _ActorHost()
     elsewhere = ActorsElsewhere("node", recorder, objects, tasks, spills, names, host)
     owner = cast(Any, _Submitter())
@@ -1180,13 +1207,13 @@ async def test_task_runs_take_tasks_from_submission_to_published_results(
         on_lost=lambda *_: None,
     )
     tasks = TaskTable(prefix, store.objects, recorder)
-    workers = WorkerPool(prefix, "/nonexistent/node.sock", size=1)
+    workers = _pool(prefix, 1, tmp_path)
     resources = ResourcePool({"CPU": 1.0})
     groups = _placement_groups(resources, store.objects, recorder, lambda *_: None, lambda: None)
-    spills = SpilledTasks(prefix, recorder, store.objects, tasks, resources, link=None)
+    spills = SpilledTasks(prefix, recorder, store.objects, tasks, resources, {}, link=None)
     runs = TaskRuns(prefix, recorder, store, tasks, workers, groups, spills)
     nothing = cast(Any, _NoCluster())
-    scheduler = LocalScheduler(resources, groups, workers, spills, runs)
+    scheduler = LocalScheduler(resources, groups, workers, spills, runs, _envs(recorder, tmp_path))
     runs.wire(scheduler, nothing, nothing, nothing)
     driver = _Client()
 

@@ -56,7 +56,7 @@ def test_id_classes_wrap_hex_ids_as_rays_do() -> None:
 
 def test_init_arguments_without_effect_are_named_in_a_warning() -> None:
     with (
-        pytest.warns(UserWarning, match="include_dashboard, log_to_driver have no effect"),
+        pytest.warns(UserWarning, match="include_dashboard, logging_level have no effect"),
         pytest.raises(ValueError, match="ray://"),  # (refused after the warning)
     ):
-        sdk.init(address="ray://x:1", include_dashboard=False, log_to_driver=False)
+        sdk.init(address="ray://x:1", include_dashboard=False, logging_level="INFO")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections import deque
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from controlplane.node.placement_groups import Bundle, PlacementGroups
 from controlplane.node.resources import ResourcePool
@@ -153,7 +153,7 @@ class LocalScheduler:
             if not queue:
                 del self._queues[shape]
 
-    def _launch(self, record: TaskRecord) -> Launch | str | bool | None:
+    def _launch(self, record: TaskRecord) -> Launch | str | Literal[False] | None:
         """How the task's worker starts: None (a plain worker), its runtime_env's
         ``Launch``, False while that is set up, or why it cannot be (a str)."""
         runtime_env = getattr(record.spec, "runtime_env", None)  # (older specs: none)

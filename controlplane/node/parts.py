@@ -177,8 +177,13 @@ def build_parts(
         session_dir / "runtime_resources",
         recorder,
         spawn=spawn,
-        on_change=lambda: (scheduler.schedule(), actor_director.envs_changed()),
+        on_change=lambda: envs_changed(),
     )
+
+    def envs_changed() -> None:  # a runtime_env's setup ended: who waited for it goes on
+        scheduler.schedule()
+        actor_director.envs_changed()
+
     scheduler = LocalScheduler(resources, placement_groups, worker_pool, spills, runs, envs)
     names = ActorNames()
     elsewhere = ActorsElsewhere(node_id, recorder, objects, tasks, spills, names, runs)

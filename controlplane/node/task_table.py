@@ -169,9 +169,10 @@ class TaskTable:
             "dependencies": spec.dependencies(),
             "options": {"retry_exceptions": spec.retry_exceptions},
         }
-        if getattr(spec, "runtime_env", None):  # (a spec from before the field: none)
-            payload["runtime_env"] = spec.runtime_env
-            payload["runtime_env_hash"] = env_hash(spec.runtime_env)
+        runtime_env = getattr(spec, "runtime_env", None)  # (a spec from before it: none)
+        if runtime_env:
+            payload["runtime_env"] = runtime_env
+            payload["runtime_env_hash"] = env_hash(runtime_env)
         if getattr(spec, "dag_id", None):
             payload["dag_id"] = spec.dag_id
         if getattr(spec, "label_selector", None):

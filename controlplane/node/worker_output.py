@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -64,9 +64,7 @@ class WorkerOutput:
     ip: Callable[[], str]  # this node's address, as drivers see it in the prefix
     address_of: Callable[[str], str | None]  # a node's gRPC address (None: unknown)
     peers: Callable[[], list[str]]  # the other live nodes' addresses
-    call: Callable[
-        [str, str, dict[str, Any]], Coroutine[Any, Any, Any]
-    ]  # (address, method, request)
+    call: Callable[[str, str, dict[str, Any]], Awaitable[Any]]  # (address, method, request)
     drivers: dict[str, Connection] = field(default_factory=dict)  # job -> its driver here
     _watched: list[_Watched] = field(default_factory=list)
     _driver_nodes: dict[str, str | None] = field(default_factory=dict)  # job -> node
