@@ -504,6 +504,14 @@ class ListNamedActors:
 
 
 @dataclass(slots=True)
+class PrepareRuntimeEnv:
+    """A job's runtime_env with ``config["eager_install"]`` (Ray's default): its node sets
+    it up now, not at the first task that needs it."""
+
+    runtime_env: dict[str, Any]
+
+
+@dataclass(slots=True)
 class KillActor:
     actor_id: str
     no_restart: bool

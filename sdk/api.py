@@ -102,7 +102,9 @@ def init(
         gcs_url=gcs_url,
         log_to_driver=log_to_driver,
     )
-    runtime_env_of_job.set_job_env(runtime_env, get_runtime_context().gcs_address)
+    eager = runtime_env_of_job.set_job_env(runtime_env, get_runtime_context().gcs_address)
+    if eager is not None:  # (its node sets it up now, as Ray installs it at init)
+        client_or_auto_init().send(p.PrepareRuntimeEnv(eager))
     return get_runtime_context()
 
 

@@ -150,12 +150,16 @@ _CHECKS = {
 }
 
 
-def set_job_env(runtime_env: dict[str, Any] | None, gcs_url: str = "") -> None:
+def set_job_env(runtime_env: dict[str, Any] | None, gcs_url: str = "") -> dict[str, Any] | None:
     """The job's env, resolved now (its folders packed and stored in the GCS at
-    ``gcs_url``, as Ray uploads a job's working_dir at ``init``)."""
+    ``gcs_url``, as Ray uploads a job's working_dir at ``init``); returned when it is to
+    be set up at once (``config["eager_install"]``, True unless said otherwise)."""
     global _job_env
     _job_env = None if runtime_env is None else resolve(check(runtime_env, "init()"), gcs_url)
     _resolved.clear()
+    if _job_env is None or not (_job_env.get("config") or {}).get("eager_install", True):
+        return None
+    return _job_env
 
 
 def for_submission(given: dict[str, Any] | None, gcs_url: str = "") -> dict[str, Any] | None:

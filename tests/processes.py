@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
@@ -96,3 +97,22 @@ def next_daemon_id(session_dir: Path, old_id: str, timeout: float = 30.0) -> str
             return new_id
         time.sleep(0.1)
     raise AssertionError("the node daemon was not started again")
+
+
+def run_driver(
+    tmp_path: Path, code: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Runs ``code`` (dedented) as a driver script of its own, from the checkout (its
+    output captured); AssertionError showing it if it fails."""
+    script = tmp_path / "driver.py"
+    script.write_text(textwrap.dedent(code))
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=Path(__file__).resolve().parent.parent,
+        env={**os.environ, **(env or {})},
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done

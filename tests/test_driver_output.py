@@ -14,37 +14,18 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
-import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from log_rows import wait_for_rows
 from machine_cluster import machine_cluster
+from processes import run_driver
 
 import sdk as ray
 
 pytestmark = pytest.mark.timeout(240)
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def run_driver(
-    tmp_path: Path, code: str, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    script = tmp_path / "driver.py"
-    script.write_text(textwrap.dedent(code))
-    done = subprocess.run(
-        [sys.executable, str(script)],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        cwd=ROOT,
-        env={**os.environ, **(env or {})},
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done
 
 
 PRINTING = """

@@ -19,6 +19,7 @@ from pathlib import Path
 import cloudpickle
 import pytest
 from log_rows import rows, wait_for_rows
+from processes import run_driver
 from ray_session import private_cluster
 
 import sdk as ray
@@ -327,3 +328,51 @@ def test_a_replayed_task_runs_on_the_files_it_ran_on(project: Path) -> None:
     )
     (compared,) = report.comparisons
     assert compared.replayed is not None and compared.same
+
+
+EAGER = """
+    import asyncio, sys
+    import asyncpg
+    import sdk as ray
+
+    ray.init(num_cpus=1, runtime_env={{"py_modules": [{module!r}], "config": {config}}})
+    {work}
+    url = ray.get_runtime_context().gcs_address
+
+    async def positions():
+        conn = await asyncpg.connect(url)
+        try:
+            for _ in range(600):  # (written behind: a few ms after it happened)
+                ready = await conn.fetchval(
+                    "SELECT min(position) FROM events WHERE event_type = 'runtime_env_ready'"
+                )
+                if ready is not None:
+                    break
+                await asyncio.sleep(0.05)
+            task = await conn.fetchval(
+                "SELECT min(position) FROM events WHERE entity_kind = 'task'"
+            )
+            return ready, task
+        finally:
+            await conn.close()
+
+    print("POSITIONS", *asyncio.run(positions()))
+"""
+
+
+def test_eager_install_sets_the_jobs_env_up_at_init_and_lazily_without_it(
+    tmp_path: Path,
+) -> None:
+    package = tmp_path / "eager_mod"
+    package.mkdir()
+    (package / "__init__.py").write_text("VALUE = 7\n")
+    eager = run_driver(tmp_path, EAGER.format(module=str(package), config="{}", work=""))
+    ready, task = eager.stdout.split("POSITIONS")[1].split()
+    assert ready != "None" and task == "None"  # set up with no task asking for it
+    work = "assert ray.get(ray.remote(lambda: __import__('eager_mod').VALUE).remote()) == 7"
+    lazy = run_driver(
+        tmp_path,
+        EAGER.format(module=str(package), config={"eager_install": False}, work=work),
+    )
+    ready, task = lazy.stdout.split("POSITIONS")[1].split()
+    assert int(ready) > int(task)  # set up for the first task that needed it

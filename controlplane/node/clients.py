@@ -19,6 +19,7 @@ from typing import Any
 from controlplane.eventlog import EntityKind, Event
 from controlplane.node import rpc
 from controlplane.node.parts import NodeParts
+from controlplane.node.runtime_envs import env_key
 from controlplane.node.task_table import Connection
 from controlplane.node.workers import WorkerHandle
 from dataplane import protocol as p
@@ -268,6 +269,9 @@ class Clients:
                 self.parts.names.get(conn, message)
             case p.ListNamedActors():
                 self.parts.names.list(conn, message)
+            case p.PrepareRuntimeEnv(runtime_env):
+                if env_key(runtime_env) is not None:
+                    self.parts.scheduler.envs.launch_for(runtime_env, conn)
             case p.KillActor(actor_id, no_restart):
                 self.parts.actor_director.kill(actor_id, no_restart)
             case p.ReportLost(object_id, reason):
