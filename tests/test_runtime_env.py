@@ -376,3 +376,20 @@ def test_eager_install_sets_the_jobs_env_up_at_init_and_lazily_without_it(
     )
     ready, task = lazy.stdout.split("POSITIONS")[1].split()
     assert int(ready) > int(task)  # set up for the first task that needed it
+
+
+def test_a_requirements_file_is_read_where_the_env_is_given(tmp_path: Path) -> None:
+    from sdk import runtime_env
+
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text("# pinned\ntomli-w==1.0.0  # small\n\nsix>=1.16\n")
+    resolved = runtime_env.resolve({"pip": str(requirements)}, gcs_url="")
+    assert resolved["pip"] == {
+        "packages": ["tomli-w==1.0.0", "six>=1.16"],
+        "pip_check": False,
+        "pip_install_options": [],
+    }
+    given = {"pip": {"packages": str(requirements), "pip_check": True}}
+    assert runtime_env.resolve(given, gcs_url="")["pip"]["pip_check"] is True
+    with pytest.raises(ValueError, match="cannot read the requirements file"):
+        runtime_env.resolve({"pip": str(tmp_path / "missing.txt")}, gcs_url="")
