@@ -12,6 +12,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from controlplane import tls
@@ -124,7 +125,7 @@ def _ask(
         return {"node_id": node_id, "address": address, "error": str(exc)}
 
 
-class _Families:
+class _Families(Collector):
     """The exposition's metric families, each once, in the order first seen."""
 
     def __init__(self) -> None:
@@ -155,7 +156,7 @@ def render(nodes: list[dict[str, Any]], head_position: int) -> bytes:
             _add_runtime(out, labels, node["runtime"], head_position)
             _add_user(out, labels, node["user"])
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(out)  # type: ignore[arg-type]
+    registry.register(out)
     return generate_latest(registry)
 
 
