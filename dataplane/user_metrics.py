@@ -13,7 +13,9 @@ from dataplane import protocol as p
 
 REPORT_INTERVAL_S = 1.0
 
-Key = tuple[str, tuple[tuple[str, str], ...]]  # (name, sorted tags)
+# (kind, name, sorted tags, boundaries): a name defined two ways is two entries (the node
+# keeps the first it hears of)
+Key = tuple[str, str, tuple[tuple[str, str], ...], tuple[float, ...]]
 
 
 @dataclass(slots=True)
@@ -45,7 +47,7 @@ class MetricsBuffer:
         value: float,
         boundaries: tuple[float, ...] = (),
     ) -> None:
-        key = (name, tuple(sorted(tags.items())))
+        key = (kind, name, tuple(sorted(tags.items())), boundaries)
         with self._lock:
             pending = self._pending.get(key)
             if pending is None:
@@ -76,7 +78,7 @@ class MetricsBuffer:
                 tuple(at.buckets),
                 at.count,
             )
-            for (name, tags), at in pending.items()
+            for (_kind, name, tags, _boundaries), at in pending.items()
         ]
 
 

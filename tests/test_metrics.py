@@ -22,7 +22,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 import sdk as ray
+from controlplane.node.metrics import NodeMetrics
 from controlplane.web.__main__ import ADDRESS_FILE
+from dataplane.user_metrics import MetricsBuffer
 from sdk.util.metrics import Counter, Gauge, Histogram
 from sdk.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -235,3 +237,33 @@ def test_rays_validation_errors() -> None:
         warnings.simplefilter("error")
         Gauge("g").set(None)  # as Ray: nothing
     assert Histogram("h", boundaries=[1.0]).info["boundaries"] == [1.0]
+
+
+def test_a_node_totals_its_processes_reports() -> None:
+    """NodeMetrics without a daemon: reports of two processes summed per metric and
+    tags, a gauge's last value kept, a metric redefined with another type left out."""
+    buffer = MetricsBuffer()
+    buffer.record("counter", "done", "", {"k": "a"}, 2.0)
+    buffer.record("counter", "done", "", {"k": "a"}, 1.0)
+    buffer.record("gauge", "depth", "", {}, 4.0)
+    buffer.record("histogram", "lat", "", {}, 0.5, (1.0,))
+    first = buffer.take()
+    assert not buffer
+    buffer.record("counter", "done", "", {"k": "a"}, 4.0)
+    buffer.record("gauge", "depth", "", {}, 1.0)
+    buffer.record("histogram", "lat", "", {}, 2.0, (1.0,))
+    buffer.record("gauge", "done", "", {"k": "a"}, 9.0)  # another type: left out
+    buffer.record("histogram", "lat", "", {}, 5.0, (1.0, 10.0))  # other boundaries: too
+    metrics = NodeMetrics()
+    metrics.received(first)
+    metrics.received(buffer.take())
+    totals = {m["name"]: (m["kind"], m["series"]) for m in metrics.user()}
+    assert totals["done"] == (
+        "counter",
+        [{"tags": {"k": "a"}, "value": 7.0, "buckets": [], "count": 0}],
+    )
+    assert totals["depth"][1][0]["value"] == 1.0
+    assert totals["lat"] == (
+        "histogram",
+        [{"tags": {}, "value": 2.5, "buckets": [1, 1], "count": 2}],
+    )
