@@ -392,6 +392,21 @@ def memory(units: str, stats_only: bool, num_entries: int | None) -> None:
 
 
 @main.command()
+def metrics() -> None:
+    """Print the metrics of the cluster of this machine's head (or node), every live
+    node's, in Prometheus' text format: what the head serves at /metrics."""
+    import asyncio
+
+    from controlplane import auth, tls
+    from controlplane.web.metrics import exposition
+
+    with _head_client() as (client, session_dir):
+        url = client.welcome.gcs_url
+    body = asyncio.run(exposition(url, auth.read_token(session_dir), tls.NodeTls.find(session_dir)))
+    click.echo(body.decode(), nl=False)
+
+
+@main.command()
 def status() -> None:
     """Show the cluster: its nodes, their resources and use, pending work."""
     import asyncio

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 from dataplane import protocol as p
-from dataplane import shm
+from dataplane import shm, user_metrics
 from dataplane.output_lines import OutputPrinter
 from dataplane.ref_counts import RefCounts
 from dataplane.serialization import (
@@ -567,13 +567,23 @@ class CoreClient:
             self.channel.send_encoded(holds + releases)
 
     def _flush_loop(self) -> None:
+        report_at = time.monotonic() + user_metrics.REPORT_INTERVAL_S
         while not self._closed.wait(_FLUSH_INTERVAL_S):
-            if self._refs:
-                try:
+            try:
+                if self._refs:
                     with self._flush_lock:
                         self._send_ref_changes()
-                except OSError:
-                    return
+                if user_metrics.BUFFER and time.monotonic() >= report_at:
+                    report_at = time.monotonic() + user_metrics.REPORT_INTERVAL_S
+                    self._report_metrics()
+            except OSError:
+                return
+
+    def _report_metrics(self) -> None:
+        """Sends the user metrics recorded since the last report (sdk.util.metrics)."""
+        points = user_metrics.BUFFER.take()
+        if points:
+            self.send(p.MetricsReport(points))
 
     # -- the reader -------------------------------------------------------------------
 
@@ -627,6 +637,8 @@ class CoreClient:
 
     def close(self) -> None:
         if not self._closed.is_set():
+            with contextlib.suppress(OSError):
+                self._report_metrics()
             with contextlib.suppress(OSError), self._flush_lock:
                 self._send_ref_changes()
         self._closed.set()

@@ -645,6 +645,31 @@ class Output:
 
 
 @dataclass(slots=True)
+class MetricPoint:
+    """What one process recorded of one user metric and tag set since its last report
+    (dataplane/user_metrics.py): a counter's increase, a gauge's last value, or a
+    histogram's new observations (``buckets``: a count per bucket, the last one past
+    every boundary; ``value``: their sum)."""
+
+    kind: str  # "counter", "gauge" or "histogram"
+    name: str
+    description: str
+    tags: tuple[tuple[str, str], ...]  # sorted by key
+    value: float
+    boundaries: tuple[float, ...] = ()
+    buckets: tuple[int, ...] = ()
+    count: int = 0
+
+
+@dataclass(slots=True)
+class MetricsReport:
+    """A process's user metrics since its last report, sent about once a second (never
+    one message per recorded value); its node keeps the sums (controlplane/node/metrics.py)."""
+
+    points: list[MetricPoint]
+
+
+@dataclass(slots=True)
 class Reply:
     request_id: int
     value: Any = None

@@ -99,6 +99,7 @@ class EventAppender:
         self._gave_up = False  # the GCS stayed unreachable for the whole timeout
         self._closed = False
         self.batches_committed = 0
+        self.events_committed = 0  # since start (metrics: events appended per second)
         self.on_write_behind_failure: Callable[[GcsError], None] = _log_failure
 
     async def start(self) -> EventAppender:
@@ -251,6 +252,7 @@ class EventAppender:
             return
         self._gave_up = False
         self.batches_committed += 1
+        self.events_committed += len(events)
         if positions:
             fencing.saw(max(positions), self._conn)
         offset = 0

@@ -282,6 +282,8 @@ class Clients:
                 self._later(self._memory_summary(conn, request_id))
             case p.FlushOutput(request_id):
                 self._later(self._flush_output(conn, request_id))
+            case p.MetricsReport(points):
+                self.parts.metrics.received(points)
             case p.ClusterNodesRequest(request_id):
                 self.parts.remote_tasks.answer_nodes(conn, request_id)
             case _:

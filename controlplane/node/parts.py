@@ -6,7 +6,7 @@ parts that call them) are given their counterparts once all are made (``wire``).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ from controlplane.node.actors import ActorDirector
 from controlplane.node.actors_elsewhere import ActorsElsewhere
 from controlplane.node.cluster_link import ClusterLink, JoinOffer
 from controlplane.node.local_scheduler import LocalScheduler
+from controlplane.node.metrics import NodeMetrics
 from controlplane.node.object_store import ObjectStore
 from controlplane.node.placement_groups import PlacementGroups
 from controlplane.node.reconstruction import Reconstructor
@@ -64,6 +65,7 @@ class NodeParts:
     reconstructor: Reconstructor
     puller: Puller
     remote_tasks: RemoteTasks
+    metrics: NodeMetrics = field(default_factory=NodeMetrics)  # its processes' user metrics
 
     def memory_summary(self) -> dict[str, Any]:
         """This node's object store, object by object (``cairn memory``)."""

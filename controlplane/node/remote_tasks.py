@@ -115,6 +115,7 @@ class RemoteTasks:
         self.remote_returns: dict[str, dict[str, tuple[p.ObjectLocation, str]]] = {}
         self.fetching: set[str] = set()  # objects pulled here because something wants them
         self.kept_for_owner: set[str] = set()  # objects of placed tasks, until their owner has them
+        self.log_follower: Tailer | None = None  # the node's tailer, once it follows the log
 
     @property
     def address(self) -> str:
@@ -125,6 +126,7 @@ class RemoteTasks:
 
     async def follow_log(self, after: int) -> None:
         async with Tailer(self.gcs_url, after=after, poll_interval=0.5) as tailer:
+            self.log_follower = tailer  # (its position: the node's metrics)
             while True:
                 for event in await tailer.read():
                     self._on_log_event(event)

@@ -57,6 +57,7 @@ class TaskRuns:
         self.worker_pool = worker_pool
         self.placement_groups = placement_groups
         self.spills = spills
+        self.ended = {"FINISHED": 0, "FAILED": 0}  # tasks and calls ended here (metrics)
 
     def wire(
         self,
@@ -304,6 +305,7 @@ class TaskRuns:
 
     def finish_ok(self, record: TaskRecord, returns: list[p.ObjectLocation]) -> None:
         spec = record.spec
+        self.ended["FINISHED"] += 1
         if spec.streaming:
             record.state = "FINISHED"
             self.streams.end(record, [self.finished_event(record)], None)
@@ -365,6 +367,7 @@ class TaskRuns:
         with an int num_returns), which keep them (``p.outcome``), as in Ray -- but
         not those of a task run for another node, whose owner takes only its error."""
         spec = record.spec
+        self.ended["FAILED"] += 1
         kind = "cancelled" if error.kind == "cancelled" else "failed"
         payload: dict[str, Any] = (
             {}
