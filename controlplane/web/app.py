@@ -14,7 +14,10 @@ from aiohttp import web
 
 # Each module has ``add_routes(app: web.Application) -> None``; the order is the
 # order their routes are matched in.
-ROUTE_MODULES = ("controlplane.web.health",)
+ROUTE_MODULES = (
+    "controlplane.web.health",
+    "controlplane.web.jobs",
+)
 TOKEN_COOKIE = "cairn_token"
 
 

@@ -1,0 +1,2 @@
+-- PostgreSQL cannot drop a value from an enum: the kind stays, unused by older code.
+DROP INDEX IF EXISTS events_submission_idx;
