@@ -13,10 +13,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import ssl
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
@@ -141,6 +143,22 @@ class JobSubmissionClient:
         self._default_metadata = {str(k): str(v) for k, v in (metadata or {}).items()}
         self._verify = verify
 
+    def _ssl(self) -> ssl.SSLContext | bool:
+        """What ``verify`` says: verify (True), not (False), or with this CA file."""
+        if isinstance(self._verify, str):
+            return ssl.create_default_context(cafile=self._verify)
+        return self._verify is not False
+
+    def _context(self) -> ssl.SSLContext | None:
+        """urllib's form of ``_ssl`` (None: the default, verifying)."""
+        verify = self._ssl()
+        if verify is False:
+            context = ssl.create_default_context()
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+            return context
+        return verify if isinstance(verify, ssl.SSLContext) else None
+
     def get_address(self) -> str:
         return self.address
 
@@ -157,7 +175,9 @@ class JobSubmissionClient:
             self.address + path, data=data, method=method, headers=headers
         )
         try:
-            with urllib.request.urlopen(request, timeout=_TIMEOUT_S) as answer:
+            with urllib.request.urlopen(
+                request, timeout=_TIMEOUT_S, context=self._context()
+            ) as answer:
                 return answer.status, json.loads(answer.read() or b"null")
         except urllib.error.HTTPError as error:
             text = error.read().decode(errors="replace")
@@ -223,6 +243,8 @@ class JobSubmissionClient:
             env["py_modules"] = [
                 self._upload(m, excludes, as_module=True) for m in env["py_modules"]
             ]
+        if isinstance(env.get("pip"), str):  # a requirements file: read here, as Ray does
+            env["pip"] = _requirements(env["pip"])
         return env
 
     def _upload(self, path: Any, excludes: Any, *, as_module: bool) -> str:
@@ -269,10 +291,19 @@ class JobSubmissionClient:
         url = f"{self.address}/api/jobs/{quote(job_id, safe='')}/logs/tail"
         async with (
             aiohttp.ClientSession(headers=self._headers) as session,
-            session.ws_connect(url, ssl=None if self._verify is True else False) as socket,
+            session.ws_connect(url, ssl=self._ssl()) as socket,
         ):
             async for message in socket:
                 if message.type == aiohttp.WSMsgType.TEXT:
                     yield message.data
                 elif message.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
                     break
+
+
+def _requirements(path: str) -> list[str]:
+    try:
+        text = Path(path).expanduser().read_text()
+    except OSError as exc:
+        raise ValueError(f"runtime_env['pip']: cannot read {path!r}: {exc}") from None
+    lines = (line.split(" #", 1)[0].strip() for line in text.splitlines())
+    return [line for line in lines if line and not line.startswith("#")]

@@ -58,6 +58,8 @@ STOP_WAIT_S = 3.0
 _LAST_LOG_CHARS = 20_000  # of a failed job's output, in its message (Ray's)
 _ID_CHARS = string.ascii_letters + string.digits
 _VALID_ID = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
+# what sdk/runtime_env.py honours (local folders uploaded by the client: excludes spent)
+_RUNTIME_ENV_FIELDS = ("env_vars", "working_dir", "py_modules", "pip", "config")
 _NOT_HONOURED = (
     "entrypoint_num_cpus",
     "entrypoint_num_gpus",
@@ -237,6 +239,12 @@ def check_request(body: Any) -> tuple[str | None, str, dict[str, Any], dict[str,
     runtime_env = body.get("runtime_env") or {}
     if not isinstance(runtime_env, dict):
         raise JobRequestError("runtime_env must be a JSON object")
+    unknown = sorted(set(runtime_env) - set(_RUNTIME_ENV_FIELDS))
+    if unknown:  # (the driver's init() checks the values of these)
+        raise JobRequestError(
+            f"runtime_env fields {unknown} are not supported by Cairn (it honours "
+            f"{', '.join(_RUNTIME_ENV_FIELDS)})"
+        )
     for name in ("working_dir", "py_modules"):
         values = runtime_env.get(name)
         values = values if isinstance(values, list) else [] if values is None else [values]

@@ -7,12 +7,17 @@ log."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import os
 import signal
+import socket
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 from log_rows import rows
@@ -43,9 +48,22 @@ print("flavour", ray.get(flavour.remote()), flush=True)
 """
 
 
+def outward_address() -> str:
+    """This machine's address on its network (no packet is sent), else loopback's: the
+    service listens there, so that this machine's own requests come from an address
+    that is not loopback and must carry the cluster token, as other machines' do."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))
+            return probe.getsockname()[0]
+        except OSError:
+            return "127.0.0.1"
+
+
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[MachineCluster]:
-    with machine_cluster(["--num-cpus", "2", "--dashboard-port", "0"]) as running:
+    head = ["--num-cpus", "2", "--dashboard-port", "0", "--dashboard-host", outward_address()]
+    with machine_cluster(head) as running:
         yield running
 
 
@@ -176,6 +194,22 @@ def test_bad_submissions_are_refused_with_what_is_wrong(client: JobSubmissionCli
         client.submit_job(entrypoint="echo", submission_id="../escape")
     with pytest.raises(RuntimeError, match="entrypoint must be"):
         client.submit_job(entrypoint="  ")
+    with pytest.raises(RuntimeError, match=r"\['conda'\] are not supported"):
+        client.submit_job(entrypoint="echo", runtime_env={"conda": "env"})
+
+
+def test_requests_from_an_address_not_loopback_need_the_cluster_token(
+    client: JobSubmissionClient,
+) -> None:
+    host = urlsplit(client.get_address()).hostname or ""
+    if ipaddress.ip_address(host).is_loopback:
+        pytest.skip("this machine has no address but loopback to reach its service from")
+    for headers in ({}, {"Authorization": "Bearer not-the-token"}):
+        request = urllib.request.Request(f"{client.get_address()}/api/jobs/", headers=headers)
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=10)
+        assert refused.value.code == 401
+    assert isinstance(client.list_jobs(), list)  # the client sends the head's token
 
 
 def test_the_version_and_the_address_from_the_environment(

@@ -6,7 +6,11 @@
 ALTER TYPE entity_kind ADD VALUE IF NOT EXISTS 'submission';
 
 -- Listing the submissions reads only their events (partial, as events_node_idx: other
--- appends pay nothing). The predicate compares text: a new enum value cannot be used in
--- the transaction that adds it.
+-- appends pay nothing). A new enum value cannot be used in the transaction that adds it,
+-- and an enum's text is not immutable to PostgreSQL (labels can be renamed; this one
+-- never is): the predicate is this function, which queries name as it is.
+CREATE FUNCTION cairn_is_submission(p_kind entity_kind) RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$ SELECT p_kind::text = 'submission' $$;
+
 CREATE INDEX events_submission_idx ON events (entity_id, position)
-    WHERE entity_kind::text = 'submission';
+    WHERE cairn_is_submission(entity_kind);
