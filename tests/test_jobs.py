@@ -12,6 +12,8 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -287,3 +289,27 @@ def test_a_job_whose_supervisor_died_is_marked_failed(
     # the new service takes new jobs
     done = again.submit_job(entrypoint="echo after")
     assert wait_for_status(again, done, JobStatus.SUCCEEDED, JobStatus.FAILED) == "SUCCEEDED"
+
+
+def test_cairn_dashboard_answers_for_jobs_from_the_log_alone(
+    client: JobSubmissionClient, cluster: MachineCluster
+) -> None:
+    done = client.submit_job(entrypoint="echo from the log")
+    wait_for_status(client, done, JobStatus.SUCCEEDED)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "controlplane.cli", "dashboard", "--port", "0"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "CAIRN_GCS_URL": gcs_url_of(cluster.head.session_dir)},
+    )
+    try:
+        assert server.stdout is not None
+        address = server.stdout.readline().rsplit("http://", 1)[1].strip()
+        standalone = JobSubmissionClient(f"http://{address}")
+        assert standalone.get_job_info(done).status == JobStatus.SUCCEEDED
+        assert done in {job.submission_id for job in standalone.list_jobs()}
+        with pytest.raises(RuntimeError, match="reads the log only"):
+            standalone.submit_job(entrypoint="echo refused")
+    finally:
+        server.terminate()
+        server.wait(30)
