@@ -375,6 +375,7 @@ class Supervisor:
         try:
             try:
                 cwd = await self._working_dir(sub_id, runtime_env)
+                modules = await self._py_modules(sub_id, runtime_env)
             except Exception as exc:  # (whatever it is, the job is told)
                 await self._end(
                     sub_id,
@@ -396,7 +397,7 @@ class Supervisor:
                         stdout=out,
                         stderr=subprocess.STDOUT,
                         cwd=cwd,
-                        env=self._environment(sub_id, runtime_env),
+                        env=self._environment(sub_id, runtime_env, modules),
                         start_new_session=True,  # its own group: stop ends all of it
                         preexec_fn=die_with_parent,
                     )
@@ -467,11 +468,29 @@ class Supervisor:
         await asyncio.to_thread(packages.unpack, data, dest, unwrap=True)
         return str(dest)
 
-    def _environment(self, sub_id: str, runtime_env: dict[str, Any]) -> dict[str, str]:
+    async def _py_modules(self, sub_id: str, runtime_env: dict[str, Any]) -> list[str]:
+        """The folders of the job's py_modules, for the driver's path (as its tasks')."""
+        folders = []
+        for index, uri in enumerate(runtime_env.get("py_modules") or ()):
+            data = await packages.fetch(self.gcs_url, uri)
+            dest = self.session_dir / WORKING_DIRS / f"{sub_id}-module-{index}"
+            if dest.exists():
+                shutil.rmtree(dest)
+            await asyncio.to_thread(packages.unpack, data, dest, unwrap=False)
+            folders.append(str(dest))
+        return folders
+
+    def _environment(
+        self, sub_id: str, runtime_env: dict[str, Any], modules: list[str]
+    ) -> dict[str, str]:
         """The driver's: this service's, without its secrets, with the cluster's
         address (so that ``init()`` joins it), the submission and its runtime_env."""
         env = {k: v for k, v in os.environ.items() if k not in (auth.TOKEN_ENV, GCS_URL_ENV)}
         env.update(runtime_env.get("env_vars") or {})
+        if modules:
+            env["PYTHONPATH"] = os.pathsep.join([*modules, env.get("PYTHONPATH", "")]).rstrip(
+                os.pathsep
+            )
         address = self._cluster_address()
         if address is not None:
             env["CAIRN_ADDRESS"] = env["RAY_ADDRESS"] = address

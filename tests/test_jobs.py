@@ -45,8 +45,16 @@ def square(x):
 def flavour():
     return os.environ.get("JOB_FLAVOUR", "none")
 
+@ray.remote
+def greeting():
+    import job_helper
+    return job_helper.GREETING
+
+import job_helper  # a py_module of the job: on the driver's path and its tasks'
+
 print("squares", ray.get([square.remote(i) for i in range(4)]), flush=True)
 print("flavour", ray.get(flavour.remote()), flush=True)
+print("helper", job_helper.GREETING, ray.get(greeting.remote()), flush=True)
 """
 
 
@@ -101,16 +109,23 @@ async def _follow(client: JobSubmissionClient, submission_id: str) -> str:
 def test_a_job_runs_in_its_working_dir_and_runtime_env(
     client: JobSubmissionClient, cluster: MachineCluster, tmp_path: Path
 ) -> None:
-    (tmp_path / "script.py").write_text(SCRIPT)
+    (tmp_path / "job").mkdir()
+    (tmp_path / "job" / "script.py").write_text(SCRIPT)
+    (tmp_path / "job_helper.py").write_text("GREETING = 'hi'\n")
     submission_id = client.submit_job(
         entrypoint="python script.py",
-        runtime_env={"working_dir": str(tmp_path), "env_vars": {"JOB_FLAVOUR": "mint"}},
+        runtime_env={
+            "working_dir": str(tmp_path / "job"),
+            "py_modules": [str(tmp_path / "job_helper.py")],
+            "env_vars": {"JOB_FLAVOUR": "mint"},
+        },
         metadata={"owner": "tests"},
     )
     assert submission_id.startswith("raysubmit_")
     followed = asyncio.run(_follow(client, submission_id))
     assert "squares [0, 1, 4, 9]" in followed
     assert "flavour mint" in followed  # the job's env_vars reached its tasks
+    assert "helper hi hi" in followed  # its py_modules, the driver's and its tasks'
     assert client.get_job_status(submission_id) == JobStatus.SUCCEEDED
     info = client.get_job_info(submission_id)
     assert info.driver_exit_code == 0 and info.metadata == {"owner": "tests"}
@@ -227,6 +242,7 @@ def test_the_version_and_the_address_from_the_environment(
 
 def test_the_cli_submits_and_streams_a_job(client: JobSubmissionClient, tmp_path: Path) -> None:
     (tmp_path / "script.py").write_text(SCRIPT)
+    (tmp_path / "job_helper.py").write_text("GREETING = 'hi'\n")  # (in its working_dir)
     submitted = run_cairn(
         "job",
         "submit",
