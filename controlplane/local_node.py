@@ -439,6 +439,7 @@ def run_node(
         kind = "head node" if role.head else "node"
         announce(f"{kind} {node.node_id} is running at {node.address} ({node.session_dir})")
         restarts: list[float] = []
+        web_starts: list[float] = []
         while not stopping.wait(0.2):
             if node.daemon.poll() is not None:
                 announce(f"the node daemon exited with code {node.daemon.returncode}")
@@ -475,8 +476,16 @@ def run_node(
                 announce(f"the global scheduler exited ({scheduler.returncode}); restarting it")
                 scheduler = _start_scheduler(node.gcs.url, node.session_dir)
             if web is not None and web.poll() is not None:  # (its output says why)
-                announce(f"the HTTP service (dashboard) exited ({web.returncode})")
-                web = None
+                # it supervises the jobs: a new one marks those it left running failed
+                # (their drivers died with it) and takes new ones (controlplane/jobs.py)
+                web_starts = [t for t in web_starts if time.monotonic() - t < _RESTART_WINDOW_S]
+                if len(web_starts) >= _MAX_RESTARTS:  # it keeps dying: leave it
+                    announce(f"the HTTP service (dashboard) exited ({web.returncode})")
+                    web = None
+                    continue
+                announce(f"the HTTP service (dashboard) exited ({web.returncode}); restarting it")
+                web = _start_web(node.gcs.url, node.session_dir, role)
+                web_starts.append(time.monotonic())
     finally:
         if record is not None:
             record.unlink(missing_ok=True)

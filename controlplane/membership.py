@@ -174,24 +174,22 @@ class MembershipMonitor:
         async with conn.transaction():
             stale = await conn.fetch(queries["declare_stale_nodes_dead"], self.dead_after)
             if stale:
-                await append_on(
-                    conn,
-                    [
-                        Event(
-                            EntityKind.NODE,
-                            row["node_id"],
-                            "dead",
-                            {
-                                "cause": (
-                                    f"missed heartbeats: no liveness ping for more than "
-                                    f"{self.dead_after:g}s (last at {row['last_ping']})"
-                                )
-                            },
-                            node_id=row["node_id"],
-                        )
-                        for row in stale
-                    ],
-                )
+                deaths = [
+                    Event(
+                        EntityKind.NODE,
+                        row["node_id"],
+                        "dead",
+                        {
+                            "cause": (
+                                f"missed heartbeats: no liveness ping for more than "
+                                f"{self.dead_after:g}s (last at {row['last_ping']})"
+                            )
+                        },
+                        node_id=row["node_id"],
+                    )
+                    for row in stale
+                ]
+                await append_on(conn, deaths + await _jobs_failed_with(conn, stale))
         for row in stale:
             log.warning("node %s declared dead (missed heartbeats)", row["node_id"])
         return [row["node_id"] for row in stale]
@@ -200,6 +198,26 @@ class MembershipMonitor:
         if self._conn is not None:
             with contextlib.suppress(Exception):
                 await self._conn.close(timeout=2)
+
+
+async def _jobs_failed_with(conn: asyncpg.Connection, stale: list[Any]) -> list[Event]:
+    """The ``failed`` events of the job submissions whose driver ran on a node declared
+    dead now (controlplane/jobs.py): not left RUNNING with nothing running them."""
+    nodes = [row["node_id"] for row in stale]
+    found = await conn.fetch(queries["submissions_running_on"], nodes)
+    return [
+        Event(
+            EntityKind.SUBMISSION,
+            row["entity_id"],
+            "failed",
+            {
+                "error": f"The node of the job's driver ({row['driver_node_id']}) was "
+                "declared dead (missed heartbeats); the driver is taken as gone with it.",
+                "error_type": "JOB_SUPERVISOR_ACTOR_DIED",
+            },
+        )
+        for row in found
+    ]
 
 
 async def infeasible_tasks(url: str) -> list[tuple[str, str, dict[str, float]]]:

@@ -39,6 +39,10 @@ from dataplane.serialization import (
 
 log = logging.getLogger("cairn")
 _FLUSH_INTERVAL_S = 0.05
+# set in the driver a job submission starts (controlplane/jobs.py): its submission id
+SUBMISSION_ID_ENV = "CAIRN_SUBMISSION_ID"
+# ... and its runtime_env (JSON), the job-level one of init() without a runtime_env
+JOB_RUNTIME_ENV_ENV = "CAIRN_JOB_RUNTIME_ENV"
 
 
 class ObjectMissingError(LookupError):
@@ -116,8 +120,10 @@ class CoreClient:
         self._verify_up_to = verify_read_max_bytes()
         self._gone_why = "the node daemon went away"
         self.output = OutputPrinter()  # (a driver's: what its workers print)
+        # a driver started by a job submission (controlplane/jobs.py) names it
+        submission = (os.environ.get(SUBMISSION_ID_ENV) or None) if role == "driver" else None
         self.channel.send(
-            p.Hello(role, os.getpid(), worker_id, namespace, replay_of, log_to_driver)
+            p.Hello(role, os.getpid(), worker_id, namespace, replay_of, log_to_driver, submission)
         )
         welcome = self.channel.receive()
         if not isinstance(welcome, p.Welcome):

@@ -187,6 +187,7 @@ class Hello:
     namespace: str | None = None  # a driver's, from init(namespace=...)
     replay_of: str | None = None  # a driver of `cairn replay`: the job it re-runs
     log_to_driver: bool = True  # a driver: whether its workers' output is sent to it
+    submission_id: str | None = None  # a driver a job submission started (its id)
 
 
 @dataclass(slots=True)

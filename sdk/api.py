@@ -5,6 +5,7 @@ connection inside a task."""
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import warnings
 from collections.abc import Sequence
@@ -13,7 +14,7 @@ from typing import Any
 from controlplane.labels import node_labels
 from dataplane import context
 from dataplane import protocol as p
-from dataplane.client import DaemonError
+from dataplane.client import JOB_RUNTIME_ENV_ENV, DaemonError
 from dataplane.serialization import Serialized, serialize_with_refs
 from sdk import options as opts
 from sdk import runtime_env as runtime_env_of_job
@@ -83,6 +84,9 @@ def init(
             "programs run unchanged; see docs/compatibility.md)",
             stacklevel=2,
         )
+    if runtime_env is None and os.environ.get(JOB_RUNTIME_ENV_ENV):
+        # a driver a job submission started: the submission's runtime_env is the job's
+        runtime_env = json.loads(os.environ[JOB_RUNTIME_ENV_ENV]) or None
     if runtime_env is not None:
         runtime_env_of_job.check(runtime_env, "init()")
     if namespace is not None:

@@ -388,3 +388,42 @@ async def test_after_an_outage_the_monitor_gives_pingers_a_connect_timeout_more(
         await monitor.close()
         await gate.shut()
     assert await _deaths(gcs_url, "n-slow") == ["missed heartbeats"]
+
+
+async def test_a_job_whose_drivers_node_is_declared_dead_fails_with_it(gcs_url: str) -> None:
+    """A job submission whose driver ran on a node the monitor declares dead is marked
+    FAILED in the same transaction (controlplane/jobs.py); one that ended is left be."""
+    await _register(gcs_url, "n-head-gone")
+    await _register(gcs_url, "n-head-alive")
+    sub = EntityKind.SUBMISSION
+    async with EventAppender(gcs_url) as appender:
+        for sub_id, node_id in (("job-on-gone", "n-head-gone"), ("job-on-alive", "n-head-alive")):
+            await appender.append_many(
+                [
+                    Event(sub, sub_id, "submitted", {"entrypoint": "python driver.py"}),
+                    Event(sub, sub_id, "running", {"pid": 1, "driver_node_id": node_id}),
+                ]
+            )
+        await appender.append_many(
+            [
+                Event(sub, "job-ended", "submitted", {"entrypoint": "true"}),
+                Event(sub, "job-ended", "running", {"pid": 2, "driver_node_id": "n-head-gone"}),
+                Event(sub, "job-ended", "succeeded", {"driver_exit_code": 0}),
+            ]
+        )
+    await _silence(gcs_url, "n-head-gone", 10)
+    monitor = MembershipMonitor(gcs_url, dead_after=5)
+    try:
+        assert await monitor.check_once() == ["n-head-gone"]
+    finally:
+        await monitor.close()
+    conn = await asyncpg.connect(gcs_url)
+    try:
+        failed = await conn.fetch(
+            "SELECT entity_id, payload FROM events WHERE entity_kind = 'submission'"
+            " AND event_type = 'failed'"
+        )
+    finally:
+        await conn.close()
+    assert [row["entity_id"] for row in failed] == ["job-on-gone"]
+    assert "n-head-gone" in json.loads(failed[0]["payload"])["error"]

@@ -180,6 +180,41 @@ def test_a_wrong_token_from_another_host_is_refused(cluster: HostCluster) -> Non
     assert "3 nodes alive, 0 dead" in cluster.head.cairn("status").stdout
 
 
+# Run on a host: asks the head's HTTP service as another machine would.
+HTTP_STRANGER = """
+import json, sys, urllib.request, urllib.error
+from sdk.job_submission import JobSubmissionClient
+base, token = sys.argv[1], sys.argv[2]
+out = {}
+for name, headers in (("no token", {}), ("wrong token", {"Authorization": "Bearer nope"}),
+                      ("token", {"Authorization": f"Bearer {token}"})):
+    request = urllib.request.Request(base + "/api/cairn/health", headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            out[name] = answer.status
+    except urllib.error.HTTPError as error:
+        out[name] = error.code
+out["jobs"] = JobSubmissionClient(base).list_jobs() == []
+print(json.dumps(out))
+"""
+
+
+def test_the_heads_http_service_asks_other_machines_for_the_token(
+    cluster: HostCluster,
+) -> None:
+    stranger = cluster.hosts[2]
+    base = f"http://{cluster.head.ip}:8265"
+    seen = stranger.run(
+        [PYTHON, "-c", HTTP_STRANGER, base, cluster.token], env={auth.TOKEN_ENV: cluster.token}
+    )
+    assert json.loads(seen.stdout.strip().splitlines()[-1]) == {
+        "no token": 401,
+        "wrong token": 401,
+        "token": 200,
+        "jobs": True,
+    }
+
+
 # Run on a host: tries the head's services the ways a stranger would; prints outcomes.
 STRANGER = """
 import json, sys, grpc, psycopg

@@ -71,8 +71,9 @@ CATALOG: dict[tuple[EntityKind, str], EventType] = {
         (
             "submitted",
             {"entrypoint": str},
-            # replay_of: the recorded job that `cairn replay` re-runs in this one
-            {"namespace": str, "driver_node_id": str, "replay_of": str},
+            # replay_of: the recorded job that `cairn replay` re-runs in this one;
+            # submission_id: the job submission whose entrypoint runs this driver
+            {"namespace": str, "driver_node_id": str, "replay_of": str, "submission_id": str},
         ),
         ("started", {}, {}),
         ("finished", {}, {}),
@@ -212,6 +213,33 @@ CATALOG: dict[tuple[EntityKind, str], EventType] = {
         ("ready", {}, {"bundle_nodes": list}),
         ("infeasible", {"reason": str}, {}),
         ("removed", {}, {}),
+    ),
+    **_types(
+        # a job submitted through the Jobs API (controlplane/jobs.py): its entrypoint runs
+        # as a driver process on the head, watched by the head's HTTP service
+        # (``supervisor``: that service's incarnation)
+        _K.SUBMISSION,
+        (
+            "submitted",
+            {"entrypoint": str},
+            {
+                "runtime_env": dict,
+                "metadata": dict,
+                "entrypoint_num_cpus": float,
+                "entrypoint_num_gpus": float,
+                "entrypoint_memory": int,
+                "entrypoint_resources": dict,
+                "supervisor": str,
+            },
+        ),
+        ("running", {"pid": int}, {"driver_node_id": str, "supervisor": str}),
+        # written by the node its entrypoint's driver connected to: that driver's job
+        ("driver_started", {"job_id": str}, {"driver_node_id": str, "pid": int}),
+        ("succeeded", {"driver_exit_code": int}, {}),
+        # error_type: Ray's (None for an entrypoint that failed on its own)
+        ("failed", {"error": str}, {"driver_exit_code": int, "error_type": str}),
+        ("stopped", {}, {"driver_exit_code": int}),
+        ("deleted", {}, {}),
     ),
     **_types(
         _K.WORKER,

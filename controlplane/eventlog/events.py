@@ -22,6 +22,7 @@ class EntityKind(StrEnum):
     NODE = "node"
     PLACEMENT_GROUP = "placement_group"
     WORKER = "worker"
+    SUBMISSION = "submission"  # a job submitted through the Jobs API (controlplane/jobs.py)
 
 
 _KINDS = {kind.value: kind for kind in EntityKind}

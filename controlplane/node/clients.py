@@ -106,12 +106,15 @@ class Clients:
             submitted = {"entrypoint": f"driver pid {hello.pid}", "driver_node_id": self.node_id}
             if hello.replay_of:
                 submitted["replay_of"] = hello.replay_of
-            self.parts.recorder.log(
-                [
-                    Event(K.JOB, conn.job_id, "submitted", submitted),
-                    Event(K.JOB, conn.job_id, "started", {}),
-                ]
-            )
+            events = [
+                Event(K.JOB, conn.job_id, "submitted", submitted),
+                Event(K.JOB, conn.job_id, "started", {}),
+            ]
+            if submission_id := getattr(hello, "submission_id", None):
+                submitted["submission_id"] = submission_id
+                started = {"job_id": conn.job_id, "driver_node_id": self.node_id, "pid": hello.pid}
+                events.append(Event(K.SUBMISSION, submission_id, "driver_started", started))
+            self.parts.recorder.log(events)
         conn.send(
             p.Welcome(
                 self.node_id,

@@ -382,3 +382,22 @@ SELECT data FROM runtime_env_packages WHERE digest = $1
 SELECT payload->>'driver_node_id' FROM events
  WHERE entity_kind = 'job' AND entity_id = $1 AND event_type = 'submitted'
  LIMIT 1
+
+-- job_submission_events --
+-- The events of one job submission ($1), or of all ($1 NULL), in order (the predicate
+-- is events_submission_idx's: controlplane/jobs.py folds them into each one's state).
+SELECT entity_id, event_type, payload, recorded_at FROM events
+ WHERE cairn_is_submission(entity_kind) AND ($1::text IS NULL OR entity_id = $1)
+ ORDER BY position
+
+
+-- submissions_running_on --
+-- The job submissions not ended whose driver ran on one of the nodes $1 (text[]): when
+-- those are declared dead, so is the job (controlplane/membership.py).
+SELECT entity_id,
+       max(payload->>'driver_node_id') FILTER (WHERE event_type = 'running') AS driver_node_id
+  FROM events
+ WHERE cairn_is_submission(entity_kind)
+ GROUP BY entity_id
+HAVING bool_or(event_type = 'running' AND payload->>'driver_node_id' = ANY($1::text[]))
+   AND NOT bool_or(event_type IN ('succeeded', 'failed', 'stopped', 'deleted'))

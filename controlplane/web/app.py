@@ -17,6 +17,7 @@ from aiohttp import web
 ROUTE_MODULES = (
     "controlplane.web.health",
     "controlplane.web.metrics",
+    "controlplane.web.jobs",
 )
 TOKEN_COOKIE = "cairn_token"
 
