@@ -33,6 +33,7 @@ from controlplane.errors import GcsError, GcsIdentityError
 from controlplane.eventlog import EntityKind, Event
 from controlplane.eventlog.connection import retry_while_unavailable
 from controlplane.labels import node_labels
+from controlplane.logs import read_log_handler
 from controlplane.node.clients import Clients
 from controlplane.node.cluster_link import JoinOffer
 from controlplane.node.parts import ClusterOptions, build_parts
@@ -188,6 +189,7 @@ class NodeDaemon:
                 "Output": self.parts.worker_pool.output.received,
                 "FlushOutput": self.parts.worker_pool.output.flush_requested,
                 "MemorySummary": lambda _request: self.parts.memory_summary(),
+                "ReadLog": read_log_handler(self.parts.worker_pool.output.logs_dir),
             },
             {"ReadObject": read_object},
             self.parts.info,

@@ -88,11 +88,14 @@ class WorkerOutput:
 
     def offsets(self, worker_id: str) -> dict[str, int]:
         """Where the worker's output stands now: what it prints next starts there (in
-        the current files), as a task's ``running`` event records."""
+        the current files, named by inode: they may be rotated later), as a task's
+        ``running`` event records."""
         found = {}
         for (stream, _), path in zip(STREAMS, log_paths(self.logs_dir, worker_id), strict=True):
             with contextlib.suppress(OSError):
-                found[f"{stream}_offset"] = path.stat().st_size
+                stat = path.stat()
+                found[f"{stream}_offset"] = stat.st_size
+                found[f"{stream}_inode"] = stat.st_ino
         return found
 
     async def run(self) -> None:
