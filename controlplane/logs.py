@@ -137,14 +137,20 @@ class RemoteFiles:
     node_id: str
     address: str
     timeout: float = _CALL_TIMEOUT_S
+    _auth: tuple[str | None, Any] | None = None
 
     async def _call(self, request: dict[str, Any]) -> dict[str, Any]:
         from controlplane.node import rpc
 
+        if self._auth is None:
+            self._auth = _credentials(self.address)
+        token, secure = self._auth
         try:
             answer = await asyncio.to_thread(
-                rpc.call, self.address, "ReadLog", request, self.timeout, _token_for(self.address)
+                rpc.call, self.address, "ReadLog", request, self.timeout, token, secure=secure
             )
+        except rpc.AuthError as exc:
+            raise LogsError(f"node {self.node_id} refused to read its logs: {exc}") from None
         except ConnectionError as exc:
             raise LogsError(
                 f"node {self.node_id} at {self.address} does not answer ({exc}): the logs it "
@@ -162,18 +168,17 @@ class RemoteFiles:
         return base64.b64decode(answer["data"])
 
 
-def _token_for(address: str) -> str | None:
-    """The cluster token: ``$CAIRN_AUTH_TOKEN``, else that of a node of this machine."""
-    from controlplane import auth, local_node
+def _credentials(address: str) -> tuple[str | None, Any]:
+    """The cluster token (``$CAIRN_AUTH_TOKEN``, else that of a node of this machine)
+    and, where this machine's nodes use TLS, a node's certificate to call with."""
+    from controlplane import auth, local_node, tls
 
-    found = auth.find_token(address)
-    if found is not None:
-        return found
+    token = auth.find_token(address)
+    secure = None
     for node in local_node.local_nodes():
-        token = auth.read_token(node.session_dir)
-        if token is not None:
-            return token
-    return None
+        token = token or auth.read_token(node.session_dir)
+        secure = secure or tls.NodeTls.find(node.session_dir)
+    return token, secure
 
 
 def _is_host_port(address: str) -> bool:

@@ -31,6 +31,7 @@ from sdk.util.state import RayStateApiException, get_log, list_logs
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 pytestmark = pytest.mark.timeout(240)
 ROOT = Path(__file__).resolve().parent.parent
+ALIVE = "SELECT 1 FROM events WHERE entity_id = $1 AND event_type = 'alive'"
 RUNNING = "SELECT payload FROM events WHERE entity_id = $1 AND event_type = 'running'"
 
 
@@ -118,13 +119,18 @@ def test_an_actors_lines_and_a_jobs_lines_prefixed_as_at_the_driver(cluster: Non
     greeter = Greeter.remote("ada")
     actor_id = ray.get(greeter.greet.remote("bob"))
     ray.get(greeter.greet.remote("cy"))
+    wait_for_rows(
+        gcs(), "SELECT 1 FROM events WHERE entity_id = $1 AND event_type = 'alive'", actor_id
+    )
     assert cairn_logs("--actor", actor_id).stdout.splitlines() == [
         "greeter ada born",
         "hello bob",
         "hello cy",
     ]
     assert list(get_log(actor_id=actor_id, tail=1)) == ["hello cy"]
-    pid = ray.get(say.remote("gamma", 1))
+    gamma = say.remote("gamma", 1)
+    pid = ray.get(gamma)
+    wait_for_rows(gcs(), RUNNING, gamma.task_id())
     job = cairn_logs("--job", ray.get_runtime_context().get_job_id()).stdout.splitlines()
     assert f"(say pid={pid}, ip=127.0.0.1) gamma 0" in job
     assert any(line.endswith(") hello cy") and line.startswith("(Greeter pid=") for line in job)
