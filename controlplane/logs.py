@@ -30,7 +30,7 @@ import asyncpg
 
 from controlplane.eventlog.connection import connect
 from controlplane.sql import queries
-from dataplane.output_lines import parse_marker
+from dataplane.output_lines import MARKER, parse_marker, parse_rotation
 
 LOGS_DIR = "logs"
 READ_AT_ONCE = 512 * 1024  # bytes of one ReadLog call (base64 in JSON: under gRPC's limit)
@@ -216,6 +216,7 @@ class Copy:
     name: str
     size: int
     inode: int
+    rotated_at: float | None = None  # when the worker rotated it in (None: its first)
 
 
 def copies(listing: Iterable[dict[str, Any]], worker_id: str, suffix: str) -> list[Copy]:
@@ -234,6 +235,16 @@ def copies(listing: Iterable[dict[str, Any]], worker_id: str, suffix: str) -> li
     return [c for _, c in sorted(found, key=lambda f: -f[0])]
 
 
+async def stream_copies(files: NodeFiles, worker_id: str, suffix: str) -> list[Copy]:
+    """``copies``, each with when it was rotated in (its first line says)."""
+    found = []
+    for copy in copies(await files.list(), worker_id, suffix):
+        first = (await files.read(copy.name, 0, 256)).split(b"\n", 1)[0]
+        rotated_at = parse_rotation(first.decode(errors="replace"))
+        found.append(Copy(copy.name, copy.size, copy.inode, rotated_at))
+    return found
+
+
 @dataclass
 class Lines:
     """What was found: the lines, and notes on what was not (rotated away, ...)."""
@@ -245,13 +256,18 @@ class Lines:
 Point = tuple[int, int]  # (index of a copy, oldest first; offset in it)
 
 
-def locate(stream: list[Copy], offset: int, inode: int | None) -> Point | None:
-    """Where an offset recorded in a running event is now: in the copy with its inode
-    (None: rotated away); without an inode (an older log), the current copy."""
+def locate(
+    stream: list[Copy], offset: int, inode: int | None, at: float | None = None
+) -> Point | None:
+    """Where an offset recorded in a running event (at ``at``) is now: in the copy with
+    its inode, unless that copy was rotated in later, reusing the inode of the one
+    meant (None: rotated away); without an inode (an older log), the current copy."""
     if inode is None:
         return (len(stream) - 1, offset) if stream and offset <= stream[-1].size else None
     for index, copy in enumerate(stream):
         if copy.inode == inode and offset <= copy.size:
+            if at is not None and copy.rotated_at is not None and copy.rotated_at > at:
+                return None
             return index, offset
     return None
 
@@ -273,8 +289,8 @@ async def read_between(
 
 
 def split_lines(data: bytes, encoding: str = "utf-8", errors: str = "replace") -> list[str]:
-    """Text lines, the workers' marker lines left out."""
-    return [line for line in text_lines(data, encoding, errors) if parse_marker(line) is None]
+    """Text lines, the workers' marker and rotation lines left out."""
+    return [line for line in text_lines(data, encoding, errors) if not line.startswith(MARKER)]
 
 
 def text_lines(data: bytes, encoding: str = "utf-8", errors: str = "replace") -> list[str]:
@@ -370,7 +386,7 @@ class LogReader:
         on_worker = await self._query("log_attempts_on_worker", worker_id)
         index = next(i for i, r in enumerate(on_worker) if r["position"] == attempt["position"])
         files = await self.files_of(node_id)
-        stream = copies(await files.list(), worker_id, suffix)
+        stream = await stream_copies(files, worker_id, suffix)
         found = Lines()
         if not stream:
             found.notes.append(f"worker {worker_id} on node {node_id} has no {stream_name} file")
@@ -406,7 +422,7 @@ class LogReader:
 
     async def _worker_stream(self, worker_id: str, node_id: str, suffix: str) -> Lines:
         files = await self.files_of(node_id)
-        stream = copies(await files.list(), worker_id, suffix)
+        stream = await stream_copies(files, worker_id, suffix)
         found = Lines()
         if not stream:
             found.notes.append(
@@ -448,7 +464,7 @@ class LogReader:
             except LogsError as exc:
                 found.notes.append(str(exc))
                 continue
-            stream = copies(await files.list(), worker_id, suffix)
+            stream = await stream_copies(files, worker_id, suffix)
             if not stream:
                 continue
             if _may_have_lost_copies(stream):
@@ -456,9 +472,8 @@ class LogReader:
             data = await read_between(files, stream, (0, 0), None)
             whose: tuple[str, str] | None = None
             for line in text_lines(data, self.encoding, self.errors):
-                marked = parse_marker(line)
-                if marked is not None:
-                    whose = marked
+                if line.startswith(MARKER):  # (whose lines follow, or a rotation's time)
+                    whose = parse_marker(line) or whose
                 elif whose is not None and whose[0] == job_id:
                     found.lines.append(f"({whose[1]} pid={pid}, ip={ip}) {line}")
         return found
@@ -511,7 +526,9 @@ def _point(stream: list[Copy], attempt: asyncpg.Record, stream_name: str) -> Poi
     offset = payload.get(f"{stream_name}_offset")
     if offset is None:  # (its files did not exist yet when it was sent)
         return (0, 0)
-    return locate(stream, int(offset), payload.get(f"{stream_name}_inode"))
+    return locate(
+        stream, int(offset), payload.get(f"{stream_name}_inode"), payload.get("output_at")
+    )
 
 
 def _payload(value: Any) -> dict[str, Any]:
