@@ -21,7 +21,7 @@ import asyncio
 import base64
 import os
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -564,7 +564,7 @@ async def follow(
     tail_lines: int,
     interval: float,
     on_note: Callable[[str], None] | None = None,
-) -> AsyncIterator[str]:
+) -> AsyncGenerator[str, None]:
     """The last ``tail_lines`` lines, then each new one as it comes; until ``ended``
     says so (and its last lines are out), else for ever. (Lines are counted: those of
     a file rotated away while following are not shown again.)"""

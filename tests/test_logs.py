@@ -284,6 +284,10 @@ def test_on_a_cluster_a_tasks_lines_come_from_its_node_and_its_loss_is_named(
         assert ran_on == node_id(far_node)
         wait_for_rows(gcs_url_of(cluster.head.session_dir), RUNNING, task_id)
         assert run_cairn("logs", "--task", task_id).stdout == "from the far node\n"
+        listed = run_cairn("logs", "--node", ran_on).stdout  # (its ReadLog call)
+        assert ".out" in listed and ".err" in listed
+        outside = run_cairn("logs", "--node", ran_on, "--file", "../node.ready", check=False)
+        assert outside.returncode != 0 and "is not the name of a log file" in outside.stderr
         os.kill(far_node.pid, signal.SIGTERM)
         deadline = time.monotonic() + 60
         while far_node.pid in {n.pid for n in local_node.local_nodes()}:

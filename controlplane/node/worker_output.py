@@ -87,11 +87,11 @@ class WorkerOutput:
             if watched.pid == pid:
                 watched.ended = True
 
-    def offsets(self, worker_id: str) -> dict[str, int]:
+    def offsets(self, worker_id: str) -> dict[str, float]:
         """Where the worker's output stands now: what it prints next starts there (in
         the current files, named by inode: they may be rotated later), as a task's
         ``running`` event records."""
-        found = {}
+        found: dict[str, float] = {}
         for (stream, _), path in zip(STREAMS, log_paths(self.logs_dir, worker_id), strict=True):
             with contextlib.suppress(OSError):
                 stat = path.stat()

@@ -368,8 +368,8 @@ def get_log(
         ended = lambda: reader.task_ended(task_id, attempt_number)  # noqa: E731
     else:
         assert pid is not None
-        node = None if node_id is None and node_ip is None else _node(reader, node_id, node_ip)
-        worker_id = _run(reader.worker_of_pid(int(pid), node))
+        on = None if node_id is None and node_ip is None else _node(reader, node_id, node_ip)
+        worker_id = _run(reader.worker_of_pid(int(pid), on))
         fetch = lambda: reader.worker_lines(worker_id, suffix)  # noqa: E731
 
     def shown(line: str) -> str:
