@@ -150,6 +150,8 @@ def test_list_logs_and_get_log_of_a_nodes_file(cluster: None) -> None:
     listed = cairn_logs("--node", node).stdout
     assert name in listed
     assert cairn_logs("--node", node, "--file", name, "--tail", "1").stdout == "delta 1\n"
+    worker_id = name.removeprefix("worker-").removesuffix(".out")
+    assert cairn_logs("--worker", worker_id).stdout.splitlines() == lines
     for bad in ("../node.ready", "/etc/passwd", ".hidden"):
         with pytest.raises(RayStateApiException, match="is not the name of a log file"):
             list(get_log(node_id=node, filename=bad))
