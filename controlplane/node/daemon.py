@@ -33,9 +33,9 @@ from controlplane.errors import GcsError, GcsIdentityError
 from controlplane.eventlog import EntityKind, Event
 from controlplane.eventlog.connection import retry_while_unavailable
 from controlplane.labels import node_labels
-from controlplane.logs import read_log_handler
 from controlplane.node.clients import Clients
 from controlplane.node.cluster_link import JoinOffer
+from controlplane.node.log_files import read_log_handler
 from controlplane.node.parts import ClusterOptions, build_parts
 from controlplane.node.resources import ResourcePool, node_resources
 from controlplane.node.store_adoption import Adopted, adopt, objects_left
