@@ -74,6 +74,8 @@ def test_a_task_shows_its_own_lines_only_tail_and_err(cluster: None) -> None:
     ]
     assert list(get_log(task_id=first.task_id())) == ["alpha 0", "alpha 1", "alpha 2"]
     assert list(get_log(task_id=second.task_id(), tail=1, suffix="err")) == ["beta err 3"]
+    followed = get_log(task_id=second.task_id(), follow=True, tail=2, _interval=0.1)
+    assert list(followed) == ["beta 2", "beta 3"]  # (its attempt is over: so is following)
 
 
 def test_a_retried_tasks_attempts_are_told_apart_and_a_dead_workers_lines_kept(
