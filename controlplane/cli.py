@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import click
 
 from controlplane.cli_job import job
+from controlplane.cli_logs import logs_command
 from controlplane.cli_options import gcs_url_option, require_url
 from controlplane.cli_start import start, stop
 from controlplane.cli_state import get_command, list_command, summary_command
@@ -33,6 +34,7 @@ main.add_command(list_command)
 main.add_command(get_command)
 main.add_command(summary_command)
 main.add_command(job)
+main.add_command(logs_command)
 
 
 @main.command()

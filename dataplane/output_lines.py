@@ -41,6 +41,22 @@ def marker_line(job_id: str, name: str) -> str:
     return f"{MARKER}{json.dumps({'job': job_id, 'name': name})}\n"
 
 
+def rotation_line() -> str:
+    """The first line of a file a worker rotated in: when (its node's clock), so a
+    reader can tell it from an older copy whose inode it reuses (controlplane/logs.py)."""
+    return f"{MARKER}{json.dumps({'rotated_at': time.time()})}\n"
+
+
+def parse_rotation(line: str) -> float | None:
+    """When the file a rotation line starts was rotated in; None for any other line."""
+    if not line.startswith(MARKER):
+        return None
+    try:
+        return float(json.loads(line[len(MARKER) :])["rotated_at"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 def parse_marker(line: str) -> tuple[str, str] | None:
     """(job id, name) of a marker line; None for any other line."""
     if not line.startswith(MARKER):
@@ -100,6 +116,7 @@ def rotate(fd: int, path: str) -> None:
         os.unlink(path)
     fresh = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     try:
+        os.write(fresh, rotation_line().encode())
         os.dup2(fresh, fd)
     finally:
         os.close(fresh)

@@ -103,11 +103,20 @@ CATALOG: dict[tuple[EntityKind, str], EventType] = {
         ),
         ("waiting_for_dependencies", {"dependencies": list}, {}),
         ("scheduled", {}, {"attempt": int}),
-        # *_offset: where the worker's output files stood (controlplane/node/worker_output.py)
+        # *_offset: where the worker's output files stood (controlplane/node/worker_output.py);
+        # *_inode: which file that was, to find it once rotated (controlplane/logs.py);
+        # output_at: when, by the node's clock
         (
             "running",
             {"worker_id": str},
-            {"attempt": int, "stdout_offset": int, "stderr_offset": int},
+            {
+                "attempt": int,
+                "stdout_offset": int,
+                "stderr_offset": int,
+                "stdout_inode": int,
+                "stderr_inode": int,
+                "output_at": float,
+            },
         ),
         ("finished", {}, {"attempt": int, "output_digest": str}),
         ("failed", {"error": str}, {"attempt": int}),

@@ -36,6 +36,7 @@ from controlplane.labels import node_labels
 from controlplane.node import metrics as node_metrics
 from controlplane.node.clients import Clients
 from controlplane.node.cluster_link import JoinOffer
+from controlplane.node.log_files import read_log_handler
 from controlplane.node.parts import ClusterOptions, build_parts
 from controlplane.node.resources import ResourcePool, node_resources
 from controlplane.node.store_adoption import Adopted, adopt, objects_left
@@ -190,6 +191,7 @@ class NodeDaemon:
                 "FlushOutput": self.parts.worker_pool.output.flush_requested,
                 "MemorySummary": lambda _request: self.parts.memory_summary(),
                 "Metrics": lambda _request: node_metrics.snapshot(self.parts),
+                "ReadLog": read_log_handler(self.parts.worker_pool.output.logs_dir),
             },
             {"ReadObject": read_object},
             self.parts.info,

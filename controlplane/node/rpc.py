@@ -3,7 +3,9 @@
 ``Info`` (the node's id, resources and load); on the head, ``Join`` (what a node
 joining the cluster needs: the GCS URL); ``ObjectInfo`` and ``ReadObject`` (an
 object's size, then its bytes one chunk per call), ``Release`` (the puller has its
-copy: the node may free its own) and ``Metrics`` (controlplane/node/metrics.py). Messages
+copy: the node may free its own), ``Metrics`` (controlplane/node/metrics.py) and
+``ReadLog`` (a file of its logs directory, listed or a bounded range read:
+controlplane/logs.py). Messages
 are JSON objects, so no generated code is needed (grpcio's generic handlers). Every
 call carries the cluster token, and the server refuses calls without it before any
 handler runs (one interceptor, controlplane/auth.py); every client made here

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ from typing import IO, TYPE_CHECKING, Any
 from controlplane.eventlog.connection import connect
 from controlplane.sql import queries
 from dataplane import protocol as p
-from dataplane.output_lines import parse_marker
+from dataplane.output_lines import MARKER, parse_marker
 from dataplane.transfer import LinkError
 
 if TYPE_CHECKING:
@@ -86,13 +87,17 @@ class WorkerOutput:
             if watched.pid == pid:
                 watched.ended = True
 
-    def offsets(self, worker_id: str) -> dict[str, int]:
+    def offsets(self, worker_id: str) -> dict[str, float]:
         """Where the worker's output stands now: what it prints next starts there (in
-        the current files), as a task's ``running`` event records."""
-        found = {}
+        the current files, named by inode: they may be rotated later), as a task's
+        ``running`` event records."""
+        found: dict[str, float] = {}
         for (stream, _), path in zip(STREAMS, log_paths(self.logs_dir, worker_id), strict=True):
             with contextlib.suppress(OSError):
-                found[f"{stream}_offset"] = path.stat().st_size
+                stat = path.stat()
+                found[f"{stream}_offset"] = stat.st_size
+                found[f"{stream}_inode"] = stat.st_ino
+        found["output_at"] = time.time()  # (a copy rotated in later reuses an inode)
         return found
 
     async def run(self) -> None:
@@ -145,9 +150,10 @@ class WorkerOutput:
         found: list[tuple[str, list[str]]] = []
         for raw in data[:cut].splitlines():
             line = raw.decode(errors="replace")
-            marked = parse_marker(line)
-            if marked is not None:
-                watched.job_id, watched.name = marked
+            if line.startswith(MARKER):  # (whose lines follow, or a rotation's time)
+                marked = parse_marker(line)
+                if marked is not None:
+                    watched.job_id, watched.name = marked
                 continue
             if watched.job_id is None:
                 continue

@@ -401,3 +401,74 @@ SELECT entity_id,
  GROUP BY entity_id
 HAVING bool_or(event_type = 'running' AND payload->>'driver_node_id' = ANY($1::text[]))
    AND NOT bool_or(event_type IN ('succeeded', 'failed', 'stopped', 'deleted'))
+-- log_attempts_on_worker --
+-- Every attempt a worker ran, in order, with where its output files stood when it was
+-- sent (controlplane/logs.py cuts one attempt's lines out from these).
+SELECT entity_id AS task_id, position, node_id, payload FROM events
+ WHERE entity_kind = 'task' AND event_type = 'running' AND payload->>'worker_id' = $1
+ ORDER BY position
+
+-- log_task_attempts --
+-- A task's attempts (its running events), in order.
+SELECT position, node_id, payload->>'worker_id' AS worker_id FROM events
+ WHERE entity_kind = 'task' AND event_type = 'running' AND entity_id = $1
+ ORDER BY position
+
+-- log_task_attempt_ended --
+-- Whether a task's attempt sent at $2 (a position) has ended: a later event of the task
+-- that closes it.
+SELECT EXISTS (
+  SELECT 1 FROM events
+   WHERE entity_kind = 'task' AND entity_id = $1 AND position > $2
+     AND event_type IN ('finished', 'failed', 'retried', 'cancelled', 'running'))
+
+-- log_worker --
+-- A worker's node and pid (its started event).
+SELECT node_id, (payload->>'pid')::int AS pid FROM events
+ WHERE entity_kind = 'worker' AND entity_id = $1 AND event_type = 'started'
+ ORDER BY position LIMIT 1
+
+-- log_actor_workers --
+-- The workers of an actor, one per life (its alive events), in order.
+SELECT payload->>'worker_id' AS worker_id, node_id FROM events
+ WHERE entity_kind = 'actor' AND entity_id = $1 AND event_type = 'alive'
+ ORDER BY position
+
+-- log_job_workers --
+-- The workers that ran a job's tasks or actors, by first use.
+SELECT worker_id, min(position) AS first FROM (
+  SELECT payload->>'worker_id' AS worker_id, position FROM events
+   WHERE entity_kind IN ('task', 'actor') AND event_type IN ('running', 'alive')
+     AND entity_id IN (SELECT entity_id FROM events
+                        WHERE entity_kind IN ('task', 'actor') AND job_id = $1
+                          AND event_type IN ('submitted', 'creation_requested'))) used
+ GROUP BY worker_id ORDER BY first
+
+-- log_node --
+-- A node's addresses (its last registered event) and, once dead, why.
+SELECT (SELECT payload->>'address' FROM events
+         WHERE entity_kind = 'node' AND entity_id = $1 AND event_type = 'registered'
+         ORDER BY position DESC LIMIT 1) AS address,
+       (SELECT payload->>'socket' FROM events
+         WHERE entity_kind = 'node' AND entity_id = $1 AND event_type = 'registered'
+         ORDER BY position DESC LIMIT 1) AS socket,
+       (SELECT payload->>'cause' FROM events
+         WHERE entity_kind = 'node' AND entity_id = $1 AND event_type = 'dead'
+         ORDER BY position DESC LIMIT 1) AS dead
+
+-- log_nodes --
+-- Every node's address (its last registered event) and, once dead, why.
+SELECT entity_id AS node_id,
+       (array_agg(payload->>'address' ORDER BY position DESC)
+          FILTER (WHERE event_type = 'registered'))[1] AS address,
+       (array_agg(payload->>'cause' ORDER BY position DESC)
+          FILTER (WHERE event_type = 'dead'))[1] AS dead
+  FROM events
+ WHERE entity_kind = 'node' AND event_type IN ('registered', 'dead')
+ GROUP BY entity_id
+
+-- log_worker_of_pid --
+-- The workers that ran as a pid, in order (pids are reused: the caller picks).
+SELECT entity_id AS worker_id, node_id FROM events
+ WHERE entity_kind = 'worker' AND event_type = 'started' AND (payload->>'pid')::int = $1
+ ORDER BY position

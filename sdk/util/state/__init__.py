@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-from collections.abc import Coroutine
+import fnmatch
+import re
+from collections.abc import Callable, Coroutine, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
-from controlplane import state_api
+from controlplane import logs, state_api
 from controlplane.errors import GcsError
 from sdk.util.state.common import (
     DEFAULT_LIMIT,
@@ -31,6 +34,7 @@ from sdk.util.state.common import (
 from sdk.util.state.exception import RayStateApiException
 
 T = TypeVar("T")
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 Filters = list[tuple[str, str, str | bool | int | float]] | None
 
 
@@ -53,7 +57,7 @@ def _run(coroutine: Coroutine[Any, Any, T]) -> T:
     try:
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             return pool.submit(asyncio.run, coroutine).result()
-    except GcsError as exc:
+    except (GcsError, logs.LogsError) as exc:
         raise RayStateApiException(str(exc)) from exc
 
 
@@ -269,21 +273,129 @@ def summarize_objects(
     return _summary("objects", address, timeout, _explain)
 
 
-def _logs_not_yet(name: str) -> RayStateApiException:
-    return RayStateApiException(
-        f"{name}() is not available yet: Cairn does not serve workers' log files through "
-        "the state API (see `cairn logs`, issue 19)"
-    )
+def _log_reader(address: str | None, timeout: int, **more: Any) -> logs.LogReader:
+    """Reads logs through the log; the files of this driver's own node (a private
+    cluster has no gRPC service) and of this machine's nodes directly."""
+    from sdk.runtime import is_initialized
+    from sdk.runtime_context import get_runtime_context
+
+    here = [Path(get_runtime_context().get_temp_dir())] if is_initialized() else []
+    return logs.LogReader(_gcs_url(address), here, float(timeout), **more)
 
 
-def list_logs(*args: Any, **kwargs: Any) -> dict[str, list[str]]:
-    """Not yet: raises RayStateApiException."""
-    raise _logs_not_yet("list_logs")
+def _node(reader: logs.LogReader, node_id: str | None, node_ip: str | None) -> str:
+    if node_id is not None:
+        return node_id
+    if node_ip is not None:
+        return _run(reader.node_of_ip(node_ip))
+    raise ValueError("node_id or node_ip must be given")
 
 
-def get_log(*args: Any, **kwargs: Any) -> Any:
-    """Not yet: raises RayStateApiException."""
-    raise _logs_not_yet("get_log")
+def list_logs(
+    address: str | None = None,
+    node_id: str | None = None,
+    node_ip: str | None = None,
+    glob_filter: str | None = None,
+    timeout: int = DEFAULT_RPC_TIMEOUT,
+) -> dict[str, list[str]]:
+    """A node's log files by group, as Ray's: ``worker_out`` and ``worker_err`` (each
+    worker's stdout and stderr, rotated copies too), ``internal`` (the rest)."""
+    reader = _log_reader(address, timeout)
+    files = _run(reader.node_files(_node(reader, node_id, node_ip)))
+    groups: dict[str, list[str]] = {}
+    for entry in files:
+        name = entry["name"]
+        if glob_filter is not None and not fnmatch.fnmatch(name, glob_filter):
+            continue
+        group = "internal"
+        if name.startswith("worker-"):
+            group = "worker_err" if ".err" in name else "worker_out"
+        groups.setdefault(group, []).append(name)
+    return groups
+
+
+def get_log(
+    address: str | None = None,
+    node_id: str | None = None,
+    node_ip: str | None = None,
+    filename: str | None = None,
+    actor_id: str | None = None,
+    task_id: str | None = None,
+    pid: int | None = None,
+    follow: bool = False,
+    tail: int = -1,
+    timeout: int = DEFAULT_RPC_TIMEOUT,
+    suffix: str = "out",
+    encoding: str | None = "utf-8",
+    errors: str | None = "strict",
+    submission_id: str | None = None,
+    attempt_number: int = 0,
+    _interval: float | None = None,
+    filter_ansi_code: bool = False,
+) -> Iterator[str]:
+    """A log's lines, one per item: of a file of a node (``filename`` with ``node_id``
+    or ``node_ip``), an actor (``actor_id``), a task's attempt (``task_id``,
+    ``attempt_number``), or a worker (``pid``); ``follow`` keeps yielding new lines
+    (for a task, until its attempt ended)."""
+    if submission_id is not None:
+        raise RayStateApiException(
+            "get_log(submission_id=...) is not available yet: Cairn has no job submission"
+        )
+    if suffix not in ("out", "err"):
+        raise ValueError(f"suffix must be 'out' or 'err', got {suffix!r}")
+    given = [
+        n
+        for n, v in (
+            ("filename", filename),
+            ("actor_id", actor_id),
+            ("task_id", task_id),
+            ("pid", pid),
+        )
+        if v is not None
+    ]
+    if len(given) != 1:
+        raise ValueError("give exactly one of filename, actor_id, task_id, pid")
+    reader = _log_reader(address, timeout, encoding=encoding or "utf-8", errors=errors or "strict")
+    fetch: Callable[[], Coroutine[Any, Any, logs.Lines]]
+    ended: Callable[[], Coroutine[Any, Any, bool]] | None = None
+    if filename is not None:
+        node = _node(reader, node_id, node_ip)
+        fetch = lambda: reader.file_lines(node, filename)  # noqa: E731
+    elif actor_id is not None:
+        fetch = lambda: reader.actor_lines(actor_id, suffix)  # noqa: E731
+    elif task_id is not None:
+        fetch = lambda: reader.task_lines(task_id, attempt_number, suffix)  # noqa: E731
+        ended = lambda: reader.task_ended(task_id, attempt_number)  # noqa: E731
+    else:
+        assert pid is not None
+        on = None if node_id is None and node_ip is None else _node(reader, node_id, node_ip)
+        worker_id = _run(reader.worker_of_pid(int(pid), on))
+        fetch = lambda: reader.worker_lines(worker_id, suffix)  # noqa: E731
+
+    def shown(line: str) -> str:
+        return _ANSI.sub("", line) if filter_ansi_code else line
+
+    if not follow:
+        for line in logs.tail(_run(fetch()).lines, tail):
+            yield shown(line)
+        return
+    interval = _interval if _interval is not None else logs.FOLLOW_INTERVAL_S
+    lines = logs.follow(fetch, ended, tail, interval)
+    loop = asyncio.new_event_loop()
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:  # (the caller may be async)
+            while True:
+                try:
+                    line = pool.submit(loop.run_until_complete, anext(lines)).result()
+                except StopAsyncIteration:
+                    return
+                except logs.LogsError as exc:
+                    raise RayStateApiException(str(exc)) from exc
+                yield shown(line)
+    finally:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pool.submit(loop.run_until_complete, lines.aclose()).result()
+            loop.close()
 
 
 __all__ = [
