@@ -120,29 +120,40 @@ def test_output_files_are_rotated_and_bounded_and_no_line_is_lost(tmp_path: Path
     files = dict(re.findall(r"FILE (\S+) (\d+)", done.stdout))
     rotated = {name for name in files if re.search(r"\.out\.\d$", name)}
     assert rotated and all(name.endswith((".1", ".2")) for name in rotated)  # 2 kept
-    assert all(int(size) < 4000 + 20 * 100 for size in files.values())  # bounded
+    # bounded: the worker looks at its files' size every second (a few rounds late at
+    # most on a busy machine)
+    assert all(int(size) < 4000 + 4 * 20 * 100 for size in files.values())
 
 
 def test_lines_repeated_by_several_workers_are_shown_once_and_counted(tmp_path: Path) -> None:
     code = """
-        import time
+        import os, time
+        from pathlib import Path
         import sdk as ray
 
         ray.init(num_cpus=3)
+        here = Path({here!r})
 
         @ray.remote
         def chatty(i):
-            time.sleep(0.5)  # (so that the three run at once, in three workers)
-            print(f"progress step {i} of the same loop")
-            return i
+            (here / str(i)).touch()  # the three run at once, in three workers
+            deadline = time.monotonic() + 60
+            while len(list(here.iterdir())) < 3 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            print(f"progress step {{i}} of the same loop")
+            return os.getpid()
 
-        ray.get([chatty.remote(i) for i in range(3)])
+        assert len(set(ray.get([chatty.remote(i) for i in range(3)]))) == 3
     """
-    done = run_driver(tmp_path, code)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    done = run_driver(tmp_path, code.format(here=str(tmp_path / "a")))
     shown = re.findall(r"progress step \d+ of the same loop(.*)", done.stdout)
     assert len(shown) == 2, done.stdout  # the first as it came, then a summary
     assert shown[1].strip() == "[repeated 2x across cluster]"
-    undeduped = run_driver(tmp_path, code, env={"RAY_DEDUP_LOGS": "0"})
+    undeduped = run_driver(
+        tmp_path, code.format(here=str(tmp_path / "b")), env={"RAY_DEDUP_LOGS": "0"}
+    )
     assert len(re.findall(r"progress step \d+ of the same loop", undeduped.stdout)) == 3
 
 
