@@ -106,8 +106,9 @@ from controlplane.node import rpc
 @click.option(
     "--dashboard-host",
     default=None,
-    help="Head only: the address the HTTP service listens at (default: --node-ip-address); "
-    "calls from other machines must carry the cluster token.",
+    help="Head only: the address the HTTP service listens at (default: 127.0.0.1, as Ray's "
+    "dashboard). It speaks plain HTTP: calls from other machines must carry the cluster "
+    "token, which crosses the network in clear text unless a TLS proxy is put in front.",
 )
 @click.option("--node-config", default=None, hidden=True)  # from start_in_background
 def start(

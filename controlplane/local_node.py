@@ -136,7 +136,8 @@ class ClusterRole:
     gcs_replica_host: str | None = None
     gcs_replica: ReplicaPlan | None = dataclasses.field(default=None, repr=False)
     # a head's HTTP service (controlplane/web): its port (0: any free one; None: none)
-    # and host (None: rpc_host)
+    # and host (None: loopback, as Ray's dashboard: it speaks plain HTTP, so reaching it
+    # from other machines is a choice made with --dashboard-host)
     dashboard_port: int | None = None
     dashboard_host: str | None = None
 
@@ -387,7 +388,7 @@ def _start_web(gcs_url: str, session_dir: Path, role: ClusterRole) -> subprocess
     env[GCS_URL_ENV] = gcs_url
     if role.auth_token is not None:
         env[auth.TOKEN_ENV] = role.auth_token
-    host = role.dashboard_host or role.rpc_host
+    host = role.dashboard_host or "127.0.0.1"
     command = [*_WEB, "--host", host, "--port", str(role.dashboard_port)]
     command += ["--session-dir", str(session_dir)]
     return subprocess.Popen(command, stdin=subprocess.DEVNULL, env=env)
@@ -526,7 +527,8 @@ def start_in_background(
             command += ["--no-include-dashboard"]
         else:
             command += ["--dashboard-port", str(role.dashboard_port)]
-            command += ["--dashboard-host", role.dashboard_host or role.rpc_host]
+            if role.dashboard_host is not None:
+                command += ["--dashboard-host", role.dashboard_host]
         if gcs_url is not None:
             env[GCS_URL_ENV] = gcs_url
     starting = Path(tempfile.gettempdir()) / f"cairn-node-{time.time_ns()}.log"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 from collections.abc import Iterator
 
 import pytest
@@ -199,11 +200,29 @@ print(json.dumps(out))
 """
 
 
-def test_the_heads_http_service_asks_other_machines_for_the_token(
+def test_an_http_service_other_machines_reach_asks_them_for_the_token(
     cluster: HostCluster,
 ) -> None:
+    # (the head's own listens on loopback, as Ray's dashboard: one on the head's
+    # address, over its log, is what --dashboard-host would make)
+    server = cluster.head.popen(
+        [
+            PYTHON,
+            "-m",
+            "controlplane.cli",
+            "dashboard",
+            "--host",
+            cluster.head.ip,
+            "--port",
+            "8266",
+        ],
+        env={auth.TOKEN_ENV: cluster.token},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert server.stdout is not None and "http://" in server.stdout.readline()
     stranger = cluster.hosts[2]
-    base = f"http://{cluster.head.ip}:8265"
+    base = f"http://{cluster.head.ip}:8266"
     seen = stranger.run(
         [PYTHON, "-c", HTTP_STRANGER, base, cluster.token], env={auth.TOKEN_ENV: cluster.token}
     )
@@ -213,6 +232,8 @@ def test_the_heads_http_service_asks_other_machines_for_the_token(
         "token": 200,
         "jobs": True,
     }
+    server.terminate()
+    server.wait(30)
 
 
 # Run on a host: tries the head's services the ways a stranger would; prints outcomes.
