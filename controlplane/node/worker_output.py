@@ -69,6 +69,7 @@ class WorkerOutput:
     drivers: dict[str, Connection] = field(default_factory=dict)  # job -> its driver here
     _watched: list[_Watched] = field(default_factory=list)
     _driver_nodes: dict[str, str | None] = field(default_factory=dict)  # job -> node
+    _passing: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def files(self, worker_id: str) -> tuple[IO[bytes], IO[bytes]]:
         """The worker's stdout and stderr, opened to append (the caller closes them
@@ -110,6 +111,13 @@ class WorkerOutput:
                 log.exception("reading the workers' output")
 
     async def read_all(self) -> None:
+        """One pass: the new lines of every file, delivered. Passes run one at a time, so
+        that a flush (``flush``) ends only once the lines an earlier pass read are
+        delivered too."""
+        async with self._passing:
+            await self._read_all()
+
+    async def _read_all(self) -> None:
         batches: dict[str, list[p.OutputLines]] = {}
         for watched in list(self._watched):
             for job_id, lines in self._read(watched):
@@ -223,6 +231,8 @@ class WorkerOutput:
                 found = await conn.fetchval(queries["job_driver_node"], job_id)
             finally:
                 await conn.close()
+            if found is None:  # (its submitted event not committed yet: asked again later)
+                return None
             self._driver_nodes[job_id] = found
         return self._driver_nodes[job_id]
 
