@@ -125,6 +125,47 @@ def test_output_files_are_rotated_and_bounded_and_no_line_is_lost(tmp_path: Path
     assert all(int(size) < 4000 + 4 * 20 * 100 for size in files.values())
 
 
+def test_the_reader_keeps_watching_a_file_caught_between_a_rotations_renames(
+    tmp_path: Path,
+) -> None:
+    """CI lost a worker's last lines once: a pass that found the file missing (moved
+    to ``.1``, the new one not created yet) stopped watching it for good."""
+    import asyncio
+
+    from controlplane.node.worker_output import WorkerOutput, log_paths
+    from dataplane.output_lines import marker_line
+
+    class Driver:  # (what the node's connection to a driver is asked for)
+        closed = False
+
+        def __init__(self) -> None:
+            self.lines: list[str] = []
+
+        def send(self, message: object) -> None:
+            self.lines += [line for b in message.batches for line in b.lines]  # type: ignore[attr-defined]
+
+    output = WorkerOutput(
+        "node", "", tmp_path, lambda: "ip", lambda _: None, list, None  # type: ignore[arg-type]
+    )
+    driver = output.drivers["job1"] = Driver()  # type: ignore[assignment]
+    out, err = log_paths(tmp_path, "w1")
+    out.write_text(marker_line("job1", "f") + "one\n")
+    err.touch()
+    output.watch("w1", 7)
+
+    async def passes() -> None:
+        await output.read_all()
+        with out.open("a") as f:
+            f.write("two\n")
+        out.rename(out.with_name(out.name + ".1"))  # the rotation's first rename
+        await output.read_all()  # (finds no file)
+        out.write_text("three\n")  # the new file
+        await output.read_all()
+
+    asyncio.run(passes())
+    assert driver.lines == ["one", "two", "three"]  # nothing lost
+
+
 def test_lines_repeated_by_several_workers_are_shown_once_and_counted(tmp_path: Path) -> None:
     code = """
         import os, time

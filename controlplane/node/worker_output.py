@@ -146,7 +146,8 @@ class WorkerOutput:
                     data += file.read(_READ_AT_ONCE)
                     watched.offset += len(data)
         except FileNotFoundError:
-            watched.ended = True
+            # Between a rotation's two renames the file is briefly missing: it is read
+            # again next pass (the watch ends only with its worker: ``ended``).
             return []
         if not data:
             return []
