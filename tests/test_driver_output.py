@@ -145,7 +145,13 @@ def test_the_reader_keeps_watching_a_file_caught_between_a_rotations_renames(
             self.lines += [line for b in message.batches for line in b.lines]  # type: ignore[attr-defined]
 
     output = WorkerOutput(
-        "node", "", tmp_path, lambda: "ip", lambda _: None, list, None  # type: ignore[arg-type]
+        "node",
+        "",
+        tmp_path,
+        lambda: "ip",
+        lambda _: None,
+        list,
+        None,  # type: ignore[arg-type]
     )
     driver = output.drivers["job1"] = Driver()  # type: ignore[assignment]
     out, err = log_paths(tmp_path, "w1")
