@@ -129,7 +129,8 @@ def test_the_reader_keeps_watching_a_file_caught_between_a_rotations_renames(
     tmp_path: Path,
 ) -> None:
     """CI lost a worker's last lines once: a pass that found the file missing (moved
-    to ``.1``, the new one not created yet) stopped watching it for good."""
+    to ``.1``, the new one not created yet) stopped watching it for good. And lines of
+    two tasks read in one pass were all named after the second."""
     import asyncio
 
     from controlplane.node.worker_output import WorkerOutput, log_paths
@@ -142,7 +143,7 @@ def test_the_reader_keeps_watching_a_file_caught_between_a_rotations_renames(
             self.lines: list[str] = []
 
         def send(self, message: object) -> None:
-            self.lines += [line for b in message.batches for line in b.lines]  # type: ignore[attr-defined]
+            self.lines += [f"{b.name}: {line}" for b in message.batches for line in b.lines]  # type: ignore[attr-defined]
 
     output = WorkerOutput(
         "node",
@@ -165,11 +166,12 @@ def test_the_reader_keeps_watching_a_file_caught_between_a_rotations_renames(
             f.write("two\n")
         out.rename(out.with_name(out.name + ".1"))  # the rotation's first rename
         await output.read_all()  # (finds no file)
-        out.write_text("three\n")  # the new file
+        out.write_text("three\n" + marker_line("job1", "g") + "four\n")  # the new file
         await output.read_all()
 
     asyncio.run(passes())
-    assert driver.lines == ["one", "two", "three"]  # nothing lost
+    # nothing lost, and each line named by the marker before it (not the pass's last)
+    assert driver.lines == ["f: one", "f: two", "f: three", "g: four"]
 
 
 def test_lines_repeated_by_several_workers_are_shown_once_and_counted(tmp_path: Path) -> None:

@@ -120,18 +120,18 @@ class WorkerOutput:
     async def _read_all(self) -> None:
         batches: dict[str, list[p.OutputLines]] = {}
         for watched in list(self._watched):
-            for job_id, lines in self._read(watched):
+            for job_id, name, lines in self._read(watched):
                 batches.setdefault(job_id, []).append(
-                    p.OutputLines(self.ip(), watched.pid, watched.name, watched.stream, lines)
+                    p.OutputLines(self.ip(), watched.pid, name, watched.stream, lines)
                 )
             if watched.ended:
                 self._watched.remove(watched)
         for job_id, found in batches.items():
             await self._deliver(job_id, found)
 
-    def _read(self, watched: _Watched) -> list[tuple[str, list[str]]]:
-        """The file's new whole lines, by job (lines before any marker: kept in the file
-        only)."""
+    def _read(self, watched: _Watched) -> list[tuple[str, str, list[str]]]:
+        """The file's new whole lines, as (job, name of what printed them, lines) in
+        file order (lines before any marker: kept in the file only)."""
         data = b""
         try:
             with open(watched.path, "rb") as file:
@@ -156,7 +156,7 @@ class WorkerOutput:
         if watched.ended and watched.offset >= size:
             cut = len(data)  # its last line, even without a newline
         watched.partial = data[cut:]
-        found: list[tuple[str, list[str]]] = []
+        found: list[tuple[str, str, list[str]]] = []
         for raw in data[:cut].splitlines():
             line = raw.decode(errors="replace")
             if line.startswith(MARKER):  # (whose lines follow, or a rotation's time)
@@ -166,10 +166,10 @@ class WorkerOutput:
                 continue
             if watched.job_id is None:
                 continue
-            if found and found[-1][0] == watched.job_id:
-                found[-1][1].append(line)
+            if found and found[-1][:2] == (watched.job_id, watched.name):
+                found[-1][2].append(line)
             else:
-                found.append((watched.job_id, [line]))
+                found.append((watched.job_id, watched.name, [line]))
         return found
 
     @staticmethod
