@@ -152,7 +152,8 @@ def _check_tasks_agree(url: str, address: str | None) -> list[Any]:
         assert got.creation_time_ms == _ms(view["submitted_at"])
         assert got.type == ("NORMAL_TASK" if view["actor_id"] is None else got.type)
         if view["state"] == "FAILED":
-            assert got.error_message is not None and got.error_message in view["error"]
+            message = view["error"].split(": ", 1)[-1]  # (the view's: "kind: message")
+            assert got.error_message is not None and message in got.error_message
     for view in earlier:
         got = by_key[(view["task_id"], view["attempt"])]
         assert got.state == ("FINISHED" if view["outcome"] == "FINISHED" else "FAILED")
@@ -211,6 +212,7 @@ def test_detail_and_get(job: Job) -> None:
     task = state.get_task(job.failed)
     assert task.state == task["state"] == task.get("state") == "FAILED"
     assert "boom from a task" in task.error_message
+    assert "Traceback (most recent call last)" in task.error_message  # as Ray's
     assert [e["state"] for e in task.events][-1] == "FAILED"
     assert task.required_resources == {"CPU": 1.0}
     attempts = state.get_task(job.flaky)

@@ -29,6 +29,7 @@ from controlplane.node.workers import WorkerHandle, WorkerPool
 from dataplane import protocol as p
 
 K = EntityKind
+_TRACEBACK_CHARS = 16_000  # of a failed task's traceback kept in its event (the end)
 
 
 class TaskRuns:
@@ -374,6 +375,8 @@ class TaskRuns:
             if kind == "cancelled"
             else {"error": f"{error.kind}: {error.message}"[:2000], "attempt": record.attempt}
         )
+        if error.traceback and kind == "failed":  # (its end: where it was raised)
+            payload["traceback"] = error.traceback[-_TRACEBACK_CHARS:]
         events = (
             [Event(K.TASK, spec.task_id, kind, payload, job_id=spec.job_id, node_id=self.node_id)]
             if log_event

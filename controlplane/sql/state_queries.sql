@@ -13,6 +13,8 @@
 -- state_tasks --
 -- One row per task attempt: the tasks view's row (its latest attempt), and, from
 -- task_attempts, each earlier attempt (retried or rebuilt: FAILED unless it finished).
+-- A failed attempt's error_message is its traceback where its failed event has one
+-- (as Ray's), else the error's message.
 -- $1: Cairn's task state -> Ray's TaskStatus; $2: Cairn's error kind -> Ray's error type.
 SELECT x.task_id,
        x.attempt AS attempt_number,
@@ -54,6 +56,7 @@ SELECT x.task_id,
        floor(extract(epoch FROM x.ended_at) * 1000)::bigint AS end_time_ms,
        NULL::jsonb AS task_log_info,
        CASE WHEN x.state = 'CANCELLED' THEN 'the task was cancelled'
+            WHEN x.state = 'FAILED' AND f.traceback IS NOT NULL THEN f.traceback
             WHEN x.state = 'FAILED' AND strpos(x.error, ': ') > 0
             THEN substr(x.error, strpos(x.error, ': ') + 2)
             WHEN x.state = 'FAILED' THEN x.error END AS error_message,
@@ -85,6 +88,10 @@ SELECT x.task_id,
                       ORDER BY position LIMIT 1) s ON true
   LEFT JOIN LATERAL (SELECT class_name FROM actors WHERE actors.actor_id = x.actor_id) a
     ON true
+  LEFT JOIN LATERAL (SELECT payload ->> 'traceback' AS traceback FROM events
+                      WHERE entity_id = x.task_id AND entity_kind = 'task'
+                        AND event_type = 'failed' AND payload ->> 'attempt' = x.attempt::text
+                      ORDER BY position DESC LIMIT 1) f ON x.state = 'FAILED'
 
 -- state_actors --
 SELECT a.actor_id,
