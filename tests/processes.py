@@ -116,3 +116,14 @@ def run_driver(
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
+
+
+def dashboard_address(session_dir: Path, other_than: str = "", timeout: float = 60.0) -> str:
+    """The head's HTTP service's address, from its session's ``dashboard.address``
+    (once there, and not ``other_than``: that of a service since restarted)."""
+    path = session_dir / "dashboard.address"
+    deadline = time.monotonic() + timeout
+    while not path.exists() or path.read_text() in ("", other_than):
+        assert time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(0.05)
+    return path.read_text()

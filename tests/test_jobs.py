@@ -19,9 +19,8 @@ from pathlib import Path
 import pytest
 from log_rows import rows
 from machine_cluster import MachineCluster, machine_cluster
-from processes import gcs_url_of, pids_with, run_cairn
+from processes import dashboard_address, gcs_url_of, pids_with, run_cairn
 
-from controlplane.web.__main__ import ADDRESS_FILE
 from sdk.job_submission import JobStatus, JobSubmissionClient
 
 pytestmark = pytest.mark.timeout(300)
@@ -62,12 +61,7 @@ def cluster() -> Iterator[MachineCluster]:
 
 def service_address(cluster: MachineCluster, other_than: str = "") -> str:
     """The head's HTTP service's address (once it is not ``other_than``)."""
-    path = cluster.head.session_dir / ADDRESS_FILE
-    deadline = time.monotonic() + 60
-    while not path.exists() or path.read_text() in ("", other_than):
-        assert time.monotonic() < deadline, "the head's HTTP service did not start"
-        time.sleep(0.05)
-    return path.read_text()
+    return dashboard_address(cluster.head.session_dir, other_than)
 
 
 @pytest.fixture

@@ -11,19 +11,17 @@ import time
 import urllib.request
 import warnings
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import cloudpickle
 import numpy as np
 import pytest
 from machine_cluster import machine_cluster, node_id
-from processes import run_cairn
+from processes import dashboard_address, run_cairn
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 import sdk as ray
 from controlplane.node.metrics import NodeMetrics
-from controlplane.web.__main__ import ADDRESS_FILE
 from dataplane.user_metrics import MetricsBuffer
 from sdk.util.metrics import Counter, Gauge, Histogram
 from sdk.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -43,18 +41,10 @@ def cluster() -> Iterator[dict[str, str]]:
             yield {
                 "head": node_id(started.head),
                 "node": node_id(started.joined[0]),
-                "dashboard": _wait_for_file(started.head.session_dir / ADDRESS_FILE),
+                "dashboard": dashboard_address(started.head.session_dir),
             }
         finally:
             ray.shutdown()
-
-
-def _wait_for_file(path: Path, timeout: float = 30.0) -> str:
-    deadline = time.monotonic() + timeout
-    while not path.exists() or not path.read_text():
-        assert time.monotonic() < deadline, f"{path} did not appear"
-        time.sleep(0.05)
-    return path.read_text()
 
 
 def scrape(address: str) -> Samples:

@@ -196,11 +196,30 @@ for name, headers in (("no token", {}), ("wrong token", {"Authorization": "Beare
     except urllib.error.HTTPError as error:
         out[name] = error.code
 out["jobs"] = JobSubmissionClient(base).list_jobs() == []
+# the dashboard, as a browser there: sent to the login page, then signed in by cookie
+import http.cookiejar
+cookies = urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar())
+browser = urllib.request.build_opener(cookies)
+with browser.open(base + "/", timeout=10) as page:
+    out["page without token"] = (page.url.endswith("/login"), 'id="login"' in page.read().decode())
+def login(token):
+    body = json.dumps({"token": token}).encode()
+    request = urllib.request.Request(base + "/api/cairn/login", data=body, method="POST")
+    try:
+        with browser.open(request, timeout=10) as answer:
+            return answer.status
+    except urllib.error.HTTPError as error:
+        return error.code
+out["login wrong"], out["login"] = login("nope"), login(token)
+with browser.open(base + "/", timeout=10) as page:
+    out["page signed in"] = "dashboard.js" in page.read().decode()
+with browser.open(base + "/api/cairn/state/nodes", timeout=10) as answer:
+    out["nodes signed in"] = len(json.loads(answer.read())["rows"]) > 0
 print(json.dumps(out))
 """
 
 
-def test_an_http_service_other_machines_reach_asks_them_for_the_token(
+def test_an_http_service_other_machines_reach_asks_them_for_the_token_and_its_dashboard_a_login(
     cluster: HostCluster,
 ) -> None:
     # (the head's own listens on loopback, as Ray's dashboard: one on the head's
@@ -231,6 +250,11 @@ def test_an_http_service_other_machines_reach_asks_them_for_the_token(
         "wrong token": 401,
         "token": 200,
         "jobs": True,
+        "page without token": [True, True],
+        "login wrong": 401,
+        "login": 200,
+        "page signed in": True,
+        "nodes signed in": True,
     }
     server.terminate()
     server.wait(30)

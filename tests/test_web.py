@@ -8,15 +8,11 @@ import json
 import os
 import subprocess
 import sys
-import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 from machine_cluster import machine_cluster
-from processes import pids_with
-
-from controlplane.web.__main__ import ADDRESS_FILE
+from processes import dashboard_address, pids_with
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -29,17 +25,9 @@ def get_json(url: str) -> tuple[int, dict]:
         return error.code, json.loads(error.read())
 
 
-def wait_for_file(path: Path, timeout: float = 30.0) -> str:
-    deadline = time.monotonic() + timeout
-    while not path.exists() or not path.read_text():
-        assert time.monotonic() < deadline, f"{path} did not appear"
-        time.sleep(0.05)
-    return path.read_text()
-
-
 def test_the_head_serves_http_and_stops_it_with_itself() -> None:
     with machine_cluster(["--num-cpus", "1", "--dashboard-port", "0"]) as cluster:
-        address = wait_for_file(cluster.head.session_dir / ADDRESS_FILE)
+        address = dashboard_address(cluster.head.session_dir)
         status, answer = get_json(f"http://{address}/api/cairn/health")
         assert status == 200 and answer == {"ok": True}
         assert pids_with("controlplane.web", str(cluster.head.session_dir))
@@ -68,6 +56,15 @@ def test_cairn_dashboard_serves_a_log_on_its_own(gcs_url: str) -> None:
         address = line.rsplit("http://", 1)[1].strip()
         status, answer = get_json(f"http://{address}/api/cairn/health")
         assert status == 200 and answer == {"ok": True}
+        with urllib.request.urlopen(f"http://{address}/", timeout=10) as page:
+            assert b"/static/dashboard.js" in page.read()  # the dashboard, over the log
+        status, answer = get_json(f"http://{address}/api/cairn/state/tasks?filter=state=FAILED")
+        assert status == 200 and answer == {"rows": [], "limit": 100}
+        status, answer = get_json(f"http://{address}/api/cairn/state/tasks?filter=colour=red")
+        assert status == 400 and "colour" in answer["error"]
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"http://{address}/static/..%2F__init__.py", timeout=10)
+        assert refused.value.code == 404  # (only the page's own files are served)
     finally:
         server.terminate()
         server.wait(30)

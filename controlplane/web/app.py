@@ -18,8 +18,13 @@ ROUTE_MODULES = (
     "controlplane.web.health",
     "controlplane.web.metrics",
     "controlplane.web.jobs",
+    "controlplane.web.dashboard",
 )
 TOKEN_COOKIE = "cairn_token"
+# What a browser without the token may load: the login page and what it needs.
+PUBLIC_PATHS = frozenset(
+    {"/login", "/static/login.js", "/static/dashboard.css", "/api/cairn/login"}
+)
 
 
 @dataclass(frozen=True)
@@ -53,17 +58,27 @@ async def _token_check(request: web.Request, handler: Handler) -> web.StreamResp
     Bearer TOKEN``, or the cookie the dashboard's login sets); one from this machine's
     loopback needs none, as the node's own socket."""
     token = context_of(request).auth_token
-    if token is None or _is_loopback(request.remote) or _given_token(request, token):
+    if (
+        token is None
+        or _is_loopback(request.remote)
+        or request.path in PUBLIC_PATHS
+        or same_token(_request_token(request), token)
+    ):
         return await handler(request)
+    if request.method == "GET" and not request.path.startswith("/api/"):
+        raise web.HTTPFound("/login")  # (a person at a browser: the token is asked for)
     raise web.HTTPUnauthorized(
         text='{"error": "this service needs the cluster token (Authorization: Bearer TOKEN)"}',
         content_type="application/json",
     )
 
 
-def _given_token(request: web.Request, token: str) -> bool:
+def _request_token(request: web.Request) -> str:
     given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-    given = given or request.cookies.get(TOKEN_COOKIE, "")
+    return given or request.cookies.get(TOKEN_COOKIE, "")
+
+
+def same_token(given: str, token: str) -> bool:
     return bool(given) and hmac.compare_digest(given.encode(), token.encode())
 
 
