@@ -296,10 +296,15 @@ def run_backend(backend: str, seconds: float, only: str) -> None:
 
 
 def collect(
-    python: str, backend: str, seconds: float, only: str, env: dict[str, str] | None = None
+    python: str,
+    backend: str,
+    seconds: float,
+    only: str,
+    env: dict[str, str] | None = None,
+    script: str = __file__,
 ) -> dict[str, dict]:
     result = subprocess.run(
-        [python, __file__, "--run", backend, "--seconds", str(seconds), "--only", only],
+        [python, script, "--run", backend, "--seconds", str(seconds), "--only", only],
         capture_output=True,
         text=True,
         timeout=1800,
@@ -317,25 +322,32 @@ def collect(
     return rows
 
 
-def versus_env(args: argparse.Namespace) -> int:
-    """Cairn beside itself with some settings changed (what a feature costs), in one run:
-    the two alternate ``--rounds`` times and each row keeps its best figure, so that a
-    disturbance of the machine does not land on one side only."""
-    env = dict(item.split("=", 1) for item in args.versus_env)
+def versus(args: argparse.Namespace) -> int:
+    """Cairn beside itself in one run -- with some settings changed (``--versus-env``:
+    what a feature costs) or as another checkout of it (``--versus-tree``: what the
+    changes since cost) --: the two alternate ``--rounds`` times and each row keeps its
+    best figure, so that a disturbance of the machine does not land on one side only."""
+    other_env = dict(item.split("=", 1) for item in args.versus_env)
+    other_script = __file__
     label = " ".join(args.versus_env)
-    best: dict[str, dict[str, float]] = {"with": {}, "without": {}}
+    if args.versus_tree:
+        tree = Path(args.versus_tree).resolve()
+        other_script = str(tree / "bench" / "microbenchmark.py")
+        other_env["PYTHONPATH"] = str(tree)  # (its daemons and workers too, not ours)
+        label = f"the tree {tree}" + (f" with {label}" if label else "")
+    best: dict[str, dict[str, float]] = {"as is": {}, "other": {}}
     units: dict[str, str] = {}
     for _ in range(args.rounds):
-        for side, extra in (("with", None), ("without", env)):
+        for side, extra, script in (("as is", None, __file__), ("other", other_env, other_script)):
             for name, row in collect(
-                sys.executable, "cairn", args.seconds, args.only, extra
+                sys.executable, "cairn", args.seconds, args.only, extra, script
             ).items():
                 best[side][name] = max(best[side].get(name, 0.0), row["value"])
                 units[name] = row["unit"]
-    print(f"Cairn as is vs Cairn with {label}; best of {args.rounds} round(s)")
-    print(f"{'row':48s} {'as is':>12s} {'with env':>12s} {'ratio':>9s}  unit")
+    print(f"Cairn as is vs Cairn as {label}; best of {args.rounds} round(s)")
+    print(f"{'row':48s} {'as is':>12s} {'other':>12s} {'ratio':>9s}  unit")
     for name, unit in units.items():
-        a, b = best["with"].get(name), best["without"].get(name)
+        a, b = best["as is"].get(name), best["other"].get(name)
         ratio = f"{a / b:9.3f}" if a and b else f"{'-':>9s}"
         print(f"{name:48s} {a or 0:12,.2f} {b or 0:12,.2f} {ratio}  {unit}")
     return 0
@@ -355,15 +367,24 @@ def main() -> int:
         "instead of with Ray",
     )
     parser.add_argument(
-        "--rounds", type=int, default=1, help="with --versus-env: alternate runs, keep the best"
+        "--versus-tree",
+        metavar="DIR",
+        help="compare Cairn with another checkout of it (e.g. a git worktree of an older "
+        "commit), instead of with Ray",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="with --versus-env/--versus-tree: alternate runs, keep the best",
     )
     parser.add_argument("--run", choices=["cairn", "ray"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.run:
         run_backend(args.run, args.seconds, args.only)
         return 0
-    if args.versus_env:
-        return versus_env(args)
+    if args.versus_env or args.versus_tree:
+        return versus(args)
     print(
         f"machine: {os.cpu_count()} CPUs; {args.seconds:g} s per row; "
         f"{time.strftime('%Y-%m-%d %H:%M')}"
