@@ -103,7 +103,8 @@ def logs_command(
             click.echo(line)
         return
     ended: Callable[[], Awaitable[bool]] | None = None
-    if task_id is not None:
+    if task_id is not None:  # (one not started yet is waited for)
+        fetch = lambda: reader.task_lines_once_started(task_id, attempt_number, suffix)  # noqa: E731
         ended = lambda: reader.task_ended(task_id, attempt_number)  # noqa: E731
     with contextlib.suppress(KeyboardInterrupt):
         _run(_print_following(fetch, ended, tail, interval))

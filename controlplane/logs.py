@@ -339,7 +339,34 @@ class LogReader:
         found.lines = self._lines(await read_between(files, stream, start, end))
         return found
 
+    async def task_started(self, task_id: str, attempt_number: int = 0) -> bool:
+        """Whether the attempt has started (and so has lines to follow); LogsError if
+        the log has no such task, or it ended without running that attempt."""
+        attempts = await self._query("log_task_attempts", task_id)
+        if -len(attempts) <= attempt_number < len(attempts):
+            return True
+        known = (await self._query("log_task_known", task_id))[0]
+        if not known["submitted"]:
+            raise LogsError(f"no task {task_id!r} in the log")
+        if known["over"]:
+            raise LogsError(
+                f"task {task_id} ended after {len(attempts)} attempt(s): "
+                f"no attempt {attempt_number}"
+            )
+        return False
+
+    async def task_lines_once_started(
+        self, task_id: str, attempt_number: int = 0, suffix: str = "out"
+    ) -> Lines:
+        """As ``task_lines``, for a follower: a task not started yet has no lines yet
+        (a note says so) rather than being an error."""
+        if not await self.task_started(task_id, attempt_number):
+            return Lines(notes=[f"task {task_id} has not started yet: waiting for it"])
+        return await self.task_lines(task_id, attempt_number, suffix)
+
     async def task_ended(self, task_id: str, attempt_number: int = 0) -> bool:
+        if not await self.task_started(task_id, attempt_number):
+            return False
         attempts = await self.task_attempts(task_id)
         position = attempts[attempt_number]["position"]
         rows = await self._query("log_task_attempt_ended", task_id, position)

@@ -163,27 +163,36 @@ def test_list_logs_and_get_log_of_a_nodes_file(cluster: None) -> None:
     assert refused.returncode != 0 and "exactly one of" in refused.stderr
 
 
-def test_follow_prints_a_running_tasks_lines_until_it_ends(cluster: None, tmp_path: Path) -> None:
-    go = tmp_path / "go"
+def test_follow_waits_for_a_task_to_start_and_prints_its_lines_until_it_ends(
+    cluster: None, tmp_path: Path
+) -> None:
+    start, go = tmp_path / "start", tmp_path / "go"
 
     @ray.remote
-    def slow(path: str) -> None:
+    def gate(path: str) -> None:
+        while not os.path.exists(path):
+            time.sleep(0.05)
+
+    @ray.remote
+    def slow(path: str, _gate: None) -> None:
         print("before", flush=True)
         while not os.path.exists(path):
             time.sleep(0.05)
         print("after", flush=True)
 
-    ref = slow.remote(str(go))
-    wait_for_rows(gcs(), RUNNING, ref.task_id())
+    ref = slow.remote(str(go), gate.remote(str(start)))  # (waits for its argument)
     command = [sys.executable, "-m", "controlplane.cli", "logs", "--gcs-url", gcs()]
     follower = subprocess.Popen(
         [*command, "--task", ref.task_id(), "--follow", "--interval", "0.1"],
         stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
         cwd=ROOT,
     )
     try:
-        assert follower.stdout is not None
+        assert follower.stdout is not None and follower.stderr is not None
+        assert "has not started yet: waiting" in follower.stderr.readline()
+        start.touch()
         assert follower.stdout.readline() == "before\n"  # while the task still runs
         go.touch()
         ray.get(ref)

@@ -414,6 +414,15 @@ SELECT position, node_id, payload->>'worker_id' AS worker_id FROM events
  WHERE entity_kind = 'task' AND event_type = 'running' AND entity_id = $1
  ORDER BY position
 
+-- log_task_known --
+-- Whether a task was submitted ($1), and whether it has ended for good (no attempt to
+-- come: finished, failed or cancelled as its last word).
+SELECT bool_or(event_type = 'submitted') AS submitted,
+       (array_agg(event_type ORDER BY position DESC))[1]
+           IN ('finished', 'failed', 'cancelled') AS over
+  FROM events
+ WHERE entity_kind = 'task' AND entity_id = $1
+
 -- log_task_attempt_ended --
 -- Whether a task's attempt sent at $2 (a position) has ended: a later event of the task
 -- that closes it.

@@ -365,6 +365,8 @@ def get_log(
         fetch = lambda: reader.actor_lines(actor_id, suffix)  # noqa: E731
     elif task_id is not None:
         fetch = lambda: reader.task_lines(task_id, attempt_number, suffix)  # noqa: E731
+        if follow:  # (a task not started yet is waited for)
+            fetch = lambda: reader.task_lines_once_started(task_id, attempt_number, suffix)  # noqa: E731
         ended = lambda: reader.task_ended(task_id, attempt_number)  # noqa: E731
     else:
         assert pid is not None
