@@ -5,6 +5,7 @@ parser; and Ray's validation errors."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
 import time
@@ -22,6 +23,8 @@ from prometheus_client.samples import Sample
 
 import sdk as ray
 from controlplane.node.metrics import NodeMetrics
+from controlplane.readonly_sql import run_readonly
+from controlplane.web.metrics import render
 from dataplane.user_metrics import MetricsBuffer
 from sdk.util.metrics import Counter, Gauge, Histogram
 from sdk.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -173,6 +176,19 @@ def test_runtime_metrics_of_every_node(cluster: dict[str, str]) -> None:
         assert value(samples, "cairn_spilled_bytes", node_id=each) == 0
         for state in ("RUNNING", "QUEUED", "WAITING_FOR_DEPENDENCIES"):
             assert value(samples, "cairn_tasks", node_id=each, state=state) is not None
+    stored = {
+        s.labels["tailer"]
+        for s in samples
+        if s.name == "cairn_tailer_lag_events" and "node_id" not in s.labels
+    }
+    positions = (
+        "SELECT 'projection:' || name FROM subscriptions"
+        " UNION ALL SELECT 'checkpoint:' || name FROM checkpoints"
+    )
+    assert stored == {
+        row[0]
+        for row in asyncio.run(run_readonly(ray.get_runtime_context().gcs_address, positions))[1]
+    }
     finished = value(samples, "cairn_tasks_ended_total", node_id=node, state="FINISHED")
     assert finished is not None and finished >= (finished_before or 0) + 5
     assert (value(samples, "cairn_objects", node_id=head) or 0) >= 1
@@ -257,3 +273,10 @@ def test_a_node_totals_its_processes_reports() -> None:
         "histogram",
         [{"tags": {}, "value": 2.5, "buckets": [1, 1], "count": 2}],
     )
+
+
+def test_the_lag_of_each_reader_that_keeps_its_place_in_the_log() -> None:
+    exposition = render([], 1000, {"projection:tasks": 990, "checkpoint:global_scheduler": 400})
+    samples = [s for f in text_string_to_metric_families(exposition.decode()) for s in f.samples]
+    assert value(samples, "cairn_tailer_lag_events", tailer="projection:tasks") == 10
+    assert value(samples, "cairn_tailer_lag_events", tailer="checkpoint:global_scheduler") == 600

@@ -30,6 +30,14 @@ SELECT position, event_id FROM events WHERE position = ANY($1::bigint[])
 -- head_position --
 SELECT last_position FROM event_log_head WHERE id = 1
 
+-- stored_tailer_positions --
+-- Where the log's readers that keep their place in it stand: the projectors (their
+-- subscriptions, moved with each batch applied) and the checkpointing ones, such as the
+-- global scheduler (moved each checkpoint: their lag is at most one checkpoint's more).
+SELECT 'projection:' || name AS tailer, position FROM subscriptions
+UNION ALL
+SELECT 'checkpoint:' || name, position FROM checkpoints
+
 -- subscription_position --
 SELECT position FROM subscriptions WHERE name = $1
 

@@ -103,6 +103,10 @@ async def exposition(gcs_url: str, token: str | None, node_tls: tls.NodeTls | No
     conn = await connect(gcs_url, fence=False)
     try:
         head = int(await conn.fetchval(queries["head_position"]))
+        stored = {
+            r["tailer"]: int(r["position"])
+            for r in await conn.fetch(queries["stored_tailer_positions"])
+        }
     finally:
         await conn.close()
     live = [
@@ -113,7 +117,7 @@ async def exposition(gcs_url: str, token: str | None, node_tls: tls.NodeTls | No
     answers = await asyncio.gather(
         *(asyncio.to_thread(_ask, node_id, address, token, node_tls) for node_id, address in live)
     )
-    return render(list(answers), head)
+    return render(list(answers), head, stored)
 
 
 def _ask(
@@ -143,10 +147,17 @@ class _Families(Collector):
         return iter(self.families.values())
 
 
-def render(nodes: list[dict[str, Any]], head_position: int) -> bytes:
+def render(
+    nodes: list[dict[str, Any]], head_position: int, stored: dict[str, int] | None = None
+) -> bytes:
     """One exposition of the nodes' answers (``head_position``: the log's head when
-    they were asked, to measure each node's log follower against)."""
+    they were asked, to measure each node's log follower against; ``stored``: the
+    positions the log's other readers keep in it, by name)."""
     out = _Families()
+    for tailer, position in (stored or {}).items():
+        _lag(out).add_sample(
+            "cairn_tailer_lag_events", {"tailer": tailer}, float(max(0, head_position - position))
+        )
     for node in nodes:
         labels = {"node_id": node["node_id"], "NodeAddress": _host(node["address"])}
         up = out.get("cairn_node_up", "gauge", "1 if the node answered the scrape, else 0.")
@@ -184,17 +195,22 @@ def _add_runtime(
         family.add_sample(sample, labels, float(runtime[key]))
     position = runtime["log_follower_position"]
     if position is not None:
-        lag = out.get(
-            "cairn_tailer_lag_events",
-            "gauge",
-            "Events between the log's head and the position of the node's tailer.",
-        )
-        assert lag is not None
-        lag.add_sample(
+        _lag(out).add_sample(
             "cairn_tailer_lag_events",
             {**labels, "tailer": "node_log_follower"},
             float(max(0, head - int(position))),
         )
+
+
+def _lag(out: _Families) -> Metric:
+    lag = out.get(
+        "cairn_tailer_lag_events",
+        "gauge",
+        "Events between the log's head and where a reader of the log stands (a node's "
+        "follower; a projection; a checkpointing reader, as of its last checkpoint).",
+    )
+    assert lag is not None
+    return lag
 
 
 def _add_user(out: _Families, labels: dict[str, str], metrics: list[dict[str, Any]]) -> None:
