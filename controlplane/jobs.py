@@ -40,7 +40,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from controlplane import auth
+from controlplane import auth, pip_envs
 from controlplane import runtime_env_packages as packages
 from controlplane.eventlog import EntityKind, Event, EventAppender
 from controlplane.eventlog.connection import connect
@@ -373,9 +373,12 @@ class Supervisor:
 
     async def _run(self, sub_id: str, entrypoint: str, runtime_env: dict[str, Any]) -> None:
         try:
+            path = log_path(self.session_dir, sub_id)
+            path.parent.mkdir(parents=True, exist_ok=True)
             try:
                 cwd = await self._working_dir(sub_id, runtime_env)
                 modules = await self._py_modules(sub_id, runtime_env)
+                venv = await self._venv(runtime_env, path)
             except Exception as exc:  # (whatever it is, the job is told)
                 await self._end(
                     sub_id,
@@ -387,8 +390,6 @@ class Supervisor:
             if sub_id in self._stopping:
                 await self._end(sub_id, "stopped")
                 return
-            path = log_path(self.session_dir, sub_id)
-            path.parent.mkdir(parents=True, exist_ok=True)
             try:
                 with path.open("ab") as out:
                     process = await asyncio.create_subprocess_shell(
@@ -397,7 +398,7 @@ class Supervisor:
                         stdout=out,
                         stderr=subprocess.STDOUT,
                         cwd=cwd,
-                        env=self._environment(sub_id, runtime_env, modules),
+                        env=self._environment(sub_id, runtime_env, modules, venv),
                         start_new_session=True,  # its own group: stop ends all of it
                         preexec_fn=die_with_parent,
                     )
@@ -480,11 +481,30 @@ class Supervisor:
             folders.append(str(dest))
         return folders
 
+    async def _venv(self, runtime_env: dict[str, Any], log: Path) -> Path | None:
+        """The virtual environment of the job's ``pip`` (None: none given), built in
+        the head's cache, where its tasks' workers on the head find it; pip's output
+        goes first in the job's log, as Ray's runtime env setup logs."""
+        if "pip" not in runtime_env:
+            return None
+        spec = pip_envs.pip_spec(runtime_env["pip"])
+        cache = self.session_dir / pip_envs.RUNTIME_RESOURCES / "pip"
+        try:
+            venv, output = await pip_envs.build_venv(cache, spec)
+        except pip_envs.SetupFailed as exc:
+            with log.open("a") as file:
+                file.write(f"{exc}\n")
+            raise
+        with log.open("a") as file:
+            file.write(output)
+        return venv
+
     def _environment(
-        self, sub_id: str, runtime_env: dict[str, Any], modules: list[str]
+        self, sub_id: str, runtime_env: dict[str, Any], modules: list[str], venv: Path | None
     ) -> dict[str, str]:
         """The driver's: this service's, without its secrets, with the cluster's
-        address (so that ``init()`` joins it), the submission and its runtime_env."""
+        address (so that ``init()`` joins it), the submission and its runtime_env
+        (``python`` is its pip env's, else the head's own)."""
         env = {k: v for k, v in os.environ.items() if k not in (auth.TOKEN_ENV, GCS_URL_ENV)}
         env.update(runtime_env.get("env_vars") or {})
         if modules:
@@ -497,7 +517,8 @@ class Supervisor:
         env[SUBMISSION_ID_ENV] = env["RAY_JOB_SUBMISSION_ID"] = sub_id
         env[JOB_RUNTIME_ENV_ENV] = json.dumps(runtime_env)
         # `python` is the head's own (the one Cairn runs in), as in Ray's cluster env
-        env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
+        python_dir = str(venv / "bin") if venv is not None else os.path.dirname(sys.executable)
+        env["PATH"] = os.pathsep.join([python_dir, env.get("PATH", "")])
         env["PYTHONUNBUFFERED"] = env.get("PYTHONUNBUFFERED", "1")  # logs as they come
         return env
 

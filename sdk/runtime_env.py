@@ -20,6 +20,7 @@ import types
 from pathlib import Path
 from typing import Any
 
+from controlplane import pip_envs
 from controlplane import runtime_env_packages as packages
 from dataplane import context
 
@@ -201,7 +202,7 @@ def resolve(runtime_env: dict[str, Any], gcs_url: str) -> dict[str, Any]:
     except packages.PackageError as exc:
         raise ValueError(f"runtime_env: {exc}") from None
     if "pip" in resolved:
-        resolved["pip"] = _pip_spec(resolved["pip"])
+        resolved["pip"] = pip_envs.pip_spec(resolved["pip"])
     return resolved
 
 
@@ -227,27 +228,3 @@ def _run(coroutine: Any) -> Any:
     may be inside an event loop: an async actor submitting a task)."""
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         return pool.submit(asyncio.run, coroutine).result()
-
-
-def _pip_spec(value: Any) -> dict[str, Any]:
-    if isinstance(value, dict):
-        spec = {"pip_check": False, "pip_install_options": [], **value}
-        spec["packages"] = _requirements(spec["packages"])
-        return spec
-    return {"packages": _requirements(value), "pip_check": False, "pip_install_options": []}
-
-
-def _requirements(value: Any) -> list[str]:
-    """A list of requirements, or the lines of a requirements file (read here, as Ray
-    reads it on the driver)."""
-    if isinstance(value, list | tuple):
-        return list(value)
-    path = Path(value).expanduser()
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ValueError(
-            f"runtime_env['pip']: cannot read the requirements file {str(value)!r}: {exc}"
-        ) from None
-    lines = (line.split(" #", 1)[0].strip() for line in text.splitlines())
-    return [line for line in lines if line and not line.startswith("#")]

@@ -134,6 +134,38 @@ def test_a_job_runs_in_its_working_dir_and_runtime_env(
     assert [row["submission_id"] for row in driver] == [submission_id]
 
 
+PIP_SCRIPT = """
+import tomli_w  # (the job's pip env: the entrypoint's own imports see it)
+import sdk as ray
+
+ray.init()
+
+@ray.remote
+def dump():
+    import tomli_w
+    return tomli_w.dumps({"k": 1})
+
+print("entrypoint", tomli_w.dumps({"a": 1}).strip(), "task", ray.get(dump.remote()).strip())
+"""
+
+
+def test_a_jobs_pip_env_is_its_entrypoints_and_its_tasks(
+    client: JobSubmissionClient, tmp_path: Path
+) -> None:
+    (tmp_path / "script.py").write_text(PIP_SCRIPT)
+    submission_id = client.submit_job(
+        entrypoint="python script.py",
+        runtime_env={"working_dir": str(tmp_path), "pip": ["tomli-w==1.0.0"]},
+    )
+    status = wait_for_status(
+        client, submission_id, JobStatus.SUCCEEDED, JobStatus.FAILED, timeout=100
+    )
+    logs = client.get_job_logs(submission_id)
+    assert status == JobStatus.SUCCEEDED, logs
+    assert "entrypoint a = 1 task k = 1" in logs
+    assert "tomli" in logs.split("entrypoint a = 1")[0]  # pip's output first, as Ray's setup logs
+
+
 def test_a_failing_job_fails_with_its_error(client: JobSubmissionClient) -> None:
     submission_id = client.submit_job(
         entrypoint="python -c \"import sys; print('about to fail'); sys.exit(3)\"",

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from controlplane import pip_envs
 from controlplane.node import rpc
 from controlplane.node.actor_names import ActorNames
 from controlplane.node.actors import ActorDirector
@@ -176,7 +177,7 @@ def build_parts(
     envs = RuntimeEnvs(
         node_id,
         gcs_url,
-        session_dir / "runtime_resources",
+        session_dir / pip_envs.RUNTIME_RESOURCES,
         recorder,
         spawn=spawn,
         on_change=lambda: envs_changed(),

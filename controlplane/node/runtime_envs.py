@@ -15,12 +15,9 @@ submitted later tries again."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import logging
-import shutil
-import site
 import sys
 import time
 from collections.abc import Callable, Coroutine
@@ -28,10 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from controlplane import pip_envs
 from controlplane import runtime_env_packages as packages
 from controlplane.eventlog.events import EntityKind as K
 from controlplane.eventlog.events import Event
 from controlplane.node.recorder import EventRecorder
+from controlplane.pip_envs import SetupFailed
 from dataplane import protocol as p
 
 if TYPE_CHECKING:
@@ -42,12 +41,7 @@ log = logging.getLogger(__name__)
 PROCESS_FIELDS = ("working_dir", "py_modules", "pip")  # what a worker must start in
 DEFAULT_SETUP_TIMEOUT_S = 600  # Ray's default setup_timeout_seconds
 _FAILURE_KEPT_S = 30.0
-_OUTPUT_KEPT = 4000  # characters of pip's output in an event or error
-_READY_MARK = ".cairn-ready"
-
-
-class SetupFailed(Exception):
-    """The env cannot be set up; the message is what its tasks are told."""
+_OUTPUT_KEPT = pip_envs.OUTPUT_KEPT
 
 
 @dataclass(frozen=True)
@@ -215,79 +209,11 @@ class RuntimeEnvs:
     async def _venv(self, spec: dict[str, Any]) -> tuple[Path, str]:
         """The virtual environment of a pip spec on this node, and the output of its
         build (empty when it was built before)."""
-        name = _digest([spec, sys.version])[:16]
+        name = pip_envs.venv_name(spec)
         future = self._venvs.get(name)
         if future is None or (future.done() and future.exception() is not None):
-            future = self._venvs[name] = asyncio.ensure_future(self._build_venv(spec, name))
+            future = self._venvs[name] = asyncio.ensure_future(
+                pip_envs.build_venv(self.cache_dir / "pip", spec)
+            )
         venv, output = await asyncio.shield(future)
         return venv, output
-
-    async def _build_venv(self, spec: dict[str, Any], name: str) -> tuple[Path, str]:
-        venv = self.cache_dir / "pip" / name
-        if (venv / _READY_MARK).exists():
-            return venv, ""
-        shutil.rmtree(venv, ignore_errors=True)  # a build that did not end
-        venv.parent.mkdir(parents=True, exist_ok=True)
-        output = await _run(
-            "creating the virtual environment",
-            sys.executable,
-            "-m",
-            "venv",
-            "--without-pip",
-            str(venv),
-        )
-        python = venv / "bin" / "python"
-        site_dir = Path(
-            (
-                await _run(
-                    "locating it",
-                    str(python),
-                    "-c",
-                    "import sysconfig; print(sysconfig.get_paths()['purelib'])",
-                )
-            ).strip()
-        )
-        # this node's own packages (Cairn itself among them) come after the env's own
-        parents = [p for p in site.getsitepackages() if Path(p).is_dir()]
-        lines = "".join(f"import site; site.addsitedir({p!r})\n" for p in parents)
-        (site_dir / "_cairn_node_packages.pth").write_text(lines)
-        pip = [sys.executable, "-m", "pip", "--python", str(python)]
-        quiet = ["--disable-pip-version-check", "--no-input"]
-        packages_ = list(spec.get("packages") or [])
-        if packages_:
-            output += await _run(
-                "pip install",
-                *pip,
-                "install",
-                *quiet,
-                *spec.get("pip_install_options", []),
-                *packages_,
-            )
-        if spec.get("pip_check"):
-            output += await _run("pip check", *pip, "check", *quiet)
-        (venv / _READY_MARK).write_text(json.dumps(spec))
-        return venv, output
-
-
-async def _run(what: str, *argv: str) -> str:
-    """Runs a command of a setup; its output; SetupFailed with that output if it fails.
-    Killed if the setup is given up (its timeout)."""
-    process = await asyncio.create_subprocess_exec(
-        *argv,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    try:
-        out, _ = await process.communicate()
-    except BaseException:
-        with contextlib.suppress(ProcessLookupError):
-            process.kill()
-        await process.wait()
-        raise
-    text = out.decode(errors="replace")
-    if process.returncode != 0:
-        raise SetupFailed(
-            f"{what} failed (exit code {process.returncode}):\n{text[-_OUTPUT_KEPT:]}"
-        )
-    return text
