@@ -19,9 +19,10 @@ from pathlib import Path
 import pytest
 from log_rows import rows
 from machine_cluster import MachineCluster, machine_cluster
-from processes import dashboard_address, gcs_url_of, pids_with, run_cairn
+from processes import dashboard_address, gcs_url_of, pids_with, run_cairn, run_driver
 
 from sdk.job_submission import JobStatus, JobSubmissionClient
+from sdk.util.state import list_jobs
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -132,6 +133,14 @@ def test_a_job_runs_in_its_working_dir_and_runtime_env(
         info.job_id,
     )
     assert [row["submission_id"] for row in driver] == [submission_id]
+    # the state API shows the driver's job as Ray's: a SUBMISSION, with the submission's
+    (listed,) = list_jobs(address=url, filters=[("submission_id", "=", submission_id)], detail=True)
+    assert (listed.job_id, listed.type, listed.entrypoint) == (
+        info.job_id,
+        "SUBMISSION",
+        "python script.py",
+    )
+    assert listed.metadata == {"owner": "tests"} and listed.status == "SUCCEEDED"
 
 
 PIP_SCRIPT = """
@@ -196,7 +205,12 @@ def test_stopping_a_job_ends_its_process(
         client.stop_job("no-such-job")
 
 
-def test_list_and_delete(client: JobSubmissionClient) -> None:
+def test_list_and_delete(client: JobSubmissionClient, tmp_path: Path) -> None:
+    plain = run_driver(
+        tmp_path,
+        "import sdk as ray\nray.init(address='auto')\n"
+        "print(ray.get_runtime_context().get_job_id())",
+    ).stdout.split()[-1]
     done = client.submit_job(entrypoint="echo listed", submission_id="listed-job")
     wait_for_status(client, done, JobStatus.SUCCEEDED)
     assert client.get_job_logs(done) == "listed\n"
@@ -204,6 +218,8 @@ def test_list_and_delete(client: JobSubmissionClient) -> None:
     wait_for_status(client, running, JobStatus.RUNNING)
     listed = {job.submission_id: job.status for job in client.list_jobs()}
     assert listed[done] == JobStatus.SUCCEEDED and listed[running] == JobStatus.RUNNING
+    drivers = {job.job_id: job for job in client.list_jobs() if job.type == "DRIVER"}
+    assert drivers[plain].status == JobStatus.SUCCEEDED  # (a driver no submission started)
     with pytest.raises(RuntimeError, match="non-terminal"):
         client.delete_job(running)
     client.stop_job(running)

@@ -174,11 +174,12 @@ SELECT n.node_id,
                       ORDER BY position DESC LIMIT 1) r ON true
 
 -- state_jobs --
--- Drivers' jobs (Ray's type DRIVER): Cairn has no job submission yet.
+-- Drivers' jobs: Ray's type SUBMISSION for a driver a job submission started (its
+-- submission's id, entrypoint, metadata and runtime_env), DRIVER for the others.
 SELECT j.job_id,
-       NULL::text AS submission_id,
-       j.entrypoint,
-       'DRIVER' AS type,
+       sub.submission_id,
+       coalesce(sub.payload ->> 'entrypoint', j.entrypoint) AS entrypoint,
+       CASE WHEN sub.submission_id IS NULL THEN 'DRIVER' ELSE 'SUBMISSION' END AS type,
        j.state AS status,
        j.error AS message,
        NULL::text AS error_type,
@@ -189,14 +190,23 @@ SELECT j.job_id,
                 WHEN n.address IS NOT NULL THEN '127.0.0.1' END) AS driver_info,
        floor(extract(epoch FROM coalesce(j.started_at, j.submitted_at)) * 1000)::bigint AS start_time,
        floor(extract(epoch FROM j.ended_at) * 1000)::bigint AS end_time,
-       '{}'::jsonb AS metadata,
-       NULL::jsonb AS runtime_env,
+       coalesce(sub.payload -> 'metadata', '{}'::jsonb) AS metadata,
+       sub.payload -> 'runtime_env' AS runtime_env,
        NULL::text AS driver_agent_http_address,
        j.driver_node_id,
        NULL::int AS driver_exit_code,
        floor(extract(epoch FROM j.submitted_at) * 1000)::bigint AS sort_key
   FROM jobs j
   LEFT JOIN LATERAL (SELECT address FROM nodes WHERE nodes.node_id = j.driver_node_id) n ON true
+  LEFT JOIN LATERAL (
+        SELECT d.payload ->> 'submission_id' AS submission_id,
+               (SELECT e.payload FROM events e
+                 WHERE e.entity_kind = 'submission' AND e.event_type = 'submitted'
+                   AND e.entity_id = d.payload ->> 'submission_id'
+                 ORDER BY e.position LIMIT 1) AS payload
+          FROM events d
+         WHERE d.entity_kind = 'job' AND d.entity_id = j.job_id AND d.event_type = 'submitted'
+         ORDER BY d.position LIMIT 1) sub ON true
 
 -- state_placement_groups --
 -- Ray has no INFEASIBLE state for a group: it stays PENDING (stats say why).

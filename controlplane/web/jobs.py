@@ -15,7 +15,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from controlplane import jobs
+from controlplane import jobs, state_api
 from controlplane import runtime_env_packages as packages
 from controlplane.eventlog.connection import connect
 from controlplane.sql import queries
@@ -141,8 +141,13 @@ async def _submit(request: web.Request) -> web.Response:
 
 
 async def _list(request: web.Request) -> web.Response:
-    found = await jobs.read_submissions(context_of(request).gcs_url)
-    return web.json_response([sub.to_json() for sub in found.values()])
+    """Every job, as Ray's: the submissions, then the drivers no submission started."""
+    url = context_of(request).gcs_url
+    found = await jobs.read_submissions(url)
+    drivers = await state_api.list_states(url, "jobs", [("type", "=", "DRIVER")], limit=None)
+    return web.json_response(
+        [sub.to_json() for sub in found.values()] + [d.asdict() for d in drivers]
+    )
 
 
 async def _find(request: web.Request) -> jobs.Submission:
