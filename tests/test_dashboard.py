@@ -11,7 +11,9 @@ without them these tests fail, saying so."""
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -114,18 +116,23 @@ def browser() -> Iterator[Any]:
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
+    # (its profile and the folders it leaves in TMPDIR go with it)
+    private = Path(tempfile.mkdtemp(prefix="cairn-browser-"))
     options = webdriver.ChromeOptions()
     options.binary_location = BROWSER
     for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage"):
         options.add_argument(argument)
     options.add_argument("--window-size=1400,1000")
-    driver = webdriver.Chrome(service=Service(DRIVER), options=options)
+    options.add_argument(f"--user-data-dir={private / 'profile'}")
+    service = Service(DRIVER, env={**os.environ, "TMPDIR": str(private)})
+    driver = webdriver.Chrome(service=service, options=options)
     driver.implicitly_wait(0)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     try:
         yield driver
     finally:
         driver.quit()
+        shutil.rmtree(private, ignore_errors=True)
 
 
 def eventually(find: Callable[[], T | None], what: str, timeout: float = 20.0) -> T:
