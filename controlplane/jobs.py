@@ -44,7 +44,7 @@ from controlplane import auth, pip_envs
 from controlplane import runtime_env_packages as packages
 from controlplane.eventlog import EntityKind, Event, EventAppender
 from controlplane.eventlog.connection import connect
-from controlplane.local_node import GCS_URL_ENV
+from controlplane.gcs_url import ENV_VAR as GCS_URL_ENV
 from controlplane.node_records import local_nodes
 from controlplane.parent_death import die_with_parent
 from controlplane.sql import queries

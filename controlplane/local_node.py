@@ -496,6 +496,8 @@ def run_node(
         node.stop()
     if refused is not None:
         raise GcsIdentityError(refused)
+    if record is not None:  # a background node stopped cleanly: its output file goes too
+        node_log(os.getpid()).unlink(missing_ok=True)
 
 
 def start_in_background(

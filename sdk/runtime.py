@@ -14,15 +14,18 @@ import os
 import threading
 import time
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from controlplane.local_node import LocalNode, NodeConfig, node_config
 from controlplane.node_records import find_running
 from dataplane import context
 from dataplane import exceptions as exc
 from dataplane import protocol as p
 from dataplane.client import CoreClient, DaemonError, ObjectMissingError
 from dataplane.serialization import Serialized
+
+if TYPE_CHECKING:  # (imported when a private cluster starts: a driver that connects to a
+    # running one need not load the GCS's server side)
+    from controlplane.local_node import LocalNode, NodeConfig
 
 
 class Runtime:
@@ -41,6 +44,8 @@ class Runtime:
         log_to_driver: bool = True,
     ) -> Runtime:
         """Starts a private head node and connects to it."""
+        from controlplane.local_node import LocalNode
+
         head = LocalNode.start(gcs_url=gcs_url, config=config)
         try:
             client = CoreClient(
@@ -120,6 +125,8 @@ def start(
                 "prints it), and a driver runs on a machine of the cluster"
             )
         if address is None or address == "local":
+            from controlplane.local_node import node_config
+
             config = node_config(num_cpus, num_gpus, resources, object_store_memory, memory, labels)
             _runtime = Runtime.start(
                 gcs_url=gcs_url, config=config, namespace=namespace, log_to_driver=log_to_driver

@@ -310,7 +310,7 @@ def test_a_paused_scheduler_resumed_after_its_replacement_places_nothing_twice(
 def test_a_killed_global_scheduler_is_replaced_and_resumes(cluster: dict[str, str]) -> None:
     url = cluster["url"]
     (victim,) = _scheduler_pids(url)
-    refs = [quick.remote(i) for i in range(10_000)]
+    refs = [quick.remote(i) for i in range(3_000)]
     ours = [ref.task_id() for ref in refs]
     placed_by_victim = wait_for_rows(  # it is placing our spills
         url, "SELECT 1 FROM events WHERE event_type = 'placed' AND entity_id = ANY($1)", ours
@@ -323,7 +323,7 @@ def test_a_killed_global_scheduler_is_replaced_and_resumes(cluster: dict[str, st
         assert time.monotonic() < deadline, "the global scheduler was not started again"
         time.sleep(0.05)
     (restarted_at,) = asyncio.run(fetch_rows(url, "SELECT max(position) AS p FROM events"))
-    assert ray.get(refs, timeout=280) == [i + 1 for i in range(10_000)]
+    assert ray.get(refs, timeout=280) == [i + 1 for i in range(3_000)]
     assert _scheduler_pids(url) and victim not in _scheduler_pids(url)  # restarted
     placed_after = asyncio.run(
         fetch_rows(

@@ -13,7 +13,7 @@ from pathlib import Path
 from aiohttp import web
 
 from controlplane import auth
-from controlplane.local_node import GCS_URL_ENV
+from controlplane.gcs_url import ENV_VAR as GCS_URL_ENV
 from controlplane.parent_death import die_with_parent
 from controlplane.web.app import WebContext, make_app
 
