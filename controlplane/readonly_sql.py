@@ -62,10 +62,12 @@ async def audit_transaction(
 
 
 async def run_readonly(
-    url: str, statement: str, args: Sequence[Any] = ()
+    url: str, statement: str, args: Sequence[Any] = (), *, limit: int | None = None
 ) -> tuple[list[str], list[tuple[Any, ...]]]:
     """The column names and rows of one read-only statement; WriteRefusedError if it
-    is not one (nothing is run), or if it tries to write (it is rolled back)."""
+    is not one (nothing is run), or if it tries to write (it is rolled back). With
+    ``limit``, at most ``limit + 1`` rows are read from the server (one more than asked
+    says there are more) and the rest are never sent."""
     keyword = first_keyword(statement)
     if keyword not in READS:
         raise WriteRefusedError(
@@ -75,7 +77,10 @@ async def run_readonly(
     try:
         async with audit_transaction(url) as conn:
             prepared = await conn.prepare(statement)
-            rows = await prepared.fetch(*args)
+            if limit is None:
+                rows = await prepared.fetch(*args)
+            else:
+                rows = await (await prepared.cursor(*args)).fetch(limit + 1)
             columns = [attribute.name for attribute in prepared.get_attributes()]
     except asyncpg.PostgresSyntaxError as exc:
         if "multiple commands" in str(exc):

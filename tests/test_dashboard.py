@@ -231,17 +231,25 @@ def test_the_jobs_timeline_is_drawn_one_bar_per_attempt(dashboard: Dashboard, br
         " WHERE t.job_id = $1 AND a.started_at IS NOT NULL",
         dashboard.job_id,
     )
-    bars = eventually(
-        lambda: (
-            (found := browser.find_elements(By.CSS_SELECTOR, "svg#timeline rect.span"))
-            and len(found) == len(attempts)
-            and found
-        ),
-        f"{len(attempts)} bars",
+
+    def drawn() -> list[tuple[str, float, str]]:  # (read at once: the view is redrawn live)
+        found = [
+            (
+                b.get_attribute("data-task"),
+                float(b.get_attribute("width")),
+                b.get_attribute("class"),
+            )
+            for b in browser.find_elements(By.CSS_SELECTOR, "svg#timeline rect.span")
+        ]
+        return found if len(found) == len(attempts) else []
+
+    bars = eventually(drawn, f"{len(attempts)} bars")
+    assert sorted(task for task, _, _ in bars) == sorted(a[0] for a in attempts)
+    failed = dashboard.sql(
+        "SELECT task_id FROM tasks WHERE state = 'FAILED' AND job_id = $1", dashboard.job_id
     )
-    assert sorted(b.get_attribute("data-task") for b in bars) == sorted(a[0] for a in attempts)
-    failed = browser.find_elements(By.CSS_SELECTOR, "svg#timeline rect.span-failed")
-    assert len(failed) == 1 and all(float(b.get_attribute("width")) > 0 for b in bars)
+    assert [task for task, _, kind in bars if "span-failed" in kind] == [failed[0][0]]
+    assert all(width > 0 for _, width, _ in bars)
     screenshot(browser, "timeline")
 
 
@@ -283,6 +291,17 @@ def test_the_sql_console_shows_rows_and_refuses_a_write(dashboard: Dashboard, br
     assert cells == [tuple(row) for row in expected] and len(cells) >= 8
     screenshot(browser, "sql-rows")
 
+    statement.clear()  # a large answer: the first 1000 rows, and a word that there are more
+    statement.send_keys("SELECT n FROM generate_series(1, 100000) n")
+    browser.find_element(By.ID, "sql-run").click()
+    count = eventually(
+        lambda: (c := browser.find_elements(By.ID, "sql-count")) and "more" in c[0].text and c,
+        "the count",
+    )
+    assert count[0].text.startswith("the first 1000 rows")
+    shown = browser.find_elements(By.CSS_SELECTOR, "table#sql-result tbody tr")
+    assert len(shown) == 1000 and shown[-1].text == "1000"
+
     for write in ("DELETE FROM events", "WITH gone AS (DELETE FROM events RETURNING 1) SELECT 1"):
         statement.clear()
         statement.send_keys(write)
@@ -321,7 +340,7 @@ def test_each_view_shows_what_the_sql_views_hold(dashboard: Dashboard, browser: 
     )
     shown = shown_ids(browser, "actor-calls", len(calls))
     assert sorted(i.split("/")[0] for i in shown) == sorted(c[0] for c in calls)
-    output = browser.find_element(By.CSS_SELECTOR, "pre.output").text
+    output = eventually(lambda: browser.find_element(By.CSS_SELECTOR, "pre.output").text, "output")
     assert [f"counter adds {i}" for i in range(3)] == output.splitlines()
     screenshot(browser, "actor")
 

@@ -26,7 +26,7 @@ from controlplane.web.app import TOKEN_COOKIE, context_of, same_token
 
 STATIC = Path(__file__).with_name("static")
 _PAGE_FILES = {"dashboard.js", "dashboard.css", "login.html", "login.js"}
-_SQL_ROWS = 1000  # the console shows this many rows at most, and says so
+_SQL_ROWS = 1000  # the console shows this many rows at most (the rest are not read)
 
 
 def add_routes(app: web.Application) -> None:
@@ -116,7 +116,10 @@ async def _nodes(request: web.Request) -> web.Response:
 
 
 async def _task_output(request: web.Request) -> web.Response:
-    attempt = int(request.query.get("attempt", "-1"))
+    try:
+        attempt = int(request.query.get("attempt", "-1"))
+    except ValueError:
+        return _error(400, "attempt is an attempt number (0 for the first; -1: the last)")
     try:
         found = await logs.task_output(_url(request), request.match_info["task_id"], attempt)
     except logs.LogsError as exc:
@@ -155,14 +158,12 @@ async def _sql(request: web.Request) -> web.Response:
     """One read-only statement, as ``cairn sql`` runs it; a write is refused."""
     statement = str((await _body(request)).get("statement", ""))
     try:
-        columns, rows = await run_readonly(_url(request), statement)
+        columns, rows = await run_readonly(_url(request), statement, limit=_SQL_ROWS)
     except WriteRefusedError as exc:
         return _error(403, str(exc))
     except Exception as exc:  # (PostgreSQL's own message is the answer: a typo, ...)
         return _error(400, f"{type(exc).__name__}: {exc}")
-    return _json(
-        {"columns": columns, "rows": rows[:_SQL_ROWS], "total": len(rows), "shown": _SQL_ROWS}
-    )
+    return _json({"columns": columns, "rows": rows[:_SQL_ROWS], "more": len(rows) > _SQL_ROWS})
 
 
 def _filter(text: str) -> state_api.Filter:

@@ -345,8 +345,9 @@ views.sql = () => {
         headers: { "Content-Type": "application/json" },
         body: JSON.stringify({ statement: statement.value }),
       });
-      const more = answer.total > answer.rows.length ? ` (the first ${answer.rows.length} shown)` : "";
-      result.replaceChildren(el("p", { class: "status", id: "sql-count" }, `${answer.total} rows${more}`),
+      const count = answer.more ? `the first ${answer.rows.length} rows (there are more: `
+        + "narrow the statement or add a LIMIT)" : `${answer.rows.length} rows`;
+      result.replaceChildren(el("p", { class: "status", id: "sql-count" }, count),
         table(answer.rows, answer.columns.map((c, i) => [c, (row) => row[i]]), { id: "sql-result" }));
     } catch (error) {
       result.replaceChildren(el("p", { class: "error", id: "sql-error" }, error.message));
@@ -446,7 +447,7 @@ function lineageGraph(tree) {
 // -- the router --------------------------------------------------------------------------
 
 let current = null;
-let drawing = false;
+let drawing = null; // the view whose draw is in flight
 
 function parse() {
   const [path, search] = (location.hash.replace(/^#\/?/, "") || "jobs").split("?");
@@ -454,20 +455,30 @@ function parse() {
   return { name, argument: rest.map(decodeURIComponent).join("/"), params: new URLSearchParams(search ?? "") };
 }
 
-async function draw(quiet = false) {
-  if (!current || drawing) return;
-  drawing = true;
+async function draw(live = false) {
+  // a live tick waits for the draw in flight; a new view draws at once, and a draw of a
+  // view left meanwhile is dropped
+  const mine = current;
+  if (!mine || (live && drawing === mine)) return;
+  drawing = mine;
   const status = document.getElementById("status");
   try {
-    await current.view.draw(document.getElementById("view"));
+    // drawn aside, and shown only if it changed: a live view that did not change is left
+    // as it is (a selection in it, a hovered bar, stay)
+    const fresh = document.createElement("div");
+    await mine.view.draw(fresh);
+    if (current !== mine) return;
+    const region = document.getElementById("view");
+    if (fresh.innerHTML !== region.innerHTML) region.replaceChildren(...fresh.childNodes);
     status.textContent = `as of ${new Date().toLocaleTimeString()}`;
     status.classList.remove("error");
   } catch (error) {
+    if (current !== mine) return;
     status.textContent = error.message;
     status.classList.add("error");
-    if (!quiet) document.getElementById("view").replaceChildren();
+    if (!live) document.getElementById("view").replaceChildren();
   } finally {
-    drawing = false;
+    if (drawing === mine) drawing = null;
   }
 }
 
