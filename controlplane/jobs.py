@@ -201,8 +201,12 @@ async def read_submission(gcs_url: str, submission_id: str) -> Submission:
     return found
 
 
+def log_name(submission_id: str) -> str:
+    return f"job-driver-{submission_id}.log"
+
+
 def log_path(session_dir: Path, submission_id: str) -> Path:
-    return session_dir / LOGS_DIR / f"job-driver-{submission_id}.log"
+    return session_dir / LOGS_DIR / log_name(submission_id)
 
 
 def new_submission_id() -> str:

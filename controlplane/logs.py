@@ -466,6 +466,25 @@ class LogReader:
     async def node_files(self, node_id: str) -> list[dict[str, Any]]:
         return await (await self.files_of(node_id)).list()
 
+    async def submission_lines(self, submission_id: str) -> Lines:
+        """What a job submission's driver printed (its file on the head that ran it)."""
+        from controlplane import jobs
+
+        try:
+            found = await jobs.read_submission(self.gcs_url, submission_id)
+        except jobs.JobNotFound as exc:
+            raise LogsError(str(exc)) from None
+        if found.driver_node_id is None:
+            if found.status.is_terminal():  # (ended before its driver ran: no file)
+                return Lines(notes=[f"job {submission_id} {found.status.value}: {found.message}"])
+            return Lines(notes=[f"job {submission_id} has not started yet"])
+        return await self.file_lines(found.driver_node_id, jobs.log_name(found.submission_id))
+
+    async def submission_ended(self, submission_id: str) -> bool:
+        from controlplane import jobs
+
+        return (await jobs.read_submission(self.gcs_url, submission_id)).status.is_terminal()
+
     async def file_lines(self, node_id: str, name: str) -> Lines:
         files = await self.files_of(node_id)
         return Lines(self._lines(await read_all(files, name)))

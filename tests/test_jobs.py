@@ -22,7 +22,7 @@ from machine_cluster import MachineCluster, machine_cluster
 from processes import dashboard_address, gcs_url_of, pids_with, run_cairn, run_driver
 
 from sdk.job_submission import JobStatus, JobSubmissionClient
-from sdk.util.state import list_jobs
+from sdk.util.state import get_log, list_jobs
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -112,8 +112,10 @@ def test_a_job_runs_in_its_working_dir_and_runtime_env(
     assert info.job_id is not None  # the driver's own job, linked by its node
     assert info.start_time is not None and info.end_time is not None
     assert client.get_job_logs(submission_id) == followed
-    # the job's life is in the log, and its driver's job names it
+    # ... and through the state API, read by the head's node (its ReadLog call)
     url = gcs_url_of(cluster.head.session_dir)
+    assert list(get_log(submission_id=submission_id, address=url)) == followed.splitlines()
+    # the job's life is in the log, and its driver's job names it
     life = rows(
         url,
         "SELECT event_type, payload FROM events WHERE entity_kind = 'submission' "

@@ -335,12 +335,9 @@ def get_log(
 ) -> Iterator[str]:
     """A log's lines, one per item: of a file of a node (``filename`` with ``node_id``
     or ``node_ip``), an actor (``actor_id``), a task's attempt (``task_id``,
-    ``attempt_number``), or a worker (``pid``); ``follow`` keeps yielding new lines
-    (for a task, until its attempt ended)."""
-    if submission_id is not None:
-        raise RayStateApiException(
-            "get_log(submission_id=...) is not available yet: Cairn has no job submission"
-        )
+    ``attempt_number``), a worker (``pid``) or a job submission's driver
+    (``submission_id``); ``follow`` keeps yielding new lines (for a task, until its
+    attempt ended; for a submission, until it ended)."""
     if suffix not in ("out", "err"):
         raise ValueError(f"suffix must be 'out' or 'err', got {suffix!r}")
     given = [
@@ -350,11 +347,12 @@ def get_log(
             ("actor_id", actor_id),
             ("task_id", task_id),
             ("pid", pid),
+            ("submission_id", submission_id),
         )
         if v is not None
     ]
     if len(given) != 1:
-        raise ValueError("give exactly one of filename, actor_id, task_id, pid")
+        raise ValueError("give exactly one of filename, actor_id, task_id, pid, submission_id")
     reader = _log_reader(address, timeout, encoding=encoding or "utf-8", errors=errors or "strict")
     fetch: Callable[[], Coroutine[Any, Any, logs.Lines]]
     ended: Callable[[], Coroutine[Any, Any, bool]] | None = None
@@ -368,6 +366,9 @@ def get_log(
         if follow:  # (a task not started yet is waited for)
             fetch = lambda: reader.task_lines_once_started(task_id, attempt_number, suffix)  # noqa: E731
         ended = lambda: reader.task_ended(task_id, attempt_number)  # noqa: E731
+    elif submission_id is not None:  # (a job submission's driver: its file on the head)
+        fetch = lambda: reader.submission_lines(submission_id)  # noqa: E731
+        ended = lambda: reader.submission_ended(submission_id)  # noqa: E731
     else:
         assert pid is not None
         on = None if node_id is None and node_ip is None else _node(reader, node_id, node_ip)
