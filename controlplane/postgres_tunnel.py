@@ -148,6 +148,7 @@ class PostgresTlsTunnel:
         startup: bytes,
         writer: asyncio.StreamWriter,
     ) -> None:
+        handshaken = False
         try:
             remote_writer.write(framed(struct.pack("!I", _SSL_REQUEST)))
             answer = await remote_reader.readexactly(1)
@@ -163,6 +164,7 @@ class PostgresTlsTunnel:
                 server_hostname=self.server_hostname,
                 ssl_handshake_timeout=_HANDSHAKE_TIMEOUT_S,
             )
+            handshaken = True
             remote_writer.write(framed(startup))
             await remote_writer.drain()
             # with TLS 1.3 the front checks our certificate after our side of the
@@ -177,6 +179,15 @@ class PostgresTlsTunnel:
             raise TunnelError(
                 f"TLS failed ({exc.reason or exc}): does the front's CA know this machine's "
                 "certificate?"
+            ) from None
+        except ConnectionResetError as exc:
+            if not handshaken:
+                raise TunnelError(f"the connection failed: {_reason(exc)}") from None
+            # the front's refusal of our certificate (TLS 1.3: after our handshake), as
+            # a reset when it closed with our startup message unread
+            raise TunnelError(
+                "it reset the connection without an answer: does the front's CA know this "
+                "machine's certificate?"
             ) from None
         except (OSError, asyncio.IncompleteReadError, TimeoutError) as exc:
             raise TunnelError(f"the connection failed: {_reason(exc)}") from None

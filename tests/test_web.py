@@ -65,6 +65,21 @@ def test_cairn_dashboard_serves_a_log_on_its_own(gcs_url: str) -> None:
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(f"http://{address}/static/..%2F__init__.py", timeout=10)
         assert refused.value.code == 404  # (only the page's own files are served)
+        # a browser's request for another site's page is refused; the page's own passes
+        for origin, expected in (("http://evil.example", 403), (f"http://{address}", 200)):
+            request = urllib.request.Request(
+                f"http://{address}/api/cairn/sql",
+                data=json.dumps({"statement": "SELECT 1"}).encode(),
+                headers={"Origin": origin, "Content-Type": "text/plain"},
+                method="POST",
+            )
+            try:
+                with urllib.request.urlopen(request, timeout=10) as answer:
+                    assert (answer.status, json.loads(answer.read())["rows"]) == (200, [[1]])
+            except urllib.error.HTTPError as error:
+                assert error.code == expected == 403 and "another site" in error.read().decode()
+            else:
+                assert expected == 200
     finally:
         server.terminate()
         server.wait(30)

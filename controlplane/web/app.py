@@ -6,9 +6,11 @@ from __future__ import annotations
 import hmac
 import importlib
 import ipaddress
+import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
@@ -38,7 +40,9 @@ CONTEXT = web.AppKey("context", WebContext)
 
 
 def make_app(context: WebContext) -> web.Application:
-    app = web.Application(middlewares=[_token_check], client_max_size=512 * 1024**2)
+    app = web.Application(
+        middlewares=[_same_origin_check, _token_check], client_max_size=512 * 1024**2
+    )
     app[CONTEXT] = context
     for name in ROUTE_MODULES:
         importlib.import_module(name).add_routes(app)
@@ -50,6 +54,24 @@ def context_of(request: web.Request) -> WebContext:
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def _same_origin_check(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A request that may change something (not GET or HEAD) sent by a browser from
+    another site's page is refused: loopback needs no token, so any page open in a
+    browser on the head could otherwise submit a job (a command) to it. Browsers name
+    the page's origin in ``Origin``; clients that are not browsers send none."""
+    origin = request.headers.get("Origin")
+    cross_site = origin is not None and urlsplit(origin).netloc != request.host
+    if cross_site and request.method not in ("GET", "HEAD"):
+        raise web.HTTPForbidden(
+            text=json.dumps(
+                {"error": f"refused a request from a page of another site ({origin:.200})"}
+            ),
+            content_type="application/json",
+        )
+    return await handler(request)
 
 
 @web.middleware
