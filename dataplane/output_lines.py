@@ -107,6 +107,15 @@ def rotate_when_full() -> None:
 
 
 def rotate(fd: int, path: str) -> None:
+    """The new file takes the descriptor before the old one is renamed away, so that
+    once the reader sees the new file at ``path``, nothing more is written to the old
+    one (``.1``): the rest the reader reads of it then is all there is."""
+    fresh = os.open(f"{path}.new", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
+    try:
+        os.write(fresh, rotation_line().encode())
+        os.dup2(fresh, fd)
+    finally:
+        os.close(fresh)
     for n in range(BACKUPS - 1, 0, -1):
         with contextlib.suppress(FileNotFoundError):
             os.replace(f"{path}.{n}", f"{path}.{n + 1}")
@@ -114,12 +123,7 @@ def rotate(fd: int, path: str) -> None:
         os.replace(path, f"{path}.1")
     else:
         os.unlink(path)
-    fresh = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    try:
-        os.write(fresh, rotation_line().encode())
-        os.dup2(fresh, fd)
-    finally:
-        os.close(fresh)
+    os.replace(f"{path}.new", path)
 
 
 # -- the driver's side -----------------------------------------------------------------

@@ -18,6 +18,7 @@ from sdk import runtime_env
 from sdk.dag import ClassMethodNode, ClassNode, current_dag_id
 from sdk.remote_function import build_args, pickle_code, results_of, retry_types
 from sdk.runtime import client_or_auto_init
+from sdk.signatures import check_arguments, signature_of
 from sdk.util.scheduling_strategies import placement
 
 _NUM_RETURNS_ATTR = "__cairn_num_returns__"
@@ -154,6 +155,7 @@ class ActorClass:
         self._options = opts.validate(options, opts.ACTOR_OPTIONS)
         self._qualname = f"{cls.__module__}.{cls.__qualname__}"
         self._pickled: tuple[str, bytes] | None = None
+        self._signature = signature_of(cls)  # (its constructor's)
         self._methods = {
             name: getattr(member, _NUM_RETURNS_ATTR, 1)
             for name, member in inspect.getmembers(cls, callable)
@@ -192,6 +194,7 @@ class ActorClass:
         return ClassNode(self, args, kwargs)
 
     def remote(self, *args: Any, **kwargs: Any) -> ActorHandle:
+        check_arguments(self._signature, args, kwargs, f"{self._qualname}.remote()")
         client = client_or_auto_init()
         resolved = opts.resolve(self._options, opts.ACTOR_OPTIONS)
         strategy, selector = placement(resolved["scheduling_strategy"], resolved["label_selector"])

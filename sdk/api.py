@@ -25,7 +25,7 @@ from sdk.remote_function import RemoteFunction
 from sdk.runtime import client_or_auto_init, get_values, put_object, start
 from sdk.runtime import is_initialized as is_initialized
 from sdk.runtime import shutdown as shutdown
-from sdk.runtime_context import RuntimeContext, get_runtime_context
+from sdk.runtime_context import RayContext, get_runtime_context
 
 # Arguments of ray.init that change nothing here (logging, dashboard, ...): accepted so
 # that Ray programs run unchanged, with a warning naming them (never silently).
@@ -67,7 +67,7 @@ def init(
     runtime_env: dict[str, Any] | None = None,
     log_to_driver: bool = True,
     **unsupported: Any,
-) -> RuntimeContext:
+) -> RayContext:
     """Connects this driver to a cluster. Without an address (and no
     ``$CAIRN_ADDRESS``), or with "local": starts a private head node (embedded
     PostgreSQL unless ``gcs_url`` or ``$CAIRN_GCS_URL`` names one) that ``shutdown``
@@ -109,7 +109,7 @@ def init(
     eager = runtime_env_of_job.set_job_env(runtime_env, get_runtime_context().gcs_address)
     if eager is not None:  # (its node sets it up now, as Ray installs it at init)
         client_or_auto_init().send(p.PrepareRuntimeEnv(eager))
-    return get_runtime_context()
+    return RayContext(get_runtime_context(), address)
 
 
 def remote(*args: Any, **options: Any) -> Any:
@@ -191,6 +191,8 @@ def wait(
         raise TypeError(f"wait() expected a list of ray.ObjectRef, got {type(object_refs)}")
     if not all(isinstance(r, ObjectRef | ObjectRefGenerator) for r in object_refs):
         raise TypeError("wait() expected a list of ray.ObjectRef or ray.ObjectRefGenerator")
+    if not object_refs:
+        return [], []  # (as Ray: nothing to wait for, whatever num_returns says)
     if len(set(object_refs)) != len(object_refs):
         raise ValueError("Wait requires a list of unique object refs.")
     if num_returns <= 0 or num_returns > len(object_refs):

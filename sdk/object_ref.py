@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from typing import Any
 
 from dataplane import context
@@ -73,6 +73,20 @@ class ObjectRef:
 
         threading.Thread(target=resolve, name=f"cairn-future-{self._id[:8]}", daemon=True).start()
         return future
+
+    def as_future(self, _internal: bool = False) -> asyncio.Future[Any]:
+        """An asyncio Future of the running loop that resolves to the value (Ray's)."""
+        return asyncio.wrap_future(self.future())
+
+    def _on_completed(self, py_callback: Callable[[Any], None]) -> None:
+        """Calls ``py_callback`` with the value once it is ready (with the exception
+        instead, if the task failed), from another thread, as Ray's."""
+
+        def done(future: concurrent.futures.Future[Any]) -> None:
+            error = future.exception()
+            py_callback(error if error is not None else future.result())
+
+        self.future().add_done_callback(done)
 
     def __await__(self) -> Generator[Any, None, Any]:
         return asyncio.wrap_future(self.future()).__await__()

@@ -21,6 +21,7 @@ from sdk.dag import FunctionNode, current_dag_id
 from sdk.generator import ObjectRefGenerator
 from sdk.object_ref import ObjectRef
 from sdk.runtime import client_or_auto_init, put_object
+from sdk.signatures import check_arguments, signature_of
 from sdk.util.scheduling_strategies import placement
 
 
@@ -30,6 +31,7 @@ class RemoteFunction:
         self._options = opts.validate(options)
         self._qualname = f"{function.__module__}.{function.__qualname__}"
         self._pickled: tuple[str, bytes] | None = None
+        self._signature = signature_of(function)
         functools.update_wrapper(self, function)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -49,6 +51,7 @@ class RemoteFunction:
         return FunctionNode(self, args, kwargs)
 
     def remote(self, *args: Any, **kwargs: Any) -> Any:
+        check_arguments(self._signature, args, kwargs, f"{self._qualname}.remote()")
         client = client_or_auto_init()
         resolved = opts.resolve(self._options)
         function_id, blob = self._pickle()

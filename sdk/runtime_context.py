@@ -5,6 +5,7 @@ names). A task's facts come from the worker that runs it (dataplane/context.py).
 from __future__ import annotations
 
 import json
+import platform
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -185,3 +186,63 @@ def _qualified(function: Any) -> str:
 
 def get_runtime_context() -> RuntimeContext:
     return RuntimeContext()
+
+
+class RayContext:
+    """What ``init()`` returns, as Ray's: ``address_info`` (also read by key), the
+    dashboard's URL and versions; used as a context manager, the runtime is shut down
+    at its end. Attributes it does not have are the runtime context's (``job_id``)."""
+
+    def __init__(self, runtime_context: RuntimeContext, address: str | None) -> None:
+        from controlplane.gcs_url import redact
+
+        welcome = runtime_context._client.welcome
+        self._context = runtime_context
+        self.dashboard_url = ""  # (a private cluster serves none; `cairn start --head` does)
+        self.python_version = platform.python_version()
+        self.ray_version = "2.60.0"  # the Ray API this SDK follows (docs/compatibility.md)
+        self.ray_commit = ""
+        self.address_info: dict[str, Any] = {
+            "node_id": welcome.node_id,
+            "node_ip_address": welcome.labels.get("ray.io/node-ip", "127.0.0.1"),
+            "session_dir": welcome.session_dir,
+            "gcs_address": redact(welcome.gcs_url),
+            "address": address,
+            "webui_url": None,
+            "dashboard_url": self.dashboard_url,
+            "metrics_export_port": None,
+        }
+
+    def __getitem__(self, key: str) -> Any:
+        return self.address_info[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.address_info.get(key, default)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.address_info
+
+    def __len__(self) -> int:
+        return len(self.address_info)
+
+    def __iter__(self) -> Any:
+        return iter(self.address_info)
+
+    def __enter__(self) -> RayContext:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.disconnect()
+
+    def disconnect(self) -> None:
+        from sdk.runtime import shutdown
+
+        shutdown()
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._context, name)
+
+    def __repr__(self) -> str:
+        return f"RayContext({self.address_info!r})"

@@ -4,6 +4,7 @@ to 1) and the ones actors refuse. Real node daemon, workers and PostgreSQL."""
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import time
@@ -33,7 +34,12 @@ def test_max_calls_makes_a_worker_exit_after_that_many_tasks() -> None:
     assert len(set(unlimited)) == 1  # one worker ran them all
     twice = pid.options(max_calls=2)
     pids = [ray.get(twice.remote()) for _ in range(4)]
-    assert pids[0] == pids[1] and pids[2] == pids[3] and pids[1] != pids[2]
+    ran = collections.Counter(pids)  # (which idle worker takes a task is the pool's choice)
+    assert max(ran.values()) <= 2 and len(ran) >= 2
+    deadline = time.monotonic() + 30
+    while any(os.path.exists(f"/proc/{p}") for p, n in ran.items() if n == 2):
+        assert time.monotonic() < deadline, "a worker that ran 2 tasks of max_calls=2 lives on"
+        time.sleep(0.05)
     once = [ray.get(pid.options(max_calls=1).remote()) for _ in range(3)]
     assert len(set(once)) == 3
 

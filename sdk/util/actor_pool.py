@@ -25,20 +25,24 @@ class ActorPool:
         self._waiting: list[tuple[Submit, Any]] = []
 
     def map(self, fn: Submit, values: Iterable[Any]) -> Iterator[Any]:
+        """Submits every value now (as Ray's), and gives their results in order."""
+        self._submit_all(fn, values)
+        return self._results(self.get_next)
+
+    def map_unordered(self, fn: Submit, values: Iterable[Any]) -> Iterator[Any]:
+        """Submits every value now, and gives their results as they complete."""
+        self._submit_all(fn, values)
+        return self._results(self.get_next_unordered)
+
+    def _submit_all(self, fn: Submit, values: Iterable[Any]) -> None:
         while self.has_next():  # results of earlier submissions are dropped, as in Ray
             self.get_next_unordered()
         for value in values:
             self.submit(fn, value)
-        while self.has_next():
-            yield self.get_next()
 
-    def map_unordered(self, fn: Submit, values: Iterable[Any]) -> Iterator[Any]:
+    def _results(self, take: Callable[[], Any]) -> Iterator[Any]:
         while self.has_next():
-            self.get_next_unordered()
-        for value in values:
-            self.submit(fn, value)
-        while self.has_next():
-            yield self.get_next_unordered()
+            yield take()
 
     def submit(self, fn: Submit, value: Any) -> None:
         if not self._idle:

@@ -107,6 +107,31 @@ class Queue:
             raise Empty
         return item
 
+    async def put_async(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        """``put`` for async code: awaits room without blocking the event loop."""
+        if timeout is not None and timeout < 0:
+            raise ValueError("'timeout' must be a non-negative number")
+        if not block:
+            if not await self.actor.put_nowait_batch.remote([item]):
+                raise Full
+            return
+        if not await self.actor.put.remote(item, timeout):
+            raise Full
+
+    async def get_async(self, block: bool = True, timeout: float | None = None) -> Any:
+        """``get`` for async code: awaits an item without blocking the event loop."""
+        if timeout is not None and timeout < 0:
+            raise ValueError("'timeout' must be a non-negative number")
+        if not block:
+            ok, items = await self.actor.get_nowait_batch.remote(1)
+            if not ok:
+                raise Empty
+            return items[0]
+        ok, item = await self.actor.get.remote(timeout)
+        if not ok:
+            raise Empty
+        return item
+
     def put_nowait(self, item: Any) -> None:
         self.put(item, block=False)
 
@@ -138,4 +163,4 @@ class Queue:
 
         if self.actor is not None:
             api.kill(self.actor)
-            self.actor = None
+        self.actor = None

@@ -1,0 +1,196 @@
+"""Smaller behaviours of Ray's public API that its own unit tests rely on (issue 21):
+what ``init()`` returns, refs as asyncio futures and with completion callbacks, an
+empty ``wait``, and a call's arguments checked against the signature at ``.remote()``.
+Each against a real private cluster."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+import sdk as ray
+from sdk.exceptions import RayTaskError
+from sdk.runtime_context import RayContext
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[RayContext]:
+    context = ray.init(num_cpus=1)
+    try:
+        yield context
+    finally:
+        ray.shutdown()
+
+
+@ray.remote
+def add(a: int, b: int = 1) -> int:
+    return a + b
+
+
+@ray.remote
+def boom() -> None:
+    raise ValueError("boom")
+
+
+@ray.remote
+class Pair:
+    def __init__(self, left: int, right: int) -> None:
+        self.both = (left, right)
+
+    def get(self) -> tuple[int, int]:
+        return self.both
+
+
+def test_init_returns_rays_context(cluster: RayContext) -> None:
+    context = cluster
+    node_id = ray.get_runtime_context().get_node_id()
+    assert context["node_id"] == context.address_info["node_id"] == node_id
+    assert context.get("session_dir") and "gcs_address" in context
+    assert "cairn_runtime:***@" in context["gcs_address"]  # (no password shown)
+    assert context.dashboard_url == "" and context.python_version.count(".") == 2
+    assert context.job_id == ray.get_runtime_context().job_id  # the runtime context's
+    with pytest.raises(RuntimeError, match="ignore_reinit_error"):
+        ray.init()
+    assert ray.init(ignore_reinit_error=True)["node_id"] == node_id
+
+
+def test_init_as_a_context_manager_shuts_down_at_its_end(cluster: RayContext) -> None:
+    ray.shutdown()  # (the module's cluster: made again below for the tests after)
+    with ray.init(num_cpus=1) as context:
+        assert ray.is_initialized() and ray.get(add.remote(1)) == 2
+        assert context["node_id"] == ray.get_runtime_context().get_node_id()
+    assert not ray.is_initialized()
+    ray.init(num_cpus=1)
+
+
+def test_an_empty_wait_returns_two_empty_lists(cluster: RayContext) -> None:
+    assert ray.wait([]) == ([], [])
+    assert ray.wait([], num_returns=0, timeout=0) == ([], [])
+
+
+def test_a_ref_as_an_asyncio_future_and_with_a_completion_callback(
+    cluster: RayContext,
+) -> None:
+    async def awaited() -> int:
+        future = add.remote(2, 3).as_future()
+        assert isinstance(future, asyncio.Future)
+        return await future
+
+    assert asyncio.run(awaited()) == 5
+
+    results: list[object] = []
+    called = threading.Event()
+
+    def callback(result: object) -> None:
+        results.append(result)
+        called.set()
+
+    add.remote(40, 2)._on_completed(callback)
+    assert called.wait(30) and results == [42]
+    called.clear()
+    boom.remote()._on_completed(callback)  # a failed task: its exception, as Ray's
+    assert called.wait(30) and isinstance(results[1], RayTaskError)
+    assert "boom" in str(results[1])
+
+
+def test_arguments_are_checked_against_the_signature_at_remote(
+    cluster: RayContext,
+) -> None:
+    with pytest.raises(TypeError, match=r"add\.remote\(\): missing a required argument: 'a'"):
+        add.remote()
+    with pytest.raises(TypeError, match="unexpected keyword argument 'c'"):
+        add.remote(1, c=2)
+    with pytest.raises(TypeError, match="too many positional arguments"):
+        add.options(num_cpus=0.5).remote(1, 2, 3)  # (options keep the check)
+    with pytest.raises(TypeError, match=r"Pair\.remote\(\): missing a required argument"):
+        Pair.remote(1)
+    assert ray.get(add.remote(1, b=5)) == 6  # the right calls still run
+    assert ray.get(Pair.remote(1, right=2).get.remote()) == (1, 2)
+
+
+def test_the_queues_async_put_and_get_and_shutdown(cluster: RayContext) -> None:
+    from sdk.util.queue import Empty, Full, Queue
+
+    queue = Queue(maxsize=2)
+
+    async def use() -> list[int]:
+        await queue.put_async(1)
+        await queue.put_async(2)
+        with pytest.raises(Full):
+            await queue.put_async(3, block=False)
+        with pytest.raises(Full):
+            await queue.put_async(3, timeout=0.1)
+        got = [await queue.get_async(), await queue.get_async(timeout=1)]
+        with pytest.raises(Empty):
+            await queue.get_async(block=False)
+        with pytest.raises(Empty):
+            await queue.get_async(timeout=0.1)
+        return got
+
+    assert asyncio.run(use()) == [1, 2]
+    queue.put_nowait_batch([5, 6])
+    assert queue.full() and not queue.empty()
+    assert queue.get_nowait_batch(2) == [5, 6]
+    queue.shutdown()
+    assert queue.actor is None
+
+
+@ray.remote
+class Doubler:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def double(self, value: float) -> float:
+        import time
+
+        self.calls += 1
+        time.sleep(value if value < 1 else 0)
+        return value * 2
+
+    def count(self) -> int:
+        return self.calls
+
+
+def test_actor_pool_map_submits_at_once_and_a_timeout_leaves_it_usable(
+    cluster: RayContext,
+) -> None:
+    from sdk.util import ActorPool
+
+    actors = [Doubler.remote(), Doubler.remote()]
+    pool = ActorPool(actors)
+    results = pool.map(lambda a, v: a.double.remote(v), [2, 4])  # (not iterated yet)
+    # submitted already: each actor ran one call before the count asked after it
+    assert sorted(ray.get([a.count.remote() for a in actors])) == [1, 1]
+    assert list(results) == [4, 8]
+    pool.submit(lambda a, v: a.double.remote(v), 0.8)
+    with pytest.raises(TimeoutError):
+        pool.get_next_unordered(timeout=0.05)
+    assert pool.get_next_unordered(timeout=30) == 1.6  # still there, and the pool usable
+    assert list(pool.map_unordered(lambda a, v: a.double.remote(v), [5, 6])) in ([10, 12], [12, 10])
+
+
+@ray.remote(max_restarts=1)
+class Tally:
+    def __init__(self) -> None:
+        self.count = 0
+
+    def add(self) -> int:
+        self.count += 1
+        return self.count
+
+
+def test_kill_without_no_restart_restarts_an_actor_with_restarts_left(
+    cluster: RayContext,
+) -> None:
+    tally = Tally.remote()
+    assert ray.get([tally.add.remote(), tally.add.remote()]) == [1, 2]
+    ray.kill(tally, no_restart=False)
+    assert ray.get(tally.add.remote(), timeout=60) == 1  # a new instance, as in Ray
+    ray.kill(tally)  # (no_restart=True: gone for good)
+    with pytest.raises(ray.exceptions.ActorDiedError):
+        ray.get(tally.add.remote(), timeout=60)
