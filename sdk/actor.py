@@ -18,7 +18,7 @@ from sdk import runtime_env
 from sdk.dag import ClassMethodNode, ClassNode, current_dag_id
 from sdk.remote_function import build_args, pickle_code, results_of, retry_types
 from sdk.runtime import client_or_auto_init
-from sdk.signatures import check_arguments, signature_of
+from sdk.signatures import check_arguments, method_signatures, signature_of
 from sdk.util.scheduling_strategies import placement
 
 _NUM_RETURNS_ATTR = "__cairn_num_returns__"
@@ -156,6 +156,7 @@ class ActorClass:
         self._qualname = f"{cls.__module__}.{cls.__qualname__}"
         self._pickled: tuple[str, bytes] | None = None
         self._signature = signature_of(cls)  # (its constructor's)
+        self._method_signatures = method_signatures(cls)
         self._methods = {
             name: getattr(member, _NUM_RETURNS_ATTR, 1)
             for name, member in inspect.getmembers(cls, callable)
@@ -267,7 +268,9 @@ class ActorClass:
         )
         client.submit(spec)
         del keep_alive
-        return ActorHandle(actor_id, self._qualname, self._methods, actor_options)
+        handle = ActorHandle(actor_id, self._qualname, self._methods, actor_options)
+        handle._signatures = self._method_signatures  # (calls made here are checked)
+        return handle
 
     def _groups(self, groups: dict[str, int] | None) -> dict[str, int] | None:
         """The actor's concurrency groups; ValueError if a method names one it lacks."""
@@ -336,6 +339,7 @@ class ActorHandle:
         self._methods = methods
         self._options = options
         self._sequence = itertools.count()
+        self._signatures: dict[str, inspect.Signature | None] = {}
 
     def __getattr__(self, name: str) -> ActorMethod:
         methods = self.__dict__.get("_methods", {})
@@ -419,8 +423,11 @@ class ActorMethod:
         return method
 
     def remote(self, *args: Any, **kwargs: Any) -> Any:
-        client = client_or_auto_init()
         handle = self._handle
+        if handle._signatures:
+            what = f"{handle._class_name}.{self._name}.remote()"
+            check_arguments(handle._signatures.get(self._name), args, kwargs, what)
+        client = client_or_auto_init()
         task = context.current_task()
         own_retries = self._call_options or getattr(handle._options, "method_options", None)
         retries = self._retries() if own_retries else {}

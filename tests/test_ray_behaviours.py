@@ -194,3 +194,32 @@ def test_kill_without_no_restart_restarts_an_actor_with_restarts_left(
     ray.kill(tally)  # (no_restart=True: gone for good)
     with pytest.raises(ray.exceptions.ActorDiedError):
         ray.get(tally.add.remote(), timeout=60)
+
+
+@ray.remote
+class Methods:
+    def plain(self, a: int, b: int = 0) -> int:
+        return a + b
+
+    @staticmethod
+    def static(a: int) -> int:
+        return a
+
+    @classmethod
+    def klass(cls, a: int) -> int:
+        return a
+
+
+def test_an_actor_methods_arguments_are_checked_at_remote(cluster: RayContext) -> None:
+    actor = Methods.remote()
+    with pytest.raises(TypeError, match=r"Methods\.plain\.remote\(\): missing a required"):
+        actor.plain.remote()
+    with pytest.raises(TypeError, match="too many positional arguments"):
+        actor.static.remote(1, 2)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'b'"):
+        actor.klass.remote(1, b=2)
+    assert ray.get([actor.plain.remote(1, b=2), actor.static.remote(3), actor.klass.remote(4)]) == [
+        3,
+        3,
+        4,
+    ]
