@@ -198,16 +198,12 @@ def lineage(object_id: str, gcs_url: str | None, as_json: bool) -> None:
     import asyncio
     import json
 
-    from controlplane.lineage_tree import LINEAGE_QUERY, build, render_tree
-    from controlplane.readonly_sql import run_readonly
-    from controlplane.sql import queries
+    from controlplane.lineage_tree import object_lineage, render_tree
 
     url = resolve_gcs_url(gcs_url) or _running_cluster_url()
-    known = asyncio.run(run_readonly(url, queries["object_known"], [object_id]))[1]
-    if not known[0][0]:
+    tree = asyncio.run(object_lineage(url, object_id))
+    if tree is None:
         raise click.BadParameter(f"no object {object_id!r} in the log", param_hint="OBJECT_ID")
-    columns, rows = asyncio.run(run_readonly(url, LINEAGE_QUERY, [object_id]))
-    tree = build([dict(zip(columns, row, strict=True)) for row in rows], object_id)
     click.echo(json.dumps(tree, indent=2, default=str) if as_json else render_tree(tree))
 
 

@@ -16,6 +16,19 @@ SELECT l.depth, l.object_id, l.task_id, l.function_name, l.node_id, l.submitted_
 """
 
 
+async def object_lineage(url: str, object_id: str) -> dict[str, Any] | None:
+    """The tree of an object, read-only from the log (None: the log never heard of
+    it); ``cairn lineage`` and the dashboard show it."""
+    from controlplane.readonly_sql import run_readonly
+    from controlplane.sql import queries
+
+    known = (await run_readonly(url, queries["object_known"], [object_id]))[1]
+    if not known[0][0]:
+        return None
+    columns, rows = await run_readonly(url, LINEAGE_QUERY, [object_id])
+    return build([dict(zip(columns, row, strict=True)) for row in rows], object_id)
+
+
 def build(rows: list[dict[str, Any]], object_id: str) -> dict[str, Any]:
     """The nested tree: each object with the task that made it and, under it, the
     task's argument objects (an object used twice appears under each user)."""

@@ -218,10 +218,15 @@ def test_rotation_lines_are_found_in_older_copies_and_lost_ones_are_named(
 
             @ray.remote
             def chatty():
+                import os
                 for chunk in range(3):  # each chunk fills a file: the worker rotates it
+                    written_to = os.fstat(1).st_ino
                     for n in range(40):
                         print(f"chunk {chunk} line {n:02d} " + "x" * 40, flush=True)
-                    time.sleep(1.5)
+                    for _ in range(600):  # (until it did: the next chunk, a file of its own)
+                        if os.fstat(1).st_ino != written_to:
+                            break
+                        time.sleep(0.05)
 
             @ray.remote
             def quiet():

@@ -60,6 +60,8 @@ def test_cairn_dashboard_serves_a_log_on_its_own(gcs_url: str) -> None:
             assert b"/static/dashboard.js" in page.read()  # the dashboard, over the log
         status, answer = get_json(f"http://{address}/api/cairn/state/tasks?filter=state=FAILED")
         assert status == 200 and answer == {"rows": [], "limit": 100}
+        status, answer = get_json(f"http://{address}/api/cairn/lineage/{'0' * 40}")
+        assert status == 404 and "no object" in answer["error"]
         status, answer = get_json(f"http://{address}/api/cairn/state/tasks?filter=colour=red")
         assert status == 400 and "colour" in answer["error"]
         with pytest.raises(urllib.error.HTTPError) as refused:

@@ -9,17 +9,13 @@ what "live" means here."""
 
 from __future__ import annotations
 
-import datetime
-import decimal
 import json
-import uuid
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
 from controlplane import lineage_tree, logs, state_api, timeline
-from controlplane.eventlog.connection import connect
 from controlplane.membership import cluster_nodes
 from controlplane.readonly_sql import WriteRefusedError, run_readonly
 from controlplane.web.app import TOKEN_COOKIE, context_of, same_token
@@ -144,14 +140,10 @@ async def _timeline(request: web.Request) -> web.Response:
 
 async def _lineage(request: web.Request) -> web.Response:
     object_id = request.match_info["object_id"]
-    conn = await connect(_url(request))
-    try:
-        rows = [dict(row) for row in await conn.fetch(lineage_tree.LINEAGE_QUERY, object_id)]
-    finally:
-        await conn.close()
-    if not rows:
-        return _error(404, f"no lineage of object {object_id} in the log")
-    return _json(lineage_tree.build(rows, object_id))
+    tree = await lineage_tree.object_lineage(_url(request), object_id)
+    if tree is None:
+        return _error(404, f"no object {object_id} in the log")
+    return _json(tree)
 
 
 async def _sql(request: web.Request) -> web.Response:
@@ -192,20 +184,5 @@ def _error(status: int, message: str) -> web.Response:
 
 
 def _json(value: Any) -> web.Response:
-    return web.json_response(value, dumps=lambda v: json.dumps(v, default=_plain))
-
-
-def _plain(value: Any) -> Any:
-    """What SQL answers beyond JSON's types, as the console shows them."""
-    if isinstance(value, datetime.datetime | datetime.date | datetime.time):
-        return value.isoformat()
-    if isinstance(value, decimal.Decimal):
-        whole = value.is_finite() and value == value.to_integral_value()
-        return int(value) if whole else str(value)
-    if isinstance(value, uuid.UUID):
-        return str(value)
-    if isinstance(value, bytes | memoryview):
-        return f"\\x{bytes(value).hex()}"
-    if isinstance(value, set | frozenset):
-        return sorted(value)
-    return str(value)
+    """As ``cairn sql --output json`` writes values: what JSON lacks, as text."""
+    return web.json_response(value, dumps=lambda v: json.dumps(v, default=str))
