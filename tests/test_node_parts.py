@@ -1013,6 +1013,13 @@ async def test_the_actor_director_creates_restarts_and_buries_an_actor(
         assert resources.available["CPU"] == 1.0  # until its constructor runs again
         director.kill("a1", no_restart=True)
         assert director.alive() == 0 and director.waiting_for_resources() == 0
+        # a caller that had the route sends a call straight to the dead worker after
+        # its end was handled: the daemon's copy fails at once (nothing else answers it)
+        await workers.gone(second.worker_id)
+        director.worker_lost(second, -9)
+        late = p.SubmitDirectCall(spec("k2", "incr", {}), second.worker_id)
+        director.submit_direct(owner, late)
+        assert host.asked[-1] == ("failed", "k2", "actor_died")
     finally:
         await workers.stop()
         await asyncio.gather(*spawned, return_exceptions=True)

@@ -409,7 +409,12 @@ class ActorDirector:
         record.retries_left = call_retries(spec, actor.options) if actor is not None else 0
         handle = actor.worker if actor is not None else None
         early = self.routes.take_early(spec.task_id)
-        if actor is None or (early is None and (handle is None or handle.worker_id != worker_id)):
+        gone = handle is None or handle.worker_id != worker_id
+        # a dead actor's worker whose end was already handled (worker_lost) answers nothing
+        gone = gone or (
+            actor is not None and actor.death is not None and not self.worker_pool.alive(worker_id)
+        )
+        if actor is None or (early is None and gone):
             self._direct_call_unanswered(actor, record, worker_id)
             return
         record.state, record.worker = "RUNNING", handle
