@@ -126,6 +126,12 @@ def _make_remote(target: Any, options: dict[str, Any]) -> RemoteFunction | Actor
         return ActorClass(target, options)
     if not callable(target):
         raise TypeError(f"@remote applies to functions, not {type(target).__name__}")
+    if inspect.iscoroutinefunction(target):  # Ray's refusal, word for word
+        raise ValueError(
+            "'async def' should not be used for remote tasks. You can wrap the async "
+            "function with `asyncio.run(f())`. See more at: "
+            "https://docs.ray.io/en/latest/ray-core/actors/async_api.html"
+        )
     return RemoteFunction(target, options)
 
 

@@ -13,6 +13,7 @@ import cloudpickle
 
 from dataplane import context
 from dataplane import protocol as p
+from dataplane.code_paths import dumps_with_paths
 from dataplane.serialization import SerializationError, serialize_with_refs
 from dataplane.shm import INLINE_LIMIT
 from sdk import options as opts
@@ -120,9 +121,10 @@ def _max_calls(resolved: dict[str, Any]) -> int:
 
 
 def pickle_code(code: Any, what: str) -> tuple[str, bytes]:
-    """A function or class pickled by value, with its id (a digest of the bytes)."""
+    """A function or class pickled by value, with its id (a digest of the bytes); a
+    driver's carries its code paths (dataplane/code_paths.py)."""
     try:
-        blob = cloudpickle.dumps(code)
+        blob = dumps_with_paths(code, runtime_env.code_paths())
     except Exception as exc:
         raise TypeError(f"could not serialize {what}: {type(exc).__name__}: {exc}") from exc
     return hashlib.sha1(blob).hexdigest(), blob

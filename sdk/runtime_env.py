@@ -23,6 +23,7 @@ from typing import Any
 from controlplane import pip_envs
 from controlplane import runtime_env_packages as packages
 from dataplane import context
+from dataplane.code_paths import driver_code_paths
 
 # Ray's fields that Cairn does not build: refused by name
 _NOT_HONOURED = (
@@ -161,6 +162,15 @@ def set_job_env(runtime_env: dict[str, Any] | None, gcs_url: str = "") -> dict[s
     if _job_env is None or not (_job_env.get("config") or {}).get("eager_install", True):
         return None
     return _job_env
+
+
+def code_paths() -> list[str]:
+    """The folders a driver's functions carry to the workers (dataplane/code_paths.py);
+    none from a worker, whose own came with the code it runs."""
+    client = context.current_client()
+    if context.current_task() is not None or (client is not None and client.worker_id):
+        return []
+    return driver_code_paths(has_working_dir=bool(_job_env and "working_dir" in _job_env))
 
 
 def for_submission(given: dict[str, Any] | None, gcs_url: str = "") -> dict[str, Any] | None:

@@ -8,8 +8,10 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+from processes import run_driver
 
 import sdk as ray
 from sdk.exceptions import RayTaskError
@@ -223,3 +225,42 @@ def test_an_actor_methods_arguments_are_checked_at_remote(cluster: RayContext) -
         3,
         4,
     ]
+
+
+def test_modules_beside_the_driver_script_import_in_its_tasks_and_actors(
+    tmp_path: Path,
+) -> None:
+    """As Ray: the script's folder is on the workers' sys.path, so a task or actor can
+    use a module that sits beside the script (pickled by reference, imported there)."""
+    (tmp_path / "beside_the_script.py").write_text("def twice(x):\n    return 2 * x\n")
+    done = run_driver(
+        tmp_path,
+        """
+        import sdk as ray
+        import beside_the_script
+
+        @ray.remote
+        def task(x):
+            return beside_the_script.twice(x)
+
+        @ray.remote
+        class Holder:
+            def twice(self, x):
+                return beside_the_script.twice(x)
+
+        ray.init(num_cpus=1)
+        print("results", ray.get(task.remote(4)), ray.get(Holder.remote().twice.remote(5)))
+        ray.shutdown()
+        """,
+    )
+    assert "results 8 10" in done.stdout
+
+
+def test_remote_refuses_an_async_function_as_ray_does() -> None:
+    async def fetch() -> int:
+        return 1
+
+    with pytest.raises(ValueError, match="'async def' should not be used for remote tasks"):
+        ray.remote(fetch)
+    with pytest.raises(ValueError, match="asyncio.run"):
+        ray.remote(num_cpus=1)(fetch)
