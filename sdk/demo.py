@@ -67,7 +67,7 @@ def main() -> None:
     started = time.perf_counter()
     context = ray.init()
     print(
-        f"cluster up in {time.perf_counter() - started:.1f} s: node {context.node_id[:8]}, "
+        f"cluster up in {time.perf_counter() - started:.1f} s: node {context.get_node_id()[:8]}, "
         f"{ray.cluster_resources()['CPU']:.0f} CPUs, log at "
         f"{context.gcs_address.split('@')[-1]}"
     )
@@ -92,7 +92,7 @@ def main() -> None:
     ready, pending = ray.wait([sample.remote(s, 10_000) for s in range(8)], num_returns=4)
     print(f"wait: {len(ready)} ready, {len(pending)} pending")
 
-    job_id = context.job_id
+    job_id = context.get_job_id()
     for line in asyncio.run(_log_report(context.gcs_address, job_id)):
         print(line)
     ray.shutdown()

@@ -7,10 +7,12 @@ from __future__ import annotations
 import json
 import platform
 import uuid
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dataplane import context
+from sdk.ids import ActorID, JobID, NodeID, TaskID
 from sdk.runtime import client_or_auto_init
 
 if TYPE_CHECKING:
@@ -27,18 +29,21 @@ class RuntimeContext:
     # -- the process and its cluster -----------------------------------------------
 
     @property
-    def job_id(self) -> str:
-        return self._task.job_id if self._task else self._client.welcome.job_id
+    def job_id(self) -> JobID:
+        """Ray's deprecated form: an ID object (``get_job_id()`` is its hex)."""
+        _deprecated("job_id")
+        return JobID(self.get_job_id())
 
     def get_job_id(self) -> str:
-        return self.job_id
+        return self._task.job_id if self._task else self._client.welcome.job_id
 
     @property
-    def node_id(self) -> str:
-        return self._client.welcome.node_id
+    def node_id(self) -> NodeID:
+        _deprecated("node_id")
+        return NodeID(self.get_node_id())
 
     def get_node_id(self) -> str:
-        return self.node_id
+        return self._client.welcome.node_id
 
     def get_worker_id(self) -> str:
         return self._client.worker_id or _DRIVER_WORKER_ID
@@ -74,23 +79,28 @@ class RuntimeContext:
         return dict(self._client.welcome.labels)
 
     def get(self) -> dict[str, Any]:
-        """Ray's deprecated dict of the context."""
-        found: dict[str, Any] = {"job_id": self.job_id, "node_id": self.node_id}
-        if self.task_id is not None:
-            found["task_id"] = self.task_id
-        if self.actor_id is not None:
-            found["actor_id"] = self.actor_id
-        found["namespace"] = self.namespace
+        """Ray's deprecated dict of the context, with ID objects as in Ray."""
+        found: dict[str, Any] = {
+            "job_id": JobID(self.get_job_id()),
+            "node_id": NodeID(self.get_node_id()),
+            "namespace": self.namespace,
+        }
+        if (task_id := self.get_task_id()) is not None:
+            found["task_id"] = TaskID(task_id)
+        if (actor_id := self.get_actor_id()) is not None:
+            found["actor_id"] = ActorID(actor_id)
         return found
 
     # -- the running task ------------------------------------------------------------
 
     @property
-    def task_id(self) -> str | None:
-        return self._task.task_id if self._task else None
+    def task_id(self) -> TaskID | None:
+        _deprecated("task_id")
+        task_id = self.get_task_id()
+        return TaskID(task_id) if task_id is not None else None
 
     def get_task_id(self) -> str | None:
-        return self.task_id
+        return self._task.task_id if self._task else None
 
     def get_task_name(self) -> str | None:
         """Ray's: the name given in options, else the function's own name (an actor
@@ -151,11 +161,13 @@ class RuntimeContext:
     # -- the running actor -----------------------------------------------------------
 
     @property
-    def actor_id(self) -> str | None:
-        return self._task.actor_id if self._task else None
+    def actor_id(self) -> ActorID | None:
+        _deprecated("actor_id")
+        actor_id = self.get_actor_id()
+        return ActorID(actor_id) if actor_id is not None else None
 
     def get_actor_id(self) -> str | None:
-        return self.actor_id
+        return self._task.actor_id if self._task else None
 
     def get_actor_name(self) -> str | None:
         """The actor's name: "" for an actor without one, None outside an actor."""
@@ -177,6 +189,14 @@ class RuntimeContext:
     def was_current_actor_reconstructed(self) -> bool:
         """Whether this actor's constructor ran again after its process died."""
         return self._task is not None and self._task.actor_restarted
+
+
+def _deprecated(name: str) -> None:
+    warnings.warn(
+        f"RuntimeContext.{name} is deprecated: use get_{name}() instead (the hex string)",
+        DeprecationWarning,
+        stacklevel=3,
+    )
 
 
 def _qualified(function: Any) -> str:

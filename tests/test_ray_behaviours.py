@@ -55,7 +55,7 @@ def test_init_returns_rays_context(cluster: RayContext) -> None:
     assert context.get("session_dir") and "gcs_address" in context
     assert "cairn_runtime:***@" in context["gcs_address"]  # (no password shown)
     assert context.dashboard_url == "" and context.python_version.count(".") == 2
-    assert context.job_id == ray.get_runtime_context().job_id  # the runtime context's
+    assert context.get_job_id() == ray.get_runtime_context().get_job_id()  # (passed on)
     with pytest.raises(RuntimeError, match="ignore_reinit_error"):
         ray.init()
     assert ray.init(ignore_reinit_error=True)["node_id"] == node_id
@@ -262,5 +262,5 @@ def test_remote_refuses_an_async_function_as_ray_does() -> None:
 
     with pytest.raises(ValueError, match="'async def' should not be used for remote tasks"):
         ray.remote(fetch)
-    with pytest.raises(ValueError, match="asyncio.run"):
+    with pytest.raises(ValueError, match=r"asyncio\.run"):
         ray.remote(num_cpus=1)(fetch)

@@ -73,7 +73,9 @@ def test_the_driver() -> None:
     assert ctx.get_task_id() is None and ctx.get_actor_id() is None
     assert ctx.get_actor_name() is None and ctx.get_assigned_resources() == {}
     assert isinstance(ctx.get_worker_id(), str) and ctx.get_worker_id()
-    assert ctx.get()["job_id"] == ctx.get_job_id() == ctx.job_id
+    assert ctx.get()["job_id"] == ray.JobID.from_hex(ctx.get_job_id())
+    with pytest.warns(DeprecationWarning, match="get_job_id"):
+        assert ctx.job_id.hex() == ctx.get_job_id() and ctx.job_id.binary()
     assert "task_id" not in ctx.get()
     with pytest.raises(RuntimeError):
         ctx.current_actor  # noqa: B018

@@ -138,7 +138,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
     context = ray.init(num_cpus=2)
     try:
         r = Run()
-        r.url, r.job_id = context.gcs_address, context.job_id
+        r.url, r.job_id = context.gcs_address, context.get_job_id()
         marker = tmp_path_factory.mktemp("flaky") / "marker"
         flaky_ref = flaky.remote(str(marker))
         assert ray.get(flaky_ref) == "second attempt"
