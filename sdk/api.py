@@ -14,7 +14,8 @@ from typing import Any
 from controlplane.labels import node_labels
 from dataplane import context
 from dataplane import protocol as p
-from dataplane.client import JOB_RUNTIME_ENV_ENV, DaemonError
+from dataplane.client import JOB_RUNTIME_ENV_ENV, CoreClient, DaemonError
+from dataplane.exceptions import RaySystemError
 from dataplane.serialization import Serialized, serialize_with_refs
 from sdk import options as opts
 from sdk import runtime_env as runtime_env_of_job
@@ -281,7 +282,11 @@ def timeline(filename: str | None = None) -> list[dict[str, Any]] | None:
 
     from controlplane.timeline import job_trace
 
-    client = client_or_auto_init()
+    client = context.current_client()
+    if client is None:  # (as Ray: the state calls do not start a cluster)
+        raise RuntimeError(
+            "Ray has not been started yet. Timeline requires Ray to be initialized first."
+        )
     task = context.current_task()
     job_id = task.job_id if task else client.welcome.job_id
     events: list[dict[str, Any]] = asyncio.run(job_trace(client.welcome.gcs_url, job_id))[
@@ -311,7 +316,18 @@ def nodes() -> list[dict[str, Any]]:
     """Every node of the cluster, alive or dead, in Ray's shape (its node daemon reads
     them from the log; in a private cluster, the one node). As in Ray, a dead node's
     ``Resources`` is empty."""
-    return [_ray_node(node) for node in client_or_auto_init().cluster_nodes()]
+    return [_ray_node(node) for node in _state_client().cluster_nodes()]
+
+
+def _state_client() -> CoreClient:
+    """As Ray: nodes() and the resource sums do not start a cluster, they refuse."""
+    client = context.current_client()
+    if client is None:
+        raise RaySystemError(
+            "Ray has not been started yet. Trying to use state API before ray.init() "
+            "has been called."
+        )
+    return client
 
 
 def _ray_node(node: p.NodeSummary) -> dict[str, Any]:
@@ -340,7 +356,7 @@ def _ray_node(node: p.NodeSummary) -> dict[str, Any]:
 
 def cluster_resources() -> dict[str, float]:
     """The total resources of the alive nodes, summed."""
-    alive = [node.resources for node in client_or_auto_init().cluster_nodes() if node.alive]
+    alive = [node.resources for node in _state_client().cluster_nodes() if node.alive]
     return _summed(alive)
 
 
@@ -348,7 +364,7 @@ def available_resources() -> dict[str, float]:
     """What the alive nodes have free now, summed; as Ray, without the resources of
     which none is free. Another node's share is as of its latest heartbeat (at most
     about a second old)."""
-    alive = [node.available for node in client_or_auto_init().cluster_nodes() if node.alive]
+    alive = [node.available for node in _state_client().cluster_nodes() if node.alive]
     return {name: amount for name, amount in _summed(alive).items() if amount > 0}
 
 

@@ -14,7 +14,7 @@ import pytest
 from processes import run_driver
 
 import sdk as ray
-from sdk.exceptions import RayTaskError
+from sdk.exceptions import RaySystemError, RayTaskError
 from sdk.runtime_context import RayContext
 
 pytestmark = pytest.mark.timeout(120)
@@ -264,3 +264,20 @@ def test_remote_refuses_an_async_function_as_ray_does() -> None:
         ray.remote(fetch)
     with pytest.raises(ValueError, match=r"asyncio\.run"):
         ray.remote(num_cpus=1)(fetch)
+
+
+def test_before_init_state_calls_refuse_and_the_others_start_a_cluster(
+    cluster: RayContext,
+) -> None:
+    """Ray's split: nodes(), the resource sums and timeline() need init(); put, get,
+    wait, remote calls and get_runtime_context() start a cluster of their own."""
+    ray.shutdown()  # (the module's cluster: made again below for the tests after)
+    for call in (ray.nodes, ray.cluster_resources, ray.available_resources):
+        with pytest.raises(RaySystemError, match=r"before ray\.init\(\) has been called"):
+            call()
+    with pytest.raises(RuntimeError, match="Timeline requires Ray to be initialized"):
+        ray.timeline()
+    assert not ray.is_initialized()
+    assert ray.get(add.remote(2)) == 3 and ray.is_initialized()
+    ray.shutdown()
+    ray.init(num_cpus=1)
