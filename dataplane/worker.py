@@ -343,7 +343,12 @@ class Worker:
             return self._failure(message, asyncio.CancelledError())
         context.set_task(task)
         try:
-            function, args, kwargs = self._prepare(message)
+            if _fetches_arguments(message):  # (a thread waits for them, not the loop:
+                # the actor's other calls go on meanwhile, as in Ray)
+                prepared = await asyncio.to_thread(self._prepare, message)
+            else:
+                prepared = self._prepare(message)
+            function, args, kwargs = prepared
             task.function = function
             result = function(*args, **kwargs)
             if _yields_returns(message.spec, result):
@@ -733,6 +738,17 @@ def _as_ray_error(exc: BaseException) -> BaseException:
     if isinstance(exc, DaemonError) and exc.kind == "store_full":
         return ObjectStoreFullError(str(exc))
     return exc
+
+
+def _fetches_arguments(message: p.ExecuteTask) -> bool:
+    """Whether the call has ref arguments whose place it must still ask for (a direct
+    call's, whose caller did not know it): asking may wait until they are made."""
+    spec = message.spec
+    if not spec.dependencies():
+        return False
+    pairs = [*zip(spec.args, message.args, strict=True)]
+    pairs += [(a, message.kwargs.get(k)) for k, a in spec.kwargs.items()]
+    return any(arg.ref is not None and location is None for arg, location in pairs)
 
 
 def _task_error(function_name: str, exc: BaseException) -> p.ErrorInfo:

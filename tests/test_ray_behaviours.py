@@ -6,7 +6,9 @@ Each against a real private cluster."""
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -281,3 +283,49 @@ def test_before_init_state_calls_refuse_and_the_others_start_a_cluster(
     assert ray.get(add.remote(2)) == 3 and ray.is_initialized()
     ray.shutdown()
     ray.init(num_cpus=1)
+
+
+@ray.remote
+def when_exists(path: str) -> str:
+    while not os.path.exists(path):
+        time.sleep(0.02)
+    return "made"
+
+
+@ray.remote(num_cpus=0)
+class Echo:
+    def echo(self, value: str) -> str:
+        return value
+
+
+@ray.remote(num_cpus=0)
+class AsyncEcho:
+    async def echo(self, value: str) -> str:
+        return value
+
+
+@pytest.mark.parametrize("direct", ["1", "0"], ids=["direct", "through-the-daemon"])
+def test_concurrent_actors_run_a_ready_call_before_one_waiting_for_its_arguments(
+    cluster: RayContext, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, direct: str
+) -> None:
+    """Ray's ordering rules: an async or threaded actor runs a call whose arguments are
+    here without waiting for an earlier call's; a one-at-a-time actor keeps the order
+    its calls were sent in."""
+    monkeypatch.setenv("CAIRN_DIRECT_ACTOR_CALLS", direct)  # (read at a first call)
+    actors = {
+        "async": AsyncEcho.remote(),
+        "threaded": Echo.options(max_concurrency=2).remote(),
+        "sync": Echo.remote(),
+    }
+    for actor in actors.values():
+        assert ray.get(actor.echo.remote("up"), timeout=60) == "up"
+    marker = tmp_path / "made"
+    slow = when_exists.remote(str(marker))
+    waiting = {kind: actor.echo.remote(slow) for kind, actor in actors.items()}
+    ready = {kind: actor.echo.remote("ready") for kind, actor in actors.items()}
+    assert ray.get([ready["async"], ready["threaded"]], timeout=60) == ["ready", "ready"]
+    assert ray.wait([ready["sync"]], timeout=1.0)[0] == []  # behind the waiting call
+    assert ray.wait(list(waiting.values()), timeout=0)[0] == []
+    marker.touch()
+    assert ray.get(list(waiting.values()), timeout=60) == ["made"] * 3
+    assert ray.get(ready["sync"], timeout=60) == "ready"

@@ -320,8 +320,18 @@ class ActorDirector:
             return
         if actor.replaying:
             return  # its earlier calls go first, once read from the log
-        limit = p.calls_at_once(actor.options) + _PIPELINE_DEPTH
-        while len(actor.running) < limit and actor.queue and not actor.queue[0].pending_deps:
+        at_once = p.calls_at_once(actor.options)
+        limit = at_once + _PIPELINE_DEPTH
+        # Ray's ordering: an actor that runs one call at a time runs them in the order
+        # sent, so a call waits for the arguments of those before it; a threaded or
+        # async one runs each call once its own arguments are here
+        held: list[TaskRecord] = []
+        while len(actor.running) < limit and actor.queue:
+            if actor.queue[0].pending_deps:
+                if at_once == 1:
+                    break
+                held.append(actor.queue.popleft())
+                continue
             record = actor.queue.popleft()
             failed = self.node.failed_dependency(record)
             if failed is not None:
@@ -329,6 +339,7 @@ class ActorDirector:
                 continue
             actor.running[record.spec.task_id] = record
             self.node.run(record, handle)
+        actor.queue.extendleft(reversed(held))
 
     def _report_infeasible(self, actor: ActorRecord, reason: str | None = None) -> None:
         """Once: the actor needs more than this node has (``reason``: something else it
