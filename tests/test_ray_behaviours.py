@@ -329,3 +329,28 @@ def test_concurrent_actors_run_a_ready_call_before_one_waiting_for_its_arguments
     marker.touch()
     assert ray.get(list(waiting.values()), timeout=60) == ["made"] * 3
     assert ray.get(ready["sync"], timeout=60) == "ready"
+
+
+def test_a_placement_group_that_can_never_fit_is_reported_infeasible(
+    cluster: RayContext,
+) -> None:
+    """As Ray: it stays PENDING, its ready() never resolves, and the table's stats name
+    it INFEASIBLE; a group that fits is FINISHED."""
+    from sdk.util.placement_group import (
+        placement_group,
+        placement_group_table,
+        remove_placement_group,
+    )
+
+    never = placement_group([{"CPU": 100}])
+    fits = placement_group([{"CPU": 1}])
+    assert ray.get(fits.ready(), timeout=60) is True
+    deadline = time.monotonic() + 30
+    while placement_group_table(never)["stats"]["scheduling_state"] != "INFEASIBLE":
+        assert time.monotonic() < deadline, placement_group_table(never)
+        time.sleep(0.05)
+    assert placement_group_table(never)["state"] == "PENDING"
+    assert ray.wait([never.ready()], timeout=0.5)[0] == []
+    assert placement_group_table(fits)["stats"]["scheduling_state"] == "FINISHED"
+    remove_placement_group(never)
+    remove_placement_group(fits)

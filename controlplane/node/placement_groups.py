@@ -75,8 +75,18 @@ class PlacementGroupRecord:
             else {},
             "strategy": self.strategy,
             "state": self.state,
+            "stats": {"scheduling_state": self.scheduling_state()},
             "ready_object_id": self.ready_object_id,
         }
+
+    def scheduling_state(self) -> str:
+        """Ray's PlacementGroupStats.SchedulingState: INFEASIBLE for a group that no
+        node could ever hold (it stays pending, as in Ray), else where it stands."""
+        if self.state == "CREATED":
+            return "FINISHED"
+        if self.state == "REMOVED":
+            return "REMOVED"
+        return "INFEASIBLE" if self.reported_infeasible else "QUEUED"
 
 
 class PlacementGroups:
@@ -261,6 +271,8 @@ class PlacementGroups:
                 self._group_ready(group)
         elif kind == "removed" and not group.owned:
             self.remove(pg_id, log_event=False)
+        elif kind == "infeasible" and group.state == "PENDING":  # (the global schedulers')
+            group.reported_infeasible = True
 
     def _never_fits(self, record: PlacementGroupRecord) -> str | None:
         if record.strategy == "STRICT_SPREAD" and len(record.bundles) > 1:

@@ -144,7 +144,12 @@ class RemoteTasks:
         elif kind is K.TASK and kind_type == "forwarded":
             if event.payload["to_node"] == self.node_id:
                 self._call_from_elsewhere(event)
-        elif kind is K.PLACEMENT_GROUP and kind_type in ("placed", "bundle_reserved", "removed"):
+        elif kind is K.PLACEMENT_GROUP and kind_type in (
+            "placed",
+            "bundle_reserved",
+            "removed",
+            "infeasible",
+        ):
             self.placement_groups.on_log_event(event)
         elif kind is K.TASK and kind_type == "placed":
             if event.payload["node_id"] == self.node_id:
