@@ -187,12 +187,22 @@ def _refusals(url: str, position: int) -> list[dict]:
     return [e[4] for e in _log_after(url, position) if e[2] == "auth_refused"]
 
 
+def _wait_until_committed(head: Head, timeout: float = 10.0) -> None:
+    """Until the head has no event left to commit (its write-behind queue is empty)."""
+    deadline = time.monotonic() + timeout
+    while rpc.call(head.address, "Info", {}, timeout=10, token=head.token)["events_pending"]:
+        assert time.monotonic() < deadline, "the head's events did not commit"
+        time.sleep(0.05)
+
+
 def test_a_node_without_the_right_token_is_refused_and_leaves_only_a_refusal(
     head: Head, tmp_path: Path
 ) -> None:
     head_id = (head.record.session_dir / "node.ready").read_text()
-    # earlier tests' refusals are out of the window: none was logged within the interval
+    # earlier tests' refusals are out of the window: once the head has committed every
+    # event it counted (they are written behind), none was logged within the interval
     # (it is stamped after the head counted it), so the next refused call is logged
+    _wait_until_committed(head)
     wait_for_rows(
         head.gcs_url,
         "SELECT 1 WHERE NOT EXISTS (SELECT 1 FROM events WHERE event_type = 'auth_refused' "
@@ -220,9 +230,7 @@ def test_a_node_without_the_right_token_is_refused_and_leaves_only_a_refusal(
         assert time.monotonic() < deadline, "no auth_refused event was logged"
         time.sleep(0.1)
     # anything else they caused is durable once the head has no event left to commit
-    while rpc.call(head.address, "Info", {}, timeout=10, token=head.token)["events_pending"]:
-        assert time.monotonic() < deadline, "the head's events did not commit"
-        time.sleep(0.05)
+    _wait_until_committed(head)
 
     after = _log_after(head.gcs_url, before)
     # the head's own life goes on (load heartbeats; on a busy machine its pool's worker
