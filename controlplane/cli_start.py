@@ -325,7 +325,7 @@ def _token_notice(token: str | None) -> str:
 @click.option("--timeout", default=30.0, show_default=True, help="Seconds to wait per node.")
 def stop(timeout: float) -> None:
     """Stop every Cairn node this machine runs (worker nodes first, then the head)."""
-    from controlplane import local_node
+    from controlplane.node_records import stop_local_nodes
 
-    for line in local_node.stop_local_nodes(timeout):
+    for line in stop_local_nodes(timeout):
         click.echo(line)

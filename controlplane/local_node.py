@@ -26,13 +26,12 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from controlplane import auth, membership, tls
 from controlplane.embedded_postgres import ServerTls
 from controlplane.errors import GcsIdentityError
 from controlplane.eventlog import fencing
-from controlplane.eventlog.partitions import PartitionManager
-from controlplane.gcs import Gcs
 from controlplane.gcs_replica import RemoteReplica, ReplicaPlan
 from controlplane.gcs_url import ENV_VAR as GCS_URL_ENV
 from controlplane.gcs_url import JOIN_ENV_VAR, JOIN_REPLICA_ENV_VAR, with_query
@@ -44,11 +43,15 @@ from controlplane.node_records import NodeRecord as NodeRecord
 from controlplane.node_records import find_running as find_running
 from controlplane.node_records import local_nodes as local_nodes
 from controlplane.node_records import node_log as node_log
-from controlplane.node_records import nodes_dir, record_node
+from controlplane.node_records import record_node
 from controlplane.node_records import running_head as running_head
-from controlplane.session_dirs import alive, new_session_dir
+from controlplane.session_dirs import new_session_dir
 from controlplane.settings import env_number
 from dataplane import shm
+
+if TYPE_CHECKING:  # (a head's GCS: imported where it is made, so that a joining node
+    # or `cairn stop` does not load alembic and SQLAlchemy)
+    from controlplane.gcs import Gcs
 
 _DAEMON_START_TIMEOUT_S = 60.0
 log = logging.getLogger("cairn")
@@ -201,6 +204,8 @@ class LocalNode:
         interval = env_number("CAIRN_PARTITION_UPKEEP_S", 60.0, minimum=0.1)
         while not self._stopping.wait(interval):
             try:
+                from controlplane.eventlog.partitions import PartitionManager
+
                 PartitionManager(self.gcs.owner_url).maintain()
             except Exception as exc:  # the GCS may be down a while: next round
                 log.warning("partition upkeep failed: %s", exc)
@@ -227,6 +232,8 @@ class LocalNode:
     ) -> LocalNode:
         """``gcs_replicas``: 1 for a synchronous replica of the embedded GCS that a
         watchdog promotes when the primary is gone (``on_gcs_event`` hears of it)."""
+        from controlplane.gcs import Gcs
+
         session_dir = new_session_dir()
         gcs: Gcs | None = None
         replica: RemoteReplica | None = None
@@ -556,30 +563,6 @@ def start_in_background(
             tail = log_path.read_text(errors="replace")[-3000:]
             raise RuntimeError(f"the node did not start; its output ({log_path}):\n{tail}")
         time.sleep(0.05)
-
-
-def stop_local_nodes(timeout: float) -> list[str]:
-    """Stops every node this machine runs, worker nodes before the head (SIGTERM, then
-    SIGKILL of the node's process group after ``timeout`` seconds); says what it did."""
-    said = []
-    nodes = sorted(local_nodes(), key=lambda n: n.head)
-    for node in nodes:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(node.pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    for node in nodes:
-        while alive(node.pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        kind = "head" if node.head else "node"
-        if alive(node.pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(os.getpgid(node.pid), signal.SIGKILL)
-            said.append(f"the {kind} (pid {node.pid}) did not stop within {timeout:g}s: killed")
-        else:
-            said.append(f"stopped the {kind} (pid {node.pid}, {node.session_dir})")
-        (nodes_dir() / f"{node.pid}.json").unlink(missing_ok=True)
-        node_log(node.pid).unlink(missing_ok=True)
-    return said or ["no Cairn node is running here"]
 
 
 def _tls_for(

@@ -12,7 +12,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,3 +135,27 @@ def find_running(address: str | None = None) -> Path:
             "start one with `cairn start --head`, or join one with `cairn start --address`"
         )
     return next(iter(clusters.values())).session_dir
+
+
+def stop_local_nodes(timeout: float) -> list[str]:
+    """Stops every node this machine runs, worker nodes before the head (SIGTERM, then
+    SIGKILL of the node's process group after ``timeout`` seconds); says what it did."""
+    said = []
+    nodes = sorted(local_nodes(), key=lambda n: n.head)
+    for node in nodes:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(node.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for node in nodes:
+        while alive(node.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        kind = "head" if node.head else "node"
+        if alive(node.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(os.getpgid(node.pid), signal.SIGKILL)
+            said.append(f"the {kind} (pid {node.pid}) did not stop within {timeout:g}s: killed")
+        else:
+            said.append(f"stopped the {kind} (pid {node.pid}, {node.session_dir})")
+        (nodes_dir() / f"{node.pid}.json").unlink(missing_ok=True)
+        node_log(node.pid).unlink(missing_ok=True)
+    return said or ["no Cairn node is running here"]
