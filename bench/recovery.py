@@ -152,7 +152,7 @@ class _BackToBack:
         while not self._stop.is_set():
             ref = tiny.remote(i)
             assert ray.get(ref, timeout=120) == i
-            self.done.append((time.perf_counter(), ref.task_id()))
+            self.done.append((time.perf_counter(), ref.task_id().hex()))
             i += 1
 
     def start(self) -> _BackToBack:

@@ -16,6 +16,7 @@ from typing import Any
 
 from dataplane import context
 from dataplane.serialization import note_contained_ref
+from sdk.ids import TaskID
 from sdk.runtime import get_values
 
 
@@ -40,8 +41,9 @@ class ObjectRef:
     def binary(self) -> bytes:
         return bytes.fromhex(self._id)
 
-    def task_id(self) -> str:
-        return self._id[:-8]
+    def task_id(self) -> TaskID:
+        """The task that makes it, as Ray's ID object (``.hex()`` is its id)."""
+        return TaskID(self._id[:-8])
 
     def __hash__(self) -> int:
         return hash(self._id)

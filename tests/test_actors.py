@@ -148,7 +148,7 @@ async def test_the_log_holds_the_actor_life_and_every_call() -> None:
         actor_id = await conn.fetchval(
             "SELECT payload->>'actor_id' FROM events WHERE entity_id = $1"
             " AND event_type = 'submitted'",
-            refs[0].task_id(),
+            refs[0].task_id().hex(),
         )
         life = await conn.fetch(
             "SELECT event_type, payload FROM events WHERE entity_kind = 'actor' "
@@ -345,7 +345,7 @@ def test_calls_waiting_for_arguments_run_after_a_restart() -> None:
     wait_for_rows(  # the daemon recorded the calls (their argument is still pending)
         ray.get_runtime_context().gcs_address,
         "SELECT 1 FROM events WHERE entity_id = ANY($1::text[]) AND event_type = 'submitted'",
-        [r.task_id() for r in refs],
+        [r.task_id().hex() for r in refs],
         count=5,
     )
     assert ray.wait([argument], timeout=0)[1] == [argument]
@@ -381,7 +381,7 @@ def test_threaded_actor_runs_calls_concurrently() -> None:
 
     actor = Meeting.remote()
     refs = [actor.meet.remote() for _ in range(4)]
-    assert ray.get(refs, timeout=60) == [ref.task_id() for ref in refs]
+    assert ray.get(refs, timeout=60) == [ref.task_id().hex() for ref in refs]
 
 
 def test_async_actor_interleaves_calls_and_awaits_refs() -> None:

@@ -71,7 +71,7 @@ def test_a_running_task_gets_keyboard_interrupt_and_is_not_retried(tmp_path: Pat
     with pytest.raises(TaskCancelledError):
         ray.get(ref, timeout=30)
     _until(marker, "interrupted, is_canceled=True")
-    history = _history(ref.task_id(), 4)
+    history = _history(ref.task_id().hex(), 4)
     assert history[-1] == "cancelled" and "retried" not in history  # max_retries aside
 
 
@@ -86,7 +86,7 @@ def test_a_task_that_handles_the_interrupt_returns_its_value(tmp_path: Path) -> 
 @ray.remote
 def parent(marker: str, child_seconds: float) -> None:
     child = sleep_for.remote(marker, child_seconds)
-    Path(marker + ".child").write_text(child.task_id())
+    Path(marker + ".child").write_text(child.task_id().hex())
     ray.get(child)
 
 
@@ -155,7 +155,7 @@ def test_an_async_actors_running_call_is_cancelled_as_a_coroutine_and_the_actor_
         ray.get(ref, timeout=30)
     assert ray.get(waiter.calls.remote(), timeout=30) == ["started", "cancelled"]  # alive
     assert "not supported in async actors" in ray.get(waiter.is_canceled.remote())
-    assert _history(ref.task_id(), 3)[-1] == "cancelled"
+    assert _history(ref.task_id().hex(), 3)[-1] == "cancelled"
 
 
 @ray.remote
@@ -184,5 +184,5 @@ def test_a_sync_actors_queued_call_is_dropped_and_its_running_one_told(tmp_path:
     ray.cancel(running)
     assert ray.get(running, timeout=30) == "cleaned up"  # not interrupted: it returned
     assert ray.get(poller.other.remote(), timeout=30) == 1
-    assert _history(queued.task_id(), 2)[-1] == "cancelled"
-    assert _history(running.task_id(), 3)[-1] == "finished"
+    assert _history(queued.task_id().hex(), 2)[-1] == "cancelled"
+    assert _history(running.task_id().hex(), 3)[-1] == "finished"

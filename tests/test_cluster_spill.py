@@ -113,7 +113,7 @@ def test_tasks_that_do_not_fit_spill_to_other_nodes(cluster: dict[str, str]) -> 
     assert len(used) >= 2 and used <= {cluster["head"], cluster["node1"], cluster["node2"]}
     spilled = _spills(cluster["url"])
     placements = _placements(cluster["url"])
-    assert {ref.task_id() for ref in refs} & {task for task, _ in spilled}
+    assert {ref.task_id().hex() for ref in refs} & {task for task, _ in spilled}
     assert all(placements.get(spill) == 1 for spill in spilled)  # each placed exactly once
     # a task needing 2 CPUs can only run on a 2-CPU node
     assert ray.get(on_two_cpus.remote(), timeout=60) in (cluster["node1"], cluster["node2"])
@@ -217,9 +217,9 @@ def test_infeasible_work_is_reported_not_silently_queued(
         ray.get([ref, actor.ping.remote()], timeout=3)
     status = _cairn("status")
     assert "infeasible tasks or actors" in status and "unobtainium" in status
-    assert f"task {ref.task_id()}" in status
+    assert f"task {ref.task_id().hex()}" in status
     warned = caplog.text  # the driver is warned, as Ray's is
-    assert f"({ref.task_id()}) cannot be scheduled now" in warned
+    assert f"({ref.task_id().hex()}) cannot be scheduled now" in warned
     assert "Unplaceable.__init__" in warned and "unobtainium" in warned
     ray.cancel(ref)
     ray.kill(actor)
@@ -246,7 +246,7 @@ def test_two_global_schedulers_never_place_a_task_twice(cluster: dict[str, str])
         second.wait(30)
     placements = _placements(url)
     assert placements and max(placements.values()) == 1
-    ours = {ref.task_id() for ref in refs}
+    ours = {ref.task_id().hex() for ref in refs}
     spilled = {spill for spill in _spills(url) if spill[0] in ours}
     assert spilled and spilled <= set(placements)  # every spill placed, none twice
 
@@ -259,7 +259,7 @@ def _stopped(pid: int) -> bool:
 
 def _spilled_and_placed(url: str, refs: list[ray.ObjectRef]) -> set[tuple[str, int]]:
     """The spills of these tasks (task, attempt); each placed exactly once."""
-    ours = {ref.task_id() for ref in refs}
+    ours = {ref.task_id().hex() for ref in refs}
     spilled = {spill for spill in _spills(url) if spill[0] in ours}
     placements = _placements(url)
     assert all(placements.get(spill) == 1 for spill in spilled)
@@ -311,7 +311,7 @@ def test_a_killed_global_scheduler_is_replaced_and_resumes(cluster: dict[str, st
     url = cluster["url"]
     (victim,) = _scheduler_pids(url)
     refs = [quick.remote(i) for i in range(3_000)]
-    ours = [ref.task_id() for ref in refs]
+    ours = [ref.task_id().hex() for ref in refs]
     placed_by_victim = wait_for_rows(  # it is placing our spills
         url, "SELECT 1 FROM events WHERE event_type = 'placed' AND entity_id = ANY($1)", ours
     )
@@ -585,14 +585,14 @@ def test_outputs_lost_with_their_node_are_rebuilt_from_the_log(cluster: dict[str
             "WHERE event_type = 'reconstructing' ORDER BY position",
         )
     )
-    assert rebuilt[0]["entity_id"] == ref.task_id() and rebuilt[0]["object_id"] == ref.hex()
+    assert rebuilt[0]["entity_id"] == ref.task_id().hex() and rebuilt[0]["object_id"] == ref.hex()
     assert len({r["entity_id"] for r in rebuilt}) == len(rebuilt) == 20  # all of it, once
     ran = asyncio.run(
         fetch_rows(
             url,
             "SELECT node_id FROM events WHERE entity_id = $1 AND event_type = 'running' "
             "ORDER BY position",
-            ref.task_id(),
+            ref.task_id().hex(),
         )
     )
     assert ran[0]["node_id"] == doomed_id and ran[-1]["node_id"] != doomed_id
@@ -610,7 +610,7 @@ def test_tasks_of_a_killed_node_run_again_elsewhere(cluster: dict[str, str]) -> 
                 url,
                 "SELECT node_id AS node FROM events "
                 "WHERE entity_id = $1 AND event_type = 'running'",
-                ref.task_id(),
+                ref.task_id().hex(),
             )
         )
         placed_on = rows[0]["node"] if rows else None
@@ -629,7 +629,7 @@ def test_tasks_of_a_killed_node_run_again_elsewhere(cluster: dict[str, str]) -> 
             url,
             "SELECT payload->>'reason' AS reason FROM events "
             "WHERE entity_id = $1 AND event_type = 'retried'",
-            ref.task_id(),
+            ref.task_id().hex(),
         )
     )
     assert [r["reason"] for r in reasons] == [f"node {placed_on}, where it ran, died"]

@@ -101,7 +101,7 @@ def _dag_id(ref: ray.ObjectRef) -> str:
         ray.get_runtime_context().gcs_address,
         "SELECT payload->>'dag_id' AS dag_id FROM events "
         "WHERE entity_id = $1 AND event_type = 'submitted'",
-        ref.task_id(),
+        ref.task_id().hex(),
     )
     return str(row["dag_id"])
 

@@ -142,8 +142,8 @@ def test_each_callers_order_holds_across_the_switch_and_with_a_second_caller() -
     assert [s for c, s in seen if c == "driver"] == list(range(3000))
     assert [s for c, s in seen if c == "task"] == list(range(1000))
     direct = _went_direct(actor, "record", 4000)
-    assert not any(direct[ref.task_id()] for ref in first)
-    assert all(direct[ref.task_id()] for ref in rest)
+    assert not any(direct[ref.task_id().hex()] for ref in first)
+    assert all(direct[ref.task_id().hex()] for ref in rest)
 
 
 def test_ref_arguments_of_direct_calls_are_resolved_in_order() -> None:
@@ -180,7 +180,7 @@ def test_a_crash_resends_direct_calls_that_never_began_and_fails_the_one_running
         _gcs(),
         "SELECT payload->>'reason' AS reason FROM events WHERE event_type = 'retried' "
         "AND entity_id = ANY($1::text[])",
-        [ref.task_id() for ref in queued],
+        [ref.task_id().hex() for ref in queued],
     )
     assert len(reasons) == 20
     assert all("before the call began" in r["reason"] for r in reasons)
@@ -291,7 +291,7 @@ def test_an_answer_that_reaches_the_daemon_before_the_callers_copy_is_recorded()
     wait_for_rows(
         _gcs(),
         "SELECT 1 FROM events WHERE entity_id = $1 AND event_type = 'finished'",
-        later.task_id(),
+        later.task_id().hex(),
     )
     assert not rows(_gcs(), "SELECT 1 FROM events WHERE entity_id = $1", spec.task_id)
     client.send(call)  # the copy, late

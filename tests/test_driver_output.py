@@ -257,7 +257,7 @@ def test_each_workers_output_is_kept_in_rotated_files_and_each_attempt_says_wher
     row = wait_for_rows(
         ray.get_runtime_context().gcs_address,
         "SELECT payload FROM events WHERE entity_id = $1 AND event_type = 'running'",
-        ref.task_id(),
+        ref.task_id().hex(),
     )[0]
     import json
 

@@ -80,7 +80,7 @@ def test_failover_to_a_promoted_replica_loses_no_acknowledged_event(
         assert time.monotonic() < deadline
         time.sleep(0.01)
     # a result is visible only once its finished event is durable: these were acknowledged
-    acknowledged = [r.task_id() for r in ray.wait(refs, num_returns=len(refs), timeout=0)[0]]
+    acknowledged = [r.task_id().hex() for r in ray.wait(refs, num_returns=len(refs), timeout=0)[0]]
     assert len(acknowledged) < len(refs)  # the primary dies mid-job
     primary.kill()
     killed = time.monotonic()
@@ -101,7 +101,7 @@ def test_failover_to_a_promoted_replica_loses_no_acknowledged_event(
     for task_id in acknowledged:  # acknowledged before the primary died: all there
         assert "finished" in history[task_id], task_id
     for ref in refs:  # and the whole job, each transition once
-        assert history[ref.task_id()] == ["submitted", "scheduled", "running", "finished"]
+        assert history[ref.task_id().hex()] == ["submitted", "scheduled", "running", "finished"]
 
 
 def test_a_tailer_that_read_events_the_promoted_replica_lacks_stops(
@@ -375,7 +375,7 @@ def square(x):
 refs = [square.remote(i) for i in range(2000)]
 while len(ray.wait(refs, num_returns=len(refs), timeout=0)[0]) < 200:
     time.sleep(0.01)
-acked = [r.task_id() for r in ray.wait(refs, num_returns=len(refs), timeout=0)[0]]
+acked = [r.task_id().hex() for r in ray.wait(refs, num_returns=len(refs), timeout=0)[0]]
 print(json.dumps(acked), flush=True)
 sys.stdin.readline()
 more = [square.remote(i) for i in range(2000, 2500)]
@@ -401,7 +401,7 @@ async def log(url):
         await conn.close()
 
 found = asyncio.run(log(ray.get_runtime_context().gcs_address))
-print(json.dumps({"acked": acked, "tasks": [r.task_id() for r in refs + more], **found}))
+print(json.dumps({"acked": acked, "tasks": [r.task_id().hex() for r in refs + more], **found}))
 ray.shutdown()
 """
 

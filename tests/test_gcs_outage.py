@@ -68,7 +68,7 @@ def test_a_job_survives_sigkill_of_postgres_with_every_event_once(
     assert ray.get(calls, timeout=60) == list(range(2, 202))
     assert ray.get(tally.all.remote(), timeout=60) == [-1, *range(200)]  # kept running
 
-    ids = [ref.task_id() for ref in refs]
+    ids = [ref.task_id().hex() for ref in refs]
     rows = asyncio.run(
         fetch_rows(
             server.url,
@@ -80,7 +80,7 @@ def test_a_job_survives_sigkill_of_postgres_with_every_event_once(
     for task_id in ids:  # every task's full history, each transition once
         assert history[task_id] == ["submitted", "scheduled", "running", "finished"], task_id
     for call in calls:
-        assert history[call.task_id()] == ["submitted", "running", "finished"]
+        assert history[call.task_id().hex()] == ["submitted", "running", "finished"]
 
 
 def test_a_gcs_that_stays_down_fails_callers_clearly_within_the_bound(

@@ -270,7 +270,7 @@ def test_a_dynamic_generators_values_live_as_long_as_it() -> None:
         ids,
         count=2,
     )
-    assert {row["task_id"] for row in rows} == {dynamic_ref.task_id()}
+    assert {row["task_id"] for row in rows} == {dynamic_ref.task_id().hex()}
     del dynamic_ref  # the generator (a value here) still holds its refs
     assert [ray.get(ref) for ref in generator] == [[0, 1], [2, 3]]
     del generator
@@ -402,7 +402,7 @@ def test_a_lost_streamed_value_is_rebuilt_by_running_its_generator_again(
     assert runs.read_text().count("run") == 2  # the generator ran again
     assert [ray.get(r)[:1] for r in (refs[0], refs[2])] == [b"\x00", b"\x02"]
     gcs = ray.get_runtime_context().gcs_address
-    task_id = refs[1].task_id()
+    task_id = refs[1].task_id().hex()
     rebuilt = wait_for_rows(
         gcs,
         "SELECT payload->>'object_id' AS object_id FROM events "

@@ -104,7 +104,7 @@ def _task_and_resource(url: str, name: str) -> None:
         assert "name" in str(exc)
         return
     assert storable(name) is None, "accepted a name the log cannot store"
-    task_id = ref.task_id()
+    task_id = ref.task_id().hex()
     for _ in range(100):  # written behind: durable within milliseconds
         stored = rows(
             url,

@@ -142,7 +142,7 @@ def test_a_selector_no_node_matches_is_infeasible_and_never_placed(
     ref = node_of.options(label_selector={"zone": "mars"}).remote()
     ready, waiting = ray.wait([ref], timeout=3)
     assert ready == [] and waiting == [ref]
-    task_id = ref.task_id()
+    task_id = ref.task_id().hex()
     url = cluster["url"]
     found = wait_for_rows(
         url,
@@ -175,7 +175,7 @@ def test_labels_and_selectors_are_in_the_log(cluster: dict[str, str]) -> None:
         url,
         "SELECT payload->'label_selector' AS selector, payload->'labels' AS labels FROM events "
         "WHERE entity_id = $1 AND event_type = 'submitted'",
-        ref.task_id(),
+        ref.task_id().hex(),
     )
     assert json.loads(submitted[0]["selector"]) == {"hard": {"zone": ["in", ["us-a", "us-b"]]}}
     assert json.loads(submitted[0]["labels"]) == {"team": "x"}

@@ -59,22 +59,22 @@ def say(word: str, lines: int) -> int:
 def test_a_task_shows_its_own_lines_only_tail_and_err(cluster: None) -> None:
     first, second = say.remote("alpha", 3), say.remote("beta", 4)
     assert ray.get(first) == ray.get(second)  # the same worker: one file, two tasks
-    wait_for_rows(gcs(), RUNNING, second.task_id())
-    assert cairn_logs("--task", first.task_id()).stdout.splitlines() == [
+    wait_for_rows(gcs(), RUNNING, second.task_id().hex())
+    assert cairn_logs("--task", first.task_id().hex()).stdout.splitlines() == [
         "alpha 0",
         "alpha 1",
         "alpha 2",
     ]
-    assert cairn_logs("--task", second.task_id(), "--tail", "2").stdout.splitlines() == [
+    assert cairn_logs("--task", second.task_id().hex(), "--tail", "2").stdout.splitlines() == [
         "beta 2",
         "beta 3",
     ]
-    assert cairn_logs("--task", second.task_id(), "--err").stdout.splitlines() == [
+    assert cairn_logs("--task", second.task_id().hex(), "--err").stdout.splitlines() == [
         f"beta err {n}" for n in range(4)
     ]
-    assert list(get_log(task_id=first.task_id())) == ["alpha 0", "alpha 1", "alpha 2"]
-    assert list(get_log(task_id=second.task_id(), tail=1, suffix="err")) == ["beta err 3"]
-    followed = get_log(task_id=second.task_id(), follow=True, tail=2, _interval=0.1)
+    assert list(get_log(task_id=first.task_id().hex())) == ["alpha 0", "alpha 1", "alpha 2"]
+    assert list(get_log(task_id=second.task_id().hex(), tail=1, suffix="err")) == ["beta err 3"]
+    followed = get_log(task_id=second.task_id().hex(), follow=True, tail=2, _interval=0.1)
     assert list(followed) == ["beta 2", "beta 3"]  # (its attempt is over: so is following)
 
 
@@ -94,8 +94,8 @@ def test_a_retried_tasks_attempts_are_told_apart_and_a_dead_workers_lines_kept(
 
     ref = flaky.remote(str(flag))
     assert ray.get(ref) == "done"
-    wait_for_rows(gcs(), RUNNING, ref.task_id(), count=2)
-    task = ref.task_id()
+    wait_for_rows(gcs(), RUNNING, ref.task_id().hex(), count=2)
+    task = ref.task_id().hex()
     assert cairn_logs("--task", task).stdout.splitlines() == ["first attempt, about to die"]
     assert cairn_logs("--task", task, "--attempt-number", "1").stdout.splitlines() == [
         "second attempt, fine"
@@ -132,7 +132,7 @@ def test_an_actors_lines_and_a_jobs_lines_prefixed_as_at_the_driver(cluster: Non
     assert list(get_log(actor_id=actor_id, tail=1)) == ["hello cy"]
     gamma = say.remote("gamma", 1)
     pid = ray.get(gamma)
-    wait_for_rows(gcs(), RUNNING, gamma.task_id())
+    wait_for_rows(gcs(), RUNNING, gamma.task_id().hex())
     job = cairn_logs("--job", ray.get_runtime_context().get_job_id()).stdout.splitlines()
     assert f"(say pid={pid}, ip=127.0.0.1) gamma 0" in job
     assert any(line.endswith(") hello cy") and line.startswith("(Greeter pid=") for line in job)
@@ -183,7 +183,7 @@ def test_follow_waits_for_a_task_to_start_and_prints_its_lines_until_it_ends(
     ref = slow.remote(str(go), gate.remote(str(start)))  # (waits for its argument)
     command = [sys.executable, "-m", "controlplane.cli", "logs", "--gcs-url", gcs()]
     follower = subprocess.Popen(
-        [*command, "--task", ref.task_id(), "--follow", "--interval", "0.1"],
+        [*command, "--task", ref.task_id().hex(), "--follow", "--interval", "0.1"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -246,8 +246,8 @@ def test_rotation_lines_are_found_in_older_copies_and_lost_ones_are_named(
                         time.sleep(0.05)
                 raise AssertionError("no running event")
 
-            b = lines(second.task_id())
-            a = lines(first.task_id())
+            b = lines(second.task_id().hex())
+            a = lines(first.task_id().hex())
             print(json.dumps({"a": a.lines, "a_notes": a.notes, "b": b.lines, "b_notes": b.notes}))
             ray.shutdown()
             """
@@ -289,7 +289,7 @@ def test_on_a_cluster_a_tasks_lines_come_from_its_node_and_its_loss_is_named(
                     return ray.get_runtime_context().get_node_id()
 
                 ref = far.remote()
-                print(ref.task_id(), ray.get(ref))
+                print(ref.task_id().hex(), ray.get(ref))
                 """
             )
         )

@@ -41,7 +41,7 @@ def test_a_task_asking_more_memory_than_any_node_has_waits_as_infeasible() -> No
     wait_for_rows(
         ray.get_runtime_context().gcs_address,
         "SELECT 1 FROM events WHERE entity_id = $1 AND event_type = 'infeasible'",
-        ref.task_id(),
+        ref.task_id().hex(),
     )
     ray.cancel(ref)
     with pytest.raises(TaskCancelledError):

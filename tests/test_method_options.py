@@ -85,7 +85,7 @@ def test_a_method_retries_the_exceptions_it_names() -> None:
     actor = Failing.remote()  # max_task_retries=0: the method's own count
     ref = actor.retried.remote(2)
     assert ray.get(ref, timeout=60) == 3
-    assert len(_retries(url, ref.task_id(), 2)) == 2
+    assert len(_retries(url, ref.task_id().hex(), 2)) == 2
     with pytest.raises(Flaky, match="call 6"):  # three more raise: two retries, then fails
         ray.get(actor.retried.remote(6), timeout=60)
     assert ray.get(actor.only_flaky.remote(8, Flaky), timeout=60) == 9
@@ -138,7 +138,7 @@ def test_name_and_num_returns_of_a_call() -> None:
         url,
         "SELECT payload->>'name' AS name FROM events "
         "WHERE entity_id = $1 AND event_type = 'submitted'",
-        named.task_id(),
+        named.task_id().hex(),
     )
     assert logged[0]["name"] == "step-1"
     assert ray.get(actor.pair.remote(), timeout=60) == [1, 2]

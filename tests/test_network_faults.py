@@ -175,7 +175,7 @@ def slow():
     time.sleep(3)
     return socket.gethostname()
 ref = slow.remote()
-print("STARTED " + ref.task_id(), flush=True)
+print("STARTED " + ref.task_id().hex(), flush=True)
 print(json.dumps({"ran_on": ray.get(ref, timeout=120)}))
 """
 

@@ -55,7 +55,7 @@ def test_a_lost_object_is_rebuilt_through_its_freed_lineage() -> None:
         ref = step.remote(ref, k)
     expected = sum(range(20))
     assert int(ray.get(ref)[-1]) == expected
-    upstream = ref.task_id()
+    upstream = ref.task_id().hex()
     _lose(ref)
     value = ray.get(ref, timeout=60)
     assert value.shape == (10 * MB // 8,) and int(value[0]) == int(value[-1]) == expected
@@ -184,9 +184,11 @@ def test_the_lineage_of_an_object_is_a_query_of_the_log() -> None:
     by_depth = {}
     for row in rows:
         by_depth.setdefault(row["depth"], []).append(row)
-    assert [(r["object_id"], r["task_id"]) for r in by_depth[0]] == [(both.hex(), both.task_id())]
+    assert [(r["object_id"], r["task_id"]) for r in by_depth[0]] == [
+        (both.hex(), both.task_id().hex())
+    ]
     assert by_depth[0][0]["function_name"].endswith("add_arrays")
-    assert {r["task_id"] for r in by_depth[1]} == {left.task_id(), right.task_id()}
+    assert {r["task_id"] for r in by_depth[1]} == {left.task_id().hex(), right.task_id().hex()}
     assert {r["function_name"].rsplit(".", 1)[1] for r in by_depth[1]} == {"step"}
     assert {(r["object_id"], r["task_id"]) for r in by_depth[2]} == {(seed.hex(), None)}  # a put
     assert set(by_depth) == {0, 1, 2}

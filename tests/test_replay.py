@@ -83,9 +83,9 @@ def test_a_deterministic_job_replays_identically(gcs_url: str, driver: str, tmp_
     assert [r["replay_of"] for r in linked] == [job_id]
 
     # --task: that task and its upstream only
-    only = _replay(gcs_url, driver, job_id, task_id=b.task_id())
+    only = _replay(gcs_url, driver, job_id, task_id=b.task_id().hex())
     assert sorted(c.original.spec.task_id for c in only.comparisons) == sorted(
-        [a.task_id(), b.task_id()]
+        [a.task_id().hex(), b.task_id().hex()]
     )
     assert only.first_divergence is None
 
@@ -102,11 +102,11 @@ def test_unseeded_randomness_is_the_first_divergence(
     report = _replay(gcs_url, driver, job_id)
 
     divergence = report.first_divergence
-    assert divergence is not None and divergence.original.spec.task_id == random_one.task_id()
+    assert divergence is not None and divergence.original.spec.task_id == random_one.task_id().hex()
     assert divergence.replayed is not None
     assert divergence.original.digest != divergence.replayed.digest
     same = {c.original.spec.task_id for c in report.comparisons if c.same}
-    assert first.task_id() in same and random_one.task_id() not in same
+    assert first.task_id().hex() in same and random_one.task_id().hex() not in same
 
     # no cluster of this machine runs for the CLI here (an empty $TMPDIR hides any other):
     # it says so, after checking the id
@@ -147,9 +147,12 @@ def test_a_generators_streamed_values_are_compared(gcs_url: str, driver: str) ->
 
     same = {c.original.spec.task_id: c.same for c in report.comparisons}
     assert same == {
-        steady[0].task_id(): True,
-        noisy_values[0].task_id(): False,
-        after.task_id(): True,
+        steady[0].task_id().hex(): True,
+        noisy_values[0].task_id().hex(): False,
+        after.task_id().hex(): True,
     }
     divergence = report.first_divergence
-    assert divergence is not None and divergence.original.spec.task_id == noisy_values[0].task_id()
+    assert (
+        divergence is not None
+        and divergence.original.spec.task_id == noisy_values[0].task_id().hex()
+    )

@@ -84,7 +84,7 @@ def test_the_driver() -> None:
 def test_a_task_knows_its_names_resources_and_ids() -> None:
     ref = get_task_name.remote()
     found = ray.get(ref)
-    assert found["task_id"] == ref.task_id()
+    assert found["task_id"] == ref.task_id().hex()
     assert found["task_name"] == "get_task_name"  # Ray's default: the function's name
     assert found["function_name"] == f"{__name__}.get_task_name"
     assert found["actor_id"] is None and found["actor_name"] is None

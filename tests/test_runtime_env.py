@@ -72,7 +72,7 @@ def test_the_jobs_env_vars_reach_its_tasks_and_a_tasks_own_override_them() -> No
         ray.get_runtime_context().gcs_address,
         "SELECT payload->'runtime_env'->'env_vars'->>'CAIRN_T_A' AS a FROM events "
         "WHERE entity_id = $1 AND event_type = 'submitted'",
-        ref.task_id(),
+        ref.task_id().hex(),
     )
     assert row[0]["a"] == "task"  # the environment of each task is in the log
 
@@ -161,7 +161,7 @@ def test_a_working_dir_is_the_workers_folder_without_what_excludes_names(project
         url,
         "SELECT payload->'runtime_env'->>'working_dir' AS wd, payload->>'runtime_env_hash' AS h "
         "FROM events WHERE entity_id = $1 AND event_type = 'submitted'",
-        ref.task_id(),
+        ref.task_id().hex(),
     )[0]
     assert row["wd"].startswith("cairn://pkg/") and len(row["h"]) == 64
     digest = row["wd"].removeprefix("cairn://pkg/").removesuffix(".zip")
@@ -324,7 +324,7 @@ def test_a_replayed_task_runs_on_the_files_it_ran_on(project: Path) -> None:
         ray.get_runtime_context().gcs_address,
         runtime._runtime.head.socket_path,
         ray.get_runtime_context().get_job_id(),
-        task_id=ref.task_id(),
+        task_id=ref.task_id().hex(),
     )
     (compared,) = report.comparisons
     assert compared.replayed is not None and compared.same

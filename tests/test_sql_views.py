@@ -151,10 +151,10 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
         first = double.remote(put)
         result = add.remote(first, put)
         assert ray.get(result) == 15
-        r.flaky_task, r.broken_task = flaky_ref.task_id(), broken_ref.task_id()
+        r.flaky_task, r.broken_task = flaky_ref.task_id().hex(), broken_ref.task_id().hex()
         r.actor_id = counter._actor_id
         r.put_id, r.result_id = put.hex(), result.hex()
-        r.chain_tasks = [first.task_id(), result.task_id()]
+        r.chain_tasks = [first.task_id().hex(), result.task_id().hex()]
         r.dead_node = f"node-dead-{uuid.uuid4().hex[:8]}"
         asyncio.run(_append_node_death(r.url, r))
         yield r

@@ -103,19 +103,19 @@ def job(cluster: None, module_gcs_url: str, tmp_path_factory: pytest.TempPathFac
     running = blocker.remote()  # the other CPU
     pending = tiny.remote(-1)  # no CPU left for it
     wait_for_rows(
-        url, "SELECT 1 FROM tasks WHERE task_id = $1 AND state = 'RUNNING'", running.task_id()
+        url, "SELECT 1 FROM tasks WHERE task_id = $1 AND state = 'RUNNING'", running.task_id().hex()
     )
     wait_for_rows(
         url, "SELECT 1 FROM actors WHERE actor_id = $1 AND state = 'DEAD'", dead._actor_id
     )
-    wait_for_rows(url, "SELECT 1 FROM tasks WHERE task_id = $1", pending.task_id())
+    wait_for_rows(url, "SELECT 1 FROM tasks WHERE task_id = $1", pending.task_id().hex())
     return Job(
         url=url,
         job_id=ray.get_runtime_context().get_job_id(),
-        failed=failed.task_id(),
-        flaky=retried.task_id(),
-        running=running.task_id(),
-        pending=pending.task_id(),
+        failed=failed.task_id().hex(),
+        flaky=retried.task_id().hex(),
+        running=running.task_id().hex(),
+        pending=pending.task_id().hex(),
         alive=alive._actor_id,
         dead=dead._actor_id,
         put=put.hex(),

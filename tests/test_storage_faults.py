@@ -157,7 +157,7 @@ def square(x):
     return x * x
 
 refs = [square.remote(i) for i in range(int(sys.argv[1]))]
-out = {"ids": [r.task_id() for r in refs], "values": [], "errors": []}
+out = {"ids": [r.task_id().hex() for r in refs], "values": [], "errors": []}
 for ref in refs:
     try:
         out["values"].append(ray.get(ref, timeout=120))

@@ -58,7 +58,7 @@ def test_max_calls_is_checked_and_refused_for_actors() -> None:
 def test_timeline_gives_this_jobs_tasks_as_trace_events(tmp_path: Path) -> None:
     refs = [pid.remote() for _ in range(3)]
     ray.get(refs)
-    wanted = {r.task_id() for r in refs}
+    wanted = {r.task_id().hex() for r in refs}
     deadline = time.monotonic() + 30
     while not wanted <= {e["args"]["task_id"] for e in ray.timeline() if e["ph"] == "X"}:
         assert time.monotonic() < deadline, "the tasks never reached the timeline"

@@ -136,7 +136,7 @@ def _wait_until_running(*refs: ray.ObjectRef) -> None:
     wait_for_rows(
         ray.get_runtime_context().gcs_address,
         "SELECT entity_id FROM events WHERE event_type = 'running' AND entity_id = ANY($1)",
-        [ref.task_id() for ref in refs],
+        [ref.task_id().hex() for ref in refs],
         count=len(refs),
     )
 
@@ -148,14 +148,14 @@ def test_cancel_queued_and_force_cancel_running() -> None:
     ray.cancel(queued)
     with pytest.raises(TaskCancelledError):
         ray.get(queued)
-    assert _history(queued.task_id(), 2) == ["submitted", "cancelled"]  # it never ran
+    assert _history(queued.task_id().hex(), 2) == ["submitted", "cancelled"]  # it never ran
     running = sleep_then.remote(30)
     ray.get(blockers)
     _wait_until_running(running)
     ray.cancel(running, force=True)
     with pytest.raises(TaskCancelledError):
         ray.get(running, timeout=10)
-    assert _history(running.task_id(), 4)[-2:] == ["running", "cancelled"]
+    assert _history(running.task_id().hex(), 4)[-2:] == ["running", "cancelled"]
     assert ray.get(square.remote(3)) == 9  # the pool recovered
 
 
@@ -356,7 +356,7 @@ async def test_the_log_holds_every_transition_and_folds_to_the_projection() -> N
     refs = [square.remote(i) for i in range(20)]
     assert ray.get(refs) == [i * i for i in range(20)]
     url = ray.get_runtime_context().gcs_address
-    task_ids = [r.task_id() for r in refs]
+    task_ids = [r.task_id().hex() for r in refs]
     conn = await asyncpg.connect(url)
     try:
         rows = await conn.fetch(
@@ -432,7 +432,7 @@ def test_runtime_context_and_cluster_resources() -> None:
 
     ref = where.remote()
     task_id, node_id, job_id = ray.get(ref)
-    assert task_id == ref.task_id()
+    assert task_id == ref.task_id().hex() and isinstance(ref.task_id(), ray.TaskID)
     assert (node_id, job_id) == (context.get_node_id(), context.get_job_id())
     assert ray.cluster_resources()["CPU"] == 2
     assert [n["NodeID"] for n in ray.nodes()] == [context.get_node_id()]

@@ -182,7 +182,7 @@ def test_timeline_of_a_real_job(tmp_path: Path) -> None:
         counter = Counter.remote()
         calls = [counter.add.remote(1) for _ in range(2)]
         assert ray.get(calls) == [1, 2]
-        expected = {r.task_id() for r in [*refs, failing, *calls]}
+        expected = {r.task_id().hex() for r in [*refs, failing, *calls]}
         out = tmp_path / "trace.json"
         deadline = time.monotonic() + 20
         while True:  # the ends of the last attempts may be written behind the results

@@ -194,7 +194,7 @@ def get_task(
 ) -> TaskState | list[TaskState] | None:
     """A task by id (or by an ObjectRef it returned): None if unknown, its TaskState,
     or as Ray, a list of them when it ran more than once (retries)."""
-    task_id = id if isinstance(id, str) else id.task_id()
+    task_id = id if isinstance(id, str) else id.task_id().hex()
     found = _get("tasks", task_id, address, timeout, _explain)
     return found if len(found) > 1 else _one(found)
 
