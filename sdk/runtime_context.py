@@ -17,6 +17,7 @@ from sdk.runtime import client_or_auto_init
 
 if TYPE_CHECKING:
     from sdk.actor import ActorHandle
+    from sdk.util.placement_group import PlacementGroupID
 
 _DRIVER_WORKER_ID = uuid.uuid4().hex  # a driver's worker id (workers have the daemon's)
 
@@ -103,27 +104,41 @@ class RuntimeContext:
         return self._task.task_id if self._task else None
 
     def get_task_name(self) -> str | None:
-        """Ray's: the name given in options, else the function's own name (an actor
-        call's "Class.method")."""
+        """Ray's: the name given in options, else the function's own ``__name__`` (an
+        actor call's "Class.method", by the class's ``__name__``, nested or not)."""
         if self._task is None:
             return None
         function = getattr(self._task.function, "__func__", self._task.function)
-        qualname = getattr(function, "__qualname__", None)
-        if qualname is None:
+        if getattr(function, "__qualname__", None) is None:
             return self._task.name
         if self._task.actor_id is not None and not isinstance(function, type):
             options = self._task.actor_options  # a call: named in .options(), or not
             default = f"{options.class_name if options else ''}.{function.__name__}"
-            return str(qualname) if self._task.name == default else self._task.name
+            shown = f"{self._actor_class_name()}.{function.__name__}"
+            return shown if self._task.name == default else self._task.name
         if self._task.actor_id is not None or self._task.name == _qualified(function):
-            return str(qualname)
+            return str(function.__name__)
         return self._task.name
 
     def get_task_function_name(self) -> str | None:
-        """The module.qualname of what the task runs."""
+        """Ray's function descriptor: module, the class's and the function's
+        ``__name__`` (not the qualified names of nested definitions)."""
         if self._task is None or self._task.function is None:
             return None
-        return _qualified(getattr(self._task.function, "__func__", self._task.function))
+        function = getattr(self._task.function, "__func__", self._task.function)
+        module = getattr(function, "__module__", None) or "?"
+        name = getattr(function, "__name__", type(function).__name__)
+        if self._task.actor_id is not None and not isinstance(function, type):
+            return f"{module}.{self._actor_class_name()}.{name}"
+        return f"{module}.{name}"
+
+    def _actor_class_name(self) -> str:
+        assert self._task is not None
+        actor = getattr(self._task.function, "__self__", None)
+        if actor is not None:
+            return type(actor).__name__
+        options = self._task.actor_options
+        return (options.class_name if options else "").rsplit(".", 1)[-1]
 
     def get_assigned_resources(self) -> dict[str, float]:
         """What the running task (or its actor) was given; {} in a driver."""
@@ -138,8 +153,22 @@ class RuntimeContext:
         return self._task.placement_group_id if self._task else None
 
     @property
-    def current_placement_group_id(self) -> str | None:
-        return self.get_placement_group_id()
+    def current_placement_group_id(self) -> PlacementGroupID | None:
+        """Ray's deprecated form: the group's ID object."""
+        from sdk.util.placement_group import PlacementGroupID
+
+        _deprecated("placement_group_id")
+        pg_id = self.get_placement_group_id()
+        return PlacementGroupID(bytes.fromhex(pg_id)) if pg_id is not None else None
+
+    def get_dashboard_url(self) -> str:
+        """The head's dashboard (its HTTP service's address), "" where none serves:
+        a private cluster (``init()``) serves none."""
+        path = Path(self._client.welcome.session_dir) / "dashboard.address"
+        try:
+            return path.read_text().strip()
+        except OSError:
+            return ""
 
     @property
     def should_capture_child_tasks_in_placement_group(self) -> bool:
@@ -193,7 +222,7 @@ class RuntimeContext:
 
 def _deprecated(name: str) -> None:
     warnings.warn(
-        f"RuntimeContext.{name} is deprecated: use get_{name}() instead (the hex string)",
+        f"Use get_{name}() instead: RuntimeContext.{name} is deprecated (as in Ray)",
         DeprecationWarning,
         stacklevel=3,
     )
@@ -218,7 +247,8 @@ class RayContext:
 
         welcome = runtime_context._client.welcome
         self._context = runtime_context
-        self.dashboard_url = ""  # (a private cluster serves none; `cairn start --head` does)
+        # the head's HTTP service ("": a private cluster serves none; `cairn start --head` does)
+        self.dashboard_url = runtime_context.get_dashboard_url()
         self.python_version = platform.python_version()
         self.ray_version = "2.60.0"  # the Ray API this SDK follows (docs/compatibility.md)
         self.ray_commit = ""
@@ -228,7 +258,7 @@ class RayContext:
             "session_dir": welcome.session_dir,
             "gcs_address": redact(welcome.gcs_url),
             "address": address,
-            "webui_url": None,
+            "webui_url": self.dashboard_url,
             "dashboard_url": self.dashboard_url,
             "metrics_export_port": None,
         }

@@ -74,8 +74,9 @@ def test_the_driver() -> None:
     assert ctx.get_actor_name() is None and ctx.get_assigned_resources() == {}
     assert isinstance(ctx.get_worker_id(), str) and ctx.get_worker_id()
     assert ctx.get()["job_id"] == ray.JobID.from_hex(ctx.get_job_id())
-    with pytest.warns(DeprecationWarning, match="get_job_id"):
+    with pytest.warns(DeprecationWarning, match=r"Use get_job_id\(\) instead"):
         assert ctx.job_id.hex() == ctx.get_job_id() and ctx.job_id.binary()
+    assert ctx.get_dashboard_url() == ""  # (a private cluster serves none)
     assert "task_id" not in ctx.get()
     with pytest.raises(RuntimeError):
         ctx.current_actor  # noqa: B018
@@ -106,6 +107,26 @@ def test_actors_know_their_calls_and_themselves() -> None:
     anonymous = ray.get(AsyncActor.remote().describe.remote())
     assert anonymous["actor_name"] == ""  # an actor without a name, as in Ray
     assert anonymous["function_name"] == f"{__name__}.AsyncActor.describe"
+
+
+def test_nested_definitions_are_named_by_their_own_names_as_in_ray() -> None:
+    """Ray's function descriptors use ``__name__``: a class or function defined inside
+    another is not named by its qualified name ("outer.<locals>.Inner")."""
+
+    @ray.remote
+    class Inner:
+        def describe(self) -> dict[str, Any]:
+            return _describe()
+
+    @ray.remote
+    def inner() -> dict[str, Any]:
+        return _describe()
+
+    found = ray.get(Inner.remote().describe.remote())
+    assert found["task_name"] == "Inner.describe"
+    assert found["function_name"] == f"{__name__}.Inner.describe"
+    found = ray.get(inner.remote())
+    assert (found["task_name"], found["function_name"]) == ("inner", f"{__name__}.inner")
 
 
 def test_a_restarted_actor_knows_it_was_reconstructed() -> None:

@@ -9,10 +9,11 @@ import os
 import subprocess
 import sys
 import urllib.request
+from pathlib import Path
 
 import pytest
 from machine_cluster import machine_cluster
-from processes import dashboard_address, pids_with
+from processes import dashboard_address, pids_with, run_driver
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -25,11 +26,21 @@ def get_json(url: str) -> tuple[int, dict]:
         return error.code, json.loads(error.read())
 
 
-def test_the_head_serves_http_and_stops_it_with_itself() -> None:
+def test_the_head_serves_http_and_stops_it_with_itself(tmp_path: Path) -> None:
     with machine_cluster(["--num-cpus", "1", "--dashboard-port", "0"]) as cluster:
         address = dashboard_address(cluster.head.session_dir)
         status, answer = get_json(f"http://{address}/api/cairn/health")
         assert status == 200 and answer == {"ok": True}
+        # a driver of the cluster is told where, as Ray's are (get_dashboard_url, webui_url)
+        said = run_driver(
+            tmp_path,
+            """
+            import sdk as ray
+            context = ray.init(address="auto")
+            print("at", ray.get_runtime_context().get_dashboard_url(), context["webui_url"])
+            """,
+        )
+        assert f"at {address} {address}" in said.stdout
         assert pids_with("controlplane.web", str(cluster.head.session_dir))
     assert not pids_with("controlplane.web", str(cluster.head.session_dir))
 

@@ -22,7 +22,8 @@ class ActorPool:
         self._by_index: dict[int, ObjectRef] = {}
         self._next_index = 0
         self._next_return = 0
-        self._waiting: list[tuple[Submit, Any]] = []
+        # work waiting for an idle actor (Ray's name: its tests read it)
+        self._pending_submits: list[tuple[Submit, Any]] = []
 
     def map(self, fn: Submit, values: Iterable[Any]) -> Iterator[Any]:
         """Submits every value now (as Ray's), and gives their results in order."""
@@ -46,7 +47,7 @@ class ActorPool:
 
     def submit(self, fn: Submit, value: Any) -> None:
         if not self._idle:
-            self._waiting.append((fn, value))
+            self._pending_submits.append((fn, value))
             return
         actor = self._idle.pop()
         ref = fn(actor, value)
@@ -95,7 +96,7 @@ class ActorPool:
         return api.get(ref)
 
     def has_free(self) -> bool:
-        return bool(self._idle) and not self._waiting
+        return bool(self._idle) and not self._pending_submits
 
     def pop_idle(self) -> Any | None:
         return self._idle.pop() if self.has_free() else None
@@ -112,5 +113,5 @@ class ActorPool:
 
     def _make_idle(self, actor: Any) -> None:
         self._idle.append(actor)
-        if self._waiting:
-            self.submit(*self._waiting.pop(0))
+        if self._pending_submits:
+            self.submit(*self._pending_submits.pop(0))

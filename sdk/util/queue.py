@@ -25,6 +25,12 @@ class _QueueActor:
     def qsize(self) -> int:
         return self.items.qsize()
 
+    def empty(self) -> bool:
+        return self.items.empty()
+
+    def full(self) -> bool:
+        return self.items.full()
+
     async def put(self, item: Any, timeout: float | None) -> bool:
         try:
             await asyncio.wait_for(self.items.put(item), timeout)
@@ -72,10 +78,14 @@ class Queue:
         return api.get(self.actor.qsize.remote())
 
     def empty(self) -> bool:
-        return self.qsize() == 0
+        from sdk import api
+
+        return bool(api.get(self.actor.empty.remote()))
 
     def full(self) -> bool:
-        return 0 < self.maxsize <= self.qsize()
+        from sdk import api
+
+        return bool(api.get(self.actor.full.remote()))
 
     def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
         """Adds ``item``; waits for room (up to ``timeout``) unless ``block`` is False."""
