@@ -20,7 +20,7 @@ import sys
 import threading
 import traceback
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import cloudpickle
 import xxhash
@@ -446,6 +446,8 @@ class Worker:
 
     def _failure(self, message: p.ExecuteTask, exc: BaseException) -> p.TaskDone:
         spec = message.spec
+        if isinstance(exc, SystemExit):
+            _exit_worker(exc)
         if isinstance(exc, _ArgumentFailed):  # the call fails with its argument's error
             error = exc.error
         elif isinstance(exc, context.ActorExit):
@@ -738,6 +740,17 @@ def _as_ray_error(exc: BaseException) -> BaseException:
     if isinstance(exc, DaemonError) and exc.kind == "store_full":
         return ObjectStoreFullError(str(exc))
     return exc
+
+
+def _exit_worker(exc: SystemExit) -> NoReturn:
+    """As Ray: ``sys.exit()`` in a task or actor method ends its worker process, which
+    the daemon sees die (a task is retried as after a crash; an actor restarts, and the
+    call is retried, as ``max_restarts`` and ``max_task_retries`` allow)."""
+    code = 0 if exc.code is None else exc.code if isinstance(exc.code, int) else 1
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(code)
 
 
 def _fetches_arguments(message: p.ExecuteTask) -> bool:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ import pytest
 from processes import run_driver
 
 import sdk as ray
-from sdk.exceptions import RaySystemError, RayTaskError
+from sdk.exceptions import ActorDiedError, RaySystemError, RayTaskError, WorkerCrashedError
 from sdk.runtime_context import RayContext
 
 pytestmark = pytest.mark.timeout(120)
@@ -354,3 +355,42 @@ def test_a_placement_group_that_can_never_fit_is_reported_infeasible(
     assert placement_group_table(fits)["stats"]["scheduling_state"] == "FINISHED"
     remove_placement_group(never)
     remove_placement_group(fits)
+
+
+@ray.remote(num_cpus=0)
+class Calls:
+    def __init__(self) -> None:
+        self.count = 0
+
+    def next(self) -> int:
+        self.count += 1
+        return self.count
+
+
+@ray.remote(num_cpus=0)
+class Quitter:
+    def call(self, tally: object) -> str:
+        if ray.get(tally.next.remote()) == 1:  # type: ignore[attr-defined]
+            sys.exit(1)
+        return f"pid {os.getpid()}"
+
+
+@ray.remote(max_retries=0)
+def quit_task() -> None:
+    sys.exit(3)
+
+
+def test_sys_exit_in_a_method_or_task_ends_its_worker_process_as_in_ray(
+    cluster: RayContext,
+) -> None:
+    """Not the call's error: its process dies, so the actor restarts and the call runs
+    again as max_restarts and max_task_retries allow; a task fails as after a crash."""
+    tally = Calls.remote()
+    quitter = Quitter.options(max_restarts=1, max_task_retries=1).remote()
+    assert ray.get(quitter.call.remote(tally), timeout=60).startswith("pid ")
+    assert ray.get(tally.next.remote()) == 3  # the first call, and its retry
+    with pytest.raises(WorkerCrashedError):
+        ray.get(quit_task.remote(), timeout=60)
+    once = Quitter.remote()  # no restarts: the actor is gone
+    with pytest.raises(ActorDiedError):
+        ray.get(once.call.remote(Calls.remote()), timeout=60)
