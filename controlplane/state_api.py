@@ -56,6 +56,7 @@ ERROR_TYPES: dict[str, str] = {
     "object_lost": "OBJECT_LOST",
     "actor_died": "ACTOR_DIED",
     "actor_exit": "ACTOR_DIED",
+    "actor_unavailable": "ACTOR_UNAVAILABLE",
     "unschedulable": "TASK_UNSCHEDULABLE_ERROR",
     "runtime_env_setup": "RUNTIME_ENV_SETUP_FAILED",
     "system": "SYSTEM_ERROR",

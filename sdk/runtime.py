@@ -259,6 +259,8 @@ def error_of(info: p.ErrorInfo, object_id: str) -> exc.RayError:
             return exc.TaskUnschedulableError(info.message)
         case "actor_died":
             return exc.ActorDiedError(info.function_name or None, info.message)
+        case "actor_unavailable":
+            return exc.ActorUnavailableError(info.function_name or None, info.message)
         case "object_lost":
             return exc.ObjectLostError(object_id, info.message)
         case "runtime_env_setup":

@@ -18,7 +18,7 @@ from log_rows import wait_for_rows
 from ray_session import private_cluster
 
 import sdk as ray
-from sdk.exceptions import ActorDiedError
+from sdk.exceptions import ActorUnavailableError
 
 pytestmark = pytest.mark.timeout(180)
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -124,7 +124,8 @@ def test_a_method_max_task_retries_resends_a_call_its_worker_died_in(tmp_path: P
     actor = DiesOnce.remote(str(tmp_path / "died"))  # the actor's own max_task_retries: 0
     assert ray.get(actor.survive.remote(), timeout=60) != os.getpid()
     again = DiesOnce.remote(str(tmp_path / "again"))
-    with pytest.raises(ActorDiedError):  # without the method's retry: the call dies with it
+    # without the method's retry the call fails with its process; the actor restarts
+    with pytest.raises(ActorUnavailableError):
         ray.get(again.survive.options(max_task_retries=0).remote(), timeout=60)
 
 

@@ -1007,7 +1007,7 @@ async def test_the_actor_director_creates_restarts_and_buries_an_actor(
         first.process.kill()
         assert await workers.gone(first.worker_id) is not None
         director.worker_lost(first, -9)
-        assert host.asked[-1] == ("failed", "k1", "actor_died")  # it may have begun
+        assert host.asked[-1] == ("failed", "k1", "actor_unavailable")  # it may have begun
         second = director.actors["a1"].worker
         assert second is not None and second is not first  # restarted, in a new process
         assert resources.available["CPU"] == 1.0  # until its constructor runs again

@@ -591,12 +591,14 @@ class ActorDirector:
         fails when it may have begun and no retries are left."""
         record.direct = record.answered = False
         if begun and record.retries_left == 0:
+            # as Ray: the actor lives on (it restarts), so the call's error says it is
+            # unavailable rather than dead
             self.node.finish_failed(
                 record,
                 p.ErrorInfo(
-                    "actor_died",
-                    f"the actor {actor.actor_id} died while running the call "
-                    f"(max_task_retries=0): {cause}",
+                    "actor_unavailable",
+                    f"the actor {actor.actor_id} restarts: its process died while running "
+                    f"the call, which has no retries left (max_task_retries): {cause}",
                     function_name=actor.actor_id,
                 ),
                 log_event=True,
