@@ -606,8 +606,10 @@ class _Yields:
             done = self.worker._failure(self.message, exc)
         assert done.error is not None
         error = done.error
-        if spec.streaming:
+        if spec.streaming and not error.retryable:
             self._send(p.ObjectLocation(self._next_id(), error=error))
+        elif spec.streaming:  # the daemon retries it (retry_exceptions), or, out of
+            pass  # retries, gives its caller the error as the stream's next value
         elif spec.dynamic and error.kind == "task_error":  # its last value, and it is over
             self.made.append(p.ObjectLocation(self._next_id(), error=error))
             return self.done()

@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import cloudpickle
 import pytest
 from processes import run_driver
 
@@ -20,6 +21,8 @@ import sdk as ray
 from sdk.exceptions import ActorDiedError, RaySystemError, RayTaskError, WorkerCrashedError
 from sdk.runtime_context import RayContext
 
+# (this module's classes and exceptions are pickled by value: workers cannot import it)
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
 pytestmark = pytest.mark.timeout(120)
 
 
@@ -394,3 +397,37 @@ def test_sys_exit_in_a_method_or_task_ends_its_worker_process_as_in_ray(
     once = Quitter.remote()  # no restarts: the actor is gone
     with pytest.raises(ActorDiedError):
         ray.get(once.call.remote(Calls.remote()), timeout=60)
+
+
+class Flaky(Exception):
+    pass
+
+
+@ray.remote(num_cpus=0)
+class Streamer:
+    def __init__(self) -> None:
+        self.runs = 0
+
+    @ray.method(num_returns="streaming")
+    def values(self, fail_runs: int):  # type: ignore[no-untyped-def]
+        self.runs += 1
+        yield 1
+        if self.runs <= fail_runs:
+            raise Flaky(f"run {self.runs}")
+        yield 2
+
+    def count(self) -> int:
+        return self.runs
+
+
+def test_a_streaming_method_is_retried_on_the_exceptions_it_names(cluster: RayContext) -> None:
+    """As Ray: a raise that retry_exceptions names re-runs the generator (what its caller
+    took already is not given twice); out of retries, the error is the next value."""
+    streamer = Streamer.remote()
+    retried = streamer.values.options(retry_exceptions=[Flaky], max_task_retries=2).remote(2)
+    assert [ray.get(ref, timeout=60) for ref in retried] == [1, 2]
+    assert ray.get(streamer.count.remote()) == 3  # the first run and two retries
+    spent = streamer.values.options(retry_exceptions=[Flaky], max_task_retries=1).remote(9)
+    assert ray.get(next(spent), timeout=60) == 1
+    with pytest.raises(Flaky, match="run 5"):  # (runs 4 and 5: the first and its retry)
+        ray.get(next(spent), timeout=60)
