@@ -19,6 +19,7 @@ import socket
 import sys
 import threading
 import traceback
+import warnings
 from collections.abc import Callable
 from typing import Any, NoReturn
 
@@ -383,8 +384,16 @@ class Worker:
             for _, member in inspect.getmembers(type(self.actor), inspect.isfunction)
         )
         if is_async:
-            loop = asyncio.new_event_loop()
-            threading.Thread(target=loop.run_forever, name="cairn-actor-loop", daemon=True).start()
+            # as Ray: each concurrency group has an event loop (and thread) of its own,
+            # so a call that blocks one group's loop holds no other group's calls; the
+            # default group's is the loop the constructor saw (asyncio.get_event_loop())
+            loops = {
+                name: _constructor_loop() if not name else asyncio.new_event_loop()
+                for name in sizes
+            }
+            for name, loop in loops.items():
+                thread = f"cairn-actor-loop-{name or 'default'}"
+                threading.Thread(target=loop.run_forever, name=thread, daemon=True).start()
             groups = {name: asyncio.Semaphore(size) for name, size in sizes.items()}
 
             async def bounded(item: tuple[p.ExecuteTask, p.SyncChannel | None]) -> None:
@@ -393,7 +402,7 @@ class Worker:
                 current = asyncio.current_task()
                 assert current is not None
                 with self._calls_lock:  # cancel_call cancels it, waiting or running
-                    self._async_calls[task_id] = (loop, current)
+                    self._async_calls[task_id] = (asyncio.get_running_loop(), current)
                 try:
                     async with groups[group_of(message)]:
                         with self._marked_begun(message):
@@ -406,7 +415,7 @@ class Worker:
                 self._reply(done, caller)
 
             self._concurrently = lambda m: asyncio.run_coroutine_threadsafe(
-                bounded(m), loop
+                bounded(m), loops[group_of(m[0])]
             ).add_done_callback(_raise_unexpected)
         elif len(sizes) > 1:  # concurrency groups: run() hands each call to its group
             queues = {name: queue.Queue[Any]() for name in sizes}
@@ -742,6 +751,19 @@ def _as_ray_error(exc: BaseException) -> BaseException:
     if isinstance(exc, DaemonError) and exc.kind == "store_full":
         return ObjectStoreFullError(str(exc))
     return exc
+
+
+def _constructor_loop() -> asyncio.AbstractEventLoop:
+    """The event loop of this (the main) thread, which an async actor's constructor
+    gets from ``asyncio.get_event_loop()``; made now if it asked for none."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            return asyncio.get_event_loop_policy().get_event_loop()
+        except RuntimeError:
+            loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(loop)
+            return loop
 
 
 def _exit_worker(exc: SystemExit) -> NoReturn:

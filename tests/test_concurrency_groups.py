@@ -78,20 +78,19 @@ def test_a_threaded_actors_groups_run_beside_each_other_each_to_its_size() -> No
 
 @ray.remote(concurrency_groups={"io": 2, "probe": 1})
 class Async:
+    """Each group runs on an event loop of its own (as Ray's), so the groups share a
+    thread-safe event, not an asyncio one."""
+
     def __init__(self) -> None:
         self.running = self.most = 0
-        self.release: asyncio.Event | None = None
-
-    def _event(self) -> asyncio.Event:
-        if self.release is None:
-            self.release = asyncio.Event()
-        return self.release
+        self.release = threading.Event()
 
     @ray.method(concurrency_group="io")
     async def io(self) -> int:
         self.running += 1
         self.most = max(self.most, self.running)
-        await self._event().wait()
+        while not self.release.is_set():
+            await asyncio.sleep(0.01)
         self.running -= 1
         return 1
 
@@ -101,7 +100,7 @@ class Async:
 
     @ray.method(concurrency_group="probe")
     async def go(self) -> None:
-        self._event().set()
+        self.release.set()
 
 
 def test_an_async_actors_group_runs_as_many_calls_as_its_size() -> None:
@@ -129,3 +128,30 @@ def test_a_method_in_an_undeclared_group_is_refused() -> None:
         @ray.remote(concurrency_groups={"io": 0})
         class Empty:
             pass
+
+
+@ray.remote(concurrency_groups={"other": 1})
+class Blocker:
+    def __init__(self) -> None:
+        self.constructor_loop = asyncio.get_event_loop()
+
+    async def block(self, seconds: float) -> None:
+        time.sleep(seconds)  # holds its group's event loop, as it would in Ray
+
+    @ray.method(concurrency_group="other")
+    def ok(self) -> str:
+        return "ok"
+
+    def on_constructor_loop(self) -> bool:
+        return asyncio.get_event_loop() is self.constructor_loop
+
+
+def test_an_async_actors_groups_each_have_an_event_loop_of_their_own() -> None:
+    """As Ray: a call that blocks the default group's loop holds no other group's
+    calls, and the default group's loop is the one the constructor saw."""
+    actor = Blocker.remote()
+    assert ray.get(actor.on_constructor_loop.remote(), timeout=60) is True
+    blocked = actor.block.remote(20)
+    assert ray.get(actor.ok.remote(), timeout=10) == "ok"
+    ray.kill(actor)
+    del blocked
