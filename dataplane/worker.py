@@ -670,6 +670,9 @@ class _WrongCount(ValueError):
             f"{count} values"
         )
 
+    def __reduce__(self) -> tuple[Any, ...]:  # (rebuilt at the caller as Ray's ValueError)
+        return (ValueError, self.args)
+
 
 class _YieldNotStored(Exception):
     def __init__(self, cause: BaseException) -> None:

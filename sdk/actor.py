@@ -153,6 +153,7 @@ class ActorClass:
     def __init__(self, cls: type, options: dict[str, Any]) -> None:
         self._cls = cls
         self._options = opts.validate(options, opts.ACTOR_OPTIONS)
+        self._bind_options = dict(options)  # (a DAG node's get_options(), as Ray's)
         self._qualname = f"{cls.__module__}.{cls.__qualname__}"
         self._pickled: tuple[str, bytes] | None = None
         self._signature = signature_of(cls)  # (its constructor's)
@@ -188,6 +189,7 @@ class ActorClass:
         merged = ActorClass.__new__(ActorClass)
         merged.__dict__.update(self.__dict__)
         merged._options = {**self._options, **opts.validate(options, opts.ACTOR_OPTIONS)}
+        merged._bind_options = {**self._bind_options, **options}
         return merged
 
     def bind(self, *args: Any, **kwargs: Any) -> ClassNode:
@@ -408,7 +410,7 @@ class ActorMethod:
 
     def bind(self, *args: Any, **kwargs: Any) -> ClassMethodNode:
         """A node of a DAG (sdk/dag.py): this call of the actor, made by ``execute``."""
-        return ClassMethodNode(self._handle, self._name, args, kwargs)
+        return ClassMethodNode(self._handle, self._name, args, kwargs, self._call_options)
 
     def _retries(self) -> dict[str, Any]:
         """max_task_retries / retry_exceptions of this call: its own (.options()), else

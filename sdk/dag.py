@@ -23,8 +23,29 @@ def current_dag_id() -> str | None:
     return _dag_id.get()
 
 
+# Ray's keys of ClassMethodNode.get_other_args_to_resolve(): the actor a call is bound
+# on, and the call bound on it before
+PARENT_CLASS_NODE_KEY = "parent_class_node"
+PREV_CLASS_METHOD_CALL_KEY = "prev_class_method_call"
+
+
 class DAGNode(abc.ABC):
     """A node of a graph: resolved, once per execution, to a ref, a handle or a value."""
+
+    _args: tuple[Any, ...] = ()
+    _kwargs: dict[str, Any] = {}  # noqa: RUF012 (never mutated: each node sets its own)
+    # the options given where it was bound, as Ray's get_options(): the decorator's, or
+    # only those of the .options() call it was bound through
+    _bound_options: dict[str, Any] = {}  # noqa: RUF012
+
+    def get_args(self) -> tuple[Any, ...]:
+        return self._args
+
+    def get_kwargs(self) -> dict[str, Any]:
+        return self._kwargs
+
+    def get_options(self) -> dict[str, Any]:
+        return dict(self._bound_options)
 
     def execute(self, *args: Any, **kwargs: Any) -> Any:
         """Runs the graph with ``args``/``kwargs`` as its input: its output's ref (a
@@ -108,10 +129,16 @@ class FunctionNode(DAGNode):
 
     def __init__(self, function: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self._function, self._args, self._kwargs = function, args, kwargs
+        self._bound_options = dict(getattr(function, "_bind_options", {}))
 
     def _resolve(self, execution: _Execution) -> Any:
         args, kwargs = execution.arguments(self._args, self._kwargs)
         return self._function.remote(*args, **kwargs)
+
+    def remote(self, *_args: Any, **_kwargs: Any) -> None:
+        raise AttributeError(
+            ".remote() cannot be used on FunctionNodes: use execute() to run the DAG"
+        )
 
 
 class ClassNode(DAGNode):
@@ -120,10 +147,18 @@ class ClassNode(DAGNode):
 
     def __init__(self, actor_class: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self._actor_class, self._args, self._kwargs = actor_class, args, kwargs
+        self._bound_options = dict(getattr(actor_class, "_bind_options", {}))
+
+    _last_call: ClassMethodNode | None = None  # the latest call bound on it
 
     def __getattr__(self, name: str) -> _UnboundMethod:
         if name.startswith("_"):
             raise AttributeError(name)
+        if name == "bind":  # (Ray's refusals, in Ray's words)
+            raise AttributeError(f".bind() cannot be used again on {type(self).__name__}")
+        if name == "remote":
+            cls = getattr(self._actor_class, "_cls", self._actor_class)
+            raise AttributeError(f"'{getattr(cls, '__name__', cls)}' has no attribute 'remote'")
         return _UnboundMethod(self, name)
 
     def _resolve(self, execution: _Execution) -> Any:
@@ -132,26 +167,56 @@ class ClassNode(DAGNode):
 
 
 class _UnboundMethod:
-    def __init__(self, actor: ClassNode | Any, name: str) -> None:
-        self._actor, self._name = actor, name
+    def __init__(
+        self, actor: ClassNode | Any, name: str, options: dict[str, Any] | None = None
+    ) -> None:
+        self._actor, self._name, self._options = actor, name, options or {}
+
+    def options(self, **options: Any) -> _UnboundMethod:
+        return _UnboundMethod(self._actor, self._name, options)
+
+    def remote(self, *_args: Any, **_kwargs: Any) -> None:
+        raise AttributeError(
+            ".remote() cannot be used on ClassMethodNodes: use .bind() to build the DAG, "
+            "and execute() to run it"
+        )
 
     def bind(self, *args: Any, **kwargs: Any) -> ClassMethodNode:
-        return ClassMethodNode(self._actor, self._name, args, kwargs)
+        return ClassMethodNode(self._actor, self._name, args, kwargs, self._options)
 
 
 class ClassMethodNode(DAGNode):
     """A call of an actor: one bound in the graph (a ClassNode) or a live handle."""
 
     def __init__(
-        self, actor: ClassNode | Any, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+        self,
+        actor: ClassNode | Any,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        options: dict[str, Any] | None = None,
     ) -> None:
         self._actor, self._method = actor, method
         self._args, self._kwargs = args, kwargs
+        self._bound_options = dict(options or {})
+        # as Ray's: the calls bound on one actor of the graph run in the order bound,
+        # each after the one bound before it (resolved first)
+        self._previous: ClassMethodNode | None = None
+        if isinstance(actor, ClassNode):
+            self._previous, actor._last_call = actor._last_call, self
+
+    def get_other_args_to_resolve(self) -> dict[str, Any]:
+        return {PARENT_CLASS_NODE_KEY: self._actor, PREV_CLASS_METHOD_CALL_KEY: self._previous}
 
     def _resolve(self, execution: _Execution) -> Any:
         handle = execution.resolve(self._actor) if isinstance(self._actor, DAGNode) else self._actor
+        if self._previous is not None:
+            execution.resolve(self._previous)
         args, kwargs = execution.arguments(self._args, self._kwargs)
-        return getattr(handle, self._method).remote(*args, **kwargs)
+        method = getattr(handle, self._method)
+        if self._bound_options:
+            method = method.options(**self._bound_options)
+        return method.remote(*args, **kwargs)
 
 
 class MultiOutputNode(DAGNode):
@@ -204,6 +269,8 @@ class _Execution:
 
 
 __all__ = [
+    "PARENT_CLASS_NODE_KEY",
+    "PREV_CLASS_METHOD_CALL_KEY",
     "ClassMethodNode",
     "ClassNode",
     "CompiledDAG",

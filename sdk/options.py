@@ -48,7 +48,13 @@ def _name(value: Any) -> str | None:
 
 
 def _non_negative(value: Any) -> str | None:
-    return None if value is None or value >= 0 else "must be >= 0"
+    if value is None or value >= 0:
+        return None
+    # (Ray's words, as its tests match them: a quantity of a resource cannot be negative)
+    return (
+        "must be >= 0: it only accepts None, 0 or a positive number (a quantity of "
+        "resource {key} cannot be negative)"
+    )
 
 
 def _num_returns(value: Any) -> str | None:
@@ -231,10 +237,13 @@ def validate(options: Mapping[str, Any], table: Mapping[str, Option] = TASK_OPTI
             isinstance(value, bool) and bool not in option.types
         ):
             names = " or ".join(t.__name__ for t in option.types)
-            raise ValueError(f"option {key!r} must be {names}, got {type(value).__name__}")
+            # a TypeError, as Ray's ("The type of keyword ... must be ...")
+            raise TypeError(
+                f"The type of keyword {key!r} must be {names}, got {type(value).__name__}"
+            )
         problem = option.check(value)
         if problem:
-            raise ValueError(f"option {key!r} {problem}")
+            raise ValueError(f"option {key!r} {problem.replace('{key}', key)}")
     return dict(options)
 
 

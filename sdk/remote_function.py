@@ -30,6 +30,12 @@ class RemoteFunction:
     def __init__(self, function: Callable[..., Any], options: dict[str, Any]) -> None:
         self._function = function
         self._options = opts.validate(options)
+        # the options given (decorator, then .options() over them): a DAG node's
+        # get_options(), as Ray's
+        self._given_options = dict(options)
+        self._bind_options = dict(options)
+        if options.get("num_gpus") and "max_calls" not in options:
+            self._bind_options["max_calls"] = 1  # (Ray's default for a GPU task, shown)
         self._qualname = f"{function.__module__}.{function.__qualname__}"
         self._pickled: tuple[str, bytes] | None = None
         self._signature = signature_of(function)
@@ -45,6 +51,8 @@ class RemoteFunction:
         merged = RemoteFunction.__new__(RemoteFunction)
         merged.__dict__.update(self.__dict__)
         merged._options = {**self._options, **opts.validate(options)}
+        merged._given_options = {**self._given_options, **options}
+        merged._bind_options = dict(merged._given_options)
         return merged
 
     def bind(self, *args: Any, **kwargs: Any) -> FunctionNode:

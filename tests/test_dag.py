@@ -115,3 +115,52 @@ def _tasks_of(dag_id: str, at_least: int) -> list[str]:
         count=at_least,
     )
     return [row["entity_id"] for row in rows]
+
+
+@ray.remote
+class Tally:
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    def note(self, what: str) -> list[str]:
+        self.seen.append(what)
+        return list(self.seen)
+
+
+def test_nodes_show_their_arguments_and_options_and_refuse_misuse_as_ray() -> None:
+    gpu = ray.remote(num_gpus=1)(lambda: None)
+    node = mul.options(name="m").bind(1, y=2)
+    assert (node.get_args(), node.get_kwargs()) == ((1,), {"y": 2})
+    assert node.get_options() == {"name": "m"}
+    assert gpu.bind().get_options() == {"num_gpus": 1, "max_calls": 1}  # (Ray's default shown)
+    assert gpu.options(num_cpus=2).bind().get_options() == {"num_gpus": 1, "num_cpus": 2}
+    with pytest.raises(AttributeError, match=r"\.remote\(\) cannot be used on FunctionNodes"):
+        node.remote()
+    actor = Tally.options(name="t").bind()
+    assert actor.get_options() == {"name": "t"}
+    with pytest.raises(AttributeError, match=r"\.bind\(\) cannot be used again"):
+        actor.bind()
+    with pytest.raises(AttributeError, match="'Tally' has no attribute 'remote'"):
+        actor.remote()
+    with pytest.raises(AttributeError, match=r"cannot be used on ClassMethodNodes"):
+        actor.note.remote("x")
+    with pytest.raises(ValueError, match="quantity of resource num_cpus cannot be negative"):
+        mul.options(num_cpus=-1)
+    with pytest.raises(TypeError, match="The type of keyword 'num_cpus'"):
+        mul.options(num_cpus="2")
+
+
+def test_calls_bound_on_one_actor_run_in_the_order_bound() -> None:
+    """As Ray's: each call depends on the one bound before it on its actor, so all run,
+    in order, even when the output reads only the last."""
+    from sdk.dag import PARENT_CLASS_NODE_KEY, PREV_CLASS_METHOD_CALL_KEY
+
+    actor = Tally.bind()
+    first = actor.note.options(name="first").bind("a")
+    actor.note.bind("b")
+    last = actor.note.bind("c")
+    assert ray.get(last.execute(), timeout=60) == ["a", "b", "c"]
+    earlier = last.get_other_args_to_resolve()[PREV_CLASS_METHOD_CALL_KEY]
+    assert earlier.get_other_args_to_resolve()[PREV_CLASS_METHOD_CALL_KEY] is first
+    assert last.get_other_args_to_resolve()[PARENT_CLASS_NODE_KEY] is actor
+    assert first.get_options() == {"name": "first"}
