@@ -45,7 +45,9 @@ class _OnPaths:
 
 
 def load_on_paths(paths: list[str], blob: bytes) -> Any:
-    for path in reversed(paths):
+    """Appended, not put first: a task's own ``working_dir`` and the worker's packages
+    come before them (a module of the same name beside the script does not shadow)."""
+    for path in paths:
         if path not in sys.path:
-            sys.path.insert(0, path)
+            sys.path.append(path)
     return cloudpickle.loads(blob)
