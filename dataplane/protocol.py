@@ -164,6 +164,8 @@ END_OF_STREAM = "end_of_stream"  # the ErrorInfo kind of the marker
 # DynamicObjectRefGenerator over the values it yielded, made once it is over: the
 # i-th value is ``return_object_id(task_id, i + 1)`` (then its error, if it raised)
 DYNAMIC = -2
+# the method every actor has, as in Ray (``actor.__ray_ready__.remote()``: True once up)
+READY_METHOD = "__ray_ready__"
 
 
 def outcome(

@@ -44,6 +44,7 @@ class Worker:
     def __init__(self, client: CoreClient) -> None:
         self.client = client
         self.functions: dict[str, Callable[..., Any]] = {}
+        self._methods: dict[str, Any] = {}  # the actor class's attributes, by name
         self.actor: Any = None  # the instance, in a worker dedicated to an actor
         self.actor_gpu_ids: tuple[str, ...] = ()  # the GPUs given to that actor
         self.actor_creation: p.ExecuteTask | None = None  # how that actor was made
@@ -526,10 +527,25 @@ class Worker:
         """The task's function; for an actor's constructor, its class; for a method
         call, the bound method of this worker's actor."""
         if spec.actor_id is not None and spec.method != "__init__":
-            return getattr(self.actor, spec.method or "")
+            return self._method(spec.method or "")
         if blob is not None:
             self.functions[spec.function_id] = cloudpickle.loads(blob)
         return self.functions[spec.function_id]
+
+    def _method(self, name: str) -> Callable[..., Any]:
+        """The actor's method, from its class as Ray's (an instance attribute of the same
+        name does not hide it); ``__ray_ready__``, which every actor has."""
+        if name == p.READY_METHOD:
+            return _ready
+        found = self._methods.get(name)
+        if found is None:
+            cls = type(self.actor)
+            try:
+                found = self._methods[name] = inspect.getattr_static(cls, name)
+            except AttributeError:
+                return getattr(self.actor, name)  # (made by __getattr__, say)
+        binder = getattr(found, "__get__", None)
+        return binder(self.actor, type(self.actor)) if binder is not None else found
 
     def _value(self, arg: p.Arg, location: p.ObjectLocation | None) -> Any:
         if arg.inline is not None:
@@ -754,6 +770,10 @@ def _as_ray_error(exc: BaseException) -> BaseException:
     if isinstance(exc, DaemonError) and exc.kind == "store_full":
         return ObjectStoreFullError(str(exc))
     return exc
+
+
+def _ready() -> bool:
+    return True
 
 
 def _constructor_loop() -> asyncio.AbstractEventLoop:

@@ -345,6 +345,8 @@ class ActorHandle:
 
     def __getattr__(self, name: str) -> ActorMethod:
         methods = self.__dict__.get("_methods", {})
+        if name == p.READY_METHOD:  # every actor has it, as in Ray: True once it is up
+            return ActorMethod(self, name, 1)
         if name not in methods:
             raise AttributeError(
                 f"'{self.__dict__.get('_class_name')}' actor has no method {name!r}"

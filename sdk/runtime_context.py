@@ -182,7 +182,8 @@ class RuntimeContext:
             raise RuntimeError("is_canceled() is only available inside a task or actor call")
         if self._task.in_async_actor:
             raise RuntimeError(
-                "is_canceled() is not supported in async actors: their calls are cancelled "
+                "This method is not supported in an async actor. is_canceled(): an async "
+                "actor's calls are cancelled "
                 "as coroutines (asyncio.CancelledError)"
             )
         return self._task.cancelled

@@ -154,7 +154,7 @@ def test_an_async_actors_running_call_is_cancelled_as_a_coroutine_and_the_actor_
     with pytest.raises(TaskCancelledError):
         ray.get(ref, timeout=30)
     assert ray.get(waiter.calls.remote(), timeout=30) == ["started", "cancelled"]  # alive
-    assert "not supported in async actors" in ray.get(waiter.is_canceled.remote())
+    assert "not supported in an async actor" in ray.get(waiter.is_canceled.remote())
     assert _history(ref.task_id().hex(), 3)[-1] == "cancelled"
 
 

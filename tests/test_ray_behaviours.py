@@ -431,3 +431,26 @@ def test_a_streaming_method_is_retried_on_the_exceptions_it_names(cluster: RayCo
     assert ray.get(next(spent), timeout=60) == 1
     with pytest.raises(Flaky, match="run 5"):  # (runs 4 and 5: the first and its retry)
         ray.get(next(spent), timeout=60)
+
+
+@ray.remote(num_cpus=0)
+class Shadowed:
+    def __init__(self) -> None:
+        self.called = False
+
+    def called(self) -> bool:  # type: ignore[no-redef]  # (an attribute of the same name)
+        self.called = True
+        return True
+
+    def was_called(self) -> bool:
+        return self.called
+
+
+def test_methods_come_from_the_class_and_every_actor_has_ray_ready(cluster: RayContext) -> None:
+    """As Ray: an instance attribute does not hide a method of the same name, and
+    ``__ray_ready__`` answers True once the actor is up."""
+    actor = Shadowed.remote()
+    assert ray.get(actor.__ray_ready__.remote(), timeout=60) is True
+    assert ray.get(actor.called.remote(), timeout=60) is True
+    assert ray.get(actor.called.remote(), timeout=60) is True  # still the method
+    assert ray.get(actor.was_called.remote(), timeout=60) is True
