@@ -9,6 +9,7 @@ SIGINT), which is reported as cancellation.
 from __future__ import annotations
 
 import asyncio
+import collections.abc
 import contextlib
 import ctypes
 import inspect
@@ -477,9 +478,10 @@ class Worker:
     def _generate(self, message: p.ExecuteTask, values: Any) -> p.TaskDone:
         """Runs a generator task to its end, each value stored as it is yielded; an
         exception raised at a yield is its error there (``_Yields.failed``)."""
+        values = _iterate(values, message.spec)  # (not a generator: the task's error)
         yields = _Yields(self, message)
         try:
-            for value in _iterate(values, message.spec):
+            for value in values:
                 yields.add(value)
                 if (until := yields.pause_until()) is not None:
                     self.wait_consumed(message.spec.task_id, until)
@@ -631,10 +633,15 @@ class _Yields:
             done = self.worker._failure(self.message, exc)
         assert done.error is not None
         error = done.error
-        if spec.streaming and not error.retryable:
+        # an exception retry_exceptions names: the daemon runs the generator again (out
+        # of retries, a stream's caller gets the error as its next value from it)
+        may_retry = spec.retry_exceptions and error.retryable and error.kind == "task_error"
+        if spec.streaming and not may_retry:
             self._send(p.ObjectLocation(self._next_id(), error=error))
-        elif spec.streaming:  # the daemon retries it (retry_exceptions), or, out of
-            pass  # retries, gives its caller the error as the stream's next value
+        elif spec.streaming:
+            pass
+        elif spec.dynamic and may_retry:
+            self._give_back()
         elif spec.dynamic and error.kind == "task_error":  # its last value, and it is over
             self.made.append(p.ObjectLocation(self._next_id(), error=error))
             return self.done()
@@ -705,8 +712,9 @@ def _yields_returns(spec: p.TaskSpec, result: Any) -> bool:
 
 
 def _iterate(values: Any, spec: p.TaskSpec) -> Any:
-    """The values of a generator task's result (TypeError if it yields none)."""
-    if isinstance(values, str | bytes) or not hasattr(values, "__iter__"):
+    """The values of a generator task's result: a generator (or iterator), as Ray asks;
+    TypeError for anything else, a list included."""
+    if not isinstance(values, collections.abc.Iterator):
         kind = "streaming" if spec.streaming else "dynamic"
         raise TypeError(
             f"{spec.name} has num_returns={kind!r} but returned a {type(values).__name__}, "

@@ -454,3 +454,29 @@ def test_methods_come_from_the_class_and_every_actor_has_ray_ready(cluster: RayC
     assert ray.get(actor.called.remote(), timeout=60) is True
     assert ray.get(actor.called.remote(), timeout=60) is True  # still the method
     assert ray.get(actor.was_called.remote(), timeout=60) is True
+
+
+@ray.remote(num_returns="dynamic")
+def not_a_generator(n: int) -> list[int]:
+    return list(range(n))
+
+
+@ray.remote(num_returns="dynamic", retry_exceptions=[Flaky], max_retries=1)
+def dynamic_flaky(calls: object):  # type: ignore[no-untyped-def]
+    yield 1
+    if ray.get(calls.next.remote()) == 1:  # type: ignore[attr-defined]
+        raise Flaky("first run")
+    yield 2
+
+
+def test_dynamic_generators_are_generators_and_retried_on_named_exceptions(
+    cluster: RayContext,
+) -> None:
+    """As Ray: num_returns="dynamic" on a function that returns a list is the task's
+    error; a raise retry_exceptions names runs the generator again."""
+    with pytest.raises(RayTaskError, match="not a generator"):
+        ray.get(not_a_generator.remote(3), timeout=60)
+    calls = Calls.remote()
+    refs = list(ray.get(dynamic_flaky.remote(calls), timeout=60))
+    assert ray.get(refs, timeout=60) == [1, 2]
+    assert ray.get(calls.next.remote()) == 3  # the first run, and its retry
