@@ -249,7 +249,7 @@ class ActorClass:
         spec = p.TaskSpec(
             task_id=uuid.uuid4().hex,
             job_id=job_id,
-            name=f"{self._qualname}.__init__",
+            name=call_name(self._qualname, "__init__"),
             function_id=function_id,
             args=arg_list,
             kwargs=kwarg_map,
@@ -439,7 +439,7 @@ class ActorMethod:
         spec = p.TaskSpec(
             task_id=uuid.uuid4().hex,
             job_id=task.job_id if task else client.welcome.job_id,
-            name=self._call_options.get("name") or f"{handle._class_name}.{self._name}",
+            name=self._call_options.get("name") or call_name(handle._class_name, self._name),
             function_id="",
             args=arg_list,
             kwargs=kwarg_map,
@@ -461,3 +461,9 @@ class ActorMethod:
         client.submit_actor_call(spec)
         del keep_alive
         return results_of(spec)
+
+
+def call_name(class_name: str, method: str) -> str:
+    """A call's default name, as Ray's: "Class.method" by the class's own name (its
+    module and any enclosing function left out)."""
+    return f"{class_name.rsplit('.', 1)[-1]}.{method}"

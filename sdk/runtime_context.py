@@ -113,7 +113,9 @@ class RuntimeContext:
             return self._task.name
         if self._task.actor_id is not None and not isinstance(function, type):
             options = self._task.actor_options  # a call: named in .options(), or not
-            default = f"{options.class_name if options else ''}.{function.__name__}"
+            from sdk.actor import call_name
+
+            default = call_name(options.class_name if options else "", function.__name__)
             shown = f"{self._actor_class_name()}.{function.__name__}"
             return shown if self._task.name == default else self._task.name
         if self._task.actor_id is not None or self._task.name == _qualified(function):

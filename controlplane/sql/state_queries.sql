@@ -26,7 +26,9 @@ SELECT x.task_id,
             WHEN x.method = '__init__' THEN 'ACTOR_CREATION_TASK'
             ELSE 'ACTOR_TASK' END AS type,
        CASE WHEN x.actor_id IS NULL THEN coalesce(s.payload ->> 'function_name', x.name)
-            ELSE coalesce(a.class_name || '.' || x.method, x.name) END AS func_or_class_name,
+            -- as Ray's: the class by its own name (its module left out), then the method
+            ELSE coalesce(regexp_replace(a.class_name, '^.*\.', '') || '.' || x.method, x.name)
+            END AS func_or_class_name,
        s.payload ->> 'parent_task_id' AS parent_task_id,
        x.node_id,
        x.worker_id,
