@@ -285,6 +285,9 @@ class Worker:
                     return self._generate(message, result)
             except BaseException as exc:
                 return self._failure(message, exc)
+            if task.cancelled and spec.actor_id is not None:  # (as Ray: a sync call that
+                # ran on after ray.cancel() reached it ends cancelled, whatever it returned)
+                return self._failure(message, KeyboardInterrupt())
             return self._finish(message, result)
         finally:
             context.set_task(None)

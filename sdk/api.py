@@ -30,7 +30,7 @@ from sdk.runtime_context import RayContext, get_runtime_context
 
 # Arguments of ray.init that change nothing here (logging, dashboard, ...): accepted so
 # that Ray programs run unchanged, with a warning naming them (never silently).
-_IGNORED_INIT_ARGS = frozenset(
+IGNORED_INIT_ARGS = frozenset(
     {
         "local_mode",
         "include_dashboard",
@@ -75,7 +75,7 @@ def init(
     stops. With "auto": connects to this machine's running cluster (``cairn start
     --head``), which outlives this driver. ``labels``: the private head node's, as
     Ray's (a cluster's nodes have those given to ``cairn start --labels``)."""
-    unknown = sorted(set(unsupported) - _IGNORED_INIT_ARGS)
+    unknown = sorted(set(unsupported) - IGNORED_INIT_ARGS)
     if unknown:
         raise TypeError(f"init() got unexpected keyword arguments: {unknown}")
     given = sorted(name for name, value in unsupported.items() if value is not None)

@@ -12,12 +12,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dataplane import context
-from sdk.ids import ActorID, JobID, NodeID, TaskID
+from sdk.ids import ActorID, JobID, NodeID, PlacementGroupID, TaskID
 from sdk.runtime import client_or_auto_init
 
 if TYPE_CHECKING:
     from sdk.actor import ActorHandle
-    from sdk.util.placement_group import PlacementGroupID
 
 _DRIVER_WORKER_ID = uuid.uuid4().hex  # a driver's worker id (workers have the daemon's)
 
@@ -157,11 +156,9 @@ class RuntimeContext:
     @property
     def current_placement_group_id(self) -> PlacementGroupID | None:
         """Ray's deprecated form: the group's ID object."""
-        from sdk.util.placement_group import PlacementGroupID
-
         _deprecated("placement_group_id")
         pg_id = self.get_placement_group_id()
-        return PlacementGroupID(bytes.fromhex(pg_id)) if pg_id is not None else None
+        return PlacementGroupID(pg_id) if pg_id is not None else None
 
     def get_dashboard_url(self) -> str:
         """The head's dashboard (its HTTP service's address), "" where none serves:

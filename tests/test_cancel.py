@@ -3,7 +3,8 @@ a running task gets KeyboardInterrupt and its caller TaskCancelledError; a task 
 handles the interrupt returns its value; ``recursive`` reaches the tasks it submitted;
 an async actor's running call is cancelled as a coroutine and the actor lives on; a
 sync actor's queued call is dropped and its running one runs on, told by
-``is_canceled()``; ``force`` is refused for actor calls. Each cancellation is an event.
+``is_canceled()``, and ends cancelled (as Ray); ``force`` is refused for actor calls.
+Each cancellation is an event.
 Real node daemon, workers and PostgreSQL."""
 
 from __future__ import annotations
@@ -164,6 +165,7 @@ class Poller:
         Path(marker).write_text("started")
         while not ray.get_runtime_context().is_canceled():
             time.sleep(0.02)
+        Path(marker).write_text("cleaned up")
         return "cleaned up"
 
     def other(self) -> int:
@@ -182,7 +184,10 @@ def test_a_sync_actors_queued_call_is_dropped_and_its_running_one_told(tmp_path:
     with pytest.raises(ValueError, match="force=True is not supported for actor tasks"):
         ray.cancel(running, force=True)
     ray.cancel(running)
-    assert ray.get(running, timeout=30) == "cleaned up"  # not interrupted: it returned
+    # not interrupted: it ran to its end, then ended cancelled, as in Ray
+    with pytest.raises(TaskCancelledError):
+        ray.get(running, timeout=30)
+    assert marker.read_text() == "cleaned up"
     assert ray.get(poller.other.remote(), timeout=30) == 1
     assert _history(queued.task_id().hex(), 2)[-1] == "cancelled"
-    assert _history(running.task_id().hex(), 3)[-1] == "finished"
+    assert _history(running.task_id().hex(), 3)[-1] == "cancelled"

@@ -480,3 +480,52 @@ def test_dynamic_generators_are_generators_and_retried_on_named_exceptions(
     refs = list(ray.get(dynamic_flaky.remote(calls), timeout=60))
     assert ray.get(refs, timeout=60) == [1, 2]
     assert ray.get(calls.next.remote()) == 3  # the first run, and its retry
+
+
+@ray.remote(num_cpus=0)
+def echo_through(actor: object, boxed: list[object]) -> object:
+    return ray.get(actor.echo.remote(boxed[0]))  # type: ignore[attr-defined]
+
+
+def test_a_one_at_a_time_actor_orders_calls_per_caller_not_across_callers(
+    cluster: RayContext, tmp_path: Path
+) -> None:
+    """As Ray: a call waiting for its arguments holds its own caller's later calls, not
+    another caller's. (The second caller, a task of no CPUs, also gets a worker while
+    the node's one CPU runs a task and its pool's other worker is blocked in get.)"""
+    actor = Echo.remote()
+    assert ray.get(actor.echo.remote("up"), timeout=60) == "up"
+    marker = tmp_path / "made"
+    slow = echo_through.remote(actor, [when_exists.remote(str(marker))])
+    time.sleep(0.5)  # (its call reaches the actor first)
+    assert ray.get(echo_through.remote(actor, ["other caller"]), timeout=30) == "other caller"
+    assert ray.wait([slow], timeout=0)[0] == []
+    marker.touch()
+    assert ray.get(slow, timeout=60) == "made"
+
+
+@ray.remote(num_cpus=0)
+def node_of_task() -> str:
+    return ray.get_runtime_context().get_node_id()
+
+
+def test_cluster_utils_makes_a_cluster_of_nodes_on_this_machine(cluster: RayContext) -> None:
+    """Ray's testing cluster: a head and nodes added and removed, each a real node."""
+    from controlplane import node_records
+    from sdk.cluster_utils import Cluster
+
+    ray.shutdown()  # (the module's cluster: made again below for the tests after)
+    made = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    try:
+        worker = made.add_node(num_cpus=1, resources={"far": 1})
+        made.connect()
+        made.wait_for_nodes()
+        far = node_of_task.options(resources={"far": 1})
+        assert ray.get(far.remote(), timeout=60) == worker.node_id
+        made.remove_node(worker)
+        made.wait_for_nodes()
+        assert [n["NodeID"] for n in ray.nodes() if n["Alive"]] == [made.head_node.node_id]  # type: ignore[union-attr]
+    finally:
+        made.shutdown()
+    assert node_records.local_nodes() == []
+    ray.init(num_cpus=1)

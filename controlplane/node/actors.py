@@ -322,14 +322,18 @@ class ActorDirector:
             return  # its earlier calls go first, once read from the log
         at_once = p.calls_at_once(actor.options)
         limit = at_once + _PIPELINE_DEPTH
-        # Ray's ordering: an actor that runs one call at a time runs them in the order
-        # sent, so a call waits for the arguments of those before it; a threaded or
-        # async one runs each call once its own arguments are here
+        # Ray's ordering: an actor that runs one call at a time runs each caller's calls
+        # in the order that caller sent them, so a call waits for the arguments of its
+        # caller's calls before it (not for other callers'); a threaded or async one
+        # runs each call once its own arguments are here
         held: list[TaskRecord] = []
+        waiting_callers: set[int] = set()
         while len(actor.running) < limit and actor.queue:
-            if actor.queue[0].pending_deps:
+            record = actor.queue[0]
+            caller = id(record.submitter)
+            if record.pending_deps or (at_once == 1 and caller in waiting_callers):
                 if at_once == 1:
-                    break
+                    waiting_callers.add(caller)
                 held.append(actor.queue.popleft())
                 continue
             record = actor.queue.popleft()
