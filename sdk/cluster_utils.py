@@ -5,6 +5,7 @@ embedded GCS; drivers join with ``init(address=cluster.address)``."""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
@@ -49,6 +50,8 @@ class Cluster:
         self.head_node: ClusterNode | None = None
         self.worker_nodes: list[ClusterNode] = []
         self._connected = False
+        if shutdown_at_exit:  # (as Ray's: its nodes do not outlive this process)
+            atexit.register(self.shutdown)
         if initialize_head:
             self.add_node(**(head_node_args or {}))
             if connect:
