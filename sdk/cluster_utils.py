@@ -22,6 +22,7 @@ from controlplane.session_dirs import alive
 from sdk.api import IGNORED_INIT_ARGS
 
 _STOP_TIMEOUT_S = 15.0
+cluster_not_supported = False  # Ray's flag (True on Windows): a cluster runs here
 
 
 @dataclass

@@ -4,6 +4,7 @@ names). A task's facts come from the worker that runs it (dataplane/context.py).
 
 from __future__ import annotations
 
+import inspect
 import json
 import platform
 import uuid
@@ -130,6 +131,8 @@ class RuntimeContext:
         module = getattr(function, "__module__", None) or "?"
         name = getattr(function, "__name__", type(function).__name__)
         if self._task.actor_id is not None and not isinstance(function, type):
+            if inspect.iscoroutinefunction(function) or inspect.isasyncgenfunction(function):
+                return f"{module}.{function.__qualname__}"  # (Ray's, for async methods)
             return f"{module}.{self._actor_class_name()}.{name}"
         return f"{module}.{name}"
 

@@ -128,6 +128,17 @@ def test_nested_definitions_are_named_by_their_own_names_as_in_ray() -> None:
     found = ray.get(inner.remote())
     assert (found["task_name"], found["function_name"]) == ("inner", f"{__name__}.inner")
 
+    @ray.remote
+    class InnerAsync:
+        async def describe(self) -> dict[str, Any]:
+            return _describe()
+
+    found = ray.get(InnerAsync.remote().describe.remote())
+    assert found["task_name"] == "InnerAsync.describe"
+    # Ray's quirk: an async method's is its qualified name
+    qualified = "test_nested_definitions_are_named_by_their_own_names_as_in_ray.<locals>"
+    assert found["function_name"] == f"{__name__}.{qualified}.InnerAsync.describe"
+
 
 def test_a_restarted_actor_knows_it_was_reconstructed() -> None:
     actor = Actor.options(max_restarts=1, max_task_retries=1).remote()

@@ -108,7 +108,8 @@ class WorkerPool:
             if other is None:
                 # as Ray, a task whose resources are free gets a worker even beyond the
                 # pool's size (one of no CPUs while the pool's workers are all busy, or
-                # blocked); one at a time, and it leaves once idle (``after_task``)
+                # blocked), one at a time; it stays in the pool (as the idle workers a
+                # node keeps; a task's metrics are sent from its worker while it lives)
                 starting = any(
                     h.conn is None and h.actor_id is None and not h.retiring and h.env_key == key
                     for h in self._workers.values()
@@ -172,7 +173,7 @@ class WorkerPool:
     def after_task(self, handle: WorkerHandle, spec: p.TaskSpec) -> None:
         """The worker ran ``spec`` to its end: idle again, or, once it ran as many of
         its function's tasks as ``max_calls`` allows, it exits (its connection's end
-        starts another in its place); one started beyond the pool's size leaves."""
+        starts another in its place)."""
         limit = getattr(spec, "max_calls", 0)
         if limit:
             done = handle.runs[spec.function_id] = handle.runs.get(spec.function_id, 0) + 1
@@ -180,19 +181,14 @@ class WorkerPool:
                 with contextlib.suppress(ProcessLookupError):
                     handle.process.terminate()
                 return
-        if self._over_size(more_than=True):
-            handle.retiring = True  # (no other takes its place)
-            with contextlib.suppress(ProcessLookupError):
-                handle.process.terminate()
-            return
         self.idle_again(handle)
 
-    def _over_size(self, more_than: bool = False) -> bool:
-        """Whether the pool holds its size of workers (or more than it), not counting
-        the blocked ones (their CPUs are lent out) nor those leaving."""
+    def _over_size(self) -> bool:
+        """Whether the pool holds its size of workers, not counting the blocked ones
+        (their CPUs are lent out) nor those leaving."""
         pool = sum(1 for h in self._workers.values() if h.actor_id is None and not h.retiring)
         blocked = sum(1 for h in self._workers.values() if h.blocked)
-        return pool > self.size + blocked if more_than else pool >= self.size + blocked
+        return pool >= self.size + blocked
 
     def replace(self, gone: WorkerHandle) -> None:
         """A plain worker in place of a pool worker that ended, unless it was retired
