@@ -140,22 +140,37 @@ def find_running(address: str | None = None) -> Path:
 def stop_local_nodes(timeout: float) -> list[str]:
     """Stops every node this machine runs, worker nodes before the head (SIGTERM, then
     SIGKILL of the node's process group after ``timeout`` seconds); says what it did."""
-    said = []
     nodes = sorted(local_nodes(), key=lambda n: n.head)
     for node in nodes:
         with contextlib.suppress(ProcessLookupError):
             os.kill(node.pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
+    said = []
     for node in nodes:
-        while alive(node.pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
         kind = "head" if node.head else "node"
-        if alive(node.pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(os.getpgid(node.pid), signal.SIGKILL)
-            said.append(f"the {kind} (pid {node.pid}) did not stop within {timeout:g}s: killed")
-        else:
+        if stop_node(node.pid, max(0.0, deadline - time.monotonic())):
             said.append(f"stopped the {kind} (pid {node.pid}, {node.session_dir})")
-        (nodes_dir() / f"{node.pid}.json").unlink(missing_ok=True)
-        node_log(node.pid).unlink(missing_ok=True)
+        else:
+            said.append(f"the {kind} (pid {node.pid}) did not stop within {timeout:g}s: killed")
     return said or ["no Cairn node is running here"]
+
+
+def stop_node(pid: int, timeout: float, graceful: bool = True) -> bool:
+    """Stops the node process ``pid`` (SIGTERM, waited for ``timeout`` seconds; then,
+    or at once when not ``graceful``, SIGKILL of its process group) and forgets its
+    record and output file. True if it stopped by itself."""
+    if graceful:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    stopped = graceful and not alive(pid)
+    if alive(pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(os.getpgid(pid), signal.SIGKILL)
+        while alive(pid):
+            time.sleep(0.01)
+    (nodes_dir() / f"{pid}.json").unlink(missing_ok=True)
+    node_log(pid).unlink(missing_ok=True)
+    return stopped

@@ -6,10 +6,7 @@ embedded GCS; drivers join with ``init(address=cluster.address)``."""
 from __future__ import annotations
 
 import atexit
-import contextlib
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -18,7 +15,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from controlplane import node_records
-from controlplane.session_dirs import alive
 from sdk.api import IGNORED_INIT_ARGS
 
 _STOP_TIMEOUT_S = 15.0
@@ -108,12 +104,7 @@ class Cluster:
     def remove_node(self, node: ClusterNode, allow_graceful: bool = True) -> None:
         """Stops the node's processes: SIGTERM (a clean stop) or, with
         ``allow_graceful=False``, SIGKILL of its process group (as a crash)."""
-        if allow_graceful:
-            _stop(node.pid)
-        else:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(os.getpgid(node.pid), signal.SIGKILL)
-            _wait_gone(node.pid)
+        node_records.stop_node(node.pid, _STOP_TIMEOUT_S, graceful=allow_graceful)
         if node is self.head_node:
             self.head_node = None
         elif node in self.worker_nodes:
@@ -182,25 +173,3 @@ def _start_args(node_args: dict[str, Any]) -> list[str]:
             "num_cpus, num_gpus, resources, labels, object_store_memory and _memory)"
         )
     return args
-
-
-def _stop(pid: int) -> None:
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    if not _wait_gone(pid, _STOP_TIMEOUT_S):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(os.getpgid(pid), signal.SIGKILL)
-        _wait_gone(pid)
-
-
-def _wait_gone(pid: int, timeout: float = _STOP_TIMEOUT_S) -> bool:
-    deadline = time.monotonic() + timeout
-    while alive(pid):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    node_records.nodes_dir().joinpath(f"{pid}.json").unlink(missing_ok=True)
-    node_records.node_log(pid).unlink(missing_ok=True)  # (left by a killed node)
-    return True
