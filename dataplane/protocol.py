@@ -436,6 +436,9 @@ class ActorOptions:
     method_options: dict[str, dict[str, Any]] | None = None
     # method -> its @method(_generator_backpressure_num_objects=...); likewise
     method_backpressure: dict[str, int] | None = None
+    # calls one handle may have pending (not finished) before the next is refused
+    # (Ray's PendingCallsLimitExceeded); -1: no limit. Read with getattr (logged before it)
+    max_pending_calls: int = -1
 
 
 def calls_at_once(options: ActorOptions) -> int:

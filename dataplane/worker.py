@@ -485,7 +485,8 @@ class Worker:
         yields = _Yields(self, message)
         try:
             for value in values:
-                yields.add(value)
+                if not yields.add(value):
+                    break
                 if (until := yields.pause_until()) is not None:
                     self.wait_consumed(message.spec.task_id, until)
         except BaseException as exc:
@@ -502,7 +503,8 @@ class Worker:
         yields = _Yields(self, message)
         try:
             async for value in values:
-                yields.add(value)
+                if not yields.add(value):
+                    break
                 if (until := yields.pause_until()) is not None:
                     await self.wait_consumed_async(message.spec.task_id, until)
         except BaseException as exc:
@@ -606,10 +608,15 @@ class _Yields:
         index = self.first + self.sent + len(self.made)
         return p.return_object_id(self.message.spec.task_id, index)
 
-    def add(self, value: Any) -> None:
+    def add(self, value: Any) -> bool:
+        """Stores one value; False when the generator yielded one more than its int
+        num_returns: as in Ray, the error is logged (to the worker's stderr, which the
+        driver prints) and the task keeps the values it declared (Ray's known bug, which
+        its own tests assert: ray-project/ray#28689)."""
         spec = self.message.spec
         if spec.num_returns >= 0 and len(self.made) == spec.num_returns:
-            raise _WrongCount(spec, len(self.made) + 1)
+            print(f"ERROR: {_WrongCount(spec, len(self.made) + 1)}", file=sys.stderr, flush=True)
+            return False
         try:
             location = self.worker._store(self._next_id(), value, self.digest)
         except (SerializationError, ValueError, OSError, DaemonError) as exc:
@@ -618,6 +625,7 @@ class _Yields:
             self._send(location)
         else:
             self.made.append(location)
+        return True
 
     def pause_until(self) -> int | None:
         """With backpressure, how many values the caller must have taken before the
@@ -648,8 +656,8 @@ class _Yields:
         elif spec.dynamic and error.kind == "task_error":  # its last value, and it is over
             self.made.append(p.ObjectLocation(self._next_id(), error=error))
             return self.done()
-        elif (isinstance(exc, _WrongCount) and exc.too_many) or error.kind != "task_error":
-            self._give_back()  # (too many, or cancelled: none of its values is kept)
+        elif error.kind != "task_error":
+            self._give_back()  # (cancelled: none of its values is kept)
         else:
             done.returns = self.made
         return done
@@ -685,12 +693,11 @@ class _Yields:
 
 class _WrongCount(ValueError):
     """A generator with an int num_returns yielded another number of values: too few
-    (those it yielded are kept, as in Ray) or too many (none is: Ray keeps them and
-    only logs the error, a known bug of Ray's)."""
+    (those it yielded are kept, as in Ray; the others are this error) or too many
+    (only logged, ``_Yields.add``)."""
 
     def __init__(self, spec: p.TaskSpec, got: int) -> None:
-        self.too_many = got > spec.num_returns
-        count = f"more than {spec.num_returns}" if self.too_many else str(got)
+        count = f"more than {spec.num_returns}" if got > spec.num_returns else str(got)
         super().__init__(
             f"{spec.name} declared num_returns={spec.num_returns} but its generator yielded "
             f"{count} values"

@@ -1,6 +1,6 @@
 """Cairn's user-facing API, compatible with Ray Core: ``import sdk as ray``."""
 
-from sdk import actor, cloudpickle, exceptions, util
+from sdk import actor, cloudpickle, exceptions, job_config, util
 from sdk.actor import method
 from sdk.api import (
     available_resources,
@@ -57,6 +57,7 @@ __all__ = [
     "get_runtime_context",
     "init",
     "is_initialized",
+    "job_config",
     "kill",
     "method",
     "nodes",

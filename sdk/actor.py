@@ -13,9 +13,12 @@ from typing import Any
 
 from dataplane import context
 from dataplane import protocol as p
+from dataplane.exceptions import PendingCallsLimitExceeded
+from sdk import job_config as job_configs
 from sdk import options as opts
 from sdk import runtime_env
 from sdk.dag import ClassMethodNode, ClassNode, current_dag_id
+from sdk.object_ref import ObjectRef
 from sdk.remote_function import build_args, pickle_code, results_of, retry_types
 from sdk.runtime import client_or_auto_init
 from sdk.signatures import check_arguments, method_signatures, signature_of
@@ -211,7 +214,7 @@ class ActorClass:
             methods=self._methods,
             name=resolved["name"],
             namespace=resolved["namespace"],
-            detached=resolved["lifetime"] == "detached",
+            detached=(resolved["lifetime"] or job_configs.default_actor_lifetime()) == "detached",
             max_restarts=resolved["max_restarts"],
             max_task_retries=resolved["max_task_retries"],
             max_concurrency=resolved["max_concurrency"] or self._default_concurrency(),
@@ -221,6 +224,7 @@ class ActorClass:
             method_backpressure=dict(self._method_backpressure) or None,
             replay_calls_on_restart=resolved["replay_calls_on_restart"],
             checkpoint_interval=resolved["checkpoint_interval"],
+            max_pending_calls=resolved["max_pending_calls"],
         )
         if actor_options.checkpoint_interval and not (
             actor_options.replay_calls_on_restart
@@ -342,6 +346,24 @@ class ActorHandle:
         self._options = options
         self._sequence = itertools.count()
         self._signatures: dict[str, inspect.Signature | None] = {}
+        # (max_pending_calls) a ref to a return of each call in flight, kept alive so
+        # that whether it finished can be asked
+        self._pending: list[ObjectRef] = []
+
+    def _check_pending(self, client: Any) -> None:
+        """Refuses a call past the actor's ``max_pending_calls``, counting the calls
+        of this handle not finished yet (asked of the node only when at the limit)."""
+        limit = getattr(self._options, "max_pending_calls", -1)
+        if limit <= 0 or len(self._pending) < limit:
+            return
+        ids = [ref._id for ref in self._pending]
+        ready = set(client.wait(ids, len(ids), 0, False))
+        self._pending = [ref for ref in self._pending if ref._id not in ready]
+        if len(self._pending) >= limit:
+            raise PendingCallsLimitExceeded(
+                f"Too many pending calls to actor {self._class_name}({self._actor_id}): "
+                f"{len(self._pending)} calls not finished, max_pending_calls={limit}"
+            )
 
     def __getattr__(self, name: str) -> ActorMethod:
         methods = self.__dict__.get("_methods", {})
@@ -432,6 +454,7 @@ class ActorMethod:
             what = f"{handle._class_name}.{self._name}.remote()"
             check_arguments(handle._signatures.get(self._name), args, kwargs, what)
         client = client_or_auto_init()
+        handle._check_pending(client)
         task = context.current_task()
         own_retries = self._call_options or getattr(handle._options, "method_options", None)
         retries = self._retries() if own_retries else {}
@@ -460,7 +483,10 @@ class ActorMethod:
         )
         client.submit_actor_call(spec)
         del keep_alive
-        return results_of(spec)
+        results = results_of(spec)
+        if getattr(handle._options, "max_pending_calls", -1) > 0 and spec.num_returns > 0:
+            handle._pending.append(results[0] if isinstance(results, list) else results)
+        return results
 
 
 def call_name(class_name: str, method: str) -> str:

@@ -17,10 +17,12 @@ from dataplane import protocol as p
 from dataplane.client import JOB_RUNTIME_ENV_ENV, CoreClient, DaemonError
 from dataplane.exceptions import RaySystemError
 from dataplane.serialization import Serialized, serialize_with_refs
+from sdk import job_config as job_configs
 from sdk import options as opts
 from sdk import runtime_env as runtime_env_of_job
 from sdk.actor import ActorClass, ActorHandle, handle_of
 from sdk.generator import ObjectRefGenerator
+from sdk.job_config import JobConfig
 from sdk.object_ref import ObjectRef
 from sdk.remote_function import RemoteFunction
 from sdk.runtime import client_or_auto_init, get_values, put_object, start
@@ -36,7 +38,6 @@ IGNORED_INIT_ARGS = frozenset(
         "include_dashboard",
         "dashboard_host",
         "dashboard_port",
-        "job_config",
         "configure_logging",
         "logging_level",
         "logging_format",
@@ -67,6 +68,7 @@ def init(
     _memory: int | None = None,
     runtime_env: dict[str, Any] | None = None,
     log_to_driver: bool = True,
+    job_config: JobConfig | None = None,
     **unsupported: Any,
 ) -> RayContext:
     """Connects this driver to a cluster. Without an address (and no
@@ -85,6 +87,10 @@ def init(
             "programs run unchanged; see docs/compatibility.md)",
             stacklevel=2,
         )
+    job_configs.check(job_config)
+    if job_config is not None:  # (init's own arguments win, as in Ray)
+        runtime_env = runtime_env if runtime_env is not None else job_config.runtime_env
+        namespace = namespace if namespace is not None else job_config.ray_namespace
     if runtime_env is None and os.environ.get(JOB_RUNTIME_ENV_ENV):
         # a driver a job submission started: the submission's runtime_env is the job's
         runtime_env = json.loads(os.environ[JOB_RUNTIME_ENV_ENV]) or None
@@ -106,7 +112,9 @@ def init(
         ignore_reinit_error=ignore_reinit_error,
         gcs_url=gcs_url,
         log_to_driver=log_to_driver,
+        system_config=unsupported.get("_system_config"),
     )
+    job_configs.set_current(job_config)
     eager = runtime_env_of_job.set_job_env(runtime_env, get_runtime_context().gcs_address)
     if eager is not None:  # (its node sets it up now, as Ray installs it at init)
         client_or_auto_init().send(p.PrepareRuntimeEnv(eager))

@@ -211,6 +211,9 @@ ACTOR_OPTIONS: dict[str, Option] = {
         ),
     ),
     "get_if_exists": Option((bool,), False),
+    "max_pending_calls": Option(
+        (int,), -1, lambda v: None if v == -1 or v > 0 else "must be -1 (no limit) or > 0"
+    ),
     "concurrency_groups": Option((dict,), None, _concurrency_groups),
     "scheduling_strategy": Option((str, object), None, _strategy),
     "label_selector": Option((dict,), None, _label_selector),

@@ -103,6 +103,7 @@ def start(
     ignore_reinit_error: bool = False,
     gcs_url: str | None = None,
     log_to_driver: bool = True,
+    system_config: dict[str, Any] | None = None,
 ) -> None:
     """What ``sdk.init`` does once its arguments are checked: starts a private head
     node, or connects to a running cluster (see ``sdk.api.init``)."""
@@ -140,6 +141,7 @@ def start(
                 "object_store_memory": object_store_memory,
                 "_memory": memory,
                 "gcs_url": gcs_url,
+                "_system_config": system_config,
             }
             if any(value is not None for value in given.values()):
                 named = sorted(k for k, v in given.items() if v is not None)

@@ -24,6 +24,7 @@ from controlplane import pip_envs
 from controlplane import runtime_env_packages as packages
 from dataplane import context
 from dataplane.code_paths import driver_code_paths
+from sdk import job_config
 
 # Ray's fields that Cairn does not build: refused by name
 _NOT_HONOURED = (
@@ -170,7 +171,8 @@ def code_paths() -> list[str]:
     client = context.current_client()
     if context.current_task() is not None or (client is not None and client.worker_id):
         return []
-    return driver_code_paths(has_working_dir=bool(_job_env and "working_dir" in _job_env))
+    paths = driver_code_paths(has_working_dir=bool(_job_env and "working_dir" in _job_env))
+    return list(dict.fromkeys([*paths, *job_config.code_search_path()]))
 
 
 def for_submission(given: dict[str, Any] | None, gcs_url: str = "") -> dict[str, Any] | None:

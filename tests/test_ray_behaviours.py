@@ -529,3 +529,76 @@ def test_cluster_utils_makes_a_cluster_of_nodes_on_this_machine(cluster: RayCont
         made.shutdown()
     assert node_records.local_nodes() == []
     ray.init(num_cpus=1)
+
+
+def test_a_job_config_sets_code_paths_namespace_and_actor_lifetime(tmp_path: Path) -> None:
+    """Ray's ``init(job_config=JobConfig(...))``: its code_search_path folders import in
+    workers, its namespace is the job's, its default_actor_lifetime the driver's actors'."""
+    library = tmp_path / "library"
+    library.mkdir()
+    (library / "on_search_path.py").write_text("def thrice(x):\n    return 3 * x\n")
+    done = run_driver(
+        tmp_path,
+        f"""
+        import sdk as ray
+        from sdk.util.state import get_actor
+
+        @ray.remote
+        def task(x):
+            import on_search_path
+            return on_search_path.thrice(x)
+
+        @ray.remote
+        class Holder:
+            pass
+
+        config = ray.job_config.JobConfig(
+            code_search_path=[{str(library)!r}], ray_namespace="configured",
+            default_actor_lifetime="detached",
+        )
+        ray.init(num_cpus=1, job_config=config)
+        holder = Holder.remote()
+        print("results", ray.get(task.remote(4)), ray.get_runtime_context().namespace)
+        state = get_actor(holder._actor_id)
+        print("actor", state.ray_namespace, state.is_detached)
+        other = Holder.options(lifetime="non_detached").remote()
+        print("another", get_actor(other._actor_id).is_detached)
+        ray.shutdown()
+        """,
+    )
+    assert "results 12 configured" in done.stdout
+    assert "actor configured True" in done.stdout
+    assert "another False" in done.stdout
+
+
+def test_init_refuses_a_system_config_when_connecting_to_a_cluster() -> None:
+    """As Ray: ``_system_config`` is the cluster's, set when it starts, not a driver's."""
+    with pytest.raises(ValueError, match="_system_config must not be provided"):
+        ray.init(address="127.0.0.1:1", _system_config={"object_timeout_milliseconds": 200})
+    assert not ray.is_initialized()
+
+
+def test_max_pending_calls_refuses_calls_past_the_limit_until_some_finish(
+    cluster: RayContext, tmp_path: Path
+) -> None:
+    """Ray's actor option: a handle's calls not finished yet are at most
+    ``max_pending_calls``; one more raises PendingCallsLimitExceeded at ``.remote()``."""
+    from sdk.exceptions import PendingCallsLimitExceeded
+
+    @ray.remote(max_pending_calls=2)
+    class Gate:
+        def hold(self, path: str) -> str:
+            while not os.path.exists(path):
+                time.sleep(0.02)
+            return "passed"
+
+    with pytest.raises(ValueError, match="max_pending_calls"):
+        Gate.options(max_pending_calls=0)
+    gate = Gate.remote()
+    opened = str(tmp_path / "open")
+    held = [gate.hold.remote(opened), gate.hold.remote(opened)]
+    with pytest.raises(PendingCallsLimitExceeded, match="max_pending_calls=2"):
+        gate.hold.remote(opened)
+    Path(opened).touch()
+    assert ray.get(held, timeout=60) == ["passed", "passed"]
+    assert ray.get(gate.hold.remote(opened), timeout=60) == "passed"

@@ -170,7 +170,7 @@ CATALOG: dict[tuple[EntityKind, str], EventType] = {
         (
             "creation_requested",
             {"class_name": str},
-            {"name": str, "namespace": str, "max_restarts": int},
+            {"name": str, "namespace": str, "max_restarts": int, "detached": bool},
         ),
         ("scheduled", {}, {}),
         ("alive", {"worker_id": str}, {}),

@@ -195,9 +195,11 @@ class ActorDirector:
         options = spec.actor_options
         self.names.created(spec.actor_id, options)
         payload: dict[str, Any] = {"class_name": spec.name.removesuffix(".__init__")}
-        if options is not None and options.name is not None:
-            payload["name"] = options.name
+        if options is not None:  # (its namespace: the one its name is in, or its job's)
             payload["namespace"] = self.names.namespace(options.namespace, spec.job_id)
+            payload["detached"] = options.detached
+            if options.name is not None:
+                payload["name"] = options.name
         self._log(spec.actor_id, "creation_requested", payload, job_id=spec.job_id)
         # the constructor's arguments stay pinned while the actor lives: a restart
         # runs the constructor again

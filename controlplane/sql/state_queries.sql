@@ -115,7 +115,7 @@ SELECT a.actor_id,
                               'class_name', a.class_name, 'name', coalesce(a.name, ''),
                               'ray_namespace', a.namespace, 'node_id', a.node_id))
        END AS death_cause,
-       NULL::boolean AS is_detached,
+       (r.payload ->> 'detached')::boolean AS is_detached,
        c.payload ->> 'placement_group_id' AS placement_group_id,
        '' AS repr_name,
        a.num_restarts,
@@ -127,6 +127,10 @@ SELECT a.actor_id,
                         AND event_type = 'submitted' AND payload ? 'actor_id'
                         AND payload ->> 'method' = '__init__'
                       ORDER BY position LIMIT 1) c ON true
+  LEFT JOIN LATERAL (SELECT payload FROM events
+                      WHERE entity_id = a.actor_id AND entity_kind = 'actor'
+                        AND event_type = 'creation_requested'
+                      ORDER BY position LIMIT 1) r ON true
 
 -- state_objects --
 -- Every object the log knows, freed ones too (Ray lists the referenced ones); Cairn's
