@@ -75,8 +75,9 @@ class StateSchema:
 @dataclass
 class TaskState(StateSchema):
     """A task attempt (Ray's states: PENDING_ARGS_AVAIL, PENDING_NODE_ASSIGNMENT,
-    SUBMITTED_TO_WORKER, RUNNING, FINISHED, FAILED; a cancelled task is FAILED with
-    error_type TASK_CANCELLED)."""
+    SUBMITTED_TO_WORKER, RUNNING, FINISHED, FAILED, and an actor call's
+    PENDING_ACTOR_TASK_ARGS_FETCH and PENDING_ACTOR_TASK_ORDERING_OR_CONCURRENCY; a
+    cancelled task is FAILED with error_type TASK_CANCELLED)."""
 
     KIND: ClassVar[str] = "tasks"
     ID: ClassVar[str] = "task_id"

@@ -359,7 +359,7 @@ class Worker:
             result = function(*args, **kwargs)
             if _yields_returns(message.spec, result):
                 return await self._generate_async(message, result)
-            if inspect.isawaitable(result):
+            if inspect.iscoroutine(result):  # (an async method's; a returned ref is a value)
                 result = await result
         except BaseException as exc:
             return self._failure(message, exc)

@@ -254,7 +254,8 @@ def error_of(info: p.ErrorInfo, object_id: str) -> exc.RayError:
         case "task_error":
             return exc.task_error_from(info.function_name, info.traceback, info.cause, info.message)
         case "cancelled":
-            return exc.TaskCancelledError(object_id[:-8], info.message)
+            task_id = object_id[:-8]  # (named in the message, as Ray's names its TaskID)
+            return exc.TaskCancelledError(task_id, f"{info.message} (task id {task_id})")
         case "worker_crashed":
             return exc.WorkerCrashedError(info.message)
         case "unschedulable":

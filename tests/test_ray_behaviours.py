@@ -571,11 +571,15 @@ def test_a_job_config_sets_code_paths_namespace_and_actor_lifetime(tmp_path: Pat
     assert "another False" in done.stdout
 
 
-def test_init_refuses_a_system_config_when_connecting_to_a_cluster() -> None:
+def test_init_refuses_a_system_config_when_connecting_to_a_cluster(cluster: RayContext) -> None:
     """As Ray: ``_system_config`` is the cluster's, set when it starts, not a driver's."""
-    with pytest.raises(ValueError, match="_system_config must not be provided"):
-        ray.init(address="127.0.0.1:1", _system_config={"object_timeout_milliseconds": 200})
-    assert not ray.is_initialized()
+    ray.shutdown()  # (the module's cluster: made again below for the tests after)
+    try:
+        with pytest.raises(ValueError, match="_system_config must not be provided"):
+            ray.init(address="127.0.0.1:1", _system_config={"object_timeout_milliseconds": 200})
+        assert not ray.is_initialized()
+    finally:
+        ray.init(num_cpus=1)
 
 
 def test_max_pending_calls_refuses_calls_past_the_limit_until_some_finish(
@@ -602,3 +606,82 @@ def test_max_pending_calls_refuses_calls_past_the_limit_until_some_finish(
     Path(opened).touch()
     assert ray.get(held, timeout=60) == ["passed", "passed"]
     assert ray.get(gate.hold.remote(opened), timeout=60) == "passed"
+
+
+def test_an_async_actors_sync_method_returns_a_stored_ref_as_a_ref(cluster: RayContext) -> None:
+    """A ref a method returns is the value, as in Ray: an async actor does not await it
+    (only an async method's coroutine is awaited)."""
+
+    @ray.remote
+    class Keeper:
+        def __init__(self) -> None:
+            self.kept: object = None
+
+        async def keep(self) -> int:
+            self.kept = add.remote(1, 2)
+            return await self.kept  # type: ignore[misc]
+
+        def give(self) -> object:
+            return self.kept
+
+    keeper = Keeper.remote()
+    assert ray.get(keeper.keep.remote()) == 3
+    kept = ray.get(keeper.give.remote())
+    assert isinstance(kept, ray.ObjectRef)
+    assert ray.get(kept) == 3
+
+
+@ray.remote(num_returns="dynamic")
+def dynamic_values(n: int, size: int):  # type: ignore[no-untyped-def]
+    for i in range(n):
+        yield bytes([i]) * size
+
+
+def test_actors_and_dynamic_generators_go_to_nodes_that_join_or_have_room(
+    cluster: RayContext,
+) -> None:
+    """With Ray's testing cluster and a head of no CPUs: an actor waiting for CPUs is
+    made on a node that joins later (a call cancelled meanwhile stays cancelled); a
+    dynamic generator runs on another node and its values, small and large, are got
+    from there; a call cancelled while its actor's node runs it ends cancelled, and the
+    actor restarts on a new node when that one is removed."""
+    from sdk.cluster_utils import Cluster
+    from sdk.exceptions import TaskCancelledError
+
+    @ray.remote(num_cpus=1, max_restarts=-1, max_task_retries=-1)
+    class Sleeper:
+        async def nap(self, seconds: float) -> str:
+            await asyncio.sleep(seconds)
+            return "woke"
+
+    ray.shutdown()  # (the module's cluster: made again below for the tests after)
+    made = Cluster()
+    try:
+        made.add_node(num_cpus=0)
+        ray.init(address=made.address)
+        waiting = Sleeper.remote()
+        cancelled = waiting.nap.remote(0)
+        ray.cancel(cancelled)
+        with pytest.raises(TaskCancelledError):
+            ray.get(cancelled, timeout=30)
+        node = made.add_node(num_cpus=2)  # (the actor's CPU, and one for tasks)
+        assert ray.get(waiting.nap.remote(0), timeout=60) == "woke"
+
+        for size in (10, 300_000):  # values in the log, and values left on their node
+            values = ray.get(dynamic_values.remote(3, size), timeout=60)
+            assert [ray.get(ref, timeout=30) for ref in values] == [
+                bytes([i]) * size for i in range(3)
+            ]
+
+        napping = waiting.nap.remote(30)
+        ray.get(waiting.__ray_ready__.remote(), timeout=30)
+        ray.cancel(napping)
+        made.remove_node(node)
+        with pytest.raises(TaskCancelledError):
+            ray.get(napping, timeout=30)
+        made.add_node(num_cpus=1)
+        assert ray.get(waiting.nap.remote(0), timeout=90) == "woke"
+    finally:
+        ray.shutdown()
+        made.shutdown()
+    ray.init(num_cpus=1)

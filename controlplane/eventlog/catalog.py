@@ -142,7 +142,8 @@ CATALOG: dict[tuple[EntityKind, str], EventType] = {
             "created",
             {"size_bytes": int},
             # region, offset: where in its node's store (kept for another node's task:
-            # what a restarted daemon of that node adopts, controlplane/node/store_adoption.py)
+            # what a restarted daemon of that node adopts, controlplane/node/store_adoption.py);
+            # contained: (kept for another node's task) the refs inside the value
             {
                 "task_id": str,
                 "inline": bool,
@@ -150,6 +151,7 @@ CATALOG: dict[tuple[EntityKind, str], EventType] = {
                 "durable_path": str,
                 "region": int,
                 "offset": int,
+                "contained": list,
             },
         ),
         # a copy on this node: pulled from the node at from_node's address, or (reason

@@ -311,7 +311,9 @@ class ActorDirector:
                 self._report_infeasible(actor, missing)
                 return  # (no other node to go to: it waits, as Ray's)
             elif not self.scheduler.resources.available_for(creation.spec.resources):
-                if not self.scheduler.resources.fits_total(creation.spec.resources):
+                if self.spills.actor_goes_elsewhere(creation):  # (a node joined since)
+                    self._move_elsewhere(actor)
+                elif not self.scheduler.resources.fits_total(creation.spec.resources):
                     self._report_infeasible(actor)
                 return  # tried again whenever resources are released
             self.scheduler.take(creation, bundle)
@@ -523,6 +525,9 @@ class ActorDirector:
         (``CancelCall``: dropped if it has not begun, cancelled as a coroutine in an
         async actor, left to run in a sync or threaded one). False if the call is not
         one of this node's actors'."""
+        if record.spec.actor_id in self.elsewhere:
+            self.elsewhere.cancel_call(record)
+            return True
         actor = self.actors.get(record.spec.actor_id or "")
         if actor is None or actor.death is not None:
             return False

@@ -125,6 +125,19 @@ class ActorsElsewhere:
         else:
             self._forward(actor, record)
 
+    def cancel_call(self, record: TaskRecord) -> None:
+        """``ray.cancel`` of a call here: one waiting for its actor to be placed is
+        dropped; one forwarded ends cancelled for its caller, as a spilled task does
+        (its actor's node is not interrupted: it runs it, and the result is not
+        wanted)."""
+        actor = self._actors.get(record.spec.actor_id or "")
+        if actor is None or actor.death is not None or record.state != "SPILLED":
+            return
+        if record in actor.queue:
+            actor.queue.remove(record)
+        self.spills.forget(record.spec.task_id)
+        self.node.finish_failed(record, p.ErrorInfo.cancelled(record.spec.name), log_event=True)
+
     def kill(self, actor_id: str, no_restart: bool, cause: str = "") -> None:
         """Its node does it: a ``kill_requested`` event it reads."""
         actor = self._actors.get(actor_id)

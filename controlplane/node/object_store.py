@@ -186,6 +186,8 @@ class ObjectStore:
             payload["durable_path"] = durable_path
         if kept_at is not None:
             payload["address"] = kept_at
+            if location.contained:  # (the owner's node pins them while it holds this)
+                payload["contained"] = list(location.contained)
             if location.region is not None:
                 payload.update(region=location.region, offset=location.offset)
         return Event(

@@ -168,11 +168,20 @@ class RemoteTasks:
             task_id = str(event.payload.get("task_id") or "")
             if task_id in self.spills and event.node_id != self.node_id:
                 address = event.payload["address"]
+                contained = tuple(event.payload.get("contained", ()))
                 value = (
-                    p.ObjectLocation(event.entity_id, inline=event.data, size=len(event.data))
+                    p.ObjectLocation(
+                        event.entity_id,
+                        inline=event.data,
+                        size=len(event.data),
+                        contained=contained,
+                    )
                     if event.data is not None
                     else p.ObjectLocation(
-                        event.entity_id, size=int(event.payload["size_bytes"]), remote=address
+                        event.entity_id,
+                        size=int(event.payload["size_bytes"]),
+                        remote=address,
+                        contained=contained,
                     )
                 )
                 record = self.spills.get(task_id)
@@ -419,7 +428,10 @@ class RemoteTasks:
         task_id = record.spec.task_id
         values = self.remote_returns.pop(task_id, {})
         locations = []
-        for object_id in record.spec.return_ids():
+        returns = record.spec.return_ids()
+        if record.spec.dynamic:  # its values follow its one return, in their order
+            returns += sorted(set(values) - set(returns), key=p.return_index)
+        for object_id in returns:
             location, address = values.get(object_id, (None, ""))
             if location is None:
                 why = f"the log has no created event for {object_id}"

@@ -125,8 +125,8 @@ class SpilledTasks:
             return None
         if strategy[1] != self.node_id and not _placeable_anywhere(record.spec):
             return (
-                f"its hard node affinity names node {strategy[1]}, but a dynamic generator, "
-                "or a streaming one with _generator_backpressure_num_objects, runs on its "
+                f"its hard node affinity names node {strategy[1]}, but a streaming generator "
+                "with _generator_backpressure_num_objects runs on its "
                 "caller's node (Cairn does not move those between nodes yet)"
             )
         if strategy[1] != self.node_id and not self._spillable(record):
@@ -195,7 +195,7 @@ class SpilledTasks:
 
 
 def _placeable_anywhere(spec: p.TaskSpec) -> bool:
-    """Whether a task may run on another node than its caller's: not a dynamic
-    generator, nor a streaming one with backpressure (their values, and what the
-    caller took, are followed where the caller is)."""
-    return not spec.dynamic and getattr(spec, "generator_backpressure", -1) <= 0
+    """Whether a task may run on another node than its caller's: not a streaming
+    generator with backpressure (what the caller took is followed where the caller
+    is)."""
+    return getattr(spec, "generator_backpressure", -1) <= 0

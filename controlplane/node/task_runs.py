@@ -316,6 +316,10 @@ class TaskRuns:
             events = [self.finished_event(record), *self._created_events(record, returns)]
         else:  # run for another node: the values (inline) or where they are, then finished
             events = [*self._created_events(record, returns), self.finished_event(record)]
+            if spec.dynamic:  # its values, beside its one return: kept for that node too
+                for location in returns[1:]:
+                    if location.error is None:
+                        self.remote_tasks.keep_for_owner(location.object_id)
         record.state = "FINISHED"
         self.store.make_durable_then_ready(
             returns, events, record.submitter, urgent=not record.answered

@@ -19,7 +19,13 @@
 SELECT x.task_id,
        x.attempt AS attempt_number,
        x.name,
-       coalesce($1::jsonb ->> x.state, 'NIL') AS state,
+       -- (an actor's call waits for its arguments, or for its turn at the actor, in
+       -- Ray's actor task states)
+       CASE WHEN x.actor_id IS NOT NULL AND x.method <> '__init__'
+                 AND x.state = 'WAITING_FOR_DEPENDENCIES' THEN 'PENDING_ACTOR_TASK_ARGS_FETCH'
+            WHEN x.actor_id IS NOT NULL AND x.method <> '__init__' AND x.state = 'SUBMITTED'
+                 THEN 'PENDING_ACTOR_TASK_ORDERING_OR_CONCURRENCY'
+            ELSE coalesce($1::jsonb ->> x.state, 'NIL') END AS state,
        x.job_id,
        x.actor_id,
        CASE WHEN x.actor_id IS NULL THEN 'NORMAL_TASK'
