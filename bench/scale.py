@@ -32,10 +32,12 @@ snapshots:
 
 - tasks/s: task ``finished`` events in the window's positions / window;
 - events/s: how far the log's head (``event_log_head.last_position``) moved / window;
-- read/append: rows returned by the tailers' query (``read_events_after``: every node
-  daemon's log follower and the global scheduler read the log through ``Tailer``), as
-  ``pg_stat_statements`` counts them, / events appended. Today each reader fetches
-  every row, so expect about N + 1;
+- read/append: rows returned by the tailers' queries (every node daemon's log follower
+  and the global scheduler read the log through ``Tailer``, each only the events
+  addressed to it: ``read_events_for_node``, ``read_events_for_scheduler``), as
+  ``pg_stat_statements`` counts them, / events appended. A filtered query that finds
+  nothing returns one row (its horizon), counted too. Before events were addressed
+  (issue 20), each reader fetched every row: about N + 1;
 - reads/s: executions of that query per second (each append's NOTIFY wakes every
   tailer);
 - PG CPU s/1k tasks: utime + stime of the postmaster and its backends from ``/proc``
@@ -361,7 +363,9 @@ class Cluster:
 
 # -- measuring --------------------------------------------------------------------------
 
-_READ_QUERY = re.compile(r"from\s+events\s+where\s+position\s*>\s*\$1\s+order\s+by\s+position")
+# the tailers' queries: read_events_after (unfiltered: the projector) and the filtered
+# readers' read_events_for_node / read_events_for_scheduler (controlplane/sql/queries.sql)
+_READ_QUERY = re.compile(r"from\s+events\s+where\s+position\s*>\s*\$1\s")
 _FROM_EVENTS = re.compile(r"\bfrom\s+events\b")
 
 

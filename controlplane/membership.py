@@ -29,7 +29,7 @@ from typing import Any
 import asyncpg
 
 from controlplane.errors import GcsIdentityError
-from controlplane.eventlog import EntityKind, Event, RecordedEvent
+from controlplane.eventlog import EVERY_NODE, EntityKind, Event, RecordedEvent
 from controlplane.eventlog.appender import append_on
 from controlplane.eventlog.connection import (
     DEFAULT_CONNECT_TIMEOUT_S,
@@ -183,7 +183,8 @@ class MembershipMonitor:
                             "cause": (
                                 f"missed heartbeats: no liveness ping for more than "
                                 f"{self.dead_after:g}s (last at {row['last_ping']})"
-                            )
+                            ),
+                            "to_node": EVERY_NODE,
                         },
                         node_id=row["node_id"],
                     )
@@ -272,7 +273,15 @@ async def declare_restarted(url: str, node_id: str) -> bool:
             if await conn.fetchval(queries["declare_node_restarted"], node_id) is None:
                 return False
             await append_on(
-                conn, [Event(EntityKind.NODE, node_id, "dead", {"cause": RESTARTED_CAUSE})]
+                conn,
+                [
+                    Event(
+                        EntityKind.NODE,
+                        node_id,
+                        "dead",
+                        {"cause": RESTARTED_CAUSE, "to_node": EVERY_NODE},
+                    )
+                ],
             )
         return True
     finally:

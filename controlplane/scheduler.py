@@ -32,6 +32,8 @@ from typing import Any
 from controlplane import labels
 from controlplane.errors import GcsIdentityError
 from controlplane.eventlog import (
+    EVERY_NODE,
+    SCHEDULER,
     EntityKind,
     Event,
     EventAppender,
@@ -130,7 +132,7 @@ class GlobalScheduler:
         try:
             start, head = await self.load_checkpoint()
             saved = start
-            async with Tailer(self.url, after=start) as tailer:
+            async with Tailer(self.url, reader=SCHEDULER, after=start) as tailer:
                 while True:
                     for event in await tailer.read():
                         self.apply(event)
@@ -353,7 +355,7 @@ class GlobalScheduler:
                             EntityKind.PLACEMENT_GROUP,
                             pg_id,
                             "infeasible",
-                            {"reason": reason},
+                            {"reason": reason, "to_node": EVERY_NODE},
                             event_id=uuid.uuid5(_PLACEMENT_IDS, f"{pg_id}:x"),
                         )
                     )
@@ -365,7 +367,12 @@ class GlobalScheduler:
                     EntityKind.PLACEMENT_GROUP,
                     pg_id,
                     "placed",
-                    {"bundle_nodes": nodes, "bundles": bundles, "strategy": strategy},
+                    {
+                        "bundle_nodes": nodes,
+                        "bundles": bundles,
+                        "strategy": strategy,
+                        "to_node": EVERY_NODE,
+                    },
                     job_id=created.job_id,
                     event_id=uuid.uuid5(_PLACEMENT_IDS, f"{pg_id}:placed"),
                 )
@@ -396,6 +403,7 @@ class GlobalScheduler:
                                 "reason": reason,
                                 "final": final,
                                 "attempt": spill.attempt,
+                                **_owner(spill),
                             },
                             job_id=spill.event.job_id,
                             event_id=uuid.uuid5(_PLACEMENT_IDS, f"{task_id}:{spill.attempt}:x"),
@@ -413,7 +421,8 @@ class GlobalScheduler:
                     EntityKind.TASK,
                     task_id,
                     "placed",
-                    {"node_id": node.node_id, "attempt": spill.attempt},
+                    {"node_id": node.node_id, "attempt": spill.attempt, "to_node": node.node_id}
+                    | _owner(spill),
                     job_id=spill.event.job_id,
                     node_id=node.node_id,
                     data=spill.event.data,
@@ -424,6 +433,12 @@ class GlobalScheduler:
             del self.pending[task_id]
         if events:
             await self.appender.append_many(events)
+
+
+def _owner(spill: Spill) -> dict[str, str]:
+    """What a placement or infeasibility of ``spill`` says of whom to tell: the node
+    that spilled it (``owner_node``), which follows it from the log."""
+    return {"owner_node": spill.from_node} if spill.from_node else {}
 
 
 def _say_following(waiting: asyncio.Future[Any]) -> None:

@@ -232,6 +232,77 @@ async def test_tailer_refuses_to_skip_a_hole(gcs_url: str) -> None:
         await conn.close()
 
 
+async def test_a_filtered_reader_gets_all_its_events_in_order_and_no_others(
+    gcs_url: str,
+) -> None:
+    """A node's reader gets the events addressed to it, to every node, or about what it
+    owns, each once and in log order, while writers append concurrently (including an
+    append held open across its reads); the scheduler's reader gets its own kinds."""
+    from controlplane.eventlog import EVERY_NODE, SCHEDULER
+
+    def addressed(i: int) -> Event:
+        to = ("a", "b", EVERY_NODE, None)[i % 4]
+        payload: dict[str, object] = {} if to is None else {"to_node": to}
+        if i % 5 == 0:
+            payload["owner_node"] = "a"
+        return task_event(f"t{i}", "running", **payload)
+
+    slow = await asyncpg.connect(gcs_url)
+    try:
+        async with (
+            EventAppender(gcs_url) as appender,
+            Tailer(gcs_url, reader="a", batch_size=7) as node_a,
+            Tailer(gcs_url, reader=SCHEDULER, batch_size=7) as scheduler,
+        ):
+            await appender.append_many([addressed(i) for i in range(20)])
+            tx = slow.transaction()  # an append open while the readers read
+            await tx.start()
+            await slow.fetchrow(
+                "SELECT * FROM cairn_append_v1(ARRAY[$1::uuid], ARRAY['j'], "
+                "ARRAY['task'::entity_kind], ARRAY['held'], ARRAY['running'], ARRAY[NULL], "
+                'ARRAY[\'{"worker_id": "w", "to_node": "a"}\'::jsonb], ARRAY[NULL::bytea])',
+                uuid.uuid4(),
+            )
+            writers = [
+                asyncio.create_task(appender.append_many([addressed(i)])) for i in range(20, 100)
+            ]
+            got_a = []
+            while node_a.position < 20:
+                got_a += await node_a.read(wait=5)
+            assert node_a.position == 20  # not past the open append (position 21)
+            await tx.commit()
+            await asyncio.gather(*writers)
+            await appender.append(task_event("spill", "spilled", resources={}, attempt=0))
+            total = await head(gcs_url)
+            while node_a.position < total:
+                got_a += await node_a.read(wait=5)
+            got_scheduler = []
+            while scheduler.position < total:
+                got_scheduler += await scheduler.read(wait=5)
+    finally:
+        await slow.close()
+    conn = await asyncpg.connect(gcs_url)
+    try:
+        rows = await conn.fetch("SELECT position, entity_id, payload FROM events ORDER BY 1")
+    finally:
+        await conn.close()
+    import json
+
+    def for_a(payload: dict[str, str]) -> bool:
+        return payload.get("to_node") in ("a", EVERY_NODE) or payload.get("owner_node") == "a"
+
+    expected_a = [r["position"] for r in rows if for_a(json.loads(r["payload"]))]
+    assert [e.position for e in got_a] == expected_a
+    assert "held" in {e.entity_id for e in got_a}
+    assert not any(e.payload.get("to_node") == "b" and "owner_node" not in e.payload for e in got_a)
+    expected_scheduler = [
+        r["position"]
+        for r in rows
+        if "owner_node" in json.loads(r["payload"]) or r["entity_id"] == "spill"
+    ]
+    assert [e.position for e in got_scheduler] == expected_scheduler
+
+
 @pytest.mark.parametrize(
     ("event", "message"),
     [

@@ -2,10 +2,18 @@
 tailer, and partition management."""
 
 from controlplane.eventlog.appender import EventAppender, FailureLog
-from controlplane.eventlog.events import EntityKind, Event, RecordedEvent, new_event_id
-from controlplane.eventlog.tailer import Tailer
+from controlplane.eventlog.events import (
+    EVERY_NODE,
+    EntityKind,
+    Event,
+    RecordedEvent,
+    new_event_id,
+)
+from controlplane.eventlog.tailer import SCHEDULER, Tailer
 
 __all__ = [
+    "EVERY_NODE",
+    "SCHEDULER",
     "EntityKind",
     "Event",
     "EventAppender",

@@ -73,6 +73,12 @@ def new_event_id() -> uuid.UUID:
     return _ids.next()
 
 
+# The ``to_node`` of an event every node daemon follows (membership, placement groups):
+# events are addressed to their readers, who read only theirs (migration 0017,
+# controlplane/README.md "Reading only what concerns a reader").
+EVERY_NODE = "*"
+
+
 @dataclass(frozen=True, slots=True)
 class Event:
     """One state transition of one entity, as a writer submits it.

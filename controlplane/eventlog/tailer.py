@@ -48,13 +48,24 @@ CHANNEL = "cairn_events_v1"
 RECENT = 10_000  # events whose ids are kept, to check after a failover
 
 
+SCHEDULER = "scheduler"  # the ``reader`` of the global scheduler's events
+
+
 class Tailer:
-    """Reads events with position > ``after``, batch by batch, waiting for new ones."""
+    """Reads events with position > ``after``, batch by batch, waiting for new ones.
+
+    ``reader``: None for every event; a node's id for the events addressed to that node
+    (or to every node) and those about what it owns; ``SCHEDULER`` for the global
+    scheduler's (see controlplane/README.md, "Reading only what concerns a reader").
+    Such a reader's events are not contiguous in position: it reads up to the head's
+    position as its query saw it, every position below which is committed, and moves
+    on to it."""
 
     def __init__(
         self,
         url: str,
         *,
+        reader: str | None = None,
         after: int = 0,
         batch_size: int = 1000,
         poll_interval: float = 1.0,
@@ -63,6 +74,7 @@ class Tailer:
         unavailable_timeout: float | None = None,
     ) -> None:
         self.url = url
+        self.reader = reader
         self.position = after
         self.batch_size = batch_size
         self.poll_interval = poll_interval
@@ -101,9 +113,14 @@ class Tailer:
             rows = await retry_while_unavailable(
                 self.url, self._query, timeout=self.unavailable_timeout
             )
-            events = self._contiguous(rows)
+            if self.reader is not None:
+                events = self._addressed(rows)
+                rows = []  # (no hole to wait for: it read up to the horizon)
+            else:
+                events = self._contiguous(rows)
+                if events:
+                    self.position = events[-1].position
             if events:
-                self.position = events[-1].position
                 self._recent.extend((e.position, e.event_id) for e in events)
                 fencing.saw(self.position, self._conn)  # a log found later below it was put back
                 return events
@@ -130,6 +147,20 @@ class Tailer:
                 yield event
 
     # -- internals ----------------------------------------------------------------
+
+    def _addressed(self, rows: list[asyncpg.Record]) -> list[RecordedEvent]:
+        """A filtered read's events; ``position`` moves past them, or to the horizon
+        (the head's position in the query's snapshot) when the batch was not full:
+        appends hold the head row's lock until they commit, so the snapshot that sees
+        the head at H sees every event up to H, and none addressed to this reader
+        below H is left behind."""
+        events = [RecordedEvent.from_row(row) for row in rows if row["position"] is not None]
+        horizon = rows[0]["horizon"] if rows else None
+        if len(events) == self.batch_size:
+            self.position = events[-1].position
+        elif horizon is not None and horizon > self.position:
+            self.position = horizon
+        return events
 
     def _contiguous(self, rows: list[asyncpg.Record]) -> list[RecordedEvent]:
         events = []
@@ -172,7 +203,21 @@ class Tailer:
             await self._connect()
             self._wake.set()  # notifications may have been missed while away
         assert self._conn is not None
+        if self.reader is None:
+            return await run_on(
+                self._conn,
+                lambda c: c.fetch(queries["read_events_after"], self.position, self.batch_size),
+            )
+        if self.reader == SCHEDULER:
+            return await run_on(
+                self._conn,
+                lambda c: c.fetch(
+                    queries["read_events_for_scheduler"], self.position, self.batch_size
+                ),
+            )
         return await run_on(
             self._conn,
-            lambda conn: conn.fetch(queries["read_events_after"], self.position, self.batch_size),
+            lambda c: c.fetch(
+                queries["read_events_for_node"], self.position, self.reader, self.batch_size
+            ),
         )

@@ -165,7 +165,12 @@ class ActorDirector:
         self._env_waiting: set[str] = set()  # actors whose runtime_env is being set up
 
     def _log(self, actor_id: str, event_type: str, payload: dict[str, Any], **more: Any) -> None:
-        """Logs an event of the actor (written behind)."""
+        """Logs an event of the actor (written behind); one hosted here for another node
+        is addressed to that node (``owner_node``), which follows it from the log."""
+        actor = self.actors.get(actor_id)
+        hosted = actor is not None and actor.creation.placed_from is not None
+        if hosted and (owner_node := actor.creation.owner_node) is not None:  # type: ignore[union-attr]
+            payload = {**payload, "owner_node": owner_node}
         event = Event(K.ACTOR, actor_id, event_type, payload, node_id=self.node_id, **more)
         self.recorder.log([event])
 

@@ -143,7 +143,8 @@ class ActorsElsewhere:
         actor = self._actors.get(actor_id)
         if actor is None or actor.death is not None:
             return
-        payload: dict[str, Any] = {"no_restart": no_restart}
+        # (addressed to its node; to every node while it is not placed yet)
+        payload: dict[str, Any] = {"no_restart": no_restart, "to_node": actor.placed_on or "*"}
         if cause:
             payload["cause"] = cause
         event = Event(K.ACTOR, actor_id, "kill_requested", payload, node_id=self.node_id)

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from controlplane.errors import GcsError, GcsIdentityError
-from controlplane.eventlog import EntityKind, Event
+from controlplane.eventlog import EVERY_NODE, EntityKind, Event
 from controlplane.eventlog.connection import retry_while_unavailable
 from controlplane.labels import node_labels
 from controlplane.node import metrics as node_metrics
@@ -140,6 +140,7 @@ class NodeDaemon:
                         "socket": self.socket_path,
                         "head": self.head,
                         "hostname": os.uname().nodename,
+                        "to_node": EVERY_NODE,
                     },
                     node_id=self.node_id,
                 )
@@ -265,7 +266,13 @@ class NodeDaemon:
         if self._server is not None:
             self._server.close()
         await self.parts.worker_pool.stop()
-        dead = Event(K.NODE, self.node_id, "dead", {"cause": "shutdown"}, node_id=self.node_id)
+        dead = Event(
+            K.NODE,
+            self.node_id,
+            "dead",
+            {"cause": "shutdown", "to_node": EVERY_NODE},
+            node_id=self.node_id,
+        )
         if self.link is None:
             self.recorder.log([dead])
         await self.recorder.close()

@@ -175,15 +175,19 @@ class ObjectStore:
         data: bytes | None = None,
         durable_path: str | None = None,
         kept_at: str | None = None,
+        owner_node: str | None = None,
     ) -> Event:
         """``kept_at``: the address of this node, for an object kept here for a task's
-        owner on another node; then the event also says where in the store it is (what
-        a daemon that restarts here adopts: node/store_adoption.py)."""
+        owner on another node (``owner_node``, whom the event is addressed to); then the
+        event also says where in the store it is (what a daemon that restarts here
+        adopts: node/store_adoption.py)."""
         payload: dict[str, Any] = {"size_bytes": location.size, "inline": location.region is None}
         if task_id:
             payload["task_id"] = task_id
         if durable_path:
             payload["durable_path"] = durable_path
+        if owner_node is not None:
+            payload["owner_node"] = owner_node
         if kept_at is not None:
             payload["address"] = kept_at
             if location.contained:  # (the owner's node pins them while it holds this)

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from controlplane.eventlog import EntityKind, Event, RecordedEvent
+from controlplane.eventlog import EVERY_NODE, EntityKind, Event, RecordedEvent
 from controlplane.node.recorder import EventRecorder
 from controlplane.node.resources import ResourcePool
 from dataplane import protocol as p
@@ -231,7 +231,7 @@ class PlacementGroups:
                         K.PLACEMENT_GROUP,
                         record.pg_id,
                         "bundle_reserved",
-                        {"index": index},
+                        {"index": index, "to_node": EVERY_NODE},
                         node_id=self.node_id,
                     )
                 ]
@@ -341,7 +341,9 @@ class PlacementGroups:
         if group is None or group.state == "REMOVED":
             return
         was_created, group.state = group.state == "CREATED", "REMOVED"
-        removed = Event(K.PLACEMENT_GROUP, pg_id, "removed", {}, node_id=self.node_id)
+        removed = Event(
+            K.PLACEMENT_GROUP, pg_id, "removed", {"to_node": EVERY_NODE}, node_id=self.node_id
+        )
         if log_event and was_created:
             self.recorder.log([removed])
         elif log_event:  # whoever waits for it to be ready learns it never will be

@@ -125,7 +125,9 @@ class RemoteTasks:
     # -- following the log ---------------------------------------------------------
 
     async def follow_log(self, after: int) -> None:
-        async with Tailer(self.gcs_url, after=after, poll_interval=0.5) as tailer:
+        async with Tailer(
+            self.gcs_url, reader=self.node_id, after=after, poll_interval=0.5
+        ) as tailer:
             self.log_follower = tailer  # (its position: the node's metrics)
             while True:
                 for event in await tailer.read():
@@ -285,7 +287,13 @@ class RemoteTasks:
             return
         if spec.task_id in self.tasks:
             return
-        record = self.tasks.add_placed(spec, int(event.payload["attempt"]), owner_address, blob)
+        record = self.tasks.add_placed(
+            spec,
+            int(event.payload["attempt"]),
+            owner_address,
+            blob,
+            owner_node=event.payload.get("owner_node"),
+        )
         if spec.method == "__init__":  # an actor made on another node lives here
             self.actor_director.host(record)
             here = functools.partial(self.actor_director.arguments_here, spec.actor_id or "")
@@ -302,7 +310,9 @@ class RemoteTasks:
         assert event.data is not None  # a forwarded call carries its spec
         spec = cast(p.TaskSpec, p.decode_frame(event.data))
         address = (self.link.address_of(event.node_id or "") if self.link else None) or ""
-        record = self.tasks.add_placed(spec, int(event.payload.get("attempt", 0)), address)
+        record = self.tasks.add_placed(
+            spec, int(event.payload.get("attempt", 0)), address, owner_node=event.node_id
+        )
         record.retries_left = 0
         self._keep_returns_for_owner(spec)
         self.pull_then(record, address, lambda: None)

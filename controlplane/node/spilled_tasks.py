@@ -139,7 +139,7 @@ class SpilledTasks:
         """Hands the task to the global schedulers: a ``spilled`` event with its spec,
         its code and where its arguments are."""
         spec = record.spec
-        record.state = "SPILLED"
+        record.state, record.owner_node = "SPILLED", self.node_id
         self.remember(record)
         args = {
             object_id: {"address": self.address, "size": self.objects.location(object_id).size}

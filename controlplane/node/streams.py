@@ -64,6 +64,7 @@ class Streams:
                     spec.job_id,
                     data=location.inline if placed else None,
                     kept_at=self.remote.address if placed else None,
+                    owner_node=record.owner_node if placed else None,
                 )
             )
         self._publish(record, location, events)

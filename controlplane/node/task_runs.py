@@ -341,7 +341,12 @@ class TaskRuns:
             data = location.inline if address is not None else None
             events.append(
                 self.store.created_event(
-                    location, spec.task_id, spec.job_id, data=data, kept_at=address
+                    location,
+                    spec.task_id,
+                    spec.job_id,
+                    data=data,
+                    kept_at=address,
+                    owner_node=record.owner_node if address is not None else None,
                 )
             )
         return events
@@ -351,6 +356,8 @@ class TaskRuns:
         payload: dict[str, Any] = {"attempt": record.attempt}
         if record.output_digest is not None:
             payload["output_digest"] = record.output_digest
+        if record.owner_node is not None:
+            payload["owner_node"] = record.owner_node
         return Event(
             K.TASK,
             spec.task_id,
@@ -381,6 +388,8 @@ class TaskRuns:
         )
         if error.traceback and kind == "failed":  # (its end: where it was raised)
             payload["traceback"] = error.traceback[-_TRACEBACK_CHARS:]
+        if record.owner_node is not None:
+            payload["owner_node"] = record.owner_node
         events = (
             [Event(K.TASK, spec.task_id, kind, payload, job_id=spec.job_id, node_id=self.node_id)]
             if log_event

@@ -67,6 +67,10 @@ class TaskRecord:
     force_cancel: bool = False
     retries_left: int = 0
     placed_from: str | None = None  # placed here: the address of the node that spilled it
+    # the node its end events are addressed to (``owner_node``: controlplane/README.md,
+    # "Reading only what concerns a reader"): the node that spilled it, for one placed
+    # here; this node, for one it spilled (the global schedulers read its end)
+    owner_node: str | None = None
     pulled: list[str] = field(default_factory=list)  # argument copies pulled for it
     placed_back: bool = False  # spilled, then placed on this node: not spilled again
     # the daemon's own call to an actor: "replay" (an earlier call, re-run to rebuild its
@@ -219,14 +223,20 @@ class TaskTable:
         return record
 
     def add_placed(
-        self, spec: p.TaskSpec, attempt: int, owner_address: str, blob: bytes | None = None
+        self,
+        spec: p.TaskSpec,
+        attempt: int,
+        owner_address: str,
+        blob: bytes | None = None,
+        *,
+        owner_node: str | None,
     ) -> TaskRecord:
         """A task (or actor call) another node owns, run here: its owner keeps its
         arguments, which are pulled for it (``pulled``)."""
         if blob is not None and spec.function_id:
             self.add_function(spec.function_id, blob, spec.name)
         record = TaskRecord(spec, None, attempt=attempt, retries_left=spec.max_retries)
-        record.placed_from = owner_address
+        record.placed_from, record.owner_node = owner_address, owner_node
         self._tasks[spec.task_id] = record
         return record
 
