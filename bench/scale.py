@@ -35,8 +35,8 @@ snapshots:
 - read/append: rows returned by the tailers' queries (every node daemon's log follower
   and the global scheduler read the log through ``Tailer``, each only the events
   addressed to it: ``read_events_for_node``, ``read_events_for_scheduler``), as
-  ``pg_stat_statements`` counts them, / events appended. A filtered query that finds
-  nothing returns one row (its horizon), counted too. Before events were addressed
+  ``pg_stat_statements`` counts them (less the one row of each filtered query that
+  holds the head's position, not an event), / events appended. Before events were addressed
   (issue 20), each reader fetched every row: about N + 1;
 - reads/s: executions of that query per second (each append's NOTIFY wakes every
   tailer);
@@ -365,7 +365,10 @@ class Cluster:
 
 # the tailers' queries: read_events_after (unfiltered: the projector) and the filtered
 # readers' read_events_for_node / read_events_for_scheduler (controlplane/sql/queries.sql)
-_READ_QUERY = re.compile(r"from\s+events\s+where\s+position\s*>\s*\$1\s")
+# (pg_stat_statements numbers constants as parameters too: "position > $2" for the latter)
+_READ_QUERY = re.compile(r"from\s+events\s+where\s+position\s*>\s*\$\d+\s+order\s+by\s+position")
+# ... and the filtered ones, whose first row is the head's position, not an event
+_FILTERED_READ_QUERY = re.compile(r"\bhorizon\b.*from\s+events\s+where\s+position\s*>\s*\$\d+\s")
 _FROM_EVENTS = re.compile(r"\bfrom\s+events\b")
 
 
@@ -398,6 +401,9 @@ async def snapshot(conn: asyncpg.Connection, postmaster: int, daemons: list[int]
             continue
         if _READ_QUERY.search(text):
             tail_rows += row["rows"]
+            tail_calls += row["calls"]
+        elif _FILTERED_READ_QUERY.search(text):
+            tail_rows += row["rows"] - row["calls"]  # (less each call's horizon row)
             tail_calls += row["calls"]
         elif "cairn_append" in text:  # cairn_append_v1, cairn_append_fenced_v1
             appends += row["calls"]

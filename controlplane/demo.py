@@ -23,8 +23,7 @@ from controlplane.projections import Projector
 
 LIFECYCLE: tuple[tuple[str, dict[str, Any]], ...] = (
     ("submitted", {"name": "demo.square"}),
-    ("scheduled", {}),
-    ("running", {"worker_id": "worker-0"}),
+    ("running", {"worker_id": "worker-0", "scheduled": True}),
     ("finished", {}),
 )
 

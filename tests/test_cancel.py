@@ -72,7 +72,7 @@ def test_a_running_task_gets_keyboard_interrupt_and_is_not_retried(tmp_path: Pat
     with pytest.raises(TaskCancelledError):
         ray.get(ref, timeout=30)
     _until(marker, "interrupted, is_canceled=True")
-    history = _history(ref.task_id().hex(), 4)
+    history = _history(ref.task_id().hex(), 3)
     assert history[-1] == "cancelled" and "retried" not in history  # max_retries aside
 
 
@@ -106,7 +106,7 @@ def test_a_recursive_cancel_reaches_the_tasks_it_submitted(tmp_path: Path) -> No
     ray.cancel(ref)  # recursive=True is the default, as in Ray
     with pytest.raises(TaskCancelledError):
         ray.get(ref, timeout=30)
-    assert _history(child_id, 4)[-1] == "cancelled"
+    assert _history(child_id, 3)[-1] == "cancelled"
 
     # recursive=False: the child runs to its end
     marker = str(tmp_path / "alone")
@@ -116,7 +116,7 @@ def test_a_recursive_cancel_reaches_the_tasks_it_submitted(tmp_path: Path) -> No
     ray.cancel(ref, recursive=False)
     with pytest.raises(TaskCancelledError):
         ray.get(ref, timeout=30)
-    assert _history(child_id, 4)[-1] == "finished"
+    assert _history(child_id, 3)[-1] == "finished"
 
 
 @ray.remote

@@ -1279,7 +1279,7 @@ async def test_task_runs_take_tasks_from_submission_to_published_results(
     for row in rows:
         lives.setdefault(row["entity_id"], []).append(row["event_type"])
     assert lives == {
-        "t1": ["submitted", "scheduled", "running", "finished"],
-        "t2": ["submitted", "scheduled", "running", "retried", "scheduled", "running", "failed"],
+        "t1": ["submitted", "running", "finished"],
+        "t2": ["submitted", "running", "retried", "running", "failed"],
         "t3": ["submitted", "cancelled"],
     }

@@ -72,8 +72,8 @@ def test_a_lost_object_is_rebuilt_through_its_freed_lineage() -> None:
             "SELECT event_type FROM events WHERE entity_id = $1 ORDER BY position", upstream
         )
     ]
-    assert history[:4] == ["submitted", "waiting_for_dependencies", "scheduled", "running"]
-    assert history[4:] == ["finished", "reconstructing", "scheduled", "running", "finished"]
+    assert history[:3] == ["submitted", "waiting_for_dependencies", "running"]
+    assert history[3:] == ["finished", "reconstructing", "running", "finished"]
 
 
 def test_a_put_object_has_no_lineage_and_max_retries_zero_turns_reconstruction_off() -> None:

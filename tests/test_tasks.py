@@ -155,7 +155,7 @@ def test_cancel_queued_and_force_cancel_running() -> None:
     ray.cancel(running, force=True)
     with pytest.raises(TaskCancelledError):
         ray.get(running, timeout=10)
-    assert _history(running.task_id().hex(), 4)[-2:] == ["running", "cancelled"]
+    assert _history(running.task_id().hex(), 3)[-2:] == ["running", "cancelled"]
     assert ray.get(square.remote(3)) == 9  # the pool recovered
 
 
@@ -365,12 +365,18 @@ async def test_the_log_holds_every_transition_and_folds_to_the_projection() -> N
             task_ids,
         )
         for task_id in task_ids:
+            # scheduled and run in one commit: one `running` event says both
             assert [r["event_type"] for r in rows if r["entity_id"] == task_id] == [
                 "submitted",
-                "scheduled",
                 "running",
                 "finished",
             ]
+        scheduled = await conn.fetchval(
+            "SELECT count(*) FROM tasks WHERE task_id = ANY($1::text[]) "
+            "AND scheduled_at = started_at",
+            task_ids,
+        )
+        assert scheduled == 20  # (the view's scheduled_at: that event's time)
         created = await conn.fetchval(
             "SELECT count(*) FROM events WHERE entity_kind = 'object' AND event_type = 'created'"
             " AND payload->>'task_id' = ANY($1::text[])",

@@ -116,6 +116,9 @@ CATALOG: dict[tuple[EntityKind, str], EventType] = {
                 "stdout_inode": int,
                 "stderr_inode": int,
                 "output_at": float,
+                # scheduled: true when it also stands for the task's scheduling (one
+                # commit); older logs have a `scheduled` event before it instead
+                "scheduled": bool,
             },
         ),
         ("finished", {}, {"attempt": int, "output_digest": str}),

@@ -154,8 +154,11 @@ class Tailer:
         appends hold the head row's lock until they commit, so the snapshot that sees
         the head at H sees every event up to H, and none addressed to this reader
         below H is left behind."""
-        events = [RecordedEvent.from_row(row) for row in rows if row["position"] is not None]
-        horizon = rows[0]["horizon"] if rows else None
+        horizon = next((row["horizon"] for row in rows if row["position"] is None), None)
+        events = sorted(
+            (RecordedEvent.from_row(row) for row in rows if row["position"] is not None),
+            key=lambda event: event.position,
+        )
         if len(events) == self.batch_size:
             self.position = events[-1].position
         elif horizon is not None and horizon > self.position:

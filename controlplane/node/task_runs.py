@@ -184,16 +184,13 @@ class TaskRuns:
             blob = self.tasks.code_of(spec.function_id)
         args = [self.objects.location(a.ref) if a.ref else None for a in spec.args]
         kwargs = {k: self.objects.location(a.ref) for k, a in spec.kwargs.items() if a.ref}
-        running = self.running_event(record, handle.worker_id)
         if record.internal is not None:
             pass  # logged as the actor's `replaying` / `checkpointed`, not as a call
         elif spec.actor_id is not None and spec.method != "__init__":
-            self.recorder.log([running])  # a method call: not scheduled, sent to the actor
-        else:
-            scheduled = Event(
-                K.TASK, spec.task_id, "scheduled", {"attempt": record.attempt}, node_id=self.node_id
-            )
-            self.recorder.log([scheduled, running])
+            # a method call: not scheduled, sent to the actor
+            self.recorder.log([self.running_event(record, handle.worker_id)])
+        else:  # scheduled and run in one commit: one event says both (issue 20, point 4)
+            self.recorder.log([self.running_event(record, handle.worker_id, scheduled=True)])
         assert handle.conn is not None
         restarts = self.actor_director.restarts(spec.actor_id) if spec.method == "__init__" else 0
         handle.conn.send(
@@ -202,19 +199,20 @@ class TaskRuns:
         if spec.streaming:  # a retry: what its caller took already
             self._tell_consumed(record)
 
-    def running_event(self, record: TaskRecord, worker_id: str) -> Event:
-        return Event(
-            K.TASK,
-            record.spec.task_id,
-            "running",
+    def running_event(
+        self, record: TaskRecord, worker_id: str, *, scheduled: bool = False
+    ) -> Event:
+        """``scheduled``: the event also stands for the task's scheduling (the views'
+        and projections' ``scheduled_at``), which commits with it."""
+        payload: dict[str, Any] = {
+            "worker_id": worker_id,
+            "attempt": record.attempt,
             # where the worker's output files stood: this attempt's lines start there
-            {
-                "worker_id": worker_id,
-                "attempt": record.attempt,
-                **self.worker_pool.output.offsets(worker_id),
-            },
-            node_id=self.node_id,
-        )
+            **self.worker_pool.output.offsets(worker_id),
+        }
+        if scheduled:
+            payload["scheduled"] = True
+        return Event(K.TASK, record.spec.task_id, "running", payload, node_id=self.node_id)
 
     def task_done(self, handle: WorkerHandle | None, done: p.TaskDone) -> None:
         """A worker (``handle``; None: one this node no longer knows) finished a task."""

@@ -27,11 +27,13 @@ class Table:
 @dataclass(frozen=True)
 class Transition:
     """The effect of one event type: the state it sets (None: unchanged), payload
-    fields copied into columns, and columns stamped with the event's time."""
+    fields copied into columns, and columns stamped with the event's time (``stamp_if``:
+    column -> the payload flag that says the event also stands for that moment)."""
 
     state: str | None = None
     copy: Mapping[str, str] = field(default_factory=dict)  # payload field -> column
     stamp: tuple[str, ...] = ()
+    stamp_if: Mapping[str, str] = field(default_factory=dict)
 
 
 _COMMON = ("last_position", "updated_at")
@@ -141,8 +143,13 @@ TRANSITIONS: dict[tuple[EntityKind, str], Transition] = {
     (EntityKind.TASK, "scheduled"): Transition(
         "SCHEDULED", {"attempt": "attempt"}, ("scheduled_at",)
     ),
+    # a task scheduled and run in one commit has one event, `running` with
+    # "scheduled": true (before, a `scheduled` event came with it)
     (EntityKind.TASK, "running"): Transition(
-        "RUNNING", {"worker_id": "worker_id", "attempt": "attempt"}, ("started_at",)
+        "RUNNING",
+        {"worker_id": "worker_id", "attempt": "attempt"},
+        ("started_at",),
+        {"scheduled_at": "scheduled"},
     ),
     (EntityKind.TASK, "finished"): Transition("FINISHED", {"attempt": "attempt"}, ("ended_at",)),
     (EntityKind.TASK, "failed"): Transition(
@@ -205,6 +212,9 @@ def apply(row: Row | None, event: RecordedEvent) -> Row | None:
             new[column] = event.payload[source]
     for column in transition.stamp:
         new[column] = event.recorded_at
+    for column, flag in transition.stamp_if.items():
+        if event.payload.get(flag):
+            new[column] = event.recorded_at
     new["last_position"] = event.position
     new["updated_at"] = event.recorded_at
     if new.get("state") is None:  # e.g. a heartbeat before registration: keep the row valid

@@ -27,36 +27,40 @@ SELECT position, event_id, recorded_at, job_id, entity_kind::text AS entity_kind
 -- A node daemon's events after $1 (controlplane/README.md, "Reading only what concerns
 -- a reader"): those addressed to node $2 (or to every node) and those about what it owns,
 -- through the partial indexes of migration 0017, up to the head's position as this
--- statement sees it (`horizon`: every position up to it is committed; the reader moves
--- on to it when fewer than $3 rows come). One row with null columns but the horizon when
--- none is addressed to it.
-SELECT h.last_position AS horizon, e.*
-  FROM (SELECT last_position FROM event_log_head WHERE id = 1) h
-  LEFT JOIN LATERAL (
-    SELECT position, event_id, recorded_at, job_id, entity_kind::text AS entity_kind,
-           entity_id, event_type, node_id, payload::text AS payload, data
-      FROM events
-     WHERE position > $1 AND position <= h.last_position
-       AND ((payload ? 'to_node' AND payload ->> 'to_node' IN ($2::text, '*'))
-            OR (payload ? 'owner_node' AND payload ->> 'owner_node' = $2::text))
-     ORDER BY position
-     LIMIT $3) e ON true
+-- statement sees it. The first row is that position alone (`horizon`, every position up
+-- to it committed: the reader moves on to it when fewer than $3 events come), then the
+-- events in order.
+SELECT NULL::bigint AS position, NULL::uuid AS event_id, NULL::timestamptz AS recorded_at,
+       NULL AS job_id, NULL AS entity_kind, NULL AS entity_id, NULL AS event_type,
+       NULL AS node_id, NULL AS payload, NULL::bytea AS data, last_position AS horizon
+  FROM event_log_head WHERE id = 1
+UNION ALL
+(SELECT position, event_id, recorded_at, job_id, entity_kind::text, entity_id, event_type,
+        node_id, payload::text, data, NULL
+   FROM events
+  WHERE position > $1 AND position <= (SELECT last_position FROM event_log_head WHERE id = 1)
+    AND ((payload ? 'to_node' AND payload ->> 'to_node' IN ($2::text, '*'))
+         OR (payload ? 'owner_node' AND payload ->> 'owner_node' = $2::text))
+  ORDER BY position
+  LIMIT $3)
 
 -- read_events_for_scheduler --
 -- The global scheduler's events after $1, the same way: nodes, placement groups, spills,
 -- placements and what became of the tasks spilled (owner_node); events_scheduler_idx.
-SELECT h.last_position AS horizon, e.*
-  FROM (SELECT last_position FROM event_log_head WHERE id = 1) h
-  LEFT JOIN LATERAL (
-    SELECT position, event_id, recorded_at, job_id, entity_kind::text AS entity_kind,
-           entity_id, event_type, node_id, payload::text AS payload, data
-      FROM events
-     WHERE position > $1 AND position <= h.last_position
-       AND (entity_kind IN ('node', 'placement_group')
-            OR (entity_kind = 'task' AND event_type IN ('spilled', 'placed'))
-            OR payload ? 'owner_node')
-     ORDER BY position
-     LIMIT $2) e ON true
+SELECT NULL::bigint AS position, NULL::uuid AS event_id, NULL::timestamptz AS recorded_at,
+       NULL AS job_id, NULL AS entity_kind, NULL AS entity_id, NULL AS event_type,
+       NULL AS node_id, NULL AS payload, NULL::bytea AS data, last_position AS horizon
+  FROM event_log_head WHERE id = 1
+UNION ALL
+(SELECT position, event_id, recorded_at, job_id, entity_kind::text, entity_id, event_type,
+        node_id, payload::text, data, NULL
+   FROM events
+  WHERE position > $1 AND position <= (SELECT last_position FROM event_log_head WHERE id = 1)
+    AND (entity_kind IN ('node', 'placement_group')
+         OR (entity_kind = 'task' AND event_type IN ('spilled', 'placed'))
+         OR payload ? 'owner_node')
+  ORDER BY position
+  LIMIT $2)
 
 -- event_ids_at --
 -- What the log holds at positions a tailer read before a failover (see tailer.py).
