@@ -184,6 +184,31 @@ async def test_tailer_is_woken_by_notify(gcs_url: str) -> None:
         assert [e.entity_id for e in events] == ["t1"]
 
 
+async def test_a_filtered_reader_is_woken_by_what_is_addressed_to_it(gcs_url: str) -> None:
+    """A node's reader (and the scheduler's) sleeps through appends that do not concern
+    it and is woken, at once, by one that does (the batch's readers, notified)."""
+    from controlplane.eventlog import SCHEDULER
+
+    async with (
+        EventAppender(gcs_url) as appender,
+        Tailer(gcs_url, reader="a", poll_interval=30) as node_a,
+        Tailer(gcs_url, reader=SCHEDULER, poll_interval=30) as scheduler,
+    ):
+        for_a = asyncio.create_task(node_a.read(wait=20))
+        for_scheduler = asyncio.create_task(scheduler.read(wait=20))
+        await asyncio.sleep(0.5)  # (both asleep in their waits by now)
+        await appender.append(task_event("other", "running", to_node="b"))
+        await asyncio.sleep(0.5)
+        assert not for_a.done() and not for_scheduler.done()  # not woken: not theirs
+        sent = time.monotonic()
+        await appender.append(task_event("mine", "running", to_node="a"))
+        assert [e.entity_id for e in await for_a] == ["mine"]
+        await appender.append(task_event("spill", "spilled", resources={}, attempt=0))
+        assert [e.entity_id for e in await for_scheduler] == ["spill"]
+        # with a 30 s poll interval, only the notifications can have woken them
+        assert time.monotonic() - sent < 5
+
+
 async def test_tailer_never_reads_past_an_uncommitted_append(gcs_url: str) -> None:
     """An append held open in a transaction blocks later appends, so nothing after it
     becomes visible before it commits: the tailer sees positions in order, no gap."""

@@ -4,12 +4,13 @@ tailer, and partition management."""
 from controlplane.eventlog.appender import EventAppender, FailureLog
 from controlplane.eventlog.events import (
     EVERY_NODE,
+    SCHEDULER,
     EntityKind,
     Event,
     RecordedEvent,
     new_event_id,
 )
-from controlplane.eventlog.tailer import SCHEDULER, Tailer
+from controlplane.eventlog.tailer import Tailer
 
 __all__ = [
     "EVERY_NODE",

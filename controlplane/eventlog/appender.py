@@ -41,7 +41,7 @@ from controlplane.eventlog.connection import (
     retry_while_unavailable,
     run_on,
 )
-from controlplane.eventlog.events import Event
+from controlplane.eventlog.events import Event, readers_of
 from controlplane.sql import queries
 
 DEFAULT_MAX_BATCH = 1000
@@ -295,6 +295,7 @@ async def append_on(
         [e.node_id for e in events],
         payloads,
         [bytes(e.data) if e.data is not None else None for e in events],
+        readers_of(events),
     )
     if writer is not None and row["refused"]:
         raise NodeFencedError(

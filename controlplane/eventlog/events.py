@@ -7,7 +7,7 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -77,6 +77,32 @@ def new_event_id() -> uuid.UUID:
 # events are addressed to their readers, who read only theirs (migration 0017,
 # controlplane/README.md "Reading only what concerns a reader").
 EVERY_NODE = "*"
+SCHEDULER = "scheduler"  # the global scheduler, as a reader
+_SCHEDULER_KINDS = frozenset({"node", "placement_group"})
+_NOTICE_LIMIT = 4000  # bytes of a notification's payload (PostgreSQL's limit is 8000)
+
+
+def readers_of(events: Iterable[Event]) -> str:
+    """The readers to wake for a batch (the payload of its ``cairn_events_for_v1``
+    notification): the nodes its events are addressed to, ``*`` if some are for every
+    node, and the scheduler if some are of its kinds (the same rule as
+    read_events_for_scheduler's). Too many to list: every reader."""
+    readers: set[str] = set()
+    for event in events:
+        payload = event.payload
+        to_node, owner_node = payload.get("to_node"), payload.get("owner_node")
+        if to_node is not None:
+            readers.add(str(to_node))
+        if owner_node is not None:
+            readers.add(str(owner_node))
+        if (
+            owner_node is not None
+            or str(event.entity_kind) in _SCHEDULER_KINDS
+            or (str(event.entity_kind) == "task" and event.event_type in ("spilled", "placed"))
+        ):
+            readers.add(SCHEDULER)
+    notice = ",".join(sorted(readers))
+    return notice if len(notice) <= _NOTICE_LIMIT else f"{EVERY_NODE},{SCHEDULER}"
 
 
 @dataclass(frozen=True, slots=True)

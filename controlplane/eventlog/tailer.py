@@ -41,14 +41,14 @@ from controlplane.eventlog.connection import (
     retry_while_unavailable,
     run_on,
 )
-from controlplane.eventlog.events import RecordedEvent
+from controlplane.eventlog.events import EVERY_NODE, SCHEDULER, RecordedEvent
 from controlplane.sql import queries
 
-CHANNEL = "cairn_events_v1"
+CHANNEL = "cairn_events_v1"  # every append's: the new head position
+# ... and the readers it concerns (events.readers_of): a filtered reader wakes only for
+# a batch that names it, or every node (or, for the scheduler, the scheduler)
+ADDRESSED_CHANNEL = "cairn_events_for_v1"
 RECENT = 10_000  # events whose ids are kept, to check after a failover
-
-
-SCHEDULER = "scheduler"  # the ``reader`` of the global scheduler's events
 
 
 class Tailer:
@@ -181,7 +181,10 @@ class Tailer:
         if self._epoch is not None and epoch is not None and epoch != self._epoch:
             await self._check_recent(self._conn)
         self._epoch = epoch if epoch is not None else self._epoch
-        await self._conn.add_listener(CHANNEL, self._on_notify)
+        if self.reader is None:
+            await self._conn.add_listener(CHANNEL, self._on_notify)
+        else:
+            await self._conn.add_listener(ADDRESSED_CHANNEL, self._on_addressed)
 
     async def _check_recent(self, conn: asyncpg.Connection) -> None:
         """The events this tailer returned last are where it read them (see the
@@ -200,6 +203,11 @@ class Tailer:
 
     def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
         self._wake.set()
+
+    def _on_addressed(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
+        readers = payload.split(",")
+        if self.reader in readers or (self.reader != SCHEDULER and EVERY_NODE in readers):
+            self._wake.set()
 
     async def _query(self) -> list[asyncpg.Record]:
         if self._conn is None or self._conn.is_closed():

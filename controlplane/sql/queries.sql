@@ -3,14 +3,18 @@
 
 -- append_events --
 -- One batch, one round trip; see cairn_append_v1 in migrations/sql/0001_event_log.up.sql.
-SELECT base_position, duplicate_ids, duplicate_positions
+-- $9: the readers the batch concerns (eventlog/events.py readers_of), told at its commit
+-- on cairn_events_for_v1 (the filtered tailers wake for their own only).
+SELECT base_position, duplicate_ids, duplicate_positions,
+       pg_notify('cairn_events_for_v1', $9::text)
   FROM cairn_append_v1($1::uuid[], $2::text[], $3::text[]::entity_kind[], $4::text[],
                        $5::text[], $6::text[], $7::text[]::jsonb[], $8::bytea[])
 
 -- append_events_fenced --
 -- The same on behalf of node $1: refused (not stored, a stale_refused event instead) once
 -- the node was declared dead; see migrations/sql/0012_node_fence.up.sql.
-SELECT base_position, duplicate_ids, duplicate_positions, refused
+SELECT base_position, duplicate_ids, duplicate_positions, refused,
+       pg_notify('cairn_events_for_v1', $10::text)
   FROM cairn_append_fenced_v1($1::text, $2::uuid[], $3::text[], $4::text[]::entity_kind[],
                               $5::text[], $6::text[], $7::text[], $8::text[]::jsonb[],
                               $9::bytea[])
