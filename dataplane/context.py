@@ -28,6 +28,7 @@ class TaskContext:
     actor_id: str | None = None
     actor_options: p.ActorOptions | None = None  # its actor's (name, class, methods)
     actor_restarted: bool = False  # the actor's constructor ran again after a death
+    namespace: str | None = None  # its job's (its actor's, for a call), from its spec
     placement_group_id: str | None = None  # the group it (or its actor) runs in
     runtime_env: dict[str, Any] | None = None  # its own (an actor call: its actor's)
 

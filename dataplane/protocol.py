@@ -127,6 +127,9 @@ class TaskSpec:
     # a streaming generator's _generator_backpressure_num_objects: it pauses while this
     # many of its values are not taken by its caller (-1: never); likewise
     generator_backpressure: int = -1
+    # the namespace of its job (its driver's, passed on to the tasks and actors it makes:
+    # a worker on any node knows it); likewise
+    namespace: str | None = None
 
     def return_ids(self) -> list[str]:
         """Its fixed returns (none for a streaming generator: its values are made as it

@@ -322,6 +322,7 @@ class Worker:
                 strategy[1] if strategy is not None and strategy[0] == "PLACEMENT_GROUP" else None
             ),
             runtime_env=getattr(made, "runtime_env", None),
+            namespace=getattr(made, "namespace", None),
         )
 
     def _use_gpus(self, message: p.ExecuteTask) -> Callable[[], None]:

@@ -20,7 +20,7 @@ from sdk import runtime_env
 from sdk.dag import ClassMethodNode, ClassNode, current_dag_id
 from sdk.object_ref import ObjectRef
 from sdk.remote_function import build_args, pickle_code, results_of, retry_types
-from sdk.runtime import client_or_auto_init
+from sdk.runtime import client_or_auto_init, job_namespace
 from sdk.signatures import check_arguments, method_signatures, signature_of
 from sdk.util.scheduling_strategies import placement
 
@@ -213,7 +213,12 @@ class ActorClass:
             class_name=self._qualname,
             methods=self._methods,
             name=resolved["name"],
-            namespace=resolved["namespace"],
+            # (its name's: the one given, else its job's, which a task on any node knows)
+            namespace=(
+                resolved["namespace"]
+                if resolved["namespace"] is not None
+                else job_namespace(client)
+            ),
             detached=(resolved["lifetime"] or job_configs.default_actor_lifetime()) == "detached",
             max_restarts=resolved["max_restarts"],
             max_task_retries=resolved["max_task_retries"],
@@ -271,6 +276,7 @@ class ActorClass:
             dag_id=current_dag_id(),
             label_selector=selector,
             labels=resolved["_labels"],
+            namespace=job_namespace(client),
         )
         client.submit(spec)
         del keep_alive

@@ -25,7 +25,7 @@ from sdk.generator import ObjectRefGenerator
 from sdk.job_config import JobConfig
 from sdk.object_ref import ObjectRef
 from sdk.remote_function import RemoteFunction
-from sdk.runtime import client_or_auto_init, get_values, put_object, start
+from sdk.runtime import client_or_auto_init, get_values, job_namespace, put_object, start
 from sdk.runtime import is_initialized as is_initialized
 from sdk.runtime import shutdown as shutdown
 from sdk.runtime_context import RayContext, get_runtime_context
@@ -261,6 +261,8 @@ def get_actor(name: str, namespace: str | None = None) -> ActorHandle:
     client = client_or_auto_init()
     task = context.current_task()
     job_id = task.job_id if task else client.welcome.job_id
+    if namespace is None:  # (its job's, which a task on any node knows)
+        namespace = job_namespace(client)
     try:
         found = client.request(lambda rid: p.GetActor(rid, name, namespace, job_id))
     except DaemonError as error:

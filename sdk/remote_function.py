@@ -21,7 +21,7 @@ from sdk import runtime_env
 from sdk.dag import FunctionNode, current_dag_id
 from sdk.generator import ObjectRefGenerator
 from sdk.object_ref import ObjectRef
-from sdk.runtime import client_or_auto_init, put_object
+from sdk.runtime import client_or_auto_init, job_namespace, put_object
 from sdk.signatures import check_arguments, signature_of
 from sdk.util.scheduling_strategies import placement
 
@@ -92,6 +92,7 @@ class RemoteFunction:
             generator_backpressure=opts.backpressure_on_wire(
                 resolved["_generator_backpressure_num_objects"], num_returns
             ),
+            namespace=job_namespace(client),
         )
         client.submit(spec)
         del keep_alive  # the daemon pins large arguments from submission on

@@ -193,6 +193,15 @@ def client_or_auto_init() -> CoreClient:
     return client
 
 
+def job_namespace(client: CoreClient) -> str | None:
+    """The namespace of the caller's job: its driver's, or in a task (or actor) the one
+    its spec carries (on any node); None where neither is known."""
+    task = context.current_task()
+    if task is not None and task.namespace is not None:
+        return task.namespace
+    return client.welcome.namespace or None
+
+
 # -- objects, by id (sdk.object_ref's ObjectRef wraps them, above this module) ---------
 
 

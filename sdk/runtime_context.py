@@ -51,6 +51,9 @@ class RuntimeContext:
 
     @property
     def namespace(self) -> str | None:
+        """Its job's, as Ray's: the driver's, in a task or actor too."""
+        if self._task is not None and self._task.namespace is not None:
+            return self._task.namespace
         return self._client.welcome.namespace or None
 
     @property

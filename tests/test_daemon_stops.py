@@ -121,7 +121,7 @@ async def test_a_daemon_whose_log_follower_fails_tells_its_drivers_why_it_stops(
         reader, _writer = await _driver(daemon)
         conn = await asyncpg.connect(gcs_url)
         try:  # a task placed on the node whose spec cannot be read
-            payload = {"node_id": daemon.node_id, "attempt": 0}
+            payload = {"node_id": daemon.node_id, "attempt": 0, "to_node": daemon.node_id}
             placed = Event(EntityKind.TASK, "t-damaged", "placed", payload, data=b"\x00damaged")
             await append_on(conn, [placed])
         finally:

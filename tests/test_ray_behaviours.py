@@ -533,13 +533,16 @@ def test_cluster_utils_makes_a_cluster_of_nodes_on_this_machine(cluster: RayCont
 
 def test_a_job_config_sets_code_paths_namespace_and_actor_lifetime(tmp_path: Path) -> None:
     """Ray's ``init(job_config=JobConfig(...))``: its code_search_path folders import in
-    workers, its namespace is the job's, its default_actor_lifetime the driver's actors'."""
+    workers, its namespace is the job's (in its tasks and actors too), its
+    default_actor_lifetime the driver's actors'."""
     library = tmp_path / "library"
     library.mkdir()
     (library / "on_search_path.py").write_text("def thrice(x):\n    return 3 * x\n")
     done = run_driver(
         tmp_path,
         f"""
+        import time
+
         import sdk as ray
         from sdk.util.state import get_actor
 
@@ -549,8 +552,13 @@ def test_a_job_config_sets_code_paths_namespace_and_actor_lifetime(tmp_path: Pat
             return on_search_path.thrice(x)
 
         @ray.remote
+        def namespace_in_a_task():
+            return ray.get_runtime_context().namespace
+
+        @ray.remote
         class Holder:
-            pass
+            def namespace(self):
+                return ray.get_runtime_context().namespace
 
         config = ray.job_config.JobConfig(
             code_search_path=[{str(library)!r}], ray_namespace="configured",
@@ -559,15 +567,23 @@ def test_a_job_config_sets_code_paths_namespace_and_actor_lifetime(tmp_path: Pat
         ray.init(num_cpus=1, job_config=config)
         holder = Holder.remote()
         print("results", ray.get(task.remote(4)), ray.get_runtime_context().namespace)
-        state = get_actor(holder._actor_id)
+        deadline = time.monotonic() + 30  # (its events are written behind)
+        while (state := get_actor(holder._actor_id)) is None and time.monotonic() < deadline:
+            time.sleep(0.05)
         print("actor", state.ray_namespace, state.is_detached)
+        in_task = ray.get(namespace_in_a_task.remote())
+        print("in workers", in_task, ray.get(holder.namespace.remote()))
         other = Holder.options(lifetime="non_detached").remote()
-        print("another", get_actor(other._actor_id).is_detached)
+        ray.get(other.namespace.remote())
+        while (state := get_actor(other._actor_id)) is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        print("another", state.is_detached)
         ray.shutdown()
         """,
     )
     assert "results 12 configured" in done.stdout
     assert "actor configured True" in done.stdout
+    assert "in workers configured configured" in done.stdout  # (the job's, as Ray's)
     assert "another False" in done.stdout
 
 

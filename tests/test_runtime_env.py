@@ -130,10 +130,11 @@ def project(tmp_path: Path) -> Path:
 def look_around() -> dict:
     import wd_helper  # only in the working_dir
 
-    found = sorted(
+    found = sorted(  # (the import above may write bytecode there: not the package's)
         str(Path(folder, name).relative_to(os.getcwd()))
         for folder, _, names in os.walk(os.getcwd())
         for name in names
+        if "__pycache__" not in Path(folder).parts
     )
     return {
         "answer": wd_helper.answer(),
