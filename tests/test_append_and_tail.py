@@ -155,16 +155,16 @@ async def test_tailer_restarted_from_saved_position_has_no_gap_or_repeat(gcs_url
     assert len({e.event_id for e in got}) == 40
 
 
-async def _until_read_finds_nothing(url: str) -> None:
-    """Until a tailer's query for new events has run (and found none) on this database:
-    its connection has sent that query and is idle again."""
+async def _until_read_finds_nothing(url: str, query: str = "read_events_after") -> None:
+    """Until a tailer's query for new events (``query``) has run and found none on this
+    database: its connection has sent that query and is idle again."""
     conn = await asyncpg.connect(url)
     try:
         deadline = time.monotonic() + 10
         while not await conn.fetchval(
             "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
             "AND state = 'idle' AND query = $1",
-            queries["read_events_after"],
+            queries[query],
         ):
             assert time.monotonic() < deadline, "the tailer never read"
             await asyncio.sleep(0.01)
@@ -196,10 +196,11 @@ async def test_a_filtered_reader_is_woken_by_what_is_addressed_to_it(gcs_url: st
     ):
         for_a = asyncio.create_task(node_a.read(wait=20))
         for_scheduler = asyncio.create_task(scheduler.read(wait=20))
-        await asyncio.sleep(0.5)  # (both asleep in their waits by now)
+        await _until_read_finds_nothing(gcs_url, "read_events_for_node")  # (both asleep
+        await _until_read_finds_nothing(gcs_url, "read_events_for_scheduler")  # in waits)
         await appender.append(task_event("other", "running", to_node="b"))
-        await asyncio.sleep(0.5)
-        assert not for_a.done() and not for_scheduler.done()  # not woken: not theirs
+        await asyncio.sleep(0.5)  # (time to be woken, were they: none should be)
+        assert not for_a.done() and not for_scheduler.done()  # (nothing of theirs came)
         sent = time.monotonic()
         await appender.append(task_event("mine", "running", to_node="a"))
         assert [e.entity_id for e in await for_a] == ["mine"]

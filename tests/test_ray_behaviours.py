@@ -296,6 +296,17 @@ def when_exists(path: str) -> str:
     return "made"
 
 
+def _until_calls_submitted(name: str, count: int) -> None:
+    """Until the log holds ``count`` calls named ``name`` (their events are written
+    behind), so that the next call is sent after them."""
+    from sdk.util.state import list_tasks
+
+    deadline = time.monotonic() + 30
+    while len(list_tasks(filters=[("name", "=", name)])) < count:
+        assert time.monotonic() < deadline, f"fewer than {count} {name} calls submitted"
+        time.sleep(0.02)
+
+
 @ray.remote(num_cpus=0)
 class Echo:
     def echo(self, value: str) -> str:
@@ -497,7 +508,7 @@ def test_a_one_at_a_time_actor_orders_calls_per_caller_not_across_callers(
     assert ray.get(actor.echo.remote("up"), timeout=60) == "up"
     marker = tmp_path / "made"
     slow = echo_through.remote(actor, [when_exists.remote(str(marker))])
-    time.sleep(0.5)  # (its call reaches the actor first)
+    _until_calls_submitted("Echo.echo", 2)  # ("up" and the slow caller's, first)
     assert ray.get(echo_through.remote(actor, ["other caller"]), timeout=30) == "other caller"
     assert ray.wait([slow], timeout=0)[0] == []
     marker.touch()

@@ -215,20 +215,9 @@ class Tailer:
             self._wake.set()  # notifications may have been missed while away
         assert self._conn is not None
         if self.reader is None:
-            return await run_on(
-                self._conn,
-                lambda c: c.fetch(queries["read_events_after"], self.position, self.batch_size),
-            )
-        if self.reader == SCHEDULER:
-            return await run_on(
-                self._conn,
-                lambda c: c.fetch(
-                    queries["read_events_for_scheduler"], self.position, self.batch_size
-                ),
-            )
-        return await run_on(
-            self._conn,
-            lambda c: c.fetch(
-                queries["read_events_for_node"], self.position, self.reader, self.batch_size
-            ),
-        )
+            query, args = "read_events_after", (self.position, self.batch_size)
+        elif self.reader == SCHEDULER:
+            query, args = "read_events_for_scheduler", (self.position, self.batch_size)
+        else:
+            query, args = "read_events_for_node", (self.position, self.reader, self.batch_size)
+        return await run_on(self._conn, lambda c: c.fetch(queries[query], *args))

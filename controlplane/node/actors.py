@@ -40,7 +40,7 @@ from controlplane.node.placement_groups import PlacementGroups
 from controlplane.node.recorder import EventRecorder
 from controlplane.node.runtime_envs import RuntimeEnvs, env_key
 from controlplane.node.spilled_tasks import SpilledTasks
-from controlplane.node.task_table import Connection, TaskRecord, TaskTable
+from controlplane.node.task_table import Connection, TaskRecord, TaskTable, to_owner
 from controlplane.node.workers import WorkerHandle, WorkerPool
 from dataplane import protocol as p
 from dataplane.begun_calls import begun_calls_path, read_begun
@@ -168,9 +168,8 @@ class ActorDirector:
         """Logs an event of the actor (written behind); one hosted here for another node
         is addressed to that node (``owner_node``), which follows it from the log."""
         actor = self.actors.get(actor_id)
-        hosted = actor is not None and actor.creation.placed_from is not None
-        if hosted and (owner_node := actor.creation.owner_node) is not None:  # type: ignore[union-attr]
-            payload = {**payload, "owner_node": owner_node}
+        if actor is not None and actor.creation.placed_from is not None:
+            payload = {**payload, **to_owner(actor.creation)}
         event = Event(K.ACTOR, actor_id, event_type, payload, node_id=self.node_id, **more)
         self.recorder.log([event])
 

@@ -24,7 +24,7 @@ from controlplane.node.recorder import EventRecorder
 from controlplane.node.remote_tasks import RemoteTasks
 from controlplane.node.spilled_tasks import SpilledTasks
 from controlplane.node.streams import Streams
-from controlplane.node.task_table import Connection, TaskRecord, TaskTable
+from controlplane.node.task_table import Connection, TaskRecord, TaskTable, to_owner
 from controlplane.node.workers import WorkerHandle, WorkerPool
 from dataplane import protocol as p
 
@@ -354,8 +354,7 @@ class TaskRuns:
         payload: dict[str, Any] = {"attempt": record.attempt}
         if record.output_digest is not None:
             payload["output_digest"] = record.output_digest
-        if record.owner_node is not None:
-            payload["owner_node"] = record.owner_node
+        payload.update(to_owner(record))
         return Event(
             K.TASK,
             spec.task_id,
@@ -386,8 +385,7 @@ class TaskRuns:
         )
         if error.traceback and kind == "failed":  # (its end: where it was raised)
             payload["traceback"] = error.traceback[-_TRACEBACK_CHARS:]
-        if record.owner_node is not None:
-            payload["owner_node"] = record.owner_node
+        payload.update(to_owner(record))
         events = (
             [Event(K.TASK, spec.task_id, kind, payload, job_id=spec.job_id, node_id=self.node_id)]
             if log_event

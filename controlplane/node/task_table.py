@@ -94,6 +94,12 @@ class TaskRecord:
     stream_rebuilding: set[str] | None = None
 
 
+def to_owner(record: TaskRecord) -> dict[str, str]:
+    """What addresses an event of ``record`` to the node that owns it (``owner_node``:
+    controlplane/README.md, "Reading only what concerns a reader"); {} if none."""
+    return {"owner_node": record.owner_node} if record.owner_node is not None else {}
+
+
 class TaskTable:
     def __init__(self, node_id: str, objects: ObjectTable, recorder: EventRecorder) -> None:
         self.node_id = node_id
