@@ -214,6 +214,7 @@ class Tailer:
             await self._connect()
             self._wake.set()  # notifications may have been missed while away
         assert self._conn is not None
+        args: tuple[object, ...]
         if self.reader is None:
             query, args = "read_events_after", (self.position, self.batch_size)
         elif self.reader == SCHEDULER:
