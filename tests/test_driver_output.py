@@ -292,3 +292,54 @@ def test_what_tasks_print_on_another_node_reaches_the_driver(tmp_path: Path) -> 
     # the last lines too: the driver's node asked the other node for them as it left
     for i in range(3):
         assert re.search(rf"\(far pid=\d+, ip=[\d.]+\) printed far away {i}$", done.stdout, re.M)
+
+
+def test_the_reader_reads_every_copy_rotated_between_two_passes(tmp_path: Path) -> None:
+    """CI lost a round of lines across rotations: the new file's offset counted the
+    rest read from the old one (so the next pass skipped as many bytes), and two
+    rotations between passes (a busy node) lost the older copy's rest."""
+    import asyncio
+
+    from controlplane.node.worker_output import WorkerOutput, log_paths
+    from dataplane.output_lines import marker_line, rotate
+
+    class Driver:
+        closed = False
+
+        def __init__(self) -> None:
+            self.lines: list[str] = []
+
+        def send(self, message: object) -> None:
+            self.lines += [line for b in message.batches for line in b.lines]  # type: ignore[attr-defined]
+
+    output = WorkerOutput("node", "", tmp_path, lambda: "ip", lambda _: None, list, None)  # type: ignore[arg-type]
+    driver = output.drivers["job1"] = Driver()  # type: ignore[assignment]
+    out, err = log_paths(tmp_path, "w1")
+    err.touch()
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)  # (the worker's stdout)
+
+    def write(text: str) -> None:
+        os.write(fd, text.encode())
+
+    async def passes() -> None:
+        write(marker_line("job1", "f") + "one\n")
+        output.watch("w1", 7)
+        await output.read_all()
+        write("two\n")
+        rotate(fd, str(out))  # one rotation, with lines not read yet
+        write("three\n")
+        await output.read_all()
+        write("four\n")
+        await output.read_all()
+        write("five\n")
+        rotate(fd, str(out))  # two rotations between passes
+        write("six\n")
+        rotate(fd, str(out))
+        write("seven\n")
+        await output.read_all()
+
+    try:
+        asyncio.run(passes())
+    finally:
+        os.close(fd)
+    assert driver.lines == ["one", "two", "three", "four", "five", "six", "seven"]

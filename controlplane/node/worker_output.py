@@ -6,7 +6,8 @@ that node (its ``Output`` call), found by the job's ``submitted`` event.
 A reader pass (every ``_POLL_S``) reads what each file gained, whole lines only; the
 workers' marker lines (dataplane/output_lines.py) say whose lines follow. A worker
 rotates its own files (``.1``, ``.2``, ...): a file found with another inode than the
-one being read was rotated, and the rest of the old one is read from ``.1`` first.
+one being read was rotated, and the rest of the old one (and any copy rotated in after
+it) is read first.
 Files stay after their worker ended, for ``cairn logs``, until the session's directory
 goes."""
 
@@ -25,7 +26,7 @@ from typing import IO, TYPE_CHECKING, Any
 from controlplane.eventlog.connection import connect
 from controlplane.sql import queries
 from dataplane import protocol as p
-from dataplane.output_lines import MARKER, parse_marker
+from dataplane.output_lines import MARKER, parse_marker, parse_rotation
 from dataplane.transfer import LinkError
 
 if TYPE_CHECKING:
@@ -137,14 +138,15 @@ class WorkerOutput:
             with open(watched.path, "rb") as file:
                 stat = os.fstat(file.fileno())
                 if watched.inode is not None and stat.st_ino != watched.inode:
-                    data = self._rest_of_rotated(watched)  # then the new file, from 0
+                    data = _rotated_since(watched, file)  # then the new file, from 0
                     watched.offset = 0
                 watched.inode = stat.st_ino
                 size = stat.st_size
                 if size > watched.offset:
                     file.seek(watched.offset)
-                    data += file.read(_READ_AT_ONCE)
-                    watched.offset += len(data)
+                    fresh = file.read(_READ_AT_ONCE)
+                    watched.offset += len(fresh)
+                    data += fresh
         except FileNotFoundError:
             # Between a rotation's two renames the file is briefly missing: it is read
             # again next pass (the watch ends only with its worker: ``ended``).
@@ -171,17 +173,6 @@ class WorkerOutput:
             else:
                 found.append((watched.job_id, watched.name, [line]))
         return found
-
-    @staticmethod
-    def _rest_of_rotated(watched: _Watched) -> bytes:
-        """What the worker wrote to the file being read before it rotated it (now
-        ``.1``; nothing if it rotated twice since: those lines stay in the files)."""
-        rotated = watched.path.with_name(f"{watched.path.name}.1")
-        with contextlib.suppress(FileNotFoundError), open(rotated, "rb") as old:
-            if os.fstat(old.fileno()).st_ino == watched.inode:
-                old.seek(watched.offset)
-                return old.read()
-        return b""
 
     async def _deliver(self, job_id: str, batches: list[p.OutputLines]) -> None:
         driver = self.drivers.get(job_id)
@@ -246,3 +237,39 @@ def _as_json(batch: p.OutputLines) -> dict[str, Any]:
         "stream": batch.stream,
         "lines": batch.lines,
     }
+
+
+def _rotated_since(watched: _Watched, current: IO[bytes]) -> bytes:
+    """What the worker wrote to its rotated copies since the last pass: the rest of the
+    one being read, then each copy rotated in after it, whole (a loaded node may pass
+    more than one rotation between two reads), oldest first by the rotation line each
+    starts with. Nothing if the one being read was rotated past the backups: those
+    lines stay lost to the driver, and the files say so (controlplane/logs.py)."""
+    newest = _rotated_at(current) or float("inf")  # (a file without the line: newest)
+    reading = os.fstat(current.fileno()).st_ino
+    with contextlib.ExitStack() as opened:
+        found: dict[int, tuple[float, IO[bytes]]] = {}
+        for path in watched.path.parent.glob(f"{watched.path.name}.*"):
+            if not path.suffix[1:].isdigit():
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                copy = opened.enter_context(open(path, "rb"))
+                inode = os.fstat(copy.fileno()).st_ino
+                rotated_at = _rotated_at(copy) or 0.0
+                if inode != reading and rotated_at < newest:
+                    found[inode] = (rotated_at, copy)  # (renamed while listed: once)
+        if watched.inode not in found:
+            return b""
+        since = found[watched.inode][0]
+        parts = []
+        for inode, (rotated_at, copy) in sorted(found.items(), key=lambda item: item[1][0]):
+            if rotated_at >= since:
+                copy.seek(watched.offset if inode == watched.inode else 0)
+                parts.append(copy.read())
+        return b"".join(parts)
+
+
+def _rotated_at(file: IO[bytes]) -> float | None:
+    """When the worker rotated the file in (its first line says; None: its first file)."""
+    file.seek(0)
+    return parse_rotation(file.readline(256).decode(errors="replace"))
