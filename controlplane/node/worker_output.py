@@ -262,10 +262,10 @@ def _rotated_since(watched: _Watched, current: IO[bytes]) -> bytes:
             return b""
         since = found[watched.inode][0]
         parts = []
-        for inode, (rotated_at, copy) in sorted(found.items(), key=lambda item: item[1][0]):
+        for inode, (rotated_at, older) in sorted(found.items(), key=lambda item: item[1][0]):
             if rotated_at >= since:
-                copy.seek(watched.offset if inode == watched.inode else 0)
-                parts.append(copy.read())
+                older.seek(watched.offset if inode == watched.inode else 0)
+                parts.append(older.read())
         return b"".join(parts)
 
 
