@@ -65,7 +65,7 @@ async def build_log(url: str, tasks: int) -> dict[str, Any]:
         started = time.perf_counter()
         await conn.execute("SELECT cairn_ensure_partitions_v1($1)", tasks * 5)
         async with conn.transaction():
-            await conn.execute("SELECT 1 FROM event_log_head WHERE id = 1 FOR UPDATE")
+            await conn.execute("SELECT 1 FROM event_log_shards WHERE shard = 0 FOR UPDATE")
             await conn.execute(GENERATOR["bench_events"], tasks, START, CHAIN, tasks * 6 // 10)
             await conn.execute(GENERATOR["bench_move_head"])
         written = time.perf_counter() - started

@@ -10,7 +10,7 @@
 -- take the previous one's result), $4 the task number at which node-07 dies.
 
 -- bench_events --
-WITH head AS (SELECT last_position AS base FROM event_log_head WHERE id = 1),
+WITH head AS (SELECT last_position AS base FROM event_log_shards WHERE shard = 0),
 task AS (
     SELECT i,
            md5('task' || i) AS task_id,
@@ -111,7 +111,7 @@ SELECT (SELECT base FROM head) + row_number() OVER (ORDER BY at, i, k), gen_rand
   FROM ev
 
 -- bench_move_head --
-UPDATE event_log_head SET last_position = (SELECT max(position) FROM events) WHERE id = 1
+UPDATE event_log_shards SET last_position = (SELECT max(position) FROM events) WHERE shard = 0
 
 -- bench_log_size --
 SELECT count(*) AS events,

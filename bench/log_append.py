@@ -314,13 +314,13 @@ async def _measure_log(
     pool: WriterPool, conn: asyncpg.Connection, url: str, row: Row, seconds: float
 ) -> None:
     await pool.prepare(row.writers, Job("log", row.batch, seconds))
-    head = await conn.fetchval("SELECT last_position FROM event_log_head WHERE id = 1")
+    head = await conn.fetchval("SELECT max(last_position) FROM event_log_shards")
     async with Tailer(url, after=head, batch_size=10_000, poll_interval=0.1) as tailer:
         until: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         follow = asyncio.create_task(_follow(tailer, until))
         try:
             results = await pool.go(row.writers, time.time() + START_DELAY_S)
-            final = await conn.fetchval("SELECT last_position FROM event_log_head WHERE id = 1")
+            final = await conn.fetchval("SELECT max(last_position) FROM event_log_shards")
             until.set_result(final)
             reads = await asyncio.wait_for(follow, timeout=120)
         finally:

@@ -31,7 +31,7 @@ anyway shows in the ``deaths`` figure.
 snapshots:
 
 - tasks/s: task ``finished`` events in the window's positions / window;
-- events/s: how far the log's head (``event_log_head.last_position``) moved / window;
+- events/s: how far the log's head (the highest ``event_log_shards.last_position``) moved / window;
 - read/append: rows returned by the tailers' queries (every node daemon's log follower
   and the global scheduler read the log through ``Tailer``, each only the events
   addressed to it: ``read_events_for_node``, ``read_events_for_scheduler``), as
@@ -391,7 +391,7 @@ async def snapshot(conn: asyncpg.Connection, postmaster: int, daemons: list[int]
         f"{MARK} SELECT query, calls, rows FROM pg_stat_statements "
         "WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())"
     )
-    head = await conn.fetchval(f"{MARK} SELECT last_position FROM event_log_head WHERE id = 1")
+    head = await conn.fetchval(f"{MARK} SELECT max(last_position) FROM event_log_shards")
     procs = _proc_table()
     busy, total = _machine_cpu()
     tail_rows = tail_calls = other = appends = 0

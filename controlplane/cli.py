@@ -51,7 +51,14 @@ def demo(gcs_url: str | None, writers: int, tasks: int) -> None:
 @main.command()
 @gcs_url_option
 @click.option("--revision", default="head", show_default=True)
-def migrate(gcs_url: str | None, revision: str) -> None:
+@click.option(
+    "--log-shards",
+    type=click.IntRange(1, 1024),
+    default=None,
+    help="Give the log this many shards from now on (a single-shard log keeps its events "
+    "as shard 0; see controlplane/README.md, 'The sharded log').",
+)
+def migrate(gcs_url: str | None, revision: str, log_shards: int | None) -> None:
     """Bring the log's schema up to a revision."""
     from controlplane import schema
     from controlplane.gcs import check_reachable
@@ -60,6 +67,12 @@ def migrate(gcs_url: str | None, revision: str) -> None:
     check_reachable(url)
     schema.upgrade(url, revision)
     click.echo(f"schema at {revision}")
+    if log_shards is not None:
+        if revision != "head":
+            raise click.UsageError("--log-shards needs the schema at head (--revision head)")
+        before = schema.log_shards(url)
+        schema.set_log_shards(url, log_shards)
+        click.echo(f"log shards: {before} -> {log_shards}")
 
 
 @main.group()

@@ -16,7 +16,7 @@ from typing import Any
 
 import asyncpg
 
-from controlplane.eventlog import EntityKind, Event, EventAppender, Tailer
+from controlplane.eventlog import EntityKind, Event, EventAppender, Tailer, head_positions
 from controlplane.gcs import Gcs
 from controlplane.gcs_url import redact
 from controlplane.projections import Projector
@@ -69,7 +69,7 @@ async def _write_tasks(url: str, writer: int, tasks: int, concurrency: int) -> N
         await asyncio.gather(*(walk(lane) for lane in range(concurrency)))
 
 
-async def _tail_and_check(url: str, expected: int, after: int) -> tuple[list[float], float]:
+async def _tail_and_check(url: str, expected: int, after: list[int]) -> tuple[list[float], float]:
     seen: set[object] = set()
     last_seq: dict[str, int] = {}
     latencies: list[float] = []
@@ -91,7 +91,7 @@ async def _tail_and_check(url: str, expected: int, after: int) -> tuple[list[flo
 async def _run(url: str, writers: int, tasks_per_writer: int, concurrency: int) -> DemoReport:
     conn = await asyncpg.connect(url)
     try:
-        after = await conn.fetchval("SELECT last_position FROM event_log_head")
+        after = await head_positions(conn)
         expected = writers * tasks_per_writer * len(LIFECYCLE)
         ctx = multiprocessing.get_context("spawn")
         procs = [

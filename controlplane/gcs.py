@@ -25,7 +25,7 @@ from types import TracebackType
 
 import psycopg
 
-from controlplane import schema
+from controlplane import schema, settings
 from controlplane.embedded_postgres import EmbeddedPostgres, ServerTls
 from controlplane.errors import EmbeddedPostgresError, GcsUnavailableError
 from controlplane.eventlog.partitions import PartitionManager
@@ -89,14 +89,17 @@ class Gcs:
         replica_host: str | None = None,
         node_tls: NodeTls | None = None,
         on_event: Callable[[str], None] = log.warning,
+        log_shards: int | None = None,
     ) -> None:
         """An embedded server keeps its data in ``session_dir`` (a new one if None) and
         serves other machines at ``listen_host`` (with ``server_tls``) if given;
         ``replicas``: 0, or 1 for a synchronous replica with automatic failover (the
         embedded server only), on this machine, or with ``replica_host`` on that one
         (``gcs_replica.py``; reached with the head's ``node_tls``); ``on_event`` hears
-        the watchdogs' failovers."""
+        the watchdogs' failovers; ``log_shards``: how many shards the log has from now
+        on (None: ``$CAIRN_LOG_SHARDS``, else as it is; see migrations/sql/0019)."""
         self._requested_url = resolve_gcs_url(url)
+        self.log_shards = log_shards if log_shards is not None else settings.log_shards()
         check_replicas(replicas, external=self._requested_url is not None)
         if replica_host is not None and not (replicas and server_tls and node_tls):
             raise ValueError(
@@ -150,6 +153,8 @@ class Gcs:
             self.owner_url = self._requested_url
             check_reachable(self.owner_url)
         schema.upgrade(self.owner_url)
+        if self.log_shards is not None and self.log_shards != schema.log_shards(self.owner_url):
+            schema.set_log_shards(self.owner_url, self.log_shards)
         PartitionManager(self.owner_url).maintain()
         self.url = self.embedded.runtime_url() if self.embedded else self.owner_url
         if self.replicas and self.replica_host:

@@ -40,6 +40,7 @@ from controlplane.eventlog import (
     RecordedEvent,
     Tailer,
     fencing,
+    head_positions,
 )
 from controlplane.eventlog.connection import connect, is_disk_full
 from controlplane.gcs_url import ENV_VAR as GCS_URL_ENV
@@ -130,8 +131,8 @@ class GlobalScheduler:
     async def run(self) -> None:
         await self.appender.start()
         try:
-            start, head = await self.load_checkpoint()
-            saved = start
+            start, heads = await self.load_checkpoint()
+            saved = max(start, default=0)
             async with Tailer(self.url, reader=SCHEDULER, after=start) as tailer:
                 while True:
                     for event in await tailer.read():
@@ -139,13 +140,13 @@ class GlobalScheduler:
                     await self.place_pending()
                     if tailer.position - saved >= self.checkpoint_every:
                         try:
-                            await self.save_checkpoint(tailer.position)
+                            await self.save_checkpoint(tailer.positions)
                         except Exception as exc:  # a cache: without it, a longer fold
                             if not is_disk_full(exc):
                                 raise
                             log.warning("the scheduler checkpoint was not saved: %s", exc)
                         saved = tailer.position  # (else: the next one, as many events on)
-                    if not self.following.is_set() and tailer.position >= head:
+                    if not self.following.is_set() and tailer.reached(heads):
                         self.following.set()  # caught up with the log as it was at start
         finally:
             await self.appender.close()
@@ -154,32 +155,32 @@ class GlobalScheduler:
 
     _STATE = ("nodes", "pending", "placed", "groups", "group_nodes", "infeasible_groups")
 
-    async def load_checkpoint(self) -> tuple[int, int]:
-        """Loads the latest checkpoint, if any; returns its position (where to read on
-        from) and the log's head position now."""
+    async def load_checkpoint(self) -> tuple[list[int], list[int]]:
+        """Loads the latest checkpoint, if any; returns its positions (where to read on
+        from in each shard) and the log's heads now."""
         conn = await connect(self.url)
         try:
             row = await conn.fetchrow(queries["load_checkpoint"], CHECKPOINT_NAME)
-            head = int(await conn.fetchval(queries["head_position"]))
+            heads = await head_positions(conn)
         finally:
             await conn.close()
         if row is None:
-            return 0, head
+            return [0], heads
         try:
             state = pickle.loads(row["state"])
             values = [state[name] for name in self._STATE]
         except Exception as exc:  # an older shape: fold the log from the start instead
             log.warning("ignoring the scheduler checkpoint (%r): folding the whole log", exc)
-            return 0, head
+            return [0], heads
         for name, value in zip(self._STATE, values, strict=True):
             setattr(self, name, value)
-        return int(row["position"]), head
+        return list(row["positions"]) or [0], heads
 
-    async def save_checkpoint(self, position: int) -> None:
+    async def save_checkpoint(self, positions: list[int]) -> None:
         state = pickle.dumps({name: getattr(self, name) for name in self._STATE})
         conn = await connect(self.url)
         try:
-            await conn.execute(queries["save_checkpoint"], CHECKPOINT_NAME, position, state)
+            await conn.execute(queries["save_checkpoint"], CHECKPOINT_NAME, positions, state)
         finally:
             await conn.close()
 

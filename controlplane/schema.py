@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import psycopg
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import create_engine
 
-from controlplane.gcs_url import sqlalchemy_url
+from controlplane.gcs_url import normalize, sqlalchemy_url
 from migrations import MIGRATIONS_DIR
 
 
@@ -35,3 +36,19 @@ def upgrade(url: str, revision: str = "head") -> None:
 def downgrade(url: str, revision: str = "base") -> None:
     """Takes the schema down to ``revision`` (``base``: nothing of Cairn's is left)."""
     _run(url, "downgrade", revision)
+
+
+def log_shards(url: str) -> int:
+    """How many shards the log has (migrations/sql/0019_sharded_log.up.sql)."""
+    with psycopg.connect(normalize(url), autocommit=True, connect_timeout=5) as conn:
+        row = conn.execute("SELECT shard_count FROM event_log_head WHERE id = 1").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def set_log_shards(url: str, count: int) -> None:
+    """Gives the log ``count`` shards from now on (a new GCS's, or a log that has events:
+    theirs stay where they are, what comes next goes to the new shards). The owner's
+    URL: it may build the shards' index."""
+    with psycopg.connect(normalize(url), autocommit=True, connect_timeout=5) as conn:
+        conn.execute("SELECT cairn_set_log_shards_v1(%s)", (count,))

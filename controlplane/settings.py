@@ -18,3 +18,14 @@ def env_number(name: str, default: float, *, minimum: float, unit: str = "second
     if not value >= minimum:
         raise ValueError(f"${name} must be at least {minimum:g} {unit}, not {raw!r}")
     return value
+
+
+def log_shards() -> int | None:
+    """``$CAIRN_LOG_SHARDS``: how many shards a GCS made now gives its log (None: unset,
+    one for a new log, as many as it has for one that exists)."""
+    raw = os.environ.get("CAIRN_LOG_SHARDS")
+    if raw is None:
+        return None
+    if not raw.isdigit() or not 1 <= int(raw) <= 1024:
+        raise ValueError(f"$CAIRN_LOG_SHARDS must be a whole number from 1 to 1024, not {raw!r}")
+    return int(raw)

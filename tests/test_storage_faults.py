@@ -562,7 +562,7 @@ class OwnGcsCluster:
 
     def head_position(self) -> int:
         with psycopg.connect(self.server.url) as conn:
-            row = conn.execute("SELECT last_position FROM event_log_head").fetchone()
+            row = conn.execute("SELECT max(last_position) FROM event_log_shards").fetchone()
         assert row is not None
         return int(row[0])
 

@@ -27,7 +27,7 @@ EVENTS_PER_ENTITY = 40
 TOTAL = WRITERS * ENTITIES_PER_WRITER * EVENTS_PER_ENTITY
 
 _RAW_APPEND = (
-    "SELECT * FROM cairn_append_v1($1::uuid[], $2::text[], $3::text[]::entity_kind[], "
+    "SELECT * FROM cairn_append_v2($1::uuid[], $2::text[], $3::text[]::entity_kind[], "
     "$4::text[], $5::text[], $6::text[], $7::text[]::jsonb[], $8::bytea[])"
 )
 

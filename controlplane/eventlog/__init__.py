@@ -10,7 +10,7 @@ from controlplane.eventlog.events import (
     RecordedEvent,
     new_event_id,
 )
-from controlplane.eventlog.tailer import Tailer
+from controlplane.eventlog.tailer import Tailer, head_positions
 
 __all__ = [
     "EVERY_NODE",
@@ -21,5 +21,6 @@ __all__ = [
     "FailureLog",
     "RecordedEvent",
     "Tailer",
+    "head_positions",
     "new_event_id",
 ]

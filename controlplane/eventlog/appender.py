@@ -302,9 +302,7 @@ async def append_on(
             f"the log refused {len(events)} events of node {writer}: it was declared dead "
             "(a stale_refused event records them); it must rejoin under a new id"
         )
-    return _positions(
-        events, row["base_position"], row["duplicate_ids"], row["duplicate_positions"]
-    )
+    return list(row["positions"])
 
 
 class FailureLog:
@@ -328,19 +326,3 @@ class FailureLog:
 
 
 _log_failure = FailureLog(log, "events written behind")
-
-
-def _positions(
-    events: Sequence[Event], base: int, duplicate_ids: list, duplicate_positions: list[int]
-) -> list[int]:
-    """Stored events took base+1, base+2, ... in order; duplicates keep their old ones."""
-    existing = dict(zip(duplicate_ids, duplicate_positions, strict=True))
-    positions = []
-    next_position = base
-    for event in events:
-        if event.event_id in existing:
-            positions.append(existing[event.event_id])
-        else:
-            next_position += 1
-            positions.append(next_position)
-    return positions

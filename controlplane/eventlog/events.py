@@ -125,7 +125,8 @@ class Event:
 
 @dataclass(frozen=True, slots=True)
 class RecordedEvent:
-    """An event as stored: its global, gap-free position and the time it was recorded."""
+    """An event as stored: its position (unique in the log; in position order causes come
+    before effects) and the time it was recorded."""
 
     position: int
     event_id: uuid.UUID

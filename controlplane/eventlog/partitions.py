@@ -147,7 +147,9 @@ class PartitionManager:
             part = self._get(conn, table_name)
             if part.state != "attached":
                 raise GcsError(f"partition {table_name} is {part.state}, not attached")
-            head = _one(conn.execute(queries["head_position"]), "log head")[0]
+            # (settled: of a sharded log, an append in flight may still take a position
+            # below the highest handed out)
+            head = _one(conn.execute(queries["settled_position"]), "log head")[0]
             if part.upper_bound > head + 1:
                 raise GcsError(
                     f"partition {table_name} [{part.lower_bound}, {part.upper_bound}) still "

@@ -1,11 +1,15 @@
-"""The tailer: follows the log from a saved position, in position order, never skipping
-or repeating an event.
+"""The tailer: follows the log from where it stands in each shard, never skipping or
+repeating an event, and returning events in position order (a causal order of the whole
+log: controlplane/README.md, "The sharded log").
 
-Positions are commit-ordered (cairn_append_v1 holds the head row's lock until commit),
-so once position p is visible every position below it is too. The tailer does not rely
-on that alone: it only ever advances to ``position + 1``; if it sees a hole it waits
-for the hole to fill (``gap_patience`` seconds) and raises :class:`LogGapError` rather
-than skip past it.
+Each read is one statement, so one snapshot: each shard's head H_s and that shard's next
+events up to H_s (at most ``batch_size`` of each). An append holds its shards' head rows
+until it commits, so a snapshot that sees H_s sees every event of shard s up to it: the
+tailer moves shard s on to H_s, and an append still in flight takes a position past it.
+When a shard gave a full batch (more may follow), the events returned stop at the lowest
+last position of such shards, so that every event returned has its causes returned too
+(they have lower positions and are committed, hence read). In a single-shard log positions
+are also contiguous, and the tailer checks it (LogGapError, were one ever missing).
 
 It is woken by ``NOTIFY cairn_events_v1`` (sent by every append at commit) and catches
 up by query; a periodic poll covers notifications lost while reconnecting.
@@ -27,7 +31,7 @@ import contextlib
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
 
 import asyncpg
@@ -49,42 +53,54 @@ CHANNEL = "cairn_events_v1"  # every append's: the new head position
 # a batch that names it, or every node (or, for the scheduler, the scheduler)
 ADDRESSED_CHANNEL = "cairn_events_for_v1"
 RECENT = 10_000  # events whose ids are kept, to check after a failover
+_MAX_SHARDS = 1024  # (cairn_set_log_shards_v1's bound)
+
+
+Positions = list[int]  # where a reader stands in each shard (index: the shard)
 
 
 class Tailer:
-    """Reads events with position > ``after``, batch by batch, waiting for new ones.
+    """Reads the events after ``after``, batch by batch, waiting for new ones.
 
+    ``after``: where to start in each shard (``head_positions``: from now); an int is
+    that position in every shard (0: from the start).
     ``reader``: None for every event; a node's id for the events addressed to that node
     (or to every node) and those about what it owns; ``SCHEDULER`` for the global
-    scheduler's (see controlplane/README.md, "Reading only what concerns a reader").
-    Such a reader's events are not contiguous in position: it reads up to the head's
-    position as its query saw it, every position below which is committed, and moves
-    on to it."""
+    scheduler's (see controlplane/README.md, "Reading only what concerns a reader")."""
 
     def __init__(
         self,
         url: str,
         *,
         reader: str | None = None,
-        after: int = 0,
+        after: int | Sequence[int] = 0,
         batch_size: int = 1000,
         poll_interval: float = 1.0,
-        gap_patience: float = 10.0,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
         unavailable_timeout: float | None = None,
     ) -> None:
         self.url = url
         self.reader = reader
-        self.position = after
+        self.positions: Positions = [after] if isinstance(after, int) else list(after)
+        self._everywhere = isinstance(after, int)  # (a shard not listed yet: the same)
         self.batch_size = batch_size
         self.poll_interval = poll_interval
-        self.gap_patience = gap_patience
         self.connect_timeout = connect_timeout
         self.unavailable_timeout = resolve_unavailable_timeout(unavailable_timeout)
         self._conn: asyncpg.Connection | None = None
         self._wake = asyncio.Event()
         self._recent: deque[tuple[int, uuid.UUID]] = deque(maxlen=RECENT)
         self._epoch: int | None = None  # of the server the recent events were read on
+
+    @property
+    def position(self) -> int:
+        """The highest position read in any shard (for lag and metrics; where to resume
+        is ``positions``)."""
+        return max(self.positions, default=0)
+
+    def reached(self, heads: Sequence[int]) -> bool:
+        """Whether it has read every shard up to ``heads`` (``head_positions``)."""
+        return all(self._at(shard) >= head for shard, head in enumerate(heads))
 
     async def __aenter__(self) -> Tailer:
         await self._connect()
@@ -102,37 +118,21 @@ class Tailer:
             self._conn = None
 
     async def read(self, wait: float | None = None) -> list[RecordedEvent]:
-        """The next events after ``position`` (at most ``batch_size``), in order.
+        """The next events, in position order.
 
         Waits up to ``wait`` seconds (None: forever) for at least one; returns [] if
-        none came. ``position`` advances past what is returned."""
+        none came. ``positions`` advance past what is returned."""
         deadline = None if wait is None else time.monotonic() + wait
-        gap_since: float | None = None
         while True:
             self._wake.clear()
             rows = await retry_while_unavailable(
                 self.url, self._query, timeout=self.unavailable_timeout
             )
-            if self.reader is not None:
-                events = self._addressed(rows)
-                rows = []  # (no hole to wait for: it read up to the horizon)
-            else:
-                events = self._contiguous(rows)
-                if events:
-                    self.position = events[-1].position
+            events = self._take(rows)
             if events:
                 self._recent.extend((e.position, e.event_id) for e in events)
                 fencing.saw(self.position, self._conn)  # a log found later below it was put back
                 return events
-            if rows:  # a hole right after our position: wait for it to fill
-                gap_since = gap_since or time.monotonic()
-                if time.monotonic() - gap_since > self.gap_patience:
-                    raise LogGapError(
-                        f"position {self.position + 1} is missing while {rows[0]['position']} "
-                        f"is visible, for more than {self.gap_patience:.0f}s"
-                    )
-                await asyncio.sleep(0.001)
-                continue
             timeout = self.poll_interval
             if deadline is not None:
                 timeout = min(timeout, deadline - time.monotonic())
@@ -148,32 +148,52 @@ class Tailer:
 
     # -- internals ----------------------------------------------------------------
 
-    def _addressed(self, rows: list[asyncpg.Record]) -> list[RecordedEvent]:
-        """A filtered read's events; ``position`` moves past them, or to the horizon
-        (the head's position in the query's snapshot) when the batch was not full:
-        appends hold the head row's lock until they commit, so the snapshot that sees
-        the head at H sees every event up to H, and none addressed to this reader
-        below H is left behind."""
-        horizon = next((row["horizon"] for row in rows if row["position"] is None), None)
+    def _at(self, shard: int) -> int:
+        if shard < len(self.positions):
+            return self.positions[shard]
+        return self.positions[0] if self._everywhere and self.positions else 0
+
+    def _take(self, rows: list[asyncpg.Record]) -> list[RecordedEvent]:
+        """What a read returns of the rows of one query (see the module's docstring),
+        and where each shard stands after it."""
+        horizons = {row["shard"]: row["horizon"] for row in rows if row["position"] is None}
+        by_shard: dict[int, list[asyncpg.Record]] = {}
+        for row in rows:
+            if row["position"] is not None:
+                by_shard.setdefault(row["shard"], []).append(row)
+        full = [
+            found[-1]["position"] for found in by_shard.values() if len(found) >= self.batch_size
+        ]
+        cut = min(full) if full else None
+        if len(horizons) == 1 and self.reader is None:
+            self._check_contiguous(by_shard.get(0, []))
         events = sorted(
-            (RecordedEvent.from_row(row) for row in rows if row["position"] is not None),
+            (
+                RecordedEvent.from_row(row)
+                for found in by_shard.values()
+                for row in found
+                if cut is None or row["position"] <= cut
+            ),
             key=lambda event: event.position,
         )
-        if len(events) == self.batch_size:
-            self.position = events[-1].position
-        elif horizon is not None and horizon > self.position:
-            self.position = horizon
+        positions = [self._at(shard) for shard in range(max(horizons, default=-1) + 1)]
+        for shard, horizon in horizons.items():
+            reached = horizon if cut is None else min(horizon, cut)
+            positions[shard] = max(positions[shard], reached)
+        self.positions, self._everywhere = positions, False
         return events
 
-    def _contiguous(self, rows: list[asyncpg.Record]) -> list[RecordedEvent]:
-        events = []
-        expected = self.position + 1
+    def _check_contiguous(self, rows: list[asyncpg.Record]) -> None:
+        """In a single-shard log every position up to the head is an event: a hole below
+        the head is a damaged log, never to be skipped."""
+        expected = self._at(0) + 1
         for row in rows:
             if row["position"] != expected:
-                break
-            events.append(RecordedEvent.from_row(row))
+                raise LogGapError(
+                    f"position {expected} is missing below the log's head while "
+                    f"{row['position']} is there: the log is damaged"
+                )
             expected += 1
-        return events
 
     async def _connect(self) -> None:
         self._conn = await connect(self.url, timeout=self.connect_timeout)
@@ -214,11 +234,23 @@ class Tailer:
             await self._connect()
             self._wake.set()  # notifications may have been missed while away
         assert self._conn is not None
-        args: tuple[object, ...]
+        args: tuple[object, ...] = (self._cursor(), self.batch_size)
         if self.reader is None:
-            query, args = "read_events_after", (self.position, self.batch_size)
+            query = "read_events_after"
         elif self.reader == SCHEDULER:
-            query, args = "read_events_for_scheduler", (self.position, self.batch_size)
+            query = "read_events_for_scheduler"
         else:
-            query, args = "read_events_for_node", (self.position, self.reader, self.batch_size)
+            query, args = "read_events_for_node", (*args, self.reader)
         return await run_on(self._conn, lambda c: c.fetch(queries[query], *args))
+
+    def _cursor(self) -> list[int]:
+        """Where it stands in each shard, for the query (a shard past the list: 0, or,
+        while it was told one position for every shard, that one)."""
+        if self._everywhere:
+            return self.positions * _MAX_SHARDS
+        return self.positions
+
+
+async def head_positions(conn: asyncpg.Connection) -> Positions:
+    """Each shard's head now: a reader that starts there reads what is appended later."""
+    return list(await conn.fetchval(queries["head_positions"]) or [])

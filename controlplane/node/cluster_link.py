@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import grpc
 
 from controlplane import auth
-from controlplane.eventlog import EntityKind, Event, RecordedEvent
+from controlplane.eventlog import EntityKind, Event, RecordedEvent, head_positions
 from controlplane.eventlog.connection import connect, retry_while_unavailable
 from controlplane.membership import (
     HEARTBEAT_MIN_INTERVAL_S,
@@ -25,7 +25,6 @@ from controlplane.membership import (
 )
 from controlplane.node import rpc
 from controlplane.node.recorder import EventRecorder
-from controlplane.sql import queries
 from controlplane.tls import NodeTls
 
 K = EntityKind
@@ -126,10 +125,10 @@ class ClusterLink:
         handlers: dict[str, rpc.Handler],
         raw_handlers: dict[str, rpc.RawHandler],
         load: Callable[[], dict[str, Any]],
-    ) -> int:
+    ) -> list[int]:
         """Serves the node's gRPC service with ``handlers``, starts the liveness pings,
         the load heartbeats (of ``load()``) and the monitor, and reads who is in the
-        cluster; returns the log's head position then (the follower starts after it)."""
+        cluster; returns the log's head positions then (the follower starts after them)."""
         if self._join_offer is not None:
             handlers = {**handlers, "Join": self._join_answer}
         rpc.use_token(self.auth_token)
@@ -234,10 +233,10 @@ class ClusterLink:
             self.gcs_url, attempt, timeout=self.recorder.unavailable_timeout
         )
 
-    async def _log_head(self) -> int:
+    async def _log_head(self) -> list[int]:
         conn = await connect(self.gcs_url)
         try:
-            return int(await conn.fetchval(queries["head_position"]))
+            return await head_positions(conn)
         finally:
             await conn.close()
 

@@ -124,7 +124,7 @@ class RemoteTasks:
 
     # -- following the log ---------------------------------------------------------
 
-    async def follow_log(self, after: int) -> None:
+    async def follow_log(self, after: list[int]) -> None:
         async with Tailer(
             self.gcs_url, reader=self.node_id, after=after, poll_interval=0.5
         ) as tailer:

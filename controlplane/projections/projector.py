@@ -21,7 +21,7 @@ import asyncpg
 
 from controlplane.eventlog.connection import connect
 from controlplane.eventlog.events import RecordedEvent
-from controlplane.eventlog.tailer import Tailer
+from controlplane.eventlog.tailer import Tailer, head_positions
 from controlplane.projections.spec import TABLES, Row, Table, fold
 from controlplane.sql import queries
 
@@ -78,7 +78,7 @@ class Projector:
         self._conn = await connect(self.url)
         await self._conn.execute(queries["ensure_subscription"], self.name)
         saved = await self._conn.fetchval(queries["subscription_position"], self.name)
-        self._tailer = Tailer(self.url, after=saved or 0, batch_size=self.batch_size)
+        self._tailer = Tailer(self.url, after=list(saved or [0]), batch_size=self.batch_size)
         await self._tailer.__aenter__()
         return self
 
@@ -94,16 +94,18 @@ class Projector:
     async def step(self, wait: float | None = None) -> int:
         """Applies the next batch of events (waiting up to ``wait`` s for one)."""
         assert self._tailer is not None
+        read_from = self._tailer.positions
         events = await self._tailer.read(wait)
         if events:
-            await self._apply(events)
+            await self._apply(events, read_from)
         return len(events)
 
     async def catch_up(self) -> int:
         """Applies everything appended before this call; returns the position reached."""
         assert self._conn is not None
-        head = await self._conn.fetchval(queries["head_position"])
-        while self.position < head:
+        assert self._tailer is not None
+        heads = await head_positions(self._conn)
+        while not self._tailer.reached(heads):
             await self.step(wait=1.0)
         return self.position
 
@@ -111,15 +113,16 @@ class Projector:
         while not stop.is_set():
             await self.step(wait=0.2)
 
-    async def _apply(self, events: list[RecordedEvent]) -> None:
+    async def _apply(self, events: list[RecordedEvent], read_from: list[int]) -> None:
+        """Applies a batch read from ``read_from`` (the positions saved, unless another
+        projector of the same name moved them meanwhile: then nothing is applied, and
+        reading goes on from where that one stands)."""
         assert self._conn is not None and self._tailer is not None
         async with self._conn.transaction():
-            saved = await self._conn.fetchval(queries["lock_subscription"], self.name)
-            events = [e for e in events if e.position > saved]
-            if not events:
-                return
-            if events[0].position != saved + 1:  # another projector is behind us: re-read
-                self._tailer.position = saved
+            saved = list(await self._conn.fetchval(queries["lock_subscription"], self.name))
+            if _trimmed(saved) != _trimmed(read_from):  # another projector moved it: read
+                # on from where that one stands
+                self._tailer.positions = saved
                 return
             keys: dict[Table, set[str]] = defaultdict(set)
             for event in events:
@@ -137,5 +140,12 @@ class Projector:
                         _upsert_sql(table), json.dumps(rows, default=_json_default)
                     )
             await self._conn.execute(
-                queries["save_subscription_position"], self.name, events[-1].position
+                queries["save_subscription_position"], self.name, self._tailer.positions
             )
+
+
+def _trimmed(positions: list[int]) -> list[int]:
+    """Positions per shard without the shards not read yet (0) at the end."""
+    while positions and positions[-1] == 0:
+        positions = positions[:-1]
+    return positions

@@ -2,76 +2,101 @@
 -- controlplane.sql.queries[name]. Parameters use asyncpg's $n syntax.
 
 -- append_events --
--- One batch, one round trip; see cairn_append_v1 in migrations/sql/0001_event_log.up.sql.
+-- One batch, one round trip; see cairn_append_v2 in migrations/sql/0019_sharded_log.up.sql.
 -- $9: the readers the batch concerns (eventlog/events.py readers_of), told at its commit
 -- on cairn_events_for_v1 (the filtered tailers wake for their own only).
-SELECT base_position, duplicate_ids, duplicate_positions,
-       pg_notify('cairn_events_for_v1', $9::text)
-  FROM cairn_append_v1($1::uuid[], $2::text[], $3::text[]::entity_kind[], $4::text[],
-                       $5::text[], $6::text[], $7::text[]::jsonb[], $8::bytea[])
+SELECT positions, pg_notify('cairn_events_for_v1', $9::text)
+  FROM cairn_append_v2($1::uuid[], $2::text[], $3::text[]::entity_kind[], $4::text[],
+                       $5::text[], $6::text[], $7::text[]::jsonb[], $8::bytea[]) AS positions
 
 -- append_events_fenced --
 -- The same on behalf of node $1: refused (not stored, a stale_refused event instead) once
--- the node was declared dead; see migrations/sql/0012_node_fence.up.sql.
-SELECT base_position, duplicate_ids, duplicate_positions, refused,
-       pg_notify('cairn_events_for_v1', $10::text)
-  FROM cairn_append_fenced_v1($1::text, $2::uuid[], $3::text[], $4::text[]::entity_kind[],
+-- the node was declared dead; see migrations/sql/0012_node_fence.up.sql and 0019.
+SELECT positions, refused, pg_notify('cairn_events_for_v1', $10::text)
+  FROM cairn_append_fenced_v2($1::text, $2::uuid[], $3::text[], $4::text[]::entity_kind[],
                               $5::text[], $6::text[], $7::text[], $8::text[]::jsonb[],
                               $9::bytea[])
 
+-- The readers' queries (eventlog/tailer.py; controlplane/README.md, "Reading only what
+-- concerns a reader" and "The sharded log"). $1: where the reader stands in each shard
+-- (index shard + 1; a shard it has not read yet: 0). In one statement, so in one
+-- snapshot: one row per shard with its head's position (`horizon`, every position of
+-- that shard up to it committed), then, per shard, its next events up to that head, at
+-- most $2 (the batch size) of them, in position order. The reader moves each shard's
+-- position on as far as it read it.
+
 -- read_events_after --
-SELECT position, event_id, recorded_at, job_id, entity_kind::text AS entity_kind, entity_id,
-       event_type, node_id, payload::text AS payload, data
-  FROM events
- WHERE position > $1
- ORDER BY position
- LIMIT $2
+SELECT h.shard, NULL::bigint AS position, NULL::uuid AS event_id,
+       NULL::timestamptz AS recorded_at, NULL AS job_id, NULL AS entity_kind,
+       NULL AS entity_id, NULL AS event_type, NULL AS node_id, NULL AS payload,
+       NULL::bytea AS data, h.last_position AS horizon
+  FROM event_log_shards h
+UNION ALL
+SELECT h.shard, e.* FROM event_log_shards h CROSS JOIN LATERAL (
+    SELECT position, event_id, recorded_at, job_id, entity_kind::text, entity_id, event_type,
+           node_id, payload::text, data, NULL::bigint
+      FROM events
+     WHERE shard = h.shard AND position > coalesce(($1::bigint[])[h.shard + 1], 0)
+       AND position <= h.last_position
+     ORDER BY position
+     LIMIT $2) e
 
 -- read_events_for_node --
--- A node daemon's events after $1 (controlplane/README.md, "Reading only what concerns
--- a reader"): those addressed to node $2 (or to every node) and those about what it owns,
--- through the partial indexes of migration 0017, up to the head's position as this
--- statement sees it. The first row is that position alone (`horizon`, every position up
--- to it committed: the reader moves on to it when fewer than $3 events come), then the
--- events in order.
-SELECT NULL::bigint AS position, NULL::uuid AS event_id, NULL::timestamptz AS recorded_at,
-       NULL AS job_id, NULL AS entity_kind, NULL AS entity_id, NULL AS event_type,
-       NULL AS node_id, NULL AS payload, NULL::bytea AS data, last_position AS horizon
-  FROM event_log_head WHERE id = 1
+-- A node daemon's: those addressed to node $3 (or to every node) and those about what it
+-- owns, through the partial indexes of migration 0017.
+SELECT h.shard, NULL::bigint AS position, NULL::uuid AS event_id,
+       NULL::timestamptz AS recorded_at, NULL AS job_id, NULL AS entity_kind,
+       NULL AS entity_id, NULL AS event_type, NULL AS node_id, NULL AS payload,
+       NULL::bytea AS data, h.last_position AS horizon
+  FROM event_log_shards h
 UNION ALL
-(SELECT position, event_id, recorded_at, job_id, entity_kind::text, entity_id, event_type,
-        node_id, payload::text, data, NULL
-   FROM events
-  WHERE position > $1 AND position <= (SELECT last_position FROM event_log_head WHERE id = 1)
-    AND ((payload ? 'to_node' AND payload ->> 'to_node' IN ($2::text, '*'))
-         OR (payload ? 'owner_node' AND payload ->> 'owner_node' = $2::text))
-  ORDER BY position
-  LIMIT $3)
+SELECT h.shard, e.* FROM event_log_shards h CROSS JOIN LATERAL (
+    SELECT position, event_id, recorded_at, job_id, entity_kind::text, entity_id, event_type,
+           node_id, payload::text, data, NULL::bigint
+      FROM events
+     WHERE shard = h.shard AND position > coalesce(($1::bigint[])[h.shard + 1], 0)
+       AND position <= h.last_position
+       AND ((payload ? 'to_node' AND payload ->> 'to_node' IN ($3::text, '*'))
+            OR (payload ? 'owner_node' AND payload ->> 'owner_node' = $3::text))
+     ORDER BY position
+     LIMIT $2) e
 
 -- read_events_for_scheduler --
--- The global scheduler's events after $1, the same way: nodes, placement groups, spills,
--- placements and what became of the tasks spilled (owner_node); events_scheduler_idx.
-SELECT NULL::bigint AS position, NULL::uuid AS event_id, NULL::timestamptz AS recorded_at,
-       NULL AS job_id, NULL AS entity_kind, NULL AS entity_id, NULL AS event_type,
-       NULL AS node_id, NULL AS payload, NULL::bytea AS data, last_position AS horizon
-  FROM event_log_head WHERE id = 1
+-- The global scheduler's: nodes, placement groups, spills, placements and what became
+-- of the tasks spilled (owner_node); events_scheduler_idx.
+SELECT h.shard, NULL::bigint AS position, NULL::uuid AS event_id,
+       NULL::timestamptz AS recorded_at, NULL AS job_id, NULL AS entity_kind,
+       NULL AS entity_id, NULL AS event_type, NULL AS node_id, NULL AS payload,
+       NULL::bytea AS data, h.last_position AS horizon
+  FROM event_log_shards h
 UNION ALL
-(SELECT position, event_id, recorded_at, job_id, entity_kind::text, entity_id, event_type,
-        node_id, payload::text, data, NULL
-   FROM events
-  WHERE position > $1 AND position <= (SELECT last_position FROM event_log_head WHERE id = 1)
-    AND (entity_kind IN ('node', 'placement_group')
-         OR (entity_kind = 'task' AND event_type IN ('spilled', 'placed'))
-         OR payload ? 'owner_node')
-  ORDER BY position
-  LIMIT $2)
+SELECT h.shard, e.* FROM event_log_shards h CROSS JOIN LATERAL (
+    SELECT position, event_id, recorded_at, job_id, entity_kind::text, entity_id, event_type,
+           node_id, payload::text, data, NULL::bigint
+      FROM events
+     WHERE shard = h.shard AND position > coalesce(($1::bigint[])[h.shard + 1], 0)
+       AND position <= h.last_position
+       AND (entity_kind IN ('node', 'placement_group')
+            OR (entity_kind = 'task' AND event_type IN ('spilled', 'placed'))
+            OR payload ? 'owner_node')
+     ORDER BY position
+     LIMIT $2) e
 
 -- event_ids_at --
 -- What the log holds at positions a tailer read before a failover (see tailer.py).
 SELECT position, event_id FROM events WHERE position = ANY($1::bigint[])
 
 -- head_position --
-SELECT last_position FROM event_log_head WHERE id = 1
+-- The highest position handed out and committed (of any shard).
+SELECT max(last_position) FROM event_log_shards
+
+-- settled_position --
+-- The head once no append is in flight (nothing appended later goes at or below it).
+SELECT cairn_settled_position_v1()
+
+-- head_positions --
+-- Each shard's head (index shard + 1): where a reader that starts now starts.
+SELECT array_agg(last_position ORDER BY shard) FROM event_log_shards
 
 -- stored_tailer_positions --
 -- Where the log's readers that keep their place in it stand: the projectors (their
@@ -82,15 +107,21 @@ UNION ALL
 SELECT 'checkpoint:' || name, position FROM checkpoints
 
 -- subscription_position --
-SELECT position FROM subscriptions WHERE name = $1
+SELECT positions FROM subscriptions WHERE name = $1
 
 -- save_subscription_position --
-INSERT INTO subscriptions (name, position, updated_at)
-VALUES ($1, $2, clock_timestamp())
-ON CONFLICT (name) DO UPDATE SET position = EXCLUDED.position, updated_at = EXCLUDED.updated_at
+-- $2: the position in each shard (the highest is kept in `position`, for people).
+WITH v AS (SELECT $1::text AS name, $2::bigint[] AS positions)
+INSERT INTO subscriptions (name, position, positions, updated_at)
+SELECT v.name, (SELECT coalesce(max(p), 0) FROM unnest(v.positions) p), v.positions,
+       clock_timestamp()
+  FROM v
+ON CONFLICT (name) DO UPDATE SET position = EXCLUDED.position,
+                                 positions = EXCLUDED.positions,
+                                 updated_at = EXCLUDED.updated_at
 
 -- ensure_partitions --
-SELECT cairn_ensure_partitions_v1((SELECT last_position FROM event_log_head WHERE id = 1))
+SELECT cairn_ensure_partitions_v1((SELECT max(last_position) FROM event_log_shards))
 
 -- set_partition_size --
 UPDATE event_log_head SET partition_size = $1, partitions_ahead = $2 WHERE id = 1
@@ -123,7 +154,7 @@ UPDATE event_partitions SET state = 'dropped', dropped_at = clock_timestamp()
 INSERT INTO subscriptions (name) VALUES ($1) ON CONFLICT (name) DO NOTHING
 
 -- lock_subscription --
-SELECT position FROM subscriptions WHERE name = $1 FOR UPDATE
+SELECT positions FROM subscriptions WHERE name = $1 FOR UPDATE
 
 -- register_liveness --
 INSERT INTO node_liveness (node_id, address) VALUES ($1, $2)
@@ -216,13 +247,18 @@ SELECT data, payload->>'durable_path' AS durable_path, (payload->>'size_bytes'):
  ORDER BY position LIMIT 1;
 
 -- load_checkpoint --
-SELECT position, state FROM checkpoints WHERE name = $1;
+SELECT positions, state FROM checkpoints WHERE name = $1;
 
 -- save_checkpoint --
--- Only ever moves forward: of several readers saving one name, the furthest wins.
-INSERT INTO checkpoints (name, position, state) VALUES ($1, $2, $3)
+-- $2: the position in each shard. Only ever moves forward: of several readers saving one
+-- name, the furthest (by its highest position) wins.
+WITH v AS (SELECT $1::text AS name, $2::bigint[] AS positions, $3::bytea AS state)
+INSERT INTO checkpoints (name, position, positions, state)
+SELECT v.name, (SELECT coalesce(max(p), 0) FROM unnest(v.positions) p), v.positions, v.state
+  FROM v
 ON CONFLICT (name) DO UPDATE
-   SET position = EXCLUDED.position, state = EXCLUDED.state, saved_at = clock_timestamp()
+   SET position = EXCLUDED.position, positions = EXCLUDED.positions, state = EXCLUDED.state,
+       saved_at = clock_timestamp()
  WHERE checkpoints.position < EXCLUDED.position;
 
 -- actor_checkpoint --
@@ -269,8 +305,8 @@ SELECT entity_id AS task_id, event_type, recorded_at, node_id, payload::text AS 
  ORDER BY position
 
 -- retention_full_partitions --
--- Every attached partition whose positions are all handed out (never the one taking
--- appends), with its event count and newest event, and the cutoff: the server's clock
+-- Every attached partition whose positions are all handed out and settled (no append in
+-- flight can still take one: cairn_settled_position_v1; never the one taking appends), with its event count and newest event, and the cutoff: the server's clock
 -- less $1 seconds (`cairn gc`). The lateral subquery is pruned to one partition.
 SELECT p.table_name, p.lower_bound, p.upper_bound, s.events, s.newest,
        clock_timestamp() - make_interval(secs => $1::float8) AS cutoff
@@ -279,7 +315,7 @@ SELECT p.table_name, p.lower_bound, p.upper_bound, s.events, s.newest,
         SELECT count(*) AS events, max(e.recorded_at) AS newest FROM events e
          WHERE e.position >= p.lower_bound AND e.position < p.upper_bound) s
  WHERE p.state = 'attached'
-   AND p.upper_bound <= (SELECT last_position FROM event_log_head WHERE id = 1) + 1
+   AND p.upper_bound <= (SELECT cairn_settled_position_v1()) + 1
  ORDER BY p.lower_bound
 
 -- replay_job_tasks --
