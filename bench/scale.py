@@ -56,7 +56,8 @@ snapshots:
 - CPU busy: the whole machine's, from ``/proc/stat`` (other work on it shows here).
 
 ``--appends``: the log's raw append throughput, W writers x batch B for W in 1, 8 and B
-in 1, 1000, beside plain COPY into an unindexed table: ``bench/log_append.py``'s
+in 1, 1000, with the log in S = 1, 2, 4, 8 shards on one server (writer w appends for
+a job of shard w % S), beside plain COPY into an unindexed table: ``bench/log_append.py``'s
 writers and measurements, reused (``log``: with one tailer reading, as its table;
 ``untailed``: without). Issue 20's append targets (8 x 1000 >= 85% of raw; 8 x 1 >= 2x)
 are measured against these.
@@ -97,6 +98,7 @@ MARK = "/* bench/scale.py */"  # on this script's own queries, to leave them out
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 APPEND_WRITERS = (1, 8)
 APPEND_BATCHES = (1, 1000)
+APPEND_SHARDS = (1, 2, 4, 8)  # the log's shards, on one server
 
 
 # -- what runs on the nodes ------------------------------------------------------------
@@ -575,13 +577,16 @@ async def _window(
 
 
 def measure_appends(seconds: float, warmup: float) -> list[dict[str, Any]]:
-    """W writers x batch B through the log (with a tailer, and without) and raw COPY."""
+    """W writers x batch B through the log (with a tailer, and without) and raw COPY, with
+    the log in S = 1, 2, 4, 8 shards on one server (each writer appending for a job of
+    its own shard, writer w in shard w % S)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import log_append as la
 
+    from controlplane import schema
     from controlplane.gcs import Gcs
 
-    async def run(url: str) -> list[la.Row]:
+    async def run(url: str) -> list[tuple[int, la.Row]]:
         conn = await asyncpg.connect(url)
         pool: la.WriterPool | None = None
         try:
@@ -595,14 +600,21 @@ def measure_appends(seconds: float, warmup: float) -> list[dict[str, Any]]:
             pool = la.WriterPool(url, max(APPEND_WRITERS))
             await la._warm_up(pool, warmup)
             rows = []
-            for writers in APPEND_WRITERS:
-                for batch in APPEND_BATCHES:
-                    row = la.Row(writers, batch)
-                    await la._measure_log(pool, conn, url, row, seconds)
-                    await la._measure_untailed(pool, row, seconds)
-                    await la._measure_raw(pool, row, seconds)
-                    rows.append(row)
-                    print(f"  appends: {writers} writer(s) x batch {batch} done", flush=True)
+            for shards in APPEND_SHARDS:
+                await asyncio.to_thread(schema.set_log_shards, url, shards)
+                await pool.use_shards(conn)
+                for writers in APPEND_WRITERS:
+                    for batch in APPEND_BATCHES:
+                        row = la.Row(writers, batch)
+                        await la._measure_log(pool, conn, url, row, seconds)
+                        await la._measure_untailed(pool, row, seconds)
+                        await la._measure_raw(pool, row, seconds)
+                        rows.append((shards, row))
+                        print(
+                            f"  appends: {shards} shard(s), {writers} writer(s) x batch "
+                            f"{batch} done",
+                            flush=True,
+                        )
             return rows
         finally:
             if pool is not None:
@@ -617,6 +629,7 @@ def measure_appends(seconds: float, warmup: float) -> list[dict[str, Any]]:
         rows = asyncio.run(run(normalize(gcs.owner_url)))
     return [
         {
+            "shards": shards,
             "writers": r.writers,
             "batch": r.batch,
             "log_events_per_s": r.log_rate,
@@ -627,7 +640,7 @@ def measure_appends(seconds: float, warmup: float) -> list[dict[str, Any]]:
             "tail_p50_ms": r.p50_ms,
             "tail_p99_ms": r.p99_ms,
         }
-        for r in rows
+        for shards, r in rows
     ]
 
 
@@ -660,14 +673,14 @@ def print_nodes(rows: list[Figures]) -> None:
 
 def print_appends(rows: list[dict[str, Any]]) -> None:
     header = (
-        f"{'writers':>7} {'batch':>5} {'log ev/s':>10} {'untailed ev/s':>13} "
+        f"{'shards':>6} {'writers':>7} {'batch':>5} {'log ev/s':>10} {'untailed ev/s':>13} "
         f"{'raw COPY ev/s':>13} {'log/raw':>7} {'untailed/raw':>12}"
     )
     print(header)
     print("-" * len(header))
     for r in rows:
         print(
-            f"{r['writers']:>7} {r['batch']:>5} {r['log_events_per_s']:>10,.0f} "
+            f"{r['shards']:>6} {r['writers']:>7} {r['batch']:>5} {r['log_events_per_s']:>10,.0f} "
             f"{r['untailed_events_per_s']:>13,.0f} {r['raw_copy_events_per_s']:>13,.0f} "
             f"{r['log_over_raw']:>7.0%} {r['untailed_over_raw']:>12.0%}"
         )

@@ -145,8 +145,11 @@ async def _retained(conn: asyncpg.Connection) -> tuple[Retained, datetime]:
 
 async def _position_at(conn: asyncpg.Connection, when: datetime, retained: Retained) -> int:
     """The last position recorded at or before ``when``, by binary search over
-    positions: recorded_at is taken while the appender holds the head row's lock, so it
-    grows with position (as long as the server's clock does not step back)."""
+    positions: recorded_at is taken while the appender holds its shards' head rows, so it
+    grows with position within a shard (as long as the server's clock does not step
+    back), and across shards up to the appends in flight together (milliseconds apart:
+    neither caused the other). Any position is a consistent cut (controlplane/README.md,
+    "The sharded log")."""
     lo, hi = retained.first_position, retained.last_position  # recorded_at(lo) <= when
     while lo < hi:
         mid = (lo + hi + 1) // 2

@@ -68,9 +68,18 @@ def empty_db_url(pg_server_url: str) -> Iterator[str]:
 
 
 @pytest.fixture
-def gcs_url(pg_server_url: str, template_url: str) -> Iterator[str]:
-    """A fresh, migrated database for one test."""
+def log_shards() -> int:
+    """How many shards ``gcs_url``'s log has: 1, unless a module asks for more (a
+    parametrized ``log_shards`` fixture of its own runs its tests on a sharded log too)."""
+    return 1
+
+
+@pytest.fixture
+def gcs_url(pg_server_url: str, template_url: str, log_shards: int) -> Iterator[str]:
+    """A fresh, migrated database for one test, its log in ``log_shards`` shards."""
     with _scratch_database(pg_server_url, TEMPLATE_DB) as url:
+        if log_shards > 1:
+            schema.set_log_shards(url, log_shards)
         yield url
 
 

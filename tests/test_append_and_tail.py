@@ -107,6 +107,8 @@ async def test_retry_after_lost_acknowledgement_stores_once(gcs_url: str) -> Non
         first = await conn.fetchrow(query, *args)
         second = await conn.fetchrow(query, *args)
         assert first["positions"] == [1, 2, 3]
+        empty = await conn.fetchrow(query, *([] for _ in args))
+        assert empty["positions"] == []  # (an empty batch: nothing stored, nothing locked)
         assert second["positions"] == [1, 2, 3]  # (stored once, where they are)
         assert await conn.fetchval("SELECT count(*) FROM events") == 3
     finally:

@@ -50,6 +50,7 @@ def _replay(gcs_url: str, socket: str, job_id: str, **kw: object) -> ReplayRepor
     return report
 
 
+@pytest.mark.parametrize("log_shards", [1, 4])  # (4: the replay, a job of its own, elsewhere)
 def test_a_deterministic_job_replays_identically(gcs_url: str, driver: str, tmp_path: Path) -> None:
     job_id = ray.get_runtime_context().get_job_id()
     x = ray.put(7)

@@ -15,6 +15,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+from log_rows import rows
 from workloads import Counter, add, flaky
 
 import sdk as ray
@@ -133,12 +134,18 @@ async def _append_node_death(url: str, run: Run) -> None:
     run.old_task, run.long_task, run.recent_task = ids["old"], ids["long"], ids["recent"]
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
-    context = ray.init(num_cpus=2)
+@pytest.fixture(scope="module", params=[1, 4], ids=["1-shard", "4-shards"])
+def run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
+    """One real run, on a log of one shard and on a log of four (the job's events in its
+    shard, the nodes' in shard 0: the views, lineage() and the fold read across them)."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("CAIRN_LOG_SHARDS", str(request.param))
+        context = ray.init(num_cpus=2)
     try:
         r = Run()
         r.url, r.job_id = context.gcs_address, context.get_job_id()
+        shards = rows(r.url, "SELECT shard_count FROM event_log_head")
+        assert shards[0]["shard_count"] == request.param
         marker = tmp_path_factory.mktemp("flaky") / "marker"
         flaky_ref = flaky.remote(str(marker))
         assert ray.get(flaky_ref) == "second attempt"
@@ -258,6 +265,19 @@ def test_views_agree_with_the_fold_of_the_same_log(run: Run) -> None:
                 assert got == row[column], (table.name, key, column)
                 compared += 1
     assert compared > 100
+
+
+def test_each_entitys_events_are_in_one_shard(run: Run) -> None:
+    """An entity's history is in its job's shard (in a sharded log: controlplane/README.md,
+    "The sharded log"): every event of a job's entity carries the job."""
+    split = query(
+        run,
+        "SELECT entity_kind::text, entity_id, array_agg(DISTINCT shard) AS shards FROM events "
+        "GROUP BY 1, 2 HAVING count(DISTINCT shard) > 1",
+    )
+    assert split == []
+    job_shards = query(run, "SELECT DISTINCT shard FROM events WHERE job_id IS NOT NULL")
+    assert len(job_shards) == 1  # (one job, one shard)
 
 
 def test_the_audit_role_reads_the_views_and_writes_nothing(run: Run) -> None:

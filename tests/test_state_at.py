@@ -122,6 +122,7 @@ def _assert_same(state: dict[str, Any], expected: dict[str, dict[str, dict[str, 
                     )
 
 
+@pytest.mark.parametrize("log_shards", [1, 4])  # (4: the job's shard and shard 0's nodes)
 def test_state_at_every_position_equals_the_fold_of_the_log_prefix(gcs_url: str) -> None:
     asyncio.run(_append_one_by_one(gcs_url, _job_events()))
     log = _log(gcs_url)

@@ -89,6 +89,7 @@ def _spans(trace: dict[str, Any]) -> list[dict[str, Any]]:
     return [e for e in trace["traceEvents"] if e["ph"] == "X"]
 
 
+@pytest.mark.parametrize("log_shards", [1, 4])
 def test_timeline_has_one_span_per_attempt_on_node_and_worker_tracks(
     gcs_url: str, tmp_path: Path
 ) -> None:

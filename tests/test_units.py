@@ -8,7 +8,6 @@ from datetime import UTC, datetime
 import pytest
 
 from controlplane.eventlog import EntityKind, Event, RecordedEvent, new_event_id
-from controlplane.eventlog.appender import _positions
 from controlplane.eventlog.catalog import CATALOG, encode_payload
 from controlplane.gcs_url import normalize, redact, resolve_gcs_url, sqlalchemy_url
 from controlplane.projections import TABLES, TRANSITIONS, fold
@@ -36,12 +35,6 @@ def test_event_ids_are_unique_and_time_ordered() -> None:
     assert len(set(ids)) == 1000
     assert all(i.version == 7 for i in ids)
     assert [i.int >> 80 for i in ids] == sorted(i.int >> 80 for i in ids)
-
-
-def test_positions_of_stored_and_duplicate_events() -> None:
-    events = [Event(EntityKind.TASK, f"t{i}", "submitted", {"name": "f"}) for i in range(4)]
-    dup = events[1].event_id
-    assert _positions(events, 10, [dup], [3]) == [11, 3, 12, 13]
 
 
 def test_every_catalog_entry_with_required_fields_accepts_a_full_payload() -> None:

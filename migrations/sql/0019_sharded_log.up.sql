@@ -125,6 +125,10 @@ BEGIN
         RAISE EXCEPTION 'cairn_append_v2: an event_id is repeated within one batch'
               USING ERRCODE = 'unique_violation';
     END IF;
+    IF v_size = 0 THEN  -- (nothing to store, nothing to lock)
+        positions := '{}';
+        RETURN;
+    END IF;
     SELECT shard_count INTO v_count FROM event_log_head WHERE id = 1;
     IF v_count = 1 THEN
         v_shards := array_fill(0::smallint, ARRAY[v_size]);
