@@ -280,7 +280,9 @@ async def append_on(
 ) -> list[int]:
     """Appends events on ``conn`` (inside the caller's transaction, if any, so that an
     event can commit together with other writes); returns their positions. On behalf
-    of node ``writer``, fenced: NodeFencedError if the node was declared dead."""
+    of node ``writer``, fenced: NodeFencedError if the node was declared dead. The
+    readers are woken once it commits (``notify_committed`` in queries.sql says why not
+    in the same transaction)."""
     if payloads is None:
         payloads = [encode_payload(event) for event in events]
     fenced = () if writer is None else (writer,)
@@ -295,14 +297,17 @@ async def append_on(
         [e.node_id for e in events],
         payloads,
         [bytes(e.data) if e.data is not None else None for e in events],
-        readers_of(events),
     )
+    positions = list(row["positions"])
+    if positions:
+        wake = "notify_appended" if conn.is_in_transaction() else "notify_committed"
+        await conn.execute(queries[wake], str(max(positions)), readers_of(events))
     if writer is not None and row["refused"]:
         raise NodeFencedError(
             f"the log refused {len(events)} events of node {writer}: it was declared dead "
             "(a stale_refused event records them); it must rejoin under a new id"
         )
-    return list(row["positions"])
+    return positions
 
 
 class FailureLog:

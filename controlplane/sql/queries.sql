@@ -3,19 +3,32 @@
 
 -- append_events --
 -- One batch, one round trip; see cairn_append_v2 in migrations/sql/0019_sharded_log.up.sql.
--- $9: the readers the batch concerns (eventlog/events.py readers_of), told at its commit
--- on cairn_events_for_v1 (the filtered tailers wake for their own only).
-SELECT positions, pg_notify('cairn_events_for_v1', $9::text)
+SELECT positions
   FROM cairn_append_v2($1::uuid[], $2::text[], $3::text[]::entity_kind[], $4::text[],
                        $5::text[], $6::text[], $7::text[]::jsonb[], $8::bytea[]) AS positions
 
 -- append_events_fenced --
 -- The same on behalf of node $1: refused (not stored, a stale_refused event instead) once
 -- the node was declared dead; see migrations/sql/0012_node_fence.up.sql and 0019.
-SELECT positions, refused, pg_notify('cairn_events_for_v1', $10::text)
+SELECT positions, refused
   FROM cairn_append_fenced_v2($1::text, $2::uuid[], $3::text[], $4::text[]::entity_kind[],
                               $5::text[], $6::text[], $7::text[], $8::text[]::jsonb[],
                               $9::bytea[])
+
+-- notify_appended --
+-- Wakes the readers of an append made in the caller's transaction, at its commit: $1 the
+-- highest position, on cairn_events_v1 (every unfiltered tailer); $2 the readers the batch
+-- concerns (eventlog/events.py readers_of), on cairn_events_for_v1 (the filtered tailers
+-- wake for their own only).
+SELECT pg_notify('cairn_events_v1', $1::text), pg_notify('cairn_events_for_v1', $2::text)
+
+-- notify_committed --
+-- The same after an append that committed on its own, in a transaction of its own,
+-- committed without waiting for the disk: a transaction that notifies holds a lock of the
+-- whole database through its commit (so it is kept out of the appends' commits), and a
+-- wake-up lost in a crash costs a reader one poll, not an event.
+SELECT set_config('synchronous_commit', 'off', true), pg_notify('cairn_events_v1', $1::text),
+       pg_notify('cairn_events_for_v1', $2::text)
 
 -- The readers' queries (eventlog/tailer.py; controlplane/README.md, "Reading only what
 -- concerns a reader" and "The sharded log"). $1: where the reader stands in each shard

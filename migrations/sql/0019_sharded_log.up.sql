@@ -187,8 +187,11 @@ BEGIN
                  WHERE u.event_id <> ALL (v_dup_ids)
                  GROUP BY u.shard) n
          WHERE h.shard = n.shard;
-        PERFORM pg_notify('cairn_events_v1', (SELECT max(p) FROM unnest(positions) p)::text);
     END IF;
+    -- (no NOTIFY here: a transaction that notifies holds a lock of the whole database
+    -- from before its commit until after it, so every append's commit, fsync included,
+    -- would wait for the last one's whatever its shard; the readers are told after the
+    -- commit instead: queries.sql, notify_appended)
 END;
 $$;
 
