@@ -309,6 +309,9 @@ def collect(
         text=True,
         timeout=1800,
         env={**os.environ, **(env or {})},
+        # its tree's root: ``python -m`` puts the working directory first on sys.path, so
+        # the daemons a driver starts import the tree they run in, whatever PYTHONPATH says
+        cwd=Path(script).resolve().parents[1],
     )
     rows = {}
     for line in result.stdout.splitlines():

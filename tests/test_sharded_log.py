@@ -8,6 +8,7 @@ event once, and a single-shard log brought to 4 shards by ``cairn migrate``."""
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections import defaultdict
 from pathlib import Path
@@ -367,3 +368,28 @@ def test_gc_retires_the_full_partitions_of_a_sharded_log(gcs_url: str, tmp_path:
     assert archived == len(before) - len(kept) > 0
     after = asyncio.run(append_rounds(3))
     assert min(after) > max(young) and {p % SHARDS for p in after} == set(range(1, SHARDS))
+
+
+async def test_readers_of_a_sharded_log_are_woken_after_each_append_commits(
+    sharded_url: str,
+) -> None:
+    """The wake-ups of a sharded log's appends are sent after their commit (not in it):
+    with a 30 s poll, only they can wake the readers, the filtered one only for its own."""
+    jobs = await jobs_by_shard(sharded_url)
+    async with (
+        EventAppender(sharded_url) as appender,
+        Tailer(sharded_url, poll_interval=30) as everything,
+        Tailer(sharded_url, reader="a", poll_interval=30) as node_a,
+    ):
+        await everything.read(wait=0.2)  # (both connected and listening)
+        await node_a.read(wait=0.2)
+        for_everything = asyncio.ensure_future(everything.read())
+        for_a = asyncio.ensure_future(node_a.read())
+        sent = time.monotonic()
+        await appender.append(task(jobs[1], "t-b", to_node="b"))
+        assert [e.entity_id for e in await for_everything] == ["t-b"]
+        await asyncio.sleep(0.3)
+        assert not for_a.done()  # (not woken for another node's event)
+        await appender.append(task(jobs[2], "t-a", to_node="a"))
+        assert [e.entity_id for e in await for_a] == ["t-a"]
+        assert time.monotonic() - sent < 5

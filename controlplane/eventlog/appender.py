@@ -281,8 +281,8 @@ async def append_on(
     """Appends events on ``conn`` (inside the caller's transaction, if any, so that an
     event can commit together with other writes); returns their positions. On behalf
     of node ``writer``, fenced: NodeFencedError if the node was declared dead. The
-    readers are woken once it commits (``notify_committed`` in queries.sql says why not
-    in the same transaction)."""
+    readers are woken at its commit, or after it in a sharded log (queries.sql,
+    ``append_events``)."""
     if payloads is None:
         payloads = [encode_payload(event) for event in events]
     fenced = () if writer is None else (writer,)
@@ -297,11 +297,12 @@ async def append_on(
         [e.node_id for e in events],
         payloads,
         [bytes(e.data) if e.data is not None else None for e in events],
+        readers := readers_of(events),
     )
     positions = list(row["positions"])
-    if positions:
+    if positions and not row["notified"]:
         wake = "notify_appended" if conn.is_in_transaction() else "notify_committed"
-        await conn.execute(queries[wake], str(max(positions)), readers_of(events))
+        await conn.execute(queries[wake], str(max(positions)), readers)
     if writer is not None and row["refused"]:
         raise NodeFencedError(
             f"the log refused {len(events)} events of node {writer}: it was declared dead "

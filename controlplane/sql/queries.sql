@@ -3,30 +3,51 @@
 
 -- append_events --
 -- One batch, one round trip; see cairn_append_v2 in migrations/sql/0019_sharded_log.up.sql.
-SELECT positions
+-- A single-shard log wakes its readers in the same statement, at its commit (its head
+-- lock serializes the appends anyway): on cairn_events_v1 (every unfiltered tailer) the
+-- highest position, on cairn_events_for_v1 $9, the readers the batch concerns
+-- (eventlog/events.py readers_of: the filtered tailers wake for their own only). A sharded
+-- log's are woken after the commit (`notified` false: notify_committed says why).
+SELECT a.positions, h.shard_count = 1 AS notified,
+       CASE WHEN h.shard_count = 1 AND cardinality(a.positions) > 0 THEN
+            pg_notify('cairn_events_v1', (SELECT max(p) FROM unnest(a.positions) p)::text)
+       END,
+       CASE WHEN h.shard_count = 1 AND cardinality(a.positions) > 0 THEN
+            pg_notify('cairn_events_for_v1', $9::text)
+       END
   FROM cairn_append_v2($1::uuid[], $2::text[], $3::text[]::entity_kind[], $4::text[],
-                       $5::text[], $6::text[], $7::text[]::jsonb[], $8::bytea[]) AS positions
+                       $5::text[], $6::text[], $7::text[]::jsonb[], $8::bytea[]) a,
+       event_log_head h
+ WHERE h.id = 1
 
 -- append_events_fenced --
 -- The same on behalf of node $1: refused (not stored, a stale_refused event instead) once
 -- the node was declared dead; see migrations/sql/0012_node_fence.up.sql and 0019.
-SELECT positions, refused
+SELECT a.positions, a.refused, h.shard_count = 1 AS notified,
+       CASE WHEN h.shard_count = 1 AND cardinality(a.positions) > 0 THEN
+            pg_notify('cairn_events_v1', (SELECT max(p) FROM unnest(a.positions) p)::text)
+       END,
+       CASE WHEN h.shard_count = 1 AND cardinality(a.positions) > 0 THEN
+            pg_notify('cairn_events_for_v1', $10::text)
+       END
   FROM cairn_append_fenced_v2($1::text, $2::uuid[], $3::text[], $4::text[]::entity_kind[],
                               $5::text[], $6::text[], $7::text[], $8::text[]::jsonb[],
-                              $9::bytea[])
+                              $9::bytea[]) a,
+       event_log_head h
+ WHERE h.id = 1
 
 -- notify_appended --
--- Wakes the readers of an append made in the caller's transaction, at its commit: $1 the
--- highest position, on cairn_events_v1 (every unfiltered tailer); $2 the readers the batch
--- concerns (eventlog/events.py readers_of), on cairn_events_for_v1 (the filtered tailers
--- wake for their own only).
+-- Wakes the readers of an append to a sharded log made in the caller's transaction, at
+-- its commit: $1 the highest position, on cairn_events_v1; $2 the readers, on
+-- cairn_events_for_v1 (as append_events).
 SELECT pg_notify('cairn_events_v1', $1::text), pg_notify('cairn_events_for_v1', $2::text)
 
 -- notify_committed --
--- The same after an append that committed on its own, in a transaction of its own,
--- committed without waiting for the disk: a transaction that notifies holds a lock of the
--- whole database through its commit (so it is kept out of the appends' commits), and a
--- wake-up lost in a crash costs a reader one poll, not an event.
+-- The same after an append to a sharded log that committed on its own, in a transaction
+-- of its own, committed without waiting for the disk: a transaction that notifies holds a
+-- lock of the whole database through its commit, so that inside the appends it would make
+-- each one's commit (fsync included) wait for the one before, whatever their shards; and
+-- a wake-up lost in a crash costs a reader one poll, not an event.
 SELECT set_config('synchronous_commit', 'off', true), pg_notify('cairn_events_v1', $1::text),
        pg_notify('cairn_events_for_v1', $2::text)
 
@@ -181,20 +202,21 @@ RETURNING node_id
 -- declare_stale_nodes_dead --
 -- Nodes whose pings stopped more than $1 seconds ago; each is declared dead once
 -- (concurrent monitors skip rows another one is declaring), and fenced: the log refuses
--- what its old incarnation appends from now on (cairn_append_fenced_v1).
+-- what its old incarnation appends from now on (cairn_append_fenced_v2, under the fence's
+-- lock, taken here for the rest of the transaction: migrations/sql/0019).
 UPDATE node_liveness SET dead_at = clock_timestamp(), fenced_at = clock_timestamp()
  WHERE node_id IN (SELECT node_id FROM node_liveness
                     WHERE dead_at IS NULL
                       AND last_ping < clock_timestamp() - make_interval(secs => $1)
                       FOR UPDATE SKIP LOCKED)
-RETURNING node_id, last_ping
+RETURNING node_id, last_ping, cairn_fence_lock_v1(node_id, false) AS fenced
 
 -- declare_node_restarted --
 -- Its daemon died and its node starts another in its place, which adopts what the old
 -- one kept in its store; fenced as a node declared dead by the monitor is.
 UPDATE node_liveness SET dead_at = clock_timestamp(), fenced_at = clock_timestamp()
  WHERE node_id = $1 AND dead_at IS NULL
-RETURNING node_id
+RETURNING node_id, cairn_fence_lock_v1(node_id, false) AS fenced
 
 -- store_objects_left --
 -- Each object's last event by a node whose daemon died: what its store held when it

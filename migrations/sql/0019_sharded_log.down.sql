@@ -15,6 +15,7 @@ DROP FUNCTION cairn_append_fenced_v2(text, uuid[], text[], entity_kind[], text[]
 DROP FUNCTION cairn_append_v2(uuid[], text[], entity_kind[], text[], text[], text[], jsonb[],
                               bytea[]);
 DROP FUNCTION cairn_settled_position_v1();
+DROP FUNCTION cairn_fence_lock_v1(text, boolean);
 DROP FUNCTION cairn_set_log_shards_v1(integer);
 DROP FUNCTION cairn_next_in_shard_v1(bigint, integer, integer);
 DROP FUNCTION cairn_shard_of_v1(text, integer);

@@ -64,6 +64,9 @@ BEGIN
     PERFORM 1 FROM event_log_head WHERE id = 1 FOR UPDATE;
     PERFORM 1 FROM event_log_shards ORDER BY shard FOR UPDATE;
     SELECT max(last_position) INTO v_head FROM event_log_shards;
+    -- every head at the highest: a shard appends past every head whatever it reads (a log
+    -- of one shard reads only its own), and readers have nothing to read below them
+    UPDATE event_log_shards SET last_position = v_head;
     INSERT INTO event_log_shards (shard, last_position)
     SELECT s, v_head FROM generate_series(0, p_count - 1) s
     ON CONFLICT (shard) DO NOTHING;
@@ -129,20 +132,23 @@ BEGIN
         positions := '{}';
         RETURN;
     END IF;
-    SELECT shard_count INTO v_count FROM event_log_head WHERE id = 1;
+    -- (partitioned_until only grows: read before the locks, it is at most too low)
+    SELECT shard_count, partitioned_until INTO v_count, v_until
+      FROM event_log_head WHERE id = 1;
     IF v_count = 1 THEN
-        v_shards := array_fill(0::smallint, ARRAY[v_size]);
+        -- one shard: its head is past every other row's (cairn_set_log_shards_v1), as the
+        -- single log's was, and the statements are the single log's
+        SELECT last_position INTO v_floor FROM event_log_shards WHERE shard = 0 FOR UPDATE;
         v_used := ARRAY[0::smallint];
     ELSE
         SELECT array_agg(cairn_shard_of_v1(j, v_count) ORDER BY o) INTO v_shards
           FROM unnest(p_job_ids) WITH ORDINALITY AS u(j, o);
         SELECT array_agg(DISTINCT s ORDER BY s) INTO v_used FROM unnest(v_shards) s;
+        PERFORM 1 FROM event_log_shards WHERE shard = ANY (v_used) ORDER BY shard FOR UPDATE;
+        -- past every head (this statement's snapshot: after the locks, so every append
+        -- that committed before ours is in it)
+        SELECT max(last_position) INTO v_floor FROM event_log_shards;
     END IF;
-    PERFORM 1 FROM event_log_shards WHERE shard = ANY (v_used) ORDER BY shard FOR UPDATE;
-    -- past every head (this statement's snapshot: after the locks, so every append that
-    -- committed before ours is in it)
-    SELECT max(last_position) INTO v_floor FROM event_log_shards;
-    SELECT partitioned_until INTO v_until FROM event_log_head WHERE id = 1;
     IF v_floor + (v_size + 1) * v_count >= v_until THEN
         PERFORM cairn_ensure_partitions_v1(v_floor + (v_size + 1) * v_count);
     END IF;
@@ -151,6 +157,25 @@ BEGIN
     SELECT coalesce(array_agg(e.event_id), '{}'), coalesce(array_agg(e.position), '{}')
       INTO v_dup_ids, v_dup_pos
       FROM events e WHERE e.event_id = ANY (p_event_ids);
+
+    IF v_count = 1 AND cardinality(v_dup_ids) = 0 THEN
+        -- the most common case, as the single log did it: v_floor + 1, v_floor + 2, ...
+        INSERT INTO events (position, event_id, recorded_at, job_id, entity_kind, entity_id,
+                            event_type, node_id, payload, data)
+        SELECT v_floor + u.ord, u.event_id, clock_timestamp(), u.job_id, u.kind,
+               u.entity_id, u.event_type, u.node_id, u.payload, u.data
+          FROM unnest(p_event_ids, p_job_ids, p_kinds, p_entity_ids, p_types, p_node_ids,
+                      p_payloads, p_data)
+               WITH ORDINALITY AS u(event_id, job_id, kind, entity_id, event_type, node_id,
+                                    payload, data, ord);
+        UPDATE event_log_shards SET last_position = v_floor + v_size WHERE shard = 0;
+        SELECT array_agg(v_floor + o ORDER BY o) INTO positions
+          FROM generate_series(1, v_size) o;
+        RETURN;
+    END IF;
+    IF v_count = 1 THEN
+        v_shards := array_fill(0::smallint, ARRAY[v_size]);
+    END IF;
 
     IF cardinality(v_used) = 1 AND cardinality(v_dup_ids) = 0 THEN
         -- the common case: one shard, nothing stored before; one step of v_count apart
@@ -195,11 +220,25 @@ BEGIN
 END;
 $$;
 
--- cairn_append_fenced_v1 (0012), over the sharded log: the fence is checked under a
--- lock on the node's liveness row (FOR KEY SHARE), which the monitor's declaration of
--- its death (FOR UPDATE, in the transaction that appends its `dead`) waits for and
--- makes wait: a batch either commits before the `dead` event or is refused. Pings
--- (which update the row without taking FOR UPDATE) do not wait.
+-- The node fence's lock (0012 used the one head row, which every append took): a node's
+-- appends hold it shared while they check the fence and until they commit; the monitor's
+-- declaration of its death takes it exclusive (queries.sql, declare_stale_nodes_dead), in
+-- the transaction that sets fenced_at and appends `dead`. So a batch either commits
+-- before the `dead` event or waits and is refused. An advisory lock, not a row lock:
+-- locking the liveness row wrote to it (and to the WAL) on every append.
+CREATE FUNCTION cairn_fence_lock_v1(p_node text, p_shared boolean) RETURNS boolean
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF p_shared THEN
+        PERFORM pg_advisory_xact_lock_shared(hashtextextended('cairn-fence:' || p_node, 0));
+    ELSE
+        PERFORM pg_advisory_xact_lock(hashtextextended('cairn-fence:' || p_node, 0));
+    END IF;
+    RETURN true;
+END;
+$$;
+
+-- cairn_append_fenced_v1 (0012), over the sharded log, under the fence's lock.
 CREATE FUNCTION cairn_append_fenced_v2(
     p_writer      text,
     p_event_ids   uuid[],
@@ -218,8 +257,8 @@ DECLARE
     v_fenced timestamptz;
     v_reason jsonb;
 BEGIN
-    SELECT l.fenced_at INTO v_fenced FROM node_liveness l WHERE l.node_id = p_writer
-       FOR KEY SHARE;
+    PERFORM cairn_fence_lock_v1(p_writer, true);
+    SELECT l.fenced_at INTO v_fenced FROM node_liveness l WHERE l.node_id = p_writer;
     refused := v_fenced IS NOT NULL;
     IF NOT refused THEN
         positions := cairn_append_v2(p_event_ids, p_job_ids, p_kinds, p_entity_ids, p_types,
