@@ -1,9 +1,8 @@
 -- The sharded log (issue 20). One head row serialized every append; now the log has
 -- `shard_count` shards (set when the GCS is made, cairn_set_log_shards_v1), each with a
 -- head row of its own in event_log_shards. An event's shard is its job's
--- (cairn_shard_of_v1: events of no job, such as membership, are shard 0), so an
--- entity's events are all in one shard, and appends of different jobs lock different
--- heads: they never wait for one another.
+-- (cairn_shard_of_v1: events that name no job, such as membership, are shard 0), so
+-- appends of different jobs lock different heads: they never wait for one another.
 --
 -- Positions stay unique across the log, and say more than before
 -- (controlplane/README.md, "The sharded log"):
