@@ -31,7 +31,7 @@ anyway shows in the ``deaths`` figure.
 snapshots:
 
 - tasks/s: task ``finished`` events in the window's positions / window;
-- events/s: how far the log's head (the highest ``event_log_shards.last_position``) moved / window;
+- events/s: the events the log gained / window (``$CAIRN_LOG_SHARDS`` shards it);
 - read/append: rows returned by the tailers' queries (every node daemon's log follower
   and the global scheduler read the log through ``Tailer``, each only the events
   addressed to it: ``read_events_for_node``, ``read_events_for_scheduler``), as
@@ -366,11 +366,9 @@ class Cluster:
 # -- measuring --------------------------------------------------------------------------
 
 # the tailers' queries: read_events_after (unfiltered: the projector) and the filtered
-# readers' read_events_for_node / read_events_for_scheduler (controlplane/sql/queries.sql)
-# (pg_stat_statements numbers constants as parameters too: "position > $2" for the latter)
-_READ_QUERY = re.compile(r"from\s+events\s+where\s+position\s*>\s*\$\d+\s+order\s+by\s+position")
-# ... and the filtered ones, whose first row is the head's position, not an event
-_FILTERED_READ_QUERY = re.compile(r"\bhorizon\b.*from\s+events\s+where\s+position\s*>\s*\$\d+\s")
+# readers' read_events_for_node / read_events_for_scheduler (controlplane/sql/queries.sql),
+# whose first rows are each shard's head position, not events
+_READ_QUERY = re.compile(r"\bhorizon\b.*from\s+event_log_shards\s+h\b.*cross\s+join\s+lateral")
 _FROM_EVENTS = re.compile(r"\bfrom\s+events\b")
 
 
@@ -378,6 +376,7 @@ _FROM_EVENTS = re.compile(r"\bfrom\s+events\b")
 class Snapshot:
     wall: float
     head: int
+    events: int  # in the log (a sharded log's positions skip: the head does not count them)
     tail_rows: int  # rows the tailers' query returned
     tail_calls: int  # its executions
     other_event_rows: int  # rows of other SELECTs on events (not this script's)
@@ -394,6 +393,8 @@ async def snapshot(conn: asyncpg.Connection, postmaster: int, daemons: list[int]
         "WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())"
     )
     head = await conn.fetchval(f"{MARK} SELECT max(last_position) FROM event_log_shards")
+    shards = await conn.fetchval(f"{MARK} SELECT count(*) FROM event_log_shards")
+    events = await conn.fetchval(f"{MARK} SELECT count(*) FROM events")
     procs = _proc_table()
     busy, total = _machine_cpu()
     tail_rows = tail_calls = other = appends = 0
@@ -402,10 +403,7 @@ async def snapshot(conn: asyncpg.Connection, postmaster: int, daemons: list[int]
         if MARK.lower() in text:
             continue
         if _READ_QUERY.search(text):
-            tail_rows += row["rows"]
-            tail_calls += row["calls"]
-        elif _FILTERED_READ_QUERY.search(text):
-            tail_rows += row["rows"] - row["calls"]  # (less each call's horizon row)
+            tail_rows += row["rows"] - row["calls"] * shards  # (less the heads' rows)
             tail_calls += row["calls"]
         elif "cairn_append" in text:  # cairn_append_v1, cairn_append_fenced_v1
             appends += row["calls"]
@@ -416,6 +414,7 @@ async def snapshot(conn: asyncpg.Connection, postmaster: int, daemons: list[int]
     return Snapshot(
         wall=time.time(),
         head=int(head),
+        events=int(events),
         tail_rows=tail_rows,
         tail_calls=tail_calls,
         other_event_rows=other,
@@ -555,7 +554,7 @@ async def _window(
         await _from_the_log(conn, figures, first.head, last.head)
     finally:
         await conn.close()
-    appended = last.head - first.head
+    appended = last.events - first.events
     per_1k = 1000 / figures.tasks if figures.tasks else float("nan")
     figures.tasks_per_s = figures.tasks / elapsed
     figures.events = appended
