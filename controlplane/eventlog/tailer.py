@@ -53,7 +53,6 @@ CHANNEL = "cairn_events_v1"  # every append's: the new head position
 # a batch that names it, or every node (or, for the scheduler, the scheduler)
 ADDRESSED_CHANNEL = "cairn_events_for_v1"
 RECENT = 10_000  # events whose ids are kept, to check after a failover
-_MAX_SHARDS = 1024  # (cairn_set_log_shards_v1's bound)
 
 
 Positions = list[int]  # where a reader stands in each shard (index: the shard)
@@ -81,8 +80,8 @@ class Tailer:
     ) -> None:
         self.url = url
         self.reader = reader
-        self.positions: Positions = [after] if isinstance(after, int) else list(after)
-        self._everywhere = isinstance(after, int)  # (a shard not listed yet: the same)
+        self.positions: Positions = [] if isinstance(after, int) else list(after)
+        self._start = after if isinstance(after, int) else 0  # (of a shard not listed)
         self.batch_size = batch_size
         self.poll_interval = poll_interval
         self.connect_timeout = connect_timeout
@@ -96,7 +95,7 @@ class Tailer:
     def position(self) -> int:
         """The highest position read in any shard (for lag and metrics; where to resume
         is ``positions``)."""
-        return max(self.positions, default=0)
+        return max(self.positions, default=self._start)
 
     def reached(self, heads: Sequence[int]) -> bool:
         """Whether it has read every shard up to ``heads`` (``head_positions``)."""
@@ -149,9 +148,7 @@ class Tailer:
     # -- internals ----------------------------------------------------------------
 
     def _at(self, shard: int) -> int:
-        if shard < len(self.positions):
-            return self.positions[shard]
-        return self.positions[0] if self._everywhere and self.positions else 0
+        return self.positions[shard] if shard < len(self.positions) else self._start
 
     def _take(self, rows: list[asyncpg.Record]) -> list[RecordedEvent]:
         """What a read returns of the rows of one query (see the module's docstring),
@@ -180,7 +177,7 @@ class Tailer:
         for shard, horizon in horizons.items():
             reached = horizon if cut is None else min(horizon, cut)
             positions[shard] = max(positions[shard], reached)
-        self.positions, self._everywhere = positions, False
+        self.positions = positions
         return events
 
     def _check_contiguous(self, rows: list[asyncpg.Record]) -> None:
@@ -234,21 +231,14 @@ class Tailer:
             await self._connect()
             self._wake.set()  # notifications may have been missed while away
         assert self._conn is not None
-        args: tuple[object, ...] = (self._cursor(), self.batch_size)
+        args: tuple[object, ...] = (self.positions, self.batch_size)
         if self.reader is None:
-            query = "read_events_after"
+            query, args = "read_events_after", (*args, self._start)
         elif self.reader == SCHEDULER:
-            query = "read_events_for_scheduler"
+            query, args = "read_events_for_scheduler", (*args, self._start)
         else:
-            query, args = "read_events_for_node", (*args, self.reader)
+            query, args = "read_events_for_node", (*args, self.reader, self._start)
         return await run_on(self._conn, lambda c: c.fetch(queries[query], *args))
-
-    def _cursor(self) -> list[int]:
-        """Where it stands in each shard, for the query (a shard past the list: 0, or,
-        while it was told one position for every shard, that one)."""
-        if self._everywhere:
-            return self.positions * _MAX_SHARDS
-        return self.positions
 
 
 async def head_positions(conn: asyncpg.Connection) -> Positions:

@@ -78,7 +78,7 @@ class Projector:
         self._conn = await connect(self.url)
         await self._conn.execute(queries["ensure_subscription"], self.name)
         saved = await self._conn.fetchval(queries["subscription_position"], self.name)
-        self._tailer = Tailer(self.url, after=list(saved or [0]), batch_size=self.batch_size)
+        self._tailer = Tailer(self.url, after=list(saved or []), batch_size=self.batch_size)
         await self._tailer.__aenter__()
         return self
 
@@ -145,7 +145,8 @@ class Projector:
 
 
 def _trimmed(positions: list[int]) -> list[int]:
-    """Positions per shard without the shards not read yet (0) at the end."""
+    """Positions per shard without the shards not read yet (0) at the end: where a
+    reader stands, whether or not its list names them."""
     while positions and positions[-1] == 0:
         positions = positions[:-1]
     return positions

@@ -53,7 +53,7 @@ SELECT set_config('synchronous_commit', 'off', true), pg_notify('cairn_events_v1
 
 -- The readers' queries (eventlog/tailer.py; controlplane/README.md, "Reading only what
 -- concerns a reader" and "The sharded log"). $1: where the reader stands in each shard
--- (index shard + 1; a shard it has not read yet: 0). In one statement, so in one
+-- (index shard + 1; a shard past the list: the last parameter, where it started). In one statement, so in one
 -- snapshot: one row per shard with its head's position (`horizon`, every position of
 -- that shard up to it committed), then, per shard, its next events up to that head, at
 -- most $2 (the batch size) of them, in position order. The reader moves each shard's
@@ -70,7 +70,7 @@ SELECT h.shard, e.* FROM event_log_shards h CROSS JOIN LATERAL (
     SELECT position, event_id, recorded_at, job_id, entity_kind::text, entity_id, event_type,
            node_id, payload::text, data, NULL::bigint
       FROM events
-     WHERE shard = h.shard AND position > coalesce(($1::bigint[])[h.shard + 1], 0)
+     WHERE shard = h.shard AND position > coalesce(($1::bigint[])[h.shard + 1], $3)
        AND position <= h.last_position
      ORDER BY position
      LIMIT $2) e
@@ -88,7 +88,7 @@ SELECT h.shard, e.* FROM event_log_shards h CROSS JOIN LATERAL (
     SELECT position, event_id, recorded_at, job_id, entity_kind::text, entity_id, event_type,
            node_id, payload::text, data, NULL::bigint
       FROM events
-     WHERE shard = h.shard AND position > coalesce(($1::bigint[])[h.shard + 1], 0)
+     WHERE shard = h.shard AND position > coalesce(($1::bigint[])[h.shard + 1], $4)
        AND position <= h.last_position
        AND ((payload ? 'to_node' AND payload ->> 'to_node' IN ($3::text, '*'))
             OR (payload ? 'owner_node' AND payload ->> 'owner_node' = $3::text))
@@ -108,7 +108,7 @@ SELECT h.shard, e.* FROM event_log_shards h CROSS JOIN LATERAL (
     SELECT position, event_id, recorded_at, job_id, entity_kind::text, entity_id, event_type,
            node_id, payload::text, data, NULL::bigint
       FROM events
-     WHERE shard = h.shard AND position > coalesce(($1::bigint[])[h.shard + 1], 0)
+     WHERE shard = h.shard AND position > coalesce(($1::bigint[])[h.shard + 1], $3)
        AND position <= h.last_position
        AND (entity_kind IN ('node', 'placement_group')
             OR (entity_kind = 'task' AND event_type IN ('spilled', 'placed'))
