@@ -357,6 +357,7 @@ class GlobalScheduler:
                             pg_id,
                             "infeasible",
                             {"reason": reason, "to_node": EVERY_NODE},
+                            job_id=created.job_id,
                             event_id=uuid.uuid5(_PLACEMENT_IDS, f"{pg_id}:x"),
                         )
                     )

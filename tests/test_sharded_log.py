@@ -100,6 +100,39 @@ async def test_each_jobs_events_go_to_its_shard_with_positions_of_that_shard(
     }
 
 
+async def test_an_event_that_names_no_job_goes_to_its_entitys_job_and_shard(
+    sharded_url: str,
+) -> None:
+    """A node freeing or moving an object may not know its job: the log gives the event
+    the job its entity's history names, from the same batch or from what is stored
+    (migrations/sql/0020_entity_jobs.up.sql), so the object's history is in one shard."""
+    jobs = await jobs_by_shard(sharded_url)
+    job = jobs[3]
+
+    def obj(object_id: str, event_type: str, job_id: str | None = None) -> Event:
+        return Event(EntityKind.OBJECT, object_id, event_type, {}, job_id=job_id)
+
+    async with EventAppender(sharded_url) as appender:
+        await appender.append(obj("stored", "created", job))
+        await appender.append_many([obj("stored", "transferred"), obj("stored", "freed")])
+        await appender.append_many(
+            [obj("batched", "created", job), obj("batched", "freed"), node("n1")]
+        )
+        await appender.append(obj("unknown", "lost"))  # (no history: no job, shard 0)
+    stored = await fetch_rows(
+        sharded_url, "SELECT entity_id, job_id, shard FROM events ORDER BY position"
+    )
+    assert [(r["entity_id"], r["job_id"], r["shard"]) for r in stored] == [
+        ("stored", job, 3),
+        ("stored", job, 3),
+        ("stored", job, 3),
+        ("batched", job, 3),
+        ("batched", job, 3),
+        ("n1", None, 0),
+        ("unknown", None, 0),
+    ]
+
+
 async def test_appends_to_different_shards_do_not_wait_for_one_another(sharded_url: str) -> None:
     """An append held open in one shard holds back that shard's next appends and its
     readers there, and nothing else: another job's appends commit and are read."""

@@ -24,6 +24,7 @@ from controlplane.eventlog import EntityKind, Event, EventAppender, Tailer
 from controlplane.projections import TABLES, fold
 from controlplane.readonly_sql import WriteRefusedError, run_readonly
 from sdk.api import client_or_auto_init
+from sdk.util.placement_group import placement_group, remove_placement_group
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -158,6 +159,9 @@ def run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
         first = double.remote(put)
         result = add.remote(first, put)
         assert ray.get(result) == 15
+        group = placement_group([{"CPU": 1}])
+        ray.get(group.ready(), timeout=30)
+        remove_placement_group(group)
         r.flaky_task, r.broken_task = flaky_ref.task_id().hex(), broken_ref.task_id().hex()
         r.actor_id = counter._actor_id
         r.put_id, r.result_id = put.hex(), result.hex()
@@ -280,6 +284,24 @@ def test_each_event_is_in_its_jobs_shard(run: Run) -> None:
     )
     assert placed and all(row["shards"] == row["expected"] for row in placed)
     assert {row["shards"][0] for row in placed if row["job_id"] is None} == {0}
+
+
+def test_every_event_of_a_jobs_entity_names_the_job_and_lies_in_one_shard(run: Run) -> None:
+    """A task's, object's, actor's or placement group's events all name its job, even
+    those written by a node that did not know it (migrations/sql/0020_entity_jobs.up.sql):
+    its whole history is in one shard."""
+    entities = query(
+        run,
+        "SELECT entity_kind::text AS kind, entity_id, array_agg(DISTINCT shard) AS shards, "
+        "array_agg(DISTINCT job_id) AS jobs, array_agg(event_type) AS types FROM events "
+        "WHERE entity_kind IN ('task', 'object', 'actor', 'placement_group') "
+        "GROUP BY entity_kind, entity_id",
+    )
+    kinds = {row["kind"] for row in entities}
+    assert kinds == {"task", "object", "actor", "placement_group"}
+    strays = [row for row in entities if len(row["shards"]) != 1 or len(row["jobs"]) != 1]
+    assert strays == []
+    assert not [row for row in entities if row["jobs"] == [None]]
 
 
 def test_the_audit_role_reads_the_views_and_writes_nothing(run: Run) -> None:

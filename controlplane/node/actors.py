@@ -168,8 +168,10 @@ class ActorDirector:
         """Logs an event of the actor (written behind); one hosted here for another node
         is addressed to that node (``owner_node``), which follows it from the log."""
         actor = self.actors.get(actor_id)
-        if actor is not None and actor.creation.placed_from is not None:
-            payload = {**payload, **to_owner(actor.creation)}
+        if actor is not None:
+            more.setdefault("job_id", actor.creation.spec.job_id)
+            if actor.creation.placed_from is not None:
+                payload = {**payload, **to_owner(actor.creation)}
         event = Event(K.ACTOR, actor_id, event_type, payload, node_id=self.node_id, **more)
         self.recorder.log([event])
 

@@ -147,7 +147,10 @@ class ActorsElsewhere:
         payload: dict[str, Any] = {"no_restart": no_restart, "to_node": actor.placed_on or "*"}
         if cause:
             payload["cause"] = cause
-        event = Event(K.ACTOR, actor_id, "kill_requested", payload, node_id=self.node_id)
+        job_id = actor.creation.spec.job_id
+        event = Event(
+            K.ACTOR, actor_id, "kill_requested", payload, job_id=job_id, node_id=self.node_id
+        )
         self.recorder.log([event])
 
     def owner_gone(self, conn: Connection) -> None:
@@ -218,6 +221,7 @@ class ActorsElsewhere:
                     actor.actor_id,
                     "restarting",
                     {"attempt": actor.restarts, "cause": cause},
+                    job_id=creation.spec.job_id,
                     node_id=self.node_id,
                 )
             ]
@@ -251,9 +255,15 @@ class ActorsElsewhere:
     def _died(self, actor: ActorElsewhere, cause: str) -> None:
         """Dead for good, declared here (its node died, no restarts left): a ``dead``
         event says so."""
-        self.recorder.log(
-            [Event(K.ACTOR, actor.actor_id, "dead", {"cause": cause[:2000]}, node_id=self.node_id)]
+        dead = Event(
+            K.ACTOR,
+            actor.actor_id,
+            "dead",
+            {"cause": cause[:2000]},
+            job_id=actor.creation.spec.job_id,
+            node_id=self.node_id,
         )
+        self.recorder.log([dead])
         death = p.ErrorInfo(
             "actor_died", f"the actor {actor.actor_id} died: {cause}", function_name=actor.actor_id
         )

@@ -167,9 +167,14 @@ class PlacementGroups:
                 if not record.reported_infeasible:
                     record.reported_infeasible = True
                     log.warning("placement group %s cannot be placed: %s", record.pg_id, why_not)
-                    self.recorder.log(
-                        [Event(K.PLACEMENT_GROUP, record.pg_id, "infeasible", {"reason": why_not})]
+                    infeasible = Event(
+                        K.PLACEMENT_GROUP,
+                        record.pg_id,
+                        "infeasible",
+                        {"reason": why_not},
+                        job_id=record.job_id or None,
                     )
+                    self.recorder.log([infeasible])
                 continue
             total: dict[str, float] = {}
             for bundle in record.bundles:
@@ -232,6 +237,7 @@ class PlacementGroups:
                         record.pg_id,
                         "bundle_reserved",
                         {"index": index, "to_node": EVERY_NODE},
+                        job_id=record.job_id or None,
                         node_id=self.node_id,
                     )
                 ]
@@ -342,7 +348,12 @@ class PlacementGroups:
             return
         was_created, group.state = group.state == "CREATED", "REMOVED"
         removed = Event(
-            K.PLACEMENT_GROUP, pg_id, "removed", {"to_node": EVERY_NODE}, node_id=self.node_id
+            K.PLACEMENT_GROUP,
+            pg_id,
+            "removed",
+            {"to_node": EVERY_NODE},
+            job_id=group.job_id or None,
+            node_id=self.node_id,
         )
         if log_event and was_created:
             self.recorder.log([removed])

@@ -89,6 +89,7 @@ class TaskRuns:
                         spec.task_id,
                         "waiting_for_dependencies",
                         {"dependencies": sorted(record.pending_deps)},
+                        job_id=spec.job_id,
                     )
                 ]
             )
@@ -212,7 +213,14 @@ class TaskRuns:
         }
         if scheduled:
             payload["scheduled"] = True
-        return Event(K.TASK, record.spec.task_id, "running", payload, node_id=self.node_id)
+        return Event(
+            K.TASK,
+            record.spec.task_id,
+            "running",
+            payload,
+            job_id=record.spec.job_id,
+            node_id=self.node_id,
+        )
 
     def task_done(self, handle: WorkerHandle | None, done: p.TaskDone) -> None:
         """A worker (``handle``; None: one this node no longer knows) finished a task."""

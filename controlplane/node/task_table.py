@@ -275,6 +275,7 @@ class TaskTable:
                     record.spec.task_id,
                     "retried",
                     {"attempt": record.attempt, "reason": reason[:2000]},
+                    job_id=record.spec.job_id,
                 )
             ]
         )

@@ -2,7 +2,8 @@
 -- controlplane.sql.queries[name]. Parameters use asyncpg's $n syntax.
 
 -- append_events --
--- One batch, one round trip; see cairn_append_v2 in migrations/sql/0019_sharded_log.up.sql.
+-- One batch, one round trip; see cairn_append_v2 in migrations/sql/0019_sharded_log.up.sql
+-- (an event of a job's entity that names no job is given it: 0020_entity_jobs.up.sql).
 -- A single-shard log wakes its readers in the same statement, at its commit (its head
 -- lock serializes the appends anyway): on cairn_events_v1 (every unfiltered tailer) the
 -- highest position, on cairn_events_for_v1 $9, the readers the batch concerns
@@ -15,8 +16,10 @@ SELECT a.positions, h.shard_count = 1 AS notified,
        CASE WHEN h.shard_count = 1 AND cardinality(a.positions) > 0 THEN
             pg_notify('cairn_events_for_v1', $9::text)
        END
-  FROM cairn_append_v2($1::uuid[], $2::text[], $3::text[]::entity_kind[], $4::text[],
-                       $5::text[], $6::text[], $7::text[]::jsonb[], $8::bytea[]) a,
+  FROM cairn_append_v2($1::uuid[],
+                       cairn_jobs_of_v1($2::text[], $3::text[]::entity_kind[], $4::text[]),
+                       $3::text[]::entity_kind[], $4::text[], $5::text[], $6::text[],
+                       $7::text[]::jsonb[], $8::bytea[]) a,
        event_log_head h
  WHERE h.id = 1
 
@@ -30,9 +33,11 @@ SELECT a.positions, a.refused, h.shard_count = 1 AS notified,
        CASE WHEN h.shard_count = 1 AND cardinality(a.positions) > 0 THEN
             pg_notify('cairn_events_for_v1', $10::text)
        END
-  FROM cairn_append_fenced_v2($1::text, $2::uuid[], $3::text[], $4::text[]::entity_kind[],
-                              $5::text[], $6::text[], $7::text[], $8::text[]::jsonb[],
-                              $9::bytea[]) a,
+  FROM cairn_append_fenced_v2($1::text, $2::uuid[],
+                              cairn_jobs_of_v1($3::text[], $4::text[]::entity_kind[],
+                                               $5::text[]),
+                              $4::text[]::entity_kind[], $5::text[], $6::text[], $7::text[],
+                              $8::text[]::jsonb[], $9::bytea[]) a,
        event_log_head h
  WHERE h.id = 1
 
