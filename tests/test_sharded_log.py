@@ -110,7 +110,8 @@ async def test_an_event_that_names_no_job_goes_to_its_entitys_job_and_shard(
     job = jobs[3]
 
     def obj(object_id: str, event_type: str, job_id: str | None = None) -> Event:
-        return Event(EntityKind.OBJECT, object_id, event_type, {}, job_id=job_id)
+        payload = {"size_bytes": 1} if event_type in ("created", "transferred") else {}
+        return Event(EntityKind.OBJECT, object_id, event_type, payload, job_id=job_id)
 
     async with EventAppender(sharded_url) as appender:
         await appender.append(obj("stored", "created", job))

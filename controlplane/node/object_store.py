@@ -56,6 +56,9 @@ class ObjectStore:
         self._schedule = schedule
         self._fetch_remote = fetch_remote
         self._release_remote = release_remote
+        # the job of each object made here, until it is freed: its later events name it
+        # (an entity's events in one shard: migrations/sql/0020_entity_jobs.up.sql)
+        self._jobs: dict[str, str] = {}
         self.objects = ObjectTable(
             capacity,
             on_free=self._freed,
@@ -181,6 +184,8 @@ class ObjectStore:
         owner on another node (``owner_node``, whom the event is addressed to); then the
         event also says where in the store it is (what a daemon that restarts here
         adopts: node/store_adoption.py)."""
+        if job_id is not None:
+            self._jobs[location.object_id] = job_id
         payload: dict[str, Any] = {"size_bytes": location.size, "inline": location.region is None}
         if task_id:
             payload["task_id"] = task_id
@@ -249,7 +254,7 @@ class ObjectStore:
 
     def _freed(self, location: p.ObjectLocation) -> None:
         self.memory.free_location(location)
-        self.recorder.log([Event(K.OBJECT, location.object_id, "freed", {}, node_id=self.node_id)])
+        self.object_event(location.object_id, "freed", {})
 
     def _bring_back(self, object_id: str, where: Elsewhere) -> None:
         """Something here waits for an object whose bytes are not in the store."""
@@ -268,4 +273,13 @@ class ObjectStore:
             self.object_event(object_id, "freed", {})
 
     def object_event(self, object_id: str, event_type: str, payload: dict[str, Any]) -> None:
-        self.recorder.log([Event(K.OBJECT, object_id, event_type, payload, node_id=self.node_id)])
+        job_id = self._jobs.pop(object_id, None) if event_type == "freed" else None
+        event = Event(
+            K.OBJECT,
+            object_id,
+            event_type,
+            payload,
+            job_id=job_id or self._jobs.get(object_id),
+            node_id=self.node_id,
+        )
+        self.recorder.log([event])
