@@ -40,6 +40,7 @@ from pathlib import Path
 import asyncpg
 
 from controlplane.eventlog import EntityKind, Event, EventAppender, Tailer, new_event_id
+from controlplane.eventlog.servers import ServersAppender
 from controlplane.gcs_url import normalize, redact
 
 WRITER_COUNTS = (1, 8)
@@ -87,7 +88,7 @@ class _Shutdown(Exception):
     """The parent sent None (close) where a start time was expected."""
 
 
-def _writer_main(url: str, writer: int, pipe: Connection) -> None:
+def _writer_main(url: str | tuple[str, ...], writer: int, pipe: Connection) -> None:
     """A writer process, alive for the whole benchmark: runs one Job per message until it
     gets None.
 
@@ -98,11 +99,14 @@ def _writer_main(url: str, writer: int, pipe: Connection) -> None:
     asyncio.run(_writer_loop(url, writer, pipe))
 
 
-async def _writer_loop(url: str, writer: int, pipe: Connection) -> None:
+async def _writer_loop(url: str | tuple[str, ...], writer: int, pipe: Connection) -> None:
     # One EventAppender and one raw connection per process, opened at first use and kept:
     # a long-lived appender is the normal case, and a new connection's first few appends
     # run on custom plans (see README "Cold connections"), which would skew a 3 s run.
-    appender: EventAppender | None = None
+    # several URLs: one log on several servers (controlplane/eventlog/servers.py); raw
+    # COPY goes to the first
+    urls = (url,) if isinstance(url, str) else url
+    appender: EventAppender | ServersAppender | None = None
     conn: asyncpg.Connection | None = None
     try:
         while True:
@@ -110,10 +114,12 @@ async def _writer_loop(url: str, writer: int, pipe: Connection) -> None:
             if job is None:
                 return
             try:
-                if job.mode == "log":
-                    appender = appender or await EventAppender(url).start()
-                else:
-                    conn = conn or await asyncpg.connect(url)
+                if job.mode == "log" and appender is None:
+                    appender = await (
+                        EventAppender(urls[0]) if len(urls) == 1 else ServersAppender(urls)
+                    ).start()
+                elif job.mode != "log":
+                    conn = conn or await asyncpg.connect(urls[0])
                 pipe.send("ready")
                 start = _start_time(pipe)
                 if job.mode == "log":
@@ -158,7 +164,7 @@ async def _sleep_until(wall: float) -> None:
 
 
 async def _append_loop(
-    appender: EventAppender, writer: int, job: Job, start: float
+    appender: EventAppender | ServersAppender, writer: int, job: Job, start: float
 ) -> WriterResult:
     await _sleep_until(start)
     end = start + job.seconds
@@ -217,7 +223,7 @@ async def _copy_loop(conn: asyncpg.Connection, writer: int, job: Job, start: flo
 class WriterPool:
     """``size`` spawned writer processes, reused by every configuration."""
 
-    def __init__(self, url: str, size: int) -> None:
+    def __init__(self, url: str | tuple[str, ...], size: int) -> None:
         # the job each writer appends for: one per shard of the log (``use_shards``), so
         # that with W <= S writers each appends to a shard of its own
         self.jobs: tuple[str, ...] = ("job-bench",)
@@ -374,12 +380,14 @@ async def _measure_raw(pool: WriterPool, row: Row, seconds: float) -> None:
     row.raw_events, row.raw_rate = _rate(results)
 
 
-async def _warm_up(pool: WriterPool, seconds: float) -> None:
+async def _warm_up(
+    pool: WriterPool, seconds: float, modes: tuple[str, ...] = ("log", "raw")
+) -> None:
     """Every writer process appends and copies once before anything is measured (imports,
     connections, prepared statements, the first pages of the tables)."""
     if seconds <= 0:
         return
-    for mode in ("log", "raw"):
+    for mode in modes:
         await pool.prepare(len(pool.pipes), Job(mode, 100, seconds))
         await pool.go(len(pool.pipes), time.time() + START_DELAY_S)
 

@@ -60,7 +60,9 @@ in 1, 1000, with the log in S = 1, 2, 4, 8 shards on one server (writer w append
 a job of shard w % S), beside plain COPY into an unindexed table: ``bench/log_append.py``'s
 writers and measurements, reused (``log``: with one tailer reading, as its table;
 ``untailed``: without). Issue 20's append targets (8 x 1000 >= 85% of raw; 8 x 1 >= 2x)
-are measured against these.
+are measured against these. Then the same writers on one log of S = 2, 4, 8 shards on two
+embedded servers (shard s on server s % 2; each writer a ``ServersAppender``), untailed,
+beside one server's figure.
 
 Everything started is stopped and removed at the end, also on Ctrl-C or an error:
 processes (each in a process group of its own, killed as a group last), the nodes'
@@ -622,12 +624,41 @@ def measure_appends(seconds: float, warmup: float) -> list[dict[str, Any]]:
                 await conn.execute(f"DROP TABLE IF EXISTS {la.RAW_TABLE}")
             await conn.close()
 
+    async def run_on_servers(urls: tuple[str, ...]) -> list[tuple[int, la.Row]]:
+        conn = await asyncpg.connect(urls[0])
+        pool = la.WriterPool(urls, max(APPEND_WRITERS))
+        try:
+            await la._warm_up(pool, warmup, modes=("log",))
+            rows = []
+            for shards in APPEND_SHARDS[1:]:
+                await asyncio.to_thread(schema.set_log_servers, urls, shards)
+                await pool.use_shards(conn)
+                for writers in APPEND_WRITERS:
+                    for batch in APPEND_BATCHES:
+                        row = la.Row(writers, batch)
+                        await la._measure_untailed(pool, row, seconds)
+                        rows.append((shards, row))
+                        print(
+                            f"  appends on 2 servers: {shards} shard(s), {writers} writer(s) "
+                            f"x batch {batch} done",
+                            flush=True,
+                        )
+            return rows
+        finally:
+            pool.close()
+            await conn.close()
+
     from controlplane.gcs_url import normalize
 
     with Gcs(None) as gcs:
         rows = asyncio.run(run(normalize(gcs.owner_url)))
+    with Gcs(None) as first, Gcs(None) as second:
+        urls = (normalize(first.owner_url), normalize(second.owner_url))
+        two = asyncio.run(run_on_servers(urls))
+    one = {(shards, r.writers, r.batch): r for shards, r in rows}
     return [
         {
+            "servers": 1,
             "shards": shards,
             "writers": r.writers,
             "batch": r.batch,
@@ -640,6 +671,16 @@ def measure_appends(seconds: float, warmup: float) -> list[dict[str, Any]]:
             "tail_p99_ms": r.p99_ms,
         }
         for shards, r in rows
+    ] + [
+        {
+            "servers": 2,
+            "shards": shards,
+            "writers": r.writers,
+            "batch": r.batch,
+            "untailed_events_per_s": r.untailed_rate,
+            "over_one_server": r.untailed_rate / one[shards, r.writers, r.batch].untailed_rate,
+        }
+        for shards, r in two
     ]
 
 
@@ -675,14 +716,29 @@ def print_appends(rows: list[dict[str, Any]]) -> None:
         f"{'shards':>6} {'writers':>7} {'batch':>5} {'log ev/s':>10} {'untailed ev/s':>13} "
         f"{'raw COPY ev/s':>13} {'log/raw':>7} {'untailed/raw':>12}"
     )
+    print("one server:")
     print(header)
     print("-" * len(header))
     for r in rows:
+        if r["servers"] == 2:
+            continue
         print(
             f"{r['shards']:>6} {r['writers']:>7} {r['batch']:>5} {r['log_events_per_s']:>10,.0f} "
             f"{r['untailed_events_per_s']:>13,.0f} {r['raw_copy_events_per_s']:>13,.0f} "
             f"{r['log_over_raw']:>7.0%} {r['untailed_over_raw']:>12.0%}"
         )
+    header = (
+        f"{'shards':>6} {'writers':>7} {'batch':>5} {'untailed ev/s':>13} {'vs one server':>13}"
+    )
+    print("two servers (a writer's job's shard on either; controlplane/eventlog/servers.py):")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        if r["servers"] == 2:
+            print(
+                f"{r['shards']:>6} {r['writers']:>7} {r['batch']:>5} "
+                f"{r['untailed_events_per_s']:>13,.0f} {r['over_one_server']:>13.2f}"
+            )
 
 
 def _machine() -> dict[str, Any]:

@@ -47,7 +47,7 @@ def template_url(pg_server_url: str) -> str:
 
 
 @contextlib.contextmanager
-def _scratch_database(server_url: str, template: str | None = None) -> Iterator[str]:
+def scratch_database(server_url: str, template: str | None = None) -> Iterator[str]:
     """A database made for one test (empty, or a copy of ``template``), dropped after."""
     name = f"cairn_test_{uuid.uuid4().hex[:12]}"
     clause = f' TEMPLATE "{template}"' if template else ""
@@ -63,7 +63,7 @@ def _scratch_database(server_url: str, template: str | None = None) -> Iterator[
 @pytest.fixture
 def empty_db_url(pg_server_url: str) -> Iterator[str]:
     """A fresh database with no schema at all."""
-    with _scratch_database(pg_server_url) as url:
+    with scratch_database(pg_server_url) as url:
         yield url
 
 
@@ -77,7 +77,7 @@ def log_shards() -> int:
 @pytest.fixture
 def gcs_url(pg_server_url: str, template_url: str, log_shards: int) -> Iterator[str]:
     """A fresh, migrated database for one test, its log in ``log_shards`` shards."""
-    with _scratch_database(pg_server_url, TEMPLATE_DB) as url:
+    with scratch_database(pg_server_url, TEMPLATE_DB) as url:
         if log_shards > 1:
             schema.set_log_shards(url, log_shards)
         yield url
@@ -87,7 +87,7 @@ def gcs_url(pg_server_url: str, template_url: str, log_shards: int) -> Iterator[
 def module_gcs_url(pg_server_url: str, template_url: str) -> Iterator[str]:
     """A fresh, migrated database for the tests of one module (a cluster they share,
     whose log outlives it)."""
-    with _scratch_database(pg_server_url, TEMPLATE_DB) as url:
+    with scratch_database(pg_server_url, TEMPLATE_DB) as url:
         yield url
 
 

@@ -34,6 +34,7 @@ from controlplane.errors import (
 )
 from controlplane.eventlog import fencing
 from controlplane.eventlog.catalog import encode_payload
+from controlplane.eventlog.clock import LogClock
 from controlplane.eventlog.connection import (
     DEFAULT_CONNECT_TIMEOUT_S,
     connect,
@@ -71,13 +72,19 @@ class EventAppender:
         linger: float = 0.0,
         max_backlog: int = DEFAULT_MAX_BACKLOG,
         writer_node: str | None = None,
+        clock: LogClock | None = None,
     ) -> None:
         """``writer_node``: the node this process appends for, once it is a cluster
         member: the log refuses its appends once it was declared dead (NodeFencedError;
         ``on_fenced`` hears of it, and every append after fails at once). A GCS that is
         not this process's log (GcsIdentityError, see ``fencing.py``) is refused the
-        same way: ``on_refused`` hears of it, and every append after fails at once."""
+        same way: ``on_refused`` hears of it, and every append after fails at once.
+        ``clock``: on one server of a log on several, the process's clock, which its
+        appends take positions past and move on (``servers.py``)."""
+        if clock is not None and writer_node is not None:
+            raise ValueError("a fenced appender cannot append to a log on several servers yet")
         self.url = url
+        self.clock = clock
         self.writer_node = writer_node
         self.fenced: NodeFencedError | None = None
         self.on_fenced: Callable[[NodeFencedError], None] = lambda _error: None
@@ -255,6 +262,8 @@ class EventAppender:
         self.events_committed += len(events)
         if positions:
             fencing.saw(max(positions), self._conn)
+            if self.clock is not None:
+                self.clock.saw(max(positions))
         offset = 0
         for request in requests:
             count = len(request.events)
@@ -266,8 +275,10 @@ class EventAppender:
         if self._conn is None or self._conn.is_closed():
             self._conn = await connect(self.url, timeout=self.connect_timeout)
         writer = self.writer_node
+        floor = None if self.clock is None else self.clock.position
         return await run_on(
-            self._conn, lambda conn: append_on(conn, events, payloads, writer=writer)
+            self._conn,
+            lambda conn: append_on(conn, events, payloads, writer=writer, floor=floor),
         )
 
 
@@ -277,18 +288,17 @@ async def append_on(
     payloads: Sequence[str] | None = None,
     *,
     writer: str | None = None,
+    floor: int | None = None,
 ) -> list[int]:
     """Appends events on ``conn`` (inside the caller's transaction, if any, so that an
     event can commit together with other writes); returns their positions. On behalf
-    of node ``writer``, fenced: NodeFencedError if the node was declared dead. The
-    readers are woken at its commit, or after it in a sharded log (queries.sql,
-    ``append_events``)."""
+    of node ``writer``, fenced: NodeFencedError if the node was declared dead. With a
+    ``floor`` (on one server of a log on several), positions past it. The readers are
+    woken at its commit, or after it in a sharded log (queries.sql, ``append_events``)."""
     if payloads is None:
         payloads = [encode_payload(event) for event in events]
-    fenced = () if writer is None else (writer,)
-    row = await conn.fetchrow(
-        queries["append_events_fenced" if writer is not None else "append_events"],
-        *fenced,
+    readers = readers_of(events)
+    columns = (
         [e.event_id for e in events],
         [e.job_id for e in events],
         [str(e.entity_kind) for e in events],
@@ -297,8 +307,13 @@ async def append_on(
         [e.node_id for e in events],
         payloads,
         [bytes(e.data) if e.data is not None else None for e in events],
-        readers := readers_of(events),
     )
+    if writer is not None:
+        row = await conn.fetchrow(queries["append_events_fenced"], writer, *columns, readers)
+    elif floor is not None:
+        row = await conn.fetchrow(queries["append_events_after"], *columns, floor)
+    else:
+        row = await conn.fetchrow(queries["append_events"], *columns, readers)
     positions = list(row["positions"])
     if positions and not row["notified"]:
         wake = "notify_appended" if conn.is_in_transaction() else "notify_committed"

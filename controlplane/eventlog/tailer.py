@@ -90,6 +90,8 @@ class Tailer:
         self._wake = asyncio.Event()
         self._recent: deque[tuple[int, uuid.UUID]] = deque(maxlen=RECENT)
         self._epoch: int | None = None  # of the server the recent events were read on
+        # the last read stopped short of a shard's horizon, at this position (more to read)
+        self.cut: int | None = None
 
     @property
     def position(self) -> int:
@@ -99,7 +101,17 @@ class Tailer:
 
     def reached(self, heads: Sequence[int]) -> bool:
         """Whether it has read every shard up to ``heads`` (``head_positions``)."""
-        return all(self._at(shard) >= head for shard, head in enumerate(heads))
+        return all(self.at(shard) >= head for shard, head in enumerate(heads))
+
+    def at(self, shard: int) -> int:
+        """Where it stands in ``shard``."""
+        return self.positions[shard] if shard < len(self.positions) else self._start
+
+    async def woken(self, timeout: float) -> None:
+        """Returns once an append it follows may have committed since its last read
+        began, or after ``timeout`` seconds."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout)
 
     async def __aenter__(self) -> Tailer:
         await self._connect()
@@ -147,9 +159,6 @@ class Tailer:
 
     # -- internals ----------------------------------------------------------------
 
-    def _at(self, shard: int) -> int:
-        return self.positions[shard] if shard < len(self.positions) else self._start
-
     def _take(self, rows: list[asyncpg.Record]) -> list[RecordedEvent]:
         """What a read returns of the rows of one query (see the module's docstring),
         and where each shard stands after it."""
@@ -161,8 +170,9 @@ class Tailer:
         full = [
             found[-1]["position"] for found in by_shard.values() if len(found) >= self.batch_size
         ]
-        cut = min(full) if full else None
-        if len(horizons) == 1 and self.reader is None:
+        cut = self.cut = min(full) if full else None
+        single = any(row["shard_count"] == 1 for row in rows if row["position"] is None)
+        if single and self.reader is None:
             self._check_contiguous(by_shard.get(0, []))
         events = sorted(
             (
@@ -173,7 +183,7 @@ class Tailer:
             ),
             key=lambda event: event.position,
         )
-        positions = [self._at(shard) for shard in range(max(horizons, default=-1) + 1)]
+        positions = [self.at(shard) for shard in range(max(horizons, default=-1) + 1)]
         for shard, horizon in horizons.items():
             reached = horizon if cut is None else min(horizon, cut)
             positions[shard] = max(positions[shard], reached)
@@ -183,7 +193,7 @@ class Tailer:
     def _check_contiguous(self, rows: list[asyncpg.Record]) -> None:
         """In a single-shard log every position up to the head is an event: a hole below
         the head is a damaged log, never to be skipped."""
-        expected = self._at(0) + 1
+        expected = self.at(0) + 1
         for row in rows:
             if row["position"] != expected:
                 raise LogGapError(

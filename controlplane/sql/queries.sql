@@ -41,6 +41,16 @@ SELECT a.positions, a.refused, h.shard_count = 1 AS notified,
        event_log_head h
  WHERE h.id = 1
 
+-- append_events_after --
+-- The same on one server of a log on several (migrations/sql/0021_log_servers.up.sql):
+-- positions past $9, the writer's clock; the readers are woken after the commit.
+SELECT cairn_append_after_v1($9::bigint, $1::uuid[],
+                             cairn_jobs_of_v1($2::text[], $3::text[]::entity_kind[],
+                                              $4::text[]),
+                             $3::text[]::entity_kind[], $4::text[], $5::text[], $6::text[],
+                             $7::text[]::jsonb[], $8::bytea[]) AS positions,
+       false AS notified
+
 -- notify_appended --
 -- Wakes the readers of an append to a sharded log made in the caller's transaction, at
 -- its commit: $1 the highest position, on cairn_events_v1; $2 the readers, on
@@ -58,22 +68,24 @@ SELECT set_config('synchronous_commit', 'off', true), pg_notify('cairn_events_v1
 
 -- The readers' queries (eventlog/tailer.py; controlplane/README.md, "Reading only what
 -- concerns a reader" and "The sharded log"). $1: where the reader stands in each shard
--- (index shard + 1; a shard past the list: the last parameter, where it started). In one statement, so in one
--- snapshot: one row per shard with its head's position (`horizon`, every position of
--- that shard up to it committed), then, per shard, its next events up to that head, at
--- most $2 (the batch size) of them, in position order. The reader moves each shard's
--- position on as far as it read it.
+-- (index shard + 1; a shard past the list: the last parameter, where it started). In one
+-- statement, so in one snapshot: one row per shard of this server with its head's
+-- position (`horizon`, every position of that shard up to it committed) and the log's
+-- shard count, then, per shard, its next events up to that head, at most $2 (the batch
+-- size) of them, in position order. The reader moves each shard's position on as far as
+-- it read it.
 
 -- read_events_after --
 SELECT h.shard, NULL::bigint AS position, NULL::uuid AS event_id,
        NULL::timestamptz AS recorded_at, NULL AS job_id, NULL AS entity_kind,
        NULL AS entity_id, NULL AS event_type, NULL AS node_id, NULL AS payload,
-       NULL::bytea AS data, h.last_position AS horizon
-  FROM event_log_shards h
+       NULL::bytea AS data, h.last_position AS horizon, c.shard_count
+  FROM event_log_shards h, event_log_head c
+ WHERE c.id = 1
 UNION ALL
 SELECT h.shard, e.* FROM event_log_shards h CROSS JOIN LATERAL (
     SELECT position, event_id, recorded_at, job_id, entity_kind::text, entity_id, event_type,
-           node_id, payload::text, data, NULL::bigint
+           node_id, payload::text, data, NULL::bigint, NULL::smallint
       FROM events
      WHERE shard = h.shard AND position > coalesce(($1::bigint[])[h.shard + 1], $3)
        AND position <= h.last_position
@@ -86,12 +98,13 @@ SELECT h.shard, e.* FROM event_log_shards h CROSS JOIN LATERAL (
 SELECT h.shard, NULL::bigint AS position, NULL::uuid AS event_id,
        NULL::timestamptz AS recorded_at, NULL AS job_id, NULL AS entity_kind,
        NULL AS entity_id, NULL AS event_type, NULL AS node_id, NULL AS payload,
-       NULL::bytea AS data, h.last_position AS horizon
-  FROM event_log_shards h
+       NULL::bytea AS data, h.last_position AS horizon, c.shard_count
+  FROM event_log_shards h, event_log_head c
+ WHERE c.id = 1
 UNION ALL
 SELECT h.shard, e.* FROM event_log_shards h CROSS JOIN LATERAL (
     SELECT position, event_id, recorded_at, job_id, entity_kind::text, entity_id, event_type,
-           node_id, payload::text, data, NULL::bigint
+           node_id, payload::text, data, NULL::bigint, NULL::smallint
       FROM events
      WHERE shard = h.shard AND position > coalesce(($1::bigint[])[h.shard + 1], $4)
        AND position <= h.last_position
@@ -106,12 +119,13 @@ SELECT h.shard, e.* FROM event_log_shards h CROSS JOIN LATERAL (
 SELECT h.shard, NULL::bigint AS position, NULL::uuid AS event_id,
        NULL::timestamptz AS recorded_at, NULL AS job_id, NULL AS entity_kind,
        NULL AS entity_id, NULL AS event_type, NULL AS node_id, NULL AS payload,
-       NULL::bytea AS data, h.last_position AS horizon
-  FROM event_log_shards h
+       NULL::bytea AS data, h.last_position AS horizon, c.shard_count
+  FROM event_log_shards h, event_log_head c
+ WHERE c.id = 1
 UNION ALL
 SELECT h.shard, e.* FROM event_log_shards h CROSS JOIN LATERAL (
     SELECT position, event_id, recorded_at, job_id, entity_kind::text, entity_id, event_type,
-           node_id, payload::text, data, NULL::bigint
+           node_id, payload::text, data, NULL::bigint, NULL::smallint
       FROM events
      WHERE shard = h.shard AND position > coalesce(($1::bigint[])[h.shard + 1], $3)
        AND position <= h.last_position

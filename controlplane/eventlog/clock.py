@@ -1,0 +1,23 @@
+"""A process's clock over a log on several servers: the highest position it has seen,
+read or appended, on any of them. Its appends take positions past it
+(migrations/sql/0021_log_servers.up.sql), so what it appends after seeing an event has a
+higher position than that event, whichever servers the two lie on: a Lamport clock."""
+
+from __future__ import annotations
+
+import threading
+
+
+class LogClock:
+    def __init__(self, position: int = 0) -> None:
+        self._lock = threading.Lock()
+        self._position = position
+
+    @property
+    def position(self) -> int:
+        return self._position
+
+    def saw(self, position: int) -> None:
+        with self._lock:
+            if position > self._position:
+                self._position = position

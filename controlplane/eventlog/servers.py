@@ -1,0 +1,292 @@
+"""One log on several PostgreSQL servers (migrations/sql/0021_log_servers.up.sql;
+controlplane/README.md, "A log on several servers"): shard s of S lies on server
+``s % N``. ``ServersAppender`` sends each event to its shard's server, with the process's
+clock; ``ServersTailer`` reads every server and returns an event only once its causes
+on the other servers are known to have been read.
+
+**Why the merged reader returns no effect before its cause.** On one server, one
+statement sees every shard's head at once, and a cause commits before its effect is
+appended, so a read that sees the effect sees the cause (tailer.py). Servers share no
+snapshot: the reader reads them one after the other. Take an effect Y read from server B
+at time t, caused by X on server A. X committed before Y was appended, so before t, and
+X has the lower position (the clock: whoever appended Y had seen X). A read of A that
+begins after t sees X as committed, and returns it unless it stopped short of X's
+position (a full batch: ``Tailer.cut``). So Y is returned once every other server has
+been read since t up to at least Y's position, and no event read and held back has a
+lower position (X may be one); until then it is held, and the reader's positions stay
+below it, so a reader that resumes from them reads it again. Reading in
+rounds (each server once per round), an event of the first server is returned in its own
+round, one of another server in the next: one query per server more, no waiting for an
+idle server to move (no closed timestamps).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+
+import asyncpg
+
+from controlplane.errors import GcsError
+from controlplane.eventlog.appender import EventAppender
+from controlplane.eventlog.clock import LogClock
+from controlplane.eventlog.connection import connect
+from controlplane.eventlog.events import EntityKind, Event, RecordedEvent
+from controlplane.eventlog.tailer import Tailer
+
+# kinds whose every event belongs to one job (migrations/sql/0020_entity_jobs.up.sql)
+_JOB_KINDS = frozenset(
+    {EntityKind.TASK, EntityKind.OBJECT, EntityKind.ACTOR, EntityKind.PLACEMENT_GROUP}
+)
+
+
+def shard_of(job_id: str | None, shards: int) -> int:
+    """A job's shard: cairn_shard_of_v1 (migrations/sql/0019), computed here."""
+    if job_id is None or shards <= 1:
+        return 0
+    return int(hashlib.md5(job_id.encode()).hexdigest()[:8], 16) % shards
+
+
+async def log_layout(url: str) -> tuple[int, int, int]:
+    """(shard count, this server's index, server count) of the log at ``url``."""
+    conn = await connect(url)
+    try:
+        row = await conn.fetchrow(
+            "SELECT shard_count, server_index, server_count FROM event_log_head WHERE id = 1"
+        )
+    finally:
+        await conn.close()
+    assert row is not None
+    return int(row["shard_count"]), int(row["server_index"]), int(row["server_count"])
+
+
+async def check_layout(urls: Sequence[str]) -> int:
+    """The log's shard count, once each URL is checked to be its server of that index
+    (GcsError otherwise: a server list in another order would misplace events)."""
+    counts = set()
+    for index, url in enumerate(urls):
+        shards, server, servers = await log_layout(url)
+        if (server, servers) != (index, len(urls)):
+            raise GcsError(
+                f"{_safe(url)} is server {server} of {servers} of its log, not server "
+                f"{index} of {len(urls)}: name the servers in the order the log was made with"
+            )
+        counts.add(shards)
+    if len(counts) != 1:
+        raise GcsError(f"the servers disagree on the log's shard count ({sorted(counts)})")
+    return counts.pop()
+
+
+def _safe(url: str) -> str:
+    return url.split("@")[-1]
+
+
+class ServersAppender:
+    """Appends to a log on several servers: one ``EventAppender`` per server, all on the
+    process's ``clock``. A batch commits on each server it touches as one transaction
+    there; the servers' parts commit independently and concurrently (appends to
+    different servers never wait for one another), so a caller that needs an event
+    after another across servers appends it once the first is answered."""
+
+    def __init__(self, urls: Sequence[str], *, clock: LogClock | None = None, **options: object):
+        self.urls = list(urls)
+        self.clock = clock if clock is not None else LogClock()
+        self.shards = 0
+        self._appenders = [
+            EventAppender(url, clock=self.clock, **options)  # type: ignore[arg-type]
+            for url in self.urls
+        ]
+
+    async def start(self) -> ServersAppender:
+        self.shards = await check_layout(self.urls)
+        for appender in self._appenders:
+            await appender.start()
+        return self
+
+    async def close(self) -> None:
+        for appender in self._appenders:
+            await appender.close()
+
+    async def __aenter__(self) -> ServersAppender:
+        return await self.start()
+
+    async def __aexit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    def server_of(self, event: Event) -> int:
+        return shard_of(event.job_id, self.shards) % len(self.urls)
+
+    async def append(self, event: Event) -> int:
+        return (await self.append_many([event]))[0]
+
+    async def append_many(self, events: Iterable[Event]) -> list[int]:
+        """Positions in the order of ``events``, once every part is durable."""
+        batch = _with_jobs(list(events))
+        parts: dict[int, list[int]] = {}
+        for i, event in enumerate(batch):
+            parts.setdefault(self.server_of(event), []).append(i)
+        answers = await asyncio.gather(
+            *(
+                self._appenders[server].append_many([batch[i] for i in indexes])
+                for server, indexes in parts.items()
+            )
+        )
+        positions = [0] * len(batch)
+        for indexes, found in zip(parts.values(), answers, strict=True):
+            for i, position in zip(indexes, found, strict=True):
+                positions[i] = position
+        return positions
+
+
+def _with_jobs(events: list[Event]) -> list[Event]:
+    """An event of a job's entity that names no job gets the job another event of the
+    batch names for that entity (as cairn_jobs_of_v1 does on a server: it could not
+    look across servers, so the event must reach the right one)."""
+    known = {
+        (e.entity_kind, e.entity_id): e.job_id
+        for e in events
+        if e.job_id is not None and e.entity_kind in _JOB_KINDS
+    }
+    if not known:
+        return events
+    out = []
+    for e in events:
+        job = known.get((e.entity_kind, e.entity_id)) if e.job_id is None else None
+        if job is not None:
+            e = dataclasses.replace(e, job_id=job)
+        out.append(e)
+    return out
+
+
+@dataclass(slots=True)
+class _Held:
+    event: RecordedEvent
+    server: int
+    seq: int  # the read that found it
+
+
+class ServersTailer:
+    """Follows a log on several servers: a ``Tailer`` per server (``reader``, ``after``
+    and the options as for one), merged as the module's docstring says. ``positions``
+    is where it stands in each shard (what a reader saves to resume from)."""
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        *,
+        after: int | Sequence[int] = 0,
+        clock: LogClock | None = None,
+        **options: object,
+    ) -> None:
+        self.urls = list(urls)
+        self.clock = clock if clock is not None else LogClock()
+        self.shards = 0
+        self._tailers = [
+            Tailer(url, after=after, **options)  # type: ignore[arg-type]
+            for url in self.urls
+        ]
+        self._poll = self._tailers[0].poll_interval
+        self._held: list[_Held] = []
+        self._seq = 0
+        # per server, its reads since the oldest held event's: (seq, cut)
+        self._reads: list[list[tuple[int, int | None]]] = [[] for _ in self.urls]
+
+    async def __aenter__(self) -> ServersTailer:
+        self.shards = await check_layout(self.urls)
+        for tailer in self._tailers:
+            await tailer.__aenter__()
+        return self
+
+    async def __aexit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        for tailer in self._tailers:
+            await tailer.close()
+
+    @property
+    def positions(self) -> list[int]:
+        """Each shard's position on its server, below the first event held back there."""
+        n = len(self.urls)
+        positions = [self._tailers[s % n].at(s) for s in range(self.shards)]
+        for held in self._held:
+            shard = held.event.position % self.shards
+            positions[shard] = min(positions[shard], held.event.position - 1)
+        return positions
+
+    @property
+    def position(self) -> int:
+        return max(self.positions, default=0)
+
+    async def read(self, wait: float | None = None) -> list[RecordedEvent]:
+        """The next events whose causes are all returned (now or before), in position
+        order; waits up to ``wait`` seconds (None: forever) for one."""
+        deadline = None if wait is None else time.monotonic() + wait
+        while True:
+            more = False
+            for server, tailer in enumerate(self._tailers):
+                self._seq += 1
+                found = await tailer.read(wait=0)
+                self._reads[server].append((self._seq, tailer.cut))
+                more = more or tailer.cut is not None
+                self._held.extend(_Held(event, server, self._seq) for event in found)
+            released = self._release()
+            if released:
+                self.clock.saw(released[-1].position)
+                return released
+            if self._held or more:
+                continue  # (the next round returns them)
+            timeout = self._poll
+            if deadline is not None:
+                timeout = min(timeout, deadline - time.monotonic())
+                if timeout <= 0:
+                    return []
+            waits = [asyncio.ensure_future(t.woken(timeout)) for t in self._tailers]
+            _done, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            for waiting in pending:
+                waiting.cancel()
+
+    def _release(self) -> list[RecordedEvent]:
+        ready: list[_Held] = []
+        kept: list[_Held] = []
+        for held in self._held:
+            (ready if self._causes_read(held) else kept).append(held)
+        # a cause read but held back holds back its effects (a higher position)
+        below = min((held.event.position for held in kept), default=None)
+        if below is not None:
+            kept += [held for held in ready if held.event.position > below]
+            ready = [held for held in ready if held.event.position < below]
+        self._held = kept
+        oldest = min((held.seq for held in kept), default=self._seq)
+        self._reads = [[r for r in reads if r[0] >= oldest] or reads[-1:] for reads in self._reads]
+        return sorted((held.event for held in ready), key=lambda event: event.position)
+
+    def _causes_read(self, held: _Held) -> bool:
+        position = held.event.position
+        return all(
+            any(seq > held.seq and (cut is None or cut >= position) for seq, cut in reads)
+            for server, reads in enumerate(self._reads)
+            if server != held.server
+        )
+
+
+async def servers_head_positions(urls: Sequence[str]) -> list[int]:
+    """Each shard's head on its server: where a reader that starts now starts."""
+    heads: dict[int, int] = {}
+    for url in urls:
+        conn: asyncpg.Connection = await connect(url)
+        try:
+            for row in await conn.fetch("SELECT shard, last_position FROM event_log_shards"):
+                heads[row["shard"]] = row["last_position"]
+        finally:
+            await conn.close()
+    return [heads[shard] for shard in sorted(heads)]
