@@ -628,6 +628,7 @@ def measure_appends(seconds: float, warmup: float) -> list[dict[str, Any]]:
         conn = await asyncpg.connect(urls[0])
         pool = la.WriterPool(urls, max(APPEND_WRITERS))
         try:
+            await asyncio.to_thread(schema.set_log_servers, urls, APPEND_SHARDS[1])
             await la._warm_up(pool, warmup, modes=("log",))
             rows = []
             for shards in APPEND_SHARDS[1:]:
