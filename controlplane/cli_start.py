@@ -77,6 +77,14 @@ from controlplane.node import rpc
     "primary is gone, and every process follows.",
 )
 @click.option(
+    "--log-shards",
+    type=click.IntRange(1, 1024),
+    default=None,
+    help="Head only: how many shards the log has from now on (as $CAIRN_LOG_SHARDS; "
+    "default: as it is, 1 for a new GCS). Each job's events go to a shard of their own "
+    '(controlplane/README.md, "The sharded log").',
+)
+@click.option(
     "--gcs-replica-host",
     default=None,
     help="Head only, with --gcs-replicas 1: run the replica on that machine instead of "
@@ -127,6 +135,7 @@ def start(
     disable_auth: bool,
     tls_mode: str,
     gcs_replicas: int,
+    log_shards: int | None,
     gcs_replica_host: str | None,
     run_gcs_replica: bool,
     include_dashboard: bool,
@@ -144,6 +153,10 @@ def start(
         raise click.UsageError("pass either --head or --address HOST:PORT")
     if gcs_replicas and not head:
         raise click.UsageError("--gcs-replicas is for the head (it runs the GCS)")
+    if log_shards is not None:
+        if not head:
+            raise click.UsageError("--log-shards is for the head (it makes the GCS)")
+        os.environ["CAIRN_LOG_SHARDS"] = str(log_shards)  # (the GCS reads it: settings.py)
     if gcs_replica_host is not None and not (head and gcs_replicas):
         raise click.UsageError("--gcs-replica-host is for a head with --gcs-replicas 1")
     if run_gcs_replica and head:

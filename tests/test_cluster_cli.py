@@ -100,7 +100,18 @@ def _alive(pid: int) -> bool:
 def cluster() -> Iterator[local_node.NodeRecord]:
     if local_node.local_nodes():
         pytest.fail("Cairn nodes are already running on this machine; `cairn stop` them")
-    _cairn("start", "--head", "--port", "0", "--num-cpus", "2", "--resources", '{"disk": 4}')
+    _cairn(
+        "start",
+        "--head",
+        "--port",
+        "0",
+        "--num-cpus",
+        "2",
+        "--resources",
+        '{"disk": 4}',
+        "--log-shards",
+        "2",
+    )  # (a sharded log: the cluster's jobs each in a shard, its nodes' events in shard 0)
     head = local_node.running_head()
     assert head is not None and head.address is not None
     try:
@@ -190,6 +201,10 @@ def test_status_and_stop(cluster: local_node.NodeRecord) -> None:
     assert "CPU          0/2 used" in status
     again = _cairn("start", "--head", "--port", "0", check=False)
     assert again.returncode != 0 and "already running" in again.stderr
+    shards = asyncio.run(_fetch(_gcs_url(cluster), "SELECT shard_count FROM event_log_head"))
+    assert shards == [(2,)]  # (--log-shards)
+    refused = _cairn("start", "--address", "127.0.0.1:1", "--log-shards", "4", check=False)
+    assert refused.returncode != 0 and "--log-shards is for the head" in refused.stderr
     node_id = (cluster.session_dir / "node.ready").read_text()
     memory = _cairn("memory", "--units", "MB").stdout  # the head's object store
     assert f"Object store of node {node_id}" in memory and "objects;" in memory
@@ -225,6 +240,14 @@ def test_joining_a_wrong_address_fails_fast() -> None:
 
 def _gcs_url(head: local_node.NodeRecord) -> str:
     return gcs_url_of(head.session_dir)
+
+
+async def _fetch(url: str, sql: str) -> list[tuple[object, ...]]:
+    conn = await asyncpg.connect(url)
+    try:
+        return [tuple(row) for row in await conn.fetch(sql)]
+    finally:
+        await conn.close()
 
 
 async def _heartbeats_per_node(url: str) -> list[tuple[int, float]]:

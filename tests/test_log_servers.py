@@ -19,12 +19,13 @@ from log_rows import fetch_rows
 
 from controlplane import schema
 from controlplane.embedded_postgres import EmbeddedPostgres
-from controlplane.errors import GcsError
+from controlplane.errors import GcsError, NodeFencedError
 from controlplane.eventlog import EntityKind, Event, EventAppender
 from controlplane.eventlog.clock import LogClock
 from controlplane.eventlog.servers import (
     ServersAppender,
     ServersTailer,
+    fence_node,
     servers_head_positions,
     shard_of,
 )
@@ -193,3 +194,28 @@ async def test_a_reader_starting_at_the_heads_reads_only_what_comes_after(
                 while len(got) < SHARDS:
                     got += [e.entity_id for e in await reader.read(wait=5)]
     assert sorted(got) == sorted(f"new-{s}" for s in jobs)
+
+
+async def test_a_node_fenced_on_every_server_is_refused_on_each_after_its_last_events(
+    servers: list[str],
+) -> None:
+    """A dead node's fence on a log on two servers (migrations/sql/0022): its appends are
+    refused on both, nothing of them stored, and the clock of whoever appends its `dead`
+    event is past every event it got in."""
+    jobs = jobs_by_shard()
+    async with ServersAppender(servers, writer_node="n1") as node:
+        before = await node.append_many([task(job, f"before-{s}") for s, job in jobs.items()])
+        clock = LogClock()
+        await fence_node(servers, "n1", clock)
+        assert clock.position >= max(before)
+        for shard, job in jobs.items():
+            with pytest.raises(NodeFencedError, match="node n1: it was declared dead"):
+                await node.append(task(job, f"after-{shard}"))
+    async with ServersAppender(servers, writer_node="n2") as other:
+        assert len(await other.append_many([task(jobs[1], "n2"), task(jobs[2], "n2")])) == 2
+    stored = [
+        r["entity_id"]
+        for url in servers
+        for r in await fetch_rows(url, "SELECT entity_id FROM events")
+    ]
+    assert sorted(stored) == sorted([f"before-{s}" for s in jobs] + ["n2", "n2"])

@@ -81,8 +81,6 @@ class EventAppender:
         same way: ``on_refused`` hears of it, and every append after fails at once.
         ``clock``: on one server of a log on several, the process's clock, which its
         appends take positions past and move on (``servers.py``)."""
-        if clock is not None and writer_node is not None:
-            raise ValueError("a fenced appender cannot append to a log on several servers yet")
         self.url = url
         self.clock = clock
         self.writer_node = writer_node
@@ -308,7 +306,10 @@ async def append_on(
         payloads,
         [bytes(e.data) if e.data is not None else None for e in events],
     )
-    if writer is not None:
+    if writer is not None and floor is not None:
+        query = queries["append_events_fenced_after"]
+        row = await conn.fetchrow(query, writer, floor, *columns)
+    elif writer is not None:
         row = await conn.fetchrow(queries["append_events_fenced"], writer, *columns, readers)
     elif floor is not None:
         row = await conn.fetchrow(queries["append_events_after"], *columns, floor)
@@ -319,9 +320,10 @@ async def append_on(
         wake = "notify_appended" if conn.is_in_transaction() else "notify_committed"
         await conn.execute(queries[wake], str(max(positions)), readers)
     if writer is not None and row["refused"]:
+        recorded = "" if floor is not None else " (a stale_refused event records them)"
         raise NodeFencedError(
-            f"the log refused {len(events)} events of node {writer}: it was declared dead "
-            "(a stale_refused event records them); it must rejoin under a new id"
+            f"the log refused {len(events)} events of node {writer}: it was declared dead"
+            f"{recorded}; it must rejoin under a new id"
         )
     return positions
 

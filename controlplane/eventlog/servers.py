@@ -38,6 +38,7 @@ from controlplane.eventlog.clock import LogClock
 from controlplane.eventlog.connection import connect
 from controlplane.eventlog.events import EntityKind, Event, RecordedEvent
 from controlplane.eventlog.tailer import Tailer
+from controlplane.sql import queries
 
 # kinds whose every event belongs to one job (migrations/sql/0020_entity_jobs.up.sql)
 _JOB_KINDS = frozenset(
@@ -277,6 +278,18 @@ class ServersTailer:
             for server, reads in enumerate(self._reads)
             if server != held.server
         )
+
+
+async def fence_node(urls: Sequence[str], node_id: str, clock: LogClock) -> None:
+    """Fences ``node_id`` on every server (migrations/sql/0022_fences_on_servers.up.sql):
+    once this returns, the log refuses its appends everywhere, and every event it got in
+    is below ``clock`` (so below the ``dead`` event appended next with it)."""
+    for url in urls:
+        conn: asyncpg.Connection = await connect(url)
+        try:
+            clock.saw(int(await conn.fetchval(queries["fence_node"], node_id) or 0))
+        finally:
+            await conn.close()
 
 
 async def servers_head_positions(urls: Sequence[str]) -> list[int]:

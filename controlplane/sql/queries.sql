@@ -51,6 +51,20 @@ SELECT cairn_append_after_v1($9::bigint, $1::uuid[],
                              $7::text[]::jsonb[], $8::bytea[]) AS positions,
        false AS notified
 
+-- append_events_fenced_after --
+-- The same on behalf of node $1, refused once it is fenced on this server
+-- (migrations/sql/0022_fences_on_servers.up.sql); $2: the writer's clock.
+SELECT a.positions, a.refused, false AS notified
+  FROM cairn_append_fenced_after_v1($1::text, $2::bigint, $3::uuid[],
+                                    cairn_jobs_of_v1($4::text[], $5::text[]::entity_kind[],
+                                                     $6::text[]),
+                                    $5::text[]::entity_kind[], $6::text[], $7::text[],
+                                    $8::text[], $9::text[]::jsonb[], $10::bytea[]) a
+
+-- fence_node --
+-- Fences node $1 on this server of a log on several; the server's highest head.
+SELECT head FROM cairn_fence_node_v1($1::text)
+
 -- notify_appended --
 -- Wakes the readers of an append to a sharded log made in the caller's transaction, at
 -- its commit: $1 the highest position, on cairn_events_v1; $2 the readers, on
