@@ -222,7 +222,7 @@ class Clients:
             case p.PutObject(location, task_id, durable):
                 self._hold(conn, location.object_id)
                 self.parts.store.taken(conn, [location])
-                self.parts.store.put(location, task_id, conn.job_id, durable)
+                self.parts.store.put(location, task_id, self._job_of(conn, task_id), durable)
             case p.ReserveShm(request_id, size):
                 self.parts.store.reserve(conn, request_id, size)
             case p.ReleaseShm(region, offset):
@@ -293,6 +293,14 @@ class Clients:
                 raise p.ProtocolError(f"unexpected message {type(message).__name__}")
 
     # -- objects -------------------------------------------------------------------
+
+    def _job_of(self, conn: Connection, task_id: str | None) -> str | None:
+        """The job an object put by ``conn`` belongs to: a driver's own, or that of the
+        task (or actor call) its worker runs."""
+        if conn.job_id is not None or task_id is None:
+            return conn.job_id
+        record = self.parts.tasks.get(task_id)
+        return record.spec.job_id if record is not None else None
 
     def _hold(self, conn: Connection, object_id: str) -> None:
         """``conn``'s process holds a ref to the object (it goes once none does)."""
