@@ -42,7 +42,7 @@ from controlplane.eventlog.connection import (
     retry_while_unavailable,
     run_on,
 )
-from controlplane.eventlog.events import Event, readers_of
+from controlplane.eventlog.events import JOB_KINDS, Event, readers_of
 from controlplane.sql import queries
 
 DEFAULT_MAX_BATCH = 1000
@@ -306,15 +306,18 @@ async def append_on(
         payloads,
         [bytes(e.data) if e.data is not None else None for e in events],
     )
+    # (an event of a job's entity that names no job: the log finds the job, 0020)
+    fill = any(e.job_id is None and e.entity_kind in JOB_KINDS for e in events)
     if writer is not None and floor is not None:
         query = queries["append_events_fenced_after"]
-        row = await conn.fetchrow(query, writer, floor, *columns)
+        row = await conn.fetchrow(query, writer, floor, *columns, fill)
     elif writer is not None:
-        row = await conn.fetchrow(queries["append_events_fenced"], writer, *columns, readers)
+        query = queries["append_events_fenced"]
+        row = await conn.fetchrow(query, writer, *columns, readers, fill)
     elif floor is not None:
-        row = await conn.fetchrow(queries["append_events_after"], *columns, floor)
+        row = await conn.fetchrow(queries["append_events_after"], *columns, floor, fill)
     else:
-        row = await conn.fetchrow(queries["append_events"], *columns, readers)
+        row = await conn.fetchrow(queries["append_events"], *columns, readers, fill)
     positions = list(row["positions"])
     if positions and not row["notified"]:
         wake = "notify_appended" if conn.is_in_transaction() else "notify_committed"

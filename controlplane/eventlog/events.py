@@ -105,6 +105,12 @@ def readers_of(events: Iterable[Event]) -> str:
     return notice if len(notice) <= _NOTICE_LIMIT else f"{EVERY_NODE},{SCHEDULER}"
 
 
+# kinds whose every event belongs to one job (migrations/sql/0020_entity_jobs.up.sql)
+JOB_KINDS = frozenset(
+    {EntityKind.TASK, EntityKind.OBJECT, EntityKind.ACTOR, EntityKind.PLACEMENT_GROUP}
+)
+
+
 @dataclass(frozen=True, slots=True)
 class Event:
     """One state transition of one entity, as a writer submits it.

@@ -36,14 +36,9 @@ from controlplane.errors import GcsError
 from controlplane.eventlog.appender import EventAppender
 from controlplane.eventlog.clock import LogClock
 from controlplane.eventlog.connection import connect
-from controlplane.eventlog.events import EntityKind, Event, RecordedEvent
+from controlplane.eventlog.events import JOB_KINDS, Event, RecordedEvent
 from controlplane.eventlog.tailer import Tailer
 from controlplane.sql import queries
-
-# kinds whose every event belongs to one job (migrations/sql/0020_entity_jobs.up.sql)
-_JOB_KINDS = frozenset(
-    {EntityKind.TASK, EntityKind.OBJECT, EntityKind.ACTOR, EntityKind.PLACEMENT_GROUP}
-)
 
 
 def shard_of(job_id: str | None, shards: int) -> int:
@@ -153,7 +148,7 @@ def _with_jobs(events: list[Event]) -> list[Event]:
     known = {
         (e.entity_kind, e.entity_id): e.job_id
         for e in events
-        if e.job_id is not None and e.entity_kind in _JOB_KINDS
+        if e.job_id is not None and e.entity_kind in JOB_KINDS
     }
     if not known:
         return events
