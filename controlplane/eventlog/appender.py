@@ -290,34 +290,38 @@ async def append_on(
 ) -> list[int]:
     """Appends events on ``conn`` (inside the caller's transaction, if any, so that an
     event can commit together with other writes); returns their positions. On behalf
-    of node ``writer``, fenced: NodeFencedError if the node was declared dead. With a
+    of node ``writer``, fenced: NodeFencedError if the node was declared dead. An event
+    of a job's entity that names no job is given its entity's job first (``jobs_of``;
+    an entity's events in one shard). With a
     ``floor`` (on one server of a log on several), positions past it. The readers are
     woken at its commit, or after it in a sharded log (queries.sql, ``append_events``)."""
     if payloads is None:
         payloads = [encode_payload(event) for event in events]
     readers = readers_of(events)
+    job_ids = [e.job_id for e in events]
+    kinds = [str(e.entity_kind) for e in events]
+    entity_ids = [e.entity_id for e in events]
+    if any(e.job_id is None and e.entity_kind in JOB_KINDS for e in events):
+        job_ids = await conn.fetchval(queries["jobs_of"], job_ids, kinds, entity_ids)
     columns = (
         [e.event_id for e in events],
-        [e.job_id for e in events],
-        [str(e.entity_kind) for e in events],
-        [e.entity_id for e in events],
+        job_ids,
+        kinds,
+        entity_ids,
         [e.event_type for e in events],
         [e.node_id for e in events],
         payloads,
         [bytes(e.data) if e.data is not None else None for e in events],
     )
-    # (an event of a job's entity that names no job: the log finds the job, 0020)
-    fill = any(e.job_id is None and e.entity_kind in JOB_KINDS for e in events)
     if writer is not None and floor is not None:
         query = queries["append_events_fenced_after"]
-        row = await conn.fetchrow(query, writer, floor, *columns, fill)
+        row = await conn.fetchrow(query, writer, floor, *columns)
     elif writer is not None:
-        query = queries["append_events_fenced"]
-        row = await conn.fetchrow(query, writer, *columns, readers, fill)
+        row = await conn.fetchrow(queries["append_events_fenced"], writer, *columns, readers)
     elif floor is not None:
-        row = await conn.fetchrow(queries["append_events_after"], *columns, floor, fill)
+        row = await conn.fetchrow(queries["append_events_after"], *columns, floor)
     else:
-        row = await conn.fetchrow(queries["append_events"], *columns, readers, fill)
+        row = await conn.fetchrow(queries["append_events"], *columns, readers)
     positions = list(row["positions"])
     if positions and not row["notified"]:
         wake = "notify_appended" if conn.is_in_transaction() else "notify_committed"

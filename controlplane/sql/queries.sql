@@ -3,8 +3,7 @@
 
 -- append_events --
 -- One batch, one round trip; see cairn_append_v2 in migrations/sql/0019_sharded_log.up.sql
--- (an event of a job's entity that names no job is given it: 0020_entity_jobs.up.sql;
--- only where the appender saw one, $10: a SQL function is planned at each statement).
+-- ($2: the job ids as `jobs_of` filled them, where the batch needed it).
 -- A single-shard log wakes its readers in the same statement, at its commit (its head
 -- lock serializes the appends anyway): on cairn_events_v1 (every unfiltered tailer) the
 -- highest position, on cairn_events_for_v1 $9, the readers the batch concerns
@@ -17,13 +16,8 @@ SELECT a.positions, h.shard_count = 1 AS notified,
        CASE WHEN h.shard_count = 1 AND cardinality(a.positions) > 0 THEN
             pg_notify('cairn_events_for_v1', $9::text)
        END
-  FROM cairn_append_v2($1::uuid[],
-                       CASE WHEN $10::boolean
-                            THEN cairn_jobs_of_v1($2::text[], $3::text[]::entity_kind[],
-                                                  $4::text[])
-                            ELSE $2::text[] END,
-                       $3::text[]::entity_kind[], $4::text[], $5::text[], $6::text[],
-                       $7::text[]::jsonb[], $8::bytea[]) a,
+  FROM cairn_append_v2($1::uuid[], $2::text[], $3::text[]::entity_kind[], $4::text[],
+                       $5::text[], $6::text[], $7::text[]::jsonb[], $8::bytea[]) a,
        event_log_head h
  WHERE h.id = 1
 
@@ -37,38 +31,32 @@ SELECT a.positions, a.refused, h.shard_count = 1 AS notified,
        CASE WHEN h.shard_count = 1 AND cardinality(a.positions) > 0 THEN
             pg_notify('cairn_events_for_v1', $10::text)
        END
-  FROM cairn_append_fenced_v2($1::text, $2::uuid[],
-                              CASE WHEN $11::boolean
-                                   THEN cairn_jobs_of_v1($3::text[], $4::text[]::entity_kind[],
-                                                         $5::text[])
-                                   ELSE $3::text[] END,
-                              $4::text[]::entity_kind[], $5::text[], $6::text[], $7::text[],
-                              $8::text[]::jsonb[], $9::bytea[]) a,
+  FROM cairn_append_fenced_v2($1::text, $2::uuid[], $3::text[], $4::text[]::entity_kind[],
+                              $5::text[], $6::text[], $7::text[], $8::text[]::jsonb[],
+                              $9::bytea[]) a,
        event_log_head h
  WHERE h.id = 1
+
+-- jobs_of --
+-- A batch's job ids, each event of a job's entity that names none given the job its
+-- entity's other events name (migrations/sql/0020_entity_jobs.up.sql). Asked only for a
+-- batch that holds such an event (eventlog/appender.py, append_on): rare, and a SQL
+-- function is planned anew at each statement that calls it.
+SELECT cairn_jobs_of_v1($1::text[], $2::text[]::entity_kind[], $3::text[])
 
 -- append_events_after --
 -- The same on one server of a log on several (migrations/sql/0021_log_servers.up.sql):
 -- positions past $9, the writer's clock; the readers are woken after the commit.
-SELECT cairn_append_after_v1($9::bigint, $1::uuid[],
-                             CASE WHEN $10::boolean
-                                  THEN cairn_jobs_of_v1($2::text[], $3::text[]::entity_kind[],
-                                                        $4::text[])
-                                  ELSE $2::text[] END,
-                             $3::text[]::entity_kind[], $4::text[], $5::text[], $6::text[],
-                             $7::text[]::jsonb[], $8::bytea[]) AS positions,
+SELECT cairn_append_after_v1($9::bigint, $1::uuid[], $2::text[], $3::text[]::entity_kind[],
+                             $4::text[], $5::text[], $6::text[], $7::text[]::jsonb[],
+                             $8::bytea[]) AS positions,
        false AS notified
 
 -- append_events_fenced_after --
 -- The same on behalf of node $1, refused once it is fenced on this server
 -- (migrations/sql/0022_fences_on_servers.up.sql); $2: the writer's clock.
 SELECT a.positions, a.refused, false AS notified
-  FROM cairn_append_fenced_after_v1($1::text, $2::bigint, $3::uuid[],
-                                    CASE WHEN $11::boolean
-                                         THEN cairn_jobs_of_v1($4::text[],
-                                                               $5::text[]::entity_kind[],
-                                                               $6::text[])
-                                         ELSE $4::text[] END,
+  FROM cairn_append_fenced_after_v1($1::text, $2::bigint, $3::uuid[], $4::text[],
                                     $5::text[]::entity_kind[], $6::text[], $7::text[],
                                     $8::text[], $9::text[]::jsonb[], $10::bytea[]) a
 
