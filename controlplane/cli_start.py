@@ -13,8 +13,7 @@ if TYPE_CHECKING:
     from controlplane.local_node import JoinedTls
 
 from controlplane import auth, tls
-from controlplane.cli_options import gcs_url_option
-from controlplane.gcs_url import resolve_gcs_url
+from controlplane.gcs_url import ENV_VAR as GCS_URL_ENV
 from controlplane.labels import parse_labels_option
 from controlplane.node import rpc
 
@@ -34,7 +33,15 @@ from controlplane.node import rpc
     show_default=True,
     help="Address to listen on (loopback unless given).",
 )
-@gcs_url_option
+@click.option(
+    "--gcs-url",
+    "gcs_urls",
+    envvar=GCS_URL_ENV,
+    multiple=True,
+    help=f"PostgreSQL URL of the log (default: ${GCS_URL_ENV}; none: an embedded server). "
+    "Head only, given more than once: one log on those servers, the first its home "
+    '(controlplane/README.md, "A log on several servers").',
+)
 @click.option("--num-cpus", type=float, default=None, help="CPUs of this node (default: all).")
 @click.option("--num-gpus", type=float, default=None, help="GPUs of this node.")
 @click.option("--resources", default=None, help="Custom resources, as JSON: '{\"disk\": 2}'.")
@@ -85,6 +92,13 @@ from controlplane.node import rpc
     '(controlplane/README.md, "The sharded log").',
 )
 @click.option(
+    "--log-servers",
+    type=click.IntRange(1, 64),
+    default=None,
+    help="Head only, embedded GCS: start this many PostgreSQL servers and place the log's "
+    "shards on them (as $CAIRN_LOG_SERVERS; at least as many shards as servers).",
+)
+@click.option(
     "--gcs-replica-host",
     default=None,
     help="Head only, with --gcs-replicas 1: run the replica on that machine instead of "
@@ -124,7 +138,7 @@ def start(
     address: str | None,
     port: int | None,
     node_ip_address: str,
-    gcs_url: str | None,
+    gcs_urls: tuple[str, ...],
     num_cpus: float | None,
     num_gpus: float | None,
     resources: str | None,
@@ -136,6 +150,7 @@ def start(
     tls_mode: str,
     gcs_replicas: int,
     log_shards: int | None,
+    log_servers: int | None,
     gcs_replica_host: str | None,
     run_gcs_replica: bool,
     include_dashboard: bool,
@@ -151,6 +166,17 @@ def start(
 
     if head == (address is not None):
         raise click.UsageError("pass either --head or --address HOST:PORT")
+    gcs_url: str | tuple[str, ...] | None = gcs_urls if len(gcs_urls) > 1 else None
+    if len(gcs_urls) == 1:
+        gcs_url = gcs_urls[0]
+    if len(gcs_urls) > 1 and not head:
+        raise click.UsageError("--gcs-url is given once to a node that joins (or not at all)")
+    if len(gcs_urls) > 1:  # this process's children (drivers) are given the log's home
+        os.environ[GCS_URL_ENV] = gcs_urls[0]
+    if log_servers is not None:
+        if not head:
+            raise click.UsageError("--log-servers is for the head (it makes the GCS)")
+        os.environ["CAIRN_LOG_SERVERS"] = str(log_servers)  # (the GCS reads it: settings.py)
     if gcs_replicas and not head:
         raise click.UsageError("--gcs-replicas is for the head (it runs the GCS)")
     if log_shards is not None:
@@ -166,9 +192,16 @@ def start(
     try:
         from controlplane.gcs import check_replicas
 
-        check_replicas(gcs_replicas, external=head and resolve_gcs_url(gcs_url) is not None)
+        check_replicas(gcs_replicas, external=head and bool(gcs_urls))
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--gcs-replicas") from None
+    try:
+        from controlplane.gcs import check_log_servers
+
+        if head:
+            check_log_servers(gcs_urls, log_servers or 1, replicas=gcs_replicas)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
     if disable_auth:
         if not auth.is_loopback(node_ip_address):
             raise click.UsageError(

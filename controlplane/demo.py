@@ -16,7 +16,7 @@ from typing import Any
 
 import asyncpg
 
-from controlplane.eventlog import EntityKind, Event, EventAppender, Tailer, head_positions
+from controlplane.eventlog import EntityKind, Event, log_head_positions, open_appender, open_tailer
 from controlplane.gcs import Gcs
 from controlplane.gcs_url import redact
 from controlplane.projections import Projector
@@ -45,7 +45,7 @@ def _writer_process(url: str, writer: int, tasks: int, concurrency: int) -> None
 
 
 async def _write_tasks(url: str, writer: int, tasks: int, concurrency: int) -> None:
-    async with EventAppender(url) as appender:
+    async with await open_appender(url) as appender:
 
         async def walk(lane: int) -> None:
             for n in range(lane, tasks, concurrency):
@@ -74,7 +74,7 @@ async def _tail_and_check(url: str, expected: int, after: list[int]) -> tuple[li
     last_seq: dict[str, int] = {}
     latencies: list[float] = []
     start = time.monotonic()
-    async with Tailer(url, after=after) as tailer:
+    async with await open_tailer(url, after=after) as tailer:
         while len(seen) < expected:
             for event in await tailer.read(wait=30):
                 if event.event_id in seen:
@@ -89,9 +89,9 @@ async def _tail_and_check(url: str, expected: int, after: list[int]) -> tuple[li
 
 
 async def _run(url: str, writers: int, tasks_per_writer: int, concurrency: int) -> DemoReport:
+    after = await log_head_positions(url)
     conn = await asyncpg.connect(url)
     try:
-        after = await head_positions(conn)
         expected = writers * tasks_per_writer * len(LIFECYCLE)
         ctx = multiprocessing.get_context("spawn")
         procs = [

@@ -328,6 +328,11 @@ class EmbeddedPostgres:
             self._front.replication_user = REPLICATION_ROLE
         return password
 
+    def share_runtime_password(self, password: str) -> None:
+        """The runtime's password of another server (a log's other servers take the
+        login of its server 0), before ``runtime_url``."""
+        _write_secret(self._runtime_password_file, password)
+
     def runtime_password(self) -> str | None:
         path = self._runtime_password_file
         return path.read_text().strip() if path.exists() else None

@@ -19,9 +19,10 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
+from urllib.parse import urlsplit
 
 import psycopg
 
@@ -31,7 +32,8 @@ from controlplane.errors import EmbeddedPostgresError, GcsUnavailableError
 from controlplane.eventlog.partitions import PartitionManager
 from controlplane.failover import RemoteStandbyWatch, Watchdog
 from controlplane.gcs_replica import ReplicaPlan
-from controlplane.gcs_url import redact, resolve_gcs_url, with_hosts, with_query
+from controlplane.gcs_url import normalize, redact, resolve_gcs_url, with_hosts, with_query
+from controlplane.log_servers import address_of, place_log
 from controlplane.postgres_tunnel import PostgresTlsTunnel
 from controlplane.tls import NodeTls
 
@@ -39,6 +41,7 @@ DEFAULT_CONNECT_TIMEOUT_S = 5
 MAX_REPLICAS = 1
 RESTART_EVERY_S = 2.0  # how often a stopped embedded server is tried again
 REPLICA_DIR = "replica"  # in the session directory: the replica's data and log
+LOG_SERVER_DIR = "log-server-{}"  # ... and each other server's of a log on several
 log = logging.getLogger("cairn.gcs")
 
 
@@ -71,6 +74,44 @@ def check_replicas(replicas: int, *, external: bool) -> None:
         )
 
 
+def _requested(url: str | Sequence[str] | None) -> list[str]:
+    """The URLs given (a string: one, else ``$CAIRN_GCS_URL``), normalized; none: the
+    embedded server."""
+    if url is None or isinstance(url, str):
+        one = resolve_gcs_url(url)
+        return [one] if one else []
+    return [normalize(given) for given in url]
+
+
+def check_log_servers(urls: Sequence[str], embedded: int, *, replicas: int) -> int:
+    """How many servers the log lies on, or ValueError saying what cannot be."""
+    if embedded < 1:
+        raise ValueError(f"--log-servers must be 1 or more, got {embedded}")
+    if urls and embedded > 1:
+        raise ValueError(
+            "--log-servers starts embedded servers; a log on servers given by URL names "
+            "each with its own --gcs-url"
+        )
+    count = len(urls) or embedded
+    if count > 1 and replicas:
+        raise ValueError(
+            "--gcs-replicas runs one replica of one embedded server; a log on several "
+            "servers has no failover yet (each server would need its own replica)"
+        )
+    logins = {(urlsplit(url).username, urlsplit(url).password) for url in urls}
+    if len(logins) > 1:
+        raise ValueError(
+            "the --gcs-url of a log on several servers must all name the same login "
+            "(user and password): every process logs in to each server with server 0's"
+        )
+    return count
+
+
+def _made(directory: Path) -> Path:
+    directory.mkdir(mode=0o700, exist_ok=True)
+    return directory
+
+
 def _bracketed(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
@@ -80,7 +121,7 @@ class Gcs:
 
     def __init__(
         self,
-        url: str | None = None,
+        url: str | Sequence[str] | None = None,
         *,
         session_dir: Path | None = None,
         listen_host: str | None = None,
@@ -90,6 +131,7 @@ class Gcs:
         node_tls: NodeTls | None = None,
         on_event: Callable[[str], None] = log.warning,
         log_shards: int | None = None,
+        log_servers: int | None = None,
     ) -> None:
         """An embedded server keeps its data in ``session_dir`` (a new one if None) and
         serves other machines at ``listen_host`` (with ``server_tls``) if given;
@@ -97,10 +139,20 @@ class Gcs:
         embedded server only), on this machine, or with ``replica_host`` on that one
         (``gcs_replica.py``; reached with the head's ``node_tls``); ``on_event`` hears
         the watchdogs' failovers; ``log_shards``: how many shards the log has from now
-        on (None: ``$CAIRN_LOG_SHARDS``, else as it is; see migrations/sql/0019)."""
-        self._requested_url = resolve_gcs_url(url)
+        on (None: ``$CAIRN_LOG_SHARDS``, else as it is; see migrations/sql/0019).
+
+        Several URLs, or ``log_servers`` embedded servers, make one log on several
+        servers, the first the log's home (``log_servers.py``); its URL is ``url``
+        (``log_servers`` None: ``$CAIRN_LOG_SERVERS``, else 1)."""
+        self._requested_urls = _requested(url)
+        self._requested_url = self._requested_urls[0] if self._requested_urls else None
         self.log_shards = log_shards if log_shards is not None else settings.log_shards()
         check_replicas(replicas, external=self._requested_url is not None)
+        self.log_server_count = check_log_servers(
+            self._requested_urls,
+            settings.log_servers() if log_servers is None else log_servers,
+            replicas=replicas,
+        )
         if replica_host is not None and not (replicas and server_tls and node_tls):
             raise ValueError(
                 "a GCS replica on another machine (--gcs-replica-host) needs --gcs-replicas 1 "
@@ -115,6 +167,7 @@ class Gcs:
         self.embedded: EmbeddedPostgres | None = None  # the primary (the promoted one after)
         self.replica: EmbeddedPostgres | None = None  # until it is promoted or dropped
         self.servers: list[EmbeddedPostgres] = []  # every server the URLs name, in order
+        self.other_log_servers: list[EmbeddedPostgres] = []  # embedded servers 1.. of the log
         self.watchdog: Watchdog | RemoteStandbyWatch | None = None
         self._on_event = on_event
         self._lock = threading.Lock()
@@ -149,19 +202,51 @@ class Gcs:
             self.embedded = EmbeddedPostgres(session_dir, listen_host=listen_host, tls=server_tls)
             self.servers = [self.embedded]
             self.owner_url = self.embedded.start()
+            self.other_log_servers = [
+                EmbeddedPostgres(
+                    _made(self.embedded.session_dir / LOG_SERVER_DIR.format(index)),
+                    listen_host=listen_host,
+                    tls=server_tls,
+                )
+                for index in range(1, self.log_server_count)
+            ]
+            owner_urls = [self.owner_url, *(s.start() for s in self.other_log_servers)]
         else:
-            self.owner_url = self._requested_url
-            check_reachable(self.owner_url)
-        schema.upgrade(self.owner_url)
-        if self.log_shards is not None and self.log_shards != schema.log_shards(self.owner_url):
-            schema.set_log_shards(self.owner_url, self.log_shards)
-        PartitionManager(self.owner_url).maintain()
+            owner_urls = self._requested_urls
+            self.owner_url = owner_urls[0]
+            for url in owner_urls:
+                check_reachable(url)
+        for url in owner_urls:
+            schema.upgrade(url)
+        shards, one_server = self.log_shards, len(owner_urls) == 1
+        if one_server and shards is not None and shards != schema.log_shards(self.owner_url):
+            schema.set_log_shards(self.owner_url, shards)
+        for url in owner_urls:
+            PartitionManager(url).maintain()
         self.url = self.embedded.runtime_url() if self.embedded else self.owner_url
+        if len(owner_urls) > 1:
+            self._place_log(owner_urls)
         if self.replicas and self.replica_host:
             self._plan_remote_replica()
         elif self.replicas:
             self._start_replica()
         return self.url
+
+    def _place_log(self, owner_urls: list[str]) -> None:
+        """One log on the servers (``log_servers.place_log``), the embedded ones all
+        taking the runtime's login of server 0."""
+        if self.embedded is None:
+            runtime_urls = owner_urls
+            addresses = [address_of(url, on_home_machine=False) for url in owner_urls]
+        else:
+            password = self.embedded.runtime_password()
+            assert password is not None  # (runtime_url() made it)
+            for server in self.other_log_servers:
+                server.share_runtime_password(password)
+            runtime_urls = [self.url, *(s.runtime_url() for s in self.other_log_servers)]
+            addresses = [address_of(url, on_home_machine=True) for url in runtime_urls]
+        shards = max(self.log_shards or 0, len(owner_urls))
+        place_log(owner_urls, runtime_urls, addresses, shards)
 
     def _plan_remote_replica(self) -> None:
         """The replica on ``replica_host`` (made there when its node joins): its login,
@@ -278,10 +363,12 @@ class Gcs:
         if self._tunnel is not None:
             self._tunnel.stop()
             self._tunnel = None
-        # the replica first: its data may lie in the primary's session directory
-        for server in reversed(self.servers):
+        # the replica and the log's other servers first: their data may lie in the
+        # primary's session directory
+        for server in [*reversed(self.other_log_servers), *reversed(self.servers)]:
             server.stop()
         self.servers, self.embedded, self.replica = [], None, None
+        self.other_log_servers = []
 
     def __enter__(self) -> Gcs:
         self.start()

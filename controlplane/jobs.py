@@ -42,7 +42,7 @@ from typing import Any
 
 from controlplane import auth, pip_envs
 from controlplane import runtime_env_packages as packages
-from controlplane.eventlog import EntityKind, Event, EventAppender
+from controlplane.eventlog import EntityKind, Event, EventAppender, LogAppender, open_appender
 from controlplane.eventlog.connection import connect
 from controlplane.gcs_url import ENV_VAR as GCS_URL_ENV
 from controlplane.node_records import local_nodes
@@ -286,7 +286,7 @@ class Supervisor:
         self.gcs_url = gcs_url
         self.session_dir = session_dir
         self.incarnation = uuid.uuid4().hex
-        self._appender = EventAppender(gcs_url)
+        self._appender: LogAppender = EventAppender(gcs_url)  # (the log's own, from start())
         self._running: dict[str, asyncio.subprocess.Process] = {}
         self._stopping: set[str] = set()
         self._watchers: set[asyncio.Task[None]] = set()
@@ -294,6 +294,7 @@ class Supervisor:
         self._closing = False
 
     async def start(self) -> None:
+        self._appender = await open_appender(self.gcs_url)
         await self._appender.start()
         await self.fail_orphans()
 

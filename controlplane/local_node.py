@@ -23,7 +23,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -55,6 +55,8 @@ if TYPE_CHECKING:  # (a head's GCS: imported where it is made, so that a joining
 
 _DAEMON_START_TIMEOUT_S = 60.0
 log = logging.getLogger("cairn")
+# the GCS a node is given: a URL, several (one log on those servers), or none (embedded)
+GcsUrls = str | Sequence[str] | None
 # a node daemon that dies is started again, at most this often
 _MAX_RESTARTS, _RESTART_WINDOW_S = 3, 60.0
 NODE_ADDRESS = "node.address"
@@ -224,7 +226,7 @@ class LocalNode:
     def start(
         cls,
         *,
-        gcs_url: str | None,
+        gcs_url: GcsUrls,
         config: NodeConfig,
         role: ClusterRole | None = None,
         gcs_replicas: int = 0,
@@ -411,7 +413,7 @@ def _stop_child(child: subprocess.Popen[bytes]) -> None:
 
 
 def run_node(
-    gcs_url: str | None,
+    gcs_url: GcsUrls,
     config: NodeConfig,
     role: ClusterRole,
     announce: Callable[[str], None],
@@ -508,7 +510,7 @@ def run_node(
 
 
 def start_in_background(
-    gcs_url: str | None,
+    gcs_url: GcsUrls,
     config: NodeConfig,
     role: ClusterRole,
     join_address: str | None,
@@ -538,8 +540,8 @@ def start_in_background(
             command += ["--dashboard-port", str(role.dashboard_port)]
             if role.dashboard_host is not None:
                 command += ["--dashboard-host", role.dashboard_host]
-        if gcs_url is not None:
-            env[GCS_URL_ENV] = gcs_url
+        if gcs_url is not None:  # (several: whitespace never is part of a URL)
+            env[GCS_URL_ENV] = gcs_url if isinstance(gcs_url, str) else " ".join(gcs_url)
     starting = Path(tempfile.gettempdir()) / f"cairn-node-{time.time_ns()}.log"
     with open(starting, "wb") as log:
         process = subprocess.Popen(
@@ -566,8 +568,8 @@ def start_in_background(
 
 
 def _tls_for(
-    role: ClusterRole | None, session_dir: Path, gcs_url: str | None
-) -> tuple[str | None, str | None, ServerTls | None]:
+    role: ClusterRole | None, session_dir: Path, gcs_url: GcsUrls
+) -> tuple[GcsUrls, str | None, ServerTls | None]:
     """Puts a node's TLS material in its session directory: a head with TLS makes the
     cluster CA and issues its own and the embedded PostgreSQL's certificates; a node
     that joined stores what the head issued it. Returns the GCS URL to use, and for a
@@ -579,7 +581,7 @@ def _tls_for(
     if role.joined_tls is not None:
         joined = role.joined_tls
         node_tls = tls.NodeTls.write(session_dir, joined.ca, joined.cert, joined.key)
-        if joined.gcs and gcs_url is not None:
+        if joined.gcs and isinstance(gcs_url, str):
             gcs_url = with_query(gcs_url, node_tls.postgres_params())
         return gcs_url, None, None
     if not (role.head and role.tls):

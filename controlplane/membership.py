@@ -31,12 +31,14 @@ import asyncpg
 from controlplane.errors import GcsIdentityError
 from controlplane.eventlog import EVERY_NODE, EntityKind, Event, RecordedEvent
 from controlplane.eventlog.appender import append_on
+from controlplane.eventlog.clock import PROCESS_CLOCK, LogClock
 from controlplane.eventlog.connection import (
     DEFAULT_CONNECT_TIMEOUT_S,
     connect,
     is_connection_error,
     is_disk_full,
 )
+from controlplane.eventlog.servers import fence_node, log_urls
 from controlplane.projections.spec import fold
 from controlplane.settings import env_number
 from controlplane.sql import queries
@@ -129,7 +131,8 @@ class LivenessPinger:
         async with self._conn.transaction():
             if await self._conn.fetchval(queries["declare_node_gone"], self.node_id) is None:
                 return False  # declared dead by a monitor already, with its event
-            await append_on(self._conn, [dead])
+            # past every event this process appended, on any server of the log
+            await append_on(self._conn, [dead], floor=PROCESS_CLOCK.position or None)
         return True
 
 
@@ -190,7 +193,8 @@ class MembershipMonitor:
                     )
                     for row in stale
                 ]
-                await append_on(conn, deaths + await _jobs_failed_with(conn, stale))
+                floor = await fenced_everywhere(self.url, [row["node_id"] for row in stale])
+                await append_on(conn, deaths + await _jobs_failed_with(conn, stale), floor=floor)
         for row in stale:
             log.warning("node %s declared dead (missed heartbeats)", row["node_id"])
         return [row["node_id"] for row in stale]
@@ -199,6 +203,20 @@ class MembershipMonitor:
         if self._conn is not None:
             with contextlib.suppress(Exception):
                 await self._conn.close(timeout=2)
+
+
+async def fenced_everywhere(url: str, node_ids: list[str]) -> int | None:
+    """Fences nodes declared dead on the log's other servers (server 0 fences them with
+    their liveness rows), before their ``dead`` events: None on a log of one server,
+    else the position those events must go past (every event the nodes got in, on any
+    server, is below it: ``servers.fence_node``)."""
+    others = (await log_urls(url))[1:]
+    if not others:
+        return None
+    clock = LogClock()
+    for node_id in node_ids:
+        await fence_node(others, node_id, clock)
+    return clock.position
 
 
 async def _jobs_failed_with(conn: asyncpg.Connection, stale: list[Any]) -> list[Event]:
@@ -272,17 +290,11 @@ async def declare_restarted(url: str, node_id: str) -> bool:
         async with conn.transaction():
             if await conn.fetchval(queries["declare_node_restarted"], node_id) is None:
                 return False
-            await append_on(
-                conn,
-                [
-                    Event(
-                        EntityKind.NODE,
-                        node_id,
-                        "dead",
-                        {"cause": RESTARTED_CAUSE, "to_node": EVERY_NODE},
-                    )
-                ],
+            floor = await fenced_everywhere(url, [node_id])
+            dead = Event(
+                EntityKind.NODE, node_id, "dead", {"cause": RESTARTED_CAUSE, "to_node": EVERY_NODE}
             )
+            await append_on(conn, [dead], floor=floor)
         return True
     finally:
         await conn.close()

@@ -25,6 +25,11 @@ READS = ("select", "with", "table", "values", "explain", "show")
 # Audit queries scan and group much of the log: room to hash in memory, and no JIT
 # (compiling the views' many aggregates costs more than it saves at 10^6 events).
 AUDIT_SETTINGS = "SET LOCAL work_mem = '64MB'; SET LOCAL jit = off"
+# The whole log, on however many servers it lies (migrations/sql/0023): its union schema
+# first, so `events` and every view read all of them.
+WHOLE_LOG = (
+    "SELECT set_config('search_path', 'log_union, ' || current_setting('search_path'), true)"
+)
 _COMMENTS = re.compile(r"--[^\n]*|/\*.*?\*/", re.DOTALL)
 
 
@@ -54,6 +59,7 @@ async def audit_transaction(
             ):
                 await conn.execute(f"SET LOCAL ROLE {AUDIT_ROLE}")
             await conn.execute(AUDIT_SETTINGS)
+            await conn.execute(WHOLE_LOG)
             if timeout is not None:
                 await conn.execute(f"SET LOCAL statement_timeout = {max(1, int(timeout * 1000))}")
             yield conn

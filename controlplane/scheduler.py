@@ -37,10 +37,12 @@ from controlplane.eventlog import (
     EntityKind,
     Event,
     EventAppender,
+    LogAppender,
     RecordedEvent,
-    Tailer,
     fencing,
-    head_positions,
+    log_head_positions,
+    open_appender,
+    open_tailer,
 )
 from controlplane.eventlog.connection import connect, is_disk_full
 from controlplane.gcs_url import ENV_VAR as GCS_URL_ENV
@@ -125,15 +127,16 @@ class GlobalScheduler:
         self.groups: dict[str, RecordedEvent] = {}  # placement groups to place
         self.group_nodes: dict[str, list[str]] = {}  # placed groups: node of each bundle
         self.infeasible_groups: set[str] = set()
-        self.appender = EventAppender(url)
+        self.appender: LogAppender = EventAppender(url)  # (the log's own, from run())
         self.following = asyncio.Event()  # set once it has read the log and placed
 
     async def run(self) -> None:
+        self.appender = await open_appender(self.url)
         await self.appender.start()
         try:
             start, heads = await self.load_checkpoint()
             saved = max(start, default=0)
-            async with Tailer(self.url, reader=SCHEDULER, after=start) as tailer:
+            async with await open_tailer(self.url, reader=SCHEDULER, after=start) as tailer:
                 while True:
                     for event in await tailer.read():
                         self.apply(event)
@@ -161,9 +164,9 @@ class GlobalScheduler:
         conn = await connect(self.url)
         try:
             row = await conn.fetchrow(queries["load_checkpoint"], CHECKPOINT_NAME)
-            heads = await head_positions(conn)
         finally:
             await conn.close()
+        heads = await log_head_positions(self.url)
         if row is None:
             return [0], heads
         try:

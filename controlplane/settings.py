@@ -20,6 +20,15 @@ def env_number(name: str, default: float, *, minimum: float, unit: str = "second
     return value
 
 
+def log_servers() -> int:
+    """``$CAIRN_LOG_SERVERS``: how many embedded PostgreSQL servers a GCS made now places
+    its log on (1 unless set; ``cairn start --head --log-servers``)."""
+    raw = os.environ.get("CAIRN_LOG_SERVERS", "1")
+    if not raw.isdigit() or not 1 <= int(raw) <= 64:
+        raise ValueError(f"$CAIRN_LOG_SERVERS must be a whole number from 1 to 64, not {raw!r}")
+    return int(raw)
+
+
 def log_shards() -> int | None:
     """``$CAIRN_LOG_SHARDS``: how many shards a GCS made now gives its log (None: unset,
     one for a new log, as many as it has for one that exists)."""

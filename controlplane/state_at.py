@@ -28,6 +28,7 @@ from controlplane.errors import GcsError
 from controlplane.eventlog.connection import connect
 from controlplane.eventlog.events import EntityKind
 from controlplane.projections.spec import TRANSITIONS
+from controlplane.readonly_sql import WHOLE_LOG
 from controlplane.sql import queries
 
 # The fields shown per kind, as slots of the state_at_entities query: two text fields
@@ -257,6 +258,7 @@ async def state_at_async(
     try:
         async with conn.transaction(readonly=True, isolation="repeatable_read"):
             await conn.execute(f"SET LOCAL work_mem = '{_WORK_MEM}'")
+            await conn.execute(WHOLE_LOG)
             point, retained = await _resolve(conn, position, timestamp)
             recorded = await conn.fetchval(
                 "SELECT recorded_at FROM events WHERE position = $1", point

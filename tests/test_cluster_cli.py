@@ -110,8 +110,11 @@ def cluster() -> Iterator[local_node.NodeRecord]:
         "--resources",
         '{"disk": 4}',
         "--log-shards",
+        "4",
+        "--log-servers",
         "2",
-    )  # (a sharded log: the cluster's jobs each in a shard, its nodes' events in shard 0)
+    )  # (a sharded log on two servers: the cluster's jobs each in a shard, on the server
+    # that holds it; its nodes' events in shard 0, on server 0)
     head = local_node.running_head()
     assert head is not None and head.address is not None
     try:
@@ -168,6 +171,10 @@ def test_nodes_join_and_a_killed_node_is_declared_dead(
     detected_after = time.monotonic() - killed_at
     assert cause is not None and "missed heartbeats" in cause
     assert detected_after < 6  # pings every 0.25 s, dead after 1.5 s without one
+    from controlplane.eventlog.servers import log_urls
+
+    other = asyncio.run(log_urls(_gcs_url(cluster)))[1]  # fenced there too, before `dead`
+    assert (victim_id,) in asyncio.run(_fetch(other, "SELECT node_id FROM node_fences"))
     status = _cairn("status").stdout
     assert "2 nodes alive, 1 dead" in status and f"node {victim_id} DEAD" in status
 
@@ -195,16 +202,76 @@ def test_nodes_join_and_a_killed_node_is_declared_dead(
     assert ran_on["node"] == new_id
 
 
+JOB = """
+import json, sdk as ray
+ray.init(address="auto")
+@ray.remote
+def inc(x):
+    return x + 1
+@ray.remote
+class Total:
+    def __init__(self):
+        self.n = 0
+    def add(self, x):
+        self.n += x
+        return self.n
+total = Total.remote()
+print(json.dumps({"job": ray.get_runtime_context().get_job_id(),
+                  "sum": ray.get([total.add.remote(v) for v in ray.get([inc.remote(i) for i in range(10)])])[-1]}))
+ray.shutdown()
+"""
+
+
+def test_a_log_on_two_servers_takes_each_job_on_one_and_reads_as_one(
+    cluster: local_node.NodeRecord,
+) -> None:
+    from controlplane.eventlog.servers import log_urls
+
+    urls = asyncio.run(log_urls(_gcs_url(cluster)))
+    assert len(urls) == 2
+    jobs_on: list[set[object]] = [set(), set()]
+    ran = []
+    while not all(jobs_on) and len(ran) < 16:  # each job's shard: a hash of its id
+        ran.append(_driver(JOB))
+        assert ran[-1]["sum"] == 55
+        jobs_on = [{row[0] for row in asyncio.run(_fetch(url, JOBS_SQL))} for url in urls]
+    assert all(jobs_on), f"{len(ran)} jobs, all on one server"
+    assert not jobs_on[0] & jobs_on[1]  # every event of a job on the one server of its shard
+    assert jobs_on[0] | jobs_on[1] == {job["job"] for job in ran}
+
+    # `cairn sql` reads the whole log, its views too (the union on server 0, postgres_fdw)
+    counts = [asyncio.run(_fetch(url, "SELECT count(*) FROM events"))[0][0] for url in urls]
+    whole = _cairn(
+        "sql",
+        "--format",
+        "json",
+        "SELECT count(*) AS n, count(DISTINCT position) AS positions FROM events",
+    ).stdout
+    assert json.loads(whole) == [{"n": sum(counts), "positions": sum(counts)}]
+    finished = _cairn(
+        "sql",
+        "--format",
+        "json",
+        "SELECT count(*) AS n FROM tasks WHERE state = 'FINISHED' AND actor_id IS NULL",
+    ).stdout
+    assert json.loads(finished) == [{"n": 10 * len(ran)}]
+
+
+JOBS_SQL = "SELECT DISTINCT job_id FROM events WHERE entity_kind = 'task'"
+
+
 def test_status_and_stop(cluster: local_node.NodeRecord) -> None:
     status = _cairn("status").stdout
     assert "(head)" in status and "1 nodes alive" in status
     assert "CPU          0/2 used" in status
     again = _cairn("start", "--head", "--port", "0", check=False)
     assert again.returncode != 0 and "already running" in again.stderr
-    shards = asyncio.run(_fetch(_gcs_url(cluster), "SELECT shard_count FROM event_log_head"))
-    assert shards == [(2,)]  # (--log-shards)
+    layout = "SELECT shard_count, server_index, server_count FROM event_log_head"
+    assert asyncio.run(_fetch(_gcs_url(cluster), layout)) == [(4, 0, 2)]  # (--log-shards, -servers)
     refused = _cairn("start", "--address", "127.0.0.1:1", "--log-shards", "4", check=False)
     assert refused.returncode != 0 and "--log-shards is for the head" in refused.stderr
+    refused = _cairn("start", "--address", "127.0.0.1:1", "--log-servers", "2", check=False)
+    assert refused.returncode != 0 and "--log-servers is for the head" in refused.stderr
     node_id = (cluster.session_dir / "node.ready").read_text()
     memory = _cairn("memory", "--units", "MB").stdout  # the head's object store
     assert f"Object store of node {node_id}" in memory and "objects;" in memory

@@ -10,6 +10,13 @@ from controlplane.eventlog.events import (
     RecordedEvent,
     new_event_id,
 )
+from controlplane.eventlog.servers import (
+    LogAppender,
+    LogTailer,
+    log_head_positions,
+    open_appender,
+    open_tailer,
+)
 from controlplane.eventlog.tailer import Tailer, head_positions
 
 __all__ = [
@@ -19,8 +26,13 @@ __all__ = [
     "Event",
     "EventAppender",
     "FailureLog",
+    "LogAppender",
+    "LogTailer",
     "RecordedEvent",
     "Tailer",
     "head_positions",
+    "log_head_positions",
     "new_event_id",
+    "open_appender",
+    "open_tailer",
 ]

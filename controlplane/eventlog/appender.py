@@ -234,8 +234,12 @@ class EventAppender:
                 raise self.fenced
             if self.refused is not None:
                 raise self.refused
-            positions = await retry_while_unavailable(
-                self.url, lambda: self._write(events, payloads), timeout=timeout
+            positions = (
+                await retry_while_unavailable(
+                    self.url, lambda: self._write(events, payloads), timeout=timeout
+                )
+                if events
+                else []  # (a request of no events: done once those before it are)
             )
         except BaseException as exc:
             error = exc if isinstance(exc, GcsError) else GcsError(f"append failed: {exc!r}")

@@ -21,3 +21,8 @@ class LogClock:
         with self._lock:
             if position > self._position:
                 self._position = position
+
+
+# The clock of this process: every appender and reader of a log on several servers that
+# the process opens (``servers.open_appender``, ``open_tailer``) keeps it.
+PROCESS_CLOCK = LogClock()

@@ -51,9 +51,10 @@ import threading
 import time
 import weakref
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 
@@ -121,7 +122,7 @@ async def check(conn: asyncpg.Connection, url: str) -> Epoch | None:
     promotion (a read-only session)."""
     # what was seen before the query is sent: the server's answer must cover it (a
     # position another connection reports while the query runs may be newer than it)
-    before = remembered()
+    before = remembered(url)
     try:
         row = await conn.fetchrow(queries["gcs_identity"])
         identified = True
@@ -141,7 +142,7 @@ async def check(conn: asyncpg.Connection, url: str) -> Epoch | None:
     epoch = accept(_epoch(row), url)  # first: an old primary is fenced, not refused
     seen = (before[1], before[2]) if before is not None else None
     check_identity(row if identified else None, url, seen=seen)
-    _epoch_of[conn] = epoch.epoch
+    _epoch_of[conn] = (server_key(url), epoch.epoch)
     return epoch
 
 
@@ -191,39 +192,60 @@ class Identity:
 
 
 @dataclass
-class _Memory:
-    path: Path | None
-    save: bool
+class _Seen:
+    """What a process saw of one server of its log."""
+
     identity: Identity | None = None
     # the highest position seen at the highest epoch seen: a failover may lose events a
     # tailer read on the old primary and that were never acknowledged (their writers
     # append them again), so positions are compared within one epoch only
     epoch: int = 0
     position: int = 0
-    saved: tuple[int, int] = (-1, -1)  # (epoch, position) last written to ``path``
+
+
+@dataclass
+class _Memory:
+    path: Path | None
+    save: bool
+    # per server of the log (one, or several: controlplane/log_servers.py), by its
+    # address (``server_key``)
+    servers: dict[str, _Seen] = field(default_factory=dict)
+    saved: dict[str, tuple[int, int]] = field(default_factory=dict)  # (epoch, position)
     saved_at: float = -math.inf
 
 
 _memory: _Memory | None = None
-# the epoch each checked connection was accepted at, for ``saw``
-_epoch_of: weakref.WeakKeyDictionary[asyncpg.Connection, int] = weakref.WeakKeyDictionary()
+# the server and epoch each checked connection was accepted at, for ``saw``
+_epoch_of: weakref.WeakKeyDictionary[asyncpg.Connection, tuple[str, int]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def server_key(url: str) -> str:
+    """Which server of the log a URL names, for the memory: its hosts and database."""
+    parts = urlsplit(url)
+    return f"{parts.netloc.rpartition('@')[2]}{parts.path}"
 
 
 def remember(path: Path | None = None, *, save: bool = True) -> None:
     """Pins this process to the one log it serves (node daemons, the global scheduler):
-    the first log it reaches, or the one an earlier process of its node saw (read from
-    ``path``, if there). From now on every connection must reach that log at a head no
-    lower than what was seen (:func:`check_identity`). With ``save``, what is seen is
-    kept in ``path`` for the process that replaces this one (at most once a second, and
-    at :func:`flush`)."""
+    the first log it reaches at each server's address, or the one an earlier process of
+    its node saw (read from ``path``, if there). From now on every connection must reach
+    that log again, at a head no lower than what was seen there
+    (:func:`check_identity`). With ``save``, what is seen is kept in ``path`` for the
+    process that replaces this one (at most once a second, and at :func:`flush`)."""
     global _memory
     memory = _Memory(path, save and path is not None)
     if path is not None:
-        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-            known = json.loads(Path(path).read_text())
-            memory.identity = Identity(str(known["cluster_id"]), int(known["system_id"]))
-            memory.epoch, memory.position = int(known["epoch"]), int(known["position"])
-            memory.saved = (memory.epoch, memory.position)
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError):
+            for key, known in json.loads(Path(path).read_text())["servers"].items():
+                seen = _Seen(
+                    Identity(str(known["cluster_id"]), int(known["system_id"])),
+                    int(known["epoch"]),
+                    int(known["position"]),
+                )
+                memory.servers[key] = seen
+                memory.saved[key] = (seen.epoch, seen.position)
     with _lock:
         _memory = memory
 
@@ -235,29 +257,36 @@ def forget() -> None:
         _memory = None
 
 
-def remembered() -> tuple[Identity | None, int, int] | None:
-    """The log this process serves, the epoch and the highest position seen at it;
-    None if this process is not pinned."""
+def remembered(url: str | None = None) -> tuple[Identity | None, int, int] | None:
+    """The log this process serves at ``url`` (None: its first server), the epoch and
+    the highest position seen there; None if this process is not pinned."""
     memory = _memory
-    return None if memory is None else (memory.identity, memory.epoch, memory.position)
+    if memory is None:
+        return None
+    key = server_key(url) if url is not None else next(iter(memory.servers), "")
+    seen = memory.servers.get(key, _Seen())
+    return (seen.identity, seen.epoch, seen.position)
 
 
 def epoch_of(conn: asyncpg.Connection) -> int | None:
     """The epoch of the server behind ``conn``, as checked when it was opened."""
-    return _epoch_of.get(conn)
+    found = _epoch_of.get(conn)
+    return None if found is None else found[1]
 
 
 def saw(position: int, conn: asyncpg.Connection | None) -> None:
     """The log holds ``position`` (appended or read on ``conn``): a log of the same
     identity and epoch found later below it was put back from an older copy."""
     memory = _memory
-    epoch = _epoch_of.get(conn) if memory is not None and conn is not None else None
-    if memory is None or epoch is None:
+    found = _epoch_of.get(conn) if memory is not None and conn is not None else None
+    if memory is None or found is None:
         return
+    key, epoch = found
     with _lock:
-        if epoch < memory.epoch or (epoch == memory.epoch and position <= memory.position):
+        seen = memory.servers.setdefault(key, _Seen())
+        if epoch < seen.epoch or (epoch == seen.epoch and position <= seen.position):
             return  # (a connection to an old primary that is still open: not the log now)
-        memory.epoch, memory.position = epoch, position
+        seen.epoch, seen.position = epoch, position
     if memory.save and time.monotonic() - memory.saved_at >= SAVE_EVERY_S:
         _save(memory)
 
@@ -265,27 +294,39 @@ def saw(position: int, conn: asyncpg.Connection | None) -> None:
 def flush() -> None:
     """Writes what this process saw now (a daemon stopping)."""
     memory = _memory
-    if memory is not None and memory.save and memory.saved != (memory.epoch, memory.position):
+    if memory is not None and memory.save and memory.saved != _positions(memory):
         _save(memory)
+
+
+def _positions(memory: _Memory) -> dict[str, tuple[int, int]]:
+    return {key: (seen.epoch, seen.position) for key, seen in memory.servers.items()}
 
 
 def _save(memory: _Memory) -> None:
     memory.saved_at = time.monotonic()
-    if memory.path is None or memory.identity is None:
+    if memory.path is None:
         return
-    data: dict[str, Any] = {
-        "cluster_id": memory.identity.cluster_id,
-        "system_id": memory.identity.system_id,
-        "epoch": memory.epoch,
-        "position": memory.position,
-    }
+    with _lock:
+        servers = {
+            key: {
+                "cluster_id": seen.identity.cluster_id,
+                "system_id": seen.identity.system_id,
+                "epoch": seen.epoch,
+                "position": seen.position,
+            }
+            for key, seen in memory.servers.items()
+            if seen.identity is not None
+        }
+        positions = {key: _positions(memory)[key] for key in servers}
+    if not servers:
+        return
     temporary = memory.path.with_name(f".{memory.path.name}.{os.getpid()}")
     try:
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
-            json.dump(data, f)
+            json.dump({"servers": servers}, f)
         os.replace(temporary, memory.path)
-        memory.saved = (int(data["epoch"]), int(data["position"]))
+        memory.saved = positions
     except OSError:  # the session directory is going away: nothing left to protect
         with contextlib.suppress(OSError):
             temporary.unlink()
@@ -303,11 +344,13 @@ def check_identity(
     memory = _memory
     if memory is None:
         return
+    key = server_key(url)
     found = None if row is None else Identity(str(row["cluster_id"]), int(row["system_id"]))
     where = f"refusing the GCS at {redact(url)}"
     with _lock:
-        known = memory.identity
-        seen_epoch, seen_position = seen if seen is not None else (memory.epoch, memory.position)
+        server = memory.servers.setdefault(key, _Seen())
+        known = server.identity
+        seen_epoch, seen_position = seen if seen is not None else (server.epoch, server.position)
         if known is not None and found is None:
             raise GcsIdentityError(
                 f"{where}: it holds no Cairn log with an identity (an empty database, or "
@@ -325,10 +368,10 @@ def check_identity(
                 "cluster already used; this node stops"
             )
         epoch, head = int(row["epoch"]), int(row["head_position"])
-        if epoch < memory.epoch and not row["standby"]:  # (seen by an earlier daemon)
+        if epoch < server.epoch and not row["standby"]:  # (seen by an earlier daemon)
             raise GcsFencedError(
                 f"refusing the GCS at {redact(url)}: it is at epoch {epoch}, behind epoch "
-                f"{memory.epoch} that this node has already seen (an old primary, or a copy "
+                f"{server.epoch} that this node has already seen (an old primary, or a copy "
                 "from before the failover)"
             )
         if row["standby"]:
@@ -342,12 +385,12 @@ def check_identity(
                 f"missing from it. Going on would hand out positions {head + 1:,} to "
                 f"{seen_position:,} (and the ids made since) a second time; this node stops"
             )
-        changed = known is None or epoch > memory.epoch or head > memory.position
-        memory.identity = found
-        if epoch > memory.epoch:  # (a failover since, or the first log reached)
-            memory.epoch, memory.position = epoch, head
-        elif head > memory.position:  # the log holds them: a copy without them is behind
-            memory.position = head
+        changed = known is None or epoch > server.epoch or head > server.position
+        server.identity = found
+        if epoch > server.epoch:  # (a failover since, or the first log reached)
+            server.epoch, server.position = epoch, head
+        elif head > server.position:  # the log holds them: a copy without them is behind
+            server.position = head
     if changed and memory.save:
         _save(memory)
 
@@ -356,12 +399,13 @@ def gone(url: str, exc: BaseException) -> GcsIdentityError | None:
     """For a process that remembers its log: the refusal of a GCS whose database is
     gone (``exc``: the server says it does not exist), else None."""
     memory = _memory
-    if memory is None or memory.identity is None:
+    seen = None if memory is None else memory.servers.get(server_key(url))
+    if seen is None or seen.identity is None:
         return None
     said = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return GcsIdentityError(
         f"refusing the GCS at {redact(url)}: its database is gone ({said}), while this node "
-        f"was using {memory.identity} there: the GCS was wiped. Going on would hand out "
+        f"was using {seen.identity} there: the GCS was wiped. Going on would hand out "
         "positions and ids the cluster already used; this node stops"
     )
 

@@ -26,18 +26,21 @@ import asyncio
 import dataclasses
 import hashlib
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 
-from controlplane.errors import GcsError
+from controlplane.errors import GcsError, GcsIdentityError, NodeFencedError
 from controlplane.eventlog.appender import EventAppender
-from controlplane.eventlog.clock import LogClock
+from controlplane.eventlog.catalog import encode_payload
+from controlplane.eventlog.clock import PROCESS_CLOCK, LogClock
 from controlplane.eventlog.connection import connect
 from controlplane.eventlog.events import JOB_KINDS, Event, RecordedEvent
-from controlplane.eventlog.tailer import Tailer
+from controlplane.eventlog.tailer import Tailer, head_positions
+from controlplane.gcs_url import normalize, with_login
 from controlplane.sql import queries
 
 
@@ -76,6 +79,32 @@ async def check_layout(urls: Sequence[str]) -> int:
     if len(counts) != 1:
         raise GcsError(f"the servers disagree on the log's shard count ({sorted(counts)})")
     return counts.pop()
+
+
+def server_url(home_url: str, address: str) -> str:
+    """A server's URL for a process that reaches server 0 at ``home_url``: the address,
+    with server 0's login, and its connection options (TLS files) under the address's."""
+    home, there = urlsplit(normalize(home_url)), urlsplit(address)
+    hostport = there.netloc
+    if hostport.startswith(":"):  # on server 0's machine
+        entries = home.netloc.rpartition("@")[2].split(",")
+        hostport = ",".join(f"{entry.rsplit(':', 1)[0]}{hostport}" for entry in entries)
+    query = {**dict(parse_qsl(home.query)), **dict(parse_qsl(there.query))}
+    url = urlunsplit(there._replace(netloc=hostport, query=urlencode(query)))
+    if home.username is None:
+        return url
+    return with_login(url, unquote(home.username), unquote(home.password or ""))
+
+
+async def log_urls(home_url: str) -> list[str]:
+    """Every server of the log whose server 0 ``home_url`` names, in order (just
+    ``home_url`` for a log on one server)."""
+    conn: asyncpg.Connection = await connect(home_url)
+    try:
+        rows = await conn.fetch("SELECT address FROM log_servers ORDER BY server_index")
+    finally:
+        await conn.close()
+    return [home_url, *(server_url(home_url, row["address"]) for row in rows[1:])]
 
 
 def _safe(url: str) -> str:
@@ -119,15 +148,95 @@ class ServersAppender:
     def server_of(self, event: Event) -> int:
         return shard_of(event.job_id, self.shards) % len(self.urls)
 
+    # -- what a node daemon's recorder uses of an EventAppender -------------------------
+
+    @property
+    def unavailable_timeout(self) -> float:
+        return self._appenders[0].unavailable_timeout
+
+    @property
+    def backlog(self) -> int:
+        return sum(appender.backlog for appender in self._appenders)
+
+    @property
+    def max_backlog(self) -> int:
+        return sum(appender.max_backlog for appender in self._appenders)
+
+    @property
+    def events_committed(self) -> int:
+        return sum(appender.events_committed for appender in self._appenders)
+
+    @property
+    def batches_committed(self) -> int:
+        return sum(appender.batches_committed for appender in self._appenders)
+
+    def _set_on_refused(self, callback: Callable[[GcsIdentityError], None]) -> None:
+        for appender in self._appenders:
+            appender.on_refused = callback
+
+    def _set_on_fenced(self, callback: Callable[[NodeFencedError], None]) -> None:
+        for appender in self._appenders:
+            appender.on_fenced = callback
+
+    on_refused = property(lambda self: self._appenders[0].on_refused, _set_on_refused)
+    on_fenced = property(lambda self: self._appenders[0].on_fenced, _set_on_fenced)
+
+    async def below_backlog(self) -> None:
+        for appender in self._appenders:
+            await appender.below_backlog()
+
+    def enqueue(self, events: Sequence[Event], *, urgent: bool = True) -> asyncio.Future[list[int]]:
+        """As ``EventAppender.enqueue``: the future is done once these events and every
+        event queued before them, on any server, are durable (a server with none of
+        these but some queued gets an empty request, done after them)."""
+        batch = _with_jobs(list(events))
+        for event in batch:
+            encode_payload(event)  # (invalid: refused here, before any server queues it)
+        parts = self._parts(batch)
+        waits = {
+            server: appender.enqueue([batch[i] for i in parts.get(server, [])], urgent=urgent)
+            for server, appender in enumerate(self._appenders)
+            if server in parts or appender.backlog
+        }
+        done = asyncio.get_running_loop().create_future()
+
+        def settle(_: object) -> None:
+            if done.done() or not all(wait.done() for wait in waits.values()):
+                return
+            failed = [wait.exception() for wait in waits.values() if wait.exception()]
+            if failed:
+                done.set_exception(failed[0])  # type: ignore[arg-type]
+                return
+            positions = [0] * len(batch)
+            for server, indexes in parts.items():
+                for i, position in zip(indexes, waits[server].result(), strict=True):
+                    positions[i] = position
+            done.set_result(positions)
+
+        for wait in waits.values():
+            wait.add_done_callback(settle)
+        return done
+
+    def write_behind(self, events: Sequence[Event]) -> None:
+        batch = _with_jobs(list(events))
+        for event in batch:
+            encode_payload(event)
+        for server, indexes in self._parts(batch).items():
+            self._appenders[server].write_behind([batch[i] for i in indexes])
+
+    def _parts(self, batch: list[Event]) -> dict[int, list[int]]:
+        parts: dict[int, list[int]] = {}
+        for i, event in enumerate(batch):
+            parts.setdefault(self.server_of(event), []).append(i)
+        return parts
+
     async def append(self, event: Event) -> int:
         return (await self.append_many([event]))[0]
 
     async def append_many(self, events: Iterable[Event]) -> list[int]:
         """Positions in the order of ``events``, once every part is durable."""
         batch = _with_jobs(list(events))
-        parts: dict[int, list[int]] = {}
-        for i, event in enumerate(batch):
-            parts.setdefault(self.server_of(event), []).append(i)
+        parts = self._parts(batch)
         answers = await asyncio.gather(
             *(
                 self._appenders[server].append_many([batch[i] for i in indexes])
@@ -219,9 +328,22 @@ class ServersTailer:
             positions[shard] = min(positions[shard], held.event.position - 1)
         return positions
 
+    @positions.setter
+    def positions(self, positions: Sequence[int]) -> None:
+        """Reads on from ``positions`` (what another reader of the same name saved)."""
+        for tailer in self._tailers:
+            tailer.positions = list(positions)
+        self._held = []
+        self._reads = [[] for _ in self.urls]
+
     @property
     def position(self) -> int:
         return max(self.positions, default=0)
+
+    def reached(self, heads: Sequence[int]) -> bool:
+        """Whether it has returned every shard's events up to ``heads``."""
+        positions = self.positions
+        return all(positions[shard] >= head for shard, head in enumerate(heads))
 
     async def read(self, wait: float | None = None) -> list[RecordedEvent]:
         """The next events whose causes are all returned (now or before), in position
@@ -298,3 +420,38 @@ async def servers_head_positions(urls: Sequence[str]) -> list[int]:
         finally:
             await conn.close()
     return [heads[shard] for shard in sorted(heads)]
+
+
+LogAppender = EventAppender | ServersAppender
+LogTailer = Tailer | ServersTailer
+
+
+async def open_appender(url: str, **options: object) -> LogAppender:
+    """The appender of the log whose server 0 is at ``url`` (not started): one server's,
+    or the several servers' on the process's clock."""
+    urls = await log_urls(url)
+    if len(urls) == 1:
+        return EventAppender(url, **options)  # type: ignore[arg-type]
+    return ServersAppender(urls, clock=PROCESS_CLOCK, **options)
+
+
+async def open_tailer(url: str, **options: object) -> LogTailer:
+    """The tailer of the log whose server 0 is at ``url`` (to enter): one server's, or
+    the several servers' merged on the process's clock."""
+    urls = await log_urls(url)
+    if len(urls) == 1:
+        return Tailer(url, **options)  # type: ignore[arg-type]
+    return ServersTailer(urls, clock=PROCESS_CLOCK, **options)  # type: ignore[arg-type]
+
+
+async def log_head_positions(url: str) -> list[int]:
+    """Each shard's head, on whichever server it lies: where a reader that starts now
+    starts."""
+    urls = await log_urls(url)
+    if len(urls) > 1:
+        return await servers_head_positions(urls)
+    conn: asyncpg.Connection = await connect(url)
+    try:
+        return await head_positions(conn)
+    finally:
+        await conn.close()

@@ -15,8 +15,8 @@ from typing import Any, TypeVar
 import grpc
 
 from controlplane import auth
-from controlplane.eventlog import EntityKind, Event, RecordedEvent, head_positions
-from controlplane.eventlog.connection import connect, retry_while_unavailable
+from controlplane.eventlog import EntityKind, Event, RecordedEvent, log_head_positions
+from controlplane.eventlog.connection import retry_while_unavailable
 from controlplane.membership import (
     HEARTBEAT_MIN_INTERVAL_S,
     LivenessPinger,
@@ -234,11 +234,7 @@ class ClusterLink:
         )
 
     async def _log_head(self) -> list[int]:
-        conn = await connect(self.gcs_url)
-        try:
-            return await head_positions(conn)
-        finally:
-            await conn.close()
+        return await log_head_positions(self.gcs_url)
 
     async def leave(self, dead: Event) -> None:
         """Stops pinging and ends the node's liveness together with its ``dead`` event,

@@ -12,6 +12,8 @@ from collections.abc import Callable
 
 from controlplane.errors import GcsError, GcsIdentityError, NodeFencedError
 from controlplane.eventlog import Event, EventAppender, FailureLog
+from controlplane.eventlog.clock import PROCESS_CLOCK
+from controlplane.eventlog.servers import LogAppender, ServersAppender, log_urls
 
 log = logging.getLogger("cairn.node")
 # how long events written behind wait for the commit of urgent ones that follow them
@@ -26,7 +28,13 @@ class EventRecorder:
     node is declared dead, its appends are refused."""
 
     def __init__(self, gcs_url: str, *, writer_node: str | None) -> None:
-        self.appender = EventAppender(gcs_url, linger=LINGER_S, writer_node=writer_node)
+        self._url = gcs_url
+        self._writer_node = writer_node
+        # until start(): one server's (a log on several gets theirs then)
+        self.appender: LogAppender = self._one_server()
+
+    def _one_server(self) -> EventAppender:
+        return EventAppender(self._url, linger=LINGER_S, writer_node=self._writer_node)
 
     @property
     def unavailable_timeout(self) -> float:
@@ -46,6 +54,14 @@ class EventRecorder:
         self.appender.on_fenced = callback
 
     async def start(self) -> None:
+        urls = await log_urls(self._url)
+        if len(urls) > 1:
+            servers = ServersAppender(
+                urls, clock=PROCESS_CLOCK, linger=LINGER_S, writer_node=self._writer_node
+            )
+            servers.on_refused = self.appender.on_refused
+            servers.on_fenced = self.appender.on_fenced
+            self.appender = servers
         await self.appender.start()
 
     def log(self, events: list[Event]) -> None:

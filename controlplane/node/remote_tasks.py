@@ -31,7 +31,7 @@ import os
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol, cast
 
-from controlplane.eventlog import EntityKind, Event, RecordedEvent, Tailer
+from controlplane.eventlog import EntityKind, Event, LogTailer, RecordedEvent, open_tailer
 from controlplane.labels import node_labels
 from controlplane.membership import RESTARTED_CAUSE, cluster_nodes
 from controlplane.node.actors import ActorDirector
@@ -115,7 +115,7 @@ class RemoteTasks:
         self.remote_returns: dict[str, dict[str, tuple[p.ObjectLocation, str]]] = {}
         self.fetching: set[str] = set()  # objects pulled here because something wants them
         self.kept_for_owner: set[str] = set()  # objects of placed tasks, until their owner has them
-        self.log_follower: Tailer | None = None  # the node's tailer, once it follows the log
+        self.log_follower: LogTailer | None = None  # the node's tailer, once it follows the log
 
     @property
     def address(self) -> str:
@@ -125,7 +125,7 @@ class RemoteTasks:
     # -- following the log ---------------------------------------------------------
 
     async def follow_log(self, after: list[int]) -> None:
-        async with Tailer(
+        async with await open_tailer(
             self.gcs_url, reader=self.node_id, after=after, poll_interval=0.5
         ) as tailer:
             self.log_follower = tailer  # (its position: the node's metrics)

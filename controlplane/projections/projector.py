@@ -21,7 +21,7 @@ import asyncpg
 
 from controlplane.eventlog.connection import connect
 from controlplane.eventlog.events import RecordedEvent
-from controlplane.eventlog.tailer import Tailer, head_positions
+from controlplane.eventlog.servers import LogTailer, log_head_positions, open_tailer
 from controlplane.projections.spec import TABLES, Row, Table, fold
 from controlplane.sql import queries
 
@@ -68,7 +68,7 @@ class Projector:
         self.batch_size = batch_size
         self.name = name
         self._conn: asyncpg.Connection | None = None
-        self._tailer: Tailer | None = None
+        self._tailer: LogTailer | None = None
 
     @property
     def position(self) -> int:
@@ -78,7 +78,9 @@ class Projector:
         self._conn = await connect(self.url)
         await self._conn.execute(queries["ensure_subscription"], self.name)
         saved = await self._conn.fetchval(queries["subscription_position"], self.name)
-        self._tailer = Tailer(self.url, after=list(saved or []), batch_size=self.batch_size)
+        self._tailer = await open_tailer(
+            self.url, after=list(saved or []), batch_size=self.batch_size
+        )
         await self._tailer.__aenter__()
         return self
 
@@ -104,7 +106,7 @@ class Projector:
         """Applies everything appended before this call; returns the position reached."""
         assert self._conn is not None
         assert self._tailer is not None
-        heads = await head_positions(self._conn)
+        heads = await log_head_positions(self.url)
         while not self._tailer.reached(heads):
             await self.step(wait=1.0)
         return self.position

@@ -255,7 +255,7 @@ RETURNING node_id, cairn_fence_lock_v1(node_id, false) AS fenced
 -- died is what was created (or adopted) there and not freed, lost or spilled since.
 -- A scan of the events (no index by node): once per daemon restart.
 SELECT DISTINCT ON (entity_id) entity_id AS object_id, event_type, payload
-  FROM events
+  FROM log_union.events
  WHERE entity_kind = 'object' AND node_id = $1
  ORDER BY entity_id, position DESC
 
@@ -286,10 +286,10 @@ SELECT * FROM (
 -- Tasks and actors reported infeasible (no node has their resources) and not placed,
 -- ended or dead since.
 SELECT i.entity_kind::text AS kind, i.entity_id AS task_id, i.payload->'resources' AS resources
-  FROM events i
+  FROM log_union.events i
  WHERE i.entity_kind IN ('task', 'actor') AND i.event_type = 'infeasible'
    AND NOT coalesce((i.payload->>'final')::boolean, false)
-   AND NOT EXISTS (SELECT 1 FROM events p
+   AND NOT EXISTS (SELECT 1 FROM log_union.events p
                     WHERE p.entity_kind = i.entity_kind AND p.entity_id = i.entity_id
                       AND p.event_type IN ('placed', 'cancelled', 'failed', 'alive', 'dead')
                       AND p.position > i.position)
@@ -299,17 +299,17 @@ SELECT i.entity_kind::text AS kind, i.entity_id AS task_id, i.payload->'resource
 -- What lineage reconstruction re-runs: a task's `submitted` event (its spec, and its
 -- code if it was the first task to use it) and the highest attempt logged for it.
 SELECT
-    (SELECT data FROM events
+    (SELECT data FROM log_union.events
       WHERE entity_id = $1 AND event_type = 'submitted' AND entity_kind = 'task'
       ORDER BY position LIMIT 1) AS submitted,
-    (SELECT max((payload->>'attempt')::int) FROM events
+    (SELECT max((payload->>'attempt')::int) FROM log_union.events
       WHERE entity_id = $1 AND entity_kind = 'task') AS attempt;
 
 -- put_value --
 -- How a put object can be recovered: its value (small ones are in their `created`
 -- event) or the path of its durable copy (put(durable=True)).
 SELECT data, payload->>'durable_path' AS durable_path, (payload->>'size_bytes')::bigint AS size
-  FROM events
+  FROM log_union.events
  WHERE entity_id = $1 AND event_type = 'created' AND entity_kind = 'object'
  ORDER BY position LIMIT 1;
 
@@ -330,7 +330,7 @@ ON CONFLICT (name) DO UPDATE
 
 -- actor_checkpoint --
 -- The actor's latest checkpoint (its __cairn_save__() state, in `data`), if any.
-SELECT position, data FROM events
+SELECT position, data FROM log_union.events
  WHERE entity_id = $1 AND event_type = 'checkpointed' AND entity_kind = 'actor'
  ORDER BY position DESC LIMIT 1;
 
@@ -340,9 +340,9 @@ SELECT position, data FROM events
 -- checkpoint), each once, in the order they ended, which for an actor running one
 -- call at a time is the order they ran.
 SELECT s.entity_id AS task_id, s.data
-  FROM events s
+  FROM log_union.events s
   JOIN LATERAL (
-        SELECT e.position FROM events e
+        SELECT e.position FROM log_union.events e
          WHERE e.entity_id = s.entity_id
            AND (e.event_type = 'finished'
                 OR (e.event_type = 'failed' AND e.payload->>'error' LIKE 'task_error:%'))
@@ -499,7 +499,7 @@ SELECT position, recorded_at FROM events WHERE position >= $1 ORDER BY position 
 -- log_identity --
 -- A log's identity: the id of its first retained event (two URLs name the same log
 -- when they give the same one).
-SELECT event_id::text AS first_event FROM events ORDER BY position LIMIT 1;
+SELECT event_id::text AS first_event FROM log_union.events ORDER BY position LIMIT 1;
 
 -- gcs_epoch --
 -- The server's fencing epoch (migration 0011), recording a new one first if the server
@@ -533,7 +533,7 @@ SELECT data FROM runtime_env_packages WHERE digest = $1
 
 -- job_driver_node --
 -- The node of a job's driver, where its workers' output is sent.
-SELECT payload->>'driver_node_id' FROM events
+SELECT payload->>'driver_node_id' FROM log_union.events
  WHERE entity_kind = 'job' AND entity_id = $1 AND event_type = 'submitted'
  LIMIT 1
 
@@ -558,13 +558,13 @@ HAVING bool_or(event_type = 'running' AND payload->>'driver_node_id' = ANY($1::t
 -- log_attempts_on_worker --
 -- Every attempt a worker ran, in order, with where its output files stood when it was
 -- sent (controlplane/logs.py cuts one attempt's lines out from these).
-SELECT entity_id AS task_id, position, node_id, payload FROM events
+SELECT entity_id AS task_id, position, node_id, payload FROM log_union.events
  WHERE entity_kind = 'task' AND event_type = 'running' AND payload->>'worker_id' = $1
  ORDER BY position
 
 -- log_task_attempts --
 -- A task's attempts (its running events), in order.
-SELECT position, node_id, payload->>'worker_id' AS worker_id FROM events
+SELECT position, node_id, payload->>'worker_id' AS worker_id FROM log_union.events
  WHERE entity_kind = 'task' AND event_type = 'running' AND entity_id = $1
  ORDER BY position
 
@@ -574,48 +574,48 @@ SELECT position, node_id, payload->>'worker_id' AS worker_id FROM events
 SELECT bool_or(event_type = 'submitted') AS submitted,
        (array_agg(event_type ORDER BY position DESC))[1]
            IN ('finished', 'failed', 'cancelled') AS over
-  FROM events
+  FROM log_union.events
  WHERE entity_kind = 'task' AND entity_id = $1
 
 -- log_task_attempt_ended --
 -- Whether a task's attempt sent at $2 (a position) has ended: a later event of the task
 -- that closes it.
 SELECT EXISTS (
-  SELECT 1 FROM events
+  SELECT 1 FROM log_union.events
    WHERE entity_kind = 'task' AND entity_id = $1 AND position > $2
      AND event_type IN ('finished', 'failed', 'retried', 'cancelled', 'running'))
 
 -- log_worker --
 -- A worker's node and pid (its started event).
-SELECT node_id, (payload->>'pid')::int AS pid FROM events
+SELECT node_id, (payload->>'pid')::int AS pid FROM log_union.events
  WHERE entity_kind = 'worker' AND entity_id = $1 AND event_type = 'started'
  ORDER BY position LIMIT 1
 
 -- log_actor_workers --
 -- The workers of an actor, one per life (its alive events), in order.
-SELECT payload->>'worker_id' AS worker_id, node_id FROM events
+SELECT payload->>'worker_id' AS worker_id, node_id FROM log_union.events
  WHERE entity_kind = 'actor' AND entity_id = $1 AND event_type = 'alive'
  ORDER BY position
 
 -- log_job_workers --
 -- The workers that ran a job's tasks or actors, by first use.
 SELECT worker_id, min(position) AS first FROM (
-  SELECT payload->>'worker_id' AS worker_id, position FROM events
+  SELECT payload->>'worker_id' AS worker_id, position FROM log_union.events
    WHERE entity_kind IN ('task', 'actor') AND event_type IN ('running', 'alive')
-     AND entity_id IN (SELECT entity_id FROM events
+     AND entity_id IN (SELECT entity_id FROM log_union.events
                         WHERE entity_kind IN ('task', 'actor') AND job_id = $1
                           AND event_type IN ('submitted', 'creation_requested'))) used
  GROUP BY worker_id ORDER BY first
 
 -- log_node --
 -- A node's addresses (its last registered event) and, once dead, why.
-SELECT (SELECT payload->>'address' FROM events
+SELECT (SELECT payload->>'address' FROM log_union.events
          WHERE entity_kind = 'node' AND entity_id = $1 AND event_type = 'registered'
          ORDER BY position DESC LIMIT 1) AS address,
-       (SELECT payload->>'socket' FROM events
+       (SELECT payload->>'socket' FROM log_union.events
          WHERE entity_kind = 'node' AND entity_id = $1 AND event_type = 'registered'
          ORDER BY position DESC LIMIT 1) AS socket,
-       (SELECT payload->>'cause' FROM events
+       (SELECT payload->>'cause' FROM log_union.events
          WHERE entity_kind = 'node' AND entity_id = $1 AND event_type = 'dead'
          ORDER BY position DESC LIMIT 1) AS dead
 
@@ -626,12 +626,12 @@ SELECT entity_id AS node_id,
           FILTER (WHERE event_type = 'registered'))[1] AS address,
        (array_agg(payload->>'cause' ORDER BY position DESC)
           FILTER (WHERE event_type = 'dead'))[1] AS dead
-  FROM events
+  FROM log_union.events
  WHERE entity_kind = 'node' AND event_type IN ('registered', 'dead')
  GROUP BY entity_id
 
 -- log_worker_of_pid --
 -- The workers that ran as a pid, in order (pids are reused: the caller picks).
-SELECT entity_id AS worker_id, node_id FROM events
+SELECT entity_id AS worker_id, node_id FROM log_union.events
  WHERE entity_kind = 'worker' AND event_type = 'started' AND (payload->>'pid')::int = $1
  ORDER BY position
