@@ -216,8 +216,9 @@ class Total:
         self.n += x
         return self.n
 total = Total.remote()
+values = ray.get([inc.remote(i) for i in range(10)])
 print(json.dumps({"job": ray.get_runtime_context().get_job_id(),
-                  "sum": ray.get([total.add.remote(v) for v in ray.get([inc.remote(i) for i in range(10)])])[-1]}))
+                  "sum": ray.get([total.add.remote(v) for v in values])[-1]}))
 ray.shutdown()
 """
 
