@@ -177,6 +177,7 @@ class Gcs:
         self._stopped = False
         self.url = ""  # the runtime's
         self.owner_url = ""
+        self.owner_urls: list[str] = []  # every server's of the log, server 0's first
 
     @property
     def cluster_url(self) -> str:
@@ -216,6 +217,7 @@ class Gcs:
             self.owner_url = owner_urls[0]
             for url in owner_urls:
                 check_reachable(url)
+        self.owner_urls = owner_urls
         for url in owner_urls:
             schema.upgrade(url)
         shards, one_server = self.log_shards, len(owner_urls) == 1
@@ -293,6 +295,7 @@ class Gcs:
         read_write = {"target_session_attrs": "read-write"}
         self.url = with_query(with_hosts(self.url, hosts), read_write)
         self.owner_url = with_query(with_hosts(self.owner_url, hosts), read_write)
+        self.owner_urls = [self.owner_url]
         self.watchdog = Watchdog(
             primary, self.replica, on_event=self._on_event, on_promoted=self._promoted
         ).start()

@@ -208,7 +208,8 @@ class LocalNode:
             try:
                 from controlplane.eventlog.partitions import PartitionManager
 
-                PartitionManager(self.gcs.owner_url).maintain()
+                for url in self.gcs.owner_urls:  # (each server of the log: its own)
+                    PartitionManager(url).maintain()
             except Exception as exc:  # the GCS may be down a while: next round
                 log.warning("partition upkeep failed: %s", exc)
 

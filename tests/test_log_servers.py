@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Iterator
+from urllib.parse import parse_qsl, urlsplit
 
 import asyncpg
 import psycopg
@@ -25,9 +26,18 @@ from controlplane.eventlog.servers import (
     ServersAppender,
     ServersTailer,
     fence_node,
+    log_head_positions,
+    log_urls,
+    open_appender,
+    open_tailer,
+    server_url,
     servers_head_positions,
     shard_of,
 )
+from controlplane.gcs import Gcs, check_log_servers
+from controlplane.gcs_url import with_login
+from controlplane.log_servers import address_of, place_log
+from controlplane.readonly_sql import run_readonly
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -220,3 +230,154 @@ async def test_a_node_fenced_on_every_server_is_refused_on_each_after_its_last_e
         for r in await fetch_rows(url, "SELECT entity_id FROM events")
     ]
     assert sorted(stored) == sorted([f"before-{s}" for s in jobs] + ["n2", "n2"])
+
+
+# -- the runtime on such a log (migrations/sql/0023, controlplane/log_servers.py) --------
+
+SHARED_LOGIN = ("cairn_test_shared", "shared-secret")
+
+
+@pytest.fixture(scope="module")
+def shared_login(pg_server_url: str, second_server: str) -> None:
+    """One login on both servers: a process logs in to every server of its log with
+    server 0's (the embedded servers of a head share the runtime's)."""
+    user, password = SHARED_LOGIN
+    for url in (pg_server_url, second_server):
+        with psycopg.connect(url, autocommit=True) as conn:
+            if not conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (user,)).fetchone():
+                conn.execute(f"CREATE ROLE {user} LOGIN SUPERUSER PASSWORD '{password}'")
+
+
+def shared(url: str) -> str:
+    return with_login(url, *SHARED_LOGIN)
+
+
+def test_a_server_on_server_0s_machine_is_reached_as_server_0_is() -> None:
+    """An address without a host (an embedded server of the head) takes the host, the
+    login and the connection options (TLS files) a process uses for server 0: loopback
+    on the head, the head's address with this machine's certificate elsewhere."""
+    address = address_of("postgresql://cairn_runtime:pw@127.0.0.1:6001/cairn", on_home_machine=True)
+    assert address == "postgresql://:6001/cairn"  # no login kept
+    home = "postgresql://cairn_runtime:s%40cret@10.9.0.1:6000/cairn?sslmode=verify-full&sslcert=%2Fn%2Fc.pem"
+    there = urlsplit(server_url(home, address))
+    assert (there.hostname, there.port, there.path) == ("10.9.0.1", 6001, "/cairn")
+    assert (there.username, there.password) == ("cairn_runtime", "s%40cret")
+    assert dict(parse_qsl(there.query)) == {"sslmode": "verify-full", "sslcert": "/n/c.pem"}
+    given = address_of(
+        "postgresql://u:p@db2.example:5432/log?sslmode=require", on_home_machine=False
+    )
+    assert given == "postgresql://db2.example:5432/log?sslmode=require"
+    elsewhere = urlsplit(server_url("postgresql://u:p@db1.example:5432/log", given))
+    assert (elsewhere.hostname, elsewhere.username, elsewhere.password) == ("db2.example", "u", "p")
+
+
+@pytest.mark.usefixtures("shared_login")
+async def test_a_process_given_server_0_finds_every_server_and_reads_the_log_as_one(
+    servers: list[str],
+) -> None:
+    """place_log names the servers on server 0 and makes its union of their events:
+    the appender and tailer a process opens with server 0's URL are the servers' ones,
+    and audit reads (cairn sql's entry point) see every server's events and views."""
+    servers = [shared(url) for url in servers]
+    place_log(servers, servers, [address_of(u, on_home_machine=False) for u in servers], SHARDS)
+    assert [urlsplit(u).port for u in await log_urls(servers[0])] == [
+        urlsplit(u).port for u in servers
+    ]
+    jobs = jobs_by_shard()
+    appender = await open_appender(servers[0])
+    assert isinstance(appender, ServersAppender)
+    async with appender:
+        for shard, job in jobs.items():
+            await appender.append_many([task(job, f"t{shard}"), task(job, f"t{shard}", "running")])
+    tailer = await open_tailer(servers[0])
+    assert isinstance(tailer, ServersTailer)
+    async with tailer:
+        read: list[object] = []
+        while len(read) < 2 * SHARDS:
+            read += await tailer.read(wait=5)
+    assert len(read) == 2 * SHARDS
+    assert await log_head_positions(servers[0]) == tailer.positions
+    _, rows = await run_readonly(
+        servers[0], "SELECT count(*), count(DISTINCT shard), count(DISTINCT position) FROM events"
+    )
+    assert rows == [(2 * SHARDS, SHARDS, 2 * SHARDS)]
+    _, rows = await run_readonly(servers[0], "SELECT state, count(*) FROM tasks GROUP BY state")
+    assert rows == [("RUNNING", SHARDS)]
+    _, rows = await run_readonly(
+        servers[0],
+        "SELECT count(*) FROM events WHERE entity_id = 't1'",  # (on server 1)
+    )
+    assert rows == [(2,)]
+
+
+async def test_an_urgent_append_is_durable_after_what_was_written_behind_elsewhere(
+    servers: list[str],
+) -> None:
+    """A node's recorder on two servers: an event that gates visibility is answered only
+    once every event written behind before it is durable, on whichever server (an empty
+    request on a server with a backlog: done after it)."""
+    jobs = jobs_by_shard()
+    async with ServersAppender(servers, linger=30.0) as appender:
+        appender.write_behind([task(jobs[1], "behind")])  # server 1, lingering
+        positions = await asyncio.wait_for(
+            appender.enqueue([task(jobs[0], "urgent")], urgent=True), 10
+        )
+        assert len(positions) == 1
+        assert [
+            r["entity_id"] for r in await fetch_rows(servers[1], "SELECT entity_id FROM events")
+        ] == ["behind"]
+
+
+@pytest.mark.usefixtures("shared_login")
+def test_a_gcs_given_two_urls_places_one_log_and_refuses_them_reordered(
+    pg_server_url: str, second_server: str
+) -> None:
+    with (
+        scratch_database(pg_server_url, TEMPLATE_DB) as first,
+        scratch_database(second_server, TEMPLATE_DB) as second,
+    ):
+        first, second = shared(first), shared(second)
+        with Gcs([first, second], log_shards=SHARDS) as gcs:
+            assert gcs.url == first and gcs.owner_urls == [first, second]
+        layouts = [schema_layout(url) for url in (first, second)]
+        assert layouts == [(SHARDS, 0, 2), (SHARDS, 1, 2)]
+        with Gcs([first, second]):  # the same log again: taken as it is
+            pass
+        with pytest.raises(GcsError, match="name the servers in the order the log was made"):
+            Gcs([second, first]).start()
+
+
+def test_a_log_on_several_servers_refuses_what_it_cannot_be() -> None:
+    with pytest.raises(ValueError, match="has no failover yet"):
+        check_log_servers([], 2, replicas=1)
+    with pytest.raises(ValueError, match="each with its own --gcs-url"):
+        check_log_servers(["postgresql://u@a/db"], 2, replicas=0)
+    with pytest.raises(ValueError, match="must all name the same login"):
+        check_log_servers(["postgresql://u:p@a/db", "postgresql://u:q@b/db"], 1, replicas=0)
+    assert check_log_servers(["postgresql://u:p@a/db", "postgresql://u:p@b/db"], 1, replicas=0) == 2
+
+
+@pytest.mark.usefixtures("shared_login")
+def test_servers_that_hold_logs_are_not_made_one(pg_server_url: str, second_server: str) -> None:
+    with (
+        scratch_database(pg_server_url, TEMPLATE_DB) as first,
+        scratch_database(second_server, TEMPLATE_DB) as second,
+    ):
+        first, second = shared(first), shared(second)
+        with psycopg.connect(second, autocommit=True) as conn:
+            conn.execute(
+                "SELECT cairn_append_v2(ARRAY[gen_random_uuid()], ARRAY[NULL::text], "
+                "ARRAY['node'::entity_kind], ARRAY['n'], ARRAY['registered'], ARRAY[NULL::text], "
+                "ARRAY['{}'::jsonb], ARRAY[NULL::bytea])"
+            )
+        with pytest.raises(GcsError, match="hold logs already"):
+            Gcs([first, second]).start()
+
+
+def schema_layout(url: str) -> tuple[int, int, int]:
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT shard_count, server_index, server_count FROM event_log_head"
+        ).fetchone()
+    assert row is not None
+    return (row[0], row[1], row[2])

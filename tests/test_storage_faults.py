@@ -476,12 +476,12 @@ def test_a_daemon_started_anew_remembers_what_its_node_saw(gcs_url: str, tmp_pat
         fencing.remember(path)  # the next daemon of the node
         assert fencing.remembered() == seen
         asyncio.run(_connects(gcs_url))
-        saved = json.loads(path.read_text())
+        saved = json.loads(path.read_text())["servers"]["0"]  # (server 0 of the log)
         for change, error, match in [
             ({"cluster_id": "00000000-0000-0000-0000-000000000001"}, GcsIdentityError, "another"),
             ({"epoch": saved["epoch"] + 1}, GcsFencedError, "behind epoch"),
         ]:
-            path.write_text(json.dumps({**saved, **change}))
+            path.write_text(json.dumps({"servers": {"0": {**saved, **change}}}))
             fencing.remember(path)
             with pytest.raises(error, match=match):
                 asyncio.run(_connects(gcs_url))

@@ -54,7 +54,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import asyncpg
 
@@ -122,12 +121,16 @@ async def check(conn: asyncpg.Connection, url: str) -> Epoch | None:
     promotion (a read-only session)."""
     # what was seen before the query is sent: the server's answer must cover it (a
     # position another connection reports while the query runs may be newer than it)
-    before = remembered(url)
+    before = _seen_now()
     try:
         row = await conn.fetchrow(queries["gcs_identity"])
         identified = True
-    except (asyncpg.UndefinedFunctionError, asyncpg.InsufficientPrivilegeError):
-        identified = False  # a schema before 0013: the epoch alone
+    except (
+        asyncpg.UndefinedFunctionError,
+        asyncpg.UndefinedColumnError,
+        asyncpg.InsufficientPrivilegeError,
+    ):
+        identified = False  # a schema before 0013 (or 0021): the epoch alone
         try:
             row = await conn.fetchrow(queries["gcs_epoch"])
         except (asyncpg.UndefinedFunctionError, asyncpg.InsufficientPrivilegeError):
@@ -140,9 +143,10 @@ async def check(conn: asyncpg.Connection, url: str) -> Epoch | None:
         check_identity(None, url)
         return None
     epoch = accept(_epoch(row), url)  # first: an old primary is fenced, not refused
-    seen = (before[1], before[2]) if before is not None else None
+    server = _server_of(row if identified else None)
+    seen = before.get(server) if before is not None else None
     check_identity(row if identified else None, url, seen=seen)
-    _epoch_of[conn] = (server_key(url), epoch.epoch)
+    _epoch_of[conn] = (server, epoch.epoch)
     return epoch
 
 
@@ -207,24 +211,23 @@ class _Seen:
 class _Memory:
     path: Path | None
     save: bool
-    # per server of the log (one, or several: controlplane/log_servers.py), by its
-    # address (``server_key``)
-    servers: dict[str, _Seen] = field(default_factory=dict)
-    saved: dict[str, tuple[int, int]] = field(default_factory=dict)  # (epoch, position)
+    # per server of the log (one, or several: controlplane/log_servers.py), by its index
+    servers: dict[int, _Seen] = field(default_factory=dict)
+    saved: dict[int, tuple[int, int]] = field(default_factory=dict)  # (epoch, position)
     saved_at: float = -math.inf
 
 
 _memory: _Memory | None = None
 # the server and epoch each checked connection was accepted at, for ``saw``
-_epoch_of: weakref.WeakKeyDictionary[asyncpg.Connection, tuple[str, int]] = (
+_epoch_of: weakref.WeakKeyDictionary[asyncpg.Connection, tuple[int, int]] = (
     weakref.WeakKeyDictionary()
 )
 
 
-def server_key(url: str) -> str:
-    """Which server of the log a URL names, for the memory: its hosts and database."""
-    parts = urlsplit(url)
-    return f"{parts.netloc.rpartition('@')[2]}{parts.path}"
+def _server_of(row: Mapping[str, Any] | None) -> int:
+    """Which server of its log answered (``gcs_identity``): 0 for a log on one."""
+    index = None if row is None else row.get("server_index")
+    return 0 if index is None else int(index)
 
 
 def remember(path: Path | None = None, *, save: bool = True) -> None:
@@ -238,14 +241,14 @@ def remember(path: Path | None = None, *, save: bool = True) -> None:
     memory = _Memory(path, save and path is not None)
     if path is not None:
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError):
-            for key, known in json.loads(Path(path).read_text())["servers"].items():
+            for index, known in json.loads(Path(path).read_text())["servers"].items():
                 seen = _Seen(
                     Identity(str(known["cluster_id"]), int(known["system_id"])),
                     int(known["epoch"]),
                     int(known["position"]),
                 )
-                memory.servers[key] = seen
-                memory.saved[key] = (seen.epoch, seen.position)
+                memory.servers[int(index)] = seen
+                memory.saved[int(index)] = (seen.epoch, seen.position)
     with _lock:
         _memory = memory
 
@@ -257,15 +260,22 @@ def forget() -> None:
         _memory = None
 
 
-def remembered(url: str | None = None) -> tuple[Identity | None, int, int] | None:
-    """The log this process serves at ``url`` (None: its first server), the epoch and
-    the highest position seen there; None if this process is not pinned."""
+def remembered(server: int = 0) -> tuple[Identity | None, int, int] | None:
+    """The log this process serves (its ``server``), the epoch and the highest position
+    seen there; None if this process is not pinned."""
     memory = _memory
     if memory is None:
         return None
-    key = server_key(url) if url is not None else next(iter(memory.servers), "")
-    seen = memory.servers.get(key, _Seen())
+    seen = memory.servers.get(server, _Seen())
     return (seen.identity, seen.epoch, seen.position)
+
+
+def _seen_now() -> dict[int, tuple[int, int]] | None:
+    memory = _memory
+    if memory is None:
+        return None
+    with _lock:
+        return _positions(memory)
 
 
 def epoch_of(conn: asyncpg.Connection) -> int | None:
@@ -298,7 +308,7 @@ def flush() -> None:
         _save(memory)
 
 
-def _positions(memory: _Memory) -> dict[str, tuple[int, int]]:
+def _positions(memory: _Memory) -> dict[int, tuple[int, int]]:
     return {key: (seen.epoch, seen.position) for key, seen in memory.servers.items()}
 
 
@@ -308,7 +318,7 @@ def _save(memory: _Memory) -> None:
         return
     with _lock:
         servers = {
-            key: {
+            str(key): {
                 "cluster_id": seen.identity.cluster_id,
                 "system_id": seen.identity.system_id,
                 "epoch": seen.epoch,
@@ -317,7 +327,7 @@ def _save(memory: _Memory) -> None:
             for key, seen in memory.servers.items()
             if seen.identity is not None
         }
-        positions = {key: _positions(memory)[key] for key in servers}
+        positions = {key: _positions(memory)[key] for key in map(int, servers)}
     if not servers:
         return
     temporary = memory.path.with_name(f".{memory.path.name}.{os.getpid()}")
@@ -344,12 +354,12 @@ def check_identity(
     memory = _memory
     if memory is None:
         return
-    key = server_key(url)
+    key = _server_of(row)
     found = None if row is None else Identity(str(row["cluster_id"]), int(row["system_id"]))
     where = f"refusing the GCS at {redact(url)}"
     with _lock:
         server = memory.servers.setdefault(key, _Seen())
-        known = server.identity
+        known = server.identity if row is not None else _any_identity(memory)
         seen_epoch, seen_position = seen if seen is not None else (server.epoch, server.position)
         if known is not None and found is None:
             raise GcsIdentityError(
@@ -395,17 +405,23 @@ def check_identity(
         _save(memory)
 
 
+def _any_identity(memory: _Memory) -> Identity | None:
+    """The log a process served (server 0's, or another's), for a server that holds none
+    now: it cannot say which of the log's servers it was."""
+    return next((s.identity for _, s in sorted(memory.servers.items()) if s.identity), None)
+
+
 def gone(url: str, exc: BaseException) -> GcsIdentityError | None:
     """For a process that remembers its log: the refusal of a GCS whose database is
     gone (``exc``: the server says it does not exist), else None."""
     memory = _memory
-    seen = None if memory is None else memory.servers.get(server_key(url))
-    if seen is None or seen.identity is None:
+    known = None if memory is None else _any_identity(memory)
+    if known is None:
         return None
     said = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return GcsIdentityError(
         f"refusing the GCS at {redact(url)}: its database is gone ({said}), while this node "
-        f"was using {seen.identity} there: the GCS was wiped. Going on would hand out "
+        f"was using {known} there: the GCS was wiped. Going on would hand out "
         "positions and ids the cluster already used; this node stops"
     )
 

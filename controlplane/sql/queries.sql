@@ -511,9 +511,10 @@ SELECT system_id, current_database() AS database, epoch, epoch_id::text AS epoch
 -- What every runtime connection checks first (migration 0013, eventlog/fencing.py): the
 -- server's epoch (recording a promotion first, as gcs_epoch), which log it is (its
 -- cluster_id and the server's system_id), the log's head position, and whether the
--- server is a standby.
+-- server is a standby; and which server of its log it is (migration 0021).
 SELECT system_id, current_database() AS database, cluster_id::text AS cluster_id, epoch,
-       epoch_id::text AS epoch_id, timeline, head_position, standby
+       epoch_id::text AS epoch_id, timeline, head_position, standby,
+       (SELECT server_index FROM event_log_head WHERE id = 1) AS server_index
   FROM cairn_identity_v1()
 
 -- gcs_epochs --
