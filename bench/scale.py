@@ -368,9 +368,10 @@ class Cluster:
 # -- measuring --------------------------------------------------------------------------
 
 # the tailers' queries: read_events_after (unfiltered: the projector) and the filtered
-# readers' read_events_for_node / read_events_for_scheduler (controlplane/sql/queries.sql),
-# whose first rows are each shard's head position, not events
-_READ_QUERY = re.compile(r"\bhorizon\b.*from\s+event_log_shards\s+h\b.*cross\s+join\s+lateral")
+# readers' read_events_for_node / read_events_for_scheduler (controlplane/sql/queries.sql,
+# each a call of cairn_read_events_v1), whose first rows are each shard's head position,
+# not events
+_READ_QUERY = re.compile(r"\bcairn_read_events_v1\(")
 _FROM_EVENTS = re.compile(r"\bfrom\s+events\b")
 
 

@@ -381,3 +381,37 @@ def schema_layout(url: str) -> tuple[int, int, int]:
         ).fetchone()
     assert row is not None
     return (row[0], row[1], row[2])
+
+
+@pytest.mark.usefixtures("shared_login")
+async def test_an_event_naming_no_job_goes_to_the_server_of_its_entitys_job(
+    servers: list[str],
+) -> None:
+    """A node that fetched an object names no job when it frees or moves it: the appender
+    finds the job in the object's events on another server (server 0's union) and sends
+    the events there, in the order they were written, behind the events queued after."""
+    servers = [shared(url) for url in servers]
+    place_log(servers, servers, [address_of(u, on_home_machine=False) for u in servers], SHARDS)
+    job = jobs_by_shard()[1]  # (shard 1: on server 1)
+    made = Event(EntityKind.OBJECT, "obj", "created", {"size_bytes": 1}, job_id=job)
+    async with ServersAppender(servers) as maker:
+        await maker.append(made)
+    async with ServersAppender(servers) as node:
+        node.write_behind(
+            [Event(EntityKind.OBJECT, "obj", "transferred", {"size_bytes": 1, "from_node": "a"})]
+        )
+        node.write_behind([task(jobs_by_shard()[0], "after")])  # (server 0: waits its turn)
+        positions = await node.enqueue([Event(EntityKind.OBJECT, "obj", "freed", {})])
+        assert len(positions) == 1
+    on_one = await fetch_rows(
+        servers[1],
+        "SELECT event_type, job_id FROM events WHERE entity_id = 'obj' ORDER BY position",
+    )
+    assert [(r["event_type"], r["job_id"]) for r in on_one] == [
+        ("created", job),
+        ("transferred", job),
+        ("freed", job),
+    ]
+    assert [
+        r["entity_id"] for r in await fetch_rows(servers[0], "SELECT entity_id FROM events")
+    ] == ["after"]

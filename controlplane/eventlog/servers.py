@@ -26,6 +26,7 @@ import asyncio
 import dataclasses
 import hashlib
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -37,11 +38,13 @@ from controlplane.errors import GcsError, GcsIdentityError, NodeFencedError
 from controlplane.eventlog.appender import EventAppender
 from controlplane.eventlog.catalog import encode_payload
 from controlplane.eventlog.clock import PROCESS_CLOCK, LogClock
-from controlplane.eventlog.connection import connect
-from controlplane.eventlog.events import JOB_KINDS, Event, RecordedEvent
+from controlplane.eventlog.connection import connect, run_on
+from controlplane.eventlog.events import JOB_KINDS, EntityKind, Event, RecordedEvent
 from controlplane.eventlog.tailer import Tailer, head_positions
 from controlplane.gcs_url import normalize, with_login
 from controlplane.sql import queries
+
+JOBS_KEPT = 65_536  # entities whose job an appender looked up, kept (the oldest go)
 
 
 def shard_of(job_id: str | None, shards: int) -> int:
@@ -126,6 +129,9 @@ class ServersAppender:
             EventAppender(url, clock=self.clock, **options)  # type: ignore[arg-type]
             for url in self.urls
         ]
+        self._pending: asyncio.Future[None] | None = None  # the last batch waiting for jobs
+        self._lookup: asyncpg.Connection | None = None  # to server 0, for the jobs
+        self._jobs: OrderedDict[tuple[EntityKind, str], str] = OrderedDict()  # found so far
 
     async def start(self) -> ServersAppender:
         self.shards = await check_layout(self.urls)
@@ -134,8 +140,12 @@ class ServersAppender:
         return self
 
     async def close(self) -> None:
+        if self._pending is not None:
+            await asyncio.wait([self._pending])
         for appender in self._appenders:
             await appender.close()
+        if self._lookup is not None:
+            self._lookup.terminate()
 
     async def __aenter__(self) -> ServersAppender:
         return await self.start()
@@ -188,10 +198,34 @@ class ServersAppender:
     def enqueue(self, events: Sequence[Event], *, urgent: bool = True) -> asyncio.Future[list[int]]:
         """As ``EventAppender.enqueue``: the future is done once these events and every
         event queued before them, on any server, are durable (a server with none of
-        these but some queued gets an empty request, done after them)."""
+        these but some queued gets an empty request, done after them). A batch with an
+        event whose job must be looked up (``_jobs_found``) waits for it, and so does
+        every batch queued after it, in order."""
+        batch = self._checked(events)
+        if self._pending is None and not self._unknown(batch):
+            return self._route(batch, urgent)
+        done: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
+        self._after_lookup(batch, urgent, done)
+        return done
+
+    def write_behind(self, events: Sequence[Event]) -> None:
+        batch = self._checked(events)
+        if self._pending is None and not self._unknown(batch):
+            self._route_behind(batch)
+        else:
+            self._after_lookup(batch, False, None)
+
+    def _checked(self, events: Sequence[Event]) -> list[Event]:
         batch = _with_jobs(list(events))
         for event in batch:
             encode_payload(event)  # (invalid: refused here, before any server queues it)
+        return batch
+
+    def _route_behind(self, batch: list[Event]) -> None:
+        for server, indexes in self._parts(batch).items():
+            self._appenders[server].write_behind([batch[i] for i in indexes])
+
+    def _route(self, batch: list[Event], urgent: bool) -> asyncio.Future[list[int]]:
         parts = self._parts(batch)
         waits = {
             server: appender.enqueue([batch[i] for i in parts.get(server, [])], urgent=urgent)
@@ -215,14 +249,81 @@ class ServersAppender:
 
         for wait in waits.values():
             wait.add_done_callback(settle)
+        if not waits:
+            done.set_result([])
         return done
 
-    def write_behind(self, events: Sequence[Event]) -> None:
-        batch = _with_jobs(list(events))
-        for event in batch:
-            encode_payload(event)
-        for server, indexes in self._parts(batch).items():
-            self._appenders[server].write_behind([batch[i] for i in indexes])
+    # -- events whose job is known on another server only ------------------------------
+
+    def _unknown(self, batch: list[Event]) -> bool:
+        """Whether an event of a job's entity names no job, even from what was found
+        before (a node frees, moves or loses an object it fetched: the job is in the
+        object's events, maybe on another server)."""
+        unknown = False
+        for i, event in enumerate(batch):
+            if event.job_id is None and event.entity_kind in JOB_KINDS:
+                job = self._jobs.get((event.entity_kind, event.entity_id))
+                if job is None:
+                    unknown = True
+                else:
+                    batch[i] = dataclasses.replace(event, job_id=job)
+        return unknown
+
+    def _after_lookup(
+        self, batch: list[Event], urgent: bool, done: asyncio.Future[list[int]] | None
+    ) -> None:
+        """Routes ``batch`` once the jobs it lacks are found, after what was queued
+        before it waited for the same (so the servers take a writer's events in order)."""
+        before = self._pending
+
+        async def later() -> None:
+            if before is not None:
+                await asyncio.wait([before])
+            try:
+                found = await self._jobs_found(batch)
+                if done is None:
+                    self._route_behind(found)
+                else:
+                    _forward(self._route(found, urgent), done)
+            except Exception as exc:
+                error = exc if isinstance(exc, GcsError) else GcsError(f"append failed: {exc!r}")
+                if done is None:
+                    self._appenders[0].on_write_behind_failure(error)
+                elif not done.done():
+                    done.set_exception(error)
+            finally:
+                if self._pending is task:
+                    self._pending = None
+
+        task = asyncio.ensure_future(later())
+        self._pending = task
+
+    async def _jobs_found(self, batch: list[Event]) -> list[Event]:
+        """``batch`` with the job each event lacking one has in the whole log (server
+        0's union, ``jobs_of_everywhere``); still none: it stays without (shard 0)."""
+        if not self._unknown(batch):
+            return batch
+        if self._lookup is None or self._lookup.is_closed():
+            self._lookup = await connect(self.urls[0])
+        lookup = self._lookup
+        jobs = await run_on(
+            lookup,
+            lambda conn: conn.fetchval(
+                queries["jobs_of_everywhere"],
+                [e.job_id for e in batch],
+                [str(e.entity_kind) for e in batch],
+                [e.entity_id for e in batch],
+            ),
+        )
+        found = []
+        for event, job in zip(batch, jobs, strict=True):
+            if event.job_id is None and job is not None:
+                self._jobs[(event.entity_kind, event.entity_id)] = job
+                if len(self._jobs) > JOBS_KEPT:
+                    self._jobs.popitem(last=False)
+                event = dataclasses.replace(event, job_id=job)
+            found.append(event)
+        return found
 
     def _parts(self, batch: list[Event]) -> dict[int, list[int]]:
         parts: dict[int, list[int]] = {}
@@ -235,7 +336,9 @@ class ServersAppender:
 
     async def append_many(self, events: Iterable[Event]) -> list[int]:
         """Positions in the order of ``events``, once every part is durable."""
-        batch = _with_jobs(list(events))
+        if self._pending is not None:
+            await asyncio.wait([self._pending])
+        batch = await self._jobs_found(_with_jobs(list(events)))
         parts = self._parts(batch)
         answers = await asyncio.gather(
             *(
@@ -248,6 +351,18 @@ class ServersAppender:
             for i, position in zip(indexes, found, strict=True):
                 positions[i] = position
         return positions
+
+
+def _forward(source: asyncio.Future[list[int]], target: asyncio.Future[list[int]]) -> None:
+    def settle(_: object) -> None:
+        if target.done():
+            return
+        if source.exception() is not None:
+            target.set_exception(source.exception())  # type: ignore[arg-type]
+        else:
+            target.set_result(source.result())
+
+    source.add_done_callback(settle)
 
 
 def _with_jobs(events: list[Event]) -> list[Event]:

@@ -44,6 +44,21 @@ SELECT a.positions, a.refused, h.shard_count = 1 AS notified,
 -- function is planned anew at each statement that calls it.
 SELECT cairn_jobs_of_v1($1::text[], $2::text[]::entity_kind[], $3::text[])
 
+-- jobs_of_everywhere --
+-- As jobs_of, for a log on several servers (eventlog/servers.py, ServersAppender, which
+-- fills a batch from itself first): an entity's job from its events on any server, through
+-- server 0's union (migrations/sql/0023_log_union.up.sql).
+SELECT array_agg(
+           CASE WHEN u.job_id IS NOT NULL
+                  OR u.kind NOT IN ('task', 'object', 'actor', 'placement_group')
+                THEN u.job_id
+                ELSE (SELECT e.job_id FROM log_union.events e
+                       WHERE e.entity_id = u.entity_id AND e.entity_kind = u.kind::entity_kind
+                         AND e.job_id IS NOT NULL
+                       LIMIT 1)
+           END ORDER BY u.ord)
+  FROM unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY AS u(job_id, kind, entity_id, ord)
+
 -- append_events_after --
 -- The same on one server of a log on several (migrations/sql/0021_log_servers.up.sql):
 -- positions past $9, the writer's clock; the readers are woken after the commit.
@@ -80,73 +95,26 @@ SELECT set_config('synchronous_commit', 'off', true), pg_notify('cairn_events_v1
        pg_notify('cairn_events_for_v1', $2::text)
 
 -- The readers' queries (eventlog/tailer.py; controlplane/README.md, "Reading only what
--- concerns a reader" and "The sharded log"). $1: where the reader stands in each shard
--- (index shard + 1; a shard past the list: the last parameter, where it started). In one
--- statement, so in one snapshot: one row per shard of this server with its head's
+-- concerns a reader" and "The sharded log"), through cairn_read_events_v1 (migrations/sql/
+-- 0024_reads_after_heads.up.sql): one row per shard of this server with its head's
 -- position (`horizon`, every position of that shard up to it committed) and the log's
 -- shard count, then, per shard, its next events up to that head, at most $2 (the batch
--- size) of them, in position order. The reader moves each shard's position on as far as
--- it read it.
+-- size) of them, in position order. $1: where the reader stands in each shard (index
+-- shard + 1; a shard past the list: the last parameter, where it started). The reader
+-- moves each shard's position on as far as it read it.
 
 -- read_events_after --
-SELECT h.shard, NULL::bigint AS position, NULL::uuid AS event_id,
-       NULL::timestamptz AS recorded_at, NULL AS job_id, NULL AS entity_kind,
-       NULL AS entity_id, NULL AS event_type, NULL AS node_id, NULL AS payload,
-       NULL::bytea AS data, h.last_position AS horizon, c.shard_count
-  FROM event_log_shards h, event_log_head c
- WHERE c.id = 1
-UNION ALL
-SELECT h.shard, e.* FROM event_log_shards h CROSS JOIN LATERAL (
-    SELECT position, event_id, recorded_at, job_id, entity_kind::text, entity_id, event_type,
-           node_id, payload::text, data, NULL::bigint, NULL::smallint
-      FROM events
-     WHERE shard = h.shard AND position > coalesce(($1::bigint[])[h.shard + 1], $3)
-       AND position <= h.last_position
-     ORDER BY position
-     LIMIT $2) e
+SELECT * FROM cairn_read_events_v1($1::bigint[], $2::integer, $3::bigint, NULL, 'all')
 
 -- read_events_for_node --
 -- A node daemon's: those addressed to node $3 (or to every node) and those about what it
 -- owns, through the partial indexes of migration 0017.
-SELECT h.shard, NULL::bigint AS position, NULL::uuid AS event_id,
-       NULL::timestamptz AS recorded_at, NULL AS job_id, NULL AS entity_kind,
-       NULL AS entity_id, NULL AS event_type, NULL AS node_id, NULL AS payload,
-       NULL::bytea AS data, h.last_position AS horizon, c.shard_count
-  FROM event_log_shards h, event_log_head c
- WHERE c.id = 1
-UNION ALL
-SELECT h.shard, e.* FROM event_log_shards h CROSS JOIN LATERAL (
-    SELECT position, event_id, recorded_at, job_id, entity_kind::text, entity_id, event_type,
-           node_id, payload::text, data, NULL::bigint, NULL::smallint
-      FROM events
-     WHERE shard = h.shard AND position > coalesce(($1::bigint[])[h.shard + 1], $4)
-       AND position <= h.last_position
-       AND ((payload ? 'to_node' AND payload ->> 'to_node' IN ($3::text, '*'))
-            OR (payload ? 'owner_node' AND payload ->> 'owner_node' = $3::text))
-     ORDER BY position
-     LIMIT $2) e
+SELECT * FROM cairn_read_events_v1($1::bigint[], $2::integer, $4::bigint, $3::text, 'node')
 
 -- read_events_for_scheduler --
 -- The global scheduler's: nodes, placement groups, spills, placements and what became
 -- of the tasks spilled (owner_node); events_scheduler_idx.
-SELECT h.shard, NULL::bigint AS position, NULL::uuid AS event_id,
-       NULL::timestamptz AS recorded_at, NULL AS job_id, NULL AS entity_kind,
-       NULL AS entity_id, NULL AS event_type, NULL AS node_id, NULL AS payload,
-       NULL::bytea AS data, h.last_position AS horizon, c.shard_count
-  FROM event_log_shards h, event_log_head c
- WHERE c.id = 1
-UNION ALL
-SELECT h.shard, e.* FROM event_log_shards h CROSS JOIN LATERAL (
-    SELECT position, event_id, recorded_at, job_id, entity_kind::text, entity_id, event_type,
-           node_id, payload::text, data, NULL::bigint, NULL::smallint
-      FROM events
-     WHERE shard = h.shard AND position > coalesce(($1::bigint[])[h.shard + 1], $3)
-       AND position <= h.last_position
-       AND (entity_kind IN ('node', 'placement_group')
-            OR (entity_kind = 'task' AND event_type IN ('spilled', 'placed'))
-            OR payload ? 'owner_node')
-     ORDER BY position
-     LIMIT $2) e
+SELECT * FROM cairn_read_events_v1($1::bigint[], $2::integer, $3::bigint, NULL, 'scheduler')
 
 -- event_ids_at --
 -- What the log holds at positions a tailer read before a failover (see tailer.py).
