@@ -12,6 +12,7 @@ import json
 import re
 import subprocess
 from collections.abc import Iterator
+from urllib.parse import urlsplit
 
 import pytest
 from host_cluster import HostCluster, finish_driver, running, start_driver
@@ -25,7 +26,10 @@ pytestmark = pytest.mark.timeout(300)
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[HostCluster]:
     require_root()
-    with Hosts(3) as hosts, running(hosts) as cluster:
+    # (the log on two embedded servers of the head: the nodes on the other hosts reach
+    # the second at the head's address, with their own certificates)
+    log_on_two = {"CAIRN_LOG_SERVERS": "2", "CAIRN_LOG_SHARDS": "4"}
+    with Hosts(3) as hosts, running(hosts, head_env=log_on_two) as cluster:
         yield cluster
 
 
@@ -97,6 +101,15 @@ print(json.dumps({"host": host, "sent": digest(sent) == got_digest,
         "FROM events WHERE event_type = 'transferred'",
     )
     assert int(moved) >= 2, moved  # host1 -> host2 (the argument), host2 -> host1 (result)
+    # the log lies on two servers; what a node says of an object it fetched names no job,
+    # and goes to the server of the object's job all the same: each object in one shard
+    assert _sql(cluster, "SELECT count(*) FROM log_servers") == "2"
+    split = _sql(
+        cluster,
+        "SELECT count(*) FROM (SELECT entity_id FROM events WHERE entity_kind = 'object' "
+        "GROUP BY entity_id HAVING count(DISTINCT shard) > 1) split",
+    )
+    assert split == "0", split
 
 
 def _sql(cluster: HostCluster, statement: str) -> str:
@@ -298,20 +311,25 @@ def test_tls_is_in_force_between_hosts(cluster: HostCluster) -> None:
     certificates of the cluster CA: a plain-text client, and a client with a certificate
     of another CA, are refused by the head's gRPC service and its PostgreSQL."""
     gcs_port = int(re.findall(r"127\.0\.0\.1:(\d+)", cluster.head.cairn("status").stdout)[0])
+    # (and the log's second server, which the head serves at its address too)
+    addresses = cluster.sql("SELECT address FROM log_servers ORDER BY server_index")
+    log_ports = [urlsplit(address).port for (address,) in addresses]
+    assert log_ports[0] == gcs_port and len(log_ports) == 2
     stranger = cluster.hosts[1]
-    result = stranger.run(
-        [PYTHON, "-c", STRANGER, cluster.address, str(gcs_port), cluster.token, stranger.ip],
-        timeout=60,
-    )
-    outcomes = json.loads(result.stdout.strip().splitlines()[-1])
-    assert outcomes["grpc cluster CA"] == "accepted"  # the control: a node's own certificate
-    assert (
-        "UNAVAILABLE" in outcomes["grpc plain text, right token"]
-        or "Connection" in (outcomes["grpc plain text, right token"])
-    ), outcomes
-    assert outcomes["grpc other CA"].startswith("ConnectionError"), outcomes
-    assert "must use TLS" in outcomes["postgres plain text"], outcomes
-    assert outcomes["postgres other CA"].startswith("OperationalError"), outcomes
+    for port in [gcs_port, *log_ports[1:]]:
+        result = stranger.run(
+            [PYTHON, "-c", STRANGER, cluster.address, str(port), cluster.token, stranger.ip],
+            timeout=60,
+        )
+        outcomes = json.loads(result.stdout.strip().splitlines()[-1])
+        assert outcomes["grpc cluster CA"] == "accepted"  # the control: a node's certificate
+        assert (
+            "UNAVAILABLE" in outcomes["grpc plain text, right token"]
+            or "Connection" in (outcomes["grpc plain text, right token"])
+        ), outcomes
+        assert outcomes["grpc other CA"].startswith("ConnectionError"), outcomes
+        assert "must use TLS" in outcomes["postgres plain text"], outcomes
+        assert outcomes["postgres other CA"].startswith("OperationalError"), outcomes
     # and nothing else listens on the hosts' network addresses in plain text
     for host in cluster.hosts:
         listening = host.run(["ss", "-Hltn"]).stdout
@@ -322,7 +340,7 @@ def test_tls_is_in_force_between_hosts(cluster: HostCluster) -> None:
                 if m.group(1) not in ("127.0.0.1", "[::1]")
             }
         )
-        expected = [6380, gcs_port] if host is cluster.head else []
+        expected = [6380, gcs_port, *log_ports[1:]] if host is cluster.head else []
         assert set(expected) <= set(exposed) and len(exposed) == len(expected) + (
             host is not cluster.head
         ), (host.name, listening)

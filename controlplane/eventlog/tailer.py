@@ -2,10 +2,12 @@
 repeating an event, and returning events in position order (a causal order of the whole
 log: controlplane/README.md, "The sharded log").
 
-Each read is one statement, so one snapshot: each shard's head H_s and that shard's next
-events up to H_s (at most ``batch_size`` of each). An append holds its shards' head rows
-until it commits, so a snapshot that sees H_s sees every event of shard s up to it: the
-tailer moves shard s on to H_s, and an append still in flight takes a position past it.
+Each read is one call (cairn_read_events_v1, migrations/sql/0024): each shard's head H_s,
+then, by a later statement, that shard's next events up to H_s (at most ``batch_size`` of
+each). An append holds its shards' head rows until it commits, so a snapshot taken after
+H_s was seen sees every event of shard s up to it (and the statement plans with every
+partition they lie in: the migration says why it must come second): the tailer moves
+shard s on to H_s, and an append still in flight takes a position past it.
 When a shard gave a full batch (more may follow), the events returned stop at the lowest
 last position of such shards, so that every event returned has its causes returned too
 (they have lower positions and are committed, hence read). In a single-shard log positions
