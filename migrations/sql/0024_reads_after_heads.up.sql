@@ -16,7 +16,8 @@
 -- invalidation of every partition attached before those heads were seen (a row is
 -- committed after its partition is attached), and it plans with them; its snapshot,
 -- taken later still, holds every event up to the heads. Each statement of a volatile
--- function has its own snapshot, and its plan is checked when it runs.
+-- function has its own snapshot, and its plan is checked when it runs. (One statement per
+-- reader, not one that tests p_for as it runs: each is planned for its own index.)
 CREATE FUNCTION cairn_read_events_v1(
     p_after   bigint[],  -- where the reader stands in each shard (index: shard + 1)
     p_limit   integer,   -- the batch size, per shard
