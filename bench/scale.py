@@ -203,11 +203,15 @@ class Cluster:
     """A fresh PostgreSQL, N node daemons and a global scheduler; ``close()`` removes
     all of it, whatever state ``start()`` reached."""
 
-    def __init__(self, nodes: int, worker_cpus: float, dead_after: float) -> None:
+    def __init__(
+        self, nodes: int, worker_cpus: float, dead_after: float, log_servers: int = 1
+    ) -> None:
         self.count = nodes
         self.worker_cpus = worker_cpus
         self.dead_after = dead_after
-        self.server: Any = None  # EmbeddedPostgres
+        self.log_servers = log_servers
+        self.servers: list[Any] = []  # EmbeddedPostgres: the log's, server 0 first
+        self.owner_urls: list[str] = []
         self.nodes: list[Node] = []
         self.others: list[subprocess.Popen[Any]] = []  # the scheduler, then the driver
         self.owner_url = ""
@@ -217,16 +221,30 @@ class Cluster:
         from controlplane.embedded_postgres import EmbeddedPostgres
         from controlplane.gcs import Gcs
 
-        self.server = EmbeddedPostgres()
-        self.server.start()
-        # counted reads need pg_stat_statements, which loads only at server start
-        self.server.execute("ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'")
-        self.server.stop(keep_data=True)
-        self.server.start()
-        self.owner_url = self.server.url
-        Gcs(self.owner_url).start()  # migrates (a URL given: Gcs starts no server)
-        self.server.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
-        self.runtime_url = self.server.runtime_url()  # what daemons use, as on a head
+        for _ in range(self.log_servers):
+            server = EmbeddedPostgres()
+            self.servers.append(server)
+            server.start()
+            # counted reads need pg_stat_statements, which loads only at server start
+            server.execute("ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'")
+            server.stop(keep_data=True)
+            server.start()
+            Gcs(server.url).start()  # migrates (a URL given: Gcs starts no server)
+            server.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        self.owner_urls = [server.url for server in self.servers]
+        self.owner_url = self.owner_urls[0]
+        self.runtime_url = self.servers[0].runtime_url()  # what daemons use, as on a head
+        if self.log_servers > 1:  # placed as a head places them (Gcs._place_log)
+            from controlplane import settings
+            from controlplane.log_servers import address_of, place_log
+
+            password = self.servers[0].runtime_password()
+            for server in self.servers[1:]:
+                server.share_runtime_password(password)
+            runtime = [self.runtime_url, *(s.runtime_url() for s in self.servers[1:])]
+            shards = max(settings.log_shards() or 0, self.log_servers)
+            addresses = [address_of(url, on_home_machine=True) for url in runtime]
+            place_log(self.owner_urls, runtime, addresses, shards)
         cpus = [0.0] * self.count
         cpus[0 if self.count == 1 else 1] = self.worker_cpus
         head = self._launch(cpus[0], head=True)
@@ -360,9 +378,9 @@ class Cluster:
             shm.unlink_all(node.node_id)
             shutil.rmtree(node.session_dir, ignore_errors=True)
         self.nodes, self.others = [], []
-        if self.server is not None:
-            self.server.stop()
-            self.server = None
+        for server in reversed(self.servers):
+            server.stop()
+        self.servers = []
 
 
 # -- measuring --------------------------------------------------------------------------
@@ -390,30 +408,38 @@ class Snapshot:
     machine_total: float
 
 
-async def snapshot(conn: asyncpg.Connection, postmaster: int, daemons: list[int]) -> Snapshot:
-    rows = await conn.fetch(
-        f"{MARK} SELECT query, calls, rows FROM pg_stat_statements "
-        "WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())"
-    )
-    head = await conn.fetchval(f"{MARK} SELECT max(last_position) FROM event_log_shards")
-    shards = await conn.fetchval(f"{MARK} SELECT count(*) FROM event_log_shards")
-    events = await conn.fetchval(f"{MARK} SELECT count(*) FROM events")
+async def snapshot(
+    conns: list[asyncpg.Connection], postmasters: list[int], daemons: list[int]
+) -> Snapshot:
+    """What every server of the log has counted (a log on several: summed; positions are
+    one clock over them, so the head is the highest)."""
     procs = _proc_table()
     busy, total = _machine_cpu()
-    tail_rows = tail_calls = other = appends = 0
-    for row in rows:
-        text = " ".join(row["query"].lower().split())
-        if MARK.lower() in text:
-            continue
-        if _READ_QUERY.search(text):
-            tail_rows += row["rows"] - row["calls"] * shards  # (less the heads' rows)
-            tail_calls += row["calls"]
-        elif "cairn_append" in text:  # cairn_append_v1, cairn_append_fenced_v1
-            appends += row["calls"]
-        elif text.lstrip("( ").startswith(("select", "with")) and _FROM_EVENTS.search(text):
-            other += row["rows"]
-    pg_cpu = sum(procs.get(postmaster, (0, 0.0, 0.0))[1:])
-    pg_cpu += sum(procs[pid][1] + procs[pid][2] for pid in _descendants(procs, postmaster))
+    head = events = tail_rows = tail_calls = other = appends = 0
+    pg_cpu = 0.0
+    for conn, postmaster in zip(conns, postmasters, strict=True):
+        rows = await conn.fetch(
+            f"{MARK} SELECT query, calls, rows FROM pg_stat_statements "
+            "WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())"
+        )
+        head = max(
+            head, await conn.fetchval(f"{MARK} SELECT max(last_position) FROM event_log_shards")
+        )
+        shards = await conn.fetchval(f"{MARK} SELECT count(*) FROM event_log_shards")
+        events += await conn.fetchval(f"{MARK} SELECT count(*) FROM events")
+        for row in rows:
+            text = " ".join(row["query"].lower().split())
+            if MARK.lower() in text:
+                continue
+            if _READ_QUERY.search(text):
+                tail_rows += row["rows"] - row["calls"] * shards  # (less the heads' rows)
+                tail_calls += row["calls"]
+            elif "cairn_append" in text:  # cairn_append_v1, cairn_append_fenced_v1
+                appends += row["calls"]
+            elif text.lstrip("( ").startswith(("select", "with")) and _FROM_EVENTS.search(text):
+                other += row["rows"]
+        pg_cpu += sum(procs.get(postmaster, (0, 0.0, 0.0))[1:])
+        pg_cpu += sum(procs[pid][1] + procs[pid][2] for pid in _descendants(procs, postmaster))
     return Snapshot(
         wall=time.time(),
         head=int(head),
@@ -466,7 +492,7 @@ async def _from_the_log(conn: asyncpg.Connection, figures: Figures, a: int, b: i
     """Task counts, event mix and latencies of the positions ``(a, b]``."""
     counts = await conn.fetch(
         f"{MARK} SELECT entity_kind::text || '.' || event_type AS kind, count(*) AS n "
-        "FROM events WHERE position > $1 AND position <= $2 GROUP BY 1 ORDER BY 2 DESC",
+        "FROM log_union.events WHERE position > $1 AND position <= $2 GROUP BY 1 ORDER BY 2 DESC",
         a,
         b,
     )
@@ -475,7 +501,7 @@ async def _from_the_log(conn: asyncpg.Connection, figures: Figures, a: int, b: i
     figures.deaths = figures.event_types.get("node.dead", 0)
     # submitted events of tasks placed early in the window came before it
     rows = await conn.fetch(
-        f"{MARK} SELECT position, entity_id, event_type, recorded_at FROM events "
+        f"{MARK} SELECT position, entity_id, event_type, recorded_at FROM log_union.events "
         "WHERE position > $1 AND position <= $2 AND entity_kind = 'task' "
         "AND event_type IN ('submitted', 'placed', 'running') ORDER BY position",
         max(0, a - 200_000),
@@ -515,7 +541,7 @@ def _read_line(stream: IO[str], timeout: float) -> str | None:
 
 def measure(nodes: int, args: argparse.Namespace) -> Figures:
     figures = Figures(nodes, spilled=nodes > 1)
-    cluster = Cluster(nodes, args.worker_cpus, args.dead_after)
+    cluster = Cluster(nodes, args.worker_cpus, args.dead_after, args.log_servers)
     try:
         began = time.monotonic()
         cluster.start()
@@ -540,13 +566,14 @@ async def _window(
 ) -> tuple[float, int]:
     from controlplane.gcs_url import normalize
 
-    conn = await asyncpg.connect(normalize(cluster.owner_url))
+    conns = [await asyncpg.connect(normalize(url)) for url in cluster.owner_urls]
+    conn = conns[0]  # (its log_union reads every server's events)
     try:
-        postmaster = cluster.server.pid
+        postmasters = [server.pid for server in cluster.servers]
         daemons = cluster.daemon_pids()
-        first = await snapshot(conn, postmaster, daemons)
+        first = await snapshot(conns, postmasters, daemons)
         await asyncio.sleep(seconds)
-        last = await snapshot(conn, postmaster, daemons)
+        last = await snapshot(conns, postmasters, daemons)
         assert driver.stdin is not None and driver.stdout is not None
         driver.stdin.write("stop\n")
         driver.stdin.flush()
@@ -556,7 +583,8 @@ async def _window(
         elapsed = last.wall - first.wall
         await _from_the_log(conn, figures, first.head, last.head)
     finally:
-        await conn.close()
+        for each in conns:
+            await each.close()
     appended = last.events - first.events
     per_1k = 1000 / figures.tasks if figures.tasks else float("nan")
     figures.tasks_per_s = figures.tasks / elapsed
@@ -787,6 +815,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--dead-after", type=float, default=10.0, help="$CAIRN_NODE_DEAD_AFTER_S for the nodes"
     )
+    parser.add_argument(
+        "--log-servers",
+        type=int,
+        choices=(1, 2),
+        default=1,
+        help="embedded PostgreSQL servers the log lies on (its shards: $CAIRN_LOG_SHARDS)",
+    )
     parser.add_argument("--appends", action="store_true", help="also W writers x batch B")
     parser.add_argument("--append-seconds", type=float, default=3.0, help="per append run")
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
@@ -803,7 +838,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"each N: {args.warmup:g} s warm-up, {args.seconds:g} s measured, "
-        f"{args.in_flight} tasks in flight, {args.worker_cpus:g} worker CPUs on one node",
+        f"{args.in_flight} tasks in flight, {args.worker_cpus:g} worker CPUs on one node, "
+        f"the log on {args.log_servers} server(s)",
         flush=True,
     )
     results: dict[str, Any] = {"machine": machine, "args": vars(args) | {"json": str(args.json)}}
