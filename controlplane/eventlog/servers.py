@@ -219,7 +219,16 @@ class ServersAppender:
         batch = _with_jobs(list(events))
         for event in batch:
             encode_payload(event)  # (invalid: refused here, before any server queues it)
+            if event.job_id is not None and event.entity_kind is EntityKind.OBJECT:
+                self._known(event.entity_kind, event.entity_id, event.job_id)
         return batch
+
+    def _known(self, kind: EntityKind, entity_id: str, job_id: str) -> None:
+        """An object's job, for the events of it that will name none (it is freed,
+        moved or lost here), so that they need no lookup."""
+        self._jobs[(kind, entity_id)] = job_id
+        if len(self._jobs) > JOBS_KEPT:
+            self._jobs.popitem(last=False)
 
     def _route_behind(self, batch: list[Event]) -> None:
         for server, indexes in self._parts(batch).items():
@@ -318,9 +327,7 @@ class ServersAppender:
         found = []
         for event, job in zip(batch, jobs, strict=True):
             if event.job_id is None and job is not None:
-                self._jobs[(event.entity_kind, event.entity_id)] = job
-                if len(self._jobs) > JOBS_KEPT:
-                    self._jobs.popitem(last=False)
+                self._known(event.entity_kind, event.entity_id, job)
                 event = dataclasses.replace(event, job_id=job)
             found.append(event)
         return found

@@ -336,7 +336,7 @@ class RemoteTasks:
         if not self.node.relay_stream_item(record, value):
             self._spawn(self.puller.release(address, value.object_id))
         elif value.inline is not None:
-            self.recorder.log([self._transferred_event(value, address)])
+            self.recorder.log([self._transferred_event(value, address, record.spec.job_id)])
             self._spawn(self.puller.release(address, value.object_id))
 
     def pull_then(self, record: TaskRecord, address: str, then: Any) -> None:
@@ -448,7 +448,7 @@ class RemoteTasks:
                 location = p.ObjectLocation(object_id, error=p.ErrorInfo("object_lost", why))
             elif location.inline is not None:
                 self.objects.charge(location.size, force=True)
-                self.recorder.log([self._transferred_event(location, address)])
+                self.recorder.log([self._transferred_event(location, address, record.spec.job_id)])
             locations.append(location)
         for location in locations:
             if location.remote is not None:
@@ -492,12 +492,17 @@ class RemoteTasks:
 
         self._spawn(fetch())
 
-    def _transferred_event(self, location: p.ObjectLocation, source: str) -> Event:
+    def _transferred_event(
+        self, location: p.ObjectLocation, source: str, job_id: str | None = None
+    ) -> Event:
+        """``job_id``: the job of a value of a task this node spilled (its task's); else
+        none known here (the log finds it: eventlog/servers.py, cairn_jobs_of_v1)."""
         return Event(
             K.OBJECT,
             location.object_id,
             "transferred",
             {"size_bytes": location.size, "from_node": source},
+            job_id=job_id,
             node_id=self.node_id,
         )
 
