@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import psycopg
 from alembic import command
@@ -33,29 +32,9 @@ def _run(url: str, action: str, revision: str) -> None:
 
 
 def upgrade(url: str, revision: str = "head") -> None:
-    """Brings the schema up to ``revision``; safe to call from several processes. After
-    a migration the log's union schema is made again: a view may have changed
-    (migrations/sql/0023_log_union.up.sql)."""
-    before = _revision(url)
+    """Brings the schema up to ``revision``; safe to call from several processes (each
+    run that migrates also makes the log's union anew: migrations/env.py)."""
     _run(url, "upgrade", revision)
-    if _revision(url) != before:
-        with psycopg.connect(normalize(url), autocommit=True, connect_timeout=5) as conn:
-            made = conn.execute("SELECT to_regprocedure('cairn_make_log_union_v1()') IS NOT NULL")
-            if _one(made):
-                conn.execute("SELECT cairn_make_log_union_v1()")
-
-
-def _revision(url: str) -> str | None:
-    with psycopg.connect(normalize(url), autocommit=True, connect_timeout=5) as conn:
-        if not _one(conn.execute("SELECT to_regclass('alembic_version') IS NOT NULL")):
-            return None
-        return _one(conn.execute("SELECT max(version_num) FROM alembic_version"))
-
-
-def _one(cursor: psycopg.Cursor[tuple[Any, ...]]) -> Any:
-    row = cursor.fetchone()
-    assert row is not None
-    return row[0]
 
 
 def downgrade(url: str, revision: str = "base") -> None:

@@ -30,6 +30,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
+from typing import cast
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import asyncpg
@@ -129,7 +130,7 @@ class ServersAppender:
             EventAppender(url, clock=self.clock, **options)  # type: ignore[arg-type]
             for url in self.urls
         ]
-        self._pending: asyncio.Future[None] | None = None  # the last batch waiting for jobs
+        self._pending: asyncio.Future[list[int]] | None = None  # the last batch waiting for jobs
         self._lookup: asyncpg.Connection | None = None  # to server 0, for the jobs
         self._jobs: OrderedDict[tuple[EntityKind, str], str] = OrderedDict()  # found so far
 
@@ -204,16 +205,14 @@ class ServersAppender:
         batch = self._checked(events)
         if self._pending is None and not self._unknown(batch):
             return self._route(batch, urgent)
-        done: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
-        self._after_lookup(batch, urgent, done)
-        return done
+        return self._after_lookup(batch, urgent, behind=False)
 
     def write_behind(self, events: Sequence[Event]) -> None:
         batch = self._checked(events)
         if self._pending is None and not self._unknown(batch):
             self._route_behind(batch)
         else:
-            self._after_lookup(batch, False, None)
+            self._after_lookup(batch, False, behind=True)
 
     def _checked(self, events: Sequence[Event]) -> list[Event]:
         batch = _with_jobs(list(events))
@@ -235,32 +234,28 @@ class ServersAppender:
             self._appenders[server].write_behind([batch[i] for i in indexes])
 
     def _route(self, batch: list[Event], urgent: bool) -> asyncio.Future[list[int]]:
+        """Queues each server's part at once (an empty request on a server with a
+        backlog); the future gives the positions in the batch's order."""
         parts = self._parts(batch)
         waits = {
             server: appender.enqueue([batch[i] for i in parts.get(server, [])], urgent=urgent)
             for server, appender in enumerate(self._appenders)
             if server in parts or appender.backlog
         }
-        done = asyncio.get_running_loop().create_future()
 
-        def settle(_: object) -> None:
-            if done.done() or not all(wait.done() for wait in waits.values()):
-                return
-            failed = [wait.exception() for wait in waits.values() if wait.exception()]
-            if failed:
-                done.set_exception(failed[0])  # type: ignore[arg-type]
-                return
-            positions = [0] * len(batch)
+        async def positions() -> list[int]:
+            answers = await asyncio.gather(*waits.values(), return_exceptions=True)
+            for answer in answers:
+                if isinstance(answer, BaseException):
+                    raise answer
+            found = dict(zip(waits, cast("list[list[int]]", answers), strict=True))
+            out = [0] * len(batch)
             for server, indexes in parts.items():
-                for i, position in zip(indexes, waits[server].result(), strict=True):
-                    positions[i] = position
-            done.set_result(positions)
+                for i, position in zip(indexes, found[server], strict=True):
+                    out[i] = position
+            return out
 
-        for wait in waits.values():
-            wait.add_done_callback(settle)
-        if not waits:
-            done.set_result([])
-        return done
+        return asyncio.ensure_future(positions())
 
     # -- events whose job is known on another server only ------------------------------
 
@@ -279,33 +274,36 @@ class ServersAppender:
         return unknown
 
     def _after_lookup(
-        self, batch: list[Event], urgent: bool, done: asyncio.Future[list[int]] | None
-    ) -> None:
+        self, batch: list[Event], urgent: bool, *, behind: bool
+    ) -> asyncio.Future[list[int]]:
         """Routes ``batch`` once the jobs it lacks are found, after what was queued
-        before it waited for the same (so the servers take a writer's events in order)."""
+        before it waited for the same (so the servers take a writer's events in order);
+        the future gives its positions (none for events written behind)."""
         before = self._pending
 
-        async def later() -> None:
-            if before is not None:
-                await asyncio.wait([before])
+        async def later() -> list[int]:
+            found: list[Event] | None = None
             try:
+                if before is not None:
+                    await asyncio.wait([before])
                 found = await self._jobs_found(batch)
-                if done is None:
-                    self._route_behind(found)
-                else:
-                    _forward(self._route(found, urgent), done)
             except Exception as exc:
-                error = exc if isinstance(exc, GcsError) else GcsError(f"append failed: {exc!r}")
-                if done is None:
-                    self._appenders[0].on_write_behind_failure(error)
-                elif not done.done():
-                    done.set_exception(error)
-            finally:
-                if self._pending is task:
-                    self._pending = None
+                failure = exc if isinstance(exc, GcsError) else GcsError(f"append failed: {exc!r}")
+            if self._pending is task:  # (routed below, before anything queued after it)
+                self._pending = None
+            if found is None:
+                if not behind:
+                    raise failure
+                self._appenders[0].on_write_behind_failure(failure)
+                return []
+            if behind:
+                self._route_behind(found)
+                return []
+            return await self._route(found, urgent)
 
         task = asyncio.ensure_future(later())
         self._pending = task
+        return task
 
     async def _jobs_found(self, batch: list[Event]) -> list[Event]:
         """``batch`` with the job each event lacking one has in the whole log (server
@@ -345,31 +343,7 @@ class ServersAppender:
         """Positions in the order of ``events``, once every part is durable."""
         if self._pending is not None:
             await asyncio.wait([self._pending])
-        batch = await self._jobs_found(_with_jobs(list(events)))
-        parts = self._parts(batch)
-        answers = await asyncio.gather(
-            *(
-                self._appenders[server].append_many([batch[i] for i in indexes])
-                for server, indexes in parts.items()
-            )
-        )
-        positions = [0] * len(batch)
-        for indexes, found in zip(parts.values(), answers, strict=True):
-            for i, position in zip(indexes, found, strict=True):
-                positions[i] = position
-        return positions
-
-
-def _forward(source: asyncio.Future[list[int]], target: asyncio.Future[list[int]]) -> None:
-    def settle(_: object) -> None:
-        if target.done():
-            return
-        if source.exception() is not None:
-            target.set_exception(source.exception())  # type: ignore[arg-type]
-        else:
-            target.set_result(source.result())
-
-    source.add_done_callback(settle)
+        return await self._route(await self._jobs_found(_with_jobs(list(events))), True)
 
 
 def _with_jobs(events: list[Event]) -> list[Event]:

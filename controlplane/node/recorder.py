@@ -12,8 +12,7 @@ from collections.abc import Callable
 
 from controlplane.errors import GcsError, GcsIdentityError, NodeFencedError
 from controlplane.eventlog import Event, EventAppender, FailureLog
-from controlplane.eventlog.clock import PROCESS_CLOCK
-from controlplane.eventlog.servers import LogAppender, ServersAppender, log_urls
+from controlplane.eventlog.servers import LogAppender, open_appender
 
 log = logging.getLogger("cairn.node")
 # how long events written behind wait for the commit of urgent ones that follow them
@@ -30,11 +29,9 @@ class EventRecorder:
     def __init__(self, gcs_url: str, *, writer_node: str | None) -> None:
         self._url = gcs_url
         self._writer_node = writer_node
-        # until start(): one server's (a log on several gets theirs then)
-        self.appender: LogAppender = self._one_server()
-
-    def _one_server(self) -> EventAppender:
-        return EventAppender(self._url, linger=LINGER_S, writer_node=self._writer_node)
+        # until start(): one server's, which holds the callbacks given (the log's own
+        # appender, on one server or several, takes them then)
+        self.appender: LogAppender = EventAppender(gcs_url)
 
     @property
     def unavailable_timeout(self) -> float:
@@ -54,14 +51,10 @@ class EventRecorder:
         self.appender.on_fenced = callback
 
     async def start(self) -> None:
-        urls = await log_urls(self._url)
-        if len(urls) > 1:
-            servers = ServersAppender(
-                urls, clock=PROCESS_CLOCK, linger=LINGER_S, writer_node=self._writer_node
-            )
-            servers.on_refused = self.appender.on_refused
-            servers.on_fenced = self.appender.on_fenced
-            self.appender = servers
+        appender = await open_appender(self._url, linger=LINGER_S, writer_node=self._writer_node)
+        appender.on_refused = self.appender.on_refused
+        appender.on_fenced = self.appender.on_fenced
+        self.appender = appender
         await self.appender.start()
 
     def log(self, events: list[Event]) -> None:

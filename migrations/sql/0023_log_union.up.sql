@@ -21,8 +21,9 @@ CREATE TABLE log_servers (
 CREATE SCHEMA log_union;
 
 -- Makes log_union anew from the log's schema and the foreign `events` tables found:
--- called here, when a log is placed on servers, and after each migration (a view may
--- have changed; controlplane/schema.py). Returns how many views it made.
+-- called when a log is placed on servers, and at the end of every run of migrations,
+-- this one's included (a view may have changed; migrations/env.py). Returns how many
+-- views it made.
 CREATE FUNCTION cairn_make_log_union_v1() RETURNS integer LANGUAGE plpgsql AS $$
 DECLARE
     v_home    name := (SELECT n.nspname FROM pg_class c
@@ -91,4 +92,3 @@ EXCEPTION WHEN insufficient_privilege THEN
 END
 $$;
 
-SELECT cairn_make_log_union_v1();
