@@ -199,7 +199,7 @@ def start(
         from controlplane.gcs import check_log_servers
 
         if head:
-            check_log_servers(gcs_urls, log_servers or 1, replicas=gcs_replicas)
+            check_log_servers(gcs_urls, log_servers or 1, replica_host=gcs_replica_host)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     if disable_auth:

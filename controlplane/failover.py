@@ -146,8 +146,12 @@ class Watchdog(_Loop):
         failover_after: float | None = None,
         on_event: Callable[[str], None] = log.warning,
         on_promoted: Callable[[EmbeddedPostgres], None] = lambda _: None,
+        server: str = "the GCS",
     ) -> None:
+        """``server``: what the messages call the server watched (one of a log on
+        several servers: "the GCS's server 1")."""
         super().__init__(on_event)  # (``done``: set once it acted, or gave up)
+        self.server = server
         self.primary = primary
         self.replica = replica
         self.failover_after = failover_after_s() if failover_after is None else failover_after
@@ -187,15 +191,15 @@ class Watchdog(_Loop):
         self.lost_at = time.monotonic()
         primary, replica = self.primary, self.replica
         self.on_event(
-            f"the GCS primary (port {primary.port}) is gone: {why}; promoting its replica "
+            f"{self.server} primary (port {primary.port}) is gone: {why}; promoting its replica "
             f"(port {replica.port})"
         )
         try:
             primary.kill()  # if it still runs (frozen, cut off): dead before anything else
         except Exception as exc:  # the replica is promoted all the same
-            self.on_event(f"the GCS primary could not be stopped cleanly: {exc!r}")
+            self.on_event(f"{self.server} primary could not be stopped cleanly: {exc!r}")
         if not replica.running:
-            self.on_event("the GCS replica is gone too: nothing to promote, the GCS is down")
+            self.on_event(f"{self.server} replica is gone too: nothing to promote, it is down")
             return
         replica.promote()
         self.promoted_at = time.monotonic()
@@ -204,15 +208,15 @@ class Watchdog(_Loop):
         self.promoted.set()
         self.on_promoted(replica)
         self.on_event(
-            f"the GCS failed over: the replica (port {replica.port}) is the primary"
+            f"{self.server} failed over: the replica (port {replica.port}) is the primary"
             f"{f' at {self.epoch}' if self.epoch else ''}, "
             f"{self.promoted_at - self.lost_at:.2f}s after the primary was found gone; "
-            "the cluster has no replica from now on"
+            "it has no replica from now on"
         )
 
     def _drop_replica(self, why: str) -> None:
         self.on_event(
-            f"the GCS replica (port {self.replica.port}) is lost: {why}; the primary goes "
+            f"{self.server} replica (port {self.replica.port}) is lost: {why}; the primary goes "
             "on without one (no failover from now on)"
         )
         self.replica.kill()

@@ -11,7 +11,10 @@ run ``cairn migrate`` with an owner's URL first.
 With ``replicas=1`` (``cairn start --head --gcs-replicas 1``) the embedded server gets a
 synchronous streaming replica and a watchdog that promotes it when the primary is gone
 (``failover.py``); both URLs then name both servers, with
-``target_session_attrs=read-write``, so every process follows the primary."""
+``target_session_attrs=read-write``, so every process follows the primary. A log on
+several embedded servers gets a replica and a watchdog per server, each failing over on
+its own; server 0's ``log_servers`` names both of each server, so every process follows
+each server's primary too."""
 
 from __future__ import annotations
 
@@ -83,7 +86,7 @@ def _requested(url: str | Sequence[str] | None) -> list[str]:
     return [normalize(given) for given in url]
 
 
-def check_log_servers(urls: Sequence[str], embedded: int, *, replicas: int) -> int:
+def check_log_servers(urls: Sequence[str], embedded: int, *, replica_host: str | None) -> int:
     """How many servers the log lies on, or ValueError saying what cannot be."""
     if embedded < 1:
         raise ValueError(f"--log-servers must be 1 or more, got {embedded}")
@@ -93,10 +96,10 @@ def check_log_servers(urls: Sequence[str], embedded: int, *, replicas: int) -> i
             "each with its own --gcs-url"
         )
     count = len(urls) or embedded
-    if count > 1 and replicas:
+    if count > 1 and replica_host is not None:
         raise ValueError(
-            "--gcs-replicas runs one replica of one embedded server; a log on several "
-            "servers has no failover yet (each server would need its own replica)"
+            "--gcs-replica-host runs the replica of one server on another machine; the "
+            "replicas of a log on several servers run on the head's machine (leave it out)"
         )
     logins = {(urlsplit(url).username, urlsplit(url).password) for url in urls}
     if len(logins) > 1:
@@ -110,6 +113,13 @@ def check_log_servers(urls: Sequence[str], embedded: int, *, replicas: int) -> i
 def _made(directory: Path) -> Path:
     directory.mkdir(mode=0o700, exist_ok=True)
     return directory
+
+
+def _following(url: str, servers: Sequence[EmbeddedPostgres]) -> str:
+    """``url`` naming each of ``servers`` on loopback, for whichever takes writes (a
+    primary and its replica: every process follows a failover)."""
+    entries = [f"127.0.0.1:{server.port}" for server in servers]
+    return with_query(with_hosts(url, entries), {"target_session_attrs": "read-write"})
 
 
 def _bracketed(host: str) -> str:
@@ -151,7 +161,7 @@ class Gcs:
         self.log_server_count = check_log_servers(
             self._requested_urls,
             settings.log_servers() if log_servers is None else log_servers,
-            replicas=replicas,
+            replica_host=replica_host,
         )
         if replica_host is not None and not (replicas and server_tls and node_tls):
             raise ValueError(
@@ -168,7 +178,9 @@ class Gcs:
         self.replica: EmbeddedPostgres | None = None  # until it is promoted or dropped
         self.servers: list[EmbeddedPostgres] = []  # every server the URLs name, in order
         self.other_log_servers: list[EmbeddedPostgres] = []  # embedded servers 1.. of the log
-        self.watchdog: Watchdog | RemoteStandbyWatch | None = None
+        self.watchdog: Watchdog | RemoteStandbyWatch | None = None  # server 0's
+        self.other_watchdogs: list[Watchdog] = []  # of servers 1.., with replicas
+        self.other_replicas: list[EmbeddedPostgres] = []  # theirs, until promoted
         self._on_event = on_event
         self._lock = threading.Lock()
         self._restarting = threading.Lock()  # a restart (keep_running) or stop at a time
@@ -217,7 +229,6 @@ class Gcs:
             self.owner_url = owner_urls[0]
             for url in owner_urls:
                 check_reachable(url)
-        self.owner_urls = owner_urls
         for url in owner_urls:
             schema.upgrade(url)
         shards, one_server = self.log_shards, len(owner_urls) == 1
@@ -226,29 +237,32 @@ class Gcs:
         for url in owner_urls:
             PartitionManager(url).maintain()
         self.url = self.embedded.runtime_url() if self.embedded else self.owner_url
-        if len(owner_urls) > 1:
-            self._place_log(owner_urls)
+        runtime_urls = [self.url, *self._other_runtime_urls(owner_urls)]
         if self.replicas and self.replica_host:
             self._plan_remote_replica()
         elif self.replicas:
             self._start_replica()
+            owner_urls[0], runtime_urls[0] = self.owner_url, self.url
+            for index in range(1, len(owner_urls)):
+                owner_urls[index], runtime_urls[index] = self._start_other_replica(index)
+        self.owner_urls = owner_urls
+        if len(owner_urls) > 1:
+            addresses = [
+                address_of(url, on_home_machine=self.embedded is not None) for url in runtime_urls
+            ]
+            place_log(owner_urls, runtime_urls, addresses, max(shards or 0, len(owner_urls)))
         return self.url
 
-    def _place_log(self, owner_urls: list[str]) -> None:
-        """One log on the servers (``log_servers.place_log``), the embedded ones all
+    def _other_runtime_urls(self, owner_urls: list[str]) -> list[str]:
+        """The runtime's URLs of servers 1.. of the log: as given, or the embedded ones
         taking the runtime's login of server 0."""
         if self.embedded is None:
-            runtime_urls = owner_urls
-            addresses = [address_of(url, on_home_machine=False) for url in owner_urls]
-        else:
-            password = self.embedded.runtime_password()
-            assert password is not None  # (runtime_url() made it)
-            for server in self.other_log_servers:
-                server.share_runtime_password(password)
-            runtime_urls = [self.url, *(s.runtime_url() for s in self.other_log_servers)]
-            addresses = [address_of(url, on_home_machine=True) for url in runtime_urls]
-        shards = max(self.log_shards or 0, len(owner_urls))
-        place_log(owner_urls, runtime_urls, addresses, shards)
+            return owner_urls[1:]
+        password = self.embedded.runtime_password()
+        assert password is not None  # (runtime_url() made it)
+        for server in self.other_log_servers:
+            server.share_runtime_password(password)
+        return [server.runtime_url() for server in self.other_log_servers]
 
     def _plan_remote_replica(self) -> None:
         """The replica on ``replica_host`` (made there when its node joins): its login,
@@ -286,19 +300,40 @@ class Gcs:
         ).start()
 
     def _start_replica(self) -> None:
-        """The replica, the URLs naming both servers, and the watchdog."""
+        """Server 0's replica, the URLs naming both servers, and the watchdog."""
         primary = self.embedded
         assert primary is not None
         self.replica = primary.start_replica(session_dir=primary.session_dir / REPLICA_DIR)
         self.servers = [primary, self.replica]
-        hosts = [f"127.0.0.1:{server.port}" for server in self.servers]
-        read_write = {"target_session_attrs": "read-write"}
-        self.url = with_query(with_hosts(self.url, hosts), read_write)
-        self.owner_url = with_query(with_hosts(self.owner_url, hosts), read_write)
-        self.owner_urls = [self.owner_url]
+        self.url = _following(self.url, self.servers)
+        self.owner_url = _following(self.owner_url, self.servers)
         self.watchdog = Watchdog(
             primary, self.replica, on_event=self._on_event, on_promoted=self._promoted
         ).start()
+
+    def _start_other_replica(self, index: int) -> tuple[str, str]:
+        """Server ``index``'s replica and watchdog; its owner's and runtime's URLs
+        naming both."""
+        primary = self.other_log_servers[index - 1]
+        replica = primary.start_replica(session_dir=primary.session_dir / REPLICA_DIR)
+        self.other_replicas.append(replica)
+
+        def promoted(replica: EmbeddedPostgres) -> None:
+            with self._lock:
+                self.other_log_servers[index - 1] = replica
+                self.other_replicas.remove(replica)
+
+        self.other_watchdogs.append(
+            Watchdog(
+                primary,
+                replica,
+                on_event=self._on_event,
+                on_promoted=promoted,
+                server=f"the GCS's server {index}",
+            ).start()
+        )
+        pair = [primary, replica]
+        return _following(primary.url, pair), _following(primary.runtime_url(), pair)
 
     def _promoted(self, replica: EmbeddedPostgres) -> None:
         with self._lock:
@@ -360,18 +395,23 @@ class Gcs:
     def stop(self) -> None:
         with self._restarting:
             self._stopped = True
-        if self.watchdog is not None:
-            self.watchdog.stop()
-            self.watchdog = None
+        for watchdog in [self.watchdog, *self.other_watchdogs]:
+            if watchdog is not None:
+                watchdog.stop()
+        self.watchdog, self.other_watchdogs = None, []
         if self._tunnel is not None:
             self._tunnel.stop()
             self._tunnel = None
         # the replica and the log's other servers first: their data may lie in the
         # primary's session directory
-        for server in [*reversed(self.other_log_servers), *reversed(self.servers)]:
+        for server in [
+            *reversed(self.other_replicas),
+            *reversed(self.other_log_servers),
+            *reversed(self.servers),
+        ]:
             server.stop()
         self.servers, self.embedded, self.replica = [], None, None
-        self.other_log_servers = []
+        self.other_log_servers, self.other_replicas = [], []
 
     def __enter__(self) -> Gcs:
         self.start()

@@ -19,22 +19,28 @@ from psycopg import sql
 
 from controlplane import schema
 from controlplane.errors import GcsError
-from controlplane.gcs_url import normalize, redact
+from controlplane.gcs_url import hosts, normalize, redact
 
 FOREIGN_SERVER = "cairn_log_server_{}"  # server 0's postgres_fdw server for server k
 FOREIGN_SCHEMA = "log_server_{}"  # ... and the schema of its foreign `events`
 READERS = ("cairn_runtime", "cairn_audit")
+FOLLOWING = ("target_session_attrs",)  # the options of a URL kept beside TLS's
 
 
 def address_of(url: str, *, on_home_machine: bool) -> str:
-    """What ``log_servers`` keeps of a server's URL: no login; without a host for a
-    server on server 0's machine (each process reaches it at the host it reaches server
-    0 at: loopback on the head, the head's address on other machines)."""
-    parts = urlsplit(normalize(url))
-    hostport = parts.netloc.rpartition("@")[2]
+    """What ``log_servers`` keeps of a server's URL: no login; without hosts for a
+    server on server 0's machine, its ports only (each process reaches it at the host
+    it reaches server 0 at: loopback on the head, the head's address on other
+    machines). Several entries: a primary and its replica."""
+    entries = hosts(normalize(url))
     if on_home_machine:
-        hostport = ":" + str(parts.port)
-    return urlunsplit(parts._replace(netloc=hostport))
+        entries = [f":{_port(entry)}" for entry in entries]
+    return urlunsplit(urlsplit(normalize(url))._replace(netloc=",".join(entries)))
+
+
+def _port(entry: str) -> int:
+    """The port of a ``host:port`` entry of a URL (PostgreSQL's if it names none)."""
+    return urlsplit(f"//{entry}").port or 5432
 
 
 def place_log(
@@ -88,11 +94,12 @@ def _foreign_events(conn: psycopg.Connection, index: int, url: str) -> None:
     parts = urlsplit(normalize(url))
     server = sql.Identifier(FOREIGN_SERVER.format(index))
     into = sql.Identifier(FOREIGN_SCHEMA.format(index))
-    options = {
-        "host": parts.hostname or "127.0.0.1",
-        "port": str(parts.port or 5432),
+    entries = hosts(normalize(url))
+    options = {  # (several hosts: a primary and its replica, the one taking writes used)
+        "host": ",".join(urlsplit(f"//{entry}").hostname or "127.0.0.1" for entry in entries),
+        "port": ",".join(str(_port(entry)) for entry in entries),
         "dbname": parts.path.lstrip("/") or "postgres",
-        **{k: v for k, v in parse_qsl(parts.query) if k.startswith("ssl")},
+        **{k: v for k, v in parse_qsl(parts.query) if k.startswith("ssl") or k in FOLLOWING},
     }
     login = {"user": unquote(parts.username or ""), "password": unquote(parts.password or "")}
     conn.execute(sql.SQL("DROP SERVER IF EXISTS {} CASCADE").format(server))

@@ -36,8 +36,9 @@ from controlplane import schema, tls
 from controlplane.embedded_postgres import EmbeddedPostgres, ServerTls
 from controlplane.errors import GcsFencedError, LogDivergedError
 from controlplane.eventlog import EntityKind, Event, EventAppender, Tailer, fencing
+from controlplane.eventlog.servers import ServersAppender, log_urls, open_tailer, shard_of
 from controlplane.gcs import Gcs
-from controlplane.gcs_url import with_query
+from controlplane.gcs_url import hosts, with_query
 from controlplane.postgres_processes import server_processes
 from controlplane.session_dirs import alive
 
@@ -356,6 +357,67 @@ def test_a_lost_replica_is_dropped_and_the_primary_goes_on() -> None:
         gcs.stop()
 
 
+def _task_on_shard(shard: int, task_id: str) -> Event:
+    """A task's event in ``shard`` of two (its job's)."""
+    job = next(f"job-{n}" for n in range(1000) if shard_of(f"job-{n}", 2) == shard)
+    return Event(EntityKind.TASK, task_id, "submitted", {"name": "f"}, job_id=job)
+
+
+def test_each_server_of_a_log_fails_over_to_its_own_replica(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A log on two embedded servers (``--log-servers 2 --gcs-replicas 1``): each has
+    its replica and its watchdog, and server 0's ``log_servers`` names both of server 1.
+    Server 1's primary frozen: a writer of server 0's shard goes on meanwhile, one of
+    server 1's waits, and lands on server 1's promoted replica; server 0 stays the
+    primary at epoch 1; the merged reader and server 0's union read every event once."""
+    monkeypatch.setenv("CAIRN_GCS_FAILOVER_AFTER_S", "3")
+    events: list[str] = []
+    gcs = Gcs(replicas=1, log_servers=2, log_shards=2, on_event=events.append)
+    frozen: list[int] = []
+    try:
+        gcs.start()
+        (one,), (replica,) = gcs.other_log_servers, gcs.other_replicas
+        urls = asyncio.run(log_urls(gcs.url))
+        assert hosts(urls[1]) == [f"127.0.0.1:{one.port}", f"127.0.0.1:{replica.port}"]
+        assert "target_session_attrs=read-write" in urls[1]
+
+        async def run() -> None:
+            async with ServersAppender(urls) as both, EventAppender(urls[0]) as zero:
+                await both.append(_task_on_shard(1, "before"))
+                frozen.extend(_signal_server(one.pid or 0, signal.SIGSTOP))
+                waiting = asyncio.ensure_future(both.append(_task_on_shard(1, "after")))
+                for i in range(20):
+                    await zero.append(_task_on_shard(0, f"meanwhile-{i}"))
+                assert not waiting.done() and not gcs.other_watchdogs[0].promoted.is_set()
+                await asyncio.wait_for(waiting, 60)
+
+        asyncio.run(run())
+        _wait(gcs.other_watchdogs[0].done.is_set, "server 1's watchdog acted")
+        assert gcs.other_watchdogs[0].promoted.is_set() and gcs.other_log_servers == [replica]
+        assert gcs.watchdog is not None and not gcs.watchdog.promoted.is_set()
+        assert any("the GCS's server 1 failed over" in e for e in events), events
+        _wait(lambda: not any(alive(pid) for pid in frozen), "the frozen primary is gone")
+        epochs = "SELECT count(*) FROM gcs_epochs"
+        assert (_count(gcs.owner_urls[0], epochs), _count(gcs.owner_urls[1], epochs)) == (1, 2)
+        assert _count(gcs.owner_url, "SELECT count(*) FROM log_union.events") == 22
+
+        async def read_all() -> list[str]:
+            got: list[str] = []
+            async with await open_tailer(gcs.url) as reader:
+                while len(got) < 22:
+                    got += [e.entity_id for e in await reader.read(wait=10)]
+            return got
+
+        expected = ["before", "after", *(f"meanwhile-{i}" for i in range(20))]
+        assert sorted(asyncio.run(read_all())) == sorted(expected)
+    finally:
+        for pid in frozen:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        gcs.stop()
+
+
 # -- a job on a `cairn start --head --gcs-replicas 1` head -------------------------------
 
 # A driver: runs a job; once 200 of its tasks are done, prints their ids (acknowledged:
@@ -383,22 +445,25 @@ assert ray.get(refs + more, timeout=120) == [i * i for i in range(2500)]
 
 async def log(url):
     from controlplane.eventlog.connection import connect  # each host its own timeout
-    conn = await connect(url)
+    from controlplane.eventlog.servers import log_urls
+    conns = [await connect(server) for server in await log_urls(url)]
+    home, last = conns[0], conns[-1]  # (a log on one server: the same)
     try:
         return {
-            "history": {r["entity_id"]: r["history"] for r in await conn.fetch(
+            "history": {r["entity_id"]: r["history"] for r in await home.fetch(
                 "SELECT entity_id, array_agg(event_type ORDER BY position) AS history "
-                "FROM events WHERE entity_kind = 'task' GROUP BY entity_id")},
-            "deaths": [[r["entity_id"], r["payload"]] for r in await conn.fetch(
-                "SELECT entity_id, payload::text AS payload FROM events "
+                "FROM log_union.events WHERE entity_kind = 'task' GROUP BY entity_id")},
+            "deaths": [[r["entity_id"], r["payload"]] for r in await home.fetch(
+                "SELECT entity_id, payload::text AS payload FROM log_union.events "
                 "WHERE entity_kind = 'node' AND event_type = 'dead'")],
-            "epochs": [[r["epoch"], r["timeline"]] for r in await conn.fetch(
-                "SELECT epoch, timeline FROM gcs_epochs ORDER BY epoch")],
-            "port": await conn.fetchval("SELECT inet_server_port()"),
-            "recovery": await conn.fetchval("SELECT pg_is_in_recovery()"),
+            "epochs": [[[r["epoch"], r["timeline"]] for r in await conn.fetch(
+                "SELECT epoch, timeline FROM gcs_epochs ORDER BY epoch")] for conn in conns],
+            "port": await last.fetchval("SELECT inet_server_port()"),
+            "recovery": await last.fetchval("SELECT pg_is_in_recovery()"),
         }
     finally:
-        await conn.close()
+        for conn in conns:
+            await conn.close()
 
 found = asyncio.run(log(ray.get_runtime_context().gcs_address))
 print(json.dumps({"acked": acked, "tasks": [r.task_id().hex() for r in refs + more], **found}))
@@ -428,9 +493,11 @@ def _ride_out(
     return job
 
 
-def _check_log(job: dict, replica_port: int) -> None:
-    """The log is on the promoted replica: every acknowledged event, the whole job, each
-    transition once, the promotion's epoch; and the pause declared no node dead."""
+def _check_log(job: dict, replica_port: int, failed_over: int = 1) -> None:
+    """The log is on the promoted replica (of its last server: a log on several servers
+    lost that one's primary, and the ``failed_over`` - 1 before it theirs): every
+    acknowledged event, the whole job, each transition once, the promotions' epochs (the
+    other servers' unchanged); and the pause declared no node dead."""
     assert job["port"] == replica_port
     history = job["history"]
     for task_id in job["acked"]:
@@ -440,7 +507,8 @@ def _check_log(job: dict, replica_port: int) -> None:
         assert events[0] == "submitted" and events[-1] == "finished", events
         assert len(events) == len(set(events)) and "running" in events, events
     assert job["deaths"] == []
-    assert job["epochs"] == [[1, 1], [2, 2]]
+    untouched = len(job["epochs"]) - failed_over
+    assert job["epochs"] == [[[1, 1]]] * untouched + [[[1, 1], [2, 2]]] * failed_over
 
 
 def _cairn(tmp: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -453,19 +521,50 @@ def _postmaster(pid_file: str) -> tuple[int, int]:
     return int(lines[0]), int(lines[3])
 
 
-def test_a_job_rides_out_the_loss_of_the_gcs_primary_with_no_command_typed() -> None:
+# the driver of JOB, its job's events on server 1 of two (another job until they are)
+ON_SERVER_1 = """ray.init(address="auto")
+from controlplane.eventlog.servers import shard_of
+while shard_of(ray.get_runtime_context().get_job_id(), 2) != 1:
+    ray.shutdown()
+    ray.init(address="auto")
+"""
+
+
+@pytest.mark.parametrize(
+    ("log_servers", "server_dir"), [(1, "."), (2, "log-server-1")], ids=["one", "two"]
+)
+def test_a_job_rides_out_the_loss_of_the_gcs_primary_with_no_command_typed(
+    log_servers: int, server_dir: str
+) -> None:
+    """On a log on two servers (``--log-servers 2``), the job's shard is on server 1,
+    and server 1 loses its primary: its replica takes over, server 0 goes on as it is."""
     tmp = private_temp_dir()
     driver: subprocess.Popen[str] | None = None
+    job_text = JOB if log_servers == 1 else JOB.replace('ray.init(address="auto")\n', ON_SERVER_1)
     try:
-        _cairn(tmp, "start", "--head", "--port", "0", "--num-cpus", "2", "--gcs-replicas", "1")
+        _cairn(
+            tmp,
+            "start",
+            "--head",
+            "--port",
+            "0",
+            "--num-cpus",
+            "2",
+            "--gcs-replicas",
+            "1",
+            "--log-servers",
+            str(log_servers),
+            "--log-shards",
+            str(log_servers),
+        )
         (record,) = (tmp / "cairn-nodes").glob("*.json")
-        session = Path(json.loads(record.read_text())["session_dir"])
+        session = Path(json.loads(record.read_text())["session_dir"]) / server_dir
         primary_pid, _ = _postmaster((session / "pgdata" / "postmaster.pid").read_text())
         replica_pid, replica_port = _postmaster(
             (session / "replica" / "pgdata" / "postmaster.pid").read_text()
         )
         driver = subprocess.Popen(
-            [sys.executable, "-c", JOB],
+            [sys.executable, "-c", job_text],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -476,7 +575,8 @@ def test_a_job_rides_out_the_loss_of_the_gcs_primary_with_no_command_typed() -> 
         job = _ride_out(driver, lambda: _signal_server(primary_pid, signal.SIGKILL))
         _check_log(job, replica_port)
         log = (tmp / f"cairn-node-{record.stem}.log").read_text()
-        assert "the GCS failed over" in log, log
+        said = "the GCS failed over" if log_servers == 1 else "the GCS's server 1 failed over"
+        assert said in log, log
     finally:
         if driver is not None and driver.poll() is None:
             driver.kill()
@@ -492,9 +592,10 @@ two_hosts = hosts_fixture(2)
 
 @pytest.mark.timeout(300)
 def test_a_node_on_another_machine_follows_the_failover(two_hosts: Hosts) -> None:
-    """The head (host a) hands joining nodes a URL naming both its servers, each served
-    over TLS on the head's address: a job driven on host b rides out the loss of the
-    head's primary."""
+    """The head (host a) runs a log on two servers, each with its replica, each served
+    over TLS on the head's address; it hands joining nodes a URL naming server 0 and
+    its replica, and server 0 names both of server 1: a job driven on host b, its
+    events on server 1, rides out the loss of both servers' primaries at once."""
     a, b = two_hosts
     token = {"CAIRN_AUTH_TOKEN": "failover-test-" + secrets.token_urlsafe(16)}
     started = a.cairn(
@@ -504,14 +605,21 @@ def test_a_node_on_another_machine_follows_the_failover(two_hosts: Hosts) -> Non
         a.ip,
         "--gcs-replicas",
         "1",
+        "--log-servers",
+        "2",
+        "--log-shards",
+        "2",
         env=token,
     )
     try:
         session = re.search(r"\(session (\S+);", started.stdout)
         assert session is not None, started.stdout
-        primary_pid, _ = _postmaster(a.run(["cat", f"{session[1]}/pgdata/postmaster.pid"]).stdout)
-        replica = a.run(["cat", f"{session[1]}/replica/pgdata/postmaster.pid"]).stdout
-        _, replica_port = _postmaster(replica)
+        primaries = [
+            _postmaster(a.run(["cat", f"{session[1]}/{server}/pgdata/postmaster.pid"]).stdout)[0]
+            for server in (".", "log-server-1")
+        ]
+        replica = a.run(["cat", f"{session[1]}/log-server-1/replica/pgdata/postmaster.pid"])
+        _, replica_port = _postmaster(replica.stdout)
         b.cairn(
             "start",
             "--address",
@@ -523,14 +631,19 @@ def test_a_node_on_another_machine_follows_the_failover(two_hosts: Hosts) -> Non
             env=token,
         )
         driver = b.popen(
-            [PYTHON, "-c", JOB],
+            [PYTHON, "-c", JOB.replace('ray.init(address="auto")\n', ON_SERVER_1)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
-        job = _ride_out(driver, lambda: _signal_server(primary_pid, signal.SIGKILL), hosts=[a, b])
-        _check_log(job, replica_port)
+
+        def lose_both_primaries() -> None:
+            for pid in primaries:
+                _signal_server(pid, signal.SIGKILL)
+
+        job = _ride_out(driver, lose_both_primaries, hosts=[a, b])
+        _check_log(job, replica_port, failed_over=2)
     finally:
         b.cairn("stop", check=False)
         a.cairn("stop", check=False)
@@ -613,7 +726,7 @@ def test_a_job_rides_out_the_loss_of_the_heads_machine(three_hosts: Hosts) -> No
             a.kill_processes()
 
         job = _ride_out(driver, lose_host_a, timeout=240, hosts=three_hosts.hosts[1:])
-        assert job["recovery"] is False and job["epochs"] == [[1, 1], [2, 2]]
+        assert job["recovery"] is False and job["epochs"] == [[[1, 1], [2, 2]]]
         history = job["history"]
         for task_id in job["tasks"]:
             assert history[task_id][-1] == "finished", history[task_id]

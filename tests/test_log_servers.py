@@ -35,7 +35,7 @@ from controlplane.eventlog.servers import (
     shard_of,
 )
 from controlplane.gcs import Gcs, check_log_servers
-from controlplane.gcs_url import with_login
+from controlplane.gcs_url import hosts, with_login
 from controlplane.log_servers import address_of, place_log
 from controlplane.readonly_sql import run_readonly
 
@@ -269,6 +269,15 @@ def test_a_server_on_server_0s_machine_is_reached_as_server_0_is() -> None:
     assert given == "postgresql://db2.example:5432/log?sslmode=require"
     elsewhere = urlsplit(server_url("postgresql://u:p@db1.example:5432/log", given))
     assert (elsewhere.hostname, elsewhere.username, elsewhere.password) == ("db2.example", "u", "p")
+    # a server with its replica (--gcs-replicas 1): both ports, at each machine of server 0
+    followed = address_of(
+        "postgresql://r:pw@127.0.0.1:6001,127.0.0.1:6002/cairn?target_session_attrs=read-write",
+        on_home_machine=True,
+    )
+    assert followed == "postgresql://:6001,:6002/cairn?target_session_attrs=read-write"
+    pair = server_url("postgresql://r:pw@10.9.0.1:6000,10.9.0.1:6003/cairn", followed)
+    assert hosts(pair) == ["10.9.0.1:6001", "10.9.0.1:6002"]
+    assert dict(parse_qsl(urlsplit(pair).query)) == {"target_session_attrs": "read-write"}
 
 
 @pytest.mark.usefixtures("shared_login")
@@ -348,13 +357,15 @@ def test_a_gcs_given_two_urls_places_one_log_and_refuses_them_reordered(
 
 
 def test_a_log_on_several_servers_refuses_what_it_cannot_be() -> None:
-    with pytest.raises(ValueError, match="has no failover yet"):
-        check_log_servers([], 2, replicas=1)
+    with pytest.raises(ValueError, match="run on the head's machine"):
+        check_log_servers([], 2, replica_host="192.0.2.11")
     with pytest.raises(ValueError, match="each with its own --gcs-url"):
-        check_log_servers(["postgresql://u@a/db"], 2, replicas=0)
+        check_log_servers(["postgresql://u@a/db"], 2, replica_host=None)
     with pytest.raises(ValueError, match="must all name the same login"):
-        check_log_servers(["postgresql://u:p@a/db", "postgresql://u:q@b/db"], 1, replicas=0)
-    assert check_log_servers(["postgresql://u:p@a/db", "postgresql://u:p@b/db"], 1, replicas=0) == 2
+        check_log_servers(["postgresql://u:p@a/db", "postgresql://u:q@b/db"], 1, replica_host=None)
+    two = ["postgresql://u:p@a/db", "postgresql://u:p@b/db"]
+    assert check_log_servers(two, 1, replica_host=None) == 2
+    assert check_log_servers([], 1, replica_host="192.0.2.11") == 1
 
 
 @pytest.mark.usefixtures("shared_login")

@@ -90,9 +90,11 @@ def server_url(home_url: str, address: str) -> str:
     with server 0's login, and its connection options (TLS files) under the address's."""
     home, there = urlsplit(normalize(home_url)), urlsplit(address)
     hostport = there.netloc
-    if hostport.startswith(":"):  # on server 0's machine
+    if hostport.startswith(":"):  # on server 0's machine: its hosts, the address's ports
         entries = home.netloc.rpartition("@")[2].split(",")
-        hostport = ",".join(f"{entry.rsplit(':', 1)[0]}{hostport}" for entry in entries)
+        machines = dict.fromkeys(entry.rsplit(":", 1)[0] for entry in entries)
+        ports = hostport.split(",")  # (several: a primary and its replica)
+        hostport = ",".join(f"{host}{port}" for host in machines for port in ports)
     query = {**dict(parse_qsl(home.query)), **dict(parse_qsl(there.query))}
     url = urlunsplit(there._replace(netloc=hostport, query=urlencode(query)))
     if home.username is None:
