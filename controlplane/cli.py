@@ -66,7 +66,11 @@ def migrate(gcs_url: str | None, revision: str, log_shards: int | None) -> None:
     url = require_url(gcs_url)
     check_reachable(url)
     schema.upgrade(url, revision)
-    click.echo(f"schema at {revision}")
+    others = _log_owner_urls(url)[1:] if revision == "head" else []
+    for other in others:  # (a log on several servers: its servers 1.., with server 0's login)
+        check_reachable(other)
+        schema.upgrade(other, revision)
+    click.echo(f"schema at {revision}" + (f" on {1 + len(others)} servers" if others else ""))
     if log_shards is not None:
         if revision != "head":
             raise click.UsageError("--log-shards needs the schema at head (--revision head)")
@@ -86,11 +90,15 @@ def partitions_list(gcs_url: str | None) -> None:
     """Show every partition with its position range and state."""
     from controlplane.eventlog.partitions import PartitionManager
 
-    for p in PartitionManager(require_url(gcs_url)).partitions():
-        click.echo(
-            f"{p.table_name}  [{p.lower_bound}, {p.upper_bound})  {p.state}"
-            + (f"  -> {p.archived_to}" if p.archived_to else "")
-        )
+    urls = _log_owner_urls(gcs_url)
+    for index, url in enumerate(urls):
+        if len(urls) > 1:  # (each server its own partitions, of its own positions)
+            click.echo(f"server {index}:")
+        for p in PartitionManager(url).partitions():
+            click.echo(
+                f"{p.table_name}  [{p.lower_bound}, {p.upper_bound})  {p.state}"
+                + (f"  -> {p.archived_to}" if p.archived_to else "")
+            )
 
 
 @partitions.command("retire")
@@ -103,24 +111,31 @@ def partitions_list(gcs_url: str | None) -> None:
     default=None,
     help="Export the partition to Parquet in this directory before dropping it.",
 )
-def partitions_retire(gcs_url: str | None, table_name: str, archive_dir: Path | None) -> None:
+@click.option(
+    "--server",
+    type=click.IntRange(0),
+    default=0,
+    show_default=True,
+    help="On a log on several servers: the server (as `cairn partitions list` numbers them).",
+)
+def partitions_retire(
+    gcs_url: str | None, table_name: str, archive_dir: Path | None, server: int
+) -> None:
     """Detach (concurrently), optionally export to Parquet, and drop one partition."""
     from controlplane.eventlog.partitions import PartitionManager
 
-    path = PartitionManager(require_url(gcs_url)).retire(table_name, archive_dir)
+    urls = _log_owner_urls(gcs_url)
+    if server >= len(urls):
+        raise click.BadParameter(f"the log has {len(urls)} server(s)", param_hint="--server")
+    path = PartitionManager(urls[server]).retire(table_name, archive_dir)
     click.echo(f"retired {table_name}" + (f", archived to {path}" if path else ""))
 
 
-def _running_cluster_url(*, owner: bool = False) -> str:
-    """The GCS URL of this machine's running cluster (asked of its head's node): the
-    runtime's, or with ``owner`` the schema owner's where the head runs an embedded
-    server whose session directory this user may read (maintenance, such as dropping
-    partitions, is DDL, which the runtime role may not do)."""
-    from controlplane.embedded_postgres import owner_url
-
-    with _head_client() as (client, session_dir):
-        url = client.welcome.gcs_url
-    return (owner_url(url, session_dir) if owner else None) or url
+def _running_cluster_url() -> str:
+    """The runtime's GCS URL of this machine's running cluster (asked of its head's
+    node)."""
+    with _head_client() as (client, _session_dir):
+        return client.welcome.gcs_url
 
 
 @contextlib.contextmanager
@@ -304,21 +319,31 @@ def gc(older_than: str, archive_dir: Path | None, dry_run: bool, gcs_url: str | 
     from controlplane import retention
 
     seconds = _duration(older_than)
-    url = resolve_gcs_url(gcs_url) or _running_cluster_url(owner=True)
-    full = asyncio.run(retention.full_partitions(url, seconds))
-    expired = retention.unfinished(url) + [p for p in full if p.expired]
-    if not expired:
-        click.echo(
-            f"nothing to retire: no full partition's newest event is older than {older_than}"
-        )
+    urls = _log_owner_urls(gcs_url)
+    retired: list[retention.Retired] = []
+    for index, url in enumerate(urls):
+        server = f"server {index}: " if len(urls) > 1 else ""  # (each its own partitions)
+        full = asyncio.run(retention.full_partitions(url, seconds))
+        expired = retention.unfinished(url) + [p for p in full if p.expired]
+        if not expired:
+            click.echo(
+                f"{server}nothing to retire: no full partition's newest event is older "
+                f"than {older_than}"
+            )
+            continue
+        if dry_run:
+            for part in expired:
+                span = f"[{part.lower_bound}, {part.upper_bound})"
+                click.echo(f"{server}would retire {part.table_name} {span}")
+            continue
+        into = archive_dir / f"server-{index}" if archive_dir and len(urls) > 1 else archive_dir
+
+        def report(done: retention.Retired, server: str = server) -> None:
+            click.echo(server + retention.describe(done))
+
+        retired += retention.collect(url, expired, into, report)
+    if not retired:
         return
-    if dry_run:
-        for part in expired:
-            click.echo(f"would retire {part.table_name} [{part.lower_bound}, {part.upper_bound})")
-        return
-    retired = retention.collect(
-        url, expired, archive_dir, lambda r: click.echo(retention.describe(r))
-    )
     events = sum(r.partition.events for r in retired)
     if archive_dir is None:
         click.echo(
@@ -327,6 +352,30 @@ def gc(older_than: str, archive_dir: Path | None, dry_run: bool, gcs_url: str | 
         )
     else:
         click.echo(f"{len(retired)} partitions, {events} events archived in {archive_dir}")
+
+
+def _log_owner_urls(gcs_url: str | None) -> list[str]:
+    """Every server of the log, as its owner (maintenance is DDL): the URL given (or
+    ``$CAIRN_GCS_URL``) and the others with its login (a log on servers given by URL
+    has one login on all), else this machine's running cluster's, each embedded server
+    with the owner's login kept in its own session directory where this user may read
+    it (dropping partitions is DDL, which the runtime role may not do)."""
+    import asyncio
+
+    from controlplane.embedded_postgres import owner_url
+    from controlplane.eventlog.servers import log_urls
+    from controlplane.gcs import LOG_SERVER_DIR
+
+    given = resolve_gcs_url(gcs_url)
+    if given is not None:
+        return asyncio.run(log_urls(given))
+    with _head_client() as (client, session_dir):
+        url = client.welcome.gcs_url
+    return [
+        owner_url(server, session_dir / LOG_SERVER_DIR.format(index) if index else session_dir)
+        or server
+        for index, server in enumerate(asyncio.run(log_urls(url)))
+    ]
 
 
 @main.command()

@@ -276,6 +276,11 @@ def test_status_and_stop(cluster: local_node.NodeRecord) -> None:
     assert refused.returncode != 0 and "--log-shards is for the head" in refused.stderr
     refused = _cairn("start", "--address", "127.0.0.1:1", "--log-servers", "2", check=False)
     assert refused.returncode != 0 and "--log-servers is for the head" in refused.stderr
+    # maintenance on every server, each as its owner (its password in its own directory)
+    gc = _cairn("gc", "--older-than", "7d", "--dry-run").stdout.splitlines()
+    assert [line.split(":")[0] for line in gc] == ["server 0", "server 1"], gc
+    listed = _cairn("partitions", "list").stdout.splitlines()
+    assert "server 1:" in listed and "attached" in listed[-1], listed
     node_id = (cluster.session_dir / "node.ready").read_text()
     memory = _cairn("memory", "--units", "MB").stdout  # the head's object store
     assert f"Object store of node {node_id}" in memory and "objects;" in memory

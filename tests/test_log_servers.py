@@ -8,20 +8,25 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import Iterator
+from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit
 
 import asyncpg
 import psycopg
 import pytest
+from click.testing import CliRunner
 from conftest import TEMPLATE_DB, scratch_database, with_database
 from log_rows import fetch_rows
 
 from controlplane import schema
+from controlplane.cli import main
 from controlplane.embedded_postgres import EmbeddedPostgres
 from controlplane.errors import GcsError, NodeFencedError
 from controlplane.eventlog import EntityKind, Event, EventAppender
 from controlplane.eventlog.clock import LogClock
+from controlplane.eventlog.partitions import PartitionManager, read_parquet_archive
 from controlplane.eventlog.servers import (
     ServersAppender,
     ServersTailer,
@@ -426,3 +431,46 @@ async def test_an_event_naming_no_job_goes_to_the_server_of_its_entitys_job(
     assert [
         r["entity_id"] for r in await fetch_rows(servers[0], "SELECT entity_id FROM events")
     ] == ["after"]
+
+
+@pytest.mark.usefixtures("shared_login")
+def test_gc_and_partitions_act_on_every_server_of_the_log(
+    servers: list[str], tmp_path: Path
+) -> None:
+    """`cairn gc` given server 0's URL retires the old full partitions of each server
+    (each its own, of its own positions; archives kept apart per server), `cairn
+    partitions list` shows each server's, and `cairn migrate` migrates each."""
+    servers = [shared(url) for url in servers]
+    place_log(servers, servers, [address_of(u, on_home_machine=False) for u in servers], SHARDS)
+    for url in servers:
+        PartitionManager(url).configure(partition_size=40, partitions_ahead=1)
+    jobs = jobs_by_shard()
+
+    async def append(rounds: int) -> None:
+        async with ServersAppender(servers) as appender:
+            for r in range(rounds):
+                job = jobs[r % SHARDS]
+                await appender.append_many([task(job, f"r{r}-t{i}") for i in range(10)])
+
+    asyncio.run(append(24))  # (120 events on each server)
+    count = "SELECT count(*) AS n FROM events"
+    before = [asyncio.run(fetch_rows(url, count))[0]["n"] for url in servers]
+    time.sleep(1.5)
+    gc = ["gc", "--older-than", "1s", "--gcs-url", servers[0], "--archive", str(tmp_path)]
+    result = CliRunner().invoke(main, gc)
+    assert result.exit_code == 0, result.output
+    assert "server 0: retired" in result.output and "server 1: retired" in result.output
+    for index, url in enumerate(servers):
+        after = asyncio.run(fetch_rows(url, count))[0]["n"]
+        archives = (tmp_path / f"server-{index}").glob("*.parquet")
+        archived = sum(read_parquet_archive(path).num_rows for path in archives)
+        assert archived == before[index] - after > 0, index
+    listed = CliRunner().invoke(main, ["partitions", "list", "--gcs-url", servers[0]])
+    assert listed.exit_code == 0, listed.output
+    lines = listed.output.splitlines()
+    one = lines.index("server 1:")
+    assert lines[0] == "server 0:" and "dropped" in " ".join(lines[1:one])
+    assert "dropped" in " ".join(lines[one + 1 :])
+    asyncio.run(append(2))  # (appends go on, on both servers)
+    migrated = CliRunner().invoke(main, ["migrate", "--gcs-url", servers[0]])
+    assert migrated.exit_code == 0 and "schema at head on 2 servers" in migrated.output

@@ -282,12 +282,13 @@ def _states(url: str) -> dict[tuple[int, int], str]:
 def test_gc_archives_and_drops_old_full_partitions_only(gcs_url: str, tmp_path: Path) -> None:
     PartitionManager(gcs_url).configure(partition_size=50, partitions_ahead=1)
     asyncio.run(_append_objects(gcs_url, "old", 50))  # fills [1, 51)
-    _until_older_than(gcs_url, 1.0, 51)
+    _until_older_than(gcs_url, 2.5, 51)
     asyncio.run(_append_objects(gcs_url, "young", 70))  # fills [51, 101); 20 in the hot one
     old_rows = rows(gcs_url, _ALL, 1, 51)
     assert len(old_rows) == 50
 
-    gc = ["gc", "--older-than", "1s", "--gcs-url", gcs_url]
+    # (2.5 s: the young partition stays younger while a `cairn gc` process starts)
+    gc = ["gc", "--older-than", "2.5s", "--gcs-url", gcs_url]
     dry = CliRunner().invoke(main, [*gc, "--dry-run"])
     assert dry.exit_code == 0 and dry.output.splitlines() == [f"would retire {_P1} [1, 51)"]
     assert _states(gcs_url)[(1, 51)] == "attached"
@@ -315,7 +316,7 @@ def test_gc_archives_and_drops_old_full_partitions_only(gcs_url: str, tmp_path: 
 
     # a second run, later, without an archive: the rest of the full partitions go, the
     # hot one stays although every event in it is old by now
-    _until_older_than(gcs_url, 1.0, 121)
+    _until_older_than(gcs_url, 2.5, 121)
     result = run_cairn(*gc)
     assert f"dropped {_P2} [51, 101): 50 events" in result.stdout
     assert "not archived, these events are gone" in result.stdout
