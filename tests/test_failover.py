@@ -36,9 +36,10 @@ from controlplane import schema, tls
 from controlplane.embedded_postgres import EmbeddedPostgres, ServerTls
 from controlplane.errors import GcsFencedError, LogDivergedError
 from controlplane.eventlog import EntityKind, Event, EventAppender, Tailer, fencing
+from controlplane.eventlog.connection import connect
 from controlplane.eventlog.servers import ServersAppender, log_urls, open_tailer, shard_of
 from controlplane.gcs import Gcs
-from controlplane.gcs_url import hosts, with_query
+from controlplane.gcs_url import hosts, with_hosts, with_query
 from controlplane.postgres_processes import server_processes
 from controlplane.session_dirs import alive
 
@@ -355,6 +356,35 @@ def test_a_lost_replica_is_dropped_and_the_primary_goes_on() -> None:
         assert _count(primary.url, "SELECT count(*) FROM events") == 1
     finally:
         gcs.stop()
+
+
+async def test_a_process_dials_first_the_host_that_last_answered(gcs_url: str) -> None:
+    """A multi-host URL whose first host takes connections and never answers (a lost
+    machine, packets dropped): the first connection waits out its timeout there, the
+    process's later ones go straight to the host that answered."""
+    dialled = 0
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal dialled
+        dialled += 1
+        while await reader.read(1024):  # (until the client gives up)
+            pass
+        writer.close()
+
+    lost = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = lost.sockets[0].getsockname()[1]
+    url = with_query(
+        with_hosts(gcs_url, [f"127.0.0.1:{port}", *hosts(gcs_url)]),
+        {"target_session_attrs": "read-write"},
+    )
+    try:
+        for _ in range(3):
+            conn = await connect(url, timeout=1, fence=False)
+            assert await conn.fetchval("SELECT 1") == 1
+            await conn.close()
+    finally:
+        lost.close()
+    assert dialled == 1
 
 
 def _task_on_shard(shard: int, task_id: str) -> Event:

@@ -129,25 +129,32 @@ async def connect(
         await _fenced(conn, url)
         return conn
     except GcsFencedError as refused:
-        hosts = single_host_urls(url)
-        for host_url in hosts if len(hosts) > 1 else []:  # each, in order: which is current?
-            try:
+        entries = zip(hosts(url), single_host_urls(url), strict=True)
+        for entry, host_url in entries if len(hosts(url)) > 1 else []:
+            try:  # each, in order: which is current?
                 other = await _open(host_url, timeout)
             except Exception:  # down, a standby, ...: the next one
                 continue
             try:
                 await _fenced(other, host_url)
+                _answered[url] = entry
                 return other
             except GcsFencedError:
                 continue
         raise refused from None
 
 
+# the host of each multi-host URL that last answered as asked, in this process
+_answered: dict[str, str] = {}
+
+
 async def _open(url: str, timeout: float) -> asyncpg.Connection:
     """A connection to the first host of ``url`` that answers as asked, each host given
     ``timeout`` of its own: asyncpg's timeout covers all hosts together, so a lost
     machine first in the list (a handshake that hangs, a server that never answers)
-    would use it all up and the next host (the replica) would never be tried."""
+    would use it all up and the next host (the replica) would never be tried. The host
+    that last answered is tried first: after a failover, only the process's first
+    connection waits on the lost machine, not each of its later ones."""
     host_urls = single_host_urls(url)
     if len(host_urls) == 1:
         return await _open_host(url, timeout)
@@ -155,8 +162,12 @@ async def _open(url: str, timeout: float) -> asyncpg.Connection:
     fallback: asyncpg.Connection | None = None  # prefer-standby: the first other host
     failures: list[str] = []
     cause: BaseException | None = None
+    entries = list(zip(hosts(url), host_urls, strict=True))
+    answered = _answered.get(url)
+    if answered is not None and not prefer_standby:  # it first, the others in order
+        entries.sort(key=lambda entry: entry[0] != answered)
     try:
-        for entry, host_url in zip(hosts(url), host_urls, strict=True):
+        for entry, host_url in entries:
             try:
                 conn = await _open_host(host_url, timeout)
                 if prefer_standby and not await _in_hot_standby(conn, host_url, timeout):
@@ -171,6 +182,7 @@ async def _open(url: str, timeout: float) -> asyncpg.Connection:
                 continue
             if fallback is not None:
                 fallback.terminate()
+            _answered[url] = entry
             return conn
     except BaseException:
         if fallback is not None:
