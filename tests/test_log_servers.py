@@ -42,6 +42,7 @@ from controlplane.eventlog.servers import (
 from controlplane.gcs import Gcs, check_log_servers
 from controlplane.gcs_url import hosts, with_login
 from controlplane.log_servers import address_of, place_log
+from controlplane.node import rpc
 from controlplane.readonly_sql import run_readonly
 
 pytestmark = pytest.mark.timeout(120)
@@ -474,3 +475,34 @@ def test_gc_and_partitions_act_on_every_server_of_the_log(
     asyncio.run(append(2))  # (appends go on, on both servers)
     migrated = CliRunner().invoke(main, ["migrate", "--gcs-url", servers[0]])
     assert migrated.exit_code == 0 and "schema at head on 2 servers" in migrated.output
+
+
+async def test_calls_between_nodes_carry_each_sides_log_clock() -> None:
+    """A call between nodes moves the callee's clock past the caller's before its
+    handler runs, and its answer the caller's past what the callee saw or appended
+    before answering (raw calls, the object reads, too): an event either appends
+    after a call lands past the other's causes, on whichever server."""
+    callee, caller = LogClock(40), LogClock(7)
+
+    def info(_request: dict[str, object]) -> dict[str, object]:
+        on_entry = callee.position
+        callee.saw(500)  # (as if it appended while answering)
+        return {"on_entry": on_entry}
+
+    async def read(_request: dict[str, object]) -> bytes:
+        return b"bytes"
+
+    server, port = await rpc.serve(
+        "127.0.0.1", 0, {"Info": info}, {"Read": read}, token=None, clock=callee
+    )
+    try:
+        link, address = rpc.Link(caller), f"127.0.0.1:{port}"
+        caller.saw(90)
+        assert await link.unary(address, "Info")({}) == {"on_entry": 90}
+        assert caller.position == 500
+        caller.saw(900)
+        assert await link.raw(address, "Read")({}) == b"bytes"
+        assert callee.position == 900
+    finally:
+        await server.stop(None)
+        await rpc.close_channels()

@@ -13,11 +13,17 @@ handler runs (one interceptor, controlplane/auth.py); every client made here
 told otherwise. With TLS (controlplane/tls.py) every link is mutual TLS under the
 cluster CA, and each peer's certificate is checked on each call; channels to other
 nodes are kept, one per address, so a handshake is paid once per peer, not per call.
+
+Every call between nodes carries the caller's log clock (``cairn-clock`` metadata: the
+highest log position its process has seen, eventlog/clock.py) and every answer the
+callee's (trailing metadata); each side moves its clock past the other's. On a log on
+several servers, what a process appends after a call is then placed past whatever the
+other side had seen or appended before it answered (an object's ``created``, before its
+bytes were read), whichever servers the two events lie on.
 """
 
 from __future__ import annotations
 
-import functools
 import inspect
 import json
 from collections.abc import Awaitable, Callable
@@ -26,6 +32,7 @@ from typing import Any
 import grpc
 
 from controlplane import auth, tls
+from controlplane.eventlog.clock import PROCESS_CLOCK, LogClock
 from dataplane.transfer import CHUNK_SIZE, Call, LinkError, Refused
 
 SERVICE = "cairn.Node"
@@ -42,6 +49,7 @@ RawHandler = Callable[[dict[str, Any]], Awaitable[bytes]]  # may raise Refused
 _token: str | None = None  # this process's cluster token, added to every call it makes
 _node_id: str | None = None  # the node this process is, named in every call it makes
 NODE_METADATA_KEY = "cairn-node"
+CLOCK_METADATA_KEY = "cairn-clock"
 STALE_REFUSED = "was declared dead"
 _tls: tls.NodeTls | None = None  # this process's certificate, for every channel it opens
 _channels: dict[str, grpc.aio.Channel] = {}
@@ -88,9 +96,27 @@ async def close_channels() -> None:
         await open_channel.close()
 
 
-def _with_token(stub: Any, token: str | None) -> Any:
+def _with_token(stub: Any, token: str | None, clock: LogClock = PROCESS_CLOCK) -> Any:
+    """``stub`` called with the token, this node's id and ``clock`` (as it stands at
+    each call), ``clock`` moved past the callee's from its answer."""
     metadata = (*(auth.metadata(token) if token else ()), *_identity())
-    return functools.partial(stub, metadata=metadata) if metadata else stub
+
+    async def clocked(request: dict[str, Any], *, timeout: float | None = None) -> Any:
+        sent = (*metadata, (CLOCK_METADATA_KEY, str(clock.position)))
+        answering = stub(request, timeout=timeout, metadata=sent)
+        answer = await answering
+        _see_clock(clock, await answering.trailing_metadata())
+        return answer
+
+    return clocked
+
+
+def _see_clock(clock: LogClock, metadata: Any) -> None:
+    """Moves ``clock`` past the one the other side sent, if it sent one (a value that is
+    no position is ignored: it moves nothing)."""
+    value = dict(metadata or ()).get(CLOCK_METADATA_KEY)
+    if isinstance(value, str) and value.isdigit():
+        clock.saw(int(value))
 
 
 def _identity() -> tuple[tuple[str, str], ...]:
@@ -141,22 +167,28 @@ def _decode(data: bytes) -> dict[str, Any]:
 
 
 def _raw(
-    handler: RawHandler,
+    handler: RawHandler, clock: LogClock
 ) -> Callable[[dict[str, Any], grpc.aio.ServicerContext], Awaitable[bytes]]:
     async def answer(request: dict[str, Any], context: grpc.aio.ServicerContext) -> bytes:
+        _see_clock(clock, context.invocation_metadata())
         try:
-            return await handler(request)
+            answered = await handler(request)
         except Refused as refused:
             await context.abort(grpc.StatusCode[refused.code], refused.details)
             raise AssertionError("unreachable: abort raises") from None
+        context.set_trailing_metadata(((CLOCK_METADATA_KEY, str(clock.position)),))
+        return answered
 
     return answer
 
 
-def _unary(handler: Handler) -> grpc.RpcMethodHandler:
+def _unary(handler: Handler, clock: LogClock) -> grpc.RpcMethodHandler:
     async def answer(request: dict[str, Any], context: grpc.aio.ServicerContext) -> dict[str, Any]:
+        _see_clock(clock, context.invocation_metadata())
         answered = handler(request)
-        return await answered if inspect.isawaitable(answered) else answered
+        out = await answered if inspect.isawaitable(answered) else answered
+        context.set_trailing_metadata(((CLOCK_METADATA_KEY, str(clock.position)),))
+        return out
 
     return grpc.unary_unary_rpc_method_handler(
         answer, request_deserializer=_decode, response_serializer=_encode
@@ -173,6 +205,7 @@ async def serve(
     on_refused: auth.OnRefused | None = None,
     node_tls: tls.NodeTls | None = None,
     stale_check: StaleCheck | None = None,
+    clock: LogClock = PROCESS_CLOCK,
 ) -> tuple[grpc.aio.Server, int]:
     """Starts the service on host:port (0: a free port); returns it and its port.
     ``handlers`` answer a JSON object; ``raw_handlers`` answer raw bytes. With a
@@ -180,10 +213,10 @@ async def serve(
     disabled) serves anyone who can connect. With ``node_tls``, mutual TLS under the
     cluster CA; a head (``Join`` among the handlers) also lets joiners in with a
     bootstrap certificate derived from the token, for ``Join`` alone."""
-    methods = {name: _unary(handler) for name, handler in handlers.items()}
+    methods = {name: _unary(handler, clock) for name, handler in handlers.items()}
     for name, raw in (raw_handlers or {}).items():
         methods[name] = grpc.unary_unary_rpc_method_handler(
-            _raw(raw), request_deserializer=_decode, response_serializer=bytes
+            _raw(raw, clock), request_deserializer=_decode, response_serializer=bytes
         )
     interceptors: list[grpc.aio.ServerInterceptor] = []
     if token is not None:
@@ -206,30 +239,34 @@ async def serve(
     return server, bound
 
 
-def raw_stub(channel: grpc.aio.Channel, method: str) -> Any:
+def raw_stub(channel: grpc.aio.Channel, method: str, clock: LogClock = PROCESS_CLOCK) -> Any:
     """A client of one of ``raw_handlers`` (request: a JSON object; response: bytes)."""
     stub = channel.unary_unary(
         f"/{SERVICE}/{method}", request_serializer=_encode, response_deserializer=bytes
     )
-    return _with_token(stub, _token)
+    return _with_token(stub, _token, clock)
 
 
-def unary_stub(channel: grpc.aio.Channel, method: str) -> Any:
+def unary_stub(channel: grpc.aio.Channel, method: str, clock: LogClock = PROCESS_CLOCK) -> Any:
     stub = channel.unary_unary(
         f"/{SERVICE}/{method}", request_serializer=_encode, response_deserializer=_decode
     )
-    return _with_token(stub, _token)
+    return _with_token(stub, _token, clock)
 
 
 class Link:
-    """Calls to other nodes over this process's channels (token, TLS, identity), as
-    dataplane/transfer.py's NodeLink: a failed call is a LinkError."""
+    """Calls to other nodes over this process's channels (token, TLS, identity, the
+    process's log clock), as dataplane/transfer.py's NodeLink: a failed call is a
+    LinkError."""
+
+    def __init__(self, clock: LogClock = PROCESS_CLOCK) -> None:
+        self.clock = clock
 
     def unary(self, address: str, method: str) -> Call:
-        return _link_errors(unary_stub(channel(address), method))
+        return _link_errors(unary_stub(channel(address), method, self.clock))
 
     def raw(self, address: str, method: str) -> Call:
-        return _link_errors(raw_stub(channel(address), method))
+        return _link_errors(raw_stub(channel(address), method, self.clock))
 
 
 def _link_errors(stub: Any) -> Call:
