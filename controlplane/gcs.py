@@ -184,8 +184,7 @@ class Gcs:
         self._on_event = on_event
         self._lock = threading.Lock()
         self._restarting = threading.Lock()  # a restart (keep_running) or stop at a time
-        self._down_since: float | None = None
-        self._next_try = 0.0
+        self._down: dict[int, tuple[float, float]] = {}  # a server's down since, next try
         self._stopped = False
         self.url = ""  # the runtime's
         self.owner_url = ""
@@ -340,57 +339,63 @@ class Gcs:
             self.embedded, self.replica = replica, None
 
     def keep_running(self) -> str | None:
-        """Starts the embedded server again if it stopped by itself (without replicas;
-        with them the watchdog fails over instead): PostgreSQL stops after a PANIC (a
-        full disk under its write-ahead log: "could not write to file pg_wal/...: No
-        space left on device"), its own crash recovery failing while the disk stays
-        full. Tried every RESTART_EVERY_S until it starts. A server killed by a signal
-        (an operator, a test, the OOM killer) is said once and left to whoever killed
-        it. Returns what to tell the operator (the exit and the server log's last words,
-        why a start failed, its return), else None. Meanwhile callers see an unreachable
-        GCS and ride it out as a restart, for ``$CAIRN_GCS_UNAVAILABLE_TIMEOUT_S``."""
+        """Starts an embedded server of the log again if it stopped by itself (without
+        replicas; with them the watchdogs fail over instead): PostgreSQL stops after a
+        PANIC (a full disk under its write-ahead log: "could not write to file
+        pg_wal/...: No space left on device"), its own crash recovery failing while the
+        disk stays full. Tried every RESTART_EVERY_S until it starts. A server killed by
+        a signal (an operator, a test, the OOM killer) is said once and left to whoever
+        killed it. Returns what to tell the operator (the exit and the server log's last
+        words, why a start failed, its return), else None. Meanwhile callers see an
+        unreachable GCS and ride it out as a restart, for
+        ``$CAIRN_GCS_UNAVAILABLE_TIMEOUT_S``."""
         with self._restarting:
-            server = self.embedded
-            if self._stopped or server is None or self.watchdog is not None:
+            if self._stopped or self.embedded is None or self.watchdog is not None:
                 return None
-            if server.running:
-                if self._down_since is None:
-                    return None
-                down, self._down_since = time.monotonic() - self._down_since, None
-                return f"the GCS's PostgreSQL runs again (it was down {down:.1f}s)"
-            code = server.exit_code
-            if code is None:  # not started, or stopped on purpose
+            servers = [self.embedded, *self.other_log_servers]
+            said = [self._keep_one_running(index, server) for index, server in enumerate(servers)]
+            return "\n".join(filter(None, said)) or None
+
+    def _keep_one_running(self, index: int, server: EmbeddedPostgres) -> str | None:
+        """``keep_running`` for server ``index`` of the log (its own downtime kept)."""
+        what = "the GCS's PostgreSQL" if index == 0 else f"the GCS's server {index} (PostgreSQL)"
+        down_since, next_try = self._down.get(index, (None, 0.0))
+        if server.running:
+            if down_since is None:
                 return None
-            now = time.monotonic()
-            said = None
-            if self._down_since is None:
-                self._down_since, self._next_try = now, now
-                if code < 0:
-                    self._next_try = math.inf
-                    return (
-                        f"the GCS's PostgreSQL was killed (signal {-code}); it is not started "
-                        "again here"
-                    )
-                said = (
-                    f"the GCS's PostgreSQL stopped by itself (exit code {code}); its log "
-                    f"{server.log_path} says:\n{server.last_words()}\n"
-                    f"starting it again every {RESTART_EVERY_S:g}s until it starts"
-                )
-            if now < self._next_try:
-                return said
-            first_try = self._next_try == self._down_since
-            self._next_try = now + RESTART_EVERY_S
-            try:
-                server.start()
-            except EmbeddedPostgresError:
-                if said is None and not first_try:
-                    return None
-                why = f"it could not start yet:\n{server.last_words()}"
-                return f"{said}\n{why}" if said else why
-            down, self._down_since = time.monotonic() - self._down_since, None
-            return (said + "\n" if said else "") + (
-                f"the GCS's PostgreSQL runs again (it was down {down:.1f}s)"
+            del self._down[index]
+            return f"{what} runs again (it was down {time.monotonic() - down_since:.1f}s)"
+        code = server.exit_code
+        if code is None:  # not started, or stopped on purpose
+            return None
+        now = time.monotonic()
+        said = None
+        if down_since is None:
+            down_since, next_try = now, now
+            if code < 0:
+                self._down[index] = (down_since, math.inf)
+                return f"{what} was killed (signal {-code}); it is not started again here"
+            said = (
+                f"{what} stopped by itself (exit code {code}); its log "
+                f"{server.log_path} says:\n{server.last_words()}\n"
+                f"starting it again every {RESTART_EVERY_S:g}s until it starts"
             )
+        if now < next_try:
+            self._down[index] = (down_since, next_try)
+            return said
+        first_try = next_try == down_since
+        self._down[index] = (down_since, now + RESTART_EVERY_S)
+        try:
+            server.start()
+        except EmbeddedPostgresError:
+            if said is None and not first_try:
+                return None
+            why = f"it could not start yet:\n{server.last_words()}"
+            return f"{said}\n{why}" if said else why
+        del self._down[index]
+        return (said + "\n" if said else "") + (
+            f"{what} runs again (it was down {time.monotonic() - down_since:.1f}s)"
+        )
 
     def stop(self) -> None:
         with self._restarting:

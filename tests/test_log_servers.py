@@ -7,7 +7,9 @@ its cause, and resumes from its positions without skipping what it held back."""
 from __future__ import annotations
 
 import asyncio
+import os
 import random
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -74,11 +76,11 @@ def servers(gcs_url: str, second_server: str) -> Iterator[list[str]]:
         yield urls
 
 
-def jobs_by_shard() -> dict[int, str]:
+def jobs_by_shard(shards: int = SHARDS) -> dict[int, str]:
     found: dict[int, str] = {}
     n = 0
-    while len(found) < SHARDS:
-        found.setdefault(shard_of(f"job-{n}", SHARDS), f"job-{n}")
+    while len(found) < shards:
+        found.setdefault(shard_of(f"job-{n}", shards), f"job-{n}")
         n += 1
     return found
 
@@ -506,3 +508,30 @@ async def test_calls_between_nodes_carry_each_sides_log_clock() -> None:
     finally:
         await server.stop(None)
         await rpc.close_channels()
+
+
+def test_the_head_starts_again_each_server_of_its_log_that_stops_by_itself() -> None:
+    """Without replicas, the head starts again any embedded server of the log that
+    stopped by itself (a PANIC on a full disk; here a shutdown it was not asked for),
+    saying which, and appends to its shards go through again."""
+    gcs = Gcs(log_servers=2, log_shards=2)
+    try:
+        gcs.start()
+        (one,) = gcs.other_log_servers
+        os.kill(one.pid or 0, signal.SIGTERM)  # (PostgreSQL shuts down, exit code 0)
+        said: list[str] = []
+        deadline = time.monotonic() + 60
+        while not any("runs again" in line for line in said):
+            assert time.monotonic() < deadline, said
+            said += (gcs.keep_running() or "").splitlines()
+            time.sleep(0.1)
+        assert any("the GCS's server 1 (PostgreSQL) stopped by itself" in s for s in said), said
+        assert not any(s.startswith("the GCS's PostgreSQL") for s in said), said
+
+        async def append() -> int:
+            async with ServersAppender(await log_urls(gcs.url)) as appender:
+                return await appender.append(task(jobs_by_shard(2)[1], "after"))
+
+        assert asyncio.run(append()) > 0
+    finally:
+        gcs.stop()
