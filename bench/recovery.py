@@ -10,7 +10,9 @@
   its backends, as a machine crash) and the replica promoted: by hand 0.5 s later (the
   cluster given both hosts in one URL), and, beside it, by the watchdog of a
   ``Gcs(replicas=1)`` (``cairn start --head --gcs-replicas 1``) with no command typed;
-  each with the count of acknowledged tasks whose events the new primary lacks (0).
+  then on a log on two servers, each with its replica, server 1's primary SIGKILLed
+  under a job whose shard lies on server 0, then on server 1; each with the count of
+  acknowledged tasks whose events the new primary lacks (0).
 * scheduler: the time a global scheduler takes to restart and catch up with a log of
   10^4 to 10^6 events, from its checkpoint and (for comparison) folding the whole log.
 
@@ -42,6 +44,7 @@ import sdk as ray  # noqa: E402
 from controlplane import local_node, schema  # noqa: E402
 from controlplane.embedded_postgres import EmbeddedPostgres  # noqa: E402
 from controlplane.eventlog import EntityKind, Event, EventAppender  # noqa: E402
+from controlplane.eventlog.servers import shard_of  # noqa: E402
 from controlplane.gcs import Gcs  # noqa: E402
 from controlplane.postgres_processes import server_processes  # noqa: E402
 from controlplane.scheduler import GlobalScheduler  # noqa: E402
@@ -181,7 +184,7 @@ async def _finished(url: str, task_ids: list[str]) -> set[str]:
     conn = await asyncpg.connect(url)
     try:
         rows = await conn.fetch(
-            "SELECT DISTINCT entity_id FROM events WHERE entity_kind = 'task' "
+            "SELECT DISTINCT entity_id FROM log_union.events WHERE entity_kind = 'task' "
             "AND event_type = 'finished' AND entity_id = ANY($1::text[])",
             task_ids,
         )
@@ -259,19 +262,28 @@ def _failover_by_hand(promote_after_s: float) -> dict[str, float]:
         server.stop()
 
 
-def _failover_by_watchdog() -> dict[str, float]:
+def _failover_by_watchdog(job_on_server: int | None = None) -> dict[str, float]:
     """The primary of a ``Gcs(replicas=1)`` (what ``cairn start --head --gcs-replicas 1``
-    runs) SIGKILLed; its watchdog promotes the replica, no command typed."""
-    gcs = Gcs(replicas=1, on_event=lambda _: None)
+    runs) SIGKILLed; its watchdog promotes the replica, no command typed. With
+    ``job_on_server``: a log on two servers, each with its replica (``--log-servers 2
+    --log-shards 2``), the driver's job in a shard of that server, and server 1's
+    primary SIGKILLed."""
+    servers = 1 if job_on_server is None else 2
+    gcs = Gcs(replicas=1, log_servers=servers, log_shards=servers, on_event=lambda _: None)
     gcs.start()
     try:
         ray.init(num_cpus=2, gcs_url=gcs.url)
+        while job_on_server is not None and job_on_server != shard_of(
+            ray.get_runtime_context().get_job_id(), servers
+        ):  # (another job, until its shard is on that server)
+            ray.shutdown()
+            ray.init(num_cpus=2, gcs_url=gcs.url)
         driver = _BackToBack().start()
         time.sleep(2.0)
-        watchdog = gcs.watchdog
+        watchdog = gcs.watchdog if servers == 1 else gcs.other_watchdogs[0]
         assert watchdog is not None
         killed = time.monotonic()  # the watchdog's clock
-        _crash(gcs.servers[0].pid or 0)
+        _crash((gcs.servers[0] if servers == 1 else gcs.other_log_servers[0]).pid or 0)
         assert watchdog.promoted.wait(60), "the watchdog did not promote the replica"
         assert watchdog.promoted_at is not None  # when pg_promote returned
         time.sleep(3.0)
@@ -283,13 +295,19 @@ def _failover_by_watchdog() -> dict[str, float]:
 
 
 def failover(promote_after_s: float = 0.5) -> None:
-    """Both failovers in one run, side by side."""
-    by_hand = _failover_by_hand(promote_after_s)
-    watchdog = _failover_by_watchdog()
+    """The failovers in one run, side by side: by hand and by the watchdog on a log on
+    one server; on a log on two, server 1's primary lost under a job whose shard is on
+    server 0, then under one whose shard is on server 1."""
+    columns = [
+        (f"by hand ({promote_after_s:g} s)", _failover_by_hand(promote_after_s)),
+        ("watchdog", _failover_by_watchdog()),
+        ("2 srv, job on 0", _failover_by_watchdog(job_on_server=0)),
+        ("2 srv, job on 1", _failover_by_watchdog(job_on_server=1)),
+    ]
     print(
         "PostgreSQL SIGKILL of the primary + its synchronous replica promoted, tasks back to back"
     )
-    print(f"  {'':30}{f'by hand ({promote_after_s:g} s)':>16}{'watchdog':>12}")
+    print(f"  {'':30}" + "".join(f"{name:>17}" for name, _ in columns))
     rows = [
         ("no primary for:", "primary_gone", "{:.2f} s"),
         ("longest pause a task saw:", "pause", "{:.2f} s"),
@@ -298,7 +316,7 @@ def failover(promote_after_s: float = 0.5) -> None:
         ("acknowledged tasks lost:", "lost", "{:d}"),
     ]
     for label, key, form in rows:
-        print(f"  {label:30}{form.format(by_hand[key]):>16}{form.format(watchdog[key]):>12}")
+        print(f"  {label:30}" + "".join(f"{form.format(got[key]):>17}" for _, got in columns))
 
 
 async def _fill(url: str, events: int, have: int) -> None:

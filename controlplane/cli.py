@@ -360,21 +360,19 @@ def _log_owner_urls(gcs_url: str | None) -> list[str]:
     has one login on all), else this machine's running cluster's, each embedded server
     with the owner's login kept in its own session directory where this user may read
     it (dropping partitions is DDL, which the runtime role may not do)."""
-    import asyncio
-
     from controlplane.embedded_postgres import owner_url
-    from controlplane.eventlog.servers import log_urls
     from controlplane.gcs import LOG_SERVER_DIR
+    from controlplane.log_servers import server_urls
 
     given = resolve_gcs_url(gcs_url)
     if given is not None:
-        return asyncio.run(log_urls(given))
+        return server_urls(given)
     with _head_client() as (client, session_dir):
         url = client.welcome.gcs_url
     return [
         owner_url(server, session_dir / LOG_SERVER_DIR.format(index) if index else session_dir)
         or server
-        for index, server in enumerate(asyncio.run(log_urls(url)))
+        for index, server in enumerate(server_urls(url))
     ]
 
 

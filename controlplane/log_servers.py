@@ -19,6 +19,7 @@ from psycopg import sql
 
 from controlplane import schema
 from controlplane.errors import GcsError
+from controlplane.eventlog.servers import server_url
 from controlplane.gcs_url import hosts, normalize, redact
 
 FOREIGN_SERVER = "cairn_log_server_{}"  # server 0's postgres_fdw server for server k
@@ -36,6 +37,15 @@ def address_of(url: str, *, on_home_machine: bool) -> str:
     if on_home_machine:
         entries = [f":{_port(entry)}" for entry in entries]
     return urlunsplit(urlsplit(normalize(url))._replace(netloc=",".join(entries)))
+
+
+def server_urls(url: str) -> list[str]:
+    """Every server of the log whose server 0 ``url`` names, in order, with its login
+    (``eventlog.servers.log_urls`` without an event loop: the command line's
+    maintenance, which may run inside one)."""
+    with psycopg.connect(normalize(url), autocommit=True, connect_timeout=5) as conn:
+        rows = conn.execute("SELECT address FROM log_servers ORDER BY server_index").fetchall()
+    return [url, *(server_url(url, address) for (address,) in rows[1:])]
 
 
 def _port(entry: str) -> int:
