@@ -136,7 +136,8 @@ def start(
         str(cpus[0]),
         env={**env, **(head_env or {})},
     )
-    for host, count in zip(hosts.hosts[1:], cpus[1:], strict=False):
+
+    def join(host: Host, count: float) -> None:
         host.cairn(
             "start",
             "--address",
@@ -148,6 +149,9 @@ def start(
             *(extra(host) if extra else []),
             env=env,
         )
+
+    with concurrent.futures.ThreadPoolExecutor(max(1, len(hosts.hosts) - 1)) as pool:
+        list(pool.map(join, hosts.hosts[1:], cpus[1 : len(hosts.hosts)]))  # all at once
     cluster = HostCluster(hosts, token, {})
     for host in hosts:
         cluster.node_id(host)

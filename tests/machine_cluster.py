@@ -4,6 +4,7 @@ namespaces: a head, then nodes joined to it; stopped (``cairn stop``) after."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -33,18 +34,23 @@ def node_id(record: local_node.NodeRecord) -> str:
 @contextlib.contextmanager
 def machine_cluster(head: Sequence[str], *nodes: Sequence[str]) -> Iterator[MachineCluster]:
     """``cairn start --head --port 0 *head``, then ``cairn start --address HEAD *args``
-    for each of ``nodes``."""
+    for each of ``nodes``, all at once (``joined``: in the order of ``nodes``)."""
     if local_node.local_nodes():
         pytest.fail("Cairn nodes are already running on this machine; `cairn stop` them")
     run_cairn("start", "--head", "--port", "0", *head)
     try:
         record = local_node.running_head()
         assert record is not None and record.address is not None
-        joined: list[local_node.NodeRecord] = []
-        for args in nodes:
-            before = {n.pid for n in local_node.local_nodes()}
-            run_cairn("start", "--address", record.address, *args)
-            joined += [n for n in local_node.local_nodes() if n.pid not in before]
+        address = record.address
+        with concurrent.futures.ThreadPoolExecutor(max(1, len(nodes))) as pool:  # all at once
+            said = list(
+                pool.map(lambda args: run_cairn("start", "--address", address, *args), nodes)
+            )
+        records = local_node.local_nodes()
+        joined = [  # each by its output's file, which its start named (it holds its pid)
+            next(n for n in records if f"cairn-node-{n.pid}.log" in started.stdout)
+            for started in said
+        ]
         yield MachineCluster(record, joined)
     finally:
         run_cairn("stop")
