@@ -25,7 +25,7 @@ from log_rows import fetch_rows
 from controlplane import schema
 from controlplane.cli import main
 from controlplane.embedded_postgres import EmbeddedPostgres
-from controlplane.errors import GcsError, NodeFencedError
+from controlplane.errors import GcsError, InvalidEventError, NodeFencedError
 from controlplane.eventlog import EntityKind, Event, EventAppender
 from controlplane.eventlog.clock import LogClock
 from controlplane.eventlog.partitions import PartitionManager, read_parquet_archive
@@ -535,3 +535,23 @@ def test_the_head_starts_again_each_server_of_its_log_that_stops_by_itself() -> 
         assert asyncio.run(append()) > 0
     finally:
         gcs.stop()
+
+
+async def test_a_batch_for_two_servers_with_an_invalid_event_writes_nothing(
+    servers: list[str],
+) -> None:
+    """The whole batch is checked before any server queues its part: an invalid event
+    bound for server 1 keeps the valid one bound for server 0 out too (append_many and
+    enqueue alike), and what the appender kept of the batch goes with it."""
+    jobs = jobs_by_shard()
+    bad = Event(EntityKind.TASK, "bad", "submitted", {}, job_id=jobs[1])  # (no name)
+    async with ServersAppender(servers) as appender:
+        with pytest.raises(InvalidEventError, match="missing required field 'name'"):
+            await appender.append_many([task(jobs[0], "good"), bad])
+        with pytest.raises(InvalidEventError, match="missing required field 'name'"):
+            appender.enqueue([task(jobs[0], "good"), bad])
+        assert await appender.append_many([task(jobs[0], "after"), task(jobs[1], "after")])
+        assert not appender._payloads
+    for url in servers:
+        rows = await fetch_rows(url, "SELECT entity_id FROM events")
+        assert [r["entity_id"] for r in rows] == ["after"]

@@ -145,30 +145,43 @@ class EventAppender:
             return []
         return await self.enqueue(batch)
 
-    def enqueue(self, events: Sequence[Event], *, urgent: bool = True) -> asyncio.Future[list[int]]:
+    def enqueue(
+        self,
+        events: Sequence[Event],
+        *,
+        urgent: bool = True,
+        payloads: Sequence[str] | None = None,
+    ) -> asyncio.Future[list[int]]:
         """Queues events at once (keeping call order without awaiting); the future
         gives their positions once they are durable. Raises InvalidEventError, with
         nothing queued, if any event is invalid.
 
         Events that are not ``urgent`` may wait up to ``linger`` seconds for more to
-        join their commit; an urgent request flushes everything queued before it."""
+        join their commit; an urgent request flushes everything queued before it.
+        ``payloads``: the events' payloads as ``encode_payload`` gave them, from a
+        caller that checked them already (a log on several servers checks a whole
+        batch before it splits it)."""
         done = asyncio.get_running_loop().create_future()
-        self._queue_request(events, done, urgent)
+        self._queue_request(events, done, urgent, payloads)
         return done
 
-    def write_behind(self, events: Sequence[Event]) -> None:
+    def write_behind(self, events: Sequence[Event], payloads: Sequence[str] | None = None) -> None:
         """Queues events that nobody waits for (as ``enqueue(urgent=False)``, without
         a future): they are committed in order with the rest, and a failure to commit
         them is reported to ``on_write_behind_failure``."""
-        self._queue_request(events, None, False)
+        self._queue_request(events, None, False, payloads)
 
     def _queue_request(
-        self, events: Sequence[Event], done: asyncio.Future[list[int]] | None, urgent: bool
+        self,
+        events: Sequence[Event],
+        done: asyncio.Future[list[int]] | None,
+        urgent: bool,
+        encoded: Sequence[str] | None = None,
     ) -> None:
         if self._closed or self._flusher is None:
             raise GcsError("the event appender is not running (start() it, or it was closed)")
         batch = list(events)
-        payloads = [encode_payload(event) for event in batch]
+        payloads = list(encoded) if encoded is not None else [encode_payload(e) for e in batch]
         if len(batch) > 1 and len({event.event_id for event in batch}) != len(batch):
             raise InvalidEventError("an event_id is repeated within one append_many call")
         self._queue.append(_Request(batch, payloads, done))

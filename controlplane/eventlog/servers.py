@@ -26,6 +26,7 @@ import asyncio
 import dataclasses
 import hashlib
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -135,6 +136,7 @@ class ServersAppender:
         self._pending: asyncio.Future[list[int]] | None = None  # the last batch waiting for jobs
         self._lookup: asyncpg.Connection | None = None  # to server 0, for the jobs
         self._jobs: OrderedDict[tuple[EntityKind, str], str] = OrderedDict()  # found so far
+        self._payloads: dict[uuid.UUID, str] = {}  # of events checked, until routed
 
     async def start(self) -> ServersAppender:
         self.shards = await check_layout(self.urls)
@@ -217,12 +219,26 @@ class ServersAppender:
             self._after_lookup(batch, False, behind=True)
 
     def _checked(self, events: Sequence[Event]) -> list[Event]:
+        """The batch, each event checked (invalid: refused here, before any server
+        queues a part of it) and its payload kept encoded for its server's appender."""
         batch = _with_jobs(list(events))
+        encoded = {event.event_id: encode_payload(event) for event in batch}
+        self._payloads.update(encoded)
         for event in batch:
-            encode_payload(event)  # (invalid: refused here, before any server queues it)
             if event.job_id is not None and event.entity_kind is EntityKind.OBJECT:
                 self._known(event.entity_kind, event.entity_id, event.job_id)
         return batch
+
+    def _encoded(self, events: list[Event]) -> list[str]:
+        """The payloads ``_checked`` kept for ``events`` (taken out; encoded again if an
+        event was queued twice at once)."""
+        kept = self._payloads
+        return [kept.pop(e.event_id) if e.event_id in kept else encode_payload(e) for e in events]
+
+    def _dropped(self, batch: list[Event]) -> None:
+        """Forgets the payloads of a batch that will not be routed."""
+        for event in batch:
+            self._payloads.pop(event.event_id, None)
 
     def _known(self, kind: EntityKind, entity_id: str, job_id: str) -> None:
         """An object's job, for the events of it that will name none (it is freed,
@@ -233,17 +249,18 @@ class ServersAppender:
 
     def _route_behind(self, batch: list[Event]) -> None:
         for server, indexes in self._parts(batch).items():
-            self._appenders[server].write_behind([batch[i] for i in indexes])
+            part = [batch[i] for i in indexes]
+            self._appenders[server].write_behind(part, self._encoded(part))
 
     def _route(self, batch: list[Event], urgent: bool) -> asyncio.Future[list[int]]:
         """Queues each server's part at once (an empty request on a server with a
         backlog); the future gives the positions in the batch's order."""
         parts = self._parts(batch)
-        waits = {
-            server: appender.enqueue([batch[i] for i in parts.get(server, [])], urgent=urgent)
-            for server, appender in enumerate(self._appenders)
-            if server in parts or appender.backlog
-        }
+        waits = {}
+        for server, appender in enumerate(self._appenders):
+            if server in parts or appender.backlog:
+                part = [batch[i] for i in parts.get(server, [])]
+                waits[server] = appender.enqueue(part, urgent=urgent, payloads=self._encoded(part))
 
         async def positions() -> list[int]:
             answers = await asyncio.gather(*waits.values(), return_exceptions=True)
@@ -294,6 +311,7 @@ class ServersAppender:
             if self._pending is task:  # (routed below, before anything queued after it)
                 self._pending = None
             if found is None:
+                self._dropped(batch)
                 if not behind:
                     raise failure
                 self._appenders[0].on_write_behind_failure(failure)
@@ -343,9 +361,15 @@ class ServersAppender:
 
     async def append_many(self, events: Iterable[Event]) -> list[int]:
         """Positions in the order of ``events``, once every part is durable."""
-        if self._pending is not None:
-            await asyncio.wait([self._pending])
-        return await self._route(await self._jobs_found(_with_jobs(list(events))), True)
+        batch = self._checked(list(events))  # (an invalid event: nothing queued anywhere)
+        try:
+            if self._pending is not None:
+                await asyncio.wait([self._pending])
+            found = await self._jobs_found(batch)
+        except BaseException:
+            self._dropped(batch)
+            raise
+        return await self._route(found, True)
 
 
 def _with_jobs(events: list[Event]) -> list[Event]:
