@@ -25,8 +25,9 @@ ROOT = Path(__file__).resolve().parent.parent
 def pytest_sessionstart(session: pytest.Session) -> None:
     """Byte-compiles the project's packages once. The suite starts thousands of Python
     processes (node daemons, workers, drivers, the command line); where
-    ``PYTHONDONTWRITEBYTECODE`` is set (as in CI's image) none writes the bytecode it
-    compiles, so each would compile every module it imports anew (~0.5 s a daemon)."""
+    ``PYTHONDONTWRITEBYTECODE`` is set (as in the image these machines run) none writes
+    the bytecode it compiles, so each would compile every module it imports anew (~0.5 s
+    a daemon)."""
     for package in ("controlplane", "dataplane", "sdk", "migrations"):
         compileall.compile_dir(ROOT / package, quiet=1)
 
