@@ -129,8 +129,8 @@ async def connect(
         await _fenced(conn, url)
         return conn
     except GcsFencedError as refused:
-        entries = zip(hosts(url), single_host_urls(url), strict=True)
-        for entry, host_url in entries if len(hosts(url)) > 1 else []:
+        entries = list(zip(hosts(url), single_host_urls(url), strict=True))
+        for entry, host_url in entries if len(entries) > 1 else []:
             try:  # each, in order: which is current?
                 other = await _open(host_url, timeout)
             except Exception:  # down, a standby, ...: the next one

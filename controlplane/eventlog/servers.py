@@ -26,7 +26,6 @@ import asyncio
 import dataclasses
 import hashlib
 import time
-import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -136,7 +135,6 @@ class ServersAppender:
         self._pending: asyncio.Future[list[int]] | None = None  # the last batch waiting for jobs
         self._lookup: asyncpg.Connection | None = None  # to server 0, for the jobs
         self._jobs: OrderedDict[tuple[EntityKind, str], str] = OrderedDict()  # found so far
-        self._payloads: dict[uuid.UUID, str] = {}  # of events checked, until routed
 
     async def start(self) -> ServersAppender:
         self.shards = await check_layout(self.urls)
@@ -206,39 +204,28 @@ class ServersAppender:
         these but some queued gets an empty request, done after them). A batch with an
         event whose job must be looked up (``_jobs_found``) waits for it, and so does
         every batch queued after it, in order."""
-        batch = self._checked(events)
+        batch, payloads = self._checked(events)
         if self._pending is None and not self._unknown(batch):
-            return self._route(batch, urgent)
-        return self._after_lookup(batch, urgent, behind=False)
+            return self._route(batch, payloads, urgent)
+        return self._after_lookup(batch, payloads, urgent, behind=False)
 
     def write_behind(self, events: Sequence[Event]) -> None:
-        batch = self._checked(events)
+        batch, payloads = self._checked(events)
         if self._pending is None and not self._unknown(batch):
-            self._route_behind(batch)
+            self._route_behind(batch, payloads)
         else:
-            self._after_lookup(batch, False, behind=True)
+            self._after_lookup(batch, payloads, False, behind=True)
 
-    def _checked(self, events: Sequence[Event]) -> list[Event]:
+    def _checked(self, events: Sequence[Event]) -> tuple[list[Event], list[str]]:
         """The batch, each event checked (invalid: refused here, before any server
-        queues a part of it) and its payload kept encoded for its server's appender."""
+        queues a part of it), and its payloads as encoded then, for the servers'
+        appenders (in the batch's order, which the job lookup keeps)."""
         batch = _with_jobs(list(events))
-        encoded = {event.event_id: encode_payload(event) for event in batch}
-        self._payloads.update(encoded)
+        payloads = [encode_payload(event) for event in batch]
         for event in batch:
             if event.job_id is not None and event.entity_kind is EntityKind.OBJECT:
                 self._known(event.entity_kind, event.entity_id, event.job_id)
-        return batch
-
-    def _encoded(self, events: list[Event]) -> list[str]:
-        """The payloads ``_checked`` kept for ``events`` (taken out; encoded again if an
-        event was queued twice at once)."""
-        kept = self._payloads
-        return [kept.pop(e.event_id) if e.event_id in kept else encode_payload(e) for e in events]
-
-    def _dropped(self, batch: list[Event]) -> None:
-        """Forgets the payloads of a batch that will not be routed."""
-        for event in batch:
-            self._payloads.pop(event.event_id, None)
+        return batch, payloads
 
     def _known(self, kind: EntityKind, entity_id: str, job_id: str) -> None:
         """An object's job, for the events of it that will name none (it is freed,
@@ -247,20 +234,25 @@ class ServersAppender:
         if len(self._jobs) > JOBS_KEPT:
             self._jobs.popitem(last=False)
 
-    def _route_behind(self, batch: list[Event]) -> None:
+    def _route_behind(self, batch: list[Event], payloads: list[str]) -> None:
         for server, indexes in self._parts(batch).items():
-            part = [batch[i] for i in indexes]
-            self._appenders[server].write_behind(part, self._encoded(part))
+            self._appenders[server].write_behind(
+                [batch[i] for i in indexes], [payloads[i] for i in indexes]
+            )
 
-    def _route(self, batch: list[Event], urgent: bool) -> asyncio.Future[list[int]]:
+    def _route(
+        self, batch: list[Event], payloads: list[str], urgent: bool
+    ) -> asyncio.Future[list[int]]:
         """Queues each server's part at once (an empty request on a server with a
         backlog); the future gives the positions in the batch's order."""
         parts = self._parts(batch)
         waits = {}
         for server, appender in enumerate(self._appenders):
             if server in parts or appender.backlog:
-                part = [batch[i] for i in parts.get(server, [])]
-                waits[server] = appender.enqueue(part, urgent=urgent, payloads=self._encoded(part))
+                part = parts.get(server, [])
+                waits[server] = appender.enqueue(
+                    [batch[i] for i in part], urgent=urgent, payloads=[payloads[i] for i in part]
+                )
 
         async def positions() -> list[int]:
             answers = await asyncio.gather(*waits.values(), return_exceptions=True)
@@ -293,7 +285,7 @@ class ServersAppender:
         return unknown
 
     def _after_lookup(
-        self, batch: list[Event], urgent: bool, *, behind: bool
+        self, batch: list[Event], payloads: list[str], urgent: bool, *, behind: bool
     ) -> asyncio.Future[list[int]]:
         """Routes ``batch`` once the jobs it lacks are found, after what was queued
         before it waited for the same (so the servers take a writer's events in order);
@@ -311,15 +303,14 @@ class ServersAppender:
             if self._pending is task:  # (routed below, before anything queued after it)
                 self._pending = None
             if found is None:
-                self._dropped(batch)
                 if not behind:
                     raise failure
                 self._appenders[0].on_write_behind_failure(failure)
                 return []
             if behind:
-                self._route_behind(found)
+                self._route_behind(found, payloads)
                 return []
-            return await self._route(found, urgent)
+            return await self._route(found, payloads, urgent)
 
         task = asyncio.ensure_future(later())
         self._pending = task
@@ -361,15 +352,10 @@ class ServersAppender:
 
     async def append_many(self, events: Iterable[Event]) -> list[int]:
         """Positions in the order of ``events``, once every part is durable."""
-        batch = self._checked(list(events))  # (an invalid event: nothing queued anywhere)
-        try:
-            if self._pending is not None:
-                await asyncio.wait([self._pending])
-            found = await self._jobs_found(batch)
-        except BaseException:
-            self._dropped(batch)
-            raise
-        return await self._route(found, True)
+        batch, payloads = self._checked(list(events))  # (an invalid event: nothing queued anywhere)
+        if self._pending is not None:
+            await asyncio.wait([self._pending])
+        return await self._route(await self._jobs_found(batch), payloads, True)
 
 
 def _with_jobs(events: list[Event]) -> list[Event]:
