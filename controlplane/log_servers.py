@@ -21,6 +21,7 @@ from controlplane import schema
 from controlplane.errors import GcsError
 from controlplane.eventlog.servers import server_url
 from controlplane.gcs_url import hosts, normalize, redact
+from controlplane.sql import queries
 
 FOREIGN_SERVER = "cairn_log_server_{}"  # server 0's postgres_fdw server for server k
 FOREIGN_SCHEMA = "log_server_{}"  # ... and the schema of its foreign `events`
@@ -44,7 +45,7 @@ def server_urls(url: str) -> list[str]:
     (``eventlog.servers.log_urls`` without an event loop: the command line's
     maintenance, which may run inside one)."""
     with psycopg.connect(normalize(url), autocommit=True, connect_timeout=5) as conn:
-        rows = conn.execute("SELECT address FROM log_servers ORDER BY server_index").fetchall()
+        rows = conn.execute(queries["log_server_addresses"]).fetchall()
     return [url, *(server_url(url, address) for (address,) in rows[1:])]
 
 

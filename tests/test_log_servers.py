@@ -20,7 +20,7 @@ import psycopg
 import pytest
 from click.testing import CliRunner
 from conftest import TEMPLATE_DB, scratch_database, with_database
-from log_rows import fetch_rows
+from log_rows import fetch_rows, wait_for_rows
 
 from controlplane import schema
 from controlplane.cli import main
@@ -458,7 +458,10 @@ def test_gc_and_partitions_act_on_every_server_of_the_log(
     asyncio.run(append(24))  # (120 events on each server)
     count = "SELECT count(*) AS n FROM events"
     before = [asyncio.run(fetch_rows(url, count))[0]["n"] for url in servers]
-    time.sleep(1.5)
+    for url in servers:  # (every event older than the cutoff, by each server's clock)
+        wait_for_rows(
+            url, "SELECT 1 FROM events HAVING clock_timestamp() - max(recorded_at) > '1 s'"
+        )
     gc = ["gc", "--older-than", "1s", "--gcs-url", servers[0], "--archive", str(tmp_path)]
     result = CliRunner().invoke(main, gc)
     assert result.exit_code == 0, result.output

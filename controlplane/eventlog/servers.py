@@ -107,7 +107,7 @@ async def log_urls(home_url: str) -> list[str]:
     ``home_url`` for a log on one server)."""
     conn: asyncpg.Connection = await connect(home_url)
     try:
-        rows = await conn.fetch("SELECT address FROM log_servers ORDER BY server_index")
+        rows = await conn.fetch(queries["log_server_addresses"])
     finally:
         await conn.close()
     return [home_url, *(server_url(home_url, row["address"]) for row in rows[1:])]

@@ -44,6 +44,11 @@ SELECT a.positions, a.refused, h.shard_count = 1 AS notified,
 -- function is planned anew at each statement that calls it.
 SELECT cairn_jobs_of_v1($1::text[], $2::text[]::entity_kind[], $3::text[])
 
+-- log_server_addresses --
+-- Server 0's list of the log's servers, in order (controlplane/log_servers.py; asked with
+-- asyncpg by the runtime, with psycopg by the command line).
+SELECT address FROM log_servers ORDER BY server_index
+
 -- jobs_of_everywhere --
 -- As jobs_of, for a log on several servers (eventlog/servers.py, ServersAppender, which
 -- fills a batch from itself first): an entity's job from its events on any server, through
