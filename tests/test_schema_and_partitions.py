@@ -17,6 +17,7 @@ from controlplane import schema
 from controlplane.errors import GcsError
 from controlplane.eventlog import EntityKind, Event, EventAppender
 from controlplane.eventlog.partitions import PartitionManager, read_parquet_archive
+from controlplane.sql import queries
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -80,6 +81,49 @@ def test_the_logs_appends_and_reads_run_on_generic_plans(empty_db_url: str) -> N
     schema.downgrade(empty_db_url, "0024_reads_after_heads")
     with psycopg.connect(empty_db_url) as conn:
         assert {r[0] for r in conn.execute(query, (list(hot),))} == set()
+
+
+@pytest.mark.parametrize("made_before_submissions", [False, True])
+def test_the_submissions_index_serves_their_queries_however_the_log_was_migrated(
+    empty_db_url: str, made_before_submissions: bool
+) -> None:
+    """Migration 0026 names the enum label in the index's predicate, except where it runs
+    in the transaction that added the label to a type committed before (a log made before
+    0016 brought to head in one step), where the function's predicate stays: the queries
+    find their rows through the index either way."""
+    if made_before_submissions:
+        schema.upgrade(empty_db_url, "0015_runtime_env_packages")
+    schema.upgrade(empty_db_url)
+    asyncio.run(_append_submissions(empty_db_url))
+    with psycopg.connect(empty_db_url) as conn:
+        predicate = conn.execute(
+            "SELECT pg_get_expr(indpred, indrelid) FROM pg_index "
+            "WHERE indexrelid = 'events_submission_idx'::regclass"
+        ).fetchone()
+        conn.execute("SET enable_seqscan = off")
+        conn.execute("SET enable_bitmapscan = off")
+        sql = queries["job_submission_events"].replace("$1::text", "%s::text").replace(
+            "= $1", "= %s"
+        )
+        plan = "\n".join(r[0] for r in conn.execute(f"EXPLAIN {sql}", ("sub-1", "sub-1")))
+        rows = conn.execute(sql, ("sub-1", "sub-1")).fetchall()
+    assert predicate is not None
+    if made_before_submissions:
+        assert "cairn_is_submission" in predicate[0]
+    else:
+        assert predicate[0] == "(entity_kind = 'submission'::entity_kind)"
+    assert "events_submission_idx" in plan or "_entity_id_position_idx" in plan
+    assert "Seq Scan" not in plan
+    assert [(r[0], r[1]) for r in rows] == [("sub-1", "submitted"), ("sub-1", "running")]
+
+
+async def _append_submissions(url: str) -> None:
+    async with EventAppender(url) as appender:
+        for sub, state in (("sub-1", "submitted"), ("sub-2", "submitted"), ("sub-1", "running")):
+            payload: dict[str, object] = {"entrypoint": "python x.py"}
+            if state == "running":
+                payload = {"pid": 7, "driver_node_id": "n1"}
+            await appender.append(Event(EntityKind.SUBMISSION, sub, state, payload))
 
 
 def test_concurrent_migrators_do_not_collide(empty_db_url: str) -> None:

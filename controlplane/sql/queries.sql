@@ -512,10 +512,12 @@ SELECT payload->>'driver_node_id' FROM log_union.events
  LIMIT 1
 
 -- job_submission_events --
--- The events of one job submission ($1), or of all ($1 NULL), in order (the predicate
--- is events_submission_idx's: controlplane/jobs.py folds them into each one's state).
+-- The events of one job submission ($1), or of all ($1 NULL), in order (controlplane/jobs.py
+-- folds them into each one's state). Both predicates: events_submission_idx has one or the
+-- other (migrations/sql/0026_submission_index_predicate.up.sql).
 SELECT entity_id, event_type, payload, recorded_at FROM events
- WHERE cairn_is_submission(entity_kind) AND ($1::text IS NULL OR entity_id = $1)
+ WHERE entity_kind = 'submission' AND cairn_is_submission(entity_kind)
+   AND ($1::text IS NULL OR entity_id = $1)
  ORDER BY position
 
 
@@ -525,7 +527,7 @@ SELECT entity_id, event_type, payload, recorded_at FROM events
 SELECT entity_id,
        max(payload->>'driver_node_id') FILTER (WHERE event_type = 'running') AS driver_node_id
   FROM events
- WHERE cairn_is_submission(entity_kind)
+ WHERE entity_kind = 'submission' AND cairn_is_submission(entity_kind)  -- (as above)
  GROUP BY entity_id
 HAVING bool_or(event_type = 'running' AND payload->>'driver_node_id' = ANY($1::text[]))
    AND NOT bool_or(event_type IN ('succeeded', 'failed', 'stopped', 'deleted'))
