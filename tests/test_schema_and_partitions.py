@@ -102,8 +102,8 @@ def test_the_submissions_index_serves_their_queries_however_the_log_was_migrated
         ).fetchone()
         conn.execute("SET enable_seqscan = off")
         conn.execute("SET enable_bitmapscan = off")
-        sql = queries["job_submission_events"].replace("$1::text", "%s::text").replace(
-            "= $1", "= %s"
+        sql = (
+            queries["job_submission_events"].replace("$1::text", "%s::text").replace("= $1", "= %s")
         )
         plan = "\n".join(r[0] for r in conn.execute(f"EXPLAIN {sql}", ("sub-1", "sub-1")))
         rows = conn.execute(sql, ("sub-1", "sub-1")).fetchall()
