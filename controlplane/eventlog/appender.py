@@ -182,7 +182,7 @@ class EventAppender:
             raise GcsError("the event appender is not running (start() it, or it was closed)")
         batch = list(events)
         payloads = list(encoded) if encoded is not None else [encode_payload(e) for e in batch]
-        if len(batch) > 1 and len({event.event_id for event in batch}) != len(batch):
+        if len(batch) > 1 and len({event.event_id.int for event in batch}) != len(batch):
             raise InvalidEventError("an event_id is repeated within one append_many call")
         self._queue.append(_Request(batch, payloads, done))
         self.backlog += len(batch)
@@ -211,9 +211,11 @@ class EventAppender:
     def _take_batch(self) -> list[_Request]:
         taken = [self._queue.popleft()]
         size = len(taken[0].events)
-        seen = {event.event_id for event in taken[0].events}
+        if not self._queue or size + len(self._queue[0].events) > self.max_batch:
+            return taken  # (the common case under load: a batch of one request)
+        seen = {event.event_id.int for event in taken[0].events}
         while self._queue and size + len(self._queue[0].events) <= self.max_batch:
-            ids = {event.event_id for event in self._queue[0].events}
+            ids = {event.event_id.int for event in self._queue[0].events}
             if not seen.isdisjoint(ids):  # a retry of a queued event: next batch
                 break
             seen |= ids
