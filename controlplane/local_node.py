@@ -201,9 +201,8 @@ class LocalNode:
 
     def _partition_upkeep(self) -> None:
         """Now and then, with the owner's URL: partitions created ahead of the head (so
-        appends do not create them), the history index built on full ones (so a
-        long-running cluster's audits stay fast) and those sealed (so appends look for
-        duplicates in fewer). A failure is logged and tried again."""
+        appends do not create them) and the history index built on full ones (so a
+        long-running cluster's audits stay fast). A failure is logged and tried again."""
         interval = env_number("CAIRN_PARTITION_UPKEEP_S", 60.0, minimum=0.1)
         while not self._stopping.wait(interval):
             try:

@@ -6,10 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import multiprocessing
-import random
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import psycopg
@@ -289,67 +287,3 @@ def test_a_running_head_keeps_partitions_ahead_and_indexes_full_ones(
         assert head > 600  # several partitions filled while it ran
     finally:
         ray.shutdown()
-
-
-def _uuid7(at: float) -> uuid.UUID:
-    """A UUIDv7 made at ``at`` (seconds since the epoch), as new_event_id() makes them."""
-    value = (int(at * 1000) << 80) | (0x7 << 76) | (0x2 << 62) | random.getrandbits(62)
-    return uuid.UUID(int=value)
-
-
-def test_an_append_looks_for_duplicates_only_where_its_events_may_be(gcs_url: str) -> None:
-    """Migration 0027: a sealed partition whose newest event is older than a batch's ids
-    (UUIDv7s, which say when they were made) by more than the allowed skew is not read by
-    the duplicate check. Planted ids show which partitions were read: one in a skipped
-    partition is stored again; ids that may be there (made before, not UUIDv7s, made
-    ahead of the server's clock) are found and keep their position."""
-    manager = PartitionManager(gcs_url)
-    manager.configure(partition_size=100, partitions_ahead=1)
-    positions = asyncio.run(_append(gcs_url, 250, "s"))
-    with psycopg.connect(gcs_url, autocommit=True) as conn:
-        conn.execute("UPDATE events SET recorded_at = recorded_at - interval '1 hour'")
-    sealed = manager.seal_full_partitions()
-    assert sealed >= 1
-    assert manager.seal_full_partitions() == 0  # once
-    with psycopg.connect(gcs_url, autocommit=True) as conn:
-        old, newest = conn.execute(
-            "SELECT lower_bound, newest_recorded_at FROM event_partitions "
-            "WHERE newest_recorded_at IS NOT NULL ORDER BY lower_bound LIMIT 1"
-        ).fetchone() or (None, None)
-        assert newest is not None
-        planted: dict[str, tuple[uuid.UUID, int]] = {}
-        now = time.time()
-        made = {
-            "made_now": _uuid7(now),
-            "made_before_the_seal": _uuid7(newest.timestamp() - 5),
-            "not_uuid7": uuid.uuid4(),
-            "made_ahead_of_the_server": _uuid7(now + 600),
-        }
-        stored = sorted(p for p in positions if p >= old)
-        for (name, event_id), position in zip(made.items(), stored, strict=False):
-            conn.execute(
-                "UPDATE events SET event_id = %s WHERE position = %s", (event_id, position)
-            )
-            planted[name] = (event_id, position)
-
-    async def append_again() -> dict[str, int]:
-        async with EventAppender(gcs_url) as appender:
-            return {
-                name: await appender.append(
-                    Event(
-                        EntityKind.OBJECT,
-                        f"again-{name}",
-                        "created",
-                        {"size_bytes": 1},
-                        job_id="job-1",
-                        event_id=event_id,
-                    )
-                )
-                for name, (event_id, _) in planted.items()
-            }
-
-    again = asyncio.run(append_again())
-    assert again["made_before_the_seal"] == planted["made_before_the_seal"][1]
-    assert again["not_uuid7"] == planted["not_uuid7"][1]
-    assert again["made_ahead_of_the_server"] == planted["made_ahead_of_the_server"][1]
-    assert again["made_now"] > max(positions)  # the sealed partition was not read

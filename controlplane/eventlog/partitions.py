@@ -128,23 +128,10 @@ class PartitionManager:
                 done.append(part.table_name)
         return done
 
-    def seal_full_partitions(self) -> int:
-        """Records the newest event of each attached partition that can take no more
-        events, so that appends of events made later skip it when they look for
-        duplicates (migration 0027). Returns how many it sealed."""
-        with self._connect() as conn:
-            # (two transactions: the settled position's locks hold appends back until
-            # its own ends, not through the partitions' scans)
-            settled = _one(conn.execute(queries["settled_position"]), "log head")[0]
-            row = conn.execute(*_pg("seal_partitions", settled)).fetchone()
-        return int(row[0]) if row else 0
-
     def maintain(self) -> None:
-        """The periodic upkeep: partitions ahead of the head, history indexes and seals
-        behind it."""
+        """The periodic upkeep: partitions ahead of the head, history indexes behind it."""
         self.ensure_ahead()
         self.index_full_partitions()
-        self.seal_full_partitions()
 
     def partitions(self) -> list[PartitionInfo]:
         """Every partition the log has had, in position order, with its state."""

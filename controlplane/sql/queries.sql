@@ -172,12 +172,6 @@ SELECT to_regclass($1) IS NULL AS missing,
        pg_has_role(current_user, (SELECT relowner FROM pg_class WHERE oid = to_regclass($2)),
                    'USAGE') AS may_build
 
--- seal_partitions --
--- Records the newest event of each attached partition at or below $1, a settled position
--- (settled_position, in a transaction of its own): an append whose event ids were all made
--- later skips them in its duplicate check (migrations/sql/0027_bounded_duplicate_check.up.sql).
-SELECT cairn_seal_partitions_v1($1)
-
 -- list_partitions --
 SELECT table_name, lower_bound, upper_bound, state, created_at, detached_at, archived_to,
        dropped_at
