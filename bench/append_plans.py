@@ -32,6 +32,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 import asyncpg
+from log_append import RAW_COLUMNS  # (this directory is on sys.path when run)
 
 from controlplane import schema
 from controlplane.eventlog import EntityKind, Event, EventAppender, new_event_id
@@ -42,16 +43,6 @@ APPEND_CALL = (
     "$6::text[], $7::text[]::jsonb[], $8::bytea[])"
 )
 READ_CALL = "SELECT * FROM {f}($1, 1000, $2, $3, $4)"
-COPY_COLUMNS = [
-    "position",
-    "event_id",
-    "recorded_at",
-    "job_id",
-    "entity_kind",
-    "entity_id",
-    "event_type",
-    "payload",
-]
 
 
 async def _default_plans_copy(conn: asyncpg.Connection, function: str, args: str) -> str:
@@ -171,7 +162,7 @@ async def _bench(url: str, rounds: int) -> list[tuple[str, float, float, str]]:
                 now = dt.datetime.now(dt.UTC)
                 await conn.copy_records_to_table(
                     table,
-                    columns=COPY_COLUMNS,
+                    columns=RAW_COLUMNS,
                     records=[
                         (
                             first + i,
@@ -181,7 +172,9 @@ async def _bench(url: str, rounds: int) -> list[tuple[str, float, float, str]]:
                             "task",
                             f"c-{first + i}",
                             "submitted",
+                            None,
                             '{"name":"f"}',
+                            None,
                         )
                         for i in range(1000)
                     ],
