@@ -736,6 +736,50 @@ async def test_the_object_store_makes_objects_ready_only_once_their_events_are_d
     assert rows[0]["data"] == b"value" and rows[1]["durable"] == str(tmp_path / "durable" / "b")
 
 
+async def test_an_object_made_elsewhere_names_the_job_the_store_was_told(
+    gcs_url: str, tmp_path: Path
+) -> None:
+    """A value of a task this node spilled was made on another node: the store is told
+    its job (remote_tasks.py), and what this node says of it names that job, though
+    nothing of it may be in this node's server of the log to look the job up in (here:
+    nothing at all). An object it was told nothing of names none."""
+    recorder = EventRecorder(gcs_url, writer_node=None)
+    await recorder.start()
+    prefix = f"parts-{uuid.uuid4().hex}"
+    store = ObjectStore(
+        prefix,
+        MB,
+        tmp_path / "spill",
+        tmp_path / "durable",
+        recorder,
+        spawn=lambda c: asyncio.get_running_loop().create_task(c),
+        schedule=lambda: None,
+        fetch_remote=lambda *_: None,
+        release_remote=lambda *_: None,
+        on_lost=lambda *_: None,
+    )
+    told, untold = "told" + "0" * 28, "untold" + "0" * 26
+    try:
+        store.remember_job(told, "job-of-the-spilled-task")
+        assert store.job_of(told) == "job-of-the-spilled-task"
+        for object_id in (told, untold):
+            store.objects.expect(object_id)
+            store.objects.hold(object_id)
+            store.objects.ready(p.ObjectLocation(object_id, inline=b"v", size=1))
+            store.objects.release(object_id)  # freed: its `freed` event
+    finally:
+        await recorder.close()
+        _forget(prefix)
+    rows = await fetch_rows(
+        gcs_url, "SELECT entity_id, event_type, job_id FROM events ORDER BY position"
+    )
+    assert [(r["entity_id"], r["event_type"], r["job_id"]) for r in rows] == [
+        (told, "freed", "job-of-the-spilled-task"),
+        (untold, "freed", None),
+    ]
+    assert store.job_of(told) is None  # (forgotten once freed)
+
+
 class _Submitter:
     """A driver's connection as the task table sees it: the objects it holds."""
 

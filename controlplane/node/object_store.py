@@ -56,7 +56,8 @@ class ObjectStore:
         self._schedule = schedule
         self._fetch_remote = fetch_remote
         self._release_remote = release_remote
-        # the job of each object made here, until it is freed: its later events name it
+        # the job of each object made here (or a value of a task spilled from here), until
+        # it is freed: its later events name it
         # (an entity's events in one shard: migrations/sql/0020_entity_jobs.up.sql)
         self._jobs: dict[str, str] = {}
         self.objects = ObjectTable(
@@ -271,6 +272,15 @@ class ObjectStore:
             with contextlib.suppress(OSError):
                 os.unlink(where.where)
             self.object_event(object_id, "freed", {})
+
+    def remember_job(self, object_id: str, job_id: str) -> None:
+        """``job_id`` owns ``object_id``, made elsewhere (a value of a task this node
+        spilled): what this node later says of it (transferred, freed) names the job, so
+        the log need not look it up (on a log on several servers, through every one)."""
+        self._jobs[object_id] = job_id
+
+    def job_of(self, object_id: str) -> str | None:
+        return self._jobs.get(object_id)
 
     def object_event(self, object_id: str, event_type: str, payload: dict[str, Any]) -> None:
         job_id = self._jobs.pop(object_id, None) if event_type == "freed" else None

@@ -216,7 +216,7 @@ def build_parts(
         node_id,
         gcs_url,
         recorder,
-        objects,
+        store,
         tasks,
         scheduler,
         placement_groups,

@@ -38,13 +38,14 @@ from controlplane.node.actors import ActorDirector
 from controlplane.node.actors_elsewhere import ActorsElsewhere
 from controlplane.node.cluster_link import ClusterLink
 from controlplane.node.local_scheduler import LocalScheduler
+from controlplane.node.object_store import ObjectStore
 from controlplane.node.placement_groups import PlacementGroups
 from controlplane.node.reconstruction import Reconstructor
 from controlplane.node.recorder import EventRecorder
 from controlplane.node.spilled_tasks import SpilledTasks
 from controlplane.node.task_table import TaskRecord, TaskTable
 from dataplane import protocol as p
-from dataplane.object_table import Elsewhere, ObjectTable
+from dataplane.object_table import Elsewhere
 from dataplane.transfer import Puller, TransferError
 
 log = logging.getLogger("cairn.node")
@@ -76,7 +77,7 @@ class RemoteTasks:
         node_id: str,
         gcs_url: str,
         recorder: EventRecorder,
-        objects: ObjectTable,
+        store: ObjectStore,
         tasks: TaskTable,
         scheduler: LocalScheduler,
         placement_groups: PlacementGroups,
@@ -96,7 +97,8 @@ class RemoteTasks:
         self.node_id = node_id
         self.gcs_url = gcs_url
         self.recorder = recorder
-        self.objects = objects
+        self.store = store
+        self.objects = store.objects
         self.tasks = tasks
         self.scheduler = scheduler
         self.placement_groups = placement_groups
@@ -335,8 +337,10 @@ class RemoteTasks:
         caller has it as it comes (streams.py); a copy here lets that node's go."""
         if not self.node.relay_stream_item(record, value):
             self._spawn(self.puller.release(address, value.object_id))
-        elif value.inline is not None:
-            self.recorder.log([self._transferred_event(value, address, record.spec.job_id)])
+            return
+        self.store.remember_job(value.object_id, record.spec.job_id)
+        if value.inline is not None:
+            self.recorder.log([self._transferred_event(value, address)])
             self._spawn(self.puller.release(address, value.object_id))
 
     def pull_then(self, record: TaskRecord, address: str, then: Any) -> None:
@@ -442,13 +446,14 @@ class RemoteTasks:
         if record.spec.dynamic:  # its values follow its one return, in their order
             returns += sorted(set(values) - set(returns), key=p.return_index)
         for object_id in returns:
+            self.store.remember_job(object_id, record.spec.job_id)
             location, address = values.get(object_id, (None, ""))
             if location is None:
                 why = f"the log has no created event for {object_id}"
                 location = p.ObjectLocation(object_id, error=p.ErrorInfo("object_lost", why))
             elif location.inline is not None:
                 self.objects.charge(location.size, force=True)
-                self.recorder.log([self._transferred_event(location, address, record.spec.job_id)])
+                self.recorder.log([self._transferred_event(location, address)])
             locations.append(location)
         for location in locations:
             if location.remote is not None:
@@ -492,17 +497,16 @@ class RemoteTasks:
 
         self._spawn(fetch())
 
-    def _transferred_event(
-        self, location: p.ObjectLocation, source: str, job_id: str | None = None
-    ) -> Event:
-        """``job_id``: the job of a value of a task this node spilled (its task's); else
-        none known here (the log finds it: eventlog/servers.py, cairn_jobs_of_v1)."""
+    def _transferred_event(self, location: p.ObjectLocation, source: str) -> Event:
+        """Naming the object's job where the store knows it (a value of a task this node
+        spilled: its task's); else none (the log finds it: eventlog/servers.py,
+        cairn_jobs_of_v1)."""
         return Event(
             K.OBJECT,
             location.object_id,
             "transferred",
             {"size_bytes": location.size, "from_node": source},
-            job_id=job_id,
+            job_id=self.store.job_of(location.object_id),
             node_id=self.node_id,
         )
 
