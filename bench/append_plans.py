@@ -1,6 +1,6 @@
 """What one call of the log's append and read functions costs on generic plans (how
-they run, migration 0025) and on PL/pgSQL's default plan choice, and what inserting into
-the log's table costs with its indexes and without.
+the appends run, migration 0025) and on PL/pgSQL's default plan choice (how the reads
+run, 0027), and what inserting into the log's table costs with its indexes and without.
 
     python bench/append_plans.py [--rounds N]
 
@@ -45,15 +45,15 @@ APPEND_CALL = (
 READ_CALL = "SELECT * FROM {f}($1, 1000, $2, $3, $4)"
 
 
-async def _default_plans_copy(conn: asyncpg.Connection, function: str, args: str) -> str:
-    """A copy of ``function`` named ``<function>_auto`` that plans as PL/pgSQL does by
-    default (0025's setting taken off; everything else as it is)."""
+async def _plans_copy(conn: asyncpg.Connection, function: str, args: str, mode: str) -> str:
+    """A copy of ``function`` named ``<function>_<mode>`` that plans with
+    ``plan_cache_mode = mode`` (everything else as it is)."""
     definition = await conn.fetchval(
         f"SELECT pg_get_functiondef('{function}({args})'::regprocedure)"
     )
-    copy = f"{function}_auto"
+    copy = f"{function}_{mode}"
     await conn.execute(definition.replace(f"FUNCTION public.{function}(", f"FUNCTION {copy}(", 1))
-    await conn.execute(f"ALTER FUNCTION {copy}({args}) RESET plan_cache_mode")
+    await conn.execute(f"ALTER FUNCTION {copy}({args}) SET plan_cache_mode = {mode}")
     return copy
 
 
@@ -108,9 +108,11 @@ async def _bench(url: str, rounds: int) -> list[tuple[str, float, float, str]]:
     try:
         await conn.execute("SET synchronous_commit = off")
         await conn.execute("ANALYZE events")
-        append_auto = await _default_plans_copy(conn, "cairn_append_v2", APPEND_ARGS)
-        read_auto = await _default_plans_copy(
-            conn, "cairn_read_events_v1", "bigint[], integer, bigint, text, text"
+        append_auto = await _plans_copy(conn, "cairn_append_v2", APPEND_ARGS, "auto")
+        read_args = "bigint[], integer, bigint, text, text"
+        read_auto = await _plans_copy(conn, "cairn_read_events_v1", read_args, "auto")
+        read_generic = await _plans_copy(
+            conn, "cairn_read_events_v1", read_args, "force_generic_plan"
         )
         counter = [0]
         for shards in (1, 4):
@@ -146,7 +148,7 @@ async def _bench(url: str, rounds: int) -> list[tuple[str, float, float, str]]:
                 )
 
             medians = await _side_by_side(
-                rounds * 10, {"generic": read("cairn_read_events_v1"), "auto": read(read_auto)}
+                rounds * 10, {"generic": read(read_generic), "auto": read(read_auto)}
             )
             rows.append((name, medians["generic"] * 1e6, medians["auto"] * 1e6, "us/call"))
         await conn.execute("CREATE TABLE bench_unindexed (LIKE events INCLUDING DEFAULTS)")

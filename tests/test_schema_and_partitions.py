@@ -61,26 +61,32 @@ def test_migrations_run_up_from_empty_and_down_again(empty_db_url: str) -> None:
     assert "events" in public_tables(empty_db_url)
 
 
-def test_the_logs_appends_and_reads_run_on_generic_plans(empty_db_url: str) -> None:
-    """Migration 0025: without it, each call of these functions planned its statements
-    over every partition again (see its header); down takes the setting away."""
-    hot = {
+def test_the_logs_appends_run_on_generic_plans_and_reads_are_planned_per_call(
+    empty_db_url: str,
+) -> None:
+    """Migration 0025: without it, each append planned its statements over every
+    partition again (see its header); 0027 takes the reader back off it (a generic plan
+    made while the hot partition was new scanned its primary key); down to 0024, none."""
+    appends = {
         "cairn_append_v2",
         "cairn_append_fenced_v2",
         "cairn_append_after_v1",
         "cairn_append_fenced_after_v1",
-        "cairn_read_events_v1",
     }
+    everything = appends | {"cairn_read_events_v1"}
     query = (
         "SELECT proname FROM pg_proc WHERE proname = ANY (%s) "
         "AND 'plan_cache_mode=force_generic_plan' = ANY (proconfig)"
     )
     schema.upgrade(empty_db_url)
     with psycopg.connect(empty_db_url) as conn:
-        assert {r[0] for r in conn.execute(query, (list(hot),))} == hot
+        assert {r[0] for r in conn.execute(query, (list(everything),))} == appends
+    schema.downgrade(empty_db_url, "0026_submission_index_predicate")
+    with psycopg.connect(empty_db_url) as conn:
+        assert {r[0] for r in conn.execute(query, (list(everything),))} == everything
     schema.downgrade(empty_db_url, "0024_reads_after_heads")
     with psycopg.connect(empty_db_url) as conn:
-        assert {r[0] for r in conn.execute(query, (list(hot),))} == set()
+        assert {r[0] for r in conn.execute(query, (list(everything),))} == set()
 
 
 @pytest.mark.parametrize("made_before_submissions", [False, True])
