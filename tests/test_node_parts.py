@@ -38,7 +38,7 @@ from controlplane.node.workers import WorkerPool
 from dataplane import protocol as p
 from dataplane import shm
 from dataplane.arena import region_name
-from dataplane.object_table import ObjectTable
+from dataplane.object_table import Elsewhere, ObjectTable
 from dataplane.serialization import serialize
 from dataplane.spilling import Spiller
 from dataplane.store_memory import StoreMemory
@@ -778,6 +778,36 @@ async def test_an_object_made_elsewhere_names_the_job_the_store_was_told(
         (untold, "freed", None),
     ]
     assert store.job_of(told) is None  # (forgotten once freed)
+
+
+def test_a_value_left_on_another_node_and_dropped_unfetched_is_forgotten(
+    tmp_path: Path,
+) -> None:
+    """A value of a task this node spilled, left on the node that made it and dropped
+    before anything here wanted it: that node is told to let its copy go, and the store
+    forgets the value's job (no event of it is written here, so none would)."""
+    released: list[tuple[str, str]] = []
+    store = ObjectStore(
+        f"parts-{uuid.uuid4().hex}",
+        MB,
+        tmp_path / "spill",
+        tmp_path / "durable",
+        cast(EventRecorder, None),  # (nothing here records an event)
+        spawn=lambda c: None,
+        schedule=lambda: None,
+        fetch_remote=lambda *_: None,
+        release_remote=lambda address, object_id: released.append((address, object_id)),
+        on_lost=lambda *_: None,
+    )
+    left = "left" + "0" * 28
+    store.remember_job(left, "job-of-the-spilled-task")
+    store.objects.expect(left)
+    store.objects.hold(left)
+    location = p.ObjectLocation(left, size=MB, remote="10.0.0.2:7000")
+    store.objects.set_elsewhere(left, Elsewhere("remote", "10.0.0.2:7000", location))
+    store.objects.release(left)
+    assert released == [("10.0.0.2:7000", left)]
+    assert store.job_of(left) is None
 
 
 class _Submitter:

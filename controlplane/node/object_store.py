@@ -266,8 +266,9 @@ class ObjectStore:
 
     def _drop_elsewhere(self, object_id: str, where: Elsewhere) -> None:
         """A freed object's copy outside the store goes too."""
-        if where.kind == "remote":
+        if where.kind == "remote":  # (its node says what became of it: nothing here)
             self._release_remote(where.where, object_id)
+            self._jobs.pop(object_id, None)
         else:
             with contextlib.suppress(OSError):
                 os.unlink(where.where)
