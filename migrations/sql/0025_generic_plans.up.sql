@@ -14,22 +14,16 @@
 -- A generic plan is checked before each use as any cached plan is: a partition attached
 -- since it was made invalidates it (so migration 0024's reasoning holds), and run-time
 -- pruning still skips the partitions outside a reader's positions.
-DO $$
-DECLARE
-    v_function text;
-BEGIN
-    FOREACH v_function IN ARRAY ARRAY[
-        'cairn_append_v2(uuid[], text[], entity_kind[], text[], text[], text[], jsonb[], bytea[])',
-        'cairn_append_fenced_v2(text, uuid[], text[], entity_kind[], text[], text[], text[], '
-            'jsonb[], bytea[])',
-        'cairn_append_after_v1(bigint, uuid[], text[], entity_kind[], text[], text[], text[], '
-            'jsonb[], bytea[])',
-        'cairn_append_fenced_after_v1(text, bigint, uuid[], text[], entity_kind[], text[], '
-            'text[], text[], jsonb[], bytea[])',
-        'cairn_read_events_v1(bigint[], integer, bigint, text, text)'
-    ] LOOP
-        EXECUTE format('ALTER FUNCTION %s SET plan_cache_mode = force_generic_plan',
-                       v_function);
-    END LOOP;
-END
-$$;
+ALTER FUNCTION cairn_append_v2(uuid[], text[], entity_kind[], text[], text[], text[], jsonb[], bytea[])
+    SET plan_cache_mode = force_generic_plan;
+ALTER FUNCTION cairn_append_fenced_v2(text, uuid[], text[], entity_kind[], text[], text[], text[],
+    jsonb[], bytea[])
+    SET plan_cache_mode = force_generic_plan;
+ALTER FUNCTION cairn_append_after_v1(bigint, uuid[], text[], entity_kind[], text[], text[], text[],
+    jsonb[], bytea[])
+    SET plan_cache_mode = force_generic_plan;
+ALTER FUNCTION cairn_append_fenced_after_v1(text, bigint, uuid[], text[], entity_kind[], text[], text[],
+    text[], jsonb[], bytea[])
+    SET plan_cache_mode = force_generic_plan;
+ALTER FUNCTION cairn_read_events_v1(bigint[], integer, bigint, text, text)
+    SET plan_cache_mode = force_generic_plan;
