@@ -471,11 +471,19 @@ def status() -> None:
     """Show the cluster: its nodes, their resources and use, pending work."""
     import asyncio
 
+    import asyncpg
+
     from controlplane.membership import cluster_nodes, infeasible_tasks
 
     url = _running_cluster_url()
     nodes = asyncio.run(cluster_nodes(url))
-    infeasible = asyncio.run(infeasible_tasks(url))
+    unknown = ""
+    try:
+        infeasible = asyncio.run(infeasible_tasks(url))
+    except asyncpg.PostgresError as exc:  # (08: a server of the log does not answer)
+        if not str(exc.sqlstate).startswith("08"):
+            raise
+        infeasible, unknown = [], " ".join(str(exc).split())
     alive = [n for n in nodes if n["state"] == "ALIVE"]
     click.echo(f"GCS {redact(url)}; {len(alive)} nodes alive, {len(nodes) - len(alive)} dead")
     for node in nodes:
@@ -503,6 +511,8 @@ def status() -> None:
         click.echo(f"{len(infeasible)} infeasible tasks or actors (no node can run them):")
         for kind, entity_id, resources in infeasible[:20]:
             click.echo(f"  {kind} {entity_id} needs {resources}")
+    if unknown:
+        click.echo(f"infeasible tasks and actors unknown: the log's union says {unknown}")
 
 
 def run() -> None:

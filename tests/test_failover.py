@@ -657,6 +657,83 @@ def test_a_node_on_another_machine_follows_the_failover(two_hosts: Hosts) -> Non
     _wait(lambda: a.pids() == [] and b.pids() == [], "every process of the cluster gone")
 
 
+# a job on server 0 of two whose tasks cross nodes: an argument made on this host, the
+# work on the head's (its resource), the values fetched back
+ACROSS_NODES = """
+import sdk as ray
+from controlplane.eventlog.servers import shard_of
+ray.init(address="auto")
+while shard_of(ray.get_runtime_context().get_job_id(), 2) != 0:
+    ray.shutdown()
+    ray.init(address="auto")
+
+@ray.remote(resources={"on_head": 0.01})
+def add(x, y):
+    return x + y
+
+arg = ray.put(list(range(1000)))
+refs = [add.remote(i, ray.get(arg)[i]) for i in range(40)] + [add.remote(1, 2)]
+assert ray.get(refs, timeout=60) == [2 * i for i in range(40)] + [3]
+print("done", flush=True)
+"""
+
+
+@pytest.mark.timeout(240)
+def test_losing_one_server_of_two_stops_only_the_jobs_it_holds(two_hosts: Hosts) -> None:
+    """A log on two embedded servers without replicas: server 1 is killed, and stays
+    down for longer than a process rides out an outage. The nodes' daemons, the global
+    scheduler and the projector read server 0's events on without it, and a job whose
+    shard is on server 0, driven on host b, runs tasks that cross to the head's node."""
+    a, b = two_hosts
+    env = {
+        "CAIRN_AUTH_TOKEN": "away-test-" + secrets.token_urlsafe(16),
+        "CAIRN_GCS_SERVER_AWAY_AFTER_S": "2",
+        "CAIRN_GCS_UNAVAILABLE_TIMEOUT_S": "3",  # (riding out server 1 gives up soon)
+    }
+    started = a.cairn(
+        "start",
+        "--head",
+        "--node-ip-address",
+        a.ip,
+        "--log-servers",
+        "2",
+        "--log-shards",
+        "2",
+        "--num-cpus",
+        "1",
+        "--resources",
+        '{"on_head": 1}',
+        env=env,
+    )
+    try:
+        session = re.search(r"\(session (\S+);", started.stdout)
+        assert session is not None, started.stdout
+        pid_file = a.run(["cat", f"{session[1]}/log-server-1/pgdata/postmaster.pid"]).stdout
+        b.cairn(
+            "start",
+            "--address",
+            f"{a.ip}:6380",
+            "--node-ip-address",
+            b.ip,
+            "--num-cpus",
+            "1",
+            env=env,
+        )
+        _signal_server(_postmaster(pid_file)[0], signal.SIGKILL)
+        time.sleep(6)  # (past riding out: a reader that still waited for it gave up)
+        driver = b.python(ACROSS_NODES, env=env, check=False, timeout=120)
+        said = a.node_logs(200) + b.node_logs(200)
+        assert driver.returncode == 0 and "done" in driver.stdout, driver.stderr[-3000:] + said
+        assert "the GCS's server 1 has not answered" in said, said
+        status = a.cairn("status", env=env).stdout
+        assert "2 nodes alive, 0 dead" in status, status
+        assert 'could not connect to server "cairn_log_server_1"' in status, status
+    finally:
+        b.cairn("stop", check=False)
+        a.cairn("stop", check=False)
+    _wait(lambda: a.pids() == [] and b.pids() == [], "every process of the cluster gone")
+
+
 def test_gcs_replicas_is_refused_where_it_cannot_work() -> None:
     tmp = private_temp_dir()
     try:

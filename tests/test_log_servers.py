@@ -557,3 +557,62 @@ async def test_a_batch_for_two_servers_with_an_invalid_event_writes_nothing(
     for url in servers:
         rows = await fetch_rows(url, "SELECT entity_id FROM events")
         assert [r["entity_id"] for r in rows] == ["after"]
+
+
+async def test_a_server_that_stays_away_holds_back_only_its_own_events(gcs_url: str) -> None:
+    """Server 1 of two stops (no replica) for longer than a reader rides out an outage:
+    the merged reader returns server 0's events after ``away_after`` and goes on, raising
+    nothing; an appender's urgent batch on server 0 is not held by what it wrote behind
+    to server 1, nor its job lookups by server 1's silence. Once server 1 is back, what
+    was written behind there lands and is read, after, and every event is read once."""
+    server = EmbeddedPostgres()
+    try:
+        one = server.start()
+        schema.upgrade(one)
+        urls = [gcs_url, one]
+        schema.set_log_servers(urls, 2)
+        jobs = jobs_by_shard(2)  # (shard s on server s)
+        got: list[str] = []
+        async with (
+            ServersAppender(urls, away_after=1.0, unavailable_timeout=60) as writer,
+            ServersTailer(urls, away_after=1.0, unavailable_timeout=1, poll_interval=0.1) as reader,
+        ):
+
+            async def read_until(entity: str, times: int = 1) -> None:
+                deadline = time.monotonic() + 30
+                while got.count(entity) < times:
+                    assert time.monotonic() < deadline, (entity, got)
+                    got.extend(e.entity_id for e in await reader.read(wait=1))
+
+            made = Event(EntityKind.OBJECT, "obj-0", "created", {"size_bytes": 1}, job_id=jobs[0])
+            await writer.append_many([task(jobs[0], "before-0"), task(jobs[1], "before-1"), made])
+            await read_until("before-1")
+            assert reader.away == set()
+
+            server.stop(keep_data=True)
+            writer.write_behind([task(jobs[1], "behind-1")])  # (waits for server 1)
+            urgent = writer.enqueue([task(jobs[0], "during-0")])
+            assert len(await asyncio.wait_for(urgent, 20)) == 1
+            freed = Event(EntityKind.OBJECT, "obj-0", "freed", {})  # (its job: on server 0)
+            assert len(await asyncio.wait_for(writer.enqueue([freed]), 20)) == 1
+            await read_until("during-0")
+            await read_until("obj-0", 2)
+            assert reader.away == {1}
+            await asyncio.sleep(2)  # (past the reader's riding out of server 1: it goes on)
+            await writer.append(task(jobs[0], "later-0"))
+            await read_until("later-0")
+            assert reader.away == {1}
+
+            server.start()
+            await writer.append(task(jobs[1], "after-1"))
+            await read_until("after-1")
+            await read_until("behind-1")
+            assert reader.away == set()
+        assert sorted(got) == sorted(
+            ["before-0", "before-1", "behind-1", "during-0", "later-0", "after-1", "obj-0", "obj-0"]
+        )
+        assert got.index("during-0") < got.index("behind-1")  # (away: read when back)
+        on_zero = await fetch_rows(gcs_url, "SELECT job_id FROM events WHERE entity_id = 'obj-0'")
+        assert [r["job_id"] for r in on_zero] == [jobs[0], jobs[0]]
+    finally:
+        server.stop()

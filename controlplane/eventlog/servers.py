@@ -18,6 +18,20 @@ below it, so a reader that resumes from them reads it again. Reading in
 rounds (each server once per round), an event of the first server is returned in its own
 round, one of another server in the next: one query per server more, no waiting for an
 idle server to move (no closed timestamps).
+
+**A server that does not answer.** The argument needs a read of every other server after
+Y was read. A server that stays unreachable (lost without a replica, or not yet promoted)
+would hold back every other server's events, and with them the work of every job, not
+only of those whose shards it holds. So once a server has not answered for
+``away_after`` seconds (longer than a failover or a restart takes), the reader counts it
+**away**: the others' events are returned without a read of it, in position order among
+themselves, and its own are returned once it answers again, the reads of it going on
+from where they stood (nothing skipped, nothing twice). What that gives up, for the
+outage alone: an event of the away server that committed after the reader's last read
+of it is returned after the effects of it on other servers (which lie in other jobs'
+shards: an entity's events are all on one server, so no entity's history is reordered).
+Appenders do the same (``ServersAppender``): what a writer wrote behind to an away
+server does not hold back its urgent batches to the others.
 """
 
 from __future__ import annotations
@@ -25,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
@@ -35,17 +50,23 @@ from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 
-from controlplane.errors import GcsError, GcsIdentityError, NodeFencedError
+from controlplane.errors import GcsError, GcsIdentityError, GcsUnavailableError, NodeFencedError
 from controlplane.eventlog.appender import EventAppender
 from controlplane.eventlog.catalog import encode_payload
 from controlplane.eventlog.clock import PROCESS_CLOCK, LogClock
-from controlplane.eventlog.connection import connect, run_on
+from controlplane.eventlog.connection import connect, retry_while_unavailable, run_on
 from controlplane.eventlog.events import JOB_KINDS, EntityKind, Event, RecordedEvent
 from controlplane.eventlog.tailer import Tailer, head_positions
 from controlplane.gcs_url import normalize, with_login
+from controlplane.settings import env_number
 from controlplane.sql import queries
 
+log = logging.getLogger("cairn.gcs")
 JOBS_KEPT = 65_536  # entities whose job an appender looked up, kept (the oldest go)
+# How long the merged reader waits for a server that does not answer before it reads the
+# others on without it (longer than a failover or a restart of the server takes).
+AWAY_AFTER_ENV = "CAIRN_GCS_SERVER_AWAY_AFTER_S"
+DEFAULT_AWAY_AFTER_S = 10.0
 
 
 def shard_of(job_id: str | None, shards: int) -> int:
@@ -124,16 +145,24 @@ class ServersAppender:
     different servers never wait for one another), so a caller that needs an event
     after another across servers appends it once the first is answered."""
 
-    def __init__(self, urls: Sequence[str], *, clock: LogClock | None = None, **options: object):
+    def __init__(
+        self,
+        urls: Sequence[str],
+        *,
+        clock: LogClock | None = None,
+        away_after: float | None = None,
+        **options: object,
+    ):
         self.urls = list(urls)
         self.clock = clock if clock is not None else LogClock()
+        self.away_after = away_after_s(away_after)
         self.shards = 0
         self._appenders = [
             EventAppender(url, clock=self.clock, **options)  # type: ignore[arg-type]
             for url in self.urls
         ]
         self._pending: asyncio.Future[list[int]] | None = None  # the last batch waiting for jobs
-        self._lookup: asyncpg.Connection | None = None  # to server 0, for the jobs
+        self._lookups: list[asyncpg.Connection | None] = [None] * len(self.urls)  # for the jobs
         self._jobs: OrderedDict[tuple[EntityKind, str], str] = OrderedDict()  # found so far
 
     async def start(self) -> ServersAppender:
@@ -147,8 +176,9 @@ class ServersAppender:
             await asyncio.wait([self._pending])
         for appender in self._appenders:
             await appender.close()
-        if self._lookup is not None:
-            self._lookup.terminate()
+        for lookup in self._lookups:
+            if lookup is not None:
+                lookup.terminate()
 
     async def __aenter__(self) -> ServersAppender:
         return await self.start()
@@ -201,7 +231,9 @@ class ServersAppender:
     def enqueue(self, events: Sequence[Event], *, urgent: bool = True) -> asyncio.Future[list[int]]:
         """As ``EventAppender.enqueue``: the future is done once these events and every
         event queued before them, on any server, are durable (a server with none of
-        these but some queued gets an empty request, done after them). A batch with an
+        these but some queued gets an empty request, done after them; one that has not
+        answered for ``away_after`` seconds is not waited for, and the failure of what
+        was queued there is its own: ``on_write_behind_failure``). A batch with an
         event whose job must be looked up (``_jobs_found``) waits for it, and so does
         every batch queued after it, in order."""
         batch, payloads = self._checked(events)
@@ -254,12 +286,19 @@ class ServersAppender:
                     [batch[i] for i in part], urgent=urgent, payloads=[payloads[i] for i in part]
                 )
 
+        behind = [wait for server, wait in waits.items() if server not in parts]
+        for wait in behind:
+            wait.add_done_callback(_retrieved)
+
         async def positions() -> list[int]:
-            answers = await asyncio.gather(*waits.values(), return_exceptions=True)
+            if behind:
+                await asyncio.wait(behind, timeout=self.away_after)
+            own = [server for server in waits if server in parts]
+            answers = await asyncio.gather(*(waits[s] for s in own), return_exceptions=True)
             for answer in answers:
                 if isinstance(answer, BaseException):
                     raise answer
-            found = dict(zip(waits, cast("list[list[int]]", answers), strict=True))
+            found = dict(zip(own, cast("list[list[int]]", answers), strict=True))
             out = [0] * len(batch)
             for server, indexes in parts.items():
                 for i, position in zip(indexes, found[server], strict=True):
@@ -317,22 +356,41 @@ class ServersAppender:
         return task
 
     async def _jobs_found(self, batch: list[Event]) -> list[Event]:
-        """``batch`` with the job each event lacking one has in the whole log (server
-        0's union, ``jobs_of_everywhere``); still none: it stays without (shard 0)."""
+        """``batch`` with the job each event lacking one has in the whole log: every
+        server is asked for the jobs of its own entities' events (``jobs_of``), and the
+        first answers that name them all do (an entity's events lie on one server, so
+        a server that does not answer is waited for only while one is still unknown);
+        still none: it stays without (shard 0)."""
         if not self._unknown(batch):
             return batch
-        if self._lookup is None or self._lookup.is_closed():
-            self._lookup = await connect(self.urls[0])
-        lookup = self._lookup
-        jobs = await run_on(
-            lookup,
-            lambda conn: conn.fetchval(
-                queries["jobs_of_everywhere"],
-                [e.job_id for e in batch],
-                [str(e.entity_kind) for e in batch],
-                [e.entity_id for e in batch],
-            ),
+        args = (
+            [e.job_id for e in batch],
+            [str(e.entity_kind) for e in batch],
+            [e.entity_id for e in batch],
         )
+        jobs = list(args[0])
+        asks = [
+            asyncio.ensure_future(self._jobs_on(server, args)) for server in range(len(self.urls))
+        ]
+        failure: BaseException | None = None
+        try:
+            for answer in asyncio.as_completed(asks):
+                try:
+                    said = await answer
+                except GcsUnavailableError as exc:
+                    failure = exc
+                    continue
+                jobs = [
+                    job if job is not None else other for job, other in zip(jobs, said, strict=True)
+                ]
+                if not self._unknown_in(batch, jobs):
+                    failure = None
+                    break
+        finally:
+            for ask in asks:
+                ask.cancel()
+        if failure is not None and self._unknown_in(batch, jobs):
+            raise failure
         found = []
         for event, job in zip(batch, jobs, strict=True):
             if event.job_id is None and job is not None:
@@ -340,6 +398,32 @@ class ServersAppender:
                 event = dataclasses.replace(event, job_id=job)
             found.append(event)
         return found
+
+    @staticmethod
+    def _unknown_in(batch: list[Event], jobs: list[str | None]) -> bool:
+        return any(
+            job is None and event.entity_kind in JOB_KINDS
+            for event, job in zip(batch, jobs, strict=True)
+        )
+
+    async def _jobs_on(
+        self, server: int, args: tuple[list[str | None], list[str], list[str]]
+    ) -> list[str | None]:
+        """What ``server`` says of the batch's jobs, riding out its outage as appends do."""
+
+        async def ask() -> list[str | None]:
+            lookup = self._lookups[server]
+            if lookup is None or lookup.is_closed():
+                lookup = self._lookups[server] = await connect(self.urls[server])
+            try:
+                return list(await run_on(lookup, lambda c: c.fetchval(queries["jobs_of"], *args)))
+            except asyncio.CancelledError:  # (answered elsewhere: not left mid-request)
+                lookup.terminate()
+                raise
+
+        return await retry_while_unavailable(
+            self.urls[server], ask, timeout=self._appenders[server].unavailable_timeout
+        )
 
     def _parts(self, batch: list[Event]) -> dict[int, list[int]]:
         parts: dict[int, list[int]] = {}
@@ -356,6 +440,20 @@ class ServersAppender:
         if self._pending is not None:
             await asyncio.wait([self._pending])
         return await self._route(await self._jobs_found(batch), payloads, True)
+
+
+def away_after_s(given: float | None = None) -> float:
+    """How long a server may not answer before the others go on without it: given, else
+    ``$CAIRN_GCS_SERVER_AWAY_AFTER_S``."""
+    if given is not None:
+        return given
+    return env_number(AWAY_AFTER_ENV, DEFAULT_AWAY_AFTER_S, minimum=0.001)
+
+
+def _retrieved(future: asyncio.Future[list[int]]) -> None:
+    """An empty request's outcome, not waited for (its failure is its own batches')."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _with_jobs(events: list[Event]) -> list[Event]:
@@ -382,13 +480,28 @@ def _with_jobs(events: list[Event]) -> list[Event]:
 class _Held:
     event: RecordedEvent
     server: int
-    seq: int  # the read that found it
+    seq: int  # when the read that found it ended (a tick of the reader's)
+
+
+@dataclass(slots=True)
+class _Read:
+    """A server's read in flight: a task, since a server that does not answer is ridden
+    out inside it while the others are read on."""
+
+    task: asyncio.Future[list[RecordedEvent]]
+    began: int  # a tick of the reader's
+    since: float  # monotonic time it began
 
 
 class ServersTailer:
     """Follows a log on several servers: a ``Tailer`` per server (``reader``, ``after``
     and the options as for one), merged as the module's docstring says. ``positions``
-    is where it stands in each shard (what a reader saves to resume from)."""
+    is where it stands in each shard (what a reader saves to resume from).
+
+    A server that has not answered for ``away_after`` seconds (None:
+    ``$CAIRN_GCS_SERVER_AWAY_AFTER_S``, 10 s) is **away**: the others' events are returned
+    without waiting for it, and its own once it answers again (the module's docstring
+    says what that costs). It raises GcsUnavailableError only once no server answers."""
 
     def __init__(
         self,
@@ -396,10 +509,12 @@ class ServersTailer:
         *,
         after: int | Sequence[int] = 0,
         clock: LogClock | None = None,
+        away_after: float | None = None,
         **options: object,
     ) -> None:
         self.urls = list(urls)
         self.clock = clock if clock is not None else LogClock()
+        self.away_after = away_after_s(away_after)
         self.shards = 0
         self._tailers = [
             Tailer(url, after=after, **options)  # type: ignore[arg-type]
@@ -407,9 +522,12 @@ class ServersTailer:
         ]
         self._poll = self._tailers[0].poll_interval
         self._held: list[_Held] = []
-        self._seq = 0
-        # per server, its reads since the oldest held event's: (seq, cut)
+        self._tick = 0
+        # per server, its reads since the oldest held event's: (tick it began, cut)
         self._reads: list[list[tuple[int, int | None]]] = [[] for _ in self.urls]
+        self._in_flight: dict[int, _Read] = {}
+        self.away: set[int] = set()  # servers whose events are not waited for
+        self._failed: dict[int, GcsUnavailableError] = {}  # away, riding out given up
 
     async def __aenter__(self) -> ServersTailer:
         self.shards = await check_layout(self.urls)
@@ -423,6 +541,9 @@ class ServersTailer:
         await self.close()
 
     async def close(self) -> None:
+        for read in self._in_flight.values():
+            read.task.cancel()
+        self._in_flight.clear()
         for tailer in self._tailers:
             await tailer.close()
 
@@ -439,6 +560,9 @@ class ServersTailer:
     @positions.setter
     def positions(self, positions: Sequence[int]) -> None:
         """Reads on from ``positions`` (what another reader of the same name saved)."""
+        for read in self._in_flight.values():
+            read.task.cancel()
+        self._in_flight.clear()
         for tailer in self._tailers:
             tailer.positions = list(positions)
         self._held = []
@@ -459,12 +583,8 @@ class ServersTailer:
         deadline = None if wait is None else time.monotonic() + wait
         while True:
             more = False
-            for server, tailer in enumerate(self._tailers):
-                self._seq += 1
-                found = await tailer.read(wait=0)
-                self._reads[server].append((self._seq, tailer.cut))
-                more = more or tailer.cut is not None
-                self._held.extend(_Held(event, server, self._seq) for event in found)
+            for server in range(len(self._tailers)):
+                more = await self._read_server(server) or more
             released = self._release()
             if released:
                 self.clock.saw(released[-1].position)
@@ -477,9 +597,64 @@ class ServersTailer:
                 if timeout <= 0:
                     return []
             waits = [asyncio.ensure_future(t.woken(timeout)) for t in self._tailers]
-            _done, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-            for waiting in pending:
+            riding_out = [read.task for read in self._in_flight.values()]
+            await asyncio.wait(
+                [*waits, *cast("list[asyncio.Future[None]]", riding_out)],
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            for waiting in waits:
                 waiting.cancel()
+
+    def _tock(self) -> int:
+        self._tick += 1
+        return self._tick
+
+    async def _read_server(self, server: int) -> bool:
+        """Reads ``server`` once, or finds its read in flight done (one that is away:
+        not waited for); whether a batch was cut short (more to read there)."""
+        read = self._in_flight.get(server)
+        if read is None:
+            read = self._in_flight[server] = _Read(
+                asyncio.ensure_future(self._tailers[server].read(wait=0)),
+                self._tock(),
+                time.monotonic(),
+            )
+        if server not in self.away:
+            left = read.since + self.away_after - time.monotonic()
+            await asyncio.wait([read.task], timeout=max(left, 0))
+            if not read.task.done():
+                self._went_away(server, read)
+                return False
+        if not read.task.done():
+            return False
+        del self._in_flight[server]
+        try:
+            found = read.task.result()
+        except GcsUnavailableError as exc:  # (given up riding out: a new read rides on)
+            self._went_away(server, read)
+            self._failed[server] = exc
+            if len(self._failed) == len(self._tailers):
+                raise
+            return False
+        if server in self.away:
+            self.away.discard(server)
+            self._failed.pop(server, None)
+            log.warning("the GCS's server %d answers again: its events are read on", server)
+        cut = self._tailers[server].cut
+        self._reads[server].append((read.began, cut))
+        ended = self._tock()
+        self._held.extend(_Held(event, server, ended) for event in found)
+        return cut is not None
+
+    def _went_away(self, server: int, read: _Read) -> None:
+        if server not in self.away:
+            self.away.add(server)
+            log.warning(
+                "the GCS's server %d has not answered for %.1fs: the events of the other "
+                "servers are read on without waiting for it (its own once it answers)",
+                server,
+                time.monotonic() - read.since,
+            )
 
     def _release(self) -> list[RecordedEvent]:
         ready: list[_Held] = []
@@ -492,16 +667,16 @@ class ServersTailer:
             kept += [held for held in ready if held.event.position > below]
             ready = [held for held in ready if held.event.position < below]
         self._held = kept
-        oldest = min((held.seq for held in kept), default=self._seq)
+        oldest = min((held.seq for held in kept), default=self._tick)
         self._reads = [[r for r in reads if r[0] >= oldest] or reads[-1:] for reads in self._reads]
         return sorted((held.event for held in ready), key=lambda event: event.position)
 
     def _causes_read(self, held: _Held) -> bool:
         position = held.event.position
         return all(
-            any(seq > held.seq and (cut is None or cut >= position) for seq, cut in reads)
+            any(began > held.seq and (cut is None or cut >= position) for began, cut in reads)
             for server, reads in enumerate(self._reads)
-            if server != held.server
+            if server != held.server and server not in self.away
         )
 
 
@@ -540,7 +715,7 @@ async def open_appender(url: str, **options: object) -> LogAppender:
     urls = await log_urls(url)
     if len(urls) == 1:
         return EventAppender(url, **options)  # type: ignore[arg-type]
-    return ServersAppender(urls, clock=PROCESS_CLOCK, **options)
+    return ServersAppender(urls, clock=PROCESS_CLOCK, **options)  # type: ignore[arg-type]
 
 
 async def open_tailer(url: str, **options: object) -> LogTailer:

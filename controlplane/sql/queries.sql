@@ -49,21 +49,6 @@ SELECT cairn_jobs_of_v1($1::text[], $2::text[]::entity_kind[], $3::text[])
 -- asyncpg by the runtime, with psycopg by the command line).
 SELECT address FROM log_servers ORDER BY server_index
 
--- jobs_of_everywhere --
--- As jobs_of, for a log on several servers (eventlog/servers.py, ServersAppender, which
--- fills a batch from itself first): an entity's job from its events on any server, through
--- server 0's union (migrations/sql/0023_log_union.up.sql).
-SELECT array_agg(
-           CASE WHEN u.job_id IS NOT NULL
-                  OR u.kind NOT IN ('task', 'object', 'actor', 'placement_group')
-                THEN u.job_id
-                ELSE (SELECT e.job_id FROM log_union.events e
-                       WHERE e.entity_id = u.entity_id AND e.entity_kind = u.kind::entity_kind
-                         AND e.job_id IS NOT NULL
-                       LIMIT 1)
-           END ORDER BY u.ord)
-  FROM unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY AS u(job_id, kind, entity_id, ord)
-
 -- append_events_after --
 -- The same on one server of a log on several (migrations/sql/0021_log_servers.up.sql):
 -- positions past $9, the writer's clock; the readers are woken after the commit.
