@@ -21,6 +21,7 @@ from typing import Any
 import asyncpg
 
 from controlplane.errors import GcsError
+from controlplane.eventlog.clock import PROCESS_CLOCK
 from controlplane.gcs_url import normalize, redact
 from controlplane.readonly_sql import audit_transaction
 from controlplane.sql import load_queries
@@ -291,13 +292,15 @@ async def _fetch(
     explain: Callable[[str], None] | None,
 ) -> list[list[asyncpg.Record]]:
     """The rows of each statement, in one read-only transaction; StateApiError if the
-    GCS cannot be reached or a statement outlasts ``timeout`` seconds."""
+    GCS cannot be reached or a statement outlasts ``timeout`` seconds. The process's
+    clock moves past what they were read from (``sdk.util.state`` tells its daemon)."""
     if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
         raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
     started = time.monotonic()
     try:
         async with audit_transaction(url, timeout=timeout) as conn:
             results = [await conn.fetch(sql, *args) for sql, args in statements]
+            PROCESS_CLOCK.saw(await conn.fetchval(queries["log_seen"]))
     except asyncpg.QueryCanceledError:
         raise StateApiError(
             f"the state API's query for {what} did not finish within {timeout}s "

@@ -555,6 +555,16 @@ class FlushOutput:
 
 
 @dataclass(slots=True)
+class LogSeen:
+    """How far in the log a process read it itself (the state API): its daemon appends
+    what it asks for next past ``position``, so that on a log on several servers an
+    effect of what it read is ordered after it, as on one (controlplane/README.md, "A
+    log on several servers"). Sent only when it moved."""
+
+    position: int
+
+
+@dataclass(slots=True)
 class ClusterNodesRequest:
     """Reply: a NodeSummary of every node of the cluster, alive or dead, oldest
     registration first (``ray.nodes()``, ``cluster_resources()`` read it)."""

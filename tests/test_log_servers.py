@@ -7,9 +7,13 @@ its cause, and resumes from its positions without skipping what it held back."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
+import shutil
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +25,7 @@ import pytest
 from click.testing import CliRunner
 from conftest import TEMPLATE_DB, scratch_database, with_database
 from log_rows import fetch_rows, wait_for_rows
+from processes import ROOT, isolated_env, private_temp_dir
 
 from controlplane import schema
 from controlplane.cli import main
@@ -616,3 +621,73 @@ async def test_a_server_that_stays_away_holds_back_only_its_own_events(gcs_url: 
         assert [r["job_id"] for r in on_zero] == [jobs[0], jobs[0]]
     finally:
         server.stop()
+
+
+# A driver on a log on two servers reads the state API, then asks for a task: the task's
+# events land past what the answer was read from, though its daemon never read that.
+READ_THEN_ASK = """
+import asyncio, json
+import sdk as ray
+from sdk.util import state
+from controlplane.eventlog import EntityKind, Event
+from controlplane.eventlog.clock import LogClock
+from controlplane.eventlog.servers import ServersAppender, log_urls, shard_of
+
+ray.init(num_cpus=1)
+while shard_of(ray.get_runtime_context().get_job_id(), 2) != 0:  # (heartbeats: shard 0)
+    ray.shutdown()
+    ray.init(num_cpus=1)
+url = ray.get_runtime_context().gcs_address
+other_job = next(f"job-{n}" for n in range(100) if shard_of(f"job-{n}", 2) == 1)
+
+
+async def far_ahead():  # another process's event, past a clock this node never saw
+    async with ServersAppender(await log_urls(url), clock=LogClock(10_000_000)) as other:
+        event = Event(EntityKind.TASK, "elsewhere", "submitted", {"name": "g"}, job_id=other_job)
+        return await other.append(event)
+
+
+async def submitted(task_ids):
+    from controlplane.eventlog.connection import connect
+    conn = await connect(url)
+    try:
+        return [await conn.fetchval(
+            "SELECT position FROM log_union.events WHERE entity_id = $1 "
+            "AND event_type = 'submitted'", task_id) for task_id in task_ids]
+    finally:
+        await conn.close()
+
+
+@ray.remote
+def f():
+    return 1
+
+
+ahead = asyncio.run(far_ahead())
+before = f.remote()
+assert ray.get(before) == 1
+assert any(t.task_id == before.task_id().hex() for t in state.list_tasks())
+after = f.remote()
+assert ray.get(after) == 1
+print(json.dumps([ahead, *asyncio.run(submitted([before.task_id().hex(), after.task_id().hex()]))]))
+"""
+
+
+@pytest.mark.timeout(180)
+def test_what_a_driver_asks_for_after_reading_the_state_api_is_past_what_it_read() -> None:
+    tmp = private_temp_dir()
+    try:
+        env = isolated_env(tmp, CAIRN_LOG_SERVERS="2", CAIRN_LOG_SHARDS="2")
+        done = subprocess.run(
+            [sys.executable, "-c", READ_THEN_ASK],
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=150,
+        )
+        assert done.returncode == 0, done.stderr[-4000:]
+        ahead, before, after = json.loads(done.stdout.strip().splitlines()[-1])
+        assert before < ahead < after  # (before the read, its daemon was behind)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from controlplane.eventlog import EntityKind, Event
+from controlplane.eventlog.clock import PROCESS_CLOCK
 from controlplane.node import rpc
 from controlplane.node.parts import NodeParts
 from controlplane.node.runtime_envs import env_key
@@ -287,6 +288,8 @@ class Clients:
                 self._later(self._flush_output(conn, request_id))
             case p.MetricsReport(points):
                 self.parts.metrics.received(points)
+            case p.LogSeen(position):
+                PROCESS_CLOCK.saw(position)
             case p.ClusterNodesRequest(request_id):
                 self.parts.remote_tasks.answer_nodes(conn, request_id)
             case _:

@@ -279,3 +279,9 @@ SELECT w.entity_id AS worker_id,
   LEFT JOIN LATERAL (SELECT state, address, death_cause, dead_at FROM nodes
                       WHERE nodes.node_id = w.node_id) n ON true
  WHERE w.entity_kind = 'worker' AND w.event_type = 'started'
+
+-- log_seen --
+-- The highest position in the log, in the snapshot an answer was read in: past every
+-- event it was made of, so the reader's clock moves past them (controlplane/README.md,
+-- "A log on several servers"; dataplane/protocol.py, LogSeen).
+SELECT coalesce(max(position), 0) FROM events

@@ -19,6 +19,9 @@ from typing import Any, TypeVar
 
 from controlplane import logs, state_api
 from controlplane.errors import GcsError
+from controlplane.eventlog.clock import PROCESS_CLOCK
+from dataplane import protocol as p
+from dataplane.context import current_client
 from sdk.util.state.common import (
     DEFAULT_LIMIT,
     DEFAULT_RPC_TIMEOUT,
@@ -53,12 +56,25 @@ def _gcs_url(address: str | None) -> str:
 
 def _run(coroutine: Coroutine[Any, Any, T]) -> T:
     """Runs a state query to its end, in a thread of its own (the caller may be inside
-    an event loop: an async actor); the control plane's errors as Ray's."""
+    an event loop: an async actor); the control plane's errors as Ray's. The daemon of
+    a process connected to a cluster is told how far the answer read the log."""
     try:
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            return pool.submit(asyncio.run, coroutine).result()
+            answer = pool.submit(asyncio.run, coroutine).result()
     except (GcsError, logs.LogsError) as exc:
         raise RayStateApiException(str(exc)) from exc
+    _tell_daemon(PROCESS_CLOCK.position)
+    return answer
+
+
+_told = [0]  # the last position this process's daemon was told of
+
+
+def _tell_daemon(position: int) -> None:
+    client = current_client()
+    if client is not None and position > _told[0]:
+        client.send(p.LogSeen(position))
+        _told[0] = position
 
 
 def _explainer(explain: bool) -> Any:
