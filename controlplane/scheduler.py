@@ -45,6 +45,7 @@ from controlplane.eventlog import (
     open_tailer,
 )
 from controlplane.eventlog.connection import connect, is_disk_full
+from controlplane.eventlog.servers import LogTailer, ServersAppender, ServersTailer
 from controlplane.gcs_url import ENV_VAR as GCS_URL_ENV
 from controlplane.parent_death import die_with_parent
 from controlplane.settings import env_number
@@ -128,6 +129,10 @@ class GlobalScheduler:
         self.group_nodes: dict[str, list[str]] = {}  # placed groups: node of each bundle
         self.infeasible_groups: set[str] = set()
         self.appender: LogAppender = EventAppender(url)  # (the log's own, from run())
+        self.tailer: LogTailer | None = None  # (from run())
+        # appends not answered within the appender's away_after (a log on several
+        # servers, one of which went away meanwhile): they land once it is back
+        self.appending: set[asyncio.Future[list[int]]] = set()
         self.following = asyncio.Event()  # set once it has read the log and placed
 
     async def run(self) -> None:
@@ -137,11 +142,14 @@ class GlobalScheduler:
             start, heads = await self.load_checkpoint()
             saved = max(start, default=0)
             async with await open_tailer(self.url, reader=SCHEDULER, after=start) as tailer:
+                self.tailer = tailer
                 while True:
                     for event in await tailer.read():
                         self.apply(event)
                     await self.place_pending()
-                    if tailer.position - saved >= self.checkpoint_every:
+                    self._check_appends()
+                    # (a checkpoint holds what was placed: only once it is in the log)
+                    if tailer.position - saved >= self.checkpoint_every and not self.appending:
                         try:
                             await self.save_checkpoint(tailer.positions)
                         except Exception as exc:  # a cache: without it, a longer fold
@@ -390,6 +398,8 @@ class GlobalScheduler:
             if self.placed.get(task_id, -1) >= spill.attempt:
                 del self.pending[task_id]
                 continue
+            if self._held_away(spill.event.job_id):
+                continue  # (placed once its server is back: its node could not run it)
             node = self.choose(spill)
             if node is None:
                 if not spill.reported_infeasible:
@@ -437,7 +447,34 @@ class GlobalScheduler:
             self.placed[task_id] = spill.attempt
             del self.pending[task_id]
         if events:
+            await self._append(events)
+
+    async def _append(self, events: list[Event]) -> None:
+        """Appends ``events``; on a log on several servers, waits at most the time after
+        which a server that does not answer is away: its part lands once it is back,
+        and the other servers' jobs are placed meanwhile."""
+        if not isinstance(self.appender, ServersAppender):
             await self.appender.append_many(events)
+            return
+        appended = asyncio.ensure_future(self.appender.append_many(events))
+        self.appending.add(appended)
+        await asyncio.wait([appended], timeout=self.appender.away_after)
+        self._check_appends()
+
+    def _check_appends(self) -> None:
+        """Forgets the appends that landed; one that failed fails the scheduler, as an
+        append it waited for does."""
+        for appended in [a for a in self.appending if a.done()]:
+            self.appending.discard(appended)
+            appended.result()
+
+    def _held_away(self, job_id: str | None) -> bool:
+        """Whether ``job_id``'s server of the log is away for this scheduler's reader."""
+        tailer, appender = self.tailer, self.appender
+        if not isinstance(tailer, ServersTailer) or not tailer.away:
+            return False
+        assert isinstance(appender, ServersAppender)
+        return appender.server_of_job(job_id) in tailer.away
 
 
 def _owner(spill: Spill) -> dict[str, str]:

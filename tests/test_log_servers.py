@@ -579,7 +579,7 @@ async def test_a_server_that_stays_away_holds_back_only_its_own_events(gcs_url: 
         jobs = jobs_by_shard(2)  # (shard s on server s)
         got: list[str] = []
         async with (
-            ServersAppender(urls, away_after=1.0, unavailable_timeout=60) as writer,
+            ServersAppender(urls, away_after=1.0, unavailable_timeout=1) as writer,
             ServersTailer(urls, away_after=1.0, unavailable_timeout=1, poll_interval=0.1) as reader,
         ):
 
@@ -691,3 +691,87 @@ def test_what_a_driver_asks_for_after_reading_the_state_api_is_past_what_it_read
         assert before < ahead < after  # (before the read, its daemon was behind)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+async def test_the_scheduler_places_the_other_servers_jobs_while_one_is_away(
+    gcs_url: str,
+) -> None:
+    """A scheduler on a log on two servers whose server 1 stops: an append that waits
+    for it holds the scheduler for ``away_after`` only (it lands once server 1 is back),
+    server 0's spills are placed meanwhile, and a spill of server 1's job read while it
+    is away waits, pending, until it is back."""
+    from controlplane.eventlog import SCHEDULER
+    from controlplane.scheduler import GlobalScheduler
+
+    server = EmbeddedPostgres()
+    try:
+        one = server.start()
+        schema.upgrade(one)
+        urls = [gcs_url, one]
+        schema.set_log_servers(urls, 2)
+        jobs = jobs_by_shard(2)
+
+        def spill(task_id: str, job: str) -> Event:
+            payload = {"attempt": 0, "resources": {"CPU": 0.1}, "args": {}, "from_node": "a"}
+            return Event(EntityKind.TASK, task_id, "spilled", payload, job_id=job)
+
+        registered = Event(
+            EntityKind.NODE,
+            "a",
+            "registered",
+            {"address": "127.0.0.1:1", "resources": {"CPU": 4.0}},
+            node_id="a",
+        )
+        async with ServersAppender(urls) as writer:
+            await writer.append_many(
+                [registered, spill("s0", jobs[0]), spill("s1", jobs[1]), spill("s3", jobs[1])]
+            )
+        scheduler = GlobalScheduler(gcs_url)
+        scheduler.appender = ServersAppender(urls, away_after=0.5, unavailable_timeout=1)
+        tailer = ServersTailer(
+            urls, reader=SCHEDULER, away_after=0.5, unavailable_timeout=1, poll_interval=0.1
+        )
+        scheduler.tailer = tailer
+        await scheduler.appender.start()
+        try:
+            async with tailer:
+                later = None
+                while later is None or "s1" not in scheduler.pending:
+                    for event in await tailer.read(wait=5):
+                        if event.entity_id == "s3":
+                            later = event  # (applied once server 1 is away)
+                        else:
+                            scheduler.apply(event)
+                server.stop(keep_data=True)
+                await asyncio.wait_for(scheduler.place_pending(), 20)
+                assert len(scheduler.appending) == 1  # (s1's placement: on server 1)
+                placed_s0 = "SELECT 1 FROM events WHERE entity_id = 's0' AND event_type = 'placed'"
+                while not await fetch_rows(gcs_url, placed_s0):
+                    await asyncio.sleep(0.05)
+                while tailer.away != {1}:
+                    for event in await tailer.read(wait=1):  # (s0's placement)
+                        scheduler.apply(event)
+                assert later is not None
+                scheduler.apply(later)
+                await asyncio.wait_for(scheduler.place_pending(), 20)
+                assert "s3" in scheduler.pending and len(scheduler.appending) == 1
+
+                server.start()
+                deadline = time.monotonic() + 30
+                while scheduler.appending:
+                    assert time.monotonic() < deadline
+                    await asyncio.sleep(0.1)
+                    scheduler._check_appends()
+                while tailer.away:
+                    for event in await tailer.read(wait=1):
+                        scheduler.apply(event)
+                await scheduler.place_pending()
+                assert "s3" not in scheduler.pending
+        finally:
+            await scheduler.appender.close()
+        placed = await fetch_rows(
+            one, "SELECT entity_id FROM events WHERE event_type = 'placed' ORDER BY position"
+        )
+        assert [r["entity_id"] for r in placed] == ["s1", "s3"]
+    finally:
+        server.stop()

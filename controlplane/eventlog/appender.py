@@ -43,6 +43,7 @@ from controlplane.eventlog.connection import (
     run_on,
 )
 from controlplane.eventlog.events import JOB_KINDS, Event, readers_of
+from controlplane.gcs_url import redact
 from controlplane.sql import queries
 
 DEFAULT_MAX_BATCH = 1000
@@ -112,18 +113,39 @@ class EventAppender:
         self._flusher = asyncio.create_task(self._flush_loop(), name="cairn-event-appender")
         return self
 
-    async def close(self) -> None:
-        """Commits what is queued, then closes the connection."""
+    async def close(self, timeout: float | None = None) -> None:
+        """Commits what is queued (for at most ``timeout`` seconds, None: however long
+        riding out an outage takes; what is left then fails, and is said to be lost),
+        then closes the connection."""
         if self._closed:
             return
         self._closed = True
         self._urgent.set()
         self._wake.set()
         if self._flusher is not None:
-            await self._flusher
+            done, _ = await asyncio.wait([self._flusher], timeout=timeout)
+            if not done:
+                self._abandon()
         if self._conn is not None:
             with contextlib.suppress(Exception):
                 await self._conn.close(timeout=2)
+
+    def _abandon(self) -> None:
+        """Stops riding out (closing): what is queued fails and is said to be lost."""
+        assert self._flusher is not None
+        lost = GcsUnavailableError(
+            f"closed while the GCS at {redact(self.url)} did not answer: "
+            f"{self.backlog} queued events were not recorded"
+        )
+        self._flusher.cancel()
+        left, self._queue = list(self._queue), deque()
+        log.error("%s", lost)
+        for request in left:
+            if request.done is not None and not request.done.done():
+                request.done.set_exception(lost)
+        if self._conn is not None:
+            self._conn.terminate()
+            self._conn = None
 
     async def __aenter__(self) -> EventAppender:
         return await self.start()

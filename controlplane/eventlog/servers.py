@@ -40,6 +40,7 @@ import asyncio
 import dataclasses
 import hashlib
 import logging
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
@@ -54,7 +55,12 @@ from controlplane.errors import GcsError, GcsIdentityError, GcsUnavailableError,
 from controlplane.eventlog.appender import EventAppender
 from controlplane.eventlog.catalog import encode_payload
 from controlplane.eventlog.clock import PROCESS_CLOCK, LogClock
-from controlplane.eventlog.connection import connect, retry_while_unavailable, run_on
+from controlplane.eventlog.connection import (
+    connect,
+    resolve_unavailable_timeout,
+    retry_while_unavailable,
+    run_on,
+)
 from controlplane.eventlog.events import JOB_KINDS, EntityKind, Event, RecordedEvent
 from controlplane.eventlog.tailer import Tailer, head_positions
 from controlplane.gcs_url import normalize, with_login
@@ -143,7 +149,15 @@ class ServersAppender:
     process's ``clock``. A batch commits on each server it touches as one transaction
     there; the servers' parts commit independently and concurrently (appends to
     different servers never wait for one another), so a caller that needs an event
-    after another across servers appends it once the first is answered."""
+    after another across servers appends it once the first is answered.
+
+    A server's appender rides out its outage for as long as it lasts: what was queued
+    for it waits, in order, and nothing is dropped (on one server, the events written
+    behind are given up after ``unavailable_timeout``, when the process stops anyway;
+    here the others go on, and a hole in a job's history would outlive the outage).
+    So the callers of the jobs whose shards it holds wait, the others do not
+    (``away_after``); ``close`` waits for it at most ``unavailable_timeout``, which
+    also bounds the job lookups."""
 
     def __init__(
         self,
@@ -156,9 +170,12 @@ class ServersAppender:
         self.urls = list(urls)
         self.clock = clock if clock is not None else LogClock()
         self.away_after = away_after_s(away_after)
+        self.unavailable_timeout = resolve_unavailable_timeout(
+            cast("float | None", options.pop("unavailable_timeout", None))
+        )
         self.shards = 0
         self._appenders = [
-            EventAppender(url, clock=self.clock, **options)  # type: ignore[arg-type]
+            EventAppender(url, clock=self.clock, unavailable_timeout=math.inf, **options)  # type: ignore[arg-type]
             for url in self.urls
         ]
         self._pending: asyncio.Future[list[int]] | None = None  # the last batch waiting for jobs
@@ -172,10 +189,11 @@ class ServersAppender:
         return self
 
     async def close(self) -> None:
+        """Commits what is queued, waiting at most ``unavailable_timeout`` for a server
+        that does not answer (what is left for it is said to be lost)."""
         if self._pending is not None:
             await asyncio.wait([self._pending])
-        for appender in self._appenders:
-            await appender.close()
+        await asyncio.gather(*(a.close(self.unavailable_timeout) for a in self._appenders))
         for lookup in self._lookups:
             if lookup is not None:
                 lookup.terminate()
@@ -189,13 +207,12 @@ class ServersAppender:
         await self.close()
 
     def server_of(self, event: Event) -> int:
-        return shard_of(event.job_id, self.shards) % len(self.urls)
+        return self.server_of_job(event.job_id)
+
+    def server_of_job(self, job_id: str | None) -> int:
+        return shard_of(job_id, self.shards) % len(self.urls)
 
     # -- what a node daemon's recorder uses of an EventAppender -------------------------
-
-    @property
-    def unavailable_timeout(self) -> float:
-        return self._appenders[0].unavailable_timeout
 
     @property
     def backlog(self) -> int:
@@ -422,7 +439,7 @@ class ServersAppender:
                 raise
 
         return await retry_while_unavailable(
-            self.urls[server], ask, timeout=self._appenders[server].unavailable_timeout
+            self.urls[server], ask, timeout=self.unavailable_timeout
         )
 
     def _parts(self, batch: list[Event]) -> dict[int, list[int]]:
