@@ -103,7 +103,7 @@ from controlplane.node import rpc
     default=None,
     help="Head only, with --gcs-replicas 1: run the replica on that machine instead of "
     "this one (start a node there with --gcs-replica), so that the cluster outlives "
-    "this machine.",
+    "this machine; with --log-servers, the replica of each server.",
 )
 @click.option(
     "--gcs-replica",
@@ -199,7 +199,7 @@ def start(
         from controlplane.gcs import check_log_servers
 
         if head:
-            check_log_servers(gcs_urls, log_servers or 1, replica_host=gcs_replica_host)
+            check_log_servers(gcs_urls, log_servers or 1)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     if disable_auth:
@@ -255,7 +255,7 @@ def start(
         )
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from exc
-    replica_plan = None
+    replica_plans = None
     if head:
         running = local_node.running_head()
         if running is not None:
@@ -282,7 +282,7 @@ def start(
             if "gcs_replica" not in joined:
                 why = joined.get("gcs_replica_refused", "it does not know of GCS replicas")
                 raise click.ClickException(f"the head at {address} refused: {why}")
-            replica_plan = ReplicaPlan.from_dict(joined["gcs_replica"])
+            replica_plans = [ReplicaPlan.from_dict(plan) for plan in joined["gcs_replica"]]
     role = local_node.ClusterRole(
         head=head,
         rpc_port=port,
@@ -291,7 +291,7 @@ def start(
         tls=use_tls,
         joined_tls=None if head else joined_tls,
         gcs_replica_host=gcs_replica_host,
-        gcs_replica=replica_plan,
+        gcs_replica=replica_plans,
         dashboard_port=dashboard_port if head and include_dashboard else None,
         dashboard_host=dashboard_host,
     )

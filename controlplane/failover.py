@@ -243,10 +243,13 @@ class RemoteStandbyWatch(_Loop):
         replica_url: str,
         *,
         on_event: Callable[[str], None] = log.warning,
+        server: str = "the GCS",
     ) -> None:
+        """``server``: what the messages call the server watched (as ``Watchdog``)."""
         super().__init__(on_event)
         self.primary = primary
         self.replica_url = replica_url  # plain, to a tunnel to the replica's TLS front
+        self.server = server
         self.synchronous = threading.Event()
         self.fenced = threading.Event()  # this server was killed: the replica took over
 
@@ -258,8 +261,8 @@ class RemoteStandbyWatch(_Loop):
                     await asyncio.to_thread(self.primary.make_synchronous)
                     self.synchronous.set()
                     self.on_event(
-                        "the GCS replica on the other machine streams: commits wait for it "
-                        "from now on, and it takes over if this server is lost"
+                        f"{self.server} replica on the other machine streams: commits wait "
+                        "for it from now on, and it takes over if this server is lost"
                     )
                 if self.synchronous.is_set():
                     answer = await replica.answers(1.0, "SELECT NOT pg_is_in_recovery()")
@@ -267,9 +270,9 @@ class RemoteStandbyWatch(_Loop):
                         self.primary.kill()
                         self.fenced.set()
                         self.on_event(
-                            "the GCS replica on the other machine was promoted (it lost "
-                            "this server): this server is stopped, and the cluster goes on "
-                            "with the promoted one"
+                            f"{self.server} replica on the other machine was promoted (it "
+                            "lost this server): this server is stopped, and the cluster goes "
+                            "on with the promoted one"
                         )
                         return
                 await asyncio.sleep(0.2)
@@ -309,10 +312,12 @@ class PrimaryWatch(_Loop):
         failover_after: float | None = None,
         on_event: Callable[[str], None] = log.warning,
         on_promoted: Callable[[], None] = lambda: None,
+        server: str = "the GCS",
     ) -> None:
         super().__init__(on_event)
         self.replica = replica
         self.primary_url = primary_url
+        self.server = server  # (as ``Watchdog``'s)
         self.failover_after = (
             failover_after_s(DEFAULT_REMOTE_FAILOVER_AFTER_S)
             if failover_after is None
@@ -329,7 +334,7 @@ class PrimaryWatch(_Loop):
         try:
             while not self._stop.is_set():
                 if not self.replica.running and not self._stop.is_set():
-                    self.on_event("the GCS replica stopped by itself; starting it again")
+                    self.on_event(f"{self.server} replica stopped by itself; starting it again")
                     await asyncio.to_thread(self.replica.start)
                 if await primary.answers(self.failover_after / 2):
                     seen = time.monotonic()
@@ -343,8 +348,8 @@ class PrimaryWatch(_Loop):
     def _failover(self, silent_for: float) -> None:
         self.lost_at = time.monotonic()
         self.on_event(
-            f"the GCS primary on the head's machine did not answer for {silent_for:.1f}s: "
-            "promoting the replica on this machine"
+            f"{self.server} primary on the head's machine did not answer for "
+            f"{silent_for:.1f}s: promoting the replica on this machine"
         )
         self.replica.promote()
         self.promoted_at = time.monotonic()
@@ -354,6 +359,6 @@ class PrimaryWatch(_Loop):
         self.promoted.set()
         self.on_promoted()
         self.on_event(
-            f"the GCS failed over to this machine{f' at {epoch}' if epoch else ''}, "
+            f"{self.server} failed over to this machine{f' at {epoch}' if epoch else ''}, "
             f"{self.promoted_at - self.lost_at:.2f}s after the primary was found gone"
         )

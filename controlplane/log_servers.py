@@ -33,10 +33,11 @@ def address_of(url: str, *, on_home_machine: bool) -> str:
     """What ``log_servers`` keeps of a server's URL: no login; without hosts for a
     server on server 0's machine, its ports only (each process reaches it at the host
     it reaches server 0 at: loopback on the head, the head's address on other
-    machines). Several entries: a primary and its replica."""
+    machines). Several entries: a primary and its replica (on another machine, at the
+    same port: one entry, which each process pairs with each host of server 0's)."""
     entries = hosts(normalize(url))
     if on_home_machine:
-        entries = [f":{_port(entry)}" for entry in entries]
+        entries = list(dict.fromkeys(f":{_port(entry)}" for entry in entries))
     return urlunsplit(urlsplit(normalize(url))._replace(netloc=",".join(entries)))
 
 

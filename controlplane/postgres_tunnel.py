@@ -68,11 +68,14 @@ class PostgresTlsTunnel:
         key: bytes,
         server_hostname: str | None = None,
         local_port: int | None = None,
+        local_host: str = "127.0.0.1",
     ) -> None:
         """``ca``: the cluster CA's certificate, which the front's must chain to;
         ``cert``/``key``: this machine's node certificate, which the front asks for;
         ``server_hostname``: the name the front's certificate must hold (default
-        ``remote_host``); ``local_port``: where to listen (default: a free port)."""
+        ``remote_host``); ``local_port``: where to listen (default: a free port), at
+        ``local_host`` (an address of loopback)."""
+        self.local_host = local_host
         self.remote_host = remote_host.strip("[]")
         self.remote_port = remote_port
         self.server_hostname = server_hostname or self.remote_host
@@ -88,9 +91,9 @@ class PostgresTlsTunnel:
         return f"{host}:{self.remote_port}"
 
     def start(self) -> int:
-        """Listens on 127.0.0.1 (raising OSError here if it cannot), then serves in the
-        background; the local port, for the client's ``host=127.0.0.1 port=...``."""
-        self.local_port = self._serving.start("127.0.0.1", self.local_port)
+        """Listens on ``local_host`` (raising OSError here if it cannot), then serves in
+        the background; the local port, for the client's ``host=... port=...``."""
+        self.local_port = self._serving.start(self.local_host, self.local_port)
         return self.local_port
 
     def stop(self) -> None:

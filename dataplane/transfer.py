@@ -73,9 +73,13 @@ InfoHandler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 ReadHandler = Callable[[dict[str, Any]], Awaitable[bytes]]
 
 
-def object_service(memory: StoreMemory) -> tuple[InfoHandler, ReadHandler]:
+def object_service(
+    memory: StoreMemory, job_of: Callable[[str], str | None] = lambda _object_id: None
+) -> tuple[InfoHandler, ReadHandler]:
     """The ``ObjectInfo`` and ``ReadObject`` handlers over this node's store
-    (``ReadObject`` raises Refused for a request it cannot answer)."""
+    (``ReadObject`` raises Refused for a request it cannot answer). ``ObjectInfo`` names
+    the object's job where ``job_of`` knows it: the puller's events of its copy name it
+    too, without looking it up in the log."""
     objects = memory.objects
 
     def located(object_id: str) -> p.ObjectLocation | None:
@@ -103,7 +107,9 @@ def object_service(memory: StoreMemory) -> tuple[InfoHandler, ReadHandler]:
             return {"missing": True}
         if location.region is not None:  # a large blob's checksum, before it leaves
             await asyncio.to_thread(shm.seal_object, memory.prefix, location)
-        return {"size": location.size, "contained": list(location.contained)}
+        answer = {"size": location.size, "contained": list(location.contained)}
+        job_id = job_of(object_id)
+        return answer if job_id is None else {**answer, "job_id": job_id}
 
     async def read(request: dict[str, Any]) -> bytes:
         object_id = str(request.get("object_id", ""))
@@ -127,10 +133,20 @@ def object_service(memory: StoreMemory) -> tuple[InfoHandler, ReadHandler]:
 class Puller:
     """Pulls objects from other nodes into this node's store."""
 
-    def __init__(self, node_id: str, memory: StoreMemory, link: NodeLink) -> None:
+    def __init__(
+        self,
+        node_id: str,
+        memory: StoreMemory,
+        link: NodeLink,
+        *,
+        on_job: Callable[[str, str], None] = lambda _object_id, _job_id: None,
+    ) -> None:
+        """``on_job(object_id, job_id)`` hears the job of an object pulled, where its
+        node named it, as the pull is done."""
         self.node_id = node_id
         self.memory = memory
         self._link = link
+        self._on_job = on_job
         self._pulls: dict[str, asyncio.Future[p.ObjectLocation]] = {}
 
     def pull(self, address: str, object_id: str) -> asyncio.Future[p.ObjectLocation]:
@@ -153,12 +169,16 @@ class Puller:
                 data = await read({"object_id": object_id, "offset": 0, "length": size})
                 _check_size(object_id, address, len(data), size)
                 _check_bytes(object_id, address, data)
-                return p.ObjectLocation(object_id, inline=data, size=size, contained=contained)
-            return await self._into_store(object_id, address, size, contained, read)
+                pulled = p.ObjectLocation(object_id, inline=data, size=size, contained=contained)
+            else:
+                pulled = await self._into_store(object_id, address, size, contained, read)
         except LinkError as exc:
             raise TransferError(
                 f"could not pull object {object_id} from {address}: {exc.code} {exc.details}"
             ) from None
+        if isinstance(job_id := info.get("job_id"), str):
+            self._on_job(object_id, job_id)
+        return pulled
 
     async def release(self, address: str, object_id: str) -> None:
         """Tells the node at ``address`` that its copy of the object is no longer

@@ -131,6 +131,19 @@ def _namespace_probe() -> str | None:
     return None
 
 
+def ensure_nft() -> None:
+    """nftables, from Debian, for the tests that drop packets; installed here if missing
+    (CI runs as root on a new machine: a test that needs it fails, never skips)."""
+    if shutil.which("nft"):
+        return
+    install = ["apt-get", "install", "-y", "-q", "nftables"]
+    if subprocess.run(install, capture_output=True, timeout=300).returncode != 0:
+        subprocess.run(["apt-get", "update", "-q"], capture_output=True, timeout=300)
+        done = subprocess.run(install, capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            pytest.fail(f"these tests need nftables (apt-get install nftables): {done.stderr}")
+
+
 def require_root() -> None:
     """Fails (not skips: a skipped multi-host test would hide a broken cluster) unless
     this process can make network and mount namespaces, which takes root."""

@@ -757,13 +757,14 @@ three_hosts = hosts_fixture(3)
 
 @pytest.mark.timeout(360)
 def test_a_job_rides_out_the_loss_of_the_heads_machine(three_hosts: Hosts) -> None:
-    """The head (host a) runs the GCS's primary; host b a node and the GCS's replica
-    (``--gcs-replica-host b`` on the head, ``--gcs-replica`` on b); host c a node and
-    the driver. Host a is lost as a machine: cut off (packets dropped, as a pulled
-    cable), then every process on it killed. With no command typed, b promotes its
-    replica, b's node declares the head's node dead and runs a global scheduler, and
-    the job on c finishes; the log on b holds every acknowledged event and the
-    promotion's epoch. What the user sees: a pause, then the job goes on."""
+    """The head (host a) runs the GCS's primaries, a log on two servers; host b a node
+    and the replica of each (``--gcs-replica-host b`` on the head, ``--gcs-replica`` on
+    b); host c a node and the driver. Host a is lost as a machine: cut off (packets
+    dropped, as a pulled cable), then every process on it killed. With no command typed,
+    b promotes both replicas, b's node declares the head's node dead and runs a global
+    scheduler, and the job on c finishes; the log on b holds every acknowledged event
+    and each server's promotion's epoch. What the user sees: a pause, then the job goes
+    on. (A log on one server takes the same path, for server 0 alone.)"""
     a, b, c = three_hosts
     env = {
         "CAIRN_AUTH_TOKEN": "failover-test-" + secrets.token_urlsafe(16),
@@ -785,6 +786,10 @@ def test_a_job_rides_out_the_loss_of_the_heads_machine(three_hosts: Hosts) -> No
             "1",
             "--gcs-replica-host",
             b.ip,
+            "--log-servers",
+            "2",
+            "--log-shards",
+            "2",
             env=env,
         )
         refused = c.cairn(  # the replica is planned on b, not c
@@ -796,8 +801,11 @@ def test_a_job_rides_out_the_loss_of_the_heads_machine(three_hosts: Hosts) -> No
         )
         c.cairn("start", *head, "--node-ip-address", c.ip, "--num-cpus", "2", env=env)
         _wait(
-            lambda: "commits wait for it" in a.node_logs(),
-            "the head's primary waits for the replica on b",
+            lambda: all(
+                f"{server} replica on the other machine streams: commits wait" in a.node_logs()
+                for server in ("the GCS", "the GCS's server 1")
+            ),
+            "each of the head's primaries waits for its replica on b",
         )
         head_node = a.run(["sh", "-c", "cat /tmp/cairn-session-*/node.ready"]).stdout.strip()
         driver = c.popen(
@@ -813,13 +821,14 @@ def test_a_job_rides_out_the_loss_of_the_heads_machine(three_hosts: Hosts) -> No
             a.kill_processes()
 
         job = _ride_out(driver, lose_host_a, timeout=240, hosts=three_hosts.hosts[1:])
-        assert job["recovery"] is False and job["epochs"] == [[[1, 1], [2, 2]]]
+        assert job["recovery"] is False and job["epochs"] == [[[1, 1], [2, 2]]] * 2
         history = job["history"]
         for task_id in job["tasks"]:
             assert history[task_id][-1] == "finished", history[task_id]
         assert [node for node, _cause in job["deaths"]] == [head_node]
         said = b.node_logs()
         assert "the GCS failed over to this machine" in said, said
+        assert "the GCS's server 1 failed over to this machine" in said, said
         assert "running a global scheduler" in said, said
     finally:
         for host in (c, b, a):

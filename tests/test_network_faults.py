@@ -10,14 +10,13 @@ clearly longer, whatever TCP's retransmission timers add."""
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import time
 from collections.abc import Iterator
 
 import pytest
 from host_cluster import HostCluster, finish_driver, running, start_driver
-from hosts import PYTHON, Host, Hosts, require_root
+from hosts import PYTHON, Host, Hosts, ensure_nft, require_root
 
 pytestmark = pytest.mark.timeout(300)
 DEAD_AFTER_S = 4.0
@@ -25,22 +24,10 @@ SHORT_CUT_S = 2.0
 LONG_CUT_S = 2 * DEAD_AFTER_S
 
 
-def _ensure_nft() -> None:
-    """nftables, from Debian, for the partial cuts; installed here if missing."""
-    if shutil.which("nft"):
-        return
-    install = ["apt-get", "install", "-y", "-q", "nftables"]
-    if subprocess.run(install, capture_output=True, timeout=300).returncode != 0:
-        subprocess.run(["apt-get", "update", "-q"], capture_output=True, timeout=300)
-        done = subprocess.run(install, capture_output=True, text=True, timeout=300)
-        if done.returncode != 0:
-            pytest.fail(f"these tests need nftables (apt-get install nftables): {done.stderr}")
-
-
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[HostCluster]:
     require_root()
-    _ensure_nft()
+    ensure_nft()
     with (
         Hosts(3) as hosts,
         running(hosts, head_env={"CAIRN_NODE_DEAD_AFTER_S": str(DEAD_AFTER_S)}) as cluster,

@@ -350,15 +350,16 @@ async def test_a_pull_copies_an_object_chunk_by_chunk_and_checks_it() -> None:
     prefix_a, prefix_b, prefix_c = (f"parts-{uuid.uuid4().hex}" for _ in range(3))
     here = StoreMemory(prefix_a, ObjectTable(64 * MB, on_free=lambda _location: None))
     there = StoreMemory(prefix_b, ObjectTable(64 * MB, on_free=lambda _location: None))
-    info, read = object_service(there)
+    info, read = object_service(there, {"big": "job-7"}.get)
     released: list[str] = []
+    jobs: list[tuple[str, str]] = []
 
     async def release(request: dict[str, Any]) -> dict[str, Any]:
         released.append(request["object_id"])
         return {}
 
     link = _InProcessLink({"b": {"ObjectInfo": info, "ReadObject": read, "Release": release}})
-    puller = Puller(prefix_a, here, link)
+    puller = Puller(prefix_a, here, link, on_job=lambda o, j: jobs.append((o, j)))
     try:
         big = _write(there, "big", np.arange(3 * CHUNK_SIZE // 8 + 5, dtype=np.int64))
         there.objects.expect("big")
@@ -368,8 +369,10 @@ async def test_a_pull_copies_an_object_chunk_by_chunk_and_checks_it() -> None:
         assert pulled.region is not None and pulled.size == big.size
         assert bytes(shm.object_view(prefix_a, pulled)) == bytes(shm.object_view(prefix_b, big))
         assert here.objects.used == big.size  # charged to this node's store
+        assert jobs == [("big", "job-7")]  # (its node named its job: its events will)
         with pytest.raises(TransferError, match="no longer has object gone"):
             await puller.pull("b", "gone")
+        assert jobs == [("big", "job-7")]
         damaged = shm.object_view(prefix_b, big, writable=True)
         damaged[big.size - 10 :] = b"\xff" * 10  # damaged where it lies
         damaged.release()
@@ -609,7 +612,7 @@ async def test_the_cluster_link_serves_joins_and_keeps_the_membership(gcs_url: s
         background.add(task)
         return task
 
-    plan = {"host": "192.0.2.11", "port": 5432}
+    plan = [{"host": "192.0.2.11", "port": 5432}]  # (one per server of the log)
     link = ClusterLink(
         "head",
         gcs_url,

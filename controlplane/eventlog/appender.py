@@ -38,6 +38,7 @@ from controlplane.eventlog.clock import LogClock
 from controlplane.eventlog.connection import (
     DEFAULT_CONNECT_TIMEOUT_S,
     connect,
+    is_connection_error,
     resolve_unavailable_timeout,
     retry_while_unavailable,
     run_on,
@@ -103,6 +104,7 @@ class EventAppender:
         self._urgent = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
         self._gave_up = False  # the GCS stayed unreachable for the whole timeout
+        self.unreachable = False  # the last try to write failed to reach the GCS
         self._closed = False
         self.batches_committed = 0
         self.events_committed = 0  # since start (metrics: events appended per second)
@@ -311,14 +313,21 @@ class EventAppender:
             offset += count
 
     async def _write(self, events: Sequence[Event], payloads: Sequence[str]) -> list[int]:
-        if self._conn is None or self._conn.is_closed():
-            self._conn = await connect(self.url, timeout=self.connect_timeout)
-        writer = self.writer_node
-        floor = None if self.clock is None else self.clock.position
-        return await run_on(
-            self._conn,
-            lambda conn: append_on(conn, events, payloads, writer=writer, floor=floor),
-        )
+        try:
+            if self._conn is None or self._conn.is_closed():
+                self._conn = await connect(self.url, timeout=self.connect_timeout)
+            writer = self.writer_node
+            floor = None if self.clock is None else self.clock.position
+            positions = await run_on(
+                self._conn,
+                lambda conn: append_on(conn, events, payloads, writer=writer, floor=floor),
+            )
+        except BaseException as exc:
+            if is_connection_error(exc) or isinstance(exc, GcsUnavailableError):
+                self.unreachable = True
+            raise
+        self.unreachable = False
+        return positions
 
 
 async def append_on(

@@ -249,8 +249,8 @@ class ServersAppender:
         """As ``EventAppender.enqueue``: the future is done once these events and every
         event queued before them, on any server, are durable (a server with none of
         these but some queued gets an empty request, done after them; one that has not
-        answered for ``away_after`` seconds is not waited for, and the failure of what
-        was queued there is its own: ``on_write_behind_failure``). A batch with an
+        answered for ``away_after`` seconds, and does not answer, is not waited for:
+        what was queued there lands once it is back). A batch with an
         event whose job must be looked up (``_jobs_found``) waits for it, and so does
         every batch queued after it, in order."""
         batch, payloads = self._checked(events)
@@ -303,13 +303,17 @@ class ServersAppender:
                     [batch[i] for i in part], urgent=urgent, payloads=[payloads[i] for i in part]
                 )
 
-        behind = [wait for server, wait in waits.items() if server not in parts]
+        behind = {wait: server for server, wait in waits.items() if server not in parts}
         for wait in behind:
             wait.add_done_callback(_retrieved)
 
         async def positions() -> list[int]:
-            if behind:
-                await asyncio.wait(behind, timeout=self.away_after)
+            waiting = behind
+            while waiting:  # (a server slow to commit its backlog is waited for)
+                _done, pending = await asyncio.wait(waiting, timeout=self.away_after)
+                waiting = {wait: waiting[wait] for wait in pending}
+                if all(self._appenders[server].unreachable for server in waiting.values()):
+                    break
             own = [server for server in waits if server in parts]
             answers = await asyncio.gather(*(waits[s] for s in own), return_exceptions=True)
             for answer in answers:

@@ -55,7 +55,7 @@ def main() -> None:
     args = parser.parse_args()
     join_gcs_url = os.environ.pop(JOIN_ENV_VAR, None)
     # the GCS replica's plan, secrets included: for the node that joins to run it
-    replica_plan = os.environ.pop(JOIN_REPLICA_ENV_VAR, None)
+    replica_plans = os.environ.pop(JOIN_REPLICA_ENV_VAR, None)
     if not args.gcs_url:
         parser.error(f"the GCS URL is needed (${GCS_URL_ENV} or --gcs-url)")
     # the token comes in the environment (not argv, which any user can read); taken out
@@ -78,7 +78,7 @@ def main() -> None:
         head=args.head,
         auth_token=None if args.disable_auth else token,
         join_gcs=(join_gcs_url or args.gcs_url, args.join_gcs_tls),
-        join_gcs_replica=json.loads(replica_plan) if replica_plan else None,
+        join_gcs_replica=json.loads(replica_plans) if replica_plans else None,
         membership_monitor=args.membership_monitor,
         adopt_store_of=args.adopt_store_of,
     )

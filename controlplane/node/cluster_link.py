@@ -46,7 +46,7 @@ class JoinOffer:
 
     gcs_url: str
     gcs_tls: bool
-    gcs_replica: dict[str, Any] | None = None
+    gcs_replica: list[dict[str, Any]] | None = None  # one plan per server of the log
 
 
 class ClusterLink:
@@ -179,18 +179,19 @@ class ClusterLink:
             cert = authority.issue_for_request(str(request["csr"]).encode(), "cairn node", hosts)
             answer |= {"ca": authority.certificate.decode(), "cert": cert.decode()}
         if request.get("gcs_replica"):
-            plan = offer.gcs_replica
-            if plan is None:
+            plans = offer.gcs_replica
+            if not plans:
                 answer["gcs_replica_refused"] = (
                     "this head plans no GCS replica on another machine: start it with "
                     "--gcs-replicas 1 --gcs-replica-host HOST"
                 )
-            elif plan["host"] not in hosts:
+            elif plans[0]["host"] not in hosts:
                 answer["gcs_replica_refused"] = (
-                    f"this head plans its GCS replica on {plan['host']}, not on {', '.join(hosts)}"
+                    f"this head plans its GCS replica on {plans[0]['host']}, not on "
+                    f"{', '.join(hosts)}"
                 )
             else:
-                answer["gcs_replica"] = plan
+                answer["gcs_replica"] = plans
         return answer
 
     def _stale_refused(self, node_id: str, method: str, peer: str) -> None:

@@ -64,7 +64,7 @@ class NodeDaemon:
         head: bool = False,
         auth_token: str | None = None,
         join_gcs: tuple[str, bool] | None = None,
-        join_gcs_replica: dict[str, Any] | None = None,
+        join_gcs_replica: list[dict[str, Any]] | None = None,
         membership_monitor: bool = False,
         adopt_store_of: str | None = None,
     ) -> None:
@@ -181,7 +181,7 @@ class NodeDaemon:
         """Joins the cluster (controlplane/node/cluster_link.py), then follows the log
         from where it stood then."""
         assert self.link is not None
-        object_info, read_object = object_service(self.parts.store.memory)
+        object_info, read_object = object_service(self.parts.store.memory, self.parts.store.job_of)
         self.recorder.on_fenced(self._fenced)
         after = await self.link.join(
             {

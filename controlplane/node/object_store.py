@@ -276,8 +276,9 @@ class ObjectStore:
 
     def remember_job(self, object_id: str, job_id: str) -> None:
         """``job_id`` owns ``object_id``, made elsewhere (a value of a task this node
-        spilled): what this node later says of it (transferred, freed) names the job, so
-        the log need not look it up (on a log on several servers, through every one)."""
+        spilled, an object pulled from a node that named its job): what this node later
+        says of it (transferred, freed) names the job, so the log need not look it up
+        (on a log on several servers, on every one)."""
         self._jobs[object_id] = job_id
 
     def job_of(self, object_id: str) -> str | None:

@@ -211,7 +211,7 @@ def build_parts(
     reconstructor = Reconstructor(
         node_id, gcs_url, objects, recorder, store.spiller, runs, spawn=spawn
     )
-    puller = Puller(node_id, store.memory, rpc.Link())
+    puller = Puller(node_id, store.memory, rpc.Link(), on_job=store.remember_job)
     remote_tasks = RemoteTasks(
         node_id,
         gcs_url,

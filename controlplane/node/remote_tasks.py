@@ -499,8 +499,8 @@ class RemoteTasks:
 
     def _transferred_event(self, location: p.ObjectLocation, source: str) -> Event:
         """Naming the object's job where the store knows it (a value of a task this node
-        spilled: its task's); else none (the log finds it: eventlog/servers.py,
-        cairn_jobs_of_v1)."""
+        spilled, or one whose node named it as it was pulled); else none (the log finds
+        it: eventlog/servers.py, cairn_jobs_of_v1)."""
         return Event(
             K.OBJECT,
             location.object_id,
