@@ -174,7 +174,7 @@ class GlobalScheduler:
             row = await conn.fetchrow(queries["load_checkpoint"], CHECKPOINT_NAME)
         finally:
             await conn.close()
-        heads = await log_head_positions(self.url)
+        heads = await log_head_positions(self.url, away_ok=True)
         if row is None:
             return [0], heads
         try:

@@ -682,8 +682,9 @@ print("done", flush=True)
 def test_losing_one_server_of_two_stops_only_the_jobs_it_holds(two_hosts: Hosts) -> None:
     """A log on two embedded servers without replicas: server 1 is killed, and stays
     down for longer than a process rides out an outage. The nodes' daemons, the global
-    scheduler and the projector read server 0's events on without it, and a job whose
-    shard is on server 0, driven on host b, runs tasks that cross to the head's node."""
+    scheduler and the projector read server 0's events on without it, a node joins
+    meanwhile (host b), and a job whose shard is on server 0, driven there, runs tasks
+    that cross to the head's node."""
     a, b = two_hosts
     env = {
         "CAIRN_AUTH_TOKEN": "away-test-" + secrets.token_urlsafe(16),
@@ -709,7 +710,9 @@ def test_losing_one_server_of_two_stops_only_the_jobs_it_holds(two_hosts: Hosts)
         session = re.search(r"\(session (\S+);", started.stdout)
         assert session is not None, started.stdout
         pid_file = a.run(["cat", f"{session[1]}/log-server-1/pgdata/postmaster.pid"]).stdout
-        b.cairn(
+        _signal_server(_postmaster(pid_file)[0], signal.SIGKILL)
+        time.sleep(6)  # (past riding out: a reader that still waited for it gave up)
+        b.cairn(  # (a node joins while server 1 is away)
             "start",
             "--address",
             f"{a.ip}:6380",
@@ -719,8 +722,6 @@ def test_losing_one_server_of_two_stops_only_the_jobs_it_holds(two_hosts: Hosts)
             "1",
             env=env,
         )
-        _signal_server(_postmaster(pid_file)[0], signal.SIGKILL)
-        time.sleep(6)  # (past riding out: a reader that still waited for it gave up)
         driver = b.python(ACROSS_NODES, env=env, check=False, timeout=120)
         said = a.node_logs(200) + b.node_logs(200)
         assert driver.returncode == 0 and "done" in driver.stdout, driver.stderr[-3000:] + said

@@ -784,3 +784,47 @@ async def test_the_scheduler_places_the_other_servers_jobs_while_one_is_away(
         assert [r["entity_id"] for r in placed] == ["s1", "s3"]
     finally:
         server.stop()
+
+
+async def test_a_reader_and_a_writer_start_while_a_server_is_away(gcs_url: str) -> None:
+    """With server 1 down, a new writer and a new reader starting at the heads
+    (``away_ok``: server 1's shards at the highest head of the others) start, and go on
+    with server 0; once server 1 is back, what a writer that saw the reader's start
+    appends there is read, and nothing from before the start is."""
+    from controlplane.errors import GcsUnavailableError
+
+    server = EmbeddedPostgres()
+    try:
+        one = server.start()
+        schema.upgrade(one)
+        urls = [gcs_url, one]
+        schema.set_log_servers(urls, 2)
+        jobs = jobs_by_shard(2)
+        async with ServersAppender(urls) as writer:
+            await writer.append_many([task(jobs[0], "old-0"), task(jobs[1], "old-1")])
+        server.stop(keep_data=True)
+        with pytest.raises(GcsUnavailableError):
+            await servers_head_positions(urls)
+        heads = await servers_head_positions(urls, away_ok=True)
+        assert heads == [heads[0]] * 2  # (server 1's shard: the highest of the others)
+        clock = LogClock()
+        got: list[str] = []
+        async with (
+            ServersAppender(urls, clock=clock, away_after=0.5) as writer,
+            ServersTailer(
+                urls, after=heads, clock=clock, away_after=0.5, poll_interval=0.1
+            ) as reader,
+        ):
+            await writer.append(task(jobs[0], "new-0"))
+            while "new-0" not in got:
+                got.extend(e.entity_id for e in await reader.read(wait=5))
+            assert reader.away == {1}
+            server.start()
+            await writer.append(task(jobs[1], "new-1"))  # (past what the reader saw)
+            deadline = time.monotonic() + 30
+            while "new-1" not in got:
+                assert time.monotonic() < deadline, got
+                got.extend(e.entity_id for e in await reader.read(wait=1))
+        assert got == ["new-0", "new-1"]
+    finally:
+        server.stop()

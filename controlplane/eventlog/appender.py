@@ -110,8 +110,11 @@ class EventAppender:
         self.events_committed = 0  # since start (metrics: events appended per second)
         self.on_write_behind_failure: Callable[[GcsError], None] = _log_failure
 
-    async def start(self) -> EventAppender:
-        self._conn = await connect(self.url, timeout=self.connect_timeout)
+    async def start(self, *, connect_now: bool = True) -> EventAppender:
+        """Connects (unless not ``connect_now``: the first append does), and commits from
+        now on."""
+        if connect_now:
+            self._conn = await connect(self.url, timeout=self.connect_timeout)
         self._flusher = asyncio.create_task(self._flush_loop(), name="cairn-event-appender")
         return self
 

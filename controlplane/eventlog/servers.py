@@ -97,10 +97,18 @@ async def log_layout(url: str) -> tuple[int, int, int]:
 
 async def check_layout(urls: Sequence[str]) -> int:
     """The log's shard count, once each URL is checked to be its server of that index
-    (GcsError otherwise: a server list in another order would misplace events)."""
+    (GcsError otherwise: a server list in another order would misplace events). A server
+    other than server 0 that does not answer is not checked (it is away: the process
+    starts, and its connections check the server's identity once it answers)."""
     counts = set()
     for index, url in enumerate(urls):
-        shards, server, servers = await log_layout(url)
+        try:
+            shards, server, servers = await log_layout(url)
+        except GcsUnavailableError as exc:
+            if index == 0:
+                raise
+            log.warning("the GCS's server %d does not answer (starting without it): %s", index, exc)
+            continue
         if (server, servers) != (index, len(urls)):
             raise GcsError(
                 f"{_safe(url)} is server {server} of {servers} of its log, not server "
@@ -184,8 +192,13 @@ class ServersAppender:
 
     async def start(self) -> ServersAppender:
         self.shards = await check_layout(self.urls)
-        for appender in self._appenders:
-            await appender.start()
+        for index, appender in enumerate(self._appenders):
+            try:
+                await appender.start()
+            except GcsUnavailableError:
+                if index == 0:
+                    raise
+                await appender.start(connect_now=False)  # (away: it connects to append)
         return self
 
     async def close(self) -> None:
@@ -552,8 +565,12 @@ class ServersTailer:
 
     async def __aenter__(self) -> ServersTailer:
         self.shards = await check_layout(self.urls)
-        for tailer in self._tailers:
-            await tailer.__aenter__()
+        for index, tailer in enumerate(self._tailers):
+            try:
+                await tailer.__aenter__()
+            except GcsUnavailableError:
+                if index == 0:
+                    raise  # (else away: its reads connect, and ride out meanwhile)
         return self
 
     async def __aexit__(
@@ -713,16 +730,35 @@ async def fence_node(urls: Sequence[str], node_id: str, clock: LogClock) -> None
             await conn.close()
 
 
-async def servers_head_positions(urls: Sequence[str]) -> list[int]:
-    """Each shard's head on its server: where a reader that starts now starts."""
+async def servers_head_positions(urls: Sequence[str], *, away_ok: bool = False) -> list[int]:
+    """Each shard's head on its server: where a reader that starts now starts.
+
+    ``away_ok``: a server other than server 0 that does not answer gives its shards the
+    highest head of the others. A reader starting there misses nothing that comes
+    after it: what is appended there once it is back, by a writer that saw anything
+    the reader did (its node's registration), lies past that (the clock: servers.py)."""
     heads: dict[int, int] = {}
-    for url in urls:
-        conn: asyncpg.Connection = await connect(url)
+    away = False
+    for index, url in enumerate(urls):
         try:
-            for row in await conn.fetch("SELECT shard, last_position FROM event_log_shards"):
+            conn: asyncpg.Connection = await connect(url)
+        except GcsUnavailableError:
+            if index == 0 or not away_ok:
+                raise
+            away = True
+            continue
+        try:
+            for row in await conn.fetch(
+                "SELECT s.shard, s.last_position, h.shard_count "
+                "FROM event_log_shards s, event_log_head h WHERE h.id = 1"
+            ):
                 heads[row["shard"]] = row["last_position"]
+                shards = int(row["shard_count"])
         finally:
             await conn.close()
+    if away:
+        highest = max(heads.values(), default=0)
+        heads = {shard: heads.get(shard, highest) for shard in range(shards)}
     return [heads[shard] for shard in sorted(heads)]
 
 
@@ -748,12 +784,12 @@ async def open_tailer(url: str, **options: object) -> LogTailer:
     return ServersTailer(urls, clock=PROCESS_CLOCK, **options)  # type: ignore[arg-type]
 
 
-async def log_head_positions(url: str) -> list[int]:
+async def log_head_positions(url: str, *, away_ok: bool = False) -> list[int]:
     """Each shard's head, on whichever server it lies: where a reader that starts now
-    starts."""
+    starts (``away_ok``: as ``servers_head_positions``)."""
     urls = await log_urls(url)
     if len(urls) > 1:
-        return await servers_head_positions(urls)
+        return await servers_head_positions(urls, away_ok=away_ok)
     conn: asyncpg.Connection = await connect(url)
     try:
         return await head_positions(conn)

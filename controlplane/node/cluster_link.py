@@ -235,7 +235,7 @@ class ClusterLink:
         )
 
     async def _log_head(self) -> list[int]:
-        return await log_head_positions(self.gcs_url)
+        return await log_head_positions(self.gcs_url, away_ok=True)
 
     async def leave(self, dead: Event) -> None:
         """Stops pinging and ends the node's liveness together with its ``dead`` event,
