@@ -151,9 +151,8 @@ class RemoteReplica:
         except BaseException:
             self.stop()
             raise
-        of = "the GCS" if plan.server == 0 else f"the GCS's server {plan.server}"
         self._on_event(
-            f"a replica of {of} runs here (port {plan.port}), streaming from the primary "
+            f"a replica of {plan.named} runs here (port {plan.port}), streaming from the primary "
             f"at {plan.primary_host}:{plan.port}"
         )
         return self

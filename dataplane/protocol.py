@@ -559,7 +559,7 @@ class LogSeen:
     """How far in the log a process read it itself (the state API): its daemon appends
     what it asks for next past ``position``, so that on a log on several servers an
     effect of what it read is ordered after it, as on one (controlplane/README.md, "A
-    log on several servers"). Sent only when it moved."""
+    log on several servers"). Sent after each state query."""
 
     position: int
 

@@ -573,63 +573,73 @@ async def test_a_batch_for_two_servers_with_an_invalid_event_writes_nothing(
         assert [r["entity_id"] for r in rows] == ["after"]
 
 
-async def test_a_server_that_stays_away_holds_back_only_its_own_events(gcs_url: str) -> None:
-    """Server 1 of two stops (no replica) for longer than a reader rides out an outage:
-    the merged reader returns server 0's events after ``away_after`` and goes on, raising
-    nothing; an appender's urgent batch on server 0 is not held by what it wrote behind
-    to server 1, nor its job lookups by server 1's silence. Once server 1 is back, what
-    was written behind there lands and is read, after, and every event is read once."""
+@pytest.fixture
+def log_with_a_stoppable_server(gcs_url: str) -> Iterator[tuple[list[str], EmbeddedPostgres]]:
+    """A log of two shards on two servers, the second one of this test's own (to stop
+    and start again): the URLs, and that server."""
     server = EmbeddedPostgres()
     try:
         one = server.start()
         schema.upgrade(one)
         urls = [gcs_url, one]
         schema.set_log_servers(urls, 2)
-        jobs = jobs_by_shard(2)  # (shard s on server s)
-        got: list[str] = []
-        async with (
-            ServersAppender(urls, away_after=1.0, unavailable_timeout=1) as writer,
-            ServersTailer(urls, away_after=1.0, unavailable_timeout=1, poll_interval=0.1) as reader,
-        ):
-
-            async def read_until(entity: str, times: int = 1) -> None:
-                deadline = time.monotonic() + 30
-                while got.count(entity) < times:
-                    assert time.monotonic() < deadline, (entity, got)
-                    got.extend(e.entity_id for e in await reader.read(wait=1))
-
-            made = Event(EntityKind.OBJECT, "obj-0", "created", {"size_bytes": 1}, job_id=jobs[0])
-            await writer.append_many([task(jobs[0], "before-0"), task(jobs[1], "before-1"), made])
-            await read_until("before-1")
-            assert reader.away == set()
-
-            server.stop(keep_data=True)
-            writer.write_behind([task(jobs[1], "behind-1")])  # (waits for server 1)
-            urgent = writer.enqueue([task(jobs[0], "during-0")])
-            assert len(await asyncio.wait_for(urgent, 20)) == 1
-            freed = Event(EntityKind.OBJECT, "obj-0", "freed", {})  # (its job: on server 0)
-            assert len(await asyncio.wait_for(writer.enqueue([freed]), 20)) == 1
-            await read_until("during-0")
-            await read_until("obj-0", 2)
-            assert reader.away == {1}
-            await asyncio.sleep(2)  # (past the reader's riding out of server 1: it goes on)
-            await writer.append(task(jobs[0], "later-0"))
-            await read_until("later-0")
-            assert reader.away == {1}
-
-            server.start()
-            await writer.append(task(jobs[1], "after-1"))
-            await read_until("after-1")
-            await read_until("behind-1")
-            assert reader.away == set()
-        assert sorted(got) == sorted(
-            ["before-0", "before-1", "behind-1", "during-0", "later-0", "after-1", "obj-0", "obj-0"]
-        )
-        assert got.index("during-0") < got.index("behind-1")  # (away: read when back)
-        on_zero = await fetch_rows(gcs_url, "SELECT job_id FROM events WHERE entity_id = 'obj-0'")
-        assert [r["job_id"] for r in on_zero] == [jobs[0], jobs[0]]
+        yield urls, server
     finally:
         server.stop()
+
+
+async def test_a_server_that_stays_away_holds_back_only_its_own_events(
+    gcs_url: str, log_with_a_stoppable_server: tuple[list[str], EmbeddedPostgres]
+) -> None:
+    """Server 1 of two stops (no replica) for longer than a reader rides out an outage:
+    the merged reader returns server 0's events after ``away_after`` and goes on, raising
+    nothing; an appender's urgent batch on server 0 is not held by what it wrote behind
+    to server 1, nor its job lookups by server 1's silence. Once server 1 is back, what
+    was written behind there lands and is read, after, and every event is read once."""
+    urls, server = log_with_a_stoppable_server
+    jobs = jobs_by_shard(2)  # (shard s on server s)
+    got: list[str] = []
+    async with (
+        ServersAppender(urls, away_after=1.0, unavailable_timeout=1) as writer,
+        ServersTailer(urls, away_after=1.0, unavailable_timeout=1, poll_interval=0.1) as reader,
+    ):
+
+        async def read_until(entity: str, times: int = 1) -> None:
+            deadline = time.monotonic() + 30
+            while got.count(entity) < times:
+                assert time.monotonic() < deadline, (entity, got)
+                got.extend(e.entity_id for e in await reader.read(wait=1))
+
+        made = Event(EntityKind.OBJECT, "obj-0", "created", {"size_bytes": 1}, job_id=jobs[0])
+        await writer.append_many([task(jobs[0], "before-0"), task(jobs[1], "before-1"), made])
+        await read_until("before-1")
+        assert reader.away == set()
+
+        server.stop(keep_data=True)
+        writer.write_behind([task(jobs[1], "behind-1")])  # (waits for server 1)
+        urgent = writer.enqueue([task(jobs[0], "during-0")])
+        assert len(await asyncio.wait_for(urgent, 20)) == 1
+        freed = Event(EntityKind.OBJECT, "obj-0", "freed", {})  # (its job: on server 0)
+        assert len(await asyncio.wait_for(writer.enqueue([freed]), 20)) == 1
+        await read_until("during-0")
+        await read_until("obj-0", 2)
+        assert reader.away == {1}
+        await asyncio.sleep(2)  # (past the reader's riding out of server 1: it goes on)
+        await writer.append(task(jobs[0], "later-0"))
+        await read_until("later-0")
+        assert reader.away == {1}
+
+        server.start()
+        await writer.append(task(jobs[1], "after-1"))
+        await read_until("after-1")
+        await read_until("behind-1")
+        assert reader.away == set()
+    assert sorted(got) == sorted(
+        ["before-0", "before-1", "behind-1", "during-0", "later-0", "after-1", "obj-0", "obj-0"]
+    )
+    assert got.index("during-0") < got.index("behind-1")  # (away: read when back)
+    on_zero = await fetch_rows(gcs_url, "SELECT job_id FROM events WHERE entity_id = 'obj-0'")
+    assert [r["job_id"] for r in on_zero] == [jobs[0], jobs[0]]
 
 
 # A driver on a log on two servers reads the state API, then asks for a task: the task's
@@ -703,7 +713,7 @@ def test_what_a_driver_asks_for_after_reading_the_state_api_is_past_what_it_read
 
 
 async def test_the_scheduler_places_the_other_servers_jobs_while_one_is_away(
-    gcs_url: str,
+    gcs_url: str, log_with_a_stoppable_server: tuple[list[str], EmbeddedPostgres]
 ) -> None:
     """A scheduler on a log on two servers whose server 1 stops: an append that waits
     for it holds the scheduler for ``away_after`` only (it lands once server 1 is back),
@@ -712,119 +722,105 @@ async def test_the_scheduler_places_the_other_servers_jobs_while_one_is_away(
     from controlplane.eventlog import SCHEDULER
     from controlplane.scheduler import GlobalScheduler
 
-    server = EmbeddedPostgres()
+    urls, server = log_with_a_stoppable_server
+    jobs = jobs_by_shard(2)
+
+    def spill(task_id: str, job: str) -> Event:
+        payload = {"attempt": 0, "resources": {"CPU": 0.1}, "args": {}, "from_node": "a"}
+        return Event(EntityKind.TASK, task_id, "spilled", payload, job_id=job)
+
+    registered = Event(
+        EntityKind.NODE,
+        "a",
+        "registered",
+        {"address": "127.0.0.1:1", "resources": {"CPU": 4.0}},
+        node_id="a",
+    )
+    async with ServersAppender(urls) as writer:
+        await writer.append_many(
+            [registered, spill("s0", jobs[0]), spill("s1", jobs[1]), spill("s3", jobs[1])]
+        )
+    scheduler = GlobalScheduler(gcs_url)
+    scheduler.appender = ServersAppender(urls, away_after=0.5, unavailable_timeout=1)
+    tailer = ServersTailer(
+        urls, reader=SCHEDULER, away_after=0.5, unavailable_timeout=1, poll_interval=0.1
+    )
+    scheduler.tailer = tailer
+    await scheduler.appender.start()
     try:
-        one = server.start()
-        schema.upgrade(one)
-        urls = [gcs_url, one]
-        schema.set_log_servers(urls, 2)
-        jobs = jobs_by_shard(2)
-
-        def spill(task_id: str, job: str) -> Event:
-            payload = {"attempt": 0, "resources": {"CPU": 0.1}, "args": {}, "from_node": "a"}
-            return Event(EntityKind.TASK, task_id, "spilled", payload, job_id=job)
-
-        registered = Event(
-            EntityKind.NODE,
-            "a",
-            "registered",
-            {"address": "127.0.0.1:1", "resources": {"CPU": 4.0}},
-            node_id="a",
-        )
-        async with ServersAppender(urls) as writer:
-            await writer.append_many(
-                [registered, spill("s0", jobs[0]), spill("s1", jobs[1]), spill("s3", jobs[1])]
-            )
-        scheduler = GlobalScheduler(gcs_url)
-        scheduler.appender = ServersAppender(urls, away_after=0.5, unavailable_timeout=1)
-        tailer = ServersTailer(
-            urls, reader=SCHEDULER, away_after=0.5, unavailable_timeout=1, poll_interval=0.1
-        )
-        scheduler.tailer = tailer
-        await scheduler.appender.start()
-        try:
-            async with tailer:
-                later = None
-                while later is None or "s1" not in scheduler.pending:
-                    for event in await tailer.read(wait=5):
-                        if event.entity_id == "s3":
-                            later = event  # (applied once server 1 is away)
-                        else:
-                            scheduler.apply(event)
-                server.stop(keep_data=True)
-                await asyncio.wait_for(scheduler.place_pending(), 20)
-                assert len(scheduler.appending) == 1  # (s1's placement: on server 1)
-                placed_s0 = "SELECT 1 FROM events WHERE entity_id = 's0' AND event_type = 'placed'"
-                while not await fetch_rows(gcs_url, placed_s0):
-                    await asyncio.sleep(0.05)
-                while tailer.away != {1}:
-                    for event in await tailer.read(wait=1):  # (s0's placement)
+        async with tailer:
+            later = None
+            while later is None or "s1" not in scheduler.pending:
+                for event in await tailer.read(wait=5):
+                    if event.entity_id == "s3":
+                        later = event  # (applied once server 1 is away)
+                    else:
                         scheduler.apply(event)
-                assert later is not None
-                scheduler.apply(later)
-                await asyncio.wait_for(scheduler.place_pending(), 20)
-                assert "s3" in scheduler.pending and len(scheduler.appending) == 1
+            server.stop(keep_data=True)
+            await asyncio.wait_for(scheduler.place_pending(), 20)
+            assert len(scheduler.appending) == 1  # (s1's placement: on server 1)
+            placed_s0 = "SELECT 1 FROM events WHERE entity_id = 's0' AND event_type = 'placed'"
+            while not await fetch_rows(gcs_url, placed_s0):
+                await asyncio.sleep(0.05)
+            while tailer.away != {1}:
+                for event in await tailer.read(wait=1):  # (s0's placement)
+                    scheduler.apply(event)
+            assert later is not None
+            scheduler.apply(later)
+            await asyncio.wait_for(scheduler.place_pending(), 20)
+            assert "s3" in scheduler.pending and len(scheduler.appending) == 1
 
-                server.start()
-                deadline = time.monotonic() + 30
-                while scheduler.appending:
-                    assert time.monotonic() < deadline
-                    await asyncio.sleep(0.1)
-                    scheduler._check_appends()
-                while tailer.away:
-                    for event in await tailer.read(wait=1):
-                        scheduler.apply(event)
-                await scheduler.place_pending()
-                assert "s3" not in scheduler.pending
-        finally:
-            await scheduler.appender.close()
-        placed = await fetch_rows(
-            one, "SELECT entity_id FROM events WHERE event_type = 'placed' ORDER BY position"
-        )
-        assert [r["entity_id"] for r in placed] == ["s1", "s3"]
+            server.start()
+            deadline = time.monotonic() + 30
+            while scheduler.appending:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.1)
+                scheduler._check_appends()
+            while tailer.away:
+                for event in await tailer.read(wait=1):
+                    scheduler.apply(event)
+            await scheduler.place_pending()
+            assert "s3" not in scheduler.pending
     finally:
-        server.stop()
+        await scheduler.appender.close()
+    placed = await fetch_rows(
+        urls[1], "SELECT entity_id FROM events WHERE event_type = 'placed' ORDER BY position"
+    )
+    assert [r["entity_id"] for r in placed] == ["s1", "s3"]
 
 
-async def test_a_reader_and_a_writer_start_while_a_server_is_away(gcs_url: str) -> None:
+async def test_a_reader_and_a_writer_start_while_a_server_is_away(
+    log_with_a_stoppable_server: tuple[list[str], EmbeddedPostgres],
+) -> None:
     """With server 1 down, a new writer and a new reader starting at the heads
     (``away_ok``: server 1's shards at the highest head of the others) start, and go on
     with server 0; once server 1 is back, what a writer that saw the reader's start
     appends there is read, and nothing from before the start is."""
     from controlplane.errors import GcsUnavailableError
 
-    server = EmbeddedPostgres()
-    try:
-        one = server.start()
-        schema.upgrade(one)
-        urls = [gcs_url, one]
-        schema.set_log_servers(urls, 2)
-        jobs = jobs_by_shard(2)
-        async with ServersAppender(urls) as writer:
-            await writer.append_many([task(jobs[0], "old-0"), task(jobs[1], "old-1")])
-        server.stop(keep_data=True)
-        with pytest.raises(GcsUnavailableError):
-            await servers_head_positions(urls)
-        heads = await servers_head_positions(urls, away_ok=True)
-        assert heads == [heads[0]] * 2  # (server 1's shard: the highest of the others)
-        clock = LogClock()
-        got: list[str] = []
-        async with (
-            ServersAppender(urls, clock=clock, away_after=0.5) as writer,
-            ServersTailer(
-                urls, after=heads, clock=clock, away_after=0.5, poll_interval=0.1
-            ) as reader,
-        ):
-            await writer.append(task(jobs[0], "new-0"))
-            while "new-0" not in got:
-                got.extend(e.entity_id for e in await reader.read(wait=5))
-            assert reader.away == {1}
-            server.start()
-            await writer.append(task(jobs[1], "new-1"))  # (past what the reader saw)
-            deadline = time.monotonic() + 30
-            while "new-1" not in got:
-                assert time.monotonic() < deadline, got
-                got.extend(e.entity_id for e in await reader.read(wait=1))
-        assert got == ["new-0", "new-1"]
-    finally:
-        server.stop()
+    urls, server = log_with_a_stoppable_server
+    jobs = jobs_by_shard(2)
+    async with ServersAppender(urls) as writer:
+        await writer.append_many([task(jobs[0], "old-0"), task(jobs[1], "old-1")])
+    server.stop(keep_data=True)
+    with pytest.raises(GcsUnavailableError):
+        await servers_head_positions(urls)
+    heads = await servers_head_positions(urls, away_ok=True)
+    assert heads == [heads[0]] * 2  # (server 1's shard: the highest of the others)
+    clock = LogClock()
+    got: list[str] = []
+    async with (
+        ServersAppender(urls, clock=clock, away_after=0.5) as writer,
+        ServersTailer(urls, after=heads, clock=clock, away_after=0.5, poll_interval=0.1) as reader,
+    ):
+        await writer.append(task(jobs[0], "new-0"))
+        while "new-0" not in got:
+            got.extend(e.entity_id for e in await reader.read(wait=5))
+        assert reader.away == {1}
+        server.start()
+        await writer.append(task(jobs[1], "new-1"))  # (past what the reader saw)
+        deadline = time.monotonic() + 30
+        while "new-1" not in got:
+            assert time.monotonic() < deadline, got
+            got.extend(e.entity_id for e in await reader.read(wait=1))
+    assert got == ["new-0", "new-1"]

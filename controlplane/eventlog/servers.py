@@ -561,7 +561,7 @@ class ServersTailer:
         self._reads: list[list[tuple[int, int | None]]] = [[] for _ in self.urls]
         self._in_flight: dict[int, _Read] = {}
         self.away: set[int] = set()  # servers whose events are not waited for
-        self._failed: dict[int, GcsUnavailableError] = {}  # away, riding out given up
+        self._failed: set[int] = set()  # away, riding out given up since
 
     async def __aenter__(self) -> ServersTailer:
         self.shards = await check_layout(self.urls)
@@ -668,15 +668,15 @@ class ServersTailer:
         del self._in_flight[server]
         try:
             found = read.task.result()
-        except GcsUnavailableError as exc:  # (given up riding out: a new read rides on)
+        except GcsUnavailableError:  # (given up riding out: a new read rides on)
             self._went_away(server, read)
-            self._failed[server] = exc
+            self._failed.add(server)
             if len(self._failed) == len(self._tailers):
                 raise
             return False
         if server in self.away:
             self.away.discard(server)
-            self._failed.pop(server, None)
+            self._failed.discard(server)
             log.warning("the GCS's server %d answers again: its events are read on", server)
         cut = self._tailers[server].cut
         self._reads[server].append((read.began, cut))
@@ -748,10 +748,7 @@ async def servers_head_positions(urls: Sequence[str], *, away_ok: bool = False) 
             away = True
             continue
         try:
-            for row in await conn.fetch(
-                "SELECT s.shard, s.last_position, h.shard_count "
-                "FROM event_log_shards s, event_log_head h WHERE h.id = 1"
-            ):
+            for row in await conn.fetch(queries["shard_heads"]):
                 heads[row["shard"]] = row["last_position"]
                 shards = int(row["shard_count"])
         finally:

@@ -56,8 +56,9 @@ class ObjectStore:
         self._schedule = schedule
         self._fetch_remote = fetch_remote
         self._release_remote = release_remote
-        # the job of each object made here (or a value of a task spilled from here), until
-        # it is freed: its later events name it
+        # the job of each object made here (or a value of a task spilled from here, or an
+        # object pulled from a node that named its job), until it is freed: its later
+        # events name it
         # (an entity's events in one shard: migrations/sql/0020_entity_jobs.up.sql)
         self._jobs: dict[str, str] = {}
         self.objects = ObjectTable(

@@ -122,6 +122,13 @@ SELECT cairn_settled_position_v1()
 -- Each shard's head (index shard + 1): where a reader that starts now starts.
 SELECT array_agg(last_position ORDER BY shard) FROM event_log_shards
 
+-- shard_heads --
+-- Each shard this server holds and its head, with the log's shard count (a log on
+-- several servers: eventlog/servers.py, servers_head_positions).
+SELECT s.shard, s.last_position, h.shard_count
+  FROM event_log_shards s, event_log_head h
+ WHERE h.id = 1
+
 -- stored_tailer_positions --
 -- Where the log's readers that keep their place in it stand: the projectors (their
 -- subscriptions, moved with each batch applied) and the checkpointing ones, such as the

@@ -63,18 +63,9 @@ def _run(coroutine: Coroutine[Any, Any, T]) -> T:
             answer = pool.submit(asyncio.run, coroutine).result()
     except (GcsError, logs.LogsError) as exc:
         raise RayStateApiException(str(exc)) from exc
-    _tell_daemon(PROCESS_CLOCK.position)
+    if (client := current_client()) is not None:  # (a message per state query: cheap)
+        client.send(p.LogSeen(PROCESS_CLOCK.position))
     return answer
-
-
-_told = [0]  # the last position this process's daemon was told of
-
-
-def _tell_daemon(position: int) -> None:
-    client = current_client()
-    if client is not None and position > _told[0]:
-        client.send(p.LogSeen(position))
-        _told[0] = position
 
 
 def _explainer(explain: bool) -> Any:
