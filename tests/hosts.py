@@ -26,6 +26,7 @@ import contextlib
 import ctypes
 import functools
 import os
+import re
 import secrets
 import select
 import shutil
@@ -129,6 +130,13 @@ def _namespace_probe() -> str | None:
     if probe.returncode != 0:
         return f"`unshare --net --mount --ipc --uts true` failed: {probe.stderr.strip()}"
     return None
+
+
+def session_of(started: subprocess.CompletedProcess[str]) -> str:
+    """The session directory ``cairn start`` says it made (in its host's /tmp)."""
+    found = re.search(r"\(session (\S+);", started.stdout)
+    assert found is not None, started.stdout
+    return found[1]
 
 
 def ensure_nft() -> None:

@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import json
 import os
-import re
 import secrets
 import shutil
 import signal
@@ -27,7 +26,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from hosts import PYTHON, Host, Hosts, hosts_fixture
+from hosts import PYTHON, Host, Hosts, hosts_fixture, session_of
 from log_rows import fetch_rows, rows
 from processes import ROOT, isolated_env, private_temp_dir, run_cairn
 
@@ -619,13 +618,12 @@ def test_a_node_on_another_machine_follows_the_failover(two_hosts: Hosts) -> Non
         env=token,
     )
     try:
-        session = re.search(r"\(session (\S+);", started.stdout)
-        assert session is not None, started.stdout
+        session = session_of(started)
         primaries = [
-            _postmaster(a.run(["cat", f"{session[1]}/{server}/pgdata/postmaster.pid"]).stdout)[0]
+            _postmaster(a.run(["cat", f"{session}/{server}/pgdata/postmaster.pid"]).stdout)[0]
             for server in (".", "log-server-1")
         ]
-        replica = a.run(["cat", f"{session[1]}/log-server-1/replica/pgdata/postmaster.pid"])
+        replica = a.run(["cat", f"{session}/log-server-1/replica/pgdata/postmaster.pid"])
         _, replica_port = _postmaster(replica.stdout)
         b.cairn(
             "start",
@@ -707,10 +705,8 @@ def test_losing_one_server_of_two_stops_only_the_jobs_it_holds(two_hosts: Hosts)
         env=env,
     )
     try:
-        session = re.search(r"\(session (\S+);", started.stdout)
-        assert session is not None, started.stdout
-        pid_file = a.run(["cat", f"{session[1]}/log-server-1/pgdata/postmaster.pid"]).stdout
-        _signal_server(_postmaster(pid_file)[0], signal.SIGKILL)
+        pid_file = a.run(["cat", f"{session_of(started)}/log-server-1/pgdata/postmaster.pid"])
+        _signal_server(_postmaster(pid_file.stdout)[0], signal.SIGKILL)
         time.sleep(6)  # (past riding out: a reader that still waited for it gave up)
         b.cairn(  # (a node joins while server 1 is away)
             "start",

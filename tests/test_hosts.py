@@ -21,7 +21,16 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from hosts import CHECKOUT, PYTHON, Host, Hosts, bound_paths, hosts_fixture, sweep_stale
+from hosts import (
+    CHECKOUT,
+    PYTHON,
+    Host,
+    Hosts,
+    bound_paths,
+    hosts_fixture,
+    session_of,
+    sweep_stale,
+)
 
 two_hosts = hosts_fixture(2)
 three_hosts = hosts_fixture(3)
@@ -398,10 +407,9 @@ def test_a_cairn_head_runs_in_a_host(two_hosts: Hosts, tls: str) -> None:
     a, b = two_hosts
     started = a.cairn("start", "--head", "--node-ip-address", a.ip, "--tls", tls)
     try:
-        session = re.search(r"\(session (\S+);", started.stdout)
-        assert session is not None, started.stdout
-        assert a.run(["test", "-d", session.group(1)], check=False).returncode == 0
-        assert not Path(session.group(1)).exists()
+        session = session_of(started)
+        assert a.run(["test", "-d", session], check=False).returncode == 0
+        assert not Path(session).exists()
         assert pwd.getpwnam("cairn-postgres").pw_uid in {owner(pid) for pid in a.pids()}
         assert a.run(["sh", "-c", "ls -d /tmp/cairn-pginstall-*"]).returncode == 0
         status = a.cairn("status").stdout
