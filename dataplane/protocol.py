@@ -510,6 +510,7 @@ class ListNamedActors:
     request_id: int
     job_id: str
     all_namespaces: bool
+    namespace: str | None = None  # the job's (a task's on another node than its driver's)
 
 
 @dataclass(slots=True)

@@ -188,7 +188,8 @@ def build_parts(
         actor_director.envs_changed()
 
     scheduler = LocalScheduler(resources, placement_groups, worker_pool, spills, runs, envs)
-    names = ActorNames()
+    # in a cluster a name is the cluster's: one held through another node is in the log
+    names = ActorNames(gcs_url, spawn=spawn) if cluster is not None else ActorNames()
     elsewhere = ActorsElsewhere(node_id, recorder, objects, tasks, spills, names, runs)
     actor_director = ActorDirector(
         node_id,

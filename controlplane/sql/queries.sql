@@ -270,6 +270,47 @@ SELECT
     (SELECT max((payload->>'attempt')::int) FROM log_union.events
       WHERE entity_id = $1 AND entity_kind = 'task') AS attempt;
 
+-- named_actor --
+-- The live actors named $2 in namespace $1 in the whole log, newest first (a node that
+-- does not hold the name itself: controlplane/node/actor_names.py), each with its
+-- creation task's `submitted` data (its spec: the actor's options) where logged yet.
+-- Live: no `dead` event of it, and its owner (the node that logged its creation for
+-- itself, or the one it names as owner) not declared dead (its actors went with it).
+-- Through events_actor_names_idx (migration 0028), events_actor_calls_idx and
+-- events_entity_idx.
+SELECT c.entity_id AS actor_id, c.payload ->> 'namespace' AS namespace,
+       c.payload ->> 'name' AS name,
+       (SELECT s.data FROM log_union.events s
+         WHERE s.payload ? 'actor_id' AND s.event_type = 'submitted'
+           AND s.payload ->> 'actor_id' = c.entity_id AND s.payload ->> 'method' = '__init__'
+         ORDER BY s.position LIMIT 1) AS creation
+  FROM log_union.events c
+ WHERE c.entity_kind = 'actor' AND c.event_type = 'creation_requested' AND c.payload ? 'name'
+   AND md5(c.payload ->> 'name') = md5($2) AND c.payload ->> 'name' = $2
+   AND c.payload ->> 'namespace' = $1
+   AND NOT EXISTS (SELECT 1 FROM log_union.events d
+                    WHERE d.entity_id = c.entity_id AND d.event_type = 'dead'
+                      AND d.entity_kind = 'actor')
+   AND NOT EXISTS (SELECT 1 FROM log_union.events n
+                    WHERE n.entity_id = coalesce(c.payload ->> 'owner_node', c.node_id)
+                      AND n.event_type = 'dead' AND n.entity_kind = 'node')
+ ORDER BY c.position DESC
+
+-- named_actors --
+-- The same for every live named actor of the log ($1: one namespace, or NULL for all),
+-- without their specs (`ray.util.list_named_actors`).
+SELECT DISTINCT c.entity_id AS actor_id, c.payload ->> 'namespace' AS namespace,
+       c.payload ->> 'name' AS name
+  FROM log_union.events c
+ WHERE c.entity_kind = 'actor' AND c.event_type = 'creation_requested' AND c.payload ? 'name'
+   AND ($1::text IS NULL OR c.payload ->> 'namespace' = $1)
+   AND NOT EXISTS (SELECT 1 FROM log_union.events d
+                    WHERE d.entity_id = c.entity_id AND d.event_type = 'dead'
+                      AND d.entity_kind = 'actor')
+   AND NOT EXISTS (SELECT 1 FROM log_union.events n
+                    WHERE n.entity_id = coalesce(c.payload ->> 'owner_node', c.node_id)
+                      AND n.event_type = 'dead' AND n.entity_kind = 'node')
+
 -- put_value --
 -- How a put object can be recovered: its value (small ones are in their `created`
 -- event) or the path of its durable copy (put(durable=True)).

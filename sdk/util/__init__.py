@@ -41,12 +41,13 @@ def list_named_actors(all_namespaces: bool = False) -> list[str] | list[dict[str
     ``all_namespaces``, every one as {"name", "namespace"} (as Ray)."""
     from dataplane import context
     from dataplane import protocol as p
-    from sdk.runtime import client_or_auto_init
+    from sdk.runtime import client_or_auto_init, job_namespace
 
     client = client_or_auto_init()
     task = context.current_task()
     job_id = task.job_id if task else client.welcome.job_id
-    named = client.request(lambda rid: p.ListNamedActors(rid, job_id, all_namespaces))
+    namespace = job_namespace(client)
+    named = client.request(lambda rid: p.ListNamedActors(rid, job_id, all_namespaces, namespace))
     if all_namespaces:
         return [{"name": name, "namespace": namespace} for namespace, name in named]
     return [name for _namespace, name in named]
