@@ -34,6 +34,7 @@ from controlplane.eventlog import EntityKind, Event, RecordedEvent
 from controlplane.node.actor_names import ActorNames
 from controlplane.node.actor_replay import calls_to_replay, internal_call, internal_call_done
 from controlplane.node.actor_routes import ActorRoutes
+from controlplane.node.actors_borrowed import BorrowedActors
 from controlplane.node.actors_elsewhere import ActorsElsewhere, call_retries
 from controlplane.node.local_scheduler import LocalScheduler
 from controlplane.node.placement_groups import PlacementGroups
@@ -142,7 +143,10 @@ class ActorDirector:
         envs: RuntimeEnvs,
         *,
         spawn: Callable[[Coroutine[Any, Any, None]], object],
+        borrowed: BorrowedActors | None = None,
     ) -> None:
+        """``borrowed``: a cluster's node calls actors other nodes made (None: a
+        private cluster's, where every actor is made here)."""
         self.node_id = node_id
         self.gcs_url = gcs_url
         self.session_dir = session_dir
@@ -155,6 +159,7 @@ class ActorDirector:
         self.placement_groups = placement_groups
         self.spills = spills
         self.elsewhere = elsewhere
+        self.borrowed = borrowed
         self.names = names
         self.node = node
         self._spawn = spawn
@@ -275,6 +280,9 @@ class ActorDirector:
             self.elsewhere.call(record)
             return
         actor = self.actors.get(record.spec.actor_id or "")
+        if actor is None and self.borrowed is not None:  # made through another node
+            self.borrowed.call(record)
+            return
         if actor is None:
             self.node.finish_failed(
                 record,
@@ -549,6 +557,9 @@ class ActorDirector:
             self.elsewhere.kill(actor_id, no_restart, cause)
             return
         actor = self.actors.get(actor_id)
+        if actor is None and self.borrowed is not None:  # made through another node
+            self.borrowed.kill(actor_id, no_restart)
+            return
         if actor is None or actor.death is not None:
             return
         if no_restart and cause:
@@ -690,9 +701,9 @@ class ActorDirector:
             self._dispatch(actor)
 
     def remote_event(self, event: RecordedEvent) -> None:
-        """Another node's event of an actor hosted here: its creator's node asks for a
-        kill."""
+        """Another node's event of an actor hosted here: its creator's node, or a node
+        that calls it (actors_borrowed.py), asks for a kill."""
         actor = self.actors.get(event.entity_id)
-        if actor is not None and event.event_type == "kill_requested" and actor.owner is None:
+        if actor is not None and event.event_type == "kill_requested":
             cause = event.payload.get("cause") or ""
             self.kill(actor.actor_id, bool(event.payload["no_restart"]), cause)

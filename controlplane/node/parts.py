@@ -14,6 +14,7 @@ from controlplane import pip_envs
 from controlplane.node import rpc
 from controlplane.node.actor_names import ActorNames
 from controlplane.node.actors import ActorDirector
+from controlplane.node.actors_borrowed import BorrowedActors
 from controlplane.node.actors_elsewhere import ActorsElsewhere
 from controlplane.node.cluster_link import ClusterLink, JoinOffer
 from controlplane.node.local_scheduler import LocalScheduler
@@ -191,6 +192,11 @@ def build_parts(
     # in a cluster a name is the cluster's: one held through another node is in the log
     names = ActorNames(gcs_url, spawn=spawn) if cluster is not None else ActorNames()
     elsewhere = ActorsElsewhere(node_id, recorder, objects, tasks, spills, names, runs)
+    borrowed = (  # (in a cluster: actors other nodes made, called from here)
+        BorrowedActors(node_id, gcs_url, recorder, spills, runs, spawn=spawn)
+        if cluster is not None
+        else None
+    )
     actor_director = ActorDirector(
         node_id,
         gcs_url,
@@ -208,6 +214,7 @@ def build_parts(
         runs,
         envs,
         spawn=spawn,
+        borrowed=borrowed,
     )
     reconstructor = Reconstructor(
         node_id, gcs_url, objects, recorder, store.spiller, runs, spawn=spawn

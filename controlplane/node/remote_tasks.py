@@ -248,6 +248,8 @@ class RemoteTasks:
         for object_id in self.objects.remote_at(address) if address and not adopted else []:
             self.reconstructor.object_lost(object_id, f"node {node_id}, which held it, died")
         self.elsewhere.node_lost(node_id)
+        if self.actor_director.borrowed is not None:
+            self.actor_director.borrowed.node_lost(node_id)
         for record in self.spills.placed_on(node_id):
             self._placed_task_lost(record, node_id)
 
@@ -266,6 +268,15 @@ class RemoteTasks:
         reason = f"node {node_id}, where it ran, died"
         if record.retries_left != 0:
             self.node.retry(record, reason)  # back to the local queue: runs or spills
+        elif record.spec.actor_id is not None and record.spec.method != "__init__":
+            # a call of an actor another node made (actors_borrowed.py)
+            error = p.ErrorInfo(
+                "actor_died",
+                f"the actor {record.spec.actor_id} was on node {node_id}, which died while "
+                "the call was there (max_task_retries=0)",
+                function_name=record.spec.actor_id,
+            )
+            self.node.finish_failed(record, error, log_event=True)
         else:
             self.node.finish_failed(
                 record,

@@ -311,6 +311,33 @@ SELECT DISTINCT c.entity_id AS actor_id, c.payload ->> 'namespace' AS namespace,
                     WHERE n.entity_id = coalesce(c.payload ->> 'owner_node', c.node_id)
                       AND n.event_type = 'dead' AND n.entity_kind = 'node')
 
+-- actor_whereabouts --
+-- Where actor $1 lives now, for a node that calls it without having made or hosting it
+-- (controlplane/node/actors_borrowed.py): its latest state event (`alive`: on the node
+-- that logged it; `creation_requested`, `restarting`: not yet; `dead`: its `cause`),
+-- whether that node was declared dead, whether its owner's was (the node that logged
+-- its creation for itself, or the one that event names as owner), and its creation
+-- task's spec (its options). No row: the log does not name it (yet).
+SELECT s.event_type AS state, s.node_id AS node, s.payload ->> 'cause' AS cause,
+       EXISTS (SELECT 1 FROM log_union.events n
+                WHERE n.entity_id = s.node_id AND n.event_type = 'dead'
+                  AND n.entity_kind = 'node') AS node_dead,
+       EXISTS (SELECT 1 FROM log_union.events r
+                WHERE r.entity_id = $1 AND r.event_type = 'creation_requested'
+                  AND r.entity_kind = 'actor'
+                  AND EXISTS (SELECT 1 FROM log_union.events n
+                               WHERE n.entity_id = coalesce(r.payload ->> 'owner_node', r.node_id)
+                                 AND n.event_type = 'dead' AND n.entity_kind = 'node'))
+           AS owner_dead,
+       (SELECT c.data FROM log_union.events c
+         WHERE c.payload ? 'actor_id' AND c.event_type = 'submitted'
+           AND c.payload ->> 'actor_id' = $1 AND c.payload ->> 'method' = '__init__'
+         ORDER BY c.position LIMIT 1) AS creation
+  FROM (SELECT event_type, node_id, payload FROM log_union.events
+         WHERE entity_id = $1 AND entity_kind = 'actor'
+           AND event_type IN ('creation_requested', 'alive', 'restarting', 'dead')
+         ORDER BY position DESC LIMIT 1) s
+
 -- put_value --
 -- How a put object can be recovered: its value (small ones are in their `created`
 -- event) or the path of its durable copy (put(durable=True)).

@@ -1,0 +1,202 @@
+"""An actor is the cluster's, as in Ray: a task on another node than the actor's owner
+finds it by name (``get_actor``, ``get_if_exists``, ``list_named_actors``), cannot take
+its name while it lives, calls it (a handle passed or found by name: the calls run in
+the order made, and the owner sees their effect) and kills it; once it is dead the
+name is free on every node, the other node's calls fail with ActorDiedError, and an
+actor named on the other node is found from the first. Real head and joined node
+daemons on one machine; names and where an actor lives are read from the log."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from machine_cluster import MachineCluster, machine_cluster, node_id
+
+import sdk as ray
+from sdk.util import list_named_actors
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[MachineCluster]:
+    """A head with 1 CPU, a joined node with the only "gadget" and one with the only
+    "spot" (killed by the last test); this process is a driver connected to the head,
+    in namespace "ns"."""
+    with machine_cluster(
+        ["--num-cpus", "1"],
+        ["--num-cpus", "2", "--resources", '{"gadget": 2}'],
+        ["--num-cpus", "1", "--resources", '{"spot": 1}'],
+    ) as nodes:
+        ray.init(address="auto", namespace="ns")
+        try:
+            yield nodes
+        finally:
+            ray.shutdown()
+
+
+@ray.remote(num_cpus=0)
+class Counter:
+    def __init__(self) -> None:
+        self.count = 0
+
+    def add(self, k: int) -> int:
+        self.count += k
+        return self.count
+
+    def block(self, started: str) -> None:
+        open(started, "w").close()
+        time.sleep(600)
+
+
+@ray.remote(resources={"gadget": 1}, num_cpus=0)
+def on_the_joined_node(name: str) -> dict[str, Any]:
+    """What a task on the joined node sees of the name ``name``."""
+    seen: dict[str, Any] = {"node": ray.get_runtime_context().get_node_id()}
+    try:
+        seen["found"] = ray.get_actor(name)._actor_id
+    except ValueError as exc:
+        seen["found"] = f"ValueError: {exc}"
+    try:
+        ray.get_actor(name, namespace="elsewhere")
+        seen["elsewhere"] = "found"
+    except ValueError:
+        seen["elsewhere"] = "missing"
+    try:
+        Counter.options(name=name).remote()
+        seen["taken"] = "made another"
+    except ValueError as exc:
+        seen["taken"] = f"ValueError: {exc}"
+    seen["if_exists"] = Counter.options(name=name, get_if_exists=True).remote()._actor_id
+    seen["listed"] = list_named_actors()
+    seen["listed_all"] = list_named_actors(all_namespaces=True)
+    return seen
+
+
+@ray.remote(resources={"gadget": 1}, num_cpus=0)
+def lookup_there(name: str) -> str:
+    try:
+        return ray.get_actor(name)._actor_id
+    except ValueError as exc:
+        return f"ValueError: {exc}"
+
+
+@ray.remote(resources={"gadget": 1}, num_cpus=0)
+def name_one_there(name: str) -> str:
+    return Counter.options(name=name, lifetime="detached").remote()._actor_id
+
+
+def _until(condition: Any, what: str, timeout: float = 30.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (result := condition()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+    return result
+
+
+def test_a_name_is_the_clusters(cluster: MachineCluster) -> None:
+    here = ray.get_runtime_context().get_node_id()
+    coord = Counter.options(name="coord").remote()
+    seen = ray.get(on_the_joined_node.remote("coord"), timeout=60)
+    assert seen["node"] != here
+    assert seen["found"] == coord._actor_id
+    assert seen["elsewhere"] == "missing"
+    assert seen["taken"].startswith("ValueError: ") and "already taken" in seen["taken"]
+    assert seen["if_exists"] == coord._actor_id
+    assert "coord" in seen["listed"]
+    assert {"name": "coord", "namespace": "ns"} in seen["listed_all"]
+
+    # dead: its name is free everywhere (the owner's `dead` event is written behind)
+    ray.kill(coord)
+    _until(
+        lambda: ray.get(lookup_there.remote("coord"), timeout=60).startswith("ValueError"),
+        "the dead actor's name to be free on the joined node",
+    )
+    again = ray.get(name_one_there.remote("coord"), timeout=60)
+    assert again != coord._actor_id
+    # and the actor named through the joined node is the head's driver's to find
+    assert ray.get_actor("coord")._actor_id == again
+    with pytest.raises(ValueError, match="already taken"):
+        Counter.options(name="coord").remote()
+    ray.kill(ray.get_actor("coord"))
+
+
+@ray.remote(resources={"gadget": 1}, num_cpus=0)
+def call_there(passed: Any, name: str) -> list[int]:
+    """Calls the actor through a handle passed and one found by name (unless "unnamed"),
+    from the joined node: 1 + 20 calls, each result returned in order."""
+    first = ray.get(passed.add.remote(10))
+    if name == "unnamed":
+        return [first]
+    found = ray.get_actor(name)
+    return [first, *ray.get([found.add.remote(1) for _ in range(20)])]
+
+
+@ray.remote(resources={"gadget": 1}, num_cpus=0)
+def kill_there(passed: Any) -> str:
+    ray.kill(passed)
+    try:
+        ray.get(passed.add.remote(1), timeout=30)
+        return "answered"
+    except ray.exceptions.ActorDiedError as exc:
+        return f"ActorDiedError: {exc}"
+
+
+def test_another_nodes_task_calls_and_kills_an_actor(cluster: MachineCluster) -> None:
+    counter = Counter.options(name="shared").remote()
+    assert ray.get(counter.add.remote(1)) == 1
+    assert ray.get(call_there.remote(counter, "shared"), timeout=60) == list(range(11, 32))
+    assert ray.get(counter.add.remote(0)) == 31  # the owner sees what they did
+
+    said = ray.get(kill_there.remote(counter), timeout=60)
+    assert said.startswith("ActorDiedError: ")
+    with pytest.raises(ray.exceptions.ActorDiedError):
+        ray.get(counter.add.remote(1), timeout=30)
+
+
+def test_an_actor_dead_with_its_node_fails_the_other_nodes_calls(
+    cluster: MachineCluster, tmp_path: Path
+) -> None:
+    """Runs last: it kills the "spot" node, where the actor lives (made by this driver,
+    called from the "gadget" node, which learns the death from the log): the call
+    running there then, and the one made after, fail with ActorDiedError."""
+    spot = cluster.joined[1]
+    counter = Counter.options(resources={"spot": 1}, max_restarts=0).remote()
+    assert ray.get(call_there.remote(counter, "unnamed"), timeout=60) == [10]  # (no name)
+    started = tmp_path / "started"
+    in_flight = block_there.remote(counter, str(started))
+    _until(started.exists, "the other node's call running on the actor")
+    os.killpg(os.getpgid(spot.pid), signal.SIGKILL)
+    said = ray.get(in_flight, timeout=60)
+    assert said.startswith("ActorDiedError: ") and counter._actor_id in said
+    dead = node_id(spot)
+    _until(
+        lambda: any(n["NodeID"] == dead and not n["Alive"] for n in ray.nodes()),
+        "the spot node declared dead",
+    )
+    said = ray.get(call_once_there.remote(counter), timeout=60)
+    assert said.startswith("ActorDiedError: ") and counter._actor_id in said
+    with pytest.raises(ray.exceptions.ActorDiedError):
+        ray.get(counter.add.remote(1), timeout=30)
+
+
+@ray.remote(resources={"gadget": 1}, num_cpus=0)
+def call_once_there(passed: Any) -> str:
+    try:
+        return str(ray.get(passed.add.remote(1), timeout=30))
+    except ray.exceptions.ActorDiedError as exc:
+        return f"ActorDiedError: {exc}"
+
+
+@ray.remote(resources={"gadget": 1}, num_cpus=0)
+def block_there(passed: Any, started: str) -> str:
+    try:
+        return str(ray.get(passed.block.remote(started), timeout=60))
+    except ray.exceptions.ActorDiedError as exc:
+        return f"ActorDiedError: {exc}"
