@@ -248,13 +248,14 @@ class ActorClass:
                 f"{actor_options.max_concurrency} at once, so its calls have no one order "
                 "to replay"
             )
+        # (its arguments first: one that cannot be sent fails before the name is held)
+        arg_list, kwarg_map, contained, keep_alive = build_args(args, kwargs)
         if actor_options.name is not None:
             existing = _claim_name(
                 client, actor_id, actor_options, job_id, bool(resolved["get_if_exists"])
             )
             if existing is not None:
                 return existing
-        arg_list, kwarg_map, contained, keep_alive = build_args(args, kwargs)
         spec = p.TaskSpec(
             task_id=uuid.uuid4().hex,
             job_id=job_id,

@@ -160,6 +160,33 @@ def test_another_nodes_task_calls_and_kills_an_actor(cluster: MachineCluster) ->
         ray.get(counter.add.remote(1), timeout=30)
 
 
+@ray.remote(num_cpus=0)
+def get_or_make(name: str, go: str) -> tuple[str, str]:
+    """Waits for ``go``, then gets or makes the actor named ``name`` and adds 1."""
+    while not os.path.exists(go):
+        time.sleep(0.005)
+    counter = Counter.options(name=name, get_if_exists=True).remote()
+    ray.get(counter.add.remote(1))
+    return ray.get_runtime_context().get_node_id(), counter._actor_id
+
+
+def test_nodes_getting_or_making_one_name_at_once_get_one_actor(
+    cluster: MachineCluster, tmp_path: Path
+) -> None:
+    """get_if_exists from both nodes at the same moment: the name is claimed in the
+    log, so one actor is made and every caller gets it."""
+    go = tmp_path / "go"
+    here = get_or_make.options(resources={"node:__internal_head__": 0.01})
+    there = get_or_make.options(resources={"gadget": 0.1})
+    refs = [f.remote("lazy", str(go)) for _ in range(4) for f in (here, there)]
+    time.sleep(1.0)  # (every task started and waiting: the workers are up)
+    go.touch()
+    answers = ray.get(refs, timeout=60)
+    assert len({node for node, _ in answers}) == 2
+    assert len({actor for _, actor in answers}) == 1
+    assert ray.get(ray.get_actor("lazy").add.remote(0)) == 8
+
+
 def test_an_actor_dead_with_its_node_fails_the_other_nodes_calls(
     cluster: MachineCluster, tmp_path: Path
 ) -> None:

@@ -963,8 +963,13 @@ async def test_the_local_scheduler_runs_spills_and_lends_out_resources(
 
 def test_actor_names_are_taken_once_per_namespace_until_their_actor_dies() -> None:
     """A name is reserved before its actor exists, so a second claim is refused (or,
-    with get_if_exists, answered with the live holder); each job looks names up in its
-    own namespace unless it names one; a dead actor's names are free again."""
+    with get_if_exists, answered with the holder once its creation is submitted, or
+    reserved anew if it dies first); each job looks names up in its own namespace
+    unless it names one; a dead actor's names are free again."""
+    asyncio.run(_actor_names())
+
+
+async def _actor_names() -> None:
     names = ActorNames()
     names.job_started("job1", "ns1")
     names.job_started("job2", "ns2")
@@ -977,22 +982,29 @@ def test_actor_names_are_taken_once_per_namespace_until_their_actor_dies() -> No
 
     names.reserve(cast(Any, driver), p.ReserveActorName(1, "a1", "counter", None, "job1", False))
     assert answer().error is None
-    names.reserve(cast(Any, driver), p.ReserveActorName(2, "a2", "counter", None, "job1", True))
-    assert "name_taken" in str(answer().error)  # reserved, not created yet: nobody to hand out
+    names.reserve(cast(Any, driver), p.ReserveActorName(2, "a2", "counter", None, "job1", False))
+    assert "name_taken" in str(answer().error)
+    names.reserve(cast(Any, driver), p.ReserveActorName(3, "a3", "counter", None, "job1", True))
+    assert not driver.sent  # get_if_exists: it waits for the holder's creation
     options = p.ActorOptions("Counter", {}, name="counter")
     names.created("a1", options)
-    names.reserve(cast(Any, driver), p.ReserveActorName(3, "a3", "counter", None, "job1", True))
+    assert answer() == p.Reply(3, ("a1", options))
+    names.reserve(cast(Any, driver), p.ReserveActorName(4, "a4", "counter", None, "job1", True))
     assert answer().value == ("a1", options)  # get_if_exists: the live holder
-    names.get(cast(Any, driver), p.GetActor(4, "counter", None, "job2"))
+    names.get(cast(Any, driver), p.GetActor(5, "counter", None, "job2"))
     missing = str(answer().error)
     assert "not_found" in missing and "namespace 'ns2'" in missing  # job2's own namespace
-    names.get(cast(Any, driver), p.GetActor(5, "counter", "ns1", "job2"))
+    names.get(cast(Any, driver), p.GetActor(6, "counter", "ns1", "job2"))
     assert answer().value == ("a1", options)  # another job, naming the namespace
-    names.reserve(cast(Any, driver), p.ReserveActorName(6, "a6", "counter", None, "job2", False))
+    names.reserve(cast(Any, driver), p.ReserveActorName(7, "a7", "counter", None, "job2", False))
     assert answer().error is None  # the same name in another namespace
     names.forget("a1")
-    names.reserve(cast(Any, driver), p.ReserveActorName(7, "a7", "counter", None, "job1", False))
+    names.reserve(cast(Any, driver), p.ReserveActorName(8, "a8", "counter", None, "job1", False))
     assert answer().error is None  # free again once its actor died
+    names.reserve(cast(Any, driver), p.ReserveActorName(9, "a9", "counter", None, "job1", True))
+    assert not driver.sent  # a8 is not created yet
+    names.forget("a8")  # and dies so: the waiting get_if_exists takes the name
+    assert answer() == p.Reply(9, None)
 
 
 class _ActorHost:

@@ -177,6 +177,8 @@ CATALOG: dict[tuple[EntityKind, str], EventType] = {
             {"class_name": str},
             {"name": str, "namespace": str, "max_restarts": int, "detached": bool},
         ),
+        # its name claimed in the cluster, before its creation is submitted
+        ("name_reserved", {"name": str, "namespace": str}, {}),
         ("scheduled", {}, {}),
         ("alive", {"worker_id": str}, {}),
         ("restarting", {"attempt": int}, {"cause": str}),

@@ -12,7 +12,7 @@ from typing import Any
 
 from controlplane import pip_envs
 from controlplane.node import rpc
-from controlplane.node.actor_names import ActorNames
+from controlplane.node.actor_names import ActorNames, NamesInLog
 from controlplane.node.actors import ActorDirector
 from controlplane.node.actors_borrowed import BorrowedActors
 from controlplane.node.actors_elsewhere import ActorsElsewhere
@@ -189,8 +189,9 @@ def build_parts(
         actor_director.envs_changed()
 
     scheduler = LocalScheduler(resources, placement_groups, worker_pool, spills, runs, envs)
-    # in a cluster a name is the cluster's: one held through another node is in the log
-    names = ActorNames(gcs_url, spawn=spawn) if cluster is not None else ActorNames()
+    # in a cluster a name is the cluster's: claimed in the log, looked up there
+    in_log = NamesInLog(node_id, gcs_url, recorder) if cluster is not None else None
+    names = ActorNames(in_log, spawn=spawn)
     elsewhere = ActorsElsewhere(node_id, recorder, objects, tasks, spills, names, runs)
     borrowed = (  # (in a cluster: actors other nodes made, called from here)
         BorrowedActors(node_id, gcs_url, recorder, spills, runs, spawn=spawn)

@@ -271,21 +271,22 @@ SELECT
       WHERE entity_id = $1 AND entity_kind = 'task') AS attempt;
 
 -- named_actor --
--- The live actors named $2 in namespace $1 in the whole log, newest first (a node that
--- does not hold the name itself: controlplane/node/actor_names.py), each with its
--- creation task's `submitted` data (its spec: the actor's options) where logged yet.
--- Live: no `dead` event of it, and its owner (the node that logged its creation for
--- itself, or the one it names as owner) not declared dead (its actors went with it).
--- Through events_actor_names_idx (migration 0028), events_actor_calls_idx and
--- events_entity_idx.
-SELECT c.entity_id AS actor_id, c.payload ->> 'namespace' AS namespace,
-       c.payload ->> 'name' AS name,
+-- The live actors holding the name $2 in namespace $1 in the whole log, newest first
+-- (controlplane/node/actor_names.py, NamesInLog): those that claimed it
+-- (`name_reserved`, in a cluster) or were made with it (`creation_requested`), each with
+-- its creation task's `submitted` data (its spec: the actor's options) where logged yet
+-- (an actor may come twice: claimed, then made). Live: no `dead` event of it, and its
+-- owner (the node that logged the event for itself, or the one it names as owner) not
+-- declared dead (its actors went with it). Through events_actor_names_idx (migration
+-- 0028), events_actor_calls_idx and events_entity_idx.
+SELECT c.entity_id AS actor_id,
        (SELECT s.data FROM log_union.events s
          WHERE s.payload ? 'actor_id' AND s.event_type = 'submitted'
            AND s.payload ->> 'actor_id' = c.entity_id AND s.payload ->> 'method' = '__init__'
          ORDER BY s.position LIMIT 1) AS creation
   FROM log_union.events c
- WHERE c.entity_kind = 'actor' AND c.event_type = 'creation_requested' AND c.payload ? 'name'
+ WHERE c.entity_kind = 'actor' AND c.event_type IN ('creation_requested', 'name_reserved')
+   AND c.payload ? 'name'
    AND md5(c.payload ->> 'name') = md5($2) AND c.payload ->> 'name' = $2
    AND c.payload ->> 'namespace' = $1
    AND NOT EXISTS (SELECT 1 FROM log_union.events d
@@ -296,9 +297,14 @@ SELECT c.entity_id AS actor_id, c.payload ->> 'namespace' AS namespace,
                       AND n.event_type = 'dead' AND n.entity_kind = 'node')
  ORDER BY c.position DESC
 
+-- lock_actor_name --
+-- The lock of name $2 in namespace $1, held by a node claiming it until its claim is
+-- durable (NamesInLog.claim), on the log's first server.
+SELECT pg_advisory_xact_lock(hashtextextended('cairn-actor-name:' || $1 || '/' || $2, 0))
+
 -- named_actors --
--- The same for every live named actor of the log ($1: one namespace, or NULL for all),
--- without their specs (`ray.util.list_named_actors`).
+-- Every live named actor of the log whose creation is logged ($1: one namespace, or NULL
+-- for all), without their specs (`ray.util.list_named_actors`).
 SELECT DISTINCT c.entity_id AS actor_id, c.payload ->> 'namespace' AS namespace,
        c.payload ->> 'name' AS name
   FROM log_union.events c

@@ -102,6 +102,7 @@ SELECT x.task_id,
                       ORDER BY position DESC LIMIT 1) f ON x.state = 'FAILED'
 
 -- state_actors --
+-- (an actor whose name is claimed in a cluster and which is not made yet is left out)
 SELECT a.actor_id,
        a.class_name,
        a.state,
@@ -137,6 +138,7 @@ SELECT a.actor_id,
                       WHERE entity_id = a.actor_id AND entity_kind = 'actor'
                         AND event_type = 'creation_requested'
                       ORDER BY position LIMIT 1) r ON true
+ WHERE a.class_name IS NOT NULL
 
 -- state_objects --
 -- Every object the log knows, freed ones too (Ray lists the referenced ones); Cairn's
