@@ -24,13 +24,14 @@ from sdk.util import list_named_actors
 pytestmark = pytest.mark.timeout(180)
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[MachineCluster]:
-    """A head with 1 CPU, a joined node with the only "gadget" and one with the only
-    "spot" (killed by the last test); this process is a driver connected to the head,
-    in namespace "ns"."""
+@pytest.fixture(scope="module", params=[1, 2], ids=["one log server", "two log servers"])
+def cluster(request: pytest.FixtureRequest) -> Iterator[MachineCluster]:
+    """A head with 1 CPU (its log on one embedded server, or two: the names and the
+    actors' events of a job then lie on either), a joined node with the only "gadget"
+    and one with the only "spot" (killed by the last test); this process is a driver
+    connected to the head, in namespace "ns"."""
     with machine_cluster(
-        ["--num-cpus", "1"],
+        ["--num-cpus", "1", "--log-servers", str(request.param)],
         ["--num-cpus", "2", "--resources", '{"gadget": 2}'],
         ["--num-cpus", "1", "--resources", '{"spot": 1}'],
     ) as nodes:
