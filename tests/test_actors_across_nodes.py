@@ -20,6 +20,7 @@ from machine_cluster import MachineCluster, machine_cluster, node_id
 
 import sdk as ray
 from sdk.util import list_named_actors
+from sdk.util.queue import Queue
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -159,6 +160,21 @@ def test_another_nodes_task_calls_and_kills_an_actor(cluster: MachineCluster) ->
     assert said.startswith("ActorDiedError: ")
     with pytest.raises(ray.exceptions.ActorDiedError):
         ray.get(counter.add.remote(1), timeout=30)
+
+
+@ray.remote(resources={"gadget": 1}, num_cpus=0)
+def produce_there(queue: Queue, count: int) -> str:
+    for i in range(count):
+        queue.put(i)
+    return ray.get_runtime_context().get_node_id()
+
+
+def test_a_queue_made_here_is_filled_from_the_other_node(cluster: MachineCluster) -> None:
+    """ray.util.queue.Queue, an actor: a task on the other node puts, the driver gets."""
+    queue = Queue(maxsize=5)  # (smaller than what is put: the producer waits for room)
+    producer = produce_there.remote(queue, 12)
+    assert [queue.get(timeout=30) for _ in range(12)] == list(range(12))
+    assert ray.get(producer, timeout=30) != ray.get_runtime_context().get_node_id()
 
 
 @ray.remote(num_cpus=0)
