@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -413,6 +414,43 @@ class OnBig:
 
     def total(self, array: np.ndarray) -> int:
         return int(array.sum())
+
+
+@ray.remote(num_cpus=1, resources={"big": 1})
+def sums_of(refs: list[Any]) -> tuple[list[int], str]:
+    """Gets refs that came inside its argument (not as arguments themselves)."""
+    return [int(np.sum(value)) for value in ray.get(refs)], ray.get_runtime_context().get_node_id()
+
+
+@ray.remote(num_cpus=1, resources={"big": 1})
+def refs_made_there(big: bool) -> dict[str, Any]:
+    """A value holding refs to objects put on this node; with ``big``, a value too
+    large to travel in the log (it stays here until wanted)."""
+    value: dict[str, Any] = {"refs": [ray.put(np.arange(250_000)), ray.put(np.arange(10))]}
+    if big:
+        value["bulk"] = np.ones(500_000)
+    return value
+
+
+def test_refs_inside_values_cross_nodes(cluster: dict[str, str]) -> None:
+    """Refs inside an argument's value are fetched from the caller's node (one whose
+    bytes stayed on a third node, from there), and refs inside a value a task returns
+    from another node are got here, whether that value came here or stayed there."""
+    made_here = [ray.put(np.arange(250_000)), ray.put(np.arange(10))]
+    sums, node = ray.get(sums_of.remote(made_here), timeout=60)
+    assert node == cluster["node2"] and sums == [int(np.arange(250_000).sum()), 45]
+
+    for big in (False, True):
+        value = ray.get(refs_made_there.remote(big), timeout=60)
+        arrays = ray.get(value["refs"], timeout=60)
+        assert [int(a.sum()) for a in arrays] == [int(np.arange(250_000).sum()), 45]
+        assert big == ("bulk" in value)
+
+    on_node1 = NodeAffinitySchedulingStrategy(cluster["node1"], soft=False)
+    left_on_node1 = make_array.options(scheduling_strategy=on_node1).remote(300_000)
+    ray.wait([left_on_node1], fetch_local=False, timeout=60)
+    sums, node = ray.get(sums_of.remote([left_on_node1]), timeout=60)
+    assert node == cluster["node2"] and sums == [int(np.arange(300_000).sum())]
 
 
 def test_an_actor_lives_on_the_node_that_has_its_resources(cluster: dict[str, str]) -> None:

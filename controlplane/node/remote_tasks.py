@@ -28,7 +28,7 @@ import asyncio
 import functools
 import logging
 import os
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any, Protocol, cast
 
 from controlplane.eventlog import EntityKind, Event, LogTailer, RecordedEvent, open_tailer
@@ -371,6 +371,9 @@ class RemoteTasks:
         for object_id in record.spec.dependencies():
             self.objects.hold(object_id)  # this node's copy, while the task needs it
             record.pulled.append(object_id)
+        # refs inside its arguments' values: on the owner's node (which keeps them while
+        # the task is out), fetched from there if the task gets them
+        self._elsewhere_at(record.spec.contained_refs, address)
 
         async def pull(object_id: str) -> None:
             for attempt in range(_PULL_ATTEMPTS):  # a transfer cut short is tried again
@@ -466,20 +469,65 @@ class RemoteTasks:
                 self.objects.charge(location.size, force=True)
                 self.recorder.log([self._transferred_event(location, address)])
             locations.append(location)
+        # the refs inside its values (a list of refs it made there), unknown here until
+        # the values are (which pins them): a value left there keeps them there (fetched
+        # when wanted); one whose bytes came here is let go there below, and with it
+        # what it kept: those are pulled here first
+        contained = [
+            (object_id, address, location.remote is None)
+            for location, address in values.values()
+            for object_id in location.contained
+            if self._unknown(object_id)
+        ]
         for location in locations:
             if location.remote is not None:
                 where = Elsewhere("remote", location.remote, location)
                 self.objects.set_elsewhere(location.object_id, where)
             else:
                 self.objects.ready(location)
+        pulls = []
+        for object_id, address, came_here in contained:
+            if came_here:
+                self.objects.unready(object_id)  # (waited for until pulled)
+                pulls.append((object_id, address))
+            else:
+                self._elsewhere_at([object_id], address, known=True)
         record.state = "FINISHED"
         if record.submitter is not None:
             record.submitter.send(p.ObjectsReady(locations))
         self.node.task_over(record)
         self.scheduler.schedule()
+        await asyncio.gather(*(self._pull_contained(o, address) for o, address in pulls))
         for location, address in values.values():
             if location.remote is None:  # this node has its copy
                 await self.puller.release(address, location.object_id)
+
+    def _unknown(self, object_id: str) -> bool:
+        return self.objects.state(object_id) in ("unknown", "freed")
+
+    def _elsewhere_at(
+        self, object_ids: Iterable[str], address: str, *, known: bool = False
+    ) -> None:
+        """Refs this node has never had (or let go; ``known``: found so before): on the
+        node at ``address``, fetched from there once something here waits for them."""
+        for object_id in object_ids:
+            if (known or self._unknown(object_id)) and address:
+                self.objects.unready(object_id)
+                where = Elsewhere("remote", address, p.ObjectLocation(object_id))
+                self.objects.set_elsewhere(object_id, where)
+
+    async def _pull_contained(self, object_id: str, address: str) -> None:
+        """A ref inside a value brought here, from the node that made it, before that
+        node lets the value (and what it kept) go; lost if it cannot be had."""
+        try:
+            location = await self.puller.pull(address, object_id)
+        except TransferError as exc:
+            error = p.ErrorInfo("object_lost", f"object {object_id} was lost: {exc}")
+            self.objects.ready(p.ObjectLocation(object_id, error=error))
+            return
+        self.recorder.log([self._transferred_event(location, address)])
+        self.objects.ready(location)
+        await self.puller.release(address, object_id)
 
     def fetch(self, object_id: str, address: str) -> None:
         """Something here waits for an object left on another node: pull it (once);
@@ -502,8 +550,15 @@ class RemoteTasks:
                 self.puller.discard(location)
                 return
             self.recorder.log([self._transferred_event(location, address)])
+            # what it holds that is left there goes with it: pulled here first (found
+            # before it is ready here, which pins them)
+            there = set(self.objects.remote_at(address))
+            held = [c for c in location.contained if c in there or self._unknown(c)]
             self.objects.ready(location)
             self.scheduler.schedule()
+            for contained in held:
+                self.objects.unready(contained)  # (waited for until pulled)
+            await asyncio.gather(*(self._pull_contained(c, address) for c in held))
             await self.puller.release(address, object_id)
 
         self._spawn(fetch())
