@@ -13,8 +13,10 @@ the disk's, not the plans'). Rows:
 * append of 1 / 1000 events, with the log in 1 and in 4 shards (``cairn_append_v2``);
 * a node's read of the events addressed to it among the last 3,000, and an
   unfiltered reader's read of the last 30 (``cairn_read_events_v1``);
-* COPY of 1000 rows into ``events`` (its indexes) and into a table like it with none:
-  the floor of any append that keeps the readers' indexes.
+* COPY of 1000 rows into ``events`` (its indexes), into copies of it with only its
+  primary key (position: what any reader by position needs) and with that and the
+  duplicate check's index (``event_id``: what an idempotent append needs), each beside
+  a copy with no index: the floor of any append that keeps those indexes.
 
 Figures: median microseconds per call (per event for the COPY rows); see bench/README.md,
 "Generic plans".
@@ -151,10 +153,19 @@ async def _bench(url: str, rounds: int) -> list[tuple[str, float, float, str]]:
                 rounds * 10, {"generic": read(read_generic), "auto": read(read_auto)}
             )
             rows.append((name, medians["generic"] * 1e6, medians["auto"] * 1e6, "us/call"))
+        # a bare copy of the table; one with its primary key (position) alone, the index
+        # every reader by position needs; and one with the duplicate check's index too,
+        # the least an idempotent append needs
         await conn.execute("CREATE TABLE bench_unindexed (LIKE events INCLUDING DEFAULTS)")
+        await conn.execute("CREATE TABLE bench_keyed (LIKE events INCLUDING DEFAULTS)")
+        await conn.execute("ALTER TABLE bench_keyed ADD PRIMARY KEY (position)")
+        await conn.execute("CREATE TABLE bench_keyed_ids (LIKE bench_keyed INCLUDING ALL)")
+        await conn.execute("CREATE INDEX ON bench_keyed_ids (event_id)")
+        tables = ("events", "bench_keyed", "bench_keyed_ids", "bench_unindexed")
         # positions past the head (nothing appends any more), partitions made for them
         start = head + 1000
-        await conn.fetchval("SELECT cairn_ensure_partitions_v1($1)", start + 1000 * (rounds + 5))
+        until = start + 1000 * len(tables) * (rounds + 5)
+        await conn.fetchval("SELECT cairn_ensure_partitions_v1($1)", until)
         positions = [start]
 
         def copy(table: str) -> Callable[[], Awaitable[object]]:
@@ -184,17 +195,15 @@ async def _bench(url: str, rounds: int) -> list[tuple[str, float, float, str]]:
 
             return run
 
-        medians = await _side_by_side(
-            rounds, {"indexed": copy("events"), "unindexed": copy("bench_unindexed")}
-        )
-        rows.append(
-            (
-                "COPY of 1000 rows: into events | into a bare copy",
-                medians["indexed"] * 1e3,
-                medians["unindexed"] * 1e3,
-                "us/event",
-            )
-        )
+        medians = await _side_by_side(rounds, {table: copy(table) for table in tables})
+        bare = medians["bench_unindexed"] * 1e3
+        for table, what in (
+            ("events", "events"),
+            ("bench_keyed", "key only"),
+            ("bench_keyed_ids", "key + event_id"),
+        ):
+            name = f"COPY 1000 rows: {what} | bare copy"
+            rows.append((name, medians[table] * 1e3, bare, "us/event"))
     finally:
         await conn.close()
     return rows
