@@ -178,6 +178,34 @@ def test_a_queue_made_here_is_filled_from_the_other_node(cluster: MachineCluster
 
 
 @ray.remote(num_cpus=0)
+class Keeper:
+    """Keeps the refs it is given (inside a list: borrowed, not resolved)."""
+
+    def __init__(self) -> None:
+        self.kept: list[Any] = []
+
+    def keep(self, refs: list[Any]) -> int:
+        self.kept += refs
+        return len(self.kept)
+
+    def total(self) -> int:
+        return sum(len(value) for value in ray.get(self.kept))
+
+
+@ray.remote(resources={"gadget": 1}, num_cpus=0)
+def give_there(keeper: Any) -> int:
+    """Puts two objects on the joined node and hands their refs to the keeper; they are
+    this task's, which ends once the keeper has them."""
+    return ray.get(keeper.keep.remote([ray.put(b"a" * 100), ray.put(b"b" * 3_000_000)]))
+
+
+def test_an_actor_keeps_refs_another_nodes_task_made(cluster: MachineCluster) -> None:
+    keeper = Keeper.remote()
+    assert ray.get(give_there.remote(keeper), timeout=60) == 2
+    assert ray.get(keeper.total.remote(), timeout=60) == 3_000_100
+
+
+@ray.remote(num_cpus=0)
 def get_or_make(name: str, go: str) -> tuple[str, str]:
     """Waits for ``go``, then gets or makes the actor named ``name`` and adds 1."""
     while not os.path.exists(go):

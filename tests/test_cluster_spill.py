@@ -432,6 +432,12 @@ def refs_made_there(big: bool) -> dict[str, Any]:
     return value
 
 
+@ray.remote(num_cpus=1, resources={"big": 1})
+def yield_refs_there(count: int) -> Iterator[list[Any]]:
+    for i in range(count):
+        yield [ray.put(np.arange(i + 1))]
+
+
 def test_refs_inside_values_cross_nodes(cluster: dict[str, str]) -> None:
     """Refs inside an argument's value are fetched from the caller's node (one whose
     bytes stayed on a third node, from there), and refs inside a value a task returns
@@ -445,6 +451,13 @@ def test_refs_inside_values_cross_nodes(cluster: dict[str, str]) -> None:
         arrays = ray.get(value["refs"], timeout=60)
         assert [int(a.sum()) for a in arrays] == [int(np.arange(250_000).sum()), 45]
         assert big == ("bulk" in value)
+
+    stream = yield_refs_there.options(num_returns="streaming").remote(3)
+    assert [int(ray.get(ray.get(ref, timeout=60)[0], timeout=60).sum()) for ref in stream] == [
+        0,
+        1,
+        3,
+    ]
 
     on_node1 = NodeAffinitySchedulingStrategy(cluster["node1"], soft=False)
     left_on_node1 = make_array.options(scheduling_strategy=on_node1).remote(300_000)

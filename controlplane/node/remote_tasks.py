@@ -346,34 +346,32 @@ class RemoteTasks:
     def _relay(self, record: TaskRecord, value: p.ObjectLocation, address: str) -> None:
         """A value a generator this node spilled yielded on the node at ``address``: the
         caller has it as it comes (streams.py); a copy here lets that node's go."""
+        unknown = self._unknown_inside(value)  # (before it is ready here: that pins them)
         if not self.node.relay_stream_item(record, value):
             self._spawn(self.puller.release(address, value.object_id))
             return
         self.store.remember_job(value.object_id, record.spec.job_id)
         if value.inline is not None:
             self.recorder.log([self._transferred_event(value, address)])
-            self._spawn(self.puller.release(address, value.object_id))
+        self._spawn(self._take_contained(unknown, value, address))
 
     def pull_then(self, record: TaskRecord, address: str, then: Any) -> None:
         """Pulls the record's argument objects from ``address`` (those not here), then
         calls ``then``; until then they are its pending dependencies."""
         # not here: never was, or freed meanwhile (a copy made here for an earlier task
-        # and released by its owner), or left on another node
-        missing = [
-            d
-            for d in record.spec.dependencies()
-            if self.objects.state(d) not in ("stored", "error")
-        ]
+        # and released by its owner), or left on another node. The refs inside its
+        # arguments' values are pulled too, as Ray would when the task gets them: a
+        # worker here may keep one past the task (an actor's state), and the caller's
+        # node holds them only while the task is out
+        wanted = list(dict.fromkeys([*record.spec.dependencies(), *record.spec.contained_refs]))
+        missing = [d for d in wanted if self.objects.state(d) not in ("stored", "error")]
         for object_id in missing:
             if self.objects.state(object_id) in ("unknown", "freed", "remote"):
                 self.objects.unready(object_id)  # a new entry, for the copy pulled now
         record.pending_deps = set(missing)
-        for object_id in record.spec.dependencies():
+        for object_id in wanted:
             self.objects.hold(object_id)  # this node's copy, while the task needs it
             record.pulled.append(object_id)
-        # refs inside its arguments' values: on the owner's node (which keeps them while
-        # the task is out), fetched from there if the task gets them
-        self._elsewhere_at(record.spec.contained_refs, address)
 
         async def pull(object_id: str) -> None:
             for attempt in range(_PULL_ATTEMPTS):  # a transfer cut short is tried again
@@ -469,38 +467,46 @@ class RemoteTasks:
                 self.objects.charge(location.size, force=True)
                 self.recorder.log([self._transferred_event(location, address)])
             locations.append(location)
-        # the refs inside its values (a list of refs it made there), unknown here until
-        # the values are (which pins them): a value left there keeps them there (fetched
-        # when wanted); one whose bytes came here is let go there below, and with it
-        # what it kept: those are pulled here first
-        contained = [
-            (object_id, address, location.remote is None)
-            for location, address in values.values()
-            for object_id in location.contained
-            if self._unknown(object_id)
-        ]
+        # the refs inside its values (a list of refs it made there), found before the
+        # values are ready here (which pins them)
+        inside = {
+            location.object_id: self._unknown_inside(location) for location, _ in values.values()
+        }
         for location in locations:
             if location.remote is not None:
                 where = Elsewhere("remote", location.remote, location)
                 self.objects.set_elsewhere(location.object_id, where)
             else:
                 self.objects.ready(location)
-        pulls = []
-        for object_id, address, came_here in contained:
-            if came_here:
-                self.objects.unready(object_id)  # (waited for until pulled)
-                pulls.append((object_id, address))
-            else:
-                self._elsewhere_at([object_id], address, known=True)
         record.state = "FINISHED"
         if record.submitter is not None:
             record.submitter.send(p.ObjectsReady(locations))
         self.node.task_over(record)
         self.scheduler.schedule()
-        await asyncio.gather(*(self._pull_contained(o, address) for o, address in pulls))
-        for location, address in values.values():
-            if location.remote is None:  # this node has its copy
-                await self.puller.release(address, location.object_id)
+        await asyncio.gather(
+            *(
+                self._take_contained(inside[location.object_id], location, address)
+                for location, address in values.values()
+            )
+        )
+
+    def _unknown_inside(self, location: p.ObjectLocation) -> list[str]:
+        return [object_id for object_id in location.contained if self._unknown(object_id)]
+
+    async def _take_contained(
+        self, unknown: list[str], location: p.ObjectLocation, address: str
+    ) -> None:
+        """After a value from the node at ``address`` is ready here: the refs inside it
+        this node did not know. One left there keeps them there (fetched when wanted,
+        and pulled with it when it is brought here: ``fetch``); one whose bytes came
+        here is let go there, and with it what it kept: those are pulled here first."""
+        if location.remote is not None:
+            self._elsewhere_at(unknown, address, known=True)
+            return
+        for object_id in unknown:
+            self.objects.unready(object_id)  # (waited for until pulled)
+        await asyncio.gather(*(self._pull_contained(o, address) for o in unknown))
+        await self.puller.release(address, location.object_id)
 
     def _unknown(self, object_id: str) -> bool:
         return self.objects.state(object_id) in ("unknown", "freed")
@@ -556,10 +562,7 @@ class RemoteTasks:
             held = [c for c in location.contained if c in there or self._unknown(c)]
             self.objects.ready(location)
             self.scheduler.schedule()
-            for contained in held:
-                self.objects.unready(contained)  # (waited for until pulled)
-            await asyncio.gather(*(self._pull_contained(c, address) for c in held))
-            await self.puller.release(address, object_id)
+            await self._take_contained(held, location, address)
 
         self._spawn(fetch())
 
