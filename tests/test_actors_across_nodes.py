@@ -21,6 +21,7 @@ from machine_cluster import MachineCluster, machine_cluster, node_id
 import sdk as ray
 from sdk.util import list_named_actors
 from sdk.util.queue import Queue
+from sdk.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -55,6 +56,17 @@ class Counter:
     def block(self, started: str) -> None:
         open(started, "w").close()
         time.sleep(600)
+
+    def node(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    def block_once(self, started: str) -> str:
+        """Blocks the first time (on one instance); answers when run again."""
+        if os.path.exists(started):
+            return "ran again"
+        open(started, "w").close()
+        time.sleep(600)
+        return "not reached"
 
 
 @ray.remote(resources={"gadget": 1}, num_cpus=0)
@@ -232,22 +244,33 @@ def test_nodes_getting_or_making_one_name_at_once_get_one_actor(
     assert ray.get(ray.get_actor("lazy").add.remote(0)) == 8
 
 
-def test_an_actor_dead_with_its_node_fails_the_other_nodes_calls(
+def test_an_actor_whose_node_dies_fails_or_reruns_the_other_nodes_calls(
     cluster: MachineCluster, tmp_path: Path
 ) -> None:
-    """Runs last: it kills the "spot" node, where the actor lives (made by this driver,
-    called from the "gadget" node, which learns the death from the log): the call
-    running there then, and the one made after, fail with ActorDiedError."""
+    """Runs last: it kills the "spot" node, where two actors live (made by this driver,
+    called from the "gadget" node, which learns the death from the log). The call
+    running on the one with no restarts, and the call made after, fail with
+    ActorDiedError; the call running on the one with a restart and a call retry runs
+    again on its new instance, on another node."""
     spot = cluster.joined[1]
+    dead = node_id(spot)
     counter = Counter.options(resources={"spot": 1}, max_restarts=0).remote()
+    on_spot = NodeAffinitySchedulingStrategy(dead, soft=True)
+    restarting = Counter.options(
+        scheduling_strategy=on_spot, max_restarts=1, max_task_retries=1
+    ).remote()
     assert ray.get(call_there.remote(counter, "unnamed"), timeout=60) == [10]  # (no name)
-    started = tmp_path / "started"
+    assert ray.get(call_there.remote(restarting, "unnamed"), timeout=60) == [10]
+    assert ray.get(where_is.remote(restarting), timeout=60) == dead
+    started, again = tmp_path / "started", tmp_path / "again"
     in_flight = block_there.remote(counter, str(started))
-    _until(started.exists, "the other node's call running on the actor")
+    retried = block_once_there.remote(restarting, str(again))
+    _until(lambda: started.exists() and again.exists(), "the other node's calls running")
     os.killpg(os.getpgid(spot.pid), signal.SIGKILL)
     said = ray.get(in_flight, timeout=60)
     assert said.startswith("ActorDiedError: ") and counter._actor_id in said
-    dead = node_id(spot)
+    assert ray.get(retried, timeout=120) == "ran again"
+    assert ray.get(where_is.remote(restarting), timeout=60) != dead
     _until(
         lambda: any(n["NodeID"] == dead and not n["Alive"] for n in ray.nodes()),
         "the spot node declared dead",
@@ -256,6 +279,16 @@ def test_an_actor_dead_with_its_node_fails_the_other_nodes_calls(
     assert said.startswith("ActorDiedError: ") and counter._actor_id in said
     with pytest.raises(ray.exceptions.ActorDiedError):
         ray.get(counter.add.remote(1), timeout=30)
+
+
+@ray.remote(resources={"gadget": 1}, num_cpus=0)
+def block_once_there(passed: Any, started: str) -> str:
+    return str(ray.get(passed.block_once.remote(started), timeout=110))
+
+
+@ray.remote(num_cpus=0)
+def where_is(actor: Any) -> str:
+    return str(ray.get(actor.node.remote(), timeout=30))
 
 
 @ray.remote(resources={"gadget": 1}, num_cpus=0)

@@ -110,7 +110,8 @@ class BorrowedActors:
         spec = record.spec
         record.state = "SPILLED"
         record.placed_on = actor.host  # (lost with that node: remote_tasks.py)
-        record.retries_left = call_retries(spec, actor.options or p.ActorOptions("", {}))
+        if record.attempt == 0:  # (a call sent again keeps what is left of its retries)
+            record.retries_left = call_retries(spec, actor.options or p.ActorOptions("", {}))
         self.spills.remember(record)
         self.recorder.log(
             [

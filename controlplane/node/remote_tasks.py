@@ -266,17 +266,10 @@ class RemoteTasks:
         self.remote_returns.pop(record.spec.task_id, None)
         record.placed_on = None
         reason = f"node {node_id}, where it ran, died"
-        if record.retries_left != 0:
+        if record.spec.actor_id is not None and record.spec.method != "__init__":
+            self._call_lost(record, node_id)  # a call of an actor another node made
+        elif record.retries_left != 0:
             self.node.retry(record, reason)  # back to the local queue: runs or spills
-        elif record.spec.actor_id is not None and record.spec.method != "__init__":
-            # a call of an actor another node made (actors_borrowed.py)
-            error = p.ErrorInfo(
-                "actor_died",
-                f"the actor {record.spec.actor_id} was on node {node_id}, which died while "
-                "the call was there (max_task_retries=0)",
-                function_name=record.spec.actor_id,
-            )
-            self.node.finish_failed(record, error, log_event=True)
         else:
             self.node.finish_failed(
                 record,
@@ -285,6 +278,24 @@ class RemoteTasks:
                 ),
                 log_event=True,
             )
+
+    def _call_lost(self, record: TaskRecord, node_id: str) -> None:
+        """A call of an actor another node made (actors_borrowed.py), on a node that
+        died: sent again while ``max_task_retries`` allows (once the actor is found
+        alive again: its owner makes it again elsewhere, or it is dead), else it fails
+        as the actor's calls do."""
+        if record.retries_left != 0:
+            record.retries_left -= record.retries_left > 0
+            self.tasks.next_attempt(record, f"the actor's node {node_id} died")
+            self.actor_director.call(record)
+            return
+        error = p.ErrorInfo(
+            "actor_died",
+            f"the actor {record.spec.actor_id} was on node {node_id}, which died while the "
+            "call was there (no max_task_retries left)",
+            function_name=record.spec.actor_id or "",
+        )
+        self.node.finish_failed(record, error, log_event=True)
 
     # -- a task placed here --------------------------------------------------------
 
