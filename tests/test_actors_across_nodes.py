@@ -153,6 +153,11 @@ def call_there(passed: Any, name: str) -> list[int]:
 
 
 @ray.remote(resources={"gadget": 1}, num_cpus=0)
+def only_kill_there(passed: Any) -> None:
+    ray.kill(passed)
+
+
+@ray.remote(resources={"gadget": 1}, num_cpus=0)
 def kill_there(passed: Any) -> str:
     ray.kill(passed)
     try:
@@ -172,6 +177,20 @@ def test_another_nodes_task_calls_and_kills_an_actor(cluster: MachineCluster) ->
     assert said.startswith("ActorDiedError: ")
     with pytest.raises(ray.exceptions.ActorDiedError):
         ray.get(counter.add.remote(1), timeout=30)
+
+    # killed from a node that never called it (which does not know where it lives)
+    fresh = Counter.remote()
+    assert ray.get(fresh.add.remote(1)) == 1
+    ray.get(only_kill_there.remote(fresh), timeout=60)
+
+    def dead() -> bool:
+        try:
+            ray.get(fresh.add.remote(0), timeout=30)
+        except ray.exceptions.ActorDiedError:
+            return True
+        return False
+
+    _until(dead, "the actor killed from the other node")
 
 
 @ray.remote(resources={"gadget": 1}, num_cpus=0)

@@ -85,15 +85,17 @@ class BorrowedActors:
             self._forward(actor, record)
 
     def kill(self, actor_id: str, no_restart: bool) -> None:
-        """Its node does it (``kill_requested``, addressed to it)."""
+        """Its node does it (``kill_requested``, addressed to it; to every node while
+        this one does not know which)."""
         actor = self._actors.get(actor_id)
-        if actor is None or actor.death is not None:
+        if actor is not None and actor.death is not None:
             return
+        host = actor.host if actor is not None else None
         event = Event(
             K.ACTOR,
             actor_id,
             "kill_requested",
-            {"no_restart": no_restart, "to_node": actor.host or "*"},
+            {"no_restart": no_restart, "to_node": host or "*"},
             node_id=self.node_id,
         )
         self.recorder.log([event])
