@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -237,8 +238,10 @@ def test_an_actor_keeps_refs_another_nodes_task_made(cluster: MachineCluster) ->
 
 
 @ray.remote(num_cpus=0)
-def get_or_make(name: str, go: str) -> tuple[str, str]:
-    """Waits for ``go``, then gets or makes the actor named ``name`` and adds 1."""
+def get_or_make(name: str, go: str, started: str) -> tuple[str, str]:
+    """Says it started (a file in ``started``), waits for ``go``, then gets or makes the
+    actor named ``name`` and adds 1."""
+    open(os.path.join(started, uuid.uuid4().hex), "w").close()
     while not os.path.exists(go):
         time.sleep(0.005)
     counter = Counter.options(name=name, get_if_exists=True).remote()
@@ -254,8 +257,10 @@ def test_nodes_getting_or_making_one_name_at_once_get_one_actor(
     go = tmp_path / "go"
     here = get_or_make.options(resources={"node:__internal_head__": 0.01})
     there = get_or_make.options(resources={"gadget": 0.1})
-    refs = [f.remote("lazy", str(go)) for _ in range(4) for f in (here, there)]
-    time.sleep(1.0)  # (every task started and waiting: the workers are up)
+    started = tmp_path / "started"
+    started.mkdir()
+    refs = [f.remote("lazy", str(go), str(started)) for _ in range(4) for f in (here, there)]
+    _until(lambda: len(list(started.iterdir())) == 8, "every task started and waiting")
     go.touch()
     answers = ray.get(refs, timeout=60)
     assert len({node for node, _ in answers}) == 2

@@ -14,7 +14,6 @@ log for it (``get_actor``, ``get_if_exists``, the listing)."""
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections import OrderedDict
 from collections.abc import Callable, Container, Coroutine
 from dataclasses import dataclass
@@ -30,8 +29,6 @@ from dataplane import protocol as p
 
 if TYPE_CHECKING:
     from controlplane.node.task_table import Connection
-
-log = logging.getLogger("cairn.node")
 
 GONE_KEPT = 10_000  # ids of this node's named actors that died, for lookups racing their event
 CREATION_WAIT_S = 10.0  # get_if_exists of a name reserved: how long its creation is waited for

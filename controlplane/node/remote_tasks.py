@@ -28,7 +28,7 @@ import asyncio
 import functools
 import logging
 import os
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine
 from typing import Any, Protocol, cast
 
 from controlplane.eventlog import EntityKind, Event, LogTailer, RecordedEvent, open_tailer
@@ -512,7 +512,10 @@ class RemoteTasks:
         and pulled with it when it is brought here: ``fetch``); one whose bytes came
         here is let go there, and with it what it kept: those are pulled here first."""
         if location.remote is not None:
-            self._elsewhere_at(unknown, address, known=True)
+            for object_id in unknown:
+                self.objects.unready(object_id)
+                where = Elsewhere("remote", address, p.ObjectLocation(object_id))
+                self.objects.set_elsewhere(object_id, where)
             return
         for object_id in unknown:
             self.objects.unready(object_id)  # (waited for until pulled)
@@ -521,17 +524,6 @@ class RemoteTasks:
 
     def _unknown(self, object_id: str) -> bool:
         return self.objects.state(object_id) in ("unknown", "freed")
-
-    def _elsewhere_at(
-        self, object_ids: Iterable[str], address: str, *, known: bool = False
-    ) -> None:
-        """Refs this node has never had (or let go; ``known``: found so before): on the
-        node at ``address``, fetched from there once something here waits for them."""
-        for object_id in object_ids:
-            if (known or self._unknown(object_id)) and address:
-                self.objects.unready(object_id)
-                where = Elsewhere("remote", address, p.ObjectLocation(object_id))
-                self.objects.set_elsewhere(object_id, where)
 
     async def _pull_contained(self, object_id: str, address: str) -> None:
         """A ref inside a value brought here, from the node that made it, before that
