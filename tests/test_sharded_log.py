@@ -21,6 +21,7 @@ from log_rows import fetch_rows, rows, wait_for_rows
 from controlplane import schema
 from controlplane.cli import main
 from controlplane.eventlog import EVERY_NODE, EntityKind, Event, EventAppender, Tailer
+from controlplane.eventlog.appender import append_on
 from controlplane.eventlog.partitions import PartitionManager, read_parquet_archive
 from controlplane.eventlog.tailer import head_positions
 from controlplane.projections import Projector, fold
@@ -177,6 +178,53 @@ async def test_a_cause_has_a_lower_position_than_its_effect_in_any_shard(
             event = task(job, f"s{i}") if job else node(f"n{i}")
             sequence.append(await appender.append(event))
     assert sequence == sorted(sequence) and len(set(sequence)) == len(sequence)
+
+
+async def test_an_event_appended_alone_goes_to_its_shard_once_and_wakes_the_readers(
+    sharded_url: str,
+) -> None:
+    """One event appended alone (the append's one-event path, in the call that commits
+    and then wakes the readers: migration 0029), and one appended in the caller's own
+    transaction: each in its job's shard past every head, stored once when appended
+    again, and a waiting reader woken by each (it would poll only after a minute)."""
+    jobs = await jobs_by_shard(sharded_url)
+    conn = await asyncpg.connect(sharded_url)
+    try:
+        start = await head_positions(conn)
+        async with (
+            EventAppender(sharded_url) as appender,
+            Tailer(sharded_url, after=start, poll_interval=60) as tailer,
+        ):
+            ahead = await appender.append_many([task(jobs[3], f"ahead{i}") for i in range(5)])
+            assert len(await tailer.read(wait=5)) == 5
+
+            async def woken_by(append: asyncio.Future[int]) -> tuple[list[int], float]:
+                began = time.monotonic()
+                read = asyncio.ensure_future(tailer.read(wait=20))
+                await asyncio.sleep(0.3)  # (the reader waits for a notification)
+                at = await append
+                return [at, *(e.position for e in await read)], time.monotonic() - began
+
+            alone = task(jobs[1], "alone")
+            (at, *read), took = await woken_by(asyncio.ensure_future(appender.append(alone)))
+            assert read == [at] and took < 10
+            assert at % SHARDS == 1 and at > max(ahead)  # (past shard 3's head)
+            assert await appender.append(alone) == at  # (stored once)
+
+            async def in_transaction() -> int:
+                async with conn.transaction():
+                    [position] = await append_on(conn, [task(jobs[2], "in-tx")])
+                return position
+
+            (in_tx, *read), took = await woken_by(asyncio.ensure_future(in_transaction()))
+            assert read == [in_tx] and took < 10
+            assert in_tx % SHARDS == 2 and in_tx > at
+    finally:
+        await conn.close()
+    stored = await fetch_rows(
+        sharded_url, "SELECT count(*) AS n FROM events WHERE entity_id IN ('alone', 'in-tx')"
+    )
+    assert stored[0]["n"] == 2
 
 
 async def test_a_batch_across_shards_commits_together_its_positions_rising_in_its_order(

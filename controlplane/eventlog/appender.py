@@ -347,7 +347,8 @@ async def append_on(
     of a job's entity that names no job is given its entity's job first (``jobs_of``;
     an entity's events in one shard). With a
     ``floor`` (on one server of a log on several), positions past it. The readers are
-    woken at its commit, or after it in a sharded log (queries.sql, ``append_events``)."""
+    woken at its commit, or after it in a sharded log (queries.sql, ``append_events``); a
+    caller not in a transaction does it all in one call (``append_events_committed``)."""
     if payloads is None:
         payloads = [encode_payload(event) for event in events]
     readers = readers_of(events)
@@ -366,7 +367,11 @@ async def append_on(
         payloads,
         [bytes(e.data) if e.data is not None else None for e in events],
     )
-    if writer is not None and floor is not None:
+    if not conn.is_in_transaction():
+        # one call: the append commits, then its readers are woken (queries.sql)
+        query = queries["append_events_committed"]
+        row = await conn.fetchrow(query, writer, floor, *columns, readers)
+    elif writer is not None and floor is not None:
         query = queries["append_events_fenced_after"]
         row = await conn.fetchrow(query, writer, floor, *columns)
     elif writer is not None:
@@ -376,7 +381,7 @@ async def append_on(
     else:
         row = await conn.fetchrow(queries["append_events"], *columns, readers)
     positions = list(row["positions"])
-    if positions and not row["notified"]:
+    if positions and not row.get("notified", True):
         wake = "notify_appended" if conn.is_in_transaction() else "notify_committed"
         await conn.execute(queries[wake], str(max(positions)), readers)
     if writer is not None and row["refused"]:

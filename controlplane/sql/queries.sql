@@ -21,6 +21,15 @@ SELECT a.positions, h.shard_count = 1 AS notified,
        event_log_head h
  WHERE h.id = 1
 
+-- append_events_committed --
+-- Any of the appends below and its readers' wake-up in one call, for a caller not in a
+-- transaction: it commits (migrations/sql/0029_appends_in_one_round_trip.up.sql). $1 the
+-- writer node (fenced) or NULL, $2 the writer's clock on a log on several servers or NULL,
+-- $11 the readers (as append_events' $9).
+CALL cairn_append_commit_v1($1::text, $2::bigint, $3::uuid[], $4::text[],
+                            $5::text[]::entity_kind[], $6::text[], $7::text[], $8::text[],
+                            $9::text[]::jsonb[], $10::bytea[], $11::text, NULL, NULL)
+
 -- append_events_fenced --
 -- The same on behalf of node $1: refused (not stored, a stale_refused event instead) once
 -- the node was declared dead; see migrations/sql/0012_node_fence.up.sql and 0019.
