@@ -7,9 +7,9 @@ On an embedded PostgreSQL made for the run (``synchronous_commit`` on, as the lo
 runs), one ``EventAppender`` appends N events one at a time, each awaited; the
 writer's CPU is this process's (``time.process_time``), the server's is that of all
 its processes (the postmaster and its children: the writer's backend, the WAL writer,
-...), read from ``/proc`` before and after. A sharded log's append is two statements (the
+...), read from ``/proc`` before and after. An append is one call that commits twice (the
 append, then its readers' wake-up in a transaction of its own: queries.sql,
-``notify_committed``), a single log's one. Why it matters: at batch 1 with 8 writers on
+``append_events_committed``). Why it matters: at batch 1 with 8 writers on
 2 vCPUs the CPU binds, not the head lock (bench/README.md, "The append targets").
 """
 

@@ -381,9 +381,8 @@ async def append_on(
     else:
         row = await conn.fetchrow(queries["append_events"], *columns, readers)
     positions = list(row["positions"])
-    if positions and not row.get("notified", True):
-        wake = "notify_appended" if conn.is_in_transaction() else "notify_committed"
-        await conn.execute(queries[wake], str(max(positions)), readers)
+    if positions and not row.get("notified", True):  # (a sharded log's, at the commit)
+        await conn.execute(queries["notify_appended"], str(max(positions)), readers)
     if writer is not None and row["refused"]:
         recorded = "" if floor is not None else " (a stale_refused event records them)"
         raise NodeFencedError(

@@ -4,11 +4,12 @@
 -- append_events --
 -- One batch, one round trip; see cairn_append_v2 in migrations/sql/0019_sharded_log.up.sql
 -- ($2: the job ids as `jobs_of` filled them, where the batch needed it).
--- A single-shard log wakes its readers in the same statement, at its commit (its head
--- lock serializes the appends anyway): on cairn_events_v1 (every unfiltered tailer) the
--- highest position, on cairn_events_for_v1 $9, the readers the batch concerns
--- (eventlog/events.py readers_of: the filtered tailers wake for their own only). A sharded
--- log's are woken after the commit (`notified` false: notify_committed says why).
+-- For an append in the caller's transaction (one not in a transaction appends through
+-- append_events_committed). A single-shard log wakes its readers in the same statement, at
+-- its commit (its head lock serializes the appends anyway): on cairn_events_v1 (every
+-- unfiltered tailer) the highest position, on cairn_events_for_v1 $9, the readers the
+-- batch concerns (eventlog/events.py readers_of: the filtered tailers wake for their own
+-- only). A sharded log's are woken by notify_appended (`notified` false).
 SELECT a.positions, h.shard_count = 1 AS notified,
        CASE WHEN h.shard_count = 1 AND cardinality(a.positions) > 0 THEN
             pg_notify('cairn_events_v1', (SELECT max(p) FROM unnest(a.positions) p)::text)
@@ -23,9 +24,14 @@ SELECT a.positions, h.shard_count = 1 AS notified,
 
 -- append_events_committed --
 -- Any of the appends below and its readers' wake-up in one call, for a caller not in a
--- transaction: it commits (migrations/sql/0029_appends_in_one_round_trip.up.sql). $1 the
--- writer node (fenced) or NULL, $2 the writer's clock on a log on several servers or NULL,
--- $11 the readers (as append_events' $9).
+-- transaction (migrations/sql/0029_appends_in_one_round_trip.up.sql). $1 the writer node
+-- (fenced) or NULL, $2 the writer's clock on a log on several servers or NULL, $11 the
+-- readers (as append_events' $9). The append commits, and the readers are woken after it
+-- in a transaction of its own, committed without waiting for the disk: a transaction that
+-- notifies holds a lock of the whole database through its commit, so that inside the
+-- appends it would make each one's commit (fsync included) wait for the one before,
+-- whatever their shards; and a wake-up lost in a crash costs a reader one poll, not an
+-- event.
 CALL cairn_append_commit_v1($1::text, $2::bigint, $3::uuid[], $4::text[],
                             $5::text[]::entity_kind[], $6::text[], $7::text[], $8::text[],
                             $9::text[]::jsonb[], $10::bytea[], $11::text, NULL, NULL)
@@ -83,15 +89,6 @@ SELECT head FROM cairn_fence_node_v1($1::text)
 -- its commit: $1 the highest position, on cairn_events_v1; $2 the readers, on
 -- cairn_events_for_v1 (as append_events).
 SELECT pg_notify('cairn_events_v1', $1::text), pg_notify('cairn_events_for_v1', $2::text)
-
--- notify_committed --
--- The same after an append to a sharded log that committed on its own, in a transaction
--- of its own, committed without waiting for the disk: a transaction that notifies holds a
--- lock of the whole database through its commit, so that inside the appends it would make
--- each one's commit (fsync included) wait for the one before, whatever their shards; and
--- a wake-up lost in a crash costs a reader one poll, not an event.
-SELECT set_config('synchronous_commit', 'off', true), pg_notify('cairn_events_v1', $1::text),
-       pg_notify('cairn_events_for_v1', $2::text)
 
 -- The readers' queries (eventlog/tailer.py; controlplane/README.md, "Reading only what
 -- concerns a reader" and "The sharded log"), through cairn_read_events_v1 (migrations/sql/

@@ -8,9 +8,10 @@
 --    (shard, then rarely the head for partitions), same duplicate rule.
 -- 2. cairn_append_commit_v1, a procedure, runs any of the four appends, commits, and
 --    then wakes the readers in a transaction of its own that does not wait for the disk
---    (queries.sql, notify_committed, says why): the same two transactions as a sharded
---    log's append made before, in one call (a single-shard log's append woke them in its
---    own transaction, which costs the same). A procedure that commits may not be SECURITY
+--    (queries.sql, append_events_committed, says why): the two transactions a sharded
+--    log's append made, in one call. A single-shard log's readers are woken the same way
+--    now (its append woke them at its own commit: one transaction fewer, but its head
+--    lock held through the notify lock). A procedure that commits may not be SECURITY
 --    DEFINER nor carry SET clauses, so it runs as its caller, who may run the appends it
 --    calls (they are SECURITY DEFINER) and read the head; a caller in a transaction of
 --    its own cannot CALL it (it commits), and appends as before (eventlog/appender.py).
@@ -154,7 +155,7 @@ BEGIN
                  GROUP BY u.shard) n
          WHERE h.shard = n.shard;
     END IF;
-    -- (no NOTIFY here: see cairn_append_commit_v1 and queries.sql, notify_committed)
+    -- (no NOTIFY here: see cairn_append_commit_v1 and queries.sql, append_events_committed)
 END;
 $$;
 
