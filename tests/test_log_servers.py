@@ -183,9 +183,14 @@ async def test_the_merged_reader_returns_every_event_once_each_effect_after_its_
     got: list[str] = []
 
     async def read_until(count: int, after: list[int] | int) -> list[int]:
+        deadline = time.monotonic() + 60
         async with ServersTailer(servers, after=after, batch_size=7) as reader:
             while len(got) < count:
-                got.extend(e.entity_id for e in await reader.read(wait=10))
+                failed = writers.exception() if writers.done() else None
+                if failed is not None:  # (a writer failed: no reader's wait for it)
+                    raise failed
+                assert time.monotonic() < deadline, (count, len(got), reader.positions)
+                got.extend(e.entity_id for e in await reader.read(wait=1))
             return reader.positions
 
     writers = asyncio.gather(*(chain(c, LogClock()) for c in range(chains)))
@@ -640,6 +645,54 @@ async def test_a_server_that_stays_away_holds_back_only_its_own_events(
     assert got.index("during-0") < got.index("behind-1")  # (away: read when back)
     on_zero = await fetch_rows(gcs_url, "SELECT job_id FROM events WHERE entity_id = 'obj-0'")
     assert [r["job_id"] for r in on_zero] == [jobs[0], jobs[0]]
+
+
+async def test_a_job_only_an_away_server_can_name_holds_back_only_its_entitys_events(
+    gcs_url: str, log_with_a_stoppable_server: tuple[list[str], EmbeddedPostgres]
+) -> None:
+    """A node frees an object it did not make, whose job's shard lies on server 1, while
+    server 1 is stopped: no answering server can name the job, so the lookup rides out
+    the outage as what is queued for server 1 does (it is not dropped after
+    ``unavailable_timeout``), and after ``away_after`` the node's later batches go on
+    without it but for one of the same object, which waits behind it. Once server 1 is
+    back both land there, in the order they were written."""
+    urls, server = log_with_a_stoppable_server
+    jobs = jobs_by_shard(2)  # (shard s on server s)
+
+    def obj(object_id: str, event_type: str, job: str | None = None) -> Event:
+        payload = {"size_bytes": 1} if event_type == "created" else {}
+        return Event(EntityKind.OBJECT, object_id, event_type, payload, job_id=job)
+
+    async with ServersAppender(urls) as maker:
+        made = [obj("obj-1", "created", jobs[1]), obj("obj-0", "created", jobs[0])]
+        await maker.append_many(made)
+    server.stop(keep_data=True)
+    async with ServersAppender(urls, away_after=0.5, unavailable_timeout=30) as node:
+        node.write_behind([obj("obj-1", "freed")])
+        again = node.enqueue([Event(EntityKind.OBJECT, "obj-1", "lost", {"reason": "gone"})])
+        during = await asyncio.wait_for(node.enqueue([task(jobs[0], "during-0")]), 10)
+        freed = await asyncio.wait_for(node.enqueue([obj("obj-0", "freed")]), 10)
+        assert len(during) == len(freed) == 1
+        await asyncio.sleep(1.5)  # (past what the node's first try at server 1 took)
+        assert not again.done()  # (behind the freeing of the same object)
+        server.start()
+        assert len(await asyncio.wait_for(again, 60)) == 1
+    on_one = await fetch_rows(
+        urls[1], "SELECT event_type, job_id FROM events WHERE entity_id = 'obj-1' ORDER BY position"
+    )
+    assert [(r["event_type"], r["job_id"]) for r in on_one] == [
+        ("created", jobs[1]),
+        ("freed", jobs[1]),
+        ("lost", jobs[1]),
+    ]
+    on_zero = await fetch_rows(
+        gcs_url, "SELECT entity_id, event_type FROM events ORDER BY position"
+    )
+    assert [(r["entity_id"], r["event_type"]) for r in on_zero] == [
+        ("obj-0", "created"),
+        ("during-0", "submitted"),
+        ("obj-0", "freed"),
+    ]
 
 
 # A driver on a log on two servers reads the state API, then asks for a task: the task's

@@ -31,12 +31,15 @@ outage alone: an event of the away server that committed after the reader's last
 of it is returned after the effects of it on other servers (which lie in other jobs'
 shards: an entity's events are all on one server, so no entity's history is reordered).
 Appenders do the same (``ServersAppender``): what a writer wrote behind to an away
-server does not hold back its urgent batches to the others.
+server does not hold back its urgent batches to the others, and a batch whose job only
+an away server can name (``_jobs_found``) holds back only the later batches of the same
+entities; it waits, as what is queued for that server does, until the server answers.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -69,6 +72,7 @@ from controlplane.sql import queries
 
 log = logging.getLogger("cairn.gcs")
 JOBS_KEPT = 65_536  # entities whose job an appender looked up, kept (the oldest go)
+HELD_CHECK_S = 0.1  # how often a batch behind a held one looks whether it may go on
 # How long the merged reader waits for a server that does not answer before it reads the
 # others on without it (longer than a failover or a restart of the server takes).
 AWAY_AFTER_ENV = "CAIRN_GCS_SERVER_AWAY_AFTER_S"
@@ -164,8 +168,8 @@ class ServersAppender:
     behind are given up after ``unavailable_timeout``, when the process stops anyway;
     here the others go on, and a hole in a job's history would outlive the outage).
     So the callers of the jobs whose shards it holds wait, the others do not
-    (``away_after``); ``close`` waits for it at most ``unavailable_timeout``, which
-    also bounds the job lookups."""
+    (``away_after``). A job lookup rides it out too (``_after_lookup``). ``close``
+    waits for both at most ``unavailable_timeout``."""
 
     def __init__(
         self,
@@ -186,7 +190,8 @@ class ServersAppender:
             EventAppender(url, clock=self.clock, unavailable_timeout=math.inf, **options)  # type: ignore[arg-type]
             for url in self.urls
         ]
-        self._pending: asyncio.Future[list[int]] | None = None  # the last batch waiting for jobs
+        self._unrouted: list[_Unrouted] = []  # batches waiting for jobs, or behind one, in order
+        self._closing = False
         self._lookups: list[asyncpg.Connection | None] = [None] * len(self.urls)  # for the jobs
         self._jobs: OrderedDict[tuple[EntityKind, str], str] = OrderedDict()  # found so far
 
@@ -204,8 +209,13 @@ class ServersAppender:
     async def close(self) -> None:
         """Commits what is queued, waiting at most ``unavailable_timeout`` for a server
         that does not answer (what is left for it is said to be lost)."""
-        if self._pending is not None:
-            await asyncio.wait([self._pending])
+        self._closing = True
+        waiting = [u.task for u in self._unrouted if u.task is not None]
+        if waiting:
+            _done, left = await asyncio.wait(waiting, timeout=self.unavailable_timeout)
+            for task in left:  # (their jobs' server did not answer: said to be lost)
+                task.cancel()
+            await asyncio.wait(waiting)
         await asyncio.gather(*(a.close(self.unavailable_timeout) for a in self._appenders))
         for lookup in self._lookups:
             if lookup is not None:
@@ -265,15 +275,15 @@ class ServersAppender:
         answered for ``away_after`` seconds, and does not answer, is not waited for:
         what was queued there lands once it is back). A batch with an
         event whose job must be looked up (``_jobs_found``) waits for it, and so does
-        every batch queued after it, in order."""
+        every batch queued after it, in order (``_after_lookup``)."""
         batch, payloads = self._checked(events)
-        if self._pending is None and not self._unknown(batch):
+        if not self._unrouted and not self._unknown(batch):
             return self._route(batch, payloads, urgent)
         return self._after_lookup(batch, payloads, urgent, behind=False)
 
     def write_behind(self, events: Sequence[Event]) -> None:
         batch, payloads = self._checked(events)
-        if self._pending is None and not self._unknown(batch):
+        if not self._unrouted and not self._unknown(batch):
             self._route_behind(batch, payloads)
         else:
             self._after_lookup(batch, payloads, False, behind=True)
@@ -360,41 +370,66 @@ class ServersAppender:
     def _after_lookup(
         self, batch: list[Event], payloads: list[str], urgent: bool, *, behind: bool
     ) -> asyncio.Future[list[int]]:
-        """Routes ``batch`` once the jobs it lacks are found, after what was queued
-        before it waited for the same (so the servers take a writer's events in order);
-        the future gives its positions (none for events written behind)."""
-        before = self._pending
+        """Routes ``batch`` once the jobs it lacks are found, after the batches queued
+        before it that waited for the same (so the servers take a writer's events in
+        order); the future gives its positions (none for events written behind).
+
+        A lookup that only a server that does not answer can settle rides out its outage,
+        as what is queued for that server does (the event goes there: dropping it would
+        leave a hole in its job's history). After ``away_after`` it is **held**, and the
+        batches after it go on without it unless they name one of its entities (or of a
+        batch held behind it): those wait, held too, so that no entity's events are
+        stored out of order. A held batch lands once its server answers, after batches
+        of other entities queued later (as a reader returns an away server's events)."""
+        ahead = list(self._unrouted)
+        me = _Unrouted(frozenset((e.entity_kind, e.entity_id) for e in batch))
+        self._unrouted.append(me)
 
         async def later() -> list[int]:
             found: list[Event] | None = None
             try:
-                if before is not None:
-                    await asyncio.wait([before])
-                found = await self._jobs_found(batch)
-            except Exception as exc:
-                failure = exc if isinstance(exc, GcsError) else GcsError(f"append failed: {exc!r}")
-            if self._pending is task:  # (routed below, before anything queued after it)
-                self._pending = None
-            if found is None:
-                if not behind:
-                    raise failure
-                self._appenders[0].on_write_behind_failure(failure)
-                return []
-            if behind:
-                self._route_behind(found, payloads)
-                return []
-            return await self._route(found, payloads, urgent)
+                try:
+                    await _after(ahead, me)
+                    found = await self._jobs_found(batch, me)
+                except asyncio.CancelledError:
+                    if not self._closing:
+                        raise
+                    failure: GcsError = GcsUnavailableError(
+                        f"closed while no server could name the job of {len(batch)} "
+                        "event(s) (the server of their job did not answer): not recorded"
+                    )
+                except Exception as exc:
+                    failure = (
+                        exc if isinstance(exc, GcsError) else GcsError(f"append failed: {exc!r}")
+                    )
+                if found is None:
+                    if not behind:
+                        raise failure
+                    self._appenders[0].on_write_behind_failure(failure)
+                    return []
+                if behind:
+                    self._route_behind(found, payloads)
+                    return []
+                routed = self._route(found, payloads, urgent)
+            finally:
+                self._routed(me)  # (once queued on its servers: before anything after it)
+            return await routed
 
-        task = asyncio.ensure_future(later())
-        self._pending = task
-        return task
+        me.task = asyncio.ensure_future(later())
+        return me.task
 
-    async def _jobs_found(self, batch: list[Event]) -> list[Event]:
+    def _routed(self, me: _Unrouted) -> None:
+        if me in self._unrouted:
+            self._unrouted.remove(me)
+        me.routed.set()
+
+    async def _jobs_found(self, batch: list[Event], me: _Unrouted | None = None) -> list[Event]:
         """``batch`` with the job each event lacking one has in the whole log: every
         server is asked for the jobs of its own entities' events (``jobs_of``), and the
         first answers that name them all do (an entity's events lie on one server, so
-        a server that does not answer is waited for only while one is still unknown);
-        still none: it stays without (shard 0)."""
+        a server that does not answer is waited for only while one is still unknown,
+        riding out its outage: ``me`` is held once that took ``away_after``); still none:
+        it stays without (shard 0)."""
         if not self._unknown(batch):
             return batch
         args = (
@@ -407,6 +442,9 @@ class ServersAppender:
             asyncio.ensure_future(self._jobs_on(server, args)) for server in range(len(self.urls))
         ]
         failure: BaseException | None = None
+        held = (
+            None if me is None else asyncio.get_running_loop().call_later(self.away_after, me.hold)
+        )
         try:
             for answer in asyncio.as_completed(asks):
                 try:
@@ -423,6 +461,8 @@ class ServersAppender:
         finally:
             for ask in asks:
                 ask.cancel()
+            if held is not None:
+                held.cancel()
         if failure is not None and self._unknown_in(batch, jobs):
             raise failure
         found = []
@@ -443,7 +483,8 @@ class ServersAppender:
     async def _jobs_on(
         self, server: int, args: tuple[list[str | None], list[str], list[str]]
     ) -> list[str | None]:
-        """What ``server`` says of the batch's jobs, riding out its outage as appends do."""
+        """What ``server`` says of the batch's jobs, riding out its outage as its appender
+        does (``close`` bounds it)."""
 
         async def ask() -> list[str | None]:
             lookup = self._lookups[server]
@@ -455,9 +496,7 @@ class ServersAppender:
                 lookup.terminate()
                 raise
 
-        return await retry_while_unavailable(
-            self.urls[server], ask, timeout=self.unavailable_timeout
-        )
+        return await retry_while_unavailable(self.urls[server], ask, timeout=math.inf)
 
     def _parts(self, batch: list[Event]) -> dict[int, list[int]]:
         parts: dict[int, list[int]] = {}
@@ -471,9 +510,40 @@ class ServersAppender:
     async def append_many(self, events: Iterable[Event]) -> list[int]:
         """Positions in the order of ``events``, once every part is durable."""
         batch, payloads = self._checked(list(events))  # (an invalid event: nothing queued anywhere)
-        if self._pending is not None:
-            await asyncio.wait([self._pending])
-        return await self._route(await self._jobs_found(batch), payloads, True)
+        if not self._unrouted and not self._unknown(batch):
+            return await self._route(batch, payloads, True)
+        return await self._after_lookup(batch, payloads, True, behind=False)
+
+
+@dataclass(eq=False)
+class _Unrouted:
+    """A batch of a ``ServersAppender`` waiting for its jobs, or behind one that is."""
+
+    keys: frozenset[tuple[EntityKind, str]]  # its entities
+    task: asyncio.Future[list[int]] | None = None
+    routed: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    held: bool = False  # it waits for a server that has not answered for away_after
+
+    def hold(self) -> None:
+        self.held = True
+
+
+async def _after(ahead: list[_Unrouted], me: _Unrouted) -> None:
+    """Returns once each batch ``ahead`` is routed, or held with none of ``me``'s
+    entities (``ServersAppender._after_lookup``); ``me`` is held while it waits for a
+    held batch of its entities."""
+    while True:
+        blocking = [
+            u
+            for u in ahead
+            if not u.routed.is_set() and not (u.held and u.keys.isdisjoint(me.keys))
+        ]
+        if not blocking:
+            return
+        if any(u.held for u in blocking):
+            me.hold()
+        with contextlib.suppress(TimeoutError):  # (looks again: one ahead may be held now)
+            await asyncio.wait_for(blocking[0].routed.wait(), HELD_CHECK_S)
 
 
 def away_after_s(given: float | None = None) -> float:
