@@ -423,7 +423,7 @@ class ServersAppender:
             self._unrouted.remove(me)
         me.routed.set()
 
-    async def _jobs_found(self, batch: list[Event], me: _Unrouted | None = None) -> list[Event]:
+    async def _jobs_found(self, batch: list[Event], me: _Unrouted) -> list[Event]:
         """``batch`` with the job each event lacking one has in the whole log: every
         server is asked for the jobs of its own entities' events (``jobs_of``), and the
         first answers that name them all do (an entity's events lie on one server, so
@@ -442,9 +442,7 @@ class ServersAppender:
             asyncio.ensure_future(self._jobs_on(server, args)) for server in range(len(self.urls))
         ]
         failure: BaseException | None = None
-        held = (
-            None if me is None else asyncio.get_running_loop().call_later(self.away_after, me.hold)
-        )
+        held = asyncio.get_running_loop().call_later(self.away_after, me.hold)
         try:
             for answer in asyncio.as_completed(asks):
                 try:
@@ -461,8 +459,7 @@ class ServersAppender:
         finally:
             for ask in asks:
                 ask.cancel()
-            if held is not None:
-                held.cancel()
+            held.cancel()
         if failure is not None and self._unknown_in(batch, jobs):
             raise failure
         found = []
