@@ -673,7 +673,6 @@ async def test_a_job_only_an_away_server_can_name_holds_back_only_its_entitys_ev
         during = await asyncio.wait_for(node.enqueue([task(jobs[0], "during-0")]), 10)
         freed = await asyncio.wait_for(node.enqueue([obj("obj-0", "freed")]), 10)
         assert len(during) == len(freed) == 1
-        await asyncio.sleep(1.5)  # (past what the node's first try at server 1 took)
         assert not again.done()  # (behind the freeing of the same object)
         server.start()
         assert len(await asyncio.wait_for(again, 60)) == 1

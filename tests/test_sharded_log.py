@@ -11,7 +11,9 @@ import asyncio
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -198,15 +200,16 @@ async def test_an_event_appended_alone_goes_to_its_shard_once_and_wakes_the_read
             ahead = await appender.append_many([task(jobs[3], f"ahead{i}") for i in range(5)])
             assert len(await tailer.read(wait=5)) == 5
 
-            async def woken_by(append: asyncio.Future[int]) -> tuple[list[int], float]:
+            async def woken_by(append: Coroutine[Any, Any, int]) -> tuple[list[int], float]:
+                assert await tailer.read(wait=0) == []  # (read up to now; not woken since)
                 began = time.monotonic()
-                read = asyncio.ensure_future(tailer.read(wait=20))
-                await asyncio.sleep(0.3)  # (the reader waits for a notification)
                 at = await append
-                return [at, *(e.position for e in await read)], time.monotonic() - began
+                await tailer.woken(20)  # (only a notification wakes it before then)
+                took = time.monotonic() - began
+                return [at, *(e.position for e in await tailer.read(wait=5))], took
 
             alone = task(jobs[1], "alone")
-            (at, *read), took = await woken_by(asyncio.ensure_future(appender.append(alone)))
+            (at, *read), took = await woken_by(appender.append(alone))
             assert read == [at] and took < 10
             assert at % SHARDS == 1 and at > max(ahead)  # (past shard 3's head)
             assert await appender.append(alone) == at  # (stored once)
@@ -216,7 +219,7 @@ async def test_an_event_appended_alone_goes_to_its_shard_once_and_wakes_the_read
                     [position] = await append_on(conn, [task(jobs[2], "in-tx")])
                 return position
 
-            (in_tx, *read), took = await woken_by(asyncio.ensure_future(in_transaction()))
+            (in_tx, *read), took = await woken_by(in_transaction())
             assert read == [in_tx] and took < 10
             assert in_tx % SHARDS == 2 and in_tx > at
     finally:

@@ -22,6 +22,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
+from typing import Any
 
 import asyncpg
 
@@ -367,11 +368,31 @@ async def append_on(
         payloads,
         [bytes(e.data) if e.data is not None else None for e in events],
     )
-    if not conn.is_in_transaction():
-        # one call: the append commits, then its readers are woken (queries.sql)
+    if conn.is_in_transaction():
+        row = await _append_in_transaction(conn, columns, readers, writer, floor)
+    else:  # one call: the append commits, then its readers are woken (queries.sql)
         query = queries["append_events_committed"]
         row = await conn.fetchrow(query, writer, floor, *columns, readers)
-    elif writer is not None and floor is not None:
+    positions = list(row["positions"])
+    if writer is not None and row["refused"]:
+        recorded = "" if floor is not None else " (a stale_refused event records them)"
+        raise NodeFencedError(
+            f"the log refused {len(events)} events of node {writer}: it was declared dead"
+            f"{recorded}; it must rejoin under a new id"
+        )
+    return positions
+
+
+async def _append_in_transaction(
+    conn: asyncpg.Connection,
+    columns: tuple[Sequence[Any], ...],
+    readers: str,
+    writer: str | None,
+    floor: int | None,
+) -> asyncpg.Record:
+    """``append_on`` in the caller's transaction, whose commit wakes the readers (a
+    procedure that commits cannot join it: queries.sql, ``append_events``)."""
+    if writer is not None and floor is not None:
         query = queries["append_events_fenced_after"]
         row = await conn.fetchrow(query, writer, floor, *columns)
     elif writer is not None:
@@ -380,16 +401,9 @@ async def append_on(
         row = await conn.fetchrow(queries["append_events_after"], *columns, floor)
     else:
         row = await conn.fetchrow(queries["append_events"], *columns, readers)
-    positions = list(row["positions"])
-    if positions and not row.get("notified", True):  # (a sharded log's, at the commit)
-        await conn.execute(queries["notify_appended"], str(max(positions)), readers)
-    if writer is not None and row["refused"]:
-        recorded = "" if floor is not None else " (a stale_refused event records them)"
-        raise NodeFencedError(
-            f"the log refused {len(events)} events of node {writer}: it was declared dead"
-            f"{recorded}; it must rejoin under a new id"
-        )
-    return positions
+    if row["positions"] and not row["notified"]:  # (a sharded log's, at the commit)
+        await conn.execute(queries["notify_appended"], str(max(row["positions"])), readers)
+    return row
 
 
 class FailureLog:

@@ -39,7 +39,6 @@ entities; it waits, as what is queued for that server does, until the server ans
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -72,7 +71,6 @@ from controlplane.sql import queries
 
 log = logging.getLogger("cairn.gcs")
 JOBS_KEPT = 65_536  # entities whose job an appender looked up, kept (the oldest go)
-HELD_CHECK_S = 0.1  # how often a batch behind a held one looks whether it may go on
 # How long the merged reader waits for a server that does not answer before it reads the
 # others on without it (longer than a failover or a restart of the server takes).
 AWAY_AFTER_ENV = "CAIRN_GCS_SERVER_AWAY_AFTER_S"
@@ -442,7 +440,7 @@ class ServersAppender:
             asyncio.ensure_future(self._jobs_on(server, args)) for server in range(len(self.urls))
         ]
         failure: BaseException | None = None
-        held = asyncio.get_running_loop().call_later(self.away_after, me.hold)
+        holding = asyncio.get_running_loop().call_later(self.away_after, me.hold)
         try:
             for answer in asyncio.as_completed(asks):
                 try:
@@ -459,7 +457,7 @@ class ServersAppender:
         finally:
             for ask in asks:
                 ask.cancel()
-            held.cancel()
+            holding.cancel()
         if failure is not None and self._unknown_in(batch, jobs):
             raise failure
         found = []
@@ -519,10 +517,11 @@ class _Unrouted:
     keys: frozenset[tuple[EntityKind, str]]  # its entities
     task: asyncio.Future[list[int]] | None = None
     routed: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
-    held: bool = False  # it waits for a server that has not answered for away_after
+    # set once it waits for a server that has not answered for away_after
+    held: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
 
     def hold(self) -> None:
-        self.held = True
+        self.held.set()
 
 
 async def _after(ahead: list[_Unrouted], me: _Unrouted) -> None:
@@ -533,14 +532,21 @@ async def _after(ahead: list[_Unrouted], me: _Unrouted) -> None:
         blocking = [
             u
             for u in ahead
-            if not u.routed.is_set() and not (u.held and u.keys.isdisjoint(me.keys))
+            if not u.routed.is_set() and not (u.held.is_set() and u.keys.isdisjoint(me.keys))
         ]
         if not blocking:
             return
-        if any(u.held for u in blocking):
+        if any(u.held.is_set() for u in blocking):
             me.hold()
-        with contextlib.suppress(TimeoutError):  # (looks again: one ahead may be held now)
-            await asyncio.wait_for(blocking[0].routed.wait(), HELD_CHECK_S)
+        # until one of them is routed, or held
+        changes = [u.routed.wait() for u in blocking]
+        changes += [u.held.wait() for u in blocking if not u.held.is_set()]
+        waits = [asyncio.ensure_future(change) for change in changes]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
 
 
 def away_after_s(given: float | None = None) -> float:
