@@ -1,7 +1,7 @@
 -- An append's duplicate check reads only the partitions that may hold a copy of its
 -- events (issue 20: it read every attached partition's event_id index, so a one-event
--- append slowed as the log grew: 1,808 appends/s with 2 partitions, 427 with 303,
--- bench/append_partitions.py).
+-- append slowed as the log grew: one writer's 1,771 appends/s with 5 partitions, 442
+-- with 302, bench/append_partitions.py).
 --
 -- Why a partition can be skipped. An event id made by new_event_id is a UUIDv7: the
 -- writer's clock at the event's making, in milliseconds. An append refuses an id made
@@ -14,14 +14,15 @@
 -- max_clock_skew, if the server that sealed it was another whose clock differs from this
 -- one's by up to max_clock_skew: a promoted replica); sealing follows position
 -- order, and those partitions are the ones below some bound (cairn_copies_from_v1),
--- which the check passes as `position >= bound` (pruned at the executor's start). Ids of
--- other versions (the scheduler's uuid5 placements) are checked in every partition, as
--- before.
+-- which the check passes as `position >= bound` (pruned at the executor's start). The
+-- newest seal is kept with the head (sealed_until, sealed_at), which every append reads:
+-- the partition table is read only for an id made before it. Ids of other versions (the
+-- scheduler's uuid5 placements) are checked in every partition, as before.
 --
 -- Plans: 0027 tried a bound once and took it out (a generic plan made while the hot
 -- partition was new scanned its primary key over the bound). Since 0029 the one-event
 -- check compares one id (`=`, not `= ANY`), and the bound is a whole partition's lower
--- end: tests/test_partitions.py holds both checks to the event_id index.
+-- end: tests/test_schema_and_partitions.py holds both checks to the event_id index.
 
 ALTER TABLE event_partitions ADD COLUMN sealed_at timestamptz;
 CREATE INDEX event_partitions_sealed_idx ON event_partitions (sealed_at, upper_bound)
@@ -132,11 +133,19 @@ DECLARE
     v_oldest   bigint;
     v_newest   bigint;
     v_id       uuid;
+    v_latest   bigint;
+    v_past_seal bigint;
 BEGIN
     IF v_size = 1 THEN
         -- one event: the steps below, as scalars
-        SELECT shard_count, partitioned_until, max_clock_skew, sealed_until, sealed_at
-          INTO v_count, v_until, v_skew, v_sealed_until, v_sealed_at
+        -- (with the head, in its one statement: the id's time, the latest time an id may
+        -- be made at now, and the time past which ids skip the newest seal; in ms)
+        SELECT shard_count, partitioned_until, max_clock_skew, sealed_until, sealed_at,
+               cairn_uuid7_ms_v1(p_event_ids[1]),
+               floor(date_part('epoch', clock_timestamp() + max_clock_skew) * 1000),
+               ceil(date_part('epoch', sealed_at + 2 * max_clock_skew) * 1000)
+          INTO v_count, v_until, v_skew, v_sealed_until, v_sealed_at, v_oldest, v_latest,
+               v_past_seal
           FROM event_log_head WHERE id = 1;
         v_shard := cairn_shard_of_v1(p_job_ids[1], v_count);
         SELECT last_position INTO v_floor FROM event_log_shards WHERE shard = v_shard
@@ -147,8 +156,17 @@ BEGIN
         IF v_floor + 2 * v_count >= v_until THEN
             PERFORM cairn_ensure_partitions_v1(v_floor + 2 * v_count);
         END IF;
-        v_oldest := cairn_uuid7_ms_v1(p_event_ids[1]);
-        v_lo := cairn_copies_from_v1(v_oldest, v_oldest, v_skew, v_sealed_until, v_sealed_at);
+        -- what cairn_copies_from_v1 says, inline where it is read off the head: an id made
+        -- after the newest seal skips every sealed partition; one made before any seal,
+        -- or not a UUIDv7, none
+        IF v_oldest > v_latest OR v_oldest <= v_past_seal THEN  -- (made ahead: refused)
+            v_lo := cairn_copies_from_v1(v_oldest, v_oldest, v_skew, v_sealed_until,
+                                         v_sealed_at);
+        ELSIF v_oldest > v_past_seal THEN
+            v_lo := v_sealed_until;
+        ELSE
+            v_lo := 0;
+        END IF;
         SELECT e.position INTO v_at FROM events e
          WHERE e.event_id = p_event_ids[1] AND e.position >= v_lo;
         IF NOT FOUND THEN
