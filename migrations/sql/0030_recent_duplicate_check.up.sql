@@ -16,8 +16,9 @@
 -- order, and those partitions are the ones below some bound (cairn_copies_from_v1),
 -- which the check passes as `position >= bound` (pruned at the executor's start). The
 -- newest seal is kept with the head (sealed_until, sealed_at), which every append reads:
--- the partition table is read only for an id made before it. Ids of other versions (the
--- scheduler's uuid5 placements) are checked in every partition, as before.
+-- the partition table is read only for an id made before it. Ids of other versions are
+-- checked in every partition, as before (the scheduler's decisions are UUIDv7s of their
+-- cause's recording: controlplane/scheduler.py, decision_event_id).
 --
 -- Plans: 0027 tried a bound once and took it out (a generic plan made while the hot
 -- partition was new scanned its primary key over the bound). Since 0029 the one-event
