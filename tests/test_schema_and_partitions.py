@@ -341,6 +341,21 @@ def test_an_append_reads_only_the_partitions_that_may_hold_a_copy_of_its_events(
     assert rows(gcs_url, "SELECT count(*) FROM events")[0][0] == 381  # nothing stored twice
 
 
+def test_sealing_does_not_wait_for_an_append_that_holds_its_shard(gcs_url: str) -> None:
+    """An append held open (a transaction whose client is gone) keeps its shard's lock:
+    the upkeep's seal gives up at once rather than hold back the other appends behind
+    the shares it took, and seals on a later round."""
+    manager = PartitionManager(gcs_url)
+    manager.configure(partition_size=100, partitions_ahead=1)
+    asyncio.run(_append(gcs_url, 150, "s"))
+    with psycopg.connect(gcs_url) as holder:  # (a transaction, as an append's)
+        holder.execute("SELECT 1 FROM event_log_shards WHERE shard = 0 FOR UPDATE")
+        started = time.monotonic()
+        assert manager.seal_full_partitions() == 0
+        assert time.monotonic() - started < 5
+    assert manager.seal_full_partitions() == 1  # [1, 101)
+
+
 def test_an_event_id_made_ahead_of_the_servers_clock_is_refused(gcs_url: str) -> None:
     """The bound 0030 takes from an id's time holds only if no writer's clock runs ahead
     of the server's by more than max_clock_skew: such an id is refused, naming why."""

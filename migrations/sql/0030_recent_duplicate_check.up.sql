@@ -45,14 +45,21 @@ $$;
 
 -- Stamps the partitions whose positions are all handed out and settled with the time: no
 -- event is recorded in them after it. Run by the partition upkeep (PartitionManager).
+-- A shard whose lock an append holds for long (one inside a transaction whose client is
+-- gone) is not waited for: the shares already taken would hold back the appends to the
+-- shards before it. The next round tries again (0 sealed).
 CREATE FUNCTION cairn_seal_partitions_v1() RETURNS integer
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET lock_timeout = '200ms' AS $$
 DECLARE
     v_settled bigint;
     v_sealed  integer;
     v_now     timestamptz;
 BEGIN
-    PERFORM 1 FROM event_log_shards ORDER BY shard FOR SHARE;
+    BEGIN
+        PERFORM 1 FROM event_log_shards ORDER BY shard FOR SHARE;
+    EXCEPTION WHEN lock_not_available THEN
+        RETURN 0;
+    END;
     SELECT max(last_position) INTO v_settled FROM event_log_shards;
     v_now := clock_timestamp();
     UPDATE event_partitions SET sealed_at = v_now
