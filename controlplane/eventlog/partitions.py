@@ -128,20 +128,9 @@ class PartitionManager:
                 done.append(part.table_name)
         return done
 
-    def seal_full_partitions(self) -> int:
-        """Stamps every partition whose positions are all handed out and settled with the
-        time, after every event in it was recorded: an append's duplicate check skips the
-        partitions sealed before its events' ids were made (migration 0030), so its cost
-        does not grow with the log. Returns how many were sealed."""
-        with self._connect() as conn:
-            row = conn.execute(queries["seal_partitions"]).fetchone()
-        return int(row[0]) if row else 0
-
     def maintain(self) -> None:
-        """The periodic upkeep: partitions ahead of the head; behind it, sealed and given
-        their history indexes."""
+        """The periodic upkeep: partitions ahead of the head, history indexes behind it."""
         self.ensure_ahead()
-        self.seal_full_partitions()
         self.index_full_partitions()
 
     def partitions(self) -> list[PartitionInfo]:

@@ -124,12 +124,6 @@ SELECT max(last_position) FROM event_log_shards
 -- The head once no append is in flight (nothing appended later goes at or below it).
 SELECT cairn_settled_position_v1()
 
--- seal_partitions --
--- Stamps the partitions every position of which is handed out and settled with the time
--- (no event is recorded in them later): an append's duplicate check skips those sealed
--- before its ids were made (migration 0030).
-SELECT cairn_seal_partitions_v1()
-
 -- head_positions --
 -- Each shard's head (index shard + 1): where a reader that starts now starts.
 SELECT array_agg(last_position ORDER BY shard) FROM event_log_shards
