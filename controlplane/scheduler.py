@@ -54,6 +54,9 @@ from controlplane.sql import queries
 log = logging.getLogger("cairn.scheduler")
 _STOP_TIMEOUT_S = 3.0
 _PLACEMENT_IDS = uuid.UUID("6f0b3d62-3c1e-4b8e-9a55-0c4e1f1d2a70")
+_RANDOM_BITS = (1 << 80) - 1  # below a UUIDv7's 48 bits of milliseconds
+_VERSION_AND_VARIANT = (0xF << 76) | (0x3 << 62)
+_VERSION_7_VARIANT = (0x7 << 76) | (0x2 << 62)
 
 
 CHECKPOINT_NAME = "global_scheduler"  # one for all: they fold the same events
@@ -62,9 +65,16 @@ CHECKPOINT_EVERY = int(
 )
 
 
-def placement_event_id(task_id: str, attempt: int) -> uuid.UUID:
-    """The same for every scheduler placing this spill: the log stores one."""
-    return uuid.uuid5(_PLACEMENT_IDS, f"{task_id}:{attempt}")
+def decision_event_id(name: str, cause: RecordedEvent) -> uuid.UUID:
+    """The id of what every scheduler decides alike of the event ``cause`` (``name``
+    says which decision): the log stores the first one appended. Shaped as a UUIDv7 of
+    the time the log recorded ``cause`` (its own clock, read by every scheduler alike):
+    each copy is appended after it, so the append's duplicate check may skip the
+    partitions sealed before it (migration 0030); a uuid5 was checked in every one."""
+    digest = uuid.uuid5(_PLACEMENT_IDS, name).int
+    made_ms = int(cause.recorded_at.timestamp() * 1000)
+    value = (made_ms << 80) | (digest & _RANDOM_BITS)
+    return uuid.UUID(int=(value & ~_VERSION_AND_VARIANT) | _VERSION_7_VARIANT)
 
 
 @dataclass
@@ -369,7 +379,7 @@ class GlobalScheduler:
                             "infeasible",
                             {"reason": reason, "to_node": EVERY_NODE},
                             job_id=created.job_id,
-                            event_id=uuid.uuid5(_PLACEMENT_IDS, f"{pg_id}:x"),
+                            event_id=decision_event_id(f"{pg_id}:x", created),
                         )
                     )
                 continue
@@ -387,7 +397,7 @@ class GlobalScheduler:
                         "to_node": EVERY_NODE,
                     },
                     job_id=created.job_id,
-                    event_id=uuid.uuid5(_PLACEMENT_IDS, f"{pg_id}:placed"),
+                    event_id=decision_event_id(f"{pg_id}:placed", created),
                 )
             )
         return events
@@ -421,7 +431,7 @@ class GlobalScheduler:
                                 **_owner(spill),
                             },
                             job_id=spill.event.job_id,
-                            event_id=uuid.uuid5(_PLACEMENT_IDS, f"{task_id}:{spill.attempt}:x"),
+                            event_id=decision_event_id(f"{task_id}:{spill.attempt}:x", spill.event),
                         )
                     )
                 continue
@@ -441,7 +451,7 @@ class GlobalScheduler:
                     job_id=spill.event.job_id,
                     node_id=node.node_id,
                     data=spill.event.data,
-                    event_id=placement_event_id(task_id, spill.attempt),
+                    event_id=decision_event_id(f"{task_id}:{spill.attempt}", spill.event),
                 )
             )
             self.placed[task_id] = spill.attempt

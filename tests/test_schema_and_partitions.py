@@ -8,10 +8,12 @@ import json
 import multiprocessing
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import psycopg
 import pytest
+from log_rows import rows
 
 from controlplane import schema
 from controlplane.errors import GcsError
@@ -259,6 +261,176 @@ def test_full_partitions_get_the_entity_history_index(gcs_url: str) -> None:
     assert rows == [("h-7",)]
 
 
+def _index_scans(url: str) -> dict[str, int]:
+    """Each partition's index scans so far, by index (what the duplicate checks read)."""
+    with psycopg.connect(url) as conn:
+        found = conn.execute(
+            "SELECT indexrelname, idx_scan FROM pg_stat_user_indexes WHERE relname LIKE 'events_p%'"
+        ).fetchall()
+    return {index: scans for index, scans in found}
+
+
+def _scans_once_flushed(url: str, before: dict[str, int], index: str, at_least: int) -> dict:
+    """The scans since ``before``, once a closed connection's statistics reached the
+    server's (a backend flushes its own at exit): ``index``'s have grown by ``at_least``."""
+    deadline = time.monotonic() + 20
+    while True:
+        now = _index_scans(url)
+        grown = {name: now[name] - before.get(name, 0) for name in now}
+        if grown.get(index, 0) >= at_least:
+            return grown
+        assert time.monotonic() < deadline, grown
+        time.sleep(0.1)
+
+
+def test_an_append_reads_only_the_partitions_that_may_hold_a_copy_of_its_events(
+    gcs_url: str,
+) -> None:
+    """Migration 0030: the duplicate check of ids made after the partitions' seals (and
+    twice the clock skew allowed) reads only the view of the partitions after them; an
+    event stored before them is still found, through every partition."""
+    manager = PartitionManager(gcs_url)
+    manager.configure(partition_size=100, partitions_ahead=1)
+    with psycopg.connect(gcs_url, autocommit=True) as conn:
+        conn.execute("UPDATE event_log_head SET max_clock_skew = '0.2 seconds'")
+    old = Event(EntityKind.OBJECT, "old-1", "created", {"size_bytes": 1}, job_id="job-1")
+
+    async def append_old_then_more() -> int:
+        async with EventAppender(gcs_url) as appender:
+            at = await appender.append(old)
+            await appender.append_many(
+                Event(EntityKind.OBJECT, f"o-{n}", "created", {"size_bytes": n}, job_id="job-1")
+                for n in range(349)
+            )
+            return at
+
+    old_at = asyncio.run(append_old_then_more())
+    assert old_at == 1
+    assert manager.seal_full_partitions() == 3  # [1, 101), [101, 201), [201, 301)
+    hot = manager.partitions()[3].table_name  # [301, 401): the head (350) is in it
+    assert rows(gcs_url, "SELECT recent_from FROM event_log_head") == [(0,)]  # (all, yet)
+    time.sleep(1.0)  # three skews after the seals: the next round moves the view past them
+    assert manager.seal_full_partitions() == 0
+    assert rows(gcs_url, "SELECT recent_from, recent_partitions[1] FROM event_log_head") == [
+        (301, hot)
+    ]
+
+    def made(prefix: str, count: int) -> list[Event]:
+        return [
+            Event(EntityKind.OBJECT, f"{prefix}-{n}", "created", {"size_bytes": n}, job_id="job-1")
+            for n in range(count)
+        ]
+
+    async def append_new_and_again() -> tuple[list[int], int, int, list[int], list[int]]:
+        async with EventAppender(gcs_url) as appender:
+            new = made("n", 20)
+            positions = [await appender.append(event) for event in new]  # one at a time
+            again = await appender.append(new[0])  # a copy in the hot partition: found
+            old_again = await appender.append(old)  # made before the seals: all read
+            batch = await appender.append_many(made("b", 10))  # the check of a batch
+            mixed = await appender.append_many([new[1], *made("m", 1)])
+            return positions, again, old_again, batch, mixed
+
+    async def append_old_in_a_batch() -> list[int]:
+        async with EventAppender(gcs_url) as appender:
+            return await appender.append_many([*made("x", 1), old])
+
+    before = _index_scans(gcs_url)
+    positions, again, old_again, batch, mixed = asyncio.run(append_new_and_again())
+    assert positions == list(range(351, 371)) and again == 351 and old_again == old_at
+    assert batch == list(range(371, 381)) and mixed == [352, 381]
+    grown = _scans_once_flushed(gcs_url, before, f"{hot}_event_id_idx", 23)
+    sealed = [p.table_name for p in manager.partitions()[:3]]
+    # the appends of ids made after the seals read no sealed partition (before 0030 each
+    # read all of them); the old id's read them in order until it found it, in the first
+    assert [grown[f"{name}_event_id_idx"] for name in sealed] == [1, 0, 0], grown
+    # ... and only through the event_id index (0027's bound, and a first 0030's, made
+    # plans that scanned a partition's primary key instead)
+    assert {name: n for name, n in grown.items() if n and "event_id" not in name} == {}
+    assert rows(gcs_url, "SELECT count(*) FROM events")[0][0] == 381  # nothing stored twice
+    # a batch with the old id is checked in every partition, and finds it there
+    assert asyncio.run(append_old_in_a_batch()) == [382, old_at]
+    assert rows(gcs_url, "SELECT count(*) FROM events")[0][0] == 382
+
+
+def test_a_copy_past_the_recent_partitions_is_found_in_every_partition(gcs_url: str) -> None:
+    """An append that outran the upkeep made partitions itself, which the view of the
+    recent partitions does not hold yet: a check whose shard's head is past the view reads
+    every partition, and finds the copy there (the view alone would not)."""
+    manager = PartitionManager(gcs_url)
+    manager.configure(partition_size=100, partitions_ahead=1)
+    with psycopg.connect(gcs_url, autocommit=True) as conn:
+        conn.execute("UPDATE event_log_head SET max_clock_skew = '0.2 seconds'")
+    asyncio.run(_append(gcs_url, 150, "s"))
+    assert manager.seal_full_partitions() == 1  # [1, 101)
+    time.sleep(1.0)
+    manager.seal_full_partitions()  # the view: from 101 on
+    [(view_until,)] = rows(gcs_url, "SELECT recent_until FROM event_log_shards")
+    assert rows(gcs_url, "SELECT recent_from FROM event_log_head") == [(101,)]
+    past = [
+        Event(EntityKind.OBJECT, f"p-{n}", "created", {"size_bytes": n}, job_id="job-1")
+        for n in range(view_until + 49 - 150)
+    ]
+
+    async def append_past_the_view_and_again() -> tuple[list[int], int, list[int]]:
+        async with EventAppender(gcs_url) as appender:
+            positions = await appender.append_many(past)
+            again = await appender.append(past[-1])
+            fresh = Event(EntityKind.OBJECT, "f-1", "created", {"size_bytes": 1}, job_id="job-1")
+            both = await appender.append_many([past[-2], fresh])
+            return positions, again, both
+
+    positions, again, both = asyncio.run(append_past_the_view_and_again())
+    assert positions[-1] == view_until + 49 > view_until  # (in a partition made by the append)
+    assert again == positions[-1] and both == [positions[-2], view_until + 50]
+    assert rows(gcs_url, "SELECT count(*) FROM events")[0][0] == view_until + 50
+    manager.seal_full_partitions()  # the next round's view holds the appends' partitions
+    assert rows(gcs_url, "SELECT recent_until FROM event_log_shards")[0][0] > view_until + 50
+
+
+def test_sealing_does_not_wait_for_an_append_that_holds_its_shard(gcs_url: str) -> None:
+    """An append held open (a transaction whose client is gone) keeps its shard's lock:
+    the upkeep's seal gives up at once rather than hold back the other appends behind
+    the shares it took, and seals on a later round."""
+    manager = PartitionManager(gcs_url)
+    manager.configure(partition_size=100, partitions_ahead=1)
+    asyncio.run(_append(gcs_url, 150, "s"))
+    with psycopg.connect(gcs_url) as holder:  # (a transaction, as an append's)
+        holder.execute("SELECT 1 FROM event_log_shards WHERE shard = 0 FOR UPDATE")
+        started = time.monotonic()
+        assert manager.seal_full_partitions() == 0
+        assert time.monotonic() - started < 5
+    assert manager.seal_full_partitions() == 1  # [1, 101)
+
+
+def test_an_event_id_made_ahead_of_the_servers_clock_is_refused(gcs_url: str) -> None:
+    """The bound 0030 takes from an id's time holds only if no writer's clock runs ahead
+    of the server's by more than max_clock_skew: such an id is refused, naming why."""
+    ahead_ms = int((time.time() + 3600) * 1000)
+    made_ahead = uuid.UUID(int=(ahead_ms << 80) | (0x7 << 76) | (0x2 << 62) | 12345)
+    event = Event(
+        EntityKind.OBJECT,
+        "ahead-1",
+        "created",
+        {"size_bytes": 1},
+        job_id="job-1",
+        event_id=made_ahead,
+    )
+
+    fresh = Event(EntityKind.OBJECT, "fresh-1", "created", {"size_bytes": 1}, job_id="job-1")
+
+    async def append(events: list[Event]) -> None:
+        async with EventAppender(gcs_url) as appender:
+            await appender.append_many(events)
+
+    for events in ([event], [fresh, event]):  # alone, and in a batch (the check of each)
+        with pytest.raises(GcsError, match="ahead of the GCS's clock"):
+            asyncio.run(append(events))
+    assert rows(gcs_url, "SELECT count(*) FROM events")[0][0] == 0
+    asyncio.run(append([fresh]))  # (an id made now is not)
+    assert rows(gcs_url, "SELECT count(*) FROM events")[0][0] == 1
+
+
 @pytest.mark.timeout(120)
 def test_a_running_head_keeps_partitions_ahead_and_indexes_full_ones(
     gcs_url: str, monkeypatch: pytest.MonkeyPatch
@@ -285,8 +457,12 @@ def test_a_running_head_keeps_partitions_ahead_and_indexes_full_ones(
                     for name in full
                     if conn.execute("SELECT to_regclass(%s)", (f"{name}_entity_idx",)).fetchone()[0]
                 ]
+                sealed = conn.execute(
+                    "SELECT table_name FROM event_partitions WHERE sealed_at IS NOT NULL "
+                    "ORDER BY lower_bound"
+                ).fetchall()
             ahead = max(p.upper_bound for p in parts) - (head + 1)
-            if full and indexed == full and ahead >= 2 * 200:
+            if full and indexed == full and [r[0] for r in sealed] == full and ahead >= 400:
                 break
             assert time.monotonic() < deadline, (head, full, indexed, ahead)
             time.sleep(0.2)

@@ -93,6 +93,20 @@ def test_fold_walks_a_task_through_its_lifecycle() -> None:
     assert row["last_position"] == 3 and row["attempt"] == 0
 
 
+def test_a_schedulers_decision_id_is_a_uuid7_of_its_causes_recording() -> None:
+    """Every scheduler gives a placement the same id (the log stores the first), shaped
+    as a UUIDv7 of when the log recorded the spill, so that its duplicate check may skip
+    the partitions sealed before (migration 0030)."""
+    from controlplane.scheduler import decision_event_id
+
+    spilled = _recorded(7, EntityKind.TASK, "t1", "spilled", attempt=0)
+    placed = decision_event_id("t1:0", spilled)
+    assert placed == decision_event_id("t1:0", spilled)  # another scheduler, the same
+    assert placed != decision_event_id("t1:1", spilled)
+    assert placed.version == 7 and placed.variant == uuid.RFC_4122
+    assert placed.int >> 80 == int(spilled.recorded_at.timestamp() * 1000)
+
+
 def test_global_scheduler_sends_a_spill_to_the_node_holding_its_arguments() -> None:
     from controlplane.scheduler import GlobalScheduler
 

@@ -128,9 +128,22 @@ class PartitionManager:
                 done.append(part.table_name)
         return done
 
+    def seal_full_partitions(self) -> int:
+        """Stamps every partition whose positions are all handed out and settled with the
+        time, after every event in it was recorded, and redefines the view of the recent
+        partitions an append's duplicate check reads when they may hold every copy of its
+        ids (those sealed before its ids were made do not: migration 0030), so the check's
+        cost does not grow with the log. Returns how many were sealed (0 also when a
+        shard's lock is held: the next round seals)."""
+        with self._connect() as conn:
+            row = conn.execute(queries["seal_partitions"]).fetchone()
+        return int(row[0]) if row else 0
+
     def maintain(self) -> None:
-        """The periodic upkeep: partitions ahead of the head, history indexes behind it."""
+        """The periodic upkeep: partitions ahead of the head; behind it, sealed and given
+        their history indexes."""
         self.ensure_ahead()
+        self.seal_full_partitions()
         self.index_full_partitions()
 
     def partitions(self) -> list[PartitionInfo]:
@@ -214,6 +227,8 @@ class PartitionManager:
             if part.state not in ("detached", "archived"):
                 raise GcsError(f"partition {table_name} is {part.state}; detach it before dropping")
             with conn.transaction():
+                # (out of the recent partitions' view first: a view's table cannot go)
+                conn.execute(queries["define_recent_event_ids"])
                 conn.execute(pgsql.SQL("DROP TABLE {}").format(pgsql.Identifier(table_name)))
                 conn.execute(*_pg("mark_partition_dropped", table_name))
 

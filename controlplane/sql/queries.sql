@@ -124,6 +124,17 @@ SELECT max(last_position) FROM event_log_shards
 -- The head once no append is in flight (nothing appended later goes at or below it).
 SELECT cairn_settled_position_v1()
 
+-- seal_partitions --
+-- Stamps the partitions every position of which is handed out and settled with the time
+-- (no event is recorded in them later), and redefines the view of the recent ones that an
+-- append's duplicate check reads when no copy of its ids can lie before (migration 0030).
+SELECT cairn_seal_partitions_v1()
+
+-- define_recent_event_ids --
+-- The view of the recent partitions, of the attached ones only (a detached partition's ids
+-- are not checked; one in the view could not be dropped).
+SELECT cairn_define_recent_event_ids_v1()
+
 -- head_positions --
 -- Each shard's head (index shard + 1): where a reader that starts now starts.
 SELECT array_agg(last_position ORDER BY shard) FROM event_log_shards
