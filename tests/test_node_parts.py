@@ -135,6 +135,14 @@ async def test_the_worker_pool_hands_out_idle_workers_and_reaps_dead_ones(
         actor = pool.start(actor_id="actor")
         pool.connected(actor.worker_id, cast(Any, _Conn(actor.worker_id)))
         assert pool.run(task) is first  # an actor's worker is never idle in the pool
+        grown = list(pool)[2]  # the one started while first was blocked
+        pool.connected(grown.worker_id, cast(Any, _Conn(grown.worker_id)))
+        assert pool.retire_idle(0.0) == []  # 3 pool workers: 2, and 1 for the blocked
+        pool.set_blocked(first, False)  # its get() returned: one pool worker too many
+        assert pool.retire_idle(3600.0) == []  # (none idle that long)
+        assert pool.retire_idle(0.0) == [grown]  # the idle one (not the actor's)
+        assert grown.retiring and not pool.has_idle()
+        assert pool.retire_idle(0.0) == []  # back to its size
         second.process.send_signal(signal.SIGKILL)  # before it said hello
         for _ in range(500):
             if second in pool.exited_unconnected():

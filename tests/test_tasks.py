@@ -27,6 +27,7 @@ from sdk.exceptions import (
     TaskCancelledError,
     WorkerCrashedError,
 )
+from sdk.util import state
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -165,6 +166,29 @@ def test_nested_tasks_do_not_deadlock() -> None:
         return sum(ray.get([square.remote(i) for i in range(n)]))
 
     assert ray.get([fan_out.remote(5) for _ in range(4)]) == [30] * 4
+
+
+def test_workers_started_beyond_the_pool_retire_once_idle() -> None:
+    """Tasks blocked in get() lend their CPUs out: the pool grows past its size (2) for
+    the nested ones, and those workers beyond it exit once idle a second (as Ray's idle
+    workers above its soft limit), their end an intended one, not an error."""
+
+    @ray.remote
+    def fan_out(n: int) -> int:
+        return sum(ray.get([square.remote(i) for i in range(n)]))
+
+    assert ray.get([fan_out.remote(3) for _ in range(4)]) == [5] * 4
+    deadline = time.monotonic() + 30
+    while True:
+        workers = state.list_workers(limit=10_000, detail=True)
+        alive = [w for w in workers if w.is_alive]
+        retired = [w for w in workers if (w.exit_detail or "").startswith("retired")]
+        if len(alive) == 2 and len(retired) >= 2:
+            break
+        assert time.monotonic() < deadline, (len(alive), [w.exit_detail for w in workers])
+        time.sleep(0.2)
+    assert {w.exit_type for w in retired} == {"INTENDED_SYSTEM_EXIT"}
+    assert ray.get(fan_out.remote(2)) == 1  # the pool still serves
 
 
 def test_killed_worker_is_replaced_and_the_task_retried(tmp_path: Path) -> None:

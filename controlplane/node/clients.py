@@ -150,16 +150,18 @@ class Clients:
         ):
             self._worker_gone(*gone)
 
-    async def reap_unconnected_workers(self, every: float = 0.5) -> None:
+    async def reap_workers(self, idle_for: float, every: float = 0.5) -> None:
         """A worker process that died before it said hello has no connection whose end
         would tell: found here, and handled as a worker whose connection ended (its
         place taken by a new one, its actor restarted), or the node would wait for it
-        for ever."""
+        for ever. Pool workers beyond the pool's size idle for ``idle_for`` seconds are
+        retired here too (``WorkerPool.retire_idle``)."""
         while True:
             await asyncio.sleep(every)
             for handle in self.parts.worker_pool.exited_unconnected():
                 if gone := await self.parts.worker_pool.gone(handle.worker_id):
                     self._worker_gone(*gone)
+            self.parts.worker_pool.retire_idle(idle_for)
 
     def _worker_gone(self, handle: WorkerHandle, exit_code: int) -> None:
         self.parts.recorder.log(
@@ -168,7 +170,8 @@ class Clients:
                     K.WORKER,
                     handle.worker_id,
                     "died",
-                    {"cause": "exited", "exit_code": exit_code},
+                    # (retired: made to exit, idle or for a worker of another env)
+                    {"cause": "retired" if handle.retiring else "exited", "exit_code": exit_code},
                     node_id=self.node_id,
                 )
             ]

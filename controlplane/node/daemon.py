@@ -40,6 +40,7 @@ from controlplane.node.log_files import read_log_handler
 from controlplane.node.parts import ClusterOptions, build_parts
 from controlplane.node.resources import ResourcePool, node_resources
 from controlplane.node.store_adoption import Adopted, adopt, objects_left
+from controlplane.settings import env_number
 from dataplane import protocol as p
 from dataplane import shm
 from dataplane.transfer import object_service
@@ -151,7 +152,9 @@ class NodeDaemon:
         listening = p.bind_private_socket(self.socket_path)  # the driver socket, 0600
         self._server = await asyncio.start_unix_server(self.clients.serve, sock=listening)
         self.parts.worker_pool.fill()
-        self._spawn(self.clients.reap_unconnected_workers())
+        # (Ray's idle_worker_killing_time_threshold_ms is a second too)
+        idle_for = env_number("CAIRN_IDLE_WORKER_TIMEOUT_S", 1.0, minimum=0.0)
+        self._spawn(self.clients.reap_workers(idle_for))
         self._spawn(self.parts.worker_pool.output.run())
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -11,6 +11,7 @@ import itertools
 import os
 import subprocess
 import sys
+import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -39,7 +40,8 @@ class WorkerHandle:
     actor_id: str | None = None  # a dedicated actor worker, outside the pool
     runs: dict[str, int] = field(default_factory=dict)  # tasks run, per function (max_calls)
     env_key: str | None = None  # the runtime_env it started in (runtime_envs.py); None: none
-    retiring: bool = False  # made way for a worker of another env: it exits
+    retiring: bool = False  # made way for a worker of another env, or idle: it exits
+    idle_since: float = 0.0  # (time.monotonic()) when it last became idle
 
 
 class WorkerPool:
@@ -168,7 +170,26 @@ class WorkerPool:
         return record
 
     def idle_again(self, handle: WorkerHandle) -> None:
+        handle.idle_since = time.monotonic()
         self._idle.setdefault(handle.env_key, deque()).append(handle)
+
+    def retire_idle(self, idle_for: float) -> list[WorkerHandle]:
+        """Pool workers beyond the pool's size (started while others were blocked in a
+        ``get``, or for tasks of no CPU), idle for ``idle_for`` seconds: they exit, the
+        longest idle first, as Ray's idle workers above its soft limit do, or the node
+        would keep every worker a burst of nested tasks ever needed. Returns them."""
+        now = time.monotonic()
+        idle = sorted(
+            (h for queue in self._idle.values() for h in queue if now - h.idle_since >= idle_for),
+            key=lambda h: h.idle_since,
+        )
+        retired = idle[: max(0, self._beyond_size())]
+        for handle in retired:
+            self._idle[handle.env_key].remove(handle)
+            handle.retiring = True
+            with contextlib.suppress(ProcessLookupError):
+                handle.process.terminate()  # its connection's end forgets it
+        return retired
 
     def after_task(self, handle: WorkerHandle, spec: p.TaskSpec) -> None:
         """The worker ran ``spec`` to its end: idle again, or, once it ran as many of
@@ -186,9 +207,14 @@ class WorkerPool:
     def _over_size(self) -> bool:
         """Whether the pool holds its size of workers, not counting the blocked ones
         (their CPUs are lent out) nor those leaving."""
+        return self._beyond_size() >= 0
+
+    def _beyond_size(self) -> int:
+        """How many pool workers (not leaving) there are beyond the pool's size and its
+        blocked ones."""
         pool = sum(1 for h in self._workers.values() if h.actor_id is None and not h.retiring)
         blocked = sum(1 for h in self._workers.values() if h.blocked)
-        return pool >= self.size + blocked
+        return pool - (self.size + blocked)
 
     def replace(self, gone: WorkerHandle) -> None:
         """A plain worker in place of a pool worker that ended, unless it was retired

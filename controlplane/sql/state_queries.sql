@@ -252,7 +252,8 @@ SELECT w.entity_id AS worker_id,
        d.position IS NULL AND n.state = 'ALIVE' AS is_alive,
        'WORKER' AS worker_type,
        CASE WHEN d.position IS NOT NULL
-            THEN CASE WHEN (d.payload ->> 'exit_code')::int = 0 THEN 'INTENDED_SYSTEM_EXIT'
+            THEN CASE WHEN (d.payload ->> 'exit_code')::int = 0
+                        OR d.payload ->> 'cause' = 'retired' THEN 'INTENDED_SYSTEM_EXIT'
                       ELSE 'SYSTEM_ERROR' END
             WHEN n.state IS DISTINCT FROM 'ALIVE'
             THEN CASE WHEN n.death_cause = 'shutdown' THEN 'INTENDED_SYSTEM_EXIT'
