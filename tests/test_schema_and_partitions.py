@@ -17,7 +17,7 @@ from log_rows import rows
 
 from controlplane import schema
 from controlplane.errors import GcsError
-from controlplane.eventlog import EntityKind, Event, EventAppender
+from controlplane.eventlog import EntityKind, Event, EventAppender, partitions
 from controlplane.eventlog.partitions import PartitionManager, read_parquet_archive
 from controlplane.sql import queries
 
@@ -389,11 +389,12 @@ def test_a_copy_past_the_recent_partitions_is_found_in_every_partition(gcs_url: 
 
 
 def test_a_partition_the_recent_view_holds_can_still_be_retired(
-    gcs_url: str, tmp_path: Path
+    gcs_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The view of the recent partitions names them: `cairn gc` takes one out of it
     before it drops it, and log_union (made again by every run of migrations) keeps no
-    copy of the view that would hold the partition."""
+    copy of the view that would hold the partition. An append's lock held open makes
+    the drop fail, saying so, with nothing done."""
     manager = PartitionManager(gcs_url)
     manager.configure(partition_size=100, partitions_ahead=1)
     asyncio.run(_append(gcs_url, 250, "r"))
@@ -402,7 +403,14 @@ def test_a_partition_the_recent_view_holds_can_still_be_retired(
     assert rows(gcs_url, "SELECT recent_partitions[1] FROM event_log_head") == [(first,)]
     schema.upgrade(gcs_url)  # (log_union made again, as a head's start does)
     assert rows(gcs_url, "SELECT to_regclass('log_union.recent_event_ids')") == [(None,)]
-    manager.retire(first, tmp_path / "archive")
+    manager.detach(first)
+    monkeypatch.setattr(partitions, "_DROP_LOCK_TIMEOUT", "200ms")
+    with psycopg.connect(gcs_url) as holder:  # an append's transaction, left open
+        holder.execute("SELECT 1 FROM event_log_shards WHERE shard = 0 FOR UPDATE")
+        with pytest.raises(GcsError, match=f"partition {first} was not dropped: an append"):
+            manager.drop(first)
+    assert manager.partitions()[0].state == "detached"  # (nothing half done)
+    manager.drop(first)
     assert first not in rows(gcs_url, "SELECT recent_partitions FROM event_log_head")[0][0]
     assert rows(gcs_url, "SELECT count(*) FROM recent_event_ids")[0][0] == 150
 

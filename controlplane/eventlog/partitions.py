@@ -77,6 +77,9 @@ def _pg(name: str, *args: object) -> tuple[str, tuple[object, ...]]:
     return query, tuple(args[i] for i in order)
 
 
+_DROP_LOCK_TIMEOUT = "10s"
+
+
 class PartitionManager:
     def __init__(self, url: str) -> None:
         self.url = normalize(url)
@@ -226,11 +229,19 @@ class PartitionManager:
             part = self._get(conn, table_name)
             if part.state not in ("detached", "archived"):
                 raise GcsError(f"partition {table_name} is {part.state}; detach it before dropping")
-            with conn.transaction():
-                # (out of the recent partitions' view first: a view's table cannot go)
-                conn.execute(queries["define_recent_event_ids"])
-                conn.execute(pgsql.SQL("DROP TABLE {}").format(pgsql.Identifier(table_name)))
-                conn.execute(*_pg("mark_partition_dropped", table_name))
+            try:
+                with conn.transaction():
+                    # (out of the recent partitions' view first: a view's table cannot go;
+                    # redefining it takes every shard's lock, which an append holds)
+                    conn.execute(f"SET LOCAL lock_timeout = '{_DROP_LOCK_TIMEOUT}'")
+                    conn.execute(queries["define_recent_event_ids"])
+                    conn.execute(pgsql.SQL("DROP TABLE {}").format(pgsql.Identifier(table_name)))
+                    conn.execute(*_pg("mark_partition_dropped", table_name))
+            except psycopg.errors.LockNotAvailable as exc:
+                raise GcsError(
+                    f"partition {table_name} was not dropped: an append held a shard's lock "
+                    f"for {_DROP_LOCK_TIMEOUT} (a transaction left open?); try again ({exc})"
+                ) from exc
 
     def retire(self, table_name: str, archive_dir: Path | None) -> Path | None:
         """Detach, export (when ``archive_dir`` is given) and drop one partition."""
