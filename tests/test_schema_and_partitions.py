@@ -458,6 +458,27 @@ def test_an_event_id_made_ahead_of_the_servers_clock_is_refused(gcs_url: str) ->
     assert rows(gcs_url, "SELECT count(*) FROM events")[0][0] == 1
 
 
+def test_an_appender_whose_clock_runs_ahead_of_the_gcs_fails_at_its_start(
+    gcs_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every id it made would be refused (above): it says so at once, naming the clocks,
+    rather than fail each append."""
+    real = time.time
+
+    async def start() -> None:
+        async with EventAppender(gcs_url) as appender:
+            await appender.append(
+                Event(EntityKind.OBJECT, "o-1", "created", {"size_bytes": 1}, job_id="job-1")
+            )
+
+    monkeypatch.setattr(time, "time", lambda: real() + 3600)
+    with pytest.raises(GcsError, match=r"clock is 3[56]\d\d\.\d s ahead of the GCS's at .*NTP"):
+        asyncio.run(start())
+    monkeypatch.undo()
+    asyncio.run(start())  # (a clock that agrees: it starts, and appends)
+    assert rows(gcs_url, "SELECT count(*) FROM events")[0][0] == 1
+
+
 @pytest.mark.timeout(120)
 def test_a_running_head_keeps_partitions_ahead_and_indexes_full_ones(
     gcs_url: str, monkeypatch: pytest.MonkeyPatch

@@ -116,6 +116,12 @@ class EventAppender:
         now on."""
         if connect_now:
             self._conn = await connect(self.url, timeout=self.connect_timeout)
+            try:
+                await _refuse_a_clock_ahead(self._conn, self.url)
+            except GcsError:
+                await self._conn.close()
+                self._conn = None
+                raise
         self._flusher = asyncio.create_task(self._flush_loop(), name="cairn-event-appender")
         return self
 
@@ -427,3 +433,21 @@ class FailureLog:
 
 
 _log_failure = FailureLog(log, "events written behind")
+
+
+async def _refuse_a_clock_ahead(conn: asyncpg.Connection, url: str) -> None:
+    """Fails at the start, naming both clocks, if this machine's clock runs further ahead
+    of the GCS's than an event id may be made (``max_clock_skew``): every id it made would
+    be refused (migration 0030). ``sent`` is a lower bound of this clock when the server
+    read its own, so latency never makes it look ahead."""
+    sent = time.time()
+    row = await conn.fetchrow(queries["server_clock"])
+    if row is None:
+        return
+    ahead, skew = sent - row["now"].timestamp(), row["max_clock_skew"].total_seconds()
+    if ahead > skew:
+        raise GcsError(
+            f"this machine's clock is {ahead:.1f} s ahead of the GCS's at {redact(url)}, "
+            f"more than the {skew:g} s an event id may be made ahead (max_clock_skew): "
+            "every event it recorded would be refused; set its clock right (NTP)"
+        )

@@ -116,6 +116,10 @@ SELECT * FROM cairn_read_events_v1($1::bigint[], $2::integer, $3::bigint, NULL, 
 -- What the log holds at positions a tailer read before a failover (see tailer.py).
 SELECT position, event_id FROM events WHERE position = ANY($1::bigint[])
 
+-- server_clock --
+-- The server's clock and how far ahead of it an event id may be made (migration 0030).
+SELECT clock_timestamp() AS now, max_clock_skew FROM event_log_head WHERE id = 1
+
 -- head_position --
 -- The highest position handed out and committed (of any shard).
 SELECT max(last_position) FROM event_log_shards
