@@ -29,7 +29,7 @@ from hosts import ensure_nft, require_root
 
 from controlplane.embedded_postgres import EmbeddedPostgres
 from controlplane.errors import GcsUnavailableError
-from controlplane.eventlog.connection import connect
+from controlplane.eventlog.connection import KeptConnection, connect
 from controlplane.gcs_url import hosts, redact, with_hosts, with_query
 
 pytestmark = pytest.mark.timeout(120)
@@ -79,6 +79,30 @@ BLACK_HOLES = {"silent": silent_host, "dropping": dropping_host}
 
 def read_write(url: str) -> str:
     return with_query(url, {"target_session_attrs": "read-write"})
+
+
+async def test_a_kept_connection_serves_lookup_after_lookup_and_is_made_anew_after_a_failure(
+    gcs_url: str,
+) -> None:
+    """A node's parts that read the log now and then (names, where borrowed actors live)
+    keep one connection rather than start a PostgreSQL backend per lookup; one that
+    failed in a lookup is not used again."""
+    kept = KeptConnection(gcs_url)
+    pid = "SELECT pg_backend_pid()"
+    async with kept.use() as conn:
+        first = await conn.fetchval(pid)
+    async with kept.use() as conn:
+        assert await conn.fetchval(pid) == first  # the same backend
+    with pytest.raises(asyncpg.DivisionByZeroError):
+        async with kept.use() as conn:
+            await conn.fetchval("SELECT 1 / 0")
+    async with kept.use() as conn:
+        again = await conn.fetchval(pid)
+        assert again != first
+        await conn.close()  # (closed under it, as by a server restart: made anew)
+    async with kept.use() as conn:
+        assert await conn.fetchval(pid) not in (first, again)
+        await conn.close()
 
 
 @pytest.mark.parametrize("kind", list(BLACK_HOLES))
@@ -211,7 +235,7 @@ VANISH = textwrap.dedent(
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
     os.environ["CAIRN_GCS_TCP_TIMEOUT_S"] = "2"
     from controlplane.embedded_postgres import EmbeddedPostgres
-    from controlplane.eventlog.connection import connect
+    from controlplane.eventlog.connection import KeptConnection, connect
 
     def nft(*args):
         subprocess.run(["nft", *args], check=True)

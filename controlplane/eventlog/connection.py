@@ -5,10 +5,11 @@ every new connection is checked (failover epoch, the log's identity: ``fencing.p
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
@@ -146,6 +147,29 @@ async def connect(
 
 # the host of each multi-host URL that last answered as asked, in this process
 _answered: dict[str, str] = {}
+
+
+class KeptConnection:
+    """The connection a long-lived part keeps for its reads of the log, used by one
+    caller at a time and made anew after any failure: a connection per lookup costs a
+    PostgreSQL backend's start each time (and a TLS handshake across machines)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._conn: asyncpg.Connection | None = None
+        self._lock = asyncio.Lock()
+
+    @contextlib.asynccontextmanager
+    async def use(self) -> AsyncIterator[asyncpg.Connection]:
+        async with self._lock:
+            if self._conn is None or self._conn.is_closed():
+                self._conn = await connect(self.url)
+            try:
+                yield self._conn
+            except BaseException:  # (in an unknown state: not used again)
+                self._conn.terminate()
+                self._conn = None
+                raise
 
 
 async def _open(url: str, timeout: float) -> asyncpg.Connection:

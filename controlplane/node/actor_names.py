@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 
 from controlplane.eventlog import EntityKind, Event
-from controlplane.eventlog.connection import connect
+from controlplane.eventlog.connection import KeptConnection
 from controlplane.node.recorder import EventRecorder
 from controlplane.sql import queries
 from dataplane import protocol as p
@@ -55,8 +55,7 @@ class NamesInLog:
         self.node_id = node_id
         self.gcs_url = gcs_url
         self.recorder = recorder
-        self._conn: asyncpg.Connection | None = None
-        self._lock = asyncio.Lock()
+        self._gcs = KeptConnection(gcs_url)
 
     async def claim(
         self, key: tuple[str, str], actor_id: str, job_id: str, dead: Container[str] = ()
@@ -66,49 +65,33 @@ class NamesInLog:
         ``name_reserved`` event, in the actor's job's shard on whichever server) is
         durable before the name's lock is let go, and a claimant looks after taking
         it, so of two at once the second sees the first."""
-        async with self._lock:
-            conn = await self._connection()
-            try:
-                async with conn.transaction():
-                    await conn.execute(queries["lock_actor_name"], *key)
-                    holders = await self._holders(conn, key)
-                    live = [h for h in holders if h.actor_id != actor_id and h.actor_id not in dead]
-                    if live:
-                        return live[0]
-                    reserved = Event(
-                        EntityKind.ACTOR,
-                        actor_id,
-                        "name_reserved",
-                        {"namespace": key[0], "name": key[1]},
-                        job_id=job_id,
-                        node_id=self.node_id,
-                    )
-                    await self.recorder.log_durable([reserved])
-                    return None
-            except BaseException:
-                self._drop()
-                raise
+        async with self._gcs.use() as conn, conn.transaction():
+            await conn.execute(queries["lock_actor_name"], *key)
+            holders = await self._holders(conn, key)
+            live = [h for h in holders if h.actor_id != actor_id and h.actor_id not in dead]
+            if live:
+                return live[0]
+            reserved = Event(
+                EntityKind.ACTOR,
+                actor_id,
+                "name_reserved",
+                {"namespace": key[0], "name": key[1]},
+                job_id=job_id,
+                node_id=self.node_id,
+            )
+            await self.recorder.log_durable([reserved])
+            return None
 
     async def holders(self, key: tuple[str, str]) -> list[NamedActor]:
         """The live actors holding name ``key``, newest first."""
-        async with self._lock:
-            conn = await self._connection()
-            try:
-                return await self._holders(conn, key)
-            except BaseException:
-                self._drop()
-                raise
+        async with self._gcs.use() as conn:
+            return await self._holders(conn, key)
 
     async def created(self, namespace: str | None) -> list[NamedActor]:
         """Every live named actor whose creation is logged, in ``namespace`` (None:
         in every one); without options."""
-        async with self._lock:
-            conn = await self._connection()
-            try:
-                rows = await conn.fetch(queries["named_actors"], namespace)
-            except BaseException:
-                self._drop()
-                raise
+        async with self._gcs.use() as conn:
+            rows = await conn.fetch(queries["named_actors"], namespace)
         return [NamedActor(r["actor_id"], r["namespace"], r["name"], None) for r in rows]
 
     async def _holders(self, conn: asyncpg.Connection, key: tuple[str, str]) -> list[NamedActor]:
@@ -120,16 +103,6 @@ class NamesInLog:
             if held is None or (held.options is None and options is not None):
                 found[row["actor_id"]] = NamedActor(row["actor_id"], *key, options)
         return list(found.values())
-
-    async def _connection(self) -> asyncpg.Connection:
-        if self._conn is None or self._conn.is_closed():
-            self._conn = await connect(self.gcs_url)
-        return self._conn
-
-    def _drop(self) -> None:
-        if self._conn is not None:
-            self._conn.terminate()
-            self._conn = None
 
 
 class ActorNames:

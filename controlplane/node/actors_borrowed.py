@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from controlplane.eventlog import EntityKind, Event
-from controlplane.eventlog.connection import connect
+from controlplane.eventlog.connection import KeptConnection
 from controlplane.node.actors_elsewhere import CallEnds, call_retries
 from controlplane.node.recorder import EventRecorder
 from controlplane.node.spilled_tasks import SpilledTasks
@@ -61,7 +61,7 @@ class BorrowedActors:
         spawn: Callable[[Coroutine[Any, Any, None]], object],
     ) -> None:
         self.node_id = node_id
-        self.gcs_url = gcs_url
+        self.gcs = KeptConnection(gcs_url)  # (the lookups poll: one connection for all)
         self.recorder = recorder
         self.spills = spills
         self.node = node
@@ -183,9 +183,6 @@ class BorrowedActors:
             self.node.finish_failed(record, actor.death, log_event=True)
 
     async def _whereabouts(self, actor_id: str) -> dict[str, Any]:
-        conn = await connect(self.gcs_url)
-        try:
+        async with self.gcs.use() as conn:
             row = await conn.fetchrow(queries["actor_whereabouts"], actor_id)
-        finally:
-            await conn.close()
         return dict(row) if row is not None else {"state": None}
