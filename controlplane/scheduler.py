@@ -45,6 +45,7 @@ from controlplane.eventlog import (
     open_tailer,
 )
 from controlplane.eventlog.connection import connect, is_disk_full
+from controlplane.eventlog.events import uuid7_at
 from controlplane.eventlog.servers import LogTailer, ServersAppender, ServersTailer
 from controlplane.gcs_url import ENV_VAR as GCS_URL_ENV
 from controlplane.parent_death import die_with_parent
@@ -54,9 +55,6 @@ from controlplane.sql import queries
 log = logging.getLogger("cairn.scheduler")
 _STOP_TIMEOUT_S = 3.0
 _PLACEMENT_IDS = uuid.UUID("6f0b3d62-3c1e-4b8e-9a55-0c4e1f1d2a70")
-_RANDOM_BITS = (1 << 80) - 1  # below a UUIDv7's 48 bits of milliseconds
-_VERSION_AND_VARIANT = (0xF << 76) | (0x3 << 62)
-_VERSION_7_VARIANT = (0x7 << 76) | (0x2 << 62)
 
 
 CHECKPOINT_NAME = "global_scheduler"  # one for all: they fold the same events
@@ -71,10 +69,8 @@ def decision_event_id(name: str, cause: RecordedEvent) -> uuid.UUID:
     the time the log recorded ``cause`` (its own clock, read by every scheduler alike):
     each copy is appended after it, so the append's duplicate check may skip the
     partitions sealed before it (migration 0030); a uuid5 was checked in every one."""
-    digest = uuid.uuid5(_PLACEMENT_IDS, name).int
     made_ms = int(cause.recorded_at.timestamp() * 1000)
-    value = (made_ms << 80) | (digest & _RANDOM_BITS)
-    return uuid.UUID(int=(value & ~_VERSION_AND_VARIANT) | _VERSION_7_VARIANT)
+    return uuid7_at(made_ms, uuid.uuid5(_PLACEMENT_IDS, name).int)
 
 
 @dataclass

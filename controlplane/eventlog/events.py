@@ -73,6 +73,13 @@ def new_event_id() -> uuid.UUID:
     return _ids.next()
 
 
+def uuid7_at(made_ms: int, bits: int) -> uuid.UUID:
+    """A UUIDv7 of the Unix milliseconds ``made_ms``, its other 74 bits taken from
+    ``bits`` (an id every writer derives alike, e.g. from a hash)."""
+    rest = bits & ((1 << 80) - 1) & ~((0xF << 76) | (0x3 << 62))
+    return uuid.UUID(int=(made_ms << 80) | _VERSION_7 | _VARIANT | rest)
+
+
 # The ``to_node`` of an event every node daemon follows (membership, placement groups):
 # events are addressed to their readers, who read only theirs (migration 0017,
 # controlplane/README.md "Reading only what concerns a reader").
