@@ -860,7 +860,14 @@ async def test_the_task_table_logs_lineage_once_per_function_and_lets_arguments_
         assert table.making(second.spec.return_ids()[0]) is second
         assert table.children_of("t1") == [second]
         table.next_attempt(first, "worker died")
-        assert first.attempt == 1
+        assert first.attempt == 1 and first.retries_left == 2  # (an attempt that costs none)
+        table.retry_attempt(first, "worker died")
+        assert first.attempt == 2 and first.retries_left == 1
+        first.retries_left = -1  # unlimited retries stay unlimited
+        table.retry_attempt(second, "worker died")
+        table.retry_attempt(first, "worker died")
+        assert first.attempt == 3 and first.retries_left == -1
+        assert second.attempt == 1 and second.retries_left == 1
         objects.release("a")  # the driver lets go: the tasks still pin it
         table.over(first)
         assert freed == [] and "t1" not in table
@@ -874,6 +881,9 @@ async def test_the_task_table_logs_lineage_once_per_function_and_lets_arguments_
     assert [(r["entity_id"], r["event_type"]) for r in rows] == [
         ("t1", "submitted"),
         ("t2", "submitted"),
+        ("t1", "retried"),
+        ("t1", "retried"),
+        ("t2", "retried"),
         ("t1", "retried"),
     ]
     with_code = p.decode_frame(rows[0]["data"])

@@ -82,20 +82,16 @@ class ActorRecord:
 
 
 def _retried_on_error(record: TaskRecord, done: p.TaskDone) -> bool:
-    """Whether a call that raised runs again (retry_exceptions, while retries last);
-    one retry used up if so."""
+    """Whether a call that raised runs again (retry_exceptions, while retries last)."""
     error = done.error
-    if not (
+    return (
         error is not None
         and error.kind == "task_error"
         and record.spec.retry_exceptions
         and error.retryable
         and record.retries_left != 0
         and not done.direct  # (its caller has the answer: such calls go via the daemon)
-    ):
-        return False
-    record.retries_left -= record.retries_left > 0
-    return True
+    )
 
 
 class ActorHost(Protocol):
@@ -418,7 +414,7 @@ class ActorDirector:
                 self.node.finish_failed(record, actor.death, log_event=True)
                 return
             if done.error is not None and _retried_on_error(record, done):
-                self.tasks.next_attempt(record, f"the call raised {done.error.message}")
+                self.tasks.retry_attempt(record, f"the call raised {done.error.message}")
                 actor.queue.appendleft(record)  # (ahead of the calls sent after it)
             elif done.error is not None:
                 self.node.finish_failed(record, done.error, log_event=True, made=done.returns)
@@ -633,11 +629,9 @@ class ActorDirector:
             )
             return
         if begun:
-            record.retries_left -= record.retries_left > 0
-            reason = f"the actor restarted: {cause}"
+            self.tasks.retry_attempt(record, f"the actor restarted: {cause}")
         else:
-            reason = f"the actor restarted before the call began: {cause}"
-        self.tasks.next_attempt(record, reason)
+            self.tasks.next_attempt(record, f"the actor restarted before the call began: {cause}")
         if at_head:
             actor.queue.appendleft(record)
         else:

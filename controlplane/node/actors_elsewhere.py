@@ -240,8 +240,7 @@ class ActorsElsewhere:
                     log_event=True,
                 )
                 continue
-            record.retries_left -= record.retries_left > 0
-            self.tasks.next_attempt(record, f"the actor restarted: {cause}")
+            self.tasks.retry_attempt(record, f"the actor restarted: {cause}")
             resent.append(record)
         actor.queue.extendleft(reversed(resent))  # before calls made since, in order
         for record in resent:

@@ -285,8 +285,7 @@ class RemoteTasks:
         alive again: its owner makes it again elsewhere, or it is dead), else it fails
         as the actor's calls do."""
         if record.retries_left != 0:
-            record.retries_left -= record.retries_left > 0
-            self.tasks.next_attempt(record, f"the actor's node {node_id} died")
+            self.tasks.retry_attempt(record, f"the actor's node {node_id} died")
             self.actor_director.call(record)
             return
         error = p.ErrorInfo(

@@ -419,9 +419,7 @@ class TaskRuns:
         self.reconstructor.done(record.spec.task_id)
 
     def retry(self, record: TaskRecord, reason: str) -> None:
-        if record.retries_left > 0:
-            record.retries_left -= 1
-        self.next_attempt(record, reason)
+        self.tasks.retry_attempt(record, reason)
         self.enqueue(record)
 
     def next_attempt(self, record: TaskRecord, reason: str) -> None:

@@ -265,6 +265,12 @@ class TaskTable:
                 self.objects.unpin(object_id)
         self._tasks.pop(record.spec.task_id, None)
 
+    def retry_attempt(self, record: TaskRecord, reason: str) -> None:
+        """A new attempt that uses up one of its retries (unless they are unlimited):
+        after a failure it may have begun, where ``next_attempt`` is one that costs none."""
+        record.retries_left -= record.retries_left > 0
+        self.next_attempt(record, reason)
+
     def next_attempt(self, record: TaskRecord, reason: str) -> None:
         """A task (or call) starts a new attempt: its ``retried`` event says why."""
         record.attempt += 1
