@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from controlplane.eventlog import EntityKind, Event
-from controlplane.eventlog.connection import connect, retry_while_unavailable
+from controlplane.eventlog.connection import KeptConnection, retry_while_unavailable
 from controlplane.node.recorder import EventRecorder
 from controlplane.sql import queries
 from dataplane import protocol as p
@@ -88,6 +88,7 @@ class Reconstructor:
     ) -> None:
         self.node_id = node_id
         self.gcs_url = gcs_url
+        self._gcs = KeptConnection(gcs_url)  # (a rebuild reads lineage, maybe many)
         self.objects = objects
         self.recorder = recorder
         self.spiller = spiller
@@ -251,11 +252,8 @@ class Reconstructor:
         PostgreSQL is down waits for it, as appends do, rather than give the object up)."""
 
         async def read() -> Any:
-            conn = await connect(self.gcs_url)
-            try:
+            async with self._gcs.use() as conn:
                 return await conn.fetchrow(queries[query], key)
-            finally:
-                await conn.close()
 
         return await retry_while_unavailable(
             self.gcs_url, read, timeout=self.recorder.unavailable_timeout

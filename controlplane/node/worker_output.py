@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from controlplane.eventlog.connection import connect
+from controlplane.eventlog.connection import KeptConnection
 from controlplane.sql import queries
 from dataplane import protocol as p
 from dataplane.output_lines import MARKER, parse_marker, parse_rotation
@@ -71,6 +71,10 @@ class WorkerOutput:
     _watched: list[_Watched] = field(default_factory=list)
     _driver_nodes: dict[str, str | None] = field(default_factory=dict)  # job -> node
     _passing: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _gcs: KeptConnection = field(init=False)  # the drivers' nodes' lookups
+
+    def __post_init__(self) -> None:
+        self._gcs = KeptConnection(self.gcs_url)
 
     def files(self, worker_id: str) -> tuple[IO[bytes], IO[bytes]]:
         """The worker's stdout and stderr, opened to append (the caller closes them
@@ -218,11 +222,8 @@ class WorkerOutput:
 
     async def _driver_node(self, job_id: str) -> str | None:
         if job_id not in self._driver_nodes:
-            conn = await connect(self.gcs_url)
-            try:
+            async with self._gcs.use() as conn:
                 found = await conn.fetchval(queries["job_driver_node"], job_id)
-            finally:
-                await conn.close()
             if found is None:  # (its submitted event not committed yet: asked again later)
                 return None
             self._driver_nodes[job_id] = found
