@@ -6,7 +6,9 @@ For each configuration (1 and 8 writer processes x batches of 1, 100 and 1000 ev
 
 * log: each writer process appends task events through its own ``EventAppender``
   (``append_many``, batches back to back) for ``--seconds``; a ``Tailer`` in this process,
-  starting after the head position, receives them and records ``now - sent_at`` per event;
+  starting after the head position, receives them and records ``now - sent_at`` per event
+  (it reads everything, as the projector does, and at the projector's pace: under load
+  a read at most every ``projector.GATHER_S``, which the latencies include);
 * untailed: the log run again with no tailer (on a small machine the tailer's decoding
   competes with the writers and the server for CPU; the raw runs have no reader);
 * raw: the same rows, same writers and batch sizes, written with plain asyncpg
@@ -42,6 +44,7 @@ import asyncpg
 from controlplane.eventlog import EntityKind, Event, EventAppender, Tailer, new_event_id
 from controlplane.eventlog.servers import ServersAppender
 from controlplane.gcs_url import normalize, redact
+from controlplane.projections.projector import GATHER_S as PROJECTOR_GATHER_S
 
 WRITER_COUNTS = (1, 8)
 BATCH_SIZES = (1, 100, 1000)
@@ -340,7 +343,9 @@ async def _measure_log(
 ) -> None:
     await pool.prepare(row.writers, Job("log", row.batch, seconds))
     head = await conn.fetchval("SELECT max(last_position) FROM event_log_shards")
-    async with Tailer(url, after=head, batch_size=10_000, poll_interval=0.1) as tailer:
+    async with Tailer(
+        url, after=head, batch_size=10_000, poll_interval=0.1, gather=PROJECTOR_GATHER_S
+    ) as tailer:
         until: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         follow = asyncio.create_task(_follow(tailer, until))
         try:

@@ -419,3 +419,33 @@ async def test_a_reader_misses_no_event_of_a_partition_attached_while_it_reads(
             got += [e.entity_id for e in found]
         await writing
     assert sorted(got) == sorted(f"w{w}-{i}" for w in range(writers) for i in range(each))
+
+
+async def test_a_gathering_reader_reads_at_once_after_quiet_and_at_its_pace_under_load(
+    gcs_url: str,
+) -> None:
+    """``gather``: the first read (nothing read for longer than it) and the read after a
+    full batch run at once; a read woken sooner than that after the last began waits out
+    the rest, and returns what came meanwhile, all of it."""
+    pace = 3.0
+    async with (
+        EventAppender(gcs_url) as appender,
+        Tailer(gcs_url, batch_size=2, gather=pace, poll_interval=30) as tailer,
+    ):
+        await appender.append_many([task_event(f"t{i}") for i in range(3)])
+        # (a wait of `pace` would time these out: they must not wait)
+        first = await asyncio.wait_for(tailer.read(), pace / 2)
+        rest = await asyncio.wait_for(tailer.read(), pace / 2)  # (the batch was full)
+        assert [e.entity_id for e in first + rest] == ["t0", "t1", "t2"]
+        began = time.monotonic()
+        reader = asyncio.create_task(tailer.read(wait=20))
+        await appender.append(task_event("u0"))
+        await asyncio.sleep(0.2)
+        assert not reader.done()  # woken, it waits out its pace ...
+        await appender.append(task_event("u1"))
+        got = await reader
+        assert time.monotonic() - began >= pace - 0.1
+        assert [e.entity_id for e in got] == ["u0", "u1"]  # ... and takes both at once
+        # a deadline sooner than the pace bounds the wait: the read then runs
+        await appender.append(task_event("u2"))
+        assert [e.entity_id for e in await tailer.read(wait=0.5)] == ["u2"]

@@ -161,6 +161,36 @@ async def test_an_effect_appended_on_another_server_is_past_its_cause(
         assert effect > cause.position
 
 
+async def test_a_gathering_merged_reader_reads_every_server_at_its_pace(
+    servers: list[str],
+) -> None:
+    """``gather`` on a log on several servers paces the merged reader's rounds (each
+    server's read within a round does not wait): the first round at once, the next
+    one woken sooner waits out the rest and returns what came on both servers."""
+    jobs = jobs_by_shard()
+    pace = 3.0
+    async with (
+        ServersAppender(servers) as writer,
+        ServersTailer(servers, gather=pace, poll_interval=30) as reader,
+    ):
+        await writer.append_many([task(jobs[0], "a0"), task(jobs[1], "b0")])
+        first = await asyncio.wait_for(reader.read(), pace / 2)
+        while len(first) < 2:
+            first += await asyncio.wait_for(reader.read(), pace / 2)
+        assert sorted(e.entity_id for e in first) == ["a0", "b0"]
+        began = time.monotonic()
+        second = asyncio.create_task(reader.read(wait=20))
+        await writer.append(task(jobs[0], "a1"))
+        await asyncio.sleep(0.2)
+        assert not second.done()
+        await writer.append(task(jobs[1], "b1"))
+        got = await second
+        assert time.monotonic() - began >= pace - 0.1
+        while len(got) < 2:  # (what a round read but held back: the next round, at once)
+            got += await asyncio.wait_for(reader.read(), pace / 2)
+        assert sorted(e.entity_id for e in got) == ["a1", "b1"]
+
+
 async def test_the_merged_reader_returns_every_event_once_each_effect_after_its_cause(
     servers: list[str],
 ) -> None:

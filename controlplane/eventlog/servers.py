@@ -64,7 +64,7 @@ from controlplane.eventlog.connection import (
     run_on,
 )
 from controlplane.eventlog.events import JOB_KINDS, EntityKind, Event, RecordedEvent
-from controlplane.eventlog.tailer import Tailer, head_positions
+from controlplane.eventlog.tailer import Gathering, Tailer, head_positions
 from controlplane.gcs_url import normalize, with_login
 from controlplane.settings import env_number
 from controlplane.sql import queries
@@ -617,9 +617,12 @@ class ServersTailer:
         after: int | Sequence[int] = 0,
         clock: LogClock | None = None,
         away_after: float | None = None,
+        gather: float = 0.0,
         **options: object,
     ) -> None:
         self.urls = list(urls)
+        self.gather = Gathering(gather)  # (the rounds': each server's read does not wait)
+        self._again = False  # the last round left events to read or to release
         self.clock = clock if clock is not None else LogClock()
         self.away_after = away_after_s(away_after)
         self.shards = 0
@@ -678,6 +681,7 @@ class ServersTailer:
             tailer.positions = list(positions)
         self._held = []
         self._reads = [[] for _ in self.urls]
+        self._again = False
 
     @property
     def position(self) -> int:
@@ -693,14 +697,18 @@ class ServersTailer:
         order; waits up to ``wait`` seconds (None: forever) for one."""
         deadline = None if wait is None else time.monotonic() + wait
         while True:
+            if not self._again:
+                await self.gather.wait(deadline)
+            self.gather.began()
             more = False
             for server in range(len(self._tailers)):
                 more = await self._read_server(server) or more
             released = self._release()
+            self._again = bool(self._held) or more
             if released:
                 self.clock.saw(released[-1].position)
                 return released
-            if self._held or more:
+            if self._again:
                 continue  # (the next round returns them)
             timeout = self._poll
             if deadline is not None:

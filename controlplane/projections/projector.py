@@ -26,6 +26,10 @@ from controlplane.projections.spec import TABLES, Row, Table, fold
 from controlplane.sql import queries
 
 SUBSCRIPTION = "projections"
+# Its tailer's pace under load (Tailer's ``gather``): each batch applied is a transaction
+# of its own, so a projector woken by every append would apply one append's events at a
+# time and compete with the writers for the server; projections lag at most this more.
+GATHER_S = 0.01
 SCHEMA = "projection"  # the plain names (jobs, tasks, ...) are the views of migration 0009
 
 
@@ -79,7 +83,7 @@ class Projector:
         await self._conn.execute(queries["ensure_subscription"], self.name)
         saved = await self._conn.fetchval(queries["subscription_position"], self.name)
         self._tailer = await open_tailer(
-            self.url, after=list(saved or []), batch_size=self.batch_size
+            self.url, after=list(saved or []), batch_size=self.batch_size, gather=GATHER_S
         )
         await self._tailer.__aenter__()
         return self
