@@ -449,3 +449,26 @@ async def test_a_gathering_reader_reads_at_once_after_quiet_and_at_its_pace_unde
         # a deadline sooner than the pace bounds the wait: the read then runs
         await appender.append(task_event("u2"))
         assert [e.entity_id for e in await tailer.read(wait=0.5)] == ["u2"]
+
+
+async def test_a_gathering_reader_of_a_busy_log_is_woken_again_once_it_is_quiet(
+    gcs_url: str,
+) -> None:
+    """A gathering reader stops listening while each read finds events (its next read
+    comes after the pace anyway) and listens again once one finds none: an append made
+    then wakes it, long before its poll would."""
+    async with (
+        EventAppender(gcs_url) as appender,
+        Tailer(gcs_url, gather=0.05, poll_interval=30) as tailer,
+    ):
+        for i in range(5):  # busy: each read finds the append made since the last
+            await appender.append(task_event(f"busy{i}"))
+            assert [e.entity_id for e in await tailer.read(wait=5)] == [f"busy{i}"]
+        reader = asyncio.create_task(tailer.read(wait=20))
+        await _until_read_finds_nothing(gcs_url)  # (quiet: it listens, and waits)
+        await asyncio.sleep(0.2)  # (past the pace: nothing but a notification wakes it)
+        assert not reader.done()
+        sent = time.monotonic()
+        await appender.append(task_event("later"))
+        assert [e.entity_id for e in await reader] == ["later"]
+        assert time.monotonic() - sent < 5  # (its poll: 30 s)

@@ -44,6 +44,7 @@ from controlplane.eventlog import fencing
 from controlplane.eventlog.connection import (
     DEFAULT_CONNECT_TIMEOUT_S,
     connect,
+    is_connection_error,
     resolve_unavailable_timeout,
     retry_while_unavailable,
     run_on,
@@ -117,6 +118,7 @@ class Tailer:
         self.gather = Gathering(gather)
         self._conn: asyncpg.Connection | None = None
         self._wake = asyncio.Event()
+        self._listening = False  # for its appends' notifications
         self._recent: deque[tuple[int, uuid.UUID]] = deque(maxlen=RECENT)
         self._epoch: int | None = None  # of the server the recent events were read on
         # the last read stopped short of a shard's horizon, at this position (more to read)
@@ -175,7 +177,12 @@ class Tailer:
             if events:
                 self._recent.extend((e.position, e.event_id) for e in events)
                 fencing.saw(self.position, self._conn)  # a log found later below it was put back
+                if self.gather.seconds and self._listening:
+                    await self._listen_between_reads(False)  # (busy: it reads after the pace)
                 return events
+            if not self._listening:  # quiet again: to be woken from now on, once it has
+                await self._listen_between_reads(True)  # looked again for what came before
+                continue
             timeout = self.poll_interval
             if deadline is not None:
                 timeout = min(timeout, deadline - time.monotonic())
@@ -240,10 +247,36 @@ class Tailer:
         if self._epoch is not None and epoch is not None and epoch != self._epoch:
             await self._check_recent(self._conn)
         self._epoch = epoch if epoch is not None else self._epoch
-        if self.reader is None:
-            await self._conn.add_listener(CHANNEL, self._on_notify)
+        self._listening = False
+        await self._listen(True)
+
+    async def _listen(self, on: bool) -> None:
+        """Listens for its appends' notifications, or stops."""
+        channel, callback = (
+            (CHANNEL, self._on_notify)
+            if self.reader is None
+            else (ADDRESSED_CHANNEL, self._on_addressed)
+        )
+        assert self._conn is not None
+        if on:
+            await self._conn.add_listener(channel, callback)
         else:
-            await self._conn.add_listener(ADDRESSED_CHANNEL, self._on_addressed)
+            await self._conn.remove_listener(channel, callback)
+        self._listening = on
+
+    async def _listen_between_reads(self, on: bool) -> None:
+        """``_listen`` from ``read``: a gathering reader of a busy log stops listening
+        (each notification would wake its backend and its process for nothing: its next
+        read runs after the pace anyway), and listens again once a read finds nothing.
+        A connection that fails here is made anew by the next read, which listens."""
+        try:
+            await self._listen(on)
+        except Exception as exc:
+            if not is_connection_error(exc):
+                raise
+            assert self._conn is not None
+            self._conn.terminate()
+            self._conn = None
 
     async def _check_recent(self, conn: asyncpg.Connection) -> None:
         """The events this tailer returned last are where it read them (see the
