@@ -435,6 +435,7 @@ async def test_a_gathering_reader_reads_at_once_after_quiet_and_at_its_pace_unde
         await appender.append_many([task_event(f"t{i}") for i in range(3)])
         # (a wait of `pace` would time these out: they must not wait)
         first = await asyncio.wait_for(tailer.read(), pace / 2)
+        assert tailer.listening  # (a read that did not wait out a pace: not busy)
         rest = await asyncio.wait_for(tailer.read(), pace / 2)  # (the batch was full)
         assert [e.entity_id for e in first + rest] == ["t0", "t1", "t2"]
         began = time.monotonic()
@@ -464,9 +465,12 @@ async def test_a_gathering_reader_of_a_busy_log_is_woken_again_once_it_is_quiet(
         for i in range(5):  # busy: each read finds the append made since the last
             await appender.append(task_event(f"busy{i}"))
             assert [e.entity_id for e in await tailer.read(wait=5)] == [f"busy{i}"]
+        assert not tailer.listening
         reader = asyncio.create_task(tailer.read(wait=20))
-        await _until_read_finds_nothing(gcs_url)  # (quiet: it listens, and waits)
-        await asyncio.sleep(0.2)  # (past the pace: nothing but a notification wakes it)
+        deadline = time.monotonic() + 10
+        while not tailer.listening:  # quiet: it listens again (then looks once more)
+            assert time.monotonic() < deadline, "it never listened again"
+            await asyncio.sleep(0.01)
         assert not reader.done()
         sent = time.monotonic()
         await appender.append(task_event("later"))

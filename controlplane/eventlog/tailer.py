@@ -73,12 +73,14 @@ class Gathering:
     def began(self) -> None:
         self._began = time.monotonic()
 
-    async def wait(self, deadline: float | None) -> None:
-        """Waits out what is left of it (not past ``deadline``, a time.monotonic)."""
+    async def wait(self, deadline: float | None) -> bool:
+        """Waits out what is left of it (not past ``deadline``, a time.monotonic); whether
+        there was any (the reader is asked again sooner than its pace: busy)."""
         until = self._began + self.seconds
         rest = (until if deadline is None else min(until, deadline)) - time.monotonic()
         if rest > 0:
             await asyncio.sleep(rest)
+        return rest > 0
 
 
 class Tailer:
@@ -134,6 +136,12 @@ class Tailer:
         """Whether it has read every shard up to ``heads`` (``head_positions``)."""
         return all(self.at(shard) >= head for shard, head in enumerate(heads))
 
+    @property
+    def listening(self) -> bool:
+        """Whether its appends' notifications wake it now (a gathering reader of a busy
+        log does without them)."""
+        return self._listening
+
     def at(self, shard: int) -> int:
         """Where it stands in ``shard``."""
         return self.positions[shard] if shard < len(self.positions) else self._start
@@ -166,8 +174,8 @@ class Tailer:
         none came. ``positions`` advance past what is returned."""
         deadline = None if wait is None else time.monotonic() + wait
         while True:
-            if self.cut is None:  # (the last read left nothing behind: gather what comes)
-                await self.gather.wait(deadline)
+            # (the last read left nothing behind: gather what comes)
+            paced = self.cut is None and await self.gather.wait(deadline)
             self._wake.clear()
             self.gather.began()
             rows = await retry_while_unavailable(
@@ -177,8 +185,8 @@ class Tailer:
             if events:
                 self._recent.extend((e.position, e.event_id) for e in events)
                 fencing.saw(self.position, self._conn)  # a log found later below it was put back
-                if self.gather.seconds and self._listening:
-                    await self._listen_between_reads(False)  # (busy: it reads after the pace)
+                if paced and self._listening:  # (busy: its next read comes after the pace)
+                    await self._listen_between_reads(False)
                 return events
             if not self._listening:  # quiet again: to be woken from now on, once it has
                 await self._listen_between_reads(True)  # looked again for what came before
