@@ -13,6 +13,9 @@ from log_rows import fetch_rows
 
 import sdk as ray
 from controlplane.embedded_postgres import EmbeddedPostgres
+from controlplane.eventlog import EntityKind, Event, EventAppender, RecordedEvent
+from controlplane.eventlog.servers import open_tailer
+from controlplane.gcs import Gcs
 from sdk.exceptions import RaySystemError
 
 pytestmark = pytest.mark.timeout(240)
@@ -109,3 +112,31 @@ def test_a_gcs_that_stays_down_fails_callers_clearly_within_the_bound(
         except RaySystemError:
             assert time.monotonic() < deadline
             time.sleep(0.2)
+
+
+def test_a_log_reader_opened_while_postgres_restarts_starts_once_it_is_back(
+    server: EmbeddedPostgres,
+) -> None:
+    """A node daemon made anew while its PostgreSQL restarts opens its log reader then:
+    the reader waits for the server, as its reads do, instead of failing at once (which
+    stopped the new daemon, and had the cluster declare its node dead once more)."""
+    with Gcs(server.url) as gcs:  # (migrated)
+        url = gcs.url
+    server.kill()
+
+    async def first_read() -> list[RecordedEvent]:
+        async with await open_tailer(url, reader=None, poll_interval=0.5) as tailer:
+            return await tailer.read(wait=30)
+
+    async def scenario() -> list[RecordedEvent]:
+        opening = asyncio.create_task(first_read())
+        await asyncio.sleep(1.5)  # down for a while: the reader is still opening
+        assert not opening.done(), opening.exception()
+        await asyncio.to_thread(server.start)
+        event = Event(EntityKind.TASK, "after-the-restart", "submitted", {"name": "f"}, job_id="j")
+        async with EventAppender(url) as appender:
+            await appender.append(event)
+        return await asyncio.wait_for(opening, 60)
+
+    read = asyncio.run(scenario())
+    assert [e.entity_id for e in read] == ["after-the-restart"]

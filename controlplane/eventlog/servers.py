@@ -39,6 +39,7 @@ entities; it waits, as what is queued for that server does, until the server ans
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -640,13 +641,15 @@ class ServersTailer:
         self._failed: set[int] = set()  # away, riding out given up since
 
     async def __aenter__(self) -> ServersTailer:
-        self.shards = await check_layout(self.urls)
-        for index, tailer in enumerate(self._tailers):
-            try:
-                await tailer.__aenter__()
-            except GcsUnavailableError:
-                if index == 0:
-                    raise  # (else away: its reads connect, and ride out meanwhile)
+        home = self._tailers[0]  # (server 0 must answer: waited for, as a read waits)
+        self.shards = await retry_while_unavailable(
+            home.url, lambda: check_layout(self.urls), timeout=home.unavailable_timeout
+        )
+        await home.open()
+        for tailer in self._tailers[1:]:
+            # one try: a server that does not answer is away, its reads connect later
+            with contextlib.suppress(GcsUnavailableError):
+                await tailer.open(ride_out=False)
         return self
 
     async def __aexit__(
@@ -847,7 +850,7 @@ LogTailer = Tailer | ServersTailer
 async def open_appender(url: str, **options: object) -> LogAppender:
     """The appender of the log whose server 0 is at ``url`` (not started): one server's,
     or the several servers' on the process's clock."""
-    urls = await log_urls(url)
+    urls = await _log_urls_once_it_answers(url, options)
     if len(urls) == 1:
         return EventAppender(url, **options)  # type: ignore[arg-type]
     return ServersAppender(urls, clock=PROCESS_CLOCK, **options)  # type: ignore[arg-type]
@@ -856,7 +859,7 @@ async def open_appender(url: str, **options: object) -> LogAppender:
 async def open_tailer(url: str, **options: object) -> LogTailer:
     """The tailer of the log whose server 0 is at ``url`` (to enter): one server's, or
     the several servers' merged on the process's clock."""
-    urls = await log_urls(url)
+    urls = await _log_urls_once_it_answers(url, options)
     if len(urls) == 1:
         return Tailer(url, **options)  # type: ignore[arg-type]
     return ServersTailer(urls, clock=PROCESS_CLOCK, **options)  # type: ignore[arg-type]
@@ -873,3 +876,12 @@ async def log_head_positions(url: str, *, away_ok: bool = False) -> list[int]:
         return await head_positions(conn)
     finally:
         await conn.close()
+
+
+async def _log_urls_once_it_answers(url: str, options: dict[str, object]) -> list[str]:
+    """``log_urls``, waiting for server 0 while it does not answer (at most the reader's
+    or writer's ``unavailable_timeout``): a daemon's reader or writer made while its
+    PostgreSQL restarts starts once it is back, rather than stop the daemon."""
+    given = options.get("unavailable_timeout")
+    timeout = resolve_unavailable_timeout(given if isinstance(given, int | float) else None)
+    return await retry_while_unavailable(url, lambda: log_urls(url), timeout=timeout)

@@ -153,8 +153,17 @@ class Tailer:
             await asyncio.wait_for(self._wake.wait(), timeout)
 
     async def __aenter__(self) -> Tailer:
-        await self._connect()
+        await self.open()
         return self
+
+    async def open(self, *, ride_out: bool = True) -> None:
+        """Connects and listens. With ``ride_out``, a GCS that does not answer (a
+        PostgreSQL restarting) is waited for, at most ``unavailable_timeout``, as its
+        reads wait: a reader opened during an outage starts once it is over."""
+        if not ride_out:
+            await self._connect()
+            return
+        await retry_while_unavailable(self.url, self._connect, timeout=self.unavailable_timeout)
 
     async def __aexit__(
         self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
