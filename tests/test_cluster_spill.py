@@ -25,6 +25,7 @@ from processes import pids_with, run_cairn
 
 import sdk as ray
 from controlplane import local_node
+from controlplane.node_records import node_log
 from sdk.exceptions import ActorDiedError, GetTimeoutError, TaskUnschedulableError
 from sdk.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -514,6 +515,33 @@ def _add_node() -> tuple[local_node.NodeRecord, str]:
     return added, (added.session_dir / "node.ready").read_text()
 
 
+def _why_not_done(url: str, actor_id: str, doomed: local_node.NodeRecord) -> str:
+    """What a test that timed out waiting for an actor moved off a dead node needs to
+    say why: the actor's events, the nodes' deaths, and the end of each node's output
+    (the killed node's too)."""
+    events = asyncio.run(
+        fetch_rows(
+            url,
+            "SELECT position, entity_kind::text AS kind, entity_id, event_type, node_id, "
+            "payload::text AS payload FROM events WHERE entity_id = $1 "
+            "OR payload->>'actor_id' = $1 OR (entity_kind = 'node' AND event_type = 'dead') "
+            "ORDER BY position",
+            actor_id,
+        )
+    )
+    lines = [f"events of actor {actor_id} and the nodes' deaths:"]
+    lines += [
+        f"  {e['position']} {e['kind']} {e['entity_id'][:12]} {e['event_type']} "
+        f"node={(e['node_id'] or '')[:12]} {e['payload'][:200]}"
+        for e in events
+    ]
+    for record in [*local_node.local_nodes(), doomed]:
+        path = node_log(record.pid)
+        tail = path.read_text(errors="replace")[-3000:] if path.exists() else "(no output)"
+        lines += [f"--- {path}", tail]
+    return "\n".join(lines)
+
+
 @ray.remote
 class Recorder:
     def __init__(self) -> None:
@@ -542,7 +570,10 @@ def test_an_actor_whose_node_dies_is_made_again_elsewhere_with_its_calls(
         assert time.monotonic() < deadline
         time.sleep(0.01)
     os.killpg(os.getpgid(doomed.pid), signal.SIGKILL)
-    results = ray.get(refs, timeout=120)  # every call completes
+    try:
+        results = ray.get(refs, timeout=120)  # every call completes
+    except GetTimeoutError:
+        pytest.fail(_why_not_done(cluster["url"], actor._actor_id, doomed))
     instances = list(dict.fromkeys(result[0] for result in results))
     assert len(instances) == 2 and instances[0] == first[0]  # one restart, in the middle
     for instance in instances:  # each instance ran its calls in the caller's order
@@ -585,7 +616,11 @@ def test_an_actor_moved_off_a_dead_node_replays_its_calls(cluster: dict[str, str
     ).remote()
     assert ray.get([tally.add.remote(n) for n in range(20)], timeout=60)[-1] == list(range(20))
     os.killpg(os.getpgid(doomed.pid), signal.SIGKILL)
-    assert ray.get(tally.add.remote(20), timeout=120) == list(range(21))  # state rebuilt
+    try:
+        rebuilt = ray.get(tally.add.remote(20), timeout=120)
+    except GetTimeoutError:
+        pytest.fail(_why_not_done(cluster["url"], tally._actor_id, doomed))
+    assert rebuilt == list(range(21))  # state rebuilt
     events = asyncio.run(
         fetch_rows(
             cluster["url"],
