@@ -172,7 +172,21 @@ def _head_client() -> Iterator[tuple[CoreClient, Path]]:
     multiple=True,
     help="A value for $1, $2, ... in order (text); repeat for each.",
 )
-def sql(statement: str, gcs_url: str | None, output: str, params: tuple[str, ...]) -> None:
+@click.option(
+    "--without-server",
+    "without",
+    type=int,
+    multiple=True,
+    help="Leave out server K of a log on several (one that does not answer): the answer "
+    "lacks the events of the jobs whose shards it holds. Repeat for each.",
+)
+def sql(
+    statement: str,
+    gcs_url: str | None,
+    output: str,
+    params: tuple[str, ...],
+    without: tuple[int, ...],
+) -> None:
     """Run one read-only SQL statement against the log (the running cluster's, or
     --gcs-url) and print its rows. Writes are refused. docs/sql.md documents the
     views and has worked examples."""
@@ -180,14 +194,29 @@ def sql(statement: str, gcs_url: str | None, output: str, params: tuple[str, ...
 
     import asyncpg
 
+    from controlplane.log_servers import server_not_answering
     from controlplane.readonly_sql import run_readonly
     from controlplane.sql_output import render
 
     url = resolve_gcs_url(gcs_url) or _running_cluster_url()
     try:
-        columns, rows = asyncio.run(run_readonly(url, statement, params))
+        columns, rows = asyncio.run(run_readonly(url, statement, params, without=without))
     except asyncpg.PostgresError as exc:
+        away = server_not_answering(exc)
+        if away is not None:
+            said = " ".join(str(exc).split())
+            raise click.ClickException(
+                f"server {away} of the log does not answer ({said}); --without-server {away} "
+                "answers from the others, without the events of the jobs whose shards it holds"
+            ) from None
         raise click.ClickException(f"the statement failed: {exc}") from None
+    if without:
+        left_out = ", ".join(str(k) for k in sorted(set(without)))
+        click.echo(
+            f"(without server(s) {left_out} of the log: the events of the jobs whose shards "
+            "they hold are not in this answer)",
+            err=True,
+        )
     click.echo(render(columns, rows, output), nl=False)
 
 

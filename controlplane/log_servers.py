@@ -11,6 +11,7 @@ run them, and push their filters down to each server)."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
@@ -25,8 +26,18 @@ from controlplane.sql import queries
 
 FOREIGN_SERVER = "cairn_log_server_{}"  # server 0's postgres_fdw server for server k
 FOREIGN_SCHEMA = "log_server_{}"  # ... and the schema of its foreign `events`
+_FOREIGN_SERVER_NAMED = re.compile('"' + FOREIGN_SERVER.format(r"(\d+)") + '"')
 READERS = ("cairn_runtime", "cairn_audit")
 FOLLOWING = ("target_session_attrs",)  # the options of a URL kept beside TLS's
+
+
+def server_not_answering(error: BaseException) -> int | None:
+    """The server of the log that ``error`` (a query through ``log_union``) says does not
+    answer (postgres_fdw could not connect to it, or lost it), else None."""
+    if not str(getattr(error, "sqlstate", "")).startswith("08"):  # (connection exceptions)
+        return None
+    found = _FOREIGN_SERVER_NAMED.search(str(error))
+    return int(found.group(1)) if found else None
 
 
 def address_of(url: str, *, on_home_machine: bool) -> str:

@@ -30,6 +30,8 @@ AUDIT_SETTINGS = "SET LOCAL work_mem = '64MB'; SET LOCAL jit = off"
 WHOLE_LOG = (
     "SELECT set_config('search_path', 'log_union, ' || current_setting('search_path'), true)"
 )
+# ... or without some of its servers (a session's temporary views, which come first)
+UNION_WITHOUT = "SELECT cairn_log_union_without_v1($1::smallint[])"
 _COMMENTS = re.compile(r"--[^\n]*|/\*.*?\*/", re.DOTALL)
 
 
@@ -45,18 +47,26 @@ def first_keyword(statement: str) -> str:
 
 @contextlib.asynccontextmanager
 async def audit_transaction(
-    url: str, *, timeout: float | None = None
+    url: str, *, timeout: float | None = None, without: Sequence[int] = ()
 ) -> AsyncIterator[asyncpg.Connection]:
     """A connection in a READ ONLY transaction as ``cairn_audit`` (where this login may
     take that role), for queries written here rather than given by a user; with
-    ``timeout``, each statement gets that many seconds (and connecting, at least one)."""
+    ``timeout``, each statement gets that many seconds (and connecting, at least one).
+    ``without``: servers of the log left out of its union (they do not answer): the
+    session reads the others' events only (migration 0031)."""
     conn = await (connect(url) if timeout is None else connect(url, timeout=max(timeout, 1.0)))
     try:
+        audit = await conn.fetchval(
+            "SELECT pg_has_role(current_user, oid, 'MEMBER') FROM pg_roles WHERE rolname = $1",
+            AUDIT_ROLE,
+        )
+        if without:  # (the session's own views, made before its read-only transaction)
+            async with conn.transaction():
+                if audit:
+                    await conn.execute(f"SET LOCAL ROLE {AUDIT_ROLE}")
+                await conn.execute(UNION_WITHOUT, sorted(set(without)))
         async with conn.transaction(readonly=True):
-            if await conn.fetchval(
-                "SELECT pg_has_role(current_user, oid, 'MEMBER') FROM pg_roles WHERE rolname = $1",
-                AUDIT_ROLE,
-            ):
+            if audit:
                 await conn.execute(f"SET LOCAL ROLE {AUDIT_ROLE}")
             await conn.execute(AUDIT_SETTINGS)
             await conn.execute(WHOLE_LOG)
@@ -68,12 +78,18 @@ async def audit_transaction(
 
 
 async def run_readonly(
-    url: str, statement: str, args: Sequence[Any] = (), *, limit: int | None = None
+    url: str,
+    statement: str,
+    args: Sequence[Any] = (),
+    *,
+    limit: int | None = None,
+    without: Sequence[int] = (),
 ) -> tuple[list[str], list[tuple[Any, ...]]]:
     """The column names and rows of one read-only statement; WriteRefusedError if it
     is not one (nothing is run), or if it tries to write (it is rolled back). With
     ``limit``, at most ``limit + 1`` rows are read from the server (one more than asked
-    says there are more) and the rest are never sent."""
+    says there are more) and the rest are never sent. ``without``: as for
+    ``audit_transaction``."""
     keyword = first_keyword(statement)
     if keyword not in READS:
         raise WriteRefusedError(
@@ -81,7 +97,7 @@ async def run_readonly(
             f" refusing {keyword.upper() or 'an empty statement'!s}"
         )
     try:
-        async with audit_transaction(url) as conn:
+        async with audit_transaction(url, without=without) as conn:
             prepared = await conn.prepare(statement)
             if limit is None:
                 rows = await prepared.fetch(*args)

@@ -906,3 +906,50 @@ async def test_a_reader_and_a_writer_start_while_a_server_is_away(
             assert time.monotonic() < deadline, got
             got.extend(e.entity_id for e in await reader.read(wait=1))
     assert got == ["new-0", "new-1"]
+
+
+def test_audit_queries_answer_without_a_server_that_does_not_answer() -> None:
+    """With server 1 down, `cairn sql` through the union fails naming it and saying how
+    to go on; with --without-server 1 it answers from server 0 (its events and every view
+    over them), saying what the answer lacks; the union is whole again once it is back."""
+    jobs = jobs_by_shard(2)
+    with Gcs(log_servers=2) as gcs:  # (a head's embedded log on two servers)
+        server = gcs.other_log_servers[0]
+
+        async def append() -> None:
+            async with await open_appender(gcs.url) as writer:
+                await writer.append_many(
+                    [task(jobs[0], f"home-{n}") for n in range(3)]
+                    + [task(jobs[1], f"away-{n}") for n in range(2)]
+                )
+
+        asyncio.run(append())
+        per_job = "SELECT job_id, count(*) AS n FROM events GROUP BY job_id ORDER BY job_id"
+
+        def sql(*args: str) -> tuple[int, str, str]:
+            result = CliRunner().invoke(
+                main, ["sql", "--gcs-url", gcs.url, "--format", "json", *args]
+            )
+            return result.exit_code, result.stdout, result.stderr
+
+        code, whole, _ = sql(per_job)
+        assert code == 0 and json.loads(whole) == sorted(
+            [{"job_id": jobs[0], "n": 3}, {"job_id": jobs[1], "n": 2}],
+            key=lambda r: str(r["job_id"]),
+        )
+        server.stop(keep_data=True)
+        try:
+            code, _, said = sql(per_job)
+            assert code != 0
+            assert "server 1 of the log does not answer" in said and "--without-server 1" in said
+            code, partial, said = sql("--without-server", "1", per_job)
+            assert code == 0 and json.loads(partial) == [{"job_id": jobs[0], "n": 3}], said
+            assert "without server(s) 1 of the log" in said
+            code, tasks, _ = sql("--without-server", "1", "SELECT count(*) AS n FROM tasks")
+            assert code == 0 and json.loads(tasks) == [{"n": 3}]  # (a view over the events)
+            code, _, said = sql("--without-server", "2", per_job)
+            assert code != 0 and "no server 2 to leave out" in said
+        finally:
+            server.start()
+        code, whole_again, _ = sql(per_job)  # (the views left out were the session's alone)
+        assert code == 0 and whole_again == whole
