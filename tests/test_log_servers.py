@@ -191,6 +191,37 @@ async def test_a_gathering_merged_reader_reads_every_server_at_its_pace(
         assert sorted(e.entity_id for e in got) == ["a1", "b1"]
 
 
+async def test_a_gathering_merged_reader_stops_listening_to_a_busy_server_until_it_is_quiet(
+    servers: list[str],
+) -> None:
+    """While the merged reader's paced rounds find events on a server, that server's
+    tailer stops listening (its next read comes after the pace anyway); a quiet server
+    keeps listening. Once the busy one is quiet too it listens again: an append made
+    then wakes the reader long before its poll."""
+    jobs = jobs_by_shard()  # (jobs[0]: server 0's)
+    async with (
+        ServersAppender(servers) as writer,
+        ServersTailer(servers, gather=0.05, poll_interval=30) as reader,
+    ):
+        for i in range(5):  # busy on server 0: each round finds the append made since
+            await writer.append(task(jobs[0], f"busy{i}"))
+            got: list[str] = []
+            while not got:
+                got += [e.entity_id for e in await reader.read(wait=5)]
+            assert got == [f"busy{i}"]
+        assert reader.listening == [False, True]
+        reading = asyncio.create_task(reader.read(wait=20))
+        deadline = time.monotonic() + 10
+        while reader.listening != [True, True]:  # quiet: server 0's listens again
+            assert time.monotonic() < deadline, reader.listening
+            await asyncio.sleep(0.01)
+        assert not reading.done()
+        sent = time.monotonic()
+        await writer.append(task(jobs[0], "later"))
+        assert [e.entity_id for e in await reading] == ["later"]
+        assert time.monotonic() - sent < 5  # (its poll: 30 s)
+
+
 async def test_the_merged_reader_returns_every_event_once_each_effect_after_its_cause(
     servers: list[str],
 ) -> None:

@@ -638,6 +638,7 @@ class ServersTailer:
         self._reads: list[list[tuple[int, int | None]]] = [[] for _ in self.urls]
         self._in_flight: dict[int, _Read] = {}
         self.away: set[int] = set()  # servers whose events are not waited for
+        self._found: set[int] = set()  # servers where this round's reads found events
         self._failed: set[int] = set()  # away, riding out given up since
 
     async def __aenter__(self) -> ServersTailer:
@@ -690,6 +691,11 @@ class ServersTailer:
     def position(self) -> int:
         return max(self.positions, default=0)
 
+    @property
+    def listening(self) -> list[bool]:
+        """Per server, whether its appends' notifications wake this reader now."""
+        return [tailer.listening for tailer in self._tailers]
+
     def reached(self, heads: Sequence[int]) -> bool:
         """Whether it has returned every shard's events up to ``heads``."""
         positions = self.positions
@@ -700,16 +706,17 @@ class ServersTailer:
         order; waits up to ``wait`` seconds (None: forever) for one."""
         deadline = None if wait is None else time.monotonic() + wait
         while True:
-            if not self._again:
-                await self.gather.wait(deadline)
+            paced = not self._again and await self.gather.wait(deadline)
             self.gather.began()
-            more = False
+            more, self._found = False, set()
             for server in range(len(self._tailers)):
                 more = await self._read_server(server) or more
             released = self._release()
             self._again = bool(self._held) or more
             if released:
                 self.clock.saw(released[-1].position)
+                if paced:  # busy: the next round comes after the pace, woken or not
+                    await self._unlisten()
                 return released
             if self._again:
                 continue  # (the next round returns them)
@@ -726,6 +733,14 @@ class ServersTailer:
             )
             for waiting in waits:
                 waiting.cancel()
+
+    async def _unlisten(self) -> None:
+        """The tailers of the servers where this round found events stop listening (as
+        a single server's gathering tailer does while busy); each listens again once a
+        read of it finds nothing. (A read in flight is not one of this round's.)"""
+        for server in self._found:
+            if server not in self._in_flight:
+                await self._tailers[server].unlisten()
 
     def _tock(self) -> int:
         self._tick += 1
@@ -766,6 +781,8 @@ class ServersTailer:
         self._reads[server].append((read.began, cut))
         ended = self._tock()
         self._held.extend(_Held(event, server, ended) for event in found)
+        if found:
+            self._found.add(server)
         return cut is not None
 
     def _went_away(self, server: int, read: _Read) -> None:

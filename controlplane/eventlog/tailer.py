@@ -281,6 +281,14 @@ class Tailer:
             await self._conn.remove_listener(channel, callback)
         self._listening = on
 
+    async def unlisten(self) -> None:
+        """Stops listening until one of its reads finds nothing (then it listens again,
+        and looks once more): for a merged reader whose rounds are paced (busy), which
+        reads each server's tailer on its own pace, not on its notifications. Not
+        while a read of this tailer is in flight (its connection is busy)."""
+        if self._listening and self._conn is not None and not self._conn.is_closed():
+            await self._listen_between_reads(False)
+
     async def _listen_between_reads(self, on: bool) -> None:
         """``_listen`` from ``read``: a gathering reader of a busy log stops listening
         (each notification would wake its backend and its process for nothing: its next
