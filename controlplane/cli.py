@@ -13,7 +13,13 @@ import click
 
 from controlplane.cli_job import job
 from controlplane.cli_logs import logs_command
-from controlplane.cli_options import gcs_url_option, require_url
+from controlplane.cli_options import (
+    gcs_url_option,
+    require_url,
+    say_left_out,
+    server_away_error,
+    without_server_option,
+)
 from controlplane.cli_start import start, stop
 from controlplane.cli_state import get_command, list_command, summary_command
 from controlplane.errors import GcsError
@@ -172,14 +178,7 @@ def _head_client() -> Iterator[tuple[CoreClient, Path]]:
     multiple=True,
     help="A value for $1, $2, ... in order (text); repeat for each.",
 )
-@click.option(
-    "--without-server",
-    "without",
-    type=int,
-    multiple=True,
-    help="Leave out server K of a log on several (one that does not answer): the answer "
-    "lacks the events of the jobs whose shards it holds. Repeat for each.",
-)
+@without_server_option
 def sql(
     statement: str,
     gcs_url: str | None,
@@ -194,7 +193,6 @@ def sql(
 
     import asyncpg
 
-    from controlplane.log_servers import server_not_answering
     from controlplane.readonly_sql import run_readonly
     from controlplane.sql_output import render
 
@@ -202,21 +200,10 @@ def sql(
     try:
         columns, rows = asyncio.run(run_readonly(url, statement, params, without=without))
     except asyncpg.PostgresError as exc:
-        away = server_not_answering(exc)
-        if away is not None:
-            said = " ".join(str(exc).split())
-            raise click.ClickException(
-                f"server {away} of the log does not answer ({said}); --without-server {away} "
-                "answers from the others, without the events of the jobs whose shards it holds"
-            ) from None
-        raise click.ClickException(f"the statement failed: {exc}") from None
-    if without:
-        left_out = ", ".join(str(k) for k in sorted(set(without)))
-        click.echo(
-            f"(without server(s) {left_out} of the log: the events of the jobs whose shards "
-            "they hold are not in this answer)",
-            err=True,
-        )
+        raise server_away_error(exc) or click.ClickException(
+            f"the statement failed: {exc}"
+        ) from None
+    say_left_out(without)
     click.echo(render(columns, rows, output), nl=False)
 
 
@@ -298,18 +285,26 @@ def state(at: str, gcs_url: str | None, as_json: bool) -> None:
     help="Where to write the trace (JSON).",
 )
 @gcs_url_option
-def timeline(job_id: str, output: Path, gcs_url: str | None) -> None:
+@without_server_option
+def timeline(job_id: str, output: Path, gcs_url: str | None, without: tuple[int, ...]) -> None:
     """Write a job's task execution as a Chrome trace (chrome://tracing, Perfetto): one
-    span per task attempt, per node and worker, from the log."""
+    span per task attempt, per node and worker, from the log. A job's events lie on one
+    server of a log on several: read without another that does not answer, its trace
+    is whole."""
     import asyncio
+
+    import asyncpg
 
     from controlplane.timeline import UnknownJobError, job_trace
 
     url = resolve_gcs_url(gcs_url) or _running_cluster_url()
     try:
-        trace = asyncio.run(job_trace(url, job_id))
+        trace = asyncio.run(job_trace(url, job_id, without=without))
     except UnknownJobError as exc:
         raise click.BadParameter(str(exc), param_hint="JOB_ID") from None
+    except asyncpg.PostgresError as exc:
+        raise server_away_error(exc) or click.ClickException(str(exc)) from None
+    say_left_out(without)
     output.write_text(json.dumps(trace, default=str))
     spans = trace["otherData"]["task_attempts"]
     click.echo(f"wrote {spans} task attempts of job {job_id} to {output}")

@@ -14,6 +14,44 @@ gcs_url_option = click.option(
 )
 
 
+without_server_option = click.option(
+    "--without-server",
+    "without",
+    type=int,
+    multiple=True,
+    help="Leave out server K of a log on several (one that does not answer): the answer "
+    "lacks the events of the jobs whose shards it holds. Repeat for each.",
+)
+
+
+def server_away_error(exc: BaseException) -> click.ClickException | None:
+    """What to say when a read of the whole log failed because one of its servers does
+    not answer (``exc`` or its cause): which one, and how to read the others."""
+    from controlplane.log_servers import server_not_answering
+
+    away = server_not_answering(exc)
+    if away is None and exc.__cause__ is not None:
+        away = server_not_answering(exc.__cause__)
+    if away is None:
+        return None
+    said = " ".join(str(exc.__cause__ or exc).split())
+    return click.ClickException(
+        f"server {away} of the log does not answer ({said}); --without-server {away} "
+        "answers from the others, without the events of the jobs whose shards it holds"
+    )
+
+
+def say_left_out(without: tuple[int, ...]) -> None:
+    """Says on stderr what an answer read without some servers lacks."""
+    if without:
+        left_out = ", ".join(str(k) for k in sorted(set(without)))
+        click.echo(
+            f"(without server(s) {left_out} of the log: the events of the jobs whose shards "
+            "they hold are not in this answer)",
+            err=True,
+        )
+
+
 def require_url(url: str | None) -> str:
     resolved = resolve_gcs_url(url)
     if resolved is None:

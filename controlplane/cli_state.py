@@ -12,7 +12,12 @@ from typing import Any
 import click
 
 from controlplane import state_api
-from controlplane.cli_options import gcs_url_option
+from controlplane.cli_options import (
+    gcs_url_option,
+    say_left_out,
+    server_away_error,
+    without_server_option,
+)
 from controlplane.gcs_url import resolve_gcs_url
 from controlplane.sql_output import render
 from controlplane.state_schema import SCHEMAS, StateSchema
@@ -37,11 +42,13 @@ def _url(gcs_url: str | None, address: str | None) -> str:
         raise click.ClickException(str(exc)) from None
 
 
-def _run(coroutine: Any) -> Any:
+def _run(coroutine: Any, without: tuple[int, ...]) -> Any:
     try:
-        return asyncio.run(coroutine)
+        answer = asyncio.run(coroutine)
     except state_api.StateApiError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise server_away_error(exc) or click.ClickException(str(exc)) from None
+    say_left_out(without)
+    return answer
 
 
 def _filter(text: str) -> tuple[str, str, str]:
@@ -99,6 +106,7 @@ _timeout_option = click.option(
 @_timeout_option
 @_address_option
 @gcs_url_option
+@without_server_option
 def list_command(
     resource: str,
     filters: tuple[str, ...],
@@ -108,6 +116,7 @@ def list_command(
     timeout: int,
     address: str | None,
     gcs_url: str | None,
+    without: tuple[int, ...],
 ) -> None:
     """List RESOURCE (tasks, actors, objects, nodes, jobs, placement-groups, workers)
     from the log, as Ray's `ray list`; the oldest first."""
@@ -120,7 +129,10 @@ def list_command(
         raise click.BadParameter(str(exc), param_hint="--filter") from None
     url = _url(gcs_url, address)
     rows = _run(
-        state_api.list_states(url, kind, parsed, limit=limit, detail=detail, timeout=timeout)
+        state_api.list_states(
+            url, kind, parsed, limit=limit, detail=detail, timeout=timeout, without=without
+        ),
+        without,
     )
     columns = schema.list_columns(detail=detail)
     _print(_records(rows, columns), columns, output, table=True)
@@ -137,6 +149,7 @@ def list_command(
 @_timeout_option
 @_address_option
 @gcs_url_option
+@without_server_option
 def get_command(
     resource: str,
     entity_id: str,
@@ -144,12 +157,15 @@ def get_command(
     timeout: int,
     address: str | None,
     gcs_url: str | None,
+    without: tuple[int, ...],
 ) -> None:
     """Show one RESOURCE by id with every column, as Ray's `ray get` (a task: each of
     its attempts)."""
     kind = _kind(resource)
     url = _url(gcs_url, address)
-    rows = _run(state_api.get_states(url, kind, entity_id, timeout=timeout))
+    rows = _run(
+        state_api.get_states(url, kind, entity_id, timeout=timeout, without=without), without
+    )
     if not rows:
         raise click.ClickException(f"no {resource[:-1].replace('-', ' ')} {entity_id!r} in the log")
     columns = SCHEMAS[kind].list_columns()
@@ -162,13 +178,20 @@ def get_command(
 @_timeout_option
 @_address_option
 @gcs_url_option
+@without_server_option
 def summary_command(
-    resource: str, output: str, timeout: int, address: str | None, gcs_url: str | None
+    resource: str,
+    output: str,
+    timeout: int,
+    address: str | None,
+    gcs_url: str | None,
+    without: tuple[int, ...],
 ) -> None:
     """Count RESOURCE (tasks by function, actors by class, objects) by state, as Ray's
     `ray summary`."""
     url = _url(gcs_url, address)
-    summary = _run(state_api.summarize(url, resource, timeout=timeout))["cluster"]
+    summary = _run(state_api.summarize(url, resource, timeout=timeout, without=without), without)
+    summary = summary["cluster"]
     if output == "json":
         click.echo(json.dumps(summary, indent=2, default=str))
         return

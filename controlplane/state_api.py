@@ -153,14 +153,16 @@ async def list_states(
     detail: bool = False,
     timeout: float = DEFAULT_TIMEOUT,
     explain: Callable[[str], None] | None = None,
+    without: Sequence[int] = (),
 ) -> list[StateSchema]:
     """Ray's ``list_<kind>``: every row that passes the filters, in the order they were
-    created, at most ``limit`` (None: all)."""
+    created, at most ``limit`` (None: all). ``without``: servers of the log left out
+    (``readonly_sql.audit_transaction``; the command line's ``--without-server``)."""
     schema = schema_of(kind)
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a positive integer, not {limit!r}")
     statement, args = list_statement(schema, filters, detail=detail, limit=limit)
-    rows = await _fetch(url, kind, [(statement, args)], timeout, explain)
+    rows = await _fetch(url, kind, [(statement, args)], timeout, explain, without)
     return [_state(schema, row) for row in rows[0]]
 
 
@@ -171,12 +173,20 @@ async def get_states(
     *,
     timeout: float = DEFAULT_TIMEOUT,
     explain: Callable[[str], None] | None = None,
+    without: Sequence[int] = (),
 ) -> list[StateSchema]:
     """Every row of ``kind`` with that id, with detail (a task's attempts, oldest
     first; one row or none for the others)."""
     filters: list[Filter] = [(schema_of(kind).ID, "=", entity_id)]
     return await list_states(
-        url, kind, filters, limit=None, detail=True, timeout=timeout, explain=explain
+        url,
+        kind,
+        filters,
+        limit=None,
+        detail=True,
+        timeout=timeout,
+        explain=explain,
+        without=without,
     )
 
 
@@ -186,6 +196,7 @@ async def summarize(
     *,
     timeout: float = DEFAULT_TIMEOUT,
     explain: Callable[[str], None] | None = None,
+    without: Sequence[int] = (),
 ) -> dict[str, Any]:
     """Ray's ``summarize_<kind>`` (tasks, actors, objects): ``{"cluster": summary}``,
     counted in PostgreSQL over every row of the kind."""
@@ -194,7 +205,7 @@ async def summarize(
     source = f"({queries['state_' + kind]}) s"
     args = list(_PARAMETERS.get(kind, ()))
     statements = [(sql.format(source=source), args) for sql in _SUMMARIES[kind][0]]
-    results = await _fetch(url, f"{kind} summary", statements, timeout, explain)
+    results = await _fetch(url, f"{kind} summary", statements, timeout, explain, without)
     return {"cluster": _SUMMARIES[kind][1](*results)}
 
 
@@ -290,6 +301,7 @@ async def _fetch(
     statements: list[tuple[str, list[Any]]],
     timeout: float,
     explain: Callable[[str], None] | None,
+    without: Sequence[int] = (),
 ) -> list[list[asyncpg.Record]]:
     """The rows of each statement, in one read-only transaction; StateApiError if the
     GCS cannot be reached or a statement outlasts ``timeout`` seconds. The process's
@@ -298,7 +310,7 @@ async def _fetch(
         raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
     started = time.monotonic()
     try:
-        async with audit_transaction(url, timeout=timeout) as conn:
+        async with audit_transaction(url, timeout=timeout, without=without) as conn:
             results = [await conn.fetch(sql, *args) for sql, args in statements]
             PROCESS_CLOCK.saw(await conn.fetchval(queries["log_seen"]))
     except asyncpg.QueryCanceledError:

@@ -10,6 +10,7 @@ carries its job id; an attempt runs from its ``running`` event to the ``finished
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypedDict
@@ -144,13 +145,16 @@ def chrome_trace(rows: list[LogRow], job_id: str) -> dict[str, Any]:
     }
 
 
-async def job_rows(url: str, job_id: str) -> list[LogRow]:
+async def job_rows(url: str, job_id: str, *, without: Sequence[int] = ()) -> list[LogRow]:
     """The job's task events (submitted, running and ends), read-only, in log order;
-    UnknownJobError when the log has never heard of the job."""
-    _, known = await run_readonly(url, queries["job_known"], [job_id])
+    UnknownJobError when the log has never heard of the job. ``without``: servers of the
+    log left out (``readonly_sql.audit_transaction``)."""
+    _, known = await run_readonly(url, queries["job_known"], [job_id], without=without)
     if not known or not known[0][0]:
         raise UnknownJobError(f"no job {job_id!r} in the log")
-    columns, found = await run_readonly(url, queries["timeline_task_events"], [job_id])
+    columns, found = await run_readonly(
+        url, queries["timeline_task_events"], [job_id], without=without
+    )
     rows = [dict(zip(columns, row, strict=True)) for row in found]
     return [
         LogRow(
@@ -160,6 +164,6 @@ async def job_rows(url: str, job_id: str) -> list[LogRow]:
     ]
 
 
-async def job_trace(url: str, job_id: str) -> dict[str, Any]:
+async def job_trace(url: str, job_id: str, *, without: Sequence[int] = ()) -> dict[str, Any]:
     """The Chrome trace of one job, from the log."""
-    return chrome_trace(await job_rows(url, job_id), job_id)
+    return chrome_trace(await job_rows(url, job_id, without=without), job_id)

@@ -939,10 +939,11 @@ async def test_a_reader_and_a_writer_start_while_a_server_is_away(
     assert got == ["new-0", "new-1"]
 
 
-def test_audit_queries_answer_without_a_server_that_does_not_answer() -> None:
+def test_audit_queries_answer_without_a_server_that_does_not_answer(tmp_path: Path) -> None:
     """With server 1 down, `cairn sql` through the union fails naming it and saying how
     to go on; with --without-server 1 it answers from server 0 (its events and every view
-    over them), saying what the answer lacks; the union is whole again once it is back."""
+    over them), saying what the answer lacks; so do `cairn list` and `cairn timeline` (a
+    job of server 0: its whole trace); the union is whole again once it is back."""
     jobs = jobs_by_shard(2)
     with Gcs(log_servers=2) as gcs:  # (a head's embedded log on two servers)
         server = gcs.other_log_servers[0]
@@ -980,6 +981,21 @@ def test_audit_queries_answer_without_a_server_that_does_not_answer() -> None:
             assert code == 0 and json.loads(tasks) == [{"n": 3}]  # (a view over the events)
             code, _, said = sql("--without-server", "2", per_job)
             assert code != 0 and "no server 2 to leave out" in said
+            # the state CLI and a job's timeline read the union too
+            listing = ["list", "tasks", "--gcs-url", gcs.url, "--format", "json"]
+            listed = CliRunner().invoke(main, listing)
+            assert listed.exit_code != 0 and "--without-server 1" in listed.stderr
+            listed = CliRunner().invoke(main, [*listing, "--without-server", "1"])
+            assert listed.exit_code == 0, listed.output
+            assert sorted(t["task_id"] for t in json.loads(listed.stdout)) == [
+                f"home-{n}" for n in range(3)
+            ]
+            trace = str(tmp_path / "trace.json")
+            timeline = ["timeline", jobs[0], "-o", trace, "--gcs-url", gcs.url]
+            drawn = CliRunner().invoke(main, timeline)
+            assert drawn.exit_code != 0 and "--without-server 1" in drawn.stderr
+            drawn = CliRunner().invoke(main, [*timeline, "--without-server", "1"])
+            assert drawn.exit_code == 0 and f"of job {jobs[0]}" in drawn.stdout  # (all of it)
         finally:
             server.start()
         code, whole_again, _ = sql(per_job)  # (the views left out were the session's alone)
