@@ -1000,3 +1000,30 @@ def test_audit_queries_answer_without_a_server_that_does_not_answer(tmp_path: Pa
             server.start()
         code, whole_again, _ = sql(per_job)  # (the views left out were the session's alone)
         assert code == 0 and whole_again == whole
+
+
+async def test_a_merged_reader_opened_while_server_0_restarts_starts_once_it_is_back() -> None:
+    """A merged reader opened while server 0 (the home: the list of servers, the layout)
+    does not answer waits for it, as its reads do, instead of failing at once; then it
+    reads both servers' events."""
+    jobs = jobs_by_shard(2)
+    with Gcs(log_servers=2) as gcs:  # (a head's embedded log on two servers)
+        home = gcs.embedded
+        assert home is not None
+        await asyncio.to_thread(home.stop, keep_data=True)
+
+        async def first_reads() -> list[str]:
+            async with await open_tailer(gcs.url, poll_interval=0.2) as reader:
+                assert isinstance(reader, ServersTailer)
+                got: list[str] = []
+                while len(got) < 2:
+                    got += [e.entity_id for e in await reader.read(wait=20)]
+                return sorted(got)
+
+        opening = asyncio.create_task(first_reads())
+        await asyncio.sleep(1.5)  # down for a while: the reader is still opening
+        assert not opening.done(), opening.exception()
+        await asyncio.to_thread(home.start)
+        async with await open_appender(gcs.url) as writer:
+            await writer.append_many([task(jobs[0], "on-0"), task(jobs[1], "on-1")])
+        assert await asyncio.wait_for(opening, 60) == ["on-0", "on-1"]
