@@ -236,18 +236,25 @@ def dashboard(gcs_url: str | None, host: str, port: int) -> None:
 @click.argument("object_id")
 @gcs_url_option
 @click.option("--json", "as_json", is_flag=True, help="Print the tree as JSON.")
-def lineage(object_id: str, gcs_url: str | None, as_json: bool) -> None:
+@without_server_option
+def lineage(object_id: str, gcs_url: str | None, as_json: bool, without: tuple[int, ...]) -> None:
     """Show the lineage of an object: the task that made it (function, node, time),
     its argument objects, the tasks that made them, and so on, from the log."""
     import asyncio
     import json
 
+    import asyncpg
+
     from controlplane.lineage_tree import object_lineage, render_tree
 
     url = resolve_gcs_url(gcs_url) or _running_cluster_url()
-    tree = asyncio.run(object_lineage(url, object_id))
+    try:
+        tree = asyncio.run(object_lineage(url, object_id, without=without))
+    except asyncpg.PostgresError as exc:
+        raise server_away_error(exc) or click.ClickException(str(exc)) from None
     if tree is None:
         raise click.BadParameter(f"no object {object_id!r} in the log", param_hint="OBJECT_ID")
+    say_left_out(without)
     click.echo(json.dumps(tree, indent=2, default=str) if as_json else render_tree(tree))
 
 
@@ -255,10 +262,13 @@ def lineage(object_id: str, gcs_url: str | None, as_json: bool) -> None:
 @click.option("--at", "at", required=True, help="A log position (integer) or an ISO 8601 time.")
 @gcs_url_option
 @click.option("--json", "as_json", is_flag=True, help="Print every entity, all tasks too, as JSON.")
-def state(at: str, gcs_url: str | None, as_json: bool) -> None:
+@without_server_option
+def state(at: str, gcs_url: str | None, as_json: bool, without: tuple[int, ...]) -> None:
     """Show jobs, tasks, actors and nodes as they were at a point of the log (a position,
     or the last position recorded by a time), from the log alone."""
     import json
+
+    import asyncpg
 
     from controlplane.state_at import OutOfRangeError, parse_point, render, state_at
 
@@ -269,9 +279,14 @@ def state(at: str, gcs_url: str | None, as_json: bool) -> None:
     url = resolve_gcs_url(gcs_url) or _running_cluster_url()
     position, timestamp = (point, None) if isinstance(point, int) else (None, point)
     try:
-        result = state_at(url, position=position, timestamp=timestamp, all_tasks=as_json)
+        result = state_at(
+            url, position=position, timestamp=timestamp, all_tasks=as_json, without=without
+        )
     except OutOfRangeError as exc:
         raise click.BadParameter(str(exc), param_hint="--at") from None
+    except asyncpg.PostgresError as exc:
+        raise server_away_error(exc) or click.ClickException(str(exc)) from None
+    say_left_out(without)
     click.echo(json.dumps(result, indent=2, default=str) if as_json else render(result))
 
 

@@ -5,6 +5,7 @@ event."""
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 LINEAGE_QUERY = """
@@ -16,16 +17,19 @@ SELECT l.depth, l.object_id, l.task_id, l.function_name, l.node_id, l.submitted_
 """
 
 
-async def object_lineage(url: str, object_id: str) -> dict[str, Any] | None:
+async def object_lineage(
+    url: str, object_id: str, *, without: Sequence[int] = ()
+) -> dict[str, Any] | None:
     """The tree of an object, read-only from the log (None: the log never heard of
-    it); ``cairn lineage`` and the dashboard show it."""
+    it); ``cairn lineage`` and the dashboard show it. ``without``: servers of the log
+    left out (``readonly_sql.audit_transaction``)."""
     from controlplane.readonly_sql import run_readonly
     from controlplane.sql import queries
 
-    known = (await run_readonly(url, queries["object_known"], [object_id]))[1]
+    known = (await run_readonly(url, queries["object_known"], [object_id], without=without))[1]
     if not known[0][0]:
         return None
-    columns, rows = await run_readonly(url, LINEAGE_QUERY, [object_id])
+    columns, rows = await run_readonly(url, LINEAGE_QUERY, [object_id], without=without)
     return build([dict(zip(columns, row, strict=True)) for row in rows], object_id)
 
 

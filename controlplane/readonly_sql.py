@@ -60,11 +60,7 @@ async def audit_transaction(
             "SELECT pg_has_role(current_user, oid, 'MEMBER') FROM pg_roles WHERE rolname = $1",
             AUDIT_ROLE,
         )
-        if without:  # (the session's own views, made before its read-only transaction)
-            async with conn.transaction():
-                if audit:
-                    await conn.execute(f"SET LOCAL ROLE {AUDIT_ROLE}")
-                await conn.execute(UNION_WITHOUT, sorted(set(without)))
+        await leave_out_servers(conn, without, as_audit=bool(audit))
         async with conn.transaction(readonly=True):
             if audit:
                 await conn.execute(f"SET LOCAL ROLE {AUDIT_ROLE}")
@@ -75,6 +71,20 @@ async def audit_transaction(
             yield conn
     finally:
         await conn.close()
+
+
+async def leave_out_servers(
+    conn: asyncpg.Connection, without: Sequence[int], *, as_audit: bool = False
+) -> None:
+    """From now on ``conn`` reads the log's union without the servers ``without`` (they
+    do not answer): its session's own temporary views (migration 0031), made before its
+    read-only transaction begins (``as_audit``: made as ``cairn_audit``, who reads them)."""
+    if not without:
+        return
+    async with conn.transaction():
+        if as_audit:
+            await conn.execute(f"SET LOCAL ROLE {AUDIT_ROLE}")
+        await conn.execute(UNION_WITHOUT, sorted(set(without)))
 
 
 async def run_readonly(

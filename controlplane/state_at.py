@@ -28,7 +28,7 @@ from controlplane.errors import GcsError
 from controlplane.eventlog.connection import connect
 from controlplane.eventlog.events import EntityKind
 from controlplane.projections.spec import TRANSITIONS
-from controlplane.readonly_sql import WHOLE_LOG
+from controlplane.readonly_sql import WHOLE_LOG, leave_out_servers
 from controlplane.sql import queries
 
 # The fields shown per kind, as slots of the state_at_entities query: two text fields
@@ -252,10 +252,12 @@ async def state_at_async(
     timestamp: datetime | None = None,
     all_tasks: bool = False,
     max_listed: int = MAX_LISTED,
+    without: Sequence[int] = (),
 ) -> dict[str, Any]:
     """See :func:`state_at`."""
     conn = await connect(url)
     try:
+        await leave_out_servers(conn, without)
         async with conn.transaction(readonly=True, isolation="repeatable_read"):
             await conn.execute(f"SET LOCAL work_mem = '{_WORK_MEM}'")
             await conn.execute(WHOLE_LOG)
@@ -342,12 +344,14 @@ def state_at(
     timestamp: datetime | None = None,
     all_tasks: bool = False,
     max_listed: int = MAX_LISTED,
+    without: Sequence[int] = (),
 ) -> dict[str, Any]:
     """The state of jobs, actors, nodes and tasks at ``position`` or at ``timestamp``
     (the last position recorded by then). Tasks come as counts per job and state plus
     the first ``max_listed`` unfinished ones (a job may have 10^5 tasks); with
     ``all_tasks`` every task is under "tasks". OutOfRangeError names the retained range
-    when the point is outside it."""
+    when the point is outside it. ``without``: servers of the log left out (they do not
+    answer: ``readonly_sql.leave_out_servers``)."""
     return asyncio.run(
         state_at_async(
             url,
@@ -355,6 +359,7 @@ def state_at(
             timestamp=timestamp,
             all_tasks=all_tasks,
             max_listed=max_listed,
+            without=without,
         )
     )
 

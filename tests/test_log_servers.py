@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit
 
@@ -942,8 +943,9 @@ async def test_a_reader_and_a_writer_start_while_a_server_is_away(
 def test_audit_queries_answer_without_a_server_that_does_not_answer(tmp_path: Path) -> None:
     """With server 1 down, `cairn sql` through the union fails naming it and saying how
     to go on; with --without-server 1 it answers from server 0 (its events and every view
-    over them), saying what the answer lacks; so do `cairn list` and `cairn timeline` (a
-    job of server 0: its whole trace); the union is whole again once it is back."""
+    over them), saying what the answer lacks; so do `cairn list`, `cairn timeline` (a
+    job of server 0: its whole trace), `cairn state --at` and `cairn lineage`; the union
+    is whole again once it is back."""
     jobs = jobs_by_shard(2)
     with Gcs(log_servers=2) as gcs:  # (a head's embedded log on two servers)
         server = gcs.other_log_servers[0]
@@ -996,6 +998,19 @@ def test_audit_queries_answer_without_a_server_that_does_not_answer(tmp_path: Pa
             assert drawn.exit_code != 0 and "--without-server 1" in drawn.stderr
             drawn = CliRunner().invoke(main, [*timeline, "--without-server", "1"])
             assert drawn.exit_code == 0 and f"of job {jobs[0]}" in drawn.stdout  # (all of it)
+            now = datetime.now(UTC).isoformat()
+            at = ["state", "--at", now, "--gcs-url", gcs.url, "--json"]
+            then = CliRunner().invoke(main, at)
+            assert then.exit_code != 0 and "--without-server 1" in then.stderr
+            then = CliRunner().invoke(main, [*at, "--without-server", "1"])
+            assert then.exit_code == 0, then.output
+            tasks_then = sorted(t["task_id"] for t in json.loads(then.stdout)["tasks"])
+            assert tasks_then == [f"home-{n}" for n in range(3)]
+            unknown = ["lineage", "0" * 40, "--gcs-url", gcs.url]
+            traced = CliRunner().invoke(main, unknown)
+            assert traced.exit_code != 0 and "--without-server 1" in traced.stderr
+            traced = CliRunner().invoke(main, [*unknown, "--without-server", "1"])
+            assert traced.exit_code != 0 and "no object" in traced.stderr  # (read: not there)
         finally:
             server.start()
         code, whole_again, _ = sql(per_job)  # (the views left out were the session's alone)
