@@ -983,6 +983,17 @@ def test_audit_queries_answer_without_a_server_that_does_not_answer(tmp_path: Pa
             assert code == 0 and json.loads(tasks) == [{"n": 3}]  # (a view over the events)
             code, _, said = sql("--without-server", "2", per_job)
             assert code != 0 and "no server 2 to leave out" in said
+
+            async def twice_in_one_session() -> int:  # (the log's events, not its own view)
+                conn = await asyncpg.connect(gcs.url)
+                try:
+                    for _ in range(2):
+                        await conn.execute("SELECT cairn_log_union_without_v1('{1}')")
+                    return int(await conn.fetchval("SELECT count(*) FROM events"))
+                finally:
+                    await conn.close()
+
+            assert asyncio.run(twice_in_one_session()) == 3
             # the state CLI and a job's timeline read the union too
             listing = ["list", "tasks", "--gcs-url", gcs.url, "--format", "json"]
             listed = CliRunner().invoke(main, listing)

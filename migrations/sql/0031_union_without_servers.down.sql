@@ -57,3 +57,4 @@ END;
 $$;
 
 DROP FUNCTION cairn_log_views_v1();
+DROP FUNCTION cairn_log_union_events_v1(smallint[]);

@@ -45,27 +45,36 @@ BEGIN
 END;
 $$;
 
--- 0030's, its views from cairn_log_views_v1
+-- The statement of the union's `events`: this server's and every other server's
+-- (their foreign tables, log_server_<index>.events), but those of servers p_without.
+CREATE FUNCTION cairn_log_union_events_v1(p_without smallint[] DEFAULT '{}') RETURNS text
+LANGUAGE sql STABLE AS $$
+SELECT format('SELECT * FROM %I.events', n.nspname)
+       || coalesce((SELECT string_agg(format(' UNION ALL SELECT * FROM %I.events', o.nspname),
+                                      '' ORDER BY o.nspname)
+                      FROM pg_namespace o JOIN pg_class c ON c.relnamespace = o.oid
+                     WHERE o.nspname LIKE 'log\_server\_%' AND c.relname = 'events'
+                       AND c.relkind = 'f'
+                       AND NOT substr(o.nspname, length('log_server_') + 1)::smallint
+                               = ANY (p_without)), '')
+  FROM pg_class t JOIN pg_namespace n ON n.oid = t.relnamespace
+ WHERE t.oid = 'events'::regclass
+$$;
+
+-- 0030's, its events from cairn_log_union_events_v1, its views from cairn_log_views_v1
 CREATE OR REPLACE FUNCTION cairn_make_log_union_v1() RETURNS integer LANGUAGE plpgsql AS $$
 DECLARE
     v_home    name := (SELECT n.nspname FROM pg_class c
                          JOIN pg_namespace n ON n.oid = c.relnamespace
                         WHERE c.oid = 'events'::regclass);
-    v_others  text;
     v_view    record;
     v_made    integer := 0;
     v_grantee text;
 BEGIN
     PERFORM pg_advisory_xact_lock(7165064707736470273);  -- one maker at a time
-    SELECT string_agg(format(' UNION ALL SELECT * FROM %I.events', n.nspname), ''
-                      ORDER BY n.nspname)
-      INTO v_others
-      FROM pg_namespace n JOIN pg_class c ON c.relnamespace = n.oid
-     WHERE n.nspname LIKE 'log\_server\_%' AND c.relname = 'events' AND c.relkind = 'f';
     DROP SCHEMA IF EXISTS log_union CASCADE;
     CREATE SCHEMA log_union;
-    EXECUTE format('CREATE VIEW log_union.events AS SELECT * FROM %I.events%s',
-                   v_home, coalesce(v_others, ''));
+    EXECUTE format('CREATE VIEW log_union.events AS %s', cairn_log_union_events_v1());
     PERFORM set_config('search_path', format('log_union, %I, pg_temp', v_home), true);
     FOR v_view IN SELECT * FROM cairn_log_views_v1() LOOP
         EXECUTE format('CREATE VIEW log_union.%I AS %s', v_view.name, v_view.body);
@@ -92,7 +101,6 @@ DECLARE
                          JOIN pg_namespace n ON n.oid = c.relnamespace
                         WHERE c.oid = 'events'::regclass);
     v_servers smallint[];
-    v_others  text;
     v_view    record;
     v_made    integer := 1;
 BEGIN
@@ -105,15 +113,9 @@ BEGIN
               coalesce(array_to_string(v_servers, ', '), 'none (it lies on one server)')
               USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    SELECT string_agg(format(' UNION ALL SELECT * FROM %I.events', n.nspname), ''
-                      ORDER BY n.nspname)
-      INTO v_others
-      FROM pg_namespace n JOIN pg_class c ON c.relnamespace = n.oid
-     WHERE n.nspname LIKE 'log\_server\_%' AND c.relname = 'events' AND c.relkind = 'f'
-       AND NOT substr(n.nspname, length('log_server_') + 1)::smallint = ANY (p_servers);
     PERFORM set_config('search_path', format('pg_temp, %I', v_home), true);
-    EXECUTE format('CREATE OR REPLACE TEMPORARY VIEW events AS SELECT * FROM %I.events%s',
-                   v_home, coalesce(v_others, ''));
+    EXECUTE format('CREATE OR REPLACE TEMPORARY VIEW events AS %s',
+                   cairn_log_union_events_v1(p_servers));
     FOR v_view IN SELECT * FROM cairn_log_views_v1() LOOP
         EXECUTE format('CREATE OR REPLACE TEMPORARY VIEW %I AS %s', v_view.name, v_view.body);
         v_made := v_made + 1;
@@ -130,6 +132,11 @@ DECLARE
 BEGIN
     -- (the definitions as the log's schema reads them: its names unqualified)
     EXECUTE format('ALTER FUNCTION cairn_log_views_v1() SET search_path = %s', v_path);
+    -- (the log's `events`, never a session's temporary one of the same name: pg_temp last)
+    EXECUTE format('ALTER FUNCTION cairn_log_union_events_v1(smallint[]) SET search_path = %s',
+                   v_path);
+    EXECUTE format('ALTER FUNCTION cairn_log_union_without_v1(smallint[]) SET search_path = %s',
+                   v_path);
     REVOKE EXECUTE ON FUNCTION cairn_log_union_without_v1(smallint[]) FROM PUBLIC;
     IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'cairn_audit') THEN
         GRANT EXECUTE ON FUNCTION cairn_log_union_without_v1(smallint[]) TO cairn_audit;
