@@ -15,9 +15,8 @@ from controlplane.cli_job import job
 from controlplane.cli_logs import logs_command
 from controlplane.cli_options import (
     gcs_url_option,
+    reading_the_log,
     require_url,
-    say_left_out,
-    server_away_error,
     without_server_option,
 )
 from controlplane.cli_start import start, stop
@@ -191,19 +190,12 @@ def sql(
     views and has worked examples."""
     import asyncio
 
-    import asyncpg
-
     from controlplane.readonly_sql import run_readonly
     from controlplane.sql_output import render
 
     url = resolve_gcs_url(gcs_url) or _running_cluster_url()
-    try:
+    with reading_the_log(without, failed="the statement failed: "):
         columns, rows = asyncio.run(run_readonly(url, statement, params, without=without))
-    except asyncpg.PostgresError as exc:
-        raise server_away_error(exc) or click.ClickException(
-            f"the statement failed: {exc}"
-        ) from None
-    say_left_out(without)
     click.echo(render(columns, rows, output), nl=False)
 
 
@@ -243,18 +235,13 @@ def lineage(object_id: str, gcs_url: str | None, as_json: bool, without: tuple[i
     import asyncio
     import json
 
-    import asyncpg
-
     from controlplane.lineage_tree import object_lineage, render_tree
 
     url = resolve_gcs_url(gcs_url) or _running_cluster_url()
-    try:
+    with reading_the_log(without):
         tree = asyncio.run(object_lineage(url, object_id, without=without))
-    except asyncpg.PostgresError as exc:
-        raise server_away_error(exc) or click.ClickException(str(exc)) from None
     if tree is None:
         raise click.BadParameter(f"no object {object_id!r} in the log", param_hint="OBJECT_ID")
-    say_left_out(without)
     click.echo(json.dumps(tree, indent=2, default=str) if as_json else render_tree(tree))
 
 
@@ -268,8 +255,6 @@ def state(at: str, gcs_url: str | None, as_json: bool, without: tuple[int, ...])
     or the last position recorded by a time), from the log alone."""
     import json
 
-    import asyncpg
-
     from controlplane.state_at import OutOfRangeError, parse_point, render, state_at
 
     try:
@@ -279,14 +264,12 @@ def state(at: str, gcs_url: str | None, as_json: bool, without: tuple[int, ...])
     url = resolve_gcs_url(gcs_url) or _running_cluster_url()
     position, timestamp = (point, None) if isinstance(point, int) else (None, point)
     try:
-        result = state_at(
-            url, position=position, timestamp=timestamp, all_tasks=as_json, without=without
-        )
+        with reading_the_log(without):
+            result = state_at(
+                url, position=position, timestamp=timestamp, all_tasks=as_json, without=without
+            )
     except OutOfRangeError as exc:
         raise click.BadParameter(str(exc), param_hint="--at") from None
-    except asyncpg.PostgresError as exc:
-        raise server_away_error(exc) or click.ClickException(str(exc)) from None
-    say_left_out(without)
     click.echo(json.dumps(result, indent=2, default=str) if as_json else render(result))
 
 
@@ -308,18 +291,14 @@ def timeline(job_id: str, output: Path, gcs_url: str | None, without: tuple[int,
     is whole."""
     import asyncio
 
-    import asyncpg
-
     from controlplane.timeline import UnknownJobError, job_trace
 
     url = resolve_gcs_url(gcs_url) or _running_cluster_url()
     try:
-        trace = asyncio.run(job_trace(url, job_id, without=without))
+        with reading_the_log(without):
+            trace = asyncio.run(job_trace(url, job_id, without=without))
     except UnknownJobError as exc:
         raise click.BadParameter(str(exc), param_hint="JOB_ID") from None
-    except asyncpg.PostgresError as exc:
-        raise server_away_error(exc) or click.ClickException(str(exc)) from None
-    say_left_out(without)
     output.write_text(json.dumps(trace, default=str))
     spans = trace["otherData"]["task_attempts"]
     click.echo(f"wrote {spans} task attempts of job {job_id} to {output}")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import click
 
 from controlplane.gcs_url import ENV_VAR, resolve_gcs_url
@@ -50,6 +53,20 @@ def say_left_out(without: tuple[int, ...]) -> None:
             "they hold are not in this answer)",
             err=True,
         )
+
+
+@contextlib.contextmanager
+def reading_the_log(without: tuple[int, ...], failed: str = "") -> Iterator[None]:
+    """Around a command's read of the whole log: a PostgreSQL error becomes the
+    command's error (``failed`` before its text), naming a server that does not answer
+    and the way on; a read without some servers says what its answer lacks."""
+    import asyncpg
+
+    try:
+        yield
+    except asyncpg.PostgresError as exc:
+        raise server_away_error(exc) or click.ClickException(f"{failed}{exc}") from None
+    say_left_out(without)
 
 
 def require_url(url: str | None) -> str:
