@@ -14,6 +14,13 @@
   the same for itself (``LivenessPinger.leave``). A node declared dead is fenced: its
   next ping finds no live row and its daemon stops; a restarted daemon registers under
   a new id.
+- **Bound** (a log on several servers): each ping also renews the node's bound, the
+  position its appends to the other servers stay below (``BOUND_AHEAD`` past its clock
+  and server 0's heads; migrations/sql/0032_append_bounds.up.sql). A node is fenced on
+  every server before its ``dead`` event; on a server that does not answer then, the
+  fence is owed (placed once it answers: ``place_owed_fences``) and the ``dead`` event
+  goes past the node's last bound instead, which its pings, refused from then on, no
+  longer renew: so a node's death waits for no server but server 0.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ import asyncpg
 from controlplane.errors import GcsIdentityError
 from controlplane.eventlog import EVERY_NODE, EntityKind, Event, RecordedEvent
 from controlplane.eventlog.appender import append_on
-from controlplane.eventlog.clock import PROCESS_CLOCK, LogClock
+from controlplane.eventlog.clock import PROCESS_CLOCK, AppendBound, LogClock, node_bound
 from controlplane.eventlog.connection import (
     DEFAULT_CONNECT_TIMEOUT_S,
     connect,
@@ -50,6 +57,14 @@ HEARTBEAT_MIN_INTERVAL_S = 1.0
 DEAD_AFTER_ENV_VAR = "CAIRN_NODE_DEAD_AFTER_S"
 DEFAULT_DEAD_AFTER_S = 1.5
 LEAVE_TIMEOUT_S = 5.0
+# How far past its clock a node's bound is renewed at each ping: more positions than the
+# log hands out between two pings (a million in 0.25 s), so a live node's appends are not
+# held back by it; a death declared past a bound puts the log that much further on.
+BOUND_AHEAD = 1 << 20
+# How often the monitor tries again to place the fences owed on servers that were away,
+# and how long it waits for each such server to answer.
+OWED_FENCES_INTERVAL_S = 2.0
+OWED_FENCE_CONNECT_TIMEOUT_S = 1.0
 
 
 def dead_after_s() -> float:
@@ -81,16 +96,36 @@ def _dropped(conn: asyncpg.Connection | None) -> None:
 class LivenessPinger:
     """A node daemon's pings; ``on_fenced`` is called if the node was declared dead."""
 
-    def __init__(self, url: str, node_id: str, address: str, on_fenced: Callable[[], None]):
+    def __init__(
+        self,
+        url: str,
+        node_id: str,
+        address: str,
+        on_fenced: Callable[[], None],
+        *,
+        clock: LogClock = PROCESS_CLOCK,
+        bound: AppendBound | None = None,
+    ):
+        """``clock``: the node's (its bound is renewed past it); ``bound``: where its
+        appenders find the bound (``clock.node_bound``, but in tests)."""
         self.url = url
         self.node_id = node_id
         self.address = address
         self.on_fenced = on_fenced
+        self.clock = clock
+        self.bound = bound if bound is not None else node_bound(node_id)
         self._conn: asyncpg.Connection | None = None
 
     async def register(self) -> None:
         self._conn = await connect(self.url)
-        await self._conn.execute(queries["register_liveness"], self.node_id, self.address)
+        below = await self._conn.fetchval(
+            queries["register_liveness"],
+            self.node_id,
+            self.address,
+            self.clock.position,
+            BOUND_AHEAD,
+        )
+        self.bound.renewed(int(below))
 
     async def run(self) -> None:
         while True:
@@ -98,17 +133,20 @@ class LivenessPinger:
             try:
                 if self._conn is None or self._conn.is_closed():
                     self._conn = await connect(self.url)
-                alive = await self._conn.fetchval(queries["ping_liveness"], self.node_id)
+                below = await self._conn.fetchval(
+                    queries["ping_liveness"], self.node_id, self.clock.position, BOUND_AHEAD
+                )
             except Exception as exc:  # the GCS is away: keep trying, the monitor decides
                 if not _connection_lost(exc, self._conn):
                     raise
                 _dropped(self._conn)
                 self._conn = None
                 continue
-            if alive is None:
+            if below is None:
                 log.error("node %s was declared dead by the cluster; stopping", self.node_id)
                 self.on_fenced()
                 return
+            self.bound.renewed(int(below))
 
     async def leave(self, dead: Event) -> bool:
         """A clean stop (pings stopped): ends the node's liveness and appends its
@@ -154,6 +192,7 @@ class MembershipMonitor:
         which resume by themselves, are judged and not the outage."""
         outage = False
         resume_at = 0.0
+        owed_at = 0.0
         while True:
             await asyncio.sleep(PING_INTERVAL_S)
             try:
@@ -163,11 +202,44 @@ class MembershipMonitor:
                     resume_at = time.monotonic() + self.dead_after + DEFAULT_CONNECT_TIMEOUT_S
                 if time.monotonic() >= resume_at:
                     await self.check_once()
+                if time.monotonic() >= owed_at:
+                    owed_at = time.monotonic() + OWED_FENCES_INTERVAL_S
+                    await self.place_owed_fences()
             except Exception as exc:
                 if not _connection_lost(exc, self._conn):
                     raise
                 _dropped(self._conn)
                 self._conn, outage = None, True
+
+    async def place_owed_fences(self) -> list[tuple[str, int]]:
+        """Places the fences owed on servers that did not answer when their nodes were
+        declared dead, on those that answer now; returns those placed, (node, server).
+        A server still away is tried once a round, for ``OWED_FENCE_CONNECT_TIMEOUT_S``
+        at most (the checks wait meanwhile)."""
+        if self._conn is None or self._conn.is_closed():
+            self._conn = await connect(self.url)
+        conn = self._conn
+        owed = await conn.fetch(queries["fences_owed"])
+        if not owed:
+            return []
+        urls = await log_urls(self.url)
+        placed: list[tuple[str, int]] = []
+        away: set[int] = set()
+        for row in owed:
+            node_id, server = row["node_id"], row["server_index"]
+            if server in away or await fence_node(
+                [urls[server]],
+                node_id,
+                LogClock(),
+                away_ok=True,
+                timeout=OWED_FENCE_CONNECT_TIMEOUT_S,
+            ):
+                away.add(server)
+                continue
+            await conn.execute(queries["fence_placed"], node_id, server)
+            log.info("node %s is now fenced on the log's server %d too", node_id, server)
+            placed.append((node_id, server))
+        return placed
 
     async def check_once(self) -> list[str]:
         """Declares the nodes silent for ``dead_after`` seconds dead; returns their ids."""
@@ -177,6 +249,9 @@ class MembershipMonitor:
         async with conn.transaction():
             stale = await conn.fetch(queries["declare_stale_nodes_dead"], self.dead_after)
             if stale:
+                floor, owed = await fenced_everywhere(
+                    self.url, {row["node_id"]: row["appends_below"] for row in stale}
+                )
                 deaths = [
                     Event(
                         EntityKind.NODE,
@@ -188,12 +263,13 @@ class MembershipMonitor:
                                 f"{self.dead_after:g}s (last at {row['last_ping']})"
                             ),
                             "to_node": EVERY_NODE,
+                            **_owed_on(owed, row["node_id"]),
                         },
                         node_id=row["node_id"],
                     )
                     for row in stale
                 ]
-                floor = await fenced_everywhere(self.url, [row["node_id"] for row in stale])
+                await _owe(conn, owed)
                 await append_on(conn, deaths + await _jobs_failed_with(conn, stale), floor=floor)
         for row in stale:
             log.warning("node %s declared dead (missed heartbeats)", row["node_id"])
@@ -205,18 +281,46 @@ class MembershipMonitor:
                 await self._conn.close(timeout=2)
 
 
-async def fenced_everywhere(url: str, node_ids: list[str]) -> int | None:
-    """Fences nodes declared dead on the log's other servers (server 0 fences them with
-    their liveness rows), before their ``dead`` events: None on a log of one server,
-    else the position those events must go past (every event the nodes got in, on any
-    server, is below it: ``servers.fence_node``)."""
+async def fenced_everywhere(
+    url: str, bounds: dict[str, int | None]
+) -> tuple[int | None, list[tuple[str, int]]]:
+    """Fences nodes declared dead (each with its bound, None if it never had one) on the
+    log's other servers (server 0 fences them with their liveness rows), before their
+    ``dead`` events. Returns the position those events must go past (None on a log of
+    one server): every event the nodes got in, on any server, is below it -- on a server
+    fenced now, by ``servers.fence_node``; on one that did not answer, by the node's
+    bound, which that server holds its appends below -- and the fences owed, (node,
+    server index), for ``place_owed_fences``. A node with no bound waits for every
+    server (GcsUnavailableError while one does not answer)."""
     others = (await log_urls(url))[1:]
     if not others:
-        return None
+        return None, []
     clock = LogClock()
-    for node_id in node_ids:
-        await fence_node(others, node_id, clock)
-    return clock.position
+    owed: list[tuple[str, int]] = []
+    for node_id, below in bounds.items():
+        away = await fence_node(others, node_id, clock, away_ok=below is not None)
+        if away and below is not None:
+            clock.saw(below)
+            owed += [(node_id, index + 1) for index in away]
+    return clock.position, owed
+
+
+def _owed_on(owed: list[tuple[str, int]], node_id: str) -> dict[str, list[int]]:
+    """The ``fence_owed_on`` of a node's ``dead`` event, if any fence of it is owed."""
+    servers = [server for node, server in owed if node == node_id]
+    return {"fence_owed_on": servers} if servers else {}
+
+
+async def _owe(conn: asyncpg.Connection, owed: list[tuple[str, int]]) -> None:
+    for node_id, server in owed:
+        await conn.execute(queries["owe_fence"], node_id, server)
+        log.warning(
+            "node %s is declared dead without its fence on the log's server %d, which does "
+            "not answer: its appends there stay below its bound; the fence is placed once "
+            "the server answers",
+            node_id,
+            server,
+        )
 
 
 async def _jobs_failed_with(conn: asyncpg.Connection, stale: list[Any]) -> list[Event]:
@@ -288,13 +392,13 @@ async def declare_restarted(url: str, node_id: str) -> bool:
     conn = await connect(url)
     try:
         async with conn.transaction():
-            if await conn.fetchval(queries["declare_node_restarted"], node_id) is None:
+            row = await conn.fetchrow(queries["declare_node_restarted"], node_id)
+            if row is None:
                 return False
-            floor = await fenced_everywhere(url, [node_id])
-            dead = Event(
-                EntityKind.NODE, node_id, "dead", {"cause": RESTARTED_CAUSE, "to_node": EVERY_NODE}
-            )
-            await append_on(conn, [dead], floor=floor)
+            floor, owed = await fenced_everywhere(url, {node_id: row["appends_below"]})
+            payload = {"cause": RESTARTED_CAUSE, "to_node": EVERY_NODE, **_owed_on(owed, node_id)}
+            await _owe(conn, owed)
+            await append_on(conn, [Event(EntityKind.NODE, node_id, "dead", payload)], floor=floor)
         return True
     finally:
         await conn.close()

@@ -303,6 +303,19 @@ class ObjectTable:
             freed += location.size
         return chosen if freed >= needed or partial else []
 
+    def becoming_spillable(self, busy: set[str]) -> bool:
+        """Whether a value in the store that no pending task uses waits for its events
+        to be durable: ready soon, and a spill candidate then."""
+        return any(
+            entry.location is None
+            and entry.pending is not None
+            and entry.pending.region is not None
+            and entry.pending.error is None
+            and entry.pins == 0
+            and oid not in busy
+            for oid, entry in self._entries.items()
+        )
+
     def is_wanted(self, object_id: str) -> bool:
         """Whether something here waits for the object."""
         entry = self._entries.get(object_id)

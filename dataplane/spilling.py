@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,10 @@ from dataplane.store_memory import StoreMemory
 log = logging.getLogger("cairn.node")
 # how often a spilled object that could not be restored for a failed spill is tried again
 RESTORE_RETRY_S = 1.0
+# a full store whose only spill candidates are values whose events are on their way to
+# the log (a put just made) waits for them this long at most, looking this often
+BECOMING_READY_WAIT_S = 10.0
+BECOMING_READY_POLL_S = 0.005
 
 
 class Spiller:
@@ -77,7 +82,11 @@ class Spiller:
         None if even spilling everything spillable would not make room, or if a spill
         failed (``store_full`` says why). A failed spill ends the attempt: retrying it
         at once would spin on a full disk; the next request tries again, so work
-        spills again as soon as space is freed."""
+        spills again as soon as space is freed. Values whose events are still on their
+        way to the log (puts just made: ready, and spillable, once they are durable) are
+        waited for, up to ``BECOMING_READY_WAIT_S``: a writer faster than the log's
+        commits is not refused for them."""
+        waited_since: float | None = None
         while (where := self._memory.take(size)) is None:
             # full: the overflow goes; not full, but no free range is that large
             # (fragmented): the oldest objects go, one by one, until one is
@@ -87,6 +96,14 @@ class Spiller:
             else:  # the oldest goes, one at a time, until a range is large enough
                 victims = self._objects.spill_candidates(size, self._spilling, partial=True)[:1]
             if not victims:
+                now = time.monotonic()
+                waited_since = now if waited_since is None else waited_since
+                if (
+                    self._objects.becoming_spillable(self._spilling)
+                    and now - waited_since < BECOMING_READY_WAIT_S
+                ):
+                    await asyncio.sleep(BECOMING_READY_POLL_S)
+                    continue
                 self._failure = None
                 return None
             # taken now, before the copies start: another make_room running meanwhile

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import os
+import re
 import secrets
 import stat
 import subprocess
@@ -26,6 +27,7 @@ from controlplane.embedded_postgres import RUNTIME_ROLE, owner_url
 from controlplane.eventlog import EntityKind, Event, EventAppender, Tailer
 from controlplane.eventlog.partitions import PartitionManager
 from controlplane.gcs import Gcs
+from controlplane.membership import BOUND_AHEAD
 from controlplane.postgres_install import wheel_install_dir
 from controlplane.readonly_sql import AUDIT_ROLE, WriteRefusedError, run_readonly
 from controlplane.sql import queries
@@ -208,14 +210,17 @@ def test_the_runtime_role_appends_rolls_partitions_over_and_reads(gcs_url: str) 
         conn = await psycopg.AsyncConnection.connect(runtime, autocommit=True)
         async with conn:
             for name, args in [
-                ("register_liveness", ("node-1", "127.0.0.1:1")),
-                ("ping_liveness", ("node-1",)),
+                ("register_liveness", ("node-1", "127.0.0.1:1", 0, BOUND_AHEAD)),
+                ("ping_liveness", ("node-1", 0, BOUND_AHEAD)),
+                ("owe_fence", ("node-1", 1)),
+                ("fences_owed", ()),
+                ("fence_placed", ("node-1", 1)),
                 ("declare_node_gone", ("node-1",)),
                 ("ensure_subscription", ("scheduler",)),
                 ("save_subscription_position", ("scheduler", [180])),
                 ("save_checkpoint", ("scheduler", [180], b"state")),
             ]:
-                await conn.execute(_psycopg(queries[name]), args)
+                await conn.execute(_psycopg(queries[name]), _numbered(args))
         return seen
 
     assert asyncio.run(read_and_keep_rows()) == list(range(1, 181))
@@ -233,10 +238,13 @@ def test_the_runtime_role_appends_rolls_partitions_over_and_reads(gcs_url: str) 
 
 
 def _psycopg(query: str) -> str:
-    """A named query's ``$n`` placeholders in psycopg's ``%s`` form (in order)."""
-    for n in range(9, 0, -1):
-        query = query.replace(f"${n}", "%s")
-    return query
+    """A named query's ``$n`` placeholders in psycopg's form: ``%(n)s``, for a dict of
+    the arguments by number (``_numbered``), whatever order they appear in."""
+    return re.sub(r"\$(\d+)", r"%(\1)s", query)
+
+
+def _numbered(args: tuple[object, ...]) -> dict[str, object]:
+    return {str(n): arg for n, arg in enumerate(args, start=1)}
 
 
 def test_the_migration_takes_its_grants_back_on_the_way_down(empty_db_url: str) -> None:

@@ -682,7 +682,8 @@ def test_losing_one_server_of_two_stops_only_the_jobs_it_holds(two_hosts: Hosts)
     down for longer than a process rides out an outage. The nodes' daemons, the global
     scheduler and the projector read server 0's events on without it, a node joins
     meanwhile (host b), and a job whose shard is on server 0, driven there, runs tasks
-    that cross to the head's node."""
+    that cross to the head's node. Then host b crashes, server 1 still away: its node is
+    declared dead all the same (migration 0032), its fence there owed."""
     a, b = two_hosts
     env = {
         "CAIRN_AUTH_TOKEN": "away-test-" + secrets.token_urlsafe(16),
@@ -725,6 +726,17 @@ def test_losing_one_server_of_two_stops_only_the_jobs_it_holds(two_hosts: Hosts)
         status = a.cairn("status", env=env).stdout
         assert "2 nodes alive, 0 dead" in status, status
         assert 'could not connect to server "cairn_log_server_1"' in status, status
+        b.kill_processes()  # (host b crashes: its node stops pinging, server 1 still away)
+        _wait(
+            lambda: "1 nodes alive, 1 dead" in a.cairn("status", env=env).stdout,
+            "host b's node declared dead while server 1 is away",
+        )
+        owed = (
+            "SELECT payload->>'fence_owed_on' AS owed FROM events"
+            " WHERE entity_kind = 'node' AND event_type = 'dead'"
+        )
+        dead = a.cairn("sql", "--without-server", "1", "--format", "json", owed, env=env)
+        assert json.loads(dead.stdout) == [{"owed": "[1]"}], dead.stdout + dead.stderr
     finally:
         b.cairn("stop", check=False)
         a.cairn("stop", check=False)

@@ -33,7 +33,7 @@ from controlplane.cli import main
 from controlplane.embedded_postgres import EmbeddedPostgres
 from controlplane.errors import GcsError, InvalidEventError, NodeFencedError
 from controlplane.eventlog import EntityKind, Event, EventAppender
-from controlplane.eventlog.clock import LogClock
+from controlplane.eventlog.clock import AppendBound, LogClock
 from controlplane.eventlog.partitions import PartitionManager, read_parquet_archive
 from controlplane.eventlog.servers import (
     ServersAppender,
@@ -50,8 +50,10 @@ from controlplane.eventlog.servers import (
 from controlplane.gcs import Gcs, check_log_servers
 from controlplane.gcs_url import hosts, with_login
 from controlplane.log_servers import address_of, place_log
+from controlplane.membership import BOUND_AHEAD, MembershipMonitor
 from controlplane.node import rpc
 from controlplane.readonly_sql import run_readonly
+from controlplane.sql import queries
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -1053,3 +1055,75 @@ async def test_a_merged_reader_opened_while_server_0_restarts_starts_once_it_is_
         async with await open_appender(gcs.url) as writer:
             await writer.append_many([task(jobs[0], "on-0"), task(jobs[1], "on-1")])
         assert await asyncio.wait_for(opening, 60) == ["on-0", "on-1"]
+
+
+# -- a node's death while a server is away (migrations/sql/0032_append_bounds.up.sql) ------
+
+
+async def test_a_nodes_appends_to_another_server_stay_below_its_bound(servers: list[str]) -> None:
+    """A writer node's append to server 1 that would pass its bound is refused there,
+    nothing stored, and waits until the bound is renewed past it (its clock moved past
+    what it reached, as the next ping's bound will)."""
+    jobs = jobs_by_shard()  # (shards 1 and 3 on server 1)
+    bound = AppendBound(max(await servers_head_positions(servers)))
+    async with ServersAppender(servers, writer_node="n1", bound=bound) as node:
+        held = asyncio.ensure_future(node.append(task(jobs[1], "held")))
+        await asyncio.sleep(0.5)
+        assert not held.done()
+        assert await fetch_rows(servers[1], "SELECT 1 FROM events WHERE entity_id = 'held'") == []
+        reached = node.clock.position  # (moved past what the refused append reached)
+        assert bound.position is not None and reached >= bound.position
+        bound.renewed(reached + BOUND_AHEAD)
+        position = await asyncio.wait_for(held, 10)
+        assert bound.position is not None and reached < position < bound.position
+    stored = await fetch_rows(servers[1], "SELECT position FROM events WHERE entity_id = 'held'")
+    assert [r["position"] for r in stored] == [position]
+
+
+async def test_a_node_is_declared_dead_while_a_server_is_away_past_what_it_got_in_there() -> None:
+    """A node goes silent while server 1 of two does not answer: the monitor declares it
+    dead at once (before, it waited for server 1), its `dead` event past the node's
+    bound and naming the fence owed on server 1. The node's appends to server 1 until
+    that fence is placed lie below its `dead` event; once server 1 answers the fence is
+    placed, and they are refused there too."""
+    jobs = jobs_by_shard(2)  # (shard s on server s)
+    with Gcs(log_servers=2) as gcs:
+        server = gcs.other_log_servers[0]
+        urls = await log_urls(gcs.url)
+        clock, bound = LogClock(), AppendBound()
+        conn = await asyncpg.connect(gcs.url)
+        try:
+            below = await conn.fetchval(
+                queries["register_liveness"], "n-gone", "127.0.0.1:1", 0, BOUND_AHEAD
+            )
+        finally:
+            await conn.close()
+        bound.renewed(below)
+        async with ServersAppender(urls, clock=clock, writer_node="n-gone", bound=bound) as node:
+            await node.append_many([task(jobs[0], "t-0"), task(jobs[1], "t-1")])
+            server.stop(keep_data=True)
+            monitor = MembershipMonitor(gcs.url, dead_after=0.3)
+            await asyncio.sleep(0.5)
+            assert await asyncio.wait_for(monitor.check_once(), 20) == ["n-gone"]
+            [dead] = await fetch_rows(
+                gcs.url,
+                "SELECT position, payload FROM events WHERE entity_kind = 'node' "
+                "AND event_type = 'dead' AND entity_id = 'n-gone'",
+            )
+            assert dead["position"] > below
+            assert json.loads(dead["payload"])["fence_owed_on"] == [1]
+            owed = await fetch_rows(gcs.url, "SELECT node_id, server_index FROM node_fences_owed")
+            assert [(r["node_id"], r["server_index"]) for r in owed] == [("n-gone", 1)]
+            assert await monitor.place_owed_fences() == []  # (still away)
+            server.start()
+            late = await asyncio.wait_for(node.append(task(jobs[1], "late-1")), 30)
+            assert late < dead["position"]  # (before its death, as the fold reads it)
+            assert await monitor.place_owed_fences() == [("n-gone", 1)]
+            await monitor.close()
+            assert await fetch_rows(gcs.url, "SELECT 1 FROM node_fences_owed") == []
+            with pytest.raises(NodeFencedError):
+                await asyncio.wait_for(node.append(task(jobs[1], "after-1")), 30)
+            with pytest.raises(NodeFencedError):
+                await asyncio.wait_for(node.append(task(jobs[0], "after-0")), 30)
+        on_one = await fetch_rows(urls[1], "SELECT entity_id FROM events ORDER BY position")
+        assert [r["entity_id"] for r in on_one] == ["t-1", "late-1"]

@@ -14,8 +14,9 @@ import pytest
 
 from controlplane.errors import NodeFencedError
 from controlplane.eventlog import EntityKind, Event, EventAppender, Tailer
+from controlplane.eventlog.clock import AppendBound, LogClock
 from controlplane.eventlog.connection import DEFAULT_CONNECT_TIMEOUT_S
-from controlplane.membership import LivenessPinger, MembershipMonitor, cluster_nodes
+from controlplane.membership import BOUND_AHEAD, LivenessPinger, MembershipMonitor, cluster_nodes
 from controlplane.sql import queries
 
 pytestmark = pytest.mark.timeout(60)
@@ -34,7 +35,7 @@ async def _register(url: str, node_id: str) -> None:
         )
     conn = await asyncpg.connect(url)
     try:
-        await conn.execute(queries["register_liveness"], node_id, "127.0.0.1:1")
+        await conn.execute(queries["register_liveness"], node_id, "127.0.0.1:1", 0, BOUND_AHEAD)
     finally:
         await conn.close()
 
@@ -96,17 +97,27 @@ async def test_many_monitors_log_one_death(gcs_url: str) -> None:
 
 
 async def test_a_node_declared_dead_is_fenced(gcs_url: str) -> None:
+    """...and its bound (migration 0032), renewed by each ping past the node's clock,
+    is renewed no more."""
     fenced = asyncio.Event()
-    pinger = LivenessPinger(gcs_url, "n-paused", "127.0.0.1:1", fenced.set)
+    clock, bound = LogClock(), AppendBound()
+    pinger = LivenessPinger(
+        gcs_url, "n-paused", "127.0.0.1:1", fenced.set, clock=clock, bound=bound
+    )
     await pinger.register()
+    assert bound.position is not None and bound.position >= BOUND_AHEAD
+    clock.saw(10**12)
     run = asyncio.create_task(pinger.run())
     try:
         await _pings(gcs_url, "n-paused", 2)  # the first one answered: it goes on
         assert not fenced.is_set() and not run.done()  # pinging: alive
+        assert bound.position == 10**12 + BOUND_AHEAD
         await _silence(gcs_url, "n-paused", 10)  # as if it had been paused
         assert await MembershipMonitor(gcs_url, dead_after=5).check_once() == ["n-paused"]
+        clock.saw(2 * 10**12)
         await asyncio.wait_for(fenced.wait(), 5)
         await asyncio.wait_for(run, 5)  # and it stops pinging
+        assert bound.position == 10**12 + BOUND_AHEAD
         # declared dead already: leaving logs no second death
         assert not await pinger.leave(_dead("n-paused"))
     finally:

@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import json
 import signal
+import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -224,6 +225,45 @@ async def test_two_reservations_at_once_never_spill_the_same_object_twice(
         assert sorted(records) == [("spilled", "a"), ("spilled", "b")]  # each once
         for name in ("a", "b"):  # and each copy is there, whole
             assert (tmp_path / "spill" / name).stat().st_size == sizes[name]
+    finally:
+        await asyncio.gather(*tasks, return_exceptions=True)
+        _forget(prefix)
+
+
+async def test_a_full_store_waits_for_puts_whose_events_are_on_their_way(
+    tmp_path: Path,
+) -> None:
+    """The store is full of one value being read (pinned) and puts whose `created`
+    events are not durable yet: a reservation waits until they are ready, then spills
+    them, rather than say the store is full (it did, on a VM whose log's commits lagged
+    the puts); with only pinned values in it, it is refused at once."""
+    prefix = f"parts-{uuid.uuid4().hex}"
+    records: list[tuple[str, str]] = []
+    tasks: set[asyncio.Task[None]] = set()
+    objects = ObjectTable(3 * MB, on_free=lambda _location: None)
+    memory = StoreMemory(prefix, objects)
+    spiller = _spiller(tmp_path, memory, records, tasks, [])
+    try:
+        size = _store(memory, "r")
+        objects.pin("r")  # (a reader's view)
+        made = {name: _write(memory, name) for name in ("b", "c")}
+        for name, location in made.items():  # put: events on their way to the log
+            objects.expect(name, location)
+            objects.hold(name)
+        assert not objects.spill_candidates(size, set(), partial=True)
+        reserving = asyncio.ensure_future(spiller.make_room(size))
+        await asyncio.sleep(0.2)
+        assert not reserving.done()
+        objects.ready(made["b"])  # (its event durable)
+        room = await asyncio.wait_for(reserving, 10)
+        assert room is not None and records == [("spilled", "b")]
+        memory.give_back(*room, size)
+        objects.ready(made["c"])
+        objects.pin("c")
+        need = objects.capacity - objects.used + 1  # only pinned values are left to spill
+        started = time.monotonic()
+        assert await spiller.make_room(need) is None
+        assert time.monotonic() - started < 1  # (nothing on its way: refused at once)
     finally:
         await asyncio.gather(*tasks, return_exceptions=True)
         _forget(prefix)

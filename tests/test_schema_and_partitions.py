@@ -68,24 +68,27 @@ def test_the_logs_appends_run_on_generic_plans_and_reads_are_planned_per_call(
 ) -> None:
     """Migration 0025: without it, each append planned its statements over every
     partition again (see its header); 0027 takes the reader back off it (a generic plan
-    made while the hot partition was new scanned its primary key); down to 0024, none."""
-    appends = {
-        "cairn_append_v2",
-        "cairn_append_fenced_v2",
-        "cairn_append_after_v1",
-        "cairn_append_fenced_after_v1",
-    }
-    everything = appends | {"cairn_read_events_v1"}
+    made while the hot partition was new scanned its primary key); down to 0024, none.
+    (0032 replaces the fenced append of a log on several servers by one with a bound.)"""
+    appends = {"cairn_append_v2", "cairn_append_fenced_v2", "cairn_append_after_v1"}
+    at_head = appends | {"cairn_append_fenced_after_v2"}
+    before_bounds = appends | {"cairn_append_fenced_after_v1"}
+    everything = at_head | before_bounds | {"cairn_read_events_v1"}
     query = (
         "SELECT proname FROM pg_proc WHERE proname = ANY (%s) "
         "AND 'plan_cache_mode=force_generic_plan' = ANY (proconfig)"
     )
     schema.upgrade(empty_db_url)
     with psycopg.connect(empty_db_url) as conn:
-        assert {r[0] for r in conn.execute(query, (list(everything),))} == appends
+        assert {r[0] for r in conn.execute(query, (list(everything),))} == at_head
+    schema.downgrade(empty_db_url, "0031_union_without_servers")
+    with psycopg.connect(empty_db_url) as conn:
+        assert {r[0] for r in conn.execute(query, (list(everything),))} == before_bounds
     schema.downgrade(empty_db_url, "0026_submission_index_predicate")
     with psycopg.connect(empty_db_url) as conn:
-        assert {r[0] for r in conn.execute(query, (list(everything),))} == everything
+        assert {r[0] for r in conn.execute(query, (list(everything),))} == (
+            before_bounds | {"cairn_read_events_v1"}
+        )
     schema.downgrade(empty_db_url, "0024_reads_after_heads")
     with psycopg.connect(empty_db_url) as conn:
         assert {r[0] for r in conn.execute(query, (list(everything),))} == set()

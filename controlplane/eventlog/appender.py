@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import time
@@ -35,7 +36,7 @@ from controlplane.errors import (
 )
 from controlplane.eventlog import fencing
 from controlplane.eventlog.catalog import encode_payload
-from controlplane.eventlog.clock import LogClock
+from controlplane.eventlog.clock import AppendBound, LogClock
 from controlplane.eventlog.connection import (
     DEFAULT_CONNECT_TIMEOUT_S,
     connect,
@@ -53,6 +54,21 @@ DEFAULT_MAX_BATCH = 1000
 # ``below_backlog``): written-behind events must not pile up faster than they commit
 DEFAULT_MAX_BACKLOG = 4000
 log = logging.getLogger("cairn.eventlog")
+
+# A writer node's append past its bound (migrations/sql/0032_append_bounds.up.sql); how
+# often a writer that waits for the bound's renewal looks (its pings renew it every
+# ``membership.PING_INTERVAL_S``).
+PAST_BOUND_SQLSTATE = "CN001"
+BOUND_RENEWAL_POLL_S = 0.05
+
+
+class PastBoundError(GcsError):
+    """A writer node's append to a server other than server 0 would have passed its
+    bound: nothing stored; ``reached``, the highest position it would have taken."""
+
+    def __init__(self, message: str, reached: int) -> None:
+        super().__init__(message)
+        self.reached = reached
 
 
 @dataclass(slots=True)
@@ -76,6 +92,7 @@ class EventAppender:
         max_backlog: int = DEFAULT_MAX_BACKLOG,
         writer_node: str | None = None,
         clock: LogClock | None = None,
+        bound: AppendBound | None = None,
     ) -> None:
         """``writer_node``: the node this process appends for, once it is a cluster
         member: the log refuses its appends once it was declared dead (NodeFencedError;
@@ -83,9 +100,12 @@ class EventAppender:
         not this process's log (GcsIdentityError, see ``fencing.py``) is refused the
         same way: ``on_refused`` hears of it, and every append after fails at once.
         ``clock``: on one server of a log on several, the process's clock, which its
-        appends take positions past and move on (``servers.py``)."""
+        appends take positions past and move on (``servers.py``). ``bound``: on a
+        server other than server 0, the writer node's bound (``clock.AppendBound``): an
+        append that would pass it waits for its renewal and is tried again."""
         self.url = url
         self.clock = clock
+        self.bound = bound
         self.writer_node = writer_node
         self.fenced: NodeFencedError | None = None
         self.on_fenced: Callable[[NodeFencedError], None] = lambda _error: None
@@ -326,18 +346,41 @@ class EventAppender:
         try:
             if self._conn is None or self._conn.is_closed():
                 self._conn = await connect(self.url, timeout=self.connect_timeout)
-            writer = self.writer_node
-            floor = None if self.clock is None else self.clock.position
-            positions = await run_on(
-                self._conn,
-                lambda conn: append_on(conn, events, payloads, writer=writer, floor=floor),
-            )
+            positions = await self._write_below_bound(self._conn, events, payloads)
         except BaseException as exc:
             if is_connection_error(exc) or isinstance(exc, GcsUnavailableError):
                 self.unreachable = True
             raise
         self.unreachable = False
         return positions
+
+    async def _write_below_bound(
+        self, conn: asyncpg.Connection, events: Sequence[Event], payloads: Sequence[str]
+    ) -> list[int]:
+        """One append, tried again each time the writer's bound is renewed while it
+        would pass it (its clock moved past what it reached, so the next ping renews the
+        bound past that): a node cut off from server 0 appends nothing more here."""
+        writer = self.writer_node
+        while True:
+            floor = None if self.clock is None else self.clock.position
+            below = None if self.bound is None else self.bound.position
+            try:
+                append = functools.partial(
+                    append_on,
+                    events=events,
+                    payloads=payloads,
+                    writer=writer,
+                    floor=floor,
+                    below=below,
+                )
+                return await run_on(conn, append)
+            except PastBoundError as past:
+                if self.clock is not None:
+                    self.clock.saw(past.reached)
+                assert self.bound is not None and below is not None
+                log.info("node %s: %s; waiting for its pings to renew it", writer, past)
+                while (self.bound.position or 0) <= below:
+                    await asyncio.sleep(BOUND_RENEWAL_POLL_S)
 
 
 async def append_on(
@@ -347,13 +390,16 @@ async def append_on(
     *,
     writer: str | None = None,
     floor: int | None = None,
+    below: int | None = None,
 ) -> list[int]:
     """Appends events on ``conn`` (inside the caller's transaction, if any, so that an
     event can commit together with other writes); returns their positions. On behalf
     of node ``writer``, fenced: NodeFencedError if the node was declared dead. An event
     of a job's entity that names no job is given its entity's job first (``jobs_of``;
     an entity's events in one shard). With a
-    ``floor`` (on one server of a log on several), positions past it. The readers are
+    ``floor`` (on one server of a log on several), positions past it; with ``below``
+    (a writer's bound there), PastBoundError if one would not be below it, nothing
+    stored. The readers are
     woken at its commit, or after it in a sharded log (queries.sql, ``append_events``); a
     caller not in a transaction does it all in one call (``append_events_committed``)."""
     if payloads is None:
@@ -374,11 +420,16 @@ async def append_on(
         payloads,
         [bytes(e.data) if e.data is not None else None for e in events],
     )
-    if conn.is_in_transaction():
-        row = await _append_in_transaction(conn, columns, readers, writer, floor)
-    else:  # one call: the append commits, then its readers are woken (queries.sql)
-        query = queries["append_events_committed"]
-        row = await conn.fetchrow(query, writer, floor, *columns, readers)
+    try:
+        if conn.is_in_transaction():
+            row = await _append_in_transaction(conn, columns, readers, writer, floor, below)
+        else:  # one call: the append commits, then its readers are woken (queries.sql)
+            query = queries["append_events_committed"]
+            row = await conn.fetchrow(query, writer, floor, below, *columns, readers)
+    except asyncpg.PostgresError as exc:
+        if getattr(exc, "sqlstate", None) == PAST_BOUND_SQLSTATE:
+            raise PastBoundError(str(exc), int(getattr(exc, "detail", None) or 0)) from None
+        raise
     positions = list(row["positions"])
     if writer is not None and row["refused"]:
         recorded = "" if floor is not None else " (a stale_refused event records them)"
@@ -395,12 +446,13 @@ async def _append_in_transaction(
     readers: str,
     writer: str | None,
     floor: int | None,
+    below: int | None,
 ) -> asyncpg.Record:
     """``append_on`` in the caller's transaction, whose commit wakes the readers (a
     procedure that commits cannot join it: queries.sql, ``append_events``)."""
     if writer is not None and floor is not None:
         query = queries["append_events_fenced_after"]
-        row = await conn.fetchrow(query, writer, floor, *columns)
+        row = await conn.fetchrow(query, writer, floor, below, *columns)
     elif writer is not None:
         row = await conn.fetchrow(queries["append_events_fenced"], writer, *columns, readers)
     elif floor is not None:

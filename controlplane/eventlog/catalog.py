@@ -219,7 +219,9 @@ CATALOG: dict[tuple[EntityKind, str], EventType] = {
         # workers, once (controlplane/node/runtime_envs.py): pip's output, or the error
         ("runtime_env_ready", {"env_key": str}, {"took_s": float, "output": str}),
         ("runtime_env_failed", {"env_key": str, "error": str}, {}),
-        ("dead", {"cause": str}, {}),
+        # fence_owed_on: the log's servers it could not be fenced on yet (away): its
+        # appends there stay below its bound, which this event is past (membership.py)
+        ("dead", {"cause": str}, {"fence_owed_on": list}),
     ),
     **_types(
         _K.PLACEMENT_GROUP,

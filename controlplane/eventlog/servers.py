@@ -57,9 +57,11 @@ import asyncpg
 from controlplane.errors import GcsError, GcsIdentityError, GcsUnavailableError, NodeFencedError
 from controlplane.eventlog.appender import EventAppender
 from controlplane.eventlog.catalog import encode_payload
-from controlplane.eventlog.clock import PROCESS_CLOCK, LogClock
+from controlplane.eventlog.clock import PROCESS_CLOCK, AppendBound, LogClock, node_bound
 from controlplane.eventlog.connection import (
+    DEFAULT_CONNECT_TIMEOUT_S,
     connect,
+    is_connection_error,
     resolve_unavailable_timeout,
     retry_while_unavailable,
     run_on,
@@ -168,7 +170,8 @@ class ServersAppender:
     here the others go on, and a hole in a job's history would outlive the outage).
     So the callers of the jobs whose shards it holds wait, the others do not
     (``away_after``). A job lookup rides it out too (``_after_lookup``). ``close``
-    waits for both at most ``unavailable_timeout``."""
+    waits for both at most ``unavailable_timeout``. ``bound``: a writer node's, which
+    its appends to the servers other than server 0 stay below (``clock.AppendBound``)."""
 
     def __init__(
         self,
@@ -176,6 +179,7 @@ class ServersAppender:
         *,
         clock: LogClock | None = None,
         away_after: float | None = None,
+        bound: AppendBound | None = None,
         **options: object,
     ):
         self.urls = list(urls)
@@ -186,8 +190,14 @@ class ServersAppender:
         )
         self.shards = 0
         self._appenders = [
-            EventAppender(url, clock=self.clock, unavailable_timeout=math.inf, **options)  # type: ignore[arg-type]
-            for url in self.urls
+            EventAppender(
+                url,
+                clock=self.clock,
+                bound=bound if index > 0 else None,  # (server 0 fences with the liveness row)
+                unavailable_timeout=math.inf,
+                **options,  # type: ignore[arg-type]
+            )
+            for index, url in enumerate(self.urls)
         ]
         self._unrouted: list[_Unrouted] = []  # batches waiting for jobs, or behind one, in order
         self._closing = False
@@ -819,16 +829,41 @@ class ServersTailer:
         )
 
 
-async def fence_node(urls: Sequence[str], node_id: str, clock: LogClock) -> None:
+async def fence_node(
+    urls: Sequence[str],
+    node_id: str,
+    clock: LogClock,
+    *,
+    away_ok: bool = False,
+    timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
+) -> list[int]:
     """Fences ``node_id`` on every server (migrations/sql/0022_fences_on_servers.up.sql):
     once this returns, the log refuses its appends everywhere, and every event it got in
-    is below ``clock`` (so below the ``dead`` event appended next with it)."""
-    for url in urls:
-        conn: asyncpg.Connection = await connect(url)
+    is below ``clock`` (so below the ``dead`` event appended next with it).
+
+    ``away_ok``: a server that does not answer is left out, and returned (the indexes
+    in ``urls``) rather than raised: the caller bounds what the node got in there some
+    other way (membership.py: its bound); ``timeout``: for each to answer a connect."""
+    away: list[int] = []
+    for index, url in enumerate(urls):
         try:
-            clock.saw(int(await conn.fetchval(queries["fence_node"], node_id) or 0))
+            conn: asyncpg.Connection = await connect(url, timeout=timeout)
+        except GcsUnavailableError:
+            if not away_ok:
+                raise
+            away.append(index)
+            continue
+        try:
+            head = await run_on(conn, lambda c: c.fetchval(queries["fence_node"], node_id))
+            clock.saw(int(head or 0))
+        except BaseException as exc:
+            if not (away_ok and is_connection_error(exc)):
+                raise
+            away.append(index)
         finally:
-            await conn.close()
+            if not conn.is_closed():
+                await conn.close()
+    return away
 
 
 async def servers_head_positions(urls: Sequence[str], *, away_ok: bool = False) -> list[int]:
@@ -870,7 +905,9 @@ async def open_appender(url: str, **options: object) -> LogAppender:
     urls = await _log_urls_once_it_answers(url, options)
     if len(urls) == 1:
         return EventAppender(url, **options)  # type: ignore[arg-type]
-    return ServersAppender(urls, clock=PROCESS_CLOCK, **options)  # type: ignore[arg-type]
+    writer = options.get("writer_node")
+    bound = node_bound(writer) if isinstance(writer, str) else None
+    return ServersAppender(urls, clock=PROCESS_CLOCK, bound=bound, **options)  # type: ignore[arg-type]
 
 
 async def open_tailer(url: str, **options: object) -> LogTailer:

@@ -25,16 +25,17 @@ SELECT a.positions, h.shard_count = 1 AS notified,
 -- append_events_committed --
 -- Any of the appends below and its readers' wake-up in one call, for a caller not in a
 -- transaction (migrations/sql/0029_appends_in_one_round_trip.up.sql). $1 the writer node
--- (fenced) or NULL, $2 the writer's clock on a log on several servers or NULL, $11 the
--- readers (as append_events' $9). The append commits, and the readers are woken after it
+-- (fenced) or NULL, $2 the writer's clock on a log on several servers or NULL, $3 the
+-- writer node's bound on a server other than server 0 or NULL (0032), $12 the readers
+-- (as append_events' $9). The append commits, and the readers are woken after it
 -- in a transaction of its own, committed without waiting for the disk: a transaction that
 -- notifies holds a lock of the whole database through its commit, so that inside the
 -- appends it would make each one's commit (fsync included) wait for the one before,
 -- whatever their shards; and a wake-up lost in a crash costs a reader one poll, not an
 -- event.
-CALL cairn_append_commit_v1($1::text, $2::bigint, $3::uuid[], $4::text[],
-                            $5::text[]::entity_kind[], $6::text[], $7::text[], $8::text[],
-                            $9::text[]::jsonb[], $10::bytea[], $11::text, NULL, NULL)
+CALL cairn_append_commit_v2($1::text, $2::bigint, $3::bigint, $4::uuid[], $5::text[],
+                            $6::text[]::entity_kind[], $7::text[], $8::text[], $9::text[],
+                            $10::text[]::jsonb[], $11::bytea[], $12::text, NULL, NULL)
 
 -- append_events_fenced --
 -- The same on behalf of node $1: refused (not stored, a stale_refused event instead) once
@@ -74,11 +75,12 @@ SELECT cairn_append_after_v1($9::bigint, $1::uuid[], $2::text[], $3::text[]::ent
 
 -- append_events_fenced_after --
 -- The same on behalf of node $1, refused once it is fenced on this server
--- (migrations/sql/0022_fences_on_servers.up.sql); $2: the writer's clock.
+-- (migrations/sql/0022_fences_on_servers.up.sql); $2: the writer's clock; $3: its bound
+-- or NULL (0032_append_bounds.up.sql).
 SELECT a.positions, a.refused, false AS notified
-  FROM cairn_append_fenced_after_v1($1::text, $2::bigint, $3::uuid[], $4::text[],
-                                    $5::text[]::entity_kind[], $6::text[], $7::text[],
-                                    $8::text[], $9::text[]::jsonb[], $10::bytea[]) a
+  FROM cairn_append_fenced_after_v2($1::text, $2::bigint, $3::bigint, $4::uuid[], $5::text[],
+                                    $6::text[]::entity_kind[], $7::text[], $8::text[],
+                                    $9::text[], $10::text[]::jsonb[], $11::bytea[]) a
 
 -- fence_node --
 -- Fences node $1 on this server of a log on several; the server's highest head.
@@ -209,13 +211,21 @@ INSERT INTO subscriptions (name) VALUES ($1) ON CONFLICT (name) DO NOTHING
 SELECT positions FROM subscriptions WHERE name = $1 FOR UPDATE
 
 -- register_liveness --
-INSERT INTO node_liveness (node_id, address) VALUES ($1, $2)
+-- With the node's first bound (as ping_liveness).
+INSERT INTO node_liveness (node_id, address, appends_below)
+VALUES ($1, $2, greatest($3::bigint, (SELECT max(last_position) FROM event_log_shards)) + $4)
+RETURNING appends_below
 
 -- ping_liveness --
 -- No row back: the node was declared dead (its pings stopped for too long) and must go.
-UPDATE node_liveness SET last_ping = clock_timestamp()
+-- Else its bound (migrations/sql/0032_append_bounds.up.sql), renewed: past $2, the
+-- node's clock, and this server's heads, by $3; it never goes down.
+UPDATE node_liveness
+   SET last_ping = clock_timestamp(),
+       appends_below = greatest(appends_below,
+           greatest($2::bigint, (SELECT max(last_position) FROM event_log_shards)) + $3)
  WHERE node_id = $1 AND dead_at IS NULL
-RETURNING node_id
+RETURNING appends_below
 
 -- declare_stale_nodes_dead --
 -- Nodes whose pings stopped more than $1 seconds ago; each is declared dead once
@@ -227,14 +237,25 @@ UPDATE node_liveness SET dead_at = clock_timestamp(), fenced_at = clock_timestam
                     WHERE dead_at IS NULL
                       AND last_ping < clock_timestamp() - make_interval(secs => $1)
                       FOR UPDATE SKIP LOCKED)
-RETURNING node_id, last_ping, cairn_fence_lock_v1(node_id, false) AS fenced
+RETURNING node_id, last_ping, appends_below, cairn_fence_lock_v1(node_id, false) AS fenced
 
 -- declare_node_restarted --
 -- Its daemon died and its node starts another in its place, which adopts what the old
 -- one kept in its store; fenced as a node declared dead by the monitor is.
 UPDATE node_liveness SET dead_at = clock_timestamp(), fenced_at = clock_timestamp()
  WHERE node_id = $1 AND dead_at IS NULL
-RETURNING node_id, cairn_fence_lock_v1(node_id, false) AS fenced
+RETURNING node_id, appends_below, cairn_fence_lock_v1(node_id, false) AS fenced
+
+-- owe_fence --
+-- Node $1's fence on server $2, which did not answer when the node was declared dead:
+-- placed once it does (membership.py, place_owed_fences).
+INSERT INTO node_fences_owed (node_id, server_index) VALUES ($1, $2) ON CONFLICT DO NOTHING
+
+-- fences_owed --
+SELECT node_id, server_index FROM node_fences_owed ORDER BY owed_since, node_id, server_index
+
+-- fence_placed --
+DELETE FROM node_fences_owed WHERE node_id = $1 AND server_index = $2
 
 -- store_objects_left --
 -- Each object's last event by a node whose daemon died: what its store held when it
