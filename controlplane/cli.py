@@ -400,8 +400,14 @@ def _log_owner_urls(gcs_url: str | None) -> list[str]:
 @click.option("--address", default=None, help="The cluster to run on (default: this machine's).")
 @click.option("--timeout", default=600.0, show_default=True, help="Seconds to wait for the run.")
 @gcs_url_option
+@without_server_option
 def replay(
-    job_id: str, task_id: str | None, address: str | None, timeout: float, gcs_url: str | None
+    job_id: str,
+    task_id: str | None,
+    address: str | None,
+    timeout: float,
+    gcs_url: str | None,
+    without: tuple[int, ...],
 ) -> None:
     """Re-run a recorded job (or one task and its upstream) from the log on the running
     cluster, and report the first task whose output differs from the recorded one.
@@ -424,9 +430,16 @@ def replay(
             bar.update(done - bar.pos)
 
         try:
-            report = replay(
-                url, socket_path, job_id, task_id=task_id, timeout=timeout, progress=progress
-            )
+            with reading_the_log(without):
+                report = replay(
+                    url,
+                    socket_path,
+                    job_id,
+                    task_id=task_id,
+                    timeout=timeout,
+                    progress=progress,
+                    without=without,
+                )
         except UnknownIdError as exc:
             raise click.BadParameter(str(exc), param_hint="JOB_ID or --task") from None
         except ReplayError as exc:

@@ -82,8 +82,9 @@ class ReplayReport:
         return next((c for c in self.comparisons if not c.same), None)
 
 
-def _query(url: str, name: str, *args: Any) -> list[dict[str, Any]]:
-    columns, rows = asyncio.run(run_readonly(url, queries[name], args))
+def _query(url: str, name: str, *args: Any, without: Sequence[int] = ()) -> list[dict[str, Any]]:
+    """One named read of the whole log (``without``: those servers left out)."""
+    columns, rows = asyncio.run(run_readonly(url, queries[name], args, without=without))
     return [dict(zip(columns, row, strict=True)) for row in rows]
 
 
@@ -91,20 +92,21 @@ class RecordedJob:
     """A job as the log recorded it: its tasks in submission order, how each ended, the
     code of their functions and the values of its puts."""
 
-    def __init__(self, url: str, job_id: str) -> None:
+    def __init__(self, url: str, job_id: str, without: Sequence[int] = ()) -> None:
         self.url = url
+        self.without = tuple(without)  # servers of the log left out of its reads
         self.job_id = job_id
-        if not _query(url, "job_known", job_id)[0]["known"]:
+        if not _query(url, "job_known", job_id, without=without)[0]["known"]:
             raise UnknownIdError(f"no job {job_id!r} in the log")
         self.tasks: dict[str, RecordedTask] = {}
         self.code: dict[str, bytes] = {}
-        for row in _query(url, "replay_job_tasks", job_id):
+        for row in _query(url, "replay_job_tasks", job_id, without=without):
             spec, blob = p.submitted_spec(row["data"])
             self.tasks[spec.task_id] = RecordedTask(row["position"], spec)
             if blob is not None:
                 self.code.setdefault(spec.function_id, blob)
         self.last_position = max((t.position for t in self.tasks.values()), default=0)
-        _fill_outcomes(url, self.tasks)
+        _fill_outcomes(url, self.tasks, without)
 
     def top_level(self) -> list[RecordedTask]:
         """What the job's driver submitted itself, in order."""
@@ -143,7 +145,12 @@ class RecordedJob:
             return self.code[function_id]
         after = 0
         while rows := _query(
-            self.url, "replay_function_code", function_id, after, self.last_position
+            self.url,
+            "replay_function_code",
+            function_id,
+            after,
+            self.last_position,
+            without=self.without,
         ):
             for row in rows:
                 _, blob = p.submitted_spec(row["data"])
@@ -155,7 +162,7 @@ class RecordedJob:
 
     def put_value(self, object_id: str) -> bytes:
         """A put's serialized value: in its `created` event if small, else its durable copy."""
-        rows = _query(self.url, "put_value", object_id)
+        rows = _query(self.url, "replay_put_value", object_id, without=self.without)
         if not rows:
             raise ReplayError(f"the log has no record of the object {object_id}")
         row = rows[0]
@@ -182,8 +189,8 @@ def _creating_task(object_id: str) -> str | None:
     return object_id[:-8]
 
 
-def _fill_outcomes(url: str, tasks: dict[str, RecordedTask]) -> None:
-    for row in _query(url, "replay_task_outcomes", list(tasks)):
+def _fill_outcomes(url: str, tasks: dict[str, RecordedTask], without: Sequence[int]) -> None:
+    for row in _query(url, "replay_task_outcomes", list(tasks), without=without):
         task = tasks[row["task_id"]]
         task.outcome, task.digest, task.error = row["outcome"], row["digest"], row["error"]
 
@@ -292,20 +299,26 @@ def replay(
     task_id: str | None = None,
     timeout: float = 600.0,
     progress: Callable[[int, int], None] | None = None,
+    without: Sequence[int] = (),
 ) -> ReplayReport:
     """Replays ``job_id`` (or only ``task_id`` and its upstream) through the node at
     ``socket_path`` (or the one it returns, once the ids are known to be good) and
-    compares every re-run task with the recorded one."""
-    job = RecordedJob(url, job_id)
+    compares every re-run task with the recorded one.
+
+    ``without``: servers of the log that do not answer, left out of its reads (the job's
+    own events must lie on another: a job's events are on its shard's server); the
+    replay is a job the node names for a server that answers."""
+    job = RecordedJob(url, job_id, without)
     chosen = job.upstream(task_id) if task_id is not None else job.top_level()
     if not chosen:
         raise ReplayError(f"job {job_id} submitted no tasks: there is nothing to replay")
     if callable(socket_path):
         socket_path = socket_path()
-    client = CoreClient(socket_path, "driver", replay_of=job_id)
+    client = CoreClient(socket_path, "driver", replay_of=job_id, avoid_servers=tuple(without))
     report = ReplayReport(job_id, client.welcome.job_id)
     try:
-        if _query(client.welcome.gcs_url, "log_identity") != _query(url, "log_identity"):
+        running = _query(client.welcome.gcs_url, "log_identity", without=without)
+        if running != _query(url, "log_identity", without=without):
             raise ReplayError(
                 f"the running cluster keeps another log ({redact(client.welcome.gcs_url)}) "
                 f"than the one holding job {job_id} ({redact(url)}): a job is replayed on "
@@ -318,10 +331,10 @@ def replay(
             _wait_for(client, new.return_ids(), deadline)
             if progress is not None:
                 progress(done, len(submitted))
-        _wait_for_job(url, report.replay_job_id, deadline)
+        _wait_for_job(url, report.replay_job_id, deadline, without)
     finally:
         client.close()
-    replayed = RecordedJob(url, report.replay_job_id)
+    replayed = RecordedJob(url, report.replay_job_id, without)
     pairs = {new.task_id: recorded.spec.task_id for recorded, new in submitted}
     report.comparisons = _compare(job, replayed, pairs, only=task_id is not None)
     return report
@@ -336,9 +349,9 @@ def _wait_for(client: CoreClient, object_ids: Sequence[str], deadline: float) ->
         raise ReplayError(f"the replay did not finish: {exc}") from None
 
 
-def _wait_for_job(url: str, job_id: str, deadline: float) -> None:
+def _wait_for_job(url: str, job_id: str, deadline: float, without: Sequence[int]) -> None:
     """Waits until every task of the replay job (nested ones too) has ended."""
-    while _query(url, "replay_open_tasks", job_id)[0]["count"]:
+    while _query(url, "replay_open_tasks", job_id, without=without)[0]["count"]:
         if time.monotonic() > deadline:
             raise ReplayError(f"tasks of the replay job {job_id} were still running at the timeout")
         time.sleep(0.1)

@@ -89,6 +89,7 @@ class CoreClient:
         replay_of: str | None = None,
         *,
         log_to_driver: bool = True,
+        avoid_servers: tuple[int, ...] = (),
     ) -> None:
         self.channel = p.SyncChannel(socket_path)
         self.role = role
@@ -123,7 +124,16 @@ class CoreClient:
         # a driver started by a job submission (controlplane/jobs.py) names it
         submission = (os.environ.get(SUBMISSION_ID_ENV) or None) if role == "driver" else None
         self.channel.send(
-            p.Hello(role, os.getpid(), worker_id, namespace, replay_of, log_to_driver, submission)
+            p.Hello(
+                role,
+                os.getpid(),
+                worker_id,
+                namespace,
+                replay_of,
+                log_to_driver,
+                submission,
+                avoid_servers,
+            )
         )
         welcome = self.channel.receive()
         if not isinstance(welcome, p.Welcome):

@@ -193,6 +193,8 @@ class Hello:
     replay_of: str | None = None  # a driver of `cairn replay`: the job it re-runs
     log_to_driver: bool = True  # a driver: whether its workers' output is sent to it
     submission_id: str | None = None  # a driver a job submission started (its id)
+    # a driver: servers of the log its job must not lie on (`cairn replay --without-server`)
+    avoid_servers: tuple[int, ...] = ()
 
 
 @dataclass(slots=True)

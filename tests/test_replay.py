@@ -9,12 +9,15 @@ import random
 from collections.abc import Iterator
 from pathlib import Path
 
+import asyncpg
 import pytest
 from log_rows import rows
 from processes import run_cairn
 from workloads import Counter, add, flaky, square
 
 import sdk as ray
+from controlplane.eventlog.servers import shard_of
+from controlplane.gcs import Gcs
 from controlplane.replay import ReplayReport, replay
 from sdk import runtime
 
@@ -157,3 +160,43 @@ def test_a_generators_streamed_values_are_compared(gcs_url: str, driver: str) ->
         divergence is not None
         and divergence.original.spec.task_id == noisy_values[0].task_id().hex()
     )
+
+
+def test_a_job_replays_without_a_server_that_does_not_answer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A log on two servers, server 1 stopped: a replay that reads the whole log fails
+    (the union needs every server); with ``without=[1]`` the job (its events on server 0)
+    replays identically, as a job the node named for server 0."""
+    monkeypatch.setenv("CAIRN_GCS_SERVER_AWAY_AFTER_S", "1")  # (readers go on without it)
+    with Gcs(log_servers=2) as gcs:
+        server = gcs.other_log_servers[0]
+        for _ in range(20):  # a driver whose job's events lie on server 0
+            ray.init(num_cpus=2, gcs_url=gcs.url)
+            job_id = ray.get_runtime_context().get_job_id()
+            if shard_of(job_id, 2) == 0:  # (two shards: shard s on server s)
+                break
+            ray.shutdown()
+        try:
+            assert ray.get(add.remote(square.remote(ray.put(7)), 3)) == 52
+            assert runtime._runtime is not None and runtime._runtime.head is not None
+            socket = runtime._runtime.head.socket_path
+            server.stop(keep_data=True)
+            try:
+                with pytest.raises(asyncpg.PostgresError):
+                    replay(gcs.url, socket, job_id)
+                report = replay(gcs.url, socket, job_id, without=[1])
+                assert len(report.comparisons) == 2 and report.first_divergence is None
+                assert shard_of(report.replay_job_id, 2) == 0
+                # the command line: the away server named, and --without-server reads on
+                refused = run_cairn("replay", "--gcs-url", gcs.url, job_id, check=False)
+                assert refused.returncode == 1, refused.stderr
+                assert "server 1 of the log does not answer" in refused.stderr
+                assert "--without-server 1" in refused.stderr
+                unknown = ["replay", "--gcs-url", gcs.url, "no-such-job", "--without-server", "1"]
+                read = run_cairn(*unknown, check=False)
+                assert read.returncode == 2 and "no job 'no-such-job'" in read.stderr, read.stderr
+            finally:
+                server.start()
+        finally:
+            ray.shutdown()

@@ -100,7 +100,7 @@ class Clients:
         elif hello.role == "observer":  # `cairn status`: reads, runs nothing
             conn.job_id = None
         else:
-            conn.job_id = next(self._job_ids)
+            conn.job_id = self._next_job_id(tuple(getattr(hello, "avoid_servers", ())))
             self.parts.names.job_started(conn.job_id, hello.namespace or uuid.uuid4().hex)
             if getattr(hello, "log_to_driver", True):  # its workers' output is sent to it
                 self.parts.worker_pool.output.drivers[conn.job_id] = conn
@@ -131,6 +131,16 @@ class Clients:
         if worker is not None and worker.actor_id is not None:
             self.parts.actor_director.worker_connected(worker)
         self.parts.scheduler.schedule()
+
+    def _next_job_id(self, avoid_servers: tuple[int, ...]) -> str:
+        """The next job id, skipping those whose events would go to a server in
+        ``avoid_servers`` (a replay while one does not answer). Ids map to servers by a
+        hash, so a few draws find one (if every server is avoided, the last drawn)."""
+        for _ in range(1000):
+            job_id = next(self._job_ids)
+            if self.parts.recorder.server_of_job(job_id) not in avoid_servers:
+                break
+        return job_id
 
     async def _disconnected(self, conn: Connection) -> None:
         conn.closed = True

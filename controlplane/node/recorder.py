@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from controlplane.errors import GcsError, GcsIdentityError, NodeFencedError
 from controlplane.eventlog import Event, EventAppender, FailureLog
-from controlplane.eventlog.servers import LogAppender, open_appender
+from controlplane.eventlog.servers import LogAppender, ServersAppender, open_appender
 
 log = logging.getLogger("cairn.node")
 # how long events written behind wait for the commit of urgent ones that follow them
@@ -36,6 +36,11 @@ class EventRecorder:
     @property
     def unavailable_timeout(self) -> float:
         return self.appender.unavailable_timeout
+
+    def server_of_job(self, job_id: str) -> int:
+        """The server of the log a job's events go to (0 on a log of one server)."""
+        appender = self.appender
+        return appender.server_of_job(job_id) if isinstance(appender, ServersAppender) else 0
 
     @property
     def backlog(self) -> int:

@@ -394,6 +394,14 @@ SELECT data, payload->>'durable_path' AS durable_path, (payload->>'size_bytes'):
  WHERE entity_id = $1 AND event_type = 'created' AND entity_kind = 'object'
  ORDER BY position LIMIT 1;
 
+-- replay_put_value --
+-- put_value for `cairn replay`, read in an audit session (readonly_sql), whose `events`
+-- is the whole log's union, or the union without the servers it leaves out.
+SELECT data, payload->>'durable_path' AS durable_path, (payload->>'size_bytes')::bigint AS size
+  FROM events
+ WHERE entity_id = $1 AND event_type = 'created' AND entity_kind = 'object'
+ ORDER BY position LIMIT 1;
+
 -- load_checkpoint --
 SELECT positions, state FROM checkpoints WHERE name = $1;
 
@@ -579,8 +587,9 @@ SELECT position, recorded_at FROM events WHERE position >= $1 ORDER BY position 
 
 -- log_identity --
 -- A log's identity: the id of its first retained event (two URLs name the same log
--- when they give the same one).
-SELECT event_id::text AS first_event FROM log_union.events ORDER BY position LIMIT 1;
+-- when they give the same one). Read in an audit session (readonly_sql): `events` is the
+-- whole log's union there, or the union without the servers it leaves out.
+SELECT event_id::text AS first_event FROM events ORDER BY position LIMIT 1;
 
 -- gcs_epoch --
 -- The server's fencing epoch (migration 0011), recording a new one first if the server
