@@ -297,11 +297,16 @@ async def fenced_everywhere(
         return None, []
     clock = LogClock()
     owed: list[tuple[str, int]] = []
+    away: set[int] = set()  # (indexes in others) found away for a node before: not tried again
     for node_id, below in bounds.items():
-        away = await fence_node(others, node_id, clock, away_ok=below is not None)
-        if away and below is not None:
+        tried = [i for i in range(len(others)) if below is None or i not in away]
+        found = await fence_node(
+            [others[i] for i in tried], node_id, clock, away_ok=below is not None
+        )
+        away.update(tried[i] for i in found)
+        if below is not None and away:
             clock.saw(below)
-            owed += [(node_id, index + 1) for index in away]
+            owed += [(node_id, index + 1) for index in sorted(away)]
     return clock.position, owed
 
 
