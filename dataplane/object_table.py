@@ -288,11 +288,7 @@ class ObjectTable:
             (
                 (entry.ready_seq, oid, entry.location)
                 for oid, entry in self._entries.items()
-                if entry.location is not None
-                and entry.location.region is not None
-                and entry.location.error is None
-                and entry.pins == 0
-                and oid not in busy
+                if entry.location is not None and _spillable(oid, entry, entry.location, busy)
             ),
             key=lambda item: item[0],
         )
@@ -309,10 +305,7 @@ class ObjectTable:
         return any(
             entry.location is None
             and entry.pending is not None
-            and entry.pending.region is not None
-            and entry.pending.error is None
-            and entry.pins == 0
-            and oid not in busy
+            and _spillable(oid, entry, entry.pending, busy)
             for oid, entry in self._entries.items()
         )
 
@@ -388,3 +381,14 @@ class ObjectTable:
         ready = [oid for oid in object_ids if self.is_ready(oid)]
         ready.sort(key=lambda oid: self._entries[oid].ready_seq if oid in self._entries else 0)
         return ready[:limit]
+
+
+def _spillable(oid: str, entry: _Entry, location: p.ObjectLocation, busy: set[str]) -> bool:
+    """Whether an object at ``location`` may be spilled: a value in the store that no
+    pending task uses (not pinned) and no spill has taken already."""
+    return (
+        location.region is not None
+        and location.error is None
+        and entry.pins == 0
+        and oid not in busy
+    )
