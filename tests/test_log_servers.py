@@ -1102,8 +1102,9 @@ async def test_a_node_is_declared_dead_while_a_server_is_away_past_what_it_got_i
         async with ServersAppender(urls, clock=clock, writer_node="n-gone", bound=bound) as node:
             await node.append_many([task(jobs[0], "t-0"), task(jobs[1], "t-1")])
             server.stop(keep_data=True)
-            monitor = MembershipMonitor(gcs.url, dead_after=0.3)
-            await asyncio.sleep(0.5)
+            silent = "UPDATE node_liveness SET last_ping = clock_timestamp() - interval '10 s'"
+            await fetch_rows(gcs.url, silent)  # (its pings stopped long ago)
+            monitor = MembershipMonitor(gcs.url, dead_after=1.5)
             assert await asyncio.wait_for(monitor.check_once(), 20) == ["n-gone"]
             [dead] = await fetch_rows(
                 gcs.url,
