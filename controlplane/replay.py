@@ -82,31 +82,39 @@ class ReplayReport:
         return next((c for c in self.comparisons if not c.same), None)
 
 
-def _query(url: str, name: str, *args: Any, without: Sequence[int] = ()) -> list[dict[str, Any]]:
-    """One named read of the whole log (``without``: those servers left out)."""
-    columns, rows = asyncio.run(run_readonly(url, queries[name], args, without=without))
-    return [dict(zip(columns, row, strict=True)) for row in rows]
+@dataclass(frozen=True)
+class _WholeLog:
+    """Where a replay reads the log: through server 0's union, without the servers it
+    leaves out (they do not answer)."""
+
+    url: str
+    without: tuple[int, ...] = ()
+
+    def query(self, name: str, *args: Any) -> list[dict[str, Any]]:
+        """One named read-only query's rows."""
+        read = run_readonly(self.url, queries[name], args, without=self.without)
+        columns, rows = asyncio.run(read)
+        return [dict(zip(columns, row, strict=True)) for row in rows]
 
 
 class RecordedJob:
     """A job as the log recorded it: its tasks in submission order, how each ended, the
     code of their functions and the values of its puts."""
 
-    def __init__(self, url: str, job_id: str, without: Sequence[int] = ()) -> None:
-        self.url = url
-        self.without = tuple(without)  # servers of the log left out of its reads
+    def __init__(self, log: _WholeLog, job_id: str) -> None:
+        self.log = log
         self.job_id = job_id
-        if not _query(url, "job_known", job_id, without=without)[0]["known"]:
+        if not log.query("job_known", job_id)[0]["known"]:
             raise UnknownIdError(f"no job {job_id!r} in the log")
         self.tasks: dict[str, RecordedTask] = {}
         self.code: dict[str, bytes] = {}
-        for row in _query(url, "replay_job_tasks", job_id, without=without):
+        for row in log.query("replay_job_tasks", job_id):
             spec, blob = p.submitted_spec(row["data"])
             self.tasks[spec.task_id] = RecordedTask(row["position"], spec)
             if blob is not None:
                 self.code.setdefault(spec.function_id, blob)
         self.last_position = max((t.position for t in self.tasks.values()), default=0)
-        _fill_outcomes(url, self.tasks, without)
+        _fill_outcomes(log, self.tasks)
 
     def top_level(self) -> list[RecordedTask]:
         """What the job's driver submitted itself, in order."""
@@ -144,13 +152,8 @@ class RecordedJob:
         if function_id in self.code:
             return self.code[function_id]
         after = 0
-        while rows := _query(
-            self.url,
-            "replay_function_code",
-            function_id,
-            after,
-            self.last_position,
-            without=self.without,
+        while rows := self.log.query(
+            "replay_function_code", function_id, after, self.last_position
         ):
             for row in rows:
                 _, blob = p.submitted_spec(row["data"])
@@ -162,7 +165,7 @@ class RecordedJob:
 
     def put_value(self, object_id: str) -> bytes:
         """A put's serialized value: in its `created` event if small, else its durable copy."""
-        rows = _query(self.url, "replay_put_value", object_id, without=self.without)
+        rows = self.log.query("replay_put_value", object_id)
         if not rows:
             raise ReplayError(f"the log has no record of the object {object_id}")
         row = rows[0]
@@ -189,8 +192,8 @@ def _creating_task(object_id: str) -> str | None:
     return object_id[:-8]
 
 
-def _fill_outcomes(url: str, tasks: dict[str, RecordedTask], without: Sequence[int]) -> None:
-    for row in _query(url, "replay_task_outcomes", list(tasks), without=without):
+def _fill_outcomes(log: _WholeLog, tasks: dict[str, RecordedTask]) -> None:
+    for row in log.query("replay_task_outcomes", list(tasks)):
         task = tasks[row["task_id"]]
         task.outcome, task.digest, task.error = row["outcome"], row["digest"], row["error"]
 
@@ -308,7 +311,8 @@ def replay(
     ``without``: servers of the log that do not answer, left out of its reads (the job's
     own events must lie on another: a job's events are on its shard's server); the
     replay is a job the node names for a server that answers."""
-    job = RecordedJob(url, job_id, without)
+    log = _WholeLog(url, tuple(without))
+    job = RecordedJob(log, job_id)
     chosen = job.upstream(task_id) if task_id is not None else job.top_level()
     if not chosen:
         raise ReplayError(f"job {job_id} submitted no tasks: there is nothing to replay")
@@ -317,8 +321,8 @@ def replay(
     client = CoreClient(socket_path, "driver", replay_of=job_id, avoid_servers=tuple(without))
     report = ReplayReport(job_id, client.welcome.job_id)
     try:
-        running = _query(client.welcome.gcs_url, "log_identity", without=without)
-        if running != _query(url, "log_identity", without=without):
+        running = _WholeLog(client.welcome.gcs_url, log.without).query("log_identity")
+        if running != log.query("log_identity"):
             raise ReplayError(
                 f"the running cluster keeps another log ({redact(client.welcome.gcs_url)}) "
                 f"than the one holding job {job_id} ({redact(url)}): a job is replayed on "
@@ -331,10 +335,10 @@ def replay(
             _wait_for(client, new.return_ids(), deadline)
             if progress is not None:
                 progress(done, len(submitted))
-        _wait_for_job(url, report.replay_job_id, deadline, without)
+        _wait_for_job(log, report.replay_job_id, deadline)
     finally:
         client.close()
-    replayed = RecordedJob(url, report.replay_job_id, without)
+    replayed = RecordedJob(log, report.replay_job_id)
     pairs = {new.task_id: recorded.spec.task_id for recorded, new in submitted}
     report.comparisons = _compare(job, replayed, pairs, only=task_id is not None)
     return report
@@ -349,9 +353,9 @@ def _wait_for(client: CoreClient, object_ids: Sequence[str], deadline: float) ->
         raise ReplayError(f"the replay did not finish: {exc}") from None
 
 
-def _wait_for_job(url: str, job_id: str, deadline: float, without: Sequence[int]) -> None:
+def _wait_for_job(log: _WholeLog, job_id: str, deadline: float) -> None:
     """Waits until every task of the replay job (nested ones too) has ended."""
-    while _query(url, "replay_open_tasks", job_id, without=without)[0]["count"]:
+    while log.query("replay_open_tasks", job_id)[0]["count"]:
         if time.monotonic() > deadline:
             raise ReplayError(f"tasks of the replay job {job_id} were still running at the timeout")
         time.sleep(0.1)
